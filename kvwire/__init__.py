@@ -1,0 +1,1 @@
+"""kvwire: KV-cache transfer for hybrid-attention LLMs over multi-lane TCP."""

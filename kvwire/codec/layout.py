@@ -1,0 +1,431 @@
+"""Cache layout descriptors: what one model instance caches, per layer, and what one request's payload is.
+
+Owns: dtypes, cache kinds, tensor specs with explicit layout tags and TP sharding, the request
+descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints and
+compatibility checks. Must not know: sockets, threads, clocks, torch, or how HF configs are parsed
+(``hf.py`` builds layouts from configs).
+
+Wire form of a segment: one tensor of one layer, contiguous. Token-indexed tensors are token-major,
+``(tokens, *per_token_shape)``; request-indexed tensors are the state in their declared layout.
+Gathering from paged engine storage into this form is the stager's job, not the codec's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import msgpack
+
+from ..errors import LayoutError, LayoutMismatch, StatePositionMismatch
+
+DTYPE_SIZES: Mapping[str, int] = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
+
+TOKEN = "token"
+REQUEST = "request"
+
+#: cache kind -> (indexing of its tensors, group it belongs to)
+CACHE_KINDS: Mapping[str, tuple[str, str]] = {
+    "gqa": (TOKEN, "attn"),
+    "mla": (TOKEN, "attn"),
+    "swa": (TOKEN, "swa"),
+    "gdn": (REQUEST, "state"),
+    "kda": (REQUEST, "state"),
+    "mamba1": (REQUEST, "state"),
+    "mamba2": (REQUEST, "state"),
+    "lightning": (REQUEST, "state"),
+}
+
+#: Known layout tags. Token-indexed: NHD (tokens, heads, dim) is the wire form; HND names engine storage.
+LAYOUT_TAGS = frozenset(
+    {
+        "NHD",  # token-indexed K or V: (tokens, heads, head_dim)
+        "latent",  # MLA: (tokens, kv_lora_rank + rope_dim)
+        "conv:SD",  # (K-1, dim), dim contiguous (vLLM default, SGLang KDA)
+        "conv:DS",  # (dim, K-1) (vLLM NIXL P/D, SGLang Mamba2/GDN)
+        "conv:HF",  # (dim, K) full kernel width (HF transformers)
+        "ssm:HVK",  # GDN/KDA recurrent (H, V, K): vLLM >= #33291, SGLang >= #20283
+        "ssm:HKV",  # GDN/KDA recurrent (H, K, V): HF transformers, older engines
+        "ssm:HPN",  # Mamba2 (heads, head_dim, d_state)
+        "ssm:DN",  # Mamba1 (d_inner, d_state)
+        "ssm:HDD",  # lightning / linear attention (heads, d, d)
+    }
+)
+
+PAGE_LAYOUTS = frozenset({"block_major", "kv_major"})  # (num_blocks, 2, ...) vs (2, num_blocks, ...)
+
+
+def dtype_size(dtype: str) -> int:
+    try:
+        return DTYPE_SIZES[dtype]
+    except KeyError:
+        raise LayoutError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_SIZES)}") from None
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One cached tensor of one layer (per TP rank).
+
+    ``shape`` is per token for token-indexed tensors and the whole per-request state otherwise.
+    ``sub_projections`` lists the global channel split of a conv state (GDN ``[q|k|v]``, Mamba2
+    ``[x|B|C]``); each part is TP-sharded separately.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    indexing: str
+    replicated: bool = False
+    sub_projections: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        dtype_size(self.dtype)
+        if self.layout not in LAYOUT_TAGS:
+            raise LayoutError(f"tensor {self.name!r}: unknown layout tag {self.layout!r}")
+        if self.indexing not in (TOKEN, REQUEST):
+            raise LayoutError(f"tensor {self.name!r}: indexing must be 'token' or 'request'")
+        if not self.shape or any((not isinstance(d, int)) or d <= 0 for d in self.shape):
+            raise LayoutError(f"tensor {self.name!r}: shape must be positive ints, got {self.shape}")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per token (token-indexed) or per request (request-indexed)."""
+        return _prod(self.shape) * self.itemsize
+
+    def to_list(self) -> list[Any]:
+        return [
+            self.name,
+            list(self.shape),
+            self.dtype,
+            self.layout,
+            self.indexing,
+            self.replicated,
+            list(self.sub_projections),
+        ]
+
+    @classmethod
+    def from_list(cls, v: Any) -> TensorSpec:
+        if not isinstance(v, list) or len(v) != 7:
+            raise LayoutError("tensor spec must be a 7-item list")
+        name, shape, dtype, layout, indexing, replicated, subs = v
+        if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(subs, list):
+            raise LayoutError("malformed tensor spec")
+        if not all(isinstance(x, int) for x in shape + subs) or len(shape) > 8 or len(subs) > 8:
+            raise LayoutError("malformed tensor spec dims")
+        if not isinstance(dtype, str) or not isinstance(layout, str) or not isinstance(indexing, str):
+            raise LayoutError("malformed tensor spec strings")
+        return cls(name, tuple(shape), dtype, layout, indexing, bool(replicated), tuple(subs))
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache of one layer: a kind and its tensors. SWA caches carry their window in tokens."""
+
+    kind: str
+    tensors: tuple[TensorSpec, ...]
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CACHE_KINDS:
+            raise LayoutError(f"unknown cache kind {self.kind!r}; known: {sorted(CACHE_KINDS)}")
+        indexing = CACHE_KINDS[self.kind][0]
+        for t in self.tensors:
+            if t.indexing != indexing:
+                raise LayoutError(f"{self.kind} tensor {t.name!r} must be {indexing}-indexed")
+        if (self.kind == "swa") != (self.window > 0):
+            raise LayoutError("a window is given for SWA caches and only for them")
+        if not self.tensors:
+            raise LayoutError(f"{self.kind} cache has no tensors")
+
+    @property
+    def indexing(self) -> str:
+        return CACHE_KINDS[self.kind][0]
+
+    @property
+    def group(self) -> str:
+        return CACHE_KINDS[self.kind][1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_list(self) -> list[Any]:
+        return [self.kind, self.window, [t.to_list() for t in self.tensors]]
+
+    @classmethod
+    def from_list(cls, v: Any) -> CacheSpec:
+        if not isinstance(v, list) or len(v) != 3 or not isinstance(v[2], list) or len(v[2]) > 16:
+            raise LayoutError("malformed cache spec")
+        kind, window, tensors = v
+        if not isinstance(kind, str) or not isinstance(window, int):
+            raise LayoutError("malformed cache spec")
+        return cls(kind, tuple(TensorSpec.from_list(t) for t in tensors), window)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer. ``caches`` is empty for cache-less layers (MLP/MoE), two for Falcon-H1."""
+
+    index: int
+    caches: tuple[CacheSpec, ...] = ()
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(c.kind for c in self.caches)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The cache of one model instance (one TP rank): per layer, its caches and tensors.
+
+    ``block_size`` is the engine's paged-attention block size in tokens (never assumed 16; see
+    ``hf.hybrid_block_size``). It does not change the wire bytes, so it is not in the fingerprint.
+    """
+
+    name: str
+    layers: tuple[LayerSpec, ...]
+    block_size: int = 16
+    tp_size: int = 1
+    tp_rank: int = 0
+    page_layout: str = "block_major"
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise LayoutError("block_size must be positive")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise LayoutError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        if self.page_layout not in PAGE_LAYOUTS:
+            raise LayoutError(f"page_layout must be one of {sorted(PAGE_LAYOUTS)}")
+        for i, layer in enumerate(self.layers):
+            if layer.index != i:
+                raise LayoutError(f"layer {i} carries index {layer.index}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def kv_bytes_per_token(self) -> int:
+        """Token-indexed bytes per token over all layers (SWA included, unbounded by its window)."""
+        return sum(c.nbytes for layer in self.layers for c in layer.caches if c.indexing == TOKEN)
+
+    def state_bytes_per_request(self) -> int:
+        return sum(c.nbytes for layer in self.layers for c in layer.caches if c.indexing == REQUEST)
+
+    def layers_of(self, kind: str) -> list[int]:
+        return [layer.index for layer in self.layers if kind in layer.kinds]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "block_size": self.block_size,
+            "tp_size": self.tp_size,
+            "tp_rank": self.tp_rank,
+            "page_layout": self.page_layout,
+            "layers": [[c.to_list() for c in layer.caches] for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, max_layers: int = 1024) -> ModelLayout:
+        """Rebuild from ``to_dict`` output; validates everything (it may come from the network)."""
+        if not isinstance(d, dict):
+            raise LayoutError("layout must be a map")
+        layers = d.get("layers")
+        if not isinstance(layers, list) or len(layers) > max_layers:
+            raise LayoutError(f"layout needs a list of at most {max_layers} layers")
+        built = []
+        for i, caches in enumerate(layers):
+            if not isinstance(caches, list) or len(caches) > 4:
+                raise LayoutError(f"layer {i}: malformed caches")
+            built.append(LayerSpec(i, tuple(CacheSpec.from_list(c) for c in caches)))
+        try:
+            return cls(
+                name=str(d.get("name", "")),
+                layers=tuple(built),
+                block_size=int(d.get("block_size", 16)),
+                tp_size=int(d.get("tp_size", 1)),
+                tp_rank=int(d.get("tp_rank", 0)),
+                page_layout=str(d.get("page_layout", "block_major")),
+            )
+        except (TypeError, ValueError) as e:
+            raise LayoutError(f"malformed layout field: {e}") from None
+
+    def fingerprint(self) -> bytes:
+        """16 bytes naming everything that decides the meaning of the wire bytes."""
+        canon = {
+            "layers": self.to_dict()["layers"],
+            "tp_size": self.tp_size,
+            "tp_rank": self.tp_rank,
+        }
+        return hashlib.sha256(msgpack.packb(canon, use_bin_type=True)).digest()[:16]
+
+
+def check_compatible(sender: ModelLayout, receiver: ModelLayout) -> None:
+    """Raise LayoutMismatch naming the first difference that changes the meaning of the bytes."""
+    if (sender.tp_size, sender.tp_rank) != (receiver.tp_size, receiver.tp_rank):
+        raise LayoutMismatch(
+            f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, "
+            f"receiver tp={receiver.tp_size} rank={receiver.tp_rank}"
+        )
+    if sender.num_layers != receiver.num_layers:
+        raise LayoutMismatch(f"layer count differs: {sender.num_layers} vs {receiver.num_layers}")
+    for ls, lr in zip(sender.layers, receiver.layers):
+        if ls.kinds != lr.kinds:
+            raise LayoutMismatch(f"layer {ls.index}: cache kinds {ls.kinds} vs {lr.kinds}")
+        for cs, cr in zip(ls.caches, lr.caches):
+            if cs.window != cr.window:
+                raise LayoutMismatch(f"layer {ls.index} {cs.kind}: window {cs.window} vs {cr.window}")
+            if len(cs.tensors) != len(cr.tensors):
+                raise LayoutMismatch(f"layer {ls.index} {cs.kind}: tensor count differs")
+            for ts, tr in zip(cs.tensors, cr.tensors):
+                where = f"layer {ls.index} {cs.kind}.{ts.name}"
+                if ts.name != tr.name:
+                    raise LayoutMismatch(f"{where}: tensor name {ts.name!r} vs {tr.name!r}")
+                if ts.dtype != tr.dtype:
+                    raise LayoutMismatch(f"{where}: dtype {ts.dtype} vs {tr.dtype} (never cast silently)")
+                if ts.layout != tr.layout:
+                    raise LayoutMismatch(f"{where}: layout {ts.layout} vs {tr.layout}")
+                if ts.shape != tr.shape:
+                    raise LayoutMismatch(f"{where}: shape {ts.shape} vs {tr.shape}")
+                if ts.sub_projections != tr.sub_projections or ts.replicated != tr.replicated:
+                    raise LayoutMismatch(f"{where}: TP sharding differs")
+    if sender.fingerprint() != receiver.fingerprint():  # pragma: no cover - covered by the loop above
+        raise LayoutMismatch("layout fingerprints differ")
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request's transfer: its tokens, the state's resume position and the receiver's prefix hits.
+
+    ``state_position`` S is the number of tokens the state has absorbed (N or N-1, the engine's
+    convention); token-indexed KV is shipped for tokens ``[hit, S)``. ``prefix_hit`` maps a group
+    (``attn``, ``swa``) to tokens the receiver already holds. ``block_ids`` maps a group to the
+    sender's block ids (informational; the receiver uses its own).
+    """
+
+    request_id: str
+    num_tokens: int
+    state_position: int
+    prefix_hit: Mapping[str, int] = field(default_factory=dict)
+    block_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 256:
+            raise LayoutError("request_id must be a string of 1..256 characters")
+        if self.num_tokens < 0 or not 0 <= self.state_position <= self.num_tokens:
+            raise LayoutError(
+                f"need 0 <= state_position ({self.state_position}) <= num_tokens ({self.num_tokens})"
+            )
+        for g, hit in self.prefix_hit.items():
+            if g not in ("attn", "swa") or not 0 <= hit <= self.state_position:
+                raise LayoutError(f"prefix hit {g}={hit} outside [0, state_position]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.num_tokens,
+            "state_position": self.state_position,
+            "prefix_hit": dict(self.prefix_hit),
+            "block_ids": {k: list(v) for k, v in self.block_ids.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, max_blocks: int = 1 << 20) -> RequestSpec:
+        if not isinstance(d, dict):
+            raise LayoutError("request must be a map")
+        hit = d.get("prefix_hit", {})
+        blocks = d.get("block_ids", {})
+        if not isinstance(hit, dict) or not isinstance(blocks, dict) or len(hit) > 4 or len(blocks) > 4:
+            raise LayoutError("malformed request maps")
+        total = 0
+        for v in blocks.values():
+            if not isinstance(v, list) or not all(isinstance(b, int) for b in v):
+                raise LayoutError("block ids must be lists of ints")
+            total += len(v)
+        if total > max_blocks:
+            raise LayoutError("too many block ids")
+        try:
+            return cls(
+                request_id=d["request_id"],
+                num_tokens=int(d["num_tokens"]),
+                state_position=int(d["state_position"]),
+                prefix_hit={str(k): int(v) for k, v in hit.items()},
+                block_ids={str(k): tuple(v) for k, v in blocks.items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise LayoutError(f"malformed request: {e!r}") from None
+
+
+def check_state_position(request: RequestSpec, expected: int) -> None:
+    """The receiver resumes at ``expected``; a state taken elsewhere would corrupt decoding."""
+    if request.state_position != expected:
+        raise StatePositionMismatch(
+            f"request {request.request_id}: state taken after {request.state_position} tokens, "
+            f"receiver resumes at {expected} (N vs N-1 convention mismatch?)"
+        )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tensor of one layer in a request's payload: ``nbytes`` contiguous bytes on the wire.
+
+    For token-indexed tensors ``token_start``/``token_count`` say which tokens it holds.
+    """
+
+    index: int
+    layer: int
+    cache: int
+    tensor: int
+    name: str
+    nbytes: int
+    token_start: int = 0
+    token_count: int = 0
+
+
+def token_range(cache: CacheSpec, request: RequestSpec) -> tuple[int, int]:
+    """Tokens ``[start, stop)`` of a token-indexed cache that the receiver lacks."""
+    stop = request.state_position
+    start = request.prefix_hit.get(cache.group, 0)
+    if cache.kind == "swa":
+        start = max(start, stop - (cache.window - 1))
+    start = max(0, min(start, stop))
+    return start, stop
+
+
+def plan_segments(layout: ModelLayout, request: RequestSpec) -> list[Segment]:
+    """The request's payload, layer by layer, in send order. Zero-byte tensors are left out."""
+    out: list[Segment] = []
+    for layer in layout.layers:
+        for ci, cache in enumerate(layer.caches):
+            if cache.indexing == TOKEN:
+                start, stop = token_range(cache, request)
+                for ti, t in enumerate(cache.tensors):
+                    n = (stop - start) * t.nbytes
+                    if n:
+                        out.append(Segment(len(out), layer.index, ci, ti, f"{layer.index}.{cache.kind}.{t.name}",
+                                           n, start, stop - start))
+            else:
+                for ti, t in enumerate(cache.tensors):
+                    out.append(Segment(len(out), layer.index, ci, ti, f"{layer.index}.{cache.kind}.{t.name}",
+                                       t.nbytes))
+    return out

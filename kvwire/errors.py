@@ -1,0 +1,57 @@
+"""The typed errors every kvwire layer raises.
+
+Owns: the exception hierarchy. Must not know anything else: it is the leaf every module may import.
+"""
+
+from __future__ import annotations
+
+
+class KvwireError(Exception):
+    """Base of every error kvwire raises on purpose."""
+
+
+class LayoutError(KvwireError):
+    """A layout description is invalid or cannot be built from the given config."""
+
+
+class LayoutMismatch(KvwireError):
+    """Sender and receiver disagree on the cache layout (shape, dtype, layout tag, TP) or request.
+
+    Raised before a single destination byte is written; never silently cast or transposed.
+    """
+
+
+class StatePositionMismatch(LayoutMismatch):
+    """The state snapshot was taken at another token position than the receiver resumes from."""
+
+
+class ProtocolError(KvwireError):
+    """Bytes from the peer violate the wire format or one of its limits."""
+
+
+class AuthenticationError(KvwireError):
+    """The peer failed authentication or speaks another protocol version."""
+
+
+class TransferError(KvwireError):
+    """A transfer ended in a terminal state other than done."""
+
+
+class TransferFailed(TransferError):
+    """The transfer failed; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransferTimedOut(TransferError):
+    """The transfer did not complete before its deadline."""
+
+
+class TransferCancelled(TransferError):
+    """The transfer was cancelled by one of the two sides."""
+
+
+class PoolExhausted(KvwireError):
+    """A bounded buffer pool has no free buffer of the requested size."""

@@ -1,0 +1,25 @@
+"""kvwire: move hybrid-model KV caches between GPUs over ordinary TCP."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kvwire",
+    version="0.1.0",
+    description="Fast, verified, safe KV-cache transfer for hybrid-attention LLMs over multi-lane TCP",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kvwire", "kvwire.*"]),
+    package_data={"kvwire": ["py.typed", "codec/presets/*.json"]},
+    install_requires=["numpy>=1.24", "msgpack>=1.0", "xxhash>=3.0"],
+    extras_require={
+        # torch is pinned to the release whose CPU build ships with these machines: a bare "torch"
+        # pulls a multi-GB CUDA build.
+        "torch": ["torch==2.13.0"],
+        "cuda": ["cupy-cuda12x>=13"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["kvwire-bench=kvwire.bench:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Typing :: Typed"],
+)
