@@ -1,1 +1,50 @@
-"""kvwire: KV-cache transfer for hybrid-attention LLMs over multi-lane TCP."""
+"""kvwire: move the KV cache of hybrid-attention LLMs between GPUs over ordinary TCP, fast and verified.
+
+The names an engine imports::
+
+    from kvwire import Receiver, connect, RequestSpec, load_layout
+"""
+
+from .codec.frames import Limits
+from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
+from .codec.transfer import State
+from .errors import (
+    AuthenticationError,
+    KvwireError,
+    LayoutError,
+    LayoutMismatch,
+    ProtocolError,
+    StatePositionMismatch,
+    TransferCancelled,
+    TransferError,
+    TransferFailed,
+    TransferTimedOut,
+)
+from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "IncomingTransfer",
+    "KvwireError",
+    "LayoutError",
+    "LayoutMismatch",
+    "Limits",
+    "ModelLayout",
+    "OutgoingTransfer",
+    "ProtocolError",
+    "Receiver",
+    "RequestSpec",
+    "Segment",
+    "Session",
+    "State",
+    "StatePositionMismatch",
+    "TransferCancelled",
+    "TransferError",
+    "TransferFailed",
+    "TransferTimedOut",
+    "check_compatible",
+    "connect",
+    "plan_segments",
+]

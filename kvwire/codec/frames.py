@@ -1,0 +1,227 @@
+"""The wire format: a fixed 48-byte header, data chunks and msgpack control messages, and a decoder.
+
+Owns: header packing/validation, control message kinds and their bodies, the limits that bound
+every length read from the network, and ``FrameDecoder`` (bytes in, frames out, for any slicing of
+the stream). Must not know: sockets, threads, clocks, layouts or transfer state.
+
+Header, little-endian, 48 bytes::
+
+    magic "KVWR" | version u8 | kind u8 | flags u16 | transfer_id u64 | chunk u32 | layer u32 |
+    offset u64 | length u32 | payload xxh3_64 u64 | header check u32 (xxh32 of the 44 bytes before)
+
+A DATA frame is followed by ``length`` payload bytes (one chunk of one transfer's flat payload,
+``offset`` from its start). A CONTROL frame is followed by ``length`` bytes of msgpack: a map whose
+``"t"`` names the message. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgpack
+import xxhash
+
+from ..errors import ProtocolError
+
+MAGIC = b"KVWR"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQIIQIQI")
+HEADER_SIZE = HEADER.size  # 48
+_CHECKED = struct.Struct("<4sBBHQIIQIQ")  # the part the header check covers
+
+KIND_DATA = 1
+KIND_CONTROL = 2
+
+FLAG_HASHED = 1  # payload hash field is meaningful
+
+# Control message names ("t" field).
+HELLO = "hello"  # client -> server: version, role, client nonce
+CHALLENGE = "challenge"  # server -> client: server nonce, session id
+AUTH = "auth"  # client -> server: proof of key
+WELCOME = "welcome"  # server -> client: proof of key, session token, limits
+LANE = "lane"  # client -> server on a new data lane: session id, lane index, proof
+BEGIN = "begin"  # client -> server: a transfer's manifest
+ACCEPT = "accept"  # server -> client: destination ready, send chunks
+REJECT = "reject"  # server -> client: transfer refused (reason)
+ACK = "ack"  # server -> client: chunk indices verified
+NACK = "nack"  # server -> client: chunk indices failed verification, re-send
+DONE = "done"  # client -> server: every chunk acknowledged; whole-transfer digest
+COMPLETE = "complete"  # server -> client: digest matched, transfer done
+CANCEL = "cancel"  # either way: cancel a transfer (reason)
+ERROR = "error"  # either way: a transfer or the session failed (reason)
+HEARTBEAT = "heartbeat"  # either way, on idle control connections
+BYE = "bye"  # either way: orderly session close
+
+CONTROL_KINDS = frozenset(
+    {HELLO, CHALLENGE, AUTH, WELCOME, LANE, BEGIN, ACCEPT, REJECT, ACK, NACK, DONE, COMPLETE, CANCEL, ERROR,
+     HEARTBEAT, BYE}
+)
+
+MIN_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on everything a peer can claim. Checked before any allocation or read."""
+
+    max_chunk: int = 16 * 1024 * 1024
+    max_control: int = 4 * 1024 * 1024
+    max_segments: int = 65536
+    max_chunks: int = 1 << 20
+    max_transfer_bytes: int = 64 * 1024**3
+    max_layers: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_chunk < MIN_CHUNK or self.max_control < 1024:
+            raise ValueError("limits too small to carry a chunk or a control message")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    flags: int
+    transfer_id: int
+    chunk: int
+    layer: int
+    offset: int
+    length: int
+    digest: int
+
+
+def pack_header(
+    kind: int, transfer_id: int, chunk: int, layer: int, offset: int, length: int, digest: int, flags: int = 0
+) -> bytes:
+    head = _CHECKED.pack(MAGIC, VERSION, kind, flags, transfer_id, chunk, layer, offset, length, digest)
+    return head + struct.pack("<I", xxhash.xxh32_intdigest(head))
+
+
+def pack_data_header(transfer_id: int, chunk: int, layer: int, offset: int, length: int, digest: int | None) -> bytes:
+    """Header for one chunk. ``digest`` None means hashing is off for this transfer."""
+    if digest is None:
+        return pack_header(KIND_DATA, transfer_id, chunk, layer, offset, length, 0, 0)
+    return pack_header(KIND_DATA, transfer_id, chunk, layer, offset, length, digest, FLAG_HASHED)
+
+
+def unpack_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Parse and validate 48 header bytes. Raises ProtocolError on anything unexpected."""
+    if len(buf) != HEADER_SIZE:
+        raise ProtocolError(f"header must be {HEADER_SIZE} bytes, got {len(buf)}")
+    magic, version, kind, flags, tid, chunk, layer, offset, length, digest, check = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}: not a kvwire peer")
+    if version != VERSION:
+        raise ProtocolError(f"peer speaks wire version {version}, this side speaks {VERSION}")
+    if check != xxhash.xxh32_intdigest(bytes(buf[: HEADER_SIZE - 4])):
+        raise ProtocolError("header check mismatch: corrupt or desynchronised stream")
+    if kind == KIND_DATA:
+        if not 0 < length <= limits.max_chunk:
+            raise ProtocolError(f"chunk length {length} outside (0, {limits.max_chunk}]")
+    elif kind == KIND_CONTROL:
+        if not 0 < length <= limits.max_control:
+            raise ProtocolError(f"control length {length} outside (0, {limits.max_control}]")
+    else:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if flags & ~FLAG_HASHED:
+        raise ProtocolError(f"unknown flags {flags:#x}")
+    return Header(kind, flags, tid, chunk, layer, offset, length, digest)
+
+
+def encode_control(kind: str, body: dict[str, Any] | None = None) -> bytes:
+    """A whole CONTROL frame: header plus msgpack body."""
+    msg = {"t": kind}
+    if body:
+        msg.update(body)
+    payload = msgpack.packb(msg, use_bin_type=True)
+    return pack_header(KIND_CONTROL, 0, 0, 0, 0, len(payload), xxhash.xxh3_64_intdigest(payload)) + payload
+
+
+def decode_control(header: Header, payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+                   ) -> tuple[str, dict[str, Any]]:
+    """Check and unpack a CONTROL body. Container sizes are bounded before msgpack allocates."""
+    if xxhash.xxh3_64_intdigest(payload) != header.digest:
+        raise ProtocolError("control message checksum mismatch")
+    try:
+        msg = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=max(limits.max_segments, 1 << 16) * 8,
+            max_map_len=4096,
+            max_str_len=1 << 20,
+            max_bin_len=1 << 20,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises a zoo of types on hostile input
+        raise ProtocolError(f"undecodable control message: {type(e).__name__}: {e}") from None
+    if not isinstance(msg, dict) or msg.get("t") not in CONTROL_KINDS:
+        raise ProtocolError("control message without a known 't'")
+    kind = msg.pop("t")
+    return kind, msg
+
+
+@dataclass(frozen=True)
+class ControlFrame:
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataFrame:
+    header: Header
+    payload: bytes
+
+
+Frame = Union[ControlFrame, DataFrame]
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` any slices of the byte stream, get whole frames back.
+
+    It never buffers more than one header plus one bounded body. After a ProtocolError the
+    stream is unusable (there is no resynchronisation on TCP) and every later call raises again.
+    The I/O layer uses ``unpack_header`` directly to ``recv_into`` destination buffers; this class is
+    the same rules for code that has bytes in hand (tests, fuzzing, proxies).
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buf = bytearray()
+        self._header: Header | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        out: list[Frame] = []
+        try:
+            while True:
+                if self._header is None:
+                    if len(self._buf) < HEADER_SIZE:
+                        return out
+                    self._header = unpack_header(bytes(self._buf[:HEADER_SIZE]), self._limits)
+                    del self._buf[:HEADER_SIZE]
+                h = self._header
+                if len(self._buf) < h.length:
+                    return out
+                payload = bytes(self._buf[: h.length])
+                del self._buf[: h.length]
+                self._header = None
+                if h.kind == KIND_CONTROL:
+                    kind, body = decode_control(h, payload, self._limits)
+                    out.append(ControlFrame(kind, body))
+                else:
+                    out.append(DataFrame(h, payload))
+        except ProtocolError as e:
+            self._error = e
+            self._buf.clear()
+            raise

@@ -1,0 +1,148 @@
+"""The per-transfer manifest: what a BEGIN message carries, and its validation.
+
+Owns: the manifest's fields, its msgpack form (version 1) and every check a receiver makes before it
+asks the application for a destination buffer. Must not know: sockets, threads or buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LayoutError, LayoutMismatch, ProtocolError
+from .frames import DEFAULT_LIMITS, MIN_CHUNK, Limits
+from .layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
+from .plan import ALIGN, ChunkPlan, plan_chunks
+
+MANIFEST_VERSION = 1
+HASH_XXH3 = "xxh3_64"
+HASH_NONE = "none"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    transfer_id: int
+    fingerprint: bytes
+    request: RequestSpec
+    segments: tuple[Segment, ...]
+    chunk_size: int
+    hash: str = HASH_XXH3
+    layout: ModelLayout | None = None  # sent with the first transfer of a layout on a session
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    @property
+    def hashed(self) -> bool:
+        return self.hash == HASH_XXH3
+
+    def plan(self) -> ChunkPlan:
+        return plan_chunks(self.segments, self.chunk_size)
+
+    def to_wire(self, with_layout: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "v": MANIFEST_VERSION,
+            "tid": self.transfer_id,
+            "fp": self.fingerprint,
+            "req": self.request.to_dict(),
+            "seg": [[s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count] for s in self.segments],
+            "chunk": self.chunk_size,
+            "hash": self.hash,
+        }
+        if with_layout and self.layout is not None:
+            d["layout"] = self.layout.to_dict()
+        return d
+
+
+def build_manifest(transfer_id: int, layout: ModelLayout, request: RequestSpec, chunk_size: int,
+                   hashed: bool = True) -> Manifest:
+    return Manifest(transfer_id, layout.fingerprint(), request, tuple(plan_segments(layout, request)),
+                    chunk_size, HASH_XXH3 if hashed else HASH_NONE, layout)
+
+
+def max_chunk_size(limits: Limits) -> int:
+    """Largest chunk_size whose planned chunks (up to 1.5x, aligned) stay within max_chunk."""
+    return (limits.max_chunk - ALIGN) * 2 // 3
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"manifest field {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def parse_manifest(d: dict[str, Any], limits: Limits = DEFAULT_LIMITS,
+                   known_layouts: dict[bytes, ModelLayout] | None = None) -> Manifest:
+    """Validate a manifest from the network. Raises ProtocolError (malformed, over a limit) or
+    LayoutMismatch (segments inconsistent with the layout the fingerprint names)."""
+    if d.get("v") != MANIFEST_VERSION:
+        raise ProtocolError(f"manifest version {d.get('v')!r} not supported (want {MANIFEST_VERSION})")
+    tid = _int(d, "tid", 0, (1 << 64) - 1)
+    fp = d.get("fp")
+    if not isinstance(fp, bytes) or len(fp) != 16:
+        raise ProtocolError("manifest fingerprint must be 16 bytes")
+    chunk = _int(d, "chunk", MIN_CHUNK, max_chunk_size(limits))
+    hash_name = d.get("hash")
+    if hash_name not in (HASH_XXH3, HASH_NONE):
+        raise ProtocolError(f"unknown hash {hash_name!r}")
+    try:
+        request = RequestSpec.from_dict(d.get("req"))
+    except LayoutError as e:
+        raise ProtocolError(f"manifest request: {e}") from None
+    raw = d.get("seg")
+    if not isinstance(raw, list) or len(raw) > limits.max_segments:
+        raise ProtocolError(f"manifest needs a list of at most {limits.max_segments} segments")
+    segments = []
+    total = 0
+    for i, s in enumerate(raw):
+        if (not isinstance(s, list) or len(s) != 6
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s)):
+            raise ProtocolError(f"segment {i} malformed")
+        layer, cache, tensor, nbytes, tok0, ntok = s
+        if layer >= limits.max_layers or cache > 16 or tensor > 16:
+            raise ProtocolError(f"segment {i} indices out of range")
+        if i and layer < segments[-1].layer:
+            raise ProtocolError(f"segment {i} goes back to layer {layer}")
+        total += nbytes
+        if total > limits.max_transfer_bytes:
+            raise ProtocolError(f"transfer exceeds the {limits.max_transfer_bytes}-byte limit")
+        segments.append(Segment(i, layer, cache, tensor, "", nbytes, tok0, ntok))
+    layout = None
+    if "layout" in d:
+        try:
+            layout = ModelLayout.from_dict(d["layout"], limits.max_layers)
+        except LayoutError as e:
+            raise ProtocolError(f"manifest layout: {e}") from None
+        if layout.fingerprint() != fp:
+            raise ProtocolError("manifest layout does not match its fingerprint")
+    elif known_layouts is not None:
+        layout = known_layouts.get(fp)
+    m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout)
+    if layout is not None:
+        check_segments(m, layout)
+    if total // chunk + len(segments) + 1 > limits.max_chunks:
+        raise ProtocolError(f"transfer would need more than {limits.max_chunks} chunks")
+    return m
+
+
+def check_segments(m: Manifest, layout: ModelLayout) -> None:
+    """The manifest's segments must be exactly what the layout and request imply."""
+    expected = plan_segments(layout, m.request)
+    got = [(s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count) for s in m.segments]
+    want = [(s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count) for s in expected]
+    if got != want:
+        raise LayoutMismatch(
+            f"manifest segments ({len(got)}) do not match layout {layout.name!r} for request "
+            f"{m.request.request_id} ({len(want)} expected)"
+        )
+
+
+def check_manifest_against(m: Manifest, receiver_layout: ModelLayout) -> None:
+    """Receiver side: the sender's layout (by fingerprint or in full) must equal ours."""
+    if m.layout is not None:
+        check_compatible(m.layout, receiver_layout)
+    elif m.fingerprint != receiver_layout.fingerprint():
+        raise LayoutMismatch("sender layout fingerprint differs from the receiver's layout")
+    check_segments(m, receiver_layout)

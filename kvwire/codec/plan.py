@@ -1,0 +1,107 @@
+"""Chunk planning: cut a request's segments into chunks, layer by layer.
+
+Owns: the mapping from a transfer's flat payload (segments back to back, in send order) to chunks,
+and from a chunk back to the pieces of segments it covers. Both sides derive the same plan from the
+manifest, so a chunk on the wire is fully checked by (index, offset, length). Must not know: sockets,
+buffers, hashing or layouts beyond ``Segment``.
+
+A chunk never spans two layers, so layer i can leave as soon as it is ready. Inside a layer the
+bytes are split into equal chunks of about ``chunk_size`` (never more than 1.5x, never tiny unless
+the whole layer is), and a chunk may span several small segments of that layer (conv + ssm).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import ProtocolError
+from .frames import MIN_CHUNK
+from .layout import Segment
+
+DEFAULT_CHUNK = 2 * 1024 * 1024
+ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Chunk ``i`` covers flat bytes ``[offsets[i], offsets[i] + lengths[i])`` of layer ``layers[i]``."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    layers: tuple[int, ...]
+    segment_offsets: tuple[int, ...]  # flat start of each segment, plus the total at the end
+    layer_chunks: dict[int, range]  # layer -> its chunk indices (absent: layer has no bytes)
+    total: int
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.offsets)
+
+    def pieces(self, chunk: int) -> list[tuple[int, int, int]]:
+        """The segment pieces chunk ``chunk`` covers: ``(segment, start, stop)`` within each segment."""
+        lo = self.offsets[chunk]
+        hi = lo + self.lengths[chunk]
+        seg = bisect_right(self.segment_offsets, lo) - 1
+        out = []
+        while lo < hi:
+            s0, s1 = self.segment_offsets[seg], self.segment_offsets[seg + 1]
+            stop = min(hi, s1)
+            if stop > lo:
+                out.append((seg, lo - s0, stop - s0))
+            lo = stop
+            seg += 1
+        return out
+
+
+def plan_chunks(segments: Sequence[Segment], chunk_size: int = DEFAULT_CHUNK, max_chunk: int | None = None
+                ) -> ChunkPlan:
+    if chunk_size < MIN_CHUNK:
+        raise ValueError(f"chunk_size {chunk_size} below the {MIN_CHUNK}-byte minimum")
+    cap = max_chunk if max_chunk is not None else chunk_size + chunk_size // 2
+    seg_offsets = [0]
+    for s in segments:
+        seg_offsets.append(seg_offsets[-1] + s.nbytes)
+    offsets: list[int] = []
+    lengths: list[int] = []
+    layers: list[int] = []
+    layer_chunks: dict[int, range] = {}
+    i = 0
+    while i < len(segments):
+        layer = segments[i].layer
+        j = i
+        while j < len(segments) and segments[j].layer == layer:
+            j += 1
+        if any(segments[k].layer == layer for k in range(j, len(segments))):
+            raise ValueError(f"segments of layer {layer} are not contiguous in send order")
+        start, stop = seg_offsets[i], seg_offsets[j]
+        size = stop - start
+        if size:
+            n = max(1, round(size / chunk_size))
+            while -(-size // n) > cap:
+                n += 1
+            step = -(-(-(-size // n)) // ALIGN) * ALIGN  # ceil(size / n) rounded up to ALIGN
+            first = len(offsets)
+            pos = start
+            while pos < stop:
+                ln = min(step, stop - pos)
+                offsets.append(pos)
+                lengths.append(ln)
+                layers.append(layer)
+                pos += ln
+            layer_chunks[layer] = range(first, len(offsets))
+        i = j
+    return ChunkPlan(tuple(offsets), tuple(lengths), tuple(layers), tuple(seg_offsets), layer_chunks,
+                     seg_offsets[-1])
+
+
+def check_chunk(plan: ChunkPlan, chunk: int, offset: int, length: int, layer: int) -> None:
+    """A chunk header must name exactly one planned chunk."""
+    if not 0 <= chunk < plan.num_chunks:
+        raise ProtocolError(f"chunk index {chunk} outside plan of {plan.num_chunks}")
+    if (plan.offsets[chunk], plan.lengths[chunk], plan.layers[chunk]) != (offset, length, layer):
+        raise ProtocolError(
+            f"chunk {chunk} claims offset={offset} length={length} layer={layer}, plan says "
+            f"{plan.offsets[chunk]}/{plan.lengths[chunk]}/{plan.layers[chunk]}"
+        )

@@ -1,0 +1,209 @@
+"""Transfer state machines for both ends, sans-IO.
+
+Owns: which chunks are ready, in flight, verified or acknowledged; when a layer is complete; the
+whole-transfer digest; the one-way move to exactly one terminal state. Must not know: sockets,
+threads, clocks or buffers. The I/O layer calls these under its own lock and acts on what they return.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+import xxhash
+
+from ..errors import ProtocolError
+from .frames import Header
+from .manifest import Manifest
+from .plan import ChunkPlan, check_chunk
+
+
+class State(enum.Enum):
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not State.ACTIVE
+
+
+def transfer_digest(hashes: list[int]) -> int:
+    """Whole-transfer digest: xxh3_64 over the chunk hashes in chunk order."""
+    return xxhash.xxh3_64_intdigest(struct.pack(f"<{len(hashes)}Q", *hashes))
+
+
+@dataclass
+class _Terminal:
+    state: State = State.ACTIVE
+    reason: str = ""
+
+    def end(self, state: State, reason: str = "") -> bool:
+        """Move to a terminal state once; later calls are ignored and return False."""
+        if self.state.terminal:
+            return False
+        self.state, self.reason = state, reason
+        return True
+
+
+# ---------------------------------------------------------------- receiver
+
+
+@dataclass(frozen=True)
+class ChunkVerdict:
+    ack: bool  # False: NACK, ask for a re-send
+    layers_ready: tuple[int, ...] = ()
+    all_verified: bool = False
+
+
+@dataclass
+class ReceiverTransfer:
+    manifest: Manifest
+    plan: ChunkPlan
+    status: _Terminal = field(default_factory=_Terminal)
+
+    def __post_init__(self) -> None:
+        n = self.plan.num_chunks
+        self.verified = bytearray(n)
+        self.hashes = [0] * n
+        self.remaining = n
+        self.layer_remaining = {layer: len(r) for layer, r in self.plan.layer_chunks.items()}
+        self.layers_done: set[int] = set()
+        self.bad_chunks = 0
+
+    @property
+    def state(self) -> State:
+        return self.status.state
+
+    def admit(self, h: Header) -> bool:
+        """A chunk header arrived. True: read it into the destination. False: drain and drop it.
+
+        Raises ProtocolError when the header does not name a planned chunk of this transfer.
+        """
+        check_chunk(self.plan, h.chunk, h.offset, h.length, h.layer)
+        if self.manifest.hashed and not h.flags & 1:
+            raise ProtocolError(f"chunk {h.chunk} carries no hash on a hashed transfer")
+        return self.state is State.ACTIVE and not self.verified[h.chunk]
+
+    def received(self, h: Header, computed: int | None) -> ChunkVerdict:
+        """The chunk's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is off)."""
+        if self.state.terminal or self.verified[h.chunk]:
+            return ChunkVerdict(ack=True)
+        if self.manifest.hashed and computed != h.digest:
+            self.bad_chunks += 1
+            return ChunkVerdict(ack=False)
+        self.verified[h.chunk] = 1
+        self.hashes[h.chunk] = h.digest if self.manifest.hashed else 0
+        self.remaining -= 1
+        self.layer_remaining[h.layer] -= 1
+        ready: tuple[int, ...] = ()
+        if self.layer_remaining[h.layer] == 0:
+            self.layers_done.add(h.layer)
+            ready = (h.layer,)
+        return ChunkVerdict(ack=True, layers_ready=ready, all_verified=self.remaining == 0)
+
+    def on_done(self, digest: int) -> bool:
+        """Sender says every chunk was acknowledged. True: done; False: failed (see status.reason)."""
+        if self.state.terminal:
+            return self.state is State.DONE
+        if self.remaining:
+            self.status.end(State.FAILED, f"sender finished with {self.remaining} chunks unverified")
+            return False
+        if self.manifest.hashed and digest != transfer_digest(self.hashes):
+            self.status.end(State.FAILED, "whole-transfer digest mismatch")
+            return False
+        self.status.end(State.DONE)
+        return True
+
+
+# ---------------------------------------------------------------- sender
+
+_WAITING, _QUEUED, _INFLIGHT, _ACKED = 0, 1, 2, 3
+
+
+@dataclass
+class SenderTransfer:
+    manifest: Manifest
+    plan: ChunkPlan
+    max_retries: int = 3
+    status: _Terminal = field(default_factory=_Terminal)
+
+    def __post_init__(self) -> None:
+        n = self.plan.num_chunks
+        self.chunk_state = bytearray(n)
+        self.hashes = [0] * n
+        self.retries = [0] * n
+        self.queue: deque[int] = deque()
+        self.unacked = n
+        self.accepted = False
+        self.layers_written: set[int] = set()
+        self.done_sent = False
+
+    @property
+    def state(self) -> State:
+        return self.status.state
+
+    def layer_ready(self, layer: int) -> None:
+        if layer in self.layers_written:
+            raise ValueError(f"layer {layer} written twice")
+        self.layers_written.add(layer)
+        for c in self.plan.layer_chunks.get(layer, ()):
+            self.chunk_state[c] = _QUEUED
+            self.queue.append(c)
+
+    def next_chunk(self) -> int | None:
+        """The next chunk a lane should send, or None (nothing ready, not accepted, or ended)."""
+        if not self.accepted or self.state.terminal:
+            return None
+        while self.queue:
+            c = self.queue.popleft()
+            if self.chunk_state[c] == _QUEUED:
+                self.chunk_state[c] = _INFLIGHT
+                return c
+        return None
+
+    def has_ready(self) -> bool:
+        return self.accepted and not self.state.terminal and bool(self.queue)
+
+    def sent(self, chunk: int, digest: int) -> None:
+        self.hashes[chunk] = digest
+
+    def on_ack(self, chunks: list[int]) -> bool:
+        """True when this ack completes the set: the caller sends DONE with ``digest()``."""
+        for c in chunks:
+            if not 0 <= c < len(self.chunk_state):
+                raise ProtocolError(f"ack for chunk {c} outside plan")
+            if self.chunk_state[c] == _INFLIGHT:
+                self.chunk_state[c] = _ACKED
+                self.unacked -= 1
+        if self.unacked == 0 and not self.done_sent and not self.state.terminal:
+            self.done_sent = True
+            return True
+        return False
+
+    def on_nack(self, chunks: list[int]) -> None:
+        for c in chunks:
+            if not 0 <= c < len(self.chunk_state):
+                raise ProtocolError(f"nack for chunk {c} outside plan")
+            if self.chunk_state[c] != _INFLIGHT:
+                continue
+            self.retries[c] += 1
+            if self.retries[c] > self.max_retries:
+                self.status.end(State.FAILED, f"chunk {c} failed verification {self.retries[c]} times")
+                return
+            self.chunk_state[c] = _QUEUED
+            self.queue.appendleft(c)
+
+    def requeue(self, chunks: list[int]) -> None:
+        """A lane died with these chunks in flight: send them again on another lane."""
+        for c in chunks:
+            if self.chunk_state[c] == _INFLIGHT:
+                self.chunk_state[c] = _QUEUED
+                self.queue.appendleft(c)
+
+    def digest(self) -> int:
+        return transfer_digest(self.hashes) if self.manifest.hashed else 0

@@ -1,0 +1,599 @@
+"""The receiving end: a server that authenticates sessions and reassembles transfers into caller buffers.
+
+Owns: the listening socket, per-connection threads (one per control connection, one per lane), the
+per-session table of transfers, destination lookup (registered buffers or an allocator callback),
+ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them. Drives the sans-IO
+``ReceiverTransfer``. Must not know: torch/cupy (buffers arrive as views), congestion control.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import xxhash
+
+from ..buffers import segment_views
+from ..codec import frames as F
+from ..codec.layout import ModelLayout, check_state_position
+from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
+from ..codec.plan import ChunkPlan
+from ..codec.transfer import ReceiverTransfer, State
+from ..errors import KvwireError, ProtocolError
+from .auth import SessionKeys, check_lane, server_handshake, server_hello
+from .handle import Outcome
+from .wire import Channel, drain, recv_exact_into, tune
+
+log = logging.getLogger("kvwire.receiver")
+
+Allocator = Callable[[Manifest], Any]
+
+
+class IncomingTransfer(Outcome):
+    """Receiver-side handle of one transfer. Layers become readable as ``wait_layer`` returns."""
+
+    def __init__(self, request_id: str, dest: Any = None, layout: ModelLayout | None = None,
+                 state_position: int | None = None, deadline: float | None = None) -> None:
+        super().__init__()
+        self.request_id = request_id
+        self.dest = dest
+        self.layout = layout
+        self.state_position = state_position
+        self.deadline = deadline
+        self.manifest: Manifest | None = None
+        self.plan: ChunkPlan | None = None
+        self.views: list[memoryview] = []
+        self.layer_times: dict[int, float] = {}
+        self.started = time.monotonic()
+        self._cond = threading.Condition()
+        self._layer_callbacks: list[Callable[[int], None]] = []
+        # internal, guarded by the session lock
+        self._sm: ReceiverTransfer | None = None
+        self._writers = 0
+        self._pending: tuple[State, str] | None = None
+        self._pending_since = 0.0
+        self._writing: set[Channel] = set()
+        self._session: _Session | None = None
+
+    # ---- caller API
+    @property
+    def layers_ready(self) -> set[int]:
+        with self._cond:
+            return set(self.layer_times)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Return once ``layer`` is verified in the destination; raise if the transfer ended without it."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while layer not in self.layer_times:
+                if self.finished:
+                    self.result(0)  # raises the terminal error
+                    raise KvwireError(f"transfer done but layer {layer} is not in it")
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
+                self._cond.wait(left if left is not None else 1.0)
+
+    def on_layer(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(layer)`` from a receiver thread as each layer is verified (keep it short)."""
+        with self._cond:
+            done = sorted(self.layer_times)
+            self._layer_callbacks.append(fn)
+        for layer in done:
+            fn(layer)
+
+    def layers(self, timeout: float | None = None) -> Iterator[int]:
+        """Yield layer indices in the order they become ready, until every layer with bytes is in."""
+        seen: set[int] = set()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                while True:
+                    fresh = [i for i in self.layer_times if i not in seen]
+                    total = len(self.plan.layer_chunks) if self.plan is not None else None
+                    if fresh or (total is not None and len(seen) == total) or self.finished:
+                        break
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError("no layer arrived in time")
+                    self._cond.wait(left if left is not None else 1.0)
+            fresh.sort(key=lambda i: self.layer_times[i])
+            for i in fresh:
+                seen.add(i)
+                yield i
+            if self.plan is not None and len(seen) == len(self.plan.layer_chunks):
+                return
+            if not fresh and self.finished:
+                self.result(0)
+                return
+
+    def cancel(self, reason: str = "cancelled by receiver") -> None:
+        s = self._session
+        if s is None:
+            with self._cond:
+                self._resolve(State.CANCELLED, reason)
+                self._cond.notify_all()
+            return
+        s.server._end(s, self, State.CANCELLED, reason, notify=F.CANCEL)
+
+    # ---- receiver internals
+    def _layer_ready(self, layer: int, t: float) -> None:
+        with self._cond:
+            self.layer_times[layer] = t
+            cbs = list(self._layer_callbacks)
+            self._cond.notify_all()
+        for fn in cbs:
+            fn(layer)
+
+    def _finish(self, state: State, reason: str) -> None:
+        with self._cond:
+            self._resolve(state, reason, self)
+            self._cond.notify_all()
+
+
+@dataclass
+class _Session:
+    server: Receiver
+    keys: SessionKeys
+    ctrl: Channel
+    peer: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lanes: dict[int, Channel] = field(default_factory=dict)
+    transfers: dict[int, IncomingTransfer] = field(default_factory=dict)
+    ended: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    layouts: dict[bytes, ModelLayout] = field(default_factory=dict)
+    pending: set[IncomingTransfer] = field(default_factory=set)  # ended, a lane still writing
+    last_seen: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
+        try:
+            self.ctrl.send(kind, body)
+            self.last_sent = time.monotonic()
+        except OSError:
+            pass  # the control reader notices the dead connection and fails the session
+
+
+class Receiver:
+    """A kvwire server. Start with ``Receiver(...)`` (it listens at once), stop with ``close()``.
+
+    Destinations: ``expect(request_id, buffers)`` registers buffers in advance and returns the handle;
+    otherwise ``allocator(manifest)`` is called and returns one buffer of ``manifest.total_bytes`` or a
+    list of buffers, one per segment. Handles of allocated transfers are delivered to ``on_transfer``
+    and to ``next_transfer()``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key: bytes | str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        allocator: Allocator | None = None,
+        on_transfer: Callable[[IncomingTransfer], None] | None = None,
+        limits: F.Limits = F.DEFAULT_LIMITS,
+        max_sessions: int = 64,
+        max_lanes: int = 64,
+        max_inflight_bytes: int = 64 * 1024**3,
+        max_transfers_per_session: int = 1024,
+        transfer_timeout: float = 300.0,
+        peer_timeout: float = 10.0,
+        heartbeat: float = 1.0,
+        handshake_timeout: float = 5.0,
+    ) -> None:
+        self.key = key.encode() if isinstance(key, str) else (key or b"")
+        self.ssl_context = ssl_context
+        self.allocator = allocator
+        self.on_transfer = on_transfer
+        self.limits = limits
+        self.max_sessions = max_sessions
+        self.max_lanes = max_lanes
+        self.max_inflight_bytes = max_inflight_bytes
+        self.max_transfers_per_session = max_transfers_per_session
+        self.transfer_timeout = transfer_timeout
+        self.peer_timeout = peer_timeout
+        self.heartbeat = heartbeat
+        self.handshake_timeout = handshake_timeout
+        self._lock = threading.Lock()
+        self._sessions: dict[bytes, _Session] = {}
+        self._expected: dict[str, IncomingTransfer] = {}
+        self._incoming: list[IncomingTransfer] = []
+        self._incoming_cond = threading.Condition(self._lock)
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[socket.socket] = set()
+        self._closed = threading.Event()
+        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._spawn(self._accept_loop, "kvwire-accept")
+        self._spawn(self._monitor_loop, "kvwire-monitor")
+
+    # ------------------------------------------------------------ public
+    def expect(self, request_id: str, buffers: Any, *, layout: ModelLayout | None = None,
+               state_position: int | None = None, timeout: float | None = None) -> IncomingTransfer:
+        """Register destination buffers for a request before it arrives; returns its handle.
+
+        With ``layout``, a sender whose layout differs (dtype, layout tag, shape, TP) is rejected before
+        a byte is written; with ``state_position``, so is a state taken at another token position.
+        """
+        deadline = time.monotonic() + (timeout if timeout is not None else self.transfer_timeout)
+        h = IncomingTransfer(request_id, buffers, layout, state_position, deadline)
+        with self._lock:
+            if request_id in self._expected:
+                raise ValueError(f"request {request_id!r} already expected")
+            self._expected[request_id] = h
+        return h
+
+    def next_transfer(self, timeout: float | None = None) -> IncomingTransfer:
+        """The next allocator-placed transfer, in arrival order."""
+        with self._incoming_cond:
+            if not self._incoming_cond.wait_for(lambda: self._incoming or self._closed.is_set(), timeout):
+                raise TimeoutError("no transfer arrived")
+            if not self._incoming:
+                raise KvwireError("receiver closed")
+            return self._incoming.pop(0)
+
+    @property
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            sessions = list(self._sessions.values())
+            expected = list(self._expected.values())
+            self._expected.clear()
+            conns = list(self._conns)
+            self._incoming_cond.notify_all()
+        for s in sessions:
+            self._close_session(s, "receiver closed")
+        for h in expected:
+            h._finish(State.CANCELLED, "receiver closed")
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        me = threading.current_thread()
+        for t in list(self._threads):
+            if t is not me:
+                t.join(5)
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ threads
+    def _spawn(self, fn: Callable[..., None], name: str, *args: Any) -> None:
+        t = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                over = len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
+                if not over:
+                    self._conns.add(sock)
+            if over:
+                sock.close()
+                continue
+            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, f"{addr[0]}:{addr[1]}")
+
+    def _connection(self, sock: socket.socket, peer: str) -> None:
+        ch: Channel | None = None
+        try:
+            tune(sock, self.peer_timeout)
+            sock.settimeout(self.handshake_timeout)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            ch = Channel(sock, self.limits)
+            kind, body = server_hello(ch)
+            if kind == F.HELLO:
+                self._control(ch, body, peer)
+            else:
+                self._lane(ch, body)
+        except (OSError, KvwireError, ValueError) as e:
+            log.info("connection from %s ended: %s: %s", peer, type(e).__name__, e)
+        finally:
+            if ch is not None:
+                ch.close()
+            else:
+                sock.close()
+            with self._lock:
+                self._conns.discard(sock)
+
+    # ------------------------------------------------------------ control
+    def _control(self, ch: Channel, hello: dict[str, Any], peer: str) -> None:
+        with self._lock:
+            full = len(self._sessions) >= self.max_sessions
+        if full:
+            ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
+            return
+        limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes}
+        keys = server_handshake(ch, self.key, hello, limits)
+        s = _Session(self, keys, ch, peer)
+        with self._lock:
+            self._sessions[keys.session_id] = s
+        ch.sock.settimeout(None)
+        try:
+            while True:
+                kind, body = ch.read_control()
+                s.last_seen = time.monotonic()
+                if kind == F.BEGIN:
+                    self._begin(s, body)
+                elif kind == F.DONE:
+                    self._done(s, body)
+                elif kind == F.CANCEL:
+                    h = s.transfers.get(body.get("tid", -1))
+                    if h is not None:
+                        self._end(s, h, State.CANCELLED, f"cancelled by sender: {body.get('reason', '')}")
+                elif kind == F.HEARTBEAT:
+                    pass
+                elif kind == F.BYE:
+                    self._close_session(s, "sender closed the session")
+                    return
+                else:
+                    raise ProtocolError(f"unexpected {kind!r} on control connection")
+        except ProtocolError as e:
+            s.send(F.ERROR, {"reason": str(e)})
+            self._close_session(s, f"protocol error: {e}")
+        except OSError as e:
+            self._close_session(s, f"control connection lost: {e}")
+
+    def _begin(self, s: _Session, body: dict[str, Any]) -> None:
+        tid = body.get("tid")
+        try:
+            m = parse_manifest(body, self.limits, s.layouts)
+        except KvwireError as e:
+            s.send(F.REJECT, {"tid": tid, "reason": str(e)})
+            return
+        if m.layout is not None and len(s.layouts) < 256:
+            s.layouts[m.fingerprint] = m.layout
+        reason = self._admit(s, m)
+        if reason:
+            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
+            return
+        with self._lock:
+            h = self._expected.pop(m.request.request_id, None)
+        registered = h is not None
+        try:
+            if h is None:
+                if self.allocator is None:
+                    raise KvwireError(f"no destination registered for request {m.request.request_id!r}")
+                h = IncomingTransfer(m.request.request_id, self.allocator(m))
+            if h.layout is not None:
+                check_manifest_against(m, h.layout)
+            if h.state_position is not None:
+                check_state_position(m.request, h.state_position)
+            views = segment_views(h.dest, m.segments)
+        except Exception as e:  # noqa: BLE001 - allocator is user code; every failure is a REJECT
+            reason = f"{type(e).__name__}: {e}"
+            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
+            if registered:
+                h._finish(State.FAILED, reason)
+            return
+        h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
+        h.layout = h.layout or m.layout
+        h.deadline = min(h.deadline or float("inf"), time.monotonic() + self.transfer_timeout)
+        h._sm = ReceiverTransfer(m, h.plan)
+        with s.lock:
+            s.transfers[m.transfer_id] = h
+        s.send(F.ACCEPT, {"tid": m.transfer_id})
+        if not registered:
+            with self._incoming_cond:
+                self._incoming.append(h)
+                self._incoming_cond.notify_all()
+            if self.on_transfer is not None:
+                self.on_transfer(h)
+
+    def _admit(self, s: _Session, m: Manifest) -> str:
+        with s.lock:
+            if m.transfer_id in s.transfers or m.transfer_id in s.ended:
+                return f"transfer id {m.transfer_id} already used on this session"
+            if len(s.transfers) >= self.max_transfers_per_session:
+                return "too many transfers in flight on this session"
+        with self._lock:
+            inflight = sum(h.manifest.total_bytes for x in self._sessions.values()
+                           for h in list(x.transfers.values()) if h.manifest is not None)
+        if inflight + m.total_bytes > self.max_inflight_bytes:
+            return f"receiver busy: {inflight + m.total_bytes} bytes in flight exceeds {self.max_inflight_bytes}"
+        return ""
+
+    def _done(self, s: _Session, body: dict[str, Any]) -> None:
+        tid, digest = body.get("tid"), body.get("digest")
+        if not isinstance(digest, int):
+            raise ProtocolError("done without a digest")
+        h = s.transfers.get(tid) if isinstance(tid, int) else None
+        if h is None or h._sm is None:
+            return  # ended already (cancelled, timed out): the sender was told
+        with s.lock:
+            ok = h._sm.on_done(digest)
+            reason = h._sm.status.reason
+        if ok:
+            s.send(F.COMPLETE, {"tid": tid})
+            self._end(s, h, State.DONE, "")
+        else:
+            self._end(s, h, State.FAILED, reason, notify=F.ERROR)
+
+    def _end(self, s: _Session, h: IncomingTransfer, state: State, reason: str, notify: str | None = None
+             ) -> None:
+        """Move a transfer to a terminal state; the handle resolves once no lane writes into it."""
+        tid = h.manifest.transfer_id if h.manifest is not None else None
+        with s.lock:
+            if h._sm is not None:
+                h._sm.status.end(state, reason)
+            if tid is not None and s.transfers.pop(tid, None) is not None:
+                s.ended[tid] = None
+                while len(s.ended) > 4096:
+                    s.ended.popitem(last=False)
+            resolve_now = h._writers == 0
+            if not resolve_now and h._pending is None:
+                h._pending, h._pending_since = (state, reason), time.monotonic()
+                s.pending.add(h)
+        if notify is not None and tid is not None:
+            s.send(notify, {"tid": tid, "reason": reason})
+        if resolve_now:
+            h._finish(state, reason)
+
+    def _close_session(self, s: _Session, reason: str) -> None:
+        with self._lock:
+            if self._sessions.get(s.keys.session_id) is s:
+                del self._sessions[s.keys.session_id]
+        with s.lock:
+            if s.closed:
+                return
+            s.closed = True
+            handles = list(s.transfers.values())
+            lanes = list(s.lanes.values())
+        for h in handles:
+            self._end(s, h, State.FAILED, reason)
+        s.ctrl.close()
+        for ch in lanes:
+            ch.close()
+
+    # ------------------------------------------------------------ lanes
+    def _lane(self, ch: Channel, body: dict[str, Any]) -> None:
+        sid = body.get("session")
+        with self._lock:
+            s = self._sessions.get(sid) if isinstance(sid, bytes) else None
+        if s is None:
+            ch.send(F.ERROR, {"reason": "unknown session"})
+            return
+        lane = check_lane(self.key, s.keys, body)
+        with s.lock:
+            if s.closed or (lane not in s.lanes and len(s.lanes) >= self.max_lanes):
+                raise ProtocolError("lane refused")
+            old = s.lanes.get(lane)
+            s.lanes[lane] = ch
+        if old is not None:
+            old.close()  # a reconnect replaces the lane
+        ch.send(F.WELCOME, {})
+        ch.sock.settimeout(None)
+        try:
+            self._lane_loop(s, ch)
+        except (OSError, KvwireError):
+            pass
+        finally:
+            with s.lock:
+                if s.lanes.get(lane) is ch:
+                    del s.lanes[lane]
+
+    def _lane_loop(self, s: _Session, ch: Channel) -> None:
+        scratch = memoryview(bytearray(256 * 1024))
+        sock = ch.sock
+        while True:
+            h = ch.read_header()
+            if h.kind == F.KIND_CONTROL:
+                kind, _ = ch.read_control_body(h)
+                if kind == F.BYE:
+                    return
+                raise ProtocolError(f"unexpected {kind!r} on a data lane")
+            with s.lock:
+                t = s.transfers.get(h.transfer_id)
+                if t is None or t._sm is None:
+                    if h.transfer_id not in s.ended:
+                        raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
+                    write = False
+                else:
+                    write = t._sm.admit(h)
+                    if write:
+                        t._writers += 1
+                        t._writing.add(ch)
+            if not write:
+                drain(sock, h.length, scratch)
+                if t is not None and t._sm is not None and t._sm.verified[h.chunk]:
+                    s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                continue
+            assert t is not None and t.plan is not None and t._sm is not None
+            try:
+                pieces = t.plan.pieces(h.chunk)
+                hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
+                computed: int | None = None
+                for seg, a, b in pieces:
+                    view = t.views[seg][a:b]
+                    recv_exact_into(sock, view)
+                    if hasher is not None:
+                        hasher.update(view)
+                    elif t._sm.manifest.hashed:
+                        computed = xxhash.xxh3_64_intdigest(view)
+                if hasher is not None:
+                    computed = hasher.intdigest()
+                with s.lock:
+                    verdict = t._sm.received(h, computed)
+            finally:
+                with s.lock:
+                    t._writers -= 1
+                    t._writing.discard(ch)
+                    pending = t._pending if t._writers == 0 else None
+                    if pending is not None:
+                        s.pending.discard(t)
+                if pending is not None:
+                    t._finish(*pending)
+            if verdict.ack:
+                s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
+            else:
+                s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
+            now = time.monotonic()
+            for layer in verdict.layers_ready:
+                t._layer_ready(layer, now)
+
+    # ------------------------------------------------------------ monitor
+    def _monitor_loop(self) -> None:
+        tick = min(self.heartbeat, 0.25)
+        while not self._closed.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                sessions = list(self._sessions.values())
+                late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
+                for h in late:
+                    self._expected.pop(h.request_id, None)
+            for h in late:
+                h._finish(State.TIMED_OUT, "the sender never started this transfer")
+            for s in sessions:
+                if now - s.last_seen > self.peer_timeout:
+                    self._close_session(s, f"peer silent for {now - s.last_seen:.1f}s")
+                    continue
+                if now - s.last_sent >= self.heartbeat:
+                    s.send(F.HEARTBEAT)
+                with s.lock:
+                    handles = list(s.transfers.values())
+                for h in handles:
+                    if h.deadline is not None and now > h.deadline:
+                        self._end(s, h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
+                self._unstick(s, now)
+
+    def _unstick(self, s: _Session, now: float) -> None:
+        """A transfer that ended while a lane was mid-chunk: give the chunk 2 s, then cut the lane."""
+        with s.lock:
+            stuck = [ch for h in s.pending if now - h._pending_since > 2.0 for ch in h._writing]
+        for ch in stuck:
+            ch.close()

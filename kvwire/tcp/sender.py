@@ -1,0 +1,446 @@
+"""The sending end: a session of one control connection plus N data lanes, reused across transfers.
+
+Owns: connecting and authenticating lanes, the shared chunk queue (lanes pull, so a slow lane takes
+fewer chunks; transfers are interleaved round-robin), per-lane in-flight tracking, re-sending a dead
+lane's chunks on the others and reconnecting it, heartbeats and deadlines. Drives the sans-IO
+``SenderTransfer``. Must not know: torch/cupy, congestion policy (it exposes its lane sockets).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import xxhash
+
+from ..buffers import byte_view
+from ..codec import frames as F
+from ..codec.layout import ModelLayout, RequestSpec
+from ..codec.manifest import build_manifest
+from ..codec.plan import DEFAULT_CHUNK
+from ..codec.transfer import SenderTransfer, State
+from ..errors import KvwireError, LayoutMismatch, ProtocolError
+from .auth import SessionKeys, client_handshake, client_lane
+from .handle import Outcome
+from .wire import Channel, send_parts, tune
+
+#: test-only fault hook: called with (lane index, transfer id, chunk, payload pieces) before a send;
+#: may return replacement pieces (to corrupt a chunk in flight). Never set in production.
+FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None"]
+
+
+class OutgoingTransfer(Outcome):
+    """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``."""
+
+    def __init__(self, session: Session, sm: SenderTransfer, deadline: float | None) -> None:
+        super().__init__()
+        self._session = session
+        self._sm = sm
+        self.manifest = sm.manifest
+        self.plan = sm.plan
+        self.deadline = deadline
+        self.views: list[memoryview | None] = [None] * len(sm.manifest.segments)
+        self._by_layer: dict[int, list[int]] = {}
+        for seg in sm.manifest.segments:
+            self._by_layer.setdefault(seg.layer, []).append(seg.index)
+        self.started = time.monotonic()
+        self.bytes_sent = 0
+
+    @property
+    def transfer_id(self) -> int:
+        return self.manifest.transfer_id
+
+    def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
+        """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep
+        them unchanged until the transfer ends."""
+        segs = self._by_layer.get(layer, [])
+        if len(buffers) != len(segs):
+            raise LayoutMismatch(f"layer {layer} has {len(segs)} segments, got {len(buffers)} buffers")
+        views = [byte_view(b) for b in buffers]
+        for i, v in zip(segs, views):
+            need = self.manifest.segments[i].nbytes
+            if len(v) != need:
+                raise LayoutMismatch(f"segment {i} of layer {layer} needs {need} bytes, buffer has {len(v)}")
+        with self._session._cond:
+            for i, v in zip(segs, views):
+                self.views[i] = v
+            self._sm.layer_ready(layer)
+            self._session._cond.notify_all()
+
+    def write_all(self, buffers: Sequence[Any]) -> None:
+        """Every segment at once (one buffer per segment, in manifest order)."""
+        if len(buffers) != len(self.manifest.segments):
+            raise LayoutMismatch(f"{len(self.manifest.segments)} segments, got {len(buffers)} buffers")
+        for layer, segs in self._by_layer.items():
+            self.write_layer(layer, [buffers[i] for i in segs])
+
+    def finish(self) -> Outcome:
+        """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""
+        missing = [layer for layer in self._by_layer if layer not in self._sm.layers_written]
+        if missing:
+            raise KvwireError(f"finish() before layers {missing[:8]} were written")
+        if self.plan.num_chunks == 0:
+            with self._session._cond:
+                if self._sm.on_ack([]):
+                    self._session._send_done(self)
+        return self
+
+    def cancel(self, reason: str = "cancelled by sender") -> None:
+        self._session._end(self, State.CANCELLED, reason, notify=F.CANCEL)
+
+
+class _Lane:
+    def __init__(self, index: int, ch: Channel) -> None:
+        self.index = index
+        self.ch = ch
+        self.alive = True
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+
+
+class Session:
+    """A connection to one receiver: ``send()`` transfers over it, ``close()`` when done."""
+
+    def __init__(self, host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
+                 heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
+                 limits: F.Limits = F.DEFAULT_LIMITS) -> None:
+        if not 1 <= lanes <= 256:
+            raise ValueError("lanes must be in 1..256")
+        self.address = (host, port)
+        self.key = key.encode() if isinstance(key, str) else (key or b"")
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
+        self.chunk_size = chunk_size
+        self.hashing = hashing
+        self.peer_timeout = peer_timeout
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.max_retries = max_retries
+        self.limits = limits
+        self.fault_hook: FaultHook | None = None
+        self._cond = threading.Condition()
+        self._transfers: dict[int, OutgoingTransfer] = {}
+        self._rr: deque[int] = deque()
+        self._inflight: dict[tuple[int, int], _Lane] = {}
+        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
+        self._known_layouts: set[bytes] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self.failure = ""
+        self.last_seen = time.monotonic()
+        self.lanes: list[_Lane] = []
+        self.ctrl = self._open()
+        try:
+            self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
+            self.ctrl.sock.settimeout(None)
+            for i in range(lanes):
+                self.lanes.append(_Lane(i, self._open_lane(i)))
+        except BaseException:
+            self.ctrl.close()
+            for lane in self.lanes:
+                lane.ch.close()
+            raise
+        self._start(self._control_loop, "kvwire-ctl")
+        self._start(self._monitor_loop, "kvwire-hb")
+        for lane in self.lanes:
+            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane)
+
+    # ------------------------------------------------------------ public
+    def send(self, layout: ModelLayout, request: RequestSpec, *, timeout: float | None = 300.0,
+             hashing: bool | None = None) -> OutgoingTransfer:
+        """Start a transfer: the manifest goes out now, chunks as layers are written."""
+        tid = next(self._ids) & ((1 << 64) - 1)
+        m = build_manifest(tid, layout, request, self.chunk_size, self.hashing if hashing is None else hashing)
+        sm = SenderTransfer(m, m.plan(), self.max_retries)
+        h = OutgoingTransfer(self, sm, None if timeout is None else time.monotonic() + timeout)
+        with self._cond:
+            if self._closed:
+                raise KvwireError(f"session closed: {self.failure or 'closed'}")
+            self._transfers[tid] = h
+            self._rr.append(tid)
+            with_layout = m.fingerprint not in self._known_layouts
+            self._known_layouts.add(m.fingerprint)
+        try:
+            self.ctrl.send(F.BEGIN, m.to_wire(with_layout=with_layout))
+        except OSError as e:
+            self._fail_session(f"control connection lost: {e}")
+        return h
+
+    @property
+    def alive_lanes(self) -> int:
+        return sum(1 for lane in self.lanes if lane.alive)
+
+    def lane_sockets(self) -> list[socket.socket]:
+        """The live lane sockets (for TCP_INFO probing and pacing by kvwire.congestion)."""
+        return [lane.ch.sock for lane in self.lanes if lane.alive]
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._transfers.values())
+            self._cond.notify_all()
+        for h in pending:
+            self._end(h, State.CANCELLED, "session closed", notify=F.CANCEL)
+        try:
+            self.ctrl.send(F.BYE)
+        except OSError:
+            pass
+        self.ctrl.close()
+        for lane in self.lanes:
+            lane.ch.close()
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join(5)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ connecting
+    def _open(self) -> Channel:
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        try:
+            tune(sock, self.peer_timeout)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
+        except BaseException:
+            sock.close()
+            raise
+        return Channel(sock, self.limits)
+
+    def _open_lane(self, index: int) -> Channel:
+        ch = self._open()
+        try:
+            client_lane(ch, self.key, self.keys, index)
+            ch.sock.settimeout(self.peer_timeout)
+        except BaseException:
+            ch.close()
+            raise
+        return ch
+
+    def _start(self, fn: Callable[..., None], name: str, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    # ------------------------------------------------------------ lanes
+    def _pick(self) -> tuple[OutgoingTransfer, int] | None:
+        for _ in range(len(self._rr)):
+            tid = self._rr[0]
+            self._rr.rotate(-1)
+            h = self._transfers.get(tid)
+            if h is None:
+                continue
+            c = h._sm.next_chunk()
+            if c is not None:
+                return h, c
+        return None
+
+    def _lane_loop(self, lane: _Lane) -> None:
+        while True:
+            with self._cond:
+                pick = self._pick()
+                while pick is None and not self._closed:
+                    self._cond.wait(0.5)
+                    pick = self._pick()
+                if pick is None:
+                    return
+                h, chunk = pick
+                self._inflight[(h.transfer_id, chunk)] = lane
+            try:
+                self._send_chunk(lane, h, chunk)
+            except (OSError, ValueError) as e:
+                if not self._lane_lost(lane, e):
+                    return
+
+    def _send_chunk(self, lane: _Lane, h: OutgoingTransfer, chunk: int) -> None:
+        pieces = []
+        for seg, a, b in h.plan.pieces(chunk):
+            v = h.views[seg]
+            assert v is not None
+            pieces.append(v[a:b])
+        digest: int | None = None
+        if h.manifest.hashed:
+            if len(pieces) == 1:
+                digest = xxhash.xxh3_64_intdigest(pieces[0])
+            else:
+                x = xxhash.xxh3_64()
+                for p in pieces:
+                    x.update(p)
+                digest = x.intdigest()
+        with self._cond:
+            h._sm.sent(chunk, digest or 0)
+        if self.fault_hook is not None:
+            pieces = self.fault_hook(lane.index, h.transfer_id, chunk, pieces) or pieces
+        hdr = F.pack_data_header(h.transfer_id, chunk, h.plan.layers[chunk], h.plan.offsets[chunk],
+                                 h.plan.lengths[chunk], digest)
+        send_parts(lane.ch.sock, [hdr, *pieces])
+        lane.chunks_sent += 1
+        lane.bytes_sent += h.plan.lengths[chunk]
+        h.bytes_sent += h.plan.lengths[chunk]
+
+    def _lane_lost(self, lane: _Lane, err: BaseException) -> bool:
+        """Re-queue the lane's unacknowledged chunks, then try to reconnect it. False: lane gone."""
+        lane.alive = False
+        lane.ch.close()
+        self._requeue(lane)
+        deadline = time.monotonic() + self.peer_timeout
+        delay = 0.05
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                ch = self._open_lane(lane.index)
+            except (OSError, KvwireError):
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            with self._cond:
+                if self._closed:
+                    ch.close()
+                    return False
+                lane.ch, lane.alive = ch, True
+            return True
+        if not self._closed and self.alive_lanes == 0:
+            self._fail_session(f"every lane is down (last error: {err})")
+        return False
+
+    def _requeue(self, lane: _Lane) -> None:
+        with self._cond:
+            lost = [k for k, v in self._inflight.items() if v is lane]
+            for tid, chunk in lost:
+                del self._inflight[(tid, chunk)]
+                h = self._transfers.get(tid)
+                if h is not None:
+                    h._sm.requeue([chunk])
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ control
+    def _control_loop(self) -> None:
+        try:
+            while True:
+                kind, body = self.ctrl.read_control()
+                self.last_seen = time.monotonic()
+                if kind in (F.HEARTBEAT,):
+                    continue
+                if kind == F.BYE:
+                    raise ConnectionError("receiver closed the session")
+                tid = body.get("tid")
+                h = self._transfers.get(tid) if isinstance(tid, int) else None
+                if h is None:
+                    if kind == F.ERROR and tid is None:
+                        raise ConnectionError(f"receiver error: {body.get('reason')}")
+                    continue  # late message for an ended transfer
+                if kind == F.ACCEPT:
+                    with self._cond:
+                        h._sm.accepted = True
+                        self._cond.notify_all()
+                elif kind == F.ACK or kind == F.NACK:
+                    chunks = body.get("c")
+                    if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
+                        raise ProtocolError("malformed ack")
+                    self._on_ack(h, chunks, kind == F.ACK)
+                elif kind == F.COMPLETE:
+                    self._end(h, State.DONE, "")
+                elif kind == F.REJECT:
+                    self._end(h, State.FAILED, f"receiver rejected the transfer: {body.get('reason')}")
+                elif kind == F.ERROR:
+                    self._end(h, State.FAILED, f"receiver failed the transfer: {body.get('reason')}")
+                elif kind == F.CANCEL:
+                    self._end(h, State.CANCELLED, f"cancelled by receiver: {body.get('reason')}")
+                else:
+                    raise ProtocolError(f"unexpected {kind!r} from receiver")
+        except (OSError, KvwireError) as e:
+            self._fail_session(f"control connection: {e}")
+
+    def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool) -> None:
+        with self._cond:
+            for c in chunks:
+                self._inflight.pop((h.transfer_id, c), None)
+            if ok:
+                finished = h._sm.on_ack(chunks)
+            else:
+                h._sm.on_nack(chunks)
+                finished = False
+                self._cond.notify_all()
+            failed = h._sm.state is State.FAILED
+        if failed:
+            self._end(h, State.FAILED, h._sm.status.reason, notify=F.CANCEL)
+        elif finished:
+            self._send_done(h)
+
+    def _send_done(self, h: OutgoingTransfer) -> None:
+        try:
+            self.ctrl.send(F.DONE, {"tid": h.transfer_id, "digest": h._sm.digest()})
+        except OSError as e:
+            self._fail_session(f"control connection lost: {e}")
+
+    def _end(self, h: OutgoingTransfer, state: State, reason: str, notify: str | None = None) -> None:
+        with self._cond:
+            h._sm.status.end(state, reason)
+            if self._transfers.pop(h.transfer_id, None) is None:
+                return
+            try:
+                self._rr.remove(h.transfer_id)
+            except ValueError:
+                pass
+            for k in [k for k in self._inflight if k[0] == h.transfer_id]:
+                del self._inflight[k]
+        if notify is not None:
+            try:
+                self.ctrl.send(notify, {"tid": h.transfer_id, "reason": reason})
+            except OSError:
+                pass
+        h._resolve(state, reason, h)
+
+    def _fail_session(self, reason: str) -> None:
+        with self._cond:
+            if not self.failure:
+                self.failure = reason
+            handles = list(self._transfers.values())
+            self._closed = True
+            self._cond.notify_all()
+        for h in handles:
+            self._end(h, State.FAILED, reason)
+        self.ctrl.close()
+        for lane in self.lanes:
+            lane.ch.close()
+
+    def _monitor_loop(self) -> None:
+        tick = min(self.heartbeat, 0.25)
+        last_hb = 0.0
+        while True:
+            time.sleep(tick)
+            with self._cond:
+                if self._closed:
+                    return
+                handles = list(self._transfers.values())
+            now = time.monotonic()
+            if now - self.last_seen > self.peer_timeout:
+                self._fail_session(f"receiver silent for {now - self.last_seen:.1f}s")
+                return
+            if now - last_hb >= self.heartbeat:
+                last_hb = now
+                try:
+                    self.ctrl.send(F.HEARTBEAT)
+                except OSError:
+                    pass
+            for h in handles:
+                if h.deadline is not None and now > h.deadline:
+                    self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
+
+
+def connect(host: str, port: int, **kwargs: Any) -> Session:
+    """Open a session to a kvwire receiver. Keyword arguments as ``Session``."""
+    return Session(host, port, **kwargs)

@@ -1,0 +1,124 @@
+"""Socket plumbing shared by both ends: exact reads into caller buffers, gathered writes, options.
+
+Owns: ``recv_exact_into``, ``send_parts`` (``sendmsg`` over [header, views] with partial-send
+handling, ``sendall`` per part on TLS), ``Channel`` (a socket with a write lock that reads and writes
+whole control frames) and socket tuning. Must not know: transfers, sessions or layouts.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any, Sequence
+
+from ..codec.frames import (
+    HEADER_SIZE,
+    KIND_CONTROL,
+    Header,
+    Limits,
+    decode_control,
+    encode_control,
+    unpack_header,
+)
+from ..errors import ProtocolError
+
+Buffer = memoryview
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (EOF)."""
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` completely from ``sock`` (no intermediate copy)."""
+    got = 0
+    n = len(view)
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if r == 0:
+            raise PeerClosed("peer closed the connection")
+        got += r
+
+
+def drain(sock: socket.socket, nbytes: int, scratch: memoryview) -> None:
+    """Read and drop ``nbytes`` through a bounded scratch buffer."""
+    while nbytes:
+        step = min(nbytes, len(scratch))
+        recv_exact_into(sock, scratch[:step])
+        nbytes -= step
+
+
+def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """Send every part, in order, without joining them. One ``sendmsg`` in the common case."""
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg; it copies into records anyway
+        for p in parts:
+            sock.sendall(p)
+        return
+    views = [memoryview(p).cast("B") if not isinstance(p, bytes) else memoryview(p) for p in parts]
+    total = sum(len(v) for v in views)
+    while total:
+        sent = sock.sendmsg(views)
+        total -= sent
+        if not total:
+            return
+        while sent:  # drop what went out, keep the rest
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def tune(sock: socket.socket, user_timeout_s: float | None = None) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class Channel:
+    """A connection carrying control frames (and, on lanes, data frames): locked writes, bounded reads."""
+
+    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+        self.sock = sock
+        self.limits = limits
+        self._wlock = threading.Lock()
+        self._hdr = bytearray(HEADER_SIZE)
+        self.closed = False
+
+    def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
+        frame = encode_control(kind, body)
+        with self._wlock:
+            self.sock.sendall(frame)
+
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        with self._wlock:
+            send_parts(self.sock, parts)
+
+    def read_header(self) -> Header:
+        view = memoryview(self._hdr)
+        recv_exact_into(self.sock, view)
+        return unpack_header(self._hdr, self.limits)
+
+    def read_control_body(self, h: Header) -> tuple[str, dict[str, Any]]:
+        body = bytearray(h.length)  # bounded by limits.max_control in unpack_header
+        recv_exact_into(self.sock, memoryview(body))
+        return decode_control(h, body, self.limits)
+
+    def read_control(self) -> tuple[str, dict[str, Any]]:
+        h = self.read_header()
+        if h.kind != KIND_CONTROL:
+            raise ProtocolError("expected a control frame, got data")
+        return self.read_control_body(h)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
