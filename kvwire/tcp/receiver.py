@@ -250,9 +250,10 @@ class Receiver:
             return
         self._closed.set()
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         except OSError:
             pass
+        self._listener.close()
         with self._lock:
             sessions = list(self._sessions.values())
             expected = list(self._expected.values())
@@ -354,7 +355,9 @@ class Receiver:
                     self._done(s, body)
                 elif kind == F.CANCEL:
                     h = s.transfers.get(body.get("tid", -1))
-                    if h is not None:
+                    if h is not None and body.get("state") == State.TIMED_OUT.value:
+                        self._end(s, h, State.TIMED_OUT, f"sender timed out: {body.get('reason', '')}")
+                    elif h is not None:
                         self._end(s, h, State.CANCELLED, f"cancelled by sender: {body.get('reason', '')}")
                 elif kind == F.HEARTBEAT:
                     pass
@@ -460,7 +463,7 @@ class Receiver:
                 h._pending, h._pending_since = (state, reason), time.monotonic()
                 s.pending.add(h)
         if notify is not None and tid is not None:
-            s.send(notify, {"tid": tid, "reason": reason})
+            s.send(notify, {"tid": tid, "reason": reason, "state": state.value})
         if resolve_now:
             h._finish(state, reason)
 

@@ -355,6 +355,8 @@ class Session:
                     self._end(h, State.DONE, "")
                 elif kind == F.REJECT:
                     self._end(h, State.FAILED, f"receiver rejected the transfer: {body.get('reason')}")
+                elif kind == F.ERROR and body.get("state") == State.TIMED_OUT.value:
+                    self._end(h, State.TIMED_OUT, f"receiver timed out: {body.get('reason')}")
                 elif kind == F.ERROR:
                     self._end(h, State.FAILED, f"receiver failed the transfer: {body.get('reason')}")
                 elif kind == F.CANCEL:
@@ -399,7 +401,7 @@ class Session:
                 del self._inflight[k]
         if notify is not None:
             try:
-                self.ctrl.send(notify, {"tid": h.transfer_id, "reason": reason})
+                self.ctrl.send(notify, {"tid": h.transfer_id, "reason": reason, "state": state.value})
             except OSError:
                 pass
         h._resolve(state, reason, h)

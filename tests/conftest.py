@@ -1,0 +1,17 @@
+"""Shared fixtures: every test must leave no kvwire thread and no socket behind."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from helpers import kvwire_threads, open_fds, wait_until
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    fds, threads = open_fds(), kvwire_threads()
+    yield
+    assert wait_until(lambda: kvwire_threads() == threads, 10), f"threads left: {kvwire_threads()}"
+    assert wait_until(lambda: open_fds() <= fds, 10), f"fds: {open_fds()} after vs {fds} before"

@@ -1,0 +1,287 @@
+"""Loopback transport: bit-exact round trips, layer semantics, concurrency, cancel, mismatches, leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from helpers import payload
+
+from kvwire import (
+    LayoutMismatch,
+    Receiver,
+    RequestSpec,
+    State,
+    StatePositionMismatch,
+    TransferCancelled,
+    TransferFailed,
+    connect,
+    plan_segments,
+)
+from kvwire.codec.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
+
+CHUNK = 64 * 1024
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_every_fixture_round_trips_bit_exact(name: str, no_leaks: None) -> None:
+    layout = load_fixture(name)
+    req = default_request(f"rt-{name}")
+    src = fixture_payload(layout, req)
+    dst = [np.zeros(a.nbytes, np.uint8) for a in src]
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=3, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dst, layout=layout, state_position=req.state_position)
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(20)
+        assert h_rx.result(20) is h_rx
+        assert h.state is State.DONE and h_rx.state is State.DONE
+    for a, b in zip(src, dst):
+        assert a.view(np.uint8).tobytes() == b.tobytes()
+
+
+def test_layers_become_ready_as_written_and_wait_layer_blocks(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("layers")
+    src = fixture_payload(layout, req)
+    segs = plan_segments(layout, req)
+    dst = np.zeros(sum(s.nbytes for s in segs), np.uint8)
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect("layers", dst)
+        h = s.send(layout, req)
+        seen: list[int] = []
+        h_rx.on_layer(seen.append)
+        for layer in range(layout.num_layers):
+            with pytest.raises(TimeoutError):
+                h_rx.wait_layer(layer, timeout=0.1)
+            h.write_layer(layer, [src[x.index] for x in segs if x.layer == layer])
+            h_rx.wait_layer(layer, timeout=10)
+            # the layer's bytes are in place when wait_layer returns
+            for x in segs:
+                if x.layer == layer:
+                    lo = sum(y.nbytes for y in segs[: x.index])
+                    assert dst[lo : lo + x.nbytes].tobytes() == src[x.index].tobytes()
+        h.finish().result(10)
+        h_rx.result(10)
+        assert seen == list(range(layout.num_layers))
+        assert list(h_rx.layers(timeout=1)) == list(range(layout.num_layers))
+
+
+def test_layer_without_bytes_is_ready_at_once_and_state_only_model(no_leaks: None) -> None:
+    layout = load_fixture("tiny-nemotron-h")  # '-' layers carry no cache
+    empty = [layer.index for layer in layout.layers if not layer.caches]
+    assert empty
+    req = default_request("nem")
+    src = fixture_payload(layout, req)
+    with Receiver(allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx, \
+            connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        h = s.send(layout, req)
+        h_rx = rx.next_transfer(timeout=10)
+        h.write_all(src)
+        h.finish().result(10)
+        h_rx.result(10)
+        assert set(h_rx.layers_ready) == {i for i in range(layout.num_layers) if i not in empty}
+        assert np.concatenate([a.view(np.uint8).ravel() for a in src]).tobytes() == h_rx.dest.tobytes()
+
+
+def test_32_transfers_over_4_sessions_interleave(no_leaks: None) -> None:
+    layout = load_fixture("tiny-kimi-linear")
+    results: dict[str, np.ndarray] = {}
+    expected: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+    with Receiver(key=b"secret") as rx:
+        sessions = [connect(*rx.address, key=b"secret", lanes=2, chunk_size=CHUNK) for _ in range(4)]
+        try:
+            handles = []
+            for i in range(32):
+                req = RequestSpec(f"c{i}", 700 + i, 700 + i)
+                src = payload(layout, req, seed=i)
+                expected[req.request_id] = b"".join(a.tobytes() for a in src)
+                results[req.request_id] = np.zeros(len(expected[req.request_id]), np.uint8)
+                handles.append((rx.expect(req.request_id, results[req.request_id], layout=layout),
+                                sessions[i % 4].send(layout, req), src))
+
+            def feed(k: int) -> None:
+                try:
+                    for _, h, src in handles[k::4]:
+                        h.write_all(src)
+                        h.finish()
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+
+            feeders = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+            for t in feeders:
+                t.start()
+            for t in feeders:
+                t.join()
+            for h_rx, h, _ in handles:
+                h.result(30)
+                h_rx.result(30)
+        finally:
+            for s in sessions:
+                s.close()
+    assert not errors
+    for rid, data in expected.items():
+        assert results[rid].tobytes() == data
+
+
+def test_sender_cancel_reaches_receiver(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("cancel-s")
+    dst = np.zeros(sum(s.nbytes for s in plan_segments(layout, req)), np.uint8)
+    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+        h_rx = rx.expect("cancel-s", dst)
+        h = s.send(layout, req)
+        h.write_layer(0, [a for a, x in zip(payload(layout, req), plan_segments(layout, req)) if x.layer == 0])
+        h_rx.wait_layer(0, 10)
+        h.cancel("engine aborted the request")
+        with pytest.raises(TransferCancelled):
+            h.result(5)
+        with pytest.raises(TransferCancelled, match="engine aborted"):
+            h_rx.result(5)
+        assert h_rx.state is State.CANCELLED
+        # the session stays usable
+        req2 = default_request("after")
+        h_rx2 = rx.expect("after", np.zeros_like(dst))
+        h2 = s.send(layout, req2)
+        h2.write_all(payload(layout, req2))
+        h2.finish().result(10)
+        h_rx2.result(10)
+
+
+def test_receiver_cancel_reaches_sender(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("cancel-r")
+    dst = np.zeros(sum(s.nbytes for s in plan_segments(layout, req)), np.uint8)
+    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+        h_rx = rx.expect("cancel-r", dst)
+        h = s.send(layout, req)
+        h.write_layer(0, [a for a, x in zip(payload(layout, req), plan_segments(layout, req)) if x.layer == 0])
+        h_rx.wait_layer(0, 10)
+        h_rx.cancel("decode instance evicted it")
+        with pytest.raises(TransferCancelled, match="evicted"):
+            h.result(5)
+        assert h_rx.state is State.CANCELLED
+
+
+@pytest.mark.parametrize("change", ["dtype", "layout_tag", "state_position"])
+def test_mismatch_is_rejected_before_any_byte_is_written(change: str, no_leaks: None) -> None:
+    sender_layout = load_fixture("tiny-qwen3-next")
+    if change == "dtype":
+        receiver_layout = load_fixture("tiny-qwen3-next", ssm_dtype="bfloat16")
+    elif change == "layout_tag":
+        receiver_layout = load_fixture("tiny-qwen3-next", conv_layout="conv:SD")
+    else:
+        receiver_layout = sender_layout
+    req = default_request("mm")
+    size = sum(s.nbytes for s in plan_segments(sender_layout, req))
+    dst = np.full(size, 7, np.uint8)
+    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+        expected_pos = req.state_position + 1 if change == "state_position" else None
+        h_rx = rx.expect("mm", dst, layout=receiver_layout, state_position=expected_pos)
+        h = s.send(sender_layout, req)
+        h.write_all(payload(sender_layout, req))
+        h.finish()
+        err = StatePositionMismatch if change == "state_position" else LayoutMismatch
+        with pytest.raises(TransferFailed, match=err.__name__):
+            h.result(10)
+        with pytest.raises(TransferFailed, match=err.__name__):
+            h_rx.result(10)
+    assert (dst == 7).all()
+
+
+def test_wrong_buffer_size_is_rejected(no_leaks: None) -> None:
+    layout = load_fixture("tiny-llama")
+    req = default_request("small")
+    with Receiver() as rx, connect(*rx.address, lanes=1) as s:
+        h_rx = rx.expect("small", np.zeros(10, np.uint8))
+        h = s.send(layout, req)
+        with pytest.raises(TransferFailed, match="needs"):
+            h.result(10)
+        assert h_rx.state is State.FAILED
+
+
+def test_unregistered_request_without_allocator_is_rejected(no_leaks: None) -> None:
+    layout = load_fixture("tiny-llama")
+    with Receiver() as rx, connect(*rx.address, lanes=1) as s:
+        h = s.send(layout, default_request("nobody"))
+        with pytest.raises(TransferFailed, match="no destination"):
+            h.result(10)
+
+
+def test_torch_tensors_in_and_out(no_leaks: None) -> None:
+    torch = pytest.importorskip("torch")
+    layout = load_fixture("tiny-kimi-linear")
+    req = default_request("torch")
+    segs = plan_segments(layout, req)
+    src = [torch.randint(0, 255, (s.nbytes,), dtype=torch.uint8) for s in segs]
+    dst = [torch.zeros(s.nbytes // 2, dtype=torch.bfloat16) for s in segs]
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect("torch", dst)
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(10)
+        h_rx.result(10)
+    for a, b in zip(src, dst):
+        assert torch.equal(a, b.view(torch.uint8))
+
+
+def test_asyncio_await(no_leaks: None) -> None:
+    layout = load_fixture("tiny-llama")
+    req = default_request("aio")
+
+    async def main() -> bytes:
+        with Receiver(allocator=lambda m: bytearray(m.total_bytes)) as rx, connect(*rx.address) as s:
+            h = s.send(layout, req)
+            h.write_all(payload(layout, req))
+            await h.finish()
+            h_rx = await asyncio.get_running_loop().run_in_executor(None, rx.next_transfer, 5.0)
+            await h_rx
+            return bytes(h_rx.dest)
+
+    got = asyncio.run(main())
+    assert got == b"".join(a.tobytes() for a in payload(layout, req))
+
+
+def test_transfer_deadline_times_out_both_sides(no_leaks: None) -> None:
+    from kvwire import TransferTimedOut
+
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("slow")
+    dst = np.zeros(sum(s.nbytes for s in plan_segments(layout, req)), np.uint8)
+    with Receiver() as rx, connect(*rx.address, lanes=1) as s:
+        h_rx = rx.expect("slow", dst)
+        h = s.send(layout, req, timeout=0.5)  # the engine never writes a layer
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimedOut):
+            h.result(5)
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(TransferTimedOut):
+            h_rx.result(5)
+
+
+def test_expected_request_that_never_comes_times_out(no_leaks: None) -> None:
+    from kvwire import TransferTimedOut
+
+    with Receiver() as rx:
+        h = rx.expect("ghost", bytearray(10), timeout=0.3)
+        with pytest.raises(TransferTimedOut):
+            h.result(5)
+
+
+def test_hashing_off_round_trip(no_leaks: None) -> None:
+    layout = load_fixture("tiny-falcon-h1")
+    req = default_request("nohash")
+    src = fixture_payload(layout, req)
+    dst = [np.zeros(a.nbytes, np.uint8) for a in src]
+    with Receiver() as rx, connect(*rx.address, lanes=2, hashing=False, chunk_size=CHUNK) as s:
+        h_rx = rx.expect("nohash", dst)
+        h = s.send(layout, req)
+        assert not h.manifest.hashed
+        h.write_all(src)
+        h.finish().result(10)
+        h_rx.result(10)
+    assert all(a.view(np.uint8).tobytes() == b.tobytes() for a, b in zip(src, dst))
