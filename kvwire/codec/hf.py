@@ -1,0 +1,447 @@
+"""Build a ``ModelLayout`` from a HuggingFace ``config.json`` dict; vLLM's hybrid block-size rule.
+
+Owns: which HF config fields describe each model family's caches, the engines' default state dtypes,
+TP sharding of every cache (GQA replication when kv_heads < TP, MLA replication, the conv channel
+split per sub-projection, Mamba2 group padding) and ``hybrid_block_size`` (vLLM
+``_align_hybrid_block_size``). Must not know: sockets, threads, clocks, torch, files (``presets.py``
+reads JSON) or how bytes move.
+
+Dtype rules for the recurrent ("ssm") tensor, first match wins:
+1. the ``ssm_dtype`` argument (it overrides every family, KDA and lightning included);
+2. the config's ``mamba_ssm_dtype`` / ``mamba_ssm_cache_dtype`` (Qwen3.5, Nemotron-3-Nano);
+3. the engine default: KDA always float32; lightning the model dtype; SGLang float32 for every other
+   SSM; vLLM float32 for Nemotron-H (its config hook) and the model dtype ("auto") otherwise.
+Conv states use the model dtype (``torch_dtype``, default bfloat16); KV uses ``kv_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import LayoutError
+from .layout import REQUEST, TOKEN, CacheSpec, LayerSpec, ModelLayout, TensorSpec, dtype_size
+
+CONV_LAYOUTS = ("conv:SD", "conv:DS", "conv:HF")
+DELTA_SSM_LAYOUTS = ("ssm:HVK", "ssm:HKV")  # GDN/KDA only; Mamba and lightning tags are fixed
+ENGINES = ("vllm", "sglang")
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp16": "float16",
+                  "half": "float16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+                  "fp8_e5m2": "float8_e5m2"}
+
+Layers = list[tuple[CacheSpec, ...]]
+
+
+def normalize_dtype(value: Any, what: str = "dtype") -> str | None:
+    """``"torch.bfloat16"``, ``"bf16"`` -> ``"bfloat16"``; ``None``/``"auto"`` -> ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise LayoutError(f"{what} must be a string, got {value!r}")
+    name = value.removeprefix("torch.").lower()
+    if name == "auto":
+        return None
+    name = _DTYPE_ALIASES.get(name, name)
+    dtype_size(name)  # raises LayoutError for unknown names
+    return name
+
+
+class _Fields:
+    """Typed access to one config's fields; every failure is a LayoutError naming the model type."""
+
+    def __init__(self, raw: Mapping[str, Any], model_type: str) -> None:
+        self.raw = raw
+        self.model_type = model_type
+
+    def fail(self, msg: str) -> LayoutError:
+        return LayoutError(f"{self.model_type} config: {msg}")
+
+    def num(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        v = self.raw.get(key, default)
+        if v is None:
+            raise self.fail(f"missing field {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.fail(f"{key!r} must be an int >= {minimum}, got {v!r}")
+        return v
+
+    def int_list(self, key: str, length: int | None = None) -> list[int]:
+        v = self.raw.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise self.fail(f"{key!r} must be a list of ints, got {v!r}")
+        if length is not None and len(v) != length:
+            raise self.fail(f"{key!r} has {len(v)} entries for {length} layers")
+        return v
+
+    def sub(self, key: str) -> _Fields:
+        v = self.raw.get(key)
+        if not isinstance(v, Mapping):
+            raise self.fail(f"{key!r} must be an object")
+        return _Fields(v, self.model_type)
+
+    def head_dim(self, key: str = "head_dim") -> int:
+        """An explicit head dim, else hidden_size / num_attention_heads."""
+        if self.raw.get(key) is not None:
+            return self.num(key)
+        hidden, heads = self.num("hidden_size"), self.num("num_attention_heads")
+        if hidden % heads:
+            raise self.fail(f"no {key!r} and hidden_size {hidden} is not a multiple of {heads} heads")
+        return hidden // heads
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    model_type: str
+    tp: int
+    kv_dtype: str
+    model_dtype: str
+    ssm_dtype: str | None  # explicit argument or config key; None = engine default
+    engine: str
+    conv_layout: str
+    ssm_layout: str
+
+    def state_dtype(self, kind: str) -> str:
+        if self.ssm_dtype is not None:
+            return self.ssm_dtype
+        if kind == "kda":
+            return "float32"  # vLLM kda_state_dtype and SGLang both keep the recurrent state fp32
+        if kind == "lightning":
+            return self.model_dtype
+        if self.engine == "sglang" or self.model_type == "nemotron_h":
+            return "float32"
+        return self.model_dtype
+
+    def shard(self, n: int, what: str) -> int:
+        if n % self.tp:
+            raise LayoutError(f"{self.model_type}: {what}={n} is not divisible by tp_size={self.tp}")
+        return n // self.tp
+
+
+# --- one cache of one layer, per TP rank -------------------------------------------------------------
+
+
+def _attn(ctx: _Ctx, kind: str, kv_heads: int, d_k: int, d_v: int, window: int = 0) -> CacheSpec:
+    if kv_heads < ctx.tp:
+        if ctx.tp % kv_heads:
+            raise LayoutError(f"{ctx.model_type}: tp_size={ctx.tp} is not a multiple of {kv_heads} KV heads")
+        heads, replicated = 1, True
+    else:
+        heads, replicated = ctx.shard(kv_heads, "num_key_value_heads"), False
+    k = TensorSpec("k", (heads, d_k), ctx.kv_dtype, "NHD", TOKEN, replicated)
+    v = TensorSpec("v", (heads, d_v), ctx.kv_dtype, "NHD", TOKEN, replicated)
+    return CacheSpec(kind, (k, v), window)
+
+
+def _mla(ctx: _Ctx, kv_lora_rank: int, rope_dim: int) -> CacheSpec:
+    latent = TensorSpec("latent", (kv_lora_rank + rope_dim,), ctx.kv_dtype, "latent", TOKEN, ctx.tp > 1)
+    return CacheSpec("mla", (latent,))
+
+
+def _conv(ctx: _Ctx, parts: tuple[int, ...], rank_dim: int, kernel: int) -> TensorSpec:
+    if kernel < 2:
+        raise LayoutError(f"{ctx.model_type}: conv kernel {kernel} < 2 leaves no state")
+    shape = {"conv:SD": (kernel - 1, rank_dim), "conv:DS": (rank_dim, kernel - 1),
+             "conv:HF": (rank_dim, kernel)}[ctx.conv_layout]
+    return TensorSpec("conv", shape, ctx.model_dtype, ctx.conv_layout, REQUEST, False, parts)
+
+
+def _split_conv(ctx: _Ctx, parts: tuple[int, ...], kernel: int) -> TensorSpec:
+    rank_dim = sum(ctx.shard(p, "conv sub-projection") for p in parts)
+    return _conv(ctx, parts, rank_dim, kernel)
+
+
+def _delta_state(ctx: _Ctx, kind: str, heads: int, d_k: int, d_v: int) -> TensorSpec:
+    shape = (heads, d_v, d_k) if ctx.ssm_layout == "ssm:HVK" else (heads, d_k, d_v)
+    return TensorSpec("ssm", shape, ctx.state_dtype(kind), ctx.ssm_layout, REQUEST)
+
+
+def _gdn(ctx: _Ctx, h_k: int, h_v: int, d_k: int, d_v: int, kernel: int) -> CacheSpec:
+    ctx.shard(h_k, "linear_num_key_heads")
+    conv = _split_conv(ctx, (h_k * d_k, h_k * d_k, h_v * d_v), kernel)  # [q | k | v]
+    state = _delta_state(ctx, "gdn", ctx.shard(h_v, "linear_num_value_heads"), d_k, d_v)
+    return CacheSpec("gdn", (conv, state))
+
+
+def _kda(ctx: _Ctx, heads: int, head_dim: int, kernel: int) -> CacheSpec:
+    conv = _split_conv(ctx, (heads * head_dim,) * 3, kernel)  # merged [q | k | v]
+    state = _delta_state(ctx, "kda", ctx.shard(heads, "num_heads"), head_dim, head_dim)
+    return CacheSpec("kda", (conv, state))
+
+
+def _mamba1(ctx: _Ctx, d_inner: int, d_state: int, kernel: int) -> CacheSpec:
+    rank = ctx.shard(d_inner, "d_inner")
+    ssm = TensorSpec("ssm", (rank, d_state), ctx.state_dtype("mamba1"), "ssm:DN", REQUEST)
+    return CacheSpec("mamba1", (_conv(ctx, (d_inner,), rank, kernel), ssm))
+
+
+def _mamba2(ctx: _Ctx, heads: int, head_dim: int, d_state: int, groups: int, kernel: int) -> CacheSpec:
+    heads_r = ctx.shard(heads, "mamba heads")
+    if groups % ctx.tp == 0:
+        groups_r = groups // ctx.tp
+    elif ctx.tp % groups == 0:
+        groups_r = 1  # vLLM extra_groups_for_head_shards: groups padded up to tp, one per rank
+    else:
+        raise LayoutError(f"{ctx.model_type}: {groups} Mamba2 groups cannot be padded to tp_size={ctx.tp}")
+    parts = (heads * head_dim, groups * d_state, groups * d_state)  # global [x | B | C]
+    conv = _conv(ctx, parts, heads_r * head_dim + 2 * groups_r * d_state, kernel)
+    ssm = TensorSpec("ssm", (heads_r, head_dim, d_state), ctx.state_dtype("mamba2"), "ssm:HPN", REQUEST)
+    return CacheSpec("mamba2", (conv, ssm))
+
+
+def _lightning(ctx: _Ctx, heads: int, head_dim: int) -> CacheSpec:
+    shape = (ctx.shard(heads, "num_attention_heads"), head_dim, head_dim)
+    state = TensorSpec("ssm", shape, ctx.state_dtype("lightning"), "ssm:HDD", REQUEST)
+    return CacheSpec("lightning", (state,))
+
+
+# --- model families ------------------------------------------------------------------------------------
+
+
+def _gqa_of(f: _Fields, ctx: _Ctx) -> CacheSpec:
+    kv = f.num("num_key_value_heads", f.raw.get("num_attention_heads"))
+    d = f.head_dim()
+    return _attn(ctx, "gqa", kv, d, d)
+
+
+def _one_based(f: _Fields, key: str, n: int) -> set[int]:
+    idx = f.int_list(key)
+    if any(not 1 <= i <= n for i in idx) or len(set(idx)) != len(idx):
+        raise f.fail(f"{key!r} must hold distinct 1-based layer numbers in 1..{n}, got {idx}")
+    return {i - 1 for i in idx}
+
+
+def _kimi_linear(f: _Fields, ctx: _Ctx) -> Layers:
+    n = f.num("num_hidden_layers")
+    lin = f.sub("linear_attn_config")
+    full, kda = _one_based(lin, "full_attn_layers", n), _one_based(lin, "kda_layers", n)
+    if full & kda or len(full | kda) != n:
+        raise f.fail("full_attn_layers and kda_layers must partition the layers")
+    mla = _mla(ctx, f.num("kv_lora_rank"), f.num("qk_rope_head_dim"))
+    state = _kda(ctx, lin.num("num_heads"), lin.num("head_dim"), lin.num("short_conv_kernel_size"))
+    return [(mla,) if i in full else (state,) for i in range(n)]
+
+
+def _full_flags(f: _Fields, n: int) -> list[bool]:
+    """Qwen3-Next/3.5: explicit ``layer_types`` when present, else every ``full_attention_interval``-th."""
+    types = f.raw.get("layer_types")
+    if types is None:
+        k = f.num("full_attention_interval")
+        return [(i + 1) % k == 0 for i in range(n)]
+    known = {"full_attention": True, "linear_attention": False}
+    if not isinstance(types, list) or len(types) != n or any(t not in known for t in types):
+        raise f.fail(f"layer_types must list {n} of {sorted(known)}")
+    return [known[t] for t in types]
+
+
+def _qwen_gdn(f: _Fields, ctx: _Ctx) -> Layers:
+    n = f.num("num_hidden_layers")
+    attn = _gqa_of(f, ctx)
+    gdn = _gdn(ctx, f.num("linear_num_key_heads"), f.num("linear_num_value_heads"),
+               f.num("linear_key_head_dim"), f.num("linear_value_head_dim"), f.num("linear_conv_kernel_dim"))
+    return [(attn,) if full else (gdn,) for full in _full_flags(f, n)]
+
+
+def _minimax(f: _Fields, ctx: _Ctx) -> Layers:
+    n = f.num("num_hidden_layers")
+    if "attn_type_list" not in f.raw and f.model_type == "minimax_m2":
+        types = [1] * n  # M2 is plain GQA throughout
+    else:
+        types = f.int_list("attn_type_list", n)
+    if any(t not in (0, 1) for t in types):
+        raise f.fail("attn_type_list entries must be 0 (lightning) or 1 (softmax)")
+    attn = _gqa_of(f, ctx)
+    lightning = _lightning(ctx, f.num("num_attention_heads"), f.head_dim()) if 0 in types else attn
+    return [(attn,) if t == 1 else (lightning,) for t in types]
+
+
+def _jamba(f: _Fields, ctx: _Ctx) -> Layers:
+    n, period = f.num("num_hidden_layers"), f.num("attn_layer_period")
+    offset = f.num("attn_layer_offset", minimum=0)
+    if offset >= period:
+        raise f.fail(f"attn_layer_offset {offset} must be below attn_layer_period {period}")
+    attn = _gqa_of(f, ctx)
+    mamba = _mamba1(ctx, f.num("mamba_expand") * f.num("hidden_size"), f.num("mamba_d_state"),
+                    f.num("mamba_d_conv"))
+    return [(attn,) if i % period == offset else (mamba,) for i in range(n)]
+
+
+def _nemotron_h(f: _Fields, ctx: _Ctx) -> Layers:
+    n, pattern = f.num("num_hidden_layers"), f.raw.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or len(pattern) != n or set(pattern) - set("M*-E"):
+        raise f.fail(f"hybrid_override_pattern must be {n} characters of M * - E, got {pattern!r}")
+    kv = f.num("num_key_value_heads")
+    d = f.head_dim("head_dim") if "head_dim" in f.raw else f.head_dim("attention_head_dim")
+    attn = _attn(ctx, "gqa", kv, d, d)
+    mamba = _mamba2(ctx, f.num("mamba_num_heads"), f.num("mamba_head_dim"), f.num("ssm_state_size"),
+                    f.num("n_groups"), f.num("conv_kernel")) if "M" in pattern else attn
+    by_char: dict[str, tuple[CacheSpec, ...]] = {"M": (mamba,), "*": (attn,), "-": (), "E": ()}
+    return [by_char[c] for c in pattern]
+
+
+def _falcon_h1(f: _Fields, ctx: _Ctx) -> Layers:
+    heads, head_dim = f.num("mamba_n_heads"), f.num("mamba_d_head")
+    if f.raw.get("mamba_d_ssm") is not None and f.num("mamba_d_ssm") != heads * head_dim:
+        raise f.fail("mamba_d_ssm must equal mamba_n_heads * mamba_d_head")
+    mamba = _mamba2(ctx, heads, head_dim, f.num("mamba_d_state"), f.num("mamba_n_groups"),
+                    f.num("mamba_d_conv"))
+    return [(_gqa_of(f, ctx), mamba)] * f.num("num_hidden_layers")  # attention and Mamba2 in every layer
+
+
+def _mimo_v2_flash(f: _Fields, ctx: _Ctx) -> Layers:
+    pattern = f.int_list("hybrid_layer_pattern", f.num("num_hidden_layers"))
+    if any(p not in (0, 1) for p in pattern):
+        raise f.fail("hybrid_layer_pattern entries must be 0 (global) or 1 (sliding window)")
+    full = _attn(ctx, "gqa", f.num("num_key_value_heads"), f.num("head_dim"), f.num("v_head_dim"))
+    swa = _attn(ctx, "swa", f.num("swa_num_key_value_heads"), f.num("swa_head_dim"), f.num("swa_v_head_dim"),
+                f.num("sliding_window")) if 1 in pattern else full
+    return [(swa,) if p else (full,) for p in pattern]
+
+
+def _bailing_linear(f: _Fields, ctx: _Ctx) -> Layers:
+    n, group = f.num("num_hidden_layers"), f.num("layer_group_size")
+    attn = _gqa_of(f, ctx)
+    lightning = _lightning(ctx, f.num("num_attention_heads"), f.head_dim())  # state heads = q heads
+    tail = (n // group) * group  # trailing layers past the last whole group are full attention
+    return [(attn,) if (i + 1) % group == 0 or i >= tail else (lightning,) for i in range(n)]
+
+
+def _pure_mamba2(f: _Fields, ctx: _Ctx) -> Layers:
+    mamba = _mamba2(ctx, f.num("num_heads"), f.num("head_dim"), f.num("state_size"), f.num("n_groups", 1),
+                    f.num("conv_kernel"))
+    return [(mamba,)] * f.num("num_hidden_layers")
+
+
+def _dense(f: _Fields, ctx: _Ctx) -> Layers:
+    return [(_gqa_of(f, ctx),)] * f.num("num_hidden_layers")
+
+
+def _deepseek(f: _Fields, ctx: _Ctx) -> Layers:
+    return [(_mla(ctx, f.num("kv_lora_rank"), f.num("qk_rope_head_dim")),)] * f.num("num_hidden_layers")
+
+
+_BUILDERS: Mapping[str, Callable[[_Fields, _Ctx], Layers]] = {
+    "kimi_linear": _kimi_linear,
+    **dict.fromkeys(("qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"), _qwen_gdn),
+    **dict.fromkeys(("minimax", "minimax_m1", "minimax_text_01", "minimax_m2"), _minimax),
+    "jamba": _jamba,
+    "nemotron_h": _nemotron_h,
+    "falcon_h1": _falcon_h1,
+    "mimo_v2_flash": _mimo_v2_flash,
+    **dict.fromkeys(("bailing_moe_linear", "bailing_moe_linear_v2"), _bailing_linear),
+    "mamba2": _pure_mamba2,
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _dense),
+    **dict.fromkeys(("deepseek_v3", "deepseek_v2"), _deepseek),
+}
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(_BUILDERS))
+
+
+def layout_from_hf_config(
+    config: Mapping[str, Any],
+    *,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    block_size: int | None = None,
+    ssm_dtype: str | None = None,
+    kv_dtype: str = "bfloat16",
+    conv_layout: str = "conv:SD",
+    ssm_layout: str = "ssm:HVK",
+    engine: str = "vllm",
+    name: str | None = None,
+    align: int = 16,
+) -> ModelLayout:
+    """The cache layout of one TP rank of the model ``config`` describes.
+
+    ``block_size=None`` takes ``hybrid_block_size(layout, align)``; ``ssm_layout`` applies to GDN/KDA.
+    Fields nested under ``text_config`` (Qwen3.5 VLM wrappers) take precedence over top-level ones.
+    """
+    if not isinstance(config, Mapping):
+        raise LayoutError(f"config must be a mapping, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type not in _BUILDERS:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise LayoutError(f"unsupported model_type {model_type!r}; supported: {supported}")
+    raw = dict(config)
+    if isinstance(config.get("text_config"), Mapping):
+        raw.update(config["text_config"])
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise LayoutError(f"tp_size must be a positive int, got {tp_size!r}")
+    if engine not in ENGINES:
+        raise LayoutError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if conv_layout not in CONV_LAYOUTS:
+        raise LayoutError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
+    if ssm_layout not in DELTA_SSM_LAYOUTS:
+        raise LayoutError(f"ssm_layout must be one of {DELTA_SSM_LAYOUTS}, got {ssm_layout!r}")
+    kv = normalize_dtype(kv_dtype, "kv_dtype")
+    if kv is None:
+        raise LayoutError("kv_dtype must name a dtype")
+    config_ssm = raw.get("mamba_ssm_dtype", raw.get("mamba_ssm_cache_dtype"))
+    ctx = _Ctx(
+        model_type=str(model_type),
+        tp=tp_size,
+        kv_dtype=kv,
+        model_dtype=normalize_dtype(raw.get("torch_dtype", raw.get("dtype")), "torch_dtype") or "bfloat16",
+        ssm_dtype=normalize_dtype(ssm_dtype, "ssm_dtype") or normalize_dtype(config_ssm, "mamba_ssm_dtype"),
+        engine=engine,
+        conv_layout=conv_layout,
+        ssm_layout=ssm_layout,
+    )
+    layers = _BUILDERS[ctx.model_type](_Fields(raw, ctx.model_type), ctx)
+    if not layers:
+        raise LayoutError(f"{model_type} config describes no layers")
+    label = name if name is not None else str(raw.get("_name_or_path") or model_type)
+    layout = ModelLayout(label, tuple(LayerSpec(i, c) for i, c in enumerate(layers)), 16, tp_size, tp_rank)
+    if block_size is None:
+        block_size = hybrid_block_size(layout, align)
+    return replace(layout, block_size=block_size)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def hybrid_block_size(layout: ModelLayout, align: int = 16, mode: str = "align", chunk: int = 256) -> int:
+    """vLLM's attention block size (tokens) once attention and state pages are unified.
+
+    ``attn1`` = per-token bytes of one attention layer on this rank, ``page`` = state bytes of one
+    linear layer on this rank. Modes ``none``/``align``: ``align * cdiv(page, align * attn1)``; mode
+    ``all``: ``u * cdiv(cdiv(page, attn1), u)`` with ``u = lcm(chunk, align)``. A model without both an
+    attention and a state side needs no unification and gets ``align``.
+    """
+    if align < 1 or chunk < 1:
+        raise LayoutError("align and chunk must be positive")
+    caches = [c for layer in layout.layers for c in layer.caches]
+    attn = {c.nbytes for c in caches if c.kind in ("gqa", "mla")}
+    pages = [c.nbytes for c in caches if c.indexing == REQUEST]
+    if not attn or not pages:
+        return align
+    if len(attn) > 1:
+        raise LayoutError(f"attention layers differ in bytes per token {sorted(attn)}; one attn1 is assumed")
+    attn1, page = attn.pop(), max(pages)
+    if mode in ("none", "align"):
+        return align * _cdiv(page, align * attn1)
+    if mode == "all":
+        unit = math.lcm(chunk, align)
+        return unit * _cdiv(_cdiv(page, attn1), unit)
+    raise LayoutError(f"mode must be 'none', 'align' or 'all', got {mode!r}")
+
+
+def conv_rank_split(spec: TensorSpec, tp_size: int) -> tuple[int, ...]:
+    """Channels each global sub-projection contributes to one rank's conv state, in order.
+
+    Normally ``p // tp_size`` each. With Mamba2 groups padded up to TP the B and C parts hold a whole
+    (replicated) group per rank, so they are larger than ``p // tp_size``; they are read off the shape.
+    """
+    if not spec.layout.startswith("conv:") or not spec.sub_projections:
+        raise LayoutError(f"tensor {spec.name!r} is not a conv state with sub-projections")
+    dim = spec.shape[1] if spec.layout == "conv:SD" else spec.shape[0]
+    parts = spec.sub_projections
+    if all(p % tp_size == 0 for p in parts) and sum(p // tp_size for p in parts) == dim:
+        return tuple(p // tp_size for p in parts)
+    if len(parts) == 3 and parts[1] == parts[2] and parts[0] % tp_size == 0:
+        rest = dim - parts[0] // tp_size
+        if rest > 0 and rest % 2 == 0 and rest // 2 >= parts[1] // tp_size:
+            return (parts[0] // tp_size, rest // 2, rest // 2)
+    raise LayoutError(f"conv dim {dim} does not split {parts} over tp_size={tp_size}")
