@@ -1,0 +1,257 @@
+"""Link estimation in the spirit of BBR, from periodic per-lane ``TCP_INFO`` samples.
+
+Owns: ``LinkEstimator`` (pure: fed ``(timestamp, samples)``; no clock, no sockets, no threads) and the
+snapshots it returns, ``LinkState`` and ``LaneState``. Signals: goodput ``G = Σ Δbytes_acked / Δt``,
+bottleneck bandwidth (windowed max of per-interval ``G``), min RTT (windowed min), queueing ratio
+``median(srtt) / min_rtt``, retransmit rate ``Σ Δbytes_retrans / Σ Δbytes_sent``, receive-window- and
+send-buffer-limited shares of busy time, utilization of a configured or probed capacity.
+Must not know: how samples are taken, sessions, or what is done about the estimate (``controller``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from .tcpinfo import TcpInfo
+
+LaneKey = int | str
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """Windows in seconds, rates in bytes/s."""
+
+    bw_window: float = 1.0  # BtlBw = max of per-interval goodput over this long
+    rtt_window: float = 10.0  # min_rtt = min over this long
+    stats_window: float = 1.0  # goodput, loss and limited shares are averaged over this long
+    capacity: float | None = None  # the link's capacity, if known; otherwise probed (see LinkEstimator)
+    saturated_ratio: float = 1.25  # queueing ratio at which we are filling the bottleneck's queue
+    congested_ratio: float = 1.5  # queueing ratio that counts as congestion
+    congested_loss: float = 0.02  # retransmit rate that counts as congestion
+    min_busy: float = 0.5  # lanes busy less than this share of the time are app-limited
+
+    def __post_init__(self) -> None:
+        for name in ("bw_window", "rtt_window", "stats_window"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.capacity is not None and self.capacity <= 0:
+            raise ValueError("capacity must be positive")
+
+
+@dataclass(frozen=True)
+class LaneState:
+    """One lane over the last interval. Rates in bytes/s, times in seconds, shares in [0, 1]."""
+
+    lane: LaneKey
+    goodput: float
+    srtt: float | None
+    min_rtt: float | None
+    cwnd_bytes: int | None
+    loss_rate: float  # Δbytes_retrans / Δbytes_sent this interval
+    busy: float  # share of the interval with data in flight
+    rwnd_limited: float  # share of busy time limited by the peer's receive window
+    sndbuf_limited: float  # share of busy time limited by our send buffer
+    delivery_rate: int | None
+    pacing_rate: int | None
+    max_pacing_rate: int | None
+    notsent_bytes: int | None
+    ca_state: int | None
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """The link as the estimator sees it at ``timestamp``. Rates in bytes/s, times in seconds.
+
+    ``None`` means "not known yet" (no RTT sample, no capacity). ``goodput`` and the shares are averages
+    over the stats window; ``btl_bw`` is the max per-interval goodput over the bandwidth window.
+    """
+
+    timestamp: float
+    goodput: float
+    btl_bw: float
+    capacity: float | None
+    utilization: float | None
+    available_bw: float | None
+    min_rtt: float | None
+    srtt: float | None
+    queueing_ratio: float | None
+    loss_rate: float
+    busy: float
+    rwnd_limited: float
+    sndbuf_limited: float
+    congested: bool
+    saturated: bool
+    lanes: tuple[LaneState, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data (numbers, bools, None, lists, dicts) for JSON/msgpack and logs."""
+        d = asdict(self)
+        d["lanes"] = [asdict(lane) for lane in self.lanes]
+        return d
+
+
+@dataclass(frozen=True)
+class _Deltas:
+    """Counter increments of one lane (or their sum over lanes) over one interval."""
+
+    acked: int = 0
+    sent: int = 0
+    retrans: int = 0
+    busy_us: int = 0
+    rwnd_us: int = 0
+    sndbuf_us: int = 0
+
+    @staticmethod
+    def between(info: TcpInfo, prev: TcpInfo | None) -> _Deltas:
+        if prev is None or _reset(info, prev):
+            return _Deltas()
+        return _Deltas(
+            _delta(info.bytes_acked, prev.bytes_acked), _delta(info.bytes_sent, prev.bytes_sent),
+            _delta(info.bytes_retrans, prev.bytes_retrans), _delta(info.busy_time_us, prev.busy_time_us),
+            _delta(info.rwnd_limited_us, prev.rwnd_limited_us),
+            _delta(info.sndbuf_limited_us, prev.sndbuf_limited_us))
+
+    def __add__(self, o: _Deltas) -> _Deltas:
+        return _Deltas(self.acked + o.acked, self.sent + o.sent, self.retrans + o.retrans,
+                       self.busy_us + o.busy_us, self.rwnd_us + o.rwnd_us, self.sndbuf_us + o.sndbuf_us)
+
+
+@dataclass(frozen=True)
+class _Interval:
+    end: float
+    dt: float
+    lanes: int
+    d: _Deltas
+
+    @property
+    def goodput(self) -> float:
+        return self.d.acked / self.dt
+
+
+def _delta(new: int | None, old: int | None) -> int:
+    if new is None or old is None or new < old:
+        return 0
+    return new - old
+
+
+def _share(part: float, whole: float) -> float:
+    return min(1.0, part / whole) if whole > 0 else 0.0
+
+
+def _us(v: int | None) -> float | None:
+    return v / 1e6 if v else None
+
+
+class LinkEstimator:
+    """Turn per-lane ``TcpInfo`` samples into ``LinkState`` snapshots. Pure: call ``update`` with the
+    sampling time and that moment's samples, keyed by a stable lane key (a list is keyed by index).
+
+    A lane seen for the first time, or whose counters went backwards (a reconnected socket reusing the
+    key), contributes from its next sample on. Capacity is ``config.capacity``, else the one set with
+    ``set_capacity``, else *probed*: BtlBw measured while the queueing ratio showed a standing queue
+    (we were filling the bottleneck), raised whenever goodput exceeds it; unknown until then.
+    """
+
+    def __init__(self, config: EstimatorConfig | None = None) -> None:
+        self.config = config or EstimatorConfig()
+        self._prev: dict[LaneKey, TcpInfo] = {}
+        self._last_t: float | None = None
+        self._intervals: deque[_Interval] = deque()
+        self._rtts: deque[tuple[float, float]] = deque()  # (t, min over lanes of min_rtt_us)
+        self._capacity_set: float | None = None
+        self._probed: float | None = None
+        self.latest: LinkState | None = None
+
+    def set_capacity(self, bytes_per_s: float | None) -> None:
+        """Declare the capacity (from an external probe), or ``None`` to go back to probing."""
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError("capacity must be positive")
+        self._capacity_set = bytes_per_s
+
+    def update(self, now: float, samples: Mapping[LaneKey, TcpInfo] | Sequence[TcpInfo]) -> LinkState:
+        """Feed one sampling round taken at ``now`` (seconds, any monotonic clock)."""
+        if self._last_t is not None and now <= self._last_t:
+            raise ValueError(f"timestamps must increase: {now} after {self._last_t}")
+        items = dict(samples.items() if isinstance(samples, Mapping) else enumerate(samples))
+        dt = None if self._last_t is None else now - self._last_t
+        deltas = {key: _Deltas.between(info, self._prev.get(key)) for key, info in items.items()}
+        lanes = tuple(_lane(key, info, deltas[key], dt) for key, info in items.items())
+        if dt is not None:
+            total = sum(deltas.values(), _Deltas())
+            self._intervals.append(_Interval(now, dt, len(items), total))
+        self._prev = items
+        self._last_t = now
+        rtts = [i.min_rtt_us for i in items.values() if i.min_rtt_us]
+        if rtts:
+            self._rtts.append((now, float(min(rtts))))
+        self._prune(now)
+        self.latest = self._state(now, lanes)
+        return self.latest
+
+    # ------------------------------------------------------------ internals
+    def _prune(self, now: float) -> None:
+        keep = max(self.config.bw_window, self.config.stats_window)
+        while self._intervals and self._intervals[0].end <= now - keep:
+            self._intervals.popleft()
+        while self._rtts and self._rtts[0][0] <= now - self.config.rtt_window:
+            self._rtts.popleft()
+
+    def _state(self, now: float, lanes: tuple[LaneState, ...]) -> LinkState:
+        cfg = self.config
+        stats = [iv for iv in self._intervals if iv.end > now - cfg.stats_window]
+        span = sum(iv.dt for iv in stats)
+        goodput = sum(iv.d.acked for iv in stats) / span if span else 0.0
+        btl_bw = max((iv.goodput for iv in self._intervals if iv.end > now - cfg.bw_window), default=0.0)
+        busy_us = sum(iv.d.busy_us for iv in stats)
+        lane_time_us = sum(iv.dt * iv.lanes for iv in stats) * 1e6
+        busy = _share(busy_us, lane_time_us)
+        loss = _share(sum(iv.d.retrans for iv in stats), sum(iv.d.sent for iv in stats))
+        min_rtt = min(r for _, r in self._rtts) / 1e6 if self._rtts else None
+        active = [ln.srtt for ln in lanes if ln.srtt is not None and ln.busy > 0] or [
+            ln.srtt for ln in lanes if ln.srtt is not None]
+        srtt = statistics.median(active) if active else None
+        ratio = srtt / min_rtt if srtt is not None and min_rtt else None
+        saturated = ratio is not None and ratio >= cfg.saturated_ratio and busy >= cfg.min_busy
+        capacity = self._capacity(saturated, btl_bw)
+        return LinkState(
+            timestamp=now, goodput=goodput, btl_bw=btl_bw, capacity=capacity,
+            utilization=goodput / capacity if capacity else None,
+            available_bw=max(0.0, capacity - goodput) if capacity else None,
+            min_rtt=min_rtt, srtt=srtt, queueing_ratio=ratio, loss_rate=loss, busy=busy,
+            rwnd_limited=_share(sum(iv.d.rwnd_us for iv in stats), busy_us),
+            sndbuf_limited=_share(sum(iv.d.sndbuf_us for iv in stats), busy_us),
+            congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
+            saturated=saturated, lanes=lanes)
+
+    def _capacity(self, saturated: bool, btl_bw: float) -> float | None:
+        if self.config.capacity is not None:
+            return self.config.capacity
+        if self._capacity_set is not None:
+            return self._capacity_set
+        if saturated and btl_bw > 0:
+            self._probed = btl_bw
+        elif self._probed is not None:
+            self._probed = max(self._probed, btl_bw)
+        return self._probed
+
+
+def _lane(key: LaneKey, info: TcpInfo, d: _Deltas, dt: float | None) -> LaneState:
+    return LaneState(
+        lane=key, goodput=d.acked / dt if dt else 0.0, srtt=_us(info.rtt_us), min_rtt=_us(info.min_rtt_us),
+        cwnd_bytes=info.cwnd_bytes, loss_rate=_share(d.retrans, d.sent),
+        busy=_share(d.busy_us, dt * 1e6) if dt else 0.0, rwnd_limited=_share(d.rwnd_us, d.busy_us),
+        sndbuf_limited=_share(d.sndbuf_us, d.busy_us), delivery_rate=info.delivery_rate,
+        pacing_rate=info.pacing_rate, max_pacing_rate=info.max_pacing_rate,
+        notsent_bytes=info.notsent_bytes, ca_state=info.ca_state)
+
+
+def _reset(info: TcpInfo, prev: TcpInfo) -> bool:
+    """True when the counters went backwards: a new socket behind the same lane key."""
+    return any(_lt(getattr(info, f), getattr(prev, f)) for f in ("bytes_acked", "bytes_sent", "busy_time_us"))
+
+
+def _lt(a: int | None, b: int | None) -> bool:
+    return a is not None and b is not None and a < b

@@ -1,0 +1,201 @@
+"""LinkEstimator on synthetic TCP_INFO streams: bandwidth, RTT, loss, limits, capacity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import pytest
+
+from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
+from kvwire.congestion.tcpinfo import TcpInfo
+
+DT = 0.1
+
+
+@dataclass
+class FakeLane:
+    """Cumulative counters of one synthetic lane, advanced interval by interval."""
+
+    acked: int = 0
+    sent: int = 0
+    retrans: int = 0
+    busy_us: int = 0
+    rwnd_us: int = 0
+    sndbuf_us: int = 0
+
+    def step(self, rate: float, *, loss: float = 0.0, busy: float = 1.0, rwnd: float = 0.0,
+             sndbuf: float = 0.0) -> None:
+        good = int(rate * DT)
+        retr = int(good * loss)
+        self.acked += good
+        self.sent += good + retr
+        self.retrans += retr
+        b = int(busy * DT * 1e6)
+        self.busy_us += b
+        self.rwnd_us += int(rwnd * b)
+        self.sndbuf_us += int(sndbuf * b)
+
+    def info(self, rtt_us: int = 20_000, min_rtt_us: int = 20_000) -> TcpInfo:
+        return TcpInfo(length=280, state=1, ca_state=0, snd_mss=1448, snd_cwnd=100, rtt_us=rtt_us,
+                       min_rtt_us=min_rtt_us, bytes_acked=self.acked, bytes_sent=self.sent,
+                       bytes_retrans=self.retrans, busy_time_us=self.busy_us,
+                       rwnd_limited_us=self.rwnd_us, sndbuf_limited_us=self.sndbuf_us)
+
+
+def run(est: LinkEstimator, lanes: list[FakeLane], t0: float, steps: int, rate: float,
+        rtt_us: int = 20_000, **kw: float) -> tuple[float, LinkState]:
+    """Advance every lane ``steps`` intervals at ``rate`` bytes/s in total; return (t, last state)."""
+    t = t0
+    state = None
+    for _ in range(steps):
+        for lane in lanes:
+            lane.step(rate / len(lanes), **kw)
+        t += DT
+        state = est.update(t, [lane.info(rtt_us=rtt_us) for lane in lanes])
+    assert state is not None
+    return t, state
+
+
+def test_first_sample_has_no_rate_but_knows_rtt() -> None:
+    est = LinkEstimator()
+    s = est.update(0.0, [FakeLane().info()])
+    assert s.goodput == 0.0 and s.btl_bw == 0.0
+    assert s.min_rtt == pytest.approx(0.020) and s.queueing_ratio == pytest.approx(1.0)
+    assert len(s.lanes) == 1 and s.lanes[0].lane == 0
+    assert s.capacity is None and s.utilization is None and not s.congested
+
+
+def test_steady_rate_is_measured() -> None:
+    est = LinkEstimator()
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    _, s = run(est, lanes, 0.0, 20, 10e6)
+    assert s.goodput == pytest.approx(10e6, rel=0.01)
+    assert s.btl_bw == pytest.approx(10e6, rel=0.01)
+    assert [ln.goodput for ln in s.lanes] == pytest.approx([5e6, 5e6], rel=0.01)
+    assert s.busy == pytest.approx(1.0) and s.loss_rate == 0.0
+
+
+def test_bandwidth_step_down_is_reflected_after_the_window() -> None:
+    cfg = EstimatorConfig(bw_window=1.0, stats_window=0.5)
+    est = LinkEstimator(cfg)
+    lanes = [FakeLane() for _ in range(4)]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 30, 40e6)
+    assert s.btl_bw == pytest.approx(40e6, rel=0.01)
+    t, s = run(est, lanes, t, 3, 20e6)  # 0.3 s after the step: the max still remembers 40
+    assert s.btl_bw == pytest.approx(40e6, rel=0.01)
+    t, s = run(est, lanes, t, 8, 20e6)  # 1.1 s after: the old rate has left the window
+    assert s.btl_bw == pytest.approx(20e6, rel=0.01)
+    assert s.goodput == pytest.approx(20e6, rel=0.01)
+
+
+def test_loss_raises_loss_rate_and_heavy_loss_is_congestion() -> None:
+    est = LinkEstimator()
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 12, 10e6)
+    assert s.loss_rate == 0.0
+    t, s = run(est, lanes, t, 12, 10e6, loss=0.005)
+    assert s.loss_rate == pytest.approx(0.005 / 1.005, rel=0.05)
+    assert not s.congested
+    _, s = run(est, lanes, t, 12, 10e6, loss=0.05)
+    assert s.loss_rate == pytest.approx(0.05 / 1.05, rel=0.05)
+    assert s.congested
+
+
+def test_queue_inflation_raises_ratio_and_probes_capacity() -> None:
+    est = LinkEstimator()
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 12, 10e6, rtt_us=21_000)
+    assert s.queueing_ratio == pytest.approx(1.05)
+    assert not s.saturated and not s.congested and s.capacity is None
+    t, s = run(est, lanes, t, 12, 25e6, rtt_us=50_000)
+    assert s.min_rtt == pytest.approx(0.020)  # the window minimum survives the inflation
+    assert s.queueing_ratio == pytest.approx(2.5)
+    assert s.saturated and s.congested
+    assert s.capacity == pytest.approx(25e6, rel=0.01)
+    assert s.utilization == pytest.approx(1.0, rel=0.02)
+    # below the probed capacity, with the queue drained, there is headroom
+    _, s = run(est, lanes, t, 12, 10e6, rtt_us=20_000)
+    assert s.capacity == pytest.approx(25e6, rel=0.01)
+    assert s.utilization == pytest.approx(0.4, rel=0.02)
+    assert s.available_bw == pytest.approx(15e6, rel=0.02)
+
+
+def test_min_rtt_window_forgets_old_minimum() -> None:
+    est = LinkEstimator(EstimatorConfig(rtt_window=1.0))
+    lane = FakeLane()
+    est.update(0.0, [lane.info(min_rtt_us=10_000)])
+    for i in range(1, 16):
+        lane.step(1e6)
+        s = est.update(i * DT, [lane.info(rtt_us=30_000, min_rtt_us=30_000)])
+    assert s.min_rtt == pytest.approx(0.030)
+
+
+def test_configured_capacity_gives_utilization() -> None:
+    est = LinkEstimator(EstimatorConfig(capacity=50e6))
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    _, s = run(est, lanes, 0.0, 12, 20e6)
+    assert s.utilization == pytest.approx(0.4, rel=0.01)
+    assert s.available_bw == pytest.approx(30e6, rel=0.01)
+    est.set_capacity(25e6)  # the config wins over a late external probe
+    assert est.update(1.3, [ln.info() for ln in lanes]).capacity == 50e6
+
+
+def test_limited_shares_and_app_limited_busy() -> None:
+    est = LinkEstimator()
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    _, s = run(est, lanes, 0.0, 12, 10e6, busy=0.5, rwnd=0.4, sndbuf=0.1)
+    assert s.busy == pytest.approx(0.5, rel=0.01)
+    assert s.rwnd_limited == pytest.approx(0.4, rel=0.01)
+    assert s.sndbuf_limited == pytest.approx(0.1, rel=0.01)
+    assert s.lanes[0].rwnd_limited == pytest.approx(0.4, rel=0.01)
+
+
+def test_reconnected_lane_counters_reset_without_negative_rates() -> None:
+    est = LinkEstimator()
+    lane = FakeLane()
+    est.update(0.0, {"a": lane.info()})
+    lane.step(10e6)
+    est.update(0.1, {"a": lane.info()})
+    fresh = FakeLane()  # a new socket behind the same key: counters restart at zero
+    fresh.step(10e6)
+    s = est.update(0.2, {"a": fresh.info()})
+    assert s.lanes[0].goodput == 0.0 and s.goodput > 0  # the 0.1 s interval before still counts
+    fresh.step(10e6)
+    s = est.update(0.3, {"a": fresh.info()})
+    assert s.lanes[0].goodput == pytest.approx(10e6, rel=0.01)
+
+
+def test_old_kernel_fields_missing() -> None:
+    est = LinkEstimator()
+    old = TcpInfo(length=104, state=1, rtt_us=20_000, snd_cwnd=10, snd_mss=1448)
+    est.update(0.0, [old])
+    s = est.update(0.1, [replace(old, rtt_us=22_000)])
+    assert s.goodput == 0.0 and s.min_rtt is None and s.queueing_ratio is None
+    assert s.srtt == pytest.approx(0.022)
+
+
+def test_timestamps_must_increase() -> None:
+    est = LinkEstimator()
+    est.update(1.0, [])
+    with pytest.raises(ValueError):
+        est.update(1.0, [])
+
+
+def test_to_dict_is_plain_data() -> None:
+    est = LinkEstimator()
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    _, s = run(est, lanes, 0.0, 5, 10e6)
+    d = s.to_dict()
+    again = json.loads(json.dumps(d))
+    assert again["goodput"] == pytest.approx(s.goodput)
+    assert [ln["lane"] for ln in again["lanes"]] == [0, 1]
+    assert set(d) >= {"utilization", "available_bw", "btl_bw", "goodput", "min_rtt", "srtt",
+                      "queueing_ratio", "loss_rate", "congested", "lanes", "timestamp"}
