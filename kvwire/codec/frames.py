@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import xxhash
@@ -100,7 +100,8 @@ def pack_header(
     return head + struct.pack("<I", xxhash.xxh32_intdigest(head))
 
 
-def pack_data_header(transfer_id: int, chunk: int, layer: int, offset: int, length: int, digest: int | None) -> bytes:
+def pack_data_header(transfer_id: int, chunk: int, layer: int, offset: int, length: int,
+                     digest: int | None) -> bytes:
     """Header for one chunk. ``digest`` None means hashing is off for this transfer."""
     if digest is None:
         return pack_header(KIND_DATA, transfer_id, chunk, layer, offset, length, 0, 0)
@@ -132,9 +133,13 @@ def unpack_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
 
 
 def encode_control(kind: str, body: dict[str, Any] | None = None) -> bytes:
-    """A whole CONTROL frame: header plus msgpack body."""
-    msg = {"t": kind}
+    """A whole CONTROL frame: header plus msgpack body. The body may not carry its own ``"t"``."""
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"unknown control message kind {kind!r}")
+    msg: dict[str, Any] = {"t": kind}
     if body:
+        if "t" in body:
+            raise ValueError("a control body may not override its kind ('t')")
         msg.update(body)
     payload = msgpack.packb(msg, use_bin_type=True)
     return pack_header(KIND_CONTROL, 0, 0, 0, 0, len(payload), xxhash.xxh3_64_intdigest(payload)) + payload
@@ -158,7 +163,7 @@ def decode_control(header: Header, payload: bytes | bytearray | memoryview, limi
         )
     except Exception as e:  # msgpack raises a zoo of types on hostile input
         raise ProtocolError(f"undecodable control message: {type(e).__name__}: {e}") from None
-    if not isinstance(msg, dict) or msg.get("t") not in CONTROL_KINDS:
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str) or msg["t"] not in CONTROL_KINDS:
         raise ProtocolError("control message without a known 't'")
     kind = msg.pop("t")
     return kind, msg
@@ -176,7 +181,7 @@ class DataFrame:
     payload: bytes
 
 
-Frame = Union[ControlFrame, DataFrame]
+Frame = ControlFrame | DataFrame
 
 
 class FrameDecoder:

@@ -267,7 +267,7 @@ class ModelLayout:
                 tp_rank=int(d.get("tp_rank", 0)),
                 page_layout=str(d.get("page_layout", "block_major")),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise LayoutError(f"malformed layout field: {e}") from None
 
     def fingerprint(self) -> bytes:
@@ -372,7 +372,7 @@ class RequestSpec:
                 prefix_hit={str(k): int(v) for k, v in hit.items()},
                 block_ids={str(k): tuple(v) for k, v in blocks.items()},
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise LayoutError(f"malformed request: {e!r}") from None
 
 

@@ -73,10 +73,12 @@ def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return v
 
 
-def parse_manifest(d: dict[str, Any], limits: Limits = DEFAULT_LIMITS,
+def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
                    known_layouts: dict[bytes, ModelLayout] | None = None) -> Manifest:
     """Validate a manifest from the network. Raises ProtocolError (malformed, over a limit) or
     LayoutMismatch (segments inconsistent with the layout the fingerprint names)."""
+    if not isinstance(d, dict):
+        raise ProtocolError(f"manifest must be a map, got {type(d).__name__}")
     if d.get("v") != MANIFEST_VERSION:
         raise ProtocolError(f"manifest version {d.get('v')!r} not supported (want {MANIFEST_VERSION})")
     tid = _int(d, "tid", 0, (1 << 64) - 1)
