@@ -13,8 +13,8 @@ the whole layer is), and a chunk may span several small segments of that layer (
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import ProtocolError
 from .frames import MIN_CHUNK
@@ -81,15 +81,17 @@ def plan_chunks(segments: Sequence[Segment], chunk_size: int = DEFAULT_CHUNK, ma
             n = max(1, round(size / chunk_size))
             while -(-size // n) > cap:
                 n += 1
-            step = -(-(-(-size // n)) // ALIGN) * ALIGN  # ceil(size / n) rounded up to ALIGN
+            # Cut k sits at k*size/n rounded down to ALIGN: every chunk is within ALIGN of size/n, so
+            # none exceeds cap + ALIGN and the last one is never a sliver.
             first = len(offsets)
             pos = start
-            while pos < stop:
-                ln = min(step, stop - pos)
-                offsets.append(pos)
-                lengths.append(ln)
-                layers.append(layer)
-                pos += ln
+            for k in range(1, n + 1):
+                cut = stop if k == n else start + (size * k // n) // ALIGN * ALIGN
+                if cut > pos:
+                    offsets.append(pos)
+                    lengths.append(cut - pos)
+                    layers.append(layer)
+                    pos = cut
             layer_chunks[layer] = range(first, len(offsets))
         i = j
     return ChunkPlan(tuple(offsets), tuple(lengths), tuple(layers), tuple(seg_offsets), layer_chunks,
