@@ -1,0 +1,271 @@
+"""The ``kvwire-bench -c`` client: one test against a bench server, measured end to end.
+
+Owns: building the request stream (KV mode: the model's layout, layer by layer, paced like a prefill;
+raw mode: repeated transfers of the synthetic layout), filling each request's payload with the run's
+pattern, driving ``kvwire.connect``/``send``/``write_layer``/``finish``, sampling lanes, pairing each
+request with the server's verification result and per-layer times (mapped onto this host's clock) and
+collecting CPU usage. Returns a ``RunResult``; it prints nothing (``report`` does). Must not know: the
+output formats, how the server is started (``loopback``) or argument parsing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..codec.layout import ModelLayout, RequestSpec
+from ..errors import KvwireError, TransferError
+from ..tcp.sender import Session, connect
+from .ctlclient import ControlClient
+from .errors import PeerError, UsageError
+from .options import Options, client_ssl_context
+from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
+from .sampler import Sampler, SocketOptions, lane_socket, tcp_info
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    request_id: str
+    nbytes: int
+    t0: float = 0.0  # client monotonic clock when send() was called
+    produced: dict[int, float] = field(default_factory=dict)  # layer -> write_layer time
+    done_at: float | None = None
+    state: str = "pending"
+    reason: str = ""
+    fill_cpu: float = 0.0
+    server: dict[str, Any] | None = None  # the server's result message
+
+    @property
+    def verified(self) -> bool:
+        return self.state == "done" and self.server is not None and bool(self.server.get("ok"))
+
+
+@dataclass
+class RunResult:
+    opts: Options
+    layout: ModelLayout
+    tokens: int
+    plan: PayloadPlan
+    welcome: dict[str, Any]
+    data_port: int
+    clock_offset: float  # server clock minus client clock
+    clock_uncertainty: float
+    t_start: float
+    t_end: float
+    requests: list[RequestRecord]
+    intervals: list[dict[str, Any]]
+    series: list[tuple[float, list[int]]]
+    lanes: list[dict[str, Any]]
+    connected: list[dict[str, Any]]
+    control_wire_bytes: int
+    cpu_user: float
+    cpu_system: float
+    fill_cpu: float  # payload filling inside the measured window (excluded from the sender's CPU)
+    server: dict[str, Any]
+    congestion: str
+    error: str = ""
+
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+def resolve_layout(o: Options) -> tuple[ModelLayout, int]:
+    """The layout and tokens per request the options ask for."""
+    if o.model is None:
+        return load_model("raw"), raw_tokens(o.length)
+    try:
+        return load_model(o.model, tp_size=o.tp), o.tokens
+    except KvwireError as e:
+        raise UsageError(f"--model {o.model!r}: {e}") from None
+
+
+def _connected(session: Session) -> list[dict[str, Any]]:
+    out = []
+    for lane in session.lanes:
+        sock = lane_socket(lane)
+        try:
+            lh, lp = sock.getsockname()[:2]
+            rh, rp = sock.getpeername()[:2]
+        except OSError:
+            continue
+        out.append({"socket": lane.index, "local_host": lh, "local_port": lp, "remote_host": rh,
+                    "remote_port": rp})
+    return out
+
+
+class _Runner:
+    """The request loop: ``concurrency`` workers, each with its own payload buffer."""
+
+    def __init__(self, o: Options, session: Session, ctl: ControlClient, layout: ModelLayout, tokens: int,
+                 plan: PayloadPlan, pattern: Pattern, on_request: Callback | None) -> None:
+        self.o, self.session, self.ctl, self.layout, self.tokens = o, session, ctl, layout, tokens
+        self.plan, self.pattern, self.on_request = plan, pattern, on_request
+        self.total = plan.total_bytes
+        self.buffers = [alloc_flat(self.total) for _ in range(o.concurrency)]
+        self.filled: dict[int, str] = {}  # worker -> request id its buffer holds
+        self.records: list[RequestRecord] = []
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._started_bytes = 0
+        self.t_start = 0.0
+
+    def rid(self, k: int) -> str:
+        return f"{self.ctl.run}/{k}"
+
+    def prefill(self) -> float:
+        """Fill the first request of each worker before the clock starts. Returns CPU seconds."""
+        cpu = time.thread_time()
+        for w in range(self.o.concurrency):
+            self.pattern.fill(self.buffers[w][: self.total], self.rid(w))
+            self.filled[w] = self.rid(w)
+        return time.thread_time() - cpu
+
+    def _next(self) -> int | None:
+        with self._lock:
+            if self.session.failure:
+                return None
+            k = next(self._counter)
+            o = self.o
+            if o.requests is not None and k >= o.requests:
+                return None
+            if o.duration is not None and time.monotonic() >= self.t_start + o.duration:
+                return None
+            if o.nbytes is not None and self._started_bytes >= o.nbytes:
+                return None
+            self._started_bytes += self.total
+            return k
+
+    def run(self) -> None:
+        self.t_start = time.monotonic()
+        workers = [threading.Thread(target=self._worker, args=(w,), name=f"kvwire-bench-req{w}", daemon=True)
+                   for w in range(self.o.concurrency)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+
+    def _worker(self, w: int) -> None:
+        buf = self.buffers[w][: self.total]
+        views = self.plan.layer_views(buf)
+        step = self.o.prefill_ms / 1000.0
+        while True:
+            k = self._next()
+            if k is None:
+                return
+            rec = RequestRecord(k, self.rid(k), self.total)
+            with self._lock:
+                self.records.append(rec)
+            if self.filled.get(w) != rec.request_id:
+                cpu = time.thread_time()
+                self.pattern.fill(buf, rec.request_id)
+                rec.fill_cpu = time.thread_time() - cpu
+                self.filled[w] = rec.request_id
+            rec.t0 = time.monotonic()
+            try:
+                h = self.session.send(self.layout, RequestSpec(rec.request_id, self.tokens, self.tokens),
+                                      timeout=self.o.timeout, hashing=self.o.hashing)
+                for layer in self.layout.layers:
+                    i = layer.index
+                    if step > 0:
+                        wait = rec.t0 + (i + 1) * step - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                    if i in views:
+                        h.write_layer(i, views[i])
+                    rec.produced[i] = time.monotonic()
+                h.finish()
+                h.result(self.o.timeout + 5.0)
+                rec.state = "done"
+            except (TransferError, KvwireError, TimeoutError, OSError) as e:
+                rec.state, rec.reason = "failed", f"{type(e).__name__}: {e}"
+            rec.done_at = time.monotonic()
+            if self.on_request is not None:
+                self.on_request({"request_id": rec.request_id, "state": rec.state, "reason": rec.reason,
+                                 "seconds": rec.done_at - rec.t0, "bytes": rec.nbytes})
+
+
+def run_client(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
+               on_request: Callback | None = None) -> RunResult:
+    """Run one test. Raises PeerError/UsageError before the test starts; failures during it are recorded."""
+    layout, tokens = resolve_layout(o)
+    plan = PayloadPlan.build(layout, RequestSpec("plan", tokens, tokens))
+    if plan.total_bytes == 0:
+        raise UsageError(f"a request of {tokens} tokens of {layout.name} carries no bytes")
+    ssl_context = client_ssl_context(o)
+    ctl = ControlClient.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
+    session: Session | None = None
+    try:
+        offset, uncertainty = ctl.clock_offset()
+        ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=o.concurrency,
+                 seed=o.seed)
+        try:
+            session = connect(o.host, ctl.data_port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
+                              server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
+                              hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0))
+        except (KvwireError, OSError) as e:
+            raise PeerError(f"kvwire data connection to {o.host}:{ctl.data_port} failed: "
+                            f"{type(e).__name__}: {e}") from None
+        sockopts = SocketOptions(o.congestion, o.fq_rate)
+        for sock in session.lane_sockets():
+            try:
+                sockopts.apply(sock)
+            except KvwireError as e:
+                raise UsageError(str(e)) from None
+        congestion = _congestion_of(session)
+        runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
+        runner.prefill()
+        connected = _connected(session)
+        if on_start is not None:
+            on_start({"connected": connected, "welcome": ctl.welcome, "layout": layout, "tokens": tokens,
+                      "bytes_per_request": plan.total_bytes, "data_port": ctl.data_port,
+                      "congestion": congestion})
+        ctl.call("start", "started")
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t_start = time.monotonic()
+        sampler = Sampler(session.lanes, o.interval, t_start, on_interval, sockopts)
+        sampler.start()
+        runner.t_start = t_start
+        runner.run()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        t_end = max([r.done_at for r in runner.records if r.done_at is not None], default=time.monotonic())
+        sampler.stop(t_end)
+        done = [r.request_id for r in runner.records if r.state == "done"]
+        results = ctl.wait_results(done, timeout=120.0)
+        others = ctl.wait_results([r.request_id for r in runner.records if r.state != "done"], timeout=1.0)
+        for rec in runner.records:
+            rec.server = results.get(rec.request_id) or others.get(rec.request_id)
+        summary = ctl.call("end", "summary", timeout=60.0)
+        lanes = sampler.lane_totals()
+        ctrl_info = tcp_info(session.ctrl.sock)
+        fill_cpu = sum(r.fill_cpu for r in runner.records)
+        return RunResult(
+            opts=o, layout=layout, tokens=tokens, plan=plan, welcome=ctl.welcome, data_port=ctl.data_port,
+            clock_offset=offset, clock_uncertainty=uncertainty, t_start=t_start, t_end=t_end,
+            requests=sorted(runner.records, key=lambda r: r.index), intervals=sampler.intervals,
+            series=sampler.series, lanes=lanes, connected=connected,
+            control_wire_bytes=(ctrl_info.bytes_sent or 0) if ctrl_info is not None else 0,
+            cpu_user=ru1.ru_utime - ru0.ru_utime, cpu_system=ru1.ru_stime - ru0.ru_stime, fill_cpu=fill_cpu,
+            server=summary, congestion=congestion, error=session.failure)
+    finally:
+        if session is not None:
+            session.close()
+        ctl.close()
+
+
+def _congestion_of(session: Session) -> str:
+    from ..congestion.tcpinfo import SocketOptionError, get_congestion
+
+    socks = session.lane_sockets()
+    try:
+        return get_congestion(socks[0]) if socks else ""
+    except SocketOptionError:
+        return ""
+
+
+__all__ = ["RequestRecord", "RunResult", "resolve_layout", "run_client"]

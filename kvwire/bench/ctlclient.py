@@ -1,0 +1,127 @@
+"""The client's end of the bench control connection: requests, asynchronous results, heartbeats, clock.
+
+Owns: a reader thread that files the server's per-request ``result`` messages and hands every other
+message to the caller waiting in ``call``; a heartbeat every second so the server can tell a live client
+from a vanished one; estimating the server's monotonic clock offset (NTP-style, best of several pings).
+Must not know: sessions, payloads or reports.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from typing import Any
+
+from .control import Channel, client_connect, expect
+from .errors import PeerGone
+
+HEARTBEAT = 1.0
+
+
+class ControlClient:
+    def __init__(self, ch: Channel, welcome: dict[str, Any]) -> None:
+        self.ch = ch
+        self.welcome = welcome
+        self.results: dict[str, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="kvwire-bench-ctl", daemon=True)
+        self._beater = threading.Thread(target=self._beat_loop, name="kvwire-bench-hb", daemon=True)
+        self._reader.start()
+        self._beater.start()
+
+    @classmethod
+    def connect(cls, host: str, port: int, key: bytes, ssl_context: ssl.SSLContext | None,
+                timeout: float) -> ControlClient:
+        ch, welcome = client_connect(host, port, key, ssl_context, timeout)
+        return cls(ch, welcome)
+
+    @property
+    def run(self) -> str:
+        return str(self.welcome.get("run", ""))
+
+    @property
+    def data_port(self) -> int:
+        port = self.welcome.get("data_port")
+        return port if isinstance(port, int) else 0
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = self.ch.recv(None)
+                if msg["op"] == "result" and isinstance(msg.get("rid"), str):
+                    with self._cond:
+                        self.results[msg["rid"]] = msg
+                        self._cond.notify_all()
+                else:
+                    self._replies.put(msg)
+        except BaseException as e:  # noqa: BLE001 - any end of the reader ends the channel
+            if not self._closed.is_set():
+                self.error = e
+            self._replies.put(None)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _beat_loop(self) -> None:
+        while not self._closed.wait(HEARTBEAT):
+            try:
+                self.ch.send("hb")
+            except OSError:
+                return
+
+    def call(self, op: str, reply: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """Send ``op`` and wait for ``reply`` (or the server's error, raised as PeerError)."""
+        try:
+            self.ch.send(op, **fields)
+        except OSError as e:
+            raise PeerGone(f"control connection to {self.ch.peer} lost: {e}") from None
+        try:
+            msg = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise PeerGone(f"{self.ch.peer} did not answer {op!r} within {timeout:.0f} s") from None
+        if msg is None:
+            self._replies.put(None)
+            raise PeerGone(f"control connection to {self.ch.peer} ended: {self.error or 'closed'}")
+        return expect(msg, reply, self.ch.peer)
+
+    def wait_results(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """The results that arrived for ``rids`` within ``timeout`` (all, unless the server is gone)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not all(r in self.results for r in rids) and self.error is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return {r: self.results[r] for r in rids if r in self.results}
+
+    def clock_offset(self, rounds: int = 8) -> tuple[float, float]:
+        """(server clock minus client clock, uncertainty) from the ping with the shortest round trip."""
+        best: tuple[float, float] | None = None
+        for _ in range(rounds):
+            t0 = time.monotonic()
+            pong = self.call("ping", "pong", timeout=5.0, t=t0)
+            t1 = time.monotonic()
+            ts = pong.get("ts")
+            if not isinstance(ts, float):
+                continue
+            rtt = t1 - t0
+            if best is None or rtt < best[1] * 2:
+                best = (ts - (t0 + t1) / 2, rtt / 2)
+        return best if best is not None else (0.0, float("inf"))
+
+    def close(self, bye: bool = True) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if bye:
+            try:
+                self.ch.send("bye")
+            except OSError:
+                pass
+        self.ch.close()
+        self._reader.join(2)

@@ -1,0 +1,88 @@
+"""``--loopback``: a one-off bench server in a child process on 127.0.0.1, and the client against it.
+
+Owns: the server's command line (ephemeral ports, the key passed through the environment, never argv),
+waiting for its "Server listening" line, relaying its output with ``-v`` and stopping it. A process,
+not a thread: the receiver gets its own interpreter (no GIL shared with the sender) and its own
+``getrusage``, so the CPU figures of each side are honest. Must not know: the test itself.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from typing import IO
+
+from .errors import BenchError
+from .options import KEY_ENV, Options
+
+LISTENING = re.compile(r"Server listening on (\S+) port (\d+)")
+START_TIMEOUT = 60.0
+
+
+def server_command(o: Options) -> list[str]:
+    argv = [sys.executable, "-m", "kvwire.bench", "-s", "-1", "-B", "127.0.0.1", "-p", "0",
+            "--data-port", "0", "--pool-bytes", str(o.pool_bytes)]
+    if o.verify_seed is not None:
+        argv += ["--verify-seed", str(o.verify_seed)]
+    if o.tls_cert and o.tls_key:
+        argv += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
+    return argv
+
+
+class LoopbackServer:
+    """Context manager: ``port`` is the server's control port once entered."""
+
+    def __init__(self, o: Options) -> None:
+        self.o = o
+        self.port = 0
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: o.key.decode()}
+        self.proc = subprocess.Popen(server_command(o), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     env=env, text=True)
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, pipe: IO[str] | None) -> None:
+        assert pipe is not None
+        for line in pipe:
+            self.lines.append(line.rstrip("\n"))
+            if self.o.verbose:
+                sys.stderr.write(f"[server] {line}")
+            self._q.put(line)
+        self._q.put(None)
+
+    def __enter__(self) -> LoopbackServer:
+        while True:
+            try:
+                line = self._q.get(timeout=START_TIMEOUT)
+            except queue.Empty:
+                self.stop()
+                raise BenchError(f"the loopback server did not start within {START_TIMEOUT:.0f} s") from None
+            if line is None:
+                self.stop()
+                raise BenchError(f"the loopback server exited (status {self.proc.poll()}): "
+                                 + " | ".join(self.lines[-5:]))
+            m = LISTENING.search(line)
+            if m:
+                self.port = int(m.group(2))
+                return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Wait for the one-off server to exit after its test; terminate it if it does not."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()

@@ -1,0 +1,238 @@
+"""Command-line options of ``kvwire-bench``: iperf3's names where they mean the same, checked once.
+
+Owns: the argparse parser, size/rate parsing (``256M``, ``10G``: binary for sizes, decimal for rates,
+as iperf3), the ``Options`` record every other bench module reads, its consistency checks and the TLS
+contexts. Must not know: sockets, sessions, reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import ssl
+from dataclasses import dataclass
+
+from ..codec.frames import DEFAULT_LIMITS, MIN_CHUNK
+from ..codec.manifest import max_chunk_size
+from ..codec.plan import DEFAULT_CHUNK
+from .errors import UsageError
+
+DEFAULT_PORT = 5211
+KEY_ENV = "KVWIRE_BENCH_KEY"
+
+_SUFFIX = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmMgGtT]?)\s*$")
+
+
+def parse_size(text: str, base: int = 1024) -> int:
+    """``"256M"`` -> 268435456 (``base`` 1024, like iperf3's -n/-l); rates use base 1000."""
+    m = _SUFFIX.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 2G)")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def parse_rate(text: str) -> int:
+    return parse_size(text, 1000)
+
+
+@dataclass
+class Options:
+    mode: str  # "server", "client" or "loopback"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    data_port: int | None = None
+    lanes: int = 4
+    duration: float | None = None
+    nbytes: int | None = None
+    length: int = 256 * 1024 * 1024
+    interval: float = 1.0
+    json: bool = False
+    json_stream: bool = False
+    reverse: bool = False
+    congestion: str | None = None
+    fq_rate: int | None = None
+    key: bytes = b""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_name: str | None = None
+    hashing: bool = True
+    chunk_size: int = DEFAULT_CHUNK
+    model: str | None = None
+    tokens: int = 32768
+    tp: int = 1
+    requests: int | None = None
+    concurrency: int = 1
+    prefill_ms: float = 0.0
+    seed: int = 0
+    verify_seed: int | None = None
+    pool_bytes: int = 16 * 1024**3
+    one_off: bool = False
+    plot: str | None = None
+    timeout: float = 300.0
+    connect_timeout: float = 2.0
+    announce: bool = False
+    verbose: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_key or self.tls_ca)
+
+    @property
+    def kv_mode(self) -> bool:
+        return self.model is not None
+
+    def effective_data_port(self) -> int:
+        if self.data_port is not None:
+            return self.data_port
+        return 0 if self.port == 0 else self.port + 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvwire-bench",
+        description="iperf-style benchmark of kvwire: KV-cache-shaped transfers over multi-lane TCP, "
+                    "every byte verified at the receiver.",
+        epilog="examples:\n"
+               "  kvwire-bench --loopback --model qwen3-next-80b-a3b --tokens 32768\n"
+               "  kvwire-bench -s                     # on the decode host\n"
+               "  kvwire-bench -c HOST -P 8 -t 10     # raw mode, on the prefill host\n"
+               "  kvwire-bench -c HOST --model kimi-linear-48b-a3b --tokens 131072 --requests 20 "
+               "--prefill-ms-per-layer 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    role = p.add_mutually_exclusive_group(required=True)
+    role.add_argument("-s", "--server", action="store_true", help="run as server (the receiving end)")
+    role.add_argument("-c", "--client", metavar="HOST", help="run as client (the sending end) against HOST")
+    role.add_argument("--loopback", action="store_true",
+                      help="server (a subprocess, for honest CPU accounting) and client on 127.0.0.1")
+    g = p.add_argument_group("common")
+    g.add_argument("-p", "--port", type=int, default=DEFAULT_PORT,
+                   help=f"control port (default {DEFAULT_PORT})")
+    g.add_argument("--data-port", type=int, help="server: kvwire data port (default PORT+1; 0 = any)")
+    g.add_argument("-B", "--bind", default="0.0.0.0", help="server: address to listen on")
+    g.add_argument("-i", "--interval", type=float, default=1.0,
+                   help="seconds between interval reports (0: none)")
+    g.add_argument("-J", "--json", action="store_true", help="print one JSON document at the end")
+    g.add_argument("--json-stream", action="store_true",
+                   help="print line-delimited JSON events as they happen")
+    g.add_argument("--key", help=f"pre-shared key (default: ${KEY_ENV})")
+    g.add_argument("--tls-cert", help="certificate (server identity; client certificate on a client)")
+    g.add_argument("--tls-key", help="private key of --tls-cert")
+    g.add_argument("--tls-ca",
+                   help="CA file: client verifies the server with it; server requires client certs")
+    g.add_argument("--tls-name", help="client: server name to verify (default: the host)")
+    g.add_argument("-v", "--verbose", action="store_true", help="more detail (loopback: server output too)")
+    c = p.add_argument_group("client")
+    c.add_argument("-P", "--parallel", type=int, default=4, metavar="N",
+                   help="lanes (TCP connections), default 4")
+    amount = c.add_mutually_exclusive_group()
+    amount.add_argument("-t", "--time", type=float, metavar="SECONDS", help="send for this long")
+    amount.add_argument("-n", "--bytes", type=parse_size, metavar="BYTES",
+                        help="send this many bytes (whole transfers)")
+    amount.add_argument("--requests", type=int, metavar="K", help="send K requests (KV mode default: 1)")
+    c.add_argument("-l", "--length", type=parse_size, default=256 * 1024 * 1024, metavar="BYTES",
+                   help="raw mode: bytes per transfer (default 256M)")
+    c.add_argument("-R", "--reverse", action="store_true", help="server sends (not supported yet)")
+    c.add_argument("-C", "--congestion", metavar="ALGO",
+                   help="TCP congestion algorithm of the lanes (bbr, cubic)")
+    c.add_argument("--fq-rate", type=parse_rate, metavar="BITS/S",
+                   help="per-lane pacing cap (SO_MAX_PACING_RATE)")
+    c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
+    c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
+                   help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
+    c.add_argument("--model", metavar="PRESET|CONFIG", help="KV mode: a preset name or a config.json path")
+    c.add_argument("--tokens", type=int, default=32768, help="KV mode: tokens per request (default 32768)")
+    c.add_argument("--tp", type=int, default=1, help="KV mode: tensor-parallel size (rank 0 is sent)")
+    c.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight (default 1; raw -t/-n: 2)")
+    c.add_argument("--prefill-ms-per-layer", type=float, default=0.0, metavar="MS",
+                   help="pace production: layer i is written at t0 + (i+1)*MS")
+    c.add_argument("--seed", type=int, default=0, help="payload pattern seed")
+    c.add_argument("--timeout", type=float, default=300.0, help="per-transfer deadline in seconds")
+    c.add_argument("--connect-timeout", type=float, default=2.0,
+                   help="seconds to reach a kvwire-bench server")
+    c.add_argument("--plot", metavar="FILE.png", help="write a timeline/throughput plot (needs matplotlib)")
+    s = p.add_argument_group("server")
+    s.add_argument("-1", "--one-off", action="store_true", help="serve one test, then exit")
+    s.add_argument("--pool-bytes", type=parse_size, default=16 * 1024**3,
+                   help="bound on destination buffer memory (default 16G)")
+    s.add_argument("--verify-seed", type=int, help="check against this seed instead of the client's (tests)")
+    s.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def options_from_args(a: argparse.Namespace) -> Options:
+    mode = "server" if a.server else "loopback" if a.loopback else "client"
+    key = a.key if a.key is not None else os.environ.get(KEY_ENV, "")
+    o = Options(
+        mode=mode, host="127.0.0.1" if mode != "client" else a.client, port=a.port, bind=a.bind,
+        data_port=a.data_port, lanes=a.parallel, duration=a.time, nbytes=a.bytes, length=a.length,
+        interval=a.interval, json=a.json, json_stream=a.json_stream, reverse=a.reverse,
+        congestion=a.congestion, fq_rate=a.fq_rate, key=key.encode(), tls_cert=a.tls_cert,
+        tls_key=a.tls_key, tls_ca=a.tls_ca, tls_name=a.tls_name, hashing=not a.no_hash,
+        chunk_size=a.chunk_size, model=a.model, tokens=a.tokens, tp=a.tp, requests=a.requests,
+        concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
+        verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
+        timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose)
+    if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):
+        o.concurrency = 2  # keeps lanes busy across the per-transfer round trips
+    if o.model is None and o.duration is None and o.nbytes is None and o.requests is None:
+        o.duration = 10.0  # iperf3's default
+    if o.model is not None and o.duration is None and o.nbytes is None and o.requests is None:
+        o.requests = 1
+    check(o)
+    return o
+
+
+def check(o: Options) -> None:
+    if o.reverse:
+        raise UsageError("-R (the server sends) is not supported yet: run the server on the sending host "
+                         "and the client on the receiving host instead")
+    if o.json and o.json_stream:
+        raise UsageError("-J and --json-stream are exclusive")
+    if not 1 <= o.lanes <= 64:
+        raise UsageError("-P must be in 1..64")
+    if not 1 <= o.concurrency <= 64:
+        raise UsageError("--concurrency must be in 1..64")
+    limit = max_chunk_size(DEFAULT_LIMITS)
+    if not MIN_CHUNK <= o.chunk_size <= limit:
+        raise UsageError(f"--chunk-size must be in [{MIN_CHUNK}, {limit}]")
+    if o.duration is not None and o.duration <= 0:
+        raise UsageError("-t must be positive")
+    if o.nbytes is not None and o.nbytes <= 0:
+        raise UsageError("-n must be positive")
+    if o.requests is not None and o.requests <= 0:
+        raise UsageError("--requests must be positive")
+    if o.tokens <= 0 or o.tp <= 0 or o.length <= 0:
+        raise UsageError("--tokens, --tp and -l must be positive")
+    if o.prefill_ms < 0 or o.interval < 0:
+        raise UsageError("--prefill-ms-per-layer and -i must not be negative")
+    if o.mode == "server" and (o.tls_cert is None) != (o.tls_key is None):
+        raise UsageError("a TLS server needs both --tls-cert and --tls-key")
+    if o.mode == "loopback" and o.tls and not (o.tls_cert and o.tls_key and o.tls_ca):
+        raise UsageError("TLS on --loopback needs --tls-cert/--tls-key (server) and --tls-ca (client)")
+    if o.fq_rate is not None and o.fq_rate <= 0:
+        raise UsageError("--fq-rate must be positive")
+
+
+def server_ssl_context(o: Options) -> ssl.SSLContext | None:
+    if not (o.tls_cert and o.tls_key):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(o.tls_cert, o.tls_key)
+    if o.tls_ca and o.mode == "server":
+        ctx.load_verify_locations(o.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(o: Options) -> ssl.SSLContext | None:
+    if not o.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=o.tls_ca)
+    if o.mode == "client" and o.tls_cert and o.tls_key:
+        ctx.load_cert_chain(o.tls_cert, o.tls_key)
+    return ctx

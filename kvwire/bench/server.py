@@ -1,0 +1,388 @@
+"""The ``kvwire-bench -s`` server: a kvwire Receiver plus the bench's control port.
+
+Owns: accepting control connections (one test at a time, like iperf3), the allocator that places each
+incoming transfer in a bounded pool buffer sized from its manifest, checking every received byte
+against the run's pattern on a verifier thread, and reporting per-request results (state, verification,
+per-layer verified-at-receiver times on this host's monotonic clock) and a CPU/memory summary back over
+the control connection. A client that vanishes ends its test; its transfers are cancelled and their
+buffers return to the pool, and the server goes on serving. Must not know: how the client paces layers,
+reports or plots.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..codec.manifest import Manifest
+from ..codec.transfer import State
+from ..errors import PoolExhausted
+from ..tcp.receiver import IncomingTransfer, Receiver
+from .control import Channel, server_handshake
+from .errors import BenchError, PeerError, PeerGone
+from .payload import Pattern
+from .pool import BufferPool, Lease
+
+HEARTBEAT_TIMEOUT = 10.0
+
+
+def proc_status_bytes(field_name: str) -> int | None:
+    """A ``VmHWM``/``VmRSS``-style line of /proc/self/status, in bytes."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def default_congestion() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "0.0.0.0"
+    port: int = 5211
+    data_port: int = 5212
+    key: bytes = b""
+    ssl_context: ssl.SSLContext | None = None
+    pool_bytes: int = 16 * 1024**3
+    verify_seed: int | None = None
+    one_off: bool = False
+    peer_timeout: float = HEARTBEAT_TIMEOUT
+
+
+@dataclass
+class _Test:
+    run: str
+    ch: Channel
+    peer: str
+    pattern: Pattern | None = None
+    alive: bool = True
+    handles: dict[str, IncomingTransfer] = field(default_factory=dict)
+    outstanding: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    cpu0: tuple[float, float] = (0.0, 0.0)
+    wall0: float = 0.0
+    rss_base: int | None = None
+    verify_cpu: float = 0.0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    bytes_verified: int = 0
+    first_begin: float | None = None
+    last_verified: float | None = None
+    completed: bool = False
+
+    def send(self, op: str, **fields: Any) -> None:
+        try:
+            self.ch.send(op, **fields)
+        except OSError:
+            pass  # the control reader notices and ends the test
+
+
+class BenchServer:
+    """Listens at once; ``serve()`` runs until ``close()`` (or after one test with ``one_off``)."""
+
+    def __init__(self, cfg: ServerConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.pool = BufferPool(cfg.pool_bytes)
+        self._lock = threading.Lock()
+        self._tests: dict[str, _Test] = {}
+        self._active: _Test | None = None
+        self._leases: dict[str, Lease] = {}
+        self._verify_q: queue.Queue[tuple[_Test, IncomingTransfer] | None] = queue.Queue()
+        self._closed = threading.Event()
+        self._shut = False
+        self.last_test_ok: bool | None = None
+        self._listener = socket.create_server((cfg.bind, cfg.port), backlog=16)
+        try:
+            self.rx = Receiver(cfg.bind, cfg.data_port, key=cfg.key, ssl_context=cfg.ssl_context,
+                               allocator=self._allocate, on_transfer=self._on_transfer,
+                               peer_timeout=cfg.peer_timeout)
+        except BaseException:
+            self._listener.close()
+            raise
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self.data_address: tuple[str, int] = self.rx.address
+        self._verifier = threading.Thread(target=self._verify_loop, name="kvwire-bench-verify", daemon=True)
+        self._verifier.start()
+
+    # ---------------------------------------------------------------- serving
+    def serve(self) -> int:
+        """Accept control connections until closed. Returns 0, or 1 when a one-off test failed."""
+        self._listener.settimeout(0.5)
+        threads: list[threading.Thread] = []
+        while not self._closed.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            t = threading.Thread(target=self._client, args=(sock, f"{addr[0]}:{addr[1]}"),
+                                 name="kvwire-bench-ctl", daemon=True)
+            t.start()
+            threads.append(t)
+            threads = [x for x in threads if x.is_alive()]
+        for t in threads:
+            t.join(5)
+        return 0 if self.last_test_ok in (None, True) else 1
+
+    def stop(self) -> None:
+        """Ask ``serve()`` to return (safe from a signal handler); then call ``close()``."""
+        self._closed.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            tests = list(self._tests.values())
+        for test in tests:
+            test.ch.close()
+        self.rx.close()
+        self._verify_q.put(None)
+        self._verifier.join(5)
+
+    def _client(self, sock: socket.socket, peer: str) -> None:
+        test: _Test | None = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(5.0)
+            if self.cfg.ssl_context is not None:
+                sock = self.cfg.ssl_context.wrap_socket(sock, server_side=True)
+            ch = Channel(sock, peer)
+            run = secrets.token_hex(4)
+            server_handshake(ch, self.cfg.key, {"data_port": self.data_address[1], "run": run,
+                                                "server": f"kvwire-bench {__version__}",
+                                                "pool_bytes": self.cfg.pool_bytes})
+            with self._lock:
+                busy = self._active
+                if busy is None:
+                    test = self._active = _Test(run, ch, peer)
+                    self._tests[run] = test
+            if busy is not None:
+                ch.send("error", reason=f"server busy with a test for {busy.peer}; try again when it ends")
+                ch.close()
+                return
+            ch.send("ok")
+            self.log(f"Accepted connection from {peer} (test {run})")
+            self._serve_test(test)  # type: ignore[arg-type]
+        except (PeerError, PeerGone, OSError, ssl.SSLError) as e:
+            self.log(f"Connection from {peer} ended: {type(e).__name__}: {e or 'timed out'}")
+        finally:
+            if test is not None:
+                self._end_test(test)
+            else:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _serve_test(self, test: _Test) -> None:
+        ch = test.ch
+        while True:
+            msg = ch.recv(timeout=self.cfg.peer_timeout)
+            op = msg["op"]
+            if op == "hb":
+                continue
+            if op == "ping":
+                ch.send("pong", t=msg.get("t"), ts=time.monotonic())
+            elif op == "prepare":
+                self._prepare(test, msg)
+            elif op == "start":
+                reset_peak_rss()
+                ru = resource.getrusage(resource.RUSAGE_SELF)
+                test.cpu0, test.wall0 = (ru.ru_utime, ru.ru_stime), time.monotonic()
+                test.rss_base = proc_status_bytes("VmRSS")
+                ch.send("started", ts=test.wall0)
+            elif op == "end":
+                ch.send("summary", **self._summary(test))
+            elif op == "bye":
+                test.completed = True
+                return
+            else:
+                ch.send("error", reason=f"unknown op {op!r}")
+
+    def _prepare(self, test: _Test, msg: dict[str, Any]) -> None:
+        size, count, seed = msg.get("size"), msg.get("count"), msg.get("seed")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, count, seed)):
+            test.ch.send("error", reason="prepare needs int size, count and seed")
+            return
+        assert isinstance(size, int) and isinstance(count, int) and isinstance(seed, int)
+        if size < 0 or not 0 < count <= 1024:
+            test.ch.send("error", reason="prepare: size or count out of range")
+            return
+        t = time.monotonic()
+        test.pattern = Pattern(self.cfg.verify_seed if self.cfg.verify_seed is not None else seed)
+        try:
+            fresh = self.pool.prefault(size, count)
+        except PoolExhausted as e:
+            test.ch.send("error", reason=str(e))
+            return
+        test.ch.send("prepared", fresh=fresh, seconds=time.monotonic() - t)
+
+    def _summary(self, test: _Test) -> dict[str, Any]:
+        with test.cond:
+            test.cond.wait_for(lambda: test.outstanding == 0, timeout=30.0)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "cpu_user": ru.ru_utime - test.cpu0[0],
+            "cpu_system": ru.ru_stime - test.cpu0[1],
+            "verify_cpu": test.verify_cpu,
+            "wall": time.monotonic() - test.wall0,
+            "rss_peak": proc_status_bytes("VmHWM"),
+            "rss_base": test.rss_base,
+            "pool_bytes": self.pool.held_bytes,
+            "requests_ok": test.requests_ok,
+            "requests_failed": test.requests_failed,
+            "bytes_verified": test.bytes_verified,
+            "first_begin": test.first_begin,
+            "last_verified": test.last_verified,
+            "congestion": default_congestion(),
+        }
+
+    def _end_test(self, test: _Test) -> None:
+        with self._lock:
+            test.alive = False
+            self._tests.pop(test.run, None)
+            if self._active is test:
+                self._active = None
+            handles = list(test.handles.values())
+        for h in handles:
+            if not h.finished:
+                h.cancel("the kvwire-bench client went away")
+        test.ch.close()
+        ok = test.completed and test.requests_failed == 0
+        if test.completed:
+            self.log(f"Test {test.run} from {test.peer}: {test.requests_ok} requests verified, "
+                     f"{test.requests_failed} failed, {test.bytes_verified} bytes checked byte for byte")
+        else:
+            self.log(f"Test {test.run} from {test.peer} ended before completing; still serving")
+        self.last_test_ok = ok
+        if self.cfg.one_off:
+            self._closed.set()
+
+    # ---------------------------------------------------------------- transfers
+    def _test_of(self, request_id: str) -> _Test | None:
+        run = request_id.split("/", 1)[0]
+        with self._lock:
+            test = self._tests.get(run)
+        return test if test is not None and test.alive else None
+
+    def _allocate(self, m: Manifest) -> Any:
+        """Receiver allocator: a pool buffer of exactly ``m.total_bytes`` for a running test's request."""
+        rid = m.request.request_id
+        test = self._test_of(rid)
+        if test is None or test.pattern is None:
+            raise BenchError(f"no prepared kvwire-bench test owns request {rid!r}")
+        lease = self.pool.take(m.total_bytes)
+        with self._lock:
+            self._leases[rid] = lease
+        return lease.view
+
+    def _release(self, rid: str) -> None:
+        """Back to the pool; only once the transfer is terminal (no lane writes into it any more)."""
+        with self._lock:
+            lease = self._leases.pop(rid, None)
+        if lease is not None:
+            self.pool.give(lease)
+
+    def _on_transfer(self, h: IncomingTransfer) -> None:
+        rid = h.request_id
+        run = rid.split("/", 1)[0]
+        with self._lock:
+            test = self._tests.get(run)
+            if test is not None:
+                test.handles[rid] = h
+        if test is None:  # the client went away between the allocator and now
+            h.add_done_callback(lambda _f: self._release(rid))
+            h.cancel("the kvwire-bench client went away")
+            return
+        owner: _Test = test
+        with owner.cond:
+            owner.outstanding += 1
+            if owner.first_begin is None:
+                owner.first_begin = h.started
+        if not owner.alive:
+            h.cancel("the kvwire-bench client went away")
+        h.add_done_callback(lambda _f: self._verify_q.put((owner, h)))
+
+    def _verify_loop(self) -> None:
+        while True:
+            item = self._verify_q.get()
+            if item is None:
+                return
+            test, h = item
+            try:
+                self._verify(test, h)
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the verifier
+                self.log(f"verifier: {type(e).__name__}: {e}")
+            finally:
+                with test.cond:
+                    test.outstanding -= 1
+                    test.cond.notify_all()
+
+    def _verify(self, test: _Test, h: IncomingTransfer) -> None:
+        rid = h.request_id
+        with self._lock:
+            lease = self._leases.get(rid)
+            test.handles.pop(rid, None)
+        cpu = time.thread_time()
+        verdict = None
+        if h.state is State.DONE and lease is not None and test.pattern is not None and test.alive:
+            verdict = test.pattern.verify(lease.view, rid)
+        cpu = time.thread_time() - cpu
+        self._release(rid)
+        ok = verdict is not None and verdict.ok
+        times = sorted(h.layer_times.items())
+        with test.cond:
+            test.verify_cpu += cpu
+            if ok:
+                test.requests_ok += 1
+                test.bytes_verified += verdict.bytes_checked if verdict is not None else 0
+            else:
+                test.requests_failed += 1
+            if times:
+                last = times[-1][1] if len(times) == 1 else max(t for _, t in times)
+                test.last_verified = max(test.last_verified or last, last)
+        test.send("result", rid=rid, state=h.state.value, reason=h.reason, ok=ok,
+                  bytes=h.manifest.total_bytes if h.manifest is not None else 0,
+                  checked=verdict.bytes_checked if verdict is not None else 0,
+                  bad_blocks=verdict.bad_blocks if verdict is not None else 0,
+                  first_bad=verdict.first_bad_offset if verdict is not None else -1,
+                  begun=h.started, layers=[[layer, t] for layer, t in times], verify_cpu=cpu)
+
