@@ -157,6 +157,10 @@ class Session:
     def send(self, layout: ModelLayout, request: RequestSpec, *, timeout: float | None = 300.0,
              hashing: bool | None = None) -> OutgoingTransfer:
         """Start a transfer: the manifest goes out now, chunks as layers are written."""
+        total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
+        cap = min(self.limits.max_transfer_bytes, int(self.server_limits.get("max_transfer_bytes", total)))
+        if total > cap:
+            raise KvwireError(f"transfer of up to {total} bytes exceeds the {cap}-byte limit")
         tid = next(self._ids) & ((1 << 64) - 1)
         m = build_manifest(tid, layout, request, self.chunk_size, self.hashing if hashing is None else hashing)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
