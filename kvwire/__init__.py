@@ -7,6 +7,7 @@ The names an engine imports::
 
 from .codec.frames import Limits
 from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
+from .codec.presets import PRESETS, load_layout, load_preset
 from .codec.transfer import State
 from .errors import (
     AuthenticationError,
@@ -33,6 +34,7 @@ __all__ = [
     "Limits",
     "ModelLayout",
     "OutgoingTransfer",
+    "PRESETS",
     "ProtocolError",
     "Receiver",
     "RequestSpec",
@@ -46,5 +48,7 @@ __all__ = [
     "TransferTimedOut",
     "check_compatible",
     "connect",
+    "load_layout",
+    "load_preset",
     "plan_segments",
 ]
