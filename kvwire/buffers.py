@@ -7,7 +7,8 @@ imported only when a torch tensor is passed.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .codec.layout import Segment
 from .errors import LayoutMismatch

@@ -194,7 +194,7 @@ def _closed_by_peer(sock: socket.socket, within: float) -> bool:
         return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -13,8 +13,9 @@ Gathering from paged engine storage into this form is the stager's job, not the 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import msgpack
 

@@ -96,7 +96,7 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
     raw = d.get("seg")
     if not isinstance(raw, list) or len(raw) > limits.max_segments:
         raise ProtocolError(f"manifest needs a list of at most {limits.max_segments} segments")
-    segments = []
+    segments: list[Segment] = []
     total = 0
     for i, s in enumerate(raw):
         if (not isinstance(s, list) or len(s) != 6

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 from ..codec.transfer import State
 from ..errors import TransferCancelled, TransferFailed, TransferTimedOut

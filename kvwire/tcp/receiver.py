@@ -14,8 +14,9 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import xxhash
 
@@ -401,7 +402,7 @@ class Receiver:
         except Exception as e:  # noqa: BLE001 - allocator is user code; every failure is a REJECT
             reason = f"{type(e).__name__}: {e}"
             s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
-            if registered:
+            if registered and h is not None:
                 h._finish(State.FAILED, reason)
             return
         h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s

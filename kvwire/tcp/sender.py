@@ -15,7 +15,8 @@ import ssl
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import xxhash
 
@@ -26,7 +27,7 @@ from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch, ProtocolError
-from .auth import SessionKeys, client_handshake, client_lane
+from .auth import client_handshake, client_lane
 from .handle import Outcome
 from .wire import Channel, send_parts, tune
 

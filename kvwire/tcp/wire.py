@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..codec.frames import (
     HEADER_SIZE,
