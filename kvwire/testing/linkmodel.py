@@ -1,0 +1,87 @@
+"""One direction of an emulated WAN link, as a pure model: drop-tail queue, bottleneck, loss, delay.
+
+Owns: the per-packet decision ``arrive(now, size) -> release time | None`` — Bernoulli loss, a drop-tail
+queue counted in bytes in front of a serialiser at the bottleneck rate, then a fixed one-way delay —
+and the counters that prove what it did. Release times are non-decreasing while the delay is fixed,
+so packets leave in arrival order. Must not know: packets' contents, netlink, clocks, processes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class DirectionSpec:
+    """``rate_bps`` in bits/s at the IP layer, ``delay`` one-way in seconds, ``loss`` a probability."""
+
+    rate_bps: float
+    delay: float
+    loss: float = 0.0
+    queue_bytes: int = 1 << 20
+
+    def check(self) -> None:
+        if self.rate_bps <= 0:
+            raise ValueError("rate must be positive")
+        if self.delay < 0:
+            raise ValueError("delay must be >= 0")
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError("loss must be in [0, 1)")
+        if self.queue_bytes <= 0:
+            raise ValueError("queue_bytes must be positive")
+
+
+@dataclass
+class DirectionStats:
+    packets_in: int = 0
+    bytes_in: int = 0
+    random_drops: int = 0
+    queue_drops: int = 0
+    packets_out: int = 0  # accepted (scheduled for release)
+    bytes_out: int = 0
+    max_backlog_bytes: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LinkDirection:
+    """``arrive`` each packet in time order; it returns when to release it, or ``None`` to drop it."""
+
+    def __init__(self, spec: DirectionSpec, rng: random.Random | None = None) -> None:
+        spec.check()
+        self.spec = spec
+        self.rng = rng or random.Random()
+        self.stats = DirectionStats()
+        self._free_at = 0.0  # when the serialiser finishes the last accepted packet
+
+    def backlog_bytes(self, now: float) -> float:
+        return max(0.0, self._free_at - now) * self.spec.rate_bps / 8
+
+    def arrive(self, now: float, size: int) -> float | None:
+        st = self.stats
+        st.packets_in += 1
+        st.bytes_in += size
+        if self.spec.loss and self.rng.random() < self.spec.loss:
+            st.random_drops += 1
+            return None
+        backlog = self.backlog_bytes(now)
+        if backlog + size > self.spec.queue_bytes:
+            st.queue_drops += 1
+            return None
+        self._free_at = max(now, self._free_at) + size * 8 / self.spec.rate_bps
+        st.packets_out += 1
+        st.bytes_out += size
+        st.max_backlog_bytes = max(st.max_backlog_bytes, int(backlog + size))
+        return self._free_at + self.spec.delay
+
+    def update(self, *, rate_bps: float | None = None, delay: float | None = None,
+               loss: float | None = None, queue_bytes: int | None = None) -> None:
+        """Change the link; packets already accepted keep their release times."""
+        spec = DirectionSpec(
+            self.spec.rate_bps if rate_bps is None else rate_bps, self.spec.delay if delay is None else delay,
+            self.spec.loss if loss is None else loss,
+            self.spec.queue_bytes if queue_bytes is None else queue_bytes)
+        spec.check()
+        self.spec = spec

@@ -1,0 +1,77 @@
+"""The WAN emulator's pure parts: link model, NFQUEUE message codec, unit parsing (no root needed)."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from kvwire.testing import nfqueue as nfq
+from kvwire.testing.linkmodel import DirectionSpec, LinkDirection
+from kvwire.testing.wan import parse_bytes, parse_loss, parse_ms, parse_rate_mbit
+
+
+def test_serialisation_then_delay() -> None:
+    d = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.010, queue_bytes=1 << 20))  # 1 byte per µs
+    assert d.arrive(0.0, 1000) == pytest.approx(0.001 + 0.010)
+    assert d.arrive(0.0, 1000) == pytest.approx(0.002 + 0.010)  # waits behind the first
+    assert d.backlog_bytes(0.0) == pytest.approx(2000)
+    assert d.arrive(0.5, 500) == pytest.approx(0.5005 + 0.010)  # idle link: no waiting
+    assert d.stats.packets_out == 3 and d.stats.bytes_out == 2500
+
+
+def test_drop_tail_counts_bytes() -> None:
+    d = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.0, queue_bytes=3000))
+    releases = [d.arrive(0.0, 1000) for _ in range(5)]
+    assert releases[:3] == pytest.approx([0.001, 0.002, 0.003]) and releases[3:] == [None, None]
+    assert d.stats.queue_drops == 2 and d.stats.max_backlog_bytes == 3000
+    assert d.arrive(0.0015, 1000) == pytest.approx(0.004)  # 1.5 packets drained: room again
+
+
+def test_random_loss_rate() -> None:
+    d = LinkDirection(DirectionSpec(rate_bps=1e12, delay=0.0, loss=0.1), random.Random(7))
+    n = 20_000
+    dropped = sum(d.arrive(i * 1e-3, 100) is None for i in range(n))
+    assert dropped == d.stats.random_drops
+    assert abs(dropped / n - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5
+
+
+def test_rate_change_applies_to_new_packets() -> None:
+    d = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.0))
+    assert d.arrive(0.0, 1000) == pytest.approx(0.001)
+    d.update(rate_bps=4e6)
+    assert d.arrive(1.0, 1000) == pytest.approx(1.002)
+    with pytest.raises(ValueError):
+        d.update(loss=1.5)
+    assert d.spec.loss == 0.0
+
+
+def test_nfqueue_packet_parse_and_verdict_encoding() -> None:
+    attrs = (nfq._attr(nfq.A_PACKET_HDR, struct.pack("!IHB", 4242, 0x0800, 2))
+             + nfq._attr(5, struct.pack("!I", 3)) + nfq._attr(nfq.A_CAP_LEN, struct.pack("!I", 1500))
+             + nfq._attr(nfq.A_PAYLOAD, b"E" * 40))
+    one = nfq._msg(nfq.MSG_PACKET, 0, 0, 1, attrs)
+    small = nfq._msg(nfq.MSG_PACKET, 0, 0, 0, nfq._attr(nfq.A_PACKET_HDR, struct.pack("!IHB", 7, 0x0800, 2))
+                     + nfq._attr(nfq.A_PAYLOAD, b"E" * 28))  # fully copied: no CAP_LEN
+    other = nfq._msg(nfq.MSG_CONFIG, 0, 0, 0, b"")
+    buf = one + other + small
+    assert nfq.parse_packets(buf, len(buf)) == [(1, 4242, 1500), (0, 7, 28)]
+    assert nfq.parse_packets(buf, len(one) - 1) == []  # a truncated message is not trusted
+    v = nfq.verdict_batch(1, 99)
+    mlen, mtype = struct.unpack_from("=IH", v)
+    assert mlen == len(v) and mtype == nfq.MSG_VERDICT_BATCH
+    assert struct.unpack_from("!H", v, 18)[0] == 1  # queue number, big-endian
+    assert struct.unpack_from("!II", v, 24) == (nfq.NF_ACCEPT, 99)
+    assert struct.unpack_from("!II", nfq.verdict(0, 5, False), 24) == (nfq.NF_DROP, 5)
+
+
+def test_unit_parsing() -> None:
+    assert parse_rate_mbit("400mbit") == 400 and parse_rate_mbit("1gbit") == 1000
+    assert parse_rate_mbit("500kbit") == 0.5 and parse_rate_mbit("250") == 250
+    assert parse_ms("20ms") == 20 and parse_ms("0.5s") == 500 and parse_ms("15") == 15
+    assert parse_loss("0.1%") == pytest.approx(0.001) and parse_loss("0.02") == 0.02
+    assert parse_bytes("1MB") == 1_000_000 and parse_bytes("512KiB") == 512 * 1024
+    assert parse_bytes("1500") == 1500
+    with pytest.raises(ValueError):
+        parse_rate_mbit("fast")
