@@ -107,7 +107,8 @@ def build_document(r: RunResult) -> dict[str, Any]:
                            "retransmits": lane["retransmits"], "max_snd_cwnd": lane["max_snd_cwnd"],
                            "max_rtt": lane["max_rtt"], "min_rtt": lane["min_rtt"],
                            "mean_rtt": lane["mean_rtt"],
-                           "chunks": lane["chunks"], "wire_bytes": lane["wire_bytes"], "sender": True}}
+                           "chunks": lane["chunks"], "wire_bytes": lane["wire_bytes"],
+                           "max_pacing_rate": lane["max_pacing_rate"], "sender": True}}
                for lane in r.lanes]
     now = time.time()
     rss_peak, rss_base, pool = srv.get("rss_peak"), srv.get("rss_base"), srv.get("pool_bytes")

@@ -73,7 +73,7 @@ class Options:
     one_off: bool = False
     plot: str | None = None
     timeout: float = 300.0
-    connect_timeout: float = 2.0
+    connect_timeout: float = 1.5
     announce: bool = False
     verbose: bool = False
 
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pace production: layer i is written at t0 + (i+1)*MS")
     c.add_argument("--seed", type=int, default=0, help="payload pattern seed")
     c.add_argument("--timeout", type=float, default=300.0, help="per-transfer deadline in seconds")
-    c.add_argument("--connect-timeout", type=float, default=2.0,
-                   help="seconds to reach a kvwire-bench server")
+    c.add_argument("--connect-timeout", type=float, default=1.5,
+                   help="seconds to reach a kvwire-bench server and finish its handshake (default 1.5)")
     c.add_argument("--plot", metavar="FILE.png", help="write a timeline/throughput plot (needs matplotlib)")
     s = p.add_argument_group("server")
     s.add_argument("-1", "--one-off", action="store_true", help="serve one test, then exit")

@@ -132,27 +132,36 @@ class Pattern:
             if rest:
                 flat[start + words * 8 : stop] = self._tail_bytes(request_id, block, words, rest)
 
-    def verify(self, flat: np.ndarray, request_id: str) -> VerifyResult:
-        """Compare every byte of ``flat`` with the request's pattern; bounded scratch, no big temporaries."""
-        n = len(flat)
+    def verify(self, flat: np.ndarray, request_id: str, start: int = 0, stop: int | None = None
+               ) -> VerifyResult:
+        """Compare bytes ``[start, stop)`` of ``flat`` with the request's pattern, 4 MiB at a time with a
+        bounded scratch buffer. ``bad_blocks`` counts the 4 MiB pattern blocks with a wrong byte."""
+        stop = len(flat) if stop is None else stop
         bad, first = 0, -1
-        for block, start in enumerate(range(0, n, BLOCK_BYTES)):
-            stop = min(n, start + BLOCK_BYTES)
-            words = (stop - start) // 8
-            ok = True
-            if words:
-                tmp = self._scratch[:words]
-                np.bitwise_xor(flat[start : start + words * 8].view(np.uint64), self._tile[:words], out=tmp)
-                np.bitwise_xor(tmp, self._key(request_id, block), out=tmp)
-                ok = not tmp.any()
-                if not ok and first < 0:
-                    first = start + 8 * int(np.flatnonzero(tmp)[0])
-            rest = stop - start - words * 8
-            if ok and rest:
-                ok = bool(np.array_equal(flat[start + words * 8 : stop],
-                                         self._tail_bytes(request_id, block, words, rest)))
-            if not ok:
+        pos = start
+        while pos < stop:
+            block = pos // BLOCK_BYTES
+            hi = min(stop, (block + 1) * BLOCK_BYTES)
+            off = self._check(flat, request_id, block, pos, hi)
+            if off >= 0:
                 bad += 1
                 if first < 0:
-                    first = start + words * 8
-        return VerifyResult(bad == 0, n, bad, first)
+                    first = off
+            pos = hi
+        return VerifyResult(bad == 0, stop - start, bad, first)
+
+    def _check(self, flat: np.ndarray, request_id: str, block: int, lo: int, hi: int) -> int:
+        """First wrong byte offset in ``[lo, hi)`` (inside one block), or -1."""
+        base = block * BLOCK_BYTES
+        key = self._key(request_id, block)
+        w0, w1 = (lo - base) // 8, -(-(hi - base) // 8)
+        if lo % 8 == 0 and hi % 8 == 0:  # the common case: compare whole words in place
+            tmp = self._scratch[: w1 - w0]
+            np.bitwise_xor(flat[lo:hi].view(np.uint64), self._tile[w0:w1], out=tmp)
+            np.bitwise_xor(tmp, key, out=tmp)
+            if not tmp.any():
+                return -1
+            return lo + 8 * int(np.flatnonzero(tmp)[0])
+        want = (self._tile[w0:w1] ^ key).view(np.uint8)[lo - base - 8 * w0 : hi - base - 8 * w0]
+        diff = np.flatnonzero(flat[lo:hi] != want)
+        return lo + int(diff[0]) if len(diff) else -1

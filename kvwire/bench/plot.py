@@ -56,14 +56,16 @@ def write_plot(path: str, doc: dict[str, Any], series: list[tuple[float, list[in
             ax1.scatter(*zip(*prod), s=22, marker="o", color="tab:blue", label="produced (write_layer)",
                         zorder=3)
         if ver:
-            state = [x["layer"] for x in rep["layers"] if x["kinds"] and x["kinds"][0] in
-                     ("gdn", "kda", "mamba1", "mamba2", "lightning")]
-            ax1.scatter(*zip(*ver), s=30, marker="D", color="tab:orange", label="verified at receiver",
-                        zorder=4)
+            state_kinds = ("gdn", "kda", "mamba1", "mamba2", "lightning")
+            state = {x["layer"] for x in rep["layers"] if set(x["kinds"]) & set(state_kinds)}
+            attn = [(v, layer) for v, layer in ver if layer not in state]
             st = [(v, layer) for v, layer in ver if layer in state]
+            if attn:
+                ax1.scatter(*zip(*attn), s=34, marker="D", color="tab:orange",
+                            label="verified at receiver: attention layer", zorder=4)
             if st:
-                ax1.scatter(*zip(*st), s=30, marker="D", facecolor="none", edgecolor="black", lw=0.8,
-                            label="  (state layer)", zorder=5)
+                ax1.scatter(*zip(*st), s=34, marker="D", color="tab:green", edgecolor="black", lw=0.6,
+                            label="verified at receiver: state layer (GDN/KDA/Mamba)", zorder=5)
         tail = rep["exposed_tail_ms"]
         mb = kv["bytes_per_request"] / 1e6
         ax1.set_title(f"{kv['model']}, {kv['tokens']} tokens, {mb:.0f} MB/request, "
@@ -74,27 +76,29 @@ def write_plot(path: str, doc: dict[str, Any], series: list[tuple[float, list[in
     ax1.set_ylabel("layer")
     ax1.invert_yaxis()
     ax1.grid(True, alpha=0.3)
-    ax1.legend(loc="lower left", fontsize=9)
+    ax1.legend(loc="upper right", fontsize=9, framealpha=0.9)
 
     if len(series) >= 2:
         lanes = len(series[0][1])
-        ts = [t for t, _ in series]
-        mids: list[float] = []
+        starts: list[float] = []
         total: list[float] = []
         per_lane: list[list[float]] = [[] for _ in range(lanes)]
         for (t0, b0), (t1, b1) in zip(series, series[1:]):
             dt = t1 - t0
             if dt <= 1e-6:
                 continue
-            mids.append(t1)
+            starts.append(t0)
             rates = [(b1[i] - b0[i]) * 8 / dt / 1e9 for i in range(lanes)]
             for i in range(lanes):
                 per_lane[i].append(rates[i])
             total.append(sum(rates))
-        for i in range(lanes):
-            ax2.step(mids, per_lane[i], where="pre", lw=1, label=f"lane {i}")
-        ax2.step(mids, total, where="pre", lw=2.2, color="black", label="sum")
-        ax2.set_xlim(0, ts[-1])
+        if starts:  # step plots: each rate holds from its sample to the next one
+            xs = starts + [series[-1][0]]
+            for i in range(lanes):
+                ax2.step(xs, per_lane[i] + per_lane[i][-1:], where="post", lw=1, label=f"lane {i}")
+            ax2.step(xs, total + total[-1:], where="post", lw=2.2, color="black", label="sum")
+            ax2.set_xlim(0, xs[-1])
+            ax2.set_ylim(bottom=0)
     ax2.set_xlabel("s since test start")
     ax2.set_ylabel("Gbit/s (handed to TCP)")
     ax2.set_title("lane throughput", fontsize=10)

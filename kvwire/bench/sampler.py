@@ -58,6 +58,7 @@ class _LaneTrack:
     sock_id: int = 0
     rtts: list[int] = field(default_factory=list)
     max_cwnd: int = 0
+    max_pacing_rate: int | None = None
 
 
 class Sampler:
@@ -65,7 +66,7 @@ class Sampler:
 
     def __init__(self, lanes: Sequence[Any], interval: float, t_start: float,
                  on_interval: Callable[[dict[str, Any]], None] | None = None,
-                 options: SocketOptions | None = None, fine: float = 0.1) -> None:
+                 options: SocketOptions | None = None, fine: float = 0.02) -> None:
         self.lanes = list(lanes)
         self.interval = interval
         self.t_start = t_start
@@ -144,6 +145,8 @@ class Sampler:
                 track.rtts.append(info.rtt_us)
             if info.cwnd_bytes is not None:
                 track.max_cwnd = max(track.max_cwnd, info.cwnd_bytes)
+            if info.max_pacing_rate is not None:
+                track.max_pacing_rate = info.max_pacing_rate
         return info
 
     def _close_interval(self, rel: float) -> None:
@@ -215,5 +218,6 @@ class Sampler:
                 "min_rtt": min(rtts) if rtts else None,
                 "mean_rtt": int(sum(rtts) / len(rtts)) if rtts else None,
                 "wire_bytes": t.wire_closed + t.wire_last,
+                "max_pacing_rate": t.max_pacing_rate,  # bytes/s, as the kernel reports it
             })
         return out

@@ -106,6 +106,21 @@ class _Test:
             pass  # the control reader notices and ends the test
 
 
+@dataclass
+class _Check:
+    """The pattern check of one incoming transfer: which layers' byte ranges passed, what failed."""
+
+    test: _Test
+    h: IncomingTransfer
+    ranges: dict[int, tuple[int, int]]  # layer -> flat byte range
+    checked: set[int] = field(default_factory=set)
+    bytes_checked: int = 0
+    bad_blocks: int = 0
+    first_bad: int = -1
+    cpu: float = 0.0
+    finished: bool = False
+
+
 class BenchServer:
     """Listens at once; ``serve()`` runs until ``close()`` (or after one test with ``one_off``)."""
 
@@ -117,7 +132,7 @@ class BenchServer:
         self._tests: dict[str, _Test] = {}
         self._active: _Test | None = None
         self._leases: dict[str, Lease] = {}
-        self._verify_q: queue.Queue[tuple[_Test, IncomingTransfer] | None] = queue.Queue()
+        self._verify_q: queue.Queue[tuple[_Check, int | None] | None] = queue.Queue()
         self._closed = threading.Event()
         self._shut = False
         self.last_test_ok: bool | None = None
@@ -249,7 +264,9 @@ class BenchServer:
         t = time.monotonic()
         test.pattern = Pattern(self.cfg.verify_seed if self.cfg.verify_seed is not None else seed)
         try:
-            fresh = self.pool.prefault(size, count)
+            # one buffer more than the client keeps in flight: a finished request's buffer is still being
+            # checked when the next one arrives, and a fresh buffer would be page-faulted mid-transfer
+            fresh = self.pool.prefault(size, count + 1)
         except PoolExhausted as e:
             test.ch.send("error", reason=str(e))
             return
@@ -328,61 +345,96 @@ class BenchServer:
             test = self._tests.get(run)
             if test is not None:
                 test.handles[rid] = h
-        if test is None:  # the client went away between the allocator and now
+        if test is None or h.plan is None:  # the client went away between the allocator and now
             h.add_done_callback(lambda _f: self._release(rid))
             h.cancel("the kvwire-bench client went away")
             return
-        owner: _Test = test
-        with owner.cond:
-            owner.outstanding += 1
-            if owner.first_begin is None:
-                owner.first_begin = h.started
-        if not owner.alive:
+        plan = h.plan
+        ranges = {layer: (plan.offsets[r.start], plan.offsets[r.stop - 1] + plan.lengths[r.stop - 1])
+                  for layer, r in plan.layer_chunks.items()}
+        chk = _Check(test, h, ranges)
+        with test.cond:
+            test.outstanding += 1
+            if test.first_begin is None:
+                test.first_begin = h.started
+        if not test.alive:
             h.cancel("the kvwire-bench client went away")
-        h.add_done_callback(lambda _f: self._verify_q.put((owner, h)))
+        # each layer is checked as soon as the transport has verified it, so the pattern check runs
+        # alongside the transfer and the buffer goes back to the pool right after the last layer
+        h.on_layer(lambda layer: self._verify_q.put((chk, layer)))
+        h.add_done_callback(lambda _f: self._verify_q.put((chk, None)))
 
     def _verify_loop(self) -> None:
         while True:
             item = self._verify_q.get()
             if item is None:
                 return
-            test, h = item
+            chk, layer = item
+            if chk.finished:
+                continue
+            cpu = time.thread_time()
             try:
-                self._verify(test, h)
+                if layer is not None:
+                    self._check_layer(chk, layer)
+                else:
+                    self._finish(chk)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the verifier
                 self.log(f"verifier: {type(e).__name__}: {e}")
             finally:
-                with test.cond:
-                    test.outstanding -= 1
-                    test.cond.notify_all()
+                chk.cpu += time.thread_time() - cpu
+                if layer is None:
+                    chk.finished = True
+                    self._release(chk.h.request_id)
+                    self._report(chk)
 
-    def _verify(self, test: _Test, h: IncomingTransfer) -> None:
-        rid = h.request_id
+    def _check_layer(self, chk: _Check, layer: int) -> None:
+        if layer in chk.checked or layer not in chk.ranges or chk.test.pattern is None:
+            return
         with self._lock:
-            lease = self._leases.get(rid)
-            test.handles.pop(rid, None)
-        cpu = time.thread_time()
-        verdict = None
-        if h.state is State.DONE and lease is not None and test.pattern is not None and test.alive:
-            verdict = test.pattern.verify(lease.view, rid)
-        cpu = time.thread_time() - cpu
-        self._release(rid)
-        ok = verdict is not None and verdict.ok
+            lease = self._leases.get(chk.h.request_id)
+        if lease is None:
+            return
+        lo, hi = chk.ranges[layer]
+        v = chk.test.pattern.verify(lease.view, chk.h.request_id, lo, hi)
+        chk.checked.add(layer)
+        chk.bytes_checked += v.bytes_checked
+        chk.bad_blocks += v.bad_blocks
+        if v.first_bad_offset >= 0 and (chk.first_bad < 0 or v.first_bad_offset < chk.first_bad):
+            chk.first_bad = v.first_bad_offset
+
+    def _finish(self, chk: _Check) -> None:
+        """The transfer is terminal: check what is left (all of it when it is done)."""
+        h = chk.h
+        if h.state is not State.DONE or not chk.test.alive:
+            return
+        # kvwire.tcp.receiver acknowledges a layer's last chunk before it records the layer as ready, so
+        # the handle can resolve a moment before ``layer_times`` is complete: give it a moment
+        end = time.monotonic() + 1.0
+        while len(h.layer_times) < len(chk.ranges) and time.monotonic() < end:
+            time.sleep(0.001)
+        for layer in sorted(chk.ranges):
+            self._check_layer(chk, layer)
+
+    def _report(self, chk: _Check) -> None:
+        h, test = chk.h, chk.test
+        with self._lock:
+            test.handles.pop(h.request_id, None)
+        total = h.manifest.total_bytes if h.manifest is not None else 0
+        ok = (h.state is State.DONE and chk.bad_blocks == 0 and chk.bytes_checked == total
+              and len(chk.checked) == len(chk.ranges))
         times = sorted(h.layer_times.items())
         with test.cond:
-            test.verify_cpu += cpu
+            test.verify_cpu += chk.cpu
             if ok:
                 test.requests_ok += 1
-                test.bytes_verified += verdict.bytes_checked if verdict is not None else 0
+                test.bytes_verified += chk.bytes_checked
             else:
                 test.requests_failed += 1
             if times:
-                last = times[-1][1] if len(times) == 1 else max(t for _, t in times)
+                last = max(t for _, t in times)
                 test.last_verified = max(test.last_verified or last, last)
-        test.send("result", rid=rid, state=h.state.value, reason=h.reason, ok=ok,
-                  bytes=h.manifest.total_bytes if h.manifest is not None else 0,
-                  checked=verdict.bytes_checked if verdict is not None else 0,
-                  bad_blocks=verdict.bad_blocks if verdict is not None else 0,
-                  first_bad=verdict.first_bad_offset if verdict is not None else -1,
-                  begun=h.started, layers=[[layer, t] for layer, t in times], verify_cpu=cpu)
-
+            test.outstanding -= 1
+            test.cond.notify_all()
+        test.send("result", rid=h.request_id, state=h.state.value, reason=h.reason, ok=ok, bytes=total,
+                  checked=chk.bytes_checked, bad_blocks=chk.bad_blocks, first_bad=chk.first_bad,
+                  begun=h.started, layers=[[layer, t] for layer, t in times], verify_cpu=chk.cpu)
