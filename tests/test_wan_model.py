@@ -75,3 +75,13 @@ def test_unit_parsing() -> None:
     assert parse_bytes("1500") == 1500
     with pytest.raises(ValueError):
         parse_rate_mbit("fast")
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvwire.testing import netns, wan
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert wan.unavailable_reason() == "needs root (network namespaces)"
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda t: None if t == "iptables" else "/usr/sbin/" + t)
+    assert wan.unavailable_reason() == "missing tools: iptables"
