@@ -25,10 +25,12 @@ from kvwire.codec.manifest import (
     Manifest,
     build_manifest,
     check_manifest_against,
+    expected_rows,
     max_chunk_size,
     parse_manifest,
 )
 from kvwire.codec.plan import ALIGN, ChunkPlan, check_chunk, plan_chunks
+from kvwire.codec.presets import PRESETS, load_preset
 from kvwire.errors import LayoutMismatch, ProtocolError
 
 MiB = 1 << 20
@@ -387,3 +389,25 @@ def test_not_a_map() -> None:
     for d in (None, [], "begin", 5, b"\x81"):
         with pytest.raises(ProtocolError):
             parse_manifest(d)
+
+
+_PRESET_LAYOUTS = [load_preset(name) for name in PRESETS] + [LAYOUT, hybrid_layout(kv_heads=8)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=st.sampled_from(_PRESET_LAYOUTS), n=st.integers(0, 300_000), last=st.booleans(),
+       attn=st.floats(0, 1), swa=st.floats(0, 1), use_hit=st.booleans())
+def test_receiver_rows_equal_plan_segments(layout: ModelLayout, n: int, last: bool, attn: float, swa: float,
+                                           use_hit: bool) -> None:
+    """The receiver's fast per-transfer check computes exactly the sender's plan_segments."""
+    pos = max(0, n - 1) if last else n
+    hit = {"attn": int(attn * pos), "swa": int(swa * pos)} if use_hit else {}
+    request = RequestSpec("rows", n, pos, hit)
+    want = _rows(plan_segments(layout, request))
+    assert expected_rows(layout, request) == want
+    assert expected_rows(layout, request) == want  # again, from the per-layout cache
+    m = build_manifest(1, layout, request, MIN_CHUNK)
+    got = parse_manifest(_wire(m), Limits(max_transfer_bytes=1 << 50, max_chunks=1 << 40),
+                         {layout.fingerprint(): layout})
+    assert got.segments == tuple(Segment(s.index, s.layer, s.cache, s.tensor, "", s.nbytes, s.token_start,
+                                         s.token_count) for s in m.segments)

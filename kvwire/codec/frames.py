@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import xxhash
@@ -30,6 +30,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHQIIQIQI")
 HEADER_SIZE = HEADER.size  # 48
 _CHECKED = struct.Struct("<4sBBHQIIQIQ")  # the part the header check covers
+_CHECK = struct.Struct("<I")
 
 KIND_DATA = 1
 KIND_CONTROL = 2
@@ -81,8 +82,9 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A validated header. A named tuple, not a dataclass: one is built per chunk on the hot path."""
+
     kind: int
     flags: int
     transfer_id: int
@@ -97,7 +99,7 @@ def pack_header(
     kind: int, transfer_id: int, chunk: int, layer: int, offset: int, length: int, digest: int, flags: int = 0
 ) -> bytes:
     head = _CHECKED.pack(MAGIC, VERSION, kind, flags, transfer_id, chunk, layer, offset, length, digest)
-    return head + struct.pack("<I", xxhash.xxh32_intdigest(head))
+    return head + _CHECK.pack(xxhash.xxh32_intdigest(head))
 
 
 def pack_data_header(transfer_id: int, chunk: int, layer: int, offset: int, length: int,
@@ -117,7 +119,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a kvwire peer")
     if version != VERSION:
         raise ProtocolError(f"peer speaks wire version {version}, this side speaks {VERSION}")
-    if check != xxhash.xxh32_intdigest(bytes(buf[: HEADER_SIZE - 4])):
+    if check != xxhash.xxh32_intdigest(buf[: HEADER_SIZE - 4]):
         raise ProtocolError("header check mismatch: corrupt or desynchronised stream")
     if kind == KIND_DATA:
         if not 0 < length <= limits.max_chunk:

@@ -11,7 +11,16 @@ from typing import Any
 
 from ..errors import LayoutError, LayoutMismatch, ProtocolError
 from .frames import DEFAULT_LIMITS, MIN_CHUNK, Limits
-from .layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
+from .layout import (
+    TOKEN,
+    CacheSpec,
+    ModelLayout,
+    RequestSpec,
+    Segment,
+    check_compatible,
+    plan_segments,
+    token_range,
+)
 from .plan import ALIGN, ChunkPlan, plan_chunks
 
 MANIFEST_VERSION = 1
@@ -46,7 +55,8 @@ class Manifest:
             "tid": self.transfer_id,
             "fp": self.fingerprint,
             "req": self.request.to_dict(),
-            "seg": [[s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count] for s in self.segments],
+            "seg": [[s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count]
+                    for s in self.segments],
             "chunk": self.chunk_size,
             "hash": self.hash,
         }
@@ -97,19 +107,24 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
     if not isinstance(raw, list) or len(raw) > limits.max_segments:
         raise ProtocolError(f"manifest needs a list of at most {limits.max_segments} segments")
     segments: list[Segment] = []
-    total = 0
+    total = prev = 0
+    max_layers, max_bytes = limits.max_layers, limits.max_transfer_bytes
     for i, s in enumerate(raw):
-        if (not isinstance(s, list) or len(s) != 6
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s)):
+        if type(s) is not list or len(s) != 6:
             raise ProtocolError(f"segment {i} malformed")
         layer, cache, tensor, nbytes, tok0, ntok = s
-        if layer >= limits.max_layers or cache > 16 or tensor > 16:
+        # exact ints (msgpack yields int or bool; bool is refused), non-negative; unrolled: this runs per segment
+        if (type(layer) is not int or type(cache) is not int or type(tensor) is not int or type(nbytes) is not int
+                or type(tok0) is not int or type(ntok) is not int or min(s) < 0):
+            raise ProtocolError(f"segment {i} malformed")
+        if layer >= max_layers or cache > 16 or tensor > 16:
             raise ProtocolError(f"segment {i} indices out of range")
-        if i and layer < segments[-1].layer:
+        if layer < prev:
             raise ProtocolError(f"segment {i} goes back to layer {layer}")
+        prev = layer
         total += nbytes
-        if total > limits.max_transfer_bytes:
-            raise ProtocolError(f"transfer exceeds the {limits.max_transfer_bytes}-byte limit")
+        if total > max_bytes:
+            raise ProtocolError(f"transfer exceeds the {max_bytes}-byte limit")
         segments.append(Segment(i, layer, cache, tensor, "", nbytes, tok0, ntok))
     layout = None
     if "layout" in d:
@@ -129,11 +144,52 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
     return m
 
 
+_Row = tuple[int, int, int, int, int, int]  # layer, cache, tensor, nbytes, token_start, token_count
+# Per layout, for each cache in send order: its rows when request-indexed (the same for every request), or
+# (layer, cache index, CacheSpec, per-tensor bytes per token) when token-indexed. Keyed by identity; an entry
+# holds its layout, so the id cannot be reused while cached.
+_CacheRows = list[_Row] | tuple[int, int, CacheSpec, tuple[int, ...]]
+_LAYOUT_ROWS: dict[int, tuple[ModelLayout, list[_CacheRows]]] = {}
+_LAYOUT_ROWS_MAX = 64
+
+
+def _cache_rows(layout: ModelLayout) -> list[_CacheRows]:
+    hit = _LAYOUT_ROWS.get(id(layout))
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    rows: list[_CacheRows] = []
+    for layer in layout.layers:
+        for ci, cache in enumerate(layer.caches):
+            if cache.indexing == TOKEN:
+                rows.append((layer.index, ci, cache, tuple(t.nbytes for t in cache.tensors)))
+            else:
+                rows.append([(layer.index, ci, ti, t.nbytes, 0, 0) for ti, t in enumerate(cache.tensors)])
+    if len(_LAYOUT_ROWS) >= _LAYOUT_ROWS_MAX:
+        _LAYOUT_ROWS.clear()
+    _LAYOUT_ROWS[id(layout)] = (layout, rows)
+    return rows
+
+
+def expected_rows(layout: ModelLayout, request: RequestSpec) -> list[_Row]:
+    """``plan_segments(layout, request)`` as bare rows, without building Segment objects (the receiver's
+    per-transfer check). Must equal it row for row: tests compare the two over every preset."""
+    out: list[_Row] = []
+    for entry in _cache_rows(layout):
+        if isinstance(entry, list):
+            out += entry
+        else:
+            li, ci, cache, sizes = entry
+            start, stop = token_range(cache, request)
+            if stop > start:  # tensor sizes are positive, so a tensor has bytes iff it has tokens
+                count = stop - start
+                out += [(li, ci, ti, count * n, start, count) for ti, n in enumerate(sizes)]
+    return out
+
+
 def check_segments(m: Manifest, layout: ModelLayout) -> None:
     """The manifest's segments must be exactly what the layout and request imply."""
-    expected = plan_segments(layout, m.request)
+    want = expected_rows(layout, m.request)
     got = [(s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count) for s in m.segments]
-    want = [(s.layer, s.cache, s.tensor, s.nbytes, s.token_start, s.token_count) for s in expected]
     if got != want:
         raise LayoutMismatch(
             f"manifest segments ({len(got)}) do not match layout {layout.name!r} for request "
