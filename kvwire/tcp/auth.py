@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..codec.frames import AUTH, CHALLENGE, ERROR, HELLO, LANE, VERSION, WELCOME
 from ..errors import AuthenticationError, ProtocolError
@@ -82,7 +82,9 @@ def server_hello(ch: Channel) -> tuple[str, dict[str, Any]]:
     return kind, body
 
 
-def server_handshake(ch: Channel, key: bytes, hello: dict[str, Any], limits: dict[str, Any]) -> SessionKeys:
+def server_handshake(ch: Channel, key: bytes, hello: dict[str, Any], limits: dict[str, Any],
+                     register: Callable[[SessionKeys], None]) -> SessionKeys:
+    """Verify the client's proof, ``register`` the session (so its lanes find it), then WELCOME it."""
     keys = SessionKeys(os.urandom(NONCE), _bytes(hello, "nonce", NONCE), os.urandom(NONCE))
     ch.send(CHALLENGE, {"session": keys.session_id, "nonce": keys.server_nonce})
     body = _expect(ch, AUTH)
@@ -90,6 +92,7 @@ def server_handshake(ch: Channel, key: bytes, hello: dict[str, Any], limits: dic
     if not hmac.compare_digest(_bytes(body, "proof", 32), want):
         ch.send(ERROR, {"reason": "authentication failed"})
         raise AuthenticationError("client failed authentication")
+    register(keys)
     ch.send(WELCOME, {"proof": _proof(key, b"kvwire-server", keys.session_id, keys.client_nonce,
                                       keys.server_nonce), "limits": limits})
     return keys

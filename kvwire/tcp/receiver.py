@@ -341,10 +341,15 @@ class Receiver:
             ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes}
-        keys = server_handshake(ch, self.key, hello, limits)
-        s = _Session(self, keys, ch, peer)
-        with self._lock:
-            self._sessions[keys.session_id] = s
+        sessions: list[_Session] = []
+
+        def register(keys: SessionKeys) -> None:
+            sessions.append(_Session(self, keys, ch, peer))
+            with self._lock:
+                self._sessions[keys.session_id] = sessions[0]
+
+        server_handshake(ch, self.key, hello, limits, register)
+        s = sessions[0]
         ch.sock.settimeout(None)
         try:
             while True:
@@ -401,9 +406,9 @@ class Receiver:
             views = segment_views(h.dest, m.segments)
         except Exception as e:  # noqa: BLE001 - allocator is user code; every failure is a REJECT
             reason = f"{type(e).__name__}: {e}"
-            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
             if registered and h is not None:
                 h._finish(State.FAILED, reason)
+            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
             return
         h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
         h.layout = h.layout or m.layout
@@ -443,8 +448,7 @@ class Receiver:
             ok = h._sm.on_done(digest)
             reason = h._sm.status.reason
         if ok:
-            s.send(F.COMPLETE, {"tid": tid})
-            self._end(s, h, State.DONE, "")
+            self._end(s, h, State.DONE, "", notify=F.COMPLETE)
         else:
             self._end(s, h, State.FAILED, reason, notify=F.ERROR)
 
@@ -463,10 +467,10 @@ class Receiver:
             if not resolve_now and h._pending is None:
                 h._pending, h._pending_since = (state, reason), time.monotonic()
                 s.pending.add(h)
-        if notify is not None and tid is not None:
-            s.send(notify, {"tid": tid, "reason": reason, "state": state.value})
         if resolve_now:
             h._finish(state, reason)
+        if notify is not None and tid is not None:
+            s.send(notify, {"tid": tid, "reason": reason, "state": state.value})
 
     def _close_session(self, s: _Session, reason: str) -> None:
         with self._lock:

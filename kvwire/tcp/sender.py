@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import ssl
 import threading
@@ -259,8 +260,15 @@ class Session:
             with self._cond:
                 pick = self._pick()
                 while pick is None and not self._closed:
-                    self._cond.wait(0.5)
+                    busy = any(v is lane for v in self._inflight.values())
+                    self._cond.wait(0.05 if busy else 0.5)
                     pick = self._pick()
+                    if pick is None and busy and _peer_gone(lane.ch.sock):
+                        break  # idle with chunks in flight, and the receiver dropped the lane
+                if pick is None and not self._closed:
+                    if self._lane_lost(lane, ConnectionError("lane closed by the receiver")):
+                        continue
+                    return
                 if pick is None:
                     return
                 h, chunk = pick
@@ -446,6 +454,27 @@ class Session:
             for h in handles:
                 if h.deadline is not None and now > h.deadline:
                     self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Receivers never write on a lane after its WELCOME: readable means EOF or reset (on TLS, unless
+    the record was only a session ticket)."""
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+        if not r:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            old = sock.gettimeout()
+            sock.settimeout(0)
+            try:
+                sock.recv(1)
+            except ssl.SSLWantReadError:
+                return False
+            finally:
+                sock.settimeout(old)
+        return True
+    except (OSError, ValueError):
+        return True
 
 
 def connect(host: str, port: int, **kwargs: Any) -> Session:
