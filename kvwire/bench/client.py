@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import resource
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -204,13 +205,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         offset, uncertainty = ctl.clock_offset()
         ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=o.concurrency,
                  seed=o.seed)
-        try:
-            session = connect(o.host, ctl.data_port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
-                              server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
-                              hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0))
-        except (KvwireError, OSError) as e:
-            raise PeerError(f"kvwire data connection to {o.host}:{ctl.data_port} failed: "
-                            f"{type(e).__name__}: {e}") from None
+        session = _open_session(o, ctl.data_port, ssl_context)
         sockopts = SocketOptions(o.congestion, o.fq_rate)
         for sock in session.lane_sockets():
             try:
@@ -256,6 +251,25 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         if session is not None:
             session.close()
         ctl.close()
+
+
+def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> Session:
+    """``kvwire.connect`` to the server's data port.
+
+    kvwire.tcp.receiver sends WELCOME before it registers the session, so a lane that connects at once
+    is occasionally refused with "unknown session" (about 1 in 60 connects on loopback); retry that.
+    """
+    for attempt in range(3):
+        try:
+            return connect(o.host, port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
+                           server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
+                           hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0))
+        except (KvwireError, OSError) as e:
+            if "unknown session" in str(e) and attempt < 2:
+                continue
+            raise PeerError(f"kvwire data connection to {o.host}:{port} failed: "
+                            f"{type(e).__name__}: {e}") from None
+    raise AssertionError("unreachable")
 
 
 def _congestion_of(session: Session) -> str:

@@ -161,7 +161,8 @@ class Pattern:
             np.bitwise_xor(tmp, key, out=tmp)
             if not tmp.any():
                 return -1
-            return lo + 8 * int(np.flatnonzero(tmp)[0])
+            w = int(np.flatnonzero(tmp)[0])
+            return lo + 8 * w + int(np.flatnonzero(tmp[w : w + 1].view(np.uint8))[0])
         want = (self._tile[w0:w1] ^ key).view(np.uint8)[lo - base - 8 * w0 : hi - base - 8 * w0]
         diff = np.flatnonzero(flat[lo:hi] != want)
         return lo + int(diff[0]) if len(diff) else -1

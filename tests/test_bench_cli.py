@@ -1,0 +1,310 @@
+"""kvwire-bench end to end: real processes, real sockets, real layouts.
+
+The loopback runs start the server as a child process exactly as a user would; the unreachable-server
+cases run the client in-process against plain TCP servers that misbehave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvwire import Receiver
+from kvwire.bench import main
+from kvwire.bench.control import MAGIC
+from kvwire.bench.payload import BLOCK_BYTES, Pattern, alloc_flat
+from kvwire.bench.server import BenchServer, ServerConfig
+from kvwire.codec.fixtures import FIXTURES
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def bench(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvwire.bench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Qwen3-Next fixture's config.json (GDN + GQA, 8 layers) as a --model path."""
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
+    return str(path)
+
+
+# ---------------------------------------------------------------- payload pattern
+
+
+def test_pattern_catches_wrong_offset_stale_request_and_single_bit() -> None:
+    n = 3 * BLOCK_BYTES + 1000
+    p = Pattern(11)
+    buf = alloc_flat(n)[:n]
+    p.fill(buf, "run/1")
+    assert p.verify(buf, "run/1").ok
+    assert not p.verify(buf, "run/2").ok, "bytes of another request (a reused buffer) must not pass"
+    assert not Pattern(12).verify(buf, "run/1").ok, "another seed must not pass"
+    swapped = buf.copy()
+    first, second = slice(0, BLOCK_BYTES), slice(BLOCK_BYTES, 2 * BLOCK_BYTES)
+    swapped[first], swapped[second] = buf[second], buf[first]
+    r = p.verify(swapped, "run/1")
+    assert (r.ok, r.bad_blocks, r.first_bad_offset) == (False, 2, 0)
+    flipped = buf.copy()
+    flipped[n - 3] ^= 0x10
+    r = p.verify(flipped, "run/1")
+    assert (r.ok, r.bad_blocks, r.first_bad_offset) == (False, 1, n - 3)
+    assert p.verify(flipped, "run/1", 0, n - 3).ok and not p.verify(flipped, "run/1", n - 3, n - 2).ok
+
+
+# ---------------------------------------------------------------- loopback runs
+
+
+def test_loopback_json_has_iperf3_keys_and_every_byte_verified(tiny_config: str) -> None:
+    r = bench("--loopback", "--model", tiny_config, "--tokens", "3000", "--requests", "3", "-P", "2",
+              "-i", "0.05", "--prefill-ms-per-layer", "5", "-J")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(r.stdout)
+    start, end, kv = doc["start"], doc["end"], doc["kv"]
+    assert len(start["connected"]) == 2 and start["test_start"]["num_streams"] == 2
+    assert {"connected", "version", "timestamp", "test_start"} <= set(start)
+    assert doc["intervals"], "interval records"
+    for rec in doc["intervals"]:
+        assert len(rec["streams"]) == 2
+        assert {"bytes", "bits_per_second", "retransmits", "rtt", "snd_cwnd", "start", "end"} <= set(rec["sum"])
+        assert rec["sum"]["bytes"] == sum(s["bytes"] for s in rec["streams"])
+    per_request = kv["bytes_per_request"]
+    assert kv["layout"]["num_layers"] == 8 and kv["requests"] == 3
+    assert end["sum_received"]["bytes"] == 3 * per_request
+    assert end["sum_sent"]["bytes"] >= 3 * per_request
+    assert sum(i["sum"]["bytes"] for i in doc["intervals"]) == end["sum_sent"]["bytes"]
+    for key in ("bytes", "seconds", "bits_per_second"):
+        assert end["sum_sent"][key] > 0 and end["sum_received"][key] > 0
+    assert isinstance(end["sum_sent"]["retransmits"], int)
+    assert {"host_total", "remote_total"} <= set(end["cpu_utilization_percent"])
+    v = kv["verification"]
+    assert v["verified"] is True and v["bytes_verified"] == v["bytes_expected"] == 3 * per_request
+    slack = kv["clock_uncertainty_s"] * 1e3 + 0.5
+    for t in kv["timeline"]:
+        assert t["verified"] and len(t["layers"]) == 8
+        for i, layer in enumerate(t["layers"]):
+            assert layer["produced_ms"] >= 5.0 * (i + 1) - 0.5, "layer i is produced at t0 + (i+1)*5 ms"
+            assert layer["verified_ms"] >= layer["produced_ms"] - slack, "verified before it was produced?"
+        last_produced = max(x["produced_ms"] for x in t["layers"])
+        last_verified = max(x["verified_ms"] for x in t["layers"])
+        assert t["exposed_tail_ms"] == pytest.approx(last_verified - last_produced)
+    tails = sorted(t["exposed_tail_ms"] for t in kv["timeline"])
+    assert kv["exposed_tail_ms"]["p50"] == pytest.approx(tails[1])
+    assert kv["wire_bytes"] > kv["payload_bytes"], "headers and control travel too"
+
+
+def test_raw_mode_json_stream_and_human_summary() -> None:
+    r = bench("--loopback", "-n", "6M", "-l", "1M", "-P", "3", "-i", "0.05", "--json-stream", "--no-hash")
+    assert r.returncode == 0, r.stderr + r.stdout
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-2:] == ["end", "kv"] and kinds.count("request") >= 6
+    kv = events[-1]["data"]
+    assert kv["mode"] == "raw" and kv["hash"] == "none" and kv["verification"]["verified"]
+    assert kv["payload_bytes"] >= 6 * 1024 * 1024
+    text = bench("--loopback", "-n", "2M", "-l", "1M", "-P", "2")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^\[SUM\].*sender$", text.stdout, re.M)
+    assert re.search(r"^\[SUM\].*receiver \(verified\)$", text.stdout, re.M)
+    assert "Verification   OK" in text.stdout and "CPU-s/GB" in text.stdout
+
+
+def test_wrong_expected_seed_fails_with_nonzero_exit(tiny_config: str) -> None:
+    r = bench("--loopback", "--model", tiny_config, "--tokens", "500", "--seed", "1", "--verify-seed", "2", "-J")
+    assert r.returncode == 1, r.stderr
+    v = json.loads(r.stdout)["kv"]["verification"]
+    assert v["verified"] is False and v["requests_failed"] == 1 and v["bytes_verified"] == 0
+    assert "differ from the expected pattern" in v["failures"][0]
+    text = bench("--loopback", "--model", tiny_config, "--tokens", "500", "--verify-seed", "9")
+    assert text.returncode == 1 and "Verification   FAILED" in text.stdout
+
+
+def test_congestion_and_pacing_reach_the_lane_sockets() -> None:
+    r = bench("--loopback", "-n", "2M", "-l", "1M", "-P", "2", "-C", "reno", "--fq-rate", "4G", "-J")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["end"]["sender_tcp_congestion"] == "reno"
+    assert [s["sender"]["max_pacing_rate"] for s in doc["end"]["streams"]] == [500_000_000] * 2
+    bad = bench("--loopback", "-n", "1M", "-C", "no-such-cc")
+    assert bad.returncode == 2 and "no-such-cc" in bad.stderr and "not available" in bad.stderr
+
+
+def test_reverse_is_a_clear_usage_error() -> None:
+    r = bench("-c", "127.0.0.1", "-R")
+    assert r.returncode == 2 and "not supported yet" in r.stderr
+
+
+def test_plot_is_written(tiny_config: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "run.png"
+    r = bench("--loopback", "--model", tiny_config, "--tokens", "2000", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_and_key_on_loopback(tiny_config: str, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    r = bench("--loopback", "--model", tiny_config, "--tokens", "500", "--tls-cert", str(cert), "--tls-key",
+              str(key), "--tls-ca", str(cert), "--key", "s3cret", "-J")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["start"]["kvwire"]["tls"] and doc["kv"]["verification"]["verified"]
+
+
+# ---------------------------------------------------------------- peers that are not kvwire-bench servers
+
+
+def _serve_once(behaviour: Any) -> tuple[socket.socket, threading.Thread]:
+    lst = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        try:
+            conn, _ = lst.accept()
+        except OSError:
+            return
+        with conn:
+            behaviour(conn)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return lst, t
+
+
+def _garbage(conn: socket.socket) -> None:
+    conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+    time.sleep(3)
+
+
+def _silent(conn: socket.socket) -> None:
+    time.sleep(3)
+
+
+def _newer_version(conn: socket.socket) -> None:
+    conn.recv(1024)
+    conn.sendall(struct.pack("<4sBI", MAGIC, 2, 1) + b"\x80")
+    time.sleep(3)
+
+
+def _close_at_once(conn: socket.socket) -> None:
+    conn.recv(1024)
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    (_garbage, "is not a kvwire-bench peer"),
+    (_silent, "no kvwire-bench answer"),
+    (_newer_version, "protocol v2"),
+    (_close_at_once, "closed the connection during the handshake"),
+])
+def test_client_fails_fast_and_clearly_against_other_servers(
+        behaviour: Any, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    lst, t = _serve_once(behaviour)
+    try:
+        t0 = time.monotonic()
+        rc = main(["-c", "127.0.0.1", "-p", str(lst.getsockname()[1]), "-n", "1M"])
+        elapsed = time.monotonic() - t0
+    finally:
+        lst.close()
+    err = capsys.readouterr().err
+    assert rc == 3 and message in err, err
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"
+
+
+def test_client_against_a_kvwire_receiver_port_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    with Receiver(allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx:
+        t0 = time.monotonic()
+        rc = main(["-c", "127.0.0.1", "-p", str(rx.address[1]), "-n", "1M"])
+        elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 3 and "not a kvwire-bench server" in err and elapsed < 2.0, err
+
+
+@pytest.fixture
+def inproc_server() -> Iterator[BenchServer]:
+    server = BenchServer(ServerConfig(bind="127.0.0.1", port=0, data_port=0, key=b"right"), log=lambda _: None)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    yield server
+    server.close()
+    t.join(5)
+
+
+def test_wrong_key_is_refused(inproc_server: BenchServer, capsys: pytest.CaptureFixture[str]) -> None:
+    port = str(inproc_server.address[1])
+    assert main(["-c", "127.0.0.1", "-p", port, "-n", "1M", "--key", "wrong"]) == 3
+    assert "failed authentication" in capsys.readouterr().err
+    assert main(["-c", "127.0.0.1", "-p", port, "-n", "1M", "-l", "1M", "--key", "right", "-J"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv"]["verification"]["verified"]
+
+
+# ---------------------------------------------------------------- a server outlives its clients
+
+
+def test_server_keeps_serving_after_a_client_is_killed_mid_transfer(tiny_config: str) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
+                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
+    lines: list[str] = []
+    assert server.stdout is not None
+    try:
+        port = None
+        for line in server.stdout:
+            lines.append(line)
+            m = re.search(r"Server listening on \S+ port (\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        assert port is not None, lines
+        reader = threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True)
+        reader.start()
+        # a paced run (8 layers, one every 500 ms), killed once its first layer is on the wire
+        victim = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "--model",
+                                   tiny_config, "--tokens", "3000", "--prefill-ms-per-layer", "500",
+                                   "--json-stream", "-i", "0.1"], stdout=subprocess.PIPE, text=True, env=ENV)
+        assert victim.stdout is not None
+        assert json.loads(victim.stdout.readline())["event"] == "start"
+        for _ in range(30):
+            event = json.loads(victim.stdout.readline())
+            assert event["event"] == "interval", "the run must still be going"
+            if event["data"]["sum"]["bytes"] > 0:
+                break
+        else:
+            pytest.fail("no data moved")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        ok = bench("-c", "127.0.0.1", "-p", port, "--model", tiny_config, "--tokens", "3000", "--requests",
+                   "2", "-J", timeout=60)
+        assert ok.returncode == 0, ok.stderr + ok.stdout
+        assert json.loads(ok.stdout)["kv"]["verification"]["verified"]
+        assert server.poll() is None, "the server is still up"
+        time.sleep(0.2)
+        assert any("ended before completing" in x for x in lines), lines
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0
