@@ -88,10 +88,11 @@ def expected_after(layout: ModelLayout, src: PagedCache, dst: PagedCache, before
             start, stop = token_range(spec, request)
             if stop <= start:
                 continue
-            p = torch.arange(start, stop)
+            dev = src.device
+            p = torch.arange(start, stop, device=dev)
             bs_s, bs_d = src.block_size, dst.block_size
-            sb = torch.tensor(src_tables[spec.group])[p // bs_s]
-            db = torch.tensor(dst_tables[spec.group])[p // bs_d]
+            sb = torch.tensor(src_tables[spec.group], device=dev)[p // bs_s]
+            db = torch.tensor(dst_tables[spec.group], device=dev)[p // bs_d]
             for v_src, v_exp in zip(st_src.paged_views(), exp.paged_views()):
                 v_exp[db, p % bs_d] = v_src[sb, p % bs_s]
         else:
@@ -114,15 +115,16 @@ def address(view: memoryview) -> int:
 
 def round_trip(link: tuple[Receiver, Session], pool: PinnedPool, layout: ModelLayout, request: RequestSpec, *,
                page_layout: str = "block_major", kv_order: str = "NHD", rx_block_size: int | None = None,
-               rx_request: RequestSpec | None = None, seed: int = 0) -> dict[str, Any]:
+               rx_request: RequestSpec | None = None, seed: int = 0, via_scratch: bool = False,
+               device: str = "cpu") -> dict[str, Any]:
     rx, session = link
     rx_request = rx_request or request
     bs_tx = layout.block_size
     bs_rx = rx_block_size or bs_tx
     src = allocate_paged_cache(layout, blocks_needed(request, bs_tx) + 5, 4, page_layout=page_layout,
-                               kv_order=kv_order, fill="random", seed=seed)
+                               kv_order=kv_order, fill="random", seed=seed, device=device)
     dst = allocate_paged_cache(layout, blocks_needed(request, bs_rx) + 3, 3, page_layout=page_layout,
-                               kv_order=kv_order, fill="random", seed=seed + 1, block_size=bs_rx)
+                               kv_order=kv_order, fill="random", seed=seed + 1, block_size=bs_rx, device=device)
     src_tables = scrambled_tables(layout, src, request, seed + 2)
     dst_tables = scrambled_tables(layout, dst, request, seed + 3)
     src_slot, dst_slot = 3, 1
@@ -130,6 +132,8 @@ def round_trip(link: tuple[Receiver, Session], pool: PinnedPool, layout: ModelLa
     expected = expected_after(layout, src, dst, before, src_tables, dst_tables, src_slot, dst_slot, request)
 
     with Stager(src, pool) as stager, Unstager(dst, pool) as unstager:
+        if device == "cpu":
+            stager._dev.via_scratch = unstager._dev.via_scratch = via_scratch
         rjob = unstager.prepare(rx_request, dst_tables, dst_slot)
         h_rx = rjob.expect_on(rx)
         sjob = stager.begin(request, src_tables, src_slot)
@@ -147,6 +151,7 @@ def round_trip(link: tuple[Receiver, Session], pool: PinnedPool, layout: ModelLa
         for seg_i, buf in enumerate(rjob.buffers):
             assert address(h_rx.views[seg_i]) == buf.data_ptr()
         rjob.release()
+        sjob.release()  # also released by the transfer's end; returns once the buffer is back
     assert_bytes_equal(dst, expected)
     return {"src": src, "dst": dst, "staged": staged, "rjob": rjob, "sjob": sjob}
 
@@ -185,6 +190,15 @@ def test_other_engine_formats(link: tuple[Receiver, Session], pool: PinnedPool, 
         layout = load_fixture(name)
         round_trip(link, pool, layout, default_request(f"fmt-{name}-{kv_order}-{page_layout}"),
                    page_layout=page_layout, kv_order=kv_order, seed=7)
+
+
+@pytest.mark.parametrize("name", ["tiny-mimo-swa", "tiny-qwen3-next", "tiny-falcon-h1", "tiny-kimi-linear"])
+def test_gpu_placement_path_on_cpu(link: tuple[Receiver, Session], pool: PinnedPool, name: str) -> None:
+    """The GPU path's shape (gather into a scratch laid out like the layer's span, then one span copy;
+    one span copy, then the scatter) run synchronously on CPU tensors."""
+    layout = load_fixture(name)
+    req = RequestSpec(f"scratch-{name}", 1000, 999, {"attn": 100})
+    round_trip(link, pool, layout, req, via_scratch=True, seed=21)
 
 
 def test_receiver_with_another_block_size(link: tuple[Receiver, Session], pool: PinnedPool) -> None:
@@ -363,7 +377,12 @@ def test_pool_reuses_released_buffers() -> None:
         a.release()  # idempotent
         with pool.acquire(99_000) as b:  # same size class: the same memory back
             assert b.data_ptr() == ptr
-        assert pool.hits == 1 and pool.allocations == 1
+        with pool.acquire(60_000) as c:  # a smaller request reuses a cached class up to twice its size
+            assert c.data_ptr() == ptr and c.tensor().numel() == 60_000
+        assert pool.hits == 2 and pool.allocations == 1
+        with pool.acquire(40_000) as d:  # more than twice: a buffer of its own class
+            assert d.data_ptr() != ptr and d.capacity < 60_000
+        assert pool.allocations == 2
         with pytest.raises(ValueError, match="released"):
             b.tensor()
 

@@ -238,14 +238,14 @@ class PinnedPool:
             while True:
                 if self._closed:
                     raise PoolExhausted("pool is closed")
-                free = self._free.get(size)
-                if free:
-                    raw = free.pop()
-                    self._cached -= size
-                    self._in_use += size
+                cls = self._cached_class(size)
+                if cls:
+                    raw = self._free[cls].pop()
+                    self._cached -= cls
+                    self._in_use += cls
                     self._held += 1
                     self.hits += 1
-                    return PooledBuffer(self, raw, nbytes, size)
+                    return PooledBuffer(self, raw, nbytes, cls)
                 if self._in_use + self._reserved + size <= self.capacity:
                     self._evict_for(size)
                     self._reserved += size
@@ -274,6 +274,14 @@ class PinnedPool:
     def _exhausted_msg(self, nbytes: int, size: int) -> str:
         return (f"pinned pool exhausted: a {nbytes}-byte buffer (size class {size}) does not fit; "
                 f"{self._in_use} of {self.capacity} bytes are in use by {self._held} buffers")
+
+    def _cached_class(self, size: int) -> int:
+        """A cached class to reuse: ``size`` itself, else the smallest cached one up to twice as large
+        (requests vary in length; reusing pinned memory beats allocating more). 0: none. Lock held."""
+        if self._free.get(size):
+            return size
+        fits = [c for c, lst in self._free.items() if lst and size < c <= 2 * size]
+        return min(fits) if fits else 0
 
     def _evict_for(self, size: int) -> None:
         """Drop cached buffers (largest classes first) until ``size`` more bytes fit. Lock held."""

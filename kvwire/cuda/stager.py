@@ -182,6 +182,9 @@ class _Device:
         self.cuda = cache.is_cuda
         self.device = cache.device
         self.timing = timing
+        #: move each layer through a device scratch and one span copy (always on a GPU; settable on CPU
+        #: so that CPU tests exercise the GPU path's placement arithmetic)
+        self.via_scratch = self.cuda
         self.stream: Any = None
         self.completer: _Completer | None = None
         if self.cuda:
@@ -348,6 +351,7 @@ class StagingJob:
         self.staged: dict[int, StagedLayer] = {}
         self._lock = threading.Lock()
         self._released = False
+        self._release_done = threading.Event()
 
     @property
     def segments(self) -> list[Segment]:
@@ -385,11 +389,14 @@ class StagingJob:
         staged.nbytes = sum(self.placement.segments[i].nbytes for i in idx)
         dev = self.stager._dev
         try:
-            if not dev.cuda:
-                self._gather(layer, self._host, 0)
-                staged._resolve(None)
-            else:
+            if dev.cuda:
                 self._stage_cuda(layer, staged, wait_event, stream)
+            else:
+                if dev.via_scratch:
+                    self._gather_via_scratch(layer)
+                else:
+                    self._gather(layer, self._host, 0)
+                staged._resolve(None)
         except BaseException as e:
             if not staged.done():
                 staged._resolve(e)
@@ -406,12 +413,22 @@ class StagingJob:
             region = target[p.offsets[i] - base : p.offsets[i] - base + seg.nbytes]
             _move_segment(cache, seg, region, self.tables.get(group), self.state_slot, self._ids, True)
 
+    def _gather_via_scratch(self, layer: int) -> None:
+        """Gather into a device scratch laid out like the layer's host span, then one copy to the host.
+        On a GPU this runs inside the stream context: the scratch is freed to that stream, so its
+        memory is reused only by work ordered after this layer's D2H."""
+        import torch
+
+        lo, hi = self.placement.spans[layer]
+        scratch = torch.empty(hi - lo, dtype=torch.uint8, device=self.stager._dev.device)
+        self._gather(layer, scratch, lo)
+        self._host[lo:hi].copy_(scratch, non_blocking=True)  # the one D2H of this layer
+
     def _stage_cuda(self, layer: int, staged: StagedLayer, wait_event: Any, stream: Any) -> None:
         import torch
 
         dev = self.stager._dev
         s = stream if stream is not None else dev.stream
-        lo, hi = self.placement.spans[layer]
         if wait_event is not None:
             s.wait_event(wait_event)
         else:
@@ -423,9 +440,7 @@ class StagingJob:
             if dev.timing:
                 start = dev.event(True)
                 start.record(s)
-            scratch = torch.empty(hi - lo, dtype=torch.uint8, device=dev.device)  # stream-ordered reuse
-            self._gather(layer, scratch, lo)
-            self._host[lo:hi].copy_(scratch, non_blocking=True)  # the one D2H of this layer
+            self._gather_via_scratch(layer)
             done = dev.event()
             done.record(s)
             if s is not dev.stream:
@@ -481,14 +496,19 @@ class StagingJob:
         """Return the buffer to the pool after in-flight copies into it finished. Only once the transfer
         no longer reads the views (it ended): see ``release_when_done``."""
         with self._lock:
-            if self._released:
-                return
+            first = not self._released
             self._released = True
             pending = list(self.staged.values())
-        concurrent.futures.wait([s.future for s in pending])
-        self._host = None
-        self._ids_keep = None
-        self.buffer.release()
+        if not first:  # another thread is releasing: return once it is done
+            self._release_done.wait()
+            return
+        try:
+            concurrent.futures.wait([s.future for s in pending])
+            self._host = None
+            self._ids_keep = None
+            self.buffer.release()
+        finally:
+            self._release_done.set()
 
     def release_when_done(self, outcome: Any) -> None:
         """Release when ``outcome`` (anything with ``add_done_callback``, e.g. an OutgoingTransfer) ends."""
@@ -578,6 +598,7 @@ class UnstagingJob:
         self._transfer_error: BaseException | None = None
         self._pending = 0
         self._released = False
+        self._release_done = threading.Event()
         self.source: Any = None
 
     @property
@@ -652,7 +673,10 @@ class UnstagingJob:
             if dev.cuda:
                 self._unstage_cuda(layer)
                 return
-            self._scatter(layer, self._host, 0)
+            if dev.via_scratch:
+                self._scatter_via_scratch(layer)
+            else:
+                self._scatter(layer, self._host, 0)
         except BaseException as e:  # noqa: BLE001 - reported to wait_layer
             self._layer_done(layer, e)
             return
@@ -666,12 +690,20 @@ class UnstagingJob:
             region = source[p.offsets[i] - base : p.offsets[i] - base + seg.nbytes]
             _move_segment(cache, seg, region, self.tables.get(group), self.state_slot, self._ids, False)
 
+    def _scatter_via_scratch(self, layer: int) -> None:
+        """One copy of the layer's host span to a device scratch, then the scatter from it."""
+        import torch
+
+        lo, hi = self.placement.spans[layer]
+        scratch = torch.empty(hi - lo, dtype=torch.uint8, device=self.unstager._dev.device)
+        scratch.copy_(self._host[lo:hi], non_blocking=True)  # the one H2D of this layer
+        self._scatter(layer, scratch, lo)
+
     def _unstage_cuda(self, layer: int) -> None:
         import torch
 
         dev = self.unstager._dev
         s = dev.stream
-        lo, hi = self.placement.spans[layer]
         if self._ids_ready is not None:
             s.wait_event(self._ids_ready)
         with torch.cuda.stream(s):
@@ -679,9 +711,7 @@ class UnstagingJob:
             if dev.timing:
                 start = dev.event(True)
                 start.record(s)
-            scratch = torch.empty(hi - lo, dtype=torch.uint8, device=dev.device)
-            scratch.copy_(self._host[lo:hi], non_blocking=True)  # the one H2D of this layer
-            self._scatter(layer, scratch, lo)
+            self._scatter_via_scratch(layer)
             done = dev.event()
             done.record(s)
         if start is not None:
@@ -730,15 +760,20 @@ class UnstagingJob:
         """Return the buffers to the pool (after scatters in flight finished). The receiver must no longer
         write into them: release after the transfer ended."""
         with self._cond:
-            if self._released:
-                return
+            first = not self._released
             self._released = True
-            while self._pending:
+            while first and self._pending:
                 self._cond.wait(1.0)
-        self._host = None
-        self.buffers = []
-        self._ids_keep = None
-        self.buffer.release()
+        if not first:  # another thread is releasing: return once it is done
+            self._release_done.wait()
+            return
+        try:
+            self._host = None
+            self.buffers = []
+            self._ids_keep = None
+            self.buffer.release()
+        finally:
+            self._release_done.set()
 
     def __enter__(self) -> UnstagingJob:
         return self
