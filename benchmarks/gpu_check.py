@@ -421,6 +421,8 @@ def main() -> int:
         compute = torch.cuda.Stream() if cuda else None
         n = 4096 if cuda else 64
         a = torch.randn(n, n, device=st["dev"], dtype=torch.bfloat16 if cuda else torch.float32)
+        if compute is not None:
+            compute.wait_stream(torch.cuda.current_stream())  # the matmul input is ready
         stager = Stager(src, st["pool_tx"], timing=True)
         unstager = Unstager(dst, st["pool_rx"], timing=True)
         rid = request.request_id + "-rt"
