@@ -27,7 +27,7 @@ import msgpack
 from kvwire.codec.frames import Header, pack_data_header, unpack_header
 from kvwire.codec.layout import RequestSpec, plan_segments
 from kvwire.codec.manifest import Manifest, build_manifest, parse_manifest
-from kvwire.codec.plan import DEFAULT_CHUNK, plan_chunks
+from kvwire.codec.plan import DEFAULT_CHUNK, ChunkPlan, plan_chunks
 from kvwire.codec.presets import load_preset
 
 MANIFEST_MODEL = "qwen3.5-397b-a17b"
@@ -44,7 +44,7 @@ class Case:
     note: str = ""
 
 
-def manifest_case() -> tuple[Callable[[], object], Manifest]:
+def manifest_case() -> tuple[Callable[[], Manifest], Manifest]:
     layout = load_preset(MANIFEST_MODEL)
     request = RequestSpec("bench-manifest", MANIFEST_TOKENS, MANIFEST_TOKENS - 1)
     m = build_manifest(123456789, layout, request, DEFAULT_CHUNK)
@@ -59,11 +59,11 @@ def manifest_case() -> tuple[Callable[[], object], Manifest]:
     return encode_decode, m
 
 
-def plan_case(model: str) -> tuple[Callable[[], object], int]:
+def plan_case(model: str) -> tuple[Callable[[], ChunkPlan], int]:
     layout = load_preset(model)
     request = RequestSpec("bench-plan", PLAN_TOKENS, PLAN_TOKENS - 1)
 
-    def plan() -> object:
+    def plan() -> ChunkPlan:
         return plan_chunks(plan_segments(layout, request), DEFAULT_CHUNK)
 
     return plan, plan_chunks(plan_segments(layout, request), DEFAULT_CHUNK).num_chunks
