@@ -9,9 +9,11 @@ with its lanes switched to the chosen algorithm and a ``LinkMonitor`` on them â€
 Must not know: kvwire internals beyond the public session/receiver API and ``Session.lane_sockets()``.
 
 Goodput is payload bytes confirmed by the receiver per second of the run (iperf3: its receiver's
-bits/s). "Q" is the queueing ratio srtt/min_rtt: the median of the LinkState samples for kvwire,
-iperf3's mean_rtt/min_rtt of its sampled srtt for iperf3. Emulator drops are counted on the data
-direction; "late" is how many of the emulator's releases ran more than 1 ms late (CPU starvation).
+bits/s); "LinkState" is the median goodput the estimator saw while the lanes were busy. "Q" is the
+queueing ratio srtt/min_rtt: the median of the LinkState samples for kvwire; for iperf3 its
+mean_rtt/min_rtt, a lower bound (its min is taken over sampled, already smoothed srtt). Emulator
+drops are counted on the data direction; "late" is how many of the emulator's releases ran more
+than 1 ms late (CPU starvation; the emulator runs SCHED_FIFO unless --no-realtime).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def _emu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     b, a = before["c2s"], after["c2s"]
     return {"queue_drops": a["queue_drops"] - b["queue_drops"], "random_drops": a["random_drops"] - b["random_drops"],
             "late": after["late_releases"] - before["late_releases"],
+            "late_5ms": after["late_5ms"] - before["late_5ms"],
             "user_dropped": a["kernel"].get("user_dropped", 0) - b["kernel"].get("user_dropped", 0)}
 
 
@@ -131,6 +134,7 @@ def run_kvwire(link: WanLink, port: int, lanes: int, seconds: float, cc: str, tr
     return {"name": f"kvwire {lanes} lane{'s' if lanes > 1 else ''}", "goodput_mbit": done * total * 8 / elapsed / 1e6,
             "q": statistics.median(s.queueing_ratio for s in busy if s.queueing_ratio) if busy else None,
             "retrans": None, "btl_bw_mbit": max((s.btl_bw for s in states), default=0) * 8 / 1e6,
+            "est_mbit": statistics.median(s.goodput for s in busy) * 8 / 1e6 if busy else None,
             "loss_rate": statistics.median(s.loss_rate for s in busy) if busy else None,
             "transfers": done, **_emu_delta(before, link.stats())}
 
@@ -149,12 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lanes", default="4", help="comma-separated kvwire lane counts")
     ap.add_argument("--transfer-mb", default=32, type=int)
     ap.add_argument("--skip-iperf", action="store_true")
+    ap.add_argument("--no-realtime", dest="realtime", action="store_false",
+                    help="run the emulator as a normal process (default: SCHED_FIFO, see WanLink)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.receiver:
         return run_receiver(a.bind)
     rows: list[dict[str, Any]] = []
-    with WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, seed=1) as link:
+    with WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, seed=1,
+                 realtime=a.realtime) as link:
         if not a.skip_iperf:
             if shutil.which("iperf3") is None:
                 print("iperf3 not installed: skipping its rows", file=sys.stderr)
@@ -172,12 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"link": head, "rows": rows}, indent=1))
         return 0
     print(head)
-    print(f"{'':18}{'goodput Mbit/s':>15}{'Q srtt/min':>12}{'retr':>7}{'q-drops':>9}{'rnd-drops':>10}{'late':>6}")
+    print(f"{'':18}{'goodput Mbit/s':>15}{'LinkState':>10}{'Q srtt/min':>12}{'retr':>7}{'q-drops':>9}"
+          f"{'rnd-drops':>10}{'late>1ms':>9}{'>5ms':>6}")
     for r in rows:
         q = f"{r['q']:.2f}" if r["q"] else "-"
+        est = f"{r['est_mbit']:.1f}" if r.get("est_mbit") else "-"
         retr = str(r["retrans"]) if r["retrans"] is not None else "-"
-        print(f"{r['name']:18}{r['goodput_mbit']:15.1f}{q:>12}{retr:>7}{r['queue_drops']:9d}{r['random_drops']:10d}"
-              f"{r['late']:6d}")
+        print(f"{r['name']:18}{r['goodput_mbit']:15.1f}{est:>10}{q:>12}{retr:>7}{r['queue_drops']:9d}"
+              f"{r['random_drops']:10d}{r['late']:9d}{r['late_5ms']:6d}")
     return 0
 
 
