@@ -53,7 +53,7 @@ def _monitor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "kvwire-linkmon"]
 
 
-def test_monitor_measures_goodput_and_publishes(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_monitor_measures_goodput_and_publishes(no_leaks: None, pair: tuple[socket.socket, socket.socket]) -> None:
     cli, acc = pair
     seen: list[LinkState] = []
     with LinkMonitor(lambda: [cli], interval=0.05) as mon:
@@ -74,7 +74,7 @@ def test_monitor_measures_goodput_and_publishes(pair: tuple[socket.socket, socke
     assert [s.timestamp for s in seen] == sorted(s.timestamp for s in seen)
 
 
-def test_no_thread_left_after_stop(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_no_thread_left_after_stop(no_leaks: None, pair: tuple[socket.socket, socket.socket]) -> None:
     cli, _ = pair
     before = len(_monitor_threads())
     mon = LinkMonitor(lambda: [cli], interval=0.02).start()
@@ -88,7 +88,7 @@ def test_no_thread_left_after_stop(pair: tuple[socket.socket, socket.socket]) ->
 
 
 def test_closed_sockets_and_failing_parts_do_not_stop_sampling(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        no_leaks: None, pair: tuple[socket.socket, socket.socket]) -> None:
     cli, _ = pair
     dead = socket.socket()
     dead.close()
@@ -116,7 +116,7 @@ def test_closed_sockets_and_failing_parts_do_not_stop_sampling(
         udp.close()
 
 
-def test_poll_without_thread(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_poll_without_thread(no_leaks: None, pair: tuple[socket.socket, socket.socket]) -> None:
     cli, _ = pair
     mon = LinkMonitor(lambda: [cli])
     a = mon.poll()

@@ -71,7 +71,7 @@ def _min_rtt_ms(link: WanLink, port: int, n: int = 15) -> float:
     return best
 
 
-def test_rtt_matches_configured_and_follows_set_rtt(make_wan: Callable[..., WanLink]) -> None:
+def test_rtt_matches_configured_and_follows_set_rtt(no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
     link = make_wan(rtt_ms=20, rate_mbit=100)
     rtts = []
     for rtt_ms in (20, 40):
@@ -85,7 +85,8 @@ def test_rtt_matches_configured_and_follows_set_rtt(make_wan: Callable[..., WanL
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
-def test_iperf3_single_stream_reaches_but_never_exceeds_the_rate(make_wan: Callable[..., WanLink]) -> None:
+def test_iperf3_single_stream_reaches_but_never_exceeds_the_rate(
+        no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
     rate = 50.0
     link = make_wan(rtt_ms=10, rate_mbit=rate)
     link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
@@ -124,7 +125,7 @@ def _receive_all(rx: socket.socket) -> list[float]:
         times.append(time.monotonic())
 
 
-def test_loss_counter_matches_configured_rate(make_wan: Callable[..., WanLink]) -> None:
+def test_loss_counter_matches_configured_rate(no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
     n, loss = 5000, 0.05
     link = make_wan(rtt_ms=4, rate_mbit=200, loss=loss, queue_bytes=4 << 20, seed=1234)
     tx, rx = _udp_pair(link)
@@ -140,7 +141,7 @@ def test_loss_counter_matches_configured_rate(make_wan: Callable[..., WanLink]) 
     assert abs(c2s["random_drops"] / n - loss) < 4 * sigma
 
 
-def test_set_rate_at_runtime_halves_the_drain_rate(make_wan: Callable[..., WanLink]) -> None:
+def test_set_rate_at_runtime_halves_the_drain_rate(no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
     n, size = 400, 1400
     link = make_wan(rtt_ms=2, rate_mbit=60, queue_bytes=4 << 20)
     tx, rx = _udp_pair(link)
@@ -158,7 +159,7 @@ def test_set_rate_at_runtime_halves_the_drain_rate(make_wan: Callable[..., WanLi
     assert spans[1] / spans[0] == pytest.approx(2.0, rel=0.15)
 
 
-def test_teardown_also_on_failure_and_no_emulator_left() -> None:
+def test_teardown_also_on_failure_and_no_emulator_left(no_leaks: None) -> None:
     link = WanLink(rtt_ms=2, rate_mbit=10)
     with pytest.raises(RuntimeError, match="boom"), link:
         assert all(netns.exists(n) for n in link.namespaces)
