@@ -203,8 +203,6 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
     session: Session | None = None
     try:
         offset, uncertainty = ctl.clock_offset()
-        ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=o.concurrency,
-                 seed=o.seed)
         session = _open_session(o, ctl.data_port, ssl_context)
         sockopts = SocketOptions(o.congestion, o.fq_rate)
         for sock in session.lane_sockets():
@@ -212,6 +210,8 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
                 sockopts.apply(sock)
             except KvwireError as e:
                 raise UsageError(str(e)) from None
+        ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=o.concurrency,
+                 seed=o.seed)
         congestion = _congestion_of(session)
         runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
         runner.prefill()
@@ -254,22 +254,13 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
 
 
 def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> Session:
-    """``kvwire.connect`` to the server's data port.
-
-    kvwire.tcp.receiver sends WELCOME before it registers the session, so a lane that connects at once
-    is occasionally refused with "unknown session" (about 1 in 60 connects on loopback); retry that.
-    """
-    for attempt in range(3):
-        try:
-            return connect(o.host, port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
-                           server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
-                           hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0))
-        except (KvwireError, OSError) as e:
-            if "unknown session" in str(e) and attempt < 2:
-                continue
-            raise PeerError(f"kvwire data connection to {o.host}:{port} failed: "
-                            f"{type(e).__name__}: {e}") from None
-    raise AssertionError("unreachable")
+    """``kvwire.connect`` to the server's data port; failures become a PeerError naming the port."""
+    try:
+        return connect(o.host, port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
+                       server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
+                       hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0))
+    except (KvwireError, OSError) as e:
+        raise PeerError(f"kvwire data connection to {o.host}:{port} failed: {type(e).__name__}: {e}") from None
 
 
 def _congestion_of(session: Session) -> str:

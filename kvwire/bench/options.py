@@ -177,6 +177,8 @@ def options_from_args(a: argparse.Namespace) -> Options:
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose)
+    if o.nbytes is not None and o.model is None:
+        o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer
     if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):
         o.concurrency = 2  # keeps lanes busy across the per-transfer round trips
     if o.model is None and o.duration is None and o.nbytes is None and o.requests is None:
