@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -386,14 +386,13 @@ def check_state_position(request: RequestSpec, expected: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One tensor of one layer in a request's payload: ``nbytes`` contiguous bytes on the wire.
 
     For token-indexed tensors ``token_start``/``token_count`` say which tokens it holds.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the segment number
     layer: int
     cache: int
     tensor: int

@@ -6,7 +6,7 @@ asks the application for a destination buffer. Must not know: sockets, threads o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LayoutError, LayoutMismatch, ProtocolError
@@ -76,32 +76,6 @@ def max_chunk_size(limits: Limits) -> int:
     return (limits.max_chunk - ALIGN) * 2 // 3
 
 
-def _segment_slow(index: int, layer: int, cache: int, tensor: int, nbytes: int, tok0: int, ntok: int) -> Segment:
-    return Segment(index, layer, cache, tensor, "", nbytes, tok0, ntok)
-
-
-def _segment_fast(index: int, layer: int, cache: int, tensor: int, nbytes: int, tok0: int, ntok: int) -> Segment:
-    s = object.__new__(Segment)
-    object.__setattr__(s, "__dict__", {"index": index, "layer": layer, "cache": cache, "tensor": tensor,
-                                       "name": "", "nbytes": nbytes, "token_start": tok0, "token_count": ntok})
-    return s
-
-
-# The receiver builds one Segment per segment per transfer, and a frozen dataclass's __init__ (one
-# object.__setattr__ per field) is most of parse_manifest's time. While Segment is a plain frozen dataclass with
-# exactly these fields (no __post_init__, no __slots__), giving the instance its __dict__ in one step builds an
-# object equal to Segment(...) at about a third of the cost; if Segment ever changes shape, the constructor is
-# used instead.
-_SEGMENT_FIELDS = ("index", "layer", "cache", "tensor", "name", "nbytes", "token_start", "token_count")
-_segment = (
-    _segment_fast
-    if tuple(f.name for f in fields(Segment)) == _SEGMENT_FIELDS
-    and not hasattr(Segment, "__post_init__") and not hasattr(Segment, "__slots__")
-    and _segment_fast(1, 2, 3, 4, 5, 6, 7) == _segment_slow(1, 2, 3, 4, 5, 6, 7)
-    else _segment_slow
-)
-
-
 def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
     v = d.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -151,7 +125,7 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
         total += nbytes
         if total > max_bytes:
             raise ProtocolError(f"transfer exceeds the {max_bytes}-byte limit")
-        segments.append(_segment(i, layer, cache, tensor, nbytes, tok0, ntok))
+        segments.append(Segment(i, layer, cache, tensor, "", nbytes, tok0, ntok))
     layout = None
     if "layout" in d:
         try:

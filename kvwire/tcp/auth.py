@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..codec.frames import AUTH, CHALLENGE, ERROR, HELLO, LANE, VERSION, WELCOME
 from ..errors import AuthenticationError, ProtocolError
