@@ -249,8 +249,13 @@ def main() -> int:
     ap.add_argument("--kv-order", default="NHD", choices=["NHD", "HND"])
     ap.add_argument("--time-limit", type=float, default=170.0, help="watchdog: print and exit 3 after this")
     ap.add_argument("--no-pytest", action="store_true", help="skip section 7 (tests/test_staging_gpu.py)")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="torch intra-op threads with --device cpu (default 1: on a shared machine, a parallel "
+                         "region per copy stalls whenever another process holds a core)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
+    if not cuda and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     tokens = args.tokens or (32768 if cuda else 4096)
     deadline = T0 + args.time_limit - 25  # leave room for the last section to finish
 
