@@ -94,7 +94,7 @@ def role_plain_rx(sizes: list[int]) -> int:
                 return 0  # the parent closed without a size: done
             (n,) = _SIZE.unpack(head)
             cpu = cpu_now()
-            recv_exact(conn, memoryview(buffers[n]))
+            recv_exact(conn, buffers[n].data)
             conn.sendall(_RUSAGE.pack(cpu_now() - cpu, 0.0))
 
 
