@@ -78,7 +78,7 @@ def test_steady_rate_is_measured() -> None:
 
 
 def test_bandwidth_step_down_is_reflected_after_the_window() -> None:
-    cfg = EstimatorConfig(bw_window=1.0, stats_window=0.5)
+    cfg = EstimatorConfig(bw_window=1.0, bw_sample=0.25, stats_window=0.5)
     est = LinkEstimator(cfg)
     lanes = [FakeLane() for _ in range(4)]
     est.update(0.0, [ln.info() for ln in lanes])
@@ -86,7 +86,9 @@ def test_bandwidth_step_down_is_reflected_after_the_window() -> None:
     assert s.btl_bw == pytest.approx(40e6, rel=0.01)
     t, s = run(est, lanes, t, 3, 20e6)  # 0.3 s after the step: the max still remembers 40
     assert s.btl_bw == pytest.approx(40e6, rel=0.01)
-    t, s = run(est, lanes, t, 8, 20e6)  # 1.1 s after: the old rate has left the window
+    t, s = run(est, lanes, t, 8, 20e6)  # 1.1 s after: the last spans that averaged in 40 are still in
+    assert 20e6 < s.btl_bw < 40e6
+    t, s = run(est, lanes, t, 2, 20e6)  # 1.3 s = bw_window + bw_sample: the old rate is gone
     assert s.btl_bw == pytest.approx(20e6, rel=0.01)
     assert s.goodput == pytest.approx(20e6, rel=0.01)
 

@@ -2,7 +2,7 @@
 
 Owns: ``LinkEstimator`` (pure: fed ``(timestamp, samples)``; no clock, no sockets, no threads) and the
 snapshots it returns, ``LinkState`` and ``LaneState``. Signals: goodput ``G = Σ Δbytes_acked / Δt``,
-bottleneck bandwidth (windowed max of per-interval ``G``), min RTT (windowed min), queueing ratio
+bottleneck bandwidth (windowed max of ``G`` averaged over short spans), min RTT (windowed min), queueing ratio
 ``median(srtt) / min_rtt``, retransmit rate ``Σ Δbytes_retrans / Σ Δbytes_sent``, receive-window- and
 send-buffer-limited shares of busy time, utilization of a configured or probed capacity.
 Must not know: how samples are taken, sessions, or what is done about the estimate (``controller``).
@@ -24,7 +24,8 @@ LaneKey = int | str
 class EstimatorConfig:
     """Windows in seconds, rates in bytes/s."""
 
-    bw_window: float = 1.0  # BtlBw = max of per-interval goodput over this long
+    bw_window: float = 1.0  # BtlBw = max over this long of goodput samples ...
+    bw_sample: float = 0.25  # ... each averaged over this long (irons out ACK bunching and sampling jitter)
     rtt_window: float = 10.0  # min_rtt = min over this long
     stats_window: float = 1.0  # goodput, loss and limited shares are averaged over this long
     capacity: float | None = None  # the link's capacity, if known; otherwise probed (see LinkEstimator)
@@ -34,7 +35,7 @@ class EstimatorConfig:
     min_busy: float = 0.5  # lanes busy less than this share of the time are app-limited
 
     def __post_init__(self) -> None:
-        for name in ("bw_window", "rtt_window", "stats_window"):
+        for name in ("bw_window", "bw_sample", "rtt_window", "stats_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.capacity is not None and self.capacity <= 0:
@@ -66,7 +67,8 @@ class LinkState:
     """The link as the estimator sees it at ``timestamp``. Rates in bytes/s, times in seconds.
 
     ``None`` means "not known yet" (no RTT sample, no capacity). ``goodput`` and the shares are averages
-    over the stats window; ``btl_bw`` is the max per-interval goodput over the bandwidth window.
+    over the stats window; ``btl_bw`` is the max over the bandwidth window of goodput averaged over
+    ``bw_sample`` spans.
     """
 
     timestamp: float
@@ -126,10 +128,6 @@ class _Interval:
     lanes: int
     d: _Deltas
 
-    @property
-    def goodput(self) -> float:
-        return self.d.acked / self.dt
-
 
 def _delta(new: int | None, old: int | None) -> int:
     if new is None or old is None or new < old:
@@ -161,6 +159,7 @@ class LinkEstimator:
         self._last_t: float | None = None
         self._intervals: deque[_Interval] = deque()
         self._rtts: deque[tuple[float, float]] = deque()  # (t, min over lanes of min_rtt_us)
+        self._bw: deque[tuple[float, float]] = deque()  # (t, goodput over the bw_sample span ending at t)
         self._capacity_set: float | None = None
         self._probed: float | None = None
         self.latest: LinkState | None = None
@@ -182,6 +181,7 @@ class LinkEstimator:
         if dt is not None:
             total = sum(deltas.values(), _Deltas())
             self._intervals.append(_Interval(now, dt, len(items), total))
+            self._bw.append((now, self._span_rate(now)))
         self._prev = items
         self._last_t = now
         rtts = [i.min_rtt_us for i in items.values() if i.min_rtt_us]
@@ -192,10 +192,22 @@ class LinkEstimator:
         return self.latest
 
     # ------------------------------------------------------------ internals
+    def _span_rate(self, now: float) -> float:
+        """Goodput over the last ``bw_sample`` seconds (at least the newest interval)."""
+        acked = span = 0.0
+        for iv in reversed(self._intervals):
+            if span and iv.end <= now - self.config.bw_sample:
+                break
+            acked += iv.d.acked
+            span += iv.dt
+        return acked / span if span else 0.0
+
     def _prune(self, now: float) -> None:
-        keep = max(self.config.bw_window, self.config.stats_window)
+        keep = max(self.config.bw_sample, self.config.stats_window)
         while self._intervals and self._intervals[0].end <= now - keep:
             self._intervals.popleft()
+        while self._bw and self._bw[0][0] <= now - self.config.bw_window:
+            self._bw.popleft()
         while self._rtts and self._rtts[0][0] <= now - self.config.rtt_window:
             self._rtts.popleft()
 
@@ -204,7 +216,7 @@ class LinkEstimator:
         stats = [iv for iv in self._intervals if iv.end > now - cfg.stats_window]
         span = sum(iv.dt for iv in stats)
         goodput = sum(iv.d.acked for iv in stats) / span if span else 0.0
-        btl_bw = max((iv.goodput for iv in self._intervals if iv.end > now - cfg.bw_window), default=0.0)
+        btl_bw = max((rate for _, rate in self._bw), default=0.0)
         busy_us = sum(iv.d.busy_us for iv in stats)
         lane_time_us = sum(iv.dt * iv.lanes for iv in stats) * 1e6
         busy = _share(busy_us, lane_time_us)

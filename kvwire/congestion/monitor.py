@@ -94,8 +94,10 @@ class LinkMonitor:
     def poll(self) -> LinkState:
         """Sample now, update the estimate, publish it, return it."""
         with self._lock:
+            t0 = self._clock()
             samples = self.sample()
-            state = self.estimator.update(self._clock(), samples)
+            # stamp the middle of the round: a thread descheduled mid-round skews both intervals less
+            state = self.estimator.update((t0 + self._clock()) / 2, samples)
         with self._cond:
             self._latest = state
             self._published += 1
