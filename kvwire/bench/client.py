@@ -142,6 +142,12 @@ class _Runner:
             self._started_bytes += self.total
             return k
 
+    def _unverified(self) -> int:
+        """Requests started and not failed at the sender whose server result has not arrived."""
+        with self._lock:
+            recs = list(self.records)
+        return sum(1 for r in recs if r.state != "failed" and r.request_id not in self.ctl.results)
+
     def run(self) -> None:
         self.t_start = time.monotonic()
         workers = [threading.Thread(target=self._worker, args=(w,), name=f"kvwire-bench-req{w}", daemon=True)
@@ -159,6 +165,10 @@ class _Runner:
             k = self._next()
             if k is None:
                 return
+            # at most `concurrency` requests may wait for the server's check besides this one: the server
+            # holds concurrency + 1 pre-faulted buffers, and a lagging check must pace the sender, not
+            # make the server fault fresh buffers mid-transfer
+            self.ctl.wait_until(lambda: self._unverified() <= self.o.concurrency - 1, self.o.timeout)
             rec = RequestRecord(k, self.rid(k), self.total)
             with self._lock:
                 self.records.append(rec)

@@ -12,6 +12,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .control import Channel, client_connect, expect
@@ -98,6 +99,11 @@ class ControlClient:
                     break
                 self._cond.wait(left)
             return {r: self.results[r] for r in rids if r in self.results}
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float) -> bool:
+        """Wait (re-checking on every result that arrives) until ``ready()``; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: ready() or self.error is not None, timeout)
 
     def clock_offset(self, rounds: int = 8) -> tuple[float, float]:
         """(server clock minus client clock, uncertainty) from the ping with the shortest round trip."""
