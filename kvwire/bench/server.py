@@ -217,7 +217,9 @@ class BenchServer:
             self.log(f"Accepted connection from {peer} (test {run})")
             self._serve_test(test)  # type: ignore[arg-type]
         except (PeerError, PeerGone, OSError, ssl.SSLError) as e:
-            self.log(f"Connection from {peer} ended: {type(e).__name__}: {e or 'timed out'}")
+            stage = "during the handshake (wrong --key, TLS mismatch or not a kvwire-bench client)" \
+                if test is None else "mid-test"
+            self.log(f"Connection from {peer} ended {stage}: {type(e).__name__}: {e or 'timed out'}")
         finally:
             if test is not None:
                 self._end_test(test)
