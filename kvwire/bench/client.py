@@ -220,8 +220,10 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
                 sockopts.apply(sock)
             except KvwireError as e:
                 raise UsageError(str(e)) from None
-        ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=o.concurrency,
-                 seed=o.seed)
+        # one buffer more than the requests in flight: a finished request's buffer is still being checked
+        # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer
+        buffers = o.concurrency + 1 if o.requests is None else min(o.concurrency + 1, o.requests)
+        ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=buffers, seed=o.seed)
         congestion = _congestion_of(session)
         runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
         runner.prefill()

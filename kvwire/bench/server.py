@@ -266,9 +266,7 @@ class BenchServer:
         t = time.monotonic()
         test.pattern = Pattern(self.cfg.verify_seed if self.cfg.verify_seed is not None else seed)
         try:
-            # one buffer more than the client keeps in flight: a finished request's buffer is still being
-            # checked when the next one arrives, and a fresh buffer would be page-faulted mid-transfer
-            fresh = self.pool.prefault(size, count + 1)
+            fresh = self.pool.prefault(size, count)
         except PoolExhausted as e:
             test.ch.send("error", reason=str(e))
             return
