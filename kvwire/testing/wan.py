@@ -171,6 +171,11 @@ class WanLink(AbstractContextManager["WanLink"]):
     def namespaces(self) -> tuple[str, str, str]:
         return self.client_ns, self.middle_ns, self.server_ns
 
+    @property
+    def emulator_pid(self) -> int | None:
+        """The emulator process (in the middle namespace), while it runs."""
+        return self._emu.pid if self._emu is not None else None
+
     # ------------------------------------------------------------ running things inside
     def ns(self, where: str) -> str:
         """``"client"``, ``"server"`` or ``"middle"`` (or a namespace name) -> namespace name."""
