@@ -17,7 +17,8 @@ setup(
         # pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
         "cuda": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10",
+                 "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["kvwire-bench=kvwire.bench:main"]},

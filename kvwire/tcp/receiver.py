@@ -566,13 +566,10 @@ class Receiver:
                         s.pending.discard(t)
                 if pending is not None:
                     t._finish(*pending)
-            if verdict.ack:
-                s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
-            else:
-                s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
             now = time.monotonic()
-            for layer in verdict.layers_ready:
+            for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
                 t._layer_ready(layer, now)
+            s.send(F.ACK if verdict.ack else F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
 
     # ------------------------------------------------------------ monitor
     def _monitor_loop(self) -> None:
