@@ -285,3 +285,22 @@ def test_hashing_off_round_trip(no_leaks: None) -> None:
         h.finish().result(10)
         h_rx.result(10)
     assert all(a.view(np.uint8).tobytes() == b.tobytes() for a, b in zip(src, dst))
+
+
+def test_two_transfers_on_one_session_share_the_lanes(no_leaks: None) -> None:
+    """Round-robin between transfers: when the first finishes, the second has moved a fair part too."""
+    layout = load_fixture("tiny-qwen3-next")
+    reqs = [RequestSpec(f"fair-{i}", 20000, 20000) for i in range(2)]
+    srcs = [payload(layout, r, seed=i) for i, r in enumerate(reqs)]
+    with Receiver(allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx, \
+            connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        outs = [s.send(layout, r) for r in reqs]
+        progress_of_second: list[float] = []
+        outs[0].add_done_callback(lambda _f: progress_of_second.append(outs[1].bytes_sent / outs[1].manifest.total_bytes))
+        for h, src in zip(outs, srcs):  # both fully written before either is accepted and sent
+            h.write_all(src)
+        for h in outs:
+            h.finish().result(30)
+        for _ in reqs:
+            rx.next_transfer(5).result(10)
+    assert progress_of_second and progress_of_second[0] > 0.6, progress_of_second
