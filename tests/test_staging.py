@@ -115,7 +115,7 @@ def address(view: memoryview) -> int:
 
 def round_trip(link: tuple[Receiver, Session], pool: PinnedPool, layout: ModelLayout, request: RequestSpec, *,
                page_layout: str = "block_major", kv_order: str = "NHD", rx_block_size: int | None = None,
-               rx_request: RequestSpec | None = None, seed: int = 0, via_scratch: bool = False,
+               rx_request: RequestSpec | None = None, seed: int = 0, mode: str = "auto",
                device: str = "cpu") -> dict[str, Any]:
     rx, session = link
     rx_request = rx_request or request
@@ -131,9 +131,7 @@ def round_trip(link: tuple[Receiver, Session], pool: PinnedPool, layout: ModelLa
     before = snapshot(dst)
     expected = expected_after(layout, src, dst, before, src_tables, dst_tables, src_slot, dst_slot, request)
 
-    with Stager(src, pool) as stager, Unstager(dst, pool) as unstager:
-        if device == "cpu":
-            stager._dev.via_scratch = unstager._dev.via_scratch = via_scratch
+    with Stager(src, pool, d2h=mode) as stager, Unstager(dst, pool, h2d=mode) as unstager:
         rjob = unstager.prepare(rx_request, dst_tables, dst_slot)
         h_rx = rjob.expect_on(rx)
         sjob = stager.begin(request, src_tables, src_slot)
@@ -198,7 +196,7 @@ def test_gpu_placement_path_on_cpu(link: tuple[Receiver, Session], pool: PinnedP
     one span copy, then the scatter) run synchronously on CPU tensors."""
     layout = load_fixture(name)
     req = RequestSpec(f"scratch-{name}", 1000, 999, {"attn": 100})
-    round_trip(link, pool, layout, req, via_scratch=True, seed=21)
+    round_trip(link, pool, layout, req, mode="scratch", seed=21)
 
 
 def test_receiver_with_another_block_size(link: tuple[Receiver, Session], pool: PinnedPool) -> None:

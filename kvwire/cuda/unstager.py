@@ -1,0 +1,310 @@
+"""Receiver-side staging: copy verified layers from pinned receive buffers into a paged cache.
+
+Owns: ``Unstager`` (one per engine device: side stream, a worker thread that takes layers as they are
+verified so receiver callbacks stay short, waiter thread, device scratch, the ``h2d`` path) and
+``UnstagingJob`` (one request: its pooled receive buffers, the receiver's own block tables and state slot,
+per-layer copy plans built once in ``prepare``, and ``wait_layer``). Must not know: sockets, lanes,
+frames, how copy plans are made (``plan``) or how CUDA is driven (``streams``). The transport is reached
+through duck typing only: a *source* has ``on_layer(fn)`` and optionally ``manifest`` and
+``add_done_callback`` (an ``IncomingTransfer``), a *receiver* has ``expect(request_id, buffers, layout=,
+state_position=)``.
+
+Data path, GPU, per verified layer on the unstager's stream: ``direct`` (each run of consecutive
+destination blocks straight from its place in the pinned span) or ``scratch`` (one copy of the span into
+the device scratch, then the scatter at the receiver's block ids and state slot), then an event; the
+waiter thread marks the layer done. CPU caches run the same plans synchronously on the worker thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..codec.layout import RequestSpec, Segment
+from ..errors import KvwireError, LayoutMismatch
+from .paged import PagedCache
+from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, plan_layers, run_ops
+from .pool import PinnedPool, PooledBuffer
+from .stager import DEFAULT_POOL_BYTES
+from .streams import Device
+
+if TYPE_CHECKING:
+    import torch
+
+
+class UnstagingJob:
+    """One request on the receiver: pinned buffers to receive into, and per-layer copies into the cache.
+
+    Register ``buffers`` with the receiver (``expect_on(receiver)`` does it and ``attach``es), then
+    ``wait_layer(i)`` returns once layer ``i`` is in the destination cache.
+    """
+
+    def __init__(self, unstager: Unstager, request: RequestSpec, placement: Placement,
+                 tables: dict[str, list[int]], slot: int | None, buffer: PooledBuffer) -> None:
+        self.unstager = unstager
+        self.request = request
+        self.placement = placement
+        self.tables = tables
+        self.state_slot = slot
+        self.buffer = buffer
+        self._host = buffer.tensor()
+        p = placement
+        self.buffers: list[torch.Tensor] = [self._host[o : o + s.nbytes]
+                                            for o, s in zip(p.offsets, p.segments)]
+        dev = unstager._dev
+        self.plans: dict[int, LayerPlan] = plan_layers(
+            unstager.cache, placement, tables, slot, self._host, mode=unstager.h2d, to_host=False,
+            on_device=dev.cuda, scratch=dev.scratch)
+        self._ids, self._ids_ready, self._ids_keep = bind_indices(self.plans, dev.upload)
+        self._cond = threading.Condition()
+        self.arrived_at: dict[int, float] = {}
+        self.done_at: dict[int, float] = {}
+        self.gpu_events: dict[int, tuple[Any, Any]] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._transfer_error: BaseException | None = None
+        self._pending = 0
+        self._released = False
+        self._release_done = threading.Event()
+        self.source: Any = None
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.placement.segments
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.placement.by_layer)
+
+    @property
+    def layers_done(self) -> set[int]:
+        with self._cond:
+            return set(self.done_at)
+
+    # ---- wiring to a transport
+    def expect_on(self, receiver: Any, *, check_state_position: bool = True, timeout: float | None = None
+                  ) -> Any:
+        """``receiver.expect(...)`` with this job's buffers, layout and state position; then ``attach``."""
+        handle = receiver.expect(self.request.request_id, self.buffers, layout=self.unstager.layout,
+                                 state_position=self.request.state_position if check_state_position else None,
+                                 timeout=timeout)
+        self.attach(handle)
+        return handle
+
+    def attach(self, source: Any) -> None:
+        """Unstage each layer ``source`` reports verified (``source.on_layer``); a failed source fails the
+        layers that had not arrived."""
+        self.source = source
+        if hasattr(source, "add_done_callback"):
+            source.add_done_callback(self._source_done)
+        source.on_layer(self.layer_arrived)
+
+    def _source_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        err = fut.exception()
+        if err is not None:
+            with self._cond:
+                self._transfer_error = err
+                self._cond.notify_all()
+
+    def layer_arrived(self, layer: int) -> None:
+        """Layer ``layer``'s bytes are complete and verified in ``buffers``: queue its copies."""
+        with self._cond:
+            if self._released:
+                return
+            if layer in self.arrived_at:
+                return
+            self.arrived_at[layer] = time.monotonic()
+            self._pending += 1
+        self.unstager._submit(self, layer)
+
+    # ---- the copies (worker thread)
+    def _check_manifest(self, layer: int) -> None:
+        m = getattr(self.source, "manifest", None)
+        if m is None:
+            return
+        segs = m.segments
+        for i in self.placement.by_layer.get(layer, []):
+            mine = self.placement.segments[i]
+            theirs = segs[i] if i < len(segs) else None
+            key = ("layer", "cache", "tensor", "nbytes", "token_start", "token_count")
+            if theirs is None or any(getattr(theirs, k) != getattr(mine, k) for k in key):
+                raise LayoutMismatch(f"segment {i} ({mine.name}): the transfer carries {theirs}, this job "
+                                     f"expects tokens {mine.token_start}+{mine.token_count}")
+
+    def _unstage(self, layer: int) -> None:
+        try:
+            plan = self.plans.get(layer)
+            if plan is None:
+                raise LayoutMismatch(f"layer {layer} carries no bytes in this request")
+            self._check_manifest(layer)
+            dev = self.unstager._dev
+            if dev.cuda:
+                self._unstage_cuda(plan)
+                return
+            with dev.lock:
+                run_ops(plan.ops)
+        except BaseException as e:  # noqa: BLE001 - reported to wait_layer
+            self._layer_done(layer, e)
+            return
+        self._layer_done(layer, None)
+
+    def _unstage_cuda(self, plan: LayerPlan) -> None:
+        dev = self.unstager._dev
+        s = dev.stream
+        layer = plan.layer
+        with dev.lock:
+            if self._ids_ready is not None:
+                s.wait_event(self._ids_ready)
+            with dev.on(s):
+                start = None
+                if dev.timing:
+                    start = dev.event(True)
+                    start.record(s)
+                run_ops(plan.ops)
+                done = dev.event()
+                done.record(s)  # after the layer's last copy
+            if start is not None:
+                self.gpu_events[layer] = (start, done)
+            assert dev.completer is not None
+            dev.completer.submit(done, lambda err: self._layer_done(layer, err))
+
+    def _layer_done(self, layer: int, err: BaseException | None) -> None:
+        with self._cond:
+            if err is None:
+                self.done_at[layer] = time.monotonic()
+            else:
+                self._errors[layer] = err
+            self._pending -= 1
+            self._cond.notify_all()
+
+    # ---- caller API
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Return once ``layer`` is in the destination cache (at once for layers without bytes).
+
+        Raises the layer's error (``LayoutMismatch``...), the transfer's error if it ended before the
+        layer arrived, or builtin ``TimeoutError``.
+        """
+        if layer not in self.placement.by_layer:
+            if not 0 <= layer < self.unstager.layout.num_layers:
+                raise ValueError(f"no layer {layer}")
+            return
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while layer not in self.done_at:
+                if layer in self._errors:
+                    raise self._errors[layer]
+                if self._transfer_error is not None and layer not in self.arrived_at:
+                    raise self._transfer_error
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"layer {layer} not unstaged after {timeout}s")
+                self._cond.wait(left if left is not None else 1.0)
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        for layer in self.layers:
+            self.wait_layer(layer, None if end is None else max(0.0, end - time.monotonic()))
+
+    def release(self) -> None:
+        """Return the buffers to the pool (after copies in flight finished). The receiver must no longer
+        write into them: release after the transfer ended."""
+        with self._cond:
+            first = not self._released
+            self._released = True
+            while first and self._pending:
+                self._cond.wait(1.0)
+        if not first:  # another thread is releasing: return once it is done
+            self._release_done.wait()
+            return
+        try:
+            self.plans = {}
+            self._host = None
+            self.buffers = []
+            self._ids = self._ids_keep = None
+            self.buffer.release()
+        finally:
+            self._release_done.set()
+
+    def __enter__(self) -> UnstagingJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Unstager:
+    """Receiver side: copies verified layers from pooled pinned buffers into a ``PagedCache``.
+
+    ``h2d``: ``direct`` (each run of consecutive destination blocks straight from the pinned span),
+    ``scratch`` (one copy of the layer's span to a device scratch, then the scatter) or ``auto`` (per
+    layer, whichever takes fewer copies; see ``plan``).
+    """
+
+    def __init__(self, cache: PagedCache, pool: PinnedPool | None = None, *, stream: Any = None,
+                 timing: bool = False, align: int = ALIGN, h2d: str = "auto") -> None:
+        self.cache = cache
+        self.layout = cache.layout
+        self.h2d = check_mode(h2d)
+        self.pool = pool if pool is not None else PinnedPool(DEFAULT_POOL_BYTES, backend="torch")
+        self.align = align
+        self._dev = Device(cache, stream, timing, "kvwire-unstager-wait")
+        self._q: queue.Queue[tuple[UnstagingJob, int] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def stream(self) -> Any:
+        return self._dev.stream
+
+    def prepare(self, request: RequestSpec, block_tables: Mapping[str, Sequence[int]],
+                state_slot: int | None = None, *, acquire_timeout: float = 0.0) -> UnstagingJob:
+        """Plan ``request`` (the receiver's view: its prefix hits, its state position), check the
+        receiver's block tables (ids in range and distinct) and slot, take pinned receive buffers, and
+        build every layer's copies."""
+        placement = Placement(self.layout, request, self.align)
+        tables = check_request(self.cache, placement, block_tables, state_slot, unique=True)
+        buf = self.pool.acquire(placement.total, block=acquire_timeout > 0, timeout=acquire_timeout)
+        try:
+            return UnstagingJob(self, request, placement, tables, state_slot, buf)
+        except BaseException:
+            buf.release()
+            raise
+
+    def _submit(self, job: UnstagingJob, layer: int) -> None:
+        with self._lock:
+            if self._closed:
+                job._layer_done(layer, KvwireError("unstager closed"))
+                return
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="kvwire-unstager", daemon=True)
+                self._worker.start()
+            self._q.put((job, layer))
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            job, layer = item
+            job._unstage(layer)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            worker = self._worker
+            self._q.put(None)
+        if worker is not None:
+            worker.join(10)
+        self._dev.close()
+
+    def __enter__(self) -> Unstager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
