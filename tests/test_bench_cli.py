@@ -147,9 +147,114 @@ def test_congestion_and_pacing_reach_the_lane_sockets() -> None:
     assert bad.returncode == 2 and "no-such-cc" in bad.stderr and "not available" in bad.stderr
 
 
-def test_reverse_is_a_clear_usage_error() -> None:
-    r = bench("-c", "127.0.0.1", "-R")
-    assert r.returncode == 2 and "not supported yet" in r.stderr
+def test_reverse_on_loopback_verifies_every_byte_with_a_layer_timeline(tiny_config: str) -> None:
+    r = bench("--loopback", "-R", "--model", tiny_config, "--tokens", "3000", "--requests", "2", "-P", "2",
+              "-i", "0.05", "--prefill-ms-per-layer", "4", "-J")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(r.stdout)
+    start, end, kv = doc["start"], doc["end"], doc["kv"]
+    assert start["test_start"]["reverse"] == 1 and kv["direction"] == "reverse"
+    assert kv["model"] == tiny_config, "the client's name for the model, not the server's temp file"
+    per_request = kv["bytes_per_request"]
+    v = kv["verification"]
+    assert v["verified"] is True and v["bytes_verified"] == 2 * per_request
+    assert end["sum_received"]["bytes"] == 2 * per_request
+    slack = kv["clock_uncertainty_s"] * 1e3 + 0.5
+    for t in kv["timeline"]:
+        assert t["verified"] and len(t["layers"]) == 8
+        for i, layer in enumerate(t["layers"]):
+            assert layer["produced_ms"] >= 4.0 * (i + 1) - 0.5
+            assert layer["verified_ms"] >= layer["produced_ms"] - slack
+    # the receiving side (this client) counted every lane's wire bytes: all the verified payload, and no
+    # more than the sender put out (a re-sent tail chunk may still be on its way when it counts)
+    for st in end["streams"]:
+        assert st["receiver"] is not None and st["receiver"]["sender"] is False
+        assert 0 < st["receiver"]["bytes"] <= st["sender"]["wire_bytes"]
+    assert sum(st["receiver"]["bytes"] for st in end["streams"]) >= 2 * per_request
+    assert doc["intervals"] and sum(i["sum"]["bytes"] for i in doc["intervals"]) == end["sum_sent"]["bytes"]
+
+
+def test_reverse_raw_text_summary_and_a_bad_seed_fails() -> None:
+    r = bench("--loopback", "-R", "-n", "3M", "-l", "1M", "-P", "2")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "Reverse mode, remote host 127.0.0.1 is sending" in r.stdout
+    assert "Verification   OK: 3/3 requests" in r.stdout and "by the receiver (this host)" in r.stdout
+    # the receiving client checks against its own expectation: a different seed must fail it
+    bad = bench("--loopback", "-R", "-n", "1M", "-l", "1M", "--verify-seed", "7", "-J")
+    assert bad.returncode == 1, bad.stderr
+    v = json.loads(bad.stdout)["kv"]["verification"]
+    assert v["verified"] is False and "differ from the expected pattern" in v["failures"][0]
+
+
+def test_reverse_with_tls_is_a_clear_usage_error() -> None:
+    r = bench("-c", "127.0.0.1", "-R", "--tls-ca", "/nonexistent.pem")
+    assert r.returncode == 2 and "-R with TLS is not supported" in r.stderr
+
+
+def _json_documents(text: str) -> list[Any]:
+    """Concatenated JSON documents (a server prints one per test); anything else fails the parse."""
+    dec, docs, pos = json.JSONDecoder(), [], 0
+    while pos < len(text):
+        if text[pos].isspace():
+            pos += 1
+            continue
+        doc, pos = dec.raw_decode(text, pos)
+        docs.append(doc)
+    return docs
+
+
+def test_server_json_prints_one_document_per_test_and_nothing_else(tiny_config: str) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-J", "-B", "127.0.0.1", "-p", "0",
+                               "--data-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV)
+    assert server.stderr is not None
+    try:
+        port = None
+        for line in server.stderr:  # with -J the log goes to stderr
+            m = re.search(r"Server listening on \S+ port (\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        assert port is not None
+        stderr = server.stderr
+        threading.Thread(target=stderr.read, daemon=True).start()
+        fwd = bench("-c", "127.0.0.1", "-p", port, "--model", tiny_config, "--tokens", "3000", "--requests", "2",
+                    "-P", "2", "-J", timeout=60)
+        assert fwd.returncode == 0, fwd.stderr
+        rev = bench("-c", "127.0.0.1", "-p", port, "-R", "-n", "2M", "-l", "1M", "-J", timeout=60)
+        assert rev.returncode == 0, rev.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=15)
+    docs = _json_documents(out)
+    assert len(docs) == 2, out
+    rx, tx = docs
+    client = json.loads(fwd.stdout)
+    assert rx["kv"]["role"] == "receiver" and "error" not in rx
+    assert rx["kv"]["verification"] == {"verified": True, "requests_ok": 2, "requests_failed": 0,
+                                        "bytes_verified": 2 * client["kv"]["bytes_per_request"]}
+    assert rx["end"]["sum_received"]["bytes"] == client["end"]["sum_received"]["bytes"]
+    assert rx["start"]["test_start"] == {"protocol": "TCP", "num_streams": 2, "reverse": 0}
+    assert len(rx["start"]["connected"]) == 2
+    # receiving-side per-lane counts: each lane's bytes on the wire, as the sending client counted them
+    sent = {s["sender"]["socket"]: s["sender"]["wire_bytes"] for s in client["end"]["streams"]}
+    got = {s["receiver"]["socket"]: s["receiver"]["bytes"] for s in rx["end"]["streams"]}
+    assert got.keys() == sent.keys() and all(0 < got[k] <= sent[k] for k in got), (got, sent)
+    assert sum(got.values()) == rx["kv"]["lane_wire_bytes"] >= rx["end"]["sum_received"]["bytes"]
+    assert [len(r["layers"]) for r in rx["kv"]["requests"]] == [8, 8]
+    assert all(r["verified"] and r["bytes_checked"] == r["bytes"] for r in rx["kv"]["requests"])
+    assert tx["kv"]["role"] == "sender" and tx["kv"]["verification"]["verified"] and "error" not in tx
+    assert tx["end"]["sum_received"]["bytes"] == 2 * 1024 * 1024
+
+
+def test_kv_preset_json_is_the_only_stdout_output() -> None:
+    """The README example: a real preset at 32k tokens (845 MB), -J: stdout is exactly one JSON document."""
+    r = bench("--loopback", "--model", "qwen3-next-80b-a3b", "--tokens", "32768", "-J")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    kv = doc["kv"]
+    assert kv["bytes_per_request"] == 844_824_576 and kv["verification"]["verified"]
+    assert kv["goodput_bits_per_second"] > 1e9, kv["goodput_bits_per_second"]
 
 
 def test_plot_is_written(tiny_config: str, tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ the receiver). Must not know: the wire, the control protocol or measurement deta
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .client import run_client
-from .document import build_document
+from .document import build_document, build_server_document
 from .errors import EXIT_FAILED, EXIT_OK, BenchError, UsageError
 from .loopback import LoopbackServer
 from .options import Options, build_parser, options_from_args, server_ssl_context
@@ -23,20 +25,32 @@ def _log(text: str) -> None:
     print(text, flush=True)
 
 
+def _log_err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _print_server_document(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(build_server_document(record), indent=2) + "\n")
+    sys.stdout.flush()
+
+
 def run_server(o: Options) -> int:
     from .server import BenchServer, ServerConfig
 
+    # -J: one JSON document per test on stdout (iperf3 -s -J), the log lines go to stderr
+    log = _log_err if o.json else _log
     cfg = ServerConfig(bind=o.bind, port=o.port, data_port=o.effective_data_port(), key=o.key,
                        ssl_context=server_ssl_context(o), pool_bytes=o.pool_bytes, verify_seed=o.verify_seed,
-                       one_off=o.one_off)
+                       one_off=o.one_off, on_test=_print_server_document if o.json else None)
     try:
-        server = BenchServer(cfg, log=_log)
+        server = BenchServer(cfg, log=log)
     except OSError as e:
         raise BenchError(f"cannot listen on {o.bind}:{o.port} / data port {cfg.data_port}: {e}") from None
     host, port = server.address
-    _log("-" * 60)
-    _log(f"Server listening on {host} port {port} (kvwire data port {server.data_address[1]})")
-    _log("-" * 60)
+    log("-" * 60)
+    log(f"Server listening on {host} port {port} (kvwire data port {server.data_address[1]})")
+    log("-" * 60)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         return server.serve()
@@ -46,24 +60,37 @@ def run_server(o: Options) -> int:
         server.close()
 
 
-def run_client_cli(o: Options) -> int:
-    reporter = Reporter(o)
+def run_client_cli(o: Options, link: dict[str, Any] | None = None,
+                   decorate: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """One test from this host (sending, or receiving with ``-R``); ``link`` describes an emulated link,
+    ``decorate`` adds to the document before it is printed."""
+    reporter = Reporter(o, link=link)
     if o.plot:
         from .plot import check_matplotlib
 
         check_matplotlib()
     try:
-        result = run_client(o, reporter.start, reporter.interval, reporter.request)
+        if o.reverse:
+            from .reverse import run_reverse_client
+
+            doc, series = run_reverse_client(o, reporter.start, reporter.interval, reporter.request,
+                                             log=_log_err if o.verbose else None)
+        else:
+            result = run_client(o, reporter.start, reporter.interval, reporter.request)
+            doc, series = build_document(result), result.series
     except BenchError as e:
         reporter.error(str(e))
         return e.exit_code
-    doc = build_document(result)
+    if link is not None:
+        doc["start"]["emulated_link"] = link
+    if decorate is not None:
+        decorate(doc)
     reporter.finish(doc)
     rc = EXIT_OK if doc["kv"]["verification"]["verified"] else EXIT_FAILED
     if o.plot:
         from .plot import write_plot
 
-        write_plot(o.plot, doc, result.series)
+        write_plot(o.plot, doc, series)
         if not (o.json or o.json_stream):
             print(f"Plot written to {o.plot}", flush=True)
     return rc
@@ -73,6 +100,23 @@ def run_loopback(o: Options) -> int:
     with LoopbackServer(o) as server:
         o.host, o.port = "127.0.0.1", server.port
         return run_client_cli(o)
+
+
+def run_emulate(o: Options) -> int:
+    from .emulate import emulated, link_info
+
+    with emulated(o) as (link, server):
+        o.host, o.port = link.server_addr, server.port
+        info = link_info(link)
+
+        def add_stats(doc: dict[str, Any]) -> None:
+            try:
+                doc["kv"]["emulated_link_stats"] = link.stats()
+            except Exception as e:  # noqa: BLE001 - the counters are a bonus, the run stands
+                doc["kv"]["emulated_link_stats"] = {"error": f"{type(e).__name__}: {e}"}
+
+        with link.inside("client"):
+            return run_client_cli(o, link=info, decorate=add_stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(o)
         if o.mode == "loopback":
             return run_loopback(o)
+        if o.mode == "emulate":
+            return run_emulate(o)
         return run_client_cli(o)
     except UsageError as e:
         sys.stderr.write(f"kvwire-bench: {e}\n")

@@ -89,6 +89,16 @@ class ControlClient:
             raise PeerGone(f"control connection to {self.ch.peer} ended: {self.error or 'closed'}")
         return expect(msg, reply, self.ch.peer)
 
+    def next_message(self, timeout: float) -> dict[str, Any] | None:
+        """The next message that is not a request result; None when the channel ended or on timeout."""
+        try:
+            msg = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg is None:
+            self._replies.put(None)
+        return msg
+
     def wait_results(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
         """The results that arrived for ``rids`` within ``timeout`` (all, unless the server is gone)."""
         end = time.monotonic() + timeout

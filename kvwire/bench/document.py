@@ -83,6 +83,17 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "min": min(values) if values else None, "max": max(values) if values else None}
 
 
+def _receiver_stream(lane: dict[str, Any] | None, seconds: float) -> dict[str, Any] | None:
+    """iperf3's ``streams[].receiver`` from the receiving side's per-lane count: TCP payload bytes the
+    lane's socket(s) received (``tcpi_bytes_received``: chunk headers and re-sent chunks included)."""
+    if lane is None or not isinstance(lane.get("bytes"), int):
+        return None
+    n = lane["bytes"]
+    return {"socket": lane["socket"], "start": 0.0, "end": seconds, "seconds": seconds, "bytes": n,
+            "bits_per_second": n * 8 / seconds, "wire_bytes": n, "sockets": lane.get("sockets", 1),
+            "sender": False}
+
+
 def build_document(r: RunResult) -> dict[str, Any]:
     o = r.opts
     seconds = max(r.t_end - r.t_start, 1e-9)
@@ -102,13 +113,15 @@ def build_document(r: RunResult) -> dict[str, Any]:
     rx_user = float(srv.get("cpu_user", 0.0)) - float(srv.get("verify_cpu", 0.0))
     moved_gb = payload_verified / GB
     ok = bool(timelines) and len(verified) == len(timelines) and not r.error
+    rx_lanes = {x.get("socket"): x for x in srv.get("lanes") or [] if isinstance(x, dict)}
     streams = [{"sender": {"socket": lane["socket"], "start": 0.0, "end": seconds, "seconds": seconds,
                            "bytes": lane["bytes"], "bits_per_second": lane["bytes"] * 8 / seconds,
                            "retransmits": lane["retransmits"], "max_snd_cwnd": lane["max_snd_cwnd"],
                            "max_rtt": lane["max_rtt"], "min_rtt": lane["min_rtt"],
                            "mean_rtt": lane["mean_rtt"],
                            "chunks": lane["chunks"], "wire_bytes": lane["wire_bytes"],
-                           "max_pacing_rate": lane["max_pacing_rate"], "sender": True}}
+                           "max_pacing_rate": lane["max_pacing_rate"], "sender": True},
+                "receiver": _receiver_stream(rx_lanes.get(lane["socket"]), rx_seconds)}
                for lane in r.lanes]
     now = time.time()
     rss_peak, rss_base, pool = srv.get("rss_peak"), srv.get("rss_base"), srv.get("pool_bytes")
@@ -188,3 +201,89 @@ def build_document(r: RunResult) -> dict[str, Any]:
             },
         },
     }
+
+
+def _timestamp(t: float) -> dict[str, Any]:
+    return {"time": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(t)), "timesecs": int(t)}
+
+
+def build_server_document(rec: dict[str, Any]) -> dict[str, Any]:
+    """What ``kvwire-bench -s -J`` prints after each test, from the server's record of it.
+
+    Receiving (the normal direction): iperf3's ``start``/``intervals``/``end`` as seen by the receiver
+    (``end.streams[].receiver`` per lane, ``sum_received`` = bytes verified), plus ``kv`` with each
+    request's verdict and per-layer verified times (ms after the transfer began, this host's clock).
+    Sending (the client asked for ``-R``): the sender's full run document, as the client gets it.
+    A test that did not complete carries iperf3's top-level ``error``."""
+    if rec.get("role") == "sender":
+        sent = rec.get("doc")
+        sdoc: dict[str, Any]
+        if isinstance(sent, dict):
+            sdoc = dict(sent)
+            sdoc["kv"] = dict(sdoc["kv"], role="sender", direction="reverse")
+        else:
+            sdoc = {"start": {"version": f"kvwire-bench {__version__}", "system_info": " ".join(platform.uname()),
+                              "timestamp": _timestamp(time.time())}, "intervals": [], "end": {},
+                    "kv": {"role": "sender", "direction": "reverse"}}
+        if rec.get("error"):
+            sdoc["error"] = rec["error"]
+        elif not rec.get("completed"):
+            sdoc["error"] = "the client went away before the test completed"
+        return sdoc
+    results: list[dict[str, Any]] = list(rec.get("results") or [])
+    wall0 = rec.get("wall0") or 0.0
+    first, last = rec.get("first_begin"), rec.get("last_verified")
+    seconds = max((last - first) if isinstance(first, float) and isinstance(last, float) else 0.0, 1e-9)
+    verified_bytes = int(rec.get("bytes_verified") or 0)
+    host, _, port = str(rec.get("peer", "")).rpartition(":")
+    lanes = list(rec.get("lanes") or [])
+    cpu_user, cpu_system = float(rec.get("cpu_user", 0.0)), float(rec.get("cpu_system", 0.0))
+    verify_cpu = float(rec.get("verify_cpu", 0.0))
+    wall = max(last - wall0, 1e-9) if isinstance(last, float) and wall0 else seconds
+    rss_peak, rss_base, pool = rec.get("rss_peak"), rec.get("rss_base"), rec.get("pool_bytes")
+    requests = [{"request_id": x["rid"], "state": x["state"], "reason": x["reason"], "verified": bool(x["ok"]),
+                 "bytes": x["bytes"], "bytes_checked": x["checked"], "bad_blocks": x["bad_blocks"],
+                 "first_bad_offset": x["first_bad"],
+                 "start": (x["begun"] - first) if isinstance(first, float) else None,
+                 "layers": [{"layer": layer, "verified_ms": (t - x["begun"]) * 1e3} for layer, t in x["layers"]]}
+                for x in results]
+    ok = bool(rec.get("completed")) and int(rec.get("requests_failed") or 0) == 0 and bool(requests)
+    doc: dict[str, Any] = {
+        "start": {
+            "connected": rec.get("connected") or [],
+            "version": f"kvwire-bench {__version__}",
+            "system_info": " ".join(platform.uname()),
+            "timestamp": _timestamp(float(rec.get("accepted_at") or time.time())),
+            "accepted_connection": {"host": host, "port": int(port) if port.isdigit() else 0},
+            "test_start": {"protocol": "TCP", "num_streams": len(lanes), "reverse": 0},
+            "kvwire": {"run": rec.get("run"), "data_port": rec.get("data_port")},
+        },
+        "intervals": [],
+        "end": {
+            "streams": [{"receiver": _receiver_stream(lane, seconds)} for lane in lanes],
+            "sum_received": {"start": 0.0, "end": seconds, "seconds": seconds, "bytes": verified_bytes,
+                             "bits_per_second": verified_bytes * 8 / seconds, "sender": False},
+            "cpu_utilization_percent": {
+                "host_total": 100 * max(0.0, cpu_user + cpu_system - verify_cpu) / wall,
+                "host_user": 100 * max(0.0, cpu_user - verify_cpu) / wall,
+                "host_system": 100 * cpu_system / wall,
+            },
+            "receiver_tcp_congestion": rec.get("congestion", ""),
+        },
+        "kv": {
+            "role": "receiver",
+            "direction": "forward",
+            "requests": requests,
+            "lane_wire_bytes": sum(int(lane.get("bytes") or 0) for lane in lanes),
+            "cpu": {"receiver_s": max(0.0, cpu_user + cpu_system - verify_cpu), "receiver_verify_s": verify_cpu},
+            "receiver_memory": {"rss_peak": rss_peak, "rss_at_start": rss_base, "pool_bytes": pool,
+                                "beyond_pool": (rss_peak - pool) if isinstance(rss_peak, int)
+                                and isinstance(pool, int) else None},
+            "verification": {"verified": ok, "requests_ok": int(rec.get("requests_ok") or 0),
+                             "requests_failed": int(rec.get("requests_failed") or 0),
+                             "bytes_verified": verified_bytes},
+        },
+    }
+    if not rec.get("completed"):
+        doc["error"] = "the client went away before the test completed"
+    return doc

@@ -37,9 +37,46 @@ def parse_rate(text: str) -> int:
     return parse_size(text, 1000)
 
 
+EMULATE_KEYS = ("rtt", "loss", "rate", "queue", "mtu")
+
+
+def parse_emulate(text: str) -> dict[str, float]:
+    """``"rtt=20ms,loss=0.1%,rate=400mbit[,queue=1MB][,mtu=1500]"`` -> WanLink keyword arguments
+    (``rtt_ms``, ``loss``, ``rate_mbit``, ``queue_bytes``, ``mtu``); rtt and rate are required."""
+    from ..testing.wan import parse_bytes, parse_loss, parse_ms, parse_rate_mbit
+
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in EMULATE_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"bad --emulate item {item!r}: use {'=..,'.join(EMULATE_KEYS)}=.. (e.g. rtt=20ms,rate=400mbit)")
+        try:
+            if key == "rtt":
+                out["rtt_ms"] = parse_ms(value)
+            elif key == "loss":
+                out["loss"] = parse_loss(value)
+            elif key == "rate":
+                out["rate_mbit"] = parse_rate_mbit(value)
+            elif key == "queue":
+                out["queue_bytes"] = parse_bytes(value)
+            else:
+                out["mtu"] = int(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad --emulate {key}: {e}") from None
+    missing = [k for k, name in (("rtt", "rtt_ms"), ("rate", "rate_mbit")) if name not in out]
+    if missing:
+        raise argparse.ArgumentTypeError(f"--emulate needs {' and '.join(missing)} (e.g. rtt=20ms,rate=400mbit)")
+    if out["rate_mbit"] <= 0 or out["rtt_ms"] < 0 or not 0 <= out.get("loss", 0.0) < 1 \
+            or not 576 <= out.get("mtu", 1500) <= 65535:
+        raise argparse.ArgumentTypeError("--emulate needs rate > 0, rtt >= 0, 0 <= loss < 100%, 576 <= mtu <= 65535")
+    return out
+
+
 @dataclass
 class Options:
-    mode: str  # "server", "client" or "loopback"
+    mode: str  # "server", "client", "loopback" or "emulate"
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
@@ -76,6 +113,7 @@ class Options:
     connect_timeout: float = 1.5
     announce: bool = False
     verbose: bool = False
+    emulate: dict[str, float] | None = None  # --emulate: rtt_ms, loss, rate_mbit[, queue_bytes, mtu]
 
     @property
     def tls(self) -> bool:
@@ -108,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("-c", "--client", metavar="HOST", help="run as client (the sending end) against HOST")
     role.add_argument("--loopback", action="store_true",
                       help="server (a subprocess, for honest CPU accounting) and client on 127.0.0.1")
+    role.add_argument("--emulate", metavar="SPEC", type=parse_emulate,
+                      help="like --loopback, over an emulated WAN link between two network namespaces "
+                           "(root): rtt=20ms,loss=0.1%%,rate=400mbit[,queue=1MB][,mtu=1500]")
     g = p.add_argument_group("common")
     g.add_argument("-p", "--port", type=int, default=DEFAULT_PORT,
                    help=f"control port (default {DEFAULT_PORT})")
@@ -135,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--requests", type=int, metavar="K", help="send K requests (KV mode default: 1)")
     c.add_argument("-l", "--length", type=parse_size, default=256 * 1024 * 1024, metavar="BYTES",
                    help="raw mode: bytes per transfer (default 256M)")
-    c.add_argument("-R", "--reverse", action="store_true", help="server sends (not supported yet)")
+    c.add_argument("-R", "--reverse", action="store_true",
+                   help="reverse: the server sends, the client receives and verifies")
     c.add_argument("-C", "--congestion", metavar="ALGO",
                    help="TCP congestion algorithm of the lanes (bbr, cubic)")
     c.add_argument("--fq-rate", type=parse_rate, metavar="BITS/S",
@@ -165,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(a: argparse.Namespace) -> Options:
-    mode = "server" if a.server else "loopback" if a.loopback else "client"
+    mode = "server" if a.server else "loopback" if a.loopback else "emulate" if a.emulate else "client"
     key = a.key if a.key is not None else os.environ.get(KEY_ENV, "")
     o = Options(
         mode=mode, host="127.0.0.1" if mode != "client" else a.client, port=a.port, bind=a.bind,
@@ -176,7 +218,8 @@ def options_from_args(a: argparse.Namespace) -> Options:
         chunk_size=a.chunk_size, model=a.model, tokens=a.tokens, tp=a.tp, requests=a.requests,
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
-        timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose)
+        timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose,
+        emulate=a.emulate)
     if o.nbytes is not None and o.model is None:
         o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer
     if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):
@@ -190,9 +233,11 @@ def options_from_args(a: argparse.Namespace) -> Options:
 
 
 def check(o: Options) -> None:
-    if o.reverse:
-        raise UsageError("-R (the server sends) is not supported yet: run the server on the sending host "
-                         "and the client on the receiving host instead")
+    if o.reverse and o.mode == "server":
+        raise UsageError("-R is a client option (the server follows the client's choice)")
+    if o.reverse and o.tls:
+        raise UsageError("-R with TLS is not supported yet (the server would have to verify a certificate "
+                         "of the client's receiver): run without --tls-* or swap the hosts' roles")
     if o.json and o.json_stream:
         raise UsageError("-J and --json-stream are exclusive")
     if not 1 <= o.lanes <= 64:
@@ -214,8 +259,8 @@ def check(o: Options) -> None:
         raise UsageError("--prefill-ms-per-layer and -i must not be negative")
     if o.mode == "server" and (o.tls_cert is None) != (o.tls_key is None):
         raise UsageError("a TLS server needs both --tls-cert and --tls-key")
-    if o.mode == "loopback" and o.tls and not (o.tls_cert and o.tls_key and o.tls_ca):
-        raise UsageError("TLS on --loopback needs --tls-cert/--tls-key (server) and --tls-ca (client)")
+    if o.mode in ("loopback", "emulate") and o.tls and not (o.tls_cert and o.tls_key and o.tls_ca):
+        raise UsageError("TLS on --loopback/--emulate needs --tls-cert/--tls-key (server) and --tls-ca (client)")
     if o.fq_rate is not None and o.fq_rate <= 0:
         raise UsageError("--fq-rate must be positive")
 

@@ -90,9 +90,18 @@ def layer_table(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def link_line(link: dict[str, Any]) -> str:
+    """The emulated link in one line (``--emulate``)."""
+    return (f"Emulated link  rtt {link['rtt_ms']:g} ms, loss {100 * link['loss']:g}%, rate "
+            f"{link['rate_mbit']:g} Mbit/s, drop-tail queue {fmt_bytes(link['queue_bytes'])}, mtu {link['mtu']}: "
+            f"client {link['client_addr']} <-> server {link['server_addr']} (network namespaces)")
+
+
 def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]:
     end, kv = doc["end"], doc["kv"]
     out = [SEP, "[ ID] Interval           Transfer     Bitrate         Retr"]
+    if doc["start"]["test_start"].get("reverse"):
+        out[0] = SEP + "\nReverse mode: the server sent, this host received and verified"
     for st in end["streams"]:
         s = st["sender"]
         out.append(f"[{s['socket']:3d}] {0:6.2f}-{s['end']:<6.2f} sec  {fmt_bytes(s['bytes']):>11}  "
@@ -122,8 +131,11 @@ def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]
                f"chunk {fmt_bytes(kv['chunk_size'])}; every byte also checked against the pattern")
     cpu, util = kv["cpu"], end["cpu_utilization_percent"]
     per_gb = f"{cpu['cpu_s_per_gb']:.2f} CPU-s/GB" if cpu["cpu_s_per_gb"] is not None else "- CPU-s/GB"
-    out.append(f"CPU            sender {cpu['sender_s']:.2f} s ({util['host_total']:.0f}% of a core), "
-               f"receiver {cpu['receiver_s']:.2f} s ({util['remote_total']:.0f}%): {per_gb} "
+    reverse = bool(doc["start"]["test_start"].get("reverse"))
+    tx_util, rx_util = (util["remote_total"], util["host_total"]) if reverse else \
+        (util["host_total"], util["remote_total"])
+    out.append(f"CPU            sender {cpu['sender_s']:.2f} s ({tx_util:.0f}% of a core), "
+               f"receiver {cpu['receiver_s']:.2f} s ({rx_util:.0f}%): {per_gb} "
                f"[excludes payload fill {cpu['sender_fill_s']:.2f} s, "
                f"pattern check {cpu['receiver_verify_s']:.2f} s]")
     tail = kv["exposed_tail_ms"]
@@ -136,11 +148,20 @@ def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]
         out.append(f"Receiver RSS   peak {mem['rss_peak'] / 2**20:.0f} MiB = destination pool "
                    f"{mem['pool_bytes'] / 2**20:.0f} MiB + {mem['beyond_pool'] / 2**20:.0f} MiB other "
                    "(interpreter, libraries, transport)")
+    link = doc["start"].get("emulated_link")
+    if isinstance(link, dict):
+        out.append(link_line(link))
+        st = kv.get("emulated_link_stats")
+        if isinstance(st, dict) and isinstance(st.get("c2s"), dict) and isinstance(st.get("s2c"), dict):
+            out.append("               emulator drops: " + ", ".join(
+                f"{d} {st[d].get('random_drops', 0)} random + {st[d].get('queue_drops', 0)} queue"
+                for d in ("c2s", "s2c")))
     v = kv["verification"]
     if v["verified"]:
         n = v["requests_ok"] + v["requests_failed"]
         out.append(f"Verification   OK: {v['requests_ok']}/{n} requests, "
-                   f"{v['bytes_verified'] / 1e6:.1f} MB checked byte for byte by the server")
+                   f"{v['bytes_verified'] / 1e6:.1f} MB checked byte for byte by the "
+                   + ("receiver (this host)" if reverse else "server"))
     else:
         out.append(f"Verification   FAILED: {v['requests_ok']} of {v['requests_ok'] + v['requests_failed']} "
                    f"requests verified ({v['bytes_verified']} of {v['bytes_expected']} bytes)")
@@ -154,8 +175,9 @@ def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]
 class Reporter:
     """Prints as the run goes (text or JSON lines) and at the end (text or one document)."""
 
-    def __init__(self, o: Options, out: TextIO | None = None) -> None:
+    def __init__(self, o: Options, out: TextIO | None = None, link: dict[str, Any] | None = None) -> None:
         self.o = o
+        self.link = link
         self.out = out or sys.stdout
         self.text = not (o.json or o.json_stream)
         self._header_done = False
@@ -174,10 +196,18 @@ class Reporter:
             self._emit("start", {"connected": info["connected"], "connecting_to": {
                 "host": self.o.host, "port": self.o.port, "data_port": info["data_port"]},
                 "bytes_per_request": info["bytes_per_request"], "tokens": info["tokens"],
-                "layout": info["layout"].name})
+                "layout": info["layout"].name, "reverse": int(self.o.reverse)}
+                | ({"emulated_link": self.link} if self.link is not None else {}))
             return
         o = self.o
-        self.line(f"Connecting to host {o.host}, port {o.port} (kvwire data port {info['data_port']})")
+        if self.link is not None:
+            self.line(link_line(self.link))
+        if o.reverse:
+            self.line(f"Connecting to host {o.host}, port {o.port}")
+            self.line(f"Reverse mode, remote host {o.host} is sending to kvwire data port {info['data_port']} "
+                      "here (lanes as the sender sees them:)")
+        else:
+            self.line(f"Connecting to host {o.host}, port {o.port} (kvwire data port {info['data_port']})")
         for c in info["connected"]:
             self.line(f"[{c['socket']:3d}] local {c['local_host']} port {c['local_port']} connected to "
                       f"{c['remote_host']} port {c['remote_port']}")

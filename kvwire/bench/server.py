@@ -25,6 +25,7 @@ from typing import Any
 from .. import __version__
 from ..codec.manifest import Manifest
 from ..codec.transfer import State
+from ..congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from ..errors import PoolExhausted
 from ..tcp.receiver import IncomingTransfer, Receiver
 from .control import Channel, server_handshake
@@ -57,6 +58,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def session_lane_sockets(h: IncomingTransfer) -> dict[int, socket.socket]:
+    """Best effort: the lane sockets of the transport session that carries ``h``, by lane index.
+
+    ``kvwire.tcp.receiver`` has no public per-lane accounting; this reads its private ``_session.lanes``
+    (lane index -> channel with ``.sock``) and returns ``{}`` if that shape ever changes. The bench only
+    reads ``TCP_INFO`` from them (bytes received on the wire, chunk headers included)."""
+    lanes = getattr(getattr(h, "_session", None), "lanes", None)
+    if not isinstance(lanes, dict):
+        return {}
+    out: dict[int, socket.socket] = {}
+    for index, ch in list(lanes.items()):
+        sock = getattr(ch, "sock", None)
+        if isinstance(index, int) and isinstance(sock, socket.socket):
+            out[index] = sock
+    return out
+
+
 def default_congestion() -> str:
     try:
         with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as f:
@@ -76,6 +94,8 @@ class ServerConfig:
     verify_seed: int | None = None
     one_off: bool = False
     peer_timeout: float = HEARTBEAT_TIMEOUT
+    #: called once per test with its record (``-J`` on the server prints a document built from it)
+    on_test: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -98,6 +118,13 @@ class _Test:
     first_begin: float | None = None
     last_verified: float | None = None
     completed: bool = False
+    accepted_at: float = field(default_factory=time.time)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    lane_socks: dict[int, dict[int, socket.socket]] = field(default_factory=dict)  # lane -> id -> socket
+    lane_bytes: dict[int, int] = field(default_factory=dict)  # id(socket) -> last bytes_received read
+    connected: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(socket) -> its addresses
+    reverse: dict[str, Any] | None = None  # -R: the sending side's record (document or error)
+    reverse_thread: threading.Thread | None = None
 
     def send(self, op: str, **fields: Any) -> None:
         try:
@@ -248,7 +275,11 @@ class BenchServer:
                 ch.send("started", ts=test.wall0)
             elif op == "end":
                 ch.send("summary", **self._summary(test))
+            elif op == "reverse":
+                self._start_reverse(test, msg)
             elif op == "bye":
+                if test.reverse_thread is not None:
+                    test.reverse_thread.join(5)
                 test.completed = True
                 return
             else:
@@ -272,11 +303,47 @@ class BenchServer:
             return
         test.ch.send("prepared", fresh=fresh, seconds=time.monotonic() - t)
 
+    def _start_reverse(self, test: _Test, msg: dict[str, Any]) -> None:
+        """``-R``: this server sends to the receiver the client started (see ``reverse``)."""
+        from .reverse import serve_reverse
+
+        if test.reverse_thread is not None:
+            test.ch.send("error", reason="one reverse run per test")
+            return
+        try:
+            peer_host = str(test.ch.sock.getpeername()[0])
+        except OSError as e:
+            test.ch.send("error", reason=f"cannot tell the client's address: {e}")
+            return
+
+        def run() -> None:
+            test.reverse = serve_reverse(test.send, lambda: test.alive, peer_host, self.cfg.key, msg, self.log)
+
+        test.reverse_thread = threading.Thread(target=run, name="kvwire-bench-reverse", daemon=True)
+        test.reverse_thread.start()
+
+    def _sample_lanes(self, test: _Test) -> None:
+        """Read each known receiver lane socket's ``bytes_received`` (kept per socket across reconnects)."""
+        for socks in list(test.lane_socks.values()):
+            for key, sock in list(socks.items()):
+                try:
+                    info = read_tcp_info(sock)
+                except (TcpInfoUnavailable, OSError, ValueError):
+                    continue  # closed: its last reading stands
+                if info.bytes_received is not None:
+                    test.lane_bytes[key] = info.bytes_received
+
+    def _lane_totals(self, test: _Test) -> list[dict[str, Any]]:
+        self._sample_lanes(test)
+        return [{"socket": lane, "bytes": sum(test.lane_bytes.get(k, 0) for k in socks),
+                 "sockets": len(socks)} for lane, socks in sorted(test.lane_socks.items())]
+
     def _summary(self, test: _Test) -> dict[str, Any]:
         with test.cond:
             test.cond.wait_for(lambda: test.outstanding == 0, timeout=30.0)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
+            "lanes": self._lane_totals(test),
             "cpu_user": ru.ru_utime - test.cpu0[0],
             "cpu_system": ru.ru_stime - test.cpu0[1],
             "verify_cpu": test.verify_cpu,
@@ -304,14 +371,39 @@ class BenchServer:
                 h.cancel("the kvwire-bench client went away")
         test.ch.close()
         ok = test.completed and test.requests_failed == 0
+        if test.reverse is not None:
+            ok = test.completed and bool(test.reverse.get("verified"))
         if test.completed:
             self.log(f"Test {test.run} from {test.peer}: {test.requests_ok} requests verified, "
                      f"{test.requests_failed} failed, {test.bytes_verified} bytes checked byte for byte")
         else:
             self.log(f"Test {test.run} from {test.peer} ended before completing; still serving")
         self.last_test_ok = ok
+        if self.cfg.on_test is not None:
+            try:
+                self.cfg.on_test(self._record(test))
+            except Exception as e:  # noqa: BLE001 - a report must not stop the server
+                self.log(f"test report: {type(e).__name__}: {e}")
         if self.cfg.one_off:
             self._closed.set()
+
+    def _record(self, test: _Test) -> dict[str, Any]:
+        """What this side saw of a finished test (the server's ``-J`` document is built from it)."""
+        if test.reverse is not None:
+            return {"role": "sender", "run": test.run, "peer": test.peer, "completed": test.completed,
+                    **test.reverse}
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {"role": "receiver", "run": test.run, "peer": test.peer, "completed": test.completed,
+                "accepted_at": test.accepted_at, "data_port": self.data_address[1],
+                "lanes": self._lane_totals(test),
+                "connected": sorted(test.connected.values(), key=lambda c: (c["socket"], c["local_port"])),
+                "results": list(test.results), "wall0": test.wall0,
+                "cpu_user": ru.ru_utime - test.cpu0[0], "cpu_system": ru.ru_stime - test.cpu0[1],
+                "verify_cpu": test.verify_cpu, "rss_peak": proc_status_bytes("VmHWM"),
+                "rss_base": test.rss_base, "pool_bytes": self.pool.held_bytes,
+                "requests_ok": test.requests_ok, "requests_failed": test.requests_failed,
+                "bytes_verified": test.bytes_verified, "first_begin": test.first_begin,
+                "last_verified": test.last_verified, "congestion": default_congestion()}
 
     # ---------------------------------------------------------------- transfers
     def _test_of(self, request_id: str) -> _Test | None:
@@ -353,6 +445,19 @@ class BenchServer:
         ranges = {layer: (plan.offsets[r.start], plan.offsets[r.stop - 1] + plan.lengths[r.stop - 1])
                   for layer, r in plan.layer_chunks.items()}
         chk = _Check(test, h, ranges)
+        for lane, sock in session_lane_sockets(h).items():
+            socks = test.lane_socks.setdefault(lane, {})
+            if id(sock) in socks:
+                continue
+            socks[id(sock)] = sock
+            try:
+                lh, lp = sock.getsockname()[:2]
+                rh, rp = sock.getpeername()[:2]
+            except OSError:
+                continue
+            test.connected[id(sock)] = {"socket": lane, "local_host": lh, "local_port": lp, "remote_host": rh,
+                                        "remote_port": rp}
+        self._sample_lanes(test)
         with test.cond:
             test.outstanding += 1
             if test.first_begin is None:
@@ -435,6 +540,9 @@ class BenchServer:
                 test.last_verified = max(test.last_verified or last, last)
             test.outstanding -= 1
             test.cond.notify_all()
-        test.send("result", rid=h.request_id, state=h.state.value, reason=h.reason, ok=ok, bytes=total,
-                  checked=chk.bytes_checked, bad_blocks=chk.bad_blocks, first_bad=chk.first_bad,
-                  begun=h.started, layers=[[layer, t] for layer, t in times], verify_cpu=chk.cpu)
+        result = {"rid": h.request_id, "state": h.state.value, "reason": h.reason, "ok": ok, "bytes": total,
+                  "checked": chk.bytes_checked, "bad_blocks": chk.bad_blocks, "first_bad": chk.first_bad,
+                  "begun": h.started, "layers": [[layer, t] for layer, t in times], "verify_cpu": chk.cpu}
+        if self.cfg.on_test is not None:
+            test.results.append(result)
+        test.send("result", **result)
