@@ -1,5 +1,7 @@
 """``--loopback``: a one-off bench server in a child process on 127.0.0.1, and the client against it.
 
+(``--emulate`` starts the same server through ``ip netns exec`` on the emulated link's server side.)
+
 Owns: the server's command line (ephemeral ports, the key passed through the environment, never argv),
 waiting for its "Server listening" line, relaying its output with ``-v`` and stopping it. A process,
 not a thread: the receiver gets its own interpreter (no GIL shared with the sender) and its own
@@ -23,8 +25,8 @@ LISTENING = re.compile(r"Server listening on (\S+) port (\d+)")
 START_TIMEOUT = 60.0
 
 
-def server_command(o: Options) -> list[str]:
-    argv = [sys.executable, "-m", "kvwire.bench", "-s", "-1", "-B", "127.0.0.1", "-p", "0",
+def server_command(o: Options, bind: str = "127.0.0.1") -> list[str]:
+    argv = [sys.executable, "-m", "kvwire.bench", "-s", "-1", "-B", bind, "-p", "0",
             "--data-port", "0", "--pool-bytes", str(o.pool_bytes)]
     if o.verify_seed is not None:
         argv += ["--verify-seed", str(o.verify_seed)]
@@ -34,16 +36,17 @@ def server_command(o: Options) -> list[str]:
 
 
 class LoopbackServer:
-    """Context manager: ``port`` is the server's control port once entered."""
+    """Context manager: ``port`` is the server's control port once entered. ``prefix`` runs the server
+    through a wrapper (``ip netns exec NS`` for ``--emulate``), listening on ``bind``."""
 
-    def __init__(self, o: Options) -> None:
+    def __init__(self, o: Options, bind: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
         self.o = o
         self.port = 0
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: o.key.decode()}
-        self.proc = subprocess.Popen(server_command(o), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     env=env, text=True)
+        self.proc = subprocess.Popen((prefix or []) + server_command(o, bind), stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, env=env, text=True)
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
 
