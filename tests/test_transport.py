@@ -296,7 +296,8 @@ def test_two_transfers_on_one_session_share_the_lanes(no_leaks: None) -> None:
             connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
         outs = [s.send(layout, r) for r in reqs]
         progress_of_second: list[float] = []
-        outs[0].add_done_callback(lambda _f: progress_of_second.append(outs[1].bytes_sent / outs[1].manifest.total_bytes))
+        second = outs[1]
+        outs[0].add_done_callback(lambda _f: progress_of_second.append(second.bytes_sent / second.manifest.total_bytes))
         for h, src in zip(outs, srcs):  # both fully written before either is accepted and sent
             h.write_all(src)
         for h in outs:
