@@ -357,3 +357,23 @@ def test_mutual_tls_round_trip_and_client_without_cert_is_refused(pki: Path, no_
         with pytest.raises((ssl.SSLError, ConnectionError, KvwireError)):
             connect(*rx.address, ssl_context=anonymous, key="k", connect_timeout=3)
         assert h_rx.state is State.DONE
+
+
+def test_receiver_limits_sessions_and_bytes_in_flight(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("big-1")
+    size = _total(layout, req)
+    with Receiver(max_sessions=1, max_inflight_bytes=size + size // 2,
+                  allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx:
+        with connect(*rx.address, lanes=1) as s:
+            with pytest.raises((AuthenticationError, ConnectionError, KvwireError), match="too many sessions"):
+                connect(*rx.address, lanes=1)
+            first = s.send(layout, req)  # accepted, never written: holds its bytes in flight
+            rx.next_transfer(5)
+            second = s.send(layout, default_request("big-2"))
+            with pytest.raises(TransferFailed, match="busy"):
+                second.result(10)
+            first.cancel()
+            third = s.send(layout, default_request("big-3"))
+            third.write_all(payload(layout, default_request("big-3")))
+            third.finish().result(10)
