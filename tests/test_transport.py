@@ -66,6 +66,8 @@ def test_layers_become_ready_as_written_and_wait_layer_blocks(no_leaks: None) ->
                     assert dst[lo : lo + x.nbytes].tobytes() == src[x.index].tobytes()
         h.finish().result(10)
         h_rx.result(10)
+        assert sum(h_rx.lane_bytes().values()) == h.manifest.total_bytes  # no chunk was re-sent here
+        assert set(h_rx.lane_bytes()) <= set(h_rx.lane_sockets()) and len(h_rx.lane_sockets()) == 2
         assert seen == list(range(layout.num_layers))
         assert list(h_rx.layers(timeout=1)) == list(range(layout.num_layers))
 

@@ -58,23 +58,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def session_lane_sockets(h: IncomingTransfer) -> dict[int, socket.socket]:
-    """Best effort: the lane sockets of the transport session that carries ``h``, by lane index.
-
-    ``kvwire.tcp.receiver`` has no public per-lane accounting; this reads its private ``_session.lanes``
-    (lane index -> channel with ``.sock``) and returns ``{}`` if that shape ever changes. The bench only
-    reads ``TCP_INFO`` from them (bytes received on the wire, chunk headers included)."""
-    lanes = getattr(getattr(h, "_session", None), "lanes", None)
-    if not isinstance(lanes, dict):
-        return {}
-    out: dict[int, socket.socket] = {}
-    for index, ch in list(lanes.items()):
-        sock = getattr(ch, "sock", None)
-        if isinstance(index, int) and isinstance(sock, socket.socket):
-            out[index] = sock
-    return out
-
-
 def default_congestion() -> str:
     try:
         with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as f:
@@ -445,7 +428,7 @@ class BenchServer:
         ranges = {layer: (plan.offsets[r.start], plan.offsets[r.stop - 1] + plan.lengths[r.stop - 1])
                   for layer, r in plan.layer_chunks.items()}
         chk = _Check(test, h, ranges)
-        for lane, sock in session_lane_sockets(h).items():
+        for lane, sock in h.lane_sockets().items():
             socks = test.lane_socks.setdefault(lane, {})
             if id(sock) in socks:
                 continue

@@ -54,6 +54,7 @@ class IncomingTransfer(Outcome):
         self.started = time.monotonic()
         self._cond = threading.Condition()
         self._layer_callbacks: list[Callable[[int], None]] = []
+        self._lane_bytes: dict[int, int] = {}
         # internal, guarded by the session lock
         self._sm: ReceiverTransfer | None = None
         self._writers = 0
@@ -80,6 +81,19 @@ class IncomingTransfer(Outcome):
                 if left is not None and left <= 0:
                     raise TimeoutError(f"layer {layer} not ready after {timeout}s")
                 self._cond.wait(left if left is not None else 1.0)
+
+    def lane_sockets(self) -> dict[int, socket.socket]:
+        """The live lane sockets of the session carrying this transfer, by lane index (for TCP_INFO)."""
+        s = self._session
+        if s is None:
+            return {}
+        with s.lock:
+            return {i: ch.sock for i, ch in s.lanes.items() if not ch.closed}
+
+    def lane_bytes(self) -> dict[int, int]:
+        """Payload bytes of this transfer received so far on each lane (re-sent chunks counted again)."""
+        with self._cond:
+            return dict(self._lane_bytes)
 
     def on_layer(self, fn: Callable[[int], None]) -> None:
         """Call ``fn(layer)`` from a receiver thread as each layer is verified (keep it short)."""
@@ -507,7 +521,7 @@ class Receiver:
         ch.send(F.WELCOME, {})
         ch.sock.settimeout(None)
         try:
-            self._lane_loop(s, ch)
+            self._lane_loop(s, ch, lane)
         except (OSError, KvwireError):
             pass
         finally:
@@ -515,7 +529,7 @@ class Receiver:
                 if s.lanes.get(lane) is ch:
                     del s.lanes[lane]
 
-    def _lane_loop(self, s: _Session, ch: Channel) -> None:
+    def _lane_loop(self, s: _Session, ch: Channel, lane: int) -> None:
         scratch = memoryview(bytearray(256 * 1024))
         sock = ch.sock
         while True:
@@ -566,6 +580,8 @@ class Receiver:
                         s.pending.discard(t)
                 if pending is not None:
                     t._finish(*pending)
+            with t._cond:
+                t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
             now = time.monotonic()
             for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
                 t._layer_ready(layer, now)
