@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,132 +24,15 @@ from ..buffers import segment_views
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
-from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
 from ..errors import KvwireError, ProtocolError
 from .auth import SessionKeys, check_lane, server_handshake, server_hello
-from .handle import Outcome
+from .incoming import IncomingTransfer
 from .wire import Channel, drain, recv_exact_into, tune
 
 log = logging.getLogger("kvwire.receiver")
 
 Allocator = Callable[[Manifest], Any]
-
-
-class IncomingTransfer(Outcome):
-    """Receiver-side handle of one transfer. Layers become readable as ``wait_layer`` returns."""
-
-    def __init__(self, request_id: str, dest: Any = None, layout: ModelLayout | None = None,
-                 state_position: int | None = None, deadline: float | None = None) -> None:
-        super().__init__()
-        self.request_id = request_id
-        self.dest = dest
-        self.layout = layout
-        self.state_position = state_position
-        self.deadline = deadline
-        self.manifest: Manifest | None = None
-        self.plan: ChunkPlan | None = None
-        self.views: list[memoryview] = []
-        self.layer_times: dict[int, float] = {}
-        self.started = time.monotonic()
-        self._cond = threading.Condition()
-        self._layer_callbacks: list[Callable[[int], None]] = []
-        self._lane_bytes: dict[int, int] = {}
-        # internal, guarded by the session lock
-        self._sm: ReceiverTransfer | None = None
-        self._writers = 0
-        self._pending: tuple[State, str] | None = None
-        self._pending_since = 0.0
-        self._writing: set[Channel] = set()
-        self._session: _Session | None = None
-
-    # ---- caller API
-    @property
-    def layers_ready(self) -> set[int]:
-        with self._cond:
-            return set(self.layer_times)
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Return once ``layer`` is verified in the destination; raise if the transfer ended without it."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while layer not in self.layer_times:
-                if self.finished:
-                    self.result(0)  # raises the terminal error
-                    raise KvwireError(f"transfer done but layer {layer} is not in it")
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
-                self._cond.wait(left if left is not None else 1.0)
-
-    def lane_sockets(self) -> dict[int, socket.socket]:
-        """The live lane sockets of the session carrying this transfer, by lane index (for TCP_INFO)."""
-        s = self._session
-        if s is None:
-            return {}
-        with s.lock:
-            return {i: ch.sock for i, ch in s.lanes.items() if not ch.closed}
-
-    def lane_bytes(self) -> dict[int, int]:
-        """Payload bytes of this transfer received so far on each lane (re-sent chunks counted again)."""
-        with self._cond:
-            return dict(self._lane_bytes)
-
-    def on_layer(self, fn: Callable[[int], None]) -> None:
-        """Call ``fn(layer)`` from a receiver thread as each layer is verified (keep it short)."""
-        with self._cond:
-            done = sorted(self.layer_times)
-            self._layer_callbacks.append(fn)
-        for layer in done:
-            fn(layer)
-
-    def layers(self, timeout: float | None = None) -> Iterator[int]:
-        """Yield layer indices in the order they become ready, until every layer with bytes is in."""
-        seen: set[int] = set()
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                while True:
-                    fresh = [i for i in self.layer_times if i not in seen]
-                    total = len(self.plan.layer_chunks) if self.plan is not None else None
-                    if fresh or (total is not None and len(seen) == total) or self.finished:
-                        break
-                    left = None if end is None else end - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError("no layer arrived in time")
-                    self._cond.wait(left if left is not None else 1.0)
-            fresh.sort(key=lambda i: self.layer_times[i])
-            for i in fresh:
-                seen.add(i)
-                yield i
-            if self.plan is not None and len(seen) == len(self.plan.layer_chunks):
-                return
-            if not fresh and self.finished:
-                self.result(0)
-                return
-
-    def cancel(self, reason: str = "cancelled by receiver") -> None:
-        s = self._session
-        if s is None:
-            with self._cond:
-                self._resolve(State.CANCELLED, reason)
-                self._cond.notify_all()
-            return
-        s.server._end(s, self, State.CANCELLED, reason, notify=F.CANCEL)
-
-    # ---- receiver internals
-    def _layer_ready(self, layer: int, t: float) -> None:
-        with self._cond:
-            self.layer_times[layer] = t
-            cbs = list(self._layer_callbacks)
-            self._cond.notify_all()
-        for fn in cbs:
-            fn(layer)
-
-    def _finish(self, state: State, reason: str) -> None:
-        with self._cond:
-            self._resolve(state, reason, self)
-            self._cond.notify_all()
 
 
 @dataclass
