@@ -357,6 +357,7 @@ def test_mutual_tls_round_trip_and_client_without_cert_is_refused(pki: Path, no_
         with pytest.raises((ssl.SSLError, ConnectionError, KvwireError)):
             connect(*rx.address, ssl_context=anonymous, key="k", connect_timeout=3)
         assert h_rx.state is State.DONE
+        assert wait_until(lambda: not rx._conns, 5)  # TLS-wrapped connections are accounted for too
 
 
 def test_receiver_limits_sessions_and_bytes_in_flight(no_leaks: None) -> None:
@@ -377,3 +378,20 @@ def test_receiver_limits_sessions_and_bytes_in_flight(no_leaks: None) -> None:
             third = s.send(layout, default_request("big-3"))
             third.write_all(payload(layout, default_request("big-3")))
             third.finish().result(10)
+
+
+def test_unauthenticated_connections_are_bounded(no_leaks: None) -> None:
+    with Receiver(max_handshakes=4, handshake_timeout=1.0) as rx:
+        idle = [socket.create_connection(rx.address) for _ in range(4)]
+        try:
+            assert wait_until(lambda: rx._handshaking == 4, 5)
+            with socket.create_connection(rx.address) as extra:  # over the cap: closed at once
+                assert _closed_by_peer(extra, 0.5)
+            for c in idle:  # the silent ones are dropped after the handshake timeout
+                assert _closed_by_peer(c, 3.0)
+        finally:
+            for c in idle:
+                c.close()
+        assert wait_until(lambda: rx._handshaking == 0, 5)
+        _receiver_still_serves(rx)
+        assert wait_until(lambda: not rx._conns, 5)

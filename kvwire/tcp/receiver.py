@@ -86,6 +86,7 @@ class Receiver:
         peer_timeout: float = 10.0,
         heartbeat: float = 1.0,
         handshake_timeout: float = 5.0,
+        max_handshakes: int = 128,
     ) -> None:
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
@@ -100,6 +101,8 @@ class Receiver:
         self.peer_timeout = peer_timeout
         self.heartbeat = heartbeat
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self._handshaking = 0
         self._lock = threading.Lock()
         self._sessions: dict[bytes, _Session] = {}
         self._expected: dict[str, IncomingTransfer] = {}
@@ -199,16 +202,28 @@ class Receiver:
             except OSError:
                 return
             with self._lock:
-                over = len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
+                # unauthenticated connections are bounded on their own: they cost a thread each
+                over = (len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
+                        or self._handshaking >= self.max_handshakes)
                 if not over:
                     self._conns.add(sock)
+                    self._handshaking += 1
             if over:
                 sock.close()
                 continue
             self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, f"{addr[0]}:{addr[1]}")
 
-    def _connection(self, sock: socket.socket, peer: str) -> None:
+    def _connection(self, raw: socket.socket, peer: str) -> None:
         ch: Channel | None = None
+        sock = raw
+        pending = [True]
+
+        def authenticated() -> None:
+            with self._lock:
+                if pending[0]:
+                    pending[0] = False
+                    self._handshaking -= 1
+
         try:
             tune(sock, self.peer_timeout)
             sock.settimeout(self.handshake_timeout)
@@ -217,21 +232,23 @@ class Receiver:
             ch = Channel(sock, self.limits)
             kind, body = server_hello(ch)
             if kind == F.HELLO:
-                self._control(ch, body, peer)
+                self._control(ch, body, peer, authenticated)
             else:
-                self._lane(ch, body)
+                self._lane(ch, body, authenticated)
         except (OSError, KvwireError, ValueError) as e:
             log.info("connection from %s ended: %s: %s", peer, type(e).__name__, e)
         finally:
+            authenticated()
             if ch is not None:
                 ch.close()
             else:
                 sock.close()
+            raw.close()
             with self._lock:
-                self._conns.discard(sock)
+                self._conns.discard(raw)
 
     # ------------------------------------------------------------ control
-    def _control(self, ch: Channel, hello: dict[str, Any], peer: str) -> None:
+    def _control(self, ch: Channel, hello: dict[str, Any], peer: str, authenticated: Callable[[], None]) -> None:
         with self._lock:
             full = len(self._sessions) >= self.max_sessions
         if full:
@@ -246,6 +263,7 @@ class Receiver:
                 self._sessions[keys.session_id] = sessions[0]
 
         server_handshake(ch, self.key, hello, limits, register)
+        authenticated()
         s = sessions[0]
         ch.sock.settimeout(None)
         try:
@@ -386,7 +404,7 @@ class Receiver:
             ch.close()
 
     # ------------------------------------------------------------ lanes
-    def _lane(self, ch: Channel, body: dict[str, Any]) -> None:
+    def _lane(self, ch: Channel, body: dict[str, Any], authenticated: Callable[[], None]) -> None:
         sid = body.get("session")
         with self._lock:
             s = self._sessions.get(sid) if isinstance(sid, bytes) else None
@@ -394,6 +412,7 @@ class Receiver:
             ch.send(F.ERROR, {"reason": "unknown session"})
             return
         lane = check_lane(self.key, s.keys, body)
+        authenticated()
         with s.lock:
             if s.closed or (lane not in s.lanes and len(s.lanes) >= self.max_lanes):
                 raise ProtocolError("lane refused")
