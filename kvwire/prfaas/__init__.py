@@ -1,0 +1,17 @@
+"""The reference PrfaaS (Prefill-as-a-Service, arXiv 2604.15039) server built on kvwire's public API.
+
+``model`` (the throughput model and grid search, pure), ``router`` (length-threshold, cache-aware routing
+and the short/long control loops, pure), ``workload`` (synthetic lengths and payload patterns), ``server``
+(prefill instances streaming layers to decode peers, exposing the egress ``LinkState``), ``demo``
+(``python -m kvwire.prfaas.demo``). Must not know: kvwire internals beyond the public API and ``LinkState``.
+"""
+
+from .model import Deployment, DecodeProfile, KvSize, PrefillProfile, Throughput, paper_deployment, plan
+from .router import PD, PRFAAS, Decision, RouteRequest, Router, RouterConfig
+from .server import JobReport, PrefillJob, PrfaasServer, SimulatedPrefill
+
+__all__ = [
+    "PD", "PRFAAS", "Decision", "DecodeProfile", "Deployment", "JobReport", "KvSize", "PrefillJob",
+    "PrefillProfile", "PrfaasServer", "RouteRequest", "Router", "RouterConfig", "SimulatedPrefill", "Throughput",
+    "paper_deployment", "plan",
+]
