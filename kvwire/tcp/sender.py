@@ -35,6 +35,9 @@ from .wire import Channel, send_parts, tune
 #: test-only fault hook: called with (lane index, transfer id, chunk, payload pieces) before a send;
 #: may return replacement pieces (to corrupt a chunk in flight). Never set in production.
 FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None"]
+#: called with (lane index, socket) each time a lane's socket is connected (opened, reopened or
+#: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
+LaneHook = Callable[[int, socket.socket], None]
 
 
 class OutgoingTransfer(Outcome):
@@ -113,9 +116,15 @@ class Session:
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
                  heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
-                 limits: F.Limits = F.DEFAULT_LIMITS) -> None:
+                 limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
+                 on_lane_open: LaneHook | None = None) -> None:
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
+        if max_lanes is not None and not lanes <= max_lanes <= 256:
+            raise ValueError("max_lanes must be in lanes..256")
+        self.max_lanes = max_lanes if max_lanes is not None else max(lanes, 16)
+        self.on_lane_open = on_lane_open
+        self._active = lanes  # lanes with index >= this pull no new chunks (set_active_lanes)
         self.address = (host, port)
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
@@ -184,9 +193,47 @@ class Session:
     def alive_lanes(self) -> int:
         return sum(1 for lane in self.lanes if lane.alive)
 
+    @property
+    def active_lanes(self) -> int:
+        """How many lanes pull chunks (``set_active_lanes``); parked lanes stay connected."""
+        return self._active
+
     def lane_sockets(self) -> list[socket.socket]:
-        """The live lane sockets (for TCP_INFO probing and pacing by kvwire.congestion)."""
-        return [lane.ch.sock for lane in self.lanes if lane.alive]
+        """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
+        with self._cond:
+            return [lane.ch.sock for lane in self.lanes if lane.alive and lane.index < self._active]
+
+    def set_active_lanes(self, n: int) -> int:
+        """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
+
+        Lanes with index >= ``n`` stop pulling new chunks (chunks they already took still complete) and
+        stay connected, parked, for a later raise; raising past the opened count opens new lanes (their
+        connection happens here, on the caller's thread). A lane that fails to open leaves the count at
+        the lanes that did.
+        """
+        n = max(1, min(self.max_lanes, int(n)))
+        with self._cond:
+            if self._closed:
+                return self._active
+            have = len(self.lanes)
+        opened: list[_Lane] = []
+        for i in range(have, n):
+            try:
+                ch = self._open_lane(i)
+            except (OSError, KvwireError):
+                break
+            opened.append(_Lane(i, ch))
+        with self._cond:
+            if self._closed:
+                for lane in opened:
+                    lane.ch.close()
+                return self._active
+            self.lanes.extend(opened)
+            self._active = min(n, len(self.lanes))
+            self._cond.notify_all()
+        for lane in opened:
+            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane)
+        return self._active
 
     def close(self) -> None:
         with self._cond:
@@ -235,6 +282,11 @@ class Session:
         except BaseException:
             ch.close()
             raise
+        if self.on_lane_open is not None:
+            try:
+                self.on_lane_open(index, ch.sock)
+            except Exception:  # a congestion knob the kernel refused must not cost the lane
+                pass
         return ch
 
     def _start(self, fn: Callable[..., None], name: str, *args: Any) -> None:
@@ -258,11 +310,11 @@ class Session:
     def _lane_loop(self, lane: _Lane) -> None:
         while True:
             with self._cond:
-                pick = self._pick()
+                pick = self._pick() if lane.index < self._active else None
                 while pick is None and not self._closed:
                     busy = any(v is lane for v in self._inflight.values())
                     self._cond.wait(0.05 if busy else 0.5)
-                    pick = self._pick()
+                    pick = self._pick() if lane.index < self._active else None
                     if pick is None and busy and _peer_gone(lane.ch.sock):
                         break  # idle with chunks in flight, and the receiver dropped the lane
                 if pick is None and not self._closed:
