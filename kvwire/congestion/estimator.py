@@ -4,7 +4,8 @@ Owns: ``LinkEstimator`` (pure: fed ``(timestamp, samples)``; no clock, no socket
 snapshots it returns, ``LinkState`` and ``LaneState``. Signals: goodput ``G = Σ Δbytes_acked / Δt``,
 bottleneck bandwidth (windowed max of ``G`` averaged over short spans), min RTT (windowed min), queueing ratio
 ``median(srtt) / min_rtt``, retransmit rate ``Σ Δbytes_retrans / Σ Δbytes_sent``, receive-window- and
-send-buffer-limited shares of busy time, utilization of a configured or probed capacity.
+send-buffer-limited shares of busy time, utilization of a configured or probed capacity, and the
+bandwidth other flows take (a standing queue while our goodput is below the capacity).
 Must not know: how samples are taken, sessions, or what is done about the estimate (``controller``).
 """
 
@@ -33,6 +34,11 @@ class EstimatorConfig:
     congested_ratio: float = 1.5  # queueing ratio that counts as congestion
     congested_loss: float = 0.02  # retransmit rate that counts as congestion
     min_busy: float = 0.5  # lanes busy less than this share of the time are app-limited
+    # alone on the link (True): a standing queue means the link is full at our goodput, so the probed
+    # capacity follows it down (a rate drop). Sharing (False): the capacity only goes up after the
+    # first probe, and a standing queue below it is read as competing traffic instead.
+    capacity_follows_queue: bool = True
+    competing_margin: float = 0.1  # goodput below (1 - this) x capacity under a queue: others present
 
     def __post_init__(self) -> None:
         for name in ("bw_window", "bw_sample", "rtt_window", "stats_window"):
@@ -76,7 +82,7 @@ class LinkState:
     btl_bw: float
     capacity: float | None
     utilization: float | None
-    available_bw: float | None
+    available_bw: float | None  # headroom: capacity - goodput, 0 while a standing queue shows it full
     min_rtt: float | None
     srtt: float | None
     queueing_ratio: float | None
@@ -87,6 +93,12 @@ class LinkState:
     congested: bool
     saturated: bool
     lanes: tuple[LaneState, ...] = field(default=())
+    competing_bw: float | None = None  # what others take: capacity - goodput while saturated below it
+
+    @property
+    def usable_bw(self) -> float | None:
+        """What kvwire can have now without taking from others: goodput + headroom."""
+        return None if self.available_bw is None else self.goodput + self.available_bw
 
     def to_dict(self) -> dict[str, object]:
         """Plain data (numbers, bools, None, lists, dicts) for JSON/msgpack and logs."""
@@ -170,6 +182,13 @@ class LinkEstimator:
             raise ValueError("capacity must be positive")
         self._capacity_set = bytes_per_s
 
+    def seed_capacity(self, bytes_per_s: float) -> None:
+        """Start the probed capacity at ``bytes_per_s`` (an earlier probe's result); unlike
+        ``set_capacity`` it keeps being probed from there."""
+        if bytes_per_s <= 0:
+            raise ValueError("capacity must be positive")
+        self._probed = bytes_per_s
+
     def update(self, now: float, samples: Mapping[LaneKey, TcpInfo] | Sequence[TcpInfo]) -> LinkState:
         """Feed one sampling round taken at ``now`` (seconds, any monotonic clock)."""
         if self._last_t is not None and now <= self._last_t:
@@ -227,26 +246,35 @@ class LinkEstimator:
         srtt = statistics.median(active) if active else None
         ratio = srtt / min_rtt if srtt is not None and min_rtt else None
         saturated = ratio is not None and ratio >= cfg.saturated_ratio and busy >= cfg.min_busy
-        capacity = self._capacity(saturated, btl_bw)
+        capacity = self._capacity(saturated, self._bw[-1][1] if self._bw else 0.0)
+        competing = None
+        if capacity:
+            competing = 0.0
+            if saturated and goodput < (1 - cfg.competing_margin) * capacity:
+                competing = capacity - goodput
         return LinkState(
             timestamp=now, goodput=goodput, btl_bw=btl_bw, capacity=capacity,
             utilization=goodput / capacity if capacity else None,
-            available_bw=max(0.0, capacity - goodput) if capacity else None,
+            available_bw=(0.0 if saturated else max(0.0, capacity - goodput)) if capacity else None,
+            competing_bw=competing,
             min_rtt=min_rtt, srtt=srtt, queueing_ratio=ratio, loss_rate=loss, busy=busy,
             rwnd_limited=_share(sum(iv.d.rwnd_us for iv in stats), busy_us),
             sndbuf_limited=_share(sum(iv.d.sndbuf_us for iv in stats), busy_us),
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
             saturated=saturated, lanes=lanes)
 
-    def _capacity(self, saturated: bool, btl_bw: float) -> float | None:
+    def _capacity(self, saturated: bool, recent: float) -> float | None:
+        """``recent``: goodput over the last ``bw_sample`` span. Under a standing queue the link is full,
+        so that span's goodput *is* the bottleneck rate (when alone); otherwise it is a lower bound.
+        The newest span, not the windowed max, so a rate drop is not undone by samples from before it."""
         if self.config.capacity is not None:
             return self.config.capacity
         if self._capacity_set is not None:
             return self._capacity_set
-        if saturated and btl_bw > 0:
-            self._probed = btl_bw
+        if saturated and recent > 0 and (self._probed is None or self.config.capacity_follows_queue):
+            self._probed = recent
         elif self._probed is not None:
-            self._probed = max(self._probed, btl_bw)
+            self._probed = max(self._probed, recent)
         return self._probed
 
 
