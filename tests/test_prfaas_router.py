@@ -9,7 +9,7 @@ import pytest
 
 from kvwire.congestion.estimator import LinkState
 from kvwire.prfaas import model
-from kvwire.prfaas.router import PD, PRFAAS, RouteRequest, Router, RouterConfig
+from kvwire.prfaas.router import PD, PRFAAS, Router, RouterConfig, RouteRequest
 from kvwire.prfaas.workload import lognormal_lengths
 
 T = 8000.0

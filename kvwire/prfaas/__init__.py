@@ -6,8 +6,8 @@ and the short/long control loops, pure), ``workload`` (synthetic lengths and pay
 (``python -m kvwire.prfaas.demo``). Must not know: kvwire internals beyond the public API and ``LinkState``.
 """
 
-from .model import Deployment, DecodeProfile, KvSize, PrefillProfile, Throughput, paper_deployment, plan
-from .router import PD, PRFAAS, Decision, RouteRequest, Router, RouterConfig
+from .model import DecodeProfile, Deployment, KvSize, PrefillProfile, Throughput, paper_deployment, plan
+from .router import PD, PRFAAS, Decision, Router, RouterConfig, RouteRequest
 from .server import JobReport, PrefillJob, PrfaasServer, SimulatedPrefill
 
 __all__ = [

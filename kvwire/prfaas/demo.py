@@ -22,7 +22,7 @@ import kvwire
 
 from ..congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from . import model
-from .router import PRFAAS, Decision, RouteRequest, Router, RouterConfig
+from .router import PRFAAS, Decision, Router, RouterConfig, RouteRequest
 from .server import JobReport, PrfaasServer, SimulatedPrefill
 from .workload import check_payload, lognormal_lengths, payload_bytes, synthetic_requests
 
@@ -155,7 +155,8 @@ def run(cfg: DemoConfig) -> DemoResult:
             outcomes.append(o)
             if d.target == PRFAAS:
                 n = max(1, math.ceil(sr.total / cfg.token_scale))
-                req = kvwire.RequestSpec(sr.request_id, n, n, prefix_hit={"attn": min(n, sr.cached_pd // cfg.token_scale)})
+                hit = min(n, sr.cached_pd // cfg.token_scale)  # what the decode node's own cluster caches
+                req = kvwire.RequestSpec(sr.request_id, n, n, prefix_hit={"attn": hit})
                 dest = np.empty(payload_bytes(layout, req), np.uint8)
                 inc = rx.expect(sr.request_id, dest, layout=layout, state_position=n)
                 pending.append((o, server.submit(req, rx.address, length=d.incremental), inc, dest, req))
