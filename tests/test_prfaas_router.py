@@ -134,6 +134,13 @@ def test_long_timescale_replans_on_observed_lengths() -> None:
         r.route(RouteRequest(f"r{i}", n))
     p = r.maybe_replan(1.0)
     assert p is not None and p.n_p + p.n_d == dep.n_pd and p.lam_max > 0
-    assert r.t_star == p.split.t and r.t == r.t_star  # t sat at t*, so it follows
+    assert r.t_star == p.split.t < 50000 and r.t == 50000  # a lower t* is not jumped to ...
     assert p.lam_max == pytest.approx(model.plan(dep, list(r.observed_lengths)).lam_max)
+    feed(r, 1.0, 10.0, util=0.2)  # ... but walked to in bounded steps, given headroom
+    assert r.t == r.t_star and len(r.history) > 3 and all(c.why == "headroom" for c in r.history)
     assert r.maybe_replan(5.0) is None and r.maybe_replan(11.0) is not None
+    low = Router(1000.0, RouterConfig(replan_s=10, replan_min_samples=100), deployment=dep)
+    for i, n in enumerate(lognormal_lengths(500, seed=5)):
+        low.route(RouteRequest(f"r{i}", n))
+    p2 = low.maybe_replan(0.0)  # a higher t* applies at once
+    assert p2 is not None and low.t == low.t_star == p2.split.t > 1000 and low.history[-1].why == "replan"

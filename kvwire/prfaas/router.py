@@ -191,8 +191,9 @@ class Router:
     def maybe_replan(self, now: float, force: bool = False) -> model.Throughput | None:
         """§2.5: every ``replan_s``, re-run the grid search on the observed incremental lengths.
 
-        Moves t* (and t, if it sat at the old t*) and returns the plan, whose ``n_p``/``n_d`` is the
-        recommended PD split; ``None`` when not due, without a deployment, or with too few samples.
+        Moves t* and returns the plan, whose ``n_p``/``n_d`` is the recommended PD split; ``None`` when not
+        due, without a deployment, or with too few samples. A higher t* applies at once (fewer offloads is
+        the safe direction); a lower one is approached by the short loop's bounded steps, given headroom.
         """
         cfg = self.config
         due = force or self._last_plan_at is None or now - self._last_plan_at >= cfg.replan_s
@@ -200,8 +201,7 @@ class Router:
             return None
         self._last_plan_at = now
         self.last_plan = model.plan(self.deployment, list(self._lengths))
-        at_star = self.t == self.t_star
         self.t_star = self._clamp(self.last_plan.split.t)
-        if at_star or self.t < self.t_star:
+        if self.t < self.t_star:
             self._set(now, self.t_star, "replan")
         return self.last_plan
