@@ -17,17 +17,19 @@ from kvwire.congestion.controller import (
     decide,
     initial_state,
     lanes_for,
+    mathis_rate,
 )
 from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.tcpinfo import get_congestion, get_pacing_rate
 
 
 def ls(t: float, goodput: float, *, q: float = 1.0, loss: float = 0.0, busy: float = 1.0,
-       btl_bw: float | None = None, capacity: float | None = None, rwnd: float = 0.0) -> LinkState:
+       btl_bw: float | None = None, capacity: float | None = None, rwnd: float = 0.0,
+       competing: float | None = None, min_rtt: float = 0.02) -> LinkState:
     return LinkState(timestamp=t, goodput=goodput, btl_bw=goodput if btl_bw is None else btl_bw,
-                     capacity=capacity, utilization=None, available_bw=None, min_rtt=0.02, srtt=0.02 * q,
+                     capacity=capacity, utilization=None, available_bw=None, min_rtt=min_rtt, srtt=min_rtt * q,
                      queueing_ratio=q, loss_rate=loss, busy=busy, rwnd_limited=rwnd, sndbuf_limited=0.0,
-                     congested=False, saturated=False)
+                     congested=False, saturated=q >= 1.25, competing_bw=competing)
 
 
 def feed(st: ControllerState, cfg: ControllerConfig, states: list[LinkState]) -> ControllerState:
@@ -36,103 +38,108 @@ def feed(st: ControllerState, cfg: ControllerConfig, states: list[LinkState]) ->
     return st
 
 
-CFG = ControllerConfig(initial_lanes=2, max_lanes=16, settle=1.0, flat_steps=2, probe_interval=4.0)
+CFG = ControllerConfig(initial_lanes=4, max_lanes=16)
+C = 48e6  # bytes/s: 400 Mbit/s of payload, roughly
 
 
-def test_holds_until_settled_and_while_app_limited() -> None:
-    st = feed(initial_state(CFG), CFG, [ls(0.0, 0.0), ls(0.5, 50e6)])
-    assert st.decision.lanes == 2 and st.mode is Mode.STARTUP  # 0.5 s < settle
-    st = decide(st, ls(1.5, 50e6, busy=0.1), CFG)
-    assert st.decision.lanes == 2  # idle lanes say nothing about the link
+def cruising(cfg: ControllerConfig = CFG, t: float = 1.0, cap: float = C) -> ControllerState:
+    st = feed(initial_state(cfg), cfg, [ls(0.0, 0.0), ls(t, cap, q=2.0, capacity=cap)])
+    assert st.mode in (Mode.CRUISE, Mode.POLITE), st
+    return st
 
 
-def test_startup_doubles_while_goodput_grows_then_undoes_useless_doubling() -> None:
-    st = feed(initial_state(CFG), CFG, [ls(0.0, 10e6), ls(1.1, 20e6)])
-    assert st.decision.lanes == 4 and st.mode is Mode.STARTUP
-    st = decide(st, ls(2.2, 40e6), CFG)
-    assert st.decision.lanes == 8
-    # the link is full at 40: doubling to 8 lanes brings nothing
-    st = feed(st, CFG, [ls(3.3, 41e6), ls(3.4, 40e6)])
-    assert st.mode is Mode.CRUISE and st.decision.lanes == 4
-    assert st.decision.pacing_rate is None
+def test_probe_runs_unpaced_with_bbr_until_the_capacity_is_known() -> None:
+    st = initial_state(CFG)
+    assert st.mode is Mode.PROBE and st.decision.pacing_rate is None and st.decision.congestion == "bbr"
+    st = feed(st, CFG, [ls(0.0, 0.0), ls(0.3, 30e6, q=2.0, capacity=30e6)])
+    assert st.mode is Mode.PROBE  # capacity seen, but before probe_min: BBR's startup is still ramping
+    st = decide(st, ls(0.9, C, q=2.0, capacity=C), CFG)
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * C) // 4
+    st = feed(initial_state(CFG), CFG, [ls(0.0, 0.0), ls(4.1, 20e6)])  # never saturated
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate is None
 
 
-def test_startup_stops_at_max_lanes_and_when_receiver_bound() -> None:
-    cfg = ControllerConfig(initial_lanes=4, max_lanes=6, settle=1.0)
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 10e6), ls(1.1, 20e6)])
-    assert st.decision.lanes == 6
-    st = decide(st, ls(2.2, 40e6), cfg)
-    assert st.decision.lanes == 6 and st.mode is Mode.CRUISE
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 10e6), ls(1.1, 20e6, rwnd=0.8)])
-    assert st.decision.lanes == 4 and st.mode is Mode.CRUISE
+def test_idle_lanes_are_not_judged() -> None:
+    st = cruising()
+    assert decide(st, ls(3.0, 1e6, q=3.0, busy=0.1, capacity=C), CFG) == st
 
 
-def test_queue_inflation_backs_off_and_paces_below_btl_bw() -> None:
-    st = feed(initial_state(CFG), CFG, [ls(0.0, 10e6), ls(1.1, 11e6), ls(1.2, 11e6)])
-    assert st.mode is Mode.CRUISE and st.decision.lanes == 2
-    st = decide(st, ls(2.5, 50e6, q=2.5, btl_bw=50e6), CFG)
-    assert st.mode is Mode.BACKOFF and st.decision.lanes == 1
-    assert st.decision.pacing_rate == int(0.9 * 50e6 / 1)
-    assert "queueing ratio" in st.decision.reason
-    # with the queue drained it cruises on, paced, then probes the pacing up by 25%
-    st = decide(st, ls(3.6, 45e6, q=1.05), CFG)
-    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.9 * 50e6)
-    st = decide(st, ls(6.4, 45e6, q=1.05), CFG)
-    assert st.decision.pacing_rate == int(0.9 * 50e6)  # probe_interval not reached
-    st = decide(st, ls(7.0, 45e6, q=1.05), CFG)
-    assert st.decision.pacing_rate == int(int(0.9 * 50e6) * 1.25)
-    # that probe inflated the queue: it is undone, nothing more
-    st = decide(st, ls(8.1, 46e6, q=1.6), CFG)
-    assert st.mode is Mode.BACKOFF and st.decision.pacing_rate == int(0.9 * 50e6) and st.decision.lanes == 1
+def test_a_standing_queue_drains_below_capacity_then_cruises_at_the_new_capacity() -> None:
+    st = cruising()
+    st = decide(st, ls(1.1, C, q=1.6, capacity=C), CFG)
+    assert st.mode is Mode.CRUISE  # within settle of the last change
+    half = C / 2  # the bottleneck halved; the estimator follows it under the queue
+    st = decide(st, ls(1.5, half, q=3.0, capacity=half), CFG)
+    assert st.mode is Mode.DRAIN and st.decision.pacing_rate == int(0.75 * half) // 4
+    st = decide(st, ls(1.7, half, q=1.5, capacity=half), CFG)
+    assert st.mode is Mode.DRAIN
+    st = decide(st, ls(1.9, half, q=1.05, capacity=half), CFG)
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * half) // 4
 
 
-def test_rising_loss_with_flat_goodput_backs_off_but_steady_random_loss_does_not() -> None:
-    cfg = ControllerConfig(initial_lanes=4, settle=1.0, flat_steps=1, probe_interval=100.0)
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 20e6, loss=0.002), ls(1.1, 21e6, loss=0.002)])
-    assert st.mode is Mode.CRUISE and st.decision.lanes == 4
-    st = feed(st, cfg, [ls(2.2 + i, 21e6, loss=0.002) for i in range(5)])
-    assert st.mode is Mode.CRUISE and st.decision.lanes == 4  # random loss at its baseline: no reaction
-    st = decide(st, ls(8.0, 21e6, loss=0.01), cfg)
-    assert st.mode is Mode.BACKOFF and st.decision.lanes == 3 and "loss" in st.decision.reason
+def test_drain_gives_up_after_drain_max() -> None:
+    st = decide(cruising(), ls(1.5, C, q=3.0, capacity=C), CFG)
+    assert st.mode is Mode.DRAIN
+    st = decide(st, ls(1.5 + CFG.drain_max, C, q=1.6, capacity=C), CFG)
+    assert st.mode is Mode.CRUISE
 
 
-def test_cruise_probe_keeps_lanes_that_pay_and_reverts_those_that_do_not() -> None:
-    cfg = ControllerConfig(initial_lanes=4, settle=1.0, flat_steps=1, probe_interval=2.0)
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 20e6), ls(1.1, 21e6)])
-    assert st.mode is Mode.CRUISE and st.decision.lanes == 4
-    st = decide(st, ls(3.2, 21e6), cfg)
-    assert st.decision.lanes == 5 and st.decision.reason == "probe: more lanes"
-    st = decide(st, ls(4.3, 21e6), cfg)
-    assert st.decision.lanes == 4 and st.decision.reason == "probe reverted"
-    st = decide(st, ls(6.4, 21e6), cfg)
-    assert st.decision.lanes == 5
-    st = decide(st, ls(7.5, 30e6), cfg)
-    assert st.decision.lanes == 5 and st.decision.reason == "probe kept"
+def test_cruise_repaces_when_the_estimate_moves_and_up_probes_periodically() -> None:
+    st = cruising()
+    same = decide(st, ls(2.0, C, capacity=C * 1.01), CFG)
+    assert same.decision == st.decision  # within repace: no churn on the sockets
+    st = decide(st, ls(2.1, C, capacity=C * 1.2), CFG)
+    assert st.decision.pacing_rate == int(0.97 * C * 1.2) // 4 and st.mode is Mode.CRUISE
+    st = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C * 1.2), CFG)
+    assert st.mode is Mode.UPPROBE and st.decision.pacing_rate == int(1.1 * C * 1.2) // 4
+    t = st.changed_at
+    assert t is not None
+    st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # it paid: bigger capacity
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * C * 1.3) // 4
+    st = feed(st, CFG, [ls(t + CFG.upprobe_time + CFG.upprobe_interval + 0.1, C, capacity=C * 1.3)])
+    assert st.mode is Mode.UPPROBE
+    st = decide(st, ls(st.changed_at + 0.1, C, q=1.5, capacity=C * 1.3), CFG)  # type: ignore[operator]
+    assert st.mode is Mode.DRAIN  # that one only filled the queue
 
 
-def test_polite_mode_paces_to_a_fair_share_with_cubic() -> None:
-    cfg = ControllerConfig(initial_lanes=4, polite_share=0.5)
-    st = initial_state(cfg)
+def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
+    st = cruising()
+    st = decide(st, ls(1.5, C, capacity=C), CFG)
+    assert st.decision.lanes == 4  # BBR: 2 x BDP (1.9 MB) fits in one 4 MiB window: no need to grow
+    big = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=16)
+    st = cruising(big, cap=1e9)  # 8 Gbit/s x 20 ms: 2 x BDP = 40 MB -> 10 lanes
+    st = decide(st, ls(1.5, 1e9, capacity=1e9), big)
+    assert st.decision.lanes == 10 and st.decision.pacing_rate == int(0.97 * 1e9) // 10
+    cubic = ControllerConfig(initial_lanes=4, congestion="cubic")
+    st = cruising(cubic)
+    st = decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C), cubic)  # Mathis: ~2.8 MB/s per lane
+    assert st.decision.lanes == 16
+    st = decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C, rwnd=0.9), cubic)
+    st2 = decide(cruising(cubic), ls(1.5, 12e6, loss=1e-3, capacity=C, rwnd=0.9), cubic)
+    assert st2.decision.lanes == 4  # receiver-window-bound: more lanes would not help
+    few = decide(st, ls(3.0, C, loss=0.0, capacity=C), cubic)
+    assert few.decision.lanes == 8  # shrinks by at most half a step
+
+
+def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> None:
+    cfg = ControllerConfig(initial_lanes=4, polite=True, polite_share=0.5, polite_hold=2.0)
+    st = cruising(cfg)
     assert st.mode is Mode.POLITE and st.decision.congestion == "cubic"
-    st = feed(st, cfg, [ls(0.0, 80e6), ls(1.1, 80e6, capacity=100e6)])
-    assert st.decision.pacing_rate == int(0.5 * 100e6 / 4) and st.decision.lanes == 4
-    st = decide(st, ls(2.2, 80e6, q=3.0, btl_bw=60e6), cfg)  # no capacity known: share of BtlBw
-    assert st.decision.pacing_rate == int(0.5 * 60e6 / 4) and st.mode is Mode.POLITE
+    assert st.decision.pacing_rate == int(0.97 * C) // 4  # alone: takes the link
+    st = decide(st, ls(2.0, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
+    assert st.decision.pacing_rate == int(0.5 * C) // 4 and st.mode is Mode.POLITE
+    st = decide(st, ls(2.5, C * 0.5, q=2.5, capacity=C, competing=C * 0.5), cfg)
+    assert st.mode is Mode.POLITE  # the other flow's queue is not drained away by us
+    st = decide(st, ls(4.0, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
+    assert st.decision.pacing_rate == int(0.5 * C) // 4  # held for polite_hold
+    st = decide(st, ls(4.6, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
+    assert st.decision.pacing_rate == int(0.97 * C) // 4  # gone: the link again
 
 
-def test_non_congestive_loss_switches_to_the_lossy_algorithm() -> None:
-    cfg = ControllerConfig(initial_lanes=4, settle=1.0, congestion="cubic", lossy_congestion="bbr")
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 10e6, loss=0.002), ls(1.1, 20e6, loss=0.002)])
-    assert st.decision.congestion == "bbr"
-    cfg2 = ControllerConfig(initial_lanes=4, settle=1.0, congestion="cubic", lossy_congestion="bbr")
-    st2 = feed(initial_state(cfg2), cfg2, [ls(0.0, 10e6), ls(1.1, 20e6)])
-    assert st2.decision.congestion == "cubic"  # no loss: configured algorithm
-
-
-def test_lanes_stay_within_bounds_under_long_pressure() -> None:
-    cfg = ControllerConfig(min_lanes=2, initial_lanes=4, settle=1.0)
-    st = feed(initial_state(cfg), cfg, [ls(float(i) * 1.1, 20e6, q=3.0) for i in range(20)])
-    assert st.decision.lanes == 2 and st.decision.pacing_rate is not None and st.decision.pacing_rate > 0
+def test_lanes_stay_within_bounds() -> None:
+    cfg = ControllerConfig(min_lanes=2, initial_lanes=4, max_lanes=6, congestion="reno")
+    st = feed(cruising(cfg), cfg, [ls(1.0 + 0.5 * i, 1e6, loss=0.05, capacity=C) for i in range(1, 20)])
+    assert 2 <= st.decision.lanes <= 6 and st.decision.pacing_rate is not None and st.decision.pacing_rate > 0
 
 
 def test_config_validation_and_start_lanes() -> None:
@@ -140,6 +147,9 @@ def test_config_validation_and_start_lanes() -> None:
         ControllerConfig(min_lanes=4, initial_lanes=2)
     with pytest.raises(ValueError):
         ControllerConfig(polite_share=1.5)
+    with pytest.raises(ValueError):
+        ControllerConfig(drain_gain=0.99)
+    assert mathis_rate(0.02, 1e-3) == pytest.approx(1448 / 0.02 * 1.22 / 1e-3 ** 0.5)
     cfg = ControllerConfig(max_lanes=16)
     assert lanes_for(1e6, 4e6, cfg) == 4
     assert lanes_for(37.5e6, 4 * 2**20, cfg) == 9
@@ -163,7 +173,7 @@ def test_actuator_sets_pacing_and_algorithm(pair: tuple[socket.socket, socket.so
     a, b = pair
     dead = socket.socket()
     dead.close()
-    failed = apply_decision(Decision(2, 5_000_000, "reno", Mode.BACKOFF, "test"), [a, b, dead])
+    failed = apply_decision(Decision(2, 5_000_000, "reno", Mode.DRAIN, "test"), [a, b, dead])
     assert [s for s, _ in failed] == [dead]
     assert get_pacing_rate(a) == get_pacing_rate(b) == 5_000_000
     assert get_congestion(a) == get_congestion(b) == "reno"
@@ -174,13 +184,14 @@ def test_actuator_sets_pacing_and_algorithm(pair: tuple[socket.socket, socket.so
 def test_lane_controller_drives_sockets_and_lane_hook(pair: tuple[socket.socket, socket.socket]) -> None:
     a, _ = pair
     wanted: list[int] = []
-    ctl = LaneController(CFG, sockets_provider=lambda: [a], set_lanes=wanted.append)
-    ctl.on_state(ls(0.0, 10e6))
-    ctl.on_state(ls(1.1, 20e6))
-    assert wanted == [4] and ctl.decision.lanes == 4
-    ctl.on_state(ls(2.2, 20e6, q=2.0, btl_bw=20e6))  # the doubling filled a queue: undone
-    assert wanted == [4, 2] and ctl.decision.mode is Mode.BACKOFF
-    assert get_pacing_rate(a) is None
-    ctl.on_state(ls(3.3, 20e6, q=2.0, btl_bw=20e6))  # still queueing: pace
-    assert get_pacing_rate(a) == int(0.9 * 20e6 / 1) and wanted == [4, 2, 1]
-    assert [d.lanes for d in ctl.history] == [2, 4, 2, 1]
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
+    ctl = LaneController(cfg, sockets_provider=lambda: [a], set_lanes=wanted.append)
+    ctl.on_state(ls(0.0, 0.0))
+    ctl.on_state(ls(0.5, 1e9, q=2.0, capacity=1e9))
+    assert get_pacing_rate(a) is None and ctl.decision.mode is Mode.PROBE
+    ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
+    assert ctl.decision.mode is Mode.CRUISE and get_pacing_rate(a) == int(0.97 * 1e9) // 2
+    assert get_congestion(a) == "bbr"
+    ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # 8 Gbit/s x 20 ms needs 10 lanes
+    assert wanted == [10] and get_pacing_rate(a) == int(0.97 * 1e9) // 10
+    assert [d.mode for _, d in ctl.history] == [Mode.PROBE, Mode.CRUISE, Mode.CRUISE]

@@ -1,24 +1,32 @@
 """Lane-count, pacing and congestion-algorithm policy, fed ``LinkState`` snapshots.
 
 Owns: ``decide`` — a pure step function ``(ControllerState, LinkState, ControllerConfig) -> ControllerState``
-whose state carries the history the policy needs (baselines, settle timer, pending probe) — and the
-thin actuator ``LaneController`` that applies the decision's pacing cap and algorithm to the sockets
-it is handed and reports the wanted lane count through a callback.
-Must not know: how samples are taken, sessions or lanes beyond the sockets and the callback.
+whose state carries the history the policy needs (when the mode last changed, the last sign of
+competing traffic) — and the thin actuator ``LaneController`` that
+applies the decision's pacing cap and algorithm to the sockets it is handed and reports the wanted lane
+count through a callback. Must not know: how samples are taken, sessions or lanes beyond the sockets
+and the callback.
 
-Policy, after §3.3 of the TCP bulk-transfer note (BBR's STARTUP / PROBE_BW, at lane granularity):
+Policy (BBR's cycle at the application level, §3.3 of the TCP bulk-transfer note; the kernel's BBR does
+the per-lane work and ignores random loss, the application caps the aggregate so no queue stands):
 
-- Nothing is judged until ``settle`` seconds after the last change, nor while the lanes are
-  app-limited (``busy`` below ``min_busy``: no data to send says nothing about the link).
-- PRESSURE (queueing ratio above ``backoff_ratio``, or loss rising while goodput is flat) -> BACKOFF:
-  one lane fewer, and every lane paced at ``pace_gain * btl_bw / lanes`` to drain the standing queue.
-- STARTUP: double the lanes while goodput grows by ``grow_gain`` per step; after ``flat_steps`` steps
-  without growth, undo the last useless doubling and CRUISE. Receiver-window-limited links never grow.
-- CRUISE: every ``probe_interval`` seconds probe — raise the pacing cap by 25% (or lift it), or add
-  ``max(1, lanes // 4)`` lanes when unpaced — and keep the probe only if goodput rose by ``keep_gain``;
-  a probe that raised pressure is simply undone.
-- POLITE (``polite_share`` set): pace the aggregate to that share of the capacity (configured or
-  probed, else BtlBw), with ``polite_congestion`` on every lane; lanes are left as they are.
+- PROBE: lanes unpaced until the estimator knows the capacity (a standing queue showed the link
+  full) and at least ``probe_min`` has passed — the in-band capacity probe. Gives up after
+  ``probe_timeout`` (then cruises unpaced).
+- CRUISE: the aggregate is paced at ``pace_gain x capacity`` (each lane gets its share), re-paced as
+  the estimate moves by more than ``repace`` (relative). A queueing ratio above ``drain_ratio`` after
+  ``settle`` -> DRAIN (unless sharing in polite mode: the queue is then the other flow's).
+- DRAIN: paced at ``drain_gain x min(capacity, goodput)`` until the ratio is below ``drained_ratio``
+  (or ``drain_max`` passed): empties the queue a rate drop left behind, then CRUISE.
+- UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
+  ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew.
+- POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
+  above, but while the estimator reports competing traffic (a standing queue with our goodput below
+  the capacity), and ``polite_hold`` after, the aggregate is paced to ``polite_share x capacity``.
+- Lanes (changed only when settled, outside PROBE/DRAIN): enough for the path — BBR needs
+  ``2 x BDP / lane_window`` lanes; a loss-based algorithm needs ``capacity / Mathis rate`` lanes at the
+  measured loss. Grown at once, shrunk only below half the current count. Receiver-window-limited
+  links never grow. Nothing is judged while the lanes are app-limited (``busy < min_busy``).
 """
 
 from __future__ import annotations
@@ -35,43 +43,58 @@ from .tcpinfo import SocketOptionError, get_congestion, set_congestion, set_paci
 
 log = logging.getLogger("kvwire.congestion")
 
+_MSS = 1448.0
+
 
 class Mode(str, Enum):
-    STARTUP = "startup"
+    PROBE = "probe"
     CRUISE = "cruise"
-    BACKOFF = "backoff"
+    DRAIN = "drain"
+    UPPROBE = "upprobe"
     POLITE = "polite"
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    min_lanes: int = 1
+    """Times in seconds, rates in bytes/s, ratios are srtt/min_rtt."""
+
+    min_lanes: int = 2
     max_lanes: int = 16
     initial_lanes: int = 4
-    settle: float = 1.0  # seconds after a change before it is judged (>= the estimator's stats window)
+    congestion: str | None = "bbr"  # algorithm for every lane; None leaves the sockets' own
+    pace_gain: float = 0.97  # payload pacing; the wire carries 1500/1448 of it, still under the link
+    drain_gain: float = 0.75
+    drain_ratio: float = 1.3
+    drained_ratio: float = 1.1
+    drain_max: float = 1.5
+    settle: float = 0.3
+    repace: float = 0.03
+    probe_min: float = 0.8
+    probe_timeout: float = 4.0
+    upprobe_interval: float = 6.0
+    upprobe_gain: float = 1.1
+    upprobe_time: float = 0.4
     min_busy: float = 0.5
-    grow_gain: float = 1.25
-    keep_gain: float = 1.10
-    flat_steps: int = 3  # settled samples without growth that end STARTUP
-    probe_interval: float = 4.0  # seconds between CRUISE probes
-    backoff_ratio: float = 1.25
-    loss_rise: float = 2.0  # loss is "rising" above loss_rise x its baseline ...
-    loss_floor: float = 1e-3  # ... and above this floor
-    rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: adding lanes won't help
-    pace_gain: float = 0.9
-    probe_pacing_gain: float = 1.25
-    polite_share: float | None = None
-    congestion: str | None = None  # algorithm for every lane; None leaves the sockets' own
+    rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
+    lane_window: float = 4 * 2**20  # per-lane window cap (tcp_wmem[2] / peer tcp_rmem[2])
+    polite: bool = False
+    polite_share: float = 0.5
     polite_congestion: str | None = "cubic"
-    lossy_congestion: str | None = None  # e.g. "bbr": used when loss is high but queues are not
+    polite_hold: float = 2.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.initial_lanes <= self.max_lanes:
             raise ValueError("need 1 <= min_lanes <= initial_lanes <= max_lanes")
-        if self.polite_share is not None and not 0 < self.polite_share <= 1:
+        if not 0 < self.polite_share <= 1:
             raise ValueError("polite_share must be in (0, 1]")
-        if not 0 < self.pace_gain <= 1 or self.probe_pacing_gain <= 1:
-            raise ValueError("need 0 < pace_gain <= 1 < probe_pacing_gain")
+        if not 0 < self.drain_gain < self.pace_gain <= 1 < self.upprobe_gain:
+            raise ValueError("need 0 < drain_gain < pace_gain <= 1 < upprobe_gain")
+        if not 1 <= self.drained_ratio < self.drain_ratio:
+            raise ValueError("need 1 <= drained_ratio < drain_ratio")
+
+    @property
+    def algorithm(self) -> str | None:
+        return self.polite_congestion if self.polite else self.congestion
 
 
 @dataclass(frozen=True)
@@ -84,15 +107,16 @@ class Decision:
     mode: Mode
     reason: str
 
+    @property
+    def total_pacing(self) -> int | None:
+        return None if self.pacing_rate is None else self.pacing_rate * self.lanes
+
 
 @dataclass(frozen=True)
 class ControllerState:
     decision: Decision
-    changed_at: float | None = None  # timestamp of the last change; None before the first state
-    baseline_goodput: float = 0.0  # goodput when the last change was made
-    baseline_loss: float = 0.0
-    flat: int = 0  # settled STARTUP samples without growth
-    before_probe: Decision | None = None  # to revert a probe (or a doubling) that did not pay
+    changed_at: float | None = None  # when the mode (or the lane count) last changed
+    competing_at: float | None = None  # last time competing traffic was seen (polite mode)
 
     @property
     def mode(self) -> Mode:
@@ -100,113 +124,123 @@ class ControllerState:
 
 
 def initial_state(cfg: ControllerConfig) -> ControllerState:
-    mode = Mode.POLITE if cfg.polite_share is not None else Mode.STARTUP
-    cc = cfg.polite_congestion if mode is Mode.POLITE else cfg.congestion
-    return ControllerState(Decision(cfg.initial_lanes, None, cc, mode, "initial"))
+    return ControllerState(Decision(cfg.initial_lanes, None, cfg.algorithm, Mode.PROBE, "initial"))
 
 
 def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
     """One policy step. Pure: the same inputs give the same output; nothing is touched."""
     now = link.timestamp
     if st.changed_at is None:
-        return replace(st, changed_at=now, baseline_goodput=link.goodput, baseline_loss=link.loss_rate)
-    if now - st.changed_at < cfg.settle or link.busy < cfg.min_busy:
+        return replace(st, changed_at=now)
+    if link.busy < cfg.min_busy:
         return st
-    if cfg.polite_share is not None:
-        return _polite(st, link, cfg)
     d = st.decision
-    q = link.queueing_ratio
-    grew = link.goodput >= st.baseline_goodput * cfg.keep_gain
-    loss_rising = link.loss_rate > max(cfg.loss_floor, cfg.loss_rise * st.baseline_loss) and not grew
-    if (q is not None and q > cfg.backoff_ratio) or loss_rising:
-        lanes = max(cfg.min_lanes, d.lanes - 1)
-        bw = link.btl_bw or link.goodput
-        pace = int(cfg.pace_gain * bw / lanes) if bw > 0 else d.pacing_rate
-        why = f"queueing ratio {q:.2f}" if q is not None and q > cfg.backoff_ratio else (
-            f"loss rising to {link.loss_rate:.2%}")
-        if st.before_probe is not None:  # the last step up caused it: undo just that
-            b = st.before_probe
-            return _change(st, link, Decision(b.lanes, b.pacing_rate, b.congestion, Mode.BACKOFF,
-                                              f"{why}: probe undone"))
-        return _change(st, link, Decision(lanes, pace, _cc(link, cfg, d.congestion), Mode.BACKOFF, why))
-    cc = _cc(link, cfg, d.congestion)
-    if d.mode is Mode.STARTUP:
-        return _startup(st, link, cfg, cc)
-    return _cruise(st, link, cfg, cc)
+    since = now - st.changed_at
+    cap = link.capacity
+    q = link.queueing_ratio or 1.0
+    if cfg.polite and link.competing_bw and now > st.changed_at:
+        st = replace(st, competing_at=now)
+
+    if d.mode is Mode.PROBE:
+        if cap is not None and since >= cfg.probe_min:
+            return _pace(st, link, cfg, Mode.CRUISE, f"probed capacity {cap:.4g} B/s", new_mode=True)
+        if since >= cfg.probe_timeout:
+            return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
+        return st
+    if d.mode is Mode.DRAIN:
+        if q <= cfg.drained_ratio or since >= cfg.drain_max:
+            return _pace(st, link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})", new_mode=True)
+        return st
+    if d.mode is Mode.UPPROBE:
+        if since >= cfg.upprobe_time or q > cfg.drain_ratio:
+            if q > cfg.drained_ratio:
+                return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
+            return _pace(st, link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
+        return st
+    # CRUISE / POLITE
+    if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
+        return _drain(st, link, cfg, f"queueing ratio {q:.2f}")
+    lanes = _lanes(d, link, cfg)
+    if since >= cfg.settle and lanes != d.lanes:
+        return _pace(replace(st, decision=replace(d, lanes=lanes)), link, cfg, d.mode,
+                     f"{lanes} lanes for the path", new_mode=True)
+    if (cap is not None and since >= cfg.upprobe_interval and not _sharing(st, cfg, now)
+            and d.pacing_rate is not None):
+        total = int(cfg.upprobe_gain * cap)
+        return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE,
+                                      f"up-probe at {total:.4g} B/s"))
+    return _pace(st, link, cfg, d.mode, "", new_mode=False)
 
 
-def _change(st: ControllerState, link: LinkState, d: Decision,
-            before_probe: Decision | None = None) -> ControllerState:
-    """A new decision: restart the settle timer and the baselines it will be judged against."""
-    return ControllerState(d, link.timestamp, link.goodput, link.loss_rate, 0, before_probe)
+def _sharing(st: ControllerState, cfg: ControllerConfig, now: float) -> bool:
+    return cfg.polite and st.competing_at is not None and now - st.competing_at < cfg.polite_hold
 
 
-def _cc(link: LinkState, cfg: ControllerConfig, current: str | None) -> str | None:
-    """Non-congestive loss (loss without a standing queue) favours a rate-based CC such as BBR."""
-    q = link.queueing_ratio
-    if cfg.lossy_congestion and link.loss_rate >= cfg.loss_floor and (q is None or q <= cfg.backoff_ratio):
-        return cfg.lossy_congestion
-    return current if current is not None else cfg.congestion
+def _to(st: ControllerState, link: LinkState, d: Decision) -> ControllerState:
+    return replace(st, decision=d, changed_at=link.timestamp)
 
 
-def _startup(st: ControllerState, link: LinkState, cfg: ControllerConfig, cc: str | None) -> ControllerState:
+def _drain(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str) -> ControllerState:
     d = st.decision
-    grew = link.goodput >= st.baseline_goodput * cfg.grow_gain
-    can_grow = d.lanes < cfg.max_lanes and link.rwnd_limited <= cfg.rwnd_limited
-    if grew and can_grow:
-        lanes = min(cfg.max_lanes, d.lanes * 2)
-        nd = Decision(lanes, d.pacing_rate, cc, Mode.STARTUP, f"goodput grew to {link.goodput:.3g} B/s")
-        return _change(st, link, nd, before_probe=d)
-    flat = 0 if grew else st.flat + 1
-    if can_grow and flat < cfg.flat_steps:
-        return replace(st, flat=flat, decision=replace(d, congestion=cc))
-    # growth stopped (or cannot continue): undo a doubling that did not pay, then cruise
-    keep = st.before_probe if st.before_probe is not None and not grew else d
-    nd = Decision(keep.lanes, keep.pacing_rate, cc, Mode.CRUISE, "startup done")
-    return _change(st, link, nd)
+    base = min(link.capacity, link.goodput) if link.capacity else link.goodput
+    if base <= 0:
+        return st
+    total = int(cfg.drain_gain * base)
+    return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN,
+                                  f"{why}: drain at {total:.4g} B/s"))
 
 
-def _cruise(st: ControllerState, link: LinkState, cfg: ControllerConfig, cc: str | None) -> ControllerState:
+def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mode, why: str,
+          new_mode: bool) -> ControllerState:
+    """Pace the aggregate at the cruising rate for the current capacity (and sharing state)."""
     d = st.decision
-    if st.before_probe is not None:  # judge the pending probe
-        if link.goodput >= st.baseline_goodput * cfg.keep_gain:
-            nd = replace(d, congestion=cc, mode=Mode.CRUISE, reason="probe kept")
-        else:
-            nd = replace(st.before_probe, congestion=cc, mode=Mode.CRUISE, reason="probe reverted")
-        return _change(st, link, nd)
-    assert st.changed_at is not None
-    if link.timestamp - st.changed_at < cfg.probe_interval:
-        return replace(st, decision=replace(d, congestion=cc, mode=Mode.CRUISE))
-    if d.pacing_rate is not None:
-        pace = int(d.pacing_rate * cfg.probe_pacing_gain)
-        limit = link.capacity or 0.0
-        nd = Decision(d.lanes, None if limit and pace * d.lanes >= limit else pace, cc, Mode.CRUISE,
-                      "probe: pacing up")
-    elif d.lanes < cfg.max_lanes and link.rwnd_limited <= cfg.rwnd_limited:
-        nd = Decision(min(cfg.max_lanes, d.lanes + max(1, d.lanes // 4)), None, cc, Mode.CRUISE,
-                      "probe: more lanes")
+    cap = link.capacity
+    mode = Mode.POLITE if cfg.polite and mode in (Mode.CRUISE, Mode.POLITE) else mode
+    if cap is None:
+        nd = replace(d, mode=mode, reason=why or d.reason)
+        return _to(st, link, nd) if new_mode else replace(st, decision=nd)
+    sharing = _sharing(st, cfg, link.timestamp)
+    gain = cfg.polite_share if sharing else cfg.pace_gain
+    rate = max(1, int(gain * cap) // d.lanes)
+    if (not new_mode and d.mode is mode and d.pacing_rate is not None
+            and abs(rate - d.pacing_rate) <= cfg.repace * d.pacing_rate):
+        return st  # the capacity estimate has not moved enough to re-pace
+    if not why:
+        why = (f"fair share {cfg.polite_share:.0%} of {cap:.4g} B/s" if sharing
+               else f"paced at {gain:.0%} of {cap:.4g} B/s")
+    nd = Decision(d.lanes, rate, d.congestion, mode, why)
+    return _to(st, link, nd) if new_mode else replace(st, decision=nd)
+
+
+def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig) -> int:
+    """Lanes the path needs (see the module docstring), with hysteresis against the current count."""
+    cap, rtt = link.capacity, link.min_rtt
+    if cap is None or not rtt:
+        return d.lanes
+    if d.congestion == "bbr":
+        want = math.ceil(2 * cap * rtt / cfg.lane_window)
     else:
-        return replace(st, decision=replace(d, congestion=cc, mode=Mode.CRUISE))
-    return _change(st, link, nd, before_probe=replace(d, mode=Mode.CRUISE))
+        loss = max(link.loss_rate, 1e-6)
+        want = math.ceil(cap / mathis_rate(rtt, loss))
+    want = max(cfg.min_lanes, min(cfg.max_lanes, want))
+    if want > d.lanes and link.rwnd_limited <= cfg.rwnd_limited:
+        return want
+    if want < d.lanes / 2:
+        return max(want, d.lanes // 2)
+    return d.lanes
 
 
-def _polite(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
-    assert cfg.polite_share is not None
-    d = st.decision
-    cap = link.capacity or link.btl_bw
-    pace = int(cfg.polite_share * cap / d.lanes) if cap > 0 else d.pacing_rate
-    if pace == d.pacing_rate and d.congestion == cfg.polite_congestion:
-        return st
-    nd = Decision(d.lanes, pace, cfg.polite_congestion, Mode.POLITE,
-                  f"fair share {cfg.polite_share:.0%} of {cap:.3g} B/s")
-    return _change(st, link, nd)
+def mathis_rate(rtt: float, loss: float, mss: float = _MSS) -> float:
+    """One loss-based TCP flow's rate bound (bytes/s): ``MSS / RTT x 1.22 / sqrt(p)``."""
+    return mss / rtt * 1.22 / math.sqrt(loss)
 
 
 class LaneController:
     """Thin actuator around ``decide``: ``monitor.subscribe(controller.on_state)``.
 
     ``sockets_provider`` gives the lane sockets to pace; ``set_lanes`` (optional) is told the wanted
-    lane count when it changes — the session hook that parks or opens lanes.
+    lane count when it changes — the session hook that parks or opens lanes. Sockets are touched only
+    when the decision changes (new lanes get theirs from the session's lane-open hook).
     """
 
     def __init__(self, config: ControllerConfig | None = None,
@@ -216,7 +250,7 @@ class LaneController:
         self.state = initial_state(self.config)
         self.sockets_provider = sockets_provider
         self.set_lanes = set_lanes
-        self.history: list[Decision] = [self.state.decision]
+        self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
 
     @property
     def decision(self) -> Decision:
@@ -227,18 +261,20 @@ class LaneController:
         before = self.state.decision
         self.state = decide(self.state, link, self.config)
         if self.state.decision != before:
-            self.history.append(self.state.decision)
+            self.history.append((link.timestamp, self.state.decision))
             log.info("lane controller: %s", self.state.decision)
         return self.state.decision
 
     def on_state(self, link: LinkState) -> None:
-        """Subscriber entry point: decide, then act on the sockets and the lane hook."""
+        """Subscriber entry point: decide, then act on the lane hook and the sockets."""
         before = self.state.decision
         d = self.observe(link)
-        if self.sockets_provider is not None:
-            apply_decision(d, self.sockets_provider())
+        if d == before:
+            return
         if self.set_lanes is not None and d.lanes != before.lanes:
             self.set_lanes(d.lanes)
+        if self.sockets_provider is not None:
+            apply_decision(d, self.sockets_provider())
 
 
 def apply_decision(d: Decision,
