@@ -201,3 +201,29 @@ def test_to_dict_is_plain_data() -> None:
     assert [ln["lane"] for ln in again["lanes"]] == [0, 1]
     assert set(d) >= {"utilization", "available_bw", "btl_bw", "goodput", "min_rtt", "srtt",
                       "queueing_ratio", "loss_rate", "congested", "lanes", "timestamp"}
+
+
+def test_capacity_follows_a_rate_drop_under_a_queue_within_a_few_samples() -> None:
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 12, 40e6, rtt_us=30_000)
+    assert s.capacity == pytest.approx(40e6, rel=0.02)
+    t, s = run(est, lanes, t, 3, 20e6, rtt_us=60_000)  # the link halved: 0.3 s later ...
+    assert s.capacity == pytest.approx(20e6, rel=0.02)  # ... not the 1 s windowed max
+    assert s.btl_bw == pytest.approx(40e6, rel=0.02)
+    _, s = run(est, lanes, t, 5, 19e6, rtt_us=20_000)  # paced below it, queue gone: stays down
+    assert s.capacity == pytest.approx(20e6, rel=0.02)
+
+
+def test_sharing_reads_a_queue_below_capacity_as_competing_traffic() -> None:
+    est = LinkEstimator(EstimatorConfig(capacity_follows_queue=False))
+    est.seed_capacity(40e6)
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 12, 38e6, rtt_us=21_000)
+    assert s.competing_bw == 0.0 and s.usable_bw == pytest.approx(40e6, rel=0.02)
+    _, s = run(est, lanes, t, 12, 20e6, rtt_us=60_000)  # another flow fills the queue and takes half
+    assert s.capacity == pytest.approx(40e6, rel=0.02)
+    assert s.competing_bw == pytest.approx(20e6, rel=0.05)
+    assert s.available_bw == 0.0 and s.usable_bw == pytest.approx(20e6, rel=0.05)
