@@ -186,7 +186,7 @@ def _summary(res: DemoResult, say: object) -> None:
         f"moved {res.bytes_moved / 2**20:.0f} MiB = {res.bytes_moved * 8e-9 / max(res.wall_s, 1e-9):.2f} Gbit/s")
     for route, xs in ttft.items():
         if xs:
-            say(f"  TTFT {route}: mean {np.mean(xs):.2f}s  p90 {np.percentile(xs, 90):.2f}s (simulated-time × scale)")
+            say(f"  TTFT {route}: mean {np.mean(xs):.2f}s  p90 {np.percentile(xs, 90):.2f}s (demo seconds)")
     say("  threshold: " + " -> ".join(f"{t:.0f}@{s:.1f}s" for s, t in res.thresholds))
     if res.router.last_plan is not None:
         p = res.router.last_plan
