@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,8 @@ import numpy as np
 
 import kvwire
 from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, TensorSpec
+from kvwire.congestion.control import LinkControl
+from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.monitor import LinkMonitor
 from kvwire.congestion.tcpinfo import set_congestion
@@ -85,8 +88,8 @@ def run_iperf3(link: WanLink, streams: int, seconds: float, cc: str) -> dict[str
     if r.returncode != 0 or "error" in doc:
         raise RuntimeError(f"iperf3 -P{streams} failed: {doc.get('error') or r.stderr[-500:]}")
     end = doc["end"]
-    ratios = [s["sender"]["mean_rtt"] / s["sender"]["min_rtt"] for s in end["streams"]
-              if s["sender"].get("min_rtt")]
+    # against the path's base RTT: iperf3's own min_rtt is a min of already-smoothed (inflated) srtt
+    ratios = [s["sender"]["mean_rtt"] / (link.rtt_ms * 1e3) for s in end["streams"] if s["sender"].get("mean_rtt")]
     return {"name": f"iperf3 -P{streams}", "goodput_mbit": end["sum_received"]["bits_per_second"] / 1e6,
             "q": statistics.median(ratios) if ratios else None,
             "retrans": end["sum_sent"].get("retransmits"), **_emu_delta(before, link.stats())}
@@ -139,6 +142,210 @@ def run_kvwire(link: WanLink, port: int, lanes: int, seconds: float, cc: str, tr
             "transfers": done, **_emu_delta(before, link.stats())}
 
 
+# ---------------------------------------------------------------- the issue's four scenarios
+PAYLOAD_FRACTION = 1448 / 1500  # TCP payload per IP byte (MSS 1448 with timestamps, MTU 1500)
+
+
+class Payload:
+    """One request's segments of a preset layout, as host buffers (allocated once, reused)."""
+
+    def __init__(self, preset: str, tokens: int) -> None:
+        self.layout = kvwire.load_layout(preset)
+        self.preset, self.tokens = preset, tokens
+        segs = kvwire.plan_segments(self.layout, kvwire.RequestSpec("size", tokens, tokens))
+        self.buffers = [np.full(sg.nbytes, i % 251, np.uint8) for i, sg in enumerate(segs)]
+        self.nbytes = sum(sg.nbytes for sg in segs)
+
+    def send(self, session: kvwire.Session, rid: str) -> Any:
+        out = session.send(self.layout, kvwire.RequestSpec(rid, self.tokens, self.tokens), timeout=300)
+        out.write_all(self.buffers)
+        return out.finish()
+
+
+def kv_transfer(link: WanLink, port: int, payload: Payload, cfg: ControllerConfig, rid: str,
+                during: Any = None) -> dict[str, Any]:
+    """One transfer over a fresh session under ``LinkControl``; ``during(t0, ctl)`` runs on a thread
+    meanwhile (rate changes, a competing flow)."""
+    with link.inside("client"):
+        session = kvwire.connect(link.server_addr, port, lanes=cfg.initial_lanes, max_lanes=cfg.max_lanes)
+    side: threading.Thread | None = None
+    try:
+        ctl = LinkControl(session, cfg)
+        ctl.record = True
+        t0 = time.monotonic()
+        if during is not None:
+            side = threading.Thread(target=during, args=(t0, ctl), daemon=True)
+            side.start()
+        payload.send(session, rid).result(timeout=300)
+        elapsed = time.monotonic() - t0
+        ctl.close()
+    finally:
+        session.close()
+    if side is not None:
+        side.join(60)
+    return {"elapsed": elapsed, "mbit": payload.nbytes * 8 / elapsed / 1e6, "t0": t0,
+            "states": list(ctl.states), "history": ctl.history}
+
+
+def _trace(a: Any, name: str, kv: dict[str, Any]) -> None:
+    """--trace: the controller's decisions and a LinkState every ~0.5 s, on stderr."""
+    if not a.trace:
+        return
+    t0 = kv["t0"]
+    for t, d in kv["history"]:
+        print(f"[{name}] {max(0.0, t - t0):6.2f}s {d.mode.value:8} lanes {d.lanes} pace/lane "
+              f"{_mb(d.pacing_rate)} Mbit/s {d.congestion}: {d.reason}", file=sys.stderr)
+    last = -1.0
+    for s in kv["states"]:
+        if s.timestamp - last >= 0.5:
+            last = s.timestamp
+            print(f"[{name}] {s.timestamp - t0:6.2f}s goodput {_mb(s.goodput)} btl {_mb(s.btl_bw)} cap "
+                  f"{_mb(s.capacity)} q {s.queueing_ratio or 0:.2f} loss {s.loss_rate:.4f} busy {s.busy:.2f} "
+                  f"competing {_mb(s.competing_bw)} lanes {len(s.lanes)}", file=sys.stderr)
+
+
+def _q_median(states: list[LinkState], t_from: float = 0.0, t_to: float = 1e18) -> float | None:
+    qs = [s.queueing_ratio for s in states if s.busy > 0.5 and s.queueing_ratio and t_from <= s.timestamp <= t_to]
+    return statistics.median(qs) if qs else None
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x * 8 / 1e6:.0f}"
+
+
+def scenario_a(a: Any, rx_cmd: list[str], payload: Payload) -> list[tuple[str, str, str, bool]]:
+    rows = []
+    with WanLink(rtt_ms=a.rtt, loss=0.001, rate_mbit=a.rate, seed=1, realtime=a.realtime) as link:
+        one = run_iperf3(link, 1, a.seconds, "cubic")
+        port, rx = _receiver(link, rx_cmd)
+        kv = kv_transfer(link, port, payload, ControllerConfig(), "a")
+        rx.terminate()
+    _trace(a, "a", kv)
+    modes = sorted({d.mode.value for _, d in kv["history"]})
+    share = one["goodput_mbit"] / a.rate
+    rows.append(("(a) iperf3 -P1 cubic", f"{one['goodput_mbit']:.1f} Mbit/s = {share:.0%} of link", "< 50%", share < 0.5))
+    rows.append((f"(a) kvwire {payload.nbytes / 1e6:.0f} MB",
+                 f"{kv['mbit']:.1f} Mbit/s = {kv['mbit'] / a.rate:.1%} of link in {kv['elapsed']:.1f} s "
+                 f"(bbr, modes {','.join(modes)})", ">= 90%", kv["mbit"] >= 0.9 * a.rate))
+    return rows
+
+
+def scenario_b(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+    with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=2, realtime=a.realtime) as link:
+        four = run_iperf3(link, 4, a.seconds, "cubic")
+        port, rx = _receiver(link, rx_cmd)
+        kv = kv_transfer(link, port, payload, ControllerConfig(), "b")
+        rx.terminate()
+    _trace(a, "b", kv)
+    q_all = _q_median(kv["states"])
+    q_cruise = _q_median(kv["states"], kv["t0"] + 2.0)
+    return [("(b) iperf3 -P4 cubic", f"{four['goodput_mbit']:.1f} Mbit/s, RTT x{four['q'] or 0:.2f} (mean srtt/base RTT)",
+             "RTT >= 2x", (four["q"] or 0) >= 2.0),
+            ("(b) kvwire util", f"{kv['mbit']:.1f} Mbit/s = {kv['mbit'] / a.rate:.1%} of link in {kv['elapsed']:.1f} s",
+             ">= 90%", kv["mbit"] >= 0.9 * a.rate),
+            ("(b) kvwire srtt/min", f"median {q_all or 0:.2f} whole transfer, {q_cruise or 0:.2f} after 2 s",
+             "<= 1.3", q_all is not None and q_all <= 1.3)]
+
+
+def scenario_c(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+    halve_at, hold = 4.0, 3.0
+    marks: dict[str, float] = {}
+    with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=3, realtime=a.realtime) as link:
+        port, rx = _receiver(link, rx_cmd)
+
+        def halve(t0: float, ctl: LinkControl) -> None:
+            time.sleep(max(0.0, t0 + halve_at - time.monotonic()))
+            link.set_rate(a.rate / 2)
+            marks["halved"] = time.monotonic()
+            time.sleep(hold)
+            link.set_rate(a.rate)
+            marks["restored"] = time.monotonic()
+
+        kv = kv_transfer(link, port, payload, ControllerConfig(), "c", during=halve)
+        rx.terminate()
+    _trace(a, "c", kv)
+    th, tr = marks["halved"], marks.get("restored", 1e18)
+    new = a.rate / 2 * 1e6 / 8 * PAYLOAD_FRACTION
+    after = [s for s in kv["states"] if th < s.timestamp <= tr]
+    t_cap = next((s.timestamp - th for s in after if s.capacity and 0.85 * new <= s.capacity <= 1.15 * new), None)
+    over = [s.timestamp for s in after if (s.queueing_ratio or 0) > 1.3]
+    t_q = (max(over) - th) if over else 0.0
+    peak = max((s.queueing_ratio or 0 for s in after), default=0.0)
+    last = after[-1] if after else None
+    return [("(c) capacity after halving",
+             f"{'-' if t_cap is None else f'{t_cap:.2f}'} s to {_mb(last.capacity if last else None)} Mbit/s "
+             f"(payload rate {new * 8 / 1e6:.0f})", "<= 1 s", t_cap is not None and t_cap <= 1.0),
+            ("(c) queue back under 1.3", f"{t_q:.2f} s after halving (peak ratio {peak:.2f})", "<= 2 s", t_q <= 2.0)]
+
+
+def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+    start_at, secs = 2.5, max(6.0, a.seconds)
+    out: dict[str, Any] = {}
+    with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=4, realtime=a.realtime) as link:
+        port, rx = _receiver(link, rx_cmd)
+        srv = link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def compete(t0: float, ctl: LinkControl) -> None:
+            time.sleep(max(0.0, t0 + start_at - time.monotonic()))
+            out["start"] = time.monotonic()
+            r = link.run_in("client", ["iperf3", "-c", link.server_addr, "-t", str(secs), "-J", "-C", "cubic"],
+                            timeout=secs + 30)
+            out["end"] = time.monotonic()
+            out["doc"] = json.loads(r.stdout or "{}")
+
+        kv = kv_transfer(link, port, payload, ControllerConfig(polite=True), "d", during=compete)
+        srv.wait(10)
+        rx.terminate()
+    _trace(a, "d", kv)
+    doc = out.get("doc", {})
+    iperf = doc.get("end", {}).get("sum_received", {}).get("bits_per_second", 0) / 1e6
+    lo, hi = out.get("start", 0) + 2.0, out.get("end", 0)  # past iperf's slow start, while both run
+    both = [s for s in kv["states"] if lo <= s.timestamp <= hi and s.busy > 0.5]
+    mine = statistics.median(s.goodput for s in both) * 8 / 1e6 if both else 0.0
+    fair = (mine + iperf) / 2 if iperf else 0.0
+    cap = statistics.median(s.capacity or 0 for s in both) if both else None
+    usable = statistics.median(s.usable_bw or 0 for s in both) if both else None
+    comp = statistics.median(s.competing_bw or 0 for s in both) if both else None
+    alone = [s for s in kv["states"] if s.timestamp < out.get("start", 0) and s.usable_bw]
+    return [("(d) polite share", f"kvwire {mine:.0f} vs iperf3 {iperf:.0f} Mbit/s: {mine / fair if fair else 0:.0%} "
+             f"of fair share (whole kvwire transfer {kv['mbit']:.0f})", "100% +-20%",
+             bool(fair) and abs(mine / fair - 1) <= 0.2),
+            ("(d) LinkState while shared", f"capacity {_mb(cap)}, competing {_mb(comp)}, usable {_mb(usable)} Mbit/s "
+             f"(alone: usable {_mb(alone[-1].usable_bw if alone else None)})", "usable < capacity",
+             usable is not None and cap is not None and usable < 0.8 * cap)]
+
+
+def _receiver(link: WanLink, cmd: list[str]) -> tuple[int, subprocess.Popen[str]]:
+    rx = link.popen_in("server", [*cmd, "--bind", link.server_addr], stdout=subprocess.PIPE, text=True)
+    assert rx.stdout is not None
+    return int(json.loads(rx.stdout.readline())["port"]), rx
+
+
+def run_scenarios(a: Any) -> int:
+    payload = Payload(a.preset, a.tokens)
+    bdp = int(a.rate * 1e6 / 8 * a.rtt / 1e3)
+    queue = a.queue or 3 * bdp
+    rx_cmd = [sys.executable, __file__, "--receiver"]
+    wanted = set(a.scenarios)
+    rows: list[tuple[str, str, str, bool]] = []
+    if "a" in wanted:
+        rows += scenario_a(a, rx_cmd, payload)
+    if "b" in wanted:
+        rows += scenario_b(a, rx_cmd, payload, queue)
+    if "c" in wanted:
+        rows += scenario_c(a, rx_cmd, Payload(a.preset, max(1024, a.tokens // 2)), queue)
+    if "d" in wanted:
+        rows += scenario_d(a, rx_cmd, payload, queue)
+    print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d) no loss, "
+          f"{queue} B queue ({queue / bdp:.1f} BDP); payload {a.preset} {a.tokens} tokens = "
+          f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
+    w = max(len(r[0]) for r in rows)
+    for name, value, target, ok in rows:
+        print(f"{name:<{w}}  {'PASS' if ok else 'MISS'}  {value}   [target {target}]")
+    return 0 if all(r[3] for r in rows) else 1
+
+
 # ---------------------------------------------------------------- driver
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,9 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-realtime", dest="realtime", action="store_false",
                     help="run the emulator as a normal process (default: SCHED_FIFO, see WanLink)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--scenarios", default="", help="run the issue's scenarios instead, e.g. abcd")
+    ap.add_argument("--preset", default="qwen3-next-80b-a3b")
+    ap.add_argument("--tokens", default=32768, type=int)
+    ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
     a = ap.parse_args(argv)
     if a.receiver:
         return run_receiver(a.bind)
+    if a.scenarios:
+        return run_scenarios(a)
     rows: list[dict[str, Any]] = []
     with WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, seed=1,
                  realtime=a.realtime) as link:

@@ -110,3 +110,49 @@ def test_estimate_tracks_the_link_through_a_rate_halving_and_pacing(
     assert 0.85 * payload / 4 <= statistics.median(s.goodput for s in paced) <= 1.05 * payload / 4
     assert statistics.median(s.queueing_ratio or 9 for s in paced) < 1.15
     assert paced[-1].utilization is not None and paced[-1].utilization < 0.7
+
+
+def test_link_control_fills_the_link_without_a_standing_queue() -> None:
+    """Scenario (b) of the issue, short: no loss, a 3-BDP drop-tail queue CUBIC would fill; kvwire
+    under LinkControl (BBR lanes paced just under the probed capacity) must use most of the link while
+    srtt stays near min_rtt. Loose bounds: 2 shared cores run sender, receiver and emulator."""
+    import numpy as np
+
+    import kvwire
+    from kvwire.congestion.control import LinkControl
+    from kvwire.congestion.controller import ControllerConfig, Mode
+
+    rate, rtt = 200.0, 20.0
+    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
+    layout = kvwire.load_layout("qwen3-next-80b-a3b")
+    req = kvwire.RequestSpec("wan", 4096, 4096)  # ~106 MB: ~4.5 s at 200 Mbit/s
+    bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
+    total = sum(b.nbytes for b in bufs)
+    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
+        try:
+            with link.inside("client"):
+                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
+            try:
+                with LinkControl(session, ControllerConfig()) as ctl:
+                    ctl.record = True
+                    t0 = time.monotonic()
+                    out = session.send(layout, req)
+                    out.write_all(bufs)
+                    incoming = rx.next_transfer(timeout=10)
+                    out.finish().result(timeout=60)
+                    elapsed = time.monotonic() - t0
+                    incoming.result(timeout=10)
+                    states = list(ctl.states)
+                    modes = {d.mode for _, d in ctl.history}
+            finally:
+                session.close()
+        finally:
+            rx.close()
+    payload = rate * 1e6 / 8 * 1448 / 1500
+    cruise = [s for s in states if s.timestamp > t0 + 1.5 and s.busy > 0.5 and s.queueing_ratio]
+    assert Mode.CRUISE in modes and cruise
+    assert states[-1].capacity is not None and 0.85 * payload <= states[-1].capacity <= 1.15 * payload
+    assert total / elapsed >= 0.7 * payload, f"{total / elapsed * 8 / 1e6:.0f} Mbit/s"
+    assert statistics.median(s.queueing_ratio or 9 for s in cruise) <= 1.4
