@@ -223,7 +223,8 @@ def scenario_a(a: Any, rx_cmd: list[str], payload: Payload) -> list[tuple[str, s
     _trace(a, "a", kv)
     modes = sorted({d.mode.value for _, d in kv["history"]})
     share = one["goodput_mbit"] / a.rate
-    rows.append(("(a) iperf3 -P1 cubic", f"{one['goodput_mbit']:.1f} Mbit/s = {share:.0%} of link", "< 50%", share < 0.5))
+    rows.append(("(a) iperf3 -P1 cubic", f"{one['goodput_mbit']:.1f} Mbit/s = {share:.0%} of link", "< 50%",
+                 share < 0.5))
     rows.append((f"(a) kvwire {payload.nbytes / 1e6:.0f} MB",
                  f"{kv['mbit']:.1f} Mbit/s = {kv['mbit'] / a.rate:.1%} of link in {kv['elapsed']:.1f} s "
                  f"(bbr, modes {','.join(modes)})", ">= 90%", kv["mbit"] >= 0.9 * a.rate))
@@ -239,7 +240,8 @@ def scenario_b(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
     _trace(a, "b", kv)
     q_all = _q_median(kv["states"])
     q_cruise = _q_median(kv["states"], kv["t0"] + 2.0)
-    return [("(b) iperf3 -P4 cubic", f"{four['goodput_mbit']:.1f} Mbit/s, RTT x{four['q'] or 0:.2f} (mean srtt/base RTT)",
+    return [("(b) iperf3 -P4 cubic",
+             f"{four['goodput_mbit']:.1f} Mbit/s, RTT x{four['q'] or 0:.2f} (mean srtt/base RTT)",
              "RTT >= 2x", (four["q"] or 0) >= 2.0),
             ("(b) kvwire util", f"{kv['mbit']:.1f} Mbit/s = {kv['mbit'] / a.rate:.1%} of link in {kv['elapsed']:.1f} s",
              ">= 90%", kv["mbit"] >= 0.9 * a.rate),

@@ -126,14 +126,27 @@ def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> N
     st = cruising(cfg)
     assert st.mode is Mode.POLITE and st.decision.congestion == "cubic"
     assert st.decision.pacing_rate == int(0.97 * C) // 4  # alone: takes the link
-    st = decide(st, ls(2.0, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
+    early = decide(st, ls(2.0, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
+    assert early.mode is Mode.DRAIN  # too soon after our own change to blame others: drain it
+    st = decide(st, ls(2.4, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
     assert st.decision.pacing_rate == int(0.5 * C) // 4 and st.mode is Mode.POLITE
-    st = decide(st, ls(2.5, C * 0.5, q=2.5, capacity=C, competing=C * 0.5), cfg)
+    st = decide(st, ls(2.9, C * 0.5, q=2.5, capacity=C, competing=C * 0.5), cfg)
     assert st.mode is Mode.POLITE  # the other flow's queue is not drained away by us
-    st = decide(st, ls(4.0, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
+    st = decide(st, ls(4.4, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
     assert st.decision.pacing_rate == int(0.5 * C) // 4  # held for polite_hold
-    st = decide(st, ls(4.6, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
+    st = decide(st, ls(5.0, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
     assert st.decision.pacing_rate == int(0.97 * C) // 4  # gone: the link again
+
+
+def test_polite_mode_reads_a_queue_that_returns_after_a_drain_as_a_competing_flow() -> None:
+    cfg = ControllerConfig(initial_lanes=4, polite=True)
+    st = decide(cruising(cfg), ls(1.4, C * 0.8, q=2.5, capacity=C), cfg)
+    assert st.mode is Mode.DRAIN
+    st = decide(st, ls(1.6, C * 0.7, q=1.05, capacity=C), cfg)
+    assert st.mode is Mode.POLITE and st.decision.pacing_rate == int(0.97 * C) // 4
+    st = decide(st, ls(2.0, C * 0.8, q=2.5, capacity=C), cfg)
+    assert st.mode is Mode.POLITE and st.decision.pacing_rate == int(0.5 * C) // 4
+    assert "sharing" in st.decision.reason
 
 
 def test_lanes_stay_within_bounds() -> None:

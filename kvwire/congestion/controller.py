@@ -22,11 +22,13 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew.
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
-  the capacity), and ``polite_hold`` after, the aggregate is paced to ``polite_share x capacity``.
+  the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
+  aggregate is paced to ``polite_share x capacity`` (and that queue is left alone: it is theirs).
 - Lanes (changed only when settled, outside PROBE/DRAIN): enough for the path — BBR needs
   ``2 x BDP / lane_window`` lanes; a loss-based algorithm needs ``capacity / Mathis rate`` lanes at the
-  measured loss. Grown at once, shrunk only below half the current count. Receiver-window-limited
-  links never grow. Nothing is judged while the lanes are app-limited (``busy < min_busy``).
+  measured loss (only without a queue: congestive loss is no reason for lanes; never in polite mode).
+  Grown at once, shrunk only below half the current count. Receiver-window-limited links never grow.
+  Nothing is judged while the lanes are app-limited (``busy < min_busy``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class ControllerConfig:
     polite_share: float = 0.5
     polite_congestion: str | None = "cubic"
     polite_hold: float = 2.0
+    judge_after: float = 1.0  # the estimator's stats window: goodput averages reach back this far
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.initial_lanes <= self.max_lanes:
@@ -117,6 +120,7 @@ class ControllerState:
     decision: Decision
     changed_at: float | None = None  # when the mode (or the lane count) last changed
     competing_at: float | None = None  # last time competing traffic was seen (polite mode)
+    drained_at: float | None = None  # when the last DRAIN ended
 
     @property
     def mode(self) -> Mode:
@@ -138,8 +142,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     since = now - st.changed_at
     cap = link.capacity
     q = link.queueing_ratio or 1.0
-    if cfg.polite and link.competing_bw and now > st.changed_at:
-        st = replace(st, competing_at=now)
+    if cfg.polite and link.competing_bw and since >= cfg.settle + cfg.judge_after:
+        st = replace(st, competing_at=now)  # (a queue right after our own change says nothing of others)
 
     if d.mode is Mode.PROBE:
         if cap is not None and since >= cfg.probe_min:
@@ -149,7 +153,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         return st
     if d.mode is Mode.DRAIN:
         if q <= cfg.drained_ratio or since >= cfg.drain_max:
-            return _pace(st, link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})", new_mode=True)
+            return _pace(replace(st, drained_at=now), link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})",
+                         new_mode=True)
         return st
     if d.mode is Mode.UPPROBE:
         if since >= cfg.upprobe_time or q > cfg.drain_ratio:
@@ -159,6 +164,10 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         return st
     # CRUISE / POLITE
     if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
+        if cfg.polite and st.drained_at is not None and now - st.drained_at < cfg.polite_hold:
+            # we drained it and paced under the capacity, yet the queue is back: someone else's
+            return _pace(replace(st, competing_at=now), link, cfg, d.mode, f"queue back after a drain "
+                         f"(ratio {q:.2f}): sharing", new_mode=True)
         return _drain(st, link, cfg, f"queueing ratio {q:.2f}")
     lanes = _lanes(d, link, cfg)
     if since >= cfg.settle and lanes != d.lanes:
@@ -215,8 +224,8 @@ def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mod
 def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig) -> int:
     """Lanes the path needs (see the module docstring), with hysteresis against the current count."""
     cap, rtt = link.capacity, link.min_rtt
-    if cap is None or not rtt:
-        return d.lanes
+    if cap is None or not rtt or cfg.polite or (link.queueing_ratio or 1.0) > cfg.drained_ratio:
+        return d.lanes  # sharing, or loss that a queue explains: congestive, not a reason for lanes
     if d.congestion == "bbr":
         want = math.ceil(2 * cap * rtt / cfg.lane_window)
     else:
