@@ -6,6 +6,9 @@ The names an engine imports::
 """
 
 from .codec.frames import Limits
+from .congestion.control import LinkControl
+from .congestion.controller import ControllerConfig
+from .congestion.estimator import LinkState
 from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
 from .codec.presets import PRESETS, load_layout, load_preset
 from .codec.transfer import State
@@ -27,11 +30,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "ControllerConfig",
     "IncomingTransfer",
     "KvwireError",
     "LayoutError",
     "LayoutMismatch",
     "Limits",
+    "LinkControl",
+    "LinkState",
     "ModelLayout",
     "OutgoingTransfer",
     "PRESETS",
