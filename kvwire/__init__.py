@@ -6,12 +6,12 @@ The names an engine imports::
 """
 
 from .codec.frames import Limits
-from .congestion.control import LinkControl
-from .congestion.controller import ControllerConfig
-from .congestion.estimator import LinkState
 from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
 from .codec.presets import PRESETS, load_layout, load_preset
 from .codec.transfer import State
+from .congestion.control import LinkControl
+from .congestion.controller import ControllerConfig
+from .congestion.estimator import LinkState
 from .errors import (
     AuthenticationError,
     KvwireError,
