@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -14,3 +15,17 @@ def no_leaks() -> Iterator[None]:
     yield
     assert wait_until(lambda: kvwire_threads() == threads, 10), f"threads left: {kvwire_threads()}"
     assert wait_until(lambda: open_fds() <= fds, 10), f"fds: {open_fds()} after vs {fds} before"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair (client, accepted)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    srv.close()
+    try:
+        yield cli, acc
+    finally:
+        cli.close()
+        acc.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -167,19 +166,6 @@ def test_config_validation_and_start_lanes() -> None:
     assert lanes_for(1e6, 4e6, cfg) == 4
     assert lanes_for(37.5e6, 4 * 2**20, cfg) == 9
     assert lanes_for(1e9, 1e6, cfg) == 16
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.create_connection(srv.getsockname())
-    acc, _ = srv.accept()
-    srv.close()
-    try:
-        yield cli, acc
-    finally:
-        cli.close()
-        acc.close()
 
 
 def test_actuator_sets_pacing_and_algorithm(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -5,25 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.monitor import LinkMonitor
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.create_connection(srv.getsockname())
-    acc, _ = srv.accept()
-    srv.close()
-    try:
-        yield cli, acc
-    finally:
-        cli.close()
-        acc.close()
 
 
 def _stream(cli: socket.socket, acc: socket.socket, seconds: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,19 +19,6 @@ from kvwire.congestion.tcpinfo import (
     set_congestion,
     set_pacing_rate,
 )
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.create_connection(srv.getsockname())
-    acc, _ = srv.accept()
-    srv.close()
-    try:
-        yield cli, acc
-    finally:
-        cli.close()
-        acc.close()
 
 
 def _drain(sock: socket.socket, n: int) -> None:
