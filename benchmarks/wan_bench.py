@@ -267,16 +267,24 @@ def scenario_c(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
         rx.terminate()
     _trace(a, "c", kv)
     th, tr = marks["halved"], marks.get("restored", 1e18)
-    new = a.rate / 2 * 1e6 / 8 * PAYLOAD_FRACTION
+    full = a.rate * 1e6 / 8 * PAYLOAD_FRACTION
+    new = full / 2
+    before = [s.capacity for s in kv["states"] if th - 1.0 <= s.timestamp <= th and s.capacity]
+    cap_before = statistics.median(before) if before else None
+    right_before = cap_before is not None and 0.85 * full <= cap_before <= 1.15 * full
     after = [s for s in kv["states"] if th < s.timestamp <= tr]
     t_cap = next((s.timestamp - th for s in after if s.capacity and 0.85 * new <= s.capacity <= 1.15 * new), None)
+    back = [s for s in kv["states"] if s.timestamp > tr]
+    t_back = next((s.timestamp - tr for s in back if s.capacity and s.capacity >= 0.85 * full), None)
     over = [s.timestamp for s in after if (s.queueing_ratio or 0) > 1.3]
     t_q = (max(over) - th) if over else 0.0
     peak = max((s.queueing_ratio or 0 for s in after), default=0.0)
     last = after[-1] if after else None
     return [("(c) capacity after halving",
-             f"{'-' if t_cap is None else f'{t_cap:.2f}'} s to {_mb(last.capacity if last else None)} Mbit/s "
-             f"(payload rate {new * 8 / 1e6:.0f})", "<= 1 s", t_cap is not None and t_cap <= 1.0),
+             f"{_mb(cap_before)} -> {_mb(last.capacity if last else None)} Mbit/s in "
+             f"{'-' if t_cap is None else f'{t_cap:.2f}'} s (payload rate {full * 8e-6:.0f} -> {new * 8e-6:.0f}; "
+             f"back up {'-' if t_back is None else f'{t_back:.1f}'} s after the rate returned)", "<= 1 s",
+             right_before and t_cap is not None and t_cap <= 1.0),
             ("(c) queue back under 1.3", f"{t_q:.2f} s after halving (peak ratio {peak:.2f})", "<= 2 s", t_q <= 2.0)]
 
 

@@ -39,6 +39,7 @@ def feed(st: ControllerState, cfg: ControllerConfig, states: list[LinkState]) ->
 
 CFG = ControllerConfig(initial_lanes=4, max_lanes=16)
 C = 48e6  # bytes/s: 400 Mbit/s of payload, roughly
+PACE = CFG.pace_gain
 
 
 def cruising(cfg: ControllerConfig = CFG, t: float = 1.0, cap: float = C) -> ControllerState:
@@ -53,7 +54,7 @@ def test_probe_runs_unpaced_with_bbr_until_the_capacity_is_known() -> None:
     st = feed(st, CFG, [ls(0.0, 0.0), ls(0.3, 30e6, q=2.0, capacity=30e6)])
     assert st.mode is Mode.PROBE  # capacity seen, but before probe_min: BBR's startup is still ramping
     st = decide(st, ls(0.9, C, q=2.0, capacity=C), CFG)
-    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * C) // 4
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C) // 4
     st = feed(initial_state(CFG), CFG, [ls(0.0, 0.0), ls(4.1, 20e6)])  # never saturated
     assert st.mode is Mode.CRUISE and st.decision.pacing_rate is None
 
@@ -69,11 +70,27 @@ def test_a_standing_queue_drains_below_capacity_then_cruises_at_the_new_capacity
     assert st.mode is Mode.CRUISE  # within settle of the last change
     half = C / 2  # the bottleneck halved; the estimator follows it under the queue
     st = decide(st, ls(1.5, half, q=3.0, capacity=half), CFG)
-    assert st.mode is Mode.DRAIN and st.decision.pacing_rate == int(0.75 * half) // 4
+    # 2 x 20 ms of queue to empty in drain_time (0.2 s): pace at 80 % of the new capacity
+    assert st.mode is Mode.DRAIN and st.decision.pacing_rate == int(0.8 * half) // 4
     st = decide(st, ls(1.7, half, q=1.5, capacity=half), CFG)
     assert st.mode is Mode.DRAIN
     st = decide(st, ls(1.9, half, q=1.05, capacity=half), CFG)
-    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * half) // 4
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * half) // 4
+
+
+def test_drain_depth_follows_the_queue_and_the_falling_capacity() -> None:
+    deep = decide(cruising(), ls(1.5, C, q=8.0, capacity=C), CFG)  # 140 ms of queue: the deepest drain
+    assert deep.mode is Mode.DRAIN and deep.decision.pacing_rate == int(CFG.drain_gain * C) // 4
+    shallow = decide(cruising(), ls(1.5, C, q=1.35, capacity=C), CFG)  # an up-probe's few ms: a light one
+    assert shallow.mode is Mode.DRAIN and shallow.decision.pacing_rate == int(CFG.drain_gain_max * C) // 4
+    # the rate drop is still being measured when the drain starts: the drain follows the estimate down
+    st = decide(cruising(), ls(1.5, C, q=3.0, capacity=0.7 * C), CFG)
+    first = st.decision.pacing_rate
+    st = decide(st, ls(1.6, C / 2, q=3.0, capacity=C / 2), CFG)
+    assert st.mode is Mode.DRAIN and first is not None and st.decision.pacing_rate == int(0.8 * C / 2) // 4
+    assert st.changed_at == 1.5  # still the same drain: drain_max counts from its start
+    same = decide(st, ls(1.7, C / 2, q=3.0, capacity=0.51 * C), CFG)
+    assert same.decision == st.decision  # never re-paced up within a drain
 
 
 def test_drain_gives_up_after_drain_max() -> None:
@@ -88,13 +105,17 @@ def test_cruise_repaces_when_the_estimate_moves_and_up_probes_periodically() -> 
     same = decide(st, ls(2.0, C, capacity=C * 1.01), CFG)
     assert same.decision == st.decision  # within repace: no churn on the sockets
     st = decide(st, ls(2.1, C, capacity=C * 1.2), CFG)
-    assert st.decision.pacing_rate == int(0.97 * C * 1.2) // 4 and st.mode is Mode.CRUISE
+    assert st.decision.pacing_rate == int(PACE * C * 1.2) // 4 and st.mode is Mode.CRUISE
     st = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C * 1.2), CFG)
     assert st.mode is Mode.UPPROBE and st.decision.pacing_rate == int(1.1 * C * 1.2) // 4
     t = st.changed_at
     assert t is not None
-    st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # it paid: bigger capacity
-    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(0.97 * C * 1.3) // 4
+    st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # it paid: bigger capacity ...
+    assert st.mode is Mode.UPPROBE and st.decision.pacing_rate == int(1.1 * C * 1.3) // 4  # ... probe on
+    t = st.changed_at
+    assert t is not None
+    st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # that was all of it
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C * 1.3) // 4
     st = feed(st, CFG, [ls(t + CFG.upprobe_time + CFG.upprobe_interval + 0.1, C, capacity=C * 1.3)])
     assert st.mode is Mode.UPPROBE
     st = decide(st, ls(st.changed_at + 0.1, C, q=1.5, capacity=C * 1.3), CFG)  # type: ignore[operator]
@@ -108,7 +129,7 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
     big = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=16)
     st = cruising(big, cap=1e9)  # 8 Gbit/s x 20 ms: 2 x BDP = 40 MB -> 10 lanes
     st = decide(st, ls(1.5, 1e9, capacity=1e9), big)
-    assert st.decision.lanes == 10 and st.decision.pacing_rate == int(0.97 * 1e9) // 10
+    assert st.decision.lanes == 10 and st.decision.pacing_rate == int(PACE * 1e9) // 10
     cubic = ControllerConfig(initial_lanes=4, congestion="cubic")
     st = cruising(cubic)
     st = decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C), cubic)  # Mathis: ~2.8 MB/s per lane
@@ -121,10 +142,10 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
 
 
 def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> None:
-    cfg = ControllerConfig(initial_lanes=4, polite=True, polite_share=0.5, polite_hold=2.0)
+    cfg = ControllerConfig(initial_lanes=4, polite=True, polite_share=0.5, polite_hold=2.0, upprobe_interval=10.0)
     st = cruising(cfg)
     assert st.mode is Mode.POLITE and st.decision.congestion == "cubic"
-    assert st.decision.pacing_rate == int(0.97 * C) // 4  # alone: takes the link
+    assert st.decision.pacing_rate == int(PACE * C) // 4  # alone: takes the link
     early = decide(st, ls(2.0, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
     assert early.mode is Mode.DRAIN  # too soon after our own change to blame others: drain it
     st = decide(st, ls(2.4, C * 0.6, q=2.5, capacity=C, competing=C * 0.4), cfg)
@@ -134,7 +155,7 @@ def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> N
     st = decide(st, ls(4.4, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
     assert st.decision.pacing_rate == int(0.5 * C) // 4  # held for polite_hold
     st = decide(st, ls(5.0, C * 0.5, q=1.0, capacity=C, competing=0.0), cfg)
-    assert st.decision.pacing_rate == int(0.97 * C) // 4  # gone: the link again
+    assert st.decision.pacing_rate == int(PACE * C) // 4  # gone: the link again
 
 
 def test_polite_mode_reads_a_queue_that_returns_after_a_drain_as_a_competing_flow() -> None:
@@ -142,7 +163,7 @@ def test_polite_mode_reads_a_queue_that_returns_after_a_drain_as_a_competing_flo
     st = decide(cruising(cfg), ls(1.4, C * 0.8, q=2.5, capacity=C), cfg)
     assert st.mode is Mode.DRAIN
     st = decide(st, ls(1.6, C * 0.7, q=1.05, capacity=C), cfg)
-    assert st.mode is Mode.POLITE and st.decision.pacing_rate == int(0.97 * C) // 4
+    assert st.mode is Mode.POLITE and st.decision.pacing_rate == int(PACE * C) // 4
     st = decide(st, ls(2.0, C * 0.8, q=2.5, capacity=C), cfg)
     assert st.mode is Mode.POLITE and st.decision.pacing_rate == int(0.5 * C) // 4
     assert "sharing" in st.decision.reason
@@ -161,6 +182,8 @@ def test_config_validation_and_start_lanes() -> None:
         ControllerConfig(polite_share=1.5)
     with pytest.raises(ValueError):
         ControllerConfig(drain_gain=0.99)
+    with pytest.raises(ValueError):
+        ControllerConfig(drain_gain=0.6, drain_gain_max=0.5)
     assert mathis_rate(0.02, 1e-3) == pytest.approx(1448 / 0.02 * 1.22 / 1e-3 ** 0.5)
     cfg = ControllerConfig(max_lanes=16)
     assert lanes_for(1e6, 4e6, cfg) == 4
@@ -189,8 +212,8 @@ def test_lane_controller_drives_sockets_and_lane_hook(pair: tuple[socket.socket,
     ctl.on_state(ls(0.5, 1e9, q=2.0, capacity=1e9))
     assert get_pacing_rate(a) is None and ctl.decision.mode is Mode.PROBE
     ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
-    assert ctl.decision.mode is Mode.CRUISE and get_pacing_rate(a) == int(0.97 * 1e9) // 2
+    assert ctl.decision.mode is Mode.CRUISE and get_pacing_rate(a) == int(PACE * 1e9) // 2
     assert get_congestion(a) == "bbr"
     ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # 8 Gbit/s x 20 ms needs 10 lanes
-    assert wanted == [10] and get_pacing_rate(a) == int(0.97 * 1e9) // 10
+    assert wanted == [10] and get_pacing_rate(a) == int(PACE * 1e9) // 10
     assert [d.mode for _, d in ctl.history] == [Mode.PROBE, Mode.CRUISE, Mode.CRUISE]

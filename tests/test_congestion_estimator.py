@@ -227,3 +227,86 @@ def test_sharing_reads_a_queue_below_capacity_as_competing_traffic() -> None:
     assert s.capacity == pytest.approx(40e6, rel=0.02)
     assert s.competing_bw == pytest.approx(20e6, rel=0.05)
     assert s.available_bw == 0.0 and s.usable_bw == pytest.approx(20e6, rel=0.05)
+
+
+def _with_delivered(info: TcpInfo, delivered_bytes: int) -> TcpInfo:
+    return replace(info, delivered=(delivered_bytes // 1448) & 0xFFFFFFFF)
+
+
+def test_goodput_counts_delivered_segments_so_a_loss_recovery_is_no_burst() -> None:
+    """During a recovery SACKed data is delivered at the link rate while the cumulative ACK stalls; the
+    ACK that ends the recovery jumps. ``bytes_acked`` would read a burst faster than the link,
+    ``tcpi_delivered`` does not (and it wraps at 2**32 segments)."""
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2, capacity_follows_queue=False))
+    rate, t = 40e6, 0.0
+    base = (0xFFFFFFFF - 50) * 1448  # the segment counter wraps during the run
+    acked = delivered = 0
+    lane = FakeLane()
+    est.update(t, [_with_delivered(lane.info(), base)])
+    rates = []
+    for i in range(30):
+        delivered += int(rate * DT)
+        stalled = 10 <= i < 13  # three intervals of recovery: nothing cumulatively ACKed ...
+        acked = acked if stalled else delivered  # ... then all of it at once
+        lane.acked = acked
+        t += DT
+        s = est.update(t, [_with_delivered(lane.info(), base + delivered)])
+        rates.append(s.btl_bw)
+    assert max(rates) == pytest.approx(rate, rel=0.02)
+    assert s.goodput == pytest.approx(rate, rel=0.02)
+    # without the field (an old kernel) the estimator falls back to bytes_acked: the jump shows
+    est2 = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+    acked, lane2, t, peak = 0, FakeLane(), 0.0, 0.0
+    est2.update(t, [lane2.info()])
+    for i in range(30):
+        delivered_i = int(rate * DT) * (i + 1)
+        lane2.acked = lane2.acked if 10 <= i < 13 else delivered_i
+        t += DT
+        peak = max(peak, est2.update(t, [lane2.info()]).btl_bw)
+    assert peak > 1.5 * rate
+
+
+def test_capacity_under_a_queue_is_what_the_link_served_while_it_stood() -> None:
+    """An up-probe fills a queue for one interval: the capacity is that interval's rate, not a span
+    mixing it with the cruise before it."""
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.3))
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 5, 40e6, rtt_us=40_000)  # probe: the link full at 40e6
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+    t, s = run(est, lanes, t, 10, 36e6, rtt_us=20_000)  # cruising below it, no queue
+    t, s = run(est, lanes, t, 1, 40e6, rtt_us=30_000)  # up-probe: a queue stands at once
+    assert s.saturated and s.capacity == pytest.approx(40e6, rel=0.01)
+
+
+def test_rtt_floor_keeps_sub_millisecond_noise_from_reading_as_a_queue() -> None:
+    est = LinkEstimator()  # rtt_floor 1 ms
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info(rtt_us=30, min_rtt_us=20) for ln in lanes])
+    t = 0.0
+    for _ in range(5):
+        lanes[0].step(1e9)
+        t += DT
+        s = est.update(t, [lanes[0].info(rtt_us=600, min_rtt_us=20)])  # loopback under load: 30x min_rtt
+    assert s.min_rtt == pytest.approx(20e-6) and s.queueing_ratio == 1.0
+    assert not s.congested and not s.saturated
+    s = est.update(t + DT, [lanes[0].info(rtt_us=3000, min_rtt_us=20)])  # 3 ms of queue is one
+    assert s.queueing_ratio == pytest.approx(3.0) and s.congested
+
+
+def test_a_drain_emptying_the_queue_does_not_lower_the_capacity() -> None:
+    """srtt lags the queue: the interval in which a drain emptied it still reads as saturated while the
+    link idled part of it. A shrinking queue is not evidence of the link's rate."""
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+    lanes = [FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    t, s = run(est, lanes, 0.0, 5, 40e6, rtt_us=40_000)
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+    t, s = run(est, lanes, t, 1, 30e6, rtt_us=28_000)  # draining at 75 %: the queue shrinks ...
+    t, s = run(est, lanes, t, 1, 30e6, rtt_us=26_000)  # ... still above saturated_ratio
+    assert s.saturated and s.capacity == pytest.approx(40e6, rel=0.01)
+    # and goodput over raise_span that reaches back before a rate drop does not undo it
+    t, s = run(est, lanes, t, 3, 20e6, rtt_us=60_000)
+    assert s.capacity == pytest.approx(20e6, rel=0.05)
+    t, s = run(est, lanes, t, 3, 19e6, rtt_us=20_000)
+    assert s.capacity == pytest.approx(20e6, rel=0.05)

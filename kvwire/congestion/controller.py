@@ -16,10 +16,13 @@ the per-lane work and ignores random loss, the application caps the aggregate so
 - CRUISE: the aggregate is paced at ``pace_gain x capacity`` (each lane gets its share), re-paced as
   the estimate moves by more than ``repace`` (relative). A queueing ratio above ``drain_ratio`` after
   ``settle`` -> DRAIN (unless sharing in polite mode: the queue is then the other flow's).
-- DRAIN: paced at ``drain_gain x min(capacity, goodput)`` until the ratio is below ``drained_ratio``
-  (or ``drain_max`` passed): empties the queue a rate drop left behind, then CRUISE.
+- DRAIN: paced under the capacity by what empties the standing queue (``(ratio - 1) x min_rtt`` of it)
+  in about ``drain_time``, between ``drain_gain`` and ``drain_gain_max`` of it, until the ratio is below
+  ``drained_ratio`` (or ``drain_max`` passed), then CRUISE. Re-paced down while the capacity estimate
+  falls (a rate drop is still being measured when the drain starts).
 - UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
-  ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew.
+  ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew; when it did,
+  the next up-probe follows at once (so a capacity that doubled is found in seconds, not minutes).
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -64,8 +67,12 @@ class ControllerConfig:
     max_lanes: int = 16
     initial_lanes: int = 4
     congestion: str | None = "bbr"  # algorithm for every lane; None leaves the sockets' own
-    pace_gain: float = 0.97  # payload pacing; the wire carries 1500/1448 of it, still under the link
-    drain_gain: float = 0.75
+    # the kernel paces payload bytes and the capacity is measured in payload bytes (tcpi_delivered x MSS),
+    # so headers cancel out: 0.99 leaves 1 % for measurement error, less than a queue needs to stand
+    pace_gain: float = 0.99
+    drain_gain: float = 0.5  # the deepest drain (a queue of a whole rate drop) ...
+    drain_gain_max: float = 0.9  # ... and the shallowest (the small queue an up-probe leaves)
+    drain_time: float = 0.2  # aim to empty the measured queue in this long
     drain_ratio: float = 1.3
     drained_ratio: float = 1.1
     drain_max: float = 1.5
@@ -73,9 +80,9 @@ class ControllerConfig:
     repace: float = 0.03
     probe_min: float = 0.8
     probe_timeout: float = 4.0
-    upprobe_interval: float = 6.0
+    upprobe_interval: float = 3.0
     upprobe_gain: float = 1.1
-    upprobe_time: float = 0.4
+    upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
     lane_window: float = 4 * 2**20  # per-lane window cap (tcp_wmem[2] / peer tcp_rmem[2])
@@ -90,8 +97,10 @@ class ControllerConfig:
             raise ValueError("need 1 <= min_lanes <= initial_lanes <= max_lanes")
         if not 0 < self.polite_share <= 1:
             raise ValueError("polite_share must be in (0, 1]")
-        if not 0 < self.drain_gain < self.pace_gain <= 1 < self.upprobe_gain:
-            raise ValueError("need 0 < drain_gain < pace_gain <= 1 < upprobe_gain")
+        if not 0 < self.drain_gain <= self.drain_gain_max < self.pace_gain <= 1 < self.upprobe_gain:
+            raise ValueError("need 0 < drain_gain <= drain_gain_max < pace_gain <= 1 < upprobe_gain")
+        if self.drain_time <= 0:
+            raise ValueError("drain_time must be positive")
         if not 1 <= self.drained_ratio < self.drain_ratio:
             raise ValueError("need 1 <= drained_ratio < drain_ratio")
 
@@ -155,11 +164,18 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if q <= cfg.drained_ratio or since >= cfg.drain_max:
             return _pace(replace(st, drained_at=now), link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})",
                          new_mode=True)
+        total = _drain_rate(link, cfg)
+        if total and d.total_pacing and total < (1 - cfg.repace) * d.total_pacing:
+            return replace(st, decision=replace(d, pacing_rate=max(1, total // d.lanes),
+                                                reason=f"capacity fell: drain at {total:.4g} B/s"))
         return st
     if d.mode is Mode.UPPROBE:
         if since >= cfg.upprobe_time or q > cfg.drain_ratio:
             if q > cfg.drained_ratio:
                 return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
+            before = (d.total_pacing or 0) / cfg.upprobe_gain
+            if cap is not None and cap > (1 + cfg.repace) * before:  # it paid: probe on from there
+                return _upprobe(st, link, cfg, f"capacity grew to {cap:.4g} B/s")
             return _pace(st, link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
@@ -175,10 +191,15 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
                      f"{lanes} lanes for the path", new_mode=True)
     if (cap is not None and since >= cfg.upprobe_interval and not _sharing(st, cfg, now)
             and d.pacing_rate is not None):
-        total = int(cfg.upprobe_gain * cap)
-        return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE,
-                                      f"up-probe at {total:.4g} B/s"))
+        return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
+
+
+def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str) -> ControllerState:
+    d = st.decision
+    total = int(cfg.upprobe_gain * (link.capacity or 0))
+    reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
+    return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
 
 
 def _sharing(st: ControllerState, cfg: ControllerConfig, now: float) -> bool:
@@ -189,12 +210,22 @@ def _to(st: ControllerState, link: LinkState, d: Decision) -> ControllerState:
     return replace(st, decision=d, changed_at=link.timestamp)
 
 
+def _drain_rate(link: LinkState, cfg: ControllerConfig) -> int:
+    """Aggregate pacing that empties the standing queue in about ``drain_time`` (0: nothing to go on).
+    Alone, the capacity follows the queue down; sharing it does not, so goodput bounds it there."""
+    base = min(link.capacity, link.goodput) if link.capacity and cfg.polite else link.capacity or link.goodput
+    if base <= 0:
+        return 0
+    excess = ((link.queueing_ratio or 1.0) - 1) * (link.min_rtt or 0.0)  # seconds of queue at the link rate
+    gain = min(cfg.drain_gain_max, max(cfg.drain_gain, 1 - excess / cfg.drain_time))
+    return int(gain * base)
+
+
 def _drain(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str) -> ControllerState:
     d = st.decision
-    base = min(link.capacity, link.goodput) if link.capacity else link.goodput
-    if base <= 0:
+    total = _drain_rate(link, cfg)
+    if total <= 0:
         return st
-    total = int(cfg.drain_gain * base)
     return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN,
                                   f"{why}: drain at {total:.4g} B/s"))
 

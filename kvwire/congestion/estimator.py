@@ -1,12 +1,15 @@
 """Link estimation in the spirit of BBR, from periodic per-lane ``TCP_INFO`` samples.
 
 Owns: ``LinkEstimator`` (pure: fed ``(timestamp, samples)``; no clock, no sockets, no threads) and the
-snapshots it returns, ``LinkState`` and ``LaneState``. Signals: goodput ``G = Σ Δbytes_acked / Δt``,
-bottleneck bandwidth (windowed max of ``G`` averaged over short spans), min RTT (windowed min), queueing ratio
-``median(srtt) / min_rtt``, retransmit rate ``Σ Δbytes_retrans / Σ Δbytes_sent``, receive-window- and
-send-buffer-limited shares of busy time, utilization of a configured or probed capacity, and the
-bandwidth other flows take (a standing queue while our goodput is below the capacity).
-Must not know: how samples are taken, sessions, or what is done about the estimate (``controller``).
+snapshots it returns, ``LinkState`` and ``LaneState``. Signals: goodput ``G = Σ Δdelivered / Δt`` (the
+kernel's ``tcpi_delivered`` segments x MSS: SACKed data counts when it arrives, so the cumulative ACK that
+ends a loss recovery does not show up as a burst faster than the link; ``bytes_acked`` where the kernel lacks
+it), bottleneck bandwidth (windowed max of ``G`` averaged over short spans), min RTT (windowed min), queueing
+ratio ``median(srtt) / min_rtt`` (both taken as at least ``rtt_floor``), retransmit rate ``Σ Δbytes_retrans /
+Σ Δbytes_sent``, receive-window- and send-buffer-limited shares of busy time, utilization of a configured or
+probed capacity, and the bandwidth other flows take (a standing queue while our goodput is below the
+capacity). Must not know: how samples are taken, sessions, or what is done about the estimate
+(``controller``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ class EstimatorConfig:
 
     bw_window: float = 1.0  # BtlBw = max over this long of goodput samples ...
     bw_sample: float = 0.25  # ... each averaged over this long (irons out ACK bunching and sampling jitter)
+    # a probed capacity is raised by goodput averaged over this long: the max of short spans is biased
+    # up by sampling jitter (a few ms in 0.2 s is 2 %), enough for pacing just under it to build a queue
+    raise_span: float = 0.5
     rtt_window: float = 10.0  # min_rtt = min over this long
     stats_window: float = 1.0  # goodput, loss and limited shares are averaged over this long
     capacity: float | None = None  # the link's capacity, if known; otherwise probed (see LinkEstimator)
     saturated_ratio: float = 1.25  # queueing ratio at which we are filling the bottleneck's queue
     congested_ratio: float = 1.5  # queueing ratio that counts as congestion
     congested_loss: float = 0.02  # retransmit rate that counts as congestion
+    # queueing ratios are taken against at least this RTT: on loopback or in a rack (min RTT ~10-100 us) a
+    # fraction of a millisecond of scheduling noise would otherwise read as a standing queue many RTTs deep
+    rtt_floor: float = 0.001
     min_busy: float = 0.5  # lanes busy less than this share of the time are app-limited
     # alone on the link (True): a standing queue means the link is full at our goodput, so the probed
     # capacity follows it down (a rate drop). Sharing (False): the capacity only goes up after the
@@ -41,7 +50,7 @@ class EstimatorConfig:
     competing_margin: float = 0.1  # goodput below (1 - this) x capacity under a queue: others present
 
     def __post_init__(self) -> None:
-        for name in ("bw_window", "bw_sample", "rtt_window", "stats_window"):
+        for name in ("bw_window", "bw_sample", "raise_span", "rtt_window", "stats_window", "rtt_floor"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.capacity is not None and self.capacity <= 0:
@@ -109,7 +118,8 @@ class LinkState:
 
 @dataclass(frozen=True)
 class _Deltas:
-    """Counter increments of one lane (or their sum over lanes) over one interval."""
+    """Counter increments of one lane (or their sum over lanes) over one interval. ``acked`` is bytes
+    delivered to the peer (``tcpi_delivered`` x MSS where the kernel has it, else ``bytes_acked``)."""
 
     acked: int = 0
     sent: int = 0
@@ -123,7 +133,7 @@ class _Deltas:
         if prev is None or _reset(info, prev):
             return _Deltas()
         return _Deltas(
-            _delta(info.bytes_acked, prev.bytes_acked), _delta(info.bytes_sent, prev.bytes_sent),
+            _delivered(info, prev), _delta(info.bytes_sent, prev.bytes_sent),
             _delta(info.bytes_retrans, prev.bytes_retrans), _delta(info.busy_time_us, prev.busy_time_us),
             _delta(info.rwnd_limited_us, prev.rwnd_limited_us),
             _delta(info.sndbuf_limited_us, prev.sndbuf_limited_us))
@@ -139,6 +149,12 @@ class _Interval:
     dt: float
     lanes: int
     d: _Deltas
+
+
+def _delivered(info: TcpInfo, prev: TcpInfo) -> int:
+    if info.delivered is not None and prev.delivered is not None and info.snd_mss:
+        return ((info.delivered - prev.delivered) & 0xFFFFFFFF) * info.snd_mss
+    return _delta(info.bytes_acked, prev.bytes_acked)
 
 
 def _delta(new: int | None, old: int | None) -> int:
@@ -161,8 +177,9 @@ class LinkEstimator:
 
     A lane seen for the first time, or whose counters went backwards (a reconnected socket reusing the
     key), contributes from its next sample on. Capacity is ``config.capacity``, else the one set with
-    ``set_capacity``, else *probed*: BtlBw measured while the queueing ratio showed a standing queue
-    (we were filling the bottleneck), raised whenever goodput exceeds it; unknown until then.
+    ``set_capacity``, else *probed*: the goodput of the intervals during which the queueing ratio showed a
+    standing queue (we were filling the bottleneck: it served at its rate the whole time), raised whenever
+    goodput over a ``raise_span`` exceeds it; unknown until then.
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
@@ -174,6 +191,9 @@ class LinkEstimator:
         self._bw: deque[tuple[float, float]] = deque()  # (t, goodput over the bw_sample span ending at t)
         self._capacity_set: float | None = None
         self._probed: float | None = None
+        self._saturated_run: deque[tuple[float, float, int]] = deque()  # (end, dt, bytes) under a queue
+        self._last_ratio: float | None = None
+        self._probed_at = 0.0  # when a standing queue last set the probed capacity
         self.latest: LinkState | None = None
 
     def set_capacity(self, bytes_per_s: float | None) -> None:
@@ -187,7 +207,7 @@ class LinkEstimator:
         ``set_capacity`` it keeps being probed from there."""
         if bytes_per_s <= 0:
             raise ValueError("capacity must be positive")
-        self._probed = bytes_per_s
+        self._probed, self._probed_at = bytes_per_s, self._last_t or 0.0
 
     def update(self, now: float, samples: Mapping[LaneKey, TcpInfo] | Sequence[TcpInfo]) -> LinkState:
         """Feed one sampling round taken at ``now`` (seconds, any monotonic clock)."""
@@ -200,7 +220,7 @@ class LinkEstimator:
         if dt is not None:
             total = sum(deltas.values(), _Deltas())
             self._intervals.append(_Interval(now, dt, len(items), total))
-            self._bw.append((now, self._span_rate(now)))
+            self._bw.append((now, self._span_rate(now, self.config.bw_sample)))
         self._prev = items
         self._last_t = now
         rtts = [i.min_rtt_us for i in items.values() if i.min_rtt_us]
@@ -211,18 +231,18 @@ class LinkEstimator:
         return self.latest
 
     # ------------------------------------------------------------ internals
-    def _span_rate(self, now: float) -> float:
-        """Goodput over the last ``bw_sample`` seconds (at least the newest interval)."""
+    def _span_rate(self, now: float, seconds: float) -> float:
+        """Goodput over the last ``seconds`` (at least the newest interval)."""
         acked = span = 0.0
         for iv in reversed(self._intervals):
-            if span and iv.end <= now - self.config.bw_sample:
+            if span and iv.end <= now - seconds:
                 break
             acked += iv.d.acked
             span += iv.dt
         return acked / span if span else 0.0
 
     def _prune(self, now: float) -> None:
-        keep = max(self.config.bw_sample, self.config.stats_window)
+        keep = max(self.config.bw_sample, self.config.stats_window, self.config.raise_span)
         while self._intervals and self._intervals[0].end <= now - keep:
             self._intervals.popleft()
         while self._bw and self._bw[0][0] <= now - self.config.bw_window:
@@ -244,9 +264,10 @@ class LinkEstimator:
         active = [ln.srtt for ln in lanes if ln.srtt is not None and ln.busy > 0] or [
             ln.srtt for ln in lanes if ln.srtt is not None]
         srtt = statistics.median(active) if active else None
-        ratio = srtt / min_rtt if srtt is not None and min_rtt else None
+        floor = cfg.rtt_floor
+        ratio = max(srtt, floor) / max(min_rtt, floor) if srtt is not None and min_rtt else None
         saturated = ratio is not None and ratio >= cfg.saturated_ratio and busy >= cfg.min_busy
-        capacity = self._capacity(saturated, self._bw[-1][1] if self._bw else 0.0)
+        capacity = self._capacity(now, saturated, ratio)
         competing = None
         if capacity:
             competing = 0.0
@@ -263,18 +284,40 @@ class LinkEstimator:
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
             saturated=saturated, lanes=lanes)
 
-    def _capacity(self, saturated: bool, recent: float) -> float | None:
-        """``recent``: goodput over the last ``bw_sample`` span. Under a standing queue the link is full,
-        so that span's goodput *is* the bottleneck rate (when alone); otherwise it is a lower bound.
-        The newest span, not the windowed max, so a rate drop is not undone by samples from before it."""
+    def _capacity(self, now: float, saturated: bool, ratio: float | None) -> float | None:
+        """Under a standing queue the link is full, so the
+        goodput of the run of saturated intervals (up to ``bw_sample`` of it) *is* the bottleneck rate
+        (when alone); otherwise goodput is a lower bound. Only the saturated run, not the windowed max or
+        a span reaching back before the queue: a rate drop is not undone by samples from before it, and
+        the brief queue an up-probe makes is measured at the rate the link served it. It goes down only
+        once the queue has stood ``bw_sample`` long (a single stalled interval says little). An interval whose
+        queue shrank is left out: srtt lags, so the interval in which a drain emptied the queue still
+        reads as saturated while the link idled part of it. Otherwise goodput over the last ``raise_span``
+        raises it, if all of that span came after the queue last set it (not undoing a rate drop)."""
+        run = self._saturated_run
+        shrinking = ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
+        self._last_ratio = ratio
+        if not saturated:
+            run.clear()
+        elif shrinking:
+            pass  # the run is neither extended nor broken: the queue still stands
+        elif self._intervals:
+            iv = self._intervals[-1]
+            run.append((iv.end, iv.dt, iv.d.acked))
+            while len(run) > 1 and run[0][0] <= iv.end - self.config.bw_sample:
+                run.popleft()
         if self.config.capacity is not None:
             return self.config.capacity
         if self._capacity_set is not None:
             return self._capacity_set
-        if saturated and recent > 0 and (self._probed is None or self.config.capacity_follows_queue):
-            self._probed = recent
-        elif self._probed is not None:
-            self._probed = max(self._probed, recent)
+        span = sum(dt for _, dt, _ in run)
+        served = sum(b for _, _, b in run) / span if run and not shrinking else 0.0
+        # down only on a queue that stood a whole bw_sample (not one stalled interval: an RTO, a hiccup)
+        lasted = span >= 0.95 * self.config.bw_sample or (self._probed is not None and served > self._probed)
+        if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
+            self._probed, self._probed_at = served, now
+        elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
+            self._probed = max(self._probed, self._span_rate(now, self.config.raise_span))
         return self._probed
 
 

@@ -66,6 +66,7 @@ _LAYOUT: dict[str, tuple[int, str]] = {
     "busy_time_us": (168, "Q"),
     "rwnd_limited_us": (176, "Q"),
     "sndbuf_limited_us": (184, "Q"),
+    "delivered": (192, "I"),
     "bytes_sent": (200, "Q"),
     "bytes_retrans": (208, "Q"),
     "snd_wnd": (228, "I"),
@@ -111,6 +112,7 @@ class TcpInfo:
     busy_time_us: int | None = None
     rwnd_limited_us: int | None = None
     sndbuf_limited_us: int | None = None
+    delivered: int | None = None  # segments delivered (cumulatively ACKed or SACKed), wraps at 2**32
     bytes_sent: int | None = None
     bytes_retrans: int | None = None
     snd_wnd: int | None = None
