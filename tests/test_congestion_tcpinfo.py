@@ -46,6 +46,11 @@ def test_bytes_acked_grows_after_sending(pair: tuple[socket.socket, socket.socke
     assert after.bytes_sent is not None and after.bytes_sent >= len(payload)
     assert after.min_rtt_us is not None and 0 < after.min_rtt_us < 1_000_000
     assert after.snd_mss and after.snd_cwnd and after.cwnd_bytes == after.snd_mss * after.snd_cwnd
+    # tcpi_delivered (segments) x MSS agrees with bytes_acked to within one segment per send
+    assert before.delivered is not None and after.delivered is not None
+    delivered = (after.delivered - before.delivered) * after.snd_mss
+    acked = after.bytes_acked - before.bytes_acked
+    assert acked <= delivered <= acked + 64 * after.snd_mss
     # the receiving side counts what it got
     got = read_tcp_info(acc)
     assert got.bytes_received is not None and got.bytes_received >= len(payload)
