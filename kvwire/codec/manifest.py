@@ -37,6 +37,7 @@ class Manifest:
     chunk_size: int
     hash: str = HASH_XXH3
     layout: ModelLayout | None = None  # sent with the first transfer of a layout on a session
+    sink: bool = False  # a capacity probe: the receiver reads and discards the payload (see codec.probe)
 
     @property
     def total_bytes(self) -> int:
@@ -62,13 +63,15 @@ class Manifest:
         }
         if with_layout and self.layout is not None:
             d["layout"] = self.layout.to_dict()
+        if self.sink:
+            d["sink"] = True  # only when set: a manifest without the key is an ordinary transfer
         return d
 
 
 def build_manifest(transfer_id: int, layout: ModelLayout, request: RequestSpec, chunk_size: int,
-                   hashed: bool = True) -> Manifest:
+                   hashed: bool = True, sink: bool = False) -> Manifest:
     return Manifest(transfer_id, layout.fingerprint(), request, tuple(plan_segments(layout, request)),
-                    chunk_size, HASH_XXH3 if hashed else HASH_NONE, layout)
+                    chunk_size, HASH_XXH3 if hashed else HASH_NONE, layout, sink)
 
 
 def max_chunk_size(limits: Limits) -> int:
@@ -99,6 +102,9 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
     hash_name = d.get("hash")
     if hash_name not in (HASH_XXH3, HASH_NONE):
         raise ProtocolError(f"unknown hash {hash_name!r}")
+    sink = d.get("sink", False)
+    if type(sink) is not bool:
+        raise ProtocolError(f"manifest field 'sink' must be a bool, got {sink!r}")
     try:
         request = RequestSpec.from_dict(d.get("req"))
     except LayoutError as e:
@@ -136,7 +142,7 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
             raise ProtocolError("manifest layout does not match its fingerprint")
     elif known_layouts is not None:
         layout = known_layouts.get(fp)
-    m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout)
+    m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout, sink)
     if layout is not None:
         check_segments(m, layout)
     if total // chunk + len(segments) + 1 > limits.max_chunks:
