@@ -53,5 +53,9 @@ class TransferCancelled(TransferError):
     """The transfer was cancelled by one of the two sides."""
 
 
+class ProbeRefused(KvwireError):
+    """The receiver takes no capacity probes (``max_probe_bytes=0``, or a kvwire without sink transfers)."""
+
+
 class PoolExhausted(KvwireError):
     """A bounded buffer pool has no free buffer of the requested size."""

@@ -2,7 +2,8 @@
 
 Owns: the listening socket, per-connection threads (one per control connection, one per lane), the
 per-session table of transfers, destination lookup (registered buffers or an allocator callback),
-ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them. Drives the sans-IO
+ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them; sink transfers
+(capacity probes), read into one shared scratch buffer and never delivered. Drives the sans-IO
 ``ReceiverTransfer``. Must not know: torch/cupy (buffers arrive as views), congestion control.
 """
 
@@ -24,6 +25,7 @@ from ..buffers import segment_views
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
+from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import ReceiverTransfer, State
 from ..errors import KvwireError, ProtocolError
 from .auth import SessionKeys, check_lane, server_handshake, server_hello
@@ -66,6 +68,10 @@ class Receiver:
     otherwise ``allocator(manifest)`` is called and returns one buffer of ``manifest.total_bytes`` or a
     list of buffers, one per segment. Handles of allocated transfers are delivered to ``on_transfer``
     and to ``next_transfer()``.
+
+    Sink transfers (capacity probes from ``kvwire.probe``) of up to ``max_probe_bytes`` each (0 refuses
+    them) are read into one receiver-wide 16 MiB scratch buffer and discarded: no allocator call, no
+    registered buffer, nothing delivered, and not counted against ``max_inflight_bytes``.
     """
 
     def __init__(
@@ -87,7 +93,10 @@ class Receiver:
         heartbeat: float = 1.0,
         handshake_timeout: float = 5.0,
         max_handshakes: int = 128,
+        max_probe_bytes: int = 4 * 1024**3,
     ) -> None:
+        if max_probe_bytes < 0:
+            raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
         self.allocator = allocator
@@ -102,6 +111,8 @@ class Receiver:
         self.heartbeat = heartbeat
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes
+        self.max_probe_bytes = max_probe_bytes
+        self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
         self._handshaking = 0
         self._lock = threading.Lock()
         self._sessions: dict[bytes, _Session] = {}
@@ -254,7 +265,8 @@ class Receiver:
         if full:
             ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
             return
-        limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes}
+        limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
+                  "max_probe_bytes": self.max_probe_bytes}
         sessions: list[_Session] = []
 
         def register(keys: SessionKeys) -> None:
@@ -302,6 +314,9 @@ class Receiver:
             return
         if m.layout is not None and len(s.layouts) < 256:
             s.layouts[m.fingerprint] = m.layout
+        if m.sink:
+            self._begin_sink(s, m)
+            return
         reason = self._admit(s, m)
         if reason:
             s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
@@ -325,13 +340,8 @@ class Receiver:
                 h._finish(State.FAILED, reason)
             s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
             return
-        h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
         h.layout = h.layout or m.layout
-        h.deadline = min(h.deadline or float("inf"), time.monotonic() + self.transfer_timeout)
-        h._sm = ReceiverTransfer(m, h.plan)
-        with s.lock:
-            s.transfers[m.transfer_id] = h
-        s.send(F.ACCEPT, {"tid": m.transfer_id})
+        self._activate(s, m, h, views)
         if not registered:
             with self._incoming_cond:
                 self._incoming.append(h)
@@ -339,15 +349,40 @@ class Receiver:
             if self.on_transfer is not None:
                 self.on_transfer(h)
 
+    def _activate(self, s: _Session, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> None:
+        """The transfer is admitted with its destination views: start its state machine and ACCEPT it."""
+        h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
+        h.deadline = min(h.deadline or float("inf"), time.monotonic() + self.transfer_timeout)
+        h._sm = ReceiverTransfer(m, h.plan)
+        with s.lock:
+            s.transfers[m.transfer_id] = h
+        s.send(F.ACCEPT, {"tid": m.transfer_id})
+
+    def _begin_sink(self, s: _Session, m: Manifest) -> None:
+        """A capacity probe: every segment's view aliases the shared scratch buffer. Lanes racing on it is
+        harmless (sinks are unhashed and the bytes are thrown away); the handle is never delivered but runs
+        the ordinary state machine, so the transfer still ends in exactly one terminal state."""
+        reason = sink_refusal(m, self.max_probe_bytes) or self._admit(s, m)
+        if reason:
+            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
+            return
+        with self._lock:
+            if self._sink_scratch is None:
+                self._sink_scratch = memoryview(bytearray(SINK_MAX_SEGMENT))
+            scratch = self._sink_scratch
+        self._activate(s, m, IncomingTransfer(m.request.request_id), [scratch[: seg.nbytes] for seg in m.segments])
+
     def _admit(self, s: _Session, m: Manifest) -> str:
         with s.lock:
             if m.transfer_id in s.transfers or m.transfer_id in s.ended:
                 return f"transfer id {m.transfer_id} already used on this session"
             if len(s.transfers) >= self.max_transfers_per_session:
                 return "too many transfers in flight on this session"
+        if m.sink:
+            return ""  # a sink holds no memory of its own
         with self._lock:
             inflight = sum(h.manifest.total_bytes for x in self._sessions.values()
-                           for h in list(x.transfers.values()) if h.manifest is not None)
+                           for h in list(x.transfers.values()) if h.manifest is not None and not h.manifest.sink)
         if inflight + m.total_bytes > self.max_inflight_bytes:
             return f"receiver busy: {inflight + m.total_bytes} bytes in flight exceeds {self.max_inflight_bytes}"
         return ""

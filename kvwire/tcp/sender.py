@@ -166,14 +166,22 @@ class Session:
 
     # ------------------------------------------------------------ public
     def send(self, layout: ModelLayout, request: RequestSpec, *, timeout: float | None = 300.0,
-             hashing: bool | None = None) -> OutgoingTransfer:
-        """Start a transfer: the manifest goes out now, chunks as layers are written."""
+             hashing: bool | None = None, sink: bool = False) -> OutgoingTransfer:
+        """Start a transfer: the manifest goes out now, chunks as layers are written.
+
+        ``sink=True``: a capacity probe (see ``kvwire.probe``): the receiver discards the payload and
+        delivers nothing; always unhashed. Refused here when the receiver did not announce
+        ``max_probe_bytes`` (an older receiver would treat it as an ordinary transfer).
+        """
         total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
         cap = min(self.limits.max_transfer_bytes, int(self.server_limits.get("max_transfer_bytes", total)))
         if total > cap:
             raise KvwireError(f"transfer of up to {total} bytes exceeds the {cap}-byte limit")
+        if sink and "max_probe_bytes" not in self.server_limits:
+            raise KvwireError("the receiver does not support sink transfers (it announces no max_probe_bytes)")
         tid = next(self._ids) & ((1 << 64) - 1)
-        m = build_manifest(tid, layout, request, self.chunk_size, self.hashing if hashing is None else hashing)
+        hashed = False if sink else self.hashing if hashing is None else hashing
+        m = build_manifest(tid, layout, request, self.chunk_size, hashed, sink)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
         h = OutgoingTransfer(self, sm, None if timeout is None else time.monotonic() + timeout)
         with self._cond:
@@ -188,6 +196,11 @@ class Session:
         except OSError as e:
             self._fail_session(f"control connection lost: {e}")
         return h
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` ran or the session failed (``failure`` says why); ``send`` then raises."""
+        return self._closed
 
     @property
     def alive_lanes(self) -> int:
