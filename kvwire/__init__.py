@@ -17,6 +17,7 @@ from .errors import (
     KvwireError,
     LayoutError,
     LayoutMismatch,
+    ProbeRefused,
     ProtocolError,
     StatePositionMismatch,
     TransferCancelled,
@@ -24,6 +25,7 @@ from .errors import (
     TransferFailed,
     TransferTimedOut,
 )
+from .probe import ProbeResult, probe
 from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ __all__ = [
     "ModelLayout",
     "OutgoingTransfer",
     "PRESETS",
+    "ProbeRefused",
+    "ProbeResult",
     "ProtocolError",
     "Receiver",
     "RequestSpec",
@@ -57,4 +61,5 @@ __all__ = [
     "load_layout",
     "load_preset",
     "plan_segments",
+    "probe",
 ]

@@ -1,0 +1,346 @@
+"""Active capacity probe: a short burst of sink transfers that measures a link's capacity and RTT.
+
+``result = kvwire.probe(session)`` (or ``probe((host, port), key=...)``) before real traffic; then, for
+example, ``LinkControl(session, capacity=result.capacity)``. Run it while no ``LinkControl`` drives the
+session: the probe takes the lanes' pacing and congestion algorithm over for its duration.
+
+Owns: ``probe`` and ``ProbeResult`` — preparing the session's lanes for the burst (pacing caps off, the
+congestion algorithm, optionally another lane count; all put back afterwards), keeping sink transfers
+back to back for the probe's duration, fed layer by layer from one shared zero buffer, sampling
+``TCP_INFO`` on the calling thread into a ``LinkEstimator``, and waiting until the lanes hold nothing
+unacknowledged, so the next real transfer does not queue behind probe bytes.
+Must not know: the wire format, chunk scheduling or how a receiver discards sinks (it calls
+``Session.send(sink=True)`` like any caller), nor the estimator's internals (only ``LinkState``'s fields).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import socket
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .codec.layout import ModelLayout
+from .codec.probe import PROBE_SEGMENT, probe_layers, probe_layout, probe_request
+from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
+from .congestion.monitor import LinkMonitor
+from .congestion.tcpinfo import (
+    SocketOptionError,
+    TcpInfoUnavailable,
+    get_congestion,
+    get_pacing_rate,
+    read_tcp_info,
+    set_congestion,
+    set_pacing_rate,
+)
+from .errors import KvwireError, ProbeRefused, TransferCancelled
+from .tcp.sender import OutgoingTransfer, Session, connect
+
+Peer = Session | tuple[str, int]
+
+#: sink transfers kept outstanding, so the lanes never idle while the next one is being accepted
+OUTSTANDING = 2
+#: after the burst the lanes get this long, plus 4 RTTs, to deliver what they hold
+DRAIN_SECONDS = 2.0
+_QUIET_STEP = 0.005  # seconds between two TCP_INFO reads that must both find the lanes empty
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe measured. Rates in bytes/s of TCP payload, times in seconds."""
+
+    capacity: float  # max over bw_sample spans of goodput (the LinkStates' btl_bw)
+    saturated: bool  # a standing queue was seen while busy: capacity is the bottleneck's rate, not a lower bound
+    min_rtt: float | None
+    max_queueing_ratio: float | None
+    loss_rate: float  # bytes retransmitted / bytes sent on the lanes during the probe
+    bytes_sent: int  # probe payload handed to the lanes
+    seconds: float  # length of the burst (the drain that follows is not counted)
+    lanes: int
+    states: tuple[LinkState, ...] = ()  # every sample, burst and drain
+    congestion: str | None = None  # the lanes' congestion algorithm during the burst
+    drained: bool = True  # the lanes held nothing unacknowledged when the probe returned
+    notes: tuple[str, ...] = ()  # settings the kernel refused, a drain that ran out of time
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data (numbers, bools, None, strings, lists, dicts) for JSON/msgpack and logs."""
+        d: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["states"] = [s.to_dict() for s in self.states]
+        d["notes"] = list(self.notes)
+        return d
+
+
+def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: int | None = None,
+          congestion: str | None = "bbr", **connect_kwargs: Any) -> ProbeResult:
+    """Measure the link to ``peer`` with ``seconds`` of back-to-back sink transfers.
+
+    ``peer`` is a ``Session`` (left open, its lane settings restored) or a ``(host, port)`` tuple (a
+    session is opened with ``connect_kwargs`` and closed again). ``interval``: seconds between
+    ``TCP_INFO`` samples. ``lanes``: the lane count to probe with (the session's is restored after).
+    ``congestion``: the algorithm for the burst (``None`` keeps the lanes'); one the kernel refuses is
+    skipped with a note in the result. Raises ``ValueError`` for bad arguments, ``ProbeRefused`` when the
+    receiver takes no probes, ``KvwireError`` for a closed session, and the failure (a ``KvwireError``)
+    when the session or a probe transfer fails midway.
+    """
+    if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+    if not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
+        raise ValueError(f"interval must be a positive number, got {interval!r}")
+    if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
+        raise ValueError(f"lanes must be a positive int, got {lanes!r}")
+    if isinstance(peer, Session):
+        if connect_kwargs:
+            raise ValueError(f"connect arguments {sorted(connect_kwargs)} need a (host, port) peer")
+        return _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
+    if not isinstance(peer, tuple) or len(peer) != 2:
+        raise TypeError(f"peer must be a Session or a (host, port) tuple, got {peer!r}")
+    if lanes is not None:
+        connect_kwargs.setdefault("lanes", lanes)
+    session = connect(peer[0], peer[1], **connect_kwargs)
+    try:
+        return _Probe(session, float(seconds), float(interval), lanes, congestion).run()
+    finally:
+        session.close()
+
+
+@dataclass
+class _Saved:
+    """A lane socket's settings before the probe."""
+
+    sock: socket.socket
+    pacing: int | None
+    congestion: str
+
+
+class _Probe:
+    """One probe over one session, on the calling thread."""
+
+    def __init__(self, session: Session, seconds: float, interval: float, lanes: int | None,
+                 congestion: str | None) -> None:
+        self.session = session
+        self.seconds = seconds
+        self.interval = interval
+        self.lanes = lanes
+        self.congestion = congestion
+        self.notes: list[str] = []
+        self.states: list[LinkState] = []
+        self.handles: list[OutgoingTransfer] = []  # every sink sent
+        self.saved: list[_Saved] = []
+        bw_sample = min(0.2, max(2 * interval, seconds / 4))
+        config = EstimatorConfig(bw_sample=bw_sample, stats_window=max(2 * bw_sample, 2 * interval))
+        self.monitor = LinkMonitor(session.lane_sockets, interval, LinkEstimator(config))
+        self._next_poll = 0.0
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> ProbeResult:
+        layout = self._layout()
+        session = self.session
+        active_before = session.active_lanes
+        outstanding: list[OutgoingTransfer] = []
+        try:
+            if self.lanes is not None:
+                session.set_active_lanes(self.lanes)
+            socks = session.lane_sockets()
+            if not socks:
+                raise KvwireError("session has no live lane to probe with")
+            used_cc = self._prepare(socks)
+            before = _counters(socks)
+            zero = bytes(PROBE_SEGMENT)
+            self._poll()
+            t0 = time.monotonic()
+            end = t0 + self.seconds
+            self._next_poll = t0 + self.interval
+            while True:
+                for h in [h for h in outstanding if h.finished]:
+                    outstanding.remove(h)
+                    h.result(0)  # a sink that did not complete ends the probe with its error
+                now = time.monotonic()
+                if now >= end:
+                    break
+                while len(outstanding) < OUTSTANDING:
+                    outstanding.append(self._sink(layout, zero))
+                concurrent.futures.wait([h.future for h in outstanding], max(0.0, min(self._next_poll, end) - now),
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                self._maybe_poll()
+            burst = time.monotonic() - t0
+            drained = self._wind_down(outstanding)
+            outstanding = []
+            loss = _loss(before, _counters(socks))
+        finally:
+            for h in outstanding:  # an error ended the burst early
+                h.cancel("probe aborted")
+            self._restore()
+            if self.lanes is not None and not session.closed and session.active_lanes != active_before:
+                session.set_active_lanes(active_before)
+        if session.closed:
+            raise KvwireError(f"session failed during the probe: {session.failure or 'closed'}")
+        states = tuple(self.states)
+        rtts = [s.min_rtt for s in states if s.min_rtt is not None]
+        ratios = [s.queueing_ratio for s in states if s.queueing_ratio is not None]
+        return ProbeResult(
+            capacity=max((s.btl_bw for s in states), default=0.0),
+            saturated=any(s.saturated for s in states),
+            min_rtt=min(rtts) if rtts else None,
+            max_queueing_ratio=max(ratios) if ratios else None,
+            loss_rate=loss,
+            bytes_sent=sum(h.bytes_sent for h in self.handles),
+            seconds=burst,
+            lanes=len(socks),
+            states=states,
+            congestion=used_cc,
+            drained=drained,
+            notes=tuple(self.notes),
+        )
+
+    def _layout(self) -> ModelLayout:
+        s = self.session
+        if s.closed:
+            raise KvwireError(f"session closed: {s.failure or 'closed'}")
+        if "max_probe_bytes" not in s.server_limits:
+            raise ProbeRefused("the receiver does not support probes (it announces no max_probe_bytes)")
+        budget = s.server_limits["max_probe_bytes"]
+        if isinstance(budget, bool) or not isinstance(budget, int) or probe_layers(budget) == 0:
+            raise ProbeRefused(f"the receiver accepts no probes (max_probe_bytes={budget!r})")
+        cap = s.server_limits.get("max_transfer_bytes", budget)
+        if isinstance(cap, int) and not isinstance(cap, bool):  # a receiver with smaller transfers
+            budget = min(budget, cap)
+        budget = min(budget, s.limits.max_transfer_bytes)
+        if probe_layers(budget) == 0:
+            raise ProbeRefused(f"the peers' transfer limits leave no room for a {PROBE_SEGMENT}-byte probe")
+        return probe_layout(probe_layers(budget))
+
+    def _sink(self, layout: ModelLayout, zero: bytes) -> OutgoingTransfer:
+        """Start one sink transfer and hand it every layer (all the same zero buffer, nothing copied)."""
+        rid = f"kvwire-probe-{len(self.handles)}"
+        h = self.session.send(layout, probe_request(rid), timeout=self.seconds + 60.0, sink=True)
+        self.handles.append(h)
+        for layer in range(layout.num_layers):
+            h.write_layer(layer, [zero])
+        h.finish()
+        return h
+
+    def _poll(self) -> None:
+        self.states.append(self.monitor.poll())
+
+    def _maybe_poll(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._poll()
+            self._next_poll += self.interval
+            if self._next_poll <= now:  # fell behind: keep the period, skip the missed ticks
+                self._next_poll = now + self.interval
+
+    def _wind_down(self, outstanding: list[OutgoingTransfer]) -> bool:
+        """Cancel the sinks in flight (one about to finish may), then wait, bounded, until the lanes have
+        nothing unsent or unacknowledged. True when they drained in time."""
+        latest = self.states[-1] if self.states else None
+        rate = latest.goodput if latest is not None else 0.0
+        rtt = (latest.srtt or latest.min_rtt or 0.0) if latest is not None else 0.0
+        deadline = time.monotonic() + DRAIN_SECONDS + 4 * rtt
+        for h in outstanding:
+            if h.manifest.total_bytes - h.bytes_sent > rate * self.interval:
+                h.cancel("probe finished")
+        for h in outstanding:
+            try:
+                h.result(max(0.0, deadline - time.monotonic()))
+            except TransferCancelled:
+                pass
+            except TimeoutError:
+                h.cancel("probe finished")
+            except KvwireError:
+                if self.session.closed:
+                    raise
+                self.notes.append(f"the last probe transfer failed: {h.reason}")
+        quiet_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if _quiet(self.session.lane_sockets()):
+                if quiet_at is not None:
+                    return True
+                quiet_at = now
+            else:
+                quiet_at = None
+            if now >= deadline:
+                self.notes.append(f"lanes still held probe bytes {DRAIN_SECONDS + 4 * rtt:.2f}s after the burst")
+                return False
+            if self.session.closed:
+                return False
+            self._maybe_poll()
+            time.sleep(_QUIET_STEP)
+
+    # ------------------------------------------------------------ lane settings
+    def _prepare(self, socks: list[socket.socket]) -> str | None:
+        """Remember each lane's pacing cap and algorithm, then lift the cap and set ``congestion``.
+        Returns the algorithm in effect."""
+        cc_refused = False
+        for sock in socks:
+            try:
+                saved = _Saved(sock, get_pacing_rate(sock), get_congestion(sock))
+            except SocketOptionError as e:
+                self.notes.append(f"a lane's settings are unreadable; left as they are: {e}")
+                continue
+            self.saved.append(saved)
+            try:
+                set_pacing_rate(sock, None)
+            except SocketOptionError as e:
+                self.notes.append(f"pacing cap not lifted: {e}")
+            if self.congestion is not None and self.congestion != saved.congestion and not cc_refused:
+                try:
+                    set_congestion(sock, self.congestion)
+                except SocketOptionError as e:  # UnknownCongestionAlgorithm among them
+                    cc_refused = True
+                    self.notes.append(f"congestion algorithm {self.congestion!r} not set: {e}")
+        for sock in socks:
+            try:
+                return get_congestion(sock)
+            except SocketOptionError:
+                continue
+        return None
+
+    def _restore(self) -> None:
+        """Put back each lane's pacing cap and algorithm. A lane closed or replaced meanwhile is skipped: its
+        successor got the session's ``on_lane_open`` settings, not the probe's."""
+        for saved in self.saved:
+            try:
+                set_pacing_rate(saved.sock, saved.pacing)
+                if get_congestion(saved.sock) != saved.congestion:
+                    set_congestion(saved.sock, saved.congestion)
+            except SocketOptionError:
+                continue
+        self.saved.clear()
+
+
+def _quiet(socks: list[socket.socket]) -> bool:
+    """No lane has bytes unsent or unacknowledged (``TCP_INFO`` unacked and notsent_bytes both 0)."""
+    for sock in socks:
+        try:
+            info = read_tcp_info(sock)
+        except TcpInfoUnavailable:
+            continue  # closed: holds nothing
+        if info.unacked or info.notsent_bytes:
+            return False
+    return True
+
+
+def _counters(socks: list[socket.socket]) -> dict[int, tuple[int, int]]:
+    """Per socket (by identity): cumulative bytes sent and bytes retransmitted."""
+    out: dict[int, tuple[int, int]] = {}
+    for sock in socks:
+        try:
+            info = read_tcp_info(sock)
+        except TcpInfoUnavailable:
+            continue
+        out[id(sock)] = (info.bytes_sent or 0, info.bytes_retrans or 0)
+    return out
+
+
+def _loss(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    sent = retrans = 0
+    for key, (s1, r1) in after.items():
+        if key in before:
+            s0, r0 = before[key]
+            sent += max(0, s1 - s0)
+            retrans += max(0, r1 - r0)
+    return min(1.0, retrans / sent) if sent else 0.0

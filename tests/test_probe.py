@@ -1,0 +1,313 @@
+"""Sink transfers and the active capacity probe, on real sockets and threads: the manifest flag, the
+receiver's refusals, a probe against a real receiver that delivers and allocates nothing, real transfers
+around a probe, and the lane settings the probe must put back."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+import tracemalloc
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from helpers import payload, wait_until
+
+from kvwire import (
+    KvwireError,
+    ProbeRefused,
+    ProbeResult,
+    ProtocolError,
+    Receiver,
+    RequestSpec,
+    Session,
+    State,
+    TransferFailed,
+    connect,
+    plan_segments,
+    probe,
+)
+from kvwire.codec import frames as F
+from kvwire.codec.fixtures import load_fixture
+from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, TensorSpec
+from kvwire.codec.manifest import HASH_NONE, build_manifest, parse_manifest
+from kvwire.codec.probe import (
+    PROBE_MAX_LAYERS,
+    PROBE_SEGMENT,
+    SINK_MAX_SEGMENT,
+    probe_layers,
+    probe_layout,
+    probe_request,
+    sink_refusal,
+)
+from kvwire.congestion.tcpinfo import (
+    available_congestion_algorithms,
+    get_congestion,
+    get_pacing_rate,
+    set_congestion,
+    set_pacing_rate,
+)
+
+MiB = 1 << 20
+SECONDS = 0.4
+
+
+def _wire(d: dict[str, Any]) -> dict[str, Any]:
+    return msgpack.unpackb(msgpack.packb(d, use_bin_type=True), raw=False)
+
+
+# ---------------------------------------------------------------- codec
+
+
+def test_sink_manifest_round_trip_and_old_manifests_stay_valid() -> None:
+    layout = probe_layout(3)
+    sink = build_manifest(9, layout, probe_request("p"), MiB, hashed=False, sink=True)
+    d = sink.to_wire(with_layout=True)
+    assert d["sink"] is True
+    got = parse_manifest(_wire(d))
+    assert got.sink and got.hash == HASH_NONE and got.total_bytes == 3 * PROBE_SEGMENT
+    plain = build_manifest(10, layout, probe_request("p"), MiB)
+    assert "sink" not in plain.to_wire(with_layout=True)  # absent means False: old peers parse it as before
+    assert parse_manifest(_wire(plain.to_wire(with_layout=True))).sink is False
+    assert parse_manifest(_wire({**plain.to_wire(with_layout=True), "sink": False})).sink is False
+
+
+@pytest.mark.parametrize("bad", [1, 0, "true", None, [], 1.0])
+def test_parse_refuses_a_sink_flag_that_is_not_a_bool(bad: Any) -> None:
+    d = build_manifest(9, probe_layout(1), probe_request("p"), MiB, hashed=False, sink=True).to_wire(True)
+    d["sink"] = bad
+    with pytest.raises(ProtocolError, match="sink"):
+        parse_manifest(_wire(d))
+
+
+def test_probe_layout_is_one_request_indexed_segment_per_layer() -> None:
+    layout = probe_layout(5)
+    assert layout.name == "kvwire-probe" and layout.num_layers == 5
+    assert probe_layout(5) is layout  # cached: one fingerprint, so the layout is sent once per session
+    segs = plan_segments(layout, probe_request("p"))
+    assert [(s.layer, s.nbytes) for s in segs] == [(i, PROBE_SEGMENT) for i in range(5)]
+    assert all(c.indexing == "request" for layer in layout.layers for c in layer.caches)
+    assert probe_layers(0) == probe_layers(PROBE_SEGMENT - 1) == 0
+    assert probe_layers(10 * PROBE_SEGMENT + 1) == 10 and probe_layers(1 << 50) == PROBE_MAX_LAYERS
+    with pytest.raises(ValueError):
+        probe_layout(0)
+
+
+def test_sink_refusal_rules() -> None:
+    layout = probe_layout(2)
+    ok = build_manifest(1, layout, probe_request("p"), MiB, hashed=False, sink=True)
+    assert sink_refusal(ok, 2 * PROBE_SEGMENT) == ""
+    assert "no probes" in sink_refusal(ok, 0)
+    assert "exceeds" in sink_refusal(ok, 2 * PROBE_SEGMENT - 1)
+    hashed = build_manifest(1, layout, probe_request("p"), MiB, hashed=True, sink=True)
+    assert "unhashed" in sink_refusal(hashed, 1 << 40)
+    assert sink_refusal(build_manifest(1, layout, probe_request("p"), MiB), 1 << 40)  # not a sink
+    big = build_manifest(1, _one_state_layer(SINK_MAX_SEGMENT + 1), probe_request("p"), MiB, hashed=False, sink=True)
+    assert "more than" in sink_refusal(big, 1 << 40)
+
+
+def _one_state_layer(nbytes: int) -> ModelLayout:
+    t = TensorSpec("s", (nbytes,), "uint8", "ssm:HVK", "request")
+    return ModelLayout("big-state", (LayerSpec(0, (CacheSpec("gdn", (t,)),)),))
+
+
+# ---------------------------------------------------------------- receiver refusals
+
+
+class _Counting:
+    """An allocator that records every call (a sink must never reach it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, m: Any) -> np.ndarray:
+        self.calls.append(m.total_bytes)
+        return np.zeros(m.total_bytes, np.uint8)
+
+
+@pytest.mark.parametrize("case", ["probes-off", "over-the-bound", "segment-too-big"])
+def test_receiver_refuses_sinks_it_does_not_allow(case: str, no_leaks: None) -> None:
+    alloc = _Counting()
+    max_probe = {"probes-off": 0, "over-the-bound": 2 * PROBE_SEGMENT, "segment-too-big": 1 << 30}[case]
+    layout = _one_state_layer(SINK_MAX_SEGMENT * 2) if case == "segment-too-big" else probe_layout(3)
+    match = {"probes-off": "accepts no probes", "over-the-bound": "exceeds the receiver's",
+             "segment-too-big": "more than"}[case]
+    with Receiver(allocator=alloc, max_probe_bytes=max_probe) as rx, connect(*rx.address, lanes=2) as s:
+        h = s.send(layout, probe_request("refused"), sink=True)
+        with pytest.raises(TransferFailed, match=f"rejected.*{match}"):
+            h.result(10)
+        assert h.state is State.FAILED
+        if case == "probes-off":
+            with pytest.raises(ProbeRefused, match="max_probe_bytes=0"):
+                probe(s, seconds=SECONDS)
+    assert alloc.calls == []
+
+
+def test_receiver_refuses_a_hashed_sink(no_leaks: None) -> None:
+    from kvwire.tcp.auth import client_handshake
+    from kvwire.tcp.wire import Channel
+
+    alloc = _Counting()
+    with Receiver(allocator=alloc) as rx, socket.create_connection(rx.address) as raw:
+        ch = Channel(raw, F.DEFAULT_LIMITS)
+        _, limits = client_handshake(ch, b"", 1)
+        assert limits["max_probe_bytes"] == rx.max_probe_bytes
+        m = build_manifest(7, probe_layout(1), probe_request("hashed"), MiB, hashed=True, sink=True)
+        ch.send(F.BEGIN, m.to_wire(with_layout=True))
+        kind, body = ch.read_control()
+        while kind == F.HEARTBEAT:
+            kind, body = ch.read_control()
+        assert kind == F.REJECT and body["tid"] == 7 and "unhashed" in body["reason"]
+    assert alloc.calls == []
+
+
+def test_sender_refuses_a_sink_to_a_receiver_without_probe_support(no_leaks: None) -> None:
+    with Receiver() as rx, connect(*rx.address, lanes=1) as s:
+        del s.server_limits["max_probe_bytes"]  # what an older receiver announces
+        with pytest.raises(KvwireError, match="does not support sink"):
+            s.send(probe_layout(1), probe_request("old"), sink=True)
+        with pytest.raises(ProbeRefused, match="does not support probes"):
+            probe(s, seconds=SECONDS)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def test_probe_measures_and_the_receiver_delivers_and_allocates_nothing(no_leaks: None) -> None:
+    alloc = _Counting()
+    delivered: list[Any] = []
+    with Receiver(allocator=alloc, on_transfer=delivered.append) as rx, connect(*rx.address, lanes=4) as s:
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            r = probe(s, seconds=SECONDS)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert isinstance(r, ProbeResult)
+        assert r.capacity > 0 and r.bytes_sent > 0 and r.min_rtt is not None and r.min_rtt > 0
+        assert r.lanes == 4 and r.states and 0 <= r.loss_rate <= 1
+        assert SECONDS <= r.seconds < SECONDS + 0.5
+        assert r.drained and r.congestion is not None
+        # each sink announces 1 GiB: one allocation for it (either side) would be seen here
+        assert peak < 48 * MiB, f"probe peak allocation {peak / MiB:.1f} MiB"
+        with pytest.raises(TimeoutError):
+            rx.next_transfer(timeout=0.2)
+        assert alloc.calls == [] and delivered == []
+        # no sink is left behind on the receiver: every one ended (done or cancelled)
+        assert wait_until(lambda: all(not x.transfers for x in list(rx._sessions.values())), 5)
+        json.dumps(r.to_dict())  # plain data
+        assert r.to_dict()["capacity"] == r.capacity and len(r.to_dict()["states"]) == len(r.states)  # type: ignore
+
+
+def test_real_transfers_during_and_after_a_probe_arrive_bit_exact(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    reqs = [RequestSpec(f"real-{i}", 3000, 3000) for i in range(2)]
+    srcs = [payload(layout, r, seed=i) for i, r in enumerate(reqs)]
+    dsts = [np.zeros(sum(a.nbytes for a in src), np.uint8) for src in srcs]
+    errors: list[BaseException] = []
+    with Receiver() as rx, connect(*rx.address, lanes=3) as s:
+        handles_rx = [rx.expect(r.request_id, d, layout=layout) for r, d in zip(reqs, dsts)]
+
+        def during() -> None:
+            try:
+                time.sleep(SECONDS / 4)
+                h = s.send(layout, reqs[0])
+                h.write_all(srcs[0])
+                h.finish().result(20)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=during)
+        t.start()
+        r = probe(s, seconds=SECONDS)
+        t.join(30)
+        assert not errors, errors
+        h = s.send(layout, reqs[1])
+        h.write_all(srcs[1])
+        h.finish().result(20)
+        for h_rx in handles_rx:
+            h_rx.result(10)
+        assert r.bytes_sent > 0
+    for src, dst in zip(srcs, dsts):
+        assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_probe_by_address_opens_and_closes_its_own_session(no_leaks: None) -> None:
+    # a receiver taking only 64 MiB probes: the sinks are sized to fit (a 1 GiB one would be rejected)
+    with Receiver(key="k", max_probe_bytes=64 * MiB) as rx:
+        r = probe(rx.address, seconds=SECONDS, lanes=2, key="k")
+        assert r.lanes == 2 and r.capacity > 0 and r.bytes_sent > 0
+        assert wait_until(lambda: rx.sessions == 0, 5)
+
+
+def test_probe_restores_pacing_congestion_and_lane_count(no_leaks: None) -> None:
+    algos = available_congestion_algorithms()
+    if "cubic" not in algos or "bbr" not in algos:
+        pytest.skip(f"needs cubic and bbr, kernel has {algos}")
+    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+        socks = s.lane_sockets()
+        for i, sock in enumerate(socks):
+            set_pacing_rate(sock, 50_000_000 + i)
+            set_congestion(sock, "cubic")
+        r = probe(s, seconds=SECONDS, lanes=3, congestion="bbr")
+        assert r.lanes == 3 and r.congestion == "bbr" and r.notes == ()
+        assert s.active_lanes == 2
+        assert [get_pacing_rate(x) for x in socks] == [50_000_000, 50_000_001]
+        assert [get_congestion(x) for x in socks] == ["cubic", "cubic"]
+        # the capacity is not the 100 MB/s the caps allowed: they were lifted during the burst
+        assert r.capacity > 200_000_000
+
+
+def test_probe_skips_an_unknown_congestion_algorithm_with_a_note(no_leaks: None) -> None:
+    with Receiver() as rx, connect(*rx.address, lanes=1) as s:
+        before = get_congestion(s.lane_sockets()[0])
+        r = probe(s, seconds=SECONDS, congestion="no-such-cc")
+        assert r.capacity > 0 and r.congestion == before
+        assert any("no-such-cc" in n for n in r.notes)
+        assert get_congestion(s.lane_sockets()[0]) == before
+
+
+def test_bad_use_is_refused(no_leaks: None) -> None:
+    with pytest.raises(ValueError, match="max_probe_bytes"):
+        Receiver(max_probe_bytes=-1)
+    with Receiver() as rx:
+        s = connect(*rx.address, lanes=1)
+        for bad in (0, -1.0, math.nan, math.inf):
+            with pytest.raises(ValueError, match="seconds"):
+                probe(s, seconds=bad)
+        with pytest.raises(ValueError, match="interval"):
+            probe(s, interval=0)
+        with pytest.raises(ValueError, match="lanes"):
+            probe(s, lanes=0)
+        with pytest.raises(ValueError, match="connect arguments"):
+            probe(s, key="k")
+        with pytest.raises(TypeError):
+            probe("127.0.0.1:1")  # type: ignore[arg-type]
+        s.close()
+        with pytest.raises(KvwireError, match="session closed"):
+            probe(s, seconds=SECONDS)
+
+
+def test_session_failure_mid_probe_is_raised(no_leaks: None) -> None:
+    rx = Receiver()
+    s: Session | None = None
+    try:
+        s = connect(*rx.address, lanes=2, peer_timeout=3.0)
+        killer = threading.Timer(0.3, rx.close)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KvwireError):
+            probe(s, seconds=5.0)
+        assert time.monotonic() - t0 < 4.0
+        killer.join()
+        assert s.closed
+    finally:
+        if s is not None:
+            s.close()
+        rx.close()
