@@ -326,6 +326,32 @@ def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
              usable is not None and cap is not None and usable < 0.8 * cap)]
 
 
+def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, str, bool]]:
+    """``kvwire.probe`` before any traffic, on the lossless link of (b)-(d) and the lossy one of (a)."""
+    rows = []
+    full = a.rate * 1e6 / 8 * PAYLOAD_FRACTION
+    for name, loss, q, seed in (("no loss", 0.0, queue, 5), ("0.1% loss", 0.001, None, 6)):
+        with WanLink(rtt_ms=a.rtt, loss=loss, rate_mbit=a.rate, queue_bytes=q, seed=seed,
+                     realtime=a.realtime) as link:
+            port, rx = _receiver(link, rx_cmd)
+            with link.inside("client"):
+                session = kvwire.connect(link.server_addr, port, lanes=4)
+            try:
+                r = kvwire.probe(session, seconds=1.0)
+            finally:
+                session.close()
+            rx.terminate()
+        ok_cap = 0.9 * full <= r.capacity <= 1.1 * full
+        ok_rtt = r.min_rtt is not None and a.rtt / 1e3 <= r.min_rtt <= a.rtt / 1e3 + 0.001
+        rows.append((f"(p) probe, {name}",
+                     f"capacity {r.capacity * 8e-6:.0f} Mbit/s = {r.capacity / full:.0%} of the payload rate "
+                     f"({'saturated' if r.saturated else 'lower bound'}), min RTT "
+                     f"{(r.min_rtt or 0) * 1e3:.2f} ms, peak ratio {r.max_queueing_ratio or 0:.2f}, "
+                     f"{r.bytes_sent / 1e6:.0f} MB in {r.seconds:.2f} s", "cap +-10%, RTT +1 ms",
+                     ok_cap and ok_rtt and r.saturated))
+    return rows
+
+
 def _receiver(link: WanLink, cmd: list[str]) -> tuple[int, subprocess.Popen[str]]:
     rx = link.popen_in("server", [*cmd, "--bind", link.server_addr], stdout=subprocess.PIPE, text=True)
     assert rx.stdout is not None
@@ -347,6 +373,8 @@ def run_scenarios(a: Any) -> int:
         rows += scenario_c(a, rx_cmd, Payload(a.preset, max(1024, a.tokens // 2)), queue)
     if "d" in wanted:
         rows += scenario_d(a, rx_cmd, payload, queue)
+    if "p" in wanted:
+        rows += scenario_p(a, rx_cmd, queue)
     print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d) no loss, "
           f"{queue} B queue ({queue / bdp:.1f} BDP); payload {a.preset} {a.tokens} tokens = "
           f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
@@ -373,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-realtime", dest="realtime", action="store_false",
                     help="run the emulator as a normal process (default: SCHED_FIFO, see WanLink)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--scenarios", default="", help="run the issue's scenarios instead, e.g. abcd")
+    ap.add_argument("--scenarios", default="", help="the issue's scenarios instead, e.g. abcdp (p: probe)")
     ap.add_argument("--preset", default="qwen3-next-80b-a3b")
     ap.add_argument("--tokens", default=32768, type=int)
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")

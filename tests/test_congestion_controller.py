@@ -217,3 +217,13 @@ def test_lane_controller_drives_sockets_and_lane_hook(pair: tuple[socket.socket,
     ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # 8 Gbit/s x 20 ms needs 10 lanes
     assert wanted == [10] and get_pacing_rate(a) == int(PACE * 1e9) // 10
     assert [d.mode for _, d in ctl.history] == [Mode.PROBE, Mode.CRUISE, Mode.CRUISE]
+
+
+def test_a_capacity_probed_beforehand_skips_the_in_band_probe() -> None:
+    st = initial_state(CFG, capacity=C)
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C) // 4
+    st = feed(st, CFG, [ls(0.0, 0.0, capacity=C), ls(0.5, C * PACE, capacity=C)])
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C) // 4
+    polite = ControllerConfig(polite=True)
+    assert initial_state(polite, capacity=C).mode is Mode.POLITE
+    assert initial_state(polite, capacity=C).decision.congestion == "cubic"

@@ -158,3 +158,47 @@ def test_link_control_fills_the_link_without_a_standing_queue() -> None:
     assert caps and 0.75 * payload <= statistics.median(caps) <= 1.2 * payload
     assert total / elapsed >= 0.7 * payload, f"{total / elapsed * 8 / 1e6:.0f} Mbit/s"
     assert statistics.median(s.queueing_ratio or 9 for s in cruise) <= 1.4
+
+
+def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte() -> None:
+    """The active probe before traffic: capacity and RTT of the emulated link, then a transfer under
+    LinkControl seeded with it never enters PROBE and keeps the queue short from the start."""
+    import numpy as np
+
+    import kvwire
+    from kvwire.congestion.control import LinkControl
+    from kvwire.congestion.controller import ControllerConfig, Mode
+
+    rate, rtt = 200.0, 20.0
+    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
+    payload = rate * 1e6 / 8 * 1448 / 1500
+    layout = kvwire.load_layout("qwen3-next-80b-a3b")
+    req = kvwire.RequestSpec("wan-probe", 2048, 2048)  # ~53 MB: ~2 s at 200 Mbit/s
+    bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
+    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
+        try:
+            with link.inside("client"):
+                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
+            try:
+                result = kvwire.probe(session, seconds=1.0)
+                with LinkControl(session, ControllerConfig(), capacity=result.capacity) as ctl:
+                    ctl.record = True
+                    out = session.send(layout, req)
+                    out.write_all(bufs)
+                    incoming = rx.next_transfer(timeout=10)
+                    out.finish().result(timeout=60)
+                    incoming.result(timeout=10)
+                    states, history = list(ctl.states), ctl.history
+            finally:
+                session.close()
+        finally:
+            rx.close()
+    assert result.saturated and 0.85 * payload <= result.capacity <= 1.15 * payload, result.capacity
+    assert result.min_rtt is not None and rtt / 1e3 <= result.min_rtt <= rtt / 1e3 + 0.0015
+    assert result.drained
+    assert Mode.PROBE not in {d.mode for _, d in history}
+    busy = [s for s in states if s.busy > 0.5 and s.queueing_ratio]
+    assert busy and statistics.median(s.queueing_ratio or 9 for s in busy) <= 1.3
+    assert np.array_equal(incoming.dest[: bufs[0].nbytes], bufs[0])

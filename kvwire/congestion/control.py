@@ -35,7 +35,8 @@ class LinkControl:
     Starts in PROBE (lanes unpaced, the configured algorithm — BBR by default — finds the bottleneck
     with the first traffic), then paces the aggregate just under the estimated capacity; see
     ``controller`` for the policy. ``config.polite`` makes it yield to competing flows. ``capacity``
-    (bytes/s of TCP payload), when known from an earlier probe or run, seeds the estimate.
+    (bytes/s of TCP payload), when known from ``kvwire.probe`` or an earlier run, seeds the estimate and
+    skips the in-band PROBE: the lanes are paced under it from the first byte.
     """
 
     def __init__(self, session: Controllable, config: ControllerConfig | None = None, *,
@@ -47,7 +48,7 @@ class LinkControl:
             bw_sample=0.2, capacity_follows_queue=not self.config.polite))
         if capacity is not None:
             self.estimator.seed_capacity(capacity)
-        self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes)
+        self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity)
         self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator)
         self.states: list[LinkState] = []  # kept only while record=True (benchmarks)
         self.record = False

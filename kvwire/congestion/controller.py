@@ -136,8 +136,15 @@ class ControllerState:
         return self.decision.mode
 
 
-def initial_state(cfg: ControllerConfig) -> ControllerState:
-    return ControllerState(Decision(cfg.initial_lanes, None, cfg.algorithm, Mode.PROBE, "initial"))
+def initial_state(cfg: ControllerConfig, capacity: float | None = None) -> ControllerState:
+    """PROBE with unpaced lanes; or, given a ``capacity`` an active probe measured, cruise paced under it
+    from the first byte (no in-band probing queue)."""
+    if capacity is None:
+        return ControllerState(Decision(cfg.initial_lanes, None, cfg.algorithm, Mode.PROBE, "initial"))
+    total = int(cfg.pace_gain * capacity)
+    mode = Mode.POLITE if cfg.polite else Mode.CRUISE
+    return ControllerState(Decision(cfg.initial_lanes, max(1, total // cfg.initial_lanes), cfg.algorithm, mode,
+                                    f"probed beforehand: paced at {total:.4g} B/s"))
 
 
 def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
@@ -285,9 +292,9 @@ class LaneController:
 
     def __init__(self, config: ControllerConfig | None = None,
                  sockets_provider: Callable[[], Sequence[socket.socket]] | None = None,
-                 set_lanes: Callable[[int], None] | None = None) -> None:
+                 set_lanes: Callable[[int], None] | None = None, capacity: float | None = None) -> None:
         self.config = config or ControllerConfig()
-        self.state = initial_state(self.config)
+        self.state = initial_state(self.config, capacity)
         self.sockets_provider = sockets_provider
         self.set_lanes = set_lanes
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
