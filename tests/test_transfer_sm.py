@@ -198,6 +198,7 @@ def test_random_exchange_reaches_done(seed: int, lanes: int, p_corrupt: float, p
     assert [bytes(d) for d in sim.dst] == sim.src
     assert sorted(sim.layers_ready) == _ready_layers()  # exactly once per layer with chunks
     assert 2 not in sim.layers_ready  # the MLP-only layer has nothing to report
+    assert sorted(sim.tx.acked_layers) == _ready_layers()  # the sender learns each of them once too
     assert sim.rx.remaining == 0 and all(sim.rx.verified)
     if hashed:
         assert sim.tx.digest() == transfer_digest(sim.rx.hashes) != 0
@@ -225,7 +226,7 @@ def test_corrupted_chunk_is_nacked_then_resent() -> None:
     assert sim.control == [(False, c)] and sim.rx.bad_chunks == 1 and not sim.rx.verified[c]
     assert sim.layers_ready == []
     sim.deliver_control()
-    assert sim.tx.retries[c] == 1 and sim.tx.has_ready()
+    assert sim.tx.retries[c] == 1 and sim.tx.has_ready() and sim.tx.acked_layers == []  # NACK: not yet
     sim.corrupt_chunks = frozenset()
     assert sim.send_one(0)  # the same chunk again
     assert sim.wire[0][0][0] == pack_data_header(42, c, 0, 0, sim.plan.lengths[c],
@@ -233,6 +234,8 @@ def test_corrupted_chunk_is_nacked_then_resent() -> None:
     sim.deliver_chunk(0)
     assert sim.control == [(True, c)] and sim.rx.verified[c] and sim.layers_ready == [0]
     assert bytes(sim.dst[0]) == sim.src[0] and bytes(sim.dst[1]) == sim.src[1]
+    sim.deliver_control()
+    assert sim.tx.acked_layers == [0]
 
 
 def test_nacked_chunk_goes_before_queued_ones() -> None:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import payload
+from helpers import payload, wait_until
 
 from kvwire import (
     LayoutMismatch,
@@ -307,3 +307,50 @@ def test_two_transfers_on_one_session_share_the_lanes(no_leaks: None) -> None:
         for _ in reqs:
             rx.next_transfer(5).result(10)
     assert progress_of_second and progress_of_second[0] > 0.6, progress_of_second
+
+
+def test_sender_learns_each_layer_verified_before_the_transfer_ends(no_leaks: None) -> None:
+    """``on_layer_acked``: every layer with bytes reported exactly once, only after the receiver had it
+    verified in place, a corrupted chunk's layer only after its re-send, late subscribers get the earlier
+    layers, and a failing callback breaks nothing."""
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("acked")
+    src = fixture_payload(layout, req)
+    segs = plan_segments(layout, req)
+    dst = np.zeros(sum(s.nbytes for s in segs), np.uint8)
+    acked: list[tuple[int, float]] = []
+    late: list[int] = []
+    corrupted: list[int] = []
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect("acked", dst)
+        h = s.send(layout, req)
+
+        def hook(lane: int, tid: int, chunk: int, pieces: list) -> list | None:  # type: ignore[type-arg]
+            if chunk == 0 and not corrupted:
+                corrupted.append(chunk)
+                bad = bytearray(pieces[0])
+                bad[0] ^= 1
+                return [memoryview(bad), *pieces[1:]]
+            return None
+
+        s.fault_hook = hook
+        h.on_layer_acked(lambda layer: acked.append((layer, time.monotonic())))
+        h.on_layer_acked(lambda layer: 1 / 0)  # user error: logged, the transfer goes on
+        first = layout.num_layers // 2
+        for layer in range(first):
+            h.write_layer(layer, [src[x.index] for x in segs if x.layer == layer])
+        assert wait_until(lambda: len(acked) == len({x.layer for x in segs if x.layer < first}))
+        assert h.state is State.ACTIVE  # half the layers acked, the transfer still running
+        for layer in range(first, layout.num_layers):
+            h.write_layer(layer, [src[x.index] for x in segs if x.layer == layer])
+        h.finish().result(20)
+        h_rx.result(20)
+        h.on_layer_acked(late.append)
+    with_bytes = {x.layer for x in segs if x.nbytes}
+    layers = [layer for layer, _ in acked]
+    assert sorted(layers) == sorted(with_bytes) and len(layers) == len(set(layers))
+    assert late == layers == h.layers_acked
+    for layer, t in acked:
+        assert h_rx.layer_times[layer] <= t  # the receiver had it verified in place first
+    assert corrupted and h._sm.retries[0] == 1 and h.plan.layers[0] in layers
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)

@@ -142,6 +142,8 @@ class SenderTransfer:
         self.accepted = False
         self.layers_written: set[int] = set()
         self.done_sent = False
+        self._layer_unacked = {layer: len(r) for layer, r in self.plan.layer_chunks.items()}
+        self.acked_layers: list[int] = []  # layers whose every chunk the receiver verified, in that order
 
     @property
     def state(self) -> State:
@@ -173,13 +175,18 @@ class SenderTransfer:
         self.hashes[chunk] = digest
 
     def on_ack(self, chunks: list[int]) -> bool:
-        """True when this ack completes the set: the caller sends DONE with ``digest()``."""
+        """True when this ack completes the set: the caller sends DONE with ``digest()``. Layers it
+        completes are appended to ``acked_layers`` (their source buffers are no longer needed)."""
         for c in chunks:
             if not 0 <= c < len(self.chunk_state):
                 raise ProtocolError(f"ack for chunk {c} outside plan")
             if self.chunk_state[c] == _INFLIGHT:
                 self.chunk_state[c] = _ACKED
                 self.unacked -= 1
+                layer = self.plan.layers[c]
+                self._layer_unacked[layer] -= 1
+                if self._layer_unacked[layer] == 0:
+                    self.acked_layers.append(layer)
         if self.unacked == 0 and not self.done_sent and not self.state.terminal:
             self.done_sent = True
             return True

@@ -7,6 +7,7 @@ I/O or the wire format; the receiver (``receiver.py``) drives it under its sessi
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -24,6 +25,8 @@ from .handle import Outcome
 if TYPE_CHECKING:
     from .receiver import _Session
     from .wire import Channel
+
+log = logging.getLogger("kvwire.tcp")
 
 
 class IncomingTransfer(Outcome):
@@ -134,7 +137,10 @@ class IncomingTransfer(Outcome):
             cbs = list(self._layer_callbacks)
             self._cond.notify_all()
         for fn in cbs:
-            fn(layer)
+            try:
+                fn(layer)
+            except Exception:  # user code must not take the lane thread down
+                log.exception("on_layer callback %r failed for layer %d", fn, layer)
 
     def _finish(self, state: State, reason: str) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ lane's chunks on the others and reconnecting it, heartbeats and deadlines. Drive
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import select
 import socket
@@ -31,6 +32,8 @@ from ..errors import KvwireError, LayoutMismatch, ProtocolError
 from .auth import client_handshake, client_lane
 from .handle import Outcome
 from .wire import Channel, send_parts, tune
+
+log = logging.getLogger("kvwire.tcp")
 
 #: test-only fault hook: called with (lane index, transfer id, chunk, payload pieces) before a send;
 #: may return replacement pieces (to corrupt a chunk in flight). Never set in production.
@@ -56,6 +59,8 @@ class OutgoingTransfer(Outcome):
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
         self.started = time.monotonic()
         self.bytes_sent = 0
+        self._acked_callbacks: list[Callable[[int], None]] = []
+        self._acked_reported = 0  # how many of _sm.acked_layers the callbacks have been given
 
     @property
     def transfer_id(self) -> int:
@@ -84,6 +89,36 @@ class OutgoingTransfer(Outcome):
             raise LayoutMismatch(f"{len(self.manifest.segments)} segments, got {len(buffers)} buffers")
         for layer, segs in self._by_layer.items():
             self.write_layer(layer, [buffers[i] for i in segs])
+
+    @property
+    def layers_acked(self) -> list[int]:
+        """Layers the receiver has verified in full, in the order it did: their buffers may be reused."""
+        with self._session._cond:
+            return list(self._sm.acked_layers)
+
+    def on_layer_acked(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(layer)`` (from the session's control thread; keep it short) once the receiver has
+        verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
+        buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
+        acked before the call are reported at once. Layers without bytes are never reported."""
+        with self._session._cond:
+            self._acked_callbacks.append(fn)
+            done = list(self._sm.acked_layers[: self._acked_reported])
+        for layer in done:
+            fn(layer)
+
+    def _report_acked(self) -> None:
+        """Hand layers newly acked to the callbacks, in order, each exactly once (control thread only)."""
+        with self._session._cond:
+            new = self._sm.acked_layers[self._acked_reported:]
+            self._acked_reported += len(new)
+            cbs = list(self._acked_callbacks)
+        for layer in new:
+            for fn in cbs:
+                try:
+                    fn(layer)
+                except Exception:  # user code must not take the control thread down
+                    log.exception("on_layer_acked callback %r failed for layer %d", fn, layer)
 
     def finish(self) -> Outcome:
         """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""
@@ -457,7 +492,10 @@ class Session:
             failed = h._sm.state is State.FAILED
         if failed:
             self._end(h, State.FAILED, h._sm.status.reason, notify=F.CANCEL)
-        elif finished:
+            return
+        if ok:
+            h._report_acked()
+        if finished:
             self._send_done(h)
 
     def _send_done(self, h: OutgoingTransfer) -> None:
