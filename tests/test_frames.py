@@ -290,6 +290,18 @@ def test_whole_stream_at_once() -> None:
     assert FrameDecoder().feed(STREAM) == FRAMES
 
 
+def test_many_frames_in_one_feed_plus_a_partial_one() -> None:
+    """Tens of thousands of small frames in one feed (the buffer is cut once, not per frame), and the
+    trailing partial frame is kept for the next feed."""
+    n = 30_000
+    acks = [F.encode_control(F.ACK, {"tid": i, "c": [i]}) for i in range(n)]
+    dec = FrameDecoder()
+    out = dec.feed(b"".join(acks) + acks[0][:10])
+    assert [f.body["tid"] for f in out if isinstance(f, ControlFrame)] == list(range(n)) and dec.buffered == 10
+    rest = dec.feed(acks[0][10:])
+    assert [f.body["tid"] for f in rest if isinstance(f, ControlFrame)] == [0] and dec.buffered == 0
+
+
 @settings(max_examples=200)
 @given(cuts=st.lists(st.integers(0, len(STREAM)), max_size=40))
 def test_any_slicing_yields_the_same_frames(cuts: list[int]) -> None:

@@ -206,22 +206,24 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Append ``data``; return every frame now complete (raises ProtocolError on a bad one)."""
         if self._error is not None:
             raise self._error
         self._buf += data
+        buf, pos = self._buf, 0  # consumed bytes are cut once per feed, not once per frame
         out: list[Frame] = []
         try:
             while True:
                 if self._header is None:
-                    if len(self._buf) < HEADER_SIZE:
-                        return out
-                    self._header = unpack_header(bytes(self._buf[:HEADER_SIZE]), self._limits)
-                    del self._buf[:HEADER_SIZE]
+                    if len(buf) - pos < HEADER_SIZE:
+                        break
+                    self._header = unpack_header(bytes(buf[pos:pos + HEADER_SIZE]), self._limits)
+                    pos += HEADER_SIZE
                 h = self._header
-                if len(self._buf) < h.length:
-                    return out
-                payload = bytes(self._buf[: h.length])
-                del self._buf[: h.length]
+                if len(buf) - pos < h.length:
+                    break
+                payload = bytes(buf[pos:pos + h.length])
+                pos += h.length
                 self._header = None
                 if h.kind == KIND_CONTROL:
                     kind, body = decode_control(h, payload, self._limits)
@@ -232,3 +234,5 @@ class FrameDecoder:
             self._error = e
             self._buf.clear()
             raise
+        del buf[:pos]
+        return out
