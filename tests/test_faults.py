@@ -130,6 +130,7 @@ def test_dead_or_silent_receiver_fails_sender_within_timeout(how: str, rep: int,
         port = int(proc.stdout.readline())
         layout, req, src = _big_request(f"peer-{how}")
         with connect("127.0.0.1", port, lanes=2, chunk_size=CHUNK, peer_timeout=1.5, heartbeat=0.2) as s:
+            assert s.healthy
             h = s.send(layout, req)
             h.write_layer(0, [a for a, x in zip(src, plan_segments(layout, req)) if x.layer == 0])
             wait_until(lambda: h.bytes_sent > 0, 5)
@@ -139,7 +140,7 @@ def test_dead_or_silent_receiver_fails_sender_within_timeout(how: str, rep: int,
                 h.result(10)
             assert time.monotonic() - t0 < 4.0
             assert e.value.reason
-            assert s.failure
+            assert s.failure and not s.healthy
     finally:
         proc.kill()
         proc.wait()

@@ -181,7 +181,7 @@ class PrfaasServer:
     def _session(self, peer: Peer) -> kvwire.Session:
         with self._lock:
             s = self._sessions.get(peer)
-            if s is not None and not s.failure and s.alive_lanes > 0:
+            if s is not None and s.healthy:
                 return s
             self._sessions.pop(peer, None)
         if s is not None:

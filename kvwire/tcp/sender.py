@@ -238,6 +238,11 @@ class Session:
         return self._closed
 
     @property
+    def healthy(self) -> bool:
+        """Open, not failed, and at least one lane connected: a new transfer can make progress now."""
+        return not self._closed and self.alive_lanes > 0
+
+    @property
     def alive_lanes(self) -> int:
         return sum(1 for lane in self.lanes if lane.alive)
 
