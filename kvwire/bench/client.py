@@ -4,8 +4,10 @@ Owns: building the request stream (KV mode: the model's layout, layer by layer, 
 raw mode: repeated transfers of the synthetic layout), filling each request's payload with the run's
 pattern, driving ``kvwire.connect``/``send``/``write_layer``/``finish``, sampling lanes, pairing each
 request with the server's verification result and per-layer times (mapped onto this host's clock) and
-collecting CPU usage. Returns a ``RunResult``; it prints nothing (``report`` does). Must not know: the
-output formats, how the server is started (``loopback``) or argument parsing.
+collecting CPU usage; the order of a test's steps (``--probe`` before it, ``--adaptive``'s controller for
+its length: ``adaptive`` does both). Returns a ``RunResult``; it prints nothing (``report`` does). Must not
+know: the output formats, how the server is started (``loopback``), argument parsing or the link
+controller's policy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from ..codec.layout import ModelLayout, RequestSpec
 from ..errors import KvwireError, TransferError
 from ..tcp.sender import Session, connect
+from .adaptive import Adaptive, run_probe
 from .ctlclient import ControlClient
 from .errors import PeerError, UsageError
 from .options import Options, client_ssl_context
@@ -71,6 +74,8 @@ class RunResult:
     server: dict[str, Any]
     congestion: str
     error: str = ""
+    probe: dict[str, Any] | None = None  # --probe: the probe's result (Probed.to_dict())
+    link_control: dict[str, Any] | None = None  # --adaptive: the controller's summary (Adaptive.summary())
 
 
 Callback = Callable[[dict[str, Any]], None]
@@ -211,15 +216,21 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
     ssl_context = client_ssl_context(o)
     ctl = ControlClient.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
     session: Session | None = None
+    adaptive: Adaptive | None = None
     try:
         offset, uncertainty = ctl.clock_offset()
         session = _open_session(o, ctl.data_port, ssl_context)
         sockopts = SocketOptions(o.congestion, o.fq_rate)
         for sock in session.lane_sockets():
             try:
-                sockopts.apply(sock)
+                sockopts.apply(sock)  # with --adaptive: -C only, checked here; the controller sets it from now
             except KvwireError as e:
                 raise UsageError(str(e)) from None
+        probed = run_probe(session, o) if o.probe_seconds is not None else None
+        if o.adaptive:
+            sockopts = SocketOptions()  # lanes opened or re-dialled get the controller's settings, not these
+            seed = probed.result.capacity if probed is not None and probed.result.saturated else None
+            adaptive = Adaptive(session, o, capacity=seed or None)
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
         # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer
         buffers = o.concurrency + 1 if o.requests is None else min(o.concurrency + 1, o.requests)
@@ -231,17 +242,26 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         if on_start is not None:
             on_start({"connected": connected, "welcome": ctl.welcome, "layout": layout, "tokens": tokens,
                       "bytes_per_request": plan.total_bytes, "data_port": ctl.data_port,
-                      "congestion": congestion})
+                      "congestion": congestion}
+                     | ({"probe": probed.to_dict()} if probed is not None else {})
+                     | ({"link_control": adaptive.config_info()} if adaptive is not None else {}))
         ctl.call("start", "started")
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t_start = time.monotonic()
-        sampler = Sampler(session.lanes, o.interval, t_start, on_interval, sockopts)
+        if adaptive is not None:
+            adaptive.start(t_start)
+        sampler = Sampler(session.lanes, o.interval, t_start, on_interval, sockopts,
+                          extra=adaptive.interval_extra if adaptive is not None else None)
         sampler.start()
         runner.t_start = t_start
         runner.run()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         t_end = max([r.done_at for r in runner.records if r.done_at is not None], default=time.monotonic())
         sampler.stop(t_end)
+        link_control = None
+        if adaptive is not None:
+            adaptive.close()
+            link_control = adaptive.summary()
         done = [r.request_id for r in runner.records if r.state == "done"]
         results = ctl.wait_results(done, timeout=120.0)
         others = ctl.wait_results([r.request_id for r in runner.records if r.state != "done"], timeout=1.0)
@@ -249,17 +269,25 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
             rec.server = results.get(rec.request_id) or others.get(rec.request_id)
         summary = ctl.call("end", "summary", timeout=60.0)
         lanes = sampler.lane_totals()
+        if probed is not None:
+            probed.exclude(lanes, summary.get("lanes") or [])
         ctrl_info = tcp_info(session.ctrl.sock)
+        ctrl_sent = (ctrl_info.bytes_sent or 0) if ctrl_info is not None else 0
+        if probed is not None:
+            ctrl_sent = max(0, ctrl_sent - probed.control_bytes)
         fill_cpu = sum(r.fill_cpu for r in runner.records)
         return RunResult(
             opts=o, layout=layout, tokens=tokens, plan=plan, welcome=ctl.welcome, data_port=ctl.data_port,
             clock_offset=offset, clock_uncertainty=uncertainty, t_start=t_start, t_end=t_end,
             requests=sorted(runner.records, key=lambda r: r.index), intervals=sampler.intervals,
             series=sampler.series, lanes=lanes, connected=connected,
-            control_wire_bytes=(ctrl_info.bytes_sent or 0) if ctrl_info is not None else 0,
+            control_wire_bytes=ctrl_sent,
             cpu_user=ru1.ru_utime - ru0.ru_utime, cpu_system=ru1.ru_stime - ru0.ru_stime, fill_cpu=fill_cpu,
-            server=summary, congestion=congestion, error=session.failure)
+            server=summary, congestion=congestion, error=session.failure,
+            probe=probed.to_dict() if probed is not None else None, link_control=link_control)
     finally:
+        if adaptive is not None:
+            adaptive.close()
         if session is not None:
             session.close()
         ctl.close()

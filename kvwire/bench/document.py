@@ -2,7 +2,8 @@
 
 Owns: turning a ``RunResult`` into ``{start, intervals, end, kv}`` (``end.sum_sent``/``sum_received`` with
 bytes, seconds, bits_per_second, retransmits; ``end.cpu_utilization_percent``), the per-request layer
-timeline on the client's clock, exposed-tail percentiles and the verification verdict. Must not know:
+timeline on the client's clock, exposed-tail percentiles and the verification verdict; ``start.probe`` and
+``kv.link_control`` when the run has them. Must not know:
 sockets, sessions or text formatting.
 """
 
@@ -125,7 +126,7 @@ def build_document(r: RunResult) -> dict[str, Any]:
                for lane in r.lanes]
     now = time.time()
     rss_peak, rss_base, pool = srv.get("rss_peak"), srv.get("rss_base"), srv.get("pool_bytes")
-    return {
+    doc: dict[str, Any] = {
         "start": {
             "connected": r.connected,
             "version": f"kvwire-bench {__version__}",
@@ -201,6 +202,11 @@ def build_document(r: RunResult) -> dict[str, Any]:
             },
         },
     }
+    if r.probe is not None:
+        doc["start"]["probe"] = r.probe
+    if r.link_control is not None:
+        doc["kv"]["link_control"] = r.link_control
+    return doc
 
 
 def _timestamp(t: float) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ..codec.plan import DEFAULT_CHUNK
 from .errors import UsageError
 
 DEFAULT_PORT = 5211
+MAX_PROBE_SECONDS = 60.0
 KEY_ENV = "KVWIRE_BENCH_KEY"
 
 _SUFFIX = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmMgGtT]?)\s*$")
@@ -114,6 +115,9 @@ class Options:
     announce: bool = False
     verbose: bool = False
     emulate: dict[str, float] | None = None  # --emulate: rtt_ms, loss, rate_mbit[, queue_bytes, mtu]
+    adaptive: bool = False  # --adaptive: kvwire.congestion's LinkControl drives the lanes (--polite implies it)
+    polite: bool = False
+    probe_seconds: float | None = None  # --probe: a kvwire.probe burst of this long before the test
 
     @property
     def tls(self) -> bool:
@@ -182,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TCP congestion algorithm of the lanes (bbr, cubic)")
     c.add_argument("--fq-rate", type=parse_rate, metavar="BITS/S",
                    help="per-lane pacing cap (SO_MAX_PACING_RATE)")
+    c.add_argument("--adaptive", action="store_true",
+                   help="run kvwire's link controller on the lanes for the whole test (lane count, pacing, "
+                        "algorithm: -P is its starting lane count, -C its algorithm; no --fq-rate); intervals "
+                        "show its view of the link")
+    c.add_argument("--polite", action="store_true",
+                   help="--adaptive in polite mode: CUBIC, and half the capacity while other flows compete")
+    c.add_argument("--probe", type=float, metavar="SECONDS", dest="probe_seconds",
+                   help="measure the link with SECONDS of sink transfers on the test's lanes before the test "
+                        "(kvwire.probe; the receiver discards them; not counted in the test)")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
     c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
@@ -219,7 +232,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose,
-        emulate=a.emulate)
+        emulate=a.emulate, adaptive=a.adaptive or a.polite, polite=a.polite, probe_seconds=a.probe_seconds)
     if o.nbytes is not None and o.model is None:
         o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer
     if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):
@@ -263,6 +276,14 @@ def check(o: Options) -> None:
         raise UsageError("TLS on --loopback/--emulate needs --tls-cert/--tls-key (server) and --tls-ca (client)")
     if o.fq_rate is not None and o.fq_rate <= 0:
         raise UsageError("--fq-rate must be positive")
+    if o.mode == "server" and (o.adaptive or o.probe_seconds is not None):
+        raise UsageError("--adaptive, --polite and --probe are client options (the sending side runs them)")
+    if o.polite and not o.adaptive:
+        raise UsageError("--polite is a mode of --adaptive")
+    if o.adaptive and o.fq_rate is not None:
+        raise UsageError("--adaptive paces the lanes itself: drop --fq-rate (or --adaptive/--polite)")
+    if o.probe_seconds is not None and not 0 < o.probe_seconds <= MAX_PROBE_SECONDS:
+        raise UsageError(f"--probe takes seconds in (0, {MAX_PROBE_SECONDS:g}]")
 
 
 def server_ssl_context(o: Options) -> ssl.SSLContext | None:

@@ -79,7 +79,8 @@ def write_plot(path: str, doc: dict[str, Any], series: list[tuple[float, list[in
     ax1.legend(loc="upper right", fontsize=9, framealpha=0.9)
 
     if len(series) >= 2:
-        lanes = len(series[0][1])
+        lanes = max(len(b) for _, b in series)  # lanes opened during the test (--adaptive) join later
+        series = [(t, list(b) + [0] * (lanes - len(b))) for t, b in series]
         starts: list[float] = []
         total: list[float] = []
         per_lane: list[list[float]] = [[] for _ in range(lanes)]

@@ -1,8 +1,9 @@
 """What the client prints: iperf3-style text, one JSON document (``-J``) or JSON lines (``--json-stream``).
 
 Owns: unit formatting as iperf3 does it (bytes in powers of 1024, bits/s in powers of 1000, three
-significant digits), the interval lines per lane plus a SUM line, the closing summary (goodput,
-payload vs wire bytes, CPU, hash mode, exposed tail, memory, verification) and the per-layer table.
+significant digits), the interval lines per lane plus a SUM line (and, with ``--adaptive``, a LNK line:
+the link controller's view), the ``--probe`` line before the test, the closing summary (goodput, payload
+vs wire bytes, CPU, hash mode, exposed tail, memory, link control, verification) and the per-layer table.
 Must not know: sockets, sessions or how the numbers were measured (it reads the document).
 """
 
@@ -61,7 +62,69 @@ def interval_lines(rec: dict[str, Any], show_streams: bool = True) -> list[str]:
     out.append(f"[SUM] {s['start']:6.2f}-{s['end']:<6.2f} sec  {fmt_bytes(s['bytes']):>11}  "
                f"{fmt_rate(s['bits_per_second']):>15}  {s['retransmits']:4d}  {_rtt(s['rtt']):>8}  "
                f"{_cwnd(s['snd_cwnd']):>11}  lanes {s['active_lanes']}/{len(rec['streams'])}")
+    link = rec.get("link")
+    if isinstance(link, dict):
+        out.append(control_line(s["start"], s["end"], link))
     return out
+
+
+def _gbit(bytes_per_s: Any) -> str:
+    return f"{bytes_per_s * 8 / 1e9:.2f} Gbit/s" if isinstance(bytes_per_s, (int, float)) else "-"
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.0f}%" if isinstance(v, (int, float)) else "-"
+
+
+def control_line(start: float, end: float, link: dict[str, Any]) -> str:
+    """``--adaptive``: the link controller's view when the interval closed (rates in bytes/s in ``link``)."""
+    cap = link.get("capacity")
+    q = link.get("queueing_ratio")
+    loss = link.get("loss_rate")
+    pacing = link.get("pacing")
+    return (f"[LNK] {start:6.2f}-{end:<6.2f} sec  capacity "
+            f"{fmt_rate(cap * 8) if isinstance(cap, (int, float)) else '-':>15}  "
+            f"util {_pct(link.get('utilization')):>4}  queue "
+            f"{f'{q:.2f}x' if isinstance(q, (int, float)) else '-':>6}  "
+            f"loss {f'{100 * loss:.2f}%' if isinstance(loss, (int, float)) else '-':>6}  "
+            f"{'CONGESTED' if link.get('congested') else 'clear':<9}  {link.get('mode', '?'):<7}  "
+            f"lanes {link.get('lanes', '?')}  paced {fmt_rate(pacing * 8) if pacing else 'no'}")
+
+
+def _rtt_ms(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3f} ms" if ms < 1 else fmt_ms(ms)
+
+
+def probe_line(p: dict[str, Any]) -> str:
+    """``--probe``: what the probe measured, before the test."""
+    loss = p.get("loss_rate")
+    q = p.get("max_queueing_ratio")
+    rtt = p.get("min_rtt")
+    line = (f"probe: capacity {_gbit(p.get('capacity'))} "
+            f"({'saturated' if p.get('saturated') else 'lower bound'}), "
+            f"min RTT {_rtt_ms(rtt)}, "
+            f"max queueing ratio {f'{q:.2f}' if isinstance(q, (int, float)) else '-'}, "
+            f"loss {f'{100 * loss:.2f}%' if isinstance(loss, (int, float)) else '-'}, "
+            f"{p.get('lanes')} lanes, {p.get('congestion') or '?'}, {p.get('seconds', 0.0):.2f} s, "
+            f"{(p.get('bytes_sent') or 0) / 1e6:.1f} MB (not counted in the test)")
+    if not p.get("drained", True):
+        line += "; lanes not drained when it ended"
+    notes = p.get("notes") or []
+    return line + "".join(f"\n       note: {n}" for n in notes)
+
+
+def link_control_line(lc: dict[str, Any]) -> str:
+    """``--adaptive``: the controller over the whole test, for the summary."""
+    pacing = lc.get("pacing")
+    seed = lc.get("capacity_seed")
+    return (f"Link control   {'polite, ' if lc.get('polite') else ''}{lc.get('congestion') or 'kernel default'}, "
+            f"lanes {lc.get('min_lanes')}..{lc.get('max_lanes')} from {lc.get('initial_lanes')}"
+            f"{f', capacity seeded {_gbit(seed)} by the probe' if seed else ''}: "
+            f"{lc.get('decisions')} decision(s), last mode {lc.get('mode')} with {lc.get('lanes')} lanes, "
+            f"{f'paced {fmt_rate(pacing * 8)}' if pacing else 'unpaced'}; last decision: {lc.get('reason')}")
 
 
 HEADER = "[ ID] Interval           Transfer     Bitrate         Retr       RTT         Cwnd"
@@ -156,6 +219,9 @@ def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]
             out.append("               emulator drops: " + ", ".join(
                 f"{d} {st[d].get('random_drops', 0)} random + {st[d].get('queue_drops', 0)} queue"
                 for d in ("c2s", "s2c")))
+    lc = kv.get("link_control")
+    if isinstance(lc, dict):
+        out.append(link_control_line(lc))
     v = kv["verification"]
     if v["verified"]:
         n = v["requests_ok"] + v["requests_failed"]
@@ -197,7 +263,8 @@ class Reporter:
                 "host": self.o.host, "port": self.o.port, "data_port": info["data_port"]},
                 "bytes_per_request": info["bytes_per_request"], "tokens": info["tokens"],
                 "layout": info["layout"].name, "reverse": int(self.o.reverse)}
-                | ({"emulated_link": self.link} if self.link is not None else {}))
+                | ({"emulated_link": self.link} if self.link is not None else {})
+                | {k: info[k] for k in ("probe", "link_control") if k in info})
             return
         o = self.o
         if self.link is not None:
@@ -220,7 +287,10 @@ class Reporter:
                   f"{o.concurrency}, hash {'xxh3_64' if o.hashing else 'none'}, "
                   f"chunk {fmt_bytes(o.chunk_size)}, "
                   f"congestion {info['congestion'] or '?'}"
-                  + (f", prefill {o.prefill_ms:g} ms/layer" if o.prefill_ms else ""))
+                  + (f", prefill {o.prefill_ms:g} ms/layer" if o.prefill_ms else "")
+                  + ((", polite" if o.polite else ", adaptive") if o.adaptive else ""))
+        if isinstance(info.get("probe"), dict):
+            self.line(probe_line(info["probe"]))
 
     def interval(self, rec: dict[str, Any]) -> None:
         if self.o.json_stream:

@@ -4,7 +4,8 @@ Owns both ends of a reverse test. The client starts a one-off receiving bench se
 Receiver, the pattern check, per-layer verified times: the very code of ``kvwire-bench -s``) on the
 address its control connection leaves from, and sends ``reverse {port, opts, model_config}`` over the
 control channel it already authenticated. The server then runs the ordinary sending client
-(``run_client``) against that address with the client's options and the shared key, streams its
+(``run_client``, with ``--adaptive``/``--polite``/``--probe`` as asked: the sending side runs them) against
+that address with the client's options and the shared key, streams its
 ``start``/``interval``/``request`` events back as they happen (plus a heartbeat), and finally the run
 document (``reverse_done {doc}``) or the reason it failed (``reverse_failed``). So the sending side
 measures, the receiving side verifies every byte and times every layer, whichever host runs what.
@@ -29,7 +30,7 @@ from .options import Options, check
 #: the client options a reverse test carries to the sending server
 FORWARDED = ("lanes", "duration", "nbytes", "length", "interval", "congestion", "fq_rate", "hashing",
              "chunk_size", "model", "tokens", "tp", "requests", "concurrency", "prefill_ms", "seed",
-             "timeout", "connect_timeout")
+             "timeout", "connect_timeout", "adaptive", "polite", "probe_seconds")
 SILENCE = 15.0  # seconds without any message from the sending server before the client gives up
 MAX_CONFIG = 1 << 20
 
@@ -113,6 +114,11 @@ def run_reverse_client(o: Options, on_start: Callback | None = None, on_interval
         serving.start()
         try:
             def started(info: dict[str, Any]) -> None:
+                missing = [name for name, asked, key in (("--adaptive", o.adaptive, "link_control"),
+                                                         ("--probe", o.probe_seconds is not None, "probe"))
+                           if asked and key not in info]
+                if missing:  # an older server drops options it does not know
+                    raise PeerError(f"the server ignored {' and '.join(missing)}: it runs an older kvwire-bench")
                 if on_start is not None:
                     from .client import resolve_layout
 

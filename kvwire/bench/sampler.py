@@ -3,8 +3,9 @@
 Owns: a thread that reads each lane's byte counter every ``fine`` seconds (kept for plots) and, every
 ``interval`` seconds, closes an interval record per lane plus a SUM row from ``TCP_INFO`` (through
 ``kvwire.congestion.tcpinfo``); re-applying the socket options (``-C``, ``--fq-rate``) to lanes that were
-reconnected; counting wire bytes per socket across reconnects. Must not know: payloads, the control
-channel or output formats (records are plain dicts shaped like iperf3's ``intervals[]``).
+reconnected; counting wire bytes per socket across reconnects; taking in lanes the session opened during
+the test (the lane list it is given may grow). Must not know: payloads, the control channel, output formats
+(records are plain dicts shaped like iperf3's ``intervals[]``) or what an ``extra`` hook adds to them.
 """
 
 from __future__ import annotations
@@ -66,8 +67,14 @@ class Sampler:
 
     def __init__(self, lanes: Sequence[Any], interval: float, t_start: float,
                  on_interval: Callable[[dict[str, Any]], None] | None = None,
-                 options: SocketOptions | None = None, fine: float = 0.02) -> None:
+                 options: SocketOptions | None = None, fine: float = 0.02,
+                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        """``lanes``: the session's lane list (lanes appended to it later are taken in as they appear).
+        ``extra``: called as each interval closes; its keys are added to the record (beside ``streams``
+        and ``sum``)."""
+        self._source = lanes
         self.lanes = list(lanes)
+        self.extra = extra
         self.interval = interval
         self.t_start = t_start
         self.on_interval = on_interval
@@ -96,15 +103,23 @@ class Sampler:
     def stop(self, t_end: float) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._grow()
         rel = max(t_end - self.t_start, self._last_edge)
         self._sample_fine(rel)
         if self.interval > 0 and rel - self._last_edge > 1e-3:
             self._close_interval(rel)
 
+    def _grow(self) -> None:
+        """Take in lanes opened since (a controller raising the lane count); their bytes count from 0."""
+        for lane in list(self._source[len(self.lanes):]):
+            self.lanes.append(lane)
+            self._tracks.append(_LaneTrack())
+
     def _loop(self) -> None:
         next_edge = self.interval
         while not self._stop.wait(self.fine):
             rel = time.monotonic() - self.t_start
+            self._grow()
             self._reconfigure()
             self._sample_fine(rel)
             if self.interval > 0 and rel >= next_edge:
@@ -195,6 +210,8 @@ class Sampler:
                 "sender": True,
             },
         }
+        if self.extra is not None:
+            record.update(self.extra())
         self._last_edge = end
         self.intervals.append(record)
         if self.on_interval is not None:

@@ -1,0 +1,196 @@
+"""``--adaptive`` / ``--polite`` / ``--probe`` on the sending side of a test.
+
+Owns: the ``ControllerConfig`` the options ask for, attaching ``kvwire.congestion``'s ``LinkControl`` to the
+test's session (started with the test, closed after it) and what the bench reports of it — the ``link``
+view added to each interval record (the controller's latest ``LinkState`` without its per-lane list, plus
+mode, lanes in effect and pacing) and the ``link_control`` summary with the decision history; running
+``kvwire.probe`` on the session before the test and taking the bytes it put on the lanes back out of the
+test's counts. Must not know: output formats, the control channel, payloads or how lanes are sampled for
+the interval records (``sampler``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..congestion.control import LinkControl
+from ..congestion.controller import ControllerConfig, Decision
+from ..congestion.estimator import LinkState
+from ..errors import KvwireError, ProbeRefused
+from ..probe import ProbeResult, probe
+from ..tcp.sender import Session
+from .errors import PeerError
+from .options import Options
+from .sampler import lane_socket, tcp_info
+
+#: seconds between the controller's TCP_INFO samples (LinkControl's default)
+MONITOR_INTERVAL = 0.1
+_STATE_KEYS = tuple(f.name for f in fields(LinkState) if f.name != "lanes")
+
+
+def controller_config(o: Options) -> ControllerConfig:
+    """``-P`` is the starting lane count (the controller may go from 2, or fewer when -P is, up to 16, or
+    more when -P is); ``-C`` is the algorithm it puts on every lane (also in polite mode)."""
+    base = ControllerConfig()
+    n = o.lanes
+    return ControllerConfig(min_lanes=min(base.min_lanes, n), initial_lanes=n, max_lanes=max(base.max_lanes, n),
+                            congestion=o.congestion or base.congestion,
+                            polite_congestion=o.congestion or base.polite_congestion, polite=o.polite)
+
+
+def _decision(d: Decision, t: float | None) -> dict[str, Any]:
+    return {"t": t, "mode": d.mode.value, "lanes": d.lanes, "pacing": d.total_pacing, "congestion": d.congestion,
+            "reason": d.reason}
+
+
+class Adaptive:
+    """``LinkControl`` on ``session`` for one test: created before the test (it sets the lanes' algorithm and
+    count at once), ``start(t_start)`` when the test starts (sampling then), ``close()`` after it."""
+
+    def __init__(self, session: Session, o: Options, capacity: float | None = None) -> None:
+        self.session = session
+        self.config = controller_config(o)
+        self.capacity_seed = capacity
+        self.control = LinkControl(session, self.config, interval=MONITOR_INTERVAL, capacity=capacity, start=False)
+        self.t_start: float | None = None
+        self._reported = 0  # decision changes already counted in an interval record
+
+    def start(self, t_start: float) -> None:
+        self.t_start = t_start
+        self.control.monitor.start()
+
+    def close(self) -> None:
+        self.control.close()
+
+    def _rel(self, t: float) -> float:
+        return t - (self.t_start or 0.0)
+
+    def link(self) -> dict[str, Any]:
+        """The controller's latest view (its fields ``None`` before the first sample), the decision in force
+        and the lanes in effect. ``timestamp`` is seconds since the start of the test."""
+        state = self.control.latest()
+        d = self.control.decision
+        if state is None:
+            view: dict[str, Any] = dict.fromkeys(_STATE_KEYS)
+        else:
+            raw = state.to_dict()
+            view = {k: raw[k] for k in _STATE_KEYS}
+            view["timestamp"] = self._rel(state.timestamp)
+        view.update(mode=d.mode.value, lanes=self.session.active_lanes, pacing=d.total_pacing,
+                    congestion=d.congestion, reason=d.reason)
+        return view
+
+    def interval_extra(self) -> dict[str, Any]:
+        """What one interval record gets: ``link`` = ``link()`` plus ``decisions`` (changes since the
+        previous record)."""
+        changes = len(self.control.history) - 1
+        new, self._reported = changes - self._reported, changes
+        return {"link": self.link() | {"decisions": new}}
+
+    def config_info(self) -> dict[str, Any]:
+        c = self.config
+        return {"polite": c.polite, "congestion": c.algorithm, "min_lanes": c.min_lanes,
+                "initial_lanes": c.initial_lanes, "max_lanes": c.max_lanes, "interval": MONITOR_INTERVAL,
+                "capacity_seed": self.capacity_seed}
+
+    def summary(self) -> dict[str, Any]:
+        """The whole test: the configuration, every decision (``t`` None for the initial one) and the last
+        link view."""
+        history = self.control.history
+        d = self.control.decision
+        return self.config_info() | {
+            "decisions": len(history) - 1, "mode": d.mode.value, "lanes": self.session.active_lanes,
+            "pacing": d.total_pacing, "reason": d.reason,
+            "history": [_decision(dec, None if i == 0 else self._rel(t)) for i, (t, dec) in enumerate(history)],
+            "last": self.link()}
+
+
+# ---------------------------------------------------------------- --probe
+
+
+@dataclass(frozen=True)
+class LaneCounts:
+    """One lane's counters: chunk payload and chunks (the session's), TCP payload sent and acknowledged
+    (``TCP_INFO`` of its socket, ``sock`` = its identity)."""
+
+    sock: int
+    bytes: int
+    chunks: int
+    wire_sent: int
+    wire_acked: int
+
+
+def lane_counts(session: Session) -> dict[int, LaneCounts]:
+    out = {}
+    for lane in session.lanes:
+        sock = lane_socket(lane)
+        info = tcp_info(sock)
+        out[lane.index] = LaneCounts(id(sock), lane.bytes_sent, lane.chunks_sent,
+                                     (info.bytes_sent or 0) if info is not None else 0,
+                                     (info.bytes_acked or 0) if info is not None else 0)
+    return out
+
+
+@dataclass
+class Probed:
+    """A probe's result and what it put on each lane (to be left out of the test's counts)."""
+
+    result: ProbeResult
+    lanes: dict[int, LaneCounts]
+    control_bytes: int = 0  # what the session's control connection sent meanwhile (the sinks' BEGINs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``ProbeResult.to_dict()`` without the per-sample states (``samples`` counts them)."""
+        d = {k: v for k, v in self.result.to_dict().items() if k != "states"}
+        d["samples"] = len(self.result.states)
+        return d
+
+    def exclude(self, lanes: list[dict[str, Any]], receiver_lanes: list[Any]) -> None:
+        """Take the probe's bytes out of the sender's lane totals (``bytes``, ``chunks``, ``wire_bytes``)
+        and the receiver's (``bytes``: what the lane's socket received; the probe's were all acknowledged
+        before the test started, so they are its ``bytes_acked`` increase)."""
+        for lane in lanes:
+            p = self.lanes.get(lane["socket"])
+            if p is not None:
+                lane["bytes"] = max(0, lane["bytes"] - p.bytes)
+                lane["chunks"] = max(0, lane["chunks"] - p.chunks)
+                lane["wire_bytes"] = max(0, lane["wire_bytes"] - p.wire_sent)
+        for rx in receiver_lanes:
+            if isinstance(rx, dict) and isinstance(rx.get("bytes"), int):
+                p = self.lanes.get(rx.get("socket", -1))
+                if p is not None:
+                    rx["bytes"] = max(0, rx["bytes"] - p.wire_acked)
+
+
+def run_probe(session: Session, o: Options) -> Probed:
+    """``kvwire.probe`` on the test's session for ``--probe`` seconds (``-C``'s algorithm, else BBR), before
+    any ``LinkControl`` is attached. A receiver that takes no probes, or a probe that fails, is a PeerError."""
+    assert o.probe_seconds is not None
+    before = lane_counts(session)
+    ctrl_before = _sent(session)
+    try:
+        result = probe(session, seconds=o.probe_seconds, congestion=o.congestion or "bbr")
+    except ProbeRefused as e:
+        raise PeerError(f"--probe: {e}") from None
+    except KvwireError as e:
+        raise PeerError(f"--probe failed: {type(e).__name__}: {e}") from None
+    after = lane_counts(session)
+    used = {}
+    for index, a in after.items():
+        b = before.get(index)
+        if b is None:
+            continue
+        same = a.sock == b.sock  # a lane re-dialled during the probe: its TCP counters started again
+        used[index] = LaneCounts(a.sock, a.bytes - b.bytes, a.chunks - b.chunks,
+                                 a.wire_sent - b.wire_sent if same else a.wire_sent,
+                                 a.wire_acked - b.wire_acked if same else a.wire_acked)
+    return Probed(result, used, max(0, _sent(session) - ctrl_before))
+
+
+def _sent(session: Session) -> int:
+    info = tcp_info(session.ctrl.sock)
+    return (info.bytes_sent or 0) if info is not None else 0
+
+
+__all__ = ["Adaptive", "LaneCounts", "Probed", "controller_config", "lane_counts", "run_probe"]
