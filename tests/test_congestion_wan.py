@@ -202,3 +202,69 @@ def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte()
     busy = [s for s in states if s.busy > 0.5 and s.queueing_ratio]
     assert busy and statistics.median(s.queueing_ratio or 9 for s in busy) <= 1.3
     assert np.array_equal(incoming.dest[: bufs[0].nbytes], bufs[0])
+
+
+def test_polite_mode_yields_to_a_competing_iperf3_flow() -> None:
+    """Scenario (d), short: while a CUBIC iperf3 flow shares the link, polite kvwire takes about half
+    of it and LinkState reports the bandwidth the other flow takes. Loose bounds: 2 shared cores."""
+    import json
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    import kvwire
+    from kvwire.congestion.control import LinkControl
+    from kvwire.congestion.controller import ControllerConfig
+
+    if shutil.which("iperf3") is None:
+        pytest.skip("iperf3 not installed (scripts/test installs it as root)")
+    rate, rtt = 200.0, 20.0
+    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
+    payload = rate * 1e6 / 8 * 1448 / 1500
+    layout = kvwire.load_layout("qwen3-next-80b-a3b")
+    req = kvwire.RequestSpec("polite", 8192, 8192)  # ~211 MB: ~9 s at 200 Mbit/s, ~5 s of it shared
+    bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
+    out: dict[str, float] = {}
+    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
+        srv = link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def compete() -> None:
+            time.sleep(2.0)
+            out["start"] = time.monotonic()
+            r = link.run_in("client", ["iperf3", "-c", link.server_addr, "-t", "5", "-J", "-C", "cubic"], timeout=40)
+            out["end"] = time.monotonic()
+            out["mbit"] = json.loads(r.stdout or "{}").get("end", {}).get("sum_received", {}).get(
+                "bits_per_second", 0.0) / 1e6
+
+        side = threading.Thread(target=compete)
+        try:
+            with link.inside("client"):
+                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
+            try:
+                with LinkControl(session, ControllerConfig(polite=True)) as ctl:
+                    ctl.record = True
+                    side.start()
+                    h = session.send(layout, req)
+                    h.write_all(bufs)
+                    h.finish().result(timeout=120)
+                    states = list(ctl.states)
+            finally:
+                session.close()
+                side.join(60)
+                srv.wait(10)
+        finally:
+            rx.close()
+    assert "end" in out and out.get("mbit", 0) > 0, out
+    both = [s for s in states if out["start"] + 1.5 <= s.timestamp <= out["end"] and s.busy > 0.5]
+    assert len(both) >= 10
+    mine = statistics.median(s.goodput for s in both) * 8 / 1e6
+    fair = (mine + out["mbit"]) / 2
+    assert 0.6 * fair <= mine <= 1.4 * fair, (mine, out["mbit"])
+    competing = statistics.median(s.competing_bw or 0 for s in both)
+    assert competing >= 0.2 * payload  # LinkState shows the other flow's share ...
+    usable = statistics.median(s.usable_bw or 0 for s in both)
+    assert usable <= 0.8 * payload  # ... and less bandwidth for us
