@@ -12,6 +12,8 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -69,6 +71,29 @@ def stream() -> Iterator[tuple[WanLink, socket.socket]]:
             acc.close()
 
 
+@contextmanager
+def kv_over_wan(rate: float, rtt: float) -> Iterator[tuple[WanLink, Any, Any]]:
+    """A WanLink (3-BDP drop-tail queue) with a kvwire Receiver in its server namespace and a 4-lane
+    Session from its client namespace; all closed on the way out, failures included."""
+    import numpy as np
+
+    import kvwire
+
+    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
+    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
+        try:
+            with link.inside("client"):
+                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
+            try:
+                yield link, rx, session
+            finally:
+                session.close()
+        finally:
+            rx.close()
+
+
 def _collect(mon: LinkMonitor, seconds: float) -> list[LinkState]:
     out: list[LinkState] = []
     end = time.monotonic() + seconds
@@ -123,33 +148,21 @@ def test_link_control_fills_the_link_without_a_standing_queue() -> None:
     from kvwire.congestion.controller import ControllerConfig, Mode
 
     rate, rtt = 200.0, 20.0
-    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
     layout = kvwire.load_layout("qwen3-next-80b-a3b")
     req = kvwire.RequestSpec("wan", 4096, 4096)  # ~106 MB: ~4.5 s at 200 Mbit/s
     bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
     total = sum(b.nbytes for b in bufs)
-    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
-        with link.inside("server"):
-            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
-        try:
-            with link.inside("client"):
-                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
-            try:
-                with LinkControl(session, ControllerConfig()) as ctl:
-                    ctl.record = True
-                    t0 = time.monotonic()
-                    out = session.send(layout, req)
-                    out.write_all(bufs)
-                    incoming = rx.next_transfer(timeout=10)
-                    out.finish().result(timeout=60)
-                    elapsed = time.monotonic() - t0
-                    incoming.result(timeout=10)
-                    states = list(ctl.states)
-                    modes = {d.mode for _, d in ctl.history}
-            finally:
-                session.close()
-        finally:
-            rx.close()
+    with kv_over_wan(rate, rtt) as (_, rx, session), LinkControl(session, ControllerConfig()) as ctl:
+        ctl.record = True
+        t0 = time.monotonic()
+        out = session.send(layout, req)
+        out.write_all(bufs)
+        incoming = rx.next_transfer(timeout=10)
+        out.finish().result(timeout=60)
+        elapsed = time.monotonic() - t0
+        incoming.result(timeout=10)
+        states = list(ctl.states)
+        modes = {d.mode for _, d in ctl.history}
     payload = rate * 1e6 / 8 * 1448 / 1500
     cruise = [s for s in states if s.timestamp > t0 + 1.5 and s.busy > 0.5 and s.queueing_ratio]
     assert Mode.CRUISE in modes and cruise
@@ -170,31 +183,20 @@ def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte()
     from kvwire.congestion.controller import ControllerConfig, Mode
 
     rate, rtt = 200.0, 20.0
-    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
     payload = rate * 1e6 / 8 * 1448 / 1500
     layout = kvwire.load_layout("qwen3-next-80b-a3b")
     req = kvwire.RequestSpec("wan-probe", 2048, 2048)  # ~53 MB: ~2 s at 200 Mbit/s
     bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
-    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
-        with link.inside("server"):
-            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
-        try:
-            with link.inside("client"):
-                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
-            try:
-                result = kvwire.probe(session, seconds=1.0)
-                with LinkControl(session, ControllerConfig(), capacity=result.capacity) as ctl:
-                    ctl.record = True
-                    out = session.send(layout, req)
-                    out.write_all(bufs)
-                    incoming = rx.next_transfer(timeout=10)
-                    out.finish().result(timeout=60)
-                    incoming.result(timeout=10)
-                    states, history = list(ctl.states), ctl.history
-            finally:
-                session.close()
-        finally:
-            rx.close()
+    with kv_over_wan(rate, rtt) as (_, rx, session):
+        result = kvwire.probe(session, seconds=1.0)
+        with LinkControl(session, ControllerConfig(), capacity=result.capacity) as ctl:
+            ctl.record = True
+            out = session.send(layout, req)
+            out.write_all(bufs)
+            incoming = rx.next_transfer(timeout=10)
+            out.finish().result(timeout=60)
+            incoming.result(timeout=10)
+            states, history = list(ctl.states), ctl.history
     assert result.saturated and 0.85 * payload <= result.capacity <= 1.15 * payload, result.capacity
     assert result.min_rtt is not None and rtt / 1e3 <= result.min_rtt <= rtt / 1e3 + 0.0015
     assert result.drained
@@ -220,15 +222,12 @@ def test_polite_mode_yields_to_a_competing_iperf3_flow() -> None:
     if shutil.which("iperf3") is None:
         pytest.skip("iperf3 not installed (scripts/test installs it as root)")
     rate, rtt = 200.0, 20.0
-    bdp = int(rate * 1e6 / 8 * rtt / 1e3)
     payload = rate * 1e6 / 8 * 1448 / 1500
     layout = kvwire.load_layout("qwen3-next-80b-a3b")
     req = kvwire.RequestSpec("polite", 8192, 8192)  # ~211 MB: ~9 s at 200 Mbit/s, ~5 s of it shared
     bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
     out: dict[str, float] = {}
-    with WanLink(rtt_ms=rtt, rate_mbit=rate, queue_bytes=3 * bdp, realtime=True) as link:
-        with link.inside("server"):
-            rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
+    with kv_over_wan(rate, rtt) as (link, _, session):
         srv = link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -242,22 +241,17 @@ def test_polite_mode_yields_to_a_competing_iperf3_flow() -> None:
 
         side = threading.Thread(target=compete)
         try:
-            with link.inside("client"):
-                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
-            try:
-                with LinkControl(session, ControllerConfig(polite=True)) as ctl:
-                    ctl.record = True
-                    side.start()
-                    h = session.send(layout, req)
-                    h.write_all(bufs)
-                    h.finish().result(timeout=120)
-                    states = list(ctl.states)
-            finally:
-                session.close()
-                side.join(60)
-                srv.wait(10)
+            with LinkControl(session, ControllerConfig(polite=True)) as ctl:
+                ctl.record = True
+                side.start()
+                h = session.send(layout, req)
+                h.write_all(bufs)
+                h.finish().result(timeout=120)
+                states = list(ctl.states)
         finally:
-            rx.close()
+            if side.ident is not None:  # started
+                side.join(60)
+            srv.wait(10)
     assert "end" in out and out.get("mbit", 0) > 0, out
     both = [s for s in states if out["start"] + 1.5 <= s.timestamp <= out["end"] and s.busy > 0.5]
     assert len(both) >= 10

@@ -76,17 +76,20 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.0f}%" if isinstance(v, (int, float)) else "-"
 
 
+def _num(v: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    """``v`` formatted with ``spec`` (after ``scale``), or "-" when it is not a number (None: unknown)."""
+    return f"{v * scale:{spec}}{suffix}" if isinstance(v, (int, float)) else "-"
+
+
 def control_line(start: float, end: float, link: dict[str, Any]) -> str:
     """``--adaptive``: the link controller's view when the interval closed (rates in bytes/s in ``link``)."""
     cap = link.get("capacity")
-    q = link.get("queueing_ratio")
-    loss = link.get("loss_rate")
     pacing = link.get("pacing")
     return (f"[LNK] {start:6.2f}-{end:<6.2f} sec  capacity "
             f"{fmt_rate(cap * 8) if isinstance(cap, (int, float)) else '-':>15}  "
             f"util {_pct(link.get('utilization')):>4}  queue "
-            f"{f'{q:.2f}x' if isinstance(q, (int, float)) else '-':>6}  "
-            f"loss {f'{100 * loss:.2f}%' if isinstance(loss, (int, float)) else '-':>6}  "
+            f"{_num(link.get('queueing_ratio'), '.2f', suffix='x'):>6}  "
+            f"loss {_num(link.get('loss_rate'), '.2f', 100, '%'):>6}  "
             f"{'CONGESTED' if link.get('congested') else 'clear':<9}  {link.get('mode', '?'):<7}  "
             f"lanes {link.get('lanes', '?')}  paced {fmt_rate(pacing * 8) if pacing else 'no'}")
 
@@ -100,14 +103,11 @@ def _rtt_ms(seconds: Any) -> str:
 
 def probe_line(p: dict[str, Any]) -> str:
     """``--probe``: what the probe measured, before the test."""
-    loss = p.get("loss_rate")
-    q = p.get("max_queueing_ratio")
-    rtt = p.get("min_rtt")
     line = (f"probe: capacity {_gbit(p.get('capacity'))} "
             f"({'saturated' if p.get('saturated') else 'lower bound'}), "
-            f"min RTT {_rtt_ms(rtt)}, "
-            f"max queueing ratio {f'{q:.2f}' if isinstance(q, (int, float)) else '-'}, "
-            f"loss {f'{100 * loss:.2f}%' if isinstance(loss, (int, float)) else '-'}, "
+            f"min RTT {_rtt_ms(p.get('min_rtt'))}, "
+            f"max queueing ratio {_num(p.get('max_queueing_ratio'), '.2f')}, "
+            f"loss {_num(p.get('loss_rate'), '.2f', 100, '%')}, "
             f"{p.get('lanes')} lanes, {p.get('congestion') or '?'}, {p.get('seconds', 0.0):.2f} s, "
             f"{(p.get('bytes_sent') or 0) / 1e6:.1f} MB (not counted in the test)")
     if not p.get("drained", True):
