@@ -170,7 +170,8 @@ def kv_transfer(link: WanLink, port: int, payload: Payload, cfg: ControllerConfi
         session = kvwire.connect(link.server_addr, port, lanes=cfg.initial_lanes, max_lanes=cfg.max_lanes)
     side: threading.Thread | None = None
     try:
-        ctl = LinkControl(session, cfg)
+        with link.inside("client"):  # its monitor thread opens new lanes: it must start in the namespace
+            ctl = LinkControl(session, cfg)
         ctl.record = True
         t0 = time.monotonic()
         if during is not None:
@@ -213,14 +214,16 @@ def _mb(x: float | None) -> str:
     return "-" if x is None else f"{x * 8 / 1e6:.0f}"
 
 
-def scenario_a(a: Any, rx_cmd: list[str], payload: Payload) -> list[tuple[str, str, str, bool]]:
+def scenario_a(a: Any, rx_cmd: list[str], payload: Payload) -> list[tuple[str, str, str, bool | None]]:
     rows = []
     with WanLink(rtt_ms=a.rtt, loss=0.001, rate_mbit=a.rate, seed=1, realtime=a.realtime) as link:
         one = run_iperf3(link, 1, a.seconds, "cubic")
         port, rx = _receiver(link, rx_cmd)
         kv = kv_transfer(link, port, payload, ControllerConfig(), "a")
+        kvc = kv_transfer(link, port, payload, ControllerConfig(congestion="cubic", max_lanes=32), "a-cubic")
         rx.terminate()
     _trace(a, "a", kv)
+    _trace(a, "a-cubic", kvc)
     modes = sorted({d.mode.value for _, d in kv["history"]})
     share = one["goodput_mbit"] / a.rate
     rows.append(("(a) iperf3 -P1 cubic", f"{one['goodput_mbit']:.1f} Mbit/s = {share:.0%} of link", "< 50%",
@@ -228,10 +231,14 @@ def scenario_a(a: Any, rx_cmd: list[str], payload: Payload) -> list[tuple[str, s
     rows.append((f"(a) kvwire {payload.nbytes / 1e6:.0f} MB",
                  f"{kv['mbit']:.1f} Mbit/s = {kv['mbit'] / a.rate:.1%} of link in {kv['elapsed']:.1f} s "
                  f"(bbr, modes {','.join(modes)})", ">= 90%", kv["mbit"] >= 0.9 * a.rate))
+    lanes = max(d.lanes for _, d in kvc["history"])
+    rows.append(("(a) kvwire, CUBIC lanes", f"{kvc['mbit']:.1f} Mbit/s = {kvc['mbit'] / a.rate:.1%} of link in "
+                 f"{kvc['elapsed']:.1f} s (up to {lanes} lanes: capacity / Mathis rate at the measured loss)",
+                 "none: shown beside the BBR lanes kvwire picks", None))
     return rows
 
 
-def scenario_b(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+def scenario_b(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool | None]]:
     with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=2, realtime=a.realtime) as link:
         four = run_iperf3(link, 4, a.seconds, "cubic")
         port, rx = _receiver(link, rx_cmd)
@@ -249,7 +256,7 @@ def scenario_b(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
              "<= 1.3", q_all is not None and q_all <= 1.3)]
 
 
-def scenario_c(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+def scenario_c(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool | None]]:
     halve_at, hold = 4.0, 3.0
     marks: dict[str, float] = {}
     with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=3, realtime=a.realtime) as link:
@@ -288,7 +295,7 @@ def scenario_c(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
             ("(c) queue back under 1.3", f"{t_q:.2f} s after halving (peak ratio {peak:.2f})", "<= 2 s", t_q <= 2.0)]
 
 
-def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool]]:
+def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool | None]]:
     start_at, secs = 2.5, max(6.0, a.seconds)
     out: dict[str, Any] = {}
     with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=4, realtime=a.realtime) as link:
@@ -326,7 +333,7 @@ def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
              usable is not None and cap is not None and usable < 0.8 * cap)]
 
 
-def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, str, bool]]:
+def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, str, bool | None]]:
     """``kvwire.probe`` before any traffic, on the lossless link of (b)-(d) and the lossy one of (a)."""
     rows = []
     full = a.rate * 1e6 / 8 * PAYLOAD_FRACTION
@@ -364,7 +371,7 @@ def run_scenarios(a: Any) -> int:
     queue = a.queue or 3 * bdp
     rx_cmd = [sys.executable, __file__, "--receiver"]
     wanted = set(a.scenarios)
-    rows: list[tuple[str, str, str, bool]] = []
+    rows: list[tuple[str, str, str, bool | None]] = []
     if "a" in wanted:
         rows += scenario_a(a, rx_cmd, payload)
     if "b" in wanted:
@@ -380,8 +387,8 @@ def run_scenarios(a: Any) -> int:
           f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
     w = max(len(r[0]) for r in rows)
     for name, value, target, ok in rows:
-        print(f"{name:<{w}}  {'PASS' if ok else 'MISS'}  {value}   [target {target}]")
-    return 0 if all(r[3] for r in rows) else 1
+        print(f"{name:<{w}}  {'INFO' if ok is None else 'PASS' if ok else 'MISS'}  {value}   [target {target}]")
+    return 0 if all(r[3] is not False for r in rows) else 1
 
 
 # ---------------------------------------------------------------- driver

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
@@ -137,8 +138,11 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
     st = decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C, rwnd=0.9), cubic)
     st2 = decide(cruising(cubic), ls(1.5, 12e6, loss=1e-3, capacity=C, rwnd=0.9), cubic)
     assert st2.decision.lanes == 4  # receiver-window-bound: more lanes would not help
-    few = decide(st, ls(3.0, C, loss=0.0, capacity=C), cubic)
-    assert few.decision.lanes == 8  # shrinks by at most half a step
+    calm = decide(st, ls(3.0, C, loss=0.0, capacity=C), cubic)
+    assert calm.decision.lanes == 16  # loss-based lanes keep their count when the loss they see moves
+    st = decide(cruising(big, cap=1e9), ls(1.5, 1e9, capacity=1e9), big)
+    few = decide(st, ls(3.0, 1e8, capacity=1e8), big)
+    assert few.decision.lanes == 5  # BBR lanes follow the BDP down, by at most half a step
 
 
 def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> None:
@@ -227,3 +231,49 @@ def test_a_capacity_probed_beforehand_skips_the_in_band_probe() -> None:
     polite = ControllerConfig(polite=True)
     assert initial_state(polite, capacity=C).mode is Mode.POLITE
     assert initial_state(polite, capacity=C).decision.congestion == "cubic"
+
+
+def test_loss_bound_lanes_grow_while_goodput_grows() -> None:
+    """CUBIC under random loss never shows the queue that tells the capacity: lanes are added while
+    each sits at its Mathis rate and the last step paid, first aiming at the rate slow start reached."""
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=32, congestion="cubic")
+    one = mathis_rate(0.02, 1e-3)  # ~2.8 MB/s per lane
+    st = decide(initial_state(cfg), ls(0.0, 0.0), cfg)
+    early = decide(st, ls(1.0, 4 * one, loss=1e-3, btl_bw=C), cfg)
+    assert early.decision.lanes == 4  # goodput averages still reach back before the lanes settled
+    st = decide(st, ls(1.4, 4 * one, loss=1e-3, btl_bw=C), cfg)
+    assert st.decision.lanes == math.ceil(C / one) == 18 and st.mode is Mode.PROBE and st.grown_from == 4 * one
+    assert decide(st, ls(2.0, 18 * one, loss=1e-3, btl_bw=C), cfg).decision.lanes == 18  # too soon again
+    grew = decide(st, ls(2.8, 15 * one, loss=1e-3, btl_bw=C), cfg)
+    assert grew.decision.lanes == 27  # it paid: half as many again
+    stuck = decide(st, ls(2.8, 4.2 * one, loss=1e-3, btl_bw=C), cfg)
+    assert stuck.decision.lanes == 18  # it did not: stop growing
+    queued = decide(st, ls(2.8, 15 * one, q=1.5, loss=1e-3, btl_bw=C), cfg)
+    assert queued.decision.lanes == 18  # a queue: the loss is congestive, no more lanes
+    bbr = ControllerConfig(initial_lanes=4, max_lanes=32)
+    st = decide(initial_state(bbr), ls(0.0, 0.0), bbr)
+    assert decide(st, ls(1.4, 0.9 * C, loss=1e-3, btl_bw=C), bbr).decision.lanes == 4  # beats Mathis: not bound
+    polite = ControllerConfig(initial_lanes=4, max_lanes=32, polite=True)
+    st = decide(initial_state(polite), ls(0.0, 0.0), polite)
+    assert decide(st, ls(1.4, 4 * one, loss=1e-3, btl_bw=C), polite).decision.lanes == 4  # never in polite mode
+
+
+def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A lane that fails to open (peer refuses, route gone) must not leave the aggregate paced for lanes
+    that do not exist: the decision keeps its total rate over the lanes in effect."""
+    a, _ = pair
+    asked: list[int] = []
+
+    def opens_at_most_three(n: int) -> int:
+        asked.append(n)
+        return min(n, 3)
+
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
+    ctl = LaneController(cfg, sockets_provider=lambda: [a], set_lanes=opens_at_most_three)
+    ctl.on_state(ls(0.0, 0.0))
+    ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
+    ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # wants 10 lanes
+    assert asked == [10]
+    assert ctl.decision.lanes == 3 and ctl.decision.total_pacing == pytest.approx(PACE * 1e9, rel=1e-6)
+    assert get_pacing_rate(a) == ctl.decision.pacing_rate and "only 3 lanes" in ctl.decision.reason
+    assert ctl.history[-1][1] == ctl.decision

@@ -89,8 +89,8 @@ class LinkControl:
         self.close()
 
     # ------------------------------------------------------------ hooks
-    def _set_lanes(self, n: int) -> None:
-        self.session.set_active_lanes(n)
+    def _set_lanes(self, n: int) -> int:
+        return self.session.set_active_lanes(n)
 
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
         apply_decision(self.decision, [sock])

@@ -27,6 +27,8 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
   aggregate is paced to ``polite_share x capacity`` (and that queue is left alone: it is theirs).
+- Lanes, capacity unknown: while the lanes are loss-bound (each near its Mathis rate, no queue), add
+  lanes while goodput grows (``_grow_loss_bound``), in PROBE or CRUISE.
 - Lanes (changed only when settled, outside PROBE/DRAIN): enough for the path — BBR needs
   ``2 x BDP / lane_window`` lanes; a loss-based algorithm needs ``capacity / Mathis rate`` lanes at the
   measured loss (only without a queue: congestive loss is no reason for lanes; never in polite mode).
@@ -91,6 +93,7 @@ class ControllerConfig:
     polite_congestion: str | None = "cubic"
     polite_hold: float = 2.0
     judge_after: float = 1.0  # the estimator's stats window: goodput averages reach back this far
+    grow_gain: float = 0.15  # loss-bound lanes keep growing while each step raises goodput by this much
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.initial_lanes <= self.max_lanes:
@@ -130,6 +133,8 @@ class ControllerState:
     changed_at: float | None = None  # when the mode (or the lane count) last changed
     competing_at: float | None = None  # last time competing traffic was seen (polite mode)
     drained_at: float | None = None  # when the last DRAIN ended
+    lanes_at: float | None = None  # when loss-bound lanes were last added (capacity unknown)
+    grown_from: float | None = None  # goodput just before that step
 
     @property
     def mode(self) -> Mode:
@@ -161,6 +166,9 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if cfg.polite and link.competing_bw and since >= cfg.settle + cfg.judge_after:
         st = replace(st, competing_at=now)  # (a queue right after our own change says nothing of others)
 
+    grown = _grow_loss_bound(st, link, cfg)
+    if grown is not None:
+        return grown
     if d.mode is Mode.PROBE:
         if cap is not None and since >= cfg.probe_min:
             return _pace(st, link, cfg, Mode.CRUISE, f"probed capacity {cap:.4g} B/s", new_mode=True)
@@ -259,6 +267,31 @@ def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mod
     return _to(st, link, nd) if new_mode else replace(st, decision=nd)
 
 
+def _grow_loss_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState | None:
+    """Add lanes while goodput grows, when the capacity is unknown because the lanes cannot fill the
+    link: each is held near one loss-based flow's Mathis rate at the measured loss, with no queue (CUBIC
+    under random loss never builds the standing queue that would tell the capacity). The first step aims
+    at the fastest rate seen (``btl_bw``: slow start got there before the losses), later ones add half the
+    lanes again, each only once the last one raised goodput by ``grow_gain``. The mode does not change."""
+    d, now = st.decision, link.timestamp
+    rtt, loss, q = link.min_rtt, link.loss_rate, link.queueing_ratio or 1.0
+    last = st.lanes_at if st.lanes_at is not None else st.changed_at
+    if (link.capacity is not None or cfg.polite or not rtt or loss <= 0 or d.lanes >= cfg.max_lanes
+            or d.mode not in (Mode.PROBE, Mode.CRUISE) or q > cfg.drained_ratio
+            or link.rwnd_limited > cfg.rwnd_limited or last is None or now - last < cfg.settle + cfg.judge_after):
+        return None
+    per_lane = mathis_rate(rtt, loss)
+    if link.goodput > 2 * per_lane * d.lanes:
+        return None  # the lanes beat the Mathis bound: not loss-bound (BBR, or loss too rare to matter)
+    if st.grown_from is not None and link.goodput < (1 + cfg.grow_gain) * st.grown_from:
+        return None  # the last step did not pay
+    target = 1.5 * link.goodput if st.grown_from is not None else max(link.btl_bw, 1.5 * link.goodput)
+    want = min(cfg.max_lanes, max(math.ceil(target / per_lane), math.ceil(1.5 * d.lanes)))
+    why = (f"{want} lanes: {d.lanes} loss-bound lanes ({loss:.2%} loss: {per_lane * 8e-6:.3g} Mbit/s each) "
+           f"carried {link.goodput * 8e-6:.4g} Mbit/s")
+    return replace(st, decision=replace(d, lanes=want, reason=why), lanes_at=now, grown_from=link.goodput)
+
+
 def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig) -> int:
     """Lanes the path needs (see the module docstring), with hysteresis against the current count."""
     cap, rtt = link.capacity, link.min_rtt
@@ -272,8 +305,10 @@ def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig) -> int:
     want = max(cfg.min_lanes, min(cfg.max_lanes, want))
     if want > d.lanes and link.rwnd_limited <= cfg.rwnd_limited:
         return want
-    if want < d.lanes / 2:
+    if want < d.lanes / 2 and d.congestion == "bbr":
         return max(want, d.lanes // 2)
+    # Loss-based lanes never shrink on the Mathis rule: the loss they measure after a step up rises
+    # with their own number (it moves with them), and spare lanes cost nothing under aggregate pacing.
     return d.lanes
 
 
@@ -286,13 +321,15 @@ class LaneController:
     """Thin actuator around ``decide``: ``monitor.subscribe(controller.on_state)``.
 
     ``sockets_provider`` gives the lane sockets to pace; ``set_lanes`` (optional) is told the wanted
-    lane count when it changes — the session hook that parks or opens lanes. Sockets are touched only
-    when the decision changes (new lanes get theirs from the session's lane-open hook).
+    lane count when it changes — the session hook that parks or opens lanes — and may return the count
+    it could put in effect (a lane that failed to open): the decision then takes that count, keeping
+    the aggregate pacing. Sockets are touched only when the decision changes (new lanes get theirs from
+    the session's lane-open hook).
     """
 
     def __init__(self, config: ControllerConfig | None = None,
                  sockets_provider: Callable[[], Sequence[socket.socket]] | None = None,
-                 set_lanes: Callable[[int], None] | None = None, capacity: float | None = None) -> None:
+                 set_lanes: Callable[[int], int | None] | None = None, capacity: float | None = None) -> None:
         self.config = config or ControllerConfig()
         self.state = initial_state(self.config, capacity)
         self.sockets_provider = sockets_provider
@@ -312,6 +349,17 @@ class LaneController:
             log.info("lane controller: %s", self.state.decision)
         return self.state.decision
 
+    def _lanes_in_effect(self, got: int, now: float) -> Decision:
+        """The session runs ``got`` lanes, not the decision's: take that count, same aggregate pacing."""
+        d = self.state.decision
+        log.warning("lane controller: wanted %d lanes, %d in effect", d.lanes, got)
+        total = d.total_pacing
+        pacing = None if total is None else max(1, total // got)
+        nd = replace(d, lanes=got, pacing_rate=pacing, reason=f"{d.reason} (only {got} lanes opened)")
+        self.state = replace(self.state, decision=nd)
+        self.history.append((now, nd))
+        return nd
+
     def on_state(self, link: LinkState) -> None:
         """Subscriber entry point: decide, then act on the lane hook and the sockets."""
         before = self.state.decision
@@ -319,7 +367,9 @@ class LaneController:
         if d == before:
             return
         if self.set_lanes is not None and d.lanes != before.lanes:
-            self.set_lanes(d.lanes)
+            got = self.set_lanes(d.lanes)
+            if got is not None and got != d.lanes:
+                d = self._lanes_in_effect(got, link.timestamp)
         if self.sockets_provider is not None:
             apply_decision(d, self.sockets_provider())
 
