@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import xxhash
@@ -40,7 +41,10 @@ log = logging.getLogger("kvwire.tcp")
 FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None"]
 #: called with (lane index, socket) each time a lane's socket is connected (opened, reopened or
 #: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
+#: Lanes are dialled concurrently, so it may run on several threads at once.
 LaneHook = Callable[[int, socket.socket], None]
+#: lanes dialled at once when a session opens or grows (see ``Session._dial_lanes``)
+DIAL_CONCURRENCY = 16
 
 
 class OutgoingTransfer(Outcome):
@@ -187,8 +191,10 @@ class Session:
         try:
             self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
             self.ctrl.sock.settimeout(None)
-            for i in range(lanes):
-                self.lanes.append(_Lane(i, self._open_lane(i)))
+            opened, err = self._dial_lanes(range(lanes))
+            self.lanes.extend(opened)
+            if err is not None:
+                raise err
         except BaseException:
             self.ctrl.close()
             for lane in self.lanes:
@@ -260,22 +266,18 @@ class Session:
         """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
 
         Lanes with index >= ``n`` stop pulling new chunks (chunks they already took still complete) and
-        stay connected, parked, for a later raise; raising past the opened count opens new lanes (their
-        connection happens here, on the caller's thread). A lane that fails to open leaves the count at
-        the lanes that did.
+        stay connected, parked, for a later raise; raising past the opened count opens new lanes (dialled
+        concurrently; the caller waits for them). A lane that fails to open leaves the count at the lanes
+        that did, in index order.
         """
         n = max(1, min(self.max_lanes, int(n)))
         with self._cond:
             if self._closed:
                 return self._active
             have = len(self.lanes)
-        opened: list[_Lane] = []
-        for i in range(have, n):
-            try:
-                ch = self._open_lane(i)
-            except (OSError, KvwireError):
-                break
-            opened.append(_Lane(i, ch))
+        opened, err = self._dial_lanes(range(have, n))
+        if err is not None:
+            log.warning("kvwire: %d of %d new lanes opened: %s", len(opened), n - have, err)
         with self._cond:
             if self._closed:
                 for lane in opened:
@@ -326,6 +328,36 @@ class Session:
             sock.close()
             raise
         return Channel(sock, self.limits)
+
+    def _dial_lanes(self, indices: range) -> tuple[list[_Lane], BaseException | None]:
+        """Open lanes ``indices`` concurrently: each costs a TCP connect plus a round trip of lane
+        authentication (more with TLS), so on a long link dialling them one after another would cost
+        ~2 RTT per lane. At most ``DIAL_CONCURRENCY`` at once (the receiver bounds handshakes in
+        flight). Returns the lanes of the longest run from ``indices.start`` that opened (lane indices
+        stay contiguous), and the first error; lanes past a failure are closed."""
+        if len(indices) <= 1:
+            try:
+                return [_Lane(i, self._open_lane(i)) for i in indices], None
+            except (OSError, KvwireError) as e:
+                return [], e
+        with ThreadPoolExecutor(min(len(indices), DIAL_CONCURRENCY), "kvwire-dial") as pool:
+            futures = [pool.submit(self._open_lane, i) for i in indices]
+            results: list[Channel | BaseException] = []
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                    results.append(e)
+        opened: list[_Lane] = []
+        err: BaseException | None = None
+        for i, r in zip(indices, results):
+            if isinstance(r, BaseException):
+                err = err or r
+            elif err is None:
+                opened.append(_Lane(i, r))
+            else:
+                r.close()
+        return opened, err
 
     def _open_lane(self, index: int) -> Channel:
         ch = self._open()
