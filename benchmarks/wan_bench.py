@@ -333,6 +333,46 @@ def scenario_d(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
              usable is not None and cap is not None and usable < 0.8 * cap)]
 
 
+def scenario_s(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool | None]]:
+    """Two kvwire senders (two sessions, each under its own ``LinkControl``, as two prefill nodes would
+    be) share the lossless link; the second starts ``later`` s after the first. Judged while both run,
+    from each one's LinkState goodput: the sum against the link, the split (Jain's index), the queue."""
+    later = 3.0
+    res: dict[str, dict[str, Any]] = {}
+    with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=7, realtime=a.realtime) as link:
+        port, rx = _receiver(link, rx_cmd)
+
+        def one(name: str, delay: float) -> None:
+            time.sleep(delay)
+            res[name] = kv_transfer(link, port, payload, ControllerConfig(), f"s-{name}")
+
+        threads = [threading.Thread(target=one, args=(n, d)) for n, d in (("A", 0.0), ("B", later))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rx.terminate()
+    if set(res) != {"A", "B"}:
+        return [("(s) two kvwire senders", "a transfer failed", "both complete", False)]
+    for n, kv in res.items():
+        _trace(a, f"s-{n}", kv)
+    lo = max(kv["t0"] for kv in res.values()) + 2.0  # past B's probe
+    hi = min(kv["t0"] + kv["elapsed"] for kv in res.values())
+    rates, qs = [], []
+    for kv in res.values():
+        both = [s for s in kv["states"] if lo <= s.timestamp <= hi and s.busy > 0.5]
+        rates.append(statistics.median(s.goodput for s in both) * 8 / 1e6 if both else 0.0)
+        qs += [s.queueing_ratio for s in both if s.queueing_ratio]
+    total = sum(rates)
+    jain = total ** 2 / (len(rates) * sum(r * r for r in rates)) if total else 0.0
+    q = statistics.median(qs) if qs else None
+    return [("(s) two kvwire senders", f"A {rates[0]:.0f} + B {rates[1]:.0f} = {total:.0f} Mbit/s = "
+             f"{total / a.rate:.0%} of link over {max(0.0, hi - lo):.1f} s together", ">= 90%",
+             total >= 0.9 * a.rate),
+            ("(s) their split", f"Jain's index {jain:.2f} (1: equal)", ">= 0.9", jain >= 0.9),
+            ("(s) queue while shared", f"median srtt/min {q or 0:.2f}", "<= 1.3", q is not None and q <= 1.3)]
+
+
 def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, str, bool | None]]:
     """``kvwire.probe`` before any traffic, on the lossless link of (b)-(d) and the lossy one of (a)."""
     rows = []
@@ -380,9 +420,11 @@ def run_scenarios(a: Any) -> int:
         rows += scenario_c(a, rx_cmd, Payload(a.preset, max(1024, a.tokens // 2)), queue)
     if "d" in wanted:
         rows += scenario_d(a, rx_cmd, payload, queue)
+    if "s" in wanted:
+        rows += scenario_s(a, rx_cmd, payload, queue)
     if "p" in wanted:
         rows += scenario_p(a, rx_cmd, queue)
-    print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d) no loss, "
+    print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d), (s) no loss, "
           f"{queue} B queue ({queue / bdp:.1f} BDP); payload {a.preset} {a.tokens} tokens = "
           f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
     w = max(len(r[0]) for r in rows)
@@ -408,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-realtime", dest="realtime", action="store_false",
                     help="run the emulator as a normal process (default: SCHED_FIFO, see WanLink)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--scenarios", default="", help="the issue's scenarios instead, e.g. abcdp (p: probe)")
+    ap.add_argument("--scenarios", default="",
+                    help="the issue's scenarios instead, e.g. abcdsp (s: two kvwire senders, p: probe)")
     ap.add_argument("--preset", default="qwen3-next-80b-a3b")
     ap.add_argument("--tokens", default=32768, type=int)
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
