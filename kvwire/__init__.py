@@ -25,6 +25,7 @@ from .errors import (
     TransferFailed,
     TransferTimedOut,
 )
+from .metrics import Metrics
 from .probe import ProbeResult, probe
 from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
 
@@ -40,6 +41,7 @@ __all__ = [
     "Limits",
     "LinkControl",
     "LinkState",
+    "Metrics",
     "ModelLayout",
     "OutgoingTransfer",
     "PRESETS",

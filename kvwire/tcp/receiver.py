@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,7 @@ from ..codec.layout import ModelLayout, check_state_position
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import ReceiverTransfer, State
-from ..errors import KvwireError, ProtocolError
+from ..errors import AuthenticationError, KvwireError, ProtocolError
 from .auth import SessionKeys, check_lane, server_handshake, server_hello
 from .incoming import IncomingTransfer
 from .wire import Channel, drain, recv_exact_into, tune
@@ -59,6 +59,11 @@ class _Session:
             self.last_sent = time.monotonic()
         except OSError:
             pass  # the control reader notices the dead connection and fails the session
+
+
+_TERMINAL = ("done", "failed", "timed_out", "cancelled")
+_STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
+              *(f"transfers_{t}" for t in _TERMINAL), *(f"probes_{t}" for t in _TERMINAL))
 
 
 class Receiver:
@@ -122,6 +127,8 @@ class Receiver:
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
         self._closed = threading.Event()
+        self._counts: Counter[str] = Counter()  # see stats(); under _count_lock
+        self._count_lock = threading.Lock()
         self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._spawn(self._accept_loop, "kvwire-accept")
@@ -192,6 +199,27 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters since the receiver started, for metrics: ``bytes_received`` (payload
+        chunks that passed their hash check, or unhashed ones), ``probe_bytes_received`` (sink transfers),
+        ``chunks_rejected`` (failed the hash check: NACKed), ``transfers_<state>`` and ``probes_<state>``
+        per terminal state of transfers that began, ``auth_failures``, ``connections_refused`` (over
+        the connection/handshake bounds); and the current ``sessions``, ``lanes``,
+        ``transfers_in_flight``."""
+        with self._count_lock:
+            out = {k: 0 for k in _STAT_KEYS}
+            out.update(self._counts)
+        with self._lock:
+            sessions = list(self._sessions.values())
+        out["sessions"] = len(sessions)
+        out["lanes"] = sum(len(x.lanes) for x in sessions)
+        out["transfers_in_flight"] = sum(len(x.transfers) for x in sessions)
+        return out
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._count_lock:
+            self._counts[key] += n
+
     # ------------------------------------------------------------ threads
     def _spawn(self, fn: Callable[..., None], name: str, *args: Any) -> None:
         t = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
@@ -220,6 +248,7 @@ class Receiver:
                     self._conns.add(sock)
                     self._handshaking += 1
             if over:
+                self._count("connections_refused")
                 sock.close()
                 continue
             self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, f"{addr[0]}:{addr[1]}")
@@ -247,6 +276,8 @@ class Receiver:
             else:
                 self._lane(ch, body, authenticated)
         except (OSError, KvwireError, ValueError) as e:
+            if isinstance(e, AuthenticationError):
+                self._count("auth_failures")
             log.info("connection from %s ended: %s: %s", peer, type(e).__name__, e)
         finally:
             authenticated()
@@ -410,6 +441,8 @@ class Receiver:
             if h._sm is not None:
                 h._sm.status.end(state, reason)
             if tid is not None and s.transfers.pop(tid, None) is not None:
+                assert h.manifest is not None
+                self._count(f"{'probes' if h.manifest.sink else 'transfers'}_{state.value}")
                 s.ended[tid] = None
                 while len(s.ended) > 4096:
                     s.ended.popitem(last=False)
@@ -519,6 +552,10 @@ class Receiver:
                     t._finish(*pending)
             with t._cond:
                 t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
+            if not verdict.ack:
+                self._count("chunks_rejected")
+            else:
+                self._count("probe_bytes_received" if t._sm.manifest.sink else "bytes_received", h.length)
             now = time.monotonic()
             for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
                 t._layer_ready(layer, now)

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,6 +45,9 @@ FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None
 LaneHook = Callable[[int, socket.socket], None]
 #: lanes dialled at once when a session opens or grows (see ``Session._dial_lanes``)
 DIAL_CONCURRENCY = 16
+_TERMINAL = ("done", "failed", "timed_out", "cancelled")
+_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", *(f"transfers_{t}" for t in _TERMINAL),
+              *(f"probes_{t}" for t in _TERMINAL))
 
 
 class OutgoingTransfer(Outcome):
@@ -187,6 +190,7 @@ class Session:
         self.failure = ""
         self.last_seen = time.monotonic()
         self.lanes: list[_Lane] = []
+        self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
         self.ctrl = self._open()
         try:
             self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
@@ -256,6 +260,23 @@ class Session:
     def active_lanes(self) -> int:
         """How many lanes pull chunks (``set_active_lanes``); parked lanes stay connected."""
         return self._active
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters since the session opened, for metrics: ``bytes_sent``/``chunks_sent``
+        (payload put on the lanes, re-sends included), ``chunks_nacked`` (failed the receiver's hash
+        check), ``chunks_requeued`` (in flight on a lane that died), ``lane_reconnects``,
+        ``transfers_<state>`` and ``probes_<state>`` per terminal state; and the current
+        ``transfers_in_flight``, ``lanes_alive``, ``lanes_active``. Cheap: reads single-writer counters."""
+        with self._cond:
+            out = {k: 0 for k in _STAT_KEYS}
+            out.update(self._counts)
+            out["transfers_in_flight"] = len(self._transfers)
+            lanes = list(self.lanes)
+        out["bytes_sent"] = sum(lane.bytes_sent for lane in lanes)
+        out["chunks_sent"] = sum(lane.chunks_sent for lane in lanes)
+        out["lanes_alive"] = sum(1 for lane in lanes if lane.alive)
+        out["lanes_active"] = self._active
+        return out
 
     def lane_sockets(self) -> list[socket.socket]:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
@@ -461,6 +482,7 @@ class Session:
                     ch.close()
                     return False
                 lane.ch, lane.alive = ch, True
+                self._counts["lane_reconnects"] += 1
             return True
         if not self._closed and self.alive_lanes == 0:
             self._fail_session(f"every lane is down (last error: {err})")
@@ -469,6 +491,7 @@ class Session:
     def _requeue(self, lane: _Lane) -> None:
         with self._cond:
             lost = [k for k, v in self._inflight.items() if v is lane]
+            self._counts["chunks_requeued"] += len(lost)
             for tid, chunk in lost:
                 del self._inflight[(tid, chunk)]
                 h = self._transfers.get(tid)
@@ -524,6 +547,7 @@ class Session:
                 finished = h._sm.on_ack(chunks)
             else:
                 h._sm.on_nack(chunks)
+                self._counts["chunks_nacked"] += len(chunks)
                 finished = False
                 self._cond.notify_all()
             failed = h._sm.state is State.FAILED
@@ -546,6 +570,7 @@ class Session:
             h._sm.status.end(state, reason)
             if self._transfers.pop(h.transfer_id, None) is None:
                 return
+            self._counts[f"{'probes' if h.manifest.sink else 'transfers'}_{state.value}"] += 1
             try:
                 self._rr.remove(h.transfer_id)
             except ValueError:

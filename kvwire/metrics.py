@@ -1,0 +1,186 @@
+"""Prometheus metrics: kvwire's counters and the link signals, read when scraped.
+
+    metrics = kvwire.Metrics()
+    metrics.watch(session, name="decode-7")       # a Session: what it sent
+    metrics.watch(receiver)                       # a Receiver: what it took in
+    metrics.watch(link_control, name="dc2")       # a LinkControl: the LinkState the scheduler reads
+    server = metrics.serve("0.0.0.0", 9464)       # GET /metrics; server.close()
+
+Owns: which objects are reported (held weakly: a closed, dropped session simply disappears), the
+text exposition format (0.0.4) with its escaping, and a small threaded HTTP server. Must not know:
+the wire format or transport internals; it reads ``stats()``, ``latest()`` and ``decision`` only.
+Nothing is counted on the data path here: the transport keeps its own counters and this pulls them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .congestion.control import LinkControl
+from .tcp import Receiver, Session
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TERMINAL = ("done", "failed", "timed_out", "cancelled")
+
+# (metric, type, help, stats key) per role; counters end in _total
+_SENDER = (
+    ("kvwire_sent_bytes_total", "counter", "Payload bytes put on the lanes, re-sends included.", "bytes_sent"),
+    ("kvwire_sent_chunks_total", "counter", "Chunks put on the lanes, re-sends included.", "chunks_sent"),
+    ("kvwire_nacked_chunks_total", "counter", "Chunks the receiver's hash check rejected (re-sent).",
+     "chunks_nacked"),
+    ("kvwire_requeued_chunks_total", "counter", "Chunks in flight on a lane that died (re-sent on others).",
+     "chunks_requeued"),
+    ("kvwire_lane_reconnects_total", "counter", "Lanes re-dialled after a failure.", "lane_reconnects"),
+    ("kvwire_sender_lanes_alive", "gauge", "Connected lanes.", "lanes_alive"),
+    ("kvwire_sender_lanes_active", "gauge", "Lanes pulling chunks (the rest are parked).", "lanes_active"),
+    ("kvwire_sender_transfers_in_flight", "gauge", "Transfers started and not yet ended.", "transfers_in_flight"),
+)
+_RECEIVER = (
+    ("kvwire_received_bytes_total", "counter", "Payload bytes received and verified.", "bytes_received"),
+    ("kvwire_received_probe_bytes_total", "counter", "Capacity-probe bytes received and discarded.",
+     "probe_bytes_received"),
+    ("kvwire_rejected_chunks_total", "counter", "Chunks that failed their hash check (NACKed).", "chunks_rejected"),
+    ("kvwire_auth_failures_total", "counter", "Connections that failed authentication.", "auth_failures"),
+    ("kvwire_refused_connections_total", "counter", "Connections closed at once: over the bounds.",
+     "connections_refused"),
+    ("kvwire_receiver_sessions", "gauge", "Authenticated sessions.", "sessions"),
+    ("kvwire_receiver_lanes", "gauge", "Connected lanes over all sessions.", "lanes"),
+    ("kvwire_receiver_transfers_in_flight", "gauge", "Transfers begun and not yet ended.", "transfers_in_flight"),
+)
+# LinkState attribute -> (metric, help)
+_LINK = (
+    ("goodput", "kvwire_link_goodput_bytes_per_second", "Payload delivery rate over the lanes."),
+    ("btl_bw", "kvwire_link_bottleneck_bytes_per_second", "Windowed max of goodput (BBR's bottleneck bandwidth)."),
+    ("capacity", "kvwire_link_capacity_bytes_per_second", "Probed or configured capacity of the path."),
+    ("available_bw", "kvwire_link_available_bytes_per_second", "Headroom: capacity minus goodput."),
+    ("competing_bw", "kvwire_link_competing_bytes_per_second", "What other traffic takes of the capacity."),
+    ("utilization", "kvwire_link_utilization_ratio", "Goodput over capacity."),
+    ("queueing_ratio", "kvwire_link_queueing_ratio", "Smoothed RTT over min RTT (1: no queue)."),
+    ("min_rtt", "kvwire_link_min_rtt_seconds", "Minimum RTT seen on the lanes."),
+    ("srtt", "kvwire_link_srtt_seconds", "Smoothed RTT of the lanes."),
+    ("loss_rate", "kvwire_link_loss_ratio", "Retransmitted over sent bytes."),
+    ("busy", "kvwire_link_busy_ratio", "Fraction of the window the lanes had data to send."),
+    ("congested", "kvwire_link_congested", "1 while the estimator flags the link as congested."),
+)
+
+
+def escape(value: str) -> str:
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+class Metrics:
+    """A set of watched sessions, receivers and link controls, rendered on demand (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: list[tuple[str, str, weakref.ref[Any]]] = []  # (role, name, object)
+
+    def watch(self, obj: Session | Receiver | LinkControl, name: str | None = None) -> None:
+        """Report ``obj`` under the label ``name`` (default: its peer or listening address)."""
+        if isinstance(obj, Session):
+            role, default = "sender", f"{obj.address[0]}:{obj.address[1]}"
+        elif isinstance(obj, Receiver):
+            role, default = "receiver", f"{obj.address[0]}:{obj.address[1]}"
+        elif isinstance(obj, LinkControl):
+            role, default = "link", "link"
+        else:
+            raise TypeError(f"can watch a Session, Receiver or LinkControl, not {type(obj).__name__}")
+        with self._lock:
+            self._watched.append((role, name or default, weakref.ref(obj)))
+
+    def _live(self, role: str) -> Iterator[tuple[str, Any]]:
+        with self._lock:
+            self._watched = [w for w in self._watched if w[2]() is not None]
+            items = [(name, ref()) for r, name, ref in self._watched if r == role]
+        return ((name, obj) for name, obj in items if obj is not None)
+
+    def render(self) -> str:
+        """The text exposition of everything watched (one HELP/TYPE per family, families in order)."""
+        out: list[str] = []
+        for role, label, table in (("sender", "peer", _SENDER), ("receiver", "listen", _RECEIVER)):
+            stats = [(name, obj.stats()) for name, obj in self._live(role)]
+            for metric, kind, text, key in table:
+                _family(out, metric, kind, text, ((f'{label}="{escape(n)}"', st[key]) for n, st in stats))
+            family = "kvwire_sent_transfers_total" if role == "sender" else "kvwire_received_transfers_total"
+            for prefix, metric, text in (("transfers", family, "Transfers ended, by terminal state."),
+                                         ("probes", family.replace("transfers", "probes"),
+                                          "Capacity probes ended, by terminal state.")):
+                _family(out, metric, "counter", text,
+                        ((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
+                         for n, st in stats for t in _TERMINAL))
+        links = [(name, ctl.latest(), ctl.decision) for name, ctl in self._live("link")]
+        for attr, metric, text in _LINK:
+            _family(out, metric, "gauge", text, ((f'link="{escape(n)}"', getattr(s, attr)) for n, s, _ in links
+                                                 if s is not None and getattr(s, attr) is not None))
+        _family(out, "kvwire_link_lanes", "gauge", "Lanes the controller wants.",
+                ((f'link="{escape(n)}"', d.lanes) for n, _, d in links))
+        _family(out, "kvwire_link_pacing_bytes_per_second", "gauge", "Aggregate pacing cap (absent: unpaced).",
+                ((f'link="{escape(n)}"', d.total_pacing) for n, _, d in links if d.total_pacing is not None))
+        _family(out, "kvwire_link_mode", "gauge", "1 for the controller's current mode.",
+                ((f'link="{escape(n)}",mode="{d.mode.value}"', 1) for n, _, d in links))
+        return "".join(out)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
+        """Serve ``GET /metrics`` on a daemon thread until ``close()``."""
+        return MetricsServer(self.render, host, port)
+
+
+def _family(out: list[str], metric: str, kind: str, text: str, samples: Iterator[tuple[str, Any]]) -> None:
+    lines = [f"{metric}{{{labels}}} {_fmt(v)}\n" for labels, v in samples]
+    if lines:
+        out += [f"# HELP {metric} {text}\n", f"# TYPE {metric} {kind}\n", *lines]
+
+
+class MetricsServer:
+    """``GET /metrics`` (and ``/``) over HTTP; anything else is 404. ``address`` is where it listens."""
+
+    def __init__(self, render: Callable[[], str], host: str, port: int) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server name
+                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass  # scrapes are not news
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvwire-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,180 @@
+"""Metrics: real transfers over loopback, scraped over real HTTP, parsed against the text format."""
+
+from __future__ import annotations
+
+import gc
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers import payload, wait_until
+
+from kvwire import (
+    AuthenticationError,
+    ControllerConfig,
+    LinkControl,
+    Metrics,
+    Receiver,
+    RequestSpec,
+    connect,
+    plan_segments,
+)
+from kvwire.codec.fixtures import load_fixture
+from kvwire.metrics import escape
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\} '
+                    r"(-?[0-9.e+-]+|NaN|[+-]Inf)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Parse the exposition strictly: HELP then TYPE before each family's samples, one block a family."""
+    out: Samples = {}
+    seen: set[str] = set()
+    family = None
+    lines = text.splitlines()
+    assert text.endswith("\n") or not text
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("# HELP "):
+            family = line.split()[2]
+            assert family not in seen, f"{family} twice"
+            seen.add(family)
+            kind = lines[i + 1].split()
+            assert kind[:3] == ["#", "TYPE", family] and kind[3] in ("counter", "gauge"), lines[i + 1]
+            assert (kind[3] == "counter") == family.endswith("_total")
+            i += 2
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"bad sample line {line!r}"
+        assert m.group(1) == family, f"{m.group(1)} outside its family block"
+        labels = frozenset((k, v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\"))
+                           for k, v in LABEL.findall(m.group(2)))
+        out[(m.group(1), labels)] = float(m.group(3))
+        i += 1
+    return out
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse(r.read().decode())
+
+
+def value(samples: Samples, metric: str, **labels: str) -> float:
+    return samples[(metric, frozenset(labels.items()))]
+
+
+def _request(rid: str) -> tuple:  # type: ignore[type-arg]
+    layout = load_fixture("tiny-qwen3-next")
+    req = RequestSpec(rid, 3000, 3000)
+    src = payload(layout, req, seed=3)
+    return layout, req, src, sum(s.nbytes for s in plan_segments(layout, req))
+
+
+def test_a_transfer_is_counted_on_both_sides(no_leaks: None) -> None:
+    layout, req, src, total = _request("m1")
+    dst = np.zeros(total, np.uint8)
+    metrics = Metrics()
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=3, chunk_size=64 * 1024) as s, \
+            metrics.serve() as srv:
+        metrics.watch(s, name="decode-1")
+        metrics.watch(rx, name="rx")
+        url = f"http://{srv.address[0]}:{srv.address[1]}/metrics"
+        before = scrape(url)
+        assert value(before, "kvwire_sent_bytes_total", peer="decode-1") == 0
+        assert value(before, "kvwire_sender_lanes_alive", peer="decode-1") == 3
+        h_rx = rx.expect("m1", dst)
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(20)
+        h_rx.result(20)
+        after = scrape(url)
+    assert value(after, "kvwire_sent_bytes_total", peer="decode-1") == total  # nothing re-sent here
+    assert value(after, "kvwire_received_bytes_total", listen="rx") == total
+    assert value(after, "kvwire_sent_transfers_total", peer="decode-1", state="done") == 1
+    assert value(after, "kvwire_received_transfers_total", listen="rx", state="done") == 1
+    assert value(after, "kvwire_received_transfers_total", listen="rx", state="failed") == 0
+    assert value(after, "kvwire_sender_transfers_in_flight", peer="decode-1") == 0
+    assert value(after, "kvwire_receiver_sessions", listen="rx") == 1
+    assert value(after, "kvwire_receiver_lanes", listen="rx") == 3
+    assert value(after, "kvwire_sent_chunks_total", peer="decode-1") == len(h.plan.lengths)
+
+
+def test_corrupt_chunks_and_bad_keys_show_up(no_leaks: None) -> None:
+    layout, req, src, total = _request("m2")
+    dst = np.zeros(total, np.uint8)
+    metrics = Metrics()
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=2, chunk_size=64 * 1024) as s:
+        metrics.watch(s)
+        metrics.watch(rx)
+        flipped: list[int] = []
+
+        def hook(lane: int, tid: int, chunk: int, pieces: list) -> list | None:  # type: ignore[type-arg]
+            if chunk in (3, 9) and chunk not in flipped:
+                flipped.append(chunk)
+                bad = bytearray(pieces[0])
+                bad[0] ^= 1
+                return [memoryview(bad), *pieces[1:]]
+            return None
+
+        s.fault_hook = hook
+        h_rx = rx.expect("m2", dst)
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(20)
+        h_rx.result(20)
+        for _ in range(2):
+            with pytest.raises(AuthenticationError):
+                connect(*rx.address, key="wrong")
+        assert wait_until(lambda: rx.stats()["auth_failures"] == 2, 5)
+        got = parse(metrics.render())
+    peer = f"{s.address[0]}:{s.address[1]}"
+    listen = f"{rx.address[0]}:{rx.address[1]}"
+    assert value(got, "kvwire_nacked_chunks_total", peer=peer) == 2
+    assert value(got, "kvwire_rejected_chunks_total", listen=listen) == 2
+    assert value(got, "kvwire_sent_bytes_total", peer=peer) > total  # the two chunks went twice
+    assert value(got, "kvwire_received_bytes_total", listen=listen) == total  # only verified bytes count
+    assert value(got, "kvwire_auth_failures_total", listen=listen) == 2
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_link_control_gauges_and_label_escaping(no_leaks: None) -> None:
+    layout, req, src, total = _request("m3")
+    metrics = Metrics()
+    odd = 'dc2 "east"\\rack\n7'
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=64 * 1024) as s, \
+            LinkControl(s, ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=4)) as ctl:
+        metrics.watch(ctl, name=odd)
+        assert wait_until(lambda: ctl.latest() is not None, 5)
+        rx.expect("m3", np.zeros(total, np.uint8))
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(20)
+        got = parse(metrics.render())
+    assert value(got, "kvwire_link_mode", link=odd, mode=ctl.decision.mode.value) == 1
+    assert value(got, "kvwire_link_lanes", link=odd) == ctl.decision.lanes
+    assert value(got, "kvwire_link_busy_ratio", link=odd) >= 0
+    assert value(got, "kvwire_link_congested", link=odd) in (0, 1)
+    assert escape(odd) in metrics.render()
+
+
+def test_dropped_objects_disappear_and_unknown_paths_are_404(no_leaks: None) -> None:
+    metrics = Metrics()
+    with pytest.raises(TypeError):
+        metrics.watch(object())  # type: ignore[arg-type]
+    with Receiver() as rx, metrics.serve() as srv:
+        metrics.watch(rx, name="gone-soon")
+        assert "gone-soon" in metrics.render()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{srv.address[0]}:{srv.address[1]}/nope", timeout=5)
+        assert e.value.code == 404
+        e.value.close()
+    del rx
+    gc.collect()
+    assert metrics.render() == ""
