@@ -3,7 +3,8 @@
     metrics = kvwire.Metrics()
     metrics.watch(session, name="decode-7")       # a Session: what it sent
     metrics.watch(receiver)                       # a Receiver: what it took in
-    metrics.watch(link_control, name="dc2")       # a LinkControl: the LinkState the scheduler reads
+    metrics.watch(link_control, name="dc2")       # a LinkControl (or LinkMonitor): the LinkState
+    metrics.gauge("myengine_queue_depth", "Requests waiting.", lambda: engine.queue_depth)
     server = metrics.serve("0.0.0.0", 9464)       # GET /metrics; server.close()
 
 Owns: which objects are reported (held weakly: a closed, dropped session simply disappears), the
@@ -15,6 +16,7 @@ Nothing is counted on the data path here: the transport keeps its own counters a
 from __future__ import annotations
 
 import math
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .congestion.control import LinkControl
+from .congestion.monitor import LinkMonitor
 from .tcp import Receiver, Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -92,19 +95,32 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: list[tuple[str, str, weakref.ref[Any]]] = []  # (role, name, object)
+        self._gauges: dict[str, tuple[str, list[tuple[str, Callable[[], float | None]]]]] = {}
 
-    def watch(self, obj: Session | Receiver | LinkControl, name: str | None = None) -> None:
-        """Report ``obj`` under the label ``name`` (default: its peer or listening address)."""
+    def watch(self, obj: Session | Receiver | LinkControl | LinkMonitor, name: str | None = None) -> None:
+        """Report ``obj`` under the label ``name`` (default: its peer or listening address). A
+        ``LinkMonitor`` gives the link signals without a controller's lanes, pacing and mode."""
         if isinstance(obj, Session):
             role, default = "sender", f"{obj.address[0]}:{obj.address[1]}"
         elif isinstance(obj, Receiver):
             role, default = "receiver", f"{obj.address[0]}:{obj.address[1]}"
-        elif isinstance(obj, LinkControl):
+        elif isinstance(obj, (LinkControl, LinkMonitor)):
             role, default = "link", "link"
         else:
-            raise TypeError(f"can watch a Session, Receiver or LinkControl, not {type(obj).__name__}")
+            raise TypeError(f"can watch a Session, Receiver, LinkControl or LinkMonitor, not {type(obj).__name__}")
         with self._lock:
             self._watched.append((role, name or default, weakref.ref(obj)))
+
+    def gauge(self, metric: str, text: str, read: Callable[[], float | None], **labels: str) -> None:
+        """One more gauge sample, ``read()`` at each scrape (None, or an exception: no sample). Samples
+        of one ``metric`` with different ``labels`` share its family (the first ``text`` is its help)."""
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", metric) or metric.endswith("_total"):
+            raise ValueError(f"bad gauge name {metric!r}")
+        if not all(re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) for k in labels):
+            raise ValueError(f"bad label names {sorted(labels)}")
+        rendered = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+        with self._lock:
+            self._gauges.setdefault(metric, (text, []))[1].append((rendered, read))
 
     def _live(self, role: str) -> Iterator[tuple[str, Any]]:
         with self._lock:
@@ -126,16 +142,21 @@ class Metrics:
                 _family(out, metric, "counter", text,
                         ((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
                          for n, st in stats for t in _TERMINAL))
-        links = [(name, ctl.latest(), ctl.decision) for name, ctl in self._live("link")]
+        links = [(name, ctl.latest(), getattr(ctl, "decision", None)) for name, ctl in self._live("link")]
         for attr, metric, text in _LINK:
             _family(out, metric, "gauge", text, ((f'link="{escape(n)}"', getattr(s, attr)) for n, s, _ in links
                                                  if s is not None and getattr(s, attr) is not None))
+        controlled = [(n, d) for n, _, d in links if d is not None]
         _family(out, "kvwire_link_lanes", "gauge", "Lanes the controller wants.",
-                ((f'link="{escape(n)}"', d.lanes) for n, _, d in links))
+                ((f'link="{escape(n)}"', d.lanes) for n, d in controlled))
         _family(out, "kvwire_link_pacing_bytes_per_second", "gauge", "Aggregate pacing cap (absent: unpaced).",
-                ((f'link="{escape(n)}"', d.total_pacing) for n, _, d in links if d.total_pacing is not None))
+                ((f'link="{escape(n)}"', d.total_pacing) for n, d in controlled if d.total_pacing is not None))
         _family(out, "kvwire_link_mode", "gauge", "1 for the controller's current mode.",
-                ((f'link="{escape(n)}",mode="{d.mode.value}"', 1) for n, _, d in links))
+                ((f'link="{escape(n)}",mode="{d.mode.value}"', 1) for n, d in controlled))
+        with self._lock:
+            gauges = [(m, text, list(samples)) for m, (text, samples) in self._gauges.items()]
+        for metric, text, samples in gauges:
+            _family(out, metric, "gauge", text, _read_all(samples))
         return "".join(out)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
@@ -143,8 +164,18 @@ class Metrics:
         return MetricsServer(self.render, host, port)
 
 
+def _read_all(samples: list[tuple[str, Callable[[], float | None]]]) -> Iterator[tuple[str, float]]:
+    for labels, read in samples:
+        try:
+            v = read()
+        except Exception:  # a gauge that cannot be read now has no sample; the scrape goes on
+            continue
+        if v is not None:
+            yield labels, v
+
+
 def _family(out: list[str], metric: str, kind: str, text: str, samples: Iterator[tuple[str, Any]]) -> None:
-    lines = [f"{metric}{{{labels}}} {_fmt(v)}\n" for labels, v in samples]
+    lines = [f"{metric}{{{labels}}} {_fmt(v)}\n" if labels else f"{metric} {_fmt(v)}\n" for labels, v in samples]
     if lines:
         out += [f"# HELP {metric} {text}\n", f"# TYPE {metric} {kind}\n", *lines]
 

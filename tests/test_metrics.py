@@ -24,7 +24,7 @@ from kvwire import (
 from kvwire.codec.fixtures import load_fixture
 from kvwire.metrics import escape
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\} '
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)+)\})? '
                     r"(-?[0-9.e+-]+|NaN|[+-]Inf)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 
@@ -54,7 +54,7 @@ def parse(text: str) -> Samples:
         assert m, f"bad sample line {line!r}"
         assert m.group(1) == family, f"{m.group(1)} outside its family block"
         labels = frozenset((k, v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\"))
-                           for k, v in LABEL.findall(m.group(2)))
+                           for k, v in LABEL.findall(m.group(2) or ""))
         out[(m.group(1), labels)] = float(m.group(3))
         i += 1
     return out
@@ -178,3 +178,22 @@ def test_dropped_objects_disappear_and_unknown_paths_are_404(no_leaks: None) -> 
     del rx
     gc.collect()
     assert metrics.render() == ""
+
+
+def test_custom_gauges_render_and_a_failing_one_is_skipped() -> None:
+    metrics = Metrics()
+    depth = [3]
+    metrics.gauge("engine_queue_depth", "Requests waiting.", lambda: depth[0])
+    metrics.gauge("engine_pool_free_bytes", "Free pool bytes.", lambda: 1.5e9, pool="pinned")
+    metrics.gauge("engine_pool_free_bytes", "Free pool bytes.", lambda: 1 / 0, pool="broken")
+    metrics.gauge("engine_unknown", "Not known yet.", lambda: None)
+    got = parse(metrics.render())
+    assert value(got, "engine_queue_depth") == 3 and value(got, "engine_pool_free_bytes", pool="pinned") == 1.5e9
+    assert not any(k[0] == "engine_unknown" or ("pool", "broken") in k[1] for k in got)
+    depth[0] = 5
+    assert value(parse(metrics.render()), "engine_queue_depth") == 5
+    for bad in ("1abc", "x_total", "a-b"):
+        with pytest.raises(ValueError):
+            metrics.gauge(bad, "", lambda: 1)
+    with pytest.raises(ValueError):
+        metrics.gauge("ok", "", lambda: 1, **{"bad-label": "x"})

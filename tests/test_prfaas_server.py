@@ -28,8 +28,9 @@ def layout() -> kvwire.ModelLayout:
 def test_offloaded_requests_arrive_verified_and_short_ones_stay_local(layout: kvwire.ModelLayout) -> None:
     router = Router(8000.0)
     rx = kvwire.Receiver("127.0.0.1", 0, key=KEY)
+    metrics = kvwire.Metrics()
     server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.01),
-                          instances=2, lanes=3, key=KEY, monitor_interval=0.05)
+                          instances=2, lanes=3, key=KEY, monitor_interval=0.05, metrics=metrics)
     try:
         lengths = {"a": 1200, "b": 7999, "c": 9000, "d": 40000, "e": 120000}
         jobs = []
@@ -54,6 +55,11 @@ def test_offloaded_requests_arrive_verified_and_short_ones_stay_local(layout: kv
         assert len(server.lane_sockets()) == 3  # one session per decode peer, reused by every request
         assert server.queue_depth == 0
         assert server.monitor.wait_next(timeout=5) is not None and server.link_state() is not None
+        text = metrics.render()  # the session to the decode peer, the link and the queue, as scraped
+        peer = f'peer="{rx.address[0]}:{rx.address[1]}"'
+        assert f"kvwire_sent_bytes_total{{{peer}}} {sum(len(j[1]) for j in jobs)}\n" in text
+        assert f'kvwire_sent_transfers_total{{{peer},state="done"}} 3\n' in text
+        assert "kvwire_prfaas_queue_depth 0\n" in text and 'kvwire_link_busy_ratio{link="prfaas"}' in text
 
         # a congested egress, as the LinkMonitor would publish it, pushes t up; 9000 now stays local
         state = dataclasses.replace(server.monitor.wait_next(timeout=5) or demo.synthetic_link(0, 0, False),

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class PrfaasServer:
                  profile: PrefillProfile | None = None, instances: int = 1, lanes: int = 4,
                  key: bytes | str | None = None, transfer_timeout: float = 120.0,
                  monitor_interval: float = 0.1, estimator: LinkEstimator | None = None,
-                 session_options: dict[str, Any] | None = None) -> None:
+                 session_options: dict[str, Any] | None = None, metrics: kvwire.Metrics | None = None) -> None:
         if producer is None:
             if profile is None:
                 raise ValueError("give a producer, or a profile for the simulated one")
@@ -115,6 +116,7 @@ class PrfaasServer:
         self.transfer_timeout = transfer_timeout
         self.session_options = dict(session_options or {})
         self._sessions: dict[Peer, kvwire.Session] = {}
+        self._dialling: dict[Peer, threading.Lock] = {}  # one connect per peer at a time
         self._lock = threading.Lock()
         self._jobs: queue.Queue[_Slot | None] = queue.Queue()
         self._waiting = 0
@@ -122,6 +124,12 @@ class PrfaasServer:
         self._closed = False
         self.monitor = LinkMonitor(self.lane_sockets, interval=monitor_interval, estimator=estimator)
         self.monitor.start()
+        self.metrics = metrics
+        if metrics is not None:  # the link to the decode side, the queue, and each session as it opens
+            metrics.watch(self.monitor, name="prfaas")
+            me = weakref.ref(self)  # the gauge must not keep a dropped server alive
+            metrics.gauge("kvwire_prfaas_queue_depth", "Requests waiting for or in prefill.",
+                          lambda: None if (srv := me()) is None else srv.queue_depth)
         self._workers = [threading.Thread(target=self._work, name=f"prfaas-instance{i}", daemon=True)
                          for i in range(instances)]
         for w in self._workers:
@@ -179,17 +187,29 @@ class PrfaasServer:
 
     # ------------------------------------------------------------ internals
     def _session(self, peer: Peer) -> kvwire.Session:
+        """The one session to ``peer``, opened (or replaced, if unhealthy) by the first instance that
+        needs it; instances asking meanwhile wait for it rather than dialling a second one."""
         with self._lock:
-            s = self._sessions.get(peer)
-            if s is not None and s.healthy:
-                return s
-            self._sessions.pop(peer, None)
-        if s is not None:
-            s.close()
-        fresh = kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
-        with self._lock:
-            self._sessions[peer] = fresh
-        return fresh
+            dialling = self._dialling.setdefault(peer, threading.Lock())
+        with dialling:
+            with self._lock:
+                s = self._sessions.get(peer)
+                if s is not None and s.healthy:
+                    return s
+                self._sessions.pop(peer, None)
+            if s is not None:
+                s.close()
+            fresh = kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
+            if self.metrics is not None:
+                self.metrics.watch(fresh, name=f"{peer[0]}:{peer[1]}")
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._sessions[peer] = fresh
+            if closed:
+                fresh.close()
+                raise kvwire.KvwireError("PrfaaS server closed")
+            return fresh
 
     def _work(self) -> None:
         while True:
