@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,26 @@ def test_wrong_key_is_refused(inproc_server: BenchServer, capsys: pytest.Capture
     assert "failed authentication" in capsys.readouterr().err
     assert main(["-c", "127.0.0.1", "-p", port, "-n", "1M", "-l", "1M", "--key", "right", "-J"]) == 0
     assert json.loads(capsys.readouterr().out)["kv"]["verification"]["verified"]
+
+
+def test_server_metrics_count_what_a_client_sent(capsys: pytest.CaptureFixture[str]) -> None:
+    server = BenchServer(ServerConfig(bind="127.0.0.1", port=0, data_port=0, metrics_port=0), log=lambda _: None)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        assert server.metrics_server is not None
+        host, port = server.metrics_server.address
+        url = f"http://{host}:{port}/metrics"
+        assert main(["-c", "127.0.0.1", "-p", str(server.address[1]), "-n", "2M", "-l", "1M", "-J"]) == 0
+        capsys.readouterr()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        server.close()
+        t.join(5)
+    assert 'kvwire_received_bytes_total{listen="kvwire-bench"} 2097152\n' in text
+    assert 'kvwire_received_transfers_total{listen="kvwire-bench",state="done"} 2\n' in text
+    assert "kvwire_bench_pool_held_bytes " in text
 
 
 # ---------------------------------------------------------------- a server outlives its clients

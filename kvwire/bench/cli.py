@@ -42,7 +42,8 @@ def run_server(o: Options) -> int:
     log = _log_err if o.json else _log
     cfg = ServerConfig(bind=o.bind, port=o.port, data_port=o.effective_data_port(), key=o.key,
                        ssl_context=server_ssl_context(o), pool_bytes=o.pool_bytes, verify_seed=o.verify_seed,
-                       one_off=o.one_off, on_test=_print_server_document if o.json else None)
+                       one_off=o.one_off, on_test=_print_server_document if o.json else None,
+                       metrics_port=o.metrics_port)
     try:
         server = BenchServer(cfg, log=log)
     except OSError as e:
@@ -50,6 +51,9 @@ def run_server(o: Options) -> int:
     host, port = server.address
     log("-" * 60)
     log(f"Server listening on {host} port {port} (kvwire data port {server.data_address[1]})")
+    if server.metrics_server is not None:
+        m_host, m_port = server.metrics_server.address
+        log(f"Metrics at http://{m_host}:{m_port}/metrics")
     log("-" * 60)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:

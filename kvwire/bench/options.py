@@ -109,6 +109,7 @@ class Options:
     verify_seed: int | None = None
     pool_bytes: int = 16 * 1024**3
     one_off: bool = False
+    metrics_port: int | None = None
     plot: str | None = None
     timeout: float = 300.0
     connect_timeout: float = 1.5
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-1", "--one-off", action="store_true", help="serve one test, then exit")
     s.add_argument("--pool-bytes", type=parse_size, default=16 * 1024**3,
                    help="bound on destination buffer memory (default 16G)")
+    s.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (kvwire.Metrics) at http://BIND:PORT/metrics (0: any port)")
     s.add_argument("--verify-seed", type=int, help="check against this seed instead of the client's (tests)")
     s.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -232,7 +235,8 @@ def options_from_args(a: argparse.Namespace) -> Options:
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose,
-        emulate=a.emulate, adaptive=a.adaptive or a.polite, polite=a.polite, probe_seconds=a.probe_seconds)
+        emulate=a.emulate, adaptive=a.adaptive or a.polite, polite=a.polite, probe_seconds=a.probe_seconds,
+        metrics_port=a.metrics_port)
     if o.nbytes is not None and o.model is None:
         o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer
     if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):

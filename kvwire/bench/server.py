@@ -27,6 +27,7 @@ from ..codec.manifest import Manifest
 from ..codec.transfer import State
 from ..congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from ..errors import PoolExhausted
+from ..metrics import Metrics, MetricsServer
 from ..tcp.receiver import IncomingTransfer, Receiver
 from .control import Channel, server_handshake
 from .errors import BenchError, PeerError, PeerGone
@@ -77,6 +78,8 @@ class ServerConfig:
     verify_seed: int | None = None
     one_off: bool = False
     peer_timeout: float = HEARTBEAT_TIMEOUT
+    #: serve kvwire.Metrics for the receiver and the buffer pool on (bind, metrics_port); None: off
+    metrics_port: int | None = None
     #: called once per test with its record (``-J`` on the server prints a document built from it)
     on_test: Callable[[dict[str, Any]], None] | None = None
 
@@ -156,6 +159,18 @@ class BenchServer:
             raise
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self.data_address: tuple[str, int] = self.rx.address
+        self.metrics_server: MetricsServer | None = None
+        if cfg.metrics_port is not None:
+            metrics = Metrics()
+            metrics.watch(self.rx, name="kvwire-bench")
+            metrics.gauge("kvwire_bench_pool_held_bytes", "Destination buffer bytes held by the pool.",
+                          lambda: self.pool.held_bytes)
+            try:
+                self.metrics_server = metrics.serve(cfg.bind, cfg.metrics_port)
+            except BaseException:
+                self.rx.close()
+                self._listener.close()
+                raise
         self._verifier = threading.Thread(target=self._verify_loop, name="kvwire-bench-verify", daemon=True)
         self._verifier.start()
 
@@ -199,6 +214,8 @@ class BenchServer:
         for test in tests:
             test.ch.close()
         self.rx.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._verify_q.put(None)
         self._verifier.join(5)
 
