@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -22,6 +23,7 @@ from kvwire import (
     plan_segments,
 )
 from kvwire.codec.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
+from kvwire.tcp.wire import KEEPALIVE_IDLE
 
 CHUNK = 64 * 1024
 
@@ -354,3 +356,20 @@ def test_sender_learns_each_layer_verified_before_the_transfer_ends(no_leaks: No
         assert h_rx.layer_times[layer] <= t  # the receiver had it verified in place first
     assert corrupted and h._sm.retries[0] == 1 and h.plan.layers[0] in layers
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_every_connection_keeps_idle_paths_alive_and_bounds_unacked_data(no_leaks: None) -> None:
+    """Parked lanes sit idle for minutes between datacenters: keepalives must start well inside a NAT's
+    idle timeout, and the user timeout is the peer timeout, on both ends of every connection."""
+    with Receiver(peer_timeout=7.0) as rx, connect(*rx.address, lanes=3, max_lanes=4, peer_timeout=6.0) as s:
+        s.set_active_lanes(4)
+        ours = [s.ctrl.sock, *s.lane_sockets()]
+        assert wait_until(lambda: len(rx._sessions) == 1 and len(next(iter(rx._sessions.values())).lanes) == 4, 5)
+        sess = next(iter(rx._sessions.values()))
+        theirs = [sess.ctrl.sock, *(ch.sock for ch in sess.lanes.values())]
+        for sock, timeout in [(x, 6.0) for x in ours] + [(x, 7.0) for x in theirs]:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE <= 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) <= KEEPALIVE_IDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == int(timeout * 1000)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -72,11 +72,25 @@ def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None
                 sent = 0
 
 
+#: keepalive probes on idle connections: first after KEEPALIVE_IDLE s, then every KEEPALIVE_INTERVAL s.
+#: Parked lanes carry nothing for minutes; without probes a NAT or firewall between datacenters drops
+#: their state after its idle timeout (often 350 s or less) while the kernel default waits 2 hours.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
 def tune(sock: socket.socket, user_timeout_s: float | None = None) -> None:
+    """No Nagle; unacknowledged data or unanswered keepalives fail the connection after
+    ``user_timeout_s``; idle connections send keepalives (see ``KEEPALIVE_IDLE``)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class Channel:
