@@ -112,7 +112,7 @@ def test_cruise_repaces_when_the_estimate_moves_and_up_probes_periodically() -> 
     t = st.changed_at
     assert t is not None
     st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # it paid: bigger capacity ...
-    assert st.mode is Mode.UPPROBE and st.decision.pacing_rate == int(1.1 * C * 1.3) // 4  # ... probe on
+    assert st.mode is Mode.UPPROBE and st.decision.pacing_rate == int(1.2 * C * 1.3) // 4  # ... probe on, further
     t = st.changed_at
     assert t is not None
     st = decide(st, ls(t + CFG.upprobe_time, C * 1.3, capacity=C * 1.3), CFG)  # that was all of it
@@ -277,3 +277,25 @@ def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[so
     assert ctl.decision.lanes == 3 and ctl.decision.total_pacing == pytest.approx(PACE * 1e9, rel=1e-6)
     assert get_pacing_rate(a) == ctl.decision.pacing_rate and "only 3 lanes" in ctl.decision.reason
     assert ctl.history[-1][1] == ctl.decision
+
+
+def test_up_probes_that_pay_take_growing_steps_and_start_over_when_one_does_not() -> None:
+    """A capacity that doubled (a competitor left, a rate came back) is found in a few probes."""
+    st = cruising()
+    st = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C), CFG)
+    gains, cap = [], C
+    for _ in range(5):
+        assert st.mode is Mode.UPPROBE and st.changed_at is not None
+        gains.append(round(st.decision.total_pacing / cap, 2))  # type: ignore[operator]
+        cap = st.decision.total_pacing  # the link takes all of it: the estimate follows
+        st = decide(st, ls(st.changed_at + CFG.upprobe_time, cap, capacity=cap), CFG)
+    assert gains == [1.1, 1.2, 1.4, 1.5, 1.5]
+    assert st.changed_at is not None
+    st = decide(st, ls(st.changed_at + CFG.upprobe_time, cap, capacity=cap), CFG)  # this one did not pay
+    assert st.mode is Mode.CRUISE and st.upprobe_streak == 0
+    st = feed(st, CFG, [ls(st.changed_at + CFG.upprobe_interval + 0.1, cap, capacity=cap)])  # type: ignore[operator]
+    assert st.mode is Mode.UPPROBE and st.decision.total_pacing == int(1.1 * cap) // 4 * 4
+    st = decide(st, ls(st.changed_at + 0.1, cap, q=1.5, capacity=cap), CFG)  # type: ignore[operator]
+    assert st.mode is Mode.DRAIN and st.upprobe_streak == 0
+    with pytest.raises(ValueError):
+        ControllerConfig(upprobe_gain=1.3, upprobe_gain_max=1.2)

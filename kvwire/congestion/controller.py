@@ -22,7 +22,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   falls (a rate drop is still being measured when the drain starts).
 - UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
   ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew; when it did,
-  the next up-probe follows at once (so a capacity that doubled is found in seconds, not minutes).
+  the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
+  ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
+  that does not pay, or fills a queue, starts the steps over.
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -84,6 +86,7 @@ class ControllerConfig:
     probe_timeout: float = 4.0
     upprobe_interval: float = 3.0
     upprobe_gain: float = 1.1
+    upprobe_gain_max: float = 1.5  # the largest step of a run of up-probes that paid
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
@@ -100,8 +103,10 @@ class ControllerConfig:
             raise ValueError("need 1 <= min_lanes <= initial_lanes <= max_lanes")
         if not 0 < self.polite_share <= 1:
             raise ValueError("polite_share must be in (0, 1]")
-        if not 0 < self.drain_gain <= self.drain_gain_max < self.pace_gain <= 1 < self.upprobe_gain:
-            raise ValueError("need 0 < drain_gain <= drain_gain_max < pace_gain <= 1 < upprobe_gain")
+        if not (0 < self.drain_gain <= self.drain_gain_max < self.pace_gain <= 1 < self.upprobe_gain
+                <= self.upprobe_gain_max):
+            raise ValueError("need 0 < drain_gain <= drain_gain_max < pace_gain <= 1 < upprobe_gain "
+                             "<= upprobe_gain_max")
         if self.drain_time <= 0:
             raise ValueError("drain_time must be positive")
         if not 1 <= self.drained_ratio < self.drain_ratio:
@@ -135,6 +140,7 @@ class ControllerState:
     drained_at: float | None = None  # when the last DRAIN ended
     lanes_at: float | None = None  # when loss-bound lanes were last added (capacity unknown)
     grown_from: float | None = None  # goodput just before that step
+    upprobe_streak: int = 0  # up-probes in a row that paid (the next one's step doubles with each)
 
     @property
     def mode(self) -> Mode:
@@ -188,10 +194,11 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if since >= cfg.upprobe_time or q > cfg.drain_ratio:
             if q > cfg.drained_ratio:
                 return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
-            before = (d.total_pacing or 0) / cfg.upprobe_gain
-            if cap is not None and cap > (1 + cfg.repace) * before:  # it paid: probe on from there
-                return _upprobe(st, link, cfg, f"capacity grew to {cap:.4g} B/s")
-            return _pace(st, link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
+            before = (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
+            if cap is not None and cap > (1 + cfg.repace) * before:  # it paid: probe on from there, further
+                return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
+                                f"capacity grew to {cap:.4g} B/s")
+            return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
     if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
@@ -210,9 +217,13 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
 
 
+def _upprobe_gain(cfg: ControllerConfig, streak: int) -> float:
+    return min(cfg.upprobe_gain_max, 1 + (cfg.upprobe_gain - 1) * 2 ** min(streak, 16))
+
+
 def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str) -> ControllerState:
     d = st.decision
-    total = int(cfg.upprobe_gain * (link.capacity or 0))
+    total = int(_upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
     reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
     return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
 
@@ -241,8 +252,8 @@ def _drain(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str
     total = _drain_rate(link, cfg)
     if total <= 0:
         return st
-    return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN,
-                                  f"{why}: drain at {total:.4g} B/s"))
+    nd = Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN, f"{why}: drain at {total:.4g} B/s")
+    return _to(replace(st, upprobe_streak=0), link, nd)
 
 
 def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mode, why: str,
