@@ -98,13 +98,20 @@ class _Slot:
 
 
 class PrfaasServer:
-    """``submit(request, peer)`` → ``Future[JobReport]``; ``link_state()`` for the router; ``close()``."""
+    """``submit(request, peer)`` → ``Future[JobReport]``; ``link_state()`` for the router; ``close()``.
+
+    One session per decode peer, shared by the instances. ``link_control``: pace each session with a
+    ``LinkControl`` of that config (across datacenters: otherwise every burst of unpaced lanes fills the
+    bottleneck queue, which the router reads as congestion), after ``probe_seconds`` of ``kvwire.probe``
+    if positive. ``metrics``: report sessions, their link controls, the egress and the queue depth.
+    """
 
     def __init__(self, layout: kvwire.ModelLayout, producer: LayerProducer | None = None, *,
                  profile: PrefillProfile | None = None, instances: int = 1, lanes: int = 4,
                  key: bytes | str | None = None, transfer_timeout: float = 120.0,
                  monitor_interval: float = 0.1, estimator: LinkEstimator | None = None,
-                 session_options: dict[str, Any] | None = None, metrics: kvwire.Metrics | None = None) -> None:
+                 session_options: dict[str, Any] | None = None, metrics: kvwire.Metrics | None = None,
+                 link_control: kvwire.ControllerConfig | None = None, probe_seconds: float = 0.0) -> None:
         if producer is None:
             if profile is None:
                 raise ValueError("give a producer, or a profile for the simulated one")
@@ -117,6 +124,9 @@ class PrfaasServer:
         self.session_options = dict(session_options or {})
         self._sessions: dict[Peer, kvwire.Session] = {}
         self._dialling: dict[Peer, threading.Lock] = {}  # one connect per peer at a time
+        self.link_control = link_control
+        self.probe_seconds = probe_seconds
+        self._controls: dict[Peer, kvwire.LinkControl] = {}
         self._lock = threading.Lock()
         self._jobs: queue.Queue[_Slot | None] = queue.Queue()
         self._waiting = 0
@@ -176,6 +186,9 @@ class PrfaasServer:
         self.monitor.stop()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
+            controls, self._controls = list(self._controls.values()), {}
+        for c in controls:
+            c.close()
         for s in sessions:
             s.close()
 
@@ -197,19 +210,46 @@ class PrfaasServer:
                 if s is not None and s.healthy:
                     return s
                 self._sessions.pop(peer, None)
+                old = self._controls.pop(peer, None)
+            if old is not None:
+                old.close()
             if s is not None:
                 s.close()
             fresh = kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
-            if self.metrics is not None:
-                self.metrics.watch(fresh, name=f"{peer[0]}:{peer[1]}")
+            control = self._control(fresh, peer)
             with self._lock:
                 closed = self._closed
                 if not closed:
                     self._sessions[peer] = fresh
+                    if control is not None:
+                        self._controls[peer] = control
             if closed:
+                if control is not None:
+                    control.close()
                 fresh.close()
                 raise kvwire.KvwireError("PrfaaS server closed")
             return fresh
+
+    def _control(self, session: kvwire.Session, peer: Peer) -> kvwire.LinkControl | None:
+        """Pace a new decode session under the link (``link_control``), after measuring it for
+        ``probe_seconds`` if asked (a probe that failed or stayed below the link leaves the in-band probe
+        to LinkControl); report both to ``metrics``."""
+        name = f"{peer[0]}:{peer[1]}"
+        if self.metrics is not None:
+            self.metrics.watch(session, name=name)
+        if self.link_control is None:
+            return None
+        capacity = None
+        if self.probe_seconds > 0:
+            try:
+                p = kvwire.probe(session, seconds=self.probe_seconds)
+                capacity = p.capacity if p.saturated else None
+            except kvwire.KvwireError as e:
+                log.warning("probe of %s failed: %s", name, e)
+        control = kvwire.LinkControl(session, self.link_control, capacity=capacity)
+        if self.metrics is not None:
+            self.metrics.watch(control, name=name)
+        return control
 
     def _work(self) -> None:
         while True:
