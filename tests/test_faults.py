@@ -323,10 +323,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if subprocess.run(["which", "openssl"], capture_output=True).returncode:
         pytest.skip("openssl CLI not installed")
     d = tmp_path_factory.mktemp("pki")
+    # extensions as Python >= 3.13 wants them (ssl's default context verifies with VERIFY_X509_STRICT)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "1", "-subj", "/CN=kvwire-test-ca", cwd=d)
+             "-days", "1", "-subj", "/CN=kvwire-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-addext", "subjectKeyIdentifier=hash", cwd=d)
     ext = d / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     for who in ("server", "client"):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
                  "-subj", f"/CN=kvwire-{who}", cwd=d)
