@@ -36,7 +36,8 @@ from .congestion.tcpinfo import (
     set_pacing_rate,
 )
 from .errors import KvwireError, ProbeRefused, TransferCancelled
-from .tcp.sender import OutgoingTransfer, Session, connect
+from .tcp.outgoing import OutgoingTransfer
+from .tcp.sender import Session, connect
 
 Peer = Session | tuple[str, int]
 

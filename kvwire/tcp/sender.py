@@ -17,21 +17,20 @@ import ssl
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import xxhash
 
-from ..buffers import byte_view
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import SenderTransfer, State
-from ..errors import KvwireError, LayoutMismatch, ProtocolError
+from ..errors import KvwireError, ProtocolError
 from .auth import client_handshake, client_lane
-from .handle import Outcome
+from .outgoing import OutgoingTransfer
 from .wire import Channel, send_parts, tune
 
 log = logging.getLogger("kvwire.tcp")
@@ -48,98 +47,6 @@ DIAL_CONCURRENCY = 16
 _TERMINAL = ("done", "failed", "timed_out", "cancelled")
 _STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", *(f"transfers_{t}" for t in _TERMINAL),
               *(f"probes_{t}" for t in _TERMINAL))
-
-
-class OutgoingTransfer(Outcome):
-    """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``."""
-
-    def __init__(self, session: Session, sm: SenderTransfer, deadline: float | None) -> None:
-        super().__init__()
-        self._session = session
-        self._sm = sm
-        self.manifest = sm.manifest
-        self.plan = sm.plan
-        self.deadline = deadline
-        self.views: list[memoryview | None] = [None] * len(sm.manifest.segments)
-        self._by_layer: dict[int, list[int]] = {}
-        for seg in sm.manifest.segments:
-            self._by_layer.setdefault(seg.layer, []).append(seg.index)
-        self.started = time.monotonic()
-        self.bytes_sent = 0
-        self._acked_callbacks: list[Callable[[int], None]] = []
-        self._acked_reported = 0  # how many of _sm.acked_layers the callbacks have been given
-
-    @property
-    def transfer_id(self) -> int:
-        return self.manifest.transfer_id
-
-    def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
-        """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep
-        them unchanged until the transfer ends."""
-        segs = self._by_layer.get(layer, [])
-        if len(buffers) != len(segs):
-            raise LayoutMismatch(f"layer {layer} has {len(segs)} segments, got {len(buffers)} buffers")
-        views = [byte_view(b) for b in buffers]
-        for i, v in zip(segs, views):
-            need = self.manifest.segments[i].nbytes
-            if len(v) != need:
-                raise LayoutMismatch(f"segment {i} of layer {layer} needs {need} bytes, buffer has {len(v)}")
-        with self._session._cond:
-            for i, v in zip(segs, views):
-                self.views[i] = v
-            self._sm.layer_ready(layer)
-            self._session._cond.notify_all()
-
-    def write_all(self, buffers: Sequence[Any]) -> None:
-        """Every segment at once (one buffer per segment, in manifest order)."""
-        if len(buffers) != len(self.manifest.segments):
-            raise LayoutMismatch(f"{len(self.manifest.segments)} segments, got {len(buffers)} buffers")
-        for layer, segs in self._by_layer.items():
-            self.write_layer(layer, [buffers[i] for i in segs])
-
-    @property
-    def layers_acked(self) -> list[int]:
-        """Layers the receiver has verified in full, in the order it did: their buffers may be reused."""
-        with self._session._cond:
-            return list(self._sm.acked_layers)
-
-    def on_layer_acked(self, fn: Callable[[int], None]) -> None:
-        """Call ``fn(layer)`` (from the session's control thread; keep it short) once the receiver has
-        verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
-        buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
-        acked before the call are reported at once. Layers without bytes are never reported."""
-        with self._session._cond:
-            self._acked_callbacks.append(fn)
-            done = list(self._sm.acked_layers[: self._acked_reported])
-        for layer in done:
-            fn(layer)
-
-    def _report_acked(self) -> None:
-        """Hand layers newly acked to the callbacks, in order, each exactly once (control thread only)."""
-        with self._session._cond:
-            new = self._sm.acked_layers[self._acked_reported:]
-            self._acked_reported += len(new)
-            cbs = list(self._acked_callbacks)
-        for layer in new:
-            for fn in cbs:
-                try:
-                    fn(layer)
-                except Exception:  # user code must not take the control thread down
-                    log.exception("on_layer_acked callback %r failed for layer %d", fn, layer)
-
-    def finish(self) -> Outcome:
-        """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""
-        missing = [layer for layer in self._by_layer if layer not in self._sm.layers_written]
-        if missing:
-            raise KvwireError(f"finish() before layers {missing[:8]} were written")
-        if self.plan.num_chunks == 0:
-            with self._session._cond:
-                if self._sm.on_ack([]):
-                    self._session._send_done(self)
-        return self
-
-    def cancel(self, reason: str = "cancelled by sender") -> None:
-        self._session._end(self, State.CANCELLED, reason, notify=F.CANCEL)
 
 
 class _Lane:
