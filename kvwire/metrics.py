@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import Receiver, Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_TERMINAL = ("done", "failed", "timed_out", "cancelled")
 
 # (metric, type, help, stats key) per role; counters end in _total
 _SENDER = (
@@ -141,7 +141,7 @@ class Metrics:
                                           "Capacity probes ended, by terminal state.")):
                 _family(out, metric, "counter", text,
                         ((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
-                         for n, st in stats for t in _TERMINAL))
+                         for n, st in stats for t in TERMINAL_STATES))
         links = [(name, ctl.latest(), getattr(ctl, "decision", None)) for name, ctl in self._live("link")]
         for attr, metric, text in _LINK:
             _family(out, metric, "gauge", text, ((f'link="{escape(n)}"', getattr(s, attr)) for n, s, _ in links

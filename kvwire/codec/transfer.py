@@ -32,6 +32,9 @@ class State(enum.Enum):
         return self is not State.ACTIVE
 
 
+#: the terminal states' values, in declaration order (counters and metrics are keyed by them)
+TERMINAL_STATES: tuple[str, ...] = tuple(s.value for s in State if s.terminal)
+
 def transfer_digest(hashes: list[int]) -> int:
     """Whole-transfer digest: xxh3_64 over the chunk hashes in chunk order."""
     return xxhash.xxh3_64_intdigest(struct.pack(f"<{len(hashes)}Q", *hashes))

@@ -26,7 +26,7 @@ from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
-from ..codec.transfer import ReceiverTransfer, State
+from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
 from ..errors import AuthenticationError, KvwireError, ProtocolError
 from .auth import SessionKeys, check_lane, server_handshake, server_hello
 from .incoming import IncomingTransfer
@@ -61,9 +61,8 @@ class _Session:
             pass  # the control reader notices the dead connection and fails the session
 
 
-_TERMINAL = ("done", "failed", "timed_out", "cancelled")
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
-              *(f"transfers_{t}" for t in _TERMINAL), *(f"probes_{t}" for t in _TERMINAL))
+              *(f"transfers_{t}" for t in TERMINAL_STATES), *(f"probes_{t}" for t in TERMINAL_STATES))
 
 
 class Receiver:

@@ -27,7 +27,7 @@ from ..codec import frames as F
 from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
-from ..codec.transfer import SenderTransfer, State
+from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
 from ..errors import KvwireError, ProtocolError
 from .auth import client_handshake, client_lane
 from .outgoing import OutgoingTransfer
@@ -44,9 +44,8 @@ FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None
 LaneHook = Callable[[int, socket.socket], None]
 #: lanes dialled at once when a session opens or grows (see ``Session._dial_lanes``)
 DIAL_CONCURRENCY = 16
-_TERMINAL = ("done", "failed", "timed_out", "cancelled")
-_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", *(f"transfers_{t}" for t in _TERMINAL),
-              *(f"probes_{t}" for t in _TERMINAL))
+_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", *(f"transfers_{t}" for t in TERMINAL_STATES),
+              *(f"probes_{t}" for t in TERMINAL_STATES))
 
 
 class _Lane:
