@@ -111,16 +111,26 @@ class Metrics:
         with self._lock:
             self._watched.append((role, name or default, weakref.ref(obj)))
 
-    def gauge(self, metric: str, text: str, read: Callable[[], float | None], **labels: str) -> None:
+    def gauge(self, metric: str, text: str, read: Callable[[], float | None], **labels: str) -> Callable[[], None]:
         """One more gauge sample, ``read()`` at each scrape (None, or an exception: no sample). Samples
-        of one ``metric`` with different ``labels`` share its family (the first ``text`` is its help)."""
+        of one ``metric`` with different ``labels`` share its family (the first ``text`` is its help).
+        Returns ``remove()``: the sample is no longer rendered (its family goes with its last sample)."""
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", metric) or metric.endswith("_total"):
             raise ValueError(f"bad gauge name {metric!r}")
         if not all(re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) for k in labels):
             raise ValueError(f"bad label names {sorted(labels)}")
-        rendered = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+        entry = (",".join(f'{k}="{escape(v)}"' for k, v in labels.items()), read)
         with self._lock:
-            self._gauges.setdefault(metric, (text, []))[1].append((rendered, read))
+            self._gauges.setdefault(metric, (text, []))[1].append(entry)
+
+        def remove() -> None:
+            with self._lock:
+                family = self._gauges.get(metric)
+                if family is not None and entry in family[1]:
+                    family[1].remove(entry)
+                    if not family[1]:
+                        del self._gauges[metric]
+        return remove
 
     def _live(self, role: str) -> Iterator[tuple[str, Any]]:
         with self._lock:

@@ -197,3 +197,16 @@ def test_custom_gauges_render_and_a_failing_one_is_skipped() -> None:
             metrics.gauge(bad, "", lambda: 1)
     with pytest.raises(ValueError):
         metrics.gauge("ok", "", lambda: 1, **{"bad-label": "x"})
+
+
+def test_a_removed_gauge_is_no_longer_rendered() -> None:
+    metrics = Metrics()
+    remove_pinned = metrics.gauge("engine_pool_free_bytes", "Free pool bytes.", lambda: 1.0, pool="pinned")
+    remove_host = metrics.gauge("engine_pool_free_bytes", "Free pool bytes.", lambda: 2.0, pool="host")
+    remove_pinned()
+    remove_pinned()  # twice is harmless
+    got = parse(metrics.render())
+    assert value(got, "engine_pool_free_bytes", pool="host") == 2.0
+    assert not any(("pool", "pinned") in k[1] for k in got)
+    remove_host()
+    assert "engine_pool_free_bytes" not in metrics.render()  # no HELP/TYPE left for an empty family

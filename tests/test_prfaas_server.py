@@ -71,6 +71,7 @@ def test_offloaded_requests_arrive_verified_and_short_ones_stay_local(layout: kv
     finally:
         server.close()
         rx.close()
+    assert "kvwire_prfaas_queue_depth" not in metrics.render()  # a closed server leaves the exposition
 
 
 def test_a_wrong_destination_fails_the_content_check(layout: kvwire.ModelLayout) -> None:

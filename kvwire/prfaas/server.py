@@ -135,11 +135,13 @@ class PrfaasServer:
         self.monitor = LinkMonitor(self.lane_sockets, interval=monitor_interval, estimator=estimator)
         self.monitor.start()
         self.metrics = metrics
+        self._unregister: list[Callable[[], None]] = []
         if metrics is not None:  # the link to the decode side, the queue, and each session as it opens
             metrics.watch(self.monitor, name="prfaas")
             me = weakref.ref(self)  # the gauge must not keep a dropped server alive
-            metrics.gauge("kvwire_prfaas_queue_depth", "Requests waiting for or in prefill.",
-                          lambda: None if (srv := me()) is None else srv.queue_depth)
+            self._unregister.append(metrics.gauge(
+                "kvwire_prfaas_queue_depth", "Requests waiting for or in prefill.",
+                lambda: None if (srv := me()) is None else srv.queue_depth))
         self._workers = [threading.Thread(target=self._work, name=f"prfaas-instance{i}", daemon=True)
                          for i in range(instances)]
         for w in self._workers:
@@ -184,6 +186,8 @@ class PrfaasServer:
         for w in self._workers:
             w.join(30)
         self.monitor.stop()
+        for remove in self._unregister:
+            remove()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
             controls, self._controls = list(self._controls.values()), {}
