@@ -292,10 +292,15 @@ class LinkEstimator:
         the brief queue an up-probe makes is measured at the rate the link served it. It goes down only
         once the queue has stood ``bw_sample`` long (a single stalled interval says little). An interval whose
         queue shrank is left out: srtt lags, so the interval in which a drain emptied the queue still
-        reads as saturated while the link idled part of it. Otherwise goodput over the last ``raise_span``
+        reads as saturated while the link idled part of it -- unless a whole min RTT of queue is still
+        left (ratio >= 2): srtt reports the queue about half an RTT late, and no drain empties a queue
+        that fast, so the link served at its rate all interval. Those intervals keep measuring a rate drop
+        while the drain that answers it runs (else the run would keep the interval in which the rate fell,
+        served partly at the old rate). Otherwise goodput over the last ``raise_span``
         raises it, if all of that span came after the queue last set it (not undoing a rate drop)."""
         run = self._saturated_run
-        shrinking = ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
+        shrinking = (ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
+                     and ratio < 2.0)
         self._last_ratio = ratio
         if not saturated:
             run.clear()
