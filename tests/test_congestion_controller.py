@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -255,7 +256,19 @@ def test_loss_bound_lanes_grow_while_goodput_grows() -> None:
     assert decide(st, ls(1.4, 0.9 * C, loss=1e-3, btl_bw=C), bbr).decision.lanes == 4  # beats Mathis: not bound
     polite = ControllerConfig(initial_lanes=4, max_lanes=32, polite=True)
     st = decide(initial_state(polite), ls(0.0, 0.0), polite)
-    assert decide(st, ls(1.4, 4 * one, loss=1e-3, btl_bw=C), polite).decision.lanes == 4  # never in polite mode
+    alone = decide(st, ls(1.4, 4 * one, loss=1e-3, btl_bw=C), polite)
+    assert alone.decision.lanes == 18 and alone.decision.congestion == "cubic"  # polite, alone on a lossy link
+    st = decide(replace(alone, competing_at=2.0), ls(2.8, 15 * one, loss=1e-3, btl_bw=C), polite)
+    assert st.decision.lanes == 18  # another flow seen 0.8 s ago: no more lanes while sharing
+    assert decide(st, ls(4.1, 15 * one, loss=1e-3, btl_bw=C), polite).decision.lanes == 27  # gone: grow again
+
+
+def test_polite_lanes_follow_the_mathis_rule_only_while_alone() -> None:
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=32, polite=True)
+    st = cruising(cfg)
+    assert decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C), cfg).decision.lanes == 18  # ~2.8 MB/s per lane
+    sharing = replace(st, competing_at=1.2)
+    assert decide(sharing, ls(1.5, 12e6, loss=1e-3, capacity=C), cfg).decision.lanes == 4
 
 
 def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[socket.socket, socket.socket]) -> None:

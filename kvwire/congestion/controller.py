@@ -30,10 +30,12 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
   aggregate is paced to ``polite_share x capacity`` (and that queue is left alone: it is theirs).
 - Lanes, capacity unknown: while the lanes are loss-bound (each near its Mathis rate, no queue), add
-  lanes while goodput grows (``_grow_loss_bound``), in PROBE or CRUISE.
+  lanes while goodput grows (``_grow_loss_bound``), in PROBE, CRUISE or POLITE (not while sharing).
 - Lanes (changed only when settled, outside PROBE/DRAIN): enough for the path — BBR needs
   ``2 x BDP / lane_window`` lanes; a loss-based algorithm needs ``capacity / Mathis rate`` lanes at the
-  measured loss (only without a queue: congestive loss is no reason for lanes; never in polite mode).
+  measured loss (only without a queue: congestive loss is no reason for lanes; in polite mode only while
+  no other flow is seen: alone on a lossy link polite CUBIC lanes would otherwise sit at 4 x the Mathis
+  rate, a fifth of a 400 Mbit/s, 20 ms, 0.1 % loss link; sharing, the aggregate pacing bounds the lanes).
   Grown at once, shrunk only below half the current count. Receiver-window-limited links never grow.
   Nothing is judged while the lanes are app-limited (``busy < min_busy``).
 """
@@ -207,7 +209,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             return _pace(replace(st, competing_at=now), link, cfg, d.mode, f"queue back after a drain "
                          f"(ratio {q:.2f}): sharing", new_mode=True)
         return _drain(st, link, cfg, f"queueing ratio {q:.2f}")
-    lanes = _lanes(d, link, cfg)
+    lanes = _lanes(d, link, cfg, _sharing(st, cfg, now))
     if since >= cfg.settle and lanes != d.lanes:
         return _pace(replace(st, decision=replace(d, lanes=lanes)), link, cfg, d.mode,
                      f"{lanes} lanes for the path", new_mode=True)
@@ -287,8 +289,8 @@ def _grow_loss_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig
     d, now = st.decision, link.timestamp
     rtt, loss, q = link.min_rtt, link.loss_rate, link.queueing_ratio or 1.0
     last = st.lanes_at if st.lanes_at is not None else st.changed_at
-    if (link.capacity is not None or cfg.polite or not rtt or loss <= 0 or d.lanes >= cfg.max_lanes
-            or d.mode not in (Mode.PROBE, Mode.CRUISE) or q > cfg.drained_ratio
+    if (link.capacity is not None or _sharing(st, cfg, now) or not rtt or loss <= 0 or d.lanes >= cfg.max_lanes
+            or d.mode not in (Mode.PROBE, Mode.CRUISE, Mode.POLITE) or q > cfg.drained_ratio
             or link.rwnd_limited > cfg.rwnd_limited or last is None or now - last < cfg.settle + cfg.judge_after):
         return None
     per_lane = mathis_rate(rtt, loss)
@@ -303,10 +305,10 @@ def _grow_loss_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig
     return replace(st, decision=replace(d, lanes=want, reason=why), lanes_at=now, grown_from=link.goodput)
 
 
-def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig) -> int:
+def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig, sharing: bool) -> int:
     """Lanes the path needs (see the module docstring), with hysteresis against the current count."""
     cap, rtt = link.capacity, link.min_rtt
-    if cap is None or not rtt or cfg.polite or (link.queueing_ratio or 1.0) > cfg.drained_ratio:
+    if cap is None or not rtt or sharing or (link.queueing_ratio or 1.0) > cfg.drained_ratio:
         return d.lanes  # sharing, or loss that a queue explains: congestive, not a reason for lanes
     if d.congestion == "bbr":
         want = math.ceil(2 * cap * rtt / cfg.lane_window)
