@@ -332,3 +332,33 @@ def test_a_rate_drop_is_measured_while_its_deep_queue_drains() -> None:
     t, s = run(est, lanes, t, 1, 14e6, rtt_us=30_000)  # emptied within this interval: left out
     t, s = run(est, lanes, t, 3, 19e6, rtt_us=20_000)
     assert s.capacity == pytest.approx(20e6, rel=0.01)
+
+
+def test_lanes_that_join_under_a_queue_do_not_read_as_a_slower_link() -> None:
+    """A LaneGroup member that becomes busy adds its lanes to the samples; their bytes count from their
+    second sample, so the interval they joined in undercounts what the link served. It must not set the
+    capacity (the queue that its lanes' first burst raises is still a full link)."""
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+    a, b = FakeLane(), FakeLane()
+    est.update(0.0, {1: a.info()})
+    t, s = run_keyed(est, {1: a}, 0.0, 3, 40e6, rtt_us=40_000)  # one member fills the link
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+    t, s = run_keyed(est, {1: a, 2: b}, t, 1, 40e6, rtt_us=50_000)  # b joins: only a's half is counted
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+    t, s = run_keyed(est, {1: a, 2: b}, t, 2, 40e6, rtt_us=50_000)  # both counted from here on
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+    _, s = run_keyed(est, {2: b}, t, 1, 40e6, rtt_us=50_000)  # a goes idle and leaves the samples
+    assert s.capacity == pytest.approx(40e6, rel=0.01)
+
+
+def run_keyed(est: LinkEstimator, lanes: dict[int, FakeLane], t0: float, steps: int, rate: float,
+              rtt_us: int) -> tuple[float, LinkState]:
+    """``run`` with lanes keyed as LinkMonitor keys them (by file descriptor), so the set can change."""
+    t, state = t0, None
+    for _ in range(steps):
+        for lane in lanes.values():
+            lane.step(rate / len(lanes))
+        t += DT
+        state = est.update(t, {k: lane.info(rtt_us=rtt_us) for k, lane in lanes.items()})
+    assert state is not None
+    return t, state

@@ -149,6 +149,7 @@ class _Interval:
     dt: float
     lanes: int
     d: _Deltas
+    partial: bool = False  # the lane set changed: a lane that came or went is missing from ``d``
 
 
 def _delivered(info: TcpInfo, prev: TcpInfo) -> int:
@@ -219,7 +220,8 @@ class LinkEstimator:
         lanes = tuple(_lane(key, info, deltas[key], dt) for key, info in items.items())
         if dt is not None:
             total = sum(deltas.values(), _Deltas())
-            self._intervals.append(_Interval(now, dt, len(items), total))
+            partial = items.keys() != self._prev.keys()
+            self._intervals.append(_Interval(now, dt, len(items), total, partial))
             self._bw.append((now, self._span_rate(now, self.config.bw_sample)))
         self._prev = items
         self._last_t = now
@@ -302,9 +304,12 @@ class LinkEstimator:
         shrinking = (ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
                      and ratio < 2.0)
         self._last_ratio = ratio
+        # an interval in which lanes came or went undercounts what the link served (a new lane's bytes
+        # count from its next sample): it neither extends nor breaks the run, like a shrinking queue
+        skip = shrinking or bool(self._intervals and self._intervals[-1].partial)
         if not saturated:
             run.clear()
-        elif shrinking:
+        elif skip:
             pass  # the run is neither extended nor broken: the queue still stands
         elif self._intervals:
             iv = self._intervals[-1]
@@ -316,7 +321,7 @@ class LinkEstimator:
         if self._capacity_set is not None:
             return self._capacity_set
         span = sum(dt for _, dt, _ in run)
-        served = sum(b for _, _, b in run) / span if run and not shrinking else 0.0
+        served = sum(b for _, _, b in run) / span if run and not skip else 0.0
         # down only on a queue that stood a whole bw_sample (not one stalled interval: an RTO, a hiccup)
         lasted = span >= 0.95 * self.config.bw_sample or (self._probed is not None and served > self._probed)
         if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
