@@ -12,6 +12,7 @@ from .codec.transfer import State
 from .congestion.control import LinkControl
 from .congestion.controller import ControllerConfig
 from .congestion.estimator import LinkState
+from .congestion.group import LaneGroup
 from .errors import (
     AuthenticationError,
     KvwireError,
@@ -36,6 +37,7 @@ __all__ = [
     "ControllerConfig",
     "IncomingTransfer",
     "KvwireError",
+    "LaneGroup",
     "LayoutError",
     "LayoutMismatch",
     "Limits",

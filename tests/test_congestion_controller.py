@@ -209,19 +209,24 @@ def test_actuator_sets_pacing_and_algorithm(pair: tuple[socket.socket, socket.so
 
 
 def test_lane_controller_drives_sockets_and_lane_hook(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, _ = pair
+    a, b = pair
     wanted: list[int] = []
+    lanes = [a, b]
     cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
-    ctl = LaneController(cfg, sockets_provider=lambda: [a], set_lanes=wanted.append)
+    ctl = LaneController(cfg, sockets_provider=lambda: list(lanes), set_lanes=wanted.append)
     ctl.on_state(ls(0.0, 0.0))
     ctl.on_state(ls(0.5, 1e9, q=2.0, capacity=1e9))
     assert get_pacing_rate(a) is None and ctl.decision.mode is Mode.PROBE
     ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
-    assert ctl.decision.mode is Mode.CRUISE and get_pacing_rate(a) == int(PACE * 1e9) // 2
+    assert ctl.decision.mode is Mode.CRUISE and get_pacing_rate(a) == get_pacing_rate(b) == int(PACE * 1e9) // 2
     assert get_congestion(a) == "bbr"
     ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # 8 Gbit/s x 20 ms needs 10 lanes
-    assert wanted == [10] and get_pacing_rate(a) == int(PACE * 1e9) // 10
+    assert wanted == [10] and ctl.decision.pacing_rate == int(PACE * 1e9) // 10
+    assert get_pacing_rate(a) == int(PACE * 1e9) // 2  # the two lanes there carry the aggregate until more open
     assert [d.mode for _, d in ctl.history] == [Mode.PROBE, Mode.CRUISE, Mode.CRUISE]
+    lanes.remove(b)  # a lane dies: the decision is the same, the survivor takes its share
+    ctl.on_state(ls(1.5, 1e9, capacity=1e9))
+    assert get_pacing_rate(a) == int(PACE * 1e9) and get_pacing_rate(b) == int(PACE * 1e9) // 2
 
 
 def test_a_capacity_probed_beforehand_skips_the_in_band_probe() -> None:
@@ -274,7 +279,7 @@ def test_polite_lanes_follow_the_mathis_rule_only_while_alone() -> None:
 def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[socket.socket, socket.socket]) -> None:
     """A lane that fails to open (peer refuses, route gone) must not leave the aggregate paced for lanes
     that do not exist: the decision keeps its total rate over the lanes in effect."""
-    a, _ = pair
+    a, b = pair
     asked: list[int] = []
 
     def opens_at_most_three(n: int) -> int:
@@ -282,13 +287,14 @@ def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[so
         return min(n, 3)
 
     cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
-    ctl = LaneController(cfg, sockets_provider=lambda: [a], set_lanes=opens_at_most_three)
+    ctl = LaneController(cfg, sockets_provider=lambda: [a, b], set_lanes=opens_at_most_three)
     ctl.on_state(ls(0.0, 0.0))
     ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
     ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # wants 10 lanes
     assert asked == [10]
     assert ctl.decision.lanes == 3 and ctl.decision.total_pacing == pytest.approx(PACE * 1e9, rel=1e-6)
-    assert get_pacing_rate(a) == ctl.decision.pacing_rate and "only 3 lanes" in ctl.decision.reason
+    assert ctl.decision.pacing_rate == int(PACE * 1e9) // 3 and "only 3 lanes" in ctl.decision.reason
+    assert get_pacing_rate(a) == ctl.decision.total_pacing // 2  # split over the sockets the provider gives
     assert ctl.history[-1][1] == ctl.decision
 
 

@@ -93,7 +93,8 @@ class LinkControl:
         return self.session.set_active_lanes(n)
 
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
-        apply_decision(self.decision, [sock])
+        d = self.decision  # its share of the aggregate, counting it among the lanes that pace (at least d.lanes)
+        apply_decision(d, [sock], share=max(d.lanes, len(self.session.lane_sockets()) + 1))
 
     def _keep(self, state: LinkState) -> None:
         if self.record:

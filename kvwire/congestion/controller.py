@@ -294,7 +294,7 @@ def _grow_loss_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig
             or link.rwnd_limited > cfg.rwnd_limited or last is None or now - last < cfg.settle + cfg.judge_after):
         return None
     per_lane = mathis_rate(rtt, loss)
-    if link.goodput > 2 * per_lane * d.lanes:
+    if link.goodput > 2 * per_lane * max(d.lanes, len(link.lanes)):  # (a LaneGroup's members each run d.lanes)
         return None  # the lanes beat the Mathis bound: not loss-bound (BBR, or loss too rare to matter)
     if st.grown_from is not None and link.goodput < (1 + cfg.grow_gain) * st.grown_from:
         return None  # the last step did not pay
@@ -336,8 +336,10 @@ class LaneController:
     ``sockets_provider`` gives the lane sockets to pace; ``set_lanes`` (optional) is told the wanted
     lane count when it changes — the session hook that parks or opens lanes — and may return the count
     it could put in effect (a lane that failed to open): the decision then takes that count, keeping
-    the aggregate pacing. Sockets are touched only when the decision changes (new lanes get theirs from
-    the session's lane-open hook).
+    the aggregate pacing. The aggregate is split evenly over the sockets the provider gives (a dead
+    lane's share goes to the others; a ``LaneGroup`` gives only its busy members' lanes). Sockets are
+    touched only when the decision or that set of sockets changes (new lanes get theirs from the
+    session's lane-open hook).
     """
 
     def __init__(self, config: ControllerConfig | None = None,
@@ -348,6 +350,7 @@ class LaneController:
         self.sockets_provider = sockets_provider
         self.set_lanes = set_lanes
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
+        self._paced: frozenset[int] = frozenset()  # the sockets (fds) the decision was last applied to
 
     @property
     def decision(self) -> Decision:
@@ -377,24 +380,32 @@ class LaneController:
         """Subscriber entry point: decide, then act on the lane hook and the sockets."""
         before = self.state.decision
         d = self.observe(link)
-        if d == before:
-            return
-        if self.set_lanes is not None and d.lanes != before.lanes:
+        if d != before and self.set_lanes is not None and d.lanes != before.lanes:
             got = self.set_lanes(d.lanes)
             if got is not None and got != d.lanes:
                 d = self._lanes_in_effect(got, link.timestamp)
-        if self.sockets_provider is not None:
-            apply_decision(d, self.sockets_provider())
+        if self.sockets_provider is None:
+            return
+        sockets = self.sockets_provider()
+        fds = frozenset(s.fileno() for s in sockets)
+        if d == before and fds == self._paced:
+            return
+        self._paced = fds
+        apply_decision(d, sockets, share=len(sockets))
 
 
-def apply_decision(d: Decision,
-                   sockets: Sequence[socket.socket]) -> list[tuple[socket.socket, SocketOptionError]]:
+def apply_decision(d: Decision, sockets: Sequence[socket.socket],
+                   share: int | None = None) -> list[tuple[socket.socket, SocketOptionError]]:
     """Set ``d``'s pacing cap and algorithm on every socket; returns the sockets that refused (a dead
-    lane is normal, so this does not raise). The algorithm is only set where it differs."""
+    lane is normal, so this does not raise). The algorithm is only set where it differs. Each socket
+    gets ``d.pacing_rate``, or with ``share`` the aggregate ``d.total_pacing`` split ``share`` ways."""
+    rate = d.pacing_rate
+    if share is not None and d.total_pacing is not None:
+        rate = max(1, d.total_pacing // max(1, share))
     failed: list[tuple[socket.socket, SocketOptionError]] = []
     for s in sockets:
         try:
-            set_pacing_rate(s, d.pacing_rate)
+            set_pacing_rate(s, rate)
             if d.congestion is not None and get_congestion(s) != d.congestion:
                 set_congestion(s, d.congestion)
         except SocketOptionError as e:

@@ -184,6 +184,12 @@ class Session:
         out["lanes_active"] = self._active
         return out
 
+    @property
+    def busy(self) -> bool:
+        """A transfer (or probe) is in flight: its lanes carry, or are about to carry, data."""
+        with self._cond:
+            return bool(self._transfers)
+
     def lane_sockets(self) -> list[socket.socket]:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
         with self._cond:
