@@ -9,6 +9,7 @@ Needs root, iproute2 and iptables (skips with the reason otherwise).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import numpy as np
@@ -47,8 +48,12 @@ def test_the_router_keeps_requests_local_when_the_wan_rate_drops() -> None:
                                       instances=2, lanes=4, key=KEY, monitor_interval=0.1,
                                       link_control=kvwire.ControllerConfig(), probe_seconds=1.0)
             try:
+                # a first request dials the session, probes the link (1 s) and starts the egress control;
+                # the load starts after it, so no backlog from the probe's second reads as pressure
+                warm = kvwire.RequestSpec("warm-up", req_tokens, req_tokens)
+                assert server.submit(warm, (link.server_addr, rx.address[1])).result(timeout=30).ok
                 t0 = time.monotonic()
-                settled, cut_at, end_at, k, next_submit = 3.0, 7.0, 11.0, 0, t0
+                settled, cut_at, end_at, k, next_submit = 1.0, 5.0, 10.0, 0, t0
                 t_before_cut = None
                 while (now := time.monotonic()) - t0 < end_at:
                     if now >= next_submit:
@@ -70,8 +75,53 @@ def test_the_router_keeps_requests_local_when_the_wan_rate_drops() -> None:
             rx.close()
     assert all(r.ok for r in done), [r.reason for r in done if not r.ok]
     assert t_before_cut is not None
-    # the probe's second of saturation may read as congestion; once paced, 40 % of the link is no pressure
+    # paced, with the probed capacity known, 40 % of the link is no pressure
     assert not [c for c in router.history if settled <= c.at < cut_at and c.new > c.old], router.history
     raised = [c for c in router.history if c.at >= cut_at]
     assert raised and raised[0].at <= cut_at + 2.5, router.history  # the real egress told it within 2.5 s
     assert raised[0].why in ("congested", "egress") and router.t > 20000  # long requests now stay local
+
+
+def test_two_decode_peers_share_the_egress_under_one_link_control() -> None:
+    """Two decode peers behind one link: their sessions join one LaneGroup under one LinkControl (not one
+    controller per peer, competing). Offered more than the link, it is used and no queue stands."""
+    full = kvwire.load_layout("kimi-linear-48b-a3b")
+    layout = dataclasses.replace(full, name="kimi-linear-4l", layers=full.layers[:4])
+    tokens = 40  # ~6.6 MB per request
+    per_request = payload_bytes(layout, kvwire.RequestSpec("size", tokens, tokens))
+    payload_rate = RATE_MBIT * 1e6 / 8 * 1448 / 1500
+    bdp = int(RATE_MBIT * 1e6 / 8 * RTT_MS / 1e3)
+    states: list[kvwire.LinkState] = []
+    with WanLink(rtt_ms=RTT_MS, rate_mbit=RATE_MBIT, queue_bytes=3 * bdp, realtime=True) as link:
+        with link.inside("server"):
+            rxs = [kvwire.Receiver(link.server_addr, 0, key=KEY, allocator=lambda m: np.empty(m.total_bytes, np.uint8))
+                   for _ in range(2)]
+        peers = [(link.server_addr, rx.address[1]) for rx in rxs]
+        try:
+            with link.inside("client"):
+                server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.0),
+                                      instances=4, lanes=4, key=KEY, monitor_interval=0.1,
+                                      link_control=kvwire.ControllerConfig(), probe_seconds=1.0)
+            try:
+                for peer in peers:  # dial both; the first one's probe starts the egress control
+                    assert server.submit(kvwire.RequestSpec(f"warm{peer[1]}", tokens, tokens), peer).result(30).ok
+                server.subscribe(states.append)
+                t0 = time.monotonic()
+                before = [rx.stats()["bytes_received"] for rx in rxs]
+                n = int(1.5 * 5.0 * payload_rate / per_request)  # 150 % of what the link carries in 5 s
+                jobs = [server.submit(kvwire.RequestSpec(f"r{i}", tokens, tokens), peers[i % 2]) for i in range(n)]
+                time.sleep(5.0)
+                got = [rx.stats()["bytes_received"] - b for rx, b in zip(rxs, before)]
+                elapsed = time.monotonic() - t0
+                done = [j.result(timeout=60) for j in jobs]
+            finally:
+                server.close()
+        finally:
+            for rx in rxs:
+                rx.close()
+    assert all(r.ok for r in done), [r.reason for r in done if not r.ok]
+    assert sum(got) / elapsed >= 0.8 * payload_rate, f"{sum(got) / elapsed * 8e-6:.0f} Mbit/s"
+    assert min(got) >= 0.35 * sum(got), got  # both peers carried
+    loaded = [s for s in states if t0 + 1.0 <= s.timestamp <= t0 + 5.0 and s.busy > 0.5]
+    assert loaded and max(len(s.lanes) for s in loaded) == 8  # one control samples both sessions' lanes
+    assert statistics.median(s.queueing_ratio or 9 for s in loaded) <= 1.3

@@ -47,6 +47,11 @@ class LinkMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def seed_capacity(self, bytes_per_s: float) -> None:
+        """``LinkEstimator.seed_capacity`` between two samples (an active probe's result)."""
+        with self._lock:
+            self.estimator.seed_capacity(bytes_per_s)
+
     # ------------------------------------------------------------ subscribers
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(state)`` after every sample; returns a function that unsubscribes."""

@@ -100,10 +100,12 @@ class _Slot:
 class PrfaasServer:
     """``submit(request, peer)`` → ``Future[JobReport]``; ``link_state()`` for the router; ``close()``.
 
-    One session per decode peer, shared by the instances. ``link_control``: pace each session with a
-    ``LinkControl`` of that config (across datacenters: otherwise every burst of unpaced lanes fills the
-    bottleneck queue, which the router reads as congestion), after ``probe_seconds`` of ``kvwire.probe``
-    if positive. ``metrics``: report sessions, their link controls, the egress and the queue depth.
+    One session per decode peer, shared by the instances. ``link_control``: pace the decode sessions
+    with one ``LinkControl`` of that config over a ``LaneGroup`` of them all — they share the egress, so
+    one controller measures and splits it instead of one per peer competing for it (across datacenters:
+    otherwise every burst of unpaced lanes fills the bottleneck queue, which the router reads as
+    congestion); the first session is measured with ``probe_seconds`` of ``kvwire.probe`` first, if
+    positive. ``metrics``: report sessions, the link control ("egress"), the link and the queue depth.
     """
 
     def __init__(self, layout: kvwire.ModelLayout, producer: LayerProducer | None = None, *,
@@ -126,13 +128,17 @@ class PrfaasServer:
         self._dialling: dict[Peer, threading.Lock] = {}  # one connect per peer at a time
         self.link_control = link_control
         self.probe_seconds = probe_seconds
-        self._controls: dict[Peer, kvwire.LinkControl] = {}
+        self._group = kvwire.LaneGroup()
+        self._egress: kvwire.LinkControl | None = None  # over _group, from the first session on
+        self._egress_lock = threading.Lock()
         self._lock = threading.Lock()
         self._jobs: queue.Queue[_Slot | None] = queue.Queue()
         self._waiting = 0
         self._running = 0
         self._closed = False
+        self._subscribers: list[Callable[[LinkState], None]] = []
         self.monitor = LinkMonitor(self.lane_sockets, interval=monitor_interval, estimator=estimator)
+        self.monitor.subscribe(self._from_monitor)
         self.monitor.start()
         self.metrics = metrics
         self._unregister: list[Callable[[], None]] = []
@@ -171,10 +177,36 @@ class PrfaasServer:
         return [s for session in sessions for s in session.lane_sockets()]
 
     def link_state(self) -> LinkState | None:
-        return self.monitor.latest()
+        """The egress as the router should see it: the egress ``LinkControl``'s estimate once there is
+        one (``link_control``: it paces the lanes, so it knows the capacity even when no queue shows
+        it), else the ``LinkMonitor``'s over every lane."""
+        egress = self._egress
+        state = egress.latest() if egress is not None else None
+        return state if state is not None else self.monitor.latest()
 
     def subscribe(self, callback: Callable[[LinkState], None]) -> Callable[[], None]:
-        return self.monitor.subscribe(callback)
+        """``callback(state)`` for every new ``link_state()`` (on a monitor thread); returns unsubscribe."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+        return unsubscribe
+
+    def _from_monitor(self, state: LinkState) -> None:
+        if self._egress is None:
+            self._publish(state)
+
+    def _publish(self, state: LinkState) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for cb in subscribers:
+            try:
+                cb(state)
+            except Exception:
+                log.exception("prfaas: link subscriber %r failed", cb)
 
     def close(self) -> None:
         with self._lock:
@@ -188,12 +220,14 @@ class PrfaasServer:
         self.monitor.stop()
         for remove in self._unregister:
             remove()
+        with self._egress_lock:
+            egress, self._egress = self._egress, None
+        if egress is not None:
+            egress.close()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
-            controls, self._controls = list(self._controls.values()), {}
-        for c in controls:
-            c.close()
         for s in sessions:
+            self._group.remove(s)
             s.close()
 
     def __enter__(self) -> PrfaasServer:
@@ -214,46 +248,55 @@ class PrfaasServer:
                 if s is not None and s.healthy:
                     return s
                 self._sessions.pop(peer, None)
-                old = self._controls.pop(peer, None)
-            if old is not None:
-                old.close()
             if s is not None:
+                self._group.remove(s)
                 s.close()
             fresh = kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
-            control = self._control(fresh, peer)
+            try:
+                self._join(fresh, peer)
+            except BaseException:
+                fresh.close()
+                raise
             with self._lock:
                 closed = self._closed
                 if not closed:
                     self._sessions[peer] = fresh
-                    if control is not None:
-                        self._controls[peer] = control
             if closed:
-                if control is not None:
-                    control.close()
+                self._group.remove(fresh)
                 fresh.close()
                 raise kvwire.KvwireError("PrfaaS server closed")
             return fresh
 
-    def _control(self, session: kvwire.Session, peer: Peer) -> kvwire.LinkControl | None:
-        """Pace a new decode session under the link (``link_control``), after measuring it for
-        ``probe_seconds`` if asked (a probe that failed or stayed below the link leaves the in-band probe
-        to LinkControl); report both to ``metrics``."""
+    def _join(self, session: kvwire.Session, peer: Peer) -> None:
+        """Report a new decode session to ``metrics`` and put it under the egress's ``LinkControl``
+        (``link_control``), which the first session starts, after measuring the link for
+        ``probe_seconds`` if asked (a probe that failed or stayed below the link leaves the in-band
+        probe to LinkControl)."""
         name = f"{peer[0]}:{peer[1]}"
         if self.metrics is not None:
             self.metrics.watch(session, name=name)
         if self.link_control is None:
-            return None
-        capacity = None
-        if self.probe_seconds > 0:
-            try:
-                p = kvwire.probe(session, seconds=self.probe_seconds)
-                capacity = p.capacity if p.saturated else None
-            except kvwire.KvwireError as e:
-                log.warning("probe of %s failed: %s", name, e)
-        control = kvwire.LinkControl(session, self.link_control, capacity=capacity)
+            return
+        with self._egress_lock:
+            if self._egress is not None:
+                self._group.add(session)
+                return
+            capacity = None
+            if self.probe_seconds > 0:
+                try:
+                    p = kvwire.probe(session, seconds=self.probe_seconds)
+                    capacity = p.capacity if p.saturated else None
+                except kvwire.KvwireError as e:
+                    log.warning("probe of %s failed: %s", name, e)
+            if capacity is not None:  # the router's view of the egress knows it too: utilization from the start
+                self.monitor.seed_capacity(capacity)
+            self._group.add(session)
+            egress = kvwire.LinkControl(self._group, self.link_control, interval=self.monitor.interval,
+                                        capacity=capacity)
+            egress.subscribe(self._publish)
+            self._egress = egress
         if self.metrics is not None:
-            self.metrics.watch(control, name=name)
-        return control
+            self.metrics.watch(self._egress, name="egress")
 
     def _work(self) -> None:
         while True:
