@@ -36,6 +36,7 @@ from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, TensorSpec
 from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.estimator import LinkState
+from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.monitor import LinkMonitor
 from kvwire.congestion.tcpinfo import set_congestion
 from kvwire.testing.wan import WanLink, parse_loss, parse_ms, parse_rate_mbit
@@ -363,14 +364,69 @@ def scenario_s(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
         both = [s for s in kv["states"] if lo <= s.timestamp <= hi and s.busy > 0.5]
         rates.append(statistics.median(s.goodput for s in both) * 8 / 1e6 if both else 0.0)
         qs += [s.queueing_ratio for s in both if s.queueing_ratio]
+    return _sharing_rows(a, "s", "two kvwire senders", rates, qs, hi - lo)
+
+
+def scenario_g(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[tuple[str, str, str, bool | None]]:
+    """(s) again with both sessions in one ``LaneGroup`` under one ``LinkControl`` (as a PrfaaS server
+    drives its decode peers): each session's rate from its own bytes sent, sampled every 0.1 s."""
+    later, cfg = 3.0, ControllerConfig()
+    ends: dict[int, tuple[float, float]] = {}
+    samples: list[tuple[float, int, int]] = []
+    with WanLink(rtt_ms=a.rtt, loss=0.0, rate_mbit=a.rate, queue_bytes=queue, seed=7, realtime=a.realtime) as link:
+        port, rx = _receiver(link, rx_cmd)
+        with link.inside("client"):
+            sessions = [kvwire.connect(link.server_addr, port, lanes=cfg.initial_lanes, max_lanes=cfg.max_lanes)
+                        for _ in range(2)]
+            ctl = LinkControl(LaneGroup(sessions), cfg)
+        ctl.record = True
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.1):
+                a_, b_ = (s.stats()["bytes_sent"] for s in sessions)
+                samples.append((time.monotonic(), a_, b_))
+
+        def one(i: int, delay: float) -> None:
+            time.sleep(delay)
+            t = time.monotonic()
+            payload.send(sessions[i], f"g-{i}").result(timeout=300)
+            ends[i] = (t, time.monotonic())
+
+        threads = [threading.Thread(target=f, args=args) for f, args in
+                   ((sample, ()), (one, (0, 0.0)), (one, (1, later)))]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads[1:]:
+                t.join()
+        finally:
+            stop.set()
+            threads[0].join()
+            ctl.close()
+            for s in sessions:
+                s.close()
+            rx.terminate()
+    if set(ends) != {0, 1}:
+        return [("(g) one LinkControl, two sessions", "a transfer failed", "both complete", False)]
+    _trace(a, "g", {"states": ctl.states, "history": ctl.history, "t0": ends[0][0]})
+    lo, hi = ends[1][0] + 2.0, min(e for _, e in ends.values())
+    window = [x for x in samples if lo <= x[0] <= hi]
+    span = window[-1][0] - window[0][0] if len(window) > 1 else 0.0
+    rates = [(window[-1][i] - window[0][i]) * 8 / span / 1e6 if span else 0.0 for i in (1, 2)]
+    qs = [s.queueing_ratio for s in ctl.states if lo <= s.timestamp <= hi and s.busy > 0.5 and s.queueing_ratio]
+    return _sharing_rows(a, "g", "one LinkControl, two sessions", rates, qs, span)
+
+
+def _sharing_rows(a: Any, tag: str, what: str, rates: list[float], qs: list[float],
+                  span: float) -> list[tuple[str, str, str, bool | None]]:
     total = sum(rates)
     jain = total ** 2 / (len(rates) * sum(r * r for r in rates)) if total else 0.0
     q = statistics.median(qs) if qs else None
-    return [("(s) two kvwire senders", f"A {rates[0]:.0f} + B {rates[1]:.0f} = {total:.0f} Mbit/s = "
-             f"{total / a.rate:.0%} of link over {max(0.0, hi - lo):.1f} s together", ">= 90%",
-             total >= 0.9 * a.rate),
-            ("(s) their split", f"Jain's index {jain:.2f} (1: equal)", ">= 0.9", jain >= 0.9),
-            ("(s) queue while shared", f"median srtt/min {q or 0:.2f}", "<= 1.3", q is not None and q <= 1.3)]
+    return [(f"({tag}) {what}", f"A {rates[0]:.0f} + B {rates[1]:.0f} = {total:.0f} Mbit/s = "
+             f"{total / a.rate:.0%} of link over {max(0.0, span):.1f} s together", ">= 90%", total >= 0.9 * a.rate),
+            (f"({tag}) their split", f"Jain's index {jain:.2f} (1: equal)", ">= 0.9", jain >= 0.9),
+            (f"({tag}) queue while shared", f"median srtt/min {q or 0:.2f}", "<= 1.3", q is not None and q <= 1.3)]
 
 
 def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, str, bool | None]]:
@@ -422,9 +478,11 @@ def run_scenarios(a: Any) -> int:
         rows += scenario_d(a, rx_cmd, payload, queue)
     if "s" in wanted:
         rows += scenario_s(a, rx_cmd, payload, queue)
+    if "g" in wanted:
+        rows += scenario_g(a, rx_cmd, payload, queue)
     if "p" in wanted:
         rows += scenario_p(a, rx_cmd, queue)
-    print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d), (s) no loss, "
+    print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d), (s), (g) no loss, "
           f"{queue} B queue ({queue / bdp:.1f} BDP); payload {a.preset} {a.tokens} tokens = "
           f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
     w = max(len(r[0]) for r in rows)
@@ -451,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run the emulator as a normal process (default: SCHED_FIFO, see WanLink)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--scenarios", default="",
-                    help="the issue's scenarios instead, e.g. abcdsp (s: two kvwire senders, p: probe)")
+                    help="the issue's scenarios instead, e.g. abcdsgp (s: two kvwire senders, g: the same two "
+                         "sessions under one LinkControl, p: probe)")
     ap.add_argument("--preset", default="qwen3-next-80b-a3b")
     ap.add_argument("--tokens", default=32768, type=int)
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
