@@ -193,6 +193,7 @@ class LinkEstimator:
         self._capacity_set: float | None = None
         self._probed: float | None = None
         self._saturated_run: deque[tuple[float, float, int]] = deque()  # (end, dt, bytes) under a queue
+        self._run_start: float | None = None  # end of the run's first interval (the queue formed in it)
         self._last_ratio: float | None = None
         self._probed_at = 0.0  # when a standing queue last set the probed capacity
         self.latest: LinkState | None = None
@@ -294,25 +295,27 @@ class LinkEstimator:
         the brief queue an up-probe makes is measured at the rate the link served it. It goes down only
         once the queue has stood ``bw_sample`` long (a single stalled interval says little). An interval whose
         queue shrank is left out: srtt lags, so the interval in which a drain emptied the queue still
-        reads as saturated while the link idled part of it -- unless a whole min RTT of queue is still
-        left (ratio >= 2): srtt reports the queue about half an RTT late, and no drain empties a queue
-        that fast, so the link served at its rate all interval. Those intervals keep measuring a rate drop
-        while the drain that answers it runs (else the run would keep the interval in which the rate fell,
-        served partly at the old rate). Otherwise goodput over the last ``raise_span``
-        raises it, if all of that span came after the queue last set it (not undoing a rate drop)."""
+        reads as saturated while the link idled part of it. So is the run's first interval once there is
+        another: the queue formed during it, so the link was served partly before it filled (too low) or,
+        when the rate just fell, partly at the old rate (too high; a drain that starts at once would
+        otherwise freeze the run with it, and cruising at that rate refills the queue). Otherwise goodput
+        over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
+        undoing a rate drop)."""
         run = self._saturated_run
-        shrinking = (ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
-                     and ratio < 2.0)
+        shrinking = ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
         self._last_ratio = ratio
         # an interval in which lanes came or went undercounts what the link served (a new lane's bytes
         # count from its next sample): it neither extends nor breaks the run, like a shrinking queue
         skip = shrinking or bool(self._intervals and self._intervals[-1].partial)
         if not saturated:
             run.clear()
+            self._run_start = None
         elif skip:
             pass  # the run is neither extended nor broken: the queue still stands
         elif self._intervals:
             iv = self._intervals[-1]
+            if not run:
+                self._run_start = iv.end
             run.append((iv.end, iv.dt, iv.d.acked))
             while len(run) > 1 and run[0][0] <= iv.end - self.config.bw_sample:
                 run.popleft()
@@ -321,7 +324,8 @@ class LinkEstimator:
         if self._capacity_set is not None:
             return self._capacity_set
         span = sum(dt for _, dt, _ in run)
-        served = sum(b for _, _, b in run) / span if run and not skip else 0.0
+        steady = [e for e in run if e[0] != self._run_start] if len(run) > 1 else list(run)
+        served = sum(b for _, _, b in steady) / sum(dt for _, dt, _ in steady) if steady and not skip else 0.0
         # down only on a queue that stood a whole bw_sample (not one stalled interval: an RTO, a hiccup)
         lasted = span >= 0.95 * self.config.bw_sample or (self._probed is not None and served > self._probed)
         if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
