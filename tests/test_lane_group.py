@@ -43,13 +43,13 @@ def test_the_group_passes_hooks_on_and_lists_busy_members_lanes(pair: tuple[sock
         opened.append((i, s))
 
     group.on_lane_open = hook
-    assert one.on_lane_open is hook
+    assert one.on_lane_open is hook and opened == [(0, a)]  # its open lanes go through it at once
     assert group.set_active_lanes(6) == 6 and one.lanes == 6
     assert group.lane_sockets() == []  # nobody busy: nothing to sample or pace
     one.busy = True
     assert group.lane_sockets() == [a]
     group.add(two)  # a late member gets the lane count and the hook, and its open lanes go through it
-    assert two.lanes == 3 and two.on_lane_open is hook and opened == [(0, b)]
+    assert two.lanes == 3 and two.on_lane_open is hook and opened == [(0, a), (0, b)]
     assert group.set_active_lanes(8) == 3  # the fewest any member could open
     two.busy = True
     assert group.lane_sockets() == [a, b]

@@ -62,6 +62,10 @@ class LaneGroup:
         for m in members:  # (== not is: a bound method is a new object at each access)
             if m.on_lane_open is None or m.on_lane_open == old:
                 m.on_lane_open = hook
+        if hook is not None:  # lanes already open, busy or idle, are paced from now (not at their first send)
+            for m in members:
+                for i, s in enumerate(m.lane_sockets()):
+                    hook(i, s)
 
     @property
     def members(self) -> list[Member]:
