@@ -332,6 +332,15 @@ def test_a_rate_drop_is_measured_without_the_interval_it_fell_in() -> None:
     t, s = run(est, lanes, t, 1, 14e6, rtt_us=30_000)  # emptied within this interval: left out
     t, s = run(est, lanes, t, 3, 19e6, rtt_us=20_000)
     assert s.capacity == pytest.approx(20e6, rel=0.01)
+    # the first interval is left out only when that lowers the estimate: a queue that forms while the
+    # rate holds is measured over the whole run (one 100 ms interval alone is noisier; polite mode never
+    # lowers what its first probe found, so a high reading would stick)
+    polite = LinkEstimator(EstimatorConfig(bw_sample=0.2, capacity_follows_queue=False))
+    one = [FakeLane()]
+    polite.update(0.0, [ln.info() for ln in one])
+    t, s = run(polite, one, 0.0, 1, 40e6, rtt_us=30_000)
+    t, s = run(polite, one, t, 1, 42e6, rtt_us=40_000)
+    assert s.capacity == pytest.approx(41e6, rel=0.01)
 
 
 def test_lanes_that_join_under_a_queue_do_not_read_as_a_slower_link() -> None:

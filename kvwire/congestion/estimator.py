@@ -324,8 +324,10 @@ class LinkEstimator:
         if self._capacity_set is not None:
             return self._capacity_set
         span = sum(dt for _, dt, _ in run)
-        steady = [e for e in run if e[0] != self._run_start] if len(run) > 1 else list(run)
-        served = sum(b for _, _, b in steady) / sum(dt for _, dt, _ in steady) if steady and not skip else 0.0
+        whole = _rate(run) if not skip else 0.0
+        # the run without its first interval, when that lowers it (a rate that just fell); when it would
+        # raise it (the queue was still forming), the whole run: one interval alone is noisier than two
+        served = min(whole, _rate([e for e in run if e[0] != self._run_start])) if len(run) > 1 else whole
         # down only on a queue that stood a whole bw_sample (not one stalled interval: an RTO, a hiccup)
         lasted = span >= 0.95 * self.config.bw_sample or (self._probed is not None and served > self._probed)
         if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
@@ -333,6 +335,12 @@ class LinkEstimator:
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
             self._probed = max(self._probed, self._span_rate(now, self.config.raise_span))
         return self._probed
+
+
+def _rate(run: Sequence[tuple[float, float, int]] | deque[tuple[float, float, int]]) -> float:
+    """Bytes per second over ``(end, dt, bytes)`` intervals (0 for none)."""
+    span = sum(dt for _, dt, _ in run)
+    return sum(b for _, _, b in run) / span if span else 0.0
 
 
 def _lane(key: LaneKey, info: TcpInfo, d: _Deltas, dt: float | None) -> LaneState:
