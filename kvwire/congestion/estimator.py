@@ -295,10 +295,11 @@ class LinkEstimator:
         the brief queue an up-probe makes is measured at the rate the link served it. It goes down only
         once the queue has stood ``bw_sample`` long (a single stalled interval says little). An interval whose
         queue shrank is left out: srtt lags, so the interval in which a drain emptied the queue still
-        reads as saturated while the link idled part of it. So is the run's first interval once there is
-        another: the queue formed during it, so the link was served partly before it filled (too low) or,
-        when the rate just fell, partly at the old rate (too high; a drain that starts at once would
-        otherwise freeze the run with it, and cruising at that rate refills the queue). Otherwise goodput
+        reads as saturated while the link idled part of it. So is the run's first interval, once there is
+        another and if that lowers the estimate: the queue formed during it, so when the rate just fell it
+        was served partly at the old rate (a drain that starts at once would otherwise freeze the run with
+        it, and cruising at that rate refills the queue); when leaving it out would raise the estimate the
+        queue was still filling, and the whole run is the steadier reading. Otherwise goodput
         over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
         undoing a rate drop)."""
         run = self._saturated_run
