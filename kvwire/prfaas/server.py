@@ -255,6 +255,7 @@ class PrfaasServer:
             try:
                 self._join(fresh, peer)
             except BaseException:
+                self._group.remove(fresh)
                 fresh.close()
                 raise
             with self._lock:
