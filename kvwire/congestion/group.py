@@ -62,10 +62,9 @@ class LaneGroup:
         for m in members:  # (== not is: a bound method is a new object at each access)
             if m.on_lane_open is None or m.on_lane_open == old:
                 m.on_lane_open = hook
-        if hook is not None:  # lanes already open, busy or idle, are paced from now (not at their first send)
+        if hook is not None:
             for m in members:
-                for i, s in enumerate(m.lane_sockets()):
-                    hook(i, s)
+                _through(hook, m)
 
     @property
     def members(self) -> list[Member]:
@@ -84,9 +83,8 @@ class LaneGroup:
             member.on_lane_open = hook
         if lanes is not None:
             member.set_active_lanes(lanes)
-        if hook is not None:  # its lanes opened before it joined: paced now, not when it first sends
-            for i, s in enumerate(member.lane_sockets()):
-                hook(i, s)
+        if hook is not None:
+            _through(hook, member)
 
     def remove(self, member: Member) -> None:
         """Leave: no longer sampled or paced (its sockets keep their last pacing), hook detached."""
@@ -105,3 +103,10 @@ class LaneGroup:
             members = list(self._members)
         got = [m.set_active_lanes(n) for m in members]
         return min(got, default=n)
+
+
+def _through(hook: LaneHook, member: Member) -> None:
+    """Put ``member``'s open lanes, busy or idle, through the lane-open hook: they are paced from now,
+    not from the first sample that sees them busy (their first transfer would go out unpaced)."""
+    for i, sock in enumerate(member.lane_sockets()):
+        hook(i, sock)
