@@ -15,7 +15,12 @@ from .congestion.estimator import LinkState
 from .congestion.group import LaneGroup
 from .errors import (
     AuthenticationError,
+    ConnectError,
+    ConnectTimeout,
+    InsecureReceiverWarning,
+    InvalidBuffer,
     KvwireError,
+    KvwireWarning,
     LayoutError,
     LayoutMismatch,
     ProbeRefused,
@@ -34,9 +39,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "ConnectError",
+    "ConnectTimeout",
     "ControllerConfig",
     "IncomingTransfer",
+    "InsecureReceiverWarning",
+    "InvalidBuffer",
     "KvwireError",
+    "KvwireWarning",
     "LaneGroup",
     "LayoutError",
     "LayoutMismatch",

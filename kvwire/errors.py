@@ -25,6 +25,11 @@ class StatePositionMismatch(LayoutMismatch):
     """The state snapshot was taken at another token position than the receiver resumes from."""
 
 
+class InvalidBuffer(KvwireError, ValueError):
+    """A buffer cannot carry a transfer as given: not C-contiguous, read-only where it is written, on a GPU
+    (``kvwire.cuda`` stages those), or not a buffer at all. A ``ValueError`` too."""
+
+
 class ProtocolError(KvwireError):
     """Bytes from the peer violate the wire format or one of its limits."""
 
@@ -59,3 +64,29 @@ class ProbeRefused(KvwireError):
 
 class PoolExhausted(KvwireError):
     """A bounded buffer pool has no free buffer of the requested size."""
+
+
+class ConnectError(KvwireError, OSError):
+    """A session could not reach or open its connection to ``host:port`` (refused, unresolvable name,
+    unreachable, reset during the handshake). An ``OSError`` too, so code that catches socket errors
+    keeps working; ``errno`` is the underlying one where there is one, ``__cause__`` the original."""
+
+    def __init__(self, host: str, port: int, why: str, errno: int | None = None) -> None:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"cannot connect to {where}: {why}")
+        self.host = host
+        self.port = port
+        self.errno = errno
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """``connect_timeout`` passed before ``host:port`` answered (a ``TimeoutError`` too)."""
+
+
+class KvwireWarning(UserWarning):
+    """Base of the warnings kvwire issues."""
+
+
+class InsecureReceiverWarning(KvwireWarning):
+    """A receiver listens on a non-loopback address without authentication (no key, no client certificates):
+    anyone who can reach the port can open sessions and have it fill destination buffers."""

@@ -177,7 +177,7 @@ REQUESTS = [
     RequestSpec("r-full", 3000, 2999),
     RequestSpec("r-hit", 3000, 3000, {"attn": 1024, "swa": 64}, {"attn": (7, 8, 9), "swa": (1,)}),
     RequestSpec("r-state-only", 500, 500, {"attn": 500}),
-    RequestSpec("r-empty", 0, 0),
+    RequestSpec("r-empty", 1, 0),  # state only: no token is shipped
 ]
 
 
@@ -395,7 +395,7 @@ _PRESET_LAYOUTS = [load_preset(name) for name in PRESETS] + [LAYOUT, hybrid_layo
 
 
 @settings(max_examples=150, deadline=None)
-@given(layout=st.sampled_from(_PRESET_LAYOUTS), n=st.integers(0, 300_000), last=st.booleans(),
+@given(layout=st.sampled_from(_PRESET_LAYOUTS), n=st.integers(1, 300_000), last=st.booleans(),
        attn=st.floats(0, 1), swa=st.floats(0, 1), use_hit=st.booleans())
 def test_receiver_rows_equal_plan_segments(layout: ModelLayout, n: int, last: bool, attn: float, swa: float,
                                            use_hit: bool) -> None:

@@ -333,11 +333,19 @@ class RequestSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 256:
             raise LayoutError("request_id must be a string of 1..256 characters")
-        if self.num_tokens < 0 or not 0 <= self.state_position <= self.num_tokens:
+        for name in ("num_tokens", "state_position"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise LayoutError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if self.num_tokens < 1:
+            raise LayoutError(f"num_tokens must be >= 1 (a request of {self.num_tokens} tokens has no cache)")
+        if not 0 <= self.state_position <= self.num_tokens:
             raise LayoutError(
                 f"need 0 <= state_position ({self.state_position}) <= num_tokens ({self.num_tokens})"
             )
         for g, hit in self.prefix_hit.items():
+            if isinstance(hit, bool) or not isinstance(hit, int):
+                raise LayoutError(f"prefix hit {g}={hit!r} must be an int")
             if g not in ("attn", "swa") or not 0 <= hit <= self.state_position:
                 raise LayoutError(f"prefix hit {g}={hit} outside [0, state_position]")
 
@@ -429,3 +437,16 @@ def plan_segments(layout: ModelLayout, request: RequestSpec) -> list[Segment]:
                     out.append(Segment(len(out), layer.index, ci, ti, f"{layer.index}.{cache.kind}.{t.name}",
                                        t.nbytes))
     return out
+
+
+def payload_bounds(layout: ModelLayout, state_position: int | None = None
+                   ) -> tuple[tuple[int, int], tuple[int, int | None]]:
+    """What any request's payload on ``layout`` can be, whatever the sender's prefix hits: ``(min, max)``
+    segment count and ``(min, max)`` bytes (max ``None`` when ``state_position`` is unknown). The
+    smallest ships only the state; the largest every token up to ``state_position``."""
+    state = [t.nbytes for layer in layout.layers for c in layer.caches if c.indexing == REQUEST for t in c.tensors]
+    tokens = sum(len(c.tensors) for layer in layout.layers for c in layer.caches if c.indexing == TOKEN)
+    if state_position is None:
+        return (len(state), len(state) + tokens), (sum(state), None)
+    full = plan_segments(layout, RequestSpec("bounds", max(state_position, 1), state_position))
+    return (len(state), len(full)), (sum(state), sum(s.nbytes for s in full))

@@ -40,8 +40,8 @@ def probe_layout(num_layers: int) -> ModelLayout:
 
 
 def probe_request(request_id: str) -> RequestSpec:
-    """A probe carries no tokens: its whole payload is the request-indexed state of the probe layout."""
-    return RequestSpec(request_id, 0, 0)
+    """A probe ships no tokens (state position 0): its payload is the request-indexed state of the probe layout."""
+    return RequestSpec(request_id, 1, 0)
 
 
 def probe_layers(max_bytes: int) -> int:

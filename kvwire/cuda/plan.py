@@ -106,6 +106,10 @@ def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping
                   state_slot: int | None, unique: bool) -> dict[str, list[int]]:
     """Block tables and slot fit the cache and the request: ``LayoutMismatch`` before any byte moves."""
     bs = cache.block_size
+    unknown = sorted(str(g) for g in block_tables if g not in cache.groups)
+    if unknown:
+        raise LayoutMismatch(f"block tables for groups {unknown} the cache does not have; its token-indexed "
+                             f"groups are {sorted(cache.groups)}")
     tables: dict[str, list[int]] = {}
     for group, (start, stop) in _group_ranges(cache.layout, placement.segments).items():
         if group not in block_tables:

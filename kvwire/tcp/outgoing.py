@@ -36,6 +36,9 @@ class OutgoingTransfer(Outcome):
         self.deadline = deadline
         self.views: list[memoryview | None] = [None] * len(sm.manifest.segments)
         self._by_layer: dict[int, list[int]] = {}
+        layout = sm.manifest.layout
+        self._num_layers = layout.num_layers if layout is not None else 1 + max(
+            (seg.layer for seg in sm.manifest.segments), default=-1)
         for seg in sm.manifest.segments:
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
         self.started = time.monotonic()
@@ -50,6 +53,10 @@ class OutgoingTransfer(Outcome):
     def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
         """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep
         them unchanged until the transfer ends."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self._num_layers:
+            raise LayoutMismatch(f"layer {layer!r} is not a layer of the layout (0..{self._num_layers - 1})")
+        if isinstance(buffers, (str, bytes)) or not isinstance(buffers, Sequence):
+            raise LayoutMismatch(f"write_layer takes a list of buffers, one per segment; got {type(buffers).__name__}")
         segs = self._by_layer.get(layer, [])
         if len(buffers) != len(segs):
             raise LayoutMismatch(f"layer {layer} has {len(segs)} segments, got {len(buffers)} buffers")

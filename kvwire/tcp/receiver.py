@@ -9,11 +9,13 @@ ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces th
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,13 +23,13 @@ from typing import Any
 
 import xxhash
 
-from ..buffers import segment_views
+from ..buffers import check_destination, segment_views
 from ..codec import frames as F
-from ..codec.layout import ModelLayout, check_state_position
+from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
-from ..errors import AuthenticationError, KvwireError, ProtocolError
+from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
 from .auth import SessionKeys, check_lane, server_handshake, server_hello
 from .incoming import IncomingTransfer
 from .wire import Channel, drain, recv_exact_into, tune
@@ -76,6 +78,29 @@ class Receiver:
     Sink transfers (capacity probes from ``kvwire.probe``) of up to ``max_probe_bytes`` each (0 refuses
     them) are read into one receiver-wide 16 MiB scratch buffer and discarded: no allocator call, no
     registered buffer, nothing delivered, and not counted against ``max_inflight_bytes``.
+
+    Parameters:
+        host: the address to listen on (``"127.0.0.1"``: this machine only; ``"0.0.0.0"``: every
+            interface, which warns with ``InsecureReceiverWarning`` unless ``key`` or client certificates
+            authenticate the peers).
+        port: the port to listen on; 0 picks a free one (read it back from ``address``).
+        key: the pre-shared key every sender must prove (``bytes`` or ``str``); ``None``: none.
+        ssl_context: a server ``ssl.SSLContext`` (certificate loaded; ``verify_mode=CERT_REQUIRED`` to
+            require client certificates) to run every connection over TLS; ``None``: plain TCP.
+        allocator: ``fn(manifest)`` returning the destination of a transfer nobody ``expect``-ed: one
+            buffer of ``manifest.total_bytes`` or one buffer per segment; ``None``: such transfers are refused.
+        on_transfer: ``fn(handle)`` called with the handle of each allocator-placed transfer as it begins.
+        limits: the lengths and counts accepted from senders (``kvwire.Limits``).
+        max_sessions: sessions open at once; more are refused.
+        max_lanes: data lanes per session.
+        max_inflight_bytes: payload bytes of all transfers in flight together; a transfer over it is refused.
+        max_transfers_per_session: transfers in flight per session.
+        transfer_timeout: seconds a transfer (or an ``expect``-ed request that never comes) may take.
+        peer_timeout: seconds of silence from a sender after which its session and transfers fail.
+        heartbeat: seconds between heartbeats on an idle control connection.
+        handshake_timeout: seconds a new connection has to authenticate.
+        max_handshakes: unauthenticated connections handled at once; more are refused.
+        max_probe_bytes: the largest capacity probe (sink transfer) accepted; 0 refuses probes.
     """
 
     def __init__(
@@ -130,6 +155,10 @@ class Receiver:
         self._count_lock = threading.Lock()
         self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        if not self.key and not _verifies_clients(ssl_context) and not _is_loopback(self.address[0]):
+            warnings.warn(f"kvwire Receiver on {self.address[0]}:{self.address[1]} without a key or client "
+                          f"certificates: anyone who can reach it can open sessions and fill its buffers "
+                          f"(pass key=..., or bind 127.0.0.1)", InsecureReceiverWarning, stacklevel=2)
         self._spawn(self._accept_loop, "kvwire-accept")
         self._spawn(self._monitor_loop, "kvwire-monitor")
 
@@ -140,7 +169,21 @@ class Receiver:
 
         With ``layout``, a sender whose layout differs (dtype, layout tag, shape, TP) is rejected before
         a byte is written; with ``state_position``, so is a state taken at another token position.
+
+        ``buffers``: one writable, C-contiguous buffer of the transfer's size, or one per segment (numpy
+        arrays, bytearrays, memoryviews, CPU torch tensors). Checked here: ``InvalidBuffer`` for one
+        that is not writable and contiguous; with ``layout``, ``LayoutMismatch`` for a size no request on
+        that layout can have (with ``state_position`` too, bounded on both sides). ``timeout``: seconds
+        until the request must have arrived and completed (default the receiver's ``transfer_timeout``).
         """
+        if state_position is not None and (isinstance(state_position, bool) or not isinstance(state_position, int)
+                                           or state_position < 0):
+            raise LayoutError(f"state_position must be an int >= 0, got {state_position!r}")
+        if layout is not None:
+            segments, nbytes = payload_bounds(layout, state_position)
+            check_destination(buffers, segments, nbytes)
+        else:
+            check_destination(buffers, (0, 1 << 62), (0, None))
         deadline = time.monotonic() + (timeout if timeout is not None else self.transfer_timeout)
         h = IncomingTransfer(request_id, buffers, layout, state_position, deadline)
         with self._lock:
@@ -591,3 +634,16 @@ class Receiver:
             stuck = [ch for h in s.pending if now - h._pending_since > 2.0 for ch in h._writing]
         for ch in stuck:
             ch.close()
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+def _verifies_clients(ctx: ssl.SSLContext | None) -> bool:
+    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED

@@ -8,6 +8,7 @@ lane's chunks on the others and reconnecting it, heartbeats and deadlines. Drive
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
-from ..errors import KvwireError, ProtocolError
+from ..errors import ConnectError, ConnectTimeout, KvwireError, ProtocolError
 from .auth import client_handshake, client_lane
 from .outgoing import OutgoingTransfer
 from .wire import Channel, send_parts, tune
@@ -58,7 +59,30 @@ class _Lane:
 
 
 class Session:
-    """A connection to one receiver: ``send()`` transfers over it, ``close()`` when done."""
+    """A connection to one receiver: ``send()`` transfers over it, ``close()`` when done.
+
+    Opening it connects and authenticates the control connection and ``lanes`` data connections; it
+    raises ``ConnectError`` (an ``OSError``; ``ConnectTimeout`` after ``connect_timeout``) naming
+    ``host:port`` when the receiver cannot be reached, ``AuthenticationError`` when the key differs.
+
+    Parameters:
+        host: the receiver's address or name (as given to ``Receiver``; IPv4, IPv6 or a DNS name).
+        port: the receiver's port (``Receiver.address[1]``).
+        lanes: data connections (TCP lanes) opened at once, 1..256; chunks are striped over them.
+        key: the pre-shared key the receiver was given (``bytes`` or ``str``); ``None``: none.
+        ssl_context: a client ``ssl.SSLContext`` to run every connection over TLS; ``None``: plain TCP.
+        server_hostname: the name the receiver's certificate is checked against (default ``host``).
+        chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone).
+        hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
+        peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
+        heartbeat: seconds between heartbeats on an idle control connection.
+        connect_timeout: seconds for each TCP connect and the handshake that follows it.
+        max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
+        limits: the lengths and counts this side accepts from the receiver (``kvwire.Limits``).
+        max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``).
+        on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
+            data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
+    """
 
     def __init__(self, host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
@@ -99,7 +123,15 @@ class Session:
         self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
         self.ctrl = self._open()
         try:
-            self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
+            try:
+                self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
+            except (ConnectError, ssl.SSLError):
+                raise
+            except TimeoutError as e:
+                raise ConnectTimeout(host, port, f"no handshake reply within connect_timeout={connect_timeout:g} s",
+                                     errno.ETIMEDOUT) from e
+            except OSError as e:
+                raise ConnectError(host, port, f"connection lost during the handshake: {e}", e.errno) from e
             self.ctrl.sock.settimeout(None)
             opened, err = self._dial_lanes(range(lanes))
             self.lanes.extend(opened)
@@ -252,7 +284,16 @@ class Session:
 
     # ------------------------------------------------------------ connecting
     def _open(self) -> Channel:
-        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        host, port = self.address
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        except socket.gaierror as e:
+            raise ConnectError(host, port, f"cannot resolve the name ({e.strerror})", e.errno) from e
+        except TimeoutError as e:
+            raise ConnectTimeout(host, port, f"no answer within connect_timeout={self.connect_timeout:g} s",
+                                 errno.ETIMEDOUT) from e
+        except OSError as e:
+            raise ConnectError(host, port, e.strerror or str(e) or type(e).__name__, e.errno) from e
         try:
             tune(sock, self.peer_timeout)
             if self.ssl_context is not None:
@@ -554,6 +595,35 @@ def _peer_gone(sock: socket.socket) -> bool:
         return True
 
 
-def connect(host: str, port: int, **kwargs: Any) -> Session:
-    """Open a session to a kvwire receiver. Keyword arguments as ``Session``."""
-    return Session(host, port, **kwargs)
+def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,
+            ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+            chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
+            heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
+            limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
+            on_lane_open: LaneHook | None = None) -> Session:
+    """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
+
+    Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
+    after ``connect_timeout``), ``AuthenticationError`` on a key mismatch.
+
+    Parameters:
+        host: the receiver's address or name.
+        port: the receiver's port (``Receiver.address[1]``).
+        lanes: data connections (TCP lanes) opened at once, 1..256.
+        key: the receiver's pre-shared key (``bytes`` or ``str``); ``None``: none.
+        ssl_context: a client ``ssl.SSLContext`` for TLS on every connection; ``None``: plain TCP.
+        server_hostname: the name the receiver's certificate is checked against (default ``host``).
+        chunk_size: payload bytes per chunk (the unit of hashing, acknowledgement and re-sending).
+        hashing: xxh3_64 per chunk, checked by the receiver.
+        peer_timeout: seconds of silence from the receiver after which its transfers fail.
+        heartbeat: seconds between heartbeats on an idle control connection.
+        connect_timeout: seconds for each TCP connect and the handshake that follows it.
+        max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
+        limits: the lengths and counts accepted from the receiver (``kvwire.Limits``).
+        max_lanes: the most lanes ``Session.set_active_lanes`` may grow to (default ``max(lanes, 16)``).
+        on_lane_open: ``fn(lane_index, socket)`` called as each lane connects, before it carries data.
+    """
+    return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
+                   chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
+                   connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
+                   on_lane_open=on_lane_open)

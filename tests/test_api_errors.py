@@ -1,0 +1,236 @@
+"""Bad arguments fail at the call with a typed kvwire error and lose nothing; network failures are kvwire
+errors (``OSError`` too) that name host:port; the public constructors show their parameters.
+
+Every "loses nothing" case goes on to finish the same transfer (or register the same request) correctly
+after the refused call, over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from helpers import payload
+
+import kvwire
+from kvwire import (
+    ConnectError,
+    ConnectTimeout,
+    InsecureReceiverWarning,
+    InvalidBuffer,
+    KvwireError,
+    LayoutError,
+    LayoutMismatch,
+    Receiver,
+    RequestSpec,
+    Session,
+    connect,
+    plan_segments,
+)
+from kvwire.codec.fixtures import load_fixture
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+REQ = RequestSpec("r-args", 300, 299)
+
+
+@pytest.fixture(scope="module")
+def link() -> Iterator[tuple[Receiver, Session]]:
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=2, chunk_size=64 * 1024) as s:
+        yield rx, s
+
+
+def _by_layer(request: RequestSpec) -> tuple[list[np.ndarray], dict[int, list[int]]]:
+    src = payload(LAYOUT, request, seed=3)
+    by_layer: dict[int, list[int]] = {}
+    for seg in plan_segments(LAYOUT, request):
+        by_layer.setdefault(seg.layer, []).append(seg.index)
+    return src, by_layer
+
+
+# ------------------------------------------------------------------ write_layer
+
+
+def test_write_layer_refuses_bad_layers_and_counts_then_the_transfer_still_completes(
+        link: tuple[Receiver, Session]) -> None:
+    rx, session = link
+    req = RequestSpec("r-write", 300, 299)
+    src, by_layer = _by_layer(req)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(req.request_id, dest, layout=LAYOUT, state_position=299)
+    out = session.send(LAYOUT, req)
+    first = min(by_layer)
+    for bad in (999, -1, LAYOUT.num_layers, True, "0", 1.0):
+        with pytest.raises(LayoutMismatch, match="not a layer"):
+            out.write_layer(bad, [])  # type: ignore[arg-type]
+    with pytest.raises(LayoutMismatch, match="segments"):
+        out.write_layer(first, [])  # the layer has segments: none given
+    with pytest.raises(LayoutMismatch, match="segments"):
+        out.write_layer(first, [src[i] for i in by_layer[first]] * 2)
+    with pytest.raises(LayoutMismatch, match="list of buffers"):
+        out.write_layer(first, src[by_layer[first][0]])  # one buffer instead of a list
+    with pytest.raises(InvalidBuffer, match="contiguous"):
+        out.write_layer(first, [np.repeat(src[i], 2)[::2] for i in by_layer[first]])
+    for layer, idx in by_layer.items():
+        out.write_layer(layer, [src[i] for i in idx])
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
+# ------------------------------------------------------------------ expect
+
+
+def test_expect_refuses_a_destination_that_cannot_hold_the_transfer_at_the_call(
+        link: tuple[Receiver, Session]) -> None:
+    rx, session = link
+    req = RequestSpec("r-expect", 300, 299)
+    need = sum(s.nbytes for s in plan_segments(LAYOUT, req))
+    with pytest.raises(LayoutMismatch, match="10 bytes"):
+        rx.expect(req.request_id, np.empty(10, np.uint8), layout=LAYOUT)
+    with pytest.raises(LayoutMismatch, match=f"{need + 1} bytes"):
+        rx.expect(req.request_id, np.empty(need + 1, np.uint8), layout=LAYOUT, state_position=299)
+    with pytest.raises(InvalidBuffer, match="contiguous"):
+        rx.expect(req.request_id, np.empty(2 * need, np.uint8)[::2], layout=LAYOUT)
+    with pytest.raises(InvalidBuffer, match="contiguous"):
+        rx.expect(req.request_id, np.empty(2 * need, np.uint8)[::2])  # without a layout too
+    with pytest.raises(InvalidBuffer, match="read-only"):
+        rx.expect(req.request_id, bytes(need), layout=LAYOUT)
+    with pytest.raises(InvalidBuffer, match="not a buffer"):
+        rx.expect(req.request_id, "not a buffer")
+    with pytest.raises(LayoutMismatch, match="buffers"):
+        rx.expect(req.request_id, [np.empty(8, np.uint8)] * 1000, layout=LAYOUT, state_position=299)
+    with pytest.raises(LayoutError, match="state_position"):
+        rx.expect(req.request_id, np.empty(need, np.uint8), layout=LAYOUT, state_position=-1)
+    # nothing was registered by the refused calls: the request id is still free, and the transfer lands
+    src, by_layer = _by_layer(req)
+    dest = np.empty(need, np.uint8)
+    incoming = rx.expect(req.request_id, dest, layout=LAYOUT, state_position=299)
+    out = session.send(LAYOUT, req)
+    for layer, idx in by_layer.items():
+        out.write_layer(layer, [src[i] for i in idx])
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
+# ------------------------------------------------------------------ RequestSpec
+
+
+@pytest.mark.parametrize("args", [(0, 0), ("10", 5), (10, "5"), (10.0, 5), (10, None), (True, 0), (-1, 0)],
+                         ids=repr)
+def test_request_spec_refuses_meaningless_or_mistyped_token_counts(args: tuple[object, object]) -> None:
+    with pytest.raises(LayoutError):
+        RequestSpec("r", *args)  # type: ignore[arg-type]
+
+
+def test_request_spec_refuses_a_mistyped_prefix_hit() -> None:
+    with pytest.raises(LayoutError, match="int"):
+        RequestSpec("r", 10, 9, {"attn": "3"})  # type: ignore[dict-item]
+    assert RequestSpec("r", 1, 0).state_position == 0  # one token, state before it: the smallest request
+
+
+# ------------------------------------------------------------------ kvwire.cuda block tables
+
+
+def test_unknown_block_table_groups_are_refused_by_stager_and_unstager() -> None:
+    pytest.importorskip("torch")
+    from kvwire.cuda import PinnedPool, Stager, Unstager, allocate_paged_cache
+
+    cache = allocate_paged_cache(LAYOUT, 8, 2)
+    blocks = list(range(-(-300 // cache.block_size)))
+    with PinnedPool(16 << 20, backend="torch") as pool, Stager(cache, pool) as stager, \
+            Unstager(cache, pool) as unstager:
+        with pytest.raises(LayoutMismatch, match="'atn'"):
+            stager.begin(REQ, {"atn": blocks}, 0)  # a typo for attn
+        with pytest.raises(LayoutMismatch, match="'swa'"):
+            unstager.prepare(REQ, {"attn": blocks, "swa": blocks}, 0)  # no swa layer in this model
+        assert pool.in_use_bytes == 0
+        with stager.begin(REQ, {"attn": blocks}, 0) as job:  # the right tables still work
+            assert job.segments
+
+
+# ------------------------------------------------------------------ network errors
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+def test_refused_connection_is_a_connect_error_naming_host_and_port() -> None:
+    port = _closed_port()
+    with pytest.raises(ConnectError, match=f"127.0.0.1:{port}") as e:
+        connect("127.0.0.1", port, key="k")
+    assert isinstance(e.value, OSError) and isinstance(e.value, KvwireError)
+    assert e.value.errno == errno.ECONNREFUSED and (e.value.host, e.value.port) == ("127.0.0.1", port)
+    assert isinstance(e.value.__cause__, ConnectionRefusedError)
+
+
+def test_unresolvable_name_is_a_connect_error_naming_it() -> None:
+    with pytest.raises(ConnectError, match="no-such-host.invalid:7400.*resolve"):
+        connect("no-such-host.invalid", 7400)
+
+
+def test_a_peer_that_never_answers_the_handshake_is_a_connect_timeout_naming_it() -> None:
+    """A listener that accepts TCP but never speaks: the handshake times out after connect_timeout."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectTimeout, match=f"127.0.0.1:{port}") as e:
+            Session("127.0.0.1", port, connect_timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        assert isinstance(e.value, TimeoutError) and isinstance(e.value, ConnectError)
+    finally:
+        srv.close()
+
+
+# ------------------------------------------------------------------ signatures and documentation
+
+
+def test_connect_and_session_take_the_same_explicit_keywords() -> None:
+    c = inspect.signature(connect).parameters
+    s = dict(inspect.signature(Session).parameters)
+    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in c.values())
+    assert [(n, p.kind, p.default) for n, p in c.items()] == [(n, p.kind, p.default) for n, p in s.items()]
+
+
+@pytest.mark.parametrize("obj", [connect, Session, Receiver], ids=lambda o: o.__name__)
+def test_every_parameter_is_documented(obj: object) -> None:
+    doc = inspect.getdoc(obj) or ""
+    params = inspect.signature(obj).parameters  # type: ignore[arg-type]
+    missing = [n for n in params if f"\n    {n}: " not in doc.replace("\n        ", "\n    ")]
+    assert not missing, f"{getattr(obj, '__name__', obj)} does not document {missing}"
+
+
+# ------------------------------------------------------------------ the open-receiver warning
+
+
+def test_a_receiver_on_all_interfaces_without_a_key_warns() -> None:
+    with pytest.warns(InsecureReceiverWarning, match="0.0.0.0"):
+        Receiver("0.0.0.0", 0).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these may warn
+        Receiver("0.0.0.0", 0, key="k").close()
+        Receiver("127.0.0.1", 0).close()
+        Receiver("localhost", 0).close()
+    assert issubclass(InsecureReceiverWarning, kvwire.KvwireWarning)
+
+
+def test_the_warning_does_not_stop_the_receiver_from_working() -> None:
+    with pytest.warns(InsecureReceiverWarning):
+        rx = Receiver("0.0.0.0", 0)
+    try:
+        with connect("127.0.0.1", rx.address[1]) as s:
+            assert s.healthy
+    finally:
+        rx.close()
