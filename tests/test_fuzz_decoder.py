@@ -40,7 +40,7 @@ LIMITS = (F.DEFAULT_LIMITS, SMALL)
 
 
 def _header(rng: random.Random, *, kind: int, length: int, digest: int = 0, flags: int = 0,
-            version: int = 1, magic: bytes = b"KVWR") -> bytes:
+            version: int = F.VERSION, magic: bytes = b"KVWR") -> bytes:
     head = _CHECKED.pack(magic, version, kind, flags, rng.getrandbits(64), rng.getrandbits(32),
                          rng.getrandbits(32), rng.getrandbits(64), length, digest)
     return head + struct.pack("<I", xxhash.xxh32_intdigest(head))
@@ -114,7 +114,7 @@ def _decoder_inputs(rng: random.Random, corpus: list[bytes]) -> Callable[[], tup
                              16 << 20, (16 << 20) + 1, 2**32 - 1, rng.getrandbits(32)])
         kind = rng.choice([KIND_DATA, KIND_CONTROL, KIND_DATA, KIND_CONTROL, 0, 3, rng.getrandbits(8)])
         flags = rng.choice([0, 0, 1, 2, rng.getrandbits(16)])
-        version = rng.choice([1, 1, 1, 0, 2, rng.getrandbits(8)])
+        version = rng.choice([F.VERSION] * 3 + [0, F.VERSION + 1, rng.getrandbits(8)])
         magic = rng.choice([b"KVWR"] * 5 + [b"KVWX", rng.randbytes(4)])
         body = rng.randbytes(min(length, rng.choice([0, 10, 200, 3000])))
         return _header(rng, kind=kind, length=length, flags=flags, version=version, magic=magic) + body

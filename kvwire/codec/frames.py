@@ -17,7 +17,7 @@ A DATA frame is followed by ``length`` payload bytes (one chunk of one transfer'
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import msgpack
@@ -26,7 +26,7 @@ import xxhash
 from ..errors import ProtocolError
 
 MAGIC = b"KVWR"
-VERSION = 1
+VERSION = 2  # 2: lane proofs answer a per-connection receiver nonce (lane/challenge/auth/welcome)
 HEADER = struct.Struct("<4sBBHQIIQIQI")
 HEADER_SIZE = HEADER.size  # 48
 _CHECKED = struct.Struct("<4sBBHQIIQIQ")  # the part the header check covers
@@ -80,6 +80,16 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+#: the largest control message either side reads before the peer has authenticated (the handshake's
+#: messages are a few hundred bytes): an unauthenticated peer can make a side allocate no more than this.
+PREAUTH_MAX_CONTROL = 4096
+
+
+def preauth_limits(limits: Limits) -> Limits:
+    """``limits`` for a connection whose peer has not authenticated yet: control bodies of at most
+    ``PREAUTH_MAX_CONTROL`` bytes (data frames are refused before their body is read in any case)."""
+    return replace(limits, max_control=min(limits.max_control, PREAUTH_MAX_CONTROL))
 
 
 class Header(NamedTuple):

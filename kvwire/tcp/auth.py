@@ -1,9 +1,12 @@
 """Session handshake: version check and mutual pre-shared-key authentication bound to the session.
 
-Owns: the HELLO / CHALLENGE / AUTH / WELCOME exchange on the control connection and the LANE proof on
-each data lane. Proofs are HMAC-SHA256 over both sides' fresh nonces and the session id, so a proof
-cannot be replayed on another session or lane. TLS (``ssl.SSLContext``) wraps the sockets underneath
-and is configured by the caller. Must not know: transfers or buffers.
+Owns: the HELLO / CHALLENGE / AUTH / WELCOME exchange on the control connection and the LANE /
+CHALLENGE / AUTH / WELCOME exchange on each data lane. Proofs are HMAC-SHA256 over both sides' fresh
+nonces and the session id; a lane's proof also covers the lane index and a nonce the receiver draws
+for that one connection, so no proof can be replayed on another session, lane or connection. Until
+the peer has proven the key, control messages are read with ``preauth_limits`` (a few KiB at most).
+TLS (``ssl.SSLContext``) wraps the sockets underneath and is configured by the caller. Must not know:
+transfers or buffers.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..codec.frames import AUTH, CHALLENGE, ERROR, HELLO, LANE, VERSION, WELCOME
+from ..codec.frames import AUTH, CHALLENGE, ERROR, HELLO, LANE, VERSION, WELCOME, preauth_limits
 from ..errors import AuthenticationError, ProtocolError
 from .wire import Channel
 
@@ -32,9 +35,10 @@ class SessionKeys:
     client_nonce: bytes
     server_nonce: bytes
 
-    def lane_proof(self, key: bytes, lane: int) -> bytes:
+    def lane_proof(self, key: bytes, lane: int, lane_nonce: bytes) -> bytes:
+        """The proof for lane ``lane`` on the one connection whose receiver drew ``lane_nonce``."""
         return _proof(key, b"kvwire-lane", self.session_id, self.client_nonce, self.server_nonce,
-                      lane.to_bytes(4, "little"))
+                      lane.to_bytes(4, "little"), lane_nonce)
 
 
 def _expect(ch: Channel, kind: str) -> dict[str, Any]:
@@ -55,6 +59,7 @@ def _bytes(body: dict[str, Any], key: str, n: int) -> bytes:
 
 def client_handshake(ch: Channel, key: bytes, lanes: int) -> tuple[SessionKeys, dict[str, Any]]:
     """Run on the client's control connection. Returns the session keys and the server's limits."""
+    full, ch.limits = ch.limits, preauth_limits(ch.limits)
     nonce_c = os.urandom(NONCE)
     ch.send(HELLO, {"version": VERSION, "nonce": nonce_c, "lanes": lanes})
     body = _expect(ch, CHALLENGE)
@@ -64,13 +69,19 @@ def client_handshake(ch: Channel, key: bytes, lanes: int) -> tuple[SessionKeys, 
     want = _proof(key, b"kvwire-server", keys.session_id, nonce_c, keys.server_nonce)
     if not hmac.compare_digest(_bytes(body, "proof", 32), want):
         raise AuthenticationError("server failed authentication (wrong pre-shared key?)")
+    ch.limits = full
     limits = body.get("limits", {})
     return keys, limits if isinstance(limits, dict) else {}
 
 
 def client_lane(ch: Channel, key: bytes, keys: SessionKeys, lane: int) -> None:
-    ch.send(LANE, {"session": keys.session_id, "lane": lane, "proof": keys.lane_proof(key, lane)})
+    """Open lane ``lane`` of the session: name it, answer the receiver's fresh challenge."""
+    full, ch.limits = ch.limits, preauth_limits(ch.limits)
+    ch.send(LANE, {"session": keys.session_id, "lane": lane})
+    nonce = _bytes(_expect(ch, CHALLENGE), "nonce", NONCE)
+    ch.send(AUTH, {"proof": keys.lane_proof(key, lane, nonce)})
     _expect(ch, WELCOME)
+    ch.limits = full
 
 
 def server_hello(ch: Channel) -> tuple[str, dict[str, Any]]:
@@ -99,10 +110,19 @@ def server_handshake(ch: Channel, key: bytes, hello: dict[str, Any], limits: dic
     return keys
 
 
-def check_lane(key: bytes, keys: SessionKeys, body: dict[str, Any]) -> int:
+def lane_index(body: dict[str, Any]) -> int:
+    """The lane index a LANE message names."""
     lane = body.get("lane")
-    if not isinstance(lane, int) or not 0 <= lane < 1024:
+    if type(lane) is not int or not 0 <= lane < 1024:
         raise ProtocolError("lane index malformed")
-    if not hmac.compare_digest(_bytes(body, "proof", 32), keys.lane_proof(key, lane)):
-        raise AuthenticationError("lane failed authentication")
     return lane
+
+
+def server_lane(ch: Channel, key: bytes, keys: SessionKeys, lane: int) -> None:
+    """Challenge a lane connection with a nonce drawn for it alone; raise unless its proof answers it."""
+    nonce = os.urandom(NONCE)
+    ch.send(CHALLENGE, {"nonce": nonce})
+    body = _expect(ch, AUTH)
+    if not hmac.compare_digest(_bytes(body, "proof", 32), keys.lane_proof(key, lane, nonce)):
+        ch.send(ERROR, {"reason": "lane authentication failed"})
+        raise AuthenticationError("lane failed authentication")

@@ -30,11 +30,18 @@ from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
 from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
-from .auth import SessionKeys, check_lane, server_handshake, server_hello
+from .auth import SessionKeys, lane_index, server_handshake, server_hello, server_lane
+from .gate import HandshakeGate, Ticket
 from .incoming import IncomingTransfer
 from .wire import Channel, drain, recv_exact_into, tune
 
 log = logging.getLogger("kvwire.receiver")
+
+
+def _peer_name(addr: Any) -> str:
+    """``host:port``, bracketed for IPv6."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 Allocator = Callable[[Manifest], Any]
 
@@ -64,6 +71,7 @@ class _Session:
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
+              "handshakes_cut",
               *(f"transfers_{t}" for t in TERMINAL_STATES), *(f"probes_{t}" for t in TERMINAL_STATES))
 
 
@@ -98,8 +106,9 @@ class Receiver:
         transfer_timeout: seconds a transfer (or an ``expect``-ed request that never comes) may take.
         peer_timeout: seconds of silence from a sender after which its session and transfers fail.
         heartbeat: seconds between heartbeats on an idle control connection.
-        handshake_timeout: seconds a new connection has to authenticate.
-        max_handshakes: unauthenticated connections handled at once; more are refused.
+        handshake_timeout: seconds a new connection has to authenticate, in all (not per read).
+        max_handshakes: unauthenticated connections handled at once, at most half of them from one
+            source address; a new one always gets in and the oldest of the busiest source is cut.
         max_probe_bytes: the largest capacity probe (sink transfer) accepted; 0 refuses probes.
     """
 
@@ -142,7 +151,8 @@ class Receiver:
         self.max_handshakes = max_handshakes
         self.max_probe_bytes = max_probe_bytes
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
-        self._handshaking = 0
+        # unauthenticated connections: bounded in number (per source too) and by a total deadline
+        self._gate = HandshakeGate(max_handshakes, max(1, max_handshakes // 2), handshake_timeout)
         self._lock = threading.Lock()
         self._sessions: dict[bytes, _Session] = {}
         self._expected: dict[str, IncomingTransfer] = {}
@@ -215,6 +225,7 @@ class Receiver:
         except OSError:
             pass
         self._listener.close()
+        self._gate.close()
         with self._lock:
             sessions = list(self._sessions.values())
             expected = list(self._expected.values())
@@ -246,11 +257,14 @@ class Receiver:
         chunks that passed their hash check, or unhashed ones), ``probe_bytes_received`` (sink transfers),
         ``chunks_rejected`` (failed the hash check: NACKed), ``transfers_<state>`` and ``probes_<state>``
         per terminal state of transfers that began, ``auth_failures``, ``connections_refused`` (over
-        the connection/handshake bounds); and the current ``sessions``, ``lanes``,
-        ``transfers_in_flight``."""
+        the connection bound), ``handshakes_cut`` (unauthenticated connections cut to make room for a
+        newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
+        ``transfers_in_flight``, ``handshakes``."""
         with self._count_lock:
             out = {k: 0 for k in _STAT_KEYS}
             out.update(self._counts)
+        out["handshakes_cut"] = self._gate.evicted + self._gate.expired
+        out["handshakes"] = len(self._gate)
         with self._lock:
             sessions = list(self._sessions.values())
         out["sessions"] = len(sessions)
@@ -283,35 +297,32 @@ class Receiver:
             except OSError:
                 return
             with self._lock:
-                # unauthenticated connections are bounded on their own: they cost a thread each
-                over = (len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
-                        or self._handshaking >= self.max_handshakes)
+                over = len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
                 if not over:
                     self._conns.add(sock)
-                    self._handshaking += 1
             if over:
                 self._count("connections_refused")
                 sock.close()
                 continue
-            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, f"{addr[0]}:{addr[1]}")
+            # a new connection always gets a handshake slot: the gate cuts the oldest of the busiest source
+            ticket = self._gate.admit(sock, addr[0])
+            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, ticket, _peer_name(addr))
 
-    def _connection(self, raw: socket.socket, peer: str) -> None:
+    def _connection(self, raw: socket.socket, ticket: Ticket, peer: str) -> None:
         ch: Channel | None = None
         sock = raw
-        pending = [True]
 
         def authenticated() -> None:
-            with self._lock:
-                if pending[0]:
-                    pending[0] = False
-                    self._handshaking -= 1
+            assert ch is not None
+            self._gate.done(ticket)
+            ch.limits = self.limits  # full-size control messages only from an authenticated peer
 
         try:
             tune(sock, self.peer_timeout)
-            sock.settimeout(self.handshake_timeout)
+            sock.settimeout(self.handshake_timeout)  # the gate's reap() enforces the total deadline
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            ch = Channel(sock, self.limits)
+                sock = ticket.sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            ch = Channel(sock, F.preauth_limits(self.limits))
             kind, body = server_hello(ch)
             if kind == F.HELLO:
                 self._control(ch, body, peer, authenticated)
@@ -322,7 +333,7 @@ class Receiver:
                 self._count("auth_failures")
             log.info("connection from %s ended: %s: %s", peer, type(e).__name__, e)
         finally:
-            authenticated()
+            self._gate.done(ticket)
             if ch is not None:
                 ch.close()
             else:
@@ -521,7 +532,8 @@ class Receiver:
         if s is None:
             ch.send(F.ERROR, {"reason": "unknown session"})
             return
-        lane = check_lane(self.key, s.keys, body)
+        lane = lane_index(body)
+        server_lane(ch, self.key, s.keys, lane)
         authenticated()
         with s.lock:
             if s.closed or (lane not in s.lanes and len(s.lanes) >= self.max_lanes):
@@ -608,6 +620,7 @@ class Receiver:
         tick = min(self.heartbeat, 0.25)
         while not self._closed.wait(tick):
             now = time.monotonic()
+            self._gate.reap(now)
             with self._lock:
                 sessions = list(self._sessions.values())
                 late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
