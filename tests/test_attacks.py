@@ -1,0 +1,266 @@
+"""Attacks on real loopback sockets: slow-loris and oversized-claim floods before authentication, replayed
+lane handshakes, and an authenticated peer sending malformed control messages.
+
+Each prints the number it measures (RSS growth, connect time) so ``pytest -s`` shows it."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import xxhash
+from helpers import payload, wait_until
+
+from kvwire import Receiver, State, connect, plan_segments
+from kvwire.codec import frames as F
+from kvwire.codec.fixtures import default_request, load_fixture
+
+
+def rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Loris:
+    """``n`` connections that each send ``first`` and then one more byte every ``period`` s."""
+
+    def __init__(self, address: tuple[str, int], n: int, first: bytes, period: float) -> None:
+        self.socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        for _ in range(n):
+            c = socket.create_connection(address)
+            try:
+                c.sendall(first)
+            except OSError:
+                pass
+            self.socks.append(c)
+        self._t = threading.Thread(target=self._drip, args=(period,), daemon=True)
+        self._t.start()
+
+    def _drip(self, period: float) -> None:
+        while not self._stop.wait(period):
+            for c in self.socks:
+                try:
+                    c.send(b"\0")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+        for c in self.socks:
+            c.close()
+
+
+@pytest.fixture
+def small() -> Iterator[tuple]:  # type: ignore[type-arg]
+    layout = load_fixture("tiny-llama")
+    req = default_request("legit")
+    yield layout, req, payload(layout, req)
+
+
+def _send_one(address: tuple[str, int], rx: Receiver, small: tuple, key: str = "k") -> None:  # type: ignore[type-arg]
+    layout, req, src = small
+    dst = np.zeros(sum(s.nbytes for s in plan_segments(layout, req)), np.uint8)
+    h_rx = rx.expect(req.request_id, dst, layout=layout)
+    with connect(*address, key=key, lanes=4, connect_timeout=5) as s:
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(10)
+    h_rx.result(10)
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_slow_loris_handshakes_do_not_keep_a_client_out(small: tuple, no_leaks: None) -> None:  # type: ignore[type-arg]
+    """128 connections trickling a header one byte every 3 s (default max_handshakes=128): a
+    legitimate client on the same source address still connects and transfers within 2 s."""
+    with Receiver(key="k") as rx:
+        loris = Loris(rx.address, 128, F.MAGIC[:1], period=3.0)
+        try:
+            t0 = time.monotonic()
+            _send_one(rx.address, rx, small)
+            took = time.monotonic() - t0
+            print(f"\nlegit connect+transfer under 128 slow handshakes: {took:.3f} s; "
+                  f"handshakes cut: {rx.stats()['handshakes_cut']}")
+            assert took < 2.0
+        finally:
+            loris.close()
+
+
+def test_handshake_deadline_is_total_not_per_read(no_leaks: None) -> None:
+    """A peer that sends a byte every 0.3 s never trips a 1 s per-read timeout; the total deadline cuts it."""
+    with Receiver(key="k", handshake_timeout=1.0) as rx:
+        loris = Loris(rx.address, 1, F.MAGIC[:1], period=0.3)
+        try:
+            c = loris.socks[0]
+            c.settimeout(6.0)
+            t0 = time.monotonic()
+            try:
+                while c.recv(4096):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+            took = time.monotonic() - t0
+            assert took < 3.0, f"slow handshake lived {took:.1f} s"
+        finally:
+            loris.close()
+
+
+def test_oversized_claims_before_auth_allocate_nothing(no_leaks: None) -> None:
+    """128 connections each send a valid control header claiming a 4 MiB body, then 64 KiB of it:
+    nothing is allocated for them (the limit before authentication is a few KiB)."""
+    head = F.pack_header(F.KIND_CONTROL, 0, 0, 0, 0, 4 * 1024 * 1024, 0)
+    with Receiver(key="k") as rx:
+        gc.collect()
+        before = rss()
+        socks = []
+        try:
+            for _ in range(128):
+                c = socket.create_connection(rx.address)
+                socks.append(c)
+                try:
+                    c.sendall(head + b"\xa5" * 65536)
+                except OSError:
+                    pass
+            time.sleep(0.5)
+            grown = rss() - before
+            print(f"\nRSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
+            assert grown < 32 * 2**20
+        finally:
+            for c in socks:
+                c.close()
+
+
+class RecordingProxy:
+    """A TCP proxy that records every byte each client connection sent, in connection order."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.sent: list[bytearray] = []
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.target)
+            rec = bytearray()
+            self.sent.append(rec)
+            self._socks += [c, u]
+            self._spawn(self._pump, c, u, rec)
+            self._spawn(self._pump, u, c, None)
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket, rec: bytearray | None) -> None:
+        try:
+            while data := a.recv(65536):
+                if rec is not None:
+                    rec += data
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+        for s in self._socks:
+            s.close()
+
+
+def _frames(raw: socket.socket, timeout: float) -> list[str]:
+    """Control message kinds the peer sends until it closes (or ``timeout``)."""
+    dec = F.FrameDecoder()
+    kinds: list[str] = []
+    raw.settimeout(timeout)
+    try:
+        while data := raw.recv(65536):
+            kinds += [f.kind for f in dec.feed(data) if isinstance(f, F.ControlFrame)]
+    except (OSError, F.ProtocolError):
+        pass
+    return kinds
+
+
+def test_replayed_lane_handshake_is_refused(no_leaks: None) -> None:
+    """Someone who saw a lane's handshake replays it and then writes a forged chunk: refused, the live lane
+    is untouched, and every layer reported ready holds the sender's bytes."""
+    layout = load_fixture("tiny-llama")
+    req = default_request("victim")
+    src = payload(layout, req)
+    flat = b"".join(a.tobytes() for a in src)
+    dst = np.zeros(len(flat), np.uint8)
+    with Receiver(key="k") as rx:
+        proxy = RecordingProxy(rx.address)
+        try:
+            with connect(*proxy.address, key="k", lanes=1) as s:
+                assert wait_until(lambda: len(proxy.sent) == 2 and len(proxy.sent[1]) > 0, 5)
+                time.sleep(0.2)  # the whole lane handshake has gone through
+                captured = bytes(proxy.sent[1])
+                h_rx = rx.expect(req.request_id, dst, layout=layout)
+                seen: dict[int, bytes] = {}
+                segs = plan_segments(layout, req)
+                offs = np.cumsum([0] + [x.nbytes for x in segs])
+
+                def on_layer(layer: int) -> None:
+                    idx = [i for i, x in enumerate(segs) if x.layer == layer]
+                    seen[layer] = dst[offs[idx[0]]:offs[idx[-1] + 1]].tobytes()
+
+                h_rx.on_layer(on_layer)
+                out = s.send(layout, req)
+                assert wait_until(lambda: h_rx.manifest is not None, 5)
+                assert h_rx.plan is not None and h_rx.manifest is not None
+                tid = h_rx.manifest.transfer_id
+                # the replay, straight to the receiver, then a forged chunk 0 with its own valid hash
+                with socket.create_connection(rx.address) as evil:
+                    evil.sendall(captured)
+                    n = h_rx.plan.lengths[0]
+                    forged = b"\x66" * n
+                    try:
+                        evil.sendall(F.pack_data_header(tid, 0, h_rx.plan.layers[0], h_rx.plan.offsets[0], n,
+                                                        xxhash.xxh3_64_intdigest(forged)) + forged)
+                    except OSError:
+                        pass
+                    kinds = _frames(evil, 3.0)
+                assert F.WELCOME not in kinds, f"replayed lane handshake accepted: {kinds}"
+                assert s.alive_lanes == 1 and s.stats()["lane_reconnects"] == 0
+                assert rx.stats()["lanes"] == 1
+                out.write_all(src)
+                out.finish().result(10)
+                h_rx.result(10)
+                assert dst.tobytes() == flat
+                assert len(seen) == layout.num_layers
+                for layer, got in seen.items():
+                    idx = [i for i, x in enumerate(segs) if x.layer == layer]
+                    assert got == flat[offs[idx[0]]:offs[idx[-1] + 1]], f"layer {layer} ready with foreign bytes"
+                assert h_rx.state is State.DONE
+        finally:
+            proxy.close()
