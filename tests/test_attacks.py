@@ -264,3 +264,80 @@ def test_replayed_lane_handshake_is_refused(no_leaks: None) -> None:
                 assert h_rx.state is State.DONE
         finally:
             proxy.close()
+
+
+# ---------------------------------------------------------------- the bench's control port
+
+
+@pytest.fixture
+def bench_server() -> Iterator[tuple[str, int]]:
+    from kvwire.bench.server import BenchServer, ServerConfig
+
+    server = BenchServer(ServerConfig(bind="127.0.0.1", port=0, data_port=0, key=b"k", pool_bytes=64 << 20),
+                         log=lambda _: None)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        yield server.address
+    finally:
+        server.close()
+        t.join(5)
+
+
+def test_bench_control_port_allocates_nothing_for_unauthenticated_claims(bench_server: tuple[str, int]) -> None:
+    import struct
+
+    from kvwire.bench.control import MAGIC, PROTOCOL
+
+    head = struct.pack("<4sBI", MAGIC, PROTOCOL, 4 * 1024 * 1024)
+    gc.collect()
+    before = rss()
+    socks = []
+    try:
+        for _ in range(128):
+            c = socket.create_connection(bench_server)
+            socks.append(c)
+            try:
+                c.sendall(head + b"\xa5" * 65536)
+            except OSError:
+                pass
+        time.sleep(0.5)
+        grown = rss() - before
+        print(f"\nbench control port: RSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
+        assert grown < 32 * 2**20
+    finally:
+        for c in socks:
+            c.close()
+
+
+def test_bench_control_port_serves_a_client_under_slow_handshakes(bench_server: tuple[str, int]) -> None:
+    from kvwire.bench.control import MAGIC, client_connect
+
+    loris = Loris(bench_server, 128, MAGIC[:1], period=3.0)
+    try:
+        t0 = time.monotonic()
+        ch, welcome = client_connect(*bench_server, b"k", timeout=2.0)
+        took = time.monotonic() - t0
+        ch.close()
+        print(f"\nbench control handshake under 128 slow handshakes: {took:.3f} s")
+        assert welcome["op"] == "welcome" and took < 2.0
+    finally:
+        loris.close()
+
+
+def test_bench_control_port_bounds_connections(bench_server: tuple[str, int]) -> None:
+    """200 idle connections: at most MAX_CONTROL_CONNECTIONS handler threads, and a client still gets in."""
+    from kvwire.bench.control import client_connect
+    from kvwire.bench.server import MAX_CONTROL_CONNECTIONS
+
+    socks = [socket.create_connection(bench_server) for _ in range(200)]
+    try:
+        time.sleep(0.5)
+        handlers = sum(1 for t in threading.enumerate() if t.name == "kvwire-bench-ctl")
+        print(f"\nbench control handler threads for 200 idle connections: {handlers}")
+        assert handlers <= MAX_CONTROL_CONNECTIONS
+        ch, _ = client_connect(*bench_server, b"k", timeout=2.0)
+        ch.close()
+    finally:
+        for c in socks:
+            c.close()

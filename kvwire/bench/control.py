@@ -1,7 +1,8 @@
 """The bench's side channel: one TCP connection per test beside the kvwire session, msgpack frames.
 
 Owns: the frame format (``"KVBN"``, protocol version u8, length u32, then a msgpack map with an ``"op"``),
-bounded reads with deadlines, the mutual HMAC handshake over the pre-shared key, and the clear errors a
+bounded reads with deadlines, the mutual HMAC handshake over the pre-shared key (one total deadline,
+messages of at most ``PREAUTH_BODY`` bytes until the peer has proven the key), and the clear errors a
 client gets from a peer that is not a kvwire-bench server. Must not know: kvwire sessions, layouts,
 payloads or reports. Nothing is pickled; every length read from the peer is bounded before it is used.
 
@@ -31,6 +32,8 @@ MAGIC = b"KVBN"
 PROTOCOL = 1
 _HEADER = struct.Struct("<4sBI")
 MAX_BODY = 4 * 1024 * 1024
+#: the largest message read from a peer that has not authenticated (the handshake's are < 300 bytes)
+PREAUTH_BODY = 4096
 HANDSHAKE_TIMEOUT = 2.0
 
 
@@ -44,6 +47,7 @@ class Channel:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.max_body = PREAUTH_BODY  # raised to MAX_BODY once the handshake authenticated the peer
         self._wlock = threading.Lock()
         self._hdr = bytearray(_HEADER.size)
         self.closed = False
@@ -68,10 +72,12 @@ class Channel:
                 raise PeerGone(f"{self.peer} closed the connection{what}")
             got += n
 
-    def recv(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next message. Raises PeerError (not our protocol), PeerGone (EOF) or socket.timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if timeout is None:
+    def recv(self, timeout: float | None = None, deadline: float | None = None) -> dict[str, Any]:
+        """The next message within ``timeout`` s or by the monotonic ``deadline``. Raises PeerError (not
+        our protocol), PeerGone (EOF) or socket.timeout."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout if deadline is None else min(deadline, time.monotonic() + timeout)
+        if deadline is None:
             self.sock.settimeout(None)
         view = memoryview(self._hdr)
         self._read_exact(view, deadline, "")
@@ -81,8 +87,8 @@ class Channel:
         if version != PROTOCOL:
             raise PeerError(f"{self.peer} speaks kvwire-bench control protocol v{version}, "
                             f"this side speaks v{PROTOCOL}: use the same kvwire version on both ends")
-        if not 0 < length <= MAX_BODY:
-            raise PeerError(f"{self.peer} sent a control frame of {length} bytes (limit {MAX_BODY})")
+        if not 0 < length <= self.max_body:
+            raise PeerError(f"{self.peer} sent a control frame of {length} bytes (limit {self.max_body})")
         body = bytearray(length)
         self._read_exact(memoryview(body), deadline, " in the middle of a message")
         try:
@@ -144,6 +150,7 @@ def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext
             raise PeerError(f"{peer} failed authentication: the pre-shared keys (--key) differ")
         ch.send("auth", proof=_proof(key, b"client", nonce_c, nonce_s))
         expect(ch.recv(max(0.0, deadline - time.monotonic())), "ok", peer)
+        ch.max_body = MAX_BODY
         ch.sock.settimeout(None)
         return ch, welcome
     except TimeoutError:
@@ -159,10 +166,11 @@ def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext
         raise
 
 
-def server_handshake(ch: Channel, key: bytes, welcome: dict[str, Any], timeout: float = 5.0) -> None:
-    """Answer a client's hello and check its proof; raises PeerError (after telling the client why) on any
-    mismatch. The caller then sends ``ok`` (or ``error`` when it cannot run the test)."""
-    hello = ch.recv(timeout)
+def server_handshake(ch: Channel, key: bytes, welcome: dict[str, Any], deadline: float) -> None:
+    """Answer a client's hello and check its proof by the monotonic ``deadline`` (the whole handshake,
+    not each read); raises PeerError (after telling the client why) on any mismatch. The caller then
+    sends ``ok`` (or ``error`` when it cannot run the test)."""
+    hello = ch.recv(deadline=deadline)
     if hello["op"] != "hello" or hello.get("v") != PROTOCOL:
         ch.send("error", reason=f"expected hello v{PROTOCOL}, got {hello['op']!r} v{hello.get('v')!r}")
         raise PeerError(f"{ch.peer}: bad hello")
@@ -172,9 +180,10 @@ def server_handshake(ch: Channel, key: bytes, welcome: dict[str, Any], timeout: 
         raise PeerError(f"{ch.peer}: malformed hello")
     nonce_s = os.urandom(16)
     ch.send("welcome", v=PROTOCOL, nonce=nonce_s, proof=_proof(key, b"server", nonce_c, nonce_s), **welcome)
-    auth = ch.recv(timeout)
+    auth = ch.recv(deadline=deadline)
     proof = auth.get("proof")
     if (auth["op"] != "auth" or not isinstance(proof, bytes)
             or not hmac.compare_digest(proof, _proof(key, b"client", nonce_c, nonce_s))):
         ch.send("error", reason="authentication failed (wrong --key?)")
         raise PeerError(f"{ch.peer} failed authentication")
+    ch.max_body = MAX_BODY

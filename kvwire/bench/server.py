@@ -28,6 +28,7 @@ from ..codec.transfer import State
 from ..congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from ..errors import PoolExhausted
 from ..metrics import Metrics, MetricsServer
+from ..tcp.gate import HandshakeGate, Ticket
 from ..tcp.receiver import IncomingTransfer, Receiver
 from .control import Channel, server_handshake
 from .errors import BenchError, PeerError, PeerGone
@@ -35,6 +36,12 @@ from .payload import Pattern
 from .pool import BufferPool, Lease
 
 HEARTBEAT_TIMEOUT = 10.0
+#: control connections: at most this many at once (one runs a test, the rest are told "busy" or are
+#: mid-handshake); of those at most MAX_HANDSHAKES unauthenticated (half per source, the oldest of the
+#: busiest source cut to make room), each cut after CONTROL_HANDSHAKE_TIMEOUT s in all.
+MAX_CONTROL_CONNECTIONS = 32
+MAX_HANDSHAKES = 16
+CONTROL_HANDSHAKE_TIMEOUT = 5.0
 
 
 def proc_status_bytes(field_name: str) -> int | None:
@@ -149,7 +156,8 @@ class BenchServer:
         self._closed = threading.Event()
         self._shut = False
         self.last_test_ok: bool | None = None
-        self._listener = socket.create_server((cfg.bind, cfg.port), backlog=16)
+        self._gate = HandshakeGate(MAX_HANDSHAKES, MAX_HANDSHAKES // 2, CONTROL_HANDSHAKE_TIMEOUT)
+        self._listener = socket.create_server((cfg.bind, cfg.port), backlog=128)
         try:
             self.rx = Receiver(cfg.bind, cfg.data_port, key=cfg.key, ssl_context=cfg.ssl_context,
                                allocator=self._allocate, on_transfer=self._on_transfer,
@@ -180,17 +188,23 @@ class BenchServer:
         self._listener.settimeout(0.5)
         threads: list[threading.Thread] = []
         while not self._closed.is_set():
+            self._gate.reap()
             try:
                 sock, addr = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 break
-            t = threading.Thread(target=self._client, args=(sock, f"{addr[0]}:{addr[1]}"),
+            threads = [x for x in threads if x.is_alive()]
+            if len(threads) >= MAX_CONTROL_CONNECTIONS:
+                sock.close()
+                continue
+            ticket = self._gate.admit(sock, addr[0])
+            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+            t = threading.Thread(target=self._client, args=(sock, ticket, peer),
                                  name="kvwire-bench-ctl", daemon=True)
             t.start()
             threads.append(t)
-            threads = [x for x in threads if x.is_alive()]
         for t in threads:
             t.join(5)
         return 0 if self.last_test_ok in (None, True) else 1
@@ -209,6 +223,7 @@ class BenchServer:
             self._listener.close()
         except OSError:
             pass
+        self._gate.close()
         with self._lock:
             tests = list(self._tests.values())
         for test in tests:
@@ -219,18 +234,20 @@ class BenchServer:
         self._verify_q.put(None)
         self._verifier.join(5)
 
-    def _client(self, sock: socket.socket, peer: str) -> None:
+    def _client(self, sock: socket.socket, ticket: Ticket, peer: str) -> None:
         test: _Test | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(5.0)
+            sock.settimeout(CONTROL_HANDSHAKE_TIMEOUT)  # per read; the gate cuts the handshake in all
             if self.cfg.ssl_context is not None:
-                sock = self.cfg.ssl_context.wrap_socket(sock, server_side=True)
+                sock = ticket.sock = self.cfg.ssl_context.wrap_socket(sock, server_side=True)
             ch = Channel(sock, peer)
             run = secrets.token_hex(4)
             server_handshake(ch, self.cfg.key, {"data_port": self.data_address[1], "run": run,
                                                 "server": f"kvwire-bench {__version__}",
-                                                "pool_bytes": self.cfg.pool_bytes})
+                                                "pool_bytes": self.cfg.pool_bytes},
+                             ticket.deadline)
+            self._gate.done(ticket)
             with self._lock:
                 busy = self._active
                 if busy is None:
@@ -248,6 +265,7 @@ class BenchServer:
                 if test is None else "mid-test"
             self.log(f"Connection from {peer} ended {stage}: {type(e).__name__}: {e or 'timed out'}")
         finally:
+            self._gate.done(ticket)
             if test is not None:
                 self._end_test(test)
             else:
