@@ -8,9 +8,9 @@ import math
 import pytest
 
 import kvwire
-from kvwire.prfaas import model
+from kvwire.prfaas import model, paper
+from kvwire.prfaas.lengths import Empirical, expect
 from kvwire.prfaas.model import (
-    GBPS,
     MIB,
     DecodeProfile,
     Deployment,
@@ -22,11 +22,12 @@ from kvwire.prfaas.model import (
 from kvwire.prfaas.workload import lognormal_lengths
 
 LINEAR = PrefillProfile((100.0, 200.0), (1.0, 2.0))  # T(l) = l / 100 s
+SLOWER = PrefillProfile((100.0, 200.0), (2.0, 4.0))  # T(l) = l / 50 s
 
 
 def small_dep(n_prfaas: int = 2, n_pd: int = 4, b_out: float = 1e9) -> Deployment:
-    # decode: 10 sequences, 0.1 s/step, 100 output tokens -> 1 req/s per instance
-    return Deployment(LINEAR, LINEAR.scaled(2), KvSize(1000.0, 10.0), DecodeProfile(0.1, 10, 100),
+    # decode: 10 sequences, 0.1 s/step, 100 output tokens -> 1 req/s per instance; S_kv(l) = 1000 + 10 l
+    return Deployment(LINEAR, SLOWER, KvSize((0.0, 100.0), (1000.0, 2000.0)), DecodeProfile(0.1, 10, 100),
                       n_prfaas, n_pd, b_out)
 
 
@@ -42,16 +43,17 @@ def test_table5_phi_kv_reproduces_the_gbps_column() -> None:
         assert model.phi_kv(mib * MIB, secs) * 8e-9 == pytest.approx(gbps, abs=0.03)
 
 
-def test_table5_fit_and_profile() -> None:
-    kv = model.table5_kv()
-    assert kv.fixed_bytes / MIB == pytest.approx(172, abs=1)  # the digest's fit: 172 MiB + 16.7 KiB/token
-    assert kv.bytes_per_token / 1024 == pytest.approx(16.7, abs=0.1)
-    for n, mib in zip(model.TABLE5_LENGTHS, model.TABLE5_KV_MIB):
-        assert kv.s_kv(n) / MIB == pytest.approx(mib, rel=0.015)
-    prof = model.table5_profile()
-    assert prof.t_prefill(8192) == pytest.approx(0.72)
+def test_table5_curves_interpolate_the_measured_points() -> None:
+    kv, prof = model.table5_kv(), model.table5_profile()
+    for n, mib, secs in zip(model.TABLE5_LENGTHS, model.TABLE5_KV_MIB, model.TABLE5_SECONDS):
+        assert kv.s_kv(n) / MIB == pytest.approx(mib) and prof.t_prefill(n) == pytest.approx(secs)
+    assert kv.s_kv((8192 + 32768) / 2) / MIB == pytest.approx((308.9 + 701.3) / 2)
     assert prof.t_prefill((32768 + 131072) / 2) == pytest.approx((1.84 + 7.40) / 2)
     assert prof.t_prefill(262144) > 7.40 and prof.t_prefill(128) < 0.44
+    with pytest.raises(ValueError):
+        PrefillProfile((1.0, 1.0), (1.0, 2.0))
+    with pytest.raises(ValueError):
+        KvSize((1.0, 2.0), (1.0, float("nan")))
 
 
 def test_equations_on_a_hand_computed_case() -> None:
@@ -109,19 +111,85 @@ def test_grid_search_finds_the_brute_force_maximum() -> None:
     assert model.plan(dep, samples).lam_max == pytest.approx(brute)
 
 
-def test_paper_case_study_cross_check() -> None:
-    """§4 / Table 6 as far as our backed-out H20 and decode constants allow (see paper_deployment)."""
+def test_a_distribution_and_its_samples_give_the_same_split() -> None:
+    """The closed-form truncated log-normal against 200k samples of it (and the empirical prefix sums)."""
+    d = paper.workload()
+    samples = lognormal_lengths(200_000, seed=7)
+    assert d.mean == pytest.approx(27486, rel=1e-3) and sum(samples) / len(samples) == pytest.approx(d.mean, rel=0.01)
+    emp = Empirical(samples)
+    for t in (4000.0, 19400.0, 60000.0):
+        exact, sampled = split_lengths(d, t), split_lengths(emp, t)
+        assert exact.p == pytest.approx(sampled.p, abs=0.005)
+        assert exact.l_long == pytest.approx(sampled.l_long, rel=0.01)
+        assert exact.l_short == pytest.approx(sampled.l_short, rel=0.01)
+    # E[T(L)] over a side, exactly, against the sample mean of T(l)
+    prof = model.table5_profile()
+    long = [x for x in samples if x > 19400]
+    assert expect(d, prof.pieces(), 19400, math.inf) / d.prob(19400, math.inf) == pytest.approx(
+        sum(prof.t_prefill(x) for x in long) / len(long), rel=0.01)
+    assert d.quantile(0.9) == pytest.approx(sorted(samples)[180_000], rel=0.01)
+
+
+def test_h20_curve_is_derived_from_table6_and_grows_against_h200() -> None:
+    """The issue: the H20/H200 ratio grows from ~2.3x at 10K to ~2.7x at 27.5K; a constant factor cannot fit."""
+    h20, h200, d = paper.h20_profile(), model.table5_profile(), paper.workload()
+    s = split_lengths(d, 19400)
+    assert 3 / h20(s.l_short) == pytest.approx(1.64, rel=1e-9)  # Eq 4 with N_p = 3 gives Table 6's Θ_pd-p
+    assert 9 / h20(d.mean) == pytest.approx(2.11, rel=1e-9)  # homogeneous, N_p = 9
+    assert h20(d.quantile(0.9)) == pytest.approx(9.73, rel=1e-9)  # the homogeneous P90 TTFT
+    assert h20(10_000) / h200(10_000) == pytest.approx(2.3, abs=0.06)
+    assert h20(27_500) / h200(27_500) == pytest.approx(2.7, abs=0.06)
+    ratios = [h20(x) / h200(x) for x in (8192, 16384, 32768, 65536, 131072)]
+    assert all(a < b for a, b in itertools.pairwise(ratios))
+
+
+def _table6_misses(cases: dict[str, model.Throughput]) -> list[str]:
+    out = []
+    for name, row, ours, want in paper.table6_rows(cases):
+        ok = ours == want if row in ("n_p", "n_d") else abs(ours - want) <= 0.05 * want
+        if not ok:
+            out.append(f"{name}.{row}: {ours:.4g} vs {want:.4g}")
+    return out
+
+
+def test_paper_case_reproduces_every_row_of_table6() -> None:
+    cases = model.paper_cases()
+    assert _table6_misses(cases) == []
+    rows = {(n, k) for n, k, _, _ in paper.table6_rows(cases)}
+    assert len(rows) == 20  # t, N_p, N_d, Θ x3 (x2 naive, x2 homog.), Λ_max, ratio: every row is checked
+    best = cases["prfaas-pd"]
+    assert best.split.p == pytest.approx(paper.OFFLOADED_SHARE, rel=0.05)
+    assert best.split.l_long == pytest.approx(paper.OFFLOADED_MEAN, rel=0.05)
+    assert best.egress * 8e-9 == pytest.approx(paper.EGRESS_GBPS, rel=0.1) and best.bottleneck == "prfaas"
+    assert (cases["homogeneous"].split.p, cases["naive"].split.p) == (0, 1)
+
+
+def test_table6_check_fails_for_a_constant_scaled_h20_curve() -> None:
+    """Negative control: the old Table 5 x 2.65 H20 curve picks 4/4/4 and misses Θ rows."""
     dep = model.paper_deployment()
-    samples = lognormal_lengths(20000, seed=1)
-    assert sum(samples) / len(samples) == pytest.approx(27000, rel=0.05)  # "mean about 27K"
-    at = split_lengths(samples, 19400)
-    assert at.p == pytest.approx(0.496, abs=0.03) and at.l_long == pytest.approx(44000, rel=0.05)
-    assert model.theta_prfaas(dep, at.l_long) == pytest.approx(1.61, rel=0.05)
-    homo = model.plan(Deployment(dep.prfaas, dep.pd, dep.kv, dep.decode, 0, 12, 0.0), samples)
-    assert (homo.n_p, homo.n_d, homo.split.p) == (9, 3, 0) and homo.lam_max == pytest.approx(2.11, rel=0.05)
-    naive = throughput(dep, split_lengths(samples, 0), 0, 8)
-    assert naive.lam_max == pytest.approx(2.45, rel=0.05)
-    best = model.plan(dep, samples)
-    assert best.lam_max / homo.lam_max > 1.4  # the paper: 1.54x
-    assert best.egress < 0.2 * dep.b_out  # far from egress-bound: ~13 Gbps of 100 in the paper
-    assert 8 * GBPS < best.egress and not math.isinf(best.lam_max)
+    h200 = model.table5_profile()
+    scaled = Deployment(dep.prfaas, PrefillProfile(h200.lengths, [y * 2.65 for y in h200.seconds]), dep.kv,
+                        dep.decode, dep.n_prfaas, dep.n_pd, dep.b_out)
+    homo = Deployment(dep.prfaas, scaled.pd, dep.kv, dep.decode, 0, 12, dep.b_out)
+    d = paper.workload()
+    cases = {"prfaas-pd": model.plan(scaled, d), "homogeneous": model.plan(homo, d),
+             "naive": model.evaluate(scaled, d, 0, 0, 8)}
+    assert (cases["prfaas-pd"].n_p, cases["prfaas-pd"].n_d) == (4, 4)
+    assert any(m.startswith("prfaas-pd.n_p") for m in _table6_misses(cases))
+
+
+def test_the_optimum_is_deterministic_and_the_same_on_the_time_average() -> None:
+    d = paper.workload()
+    dep = model.paper_deployment()
+    a, b = model.plan(dep, d), model.plan(dep, paper.workload())
+    assert a == b  # no sampling: the same numbers, bit for bit
+    # the refinement lands where Eq 7's sides meet (Θ_prfaas/p = Θ_pd-p/(1-p))
+    assert a.theta_prfaas / a.split.p == pytest.approx(a.theta_pdp / (1 - a.split.p), rel=1e-6)
+    timed = model.plan(dep, d, averaging="time")
+    assert (timed.n_p, timed.n_d) == (3, 5) and timed.split.t == pytest.approx(a.split.t, rel=0.05)
+    # E[T(L)] >= T(E[L]) for a convex curve: the time average never sustains more
+    assert timed.lam_max < a.lam_max
+    # samples (the router's re-plan) agree with the exact optimum
+    for seed in range(3):
+        s = model.plan(dep, lognormal_lengths(20_000, seed=seed))
+        assert (s.n_p, s.n_d) == (3, 5) and s.lam_max == pytest.approx(a.lam_max, rel=0.02)

@@ -1,93 +1,60 @@
-"""The PrfaaS throughput model (arXiv 2604.15039 §3.4, Eq 1-8) and the 2-D grid search over t and N_p/N_d.
+"""The PrfaaS throughput model (arXiv 2604.15039 §3.4, Eq 1-8) and the 2-D search over t and N_p/N_d.
 
-Owns: KV size S_kv(l) (from a ``ModelLayout`` or fitted to a profile), prefill latency T_prefill(l)
-(piecewise-linear over a measured table), Φ_kv, the length split (p, l_long, l_short) of an empirical
-distribution, the three stage throughputs, Λ_max, and ``plan``. Pure: numbers in, numbers out.
-Must not know: sockets, threads, clocks, kvwire transfers, or how requests are routed at run time.
+Owns: Φ_kv, the length split (p, l_long, l_short) of a length distribution, each path's per-request cost,
+the three stage throughputs, Λ_max, ``plan`` (a deterministic optimum) and the §4 deployments.
+Pure: numbers in, numbers out. Must not know: sockets, threads, clocks, kvwire transfers, or how
+requests are routed at run time.
+
+Two ways to average a path's per-request cost over the lengths it gets (``averaging``):
+
+* ``"length"`` — the paper's Eq 3-4 as written: T_prefill and S_kv at the mean length, T(E[L | side]).
+  This is what Table 6 is computed with, so the paper case reproduces it this way.
+* ``"time"`` — E[T(L) | side] and E[S(L) | side]: what a FIFO instance really sustains when each request
+  takes its own T(l). T is convex in l, so this is lower (by Jensen: 2-5 % on the paper case); the
+  simulator, which gives each request its own T(l), agrees with this one.
 
 Units: lengths in tokens, sizes in bytes, times in seconds, rates in requests/s, bandwidth in bytes/s.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..codec.layout import ModelLayout
+from . import paper
+from .lengths import Empirical, LengthDist, TruncatedLogNormal, expect
+from .profile import (
+    GBPS,
+    MIB,
+    TABLE5_GBPS,
+    TABLE5_KV_MIB,
+    TABLE5_LENGTHS,
+    TABLE5_SECONDS,
+    KvSize,
+    PrefillProfile,
+    table5_kv,
+    table5_profile,
+)
 
-MIB = 1 << 20
-GBPS = 1e9 / 8  # bytes/s in one Gbit/s
+__all__ = [
+    "GBPS", "MIB", "TABLE5_GBPS", "TABLE5_KV_MIB", "TABLE5_LENGTHS", "TABLE5_SECONDS", "DecodeProfile",
+    "Deployment", "KvSize", "LengthSplit", "PathCost", "PrefillProfile", "Throughput", "evaluate", "path_cost",
+    "paper_cases", "paper_deployment", "phi_kv", "plan", "split_lengths", "table5_kv", "table5_profile",
+    "throughput",
+]
 
-#: Table 5 of the paper: the internal 1T Kimi-Linear-architecture model, 8×H200, in-house vLLM.
-TABLE5_LENGTHS = (1024, 8192, 32768, 131072)
-TABLE5_KV_MIB = (190.8, 308.9, 701.3, 2316.3)
-TABLE5_SECONDS = (0.44, 0.72, 1.84, 7.40)
-TABLE5_GBPS = (3.61, 3.59, 3.19, 2.62)
-
-
-@dataclass(frozen=True)
-class PrefillProfile:
-    """T_prefill(l): linear interpolation between measured points, linear extrapolation past the ends."""
-
-    lengths: tuple[float, ...]
-    seconds: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.lengths) < 2 or len(self.lengths) != len(self.seconds):
-            raise ValueError("need at least two (length, seconds) points")
-        if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])) or min(self.seconds) <= 0:
-            raise ValueError("lengths must increase and seconds be positive")
-
-    def t_prefill(self, length: float) -> float:
-        xs, ys = self.lengths, self.seconds
-        i = min(max(bisect.bisect_right(xs, length) - 1, 0), len(xs) - 2)
-        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-        return max(ys[0] * 1e-3, ys[i] + slope * (length - xs[i]))
-
-    def scaled(self, factor: float) -> PrefillProfile:
-        """The same curve on hardware ``factor`` times slower (e.g. the PD cluster's H20 against H200)."""
-        return PrefillProfile(self.lengths, tuple(s * factor for s in self.seconds))
-
-
-@dataclass(frozen=True)
-class KvSize:
-    """S_kv(l) = fixed_bytes + bytes_per_token · l: the request-level state plus the token-level KV."""
-
-    fixed_bytes: float
-    bytes_per_token: float
-
-    def s_kv(self, length: float) -> float:
-        return self.fixed_bytes + self.bytes_per_token * length
-
-    @staticmethod
-    def from_layout(layout: ModelLayout) -> KvSize:
-        return KvSize(float(layout.state_bytes_per_request()), float(layout.kv_bytes_per_token()))
-
-    @staticmethod
-    def fit(lengths: Sequence[float], sizes: Sequence[float]) -> KvSize:
-        """Least-squares line through measured (length, bytes) points."""
-        n = len(lengths)
-        if n < 2 or n != len(sizes):
-            raise ValueError("need at least two (length, size) points")
-        mx, my = sum(lengths) / n, sum(sizes) / n
-        sxx = sum((x - mx) ** 2 for x in lengths)
-        slope = sum((x - mx) * (y - my) for x, y in zip(lengths, sizes)) / sxx
-        return KvSize(my - slope * mx, slope)
-
-
-def table5_profile() -> PrefillProfile:
-    return PrefillProfile(tuple(float(x) for x in TABLE5_LENGTHS), TABLE5_SECONDS)
-
-
-def table5_kv() -> KvSize:
-    return KvSize.fit([float(x) for x in TABLE5_LENGTHS], [m * MIB for m in TABLE5_KV_MIB])
+AVERAGINGS = ("length", "time")
+Lengths = LengthDist | Sequence[float]
 
 
 def phi_kv(size_bytes: float, seconds: float) -> float:
     """Eq 1: KV throughput of one instance, bytes/s (× 8e-9 for the paper's Gbps)."""
     return size_bytes / seconds
+
+
+def as_dist(lengths: Lengths) -> LengthDist:
+    return lengths if hasattr(lengths, "partial_mean") else Empirical(lengths)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -100,13 +67,12 @@ class LengthSplit:
     l_short: float
 
 
-def split_lengths(samples: Sequence[float], t: float) -> LengthSplit:
-    if not samples:
-        raise ValueError("need at least one length sample")
-    long = [x for x in samples if x > t]
-    short = [x for x in samples if x <= t]
-    return LengthSplit(t, len(long) / len(samples), sum(long) / len(long) if long else 0.0,
-                       sum(short) / len(short) if short else 0.0)
+def split_lengths(lengths: Lengths, t: float) -> LengthSplit:
+    d = as_dist(lengths)
+    p = d.prob(t, math.inf)
+    q = d.prob(-math.inf, t)
+    return LengthSplit(t, p, d.partial_mean(t, math.inf) / p if p > 0 else 0.0,
+                       d.partial_mean(-math.inf, t) / q if q > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +90,7 @@ class DecodeProfile:
 
 @dataclass(frozen=True)
 class Deployment:
-    """What the model needs: PrfaaS and PD hardware profiles, KV size, instance counts, egress, decode."""
+    """What the model needs: PrfaaS and PD prefill curves, KV size curve, instance counts, egress, decode."""
 
     prfaas: PrefillProfile
     pd: PrefillProfile
@@ -133,6 +99,34 @@ class Deployment:
     n_prfaas: int
     n_pd: int  # split into N_p prefill + N_d decode instances by ``plan``
     b_out: float  # PrfaaS egress, bytes/s
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """Per-request cost of each path at one threshold: seconds on a PrfaaS instance and bytes shipped per
+    offloaded request, seconds on a PD prefill instance per local one (0 when the side is empty)."""
+
+    split: LengthSplit
+    t_long: float
+    s_long: float
+    t_short: float
+
+
+def path_cost(dep: Deployment, lengths: Lengths, t: float, averaging: str = "length") -> PathCost:
+    if averaging not in AVERAGINGS:
+        raise ValueError(f"averaging must be one of {AVERAGINGS}")
+    d = as_dist(lengths)
+    s = split_lengths(d, t)
+    if averaging == "length":
+        return PathCost(s, dep.prfaas(s.l_long) if s.p > 0 else 0.0, dep.kv(s.l_long) if s.p > 0 else 0.0,
+                        dep.pd(s.l_short) if s.p < 1 else 0.0)
+    q = 1 - s.p
+
+    def mean(curve: PrefillProfile | KvSize, a: float, b: float, share: float) -> float:
+        return expect(d, curve.pieces(), a, b) / share if share > 0 else 0.0
+
+    return PathCost(s, mean(dep.prfaas, t, math.inf, s.p), mean(dep.kv, t, math.inf, s.p),
+                    mean(dep.pd, -math.inf, t, q))
 
 
 @dataclass(frozen=True)
@@ -160,15 +154,14 @@ def _ratio(theta: float, share: float) -> float:
 
 
 def theta_prfaas(dep: Deployment, l_long: float) -> float:
-    """Eq 3: min(compute, egress) — a min, not a sum, because prefill and transfer are pipelined."""
-    if dep.n_prfaas <= 0 or l_long <= 0:
+    """Eq 3 at one length: min(compute, egress) — a min, not a sum, because prefill and transfer overlap."""
+    return _theta_prfaas(dep, dep.prfaas(l_long) if l_long > 0 else 0.0, dep.kv(l_long) if l_long > 0 else 0.0)
+
+
+def _theta_prfaas(dep: Deployment, t_long: float, s_long: float) -> float:
+    if dep.n_prfaas <= 0 or t_long <= 0:
         return 0.0
-    return min(dep.n_prfaas / dep.prfaas.t_prefill(l_long), dep.b_out / dep.kv.s_kv(l_long))
-
-
-def theta_pdp(dep: Deployment, n_p: int, l_short: float) -> float:
-    """Eq 4 (intra-cluster RDMA never the bottleneck)."""
-    return 0.0 if n_p <= 0 or l_short <= 0 else n_p / dep.pd.t_prefill(l_short)
+    return min(dep.n_prfaas / t_long, dep.b_out / s_long)
 
 
 def theta_pdd(dep: Deployment, n_d: int) -> float:
@@ -176,60 +169,100 @@ def theta_pdd(dep: Deployment, n_d: int) -> float:
     return max(0, n_d) * dep.decode.rate()
 
 
-def throughput(dep: Deployment, split: LengthSplit, n_p: int, n_d: int) -> Throughput:
+def _point(dep: Deployment, c: PathCost, n_p: int, n_d: int) -> Throughput:
     """Eq 6: Λ_max = min(Θ_prfaas/p, Θ_pd-p/(1-p), Θ_pd-d); a path with no traffic does not bound it."""
-    tp = theta_prfaas(dep, split.l_long)
-    tl = theta_pdp(dep, n_p, split.l_short)
+    tp = _theta_prfaas(dep, c.t_long, c.s_long)
+    tl = 0.0 if n_p <= 0 or c.t_short <= 0 else n_p / c.t_short  # Eq 4 (RDMA never the bottleneck)
     td = theta_pdd(dep, n_d)
-    lam = min(_ratio(tp, split.p), _ratio(tl, 1 - split.p), td)
+    s = c.split
+    lam = min(_ratio(tp, s.p), _ratio(tl, 1 - s.p), td)
     lam = 0.0 if math.isinf(lam) else lam
-    egress = lam * split.p * dep.kv.s_kv(split.l_long) if split.p > 0 else 0.0
-    return Throughput(split, n_p, n_d, tp, tl, td, lam, egress)
+    return Throughput(s, n_p, n_d, tp, tl, td, lam, lam * s.p * c.s_long if s.p > 0 else 0.0)
 
 
-def candidate_thresholds(samples: Sequence[float], count: int = 64) -> list[float]:
-    """t values worth trying: ``count`` quantiles of the samples, plus "offload all" and "offload none"."""
-    xs = sorted(samples)
-    if not xs:
-        raise ValueError("need at least one length sample")
-    picks = {xs[min(len(xs) - 1, round(i * (len(xs) - 1) / max(1, count - 1)))] for i in range(count)}
-    return sorted(picks | {min(0.0, xs[0] - 1), float(xs[-1])})
+def throughput(dep: Deployment, split: LengthSplit, n_p: int, n_d: int) -> Throughput:
+    """Eq 3-6 for a given split (the paper's averaging: costs at l_long and l_short)."""
+    c = PathCost(split, dep.prfaas(split.l_long) if split.p > 0 else 0.0,
+                 dep.kv(split.l_long) if split.p > 0 else 0.0, dep.pd(split.l_short) if split.p < 1 else 0.0)
+    return _point(dep, c, n_p, n_d)
 
 
-def plan(dep: Deployment, samples: Sequence[float], thresholds: Iterable[float] | None = None) -> Throughput:
+def evaluate(dep: Deployment, lengths: Lengths, t: float, n_p: int, n_d: int | None = None,
+             averaging: str = "length") -> Throughput:
+    """One operating point (threshold ``t``, ``n_p`` PD prefill, ``n_d`` decode; default the rest)."""
+    return _point(dep, path_cost(dep, lengths, t, averaging), n_p, dep.n_pd - n_p if n_d is None else n_d)
+
+
+def _key(r: Throughput) -> tuple[float, float, float]:
+    """Bigger is better: Λ_max (rounded to 1e-9 relative, so float noise is no tie-break), then less
+    egress, then the larger t (fewer offloads)."""
+    lam = 0.0 if r.lam_max <= 0 else round(r.lam_max, 9 - int(math.floor(math.log10(r.lam_max))))
+    return lam, -r.egress, r.split.t
+
+
+def plan(dep: Deployment, lengths: Lengths, thresholds: Iterable[float] | None = None,
+         averaging: str = "length") -> Throughput:
     """§3.4.2: exhaustive grid over t and N_p + N_d = n_pd; the point of largest Λ_max.
 
-    Ties (within 1e-9 relative) go to less egress, then to the larger t (fewer offloads). Eq 7/8 are
-    what the optimum tends to satisfy; the search maximises Λ_max directly rather than solving them.
+    ``lengths`` is a distribution (``TruncatedLogNormal``: exact moments, so no seed enters) or samples
+    (``Empirical``: every distinct sample is a candidate, which is exact for them). Ties go to less egress,
+    then the larger t. On a continuous distribution the best grid point is then refined to where Eq 7's
+    two sides meet (bisection), which is where the optimum lies when a prefill path binds.
     """
-    ts = candidate_thresholds(samples) if thresholds is None else sorted(set(thresholds))
+    d = as_dist(lengths)
+    ts = sorted(set(d.thresholds() if thresholds is None else thresholds))
+    if not ts:
+        raise ValueError("need at least one threshold")
     best: Throughput | None = None
-    for t in ts:
-        split = split_lengths(samples, t)
+    best_i = 0
+    for i, t in enumerate(ts):
+        c = path_cost(dep, d, t, averaging)
         for n_p in range(dep.n_pd + 1):
-            cur = throughput(dep, split, n_p, dep.n_pd - n_p)
-            if best is None or _better(cur, best):
-                best = cur
+            cur = _point(dep, c, n_p, dep.n_pd - n_p)
+            if best is None or _key(cur) > _key(best):
+                best, best_i = cur, i
     assert best is not None
+    if isinstance(d, TruncatedLogNormal) and thresholds is None and best.bottleneck != "pd-d":
+        lo, hi = ts[max(0, best_i - 1)], ts[min(len(ts) - 1, best_i + 1)]
+        ref = _eq7_crossing(dep, d, lo, hi, best.n_p, averaging)
+        if ref is not None and _key(ref) > _key(best):
+            best = ref
     return best
 
 
-def _better(a: Throughput, b: Throughput) -> bool:
-    if a.lam_max > b.lam_max * (1 + 1e-9):
-        return True
-    if a.lam_max < b.lam_max * (1 - 1e-9):
-        return False
-    return (a.egress, -a.split.t) < (b.egress, -b.split.t)
+def _eq7_crossing(dep: Deployment, d: LengthDist, lo: float, hi: float, n_p: int,
+                  averaging: str) -> Throughput | None:
+    """Bisection for Θ_prfaas/p = Θ_pd-p/(1-p) in [lo, hi] (the left side rises with t, the right falls)."""
+
+    def at(t: float) -> Throughput:
+        return _point(dep, path_cost(dep, d, t, averaging), n_p, dep.n_pd - n_p)
+
+    def gap(r: Throughput) -> float:
+        return _ratio(r.theta_prfaas, r.split.p) - _ratio(r.theta_pdp, 1 - r.split.p)
+
+    a, b = at(lo), at(hi)
+    if not (gap(a) < 0 < gap(b)):
+        return None
+    for _ in range(60):
+        m = at((a.split.t + b.split.t) / 2)
+        a, b = (m, b) if gap(m) < 0 else (a, m)
+    return a if a.lam_max >= b.lam_max else b
 
 
+# ---------------------------------------------------------------- the §4 case study
 def paper_deployment(n_prfaas: int = 4, n_pd: int = 8, b_out_gbps: float = 100.0) -> Deployment:
-    """The §4 case study as far as the paper's numbers pin it down.
-
-    PrfaaS = Table 5 (H200). PD prefill (H20) = Table 5 × 2.65, and decode = 20 sequences at 40 tok/s
-    (T_decode 25 ms) for 1024 output tokens: both backed out of Table 6's homogeneous baseline
-    (9 prefill instances → 2.11 req/s, 3 decode instances → 2.35 req/s). Our inference, not the paper's.
-    """
-    prof = table5_profile()
-    return Deployment(prfaas=prof, pd=prof.scaled(2.65), kv=table5_kv(),
-                      decode=DecodeProfile(t_decode=0.025, bs_max=20, l_out=1024),
+    """§4: PrfaaS = Table 5 (H200); PD prefill = the H20 curve derived from Table 6 (``paper.h20_profile``);
+    decode = 20 sequences at 40 tok/s (T_decode 25 ms) for 1024 output tokens; 100 Gbit/s egress."""
+    return Deployment(prfaas=table5_profile(), pd=paper.h20_profile(), kv=table5_kv(),
+                      decode=DecodeProfile(paper.T_DECODE, paper.BS_MAX, paper.L_OUT),
                       n_prfaas=n_prfaas, n_pd=n_pd, b_out=b_out_gbps * GBPS)
+
+
+def paper_cases(averaging: str = "length", dist: LengthDist | None = None) -> dict[str, Throughput]:
+    """Table 6's three deployments through the planner: PrfaaS-PD (4 H200 + 8 H20 instances, searched),
+    homogeneous PD (12 H20, searched), naive heterogeneous (all prefill on the 4 H200, all 8 H20 decode)."""
+    d = dist or paper.workload()
+    dep = paper_deployment()
+    homo = Deployment(dep.prfaas, dep.pd, dep.kv, dep.decode, 0, 12, dep.b_out)
+    return {"prfaas-pd": plan(dep, d, averaging=averaging), "homogeneous": plan(homo, d, averaging=averaging),
+            "naive": evaluate(dep, d, d.lo - 1, n_p=0, n_d=dep.n_pd, averaging=averaging)}
