@@ -91,45 +91,71 @@ class Placement:
                 for i in self.by_layer.get(layer, [])]
 
 
-def _group_ranges(layout: ModelLayout, segments: Sequence[Segment]) -> dict[str, tuple[int, int]]:
-    """Per token group, the union ``[start, stop)`` of the tokens its segments carry."""
-    out: dict[str, tuple[int, int]] = {}
+def table_key(tables: Mapping[Any, Any], layer: int, group: str) -> str | int:
+    """The key of ``layer``'s block table in ``tables``: the layer's index if present, else its group.
+    Per-layer tables fit engines that give every KV-cache group, so every layer, its own (vLLM's hybrid
+    manager); per-group tables fit the others."""
+    return layer if layer in tables else group
+
+
+def slot_of(slot: int | Mapping[int, int] | None, layer: int) -> int | None:
+    """``layer``'s state slot: the one slot of every state layer (SGLang), or the layer's entry of a
+    per-layer mapping (vLLM: each Mamba group has its own block)."""
+    if slot is None or isinstance(slot, int):
+        return slot
+    return slot.get(layer)
+
+
+def _key_ranges(layout: ModelLayout, segments: Sequence[Segment], tables: Mapping[Any, Any]
+                ) -> dict[str | int, tuple[int, int]]:
+    """Per block-table key, the union ``[start, stop)`` of the tokens its segments carry."""
+    out: dict[str | int, tuple[int, int]] = {}
     for s in segments:
         cache = layout.layers[s.layer].caches[s.cache]
         if s.token_count:
-            a, b = out.get(cache.group, (s.token_start, s.token_start + s.token_count))
-            out[cache.group] = (min(a, s.token_start), max(b, s.token_start + s.token_count))
+            key = table_key(tables, s.layer, cache.group)
+            a, b = out.get(key, (s.token_start, s.token_start + s.token_count))
+            out[key] = (min(a, s.token_start), max(b, s.token_start + s.token_count))
     return out
 
 
-def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping[str, Sequence[int]],
-                  state_slot: int | None, unique: bool) -> dict[str, list[int]]:
-    """Block tables and slot fit the cache and the request: ``LayoutMismatch`` before any byte moves."""
+def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping[Any, Sequence[int]],
+                  state_slot: int | Mapping[int, int] | None, unique: bool) -> dict[str | int, list[int]]:
+    """Block tables and slots fit the cache and the request: ``LayoutMismatch`` before any byte moves.
+
+    ``block_tables``: per group, or per layer index (``table_key``); ``state_slot``: one slot, or one per
+    state layer (``slot_of``)."""
     bs = cache.block_size
-    unknown = sorted(str(g) for g in block_tables if g not in cache.groups)
+    token_layers = {la.index for la in cache.layout.layers if any(c.indexing == "token" for c in la.caches)}
+    unknown = sorted(str(g) for g in block_tables
+                     if (g not in token_layers if isinstance(g, int) else g not in cache.groups))
     if unknown:
         raise LayoutMismatch(f"block tables for groups {unknown} the cache does not have; its token-indexed "
-                             f"groups are {sorted(cache.groups)}")
-    tables: dict[str, list[int]] = {}
-    for group, (start, stop) in _group_ranges(cache.layout, placement.segments).items():
-        if group not in block_tables:
-            raise LayoutMismatch(f"no block table for group {group!r} (tokens {start}..{stop} are shipped)")
-        table = [int(b) for b in block_tables[group]]
+                             f"groups are {sorted(cache.groups)} (or a token-indexed layer's index)")
+    tables: dict[str | int, list[int]] = {}
+    for key, (start, stop) in _key_ranges(cache.layout, placement.segments, block_tables).items():
+        what = f"layer {key}" if isinstance(key, int) else repr(key)
+        if key not in block_tables:
+            raise LayoutMismatch(f"no block table for group {what} (tokens {start}..{stop} are shipped)")
+        table = [int(b) for b in block_tables[key]]
         first, last = start // bs, (stop - 1) // bs
         if len(table) <= last:
-            raise LayoutMismatch(f"block table {group!r} has {len(table)} blocks; tokens up to {stop} need "
+            raise LayoutMismatch(f"block table {what} has {len(table)} blocks; tokens up to {stop} need "
                                  f"{last + 1} at block size {bs}")
         used = table[first : last + 1]
+        group = key if isinstance(key, str) else cache.layout.layers[key].caches[0].group
         limit = cache.num_blocks(group)
         bad = [b for b in used if not 0 <= b < limit]
         if bad:
-            raise LayoutMismatch(f"block table {group!r}: block ids {bad[:4]} outside [0, {limit})")
+            raise LayoutMismatch(f"block table {what}: block ids {bad[:4]} outside [0, {limit})")
         if unique and len(set(used)) != len(used):
-            raise LayoutMismatch(f"block table {group!r} repeats a block among the ones written")
-        tables[group] = table
-    if any(not s.token_count for s in placement.segments):
-        if state_slot is None or not 0 <= state_slot < cache.num_slots:
-            raise LayoutMismatch(f"state slot {state_slot} outside [0, {cache.num_slots})")
+            raise LayoutMismatch(f"block table {what} repeats a block among the ones written")
+        tables[key] = table
+    for s in placement.segments:
+        if not s.token_count:
+            slot = slot_of(state_slot, s.layer)
+            if slot is None or not 0 <= slot < cache.num_slots:
+                raise LayoutMismatch(f"layer {s.layer}: state slot {slot} outside [0, {cache.num_slots})")
     return tables
 
 
@@ -293,7 +319,7 @@ def _flat_storage(cache: PagedCache, seg: Segment) -> bool:
     return _flat(cache.storage(seg.layer, seg.cache).paged_views()[seg.tensor]) is not None
 
 
-def auto_mode(cache: PagedCache, placement: Placement, layer: int, tables: Mapping[str, Sequence[int]]) -> str:
+def auto_mode(cache: PagedCache, placement: Placement, layer: int, tables: Mapping[Any, Sequence[int]]) -> str:
     """``direct`` or ``scratch`` for one layer on a device: copies counted, no tensor touched but views."""
     bs = cache.block_size
     direct, scratch = 0, 1  # the scratch path's span copy
@@ -302,7 +328,7 @@ def auto_mode(cache: PagedCache, placement: Placement, layer: int, tables: Mappi
         if not seg.token_count:
             direct, scratch = direct + 1, scratch + 1
             continue
-        table = tables[cache.layout.layers[seg.layer].caches[seg.cache].group]
+        table = tables[table_key(tables, seg.layer, cache.layout.layers[seg.layer].caches[seg.cache].group)]
         direct += len(direct_parts(seg, table, bs, _flat_storage(cache, seg)))
         scratch += len(gather_parts(seg, bs))
     return "direct" if direct <= scratch + placement.layer_bytes(layer) // AUTO_BYTES_PER_EXTRA_COPY else "scratch"
@@ -323,7 +349,8 @@ class LayerPlan:
         return f"LayerPlan(layer {self.layer}, {self.mode}, {len(self.ops)} ops, {self.nbytes} bytes)"
 
 
-def plan_layers(cache: PagedCache, placement: Placement, tables: Mapping[str, Sequence[int]], slot: int | None,
+def plan_layers(cache: PagedCache, placement: Placement, tables: Mapping[Any, Sequence[int]],
+                slot: int | Mapping[int, int] | None,
                 host: torch.Tensor, *, mode: str, to_host: bool, on_device: bool,
                 scratch: Callable[[int], torch.Tensor]) -> dict[int, LayerPlan]:
     """Every layer's plan between the cache and ``host`` (sender: ``to_host``). ``scratch(n)``: a device
@@ -350,7 +377,8 @@ def plan_layers(cache: PagedCache, placement: Placement, tables: Mapping[str, Se
             seg = placement.segments[i]
             group = cache.layout.layers[seg.layer].caches[seg.cache].group
             region = target[placement.offsets[i] - base : placement.offsets[i] - base + seg.nbytes]
-            ops += segment_ops(cache, seg, region, tables.get(group), slot, to_region=to_host, direct=m == "direct")
+            ops += segment_ops(cache, seg, region, tables.get(table_key(tables, seg.layer, group)),
+                               slot_of(slot, seg.layer), to_region=to_host, direct=m == "direct")
         if m == "scratch":  # the one span copy of the layer, after the gather or before the scatter
             span = (COPY, host[lo:hi], target, None) if to_host else (COPY, target, host[lo:hi], None)
             ops = [*ops, span] if to_host else [span, *ops]

@@ -95,7 +95,8 @@ class StagingJob:
     """
 
     def __init__(self, stager: Stager, request: RequestSpec, placement: Placement,
-                 tables: dict[str, list[int]], slot: int | None, buffer: PooledBuffer) -> None:
+                 tables: dict[str | int, list[int]], slot: int | Mapping[int, int] | None,
+                 buffer: PooledBuffer) -> None:
         self.stager = stager
         self.request = request
         self.placement = placement
@@ -284,8 +285,8 @@ class Stager:
     def stream(self) -> Any:
         return self._dev.stream
 
-    def begin(self, request: RequestSpec, block_tables: Mapping[str, Sequence[int]],
-              state_slot: int | None = None, *, acquire_timeout: float = 0.0) -> StagingJob:
+    def begin(self, request: RequestSpec, block_tables: Mapping[Any, Sequence[int]],
+              state_slot: int | Mapping[int, int] | None = None, *, acquire_timeout: float = 0.0) -> StagingJob:
         """Plan ``request``, check its block tables (per group) and state slot, take a host buffer, and
         build every layer's copies (so that ``stage`` only enqueues them).
 

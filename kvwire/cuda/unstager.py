@@ -44,7 +44,8 @@ class UnstagingJob:
     """
 
     def __init__(self, unstager: Unstager, request: RequestSpec, placement: Placement,
-                 tables: dict[str, list[int]], slot: int | None, buffer: PooledBuffer) -> None:
+                 tables: dict[str | int, list[int]], slot: int | Mapping[int, int] | None,
+                 buffer: PooledBuffer) -> None:
         self.unstager = unstager
         self.request = request
         self.placement = placement
@@ -260,19 +261,32 @@ class Unstager:
     def stream(self) -> Any:
         return self._dev.stream
 
-    def prepare(self, request: RequestSpec, block_tables: Mapping[str, Sequence[int]],
-                state_slot: int | None = None, *, acquire_timeout: float = 0.0) -> UnstagingJob:
+    def prepare(self, request: RequestSpec, block_tables: Mapping[Any, Sequence[int]],
+                state_slot: int | Mapping[int, int] | None = None, *, acquire_timeout: float = 0.0,
+                buffer: PooledBuffer | None = None) -> UnstagingJob:
         """Plan ``request`` (the receiver's view: its prefix hits, its state position), check the
         receiver's block tables (ids in range and distinct) and slot, take pinned receive buffers, and
-        build every layer's copies."""
+        build every layer's copies.
+
+        ``buffer``: a pooled buffer already laid out as ``placement(request)`` that holds (or is receiving)
+        the request's bytes, e.g. one a receiver's allocator handed out before the engine had allocated
+        blocks; the job takes it over (and releases it). On an error it stays the caller's."""
         placement = Placement(self.layout, request, self.align)
         tables = check_request(self.cache, placement, block_tables, state_slot, unique=True)
-        buf = self.pool.acquire(placement.total, block=acquire_timeout > 0, timeout=acquire_timeout)
+        if buffer is not None and buffer.nbytes < placement.total:
+            raise LayoutMismatch(f"buffer of {buffer.nbytes} bytes for a {placement.total}-byte placement")
+        buf = buffer if buffer is not None else self.pool.acquire(placement.total, block=acquire_timeout > 0,
+                                                                  timeout=acquire_timeout)
         try:
             return UnstagingJob(self, request, placement, tables, state_slot, buf)
         except BaseException:
-            buf.release()
+            if buffer is None:
+                buf.release()
             raise
+
+    def placement(self, request: RequestSpec) -> Placement:
+        """Where each of ``request``'s segments lives in the buffer ``prepare`` takes or makes."""
+        return Placement(self.layout, request, self.align)
 
     def _submit(self, job: UnstagingJob, layer: int) -> None:
         with self._lock:

@@ -1,0 +1,165 @@
+"""kvwire.adapters.lifecycle: leases, group tables, Outbox -> Inbox over loopback with CPU caches."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from adapters_util import diff_blocks, hybrid_layout, poll_until, request_views  # noqa: E402
+
+from kvwire import RequestSpec, State  # noqa: E402
+from kvwire.adapters.lifecycle import GroupTables, Inbox, Lease, Outbox  # noqa: E402
+from kvwire.cuda import PinnedPool, Stager, Unstager, allocate_paged_cache  # noqa: E402
+from kvwire.errors import LayoutError, LayoutMismatch  # noqa: E402
+
+KEY = b"lifecycle-test"
+GROUPS = [[2, 6], [0, 4], [1, 5], [3, 7]]  # vLLM-style: one attention group, three state groups
+
+
+@pytest.fixture
+def pair():
+    layout = hybrid_layout()
+    src = allocate_paged_cache(layout, 16, 16, fill="random", seed=3)
+    dst = allocate_paged_cache(layout, 16, 16, fill="zeros")
+    stager = Stager(src, PinnedPool(32 << 20, backend="torch"))
+    unstager = Unstager(dst, PinnedPool(32 << 20, backend="torch"))
+    inbox = Inbox(unstager, key=KEY, timeout=20)
+    outbox = Outbox(stager, key=KEY, lanes=2)
+    yield layout, src, dst, outbox, inbox
+    outbox.close()
+    inbox.close()
+    stager.close()
+    unstager.close()
+    assert stager.pool.in_use_bytes == 0 and unstager.pool.in_use_bytes == 0
+
+
+def _send(outbox, key, request, endpoint, tables, slots, released):
+    s = outbox.begin(key, request, endpoint, tables, slots, release=released.append)
+    for layer in s.layers:
+        s.stage(layer)
+    s.finish()
+    return s
+
+
+def test_lease_releases_exactly_once():
+    calls = []
+    lease = Lease("r", calls.append)
+    assert lease.end(State.FAILED, "x") and not lease.end(State.DONE)
+    assert [(e.state, e.reason) for e in calls] == [(State.FAILED, "x")]
+    with pytest.raises(ValueError):
+        Lease("q").end(State.ACTIVE)
+
+
+def test_group_tables_translate_per_group_ids():
+    g = GroupTables(hybrid_layout(), GROUPS)
+    tables, slots = g.tables([[5, 6, 7], [1], [2], [3]])
+    assert tables == {2: [5, 6, 7], 6: [5, 6, 7]}
+    assert slots == {0: 1, 4: 1, 1: 2, 5: 2, 3: 3, 7: 3}
+    with pytest.raises(LayoutMismatch):
+        g.tables([[5], [1, 2], [2], [3]])  # a state group with two blocks
+    with pytest.raises(LayoutError):
+        GroupTables(hybrid_layout(), [[2, 6], [0, 4], [1, 5]])  # layers 3, 7 in no group
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["expect-first", "data-first"])
+def test_loopback_bytes_equal(pair, early):
+    layout, src, dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    n = 70
+    request = RequestSpec("kv-1", n, n - 1)  # N-1: 69 tokens, three blocks of 32
+    p_tables, p_slots = g.tables([[3, 7, 9], [4], [5], [6]])
+    d_tables, d_slots = g.tables([[10, 2, 12], [1], [0], [15]])
+    released: list = []
+    if early:
+        _send(outbox, "p-1", request, inbox.address, p_tables, p_slots, released)
+        deadline = time.monotonic() + 10
+        while not inbox._early and time.monotonic() < deadline:  # the transfer began: it is being staged
+            time.sleep(0.005)
+        assert "kv-1" in inbox._early
+    inbox.expect("d-1", request, d_tables, d_slots, release=released.append)
+    if not early:
+        _send(outbox, "p-1", request, inbox.address, p_tables, p_slots, released)
+    ended = poll_until(outbox, inbox, count=2)
+    assert sorted((e.key, e.state) for e in ended) == [("d-1", State.DONE), ("p-1", State.DONE)]
+    assert sorted(e.key for e in released) == ["d-1", "p-1"]  # each lease released once
+    a = request_views(src, p_tables, p_slots, n - 1)
+    b = request_views(dst, d_tables, d_slots, n - 1)
+    assert diff_blocks(a, b) == []
+    # negative control: the comparison sees one flipped byte, and the token N-1 was not shipped
+    a[2][0].view(torch.uint8).view(-1)[0] ^= 1
+    assert diff_blocks(a, b) == ["layer 2 tensor 0"]
+    tail = dst.storage(2, 0).paged_views()[0][d_tables[2][2], (n - 1) % 32]
+    assert not tail.view(torch.uint8).any()
+
+
+def test_expect_times_out_and_releases(pair):
+    layout, _src, _dst, _outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    released: list = []
+    t, s = g.tables([[1, 2], [3], [4], [5]])
+    inbox.expect("d-2", RequestSpec("kv-2", 40, 39), t, s, release=released.append, timeout=0.3)
+    ended = poll_until(inbox, count=1, timeout=10)
+    assert [(e.key, e.state) for e in ended] == [("d-2", State.TIMED_OUT)]
+    assert [e.key for e in released] == ["d-2"] and inbox.active == 0
+
+
+def test_sender_cancel_fails_receiver_and_frees(pair):
+    layout, _src, _dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    released: list = []
+    request = RequestSpec("kv-3", 70, 69)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    inbox.expect("d-3", request, t, s, release=released.append)
+    sending = outbox.begin("p-3", request, inbox.address, t, s, release=released.append)
+    sending.stage(sending.layers[0])  # one layer out, then the engine aborts the request
+    outbox.cancel("p-3", "aborted by the engine")
+    ended = poll_until(outbox, inbox, count=2, timeout=30)
+    states = {e.key: e.state for e in ended}
+    assert states["p-3"] is State.FAILED
+    assert states["d-3"] in (State.CANCELLED, State.FAILED)
+    assert sorted(e.key for e in released) == ["d-3", "p-3"]
+
+
+def test_state_position_mismatch_fails_both(pair):
+    layout, _src, _dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    inbox.expect("d-4", RequestSpec("kv-4", 70, 69), t, s)  # decode resumes at N-1
+    _send(outbox, "p-4", RequestSpec("kv-4", 70, 70), inbox.address, t, s, [])  # prefill shipped N
+    ended = {e.key: e for e in poll_until(outbox, inbox, count=2, timeout=30)}
+    assert ended["p-4"].state is State.FAILED and "StatePositionMismatch" in ended["p-4"].reason
+    assert ended["d-4"].state is not State.DONE
+
+
+def test_unclaimed_early_transfer_is_dropped(pair):
+    layout, _src, _dst, outbox, inbox = pair
+    inbox.timeout = 0.3
+    g = GroupTables(layout, GROUPS)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    _send(outbox, "p-5", RequestSpec("kv-5", 70, 69), inbox.address, t, s, [])
+    deadline = time.monotonic() + 20
+    ended: list = []
+    while not ended and time.monotonic() < deadline:
+        ended = outbox.poll()
+        inbox.poll()
+        time.sleep(0.01)
+    assert ended and ended[0].state in (State.DONE, State.CANCELLED)
+    while inbox.unstager.pool.in_use_bytes and time.monotonic() < deadline:
+        inbox.poll()
+        time.sleep(0.01)
+    assert inbox.unstager.pool.in_use_bytes == 0 and not inbox._early
+
+
+def test_unreachable_endpoint_fails_lease(pair):
+    layout, _src, _dst, outbox, _inbox = pair
+    g = GroupTables(layout, GROUPS)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    released: list = []
+    sending = outbox.begin("p-6", RequestSpec("kv-6", 70, 69), ("127.0.0.1", 1), t, s, release=released.append)
+    sending.stage(0)
+    sending.finish()
+    assert [(e.key, e.state) for e in outbox.poll()] == [("p-6", State.FAILED)]
+    assert len(released) == 1 and "refused" in released[0].reason.lower()
