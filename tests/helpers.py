@@ -1,8 +1,10 @@
-"""Shared test helpers: resource counting, payloads, and peer processes for kill/silence tests."""
+"""Shared test helpers: resource counting, payloads, peer processes for kill/silence tests, and a
+proxy that stalls one connection."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,3 +43,99 @@ def peer(*args: str) -> subprocess.Popen[str]:
     here = os.path.dirname(__file__)
     return subprocess.Popen([sys.executable, os.path.join(here, "peer_proc.py"), *args],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class StallProxy:
+    """TCP proxy to ``upstream`` that can stop forwarding one connection mid-stream.
+
+    ``stall(client_port, nbytes)``: the connection from that local port of the client forwards only
+    ``nbytes`` more bytes toward ``upstream`` and then stops reading from the client, as a peer that
+    stopped reading would, until ``release()``; the other direction keeps flowing, and an end closed by
+    either side (the upstream end, for a stalled connection) closes both. ``refuse_new``: connections
+    arriving meanwhile are closed at once (a re-dial that cannot get through).
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.limits: dict[int, int] = {}  # client port -> bytes still to forward
+        self.stalled = threading.Event()  # set once a stalled connection stopped forwarding
+        self.released = threading.Event()
+        self.refuse_new = False
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self._go(self._accept)
+
+    def stall(self, client_port: int, nbytes: int) -> None:
+        with self.lock:
+            self.limits[client_port] = nbytes
+
+    def release(self) -> None:
+        self.released.set()
+
+    def _go(self, fn: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=fn, args=args, name="stall-proxy", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, addr = self.listener.accept()
+            except OSError:
+                return
+            if self.refuse_new:
+                c.close()
+                continue
+            try:
+                u = socket.create_connection(self.upstream)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.socks += [c, u]
+            self._go(self._pump, c, u, addr[1])
+            self._go(self._pump, u, c, None)
+
+    def _pump(self, a: socket.socket, b: socket.socket, port: int | None) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                with self.lock:
+                    limit = self.limits.get(port) if port is not None else None
+                    if limit is not None:
+                        self.limits[port] = max(0, limit - len(data))  # type: ignore[index]
+                if limit is not None and limit < len(data):
+                    b.sendall(data[:limit])
+                    self.stalled.set()
+                    self.released.wait()  # not reading from the client meanwhile
+                    with self.lock:
+                        self.limits.pop(port, None)  # type: ignore[arg-type]
+                    data = data[limit:]
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.released.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            socks = list(self.socks)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self.threads:
+            t.join(5)

@@ -405,3 +405,37 @@ def test_requeue_after_lane_loss_resends() -> None:
     sim.tx.requeue(sorted(sim.lane_inflight[0]))  # twice: still one copy each
     again = [sim.tx.next_chunk() for _ in range(len(chunks))]
     assert sorted(again[:2]) == chunks[:2] and again[2:] == chunks[2:] and sim.tx.next_chunk() is None
+
+
+def test_one_writer_per_chunk_so_a_verified_byte_is_never_overwritten() -> None:
+    sim = Sim(random.Random(13))
+    c = sim.plan.layer_chunks[1][0]
+    h = _header(sim, c)  # digest 1
+    assert sim.rx.admit(h)
+    assert not sim.rx.admit(h)  # a re-sent copy arrives while the first is read: drained, never written
+    assert sim.rx.received(h, 1).ack and sim.rx.verified[c]
+    assert not sim.rx.admit(h)  # and once verified, no copy is written again
+    assert c not in sim.rx.writing and c not in sim.rx.dropped
+    # the copy being read fails its hash: a NACK answers both, and the next copy may be written
+    c2 = sim.plan.layer_chunks[1][1]
+    h2 = _header(sim, c2)
+    assert sim.rx.admit(h2) and not sim.rx.admit(h2)
+    assert not sim.rx.received(h2, 2).ack
+    assert sim.rx.admit(h2)
+    # the copy being read breaks off (its lane died): the dropped copy must be asked for again
+    assert sim.rx.abandon(c2) is False  # no other copy was seen meanwhile: nothing to ask
+    assert sim.rx.admit(h2) and not sim.rx.admit(h2)
+    assert sim.rx.abandon(c2) is True
+    assert sim.rx.admit(h2)
+
+
+def test_a_lost_copy_is_resent_without_counting_a_retry() -> None:
+    sim = Sim(random.Random(14), max_retries=1)
+    sim.tx.accepted = True
+    sim.tx.layer_ready(0)
+    c = sim.tx.next_chunk()
+    assert c is not None
+    for _ in range(5):
+        sim.tx.on_nack([c], lost=True)
+        assert sim.tx.state is State.ACTIVE and sim.tx.next_chunk() == c
+    assert sim.tx.retries[c] == 0

@@ -47,7 +47,8 @@ BEGIN = "begin"  # client -> server: a transfer's manifest
 ACCEPT = "accept"  # server -> client: destination ready, send chunks
 REJECT = "reject"  # server -> client: transfer refused (reason)
 ACK = "ack"  # server -> client: chunk indices verified
-NACK = "nack"  # server -> client: chunk indices failed verification, re-send
+NACK = "nack"  # server -> client: chunk indices failed verification, re-send ("lost": a copy broke off
+#               mid-read, re-send without counting a retry; "held": another copy is being read, await its verdict)
 DONE = "done"  # client -> server: every chunk acknowledged; whole-transfer digest
 COMPLETE = "complete"  # server -> client: digest matched, transfer done
 CANCEL = "cancel"  # either way: cancel a transfer (reason)

@@ -77,23 +77,47 @@ class ReceiverTransfer:
         self.layer_remaining = {layer: len(r) for layer, r in self.plan.layer_chunks.items()}
         self.layers_done: set[int] = set()
         self.bad_chunks = 0
+        self.writing: set[int] = set()  # chunks a lane is reading into the destination now (one writer each)
+        self.dropped: set[int] = set()  # of those, chunks whose other copy was drained meanwhile
 
     @property
     def state(self) -> State:
         return self.status.state
 
     def admit(self, h: Header) -> bool:
-        """A chunk header arrived. True: read it into the destination. False: drain and drop it.
+        """A chunk header arrived. True: read it into the destination, then call ``received`` (or
+        ``abandon`` if the read broke off). False: drain and drop it.
 
-        Raises ProtocolError when the header does not name a planned chunk of this transfer.
+        One writer per chunk: a copy of a chunk that is verified, or that another copy is being read
+        into right now (a re-send after a lane was presumed dead), is dropped, so a verified byte is
+        never overwritten and two copies never interleave. Raises ProtocolError when the header does
+        not name a planned chunk of this transfer.
         """
         check_chunk(self.plan, h.chunk, h.offset, h.length, h.layer)
         if self.manifest.hashed and not h.flags & 1:
             raise ProtocolError(f"chunk {h.chunk} carries no hash on a hashed transfer")
-        return self.state is State.ACTIVE and not self.verified[h.chunk]
+        if self.state is not State.ACTIVE or self.verified[h.chunk]:
+            return False
+        if h.chunk in self.writing:
+            self.dropped.add(h.chunk)
+            return False
+        self.writing.add(h.chunk)
+        return True
+
+    def abandon(self, chunk: int) -> bool:
+        """The admitted copy of ``chunk`` broke off mid-read (its lane died). True: another copy was
+        dropped meanwhile, so the sender may hold it as in flight: the caller asks for a re-send."""
+        self.writing.discard(chunk)
+        if chunk in self.dropped:
+            self.dropped.discard(chunk)
+            return not self.verified[chunk] and not self.state.terminal
+        return False
 
     def received(self, h: Header, computed: int | None) -> ChunkVerdict:
-        """The chunk's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is off)."""
+        """The admitted copy's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is
+        off). A NACK answers every copy of the chunk, a dropped one included."""
+        self.writing.discard(h.chunk)
+        self.dropped.discard(h.chunk)
         if self.state.terminal or self.verified[h.chunk]:
             return ChunkVerdict(ack=True)
         if self.manifest.hashed and computed != h.digest:
@@ -195,13 +219,15 @@ class SenderTransfer:
             return True
         return False
 
-    def on_nack(self, chunks: list[int]) -> None:
+    def on_nack(self, chunks: list[int], lost: bool = False) -> None:
+        """The receiver wants these chunks again: they failed verification, or (``lost``) the copy it
+        was reading broke off while it dropped another, which does not count as a retry."""
         for c in chunks:
             if not 0 <= c < len(self.chunk_state):
                 raise ProtocolError(f"nack for chunk {c} outside plan")
             if self.chunk_state[c] != _INFLIGHT:
                 continue
-            self.retries[c] += 1
+            self.retries[c] += 0 if lost else 1
             if self.retries[c] > self.max_retries:
                 self.status.end(State.FAILED, f"chunk {c} failed verification {self.retries[c]} times")
                 return

@@ -554,10 +554,15 @@ class Receiver:
                     del s.lanes[lane]
 
     def _lane_loop(self, s: _Session, ch: Channel, lane: int) -> None:
+        """Read chunks into their destinations. An idle lane may wait for its next header forever (the
+        session's monitor owns idleness; a header holds nothing), but a peer that stops sending a
+        chunk's body for ``peer_timeout`` costs the lane, so a half-read chunk never holds its transfer."""
         scratch = memoryview(bytearray(256 * 1024))
         sock = ch.sock
         while True:
+            sock.settimeout(None)
             h = ch.read_header()
+            sock.settimeout(self.peer_timeout)
             if h.kind == F.KIND_CONTROL:
                 kind, _ = ch.read_control_body(h)
                 if kind == F.BYE:
@@ -576,10 +581,14 @@ class Receiver:
                         t._writing.add(ch)
             if not write:
                 drain(sock, h.length, scratch)
-                if t is not None and t._sm is not None and t._sm.verified[h.chunk]:
-                    s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                if t is not None and t._sm is not None:
+                    if t._sm.verified[h.chunk]:
+                        s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                    elif h.chunk in t._sm.writing:  # the verdict on the copy being read answers both
+                        s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True})
                 continue
             assert t is not None and t.plan is not None and t._sm is not None
+            verdict = None
             try:
                 pieces = t.plan.pieces(h.chunk)
                 hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
@@ -597,6 +606,7 @@ class Receiver:
                     verdict = t._sm.received(h, computed)
             finally:
                 with s.lock:
+                    resend = verdict is None and t._sm.abandon(h.chunk)
                     t._writers -= 1
                     t._writing.discard(ch)
                     pending = t._pending if t._writers == 0 else None
@@ -604,6 +614,9 @@ class Receiver:
                         s.pending.discard(t)
                 if pending is not None:
                     t._finish(*pending)
+                if resend:  # the copy this lane dropped is gone too: ask for another
+                    s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True})
+            assert verdict is not None
             with t._cond:
                 t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
             if not verdict.ack:

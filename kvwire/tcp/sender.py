@@ -9,12 +9,15 @@ lane's chunks on the others and reconnecting it, heartbeats and deadlines. Drive
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections import Counter, deque
@@ -56,6 +59,8 @@ class _Lane:
         self.alive = True
         self.chunks_sent = 0
         self.bytes_sent = 0
+        self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see _stalled)
+        self.unsent = 0  # bytes in the socket's send queue when last looked at
 
 
 class Session:
@@ -104,6 +109,9 @@ class Session:
         self.chunk_size = chunk_size
         self.hashing = hashing
         self.peer_timeout = peer_timeout
+        #: a lane with chunks in flight and no sign of the receiver reading it for this long is re-dialled
+        #: and its chunks re-sent on the others; also the longest a blocked send waits
+        self.stall_timeout = peer_timeout / 2
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
@@ -337,7 +345,7 @@ class Session:
         ch = self._open()
         try:
             client_lane(ch, self.key, self.keys, index)
-            ch.sock.settimeout(self.peer_timeout)
+            ch.sock.settimeout(self.stall_timeout)
         except BaseException:
             ch.close()
             raise
@@ -374,16 +382,17 @@ class Session:
                     busy = any(v is lane for v in self._inflight.values())
                     self._cond.wait(0.05 if busy else 0.5)
                     pick = self._pick() if lane.index < self._active else None
-                    if pick is None and busy and _peer_gone(lane.ch.sock):
-                        break  # idle with chunks in flight, and the receiver dropped the lane
-                if pick is None and not self._closed:
-                    if self._lane_lost(lane, ConnectionError("lane closed by the receiver")):
-                        continue
-                    return
-                if pick is None:
-                    return
-                h, chunk = pick
-                self._inflight[(h.transfer_id, chunk)] = lane
+                    if pick is None and busy and (_peer_gone(lane.ch.sock) or self._stalled(lane)):
+                        break  # idle with chunks in flight, and the receiver dropped or stopped reading it
+                closed = self._closed
+                if pick is not None:
+                    h, chunk = pick
+                    self._inflight[(h.transfer_id, chunk)] = lane
+            if pick is None:
+                # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
+                if not closed and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled")):
+                    continue
+                return
             try:
                 self._send_chunk(lane, h, chunk)
             except (OSError, ValueError) as e:
@@ -412,9 +421,21 @@ class Session:
         hdr = F.pack_data_header(h.transfer_id, chunk, h.plan.layers[chunk], h.plan.offsets[chunk],
                                  h.plan.lengths[chunk], digest)
         send_parts(lane.ch.sock, [hdr, *pieces])
+        lane.progress_at, lane.unsent = time.monotonic(), _unsent(lane.ch.sock)
         lane.chunks_sent += 1
         lane.bytes_sent += h.plan.lengths[chunk]
         h.bytes_sent += h.plan.lengths[chunk]
+
+    def _stalled(self, lane: _Lane) -> bool:
+        """An idle lane with chunks in flight (caller holds ``_cond``): the receiver has neither
+        acknowledged one of them nor taken a byte off the socket's send queue for ``stall_timeout``.
+        Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
+        now = time.monotonic()
+        unsent = _unsent(lane.ch.sock)
+        if unsent < lane.unsent:
+            lane.progress_at = now
+        lane.unsent = unsent
+        return now - lane.progress_at > self.stall_timeout
 
     def _lane_lost(self, lane: _Lane, err: BaseException) -> bool:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it. False: lane gone."""
@@ -476,7 +497,10 @@ class Session:
                     chunks = body.get("c")
                     if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
                         raise ProtocolError("malformed ack")
-                    self._on_ack(h, chunks, kind == F.ACK)
+                    if kind == F.NACK and body.get("held") is True:
+                        self._on_held(h, chunks)
+                    else:
+                        self._on_ack(h, chunks, kind == F.ACK, lost=body.get("lost") is True)
                 elif kind == F.COMPLETE:
                     self._end(h, State.DONE, "")
                 elif kind == F.REJECT:
@@ -492,15 +516,18 @@ class Session:
         except (OSError, KvwireError) as e:
             self._fail_session(f"control connection: {e}")
 
-    def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool) -> None:
+    def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool, lost: bool = False) -> None:
+        now = time.monotonic()
         with self._cond:
             for c in chunks:
-                self._inflight.pop((h.transfer_id, c), None)
+                lane = self._inflight.pop((h.transfer_id, c), None)
+                if lane is not None:
+                    lane.progress_at = now
             if ok:
                 finished = h._sm.on_ack(chunks)
             else:
-                h._sm.on_nack(chunks)
-                self._counts["chunks_nacked"] += len(chunks)
+                h._sm.on_nack(chunks, lost)
+                self._counts["chunks_requeued" if lost else "chunks_nacked"] += len(chunks)
                 finished = False
                 self._cond.notify_all()
             failed = h._sm.state is State.FAILED
@@ -511,6 +538,17 @@ class Session:
             h._report_acked()
         if finished:
             self._send_done(h)
+
+    def _on_held(self, h: OutgoingTransfer, chunks: list[int]) -> None:
+        """The receiver dropped this copy because another copy of the chunk (on a lane presumed dead) is
+        still being read: the lane that carried it did its part; the chunk stays in flight, owned by
+        no lane, until the receiver's verdict on the other copy (ACK, NACK, or NACK "lost")."""
+        now = time.monotonic()
+        with self._cond:
+            for c in chunks:
+                lane = self._inflight.pop((h.transfer_id, c), None)
+                if lane is not None:
+                    lane.progress_at = now
 
     def _send_done(self, h: OutgoingTransfer) -> None:
         try:
@@ -572,6 +610,15 @@ class Session:
             for h in handles:
                 if h.deadline is not None and now > h.deadline:
                     self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer's kernel (SIOCOUTQ); -1
+    where the platform does not say (then only acknowledgements count as progress)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return -1
 
 
 def _peer_gone(sock: socket.socket) -> bool:
