@@ -76,9 +76,9 @@ def test_loopback_bytes_equal(pair, early):
     if early:
         _send(outbox, "p-1", request, inbox.address, p_tables, p_slots, released)
         deadline = time.monotonic() + 10
-        while not inbox._early and time.monotonic() < deadline:  # the transfer began: it is being staged
+        while not inbox.staged and time.monotonic() < deadline:  # the transfer began: it is being staged
             time.sleep(0.005)
-        assert "kv-1" in inbox._early
+        assert "kv-1" in inbox.staged
     inbox.expect("d-1", request, d_tables, d_slots, release=released.append)
     if not early:
         _send(outbox, "p-1", request, inbox.address, p_tables, p_slots, released)
@@ -150,7 +150,7 @@ def test_unclaimed_early_transfer_is_dropped(pair):
     while inbox.unstager.pool.in_use_bytes and time.monotonic() < deadline:
         inbox.poll()
         time.sleep(0.01)
-    assert inbox.unstager.pool.in_use_bytes == 0 and not inbox._early
+    assert inbox.unstager.pool.in_use_bytes == 0 and not inbox.staged
 
 
 def test_unreachable_endpoint_fails_lease(pair):

@@ -422,6 +422,12 @@ class Inbox:
     def address(self) -> tuple[str, int]:
         return self.receiver.address
 
+    @property
+    def staged(self) -> set[str]:
+        """Request ids received (or being received) into a staging buffer that nobody expects yet."""
+        with self._lock:
+            return set(self._early)
+
     # ---- receiver threads
     def _allocate(self, m: Manifest) -> list[Any]:
         """Where an arriving transfer's bytes go: the expecting job's buffers, or a staging buffer."""

@@ -1,0 +1,204 @@
+"""KvwireConnector contract: vLLM 0.32's call order on both roles, HMA-shaped CPU caches, real loopback
+transfers between a producer and a consumer instance. Runs against vLLM's own base classes where vLLM is
+importable (``VLLM_AVAILABLE``), else against the module's stand-ins."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import vllm_contract as vc  # noqa: E402
+
+from kvwire.adapters import vllm as adapter  # noqa: E402
+from kvwire.errors import LayoutError  # noqa: E402
+
+N = 70  # prompt tokens; N-1 = 69 cross the wire: blocks of 32, the last one partial
+P_IDS = ([3, 7, 9], [4], [5], [6])  # prefill's blocks per KV-cache group (attention, three GDN groups)
+D_IDS = ([10, 2, 12], [1], [0], [15])  # decode's
+
+
+def prefill_forward(inst: vc.Instance, chunk: range, seed: int):
+    """The forward of one prefill chunk: each layer in model order writes its cache (attention: the chunk's
+    tokens in the request's blocks; GDN: the state in its group's block), and vLLM calls save_kv_layer
+    after each attention layer (never for GDN layers)."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(inst.views, key=lambda n: int(n.split(".")[2]))
+
+    def run(worker):
+        for name in names:
+            group = next(i for i, ns in enumerate(vc.layer_names()) if name in ns)
+            view = inst.views[name]
+            if group == 0:
+                kv = view.view(view.shape[0], vc.HEADS, 2 * vc.BLOCK, vc.HEAD)
+                for p in chunk:
+                    b = P_IDS[0][p // vc.BLOCK]
+                    for row in (p % vc.BLOCK, vc.BLOCK + p % vc.BLOCK):  # K then V rows of the page
+                        kv[b, :, row] = torch.randn(vc.HEADS, vc.HEAD, generator=g).to(torch.bfloat16)
+                worker.save_kv_layer(name, view, None)
+            else:
+                page = view[P_IDS[group][0], 0, 0]
+                page.copy_(torch.randint(-128, 128, page.shape, generator=g, dtype=torch.int8))
+    return run
+
+
+def request_bytes(inst: vc.Instance, ids: tuple[list[int], ...], tokens: int) -> dict[str, bytes]:
+    """Per layer, the bytes of the request's cache: attention K and V rows of its first ``tokens`` tokens,
+    GDN conv and ssm states of its block."""
+    out: dict[str, bytes] = {}
+    for g, names in enumerate(vc.layer_names()):
+        for name in names:
+            view = inst.views[name]
+            if g == 0:
+                kv = view.view(view.shape[0], vc.HEADS, 2 * vc.BLOCK, vc.HEAD)
+                rows = [kv[ids[0][p // vc.BLOCK], :, r] for p in range(tokens)
+                        for r in (p % vc.BLOCK, vc.BLOCK + p % vc.BLOCK)]
+                out[name] = b"".join(x.contiguous().view(torch.uint8).numpy().tobytes() for x in rows)
+            else:
+                out[name] = view[ids[g][0]].contiguous().view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def run_until(inst: vc.Instance, pred, timeout: float = 30.0, scheduled=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = inst.step(scheduled or {})
+        if pred(res):
+            return res
+        time.sleep(0.01)
+    raise AssertionError("condition not reached: the connector hung")
+
+
+@pytest.fixture
+def pd():
+    p = vc.Instance("kv_producer")
+    d = vc.Instance("kv_consumer")
+    yield p, d
+    p.close()
+    d.close()
+    for inst in (p, d):
+        for box in (inst.worker.outbox, inst.worker.inbox):
+            if box is not None:
+                pool = box.stager.pool if hasattr(box, "stager") else box.unstager.pool
+                assert pool.in_use_bytes == 0
+
+
+def test_connector_is_hma_and_takes_three_args():
+    assert issubclass(adapter.KvwireConnector, adapter.SupportsHMA)
+    assert issubclass(adapter.KvwireConnector, adapter.KVConnectorBase_V1)
+    if vc.REAL_VLLM:  # the real classes where vLLM is importable
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
+
+        assert adapter.VLLM_AVAILABLE and supports_hma(adapter.KvwireConnector)
+
+
+def test_layout_from_kv_cache_config():
+    m = vc.Instance("kv_consumer")
+    try:
+        layout = m.worker.map.layout
+        assert [la.kinds for la in layout.layers] == [("gdn",), ("gdn",), ("gdn",), ("gqa",)] * 2
+        gdn = layout.layers[0].caches[0]
+        assert [(t.shape, t.dtype, t.layout) for t in gdn.tensors] == [
+            ((3, 64), "bfloat16", "conv:SD"), ((2, 8, 8), "float32", "ssm:HVK")]
+        assert layout.block_size == vc.BLOCK and m.worker.map.groups.state_groups == [False, True, True, True]
+    finally:
+        m.close()
+
+
+def test_policy_n_refused_for_state_models():
+    cfg = vc.vllm_config("kv_consumer", state_policy="N")
+    with pytest.raises(LayoutError, match="N-1"):
+        adapter.KvwireConnector(cfg, adapter.KVConnectorRole.SCHEDULER, vc.kv_cache_config(8))
+
+
+@pytest.mark.parametrize("order", ["decode-first", "prefill-first"])
+def test_prefill_to_decode_bytes_equal(pd, order):
+    p, d = pd
+    rid = f"kv-{order}"
+    preq = vc.Request("p-req", N - 1, adapter.prefill_params(rid, d.endpoint))  # N-1: prompt minus its last token
+    dreq = vc.Request("d-req", N, adapter.decode_params(rid))
+
+    def decode_admit():
+        assert d.admit(dreq, D_IDS) == (N - 1, True)  # async load of N-1 tokens
+
+    if order == "decode-first":
+        decode_admit()
+        d.step({})  # start_load_kv: expecting into its blocks
+    assert p.admit(preq, P_IDS) == (0, False)
+    p.step({preq: 64}, prefill_forward(p, range(0, 64), 1))  # chunk 1: nothing leaves yet
+    assert p.worker.outbox is not None and p.worker.outbox.active == 0
+    p.step({preq: N - 1 - 64}, prefill_forward(p, range(64, N - 1), 2))  # final chunk: layers stream out
+    assert p.finish(preq) == (True, None)  # max_tokens=1: done, blocks kept for the transfer
+    assert p.sched.has_pending_push_work()
+    if order == "prefill-first":
+        deadline = time.monotonic() + 20
+        while rid not in d.worker.inbox.staged and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rid in d.worker.inbox.staged  # the data is in a staging buffer before the request arrives
+        decode_admit()
+    res = run_until(d, lambda r: "d-req" in r.finished_recving)
+    assert not res.failed_recving
+    run_until(p, lambda r: "p-req" in r.finished_sending)
+    assert not p.sched.has_pending_push_work()
+    assert d.sched.get_num_new_matched_tokens(dreq, N - 1) == (0, False)  # loaded: vLLM computes token N
+
+    a, b = request_bytes(p, P_IDS, N - 1), request_bytes(d, D_IDS, N - 1)
+    assert a.keys() == b.keys() and len(a) == 8
+    assert [k for k in a if a[k] != b[k]] == []
+    # negative controls: the comparison sees one flipped byte; the last prompt token was not shipped
+    pkv = p.views["model.layers.3.self_attn.attn"]
+    pkv[P_IDS[0][1], 1, 5].view(torch.uint8)[0] ^= 1  # token 37, head 1, K: the producer's byte after sending
+    flipped = request_bytes(p, P_IDS, N - 1)
+    assert [k for k in a if flipped[k] != b[k]] == ["model.layers.3.self_attn.attn"]
+    kv = d.views["model.layers.3.self_attn.attn"]
+    kv = kv.view(kv.shape[0], vc.HEADS, 2 * vc.BLOCK, vc.HEAD)
+    assert not kv[D_IDS[0][2], :, (N - 1) % vc.BLOCK].view(torch.uint8).any()
+
+
+def test_load_timeout_reported_as_failed_recving(pd):
+    _p, d = pd
+    d.worker.inbox.timeout = 0.3
+    dreq = vc.Request("d-late", N, adapter.decode_params("kv-never"))
+    d.admit(dreq, D_IDS)
+    res = run_until(d, lambda r: "d-late" in r.finished_recving, timeout=20)
+    assert res.failed_recving == {"d-late"}  # vLLM's kv_load_failure_policy takes it from here
+    assert d.worker.get_block_ids_with_load_errors() == set()
+    assert d.worker.inbox.active == 0
+    assert d.sched.get_num_new_matched_tokens(dreq, 0) == (0, False)  # recomputed, never reloaded
+
+
+def test_decode_abort_cancels_and_frees(pd):
+    _p, d = pd
+    dreq = vc.Request("d-abort", N, adapter.decode_params("kv-abort"))
+    d.admit(dreq, D_IDS)
+    d.step({})
+    assert d.finish(dreq, aborted=True) == (True, None)  # blocks kept: the receiver may still write them
+    res = run_until(d, lambda r: "d-abort" in r.finished_recving, timeout=20)
+    assert res.failed_recving == {"d-abort"}
+    assert not d.sched.has_pending_push_work() and d.worker.inbox.active == 0
+
+
+def test_convention_mismatch_fails_both_sides(pd):
+    p, d = pd
+    preq = vc.Request("p-full", N, adapter.prefill_params("kv-mix", d.endpoint))  # prefill given all N tokens
+    dreq = vc.Request("d-mix", N, adapter.decode_params("kv-mix"))  # decode resumes at N-1
+    d.admit(dreq, D_IDS)
+    d.step({})
+    p.admit(preq, P_IDS)
+    p.step({preq: 64}, prefill_forward(p, range(0, 64), 1))
+    p.step({preq: N - 64}, prefill_forward(p, range(64, N), 2))
+    p.finish(preq)
+    res = run_until(d, lambda r: "d-mix" in r.finished_recving)
+    assert res.failed_recving == {"d-mix"}
+    run_until(p, lambda r: "p-full" in r.finished_sending)  # failed, and its blocks are freed all the same
+
+
+def test_prefill_abort_before_final_chunk_frees_at_once(pd):
+    p, d = pd
+    preq = vc.Request("p-early", N - 1, adapter.prefill_params("kv-early", d.endpoint))
+    p.admit(preq, P_IDS)
+    p.step({preq: 32}, prefill_forward(p, range(0, 32), 1))
+    assert p.finish(preq, aborted=True) == (False, None)  # nothing sent: vLLM frees now
+    assert not p.sched.has_pending_push_work()
