@@ -1,10 +1,11 @@
 """Decode side: receive hybrid caches layer by layer and verify their content.
 
-    python examples/decode_receiver.py --model qwen3-next-80b-a3b --tokens 32768 --port 7400 --key s3cret
+    python examples/decode_receiver.py --model qwen3-next-80b-a3b --port 7400 --key s3cret
 
-Runs until interrupted (or --count transfers). Each transfer lands in a fresh buffer from the
-allocator; per-layer arrival times are printed as layers are verified, then the content is compared
-with the deterministic fill the sender used (examples/prefill_sender.py).
+Runs until interrupted (Ctrl-C, or --count transfers). It takes requests of any token count: each
+transfer lands in a fresh buffer of its size from the allocator; per-layer arrival times are printed
+as layers are verified, then the content is compared with the deterministic fill the sender used
+(examples/prefill_sender.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Prefill side: stream a hybrid cache to a decode receiver layer by layer, as prefill produces it.
 
     python examples/prefill_sender.py --host 127.0.0.1 --port 7400 --model qwen3-next-80b-a3b \
-        --tokens 32768 --prefill-ms-per-layer 5 --lanes 4 --key s3cret
-    python examples/prefill_sender.py --host 10.0.0.7 --wan ...   # across datacenters
+        --tokens 8192 --prefill-ms-per-layer 5 --lanes 4 --key s3cret
+    python examples/prefill_sender.py --host 127.0.0.1 --port 7400 --key s3cret --tokens 8192 --wan  # far host
 
 ``--wan``: measure the link first (``kvwire.probe``: one second of discarded traffic), then let
 ``LinkControl`` pace the lanes just under that capacity from the first byte, and print the
