@@ -341,3 +341,84 @@ def test_bench_control_port_bounds_connections(bench_server: tuple[str, int]) ->
     finally:
         for c in socks:
             c.close()
+
+
+# ---------------------------------------------------------------- an authenticated peer sends malformed messages
+
+
+@pytest.fixture
+def uncaught() -> Iterator[list[BaseException]]:
+    """Exceptions that escaped any thread while the test ran."""
+    seen: list[BaseException] = []
+    old = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment,arg-type,return-value]
+    try:
+        yield seen
+    finally:
+        threading.excepthook = old
+
+
+def _authenticated(rx: Receiver):  # type: ignore[no-untyped-def]
+    from kvwire.tcp.auth import client_handshake
+    from kvwire.tcp.wire import Channel
+
+    raw = socket.create_connection(rx.address)
+    ch = Channel(raw, F.DEFAULT_LIMITS)
+    client_handshake(ch, b"k", 1)
+    return raw, ch
+
+
+def _next(ch) -> tuple[str, dict]:  # type: ignore[no-untyped-def,type-arg]
+    kind, body = ch.read_control()
+    while kind == F.HEARTBEAT:
+        kind, body = ch.read_control()
+    return kind, body
+
+
+@pytest.mark.parametrize("kind,body", [
+    (F.CANCEL, {"tid": [1], "reason": "x"}),
+    (F.CANCEL, {"tid": {"a": 1}, "reason": "x"}),
+    (F.CANCEL, {"tid": 5, "reason": ["x"]}),
+    (F.CANCEL, {"tid": 5, "state": 3}),
+    (F.DONE, {"tid": [1], "digest": 1}),
+    (F.DONE, {"tid": 1, "digest": "d"}),
+    (F.DONE, {"tid": {"x": [1]}, "digest": 1}),
+])
+def test_malformed_control_message_ends_the_session_cleanly(kind: str, body: dict, uncaught: list,  # type: ignore[type-arg]
+                                                            no_leaks: None) -> None:
+    with Receiver(key="k") as rx:
+        raw, ch = _authenticated(rx)
+        with raw:
+            assert wait_until(lambda: rx.sessions == 1, 2)
+            ch.send(kind, body)
+            got, reply = _next(ch)
+            assert got == F.ERROR and ("must be" in reply["reason"] or "unknown state" in reply["reason"]), reply
+            assert wait_until(lambda: rx.sessions == 0, 2), "session left to the peer-silence monitor"
+        assert uncaught == []
+
+
+@pytest.mark.parametrize("field,value", [("tp_size", 1e300), ("tp_size", 2**63), ("block_size", 1e300),
+                                         ("name", [1]), ("tp_rank", True), ("page_layout", {})])
+def test_malformed_layout_in_begin_is_rejected_and_the_session_serves_on(field: str, value: object,
+                                                                         uncaught: list,  # type: ignore[type-arg]
+                                                                         no_leaks: None) -> None:
+    from kvwire.codec.manifest import build_manifest
+
+    layout = load_fixture("tiny-llama")
+    with Receiver(key="k", allocator=lambda m: bytearray(m.total_bytes)) as rx:
+        raw, ch = _authenticated(rx)
+        with raw:
+            wire = build_manifest(7, layout, default_request("bad"), 1 << 20).to_wire(with_layout=True)
+            wire["layout"][field] = value
+            ch.send(F.BEGIN, wire)
+            kind, body = _next(ch)
+            assert kind == F.REJECT and body["tid"] == 7, body
+            assert field in body["reason"] or "strings" in body["reason"], body
+            for tid in ([7], {"a": 1}):  # a malformed id is refused the same way
+                ch.send(F.BEGIN, {**wire, "tid": tid})
+                kind, body = _next(ch)
+                assert kind == F.REJECT and body["tid"] is None
+            good = build_manifest(8, layout, default_request("good"), 1 << 20).to_wire(with_layout=True)
+            ch.send(F.BEGIN, good)
+            assert _next(ch) == (F.ACCEPT, {"tid": 8})
+        assert uncaught == []

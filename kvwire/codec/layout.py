@@ -72,6 +72,14 @@ def dtype_size(dtype: str) -> int:
         raise LayoutError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_SIZES)}") from None
 
 
+def _field_int(d: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """An exact int (not a bool or float) in ``[lo, hi]``, from a map that came from the network."""
+    v = d.get(key, default)
+    if type(v) is not int or not lo <= v <= hi:
+        raise LayoutError(f"layout field {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
 def _prod(shape: Iterable[int]) -> int:
     n = 1
     for d in shape:
@@ -259,17 +267,17 @@ class ModelLayout:
             if not isinstance(caches, list) or len(caches) > 4:
                 raise LayoutError(f"layer {i}: malformed caches")
             built.append(LayerSpec(i, tuple(CacheSpec.from_list(c) for c in caches)))
-        try:
-            return cls(
-                name=str(d.get("name", "")),
-                layers=tuple(built),
-                block_size=int(d.get("block_size", 16)),
-                tp_size=int(d.get("tp_size", 1)),
-                tp_rank=int(d.get("tp_rank", 0)),
-                page_layout=str(d.get("page_layout", "block_major")),
-            )
-        except (TypeError, ValueError, OverflowError) as e:
-            raise LayoutError(f"malformed layout field: {e}") from None
+        name, page_layout = d.get("name", ""), d.get("page_layout", "block_major")
+        if type(name) is not str or len(name) > 256 or type(page_layout) is not str:
+            raise LayoutError("layout name and page_layout must be strings (name up to 256 characters)")
+        return cls(
+            name=name,
+            layers=tuple(built),
+            block_size=_field_int(d, "block_size", 16, 1, 1 << 20),
+            tp_size=_field_int(d, "tp_size", 1, 1, 1 << 16),
+            tp_rank=_field_int(d, "tp_rank", 0, 0, (1 << 16) - 1),
+            page_layout=page_layout,
+        )
 
     def fingerprint(self) -> bytes:
         """16 bytes naming everything that decides the meaning of the wire bytes."""

@@ -27,6 +27,7 @@ from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
+from ..codec.messages import parse_done, parse_end
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
 from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
@@ -371,11 +372,12 @@ class Receiver:
                 elif kind == F.DONE:
                     self._done(s, body)
                 elif kind == F.CANCEL:
-                    h = s.transfers.get(body.get("tid", -1))
-                    if h is not None and body.get("state") == State.TIMED_OUT.value:
-                        self._end(s, h, State.TIMED_OUT, f"sender timed out: {body.get('reason', '')}")
+                    tid, state, why = parse_end(body, kind)
+                    h = s.transfers.get(tid)
+                    if h is not None and state is State.TIMED_OUT:
+                        self._end(s, h, State.TIMED_OUT, f"sender timed out: {why}")
                     elif h is not None:
-                        self._end(s, h, State.CANCELLED, f"cancelled by sender: {body.get('reason', '')}")
+                        self._end(s, h, State.CANCELLED, f"cancelled by sender: {why}")
                 elif kind == F.HEARTBEAT:
                     pass
                 elif kind == F.BYE:
@@ -383,18 +385,18 @@ class Receiver:
                     return
                 else:
                     raise ProtocolError(f"unexpected {kind!r} on control connection")
-        except ProtocolError as e:
+        except KvwireError as e:  # malformed input is typed where it is parsed; it ends the session
             s.send(F.ERROR, {"reason": str(e)})
             self._close_session(s, f"protocol error: {e}")
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
 
     def _begin(self, s: _Session, body: dict[str, Any]) -> None:
-        tid = body.get("tid")
         try:
             m = parse_manifest(body, self.limits, s.layouts)
         except KvwireError as e:
-            s.send(F.REJECT, {"tid": tid, "reason": str(e)})
+            tid = body.get("tid")
+            s.send(F.REJECT, {"tid": tid if type(tid) is int else None, "reason": str(e)})
             return
         if m.layout is not None and len(s.layouts) < 256:
             s.layouts[m.fingerprint] = m.layout
@@ -472,10 +474,8 @@ class Receiver:
         return ""
 
     def _done(self, s: _Session, body: dict[str, Any]) -> None:
-        tid, digest = body.get("tid"), body.get("digest")
-        if not isinstance(digest, int):
-            raise ProtocolError("done without a digest")
-        h = s.transfers.get(tid) if isinstance(tid, int) else None
+        tid, digest = parse_done(body)
+        h = s.transfers.get(tid)
         if h is None or h._sm is None:
             return  # ended already (cancelled, timed out): the sender was told
         with s.lock:
