@@ -422,3 +422,79 @@ def test_malformed_layout_in_begin_is_rejected_and_the_session_serves_on(field: 
             ch.send(F.BEGIN, good)
             assert _next(ch) == (F.ACCEPT, {"tid": 8})
         assert uncaught == []
+
+
+# ---------------------------------------------------------------- metadata counts
+
+
+def _zero_begin(tid: int, rid: str, nseg: int) -> dict:  # type: ignore[type-arg]
+    """A manifest with no layout and ``nseg`` empty segments spread over 1024 layers."""
+    req = default_request(rid).to_dict()
+    per = max(1, nseg // 1024)
+    return {"v": 1, "tid": tid, "fp": b"\1" * 16, "req": req, "chunk": 1 << 20, "hash": "xxh3_64",
+            "seg": [[i // per, 0, 0, 0, 0, 0] for i in range(nseg)]}
+
+
+def test_zero_payload_transfers_of_many_segments_hold_no_memory(uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
+    """40 BEGINs of 65,536 empty segments each (main: accepted, +975 MiB RSS, seconds of CPU each)."""
+    with Receiver(key="k", allocator=lambda m: bytearray(m.total_bytes)) as rx:
+        raw, ch = _authenticated(rx)
+        with raw:
+            gc.collect()
+            before, t0 = rss(), time.monotonic()
+            replies = []
+            begin = _zero_begin(0, "z", 65536)
+            for n in range(40):
+                ch.send(F.BEGIN, {**begin, "tid": n, "req": {**begin["req"], "request_id": f"z{n}"}})
+                replies.append(_next(ch)[0])
+                ch.send(F.HEARTBEAT)
+            took = time.monotonic() - t0
+            gc.collect()
+            grown = rss() - before
+            print(f"\n40 x 65,536-segment BEGINs: {took:.2f} s, RSS +{grown / 2**20:.1f} MiB, replies {set(replies)}")
+            assert replies == [F.REJECT] * 40
+            assert grown < 64 * 2**20
+    assert uncaught == []
+
+
+def test_metadata_is_charged_against_inflight_bytes(no_leaks: None) -> None:
+    """Registered zero-payload transfers of 4,096 segments: their metadata fills max_inflight_bytes."""
+    from kvwire.codec.manifest import parse_manifest
+
+    cost = parse_manifest(_zero_begin(0, "x", 4096)).metadata_bytes
+    with Receiver(key="k", max_inflight_bytes=4 * cost + 1) as rx:
+        handles = [rx.expect(f"z{n}", bytearray(0)) for n in range(6)]
+        raw, ch = _authenticated(rx)
+        with raw:
+            replies = []
+            for n in range(6):
+                ch.send(F.BEGIN, _zero_begin(n, f"z{n}", 4096))
+                replies.append(_next(ch))
+        assert [k for k, _ in replies] == [F.ACCEPT] * 4 + [F.REJECT] * 2
+        assert "busy" in replies[4][1]["reason"]
+        assert [h.state for h in handles[:4]] == [State.ACTIVE] * 4
+
+
+def test_allocator_is_never_asked_for_a_layoutless_manifest(no_leaks: None) -> None:
+    asked: list[int] = []
+    with Receiver(key="k", allocator=lambda m: asked.append(m.total_bytes) or bytearray(0)) as rx:
+        raw, ch = _authenticated(rx)
+        with raw:
+            begin = _zero_begin(1, "big", 2)
+            begin["seg"][0][3] = 1 << 30  # 1 GiB that no layout justifies
+            ch.send(F.BEGIN, begin)
+            kind, body = _next(ch)
+        assert kind == F.REJECT and "layout" in body["reason"]
+    assert asked == []
+
+
+def test_chunk_plan_of_many_segments_is_linear() -> None:
+    from kvwire.codec.manifest import parse_manifest
+    from kvwire.codec.plan import plan_chunks
+
+    m = parse_manifest(_zero_begin(0, "x", 65536), F.Limits(max_segments=65536))
+    t0 = time.process_time()
+    plan_chunks(m.segments, m.chunk_size)
+    took = time.process_time() - t0
+    print(f"\nplan of 65,536 segments over 1,024 layers: {took * 1000:.0f} ms CPU")
+    assert took < 1.0  # main: quadratic, several seconds

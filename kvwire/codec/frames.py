@@ -70,7 +70,7 @@ class Limits:
 
     max_chunk: int = 16 * 1024 * 1024
     max_control: int = 4 * 1024 * 1024
-    max_segments: int = 65536
+    max_segments: int = 4096  # the largest preset needs 176 (falcon-h1-7b)
     max_chunks: int = 1 << 20
     max_transfer_bytes: int = 64 * 1024**3
     max_layers: int = 1024

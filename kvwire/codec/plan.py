@@ -67,14 +67,16 @@ def plan_chunks(segments: Sequence[Segment], chunk_size: int = DEFAULT_CHUNK, ma
     lengths: list[int] = []
     layers: list[int] = []
     layer_chunks: dict[int, range] = {}
+    seen: set[int] = set()  # layers already planned: one pass, not a scan of the rest per layer
     i = 0
     while i < len(segments):
         layer = segments[i].layer
+        if layer in seen:
+            raise ValueError(f"segments of layer {layer} are not contiguous in send order")
+        seen.add(layer)
         j = i
         while j < len(segments) and segments[j].layer == layer:
             j += 1
-        if any(segments[k].layer == layer for k in range(j, len(segments))):
-            raise ValueError(f"segments of layer {layer} are not contiguous in send order")
         start, stop = seg_offsets[i], seg_offsets[j]
         size = stop - start
         if size:

@@ -39,6 +39,12 @@ from .wire import Channel, drain, recv_exact_into, tune
 log = logging.getLogger("kvwire.receiver")
 
 
+def _held(m: Manifest) -> int:
+    """What an admitted transfer holds against ``max_inflight_bytes``: its payload (none for a sink,
+    which reads into shared scratch) and its metadata (segments, plan, views)."""
+    return m.metadata_bytes + (0 if m.sink else m.total_bytes)
+
+
 def _peer_name(addr: Any) -> str:
     """``host:port``, bracketed for IPv6."""
     host, port = addr[0], addr[1]
@@ -86,7 +92,7 @@ class Receiver:
 
     Sink transfers (capacity probes from ``kvwire.probe``) of up to ``max_probe_bytes`` each (0 refuses
     them) are read into one receiver-wide 16 MiB scratch buffer and discarded: no allocator call, no
-    registered buffer, nothing delivered, and not counted against ``max_inflight_bytes``.
+    registered buffer, nothing delivered, and only their metadata counted against ``max_inflight_bytes``.
 
     Parameters:
         host: the address to listen on (``"127.0.0.1"``: this machine only; ``"0.0.0.0"``: every
@@ -98,11 +104,14 @@ class Receiver:
             require client certificates) to run every connection over TLS; ``None``: plain TCP.
         allocator: ``fn(manifest)`` returning the destination of a transfer nobody ``expect``-ed: one
             buffer of ``manifest.total_bytes`` or one buffer per segment; ``None``: such transfers are refused.
+            Called only for a manifest whose segments match a layout (sent on the session) and whose
+            size fits ``max_inflight_bytes``.
         on_transfer: ``fn(handle)`` called with the handle of each allocator-placed transfer as it begins.
         limits: the lengths and counts accepted from senders (``kvwire.Limits``).
         max_sessions: sessions open at once; more are refused.
         max_lanes: data lanes per session.
-        max_inflight_bytes: payload bytes of all transfers in flight together; a transfer over it is refused.
+        max_inflight_bytes: payload bytes of all transfers in flight together, plus what their metadata
+            holds (``Manifest.metadata_bytes``); a transfer over it is refused.
         max_transfers_per_session: transfers in flight per session.
         transfer_timeout: seconds a transfer (or an ``expect``-ed request that never comes) may take.
         peer_timeout: seconds of silence from a sender after which its session and transfers fail.
@@ -414,6 +423,8 @@ class Receiver:
             if h is None:
                 if self.allocator is None:
                     raise KvwireError(f"no destination registered for request {m.request.request_id!r}")
+                if m.layout is None:  # its segments were checked against nothing: ask the allocator for nothing
+                    raise KvwireError("manifest names a layout unknown on this session; the allocator needs one")
                 h = IncomingTransfer(m.request.request_id, self.allocator(m))
             if h.layout is not None:
                 check_manifest_against(m, h.layout)
@@ -464,13 +475,12 @@ class Receiver:
                 return f"transfer id {m.transfer_id} already used on this session"
             if len(s.transfers) >= self.max_transfers_per_session:
                 return "too many transfers in flight on this session"
-        if m.sink:
-            return ""  # a sink holds no memory of its own
+        # payload (a sink holds none of its own) plus the metadata every transfer holds while in flight
         with self._lock:
-            inflight = sum(h.manifest.total_bytes for x in self._sessions.values()
-                           for h in list(x.transfers.values()) if h.manifest is not None and not h.manifest.sink)
-        if inflight + m.total_bytes > self.max_inflight_bytes:
-            return f"receiver busy: {inflight + m.total_bytes} bytes in flight exceeds {self.max_inflight_bytes}"
+            inflight = sum(_held(h.manifest) for x in self._sessions.values()
+                           for h in list(x.transfers.values()) if h.manifest is not None)
+        if inflight + _held(m) > self.max_inflight_bytes:
+            return f"receiver busy: {inflight + _held(m)} bytes in flight exceeds {self.max_inflight_bytes}"
         return ""
 
     def _done(self, s: _Session, body: dict[str, Any]) -> None:
