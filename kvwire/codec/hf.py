@@ -1,24 +1,35 @@
-"""Build a ``ModelLayout`` from a HuggingFace ``config.json`` dict; vLLM's hybrid block-size rule.
+"""Build a ``ModelLayout`` from a HuggingFace config (dict, ``config.json`` path or live ``PretrainedConfig``).
 
-Owns: which HF config fields describe each model family's caches, the engines' default state dtypes,
-TP sharding of every cache (GQA replication when kv_heads < TP, MLA replication, the conv channel
-split per sub-projection, Mamba2 group padding) and ``hybrid_block_size`` (vLLM
-``_align_hybrid_block_size``). Must not know: sockets, threads, clocks, torch, files (``presets.py``
-reads JSON) or how bytes move.
+Owns: which HF config fields describe each model family's caches (as written by transformers 4 and 5),
+the engines' default state dtypes and layout tags, TP sharding of every cache (GQA replication when
+kv_heads < TP, MLA replication, the conv channel split per sub-projection, Mamba2 group padding) and
+``hybrid_block_size`` (vLLM ``_align_hybrid_block_size``). Must not know: sockets, threads, clocks,
+torch (a ``PretrainedConfig`` is read through its ``to_dict``) or how bytes move. Files: only reading
+one ``config.json`` (``read_config``).
+
+Engines and their tags (``engine=``): ``vllm`` and ``sglang`` default to KV ``NHD``, conv ``conv:SD``,
+GDN/KDA ``ssm:HVK``; ``transformers`` (its ``DynamicCache``) to KV ``HND`` (``(kv_heads, tokens,
+head_dim)``, batch 1), conv ``conv:HF`` (full kernel width) and ``ssm:HKV``. Mamba1 is always
+``ssm:DN``, Mamba2 ``ssm:HPN``.
 
 Dtype rules for the recurrent ("ssm") tensor, first match wins:
 1. the ``ssm_dtype`` argument (it overrides every family, KDA and lightning included);
 2. the config's ``mamba_ssm_dtype`` / ``mamba_ssm_cache_dtype`` (Qwen3.5, Nemotron-3-Nano);
-3. the engine default: KDA always float32; lightning the model dtype; SGLang float32 for every other
-   SSM; vLLM float32 for Nemotron-H (its config hook) and the model dtype ("auto") otherwise.
-Conv states use the model dtype (``torch_dtype``, default bfloat16); KV uses ``kv_dtype``.
+3. the engine default: KDA always float32; lightning the model dtype; SGLang and transformers (its
+   PyTorch scans keep the state in float32) float32 for every other SSM; vLLM float32 for Nemotron-H
+   (its config hook) and the model dtype ("auto") otherwise.
+Conv states use the model dtype (``model_dtype``, else the config's ``torch_dtype``/``dtype``, default
+bfloat16); KV uses ``kv_dtype`` (default bfloat16; the model dtype for transformers).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import LayoutError
@@ -26,7 +37,14 @@ from .layout import REQUEST, TOKEN, CacheSpec, LayerSpec, ModelLayout, TensorSpe
 
 CONV_LAYOUTS = ("conv:SD", "conv:DS", "conv:HF")
 DELTA_SSM_LAYOUTS = ("ssm:HVK", "ssm:HKV")  # GDN/KDA only; Mamba and lightning tags are fixed
-ENGINES = ("vllm", "sglang")
+KV_LAYOUTS = ("NHD", "HND")
+ENGINES = ("vllm", "sglang", "transformers")
+#: per engine: default (kv_layout, conv_layout, ssm_layout)
+ENGINE_TAGS: Mapping[str, tuple[str, str, str]] = {
+    "vllm": ("NHD", "conv:SD", "ssm:HVK"),
+    "sglang": ("NHD", "conv:SD", "ssm:HVK"),
+    "transformers": ("HND", "conv:HF", "ssm:HKV"),
+}
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp16": "float16",
                   "half": "float16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
@@ -101,6 +119,7 @@ class _Ctx:
     engine: str
     conv_layout: str
     ssm_layout: str
+    kv_layout: str
 
     def state_dtype(self, kind: str) -> str:
         if self.ssm_dtype is not None:
@@ -109,7 +128,7 @@ class _Ctx:
             return "float32"  # vLLM kda_state_dtype and SGLang both keep the recurrent state fp32
         if kind == "lightning":
             return self.model_dtype
-        if self.engine == "sglang" or self.model_type == "nemotron_h":
+        if self.engine in ("sglang", "transformers") or self.model_type == "nemotron_h":
             return "float32"
         return self.model_dtype
 
@@ -129,8 +148,8 @@ def _attn(ctx: _Ctx, kind: str, kv_heads: int, d_k: int, d_v: int, window: int =
         heads, replicated = 1, True
     else:
         heads, replicated = ctx.shard(kv_heads, "num_key_value_heads"), False
-    k = TensorSpec("k", (heads, d_k), ctx.kv_dtype, "NHD", TOKEN, replicated)
-    v = TensorSpec("v", (heads, d_v), ctx.kv_dtype, "NHD", TOKEN, replicated)
+    k = TensorSpec("k", (heads, d_k), ctx.kv_dtype, ctx.kv_layout, TOKEN, replicated)
+    v = TensorSpec("v", (heads, d_v), ctx.kv_dtype, ctx.kv_layout, TOKEN, replicated)
     return CacheSpec(kind, (k, v), window)
 
 
@@ -267,17 +286,106 @@ def _jamba(f: _Fields, ctx: _Ctx) -> Layers:
     return [(attn,) if i % period == offset else (mamba,) for i in range(n)]
 
 
+#: layer type names transformers 5 remaps (``configuration_utils._LEGACY_LAYER_TYPE_REMAP``)
+_LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def _layer_types(f: _Fields, keys: tuple[str, ...], known: tuple[str, ...], *, strict_count: bool = True
+                 ) -> list[str] | None:
+    """The first of ``keys`` present: a list of per-layer type names (legacy names remapped), else None.
+
+    ``strict_count``: a ``num_hidden_layers`` that disagrees with the list is an error (transformers 5
+    refuses it too); Nemotron-H ignores it, as transformers does (the list decides).
+    """
+    for key in keys:
+        value = f.raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+            raise f.fail(f"{key!r} must be a non-empty list of layer type names, got {value!r}")
+        types = [_LEGACY_LAYER_TYPES.get(t, t) for t in value]
+        unknown = sorted(set(types) - set(known))
+        if unknown:
+            raise f.fail(f"{key!r} has unknown layer types {unknown}; known: {list(known)}")
+        if strict_count and f.raw.get("num_hidden_layers") is not None and f.num("num_hidden_layers") != len(types):
+            raise f.fail(f"num_hidden_layers {f.raw['num_hidden_layers']} != {len(types)} entries of {key!r}")
+        return types
+    return None
+
+
+def _alias(f: _Fields, *keys: str, default: int | None = None) -> int:
+    """The first of ``keys`` present (transformers 4 and 5 spell some Mamba fields differently)."""
+    for key in keys:
+        if f.raw.get(key) is not None:
+            return f.num(key)
+    return f.num(keys[0], default)
+
+
+_NEMOTRON_CHARS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
 def _nemotron_h(f: _Fields, ctx: _Ctx) -> Layers:
-    n, pattern = f.num("num_hidden_layers"), f.raw.get("hybrid_override_pattern")
-    if not isinstance(pattern, str) or len(pattern) != n or set(pattern) - set("M*-E"):
-        raise f.fail(f"hybrid_override_pattern must be {n} characters of M * - E, got {pattern!r}")
-    kv = f.num("num_key_value_heads")
-    d = f.head_dim("head_dim") if "head_dim" in f.raw else f.head_dim("attention_head_dim")
+    known = tuple(_NEMOTRON_CHARS.values())
+    types = _layer_types(f, ("layers_block_type", "layer_types"), known, strict_count=False)
+    if types is None:  # transformers 4 configs
+        n, pattern = f.num("num_hidden_layers"), f.raw.get("hybrid_override_pattern")
+        if not isinstance(pattern, str) or len(pattern) != n or set(pattern) - set(_NEMOTRON_CHARS):
+            raise f.fail(f"hybrid_override_pattern must be {n} characters of M * - E, got {pattern!r}")
+        types = [_NEMOTRON_CHARS[c] for c in pattern]
+    kv = f.num("num_key_value_heads", f.raw.get("num_attention_heads"))
+    d = f.head_dim("head_dim") if f.raw.get("head_dim") is not None else f.head_dim("attention_head_dim")
     attn = _attn(ctx, "gqa", kv, d, d)
     mamba = _mamba2(ctx, f.num("mamba_num_heads"), f.num("mamba_head_dim"), f.num("ssm_state_size"),
-                    f.num("n_groups"), f.num("conv_kernel")) if "M" in pattern else attn
-    by_char: dict[str, tuple[CacheSpec, ...]] = {"M": (mamba,), "*": (attn,), "-": (), "E": ()}
-    return [by_char[c] for c in pattern]
+                    _alias(f, "n_groups", "mamba_n_groups"), _alias(f, "conv_kernel", "mamba_d_conv")
+                    ) if "linear_attention" in types else attn
+    by_type: dict[str, tuple[CacheSpec, ...]] = {"linear_attention": (mamba,), "full_attention": (attn,),
+                                                 "mlp": (), "moe": ()}
+    return [by_type[t] for t in types]
+
+
+def _granite_hybrid(f: _Fields, ctx: _Ctx) -> Layers:
+    """IBM Granite 4.0-H (``granitemoehybrid``): Mamba2 and attention layers listed in ``layer_types``."""
+    types = _layer_types(f, ("layer_types", "layers_block_type"), ("linear_attention", "full_attention"))
+    if types is None:  # transformers' default: every layer Mamba2
+        types = ["linear_attention"] * f.num("num_hidden_layers")
+    heads = f.num("mamba_n_heads")
+    head_dim = f.raw.get("mamba_d_head", "auto")
+    if head_dim in ("auto", None):
+        inner = f.num("mamba_expand", 2) * f.num("hidden_size")
+        if inner % heads:
+            raise f.fail(f"mamba_n_heads {heads} does not divide mamba_expand * hidden_size = {inner}")
+        head_dim = inner // heads
+    else:
+        head_dim = f.num("mamba_d_head")
+    mamba = _mamba2(ctx, heads, head_dim, f.num("mamba_d_state"), f.num("mamba_n_groups", 1), f.num("mamba_d_conv"))
+    attn = _gqa_of(f, ctx)
+    return [(mamba,) if t == "linear_attention" else (attn,) for t in types]
+
+
+def _zamba2(f: _Fields, ctx: _Ctx) -> Layers:
+    """Zamba2: Mamba2 layers; ``hybrid`` layers run the shared attention block, then their own Mamba2.
+
+    A hybrid layer caches attention K/V (its own, the block's weights are shared) and a Mamba2 state.
+    The attention works on ``[hidden | embeddings]``, so its head dim defaults to 2 * hidden / heads.
+    """
+    types = _layer_types(f, ("layers_block_type", "layer_types"), ("linear_attention", "hybrid"))
+    if types is None:
+        raise f.fail("needs 'layers_block_type' (one of mamba / hybrid per layer)")
+    hidden, q_heads = f.num("hidden_size"), f.num("num_attention_heads")
+    heads = f.num("n_mamba_heads")
+    if f.raw.get("mamba_headdim") is not None:
+        head_dim = f.num("mamba_headdim")
+    else:
+        inner = f.num("mamba_expand", 2) * hidden
+        if inner % heads:
+            raise f.fail(f"n_mamba_heads {heads} does not divide mamba_expand * hidden_size = {inner}")
+        head_dim = inner // heads
+    mamba = _mamba2(ctx, heads, head_dim, f.num("mamba_d_state"), f.num("mamba_ngroups", 1), f.num("mamba_d_conv"))
+    if "hybrid" not in types:
+        return [(mamba,)] * len(types)
+    d = f.num("attention_head_dim") if f.raw.get("attention_head_dim") is not None else 2 * hidden // q_heads
+    attn = _attn(ctx, "gqa", f.num("num_key_value_heads", q_heads), d, d)
+    return [(attn, mamba) if t == "hybrid" else (mamba,) for t in types]
 
 
 def _falcon_h1(f: _Fields, ctx: _Ctx) -> Layers:
@@ -327,6 +435,8 @@ _BUILDERS: Mapping[str, Callable[[_Fields, _Ctx], Layers]] = {
     **dict.fromkeys(("minimax", "minimax_m1", "minimax_text_01", "minimax_m2"), _minimax),
     "jamba": _jamba,
     "nemotron_h": _nemotron_h,
+    "granitemoehybrid": _granite_hybrid,
+    "zamba2": _zamba2,
     "falcon_h1": _falcon_h1,
     "mimo_v2_flash": _mimo_v2_flash,
     **dict.fromkeys(("bailing_moe_linear", "bailing_moe_linear_v2"), _bailing_linear),
@@ -338,27 +448,68 @@ _BUILDERS: Mapping[str, Callable[[_Fields, _Ctx], Layers]] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(_BUILDERS))
 
 
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path`` (a directory means its ``config.json``); LayoutError otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayoutError(f"no config file at {str(path)!r}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayoutError(f"cannot read config {str(p)!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise LayoutError(f"config {str(p)!r} is not a JSON object")
+    return config
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config given as a mapping, a ``config.json`` path or a ``PretrainedConfig``.
+
+    A ``PretrainedConfig`` (anything with ``to_dict()`` and a ``model_type``) is read through
+    ``to_dict()``, which is what ``save_pretrained`` writes, so a live config and its file agree.
+    """
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return read_config(config)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict) and isinstance(getattr(config, "model_type", None), str):
+        d = to_dict()
+        if not isinstance(d, Mapping):
+            raise LayoutError(f"{type(config).__name__}.to_dict() returned {type(d).__name__}, not a mapping")
+        return dict(d)
+    raise LayoutError(f"config must be a mapping, a config.json path or a PretrainedConfig, "
+                      f"got {type(config).__name__}")
+
+
 def layout_from_hf_config(
-    config: Mapping[str, Any],
+    config: Any,
     *,
     tp_size: int = 1,
     tp_rank: int = 0,
     block_size: int | None = None,
     ssm_dtype: str | None = None,
-    kv_dtype: str = "bfloat16",
-    conv_layout: str = "conv:SD",
-    ssm_layout: str = "ssm:HVK",
+    kv_dtype: str | None = None,
+    model_dtype: str | None = None,
+    conv_layout: str | None = None,
+    ssm_layout: str | None = None,
+    kv_layout: str | None = None,
     engine: str = "vllm",
     name: str | None = None,
     align: int = 16,
 ) -> ModelLayout:
     """The cache layout of one TP rank of the model ``config`` describes.
 
-    ``block_size=None`` takes ``hybrid_block_size(layout, align)``; ``ssm_layout`` applies to GDN/KDA.
-    Fields nested under ``text_config`` (Qwen3.5 VLM wrappers) take precedence over top-level ones.
+    ``config``: a dict, a path to a ``config.json`` (or its directory) or a ``PretrainedConfig``.
+    ``engine`` picks the default layout tags (``ENGINE_TAGS``) and state dtypes; ``kv_layout``,
+    ``conv_layout`` and ``ssm_layout`` (GDN/KDA) override the tags, ``model_dtype`` the config's dtype
+    (a model built from a config without one runs in float32), ``kv_dtype`` the KV dtype.
+    ``block_size=None`` takes ``hybrid_block_size(layout, align)``. Fields nested under ``text_config``
+    (Qwen3.5 VLM wrappers) take precedence over top-level ones.
     """
-    if not isinstance(config, Mapping):
-        raise LayoutError(f"config must be a mapping, got {type(config).__name__}")
+    config = config_dict(config)
     model_type = config.get("model_type")
     if model_type not in _BUILDERS:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
@@ -370,23 +521,30 @@ def layout_from_hf_config(
         raise LayoutError(f"tp_size must be a positive int, got {tp_size!r}")
     if engine not in ENGINES:
         raise LayoutError(f"engine must be one of {ENGINES}, got {engine!r}")
+    default_kv, default_conv, default_ssm = ENGINE_TAGS[engine]
+    kv_layout = default_kv if kv_layout is None else kv_layout
+    conv_layout = default_conv if conv_layout is None else conv_layout
+    ssm_layout = default_ssm if ssm_layout is None else ssm_layout
+    if kv_layout not in KV_LAYOUTS:
+        raise LayoutError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     if conv_layout not in CONV_LAYOUTS:
         raise LayoutError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
     if ssm_layout not in DELTA_SSM_LAYOUTS:
         raise LayoutError(f"ssm_layout must be one of {DELTA_SSM_LAYOUTS}, got {ssm_layout!r}")
-    kv = normalize_dtype(kv_dtype, "kv_dtype")
-    if kv is None:
-        raise LayoutError("kv_dtype must name a dtype")
+    mdt = normalize_dtype(model_dtype, "model_dtype") or normalize_dtype(
+        raw.get("torch_dtype", raw.get("dtype")), "torch_dtype") or "bfloat16"
+    kv = normalize_dtype(kv_dtype, "kv_dtype") or (mdt if engine == "transformers" else "bfloat16")
     config_ssm = raw.get("mamba_ssm_dtype", raw.get("mamba_ssm_cache_dtype"))
     ctx = _Ctx(
         model_type=str(model_type),
         tp=tp_size,
         kv_dtype=kv,
-        model_dtype=normalize_dtype(raw.get("torch_dtype", raw.get("dtype")), "torch_dtype") or "bfloat16",
+        model_dtype=mdt,
         ssm_dtype=normalize_dtype(ssm_dtype, "ssm_dtype") or normalize_dtype(config_ssm, "mamba_ssm_dtype"),
         engine=engine,
         conv_layout=conv_layout,
         ssm_layout=ssm_layout,
+        kv_layout=kv_layout,
     )
     layers = _BUILDERS[ctx.model_type](_Fields(raw, ctx.model_type), ctx)
     if not layers:

@@ -6,7 +6,8 @@ compatibility checks. Must not know: sockets, threads, clocks, torch, or how HF 
 (``hf.py`` builds layouts from configs).
 
 Wire form of a segment: one tensor of one layer, contiguous. Token-indexed tensors are token-major,
-``(tokens, *per_token_shape)``; request-indexed tensors are the state in their declared layout.
+``(tokens, *per_token_shape)``, except K/V tagged ``HND``: ``(heads, tokens, dim)``; request-indexed
+tensors are the state in their declared layout.
 Gathering from paged engine storage into this form is the stager's job, not the codec's.
 """
 
@@ -46,10 +47,12 @@ CACHE_KINDS: Mapping[str, tuple[str, str]] = {
     "lightning": (REQUEST, "state"),
 }
 
-#: Known layout tags. Token-indexed: NHD (tokens, heads, dim) is the wire form; HND names engine storage.
+#: Known layout tags. Token-indexed K/V travel NHD (tokens, heads, dim), or HND (heads, tokens, dim) where the
+#: engine keeps them that way (transformers), so neither side copies; the tag is part of the fingerprint.
 LAYOUT_TAGS = frozenset(
     {
         "NHD",  # token-indexed K or V: (tokens, heads, head_dim)
+        "HND",  # token-indexed K or V: (heads, tokens, head_dim), HF DynamicCache order (batch 1)
         "latent",  # MLA: (tokens, kv_lora_rank + rope_dim)
         "conv:SD",  # (K-1, dim), dim contiguous (vLLM default, SGLang KDA)
         "conv:DS",  # (dim, K-1) (vLLM NIXL P/D, SGLang Mamba2/GDN)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayoutError
-from .hf import layout_from_hf_config
+from .hf import layout_from_hf_config, read_config
 from .layout import ModelLayout
 
 PRESETS: list[str] = [
@@ -56,16 +56,11 @@ def load_layout(name_or_path: str | Path, **kw: Any) -> ModelLayout:
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         return load_preset(name_or_path, **kw)
     path = Path(name_or_path)
+    if not path.exists():
+        known = ", ".join(PRESETS)
+        raise LayoutError(f"{str(name_or_path)!r} is neither a preset ({known}) nor a file")
+    config = read_config(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        known = ", ".join(PRESETS)
-        raise LayoutError(f"{str(name_or_path)!r} is neither a preset ({known}) nor a file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayoutError(f"cannot read config {str(path)!r}: {e}") from None
-    if not isinstance(config, dict):
-        raise LayoutError(f"config {str(path)!r} is not a JSON object")
     kw.setdefault("name", path.parent.name if path.name == "config.json" else path.stem)
     return layout_from_hf_config(config, **kw)
