@@ -30,7 +30,6 @@ from ..errors import KvwireError, LayoutError, LayoutMismatch, TransferCancelled
 from .positions import StatePolicy
 
 if TYPE_CHECKING:
-    import torch
 
     from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
