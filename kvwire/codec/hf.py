@@ -303,7 +303,7 @@ def _layer_types(f: _Fields, keys: tuple[str, ...], known: tuple[str, ...], *, s
             continue
         if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
             raise f.fail(f"{key!r} must be a non-empty list of layer type names, got {value!r}")
-        types = [_LEGACY_LAYER_TYPES.get(t, t) for t in value]
+        types: list[str] = [_LEGACY_LAYER_TYPES.get(str(t), str(t)) for t in value]
         unknown = sorted(set(types) - set(known))
         if unknown:
             raise f.fail(f"{key!r} has unknown layer types {unknown}; known: {list(known)}")
