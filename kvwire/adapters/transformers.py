@@ -260,7 +260,7 @@ class IncomingCache:
         self._lock = threading.Lock()
         self._tensors: list[Any] | None = tensors
         self._transfer: IncomingTransfer | None = transfer
-        self._error: TransferError | None = None
+        self._error: tuple[type[TransferError], str] | None = None
         self._cache: Any = None
         transfer.add_done_callback(self._on_done)
 
@@ -276,11 +276,24 @@ class IncomingCache:
 
     def _on_done(self, fut: Any) -> None:
         exc = fut.exception()
-        if exc is None:
-            return
-        with self._lock:  # released: the receiver resolves a failed handle only once no lane writes
-            self._error = exc if isinstance(exc, TransferError) else TransferCancelled(str(exc))
+        if exc is not None:
+            self._release(exc)
+
+    def _release(self, exc: BaseException) -> None:
+        """Drop the tensors and the handle (the receiver resolves a failed handle only once no lane writes
+        into it). Only the error's type and text are kept: the exception object's traceback would hold the
+        handle, and through it the buffers."""
+        with self._lock:
+            if self._transfer is None:
+                return
+            kind = type(exc) if isinstance(exc, TransferError) else TransferCancelled
+            self._error = (kind, str(exc))
             self._tensors, self._transfer = None, None
+
+    def _failure(self) -> TransferError:
+        assert self._error is not None
+        kind, text = self._error
+        return kind(text)
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Return once ``layer`` is verified in its tensors (it may be read, not yet used for decode)."""
@@ -288,10 +301,6 @@ class IncomingCache:
         if t is None:
             raise self._failure()
         t.wait_layer(layer, timeout)
-
-    def _failure(self) -> TransferError:
-        assert self._error is not None
-        return type(self._error)(*self._error.args)
 
     def cancel(self, reason: str = "cancelled by the decode side") -> None:
         """Give the request up: the sender is told, the tensors are released."""
@@ -304,11 +313,15 @@ class IncomingCache:
         t = self._transfer
         if t is None:
             raise self._failure()
+        failed = False
         try:
             t.result(timeout)
-        except TransferError:
-            self._on_done(t.future)
-            raise
+        except TransferError as e:
+            self._release(e)
+            failed = True
+        if failed:
+            del t  # the raised error's frame must not keep the buffers alive
+            raise self._failure() from None
         with self._lock:
             if self._cache is None:
                 self._cache = _build_cache(self._config, self.layout, self._tensors or [])
