@@ -210,7 +210,15 @@ class Receiver:
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} already expected")
             self._expected[request_id] = h
+        # cancelled (or timed out) before its sender began: withdrawn at once, so its buffers go free and a
+        # late sender is refused instead of writing into them
+        h.add_done_callback(lambda _f: self._withdraw(request_id, h))
         return h
+
+    def _withdraw(self, request_id: str, h: IncomingTransfer) -> None:
+        with self._lock:
+            if self._expected.get(request_id) is h:
+                del self._expected[request_id]
 
     def next_transfer(self, timeout: float | None = None) -> IncomingTransfer:
         """The next allocator-placed transfer, in arrival order."""
@@ -381,12 +389,7 @@ class Receiver:
                 elif kind == F.DONE:
                     self._done(s, body)
                 elif kind == F.CANCEL:
-                    tid, state, why = parse_end(body, kind)
-                    h = s.transfers.get(tid)
-                    if h is not None and state is State.TIMED_OUT:
-                        self._end(s, h, State.TIMED_OUT, f"sender timed out: {why}")
-                    elif h is not None:
-                        self._end(s, h, State.CANCELLED, f"cancelled by sender: {why}")
+                    self._cancelled_by_sender(s, body)
                 elif kind == F.HEARTBEAT:
                     pass
                 elif kind == F.BYE:
@@ -399,6 +402,14 @@ class Receiver:
             self._close_session(s, f"protocol error: {e}")
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
+
+    def _cancelled_by_sender(self, s: _Session, body: dict[str, Any]) -> None:
+        tid, state, why = parse_end(body, F.CANCEL)
+        h = s.transfers.get(tid)  # a local of its own frame: not held until the next message
+        if h is not None and state is State.TIMED_OUT:
+            self._end(s, h, State.TIMED_OUT, f"sender timed out: {why}")
+        elif h is not None:
+            self._end(s, h, State.CANCELLED, f"cancelled by sender: {why}")
 
     def _begin(self, s: _Session, body: dict[str, Any]) -> None:
         try:
@@ -418,6 +429,8 @@ class Receiver:
             return
         with self._lock:
             h = self._expected.pop(m.request.request_id, None)
+        if h is not None and h.finished:
+            h = None  # cancelled as it arrived: refused like an unknown request
         registered = h is not None
         try:
             if h is None:
@@ -578,91 +591,100 @@ class Receiver:
                 if kind == F.BYE:
                     return
                 raise ProtocolError(f"unexpected {kind!r} on a data lane")
-            with s.lock:
-                t = s.transfers.get(h.transfer_id)
-                if t is None or t._sm is None:
-                    if h.transfer_id not in s.ended:
-                        raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
-                    write = False
-                else:
-                    write = t._sm.admit(h)
-                    if write:
-                        t._writers += 1
-                        t._writing.add(ch)
-            if not write:
-                drain(sock, h.length, scratch)
-                if t is not None and t._sm is not None:
-                    if t._sm.verified[h.chunk]:
-                        s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
-                    elif h.chunk in t._sm.writing:  # the verdict on the copy being read answers both
-                        s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True})
-                continue
-            assert t is not None and t.plan is not None and t._sm is not None
-            verdict = None
-            try:
-                pieces = t.plan.pieces(h.chunk)
-                hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
-                computed: int | None = None
-                for seg, a, b in pieces:
-                    view = t.views[seg][a:b]
-                    recv_exact_into(sock, view)
-                    if hasher is not None:
-                        hasher.update(view)
-                    elif t._sm.manifest.hashed:
-                        computed = xxhash.xxh3_64_intdigest(view)
-                if hasher is not None:
-                    computed = hasher.intdigest()
-                with s.lock:
-                    verdict = t._sm.received(h, computed)
-            finally:
-                with s.lock:
-                    resend = verdict is None and t._sm.abandon(h.chunk)
-                    t._writers -= 1
-                    t._writing.discard(ch)
-                    pending = t._pending if t._writers == 0 else None
-                    if pending is not None:
-                        s.pending.discard(t)
-                if pending is not None:
-                    t._finish(*pending)
-                if resend:  # the copy this lane dropped is gone too: ask for another
-                    s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True})
-            assert verdict is not None
-            with t._cond:
-                t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
-            if not verdict.ack:
-                self._count("chunks_rejected")
+            self._lane_chunk(s, ch, lane, h, sock, scratch)
+
+    def _lane_chunk(self, s: _Session, ch: Channel, lane: int, h: F.Header, sock: socket.socket,
+                    scratch: memoryview) -> None:
+        """One data chunk: into its destination, verified, acked. Its own frame, so that nothing of a
+        transfer (handle, destination view) stays referenced while the lane waits for the next header."""
+        with s.lock:
+            t = s.transfers.get(h.transfer_id)
+            if t is None or t._sm is None:
+                if h.transfer_id not in s.ended:
+                    raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
+                write = False
             else:
-                self._count("probe_bytes_received" if t._sm.manifest.sink else "bytes_received", h.length)
-            now = time.monotonic()
-            for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
-                t._layer_ready(layer, now)
-            s.send(F.ACK if verdict.ack else F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                write = t._sm.admit(h)
+                if write:
+                    t._writers += 1
+                    t._writing.add(ch)
+        if not write:
+            drain(sock, h.length, scratch)
+            if t is not None and t._sm is not None:
+                if t._sm.verified[h.chunk]:
+                    s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                elif h.chunk in t._sm.writing:  # the verdict on the copy being read answers both
+                    s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True})
+            return
+        assert t is not None and t.plan is not None and t._sm is not None
+        verdict = None
+        try:
+            pieces = t.plan.pieces(h.chunk)
+            hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
+            computed: int | None = None
+            for seg, a, b in pieces:
+                view = t.views[seg][a:b]
+                recv_exact_into(sock, view)
+                if hasher is not None:
+                    hasher.update(view)
+                elif t._sm.manifest.hashed:
+                    computed = xxhash.xxh3_64_intdigest(view)
+            if hasher is not None:
+                computed = hasher.intdigest()
+            with s.lock:
+                verdict = t._sm.received(h, computed)
+        finally:
+            with s.lock:
+                resend = verdict is None and t._sm.abandon(h.chunk)
+                t._writers -= 1
+                t._writing.discard(ch)
+                pending = t._pending if t._writers == 0 else None
+                if pending is not None:
+                    s.pending.discard(t)
+            if pending is not None:
+                t._finish(*pending)
+            if resend:  # the copy this lane dropped is gone too: ask for another
+                s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True})
+        assert verdict is not None
+        with t._cond:
+            t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
+        if not verdict.ack:
+            self._count("chunks_rejected")
+        else:
+            self._count("probe_bytes_received" if t._sm.manifest.sink else "bytes_received", h.length)
+        now = time.monotonic()
+        for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
+            t._layer_ready(layer, now)
+        s.send(F.ACK if verdict.ack else F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
 
     # ------------------------------------------------------------ monitor
     def _monitor_loop(self) -> None:
         tick = min(self.heartbeat, 0.25)
         while not self._closed.wait(tick):
-            now = time.monotonic()
-            self._gate.reap(now)
-            with self._lock:
-                sessions = list(self._sessions.values())
-                late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
-                for h in late:
-                    self._expected.pop(h.request_id, None)
+            self._monitor_tick(time.monotonic())
+
+    def _monitor_tick(self, now: float) -> None:
+        """Deadlines, silent peers, heartbeats; its own frame, so no handle stays referenced between ticks."""
+        self._gate.reap(now)
+        with self._lock:
+            sessions = list(self._sessions.values())
+            late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
             for h in late:
-                h._finish(State.TIMED_OUT, "the sender never started this transfer")
-            for s in sessions:
-                if now - s.last_seen > self.peer_timeout:
-                    self._close_session(s, f"peer silent for {now - s.last_seen:.1f}s")
-                    continue
-                if now - s.last_sent >= self.heartbeat:
-                    s.send(F.HEARTBEAT)
-                with s.lock:
-                    handles = list(s.transfers.values())
-                for h in handles:
-                    if h.deadline is not None and now > h.deadline:
-                        self._end(s, h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
-                self._unstick(s, now)
+                self._expected.pop(h.request_id, None)
+        for h in late:
+            h._finish(State.TIMED_OUT, "the sender never started this transfer")
+        for s in sessions:
+            if now - s.last_seen > self.peer_timeout:
+                self._close_session(s, f"peer silent for {now - s.last_seen:.1f}s")
+                continue
+            if now - s.last_sent >= self.heartbeat:
+                s.send(F.HEARTBEAT)
+            with s.lock:
+                handles = list(s.transfers.values())
+            for h in handles:
+                if h.deadline is not None and now > h.deadline:
+                    self._end(s, h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
+            self._unstick(s, now)
 
     def _unstick(self, s: _Session, now: float) -> None:
         """A transfer that ended while a lane was mid-chunk: give the chunk 2 s, then cut the lane."""
