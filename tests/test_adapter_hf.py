@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_tiny import prompt, tiny_model  # noqa: E402
 from helpers import wait_until  # noqa: E402
+from hf_tiny import prompt, tiny_model  # noqa: E402
 
 import kvwire  # noqa: E402
 from kvwire.adapters import StatePolicy  # noqa: E402

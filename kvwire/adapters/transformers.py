@@ -270,6 +270,12 @@ class IncomingCache:
         return list(self._tensors or [])
 
     @property
+    def layer_times(self) -> dict[int, float]:
+        """``time.monotonic()`` at which each layer was verified here (empty once released)."""
+        t = self._transfer
+        return dict(t.layer_times) if t is not None else {}
+
+    @property
     def finished(self) -> bool:
         with self._lock:
             return self._transfer is None or self._transfer.finished
