@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..codec.layout import ModelLayout
 from .lengths import Piece
 
@@ -60,6 +62,13 @@ class Curve:
         xs, ys = self.lengths, self.values
         i = min(max(bisect.bisect_right(xs, length) - 1, 0), len(xs) - 2)
         return max(ys[0] * 1e-3, ys[i] + self._slope(i) * (length - xs[i]))
+
+    def many(self, lengths: np.ndarray) -> np.ndarray:
+        """``self(l)`` for every element (vectorized; the same numbers)."""
+        xs, ys = np.asarray(self.lengths), np.asarray(self.values)
+        i = np.clip(np.searchsorted(xs, lengths, side="right") - 1, 0, len(xs) - 2)
+        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+        return np.maximum(ys[0] * 1e-3, ys[i] + slope * (lengths - xs[i]))
 
     def pieces(self) -> list[Piece]:
         """(x0, x1, intercept, slope) per linear piece, covering (-inf, inf), for exact expectations.
