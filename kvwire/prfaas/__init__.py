@@ -1,9 +1,12 @@
 """The reference PrfaaS (Prefill-as-a-Service, arXiv 2604.15039) server built on kvwire's public API.
 
-``model`` (the throughput model and grid search, pure), ``router`` (length-threshold, cache-aware routing
-and the short/long control loops, pure), ``workload`` (synthetic lengths and payload patterns), ``server``
-(prefill instances streaming layers to decode peers, exposing the egress ``LinkState``), ``demo``
-(``python -m kvwire.prfaas.demo``). Must not know: kvwire internals beyond the public API and ``LinkState``.
+``model`` (the throughput model and deterministic search, pure; over ``profile`` curves and
+``lengths`` distributions; ``paper`` holds the §4 case study's figures), ``sim`` (a discrete-event
+simulator driving the router on a simulated clock), ``profiler`` (measures a served model's curves; imports
+torch), ``router`` (length-threshold, cache-aware routing and the short/long control loops, pure),
+``workload`` (synthetic lengths and payload patterns), ``server`` (prefill instances streaming layers to
+decode peers, exposing the egress ``LinkState``), ``demo`` (``python -m kvwire.prfaas.demo``).
+Must not know: kvwire internals beyond the public API and ``LinkState``.
 """
 
 from .model import DecodeProfile, Deployment, KvSize, PrefillProfile, Throughput, paper_deployment, plan
