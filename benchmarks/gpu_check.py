@@ -69,8 +69,13 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:7.2f}s] {msg}", flush=True)
 
 
+class Skipped(Exception):
+    """A section decided not to run (no CUDA device, --no-pytest, ...): SKIP in the summary, never PASS."""
+
+
 def run_section(name: str, deadline: float, body: Callable[[], None]) -> None:
-    """Run one section unless the time budget is spent; print and record its failure, never raise."""
+    """Run one section unless the time budget is spent; print and record its failure, never raise. A
+    body that raises ``Skipped`` is recorded as SKIP with its reason."""
     if time.monotonic() > deadline:
         SECTIONS.append((name, "SKIP", "time budget spent"))
         log(f"== {name}: SKIPPED (time budget)")
@@ -79,6 +84,10 @@ def run_section(name: str, deadline: float, body: Callable[[], None]) -> None:
     t = time.monotonic()
     try:
         body()
+    except Skipped as e:
+        SECTIONS.append((name, "SKIP", str(e)))
+        log(f"== {name}: SKIPPED ({e})")
+        return
     except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
         traceback.print_exc(file=sys.stdout)
         SECTIONS.append((name, "FAIL", f"{type(e).__name__}: {e}"[:300]))
@@ -624,8 +633,7 @@ def main() -> int:
         left = int(deadline + 15 - time.monotonic())
         if args.no_pytest or left < 20 or not cuda:
             why = "--no-pytest" if args.no_pytest else "no CUDA device" if not cuda else f"only {left}s left"
-            log(f"skipped ({why})")
-            return
+            raise Skipped(why)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_staging_gpu.py"]
         log(f"$ {' '.join(cmd[2:])}   (timeout {left}s)")
         try:
@@ -638,8 +646,7 @@ def main() -> int:
         tail = (r.stdout + r.stderr).strip().splitlines()
         print("\n".join(tail[-25:]), flush=True)
         if "No module named pytest" in r.stderr or r.returncode == 5:
-            log("pytest missing or no test ran (exit 5): not counted")
-            return
+            raise Skipped("pytest missing or no test ran (exit 5): not counted")
         CHECKS["pytest tests/test_staging_gpu.py (all fixtures, GPU)"] = r.returncode == 0
         if r.returncode != 0:
             raise RuntimeError(f"pytest exit status {r.returncode}")

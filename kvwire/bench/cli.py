@@ -17,7 +17,14 @@ from .client import run_client
 from .document import build_document, build_server_document
 from .errors import EXIT_FAILED, EXIT_OK, BenchError, UsageError
 from .loopback import LoopbackServer
-from .options import Options, build_parser, options_from_args, server_ssl_context
+from .options import (
+    SHORT_V_DEPRECATED,
+    Options,
+    build_parser,
+    options_from_args,
+    server_ssl_context,
+    version_text,
+)
 from .report import Reporter
 
 
@@ -49,6 +56,8 @@ def run_server(o: Options) -> int:
     except OSError as e:
         raise BenchError(f"cannot listen on {o.bind}:{o.port} / data port {cfg.data_port}: {e}") from None
     host, port = server.address
+    if server.insecure:
+        _log_err(server.insecure_warning())
     log("-" * 60)
     log(f"Server listening on {host} port {port} (kvwire data port {server.data_address[1]})")
     if server.metrics_server is not None:
@@ -80,7 +89,7 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
             doc, series = run_reverse_client(o, reporter.start, reporter.interval, reporter.request,
                                              log=_log_err if o.verbose else None)
         else:
-            result = run_client(o, reporter.start, reporter.interval, reporter.request)
+            result = run_client(o, reporter.start, reporter.interval, reporter.request, progress=reporter.line)
             doc, series = build_document(result), result.series
     except BenchError as e:
         reporter.error(str(e))
@@ -101,6 +110,8 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
 
 
 def run_loopback(o: Options) -> int:
+    if not (o.json or o.json_stream):
+        _log("Setting up: starting the loopback server (a child process)")
     with LoopbackServer(o) as server:
         o.host, o.port = "127.0.0.1", server.port
         return run_client_cli(o)
@@ -125,7 +136,13 @@ def run_emulate(o: Options) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["-v"]:  # iperf3 -v: the version
+        print(version_text(), flush=True)
+        return EXIT_OK
     args = parser.parse_args(argv)
+    if args.short_v:
+        _log_err(SHORT_V_DEPRECATED)
     try:
         o = options_from_args(args)
     except UsageError as e:

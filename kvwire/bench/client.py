@@ -207,13 +207,16 @@ class _Runner:
 
 
 def run_client(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
-               on_request: Callback | None = None) -> RunResult:
-    """Run one test. Raises PeerError/UsageError before the test starts; failures during it are recorded."""
+               on_request: Callback | None = None, progress: Callable[[str], None] | None = None) -> RunResult:
+    """Run one test. Raises PeerError/UsageError before the test starts; failures during it are recorded.
+    ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers, payloads)."""
+    say = progress or (lambda _line: None)
     layout, tokens = resolve_layout(o)
     plan = PayloadPlan.build(layout, RequestSpec("plan", tokens, tokens))
     if plan.total_bytes == 0:
         raise UsageError(f"a request of {tokens} tokens of {layout.name} carries no bytes")
     ssl_context = client_ssl_context(o)
+    say(f"Setting up: connecting to {o.host} port {o.port}")
     ctl = ControlClient.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
     session: Session | None = None
     adaptive: Adaptive | None = None
@@ -234,10 +237,16 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
         # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer
         buffers = o.concurrency + 1 if o.requests is None else min(o.concurrency + 1, o.requests)
+        t = time.monotonic()
+        say(f"Setting up: the server prepares {buffers} destination buffer(s) of {plan.total_bytes / 1e6:.1f} MB")
         ctl.call("prepare", "prepared", timeout=600.0, size=plan.total_bytes, count=buffers, seed=o.seed)
         congestion = _congestion_of(session)
+        say(f"Setting up: server ready in {time.monotonic() - t:.1f} s; filling {o.concurrency} payload(s) of "
+            f"{plan.total_bytes / 1e6:.1f} MB here")
+        t = time.monotonic()
         runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
         runner.prefill()
+        say(f"Setting up: payloads ready in {time.monotonic() - t:.1f} s")
         connected = _connected(session)
         if on_start is not None:
             on_start({"connected": connected, "welcome": ctl.welcome, "layout": layout, "tokens": tokens,

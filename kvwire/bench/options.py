@@ -38,6 +38,30 @@ def parse_rate(text: str) -> int:
     return parse_size(text, 1000)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*$")
+#: bare --connect-timeout values below this are refused: they are seconds, as earlier builds took them
+MIN_BARE_MS = 10
+
+
+def parse_connect_timeout(text: str) -> float:
+    """``--connect-timeout``: milliseconds as in iperf3 (``1500``), or with a unit (``1500ms``, ``1.5s``).
+    Returns seconds. A bare number under ``MIN_BARE_MS`` is refused: it is almost surely seconds, which
+    earlier builds took."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a timeout: {text!r} (milliseconds as in iperf3, e.g. 1500, "
+                                         "or with a unit: 1500ms, 1.5s)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None and value < MIN_BARE_MS:
+        raise argparse.ArgumentTypeError(
+            f"--connect-timeout takes milliseconds, as in iperf3 (earlier kvwire-bench builds took seconds): "
+            f"{value:g} ms is too short; write {value * 1000:g} or {value:g}s for {value:g} seconds")
+    seconds = value if unit == "s" else value / 1000
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("--connect-timeout must be positive")
+    return seconds
+
+
 EMULATE_KEYS = ("rtt", "loss", "rate", "queue", "mtu")
 
 
@@ -134,6 +158,17 @@ class Options:
         return 0 if self.port == 0 else self.port + 1
 
 
+#: what ``-v`` given with a test prints on stderr: it still means --verbose, unlike iperf3's -v
+SHORT_V_DEPRECATED = ("kvwire-bench: -v means --verbose here, but iperf3's -v prints the version; it will do so "
+                      "in a later release: write --verbose (or --version)")
+
+
+def version_text() -> str:
+    from .. import __version__
+
+    return f"kvwire-bench {__version__} (kvwire {__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvwire-bench",
@@ -170,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-ca",
                    help="CA file: client verifies the server with it; server requires client certs")
     g.add_argument("--tls-name", help="client: server name to verify (default: the host)")
-    g.add_argument("-v", "--verbose", action="store_true", help="more detail (loopback: server output too)")
+    g.add_argument("--verbose", action="store_true", help="more detail (loopback: server output too)")
+    g.add_argument("-v", dest="short_v", action="store_true",
+                   help="alone: print the version (as iperf3 -v); with a test: --verbose, for now (deprecated)")
+    g.add_argument("--version", action="version", version=version_text())
     c = p.add_argument_group("client")
     c.add_argument("-P", "--parallel", type=int, default=4, metavar="N",
                    help="lanes (TCP connections), default 4")
@@ -203,13 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, default=32768, help="KV mode: tokens per request (default 32768)")
     c.add_argument("--tp", type=int, default=1, help="KV mode: tensor-parallel size (rank 0 is sent)")
     c.add_argument("--concurrency", type=int, default=None,
-                   help="requests in flight (default 1; raw -t/-n: 2)")
+                   help="requests in flight (default: 1 with --model, 2 in raw mode)")
     c.add_argument("--prefill-ms-per-layer", type=float, default=0.0, metavar="MS",
                    help="pace production: layer i is written at t0 + (i+1)*MS")
     c.add_argument("--seed", type=int, default=0, help="payload pattern seed")
     c.add_argument("--timeout", type=float, default=300.0, help="per-transfer deadline in seconds")
-    c.add_argument("--connect-timeout", type=float, default=1.5,
-                   help="seconds to reach a kvwire-bench server and finish its handshake (default 1.5)")
+    c.add_argument("--connect-timeout", type=parse_connect_timeout, default=1.5, metavar="MS",
+                   help="time to reach a kvwire-bench server and finish its handshake: milliseconds as in "
+                        "iperf3 (default 1500), or with a unit (1500ms, 1.5s)")
     c.add_argument("--plot", metavar="FILE.png", help="write a timeline/throughput plot (needs matplotlib)")
     s = p.add_argument_group("server")
     s.add_argument("-1", "--one-off", action="store_true", help="serve one test, then exit")
@@ -234,15 +273,16 @@ def options_from_args(a: argparse.Namespace) -> Options:
         chunk_size=a.chunk_size, model=a.model, tokens=a.tokens, tp=a.tp, requests=a.requests,
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
-        timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce, verbose=a.verbose,
+        timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce,
+        verbose=a.verbose or a.short_v,
         emulate=a.emulate, adaptive=a.adaptive or a.polite, polite=a.polite, probe_seconds=a.probe_seconds,
         metrics_port=a.metrics_port)
     if o.nbytes is not None and o.model is None:
         o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer
-    if a.concurrency is None and o.model is None and (o.duration is not None or o.nbytes is not None):
-        o.concurrency = 2  # keeps lanes busy across the per-transfer round trips
     if o.model is None and o.duration is None and o.nbytes is None and o.requests is None:
         o.duration = 10.0  # iperf3's default
+    if a.concurrency is None and o.model is None:
+        o.concurrency = 2  # raw mode, whatever set its amount: keeps lanes busy across per-transfer round trips
     if o.model is not None and o.duration is None and o.nbytes is None and o.requests is None:
         o.requests = 1
     check(o)

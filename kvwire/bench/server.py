@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +27,13 @@ from .. import __version__
 from ..codec.manifest import Manifest
 from ..codec.transfer import State
 from ..congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
-from ..errors import PoolExhausted
+from ..errors import InsecureReceiverWarning, PoolExhausted
 from ..metrics import Metrics, MetricsServer
 from ..tcp.gate import HandshakeGate, Ticket
 from ..tcp.receiver import IncomingTransfer, Receiver
 from .control import Channel, server_handshake
 from .errors import BenchError, PeerError, PeerGone
+from .options import KEY_ENV
 from .payload import Pattern
 from .pool import BufferPool, Lease
 
@@ -159,12 +161,16 @@ class BenchServer:
         self._gate = HandshakeGate(MAX_HANDSHAKES, MAX_HANDSHAKES // 2, CONTROL_HANDSHAKE_TIMEOUT)
         self._listener = socket.create_server((cfg.bind, cfg.port), backlog=128)
         try:
-            self.rx = Receiver(cfg.bind, cfg.data_port, key=cfg.key, ssl_context=cfg.ssl_context,
-                               allocator=self._allocate, on_transfer=self._on_transfer,
-                               peer_timeout=cfg.peer_timeout)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InsecureReceiverWarning)
+                self.rx = Receiver(cfg.bind, cfg.data_port, key=cfg.key, ssl_context=cfg.ssl_context,
+                                   allocator=self._allocate, on_transfer=self._on_transfer,
+                                   peer_timeout=cfg.peer_timeout)
         except BaseException:
             self._listener.close()
             raise
+        #: listening beyond loopback with no key or client certificates (``insecure_warning`` says so)
+        self.insecure = any(issubclass(w.category, InsecureReceiverWarning) for w in caught)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self.data_address: tuple[str, int] = self.rx.address
         self.metrics_server: MetricsServer | None = None
@@ -181,6 +187,14 @@ class BenchServer:
                 raise
         self._verifier = threading.Thread(target=self._verify_loop, name="kvwire-bench-verify", daemon=True)
         self._verifier.start()
+
+    def insecure_warning(self) -> str:
+        """The warning ``kvwire-bench -s`` prints when anyone who reaches its ports can run tests on it."""
+        ports = f"ports {self.address[1]} and {self.data_address[1]}"
+        return (f"kvwire-bench: warning: listening on {self.address[0]} ({ports}) without --key or client "
+                f"certificates: anyone who can reach them can run tests here and make this server hold up to "
+                f"{self.cfg.pool_bytes / 2**30:.1f} GiB of buffers (--pool-bytes); pass --key (or "
+                f"${KEY_ENV}), or -B 127.0.0.1")
 
     # ---------------------------------------------------------------- serving
     def serve(self) -> int:
@@ -319,7 +333,10 @@ class BenchServer:
         except PoolExhausted as e:
             test.ch.send("error", reason=str(e))
             return
-        test.ch.send("prepared", fresh=fresh, seconds=time.monotonic() - t)
+        took = time.monotonic() - t
+        self.log(f"Test {test.run}: {count} destination buffer(s) of {size / 1e6:.1f} MB ready in {took:.1f} s "
+                 f"({fresh} newly faulted in)")
+        test.ch.send("prepared", fresh=fresh, seconds=took)
 
     def _start_reverse(self, test: _Test, msg: dict[str, Any]) -> None:
         """``-R``: this server sends to the receiver the client started (see ``reverse``)."""

@@ -193,22 +193,45 @@ def _summary(res: DemoResult, say: object) -> None:
         say(f"  long timescale: recommend N_p={p.n_p} N_d={p.n_d} at t*={p.split.t:.0f} (Λ_max {p.lam_max:.2f})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas.demo", description=__doc__.splitlines()[0])
+def _congest(text: str) -> tuple[float, float] | None:
+    if text == "none":
+        return None
+    parts = text.split(":")
+    try:
+        start, end = (float(x) for x in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        start = end = math.nan
+    if not 0 <= start < end < math.inf:
+        raise argparse.ArgumentTypeError(f"--congest takes START:END seconds with START < END, or 'none'; got {text!r}")
+    return start, end
+
+
+def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
-    ap.add_argument("--requests", type=int, default=d.requests)
-    ap.add_argument("--layout", default=d.layout, help="preset name or config.json path")
-    ap.add_argument("--layers", type=int, default=d.layers)
-    ap.add_argument("--token-scale", type=int, default=d.token_scale)
-    ap.add_argument("--time-scale", type=float, default=d.time_scale)
-    ap.add_argument("--load", type=float, default=d.load)
-    ap.add_argument("--egress-mbps", type=float, default=d.egress_mbps)
-    ap.add_argument("--congest", default="1.0:2.0", help="START:END seconds of injected congestion, or 'none'")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    a = ap.parse_args(argv)
-    congest = None if a.congest == "none" else tuple(float(x) for x in a.congest.split(":"))
+    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas.demo", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--requests", type=int, default=d.requests, help="requests the workload generates")
+    ap.add_argument("--layout", default=d.layout, help="model: a preset name or a config.json path")
+    ap.add_argument("--layers", type=int, default=d.layers,
+                    help="keep only the first N layers (0: all); a smaller payload for quick runs")
+    ap.add_argument("--token-scale", type=int, default=d.token_scale,
+                    help="tokens shipped per request = its logical length / this (the state goes in full)")
+    ap.add_argument("--time-scale", type=float, default=d.time_scale,
+                    help="simulated compute and arrivals run this much faster than the paper's (0.25: 4x)")
+    ap.add_argument("--load", type=float, default=d.load,
+                    help="arrival rate as a share of the planned maximum throughput (Lambda_max)")
+    ap.add_argument("--egress-mbps", type=float, default=d.egress_mbps,
+                    help="egress budget in Mbit/s the link estimator measures utilization against")
+    ap.add_argument("--congest", type=_congest, default=d.congest, metavar="START:END",
+                    help="seconds into the run during which the router is shown a congested link, or 'none'")
+    ap.add_argument("--seed", type=int, default=d.seed, help="workload seed (lengths, arrivals, payload bytes)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     res = run(DemoConfig(a.requests, a.layout, a.layers, a.token_scale, a.time_scale, a.load, a.egress_mbps,
-                         congest if congest is None else (congest[0], congest[1]), seed=a.seed))
+                         a.congest, seed=a.seed))
     return 0 if all(o.verified for o in res.offloaded) else 1
 
 
