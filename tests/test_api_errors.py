@@ -129,6 +129,14 @@ def test_request_spec_refuses_meaningless_or_mistyped_token_counts(args: tuple[o
         RequestSpec("r", *args)  # type: ignore[arg-type]
 
 
+def test_request_spec_takes_integers_of_any_kind_as_ints() -> None:
+    """Engines hold token counts in numpy or torch integers: those are integers, kept as Python ints."""
+    r = RequestSpec("r", np.int64(10), np.int32(9), {"attn": np.uint16(4)})
+    assert (r.num_tokens, r.state_position, r.prefix_hit["attn"]) == (10, 9, 4)
+    assert all(type(v) is int for v in (r.num_tokens, r.state_position, r.prefix_hit["attn"]))
+    assert r == RequestSpec("r", 10, 9, {"attn": 4})
+
+
 def test_request_spec_refuses_a_mistyped_prefix_hit() -> None:
     with pytest.raises(LayoutError, match="int"):
         RequestSpec("r", 10, 9, {"attn": "3"})  # type: ignore[dict-item]

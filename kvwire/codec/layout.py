@@ -14,6 +14,7 @@ Gathering from paged engine storage into this form is the stager's job, not the 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -344,19 +345,17 @@ class RequestSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 256:
             raise LayoutError("request_id must be a string of 1..256 characters")
-        for name in ("num_tokens", "state_position"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise LayoutError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        for name in ("num_tokens", "state_position"):  # numpy/torch integers are ints; str, float, bool are not
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.num_tokens < 1:
             raise LayoutError(f"num_tokens must be >= 1 (a request of {self.num_tokens} tokens has no cache)")
         if not 0 <= self.state_position <= self.num_tokens:
             raise LayoutError(
                 f"need 0 <= state_position ({self.state_position}) <= num_tokens ({self.num_tokens})"
             )
+        hits = {g: _integer(f"prefix hit {g}", hit) for g, hit in self.prefix_hit.items()}
+        object.__setattr__(self, "prefix_hit", hits)
         for g, hit in self.prefix_hit.items():
-            if isinstance(hit, bool) or not isinstance(hit, int):
-                raise LayoutError(f"prefix hit {g}={hit!r} must be an int")
             if g not in ("attn", "swa") or not 0 <= hit <= self.state_position:
                 raise LayoutError(f"prefix hit {g}={hit} outside [0, state_position]")
 
@@ -419,6 +418,16 @@ class Segment(NamedTuple):
     nbytes: int
     token_start: int = 0
     token_count: int = 0
+
+
+def _integer(name: str, v: Any) -> int:
+    """``v`` as a Python int if it is an integer of any kind (``operator.index``), else ``LayoutError``."""
+    if isinstance(v, bool):
+        raise LayoutError(f"{name} must be an int, got bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise LayoutError(f"{name} must be an int, got {type(v).__name__} {v!r}") from None
 
 
 def token_range(cache: CacheSpec, request: RequestSpec) -> tuple[int, int]:
