@@ -22,6 +22,10 @@ setup(
                  "matplotlib>=3.7", "transformers>=5.17,<6"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["kvwire-bench=kvwire.bench:main"]},
+    entry_points={
+        "console_scripts": ["kvwire-bench=kvwire.bench:main"],
+        # SGLang loads it at start: --disaggregation-transfer-backend kvwire (kvwire/adapters/sglang.py)
+        "sglang.srt.plugins": ["kvwire=kvwire.adapters.sglang:register"],
+    },
     classifiers=["Programming Language :: Python :: 3", "Typing :: Typed"],
 )

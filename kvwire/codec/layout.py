@@ -46,6 +46,9 @@ CACHE_KINDS: Mapping[str, tuple[str, str]] = {
     "mamba1": (REQUEST, "state"),
     "mamba2": (REQUEST, "state"),
     "lightning": (REQUEST, "state"),
+    # per-request engine metadata carried beside the cache (SGLang's first output token, logprobs, hidden
+    # states: the "aux" rows a decode instance needs to continue)
+    "aux": (REQUEST, "aux"),
 }
 
 #: Known layout tags. Token-indexed K/V travel NHD (tokens, heads, dim), or HND (heads, tokens, dim) where the
@@ -63,6 +66,7 @@ LAYOUT_TAGS = frozenset(
         "ssm:HPN",  # Mamba2 (heads, head_dim, d_state)
         "ssm:DN",  # Mamba1 (d_inner, d_state)
         "ssm:HDD",  # lightning / linear attention (heads, d, d)
+        "raw",  # engine bytes kvwire does not interpret: (bytes,) per token or per request, uint8
     }
 )
 

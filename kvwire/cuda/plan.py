@@ -154,8 +154,9 @@ def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping
     for s in placement.segments:
         if not s.token_count:
             slot = slot_of(state_slot, s.layer)
-            if slot is None or not 0 <= slot < cache.num_slots:
-                raise LayoutMismatch(f"layer {s.layer}: state slot {slot} outside [0, {cache.num_slots})")
+            limit = cache.storage(s.layer, s.cache).num_slots  # state pools may differ in size (SGLang aux)
+            if slot is None or not 0 <= slot < limit:
+                raise LayoutMismatch(f"layer {s.layer}: state slot {slot} outside [0, {limit})")
     return tables
 
 

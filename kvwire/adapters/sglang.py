@@ -1,0 +1,598 @@
+"""SGLang PD-disaggregation transfer backend over kvwire: attention KV pages, Mamba/GDN state slots, SWA
+window pages and the aux (first token, logprobs) rows, from the prefill instance's pools into the decode's.
+
+Owns: ``KvwireKVManager``, ``KvwireKVSender``, ``KvwireKVReceiver``, ``KvwireKVBootstrapServer`` (SGLang's
+``BaseKVManager``/``BaseKVSender``/``BaseKVReceiver``/``BaseKVBootstrapServer``, the ``KVPoll`` lifecycle) and
+``register``, the ``sglang.srt.plugins`` entry point that makes ``--disaggregation-transfer-backend kvwire``
+choose them (a choice added to SGLang's list, ``TransferBackend`` extended by a class-REPLACE hook, and an
+AROUND hook on ``get_kv_class``). Enable with, on both instances::
+
+    pip install kvwire            # registers the entry point; SGLANG_PLUGINS, if set, must name "kvwire"
+    export KVWIRE_KEY=...         # the pre-shared key of the kvwire sessions (same on both sides)
+    python -m sglang.launch_server ... --disaggregation-mode prefill --disaggregation-transfer-backend kvwire
+
+Call order served (SGLang 0.5.23): decode allocates first (the N convention): ``KVReceiver.init`` then,
+once its pages, state slots and aux row are allocated, ``send_metadata`` posts them with its kvwire endpoint
+to the prefill instance's bootstrap mailbox and expects the transfer; prefill ``KVSender.poll`` says
+``Bootstrapping`` until that arrived, then ``WaitingForInput``; ``init(num_pages, aux_index)``, ``send`` per
+chunk (pages accumulate; the last chunk brings the state indices) starts one kvwire transfer of every buffer,
+layer by layer; ``poll`` says ``Transferring`` and then ``Success`` or ``Failed`` on both sides, with the
+reason from ``failure_exception``. Every request ends: a destination that never comes, a transfer that never
+starts or never ends fails at ``KVWIRE_TIMEOUT``; ``abort`` cancels (the other side learns through kvwire's
+cancel, or through the mailbox before the transfer started). Leases (``lifecycle``) end only once no copy
+touches the pages or slots; SGLang frees them after the terminal poll.
+
+Settings (environment, both instances): ``KVWIRE_KEY``, ``KVWIRE_LANES`` (4), ``KVWIRE_TIMEOUT`` (300 s),
+``KVWIRE_HOST`` (the decode address prefill dials; default SGLang's ``--host``, or this host's name when
+that is a wildcard), ``KVWIRE_PORT`` (0: any), ``KVWIRE_POOL_BYTES`` (pinned staging, 4 GiB).
+
+Not supported (a clear ``Failed``): decode radix-cache prefix hits, host destinations, state types other than
+``mamba`` and ``swa``, prefill and decode with different TP layouts. This module imports SGLang; nothing in
+``kvwire`` imports this module. Must not know: kvwire's internals beyond ``lifecycle``, ``sglang_pools``,
+``sglang_bootstrap`` and ``kvwire.cuda``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sglang.srt.disaggregation.base.conn import (
+    BaseKVBootstrapServer,
+    BaseKVManager,
+    BaseKVReceiver,
+    BaseKVSender,
+    KVPoll,
+    KVTransferDestination,
+    KVTransferMetric,
+)
+
+from ..errors import KvwireError, LayoutError, TransferFailed
+from .lifecycle import Ended, Inbox, Outbox, Receiving, Sending
+from .sglang_bootstrap import MailboxClient, MailboxServer
+from .sglang_pools import SglangPools
+
+log = logging.getLogger("kvwire.adapters.sglang")
+
+BACKEND = "kvwire"
+MAX_INDICES = 1 << 22  # pages or slots one request may name in the mailbox (a 4M-token prompt at page size 1)
+
+
+class KvwireTransferError(TransferFailed):
+    """What ``failure_exception`` raises: SGLang reads ``failure_reason`` and ``is_from_another_rank``."""
+
+    def __init__(self, bootstrap_room: int, failure_reason: str) -> None:
+        super().__init__(failure_reason)
+        self.bootstrap_room = bootstrap_room
+        self.failure_reason = failure_reason
+        self.is_from_another_rank = False
+
+    def __str__(self) -> str:
+        return f"KvwireTransferError(bootstrap_room={self.bootstrap_room}): {self.failure_reason}"
+
+
+class Settings:
+    """The backend's configuration, from the environment (SGLang gives a backend no options of its own)."""
+
+    def __init__(self, env: Any = None) -> None:
+        env = os.environ if env is None else env
+        key = env.get("KVWIRE_KEY")
+        self.key: bytes | None = key.encode() if key else None
+        self.lanes = int(env.get("KVWIRE_LANES", "4"))
+        self.timeout = float(env.get("KVWIRE_TIMEOUT", "300"))
+        self.host: str | None = env.get("KVWIRE_HOST") or None
+        self.port = int(env.get("KVWIRE_PORT", "0"))
+        self.pool_bytes = int(env.get("KVWIRE_POOL_BYTES", str(4 << 30)))
+        if self.lanes < 1 or self.timeout <= 0 or self.pool_bytes <= 0:
+            raise LayoutError("KVWIRE_LANES, KVWIRE_TIMEOUT and KVWIRE_POOL_BYTES must be positive")
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = str(addr).rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _mode(disaggregation_mode: Any) -> str:
+    return str(getattr(disaggregation_mode, "value", disaggregation_mode))
+
+
+def _indices(v: Any, what: str) -> list[int]:
+    """A list of non-negative ints from the engine or the mailbox (untrusted there: checked, bounded)."""
+    if v is None:
+        raise KvwireError(f"{what}: missing")
+    out = [int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
+    if len(out) > MAX_INDICES or any(x < 0 for x in out):
+        raise KvwireError(f"{what}: {len(out)} indices, or a negative one")
+    return out
+
+
+class _PrefillInfo:
+    """What SGLang's decode queue reads of a prefill instance (``prefill_info_table``)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.dp_size = max(1, int(d.get("dp_size", 1)))
+        self.tp_size = int(d.get("tp_size", 1))
+        self.follow_bootstrap_room = True
+
+
+class KvwireKVManager(BaseKVManager):
+    """One rank's transfer engine: an ``Outbox`` (prefill) or an ``Inbox`` (decode) over its own pools."""
+
+    def __init__(self, args: Any, disaggregation_mode: Any, server_args: Any,
+                 is_mla_backend: bool | None = False) -> None:
+        from ..cuda import PinnedPool, Stager, Unstager
+
+        self.kv_args = args
+        self.server_args = server_args
+        self.mode = _mode(disaggregation_mode)
+        self.settings = Settings()
+        self.rank = int(getattr(args, "engine_rank", 0) or 0)
+        self.dp_rank = int(getattr(args, "system_dp_rank", 0) or 0)
+        self.pools = SglangPools(args, is_mla=bool(is_mla_backend), device=self._device(args))
+        self.layout = self.pools.layout
+        self.prefill_info_table: dict[str, _PrefillInfo] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._senders: dict[int, KvwireKVSender] = {}
+        self._receivers: dict[str, KvwireKVReceiver] = {}
+        self._unclaimed: dict[int, tuple[float, dict[str, Any]]] = {}  # mail for rooms without a sender yet
+        self.outbox: Outbox | None = None
+        self.inbox: Inbox | None = None
+        pool = PinnedPool(self.settings.pool_bytes, backend="torch")
+        s = self.settings
+        if self.mode == "prefill":
+            self.outbox = Outbox(Stager(self.pools.cache, pool), timeout=s.timeout, lanes=s.lanes, key=s.key)
+            host = str(getattr(server_args, "dist_init_addr", None) or "").rpartition(":")[0] \
+                or str(getattr(server_args, "host", "127.0.0.1"))
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)))
+            self._thread = threading.Thread(target=self._take_mail, name="kvwire-sglang-mail", daemon=True)
+            self._thread.start()
+            self.register_to_bootstrap()
+        elif self.mode == "decode":
+            bind = s.host or str(getattr(server_args, "host", "127.0.0.1") or "127.0.0.1")
+            self.inbox = Inbox(Unstager(self.pools.cache, pool), timeout=s.timeout, host=bind, port=s.port,
+                               key=s.key)
+            adv = s.host or bind
+            if adv in ("0.0.0.0", "::"):
+                adv = socket.gethostbyname(socket.gethostname())
+            self.endpoint = (adv, self.inbox.address[1])
+            self._posts: queue.Queue[tuple[MailboxClient, int, dict[str, Any], Callable[[str], None]] | None] = \
+                queue.Queue()
+            self._thread = threading.Thread(target=self._post_mail, name="kvwire-sglang-post", daemon=True)
+            self._thread.start()
+        else:
+            raise LayoutError(f"disaggregation mode {self.mode!r}: kvwire serves 'prefill' and 'decode'")
+
+    @staticmethod
+    def _device(args: Any) -> str:
+        forced = os.environ.get("KVWIRE_DEVICE")
+        if forced:
+            return forced
+        import torch
+
+        return f"cuda:{int(getattr(args, 'gpu_id', 0) or 0)}" if torch.cuda.is_available() else "cpu"
+
+    def register_to_bootstrap(self) -> None:
+        """Prefill: tell the bootstrap mailbox this instance's parallel layout (what decode's queue asks)."""
+        if self.mode != "prefill" or self.rank != 0:
+            return
+        sa = self.server_args
+        dp = int(getattr(sa, "dp_size", 1) or 1) if getattr(sa, "enable_dp_attention", False) else 1
+        info = {"dp_size": dp, "tp_size": int(getattr(sa, "tp_size", 1) or 1), "backend": BACKEND}
+        deadline = time.monotonic() + 30
+        while not self._closed.is_set():
+            try:
+                self.mailbox.put_info(info)
+                return
+            except OSError as e:  # the bootstrap server starts beside the schedulers
+                if time.monotonic() > deadline:
+                    log.error("kvwire: cannot register with the bootstrap server: %s", e)
+                    return
+                time.sleep(0.2)
+
+    # ---- decode: what SGLang's decode queue asks of a manager
+    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
+        if bootstrap_addr in self.prefill_info_table:
+            return True
+        try:
+            info = MailboxClient(*_split_addr(bootstrap_addr), timeout=2.0).info()
+        except (OSError, ValueError) as e:
+            log.debug("kvwire: no parallel info from %s yet: %s", bootstrap_addr, e)
+            return False
+        self.prefill_info_table[bootstrap_addr] = _PrefillInfo(info)
+        return True
+
+    # ---- prefill mail
+    def _take_mail(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msgs = self.mailbox.take(self.dp_rank, self.rank)
+            except (OSError, ValueError) as e:
+                log.debug("kvwire: mailbox: %s", e)
+                msgs = []
+            for m in msgs:
+                self._deliver(m)
+            self._expire_unclaimed()
+            self._closed.wait(0.005 if self._senders else 0.05)
+
+    def _deliver(self, m: Any) -> None:
+        if not isinstance(m, dict) or not isinstance(m.get("room"), int):
+            log.warning("kvwire: malformed bootstrap message dropped")
+            return
+        with self._lock:
+            sender = self._senders.get(m["room"])
+            if sender is None:
+                if len(self._unclaimed) < 100_000:
+                    self._unclaimed[m["room"]] = (time.monotonic(), m)
+                return
+        sender._mail(m)
+
+    def _expire_unclaimed(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for room in [r for r, (t, _m) in self._unclaimed.items() if now - t > self.settings.timeout]:
+                del self._unclaimed[room]
+
+    def _add_sender(self, sender: KvwireKVSender) -> None:
+        with self._lock:
+            self._senders[sender.room] = sender
+            early = self._unclaimed.pop(sender.room, None)
+        if early is not None:
+            sender._mail(early[1])
+
+    def _drop_sender(self, sender: KvwireKVSender) -> None:
+        with self._lock:
+            if self._senders.get(sender.room) is sender:
+                del self._senders[sender.room]
+
+    def _poll_outbox(self) -> None:
+        assert self.outbox is not None
+        for e in self.outbox.poll():
+            with self._lock:
+                sender = self._senders.get(int(e.key))
+            if sender is not None:
+                sender._ended(e)
+
+    # ---- decode mail
+    def _post_mail(self) -> None:
+        while True:
+            item = self._posts.get()
+            if item is None:
+                return
+            client, dp, msg, on_error = item
+            try:
+                client.post(dp, self.rank, msg)
+            except (OSError, ValueError) as e:
+                on_error(f"posting to the prefill bootstrap {client.base}: {e}")
+
+    def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None]) -> None:
+        client = MailboxClient(*_split_addr(bootstrap_addr), timeout=min(10.0, self.settings.timeout))
+        self._posts.put((client, dp, msg, on_error))
+
+    def _poll_inbox(self) -> None:
+        assert self.inbox is not None
+        for e in self.inbox.poll():
+            with self._lock:
+                receiver = self._receivers.get(e.key)
+            if receiver is not None:
+                receiver._ended(e)
+
+    def close(self) -> None:
+        """Cancel what is in flight (every lease ends), stop the threads and the receiver."""
+        self._closed.set()
+        if self.outbox is not None:
+            for e in self.outbox.close():
+                with self._lock:
+                    sender = self._senders.get(int(e.key))
+                if sender is not None:
+                    sender._ended(e)
+        if self.inbox is not None:
+            self._posts.put(None)
+            for e in self.inbox.close():
+                with self._lock:
+                    receiver = self._receivers.get(e.key)
+                if receiver is not None:
+                    receiver._ended(e)
+        self._thread.join(timeout=5)
+
+
+class KvwireKVSender(BaseKVSender):
+    """Prefill side of one request: waits for decode's destination, accumulates the chunks' pages, streams."""
+
+    def __init__(self, mgr: KvwireKVManager, bootstrap_addr: str, bootstrap_room: int,
+                 req_has_disagg_prefill_dp_rank: bool = False) -> None:
+        self.kv_mgr = mgr
+        self.bootstrap_addr = bootstrap_addr
+        self.room = int(bootstrap_room)
+        self.deadline = time.monotonic() + mgr.settings.timeout
+        self.num_pages: int | None = None
+        self.aux_index: int | None = None
+        self.pages: list[int] = []
+        self.state_indices: list[Any] | None = None
+        self.last = False
+        self.dest: dict[str, Any] | None = None
+        self.sending: Sending | None = None
+        self.result: Ended | None = None
+        self.error = ""
+        self._t0: float | None = None
+        self._t1: float | None = None
+        mgr._add_sender(self)
+
+    # ---- mailbox thread
+    def _mail(self, m: dict[str, Any]) -> None:
+        if m.get("type") == "abort":
+            self._fail(f"decode aborted: {str(m.get('reason', ''))[:200]}")
+        elif m.get("type") == "dest" and self.dest is None:
+            self.dest = m
+
+    # ---- SGLang's calls
+    def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
+        self.num_pages = int(num_kv_indices)
+        self.aux_index = None if aux_index is None else int(aux_index)
+
+    def should_send_kv_chunk(self, num_pages: int, last_chunk: bool) -> bool:
+        return num_pages > 0 or last_chunk  # the last chunk carries the state even with no new page
+
+    def send(self, kv_indices: Any, state_indices: list[Any] | None = None, num_kv_tokens: int | None = None,
+             **_kw: Any) -> None:
+        if self.error or self.sending is not None:
+            return
+        try:
+            self.pages += _indices(kv_indices, "kv pages")
+        except KvwireError as e:
+            self._fail(str(e))
+            return
+        if state_indices is not None:
+            self.state_indices = list(state_indices)
+        if self.num_pages is not None and len(self.pages) >= self.num_pages:
+            self.last = True
+            self._start()
+
+    def _start(self) -> None:
+        """Every chunk is in and decode's destination is known: one transfer of every buffer."""
+        if self.sending is not None or self.error or not self.last or self.dest is None:
+            return
+        mgr, d = self.kv_mgr, self.dest
+        assert mgr.outbox is not None
+        try:
+            theirs = _indices(d.get("kv"), "decode's kv pages")
+            if len(theirs) != len(self.pages):
+                raise KvwireError(f"prefill sends {len(self.pages)} pages, decode allocated {len(theirs)}")
+            states = d.get("state") or []
+            if not isinstance(states, list):
+                raise KvwireError("decode's state indices are not a list")
+            mine_counts = mgr.pools.state_counts(self.state_indices)
+            their_counts = mgr.pools.state_counts([None if s is None else _indices(s, "state") for s in states])
+            if mine_counts != their_counts:
+                raise KvwireError(f"state index counts differ: prefill {mine_counts}, decode {their_counts}")
+            if d.get("rank") != mgr.rank:
+                raise KvwireError(f"decode rank {d.get('rank')} posted to prefill rank {mgr.rank} "
+                                  f"(kvwire needs equal TP layouts)")
+            host, port = d.get("endpoint", [None, None])
+            if not isinstance(host, str) or not isinstance(port, int):
+                raise KvwireError("decode's endpoint is malformed")
+            request = mgr.pools.request(str(d.get("rid", "")), len(self.pages), mine_counts)
+            tables, slots = mgr.pools.tables(self.pages, self.state_indices, self.aux_index)
+            if self.aux_index is not None:
+                mgr.pools.load_aux(self.aux_index)
+        except (KvwireError, ValueError, TypeError) as e:
+            self._fail(f"{type(e).__name__}: {e}")
+            return
+        self._t0 = time.monotonic()
+        self.sending = mgr.outbox.begin(str(self.room), request, (host, port), tables, slots)
+        self.sending.finish()
+
+    def _fail(self, reason: str) -> None:
+        if not self.error:
+            self.error = reason
+        if self.sending is not None and self.kv_mgr.outbox is not None:
+            self.kv_mgr.outbox.cancel(str(self.room), reason)
+
+    def _ended(self, e: Ended) -> None:
+        self._t1 = time.monotonic()
+        self.result = e
+
+    def poll(self) -> int:
+        if self.result is not None:
+            return KVPoll.Success if self.result.ok else KVPoll.Failed
+        if self.sending is not None:
+            self.kv_mgr._poll_outbox()
+            if self.result is not None:
+                return KVPoll.Success if self.result.ok else KVPoll.Failed
+            return KVPoll.Transferring
+        if self.error:
+            return KVPoll.Failed
+        if self.dest is None:
+            if time.monotonic() > self.deadline:
+                self._fail(f"decode sent no destination within {self.kv_mgr.settings.timeout:g} s")
+                return KVPoll.Failed
+            return KVPoll.Bootstrapping
+        self._start()
+        if self.sending is not None:
+            return KVPoll.Transferring
+        if self.error:
+            return KVPoll.Failed
+        if time.monotonic() > self.deadline + self.kv_mgr.settings.timeout:
+            self._fail("prefill never sent the request's last chunk")
+            return KVPoll.Failed
+        return KVPoll.WaitingForInput
+
+    def failure_exception(self) -> None:
+        reason = self.result.reason if self.result is not None and not self.result.ok else ""
+        raise KvwireTransferError(self.room, reason or self.error or "kvwire transfer failed")
+
+    def get_transfer_metric(self) -> KVTransferMetric:
+        latency = self._t1 - self._t0 if self._t0 is not None and self._t1 is not None else None
+        total = None
+        if self.sending is not None and self.sending.job is not None:
+            total = self.sending.job.placement.payload_bytes
+        return KVTransferMetric(transfer_latency_s=latency, transfer_total_bytes=total)
+
+    def abort(self) -> None:
+        self._fail("aborted by prefill")
+
+    def clear(self) -> None:
+        self.kv_mgr._drop_sender(self)
+
+
+class KvwireKVReceiver(BaseKVReceiver):
+    """Decode side of one request: posts its pages, slots and aux row with its endpoint, then receives."""
+
+    def __init__(self, mgr: KvwireKVManager, bootstrap_addr: str, bootstrap_room: int | None = None) -> None:
+        self.kv_mgr = mgr
+        self.bootstrap_addr = bootstrap_addr
+        self.room = int(bootstrap_room or 0)
+        self.rid = f"sglang.{self.room}.{mgr.rank}"
+        self.prefill_dp_rank: int | None = None
+        self.receiving: Receiving | None = None
+        self.aux_index: int | None = None
+        self.result: Ended | None = None
+        self.error = ""
+        self.abort_notified = False
+        self.require_staging = False
+        self.bootstrap_infos: list[Any] = []
+
+    @property
+    def conclude_state(self) -> int | None:
+        if self.result is not None:
+            return KVPoll.Success if self.result.ok else KVPoll.Failed
+        return KVPoll.Failed if self.error else None
+
+    def init(self, prefill_dp_rank: int) -> None:
+        self.prefill_dp_rank = int(prefill_dp_rank)
+
+    def send_metadata(self, kv_indices: Any, aux_index: int | None = None, state_indices: list[Any] | None = None,
+                      decode_prefix_len: int | None = None,
+                      destination: Any = KVTransferDestination.DEVICE) -> None:
+        mgr = self.kv_mgr
+        assert mgr.inbox is not None
+        try:
+            if destination != KVTransferDestination.DEVICE:
+                raise KvwireError("host destinations are not supported by the kvwire backend")
+            if decode_prefix_len:
+                raise KvwireError("decode radix-cache prefix hits are not supported by the kvwire backend")
+            if self.prefill_dp_rank is None:
+                raise KvwireError("send_metadata before init")
+            pages = _indices(kv_indices, "kv pages")
+            states = [None if s is None else _indices(s, "state") for s in (state_indices or [])]
+            request = mgr.pools.request(self.rid, len(pages), mgr.pools.state_counts(states))
+            tables, slots = mgr.pools.tables(pages, states, aux_index)
+        except (KvwireError, ValueError, TypeError) as e:
+            self._fail(f"{type(e).__name__}: {e}")
+            return
+        self.aux_index = None if aux_index is None else int(aux_index)
+        with mgr._lock:
+            mgr._receivers[self.rid] = self
+        self.receiving = mgr.inbox.expect(self.rid, request, tables, slots)
+        msg = {"type": "dest", "room": self.room, "rank": mgr.rank, "rid": self.rid,
+               "endpoint": [mgr.endpoint[0], mgr.endpoint[1]], "kv": pages, "state": states,
+               "aux": self.aux_index}
+        mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail)
+
+    def _fail(self, reason: str) -> None:
+        if not self.error:
+            self.error = reason
+        if self.receiving is not None and self.kv_mgr.inbox is not None:
+            self.kv_mgr.inbox.cancel(self.rid, reason)
+
+    def _ended(self, e: Ended) -> None:
+        if e.ok and self.aux_index is not None:
+            self.kv_mgr.pools.store_aux(self.aux_index)
+        self.result = e
+
+    def poll(self) -> int:
+        if self.result is None and self.receiving is not None:
+            self.kv_mgr._poll_inbox()
+        state = self.conclude_state
+        if state is not None:
+            return state
+        if self.prefill_dp_rank is None:
+            return KVPoll.Bootstrapping
+        return KVPoll.WaitingForInput if self.receiving is None else KVPoll.Transferring
+
+    def failure_exception(self) -> None:
+        reason = self.result.reason if self.result is not None and not self.result.ok else ""
+        raise KvwireTransferError(self.room, self.error or reason or "kvwire transfer failed")
+
+    def abort(self) -> None:
+        """Cancel: the transfer (prefill sees kvwire's cancel) or, before it started, prefill's wait."""
+        self._fail("aborted by decode")
+        self.abort_notified = True
+        if self.prefill_dp_rank is not None:
+            self.kv_mgr._post(self.bootstrap_addr, self.prefill_dp_rank,
+                              {"type": "abort", "room": self.room, "reason": "aborted by decode"},
+                              lambda _r: None)
+
+    def is_abort_release_safe(self) -> bool:
+        return self.result is not None or self.receiving is None
+
+    def clear(self) -> None:
+        with self.kv_mgr._lock:
+            if self.kv_mgr._receivers.get(self.rid) is self:
+                del self.kv_mgr._receivers[self.rid]
+
+
+class KvwireKVBootstrapServer(BaseKVBootstrapServer):
+    """The prefill instance's bootstrap port: the mailbox decode ranks post destinations to."""
+
+    def __init__(self, host: str, port: int) -> None:
+        host = "0.0.0.0" if host in ("", None) else host
+        self.server = MailboxServer(host, port, ttl=float(os.environ.get("KVWIRE_TIMEOUT", "300")) * 2)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def close(self) -> None:
+        self.server.close()
+
+
+# ------------------------------------------------------------------ plugin
+
+
+_CLASSES = {"manager": KvwireKVManager, "sender": KvwireKVSender, "receiver": KvwireKVReceiver,
+            "bootstrap_server": KvwireKVBootstrapServer}
+
+
+def _get_kv_class(original: Callable[..., Any], transfer_backend: Any, class_type: Any) -> Any:
+    if getattr(transfer_backend, "value", transfer_backend) == BACKEND:
+        name = getattr(class_type, "value", class_type)
+        if name in _CLASSES:
+            return _CLASSES[name]
+    return original(transfer_backend, class_type)
+
+
+def transfer_backend_enum(original: Any) -> Any:
+    """SGLang's ``TransferBackend`` with a ``KVWIRE = "kvwire"`` member (the others unchanged)."""
+    import enum
+
+    if any(m.value == BACKEND for m in original):
+        return original
+    members = [(m.name, m.value) for m in original] + [("KVWIRE", BACKEND)]
+    return enum.Enum(original.__name__, members, module=original.__module__, qualname=original.__qualname__)
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: make ``--disaggregation-transfer-backend kvwire`` work."""
+    from sglang.srt.arg_groups import choices
+    from sglang.srt.disaggregation import utils
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND not in choices.DISAGG_TRANSFER_BACKEND_CHOICES:
+        choices.add_disagg_transfer_backend_choices([BACKEND])
+    extended = transfer_backend_enum(utils.TransferBackend)
+    if extended is not utils.TransferBackend:
+        HookRegistry.register("sglang.srt.disaggregation.utils.TransferBackend", extended, HookType.REPLACE)
+    HookRegistry.register("sglang.srt.disaggregation.utils.get_kv_class", _get_kv_class, HookType.AROUND)
+
+
+__all__ = ["BACKEND", "KvwireKVBootstrapServer", "KvwireKVManager", "KvwireKVReceiver", "KvwireKVSender",
+           "KvwireTransferError", "Settings", "register"]
+
