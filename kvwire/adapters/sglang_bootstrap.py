@@ -73,7 +73,7 @@ def _int(v: Any) -> int:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: MailboxServer  # type: ignore[assignment]
+    server: MailboxServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass
