@@ -123,6 +123,11 @@ def test_setup_prints_progress_before_the_test_starts(tiny_config: str) -> None:
     setup = [x for x in lines[:first_test_line] if x.startswith("Setting up:")]
     assert any("loopback server" in x for x in setup), lines[:first_test_line]
     assert any("the server prepares" in x for x in setup) and any("payloads ready in" in x for x in setup), setup
+    rev = bench("--loopback", "-R", "--model", tiny_config, "--tokens", "2000", "-i", "0")
+    assert rev.returncode == 0, rev.stderr + rev.stdout
+    lines = rev.stdout.splitlines()
+    first_test_line = next(i for i, x in enumerate(lines) if x.startswith("Connecting to host"))
+    assert any("connects back to port" in x for x in lines[:first_test_line]), lines[:first_test_line]
     js = bench("--loopback", "--model", tiny_config, "--tokens", "2000", "-J")
     assert js.returncode == 0 and json.loads(js.stdout)["kv"]["verification"]["verified"]  # -J stays pure JSON
 

@@ -87,7 +87,7 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
             from .reverse import run_reverse_client
 
             doc, series = run_reverse_client(o, reporter.start, reporter.interval, reporter.request,
-                                             log=_log_err if o.verbose else None)
+                                             log=_log_err if o.verbose else None, progress=reporter.line)
         else:
             result = run_client(o, reporter.start, reporter.interval, reporter.request, progress=reporter.line)
             doc, series = build_document(result), result.series

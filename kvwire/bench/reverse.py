@@ -96,7 +96,8 @@ def run_reverse(o: Options, ctl: ControlClient, receiver_port: int, on_start: Ca
 
 
 def run_reverse_client(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
-                       on_request: Callback | None = None, log: Callable[[str], None] | None = None
+                       on_request: Callback | None = None, log: Callable[[str], None] | None = None,
+                       progress: Callable[[str], None] | None = None
                        ) -> tuple[dict[str, Any], list[Any]]:
     """The whole client side of ``-R``: connect, start the local receiving server, run, tear down."""
     from .server import BenchServer, ServerConfig
@@ -125,6 +126,9 @@ def run_reverse_client(o: Options, on_start: Callback | None = None, on_interval
                     layout, _ = resolve_layout(o)
                     on_start(dict(info, layout=layout, data_port=rx.data_address[1]))
 
+            if progress is not None:
+                progress(f"Setting up: {o.host} connects back to port {rx.data_address[1]} here, prepares its "
+                         "payloads and sends (this host's buffers are faulted in meanwhile)")
             doc, series = run_reverse(o, ctl, rx.address[1], started, on_interval, on_request)
             return reverse_document(doc, o, rx.data_address[1]), series
         finally:
