@@ -80,6 +80,9 @@ def dtype_size(dtype: str) -> int:
         raise LayoutError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_SIZES)}") from None
 
 
+_MAX_DIM = 1 << 31  # no tensor dimension of a real cache comes near it; bounds nbytes of any wire layout
+
+
 def _field_int(d: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     """An exact int (not a bool or float) in ``[lo, hi]``, from a map that came from the network."""
     v = d.get(key, default)
@@ -148,8 +151,9 @@ class TensorSpec:
         name, shape, dtype, layout, indexing, replicated, subs = v
         if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(subs, list):
             raise LayoutError("malformed tensor spec")
-        if not all(isinstance(x, int) for x in shape + subs) or len(shape) > 8 or len(subs) > 8:
-            raise LayoutError("malformed tensor spec dims")
+        if (len(shape) > 8 or len(subs) > 8
+                or not all(type(x) is int and 0 <= x <= _MAX_DIM for x in shape + subs)):
+            raise LayoutError(f"malformed tensor spec dims (up to 8 ints in [0, {_MAX_DIM}])")
         if not isinstance(dtype, str) or not isinstance(layout, str) or not isinstance(indexing, str):
             raise LayoutError("malformed tensor spec strings")
         return cls(name, tuple(shape), dtype, layout, indexing, bool(replicated), tuple(subs))
