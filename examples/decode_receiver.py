@@ -30,7 +30,8 @@ def main() -> None:
     layout = kvwire.load_layout(args.model)
     rx = kvwire.Receiver(args.host, args.port, key=args.key,
                          allocator=lambda m: np.empty(m.total_bytes, np.uint8))
-    print(f"listening on {rx.address[0]}:{rx.address[1]} for {layout.name}", flush=True)
+    host = f"[{rx.address[0]}]" if ":" in rx.address[0] else rx.address[0]  # IPv6 bracketed
+    print(f"listening on {host}:{rx.address[1]} for {layout.name}", flush=True)
     done = 0
     try:
         while not args.count or done < args.count:

@@ -27,6 +27,7 @@ from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import Receiver, Session
+from .tcp.wire import listen
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -212,7 +213,7 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:
                 pass  # scrapes are not news
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _http_server(host, port, Handler)
         self._httpd.daemon_threads = True
         self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvwire-metrics", daemon=True)
@@ -228,3 +229,18 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """An HTTP server listening as ``kvwire.tcp.wire.listen`` does: IPv4, IPv6, or dual-stack on ``"::"``."""
+    sock = listen(host, port)
+
+    class Server(ThreadingHTTPServer):
+        address_family = sock.family
+
+    httpd = Server(sock.getsockname(), handler, bind_and_activate=False)
+    httpd.socket.close()
+    httpd.socket = sock
+    httpd.server_address = sock.getsockname()
+    httpd.server_name, httpd.server_port = str(httpd.server_address[0]), httpd.server_address[1]
+    return httpd

@@ -62,7 +62,7 @@ def run_server(o: Options) -> int:
     log(f"Server listening on {host} port {port} (kvwire data port {server.data_address[1]})")
     if server.metrics_server is not None:
         m_host, m_port = server.metrics_server.address
-        log(f"Metrics at http://{m_host}:{m_port}/metrics")
+        log(f"Metrics at http://{f'[{m_host}]' if ':' in m_host else m_host}:{m_port}/metrics")
     log("-" * 60)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:

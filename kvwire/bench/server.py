@@ -31,6 +31,7 @@ from ..errors import InsecureReceiverWarning, PoolExhausted
 from ..metrics import Metrics, MetricsServer
 from ..tcp.gate import HandshakeGate, Ticket
 from ..tcp.receiver import IncomingTransfer, Receiver
+from ..tcp.wire import host_port, listen
 from .control import Channel, server_handshake
 from .errors import BenchError, PeerError, PeerGone
 from .options import KEY_ENV
@@ -159,7 +160,7 @@ class BenchServer:
         self._shut = False
         self.last_test_ok: bool | None = None
         self._gate = HandshakeGate(MAX_HANDSHAKES, MAX_HANDSHAKES // 2, CONTROL_HANDSHAKE_TIMEOUT)
-        self._listener = socket.create_server((cfg.bind, cfg.port), backlog=128)
+        self._listener = listen(cfg.bind, cfg.port)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", InsecureReceiverWarning)
@@ -214,7 +215,7 @@ class BenchServer:
                 sock.close()
                 continue
             ticket = self._gate.admit(sock, addr[0])
-            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+            peer = host_port(addr)
             t = threading.Thread(target=self._client, args=(sock, ticket, peer),
                                  name="kvwire-bench-ctl", daemon=True)
             t.start()

@@ -34,7 +34,7 @@ from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, 
 from .auth import SessionKeys, lane_index, server_handshake, server_hello, server_lane
 from .gate import HandshakeGate, Ticket
 from .incoming import IncomingTransfer
-from .wire import Channel, drain, recv_exact_into, tune
+from .wire import Channel, drain, host_port, listen, recv_exact_into, tune
 
 log = logging.getLogger("kvwire.receiver")
 
@@ -44,11 +44,6 @@ def _held(m: Manifest) -> int:
     which reads into shared scratch) and its metadata (segments, plan, views)."""
     return m.metadata_bytes + (0 if m.sink else m.total_bytes)
 
-
-def _peer_name(addr: Any) -> str:
-    """``host:port``, bracketed for IPv6."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 Allocator = Callable[[Manifest], Any]
 
@@ -95,9 +90,10 @@ class Receiver:
     registered buffer, nothing delivered, and only their metadata counted against ``max_inflight_bytes``.
 
     Parameters:
-        host: the address to listen on (``"127.0.0.1"``: this machine only; ``"0.0.0.0"``: every
-            interface, which warns with ``InsecureReceiverWarning`` unless ``key`` or client certificates
-            authenticate the peers).
+        host: the address to listen on, IPv4 or IPv6, literal or name (``"127.0.0.1"`` or ``"::1"``: this
+            machine only; ``"0.0.0.0"``: every IPv4 interface; ``"::"``: every interface, IPv6 and IPv4
+            where the platform is dual-stack). Any but loopback warns with ``InsecureReceiverWarning``
+            unless ``key`` or client certificates authenticate the peers.
         port: the port to listen on; 0 picks a free one (read it back from ``address``).
         key: the pre-shared key every sender must prove (``bytes`` or ``str``); ``None``: none.
         ssl_context: a server ``ssl.SSLContext`` (certificate loaded; ``verify_mode=CERT_REQUIRED`` to
@@ -173,7 +169,7 @@ class Receiver:
         self._closed = threading.Event()
         self._counts: Counter[str] = Counter()  # see stats(); under _count_lock
         self._count_lock = threading.Lock()
-        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self._listener = listen(host, port)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         if not self.key and not _verifies_clients(ssl_context) and not _is_loopback(self.address[0]):
             warnings.warn(f"kvwire Receiver on {self.address[0]}:{self.address[1]} without a key or client "
@@ -324,7 +320,7 @@ class Receiver:
                 continue
             # a new connection always gets a handshake slot: the gate cuts the oldest of the busiest source
             ticket = self._gate.admit(sock, addr[0])
-            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, ticket, _peer_name(addr))
+            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, ticket, host_port(addr))
 
     def _connection(self, raw: socket.socket, ticket: Ticket, peer: str) -> None:
         ch: Channel | None = None

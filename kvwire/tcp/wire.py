@@ -2,7 +2,8 @@
 
 Owns: ``recv_exact_into``, ``send_parts`` (``sendmsg`` over [header, views] with partial-send
 handling, ``sendall`` per part on TLS), ``Channel`` (a socket with a write lock that reads and writes
-whole control frames) and socket tuning. Must not know: transfers, sessions or layouts.
+whole control frames), socket tuning, and ``listen`` (IPv4, IPv6 or dual-stack by the address
+given). Must not know: transfers, sessions or layouts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ from ..codec.frames import (
 from ..errors import ProtocolError
 
 Buffer = memoryview
+
+
+def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket on ``host``: an IPv4 or IPv6 literal, or a name (its first address).
+    ``"::"`` or ``""`` listens on every interface, IPv6 and IPv4 both (dual-stack) where the platform
+    allows, IPv4 only where it does not."""
+    if host in ("", "::") and socket.has_dualstack_ipv6():
+        return socket.create_server(("::", port), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True)
+    infos = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return socket.create_server(address, family=family, backlog=backlog)
+
+
+def host_port(address: tuple[Any, ...]) -> str:
+    """``host:port`` of a socket address, the host bracketed when it is IPv6."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class PeerClosed(ConnectionError):
