@@ -116,11 +116,12 @@ class StallProxy:
                 b.sendall(data)
         except OSError:
             pass
-        for s in (a, b):
+        for s in (a, b):  # closed, not only shut down: unread bytes make it a reset, as a peer's close would
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            s.close()
 
     def close(self) -> None:
         self.released.set()

@@ -8,21 +8,60 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
 from ..codec.transfer import State
 from ..errors import TransferCancelled, TransferFailed, TransferTimedOut
+from .callbacks import Callbacks
+
+log = logging.getLogger("kvwire.tcp")
 
 _EXC = {State.FAILED: TransferFailed, State.TIMED_OUT: TransferTimedOut, State.CANCELLED: TransferCancelled}
 
 
-class Outcome:
-    """Resolved once. ``result`` returns the value or raises TransferFailed/TimedOut/Cancelled."""
+class _Future(concurrent.futures.Future[Any]):
+    """A future whose done callbacks run on a ``Callbacks`` pool instead of the thread that resolves
+    it (a protocol thread), and are dropped once run (so they hold nothing afterwards)."""
 
-    def __init__(self) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    def __init__(self, callbacks: Callbacks | None, key: object) -> None:
+        super().__init__()
+        self._callbacks = callbacks
+        self._key = key
+
+    def cancel(self) -> bool:
+        """A transfer is cancelled through its handle (``cancel()``), never through its future."""
+        return False
+
+    def _invoke_callbacks(self) -> None:
+        fns: list[Callable[[concurrent.futures.Future[Any]], object]] = self._done_callbacks  # type: ignore[has-type]
+        self._done_callbacks = []  # type: ignore[var-annotated]
+        if self._callbacks is None:
+            for fn in fns:
+                try:
+                    fn(self)
+                except Exception:  # noqa: BLE001 - as concurrent.futures does
+                    log.exception("exception calling callback for %r", self)
+            return
+        for fn in fns:
+            self._callbacks.submit(self._key, fn, self)
+
+
+class Outcome:
+    """Resolved once. ``result`` returns the handle or raises TransferFailed/TimedOut/Cancelled.
+
+    Done callbacks (``add_done_callback``, ``future.add_done_callback``) run on the session's or
+    receiver's callback pool, after the handle's layer callbacks, never on a protocol thread. The
+    future's value is None (``result()`` and ``await`` give the handle), so the handle and its future
+    form no reference cycle: an ended handle's buffers are freed as soon as the caller drops it.
+    """
+
+    def __init__(self, callbacks: Callbacks | None = None) -> None:
+        self._callback_key = object()  # orders this handle's callbacks; not the handle: no cycle
+        self._callbacks = callbacks
+        self.future: concurrent.futures.Future[Any] = _Future(callbacks, self._callback_key)
         self._state = State.ACTIVE
         self._reason = ""
         self._lock = threading.Lock()
@@ -39,26 +78,42 @@ class Outcome:
     def finished(self) -> bool:
         return self._state.terminal
 
-    def _resolve(self, state: State, reason: str = "", value: Any = None) -> bool:
+    def _resolve(self, state: State, reason: str = "") -> bool:
         with self._lock:
             if self._state.terminal:
                 return False
             self._state, self._reason = state, reason
         if state is State.DONE:
-            self.future.set_result(value)
+            self.future.set_result(None)
         else:
             self.future.set_exception(_EXC[state](reason or state.value))
         return True
 
-    def result(self, timeout: float | None = None) -> Any:
-        """Wait for the terminal state. Builtin TimeoutError if this wait (not the transfer) times out."""
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's
+        other callbacks; inline where the handle has no pool."""
+        if self._callbacks is not None:
+            self._callbacks.submit(self._callback_key, fn, *args)
+            return
         try:
-            return self.future.result(timeout)
+            fn(*args)
+        except Exception:  # noqa: BLE001 - user code must not take a protocol thread down
+            log.exception("callback %r failed", fn)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the terminal state; returns this handle when done. Builtin TimeoutError if this
+        wait (not the transfer) times out."""
+        try:
+            exc = self.future.exception(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"still {self._state.value} after waiting {timeout}s") from None
+        if exc is not None:  # a fresh exception: the stored one would keep this frame (and self) alive
+            raise type(exc)(*exc.args) from None
+        return self
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], None]) -> None:
         self.future.add_done_callback(fn)
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return asyncio.wrap_future(self.future).__await__()
+        yield from asyncio.wrap_future(self.future).__await__()
+        return self

@@ -20,6 +20,7 @@ from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
 from ..errors import KvwireError
+from .callbacks import Callbacks
 from .handle import Outcome
 
 if TYPE_CHECKING:
@@ -33,8 +34,9 @@ class IncomingTransfer(Outcome):
     """Receiver-side handle of one transfer. Layers become readable as ``wait_layer`` returns."""
 
     def __init__(self, request_id: str, dest: Any = None, layout: ModelLayout | None = None,
-                 state_position: int | None = None, deadline: float | None = None) -> None:
-        super().__init__()
+                 state_position: int | None = None, deadline: float | None = None,
+                 callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
         self.request_id = request_id
         self.dest = dest
         self.layout = layout
@@ -89,10 +91,14 @@ class IncomingTransfer(Outcome):
             return dict(self._lane_bytes)
 
     def on_layer(self, fn: Callable[[int], None]) -> None:
-        """Call ``fn(layer)`` from a receiver thread as each layer is verified (keep it short)."""
+        """Call ``fn(layer)`` as each layer is verified, in that order and before the handle's done
+        callbacks, from the receiver's callback pool (never a lane or control thread: a slow callback
+        delays only this handle's later callbacks). Layers verified before the call are reported at
+        once, on the calling thread."""
         with self._cond:
             done = sorted(self.layer_times)
-            self._layer_callbacks.append(fn)
+            if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
+                self._layer_callbacks.append(fn)
         for layer in done:
             fn(layer)
 
@@ -137,12 +143,10 @@ class IncomingTransfer(Outcome):
             cbs = list(self._layer_callbacks)
             self._cond.notify_all()
         for fn in cbs:
-            try:
-                fn(layer)
-            except Exception:  # user code must not take the lane thread down
-                log.exception("on_layer callback %r failed for layer %d", fn, layer)
+            self._call_soon(fn, layer)
 
     def _finish(self, state: State, reason: str) -> None:
         with self._cond:
-            self._resolve(state, reason, self)
+            self._resolve(state, reason)
+            self._layer_callbacks.clear()  # they may hold this handle: no cycle outlives the transfer
             self._cond.notify_all()

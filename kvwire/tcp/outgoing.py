@@ -28,7 +28,7 @@ class OutgoingTransfer(Outcome):
     """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``."""
 
     def __init__(self, session: Session, sm: SenderTransfer, deadline: float | None) -> None:
-        super().__init__()
+        super().__init__(session._callbacks)
         self._session = session
         self._sm = sm
         self.manifest = sm.manifest
@@ -85,12 +85,13 @@ class OutgoingTransfer(Outcome):
             return list(self._sm.acked_layers)
 
     def on_layer_acked(self, fn: Callable[[int], None]) -> None:
-        """Call ``fn(layer)`` (from the session's control thread; keep it short) once the receiver has
+        """Call ``fn(layer)`` (from the session's callback pool, never a protocol thread) once the receiver has
         verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
         buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
         acked before the call are reported at once. Layers without bytes are never reported."""
         with self._session._cond:
-            self._acked_callbacks.append(fn)
+            if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
+                self._acked_callbacks.append(fn)
             done = list(self._sm.acked_layers[: self._acked_reported])
         for layer in done:
             fn(layer)
@@ -103,10 +104,7 @@ class OutgoingTransfer(Outcome):
             cbs = list(self._acked_callbacks)
         for layer in new:
             for fn in cbs:
-                try:
-                    fn(layer)
-                except Exception:  # user code must not take the control thread down
-                    log.exception("on_layer_acked callback %r failed for layer %d", fn, layer)
+                self._call_soon(fn, layer)
 
     def finish(self) -> Outcome:
         """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""

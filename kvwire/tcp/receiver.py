@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
 from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
 from .auth import SessionKeys, lane_index, server_handshake, server_hello, server_lane
+from .callbacks import Callbacks
 from .gate import HandshakeGate, Ticket
 from .incoming import IncomingTransfer
 from .wire import Channel, drain, host_port, listen, recv_exact_into, tune
@@ -82,8 +83,11 @@ class Receiver:
 
     Destinations: ``expect(request_id, buffers)`` registers buffers in advance and returns the handle;
     otherwise ``allocator(manifest)`` is called and returns one buffer of ``manifest.total_bytes`` or a
-    list of buffers, one per segment. Handles of allocated transfers are delivered to ``on_transfer``
-    and to ``next_transfer()``.
+    list of buffers, one per segment. Handles of allocated transfers go to ``on_transfer`` when it is
+    given (run on the receiver's callback pool; the receiver keeps no reference to them, so a handle,
+    its buffer included, is freed once the callback's owner drops it) and otherwise queue for
+    ``next_transfer()``, in arrival order, until taken: at most ``MAX_QUEUED`` of them; past that new
+    allocator-placed transfers are rejected (nothing is allocated for them) until some are taken.
 
     Sink transfers (capacity probes from ``kvwire.probe``) of up to ``max_probe_bytes`` each (0 refuses
     them) are read into one receiver-wide 16 MiB scratch buffer and discarded: no allocator call, no
@@ -117,6 +121,9 @@ class Receiver:
             source address; a new one always gets in and the oldest of the busiest source is cut.
         max_probe_bytes: the largest capacity probe (sink transfer) accepted; 0 refuses probes.
     """
+
+    #: allocator-placed handles waiting for ``next_transfer()`` (without ``on_transfer``) at most
+    MAX_QUEUED = 1024
 
     def __init__(
         self,
@@ -162,7 +169,8 @@ class Receiver:
         self._lock = threading.Lock()
         self._sessions: dict[bytes, _Session] = {}
         self._expected: dict[str, IncomingTransfer] = {}
-        self._incoming: list[IncomingTransfer] = []
+        self._callbacks = Callbacks("rx-callbacks")  # user callbacks never run on a protocol thread
+        self._incoming: deque[IncomingTransfer] = deque()  # for next_transfer(), without on_transfer
         self._incoming_cond = threading.Condition(self._lock)
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
@@ -201,7 +209,7 @@ class Receiver:
         else:
             check_destination(buffers, (0, 1 << 62), (0, None))
         deadline = time.monotonic() + (timeout if timeout is not None else self.transfer_timeout)
-        h = IncomingTransfer(request_id, buffers, layout, state_position, deadline)
+        h = IncomingTransfer(request_id, buffers, layout, state_position, deadline, self._callbacks)
         with self._lock:
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} already expected")
@@ -217,13 +225,16 @@ class Receiver:
                 del self._expected[request_id]
 
     def next_transfer(self, timeout: float | None = None) -> IncomingTransfer:
-        """The next allocator-placed transfer, in arrival order."""
+        """The next allocator-placed transfer, in arrival order (ended ones included: a short transfer
+        may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``."""
+        if self.on_transfer is not None:
+            raise KvwireError("this receiver hands allocator-placed transfers to on_transfer, not next_transfer()")
         with self._incoming_cond:
             if not self._incoming_cond.wait_for(lambda: self._incoming or self._closed.is_set(), timeout):
                 raise TimeoutError("no transfer arrived")
             if not self._incoming:
                 raise KvwireError("receiver closed")
-            return self._incoming.pop(0)
+            return self._incoming.popleft()
 
     @property
     def sessions(self) -> int:
@@ -404,6 +415,8 @@ class Receiver:
         h = s.transfers.get(tid)  # a local of its own frame: not held until the next message
         if h is not None and state is State.TIMED_OUT:
             self._end(s, h, State.TIMED_OUT, f"sender timed out: {why}")
+        elif h is not None and state is State.FAILED:  # the sender's failure, with its reason
+            self._end(s, h, State.FAILED, f"sender failed the transfer: {why}")
         elif h is not None:
             self._end(s, h, State.CANCELLED, f"cancelled by sender: {why}")
 
@@ -428,13 +441,20 @@ class Receiver:
         if h is not None and h.finished:
             h = None  # cancelled as it arrived: refused like an unknown request
         registered = h is not None
+        if not registered and self.on_transfer is None:
+            with self._lock:
+                full = len(self._incoming) >= self.MAX_QUEUED
+            if full:
+                s.send(F.REJECT, {"tid": m.transfer_id, "reason": f"receiver busy: {self.MAX_QUEUED} transfers "
+                                  "not yet taken with next_transfer()"})
+                return
         try:
             if h is None:
                 if self.allocator is None:
                     raise KvwireError(f"no destination registered for request {m.request.request_id!r}")
                 if m.layout is None:  # its segments were checked against nothing: ask the allocator for nothing
                     raise KvwireError("manifest names a layout unknown on this session; the allocator needs one")
-                h = IncomingTransfer(m.request.request_id, self.allocator(m))
+                h = IncomingTransfer(m.request.request_id, self.allocator(m), callbacks=self._callbacks)
             if h.layout is not None:
                 check_manifest_against(m, h.layout)
             if h.state_position is not None:
@@ -448,12 +468,12 @@ class Receiver:
             return
         h.layout = h.layout or m.layout
         self._activate(s, m, h, views)
-        if not registered:
+        if not registered and self.on_transfer is not None:
+            h._call_soon(self.on_transfer, h)
+        elif not registered:
             with self._incoming_cond:
                 self._incoming.append(h)
                 self._incoming_cond.notify_all()
-            if self.on_transfer is not None:
-                self.on_transfer(h)
 
     def _activate(self, s: _Session, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> None:
         """The transfer is admitted with its destination views: start its state machine and ACCEPT it."""

@@ -34,6 +34,7 @@ from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
 from ..errors import ConnectError, ConnectTimeout, KvwireError, ProtocolError
 from .auth import client_handshake, client_lane
+from .callbacks import Callbacks
 from .outgoing import OutgoingTransfer
 from .wire import Channel, send_parts, tune
 
@@ -129,6 +130,7 @@ class Session:
         self.last_seen = time.monotonic()
         self.lanes: list[_Lane] = []
         self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
+        self._callbacks = Callbacks("tx-callbacks")  # user callbacks never run on a protocol thread
         self.ctrl = self._open()
         try:
             try:
@@ -386,18 +388,19 @@ class Session:
                         break  # idle with chunks in flight, and the receiver dropped or stopped reading it
                 closed = self._closed
                 if pick is not None:
-                    h, chunk = pick
-                    self._inflight[(h.transfer_id, chunk)] = lane
+                    self._inflight[(pick[0].transfer_id, pick[1])] = lane
             if pick is None:
                 # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
                 if not closed and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled")):
                     continue
                 return
             try:
-                self._send_chunk(lane, h, chunk)
+                self._send_chunk(lane, *pick)
             except (OSError, ValueError) as e:
+                pick = None
                 if not self._lane_lost(lane, e):
                     return
+            pick = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
     def _send_chunk(self, lane: _Lane, h: OutgoingTransfer, chunk: int) -> None:
         pieces = []
@@ -479,42 +482,46 @@ class Session:
             while True:
                 kind, body = self.ctrl.read_control()
                 self.last_seen = time.monotonic()
-                if kind in (F.HEARTBEAT,):
+                if kind == F.HEARTBEAT:
                     continue
                 if kind == F.BYE:
                     raise ConnectionError("receiver closed the session")
-                tid = body.get("tid")
-                h = self._transfers.get(tid) if isinstance(tid, int) else None
-                if h is None:
-                    if kind == F.ERROR and tid is None:
-                        raise ConnectionError(f"receiver error: {body.get('reason')}")
-                    continue  # late message for an ended transfer
-                if kind == F.ACCEPT:
-                    with self._cond:
-                        h._sm.accepted = True
-                        self._cond.notify_all()
-                elif kind == F.ACK or kind == F.NACK:
-                    chunks = body.get("c")
-                    if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
-                        raise ProtocolError("malformed ack")
-                    if kind == F.NACK and body.get("held") is True:
-                        self._on_held(h, chunks)
-                    else:
-                        self._on_ack(h, chunks, kind == F.ACK, lost=body.get("lost") is True)
-                elif kind == F.COMPLETE:
-                    self._end(h, State.DONE, "")
-                elif kind == F.REJECT:
-                    self._end(h, State.FAILED, f"receiver rejected the transfer: {body.get('reason')}")
-                elif kind == F.ERROR and body.get("state") == State.TIMED_OUT.value:
-                    self._end(h, State.TIMED_OUT, f"receiver timed out: {body.get('reason')}")
-                elif kind == F.ERROR:
-                    self._end(h, State.FAILED, f"receiver failed the transfer: {body.get('reason')}")
-                elif kind == F.CANCEL:
-                    self._end(h, State.CANCELLED, f"cancelled by receiver: {body.get('reason')}")
-                else:
-                    raise ProtocolError(f"unexpected {kind!r} from receiver")
+                self._dispatch(kind, body)
         except (OSError, KvwireError) as e:
             self._fail_session(f"control connection: {e}")
+
+    def _dispatch(self, kind: str, body: dict[str, Any]) -> None:
+        """One message about a transfer (its own frame: the handle is not kept between messages)."""
+        tid = body.get("tid")
+        h = self._transfers.get(tid) if isinstance(tid, int) else None
+        if h is None:
+            if kind == F.ERROR and tid is None:
+                raise ConnectionError(f"receiver error: {body.get('reason')}")
+            return  # late message for an ended transfer
+        if kind == F.ACCEPT:
+            with self._cond:
+                h._sm.accepted = True
+                self._cond.notify_all()
+        elif kind == F.ACK or kind == F.NACK:
+            chunks = body.get("c")
+            if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
+                raise ProtocolError("malformed ack")
+            if kind == F.NACK and body.get("held") is True:
+                self._on_held(h, chunks)
+            else:
+                self._on_ack(h, chunks, kind == F.ACK, lost=body.get("lost") is True)
+        elif kind == F.COMPLETE:
+            self._end(h, State.DONE, "")
+        elif kind == F.REJECT:
+            self._end(h, State.FAILED, f"receiver rejected the transfer: {body.get('reason')}")
+        elif kind == F.ERROR and body.get("state") == State.TIMED_OUT.value:
+            self._end(h, State.TIMED_OUT, f"receiver timed out: {body.get('reason')}")
+        elif kind == F.ERROR:
+            self._end(h, State.FAILED, f"receiver failed the transfer: {body.get('reason')}")
+        elif kind == F.CANCEL:
+            self._end(h, State.CANCELLED, f"cancelled by receiver: {body.get('reason')}")
+        else:
+            raise ProtocolError(f"unexpected {kind!r} from receiver")
 
     def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool, lost: bool = False) -> None:
         now = time.monotonic()
@@ -573,7 +580,8 @@ class Session:
                 self.ctrl.send(notify, {"tid": h.transfer_id, "reason": reason, "state": state.value})
             except OSError:
                 pass
-        h._resolve(state, reason, h)
+        h._resolve(state, reason)
+        h._acked_callbacks.clear()  # they may hold the handle: no cycle outlives the transfer
 
     def _fail_session(self, reason: str) -> None:
         with self._cond:
@@ -596,7 +604,6 @@ class Session:
             with self._cond:
                 if self._closed:
                     return
-                handles = list(self._transfers.values())
             now = time.monotonic()
             if now - self.last_seen > self.peer_timeout:
                 self._fail_session(f"receiver silent for {now - self.last_seen:.1f}s")
@@ -607,9 +614,14 @@ class Session:
                     self.ctrl.send(F.HEARTBEAT)
                 except OSError:
                     pass
-            for h in handles:
-                if h.deadline is not None and now > h.deadline:
-                    self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
+            self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        """Time out transfers past their deadline (its own frame: no handle outlives the tick)."""
+        with self._cond:
+            late = [h for h in self._transfers.values() if h.deadline is not None and now > h.deadline]
+        for h in late:
+            self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
 
 
 def _unsent(sock: socket.socket) -> int:

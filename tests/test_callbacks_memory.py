@@ -1,0 +1,153 @@
+"""User callbacks never delay the protocol, and ended transfers hold no memory.
+
+A done callback (and layer callbacks) that blocks far longer than the peer timeout on both sides, with
+several sessions sending at once: before, it ran on the receiver's control thread ahead of COMPLETE, so
+the receiver called its peer silent and the two sides disagreed. Allocator-placed transfers handed to
+``on_transfer`` were also queued for ``next_transfer()`` forever, and each handle's future held the
+handle, so buffers outlived their transfers until a garbage collection.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+from helpers import payload, wait_until
+
+from kvwire import Receiver, RequestSpec, State, connect, plan_segments
+from kvwire.codec.fixtures import load_fixture
+
+PEER_TIMEOUT = 1.5
+
+
+def test_slow_callbacks_do_not_split_outcomes(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    release = threading.Event()
+    entered: list[str] = []
+
+    def slow(what: str) -> Any:
+        def fn(*_: object) -> None:
+            entered.append(what)
+            release.wait(20)  # a 20 s callback, cut short once the test has seen both sides agree
+        return fn
+
+    sessions, pairs = [], []
+    with Receiver(peer_timeout=PEER_TIMEOUT, heartbeat=0.2) as rx:
+        try:
+            for i in range(4):
+                s = connect(*rx.address, lanes=2, chunk_size=64 * 1024, peer_timeout=PEER_TIMEOUT, heartbeat=0.2)
+                sessions.append(s)
+                for j in range(3):
+                    req = RequestSpec(f"slow-{i}-{j}", 500, 500)
+                    src = payload(layout, req, seed=i * 3 + j)
+                    dst = np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8)
+                    h_rx = rx.expect(req.request_id, dst, layout=layout)
+                    h = s.send(layout, req, timeout=30)
+                    if j == 0:
+                        h_rx.on_layer(slow("rx-layer"))
+                        h.on_layer_acked(slow("tx-layer"))
+                    h_rx.add_done_callback(slow("rx-done"))
+                    h.add_done_callback(slow("tx-done"))
+                    pairs.append((h, h_rx, src, dst))
+            threads = [threading.Thread(target=lambda h=h, src=src: (h.write_all(src), h.finish()))
+                       for h, _, src, _ in pairs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            for h, h_rx, _, _ in pairs:
+                assert h.result(20) is h  # done on the sender: COMPLETE arrived while callbacks block
+                assert h_rx.result(20) is h_rx
+            # slow callbacks are running on both sides (they run one at a time per handle, on a small pool)
+            sides = ({"rx-layer", "rx-done"}, {"tx-layer", "tx-done"})
+            assert wait_until(lambda: all(side & set(entered) for side in sides), 10)
+            time.sleep(2 * PEER_TIMEOUT)  # callbacks still blocked, well past the peer timeout
+            assert all(s.healthy and not s.failure for s in sessions)
+            assert rx.sessions == 4
+            for h, h_rx, src, dst in pairs:
+                assert h.state is State.DONE and h_rx.state is State.DONE
+                assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+        finally:
+            release.set()
+            for s in sessions:
+                s.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_allocator_transfers_handed_to_on_transfer_keep_no_memory(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req0 = RequestSpec("rss-0", 3000, 3000)
+    src = payload(layout, req0, seed=7)
+    ended: list[State] = []
+    done = threading.Semaphore(0)
+
+    def on_transfer(h: Any) -> None:  # keeps nothing: only counts the outcome
+        h.add_done_callback(lambda f: (ended.append(State.DONE if f.exception() is None else State.FAILED),
+                                       done.release()))
+
+    rss: list[int] = []
+    with Receiver(allocator=lambda m: np.ones(m.total_bytes, np.uint8), on_transfer=on_transfer) as rx, \
+            connect(*rx.address, lanes=2) as s:
+        for i in range(100):
+            h = s.send(layout, RequestSpec(f"rss-{i}", 3000, 3000))
+            h.write_all(src)
+            h.finish().result(20)
+            assert done.acquire(timeout=20)
+            if i in (9, 99):
+                rss.append(_rss())
+        del h
+    assert ended == [State.DONE] * 100
+    grown = rss[1] - rss[0]
+    print(f"RSS after 10 transfers {rss[0] / 2**20:.1f} MiB, after 100 {rss[1] / 2**20:.1f} MiB "
+          f"(+{grown / 2**20:.1f} MiB; each transfer allocates {sum(a.nbytes for a in src) / 2**20:.1f} MiB)")
+    assert grown < 48 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 90 transfers"
+
+
+def test_ended_transfers_free_their_buffers_without_a_garbage_collection(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    gc.collect()
+    gc.disable()
+    try:
+        refs: list[weakref.ref[np.ndarray]] = []
+        queued: list[Any] = []
+
+        def allocate(m: Any) -> np.ndarray:
+            buf = np.zeros(m.total_bytes, np.uint8)
+            refs.append(weakref.ref(buf))
+            return buf
+
+        with Receiver(allocator=allocate) as rx, connect(*rx.address, lanes=2, chunk_size=64 * 1024) as s:
+            for i in range(10):
+                req = RequestSpec(f"weak-{i}", 600, 600)
+                src = payload(layout, req, seed=i)
+                refs.append(weakref.ref(src[0]))
+                if i % 2:  # registered in advance (expect) ...
+                    dst = np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8)
+                    refs.append(weakref.ref(dst))
+                    h_rx = rx.expect(req.request_id, dst)
+                    del dst
+                h = s.send(layout, req)
+                h.on_layer_acked(lambda layer, h=h: None)  # a callback that holds its handle
+                h.write_all(src)
+                h.finish().result(20)
+                if not i % 2:  # ... or placed by the allocator and taken with next_transfer
+                    h_rx = rx.next_transfer(10)
+                h_rx.on_layer(lambda layer, h_rx=h_rx: None)
+                h_rx.add_done_callback(lambda f, h_rx=h_rx: None)
+                h_rx.result(10)
+                queued.append(weakref.ref(h_rx))
+                del h, h_rx, src
+            alive = lambda: [i for i, r in enumerate(refs) if r() is not None]  # noqa: E731
+            assert wait_until(lambda: not alive(), 5), f"buffers still alive without gc: {alive()} of {len(refs)}"
+            assert all(r() is None for r in queued)
+    finally:
+        gc.enable()
