@@ -685,10 +685,10 @@ class Receiver:
         with self._lock:
             sessions = list(self._sessions.values())
             late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
-            for h in late:
-                self._expected.pop(h.request_id, None)
-        for h in late:
-            h._finish(State.TIMED_OUT, "the sender never started this transfer")
+            for rid in [h.request_id for h in late]:
+                self._expected.pop(rid, None)
+        while late:  # popped: once resolved, no frame here holds the handle (and its buffers) any more
+            late.pop()._finish(State.TIMED_OUT, "the sender never started this transfer")
         for s in sessions:
             if now - s.last_seen > self.peer_timeout:
                 self._close_session(s, f"peer silent for {now - s.last_seen:.1f}s")
