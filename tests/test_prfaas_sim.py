@@ -99,3 +99,10 @@ def test_bad_configs_are_refused() -> None:
         sim.SimConfig(dep, 1000, 5, 5, sim.Arrivals(1.0))  # 10 > the 8 PD instances
     with pytest.raises(ValueError):
         sim.simulate(sim.SimConfig(dep, 1000, 0, 8, sim.Arrivals(1.0), requests=100))  # short ones: nowhere
+
+
+def test_the_short_loop_never_routes_to_a_path_without_instances() -> None:
+    """Naive heterogeneous has no PD prefill: queue pressure may not raise t there (it crashed before)."""
+    naive = sim.paper_configs(sim.Arrivals(2.3), requests=3000)["naive"]
+    r = sim.simulate(dataclasses.replace(naive, adaptive=True))
+    assert r.unfinished == 0 and r.offloaded == 1.0 and len(r.thresholds) == 1

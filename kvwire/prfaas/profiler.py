@@ -9,7 +9,7 @@ state) per full-attention GQA layer, built from config, seeded, CPU. Writes a ``
 that the planner reads.
 Torch and transformers are imported lazily, here only. Must not know: the planner, routing, sockets.
 
-    python -m kvwire.prfaas.profiler --out profile.json --lengths 128,256,512,1024,2048
+    python -m kvwire.prfaas.profiler --out profile.json --lengths 128,256,512,1024,2048 [--threads 1]
 """
 
 from __future__ import annotations
@@ -130,7 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lengths", default="128,256,512,1024,2048")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     model, config = tiny_hybrid(a.seed)
     prof = measure(model, config, [int(x) for x in a.lengths.split(",")], a.repeats, a.seed, "tiny-qwen3-next")
     prof.save(a.out)

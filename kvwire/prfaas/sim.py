@@ -120,14 +120,15 @@ class SimResult:
     sustainable: float  # Eq 6 on measured rates: min(prfaas rate / its share, pd-p rate / its share, decode)
     path_rate: dict[str, float]  # requests/s each stage finished in the window
     offloaded: float  # share routed to PrfaaS
-    ttft: np.ndarray  # seconds, measured requests in arrival order
+    ttft: np.ndarray  # seconds, measured requests that got a first token, in arrival order
     utilization: dict[str, float]  # busy share of each stage's capacity in the window; egress: of the link
     egress_gbps: float  # mean egress in the window
     thresholds: list[tuple[float, float]]  # (time, t) each time the router moved t
     wall_s: float
     unfinished: int  # requests that never finished decoding (0 unless something is broken)
-    arrivals: np.ndarray  # every request's arrival time, and whether it went to PrfaaS
+    arrivals: np.ndarray  # every request (warm-up included): arrival time, whether it went to PrfaaS, TTFT
     routed_prfaas: np.ndarray
+    ttft_all: np.ndarray  # NaN where no first token came
 
     @property
     def ttft_mean(self) -> float:
@@ -199,6 +200,10 @@ def simulate(cfg: SimConfig) -> SimResult:
     rcfg = cfg.router_config or RouterConfig()
     if not cfg.adaptive:
         rcfg = dataclasses.replace(rcfg, t_min=cfg.t, t_max=cfg.t)
+    elif cfg.n_p == 0:  # the short loop may not send anything to a path that has no instances
+        rcfg = dataclasses.replace(rcfg, t_min=min(rcfg.t_min, cfg.t), t_max=cfg.t)
+    elif dep.n_prfaas == 0:
+        rcfg = dataclasses.replace(rcfg, t_min=cfg.t, t_max=max(rcfg.t_max, cfg.t))
     router = Router(cfg.t, rcfg)
     t_dec, l_out = dep.decode.t_decode, int(dep.decode.l_out)
     slots_total = int(round(cfg.n_d * dep.decode.bs_max))
@@ -362,7 +367,7 @@ def simulate(cfg: SimConfig) -> SimResult:
     ttft = (first_tok - arrive)[meas]
     return SimResult(n, win, (n - 1 - first) / win, rate["pd-d"], sustainable, rate, p, ttft[~np.isnan(ttft)],
                      util, (marks[1] - marks[0]) / win * 8e-9, thresholds, time.perf_counter() - wall0,
-                     int(np.isnan(done_at).sum()), arrive, to_prfaas)
+                     int(np.isnan(done_at).sum()), arrive, to_prfaas, first_tok - arrive)
 
 
 def _link_state(now: float, goodput: float, capacity: float, util: float, congested: bool) -> LinkState:
