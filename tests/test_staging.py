@@ -281,6 +281,9 @@ def test_destination_dtype_or_shape_mismatch_is_refused(pool: PinnedPool) -> Non
         PagedCache(layout, small.storages())  # block size 64 expected
     with pytest.raises(LayoutMismatch, match="no engine storage"):
         PagedCache(layout, small.storages()[:-1], block_size=32)
+    hnd = load_fixture("tiny-qwen3-next", kv_layout="HND")  # the HF adapter's wire form, not what staging writes
+    with pytest.raises(LayoutMismatch, match="NHD wire form"):
+        allocate_paged_cache(hnd, 4, 1)
 
 
 def test_bad_block_tables_and_slots_are_refused_before_anything_moves(pool: PinnedPool) -> None:

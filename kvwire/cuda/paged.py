@@ -133,6 +133,9 @@ class CacheStorage:
             raise LayoutMismatch(f"{where}: unknown storage format {self.format!r}; known: {FORMATS}")
         if self.kv_order not in KV_ORDERS:
             raise LayoutMismatch(f"{where}: kv_order must be one of {KV_ORDERS}")
+        if self.token_indexed and any(t.layout not in ("NHD", "latent") for t in self.spec.tensors):
+            raise LayoutMismatch(f"{where}: staging writes token-indexed tensors in the NHD wire form; the "
+                                 f"layout tags them {sorted({t.layout for t in self.spec.tensors})}")
         if (self.format == "slots") == self.token_indexed:
             raise LayoutMismatch(f"{where}: format {self.format!r} does not fit a "
                                  f"{self.spec.indexing}-indexed cache")
