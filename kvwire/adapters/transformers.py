@@ -75,7 +75,7 @@ def _check_hf_tags(layout: ModelLayout) -> None:
                     raise LayoutMismatch("the transformers adapter moves unsharded caches (tp_size=1)")
 
 
-def _shape(cache: CacheSpec, name: str, spec_shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
+def _shape(cache: CacheSpec, spec_shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
     """The tensor's shape in the DynamicCache, batch axis included."""
     if cache.indexing == TOKEN:
         heads, dim = spec_shape
@@ -142,7 +142,6 @@ class PrefillStream:
         self.copies = 0  # tensors that had to be made contiguous (0 for every family tested)
         self._modules = _decoder_layers(model, layout)
         self._handles: list[Any] = []
-        self._error: BaseException | None = None
         with_bytes = {seg.layer for seg in plan_segments(layout, transfer.manifest.request)}
         self._pending = sorted(with_bytes)
 
@@ -177,7 +176,7 @@ class PrefillStream:
             raise KvwireError(f"layer {i} ran twice in one prefill stream (chunked prefill is not streamed)")
         spec = self.layout.layers[i].caches
         tensors = _layer_tensors(self.cache.layers[i], spec)
-        expected = [(_shape(c, t.name, t.shape, self.tokens), t.dtype) for c in spec for t in c.tensors]
+        expected = [(_shape(c, t.shape, self.tokens), t.dtype) for c in spec for t in c.tensors]
         bufs = []
         for (shape, dtype), t in zip(expected, tensors):
             if tuple(t.shape) != shape or _dtype_name(t.dtype) != dtype:
@@ -354,7 +353,7 @@ def expect_cache(receiver: Receiver, model: Any, request_id: str, num_prompt_tok
     for seg in plan_segments(layout, request):
         cache = layout.layers[seg.layer].caches[seg.cache]
         spec = cache.tensors[seg.tensor]
-        tensors.append(torch.empty(_shape(cache, spec.name, spec.shape, s), dtype=getattr(torch, spec.dtype)))
+        tensors.append(torch.empty(_shape(cache, spec.shape, s), dtype=getattr(torch, spec.dtype)))
     handle = receiver.expect(request_id, tensors, layout=layout, state_position=s, timeout=timeout)
     incoming = IncomingCache(model.config, layout, request, tensors, handle)
     return incoming
