@@ -129,7 +129,8 @@ def _tensors(layer: Any) -> list[Any]:
 def test_generate_on_received_cache_n_minus_1(jamba: Any, link: Any) -> None:
     rx, session = link
     ids = prompt()
-    incoming = expect_cache(rx, jamba, "g", ids.shape[1], policy="N-1")
+    layout = hf_layout(jamba.config, dtype=torch.float32)  # the decode side may hold only the config
+    incoming = expect_cache(rx, jamba.config, "g", ids.shape[1], policy="N-1", layout=layout)
     assert incoming.feed == slice(11, 12)
     pf = send_prefill(jamba, ids, session, "g", policy=StatePolicy.N_MINUS_1)
     pf.result(10)
@@ -146,6 +147,8 @@ def test_bad_input_is_a_typed_error(jamba: Any, link: Any) -> None:
         expect_cache(rx, jamba, "short", 1, policy="N-1")
     with pytest.raises(LayoutError, match="state policy"):
         expect_cache(rx, jamba, "pol", 12, policy="N+1")
+    with pytest.raises(LayoutError, match="PretrainedConfig"):
+        expect_cache(rx, object(), "not-a-model", 12)
     vllm_layout = layout_from_hf_config(jamba.config, model_dtype="float32")  # SD conv, NHD K/V
     with pytest.raises(LayoutMismatch, match="conv:SD"):
         expect_cache(rx, jamba, "tags", 12, layout=vllm_layout)

@@ -338,6 +338,9 @@ def expect_cache(receiver: Receiver, model: Any, request_id: str, num_prompt_tok
                  timeout: float | None = None) -> IncomingCache:
     """Register destination tensors for ``request_id`` with ``receiver`` (before the sender starts).
 
+    ``model``: the decode model, or its ``PretrainedConfig`` (then pass ``layout=hf_layout(config,
+    dtype=...)`` unless the config names the dtype the model runs in).
+
     A sender whose layout (dtype, tag, shape) or state position differs is refused before a byte lands.
     Under ``N`` decode feeds the first generated token next; under ``N_MINUS_1`` the last prompt token
     (``policy.decode_feed``).
@@ -355,7 +358,7 @@ def expect_cache(receiver: Receiver, model: Any, request_id: str, num_prompt_tok
         spec = cache.tensors[seg.tensor]
         tensors.append(torch.empty(_shape(cache, spec.shape, s), dtype=getattr(torch, spec.dtype)))
     handle = receiver.expect(request_id, tensors, layout=layout, state_position=s, timeout=timeout)
-    incoming = IncomingCache(model.config, layout, request, tensors, handle)
+    incoming = IncomingCache(getattr(model, "config", model), layout, request, tensors, handle)
     return incoming
 
 
