@@ -163,3 +163,26 @@ def test_unreachable_endpoint_fails_lease(pair):
     sending.finish()
     assert [(e.key, e.state) for e in outbox.poll()] == [("p-6", State.FAILED)]
     assert len(released) == 1 and "refused" in released[0].reason.lower()
+
+
+def test_inference_mode_engine_tensors(pair):
+    """vLLM allocates its cache and calls the connector under ``torch.inference_mode``; the unstager's thread,
+    outside it, still writes into that cache."""
+    layout, src, _dst, outbox, _inbox = pair
+    with torch.inference_mode():
+        dst = allocate_paged_cache(layout, 16, 16, fill="zeros")
+    unstager = Unstager(dst, PinnedPool(32 << 20, backend="torch"))
+    inbox = Inbox(unstager, key=KEY, timeout=20)
+    try:
+        g = GroupTables(layout, GROUPS)
+        t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+        request = RequestSpec("kv-7", 70, 69)
+        with torch.inference_mode():
+            inbox.expect("d-7", request, t, s)
+        _send(outbox, "p-7", request, inbox.address, t, s, [])
+        ended = {e.key: e for e in poll_until(outbox, inbox, count=2)}
+        assert ended["d-7"].state is State.DONE, ended["d-7"].reason
+        assert diff_blocks(request_views(src, t, s, 69), request_views(dst, t, s, 69)) == []
+    finally:
+        inbox.close()
+        unstager.close()

@@ -315,8 +315,14 @@ class Outbox:
         with self._lock:
             return len(self._active)
 
-    def close(self) -> list[Ended]:
-        """Cancel what is in flight, end every lease, close the sessions."""
+    def close(self, grace: float = 0.0) -> list[Ended]:
+        """Cancel what is in flight (after up to ``grace`` seconds for it to finish), end every lease, close
+        the sessions."""
+        ended: list[Ended] = []
+        deadline = time.monotonic() + grace
+        while self.active and time.monotonic() < deadline:
+            ended += self.poll()
+            time.sleep(0.01)
         with self._lock:
             items = list(self._active.values())
         for s in items:
@@ -324,9 +330,10 @@ class Outbox:
         deadline = time.monotonic() + 10
         while self.active and time.monotonic() < deadline:
             out = self.poll()
+            ended += out
             if self.active and not out:
                 time.sleep(0.01)
-        ended = self.poll()
+        ended += self.poll()
         with self._lock:
             left = list(self._active.values())
             self._active.clear()

@@ -398,8 +398,10 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         return set()
 
     def shutdown(self) -> None:
+        """Sends still in flight get up to ``shutdown_grace`` seconds (extra config, default 30) to finish:
+        ``LLM.generate`` returns once prefill's one token is out, possibly before its transfer ended."""
         if self.outbox is not None:
-            self.outbox.close()
+            self.outbox.close(grace=float(self.extra.get("shutdown_grace", 30.0)))
             self.outbox.stager.close()
         if self.inbox is not None:
             self.inbox.close()

@@ -410,13 +410,18 @@ def bind_indices(plans: Mapping[int, LayerPlan], upload: Callable[[torch.Tensor]
 
 
 def run_ops(ops: Sequence[Op]) -> None:
-    """Enqueue (GPU) or run (CPU) one plan's copies on the current stream."""
+    """Enqueue (GPU) or run (CPU) one plan's copies on the current stream.
+
+    Under ``torch.inference_mode``: engines (vLLM) allocate their cache and build requests inside it, so the
+    views in a plan may be inference tensors, which torch lets this thread write only in that mode. Raw-byte
+    copies need no autograd either way."""
     import torch
 
-    for kind, dst, src, idx in ops:
-        if kind == COPY:
-            dst.copy_(src, non_blocking=True)
-        elif kind == SELECT:
-            torch.index_select(src, 0, idx, out=dst)
-        else:
-            dst.index_copy_(0, idx, src)
+    with torch.inference_mode():
+        for kind, dst, src, idx in ops:
+            if kind == COPY:
+                dst.copy_(src, non_blocking=True)
+            elif kind == SELECT:
+                torch.index_select(src, 0, idx, out=dst)
+            else:
+                dst.index_copy_(0, idx, src)

