@@ -186,3 +186,16 @@ def test_inference_mode_engine_tensors(pair):
     finally:
         inbox.close()
         unstager.close()
+
+
+def test_close_lets_sends_in_flight_finish(pair):
+    """vLLM's ``LLM.generate`` returns once prefill's one token is out; shutdown must not cut the transfer."""
+    layout, _src, _dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    request = RequestSpec("kv-8", 70, 69)
+    inbox.expect("d-8", request, t, s)
+    _send(outbox, "p-8", request, inbox.address, t, s, [])
+    ended = outbox.close(grace=10)
+    assert [(e.key, e.state) for e in ended] == [("p-8", State.DONE)]
+    assert [(e.key, e.state) for e in poll_until(inbox)] == [("d-8", State.DONE)]
