@@ -1,6 +1,6 @@
 """A kvwire peer in its own process, so tests can kill it (SIGKILL) or freeze it (SIGSTOP).
 
-    peer_proc.py receiver            -> prints its port, receives anything into fresh buffers
+    peer_proc.py receiver [PORT]     -> prints its port, receives anything into fresh buffers
     peer_proc.py sender PORT LAYERS  -> connects, starts a transfer of tiny-qwen3-next with only
                                         LAYERS layers written, prints 'ready', then waits
 """
@@ -19,7 +19,8 @@ from kvwire.codec.layout import plan_segments
 
 def main() -> None:
     if sys.argv[1] == "receiver":
-        rx = Receiver(allocator=lambda m: np.zeros(m.total_bytes, np.uint8), peer_timeout=60)
+        port = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+        rx = Receiver("127.0.0.1", port, allocator=lambda m: np.zeros(m.total_bytes, np.uint8), peer_timeout=60)
         print(rx.address[1], flush=True)
         time.sleep(3600)
     else:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from kvwire import KvwireError, Receiver, connect
 from kvwire.codec.fixtures import default_request, fixture_payload, load_fixture
@@ -19,11 +20,12 @@ from kvwire.codec.fixtures import default_request, fixture_payload, load_fixture
 class GroupGate:
     """TCP proxy to ``upstream``. Connections arrive in ``groups`` (sizes, in order); a group is
     forwarded only once all its connections have arrived; a connection still held after ``hold``
-    seconds is closed. The ``refuse``-th connection (1-based, counted over all) is closed at once."""
+    seconds is closed. The ``refuse``-th connection(s) (1-based, counted over all) are closed at once."""
 
     def __init__(self, upstream: tuple[str, int], groups: Sequence[int], hold: float = 4.0,
-                 refuse: int | None = None) -> None:
-        self.upstream, self.hold, self.refuse = upstream, hold, refuse
+                 refuse: int | set[int] | None = None) -> None:
+        self.upstream, self.hold = upstream, hold
+        self.refuse = {refuse} if isinstance(refuse, int) else set(refuse or ())
         self.bounds = [sum(groups[: i + 1]) for i in range(len(groups))]
         self.released = [threading.Event() for _ in groups]
         self.arrived = 0
@@ -51,7 +53,7 @@ class GroupGate:
                 self.socks.append(c)
                 self.arrived += 1
                 n = self.arrived
-            if n == self.refuse:
+            if n in self.refuse:
                 c.close()
                 continue
             group = next((g for g, b in enumerate(self.bounds) if n <= b), len(self.bounds) - 1)
@@ -156,7 +158,28 @@ def test_a_lane_that_fails_to_open_leaves_contiguous_lanes(no_leaks: None) -> No
             _round_trip(s, rx, "after-refusal")
 
 
-def test_a_refused_lane_fails_the_connect_and_leaves_nothing_open(no_leaks: None) -> None:
+def test_a_refused_lane_is_retried_at_once(no_leaks: None) -> None:
+    # the 3rd connection (the 2nd lane) is refused: connect() dials it again and opens all 4
     with Receiver(key="k") as rx, gate(rx, [1, 4], refuse=3, hold=1.0) as g:
+        with connect(*g.address, key="k", lanes=4, connect_timeout=2, chunk_size=64 * 1024) as s:
+            assert s.alive_lanes == 4 and s.healthy
+            _round_trip(s, rx, "retried")
+
+
+def test_a_lane_refused_twice_opens_the_session_with_fewer_and_is_redialled(no_leaks: None) -> None:
+    # the 2nd lane is refused, and so is its immediate retry (6th connection): the session opens with
+    # 3 lanes, works at once, and its lane thread re-dials the missing one
+    with Receiver(key="k") as rx, gate(rx, [1, 4], refuse={3, 6}, hold=1.0) as g:
+        with connect(*g.address, key="k", lanes=4, connect_timeout=2, chunk_size=64 * 1024) as s:
+            assert s.healthy and s.alive_lanes >= 3
+            _round_trip(s, rx, "fewer")
+            assert wait_until(lambda: s.alive_lanes == 4, 10)
+            assert [lane.index for lane in s.lanes] == [0, 1, 2, 3]
+            _round_trip(s, rx, "all-back")
+
+
+def test_no_lane_opening_fails_the_connect_and_leaves_nothing_open(no_leaks: None) -> None:
+    with Receiver(key="k", max_lanes=0) as rx:  # authenticates the session, refuses every lane
         with pytest.raises((KvwireError, OSError)):
-            connect(*g.address, key="k", lanes=4, connect_timeout=2)
+            connect(*rx.address, key="k", lanes=4, connect_timeout=2)
+        assert wait_until(lambda: rx.sessions == 0, 10)

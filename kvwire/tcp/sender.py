@@ -21,7 +21,7 @@ import termios
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -49,15 +49,16 @@ FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None
 LaneHook = Callable[[int, socket.socket], None]
 #: lanes dialled at once when a session opens or grows (see ``Session._dial_lanes``)
 DIAL_CONCURRENCY = 16
-_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", *(f"transfers_{t}" for t in TERMINAL_STATES),
+_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", "session_reconnects",
+              *(f"transfers_{t}" for t in TERMINAL_STATES),
               *(f"probes_{t}" for t in TERMINAL_STATES))
 
 
 class _Lane:
-    def __init__(self, index: int, ch: Channel) -> None:
+    def __init__(self, index: int, ch: Channel | None) -> None:
         self.index = index
-        self.ch = ch
-        self.alive = True
+        self.ch = ch  # None: not connected yet (it failed to open with the session; its thread re-dials)
+        self.alive = ch is not None
         self.chunks_sent = 0
         self.bytes_sent = 0
         self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see _stalled)
@@ -88,6 +89,15 @@ class Session:
         max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``).
         on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
             data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
+        reconnect: when the connection to the receiver fails (it died, restarted, went silent), fail the
+            transfers in flight as usual (each ends ``failed``, once) but keep the session: it dials
+            the receiver again in the background (backing off up to 2 s between tries) until it is back
+            or ``close()``; ``send`` meanwhile waits up to ``connect_timeout`` for it, then raises.
+            Without it the session is closed for good (``closed``, ``failure``).
+
+    A lane that fails to open is retried at once; if it fails again the session opens with the lanes
+    that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
+    opening fail.
     """
 
     def __init__(self, host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,
@@ -95,7 +105,7 @@ class Session:
                  chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
                  heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
                  limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
-                 on_lane_open: LaneHook | None = None) -> None:
+                 on_lane_open: LaneHook | None = None, reconnect: bool = False) -> None:
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -131,31 +141,10 @@ class Session:
         self.lanes: list[_Lane] = []
         self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
         self._callbacks = Callbacks("tx-callbacks")  # user callbacks never run on a protocol thread
-        self.ctrl = self._open()
-        try:
-            try:
-                self.keys, self.server_limits = client_handshake(self.ctrl, self.key, lanes)
-            except (ConnectError, ssl.SSLError):
-                raise
-            except TimeoutError as e:
-                raise ConnectTimeout(host, port, f"no handshake reply within connect_timeout={connect_timeout:g} s",
-                                     errno.ETIMEDOUT) from e
-            except OSError as e:
-                raise ConnectError(host, port, f"connection lost during the handshake: {e}", e.errno) from e
-            self.ctrl.sock.settimeout(None)
-            opened, err = self._dial_lanes(range(lanes))
-            self.lanes.extend(opened)
-            if err is not None:
-                raise err
-        except BaseException:
-            self.ctrl.close()
-            for lane in self.lanes:
-                lane.ch.close()
-            raise
-        self._start(self._control_loop, "kvwire-ctl")
-        self._start(self._monitor_loop, "kvwire-hb")
-        for lane in self.lanes:
-            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane)
+        self.reconnect = reconnect
+        self._gen = 0  # connection generation: threads of an older one stop
+        self._down = False  # reconnect=True: the connection failed and is being re-established
+        self._establish(lanes)
 
     # ------------------------------------------------------------ public
     def send(self, layout: ModelLayout, request: RequestSpec, *, timeout: float | None = 300.0,
@@ -178,27 +167,33 @@ class Session:
         sm = SenderTransfer(m, m.plan(), self.max_retries)
         h = OutgoingTransfer(self, sm, None if timeout is None else time.monotonic() + timeout)
         with self._cond:
+            if self._down and not self._closed:  # reconnect=True: give the session a moment to come back
+                self._cond.wait_for(lambda: not self._down or self._closed, self.connect_timeout)
             if self._closed:
                 raise KvwireError(f"session closed: {self.failure or 'closed'}")
+            if self._down:
+                raise KvwireError(f"session reconnecting (it failed: {self.failure})")
             self._transfers[tid] = h
             self._rr.append(tid)
             with_layout = m.fingerprint not in self._known_layouts
             self._known_layouts.add(m.fingerprint)
+            ctrl, gen = self.ctrl, self._gen
         try:
-            self.ctrl.send(F.BEGIN, m.to_wire(with_layout=with_layout))
+            ctrl.send(F.BEGIN, m.to_wire(with_layout=with_layout))
         except OSError as e:
-            self._fail_session(f"control connection lost: {e}")
+            self._fail_session(f"control connection lost: {e}", gen)
         return h
 
     @property
     def closed(self) -> bool:
-        """True once ``close()`` ran or the session failed (``failure`` says why); ``send`` then raises."""
+        """True once ``close()`` ran or the session failed (``failure`` says why; with ``reconnect``
+        only ``close()`` closes it); ``send`` then raises."""
         return self._closed
 
     @property
     def healthy(self) -> bool:
-        """Open, not failed, and at least one lane connected: a new transfer can make progress now."""
-        return not self._closed and self.alive_lanes > 0
+        """Open, connected, and at least one lane up: a new transfer can make progress now."""
+        return not self._closed and not self._down and self.alive_lanes > 0
 
     @property
     def alive_lanes(self) -> int:
@@ -212,7 +207,7 @@ class Session:
     def stats(self) -> dict[str, int]:
         """Cumulative counters since the session opened, for metrics: ``bytes_sent``/``chunks_sent``
         (payload put on the lanes, re-sends included), ``chunks_nacked`` (failed the receiver's hash
-        check), ``chunks_requeued`` (in flight on a lane that died), ``lane_reconnects``,
+        check), ``chunks_requeued`` (in flight on a lane that died), ``lane_reconnects``, ``session_reconnects``,
         ``transfers_<state>`` and ``probes_<state>`` per terminal state; and the current
         ``transfers_in_flight``, ``lanes_alive``, ``lanes_active``. Cheap: reads single-writer counters."""
         with self._cond:
@@ -235,7 +230,8 @@ class Session:
     def lane_sockets(self) -> list[socket.socket]:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
         with self._cond:
-            return [lane.ch.sock for lane in self.lanes if lane.alive and lane.index < self._active]
+            return [lane.ch.sock for lane in self.lanes
+                    if lane.alive and lane.ch is not None and lane.index < self._active]
 
     def set_active_lanes(self, n: int) -> int:
         """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
@@ -247,22 +243,22 @@ class Session:
         """
         n = max(1, min(self.max_lanes, int(n)))
         with self._cond:
-            if self._closed:
+            if self._closed or self._down:
                 return self._active
-            have = len(self.lanes)
+            have, gen = len(self.lanes), self._gen
         opened, err = self._dial_lanes(range(have, n))
         if err is not None:
             log.warning("kvwire: %d of %d new lanes opened: %s", len(opened), n - have, err)
         with self._cond:
-            if self._closed:
+            if self._stopped(gen) or len(self.lanes) != have:
                 for lane in opened:
-                    lane.ch.close()
+                    _close(lane)
                 return self._active
             self.lanes.extend(opened)
             self._active = min(n, len(self.lanes))
             self._cond.notify_all()
         for lane in opened:
-            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane)
+            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane, gen)
         return self._active
 
     def close(self) -> None:
@@ -271,18 +267,20 @@ class Session:
                 return
             self._closed = True
             pending = list(self._transfers.values())
+            ctrl, lanes, down = self.ctrl, list(self.lanes), self._down
             self._cond.notify_all()
         for h in pending:
             self._end(h, State.CANCELLED, "session closed", notify=F.CANCEL)
-        try:
-            self.ctrl.send(F.BYE)
-        except OSError:
-            pass
-        self.ctrl.close()
-        for lane in self.lanes:
-            lane.ch.close()
+        if not down:
+            try:
+                ctrl.send(F.BYE)
+            except OSError:
+                pass
+        ctrl.close()
+        for lane in lanes:
+            _close(lane)
         me = threading.current_thread()
-        for t in self._threads:
+        for t in list(self._threads):
             if t is not me:
                 t.join(5)
 
@@ -293,6 +291,82 @@ class Session:
         self.close()
 
     # ------------------------------------------------------------ connecting
+    def _establish(self, lanes: int) -> None:
+        """Connect and authenticate the control connection, open the lanes (see the class docstring),
+        then start a new generation of threads. Raises when the receiver cannot be reached or no lane
+        opens; leaves nothing open then."""
+        host, port = self.address
+        ctrl = self._open()
+        opened: list[_Lane] = []
+        try:
+            try:
+                keys, server_limits = client_handshake(ctrl, self.key, lanes)
+            except (ConnectError, ssl.SSLError):
+                raise
+            except TimeoutError as e:
+                raise ConnectTimeout(host, port, f"no handshake reply within connect_timeout={self.connect_timeout:g}"
+                                     " s", errno.ETIMEDOUT) from e
+            except OSError as e:
+                raise ConnectError(host, port, f"connection lost during the handshake: {e}", e.errno) from e
+            ctrl.sock.settimeout(None)
+            self.keys = keys  # lanes authenticate against this session
+            results = self._dial_each(range(lanes))
+            again = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            if again and len(again) < lanes:  # one bad lane handshake: try those once more at once
+                for i, r in zip(again, self._dial_each(again)):
+                    results[i] = r
+            opened = [_Lane(i, r if isinstance(r, Channel) else None) for i, r in enumerate(results)]
+            if not any(lane.alive for lane in opened):
+                err = next(r for r in results if isinstance(r, BaseException))
+                raise err
+            if again:
+                log.warning("kvwire: %d of %d lanes did not open; re-dialling them", lanes - sum(
+                    lane.alive for lane in opened), lanes)
+            with self._cond:
+                if self._closed:
+                    raise KvwireError("session closed")
+                self._gen += 1
+                gen = self._gen
+                self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
+                self._inflight.clear()
+                self._known_layouts.clear()  # a new receiver session knows no layout yet
+                self.last_seen = time.monotonic()
+                self._down = False
+                self._cond.notify_all()
+        except BaseException:
+            ctrl.close()
+            for lane in opened:
+                _close(lane)
+            raise
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._start(self._control_loop, "kvwire-ctl", gen)
+        self._start(self._monitor_loop, "kvwire-hb", gen)
+        for lane in opened:
+            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane, gen)
+
+    def _stopped(self, gen: int) -> bool:
+        """Threads of generation ``gen`` stop: the session closed, failed, or reconnected since."""
+        return self._closed or self._down or self._gen != gen
+
+    def _reconnect_loop(self) -> None:
+        """reconnect=True, after a failure: dial the receiver until it is back or the session closes."""
+        delay = 0.1
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._closed, delay):
+                    return
+                lanes = len(self.lanes) or self._active
+            try:
+                self._establish(lanes)
+            except (OSError, KvwireError) as e:
+                log.info("kvwire: reconnecting to %s:%s: %s", *self.address, e)
+                delay = min(delay * 2, 2.0)
+                continue
+            with self._cond:
+                self._counts["session_reconnects"] += 1
+            log.info("kvwire: session to %s:%s re-established", *self.address)
+            return
+
     def _open(self) -> Channel:
         host, port = self.address
         try:
@@ -313,25 +387,31 @@ class Session:
             raise
         return Channel(sock, self.limits)
 
-    def _dial_lanes(self, indices: range) -> tuple[list[_Lane], BaseException | None]:
+    def _dial_each(self, indices: Sequence[int]) -> list[Channel | BaseException]:
         """Open lanes ``indices`` concurrently: each costs a TCP connect plus a round trip of lane
         authentication (more with TLS), so on a long link dialling them one after another would cost
         ~2 RTT per lane. At most ``DIAL_CONCURRENCY`` at once (the receiver bounds handshakes in
-        flight). Returns the lanes of the longest run from ``indices.start`` that opened (lane indices
-        stay contiguous), and the first error; lanes past a failure are closed."""
+        flight). Returns each lane's channel or the error that stopped it."""
         if len(indices) <= 1:
             try:
-                return [_Lane(i, self._open_lane(i)) for i in indices], None
+                return [self._open_lane(i) for i in indices]
             except (OSError, KvwireError) as e:
-                return [], e
+                return [e]
         with ThreadPoolExecutor(min(len(indices), DIAL_CONCURRENCY), "kvwire-dial") as pool:
             futures = [pool.submit(self._open_lane, i) for i in indices]
             results: list[Channel | BaseException] = []
             for f in futures:
                 try:
                     results.append(f.result())
-                except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
                     results.append(e)
+        return results
+
+    def _dial_lanes(self, indices: range) -> tuple[list[_Lane], BaseException | None]:
+        """Open lanes ``indices`` (see ``_dial_each``). Returns the lanes of the longest run from
+        ``indices.start`` that opened (lane indices stay contiguous), and the first error; lanes past a
+        failure are closed."""
+        results = self._dial_each(indices)
         opened: list[_Lane] = []
         err: BaseException | None = None
         for i, r in zip(indices, results):
@@ -376,33 +456,39 @@ class Session:
                 return h, c
         return None
 
-    def _lane_loop(self, lane: _Lane) -> None:
+    def _lane_loop(self, lane: _Lane, gen: int) -> None:
+        if lane.ch is None and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
+            return
         while True:
+            ch = lane.ch
+            assert ch is not None
             with self._cond:
-                pick = self._pick() if lane.index < self._active else None
-                while pick is None and not self._closed:
+                pick = self._pick() if lane.index < self._active and not self._stopped(gen) else None
+                while pick is None and not self._stopped(gen):
                     busy = any(v is lane for v in self._inflight.values())
                     self._cond.wait(0.05 if busy else 0.5)
                     pick = self._pick() if lane.index < self._active else None
-                    if pick is None and busy and (_peer_gone(lane.ch.sock) or self._stalled(lane)):
+                    if pick is None and busy and (_peer_gone(ch.sock) or self._stalled(lane)):
                         break  # idle with chunks in flight, and the receiver dropped or stopped reading it
-                closed = self._closed
+                stopped = self._stopped(gen)
                 if pick is not None:
                     self._inflight[(pick[0].transfer_id, pick[1])] = lane
             if pick is None:
                 # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
-                if not closed and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled")):
+                if not stopped and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled"),
+                                                   gen):
                     continue
                 return
             try:
                 self._send_chunk(lane, *pick)
             except (OSError, ValueError) as e:
                 pick = None
-                if not self._lane_lost(lane, e):
+                if not self._lane_lost(lane, e, gen):
                     return
             pick = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
     def _send_chunk(self, lane: _Lane, h: OutgoingTransfer, chunk: int) -> None:
+        assert lane.ch is not None
         pieces = []
         for seg, a, b in h.plan.pieces(chunk):
             v = h.views[seg]
@@ -434,35 +520,38 @@ class Session:
         acknowledged one of them nor taken a byte off the socket's send queue for ``stall_timeout``.
         Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
         now = time.monotonic()
-        unsent = _unsent(lane.ch.sock)
+        unsent = _unsent(lane.ch.sock) if lane.ch is not None else -1
         if unsent < lane.unsent:
             lane.progress_at = now
         lane.unsent = unsent
         return now - lane.progress_at > self.stall_timeout
 
-    def _lane_lost(self, lane: _Lane, err: BaseException) -> bool:
-        """Re-queue the lane's unacknowledged chunks, then try to reconnect it. False: lane gone."""
+    def _lane_lost(self, lane: _Lane, err: BaseException, gen: int) -> bool:
+        """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
+        False: lane gone (or its generation stopped)."""
         lane.alive = False
-        lane.ch.close()
+        _close(lane)
         self._requeue(lane)
         deadline = time.monotonic() + self.peer_timeout
         delay = 0.05
-        while not self._closed and time.monotonic() < deadline:
+        while not self._stopped(gen) and time.monotonic() < deadline:
             try:
                 ch = self._open_lane(lane.index)
             except (OSError, KvwireError):
-                time.sleep(delay)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopped(gen), delay)
                 delay = min(delay * 2, 1.0)
                 continue
             with self._cond:
-                if self._closed:
+                if self._stopped(gen):
                     ch.close()
                     return False
                 lane.ch, lane.alive = ch, True
+                lane.progress_at = time.monotonic()
                 self._counts["lane_reconnects"] += 1
             return True
-        if not self._closed and self.alive_lanes == 0:
-            self._fail_session(f"every lane is down (last error: {err})")
+        if not self._stopped(gen) and self.alive_lanes == 0:
+            self._fail_session(f"every lane is down (last error: {err})", gen)
         return False
 
     def _requeue(self, lane: _Lane) -> None:
@@ -477,10 +566,11 @@ class Session:
             self._cond.notify_all()
 
     # ------------------------------------------------------------ control
-    def _control_loop(self) -> None:
+    def _control_loop(self, gen: int) -> None:
+        ctrl = self.ctrl
         try:
             while True:
-                kind, body = self.ctrl.read_control()
+                kind, body = ctrl.read_control()
                 self.last_seen = time.monotonic()
                 if kind == F.HEARTBEAT:
                     continue
@@ -488,7 +578,7 @@ class Session:
                     raise ConnectionError("receiver closed the session")
                 self._dispatch(kind, body)
         except (OSError, KvwireError) as e:
-            self._fail_session(f"control connection: {e}")
+            self._fail_session(f"control connection: {e}", gen)
 
     def _dispatch(self, kind: str, body: dict[str, Any]) -> None:
         """One message about a transfer (its own frame: the handle is not kept between messages)."""
@@ -583,35 +673,45 @@ class Session:
         h._resolve(state, reason)
         h._acked_callbacks.clear()  # they may hold the handle: no cycle outlives the transfer
 
-    def _fail_session(self, reason: str) -> None:
+    def _fail_session(self, reason: str, gen: int | None = None) -> None:
+        """The connection failed: every transfer in flight fails with ``reason``; the session closes,
+        or (``reconnect``) re-establishes itself in the background. ``gen``: only if still current."""
         with self._cond:
-            if not self.failure:
-                self.failure = reason
+            if self._closed or self._down or (gen is not None and gen != self._gen):
+                return
+            self.failure = reason
             handles = list(self._transfers.values())
-            self._closed = True
+            if self.reconnect:
+                self._down = True
+            else:
+                self._closed = True
+            ctrl, lanes = self.ctrl, list(self.lanes)
             self._cond.notify_all()
         for h in handles:
             self._end(h, State.FAILED, reason)
-        self.ctrl.close()
-        for lane in self.lanes:
-            lane.ch.close()
+        ctrl.close()
+        for lane in lanes:
+            _close(lane)
+        if self.reconnect:
+            log.warning("kvwire: session to %s:%s failed (%s); reconnecting", *self.address, reason)
+            self._start(self._reconnect_loop, "kvwire-reconnect")
 
-    def _monitor_loop(self) -> None:
+    def _monitor_loop(self, gen: int) -> None:
         tick = min(self.heartbeat, 0.25)
         last_hb = 0.0
+        ctrl = self.ctrl
         while True:
-            time.sleep(tick)
             with self._cond:
-                if self._closed:
+                if self._cond.wait_for(lambda: self._stopped(gen), tick):
                     return
             now = time.monotonic()
             if now - self.last_seen > self.peer_timeout:
-                self._fail_session(f"receiver silent for {now - self.last_seen:.1f}s")
+                self._fail_session(f"receiver silent for {now - self.last_seen:.1f}s", gen)
                 return
             if now - last_hb >= self.heartbeat:
                 last_hb = now
                 try:
-                    self.ctrl.send(F.HEARTBEAT)
+                    ctrl.send(F.HEARTBEAT)
                 except OSError:
                     pass
             self._expire(now)
@@ -622,6 +722,11 @@ class Session:
             late = [h for h in self._transfers.values() if h.deadline is not None and now > h.deadline]
         for h in late:
             self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
+
+
+def _close(lane: _Lane) -> None:
+    if lane.ch is not None:
+        lane.ch.close()
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -659,7 +764,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
             heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
-            on_lane_open: LaneHook | None = None) -> Session:
+            on_lane_open: LaneHook | None = None, reconnect: bool = False) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -681,8 +786,10 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         limits: the lengths and counts accepted from the receiver (``kvwire.Limits``).
         max_lanes: the most lanes ``Session.set_active_lanes`` may grow to (default ``max(lanes, 16)``).
         on_lane_open: ``fn(lane_index, socket)`` called as each lane connects, before it carries data.
+        reconnect: after the receiver dies or goes silent, fail the transfers in flight and dial it again
+            in the background (``Session``); later sends work once it is back.
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
-                   on_lane_open=on_lane_open)
+                   on_lane_open=on_lane_open, reconnect=reconnect)
