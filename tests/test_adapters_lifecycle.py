@@ -199,3 +199,33 @@ def test_close_lets_sends_in_flight_finish(pair):
     ended = outbox.close(grace=10)
     assert [(e.key, e.state) for e in ended] == [("p-8", State.DONE)]
     assert [(e.key, e.state) for e in poll_until(inbox)] == [("d-8", State.DONE)]
+
+
+def test_cancel_while_the_transfer_begins_waits_for_its_handle(pair):
+    """The engine cancels (and polls) between the receiver taking the job's buffers and handing over the
+    transfer's handle: the lease must not end, nor the buffers go back to the pool, while lanes may write."""
+    layout, _src, dst, outbox, _inbox = pair
+    in_window: list = []
+
+    class EngineInTheWindow(Inbox):
+        def _arrived(self, h):
+            self.cancel("kv-9", "aborted by the engine")
+            in_window.extend(self.poll())  # the engine thread, running meanwhile
+            in_window.append(self.unstager.pool.in_use_bytes)
+            super()._arrived(h)
+
+    unstager = Unstager(dst, PinnedPool(32 << 20, backend="torch"))
+    inbox = EngineInTheWindow(unstager, key=KEY, timeout=20)
+    try:
+        g = GroupTables(layout, GROUPS)
+        t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+        request = RequestSpec("kv-9", 70, 69)
+        inbox.expect("d-9", request, t, s)
+        _send(outbox, "p-9", request, inbox.address, t, s, [])
+        ended = {e.key: e.state for e in poll_until(outbox, inbox, count=2)}
+        assert len(in_window) == 1 and in_window[0] > 0  # nothing ended; the buffer still held
+        assert ended == {"d-9": State.CANCELLED, "p-9": State.CANCELLED}
+        assert unstager.pool.in_use_bytes == 0
+    finally:
+        inbox.close()
+        unstager.close()

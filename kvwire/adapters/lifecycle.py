@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvwire.adapters")
 
+#: Seconds a receiving whose buffers the receiver took waits for the transfer's handle before its lease may
+#: end without it (the receiver hands it over right after accepting; it only fails to if it then refused).
+CLAIM_GRACE = 5.0
+
 __all__ = ["Ended", "GroupTables", "Inbox", "Lease", "Outbox", "Receiving", "Sending"]
 
 
@@ -359,6 +363,7 @@ class Receiving:
         self.job: UnstagingJob | None = None
         self.handle: IncomingTransfer | None = None
         self.verdict: tuple[State, str] | None = None  # decided, waiting for the handle to resolve
+        self.claimed_at: float | None = None  # the receiver was handed the job's buffers; its handle follows
 
     def decide(self, state: State, reason: str) -> None:
         if self.verdict is None:
@@ -390,6 +395,8 @@ class Receiving:
                 self.decide(State.TIMED_OUT, "transfer deadline passed")
         if self.verdict is None or (h is not None and not h.finished):
             return None
+        if h is None and self.claimed_at is not None and now - self.claimed_at < CLAIM_GRACE:
+            return None  # lanes may write the buffers: wait for the handle (``_arrived``), then its end
         return Ended(self.lease.key, *self.verdict)
 
 
@@ -450,6 +457,7 @@ class Inbox:
                 except KvwireError as e:  # refused: this request's bytes will not come
                     r.decide(State.FAILED, f"{type(e).__name__}: {e}")
                     raise
+                r.claimed_at = time.monotonic()
                 return list(r.job.buffers)
             _check_manifest(m, self.layout)
             if rid in self._early:
@@ -481,6 +489,8 @@ class Inbox:
             return
         assert r.job is not None
         r.job.attach(h)
+        if r.verdict is not None and not h.finished:  # cancelled or timed out while the transfer began
+            h.cancel(r.verdict[1])
 
     # ---- engine thread
     def expect(self, key: str, request: RequestSpec, block_tables: Mapping[Any, Sequence[int]],
