@@ -406,3 +406,19 @@ def test_unauthenticated_connections_are_bounded(no_leaks: None) -> None:
         assert rx.stats()["handshakes_cut"] >= 1  # the evicted one; the rest by the deadline or recv timeout
         _receiver_still_serves(rx)
         assert wait_until(lambda: not rx._conns, 5)
+
+
+def test_evicted_tls_handshake_is_cut_at_once(pki: Path, no_leaks: None) -> None:
+    """A TLS handshake in progress that must make room for a newer connection is cut then, not at its
+    deadline (the gate must reach the socket TLS wrapped)."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    server_ctx.load_cert_chain(pki / "server.pem", pki / "server.key")
+    with Receiver(ssl_context=server_ctx, max_handshakes=2, handshake_timeout=8.0) as rx:
+        with socket.create_connection(rx.address) as old:
+            old.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes follows... never
+            assert wait_until(lambda: rx.stats()["handshakes"] == 1, 5)
+            time.sleep(0.2)  # its thread is inside the TLS handshake
+            with socket.create_connection(rx.address):  # per source at most 1: the old one must go
+                t0 = time.monotonic()
+                assert _closed_by_peer(old, 3.0)
+                assert time.monotonic() - t0 < 3.0

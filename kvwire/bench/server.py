@@ -255,7 +255,10 @@ class BenchServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(CONTROL_HANDSHAKE_TIMEOUT)  # per read; the gate cuts the handshake in all
             if self.cfg.ssl_context is not None:
-                sock = ticket.sock = self.cfg.ssl_context.wrap_socket(sock, server_side=True)
+                # wrap without I/O first, so the gate can cut a TLS handshake that dribbles
+                sock = ticket.sock = self.cfg.ssl_context.wrap_socket(sock, server_side=True,
+                                                                      do_handshake_on_connect=False)
+                sock.do_handshake()
             ch = Channel(sock, peer)
             run = secrets.token_hex(4)
             server_handshake(ch, self.cfg.key, {"data_port": self.data_address[1], "run": run,

@@ -346,7 +346,10 @@ class Receiver:
             tune(sock, self.peer_timeout)
             sock.settimeout(self.handshake_timeout)  # the gate's reap() enforces the total deadline
             if self.ssl_context is not None:
-                sock = ticket.sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                # wrap without I/O first, so the gate can cut a TLS handshake that dribbles
+                sock = ticket.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                                  do_handshake_on_connect=False)
+                sock.do_handshake()
             ch = Channel(sock, F.preauth_limits(self.limits))
             kind, body = server_hello(ch)
             if kind == F.HELLO:
