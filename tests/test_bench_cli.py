@@ -434,3 +434,54 @@ def test_server_keeps_serving_after_a_client_is_killed_mid_transfer(tiny_config:
             server.kill()
             server.wait()
     assert server.returncode == 0
+
+
+def test_client_with_its_server_frozen_ends_soon_and_keeps_per_request_states(tiny_config: str) -> None:
+    """The server freezes mid-run (SIGSTOP: its connections stay up, nothing answers). The client's session
+    fails after its peer timeout (10 s); before, it then waited 60 s more for a summary that never came
+    (or, with the server killed, raised and printed no document). Now it gives up within seconds and its
+    JSON still lists every request with its state."""
+    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
+                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert server.stdout is not None
+    client = None
+    try:
+        port = None
+        for line in server.stdout:
+            m = re.search(r"Server listening on \S+ port (\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        assert port is not None
+        threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
+        client = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "--model",
+                                   tiny_config, "--tokens", "3000", "--prefill-ms-per-layer", "300", "-P", "2",
+                                   "--requests", "6", "--json-stream", "-i", "0.1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert client.stdout is not None
+        assert json.loads(client.stdout.readline())["event"] == "start"
+        for _ in range(100):
+            event = json.loads(client.stdout.readline())
+            if event["event"] == "interval" and event["data"]["sum"]["bytes"] > 0:
+                break
+        else:
+            pytest.fail("no data moved")
+        server.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = client.communicate(timeout=60)
+        took = time.monotonic() - t0
+        print(f"client ended {took:.1f} s after the server froze (session peer timeout 10 s)")
+        assert took < 10 + 20, f"client waited {took:.1f} s after the server froze"
+        events = [json.loads(x) for x in out.splitlines() if x.strip()]
+        kv = next(e["data"] for e in events if e["event"] == "kv")
+        states = [(t["request_id"], t["transport_state"]) for t in kv["timeline"]]
+        assert states and any(state == "failed" for _, state in states), states
+        assert not kv["verification"]["verified"] and kv["verification"]["session_error"]
+        assert client.returncode not in (0, None)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()

@@ -26,10 +26,13 @@ from ..errors import KvwireError, TransferError
 from ..tcp.sender import Session, connect
 from .adaptive import Adaptive, run_probe
 from .ctlclient import ControlClient
-from .errors import PeerError, UsageError
+from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context
 from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
 from .sampler import Sampler, SocketOptions, lane_socket, tcp_info
+
+#: seconds the client still waits for the server's results and summary once its session has failed
+GONE_GRACE = 5.0
 
 
 @dataclass
@@ -272,11 +275,15 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
             adaptive.close()
             link_control = adaptive.summary()
         done = [r.request_id for r in runner.records if r.state == "done"]
-        results = ctl.wait_results(done, timeout=120.0)
+        results = _wait_results(ctl, session, done, timeout=120.0)
         others = ctl.wait_results([r.request_id for r in runner.records if r.state != "done"], timeout=1.0)
         for rec in runner.records:
             rec.server = results.get(rec.request_id) or others.get(rec.request_id)
-        summary = ctl.call("end", "summary", timeout=60.0)
+        end_error = ""
+        try:  # a server whose session already failed is likely gone: do not wait long for its summary
+            summary = ctl.call("end", "summary", timeout=GONE_GRACE if session.failure else 60.0)
+        except PeerGone as e:  # the run is recorded all the same, every request with its state
+            summary, end_error = {}, f"no summary from the server: {e}"
         lanes = sampler.lane_totals()
         if probed is not None:
             probed.exclude(lanes, summary.get("lanes") or [])
@@ -292,7 +299,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
             series=sampler.series, lanes=lanes, connected=connected,
             control_wire_bytes=ctrl_sent,
             cpu_user=ru1.ru_utime - ru0.ru_utime, cpu_system=ru1.ru_stime - ru0.ru_stime, fill_cpu=fill_cpu,
-            server=summary, congestion=congestion, error=session.failure,
+            server=summary, congestion=congestion, error="; ".join(x for x in (session.failure, end_error) if x),
             probe=probed.to_dict() if probed is not None else None, link_control=link_control)
     finally:
         if adaptive is not None:
@@ -300,6 +307,19 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         if session is not None:
             session.close()
         ctl.close()
+
+
+def _wait_results(ctl: ControlClient, session: Session, rids: list[str], timeout: float) -> dict[str, Any]:
+    """The server's results for ``rids``: up to ``timeout``, or ``GONE_GRACE`` once the session has
+    failed (the server is likely gone, and its results with it)."""
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        got = ctl.wait_results(rids, min(1.0, max(0.0, left)))
+        if len(got) == len(rids) or left <= 0 or ctl.error is not None:
+            return got
+        if session.failure:
+            return ctl.wait_results(rids, min(GONE_GRACE, max(0.0, left)))
 
 
 def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> Session:
