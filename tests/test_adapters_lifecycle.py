@@ -229,3 +229,18 @@ def test_cancel_while_the_transfer_begins_waits_for_its_handle(pair):
     finally:
         inbox.close()
         unstager.close()
+
+
+def test_duplicate_send_fails_its_own_lease(pair):
+    layout, _src, _dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    released: list = []
+    inbox.expect("d-10", RequestSpec("kv-10", 70, 69), t, s)
+    first = outbox.begin("p-10", RequestSpec("kv-10", 70, 69), inbox.address, t, s, release=released.append)
+    outbox.begin("p-10", RequestSpec("kv-10", 70, 69), inbox.address, t, s, release=released.append)
+    for layer in first.layers:
+        first.stage(layer)
+    first.finish()
+    poll_until(outbox, inbox, count=3)
+    assert sorted((e.key, e.state.value) for e in released) == [("p-10", "done"), ("p-10", "failed")]

@@ -283,8 +283,8 @@ class Outbox:
             if job is not None:
                 job.release()
             sending = Sending(lease, None, None, f"{type(e).__name__}: {e}")
-        with self._lock:
-            self._active.setdefault(key, sending)
+        with self._lock:  # a duplicate still gets its own entry: every lease ends at a poll
+            self._active[key if key not in self._active else f"{key}#dup{id(sending)}"] = sending
         return sending
 
     def get(self, key: str) -> Sending | None:
