@@ -168,6 +168,13 @@ def test_mailbox_bounds_and_expiry() -> None:
         c = MailboxClient(*srv.address, timeout=5)
         c.post(0, 3, {"room": 1})
         assert c.take(0, 3) == [{"room": 1}] and c.take(0, 3) == []
+        import threading
+        threading.Timer(0.2, c.post, (0, 3, {"room": 2})).start()
+        t0 = time.monotonic()
+        assert c.take(0, 3, wait=2) == [{"room": 2}]  # a long poll answers when the mail comes
+        assert 0.1 < time.monotonic() - t0 < 1.9
+        t0 = time.monotonic()
+        assert c.take(0, 3, wait=0.3) == [] and time.monotonic() - t0 >= 0.25
         with pytest.raises(OSError):
             c.info()  # not registered yet: 404
         c.put_info({"dp_size": 1})
@@ -349,9 +356,38 @@ def test_mismatched_page_count_fails_before_any_byte(pd: Any) -> None:
     assert tx.poll() == KVPoll.Failed
     with pytest.raises(b.KvwireTransferError, match="decode allocated 3"):
         tx.failure_exception()
-    rx.abort()
-    assert poll_until(rx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Failed
+    assert poll_until(rx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Failed  # told at once, not at its timeout
+    with pytest.raises(b.KvwireTransferError, match="decode allocated 3"):
+        rx.failure_exception()
     assert not pd.dst.k[0][PAGE:4 * PAGE].any()
+    assert pd.decode.inbox.active == 0 and pd.decode.inbox.unstager.pool.in_use_bytes == 0
+
+
+@needs_sglang
+def test_prefill_abort_before_transfer_tells_decode(pd: Any) -> None:
+    """Prefill gives up (its request was aborted) after decode posted: decode fails with prefill's reason,
+    not later at its own timeout."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    b, room = pd.backend, 31
+    rx = b.KvwireKVReceiver(pd.decode, pd.addr, room)
+    rx.init(0)
+    rx.send_metadata(np.array([2], np.int32), 1, [np.array([2], np.int32), np.array([5], np.int32)])
+    tx = b.KvwireKVSender(pd.prefill, pd.addr, room)  # decode's mail arrived first: it waits for the sender
+    assert poll_until(tx, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    tx.abort()
+    assert tx.poll() == KVPoll.Failed
+    assert poll_until(rx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Failed
+    with pytest.raises(b.KvwireTransferError, match="aborted by prefill"):
+        rx.failure_exception()
+    assert pd.decode.inbox.active == 0 and pd.decode.inbox.unstager.pool.in_use_bytes == 0
+
+
+@needs_sglang
+def test_pipeline_parallel_refused(pd: Any) -> None:
+    sa = types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=1, pp_size=2)
+    with pytest.raises(LayoutError, match="pipeline-parallel"):
+        pd.backend.KvwireKVManager(Pools(None).kv_args(), "decode", sa)
 
 
 @needs_sglang

@@ -26,8 +26,9 @@ Settings (environment, both instances): ``KVWIRE_KEY``, ``KVWIRE_LANES`` (4), ``
 ``KVWIRE_HOST`` (the decode address prefill dials; default SGLang's ``--host``, or this host's name when
 that is a wildcard), ``KVWIRE_PORT`` (0: any), ``KVWIRE_POOL_BYTES`` (pinned staging, 4 GiB).
 
-Not supported (a clear ``Failed``): decode radix-cache prefix hits, host destinations, state types other than
-``mamba`` and ``swa``, prefill and decode with different TP layouts. This module imports SGLang; nothing in
+Not supported (a clear ``Failed``, or ``LayoutError`` at start): decode radix-cache prefix hits, host
+destinations, state types other than ``mamba`` and ``swa``, prefill and decode with different TP layouts,
+pipeline-parallel instances. This module imports SGLang; nothing in
 ``kvwire`` imports this module. Must not know: kvwire's internals beyond ``lifecycle``, ``sglang_pools``,
 ``sglang_bootstrap`` and ``kvwire.cuda``.
 """
@@ -132,6 +133,8 @@ class KvwireKVManager(BaseKVManager):
         self.server_args = server_args
         self.mode = _mode(disaggregation_mode)
         self.settings = Settings()
+        if int(getattr(server_args, "pp_size", 1) or 1) > 1:
+            raise LayoutError("the kvwire backend does not support pipeline-parallel instances (pp_size > 1)")
         self.rank = int(getattr(args, "engine_rank", 0) or 0)
         self.dp_rank = int(getattr(args, "system_dp_rank", 0) or 0)
         self.pools = SglangPools(args, is_mla=bool(is_mla_backend), device=self._device(args))
@@ -213,14 +216,14 @@ class KvwireKVManager(BaseKVManager):
     def _take_mail(self) -> None:
         while not self._closed.is_set():
             try:
-                msgs = self.mailbox.take(self.dp_rank, self.rank)
+                msgs = self.mailbox.take(self.dp_rank, self.rank, wait=0.5)  # returns at once when mail is in
             except (OSError, ValueError) as e:
                 log.debug("kvwire: mailbox: %s", e)
                 msgs = []
+                self._closed.wait(0.2)
             for m in msgs:
                 self._deliver(m)
             self._expire_unclaimed()
-            self._closed.wait(0.005 if self._senders else 0.05)
 
     def _deliver(self, m: Any) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("room"), int):
@@ -251,6 +254,25 @@ class KvwireKVManager(BaseKVManager):
         with self._lock:
             if self._senders.get(sender.room) is sender:
                 del self._senders[sender.room]
+
+    def _tell_decode(self, dest: dict[str, Any], reason: str) -> None:
+        """A request that fails before its transfer began: open the transfer decode expects and cancel it at
+        once, so decode fails with ``reason`` now rather than at its timeout. Off the engine's thread."""
+
+        def run() -> None:
+            try:
+                host, port = dest["endpoint"]
+                pages = _indices(dest.get("kv"), "decode's kv pages")
+                counts = self.pools.state_counts([None if x is None else _indices(x, "state")
+                                                  for x in (dest.get("state") or [])])
+                request = self.pools.request(str(dest["rid"]), len(pages), counts)
+                assert self.outbox is not None
+                out = self.outbox.session(str(host), int(port)).send(self.layout, request, timeout=10)
+                out.cancel(reason)
+            except Exception as e:  # noqa: BLE001 - decode still fails, at its own timeout
+                log.debug("kvwire: could not tell decode of room %s: %s", dest.get("room"), e)
+
+        threading.Thread(target=run, name="kvwire-sglang-cancel", daemon=True).start()
 
     def _poll_outbox(self) -> None:
         assert self.outbox is not None
@@ -390,10 +412,13 @@ class KvwireKVSender(BaseKVSender):
         self.sending.finish()
 
     def _fail(self, reason: str) -> None:
-        if not self.error:
+        first = not self.error
+        if first:
             self.error = reason
         if self.sending is not None and self.kv_mgr.outbox is not None:
             self.kv_mgr.outbox.cancel(str(self.room), reason)
+        elif first and self.dest is not None:
+            self.kv_mgr._tell_decode(self.dest, reason)
 
     def _ended(self, e: Ended) -> None:
         self._t1 = time.monotonic()

@@ -36,6 +36,7 @@ class Mailbox:
         self._q: dict[tuple[int, int], deque[tuple[float, Any]]] = {}
         self._n = 0
         self._lock = threading.Lock()
+        self._mail = threading.Condition(self._lock)
         self.info: dict[str, Any] = {}  # the prefill instance's parallel info (register_to_bootstrap)
 
     def _expire(self, now: float) -> None:
@@ -55,10 +56,14 @@ class Mailbox:
                 return False
             self._q.setdefault((dp, rank), deque()).append((now, msg))
             self._n += 1
+            self._mail.notify_all()
             return True
 
-    def take(self, dp: int, rank: int) -> list[Any]:
+    def take(self, dp: int, rank: int, wait: float = 0.0) -> list[Any]:
+        """Every message for ``(dp, rank)``; waits up to ``wait`` seconds (at most 2) for the first one."""
         with self._lock:
+            if wait > 0:
+                self._mail.wait_for(lambda: (dp, rank) in self._q, timeout=min(float(wait), 2.0))
             q = self._q.pop((dp, rank), None)
             if not q:
                 return []
@@ -93,6 +98,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (KeyError, ValueError, IndexError):
             return None
 
+    def _wait(self) -> float:
+        try:
+            return max(0.0, float(parse_qs(urlparse(self.path).query).get("wait", ["0"])[0]))
+        except ValueError:
+            return 0.0
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         url = urlparse(self.path)
         if url.path == PATH + "health":
@@ -101,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
             info = self.server.mailbox.info
             self._reply(200 if info else 404, info or None)
         elif url.path == PATH + "take" and (where := self._where()) is not None:
-            self._reply(200, self.server.mailbox.take(*where))
+            self._reply(200, self.server.mailbox.take(*where, wait=self._wait()))
         else:
             self._reply(404)
 
@@ -190,9 +201,10 @@ class MailboxClient:
             raise OSError("bootstrap info is not a map")
         return out
 
-    def take(self, dp: int, rank: int) -> list[Any]:
-        url = f"{self.base}take?dp={_int(dp)}&rank={_int(rank)}"
-        with urllib.request.urlopen(url, timeout=self.timeout) as r:
+    def take(self, dp: int, rank: int, wait: float = 0.0) -> list[Any]:
+        """Take ``(dp, rank)``'s messages; the server holds the call up to ``wait`` s (at most 2) for one."""
+        url = f"{self.base}take?dp={_int(dp)}&rank={_int(rank)}&wait={float(wait):g}"
+        with urllib.request.urlopen(url, timeout=self.timeout + min(float(wait), 2.0)) as r:
             raw = r.read(MAX_BODY * 4 + 1)
         if len(raw) > MAX_BODY * 4:
             raise OSError("bootstrap answer too large")
