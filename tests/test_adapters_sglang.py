@@ -429,3 +429,50 @@ print("entry point" if eps else "register()")
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout.strip())
+
+
+@needs_sglang
+def test_bootstrap_after_managers_and_chunks_before_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang may start the bootstrap server after the schedulers built their managers: decode's parallel-info
+    query fails until then and succeeds after. Optimistic prefill may send before ``init``."""
+    import socket
+
+    from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
+
+    from kvwire.adapters import sglang as b
+
+    monkeypatch.setenv("KVWIRE_KEY", "k")
+    monkeypatch.setenv("KVWIRE_TIMEOUT", "10")
+    monkeypatch.setenv("KVWIRE_POOL_BYTES", str(64 << 20))
+    monkeypatch.setenv("KVWIRE_DEVICE", "cpu")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sa = types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=port)
+    src, dst = Pools(3), Pools(None)
+    prefill = b.KvwireKVManager(src.kv_args(KVArgs), "prefill", sa)
+    decode = b.KvwireKVManager(dst.kv_args(KVArgs), "decode", sa)
+    addr, boot = f"127.0.0.1:{port}", None
+    try:
+        assert not decode.try_ensure_parallel_info(addr)
+        boot = b.KvwireKVBootstrapServer("127.0.0.1", port)
+        deadline = time.monotonic() + 10
+        while not decode.try_ensure_parallel_info(addr) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert addr in decode.prefill_info_table
+        tx = b.KvwireKVSender(prefill, addr, 5)
+        tx.send(np.array([8, 9], np.int32), [np.array([4], np.int32), np.array([3], np.int32)])  # before init
+        rx = b.KvwireKVReceiver(decode, addr, 5)
+        rx.init(0)
+        rx.send_metadata(np.array([1, 0], np.int32), 7, [np.array([3], np.int32), np.array([11], np.int32)])
+        assert poll_until(tx, {KVPoll.WaitingForInput, KVPoll.Failed}) == KVPoll.WaitingForInput
+        tx.init(2, 2)
+        assert poll_until(tx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Success
+        assert poll_until(rx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Success
+        assert pages_equal(src, dst, [8, 9], [1, 0]) and slots_equal(src, dst, 4, 3)
+        assert swa_equal(src, dst, [3], [11]) and torch.equal(dst.out_ids[7], src.out_ids[2])
+    finally:
+        prefill.close()
+        decode.close()
+        if boot is not None:
+            boot.close()

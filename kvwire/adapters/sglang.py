@@ -155,9 +155,9 @@ class KvwireKVManager(BaseKVManager):
                 or str(getattr(server_args, "host", "127.0.0.1"))
             host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
             self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)))
+            self._registered = threading.Event()
             self._thread = threading.Thread(target=self._take_mail, name="kvwire-sglang-mail", daemon=True)
-            self._thread.start()
-            self.register_to_bootstrap()
+            self._thread.start()  # registers with the bootstrap server first (it may start after us)
         elif self.mode == "decode":
             bind = s.host or str(getattr(server_args, "host", "127.0.0.1") or "127.0.0.1")
             self.inbox = Inbox(Unstager(self.pools.cache, pool), timeout=s.timeout, host=bind, port=s.port,
@@ -183,22 +183,16 @@ class KvwireKVManager(BaseKVManager):
         return f"cuda:{int(getattr(args, 'gpu_id', 0) or 0)}" if torch.cuda.is_available() else "cpu"
 
     def register_to_bootstrap(self) -> None:
-        """Prefill: tell the bootstrap mailbox this instance's parallel layout (what decode's queue asks)."""
-        if self.mode != "prefill" or self.rank != 0:
+        """Prefill: tell the bootstrap mailbox this instance's parallel layout (what decode's queue asks for
+        before it creates receivers). One try; the mail thread retries until it succeeds."""
+        if self.mode != "prefill" or self._registered.is_set():
             return
-        sa = self.server_args
-        dp = int(getattr(sa, "dp_size", 1) or 1) if getattr(sa, "enable_dp_attention", False) else 1
-        info = {"dp_size": dp, "tp_size": int(getattr(sa, "tp_size", 1) or 1), "backend": BACKEND}
-        deadline = time.monotonic() + 30
-        while not self._closed.is_set():
-            try:
-                self.mailbox.put_info(info)
-                return
-            except OSError as e:  # the bootstrap server starts beside the schedulers
-                if time.monotonic() > deadline:
-                    log.error("kvwire: cannot register with the bootstrap server: %s", e)
-                    return
-                time.sleep(0.2)
+        if self.rank == 0 and self.dp_rank == 0:
+            sa = self.server_args
+            dp = int(getattr(sa, "dp_size", 1) or 1) if getattr(sa, "enable_dp_attention", False) else 1
+            self.mailbox.put_info({"dp_size": dp, "tp_size": int(getattr(sa, "tp_size", 1) or 1),
+                                   "backend": BACKEND})
+        self._registered.set()
 
     # ---- decode: what SGLang's decode queue asks of a manager
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
@@ -215,6 +209,12 @@ class KvwireKVManager(BaseKVManager):
     # ---- prefill mail
     def _take_mail(self) -> None:
         while not self._closed.is_set():
+            try:
+                self.register_to_bootstrap()
+            except OSError as e:  # the bootstrap server starts beside the schedulers, maybe after them
+                log.debug("kvwire: bootstrap not up yet: %s", e)
+                self._closed.wait(0.2)
+                continue
             try:
                 msgs = self.mailbox.take(self.dp_rank, self.rank, wait=0.5)  # returns at once when mail is in
             except (OSError, ValueError) as e:
@@ -358,6 +358,9 @@ class KvwireKVSender(BaseKVSender):
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
         self.num_pages = int(num_kv_indices)
         self.aux_index = None if aux_index is None else int(aux_index)
+        if self.pages and len(self.pages) >= self.num_pages:  # every chunk came before init
+            self.last = True
+            self._start()
 
     def should_send_kv_chunk(self, num_pages: int, last_chunk: bool) -> bool:
         return num_pages > 0 or last_chunk  # the last chunk carries the state even with no new page
