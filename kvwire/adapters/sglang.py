@@ -7,7 +7,7 @@ Owns: ``KvwireKVManager``, ``KvwireKVSender``, ``KvwireKVReceiver``, ``KvwireKVB
 choose them (a choice added to SGLang's list, ``TransferBackend`` extended by a class-REPLACE hook, and an
 AROUND hook on ``get_kv_class``). Enable with, on both instances::
 
-    pip install -e .              # into SGLang's environment: registers the entry point (SGLANG_PLUGINS, if set, must name "kvwire")
+    pip install -e .              # into SGLang's environment: the entry point (SGLANG_PLUGINS must name it)
     export KVWIRE_KEY=...         # the pre-shared key of the kvwire sessions (same on both sides)
     python -m sglang.launch_server ... --disaggregation-mode prefill --disaggregation-transfer-backend kvwire
 
