@@ -8,7 +8,8 @@
     server = metrics.serve("0.0.0.0", 9464)       # GET /metrics; server.close()
 
 Owns: which objects are reported (held weakly: a closed, dropped session simply disappears), the
-text exposition format (0.0.4) with its escaping, and a small threaded HTTP server. Must not know:
+text exposition format (0.0.4) with its escaping, and a small threaded HTTP server (bounded connections,
+each with a deadline). Must not know:
 the wire format or transport internals; it reads ``stats()``, ``latest()`` and ``decision`` only.
 Nothing is counted on the data path here: the transport keeps its own counters and this pulls them.
 """
@@ -27,6 +28,7 @@ from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import Receiver, Session
+from .tcp.gate import HandshakeGate, Ticket
 from .tcp.wire import listen
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -231,12 +233,43 @@ class MetricsServer:
         self.close()
 
 
+#: connections served at once (a new one cuts the oldest of the busiest source) and seconds each may take
+MAX_SCRAPES = 16
+SCRAPE_TIMEOUT = 5.0
+
+
 def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    """An HTTP server listening as ``kvwire.tcp.wire.listen`` does: IPv4, IPv6, or dual-stack on ``"::"``."""
+    """An HTTP server listening as ``kvwire.tcp.wire.listen`` does (IPv4, IPv6, or dual-stack on ``"::"``).
+    Connections go through a ``HandshakeGate``: at most ``MAX_SCRAPES`` at once, each cut after
+    ``SCRAPE_TIMEOUT`` s, and a new one always gets in, so idle or slow clients hold neither threads
+    nor scrapes."""
     sock = listen(host, port)
+    gate = HandshakeGate(MAX_SCRAPES, MAX_SCRAPES // 2, SCRAPE_TIMEOUT)
 
     class Server(ThreadingHTTPServer):
         address_family = sock.family
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            ticket = gate.admit(request, str(client_address[0]))
+            request.settimeout(SCRAPE_TIMEOUT)
+            threading.Thread(target=self._serve_one, args=(request, client_address, ticket),
+                             name="kvwire-scrape", daemon=True).start()
+
+        def _serve_one(self, request: Any, client_address: Any, ticket: Ticket) -> None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - a client's failure ends its connection only
+                pass
+            finally:
+                gate.done(ticket)
+                self.shutdown_request(request)
+
+        def service_actions(self) -> None:  # each turn of serve_forever's loop
+            gate.reap()
+
+        def server_close(self) -> None:
+            super().server_close()
+            gate.close()
 
     httpd = Server(sock.getsockname(), handler, bind_and_activate=False)
     httpd.socket.close()

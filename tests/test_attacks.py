@@ -498,3 +498,29 @@ def test_chunk_plan_of_many_segments_is_linear() -> None:
     took = time.process_time() - t0
     print(f"\nplan of 65,536 segments over 1,024 layers: {took * 1000:.0f} ms CPU")
     assert took < 1.0  # main: quadratic, several seconds
+
+
+def test_idle_connections_to_the_metrics_port_hold_nothing(no_leaks: None) -> None:
+    """100 idle connections to the metrics port: at most MAX_SCRAPES handler threads, and a scrape still
+    gets its answer."""
+    import urllib.request
+
+    from kvwire import Metrics
+    from kvwire.metrics import MAX_SCRAPES
+
+    server = Metrics().serve("127.0.0.1", 0)
+    socks = []
+    try:
+        socks = [socket.create_connection(server.address) for _ in range(100)]
+        time.sleep(0.5)
+        handlers = sum(1 for t in threading.enumerate() if t.name == "kvwire-scrape" or "process_request" in t.name)
+        print(f"\nmetrics handler threads for 100 idle connections: {handlers}")
+        assert handlers <= MAX_SCRAPES
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/metrics", timeout=5) as r:
+            assert r.status == 200
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        for c in socks:
+            c.close()
+        server.close()
