@@ -133,7 +133,8 @@ class CacheStorage:
             raise LayoutMismatch(f"{where}: unknown storage format {self.format!r}; known: {FORMATS}")
         if self.kv_order not in KV_ORDERS:
             raise LayoutMismatch(f"{where}: kv_order must be one of {KV_ORDERS}")
-        if self.token_indexed and any(t.layout not in ("NHD", "latent") for t in self.spec.tensors):
+        # "raw" rows (an adapter's opaque per-page bytes, SGLang) have no axis order to get wrong
+        if self.token_indexed and any(t.layout not in ("NHD", "latent", "raw") for t in self.spec.tensors):
             raise LayoutMismatch(f"{where}: staging writes token-indexed tensors in the NHD wire form; the "
                                  f"layout tags them {sorted({t.layout for t in self.spec.tensors})}")
         if (self.format == "slots") == self.token_indexed:
