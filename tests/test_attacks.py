@@ -524,3 +524,37 @@ def test_idle_connections_to_the_metrics_port_hold_nothing(no_leaks: None) -> No
         for c in socks:
             c.close()
         server.close()
+
+
+def test_a_server_that_dribbles_its_handshake_fails_connect_in_time(no_leaks: None) -> None:
+    """A 'receiver' that answers HELLO with a valid CHALLENGE one byte every 0.2 s: connect(connect_timeout=1)
+    fails within a few seconds, not after every byte has trickled in."""
+    from kvwire import connect as kv_connect
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            frame = F.encode_control(F.CHALLENGE, {"session": b"s" * 16, "nonce": b"n" * 16})
+            for i in range(len(frame)):
+                if stop.wait(0.2):
+                    return
+                try:
+                    c.send(frame[i:i + 1])
+                except OSError:
+                    return
+
+    t = threading.Thread(target=serve)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises((OSError, F.ProtocolError)):
+            kv_connect("127.0.0.1", srv.getsockname()[1], connect_timeout=1.0)
+        took = time.monotonic() - t0
+        assert took < 3.0, f"connect waited {took:.1f} s for a dribbling server"
+    finally:
+        stop.set()
+        t.join()
+        srv.close()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..errors import AuthenticationError, ProtocolError
 from .wire import Channel
 
 NONCE = 16
+CLIENT_HANDSHAKE_TIMEOUT = 10.0  # for a socket without a timeout of its own
 
 
 def _proof(key: bytes, role: bytes, *parts: bytes) -> bytes:
@@ -58,30 +61,43 @@ def _bytes(body: dict[str, Any], key: str, n: int) -> bytes:
 
 
 def client_handshake(ch: Channel, key: bytes, lanes: int) -> tuple[SessionKeys, dict[str, Any]]:
-    """Run on the client's control connection. Returns the session keys and the server's limits."""
-    full, ch.limits = ch.limits, preauth_limits(ch.limits)
-    nonce_c = os.urandom(NONCE)
-    ch.send(HELLO, {"version": VERSION, "nonce": nonce_c, "lanes": lanes})
-    body = _expect(ch, CHALLENGE)
-    keys = SessionKeys(_bytes(body, "session", NONCE), nonce_c, _bytes(body, "nonce", NONCE))
-    ch.send(AUTH, {"proof": _proof(key, b"kvwire-client", keys.session_id, nonce_c, keys.server_nonce)})
-    body = _expect(ch, WELCOME)
-    want = _proof(key, b"kvwire-server", keys.session_id, nonce_c, keys.server_nonce)
-    if not hmac.compare_digest(_bytes(body, "proof", 32), want):
-        raise AuthenticationError("server failed authentication (wrong pre-shared key?)")
-    ch.limits = full
+    """Run on the client's control connection. Returns the session keys and the server's limits. The
+    whole exchange ends within the socket's timeout, however slowly the server answers."""
+    with _preauth(ch):
+        nonce_c = os.urandom(NONCE)
+        ch.send(HELLO, {"version": VERSION, "nonce": nonce_c, "lanes": lanes})
+        body = _expect(ch, CHALLENGE)
+        keys = SessionKeys(_bytes(body, "session", NONCE), nonce_c, _bytes(body, "nonce", NONCE))
+        ch.send(AUTH, {"proof": _proof(key, b"kvwire-client", keys.session_id, nonce_c, keys.server_nonce)})
+        body = _expect(ch, WELCOME)
+        want = _proof(key, b"kvwire-server", keys.session_id, nonce_c, keys.server_nonce)
+        if not hmac.compare_digest(_bytes(body, "proof", 32), want):
+            raise AuthenticationError("server failed authentication (wrong pre-shared key?)")
     limits = body.get("limits", {})
     return keys, limits if isinstance(limits, dict) else {}
 
 
 def client_lane(ch: Channel, key: bytes, keys: SessionKeys, lane: int) -> None:
-    """Open lane ``lane`` of the session: name it, answer the receiver's fresh challenge."""
-    full, ch.limits = ch.limits, preauth_limits(ch.limits)
-    ch.send(LANE, {"session": keys.session_id, "lane": lane})
-    nonce = _bytes(_expect(ch, CHALLENGE), "nonce", NONCE)
-    ch.send(AUTH, {"proof": keys.lane_proof(key, lane, nonce)})
-    _expect(ch, WELCOME)
-    ch.limits = full
+    """Open lane ``lane`` of the session: name it, answer the receiver's fresh challenge (within the
+    socket's timeout in all)."""
+    with _preauth(ch):
+        ch.send(LANE, {"session": keys.session_id, "lane": lane})
+        nonce = _bytes(_expect(ch, CHALLENGE), "nonce", NONCE)
+        ch.send(AUTH, {"proof": keys.lane_proof(key, lane, nonce)})
+        _expect(ch, WELCOME)
+
+
+@contextmanager
+def _preauth(ch: Channel) -> Iterator[None]:
+    """While the server is unproven: small control messages only, and one deadline for the exchange."""
+    full, timeout = ch.limits, ch.sock.gettimeout()
+    ch.limits = preauth_limits(full)
+    ch.deadline = time.monotonic() + (timeout if timeout is not None else CLIENT_HANDSHAKE_TIMEOUT)
+    try:
+        yield
+    finally:
+        ch.limits, ch.deadline = full, None
+        ch.sock.settimeout(timeout)
 
 
 def server_hello(ch: Channel) -> tuple[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,11 +50,17 @@ class PeerClosed(ConnectionError):
     """The peer closed the connection (EOF)."""
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` completely from ``sock`` (no intermediate copy)."""
+def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` completely from ``sock`` (no intermediate copy), by the monotonic ``deadline`` if
+    one is given (``TimeoutError`` then; the socket's timeout is left at what remained)."""
     got = 0
     n = len(view)
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(left)
         r = sock.recv_into(view[got:], n - got)
         if r == 0:
             raise PeerClosed("peer closed the connection")
@@ -120,6 +127,8 @@ class Channel:
         self._wlock = threading.Lock()
         self._hdr = bytearray(HEADER_SIZE)
         self.closed = False
+        #: when set (a handshake), reads of whole frames end by this monotonic time, however the peer dribbles
+        self.deadline: float | None = None
 
     def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
         frame = encode_control(kind, body)
@@ -132,12 +141,12 @@ class Channel:
 
     def read_header(self) -> Header:
         view = memoryview(self._hdr)
-        recv_exact_into(self.sock, view)
+        recv_exact_into(self.sock, view, self.deadline)
         return unpack_header(self._hdr, self.limits)
 
     def read_control_body(self, h: Header) -> tuple[str, dict[str, Any]]:
         body = bytearray(h.length)  # bounded by limits.max_control in unpack_header
-        recv_exact_into(self.sock, memoryview(body))
+        recv_exact_into(self.sock, memoryview(body), self.deadline)
         return decode_control(h, body, self.limits)
 
     def read_control(self) -> tuple[str, dict[str, Any]]:
