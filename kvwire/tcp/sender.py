@@ -327,6 +327,8 @@ class Session:
                     raise KvwireError("session closed")
                 self._gen += 1
                 gen = self._gen
+                if gen > 1:
+                    self._counts["session_reconnects"] += 1
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
                 self._inflight.clear()
                 self._known_layouts.clear()  # a new receiver session knows no layout yet
@@ -362,8 +364,6 @@ class Session:
                 log.info("kvwire: reconnecting to %s:%s: %s", *self.address, e)
                 delay = min(delay * 2, 2.0)
                 continue
-            with self._cond:
-                self._counts["session_reconnects"] += 1
             log.info("kvwire: session to %s:%s re-established", *self.address)
             return
 
