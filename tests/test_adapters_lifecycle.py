@@ -224,7 +224,10 @@ def test_cancel_while_the_transfer_begins_waits_for_its_handle(pair):
         _send(outbox, "p-9", request, inbox.address, t, s, [])
         ended = {e.key: e.state for e in poll_until(outbox, inbox, count=2)}
         assert len(in_window) == 1 and in_window[0] > 0  # nothing ended; the buffer still held
-        assert ended == {"d-9": State.CANCELLED, "p-9": State.CANCELLED}
+        # the engine's cancel reaches the transfer once its handle is handed over; a small transfer may have
+        # completed on the wire by then (callbacks run off the protocol threads), and a finished transfer is
+        # not un-done: the sender then saw DONE. Either way the engine is told CANCELLED and nothing leaks.
+        assert ended["d-9"] is State.CANCELLED and ended["p-9"] in (State.CANCELLED, State.DONE)
         assert unstager.pool.in_use_bytes == 0
     finally:
         inbox.close()
