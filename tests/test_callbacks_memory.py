@@ -151,3 +151,38 @@ def test_ended_transfers_free_their_buffers_without_a_garbage_collection(no_leak
             assert all(r() is None for r in queued)
     finally:
         gc.enable()
+
+
+def test_cancelled_and_failed_transfers_free_their_buffers_without_a_garbage_collection(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    gc.collect()
+    gc.disable()
+    try:
+        refs: list[weakref.ref[np.ndarray]] = []
+        with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=64 * 1024) as s:
+            for i, how in enumerate(["sender-cancel", "receiver-cancel", "deadline"] * 2):
+                req = RequestSpec(f"{how}-{i}", 600, 600)
+                src = payload(layout, req, seed=i)
+                dst = np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8)
+                refs += [weakref.ref(src[0]), weakref.ref(dst)]
+                h_rx = rx.expect(req.request_id, dst, timeout=1.0 if how == "deadline" else None)
+                h = s.send(layout, req)
+                h.add_done_callback(lambda f, h=h: None)
+                h_rx.add_done_callback(lambda f, h_rx=h_rx: None)
+                h.write_layer(0, [a for a, x in zip(src, plan_segments(layout, req)) if x.layer == 0])
+                if how == "sender-cancel":
+                    h.cancel("test")
+                elif how == "receiver-cancel":
+                    assert wait_until(lambda: h_rx.layers_ready or h_rx.finished, 10)
+                    h_rx.cancel("test")
+                for x in (h, h_rx):
+                    try:
+                        x.result(10)
+                    except Exception:  # noqa: BLE001 - each ends cancelled or timed out; raising must not pin it
+                        pass
+                assert h.finished and h_rx.finished and h_rx.state is not State.DONE
+                del h, h_rx, src, dst, x
+            alive = lambda: [i for i, r in enumerate(refs) if r() is not None]  # noqa: E731
+            assert wait_until(lambda: not alive(), 5), f"buffers still alive without gc: {alive()} of {len(refs)}"
+    finally:
+        gc.enable()
