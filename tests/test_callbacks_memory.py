@@ -173,7 +173,7 @@ def test_cancelled_and_failed_transfers_free_their_buffers_without_a_garbage_col
                 if how == "sender-cancel":
                     h.cancel("test")
                 elif how == "receiver-cancel":
-                    assert wait_until(lambda: h_rx.layers_ready or h_rx.finished, 10)
+                    assert wait_until(lambda h_rx=h_rx: bool(h_rx.layers_ready) or h_rx.finished, 10)
                     h_rx.cancel("test")
                 for x in (h, h_rx):
                     try:
