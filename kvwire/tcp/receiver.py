@@ -2,9 +2,11 @@
 
 Owns: the listening socket, per-connection threads (one per control connection, one per lane), the
 per-session table of transfers, destination lookup (registered buffers or an allocator callback),
-ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them; sink transfers
-(capacity probes), read into one shared scratch buffer and never delivered. Drives the sans-IO
-``ReceiverTransfer``. Must not know: torch/cupy (buffers arrive as views), congestion control.
+ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them (a lane whose chunk
+stops arriving is cut); sink transfers (capacity probes), read into one shared scratch buffer and never
+delivered. Drives the sans-IO ``ReceiverTransfer`` (one writer per chunk); user callbacks go to a
+``Callbacks`` pool, never run on these threads. Must not know: torch/cupy (buffers arrive as views),
+congestion control.
 """
 
 from __future__ import annotations
