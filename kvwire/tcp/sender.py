@@ -60,7 +60,9 @@ _STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", "session_re
 class _Lane:
     def __init__(self, index: int, ch: Channel | None) -> None:
         self.index = index
-        self.ch = ch  # None: not connected yet (it failed to open with the session; its thread re-dials)
+        # None: it failed to open with the session and its thread re-dials it; until then an unconnected
+        # socket stands in, so whoever looks at lane sockets (metrics, the bench) finds one
+        self.ch = ch if ch is not None else Channel(socket.socket(), F.DEFAULT_LIMITS)
         self.alive = ch is not None
         self.chunks_sent = 0
         self.bytes_sent = 0
@@ -234,7 +236,7 @@ class Session:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
         with self._cond:
             return [lane.ch.sock for lane in self.lanes
-                    if lane.alive and lane.ch is not None and lane.index < self._active]
+                    if lane.alive and lane.index < self._active]
 
     def set_active_lanes(self, n: int) -> int:
         """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
@@ -255,7 +257,7 @@ class Session:
         with self._cond:
             if self._stopped(gen) or len(self.lanes) != have:
                 for lane in opened:
-                    _close(lane)
+                    lane.ch.close()
                 return self._active
             self.lanes.extend(opened)
             self._active = min(n, len(self.lanes))
@@ -281,7 +283,7 @@ class Session:
                 pass
         ctrl.close()
         for lane in lanes:
-            _close(lane)
+            lane.ch.close()
         me = threading.current_thread()
         for t in list(self._threads):
             if t is not me:
@@ -341,7 +343,7 @@ class Session:
         except BaseException:
             ctrl.close()
             for lane in opened:
-                _close(lane)
+                lane.ch.close()
             raise
         self._threads = [t for t in self._threads if t.is_alive()]
         self._start(self._control_loop, "kvwire-ctl", gen)
@@ -460,11 +462,10 @@ class Session:
         return None
 
     def _lane_loop(self, lane: _Lane, gen: int) -> None:
-        if lane.ch is None and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
+        if not lane.alive and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
             return
         while True:
             ch = lane.ch
-            assert ch is not None
             with self._cond:
                 pick = self._pick() if lane.index < self._active and not self._stopped(gen) else None
                 while pick is None and not self._stopped(gen):
@@ -491,7 +492,6 @@ class Session:
             pick = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
     def _send_chunk(self, lane: _Lane, h: OutgoingTransfer, chunk: int) -> None:
-        assert lane.ch is not None
         pieces = []
         for seg, a, b in h.plan.pieces(chunk):
             v = h.views[seg]
@@ -523,7 +523,7 @@ class Session:
         acknowledged one of them nor taken a byte off the socket's send queue for ``stall_timeout``.
         Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
         now = time.monotonic()
-        unsent = _unsent(lane.ch.sock) if lane.ch is not None else -1
+        unsent = _unsent(lane.ch.sock)
         if unsent < lane.unsent:
             lane.progress_at = now
         lane.unsent = unsent
@@ -533,7 +533,7 @@ class Session:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
         False: lane gone (or its generation stopped)."""
         lane.alive = False
-        _close(lane)
+        lane.ch.close()
         self._requeue(lane)
         deadline = time.monotonic() + self.peer_timeout
         delay = 0.05
@@ -694,7 +694,7 @@ class Session:
             self._end(h, State.FAILED, reason)
         ctrl.close()
         for lane in lanes:
-            _close(lane)
+            lane.ch.close()
         if self.reconnect:
             log.warning("kvwire: session to %s:%s failed (%s); reconnecting", *self.address, reason)
             self._start(self._reconnect_loop, "kvwire-reconnect")
@@ -725,11 +725,6 @@ class Session:
             late = [h for h in self._transfers.values() if h.deadline is not None and now > h.deadline]
         for h in late:
             self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
-
-
-def _close(lane: _Lane) -> None:
-    if lane.ch is not None:
-        lane.ch.close()
 
 
 def _unsent(sock: socket.socket) -> int:
