@@ -119,7 +119,7 @@ def test_estimate_tracks_the_link_through_a_rate_halving_and_pacing(
         paced = _collect(mon, 1.5)
 
     last = full[-1]
-    assert last.min_rtt is not None and RTT_MS / 1e3 <= last.min_rtt <= RTT_MS / 1e3 + 0.0015
+    assert last.min_rtt is not None and RTT_MS / 1e3 - 1e-4 <= last.min_rtt <= RTT_MS / 1e3 + 0.0015
     assert 0.8 * payload <= statistics.median(s.goodput for s in full) <= 1.03 * payload
     assert 0.8 * payload <= max(s.btl_bw for s in full) <= 1.2 * payload
     # CUBIC fills the drop-tail queue (2 BDP): srtt well above min_rtt, the capacity gets probed
@@ -198,7 +198,7 @@ def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte()
             incoming.result(timeout=10)
             states, history = list(ctl.states), ctl.history
     assert result.saturated and 0.85 * payload <= result.capacity <= 1.15 * payload, result.capacity
-    assert result.min_rtt is not None and rtt / 1e3 <= result.min_rtt <= rtt / 1e3 + 0.0015
+    assert result.min_rtt is not None and rtt / 1e3 - 1e-4 <= result.min_rtt <= rtt / 1e3 + 0.0015
     assert result.drained
     assert Mode.PROBE not in {d.mode for _, d in history}
     busy = [s for s in states if s.busy > 0.5 and s.queueing_ratio]

@@ -106,8 +106,11 @@ class Sampler:
         self._grow()
         rel = max(t_end - self.t_start, self._last_edge)
         self._sample_fine(rel)
-        if self.interval > 0 and rel - self._last_edge > 1e-3:
-            self._close_interval(rel)
+        unreported = any(lane.bytes_sent != t.bytes_at_interval for lane, t in zip(self.lanes, self._tracks))
+        if self.interval > 0 and (rel - self._last_edge > 1e-3 or unreported):
+            # the last edge may fall after t_end (the thread closed it while the last send returned): bytes
+            # counted since still get an interval, so the intervals always add up to the totals
+            self._close_interval(max(rel, self._last_edge + 1e-3))
 
     def _grow(self) -> None:
         """Take in lanes opened since (a controller raising the lane count); their bytes count from 0."""
