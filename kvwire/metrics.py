@@ -21,15 +21,15 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import Receiver, Session
-from .tcp.gate import HandshakeGate, Ticket
-from .tcp.wire import listen
+from .tcp.gate import HandshakeGate
+from .tcp.httpd import GatedHTTPServer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -215,8 +215,8 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:
                 pass  # scrapes are not news
 
-        self._httpd = _http_server(host, port, Handler)
-        self._httpd.daemon_threads = True
+        gate = HandshakeGate(MAX_SCRAPES, MAX_SCRAPES // 2, SCRAPE_TIMEOUT)  # idle or slow clients hold nothing
+        self._httpd = GatedHTTPServer(host, port, Handler, gate, SCRAPE_TIMEOUT, name="kvwire-scrape")
         self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvwire-metrics", daemon=True)
         self._thread.start()
@@ -236,44 +236,3 @@ class MetricsServer:
 #: connections served at once (a new one cuts the oldest of the busiest source) and seconds each may take
 MAX_SCRAPES = 16
 SCRAPE_TIMEOUT = 5.0
-
-
-def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    """An HTTP server listening as ``kvwire.tcp.wire.listen`` does (IPv4, IPv6, or dual-stack on ``"::"``).
-    Connections go through a ``HandshakeGate``: at most ``MAX_SCRAPES`` at once, each cut after
-    ``SCRAPE_TIMEOUT`` s, and a new one always gets in, so idle or slow clients hold neither threads
-    nor scrapes."""
-    sock = listen(host, port)
-    gate = HandshakeGate(MAX_SCRAPES, MAX_SCRAPES // 2, SCRAPE_TIMEOUT)
-
-    class Server(ThreadingHTTPServer):
-        address_family = sock.family
-
-        def process_request(self, request: Any, client_address: Any) -> None:
-            ticket = gate.admit(request, str(client_address[0]))
-            request.settimeout(SCRAPE_TIMEOUT)
-            threading.Thread(target=self._serve_one, args=(request, client_address, ticket),
-                             name="kvwire-scrape", daemon=True).start()
-
-        def _serve_one(self, request: Any, client_address: Any, ticket: Ticket) -> None:
-            try:
-                self.finish_request(request, client_address)
-            except Exception:  # noqa: BLE001 - a client's failure ends its connection only
-                pass
-            finally:
-                gate.done(ticket)
-                self.shutdown_request(request)
-
-        def service_actions(self) -> None:  # each turn of serve_forever's loop
-            gate.reap()
-
-        def server_close(self) -> None:
-            super().server_close()
-            gate.close()
-
-    httpd = Server(sock.getsockname(), handler, bind_and_activate=False)
-    httpd.socket.close()
-    httpd.socket = sock
-    httpd.server_address = sock.getsockname()
-    httpd.server_name, httpd.server_port = str(httpd.server_address[0]), httpd.server_address[1]
-    return httpd

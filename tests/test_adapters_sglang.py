@@ -163,9 +163,9 @@ def test_mailbox_bounds_and_expiry() -> None:
     assert box.take(0, 0) == [{"a": 1}] and box.take(0, 0) == []
     time.sleep(0.1)
     assert box.post(0, 0, {"d": 1}) and box.take(0, 1) == []  # the old one expired
-    srv = MailboxServer("127.0.0.1", 0)
+    srv = MailboxServer("127.0.0.1", 0, b"k")
     try:
-        c = MailboxClient(*srv.address, timeout=5)
+        c = MailboxClient(*srv.address, b"k", timeout=5)
         c.post(0, 3, {"room": 1})
         assert c.take(0, 3) == [{"room": 1}] and c.take(0, 3) == []
         import threading
@@ -182,11 +182,11 @@ def test_mailbox_bounds_and_expiry() -> None:
         with pytest.raises(OSError, match="exceeds"):
             c.post(0, 0, {"x": "y" * MAX_BODY})
         import http.client
-        conn = http.client.HTTPConnection(*srv.address, timeout=5)  # a claimed size over the bound: refused
+        conn = http.client.HTTPConnection(*srv.address, timeout=5)  # a claimed size, unauthenticated: refused
         conn.putrequest("PUT", "/kvwire/v1/post?dp=0&rank=0")
         conn.putheader("Content-Length", str(MAX_BODY + 1))
         conn.endheaders()
-        assert conn.getresponse().status == 413
+        assert conn.getresponse().status == 401
         conn.close()
     finally:
         srv.close()

@@ -8,7 +8,7 @@ choose them (a choice added to SGLang's list, ``TransferBackend`` extended by a 
 AROUND hook on ``get_kv_class``). Enable with, on both instances::
 
     pip install -e .              # into SGLang's environment: the entry point (SGLANG_PLUGINS must name it)
-    export KVWIRE_KEY=...         # the pre-shared key of the kvwire sessions (same on both sides)
+    export KVWIRE_KEY=...         # required, the same on both: authenticates the sessions and the bootstrap mailbox
     python -m sglang.launch_server ... --disaggregation-mode prefill --disaggregation-transfer-backend kvwire
 
 Call order served (SGLang 0.5.23): decode allocates first (the N convention): ``KVReceiver.init`` then,
@@ -93,6 +93,13 @@ class Settings:
         if self.lanes < 1 or self.timeout <= 0 or self.pool_bytes <= 0:
             raise LayoutError("KVWIRE_LANES, KVWIRE_TIMEOUT and KVWIRE_POOL_BYTES must be positive")
 
+    def need_key(self) -> bytes:
+        """The key; the bootstrap mailbox (on the network) and the sessions are authenticated with it."""
+        if not self.key:
+            raise LayoutError("KVWIRE_KEY must be set (the same on both instances): it authenticates the "
+                              "bootstrap mailbox and the kvwire sessions")
+        return self.key
+
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = str(addr).rpartition(":")
@@ -153,8 +160,10 @@ class KvwireKVManager(BaseKVManager):
             self.outbox = Outbox(Stager(self.pools.cache, pool), timeout=s.timeout, lanes=s.lanes, key=s.key)
             host = str(getattr(server_args, "dist_init_addr", None) or "").rpartition(":")[0] \
                 or str(getattr(server_args, "host", "127.0.0.1"))
+            host = host.strip("[]")
             host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)))
+            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)),
+                                         s.need_key())
             self._registered = threading.Event()
             self._thread = threading.Thread(target=self._take_mail, name="kvwire-sglang-mail", daemon=True)
             self._thread.start()  # registers with the bootstrap server first (it may start after us)
@@ -162,9 +171,11 @@ class KvwireKVManager(BaseKVManager):
             bind = s.host or str(getattr(server_args, "host", "127.0.0.1") or "127.0.0.1")
             self.inbox = Inbox(Unstager(self.pools.cache, pool), timeout=s.timeout, host=bind, port=s.port,
                                key=s.key)
+            s.need_key()
             adv = s.host or bind
-            if adv in ("0.0.0.0", "::"):
-                adv = socket.gethostbyname(socket.gethostname())
+            if adv in ("0.0.0.0", "::"):  # this host's first address (of the family listened on)
+                family = socket.AF_INET if adv == "0.0.0.0" else socket.AF_UNSPEC
+                adv = str(socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM)[0][4][0])
             self.endpoint = (adv, self.inbox.address[1])
             self._posts: queue.Queue[tuple[MailboxClient, int, dict[str, Any], Callable[[str], None]] | None] = \
                 queue.Queue()
@@ -199,7 +210,7 @@ class KvwireKVManager(BaseKVManager):
         if bootstrap_addr in self.prefill_info_table:
             return True
         try:
-            info = MailboxClient(*_split_addr(bootstrap_addr), timeout=2.0).info()
+            info = MailboxClient(*_split_addr(bootstrap_addr), self.settings.need_key(), timeout=2.0).info()
         except (OSError, ValueError) as e:
             log.debug("kvwire: no parallel info from %s yet: %s", bootstrap_addr, e)
             return False
@@ -295,7 +306,8 @@ class KvwireKVManager(BaseKVManager):
                 on_error(f"posting to the prefill bootstrap {client.base}: {e}")
 
     def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None]) -> None:
-        client = MailboxClient(*_split_addr(bootstrap_addr), timeout=min(10.0, self.settings.timeout))
+        client = MailboxClient(*_split_addr(bootstrap_addr), self.settings.need_key(),
+                               timeout=min(10.0, self.settings.timeout))
         self._posts.put((client, dp, msg, on_error))
 
     def _poll_inbox(self) -> None:
@@ -571,8 +583,9 @@ class KvwireKVBootstrapServer(BaseKVBootstrapServer):
     """The prefill instance's bootstrap port: the mailbox decode ranks post destinations to."""
 
     def __init__(self, host: str, port: int) -> None:
-        host = "0.0.0.0" if host in ("", None) else host
-        self.server = MailboxServer(host, port, ttl=float(os.environ.get("KVWIRE_TIMEOUT", "300")) * 2)
+        s = Settings()
+        host = "::" if host in ("", None) else host  # every interface, IPv6 and IPv4
+        self.server = MailboxServer(host, port, s.need_key(), ttl=s.timeout * 2)
 
     @property
     def address(self) -> tuple[str, int]:
