@@ -199,8 +199,9 @@ needs_sglang = pytest.mark.skipif(SGL is None, reason="SGLang is not importable 
 
 
 @pytest.fixture
-def pd(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A bootstrap server, a prefill and a decode manager over SGLang-shaped pools, in one process."""
+def pd(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
+    """A bootstrap server, a prefill and a decode manager over SGLang-shaped pools, in one process, on
+    ``127.0.0.1`` (or the host given as the fixture's parameter)."""
     from sglang.srt.disaggregation.base.conn import KVArgs
 
     from kvwire.adapters import sglang as backend
@@ -209,14 +210,16 @@ def pd(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("KVWIRE_TIMEOUT", os.environ.get("KVWIRE_TEST_TIMEOUT", "3"))
     monkeypatch.setenv("KVWIRE_POOL_BYTES", str(64 << 20))
     monkeypatch.setenv("KVWIRE_DEVICE", "cpu")
-    boot = backend.KvwireKVBootstrapServer("127.0.0.1", 0)
+    host = getattr(request, "param", "127.0.0.1")
+    boot = backend.KvwireKVBootstrapServer(host, 0)
     port = boot.address[1]
-    sa = types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=port, dist_init_addr=None,
+    sa = types.SimpleNamespace(host=host, disaggregation_bootstrap_port=port, dist_init_addr=None,
                                tp_size=1, dp_size=1, enable_dp_attention=False)
     src, dst = Pools(1), Pools(None)
     prefill = backend.KvwireKVManager(src.kv_args(KVArgs), SGL.DisaggregationMode.PREFILL, sa)
     decode = backend.KvwireKVManager(dst.kv_args(KVArgs), SGL.DisaggregationMode.DECODE, sa)
-    ns = types.SimpleNamespace(backend=backend, boot=boot, addr=f"127.0.0.1:{port}", src=src, dst=dst,
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    ns = types.SimpleNamespace(backend=backend, boot=boot, addr=addr, src=src, dst=dst,
                                prefill=prefill, decode=decode)
     yield ns
     prefill.close()
@@ -246,10 +249,13 @@ def test_real_base_classes() -> None:
 
 
 @needs_sglang
+@pytest.mark.parametrize("pd", ["127.0.0.1", "::1"], indirect=True)
 def test_prefill_to_decode_pages_state_swa_aux(pd: Any) -> None:
+    """The whole request, over IPv4 and over IPv6 (mailbox, advertised endpoint and kvwire session)."""
     from sglang.srt.disaggregation.base.conn import KVPoll
 
     b, room = pd.backend, 4242
+    assert pd.decode.endpoint[0] == pd.boot.address[0]  # decode advertises where it listens
     src_pages, dst_pages = [5, 17, 2, 9, 11], [0, 3, 20, 7, 1]
     src_swa, dst_swa = [4, 10], [1, 6]
     src_slot, dst_slot, src_row, dst_row = 2, 5, 3, 6
@@ -388,6 +394,18 @@ def test_pipeline_parallel_refused(pd: Any) -> None:
     sa = types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=1, pp_size=2)
     with pytest.raises(LayoutError, match="pipeline-parallel"):
         pd.backend.KvwireKVManager(Pools(None).kv_args(), "decode", sa)
+
+
+@needs_sglang
+def test_key_required(pd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bootstrap port is on the network: without ``KVWIRE_KEY`` nothing starts (it signs the mailbox)."""
+    monkeypatch.delenv("KVWIRE_KEY")
+    with pytest.raises(LayoutError, match="KVWIRE_KEY"):
+        pd.backend.KvwireKVBootstrapServer("127.0.0.1", 0)
+    sa = types.SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=1)
+    for mode in ("prefill", "decode"):
+        with pytest.raises(LayoutError, match="KVWIRE_KEY"):
+            pd.backend.KvwireKVManager(Pools(None).kv_args(), mode, sa)
 
 
 @needs_sglang

@@ -140,6 +140,7 @@ class KvwireKVManager(BaseKVManager):
         self.server_args = server_args
         self.mode = _mode(disaggregation_mode)
         self.settings = Settings()
+        key = self.settings.need_key()  # before anything starts
         if int(getattr(server_args, "pp_size", 1) or 1) > 1:
             raise LayoutError("the kvwire backend does not support pipeline-parallel instances (pp_size > 1)")
         self.rank = int(getattr(args, "engine_rank", 0) or 0)
@@ -162,8 +163,7 @@ class KvwireKVManager(BaseKVManager):
                 or str(getattr(server_args, "host", "127.0.0.1"))
             host = host.strip("[]")
             host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)),
-                                         s.need_key())
+            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)), key)
             self._registered = threading.Event()
             self._thread = threading.Thread(target=self._take_mail, name="kvwire-sglang-mail", daemon=True)
             self._thread.start()  # registers with the bootstrap server first (it may start after us)
@@ -171,7 +171,6 @@ class KvwireKVManager(BaseKVManager):
             bind = s.host or str(getattr(server_args, "host", "127.0.0.1") or "127.0.0.1")
             self.inbox = Inbox(Unstager(self.pools.cache, pool), timeout=s.timeout, host=bind, port=s.port,
                                key=s.key)
-            s.need_key()
             adv = s.host or bind
             if adv in ("0.0.0.0", "::"):  # this host's first address (of the family listened on)
                 family = socket.AF_INET if adv == "0.0.0.0" else socket.AF_UNSPEC
