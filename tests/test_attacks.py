@@ -470,9 +470,10 @@ def test_metadata_is_charged_against_inflight_bytes(no_leaks: None) -> None:
             for n in range(6):
                 ch.send(F.BEGIN, _zero_begin(n, f"z{n}", 4096))
                 replies.append(_next(ch))
+            # while the session lives: closing it ends the accepted transfers
+            assert [h.state for h in handles[:4]] == [State.ACTIVE] * 4
         assert [k for k, _ in replies] == [F.ACCEPT] * 4 + [F.REJECT] * 2
         assert "busy" in replies[4][1]["reason"]
-        assert [h.state for h in handles[:4]] == [State.ACTIVE] * 4
 
 
 def test_allocator_is_never_asked_for_a_layoutless_manifest(no_leaks: None) -> None:
