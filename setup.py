@@ -17,9 +17,9 @@ setup(
         # pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
         "cuda": ["cupy-cuda12x>=13"],
-        "transformers": ["torch==2.13.0", "transformers>=5.17,<5.20"],
+        "transformers": ["torch==2.13.0", "transformers>=5.17,<5.25"],
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10",
-                 "matplotlib>=3.7", "transformers>=5.17,<5.20"],
+                 "matplotlib>=3.7", "transformers>=5.17,<5.25"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={

@@ -134,8 +134,8 @@ def test_generate_on_received_cache_n_minus_1(jamba: Any, link: Any) -> None:
     assert incoming.feed == slice(11, 12)
     pf = send_prefill(jamba, ids, session, "g", policy=StatePolicy.N_MINUS_1)
     pf.result(10)
-    out = jamba.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=incoming.cache(10))
-    ref = jamba.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=pf.cache)  # the same split
+    out = jamba.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(jamba, incoming.cache(10)))
+    ref = jamba.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(jamba, pf.cache))  # the same split
     assert out.tolist() == ref.tolist()
 
 

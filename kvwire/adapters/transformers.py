@@ -3,7 +3,9 @@
 Owns: the mapping between a transformers 5.x ``DynamicCache`` (``DynamicLayer`` K/V ``(1, kv_heads, tokens,
 head_dim)``, ``LinearAttentionLayer`` conv/recurrent states, ``LinearAttentionAndFullAttentionLayer`` with
 both) and a kvwire layout built with ``engine="transformers"`` (tags ``HND``, ``conv:HF``, ``ssm:HKV`` /
-``ssm:HPN`` / ``ssm:DN``), so both sides hand the transport the cache's own tensors, never a copy:
+``ssm:HPN`` / ``ssm:DN``), so both sides hand the transport the cache's own tensors, never a copy. Verified on
+transformers ``VERIFIED_TRANSFORMERS``; caches and forward keywords are checked by their structure, not by
+version (outside that range: ``UntestedTransformersWarning``, and ``LayoutMismatch`` where the structure differs):
 
 - prefill: ``send_prefill`` (or ``PrefillStream`` around your own forward) puts a forward hook on every
   decoder layer; when layer *i* returns, its cache entry is complete and goes to ``write_layer(i, ...)`` as
@@ -19,7 +21,9 @@ torch and transformers are imported when a function here is called, never by ``i
 
 from __future__ import annotations
 
+import re
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,11 +37,50 @@ if TYPE_CHECKING:
 
     from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
-__all__ = ["IncomingCache", "Prefill", "PrefillStream", "cache_kwargs", "expect_cache", "hf_layout",
-           "send_prefill"]
+__all__ = ["VERIFIED_TRANSFORMERS", "IncomingCache", "Prefill", "PrefillStream", "UntestedTransformersWarning",
+           "cache_kwargs", "expect_cache", "hf_layout", "send_prefill"]
+
+#: the transformers (major, minor) releases this adapter was run against, first and last (tests/test_adapter_hf*.py,
+#: tests/test_hf_layouts.py and the README block on each); setup.py pins the same window
+VERIFIED_TRANSFORMERS = ((5, 17), (5, 24))
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers lies outside ``VERIFIED_TRANSFORMERS``. The adapter still runs: every cache
+    it touches is checked structurally and a cache that is not as expected raises ``LayoutMismatch``."""
 
 #: layout tags the HF cache holds its tensors in, per tensor name
 _HF_TAGS = {"k": ("HND",), "v": ("HND",), "conv": ("conv:HF",), "ssm": ("ssm:HKV", "ssm:HPN", "ssm:DN")}
+
+
+def _verified_range() -> str:
+    (a, b), (c, d) = VERIFIED_TRANSFORMERS
+    return f"{a}.{b}-{c}.{d}"
+
+
+def _version_note() -> str:
+    """``transformers X, kvwire verified A-B``: the note error messages about a cache's structure carry."""
+    import transformers
+
+    return f"transformers {transformers.__version__}, kvwire verified {_verified_range()}"
+
+
+def _check_transformers_version() -> None:
+    """Warn (``UntestedTransformersWarning``, once per call site) when transformers is outside the verified range.
+
+    A warning, not an error: the checks here are structural (a cache's tensors, a forward's keywords), so a
+    newer release that keeps the structure works, and one that changes it fails with a ``LayoutMismatch``
+    naming the version at the first layer, before a byte is sent.
+    """
+    import transformers
+
+    version = str(transformers.__version__)
+    m = re.match(r"(\d+)\.(\d+)", version)
+    lo, hi = VERIFIED_TRANSFORMERS
+    if m is None or not lo <= (int(m[1]), int(m[2])) <= hi:
+        warnings.warn(f"transformers {version} is outside the range the kvwire HF adapter was verified on "
+                      f"({_verified_range()}); a cache whose structure changed is refused with LayoutMismatch",
+                      UntestedTransformersWarning, stacklevel=3)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -92,12 +135,25 @@ def _decoder_layers(model: Any, layout: ModelLayout) -> Sequence[Any]:
     return list(layers)
 
 
+#: the forward keywords that take the cache, in preference order: ``cache`` (transformers >= 5.24, every
+#: family), ``past_key_values`` (earlier 5.x), ``cache_params`` (Mamba/Mamba2 before the rename)
+_CACHE_KEYWORDS = ("cache", "past_key_values", "cache_params")
+
+
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The forward keyword that takes the cache: ``cache_params`` for Mamba/Mamba2, else ``past_key_values``."""
+    """``{keyword: cache}`` for ``model``'s forward, the keyword read off its signature (``_CACHE_KEYWORDS``).
+
+    LayoutMismatch when the forward names none of them (passing the cache under a name the model ignores
+    would leave it empty: the model would build its own).
+    """
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    return {"past_key_values" if "past_key_values" in params else "cache_params": cache}
+    for name in _CACHE_KEYWORDS:
+        if name in params:
+            return {name: cache}
+    raise LayoutMismatch(f"{type(model).__name__}.forward takes none of {_CACHE_KEYWORDS}: no cache to stream "
+                         f"({_version_note()})")
 
 
 def _new_cache(config: Any) -> Any:
@@ -113,14 +169,15 @@ def _layer_tensors(layer: Any, spec_caches: tuple[CacheSpec, ...]) -> list[Any]:
         if cache.indexing == TOKEN:
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if keys is None or values is None or keys.numel() == 0:
-                raise LayoutMismatch(f"{type(layer).__name__} holds no K/V where the layout has {cache.kind}")
+                raise LayoutMismatch(f"{type(layer).__name__} holds no K/V where the layout has {cache.kind} "
+                                     f"({_version_note()})")
             out += [keys, values]
         else:
             conv = getattr(layer, "conv_states", {}).get(0)
             state = getattr(layer, "recurrent_states", {}).get(0)
             if conv is None or state is None or getattr(layer, "number_of_states", 1) != 1:
                 raise LayoutMismatch(f"{type(layer).__name__} holds no single conv/recurrent state where the "
-                                     f"layout has {cache.kind}")
+                                     f"layout has {cache.kind} ({_version_note()})")
             out += [conv, state]
     return out
 
@@ -135,6 +192,7 @@ class PrefillStream:
     """
 
     def __init__(self, model: Any, transfer: OutgoingTransfer, layout: ModelLayout, cache: Any) -> None:
+        _check_transformers_version()
         _check_hf_tags(layout)
         self.model, self.transfer, self.layout, self.cache = model, transfer, layout, cache
         self.tokens = transfer.manifest.request.state_position
@@ -232,6 +290,7 @@ def send_prefill(model: Any, input_ids: Any, session: Session, request_id: str, 
     _check_hf_tags(layout)
     request = RequestSpec(request_id, num_tokens=n, state_position=s)
     cache = _new_cache(model.config)
+    forward_cache = cache_kwargs(model, cache)  # a forward that takes no cache is refused before the send
     transfer = session.send(layout, request, timeout=timeout, hashing=hashing)
     try:
         stream = PrefillStream(model, transfer, layout, cache)
@@ -239,7 +298,7 @@ def send_prefill(model: Any, input_ids: Any, session: Session, request_id: str, 
         transfer.cancel(f"prefill not started: {e}")
         raise
     with stream, torch.no_grad():
-        output = model(input_ids[:, :s], use_cache=True, **cache_kwargs(model, cache))
+        output = model(input_ids[:, :s], use_cache=True, **forward_cache)
     return Prefill(output, cache, transfer, request, stream)
 
 
@@ -347,6 +406,7 @@ def expect_cache(receiver: Receiver, model: Any, request_id: str, num_prompt_tok
     """
     import torch
 
+    _check_transformers_version()
     policy = StatePolicy.parse(policy)
     s = policy.state_position(num_prompt_tokens)
     layout = layout if layout is not None else hf_layout(model)
