@@ -24,6 +24,8 @@ from kvwire.adapters.sglang_bootstrap import (
     WINDOW,
     MailboxClient,
     MailboxServer,
+    Nonces,
+    head_mac,
     sign,
 )
 
@@ -153,6 +155,12 @@ def test_forged_tampered_stale_and_replayed_requests_change_nothing() -> None:
             MailboxClient(*srv.address, b"wrong", timeout=5).take(0, 1)  # taking is signed too
         with pytest.raises(ValueError, match="KVWIRE_KEY"):
             MailboxServer("127.0.0.1", 0, b"")
+        ts, nonce = f"{time.time():.3f}", "ab" * 16  # a key holder's claim over the bound: refused, not read
+        head = head_mac(KEY, "PUT", target, ts, nonce, MAX_BODY + 1).hex()
+        with socket.create_connection(srv.address, timeout=10) as s:
+            s.sendall(f"PUT {target} HTTP/1.1\r\nContent-Length: {MAX_BODY + 1}\r\n"
+                      f"{AUTH}: {ts} {nonce} {head} {'00' * 32}\r\n\r\n".encode())
+            assert s.recv(64).startswith(b"HTTP/1.0 413")
     finally:
         srv.close()
 
@@ -187,3 +195,13 @@ def test_mailbox_over_ipv6_and_dual_stack() -> None:
             assert c.info() == {"dp_size": 2, "via": host}
     finally:
         srv.close()
+
+
+def test_nonces_spent_once_within_the_window_and_bounded() -> None:
+    n = Nonces(window=10, max_nonces=2)
+    assert n.check("100", "a", now=100) is None
+    assert n.check("100", "a", now=105) == "replayed nonce"
+    assert n.check("100", "b", now=100) is None and n.check("100", "c", now=100) == "busy"
+    assert n.check("100", "c", now=111) == "time 100 is more than 10 s off"
+    assert n.check("nan", "d", now=100) is not None and n.check("x", "d", now=100) == "malformed time"
+    assert n.check("121", "a", now=121) is None  # the old ones are forgotten once their time is out

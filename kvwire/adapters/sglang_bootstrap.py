@@ -149,7 +149,7 @@ class Nonces:
         if not abs(now - t) <= self.window:  # NaN too
             return f"time {ts} is more than {self.window:g} s off"
         with self._lock:
-            while self._order and self._order[0][0] <= now:  # its time is out of the window by now
+            while self._order and self._order[0][0] < now:  # its time is out of the window by now
                 self._seen.discard(self._order.popleft()[1])
             if nonce in self._seen:
                 return "replayed nonce"
