@@ -78,6 +78,38 @@ def test_slow_callbacks_do_not_split_outcomes(no_leaks: None) -> None:
                 s.close()
 
 
+def test_close_runs_the_callbacks_already_delivered(no_leaks: None) -> None:
+    """A stager releasing its pinned buffers from a done callback must have finished when close() returns:
+    a program that exits right after close() must not tear torch down under a callback thread."""
+    layout = load_fixture("tiny-qwen3-next")
+    req = RequestSpec("close-drain", 200, 200)
+    src = payload(layout, req, seed=7)
+    dst = np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8)
+    ran: list[str] = []
+
+    def slow(what: str) -> Any:
+        def fn(*_: object) -> None:
+            time.sleep(0.5)
+            ran.append(what)
+        return fn
+
+    rx = Receiver()
+    s = connect(*rx.address, lanes=2)
+    try:
+        h_rx = rx.expect(req.request_id, dst, layout=layout)
+        h = s.send(layout, req, timeout=30)
+        h_rx.add_done_callback(slow("rx"))
+        h.add_done_callback(slow("tx"))
+        h.write_all(src)
+        h.finish()
+        h.result(20), h_rx.result(20)
+    finally:
+        s.close()
+        assert "tx" in ran, "Session.close() returned before the transfer's done callback ran"
+        rx.close()
+        assert "rx" in ran, "Receiver.close() returned before the transfer's done callback ran"
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

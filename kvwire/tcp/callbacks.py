@@ -5,7 +5,10 @@ code: transfer futures' done callbacks, ``on_layer``, ``on_layer_acked``, ``on_t
 submitted under one key run one at a time, in submission order (a handle's layers before its outcome);
 different keys run side by side, on at most ``workers`` threads. Submitting never blocks, so a slow
 or blocking callback delays only the callbacks queued behind it, never acks, COMPLETE, heartbeats or
-other transfers. Must not know: sockets, transfers or the wire format.
+other transfers. ``drain`` is what ``close()`` of the owning Receiver/Session calls last: callbacks already
+queued (a transfer's outcome, a stager releasing its buffers) run to the end before close returns, bounded
+by a timeout, so a closed object's user code is not still running while the program tears down. Must not
+know: sockets, transfers or the wire format.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class Callbacks:
         self._queues: dict[object, deque[tuple[Callable[..., Any], tuple[Any, ...]]]] = {}
         self._ready: deque[object] = deque()  # keys with calls queued and no worker on them
         self._running = 0
+        self._pending = 0  # calls submitted and not yet returned
+        self._drained = threading.Condition(self._lock)
+        self._local = threading.local()  # set on worker threads: drain() from a callback must not wait on itself
 
     def submit(self, key: object, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` behind the calls already queued under ``key``; returns at once."""
@@ -41,6 +47,7 @@ class Callbacks:
                 self._queues[key] = q = deque()
                 self._ready.append(key)
             q.append((fn, args))
+            self._pending += 1
             start = False
             if self._ready and self._waiting:
                 self._work_ready.notify()
@@ -50,7 +57,16 @@ class Callbacks:
         if start:
             threading.Thread(target=self._work, name=f"kvwire-{self.name}", daemon=True).start()
 
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every call submitted so far has returned (at most ``timeout`` s); True if it did.
+        From a callback it returns at once (False if others are pending): it would wait on itself."""
+        with self._lock:
+            if getattr(self._local, "worker", False):
+                return self._pending == 0
+            return self._drained.wait_for(lambda: self._pending == 0, timeout)
+
     def _work(self) -> None:
+        self._local.worker = True
         while True:
             with self._lock:
                 if not self._ready:
@@ -73,3 +89,7 @@ class Callbacks:
                 except BaseException:  # noqa: BLE001 - user code must not take the worker down
                     log.exception("kvwire callback %r failed", fn)
                 del fn, args
+                with self._lock:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._drained.notify_all()

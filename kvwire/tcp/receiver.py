@@ -272,6 +272,7 @@ class Receiver:
         for t in list(self._threads):
             if t is not me:
                 t.join(5)
+        self._callbacks.drain(5.0)  # the outcomes just delivered run before close returns (bounded)
 
     def __enter__(self) -> Receiver:
         return self

@@ -288,6 +288,7 @@ class Session:
         for t in list(self._threads):
             if t is not me:
                 t.join(5)
+        self._callbacks.drain(5.0)  # the outcomes just delivered run before close returns (bounded)
 
     def __enter__(self) -> Session:
         return self
