@@ -11,21 +11,15 @@ sockets).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import itertools
 import logging
 import os
-import select
 import socket
 import ssl
-import struct
-import termios
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
@@ -35,39 +29,22 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
-from ..errors import ConnectError, ConnectTimeout, KvwireError, ProtocolError
-from .auth import client_handshake, client_lane
+from ..errors import KvwireError, ProtocolError
 from .callbacks import Callbacks
+from .lanes import Dialer, Lane, LaneHook
 from .outgoing import OutgoingTransfer
-from .wire import Channel, send_parts, tune
+from .wire import send_parts
 
 log = logging.getLogger("kvwire.tcp")
 
 #: test-only fault hook: called with (lane index, transfer id, chunk, payload pieces) before a send;
 #: may return replacement pieces (to corrupt a chunk in flight). Never set in production.
 FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None"]
-#: called with (lane index, socket) each time a lane's socket is connected (opened, reopened or
-#: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
-#: Lanes are dialled concurrently, so it may run on several threads at once.
-LaneHook = Callable[[int, socket.socket], None]
-#: lanes dialled at once when a session opens or grows (see ``Session._dial_lanes``)
+#: lanes dialled at once when a session opens or grows (see ``Dialer.dial_each``); read at each dial
 DIAL_CONCURRENCY = 16
 _STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", "session_reconnects",
               *(f"transfers_{t}" for t in TERMINAL_STATES),
               *(f"probes_{t}" for t in TERMINAL_STATES))
-
-
-class _Lane:
-    def __init__(self, index: int, ch: Channel | None) -> None:
-        self.index = index
-        # None: it failed to open with the session and its thread re-dials it; until then an unconnected
-        # socket stands in, so whoever looks at lane sockets (metrics, the bench) finds one
-        self.ch = ch if ch is not None else Channel(socket.socket(), F.DEFAULT_LIMITS)
-        self.alive = ch is not None
-        self.chunks_sent = 0
-        self.bytes_sent = 0
-        self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see _stalled)
-        self.unsent = 0  # bytes in the socket's send queue when last looked at
 
 
 class Session:
@@ -136,19 +113,22 @@ class Session:
         self._cond = threading.Condition()
         self._transfers: dict[int, OutgoingTransfer] = {}
         self._rr: deque[int] = deque()
-        self._inflight: dict[tuple[int, int], _Lane] = {}
+        self._inflight: dict[tuple[int, int], Lane] = {}
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
         self._known_layouts: set[bytes] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.failure = ""
         self.last_seen = time.monotonic()
-        self.lanes: list[_Lane] = []
+        self.lanes: list[Lane] = []
         self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
         self._callbacks = Callbacks("tx-callbacks")  # user callbacks never run on a protocol thread
         self.reconnect = reconnect
         self._gen = 0  # connection generation: threads of an older one stop
         self._down = False  # reconnect=True: the connection failed and is being re-established
+        self._dialer = Dialer(host, port, key=self.key, ssl_context=ssl_context, server_hostname=self.server_hostname,
+                              connect_timeout=connect_timeout, peer_timeout=peer_timeout,
+                              stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
         self._establish(lanes)
 
     # ------------------------------------------------------------ public
@@ -251,7 +231,7 @@ class Session:
             if self._closed or self._down:
                 return self._active
             have, gen = len(self.lanes), self._gen
-        opened, err = self._dial_lanes(range(have, n))
+        opened, err = self._dialer.dial_lanes(range(have, n), DIAL_CONCURRENCY)
         if err is not None:
             log.warning("kvwire: %d of %d new lanes opened: %s", len(opened), n - have, err)
         with self._cond:
@@ -301,33 +281,11 @@ class Session:
         """Connect and authenticate the control connection, open the lanes (see the class docstring),
         then start a new generation of threads. Raises when the receiver cannot be reached or no lane
         opens; leaves nothing open then."""
-        host, port = self.address
-        ctrl = self._open()
-        opened: list[_Lane] = []
+        ctrl = self._dialer.open()
+        opened: list[Lane] = []
         try:
-            try:
-                keys, server_limits = client_handshake(ctrl, self.key, lanes)
-            except (ConnectError, ssl.SSLError):
-                raise
-            except TimeoutError as e:
-                raise ConnectTimeout(host, port, f"no handshake reply within connect_timeout={self.connect_timeout:g}"
-                                     " s", errno.ETIMEDOUT) from e
-            except OSError as e:
-                raise ConnectError(host, port, f"connection lost during the handshake: {e}", e.errno) from e
-            ctrl.sock.settimeout(None)
-            self.keys = keys  # lanes authenticate against this session
-            results = self._dial_each(range(lanes))
-            again = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-            if again and len(again) < lanes:  # one bad lane handshake: try those once more at once
-                for i, r in zip(again, self._dial_each(again)):
-                    results[i] = r
-            opened = [_Lane(i, r if isinstance(r, Channel) else None) for i, r in enumerate(results)]
-            if not any(lane.alive for lane in opened):
-                err = next(r for r in results if isinstance(r, BaseException))
-                raise err
-            if again:
-                log.warning("kvwire: %d of %d lanes did not open; re-dialling them", lanes - sum(
-                    lane.alive for lane in opened), lanes)
+            server_limits = self._dialer.handshake(ctrl, lanes)  # lanes authenticate against this session
+            opened = self._dialer.open_lanes(lanes, DIAL_CONCURRENCY)
             with self._cond:
                 if self._closed:
                     raise KvwireError("session closed")
@@ -373,77 +331,6 @@ class Session:
             log.info("kvwire: session to %s:%s re-established", *self.address)
             return
 
-    def _open(self) -> Channel:
-        host, port = self.address
-        try:
-            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
-        except socket.gaierror as e:
-            raise ConnectError(host, port, f"cannot resolve the name ({e.strerror})", e.errno) from e
-        except TimeoutError as e:
-            raise ConnectTimeout(host, port, f"no answer within connect_timeout={self.connect_timeout:g} s",
-                                 errno.ETIMEDOUT) from e
-        except OSError as e:
-            raise ConnectError(host, port, e.strerror or str(e) or type(e).__name__, e.errno) from e
-        try:
-            tune(sock, self.peer_timeout)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
-        except BaseException:
-            sock.close()
-            raise
-        return Channel(sock, self.limits)
-
-    def _dial_each(self, indices: Sequence[int]) -> list[Channel | BaseException]:
-        """Open lanes ``indices`` concurrently: each costs a TCP connect plus a round trip of lane
-        authentication (more with TLS), so on a long link dialling them one after another would cost
-        ~2 RTT per lane. At most ``DIAL_CONCURRENCY`` at once (the receiver bounds handshakes in
-        flight). Returns each lane's channel or the error that stopped it."""
-        if len(indices) <= 1:
-            try:
-                return [self._open_lane(i) for i in indices]
-            except (OSError, KvwireError) as e:
-                return [e]
-        with ThreadPoolExecutor(min(len(indices), DIAL_CONCURRENCY), "kvwire-dial") as pool:
-            futures = [pool.submit(self._open_lane, i) for i in indices]
-            results: list[Channel | BaseException] = []
-            for f in futures:
-                try:
-                    results.append(f.result())
-                except BaseException as e:  # noqa: BLE001 - handed back to the caller
-                    results.append(e)
-        return results
-
-    def _dial_lanes(self, indices: range) -> tuple[list[_Lane], BaseException | None]:
-        """Open lanes ``indices`` (see ``_dial_each``). Returns the lanes of the longest run from
-        ``indices.start`` that opened (lane indices stay contiguous), and the first error; lanes past a
-        failure are closed."""
-        results = self._dial_each(indices)
-        opened: list[_Lane] = []
-        err: BaseException | None = None
-        for i, r in zip(indices, results):
-            if isinstance(r, BaseException):
-                err = err or r
-            elif err is None:
-                opened.append(_Lane(i, r))
-            else:
-                r.close()
-        return opened, err
-
-    def _open_lane(self, index: int) -> Channel:
-        ch = self._open()
-        try:
-            client_lane(ch, self.key, self.keys, index)
-            ch.sock.settimeout(self.stall_timeout)
-        except BaseException:
-            ch.close()
-            raise
-        if self.on_lane_open is not None:
-            try:
-                self.on_lane_open(index, ch.sock)
-            except Exception:  # a congestion knob the kernel refused must not cost the lane
-                pass
-        return ch
-
     def _start(self, fn: Callable[..., None], name: str, *args: Any) -> None:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         self._threads.append(t)
@@ -462,18 +349,17 @@ class Session:
                 return h, c
         return None
 
-    def _lane_loop(self, lane: _Lane, gen: int) -> None:
+    def _lane_loop(self, lane: Lane, gen: int) -> None:
         if not lane.alive and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
             return
         while True:
-            ch = lane.ch
             with self._cond:
                 pick = self._pick() if lane.index < self._active and not self._stopped(gen) else None
                 while pick is None and not self._stopped(gen):
                     busy = any(v is lane for v in self._inflight.values())
                     self._cond.wait(0.05 if busy else 0.5)
                     pick = self._pick() if lane.index < self._active else None
-                    if pick is None and busy and (_peer_gone(ch.sock) or self._stalled(lane)):
+                    if pick is None and busy and (lane.peer_gone() or lane.stalled(self.stall_timeout)):
                         break  # idle with chunks in flight, and the receiver dropped or stopped reading it
                 stopped = self._stopped(gen)
                 if pick is not None:
@@ -492,7 +378,7 @@ class Session:
                     return
             pick = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
-    def _send_chunk(self, lane: _Lane, h: OutgoingTransfer, chunk: int) -> None:
+    def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int) -> None:
         pieces = []
         for seg, a, b in h.plan.pieces(chunk):
             v = h.views[seg]
@@ -514,23 +400,10 @@ class Session:
         hdr = F.pack_data_header(h.transfer_id, chunk, h.plan.layers[chunk], h.plan.offsets[chunk],
                                  h.plan.lengths[chunk], digest)
         send_parts(lane.ch.sock, [hdr, *pieces])
-        lane.progress_at, lane.unsent = time.monotonic(), _unsent(lane.ch.sock)
-        lane.chunks_sent += 1
-        lane.bytes_sent += h.plan.lengths[chunk]
+        lane.sent(h.plan.lengths[chunk])
         h.bytes_sent += h.plan.lengths[chunk]
 
-    def _stalled(self, lane: _Lane) -> bool:
-        """An idle lane with chunks in flight (caller holds ``_cond``): the receiver has neither
-        acknowledged one of them nor taken a byte off the socket's send queue for ``stall_timeout``.
-        Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
-        now = time.monotonic()
-        unsent = _unsent(lane.ch.sock)
-        if unsent < lane.unsent:
-            lane.progress_at = now
-        lane.unsent = unsent
-        return now - lane.progress_at > self.stall_timeout
-
-    def _lane_lost(self, lane: _Lane, err: BaseException, gen: int) -> bool:
+    def _lane_lost(self, lane: Lane, err: BaseException, gen: int) -> bool:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
         False: lane gone (or its generation stopped)."""
         lane.alive = False
@@ -540,7 +413,7 @@ class Session:
         delay = 0.05
         while not self._stopped(gen) and time.monotonic() < deadline:
             try:
-                ch = self._open_lane(lane.index)
+                ch = self._dialer.open_lane(lane.index)
             except (OSError, KvwireError):
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopped(gen), delay)
@@ -550,15 +423,14 @@ class Session:
                 if self._stopped(gen):
                     ch.close()
                     return False
-                lane.ch, lane.alive = ch, True
-                lane.progress_at = time.monotonic()
+                lane.reopened(ch)
                 self._counts["lane_reconnects"] += 1
             return True
         if not self._stopped(gen) and self.alive_lanes == 0:
             self._fail_session(f"every lane is down (last error: {err})", gen)
         return False
 
-    def _requeue(self, lane: _Lane) -> None:
+    def _requeue(self, lane: Lane) -> None:
         with self._cond:
             lost = [k for k, v in self._inflight.items() if v is lane]
             self._counts["chunks_requeued"] += len(lost)
@@ -726,36 +598,6 @@ class Session:
             late = [h for h in self._transfers.values() if h.deadline is not None and now > h.deadline]
         for h in late:
             self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
-
-
-def _unsent(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue, not yet acknowledged by the peer's kernel (SIOCOUTQ); -1
-    where the platform does not say (then only acknowledgements count as progress)."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, ValueError, AttributeError):
-        return -1
-
-
-def _peer_gone(sock: socket.socket) -> bool:
-    """Receivers never write on a lane after its WELCOME: readable means EOF or reset (on TLS, unless
-    the record was only a session ticket)."""
-    try:
-        r, _, _ = select.select([sock], [], [], 0)
-        if not r:
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            old = sock.gettimeout()
-            sock.settimeout(0)
-            try:
-                sock.recv(1)
-            except ssl.SSLWantReadError:
-                return False
-            finally:
-                sock.settimeout(old)
-        return True
-    except (OSError, ValueError):
-        return True
 
 
 def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,

@@ -1,0 +1,231 @@
+"""The sender's connections: how they are dialled and authenticated, and what a lane knows of itself.
+
+Owns: ``Dialer`` (TCP connect with typed ``ConnectError``/``ConnectTimeout``, TLS, the control handshake,
+lane authentication, dialling several lanes concurrently and the one immediate retry when a session
+opens) and ``Lane`` (one data connection: its channel, liveness, send counters, and the signs that its
+receiver dropped it or stopped reading it: ``peer_gone``, ``stalled``). Must not know: transfers,
+chunks or the chunk queue, the session's threads, generations or locks, congestion policy (the
+caller's ``on_lane_open`` hook runs as each lane connects).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import select
+import socket
+import ssl
+import struct
+import termios
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..codec import frames as F
+from ..errors import ConnectError, ConnectTimeout, KvwireError
+from .auth import SessionKeys, client_handshake, client_lane
+from .wire import Channel, tune
+
+log = logging.getLogger("kvwire.tcp")
+
+#: called with (lane index, socket) each time a lane's socket is connected (opened, reopened or
+#: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
+#: Lanes are dialled concurrently, so it may run on several threads at once.
+LaneHook = Callable[[int, socket.socket], None]
+
+
+class Lane:
+    """One data connection of a session. Its counters have one writer (the lane's thread)."""
+
+    def __init__(self, index: int, ch: Channel | None) -> None:
+        self.index = index
+        # None: it failed to open with the session and its thread re-dials it; until then an unconnected
+        # socket stands in, so whoever looks at lane sockets (metrics, the bench) finds one
+        self.ch = ch if ch is not None else Channel(socket.socket(), F.DEFAULT_LIMITS)
+        self.alive = ch is not None
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+        self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see stalled)
+        self.unsent = 0  # bytes in the socket's send queue when last looked at
+
+    def sent(self, nbytes: int) -> None:
+        """A chunk of ``nbytes`` payload went into the socket: that counts as progress."""
+        self.progress_at, self.unsent = time.monotonic(), _unsent(self.ch.sock)
+        self.chunks_sent += 1
+        self.bytes_sent += nbytes
+
+    def reopened(self, ch: Channel) -> None:
+        """The lane was re-dialled: ``ch`` replaces its dead channel."""
+        self.ch, self.alive = ch, True
+        self.progress_at = time.monotonic()
+
+    def stalled(self, timeout: float) -> bool:
+        """An idle lane with chunks in flight (the caller knows it has some): the receiver has neither
+        acknowledged one of them nor taken a byte off the socket's send queue for ``timeout``.
+        Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
+        now = time.monotonic()
+        unsent = _unsent(self.ch.sock)
+        if unsent < self.unsent:
+            self.progress_at = now
+        self.unsent = unsent
+        return now - self.progress_at > timeout
+
+    def peer_gone(self) -> bool:
+        """Receivers never write on a lane after its WELCOME: readable means EOF or reset (on TLS, unless
+        the record was only a session ticket)."""
+        sock = self.ch.sock
+        try:
+            r, _, _ = select.select([sock], [], [], 0)
+            if not r:
+                return False
+            if isinstance(sock, ssl.SSLSocket):
+                old = sock.gettimeout()
+                sock.settimeout(0)
+                try:
+                    sock.recv(1)
+                except ssl.SSLWantReadError:
+                    return False
+                finally:
+                    sock.settimeout(old)
+            return True
+        except (OSError, ValueError):
+            return True
+
+
+class Dialer:
+    """Opens a session's connections to one receiver. ``keys`` is set by ``handshake``; lanes
+    authenticate against the latest one."""
+
+    def __init__(self, host: str, port: int, *, key: bytes, ssl_context: ssl.SSLContext | None,
+                 server_hostname: str, connect_timeout: float, peer_timeout: float, stall_timeout: float,
+                 limits: F.Limits, on_lane_open: Callable[[], LaneHook | None]) -> None:
+        self.address = (host, port)
+        self.key = key
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.peer_timeout = peer_timeout
+        self.stall_timeout = stall_timeout
+        self.limits = limits
+        self.on_lane_open = on_lane_open  # read as each lane connects: the session's hook may change
+        self.keys: SessionKeys | None = None
+
+    def open(self) -> Channel:
+        """A connected (and, with TLS, wrapped) channel; nothing sent on it yet."""
+        host, port = self.address
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        except socket.gaierror as e:
+            raise ConnectError(host, port, f"cannot resolve the name ({e.strerror})", e.errno) from e
+        except TimeoutError as e:
+            raise ConnectTimeout(host, port, f"no answer within connect_timeout={self.connect_timeout:g} s",
+                                 errno.ETIMEDOUT) from e
+        except OSError as e:
+            raise ConnectError(host, port, e.strerror or str(e) or type(e).__name__, e.errno) from e
+        try:
+            tune(sock, self.peer_timeout)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
+        except BaseException:
+            sock.close()
+            raise
+        return Channel(sock, self.limits)
+
+    def handshake(self, ctrl: Channel, lanes: int) -> dict[str, Any]:
+        """Authenticate ``ctrl`` as a new session's control connection announcing ``lanes``; sets
+        ``keys`` and returns the receiver's limits. Typed errors name ``host:port``; ``ctrl`` is left
+        for the caller to close."""
+        host, port = self.address
+        try:
+            keys, server_limits = client_handshake(ctrl, self.key, lanes)
+        except (ConnectError, ssl.SSLError):
+            raise
+        except TimeoutError as e:
+            raise ConnectTimeout(host, port, f"no handshake reply within connect_timeout={self.connect_timeout:g}"
+                                 " s", errno.ETIMEDOUT) from e
+        except OSError as e:
+            raise ConnectError(host, port, f"connection lost during the handshake: {e}", e.errno) from e
+        ctrl.sock.settimeout(None)
+        self.keys = keys
+        return server_limits
+
+    def open_lane(self, index: int) -> Channel:
+        """Connect and authenticate lane ``index`` of the current session, then run ``on_lane_open``."""
+        assert self.keys is not None, "handshake() first"
+        ch = self.open()
+        try:
+            client_lane(ch, self.key, self.keys, index)
+            ch.sock.settimeout(self.stall_timeout)
+        except BaseException:
+            ch.close()
+            raise
+        hook = self.on_lane_open()
+        if hook is not None:
+            try:
+                hook(index, ch.sock)
+            except Exception:  # a congestion knob the kernel refused must not cost the lane
+                pass
+        return ch
+
+    def dial_each(self, indices: Sequence[int], concurrency: int) -> list[Channel | BaseException]:
+        """Open lanes ``indices`` concurrently: each costs a TCP connect plus a round trip of lane
+        authentication (more with TLS), so on a long link dialling them one after another would cost
+        ~2 RTT per lane. At most ``concurrency`` at once (the receiver bounds handshakes in flight).
+        Returns each lane's channel or the error that stopped it."""
+        if len(indices) <= 1:
+            try:
+                return [self.open_lane(i) for i in indices]
+            except (OSError, KvwireError) as e:
+                return [e]
+        with ThreadPoolExecutor(min(len(indices), concurrency), "kvwire-dial") as pool:
+            futures = [pool.submit(self.open_lane, i) for i in indices]
+            results: list[Channel | BaseException] = []
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                    results.append(e)
+        return results
+
+    def open_lanes(self, n: int, concurrency: int) -> list[Lane]:
+        """Lanes 0..n-1 of a new session. A lane that fails is retried once at once; lanes that still
+        fail come back not alive (their thread re-dials them). Raises the first error when none opens."""
+        results = self.dial_each(range(n), concurrency)
+        again = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if again and len(again) < n:  # one bad lane handshake: try those once more at once
+            for i, r in zip(again, self.dial_each(again, concurrency)):
+                results[i] = r
+        if all(isinstance(r, BaseException) for r in results):
+            raise next(r for r in results if isinstance(r, BaseException))
+        opened = [Lane(i, r if isinstance(r, Channel) else None) for i, r in enumerate(results)]
+        if again:
+            log.warning("kvwire: %d of %d lanes did not open; re-dialling them", n - sum(
+                lane.alive for lane in opened), n)
+        return opened
+
+    def dial_lanes(self, indices: range, concurrency: int) -> tuple[list[Lane], BaseException | None]:
+        """Open lanes ``indices`` (see ``dial_each``). Returns the lanes of the longest run from
+        ``indices.start`` that opened (lane indices stay contiguous), and the first error; lanes past a
+        failure are closed."""
+        results = self.dial_each(indices, concurrency)
+        opened: list[Lane] = []
+        err: BaseException | None = None
+        for i, r in zip(indices, results):
+            if isinstance(r, BaseException):
+                err = err or r
+            elif err is None:
+                opened.append(Lane(i, r))
+            else:
+                r.close()
+        return opened, err
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer's kernel (SIOCOUTQ); -1
+    where the platform does not say (then only acknowledgements count as progress)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return -1
