@@ -11,7 +11,6 @@ congestion control.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import ssl
@@ -32,12 +31,12 @@ from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
 from ..codec.messages import parse_done, parse_end
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
-from ..errors import AuthenticationError, InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
-from .auth import SessionKeys, lane_index, server_handshake, server_hello, server_lane
+from ..errors import InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
+from .accept import Acceptor, is_loopback, verifies_clients
+from .auth import SessionKeys, lane_index, server_handshake, server_lane
 from .callbacks import Callbacks
-from .gate import HandshakeGate, Ticket
 from .incoming import IncomingTransfer
-from .wire import Channel, drain, host_port, listen, recv_exact_into, tune
+from .wire import Channel, drain, recv_exact_into
 
 log = logging.getLogger("kvwire.receiver")
 
@@ -166,8 +165,6 @@ class Receiver:
         self.max_handshakes = max_handshakes
         self.max_probe_bytes = max_probe_bytes
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
-        # unauthenticated connections: bounded in number (per source too) and by a total deadline
-        self._gate = HandshakeGate(max_handshakes, max(1, max_handshakes // 2), handshake_timeout)
         self._lock = threading.Lock()
         self._sessions: dict[bytes, _Session] = {}
         self._expected: dict[str, IncomingTransfer] = {}
@@ -175,17 +172,20 @@ class Receiver:
         self._incoming: deque[IncomingTransfer] = deque()  # for next_transfer(), without on_transfer
         self._incoming_cond = threading.Condition(self._lock)
         self._threads: set[threading.Thread] = set()
-        self._conns: set[socket.socket] = set()
         self._closed = threading.Event()
         self._counts: Counter[str] = Counter()  # see stats(); under _count_lock
         self._count_lock = threading.Lock()
-        self._listener = listen(host, port)
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        if not self.key and not _verifies_clients(ssl_context) and not _is_loopback(self.address[0]):
+        self._acceptor = Acceptor(host, port, ssl_context=ssl_context, limits=limits, peer_timeout=peer_timeout,
+                                  handshake_timeout=handshake_timeout, max_handshakes=max_handshakes,
+                                  max_conns=max_sessions * (max_lanes + 1), spawn=self._spawn, count=self._count,
+                                  on_control=self._control, on_lane=self._lane)
+        self._conns = self._acceptor.conns  # open connections (read by tests)
+        self.address: tuple[str, int] = self._acceptor.address
+        if not self.key and not verifies_clients(ssl_context) and not is_loopback(self.address[0]):
             warnings.warn(f"kvwire Receiver on {self.address[0]}:{self.address[1]} without a key or client "
                           f"certificates: anyone who can reach it can open sessions and fill its buffers "
                           f"(pass key=..., or bind 127.0.0.1)", InsecureReceiverWarning, stacklevel=2)
-        self._spawn(self._accept_loop, "kvwire-accept")
+        self._acceptor.start()
         self._spawn(self._monitor_loop, "kvwire-monitor")
 
     # ------------------------------------------------------------ public
@@ -247,27 +247,17 @@ class Receiver:
         if self._closed.is_set():
             return
         self._closed.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
-        self._listener.close()
-        self._gate.close()
+        self._acceptor.close()
         with self._lock:
             sessions = list(self._sessions.values())
             expected = list(self._expected.values())
             self._expected.clear()
-            conns = list(self._conns)
             self._incoming_cond.notify_all()
         for s in sessions:
             self._close_session(s, "receiver closed")
         for h in expected:
             h._finish(State.CANCELLED, "receiver closed")
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._acceptor.cut_all()
         me = threading.current_thread()
         for t in list(self._threads):
             if t is not me:
@@ -291,8 +281,9 @@ class Receiver:
         with self._count_lock:
             out = {k: 0 for k in _STAT_KEYS}
             out.update(self._counts)
-        out["handshakes_cut"] = self._gate.evicted + self._gate.expired
-        out["handshakes"] = len(self._gate)
+        gate = self._acceptor.gate
+        out["handshakes_cut"] = gate.evicted + gate.expired
+        out["handshakes"] = len(gate)
         with self._lock:
             sessions = list(self._sessions.values())
         out["sessions"] = len(sessions)
@@ -317,61 +308,6 @@ class Receiver:
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                over = len(self._conns) >= self.max_sessions * (self.max_lanes + 1)
-                if not over:
-                    self._conns.add(sock)
-            if over:
-                self._count("connections_refused")
-                sock.close()
-                continue
-            # a new connection always gets a handshake slot: the gate cuts the oldest of the busiest source
-            ticket = self._gate.admit(sock, addr[0])
-            self._spawn(self._connection, f"kvwire-conn-{addr[1]}", sock, ticket, host_port(addr))
-
-    def _connection(self, raw: socket.socket, ticket: Ticket, peer: str) -> None:
-        ch: Channel | None = None
-        sock = raw
-
-        def authenticated() -> None:
-            assert ch is not None
-            self._gate.done(ticket)
-            ch.limits = self.limits  # full-size control messages only from an authenticated peer
-
-        try:
-            tune(sock, self.peer_timeout)
-            sock.settimeout(self.handshake_timeout)  # the gate's reap() enforces the total deadline
-            if self.ssl_context is not None:
-                # wrap without I/O first, so the gate can cut a TLS handshake that dribbles
-                sock = ticket.sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                                  do_handshake_on_connect=False)
-                sock.do_handshake()
-            ch = Channel(sock, F.preauth_limits(self.limits))
-            kind, body = server_hello(ch)
-            if kind == F.HELLO:
-                self._control(ch, body, peer, authenticated)
-            else:
-                self._lane(ch, body, authenticated)
-        except (OSError, KvwireError, ValueError) as e:
-            if isinstance(e, AuthenticationError):
-                self._count("auth_failures")
-            log.info("connection from %s ended: %s: %s", peer, type(e).__name__, e)
-        finally:
-            self._gate.done(ticket)
-            if ch is not None:
-                ch.close()
-            else:
-                sock.close()
-            raw.close()
-            with self._lock:
-                self._conns.discard(raw)
 
     # ------------------------------------------------------------ control
     def _control(self, ch: Channel, hello: dict[str, Any], peer: str, authenticated: Callable[[], None]) -> None:
@@ -687,7 +623,7 @@ class Receiver:
 
     def _monitor_tick(self, now: float) -> None:
         """Deadlines, silent peers, heartbeats; its own frame, so no handle stays referenced between ticks."""
-        self._gate.reap(now)
+        self._acceptor.gate.reap(now)
         with self._lock:
             sessions = list(self._sessions.values())
             late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
@@ -715,15 +651,3 @@ class Receiver:
         for ch in stuck:
             ch.close()
 
-
-def _is_loopback(addr: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool((mapped or ip).is_loopback)
-
-
-def _verifies_clients(ctx: ssl.SSLContext | None) -> bool:
-    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED

@@ -30,6 +30,7 @@ from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
 from ..errors import KvwireError, ProtocolError
+from .auth import SessionKeys
 from .callbacks import Callbacks
 from .lanes import Dialer, Lane, LaneHook
 from .outgoing import OutgoingTransfer
@@ -174,6 +175,12 @@ class Session:
         """True once ``close()`` ran or the session failed (``failure`` says why; with ``reconnect``
         only ``close()`` closes it); ``send`` then raises."""
         return self._closed
+
+    @property
+    def keys(self) -> SessionKeys:
+        """The keys of the current connection generation (its session id): lanes authenticate with them."""
+        assert self._dialer.keys is not None  # set by the handshake that opened the session
+        return self._dialer.keys
 
     @property
     def healthy(self) -> bool:
