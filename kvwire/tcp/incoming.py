@@ -2,7 +2,7 @@
 
 Owns: ``IncomingTransfer`` (what the decode engine holds: ``wait_layer``, ``layers()``, ``on_layer``,
 ``result``, ``cancel``, per-lane accounting) and its terminal-state bookkeeping. Must not know: sockets'
-I/O or the wire format; the receiver (``receiver.py``) drives it under its session lock.
+I/O or the wire format; the receiver's session (``rxsession.py``) drives it under the session lock.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .callbacks import Callbacks
 from .handle import Outcome
 
 if TYPE_CHECKING:
-    from .receiver import _Session
+    from .rxsession import RxSession
     from .wire import Channel
 
 log = logging.getLogger("kvwire.tcp")
@@ -56,7 +56,7 @@ class IncomingTransfer(Outcome):
         self._pending: tuple[State, str] | None = None
         self._pending_since = 0.0
         self._writing: set[Channel] = set()
-        self._session: _Session | None = None
+        self._session: RxSession | None = None
 
     # ---- caller API
     @property
@@ -134,7 +134,7 @@ class IncomingTransfer(Outcome):
                 self._resolve(State.CANCELLED, reason)
                 self._cond.notify_all()
             return
-        s.server._end(s, self, State.CANCELLED, reason, notify=F.CANCEL)
+        s.end(self, State.CANCELLED, reason, notify=F.CANCEL)
 
     # ---- receiver internals
     def _layer_ready(self, layer: int, t: float) -> None:

@@ -1,34 +1,30 @@
-"""The receiving end: a server that authenticates sessions and reassembles transfers into caller buffers.
+"""The receiving end: a server that authenticates sessions and places transfers in caller buffers.
 
-Owns: the listening socket, per-connection threads (one per control connection, one per lane), the
-per-session table of transfers, destination lookup (registered buffers or an allocator callback),
-ACK/NACK/COMPLETE replies, heartbeats, timeouts and the monitor that enforces them (a lane whose chunk
-stops arriving is cut); sink transfers (capacity probes), read into one shared scratch buffer and never
-delivered. Drives the sans-IO ``ReceiverTransfer`` (one writer per chunk); user callbacks go to a
-``Callbacks`` pool, never run on these threads. Must not know: torch/cupy (buffers arrive as views),
-congestion control.
+Owns: ``Receiver`` (the public object: ``expect``, ``next_transfer``, ``stats``, ``close``), the table of
+sessions, the session handshake on a control connection and the dispatch of its messages, lane
+authentication against its session, admission (ids, per-session and receiver-wide bounds) and destination
+lookup (registered buffers or an allocator callback), sink transfers (capacity probes, read into one
+shared scratch buffer and never delivered), the threads it runs, and the monitor (deadlines, silent peers,
+heartbeats). Accepting connections is ``accept.py``'s, a session's transfers and lanes ``rxsession.py``'s.
+User callbacks go to a ``Callbacks`` pool, never run on these threads. Must not know: torch/cupy
+(buffers arrive as views), congestion control.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import xxhash
 
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
-from ..codec.messages import parse_done, parse_end
 from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
 from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
@@ -36,7 +32,8 @@ from .accept import Acceptor, is_loopback, verifies_clients
 from .auth import SessionKeys, lane_index, server_handshake, server_lane
 from .callbacks import Callbacks
 from .incoming import IncomingTransfer
-from .wire import Channel, drain, recv_exact_into
+from .rxsession import RxSession
+from .wire import Channel
 
 log = logging.getLogger("kvwire.receiver")
 
@@ -48,30 +45,6 @@ def _held(m: Manifest) -> int:
 
 
 Allocator = Callable[[Manifest], Any]
-
-
-@dataclass
-class _Session:
-    server: Receiver
-    keys: SessionKeys
-    ctrl: Channel
-    peer: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    lanes: dict[int, Channel] = field(default_factory=dict)
-    transfers: dict[int, IncomingTransfer] = field(default_factory=dict)
-    ended: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    layouts: dict[bytes, ModelLayout] = field(default_factory=dict)
-    pending: set[IncomingTransfer] = field(default_factory=set)  # ended, a lane still writing
-    last_seen: float = field(default_factory=time.monotonic)
-    last_sent: float = field(default_factory=time.monotonic)
-    closed: bool = False
-
-    def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
-        try:
-            self.ctrl.send(kind, body)
-            self.last_sent = time.monotonic()
-        except OSError:
-            pass  # the control reader notices the dead connection and fails the session
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
@@ -166,7 +139,7 @@ class Receiver:
         self.max_probe_bytes = max_probe_bytes
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
         self._lock = threading.Lock()
-        self._sessions: dict[bytes, _Session] = {}
+        self._sessions: dict[bytes, RxSession] = {}
         self._expected: dict[str, IncomingTransfer] = {}
         self._callbacks = Callbacks("rx-callbacks")  # user callbacks never run on a protocol thread
         self._incoming: deque[IncomingTransfer] = deque()  # for next_transfer(), without on_transfer
@@ -318,10 +291,10 @@ class Receiver:
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
                   "max_probe_bytes": self.max_probe_bytes}
-        sessions: list[_Session] = []
+        sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
-            sessions.append(_Session(self, keys, ch, peer))
+            sessions.append(RxSession(keys, ch, peer, self._count, self.peer_timeout))
             with self._lock:
                 self._sessions[keys.session_id] = sessions[0]
 
@@ -336,9 +309,9 @@ class Receiver:
                 if kind == F.BEGIN:
                     self._begin(s, body)
                 elif kind == F.DONE:
-                    self._done(s, body)
+                    s.done(body)
                 elif kind == F.CANCEL:
-                    self._cancelled_by_sender(s, body)
+                    s.cancelled_by_sender(body)
                 elif kind == F.HEARTBEAT:
                     pass
                 elif kind == F.BYE:
@@ -352,17 +325,7 @@ class Receiver:
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
 
-    def _cancelled_by_sender(self, s: _Session, body: dict[str, Any]) -> None:
-        tid, state, why = parse_end(body, F.CANCEL)
-        h = s.transfers.get(tid)  # a local of its own frame: not held until the next message
-        if h is not None and state is State.TIMED_OUT:
-            self._end(s, h, State.TIMED_OUT, f"sender timed out: {why}")
-        elif h is not None and state is State.FAILED:  # the sender's failure, with its reason
-            self._end(s, h, State.FAILED, f"sender failed the transfer: {why}")
-        elif h is not None:
-            self._end(s, h, State.CANCELLED, f"cancelled by sender: {why}")
-
-    def _begin(self, s: _Session, body: dict[str, Any]) -> None:
+    def _begin(self, s: RxSession, body: dict[str, Any]) -> None:
         try:
             m = parse_manifest(body, self.limits, s.layouts)
         except KvwireError as e:
@@ -417,7 +380,7 @@ class Receiver:
                 self._incoming.append(h)
                 self._incoming_cond.notify_all()
 
-    def _activate(self, s: _Session, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> None:
+    def _activate(self, s: RxSession, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> None:
         """The transfer is admitted with its destination views: start its state machine and ACCEPT it."""
         h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
         h.deadline = min(h.deadline or float("inf"), time.monotonic() + self.transfer_timeout)
@@ -426,7 +389,7 @@ class Receiver:
             s.transfers[m.transfer_id] = h
         s.send(F.ACCEPT, {"tid": m.transfer_id})
 
-    def _begin_sink(self, s: _Session, m: Manifest) -> None:
+    def _begin_sink(self, s: RxSession, m: Manifest) -> None:
         """A capacity probe: every segment's view aliases the shared scratch buffer. Lanes racing on it is
         harmless (sinks are unhashed and the bytes are thrown away); the handle is never delivered but runs
         the ordinary state machine, so the transfer still ends in exactly one terminal state."""
@@ -440,7 +403,7 @@ class Receiver:
             scratch = self._sink_scratch
         self._activate(s, m, IncomingTransfer(m.request.request_id), [scratch[: seg.nbytes] for seg in m.segments])
 
-    def _admit(self, s: _Session, m: Manifest) -> str:
+    def _admit(self, s: RxSession, m: Manifest) -> str:
         with s.lock:
             if m.transfer_id in s.transfers or m.transfer_id in s.ended:
                 return f"transfer id {m.transfer_id} already used on this session"
@@ -454,56 +417,11 @@ class Receiver:
             return f"receiver busy: {inflight + _held(m)} bytes in flight exceeds {self.max_inflight_bytes}"
         return ""
 
-    def _done(self, s: _Session, body: dict[str, Any]) -> None:
-        tid, digest = parse_done(body)
-        h = s.transfers.get(tid)
-        if h is None or h._sm is None:
-            return  # ended already (cancelled, timed out): the sender was told
-        with s.lock:
-            ok = h._sm.on_done(digest)
-            reason = h._sm.status.reason
-        if ok:
-            self._end(s, h, State.DONE, "", notify=F.COMPLETE)
-        else:
-            self._end(s, h, State.FAILED, reason, notify=F.ERROR)
-
-    def _end(self, s: _Session, h: IncomingTransfer, state: State, reason: str, notify: str | None = None
-             ) -> None:
-        """Move a transfer to a terminal state; the handle resolves once no lane writes into it."""
-        tid = h.manifest.transfer_id if h.manifest is not None else None
-        with s.lock:
-            if h._sm is not None:
-                h._sm.status.end(state, reason)
-            if tid is not None and s.transfers.pop(tid, None) is not None:
-                assert h.manifest is not None
-                self._count(f"{'probes' if h.manifest.sink else 'transfers'}_{state.value}")
-                s.ended[tid] = None
-                while len(s.ended) > 4096:
-                    s.ended.popitem(last=False)
-            resolve_now = h._writers == 0
-            if not resolve_now and h._pending is None:
-                h._pending, h._pending_since = (state, reason), time.monotonic()
-                s.pending.add(h)
-        if resolve_now:
-            h._finish(state, reason)
-        if notify is not None and tid is not None:
-            s.send(notify, {"tid": tid, "reason": reason, "state": state.value})
-
-    def _close_session(self, s: _Session, reason: str) -> None:
+    def _close_session(self, s: RxSession, reason: str) -> None:
         with self._lock:
             if self._sessions.get(s.keys.session_id) is s:
                 del self._sessions[s.keys.session_id]
-        with s.lock:
-            if s.closed:
-                return
-            s.closed = True
-            handles = list(s.transfers.values())
-            lanes = list(s.lanes.values())
-        for h in handles:
-            self._end(s, h, State.FAILED, reason)
-        s.ctrl.close()
-        for ch in lanes:
-            ch.close()
+        s.close(reason)
 
     # ------------------------------------------------------------ lanes
     def _lane(self, ch: Channel, body: dict[str, Any], authenticated: Callable[[], None]) -> None:
@@ -526,94 +444,13 @@ class Receiver:
         ch.send(F.WELCOME, {})
         ch.sock.settimeout(None)
         try:
-            self._lane_loop(s, ch, lane)
+            s.read_lane(ch, lane)
         except (OSError, KvwireError):
             pass
         finally:
             with s.lock:
                 if s.lanes.get(lane) is ch:
                     del s.lanes[lane]
-
-    def _lane_loop(self, s: _Session, ch: Channel, lane: int) -> None:
-        """Read chunks into their destinations. An idle lane may wait for its next header forever (the
-        session's monitor owns idleness; a header holds nothing), but a peer that stops sending a
-        chunk's body for ``peer_timeout`` costs the lane, so a half-read chunk never holds its transfer."""
-        scratch = memoryview(bytearray(256 * 1024))
-        sock = ch.sock
-        while True:
-            sock.settimeout(None)
-            h = ch.read_header()
-            sock.settimeout(self.peer_timeout)
-            if h.kind == F.KIND_CONTROL:
-                kind, _ = ch.read_control_body(h)
-                if kind == F.BYE:
-                    return
-                raise ProtocolError(f"unexpected {kind!r} on a data lane")
-            self._lane_chunk(s, ch, lane, h, sock, scratch)
-
-    def _lane_chunk(self, s: _Session, ch: Channel, lane: int, h: F.Header, sock: socket.socket,
-                    scratch: memoryview) -> None:
-        """One data chunk: into its destination, verified, acked. Its own frame, so that nothing of a
-        transfer (handle, destination view) stays referenced while the lane waits for the next header."""
-        with s.lock:
-            t = s.transfers.get(h.transfer_id)
-            if t is None or t._sm is None:
-                if h.transfer_id not in s.ended:
-                    raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
-                write = False
-            else:
-                write = t._sm.admit(h)
-                if write:
-                    t._writers += 1
-                    t._writing.add(ch)
-        if not write:
-            drain(sock, h.length, scratch)
-            if t is not None and t._sm is not None:
-                if t._sm.verified[h.chunk]:
-                    s.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
-                elif h.chunk in t._sm.writing:  # the verdict on the copy being read answers both
-                    s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True})
-            return
-        assert t is not None and t.plan is not None and t._sm is not None
-        verdict = None
-        try:
-            pieces = t.plan.pieces(h.chunk)
-            hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
-            computed: int | None = None
-            for seg, a, b in pieces:
-                view = t.views[seg][a:b]
-                recv_exact_into(sock, view)
-                if hasher is not None:
-                    hasher.update(view)
-                elif t._sm.manifest.hashed:
-                    computed = xxhash.xxh3_64_intdigest(view)
-            if hasher is not None:
-                computed = hasher.intdigest()
-            with s.lock:
-                verdict = t._sm.received(h, computed)
-        finally:
-            with s.lock:
-                resend = verdict is None and t._sm.abandon(h.chunk)
-                t._writers -= 1
-                t._writing.discard(ch)
-                pending = t._pending if t._writers == 0 else None
-                if pending is not None:
-                    s.pending.discard(t)
-            if pending is not None:
-                t._finish(*pending)
-            if resend:  # the copy this lane dropped is gone too: ask for another
-                s.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True})
-        assert verdict is not None
-        with t._cond:
-            t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
-        if not verdict.ack:
-            self._count("chunks_rejected")
-        else:
-            self._count("probe_bytes_received" if t._sm.manifest.sink else "bytes_received", h.length)
-        now = time.monotonic()
-        for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
-            t._layer_ready(layer, now)
-        s.send(F.ACK if verdict.ack else F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
 
     # ------------------------------------------------------------ monitor
     def _monitor_loop(self) -> None:
@@ -641,13 +478,6 @@ class Receiver:
                 handles = list(s.transfers.values())
             for h in handles:
                 if h.deadline is not None and now > h.deadline:
-                    self._end(s, h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
-            self._unstick(s, now)
-
-    def _unstick(self, s: _Session, now: float) -> None:
-        """A transfer that ended while a lane was mid-chunk: give the chunk 2 s, then cut the lane."""
-        with s.lock:
-            stuck = [ch for h in s.pending if now - h._pending_since > 2.0 for ch in h._writing]
-        for ch in stuck:
-            ch.close()
+                    s.end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
+            s.unstick(now)
 

@@ -1,12 +1,12 @@
 """The sending end: a session of one control connection plus N data lanes, reused across transfers.
 
-Owns: connecting and authenticating lanes, the shared chunk queue (lanes pull, so a slow lane takes
-fewer chunks; transfers are interleaved round-robin), per-lane in-flight tracking, re-sending the chunks
-of a lane that died or stalled (no ack and nothing leaving its send queue) on the others and re-dialling
-it, heartbeats and deadlines, and (``reconnect=True``) re-establishing the whole session after a
-failure, one connection generation of threads at a time. Drives the sans-IO ``SenderTransfer``; user
-callbacks go to a ``Callbacks`` pool. Must not know: torch/cupy, congestion policy (it exposes its lane
-sockets).
+Owns: ``Session`` (the public object) and ``connect``; the shared chunk queue (lanes pull, so a slow lane
+takes fewer chunks; transfers are interleaved round-robin), per-lane in-flight tracking, re-sending the
+chunks of a lane that died or stalled on the others while its thread re-dials it, the control
+connection's messages, heartbeats and deadlines, and (``reconnect=True``) re-establishing the whole
+session after a failure, one connection generation of threads at a time. Dialling, authenticating and a
+lane's own stall signs are ``lanes.py``'s. Drives the sans-IO ``SenderTransfer``; user callbacks go to a
+``Callbacks`` pool. Must not know: torch/cupy, congestion policy (it exposes its lane sockets).
 """
 
 from __future__ import annotations
