@@ -497,12 +497,8 @@ class Session:
             raise ProtocolError(f"unexpected {kind!r} from receiver")
 
     def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool, lost: bool = False) -> None:
-        now = time.monotonic()
         with self._cond:
-            for c in chunks:
-                lane = self._inflight.pop((h.transfer_id, c), None)
-                if lane is not None:
-                    lane.progress_at = now
+            self._release(h, chunks)
             if ok:
                 finished = h._sm.on_ack(chunks)
             else:
@@ -523,12 +519,17 @@ class Session:
         """The receiver dropped this copy because another copy of the chunk (on a lane presumed dead) is
         still being read: the lane that carried it did its part; the chunk stays in flight, owned by
         no lane, until the receiver's verdict on the other copy (ACK, NACK, or NACK "lost")."""
-        now = time.monotonic()
         with self._cond:
-            for c in chunks:
-                lane = self._inflight.pop((h.transfer_id, c), None)
-                if lane is not None:
-                    lane.progress_at = now
+            self._release(h, chunks)
+
+    def _release(self, h: OutgoingTransfer, chunks: list[int]) -> None:
+        """The lanes that carried ``chunks`` of ``h`` hold them no longer, and that is a sign the receiver
+        reads them (caller holds ``_cond``)."""
+        now = time.monotonic()
+        for c in chunks:
+            lane = self._inflight.pop((h.transfer_id, c), None)
+            if lane is not None:
+                lane.progress_at = now
 
     def _send_done(self, h: OutgoingTransfer) -> None:
         try:
