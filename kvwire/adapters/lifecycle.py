@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, check_compatible
 from ..codec.transfer import State
@@ -152,6 +152,51 @@ class GroupTables:
 # ------------------------------------------------------------------ prefill side
 
 
+class _Entry(Protocol):
+    @property
+    def lease(self) -> Lease: ...
+
+    @property
+    def job(self) -> Any: ...  # a StagingJob or UnstagingJob with release(), or None
+
+
+_E = TypeVar("_E", bound=_Entry)
+
+
+class _Book(Generic[_E]):
+    """The requests a side has in flight, by key: what ``Outbox`` and ``Inbox`` share. An entry has a ``lease``
+    and a ``job`` (its staging job, or None); ``_end_settled`` ends the leases of those that resolved."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[str, _E] = {}
+
+    def get(self, key: str) -> _E | None:
+        with self._lock:
+            return self._active.get(key)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def _end_settled(self, settle: Callable[[_E], Ended | None]) -> list[Ended]:
+        with self._lock:
+            items = list(self._active.items())
+        ended: list[Ended] = []
+        for key, entry in items:
+            verdict = settle(entry)
+            if verdict is None:
+                continue
+            if entry.job is not None:
+                entry.job.release()  # waits for copies still reading or writing the engine's blocks
+            with self._lock:
+                self._active.pop(key, None)
+            if entry.lease.end(verdict.state, verdict.reason):
+                ended.append(verdict)
+        return ended
+
+
 class Sending:
     """One request leaving: its staging job, its transfer, its lease. Made by ``Outbox.begin``."""
 
@@ -235,7 +280,7 @@ class Sending:
         return Ended(self.lease.key, state, reason)
 
 
-class Outbox:
+class Outbox(_Book["Sending"]):
     """Prefill side: stream requests' layers from the engine cache to decode endpoints.
 
     ``connect(host, port)`` opens a session (default ``kvwire.connect`` with ``session_kwargs``); one session
@@ -250,8 +295,7 @@ class Outbox:
         self._connect = connect
         self._session_kwargs = session_kwargs
         self._sessions: dict[tuple[str, int], Session] = {}
-        self._active: dict[str, Sending] = {}
-        self._lock = threading.Lock()
+        super().__init__()
 
     def session(self, host: str, port: int) -> Session:
         key = (host, int(port))
@@ -287,10 +331,6 @@ class Outbox:
             self._active[key if key not in self._active else f"{key}#dup{id(sending)}"] = sending
         return sending
 
-    def get(self, key: str) -> Sending | None:
-        with self._lock:
-            return self._active.get(key)
-
     def cancel(self, key: str, reason: str = "cancelled by the engine") -> None:
         s = self.get(key)
         if s is not None:
@@ -299,25 +339,7 @@ class Outbox:
     def poll(self) -> list[Ended]:
         """End the leases of transfers that resolved since the last call (their buffers are back in the pool
         once the transfer ended; the engine's blocks are released by the lease)."""
-        with self._lock:
-            items = list(self._active.items())
-        ended: list[Ended] = []
-        for key, s in items:
-            verdict = s.settled()
-            if verdict is None:
-                continue
-            if s.job is not None:
-                s.job.release()  # waits for copies still reading the engine's blocks
-            with self._lock:
-                self._active.pop(key, None)
-            if s.lease.end(verdict.state, verdict.reason):
-                ended.append(verdict)
-        return ended
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._active)
+        return self._end_settled(lambda sending: sending.settled())
 
     def close(self, grace: float = 0.0) -> list[Ended]:
         """Cancel what is in flight (after up to ``grace`` seconds for it to finish), end every lease, close
@@ -410,7 +432,7 @@ class _Early:
     handle: IncomingTransfer | None = None
 
 
-class Inbox:
+class Inbox(_Book["Receiving"]):
     """Decode side: a ``Receiver`` whose transfers land in the engine cache through an ``Unstager``.
 
     ``expect(key, request, tables, slots)`` once the engine allocated the request's blocks. A transfer that
@@ -425,8 +447,7 @@ class Inbox:
         self.layout = unstager.layout
         self.timeout = timeout
         self.staging_bytes = staging_bytes
-        self._lock = threading.Lock()
-        self._active: dict[str, Receiving] = {}  # by kvwire request id
+        super().__init__()  # entries by kvwire request id
         self._early: dict[str, _Early] = {}
         self._early_bytes = 0
         receiver_kwargs.setdefault("transfer_timeout", timeout)
@@ -529,10 +550,6 @@ class Inbox:
             r.job.attach(r.handle)
         return r
 
-    def get(self, rid: str) -> Receiving | None:
-        with self._lock:
-            return self._active.get(rid)
-
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
         r = self.get(rid)
         if r is not None:
@@ -549,7 +566,6 @@ class Inbox:
         and drop early arrivals nobody expected in time."""
         now = time.monotonic()
         with self._lock:
-            items = list(self._active.items())
             stale = [(rid, e) for rid, e in self._early.items() if now > e.deadline]
             for rid, e in stale:
                 del self._early[rid]
@@ -558,23 +574,7 @@ class Inbox:
             if e.handle is not None and not e.handle.finished:
                 e.handle.cancel("no request expected this transfer in time")
             self._release_when_resolved(e.handle, e.buffer.release)
-        ended: list[Ended] = []
-        for rid, r in items:
-            verdict = r.settled(now)
-            if verdict is None:
-                continue
-            if r.job is not None:
-                r.job.release()  # waits for copies into the engine's blocks still running
-            with self._lock:
-                self._active.pop(rid, None)
-            if r.lease.end(verdict.state, verdict.reason):
-                ended.append(verdict)
-        return ended
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._active)
+        return self._end_settled(lambda r: r.settled(now))
 
     def close(self) -> list[Ended]:
         """Cancel everything, end every lease, close the receiver."""
