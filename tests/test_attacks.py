@@ -119,24 +119,29 @@ def test_oversized_claims_before_auth_allocate_nothing(no_leaks: None) -> None:
     nothing is allocated for them (the limit before authentication is a few KiB)."""
     head = F.pack_header(F.KIND_CONTROL, 0, 0, 0, 0, 4 * 1024 * 1024, 0)
     with Receiver(key="k") as rx:
-        gc.collect()
-        before = rss()
-        socks = []
-        try:
-            for _ in range(128):
-                c = socket.create_connection(rx.address)
-                socks.append(c)
-                try:
-                    c.sendall(head + b"\xa5" * 65536)
-                except OSError:
-                    pass
-            time.sleep(0.5)
-            grown = rss() - before
-            print(f"\nRSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
-            assert grown < 32 * 2**20
-        finally:
-            for c in socks:
-                c.close()
+        grown = _rss_growth_under_claims(rx.address, head)
+        print(f"\nRSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
+        assert grown < 32 * 2**20
+
+
+def _rss_growth_under_claims(address: tuple[str, int], head: bytes) -> int:
+    """RSS growth while 128 connections each send ``head`` (claiming a 4 MiB body) and 64 KiB of it."""
+    gc.collect()
+    before = rss()
+    socks = []
+    try:
+        for _ in range(128):
+            c = socket.create_connection(address)
+            socks.append(c)
+            try:
+                c.sendall(head + b"\xa5" * 65536)
+            except OSError:
+                pass
+        time.sleep(0.5)
+        return rss() - before
+    finally:
+        for c in socks:
+            c.close()
 
 
 class RecordingProxy:
@@ -289,25 +294,9 @@ def test_bench_control_port_allocates_nothing_for_unauthenticated_claims(bench_s
 
     from kvwire.bench.control import MAGIC, PROTOCOL
 
-    head = struct.pack("<4sBI", MAGIC, PROTOCOL, 4 * 1024 * 1024)
-    gc.collect()
-    before = rss()
-    socks = []
-    try:
-        for _ in range(128):
-            c = socket.create_connection(bench_server)
-            socks.append(c)
-            try:
-                c.sendall(head + b"\xa5" * 65536)
-            except OSError:
-                pass
-        time.sleep(0.5)
-        grown = rss() - before
-        print(f"\nbench control port: RSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
-        assert grown < 32 * 2**20
-    finally:
-        for c in socks:
-            c.close()
+    grown = _rss_growth_under_claims(bench_server, struct.pack("<4sBI", MAGIC, PROTOCOL, 4 * 1024 * 1024))
+    print(f"\nbench control port: RSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
+    assert grown < 32 * 2**20
 
 
 def test_bench_control_port_serves_a_client_under_slow_handshakes(bench_server: tuple[str, int]) -> None:
