@@ -34,3 +34,23 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     finally:
         cli.close()
         acc.close()
+
+
+@pytest.fixture
+def bench_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """A kvwire-bench server (key ``k``, 64 MiB pool) on its own thread; ``request.param`` is the bind address
+    (``indirect`` parametrization), 127.0.0.1 by default."""
+    import threading
+
+    from kvwire.bench.server import BenchServer, ServerConfig
+
+    bind = getattr(request, "param", "127.0.0.1")
+    server = BenchServer(ServerConfig(bind=bind, port=0, data_port=0, key=b"k", pool_bytes=64 << 20),
+                         log=lambda _: None)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        yield server.address
+    finally:
+        server.close()
+        t.join(5)

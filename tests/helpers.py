@@ -140,3 +140,15 @@ class StallProxy:
             s.close()
         for t in self.threads:
             t.join(5)
+
+
+def has_ipv6_loopback() -> bool:
+    """This host can bind ``::1`` (IPv6 tests skip otherwise)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

@@ -274,21 +274,6 @@ def test_replayed_lane_handshake_is_refused(no_leaks: None) -> None:
 # ---------------------------------------------------------------- the bench's control port
 
 
-@pytest.fixture
-def bench_server() -> Iterator[tuple[str, int]]:
-    from kvwire.bench.server import BenchServer, ServerConfig
-
-    server = BenchServer(ServerConfig(bind="127.0.0.1", port=0, data_port=0, key=b"k", pool_bytes=64 << 20),
-                         log=lambda _: None)
-    t = threading.Thread(target=server.serve, daemon=True)
-    t.start()
-    try:
-        yield server.address
-    finally:
-        server.close()
-        t.join(5)
-
-
 def test_bench_control_port_allocates_nothing_for_unauthenticated_claims(bench_server: tuple[str, int]) -> None:
     import struct
 

@@ -9,33 +9,20 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import payload
+from helpers import has_ipv6_loopback, payload
 
 import kvwire
 from kvwire import Receiver, connect, plan_segments
 from kvwire.codec.fixtures import default_request, load_fixture
 from kvwire.testing import netns
 
-
-def _has_ipv6() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_ipv6(), reason="this host has no IPv6 loopback")
+pytestmark = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -78,21 +65,6 @@ def test_metrics_over_ipv6() -> None:
                 assert 'kvwire_receiver_sessions{listen="v6"} 0' in r.read().decode()
         finally:
             server.close()
-
-
-@pytest.fixture
-def bench_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
-    from kvwire.bench.server import BenchServer, ServerConfig
-
-    server = BenchServer(ServerConfig(bind=request.param, port=0, data_port=0, key=b"k", pool_bytes=64 << 20),
-                         log=lambda _: None)
-    t = threading.Thread(target=server.serve, daemon=True)
-    t.start()
-    try:
-        yield server.address
-    finally:
-        server.close()
-        t.join(5)
 
 
 @pytest.mark.parametrize("bench_server,client", [("::1", "::1"), ("::", "::1"), ("::", "127.0.0.1")],

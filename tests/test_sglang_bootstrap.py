@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from helpers import has_ipv6_loopback
 
 from kvwire.adapters.sglang_bootstrap import (
     AUTH,
@@ -165,16 +166,7 @@ def test_forged_tampered_stale_and_replayed_requests_change_nothing() -> None:
         srv.close()
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 def test_mailbox_over_ipv6_and_dual_stack() -> None:
     srv = MailboxServer("::1", 0, KEY)
     try:
