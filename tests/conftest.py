@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 from helpers import kvwire_threads, open_fds, wait_until
 
+import kvwire
+
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
@@ -54,3 +56,15 @@ def bench_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
     finally:
         server.close()
         t.join(5)
+
+
+@pytest.fixture
+def link(no_leaks: None) -> Iterator[tuple[kvwire.Receiver, kvwire.Session]]:
+    """A keyed loopback receiver and a 2-lane session to it (peer timeout 3 s), closed after the test."""
+    rx = kvwire.Receiver("127.0.0.1", 0, key=b"k", peer_timeout=3.0)
+    session = kvwire.connect("127.0.0.1", rx.address[1], lanes=2, key=b"k", peer_timeout=3.0)
+    try:
+        yield rx, session
+    finally:
+        session.close()
+        rx.close()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +19,6 @@ pytest.importorskip("transformers")
 from helpers import wait_until  # noqa: E402
 from hf_tiny import prompt, tiny_model  # noqa: E402
 
-import kvwire  # noqa: E402
 from kvwire.adapters import StatePolicy  # noqa: E402
 from kvwire.adapters.transformers import (  # noqa: E402
     IncomingCache,
@@ -43,17 +41,6 @@ from kvwire.errors import (  # noqa: E402
 def jamba() -> Any:
     torch.set_num_threads(1)
     return tiny_model("jamba")
-
-
-@pytest.fixture
-def link(no_leaks: None) -> Iterator[tuple[kvwire.Receiver, kvwire.Session]]:
-    rx = kvwire.Receiver("127.0.0.1", 0, key=b"k", peer_timeout=3.0)
-    session = kvwire.connect("127.0.0.1", rx.address[1], lanes=2, key=b"k", peer_timeout=3.0)
-    try:
-        yield rx, session
-    finally:
-        session.close()
-        rx.close()
 
 
 def _addr(buf: Any) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 from hf_tiny import prompt, tiny_model  # noqa: E402
 
-import kvwire  # noqa: E402
 from kvwire.adapters.transformers import (  # noqa: E402
     VERIFIED_TRANSFORMERS,
     PrefillStream,
@@ -29,17 +27,6 @@ from kvwire.adapters.transformers import (  # noqa: E402
 )
 from kvwire.codec.layout import RequestSpec  # noqa: E402
 from kvwire.errors import LayoutMismatch, TransferCancelled  # noqa: E402
-
-
-@pytest.fixture
-def link(no_leaks: None) -> Iterator[tuple[kvwire.Receiver, kvwire.Session]]:
-    rx = kvwire.Receiver("127.0.0.1", 0, key=b"k", peer_timeout=3.0)
-    session = kvwire.connect("127.0.0.1", rx.address[1], lanes=2, key=b"k", peer_timeout=3.0)
-    try:
-        yield rx, session
-    finally:
-        session.close()
-        rx.close()
 
 
 class _Both(torch.nn.Module):  # both names: the newer one wins
