@@ -21,6 +21,12 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10",
                  "matplotlib>=3.7", "transformers>=5.17,<5.25"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        # the PrfaaS reference deployment (kvwire.prfaas.node/nodeclient/config and the router's front door):
+        # a well-kept ASGI stack (starlette + uvicorn) and HTTP client (httpx) instead of hand-written HTTP,
+        # the official openai client for the front door's tests, prometheus_client for /metrics, tomli to read
+        # the TOML deployment config on Python 3.10 (3.11+ has tomllib)
+        "prfaas": ["torch==2.13.0", "transformers>=5.17,<5.25", "starlette>=0.37", "uvicorn>=0.29",
+                   "httpx>=0.27", "openai>=1.0", "prometheus_client>=0.20", "tomli>=2.0; python_version < '3.11'"],
     },
     entry_points={
         "console_scripts": ["kvwire-bench=kvwire.bench:main"],

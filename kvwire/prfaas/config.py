@@ -1,0 +1,246 @@
+"""The PrfaaS deployment config: one TOML file every process of a deployment reads (nodes, router, launcher).
+
+Owns: the file format, its validation (typed ``ConfigError`` naming the bad key) and the frozen dataclasses it
+loads into. Sections:
+
+- ``[model]``: the served model, so every node builds identical seeded weights. ``kind`` (``"qwen3_next"``),
+  ``seed``, ``dtype`` (``"float32"``), and ``hf``: a table of transformers config keywords laid over
+  ``DEFAULT_HF`` (a small Qwen3-Next: gated-delta-rule layers interleaved 3:1 with full-attention GQA).
+- ``[cache]``: ``block_size`` (tokens per prefix block; the router's index and the nodes' checkpoints use the
+  same), ``store_bytes`` (each node's checkpoint store bound).
+- ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
+  ``host``, ``control_port``, ``data_port``; names and (host, port) pairs are unique.
+- ``[router]`` and any other table: kept as plain dicts for their owner (``DeployConfig.router`` / ``extra``).
+
+The shared key is not in the file: processes read ``KVWIRE_KEY`` from the environment.
+Must not know: how nodes serve, how the router routes, or how the launcher starts processes.
+Python 3.11+ reads TOML with ``tomllib``; on 3.10 the ``tomli`` backport (the ``prfaas`` extra) is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+CLUSTERS = ("prfaas", "local")
+ROLES = ("prefill", "decode")
+MODEL_KINDS = ("qwen3_next",)
+
+#: the default served model: 8 layers (6 gated-delta-rule + 2 full attention, 3:1), dense MLPs, vocab 512,
+#: initializer_range 0.5 so a perturbed state changes greedy tokens (see tests/hf_tiny.py)
+DEFAULT_HF: Mapping[str, Any] = MappingProxyType(dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8, full_attention_interval=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4, num_experts=4,
+    num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+    mlp_only_layers=list(range(8)), max_position_embeddings=65536, initializer_range=0.5))
+
+
+class ConfigError(ValueError):
+    """The deployment config is missing a key, has one of the wrong type, or is inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "qwen3_next"
+    seed: int = 0
+    dtype: str = "float32"
+    hf: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_HF))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf["vocab_size"])
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """The transformers config keywords (a fresh dict: callers may not change the spec)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.hf.items()}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 64
+    store_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    cluster: str
+    role: str
+    host: str
+    control_port: int
+    data_port: int
+
+    @property
+    def control_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.control_port}"
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    model: ModelSpec
+    cache: CacheConfig
+    nodes: tuple[NodeSpec, ...]
+    router: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other top-level tables, untouched
+    path: str | None = None
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"no node named {name!r} (nodes: {[n.name for n in self.nodes]})")
+
+    def by(self, *, cluster: str | None = None, role: str | None = None) -> list[NodeSpec]:
+        return [n for n in self.nodes if (cluster is None or n.cluster == cluster) and (role is None or n.role == role)]
+
+
+def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing {key!r}")
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {kind}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {extra} (allowed: {sorted(allowed)})")
+
+
+def _port(table: Mapping[str, Any], key: str, where: str) -> int:
+    p = _take(table, key, int, where)
+    if not 0 < p < 65536:
+        raise ConfigError(f"{where}.{key}: {p} is not a TCP port")
+    return int(p)
+
+
+def _model(t: Mapping[str, Any]) -> ModelSpec:
+    _unknown(t, {"kind", "seed", "dtype", "hf"}, "[model]")
+    kind = _take(t, "kind", str, "[model]", "qwen3_next")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"[model].kind: {kind!r} not in {MODEL_KINDS}")
+    dtype = _take(t, "dtype", str, "[model]", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"[model].dtype: {dtype!r} not float32/bfloat16/float16")
+    hf = {**DEFAULT_HF, **_take(t, "hf", dict, "[model]", {})}
+    if not isinstance(hf.get("vocab_size"), int) or hf["vocab_size"] < 2:
+        raise ConfigError("[model.hf].vocab_size must be an int >= 2")
+    return ModelSpec(kind=kind, seed=int(_take(t, "seed", int, "[model]", 0)), dtype=dtype, hf=hf)
+
+
+def _cache(t: Mapping[str, Any]) -> CacheConfig:
+    _unknown(t, {"block_size", "store_bytes"}, "[cache]")
+    bs = _take(t, "block_size", int, "[cache]", CacheConfig.block_size)
+    sb = _take(t, "store_bytes", int, "[cache]", CacheConfig.store_bytes)
+    if bs < 1 or sb < 0:
+        raise ConfigError("[cache]: need block_size >= 1 and store_bytes >= 0")
+    return CacheConfig(block_size=bs, store_bytes=sb)
+
+
+def _nodes(items: Any) -> tuple[NodeSpec, ...]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("[[nodes]]: at least one node is needed")
+    out: list[NodeSpec] = []
+    for i, t in enumerate(items):
+        where = f"[[nodes]][{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: a table is needed")
+        _unknown(t, {"name", "cluster", "role", "host", "control_port", "data_port"}, where)
+        n = NodeSpec(name=_take(t, "name", str, where), cluster=_take(t, "cluster", str, where),
+                     role=_take(t, "role", str, where), host=_take(t, "host", str, where, "127.0.0.1"),
+                     control_port=_port(t, "control_port", where), data_port=_port(t, "data_port", where))
+        if n.cluster not in CLUSTERS:
+            raise ConfigError(f"{where}.cluster: {n.cluster!r} not in {CLUSTERS}")
+        if n.role not in ROLES:
+            raise ConfigError(f"{where}.role: {n.role!r} not in {ROLES}")
+        if n.cluster == "prfaas" and n.role != "prefill":
+            raise ConfigError(f"{where}: PrfaaS nodes prefill only (role {n.role!r})")
+        out.append(n)
+    names = [n.name for n in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[[nodes]]: duplicate names in {names}")
+    ports = [(n.host, p) for n in out for p in (n.control_port, n.data_port)]
+    if len(set(ports)) != len(ports):
+        raise ConfigError("[[nodes]]: a (host, port) pair is used twice")
+    return tuple(out)
+
+
+def from_dict(data: Mapping[str, Any], path: str | None = None) -> DeployConfig:
+    """A ``DeployConfig`` from the parsed TOML document (or an equal dict built in code)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("the config must be a table")
+    model = _model(_take(data, "model", dict, "config", {}))
+    cache = _cache(_take(data, "cache", dict, "config", {}))
+    nodes = _nodes(data.get("nodes"))
+    router = dict(_take(data, "router", dict, "config", {}))
+    extra = {k: v for k, v in data.items() if k not in ("model", "cache", "nodes", "router")}
+    return DeployConfig(model=model, cache=cache, nodes=nodes, router=router, extra=extra, path=path)
+
+
+def _toml() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError as e:  # pragma: no cover - 3.10 without the extra
+        raise ConfigError("reading the config on Python 3.10 needs tomli (pip install kvwire[prfaas])") from e
+    return tomli
+
+
+def load(path: str | os.PathLike[str]) -> DeployConfig:
+    """Read and validate the deployment config at ``path`` (TOML)."""
+    toml = _toml()
+    try:
+        with open(path, "rb") as f:
+            data = toml.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {os.fspath(path)!r}: {e}") from e
+    except toml.TOMLDecodeError as e:
+        raise ConfigError(f"{os.fspath(path)}: not valid TOML: {e}") from e
+    return from_dict(data, path=os.fspath(path))
+
+
+def to_toml(config: DeployConfig) -> str:
+    """The config as TOML text ``load`` reads back equal (for launchers and tests that write one)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise ConfigError(f"cannot write {type(v).__name__} {v!r} to TOML")
+
+    def table(name: str, t: Mapping[str, Any]) -> list[str]:
+        plain = [f"{k} = {value(v)}" for k, v in t.items() if not isinstance(v, Mapping)]
+        out = [f"[{name}]", *plain, ""]
+        for k, v in t.items():
+            if isinstance(v, Mapping):
+                out += table(f"{name}.{k}", v)
+        return out
+
+    m = config.model
+    lines = table("model", {"kind": m.kind, "seed": m.seed, "dtype": m.dtype, "hf": dict(m.hf)})
+    lines += table("cache", {"block_size": config.cache.block_size, "store_bytes": config.cache.store_bytes})
+    for n in config.nodes:
+        lines += ["[[nodes]]", *(f"{k} = {value(getattr(n, k))}" for k in
+                                 ("name", "cluster", "role", "host", "control_port", "data_port")), ""]
+    lines += table("router", config.router)
+    for k, v in config.extra.items():
+        if isinstance(v, Mapping):
+            lines += table(k, v)
+    return "\n".join(lines)
