@@ -106,3 +106,18 @@ def test_the_short_loop_never_routes_to_a_path_without_instances() -> None:
     naive = sim.paper_configs(sim.Arrivals(2.3), requests=3000)["naive"]
     r = sim.simulate(dataclasses.replace(naive, adaptive=True))
     assert r.unfinished == 0 and r.offloaded == 1.0 and len(r.thresholds) == 1
+
+
+
+def test_busy_prfaas_instances_are_not_a_queue() -> None:
+    """The short loop's queue signal counts requests waiting for a PrfaaS instance, not those running. At
+    2 req/s (PrfaaS instances ~63 % busy, the link idle) with the default queue_high = 8, the offloaded
+    share stays within 2 % of the planned p and t moves rarely (40 changes in 4000 requests). Fed waiting +
+    running, as before, the 4 busy instances counted toward queue_high: 140 changes, 4.4 % under p."""
+    best = model.paper_cases()["prfaas-pd"]
+    cfg = sim.at_plan(model.paper_deployment(), best, sim.Arrivals(2.0), requests=4000, adaptive=True,
+                      router_config=RouterConfig(t_max=paper.workload().hi))
+    r = sim.simulate(cfg)
+    assert r.utilization["prfaas"] > 0.5 and r.utilization["egress"] < 0.3  # busy instances, idle link
+    assert r.offloaded == pytest.approx(best.split.p, rel=0.02)
+    assert len(r.thresholds) < 70

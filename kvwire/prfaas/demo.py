@@ -111,7 +111,7 @@ def run(cfg: DemoConfig) -> DemoResult:
         inject = cfg.congest is not None and cfg.congest[0] <= now < cfg.congest[1]
         link = synthetic_link(time.monotonic(), 0.97, True) if inject else server.link_state()
         before = router.t
-        router.observe(time.monotonic(), link, server.queue_depth)
+        router.observe(time.monotonic(), link, server.waiting)
         plan = router.maybe_replan(time.monotonic())
         if plan is not None:
             say(f"  [replan {now:5.2f}s] t*={router.t_star:.0f} recommend N_p={plan.n_p} N_d={plan.n_d} "

@@ -13,6 +13,8 @@ The paper gives no numbers for the short loop; ours (``RouterConfig``) and why:
   smoothed utilization ≤ 0.60 (or unknown) and queue ≤ 2. Between the two nothing moves (hysteresis);
 * a condition must hold for ``hold_s`` (0.3 s) before acting, and changes are ``cooldown_s`` (0.5 s) apart,
   so the transfer queue has time to respond before we judge again;
+* the queue depth is the PrfaaS requests *waiting* for an instance, not those running (a busy instance
+  is not a backlog: counting running ones read 4 busy instances as half of ``queue_high``);
 * steps are bounded: up ×1.25 (at most ``max_step`` tokens), down ×0.9 but never below the planned t*;
   t stays within [t_min, t_max]. Up is faster than down: overload hurts more than a little lost offload;
 * bandwidth is "scarce" for cache affinity when congested or smoothed utilization ≥ 0.70.
@@ -145,7 +147,8 @@ class Router:
 
     # ------------------------------------------------------------ short timescale
     def observe(self, now: float, link: LinkState | None, queue_depth: int) -> float:
-        """Take the latest link snapshot (repeats are ignored) and the PrfaaS queue depth; return t."""
+        """Take the latest link snapshot (repeats are ignored) and the number of requests waiting for a
+        PrfaaS instance (running ones excluded); return t."""
         cfg = self.config
         if link is not None and (self._last_link is None or link.timestamp > self._last_link):
             self._last_link = link.timestamp

@@ -170,6 +170,12 @@ class PrfaasServer:
         with self._lock:
             return self._waiting + self._running
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for an instance (what the router's short loop counts as a queue)."""
+        with self._lock:
+            return self._waiting
+
     def lane_sockets(self) -> list[Any]:
         """Every live lane socket of every decode-peer session (what the LinkMonitor samples)."""
         with self._lock:

@@ -244,7 +244,6 @@ def simulate(cfg: SimConfig) -> SimResult:
     push(w1, _MARK, 1)
     marks = [0.0, 0.0]  # bytes sent by w0 and by w1
     sent_at_tick = 0.0
-    queue_prfaas = 0  # waiting + running at PrfaaS, as PrfaasServer.queue_depth counts
     thresholds: list[tuple[float, float]] = [(0.0, router.t)]
 
     def relink(now: float) -> None:
@@ -291,7 +290,6 @@ def simulate(cfg: SimConfig) -> SimResult:
                 push(float(arrive[rid + 1]), _ARRIVE, rid + 1)
             off = router.route(RouteRequest(str(rid), lengths_int[rid])).target == PRFAAS
             to_prfaas[rid] = off
-            queue_prfaas += off
             pool = pools[off]
             if pool[4] <= 0:
                 raise ValueError(f"request {rid} routed to a pool with no instances")
@@ -306,7 +304,6 @@ def simulate(cfg: SimConfig) -> SimResult:
             pool[0] += 1
             pool[2].set(now, pool[4] - pool[0])
             if off:
-                queue_prfaas -= 1
                 link.advance(now)
                 del link.producing[rid]
                 link.due.append((link.made, rid))
@@ -341,7 +338,8 @@ def simulate(cfg: SimConfig) -> SimResult:
             u = served / (link.rate * cfg.tick_s) if link.rate > 0 else (1.0 if backlog > 0 else 0.0)
             congested = backlog > link.rate * cfg.congested_s if link.rate > 0 else backlog > 0
             before = router.t
-            router.observe(now, _link_state(now, served / cfg.tick_s, link.rate, u, congested), queue_prfaas)
+            router.observe(now, _link_state(now, served / cfg.tick_s, link.rate, u, congested),
+                           len(pools[True][1]))  # waiting for a PrfaaS instance
             if router.t != before:
                 thresholds.append((now, router.t))
             if events:  # keep ticking while anything is left to happen
