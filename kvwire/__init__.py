@@ -8,6 +8,7 @@ The names an engine imports::
 from .codec.frames import Limits
 from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
 from .codec.presets import PRESETS, load_layout, load_preset
+from .codec.reshard import ReshardPlan, check_reshardable, plan_reshard
 from .codec.transfer import State
 from .congestion.control import LinkControl
 from .congestion.controller import ControllerConfig
@@ -25,6 +26,8 @@ from .errors import (
     LayoutMismatch,
     ProbeRefused,
     ProtocolError,
+    ReshardRequired,
+    ReshardUnsupported,
     StatePositionMismatch,
     TransferCancelled,
     TransferError,
@@ -33,6 +36,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .probe import ProbeResult, probe
+from .reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender
 from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
 
 __version__ = "0.1.0"
@@ -61,6 +65,13 @@ __all__ = [
     "ProbeResult",
     "ProtocolError",
     "Receiver",
+    "ReshardIncoming",
+    "ReshardOutgoing",
+    "ReshardPlan",
+    "ReshardReceiver",
+    "ReshardRequired",
+    "ReshardSender",
+    "ReshardUnsupported",
     "RequestSpec",
     "Segment",
     "Session",
@@ -71,9 +82,11 @@ __all__ = [
     "TransferFailed",
     "TransferTimedOut",
     "check_compatible",
+    "check_reshardable",
     "connect",
     "load_layout",
     "load_preset",
+    "plan_reshard",
     "plan_segments",
     "probe",
 ]

@@ -25,6 +25,16 @@ class StatePositionMismatch(LayoutMismatch):
     """The state snapshot was taken at another token position than the receiver resumes from."""
 
 
+class ReshardUnsupported(LayoutMismatch):
+    """Prefill and decode TP differ in a way no re-sharding plan can bridge (indivisible heads, groups that
+    cannot be padded, layouts that disagree beyond TP): names the first tensor that cannot be mapped."""
+
+
+class ReshardRequired(LayoutMismatch):
+    """The two sides' TP differ but a re-sharding plan exists: move the cache with ``kvwire.reshard``
+    (``ReshardSender``/``ReshardReceiver``), not a direct transfer whose bytes would mean something else."""
+
+
 class InvalidBuffer(KvwireError, ValueError):
     """A buffer cannot carry a transfer as given: not C-contiguous, read-only where it is written, on a GPU
     (``kvwire.cuda`` stages those), or not a buffer at all. A ``ValueError`` too."""

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from ..errors import LayoutError, LayoutMismatch, StatePositionMismatch
+from ..errors import LayoutError, LayoutMismatch, ReshardRequired, ReshardUnsupported, StatePositionMismatch
 
 DTYPE_SIZES: Mapping[str, int] = {
     "bfloat16": 2,
@@ -301,8 +301,27 @@ class ModelLayout:
         return hashlib.sha256(msgpack.packb(canon, use_bin_type=True)).digest()[:16]
 
 
-def check_compatible(sender: ModelLayout, receiver: ModelLayout) -> None:
-    """Raise LayoutMismatch naming the first difference that changes the meaning of the bytes."""
+def check_compatible(sender: ModelLayout, receiver: ModelLayout, *, reshard: bool = False) -> None:
+    """Raise LayoutMismatch naming the first difference that changes the meaning of the bytes.
+
+    TP sizes that differ: ``ReshardUnsupported`` when no re-sharding plan bridges them (``codec.reshard``),
+    else ``ReshardRequired`` (a direct transfer would mean other bytes; ``kvwire.ReshardSender`` and
+    ``ReshardReceiver`` move it), or, with ``reshard=True``, no error: the plan checked every tensor.
+    """
+    if reshard or sender.tp_size != receiver.tp_size:
+        from .reshard import plan_reshard  # reshard builds on this module
+
+        try:
+            plan_reshard(sender, receiver)
+        except ReshardUnsupported as e:
+            raise ReshardUnsupported(f"TP differs (sender tp={sender.tp_size}, receiver tp={receiver.tp_size}) "
+                                     f"and no re-sharding plan bridges it: {e}") from None
+        if reshard:
+            return
+        raise ReshardRequired(
+            f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, receiver tp={receiver.tp_size} "
+            f"rank={receiver.tp_rank}; a re-sharding plan exists: move it with kvwire.ReshardSender and "
+            f"ReshardReceiver (each decode rank receives only its slices)")
     if (sender.tp_size, sender.tp_rank) != (receiver.tp_size, receiver.tp_rank):
         raise LayoutMismatch(
             f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, "

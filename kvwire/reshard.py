@@ -1,0 +1,346 @@
+"""M prefill ranks to N decode ranks: each prefill rank sends each decode rank only the slices a
+``ReshardPlan`` gives it, and they land in the decode rank's own buffers.
+
+Owns: ``ReshardSender``/``ReshardOutgoing`` (one prefill rank: one ``Session`` per decode rank it feeds, one
+transfer per target; strided pieces gathered into a contiguous buffer, contiguous ones sent from the
+caller's memory), ``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected
+transfer per contributing prefill rank; contiguous pieces received straight into the destination, strided
+ones into a staging buffer scattered as soon as their layer is verified; ``wait_layer(i)`` once every
+contributing rank's part of layer ``i`` is in; the request fails, naming the prefill rank, when any
+contributing transfer fails). Must not know: the wire, lanes, sockets or torch: it is built on
+``Session.send``/``Receiver.expect`` and their handles only, and reaches memory through ``kvwire.buffers``.
+
+Transfers are keyed ``"<request_id>@<prefill rank>><decode rank>"``; each carries the plan's slice layout,
+so a sender with another plan is refused by the receiver's layout check before a byte lands.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .buffers import byte_view, segment_views
+from .codec.layout import RequestSpec, plan_segments
+from .codec.reshard import ReshardPlan, SliceCopy
+from .codec.transfer import State
+from .errors import KvwireError, LayoutMismatch
+from .tcp.handle import Outcome
+
+if TYPE_CHECKING:
+    from .tcp.incoming import IncomingTransfer
+    from .tcp.outgoing import OutgoingTransfer
+    from .tcp.receiver import Receiver
+    from .tcp.sender import Session
+
+
+def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:
+    """The id of the transfer from ``prefill_rank`` to ``decode_rank`` for ``request_id``."""
+    return f"{request_id}@{prefill_rank}>{decode_rank}"
+
+
+def _sub_request(request: RequestSpec, p: int, d: int) -> RequestSpec:
+    return RequestSpec(sub_request_id(request.request_id, p, d), request.num_tokens, request.state_position,
+                       dict(request.prefix_hit), dict(request.block_ids))
+
+
+def _rows(buf: memoryview, offset: int, stride: int, c: SliceCopy, writable: bool) -> np.ndarray:
+    """The ``(rows, row_bytes)`` strided view of ``c``'s bytes in ``buf`` (bounds checked first)."""
+    end = offset + (c.rows - 1) * stride + c.row_bytes
+    if offset < 0 or end > len(buf):
+        raise LayoutMismatch(f"slice rows [{offset}, {end}) outside a {len(buf)}-byte segment")
+    a = np.frombuffer(buf, dtype=np.uint8)[offset:end]
+    return as_strided(a, shape=(c.rows, c.row_bytes), strides=(stride, 1), writeable=writable)
+
+
+def gather(src: memoryview, c: SliceCopy) -> memoryview | np.ndarray:
+    """The slice's bytes from a prefill rank's segment: a view when contiguous, else one strided copy."""
+    if c.src_contiguous:
+        if c.src_offset + c.nbytes > len(src):
+            raise LayoutMismatch(f"slice [{c.src_offset}, +{c.nbytes}) outside a {len(src)}-byte segment")
+        return src[c.src_offset: c.src_offset + c.nbytes]
+    return np.ascontiguousarray(_rows(src, c.src_offset, c.src_stride, c, False)).reshape(-1)
+
+
+def scatter(dst: memoryview, c: SliceCopy, data: Any) -> None:
+    """Write a received slice (``data``: its ``nbytes`` contiguous bytes) into a decode rank's segment."""
+    rows = np.frombuffer(byte_view(data), dtype=np.uint8).reshape(c.rows, c.row_bytes)
+    _rows(dst, c.dst_offset, c.dst_stride, c, True)[...] = rows
+
+
+class ReshardOutgoing(Outcome):
+    """One request on one prefill rank: ``write_layer`` with this rank's own segments of a layer (as for an
+    ``OutgoingTransfer`` of its layout), ``finish()``, then ``result()``. Done once every target is."""
+
+    def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec,
+                 transfers: Mapping[int, OutgoingTransfer]) -> None:
+        super().__init__()
+        self.plan, self.rank, self.request = plan, rank, request
+        self.transfers = dict(transfers)
+        own = plan_segments(plan.prefill, request)
+        self._own_by_layer: dict[int, list[int]] = {}
+        for s in own:
+            self._own_by_layer.setdefault(s.layer, []).append(s.index)
+        self._own_sizes = [s.nbytes for s in own]
+        self._copies: dict[int, dict[int, list[SliceCopy]]] = {}
+        for d in self.transfers:
+            by_layer: dict[int, list[SliceCopy]] = {}
+            for s, c in zip(plan_segments(plan.slice_layout(rank, d), _sub_request(request, rank, d)),
+                            plan.copies(rank, d, request)):
+                by_layer.setdefault(s.layer, []).append(c)
+            self._copies[d] = by_layer
+        self._keep: list[Any] = []  # gathered buffers: the transport does not copy them
+        self._targets_lock = threading.Lock()
+        self._ended: dict[int, str] = {}
+        for d, t in self.transfers.items():
+            t.add_done_callback(self._on_target_done(d, t))
+        if not self.transfers:
+            self._resolve(State.DONE)
+
+    def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
+        """Hand over this rank's segments of ``layer`` (in order). Not copied unless a piece is strided."""
+        own = self._own_by_layer.get(layer, [])
+        if len(buffers) != len(own):
+            raise LayoutMismatch(f"layer {layer} has {len(own)} segments on this rank, got {len(buffers)} buffers")
+        views = {}
+        for i, b in zip(own, buffers):
+            v = byte_view(b)
+            if len(v) != self._own_sizes[i]:
+                raise LayoutMismatch(f"segment {i} of layer {layer} needs {self._own_sizes[i]} bytes, "
+                                     f"buffer has {len(v)}")
+            views[i] = v
+        for d, t in self.transfers.items():
+            copies = self._copies[d].get(layer)
+            if copies:
+                parts = [gather(views[c.src_segment], c) for c in copies]
+                with self._targets_lock:
+                    self._keep.extend(p for p in parts if isinstance(p, np.ndarray))
+                t.write_layer(layer, parts)
+
+    def write_all(self, buffers: Sequence[Any]) -> None:
+        """Every segment of this rank at once, in ``plan_segments`` order."""
+        if len(buffers) != len(self._own_sizes):
+            raise LayoutMismatch(f"{len(self._own_sizes)} segments, got {len(buffers)} buffers")
+        for layer, idx in self._own_by_layer.items():
+            self.write_layer(layer, [buffers[i] for i in idx])
+
+    def finish(self) -> ReshardOutgoing:
+        for t in self.transfers.values():
+            t.finish()
+        return self
+
+    def cancel(self, reason: str = "cancelled by sender") -> None:
+        for t in self.transfers.values():
+            t.cancel(reason)
+
+    def bytes_sent(self) -> dict[int, int]:
+        """Payload bytes sent so far to each decode rank (re-sent chunks counted again)."""
+        return {d: t.bytes_sent for d, t in self.transfers.items()}
+
+    def _on_target_done(self, d: int, t: OutgoingTransfer) -> Callable[[Any], None]:
+        return lambda _f: self._target_done(d, t)
+
+    def _target_done(self, d: int, t: OutgoingTransfer) -> None:
+        with self._targets_lock:
+            self._ended[d] = "" if t.state is State.DONE else f"decode rank {d}: {t.state.value}: {t.reason}"
+            if len(self._ended) < len(self.transfers):
+                return
+            failures = [r for _, r in sorted(self._ended.items()) if r]
+            self._keep.clear()
+        self._resolve(State.FAILED if failures else State.DONE, "; ".join(failures))
+
+
+class ReshardSender:
+    """Prefill rank ``rank`` of ``plan``: ``sessions[d]`` reaches decode rank ``d`` (needed for every
+    ``plan.targets(rank)``)."""
+
+    def __init__(self, plan: ReshardPlan, rank: int, sessions: Mapping[int, Session]) -> None:
+        if not 0 <= rank < plan.prefill_tp:
+            raise ValueError(f"prefill rank {rank} outside tp {plan.prefill_tp}")
+        missing = [d for d in plan.targets(rank) if d not in sessions]
+        if missing:
+            raise KvwireError(f"prefill rank {rank} feeds decode ranks {plan.targets(rank)}: no session for {missing}")
+        self.plan, self.rank, self.sessions = plan, rank, dict(sessions)
+
+    def send(self, request: RequestSpec, *, timeout: float | None = 300.0, hashing: bool | None = None
+             ) -> ReshardOutgoing:
+        """Start this rank's transfers of ``request`` (one per target decode rank)."""
+        started: dict[int, OutgoingTransfer] = {}
+        try:
+            for d in self.plan.targets(self.rank):
+                sub = _sub_request(request, self.rank, d)
+                started[d] = self.sessions[d].send(self.plan.slice_layout(self.rank, d), sub, timeout=timeout,
+                                                   hashing=hashing)
+        except BaseException:
+            for t in started.values():
+                t.cancel("sibling transfer could not start")
+            raise
+        return ReshardOutgoing(self.plan, self.rank, request, started)
+
+
+class ReshardIncoming(Outcome):
+    """One request on one decode rank. ``wait_layer(i)`` returns once every contributing prefill rank's
+    part of layer ``i`` is verified and in place; ``result()`` once all of them are."""
+
+    def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec) -> None:
+        super().__init__()
+        self.plan, self.rank, self.request = plan, rank, request
+        self.sources: dict[int, IncomingTransfer] = {}
+        self.layer_times: dict[int, float] = {}
+        self.started = time.monotonic()
+        self._cond = threading.Condition()
+        self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
+        self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, np.ndarray]]] = {}
+        self._done_sources: set[int] = set()
+        self._layer_callbacks: list[Callable[[int], None]] = []
+
+    # ---- caller API
+    @property
+    def layers_ready(self) -> set[int]:
+        with self._cond:
+            return set(self.layer_times)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Return once ``layer`` is complete on this decode rank; raise if the request ended without it."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while layer not in self.layer_times:
+                if self.finished:
+                    self.result(0)
+                    raise KvwireError(f"request done but layer {layer} is not in it")
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
+                self._cond.wait(left if left is not None else 1.0)
+
+    def on_layer(self, fn: Callable[[int], None]) -> None:
+        """``fn(layer)`` as each layer completes (on the receiver's callback pool); earlier ones at once."""
+        with self._cond:
+            done = sorted(self.layer_times, key=self.layer_times.__getitem__)
+            if not self.finished:
+                self._layer_callbacks.append(fn)
+        for layer in done:
+            fn(layer)
+
+    def bytes_received(self) -> dict[int, int]:
+        """Payload bytes received so far from each prefill rank (re-sent chunks counted again)."""
+        return {p: sum(h.lane_bytes().values()) for p, h in self.sources.items()}
+
+    def cancel(self, reason: str = "cancelled by receiver") -> None:
+        self._fail(State.CANCELLED, reason, None)
+
+    # ---- wiring (ReshardReceiver.expect)
+    def _add_source(self, p: int, h: IncomingTransfer, layers: set[int],
+                    scatters: dict[int, list[tuple[memoryview, SliceCopy, np.ndarray]]]) -> None:
+        with self._cond:
+            self.sources[p] = h
+            for layer in layers:
+                self._need.setdefault(layer, set()).add(p)
+            for layer, items in scatters.items():
+                self._scatters[(p, layer)] = items
+
+    def _start(self) -> None:
+        for p, h in self.sources.items():
+            h.on_layer(functools.partial(self._arrived, p))
+            h.add_done_callback(functools.partial(self._source_finished, p, h))
+        if not self.sources:
+            self._resolve(State.DONE)
+
+    def _arrived(self, p: int, layer: int) -> None:
+        with self._cond:
+            if self.finished:
+                return
+            items = self._scatters.pop((p, layer), [])
+        for dst, c, staged in items:
+            scatter(dst, c, staged)
+        with self._cond:
+            waiting = self._need.get(layer)
+            if waiting is None or p not in waiting:
+                return
+            waiting.discard(p)
+            if waiting or self.finished:
+                return
+            self.layer_times[layer] = time.monotonic()
+            cbs = list(self._layer_callbacks)
+            self._cond.notify_all()
+        for fn in cbs:
+            fn(layer)
+
+    def _source_finished(self, p: int, h: IncomingTransfer, _future: Any) -> None:
+        self._source_done(p, h)
+
+    def _source_done(self, p: int, h: IncomingTransfer) -> None:
+        if h.state is not State.DONE:
+            state = h.state if h.state in (State.TIMED_OUT, State.CANCELLED) else State.FAILED
+            self._fail(state, f"prefill rank {p} ({sub_request_id(self.request.request_id, p, self.rank)}): "
+                              f"{h.state.value}: {h.reason}", p)
+            return
+        with self._cond:
+            self._done_sources.add(p)
+            complete = len(self._done_sources) == len(self.sources) and len(self.layer_times) == len(self._need)
+        if complete:
+            with self._cond:
+                self._layer_callbacks.clear()
+                self._cond.notify_all()
+            self._resolve(State.DONE)
+
+    def _fail(self, state: State, reason: str, culprit: int | None) -> None:
+        if not self._resolve(state, reason):
+            return
+        with self._cond:
+            self._layer_callbacks.clear()
+            self._scatters.clear()
+            self._cond.notify_all()
+        for q, other in self.sources.items():
+            if q != culprit and not other.finished:
+                other.cancel(f"request failed on decode rank {self.rank}: {reason}")
+
+
+class ReshardReceiver:
+    """Decode rank ``rank`` of ``plan``, receiving on ``receiver`` (its own ``kvwire.Receiver``)."""
+
+    def __init__(self, plan: ReshardPlan, rank: int, receiver: Receiver) -> None:
+        if not 0 <= rank < plan.decode_tp:
+            raise ValueError(f"decode rank {rank} outside tp {plan.decode_tp}")
+        self.plan, self.rank, self.receiver = plan, rank, receiver
+
+    def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None) -> ReshardIncoming:
+        """Register this rank's destination for ``request``: one buffer per segment of
+        ``plan_segments(plan.decode, request)``, or one buffer of their total size (as ``Receiver.expect``)."""
+        plan, d = self.plan, self.rank
+        views = segment_views(buffers, plan_segments(plan.decode, request), writable=True)
+        h = ReshardIncoming(plan, d, request)
+        try:
+            for p in plan.sources(d):
+                sub = _sub_request(request, p, d)
+                layout = plan.slice_layout(p, d)
+                dest: list[Any] = []
+                layers: set[int] = set()
+                scatters: dict[int, list[tuple[memoryview, SliceCopy, np.ndarray]]] = {}
+                for s, c in zip(plan_segments(layout, sub), plan.copies(p, d, request)):
+                    layers.add(s.layer)
+                    target = views[c.dst_segment]
+                    if c.dst_contiguous:
+                        dest.append(target[c.dst_offset: c.dst_offset + c.nbytes])
+                    else:
+                        staged = np.empty(c.nbytes, dtype=np.uint8)
+                        dest.append(staged)
+                        scatters.setdefault(s.layer, []).append((target, c, staged))
+                sub_h = self.receiver.expect(sub.request_id, dest, layout=layout,
+                                             state_position=request.state_position, timeout=timeout)
+                h._add_source(p, sub_h, layers, scatters)
+        except BaseException:
+            for other in h.sources.values():
+                other.cancel("sibling expectation could not be registered")
+            raise
+        h._start()
+        return h
+
+
+__all__ = ["ReshardIncoming", "ReshardOutgoing", "ReshardReceiver", "ReshardSender", "gather", "scatter",
+           "sub_request_id"]
