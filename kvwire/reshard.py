@@ -276,7 +276,7 @@ class ReshardIncoming(Outcome):
 
     def _source_done(self, p: int, h: IncomingTransfer) -> None:
         if h.state is not State.DONE:
-            state = h.state if h.state in (State.TIMED_OUT, State.CANCELLED) else State.FAILED
+            state = State.TIMED_OUT if h.state is State.TIMED_OUT else State.FAILED
             self._fail(state, f"prefill rank {p} ({sub_request_id(self.request.request_id, p, self.rank)}): "
                               f"{h.state.value}: {h.reason}", p)
             return

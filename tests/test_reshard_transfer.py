@@ -1,0 +1,169 @@
+"""M prefill ranks -> N decode ranks over real loopback sockets (one Receiver per decode rank, one Session per
+(prefill, decode) pair): bit-exact against the independent reference, wire bytes per decode rank equal to
+what it needs, wait_layer per decode rank, and a failing or silent prefill rank failing the request by name."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from reshard_ref import FAMILY_CONFIGS, family_layout, global_payload, shard_reference
+
+from kvwire import (
+    Receiver,
+    ReshardIncoming,
+    ReshardReceiver,
+    ReshardSender,
+    Session,
+    TransferFailed,
+    TransferTimedOut,
+    connect,
+    plan_reshard,
+)
+from kvwire.codec.layout import RequestSpec, plan_segments
+from kvwire.codec.reshard import ReshardPlan
+
+CHUNK = 64 * 1024
+
+
+@contextlib.contextmanager
+def mesh(plan: ReshardPlan) -> Iterator[tuple[list[Receiver], dict[int, dict[int, Session]]]]:
+    """A Receiver per decode rank and, per prefill rank, a one-lane Session to each decode rank it feeds."""
+    with contextlib.ExitStack() as stack:
+        rxs = [stack.enter_context(Receiver(key="k")) for _ in range(plan.decode_tp)]
+        sessions = {p: {d: stack.enter_context(connect(*rxs[d].address, key="k", lanes=1, chunk_size=CHUNK))
+                        for d in plan.targets(p)} for p in range(plan.prefill_tp)}
+        yield rxs, sessions
+
+
+def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSpec
+             ) -> tuple[ReshardPlan, list[list[np.ndarray]], list[list[np.ndarray]], list[ReshardIncoming],
+                        list[dict[int, int]]]:
+    config = FAMILY_CONFIGS[family]
+    g = family_layout(family, variant, 1)
+    payload = global_payload(g, request, seed=7)
+    prefill = [shard_reference(g, config, payload, request, tp_p, p) for p in range(tp_p)]
+    want = [shard_reference(g, config, payload, request, tp_d, d) for d in range(tp_d)]
+    plan = plan_reshard(family_layout(family, variant, tp_p), family_layout(family, variant, tp_d))
+    dest = [[np.full(s.nbytes, 0xEE, np.uint8) for s in plan_segments(plan.decode, request)]
+            for _ in range(tp_d)]
+    with mesh(plan) as (rxs, sessions):
+        incoming = [ReshardReceiver(plan, d, rxs[d]).expect(request, dest[d], timeout=30) for d in range(tp_d)]
+        outgoing = [ReshardSender(plan, p, sessions[p]).send(request, timeout=30) for p in range(tp_p)]
+        own = [plan_segments(family_layout(family, variant, tp_p, p), request) for p in range(tp_p)]
+        for layer in range(plan.decode.num_layers):  # layer by layer, as prefill produces them
+            for p, out in enumerate(outgoing):
+                out.write_layer(layer, [prefill[p][s.index] for s in own[p] if s.layer == layer])
+        for out in outgoing:
+            out.finish()
+        layers = sorted({s.layer for s in plan_segments(plan.decode, request)})
+        for h in incoming:
+            for layer in layers:
+                h.wait_layer(layer, timeout=30)
+            h.result(30)
+        for out in outgoing:
+            out.result(30)
+        sent = [out.bytes_sent() for out in outgoing]
+    return plan, dest, want, incoming, sent
+
+
+CASES = [
+    ("mamba2", "vllm", 1, 2),  # GQA + Mamba2, SD conv
+    ("mamba2", "ds-hkv", 2, 4),  # groups padded at 4, KV heads replicated at 4
+    ("gdn", "ds-hkv", 2, 1),
+    ("kda", "hf", 4, 2),  # MLA replicated, KDA conv HF width, HKV state
+    ("mamba2-g1", "hf", 8, 2),  # Falcon-H1: attention + Mamba2 in one layer, 1 group, HND KV
+    ("swa", "vllm", 4, 2),
+    ("lightning", "vllm", 2, 4),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}to{c[3]}")
+def test_loopback_reshard_bit_exact_and_no_over_send(case: tuple[str, str, int, int], no_leaks: None) -> None:
+    family, variant, tp_p, tp_d = case
+    request = RequestSpec(f"rq-{family}-{tp_p}-{tp_d}", 48, 47, {"attn": 8})
+    plan, got, want, incoming, sent = transfer(family, variant, tp_p, tp_d, request)
+    whole_prefill_rank = sum(s.nbytes for s in plan_segments(plan.prefill, request))
+    for d in range(tp_d):
+        assert [a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]], f"decode rank {d}"
+        need = plan.needed_bytes(d, request)
+        received = incoming[d].bytes_received()
+        assert set(received) == set(plan.sources(d))
+        assert sum(received.values()) == need  # bytes on the wire = the bytes this rank holds
+        assert sum(s.get(d, 0) for s in sent) == need  # ... as the senders counted them too
+        # never the whole cache of each contributing rank where it holds more than this rank needs
+        assert need <= whole_prefill_rank * len(plan.sources(d))
+        if tp_d > tp_p or family in ("kda", "swa"):  # split state, or replicated MLA/KV sent by one rank only
+            assert need < whole_prefill_rank * len(plan.sources(d))
+
+
+def test_every_required_pair_over_sockets(no_leaks: None) -> None:
+    """TP 1->2, 2->1, 2->4, 4->2, 8->2 through real transfers (GQA with kv_heads < TP, padded groups)."""
+    for tp_p, tp_d in [(1, 2), (2, 1), (2, 4), (4, 2), (8, 2)]:
+        request = RequestSpec(f"pair-{tp_p}-{tp_d}", 24, 24)
+        plan, got, want, _, _ = transfer("mamba2", "vllm", tp_p, tp_d, request)
+        assert all([a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]] for d in range(tp_d))
+
+
+def test_a_failing_prefill_rank_fails_the_decode_request_by_name(no_leaks: None) -> None:
+    family, variant = "gdn", "vllm"
+    plan = plan_reshard(family_layout(family, variant, 2), family_layout(family, variant, 1))
+    request = RequestSpec("fails", 16, 15)
+    dest = [np.zeros(s.nbytes, np.uint8) for s in plan_segments(plan.decode, request)]
+    own = plan_segments(family_layout(family, variant, 2), request)
+    with mesh(plan) as (rxs, sessions):
+        h = ReshardReceiver(plan, 0, rxs[0]).expect(request, dest, timeout=30)
+        good = ReshardSender(plan, 0, sessions[0]).send(request, timeout=30)
+        bad = ReshardSender(plan, 1, sessions[1]).send(request, timeout=30)
+        first = own[0].layer
+        good.write_layer(first, [np.zeros(s.nbytes, np.uint8) for s in own if s.layer == first])
+        bad.cancel("prefill worker crashed")
+        with pytest.raises(TransferFailed, match=r"prefill rank 1 .*prefill worker crashed"):
+            h.result(10)
+        assert h.state.value == "failed"
+        # the healthy source's transfer was cancelled by the decode side: it ends too, naming the decode rank
+        with pytest.raises(TransferFailed, match="decode rank 0"):
+            good.result(10)
+        with pytest.raises(TransferFailed):
+            h.wait_layer(first, timeout=1)
+
+
+def test_a_silent_prefill_rank_times_the_request_out(no_leaks: None) -> None:
+    plan = plan_reshard(family_layout("mla", "vllm", 2), family_layout("mla", "vllm", 1))
+    request = RequestSpec("silent", 8, 8)
+    dest = [np.zeros(s.nbytes, np.uint8) for s in plan_segments(plan.decode, request)]
+    with mesh(plan) as (rxs, _):
+        h = ReshardReceiver(plan, 0, rxs[0]).expect(request, dest, timeout=0.5)
+        with pytest.raises(TransferTimedOut, match="prefill rank 0"):
+            h.result(10)
+
+
+def test_on_layer_reports_each_layer_once_after_all_sources(no_leaks: None) -> None:
+    request = RequestSpec("layers", 16, 16)
+    seen: list[int] = []
+    family, variant = "kda", "vllm"
+    config = FAMILY_CONFIGS[family]
+    g = family_layout(family, variant, 1)
+    payload = global_payload(g, request)
+    prefill = [shard_reference(g, config, payload, request, 2, p) for p in range(2)]
+    plan = plan_reshard(family_layout(family, variant, 2), family_layout(family, variant, 1))
+    dest = [np.zeros(s.nbytes, np.uint8) for s in plan_segments(plan.decode, request)]
+    own = plan_segments(family_layout(family, variant, 2), request)
+    with mesh(plan) as (rxs, sessions):
+        h = ReshardReceiver(plan, 0, rxs[0]).expect(request, dest, timeout=30)
+        h.on_layer(seen.append)
+        outs = [ReshardSender(plan, p, sessions[p]).send(request) for p in range(2)]
+        outs[0].write_layer(0, [prefill[0][s.index] for s in own if s.layer == 0])
+        with pytest.raises(TimeoutError):
+            h.wait_layer(0, timeout=0.3)  # rank 1's half of layer 0 is still missing
+        outs[1].write_layer(0, [prefill[1][s.index] for s in own if s.layer == 0])
+        h.wait_layer(0, timeout=10)
+        for layer in range(1, plan.decode.num_layers):
+            for p in range(2):
+                outs[p].write_layer(layer, [prefill[p][s.index] for s in own if s.layer == layer])
+        for o in outs:
+            o.finish()
+        h.result(10)
+    assert sorted(seen) == sorted(set(seen)) == sorted({s.layer for s in plan_segments(plan.decode, request)})
