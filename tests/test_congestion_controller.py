@@ -142,8 +142,10 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
     calm = decide(st, ls(3.0, C, loss=0.0, capacity=C), cubic)
     assert calm.decision.lanes == 16  # loss-based lanes keep their count when the loss they see moves
     st = decide(cruising(big, cap=1e9), ls(1.5, 1e9, capacity=1e9), big)
-    few = decide(st, ls(3.0, 1e8, capacity=1e8), big)
-    assert few.decision.lanes == 5  # BBR lanes follow the BDP down, by at most half a step
+    kept = decide(st, ls(3.0, 1e8, capacity=1e8), big)
+    assert kept.decision.lanes == 10  # the best estimate of the last best_window still needs them
+    few = decide(kept, ls(3.0 + big.best_window, 1e8, capacity=1e8), big)
+    assert few.decision.lanes == 5  # then BBR lanes follow the BDP down, by at most half a step
 
 
 def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> None:

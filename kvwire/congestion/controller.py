@@ -25,6 +25,13 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
   that does not pay, or fills a queue, starts the steps over.
+- Never stuck: the estimator never lowers the capacity on intervals we limited ourselves (nothing queued,
+  or held to our own pacing cap) and never below half of what the link delivered within a second; should
+  the estimate still sit below ``recover_ratio`` of the best one of the last ``best_window`` while the
+  lanes deliver all the pacing lets them (``pacing_limited``) without loss, the controller re-probes:
+  pacing off and every lane's algorithm restarted (BBR back in STARTUP: a capped BBR would otherwise
+  regrow its own bandwidth estimate by 25 % per eight round trips) until the estimator measured the link
+  again (``probe_min``); that capacity becomes the new best, so a real rate drop costs one re-probe.
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -36,7 +43,10 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   measured loss (only without a queue: congestive loss is no reason for lanes; in polite mode only while
   no other flow is seen: alone on a lossy link polite CUBIC lanes would otherwise sit at 4 x the Mathis
   rate, a fifth of a 400 Mbit/s, 20 ms, 0.1 % loss link; sharing, the aggregate pacing bounds the lanes).
-  Grown at once, shrunk only below half the current count. Receiver-window-limited links never grow.
+  Grown at once, shrunk only below half the current count. Receiver-window-limited links never grow
+  on these rules.
+- Lanes held by their socket windows (send buffer, or the peer's receive window), no queue: doubled while
+  each doubling raises goodput (``_grow_window_bound``), in PROBE, CRUISE or POLITE.
   Nothing is judged while the lanes are app-limited (``busy < min_busy``).
 """
 
@@ -50,7 +60,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from .estimator import LinkState
-from .tcpinfo import SocketOptionError, get_congestion, set_congestion, set_pacing_rate
+from .tcpinfo import SocketOptionError, get_congestion, restart_congestion, set_congestion, set_pacing_rate
 
 log = logging.getLogger("kvwire.congestion")
 
@@ -92,6 +102,7 @@ class ControllerConfig:
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
+    window_limited: float = 0.3  # lanes held by a socket window this share of busy time: add lanes
     lane_window: float = 4 * 2**20  # per-lane window cap (tcp_wmem[2] / peer tcp_rmem[2])
     polite: bool = False
     polite_share: float = 0.5
@@ -99,6 +110,9 @@ class ControllerConfig:
     polite_hold: float = 2.0
     judge_after: float = 1.0  # the estimator's stats window: goodput averages reach back this far
     grow_gain: float = 0.15  # loss-bound lanes keep growing while each step raises goodput by this much
+    recover_ratio: float = 0.5  # an estimate below this x the recent best, while we get all we pace: re-probe
+    best_window: float = 30.0  # how long the best estimate is remembered
+    recover_loss: float = 0.01  # ... and loss below this (a long path's random loss, not an overflowing queue)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.initial_lanes <= self.max_lanes:
@@ -128,6 +142,7 @@ class Decision:
     congestion: str | None
     mode: Mode
     reason: str
+    restart: bool = False  # re-initialise the lanes' congestion algorithm as this decision is applied
 
     @property
     def total_pacing(self) -> int | None:
@@ -143,6 +158,8 @@ class ControllerState:
     lanes_at: float | None = None  # when loss-bound lanes were last added (capacity unknown)
     grown_from: float | None = None  # goodput just before that step
     upprobe_streak: int = 0  # up-probes in a row that paid (the next one's step doubles with each)
+    best: float | None = None  # the best capacity estimate of the last best_window ...
+    best_at: float | None = None  # ... and when it was seen
 
     @property
     def mode(self) -> Mode:
@@ -171,15 +188,20 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     since = now - st.changed_at
     cap = link.capacity
     q = link.queueing_ratio or 1.0
+    if cap is not None and (st.best is None or cap >= st.best or st.best_at is None
+                            or now - st.best_at > cfg.best_window):
+        st = replace(st, best=cap, best_at=now)
     if cfg.polite and link.competing_bw and since >= cfg.settle + cfg.judge_after:
         st = replace(st, competing_at=now)  # (a queue right after our own change says nothing of others)
 
-    grown = _grow_loss_bound(st, link, cfg)
+    grown = _grow_loss_bound(st, link, cfg) or _grow_window_bound(st, link, cfg)
     if grown is not None:
         return grown
     if d.mode is Mode.PROBE:
         if cap is not None and since >= cfg.probe_min:
-            return _pace(st, link, cfg, Mode.CRUISE, f"probed capacity {cap:.4g} B/s", new_mode=True)
+            # what it measured is the best there is now (a re-probe after a real rate drop ends the search)
+            return _pace(replace(st, best=cap, best_at=now), link, cfg, Mode.CRUISE,
+                         f"probed capacity {cap:.4g} B/s", new_mode=True)
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
@@ -188,7 +210,10 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             return _pace(replace(st, drained_at=now), link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})",
                          new_mode=True)
         total = _drain_rate(link, cfg)
-        if total and d.total_pacing and total < (1 - cfg.repace) * d.total_pacing:
+        # (only on a measured capacity, and not while we get all the drain's pacing: goodput at our own
+        # cap says nothing of the link, and following it down would ratchet the pacing to nothing)
+        if (total and d.total_pacing and total < (1 - cfg.repace) * d.total_pacing and cap is not None
+                and not link.pacing_limited):
             return replace(st, decision=replace(d, pacing_rate=max(1, total // d.lanes),
                                                 reason=f"capacity fell: drain at {total:.4g} B/s"))
         return st
@@ -203,13 +228,20 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
+    if _collapsed(st, link, cfg) and since >= cfg.settle:
+        assert cap is not None and st.best is not None
+        return _reprobe(st, link, f"estimate {cap:.4g} B/s below {cfg.recover_ratio:.0%} of the best "
+                        f"{st.best:.4g} while the lanes take all the pacing gives")
+    if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after:
+        return _reprobe(st, link, f"goodput {link.goodput:.4g} B/s below {cfg.recover_ratio:.0%} of the capacity "
+                        f"{cap:.4g} on a clear link")
     if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
         if cfg.polite and st.drained_at is not None and now - st.drained_at < cfg.polite_hold:
             # we drained it and paced under the capacity, yet the queue is back: someone else's
             return _pace(replace(st, competing_at=now), link, cfg, d.mode, f"queue back after a drain "
                          f"(ratio {q:.2f}): sharing", new_mode=True)
         return _drain(st, link, cfg, f"queueing ratio {q:.2f}")
-    lanes = _lanes(d, link, cfg, _sharing(st, cfg, now))
+    lanes = _lanes(d, link, cfg, _sharing(st, cfg, now), st.best)
     if since >= cfg.settle and lanes != d.lanes:
         return _pace(replace(st, decision=replace(d, lanes=lanes)), link, cfg, d.mode,
                      f"{lanes} lanes for the path", new_mode=True)
@@ -217,6 +249,35 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             and d.pacing_rate is not None):
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
+
+
+def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
+    """The estimate fell far below the recent best, yet the lanes get all the pacing lets them, loss-free:
+    the pacing, not the link, is the limit (a fault that ended, false low samples)."""
+    cap = link.capacity
+    return (cap is not None and st.best is not None and cap < cfg.recover_ratio * st.best
+            and link.pacing_limited and not link.app_limited and link.loss_rate < cfg.recover_loss
+            and not _sharing(st, cfg, link.timestamp))
+
+
+def _underused(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
+    """BBR lanes with work queued, unheld by pacing, windows or a queue, deliver far below the capacity:
+    their own bandwidth estimates are what is low (after a long stall BBR regrows by 25 % per eight round
+    trips: minutes at 80 ms from a few packets)."""
+    cap = link.capacity
+    return (st.decision.congestion == "bbr" and cap is not None and link.goodput < cfg.recover_ratio * cap
+            and (link.queueing_ratio or 1.0) <= cfg.drained_ratio and not link.app_limited
+            and not link.pacing_limited and link.loss_rate < cfg.recover_loss
+            and max(link.sndbuf_limited, link.rwnd_limited) < cfg.window_limited
+            and not _sharing(st, cfg, link.timestamp))
+
+
+def _reprobe(st: ControllerState, link: LinkState, why: str) -> ControllerState:
+    """PROBE unpaced with every lane's algorithm restarted (BBR in STARTUP finds the link in a few round
+    trips); its result becomes the best estimate."""
+    d = st.decision
+    return _to(replace(st, upprobe_streak=0), link, Decision(
+        d.lanes, None, d.congestion, Mode.PROBE, f"{why}: re-probing unpaced, lanes restarted", restart=True))
 
 
 def _upprobe_gain(cfg: ControllerConfig, streak: int) -> float:
@@ -264,8 +325,8 @@ def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mod
     d = st.decision
     cap = link.capacity
     mode = Mode.POLITE if cfg.polite and mode in (Mode.CRUISE, Mode.POLITE) else mode
-    if cap is None:
-        nd = replace(d, mode=mode, reason=why or d.reason)
+    if cap is None:  # nothing measured to pace under (a drain's cap must not outlive it)
+        nd = replace(d, mode=mode, pacing_rate=None, reason=why or d.reason)
         return _to(st, link, nd) if new_mode else replace(st, decision=nd)
     sharing = _sharing(st, cfg, link.timestamp)
     gain = cfg.polite_share if sharing else cfg.pace_gain
@@ -305,13 +366,38 @@ def _grow_loss_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig
     return replace(st, decision=replace(d, lanes=want, reason=why), lanes_at=now, grown_from=link.goodput)
 
 
-def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig, sharing: bool) -> int:
-    """Lanes the path needs (see the module docstring), with hysteresis against the current count."""
+def _grow_window_bound(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState | None:
+    """Add lanes while the lanes are held by their socket windows (``sndbuf_limited``: ``tcp_wmem[2]``
+    over a long path; ``rwnd_limited``: the peer's ``tcp_rmem[2]``) with no queue at the bottleneck, and
+    while each step raised goodput by ``grow_gain``: then the sockets, not the link, are the limit (4 MiB
+    over 80 ms is ~265 Mbit/s a lane). Doubles the lanes per step (up to ``max_lanes``); the capacity the
+    queue of the wider aggregate then shows paces them, so more lanes never flood the queue."""
+    d, now = st.decision, link.timestamp
+    q = link.queueing_ratio or 1.0
+    last = st.lanes_at if st.lanes_at is not None else st.changed_at
+    limited = max(link.sndbuf_limited, link.rwnd_limited)
+    if (limited < cfg.window_limited or d.lanes >= cfg.max_lanes or _sharing(st, cfg, now) or link.app_limited
+            or d.mode not in (Mode.PROBE, Mode.CRUISE, Mode.POLITE) or q > cfg.drained_ratio or last is None
+            or now - last < cfg.settle + cfg.judge_after or link.pacing_limited):
+        return None
+    if st.grown_from is not None and link.goodput < (1 + cfg.grow_gain) * st.grown_from:
+        return None  # the last step did not pay
+    want = min(cfg.max_lanes, 2 * d.lanes)
+    which = "send-buffer" if link.sndbuf_limited >= link.rwnd_limited else "receive-window"
+    why = (f"{want} lanes: {d.lanes} lanes {which}-limited {limited:.0%} of the time, no queue, "
+           f"{link.goodput * 8e-6:.4g} Mbit/s")
+    return replace(st, decision=replace(d, lanes=want, reason=why), lanes_at=now, grown_from=link.goodput)
+
+
+def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig, sharing: bool, best: float | None = None) -> int:
+    """Lanes the path needs (see the module docstring), with hysteresis against the current count; BBR
+    lanes never shrink below what the recent ``best`` capacity needs (a collapsed estimate would otherwise
+    leave too few socket windows to recover into)."""
     cap, rtt = link.capacity, link.min_rtt
     if cap is None or not rtt or sharing or (link.queueing_ratio or 1.0) > cfg.drained_ratio:
         return d.lanes  # sharing, or loss that a queue explains: congestive, not a reason for lanes
     if d.congestion == "bbr":
-        want = math.ceil(2 * cap * rtt / cfg.lane_window)
+        want = math.ceil(2 * max(cap, best or 0.0) * rtt / cfg.lane_window)
     else:
         loss = max(link.loss_rate, 1e-6)
         want = math.ceil(cap / mathis_rate(rtt, loss))
@@ -391,14 +477,15 @@ class LaneController:
         if d == before and fds == self._paced:
             return
         self._paced = fds
-        apply_decision(d, sockets, share=len(sockets))
+        apply_decision(d, sockets, share=len(sockets), restart=d.restart and d != before)
 
 
-def apply_decision(d: Decision, sockets: Sequence[socket.socket],
-                   share: int | None = None) -> list[tuple[socket.socket, SocketOptionError]]:
+def apply_decision(d: Decision, sockets: Sequence[socket.socket], share: int | None = None,
+                   restart: bool = False) -> list[tuple[socket.socket, SocketOptionError]]:
     """Set ``d``'s pacing cap and algorithm on every socket; returns the sockets that refused (a dead
     lane is normal, so this does not raise). The algorithm is only set where it differs. Each socket
-    gets ``d.pacing_rate``, or with ``share`` the aggregate ``d.total_pacing`` split ``share`` ways."""
+    gets ``d.pacing_rate``, or with ``share`` the aggregate ``d.total_pacing`` split ``share`` ways.
+    ``restart``: re-initialise each socket's algorithm too (``restart_congestion``)."""
     rate = d.pacing_rate
     if share is not None and d.total_pacing is not None:
         rate = max(1, d.total_pacing // max(1, share))
@@ -408,6 +495,8 @@ def apply_decision(d: Decision, sockets: Sequence[socket.socket],
             set_pacing_rate(s, rate)
             if d.congestion is not None and get_congestion(s) != d.congestion:
                 set_congestion(s, d.congestion)
+            elif restart:
+                restart_congestion(s)
         except SocketOptionError as e:
             failed.append((s, e))
     return failed

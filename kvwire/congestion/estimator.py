@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .tcpinfo import TcpInfo
+from .tcpinfo import UNLIMITED_PACING, TcpInfo
 
 LaneKey = int | str
 
@@ -48,13 +48,27 @@ class EstimatorConfig:
     # first probe, and a standing queue below it is read as competing traffic instead.
     capacity_follows_queue: bool = True
     competing_margin: float = 0.1  # goodput below (1 - this) x capacity under a queue: others present
+    # what we limited ourselves cannot say what the link can do: an interval in which some lane had nothing
+    # queued (a request's gap or tail) or in which goodput reached this share of our own pacing cap never
+    # lowers the probed capacity, whatever the queueing ratio says (srtt lags a queue that is gone, and
+    # at a few packets per RTT delayed ACKs alone read as one)
+    paced_share: float = 0.9
+    # and the probed capacity never falls below floor_fraction x the best goodput (bw_sample spans) the
+    # link delivered in the last floor_window: it can halve at most once per floor_window, so a burst of
+    # false low samples cannot collapse it (an estimate too high is cheap: the pacing cap is only a cap,
+    # each lane's kernel BBR still finds the bottleneck under it; one too low throttles every lane)
+    floor_window: float = 1.0
+    floor_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("bw_window", "bw_sample", "raise_span", "rtt_window", "stats_window", "rtt_floor"):
+        for name in ("bw_window", "bw_sample", "raise_span", "rtt_window", "stats_window", "rtt_floor",
+                     "floor_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.capacity is not None and self.capacity <= 0:
             raise ValueError("capacity must be positive")
+        if not 0 < self.paced_share <= 1 or not 0 <= self.floor_fraction < 1:
+            raise ValueError("need 0 < paced_share <= 1 and 0 <= floor_fraction < 1")
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,8 @@ class LinkState:
     saturated: bool
     lanes: tuple[LaneState, ...] = field(default=())
     competing_bw: float | None = None  # what others take: capacity - goodput while saturated below it
+    app_limited: bool = False  # this interval a lane had nothing queued to send (a gap or a request's tail)
+    pacing_limited: bool = False  # this interval goodput reached paced_share of our own aggregate pacing cap
 
     @property
     def usable_bw(self) -> float | None:
@@ -150,6 +166,12 @@ class _Interval:
     lanes: int
     d: _Deltas
     partial: bool = False  # the lane set changed: a lane that came or went is missing from ``d``
+    app_limited: bool = False  # a lane had nothing queued: goodput says what we offered, not the link
+    pacing_limited: bool = False  # goodput reached our own pacing cap: ditto
+
+    @property
+    def limited(self) -> bool:
+        return self.app_limited or self.pacing_limited
 
 
 def _delivered(info: TcpInfo, prev: TcpInfo) -> int:
@@ -196,6 +218,8 @@ class LinkEstimator:
         self._run_start: float | None = None  # end of the run's first interval (the queue formed in it)
         self._last_ratio: float | None = None
         self._probed_at = 0.0  # when a standing queue last set the probed capacity
+        self._floor_bw: deque[tuple[float, float]] = deque()  # (t, bw_sample goodput) over floor_window
+        self._app_limited_at: float | None = None  # the last interval in which a lane had nothing queued
         self.latest: LinkState | None = None
 
     def set_capacity(self, bytes_per_s: float | None) -> None:
@@ -222,8 +246,17 @@ class LinkEstimator:
         if dt is not None:
             total = sum(deltas.values(), _Deltas())
             partial = items.keys() != self._prev.keys()
-            self._intervals.append(_Interval(now, dt, len(items), total, partial))
-            self._bw.append((now, self._span_rate(now, self.config.bw_sample)))
+            # and for a bw_sample after: srtt kept, through the gap, the queue from before it; the lanes
+            # take a few round trips to fill the pipe again
+            app = _app_limited(items, deltas, self._prev, dt)
+            if app:
+                self._app_limited_at = now
+            recent = self._app_limited_at is not None and now - self._app_limited_at <= self.config.bw_sample + 1e-9
+            self._intervals.append(_Interval(now, dt, len(items), total, partial, app or recent,
+                                             _pacing_limited(items, total.acked / dt, self.config.paced_share)))
+            rate = self._span_rate(now, self.config.bw_sample)
+            self._bw.append((now, rate))
+            self._floor_bw.append((now, rate))
         self._prev = items
         self._last_t = now
         rtts = [i.min_rtt_us for i in items.values() if i.min_rtt_us]
@@ -252,10 +285,13 @@ class LinkEstimator:
             self._bw.popleft()
         while self._rtts and self._rtts[0][0] <= now - self.config.rtt_window:
             self._rtts.popleft()
+        while self._floor_bw and self._floor_bw[0][0] <= now - self.config.floor_window:
+            self._floor_bw.popleft()
 
     def _state(self, now: float, lanes: tuple[LaneState, ...]) -> LinkState:
         cfg = self.config
         stats = [iv for iv in self._intervals if iv.end > now - cfg.stats_window]
+        last = self._intervals[-1] if self._intervals and self._intervals[-1].end == now else None
         span = sum(iv.dt for iv in stats)
         goodput = sum(iv.d.acked for iv in stats) / span if span else 0.0
         btl_bw = max((rate for _, rate in self._bw), default=0.0)
@@ -285,7 +321,8 @@ class LinkEstimator:
             rwnd_limited=_share(sum(iv.d.rwnd_us for iv in stats), busy_us),
             sndbuf_limited=_share(sum(iv.d.sndbuf_us for iv in stats), busy_us),
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
-            saturated=saturated, lanes=lanes)
+            saturated=saturated, lanes=lanes, app_limited=bool(last and last.app_limited),
+            pacing_limited=bool(last and last.pacing_limited))
 
     def _capacity(self, now: float, saturated: bool, ratio: float | None) -> float | None:
         """Under a standing queue the link is full, so the
@@ -308,7 +345,10 @@ class LinkEstimator:
         # an interval in which lanes came or went undercounts what the link served (a new lane's bytes
         # count from its next sample): it neither extends nor breaks the run, like a shrinking queue
         skip = shrinking or bool(self._intervals and self._intervals[-1].partial)
-        if not saturated:
+        # an interval we limited ourselves (nothing queued, or held to our own pacing) measures our offer,
+        # not the link: it breaks the run like an interval without a queue
+        limited = bool(self._intervals and self._intervals[-1].end == now and self._intervals[-1].limited)
+        if not saturated or limited:
             run.clear()
             self._run_start = None
         elif skip:
@@ -335,6 +375,8 @@ class LinkEstimator:
             self._probed, self._probed_at = served, now
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
             self._probed = max(self._probed, self._span_rate(now, self.config.raise_span))
+        if self._probed is not None and self._floor_bw:
+            self._probed = max(self._probed, self.config.floor_fraction * max(r for _, r in self._floor_bw))
         return self._probed
 
 
@@ -352,6 +394,30 @@ def _lane(key: LaneKey, info: TcpInfo, d: _Deltas, dt: float | None) -> LaneStat
         sndbuf_limited=_share(d.sndbuf_us, d.busy_us), delivery_rate=info.delivery_rate,
         pacing_rate=info.pacing_rate, max_pacing_rate=info.max_pacing_rate,
         notsent_bytes=info.notsent_bytes, ca_state=info.ca_state)
+
+
+def _app_limited(items: Mapping[LaneKey, TcpInfo], deltas: Mapping[LaneKey, _Deltas],
+                 prev: Mapping[LaneKey, TcpInfo], dt: float) -> bool:
+    """Some lane had nothing to send: nothing waits in its socket (``notsent_bytes`` 0) and it was not
+    held by its send buffer this interval (all of a full buffer in flight also leaves nothing unsent), or
+    it had data in flight less than 90 % of the interval. Only lanes seen before and whose kernel says."""
+    for key, info in items.items():
+        if key not in prev:
+            continue
+        d = deltas[key]
+        if info.notsent_bytes == 0 and d.sndbuf_us == 0 and info.sndbuf_limited_us is not None:
+            return True
+        if info.busy_time_us is not None and d.busy_us < 0.9 * dt * 1e6:
+            return True
+    return False
+
+
+def _pacing_limited(items: Mapping[LaneKey, TcpInfo], goodput: float, share: float) -> bool:
+    """Every lane carries a pacing cap and goodput reached ``share`` of their sum."""
+    caps = [info.max_pacing_rate for info in items.values()]
+    if not caps or any(c is None or c >= UNLIMITED_PACING for c in caps):
+        return False
+    return goodput >= share * sum(c for c in caps if c is not None)
 
 
 def _reset(info: TcpInfo, prev: TcpInfo) -> bool:

@@ -192,6 +192,17 @@ def set_congestion(sock: socket.socket, name: str) -> None:
         raise SocketOptionError(f"TCP_CONGESTION={name!r} refused: {e}") from e
 
 
+def restart_congestion(sock: socket.socket) -> None:
+    """Re-initialise ``sock``'s congestion algorithm (to ``reno`` and back): BBR starts over in STARTUP
+    (its bandwidth filter emptied, doubling its rate each round trip) instead of growing a bandwidth it
+    measured under a pacing cap by 25 % every eight round trips. Setting the same name is a no-op in the
+    kernel, hence the detour."""
+    name = get_congestion(sock)
+    if name != "reno":
+        set_congestion(sock, "reno")
+    set_congestion(sock, name)
+
+
 def get_congestion(sock: socket.socket) -> str:
     """``sock``'s congestion algorithm name."""
     try:
