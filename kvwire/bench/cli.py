@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import termination
 from .client import run_client
 from .document import build_document, build_server_document
 from .errors import EXIT_FAILED, EXIT_OK, BenchError, UsageError
@@ -147,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         o = options_from_args(args)
     except UsageError as e:
         parser.error(str(e))
+    if o.mode != "server":  # (the server stops on SIGTERM by its own handler)
+        termination.install()  # SIGTERM/SIGHUP unwind like Ctrl-C: child server, emulated link torn down
     try:
         if o.mode == "server":
             return run_server(o)
@@ -160,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except BenchError as e:
         sys.stderr.write(f"kvwire-bench: error - {e}\n")
+        return e.exit_code
+    except termination.Terminated as e:
+        sys.stderr.write(f"kvwire-bench: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("kvwire-bench: interrupted\n")

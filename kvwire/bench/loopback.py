@@ -60,6 +60,13 @@ class LoopbackServer:
         self._q.put(None)
 
     def __enter__(self) -> LoopbackServer:
+        try:
+            return self._wait_listening()
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) while it starts: __exit__ will not run
+            self.stop(0.5)
+            raise
+
+    def _wait_listening(self) -> LoopbackServer:
         while True:
             try:
                 line = self._q.get(timeout=START_TIMEOUT)
@@ -75,8 +82,9 @@ class LoopbackServer:
                 self.port = int(m.group(2))
                 return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # after its test the one-off server exits by itself; interrupted or failed, it is stopped now
+        self.stop(10.0 if exc_type is None else 0.5)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Wait for the one-off server to exit after its test; terminate it if it does not."""

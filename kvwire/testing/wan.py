@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from .. import termination
 from . import netns
 from .netns import NetnsError
 
@@ -36,6 +37,9 @@ CLIENT_ADDR, CLIENT_GW = "10.77.1.2", "10.77.1.1"
 SERVER_ADDR, SERVER_GW = "10.77.2.2", "10.77.2.1"
 QUEUE_C2S, QUEUE_S2C = 0, 1
 REQUIRED_TOOLS = ("ip", "iptables")
+#: the namespaces' name prefix when none is given (default "kvw"): a test run that must find its own
+#: namespaces among those of runs beside it sets a unique one
+PREFIX_ENV = "KVWIRE_WAN_PREFIX"
 
 
 class WanError(NetnsError):
@@ -54,7 +58,8 @@ class WanLink(AbstractContextManager["WanLink"]):
     The rate is counted at the IP layer, the same in both directions; ``loss`` applies to both
     directions; ``rtt_ms`` is split evenly. ``queue_bytes`` defaults to one bandwidth-delay product.
     ``gso``: let the emulator take GSO super-packets whole (cheaper, but loss and queueing then act on
-    up to 64 KB at once). ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
+    up to 64 KB at once). Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or
+    ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
     releases (check ``stats()["late_releases"]``); off by default because it outranks every normal
     process on its core.
     """
@@ -64,7 +69,7 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     def __init__(self, rtt_ms: float = 20.0, loss: float = 0.0, rate_mbit: float = 400.0,
                  queue_bytes: int | None = None, mtu: int = 1500, *, seed: int | None = None,
-                 gso: bool = False, realtime: bool = False, prefix: str = "kvw") -> None:
+                 gso: bool = False, realtime: bool = False, prefix: str | None = None) -> None:
         if rate_mbit <= 0 or rtt_ms < 0 or not 0 <= loss < 1 or not 576 <= mtu <= 65535:
             raise ValueError("need rate_mbit > 0, rtt_ms >= 0, 0 <= loss < 1, 576 <= mtu <= 65535")
         self.rtt_ms = rtt_ms
@@ -75,6 +80,9 @@ class WanLink(AbstractContextManager["WanLink"]):
         self.seed = seed
         self.gso = gso
         self.realtime = realtime
+        prefix = prefix if prefix is not None else os.environ.get(PREFIX_ENV, "kvw")
+        if not re.fullmatch(r"[a-z0-9]{1,8}", prefix):
+            raise ValueError(f"namespace prefix {prefix!r}: 1-8 characters a-z 0-9")
         token = secrets.token_hex(3)
         self.client_ns = f"{prefix}{token}-c"
         self.middle_ns = f"{prefix}{token}-m"
@@ -95,9 +103,14 @@ class WanLink(AbstractContextManager["WanLink"]):
         self.close()
 
     def start(self) -> WanLink:
+        """Build the link. From the main thread this also makes SIGTERM and SIGHUP raise
+        ``kvwire.termination.Terminated`` (a ``KeyboardInterrupt``) where they have no handler of their
+        own, so the ``with`` block (or fixture) around the link tears it down as on Ctrl-C; Python's
+        default would die with the namespaces and the emulator left behind."""
         reason = unavailable_reason()
         if reason:
             raise WanError(f"cannot emulate a WAN here: {reason}")
+        termination.install()
         try:
             self._build()
         except BaseException:
@@ -352,6 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("no command given (use: -- CMD ...)")
     env = dict(os.environ, KVWIRE_WAN_SERVER=SERVER_ADDR, KVWIRE_WAN_CLIENT=CLIENT_ADDR)
     link = WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, mtu=a.mtu, seed=a.seed)
+    try:
+        return _run_cli(a, cmd, env, link)
+    except termination.Terminated as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_cli(a: argparse.Namespace, cmd: list[str], env: dict[str, str], link: WanLink) -> int:
     with link:
         if a.server:
             link.popen_in("server", ["sh", "-c", _substitute([a.server])[0]], env=env)
