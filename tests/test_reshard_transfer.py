@@ -131,12 +131,20 @@ def test_a_failing_prefill_rank_fails_the_decode_request_by_name(no_leaks: None)
 
 
 def test_a_silent_prefill_rank_times_the_request_out(no_leaks: None) -> None:
+    """MLA 2 -> 1: the latent replicas take turns by layer, so both prefill ranks feed decode rank 0; rank 0
+    sends everything it owes, rank 1 never starts: the request times out naming rank 1."""
     plan = plan_reshard(family_layout("mla", "vllm", 2), family_layout("mla", "vllm", 1))
+    assert plan.sources(0) == [0, 1]
     request = RequestSpec("silent", 8, 8)
     dest = [np.zeros(s.nbytes, np.uint8) for s in plan_segments(plan.decode, request)]
-    with mesh(plan) as (rxs, _):
-        h = ReshardReceiver(plan, 0, rxs[0]).expect(request, dest, timeout=0.5)
-        with pytest.raises(TransferTimedOut, match="prefill rank 0"):
+    own = plan_segments(plan.prefill, request)
+    with mesh(plan) as (rxs, sessions):
+        h = ReshardReceiver(plan, 0, rxs[0]).expect(request, dest, timeout=1.0)
+        out = ReshardSender(plan, 0, sessions[0]).send(request)
+        out.write_all([np.zeros(s.nbytes, np.uint8) for s in own])
+        out.finish()
+        out.result(10)  # rank 0's part arrived and verified
+        with pytest.raises(TransferTimedOut, match=r"prefill rank 1 \(silent@1>0\).*never started"):
             h.result(10)
 
 

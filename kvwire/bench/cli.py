@@ -153,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if o.mode == "server":
             return run_server(o)
+        if o.decode_tp is not None:
+            from .reshard import run_reshard_bench
+
+            return run_reshard_bench(o, _log)
         if o.mode == "loopback":
             return run_loopback(o)
         if o.mode == "emulate":

@@ -126,6 +126,7 @@ class Options:
     model: str | None = None
     tokens: int = 32768
     tp: int = 1
+    decode_tp: int | None = None  # --decode-tp: heterogeneous TP on loopback (kvwire.reshard), in this process
     requests: int | None = None
     concurrency: int = 1
     prefill_ms: float = 0.0
@@ -239,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
     c.add_argument("--model", metavar="PRESET|CONFIG", help="KV mode: a preset name or a config.json path")
     c.add_argument("--tokens", type=int, default=32768, help="KV mode: tokens per request (default 32768)")
-    c.add_argument("--tp", type=int, default=1, help="KV mode: tensor-parallel size (rank 0 is sent)")
+    c.add_argument("--tp", type=int, default=1,
+                   help="KV mode: tensor-parallel size of the sending (prefill) side (rank 0 is sent, or every "
+                        "rank with --decode-tp)")
+    c.add_argument("--decode-tp", type=int, metavar="N",
+                   help="KV mode with --loopback: decode-side TP; --tp prefill ranks send one request to N decode "
+                        "ranks, each receiving only its slices (kvwire.reshard), in this process; prints each "
+                        "decode rank's bytes beside the same-TP (N->N) case")
     c.add_argument("--concurrency", type=int, default=None,
                    help="requests in flight (default: 1 with --model, 2 in raw mode)")
     c.add_argument("--prefill-ms-per-layer", type=float, default=0.0, metavar="MS",
@@ -270,7 +277,8 @@ def options_from_args(a: argparse.Namespace) -> Options:
         interval=a.interval, json=a.json, json_stream=a.json_stream, reverse=a.reverse,
         congestion=a.congestion, fq_rate=a.fq_rate, key=key.encode(), tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_ca=a.tls_ca, tls_name=a.tls_name, hashing=not a.no_hash,
-        chunk_size=a.chunk_size, model=a.model, tokens=a.tokens, tp=a.tp, requests=a.requests,
+        chunk_size=a.chunk_size, model=a.model, tokens=a.tokens, tp=a.tp, decode_tp=a.decode_tp,
+        requests=a.requests,
         concurrency=a.concurrency or 1, prefill_ms=a.prefill_ms_per_layer, seed=a.seed,
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce,
@@ -312,6 +320,9 @@ def check(o: Options) -> None:
         raise UsageError("--requests must be positive")
     if o.tokens <= 0 or o.tp <= 0 or o.length <= 0:
         raise UsageError("--tokens, --tp and -l must be positive")
+    if o.decode_tp is not None and (o.decode_tp <= 0 or o.model is None or o.mode != "loopback" or o.reverse):
+        raise UsageError("--decode-tp needs --model and --loopback (it runs every rank in this process), a "
+                         "positive size, and no -R")
     if o.prefill_ms < 0 or o.interval < 0:
         raise UsageError("--prefill-ms-per-layer and -i must not be negative")
     if o.mode == "server" and (o.tls_cert is None) != (o.tls_key is None):

@@ -147,6 +147,10 @@ def _axis_parts(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, tp_
         if not cands and heads is None:  # replicated on both sides: H < both TPs and divides both
             g = math.gcd(tp_p, tp_d)
             possible = [h for h in range(1, g + 1) if g % h == 0 and h < min(tp_p, tp_d)]
+            if len(possible) > 1 and max(tp_p, tp_d) % min(tp_p, tp_d) == 0:
+                # one TP divides the other: rank r of the larger side holds the head of rank r*t//T of the
+                # smaller (t), whatever the true count; mapping min(tp) virtual heads moves the right bytes
+                possible = [min(tp_p, tp_d)]
             if len(possible) != 1:
                 raise ReshardUnsupported(
                     f"{cache.kind} KV heads are replicated on both sides (tp {tp_p} and {tp_d}): their number "
@@ -196,10 +200,13 @@ def _merge(pieces: list[Piece]) -> tuple[Piece, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1024)
-def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, tp_d: int, heads: int | None
-                   ) -> tuple[tuple[Piece, ...], ...]:
-    """Per decode rank, the pieces of one tensor (cached: layers repeat the same specs)."""
+@functools.lru_cache(maxsize=8192)
+def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, tp_d: int, heads: int | None,
+                   spread: int = 0) -> tuple[tuple[Piece, ...], ...]:
+    """Per decode rank, the pieces of one tensor (cached: layers repeat the same specs). Bytes that ``m``
+    prefill ranks hold alike come from replica ``(decode rank + spread) % m``: the caller counts ``spread``
+    up over the layers of each cache kind, so replicated caches (MLA, KV heads when kv_heads < TP) leave
+    every replica in turn."""
     where = f"{cache.kind}.{sp.name}"
     if (sp.dtype, sp.layout, sp.indexing) != (sd.dtype, sd.layout, sd.indexing):
         raise ReshardUnsupported(f"{where}: dtype/layout differ ({sp.dtype} {sp.layout} vs {sd.dtype} {sd.layout})")
@@ -225,7 +232,7 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
                     m = tp_p // part.units
                     part.held(tp_p, 0)  # raises when the units neither split nor replicate over tp_p
                     for u in range(a, a + k):
-                        p = u * m + d % m
+                        p = u * m + (d + spread) % m
                         pieces.append(Piece(p, src_offs[p][0][j], dst_offs[j] + (u - a) * part.unit, part.unit))
             merged = _merge(pieces)
             if dst_len != _axis(cache, sd) or any(o[1] != _axis(cache, sp) for o in src_offs):
@@ -263,18 +270,21 @@ class ReshardPlan:
         if prefill.num_layers != decode.num_layers:
             raise ReshardUnsupported(f"layer count differs: {prefill.num_layers} vs {decode.num_layers}")
         routes: list[list[TensorRoute]] = [[] for _ in range(self.decode_tp)]
+        turn: dict[str, int] = {}  # per cache kind, layers of it so far: replicas take turns by this count
         for lp, ld in zip(prefill.layers, decode.layers):
             if lp.kinds != ld.kinds:
                 raise ReshardUnsupported(f"layer {lp.index}: cache kinds {lp.kinds} vs {ld.kinds}")
             for ci, (cp, cd) in enumerate(zip(lp.caches, ld.caches)):
                 if cp.window != cd.window or len(cp.tensors) != len(cd.tensors):
                     raise ReshardUnsupported(f"layer {lp.index} {cp.kind}: window or tensor count differs")
+                spread = turn.get(cp.kind, 0)
+                turn[cp.kind] = spread + 1
                 for ti, (sp, sd) in enumerate(zip(cp.tensors, cd.tensors)):
                     if sp.name != sd.name:
                         raise ReshardUnsupported(f"layer {lp.index} {cp.kind}: tensor {sp.name!r} vs {sd.name!r}")
                     try:
                         per_rank = _tensor_pieces(cp, sp, sd, self.prefill_tp, self.decode_tp,
-                                                  self.heads.get(cp.kind))
+                                                  self.heads.get(cp.kind), spread)
                     except ReshardUnsupported as e:
                         raise ReshardUnsupported(f"layer {lp.index} {e}") from None
                     name = f"{lp.index}.{cp.kind}.{sp.name}"
