@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, check_compatible
+from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch
+from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender
 from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
 if TYPE_CHECKING:
@@ -200,7 +202,8 @@ class _Book(Generic[_E]):
 class Sending:
     """One request leaving: its staging job, its transfer, its lease. Made by ``Outbox.begin``."""
 
-    def __init__(self, lease: Lease, job: StagingJob | None, out: OutgoingTransfer | None, error: str = "") -> None:
+    def __init__(self, lease: Lease, job: StagingJob | None, out: OutgoingTransfer | ReshardOutgoing | None,
+                 error: str = "") -> None:
         self.lease = lease
         self.job = job
         self.out = out
@@ -331,6 +334,28 @@ class Outbox(_Book["Sending"]):
             self._active[key if key not in self._active else f"{key}#dup{id(sending)}"] = sending
         return sending
 
+    def begin_resharded(self, key: str, request: RequestSpec, plan: ReshardPlan, rank: int,
+                        endpoints: Mapping[int, tuple[str, int]], block_tables: Mapping[Any, Sequence[int]],
+                        state_slot: int | Mapping[int, int] | None,
+                        release: Callable[[Ended], None] | None = None) -> Sending:
+        """``begin`` for prefill rank ``rank`` of ``plan`` (decode TP differs): ``endpoints[d]`` is decode rank
+        ``d``'s receiver; each gets only its slices (``kvwire.reshard``). Same lease and failure rules."""
+        lease = Lease(key, release)
+        job = None
+        try:
+            if key in self._active:
+                raise KvwireError(f"request {key!r} is already being sent")
+            job = self.stager.begin(request, block_tables, state_slot)
+            sessions = {d: self.session(*endpoints[d]) for d in plan.targets(rank)}
+            sending = Sending(lease, job, ReshardSender(plan, rank, sessions).send(request, timeout=self.timeout))
+        except Exception as e:  # noqa: BLE001 - reported through the lease
+            if job is not None:
+                job.release()
+            sending = Sending(lease, None, None, f"{type(e).__name__}: {e}")
+        with self._lock:
+            self._active[key if key not in self._active else f"{key}#dup{id(sending)}"] = sending
+        return sending
+
     def cancel(self, key: str, reason: str = "cancelled by the engine") -> None:
         s = self.get(key)
         if s is not None:
@@ -383,7 +408,7 @@ class Receiving:
         self.request = request
         self.deadline = deadline
         self.job: UnstagingJob | None = None
-        self.handle: IncomingTransfer | None = None
+        self.handle: IncomingTransfer | ReshardIncoming | None = None
         self.verdict: tuple[State, str] | None = None  # decided, waiting for the handle to resolve
         self.claimed_at: float | None = None  # the receiver was handed the job's buffers; its handle follows
 
@@ -548,6 +573,34 @@ class Inbox(_Book["Receiving"]):
             self._active[rid] = r
         if r.job is not None and r.handle is not None:
             r.job.attach(r.handle)
+        return r
+
+    def expect_resharded(self, key: str, request: RequestSpec, plan: ReshardPlan, rank: int,
+                         block_tables: Mapping[Any, Sequence[int]], state_slot: int | Mapping[int, int] | None,
+                         release: Callable[[Ended], None] | None = None, timeout: float | None = None) -> Receiving:
+        """``expect`` for decode rank ``rank`` of ``plan`` (prefill TP differs): one transfer from each of
+        ``plan.sources(rank)`` lands in this job's buffers; a failing one fails the request naming its prefill
+        rank. Call it before the prefill ranks send: a slice that arrives first is refused, not staged."""
+        lease = Lease(key, release)
+        seconds = timeout if timeout is not None else self.timeout
+        r = Receiving(lease, request, time.monotonic() + seconds)
+        rid = request.request_id
+        with self._lock:
+            if rid in self._active:
+                r.decide(State.FAILED, f"request {rid!r} is already expected")
+                self._active[f"{rid}#dup{id(r)}"] = r
+                return r
+            self._active[rid] = r
+        try:
+            r.job = self.unstager.prepare(request, block_tables, state_slot)
+            r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, r.job.buffers, timeout=seconds)
+        except Exception as e:  # noqa: BLE001 - reported through the lease
+            if r.job is not None:
+                r.job.release()
+                r.job = None
+            r.decide(State.FAILED, f"{type(e).__name__}: {e}")
+            return r
+        r.job.attach(r.handle)
         return r
 
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
