@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
 __all__ = ["VERIFIED_TRANSFORMERS", "IncomingCache", "Prefill", "PrefillStream", "UntestedTransformersWarning",
-           "cache_kwargs", "expect_cache", "hf_layout", "send_prefill"]
+           "build_cache", "cache_kwargs", "expect_cache", "hf_layout", "layer_tensors", "send_prefill"]
 
 #: the transformers (major, minor) releases this adapter was run against, first and last (tests/test_adapter_hf*.py,
 #: tests/test_hf_layouts.py and the README block on each); setup.py pins the same window
@@ -162,7 +162,7 @@ def _new_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
-def _layer_tensors(layer: Any, spec_caches: tuple[CacheSpec, ...]) -> list[Any]:
+def layer_tensors(layer: Any, spec_caches: tuple[CacheSpec, ...]) -> list[Any]:
     """The cache's own tensors of one layer, in segment order (K, V, then conv, state)."""
     out: list[Any] = []
     for cache in spec_caches:
@@ -233,7 +233,7 @@ class PrefillStream:
         if i in self.layers_written:
             raise KvwireError(f"layer {i} ran twice in one prefill stream (chunked prefill is not streamed)")
         spec = self.layout.layers[i].caches
-        tensors = _layer_tensors(self.cache.layers[i], spec)
+        tensors = layer_tensors(self.cache.layers[i], spec)
         expected = [(_shape(c, t.shape, self.tokens), t.dtype) for c in spec for t in c.tensors]
         bufs = []
         for (shape, dtype), t in zip(expected, tensors):
@@ -388,7 +388,7 @@ class IncomingCache:
             raise self._failure() from None
         with self._lock:
             if self._cache is None:
-                self._cache = _build_cache(self._config, self.layout, self._tensors or [])
+                self._cache = build_cache(self._config, self.layout, self._tensors or [])
             return self._cache
 
 
@@ -422,7 +422,7 @@ def expect_cache(receiver: Receiver, model: Any, request_id: str, num_prompt_tok
     return incoming
 
 
-def _build_cache(config: Any, layout: ModelLayout, tensors: list[Any]) -> Any:
+def build_cache(config: Any, layout: ModelLayout, tensors: list[Any]) -> Any:
     """A DynamicCache for ``config`` whose layers hold ``tensors`` themselves (no copy)."""
     cache = _new_cache(config)
     if len(cache.layers) != layout.num_layers:

@@ -1,0 +1,497 @@
+"""A PrfaaS node process: ``python -m kvwire.prfaas.node --config deploy.toml --name p0``.
+
+Owns: one node of the deployment: its model backend (``runner.TransformersRunner``), its data port (a kvwire
+``Receiver``: decode nodes receive caches on it, prefill nodes receive prefix moves), one kvwire ``Session``
+per peer data port (reused; re-dialled when unhealthy) watched by a ``LinkMonitor`` (the egress ``LinkState``
+served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), role state
+(ready / draining / converting) and the HTTP/JSON control API (starlette, served by uvicorn; the contract is
+/work PRFAAS_API.md, the client ``nodeclient.NodeClient``). The shared key comes from ``KVWIRE_KEY``.
+Must not know: routing policy, the prefix index, the front door, or kvwire internals (public API only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import kvwire
+
+from ..congestion.monitor import LinkMonitor
+from ..errors import KvwireError, LayoutError, TransferError
+from .config import ROLES, DeployConfig, NodeSpec, load
+from .runner import Checkpoint, Incoming, NodeBackend, TransformersRunner
+from .store import CheckpointStore
+
+log = logging.getLogger("kvwire.prfaas.node")
+Peer = tuple[str, int]
+
+
+class NodeFault(Exception):
+    """A request the node refuses: ``status`` is the HTTP status the control API answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _state_of(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
+
+
+class Node:
+    """The node's state and operations (the HTTP layer in ``app`` only parses and serializes)."""
+
+    def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes, backend: NodeBackend | None = None, *,
+                 transfer_timeout: float = 60.0, peer_timeout: float = 5.0) -> None:
+        self.config, self.spec, self.key = config, spec, key
+        self.role, self.state = spec.role, "ready"
+        self.transfer_timeout, self.peer_timeout = transfer_timeout, peer_timeout
+        self.backend: NodeBackend = backend if backend is not None else TransformersRunner(
+            config.model, config.cache.block_size)
+        self.store = CheckpointStore(config.cache.block_size, config.cache.store_bytes)
+        self.receiver = kvwire.Receiver(spec.host, spec.data_port, key=key, peer_timeout=peer_timeout,
+                                        transfer_timeout=transfer_timeout)
+        self._lock = threading.Lock()
+        self._sessions: dict[Peer, kvwire.Session] = {}
+        self._dialling: dict[Peer, threading.Lock] = {}
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prfaas-{spec.name}")
+        self.queued = self.running = 0
+        self._pending: dict[str, Incoming] = {}  # decode: expected, not yet generating
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, transfer ended badly first
+        self._outgoing: dict[str, Any] = {}  # prefill: request id -> transfer in flight
+        self.monitor = LinkMonitor(self.lane_sockets, interval=0.1).start()
+        self._idle = asyncio.Event()
+        self._closed = False
+
+    # -- sessions and link -----------------------------------------------------------------------------
+    def lane_sockets(self) -> list[Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return [s for session in sessions for s in session.lane_sockets()]
+
+    def session(self, peer: Peer) -> kvwire.Session:
+        """The one session to ``peer``'s data port (dialled on first use, replaced when unhealthy)."""
+        with self._lock:
+            dialling = self._dialling.setdefault(peer, threading.Lock())
+        with dialling:
+            with self._lock:
+                s = self._sessions.get(peer)
+                if s is not None and s.healthy:
+                    return s
+                self._sessions.pop(peer, None)
+            if s is not None:
+                s.close()
+            fresh = kvwire.connect(peer[0], peer[1], lanes=2, key=self.key, peer_timeout=self.peer_timeout)
+            with self._lock:
+                if self._closed:
+                    fresh.close()
+                    raise KvwireError("node closed")
+                self._sessions[peer] = fresh
+            return fresh
+
+    def link(self) -> dict[str, Any] | None:
+        if self.role == "decode":
+            return None
+        st = self.monitor.latest()
+        if st is None:
+            return {"utilization": None, "congested": False, "capacity_bps": None, "rtt_s": None}
+        d = {k: v for k, v in asdict(st).items() if k != "lanes"}
+        d["capacity_bps"] = None if st.capacity is None else st.capacity * 8
+        d["rtt_s"] = st.srtt if st.srtt is not None else st.min_rtt
+        return d
+
+    def health(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "cluster": self.spec.cluster, "role": self.role, "state": self.state,
+                "queued": self.queued, "running": self.running + len(self._pending),
+                "data_port": self.receiver.address[1], "checkpoints": len(self.store)}
+
+    # -- admission -------------------------------------------------------------------------------------
+    def _admit(self, role: str) -> None:
+        if self.state != "ready":
+            raise NodeFault(503, f"node {self.spec.name} is {self.state}")
+        if self.role != role:
+            raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
+
+    def _settle(self) -> None:
+        if self.queued == 0 and self.running == 0 and not self._pending:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    # -- decode side -----------------------------------------------------------------------------------
+    def expect(self, request_id: str, prompt: list[int], reuse_length: int = 0) -> None:
+        """Register the incoming cache (call on the event loop)."""
+        self._admit("decode")
+        if request_id in self._pending:
+            raise NodeFault(409, f"request {request_id!r} already expected")
+        prefix: Checkpoint | None = None
+        if reuse_length:
+            prefix = self.store.kv_prefix(prompt, reuse_length)
+            if prefix is None:
+                raise NodeFault(409, f"no held prefix of {reuse_length} tokens for {request_id!r}")
+        try:
+            incoming = self.backend.expect(self.receiver, request_id, prompt, prefix=prefix,
+                                           timeout=self.transfer_timeout)
+        except (LayoutError, ValueError) as e:
+            raise NodeFault(400, str(e)) from e
+        self._pending[request_id] = incoming
+        loop = asyncio.get_running_loop()
+        # a transfer that fails, times out or is cancelled before anyone generates: forget the request
+        def ended(_: Any) -> None:
+            loop.call_soon_threadsafe(self._expire, request_id, incoming)
+
+        incoming.handle.add_done_callback(ended)
+        self._settle()
+
+    def _expire(self, request_id: str, incoming: Incoming) -> None:
+        h = incoming.handle
+        if self._pending.get(request_id) is incoming and h.state.value != "done":
+            del self._pending[request_id]
+            self._ended[request_id] = (h.state.value, h.reason)  # what a late generate() reports
+            while len(self._ended) > 1024:
+                self._ended.popitem(last=False)
+            self._settle()
+
+    def is_expected(self, request_id: str) -> bool:
+        return request_id in self._pending or request_id in self._ended
+
+    async def generate(self, request_id: str, max_tokens: int, stop: list[int]) -> AsyncIterator[dict[str, Any]]:
+        incoming = self._pending.pop(request_id, None)
+        if incoming is None:
+            ended = self._ended.pop(request_id, None)
+            if ended is None:
+                raise NodeFault(404, f"request {request_id!r} was not expected here")
+            yield {"error": ended[1] or ended[0], "state": ended[0]}
+            return
+        self.running += 1
+        it = self.backend.decode(incoming, max_tokens, stop=stop, timeout=self.transfer_timeout)
+        finished = False
+        try:
+            while True:
+                try:
+                    tok = await asyncio.to_thread(next, it, None)
+                except (TransferError, TimeoutError) as e:
+                    yield {"error": str(e) or "cache transfer timed out", "state": _state_of(e)}
+                    return
+                if tok is None:
+                    break
+                yield {"token": tok}
+            finished = True
+            kv = self.backend.kv_checkpoint(incoming)
+            if kv is not None:
+                self.store.put(kv, incoming.prompt)
+        finally:
+            if not finished:  # the client went away or the transfer failed: nothing may keep writing here
+                incoming.handle.cancel("decode request ended early")
+            self.running -= 1
+            self._settle()
+
+    # -- prefill side ----------------------------------------------------------------------------------
+    async def prefill(self, request_id: str, prompt: list[int], decode: Peer, reuse_length: int = 0,
+                      reuse_from: Peer | None = None, send_from: int = 0) -> dict[str, Any]:
+        self._admit("prefill")
+        submitted = time.monotonic()
+        out: dict[str, Any] = {"state": "failed", "reason": "", "bytes": 0, "queued_s": 0.0, "prefill_s": 0.0,
+                               "tail_s": 0.0, "move_s": 0.0, "computed_tokens": 0, "reused_tokens": 0,
+                               "checkpoint_length": None, "move_bytes": 0}
+        self.queued += 1
+        self._settle()
+        picked_up = False
+        try:
+            start: Checkpoint | None = None
+            if reuse_length and reuse_from is not None:
+                start = await self._move_in(request_id, prompt, reuse_length, reuse_from, out)
+            elif reuse_length:
+                start = self.store.exact(prompt, reuse_length)
+                if start is None:
+                    out["reason"] = f"no own checkpoint of {reuse_length} tokens; prefilled in full. "
+            loop = asyncio.get_running_loop()
+            picked = loop.create_future()
+
+            def job() -> Any:
+                loop.call_soon_threadsafe(picked.set_result, time.monotonic())
+                return self.backend.prefill(prompt, self.session(decode), request_id, start=start,
+                                            send_from=send_from, timeout=self.transfer_timeout)
+
+            fut = loop.run_in_executor(self._compute, job)
+            started = await picked
+            picked_up = True
+            self.queued -= 1
+            self.running += 1
+            try:
+                res = await fut
+            finally:
+                self.running -= 1
+            out["queued_s"] = started - submitted
+            out.update(prefill_s=res.prefill_s, computed_tokens=res.computed_tokens,
+                       reused_tokens=res.reused_tokens)
+            out["bytes"] = res.nbytes
+            if res.checkpoint is not None and self.store.put(res.checkpoint, prompt):
+                out["checkpoint_length"], out["checkpoint_key"] = res.checkpoint.length, res.checkpoint.key
+            self._outgoing[request_id] = res.transfer
+            produced = time.monotonic()
+            try:
+                await asyncio.to_thread(res.transfer.result, self.transfer_timeout + 5)
+                out["state"] = "done"
+            except (TransferError, TimeoutError) as e:
+                out["state"], out["reason"] = _state_of(e), out["reason"] + str(e)
+            finally:
+                self._outgoing.pop(request_id, None)
+            out["tail_s"] = time.monotonic() - produced
+            return out
+        except (LayoutError, ValueError) as e:
+            raise NodeFault(400, str(e)) from e
+        except KvwireError as e:  # the decode peer is unreachable, the session failed
+            out["reason"] += f"{type(e).__name__}: {e}"
+            return out
+        finally:
+            if not picked_up:
+                self.queued -= 1
+            self._settle()
+
+    async def _move_in(self, request_id: str, prompt: list[int], length: int, source: Peer,
+                       out: dict[str, Any]) -> Checkpoint | None:
+        """Pull the checkpoint of ``prompt[:length]`` from the node at ``source`` over kvwire; None (and a
+        reason) when that fails: the prefill then runs in full."""
+        from .nodeclient import NodeClient, NodeError
+
+        t0 = time.monotonic()
+        mid = f"{request_id}/move"
+        handle, ck = self.backend.expect_checkpoint(self.receiver, mid, prompt, length,
+                                                    timeout=self.transfer_timeout)
+        client = NodeClient(source[0], source[1], timeout=self.transfer_timeout)
+        try:
+            sent = await client.export(mid, prompt, length, dest_host=self.spec.host,
+                                       dest_data_port=self.receiver.address[1])
+            await asyncio.to_thread(handle.result, self.transfer_timeout)
+            out["move_bytes"] = int(sent.get("bytes", 0))
+        except (NodeError, TransferError, TimeoutError) as e:
+            handle.cancel("prefix move failed")
+            out["reason"] = f"prefix move from {source[0]}:{source[1]} failed ({e}); prefilled in full. "
+            return None
+        finally:
+            await client.aclose()
+            out["move_s"] = time.monotonic() - t0
+        self.store.put(ck, prompt)
+        return ck
+
+    async def export(self, request_id: str, prompt: list[int], length: int, dest: Peer) -> dict[str, Any]:
+        ck = self.store.exact(prompt, length)
+        if ck is None:
+            raise NodeFault(404, f"no checkpoint of {length} tokens of this prompt on {self.spec.name}")
+
+        def send() -> int:
+            t = self.backend.send_checkpoint(ck, self.session(dest), request_id, timeout=self.transfer_timeout)
+            t.result(self.transfer_timeout + 5)
+            return ck.nbytes
+
+        try:
+            return {"state": "done", "bytes": await asyncio.to_thread(send)}
+        except (TransferError, TimeoutError, KvwireError) as e:
+            return {"state": _state_of(e), "reason": str(e), "bytes": 0}
+
+    def cancel(self, request_id: str) -> None:
+        incoming = self._pending.pop(request_id, None)
+        if incoming is not None:
+            incoming.handle.cancel("cancelled by the router")
+            self._settle()
+        transfer = self._outgoing.get(request_id)
+        if transfer is not None:
+            transfer.cancel("cancelled by the router")
+
+    # -- roles -----------------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        if self.state == "ready":
+            self.state = "draining"
+        self._settle()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NodeFault(504, f"node {self.spec.name} still has work after {timeout} s") from None
+
+    def set_role(self, role: str) -> None:
+        if role not in ROLES:
+            raise NodeFault(400, f"role must be one of {ROLES}")
+        if self.spec.cluster != "local" and role != self.role:
+            raise NodeFault(409, "only local-cluster nodes convert between prefill and decode")
+        if self.state != "draining" or not self._idle.is_set():
+            raise NodeFault(409, f"drain node {self.spec.name} first (it is {self.state})")
+        if role != self.role:
+            self.state = "converting"
+            self.store.clear()  # a decode node's entries are KV-only; a new role starts from an empty store
+            self.role = role
+            self.state = "draining"
+
+    def resume(self) -> None:
+        if self.state == "converting":
+            raise NodeFault(409, "node is converting")
+        self.state = "ready"
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for incoming in list(self._pending.values()):
+            incoming.handle.cancel("node shutting down")
+        self._pending.clear()
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        self.monitor.stop()
+        for s in sessions:
+            s.close()
+        self.receiver.close()
+
+
+def app(node: Node) -> Any:
+    """The control API (starlette). Errors: JSON ``{"error": text}`` with 400/404/409/503/504."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def body(request: Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise NodeFault(400, "body must be JSON") from None
+        if not isinstance(data, dict):
+            raise NodeFault(400, "body must be a JSON object")
+        return data
+
+    def field(data: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+        v = data.get(name, default)
+        if v is ...:
+            raise NodeFault(400, f"missing {name!r}")
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise NodeFault(400, f"{name!r} must be an int")
+        if kind is list and (not isinstance(v, list) or any(isinstance(t, bool) or not isinstance(t, int)
+                                                            for t in v)):
+            raise NodeFault(400, f"{name!r} must be a list of ints")
+        if kind is str and (not isinstance(v, str) or not v):
+            raise NodeFault(400, f"{name!r} must be a non-empty string")
+        return v
+
+    def peer(v: Any, name: str) -> Peer:
+        if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int)):
+            raise NodeFault(400, f"{name!r} must be [host, port]")
+        return (v[0], v[1])
+
+    async def health(_: Request) -> Response:
+        return JSONResponse(node.health())
+
+    async def link(_: Request) -> Response:
+        return JSONResponse(node.link())
+
+    async def checkpoints(_: Request) -> Response:
+        return JSONResponse(node.store.listing())
+
+    async def expect(request: Request) -> Response:
+        d = await body(request)
+        node.expect(field(d, "request_id", str), field(d, "prompt", list), field(d, "reuse_length", int, 0))
+        return JSONResponse({"ok": True})
+
+    async def prefill(request: Request) -> Response:
+        d = await body(request)
+        rf = d.get("reuse_from")
+        out = await node.prefill(field(d, "request_id", str), field(d, "prompt", list),
+                                 (field(d, "decode_host", str), field(d, "decode_data_port", int)),
+                                 field(d, "reuse_length", int, 0), None if rf is None else peer(rf, "reuse_from"),
+                                 field(d, "send_from", int, 0))
+        return JSONResponse(out)
+
+    async def export(request: Request) -> Response:
+        d = await body(request)
+        return JSONResponse(await node.export(field(d, "request_id", str), field(d, "prompt", list),
+                                              field(d, "length", int), (field(d, "dest_host", str),
+                                                                        field(d, "dest_data_port", int))))
+
+    async def generate(request: Request) -> Response:
+        d = await body(request)
+        stop = field(d, "stop", list, [])
+        max_tokens = field(d, "max_tokens", int)
+        if max_tokens < 1:
+            raise NodeFault(400, "max_tokens must be >= 1")
+        rid = field(d, "request_id", str)
+        if not node.is_expected(rid):
+            raise NodeFault(404, f"request {rid!r} was not expected here")
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for item in node.generate(rid, max_tokens, stop):
+                yield (json.dumps(item) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def cancel(request: Request) -> Response:
+        node.cancel(field(await body(request), "request_id", str))
+        return JSONResponse({"ok": True})
+
+    async def drain(request: Request) -> Response:
+        d = await body(request) if await request.body() else {}
+        timeout = d.get("timeout", 60.0)
+        await node.drain(float(timeout) if isinstance(timeout, (int, float)) else 60.0)
+        return JSONResponse(node.health())
+
+    async def set_role(request: Request) -> Response:
+        node.set_role(field(await body(request), "role", str))
+        return JSONResponse(node.health())
+
+    async def resume(_: Request) -> Response:
+        node.resume()
+        return JSONResponse(node.health())
+
+    async def fault(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, NodeFault)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    routes = [Route("/health", health), Route("/link", link), Route("/checkpoints", checkpoints),
+              Route("/expect", expect, methods=["POST"]), Route("/prefill", prefill, methods=["POST"]),
+              Route("/export", export, methods=["POST"]), Route("/generate", generate, methods=["POST"]),
+              Route("/cancel", cancel, methods=["POST"]), Route("/drain", drain, methods=["POST"]),
+              Route("/set_role", set_role, methods=["POST"]), Route("/resume", resume, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={NodeFault: fault})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m kvwire.prfaas.node", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the deployment's TOML config")
+    parser.add_argument("--name", required=True, help="this node's name in the config")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    key = os.environ.get("KVWIRE_KEY")
+    if not key:
+        parser.error("KVWIRE_KEY must be set (the deployment's shared key)")
+    config = load(args.config)
+    spec = config.node(args.name)
+    node = Node(config, spec, key.encode())
+    # uvicorn shuts down on SIGTERM/SIGINT, restores the handlers it found and re-raises the signal: with the
+    # default handlers that kills the process before node.close(). Found handlers that do nothing let it return.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server = uvicorn.Server(uvicorn.Config(app(node), host=spec.host, port=spec.control_port,
+                                               log_level=args.log_level, timeout_graceful_shutdown=5,
+                                               lifespan="off"))
+        server.run()  # returns on SIGTERM/SIGINT after the open requests ended (or 5 s)
+    finally:
+        with contextlib.suppress(Exception):
+            node.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

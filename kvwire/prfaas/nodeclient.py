@@ -1,0 +1,153 @@
+"""The async client of a PrfaaS node's control API (``node.py``): what the router and other nodes call.
+
+Owns: the HTTP/JSON calls (httpx.AsyncClient, one per node) and turning every failure (node unreachable, died
+mid-call, answered with an error, timed out, sent something malformed) into one typed ``NodeError``. Every
+call is bounded by ``timeout``; ``generate`` bounds each read (the wait for the cache and each token).
+Must not know: routing, models, kvwire transfers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..errors import KvwireError
+
+__all__ = ["NodeClient", "NodeError"]
+
+
+class NodeError(KvwireError):
+    """A node call failed. ``status``: the node's HTTP status (None: unreachable, died, timed out);
+    ``state``: the cache transfer's terminal state when that is what failed (``generate``)."""
+
+    def __init__(self, message: str, *, status: int | None = None, state: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.state = status, state
+
+
+class NodeClient:
+    def __init__(self, host: str, control_port: int, *, timeout: float = 30.0) -> None:
+        import httpx
+
+        self.host, self.control_port, self.timeout = host, control_port, timeout
+        h = f"[{host}]" if ":" in host else host
+        self.base = f"http://{h}:{control_port}"
+        self._http = httpx.AsyncClient(base_url=self.base, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"NodeClient({self.base})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+                    timeout: float | None = None) -> Any:
+        import httpx
+
+        try:
+            r = await self._http.request(method, path, json=body,
+                                         timeout=self.timeout if timeout is None else timeout)
+        except httpx.TimeoutException as e:
+            raise NodeError(f"{self.base}{path}: no answer in {timeout or self.timeout} s ({type(e).__name__})") \
+                from None
+        except httpx.HTTPError as e:
+            raise NodeError(f"{self.base}{path}: {type(e).__name__}: {e}") from None
+        try:
+            data = r.json()
+        except ValueError:
+            raise NodeError(f"{self.base}{path}: HTTP {r.status_code}, not JSON", status=r.status_code) from None
+        if r.status_code != 200:
+            msg = data.get("error") if isinstance(data, dict) else None
+            raise NodeError(f"{self.base}{path}: HTTP {r.status_code}: {msg or data}", status=r.status_code)
+        return data
+
+    async def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = await self._call("GET", "/health")
+        return out
+
+    async def link(self) -> dict[str, Any] | None:
+        out: dict[str, Any] | None = await self._call("GET", "/link")
+        return out
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = await self._call("GET", "/checkpoints")
+        return out
+
+    async def expect(self, request_id: str, prompt: Sequence[int], *, reuse_length: int = 0) -> None:
+        await self._call("POST", "/expect", {"request_id": request_id, "prompt": list(prompt),
+                                             "reuse_length": reuse_length})
+
+    async def prefill(self, request_id: str, prompt: Sequence[int], *, decode_host: str, decode_data_port: int,
+                      reuse_length: int = 0, reuse_from: tuple[str, int] | None = None,
+                      send_from: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = await self._call("POST", "/prefill", {
+            "request_id": request_id, "prompt": list(prompt), "decode_host": decode_host,
+            "decode_data_port": decode_data_port, "reuse_length": reuse_length,
+            "reuse_from": None if reuse_from is None else list(reuse_from), "send_from": send_from})
+        return out
+
+    async def export(self, request_id: str, prompt: Sequence[int], length: int, *, dest_host: str,
+                     dest_data_port: int) -> dict[str, Any]:
+        """Ask the node to send its checkpoint of ``prompt[:length]`` to ``dest``'s data port (a prefix move)."""
+        out: dict[str, Any] = await self._call("POST", "/export", {
+            "request_id": request_id, "prompt": list(prompt), "length": length, "dest_host": dest_host,
+            "dest_data_port": dest_data_port})
+        if out.get("state") != "done":
+            raise NodeError(f"{self.base}/export: {out.get('state')}: {out.get('reason')}", state=out.get("state"))
+        return out
+
+    async def generate(self, request_id: str, *, max_tokens: int, stop: list[int] | None = None
+                       ) -> AsyncIterator[int]:
+        """Token ids as the decode node produces them; NodeError if the cache never arrived or the node failed."""
+        import httpx
+
+        body = {"request_id": request_id, "max_tokens": max_tokens, "stop": list(stop or [])}
+        try:
+            async with self._http.stream("POST", "/generate", json=body) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace")
+                    try:
+                        text = json.loads(text).get("error", text)
+                    except (ValueError, AttributeError):
+                        pass
+                    raise NodeError(f"{self.base}/generate: HTTP {r.status_code}: {text}", status=r.status_code)
+                done = False
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        raise NodeError(f"{self.base}/generate: malformed line {line[:80]!r}") from None
+                    if "error" in item:
+                        raise NodeError(f"{request_id}: {item['error']}", state=item.get("state"))
+                    tok = item.get("token")
+                    if isinstance(tok, bool) or not isinstance(tok, int):
+                        raise NodeError(f"{self.base}/generate: malformed item {item!r}")
+                    yield tok
+                    done = True
+                if not done:
+                    raise NodeError(f"{self.base}/generate: the stream ended without a token")
+        except httpx.TimeoutException as e:
+            raise NodeError(f"{self.base}/generate: no answer in {self.timeout} s ({type(e).__name__})") from None
+        except httpx.HTTPError as e:
+            raise NodeError(f"{self.base}/generate: {type(e).__name__}: {e}") from None
+
+    async def cancel(self, request_id: str) -> None:
+        await self._call("POST", "/cancel", {"request_id": request_id})
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        await self._call("POST", "/drain", {"timeout": timeout}, timeout=timeout + 5)
+
+    async def set_role(self, role: str) -> None:
+        await self._call("POST", "/set_role", {"role": role})
+
+    async def resume(self) -> None:
+        await self._call("POST", "/resume", {})
