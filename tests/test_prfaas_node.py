@@ -30,13 +30,13 @@ pytest.importorskip("httpx")
 from prfaas_nodes import KEY, Nodes, port_free  # noqa: E402
 
 import kvwire  # noqa: E402
-from kvwire.prfaas.config import ModelSpec  # noqa: E402
+from kvwire.prfaas.config import CacheConfig, ModelSpec  # noqa: E402
 from kvwire.prfaas.nodeclient import NodeError  # noqa: E402
 from kvwire.prfaas.runner import TransformersRunner  # noqa: E402
 
-BLOCK = 128
+BLOCK = CacheConfig().block_size  # 256
 STEPS = 6
-LENGTHS = [2, 3, 17, 64, 127, 128, 129, 200, 255, 256, 257, 300, 383, 384, 385, 450, 511, 512, 513, 700]
+LENGTHS = [2, 3, 17, 64, 128, 200, 255, 256, 257, 258, 300, 383, 450, 511, 512, 513, 514, 600, 700, 769]
 
 
 def prompt(n: int, seed: int) -> list[int]:

@@ -68,7 +68,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 128
+    block_size: int = 256
     store_bytes: int = 256 << 20
 
 

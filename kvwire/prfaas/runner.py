@@ -358,6 +358,22 @@ class TransformersRunner:
         layers = [[next(it) for c in spec.caches for _ in c.tensors] for spec in self.layout.layers]
         return handle, Checkpoint(block_keys(ids[:length], self.block_size)[-1], length, layers, list(self.kv_layers))
 
+    def forward_tokens(self, ids: Sequence[int], *, chunked: bool = False, split_at: Sequence[int] = ()) -> Any:
+        """Run ``ids`` through a fresh cache: one forward, forwards split at ``split_at``, or (``chunked``) the
+        node's block-aligned chunks; returns the last logits. For profiling and benchmarks: nothing is kept."""
+        tokens = [int(t) for t in ids]
+        if chunked:
+            spans = self._chunks(0, len(tokens))
+        else:
+            cuts = [0, *sorted(c for c in set(split_at) if 0 < c < len(tokens)), len(tokens)]
+            spans = list(zip(cuts, cuts[1:]))
+        cache = self._new_cache()
+        with self.lock:
+            logits = None
+            for a, e in spans:
+                logits = self._forward(tokens[a:e], cache)
+        return logits
+
     # -- reference -------------------------------------------------------------------------------------
     def reference(self, prompt: Sequence[int], max_tokens: int, *, stop: Sequence[int] = ()) -> list[int]:
         """The single-process greedy run the deployment must reproduce (same chunks, same N-1 feed)."""
