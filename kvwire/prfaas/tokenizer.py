@@ -1,8 +1,9 @@
 """The front door's tokenizer: UTF-8 bytes are the tokens (ids 0-255), plus stop-sequence matching.
 
-Owns: ``ByteTokenizer`` (text <-> ids, and an incremental decoder for streaming that never splits a
-multi-byte character across chunks) and ``StopMatcher`` (holds back generated ids that may be the start of
-a stop sequence, so a stop sequence is never shown to the client, as OpenAI's ``stop`` behaves).
+Owns: ``ByteTokenizer`` (text <-> ids; an incremental decoder for streaming that never splits a multi-byte
+character across chunks; ids past 255, which a larger model vocabulary can emit, read ``<|id|>``) and
+``StopMatcher`` (holds back generated ids that may be the start of a stop sequence, so a stop sequence is never
+shown to the client, as OpenAI's ``stop`` behaves).
 Must not know: the model, nodes, HTTP. The model's vocabulary only has to be >= ``ByteTokenizer.size``.
 """
 
@@ -27,16 +28,19 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return bytes(self.check(list(ids), allow_empty=True)).decode("utf-8", errors="replace")
+        d = StreamDecoder()
+        return d.feed(list(ids)) + d.flush()
 
-    def check(self, ids: Sequence[object], *, allow_empty: bool = False) -> list[int]:
-        """``ids`` as ints in [0, size), or ``TokenizerError`` naming the first bad one."""
+    def check(self, ids: Sequence[object], vocab: int | None = None, *, allow_empty: bool = False) -> list[int]:
+        """``ids`` as ints in [0, vocab) (default: this tokenizer's size), or ``TokenizerError`` naming the
+        first bad one."""
+        top = self.size if vocab is None else vocab
         if not allow_empty and not ids:
             raise TokenizerError("empty token list")
         out: list[int] = []
         for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.size:
-                raise TokenizerError(f"token {i} is {t!r}: ids must be ints in [0, {self.size})")
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < top:
+                raise TokenizerError(f"token {i} is {t!r}: ids must be ints in [0, {top})")
             out.append(t)
         return out
 
@@ -51,7 +55,16 @@ class StreamDecoder:
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, ids: Sequence[int]) -> str:
-        return str(self._dec.decode(bytes(ids)))
+        out, run = [], bytearray()
+        for t in ids:
+            if 0 <= t < ByteTokenizer.size:
+                run.append(t)
+                continue
+            out.append(self._dec.decode(bytes(run)) + self._dec.decode(b"", final=True) + f"<|{t}|>")
+            self._dec.reset()
+            run.clear()
+        out.append(self._dec.decode(bytes(run)))
+        return "".join(out)
 
     def flush(self) -> str:
         return str(self._dec.decode(b"", final=True))

@@ -1,0 +1,234 @@
+"""The PrfaaS router service: an OpenAI-compatible front door over the deployment's nodes.
+
+``python -m kvwire.prfaas.frontdoor --config deploy.toml`` serves, at ``[router] host:port``:
+
+* ``POST /v1/completions`` — OpenAI's completions API, streaming (SSE) or not. ``prompt``: text (byte-level
+  tokenizer) or a list of token ids; ``max_tokens``; ``stop`` (a string or up to 4). Greedy decoding only
+  (``temperature``/``top_p`` are accepted and ignored; ``n`` must be 1). Each choice (and each streamed
+  chunk) also carries ``token_ids``: the generated ids, since ids past 255 have no byte. Header
+  ``X-Prfaas-Route: prfaas|local`` forces the prefill cluster, ``X-Prfaas-Reuse: off`` ignores cached
+  prefixes (tests, operations); the response says
+  where it ran in ``X-Prfaas-Route``/``X-Prfaas-Prefill``/``X-Prfaas-Decode`` headers and ``prfaas``.
+* ``GET /metrics`` — Prometheus text (``telemetry``), ``GET /health`` — router and node states (200 while
+  some prefill and decode node can serve, 503 otherwise), ``POST /admin/convert`` ``{"node", "role"}`` —
+  convert a local node now (what the long loop does), ``GET /admin/timeline`` — health/role/t changes.
+
+Served by uvicorn over a starlette app: a maintained ASGI server and toolkit (HTTP/1.1 keep-alive, chunked
+streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop.
+Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import config as deploy_config
+from .orchestrator import Completion, Orchestrator, RequestError, Unavailable
+from .settings import FrontSettings
+from .telemetry import Telemetry
+from .tokenizer import ByteTokenizer, TokenizerError
+
+log = logging.getLogger("kvwire.prfaas.frontdoor")
+MODEL_NAME = "kvwire-prfaas"
+ROUTE_HEADER = "x-prfaas-route"
+REUSE_HEADER = "x-prfaas-reuse"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+
+class FrontDoor:
+    """The starlette app (``app``) over one ``Orchestrator``."""
+
+    def __init__(self, config: deploy_config.DeployConfig, settings: FrontSettings | None = None,
+                 wait_healthy_s: float = 30.0) -> None:
+        self.config = config
+        self.settings = settings or FrontSettings.from_table(config.router)
+        self.telemetry = Telemetry()
+        self.orch = Orchestrator(config, self.settings, self.telemetry)
+        self.tokenizer = ByteTokenizer()
+        self.vocab = config.model.vocab_size
+        if self.vocab < self.tokenizer.size:
+            raise deploy_config.ConfigError(f"the model's vocab ({self.vocab}) is smaller than the byte "
+                                            f"tokenizer's {self.tokenizer.size}")
+        self.wait_healthy_s = wait_healthy_s
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/admin/convert", self.convert, methods=["POST"]),
+            Route("/admin/timeline", self.timeline, methods=["GET"]),
+        ], lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.orch.start(self.wait_healthy_s)
+        try:
+            yield
+        finally:
+            await self.orch.stop()
+
+    # ------------------------------------------------------------ parsing
+    def _parse(self, body: Any) -> tuple[list[int], int, list[list[int]], bool]:
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            ids = self.tokenizer.check(prompt, self.vocab)
+        else:
+            raise RequestError("prompt must be a string or a list of token ids (one prompt per request)")
+        max_tokens = body.get("max_tokens", 16)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise RequestError("max_tokens must be an integer")
+        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+            raise RequestError("only n = 1 is served")
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+        if stops is None or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+            raise RequestError("stop must be a non-empty string or a list of up to 4 of them")
+        return ids, max_tokens, [self.tokenizer.encode(x) for x in stops], bool(body.get("stream", False))
+
+    # ------------------------------------------------------------ endpoints
+    async def completions(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body is not JSON")
+        try:
+            ids, max_tokens, stops, stream = self._parse(body)
+        except (RequestError, TokenizerError) as e:
+            return _error(400, str(e))
+        route = request.headers.get(ROUTE_HEADER) or None
+        info = Completion(uuid.uuid4().hex[:16], len(ids))
+        reuse = request.headers.get(REUSE_HEADER, "on").lower() not in ("off", "0", "no", "false")
+        gen = self.orch.complete(ids, max_tokens=max_tokens, stops=stops, route=route, reuse=reuse, info=info)
+        try:  # nothing is sent before the first token exists (or the request failed as a whole)
+            first: list[int] = [await gen.__anext__()]
+        except StopAsyncIteration:
+            first = []
+        except RequestError as e:
+            return _error(400, str(e))
+        except Unavailable as e:
+            return _error(503, str(e), "service_unavailable")
+        headers = {"X-Prfaas-Route": info.route, "X-Prfaas-Prefill": info.prefill_node,
+                   "X-Prfaas-Decode": info.decode_node, "X-Prfaas-Request": info.request_id}
+        cid, created = f"cmpl-{info.request_id}", int(time.time())
+        if stream:
+            return StreamingResponse(self._sse(cid, created, first, gen, info), media_type="text/event-stream",
+                                     headers=headers)
+        out = list(first)
+        try:
+            async for tok in gen:
+                out.append(tok)
+        except Exception as e:
+            log.warning("%s failed mid-stream: %s", cid, e)
+            return _error(502, f"generation failed: {e}", "server_error")
+        return JSONResponse({
+            "id": cid, "object": "text_completion", "created": created, "model": MODEL_NAME,
+            "choices": [{"index": 0, "text": self.tokenizer.decode(out), "logprobs": None,
+                         "finish_reason": info.finish_reason, "token_ids": out}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out),
+                      "total_tokens": len(ids) + len(out)},
+            "prfaas": self._summary(info)}, headers=headers)
+
+    def _summary(self, info: Completion) -> dict[str, Any]:
+        return {"route": info.route, "prefill_node": info.prefill_node, "decode_node": info.decode_node,
+                "reprefilled": info.reprefilled, "reused_tokens": info.reused, "moved_prefix": info.moved_prefix,
+                "ttft_s": info.ttft_s, "events": info.events}
+
+    async def _sse(self, cid: str, created: int, first: list[int], gen: AsyncIterator[int],
+                   info: Completion) -> AsyncIterator[bytes]:
+        decoder = self.tokenizer.stream_decoder()
+
+        def chunk(text: str, ids: list[int], finish: str | None, extra: dict[str, Any] | None = None) -> bytes:
+            c: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": MODEL_NAME,
+                                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                                              "token_ids": ids}]}
+            if extra:
+                c.update(extra)
+            return f"data: {json.dumps(c)}\n\n".encode()
+
+        try:
+            if first:
+                yield chunk(decoder.feed(first), first, None)
+            async for tok in gen:
+                yield chunk(decoder.feed([tok]), [tok], None)
+        except Exception as e:  # after the first token: tell the client in-band, the status is sent
+            log.warning("%s failed mid-stream: %s", cid, e)
+            err = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            return
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        yield chunk(decoder.flush(), [], info.finish_reason, {"prfaas": self._summary(info)})
+        yield b"data: [DONE]\n\n"
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0,
+                                                         "owned_by": "kvwire"}]})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.telemetry.exposition(), media_type=self.telemetry.content_type)
+
+    async def health(self, request: Request) -> Response:
+        snap = self.orch.snapshot()
+        nodes = snap["nodes"].values()
+        ok = any(n["healthy"] and n["state"] == "ready" and n["role"] == "decode" for n in nodes) and \
+            any(n["healthy"] and n["state"] == "ready" and n["role"] == "prefill" for n in nodes)
+        snap["status"] = "ok" if ok else "unavailable"
+        return JSONResponse(snap, 200 if ok else 503)
+
+    async def convert(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+            result = await self.orch.convert(str(body["node"]), str(body["role"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return _error(400, 'the body must be {"node": name, "role": "prefill"|"decode"}')
+        except RequestError as e:
+            return _error(400, str(e))
+        except Unavailable as e:
+            return _error(409, str(e), "conflict")
+        return JSONResponse(result)
+
+    async def timeline(self, request: Request) -> Response:
+        return JSONResponse({"transitions": [{"at": at, "who": who, "what": what}
+                                             for at, who, what in self.orch.transitions],
+                             "threshold": self.orch.router.t})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas.frontdoor", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="the deployment's TOML config")
+    ap.add_argument("--wait-healthy", type=float, default=30.0, help="seconds to wait for the nodes at start")
+    ap.add_argument("--log-level", default="warning")
+    a = ap.parse_args(argv)
+    import uvicorn
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s frontdoor %(levelname)s %(message)s")
+    cfg = deploy_config.load(a.config)
+    door = FrontDoor(cfg, wait_healthy_s=a.wait_healthy)
+    uvicorn.run(door.app, host=door.settings.host, port=door.settings.port, log_level=a.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

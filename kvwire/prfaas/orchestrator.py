@@ -1,0 +1,551 @@
+"""The router service's core: runs each completion across the nodes, and the two control loops, for real.
+
+Owns: the router's view of every node (health, role, queue, egress ``LinkState``), the global prefix index
+fed from the nodes' checkpoints, one completion's life (route with ``Router`` on the index's cached lengths,
+pick nodes, move a prefix when the decision says so, expect → prefill → generate, re-prefill locally when a
+PrfaaS prefill fails before the first token), the short loop (every ``poll_s``: health, links, queue depth
+→ ``Router.observe``) and the long loop (``Router.maybe_replan`` → drain / set_role / resume a local node).
+Nothing reaches the client before the decode node has the whole cache (its ``generate`` yields only then),
+so a re-prefill never duplicates tokens.
+Must not know: HTTP, Prometheus exposition, the tokenizer, how nodes compute or transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..congestion.estimator import LinkState
+from . import model
+from .config import DeployConfig, NodeSpec
+from .nodeclient import NodeClient, NodeError
+from .prefix import PrefixIndex, block_keys
+from .profile import ServedProfile
+from .router import PD, PRFAAS, Router
+from .router import RouteRequest as _RouteRequest
+from .settings import FrontSettings
+from .telemetry import Telemetry
+from .tokenizer import StopMatcher
+
+log = logging.getLogger("kvwire.prfaas.router")
+ROUTES = ("prfaas", "local")  # what a caller may force; PD (the router's name) is the local cluster
+_CLUSTER = {PRFAAS: "prfaas", PD: "local"}
+
+
+class RequestError(ValueError):
+    """The completion request is invalid (prompt too long, no decode node can take it...)."""
+
+
+class Unavailable(RuntimeError):
+    """No healthy node can serve this now."""
+
+
+@dataclass
+class NodeView:
+    spec: NodeSpec
+    client: NodeClient  # short calls: health, link, expect, cancel, checkpoints, role changes
+    work: NodeClient  # long ones: prefill (returns when its transfer ends), generate
+    healthy: bool = False
+    role: str = ""
+    state: str = "unknown"
+    queued: int = 0
+    running: int = 0
+    data_port: int = 0
+    assigned: int = 0  # requests this router has in flight there
+    failures: int = 0
+    link: LinkState | None = None
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set when taken out; in-flight work aborts
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and self.state == "ready"
+
+
+@dataclass
+class Completion:
+    """Filled in as the completion runs; ``finish_reason`` once its tokens are exhausted."""
+
+    request_id: str
+    prompt_tokens: int
+    route: str = ""
+    prefill_node: str = ""
+    decode_node: str = ""
+    reprefilled: bool = False
+    moved_prefix: int = 0
+    reused: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    events: list[str] = field(default_factory=list)
+
+
+def link_state(d: dict[str, Any], now: float) -> LinkState:
+    """A node's ``/link`` JSON as a ``LinkState`` (fields it lacks read as unknown)."""
+    def num(key: str, default: float | None = None) -> float | None:
+        v = d.get(key, default)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+    return LinkState(timestamp=num("timestamp", now) or now, goodput=num("goodput", 0.0) or 0.0,
+                     btl_bw=num("btl_bw", 0.0) or 0.0, capacity=num("capacity"), utilization=num("utilization"),
+                     available_bw=num("available_bw"), min_rtt=num("min_rtt"), srtt=num("srtt"),
+                     queueing_ratio=num("queueing_ratio"), loss_rate=num("loss_rate", 0.0) or 0.0,
+                     busy=num("busy", 0.0) or 0.0, rwnd_limited=num("rwnd_limited", 0.0) or 0.0,
+                     sndbuf_limited=num("sndbuf_limited", 0.0) or 0.0, congested=bool(d.get("congested")),
+                     saturated=bool(d.get("saturated")))
+
+
+class Orchestrator:
+    def __init__(self, config: DeployConfig, settings: FrontSettings, telemetry: Telemetry) -> None:
+        self.config = config
+        self.settings = settings
+        self.tm = telemetry
+        self.block_size = config.cache.block_size
+        long_s = max(settings.prefill_timeout_s, settings.first_token_timeout_s)
+        self.nodes = {n.name: NodeView(n, NodeClient(n.host, n.control_port, timeout=settings.node_timeout_s),
+                                       NodeClient(n.host, n.control_port, timeout=long_s))
+                      for n in config.nodes}
+        self.index = PrefixIndex(self.block_size)  # every node's checkpoints: the router's cache view
+        self._own = {name: PrefixIndex(self.block_size) for name in self.nodes}  # each node's alone
+        self.router = Router(settings.t_star, settings.loop, deployment=self._deployment())
+        self.transitions: list[tuple[float, str, str]] = []  # (time, node, what): health and role changes
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._converting = False
+        self._t0 = time.monotonic()
+        self.tm.planned.set(self.router.t_star)
+        self.tm.threshold.set(self.router.t)
+
+    def _deployment(self) -> model.Deployment | None:
+        s = self.settings
+        if not s.profile:
+            return None
+        prof = ServedProfile.load(s.profile)
+        n_prfaas = len(self.config.by(cluster="prfaas"))
+        n_pd = len(self.config.by(cluster="local"))
+        return model.Deployment(prof.prefill, prof.prefill, prof.kv, model.DecodeProfile(
+            s.decode_t_step_s, s.decode_batch, s.decode_l_out), n_prfaas, n_pd, s.egress_gbps * model.GBPS)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self, wait_healthy_s: float = 0.0) -> None:
+        await self.poll()
+        deadline = time.monotonic() + wait_healthy_s
+        while not all(v.healthy for v in self.nodes.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            await self.poll()
+        self._tasks = [asyncio.create_task(self._short_loop(), name="prfaas-short-loop")]
+        if self.settings.replan_s > 0:
+            self._tasks.append(asyncio.create_task(self._long_loop(), name="prfaas-long-loop"))
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._background]:
+            t.cancel()
+        for t in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for v in self.nodes.values():
+            await v.client.aclose()
+            await v.work.aclose()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ short loop
+    async def _short_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_s)
+            try:
+                await self.poll()
+            except Exception:  # the loop must outlive any one bad poll
+                log.exception("poll failed")
+
+    async def poll(self) -> None:
+        """Read every node's health (and the PrfaaS nodes' egress), then move t."""
+        await asyncio.gather(*(self._poll_one(v) for v in self.nodes.values()))
+        now = time.monotonic()
+        prfaas = [v for v in self.nodes.values() if v.spec.cluster == "prfaas" and v.healthy]
+        links = [v.link for v in prfaas if v.link is not None] if self.settings.use_link else []
+        link = max(links, key=lambda s: (s.congested, s.utilization or 0.0), default=None)
+        before = self.router.t
+        self.router.observe(now, link, sum(v.queued for v in prfaas))
+        if self.router.t != before:
+            change = self.router.history[-1]
+            self.transitions.append((now - self._t0, "router", f"t {before:.0f} -> {self.router.t:.0f} ({change.why})"))
+        self.tm.threshold.set(self.router.t)
+
+    async def _poll_one(self, v: NodeView) -> None:
+        try:
+            h = await v.client.health()
+            link = await v.client.link() if v.spec.cluster == "prfaas" else None
+        except (NodeError, OSError) as e:
+            v.failures += 1
+            if v.healthy and v.failures >= self.settings.unhealthy_after:
+                self._mark_down(v, f"health: {e}")
+            return
+        v.failures = 0
+        v.role, v.state = str(h.get("role", v.spec.role)), str(h.get("state", "unknown"))
+        v.queued, v.running = int(h.get("queued", 0)), int(h.get("running", 0))
+        v.data_port = int(h.get("data_port", v.spec.data_port))
+        v.link = None if link is None else link_state(link, time.monotonic())
+        if not v.healthy:
+            v.healthy = True
+            v.down = asyncio.Event()
+            self.transitions.append((time.monotonic() - self._t0, v.name, "healthy"))
+            await self._refresh_checkpoints(v)
+        self._export(v)
+
+    def _export(self, v: NodeView) -> None:
+        tm = self.tm
+        tm.healthy.labels(v.name).set(1 if v.healthy else 0)
+        tm.queued.labels(v.name).set(v.queued)
+        tm.running.labels(v.name).set(v.running)
+        for role in ("prefill", "decode"):
+            tm.role.labels(v.name, role).set(1 if v.role == role else 0)
+        if v.link is not None:
+            tm.egress.labels(v.name).set(v.link.utilization or 0.0)
+            tm.congested.labels(v.name).set(1 if v.link.congested else 0)
+
+    def _mark_down(self, v: NodeView, why: str) -> None:
+        if v.healthy:
+            log.warning("node %s unhealthy: %s", v.name, why)
+            self.transitions.append((time.monotonic() - self._t0, v.name, f"unhealthy: {why}"))
+        v.healthy = False
+        v.down.set()
+        self._forget(v.name)  # its checkpoints may be gone; re-read when it is back
+        self._export(v)
+
+    async def _refresh_checkpoints(self, v: NodeView) -> None:
+        try:
+            held = await v.client.checkpoints()
+        except (NodeError, OSError):
+            return
+        self._forget(v.name)
+        for c in held:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self._remember(v, str(c["key"]), int(c["length"]))
+
+    def _remember(self, v: NodeView, key: str, length: int) -> None:
+        self.index.add(v.name, v.spec.cluster, key, length)
+        self._own[v.name].add(v.name, v.spec.cluster, key, length)
+
+    def _forget(self, name: str) -> None:
+        self.index.remove_node(name)
+        self._own[name].remove_node(name)
+
+    # ------------------------------------------------------------ long loop
+    async def _long_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.replan_s)
+            try:
+                plan = self.router.maybe_replan(time.monotonic(), force=True)
+                if plan is None:
+                    continue
+                self.tm.planned.set(self.router.t_star)
+                self.tm.planned_split.labels("prefill").set(plan.n_p)
+                self.tm.planned_split.labels("decode").set(plan.n_d)
+                await self._apply_split(plan.n_p, plan.n_d)
+            except Exception:
+                log.exception("re-plan failed")
+
+    async def _apply_split(self, n_p: int, n_d: int) -> None:
+        local = [v for v in self.nodes.values() if v.spec.cluster == "local" and v.healthy]
+        prefill = [v for v in local if v.role == "prefill"]
+        decode = [v for v in local if v.role == "decode"]
+        if n_d < 1 or (n_p < 1 and not any(v.usable for v in self.nodes.values() if v.spec.cluster == "prfaas")):
+            return
+        if len(prefill) > n_p and len(decode) < n_d:
+            await self.convert(min(prefill, key=lambda v: v.assigned).name, "decode")
+        elif len(decode) > n_d and len(prefill) < n_p and len(decode) > 1:
+            await self.convert(min(decode, key=lambda v: v.assigned).name, "prefill")
+
+    async def convert(self, name: str, role: str) -> dict[str, Any]:
+        """Drain the local node ``name``, switch it to ``role``, resume it. One conversion at a time; the
+        node takes no new work meanwhile (its state is not ``ready``)."""
+        v = self.nodes.get(name)
+        if v is None or v.spec.cluster != "local" or role not in ("prefill", "decode"):
+            raise RequestError(f"cannot convert {name!r} to {role!r}: only local nodes, to prefill or decode")
+        if self._converting:
+            raise Unavailable("a conversion is already running")
+        if v.role == role:
+            return {"node": name, "role": role, "changed": False}
+        others = [o for o in self.nodes.values() if o is not v and o.usable and o.role == v.role]
+        if v.role == "decode" and not others:
+            raise Unavailable(f"{name} is the last decode node")
+        self._converting = True
+        t0 = time.monotonic()
+        try:
+            v.state = "draining"
+            self.transitions.append((t0 - self._t0, name, f"drain ({v.role} -> {role})"))
+            await v.work.drain()
+            await v.client.set_role(role)
+            await v.client.resume()
+            self._forget(name)
+            await self._poll_one(v)
+        finally:
+            self._converting = False
+        self.tm.conversions.labels(name, role).inc()
+        self.transitions.append((time.monotonic() - self._t0, name, f"now {v.role}"))
+        return {"node": name, "role": v.role, "changed": True, "seconds": time.monotonic() - t0}
+
+    # ------------------------------------------------------------ one completion
+    def _pick(self, cluster: str, role: str, prefer: str | None = None) -> NodeView | None:
+        cands = [v for v in self.nodes.values() if v.spec.cluster == cluster and v.role == role and v.usable]
+        for v in cands:
+            if v.name == prefer:
+                return v
+        return min(cands, key=lambda v: (v.assigned + v.queued + v.running, v.name), default=None)
+
+    async def complete(self, prompt: Sequence[int], *, max_tokens: int, stops: Sequence[Sequence[int]] = (),
+                       route: str | None = None, reuse: bool = True, info: Completion | None = None
+                       ) -> AsyncIterator[int]:
+        """Token ids of the completion (stop sequences removed), in order; ``info`` is filled in.
+        ``route``: force the prefill cluster; ``reuse=False``: ignore cached prefixes (prefill all)."""
+        s = self.settings
+        prompt = list(prompt)
+        if not 2 <= len(prompt) <= s.max_prompt_tokens:
+            raise RequestError(f"prompt has {len(prompt)} tokens; need 2..{s.max_prompt_tokens}")
+        if not 1 <= max_tokens <= s.max_output_tokens:
+            raise RequestError(f"max_tokens must be in 1..{s.max_output_tokens}")
+        if route is not None and route not in ROUTES:
+            raise RequestError(f"route must be one of {ROUTES}")
+        info = info or Completion(uuid.uuid4().hex[:16], len(prompt))
+        arrived = time.monotonic()
+        single = sorted({int(x[0]) for x in stops if len(x) == 1})
+        matcher = StopMatcher(stops)
+        tokens, first, last_at = await self._start(info, prompt, max_tokens, single, route, reuse)
+        outcome = "error"
+        try:
+            n = 0
+            async for tok in _chain(first, tokens):
+                n += 1
+                if info.ttft_s is None:
+                    info.ttft_s = time.monotonic() - arrived
+                    self.tm.ttft.labels(info.route).observe(info.ttft_s)
+                last_at = time.monotonic()
+                for out in matcher.feed(tok):
+                    info.completion_tokens += 1
+                    yield out
+                if matcher.stopped:
+                    info.finish_reason = "stop"
+                    break
+            if info.finish_reason is None:
+                for out in matcher.flush():
+                    info.completion_tokens += 1
+                    yield out
+                info.finish_reason = "length" if n >= max_tokens else "stop"
+            if n > 1 and info.ttft_s is not None:
+                self.tm.tpot.labels(info.route).observe((last_at - arrived - info.ttft_s) / (n - 1))
+            outcome = "ok"
+        finally:
+            await _aclose(tokens)
+            if outcome != "ok" or info.finish_reason == "stop":  # the decode node may still be generating
+                self._spawn(self._cancel(info.decode_node, info.request_id))
+            dec = self.nodes.get(info.decode_node)
+            if dec is not None:
+                dec.assigned -= 1
+                self._spawn(self._refresh_checkpoints(dec))
+            self.tm.requests.labels(outcome).inc()
+
+    async def _cancel(self, node: str, rid: str) -> None:
+        v = self.nodes.get(node)
+        if v is not None:
+            with contextlib.suppress(NodeError, OSError):
+                await v.client.cancel(rid)
+
+    async def _start(self, info: Completion, prompt: list[int], max_tokens: int, stops: list[int],
+                     route: str | None, reuse: bool) -> tuple[AsyncIterator[int], int, float]:
+        """Prefill and get the first token; a failed PrfaaS attempt is re-run locally once."""
+        base = info.request_id
+        why = "override" if route else "threshold"
+        for attempt in range(2):
+            rid = base if attempt == 0 else f"{base}-r{attempt}"
+            try:
+                return await self._attempt(info, rid, prompt, max_tokens, stops, route, why, reuse)
+            except _PrefillFailed as e:
+                if attempt or info.route != "prfaas":
+                    raise Unavailable(f"prefill failed: {e}") from e
+                info.reprefilled = True
+                info.events.append(f"re-prefill locally: {e}")
+                self.tm.retries.labels(e.kind).inc()
+                route, why = "local", "retry"
+        raise AssertionError("unreachable")
+
+    def _decide(self, rid: str, prompt: list[int], route: str | None, reuse: bool
+                ) -> tuple[str, int, str | None, bool]:
+        """(cluster, cached prefix used, cluster holding it, whether it crosses clusters)."""
+        hits = self.index.lookup(prompt) if reuse else {}
+        usable = {c: h for c, h in hits.items() if self.nodes[h.node].usable}
+        pd = usable["local"].length if "local" in usable else 0
+        pf = usable["prfaas"].length if "prfaas" in usable else 0
+        d = self.router.route(_RouteRequest(rid, len(prompt), cached_pd=pd, cached_prfaas=pf))
+        target, prefix, at = _CLUSTER[d.target], d.prefix, (None if d.prefix_at is None else _CLUSTER[d.prefix_at])
+        if route is not None and route != target:  # forced: the longer prefix anywhere, moved if it must
+            target = route
+            prefix = max(pd, pf)
+            at = None if not prefix else (target if {"local": pd, "prfaas": pf}[target] == prefix
+                                          else ("local" if pd == prefix else "prfaas"))
+        return target, prefix, at, at is not None and at != target
+
+    async def _attempt(self, info: Completion, rid: str, prompt: list[int], max_tokens: int, stops: list[int],
+                       route: str | None, why: str, reuse: bool) -> tuple[AsyncIterator[int], int, float]:
+        target, prefix, at, _ = self._decide(rid, prompt, route, reuse)
+        if target == "prfaas" and self._pick("prfaas", "prefill") is None:
+            target, why = "local", "fallback"
+        if target == "local" and self._pick("local", "prefill") is None:
+            if route == "local" or self._pick("prfaas", "prefill") is None:
+                raise Unavailable("no healthy prefill node")
+            target, why = "prfaas", "fallback"
+        hit = self.index.lookup(prompt).get(at) if at else None
+        if hit is None or hit.length != prefix or not self.nodes[hit.node].usable:
+            hit, prefix = None, 0
+        pre = self._pick(target, "prefill", prefer=hit.node if hit else None)
+        dec = self._pick("local", "decode")
+        if pre is None or dec is None:
+            raise Unavailable("no healthy decode node" if dec is None else "no healthy prefill node")
+        reuse_from = None
+        if hit is not None and hit.node != pre.name:
+            src = self.nodes[hit.node].spec
+            reuse_from = (src.host, src.control_port)
+        send_from = self._held_by(dec.name, prompt) if reuse else 0
+        info.route, info.prefill_node, info.decode_node = target, pre.name, dec.name
+        self.tm.decisions.labels(target, why).inc()
+        dec.assigned += 1
+        pre.assigned += 1
+        try:
+            return await self._run(info, rid, prompt, max_tokens, stops, pre, dec, prefix, reuse_from, send_from)
+        except BaseException:
+            dec.assigned -= 1
+            raise
+        finally:
+            pre.assigned -= 1
+
+    def _held_by(self, node: str, prompt: list[int]) -> int:
+        """The longest checkpoint of ``prompt`` the node itself holds (what it need not receive)."""
+        own = self._own[node].lookup(prompt)
+        return max((h.length for h in own.values()), default=0)
+
+    async def _run(self, info: Completion, rid: str, prompt: list[int], max_tokens: int, stops: list[int],
+                   pre: NodeView, dec: NodeView, prefix: int, reuse_from: tuple[str, int] | None,
+                   send_from: int) -> tuple[AsyncIterator[int], int, float]:
+        s = self.settings
+        try:
+            await dec.client.expect(rid, prompt, reuse_length=send_from)
+        except (NodeError, OSError) as e:
+            self._mark_down(dec, f"expect: {e}")
+            raise Unavailable(f"decode node {dec.name}: {e}") from e
+        if reuse_from is not None:
+            src = next(v for v in self.nodes.values() if (v.spec.host, v.spec.control_port) == reuse_from)
+            self.tm.prefix_moves.labels(src.spec.cluster, pre.spec.cluster).inc()
+            info.moved_prefix = prefix
+        info.reused = prefix
+        prefill = asyncio.create_task(asyncio.wait_for(pre.work.prefill(
+            rid, prompt, decode_host=dec.spec.host, decode_data_port=dec.data_port or dec.spec.data_port,
+            reuse_length=prefix, reuse_from=reuse_from, send_from=send_from), s.prefill_timeout_s))
+        prefill.add_done_callback(lambda t: self._prefilled(t, pre, prompt))
+        tokens = dec.work.generate(rid, max_tokens=max_tokens, stop=stops or None)
+        first = asyncio.ensure_future(asyncio.wait_for(tokens.__anext__(), s.first_token_timeout_s))
+        pre_down = asyncio.ensure_future(pre.down.wait())
+        try:
+            done, _ = await asyncio.wait({prefill, first, pre_down}, return_when=asyncio.FIRST_COMPLETED)
+            if pre_down in done and not first.done():  # the health poll lost the prefill node
+                raise _PrefillFailed("node-down", f"{pre.name} went unhealthy during the prefill")
+            if prefill in done and not first.done():
+                failure = _failure(prefill)
+                if failure is not None:
+                    raise failure
+                await asyncio.wait({first})
+            try:
+                tok = first.result()
+            except StopAsyncIteration:
+                raise _PrefillFailed("empty", "the decode node produced no token") from None
+            except (NodeError, OSError, asyncio.TimeoutError) as e:
+                await asyncio.wait({prefill}, timeout=s.node_timeout_s)
+                failure = _failure(prefill) if prefill.done() else None
+                if isinstance(e, NodeError) and failure is None and not prefill.done():
+                    failure = _PrefillFailed("transfer", str(e))
+                if failure is None:
+                    self._mark_down(dec, f"generate: {e}")
+                    raise Unavailable(f"decode node {dec.name}: {e}") from e
+                raise failure from e
+        except BaseException:
+            first.cancel()
+            prefill.cancel()
+            pre_down.cancel()
+            await _aclose(tokens)
+            self._spawn(self._cancel(dec.name, rid))
+            raise
+        pre_down.cancel()
+        if reuse_from is not None and prefill.done() and not prefill.cancelled() and prefill.exception() is None:
+            self.tm.reused_tokens.inc(prefix)
+        info.request_id = rid
+        return tokens, tok, time.monotonic()
+
+    def _prefilled(self, task: asyncio.Task[Any], pre: NodeView, prompt: list[int]) -> None:
+        if task.cancelled():
+            self.tm.transfers.labels("cancelled").inc()
+            return
+        e = task.exception()
+        if e is not None:
+            self.tm.transfers.labels("error").inc()
+            if isinstance(e, (NodeError, OSError)):
+                self._mark_down(pre, f"prefill: {e}")
+            return
+        r = task.result()
+        self.tm.transfers.labels(str(r.get("state"))).inc()
+        length = r.get("checkpoint_length")
+        if r.get("state") == "done" and isinstance(length, int) and length >= self.block_size:
+            with contextlib.suppress(ValueError, IndexError):
+                self._remember(pre, block_keys(prompt[:length], self.block_size)[-1], length)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"threshold": self.router.t, "t_star": self.router.t_star, "scarce": self.router.scarce,
+                "nodes": {v.name: {"cluster": v.spec.cluster, "role": v.role, "state": v.state,
+                                   "healthy": v.healthy, "queued": v.queued, "running": v.running,
+                                   "assigned": v.assigned,
+                                   "egress_utilization": None if v.link is None else v.link.utilization}
+                          for v in self.nodes.values()},
+                "long_loop": self.settings.replan_s > 0}
+
+
+class _PrefillFailed(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+
+
+def _failure(prefill: asyncio.Task[Any]) -> _PrefillFailed | None:
+    if prefill.cancelled():
+        return _PrefillFailed("cancelled", "prefill cancelled")
+    e = prefill.exception()
+    if isinstance(e, asyncio.TimeoutError):
+        return _PrefillFailed("timeout", "prefill timed out")
+    if e is not None:
+        return _PrefillFailed("node", str(e) or type(e).__name__)
+    r = prefill.result()
+    if r.get("state") != "done":
+        return _PrefillFailed(str(r.get("state")), str(r.get("reason", "")))
+    return None
+
+
+async def _chain(first: int, rest: AsyncIterator[int]) -> AsyncIterator[int]:
+    yield first
+    async for tok in rest:
+        yield tok
+
+
+async def _aclose(it: AsyncIterator[int]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
