@@ -211,7 +211,7 @@ class FrontDoor:
     async def timeline(self, request: Request) -> Response:
         return JSONResponse({"transitions": [{"at": at, "who": who, "what": what}
                                              for at, who, what in self.orch.transitions],
-                             "threshold": self.orch.router.t})
+                             "threshold": self.orch.router.t, "now": self.orch.uptime()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,22 +38,26 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class WanSpec:
-    """``rate=200mbit,rtt=20ms,loss=0`` → the emulated link between the clusters."""
+    """``rate=200mbit,rtt=20ms,loss=0,queue=4bdp`` → the emulated link between the clusters (``queue``: the
+    bottleneck's drop-tail buffer, in bandwidth-delay products; a WAN router's buffer is deep, and one BDP
+    drops a single cache's burst)."""
 
     rate_mbit: float = 200.0
     rtt_ms: float = 20.0
     loss: float = 0.0
+    queue_bdp: float = 4.0
 
     @staticmethod
     def parse(text: str) -> WanSpec:
         from ..testing.wan import parse_loss, parse_ms, parse_rate_mbit
 
         kw: dict[str, float] = {}
-        parsers = {"rate": ("rate_mbit", parse_rate_mbit), "rtt": ("rtt_ms", parse_ms), "loss": ("loss", parse_loss)}
+        parsers = {"rate": ("rate_mbit", parse_rate_mbit), "rtt": ("rtt_ms", parse_ms), "loss": ("loss", parse_loss),
+                   "queue": ("queue_bdp", lambda v: float(v.lower().removesuffix("bdp")))}
         for part in filter(None, text.split(",")):
             key, _, value = part.partition("=")
             if key not in parsers or not value:
-                raise ValueError(f"--wan takes rate=..,rtt=..,loss=.. ; got {part!r}")
+                raise ValueError(f"--wan takes rate=..,rtt=..,loss=..,queue=..bdp ; got {part!r}")
             name, parse = parsers[key]
             kw[name] = parse(value)
         return WanSpec(**kw)
@@ -139,8 +143,9 @@ class Deployment:
         from ..testing.wan import WanLink
 
         assert self.wan is not None
+        bdp = self.wan.rate_mbit * 1e6 / 8 * self.wan.rtt_ms / 1e3
         self.link = WanLink(rtt_ms=self.wan.rtt_ms, rate_mbit=self.wan.rate_mbit, loss=self.wan.loss,
-                            prefix="kvp").start()
+                            queue_bytes=max(64 << 10, int(self.wan.queue_bdp * bdp)), prefix="kvp").start()
         hosts = {"prfaas": self.link.server_addr, "local": self.link.client_addr}
         nodes = tuple(dataclasses.replace(n, host=hosts[n.cluster]) for n in self.source.nodes)
         router = dict(self.source.router, host=self.link.client_addr, use_link=True)

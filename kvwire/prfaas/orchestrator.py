@@ -90,7 +90,10 @@ class Completion:
 
 
 def link_state(d: dict[str, Any], now: float) -> LinkState:
-    """A node's ``/link`` JSON as a ``LinkState`` (fields it lacks read as unknown)."""
+    """A node's ``/link`` JSON as a ``LinkState`` (fields it lacks read as unknown). A link with nothing in
+    flight over the estimator's window (``busy`` 0) is not congested, whatever its last RTTs said: TCP's srtt
+    is not updated without traffic, so an idle egress would otherwise read congested for as long as the
+    router keeps requests off it, and t would climb to t_max and stay there."""
     def num(key: str, default: float | None = None) -> float | None:
         v = d.get(key, default)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
@@ -100,7 +103,8 @@ def link_state(d: dict[str, Any], now: float) -> LinkState:
                      available_bw=num("available_bw"), min_rtt=num("min_rtt"), srtt=num("srtt"),
                      queueing_ratio=num("queueing_ratio"), loss_rate=num("loss_rate", 0.0) or 0.0,
                      busy=num("busy", 0.0) or 0.0, rwnd_limited=num("rwnd_limited", 0.0) or 0.0,
-                     sndbuf_limited=num("sndbuf_limited", 0.0) or 0.0, congested=bool(d.get("congested")),
+                     sndbuf_limited=num("sndbuf_limited", 0.0) or 0.0,
+                     congested=bool(d.get("congested")) and (num("busy", 1.0) or 0.0) > 0,
                      saturated=bool(d.get("saturated")))
 
 
@@ -507,6 +511,10 @@ class Orchestrator:
         if r.get("state") == "done" and isinstance(length, int) and length >= self.block_size:
             with contextlib.suppress(ValueError, IndexError):
                 self._remember(pre, block_keys(prompt[:length], self.block_size)[-1], length)
+
+    def uptime(self) -> float:
+        """Seconds since this orchestrator started: the clock of ``transitions``."""
+        return time.monotonic() - self._t0
 
     def snapshot(self) -> dict[str, Any]:
         return {"threshold": self.router.t, "t_star": self.router.t_star, "scarce": self.router.scarce,
