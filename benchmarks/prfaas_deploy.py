@@ -37,7 +37,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -163,8 +162,8 @@ def sim_rows(out: io.StringIO, requests: int) -> None:
         sat = sim.simulate(dataclasses.replace(cfg, arrivals=sim.Arrivals(1.3 * eq[name].lam_max)))
         lo = sim.simulate(cfg)
         w = paper.TABLE6[name]
-        p(f"{NAMES[name]:<16}{w['lam_max']:>10.2f}{sat.throughput:>10.3f}{w['ttft_mean']:>14.2f} / {w['ttft_p90']:<7.2f}"
-          f"{lo.ttft_mean:>10.2f} / {lo.ttft_pct(90):.2f}")
+        p(f"{NAMES[name]:<16}{w['lam_max']:>10.2f}{sat.throughput:>10.3f}{w['ttft_mean']:>14.2f} / "
+          f"{w['ttft_p90']:<7.2f}{lo.ttft_mean:>10.2f} / {lo.ttft_pct(90):.2f}")
 
 
 def plot(out_dir: Path, runs: dict[str, list[Result]]) -> Path:
@@ -260,7 +259,8 @@ def wan_run(out: io.StringIO, a: argparse.Namespace, tmp: Path) -> Path | None:
         sel = [r for r in rs if lo_s <= r.arrival < hi_s and not r.error]
         longs = [r for r in sel if r.length > T_STAR]
         ts = [t for at, t in timeline if lo_s <= at < hi_s]
-        p(f"{label:<7} ({lo_s:5.1f}-{min(hi_s, timeline[-1][0] if timeline else 0):5.1f} s): t {min(ts, default=0):.0f}-"
+        end = min(hi_s, timeline[-1][0] if timeline else 0)
+        p(f"{label:<7} ({lo_s:5.1f}-{end:5.1f} s): t {min(ts, default=0):.0f}-"
           f"{max(ts, default=0):.0f}; requests {len(sel)}, long (> {T_STAR}) {len(longs)}, of which on PrfaaS "
           f"{sum(r.route == 'prfaas' for r in longs)}; TTFT mean "
           f"{np.nanmean([r.ttft for r in sel]) if sel else math.nan:.2f} s")
