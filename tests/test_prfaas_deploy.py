@@ -108,12 +108,13 @@ def test_a_prefix_cached_in_the_other_cluster_is_moved_and_still_matches(
     assert sa["moved_prefix"] == 0
     b, _, sb = stream_tokens(client, question, 8, **{"X-Prfaas-Route": "prfaas"})
     after = metrics(d.frontdoor_url)
-    assert sb["prefill_node"] == "prfaas-0" and sb["moved_prefix"] >= 32 and sb["moved_prefix"] % 32 == 0
+    block = deploy_config.load(d.config_path).cache.block_size
+    assert sb["prefill_node"] == "prfaas-0" and sb["moved_prefix"] >= block and sb["moved_prefix"] % block == 0
     assert sb["moved_prefix"] <= len(base.encode())
     moves = metric(after, "prfaas_prefix_moves_total", src="local", dst="prfaas") - \
         metric(before, "prfaas_prefix_moves_total", src="local", dst="prfaas")
     assert moves == 1
-    assert metric(after, "prfaas_reused_tokens_total") - metric(before, "prfaas_reused_tokens_total") >= 32
+    assert metric(after, "prfaas_reused_tokens_total") - metric(before, "prfaas_reused_tokens_total") >= block
     fresh, _, _ = stream_tokens(client, question, 8, **{"X-Prfaas-Route": "local", "X-Prfaas-Reuse": "off"})
     assert b == fresh  # the moved prefix + the rest computed on PrfaaS = the whole prompt computed locally
     # negative control: a prompt nobody cached moves nothing
