@@ -27,7 +27,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-from prfaas_nodes import KEY, Nodes, port_free  # noqa: E402
+from prfaas_nodes import KEY, Nodes, free_ports, port_free  # noqa: E402
 
 import kvwire  # noqa: E402
 from kvwire.prfaas.config import CacheConfig, ModelSpec  # noqa: E402
@@ -154,6 +154,41 @@ def _from_checkpoint(runner: TransformersRunner, ids: list[int], ck: Any) -> lis
     finally:
         s.close()
         rx.close()
+
+
+def test_bad_input_and_unreachable_peers(nodes: Nodes, reference: TransformersRunner) -> None:
+    """Typed errors at the call; an unreachable decode port or prefix source never hangs a prefill."""
+    ids = prompt(300, seed=500)
+    d0 = nodes.spec("d0")
+    closed_port = free_ports(1)[0]
+
+    async def run() -> None:
+        async with nodes.client("d0") as dec, nodes.client("p0") as pre:
+            for bad, match in (([5], "at least 2"), ([1, 512], r"\[0, 512\)"), ([1, -1], r"\[0, 512\)")):
+                with pytest.raises(NodeError, match=match) as e:
+                    await dec.expect("bad", bad)
+                assert e.value.status == 400
+            with pytest.raises(NodeError, match="list of ints") as e:
+                await pre.prefill("bad", ["a", 1], decode_host=d0.host, decode_data_port=d0.data_port)  # type: ignore
+            with pytest.raises(NodeError, match="multiple of") as e:
+                await pre.prefill("bad", ids, decode_host=d0.host, decode_data_port=d0.data_port, send_from=100)
+            with pytest.raises(NodeError, match="no held prefix") as e:
+                await dec.expect("bad", prompt(600, seed=501), reuse_length=BLOCK)
+            assert e.value.status == 409
+            with pytest.raises(NodeError, match="not expected") as e:
+                await _drain(dec.generate("never-expected", max_tokens=2))
+            assert e.value.status == 404
+            # no decode node listens there: the prefill ends failed at once
+            t0 = time.monotonic()
+            out = await pre.prefill("nowhere", ids, decode_host="127.0.0.1", decode_data_port=closed_port)
+            assert out["state"] == "failed" and out["reason"] and time.monotonic() - t0 < 10
+            # the prefix source is down: p0 prefills in full, says so, and the tokens still match
+            out, toks = await serve(nodes, "p0", "src-down", ids, reuse_length=BLOCK,
+                                    reuse_from=("127.0.0.1", closed_port))
+            assert out["state"] == "done" and out["reused_tokens"] == 0 and "prefilled in full" in out["reason"]
+            assert toks == reference.reference(ids, STEPS)
+            assert not await _busy(dec) and not await _busy(pre)
+    asyncio.run(run())
 
 
 def test_drain_convert_resume(nodes: Nodes) -> None:
