@@ -188,6 +188,15 @@ def test_bad_input_and_unreachable_peers(nodes: Nodes, reference: TransformersRu
             assert out["state"] == "done" and out["reused_tokens"] == 0 and "prefilled in full" in out["reason"]
             assert toks == reference.reference(ids, STEPS)
             assert not await _busy(dec) and not await _busy(pre)
+        # a client that gives up while the decode node waits for the cache: the node cancels the request
+        async with nodes.client("d0", timeout=1.0) as impatient, nodes.client("d0") as dec:
+            await dec.expect("gave-up", ids)
+            with pytest.raises(NodeError, match="no answer"):
+                await _drain(impatient.generate("gave-up", max_tokens=2))
+            deadline = time.monotonic() + 5
+            while await _busy(dec):
+                assert time.monotonic() < deadline, await dec.health()
+                await asyncio.sleep(0.05)
     asyncio.run(run())
 
 

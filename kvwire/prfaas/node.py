@@ -46,6 +46,15 @@ class NodeFault(Exception):
         self.status = status
 
 
+async def _ended(handle: Any, timeout: float) -> None:
+    """Wait for a transfer handle's end on the event loop (no thread held while the bytes travel); raises its
+    typed error, or ``TimeoutError``."""
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(handle.future), timeout)
+    except asyncio.TimeoutError:  # a distinct class before Python 3.11
+        raise TimeoutError(f"transfer not ended in {timeout} s") from None
+
+
 def _state_of(exc: BaseException) -> str:
     name = type(exc).__name__
     return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
@@ -178,10 +187,13 @@ class Node:
             return
         self.running += 1
         it = self.backend.decode(incoming, max_tokens, stop=stop, timeout=self.transfer_timeout)
-        finished = False
+        have_cache = False
         try:
             while True:
                 try:
+                    if not have_cache:  # the first step: wait for the cache here, not on a worker thread
+                        await _ended(incoming.handle, self.transfer_timeout)
+                        have_cache = True
                     tok = await asyncio.to_thread(next, it, None)
                 except (TransferError, TimeoutError) as e:
                     yield {"error": str(e) or "cache transfer timed out", "state": _state_of(e)}
@@ -189,12 +201,11 @@ class Node:
                 if tok is None:
                     break
                 yield {"token": tok}
-            finished = True
             kv = self.backend.kv_checkpoint(incoming)
             if kv is not None:
                 self.store.put(kv, incoming.prompt)
         finally:
-            if not finished:  # the client went away or the transfer failed: nothing may keep writing here
+            if not incoming.handle.finished:  # the client went away before the cache came: stop the transfer
                 incoming.handle.cancel("decode request ended early")
             self.running -= 1
             self._settle()
@@ -203,7 +214,6 @@ class Node:
     async def prefill(self, request_id: str, prompt: list[int], decode: Peer, reuse_length: int = 0,
                       reuse_from: Peer | None = None, send_from: int = 0) -> dict[str, Any]:
         self._admit("prefill")
-        submitted = time.monotonic()
         out: dict[str, Any] = {"state": "failed", "reason": "", "bytes": 0, "queued_s": 0.0, "prefill_s": 0.0,
                                "tail_s": 0.0, "move_s": 0.0, "computed_tokens": 0, "reused_tokens": 0,
                                "checkpoint_length": None, "move_bytes": 0}
@@ -218,6 +228,7 @@ class Node:
                 start = self.store.exact(prompt, reuse_length)
                 if start is None:
                     out["reason"] = f"no own checkpoint of {reuse_length} tokens; prefilled in full. "
+            submitted = time.monotonic()  # queued_s: from here (after any prefix move) to a compute thread
             loop = asyncio.get_running_loop()
             picked = loop.create_future()
 
@@ -244,7 +255,7 @@ class Node:
             self._outgoing[request_id] = res.transfer
             produced = time.monotonic()
             try:
-                await asyncio.to_thread(res.transfer.result, self.transfer_timeout + 5)
+                await _ended(res.transfer, self.transfer_timeout + 5)
                 out["state"] = "done"
             except (TransferError, TimeoutError) as e:
                 out["state"], out["reason"] = _state_of(e), out["reason"] + str(e)
@@ -276,7 +287,7 @@ class Node:
         try:
             sent = await client.export(mid, prompt, length, dest_host=self.spec.host,
                                        dest_data_port=self.receiver.address[1])
-            await asyncio.to_thread(handle.result, self.transfer_timeout)
+            await _ended(handle, self.transfer_timeout)
             out["move_bytes"] = int(sent.get("bytes", 0))
         except (NodeError, TransferError, TimeoutError) as e:
             handle.cancel("prefix move failed")
@@ -293,13 +304,12 @@ class Node:
         if ck is None:
             raise NodeFault(404, f"no checkpoint of {length} tokens of this prompt on {self.spec.name}")
 
-        def send() -> int:
-            t = self.backend.send_checkpoint(ck, self.session(dest), request_id, timeout=self.transfer_timeout)
-            t.result(self.transfer_timeout + 5)
-            return ck.nbytes
+        def send() -> Any:
+            return self.backend.send_checkpoint(ck, self.session(dest), request_id, timeout=self.transfer_timeout)
 
         try:
-            return {"state": "done", "bytes": await asyncio.to_thread(send)}
+            await _ended(await asyncio.to_thread(send), self.transfer_timeout + 5)
+            return {"state": "done", "bytes": ck.nbytes}
         except (TransferError, TimeoutError, KvwireError) as e:
             return {"state": _state_of(e), "reason": str(e), "bytes": 0}
 
