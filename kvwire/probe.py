@@ -1,8 +1,10 @@
 """Active capacity probe: a short burst of sink transfers that measures a link's capacity and RTT.
 
 ``result = kvwire.probe(session)`` (or ``probe((host, port), key=...)``) before real traffic; then, for
-example, ``LinkControl(session, capacity=result.capacity)``. Run it while no ``LinkControl`` drives the
-session: the probe takes the lanes' pacing and congestion algorithm over for its duration.
+example, ``LinkControl(session, capacity=result.capacity)``. The session's own controller (its
+``link_control``) is paused for the probe and starts over from the probe's capacity after it; run it while
+no other ``LinkControl`` drives the session: the probe takes the lanes' pacing and congestion algorithm
+over for its duration.
 
 Owns: ``probe`` and ``ProbeResult`` — preparing the session's lanes for the burst (pacing caps off, the
 congestion algorithm, optionally another lane count; all put back afterwards), keeping sink transfers
@@ -94,11 +96,18 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
     if isinstance(peer, Session):
         if connect_kwargs:
             raise ValueError(f"connect arguments {sorted(connect_kwargs)} need a (host, port) peer")
-        return _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
+        ctl = peer.link_control
+        if ctl is None:
+            return _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
+        with ctl.paused():  # the session's own controller leaves the lanes to the probe ...
+            result = _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
+        ctl.resume(result.capacity if result.saturated else None)  # ... and starts from what it measured
+        return result
     if not isinstance(peer, tuple) or len(peer) != 2:
         raise TypeError(f"peer must be a Session or a (host, port) tuple, got {peer!r}")
     if lanes is not None:
         connect_kwargs.setdefault("lanes", lanes)
+    connect_kwargs.setdefault("link_control", False)  # the probe drives the lanes itself
     session = connect(peer[0], peer[1], **connect_kwargs)
     try:
         return _Probe(session, float(seconds), float(interval), lanes, congestion).run()

@@ -148,7 +148,7 @@ def test_human_output_has_the_probe_line_a_link_line_per_interval_and_the_contro
 
 
 def test_probe_alone_leaves_the_lanes_to_the_options() -> None:
-    r = bench("--loopback", "-n", "4M", "-l", "2M", "-P", "2", "-C", "reno", "--probe", "0.2", "-J")
+    r = bench("--loopback", "-n", "4M", "-l", "2M", "-P", "2", "-C", "reno", "--probe", "0.2", "--no-adaptive", "-J")
     assert r.returncode == 0, r.stderr + r.stdout
     doc = json.loads(r.stdout)
     assert doc["start"]["probe"]["congestion"] == "reno", "-C is the probe's algorithm too"

@@ -250,7 +250,7 @@ def test_probe_restores_pacing_congestion_and_lane_count(no_leaks: None) -> None
     algos = available_congestion_algorithms()
     if "cubic" not in algos or "bbr" not in algos:
         pytest.skip(f"needs cubic and bbr, kernel has {algos}")
-    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+    with Receiver() as rx, connect(*rx.address, lanes=2, link_control=False) as s:  # (settings of our own)
         socks = s.lane_sockets()
         for i, sock in enumerate(socks):
             set_pacing_rate(sock, 50_000_000 + i)

@@ -141,7 +141,9 @@ class Options:
     announce: bool = False
     verbose: bool = False
     emulate: dict[str, float] | None = None  # --emulate: rtt_ms, loss, rate_mbit[, queue_bytes, mtu]
-    adaptive: bool = False  # --adaptive: kvwire.congestion's LinkControl drives the lanes (--polite implies it)
+    # kvwire.congestion's LinkControl drives the lanes (--polite implies it); on the command line the
+    # default unless --no-adaptive or --fq-rate, as for kvwire.connect
+    adaptive: bool = False
     polite: bool = False
     probe_seconds: float | None = None  # --probe: a kvwire.probe burst of this long before the test
 
@@ -229,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adaptive", action="store_true",
                    help="run kvwire's link controller on the lanes for the whole test (lane count, pacing, "
                         "algorithm: -P is its starting lane count, -C its algorithm; no --fq-rate); intervals "
-                        "show its view of the link")
+                        "show its view of the link. The default, as for every kvwire session, unless "
+                        "--no-adaptive or --fq-rate")
+    c.add_argument("--no-adaptive", action="store_true",
+                   help="no link controller: -P lanes, unpaced (or --fq-rate), the kernel's congestion control "
+                        "alone (kvwire.connect(link_control=False))")
     c.add_argument("--polite", action="store_true",
                    help="--adaptive in polite mode: CUBIC, and half the capacity while other flows compete")
     c.add_argument("--probe", type=float, metavar="SECONDS", dest="probe_seconds",
@@ -269,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(a: argparse.Namespace) -> Options:
+    if a.no_adaptive and (a.adaptive or a.polite):
+        raise UsageError("--no-adaptive turns the link controller off: drop --adaptive/--polite")
     mode = "server" if a.server else "loopback" if a.loopback else "emulate" if a.emulate else "client"
     key = a.key if a.key is not None else os.environ.get(KEY_ENV, "")
     o = Options(
@@ -283,7 +291,8 @@ def options_from_args(a: argparse.Namespace) -> Options:
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce,
         verbose=a.verbose or a.short_v,
-        emulate=a.emulate, adaptive=a.adaptive or a.polite, polite=a.polite, probe_seconds=a.probe_seconds,
+        emulate=a.emulate, polite=a.polite, probe_seconds=a.probe_seconds,
+        adaptive=a.adaptive or a.polite or (not a.no_adaptive and a.fq_rate is None and not a.server),
         metrics_port=a.metrics_port)
     if o.nbytes is not None and o.model is None:
         o.length = min(o.length, o.nbytes)  # -n 1M sends 1M, not one default-sized transfer

@@ -1,20 +1,26 @@
-"""``LinkControl``: the adaptive link controller attached to one sending session.
+"""``LinkControl``: the adaptive link controller attached to one sending session (or a ``LaneGroup``).
 
 Owns: wiring a ``LinkMonitor`` (TCP_INFO of the session's active lanes every ``interval``), its
 ``LinkEstimator`` and a ``LaneController`` to the session's three hooks — ``lane_sockets()`` (what to
 sample and pace), ``set_active_lanes(n)`` (the lane count) and ``on_lane_open`` (a lane connected or
-reconnected gets the current pacing cap and algorithm before it carries data) — and publishing every
-``LinkState`` to subscribers. Must not know: transfers, the wire format, how the session picks chunks;
-the session is used only through those hooks (a duck-typed ``Controllable``).
+reconnected gets the current pacing cap and algorithm before it carries data; a hook the session had
+runs after it) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
+session gets by default (``Session(link_control=...)``), and pausing one while ``kvwire.probe`` owns the
+lanes. Must not know: transfers, the wire format, how the session picks chunks; the session is used only
+through those hooks (a duck-typed ``Controllable``; a session that owns a default controller hands its
+lanes over through ``detach_link_control()`` when another ``LinkControl`` or a ``LaneGroup`` takes them).
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
-from .controller import ControllerConfig, Decision, LaneController, apply_decision
+from .controller import ControllerConfig, Decision, LaneController, apply_decision, initial_state
 from .estimator import EstimatorConfig, LinkEstimator, LinkState
 from .monitor import LinkMonitor, Subscriber
 
@@ -42,6 +48,9 @@ class LinkControl:
     def __init__(self, session: Controllable, config: ControllerConfig | None = None, *,
                  interval: float = 0.1, estimator: EstimatorConfig | None = None,
                  capacity: float | None = None, start: bool = True) -> None:
+        detach = getattr(session, "detach_link_control", None)
+        if callable(detach):
+            detach()  # the session's default controller hands its lanes over to this one
         self.session = session
         self.config = config or ControllerConfig()
         self.estimator = LinkEstimator(estimator or EstimatorConfig(
@@ -52,13 +61,16 @@ class LinkControl:
         self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator)
         self.states: list[LinkState] = []  # kept only while record=True (benchmarks)
         self.record = False
+        self._paused = False
+        self._start_lock = threading.Lock()
+        self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
         session.set_active_lanes(self.config.initial_lanes)
         apply_decision(self.decision, session.lane_sockets())
-        self.monitor.subscribe(self.controller.on_state)
+        self.monitor.subscribe(self._control)
         self.monitor.subscribe(self._keep)
         if start:
-            self.monitor.start()
+            self.start()
 
     @property
     def decision(self) -> Decision:
@@ -76,11 +88,38 @@ class LinkControl:
     def latest(self) -> LinkState | None:
         return self.monitor.latest()
 
+    def start(self) -> None:
+        """Start sampling (``start=False`` at construction defers it); idempotent."""
+        with self._start_lock:
+            if not self.monitor.running and not self.monitor.stopped:
+                self.monitor.start()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the lanes alone for the block (``kvwire.probe`` sets pacing and algorithms itself); the
+        sampling goes on. After it the current decision is applied again (``resume`` to restart it)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
+
+    def resume(self, capacity: float | None = None) -> None:
+        """Start the policy over (PROBE; or, given a ``capacity`` measured meanwhile, paced under it from
+        now on, that capacity seeding the estimate) and apply it to the lanes."""
+        if capacity is not None:
+            self.monitor.seed_capacity(capacity)
+        self.controller.state = initial_state(self.config, capacity)
+        latest = self.latest()
+        self.controller.history.append((latest.timestamp if latest is not None else 0.0, self.decision))
+        apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
+
     def close(self) -> None:
         """Stop sampling and detach from the session (the sockets keep their last settings)."""
         self.monitor.stop()
         if self.session.on_lane_open == self._on_lane_open:
-            self.session.on_lane_open = None
+            self.session.on_lane_open = self._prior_hook
 
     def __enter__(self) -> LinkControl:
         return self
@@ -92,11 +131,43 @@ class LinkControl:
     def _set_lanes(self, n: int) -> int:
         return self.session.set_active_lanes(n)
 
+    def _control(self, state: LinkState) -> None:
+        if not self._paused:
+            self.controller.on_state(state)
+
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
         d = self.decision  # its share of the aggregate, counting it among the lanes that pace (at least d.lanes)
-        apply_decision(d, [sock], share=max(d.lanes, len(self.session.lane_sockets()) + 1))
+        if not self._paused:
+            apply_decision(d, [sock], share=max(d.lanes, len(self.session.lane_sockets()) + 1))
+        if self._prior_hook is not None:
+            self._prior_hook(index, sock)
 
     def _keep(self, state: LinkState) -> None:
         if self.record:
             self.states.append(state)
 
+
+
+#: ``KVWIRE_LINK_CONTROL=0`` (or ``off``/``false``/``no``): sessions get no controller unless given one
+LINK_CONTROL_ENV = "KVWIRE_LINK_CONTROL"
+
+
+def default_enabled() -> bool:
+    """Whether ``Session(link_control=True)`` (the default) attaches a controller here."""
+    return os.environ.get(LINK_CONTROL_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int) -> LinkControl | None:
+    """The controller a session gets for its ``link_control`` argument: ``True`` (unless
+    ``$KVWIRE_LINK_CONTROL`` is off) one with the default policy, starting at the session's ``lanes`` and
+    growing up to its ``max_lanes``; a ``ControllerConfig``, one with that policy; ``False``/``None``,
+    none. Not started: the session starts it with its first transfer (an idle session costs no thread)."""
+    if spec is False or spec is None or (spec is True and not default_enabled()):
+        return None
+    if spec is True:
+        base = ControllerConfig()
+        spec = ControllerConfig(min_lanes=min(base.min_lanes, lanes), initial_lanes=lanes,
+                                max_lanes=max(lanes, max_lanes))
+    if not isinstance(spec, ControllerConfig):
+        raise TypeError(f"link_control must be True, False, a ControllerConfig or a LaneGroup, not {spec!r}")
+    return LinkControl(session, spec, start=False)

@@ -10,6 +10,9 @@ and the callback.
 Policy (BBR's cycle at the application level, §3.3 of the TCP bulk-transfer note; the kernel's BBR does
 the per-lane work and ignores random loss, the application caps the aggregate so no queue stands):
 
+- LAN: while the min RTT is under ``lan_rtt`` (loopback, a rack) nothing is changed (PROBE, unpaced): a
+  few microseconds of path never make socket windows or a queue the limit, and a default-on controller
+  must cost nothing there.
 - PROBE: lanes unpaced until the estimator knows the capacity (a standing queue showed the link
   full) and at least ``probe_min`` has passed — the in-band capacity probe. Gives up after
   ``probe_timeout`` (then cruises unpaced).
@@ -113,6 +116,7 @@ class ControllerConfig:
     recover_ratio: float = 0.5  # an estimate below this x the recent best, while we get all we pace: re-probe
     best_window: float = 30.0  # how long the best estimate is remembered
     recover_loss: float = 0.01  # ... and loss below this (a long path's random loss, not an overflowing queue)
+    lan_rtt: float = 0.001  # a min RTT below this is a LAN: left in PROBE, unpaced, lanes unchanged
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.initial_lanes <= self.max_lanes:
@@ -184,6 +188,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         return replace(st, changed_at=now)
     if link.busy < cfg.min_busy:
         return st
+    if link.min_rtt is not None and link.min_rtt < cfg.lan_rtt and st.decision.mode is Mode.PROBE:
+        return st  # a LAN (loopback, a rack): the lanes are never the limit there; hands off, unpaced
     d = st.decision
     since = now - st.changed_at
     cap = link.capacity

@@ -74,6 +74,9 @@ class LaneGroup:
     def add(self, member: Member) -> None:
         """Join ``member``: it gets the group's lane count and hook now; its lanes are sampled and paced
         from the first sample in which it is busy."""
+        detach = getattr(member, "detach_link_control", None)
+        if callable(detach):
+            detach()  # its own default controller hands its lanes over to the group's
         with self._lock:
             if any(m is member for m in self._members):
                 return

@@ -134,6 +134,11 @@ class LinkMonitor:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def stopped(self) -> bool:
+        """``stop()`` was called (it cannot be started again)."""
+        return self._stop.is_set()
+
     def __enter__(self) -> LinkMonitor:
         return self.start()
 

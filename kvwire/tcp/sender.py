@@ -6,7 +6,8 @@ chunks of a lane that died or stalled on the others while its thread re-dials it
 connection's messages, heartbeats and deadlines, and (``reconnect=True``) re-establishing the whole
 session after a failure, one connection generation of threads at a time. Dialling, authenticating and a
 lane's own stall signs are ``lanes.py``'s. Drives the sans-IO ``SenderTransfer``; user callbacks go to a
-``Callbacks`` pool. Must not know: torch/cupy, congestion policy (it exposes its lane sockets).
+``Callbacks`` pool. Must not know: torch/cupy, congestion policy (it exposes its lane sockets, and hands
+its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a ``LaneGroup``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
+from ..congestion.control import LinkControl, for_session
+from ..congestion.controller import ControllerConfig
+from ..congestion.group import LaneGroup
 from ..errors import KvwireError, ProtocolError
 from .auth import SessionKeys
 from .callbacks import Callbacks
@@ -72,6 +76,13 @@ class Session:
         max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``).
         on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
             data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
+        link_control: congestion control (``kvwire.congestion``): ``True`` (the default) a ``LinkControl``
+            of the session's own — lanes probed unpaced first (BBR), then paced just under the measured
+            capacity, lanes added while socket windows are the limit, re-probed when it reads low; hands
+            off on a LAN (min RTT under 1 ms); ``$KVWIRE_LINK_CONTROL=0`` turns the default off
+            process-wide. ``False``: none. A ``ControllerConfig``: one with that policy. A ``LaneGroup``:
+            join it, so one ``LinkControl(group)`` measures and paces several sessions to one bottleneck
+            together. See ``link_control``.
         reconnect: when the connection to the receiver fails (it died, restarted, went silent), fail the
             transfers in flight as usual (each ends ``failed``, once) but keep the session: it dials
             the receiver again in the background (backing off up to 2 s between tries) until it is back
@@ -88,7 +99,8 @@ class Session:
                  chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
                  heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
                  limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
-                 on_lane_open: LaneHook | None = None, reconnect: bool = False) -> None:
+                 on_lane_open: LaneHook | None = None, reconnect: bool = False,
+                 link_control: bool | ControllerConfig | LaneGroup = True) -> None:
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -130,9 +142,34 @@ class Session:
         self._dialer = Dialer(host, port, key=self.key, ssl_context=ssl_context, server_hostname=self.server_hostname,
                               connect_timeout=connect_timeout, peer_timeout=peer_timeout,
                               stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
+        self._link_control: LinkControl | None = None
+        self._group: LaneGroup | None = None
         self._establish(lanes)
+        try:
+            if isinstance(link_control, LaneGroup):
+                self._group = link_control
+                link_control.add(self)
+            else:
+                self._link_control = for_session(self, link_control, lanes, self.max_lanes)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ public
+    @property
+    def link_control(self) -> LinkControl | None:
+        """The congestion controller this session owns (``link_control=True``, the default, or a
+        ``ControllerConfig``), or ``None``: turned off, or handed over to another ``LinkControl`` or a
+        ``LaneGroup``. It starts with the first transfer and closes with the session."""
+        return self._link_control
+
+    def detach_link_control(self) -> None:
+        """Close the controller this session owns, leaving the lanes to another (``LinkControl(session)``
+        and ``LaneGroup.add(session)`` call this, so no two controllers drive one session)."""
+        ctl, self._link_control = self._link_control, None
+        if ctl is not None:
+            ctl.close()
+
     def send(self, layout: ModelLayout, request: RequestSpec, *, timeout: float | None = 300.0,
              hashing: bool | None = None, sink: bool = False) -> OutgoingTransfer:
         """Start a transfer: the manifest goes out now, chunks as layers are written.
@@ -147,6 +184,9 @@ class Session:
             raise KvwireError(f"transfer of up to {total} bytes exceeds the {cap}-byte limit")
         if sink and "max_probe_bytes" not in self.server_limits:
             raise KvwireError("the receiver does not support sink transfers (it announces no max_probe_bytes)")
+        ctl = self._link_control
+        if ctl is not None and not sink:
+            ctl.start()  # (no thread for a session that never sends; a probe's sinks pause it)
         tid = next(self._ids) & ((1 << 64) - 1)
         hashed = False if sink else self.hashing if hashing is None else hashing
         m = build_manifest(tid, layout, request, self.chunk_size, hashed, sink)
@@ -254,6 +294,10 @@ class Session:
         return self._active
 
     def close(self) -> None:
+        self.detach_link_control()
+        group, self._group = self._group, None
+        if group is not None:
+            group.remove(self)
         with self._cond:
             if self._closed:
                 return
@@ -613,7 +657,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             chunk_size: int = DEFAULT_CHUNK, hashing: bool = True, peer_timeout: float = 10.0,
             heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
-            on_lane_open: LaneHook | None = None, reconnect: bool = False) -> Session:
+            on_lane_open: LaneHook | None = None, reconnect: bool = False,
+            link_control: bool | ControllerConfig | LaneGroup = True) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -637,8 +682,11 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         on_lane_open: ``fn(lane_index, socket)`` called as each lane connects, before it carries data.
         reconnect: after the receiver dies or goes silent, fail the transfers in flight and dial it again
             in the background (``Session``); later sends work once it is back.
+        link_control: congestion control, on by default (``True``); ``False`` turns it off, a
+            ``ControllerConfig`` sets its policy, a ``LaneGroup`` shares one controller over several
+            sessions (see ``Session``).
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
-                   on_lane_open=on_lane_open, reconnect=reconnect)
+                   on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control)

@@ -1,0 +1,118 @@
+"""Congestion control is on by default for every session, can be turned off, configured or shared, and
+stays hands off on loopback. Real sessions and receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from helpers import wait_until
+
+import kvwire
+from kvwire import ControllerConfig, LaneGroup, LinkControl, Receiver, RequestSpec, connect
+from kvwire.codec.fixtures import load_fixture
+from kvwire.congestion.controller import Mode
+from kvwire.congestion.tcpinfo import get_pacing_rate
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+REQ = RequestSpec("r", 256, 256)
+
+
+def _send(session: kvwire.Session) -> None:
+    segs = kvwire.plan_segments(LAYOUT, REQ)
+    h = session.send(LAYOUT, REQ)
+    h.write_all([np.full(s.nbytes, 7, np.uint8) for s in segs])
+    assert h.finish().result(30) is not None
+
+
+def _monitors() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "kvwire-linkmon")
+
+
+@pytest.fixture
+def rx() -> kvwire.Receiver:
+    with Receiver("127.0.0.1", 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as r:
+        yield r
+
+
+def test_connect_attaches_a_controller_that_starts_with_the_first_transfer(rx: kvwire.Receiver) -> None:
+    before = _monitors()
+    with connect(*rx.address, lanes=3) as s:
+        ctl = s.link_control
+        assert isinstance(ctl, LinkControl)
+        assert ctl.config.initial_lanes == 3 and ctl.config.max_lanes == s.max_lanes
+        assert _monitors() == before, "an idle session costs no thread"
+        _send(s)
+        assert _monitors() == before + 1 and wait_until(lambda: ctl.latest() is not None, 5)
+        assert s.active_lanes == 3
+    assert wait_until(lambda: _monitors() == before, 5), "closed with the session"
+    assert s.link_control is None
+
+
+def test_loopback_is_left_alone_unpaced(rx: kvwire.Receiver) -> None:
+    with connect(*rx.address, lanes=2) as s:
+        for _ in range(5):
+            _send(s)
+        ctl = s.link_control
+        assert ctl is not None and wait_until(lambda: len(ctl.controller.history) >= 1 and ctl.latest() is not None, 5)
+        assert ctl.decision.mode is Mode.PROBE and ctl.decision.pacing_rate is None
+        assert all(get_pacing_rate(x) is None for x in s.lane_sockets())
+        assert s.active_lanes == 2
+
+
+def test_turned_off_configured_or_by_environment(rx: kvwire.Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    with connect(*rx.address, lanes=2, link_control=False) as s:
+        assert s.link_control is None
+        _send(s)
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=4, upprobe_interval=9.0)
+    with connect(*rx.address, lanes=2, link_control=cfg) as s:
+        assert s.link_control is not None and s.link_control.config is cfg
+    monkeypatch.setenv("KVWIRE_LINK_CONTROL", "0")
+    with connect(*rx.address, lanes=2) as s:
+        assert s.link_control is None
+    with pytest.raises(TypeError):
+        connect(*rx.address, lanes=2, link_control="yes")  # type: ignore[arg-type]
+
+
+def test_one_controller_shared_by_sessions_through_a_lane_group(rx: kvwire.Receiver) -> None:
+    group = LaneGroup()
+    egress = LinkControl(group, ControllerConfig(initial_lanes=2, min_lanes=2))
+    try:
+        with connect(*rx.address, lanes=2, link_control=group) as a, connect(*rx.address, lanes=2) as b:
+            assert a.link_control is None and group.members == [a]
+            group.add(b)  # a session with its own default controller hands it over on joining
+            assert b.link_control is None and group.members == [a, b]
+            _send(a)
+            _send(b)
+        # a session that joined through link_control=group leaves it as it closes; one added by hand stays
+        # until removed by hand (as LaneGroup always worked)
+        assert len(group.members) == 1 and group.members[0] is b
+    finally:
+        egress.close()
+
+
+def test_an_explicit_link_control_replaces_the_default_and_keeps_the_users_lane_hook(
+        rx: kvwire.Receiver) -> None:
+    opened: list[int] = []
+    with connect(*rx.address, lanes=2, on_lane_open=lambda i, sock: opened.append(i)) as s:
+        assert s.link_control is not None
+        ctl = LinkControl(s, ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=4))
+        try:
+            assert s.link_control is None, "one controller per session"
+            s.set_active_lanes(3)  # a new lane: the controller paces it, then the user's hook runs
+            assert opened[-1] == 2
+        finally:
+            ctl.close()
+        assert s.on_lane_open is not None and s.on_lane_open != ctl._on_lane_open  # noqa: SLF001
+
+
+def test_probe_pauses_the_sessions_controller_and_restarts_it_from_the_result() -> None:
+    with Receiver("127.0.0.1", 0, max_probe_bytes=64 << 20) as rx, connect(*rx.address, lanes=2) as s:
+        ctl = s.link_control
+        assert ctl is not None
+        before = len(ctl.controller.history)
+        r = kvwire.probe(s, seconds=0.3)
+        assert r.bytes_sent > 0
+        assert len(ctl.controller.history) == before + 1  # started over
+        assert ctl.decision.mode is (Mode.CRUISE if r.saturated else Mode.PROBE)
