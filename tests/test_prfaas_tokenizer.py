@@ -44,6 +44,6 @@ def test_router_settings_are_validated() -> None:
     s = FrontSettings.from_table({"port": 1234, "t_star": 100, "use_link": False, "loop": {"t_max": 4096}})
     assert s.t_star == 100.0 and s.loop.t_max == 4096 and not s.use_link
     for bad in ({"nope": 1}, {"port": 0}, {"t_star": "x"}, {"use_link": 1}, {"loop": {"up": 0.5}},
-                {"replan_s": 5.0}):
+                {"replan_s": -1.0}):
         with pytest.raises(ConfigError):
             FrontSettings.from_table(bad)

@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..congestion.estimator import LinkState
 from . import model
-from .config import DeployConfig, NodeSpec
-from .nodeclient import NodeClient, NodeError
-from .prefix import PrefixIndex, block_keys
+from .config import DeployConfig
+from .fleet import Busy, ConvertError, Fleet, NodeView
+from .nodeclient import NodeError
+from .observed import ObservedProfile
+from .prefix import block_keys
 from .profile import ServedProfile
 from .router import PD, PRFAAS, Router
 from .router import RouteRequest as _RouteRequest
@@ -47,31 +48,6 @@ class Unavailable(RuntimeError):
 
 
 @dataclass
-class NodeView:
-    spec: NodeSpec
-    client: NodeClient  # short calls: health, link, expect, cancel, checkpoints, role changes
-    work: NodeClient  # long ones: prefill (returns when its transfer ends), generate
-    healthy: bool = False
-    role: str = ""
-    state: str = "unknown"
-    queued: int = 0
-    running: int = 0
-    data_port: int = 0
-    assigned: int = 0  # requests this router has in flight there
-    failures: int = 0
-    link: LinkState | None = None
-    down: asyncio.Event = field(default_factory=asyncio.Event)  # set when taken out; in-flight work aborts
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def usable(self) -> bool:
-        return self.healthy and self.state == "ready"
-
-
-@dataclass
 class Completion:
     """Filled in as the completion runs; ``finish_reason`` once its tokens are exhausted."""
 
@@ -89,55 +65,38 @@ class Completion:
     events: list[str] = field(default_factory=list)
 
 
-def link_state(d: dict[str, Any], now: float) -> LinkState:
-    """A node's ``/link`` JSON as a ``LinkState`` (fields it lacks read as unknown). A link with nothing in
-    flight over the estimator's window (``busy`` 0) is not congested, whatever its last RTTs said: TCP's srtt
-    is not updated without traffic, so an idle egress would otherwise read congested for as long as the
-    router keeps requests off it, and t would climb to t_max and stay there."""
-    def num(key: str, default: float | None = None) -> float | None:
-        v = d.get(key, default)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
-
-    return LinkState(timestamp=num("timestamp", now) or now, goodput=num("goodput", 0.0) or 0.0,
-                     btl_bw=num("btl_bw", 0.0) or 0.0, capacity=num("capacity"), utilization=num("utilization"),
-                     available_bw=num("available_bw"), min_rtt=num("min_rtt"), srtt=num("srtt"),
-                     queueing_ratio=num("queueing_ratio"), loss_rate=num("loss_rate", 0.0) or 0.0,
-                     busy=num("busy", 0.0) or 0.0, rwnd_limited=num("rwnd_limited", 0.0) or 0.0,
-                     sndbuf_limited=num("sndbuf_limited", 0.0) or 0.0,
-                     congested=bool(d.get("congested")) and (num("busy", 1.0) or 0.0) > 0,
-                     saturated=bool(d.get("saturated")))
-
-
 class Orchestrator:
     def __init__(self, config: DeployConfig, settings: FrontSettings, telemetry: Telemetry) -> None:
         self.config = config
         self.settings = settings
         self.tm = telemetry
         self.block_size = config.cache.block_size
-        long_s = max(settings.prefill_timeout_s, settings.first_token_timeout_s)
-        self.nodes = {n.name: NodeView(n, NodeClient(n.host, n.control_port, timeout=settings.node_timeout_s),
-                                       NodeClient(n.host, n.control_port, timeout=long_s))
-                      for n in config.nodes}
-        self.index = PrefixIndex(self.block_size)  # every node's checkpoints: the router's cache view
-        self._own = {name: PrefixIndex(self.block_size) for name in self.nodes}  # each node's alone
+        self.fleet = Fleet(config, telemetry, control_timeout_s=settings.node_timeout_s,
+                           work_timeout_s=max(settings.prefill_timeout_s, settings.first_token_timeout_s),
+                           unhealthy_after=settings.unhealthy_after)
+        self.nodes = self.fleet.nodes
+        self.observed = ObservedProfile()
         self.router = Router(settings.t_star, settings.loop, deployment=self._deployment())
-        self.transitions: list[tuple[float, str, str]] = []  # (time, node, what): health and role changes
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self._converting = False
-        self._t0 = time.monotonic()
         self.tm.planned.set(self.router.t_star)
         self.tm.threshold.set(self.router.t)
 
+    @property
+    def transitions(self) -> list[tuple[float, str, str]]:
+        return self.fleet.transitions
+
     def _deployment(self) -> model.Deployment | None:
+        """What the long loop plans with: the profile file if ``[router] profile`` names one, else the
+        prefill times, cache sizes and decode steps measured so far (``None`` until there are enough)."""
         s = self.settings
-        if not s.profile:
-            return None
-        prof = ServedProfile.load(s.profile)
-        n_prfaas = len(self.config.by(cluster="prfaas"))
-        n_pd = len(self.config.by(cluster="local"))
-        return model.Deployment(prof.prefill, prof.prefill, prof.kv, model.DecodeProfile(
-            s.decode_t_step_s, s.decode_batch, s.decode_l_out), n_prfaas, n_pd, s.egress_gbps * model.GBPS)
+        n_prfaas, n_pd = len(self.config.by(cluster="prfaas")), len(self.config.by(cluster="local"))
+        if s.profile:
+            prof = ServedProfile.load(s.profile)
+            return model.Deployment(prof.prefill, prof.prefill, prof.kv, model.DecodeProfile(
+                s.decode_t_step_s, s.decode_batch, s.decode_l_out), n_prfaas, n_pd, s.egress_gbps * model.GBPS)
+        return self.observed.deployment(n_prfaas, n_pd, batch=s.decode_batch, l_out=s.decode_l_out,
+                                        b_out=s.egress_gbps * model.GBPS)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, wait_healthy_s: float = 0.0) -> None:
@@ -156,9 +115,7 @@ class Orchestrator:
         for t in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        for v in self.nodes.values():
-            await v.client.aclose()
-            await v.work.aclose()
+        await self.fleet.aclose()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -176,140 +133,55 @@ class Orchestrator:
 
     async def poll(self) -> None:
         """Read every node's health (and the PrfaaS nodes' egress), then move t."""
-        await asyncio.gather(*(self._poll_one(v) for v in self.nodes.values()))
-        now = time.monotonic()
+        await self.fleet.poll()
         prfaas = [v for v in self.nodes.values() if v.spec.cluster == "prfaas" and v.healthy]
         links = [v.link for v in prfaas if v.link is not None] if self.settings.use_link else []
         link = max(links, key=lambda s: (s.congested, s.utilization or 0.0), default=None)
         before = self.router.t
-        self.router.observe(now, link, sum(v.queued for v in prfaas))
+        self.router.observe(time.monotonic(), link, sum(v.queued for v in prfaas))
         if self.router.t != before:
-            change = self.router.history[-1]
-            self.transitions.append((now - self._t0, "router", f"t {before:.0f} -> {self.router.t:.0f} ({change.why})"))
+            self.fleet.note("router", f"t {before:.0f} -> {self.router.t:.0f} ({self.router.history[-1].why})")
         self.tm.threshold.set(self.router.t)
-
-    async def _poll_one(self, v: NodeView) -> None:
-        try:
-            h = await v.client.health()
-            link = await v.client.link() if v.spec.cluster == "prfaas" else None
-        except (NodeError, OSError) as e:
-            v.failures += 1
-            if v.healthy and v.failures >= self.settings.unhealthy_after:
-                self._mark_down(v, f"health: {e}")
-            return
-        v.failures = 0
-        v.role, v.state = str(h.get("role", v.spec.role)), str(h.get("state", "unknown"))
-        v.queued, v.running = int(h.get("queued", 0)), int(h.get("running", 0))
-        v.data_port = int(h.get("data_port", v.spec.data_port))
-        v.link = None if link is None else link_state(link, time.monotonic())
-        if not v.healthy:
-            v.healthy = True
-            v.down = asyncio.Event()
-            self.transitions.append((time.monotonic() - self._t0, v.name, "healthy"))
-            await self._refresh_checkpoints(v)
-        self._export(v)
-
-    def _export(self, v: NodeView) -> None:
-        tm = self.tm
-        tm.healthy.labels(v.name).set(1 if v.healthy else 0)
-        tm.queued.labels(v.name).set(v.queued)
-        tm.running.labels(v.name).set(v.running)
-        for role in ("prefill", "decode"):
-            tm.role.labels(v.name, role).set(1 if v.role == role else 0)
-        if v.link is not None:
-            tm.egress.labels(v.name).set(v.link.utilization or 0.0)
-            tm.congested.labels(v.name).set(1 if v.link.congested else 0)
-
-    def _mark_down(self, v: NodeView, why: str) -> None:
-        if v.healthy:
-            log.warning("node %s unhealthy: %s", v.name, why)
-            self.transitions.append((time.monotonic() - self._t0, v.name, f"unhealthy: {why}"))
-        v.healthy = False
-        v.down.set()
-        self._forget(v.name)  # its checkpoints may be gone; re-read when it is back
-        self._export(v)
-
-    async def _refresh_checkpoints(self, v: NodeView) -> None:
-        try:
-            held = await v.client.checkpoints()
-        except (NodeError, OSError):
-            return
-        self._forget(v.name)
-        for c in held:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                self._remember(v, str(c["key"]), int(c["length"]))
-
-    def _remember(self, v: NodeView, key: str, length: int) -> None:
-        self.index.add(v.name, v.spec.cluster, key, length)
-        self._own[v.name].add(v.name, v.spec.cluster, key, length)
-
-    def _forget(self, name: str) -> None:
-        self.index.remove_node(name)
-        self._own[name].remove_node(name)
 
     # ------------------------------------------------------------ long loop
     async def _long_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.replan_s)
             try:
-                plan = self.router.maybe_replan(time.monotonic(), force=True)
-                if plan is None:
-                    continue
-                self.tm.planned.set(self.router.t_star)
-                self.tm.planned_split.labels("prefill").set(plan.n_p)
-                self.tm.planned_split.labels("decode").set(plan.n_d)
-                await self._apply_split(plan.n_p, plan.n_d)
+                await self.replan()
             except Exception:
                 log.exception("re-plan failed")
 
-    async def _apply_split(self, n_p: int, n_d: int) -> None:
-        local = [v for v in self.nodes.values() if v.spec.cluster == "local" and v.healthy]
-        prefill = [v for v in local if v.role == "prefill"]
-        decode = [v for v in local if v.role == "decode"]
-        if n_d < 1 or (n_p < 1 and not any(v.usable for v in self.nodes.values() if v.spec.cluster == "prfaas")):
-            return
-        if len(prefill) > n_p and len(decode) < n_d:
+    async def replan(self) -> model.Throughput | None:
+        """§2.5: re-plan t* and the local prefill/decode split on the lengths and costs seen; convert one
+        local node toward the planned split (drain, set_role, resume)."""
+        self.router.deployment = self._deployment()
+        plan = self.router.maybe_replan(time.monotonic(), force=True)
+        if plan is None:
+            return None
+        self.tm.planned.set(self.router.t_star)
+        self.tm.planned_split.labels("prefill").set(plan.n_p)
+        self.tm.planned_split.labels("decode").set(plan.n_d)
+        self.fleet.note("planner", f"t* {self.router.t_star:.0f}, local split {plan.n_p}P/{plan.n_d}D "
+                                   f"(bottleneck {plan.bottleneck}, Λ_max {plan.lam_max:.2f} req/s)")
+        prefill, decode = self.fleet.local_split()
+        prfaas_ok = self.fleet.pick("prfaas", "prefill") is not None
+        if len(prefill) > plan.n_p and len(decode) < plan.n_d and (plan.n_p > 0 or prfaas_ok):
             await self.convert(min(prefill, key=lambda v: v.assigned).name, "decode")
-        elif len(decode) > n_d and len(prefill) < n_p and len(decode) > 1:
+        elif len(decode) > plan.n_d and len(prefill) < plan.n_p and len(decode) > 1:
             await self.convert(min(decode, key=lambda v: v.assigned).name, "prefill")
+        return plan
 
     async def convert(self, name: str, role: str) -> dict[str, Any]:
-        """Drain the local node ``name``, switch it to ``role``, resume it. One conversion at a time; the
-        node takes no new work meanwhile (its state is not ``ready``)."""
-        v = self.nodes.get(name)
-        if v is None or v.spec.cluster != "local" or role not in ("prefill", "decode"):
-            raise RequestError(f"cannot convert {name!r} to {role!r}: only local nodes, to prefill or decode")
-        if self._converting:
-            raise Unavailable("a conversion is already running")
-        if v.role == role:
-            return {"node": name, "role": role, "changed": False}
-        others = [o for o in self.nodes.values() if o is not v and o.usable and o.role == v.role]
-        if v.role == "decode" and not others:
-            raise Unavailable(f"{name} is the last decode node")
-        self._converting = True
-        t0 = time.monotonic()
+        """Convert a local node now (what the long loop does); ``RequestError``/``Unavailable`` if not."""
         try:
-            v.state = "draining"
-            self.transitions.append((t0 - self._t0, name, f"drain ({v.role} -> {role})"))
-            await v.work.drain()
-            await v.client.set_role(role)
-            await v.client.resume()
-            self._forget(name)
-            await self._poll_one(v)
-        finally:
-            self._converting = False
-        self.tm.conversions.labels(name, role).inc()
-        self.transitions.append((time.monotonic() - self._t0, name, f"now {v.role}"))
-        return {"node": name, "role": v.role, "changed": True, "seconds": time.monotonic() - t0}
+            return await self.fleet.convert(name, role)
+        except ConvertError as e:
+            raise RequestError(str(e)) from e
+        except Busy as e:
+            raise Unavailable(str(e)) from e
 
     # ------------------------------------------------------------ one completion
-    def _pick(self, cluster: str, role: str, prefer: str | None = None) -> NodeView | None:
-        cands = [v for v in self.nodes.values() if v.spec.cluster == cluster and v.role == role and v.usable]
-        for v in cands:
-            if v.name == prefer:
-                return v
-        return min(cands, key=lambda v: (v.assigned + v.queued + v.running, v.name), default=None)
-
     async def complete(self, prompt: Sequence[int], *, max_tokens: int, stops: Sequence[Sequence[int]] = (),
                        route: str | None = None, reuse: bool = True, info: Completion | None = None
                        ) -> AsyncIterator[int]:
@@ -349,7 +221,9 @@ class Orchestrator:
                     yield out
                 info.finish_reason = "length" if n >= max_tokens else "stop"
             if n > 1 and info.ttft_s is not None:
-                self.tm.tpot.labels(info.route).observe((last_at - arrived - info.ttft_s) / (n - 1))
+                tpot = (last_at - arrived - info.ttft_s) / (n - 1)
+                self.tm.tpot.labels(info.route).observe(tpot)
+                self.observed.record_tpot(tpot)
             outcome = "ok"
         finally:
             await _aclose(tokens)
@@ -358,7 +232,7 @@ class Orchestrator:
             dec = self.nodes.get(info.decode_node)
             if dec is not None:
                 dec.assigned -= 1
-                self._spawn(self._refresh_checkpoints(dec))
+                self._spawn(self.fleet.refresh_checkpoints(dec))
             self.tm.requests.labels(outcome).inc()
 
     async def _cancel(self, node: str, rid: str) -> None:
@@ -388,7 +262,7 @@ class Orchestrator:
     def _decide(self, rid: str, prompt: list[int], route: str | None, reuse: bool
                 ) -> tuple[str, int, str | None, bool]:
         """(cluster, cached prefix used, cluster holding it, whether it crosses clusters)."""
-        hits = self.index.lookup(prompt) if reuse else {}
+        hits = self.fleet.index.lookup(prompt) if reuse else {}
         usable = {c: h for c, h in hits.items() if self.nodes[h.node].usable}
         pd = usable["local"].length if "local" in usable else 0
         pf = usable["prfaas"].length if "prfaas" in usable else 0
@@ -404,24 +278,24 @@ class Orchestrator:
     async def _attempt(self, info: Completion, rid: str, prompt: list[int], max_tokens: int, stops: list[int],
                        route: str | None, why: str, reuse: bool) -> tuple[AsyncIterator[int], int, float]:
         target, prefix, at, _ = self._decide(rid, prompt, route, reuse)
-        if target == "prfaas" and self._pick("prfaas", "prefill") is None:
+        if target == "prfaas" and self.fleet.pick("prfaas", "prefill") is None:
             target, why = "local", "fallback"
-        if target == "local" and self._pick("local", "prefill") is None:
-            if route == "local" or self._pick("prfaas", "prefill") is None:
+        if target == "local" and self.fleet.pick("local", "prefill") is None:
+            if route == "local" or self.fleet.pick("prfaas", "prefill") is None:
                 raise Unavailable("no healthy prefill node")
             target, why = "prfaas", "fallback"
-        hit = self.index.lookup(prompt).get(at) if at else None
+        hit = self.fleet.index.lookup(prompt).get(at) if at else None
         if hit is None or hit.length != prefix or not self.nodes[hit.node].usable:
             hit, prefix = None, 0
-        pre = self._pick(target, "prefill", prefer=hit.node if hit else None)
-        dec = self._pick("local", "decode")
+        pre = self.fleet.pick(target, "prefill", prefer=hit.node if hit else None)
+        dec = self.fleet.pick("local", "decode")
         if pre is None or dec is None:
             raise Unavailable("no healthy decode node" if dec is None else "no healthy prefill node")
         reuse_from = None
         if hit is not None and hit.node != pre.name:
             src = self.nodes[hit.node].spec
             reuse_from = (src.host, src.control_port)
-        send_from = self._held_by(dec.name, prompt) if reuse else 0
+        send_from = self.fleet.held_by(dec.name, prompt) if reuse else 0
         info.route, info.prefill_node, info.decode_node = target, pre.name, dec.name
         self.tm.decisions.labels(target, why).inc()
         dec.assigned += 1
@@ -434,11 +308,6 @@ class Orchestrator:
         finally:
             pre.assigned -= 1
 
-    def _held_by(self, node: str, prompt: list[int]) -> int:
-        """The longest checkpoint of ``prompt`` the node itself holds (what it need not receive)."""
-        own = self._own[node].lookup(prompt)
-        return max((h.length for h in own.values()), default=0)
-
     async def _run(self, info: Completion, rid: str, prompt: list[int], max_tokens: int, stops: list[int],
                    pre: NodeView, dec: NodeView, prefix: int, reuse_from: tuple[str, int] | None,
                    send_from: int) -> tuple[AsyncIterator[int], int, float]:
@@ -446,7 +315,7 @@ class Orchestrator:
         try:
             await dec.client.expect(rid, prompt, reuse_length=send_from)
         except (NodeError, OSError) as e:
-            self._mark_down(dec, f"expect: {e}")
+            self.fleet.mark_down(dec, f"expect: {e}")
             raise Unavailable(f"decode node {dec.name}: {e}") from e
         if reuse_from is not None:
             src = next(v for v in self.nodes.values() if (v.spec.host, v.spec.control_port) == reuse_from)
@@ -479,7 +348,7 @@ class Orchestrator:
                 if isinstance(e, NodeError) and failure is None and not prefill.done():
                     failure = _PrefillFailed("transfer", str(e))
                 if failure is None:
-                    self._mark_down(dec, f"generate: {e}")
+                    self.fleet.mark_down(dec, f"generate: {e}")
                     raise Unavailable(f"decode node {dec.name}: {e}") from e
                 raise failure from e
         except BaseException:
@@ -503,27 +372,28 @@ class Orchestrator:
         if e is not None:
             self.tm.transfers.labels("error").inc()
             if isinstance(e, (NodeError, OSError)):
-                self._mark_down(pre, f"prefill: {e}")
+                self.fleet.mark_down(pre, f"prefill: {e}")
             return
         r = task.result()
         self.tm.transfers.labels(str(r.get("state"))).inc()
+        if r.get("state") == "done":
+            self.observed.record_prefill(int(r.get("computed_tokens", 0)), float(r.get("prefill_s", 0.0)),
+                                         int(r.get("bytes", 0)))
         length = r.get("checkpoint_length")
         if r.get("state") == "done" and isinstance(length, int) and length >= self.block_size:
             with contextlib.suppress(ValueError, IndexError):
-                self._remember(pre, block_keys(prompt[:length], self.block_size)[-1], length)
+                self.fleet.remember(pre, block_keys(prompt[:length], self.block_size)[-1], length)
 
     def uptime(self) -> float:
         """Seconds since this orchestrator started: the clock of ``transitions``."""
-        return time.monotonic() - self._t0
+        return time.monotonic() - self.fleet.t0
 
     def snapshot(self) -> dict[str, Any]:
+        plan = self.router.last_plan
         return {"threshold": self.router.t, "t_star": self.router.t_star, "scarce": self.router.scarce,
-                "nodes": {v.name: {"cluster": v.spec.cluster, "role": v.role, "state": v.state,
-                                   "healthy": v.healthy, "queued": v.queued, "running": v.running,
-                                   "assigned": v.assigned,
-                                   "egress_utilization": None if v.link is None else v.link.utilization}
-                          for v in self.nodes.values()},
-                "long_loop": self.settings.replan_s > 0}
+                "nodes": self.fleet.snapshot(), "long_loop": self.settings.replan_s > 0,
+                "plan": None if plan is None else {"n_p": plan.n_p, "n_d": plan.n_d, "t": plan.split.t,
+                                                   "lam_max": plan.lam_max, "bottleneck": plan.bottleneck}}
 
 
 class _PrefillFailed(Exception):

@@ -9,8 +9,11 @@ the long loop's planning inputs) and their typed errors. Must not know: HTTP, no
     t_star = 48          # planned threshold, tokens (prompts longer than this prefill on PrfaaS)
     poll_s = 0.2         # short loop: read every node's /health and the PrfaaS nodes' /link this often
     use_link = true      # false: the short loop ignores /link (loopback: microsecond RTTs read as queueing)
-    replan_s = 0         # long loop period (0: off); needs ``profile``
-    profile = ""         # a ServedProfile JSON (python -m kvwire.prfaas.profiler) for the long loop
+    replan_s = 0         # long loop period (0: off): re-plan t* and the local prefill/decode split, convert
+    profile = ""         # a ServedProfile JSON to plan with; empty: the prefill times, cache sizes and
+                         # decode steps measured from the running deployment (kvwire.prfaas.observed)
+    decode_batch = 8     # the planner's decode profile: sequences per decode node, output tokens each
+    decode_l_out = 32
     [router.loop]        # RouterConfig fields (hold_s, cooldown_s, high_util, queue_high, ...)
 """
 
@@ -70,8 +73,6 @@ class FrontSettings:
         if s.t_star < 0 or s.replan_s < 0 or s.max_prompt_tokens < 2 or s.max_output_tokens < 1:
             raise ConfigError("[router]: need t_star >= 0, replan_s >= 0, max_prompt_tokens >= 2, "
                               "max_output_tokens >= 1")
-        if s.replan_s > 0 and not s.profile:
-            raise ConfigError("[router]: the long loop (replan_s > 0) needs a profile")
         return s
 
 
