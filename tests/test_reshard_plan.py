@@ -259,3 +259,21 @@ def test_slice_layout_fingerprints_differ_between_pairs() -> None:
     prints = {plan.slice_layout(p, d).fingerprint() for d in range(2) for p in plan.sources(d)}
     assert len(prints) == sum(len(plan.sources(d)) for d in range(2))
     assert isinstance(plan.slice_layout(0, 0), ModelLayout)
+
+
+def test_slice_layouts_of_pieces_past_2_gib_survive_the_wire_checks() -> None:
+    """A 4.3 GiB Mamba1 state split 2 -> 1: each piece is 2.15 GiB, more than a layout dim may claim on the
+    wire (2**31); the slice layout states it as factors, so a receiver parses it (no allocation here)."""
+    config = {"model_type": "jamba", "num_hidden_layers": 1, "hidden_size": 1 << 19, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_d_state": 1100,
+              "mamba_d_conv": 4, "mamba_expand": 2}
+    plan = plan_reshard(layout_from_hf_config(config, tp_size=2, ssm_dtype="float32"),
+                        layout_from_hf_config(config, ssm_dtype="float32"))
+    request = RequestSpec("big", 4, 4)
+    for p in range(2):
+        sliced = plan.slice_layout(p, 0)
+        assert ModelLayout.from_dict(sliced.to_dict()).fingerprint() == sliced.fingerprint()
+        ssm = plan_segments(sliced, request)[-1]
+        assert ssm.nbytes == (1 << 20) // 2 * 1100 * 4 > 1 << 31
+    copy = plan.copies(1, 0, request)[-1]
+    assert copy.dst_offset == (1 << 20) // 2 * 1100 * 4 and copy.dst_offset + copy.nbytes > 1 << 32

@@ -118,6 +118,15 @@ def geometry(cache: CacheSpec, t: TensorSpec, tokens: int) -> tuple[int, int, in
     return 1, t.shape[0], rest  # conv:DS, conv:HF, every ssm:* tag: the sharded axis leads
 
 
+def _element_dims(cache: CacheSpec, t: TensorSpec) -> tuple[int, ...]:
+    """The bytes of one sharded-axis element (per token, for token-indexed tensors) as a shape whose product
+    they are: the tensor's other dims, then its item size."""
+    if _replicated_kind(cache, t):
+        return (*t.shape, t.itemsize)
+    axis = 1 if t.layout == "conv:SD" else 0
+    return (*t.shape[:axis], *t.shape[axis + 1:], t.itemsize)
+
+
 def _axis(cache: CacheSpec, t: TensorSpec) -> int:
     return geometry(cache, t, 1)[1]
 
@@ -305,8 +314,9 @@ class ReshardPlan:
     # ---- what travels
     def slice_layout(self, prefill_rank: int, decode_rank: int) -> ModelLayout:
         """The layout of what ``prefill_rank`` sends ``decode_rank``: per layer and cache, one raw uint8
-        tensor per piece (named after the piece, so a sender with another plan is refused by the receiver's
-        fingerprint check). A layer without pieces is cache-less here."""
+        tensor per piece, shaped ``(length, *bytes of one axis element)`` and named after the piece (so a
+        sender with another plan is refused by the receiver's fingerprint check). A layer without pieces is
+        cache-less here."""
         return self._slice(prefill_rank, decode_rank)[0]
 
     def _slice(self, p: int, d: int) -> tuple[ModelLayout, tuple[tuple[TensorRoute, Piece], ...]]:
@@ -319,13 +329,15 @@ class ReshardPlan:
             for r in self.routes[d]:
                 cache = self.decode.layers[r.layer].caches[r.cache]
                 t = cache.tensors[r.tensor]
-                per_elem = t.nbytes // r.dst_axis
+                # bytes per axis element, as dims: a layout on the wire caps each dim at 2**31, a slice's
+                # byte count may pass it (a 4 GiB state), the factors never do
+                per_elem = _element_dims(cache, t)
                 for pc in r.pieces:
                     if pc.source != p:
                         continue
                     name = f"{t.name}.p{p}[{pc.src_start}+{pc.length}]>{pc.dst_start}"
                     by_cache.setdefault((r.layer, r.cache), []).append(
-                        TensorSpec(name, (per_elem * pc.length,), "uint8", "raw", t.indexing))
+                        TensorSpec(name, (pc.length, *per_elem), "uint8", "raw", t.indexing))
                     order.append((r, pc))
             layers = []
             for layer in self.decode.layers:
