@@ -94,11 +94,13 @@ class ReshardOutgoing(Outcome):
                             plan.copies(rank, d, request)):
                 by_layer.setdefault(s.layer, []).append(c)
             self._copies[d] = by_layer
-        self._keep: list[Any] = []  # gathered buffers: the transport does not copy them
+        # gathered buffers by (decode rank, layer): the transport does not copy them; dropped once acked
+        self._keep: dict[tuple[int, int], list[np.ndarray]] = {}
         self._targets_lock = threading.Lock()
         self._ended: dict[int, str] = {}
         for d, t in self.transfers.items():
             t.add_done_callback(self._on_target_done(d, t))
+            t.on_layer_acked(functools.partial(self._acked, d))
         if not self.transfers:
             self._resolve(State.DONE)
 
@@ -118,8 +120,10 @@ class ReshardOutgoing(Outcome):
             copies = self._copies[d].get(layer)
             if copies:
                 parts = [gather(views[c.src_segment], c) for c in copies]
-                with self._targets_lock:
-                    self._keep.extend(p for p in parts if isinstance(p, np.ndarray))
+                gathered = [p for p in parts if isinstance(p, np.ndarray)]
+                if gathered:
+                    with self._targets_lock:
+                        self._keep[(d, layer)] = gathered
                 t.write_layer(layer, parts)
 
     def write_all(self, buffers: Sequence[Any]) -> None:
@@ -138,9 +142,19 @@ class ReshardOutgoing(Outcome):
         for t in self.transfers.values():
             t.cancel(reason)
 
+    def gathered_bytes(self) -> int:
+        """Bytes of gathered (strided) pieces held for the transport: released per layer once acknowledged."""
+        with self._targets_lock:
+            return sum(a.nbytes for parts in self._keep.values() for a in parts)
+
     def bytes_sent(self) -> dict[int, int]:
         """Payload bytes sent so far to each decode rank (re-sent chunks counted again)."""
         return {d: t.bytes_sent for d, t in self.transfers.items()}
+
+    def _acked(self, d: int, layer: int) -> None:
+        """Decode rank ``d`` verified ``layer``: nothing of it is re-sent, its gathered copies can go."""
+        with self._targets_lock:
+            self._keep.pop((d, layer), None)
 
     def _on_target_done(self, d: int, t: OutgoingTransfer) -> Callable[[Any], None]:
         return lambda _f: self._target_done(d, t)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from reshard_ref import FAMILY_CONFIGS, family_layout, global_payload, shard_reference
 
 from kvwire import (
@@ -215,3 +216,50 @@ def test_a_segment_past_4_gib_over_sockets(no_leaks: None) -> None:
     big = dest[1]
     assert (big[:half:step] == 1).all() and (big[half::step] == 2).all()
     assert np.count_nonzero(big) == len(range(0, half, step)) * 2
+
+
+def test_a_sender_with_another_plan_is_refused_before_a_byte_lands(no_leaks: None) -> None:
+    """Decode expects slices of a TP4 -> TP1 plan; a TP2 prefill rank 0 sends its own (2 -> 1) slices under the
+    same transfer id: the receiver's layout check refuses them and the request fails naming prefill rank 0."""
+    family, variant = "gdn", "vllm"
+    decode = family_layout(family, variant, 1)
+    expected_plan = plan_reshard(family_layout(family, variant, 4), decode)
+    other_plan = plan_reshard(family_layout(family, variant, 2), decode)
+    request = RequestSpec("mixed", 16, 16)
+    dest = [np.full(s.nbytes, 0xEE, np.uint8) for s in plan_segments(decode, request)]
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=1) as session:
+        h = ReshardReceiver(expected_plan, 0, rx).expect(request, dest, timeout=30)
+        out = ReshardSender(other_plan, 0, {0: session}).send(request)
+        with pytest.raises(TransferFailed, match=r"prefill rank 0 .*LayoutMismatch"):
+            h.result(10)
+        with pytest.raises(TransferFailed):
+            out.result(10)
+    assert all((a == 0xEE).all() for a in dest)
+
+
+def test_gathered_copies_are_dropped_as_layers_are_acknowledged(no_leaks: None) -> None:
+    """TP1 -> 2 of NHD heads and SD conv: the sender gathers strided pieces; once a decode rank acknowledges a
+    layer, nothing of it is re-sent and its gathered copies are released before the transfer ends."""
+    request = RequestSpec("acked", 32, 32)
+    plan, got, want, _, _ = transfer("mamba2", "vllm", 1, 2, request)  # a full run: everything verified
+    assert all([a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]] for d in range(2))
+    g = family_layout("mamba2", "vllm", 1)
+    own = plan_segments(g, request)
+    with mesh(plan) as (rxs, sessions):
+        dest = [[np.zeros(s.nbytes, np.uint8) for s in plan_segments(plan.decode, request)] for _ in range(2)]
+        incoming = [ReshardReceiver(plan, d, rxs[d]).expect(request, dest[d], timeout=30) for d in range(2)]
+        out = ReshardSender(plan, 0, sessions[0]).send(request)
+        first = own[0].layer
+        layer_of = {s.index: s.layer for s in own}
+        strided = [c for d in range(2) for c in plan.copies(0, d, request)
+                   if not c.src_contiguous and layer_of[c.src_segment] == first]
+        assert strided  # this layer's SD conv pieces are gathered
+        out.write_layer(first, [np.ones(s.nbytes, np.uint8) for s in own if s.layer == first])
+        for h in incoming:
+            h.wait_layer(first, timeout=10)
+        assert wait_until(lambda: out.gathered_bytes() == 0, 10)  # acked: released, the transfer still open
+        assert not out.finished
+        out.cancel("test over")
+        for h in incoming:
+            with pytest.raises(TransferFailed):
+                h.result(10)
