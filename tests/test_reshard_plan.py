@@ -277,3 +277,36 @@ def test_slice_layouts_of_pieces_past_2_gib_survive_the_wire_checks() -> None:
         assert ssm.nbytes == (1 << 20) // 2 * 1100 * 4 > 1 << 31
     copy = plan.copies(1, 0, request)[-1]
     assert copy.dst_offset == (1 << 20) // 2 * 1100 * 4 and copy.dst_offset + copy.nbytes > 1 << 32
+
+
+@pytest.mark.parametrize("pair", [(1, 2), (2, 1), (2, 4), (4, 2), (8, 2), (1, 8)], ids=lambda p: f"{p[0]}to{p[1]}")
+def test_every_shipped_preset_plans_exact_intervals(pair: tuple[int, int]) -> None:
+    """Real dimensions (presets), one token so each copy is a few intervals: the intervals of every decode
+    segment tile it exactly, and every read stays inside its source segment."""
+    from kvwire import PRESETS, load_preset
+
+    request = RequestSpec("one", 1, 1)
+    planned = 0
+    for name in PRESETS:
+        try:
+            pre, dec = load_preset(name, tp_size=pair[0]), load_preset(name, tp_size=pair[1])
+        except LayoutError:
+            continue  # a dim this TP does not split (the engines refuse it too)
+        plan = plan_reshard(pre, dec)  # one TP divides the other: no head count needed
+        planned += 1
+        src = [s.nbytes for s in plan_segments(pre, request)]
+        for d in range(pair[1]):
+            spans: dict[int, list[tuple[int, int]]] = {}
+            for p in plan.sources(d):
+                for c in plan.copies(p, d, request):
+                    assert c.src_offset + (c.rows - 1) * c.src_stride + c.row_bytes <= src[c.src_segment]
+                    spans.setdefault(c.dst_segment, []).extend(
+                        (c.dst_offset + i * c.dst_stride, c.row_bytes) for i in range(c.rows))
+            for s in plan_segments(dec, request):
+                pos = 0
+                for start, n in sorted(spans.pop(s.index)):
+                    assert start == pos, f"{name} {pair} rank {d} {s.name}: gap or overlap at {pos}"
+                    pos += n
+                assert pos == s.nbytes
+            assert not spans
+    assert planned >= 8, planned
