@@ -75,7 +75,8 @@ def scatter(dst: memoryview, c: SliceCopy, data: Any) -> None:
 
 class ReshardOutgoing(Outcome):
     """One request on one prefill rank: ``write_layer`` with this rank's own segments of a layer (as for an
-    ``OutgoingTransfer`` of its layout), ``finish()``, then ``result()``. Done once every target is."""
+    ``OutgoingTransfer`` of its layout), ``finish()``, then ``result()``. Done once every target is; failed
+    once all ended and any did not, naming each such decode rank (the others still get their slices)."""
 
     def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec,
                  transfers: Mapping[int, OutgoingTransfer]) -> None:

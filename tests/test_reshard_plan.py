@@ -248,6 +248,11 @@ def test_typed_refusals_and_check_compatible() -> None:
     other = layout_from_hf_config({**FAMILY_CONFIGS["gqa"], "num_key_value_heads": 4}, tp_size=2)
     with pytest.raises(ReshardUnsupported, match="head counts disagree"):
         check_compatible(family_layout("gqa", "vllm", 1), other, reshard=True)
+    # indivisible heads: 6 KV heads at TP3 (2 per rank) cannot be split or replicated over TP4
+    six = layout_from_hf_config({**FAMILY_CONFIGS["gqa"], "num_key_value_heads": 6}, tp_size=3)
+    replicated4 = family_layout("gqa", "vllm", 4)  # one (replicated) head per rank: the count is not in it
+    with pytest.raises(ReshardUnsupported, match="6 units cannot be split or replicated over tp=4"):
+        check_compatible(six, replicated4)
     # a dtype change is never a reshard
     fp32 = layout_from_hf_config(FAMILY_CONFIGS["gdn"], tp_size=2, ssm_dtype="bfloat16")
     with pytest.raises(ReshardUnsupported, match="dtype"):
