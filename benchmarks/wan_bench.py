@@ -2,6 +2,7 @@
 
     sudo python benchmarks/wan_bench.py                  # 400 Mbit/s, 20 ms RTT, 0.1% loss, CUBIC
     sudo python benchmarks/wan_bench.py --rate 400mbit --rtt 20ms --loss 0.1% --seconds 8 --lanes 1,4,8
+    sudo python benchmarks/wan_bench.py --must-show      # the long-fat-pipe issue's rows (wan_issue.py)
 
 Owns: the benchmark run — one ``WanLink``, iperf3 pairs in its namespaces, a kvwire receiver subprocess
 in the server namespace (``--receiver`` mode of this file), a kvwire ``Session`` in the client namespace
@@ -515,9 +516,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default="qwen3-next-80b-a3b")
     ap.add_argument("--tokens", default=32768, type=int)
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
+    ap.add_argument("--must-show", action="store_true",
+                    help="the long-fat-pipe issue's rows instead (benchmarks/wan_issue.py): --rows, --scale")
+    ap.add_argument("--rows", default="fat,burst,lossy,fair,collapse,loopback")
+    ap.add_argument("--scale", default=1.0, type=float, help="--must-show: multiply every link rate")
+    ap.add_argument("--requests", default=6, type=int, help="--must-show burst row: 8k-token requests")
+    ap.add_argument("--loopback-reps", default=15, type=int)
     a = ap.parse_args(argv)
     if a.receiver:
         return run_receiver(a.bind)
+    if a.must_show:
+        import wan_issue  # beside this file
+
+        return wan_issue.run(a, __file__)
     if a.scenarios:
         return run_scenarios(a)
     rows: list[dict[str, Any]] = []

@@ -128,7 +128,7 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
     st = cruising()
     st = decide(st, ls(1.5, C, capacity=C), CFG)
     assert st.decision.lanes == 4  # BBR: 2 x BDP (1.9 MB) fits in one 4 MiB window: no need to grow
-    big = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=16)
+    big = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=16, lane_window=4 * 2**20)
     st = cruising(big, cap=1e9)  # 8 Gbit/s x 20 ms: 2 x BDP = 40 MB -> 10 lanes
     st = decide(st, ls(1.5, 1e9, capacity=1e9), big)
     assert st.decision.lanes == 10 and st.decision.pacing_rate == int(PACE * 1e9) // 10
@@ -214,7 +214,7 @@ def test_lane_controller_drives_sockets_and_lane_hook(pair: tuple[socket.socket,
     a, b = pair
     wanted: list[int] = []
     lanes = [a, b]
-    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16, lane_window=4 * 2**20)
     ctl = LaneController(cfg, sockets_provider=lambda: list(lanes), set_lanes=wanted.append)
     ctl.on_state(ls(0.0, 0.0))
     ctl.on_state(ls(0.5, 1e9, q=2.0, capacity=1e9))
@@ -288,7 +288,7 @@ def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[so
         asked.append(n)
         return min(n, 3)
 
-    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16)
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16, lane_window=4 * 2**20)
     ctl = LaneController(cfg, sockets_provider=lambda: [a, b], set_lanes=opens_at_most_three)
     ctl.on_state(ls(0.0, 0.0))
     ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))

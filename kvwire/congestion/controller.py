@@ -34,7 +34,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   lanes deliver all the pacing lets them (``pacing_limited``) without loss, the controller re-probes:
   pacing off and every lane's algorithm restarted (BBR back in STARTUP: a capped BBR would otherwise
   regrow its own bandwidth estimate by 25 % per eight round trips) until the estimator measured the link
-  again (``probe_min``); that capacity becomes the new best, so a real rate drop costs one re-probe.
+  again (``probe_min``); at most once per ``reprobe_hold`` (a fault still on when it runs is re-probed
+  again after it; a link that really fell costs a short unpaced burst each time until ``best_window``
+  forgets the old best).
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -100,13 +102,16 @@ class ControllerConfig:
     probe_min: float = 0.8
     probe_timeout: float = 4.0
     upprobe_interval: float = 3.0
+    upprobe_clear: float = 1.5  # ... this soon when the lanes get all the pacing allows and no queue stands
     upprobe_gain: float = 1.1
     upprobe_gain_max: float = 1.5  # the largest step of a run of up-probes that paid
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
     window_limited: float = 0.3  # lanes held by a socket window this share of busy time: add lanes
-    lane_window: float = 4 * 2**20  # per-lane window cap (tcp_wmem[2] / peer tcp_rmem[2])
+    # payload one lane can have in flight: tcp_wmem[2] (4 MiB by default) holds about half of it in payload
+    # once the kernel's per-packet overhead is counted (measured: ~265 Mbit/s a lane at 80 ms, ~2.6 MB)
+    lane_window: float = 2 * 2**20
     polite: bool = False
     polite_share: float = 0.5
     polite_congestion: str | None = "cubic"
@@ -116,6 +121,8 @@ class ControllerConfig:
     recover_ratio: float = 0.5  # an estimate below this x the recent best, while we get all we pace: re-probe
     best_window: float = 30.0  # how long the best estimate is remembered
     recover_loss: float = 0.01  # ... and loss below this (a long path's random loss, not an overflowing queue)
+    reprobe_hold: float = 3.0  # at most one re-probe this often (a link that really fell is re-probed
+    # every reprobe_hold until best_window forgets the old best: a short unpaced burst each time)
     lan_rtt: float = 0.001  # a min RTT below this is a LAN: left in PROBE, unpaced, lanes unchanged
 
     def __post_init__(self) -> None:
@@ -164,6 +171,7 @@ class ControllerState:
     upprobe_streak: int = 0  # up-probes in a row that paid (the next one's step doubles with each)
     best: float | None = None  # the best capacity estimate of the last best_window ...
     best_at: float | None = None  # ... and when it was seen
+    reprobed_at: float | None = None  # when the last re-probe started
 
     @property
     def mode(self) -> Mode:
@@ -205,9 +213,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         return grown
     if d.mode is Mode.PROBE:
         if cap is not None and since >= cfg.probe_min:
-            # what it measured is the best there is now (a re-probe after a real rate drop ends the search)
-            return _pace(replace(st, best=cap, best_at=now), link, cfg, Mode.CRUISE,
-                         f"probed capacity {cap:.4g} B/s", new_mode=True)
+            return _pace(st, link, cfg, Mode.CRUISE, f"probed capacity {cap:.4g} B/s", new_mode=True)
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
@@ -234,11 +240,12 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
-    if _collapsed(st, link, cfg) and since >= cfg.settle:
+    rested = st.reprobed_at is None or now - st.reprobed_at >= cfg.reprobe_hold
+    if _collapsed(st, link, cfg) and since >= cfg.settle and rested:
         assert cap is not None and st.best is not None
         return _reprobe(st, link, f"estimate {cap:.4g} B/s below {cfg.recover_ratio:.0%} of the best "
                         f"{st.best:.4g} while the lanes take all the pacing gives")
-    if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after:
+    if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after and rested:
         return _reprobe(st, link, f"goodput {link.goodput:.4g} B/s below {cfg.recover_ratio:.0%} of the capacity "
                         f"{cap:.4g} on a clear link")
     if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
@@ -251,8 +258,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if since >= cfg.settle and lanes != d.lanes:
         return _pace(replace(st, decision=replace(d, lanes=lanes)), link, cfg, d.mode,
                      f"{lanes} lanes for the path", new_mode=True)
-    if (cap is not None and since >= cfg.upprobe_interval and not _sharing(st, cfg, now)
-            and d.pacing_rate is not None):
+    wait = cfg.upprobe_clear if link.pacing_limited and q <= cfg.drained_ratio else cfg.upprobe_interval
+    if cap is not None and since >= wait and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
 
@@ -282,7 +289,7 @@ def _reprobe(st: ControllerState, link: LinkState, why: str) -> ControllerState:
     """PROBE unpaced with every lane's algorithm restarted (BBR in STARTUP finds the link in a few round
     trips); its result becomes the best estimate."""
     d = st.decision
-    return _to(replace(st, upprobe_streak=0), link, Decision(
+    return _to(replace(st, upprobe_streak=0, reprobed_at=link.timestamp), link, Decision(
         d.lanes, None, d.congestion, Mode.PROBE, f"{why}: re-probing unpaced, lanes restarted", restart=True))
 
 

@@ -173,6 +173,7 @@ class FluidLink:
                 min_rtt_us=int(self.rtt * 1e6), bytes_acked=int(lane.acked), bytes_sent=int(lane.sent),
                 bytes_retrans=int(lane.retrans), busy_time_us=int(lane.busy_us), rwnd_limited_us=0,
                 sndbuf_limited_us=int(lane.sndbuf_us), notsent_bytes=(1 << 20) if lane.backlog else 0,
+                delivery_rate_app_limited=not lane.backlog,
                 max_pacing_rate=UNLIMITED_PACING if lane.cap is None else int(lane.cap),
                 pacing_rate=int(lane.bw))
         return out

@@ -1,0 +1,368 @@
+"""The long-fat-pipe issue's "Must show" rows, side by side in one run (``wan_bench.py --must-show``).
+
+    sudo python benchmarks/wan_bench.py --must-show                    # every row, full scale
+    sudo python benchmarks/wan_bench.py --must-show --rows fat,burst --scale 0.5
+
+Owns: the rows — on an emulated link (``kvwire.testing.WanLink``), kvwire with *default settings* (a plain
+``kvwire.connect``: its own congestion control, no flags) beside iperf3 -P1/-P8 with BBR and CUBIC; the
+sender processes of the fairness row (``--sender`` mode of this file); the table. Must not know: kvwire
+internals beyond the public API, ``Session.link_control`` and ``Session.lane_sockets()``.
+
+Rows (``--rows``): ``fat`` 2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue: a 32k-token Qwen3-Next cache
+and iperf3; ``burst`` the same link, one 8k-token request a second over one session; ``lossy`` 400 Mbit/s,
+20 ms, 0.1 % loss: kvwire default and with CUBIC forced, retransmits beside one iperf3 BBR stream;
+``fair`` 4 kvwire sender processes on 1 Gbit/s, 40 ms; ``collapse`` the link starved to 2 % for 3 s under
+a running transfer, then restored; ``loopback`` control on vs off on 127.0.0.1. ``--scale`` multiplies
+every rate (the RTTs and queues in time stay): what this machine's emulator cannot carry is scaled down
+and the header says so. The payload rate of a link is its IP rate x 1448/1500.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+import kvwire
+from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
+from kvwire.testing.wan import WanLink
+
+PAYLOAD = 1448 / 1500
+Row = tuple[str, str, str, "bool | None"]
+QWEN = "qwen3-next-80b-a3b"
+
+
+class Payload:
+    def __init__(self, tokens: int, preset: str = QWEN) -> None:
+        self.layout = kvwire.load_layout(preset)
+        self.tokens = tokens
+        segs = kvwire.plan_segments(self.layout, kvwire.RequestSpec("size", tokens, tokens))
+        self.buffers = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(segs)]
+        self.nbytes = sum(s.nbytes for s in segs)
+
+    def send(self, session: kvwire.Session, rid: str) -> Any:
+        out = session.send(self.layout, kvwire.RequestSpec(rid, self.tokens, self.tokens), timeout=600)
+        out.write_all(self.buffers)
+        return out.finish()
+
+
+def _receiver(link: WanLink, bench: str) -> tuple[int, subprocess.Popen[str]]:
+    rx = link.popen_in("server", [sys.executable, bench, "--receiver", "--bind", link.server_addr],
+                       stdout=subprocess.PIPE, text=True)
+    assert rx.stdout is not None
+    return int(json.loads(rx.stdout.readline())["port"]), rx
+
+
+def _iperf(link: WanLink, streams: int, cc: str, seconds: float) -> dict[str, Any]:
+    srv = link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    r = link.run_in("client", ["iperf3", "-c", link.server_addr, "-t", str(seconds), "-O", "2", "-J", "-C", cc,
+                               "-P", str(streams)], timeout=seconds + 40)
+    srv.wait(10)
+    end = json.loads(r.stdout or "{}").get("end", {})
+    return {"mbit": end.get("sum_received", {}).get("bits_per_second", 0) / 1e6,
+            "retrans": end.get("sum_sent", {}).get("retransmits", 0), "seconds": seconds}
+
+
+def _retrans(session: kvwire.Session) -> int:
+    total = 0
+    for s in session.lane_sockets():
+        try:
+            total += read_tcp_info(s).total_retrans or 0
+        except TcpInfoUnavailable:
+            pass
+    return total
+
+
+def _connect(link: WanLink, port: int, **kw: Any) -> kvwire.Session:
+    with link.inside("client"):
+        s = kvwire.connect(link.server_addr, port, **kw)
+    if s.link_control is not None:
+        s.link_control.record = True
+    return s
+
+
+def _send_inside(link: WanLink, payload: Payload, session: kvwire.Session, rid: str) -> Any:
+    with link.inside("client"):  # the controller's thread starts here: lanes it adds live in the namespace
+        return payload.send(session, rid)
+
+
+def _steady_q(session: kvwire.Session, t_from: float) -> float | None:
+    ctl = session.link_control
+    qs = [s.queueing_ratio for s in (ctl.states if ctl else []) if s.timestamp >= t_from and s.busy > 0.5
+          and s.queueing_ratio]
+    return statistics.median(qs) if qs else None
+
+
+def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
+    """--trace: the session's controller decisions and a LinkState every 0.5 s, on stderr."""
+    ctl = session.link_control
+    if not a.trace or ctl is None:
+        return
+    for t, d in ctl.history:
+        print(f"[{name}] {max(0.0, t - t0):6.2f}s {d.mode.value:8} lanes {d.lanes} pacing "
+              f"{(d.total_pacing or 0) * 8e-6:.0f} Mbit/s: {d.reason}", file=sys.stderr)
+    last = -1.0
+    for st in ctl.states:
+        if st.timestamp - last >= 0.5:
+            last = st.timestamp
+            print(f"[{name}] {st.timestamp - t0:6.2f}s goodput {st.goodput * 8e-6:.0f} cap "
+                  f"{(st.capacity or 0) * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} sndbuf {st.sndbuf_limited:.2f} "
+                  f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
+                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}",
+                  file=sys.stderr)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+# ---------------------------------------------------------------- rows
+def row_fat(a: Any, bench: str) -> list[Row]:
+    rate = 2000 * a.scale
+    full = rate * PAYLOAD
+    rows: list[Row] = []
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=11) as link:
+        for streams, cc in () if a.skip_iperf else ((1, "bbr"), (8, "bbr"), (1, "cubic"), (8, "cubic")):
+            r = _iperf(link, streams, cc, a.seconds)
+            rows.append((f"fat  iperf3 -P{streams} {cc}", f"{r['mbit']:.0f} Mbit/s = {_pct(r['mbit'] / full)} of "
+                         f"payload rate, {r['retrans']} retrans", "beside", None))
+        port, rx = _receiver(link, bench)
+        payload = Payload(32768)
+        s = _connect(link, port)
+        try:
+            t0 = time.monotonic()
+            _send_inside(link, payload, s, "fat").result(600)
+            el = time.monotonic() - t0
+            q = _steady_q(s, t0 + 3.0)
+            _trace(a, "fat", s, t0)
+            ctl = s.link_control
+            lanes, mode = (ctl.decision.lanes, ctl.decision.mode.value) if ctl else (0, "-")
+        finally:
+            s.close()
+        mbit = payload.nbytes * 8 / el / 1e6
+        stats = link.stats()
+        rx.terminate()
+    rows.append(("fat  kvwire default, 32k Qwen3-Next", f"{mbit:.0f} Mbit/s = {_pct(mbit / full)} in {el:.1f} s "
+                 f"({payload.nbytes / 1e6:.0f} MB; ended {mode}, {lanes} lanes; emulator late>5ms "
+                 f"{stats['late_5ms']})", ">= 90%", mbit >= 0.9 * full))
+    rows.append(("fat  kvwire srtt/min RTT after 3 s", f"{q or 0:.2f}", "<= 1.3", q is not None and q <= 1.3))
+    return rows
+
+
+def row_burst(a: Any, bench: str) -> list[Row]:
+    rate = 2000 * a.scale
+    full = rate * PAYLOAD * 1e6 / 8
+    payload = Payload(8192)
+    ideal = payload.nbytes / full
+    times: list[float] = []
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
+        port, rx = _receiver(link, bench)
+        s = _connect(link, port)
+        try:
+            for i in range(a.requests):
+                start = time.monotonic()
+                _send_inside(link, payload, s, f"b{i}").result(600)
+                times.append(time.monotonic() - start)
+                time.sleep(max(0.0, start + max(1.0, ideal) - time.monotonic()))  # one a second
+        finally:
+            s.close()
+        rx.terminate()
+    med = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return [("burst first 8k request", f"{times[0]:.2f} s = {times[0] / ideal:.2f}x ideal {ideal:.2f} s",
+             "<= 1.5x", times[0] <= 1.5 * ideal),
+            ("burst median of the rest", f"{med:.2f} s = {med / ideal:.2f}x ideal (all: "
+             f"{', '.join(f'{t:.2f}' for t in times)})", "<= 1.15x", med <= 1.15 * ideal)]
+
+
+def row_lossy(a: Any, bench: str) -> list[Row]:
+    rate = 400 * a.scale
+    full = rate * PAYLOAD
+    rows: list[Row] = []
+    with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13) as link:
+        one = _iperf(link, 1, "bbr", a.seconds)
+        port, rx = _receiver(link, bench)
+        payload = Payload(16384)
+        for name, kw in (("default", {}), ("-C cubic", {"link_control": kvwire.ControllerConfig(
+                congestion="cubic", max_lanes=32)})):
+            s = _connect(link, port, **kw)
+            try:
+                before, t0 = _retrans(s), time.monotonic()
+                n = 0
+                while time.monotonic() - t0 < a.seconds:
+                    _send_inside(link, payload, s, f"l{name}{n}").result(600)
+                    n += 1
+                el = time.monotonic() - t0
+                retr = _retrans(s) - before  # (lanes the controller added count from their opening)
+                lanes = s.active_lanes
+            finally:
+                s.close()
+            mbit = n * payload.nbytes * 8 / el / 1e6
+            per_s, iperf_per_s = retr / el, one["retrans"] / one["seconds"]
+            rows.append((f"lossy kvwire {name}", f"{mbit:.0f} Mbit/s = {_pct(mbit / full)} over {el:.1f} s, {lanes} "
+                         f"lanes", ">= 90%", mbit >= 0.9 * full))
+            if name == "default":
+                rows.append(("lossy retransmits vs iperf3 -P1 bbr", f"{per_s:.0f}/s vs {iperf_per_s:.0f}/s "
+                             f"({one['mbit']:.0f} Mbit/s) = {per_s / max(iperf_per_s, 1e-9):.1f}x", "<= 3x",
+                             per_s <= 3 * iperf_per_s))
+        rx.terminate()
+    return rows
+
+
+def run_sender(host: str, port: int, seconds: float) -> int:
+    """--sender: a default session moving 8k-token caches back to back for ``seconds``; prints
+    ``[t, acked bytes]`` every 0.25 s (TCP_INFO of its lanes) and a last line with its total."""
+    payload = Payload(8192)
+    s = kvwire.connect(host, port)
+    acked: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            for sock in s.lane_sockets():
+                try:
+                    acked[sock.fileno()] = read_tcp_info(sock).bytes_acked or 0
+                except TcpInfoUnavailable:
+                    pass
+            print(json.dumps([time.time(), sum(acked.values())]), flush=True)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    n = 0
+    try:
+        while time.monotonic() - t0 < seconds:
+            payload.send(s, f"f{n}").result(600)
+            n += 1
+    finally:
+        stop.set()
+        t.join()
+        s.close()
+    return 0
+
+
+def row_fair(a: Any, bench: str) -> list[Row]:
+    rate = 1000 * a.scale
+    full = rate * PAYLOAD
+    secs, stagger = max(20.0, a.seconds * 2), 2.0
+    with WanLink(rtt_ms=40, rate_mbit=rate, seed=14) as link:
+        port, rx = _receiver(link, bench)
+        procs = []
+        for i in range(4):
+            procs.append(link.popen_in("client", [sys.executable, __file__, "--sender", link.server_addr, str(port),
+                                                  str(secs - i * stagger)], stdout=subprocess.PIPE, text=True))
+            time.sleep(stagger)
+        lines = [p.communicate(timeout=secs + 120)[0].splitlines() for p in procs]
+        rx.terminate()
+    series = [[json.loads(x) for x in ls if x.startswith("[")] for ls in lines]
+    lo = max(ss[0][0] for ss in series) + 3.0  # all four running, the last past its probe
+    hi = min(ss[-1][0] for ss in series)
+    rates = []
+    for ss in series:
+        win = [x for x in ss if lo <= x[0] <= hi]
+        rates.append((win[-1][1] - win[0][1]) * 8 / (win[-1][0] - win[0][0]) / 1e6 if len(win) > 1 else 0.0)
+    total = sum(rates)
+    jain = total**2 / (len(rates) * sum(r * r for r in rates)) if total else 0.0
+    split = " + ".join(f"{r:.0f}" for r in rates)
+    return [("fair 4 sender processes, together", f"{split} = {total:.0f} Mbit/s = {_pct(total / full)} over "
+             f"{hi - lo:.1f} s", ">= 90%", total >= 0.9 * full),
+            ("fair Jain's index", f"{jain:.3f}", ">= 0.95", jain >= 0.95)]
+
+
+def row_collapse(a: Any, bench: str) -> list[Row]:
+    rate = 400 * a.scale
+    full = rate * PAYLOAD * 1e6 / 8
+    marks: dict[str, float] = {}
+    with WanLink(rtt_ms=20, rate_mbit=rate, seed=15) as link:
+        port, rx = _receiver(link, bench)
+        s = _connect(link, port)
+        payload = Payload(8192)
+
+        def fault() -> None:
+            time.sleep(5.0)
+            link.set_rate(rate * 0.02)
+            marks["fault"] = time.monotonic()
+            time.sleep(3.0)
+            link.set_rate(rate)
+            marks["end"] = time.monotonic()
+
+        th = threading.Thread(target=fault, daemon=True)
+        try:
+            t0 = time.monotonic()
+            th.start()
+            n = 0
+            while time.monotonic() - t0 < 16.0:
+                _send_inside(link, payload, s, f"c{n}").result(600)
+                n += 1
+            th.join()
+            ctl = s.link_control
+            states = list(ctl.states) if ctl else []
+        finally:
+            s.close()
+        rx.terminate()
+    end = marks["end"]
+    low = min((x.capacity for x in states if marks["fault"] < x.timestamp <= end and x.capacity), default=None)
+    back = next((x.timestamp - end for x in states if x.timestamp > end + 0.5 and x.goodput >= 0.8 * full), None)
+    return [("collapse estimate during the fault", f"{(low or 0) * 8e-6:.1f} Mbit/s (link {rate * 0.02:.0f})",
+             "beside", None),
+            ("collapse recovery to 80 % after it", "never" if back is None else f"{back:.1f} s (1 s goodput average)",
+             "<= 5 s", back is not None and back <= 5.0)]
+
+
+def row_loopback(a: Any, bench: str) -> list[Row]:
+    payload = Payload(32768)
+    rx = subprocess.Popen([sys.executable, bench, "--receiver", "--bind", "127.0.0.1"], stdout=subprocess.PIPE,
+                          text=True)
+    assert rx.stdout is not None
+    port = int(json.loads(rx.stdout.readline())["port"])
+    on, off = kvwire.connect("127.0.0.1", port), kvwire.connect("127.0.0.1", port, link_control=False)
+    res: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for i in range(a.loopback_reps):
+            for name, s in (("on", on), ("off", off))[:: 1 if i % 2 else -1]:
+                t0 = time.monotonic()
+                payload.send(s, f"lo{name}{i}").result(120)
+                res[name].append(payload.nbytes * 8 / (time.monotonic() - t0) / 1e9)
+    finally:
+        on.close()
+        off.close()
+        rx.terminate()
+    m_on, m_off = statistics.median(res["on"]), statistics.median(res["off"])
+    return [("loopback control on vs off", f"{m_on:.2f} vs {m_off:.2f} Gbit/s = {m_on / m_off:.3f} (median of "
+             f"{a.loopback_reps}, alternating, {payload.nbytes / 1e6:.0f} MB)", "within 5 %",
+             abs(m_on / m_off - 1) <= 0.05)]
+
+
+ROWS = {"fat": row_fat, "burst": row_burst, "lossy": row_lossy, "fair": row_fair, "collapse": row_collapse,
+        "loopback": row_loopback}
+
+
+def run(a: Any, bench: str) -> int:
+    rows: list[Row] = []
+    for name in a.rows.split(","):
+        t = time.monotonic()
+        try:
+            rows += ROWS[name](a, bench)
+        except Exception as e:  # noqa: BLE001 - one row failing must not lose the others' figures
+            rows.append((name, f"failed: {type(e).__name__}: {e}", "runs", False))
+        print(f"  {name}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    print(f"must-show rows; rates x{a.scale:g} of the issue's (2 Gbit/s -> {2000 * a.scale:g}, 400 -> "
+          f"{400 * a.scale:g}, 1 Gbit/s -> {1000 * a.scale:g}); RTTs, loss and queue times as in the issue; "
+          f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2)")
+    w = max(len(r[0]) for r in rows)
+    for name, value, target, ok in rows:
+        print(f"{name:<{w}}  {'INFO' if ok is None else 'PASS' if ok else 'MISS'}  {value}   [target {target}]")
+    return 0 if all(r[3] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--sender"]:
+        raise SystemExit(run_sender(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+    raise SystemExit("run through wan_bench.py --must-show")
