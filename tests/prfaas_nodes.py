@@ -66,7 +66,7 @@ class Nodes:
 
     def client(self, name: str, timeout: float = 30.0) -> NodeClient:
         s = self.spec(name)
-        return NodeClient(s.host, s.control_port, timeout=timeout)
+        return NodeClient(s.host, s.control_port, timeout=timeout, key=KEY)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")[-3000:]

@@ -14,6 +14,7 @@ process exits 0 on SIGTERM and its ports are free. The module runs in ~30-40 s o
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -197,6 +198,44 @@ def test_bad_input_and_unreachable_peers(nodes: Nodes, reference: TransformersRu
             while await _busy(dec):
                 assert time.monotonic() < deadline, await dec.health()
                 await asyncio.sleep(0.05)
+    asyncio.run(run())
+
+
+def test_control_api_is_signed(nodes: Nodes) -> None:
+    """Unsigned, wrongly keyed, replayed or tampered requests get 401 before the node reads a body; an
+    over-long signed body 413 (its bytes never read); nothing of them reaches the node."""
+    import httpx
+
+    from kvwire.prfaas.controlauth import AUTH, MAX_BODY, sign
+
+    url = nodes.spec("d0").control_url
+    body = json.dumps({"request_id": "forged", "prompt": list(range(1000))}).encode()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            assert (await http.get("/health")).status_code == 401
+            assert (await http.post("/expect", content=body)).status_code == 401
+            bad = sign(b"not-the-key", "POST", "/expect", body)
+            assert (await http.post("/expect", content=body, headers={AUTH: bad})).status_code == 401
+            good = sign(KEY.encode(), "POST", "/expect", body)
+            r = await http.post("/expect", content=body.replace(b"forged", b"forgex"), headers={AUTH: good})
+            assert r.status_code == 401
+            good = sign(KEY.encode(), "GET", "/health", b"")
+            assert (await http.get("/health", headers={AUTH: good})).status_code == 200
+            assert (await http.get("/health", headers={AUTH: good})).status_code == 401  # replayed nonce
+        # a head that claims a huge body: refused at once, no body awaited (the node would otherwise block)
+        for key, status in ((b"wrong", 401), (KEY.encode(), 413)):
+            reader, writer = await asyncio.open_connection(nodes.spec("d0").host, nodes.spec("d0").control_port)
+            n = MAX_BODY + 1
+            auth = sign(key, "POST", "/expect", b"x" * n)
+            writer.write(f"POST /expect HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n{AUTH}: {auth}\r\n\r\n"
+                         .encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 5)
+            assert line.split()[1] == str(status).encode(), line
+            writer.close()
+        async with nodes.client("d0") as dec:
+            assert not await _busy(dec)
     asyncio.run(run())
 
 

@@ -1,6 +1,7 @@
 """The async client of a PrfaaS node's control API (``node.py``): what the router and other nodes call.
 
-Owns: the HTTP/JSON calls (httpx.AsyncClient, one per node) and turning every failure (node unreachable, died
+Owns: the HTTP/JSON calls (httpx.AsyncClient, one per node), each signed with the shared key
+(``controlauth.sign``), and turning every failure (node unreachable, died
 mid-call, answered with an error, timed out, sent something malformed) into one typed ``NodeError``. Every
 call is bounded by ``timeout``; ``generate`` bounds each read (the wait for the cache and each token).
 Must not know: routing, models, kvwire transfers.
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..errors import KvwireError
+from .controlauth import AUTH, control_key, sign
 
 __all__ = ["NodeClient", "NodeError"]
 
@@ -27,10 +29,15 @@ class NodeError(KvwireError):
 
 
 class NodeClient:
-    def __init__(self, host: str, control_port: int, *, timeout: float = 30.0) -> None:
+    """``key``: the deployment's shared key that signs every request (default: ``KVWIRE_KEY`` from the
+    environment; ValueError when neither is set)."""
+
+    def __init__(self, host: str, control_port: int, *, timeout: float = 30.0, key: bytes | str | None = None
+                 ) -> None:
         import httpx
 
         self.host, self.control_port, self.timeout = host, control_port, timeout
+        self._key = control_key(key)
         h = f"[{host}]" if ":" in host else host
         self.base = f"http://{h}:{control_port}"
         self._http = httpx.AsyncClient(base_url=self.base, timeout=timeout)
@@ -51,8 +58,9 @@ class NodeClient:
                     timeout: float | None = None) -> Any:
         import httpx
 
+        content, headers = self._signed(method, path, body)
         try:
-            r = await self._http.request(method, path, json=body,
+            r = await self._http.request(method, path, content=content, headers=headers,
                                          timeout=self.timeout if timeout is None else timeout)
         except httpx.TimeoutException as e:
             raise NodeError(f"{self.base}{path}: no answer in {timeout or self.timeout} s ({type(e).__name__})") \
@@ -67,6 +75,13 @@ class NodeClient:
             msg = data.get("error") if isinstance(data, dict) else None
             raise NodeError(f"{self.base}{path}: HTTP {r.status_code}: {msg or data}", status=r.status_code)
         return data
+
+    def _signed(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[bytes, dict[str, str]]:
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {AUTH: sign(self._key, method, path, content)}
+        if body is not None:
+            headers["content-type"] = "application/json"
+        return content, headers
 
     async def health(self) -> dict[str, Any]:
         out: dict[str, Any] = await self._call("GET", "/health")
@@ -108,9 +123,10 @@ class NodeClient:
         """Token ids as the decode node produces them; NodeError if the cache never arrived or the node failed."""
         import httpx
 
-        body = {"request_id": request_id, "max_tokens": max_tokens, "stop": list(stop or [])}
+        content, headers = self._signed("POST", "/generate", {"request_id": request_id, "max_tokens": max_tokens,
+                                                              "stop": list(stop or [])})
         try:
-            async with self._http.stream("POST", "/generate", json=body) as r:
+            async with self._http.stream("POST", "/generate", content=content, headers=headers) as r:
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
                     try:
