@@ -213,16 +213,17 @@ def test_control_api_is_signed(nodes: Nodes) -> None:
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
-            assert (await http.get("/health")).status_code == 401
+            assert (await http.get("/health")).status_code == 200  # the liveness probe stays open
+            assert (await http.get("/checkpoints")).status_code == 401
             assert (await http.post("/expect", content=body)).status_code == 401
             bad = sign(b"not-the-key", "POST", "/expect", body)
             assert (await http.post("/expect", content=body, headers={AUTH: bad})).status_code == 401
             good = sign(KEY.encode(), "POST", "/expect", body)
             r = await http.post("/expect", content=body.replace(b"forged", b"forgex"), headers={AUTH: good})
             assert r.status_code == 401
-            good = sign(KEY.encode(), "GET", "/health", b"")
-            assert (await http.get("/health", headers={AUTH: good})).status_code == 200
-            assert (await http.get("/health", headers={AUTH: good})).status_code == 401  # replayed nonce
+            good = sign(KEY.encode(), "GET", "/checkpoints", b"")
+            assert (await http.get("/checkpoints", headers={AUTH: good})).status_code == 200
+            assert (await http.get("/checkpoints", headers={AUTH: good})).status_code == 401  # replayed nonce
         # a head that claims a huge body: refused at once, no body awaited (the node would otherwise block)
         for key, status in ((b"wrong", 401), (KEY.encode(), 413)):
             reader, writer = await asyncio.open_connection(nodes.spec("d0").host, nodes.spec("d0").control_port)

@@ -6,6 +6,7 @@ domain: the head MAC covers method, path, time, nonce and body length; the body 
 byte of the body is read (an unauthenticated caller cannot make the node read, parse or allocate for a body:
 ``/expect`` sizes cache buffers from the prompt), each nonce is accepted once within the time window
 (``Nonces``, shared with the SGLang bootstrap mailbox), bodies are bounded (``MAX_BODY``) before and after.
+``GET /health`` stays open (``OPEN_ROUTES``): the liveness probe launchers poll.
 Must not know: what the routes do, starlette, httpx.
 """
 
@@ -27,6 +28,9 @@ AUTH = "X-Kvwire-Auth"
 #: a 1M-token prompt is ~7 MB of JSON token ids; 32 MiB leaves room and bounds what a key holder can send
 MAX_BODY = 32 << 20
 _DOMAIN = b"kvwire-prfaas-control/1 "
+#: answered without a signature: the liveness probe launchers and supervisors poll (it reads no body and
+#: tells only the node's name, role, state and queue counts)
+OPEN_ROUTES = frozenset({("GET", "/health")})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,13 +68,13 @@ class ControlAuth:
     """ASGI middleware: a request reaches ``app`` only with a valid signature, its body already verified."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], key: bytes, *,
-                 window: float = WINDOW) -> None:
-        self.app, self.key = app, key
+                 window: float = WINDOW, open_routes: frozenset[tuple[str, str]] = OPEN_ROUTES) -> None:
+        self.app, self.key, self.open_routes = app, key, open_routes
         self.nonces = Nonces(window)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.open_routes:
+            await self.app(scope, receive, send)  # liveness: read-only, no body read
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         try:
