@@ -116,3 +116,22 @@ def test_probe_pauses_the_sessions_controller_and_restarts_it_from_the_result() 
         assert r.bytes_sent > 0
         assert len(ctl.controller.history) == before + 1  # started over
         assert ctl.decision.mode is (Mode.CRUISE if r.saturated else Mode.PROBE)
+
+
+def test_controllers_of_one_destination_join_one_share(rx: kvwire.Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes on this host sending to one host split the path through a LinkShare (two sessions of one
+    process stand in for two processes here: the records are files, per controller)."""
+    monkeypatch.delenv("KVWIRE_LINK_SHARE", raising=False)
+    with connect(*rx.address, lanes=2) as a, connect(*rx.address, lanes=2) as b:
+        ca, cb = a.link_control, b.link_control
+        assert ca is not None and cb is not None and ca.share is not None and cb.share is not None
+        assert ca.share.dir == cb.share.dir
+        _send(a)
+        _send(b)
+        assert wait_until(lambda: len(ca.share.others()) == 1 and len(cb.share.others()) == 1, 5)
+        # on loopback nothing is measured: no capacity, so the share caps nothing
+        assert ca.shared_cap is None and all(get_pacing_rate(x) is None for x in a.lane_sockets())
+    assert not ca.share.others() and not cb.share.others(), "records removed as the sessions close"
+    monkeypatch.setenv("KVWIRE_LINK_SHARE", "off")
+    with connect(*rx.address, lanes=2) as c:
+        assert c.link_control is not None and c.link_control.share is None

@@ -5,10 +5,12 @@ Owns: wiring a ``LinkMonitor`` (TCP_INFO of the session's active lanes every ``i
 sample and pace), ``set_active_lanes(n)`` (the lane count) and ``on_lane_open`` (a lane connected or
 reconnected gets the current pacing cap and algorithm before it carries data; a hook the session had
 runs after it) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
-session gets by default (``Session(link_control=...)``), and pausing one while ``kvwire.probe`` owns the
-lanes. Must not know: transfers, the wire format, how the session picks chunks; the session is used only
-through those hooks (a duck-typed ``Controllable``; a session that owns a default controller hands its
-lanes over through ``detach_link_control()`` when another ``LinkControl`` or a ``LaneGroup`` takes them).
+session gets by default (``Session(link_control=...)``), with a ``LinkShare`` named after its destination
+(the aggregate pacing capped at a fair share while other processes' controllers use the same path), and
+pausing one while ``kvwire.probe`` owns the lanes. Must not know: transfers, the wire format, how the
+session picks chunks; the session is used only through those hooks (a duck-typed ``Controllable``; a
+session that owns a default controller hands its lanes over through ``detach_link_control()`` when
+another ``LinkControl`` or a ``LaneGroup`` takes them).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Protocol
 
-from .controller import ControllerConfig, Decision, LaneController, apply_decision, initial_state
+from .controller import ControllerConfig, Decision, LaneController, Mode, apply_decision, initial_state
 from .estimator import EstimatorConfig, LinkEstimator, LinkState
 from .monitor import LinkMonitor, Subscriber
+from .share import LinkShare, Peer, fair_share, share_name
 
 
 class Controllable(Protocol):
@@ -47,7 +52,7 @@ class LinkControl:
 
     def __init__(self, session: Controllable, config: ControllerConfig | None = None, *,
                  interval: float = 0.1, estimator: EstimatorConfig | None = None,
-                 capacity: float | None = None, start: bool = True) -> None:
+                 capacity: float | None = None, start: bool = True, share: LinkShare | None = None) -> None:
         detach = getattr(session, "detach_link_control", None)
         if callable(detach):
             detach()  # the session's default controller hands its lanes over to this one
@@ -63,6 +68,10 @@ class LinkControl:
         self.record = False
         self._paused = False
         self._start_lock = threading.Lock()
+        self.share = share
+        self.shared_cap: float | None = None  # the aggregate pacing the share allows now (None: no cap)
+        self._shared_fds: frozenset[int] = frozenset()
+        self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
         session.set_active_lanes(self.config.initial_lanes)
@@ -118,6 +127,8 @@ class LinkControl:
     def close(self) -> None:
         """Stop sampling and detach from the session (the sockets keep their last settings)."""
         self.monitor.stop()
+        if self.share is not None:
+            self.share.close()
         if self.session.on_lane_open == self._on_lane_open:
             self.session.on_lane_open = self._prior_hook
 
@@ -132,8 +143,52 @@ class LinkControl:
         return self.session.set_active_lanes(n)
 
     def _control(self, state: LinkState) -> None:
-        if not self._paused:
-            self.controller.on_state(state)
+        if self._paused:
+            return
+        before = self.controller.decision
+        self.controller.on_state(state)
+        if self.share is not None:
+            self._share(state, before)
+
+    def _share(self, state: LinkState, before: Decision) -> None:
+        """Publish this controller's record; while other controllers of the share are active, the share sets
+        the aggregate pacing: its water-filled fair share of the link in CRUISE (up or down: the others'
+        queue would otherwise drain every one of them towards nothing), times ``upprobe_gain_max`` in an
+        up-probe (the link may have grown), at most the share in PROBE and DRAIN; and the controller's best
+        estimate is its share, so a share well below what it measured alone is no collapse to re-probe.
+        Alone, nothing is changed. The link is the best capacity any of them measured within
+        ``best_window``, or their summed goodput if larger."""
+        assert self.share is not None
+        d, now = self.decision, time.time()
+        if state.capacity and (self._link_best is None or state.capacity >= self._link_best[0]
+                               or now - self._link_best[1] > self.config.best_window):
+            self._link_best = (state.capacity, now)
+        wants = not state.app_limited and (state.pacing_limited or d.total_pacing is None) and state.busy > 0
+        me = Peer(state.goodput, self._link_best[0] if self._link_best else None, wants, now)
+        self.share.publish(me)
+        others = self.share.others(now)
+        fair = fair_share(me, others) if others else None
+        cap: int | None = None
+        if fair:
+            st = self.controller.state
+            if st.best is None or st.best > fair:
+                self.controller.state = replace(st, best=fair, best_at=state.timestamp)
+            if d.mode is Mode.UPPROBE:
+                cap = int(fair * self.config.upprobe_gain_max)
+            elif d.mode in (Mode.PROBE, Mode.DRAIN):
+                cap = int(fair) if d.total_pacing is None or fair < d.total_pacing else None
+            else:
+                cap = int(fair)
+        if cap is None and self.shared_cap is None:
+            return
+        socks = self.session.lane_sockets()
+        fds = frozenset(s.fileno() for s in socks)
+        if (cap is not None and self.shared_cap is not None and d == before and fds == self._shared_fds
+                and abs(cap - self.shared_cap) <= 0.02 * self.shared_cap):
+            return  # (no churn on the sockets for a share that barely moved)
+        self.shared_cap, self._shared_fds = cap, fds
+        shown = d if cap is None else Decision(d.lanes, max(1, cap // d.lanes), d.congestion, d.mode, d.reason)
+        apply_decision(shown, socks, share=len(socks))
 
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
         d = self.decision  # its share of the aggregate, counting it among the lanes that pace (at least d.lanes)
@@ -157,11 +212,14 @@ def default_enabled() -> bool:
     return os.environ.get(LINK_CONTROL_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int) -> LinkControl | None:
+def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
+                host: str | None = None) -> LinkControl | None:
     """The controller a session gets for its ``link_control`` argument: ``True`` (unless
     ``$KVWIRE_LINK_CONTROL`` is off) one with the default policy, starting at the session's ``lanes`` and
     growing up to its ``max_lanes``; a ``ControllerConfig``, one with that policy; ``False``/``None``,
-    none. Not started: the session starts it with its first transfer (an idle session costs no thread)."""
+    none. Not started: the session starts it with its first transfer (an idle session costs no thread).
+    ``host``: the session's destination, naming the ``LinkShare`` its controller joins (``share_name``:
+    controllers of this host's processes sending to that host split the path evenly)."""
     if spec is False or spec is None or (spec is True and not default_enabled()):
         return None
     if spec is True:
@@ -170,4 +228,11 @@ def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int)
                                 max_lanes=max(lanes, max_lanes))
     if not isinstance(spec, ControllerConfig):
         raise TypeError(f"link_control must be True, False, a ControllerConfig or a LaneGroup, not {spec!r}")
-    return LinkControl(session, spec, start=False)
+    share = None
+    name = share_name(host) if host is not None else None
+    if name is not None:
+        try:
+            share = LinkShare(name)
+        except OSError:  # no /dev/shm here: each controller on its own
+            share = None
+    return LinkControl(session, spec, start=False, share=share)

@@ -150,7 +150,7 @@ class Session:
                 self._group = link_control
                 link_control.add(self)
             else:
-                self._link_control = for_session(self, link_control, lanes, self.max_lanes)
+                self._link_control = for_session(self, link_control, lanes, self.max_lanes, host)
         except BaseException:
             self.close()
             raise
