@@ -166,7 +166,7 @@ def sim_rows(out: io.StringIO, requests: int) -> None:
           f"{w['ttft_p90']:<7.2f}{lo.ttft_mean:>10.2f} / {lo.ttft_pct(90):.2f}")
 
 
-def plot(out_dir: Path, runs: dict[str, list[Result]]) -> Path:
+def plot(out_dir: Path, runs: dict[str, list[Result]], tag: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +183,7 @@ def plot(out_dir: Path, runs: dict[str, list[Result]]) -> Path:
     for a in ax:
         a.legend()
         a.grid(alpha=0.3)
-    path = out_dir / "prfaas-deploy-ttft.png"
+    path = out_dir / f"prfaas-deploy-ttft{tag}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -298,6 +298,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sim-requests", type=int, default=20_000)
     ap.add_argument("--only", default="prfaas-pd,homogeneous,naive")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each configuration, alternating the order")
     ap.add_argument("--wan", action="store_true", help="also the WAN rate-drop run (root)")
     ap.add_argument("--wan-only", action="store_true")
     ap.add_argument("--wan-rate", type=float, default=100.0, help="Mbit/s")
@@ -308,6 +309,7 @@ def main() -> int:
     ap.add_argument("--drop-at", type=float, default=15.0)
     ap.add_argument("--back-at", type=float, default=30.0)
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--tag", default="", help="appended to the output files' names")
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
@@ -322,18 +324,25 @@ def main() -> int:
               f"P50 {np.median(lengths):.0f} P90 {np.percentile(lengths, 90):.0f} max {max(lengths)}, "
               f"{a.out} output tokens; t* = {T_STAR}", file=out)
         runs: dict[str, list[Result]] = {}
-        stats: dict[str, dict[str, float]] = {}
-        for kind in a.only.split(","):
-            stats[kind], runs[kind] = run_config(kind, lengths, arrivals, a.out, a.seed, tmp)
-            print(f"  {kind}: {stats[kind]}", file=sys.stderr, flush=True)
-        base = stats.get("homogeneous", {}).get("throughput", math.nan)
-        print(f"{'deployment':<16}{'ok':>5}{'req/s':>8}{'vs homo':>9}{'tok/s':>8}{'TTFT mean':>11}{'P90':>8}"
+        stats: dict[str, list[dict[str, float]]] = {}
+        kinds = a.only.split(",")
+        order = [k for r in range(a.repeat) for k in (kinds if r % 2 == 0 else kinds[::-1])]  # ABC CBA ...
+        for kind in order:
+            st, runs[kind] = run_config(kind, lengths, arrivals, a.out, a.seed, tmp)
+            stats.setdefault(kind, []).append(st)
+            print(f"  {kind}: {st}", file=sys.stderr, flush=True)
+        base = float(np.mean([s["throughput"] for s in stats.get("homogeneous", [])] or [math.nan]))
+        print(f"runs in the order {' '.join(order)} (one deployment each); per run, then the mean", file=out)
+        print(f"{'deployment':<16}{'ok':>7}{'req/s':>8}{'vs homo':>9}{'tok/s':>8}{'TTFT mean':>11}{'P90':>8}"
               f"{'offloaded':>11}", file=out)
-        for kind, s in stats.items():
-            print(f"{NAMES[kind]:<16}{s['ok']:>3.0f}/{s['requests']:<3.0f}{s['throughput']:>6.2f}"
-                  f"{s['throughput'] / base:>9.2f}{s['tokens_per_s']:>8.1f}{s['ttft_mean']:>10.2f}s"
-                  f"{s['ttft_p90']:>7.2f}s{s['offloaded']:>10.0%}", file=out)
-        files.append(plot(a.out_dir, runs))
+        for kind, sts in stats.items():
+            rows = [*sts, {k: float(np.mean([x[k] for x in sts])) for k in sts[0]}] if len(sts) > 1 else sts
+            for i, s in enumerate(rows):
+                label = NAMES[kind] if i == 0 else ("  mean" if i == len(sts) else "")
+                print(f"{label:<16}{s['ok']:>3.0f}/{s['requests']:<3.0f}{s['throughput']:>6.2f}"
+                      f"{s['throughput'] / base:>9.2f}{s['tokens_per_s']:>8.1f}{s['ttft_mean']:>10.2f}s"
+                      f"{s['ttft_p90']:>7.2f}s{s['offloaded']:>10.0%}", file=out)
+        files.append(plot(a.out_dir, runs, a.tag))
         print("", file=out)
         sim_rows(out, a.sim_requests)
     if a.wan or a.wan_only:
@@ -342,7 +351,7 @@ def main() -> int:
         if w:
             files.append(w)
     print("\nplots: " + ", ".join(f.name for f in files), file=out)
-    txt = a.out_dir / f"prfaas-deploy-{datetime.date.today():%Y-%m-%d}.txt"
+    txt = a.out_dir / f"prfaas-deploy-{datetime.date.today():%Y-%m-%d}{a.tag}.txt"
     txt.write_text(out.getvalue())
     sys.stdout.write(out.getvalue())
     print(f"wrote {txt}")

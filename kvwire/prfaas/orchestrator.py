@@ -138,10 +138,22 @@ class Orchestrator:
         links = [v.link for v in prfaas if v.link is not None] if self.settings.use_link else []
         link = max(links, key=lambda s: (s.congested, s.utilization or 0.0), default=None)
         before = self.router.t
-        self.router.observe(time.monotonic(), link, sum(v.queued for v in prfaas))
+        self.router.observe(time.monotonic(), link, self._queue_excess(prfaas))
         if self.router.t != before:
             self.fleet.note("router", f"t {before:.0f} -> {self.router.t:.0f} ({self.router.history[-1].why})")
         self.tm.threshold.set(self.router.t)
+
+    def _queue_excess(self, prfaas: list[NodeView]) -> int:
+        """The short loop's queue signal: requests waiting per PrfaaS node beyond those waiting per local
+        prefill node. Raising t moves work onto the local prefill nodes; when they are as backed up as the
+        PrfaaS ones that only moves the queue (measured: at saturation on one machine, feeding the PrfaaS
+        queue alone pushed t up, offload fell from 54 % to 30 % and throughput to 0.57x)."""
+        if not prfaas:
+            return 0
+        local = [v for v in self.nodes.values() if v.spec.cluster == "local" and v.role == "prefill" and v.healthy]
+        mine = sum(v.queued for v in prfaas) / len(prfaas)
+        theirs = sum(v.queued for v in local) / len(local) if local else 0.0
+        return max(0, round(mine - theirs))
 
     # ------------------------------------------------------------ long loop
     async def _long_loop(self) -> None:
