@@ -1,0 +1,39 @@
+"""The router's pure helpers: a node's /link JSON as a LinkState, and the long loop's measured profile."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("httpx")  # fleet imports the node client
+from kvwire.prfaas.fleet import link_state  # noqa: E402
+from kvwire.prfaas.observed import ObservedProfile  # noqa: E402
+
+
+def test_an_idle_egress_is_not_congested_whatever_its_last_rtts_said() -> None:
+    busy = {"timestamp": 5.0, "utilization": 0.9, "congested": True, "busy": 0.4, "srtt": 0.04, "min_rtt": 0.02}
+    s = link_state(busy, now=9.0)
+    assert s.congested and s.utilization == 0.9 and s.timestamp == 5.0 and s.srtt == 0.04
+    idle = dict(busy, busy=0.0)
+    assert not link_state(idle, now=9.0).congested
+    sparse = link_state({"congested": True, "utilization": "bad"}, now=3.0)  # missing/bad fields: unknown
+    assert sparse.congested and sparse.utilization is None and sparse.timestamp == 3.0
+
+
+def test_observed_profile_needs_enough_lengths_and_gives_non_decreasing_curves() -> None:
+    p = ObservedProfile(min_samples=8, bins=4)
+    for n in (100, 100, 100, 100, 100, 100, 100, 100):
+        p.record_prefill(n, 0.05, 50_000)
+    p.record_tpot(0.01)
+    assert p.curves() is None  # one length only: no curve
+    for n, sec in ((200, 0.09), (400, 0.2), (800, 0.35), (800, 0.5), (1600, 0.7), (1600, 0.6)):
+        p.record_prefill(n, sec, n * 500)
+    curves = p.curves()
+    assert curves is not None
+    prefill, kv = curves
+    assert prefill.t_prefill(100) == pytest.approx(0.05, rel=0.2)
+    assert all(b >= a for a, b in zip(prefill.seconds, prefill.seconds[1:]))
+    dep = p.deployment(1, 2, batch=4, l_out=32, b_out=1e8)
+    assert dep is not None and dep.decode.t_decode == 0.01 and dep.n_pd == 2 and dep.kv.s_kv(1600) > dep.kv.s_kv(100)
+    p.record_prefill(0, 1.0, 10)  # nonsense is ignored
+    p.record_tpot(float("nan"))
+    assert p.samples == 14
