@@ -194,3 +194,25 @@ def test_the_deployment_stops_cleanly_after_a_failure_inside(tmp_path: Path) -> 
             assert len(pids) == 4
             raise RuntimeError("test failed")
     assert wait_gone(pids) == []
+
+
+def test_stop_strings_end_the_completion_and_are_not_shown(deployment: tuple[Deployment, Any]) -> None:
+    _, client = deployment
+    found = None
+    for text in prompts(30, seed=11):  # the seeded model is deterministic: find an ASCII token after the first
+        ids = client.completions.create(model="m", prompt=text, max_tokens=12).choices[0].model_extra["token_ids"]
+        k = next((i for i, t in enumerate(ids) if i >= 1 and 33 <= t < 127), None)
+        if k is not None:
+            found = (text, ids, k)
+            break
+    assert found is not None
+    text, ids, k = found
+    stop = chr(ids[k])
+    cut = ids[:ids.index(ids[k])]
+    r = client.completions.create(model="m", prompt=text, max_tokens=12, stop=[stop, "never-there"])
+    assert r.choices[0].model_extra["token_ids"] == cut and r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].text
+    stream = client.completions.create(model="m", prompt=text, max_tokens=12, stop=stop, stream=True)
+    chunks = list(stream)
+    got = [t for c in chunks for t in (c.choices[0].model_extra or {}).get("token_ids") or []]
+    assert got == cut and chunks[-1].choices[0].finish_reason == "stop"
