@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("httpx")  # fleet imports the node client
-from kvwire.prfaas.fleet import link_state  # noqa: E402
-from kvwire.prfaas.observed import ObservedProfile  # noqa: E402
+from kvwire.prfaas.fleet import link_state
+from kvwire.prfaas.observed import ObservedProfile
 
 
 def test_an_idle_egress_is_not_congested_whatever_its_last_rtts_said() -> None:

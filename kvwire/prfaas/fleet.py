@@ -16,13 +16,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..congestion.estimator import LinkState
 from .config import DeployConfig, NodeSpec
 from .nodeclient import NodeClient, NodeError
 from .prefix import PrefixIndex
-from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 log = logging.getLogger("kvwire.prfaas.router")
 
