@@ -138,9 +138,10 @@ def test_pools_layout_and_tables() -> None:
     fams = p.families
     assert fams["kv"].layers == (0, 1, 2, 3) and fams["mamba"].layers == (4, 5, 6, 7)
     assert fams["swa"].layers == (8, 9) and fams["aux"].layers == (10, 11)
-    assert p.layout.layers[0].caches[0].tensors[0].nbytes == src.k[0][0].nbytes * PAGE
+    assert p.layout.layers[0].caches[0].tensors[0].nbytes == src.k[0][0].nbytes  # per token
+    assert p.layout.layers[0].caches[0].tensors[0].shape == (2, 16)  # heads x bytes per head
     req = p.request("r", 5, p.state_counts([[3], [7, 8]]))
-    assert (req.num_tokens, req.state_position, dict(req.prefix_hit)) == (5, 5, {"swa": 3})
+    assert (req.num_tokens, req.state_position, dict(req.prefix_hit)) == (5 * PAGE, 5 * PAGE, {"swa": 3 * PAGE})
     tables, slots = p.tables([9, 1, 4, 2, 0], [[3], [7, 8]], 6)
     assert tables[0] == [9, 1, 4, 2, 0] and tables[8][-2:] == [7, 8] and len(tables[8]) == 5
     assert slots[4] == 3 and slots[11] == 6

@@ -26,11 +26,21 @@ Settings (environment, both instances): ``KVWIRE_KEY``, ``KVWIRE_LANES`` (4), ``
 ``KVWIRE_HOST`` (the decode address prefill dials; default SGLang's ``--host``, or this host's name when
 that is a wildcard), ``KVWIRE_PORT`` (0: any), ``KVWIRE_POOL_BYTES`` (pinned staging, 4 GiB).
 
+Prefill and decode at different attention TP (issue 15): prefill rank 0 publishes its layout with its
+parallel info; a decode rank whose prefill instance runs another TP plans the re-sharding
+(``kvwire.codec.reshard``: which slices of which prefill ranks' buffers it needs), ``expect``s one transfer
+from each contributing prefill rank (``Inbox.expect_resharded``) and then posts its destination, with its
+layout, to every prefill rank SGLang pairs it with (``_resolve_rank_mapping``: ``[d*k, (d+1)*k)`` when
+prefill TP is ``k`` times decode's, ``d // k`` when decode's is ``k`` times prefill's). A prefill rank waits
+for the destinations of every decode rank it feeds (SGLang's ``required_dst_info_num``), then sends each
+only its slices (``Outbox.begin_resharded``). A decode rank's request succeeds once every contributing prefill
+rank's slices are in and verified; one that fails fails it with a reason naming that prefill rank.
+
 Not supported (a clear ``Failed``, or ``LayoutError`` at start): decode radix-cache prefix hits, host
-destinations, state types other than ``mamba`` and ``swa``, prefill and decode with different TP layouts,
-pipeline-parallel instances. This module imports SGLang; nothing in
+destinations, state types other than ``mamba`` and ``swa``, re-sharding a buffer SGLang gives no slicing
+metadata for (``SglangPools.unsliceable``), pipeline-parallel instances. This module imports SGLang; nothing in
 ``kvwire`` imports this module. Must not know: kvwire's internals beyond ``lifecycle``, ``sglang_pools``,
-``sglang_bootstrap`` and ``kvwire.cuda``.
+``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan (``codec.reshard``, ``reshard.sub_request_id``).
 """
 
 from __future__ import annotations
@@ -54,10 +64,14 @@ from sglang.srt.disaggregation.base.conn import (
     KVTransferMetric,
 )
 
-from ..errors import KvwireError, LayoutError, TransferFailed
+from ..codec.layout import ModelLayout, RequestSpec
+from ..codec.reshard import ReshardPlan, plan_reshard
+from ..codec.transfer import State
+from ..errors import KvwireError, LayoutError, ReshardUnsupported, TransferFailed
+from ..reshard import sub_request_id
 from .lifecycle import Ended, Inbox, Outbox, Receiving, Sending
 from .sglang_bootstrap import MailboxClient, MailboxServer
-from .sglang_pools import SglangPools
+from .sglang_pools import SglangPools, unsliceable_tensors
 
 log = logging.getLogger("kvwire.adapters.sglang")
 
@@ -121,12 +135,40 @@ def _indices(v: Any, what: str) -> list[int]:
 
 
 class _PrefillInfo:
-    """What SGLang's decode queue reads of a prefill instance (``prefill_info_table``)."""
+    """What SGLang's decode queue reads of a prefill instance (``prefill_info_table``), and its layout (rank
+    0's, the other ranks' differ only in ``tp_rank``) for planning a re-sharding."""
 
     def __init__(self, d: dict[str, Any]) -> None:
         self.dp_size = max(1, int(d.get("dp_size", 1)))
         self.tp_size = int(d.get("tp_size", 1))
+        self.attn_tp_size = int(d.get("attn_tp_size", self.tp_size))
         self.follow_bootstrap_room = True
+        self.layout: ModelLayout | None = None
+        self.layout_error = ""
+        if d.get("layout") is not None:
+            try:
+                self.layout = ModelLayout.from_dict(d["layout"])
+            except (LayoutError, TypeError, ValueError) as e:
+                self.layout_error = f"prefill published a malformed layout: {e}"
+
+
+def _attn_tp(server_args: Any) -> int:
+    """SGLang's attention-TP size: ``tp_size``, divided by ``dp_size`` under DP attention."""
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    if getattr(server_args, "enable_dp_attention", False):
+        tp //= max(1, int(getattr(server_args, "dp_size", 1) or 1))
+    return max(1, tp)
+
+
+def _plan(prefill: ModelLayout, decode: ModelLayout, heads: dict[str, int]) -> ReshardPlan:
+    """The re-sharding plan between two SGLang ranks' layouts; ``ReshardUnsupported`` when a buffer cannot
+    be sliced (no SGLang metadata for it) or no plan maps the pair."""
+    for side, layout in (("prefill", prefill), ("decode", decode)):
+        raw = unsliceable_tensors(layout)
+        if raw:
+            raise ReshardUnsupported(f"{side} buffers {raw[:4]} carry no TP slicing metadata: they cannot be "
+                                     f"re-sharded (prefill TP {prefill.tp_size}, decode TP {decode.tp_size})")
+    return plan_reshard(prefill, decode, heads=heads)
 
 
 class KvwireKVManager(BaseKVManager):
@@ -145,14 +187,17 @@ class KvwireKVManager(BaseKVManager):
             raise LayoutError("the kvwire backend does not support pipeline-parallel instances (pp_size > 1)")
         self.rank = int(getattr(args, "engine_rank", 0) or 0)
         self.dp_rank = int(getattr(args, "system_dp_rank", 0) or 0)
-        self.pools = SglangPools(args, is_mla=bool(is_mla_backend), device=self._device(args))
+        self.tp_size = _attn_tp(server_args)
+        self.tp_rank = self.rank % self.tp_size
+        self.pools = SglangPools(args, is_mla=bool(is_mla_backend), device=self._device(args),
+                                 tp_size=self.tp_size, tp_rank=self.tp_rank)
         self.layout = self.pools.layout
         self.prefill_info_table: dict[str, _PrefillInfo] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._senders: dict[int, KvwireKVSender] = {}
         self._receivers: dict[str, KvwireKVReceiver] = {}
-        self._unclaimed: dict[int, tuple[float, dict[str, Any]]] = {}  # mail for rooms without a sender yet
+        self._unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}  # mail for rooms without a sender
         self.outbox: Outbox | None = None
         self.inbox: Inbox | None = None
         pool = PinnedPool(self.settings.pool_bytes, backend="torch")
@@ -176,8 +221,8 @@ class KvwireKVManager(BaseKVManager):
                 family = socket.AF_INET if adv == "0.0.0.0" else socket.AF_UNSPEC
                 adv = str(socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM)[0][4][0])
             self.endpoint = (adv, self.inbox.address[1])
-            self._posts: queue.Queue[tuple[MailboxClient, int, dict[str, Any], Callable[[str], None]] | None] = \
-                queue.Queue()
+            self._posts: queue.Queue[
+                tuple[MailboxClient, int, int, dict[str, Any], Callable[[str], None]] | None] = queue.Queue()
             self._thread = threading.Thread(target=self._post_mail, name="kvwire-sglang-post", daemon=True)
             self._thread.start()
         else:
@@ -201,7 +246,8 @@ class KvwireKVManager(BaseKVManager):
             sa = self.server_args
             dp = int(getattr(sa, "dp_size", 1) or 1) if getattr(sa, "enable_dp_attention", False) else 1
             self.mailbox.put_info({"dp_size": dp, "tp_size": int(getattr(sa, "tp_size", 1) or 1),
-                                   "backend": BACKEND})
+                                   "attn_tp_size": self.tp_size, "backend": BACKEND,
+                                   "layout": self.layout.to_dict()})
         self._registered.set()
 
     # ---- decode: what SGLang's decode queue asks of a manager
@@ -242,8 +288,11 @@ class KvwireKVManager(BaseKVManager):
         with self._lock:
             sender = self._senders.get(m["room"])
             if sender is None:
-                if len(self._unclaimed) < 100_000:
-                    self._unclaimed[m["room"]] = (time.monotonic(), m)
+                held = self._unclaimed.get(m["room"])
+                if held is not None and len(held[1]) < 1024:  # one per decode rank that feeds on this rank
+                    held[1].append(m)
+                elif held is None and len(self._unclaimed) < 100_000:
+                    self._unclaimed[m["room"]] = (time.monotonic(), [m])
                 return
         sender._mail(m)
 
@@ -257,17 +306,18 @@ class KvwireKVManager(BaseKVManager):
         with self._lock:
             self._senders[sender.room] = sender
             early = self._unclaimed.pop(sender.room, None)
-        if early is not None:
-            sender._mail(early[1])
+        for m in early[1] if early is not None else []:
+            sender._mail(m)
 
     def _drop_sender(self, sender: KvwireKVSender) -> None:
         with self._lock:
             if self._senders.get(sender.room) is sender:
                 del self._senders[sender.room]
 
-    def _tell_decode(self, dest: dict[str, Any], reason: str) -> None:
-        """A request that fails before its transfer began: open the transfer decode expects and cancel it at
-        once, so decode fails with ``reason`` now rather than at its timeout. Off the engine's thread."""
+    def _tell_decode(self, dest: dict[str, Any], reason: str, plan: ReshardPlan | None = None) -> None:
+        """A request that fails before its transfer began: open the transfer decode expects (with ``plan``:
+        this rank's slice transfer to that decode rank) and cancel it at once, so decode fails with
+        ``reason`` now rather than at its timeout. Off the engine's thread."""
 
         def run() -> None:
             try:
@@ -276,8 +326,16 @@ class KvwireKVManager(BaseKVManager):
                 counts = self.pools.state_counts([None if x is None else _indices(x, "state")
                                                   for x in (dest.get("state") or [])])
                 request = self.pools.request(str(dest["rid"]), len(pages), counts)
+                layout = self.layout
+                if plan is not None:
+                    d = int(dest["rank"])
+                    if d not in plan.targets(self.tp_rank):
+                        return  # that decode rank expects nothing from this one
+                    layout = plan.slice_layout(self.tp_rank, d)
+                    request = RequestSpec(sub_request_id(request.request_id, self.tp_rank, d), request.num_tokens,
+                                          request.state_position, dict(request.prefix_hit))
                 assert self.outbox is not None
-                out = self.outbox.session(str(host), int(port)).send(self.layout, request, timeout=10)
+                out = self.outbox.session(str(host), int(port)).send(layout, request, timeout=10)
                 out.cancel(reason)
             except Exception as e:  # noqa: BLE001 - decode still fails, at its own timeout
                 log.debug("kvwire: could not tell decode of room %s: %s", dest.get("room"), e)
@@ -298,16 +356,36 @@ class KvwireKVManager(BaseKVManager):
             item = self._posts.get()
             if item is None:
                 return
-            client, dp, msg, on_error = item
+            client, dp, rank, msg, on_error = item
             try:
-                client.post(dp, self.rank, msg)
+                client.post(dp, rank, msg)
             except (OSError, ValueError) as e:
                 on_error(f"posting to the prefill bootstrap {client.base}: {e}")
 
-    def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None]) -> None:
+    def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None],
+              rank: int | None = None) -> None:
+        """Queue ``msg`` for prefill rank ``rank`` (default: this rank's own number) of DP rank ``dp``."""
         client = MailboxClient(*_split_addr(bootstrap_addr), self.settings.need_key(),
                                timeout=min(10.0, self.settings.timeout))
-        self._posts.put((client, dp, msg, on_error))
+        self._posts.put((client, dp, self.rank if rank is None else rank, msg, on_error))
+
+    def plan_from(self, bootstrap_addr: str) -> ReshardPlan | None:
+        """Decode: the re-sharding plan from the prefill instance at ``bootstrap_addr`` to this rank's
+        layout, or ``None`` when both run the same attention TP. Raises ``KvwireError`` (typed: the
+        reason) when the TPs differ and no plan bridges them."""
+        if bootstrap_addr not in self.prefill_info_table and not self.try_ensure_parallel_info(bootstrap_addr):
+            raise KvwireError(f"no parallel info from the prefill bootstrap {bootstrap_addr}")
+        info = self.prefill_info_table[bootstrap_addr]
+        if info.attn_tp_size == self.tp_size:
+            return None
+        if info.layout is None:
+            raise ReshardUnsupported(info.layout_error or
+                                     f"prefill runs attention TP {info.attn_tp_size}, decode {self.tp_size}, and "
+                                     f"prefill published no layout to re-shard from")
+        if info.layout.tp_size != info.attn_tp_size:
+            raise ReshardUnsupported(f"prefill's layout says TP {info.layout.tp_size}, its info "
+                                     f"{info.attn_tp_size}")
+        return _plan(info.layout, self.layout, self.pools.heads)
 
     def _poll_inbox(self) -> None:
         assert self.inbox is not None
@@ -351,7 +429,11 @@ class KvwireKVSender(BaseKVSender):
         self.state_indices: list[Any] | None = None
         self.last = False
         self.dest: dict[str, Any] | None = None
+        # decode at another TP: the plan, and each decode rank's destination (those this rank feeds needed)
+        self.plan: ReshardPlan | None = None
+        self.dests: dict[int, dict[str, Any]] = {}
         self.sending: Sending | None = None
+        self.request: RequestSpec | None = None
         self.result: Ended | None = None
         self.error = ""
         self._t0: float | None = None
@@ -362,8 +444,34 @@ class KvwireKVSender(BaseKVSender):
     def _mail(self, m: dict[str, Any]) -> None:
         if m.get("type") == "abort":
             self._fail(f"decode aborted: {str(m.get('reason', ''))[:200]}")
-        elif m.get("type") == "dest" and self.dest is None:
-            self.dest = m
+        elif m.get("type") != "dest":
+            return
+        elif m.get("layout") is None:  # the same TP on both sides
+            if self.dest is None:
+                self.dest = m
+        else:
+            try:
+                theirs = ModelLayout.from_dict(m["layout"])
+                if theirs.tp_size == self.kv_mgr.tp_size:
+                    raise KvwireError(f"decode rank {m.get('rank')} asks for a re-sharding at the same TP "
+                                      f"{theirs.tp_size}")
+                plan = _plan(self.kv_mgr.layout, theirs, self.kv_mgr.pools.heads)
+                rank = m.get("rank")
+                if not isinstance(rank, int) or not 0 <= rank < plan.decode_tp or theirs.tp_rank != rank:
+                    raise KvwireError(f"decode rank {rank!r} outside decode TP {plan.decode_tp}")
+                if self.plan is not None and plan is not self.plan:
+                    raise KvwireError(f"decode rank {rank} sent another layout than its peers")
+            except (KvwireError, LayoutError, TypeError, ValueError) as e:
+                self._fail(f"decode's re-sharding destination: {type(e).__name__}: {e}")
+                return
+            self.plan = plan
+            self.dests.setdefault(rank, m)
+
+    def _have_dest(self) -> bool:
+        """Decode's destination is known: the one (same TP) or every decode rank's this rank feeds."""
+        if self.dest is not None:
+            return True
+        return self.plan is not None and all(d in self.dests for d in self.plan.targets(self.kv_mgr.tp_rank))
 
     # ---- SGLang's calls
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
@@ -391,30 +499,50 @@ class KvwireKVSender(BaseKVSender):
             self.last = True
             self._start()
 
+    def _check_dest(self, d: dict[str, Any]) -> tuple[str, int]:
+        """One decode rank's destination agrees with this request (pages, state counts); its endpoint."""
+        mgr = self.kv_mgr
+        theirs = _indices(d.get("kv"), "decode's kv pages")
+        if len(theirs) != len(self.pages):
+            raise KvwireError(f"prefill sends {len(self.pages)} pages, decode allocated {len(theirs)}")
+        states = d.get("state") or []
+        if not isinstance(states, list):
+            raise KvwireError("decode's state indices are not a list")
+        mine_counts = mgr.pools.state_counts(self.state_indices)
+        their_counts = mgr.pools.state_counts([None if s is None else _indices(s, "state") for s in states])
+        if mine_counts != their_counts:
+            raise KvwireError(f"state index counts differ: prefill {mine_counts}, decode {their_counts}")
+        host, port = d.get("endpoint", [None, None])
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise KvwireError("decode's endpoint is malformed")
+        return host, port
+
     def _start(self) -> None:
-        """Every chunk is in and decode's destination is known: one transfer of every buffer."""
-        if self.sending is not None or self.error or not self.last or self.dest is None:
+        """Every chunk is in and decode's destination is known: one transfer of every buffer (or, to decode
+        at another TP, one per decode rank this rank feeds, of its slices)."""
+        if self.sending is not None or self.error or not self.last or not self._have_dest():
             return
-        mgr, d = self.kv_mgr, self.dest
+        mgr = self.kv_mgr
         assert mgr.outbox is not None
+        plan = self.plan if self.dest is None else None
+        endpoint: tuple[str, int] = ("", 0)
         try:
-            theirs = _indices(d.get("kv"), "decode's kv pages")
-            if len(theirs) != len(self.pages):
-                raise KvwireError(f"prefill sends {len(self.pages)} pages, decode allocated {len(theirs)}")
-            states = d.get("state") or []
-            if not isinstance(states, list):
-                raise KvwireError("decode's state indices are not a list")
-            mine_counts = mgr.pools.state_counts(self.state_indices)
-            their_counts = mgr.pools.state_counts([None if s is None else _indices(s, "state") for s in states])
-            if mine_counts != their_counts:
-                raise KvwireError(f"state index counts differ: prefill {mine_counts}, decode {their_counts}")
-            if d.get("rank") != mgr.rank:
-                raise KvwireError(f"decode rank {d.get('rank')} posted to prefill rank {mgr.rank} "
-                                  f"(kvwire needs equal TP layouts)")
-            host, port = d.get("endpoint", [None, None])
-            if not isinstance(host, str) or not isinstance(port, int):
-                raise KvwireError("decode's endpoint is malformed")
-            request = mgr.pools.request(str(d.get("rid", "")), len(self.pages), mine_counts)
+            if plan is None:
+                assert self.dest is not None
+                endpoint = self._check_dest(self.dest)
+                if self.dest.get("rank") != mgr.rank:
+                    raise KvwireError(f"decode rank {self.dest.get('rank')} posted to prefill rank {mgr.rank} "
+                                      f"at the same TP")
+                rid = str(self.dest.get("rid", ""))
+                endpoints: dict[int, tuple[str, int]] = {}
+            else:
+                endpoints = {d: self._check_dest(self.dests[d]) for d in plan.targets(mgr.tp_rank)}
+                rids = {str(self.dests[d].get("rid", "")) for d in endpoints}
+                if len(rids) > 1:
+                    raise KvwireError(f"decode ranks name the request differently: {sorted(rids)}")
+                rid = rids.pop() if rids else f"sglang.{self.room}"
+            request = mgr.pools.request(rid, len(self.pages), mgr.pools.state_counts(self.state_indices))
+            self.request = request
             tables, slots = mgr.pools.tables(self.pages, self.state_indices, self.aux_index)
             if self.aux_index is not None:
                 mgr.pools.load_aux(self.aux_index)
@@ -422,7 +550,15 @@ class KvwireKVSender(BaseKVSender):
             self._fail(f"{type(e).__name__}: {e}")
             return
         self._t0 = time.monotonic()
-        self.sending = mgr.outbox.begin(str(self.room), request, (host, port), tables, slots)
+        if plan is None:
+            self.sending = mgr.outbox.begin(str(self.room), request, endpoint, tables, slots)
+        elif not endpoints:  # this rank holds nothing the decode ranks draw from it (replicas elsewhere)
+            self._t1 = self._t0
+            self.result = Ended(str(self.room), State.DONE)
+            return
+        else:
+            self.sending = mgr.outbox.begin_resharded(str(self.room), request, plan, mgr.tp_rank, endpoints,
+                                                      tables, slots)
         self.sending.finish()
 
     def _fail(self, reason: str) -> None:
@@ -433,6 +569,9 @@ class KvwireKVSender(BaseKVSender):
             self.kv_mgr.outbox.cancel(str(self.room), reason)
         elif first and self.dest is not None:
             self.kv_mgr._tell_decode(self.dest, reason)
+        elif first and self.plan is not None:
+            for d in sorted(self.dests):
+                self.kv_mgr._tell_decode(self.dests[d], reason, self.plan)
 
     def _ended(self, e: Ended) -> None:
         self._t1 = time.monotonic()
@@ -448,12 +587,16 @@ class KvwireKVSender(BaseKVSender):
             return KVPoll.Transferring
         if self.error:
             return KVPoll.Failed
-        if self.dest is None:
+        if not self._have_dest():
             if time.monotonic() > self.deadline:
-                self._fail(f"decode sent no destination within {self.kv_mgr.settings.timeout:g} s")
+                missing = "" if self.plan is None else \
+                    f" (decode ranks {[d for d in self.plan.targets(self.kv_mgr.tp_rank) if d not in self.dests]})"
+                self._fail(f"decode sent no destination{missing} within {self.kv_mgr.settings.timeout:g} s")
                 return KVPoll.Failed
             return KVPoll.Bootstrapping
         self._start()
+        if self.result is not None:
+            return KVPoll.Success if self.result.ok else KVPoll.Failed
         if self.sending is not None:
             return KVPoll.Transferring
         if self.error:
@@ -470,7 +613,10 @@ class KvwireKVSender(BaseKVSender):
     def get_transfer_metric(self) -> KVTransferMetric:
         latency = self._t1 - self._t0 if self._t0 is not None and self._t1 is not None else None
         total = None
-        if self.sending is not None and self.sending.job is not None:
+        if self.plan is not None and self.dest is None and self.request is not None:  # this rank's slices
+            rank = self.kv_mgr.tp_rank
+            total = sum(self.plan.wire_bytes(rank, d, self.request) for d in self.plan.targets(rank))
+        elif self.sending is not None and self.sending.job is not None:
             total = self.sending.job.placement.payload_bytes
         return KVTransferMetric(transfer_latency_s=latency, transfer_total_bytes=total)
 
@@ -497,6 +643,8 @@ class KvwireKVReceiver(BaseKVReceiver):
         self.abort_notified = False
         self.require_staging = False
         self.bootstrap_infos: list[Any] = []
+        self.plan: ReshardPlan | None = None  # prefill at another TP
+        self.prefill_ranks: list[int] = [mgr.rank]  # the prefill ranks this rank posts to
 
     @property
     def conclude_state(self) -> int | None:
@@ -521,6 +669,10 @@ class KvwireKVReceiver(BaseKVReceiver):
                 raise KvwireError("send_metadata before init")
             pages = _indices(kv_indices, "kv pages")
             states = [None if s is None else _indices(s, "state") for s in (state_indices or [])]
+            self.plan = mgr.plan_from(self.bootstrap_addr)
+            if self.plan is not None:  # every decode rank names the request alike: transfers are per rank pair
+                self.rid = f"sglang.{self.room}"
+                self.prefill_ranks = sorted(set(self.plan.sources(mgr.tp_rank)) | set(self.plan.paired(mgr.tp_rank)))
             request = mgr.pools.request(self.rid, len(pages), mgr.pools.state_counts(states))
             tables, slots = mgr.pools.tables(pages, states, aux_index)
         except (KvwireError, ValueError, TypeError) as e:
@@ -529,11 +681,16 @@ class KvwireKVReceiver(BaseKVReceiver):
         self.aux_index = None if aux_index is None else int(aux_index)
         with mgr._lock:
             mgr._receivers[self.rid] = self
-        self.receiving = mgr.inbox.expect(self.rid, request, tables, slots)
-        msg = {"type": "dest", "room": self.room, "rank": mgr.rank, "rid": self.rid,
-               "endpoint": [mgr.endpoint[0], mgr.endpoint[1]], "kv": pages, "state": states,
-               "aux": self.aux_index}
-        mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail)
+        msg: dict[str, Any] = {"type": "dest", "room": self.room, "rank": mgr.rank, "rid": self.rid,
+                               "endpoint": [mgr.endpoint[0], mgr.endpoint[1]], "kv": pages, "state": states,
+                               "aux": self.aux_index, "tp": mgr.tp_size}
+        if self.plan is None:
+            self.receiving = mgr.inbox.expect(self.rid, request, tables, slots)
+        else:  # expected before any prefill rank can send (they send once they have every destination)
+            self.receiving = mgr.inbox.expect_resharded(self.rid, request, self.plan, mgr.tp_rank, tables, slots)
+            msg.update(rank=mgr.tp_rank, layout=mgr.layout.to_dict())
+        for p in self.prefill_ranks:
+            mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail, rank=p)
 
     def _fail(self, reason: str) -> None:
         if not self.error:
@@ -565,9 +722,10 @@ class KvwireKVReceiver(BaseKVReceiver):
         self._fail("aborted by decode")
         self.abort_notified = True
         if self.prefill_dp_rank is not None:
-            self.kv_mgr._post(self.bootstrap_addr, self.prefill_dp_rank,
-                              {"type": "abort", "room": self.room, "reason": "aborted by decode"},
-                              lambda _r: None)
+            for p in self.prefill_ranks:
+                self.kv_mgr._post(self.bootstrap_addr, self.prefill_dp_rank,
+                                  {"type": "abort", "room": self.room, "reason": "aborted by decode"},
+                                  lambda _r: None, rank=p)
 
     def is_abort_release_safe(self) -> bool:
         return self.result is not None or self.receiving is None

@@ -362,7 +362,10 @@ class MailboxClient:
     def info(self) -> dict[str, Any]:
         """The prefill instance's parallel info; ``OSError`` if not registered (yet) or unreachable."""
         with self._open("GET", f"{PATH}info", b"", self.timeout) as r:
-            out = json.loads(r.read(1 << 16))
+            raw = r.read(MAX_BODY + 1)  # it carries prefill's layout (a few KB per 100 buffers)
+        if len(raw) > MAX_BODY:
+            raise OSError("bootstrap info too large")
+        out = json.loads(raw)
         if not isinstance(out, dict):
             raise OSError("bootstrap info is not a map")
         return out

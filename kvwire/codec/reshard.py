@@ -209,13 +209,27 @@ def _merge(pieces: list[Piece]) -> tuple[Piece, ...]:
     return tuple(out)
 
 
+def _group(tp_p: int, tp_d: int, d: int) -> range:
+    """The prefill ranks SGLang pairs decode rank ``d`` with when one TP divides the other (its
+    ``_resolve_rank_mapping``): ``[d*k, (d+1)*k)`` for ``k = tp_p // tp_d``, or ``d // (tp_d // tp_p)``.
+    Replicated bytes are taken from these ranks where they hold them, so a decode rank draws from no more
+    prefill ranks than SGLang's own backends connect it to."""
+    if tp_p % tp_d == 0:
+        k = tp_p // tp_d
+        return range(d * k, (d + 1) * k)
+    if tp_d % tp_p == 0:
+        q = d // (tp_d // tp_p)
+        return range(q, q + 1)
+    return range(tp_p)
+
+
 @functools.lru_cache(maxsize=8192)
 def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, tp_d: int, heads: int | None,
                    spread: int = 0) -> tuple[tuple[Piece, ...], ...]:
     """Per decode rank, the pieces of one tensor (cached: layers repeat the same specs). Bytes that ``m``
     prefill ranks hold alike come from replica ``(decode rank + spread) % m``: the caller counts ``spread``
     up over the layers of each cache kind, so replicated caches (MLA, KV heads when kv_heads < TP) leave
-    every replica in turn."""
+    every replica in turn, among the replicas in decode rank's SGLang group (``_group``) where there are any."""
     where = f"{cache.kind}.{sp.name}"
     if (sp.dtype, sp.layout, sp.indexing) != (sd.dtype, sd.layout, sd.indexing):
         raise ReshardUnsupported(f"{where}: dtype/layout differ ({sp.dtype} {sp.layout} vs {sd.dtype} {sd.layout})")
@@ -225,6 +239,7 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
         per_rank = []
         for d in range(tp_d):
             dst_offs, dst_len = _part_offsets(parts, tp_d, d)
+            group = _group(tp_p, tp_d, d)
             pieces: list[Piece] = []
             for j, part in enumerate(parts):
                 a, k = part.held(tp_d, d)
@@ -241,7 +256,9 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
                     m = tp_p // part.units
                     part.held(tp_p, 0)  # raises when the units neither split nor replicate over tp_p
                     for u in range(a, a + k):
-                        p = u * m + (d + spread) % m
+                        held = range(u * m, (u + 1) * m)
+                        replicas = [q for q in held if q in group] or list(held)
+                        p = replicas[(d + spread) % len(replicas)]
                         pieces.append(Piece(p, src_offs[p][0][j], dst_offs[j] + (u - a) * part.unit, part.unit))
             merged = _merge(pieces)
             if dst_len != _axis(cache, sd) or any(o[1] != _axis(cache, sp) for o in src_offs):
@@ -306,6 +323,11 @@ class ReshardPlan:
     def sources(self, decode_rank: int) -> list[int]:
         """The prefill ranks decode rank ``decode_rank`` receives from."""
         return sorted({pc.source for r in self.routes[decode_rank] for pc in r.pieces})
+
+    def paired(self, decode_rank: int) -> list[int]:
+        """The prefill ranks SGLang's own backends pair ``decode_rank`` with (``_group``); a superset of
+        ``sources(decode_rank)`` when one TP divides the other."""
+        return list(_group(self.prefill_tp, self.decode_tp, decode_rank))
 
     def targets(self, prefill_rank: int) -> list[int]:
         """The decode ranks prefill rank ``prefill_rank`` sends to."""
