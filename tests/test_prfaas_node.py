@@ -240,6 +240,33 @@ def test_control_api_is_signed(nodes: Nodes) -> None:
     asyncio.run(run())
 
 
+def test_cancel_a_queued_prefill(nodes: Nodes) -> None:
+    """A prefill cancelled while it waits behind another is never computed nor sent; the other completes."""
+    long_ids, short_ids = prompt(3000, seed=600), prompt(300, seed=601)
+    d0 = nodes.spec("d0")
+
+    async def run() -> None:
+        async with nodes.client("d0") as dec, nodes.client("p0") as pre:
+            await dec.expect("q-long", long_ids)
+            await dec.expect("q-short", short_ids)
+            first = asyncio.create_task(pre.prefill("q-long", long_ids, decode_host=d0.host,
+                                                    decode_data_port=d0.data_port))
+            while not first.done() and (await pre.health())["running"] == 0:
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(pre.prefill("q-short", short_ids, decode_host=d0.host,
+                                                     decode_data_port=d0.data_port))
+            while not second.done() and (await pre.health())["queued"] == 0:
+                await asyncio.sleep(0.01)
+            assert not first.done(), "the long prefill ended before the short one queued: nothing tested"
+            await pre.cancel("q-short")
+            await dec.cancel("q-short")
+            a, b = await first, await second
+            assert a["state"] == "done" and b["state"] == "cancelled" and b["computed_tokens"] == 0, (a, b)
+            assert len(await _drain(dec.generate("q-long", max_tokens=2))) == 2
+            assert not await _busy(dec) and not await _busy(pre)
+    asyncio.run(run())
+
+
 def test_drain_convert_resume(nodes: Nodes) -> None:
     ids = prompt(900, seed=300)
 

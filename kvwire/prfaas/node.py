@@ -28,7 +28,7 @@ from typing import Any
 import kvwire
 
 from ..congestion.monitor import LinkMonitor
-from ..errors import KvwireError, LayoutError, TransferError
+from ..errors import KvwireError, LayoutError, TransferCancelled, TransferError
 from .config import ROLES, DeployConfig, NodeSpec, load
 from .runner import Checkpoint, Incoming, NodeBackend, TransformersRunner
 from .store import CheckpointStore
@@ -79,6 +79,7 @@ class Node:
         self.queued = self.running = 0
         self._pending: dict[str, Incoming] = {}  # decode: expected, not yet generating
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, transfer ended badly first
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # prefills cancelled before they started
         self._outgoing: dict[str, Any] = {}  # prefill: request id -> transfer in flight
         self.monitor = LinkMonitor(self.lane_sockets, interval=0.1).start()
         self._idle = asyncio.Event()
@@ -233,6 +234,8 @@ class Node:
 
             def job() -> Any:
                 loop.call_soon_threadsafe(picked.set_result, time.monotonic())
+                if request_id in self._cancelled:  # cancelled while it waited: no compute, nothing sent
+                    raise TransferCancelled("cancelled by the router before it started")
                 return self.backend.prefill(prompt, self.session(decode), request_id, start=start,
                                             send_from=send_from, timeout=self.transfer_timeout)
 
@@ -264,10 +267,14 @@ class Node:
             return out
         except (LayoutError, ValueError) as e:
             raise NodeFault(400, str(e)) from e
+        except TransferCancelled as e:
+            out["state"], out["reason"] = "cancelled", out["reason"] + str(e)
+            return out
         except KvwireError as e:  # the decode peer is unreachable, the session failed
             out["reason"] += f"{type(e).__name__}: {e}"
             return out
         finally:
+            self._cancelled.pop(request_id, None)
             if not picked_up:
                 self.queued -= 1
             self._settle()
@@ -320,6 +327,10 @@ class Node:
         transfer = self._outgoing.get(request_id)
         if transfer is not None:
             transfer.cancel("cancelled by the router")
+        if incoming is None and transfer is None:  # a prefill still queued (or not yet here): refuse it then
+            self._cancelled[request_id] = None
+            while len(self._cancelled) > 1024:
+                self._cancelled.popitem(last=False)
 
     # -- roles -----------------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
