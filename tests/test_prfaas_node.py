@@ -120,7 +120,8 @@ def test_prefix_move_across_clusters(nodes: Nodes, reference: TransformersRunner
     assert t2 == want and t3 == want
 
 
-def test_negative_control_perturbed_checkpoint_changes_tokens(nodes: Nodes, reference: TransformersRunner) -> None:
+def test_negative_control_perturbed_checkpoint_changes_tokens(nodes: Nodes, reference: TransformersRunner,
+                                                               no_leaks: None) -> None:
     """The moved checkpoint, received here over kvwire, reproduces the reference; perturbing one linear state
     of it changes the tokens (so the comparisons above can fail)."""
     first = prompt(260, seed=200)
