@@ -210,7 +210,7 @@ class ReshardIncoming(Outcome):
         self.started = time.monotonic()
         self._cond = threading.Condition()
         self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
-        self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, np.ndarray]]] = {}
+        self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, Any]]] = {}
         self._done_sources: set[int] = set()
         self._layer_callbacks: list[Callable[[int], None]] = []
 
@@ -251,7 +251,7 @@ class ReshardIncoming(Outcome):
 
     # ---- wiring (ReshardReceiver.expect)
     def _add_source(self, p: int, h: IncomingTransfer, layers: set[int],
-                    scatters: dict[int, list[tuple[memoryview, SliceCopy, np.ndarray]]]) -> None:
+                    scatters: dict[int, list[tuple[memoryview, SliceCopy, Any]]]) -> None:
         with self._cond:
             self.sources[p] = h
             for layer in layers:
@@ -324,9 +324,14 @@ class ReshardReceiver:
             raise ValueError(f"decode rank {rank} outside tp {plan.decode_tp}")
         self.plan, self.rank, self.receiver = plan, rank, receiver
 
-    def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None) -> ReshardIncoming:
+    def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None,
+               early: Mapping[int, tuple[IncomingTransfer, Sequence[Any]]] | None = None) -> ReshardIncoming:
         """Register this rank's destination for ``request``: one buffer per segment of
-        ``plan_segments(plan.decode, request)``, or one buffer of their total size (as ``Receiver.expect``)."""
+        ``plan_segments(plan.decode, request)``, or one buffer of their total size (as ``Receiver.expect``).
+
+        ``early[p]``: prefill rank ``p``'s slice transfer that arrived before this call, with the buffers (one
+        per segment of ``slice_layout(p, rank)``) it is being received into; the caller checked its layout.
+        Its pieces are scattered into place as its layers verify (those already verified at once)."""
         plan, d = self.plan, self.rank
         views = segment_views(buffers, plan_segments(plan.decode, request), writable=True)
         h = ReshardIncoming(plan, d, request)
@@ -334,24 +339,33 @@ class ReshardReceiver:
             for p in plan.sources(d):
                 sub = _sub_request(request, p, d)
                 layout = plan.slice_layout(p, d)
+                staged_early = (early or {}).get(p)
                 dest: list[Any] = []
                 layers: set[int] = set()
-                scatters: dict[int, list[tuple[memoryview, SliceCopy, np.ndarray]]] = {}
-                for s, c in zip(plan_segments(layout, sub), plan.copies(p, d, request)):
+                scatters: dict[int, list[tuple[memoryview, SliceCopy, Any]]] = {}
+                for k, (s, c) in enumerate(zip(plan_segments(layout, sub), plan.copies(p, d, request))):
                     layers.add(s.layer)
                     target = views[c.dst_segment]
-                    if c.dst_contiguous:
+                    if staged_early is not None:
+                        scatters.setdefault(s.layer, []).append((target, c, staged_early[1][k]))
+                    elif c.dst_contiguous:
                         dest.append(target[c.dst_offset: c.dst_offset + c.nbytes])
                     else:
                         staged = np.empty(c.nbytes, dtype=np.uint8)
                         dest.append(staged)
                         scatters.setdefault(s.layer, []).append((target, c, staged))
-                sub_h = self.receiver.expect(sub.request_id, dest, layout=layout,
-                                             state_position=request.state_position, timeout=timeout)
+                if staged_early is not None:
+                    sub_h = staged_early[0]
+                else:
+                    sub_h = self.receiver.expect(sub.request_id, dest, layout=layout,
+                                                 state_position=request.state_position, timeout=timeout)
                 h._add_source(p, sub_h, layers, scatters)
         except BaseException:
             for other in h.sources.values():
                 other.cancel("sibling expectation could not be registered")
+            for q, (other, _bufs) in (early or {}).items():
+                if q not in h.sources:
+                    other.cancel("sibling expectation could not be registered")
             raise
         h._start()
         return h

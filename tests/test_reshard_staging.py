@@ -59,8 +59,13 @@ def read_back(cache: PagedCache, request: RequestSpec, tables: dict[str, list[in
     return [out[i] for i in sorted(out)]
 
 
-@pytest.mark.parametrize("family,tp_p,tp_d", [("mamba2", 1, 2), ("kda", 2, 1), ("gdn", 2, 4)])
-def test_staged_reshard_through_outbox_and_inbox(family: str, tp_p: int, tp_d: int, no_leaks: None) -> None:
+@pytest.mark.parametrize("family,tp_p,tp_d,send_first", [("mamba2", 1, 2, False), ("kda", 2, 1, False),
+                                                         ("gdn", 2, 4, False), ("gdn", 2, 4, True),
+                                                         ("kda", 2, 1, True)])
+def test_staged_reshard_through_outbox_and_inbox(family: str, tp_p: int, tp_d: int, send_first: bool,
+                                                 no_leaks: None) -> None:
+    """``send_first``: every prefill rank sends before any decode rank expects: the slices are received into
+    staging buffers and scattered into place from there at ``expect_resharded``."""
     request = RequestSpec(f"st-{family}", 40, 39)
     config = FAMILY_CONFIGS[family]
     g = family_layout(family, "vllm", 1)
@@ -76,7 +81,7 @@ def test_staged_reshard_through_outbox_and_inbox(family: str, tp_p: int, tp_d: i
     outboxes = [Outbox(s, key=KEY, lanes=1) for s in stagers]
     released: list[Any] = []
     try:
-        for d, inbox in enumerate(inboxes):
+        for d, inbox in enumerate(inboxes if not send_first else []):
             inbox.expect_resharded(f"d{d}", request, plan, d, dst[d][1], 1, release=released.append)
         endpoints = {d: inbox.address for d, inbox in enumerate(inboxes)}
         for p, outbox in enumerate(outboxes):
@@ -86,7 +91,15 @@ def test_staged_reshard_through_outbox_and_inbox(family: str, tp_p: int, tp_d: i
             for layer in sending.layers:
                 sending.stage(layer)
             sending.finish()
-        ended = poll_until(*outboxes, *inboxes, count=tp_p + tp_d)
+        ended = []
+        if send_first:  # the prefill ranks' transfers end (verified into staging) with nobody expecting yet
+            ended = poll_until(*outboxes, count=tp_p)
+            assert all(inbox.staged == {f"{request.request_id}@{p}>{d}" for p in plan.sources(d)}
+                       for d, inbox in enumerate(inboxes))
+            for d, inbox in enumerate(inboxes):
+                inbox.expect_resharded(f"d{d}", request, plan, d, dst[d][1], 1, release=released.append)
+                assert not inbox.staged
+        ended += poll_until(*outboxes, *inboxes, count=tp_p + tp_d - len(ended))
         assert sorted((e.key, e.state) for e in ended) == sorted(
             [(f"p{p}", State.DONE) for p in range(tp_p)] + [(f"d{d}", State.DONE) for d in range(tp_d)])
     finally:
@@ -120,3 +133,35 @@ def test_inbox_reshard_refusal_is_reported_by_lease(no_leaks: None) -> None:
             inbox.close()
             un.close()
         assert pool.in_use_bytes == 0
+
+
+def test_early_slice_of_another_plan_refused_at_expect(no_leaks: None) -> None:
+    """A slice that arrived before ``expect_resharded`` and carries another plan's layout fails the request
+    (it was staged, not trusted) and its staging buffer goes back to the pool."""
+    request = RequestSpec("st-other", 16, 16)
+    theirs = plan_reshard(family_layout("gdn", "vllm", 2), family_layout("gdn", "vllm", 1))
+    mine = plan_reshard(family_layout("kda", "vllm", 2), family_layout("kda", "vllm", 1))
+    g = family_layout("gdn", "vllm", 1)
+    payload = global_payload(g, request, seed=3)
+    src = cache_with(family_layout("gdn", "vllm", 2, 0), request,
+                     shard_reference(g, FAMILY_CONFIGS["gdn"], payload, request, 2, 0), 1)
+    dst = cache_with(family_layout("kda", "vllm", 1), request, None, 2)
+    pools = [PinnedPool(16 * MiB, backend="torch") for _ in range(2)]
+    stager, unstager = Stager(src[0], pools[0]), Unstager(dst[0], pools[1])
+    outbox, inbox = Outbox(stager, key=KEY, lanes=1), Inbox(unstager, key=KEY, timeout=20)
+    try:
+        sending = outbox.begin_resharded("p0", request, theirs, 0, {0: inbox.address}, src[1], 1)
+        sending.finish()
+        poll_until(outbox, count=1)
+        assert inbox.staged == {"st-other@0>0"}
+        inbox.expect_resharded("d0", request, mine, 0, dst[1], 1)
+        ended = poll_until(inbox, count=1, timeout=10)
+        assert [e.state for e in ended] == [State.FAILED] and "another plan" in ended[0].reason
+    finally:
+        outbox.close()
+        inbox.close()
+        stager.close()
+        unstager.close()
+    assert all(p.in_use_bytes == 0 for p in pools)
+    for p in pools:
+        p.close()

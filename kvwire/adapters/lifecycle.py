@@ -25,6 +25,7 @@ transport's internals (public ``Session``/``Receiver``/handles only), how copies
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -32,11 +33,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..codec.layout import REQUEST, ModelLayout, RequestSpec, check_compatible
+from ..codec.layout import REQUEST, ModelLayout, RequestSpec, check_compatible, plan_segments
 from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch
-from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender
+from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender, sub_request_id
 from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
 if TYPE_CHECKING:
@@ -449,12 +450,22 @@ class Receiving:
 
 @dataclass
 class _Early:
-    """A transfer that arrived before the engine expected it: received into a staging buffer."""
+    """A transfer that arrived before the engine expected it: received into a staging buffer (``nbytes`` of
+    it; for one prefill rank's slice of a re-sharded request, its ``layout`` and per-segment ``views``)."""
 
     request: RequestSpec
     buffer: PooledBuffer
     deadline: float
+    nbytes: int
     handle: IncomingTransfer | None = None
+    layout: ModelLayout | None = None
+    views: list[Any] | None = None
+
+
+def _is_slice(request_id: str) -> bool:
+    """``<request>@<prefill rank>><decode rank>``: one prefill rank's slice transfer (``kvwire.reshard``)."""
+    ranks = request_id.rpartition("@")[2].split(">")
+    return "@" in request_id and len(ranks) == 2 and all(r.isdigit() for r in ranks)
 
 
 class Inbox(_Book["Receiving"]):
@@ -505,18 +516,26 @@ class Inbox(_Book["Receiving"]):
                     raise
                 r.claimed_at = time.monotonic()
                 return list(r.job.buffers)
-            _check_manifest(m, self.layout)
             if rid in self._early:
                 raise KvwireError(f"request {rid!r} was already received")
-            placement = self.unstager.placement(m.request)
-            if self._early_bytes + placement.total > self.staging_bytes:
-                raise KvwireError(f"staging full: {self._early_bytes} + {placement.total} bytes exceed "
-                                  f"{self.staging_bytes}")
-            buf = self.unstager.pool.acquire(placement.total)
-            self._early[rid] = _Early(m.request, buf, time.monotonic() + self.timeout)
-            self._early_bytes += placement.total
+            if _is_slice(rid) and m.layout is not None:  # checked against the plan at expect_resharded
+                segments = [s.nbytes for s in plan_segments(m.layout, m.request)]
+                offsets = [sum(segments[:i]) for i in range(len(segments))]
+                total = sum(segments)
+            else:
+                _check_manifest(m, self.layout)
+                placement = self.unstager.placement(m.request)
+                segments = [s.nbytes for s in placement.segments]
+                offsets, total = list(placement.offsets), placement.total
+            if self._early_bytes + total > self.staging_bytes:
+                raise KvwireError(f"staging full: {self._early_bytes} + {total} bytes exceed {self.staging_bytes}")
+            buf = self.unstager.pool.acquire(total)
             host = buf.tensor()
-            return [host[o : o + s.nbytes] for o, s in zip(placement.offsets, placement.segments)]
+            views = [host[o : o + n] for o, n in zip(offsets, segments)]
+            self._early[rid] = _Early(m.request, buf, time.monotonic() + self.timeout, total,
+                                      layout=m.layout if _is_slice(rid) else None, views=views)
+            self._early_bytes += total
+            return views
 
     def _arrived(self, h: IncomingTransfer) -> None:
         rid = h.request_id
@@ -554,7 +573,7 @@ class Inbox(_Book["Receiving"]):
                 return r
             early = self._early.pop(rid, None)
             if early is not None:
-                self._early_bytes -= self.unstager.placement(early.request).total
+                self._early_bytes -= early.nbytes
             try:
                 if early is not None:
                     _same_payload(request, early.request)
@@ -580,28 +599,57 @@ class Inbox(_Book["Receiving"]):
                          release: Callable[[Ended], None] | None = None, timeout: float | None = None) -> Receiving:
         """``expect`` for decode rank ``rank`` of ``plan`` (prefill TP differs): one transfer from each of
         ``plan.sources(rank)`` lands in this job's buffers; a failing one fails the request naming its prefill
-        rank. Call it before the prefill ranks send: a slice that arrives first is refused, not staged."""
+        rank. A prefill rank's slice that arrived first was received into a staging buffer (bounded as for
+        ``expect``); it must carry the plan's slice layout and is scattered into place from there."""
         lease = Lease(key, release)
         seconds = timeout if timeout is not None else self.timeout
         r = Receiving(lease, request, time.monotonic() + seconds)
         rid = request.request_id
+        subs = {p: sub_request_id(rid, p, rank) for p in plan.sources(rank)} if 0 <= rank < plan.decode_tp else {}
+        grace = time.monotonic() + CLAIM_GRACE  # an early slice's handle follows its allocation at once
+        while True:
+            with self._lock:
+                if not any(self._early[s].handle is None for s in subs.values() if s in self._early) \
+                        or time.monotonic() > grace:
+                    break
+            time.sleep(0.001)
         with self._lock:
             if rid in self._active:
                 r.decide(State.FAILED, f"request {rid!r} is already expected")
                 self._active[f"{rid}#dup{id(r)}"] = r
                 return r
             self._active[rid] = r
+            early = {p: e for p, s in subs.items() if (e := self._early.pop(s, None)) is not None}
+            self._early_bytes -= sum(e.nbytes for e in early.values())
+        adopted: dict[int, tuple[IncomingTransfer, Sequence[Any]]] = {}
         try:
+            for p, e in early.items():
+                if e.handle is None or e.layout is None or e.views is None:
+                    raise KvwireError(f"prefill rank {p}'s early slice has no transfer")
+                if e.layout.fingerprint() != plan.slice_layout(p, rank).fingerprint():
+                    raise LayoutMismatch(f"prefill rank {p} sent a slice of another plan")
+                _same_payload(request, e.request)
+                adopted[p] = (e.handle, e.views)
             r.job = self.unstager.prepare(request, block_tables, state_slot)
-            r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, r.job.buffers, timeout=seconds)
+            r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, r.job.buffers, timeout=seconds,
+                                                                         early=adopted)
         except Exception as e:  # noqa: BLE001 - reported through the lease
             if r.job is not None:
                 r.job.release()
                 r.job = None
             r.decide(State.FAILED, f"{type(e).__name__}: {e}")
+            for early_slice in early.values():
+                if early_slice.handle is not None and not early_slice.handle.finished:
+                    early_slice.handle.cancel(r.verdict[1] if r.verdict else "refused")
+                self._release_when_resolved(early_slice.handle, early_slice.buffer.release)
             return r
+        for early_slice in early.values():  # freed once nothing scatters from it any more
+            r.handle.add_done_callback(functools.partial(self._release_early, early_slice))
         r.job.attach(r.handle)
         return r
+
+    def _release_early(self, e: _Early, _future: Any = None) -> None:
+        self._release_when_resolved(e.handle, e.buffer.release)
 
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
         r = self.get(rid)
@@ -622,7 +670,7 @@ class Inbox(_Book["Receiving"]):
             stale = [(rid, e) for rid, e in self._early.items() if now > e.deadline]
             for rid, e in stale:
                 del self._early[rid]
-                self._early_bytes -= self.unstager.placement(e.request).total
+                self._early_bytes -= e.nbytes
         for _rid, e in stale:
             if e.handle is not None and not e.handle.finished:
                 e.handle.cancel("no request expected this transfer in time")
