@@ -167,12 +167,14 @@ def row_burst(a: Any, bench: str) -> list[Row]:
     with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
         port, rx = _receiver(link, bench)
         s = _connect(link, port)
+        t0 = time.monotonic()
         try:
             for i in range(a.requests):
                 start = time.monotonic()
                 _send_inside(link, payload, s, f"b{i}").result(600)
                 times.append(time.monotonic() - start)
                 time.sleep(max(0.0, start + max(1.0, ideal) - time.monotonic()))  # one a second
+            _trace(a, "burst", s, t0)
         finally:
             s.close()
         rx.terminate()

@@ -39,7 +39,7 @@ def feed(st: ControllerState, cfg: ControllerConfig, states: list[LinkState]) ->
     return st
 
 
-CFG = ControllerConfig(initial_lanes=4, max_lanes=16)
+CFG = ControllerConfig(initial_lanes=4, max_lanes=16, queue_persist=0.0)  # one reading drains here
 C = 48e6  # bytes/s: 400 Mbit/s of payload, roughly
 PACE = CFG.pace_gain
 
@@ -149,7 +149,8 @@ def test_lanes_follow_the_path_bbr_few_loss_based_many() -> None:
 
 
 def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> None:
-    cfg = ControllerConfig(initial_lanes=4, polite=True, polite_share=0.5, polite_hold=2.0, upprobe_interval=10.0)
+    cfg = ControllerConfig(initial_lanes=4, polite=True, polite_share=0.5, polite_hold=2.0, upprobe_interval=10.0,
+                           queue_persist=0.0)
     st = cruising(cfg)
     assert st.mode is Mode.POLITE and st.decision.congestion == "cubic"
     assert st.decision.pacing_rate == int(PACE * C) // 4  # alone: takes the link
@@ -166,7 +167,7 @@ def test_polite_mode_cubic_paces_to_a_fair_share_while_others_are_present() -> N
 
 
 def test_polite_mode_reads_a_queue_that_returns_after_a_drain_as_a_competing_flow() -> None:
-    cfg = ControllerConfig(initial_lanes=4, polite=True)
+    cfg = ControllerConfig(initial_lanes=4, polite=True, queue_persist=0.0)
     st = decide(cruising(cfg), ls(1.4, C * 0.8, q=2.5, capacity=C), cfg)
     assert st.mode is Mode.DRAIN
     st = decide(st, ls(1.6, C * 0.7, q=1.05, capacity=C), cfg)

@@ -236,3 +236,16 @@ def test_restart_congestion_keeps_the_algorithm_on_a_real_socket() -> None:
     finally:
         for s in (a, b, srv):
             s.close()
+
+
+def test_one_queue_reading_is_no_drain_two_are() -> None:
+    """A starved emulator releasing one batch late, or a delayed ACK, reads as a queue for one sample."""
+    cfg = ControllerConfig()
+    st = cruising_at(40e6, cfg)
+    st = decide(st, link(1.5, 40e6, 40e6, q=2.0), cfg)
+    assert st.mode is Mode.CRUISE and st.queue_at == 1.5
+    st = decide(st, link(1.6, 40e6, 40e6, q=1.0), cfg)  # gone: nothing happened
+    assert st.mode is Mode.CRUISE and st.queue_at is None
+    st = decide(st, link(1.7, 40e6, 40e6, q=2.0), cfg)
+    st = decide(st, link(1.8, 40e6, 40e6, q=2.0), cfg)  # it stands: drain
+    assert st.mode is Mode.DRAIN

@@ -95,6 +95,9 @@ class ControllerConfig:
     drain_gain_max: float = 0.9  # ... and the shallowest (the small queue an up-probe leaves)
     drain_time: float = 0.2  # aim to empty the measured queue in this long
     drain_ratio: float = 1.3
+    # a queue must read above drain_ratio this long (two samples) before a drain: one late packet of a
+    # starved emulator, or a delayed ACK, reads as a queue for one sample
+    queue_persist: float = 0.1
     drained_ratio: float = 1.1
     drain_max: float = 1.5
     settle: float = 0.3
@@ -172,6 +175,7 @@ class ControllerState:
     best: float | None = None  # the best capacity estimate of the last best_window ...
     best_at: float | None = None  # ... and when it was seen
     reprobed_at: float | None = None  # when the last re-probe started
+    queue_at: float | None = None  # when the current run of queue readings above drain_ratio began
 
     @property
     def mode(self) -> Mode:
@@ -248,7 +252,10 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after and rested:
         return _reprobe(st, link, f"goodput {link.goodput:.4g} B/s below {cfg.recover_ratio:.0%} of the capacity "
                         f"{cap:.4g} on a clear link")
-    if since >= cfg.settle and q > cfg.drain_ratio and not _sharing(st, cfg, now):
+    if q <= cfg.drain_ratio or st.queue_at is None:  # (when a queue reading began; cleared without one)
+        st = replace(st, queue_at=now if q > cfg.drain_ratio else None)
+    persisted = st.queue_at is not None and now - st.queue_at >= cfg.queue_persist - 1e-9
+    if since >= cfg.settle and q > cfg.drain_ratio and persisted and not _sharing(st, cfg, now):
         if cfg.polite and st.drained_at is not None and now - st.drained_at < cfg.polite_hold:
             # we drained it and paced under the capacity, yet the queue is back: someone else's
             return _pace(replace(st, competing_at=now), link, cfg, d.mode, f"queue back after a drain "
@@ -413,7 +420,7 @@ def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig, sharing: bool, b
         want = math.ceil(2 * max(cap, best or 0.0) * rtt / cfg.lane_window)
     else:
         loss = max(link.loss_rate, 1e-6)
-        want = math.ceil(cap / mathis_rate(rtt, loss))
+        want = math.ceil(max(cap, best or 0.0) / mathis_rate(rtt, loss))
     want = max(cfg.min_lanes, min(cfg.max_lanes, want))
     if want > d.lanes and link.rwnd_limited <= cfg.rwnd_limited:
         return want
