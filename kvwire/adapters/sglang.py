@@ -1,8 +1,9 @@
 """SGLang PD-disaggregation transfer backend over kvwire: attention KV pages, Mamba/GDN state slots, SWA
 window pages and the aux (first token, logprobs) rows, from the prefill instance's pools into the decode's.
 
-Owns: ``KvwireKVManager``, ``KvwireKVSender``, ``KvwireKVReceiver``, ``KvwireKVBootstrapServer`` (SGLang's
-``BaseKVManager``/``BaseKVSender``/``BaseKVReceiver``/``BaseKVBootstrapServer``, the ``KVPoll`` lifecycle) and
+Owns: ``KvwireKVSender``, ``KvwireKVReceiver``, ``KvwireKVBootstrapServer`` (SGLang's ``BaseKVSender``/
+``BaseKVReceiver``/``BaseKVBootstrapServer``, the ``KVPoll`` lifecycle of one request), ``KvwireKVManager``
+(``BaseKVManager``, one rank's engine: in ``sglang_manager``, re-exported here) and
 ``register``, the ``sglang.srt.plugins`` entry point that makes ``--disaggregation-transfer-backend kvwire``
 choose them (a choice added to SGLang's list, ``TransferBackend`` extended by a class-REPLACE hook, and an
 AROUND hook on ``get_kv_class``). Enable with, on both instances::
@@ -45,18 +46,12 @@ metadata for (``SglangPools.unsliceable``), pipeline-parallel instances. This mo
 
 from __future__ import annotations
 
-import logging
-import os
-import queue
-import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from sglang.srt.disaggregation.base.conn import (
     BaseKVBootstrapServer,
-    BaseKVManager,
     BaseKVReceiver,
     BaseKVSender,
     KVPoll,
@@ -65,353 +60,12 @@ from sglang.srt.disaggregation.base.conn import (
 )
 
 from ..codec.layout import ModelLayout, RequestSpec
-from ..codec.reshard import ReshardPlan, plan_reshard
+from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
-from ..errors import KvwireError, LayoutError, ReshardUnsupported, TransferFailed
-from ..reshard import sub_request_id
-from .lifecycle import Ended, Inbox, Outbox, Receiving, Sending
-from .sglang_bootstrap import MailboxClient, MailboxServer
-from .sglang_pools import SglangPools, unsliceable_tensors
-
-log = logging.getLogger("kvwire.adapters.sglang")
-
-BACKEND = "kvwire"
-MAX_INDICES = 1 << 22  # pages or slots one request may name in the mailbox (a 4M-token prompt at page size 1)
-
-
-class KvwireTransferError(TransferFailed):
-    """What ``failure_exception`` raises: SGLang reads ``failure_reason`` and ``is_from_another_rank``."""
-
-    def __init__(self, bootstrap_room: int, failure_reason: str) -> None:
-        super().__init__(failure_reason)
-        self.bootstrap_room = bootstrap_room
-        self.failure_reason = failure_reason
-        self.is_from_another_rank = False
-
-    def __str__(self) -> str:
-        return f"KvwireTransferError(bootstrap_room={self.bootstrap_room}): {self.failure_reason}"
-
-
-class Settings:
-    """The backend's configuration, from the environment (SGLang gives a backend no options of its own)."""
-
-    def __init__(self, env: Any = None) -> None:
-        env = os.environ if env is None else env
-        key = env.get("KVWIRE_KEY")
-        self.key: bytes | None = key.encode() if key else None
-        self.lanes = int(env.get("KVWIRE_LANES", "4"))
-        self.timeout = float(env.get("KVWIRE_TIMEOUT", "300"))
-        self.host: str | None = env.get("KVWIRE_HOST") or None
-        self.port = int(env.get("KVWIRE_PORT", "0"))
-        self.pool_bytes = int(env.get("KVWIRE_POOL_BYTES", str(4 << 30)))
-        if self.lanes < 1 or self.timeout <= 0 or self.pool_bytes <= 0:
-            raise LayoutError("KVWIRE_LANES, KVWIRE_TIMEOUT and KVWIRE_POOL_BYTES must be positive")
-
-    def need_key(self) -> bytes:
-        """The key; the bootstrap mailbox (on the network) and the sessions are authenticated with it."""
-        if not self.key:
-            raise LayoutError("KVWIRE_KEY must be set (the same on both instances): it authenticates the "
-                              "bootstrap mailbox and the kvwire sessions")
-        return self.key
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = str(addr).rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _mode(disaggregation_mode: Any) -> str:
-    return str(getattr(disaggregation_mode, "value", disaggregation_mode))
-
-
-def _indices(v: Any, what: str) -> list[int]:
-    """A list of non-negative ints from the engine or the mailbox (untrusted there: checked, bounded)."""
-    if v is None:
-        raise KvwireError(f"{what}: missing")
-    out = [int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
-    if len(out) > MAX_INDICES or any(x < 0 for x in out):
-        raise KvwireError(f"{what}: {len(out)} indices, or a negative one")
-    return out
-
-
-class _PrefillInfo:
-    """What SGLang's decode queue reads of a prefill instance (``prefill_info_table``), and its layout (rank
-    0's, the other ranks' differ only in ``tp_rank``) for planning a re-sharding."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.dp_size = max(1, int(d.get("dp_size", 1)))
-        self.tp_size = int(d.get("tp_size", 1))
-        self.attn_tp_size = int(d.get("attn_tp_size", self.tp_size))
-        self.follow_bootstrap_room = True
-        self.layout: ModelLayout | None = None
-        self.layout_error = ""
-        if d.get("layout") is not None:
-            try:
-                self.layout = ModelLayout.from_dict(d["layout"])
-            except (LayoutError, TypeError, ValueError) as e:
-                self.layout_error = f"prefill published a malformed layout: {e}"
-
-
-def _attn_tp(server_args: Any) -> int:
-    """SGLang's attention-TP size: ``tp_size``, divided by ``dp_size`` under DP attention."""
-    tp = int(getattr(server_args, "tp_size", 1) or 1)
-    if getattr(server_args, "enable_dp_attention", False):
-        tp //= max(1, int(getattr(server_args, "dp_size", 1) or 1))
-    return max(1, tp)
-
-
-def _plan(prefill: ModelLayout, decode: ModelLayout, heads: dict[str, int]) -> ReshardPlan:
-    """The re-sharding plan between two SGLang ranks' layouts; ``ReshardUnsupported`` when a buffer cannot
-    be sliced (no SGLang metadata for it) or no plan maps the pair."""
-    for side, layout in (("prefill", prefill), ("decode", decode)):
-        raw = unsliceable_tensors(layout)
-        if raw:
-            raise ReshardUnsupported(f"{side} buffers {raw[:4]} carry no TP slicing metadata: they cannot be "
-                                     f"re-sharded (prefill TP {prefill.tp_size}, decode TP {decode.tp_size})")
-    return plan_reshard(prefill, decode, heads=heads)
-
-
-class KvwireKVManager(BaseKVManager):
-    """One rank's transfer engine: an ``Outbox`` (prefill) or an ``Inbox`` (decode) over its own pools."""
-
-    def __init__(self, args: Any, disaggregation_mode: Any, server_args: Any,
-                 is_mla_backend: bool | None = False) -> None:
-        from ..cuda import PinnedPool, Stager, Unstager
-
-        self.kv_args = args
-        self.server_args = server_args
-        self.mode = _mode(disaggregation_mode)
-        self.settings = Settings()
-        key = self.settings.need_key()  # before anything starts
-        if int(getattr(server_args, "pp_size", 1) or 1) > 1:
-            raise LayoutError("the kvwire backend does not support pipeline-parallel instances (pp_size > 1)")
-        self.rank = int(getattr(args, "engine_rank", 0) or 0)
-        self.dp_rank = int(getattr(args, "system_dp_rank", 0) or 0)
-        self.tp_size = _attn_tp(server_args)
-        self.tp_rank = self.rank % self.tp_size
-        self.pools = SglangPools(args, is_mla=bool(is_mla_backend), device=self._device(args),
-                                 tp_size=self.tp_size, tp_rank=self.tp_rank)
-        self.layout = self.pools.layout
-        self.prefill_info_table: dict[str, _PrefillInfo] = {}
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._senders: dict[int, KvwireKVSender] = {}
-        self._receivers: dict[str, KvwireKVReceiver] = {}
-        self._unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}  # mail for rooms without a sender
-        self.outbox: Outbox | None = None
-        self.inbox: Inbox | None = None
-        pool = PinnedPool(self.settings.pool_bytes, backend="torch")
-        s = self.settings
-        if self.mode == "prefill":
-            self.outbox = Outbox(Stager(self.pools.cache, pool), timeout=s.timeout, lanes=s.lanes, key=s.key)
-            host = str(getattr(server_args, "dist_init_addr", None) or "").rpartition(":")[0] \
-                or str(getattr(server_args, "host", "127.0.0.1"))
-            host = host.strip("[]")
-            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-            self.mailbox = MailboxClient(host, int(getattr(server_args, "disaggregation_bootstrap_port", 8998)), key)
-            self._registered = threading.Event()
-            self._thread = threading.Thread(target=self._take_mail, name="kvwire-sglang-mail", daemon=True)
-            self._thread.start()  # registers with the bootstrap server first (it may start after us)
-        elif self.mode == "decode":
-            bind = s.host or str(getattr(server_args, "host", "127.0.0.1") or "127.0.0.1")
-            self.inbox = Inbox(Unstager(self.pools.cache, pool), timeout=s.timeout, host=bind, port=s.port,
-                               key=s.key)
-            adv = s.host or bind
-            if adv in ("0.0.0.0", "::"):  # this host's first address (of the family listened on)
-                family = socket.AF_INET if adv == "0.0.0.0" else socket.AF_UNSPEC
-                adv = str(socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM)[0][4][0])
-            self.endpoint = (adv, self.inbox.address[1])
-            self._posts: queue.Queue[
-                tuple[MailboxClient, int, int, dict[str, Any], Callable[[str], None]] | None] = queue.Queue()
-            self._thread = threading.Thread(target=self._post_mail, name="kvwire-sglang-post", daemon=True)
-            self._thread.start()
-        else:
-            raise LayoutError(f"disaggregation mode {self.mode!r}: kvwire serves 'prefill' and 'decode'")
-
-    @staticmethod
-    def _device(args: Any) -> str:
-        forced = os.environ.get("KVWIRE_DEVICE")
-        if forced:
-            return forced
-        import torch
-
-        return f"cuda:{int(getattr(args, 'gpu_id', 0) or 0)}" if torch.cuda.is_available() else "cpu"
-
-    def register_to_bootstrap(self) -> None:
-        """Prefill: tell the bootstrap mailbox this instance's parallel layout (what decode's queue asks for
-        before it creates receivers). One try; the mail thread retries until it succeeds."""
-        if self.mode != "prefill" or self._registered.is_set():
-            return
-        if self.rank == 0 and self.dp_rank == 0:
-            sa = self.server_args
-            dp = int(getattr(sa, "dp_size", 1) or 1) if getattr(sa, "enable_dp_attention", False) else 1
-            self.mailbox.put_info({"dp_size": dp, "tp_size": int(getattr(sa, "tp_size", 1) or 1),
-                                   "attn_tp_size": self.tp_size, "backend": BACKEND,
-                                   "layout": self.layout.to_dict()})
-        self._registered.set()
-
-    # ---- decode: what SGLang's decode queue asks of a manager
-    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
-        if bootstrap_addr in self.prefill_info_table:
-            return True
-        try:
-            info = MailboxClient(*_split_addr(bootstrap_addr), self.settings.need_key(), timeout=2.0).info()
-        except (OSError, ValueError) as e:
-            log.debug("kvwire: no parallel info from %s yet: %s", bootstrap_addr, e)
-            return False
-        self.prefill_info_table[bootstrap_addr] = _PrefillInfo(info)
-        return True
-
-    # ---- prefill mail
-    def _take_mail(self) -> None:
-        while not self._closed.is_set():
-            try:
-                self.register_to_bootstrap()
-            except OSError as e:  # the bootstrap server starts beside the schedulers, maybe after them
-                log.debug("kvwire: bootstrap not up yet: %s", e)
-                self._closed.wait(0.2)
-                continue
-            try:
-                msgs = self.mailbox.take(self.dp_rank, self.rank, wait=0.5)  # returns at once when mail is in
-            except (OSError, ValueError) as e:
-                log.debug("kvwire: mailbox: %s", e)
-                msgs = []
-                self._closed.wait(0.2)
-            for m in msgs:
-                self._deliver(m)
-            self._expire_unclaimed()
-
-    def _deliver(self, m: Any) -> None:
-        if not isinstance(m, dict) or not isinstance(m.get("room"), int):
-            log.warning("kvwire: malformed bootstrap message dropped")
-            return
-        with self._lock:
-            sender = self._senders.get(m["room"])
-            if sender is None:
-                held = self._unclaimed.get(m["room"])
-                if held is not None and len(held[1]) < 1024:  # one per decode rank that feeds on this rank
-                    held[1].append(m)
-                elif held is None and len(self._unclaimed) < 100_000:
-                    self._unclaimed[m["room"]] = (time.monotonic(), [m])
-                return
-        sender._mail(m)
-
-    def _expire_unclaimed(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for room in [r for r, (t, _m) in self._unclaimed.items() if now - t > self.settings.timeout]:
-                del self._unclaimed[room]
-
-    def _add_sender(self, sender: KvwireKVSender) -> None:
-        with self._lock:
-            self._senders[sender.room] = sender
-            early = self._unclaimed.pop(sender.room, None)
-        for m in early[1] if early is not None else []:
-            sender._mail(m)
-
-    def _drop_sender(self, sender: KvwireKVSender) -> None:
-        with self._lock:
-            if self._senders.get(sender.room) is sender:
-                del self._senders[sender.room]
-
-    def _tell_decode(self, dest: dict[str, Any], reason: str, plan: ReshardPlan | None = None) -> None:
-        """A request that fails before its transfer began: open the transfer decode expects (with ``plan``:
-        this rank's slice transfer to that decode rank) and cancel it at once, so decode fails with
-        ``reason`` now rather than at its timeout. Off the engine's thread."""
-
-        def run() -> None:
-            try:
-                host, port = dest["endpoint"]
-                pages = _indices(dest.get("kv"), "decode's kv pages")
-                counts = self.pools.state_counts([None if x is None else _indices(x, "state")
-                                                  for x in (dest.get("state") or [])])
-                request = self.pools.request(str(dest["rid"]), len(pages), counts)
-                layout = self.layout
-                if plan is not None:
-                    d = int(dest["rank"])
-                    if d not in plan.targets(self.tp_rank):
-                        return  # that decode rank expects nothing from this one
-                    layout = plan.slice_layout(self.tp_rank, d)
-                    request = RequestSpec(sub_request_id(request.request_id, self.tp_rank, d), request.num_tokens,
-                                          request.state_position, dict(request.prefix_hit))
-                assert self.outbox is not None
-                out = self.outbox.session(str(host), int(port)).send(layout, request, timeout=10)
-                out.cancel(reason)
-            except Exception as e:  # noqa: BLE001 - decode still fails, at its own timeout
-                log.debug("kvwire: could not tell decode of room %s: %s", dest.get("room"), e)
-
-        threading.Thread(target=run, name="kvwire-sglang-cancel", daemon=True).start()
-
-    def _poll_outbox(self) -> None:
-        assert self.outbox is not None
-        for e in self.outbox.poll():
-            with self._lock:
-                sender = self._senders.get(int(e.key))
-            if sender is not None:
-                sender._ended(e)
-
-    # ---- decode mail
-    def _post_mail(self) -> None:
-        while True:
-            item = self._posts.get()
-            if item is None:
-                return
-            client, dp, rank, msg, on_error = item
-            try:
-                client.post(dp, rank, msg)
-            except (OSError, ValueError) as e:
-                on_error(f"posting to the prefill bootstrap {client.base}: {e}")
-
-    def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None],
-              rank: int | None = None) -> None:
-        """Queue ``msg`` for prefill rank ``rank`` (default: this rank's own number) of DP rank ``dp``."""
-        client = MailboxClient(*_split_addr(bootstrap_addr), self.settings.need_key(),
-                               timeout=min(10.0, self.settings.timeout))
-        self._posts.put((client, dp, self.rank if rank is None else rank, msg, on_error))
-
-    def plan_from(self, bootstrap_addr: str) -> ReshardPlan | None:
-        """Decode: the re-sharding plan from the prefill instance at ``bootstrap_addr`` to this rank's
-        layout, or ``None`` when both run the same attention TP. Raises ``KvwireError`` (typed: the
-        reason) when the TPs differ and no plan bridges them."""
-        if bootstrap_addr not in self.prefill_info_table and not self.try_ensure_parallel_info(bootstrap_addr):
-            raise KvwireError(f"no parallel info from the prefill bootstrap {bootstrap_addr}")
-        info = self.prefill_info_table[bootstrap_addr]
-        if info.attn_tp_size == self.tp_size:
-            return None
-        if info.layout is None:
-            raise ReshardUnsupported(info.layout_error or
-                                     f"prefill runs attention TP {info.attn_tp_size}, decode {self.tp_size}, and "
-                                     f"prefill published no layout to re-shard from")
-        if info.layout.tp_size != info.attn_tp_size:
-            raise ReshardUnsupported(f"prefill's layout says TP {info.layout.tp_size}, its info "
-                                     f"{info.attn_tp_size}")
-        return _plan(info.layout, self.layout, self.pools.heads)
-
-    def _poll_inbox(self) -> None:
-        assert self.inbox is not None
-        for e in self.inbox.poll():
-            with self._lock:
-                receiver = self._receivers.get(e.key)
-            if receiver is not None:
-                receiver._ended(e)
-
-    def close(self) -> None:
-        """Cancel what is in flight (every lease ends), stop the threads and the receiver."""
-        self._closed.set()
-        if self.outbox is not None:
-            for e in self.outbox.close():
-                with self._lock:
-                    sender = self._senders.get(int(e.key))
-                if sender is not None:
-                    sender._ended(e)
-        if self.inbox is not None:
-            self._posts.put(None)
-            for e in self.inbox.close():
-                with self._lock:
-                    receiver = self._receivers.get(e.key)
-                if receiver is not None:
-                    receiver._ended(e)
-        self._thread.join(timeout=5)
+from ..errors import KvwireError, LayoutError
+from .lifecycle import Ended, Receiving, Sending
+from .sglang_bootstrap import MailboxServer
+from .sglang_manager import BACKEND, KvwireKVManager, KvwireTransferError, Settings, _indices, _plan
 
 
 class KvwireKVSender(BaseKVSender):
@@ -530,8 +184,8 @@ class KvwireKVSender(BaseKVSender):
             if plan is None:
                 assert self.dest is not None
                 endpoint = self._check_dest(self.dest)
-                if self.dest.get("rank") != mgr.rank:
-                    raise KvwireError(f"decode rank {self.dest.get('rank')} posted to prefill rank {mgr.rank} "
+                if self.dest.get("rank") != mgr.tp_rank:
+                    raise KvwireError(f"decode rank {self.dest.get('rank')} posted to prefill rank {mgr.tp_rank} "
                                       f"at the same TP")
                 rid = str(self.dest.get("rid", ""))
                 endpoints: dict[int, tuple[str, int]] = {}
@@ -644,7 +298,7 @@ class KvwireKVReceiver(BaseKVReceiver):
         self.require_staging = False
         self.bootstrap_infos: list[Any] = []
         self.plan: ReshardPlan | None = None  # prefill at another TP
-        self.prefill_ranks: list[int] = [mgr.rank]  # the prefill ranks this rank posts to
+        self.prefill_ranks: list[int] = [mgr.tp_rank]  # the prefill ranks this rank posts to
 
     @property
     def conclude_state(self) -> int | None:
@@ -681,14 +335,14 @@ class KvwireKVReceiver(BaseKVReceiver):
         self.aux_index = None if aux_index is None else int(aux_index)
         with mgr._lock:
             mgr._receivers[self.rid] = self
-        msg: dict[str, Any] = {"type": "dest", "room": self.room, "rank": mgr.rank, "rid": self.rid,
+        msg: dict[str, Any] = {"type": "dest", "room": self.room, "rank": mgr.tp_rank, "rid": self.rid,
                                "endpoint": [mgr.endpoint[0], mgr.endpoint[1]], "kv": pages, "state": states,
                                "aux": self.aux_index, "tp": mgr.tp_size}
         if self.plan is None:
             self.receiving = mgr.inbox.expect(self.rid, request, tables, slots)
         else:  # expected before any prefill rank can send (they send once they have every destination)
             self.receiving = mgr.inbox.expect_resharded(self.rid, request, self.plan, mgr.tp_rank, tables, slots)
-            msg.update(rank=mgr.tp_rank, layout=mgr.layout.to_dict())
+            msg["layout"] = mgr.layout.to_dict()
         for p in self.prefill_ranks:
             mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail, rank=p)
 
