@@ -289,17 +289,25 @@ def test_one_prefill_rank_failing_fails_decode_naming_it(env: Any) -> None:
 
 def test_no_slicing_metadata_refused_at_tp_mismatch(env: Any) -> None:
     """A decode rank whose KVArgs lack SGLang's state slicing metadata cannot be re-sharded into: a typed
-    failure naming the buffers, before anything is posted (at equal TP such buffers travel whole)."""
+    failure naming the buffers, and both prefill ranks it is paired with are told (they fail at once, not at
+    their timeout). At equal TP such buffers travel whole."""
     from sglang.srt.disaggregation.base.conn import KVPoll
 
     c = Cluster(env, Whole(4), 2, 1, metadata=False)
     try:
+        txs = [env.KvwireKVSender(m, c.addr, 9) for m in c.prefill]
         rx = env.KvwireKVReceiver(c.decode[0], c.addr, 9)
         rx.init(0)
+        t0 = time.monotonic()
         rx.send_metadata(np.array(DST_PAGES, np.int32), DST_ROW,
                          [np.array([DST_SLOT], np.int32), np.array(DST_SWA, np.int32)])
         assert rx.poll() == KVPoll.Failed
-        with pytest.raises(env.KvwireTransferError, match="no TP slicing metadata"):
+        with pytest.raises(env.KvwireTransferError, match=r"mamba2\.mamba0.*no TP slicing metadata"):
             rx.failure_exception()
+        for tx in txs:
+            assert poll_until(tx, {KVPoll.Success, KVPoll.Failed}) == KVPoll.Failed
+            with pytest.raises(env.KvwireTransferError, match="decode aborted: decode rank 0 failed"):
+                tx.failure_exception()
+        assert time.monotonic() - t0 < 3  # KVWIRE_TIMEOUT is 4 s
     finally:
         c.close()

@@ -60,7 +60,7 @@ from sglang.srt.disaggregation.base.conn import (
 )
 
 from ..codec.layout import ModelLayout, RequestSpec
-from ..codec.reshard import ReshardPlan
+from ..codec.reshard import ReshardPlan, paired_ranks
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError
 from .lifecycle import Ended, Receiving, Sending
@@ -101,7 +101,10 @@ class KvwireKVSender(BaseKVSender):
         elif m.get("type") != "dest":
             return
         elif m.get("layout") is None:  # the same TP on both sides
-            if self.dest is None:
+            if isinstance(m.get("tp"), int) and m["tp"] != self.kv_mgr.tp_size:
+                self._fail(f"decode rank {m.get('rank')} runs TP {m['tp']}, this prefill TP {self.kv_mgr.tp_size}, "
+                           f"and it posted no layout to re-shard into (it had no parallel info of this prefill)")
+            elif self.dest is None:
                 self.dest = m
         else:
             try:
@@ -331,6 +334,7 @@ class KvwireKVReceiver(BaseKVReceiver):
             tables, slots = mgr.pools.tables(pages, states, aux_index)
         except (KvwireError, ValueError, TypeError) as e:
             self._fail(f"{type(e).__name__}: {e}")
+            self._tell_prefill(f"decode rank {mgr.tp_rank} failed before posting: {e}"[:400])
             return
         self.aux_index = None if aux_index is None else int(aux_index)
         with mgr._lock:
@@ -345,6 +349,20 @@ class KvwireKVReceiver(BaseKVReceiver):
             msg["layout"] = mgr.layout.to_dict()
         for p in self.prefill_ranks:
             mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail, rank=p)
+
+    def _tell_prefill(self, reason: str) -> None:
+        """The request failed before its destination was posted: abort it on the prefill ranks SGLang pairs
+        this rank with, so they fail now rather than at their timeout."""
+        mgr = self.kv_mgr
+        info = mgr.prefill_info_table.get(self.bootstrap_addr)
+        if self.prefill_dp_rank is None or info is None:
+            return
+        ranks = paired_ranks(info.attn_tp_size, mgr.tp_size, mgr.tp_rank) if info.attn_tp_size != mgr.tp_size \
+            else [mgr.tp_rank]
+        self.prefill_ranks = list(ranks)
+        for p in ranks:
+            mgr._post(self.bootstrap_addr, self.prefill_dp_rank, {"type": "abort", "room": self.room,
+                                                                  "reason": reason}, lambda _r: None, rank=p)
 
     def _fail(self, reason: str) -> None:
         if not self.error:

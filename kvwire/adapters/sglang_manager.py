@@ -335,9 +335,11 @@ class KvwireKVManager(BaseKVManager):
     def plan_from(self, bootstrap_addr: str) -> ReshardPlan | None:
         """Decode: the re-sharding plan from the prefill instance at ``bootstrap_addr`` to this rank's
         layout, or ``None`` when both run the same attention TP. Raises ``KvwireError`` (typed: the
-        reason) when the TPs differ and no plan bridges them."""
+        reason) when the TPs differ and no plan bridges them. Without the prefill's parallel info (SGLang's
+        decode queue fetches it before it creates receivers) it assumes equal TP: a transfer between
+        different TP layouts is then refused by the layout check (TP is in it), never misread."""
         if bootstrap_addr not in self.prefill_info_table and not self.try_ensure_parallel_info(bootstrap_addr):
-            raise KvwireError(f"no parallel info from the prefill bootstrap {bootstrap_addr}")
+            return None
         info = self.prefill_info_table[bootstrap_addr]
         if info.attn_tp_size == self.tp_size:
             return None

@@ -209,7 +209,7 @@ def _merge(pieces: list[Piece]) -> tuple[Piece, ...]:
     return tuple(out)
 
 
-def _group(tp_p: int, tp_d: int, d: int) -> range:
+def paired_ranks(tp_p: int, tp_d: int, d: int) -> range:
     """The prefill ranks SGLang pairs decode rank ``d`` with when one TP divides the other (its
     ``_resolve_rank_mapping``): ``[d*k, (d+1)*k)`` for ``k = tp_p // tp_d``, or ``d // (tp_d // tp_p)``.
     Replicated bytes are taken from these ranks where they hold them, so a decode rank draws from no more
@@ -229,7 +229,7 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
     """Per decode rank, the pieces of one tensor (cached: layers repeat the same specs). Bytes that ``m``
     prefill ranks hold alike come from replica ``(decode rank + spread) % m``: the caller counts ``spread``
     up over the layers of each cache kind, so replicated caches (MLA, KV heads when kv_heads < TP) leave
-    every replica in turn, among the replicas in decode rank's SGLang group (``_group``) where there are any."""
+    every replica in turn, among the replicas in decode rank's SGLang group (``paired_ranks``) where there are any."""
     where = f"{cache.kind}.{sp.name}"
     if (sp.dtype, sp.layout, sp.indexing) != (sd.dtype, sd.layout, sd.indexing):
         raise ReshardUnsupported(f"{where}: dtype/layout differ ({sp.dtype} {sp.layout} vs {sd.dtype} {sd.layout})")
@@ -239,7 +239,7 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
         per_rank = []
         for d in range(tp_d):
             dst_offs, dst_len = _part_offsets(parts, tp_d, d)
-            group = _group(tp_p, tp_d, d)
+            group = paired_ranks(tp_p, tp_d, d)
             pieces: list[Piece] = []
             for j, part in enumerate(parts):
                 a, k = part.held(tp_d, d)
@@ -325,9 +325,9 @@ class ReshardPlan:
         return sorted({pc.source for r in self.routes[decode_rank] for pc in r.pieces})
 
     def paired(self, decode_rank: int) -> list[int]:
-        """The prefill ranks SGLang's own backends pair ``decode_rank`` with (``_group``); a superset of
+        """The prefill ranks SGLang's own backends pair ``decode_rank`` with (``paired_ranks``); a superset of
         ``sources(decode_rank)`` when one TP divides the other."""
-        return list(_group(self.prefill_tp, self.decode_tp, decode_rank))
+        return list(paired_ranks(self.prefill_tp, self.decode_tp, decode_rank))
 
     def targets(self, prefill_rank: int) -> list[int]:
         """The decode ranks prefill rank ``prefill_rank`` sends to."""
