@@ -36,7 +36,7 @@ class Whole:
     """The TP=1 cache: 2 attention layers (K, V), 2 GDN layers (conv, recurrent), 1 SWA layer, aux rows."""
 
     def __init__(self, kv_heads: int, seed: int = 7, pages: int = 16, slots: int = 4, swa_pages: int = 8,
-                 rows: int = 6) -> None:
+                 rows: int = 6, mla: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
 
         def t(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -44,9 +44,12 @@ class Whole:
                 return torch.randint(0, 1 << 20, shape, generator=g, dtype=dtype)
             return torch.randn(shape, generator=g).to(dtype)
 
-        self.kv_heads = kv_heads
-        self.k = [t((pages * PAGE, kv_heads, 8), torch.bfloat16) for _ in range(2)]
-        self.v = [t((pages * PAGE, kv_heads, 8), torch.bfloat16) for _ in range(2)]
+        self.kv_heads, self.mla = kv_heads, mla
+        if mla:  # one latent buffer per layer (MLATokenToKVPool), the same on every rank
+            self.k, self.v = [t((pages * PAGE, 1, 24), torch.bfloat16) for _ in range(2)], []
+        else:
+            self.k = [t((pages * PAGE, kv_heads, 8), torch.bfloat16) for _ in range(2)]
+            self.v = [t((pages * PAGE, kv_heads, 8), torch.bfloat16) for _ in range(2)]
         self.conv = [t((slots, sum(PARTS), 3), torch.bfloat16) for _ in range(2)]
         self.ssm = [t((slots, SSM_HEADS, 4, 8), torch.float32) for _ in range(2)]
         self.swa_k = [t((swa_pages * PAGE, kv_heads, 8), torch.bfloat16)]
@@ -95,8 +98,9 @@ class Rank:
             return torch.zeros_like(x) if zero else x.clone()
 
         self.tp, self.rank, self.heads = tp, rank, hs.stop - hs.start
-        self.k = [cut(x[:, hs].contiguous()) for x in whole.k]
-        self.v = [cut(x[:, hs].contiguous()) for x in whole.v]
+        kv_cut = slice(None) if whole.mla else hs
+        self.k = [cut(x[:, kv_cut].contiguous()) for x in whole.k]
+        self.v = [cut(x[:, kv_cut].contiguous()) for x in whole.v]
         self.conv = [cut(conv(x, tp, rank)) for x in whole.conv]
         s = heads_of(SSM_HEADS, tp, rank)
         self.ssm = [cut(x[:, s].contiguous()) for x in whole.ssm]
@@ -113,7 +117,7 @@ class Rank:
         a.kv_data_ptrs = [x.data_ptr() for x in kv]
         a.kv_data_lens = [x.nbytes for x in kv]
         a.kv_item_lens = [x[0].nbytes * PAGE for x in kv]
-        a.kv_layer_ids = [0, 2, 0, 2]
+        a.kv_layer_ids = [0, 2, 0, 2][: len(kv)]
         a.kv_head_num, a.total_kv_head_num = self.heads, total_heads
         a.kv_cache_dtype_str = "bfloat16"
         mamba, swa = self.conv + self.ssm, self.swa_k + self.swa_v
@@ -163,10 +167,10 @@ class Cluster:
 
         self.src = [Rank(whole, tp_p, p, zero=False) for p in range(tp_p)]
         self.dst = [Rank(whole, tp_d, d, zero=True) for d in range(tp_d)]
-        self.prefill = [backend.KvwireKVManager(r.kv_args(whole.kv_heads), SGL.DisaggregationMode.PREFILL, sa(tp_p))
-                        for r in self.src]
+        self.prefill = [backend.KvwireKVManager(r.kv_args(whole.kv_heads), SGL.DisaggregationMode.PREFILL, sa(tp_p),
+                                                is_mla_backend=whole.mla) for r in self.src]
         self.decode = [backend.KvwireKVManager(r.kv_args(whole.kv_heads, metadata), SGL.DisaggregationMode.DECODE,
-                                               sa(tp_d)) for r in self.dst]
+                                               sa(tp_d), is_mla_backend=whole.mla) for r in self.dst]
         deadline = time.monotonic() + 10
         while not all(m.try_ensure_parallel_info(self.addr) for m in self.decode) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -218,13 +222,16 @@ def run_request(c: Cluster, room: int, abort_prefill: int | None = None) -> tupl
     return txs, rxs
 
 
-@pytest.mark.parametrize("tp_p,tp_d,kv_heads", [(2, 1, 4), (1, 2, 4), (4, 2, 4), (2, 4, 4), (4, 2, 2), (1, 4, 2)])
-def test_resharded_request_bit_exact(env: Any, tp_p: int, tp_d: int, kv_heads: int) -> None:
+@pytest.mark.parametrize("tp_p,tp_d,kv_heads,mla", [(2, 1, 4, False), (1, 2, 4, False), (4, 2, 4, False),
+                                                    (2, 4, 4, False), (4, 2, 2, False), (1, 4, 2, False),
+                                                    (2, 4, 1, False), (2, 1, 4, True), (2, 4, 4, True)])
+def test_resharded_request_bit_exact(env: Any, tp_p: int, tp_d: int, kv_heads: int, mla: bool) -> None:
     """Prefill TP != decode TP: every decode rank ends Success holding exactly the reference shard of the
-    whole cache, received only from the prefill ranks SGLang pairs it with, and no more bytes than it needs."""
+    whole cache, received only from the prefill ranks SGLang pairs it with, and no more bytes than it needs.
+    (2, 4, 1): one KV head replicated on both sides; ``mla``: the latent (replicated) instead of K/V."""
     from sglang.srt.disaggregation.base.conn import KVPoll
 
-    whole = Whole(kv_heads)
+    whole = Whole(kv_heads, mla=mla)
     c = Cluster(env, whole, tp_p, tp_d)
     try:
         txs, rxs = run_request(c, 1000 + tp_p * 10 + tp_d)
