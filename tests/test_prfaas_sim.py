@@ -63,7 +63,7 @@ def test_link_rate_drop_raises_t_and_recovery_brings_it_back() -> None:
     best = model.paper_cases()["prfaas-pd"]
     router = RouterConfig(queue_high=10**9, queue_low=10**9, t_max=paper.workload().hi)  # the link signal alone
     cfg = sim.at_plan(dep, best, sim.Arrivals(2.0), requests=4000, adaptive=True, router_config=router,
-                      link_rates=((600.0, 2 * model.GBPS), (1200.0, 100 * model.GBPS)))
+                      link_rates=((600.0, 2 * model.GBPS), (1200.0, 100 * model.GBPS)), sees_local=False)
     r = sim.simulate(cfg)
     assert r.unfinished == 0
     ups = [(at, t) for at, t in r.thresholds if 600 <= at and t > best.split.t]
@@ -79,6 +79,49 @@ def test_link_rate_drop_raises_t_and_recovery_brings_it_back() -> None:
     assert share(0, 600) == pytest.approx(best.split.p, abs=0.05)
     assert share(610, 1190) < 0.5 * share(0, 600)  # long requests stay local while the link is short
     assert share(1240, r.arrivals[-1]) == pytest.approx(best.split.p, abs=0.05)
+
+
+def _drop_run(sees_local: bool, seed: int) -> tuple[sim.SimResult, float]:
+    """benchmarks/prfaas_sim.py's link drop: 1.5 req/s, egress 100 -> 4 Gbit/s over [600, 1200) s. Both the
+    link and the local PD prefill are short of capacity then (all-local or all-offloaded long requests
+    each overload one side)."""
+    best = model.paper_cases()["prfaas-pd"]
+    cfg = sim.at_plan(model.paper_deployment(), best, sim.Arrivals(1.5), requests=2700, seed=seed, adaptive=True,
+                      router_config=RouterConfig(t_max=paper.workload().hi), sees_local=sees_local,
+                      link_rates=((600.0, 4 * model.GBPS), (1200.0, 100 * model.GBPS)))
+    return sim.simulate(cfg), best.split.t
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_slow_link_with_a_full_local_queue_finds_a_balance_instead_of_swinging(seed: int) -> None:
+    """Told both sides' waits (a ``Backlog``), the short loop holds t where the PrfaaS wait (queue + egress
+    backlog) and the local prefill wait balance. Told the PrfaaS side alone (as before), t swings between t*
+    and t_max for the whole drop (seed 0: 715 changes, TTFT 141 s mean), each swing overfilling one queue
+    and then the other. Measured with the balance (seed 0): 34 changes, TTFT 23.5 s."""
+    blind, t_star = _drop_run(False, seed)
+    both, _ = _drop_run(True, seed)
+    assert blind.unfinished == both.unfinished == 0
+
+    def during(r: sim.SimResult) -> tuple[int, float]:
+        changes = sum(1 for at, _ in r.thresholds if 600 <= at < 1200)
+        m = (r.arrivals >= 630) & (r.arrivals < 1200)
+        return changes, float(np.nanmean(r.ttft_all[m]))
+
+    (n_blind, ttft_blind), (n_both, ttft_both) = during(blind), during(both)
+    assert n_blind > 300  # the saw-tooth this fixes
+    assert n_both < 60 and ttft_both < 0.5 * ttft_blind
+    ups = [at for at, t in both.thresholds if at >= 600 and t > t_star]
+    assert ups and ups[0] < 602  # still rises within two seconds of the drop
+    assert all(t == t_star for at, t in both.thresholds if at < 600)
+    back = [at for at, t in both.thresholds if at >= 1200 and t == t_star]
+    assert back and back[0] < 1230 and both.thresholds[-1][1] == t_star  # and comes back after it
+
+    def share(a: float, b: float) -> float:
+        m = (both.arrivals >= a) & (both.arrivals < b)
+        return float(both.routed_prfaas[m].mean())
+
+    assert share(630, 1200) < 0.6 * share(60, 600)  # long requests stay local while the link is short
+    assert share(1230, both.arrivals[-1]) == pytest.approx(share(60, 600), abs=0.05)
 
 
 def test_bursty_arrivals_keep_the_mean_and_fatten_the_tail() -> None:

@@ -18,6 +18,30 @@ The paper gives no numbers for the short loop; ours (``RouterConfig``) and why:
 * steps are bounded: up ×1.25 (at most ``max_step`` tokens), down ×0.9 but never below the planned t*;
   t stays within [t_min, t_max]. Up is faster than down: overload hurts more than a little lost offload;
 * bandwidth is "scarce" for cache affinity when congested or smoothed utilization ≥ 0.70.
+
+Both sides: when the caller also passes a ``Backlog`` with the expected wait on each side (a new PrfaaS
+request: its instance queue plus the egress backlog ahead of its KV at the measured rate; a new local one:
+the local PD prefill queue), raising t is a trade, not a free relief valve: it moves work from the PrfaaS
+side onto the local prefill queue. Then
+
+* link/queue pressure raises t only while the PrfaaS wait is the longer one, and relief lowers it only
+  while the local wait is not the longer one;
+* one side's wait beyond ``balance_ratio`` (1.5) × the other's + ``balance_slack_s`` (3 s) moves t toward
+  the other side (up: PrfaaS waits longer; down, never below t*: local waits longer);
+* inside that band nothing moves: when both sides are overloaded (a slow link and a full local queue) t
+  rests where the two waits grow together instead of swinging between t* and t_max (which it did
+  without the local side: ~700 changes in a 10-minute drop in the simulator, each swing overfilling one
+  queue and then the other);
+* a change takes seconds to show in a wait of tens of seconds, so: moves are ``balance_cooldown_s`` (4 s)
+  apart, wait-only evidence must hold ``balance_hold_s`` (2 s), and a second step the same way waits
+  while the first is still narrowing the gap between the waits;
+* headroom is judged on demand, not on one quiet moment: a link that went idle because t just rose is
+  still short. A step down needs the egress demand it would bring to fit under ``low_util`` of the
+  link's capacity: the goodput averaged over ``demand_s`` (20 s), scaled by the observed tokens above the
+  new t vs above the t in force meanwhile (KV bytes grow with tokens). A recovered link passes at once
+  (the capacity is back), and then t walks home at the one-sided pace (``cooldown_s``).
+
+Without waits (an ``int`` queue depth, or a ``Backlog`` without them) the loop is the one-sided one above.
 """
 
 from __future__ import annotations
@@ -49,6 +73,11 @@ class RouterConfig:
     up: float = 1.25
     down: float = 0.9
     max_step: float = 16384.0
+    balance_ratio: float = 1.5
+    balance_slack_s: float = 3.0
+    balance_cooldown_s: float = 4.0
+    balance_hold_s: float = 2.0
+    demand_s: float = 20.0
     replan_s: float = 30.0
     replan_min_samples: int = 50
     window: int = 4096  # incremental lengths kept for re-planning
@@ -58,6 +87,31 @@ class RouterConfig:
             raise ValueError("need 0 <= low_util < high_util")
         if self.up <= 1 or not 0 < self.down < 1 or not 0 < self.ewma <= 1:
             raise ValueError("need up > 1, 0 < down < 1, 0 < ewma <= 1")
+        if self.balance_ratio < 1 or self.balance_slack_s < 0 or self.balance_cooldown_s < 0:
+            raise ValueError("need balance_ratio >= 1, balance_slack_s >= 0, balance_cooldown_s >= 0")
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits ahead of prefill on each side, as the caller measures it. Waits in seconds: for a request
+    routed now, the expected time before its prefill starts (PrfaaS: plus the egress backlog ahead of its KV
+    at the measured egress rate). ``None``: not known (the loop is then one-sided)."""
+
+    prfaas_queue: int  # requests waiting for a PrfaaS instance (running ones excluded)
+    local_queue: int = 0  # requests waiting for a local PD prefill instance
+    prfaas_wait_s: float | None = None
+    local_wait_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prfaas_queue < 0 or self.local_queue < 0:
+            raise ValueError("queue depths must be >= 0")
+        for w in (self.prfaas_wait_s, self.local_wait_s):
+            if w is not None and not w >= 0:
+                raise ValueError(f"waits must be >= 0 seconds, got {w}")
+
+    @property
+    def balanced(self) -> bool:
+        return self.prfaas_wait_s is not None and self.local_wait_s is not None
 
 
 @dataclass(frozen=True)
@@ -99,15 +153,23 @@ class Router:
     deployment: model.Deployment | None = None  # enables the long-timescale re-plan
     t: float = field(init=False)
     util: float | None = field(init=False, default=None)
+    demand: float | None = field(init=False, default=None)  # egress goodput (bytes/s) over ~demand_s
+    capacity: float | None = field(init=False, default=None)  # the link's, as last estimated
     congested: bool = field(init=False, default=False)
     queue: int = field(init=False, default=0)
+    backlog: Backlog = field(init=False, default_factory=lambda: Backlog(0))
     history: list[ThresholdChange] = field(init=False, default_factory=list)
     last_plan: model.Throughput | None = field(init=False, default=None)
     _lengths: deque[float] = field(init=False)
     _last_link: float | None = field(init=False, default=None)
+    _last_link_at: float | None = field(init=False, default=None)
+    _demand_t: float = field(init=False, default=0.0)  # t averaged like ``demand``
     _pressure_since: float | None = field(init=False, default=None)
     _relief_since: float | None = field(init=False, default=None)
     _last_change: float = field(init=False, default=-math.inf)
+    _last_dir: int = field(init=False, default=0)  # +1 / -1: the last change raised / lowered t
+    _gap: float = field(init=False, default=0.0)  # PrfaaS wait - local wait at the last observe (balanced)
+    _gap_at_last: float = field(init=False, default=0.0)  # ... at the last change
     _last_plan_at: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -146,9 +208,9 @@ class Router:
         return Decision(req.request_id, target, incremental, prefix, at, move, self.t, scarce)
 
     # ------------------------------------------------------------ short timescale
-    def observe(self, now: float, link: LinkState | None, queue_depth: int) -> float:
-        """Take the latest link snapshot (repeats are ignored) and the number of requests waiting for a
-        PrfaaS instance (running ones excluded); return t."""
+    def observe(self, now: float, link: LinkState | None, queue_depth: int | Backlog) -> float:
+        """Take the latest link snapshot (repeats are ignored) and either the number of requests waiting for
+        a PrfaaS instance (running ones excluded) or a ``Backlog`` of both sides; return t."""
         cfg = self.config
         if link is not None and (self._last_link is None or link.timestamp > self._last_link):
             self._last_link = link.timestamp
@@ -156,24 +218,77 @@ class Router:
             if link.utilization is not None:
                 u = link.utilization
                 self.util = u if self.util is None else self.util + cfg.ewma * (u - self.util)
-        self.queue = queue_depth
+            if self.demand is None or self._last_link_at is None:
+                self.demand, self._demand_t = link.goodput, self.t
+            else:  # the goodput and the t it was produced under, averaged alike
+                a = 1 - math.exp(-max(0.0, link.timestamp - self._last_link_at) / cfg.demand_s)
+                self.demand += a * (link.goodput - self.demand)
+                self._demand_t += a * (self.t - self._demand_t)
+            self._last_link_at = link.timestamp
+            self.capacity = link.capacity
+        b = queue_depth if isinstance(queue_depth, Backlog) else Backlog(queue_depth)
+        self.backlog, self.queue = b, b.prfaas_queue
         util_high = self.util is not None and self.util >= cfg.high_util
-        pressure = self.congested or util_high or queue_depth >= cfg.queue_high
+        pressure = self.congested or util_high or b.prfaas_queue >= cfg.queue_high
         relief = (not self.congested and (self.util is None or self.util <= cfg.low_util)
-                  and queue_depth <= cfg.queue_low)
+                  and b.prfaas_queue <= cfg.queue_low)
+        why_up = "congested" if self.congested else "egress" if util_high else "queue"
+        why_down = "headroom"
+        cooldown, hold = cfg.cooldown_s, cfg.hold_s
+        if b.prfaas_wait_s is not None and b.local_wait_s is not None:
+            wp, wl = b.prfaas_wait_s, b.local_wait_s
+            gap = wp - wl
+            prfaas_longer = wp > cfg.balance_ratio * wl + cfg.balance_slack_s
+            local_longer = wl > cfg.balance_ratio * wp + cfg.balance_slack_s
+            up = (pressure and wp >= wl) or prfaas_longer
+            # the link idle for a moment after t went up is not headroom: the demand it would see at the
+            # lower t must fit too, or lowering t just refills it
+            relief = relief and self._demand_fits(self._lowered())
+            down = (relief and wl <= wp + cfg.balance_slack_s) or local_longer
+            # a change takes seconds to show in a wait of many seconds: while the last move's direction is
+            # still narrowing the gap, one more step would overshoot
+            if up and self._last_dir > 0 and gap < self._gap_at_last:
+                up = False
+            if down and self._last_dir < 0 and gap > self._gap_at_last and not relief:
+                down = False
+            if up and not pressure:
+                why_up, hold = "prfaas wait", cfg.balance_hold_s
+            if down and not relief:
+                why_down, hold = "local wait", cfg.balance_hold_s
+            # going back to t* on a link idle now and over demand_s is as quick as one-sided; the rest waits
+            # for the last change to show in the waits
+            cooldown = cfg.cooldown_s if down and relief and not up else cfg.balance_cooldown_s
+            pressure, relief = up, down
+            self._gap = gap
         self._pressure_since = (self._pressure_since if self._pressure_since is not None else now) \
             if pressure else None
         self._relief_since = (self._relief_since if self._relief_since is not None else now) if relief else None
-        if now - self._last_change < cfg.cooldown_s:
+        if now - self._last_change < cooldown:
             return self.t
-        if self._pressure_since is not None and now - self._pressure_since >= cfg.hold_s:
-            why = "congested" if self.congested else "egress" if util_high else "queue"
+        if self._pressure_since is not None and now - self._pressure_since >= hold:
             step = min(cfg.max_step, max(self.t * (cfg.up - 1), 1024.0))
-            self._set(now, self.t + step, why)
-        elif self._relief_since is not None and now - self._relief_since >= cfg.hold_s and self.t > self.t_star:
-            new = max(self.t_star, self.t - min(cfg.max_step, self.t * (1 - cfg.down)))
-            self._set(now, new if new - self.t_star > 0.01 * max(1.0, self.t_star) else self.t_star, "headroom")
+            self._set(now, self.t + step, why_up)
+        elif self._relief_since is not None and now - self._relief_since >= hold and self.t > self.t_star:
+            self._set(now, self._lowered(), why_down)
         return self.t
+
+    def _lowered(self) -> float:
+        """One bounded step down, never below t* (and onto t* when within 1 % of it)."""
+        cfg = self.config
+        new = max(self.t_star, self.t - min(cfg.max_step, self.t * (1 - cfg.down)))
+        return new if new - self.t_star > 0.01 * max(1.0, self.t_star) else self.t_star
+
+    def _demand_fits(self, t_new: float) -> bool:
+        """Would the egress demand at ``t_new`` stay under ``low_util`` of the link's capacity? The goodput
+        over ``demand_s`` scaled by the tokens above ``t_new`` vs above the t in force meanwhile (averaged
+        alike), among the observed incremental lengths (KV bytes grow with tokens). Unknown capacity: yes
+        (the utilization alone judges, as one-sided)."""
+        if self.demand is None or not self.capacity:
+            return True
+        above_now = sum(x for x in self._lengths if x > self._demand_t)
+        above_new = sum(x for x in self._lengths if x > t_new)
+        scale = above_new / above_now if above_now > 0 else (1.0 if above_new == 0 else math.inf)
+        return self.demand * scale <= self.config.low_util * self.capacity
 
     def _clamp(self, t: float) -> float:
         return min(self.config.t_max, max(self.config.t_min, t))
@@ -182,6 +297,7 @@ class Router:
         t = self._clamp(t)
         if t != self.t:
             self.history.append(ThresholdChange(now, self.t, t, why))
+            self._last_dir, self._gap_at_last = (1 if t > self.t else -1), self._gap
             self.t = t
             self._last_change = now
             self._pressure_since = self._relief_since = None

@@ -6,7 +6,10 @@ link (a fluid FIFO queue fed as each prefill produces its KV layer by layer; its
 mid-run), decode slots stepping every T_decode, and
 the statistics (throughput, TTFT, per-stage utilization). Every routing decision is ``Router.route`` and,
 when ``adaptive``, the short loop is ``Router.observe`` fed a ``LinkState`` built from the simulated link
-every ``tick_s`` — the same code the served deployment runs, with ``now`` from the event clock.
+and a ``Backlog`` of both prefill queues every ``tick_s`` — the same code the served deployment runs, with
+``now`` from the event clock. The waits in that ``Backlog`` are exact (the queued requests' own prefill
+seconds over the instances; PrfaaS adds the egress backlog at the link's rate): a real deployment estimates
+them. ``sees_local=False`` feeds the PrfaaS queue depth alone, as the loop was before it saw both sides.
 Must not know: sockets, threads, wall clocks (only ``wall_s`` is measured, for the report).
 
 Model choices, each a simplification someone should know about:
@@ -38,7 +41,7 @@ import numpy as np
 from ..congestion.estimator import LinkState
 from . import model, paper
 from .lengths import TruncatedLogNormal
-from .router import PRFAAS, Router, RouterConfig, RouteRequest
+from .router import PRFAAS, Backlog, Router, RouterConfig, RouteRequest
 
 _ARRIVE, _PREFILL_DONE, _LINK, _DECODE_DONE, _TICK, _RATE, _MARK = range(7)
 
@@ -95,6 +98,7 @@ class SimConfig:
     link_rates: tuple[tuple[float, float], ...] = ()  # (at_s, bytes/s): the egress rate from then on
     adaptive: bool = False  # run the router's short loop; otherwise t stays at its planned value
     router_config: RouterConfig | None = None
+    sees_local: bool = True  # the short loop gets both sides' waits (a Backlog), not just the PrfaaS queue
     tick_s: float = 0.1  # how often the router observes the link (LinkControl publishes every 100 ms)
     congested_s: float = 0.2  # LinkState.congested: more than this many seconds of the link unsent
     warmup: float = 0.1  # share of the requests (the first ones) left out of the statistics
@@ -220,9 +224,9 @@ def simulate(cfg: SimConfig) -> SimResult:
         seq += 1
         heapq.heappush(events, (at, seq, kind, arg))
 
-    # prefill pools: [free instances, FIFO, busy integrator, seconds per request, instances]
-    pools = {True: [dep.n_prfaas, deque(), _Busy(w0, w1), dep.prfaas.many(length).tolist(), dep.n_prfaas],
-             False: [cfg.n_p, deque(), _Busy(w0, w1), dep.pd.many(length).tolist(), cfg.n_p]}
+    # prefill pools: [free instances, FIFO, busy integrator, seconds per request, instances, queued seconds]
+    pools = {True: [dep.n_prfaas, deque(), _Busy(w0, w1), dep.prfaas.many(length).tolist(), dep.n_prfaas, 0.0],
+             False: [cfg.n_p, deque(), _Busy(w0, w1), dep.pd.many(length).tolist(), cfg.n_p, 0.0]}
     kv_bytes = dep.kv.many(length).tolist()
     lengths_int = length.astype(int).tolist()
     if dep.n_prfaas <= 0 and cfg.t < cfg.lengths.hi:
@@ -297,6 +301,7 @@ def simulate(cfg: SimConfig) -> SimResult:
                 start_prefill(now, off, rid)
             else:
                 pool[1].append(rid)
+                pool[5] += pool[3][rid]
         elif kind == _PREFILL_DONE:
             rid = arg
             off = bool(to_prfaas[rid])
@@ -311,7 +316,9 @@ def simulate(cfg: SimConfig) -> SimResult:
             else:
                 decode_ready(now, rid)
             if pool[1]:
-                start_prefill(now, off, pool[1].popleft())
+                nxt = pool[1].popleft()
+                pool[5] = pool[5] - pool[3][nxt] if pool[1] else 0.0
+                start_prefill(now, off, nxt)
         elif kind == _LINK:
             if arg == link_version:
                 link.advance(now)
@@ -339,7 +346,7 @@ def simulate(cfg: SimConfig) -> SimResult:
             congested = backlog > link.rate * cfg.congested_s if link.rate > 0 else backlog > 0
             before = router.t
             router.observe(now, _link_state(now, served / cfg.tick_s, link.rate, u, congested),
-                           len(pools[True][1]))  # waiting for a PrfaaS instance
+                           _backlog(pools, link, cfg.sees_local))
             if router.t != before:
                 thresholds.append((now, router.t))
             if events:  # keep ticking while anything is left to happen
@@ -366,6 +373,17 @@ def simulate(cfg: SimConfig) -> SimResult:
     return SimResult(n, win, (n - 1 - first) / win, rate["pd-d"], sustainable, rate, p, ttft[~np.isnan(ttft)],
                      util, (marks[1] - marks[0]) / win * 8e-9, thresholds, time.perf_counter() - wall0,
                      int(np.isnan(done_at).sum()), arrive, to_prfaas, first_tok - arrive)
+
+
+def _backlog(pools: dict[bool, list], link: _Link, sees_local: bool) -> Backlog | int:
+    """What the router is told each tick: the PrfaaS queue alone, or both sides' expected waits (queued
+    prefill seconds spread over the instances; PrfaaS also the egress backlog at the link's rate)."""
+    pq = len(pools[True][1])
+    if not sees_local:
+        return pq
+    drain = link.backlog / link.rate if link.rate > 0 else (math.inf if link.backlog > 0 else 0.0)
+    return Backlog(pq, len(pools[False][1]), pools[True][5] / max(1, pools[True][4]) + min(drain, 1e9),
+                   pools[False][5] / max(1, pools[False][4]))
 
 
 def _link_state(now: float, goodput: float, capacity: float, util: float, congested: bool) -> LinkState:
