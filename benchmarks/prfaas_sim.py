@@ -10,7 +10,8 @@ naive heterogeneous: all prefill on the 4 H200, all 8 H20 decode) it prints:
   0.2 req/s, where queues are near empty — the paper's TTFT figures are zero-queue prefill times (PrfaaS-PD
   and naive share P90 = 3.51 s = T_H200 at the P90 length, 62.4K) — and 1.9 req/s for all three (90 % of
   what the homogeneous baseline sustains), where queueing shows, also with bursty arrivals of that mean;
-* a link-drop run: the egress falls from 100 to 4 Gbit/s for ten minutes with the router's short loop on;
+* a link-drop run: the egress falls from 100 to 4 Gbit/s for ten minutes with the router's short loop on,
+  told the PrfaaS queue alone (as it was) and told both sides' waits (``router.Backlog``), side by side;
 * how long the simulator takes per 10^5 requests.
 
 Run: ``python benchmarks/prfaas_sim.py [--requests N] [--out-dir benchmarks/results]``; writes
@@ -100,37 +101,56 @@ def table(out: io.StringIO, requests: int, seed: int) -> dict[str, dict[float, s
     return runs
 
 
-def link_drop(out: io.StringIO, seed: int) -> sim.SimResult:
+def link_drop(out: io.StringIO, seed: int) -> dict[str, sim.SimResult]:
+    """The same drop twice: the short loop told the PrfaaS queue alone (as before it saw both sides), and
+    told both sides' waits (``router.Backlog``), side by side."""
     p = lambda *a: print(*a, file=out)  # noqa: E731
     best = model.paper_cases()["prfaas-pd"]
     drop, back, lam, low = 600.0, 1200.0, 1.5, 4.0
-    cfg = sim.at_plan(model.paper_deployment(), best, sim.Arrivals(lam), requests=int(1800 * lam), seed=seed,
-                      adaptive=True, router_config=RouterConfig(t_max=paper.workload().hi),
-                      link_rates=((drop, low * model.GBPS), (back, 100 * model.GBPS)))
-    r = sim.simulate(cfg)
-    ttft = r.ttft_all
-
-    def window(a: float, b: float) -> str:
-        m = (r.arrivals >= a) & (r.arrivals < b)
-        return (f"offloaded {r.routed_prfaas[m].mean():.2f}, TTFT mean {np.nanmean(ttft[m]):.2f} s "
-                f"P90 {np.nanpercentile(ttft[m], 90):.2f} s")
-
-    first_up = next((at for at, t in r.thresholds if at >= drop and t > best.split.t), math.nan)
-    home = next((at for at, t in r.thresholds if at >= back and t == best.split.t), math.nan)
-    during = [t for at, t in r.thresholds if drop <= at < back]
+    runs: dict[str, sim.SimResult] = {}
+    for name, sees in (("PrfaaS side only", False), ("both waits", True)):
+        cfg = sim.at_plan(model.paper_deployment(), best, sim.Arrivals(lam), requests=int(1800 * lam), seed=seed,
+                          adaptive=True, router_config=RouterConfig(t_max=paper.workload().hi), sees_local=sees,
+                          link_rates=((drop, low * model.GBPS), (back, 100 * model.GBPS)))
+        runs[name] = sim.simulate(cfg)
     p(f"== Link drop: PrfaaS-PD at {lam} req/s, egress 100 -> {low:g} Gbit/s at {drop:.0f} s, back at {back:.0f} s ==")
-    p(f"t* = {best.split.t:.0f}; first rise {first_up - drop:.2f} s after the drop; during it t ranged "
-      f"{min(during, default=math.nan):.0f}-{max(during, default=math.nan):.0f}; back at t* "
-      f"{home - back:.1f} s after the recovery")
-    p(f"before the drop  (  60-{drop:.0f} s): {window(60, drop)}")
-    p(f"during the drop  ({drop + 30:.0f}-{back:.0f} s): {window(drop + 30, back)}")
-    p(f"after recovery   ({back + 30:.0f}-{r.arrivals[-1]:.0f} s): {window(back + 30, r.arrivals[-1])}")
-    p(f"t changes: {len(r.thresholds) - 1} (router short loop with its default thresholds, t_max = 128K); "
-      f"unfinished requests: {r.unfinished}")
-    return r
+    p(f"t* = {best.split.t:.0f}; router short loop with its default thresholds, t_max = 128K; the loop told "
+      "the PrfaaS queue alone vs both sides' expected waits")
+    cols = list(runs)
+    p(f"{'':<34}" + "".join(f"{c:>34}" for c in cols))
+
+    def row(label: str, f: object) -> None:
+        p(f"{label:<34}" + "".join(f"{f(runs[c]):>34}" for c in cols))  # type: ignore[operator]
+
+    def window(a: float, b: float) -> object:
+        def cell(r: sim.SimResult) -> str:
+            m = (r.arrivals >= a) & (r.arrivals < b)
+            return (f"off {r.routed_prfaas[m].mean():.2f}, TTFT {np.nanmean(r.ttft_all[m]):.2f} / "
+                    f"{np.nanpercentile(r.ttft_all[m], 90):.2f} s")
+        return cell
+
+    def first_up(r: sim.SimResult) -> str:
+        return f"{next((at for at, t in r.thresholds if at >= drop and t > best.split.t), math.nan) - drop:.2f} s"
+
+    def home(r: sim.SimResult) -> str:
+        return f"{next((at for at, t in r.thresholds if at >= back and t == best.split.t), math.nan) - back:.1f} s"
+
+    def t_range(r: sim.SimResult) -> str:
+        d = [t for at, t in r.thresholds if drop <= at < back]
+        return f"{min(d, default=math.nan):.0f}-{max(d, default=math.nan):.0f}"
+
+    row("first rise after the drop", first_up)
+    row("t changes during the drop", lambda r: str(sum(1 for at, _ in r.thresholds if drop <= at < back)))
+    row("t range during the drop", t_range)
+    row("back at t* after the recovery", home)
+    row(f"before ( 60-{drop:.0f} s) mean/P90", window(60, drop))
+    row(f"during ({drop + 30:.0f}-{back:.0f} s) mean/P90", window(drop + 30, back))
+    row(f"after  ({back + 30:.0f}-end s) mean/P90", window(back + 30, math.inf))
+    row("t changes in all / unfinished", lambda r: f"{len(r.thresholds) - 1} / {r.unfinished}")
+    return runs
 
 
-def plots(out_dir: Path, runs: dict[str, dict[float, sim.SimResult]], drop: sim.SimResult) -> list[Path]:
+def plots(out_dir: Path, runs: dict[str, dict[float, sim.SimResult]], drops: dict[str, sim.SimResult]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,8 +176,9 @@ def plots(out_dir: Path, runs: dict[str, dict[float, sim.SimResult]], drop: sim.
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ts = drop.thresholds + [(float(drop.arrivals[-1]), drop.thresholds[-1][1])]
-    ax.step([a for a, _ in ts], [t / 1000 for _, t in ts], where="post")
+    for name, drop in drops.items():
+        ts = drop.thresholds + [(float(drop.arrivals[-1]), drop.thresholds[-1][1])]
+        ax.step([a for a, _ in ts], [t / 1000 for _, t in ts], where="post", label=f"short loop: {name}")
     ax.axvspan(600, 1200, alpha=0.15, color="red", label="egress 4 Gbit/s (100 otherwise)")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("threshold t (K tokens)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvwire.prfaas.fleet import link_state
+from kvwire.prfaas.fleet import backlog, link_state
 from kvwire.prfaas.observed import ObservedProfile
 
 
@@ -36,3 +36,26 @@ def test_observed_profile_needs_enough_lengths_and_gives_non_decreasing_curves()
     p.record_prefill(0, 1.0, 10)  # nonsense is ignored
     p.record_tpot(float("nan"))
     assert p.samples == 14
+
+
+def test_backlog_turns_node_queues_into_both_sides_waits() -> None:
+    # 2 PrfaaS nodes (queued, running), 2 local prefill nodes (queued): 3 vs 1 waiting per node
+    b = backlog([(4, 1), (2, 1)], [1, 1], prefill_s=2.0, kv_bytes=1e9, capacity=0.5e9)
+    assert (b.prfaas_queue, b.local_queue) == (2, 1)  # PrfaaS queue beyond the local one
+    # PrfaaS: 3 x 2 s of prefill + the KV of all 8 requests there ahead of a new one at 0.5 GB/s (16 s)
+    assert b.prfaas_wait_s == pytest.approx(6.0 + 16.0) and b.local_wait_s == pytest.approx(2.0)
+    fast = backlog([(4, 1), (2, 1)], [1, 1], prefill_s=2.0, kv_bytes=1e9, capacity=None)
+    assert fast.prfaas_wait_s == pytest.approx(6.0)  # capacity unknown: no transfer term
+    counts = backlog([(4, 1)], [1], prefill_s=None, kv_bytes=None, capacity=None)
+    assert not counts.balanced and counts.prfaas_queue == 3  # no prefill measured yet: one-sided
+    assert not backlog([], [5], 2.0, 1e9, 1e9).balanced  # without both clusters there is nothing to trade
+    with pytest.raises(ValueError):
+        backlog([(-1, 0)], [], None, None, None)
+
+
+def test_observed_typical_prefill() -> None:
+    o = ObservedProfile()
+    assert o.typical() is None
+    for tokens, secs, nbytes in ((100, 1.0, 10), (200, 3.0, 30), (300, 2.0, 20)):
+        o.record_prefill(tokens, secs, nbytes)
+    assert o.typical() == (2.0, 20.0)

@@ -9,7 +9,7 @@ import pytest
 
 from kvwire.congestion.estimator import LinkState
 from kvwire.prfaas import model
-from kvwire.prfaas.router import PD, PRFAAS, Router, RouterConfig, RouteRequest
+from kvwire.prfaas.router import PD, PRFAAS, Backlog, Router, RouterConfig, RouteRequest
 from kvwire.prfaas.workload import lognormal_lengths
 
 T = 8000.0
@@ -144,3 +144,93 @@ def test_long_timescale_replans_on_observed_lengths() -> None:
         low.route(RouteRequest(f"r{i}", n))
     p2 = low.maybe_replan(0.0)  # a higher t* applies at once
     assert p2 is not None and low.t == low.t_star == p2.split.t > 1000 and low.history[-1].why == "replan"
+
+
+# ------------------------------------------------------------ both sides (Backlog with waits)
+CAP = 1e9  # bytes/s
+
+
+def egress(now: float, goodput: float, congested: bool, cap: float = CAP) -> LinkState:
+    return LinkState(timestamp=now, goodput=goodput, btl_bw=goodput, capacity=cap, utilization=goodput / cap,
+                     available_bw=cap - goodput, min_rtt=None, srtt=None, queueing_ratio=None, loss_rate=0.0,
+                     busy=1.0, rwnd_limited=0.0, sndbuf_limited=0.0, congested=congested, saturated=False)
+
+
+def lengths_router(cfg: RouterConfig | None = None) -> Router:
+    r = Router(T, cfg or RouterConfig(t_max=1e6))
+    for i, n in enumerate(lognormal_lengths(2000, seed=3)):
+        r.route(RouteRequest(f"r{i}", n))  # the observed lengths the demand forecast scales by
+    return r
+
+
+def run(r: Router, start: float, end: float, goodput: float, congested: bool,
+        waits: object, dt: float = 0.1, cap: float = CAP) -> float:
+    now = start
+    while now < end - 1e-9:
+        wp, wl = waits(now) if callable(waits) else waits  # type: ignore[misc]
+        r.observe(now, egress(now, goodput, congested, cap), Backlog(0, 0, wp, wl))
+        now = round(now + dt, 6)
+    return now
+
+
+def test_a_rate_drop_with_room_locally_raises_t_within_a_second() -> None:
+    r = lengths_router()
+    now = run(r, 0, 30, 0.3 * CAP, False, (0.0, 0.0))
+    assert r.t == T and not r.history
+    # the rate falls to a fifth: the link is full at its new capacity, 8 s of backlog, local queue empty
+    run(r, now, now + 1.0, 0.2 * CAP, True, (8.0, 0.0), cap=0.2 * CAP)
+    assert r.history and r.history[0].at - now <= 1.0 and r.t > T and r.history[0].why == "congested"
+
+
+def test_one_burst_on_a_mostly_idle_link_is_not_congestion() -> None:
+    """A single cache crossing fills the link for a second and trips the congestion flag: judged on the
+    demand (goodput over demand_s vs capacity) it is no reason to keep long requests local. The one-sided
+    loop (queue depth only) moves t on the same snapshots."""
+    both, one_sided = lengths_router(), lengths_router()
+    for r, queue in ((both, Backlog(0, 0, 0.5, 0.0)), (one_sided, 0)):
+        now = 0.0
+        while now < 30:
+            burst = 28 <= now < 29.5
+            r.observe(now, egress(now, CAP if burst else 0.05 * CAP, burst), queue)
+            now = round(now + 0.1, 6)
+    assert both.t == T and not both.history
+    assert one_sided.history and one_sided.t > T
+
+
+def test_both_sides_overloaded_t_rests_where_the_waits_balance() -> None:
+    """Slow link and a full local queue: both waits grow together. Told both, t holds still; told the PrfaaS
+    side only, the congestion flag walks t up to t_max (the saw-tooth's first half)."""
+    cfg = RouterConfig(t_max=64000)
+    both, one_sided = lengths_router(cfg), lengths_router(cfg)
+    for r in (both, one_sided):
+        run(r, 0, 20, CAP, True, (6.0, 0.0))  # the drop: t rises while the local side has room
+    raised = both.t
+    assert raised > T
+    n = len(both.history)
+    run(both, 20, 80, CAP, True, lambda now: (10 + now, 9 + now))  # both waits grow, within the band
+    assert len(both.history) == n and both.t == raised
+    for k in range(600):
+        one_sided.observe(20 + k * 0.1, egress(20 + k * 0.1, CAP, True), 0)
+    assert one_sided.t == 64000
+
+
+def test_a_longer_local_wait_lowers_t_in_spaced_steps_never_below_t_star() -> None:
+    cfg = RouterConfig(t_max=64000)
+    r = lengths_router(cfg)
+    run(r, 0, 20, CAP, True, (6.0, 0.0))
+    n = len(r.history)
+    assert r.t > T
+    run(r, 20, 120, CAP, True, (2.0, 40.0))  # the local queue now waits far longer
+    downs = r.history[n:]
+    assert downs and all(c.why == "local wait" and c.new < c.old for c in downs)
+    assert all(b.at - a.at >= cfg.balance_cooldown_s for a, b in itertools.pairwise(downs))
+    assert r.t == T  # back at t*, never below
+
+
+def test_backlog_is_checked() -> None:
+    with pytest.raises(ValueError):
+        Backlog(-1)
+    with pytest.raises(ValueError):
+        Backlog(0, 0, -1.0, 0.0)
+    with pytest.raises(ValueError):
+        RouterConfig(balance_ratio=0.5)

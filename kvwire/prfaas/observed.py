@@ -38,6 +38,13 @@ class ObservedProfile:
         if seconds > 0 and math.isfinite(seconds):
             self._tpot.append(seconds)
 
+    def typical(self) -> tuple[float, float] | None:
+        """(seconds, bytes) of a typical prefill (medians of the window); ``None`` before any."""
+        if not self._prefill:
+            return None
+        a = np.array(self._prefill)
+        return float(np.median(a[:, 1])), float(np.median(a[:, 2]))
+
     @property
     def samples(self) -> int:
         return len(self._prefill)

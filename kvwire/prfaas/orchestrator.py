@@ -3,8 +3,8 @@
 Owns: the router's view of every node (health, role, queue, egress ``LinkState``), the global prefix index
 fed from the nodes' checkpoints, one completion's life (route with ``Router`` on the index's cached lengths,
 pick nodes, move a prefix when the decision says so, expect → prefill → generate, re-prefill locally when a
-PrfaaS prefill fails before the first token), the short loop (every ``poll_s``: health, links, queue depth
-→ ``Router.observe``) and the long loop (``Router.maybe_replan`` → drain / set_role / resume a local node).
+PrfaaS prefill fails before the first token), the short loop (every ``poll_s``: health, links, both prefill
+queues → ``Router.observe``) and the long loop (``Router.maybe_replan`` → drain / set_role / resume a local node).
 Nothing reaches the client before the decode node has the whole cache (its ``generate`` yields only then),
 so a re-prefill never duplicates tokens.
 Must not know: HTTP, Prometheus exposition, the tokenizer, how nodes compute or transfer.
@@ -23,7 +23,7 @@ from typing import Any
 
 from . import model
 from .config import DeployConfig
-from .fleet import Busy, ConvertError, Fleet, NodeView
+from .fleet import Busy, ConvertError, Fleet, NodeView, backlog
 from .nodeclient import NodeError
 from .observed import ObservedProfile
 from .prefix import block_keys
@@ -138,22 +138,14 @@ class Orchestrator:
         links = [v.link for v in prfaas if v.link is not None] if self.settings.use_link else []
         link = max(links, key=lambda s: (s.congested, s.utilization or 0.0), default=None)
         before = self.router.t
-        self.router.observe(time.monotonic(), link, self._queue_excess(prfaas))
+        local = [v.queued for v in self.nodes.values()
+                 if v.spec.cluster == "local" and v.role == "prefill" and v.healthy]
+        prefill_s, kv_bytes = self.observed.typical() or (None, None)
+        self.router.observe(time.monotonic(), link, backlog([(v.queued, v.running) for v in prfaas], local,
+                                                            prefill_s, kv_bytes, link.capacity if link else None))
         if self.router.t != before:
             self.fleet.note("router", f"t {before:.0f} -> {self.router.t:.0f} ({self.router.history[-1].why})")
         self.tm.threshold.set(self.router.t)
-
-    def _queue_excess(self, prfaas: list[NodeView]) -> int:
-        """The short loop's queue signal: requests waiting per PrfaaS node beyond those waiting per local
-        prefill node. Raising t moves work onto the local prefill nodes; when they are as backed up as the
-        PrfaaS ones that only moves the queue (measured: at saturation on one machine, feeding the PrfaaS
-        queue alone pushed t up, offload fell from 54 % to 30 % and throughput to 0.57x)."""
-        if not prfaas:
-            return 0
-        local = [v for v in self.nodes.values() if v.spec.cluster == "local" and v.role == "prefill" and v.healthy]
-        mine = sum(v.queued for v in prfaas) / len(prfaas)
-        theirs = sum(v.queued for v in local) / len(local) if local else 0.0
-        return max(0, round(mine - theirs))
 
     # ------------------------------------------------------------ long loop
     async def _long_loop(self) -> None:

@@ -240,6 +240,12 @@ class Router:
             gap = wp - wl
             prfaas_longer = wp > cfg.balance_ratio * wl + cfg.balance_slack_s
             local_longer = wl > cfg.balance_ratio * wp + cfg.balance_slack_s
+            # one burst (a single cache crossing, RTTs inflated by a loaded CPU) is not a short link: the
+            # flag or a high utilization counts only while the demand over demand_s fills the capacity too
+            if (self.congested or util_high) and self._demand_ratio(self.t) is not None \
+                    and self._demand_fits(self.t):
+                pressure = b.prfaas_queue >= cfg.queue_high
+                why_up = "queue"
             up = (pressure and wp >= wl) or prfaas_longer
             # the link idle for a moment after t went up is not headroom: the demand it would see at the
             # lower t must fit too, or lowering t just refills it
@@ -278,17 +284,22 @@ class Router:
         new = max(self.t_star, self.t - min(cfg.max_step, self.t * (1 - cfg.down)))
         return new if new - self.t_star > 0.01 * max(1.0, self.t_star) else self.t_star
 
-    def _demand_fits(self, t_new: float) -> bool:
-        """Would the egress demand at ``t_new`` stay under ``low_util`` of the link's capacity? The goodput
-        over ``demand_s`` scaled by the tokens above ``t_new`` vs above the t in force meanwhile (averaged
-        alike), among the observed incremental lengths (KV bytes grow with tokens). Unknown capacity: yes
-        (the utilization alone judges, as one-sided)."""
+    def _demand_ratio(self, t_new: float) -> float | None:
+        """The egress demand at ``t_new`` over the link's capacity; ``None`` while the capacity is unknown.
+        The goodput over ``demand_s`` scaled by the tokens above ``t_new`` vs above the t in force meanwhile
+        (averaged alike), among the observed incremental lengths (KV bytes grow with tokens)."""
         if self.demand is None or not self.capacity:
-            return True
+            return None
         above_now = sum(x for x in self._lengths if x > self._demand_t)
         above_new = sum(x for x in self._lengths if x > t_new)
         scale = above_new / above_now if above_now > 0 else (1.0 if above_new == 0 else math.inf)
-        return self.demand * scale <= self.config.low_util * self.capacity
+        return self.demand * scale / self.capacity
+
+    def _demand_fits(self, t_new: float) -> bool:
+        """Would the demand at ``t_new`` stay under ``low_util`` of the capacity? Unknown capacity: yes (the
+        utilization alone judges, as one-sided)."""
+        ratio = self._demand_ratio(t_new)
+        return ratio is None or ratio <= self.config.low_util
 
     def _clamp(self, t: float) -> float:
         return min(self.config.t_max, max(self.config.t_min, t))
