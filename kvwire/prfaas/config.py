@@ -4,8 +4,10 @@ Owns: the file format, its validation (typed ``ConfigError`` naming the bad key)
 loads into. Sections:
 
 - ``[model]``: the served model, so every node builds identical seeded weights. ``kind`` (``"qwen3_next"``),
-  ``seed``, ``dtype`` (``"float32"``), and ``hf``: a table of transformers config keywords laid over
-  ``DEFAULT_HF`` (a small Qwen3-Next: gated-delta-rule layers interleaved 3:1 with full-attention GQA).
+  ``seed``, ``dtype`` (``"float32"``), ``hf``: a table of transformers config keywords laid over
+  ``DEFAULT_HF`` (a small Qwen3-Next: gated-delta-rule layers interleaved 3:1 with full-attention GQA), and
+  ``backend``: the nodes' engine, ``"transformers"`` (the in-process runner, default) or ``"vllm"`` (a vLLM
+  engine with kvwire's connector; ``vllm_node``); a node's own ``backend`` key overrides it.
 - ``[cache]``: ``block_size`` (tokens per prefix block; the router's index and the nodes' checkpoints use the
   same), ``store_bytes`` (each node's checkpoint store bound).
 - ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
@@ -29,6 +31,7 @@ from typing import Any
 CLUSTERS = ("prfaas", "local")
 ROLES = ("prefill", "decode")
 MODEL_KINDS = ("qwen3_next",)
+BACKENDS = ("transformers", "vllm")
 
 #: the default served model (5.5M parameters; a 512-token prefill ~0.1 s, a decode step ~6 ms on one core of
 #: the 2-core CI machine): 8 layers (6 gated-delta-rule + 2 full attention, 3:1), dense MLPs, vocab 512,
@@ -56,6 +59,7 @@ class ModelSpec:
     #: recurrent state after 256 tokens left greedy tokens unchanged); small A keeps the state informative
     #: over hundreds of tokens, as in trained hybrid models' long-memory heads. None: keep the init.
     decay_range: tuple[float, float] | None = (0.0001, 0.005)
+    backend: str = "transformers"  # the nodes' engine (BACKENDS); a node's own ``backend`` overrides it
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +84,7 @@ class NodeSpec:
     host: str
     control_port: int
     data_port: int
+    backend: str | None = None  # None: the model's
 
     @property
     def control_url(self) -> str:
@@ -101,6 +106,10 @@ class DeployConfig:
             if n.name == name:
                 return n
         raise ConfigError(f"no node named {name!r} (nodes: {[n.name for n in self.nodes]})")
+
+    def backend_of(self, name: str) -> str:
+        """The engine node ``name`` runs: its own ``backend`` key, else ``[model].backend``."""
+        return self.node(name).backend or self.model.backend
 
     def by(self, *, cluster: str | None = None, role: str | None = None) -> list[NodeSpec]:
         return [n for n in self.nodes if (cluster is None or n.cluster == cluster) and (role is None or n.role == role)]
@@ -131,7 +140,7 @@ def _port(table: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def _model(t: Mapping[str, Any]) -> ModelSpec:
-    _unknown(t, {"kind", "seed", "dtype", "hf", "decay_range"}, "[model]")
+    _unknown(t, {"kind", "seed", "dtype", "hf", "decay_range", "backend"}, "[model]")
     kind = _take(t, "kind", str, "[model]", "qwen3_next")
     if kind not in MODEL_KINDS:
         raise ConfigError(f"[model].kind: {kind!r} not in {MODEL_KINDS}")
@@ -146,7 +155,15 @@ def _model(t: Mapping[str, Any]) -> ModelSpec:
                or not 0 < dr[0] <= dr[1]):
         raise ConfigError(f"[model].decay_range: need [lo, hi] with 0 < lo <= hi, got {dr!r}")
     return ModelSpec(kind=kind, seed=int(_take(t, "seed", int, "[model]", 0)), dtype=dtype, hf=hf,
-                     decay_range=(float(dr[0]), float(dr[1])) if dr else None)
+                     decay_range=(float(dr[0]), float(dr[1])) if dr else None,
+                     backend=_backend(t, "[model]", "transformers"))
+
+
+def _backend(t: Mapping[str, Any], where: str, default: str | None) -> Any:
+    b = _take(t, "backend", str, where, default)
+    if b is not None and b not in BACKENDS:
+        raise ConfigError(f"{where}.backend: {b!r} not in {BACKENDS}")
+    return b
 
 
 def _cache(t: Mapping[str, Any]) -> CacheConfig:
@@ -166,10 +183,11 @@ def _nodes(items: Any) -> tuple[NodeSpec, ...]:
         where = f"[[nodes]][{i}]"
         if not isinstance(t, dict):
             raise ConfigError(f"{where}: a table is needed")
-        _unknown(t, {"name", "cluster", "role", "host", "control_port", "data_port"}, where)
+        _unknown(t, {"name", "cluster", "role", "host", "control_port", "data_port", "backend"}, where)
         n = NodeSpec(name=_take(t, "name", str, where), cluster=_take(t, "cluster", str, where),
                      role=_take(t, "role", str, where), host=_take(t, "host", str, where, "127.0.0.1"),
-                     control_port=_port(t, "control_port", where), data_port=_port(t, "data_port", where))
+                     control_port=_port(t, "control_port", where), data_port=_port(t, "data_port", where),
+                     backend=_backend(t, where, None))
         if n.cluster not in CLUSTERS:
             raise ConfigError(f"{where}.cluster: {n.cluster!r} not in {CLUSTERS}")
         if n.role not in ROLES:
@@ -245,12 +263,12 @@ def to_toml(config: DeployConfig) -> str:
         return out
 
     m = config.model
-    lines = table("model", {"kind": m.kind, "seed": m.seed, "dtype": m.dtype,
+    lines = table("model", {"kind": m.kind, "seed": m.seed, "dtype": m.dtype, "backend": m.backend,
                             "decay_range": list(m.decay_range) if m.decay_range else [], "hf": dict(m.hf)})
     lines += table("cache", {"block_size": config.cache.block_size, "store_bytes": config.cache.store_bytes})
     for n in config.nodes:
-        lines += ["[[nodes]]", *(f"{k} = {value(getattr(n, k))}" for k in
-                                 ("name", "cluster", "role", "host", "control_port", "data_port")), ""]
+        keys = ("name", "cluster", "role", "host", "control_port", "data_port") + (("backend",) if n.backend else ())
+        lines += ["[[nodes]]", *(f"{k} = {value(getattr(n, k))}" for k in keys), ""]
     lines += table("router", config.router)
     for k, v in config.extra.items():
         if isinstance(v, Mapping):

@@ -1,6 +1,7 @@
 """A PrfaaS node process: ``python -m kvwire.prfaas.node --config deploy.toml --name p0``.
 
-Owns: one node of the deployment: its model backend (``runner.TransformersRunner``), its data port (a kvwire
+Owns: one node of the deployment: its model backend (``runner.TransformersRunner``; a node whose config says
+``backend = "vllm"`` runs ``vllm_node.VllmNode`` instead, same control API), its data port (a kvwire
 ``Receiver``: decode nodes receive caches on it, prefill nodes receive prefix moves), one kvwire ``Session``
 per peer data port (reused; re-dialled when unhealthy) watched by a ``LinkMonitor`` (the egress ``LinkState``
 served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), role state
@@ -390,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("KVWIRE_KEY must be set (the deployment's shared key)")
     config = load(args.config)
     spec = config.node(args.name)
-    node = Node(config, spec, key.encode())
+    node: Any
+    if config.backend_of(spec.name) == "vllm":  # a vLLM engine with kvwire's connector (vllm_node)
+        from .vllm_node import VllmNode
+
+        node = VllmNode(config, spec, key.encode())
+    else:
+        node = Node(config, spec, key.encode())
     # uvicorn shuts down on SIGTERM/SIGINT, restores the handlers it found and re-raises the signal: with the
     # default handlers that kills the process before node.close(). Found handlers that do nothing let it return.
     for sig in (signal.SIGTERM, signal.SIGINT):

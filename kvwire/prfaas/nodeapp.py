@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .controlauth import ControlAuth
 from .node import Node, NodeFault, Peer
 
+if TYPE_CHECKING:
+    from .vllm_node import VllmNode
 
-def app(node: Node) -> Any:
+
+def app(node: Node | VllmNode) -> Any:
     """The control API (starlette). Errors: JSON ``{"error": text}`` with 400/404/409/503/504."""
     from starlette.applications import Starlette
     from starlette.requests import Request

