@@ -177,14 +177,22 @@ def test_a_collapsed_estimate_is_re_probed_unpaced_with_the_lanes_restarted() ->
     assert st.best == 40e6
     low = decide(st, link(1.5, 1e6, 1e6, q=3.0, pacing_limited=True), cfg)  # all the pacing gives, "queued"
     assert low.mode is Mode.PROBE and low.decision.pacing_rate is None and low.decision.restart
-    # the re-probe measures half the old rate (the link really fell, or the fault is still on): cruise;
-    # the best is kept, so it is re-probed again, but not before reprobe_hold
+    # the re-probe measures less than half the old rate (the link really fell, or the fault is still on):
+    # cruise; the best is kept, so it is re-probed again, after reprobe_hold, then after twice that
     st = decide(low, link(1.5 + cfg.probe_min + 0.01, 15e6, 15e6), cfg)
-    assert st.mode is Mode.CRUISE and st.best == 40e6 and not st.decision.restart
-    st = decide(st, link(3.0, 14.9e6, 15e6, pacing_limited=True), cfg)
-    assert st.mode is Mode.CRUISE
-    st = decide(st, link(1.5 + cfg.reprobe_hold + 0.01, 14.9e6, 15e6, pacing_limited=True), cfg)
-    assert st.mode is Mode.PROBE and st.decision.restart
+    assert st.mode is Mode.CRUISE and st.best == 40e6 and not st.decision.restart and st.reprobes == 1
+    t = 1.5 + cfg.probe_min + 0.01 + cfg.settle + 0.01
+    assert t - 1.5 >= cfg.reprobe_hold
+    st = decide(st, link(t, 14.9e6, 15e6, pacing_limited=True), cfg)
+    assert st.mode is Mode.PROBE and st.decision.restart and st.reprobes == 2
+    st = decide(st, link(t + cfg.probe_min + 0.01, 15e6, 15e6), cfg)
+    st = decide(st, link(t + cfg.probe_min + cfg.settle + 0.02, 14.9e6, 15e6, pacing_limited=True), cfg)
+    assert st.mode is Mode.CRUISE, "the second wait is twice reprobe_hold"
+    st = decide(st, link(t + 2 * cfg.reprobe_hold + 0.01, 14.9e6, 15e6, pacing_limited=True), cfg)
+    assert st.mode is Mode.PROBE and st.reprobes == 3
+    # back within recover_ratio of the best: the count starts over
+    st = decide(st, link(t + 2 * cfg.reprobe_hold + cfg.probe_min + 0.02, 39e6, 39e6), cfg)
+    assert st.reprobes == 0
     # a low estimate that is not ours to judge is left alone: app-limited, lossy, or not at our cap
     for odd in (link(1.5, 1e6, 1e6, pacing_limited=True, app_limited=True),
                 link(1.5, 1e6, 1e6, pacing_limited=True, loss=0.05), link(1.5, 1e6, 1e6, q=3.0)):

@@ -34,9 +34,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   lanes deliver all the pacing lets them (``pacing_limited``) without loss, the controller re-probes:
   pacing off and every lane's algorithm restarted (BBR back in STARTUP: a capped BBR would otherwise
   regrow its own bandwidth estimate by 25 % per eight round trips) until the estimator measured the link
-  again (``probe_min``); at most once per ``reprobe_hold`` (a fault still on when it runs is re-probed
-  again after it; a link that really fell costs a short unpaced burst each time until ``best_window``
-  forgets the old best).
+  again (``probe_min``); re-probes that did not bring it back wait ``reprobe_hold``, then twice that,
+  and so on (a fault still on at the first is re-probed soon after it ends; a link that really fell
+  costs a few short unpaced bursts until ``best_window`` forgets the old best).
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -124,8 +124,10 @@ class ControllerConfig:
     recover_ratio: float = 0.5  # an estimate below this x the recent best, while we get all we pace: re-probe
     best_window: float = 30.0  # how long the best estimate is remembered
     recover_loss: float = 0.01  # ... and loss below this (a long path's random loss, not an overflowing queue)
-    reprobe_hold: float = 3.0  # at most one re-probe this often (a link that really fell is re-probed
-    # every reprobe_hold until best_window forgets the old best: a short unpaced burst each time)
+    # re-probes that did not bring the estimate back wait reprobe_hold, then twice that, and so on (a
+    # link that really fell costs a few short unpaced bursts until best_window forgets the old best; a
+    # fault that was still on at the first re-probe is re-probed soon after it ends)
+    reprobe_hold: float = 1.0
     lan_rtt: float = 0.001  # a min RTT below this is a LAN: left in PROBE, unpaced, lanes unchanged
 
     def __post_init__(self) -> None:
@@ -175,6 +177,7 @@ class ControllerState:
     best: float | None = None  # the best capacity estimate of the last best_window ...
     best_at: float | None = None  # ... and when it was seen
     reprobed_at: float | None = None  # when the last re-probe started
+    reprobes: int = 0  # re-probes since the estimate was last within recover_ratio of the best
     queue_at: float | None = None  # when the current run of queue readings above drain_ratio began
 
     @property
@@ -209,6 +212,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if cap is not None and (st.best is None or cap >= st.best or st.best_at is None
                             or now - st.best_at > cfg.best_window):
         st = replace(st, best=cap, best_at=now)
+    if st.reprobes and cap is not None and st.best is not None and cap >= cfg.recover_ratio * st.best:
+        st = replace(st, reprobes=0)  # recovered: the next collapse is re-probed at once
     if cfg.polite and link.competing_bw and since >= cfg.settle + cfg.judge_after:
         st = replace(st, competing_at=now)  # (a queue right after our own change says nothing of others)
 
@@ -221,6 +226,14 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
+    hold = cfg.reprobe_hold * 2 ** max(0, min(st.reprobes, 8) - 1)
+    rested = st.reprobed_at is None or now - st.reprobed_at >= hold
+    if (d.mode in (Mode.CRUISE, Mode.POLITE, Mode.DRAIN) and _collapsed(st, link, cfg) and since >= cfg.settle
+            and rested):
+        assert cap is not None and st.best is not None
+        return _reprobe(st, link, f"estimate {cap:.4g} B/s below {cfg.recover_ratio:.0%} of the best "
+                        f"{st.best:.4g} while the lanes take all the pacing gives (or so little a lane that its "
+                        f"RTT reads delayed ACKs)")
     if d.mode is Mode.DRAIN:
         if q <= cfg.drained_ratio or since >= cfg.drain_max:
             return _pace(replace(st, drained_at=now), link, cfg, Mode.CRUISE, f"drained (ratio {q:.2f})",
@@ -244,11 +257,6 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
-    rested = st.reprobed_at is None or now - st.reprobed_at >= cfg.reprobe_hold
-    if _collapsed(st, link, cfg) and since >= cfg.settle and rested:
-        assert cap is not None and st.best is not None
-        return _reprobe(st, link, f"estimate {cap:.4g} B/s below {cfg.recover_ratio:.0%} of the best "
-                        f"{st.best:.4g} while the lanes take all the pacing gives")
     if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after and rested:
         return _reprobe(st, link, f"goodput {link.goodput:.4g} B/s below {cfg.recover_ratio:.0%} of the capacity "
                         f"{cap:.4g} on a clear link")
@@ -274,9 +282,13 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
 def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
     """The estimate fell far below the recent best, yet the lanes get all the pacing lets them, loss-free:
     the pacing, not the link, is the limit (a fault that ended, false low samples)."""
-    cap = link.capacity
+    cap, d = link.capacity, st.decision
+    # a lane paced to a few packets a round trip waits for delayed ACKs: its srtt (and so any queue reading,
+    # and whether goodput keeps up with the pacing) says nothing then
+    tiny = d.pacing_rate is not None and d.pacing_rate * max(link.min_rtt or 0.0, 0.001) < 8 * _MSS
     return (cap is not None and st.best is not None and cap < cfg.recover_ratio * st.best
-            and link.pacing_limited and not link.app_limited and link.loss_rate < cfg.recover_loss
+            and (link.pacing_limited or tiny) and not link.app_limited
+            and (link.loss_rate < cfg.recover_loss or tiny)  # (a few lost packets are a high rate of very few)
             and not _sharing(st, cfg, link.timestamp))
 
 
@@ -296,7 +308,7 @@ def _reprobe(st: ControllerState, link: LinkState, why: str) -> ControllerState:
     """PROBE unpaced with every lane's algorithm restarted (BBR in STARTUP finds the link in a few round
     trips); its result becomes the best estimate."""
     d = st.decision
-    return _to(replace(st, upprobe_streak=0, reprobed_at=link.timestamp), link, Decision(
+    return _to(replace(st, upprobe_streak=0, reprobed_at=link.timestamp, reprobes=st.reprobes + 1), link, Decision(
         d.lanes, None, d.congestion, Mode.PROBE, f"{why}: re-probing unpaced, lanes restarted", restart=True))
 
 
