@@ -190,7 +190,7 @@ def test_one_burst_on_a_mostly_idle_link_is_not_congestion() -> None:
     for r, queue in ((both, Backlog(0, 0, 0.5, 0.0)), (one_sided, 0)):
         now = 0.0
         while now < 30:
-            burst = 28 <= now < 29.5
+            burst = 28 <= now < 28.8  # under burst_s (1 s); hold_s is 0.3 s
             r.observe(now, egress(now, CAP if burst else 0.05 * CAP, burst), queue)
             now = round(now + 0.1, 6)
     assert both.t == T and not both.history

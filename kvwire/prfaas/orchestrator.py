@@ -141,8 +141,11 @@ class Orchestrator:
         local = [v.queued for v in self.nodes.values()
                  if v.spec.cluster == "local" and v.role == "prefill" and v.healthy]
         prefill_s, kv_bytes = self.observed.typical() or (None, None)
+        # the KV ahead drains at the measured goodput while the link is full, else at its capacity
+        rate = None if link is None else link.goodput if (link.congested or link.saturated) and link.goodput > 0 \
+            else link.capacity
         self.router.observe(time.monotonic(), link, backlog([(v.queued, v.running) for v in prfaas], local,
-                                                            prefill_s, kv_bytes, link.capacity if link else None))
+                                                            prefill_s, kv_bytes, rate))
         if self.router.t != before:
             self.fleet.note("router", f"t {before:.0f} -> {self.router.t:.0f} ({self.router.history[-1].why})")
         self.tm.threshold.set(self.router.t)

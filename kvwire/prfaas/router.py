@@ -35,6 +35,10 @@ side onto the local prefill queue. Then
 * a change takes seconds to show in a wait of tens of seconds, so: moves are ``balance_cooldown_s`` (4 s)
   apart, wait-only evidence must hold ``balance_hold_s`` (2 s), and a second step the same way waits
   while the first is still narrowing the gap between the waits;
+* congestion is judged on demand too: a congested flag or high utilization while the egress demand over
+  ``demand_s`` is under ``low_util`` of the capacity (one cache's burst, RTTs inflated by a loaded CPU)
+  must last ``burst_s`` (1 s) before t moves, not ``hold_s``; a demand that fills the capacity (a rate
+  drop under load) moves it after ``hold_s``;
 * headroom is judged on demand, not on one quiet moment: a link that went idle because t just rose is
   still short. A step down needs the egress demand it would bring to fit under ``low_util`` of the
   link's capacity: the goodput averaged over ``demand_s`` (20 s), scaled by the observed tokens above the
@@ -78,6 +82,7 @@ class RouterConfig:
     balance_cooldown_s: float = 4.0
     balance_hold_s: float = 2.0
     demand_s: float = 20.0
+    burst_s: float = 1.0
     replan_s: float = 30.0
     replan_min_samples: int = 50
     window: int = 4096  # incremental lengths kept for re-planning
@@ -240,12 +245,11 @@ class Router:
             gap = wp - wl
             prfaas_longer = wp > cfg.balance_ratio * wl + cfg.balance_slack_s
             local_longer = wl > cfg.balance_ratio * wp + cfg.balance_slack_s
-            # one burst (a single cache crossing, RTTs inflated by a loaded CPU) is not a short link: the
-            # flag or a high utilization counts only while the demand over demand_s fills the capacity too
-            if (self.congested or util_high) and self._demand_ratio(self.t) is not None \
-                    and self._demand_fits(self.t):
-                pressure = b.prfaas_queue >= cfg.queue_high
-                why_up = "queue"
+            # one burst (a single cache crossing, RTTs inflated by a loaded CPU) is not a short link: unless
+            # the demand over demand_s fills the capacity too, the flag or a high utilization must last
+            # burst_s (the estimator's capacity may lag a real drop, so it cannot veto one outright)
+            unconfirmed = (self.congested or util_high) and self._demand_ratio(self.t) is not None \
+                and self._demand_fits(self.t)
             up = (pressure and wp >= wl) or prfaas_longer
             # the link idle for a moment after t went up is not headroom: the demand it would see at the
             # lower t must fit too, or lowering t just refills it
@@ -259,6 +263,8 @@ class Router:
                 down = False
             if up and not pressure:
                 why_up, hold = "prfaas wait", cfg.balance_hold_s
+            elif up and unconfirmed and not prfaas_longer and b.prfaas_queue < cfg.queue_high:
+                hold = max(hold, cfg.burst_s)
             if down and not relief:
                 why_down, hold = "local wait", cfg.balance_hold_s
             # going back to t* on a link idle now and over demand_s is as quick as one-sided; the rest waits
