@@ -43,7 +43,9 @@ side onto the local prefill queue. Then
   still short. A step down needs the egress demand it would bring to fit under ``low_util`` of the
   link's capacity: the goodput averaged over ``demand_s`` (20 s), scaled by the observed tokens above the
   new t vs above the t in force meanwhile (KV bytes grow with tokens). A recovered link passes at once
-  (the capacity is back), and then t walks home at the one-sided pace (``cooldown_s``).
+  (the capacity is back), and then t walks home at the one-sided pace (``cooldown_s``). The capacity is
+  the estimator's, capped while congested (and until the link carries more, or ``demand_s`` passes) by
+  the goodput it carried then: a probed capacity lags a rate drop.
 
 Without waits (an ``int`` queue depth, or a ``Backlog`` without them) the loop is the one-sided one above.
 """
@@ -169,6 +171,8 @@ class Router:
     _last_link: float | None = field(init=False, default=None)
     _last_link_at: float | None = field(init=False, default=None)
     _demand_t: float = field(init=False, default=0.0)  # t averaged like ``demand``
+    _carried: float | None = field(init=False, default=None)  # goodput while last congested
+    _carried_at: float = field(init=False, default=0.0)
     _pressure_since: float | None = field(init=False, default=None)
     _relief_since: float | None = field(init=False, default=None)
     _last_change: float = field(init=False, default=-math.inf)
@@ -230,7 +234,15 @@ class Router:
                 self.demand += a * (link.goodput - self.demand)
                 self._demand_t += a * (self.t - self._demand_t)
             self._last_link_at = link.timestamp
-            self.capacity = link.capacity
+            # while congested the goodput is what the link carries: a lagging capacity estimate (probed
+            # before a rate drop) is capped by it until the link carries more again, or demand_s passes
+            if link.congested and link.goodput > 0:
+                self._carried, self._carried_at = link.goodput, link.timestamp
+            elif self._carried is not None and (link.goodput > self._carried
+                                                or link.timestamp - self._carried_at > cfg.demand_s):
+                self._carried = None
+            cap = link.capacity
+            self.capacity = cap if self._carried is None or cap is None else min(cap, self._carried)
         b = queue_depth if isinstance(queue_depth, Backlog) else Backlog(queue_depth)
         self.backlog, self.queue = b, b.prfaas_queue
         util_high = self.util is not None and self.util >= cfg.high_util
@@ -269,7 +281,10 @@ class Router:
                 why_down, hold = "local wait", cfg.balance_hold_s
             # going back to t* on a link idle now and over demand_s is as quick as one-sided; the rest waits
             # for the last change to show in the waits
-            cooldown = cfg.cooldown_s if down and relief and not up else cfg.balance_cooldown_s
+            # (also a longer local wait, when the link would carry the lower t's demand: after a recovery)
+            quick = relief or (local_longer and self._demand_ratio(self._lowered()) is not None
+                               and self._demand_fits(self._lowered()))
+            cooldown = cfg.cooldown_s if down and quick and not up else cfg.balance_cooldown_s
             pressure, relief = up, down
             self._gap = gap
         self._pressure_since = (self._pressure_since if self._pressure_since is not None else now) \
