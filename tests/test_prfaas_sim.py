@@ -97,7 +97,7 @@ def test_a_slow_link_with_a_full_local_queue_finds_a_balance_instead_of_swinging
     """Told both sides' waits (a ``Backlog``), the short loop holds t where the PrfaaS wait (queue + egress
     backlog) and the local prefill wait balance. Told the PrfaaS side alone (as before), t swings between t*
     and t_max for the whole drop (seed 0: 715 changes, TTFT 141 s mean), each swing overfilling one queue
-    and then the other. Measured with the balance (seed 0): 33 changes, TTFT 25.5 s."""
+    and then the other. Measured with the balance (seed 0): 34 changes, TTFT 23.5 s."""
     blind, t_star = _drop_run(False, seed)
     both, _ = _drop_run(True, seed)
     assert blind.unfinished == both.unfinished == 0
