@@ -52,6 +52,11 @@ def test_records_cross_processes_expire_and_are_bounded(tmp_path: Path) -> None:
         (tmp_path / "x" / "junk.json").write_bytes(b"{" * 5000)  # oversized / unparsable: ignored
         (tmp_path / "x" / "bad.json").write_text('{"g": "x"}')
         assert sorted(p.goodput for p in a.others()) == [3.0, 7.0]
+        torn = tmp_path / "x" / "1-1.json.tmp"  # a writer killed before its rename, long ago
+        torn.write_bytes(b"")
+        os.utime(torn, (now - 120, now - 120))
+        a.others()
+        assert not torn.exists()
     finally:
         for s in (a, b, other):
             s.close()

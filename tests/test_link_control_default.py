@@ -3,7 +3,9 @@ stays hands off on loopback. Real sessions and receivers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -121,7 +123,9 @@ def test_probe_pauses_the_sessions_controller_and_restarts_it_from_the_result() 
 def test_controllers_of_one_destination_join_one_share(rx: kvwire.Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Processes on this host sending to one host split the path through a LinkShare (two sessions of one
     process stand in for two processes here: the records are files, per controller)."""
-    monkeypatch.delenv("KVWIRE_LINK_SHARE", raising=False)
+    # a share of this test's own: other processes on this machine sending to 127.0.0.1 would join the
+    # default one (as they should: they share that path)
+    monkeypatch.setenv("KVWIRE_LINK_SHARE", f"test-{os.getpid()}-{time.monotonic_ns()}")
     with connect(*rx.address, lanes=2) as a, connect(*rx.address, lanes=2) as b:
         ca, cb = a.link_control, b.link_control
         assert ca is not None and cb is not None and ca.share is not None and cb.share is not None

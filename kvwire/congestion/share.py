@@ -121,9 +121,16 @@ class LinkShare:
         except OSError:
             return out
         for n in names:
+            path = os.path.join(self.dir, n)
+            if n.endswith(".tmp"):  # a writer killed between write and rename leaves one: removed when stale
+                try:
+                    if now - os.stat(path).st_mtime > _STALE:
+                        os.unlink(path)
+                except OSError:
+                    pass
+                continue
             if not n.endswith(".json") or n == self.me + ".json":
                 continue
-            path = os.path.join(self.dir, n)
             try:
                 if now - os.stat(path).st_mtime > _STALE:  # a process that died without closing
                     os.unlink(path)
