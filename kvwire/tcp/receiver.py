@@ -232,7 +232,9 @@ class Receiver:
             h._finish(State.CANCELLED, "receiver closed")
         self._acceptor.cut_all()
         me = threading.current_thread()
-        for t in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             if t is not me:
                 t.join(5)
         self._callbacks.drain(5.0)  # the outcomes just delivered run before close returns (bounded)
@@ -271,9 +273,9 @@ class Receiver:
     # ------------------------------------------------------------ threads
     def _spawn(self, fn: Callable[..., None], name: str, *args: Any) -> None:
         t = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: close() never sees (and joins) a thread not yet started
             self._threads.add(t)
-        t.start()
+            t.start()
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
