@@ -150,9 +150,11 @@ def test_long_timescale_replans_on_observed_lengths() -> None:
 CAP = 1e9  # bytes/s
 
 
-def egress(now: float, goodput: float, congested: bool, cap: float = CAP) -> LinkState:
-    return LinkState(timestamp=now, goodput=goodput, btl_bw=goodput, capacity=cap, utilization=goodput / cap,
-                     available_bw=cap - goodput, min_rtt=None, srtt=None, queueing_ratio=None, loss_rate=0.0,
+def egress(now: float, goodput: float, congested: bool, cap: float | None = CAP) -> LinkState:
+    util = None if cap is None else goodput / cap
+    room = None if cap is None else cap - goodput
+    return LinkState(timestamp=now, goodput=goodput, btl_bw=goodput, capacity=cap, utilization=util,
+                     available_bw=room, min_rtt=None, srtt=None, queueing_ratio=None, loss_rate=0.0,
                      busy=1.0, rwnd_limited=0.0, sndbuf_limited=0.0, congested=congested, saturated=False)
 
 
@@ -164,7 +166,7 @@ def lengths_router(cfg: RouterConfig | None = None) -> Router:
 
 
 def run(r: Router, start: float, end: float, goodput: float, congested: bool,
-        waits: object, dt: float = 0.1, cap: float = CAP) -> float:
+        waits: object, dt: float = 0.1, cap: float | None = CAP) -> float:
     now = start
     while now < end - 1e-9:
         wp, wl = waits(now) if callable(waits) else waits  # type: ignore[misc]
@@ -234,3 +236,23 @@ def test_backlog_is_checked() -> None:
         Backlog(0, 0, -1.0, 0.0)
     with pytest.raises(ValueError):
         RouterConfig(balance_ratio=0.5)
+
+
+def test_a_drop_on_a_link_never_filled_before_holds_t_while_the_link_idles() -> None:
+    """The served case: the egress never had a standing queue, so the estimator's capacity is unknown
+    (None). After a rate drop raises t the link goes idle (nothing long is sent); what the congested link
+    carried is then its capacity, so the quiet that follows is no headroom and t holds until the link
+    carries more again. (The router used to read the unknown capacity as room and walk t back to t* within
+    seconds of the rise, during the drop.)"""
+    r = lengths_router()
+    now = run(r, 0, 30, 0.3 * CAP, False, (0.0, 0.0), cap=None)
+    assert r.t == T
+    now = run(r, now, now + 2.0, 0.01 * CAP, True, (4.0, 0.0), cap=None)
+    raised = r.t
+    assert raised > T and r.history[-1].why == "congested"
+    # t up: nothing crosses, the link reads idle (not congested), the waits are even
+    now = run(r, now, now + 12.0, 0.0, False, (0.0, 0.0), cap=None)
+    assert r.t == raised, [(c.at, c.t, c.why) for c in r.history]
+    # the link carries a long request at its old rate again: the room is real, t walks home
+    run(r, now, now + 30.0, 0.3 * CAP, False, (0.0, 0.0), cap=None)
+    assert r.t < raised

@@ -241,8 +241,10 @@ class Router:
             elif self._carried is not None and (link.goodput > self._carried
                                                 or link.timestamp - self._carried_at > cfg.demand_s):
                 self._carried = None
-            cap = link.capacity
-            self.capacity = cap if self._carried is None or cap is None else min(cap, self._carried)
+            # the estimator's capacity is unknown until a standing queue was seen (a link never filled):
+            # then what the congested link carried is the capacity, not "unknown" (which reads as room)
+            known = [c for c in (link.capacity, self._carried) if c]
+            self.capacity = min(known) if known else None
         b = queue_depth if isinstance(queue_depth, Backlog) else Backlog(queue_depth)
         self.backlog, self.queue = b, b.prfaas_queue
         util_high = self.util is not None and self.util >= cfg.high_util
