@@ -194,6 +194,8 @@ def test_the_deployment_stops_cleanly_after_a_failure_inside(tmp_path: Path) -> 
             assert len(pids) == 4
             raise RuntimeError("test failed")
     assert wait_gone(pids) == []
+    # each process shut itself down on SIGTERM (front door and nodes exit 0; none had to be killed)
+    assert len(d.exit_codes) == 4 and set(d.exit_codes.values()) == {0}, d.exit_codes
 
 
 def test_stop_strings_end_the_completion_and_are_not_shown(deployment: tuple[Deployment, Any]) -> None:

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s frontdoor %(levelname)s %(message)s")
     cfg = deploy_config.load(a.config)
     door = FrontDoor(cfg, wait_healthy_s=a.wait_healthy)
+    # uvicorn shuts down on SIGTERM/SIGINT (lifespan exit included), restores the handlers it found and re-raises
+    # the signal: with the defaults the process then dies of it (-15). Found handlers that do nothing let it return 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(door.app, host=door.settings.host, port=door.settings.port, log_level=a.log_level,
                 timeout_graceful_shutdown=5)
     return 0

@@ -100,6 +100,7 @@ class Deployment:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, self.env.get("PYTHONPATH")]))
         self.stop_grace_s = stop_grace_s
         self.procs: list[Proc] = []
+        self.exit_codes: dict[str, int | None] = {}  # by process name, filled by stop(): 0 = shut down cleanly
         self.link: Any = None  # a WanLink when ``wan``
         self.config: DeployConfig = self.source
         self.config_path = Path(config_path)
@@ -230,9 +231,11 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 pass
         for p in self.procs:
-            if p.popen.poll() is None:
+            clean = p.popen.poll()  # its own exit after SIGTERM (None: it had to be killed)
+            if clean is None:
                 _signal(p.popen, signal.SIGKILL)
                 p.popen.wait(10)
+            self.exit_codes[p.name] = clean
             _signal(p.popen, signal.SIGKILL)  # anything the process left in its group
         self.procs.clear()
         for f in self._logs:
