@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prfaas_nodes import free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvwire.prfaas import config as deploy_config
 
 DEFAULT = Path(__file__).resolve().parents[1] / "kvwire" / "prfaas" / "deploy-default.toml"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_config(path: Path, **router: Any) -> Path:

@@ -55,6 +55,14 @@ async def _ended(handle: Any, timeout: float) -> None:
         raise TimeoutError(f"transfer not ended in {timeout} s") from None
 
 
+def admit(name: str, state: str, role: str, wanted: str) -> None:
+    """Admission of new work, the same for every node kind: 503 unless ready, 409 in the other role."""
+    if state != "ready":
+        raise NodeFault(503, f"node {name} is {state}")
+    if role != wanted:
+        raise NodeFault(409, f"node {name} is a {role} node, not {wanted}")
+
+
 def _state_of(exc: BaseException) -> str:
     name = type(exc).__name__
     return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
@@ -130,10 +138,7 @@ class Node:
 
     # -- admission -------------------------------------------------------------------------------------
     def _admit(self, role: str) -> None:
-        if self.state != "ready":
-            raise NodeFault(503, f"node {self.spec.name} is {self.state}")
-        if self.role != role:
-            raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
+        admit(self.spec.name, self.state, self.role, role)
 
     def _settle(self) -> None:
         if self.queued == 0 and self.running == 0 and not self._pending:

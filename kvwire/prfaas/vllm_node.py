@@ -49,7 +49,7 @@ from typing import Any
 from ..adapters.vllm import KvwireConnector, KvwireMetadata, decode_params, prefill_params
 from ..errors import KvwireError
 from .config import CacheConfig, DeployConfig, ModelSpec, NodeSpec, to_toml
-from .node import NodeFault, Peer
+from .node import NodeFault, Peer, admit
 from .store import CheckpointStore
 
 log = logging.getLogger("kvwire.prfaas.vllm_node")
@@ -312,10 +312,7 @@ class VllmNode:
         return {"utilization": None, "congested": False, "capacity_bps": None, "rtt_s": None}
 
     def _admit(self, role: str) -> None:
-        if self.state != "ready":
-            raise NodeFault(503, f"node {self.spec.name} is {self.state}")
-        if self.role != role:
-            raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
+        admit(self.spec.name, self.state, self.role, role)
 
     def _settle(self) -> None:
         if self.queued == 0 and self.running == 0 and not self._expected:
