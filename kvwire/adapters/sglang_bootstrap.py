@@ -21,10 +21,7 @@ kvwire transfer that authenticates its peer with the same key.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -33,6 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from ..signing import AUTH, WINDOW, Nonces, Scheme
 from ..tcp.gate import HandshakeGate
 from ..tcp.httpd import GatedHTTPServer
 
@@ -45,13 +43,9 @@ MAX_HEAD = 4 << 10
 MAX_UNAUTHENTICATED = 64  # connections not yet authenticated, at most half of them from one address
 HEAD_TIMEOUT = 5.0  # s for an unauthenticated connection to send its head
 IO_TIMEOUT = 10.0  # s any one socket read or write may block
-WINDOW = 120.0  # s a signed request's time may differ from this host's clock (and its nonce is remembered)
-MAX_NONCES = 1 << 20  # nonces remembered (2 * WINDOW s of requests); beyond it, requests wait (503)
 MAX_QUEUED = 100_000
 MAX_QUEUED_BYTES = 256 << 20  # JSON bytes of the messages waiting in all
 PATH = "/kvwire/v1/"
-AUTH = "X-Kvwire-Auth"
-_DOMAIN = b"kvwire-sglang-mailbox/1 "
 
 
 def _key(key: bytes | str | None) -> bytes:
@@ -61,22 +55,9 @@ def _key(key: bytes | str | None) -> bytes:
     return k
 
 
-def head_mac(key: bytes, method: str, target: str, ts: str, nonce: str, length: int) -> bytes:
-    """The MAC of a request's head: what it asks (method, path and query), when, once (nonce), and how much."""
-    return hmac.new(key, _DOMAIN + f"head\n{method}\n{target}\n{ts}\n{nonce}\n{length}".encode(),
-                    hashlib.sha256).digest()
-
-
-def body_mac(key: bytes, head: bytes, body: bytes) -> bytes:
-    return hmac.new(key, _DOMAIN + b"body\n" + head + body, hashlib.sha256).digest()
-
-
-def sign(key: bytes, method: str, target: str, body: bytes, now: float | None = None) -> str:
-    """The ``X-Kvwire-Auth`` value for a request (``target``: its path and query)."""
-    ts = f"{time.time() if now is None else now:.3f}"
-    nonce = os.urandom(16).hex()
-    head = head_mac(key, method, target, ts, nonce, len(body))
-    return f"{ts} {nonce} {head.hex()} {body_mac(key, head, body).hex()}"
+#: the mailbox's signatures (a domain of its own: never valid on another kvwire API)
+SCHEME = Scheme(b"kvwire-sglang-mailbox/1 ")
+head_mac, body_mac, sign = SCHEME.head_mac, SCHEME.body_mac, SCHEME.sign
 
 
 class Mailbox:
@@ -127,37 +108,6 @@ class Mailbox:
             self._n -= len(q)
             self._bytes -= sum(size for _t, size, _m in q)
             return [m for _t, _s, m in q]
-
-
-class Nonces:
-    """The nonces of the signed requests of the last ``2 * window`` s: each is accepted once."""
-
-    def __init__(self, window: float = WINDOW, max_nonces: int = MAX_NONCES) -> None:
-        self.window = window
-        self.max_nonces = max_nonces
-        self._seen: set[str] = set()
-        self._order: deque[tuple[float, str]] = deque()
-        self._lock = threading.Lock()
-
-    def check(self, ts: str, nonce: str, now: float | None = None) -> str | None:
-        """Why a request signed at ``ts`` with ``nonce`` is refused, or ``None`` (the nonce is now spent)."""
-        now = time.time() if now is None else now
-        try:
-            t = float(ts)
-        except ValueError:
-            return "malformed time"
-        if not abs(now - t) <= self.window:  # NaN too
-            return f"time {ts} is more than {self.window:g} s off"
-        with self._lock:
-            while self._order and self._order[0][0] < now:  # its time is out of the window by now
-                self._seen.discard(self._order.popleft()[1])
-            if nonce in self._seen:
-                return "replayed nonce"
-            if len(self._seen) >= self.max_nonces:
-                return "busy"
-            self._seen.add(nonce)
-            self._order.append((now + 2 * self.window, nonce))
-        return None
 
 
 def _int(v: Any) -> int:
@@ -233,16 +183,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # one request per connection
         try:
             n = int(self.headers.get("Content-Length", "0"))
-            ts, nonce, head_hex, body_hex = str(self.headers.get(AUTH, "")).split(" ")
-            head, body_want = bytes.fromhex(head_hex), bytes.fromhex(body_hex)
+            sig = SCHEME.parse(str(self.headers.get(AUTH, "")))
         except ValueError:
             self._reply(401)
             return None
         srv = self.server
-        if n < 0 or not hmac.compare_digest(head, head_mac(srv.key, self.command, self.path, ts, nonce, n)):
+        if not SCHEME.head_ok(srv.key, sig, self.command, self.path, n):
             self._reply(401)
             return None
-        why = srv.nonces.check(ts, nonce)
+        why = srv.nonces.check(sig.ts, sig.nonce)
         if why is not None:
             self._reply(503 if why == "busy" else 401, {"error": why})
             return None
@@ -252,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         self.rfile.left = n
         body = self.rfile.read(n)
-        if len(body) != n or not hmac.compare_digest(body_want, body_mac(srv.key, head, body)):
+        if len(body) != n or not SCHEME.body_ok(srv.key, sig, body):
             self._reply(401)
             return None
         return body
@@ -383,4 +332,4 @@ class MailboxClient:
         return out
 
 
-__all__ = ["MAX_BODY", "MAX_HEAD", "Mailbox", "MailboxClient", "MailboxServer", "Nonces", "sign"]
+__all__ = ["AUTH", "MAX_BODY", "MAX_HEAD", "WINDOW", "Mailbox", "MailboxClient", "MailboxServer", "Nonces", "sign"]

@@ -5,29 +5,26 @@ domain: the head MAC covers method, path, time, nonce and body length; the body 
 ``sign`` for clients and ``ControlAuth``, a plain ASGI middleware for the node: the head is checked before a
 byte of the body is read (an unauthenticated caller cannot make the node read, parse or allocate for a body:
 ``/expect`` sizes cache buffers from the prompt), each nonce is accepted once within the time window
-(``Nonces``, shared with the SGLang bootstrap mailbox), bodies are bounded (``MAX_BODY``) before and after.
+(``kvwire.signing``: the scheme and ``Nonces`` the SGLang bootstrap mailbox uses too, in its own domain),
+bodies are bounded (``MAX_BODY``) before and after.
 ``GET /health`` stays open (``OPEN_ROUTES``): the liveness probe launchers poll.
 Must not know: what the routes do, starlette, httpx.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..adapters.sglang_bootstrap import WINDOW, Nonces
+from ..signing import AUTH, WINDOW, Nonces, Scheme
 
 __all__ = ["AUTH", "MAX_BODY", "ControlAuth", "control_key", "sign"]
 
-AUTH = "X-Kvwire-Auth"
 #: a 1M-token prompt is ~7 MB of JSON token ids; 32 MiB leaves room and bounds what a key holder can send
 MAX_BODY = 32 << 20
-_DOMAIN = b"kvwire-prfaas-control/1 "
+_SCHEME = Scheme(b"kvwire-prfaas-control/1 ")
 #: answered without a signature: the liveness probe launchers and supervisors poll (it reads no body and
 #: tells only the node's name, role, state and queue counts)
 OPEN_ROUTES = frozenset({("GET", "/health")})
@@ -47,21 +44,9 @@ def control_key(key: bytes | str | None = None) -> bytes:
     return out
 
 
-def _head_mac(key: bytes, method: str, path: str, ts: str, nonce: str, length: int) -> bytes:
-    return hmac.new(key, _DOMAIN + f"head\n{method}\n{path}\n{ts}\n{nonce}\n{length}".encode(),
-                    hashlib.sha256).digest()
-
-
-def _body_mac(key: bytes, head: bytes, body: bytes) -> bytes:
-    return hmac.new(key, _DOMAIN + b"body\n" + head + body, hashlib.sha256).digest()
-
-
 def sign(key: bytes, method: str, path: str, body: bytes, now: float | None = None) -> str:
     """The ``X-Kvwire-Auth`` value for one request (``path`` without the query: the API takes none)."""
-    ts = f"{time.time() if now is None else now:.3f}"
-    nonce = os.urandom(16).hex()
-    head = _head_mac(key, method.upper(), path, ts, nonce, len(body))
-    return f"{ts} {nonce} {head.hex()} {_body_mac(key, head, body).hex()}"
+    return _SCHEME.sign(key, method.upper(), path, body, now)
 
 
 class ControlAuth:
@@ -79,16 +64,15 @@ class ControlAuth:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         try:
             length = int(headers.get(b"content-length", b"0"))
-            ts, nonce, head_hex, body_hex = headers.get(AUTH.lower().encode(), b"").decode().split(" ")
-            head, body_want = bytes.fromhex(head_hex), bytes.fromhex(body_hex)
+            sig = _SCHEME.parse(headers.get(AUTH.lower().encode(), b"").decode())
         except (ValueError, UnicodeDecodeError):
             await _reply(send, 401, "missing or malformed X-Kvwire-Auth")
             return
-        if length < 0 or b"transfer-encoding" in headers or not hmac.compare_digest(
-                head, _head_mac(self.key, scope["method"], scope["path"], ts, nonce, length)):
+        if b"transfer-encoding" in headers or not _SCHEME.head_ok(self.key, sig, scope["method"], scope["path"],
+                                                                  length):
             await _reply(send, 401, "bad signature")
             return
-        why = self.nonces.check(ts, nonce)
+        why = self.nonces.check(sig.ts, sig.nonce)
         if why is not None:
             await _reply(send, 503 if why == "busy" else 401, why)
             return
@@ -109,7 +93,7 @@ class ControlAuth:
             if not msg.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if got != length or not hmac.compare_digest(body_want, _body_mac(self.key, head, body)):
+        if got != length or not _SCHEME.body_ok(self.key, sig, body):
             await _reply(send, 401, "bad signature")
             return
         delivered = False
