@@ -55,26 +55,66 @@ async def _ended(handle: Any, timeout: float) -> None:
         raise TimeoutError(f"transfer not ended in {timeout} s") from None
 
 
-def admit(name: str, state: str, role: str, wanted: str) -> None:
-    """Admission of new work, the same for every node kind: 503 unless ready, 409 in the other role."""
-    if state != "ready":
-        raise NodeFault(503, f"node {name} is {state}")
-    if role != wanted:
-        raise NodeFault(409, f"node {name} is a {role} node, not {wanted}")
-
-
 def _state_of(exc: BaseException) -> str:
     name = type(exc).__name__
     return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
 
 
-class Node:
+class NodeState:
+    """What every node kind shares: its role, the ready / draining / converting state, admission of new work,
+    drain and resume, and the ids of prefills cancelled before they arrived (bounded). A node kind adds its
+    requests held between the counts (``_held``: expected, not yet generating)."""
+
+    def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes) -> None:
+        self.config, self.spec, self.key = config, spec, key
+        self.role, self.state = spec.role, "ready"
+        self.queued = self.running = 0
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # prefills cancelled before they started
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _held(self) -> int:
+        return 0
+
+    def _admit(self, role: str) -> None:
+        """503 unless ready, 409 in the other role."""
+        if self.state != "ready":
+            raise NodeFault(503, f"node {self.spec.name} is {self.state}")
+        if self.role != role:
+            raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
+
+    def _settle(self) -> None:
+        if self.queued == 0 and self.running == 0 and not self._held():
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _refuse_when_it_comes(self, request_id: str) -> None:
+        self._cancelled[request_id] = None
+        while len(self._cancelled) > 1024:
+            self._cancelled.popitem(last=False)
+
+    async def drain(self, timeout: float) -> None:
+        if self.state == "ready":
+            self.state = "draining"
+        self._settle()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NodeFault(504, f"node {self.spec.name} still has work after {timeout} s") from None
+
+    def resume(self) -> None:
+        if self.state == "converting":
+            raise NodeFault(409, "node is converting")
+        self.state = "ready"
+
+
+class Node(NodeState):
     """The node's state and operations (the HTTP layer in ``app`` only parses and serializes)."""
 
     def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes, backend: NodeBackend | None = None, *,
                  transfer_timeout: float = 60.0, peer_timeout: float = 5.0) -> None:
-        self.config, self.spec, self.key = config, spec, key
-        self.role, self.state = spec.role, "ready"
+        super().__init__(config, spec, key)
         self.transfer_timeout, self.peer_timeout = transfer_timeout, peer_timeout
         self.backend: NodeBackend = backend if backend is not None else TransformersRunner(
             config.model, config.cache.block_size)
@@ -85,13 +125,10 @@ class Node:
         self._sessions: dict[Peer, kvwire.Session] = {}
         self._dialling: dict[Peer, threading.Lock] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prfaas-{spec.name}")
-        self.queued = self.running = 0
         self._pending: dict[str, Incoming] = {}  # decode: expected, not yet generating
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, transfer ended badly first
-        self._cancelled: OrderedDict[str, None] = OrderedDict()  # prefills cancelled before they started
         self._outgoing: dict[str, Any] = {}  # prefill: request id -> transfer in flight
         self.monitor = LinkMonitor(self.lane_sockets, interval=0.1).start()
-        self._idle = asyncio.Event()
         self._closed = False
 
     # -- sessions and link -----------------------------------------------------------------------------
@@ -137,14 +174,8 @@ class Node:
                 "data_port": self.receiver.address[1], "checkpoints": len(self.store)}
 
     # -- admission -------------------------------------------------------------------------------------
-    def _admit(self, role: str) -> None:
-        admit(self.spec.name, self.state, self.role, role)
-
-    def _settle(self) -> None:
-        if self.queued == 0 and self.running == 0 and not self._pending:
-            self._idle.set()
-        else:
-            self._idle.clear()
+    def _held(self) -> int:
+        return len(self._pending)
 
     # -- decode side -----------------------------------------------------------------------------------
     def expect(self, request_id: str, prompt: list[int], reuse_length: int = 0) -> None:
@@ -334,20 +365,9 @@ class Node:
         if transfer is not None:
             transfer.cancel("cancelled by the router")
         if incoming is None and transfer is None:  # a prefill still queued (or not yet here): refuse it then
-            self._cancelled[request_id] = None
-            while len(self._cancelled) > 1024:
-                self._cancelled.popitem(last=False)
+            self._refuse_when_it_comes(request_id)
 
     # -- roles -----------------------------------------------------------------------------------------
-    async def drain(self, timeout: float) -> None:
-        if self.state == "ready":
-            self.state = "draining"
-        self._settle()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise NodeFault(504, f"node {self.spec.name} still has work after {timeout} s") from None
-
     def set_role(self, role: str) -> None:
         if role not in ROLES:
             raise NodeFault(400, f"role must be one of {ROLES}")
@@ -360,11 +380,6 @@ class Node:
             self.store.clear()  # a decode node's entries are KV-only; a new role starts from an empty store
             self.role = role
             self.state = "draining"
-
-    def resume(self) -> None:
-        if self.state == "converting":
-            raise NodeFault(409, "node is converting")
-        self.state = "ready"
 
     def close(self) -> None:
         with self._lock:

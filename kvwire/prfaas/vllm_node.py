@@ -49,7 +49,7 @@ from typing import Any
 from ..adapters.vllm import KvwireConnector, KvwireMetadata, decode_params, prefill_params
 from ..errors import KvwireError
 from .config import CacheConfig, DeployConfig, ModelSpec, NodeSpec, to_toml
-from .node import NodeFault, Peer, admit
+from .node import NodeFault, NodeState, Peer
 from .store import CheckpointStore
 
 log = logging.getLogger("kvwire.prfaas.vllm_node")
@@ -282,12 +282,11 @@ async def _next(sink: queue.Queue[Any], timeout: float) -> Any:
         raise TimeoutError(f"no output from vLLM in {timeout} s") from None
 
 
-class VllmNode:
+class VllmNode(NodeState):
     """A node of the deployment backed by a vLLM engine (see the module docstring for what differs)."""
 
     def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes, *, transfer_timeout: float = 60.0) -> None:
-        self.config, self.spec, self.key = config, spec, key
-        self.role, self.state = spec.role, "ready"
+        super().__init__(config, spec, key)
         self.transfer_timeout = transfer_timeout
         self.options = vllm_options(config)
         self.store = CheckpointStore(config.cache.block_size, 0)  # stays empty: no prefix checkpoints here
@@ -295,11 +294,7 @@ class VllmNode:
         model = model_dir(config.model, self.options["workdir"])
         kv_role = "kv_producer" if spec.role == "prefill" else "kv_consumer"
         self.engine = VllmEngine(model, kv_role, spec.host, spec.data_port, key, self.options, transfer_timeout)
-        self.queued = self.running = 0
         self._expected: dict[str, list[int]] = {}
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def health(self) -> dict[str, Any]:
         return {"name": self.spec.name, "cluster": self.spec.cluster, "role": self.role, "state": self.state,
@@ -311,14 +306,8 @@ class VllmNode:
             return None
         return {"utilization": None, "congested": False, "capacity_bps": None, "rtt_s": None}
 
-    def _admit(self, role: str) -> None:
-        admit(self.spec.name, self.state, self.role, role)
-
-    def _settle(self) -> None:
-        if self.queued == 0 and self.running == 0 and not self._expected:
-            self._idle.set()
-        else:
-            self._idle.clear()
+    def _held(self) -> int:
+        return len(self._expected)
 
     @staticmethod
     def _check(prompt: list[int], vocab: int) -> None:
@@ -444,30 +433,16 @@ class VllmNode:
 
     def cancel(self, request_id: str) -> None:
         if self._expected.pop(request_id, None) is None:
-            self._cancelled[request_id] = None  # a prefill not yet here is refused when it comes
-            while len(self._cancelled) > 1024:
-                self._cancelled.popitem(last=False)
+            self._refuse_when_it_comes(request_id)
         self.engine.abort(request_id)  # in the engine: vLLM aborts it, the connector cancels its transfer
         self._settle()
 
     # -- roles -----------------------------------------------------------------------------------------
-    async def drain(self, timeout: float) -> None:
-        if self.state == "ready":
-            self.state = "draining"
-        self._settle()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise NodeFault(504, f"node {self.spec.name} still has work after {timeout} s") from None
-
     def set_role(self, role: str) -> None:
         if role != self.role:
             raise NodeFault(409, f"a vLLM node's KV role is fixed when its engine starts ({self.role})")
         if self.state != "draining":
             raise NodeFault(409, f"drain node {self.spec.name} first (it is {self.state})")
-
-    def resume(self) -> None:
-        self.state = "ready"
 
     def close(self) -> None:
         self.engine.close()
