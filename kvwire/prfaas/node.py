@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -32,10 +31,10 @@ from ..congestion.monitor import LinkMonitor
 from ..errors import KvwireError, LayoutError, TransferCancelled, TransferError
 from .config import ROLES, DeployConfig, NodeSpec, load
 from .runner import Checkpoint, Incoming, NodeBackend, TransformersRunner
+from .sessions import Peer, SessionPool
 from .store import CheckpointStore
 
 log = logging.getLogger("kvwire.prfaas.node")
-Peer = tuple[str, int]
 
 
 class NodeFault(Exception):
@@ -121,41 +120,20 @@ class Node(NodeState):
         self.store = CheckpointStore(config.cache.block_size, config.cache.store_bytes)
         self.receiver = kvwire.Receiver(spec.host, spec.data_port, key=key, peer_timeout=peer_timeout,
                                         transfer_timeout=transfer_timeout)
-        self._lock = threading.Lock()
-        self._sessions: dict[Peer, kvwire.Session] = {}
-        self._dialling: dict[Peer, threading.Lock] = {}
+        self._sessions = SessionPool(self._dial, name=f"node {spec.name}")
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prfaas-{spec.name}")
         self._pending: dict[str, Incoming] = {}  # decode: expected, not yet generating
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, transfer ended badly first
         self._outgoing: dict[str, Any] = {}  # prefill: request id -> transfer in flight
-        self.monitor = LinkMonitor(self.lane_sockets, interval=0.1).start()
-        self._closed = False
+        self.monitor = LinkMonitor(self._sessions.lane_sockets, interval=0.1).start()
 
     # -- sessions and link -----------------------------------------------------------------------------
-    def lane_sockets(self) -> list[Any]:
-        with self._lock:
-            sessions = list(self._sessions.values())
-        return [s for session in sessions for s in session.lane_sockets()]
-
     def session(self, peer: Peer) -> kvwire.Session:
         """The one session to ``peer``'s data port (dialled on first use, replaced when unhealthy)."""
-        with self._lock:
-            dialling = self._dialling.setdefault(peer, threading.Lock())
-        with dialling:
-            with self._lock:
-                s = self._sessions.get(peer)
-                if s is not None and s.healthy:
-                    return s
-                self._sessions.pop(peer, None)
-            if s is not None:
-                s.close()
-            fresh = kvwire.connect(peer[0], peer[1], lanes=2, key=self.key, peer_timeout=self.peer_timeout)
-            with self._lock:
-                if self._closed:
-                    fresh.close()
-                    raise KvwireError("node closed")
-                self._sessions[peer] = fresh
-            return fresh
+        return self._sessions.get(peer)
+
+    def _dial(self, peer: Peer) -> kvwire.Session:
+        return kvwire.connect(peer[0], peer[1], lanes=2, key=self.key, peer_timeout=self.peer_timeout)
 
     def link(self) -> dict[str, Any] | None:
         if self.role == "decode":
@@ -382,16 +360,12 @@ class Node(NodeState):
             self.state = "draining"
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            sessions, self._sessions = list(self._sessions.values()), {}
+        self._sessions.close()
         for incoming in list(self._pending.values()):
             incoming.handle.cancel("node shutting down")
         self._pending.clear()
         self._compute.shutdown(wait=True, cancel_futures=True)
         self.monitor.stop()
-        for s in sessions:
-            s.close()
         self.receiver.close()
 
 

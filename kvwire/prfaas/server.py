@@ -26,11 +26,11 @@ import kvwire
 from ..congestion.estimator import LinkEstimator, LinkState
 from ..congestion.monitor import LinkMonitor
 from .model import PrefillProfile
+from .sessions import Peer, SessionPool
 from .workload import segment_pattern
 
 log = logging.getLogger("kvwire.prfaas")
 
-Peer = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,10 @@ class PrfaasServer:
         self.key = key
         self.transfer_timeout = transfer_timeout
         self.session_options = dict(session_options or {})
-        self._sessions: dict[Peer, kvwire.Session] = {}
-        self._dialling: dict[Peer, threading.Lock] = {}  # one connect per peer at a time
         self.link_control = link_control
         self.probe_seconds = probe_seconds
         self._group = kvwire.LaneGroup()
+        self._sessions = SessionPool(self._dial, name="PrfaaS server", on_new=self._join, on_drop=self._group.remove)
         self._egress: kvwire.LinkControl | None = None  # over _group, from the first session on
         self._egress_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -137,7 +136,7 @@ class PrfaasServer:
         self._running = 0
         self._closed = False
         self._subscribers: list[Callable[[LinkState], None]] = []
-        self.monitor = LinkMonitor(self.lane_sockets, interval=monitor_interval, estimator=estimator)
+        self.monitor = LinkMonitor(self._sessions.lane_sockets, interval=monitor_interval, estimator=estimator)
         self.monitor.subscribe(self._from_monitor)
         self.monitor.start()
         self.metrics = metrics
@@ -178,9 +177,7 @@ class PrfaasServer:
 
     def lane_sockets(self) -> list[Any]:
         """Every live lane socket of every decode-peer session (what the LinkMonitor samples)."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-        return [s for session in sessions for s in session.lane_sockets()]
+        return self._sessions.lane_sockets()
 
     def link_state(self) -> LinkState | None:
         """The egress as the router should see it: the egress ``LinkControl``'s estimate once there is
@@ -230,11 +227,7 @@ class PrfaasServer:
             egress, self._egress = self._egress, None
         if egress is not None:
             egress.close()
-        with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-        for s in sessions:
-            self._group.remove(s)
-            s.close()
+        self._sessions.close()
 
     def __enter__(self) -> PrfaasServer:
         return self
@@ -243,36 +236,8 @@ class PrfaasServer:
         self.close()
 
     # ------------------------------------------------------------ internals
-    def _session(self, peer: Peer) -> kvwire.Session:
-        """The one session to ``peer``, opened (or replaced, if unhealthy) by the first instance that
-        needs it; instances asking meanwhile wait for it rather than dialling a second one."""
-        with self._lock:
-            dialling = self._dialling.setdefault(peer, threading.Lock())
-        with dialling:
-            with self._lock:
-                s = self._sessions.get(peer)
-                if s is not None and s.healthy:
-                    return s
-                self._sessions.pop(peer, None)
-            if s is not None:
-                self._group.remove(s)
-                s.close()
-            fresh = kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
-            try:
-                self._join(fresh, peer)
-            except BaseException:
-                self._group.remove(fresh)
-                fresh.close()
-                raise
-            with self._lock:
-                closed = self._closed
-                if not closed:
-                    self._sessions[peer] = fresh
-            if closed:
-                self._group.remove(fresh)
-                fresh.close()
-                raise kvwire.KvwireError("PrfaaS server closed")
-            return fresh
+    def _dial(self, peer: Peer) -> kvwire.Session:
+        return kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
 
     def _join(self, session: kvwire.Session, peer: Peer) -> None:
         """Report a new decode session to ``metrics`` and put it under the egress's ``LinkControl``
@@ -332,7 +297,7 @@ class PrfaasServer:
         by_layer: dict[int, list[kvwire.Segment]] = {}
         for seg in segments:
             by_layer.setdefault(seg.layer, []).append(seg)
-        out = self._session(job.peer).send(self.layout, job.request, timeout=self.transfer_timeout)
+        out = self._sessions.get(job.peer).send(self.layout, job.request, timeout=self.transfer_timeout)
         keep: list[Any] = []  # buffers must outlive the transfer
         try:
             for layer in range(self.layout.num_layers):
