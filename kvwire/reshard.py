@@ -30,7 +30,7 @@ from .codec.layout import RequestSpec, plan_segments
 from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
-from .tcp.handle import Outcome
+from .tcp.handle import LayerOutcome, Outcome
 
 if TYPE_CHECKING:
     from .tcp.incoming import IncomingTransfer
@@ -198,41 +198,21 @@ class ReshardSender:
         return ReshardOutgoing(self.plan, self.rank, request, started)
 
 
-class ReshardIncoming(Outcome):
+class ReshardIncoming(LayerOutcome):
     """One request on one decode rank. ``wait_layer(i)`` returns once every contributing prefill rank's
     part of layer ``i`` is verified and in place; ``result()`` once all of them are."""
+
+    _ended = "request"
 
     def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec) -> None:
         super().__init__()
         self.plan, self.rank, self.request = plan, rank, request
         self.sources: dict[int, IncomingTransfer] = {}
-        self.layer_times: dict[int, float] = {}
-        self.started = time.monotonic()
-        self._cond = threading.Condition()
         self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
         self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, Any]]] = {}
         self._done_sources: set[int] = set()
-        self._layer_callbacks: list[Callable[[int], None]] = []
 
     # ---- caller API
-    @property
-    def layers_ready(self) -> set[int]:
-        with self._cond:
-            return set(self.layer_times)
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Return once ``layer`` is complete on this decode rank; raise if the request ended without it."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while layer not in self.layer_times:
-                if self.finished:
-                    self.result(0)
-                    raise KvwireError(f"request done but layer {layer} is not in it")
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
-                self._cond.wait(left if left is not None else 1.0)
-
     def on_layer(self, fn: Callable[[int], None]) -> None:
         """``fn(layer)`` as each layer completes (on the receiver's callback pool); earlier ones at once."""
         with self._cond:

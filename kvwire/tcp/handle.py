@@ -10,11 +10,12 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
 from ..codec.transfer import State
-from ..errors import TransferCancelled, TransferFailed, TransferTimedOut
+from ..errors import KvwireError, TransferCancelled, TransferFailed, TransferTimedOut
 from .callbacks import Callbacks
 
 log = logging.getLogger("kvwire.tcp")
@@ -117,3 +118,37 @@ class Outcome:
     def __await__(self) -> Generator[Any, None, Any]:
         yield from asyncio.wrap_future(self.future).__await__()
         return self
+
+
+class LayerOutcome(Outcome):
+    """An outcome whose layers become ready one by one (a transfer, or a request gathered from several):
+    ``layer_times`` (layer -> when it became ready), ``layers_ready`` and ``wait_layer``. The owner records a
+    layer in ``layer_times`` under ``_cond`` and notifies it; ``_layer_callbacks`` are the ``on_layer``
+    callbacks it owes."""
+
+    _ended = "transfer"  # what wait_layer says ended without the layer
+
+    def __init__(self, callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
+        self.layer_times: dict[int, float] = {}
+        self.started = time.monotonic()
+        self._cond = threading.Condition()
+        self._layer_callbacks: list[Callable[[int], None]] = []
+
+    @property
+    def layers_ready(self) -> set[int]:
+        with self._cond:
+            return set(self.layer_times)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Return once ``layer`` is ready; raise if the outcome ended without it."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while layer not in self.layer_times:
+                if self.finished:
+                    self.result(0)  # raises the terminal error
+                    raise KvwireError(f"{self._ended} done but layer {layer} is not in it")
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
+                self._cond.wait(left if left is not None else 1.0)

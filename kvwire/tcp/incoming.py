@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -19,9 +18,8 @@ from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
-from ..errors import KvwireError
 from .callbacks import Callbacks
-from .handle import Outcome
+from .handle import LayerOutcome
 
 if TYPE_CHECKING:
     from .rxsession import RxSession
@@ -30,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvwire.tcp")
 
 
-class IncomingTransfer(Outcome):
+class IncomingTransfer(LayerOutcome):
     """Receiver-side handle of one transfer. Layers become readable as ``wait_layer`` returns."""
 
     def __init__(self, request_id: str, dest: Any = None, layout: ModelLayout | None = None,
@@ -45,10 +43,6 @@ class IncomingTransfer(Outcome):
         self.manifest: Manifest | None = None
         self.plan: ChunkPlan | None = None
         self.views: list[memoryview] = []
-        self.layer_times: dict[int, float] = {}
-        self.started = time.monotonic()
-        self._cond = threading.Condition()
-        self._layer_callbacks: list[Callable[[int], None]] = []
         self._lane_bytes: dict[int, int] = {}
         # internal, guarded by the session lock
         self._sm: ReceiverTransfer | None = None
@@ -59,24 +53,6 @@ class IncomingTransfer(Outcome):
         self._session: RxSession | None = None
 
     # ---- caller API
-    @property
-    def layers_ready(self) -> set[int]:
-        with self._cond:
-            return set(self.layer_times)
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Return once ``layer`` is verified in the destination; raise if the transfer ended without it."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while layer not in self.layer_times:
-                if self.finished:
-                    self.result(0)  # raises the terminal error
-                    raise KvwireError(f"transfer done but layer {layer} is not in it")
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"layer {layer} not ready after {timeout}s")
-                self._cond.wait(left if left is not None else 1.0)
-
     def lane_sockets(self) -> dict[int, socket.socket]:
         """The live lane sockets of the session carrying this transfer, by lane index (for TCP_INFO)."""
         s = self._session
