@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from helpers import wait_until
 from prfaas_nodes import free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,3 +76,17 @@ def stream_tokens(client: Any, prompt: Any, max_tokens: int, **headers: str) -> 
         text += chunk.choices[0].text
         summary = (chunk.model_extra or {}).get("prfaas", summary)
     return ids, text, summary
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    """A front door's or node's JSON answer, also for an error status (its body says why)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """``cond()`` within ``timeout`` s, else an AssertionError naming ``what``."""
+    assert wait_until(cond, timeout, 0.05), f"timed out waiting for {what}"

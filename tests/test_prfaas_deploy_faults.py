@@ -6,11 +6,9 @@ routing to the node until its /health answers again.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +17,7 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("transformers")
 import openai  # noqa: E402
-from prfaas_deploy_util import metric, metrics, stream_tokens, wait_gone, write_config  # noqa: E402
+from prfaas_deploy_util import get_json, metric, metrics, stream_tokens, wait_for, wait_gone, write_config  # noqa: E402
 
 from kvwire.prfaas.launcher import Deployment  # noqa: E402
 
@@ -41,31 +39,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deplo
         assert wait_gone(pids + list(d.pids().values())) == []
 
 
-def _json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _prfaas_busy(d: Deployment) -> bool:
     try:
-        return int(_json(d.config.node("prfaas-0").control_url + "/health")["running"]) >= 1
+        return int(get_json(d.config.node("prfaas-0").control_url + "/health")["running"]) >= 1
     except OSError:
         return False
 
 
 def _healthy(d: Deployment, node: str) -> bool:
-    return bool(_json(d.frontdoor_url + "/health")["nodes"][node]["healthy"])
+    return bool(get_json(d.frontdoor_url + "/health")["nodes"][node]["healthy"])
 
 
 def _fault_mid_prefill(d: Deployment, client: Any, fault: Callable[[], None], prompt: str) -> dict[str, Any]:
@@ -81,7 +63,7 @@ def _fault_mid_prefill(d: Deployment, client: Any, fault: Callable[[], None], pr
     t = threading.Thread(target=run)
     t0 = time.monotonic()
     t.start()
-    _wait(lambda: _prfaas_busy(d) or not t.is_alive(), 30, "the PrfaaS prefill to start")
+    wait_for(lambda: _prfaas_busy(d) or not t.is_alive(), 30, "the PrfaaS prefill to start")
     fault()
     t.join(60)
     out["seconds"] = time.monotonic() - t0
@@ -102,13 +84,13 @@ def test_prfaas_node_killed_mid_request(deployment: tuple[Deployment, Any]) -> N
     m = metrics(d.frontdoor_url)
     assert metric(m, "prfaas_reprefills_total", why="node") + metric(m, "prfaas_reprefills_total", why="node-down") \
         - metric(before, "prfaas_reprefills_total", why="node") >= 1
-    _wait(lambda: not _healthy(d, "prfaas-0"), 5, "the router to mark prfaas-0 unhealthy")
+    wait_for(lambda: not _healthy(d, "prfaas-0"), 5, "the router to mark prfaas-0 unhealthy")
     assert metric(metrics(d.frontdoor_url), "prfaas_node_healthy", node="prfaas-0") == 0
     r = client.completions.create(model="m", prompt="after: " + LONG[:400], max_tokens=3)  # long: t* is 256
     assert r.model_extra["prfaas"]["route"] == "local"
     assert metric(metrics(d.frontdoor_url), "prfaas_routing_decisions_total", target="local", why="fallback") >= 1
     d.restart("prfaas-0")
-    _wait(lambda: _healthy(d, "prfaas-0"), 10, "prfaas-0 to be routed to again")
+    wait_for(lambda: _healthy(d, "prfaas-0"), 10, "prfaas-0 to be routed to again")
     r = client.completions.create(model="m", prompt="back: " + LONG[:400], max_tokens=3)
     assert r.model_extra["prfaas"]["route"] == "prfaas"
 
@@ -129,6 +111,6 @@ def test_prfaas_node_cut_off_mid_request(deployment: tuple[Deployment, Any]) -> 
         assert r.model_extra["prfaas"]["route"] == "local"
     finally:
         d.kill("prfaas-0", signal.SIGCONT)
-    _wait(lambda: _healthy(d, "prfaas-0"), 10, "prfaas-0 to be routed to again")
+    wait_for(lambda: _healthy(d, "prfaas-0"), 10, "prfaas-0 to be routed to again")
     r = client.completions.create(model="m", prompt="healed: " + LONG[:400], max_tokens=3)
     assert r.model_extra["prfaas"]["route"] == "prfaas"

@@ -8,11 +8,8 @@ Needs root, iproute2 and iptables (skips with the reason otherwise).
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,7 +22,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.skipif(_REASON is
 pytest.importorskip("openai")
 pytest.importorskip("transformers")
 import openai  # noqa: E402
-from prfaas_deploy_util import stream_tokens, wait_gone, write_config  # noqa: E402
+from prfaas_deploy_util import get_json, stream_tokens, wait_for, wait_gone, write_config  # noqa: E402
 
 from kvwire.prfaas.launcher import Deployment, WanSpec  # noqa: E402
 
@@ -47,22 +44,6 @@ def wan_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploym
         assert not any(netns.exists(ns) for ns in namespaces)
 
 
-def _json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _cut(d: Deployment, on: bool) -> None:
     op = "-I" if on else "-D"
     netns.sh(netns.exec_prefix(d.link.middle_ns) + ["iptables", "-w", op, "FORWARD", "-j", "DROP"])
@@ -72,7 +53,7 @@ def test_prefill_across_the_wan_and_a_cut_link(wan_deployment: Deployment) -> No
     d = wan_deployment
     with netns.entered(d.link.client_ns):  # the front door lives in the client namespace
         client = openai.OpenAI(base_url=d.frontdoor_url + "/v1", api_key="unused", max_retries=0, timeout=90)
-        healthy = lambda: bool(_json(d.frontdoor_url + "/health")["nodes"]["prfaas-0"]["healthy"])  # noqa: E731
+        healthy = lambda: bool(get_json(d.frontdoor_url + "/health", 3)["nodes"]["prfaas-0"]["healthy"])  # noqa: E731
         try:
             over, _, s = stream_tokens(client, "over: " + LONG[:1500], 6, **{"X-Prfaas-Route": "prfaas"})
             here, _, _ = stream_tokens(client, "over: " + LONG[:1500], 6,
@@ -91,7 +72,8 @@ def test_prefill_across_the_wan_and_a_cut_link(wan_deployment: Deployment) -> No
             t = threading.Thread(target=run)
             t.start()
             node = d.config.node("prfaas-0").control_url
-            _wait(lambda: _json(node + "/health")["running"] >= 1 or not t.is_alive(), 30, "the PrfaaS prefill")
+            wait_for(lambda: get_json(node + "/health", 3)["running"] >= 1 or not t.is_alive(), 30,
+                     "the PrfaaS prefill")
             _cut(d, True)
             try:
                 t.join(60)
@@ -105,7 +87,7 @@ def test_prefill_across_the_wan_and_a_cut_link(wan_deployment: Deployment) -> No
                 assert r.model_extra["prfaas"]["prefill_node"] == "local-p0"  # not routed to the cut node
             finally:
                 _cut(d, False)
-            _wait(healthy, 15, "prfaas-0 to be routed to again")
+            wait_for(healthy, 15, "prfaas-0 to be routed to again")
             # forced to PrfaaS (the cut's losses may have raised t): served there, not a fallback
             r = client.completions.create(model="m", prompt="healed: " + LONG[:400], max_tokens=3,
                                           extra_headers={"X-Prfaas-Route": "prfaas"})
