@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
+from wan_bench import Payload  # beside this file (wan_bench imports this module only inside main)
 
 import kvwire
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
@@ -37,20 +37,6 @@ from kvwire.testing.wan import WanLink
 PAYLOAD = 1448 / 1500
 Row = tuple[str, str, str, "bool | None"]
 QWEN = "qwen3-next-80b-a3b"
-
-
-class Payload:
-    def __init__(self, tokens: int, preset: str = QWEN) -> None:
-        self.layout = kvwire.load_layout(preset)
-        self.tokens = tokens
-        segs = kvwire.plan_segments(self.layout, kvwire.RequestSpec("size", tokens, tokens))
-        self.buffers = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(segs)]
-        self.nbytes = sum(s.nbytes for s in segs)
-
-    def send(self, session: kvwire.Session, rid: str) -> Any:
-        out = session.send(self.layout, kvwire.RequestSpec(rid, self.tokens, self.tokens), timeout=600)
-        out.write_all(self.buffers)
-        return out.finish()
 
 
 def _receiver(link: WanLink, bench: str) -> tuple[int, subprocess.Popen[str]]:
@@ -136,7 +122,7 @@ def row_fat(a: Any, bench: str) -> list[Row]:
             rows.append((f"fat  iperf3 -P{streams} {cc}", f"{r['mbit']:.0f} Mbit/s = {_pct(r['mbit'] / full)} of "
                          f"payload rate, {r['retrans']} retrans", "beside", None))
         port, rx = _receiver(link, bench)
-        payload = Payload(32768)
+        payload = Payload(QWEN, 32768)
         s = _connect(link, port)
         try:
             t0 = time.monotonic()
@@ -161,7 +147,7 @@ def row_fat(a: Any, bench: str) -> list[Row]:
 def row_burst(a: Any, bench: str) -> list[Row]:
     rate = 2000 * a.scale
     full = rate * PAYLOAD * 1e6 / 8
-    payload = Payload(8192)
+    payload = Payload(QWEN, 8192)
     ideal = payload.nbytes / full
     times: list[float] = []
     with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
@@ -192,7 +178,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
     with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13) as link:
         one = _iperf(link, 1, "bbr", a.seconds)
         port, rx = _receiver(link, bench)
-        payload = Payload(16384)
+        payload = Payload(QWEN, 16384)
         for name, kw in (("default", {}), ("-C cubic", {"link_control": kvwire.ControllerConfig(
                 congestion="cubic", max_lanes=32)})):
             s = _connect(link, port, **kw)
@@ -222,7 +208,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
 def run_sender(host: str, port: int, seconds: float) -> int:
     """--sender: a default session moving 8k-token caches back to back for ``seconds``; prints
     ``[t, acked bytes]`` every 0.25 s (TCP_INFO of its lanes) and a last line with its total."""
-    payload = Payload(8192)
+    payload = Payload(QWEN, 8192)
     s = kvwire.connect(host, port)
     acked: dict[int, int] = {}
     stop = threading.Event()
@@ -299,7 +285,7 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
     with WanLink(rtt_ms=20, rate_mbit=rate, seed=15) as link:
         port, rx = _receiver(link, bench)
         s = _connect(link, port)
-        payload = Payload(8192)
+        payload = Payload(QWEN, 8192)
 
         def fault() -> None:
             time.sleep(5.0)
@@ -333,7 +319,7 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
 
 
 def row_loopback(a: Any, bench: str) -> list[Row]:
-    payload = Payload(32768)
+    payload = Payload(QWEN, 32768)
     rx = subprocess.Popen([sys.executable, bench, "--receiver", "--bind", "127.0.0.1"], stdout=subprocess.PIPE,
                           text=True)
     assert rx.stdout is not None
