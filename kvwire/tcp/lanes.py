@@ -21,6 +21,7 @@ import termios
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..codec import frames as F
@@ -34,6 +35,18 @@ log = logging.getLogger("kvwire.tcp")
 #: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
 #: Lanes are dialled concurrently, so it may run on several threads at once.
 LaneHook = Callable[[int, socket.socket], None]
+
+
+@dataclass(frozen=True)
+class LaneInfo:
+    """What a session says of one of its lanes (``Session.lane_info()``): a snapshot."""
+
+    index: int
+    sock: socket.socket  #: for TCP_INFO (an unconnected socket while the lane is being re-dialled)
+    bytes_sent: int  #: payload bytes put on the lane, re-sends included
+    chunks_sent: int
+    alive: bool  #: connected
+    active: bool  #: pulls chunks (``Session.set_active_lanes``); a parked lane stays connected
 
 
 class Lane:

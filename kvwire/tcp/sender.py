@@ -36,7 +36,7 @@ from ..congestion.group import LaneGroup
 from ..errors import KvwireError, ProtocolError
 from .auth import SessionKeys
 from .callbacks import Callbacks
-from .lanes import Dialer, Lane, LaneHook
+from .lanes import Dialer, Lane, LaneHook, LaneInfo
 from .outgoing import OutgoingTransfer
 from .wire import send_parts
 
@@ -264,6 +264,15 @@ class Session:
         with self._cond:
             return [lane.ch.sock for lane in self.lanes
                     if lane.alive and lane.index < self._active]
+
+    def lane_info(self) -> list[LaneInfo]:
+        """A snapshot of every lane opened so far (parked and down ones included), by index: its socket
+        (for TCP_INFO), payload bytes and chunks put on it, whether it is up and whether it pulls chunks.
+        For metrics and the bench; cheap (reads single-writer counters)."""
+        with self._cond:
+            lanes, active = list(self.lanes), self._active
+        return [LaneInfo(lane.index, lane.ch.sock, lane.bytes_sent, lane.chunks_sent, lane.alive,
+                         lane.index < active) for lane in lanes]
 
     def set_active_lanes(self, n: int) -> int:
         """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
