@@ -2,6 +2,12 @@
 
     python benchmarks/transport_bench.py                 # 5 alternating repetitions + the 4 GB memory run
     python benchmarks/transport_bench.py --reps 3 --lanes 4 --skip-4g
+    python benchmarks/transport_bench.py --against ce5f34d --reps 5   # this tree's kvwire beside another commit's
+
+``--against REV`` (before/after a change to the transport): kvwire's cases run twice per repetition, once
+with this tree's package and once with REV's (checked out with ``git worktree add --detach`` into a temporary
+directory and removed afterwards); each version's sender and receiver run in processes of their own
+(``PYTHONPATH`` picks the version), alternating, and the table puts the two side by side with their ratio.
 
 Owns: the run and its table. Every receiver is a separate process (``--role`` modes of this file), with
 its destination buffers allocated and page-faulted before anything is timed; the senders run here. Each
@@ -116,12 +122,42 @@ def role_kv_rx(sizes: list[int]) -> int:
     return 0
 
 
-class Child:
-    """A receiver process of this file; ``first`` is its first stdout line."""
+def role_kv_tx(port: int, lanes: int) -> int:
+    """A kvwire sender process (``--against``): one session; each stdin line ``{"preset", "tokens", "hash"}``
+    moves that payload once and prints its seconds, bytes and this process's CPU over the transfer."""
+    session = kvwire.connect("127.0.0.1", port, lanes=lanes)
+    print(json.dumps({"kvwire": os.path.dirname(kvwire.__file__)}), flush=True)
+    payloads: dict[tuple[str, int], list[np.ndarray]] = {}
+    n = 0
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        cmd = json.loads(line)
+        layout = load_preset(cmd["preset"])
+        key = (cmd["preset"], cmd["tokens"])
+        if key not in payloads:
+            payloads[key] = payload(layout, cmd["tokens"])[1]
+        n += 1
+        cpu, t0 = cpu_now(), time.perf_counter()
+        h = session.send(layout, RequestSpec(f"tx-{n}", cmd["tokens"], cmd["tokens"]), hashing=cmd["hash"])
+        h.write_all(payloads[key])
+        h.finish().result(600)
+        print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": cpu_now() - cpu,
+                          "bytes": sum(b.nbytes for b in payloads[key])}), flush=True)
+    session.close()
+    return 0
 
-    def __init__(self, role: str, sizes: list[int]) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--sizes", ",".join(map(str, sizes))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+class Child:
+    """A process of this file in role ``role``; ``first`` is its first stdout line. ``tree``: run it with
+    that checkout's kvwire package (``PYTHONPATH``) instead of this one's."""
+
+    def __init__(self, role: str, sizes: list[int], tree: str | None = None, extra: Sequence[str] = ()) -> None:
+        env = dict(os.environ)
+        if tree is not None:
+            env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--sizes", ",".join(map(str, sizes)),
+                                      *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.first = self._line()
 
     def _line(self) -> str:
@@ -204,6 +240,109 @@ class KvSender:
         self.session.close()
 
 
+class VersionPair:
+    """``--against``: a sender and a receiver process per kvwire version; ``run`` moves one payload with one."""
+
+    def __init__(self, trees: dict[str, str], sizes: list[int], lanes: int) -> None:
+        self.rx: dict[str, Child] = {}
+        self.tx: dict[str, Child] = {}
+        for name, tree in trees.items():
+            self.rx[name] = rx = Child("kv-rx", sizes, tree)
+            port = json.loads(rx.first)["port"]
+            self.tx[name] = tx = Child("kv-tx", sizes, tree, ["--port", str(port), "--lanes", str(lanes)])
+            where = json.loads(tx.first)["kvwire"]
+            if not where.startswith(os.path.realpath(tree)):
+                raise RuntimeError(f"the {name} sender imported kvwire from {where}, not {tree}")
+
+    def run(self, name: str, preset: str, tokens: int, hashing: bool) -> dict[str, float]:
+        before = self.rx[name].ask("stats")["cpu"]
+        r = self.tx[name].ask(json.dumps({"preset": preset, "tokens": tokens, "hash": hashing}))
+        r["cpu"] += self.rx[name].ask("stats")["cpu"] - before
+        return r
+
+    def stop(self) -> None:
+        for child in [*self.tx.values(), *self.rx.values()]:
+            child.stop()
+
+
+def checkout(rev: str) -> str:
+    """A detached worktree of ``rev`` in a temporary directory (remove with ``drop_checkout``)."""
+    import tempfile
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    path = os.path.join(tempfile.mkdtemp(prefix="kvwire-against-"), "tree")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-q", path, rev], check=True)
+    return path
+
+
+def drop_checkout(path: str) -> None:
+    subprocess.run(["git", "-C", path, "worktree", "remove", "--force", path], check=False)
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def against(rev: str, reps: int, lanes: int, qwen_tokens: int, kimi_tokens: int) -> int:
+    """The before/after table: this tree's kvwire beside ``rev``'s, alternating, plain socket for scale."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = checkout(rev)
+    qwen, kimi = load_preset("qwen3-next-80b-a3b"), load_preset("kimi-linear-48b-a3b")
+    q_flat, _ = payload(qwen, qwen_tokens)
+    k_flat, _ = payload(kimi, kimi_tokens)
+    sizes = [q_flat.nbytes, k_flat.nbytes]
+    rev_name = subprocess.run(["git", "-C", other, "log", "-1", "--format=%h"], capture_output=True,
+                              text=True).stdout.strip()
+    print(f"kvwire before/after on 127.0.0.1: this tree ({here}) vs {rev} ({rev_name}); {os.cpu_count()} CPUs, "
+          f"{reps} alternating repetitions, {lanes} lanes, congestion control at its default (on)", flush=True)
+    plain_rx = Child("plain-rx", sizes)
+    pair = VersionPair({"after": here, "before": other}, sizes, lanes)
+    plain_port = int(plain_rx.first)
+    cases: dict[str, Any] = {
+        "plain-q": lambda: run_plain(plain_port, q_flat),
+        "plain-k": lambda: run_plain(plain_port, k_flat),
+    }
+    for version in ("before", "after"):
+        cases[f"{version}-q-hash"] = lambda v=version: pair.run(v, "qwen3-next-80b-a3b", qwen_tokens, True)
+        cases[f"{version}-q-nohash"] = lambda v=version: pair.run(v, "qwen3-next-80b-a3b", qwen_tokens, False)
+        cases[f"{version}-k-hash"] = lambda v=version: pair.run(v, "kimi-linear-48b-a3b", kimi_tokens, True)
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
+    order = list(cases)
+    try:
+        for rep in range(reps):
+            shift = rep % len(order)
+            for name in order[shift:] + order[:shift]:
+                results[name].append(cases[name]())
+            print(f"  repetition {rep + 1}/{reps} done", flush=True)
+    finally:
+        pair.stop()
+        plain_rx.stop()
+        drop_checkout(other)
+
+    def med(name: str) -> float:
+        return statistics.median(r["bytes"] * 8 / r["seconds"] / GB for r in results[name])
+
+    def cpu(name: str) -> float:
+        return statistics.median(r["cpu"] / (r["bytes"] / GB) for r in results[name])
+
+    print()
+    print(f"{'case':<34} {'payload':>11}  {'Gbit/s':>6}  {'min':>6}  {'max':>6}  {'vs plain':>6}  "
+          f"{'CPU-s/GB':>8}  after/before")
+    print(summarize("plain socket (Qwen3-Next size)", results["plain-q"], None, ""))
+    print(summarize("plain socket (Kimi Linear size)", results["plain-k"], None, ""))
+    qk, kk = f"{qwen_tokens / 1024:g}k", f"{kimi_tokens / 1024:g}k"
+    for key, label, plain in (("q-hash", f"Qwen3-Next {qk}, hash on", "plain-q"),
+                              ("q-nohash", f"Qwen3-Next {qk}, hash off", "plain-q"),
+                              ("k-hash", f"Kimi Linear {kk}, hash on", "plain-k")):
+        for version in ("before", "after"):
+            note = ""
+            if version == "after":
+                note = (f"throughput {med(f'after-{key}') / med(f'before-{key}'):.3f}x, "
+                        f"CPU-s/GB {cpu(f'after-{key}') / cpu(f'before-{key}'):.3f}x")
+            print(summarize(f"{version:<6} {label}", results[f"{version}-{key}"], med(plain), note))
+    print("(Gbit/s: median, min, max over the repetitions; CPU-s/GB: sender + receiver process, median; "
+          f"before = {rev} ({rev_name}), after = this tree)")
+    return 0
+
+
 def random_bytes(nbytes: int) -> np.ndarray:
     """Incompressible-looking bytes, cheaply: a 4 MiB random tile repeated (hashing cost does not depend
     on content; generating GBs of random numbers would dominate the run)."""
@@ -265,7 +404,7 @@ def verdict(ok: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--role", choices=["plain-rx", "kv-rx"], help=argparse.SUPPRESS)
+    ap.add_argument("--role", choices=["plain-rx", "kv-rx", "kv-tx"], help=argparse.SUPPRESS)
     ap.add_argument("--sizes", help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5)")
     ap.add_argument("--lanes", type=int, default=4, help="kvwire lanes (default 4)")
@@ -273,10 +412,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kimi-tokens", type=int, default=131072)
     ap.add_argument("--mem-tokens", type=int, default=163840, help="Qwen3-Next tokens of the ~4 GB memory run")
     ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GB receiver-memory run")
+    ap.add_argument("--against", metavar="REV", help="before/after: this tree's kvwire beside git revision REV's")
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.role:
         sizes = [int(x) for x in a.sizes.split(",")]
+        if a.role == "kv-tx":
+            return role_kv_tx(a.port, a.lanes)
         return role_plain_rx(sizes) if a.role == "plain-rx" else role_kv_rx(sizes)
+    if a.against:
+        return against(a.against, a.reps, a.lanes, a.qwen_tokens, a.kimi_tokens)
 
     qwen, kimi = load_preset("qwen3-next-80b-a3b"), load_preset("kimi-linear-48b-a3b")
     q_flat, q_views = payload(qwen, a.qwen_tokens)
