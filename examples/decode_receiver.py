@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import kvwire
-from kvwire.codec.fixtures import fixture_payload
+from kvwire.testing.fixtures import fixture_payload
 
 
 def main() -> None:

@@ -9,7 +9,7 @@
 ``LinkState`` a scheduler would read after each request. Layers the receiver has verified are
 reported as their acknowledgements arrive (the point where an engine can free that layer's staging).
 
-The cache content is a deterministic fill (kvwire.codec.fixtures.fixture_payload) so the receiver can
+The cache content is a deterministic fill (kvwire.testing.fixtures.fixture_payload) so the receiver can
 check every byte independently of the transport's own hashing.
 """
 
@@ -19,7 +19,7 @@ import argparse
 import time
 
 import kvwire
-from kvwire.codec.fixtures import fixture_payload
+from kvwire.testing.fixtures import fixture_payload
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from kvwire import Receiver, connect
-from kvwire.codec.fixtures import default_request, load_fixture
 from kvwire.codec.layout import plan_segments
+from kvwire.testing.fixtures import default_request, load_fixture
 
 
 def main() -> None:

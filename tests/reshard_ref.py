@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from kvwire.codec.fixtures import fixture_payload
 from kvwire.codec.hf import layout_from_hf_config
 from kvwire.codec.layout import TOKEN, ModelLayout, RequestSpec, plan_segments
+from kvwire.testing.fixtures import fixture_payload
 
 _GQA = {"hidden_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}
 

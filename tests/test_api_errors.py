@@ -33,7 +33,7 @@ from kvwire import (
     connect,
     plan_segments,
 )
-from kvwire.codec.fixtures import load_fixture
+from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
 REQ = RequestSpec("r-args", 300, 299)

@@ -18,7 +18,8 @@ from helpers import payload, wait_until
 
 from kvwire import Receiver, State, connect, plan_segments
 from kvwire.codec import frames as F
-from kvwire.codec.fixtures import default_request, load_fixture
+from kvwire.testing.decoder import ControlFrame, FrameDecoder
+from kvwire.testing.fixtures import default_request, load_fixture
 
 
 def rss() -> int:
@@ -204,12 +205,12 @@ class RecordingProxy:
 
 def _frames(raw: socket.socket, timeout: float) -> list[str]:
     """Control message kinds the peer sends until it closes (or ``timeout``)."""
-    dec = F.FrameDecoder()
+    dec = FrameDecoder()
     kinds: list[str] = []
     raw.settimeout(timeout)
     try:
         while data := raw.recv(65536):
-            kinds += [f.kind for f in dec.feed(data) if isinstance(f, F.ControlFrame)]
+            kinds += [f.kind for f in dec.feed(data) if isinstance(f, ControlFrame)]
     except (OSError, F.ProtocolError):
         pass
     return kinds

@@ -30,7 +30,7 @@ from kvwire.bench import main
 from kvwire.bench.control import MAGIC
 from kvwire.bench.payload import BLOCK_BYTES, Pattern, alloc_flat
 from kvwire.bench.server import BenchServer, ServerConfig
-from kvwire.codec.fixtures import FIXTURES
+from kvwire.testing.fixtures import FIXTURES
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kvwire.codec.fixtures import FIXTURES
 from kvwire.testing import netns
+from kvwire.testing.fixtures import FIXTURES
 from kvwire.testing.wan import iter_stale_namespaces, unavailable_reason
 
 _REASON = unavailable_reason()

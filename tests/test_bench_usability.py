@@ -23,7 +23,7 @@ from kvwire import __version__
 from kvwire.bench import main
 from kvwire.bench.errors import EXIT_UNREACHABLE
 from kvwire.bench.options import build_parser, options_from_args, parse_connect_timeout
-from kvwire.codec.fixtures import FIXTURES
+from kvwire.testing.fixtures import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

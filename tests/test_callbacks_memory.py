@@ -20,7 +20,7 @@ import numpy as np
 from helpers import payload, wait_until
 
 from kvwire import Receiver, RequestSpec, State, connect, plan_segments
-from kvwire.codec.fixtures import load_fixture
+from kvwire.testing.fixtures import load_fixture
 
 PEER_TIMEOUT = 1.5
 

@@ -19,9 +19,9 @@ from kvwire.codec.convert import (
     ssm_hkv_to_hvk,
     ssm_hvk_to_hkv,
 )
-from kvwire.codec.fixtures import index_coded, load_fixture
 from kvwire.codec.layout import ModelLayout, TensorSpec
 from kvwire.errors import LayoutMismatch
+from kvwire.testing.fixtures import index_coded, load_fixture
 
 H, DV, DK = 4, 48, 32  # tiny-qwen3-next GDN state, V-major
 

@@ -29,7 +29,7 @@ from kvwire import (
     plan_segments,
 )
 from kvwire.codec import frames as F
-from kvwire.codec.fixtures import default_request, fixture_payload, load_fixture
+from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
 REPEAT = range(int(os.environ.get("KVWIRE_FAULT_REPEAT", "1")))
 CHUNK = 64 * 1024

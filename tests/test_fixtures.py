@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvwire.codec.fixtures import (
+from kvwire.codec.hf import conv_rank_split, hybrid_block_size
+from kvwire.codec.layout import ModelLayout, TensorSpec, plan_segments
+from kvwire.errors import LayoutError
+from kvwire.testing.fixtures import (
     CHUNK_TOKENS,
     DEFAULT_STATE_POSITION,
     DEFAULT_TOKENS,
@@ -22,9 +25,6 @@ from kvwire.codec.fixtures import (
     load_fixture,
     payload_digests,
 )
-from kvwire.codec.hf import conv_rank_split, hybrid_block_size
-from kvwire.codec.layout import ModelLayout, TensorSpec, plan_segments
-from kvwire.errors import LayoutError
 
 # name -> (KV bytes per token, state bytes per request, §9 "Bytes (state + KV@1000)").
 EXPECTED: dict[str, tuple[int, int, int]] = {
@@ -188,7 +188,7 @@ def test_payload_is_stable_across_processes() -> None:
     here = hashlib.sha256(b"".join(a.tobytes() for a in payload)).hexdigest()
     code = (
         "import hashlib\n"
-        "from kvwire.codec.fixtures import load_fixture, fixture_payload, default_request\n"
+        "from kvwire.testing.fixtures import load_fixture, fixture_payload, default_request\n"
         "p = fixture_payload(load_fixture('tiny-kimi-linear'), default_request())\n"
         "print(hashlib.sha256(b''.join(a.tobytes() for a in p)).hexdigest())\n"
     )

@@ -25,13 +25,10 @@ from kvwire.codec.frames import (
     KIND_CONTROL,
     KIND_DATA,
     MIN_CHUNK,
-    ControlFrame,
-    DataFrame,
-    Frame,
-    FrameDecoder,
     Limits,
 )
 from kvwire.errors import ProtocolError
+from kvwire.testing.decoder import ControlFrame, DataFrame, Frame, FrameDecoder
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1

@@ -22,13 +22,12 @@ from kvwire.codec.frames import (
     KIND_CONTROL,
     KIND_DATA,
     MIN_CHUNK,
-    ControlFrame,
-    DataFrame,
     Limits,
 )
 from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, RequestSpec, TensorSpec, plan_segments
 from kvwire.codec.manifest import build_manifest, check_manifest_against, max_chunk_size, parse_manifest
 from kvwire.errors import LayoutMismatch, ProtocolError
+from kvwire.testing.decoder import ControlFrame, DataFrame, FrameDecoder
 
 SEED = 0x6B767769
 N_DECODER = 100_000
@@ -152,7 +151,7 @@ def test_fuzz_frame_decoder() -> None:
     for i in range(N_DECODER):
         name, data = next_input()
         limits = rng.choice(LIMITS)
-        dec = F.FrameDecoder(limits)
+        dec = FrameDecoder(limits)
         cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
         pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
         try:
@@ -250,7 +249,7 @@ def _through_the_wire(body: dict[str, Any], limits: Limits) -> dict[str, Any] | 
     except ValueError:
         return None
     try:
-        (fr,) = F.FrameDecoder(limits).feed(frame)
+        (fr,) = FrameDecoder(limits).feed(frame)
     except ProtocolError:
         return None
     assert isinstance(fr, ControlFrame) and fr.kind == F.BEGIN

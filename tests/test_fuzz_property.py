@@ -32,10 +32,11 @@ from hypothesis import strategies as st
 from kvwire import KvwireError, Receiver
 from kvwire.codec import frames as F
 from kvwire.codec import messages
-from kvwire.codec.fixtures import FIXTURES, default_request, load_fixture
 from kvwire.codec.manifest import build_manifest, parse_manifest
 from kvwire.tcp.auth import client_handshake
 from kvwire.tcp.wire import Channel
+from kvwire.testing.decoder import ControlFrame, FrameDecoder
+from kvwire.testing.fixtures import FIXTURES, default_request, load_fixture
 
 BATCH = 50
 INPUTS = int(os.environ.get("KVWIRE_FUZZ_INPUTS", "2000"))
@@ -220,12 +221,12 @@ def test_fuzz_frame_decode() -> None:
                 data[pos] ^= 1 << r.randrange(8)
             if i % 5 == 1:
                 data = data[: r.randrange(len(data))] + noise
-            dec = F.FrameDecoder(F.preauth_limits(F.DEFAULT_LIMITS) if i % 2 else F.DEFAULT_LIMITS)
+            dec = FrameDecoder(F.preauth_limits(F.DEFAULT_LIMITS) if i % 2 else F.DEFAULT_LIMITS)
             try:
                 pos = 0
                 for c in [*cuts, len(data)]:
                     for f in dec.feed(bytes(data[pos:pos + c])):
-                        if isinstance(f, F.ControlFrame):
+                        if isinstance(f, ControlFrame):
                             assert f.kind in F.CONTROL_KINDS
                     pos += c
             except KvwireError:

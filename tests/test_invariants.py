@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvwire import Receiver, RequestSpec, connect, plan_segments
-from kvwire.codec.fixtures import load_fixture
+from kvwire.testing.fixtures import load_fixture
 
 MiB = 1024 * 1024
 

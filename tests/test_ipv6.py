@@ -19,8 +19,8 @@ from helpers import has_ipv6_loopback, payload
 
 import kvwire
 from kvwire import Receiver, connect, plan_segments
-from kvwire.codec.fixtures import default_request, load_fixture
 from kvwire.testing import netns
+from kvwire.testing.fixtures import default_request, load_fixture
 
 pytestmark = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

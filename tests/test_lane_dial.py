@@ -14,7 +14,7 @@ import pytest
 from helpers import wait_until
 
 from kvwire import KvwireError, Receiver, connect
-from kvwire.codec.fixtures import default_request, fixture_payload, load_fixture
+from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
 
 class GroupGate:

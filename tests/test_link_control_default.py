@@ -13,9 +13,9 @@ from helpers import wait_until
 
 import kvwire
 from kvwire import ControllerConfig, LaneGroup, LinkControl, Receiver, RequestSpec, connect
-from kvwire.codec.fixtures import load_fixture
 from kvwire.congestion.controller import Mode
 from kvwire.congestion.tcpinfo import get_pacing_rate
+from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
 REQ = RequestSpec("r", 256, 256)

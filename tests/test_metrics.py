@@ -21,8 +21,8 @@ from kvwire import (
     connect,
     plan_segments,
 )
-from kvwire.codec.fixtures import load_fixture
 from kvwire.metrics import escape
+from kvwire.testing.fixtures import load_fixture
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)+)\})? '
                     r"(-?[0-9.e+-]+|NaN|[+-]Inf)$")

@@ -32,7 +32,6 @@ from kvwire import (
     probe,
 )
 from kvwire.codec import frames as F
-from kvwire.codec.fixtures import load_fixture
 from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, TensorSpec
 from kvwire.codec.manifest import HASH_NONE, build_manifest, parse_manifest
 from kvwire.codec.probe import (
@@ -51,6 +50,7 @@ from kvwire.congestion.tcpinfo import (
     set_congestion,
     set_pacing_rate,
 )
+from kvwire.testing.fixtures import load_fixture
 
 MiB = 1 << 20
 SECONDS = 0.4

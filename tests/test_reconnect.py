@@ -15,7 +15,7 @@ import pytest
 from helpers import payload, peer, wait_until
 
 from kvwire import KvwireError, Receiver, RequestSpec, State, TransferFailed, connect, plan_segments
-from kvwire.codec.fixtures import load_fixture
+from kvwire.testing.fixtures import load_fixture
 
 
 def _round_trip(s: object, rx: Receiver, rid: str) -> None:

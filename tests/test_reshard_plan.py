@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from reshard_ref import FAMILY_CONFIGS, VARIANTS, family_layout, global_payload, shard_reference
 
 from kvwire import ReshardRequired, ReshardUnsupported, check_compatible, plan_reshard
-from kvwire.codec.fixtures import FIXTURES, load_fixture
 from kvwire.codec.hf import layout_from_hf_config
 from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
 from kvwire.codec.reshard import ReshardPlan, SliceCopy
 from kvwire.errors import LayoutError
 from kvwire.reshard import gather, scatter
+from kvwire.testing.fixtures import FIXTURES, load_fixture
 
 PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (8, 2)]
 REQUESTS = {

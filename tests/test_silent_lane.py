@@ -15,7 +15,7 @@ import pytest
 from helpers import StallProxy, payload, wait_until
 
 from kvwire import Receiver, RequestSpec, connect, plan_segments
-from kvwire.codec.fixtures import load_fixture
+from kvwire.testing.fixtures import load_fixture
 
 CHUNK = 64 * 1024
 

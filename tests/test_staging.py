@@ -24,11 +24,11 @@ from kvwire import (  # noqa: E402
     TransferFailed,
     connect,
 )
-from kvwire.codec.fixtures import FIXTURES, default_request, load_fixture  # noqa: E402
 from kvwire.codec.layout import TOKEN, token_range  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager, allocate_paged_cache  # noqa: E402
 from kvwire.cuda.paged import CacheStorage  # noqa: E402
 from kvwire.errors import PoolExhausted  # noqa: E402
+from kvwire.testing.fixtures import FIXTURES, default_request, load_fixture  # noqa: E402
 
 CHUNK = 64 * 1024
 MiB = 1 << 20

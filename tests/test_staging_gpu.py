@@ -17,8 +17,8 @@ from test_staging import round_trip  # noqa: E402
 from test_staging_paths import TABLES, hit_request, local_round_trip  # noqa: E402
 
 from kvwire import Receiver, RequestSpec, Session, connect  # noqa: E402
-from kvwire.codec.fixtures import FIXTURES, default_request, load_fixture  # noqa: E402
 from kvwire.cuda import PinnedPool  # noqa: E402
+from kvwire.testing.fixtures import FIXTURES, default_request, load_fixture  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

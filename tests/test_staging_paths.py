@@ -19,12 +19,12 @@ torch = pytest.importorskip("torch")
 from test_staging import assert_bytes_equal, blocks_needed, expected_after, snapshot  # noqa: E402
 
 from kvwire import ModelLayout, RequestSpec  # noqa: E402
-from kvwire.codec.fixtures import FIXTURES, load_fixture  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager, allocate_paged_cache  # noqa: E402
 from kvwire.cuda import stager as stager_mod  # noqa: E402
 from kvwire.cuda import unstager as unstager_mod  # noqa: E402
 from kvwire.cuda.plan import COPY, merge_runs, run_ops, split_run  # noqa: E402
 from kvwire.cuda.streams import Completer, Device  # noqa: E402
+from kvwire.testing.fixtures import FIXTURES, load_fixture  # noqa: E402
 
 MiB = 1 << 20
 TABLES = ("scrambled", "consecutive", "chunked")

@@ -22,8 +22,8 @@ from kvwire import (
     connect,
     plan_segments,
 )
-from kvwire.codec.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
 from kvwire.tcp.wire import KEEPALIVE_IDLE
+from kvwire.testing.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
 
 CHUNK = 64 * 1024
 

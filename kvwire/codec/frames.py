@@ -1,8 +1,9 @@
-"""The wire format: a fixed 48-byte header, data chunks and msgpack control messages, and a decoder.
+"""The wire format: a fixed 48-byte header, data chunks and msgpack control messages.
 
-Owns: header packing/validation, control message kinds and their bodies, the limits that bound
-every length read from the network, and ``FrameDecoder`` (bytes in, frames out, for any slicing of
-the stream). Must not know: sockets, threads, clocks, layouts or transfer state.
+Owns: header packing/validation, control message kinds and their bodies, and the limits that bound
+every length read from the network. Must not know: sockets, threads, clocks, layouts or transfer state.
+The incremental ``FrameDecoder`` (bytes in, frames out) that tests and fuzzers use lives in
+``kvwire.testing.decoder``; its names here are deprecated aliases.
 
 Header, little-endian, 48 bytes::
 
@@ -16,7 +17,9 @@ A DATA frame is followed by ``length`` payload bytes (one chunk of one transfer'
 
 from __future__ import annotations
 
+import importlib
 import struct
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -182,68 +185,14 @@ def decode_control(header: Header, payload: bytes | bytearray | memoryview, limi
     return kind, msg
 
 
-@dataclass(frozen=True)
-class ControlFrame:
-    kind: str
-    body: dict[str, Any]
+_MOVED = ("ControlFrame", "DataFrame", "Frame", "FrameDecoder")
 
 
-@dataclass(frozen=True)
-class DataFrame:
-    header: Header
-    payload: bytes
-
-
-Frame = ControlFrame | DataFrame
-
-
-class FrameDecoder:
-    """Incremental decoder: ``feed`` any slices of the byte stream, get whole frames back.
-
-    It never buffers more than one header plus one bounded body. After a ProtocolError the
-    stream is unusable (there is no resynchronisation on TCP) and every later call raises again.
-    The I/O layer uses ``unpack_header`` directly to ``recv_into`` destination buffers; this class is
-    the same rules for code that has bytes in hand (tests, fuzzing, proxies).
-    """
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._limits = limits
-        self._buf = bytearray()
-        self._header: Header | None = None
-        self._error: ProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Append ``data``; return every frame now complete (raises ProtocolError on a bad one)."""
-        if self._error is not None:
-            raise self._error
-        self._buf += data
-        buf, pos = self._buf, 0  # consumed bytes are cut once per feed, not once per frame
-        out: list[Frame] = []
-        try:
-            while True:
-                if self._header is None:
-                    if len(buf) - pos < HEADER_SIZE:
-                        break
-                    self._header = unpack_header(bytes(buf[pos:pos + HEADER_SIZE]), self._limits)
-                    pos += HEADER_SIZE
-                h = self._header
-                if len(buf) - pos < h.length:
-                    break
-                payload = bytes(buf[pos:pos + h.length])
-                pos += h.length
-                self._header = None
-                if h.kind == KIND_CONTROL:
-                    kind, body = decode_control(h, payload, self._limits)
-                    out.append(ControlFrame(kind, body))
-                else:
-                    out.append(DataFrame(h, payload))
-        except ProtocolError as e:
-            self._error = e
-            self._buf.clear()
-            raise
-        del buf[:pos]
-        return out
+def __getattr__(name: str) -> Any:
+    """The decoder's names, moved to ``kvwire.testing.decoder``: resolved there with a DeprecationWarning.
+    Looked up by name at first use, so that importing the wire format never imports test code."""
+    if name in _MOVED:
+        warnings.warn(f"kvwire.codec.frames.{name} moved to kvwire.testing.decoder: "
+                      f"use 'from kvwire.testing.decoder import {name}'", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("kvwire.testing.decoder"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
