@@ -40,6 +40,7 @@ from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.monitor import LinkMonitor
 from kvwire.congestion.tcpinfo import set_congestion
+from kvwire.probe import probe
 from kvwire.testing.wan import WanLink, parse_loss, parse_ms, parse_rate_mbit
 
 TOKEN_BYTES = 8 * 2 * 8 * 128 * 2  # raw layout below: 8 layers x (K, V) x 8 heads x 128 x bf16
@@ -441,7 +442,7 @@ def scenario_p(a: Any, rx_cmd: list[str], queue: int) -> list[tuple[str, str, st
             with link.inside("client"):
                 session = kvwire.connect(link.server_addr, port, lanes=4)
             try:
-                r = kvwire.probe(session, seconds=1.0)
+                r = probe(session, seconds=1.0)
             finally:
                 session.close()
             rx.terminate()

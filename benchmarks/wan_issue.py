@@ -31,6 +31,7 @@ from typing import Any
 from wan_bench import Payload  # beside this file (wan_bench imports this module only inside main)
 
 import kvwire
+from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from kvwire.testing.wan import WanLink
 
@@ -179,7 +180,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
         one = _iperf(link, 1, "bbr", a.seconds)
         port, rx = _receiver(link, bench)
         payload = Payload(QWEN, 16384)
-        for name, kw in (("default", {}), ("-C cubic", {"link_control": kvwire.ControllerConfig(
+        for name, kw in (("default", {}), ("-C cubic", {"link_control": ControllerConfig(
                 congestion="cubic", max_lanes=32)})):
             s = _connect(link, port, **kw)
             try:

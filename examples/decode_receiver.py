@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import kvwire
+from kvwire.codec.layout import check_compatible
 from kvwire.testing.fixtures import fixture_payload
 
 
@@ -45,7 +46,7 @@ def main() -> None:
             h.result(timeout=120)
             dt = time.monotonic() - t0
             assert h.manifest is not None
-            kvwire.check_compatible(h.manifest.layout or layout, layout)
+            check_compatible(h.manifest.layout or layout, layout)
             expect = np.concatenate([a.view(np.uint8).ravel() for a in fixture_payload(layout, h.manifest.request)])
             ok = bool(np.array_equal(expect, h.dest))
             mb = h.manifest.total_bytes / 1e6

@@ -19,6 +19,8 @@ import argparse
 import time
 
 import kvwire
+from kvwire.congestion.control import LinkControl
+from kvwire.probe import probe
 from kvwire.testing.fixtures import fixture_payload
 
 
@@ -38,10 +40,10 @@ def main() -> None:
     with kvwire.connect(args.host, args.port, lanes=args.lanes, key=args.key) as session:
         control = None
         if args.wan:
-            p = kvwire.probe(session, seconds=1.0)
+            p = probe(session, seconds=1.0)
             print(f"probe: capacity {p.capacity * 8e-9:.2f} Gbit/s ({'saturated' if p.saturated else 'lower bound'}), "
                   f"min RTT {(p.min_rtt or 0) * 1e3:.2f} ms, loss {p.loss_rate:.3%}", flush=True)
-            control = kvwire.LinkControl(session, capacity=p.capacity if p.saturated else None)
+            control = LinkControl(session, capacity=p.capacity if p.saturated else None)
         for r in range(args.requests):
             req = kvwire.RequestSpec(f"req-{r}", args.tokens, args.tokens - 1)
             src = fixture_payload(layout, req)

@@ -3,90 +3,93 @@
 The names an engine imports::
 
     from kvwire import Receiver, connect, RequestSpec, load_layout
+
+Owns: the package's public surface, ``__all__``: what an engine needs to move a cache (the receiver and the
+session with their transfer handles, the layout and request, and the errors it catches). Must not know:
+anything else. Every other name lives in its own module and is imported from there: the typed errors in
+``kvwire.errors``, ``Limits`` in ``kvwire.codec.frames``, presets in ``kvwire.codec.presets``, layouts'
+helpers in ``kvwire.codec.layout``, re-sharding in ``kvwire.reshard`` and ``kvwire.codec.reshard``, congestion
+control in ``kvwire.congestion.*``, ``Metrics`` in ``kvwire.metrics``, the capacity probe in ``kvwire.probe``.
+Names this package exported before keep working as ``kvwire.<name>`` with a ``DeprecationWarning`` that
+names their module (``_MOVED``). ``import kvwire`` imports no optional dependency (torch, transformers,
+starlette, uvicorn, prometheus_client) and not ``kvwire.testing``.
 """
 
-from .codec.frames import Limits
-from .codec.layout import ModelLayout, RequestSpec, Segment, check_compatible, plan_segments
-from .codec.presets import PRESETS, load_layout, load_preset
-from .codec.reshard import ReshardPlan, check_reshardable, plan_reshard
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from typing import Any
+
+from . import probe as _probe_module
+from .codec.layout import ModelLayout, RequestSpec, plan_segments
+from .codec.presets import load_layout
 from .codec.transfer import State
-from .congestion.control import LinkControl
-from .congestion.controller import ControllerConfig
-from .congestion.estimator import LinkState
-from .congestion.group import LaneGroup
-from .errors import (
-    AuthenticationError,
-    ConnectError,
-    ConnectTimeout,
-    InsecureReceiverWarning,
-    InvalidBuffer,
-    KvwireError,
-    KvwireWarning,
-    LayoutError,
-    LayoutMismatch,
-    ProbeRefused,
-    ProtocolError,
-    ReshardRequired,
-    ReshardUnsupported,
-    StatePositionMismatch,
-    TransferCancelled,
-    TransferError,
-    TransferFailed,
-    TransferTimedOut,
-)
-from .metrics import Metrics
-from .probe import ProbeResult, probe
-from .reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender
+from .errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
 from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthenticationError",
-    "ConnectError",
-    "ConnectTimeout",
-    "ControllerConfig",
     "IncomingTransfer",
-    "InsecureReceiverWarning",
-    "InvalidBuffer",
     "KvwireError",
-    "KvwireWarning",
-    "LaneGroup",
-    "LayoutError",
     "LayoutMismatch",
-    "Limits",
-    "LinkControl",
-    "LinkState",
-    "Metrics",
     "ModelLayout",
     "OutgoingTransfer",
-    "PRESETS",
-    "ProbeRefused",
-    "ProbeResult",
-    "ProtocolError",
     "Receiver",
-    "ReshardIncoming",
-    "ReshardOutgoing",
-    "ReshardPlan",
-    "ReshardReceiver",
-    "ReshardRequired",
-    "ReshardSender",
-    "ReshardUnsupported",
     "RequestSpec",
-    "Segment",
     "Session",
     "State",
-    "StatePositionMismatch",
     "TransferCancelled",
-    "TransferError",
     "TransferFailed",
     "TransferTimedOut",
-    "check_compatible",
-    "check_reshardable",
     "connect",
     "load_layout",
-    "load_preset",
-    "plan_reshard",
     "plan_segments",
-    "probe",
 ]
+
+#: names the package exported before #13, and the module each now lives in (``kvwire.<name>`` still resolves,
+#: to the same object, with a DeprecationWarning naming that module)
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(("AuthenticationError", "ConnectError", "ConnectTimeout", "InsecureReceiverWarning",
+                     "InvalidBuffer", "KvwireWarning", "LayoutError", "ProbeRefused", "ProtocolError",
+                     "ReshardRequired", "ReshardUnsupported", "StatePositionMismatch", "TransferError"),
+                    "kvwire.errors"),
+    "Limits": "kvwire.codec.frames",
+    "Segment": "kvwire.codec.layout",
+    "check_compatible": "kvwire.codec.layout",
+    "PRESETS": "kvwire.codec.presets",
+    "load_preset": "kvwire.codec.presets",
+    **dict.fromkeys(("ReshardPlan", "check_reshardable", "plan_reshard"), "kvwire.codec.reshard"),
+    "LinkControl": "kvwire.congestion.control",
+    "ControllerConfig": "kvwire.congestion.controller",
+    "LinkState": "kvwire.congestion.estimator",
+    "LaneGroup": "kvwire.congestion.group",
+    "Metrics": "kvwire.metrics",
+    "ProbeResult": "kvwire.probe",
+    **dict.fromkeys(("ReshardIncoming", "ReshardOutgoing", "ReshardReceiver", "ReshardSender"), "kvwire.reshard"),
+}
+
+
+def _moved_message(name: str, module: str) -> str:
+    return f"kvwire.{name} is deprecated: use 'from {module} import {name}'"
+
+
+def __getattr__(name: str) -> Any:
+    """A name the package exported before, from its own module, with a DeprecationWarning."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(_moved_message(name, module), DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), name)
+
+
+# Deprecated: kvwire.probe(...); use "from kvwire.probe import probe". "probe" is also the name of the module
+# kvwire.probe, which Python binds as this package's attribute once anything imports it, so the function cannot
+# be a lazy __getattr__ name like the others: this wrapper stays bound here (import kvwire imports the module
+# for it, as it did before) and warns on every call.
+@functools.wraps(_probe_module.probe)
+def probe(*args: Any, **kwargs: Any) -> Any:
+    warnings.warn(_moved_message("probe", "kvwire.probe"), DeprecationWarning, stacklevel=2)
+    return _probe_module.probe(*args, **kwargs)

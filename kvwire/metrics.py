@@ -1,6 +1,6 @@
 """Prometheus metrics: kvwire's counters and the link signals, read when scraped.
 
-    metrics = kvwire.Metrics()
+    metrics = Metrics()                           # from kvwire.metrics import Metrics
     metrics.watch(session, name="decode-7")       # a Session: what it sent
     metrics.watch(receiver)                       # a Receiver: what it took in
     metrics.watch(link_control, name="dc2")       # a LinkControl (or LinkMonitor): the LinkState

@@ -18,20 +18,14 @@ import numpy as np
 import pytest
 from helpers import payload
 
-import kvwire
-from kvwire import (
+from kvwire import KvwireError, LayoutMismatch, Receiver, RequestSpec, Session, connect, plan_segments
+from kvwire.errors import (
     ConnectError,
     ConnectTimeout,
     InsecureReceiverWarning,
     InvalidBuffer,
-    KvwireError,
+    KvwireWarning,
     LayoutError,
-    LayoutMismatch,
-    Receiver,
-    RequestSpec,
-    Session,
-    connect,
-    plan_segments,
 )
 from kvwire.testing.fixtures import load_fixture
 
@@ -231,7 +225,7 @@ def test_a_receiver_on_all_interfaces_without_a_key_warns() -> None:
         Receiver("0.0.0.0", 0, key="k").close()
         Receiver("127.0.0.1", 0).close()
         Receiver("localhost", 0).close()
-    assert issubclass(InsecureReceiverWarning, kvwire.KvwireWarning)
+    assert issubclass(InsecureReceiverWarning, KvwireWarning)
 
 
 def test_the_warning_does_not_stop_the_receiver_from_working() -> None:

@@ -481,8 +481,7 @@ def test_idle_connections_to_the_metrics_port_hold_nothing(no_leaks: None) -> No
     gets its answer."""
     import urllib.request
 
-    from kvwire import Metrics
-    from kvwire.metrics import MAX_SCRAPES
+    from kvwire.metrics import MAX_SCRAPES, Metrics
 
     server = Metrics().serve("127.0.0.1", 0)
     socks = []

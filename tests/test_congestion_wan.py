@@ -20,6 +20,7 @@ import pytest
 from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from kvwire.congestion.monitor import LinkMonitor
 from kvwire.congestion.tcpinfo import set_congestion, set_pacing_rate
+from kvwire.probe import probe
 from kvwire.testing.wan import WanLink, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -188,7 +189,7 @@ def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte()
     req = kvwire.RequestSpec("wan-probe", 2048, 2048)  # ~53 MB: ~2 s at 200 Mbit/s
     bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
     with kv_over_wan(rate, rtt) as (_, rx, session):
-        result = kvwire.probe(session, seconds=1.0)
+        result = probe(session, seconds=1.0)
         with LinkControl(session, ControllerConfig(), capacity=result.capacity) as ctl:
             ctl.record = True
             out = session.send(layout, req)

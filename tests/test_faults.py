@@ -17,18 +17,9 @@ import numpy as np
 import pytest
 from helpers import payload, peer, wait_until
 
-from kvwire import (
-    AuthenticationError,
-    KvwireError,
-    ProtocolError,
-    Receiver,
-    RequestSpec,
-    State,
-    TransferFailed,
-    connect,
-    plan_segments,
-)
+from kvwire import KvwireError, Receiver, RequestSpec, State, TransferFailed, connect, plan_segments
 from kvwire.codec import frames as F
+from kvwire.errors import AuthenticationError, ProtocolError
 from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
 REPEAT = range(int(os.environ.get("KVWIRE_FAULT_REPEAT", "1")))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from helpers import has_ipv6_loopback, payload
 
-import kvwire
 from kvwire import Receiver, connect, plan_segments
+from kvwire.metrics import Metrics
 from kvwire.testing import netns
 from kvwire.testing.fixtures import default_request, load_fixture
 
@@ -57,7 +57,7 @@ def test_dual_stack_listener_takes_ipv4_and_ipv6(no_leaks: None) -> None:
 
 def test_metrics_over_ipv6() -> None:
     with Receiver("::1", 0, key="k") as rx:
-        m = kvwire.Metrics()
+        m = Metrics()
         m.watch(rx, name="v6")
         server = m.serve("::1", 0)
         try:

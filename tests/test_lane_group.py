@@ -11,7 +11,10 @@ import pytest
 from helpers import payload, wait_until
 
 import kvwire
-from kvwire import ControllerConfig, LaneGroup, LinkControl, Receiver, RequestSpec, connect
+from kvwire import Receiver, RequestSpec, connect
+from kvwire.congestion.control import LinkControl
+from kvwire.congestion.controller import ControllerConfig
+from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.tcpinfo import get_pacing_rate
 
 

@@ -12,9 +12,12 @@ import pytest
 from helpers import wait_until
 
 import kvwire
-from kvwire import ControllerConfig, LaneGroup, LinkControl, Receiver, RequestSpec, connect
-from kvwire.congestion.controller import Mode
+from kvwire import Receiver, RequestSpec, connect
+from kvwire.congestion.control import LinkControl
+from kvwire.congestion.controller import ControllerConfig, Mode
+from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.tcpinfo import get_pacing_rate
+from kvwire.probe import probe
 from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
@@ -114,7 +117,7 @@ def test_probe_pauses_the_sessions_controller_and_restarts_it_from_the_result() 
         ctl = s.link_control
         assert ctl is not None
         before = len(ctl.controller.history)
-        r = kvwire.probe(s, seconds=0.3)
+        r = probe(s, seconds=0.3)
         assert r.bytes_sent > 0
         assert len(ctl.controller.history) == before + 1  # started over
         assert ctl.decision.mode is (Mode.CRUISE if r.saturated else Mode.PROBE)

@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 from helpers import payload, wait_until
 
-from kvwire import (
-    AuthenticationError,
-    ControllerConfig,
-    LinkControl,
-    Metrics,
-    Receiver,
-    RequestSpec,
-    connect,
-    plan_segments,
-)
-from kvwire.metrics import escape
+from kvwire import Receiver, RequestSpec, connect, plan_segments
+from kvwire.congestion.control import LinkControl
+from kvwire.congestion.controller import ControllerConfig
+from kvwire.errors import AuthenticationError
+from kvwire.metrics import Metrics, escape
 from kvwire.testing.fixtures import load_fixture
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)+)\})? '

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kvwire
+from kvwire.metrics import Metrics
 from kvwire.prfaas import demo, model
 from kvwire.prfaas.router import PD, PRFAAS, Router, RouteRequest
 from kvwire.prfaas.server import PrfaasServer, SimulatedPrefill
@@ -28,7 +29,7 @@ def layout() -> kvwire.ModelLayout:
 def test_offloaded_requests_arrive_verified_and_short_ones_stay_local(layout: kvwire.ModelLayout) -> None:
     router = Router(8000.0)
     rx = kvwire.Receiver("127.0.0.1", 0, key=KEY)
-    metrics = kvwire.Metrics()
+    metrics = Metrics()
     server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.01),
                           instances=2, lanes=3, key=KEY, monitor_interval=0.05, metrics=metrics)
     try:

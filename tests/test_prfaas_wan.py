@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import kvwire
+from kvwire.congestion.controller import ControllerConfig
+from kvwire.congestion.estimator import LinkState
 from kvwire.prfaas import model
 from kvwire.prfaas.router import PRFAAS, Router, RouteRequest
 from kvwire.prfaas.server import PrfaasServer, SimulatedPrefill
@@ -46,7 +48,7 @@ def test_the_router_keeps_requests_local_when_the_wan_rate_drops() -> None:
             with link.inside("client"):  # its workers dial the decode side: they must start in the namespace
                 server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.0),
                                       instances=2, lanes=4, key=KEY, monitor_interval=0.1,
-                                      link_control=kvwire.ControllerConfig(), probe_seconds=1.0)
+                                      link_control=ControllerConfig(), probe_seconds=1.0)
             try:
                 # a first request dials the session, probes the link (1 s) and starts the egress control;
                 # the load starts after it, so no backlog from the probe's second reads as pressure
@@ -91,7 +93,7 @@ def test_two_decode_peers_share_the_egress_under_one_link_control() -> None:
     per_request = payload_bytes(layout, kvwire.RequestSpec("size", tokens, tokens))
     payload_rate = RATE_MBIT * 1e6 / 8 * 1448 / 1500
     bdp = int(RATE_MBIT * 1e6 / 8 * RTT_MS / 1e3)
-    states: list[kvwire.LinkState] = []
+    states: list[LinkState] = []
     with WanLink(rtt_ms=RTT_MS, rate_mbit=RATE_MBIT, queue_bytes=3 * bdp, realtime=True) as link:
         with link.inside("server"):
             rxs = [kvwire.Receiver(link.server_addr, 0, key=KEY, allocator=lambda m: np.empty(m.total_bytes, np.uint8))
@@ -101,7 +103,7 @@ def test_two_decode_peers_share_the_egress_under_one_link_control() -> None:
             with link.inside("client"):
                 server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.0),
                                       instances=4, lanes=4, key=KEY, monitor_interval=0.1,
-                                      link_control=kvwire.ControllerConfig(), probe_seconds=1.0)
+                                      link_control=ControllerConfig(), probe_seconds=1.0)
             try:
                 for peer in peers:  # dial both; the first one's probe starts the egress control
                     assert server.submit(kvwire.RequestSpec(f"warm{peer[1]}", tokens, tokens), peer).result(30).ok

@@ -17,20 +17,7 @@ import numpy as np
 import pytest
 from helpers import payload, wait_until
 
-from kvwire import (
-    KvwireError,
-    ProbeRefused,
-    ProbeResult,
-    ProtocolError,
-    Receiver,
-    RequestSpec,
-    Session,
-    State,
-    TransferFailed,
-    connect,
-    plan_segments,
-    probe,
-)
+from kvwire import KvwireError, Receiver, RequestSpec, Session, State, TransferFailed, connect, plan_segments
 from kvwire.codec import frames as F
 from kvwire.codec.layout import CacheSpec, LayerSpec, ModelLayout, TensorSpec
 from kvwire.codec.manifest import HASH_NONE, build_manifest, parse_manifest
@@ -50,6 +37,8 @@ from kvwire.congestion.tcpinfo import (
     set_congestion,
     set_pacing_rate,
 )
+from kvwire.errors import ProbeRefused, ProtocolError
+from kvwire.probe import ProbeResult, probe
 from kvwire.testing.fixtures import load_fixture
 
 MiB = 1 << 20

@@ -9,11 +9,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reshard_ref import FAMILY_CONFIGS, VARIANTS, family_layout, global_payload, shard_reference
 
-from kvwire import ReshardRequired, ReshardUnsupported, check_compatible, plan_reshard
 from kvwire.codec.hf import layout_from_hf_config
-from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
-from kvwire.codec.reshard import ReshardPlan, SliceCopy
-from kvwire.errors import LayoutError
+from kvwire.codec.layout import ModelLayout, RequestSpec, check_compatible, plan_segments
+from kvwire.codec.reshard import ReshardPlan, SliceCopy, plan_reshard
+from kvwire.errors import LayoutError, ReshardRequired, ReshardUnsupported
 from kvwire.reshard import gather, scatter
 from kvwire.testing.fixtures import FIXTURES, load_fixture
 
@@ -288,7 +287,7 @@ def test_slice_layouts_of_pieces_past_2_gib_survive_the_wire_checks() -> None:
 def test_every_shipped_preset_plans_exact_intervals(pair: tuple[int, int]) -> None:
     """Real dimensions (presets), one token so each copy is a few intervals: the intervals of every decode
     segment tile it exactly, and every read stays inside its source segment."""
-    from kvwire import PRESETS, load_preset
+    from kvwire.codec.presets import PRESETS, load_preset
 
     request = RequestSpec("one", 1, 1)
     planned = 0

@@ -15,9 +15,10 @@ torch = pytest.importorskip("torch")
 from adapters_util import poll_until  # noqa: E402
 from reshard_ref import FAMILY_CONFIGS, family_layout, global_payload, shard_reference  # noqa: E402
 
-from kvwire import RequestSpec, State, plan_reshard  # noqa: E402
+from kvwire import RequestSpec, State  # noqa: E402
 from kvwire.adapters.lifecycle import Inbox, Outbox  # noqa: E402
 from kvwire.codec.layout import ModelLayout  # noqa: E402
+from kvwire.codec.reshard import plan_reshard  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager, allocate_paged_cache  # noqa: E402
 
 KEY = b"reshard-staging"

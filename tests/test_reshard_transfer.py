@@ -13,19 +13,10 @@ import pytest
 from helpers import wait_until
 from reshard_ref import FAMILY_CONFIGS, family_layout, global_payload, shard_reference
 
-from kvwire import (
-    Receiver,
-    ReshardIncoming,
-    ReshardReceiver,
-    ReshardSender,
-    Session,
-    TransferFailed,
-    TransferTimedOut,
-    connect,
-    plan_reshard,
-)
+from kvwire import Receiver, Session, TransferFailed, TransferTimedOut, connect
 from kvwire.codec.layout import RequestSpec, plan_segments
-from kvwire.codec.reshard import ReshardPlan
+from kvwire.codec.reshard import ReshardPlan, plan_reshard
+from kvwire.reshard import ReshardIncoming, ReshardReceiver, ReshardSender
 
 CHUNK = 64 * 1024
 

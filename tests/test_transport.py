@@ -16,12 +16,12 @@ from kvwire import (
     Receiver,
     RequestSpec,
     State,
-    StatePositionMismatch,
     TransferCancelled,
     TransferFailed,
     connect,
     plan_segments,
 )
+from kvwire.errors import StatePositionMismatch
 from kvwire.tcp.wire import KEEPALIVE_IDLE
 from kvwire.testing.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
 

@@ -305,7 +305,7 @@ def check_compatible(sender: ModelLayout, receiver: ModelLayout, *, reshard: boo
     """Raise LayoutMismatch naming the first difference that changes the meaning of the bytes.
 
     TP sizes that differ: ``ReshardUnsupported`` when no re-sharding plan bridges them (``codec.reshard``),
-    else ``ReshardRequired`` (a direct transfer would mean other bytes; ``kvwire.ReshardSender`` and
+    else ``ReshardRequired`` (a direct transfer would mean other bytes; ``kvwire.reshard.ReshardSender`` and
     ``ReshardReceiver`` move it), or, with ``reshard=True``, no error: the plan checked every tensor.
     """
     if reshard or sender.tp_size != receiver.tp_size:
@@ -320,7 +320,7 @@ def check_compatible(sender: ModelLayout, receiver: ModelLayout, *, reshard: boo
             return
         raise ReshardRequired(
             f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, receiver tp={receiver.tp_size} "
-            f"rank={receiver.tp_rank}; a re-sharding plan exists: move it with kvwire.ReshardSender and "
+            f"rank={receiver.tp_rank}; a re-sharding plan exists: move it with kvwire.reshard.ReshardSender and "
             f"ReshardReceiver (each decode rank receives only its slices)")
     if (sender.tp_size, sender.tp_rank) != (receiver.tp_size, receiver.tp_rank):
         raise LayoutMismatch(

@@ -23,8 +23,14 @@ from typing import Any
 
 import kvwire
 
+from ..codec.layout import Segment
+from ..congestion.control import LinkControl
+from ..congestion.controller import ControllerConfig
 from ..congestion.estimator import LinkEstimator, LinkState
+from ..congestion.group import LaneGroup
 from ..congestion.monitor import LinkMonitor
+from ..metrics import Metrics
+from ..probe import probe
 from .model import PrefillProfile
 from .sessions import Peer, SessionPool
 from .workload import segment_pattern
@@ -45,7 +51,7 @@ class PrefillJob:
 
 #: ``producer(job, layer, segments)`` returns the layer's buffers (one per segment, in order) once the
 #: layer is computed; it runs on the instance's thread and may block for the compute.
-LayerProducer = Callable[[PrefillJob, int, Sequence[kvwire.Segment]], Sequence[Any]]
+LayerProducer = Callable[[PrefillJob, int, Sequence[Segment]], Sequence[Any]]
 
 
 @dataclass
@@ -75,7 +81,7 @@ class SimulatedPrefill:
         self._started: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, job: PrefillJob, layer: int, segments: Sequence[kvwire.Segment]) -> list[Any]:
+    def __call__(self, job: PrefillJob, layer: int, segments: Sequence[Segment]) -> list[Any]:
         rid = job.request.request_id
         now = time.monotonic()
         with self._lock:  # layers of one job come in order from one thread; jobs run side by side
@@ -112,8 +118,8 @@ class PrfaasServer:
                  profile: PrefillProfile | None = None, instances: int = 1, lanes: int = 4,
                  key: bytes | str | None = None, transfer_timeout: float = 120.0,
                  monitor_interval: float = 0.1, estimator: LinkEstimator | None = None,
-                 session_options: dict[str, Any] | None = None, metrics: kvwire.Metrics | None = None,
-                 link_control: kvwire.ControllerConfig | None = None, probe_seconds: float = 0.0) -> None:
+                 session_options: dict[str, Any] | None = None, metrics: Metrics | None = None,
+                 link_control: ControllerConfig | None = None, probe_seconds: float = 0.0) -> None:
         if producer is None:
             if profile is None:
                 raise ValueError("give a producer, or a profile for the simulated one")
@@ -126,9 +132,9 @@ class PrfaasServer:
         self.session_options = dict(session_options or {})
         self.link_control = link_control
         self.probe_seconds = probe_seconds
-        self._group = kvwire.LaneGroup()
+        self._group = LaneGroup()
         self._sessions = SessionPool(self._dial, name="PrfaaS server", on_new=self._join, on_drop=self._group.remove)
-        self._egress: kvwire.LinkControl | None = None  # over _group, from the first session on
+        self._egress: LinkControl | None = None  # over _group, from the first session on
         self._egress_lock = threading.Lock()
         self._lock = threading.Lock()
         self._jobs: queue.Queue[_Slot | None] = queue.Queue()
@@ -256,14 +262,14 @@ class PrfaasServer:
             capacity = None
             if self.probe_seconds > 0:
                 try:
-                    p = kvwire.probe(session, seconds=self.probe_seconds)
+                    p = probe(session, seconds=self.probe_seconds)
                     capacity = p.capacity if p.saturated else None
                 except kvwire.KvwireError as e:
                     log.warning("probe of %s failed: %s", name, e)
             if capacity is not None:  # the router's view of the egress knows it too: utilization from the start
                 self.monitor.seed_capacity(capacity)
             self._group.add(session)
-            egress = kvwire.LinkControl(self._group, self.link_control, interval=self.monitor.interval,
+            egress = LinkControl(self._group, self.link_control, interval=self.monitor.interval,
                                         capacity=capacity)
             egress.subscribe(self._publish)
             self._egress = egress
@@ -294,7 +300,7 @@ class PrfaasServer:
         job = slot.job
         started = time.monotonic()
         segments = kvwire.plan_segments(self.layout, job.request)
-        by_layer: dict[int, list[kvwire.Segment]] = {}
+        by_layer: dict[int, list[Segment]] = {}
         for seg in segments:
             by_layer.setdefault(seg.layer, []).append(seg)
         out = self._sessions.get(job.peer).send(self.layout, job.request, timeout=self.transfer_timeout)
