@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import kvwire
-from kvwire.codec.layout import check_compatible
+from kvwire.codec.compat import check_compatible
 from kvwire.testing.fixtures import fixture_payload
 
 

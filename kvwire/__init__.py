@@ -58,7 +58,7 @@ _MOVED: dict[str, str] = {
                     "kvwire.errors"),
     "Limits": "kvwire.codec.frames",
     "Segment": "kvwire.codec.layout",
-    "check_compatible": "kvwire.codec.layout",
+    "check_compatible": "kvwire.codec.compat",
     "PRESETS": "kvwire.codec.presets",
     "load_preset": "kvwire.codec.presets",
     **dict.fromkeys(("ReshardPlan", "check_reshardable", "plan_reshard"), "kvwire.codec.reshard"),

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvwire.codec.hf import conv_rank_split, hybrid_block_size
-from kvwire.codec.layout import ModelLayout, TensorSpec, plan_segments
+from kvwire.codec.hf import hybrid_block_size
+from kvwire.codec.layout import ModelLayout, TensorSpec, conv_rank_split, plan_segments
 from kvwire.errors import LayoutError
 from kvwire.testing.fixtures import (
     CHUNK_TOKENS,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvwire.codec.hf import conv_rank_split, hybrid_block_size, layout_from_hf_config
-from kvwire.codec.layout import ModelLayout, RequestSpec, TensorSpec, plan_segments
+from kvwire.codec.hf import hybrid_block_size, layout_from_hf_config
+from kvwire.codec.layout import ModelLayout, RequestSpec, TensorSpec, conv_rank_split, plan_segments
 from kvwire.codec.presets import PRESETS, load_layout, load_preset, preset_config
 from kvwire.errors import LayoutError
 

@@ -35,7 +35,7 @@ MOVED = {
     "LayoutError": "kvwire.errors", "ProbeRefused": "kvwire.errors", "ProtocolError": "kvwire.errors",
     "ReshardRequired": "kvwire.errors", "ReshardUnsupported": "kvwire.errors",
     "StatePositionMismatch": "kvwire.errors", "TransferError": "kvwire.errors",
-    "Limits": "kvwire.codec.frames", "Segment": "kvwire.codec.layout", "check_compatible": "kvwire.codec.layout",
+    "Limits": "kvwire.codec.frames", "Segment": "kvwire.codec.layout", "check_compatible": "kvwire.codec.compat",
     "PRESETS": "kvwire.codec.presets", "load_preset": "kvwire.codec.presets",
     "ReshardPlan": "kvwire.codec.reshard", "check_reshardable": "kvwire.codec.reshard",
     "plan_reshard": "kvwire.codec.reshard",
@@ -148,3 +148,19 @@ def test_the_frame_decoder_moved_to_testing_with_a_warning(name: str) -> None:
 def test_the_wire_format_does_not_import_the_decoder() -> None:
     code = ("import json, sys\nimport kvwire.codec.frames\nprint(json.dumps(sorted(sys.modules)))\n")
     assert "kvwire.testing.decoder" not in json.loads(_run(code))
+
+
+def test_check_compatible_moved_to_compat_with_a_warning() -> None:
+    from kvwire.codec import compat, layout
+
+    with pytest.warns(DeprecationWarning, match="from kvwire.codec.compat import check_compatible"):
+        old = layout.check_compatible
+    assert old is compat.check_compatible
+
+
+def test_conv_rank_split_is_one_function_in_both_homes() -> None:
+    from kvwire.codec import hf, layout
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hf.conv_rank_split is layout.conv_rank_split

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reshard_ref import FAMILY_CONFIGS, VARIANTS, family_layout, global_payload, shard_reference
 
+from kvwire.codec.compat import check_compatible
 from kvwire.codec.hf import layout_from_hf_config
-from kvwire.codec.layout import ModelLayout, RequestSpec, check_compatible, plan_segments
+from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
 from kvwire.codec.reshard import ReshardPlan, SliceCopy, plan_reshard
 from kvwire.errors import LayoutError, ReshardRequired, ReshardUnsupported
 from kvwire.reshard import gather, scatter

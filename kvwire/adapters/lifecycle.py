@@ -33,7 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..codec.layout import REQUEST, ModelLayout, RequestSpec, check_compatible, plan_segments
+from ..codec.compat import check_compatible
+from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
 from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import LayoutError
 from .layout import REQUEST, TOKEN, CacheSpec, LayerSpec, ModelLayout, TensorSpec, dtype_size
+from .layout import conv_rank_split as conv_rank_split  # re-exported: it lived here before moving down to layout
 
 CONV_LAYOUTS = ("conv:SD", "conv:DS", "conv:HF")
 DELTA_SSM_LAYOUTS = ("ssm:HVK", "ssm:HKV")  # GDN/KDA only; Mamba and lightning tags are fixed
@@ -584,22 +585,3 @@ def hybrid_block_size(layout: ModelLayout, align: int = 16, mode: str = "align",
         unit = math.lcm(chunk, align)
         return unit * _cdiv(_cdiv(page, attn1), unit)
     raise LayoutError(f"mode must be 'none', 'align' or 'all', got {mode!r}")
-
-
-def conv_rank_split(spec: TensorSpec, tp_size: int) -> tuple[int, ...]:
-    """Channels each global sub-projection contributes to one rank's conv state, in order.
-
-    Normally ``p // tp_size`` each. With Mamba2 groups padded up to TP the B and C parts hold a whole
-    (replicated) group per rank, so they are larger than ``p // tp_size``; they are read off the shape.
-    """
-    if not spec.layout.startswith("conv:") or not spec.sub_projections:
-        raise LayoutError(f"tensor {spec.name!r} is not a conv state with sub-projections")
-    dim = spec.shape[1] if spec.layout == "conv:SD" else spec.shape[0]
-    parts = spec.sub_projections
-    if all(p % tp_size == 0 for p in parts) and sum(p // tp_size for p in parts) == dim:
-        return tuple(p // tp_size for p in parts)
-    if len(parts) == 3 and parts[1] == parts[2] and parts[0] % tp_size == 0:
-        rest = dim - parts[0] // tp_size
-        if rest > 0 and rest % 2 == 0 and rest // 2 >= parts[1] // tp_size:
-            return (parts[0] // tp_size, rest // 2, rest // 2)
-    raise LayoutError(f"conv dim {dim} does not split {parts} over tp_size={tp_size}")

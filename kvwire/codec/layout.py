@@ -1,9 +1,10 @@
 """Cache layout descriptors: what one model instance caches, per layer, and what one request's payload is.
 
 Owns: dtypes, cache kinds, tensor specs with explicit layout tags and TP sharding, the request
-descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints and
-compatibility checks. Must not know: sockets, threads, clocks, torch, or how HF configs are parsed
-(``hf.py`` builds layouts from configs).
+descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints and how a
+conv state's channels split over TP ranks (``conv_rank_split``). Must not know: sockets, threads, clocks,
+torch, how HF configs are parsed (``hf.py`` builds layouts from configs) or re-sharding plans
+(``reshard.py``); whether two layouts can exchange bytes is ``compat.check_compatible``, which knows both.
 
 Wire form of a segment: one tensor of one layer, contiguous. Token-indexed tensors are token-major,
 ``(tokens, *per_token_shape)``, except K/V tagged ``HND``: ``(heads, tokens, dim)``; request-indexed
@@ -14,14 +15,16 @@ Gathering from paged engine storage into this form is the stager's job, not the 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import operator
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
 
-from ..errors import LayoutError, LayoutMismatch, ReshardRequired, ReshardUnsupported, StatePositionMismatch
+from ..errors import LayoutError, StatePositionMismatch
 
 DTYPE_SIZES: Mapping[str, int] = {
     "bfloat16": 2,
@@ -301,56 +304,23 @@ class ModelLayout:
         return hashlib.sha256(msgpack.packb(canon, use_bin_type=True)).digest()[:16]
 
 
-def check_compatible(sender: ModelLayout, receiver: ModelLayout, *, reshard: bool = False) -> None:
-    """Raise LayoutMismatch naming the first difference that changes the meaning of the bytes.
+def conv_rank_split(spec: TensorSpec, tp_size: int) -> tuple[int, ...]:
+    """Channels each global sub-projection contributes to one rank's conv state, in order.
 
-    TP sizes that differ: ``ReshardUnsupported`` when no re-sharding plan bridges them (``codec.reshard``),
-    else ``ReshardRequired`` (a direct transfer would mean other bytes; ``kvwire.reshard.ReshardSender`` and
-    ``ReshardReceiver`` move it), or, with ``reshard=True``, no error: the plan checked every tensor.
+    Normally ``p // tp_size`` each. With Mamba2 groups padded up to TP the B and C parts hold a whole
+    (replicated) group per rank, so they are larger than ``p // tp_size``; they are read off the shape.
     """
-    if reshard or sender.tp_size != receiver.tp_size:
-        from .reshard import plan_reshard  # reshard builds on this module
-
-        try:
-            plan_reshard(sender, receiver)
-        except ReshardUnsupported as e:
-            raise ReshardUnsupported(f"TP differs (sender tp={sender.tp_size}, receiver tp={receiver.tp_size}) "
-                                     f"and no re-sharding plan bridges it: {e}") from None
-        if reshard:
-            return
-        raise ReshardRequired(
-            f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, receiver tp={receiver.tp_size} "
-            f"rank={receiver.tp_rank}; a re-sharding plan exists: move it with kvwire.reshard.ReshardSender and "
-            f"ReshardReceiver (each decode rank receives only its slices)")
-    if (sender.tp_size, sender.tp_rank) != (receiver.tp_size, receiver.tp_rank):
-        raise LayoutMismatch(
-            f"TP differs: sender tp={sender.tp_size} rank={sender.tp_rank}, "
-            f"receiver tp={receiver.tp_size} rank={receiver.tp_rank}"
-        )
-    if sender.num_layers != receiver.num_layers:
-        raise LayoutMismatch(f"layer count differs: {sender.num_layers} vs {receiver.num_layers}")
-    for ls, lr in zip(sender.layers, receiver.layers):
-        if ls.kinds != lr.kinds:
-            raise LayoutMismatch(f"layer {ls.index}: cache kinds {ls.kinds} vs {lr.kinds}")
-        for cs, cr in zip(ls.caches, lr.caches):
-            if cs.window != cr.window:
-                raise LayoutMismatch(f"layer {ls.index} {cs.kind}: window {cs.window} vs {cr.window}")
-            if len(cs.tensors) != len(cr.tensors):
-                raise LayoutMismatch(f"layer {ls.index} {cs.kind}: tensor count differs")
-            for ts, tr in zip(cs.tensors, cr.tensors):
-                where = f"layer {ls.index} {cs.kind}.{ts.name}"
-                if ts.name != tr.name:
-                    raise LayoutMismatch(f"{where}: tensor name {ts.name!r} vs {tr.name!r}")
-                if ts.dtype != tr.dtype:
-                    raise LayoutMismatch(f"{where}: dtype {ts.dtype} vs {tr.dtype} (never cast silently)")
-                if ts.layout != tr.layout:
-                    raise LayoutMismatch(f"{where}: layout {ts.layout} vs {tr.layout}")
-                if ts.shape != tr.shape:
-                    raise LayoutMismatch(f"{where}: shape {ts.shape} vs {tr.shape}")
-                if ts.sub_projections != tr.sub_projections or ts.replicated != tr.replicated:
-                    raise LayoutMismatch(f"{where}: TP sharding differs")
-    if sender.fingerprint() != receiver.fingerprint():  # pragma: no cover - covered by the loop above
-        raise LayoutMismatch("layout fingerprints differ")
+    if not spec.layout.startswith("conv:") or not spec.sub_projections:
+        raise LayoutError(f"tensor {spec.name!r} is not a conv state with sub-projections")
+    dim = spec.shape[1] if spec.layout == "conv:SD" else spec.shape[0]
+    parts = spec.sub_projections
+    if all(p % tp_size == 0 for p in parts) and sum(p // tp_size for p in parts) == dim:
+        return tuple(p // tp_size for p in parts)
+    if len(parts) == 3 and parts[1] == parts[2] and parts[0] % tp_size == 0:
+        rest = dim - parts[0] // tp_size
+        if rest > 0 and rest % 2 == 0 and rest // 2 >= parts[1] // tp_size:
+            return (parts[0] // tp_size, rest // 2, rest // 2)
+    raise LayoutError(f"conv dim {dim} does not split {parts} over tp_size={tp_size}")
 
 
 @dataclass(frozen=True)
@@ -497,3 +467,13 @@ def payload_bounds(layout: ModelLayout, state_position: int | None = None
         return (len(state), len(state) + tokens), (sum(state), None)
     full = plan_segments(layout, RequestSpec("bounds", max(state_position, 1), state_position))
     return (len(state), len(full)), (sum(state), sum(s.nbytes for s in full))
+
+
+def __getattr__(name: str) -> Any:
+    """``check_compatible`` moved up to ``compat`` (it needs re-sharding plans, which build on this module):
+    resolved there with a DeprecationWarning, looked up by name so that this module never imports it."""
+    if name == "check_compatible":
+        warnings.warn("kvwire.codec.layout.check_compatible moved: use 'from kvwire.codec.compat import "
+                      "check_compatible'", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("kvwire.codec.compat").check_compatible
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,17 +11,9 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import LayoutError, LayoutMismatch, ProtocolError
+from .compat import check_compatible
 from .frames import DEFAULT_LIMITS, MIN_CHUNK, Limits
-from .layout import (
-    TOKEN,
-    CacheSpec,
-    ModelLayout,
-    RequestSpec,
-    Segment,
-    check_compatible,
-    plan_segments,
-    token_range,
-)
+from .layout import TOKEN, CacheSpec, ModelLayout, RequestSpec, Segment, plan_segments, token_range
 from .plan import ALIGN, ChunkPlan, plan_chunks
 
 MANIFEST_VERSION = 1

@@ -28,7 +28,16 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from ..errors import ReshardUnsupported
-from .layout import TOKEN, CacheSpec, LayerSpec, ModelLayout, RequestSpec, TensorSpec, plan_segments
+from .layout import (
+    TOKEN,
+    CacheSpec,
+    LayerSpec,
+    ModelLayout,
+    RequestSpec,
+    TensorSpec,
+    conv_rank_split,
+    plan_segments,
+)
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,6 @@ def _axis(cache: CacheSpec, t: TensorSpec) -> int:
 
 
 def _conv_split(t: TensorSpec, tp: int) -> tuple[int, ...]:
-    from .hf import conv_rank_split
-
     try:
         return conv_rank_split(t, tp)
     except Exception as e:  # noqa: BLE001 - a LayoutError here means the pair cannot be mapped
