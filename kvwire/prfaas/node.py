@@ -4,9 +4,10 @@ Owns: one node of the deployment: its model backend (``runner.TransformersRunner
 ``backend = "vllm"`` runs ``vllm_node.VllmNode`` instead, same control API), its data port (a kvwire
 ``Receiver``: decode nodes receive caches on it, prefill nodes receive prefix moves), one kvwire ``Session``
 per peer data port (reused; re-dialled when unhealthy) watched by a ``LinkMonitor`` (the egress ``LinkState``
-served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), role state
-(ready / draining / converting) and the HTTP/JSON control API (starlette, served by uvicorn; the contract is
-/work PRFAAS_API.md, the client ``nodeclient.NodeClient``). The shared key comes from ``KVWIRE_KEY``.
+served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), and the process
+entry (``main``). Role state (ready / draining / converting) is ``nodestate.NodeState``'s; the HTTP/JSON
+control API (starlette, served by uvicorn; the contract is /work PRFAAS_API.md, the client
+``nodeclient.NodeClient``) is ``nodeapp``'s. The shared key comes from ``KVWIRE_KEY``.
 Must not know: routing policy, the prefix index, the front door, or kvwire internals (public API only).
 """
 
@@ -30,19 +31,12 @@ import kvwire
 from ..congestion.monitor import LinkMonitor
 from ..errors import KvwireError, LayoutError, TransferCancelled, TransferError
 from .config import ROLES, DeployConfig, NodeSpec, load
+from .nodestate import NodeFault, NodeState
 from .runner import Checkpoint, Incoming, NodeBackend, TransformersRunner
 from .sessions import Peer, SessionPool
 from .store import CheckpointStore
 
 log = logging.getLogger("kvwire.prfaas.node")
-
-
-class NodeFault(Exception):
-    """A request the node refuses: ``status`` is the HTTP status the control API answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 async def _ended(handle: Any, timeout: float) -> None:
@@ -57,55 +51,6 @@ async def _ended(handle: Any, timeout: float) -> None:
 def _state_of(exc: BaseException) -> str:
     name = type(exc).__name__
     return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
-
-
-class NodeState:
-    """What every node kind shares: its role, the ready / draining / converting state, admission of new work,
-    drain and resume, and the ids of prefills cancelled before they arrived (bounded). A node kind adds its
-    requests held between the counts (``_held``: expected, not yet generating)."""
-
-    def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes) -> None:
-        self.config, self.spec, self.key = config, spec, key
-        self.role, self.state = spec.role, "ready"
-        self.queued = self.running = 0
-        self._cancelled: OrderedDict[str, None] = OrderedDict()  # prefills cancelled before they started
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def _held(self) -> int:
-        return 0
-
-    def _admit(self, role: str) -> None:
-        """503 unless ready, 409 in the other role."""
-        if self.state != "ready":
-            raise NodeFault(503, f"node {self.spec.name} is {self.state}")
-        if self.role != role:
-            raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
-
-    def _settle(self) -> None:
-        if self.queued == 0 and self.running == 0 and not self._held():
-            self._idle.set()
-        else:
-            self._idle.clear()
-
-    def _refuse_when_it_comes(self, request_id: str) -> None:
-        self._cancelled[request_id] = None
-        while len(self._cancelled) > 1024:
-            self._cancelled.popitem(last=False)
-
-    async def drain(self, timeout: float) -> None:
-        if self.state == "ready":
-            self.state = "draining"
-        self._settle()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise NodeFault(504, f"node {self.spec.name} still has work after {timeout} s") from None
-
-    def resume(self) -> None:
-        if self.state == "converting":
-            raise NodeFault(409, "node is converting")
-        self.state = "ready"
 
 
 class Node(NodeState):
@@ -407,7 +352,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run the imported module's main: nodeapp's NodeFault must be this module's class
-    from kvwire.prfaas import node as _node
-
-    raise SystemExit(_node.main())
+if __name__ == "__main__":
+    raise SystemExit(main())

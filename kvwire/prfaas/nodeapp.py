@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from .controlauth import ControlAuth
-from .node import Node, NodeFault, Peer
+from .nodestate import NodeFault
+from .sessions import Peer
 
 if TYPE_CHECKING:
+    from .node import Node
     from .vllm_node import VllmNode
 
 

@@ -49,7 +49,8 @@ from typing import Any
 from ..adapters.vllm import KvwireConnector, KvwireMetadata, decode_params, prefill_params
 from ..errors import KvwireError
 from .config import CacheConfig, DeployConfig, ModelSpec, NodeSpec, to_toml
-from .node import NodeFault, NodeState, Peer
+from .nodestate import NodeFault, NodeState
+from .sessions import Peer
 from .store import CheckpointStore
 
 log = logging.getLogger("kvwire.prfaas.vllm_node")
