@@ -229,8 +229,8 @@ class ReshardIncoming(LayerOutcome):
     def cancel(self, reason: str = "cancelled by receiver") -> None:
         self._fail(State.CANCELLED, reason, None)
 
-    # ---- wiring (ReshardReceiver.expect)
-    def _add_source(self, p: int, h: IncomingTransfer, layers: set[int],
+    # ---- wiring (ReshardReceiver.expect: add every source, then start)
+    def add_source(self, p: int, h: IncomingTransfer, layers: set[int],
                     scatters: dict[int, list[tuple[memoryview, SliceCopy, Any]]]) -> None:
         with self._cond:
             self.sources[p] = h
@@ -239,7 +239,8 @@ class ReshardIncoming(LayerOutcome):
             for layer, items in scatters.items():
                 self._scatters[(p, layer)] = items
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Every source is added: follow their layers and outcomes."""
         for p, h in self.sources.items():
             h.on_layer(functools.partial(self._arrived, p))
             h.add_done_callback(functools.partial(self._source_finished, p, h))
@@ -339,7 +340,7 @@ class ReshardReceiver:
                 else:
                     sub_h = self.receiver.expect(sub.request_id, dest, layout=layout,
                                                  state_position=request.state_position, timeout=timeout)
-                h._add_source(p, sub_h, layers, scatters)
+                h.add_source(p, sub_h, layers, scatters)
         except BaseException:
             for other in h.sources.values():
                 other.cancel("sibling expectation could not be registered")
@@ -347,7 +348,7 @@ class ReshardReceiver:
                 if q not in h.sources:
                     other.cancel("sibling expectation could not be registered")
             raise
-        h._start()
+        h.start()
         return h
 
 

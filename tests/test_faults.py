@@ -51,7 +51,7 @@ def test_lane_killed_mid_transfer_is_survived(side: str, rep: int, no_leaks: Non
                 if side == "sender":
                     s.lanes[lane].ch.sock.shutdown(socket.SHUT_RDWR)
                 else:
-                    sess = next(iter(rx._sessions.values()))
+                    sess = rx.live_sessions()[0]
                     for ch in list(sess.lanes.values()):
                         ch.close()  # the receiver drops every lane at once
             return None
@@ -88,7 +88,7 @@ def test_corrupt_chunk_is_nacked_and_resent(rep: int, no_leaks: None) -> None:
         h.finish().result(30)
         h_rx.result(30)
         assert h._sm.retries[5] == 1 and h._sm.retries[17] == 1
-        assert h_rx._sm is not None and h_rx._sm.bad_chunks == 2
+        assert h_rx.machine is not None and h_rx.machine.bad_chunks == 2
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
 
 
@@ -356,7 +356,7 @@ def test_mutual_tls_round_trip_and_client_without_cert_is_refused(pki: Path, no_
         with pytest.raises((ssl.SSLError, ConnectionError, KvwireError)):
             connect(*rx.address, ssl_context=anonymous, key="k", connect_timeout=3)
         assert h_rx.state is State.DONE
-        assert wait_until(lambda: not rx._conns, 5)  # TLS-wrapped connections are accounted for too
+        assert wait_until(lambda: not rx.open_connections(), 5)  # TLS-wrapped connections are accounted for too
 
 
 def test_receiver_limits_sessions_and_bytes_in_flight(no_leaks: None) -> None:
@@ -396,7 +396,7 @@ def test_unauthenticated_connections_are_bounded(no_leaks: None) -> None:
         assert wait_until(lambda: rx.stats()["handshakes"] == 0, 5)
         assert rx.stats()["handshakes_cut"] >= 1  # the evicted one; the rest by the deadline or recv timeout
         _receiver_still_serves(rx)
-        assert wait_until(lambda: not rx._conns, 5)
+        assert wait_until(lambda: not rx.open_connections(), 5)
 
 
 def test_evicted_tls_handshake_is_cut_at_once(pki: Path, no_leaks: None) -> None:

@@ -189,7 +189,7 @@ def test_probe_measures_and_the_receiver_delivers_and_allocates_nothing(no_leaks
             rx.next_transfer(timeout=0.2)  # handles go to on_transfer: next_transfer says so at once
         assert alloc.calls == [] and delivered == []
         # no sink is left behind on the receiver: every one ended (done or cancelled)
-        assert wait_until(lambda: all(not x.transfers for x in list(rx._sessions.values())), 5)
+        assert wait_until(lambda: all(not x.transfers for x in rx.live_sessions()), 5)
         json.dumps(r.to_dict())  # plain data
         assert r.to_dict()["capacity"] == r.capacity and len(r.to_dict()["states"]) == len(r.states)  # type: ignore
 

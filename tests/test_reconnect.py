@@ -82,8 +82,8 @@ def test_without_reconnect_the_session_stays_closed(no_leaks: None) -> None:
         s = connect(*rx.address, lanes=2, peer_timeout=1.5, heartbeat=0.2)
         try:
             _round_trip(s, rx, "before")
-            for sess in list(rx._sessions.values()):
-                rx._close_session(sess, "dropped by the test")
+            for sess in rx.live_sessions():
+                rx.close_session(sess, "dropped by the test")
             assert wait_until(lambda: s.closed, 5) and s.failure
             with pytest.raises(KvwireError, match="session closed"):
                 s.send(load_fixture("tiny-qwen3-next"), RequestSpec("after", 600, 600))

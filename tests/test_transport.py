@@ -364,8 +364,8 @@ def test_every_connection_keeps_idle_paths_alive_and_bounds_unacked_data(no_leak
     with Receiver(peer_timeout=7.0) as rx, connect(*rx.address, lanes=3, max_lanes=4, peer_timeout=6.0) as s:
         s.set_active_lanes(4)
         ours = [s.ctrl.sock, *s.lane_sockets()]
-        assert wait_until(lambda: len(rx._sessions) == 1 and len(next(iter(rx._sessions.values())).lanes) == 4, 5)
-        sess = next(iter(rx._sessions.values()))
+        assert wait_until(lambda: len(rx.live_sessions()) == 1 and len(rx.live_sessions()[0].lanes) == 4, 5)
+        sess = rx.live_sessions()[0]
         theirs = [sess.ctrl.sock, *(ch.sock for ch in sess.lanes.values())]
         for sock, timeout in [(x, 6.0) for x in ours] + [(x, 7.0) for x in theirs]:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

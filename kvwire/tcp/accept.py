@@ -69,6 +69,11 @@ class Acceptor:
         self._listener.close()
         self.gate.close()
 
+    def open_connections(self) -> int:
+        """Connections open now, authenticated or not."""
+        with self._lock:
+            return len(self.conns)
+
     def cut_all(self) -> None:
         """Shut down every connection still open (their threads then end)."""
         with self._lock:

@@ -79,6 +79,11 @@ class Outcome:
     def finished(self) -> bool:
         return self._state.terminal
 
+    def resolve(self, state: State, reason: str = "") -> bool:
+        """Move to the terminal ``state`` (once; later calls are ignored and return False). For the
+        driver that carries the transfer, never for its user (who calls ``cancel``)."""
+        return self._resolve(state, reason)
+
     def _resolve(self, state: State, reason: str = "") -> bool:
         with self._lock:
             if self._state.terminal:
@@ -89,6 +94,11 @@ class Outcome:
         else:
             self.future.set_exception(_EXC[state](reason or state.value))
         return True
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's
+        other callbacks; inline where the handle has no pool."""
+        self._call_soon(fn, *args)
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's

@@ -1,8 +1,11 @@
 """Receiver-side transfer handle: layers become readable as they are verified.
 
 Owns: ``IncomingTransfer`` (what the decode engine holds: ``wait_layer``, ``layers()``, ``on_layer``,
-``result``, ``cancel``, per-lane accounting) and its terminal-state bookkeeping. Must not know: sockets'
-I/O or the wire format; the receiver's session (``rxsession.py``) drives it under the session lock.
+``result``, ``cancel``, per-lane accounting) and its terminal-state bookkeeping, and ``TransferDriver``:
+the little it needs from whoever carries the transfer (cancel it, the lane sockets). A façade: the
+driver (``rxsession.py``) calls its public methods (``bind``, ``add_lane_bytes``, ``layer_ready``,
+``resolve``) and it calls only the driver's. Must not know: sockets' I/O, the wire format, the protocol
+engine or the session.
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..codec import frames as F
 from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
@@ -21,11 +23,17 @@ from ..codec.transfer import ReceiverTransfer, State
 from .callbacks import Callbacks
 from .handle import LayerOutcome
 
-if TYPE_CHECKING:
-    from .rxsession import RxSession
-    from .wire import Channel
-
 log = logging.getLogger("kvwire.tcp")
+
+
+class TransferDriver(Protocol):
+    """What a handle asks of the session carrying its transfer."""
+
+    def cancel_transfer(self, transfer_id: int, reason: str) -> None:
+        """End the transfer CANCELLED (resolving this handle) and tell the sender."""
+        ...
+
+    def lane_sockets(self) -> dict[int, socket.socket]: ...
 
 
 class IncomingTransfer(LayerOutcome):
@@ -44,22 +52,49 @@ class IncomingTransfer(LayerOutcome):
         self.plan: ChunkPlan | None = None
         self.views: list[memoryview] = []
         self._lane_bytes: dict[int, int] = {}
-        # internal, guarded by the session lock
-        self._sm: ReceiverTransfer | None = None
-        self._writers = 0
-        self._pending: tuple[State, str] | None = None
-        self._pending_since = 0.0
-        self._writing: set[Channel] = set()
-        self._session: RxSession | None = None
+        self._driver: TransferDriver | None = None
+        self._machine: ReceiverTransfer | None = None
+
+    # ---- driver API
+    def bind(self, driver: TransferDriver, manifest: Manifest, plan: ChunkPlan, views: list[memoryview],
+             deadline: float, machine: ReceiverTransfer) -> None:
+        """The transfer was admitted into ``views`` (of ``dest``) on ``driver``'s session, until ``deadline``.
+        ``machine``: the engine's state machine of it, kept read-only for ``machine``."""
+        self.manifest, self.plan, self.views, self.deadline = manifest, plan, views, deadline
+        self._driver, self._machine = driver, machine
+
+    def add_lane_bytes(self, lane: int, n: int) -> None:
+        with self._cond:
+            self._lane_bytes[lane] = self._lane_bytes.get(lane, 0) + n
+
+    def layer_ready(self, layer: int, t: float) -> None:
+        """Every chunk of ``layer`` is verified (at monotonic time ``t``): wake waiters, queue ``on_layer``."""
+        with self._cond:
+            self.layer_times[layer] = t
+            cbs = list(self._layer_callbacks)
+            self._cond.notify_all()
+        for fn in cbs:
+            self.call_soon(fn, layer)
+
+    def resolve(self, state: State, reason: str = "") -> bool:
+        """The terminal state (once; later calls are ignored and return False)."""
+        with self._cond:
+            first = self._resolve(state, reason)
+            self._layer_callbacks.clear()  # they may hold this handle: no cycle outlives the transfer
+            self._cond.notify_all()
+        return first
+
+    @property
+    def machine(self) -> ReceiverTransfer | None:
+        """The protocol engine's state machine of this transfer (verified chunks, retries seen, bad
+        chunks), once admitted. Read-only: for tests and diagnostics."""
+        return self._machine
 
     # ---- caller API
     def lane_sockets(self) -> dict[int, socket.socket]:
         """The live lane sockets of the session carrying this transfer, by lane index (for TCP_INFO)."""
-        s = self._session
-        if s is None:
-            return {}
-        with s.lock:
-            return {i: ch.sock for i, ch in s.lanes.items() if not ch.closed}
+        d = self._driver
+        return {} if d is None else d.lane_sockets()
 
     def lane_bytes(self) -> dict[int, int]:
         """Payload bytes of this transfer received so far on each lane (re-sent chunks counted again)."""
@@ -104,25 +139,10 @@ class IncomingTransfer(LayerOutcome):
                 return
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
-        s = self._session
-        if s is None:
+        d, m = self._driver, self.manifest
+        if d is None or m is None:
             with self._cond:
                 self._resolve(State.CANCELLED, reason)
                 self._cond.notify_all()
             return
-        s.end(self, State.CANCELLED, reason, notify=F.CANCEL)
-
-    # ---- receiver internals
-    def _layer_ready(self, layer: int, t: float) -> None:
-        with self._cond:
-            self.layer_times[layer] = t
-            cbs = list(self._layer_callbacks)
-            self._cond.notify_all()
-        for fn in cbs:
-            self._call_soon(fn, layer)
-
-    def _finish(self, state: State, reason: str) -> None:
-        with self._cond:
-            self._resolve(state, reason)
-            self._layer_callbacks.clear()  # they may hold this handle: no cycle outlives the transfer
-            self._cond.notify_all()
+        d.cancel_transfer(m.transfer_id, reason)

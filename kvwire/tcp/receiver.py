@@ -1,13 +1,15 @@
 """The receiving end: a server that authenticates sessions and places transfers in caller buffers.
 
 Owns: ``Receiver`` (the public object: ``expect``, ``next_transfer``, ``stats``, ``close``), the table of
-sessions, the session handshake on a control connection and the dispatch of its messages, lane
-authentication against its session, admission (ids, per-session and receiver-wide bounds) and destination
-lookup (registered buffers or an allocator callback), sink transfers (capacity probes, read into one
-shared scratch buffer and never delivered), the threads it runs, and the monitor (deadlines, silent peers,
-heartbeats). Accepting connections is ``accept.py``'s, a session's transfers and lanes ``rxsession.py``'s.
-User callbacks go to a ``Callbacks`` pool, never run on these threads. Must not know: torch/cupy
-(buffers arrive as views), congestion control.
+sessions, running the session handshake on a control connection and feeding its messages to the session's
+protocol engine (``codec.rxengine``: legality, per-session admission, verdicts, deadlines, counters),
+lane authentication against its session, receiver-wide bounds (sessions, bytes in flight, queued
+handles) and destination lookup (registered buffers or an allocator callback), sink transfers (capacity
+probes, read into one shared scratch buffer and never delivered), the threads it runs, and the monitor's
+clock (expected requests that never came; each session's engine decides the rest). Accepting connections
+is ``accept.py``'s, a session's connections and lanes ``rxsession.py``'s. User callbacks go to a
+``Callbacks`` pool, never run on these threads. Must not know: torch/cupy (buffers arrive as views),
+congestion control, which control message is legal when.
 """
 
 from __future__ import annotations
@@ -24,24 +26,20 @@ from typing import Any
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
-from ..codec.manifest import Manifest, check_manifest_against, parse_manifest
-from ..codec.probe import SINK_MAX_SEGMENT, sink_refusal
-from ..codec.transfer import TERMINAL_STATES, ReceiverTransfer, State
-from ..errors import InsecureReceiverWarning, KvwireError, LayoutError, ProtocolError
+from ..codec.manifest import Manifest, check_manifest_against
+from ..codec.probe import SINK_MAX_SEGMENT
+from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
+from ..codec.transfer import TERMINAL_STATES, State
+from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from .accept import Acceptor, is_loopback, verifies_clients
 from .auth import SessionKeys, lane_index, server_handshake, server_lane
 from .callbacks import Callbacks
 from .incoming import IncomingTransfer
 from .rxsession import RxSession
+from .transport import IDENTITY, ChunkStage
 from .wire import Channel
 
 log = logging.getLogger("kvwire.receiver")
-
-
-def _held(m: Manifest) -> int:
-    """What an admitted transfer holds against ``max_inflight_bytes``: its payload (none for a sink,
-    which reads into shared scratch) and its metadata (segments, plan, views)."""
-    return m.metadata_bytes + (0 if m.sink else m.total_bytes)
 
 
 Allocator = Callable[[Manifest], Any]
@@ -94,6 +92,8 @@ class Receiver:
         max_handshakes: unauthenticated connections handled at once, at most half of them from one
             source address; a new one always gets in and the oldest of the busiest source is cut.
         max_probe_bytes: the largest capacity probe (sink transfer) accepted; 0 refuses probes.
+        chunk_stage: what every data chunk passes after its payload is in place and before its hash
+            is checked (``transport.ChunkStage``; a transform, or a fault injector in tests).
     """
 
     #: allocator-placed handles waiting for ``next_transfer()`` (without ``on_transfer``) at most
@@ -119,6 +119,7 @@ class Receiver:
         handshake_timeout: float = 5.0,
         max_handshakes: int = 128,
         max_probe_bytes: int = 4 * 1024**3,
+        chunk_stage: ChunkStage = IDENTITY,
     ) -> None:
         if max_probe_bytes < 0:
             raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
@@ -137,6 +138,7 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes
         self.max_probe_bytes = max_probe_bytes
+        self.chunk_stage = chunk_stage
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
         self._lock = threading.Lock()
         self._sessions: dict[bytes, RxSession] = {}
@@ -146,13 +148,12 @@ class Receiver:
         self._incoming_cond = threading.Condition(self._lock)
         self._threads: set[threading.Thread] = set()
         self._closed = threading.Event()
-        self._counts: Counter[str] = Counter()  # see stats(); under _count_lock
+        self._counts: Counter[str] = Counter()  # see stats(); closed sessions' counts folded in; under _count_lock
         self._count_lock = threading.Lock()
         self._acceptor = Acceptor(host, port, ssl_context=ssl_context, limits=limits, peer_timeout=peer_timeout,
                                   handshake_timeout=handshake_timeout, max_handshakes=max_handshakes,
                                   max_conns=max_sessions * (max_lanes + 1), spawn=self._spawn, count=self._count,
                                   on_control=self._control, on_lane=self._lane)
-        self._conns = self._acceptor.conns  # open connections (read by tests)
         self.address: tuple[str, int] = self._acceptor.address
         if not self.key and not verifies_clients(ssl_context) and not is_loopback(self.address[0]):
             warnings.warn(f"kvwire Receiver on {self.address[0]}:{self.address[1]} without a key or client "
@@ -229,7 +230,7 @@ class Receiver:
         for s in sessions:
             self._close_session(s, "receiver closed")
         for h in expected:
-            h._finish(State.CANCELLED, "receiver closed")
+            h.resolve(State.CANCELLED, "receiver closed")
         self._acceptor.cut_all()
         me = threading.current_thread()
         with self._lock:
@@ -253,18 +254,35 @@ class Receiver:
         the connection bound), ``handshakes_cut`` (unauthenticated connections cut to make room for a
         newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
         ``transfers_in_flight``, ``handshakes``."""
-        with self._count_lock:
-            out = {k: 0 for k in _STAT_KEYS}
-            out.update(self._counts)
+        out = dict.fromkeys(_STAT_KEYS, 0)
+        with self._lock:  # a session's counts are folded into _counts as it leaves the table, under this lock
+            sessions = list(self._sessions.values())
+            with self._count_lock:
+                out.update(self._counts)
+            for x in sessions:
+                for k, n in x.counts().items():
+                    out[k] = out.get(k, 0) + n
         gate = self._acceptor.gate
         out["handshakes_cut"] = gate.evicted + gate.expired
         out["handshakes"] = len(gate)
-        with self._lock:
-            sessions = list(self._sessions.values())
         out["sessions"] = len(sessions)
         out["lanes"] = sum(len(x.lanes) for x in sessions)
         out["transfers_in_flight"] = sum(len(x.transfers) for x in sessions)
         return out
+
+    # ------------------------------------------------------------ test-facing
+    def live_sessions(self) -> list[RxSession]:
+        """The sessions open now (for tests and diagnostics: their ``ctrl``, ``lanes``, ``transfers``)."""
+        with self._lock:
+            return list(self._sessions.values())
+
+    def close_session(self, s: RxSession, reason: str) -> None:
+        """Close one session as a lost connection would: its transfers fail with ``reason``."""
+        self._close_session(s, reason)
+
+    def open_connections(self) -> int:
+        """Connections open now, authenticated or not (for tests)."""
+        return self._acceptor.open_connections()
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._count_lock:
@@ -296,7 +314,10 @@ class Receiver:
         sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
-            sessions.append(RxSession(keys, ch, peer, self._count, self.peer_timeout))
+            engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
+                                    max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
+                                    peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic())
+            sessions.append(RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout))
             with self._lock:
                 self._sessions[keys.session_id] = sessions[0]
 
@@ -307,41 +328,28 @@ class Receiver:
         try:
             while True:
                 kind, body = ch.read_control()
-                s.last_seen = time.monotonic()
-                if kind == F.BEGIN:
-                    self._begin(s, body)
-                elif kind == F.DONE:
-                    s.done(body)
-                elif kind == F.CANCEL:
-                    s.cancelled_by_sender(body)
-                elif kind == F.HEARTBEAT:
-                    pass
-                elif kind == F.BYE:
-                    self._close_session(s, "sender closed the session")
+                actions = s.receive(kind, body)
+                for a in actions:
+                    if type(a) is Admit:
+                        self._begin(s, a.manifest)
+                fail = s.perform(actions)
+                if fail is not None:
+                    self._close_session(s, fail)
                     return
-                else:
-                    raise ProtocolError(f"unexpected {kind!r} on control connection")
         except KvwireError as e:  # malformed input is typed where it is parsed; it ends the session
             s.send(F.ERROR, {"reason": str(e)})
             self._close_session(s, f"protocol error: {e}")
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
 
-    def _begin(self, s: RxSession, body: dict[str, Any]) -> None:
-        try:
-            m = parse_manifest(body, self.limits, s.layouts)
-        except KvwireError as e:
-            tid = body.get("tid")
-            s.send(F.REJECT, {"tid": tid if type(tid) is int else None, "reason": str(e)})
+    def _begin(self, s: RxSession, m: Manifest) -> None:
+        """The session's engine admitted ``m``: the receiver-wide bound, then its destination."""
+        reason = self._over_inflight(m)
+        if reason:
+            s.refuse(m.transfer_id, reason)
             return
-        if m.layout is not None and len(s.layouts) < 256:
-            s.layouts[m.fingerprint] = m.layout
         if m.sink:
             self._begin_sink(s, m)
-            return
-        reason = self._admit(s, m)
-        if reason:
-            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
             return
         with self._lock:
             h = self._expected.pop(m.request.request_id, None)
@@ -352,8 +360,8 @@ class Receiver:
             with self._lock:
                 full = len(self._incoming) >= self.MAX_QUEUED
             if full:
-                s.send(F.REJECT, {"tid": m.transfer_id, "reason": f"receiver busy: {self.MAX_QUEUED} transfers "
-                                  "not yet taken with next_transfer()"})
+                s.refuse(m.transfer_id, f"receiver busy: {self.MAX_QUEUED} transfers not yet taken with "
+                         "next_transfer()")
                 return
         try:
             if h is None:
@@ -370,60 +378,46 @@ class Receiver:
         except Exception as e:  # noqa: BLE001 - allocator is user code; every failure is a REJECT
             reason = f"{type(e).__name__}: {e}"
             if registered and h is not None:
-                h._finish(State.FAILED, reason)
-            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
+                h.resolve(State.FAILED, reason)
+            s.refuse(m.transfer_id, reason)
             return
         h.layout = h.layout or m.layout
-        self._activate(s, m, h, views)
+        if not s.activate(m, h, views):
+            h.resolve(State.FAILED, "session closed")
+            return
         if not registered and self.on_transfer is not None:
-            h._call_soon(self.on_transfer, h)
+            h.call_soon(self.on_transfer, h)
         elif not registered:
             with self._incoming_cond:
                 self._incoming.append(h)
                 self._incoming_cond.notify_all()
 
-    def _activate(self, s: RxSession, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> None:
-        """The transfer is admitted with its destination views: start its state machine and ACCEPT it."""
-        h.manifest, h.plan, h.views, h._session = m, m.plan(), views, s
-        h.deadline = min(h.deadline or float("inf"), time.monotonic() + self.transfer_timeout)
-        h._sm = ReceiverTransfer(m, h.plan)
-        with s.lock:
-            s.transfers[m.transfer_id] = h
-        s.send(F.ACCEPT, {"tid": m.transfer_id})
-
     def _begin_sink(self, s: RxSession, m: Manifest) -> None:
         """A capacity probe: every segment's view aliases the shared scratch buffer. Lanes racing on it is
         harmless (sinks are unhashed and the bytes are thrown away); the handle is never delivered but runs
         the ordinary state machine, so the transfer still ends in exactly one terminal state."""
-        reason = sink_refusal(m, self.max_probe_bytes) or self._admit(s, m)
-        if reason:
-            s.send(F.REJECT, {"tid": m.transfer_id, "reason": reason})
-            return
         with self._lock:
             if self._sink_scratch is None:
                 self._sink_scratch = memoryview(bytearray(SINK_MAX_SEGMENT))
             scratch = self._sink_scratch
-        self._activate(s, m, IncomingTransfer(m.request.request_id), [scratch[: seg.nbytes] for seg in m.segments])
+        s.activate(m, IncomingTransfer(m.request.request_id), [scratch[: seg.nbytes] for seg in m.segments])
 
-    def _admit(self, s: RxSession, m: Manifest) -> str:
-        with s.lock:
-            if m.transfer_id in s.transfers or m.transfer_id in s.ended:
-                return f"transfer id {m.transfer_id} already used on this session"
-            if len(s.transfers) >= self.max_transfers_per_session:
-                return "too many transfers in flight on this session"
-        # payload (a sink holds none of its own) plus the metadata every transfer holds while in flight
+    def _over_inflight(self, m: Manifest) -> str:
+        """Why ``m`` would take the receiver over ``max_inflight_bytes`` (payload, a sink's none, plus the
+        metadata every transfer holds while in flight), or ''."""
         with self._lock:
-            inflight = sum(_held(h.manifest) for x in self._sessions.values()
-                           for h in list(x.transfers.values()) if h.manifest is not None)
-        if inflight + _held(m) > self.max_inflight_bytes:
-            return f"receiver busy: {inflight + _held(m)} bytes in flight exceeds {self.max_inflight_bytes}"
+            inflight = sum(x.engine.held for x in self._sessions.values())
+        if inflight + held_bytes(m) > self.max_inflight_bytes:
+            return f"receiver busy: {inflight + held_bytes(m)} bytes in flight exceeds {self.max_inflight_bytes}"
         return ""
 
     def _close_session(self, s: RxSession, reason: str) -> None:
-        with self._lock:
+        s.close(reason)
+        with self._lock:  # its counts move to the receiver's as it leaves the table (stats sees one or the other)
             if self._sessions.get(s.keys.session_id) is s:
                 del self._sessions[s.keys.session_id]
-        s.close(reason)
+                with self._count_lock:
+                    self._counts.update(s.counts())
 
     # ------------------------------------------------------------ lanes
     def _lane(self, ch: Channel, body: dict[str, Any], authenticated: Callable[[], None]) -> None:
@@ -436,13 +430,7 @@ class Receiver:
         lane = lane_index(body)
         server_lane(ch, self.key, s.keys, lane)
         authenticated()
-        with s.lock:
-            if s.closed or (lane not in s.lanes and len(s.lanes) >= self.max_lanes):
-                raise ProtocolError("lane refused")
-            old = s.lanes.get(lane)
-            s.lanes[lane] = ch
-        if old is not None:
-            old.close()  # a reconnect replaces the lane
+        s.attach_lane(lane, ch, self.max_lanes)  # ProtocolError: refused
         ch.send(F.WELCOME, {})
         ch.sock.settimeout(None)
         try:
@@ -450,9 +438,7 @@ class Receiver:
         except (OSError, KvwireError):
             pass
         finally:
-            with s.lock:
-                if s.lanes.get(lane) is ch:
-                    del s.lanes[lane]
+            s.detach_lane(lane, ch)
 
     # ------------------------------------------------------------ monitor
     def _monitor_loop(self) -> None:
@@ -461,7 +447,8 @@ class Receiver:
             self._monitor_tick(time.monotonic())
 
     def _monitor_tick(self, now: float) -> None:
-        """Deadlines, silent peers, heartbeats; its own frame, so no handle stays referenced between ticks."""
+        """Expected requests that never came; each session's engine tick (deadlines, silent peers,
+        heartbeats, stuck lanes). Its own frame, so no handle stays referenced between ticks."""
         self._acceptor.gate.reap(now)
         with self._lock:
             sessions = list(self._sessions.values())
@@ -469,17 +456,8 @@ class Receiver:
             for rid in [h.request_id for h in late]:
                 self._expected.pop(rid, None)
         while late:  # popped: once resolved, no frame here holds the handle (and its buffers) any more
-            late.pop()._finish(State.TIMED_OUT, "the sender never started this transfer")
+            late.pop().resolve(State.TIMED_OUT, "the sender never started this transfer")
         for s in sessions:
-            if now - s.last_seen > self.peer_timeout:
-                self._close_session(s, f"peer silent for {now - s.last_seen:.1f}s")
-                continue
-            if now - s.last_sent >= self.heartbeat:
-                s.send(F.HEARTBEAT)
-            with s.lock:
-                handles = list(s.transfers.values())
-            for h in handles:
-                if h.deadline is not None and now > h.deadline:
-                    s.end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.ERROR)
-            s.unstick(now)
-
+            fail = s.tick(now)
+            if fail is not None:
+                self._close_session(s, fail)

@@ -1,105 +1,135 @@
-"""One receiver session: its transfers from admission to a terminal state, and its data lanes.
+"""One receiver session's driver: its connections, its lock, and the actions of its protocol engine.
 
-Owns: ``RxSession`` (the per-session table of transfers and recently ended ids, the lanes by index, the
-control replies it sends), ending a transfer (a handle resolves only once no lane writes into it),
-closing the session, the sender's DONE and CANCEL, reading a lane's chunks into their destinations
-with hash checks and ACK/NACK, and cutting a lane stuck mid-chunk of an ended transfer. Drives the
-sans-IO ``ReceiverTransfer`` inside each ``IncomingTransfer`` under the session lock. Must not know:
-listening, handshakes or authentication, destinations (the receiver admits a transfer and hands over its
-views), receiver-wide limits, torch/cupy, congestion control.
+Owns: ``RxSession`` (the control connection, the data lanes by index, the handles of its transfers by id,
+the session lock around every call into its ``ReceiverEngine``), performing what the engine returns
+(control frames, resolving handles, cutting stuck lanes; a chunk's layers ready), and reading a lane's chunks into
+their destinations through the ``transport.Stream`` (each chunk passes the ``ChunkStage`` after its payload
+is in place and before its hash is checked). Must not know: what is legal when, admission, verdicts,
+deadlines or counters (``codec.rxengine``'s), listening, handshakes or authentication, destinations (the
+receiver admits a transfer and hands over its views), receiver-wide limits, torch/cupy, congestion control.
 """
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
 from ..codec import frames as F
-from ..codec.layout import ModelLayout
-from ..codec.messages import parse_done, parse_end
-from ..codec.transfer import State
+from ..codec.manifest import Manifest
+from ..codec.rxengine import Action, ChunkResult, CutLanes, Ended, Fail, ReceiverEngine, Send
 from ..errors import ProtocolError
 from .auth import SessionKeys
 from .incoming import IncomingTransfer
-from .wire import Channel, drain, recv_exact_into
+from .transport import ChunkRef, ChunkStage, Stream
+from .wire import drain, recv_exact_into
 
 
-@dataclass
 class RxSession:
-    """One authenticated session: its control channel, lanes, transfers in flight and recently ended."""
+    """One authenticated session: its control connection, lanes, and the handles of its transfers."""
 
-    keys: SessionKeys
-    ctrl: Channel
-    peer: str
-    count: Callable[..., None]  # ``count(key, n=1)``: the receiver's stats counters
-    peer_timeout: float  # a chunk's body that stops arriving for this long costs its lane
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    lanes: dict[int, Channel] = field(default_factory=dict)
-    transfers: dict[int, IncomingTransfer] = field(default_factory=dict)
-    ended: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    layouts: dict[bytes, ModelLayout] = field(default_factory=dict)
-    pending: set[IncomingTransfer] = field(default_factory=set)  # ended, a lane still writing
-    last_seen: float = field(default_factory=time.monotonic)
-    last_sent: float = field(default_factory=time.monotonic)
-    closed: bool = False
+    def __init__(self, keys: SessionKeys, ctrl: Stream, peer: str, engine: ReceiverEngine,
+                 stage: ChunkStage, peer_timeout: float) -> None:
+        self.keys = keys
+        self.ctrl = ctrl
+        self.peer = peer
+        self.engine = engine
+        self.stage = stage
+        self.peer_timeout = peer_timeout  # a chunk's body that stops arriving for this long costs its lane
+        self.lock = threading.Lock()  # around every engine call and the tables below
+        self.lanes: dict[int, Stream] = {}  # by lane index
+        self.handles: dict[int, IncomingTransfer] = {}  # activated and not yet resolved, by transfer id
+        self.closed = False
+        self._lane_conns: dict[int, Stream] = {}  # every lane connection being read, by the engine's lane id
+        self._lane_ids = itertools.count()
 
+    # ---- queries
+    @property
+    def transfers(self) -> dict[int, IncomingTransfer]:
+        """The handles of the transfers in flight (admitted, not ended), by transfer id."""
+        with self.lock:
+            return {tid: self.handles[tid] for tid in self.engine.transfers if tid in self.handles}
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return self.engine.counts()
+
+    def lane_sockets(self) -> dict[int, socket.socket]:
+        """The live lane sockets, by lane index (for TCP_INFO)."""
+        with self.lock:
+            return {i: ch.sock for i, ch in self.lanes.items() if not ch.closed}
+
+    # ---- performing the engine's actions
     def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
         try:
             self.ctrl.send(kind, body)
-            self.last_sent = time.monotonic()
         except OSError:
             pass  # the control reader notices the dead connection and fails the session
 
-    def cancelled_by_sender(self, body: dict[str, Any]) -> None:
-        tid, state, why = parse_end(body, F.CANCEL)
-        h = self.transfers.get(tid)  # a local of its own frame: not held until the next message
-        if h is not None and state is State.TIMED_OUT:
-            self.end(h, State.TIMED_OUT, f"sender timed out: {why}")
-        elif h is not None and state is State.FAILED:  # the sender's failure, with its reason
-            self.end(h, State.FAILED, f"sender failed the transfer: {why}")
-        elif h is not None:
-            self.end(h, State.CANCELLED, f"cancelled by sender: {why}")
+    def perform(self, actions: list[Action]) -> str | None:
+        """Carry out ``actions`` in order (outside the lock); the reason of a ``Fail`` among them, if any:
+        the owner then closes the session. ``Admit`` is the owner's, before this."""
+        fail = None
+        for a in actions:
+            if type(a) is Send:
+                self.send(a.kind, a.body)
+            elif type(a) is Ended:
+                self._resolve(a)
+            elif type(a) is CutLanes:
+                self._cut(a.lanes)
+            elif type(a) is Fail:
+                fail = a.reason
+        return fail
 
-    def done(self, body: dict[str, Any]) -> None:
-        tid, digest = parse_done(body)
-        h = self.transfers.get(tid)
-        if h is None or h._sm is None:
-            return  # ended already (cancelled, timed out): the sender was told
-        with self.lock:
-            ok = h._sm.on_done(digest)
-            reason = h._sm.status.reason
-        if ok:
-            self.end(h, State.DONE, "", notify=F.COMPLETE)
-        else:
-            self.end(h, State.FAILED, reason, notify=F.ERROR)
+    def _resolve(self, a: Ended) -> None:
+        h = self.handles.pop(a.transfer_id, None)
+        if h is not None:
+            h.resolve(a.state, a.reason)
 
-    def end(self, h: IncomingTransfer, state: State, reason: str, notify: str | None = None) -> None:
-        """Move a transfer to a terminal state; the handle resolves once no lane writes into it."""
-        tid = h.manifest.transfer_id if h.manifest is not None else None
+    def _cut(self, lanes: tuple[int, ...]) -> None:
         with self.lock:
-            if h._sm is not None:
-                h._sm.status.end(state, reason)
-            if tid is not None and self.transfers.pop(tid, None) is not None:
-                assert h.manifest is not None
-                self.count(f"{'probes' if h.manifest.sink else 'transfers'}_{state.value}")
-                self.ended[tid] = None
-                while len(self.ended) > 4096:
-                    self.ended.popitem(last=False)
-            resolve_now = h._writers == 0
-            if not resolve_now and h._pending is None:
-                h._pending, h._pending_since = (state, reason), time.monotonic()
-                self.pending.add(h)
-        if resolve_now:
-            h._finish(state, reason)
-        if notify is not None and tid is not None:
-            self.send(notify, {"tid": tid, "reason": reason, "state": state.value})
+            conns = [self._lane_conns[i] for i in lanes if i in self._lane_conns]
+        for ch in conns:
+            ch.close()
+
+    # ---- inputs
+    def receive(self, kind: str, body: dict[str, Any]) -> list[Action]:
+        """A control message from the sender, through the engine (``ProtocolError`` when illegal)."""
+        with self.lock:
+            return self.engine.receive(kind, body, time.monotonic())
+
+    def tick(self, now: float) -> str | None:
+        """The monitor's tick; the reason the session must close, if it must."""
+        with self.lock:
+            actions = self.engine.tick(now)
+        return self.perform(actions)
+
+    def activate(self, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> bool:
+        """Start ``m`` into ``h``'s destination ``views`` and ACCEPT it; False (REJECT sent) when the
+        session can no longer take it."""
+        with self.lock:
+            actions = self.engine.activate(m, time.monotonic(), h.deadline)
+            t = self.engine.transfer(m.transfer_id)
+            if t is not None:
+                self.handles[m.transfer_id] = h
+                h.bind(self, m, t.plan, views, t.deadline, t.machine)
+        self.perform(actions)
+        return t is not None
+
+    def refuse(self, tid: int | None, reason: str) -> None:
+        with self.lock:
+            actions = self.engine.refuse(tid, reason, time.monotonic())
+        self.perform(actions)
+
+    def cancel_transfer(self, transfer_id: int, reason: str) -> None:
+        """The receiver's user cancels a transfer: it ends CANCELLED and the sender is told."""
+        with self.lock:
+            actions = self.engine.cancel(transfer_id, reason, time.monotonic())
+        self.perform(actions)
 
     def close(self, reason: str) -> None:
         """Fail every transfer in flight with ``reason`` and close the session's connections (once)."""
@@ -107,98 +137,101 @@ class RxSession:
             if self.closed:
                 return
             self.closed = True
-            handles = list(self.transfers.values())
+            actions = self.engine.close(reason)
             lanes = list(self.lanes.values())
-        for h in handles:
-            self.end(h, State.FAILED, reason)
+        self.perform(actions)
         self.ctrl.close()
         for ch in lanes:
             ch.close()
 
-    def read_lane(self, ch: Channel, lane: int) -> None:
+    # ---- a lane
+    def attach_lane(self, lane: int, ch: Stream, max_lanes: int) -> None:
+        """An authenticated lane connection becomes lane ``lane`` (a reconnect replaces the old one);
+        ``ProtocolError`` when the session is closed or has ``max_lanes`` already."""
+        with self.lock:
+            if self.closed or (lane not in self.lanes and len(self.lanes) >= max_lanes):
+                raise ProtocolError("lane refused")
+            old = self.lanes.get(lane)
+            self.lanes[lane] = ch
+        if old is not None:
+            old.close()
+
+    def detach_lane(self, lane: int, ch: Stream) -> None:
+        with self.lock:
+            if self.lanes.get(lane) is ch:
+                del self.lanes[lane]
+
+    def read_lane(self, ch: Stream, lane: int) -> None:
         """Read chunks into their destinations. An idle lane may wait for its next header forever (the
         session's monitor owns idleness; a header holds nothing), but a peer that stops sending a
         chunk's body for ``peer_timeout`` costs the lane, so a half-read chunk never holds its transfer."""
         scratch = memoryview(bytearray(256 * 1024))
         sock = ch.sock
-        while True:
-            sock.settimeout(None)
-            h = ch.read_header()
-            sock.settimeout(self.peer_timeout)
-            if h.kind == F.KIND_CONTROL:
-                kind, _ = ch.read_control_body(h)
-                if kind == F.BYE:
-                    return
-                raise ProtocolError(f"unexpected {kind!r} on a data lane")
-            self._read_chunk(ch, lane, h, sock, scratch)
-
-    def _read_chunk(self, ch: Channel, lane: int, h: F.Header, sock: socket.socket,
-                    scratch: memoryview) -> None:
-        """One data chunk: into its destination, verified, acked. Its own frame, so that nothing of a
-        transfer (handle, destination view) stays referenced while the lane waits for the next header."""
         with self.lock:
-            t = self.transfers.get(h.transfer_id)
-            if t is None or t._sm is None:
-                if h.transfer_id not in self.ended:
-                    raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
-                write = False
-            else:
-                write = t._sm.admit(h)
-                if write:
-                    t._writers += 1
-                    t._writing.add(ch)
-        if not write:
-            drain(sock, h.length, scratch)
-            if t is not None and t._sm is not None:
-                if t._sm.verified[h.chunk]:
-                    self.send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]})
-                elif h.chunk in t._sm.writing:  # the verdict on the copy being read answers both
-                    self.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True})
-            return
-        assert t is not None and t.plan is not None and t._sm is not None
-        verdict = None
+            lane_id = next(self._lane_ids)
+            self._lane_conns[lane_id] = ch
         try:
-            pieces = t.plan.pieces(h.chunk)
-            hasher = xxhash.xxh3_64() if len(pieces) > 1 and t._sm.manifest.hashed else None
-            computed: int | None = None
-            for seg, a, b in pieces:
-                view = t.views[seg][a:b]
-                recv_exact_into(sock, view)
-                if hasher is not None:
-                    hasher.update(view)
-                elif t._sm.manifest.hashed:
-                    computed = xxhash.xxh3_64_intdigest(view)
-            if hasher is not None:
-                computed = hasher.intdigest()
-            with self.lock:
-                verdict = t._sm.received(h, computed)
+            while True:
+                sock.settimeout(None)
+                h = ch.read_header()
+                sock.settimeout(self.peer_timeout)
+                if h.kind == F.KIND_CONTROL:
+                    kind, _ = ch.read_control_body(h)
+                    self.engine.lane_control(kind)  # only BYE (stateless: no lock needed)
+                    return
+                self._read_chunk(lane, lane_id, h, sock, scratch)
         finally:
             with self.lock:
-                resend = verdict is None and t._sm.abandon(h.chunk)
-                t._writers -= 1
-                t._writing.discard(ch)
-                pending = t._pending if t._writers == 0 else None
-                if pending is not None:
-                    self.pending.discard(t)
-            if pending is not None:
-                t._finish(*pending)
-            if resend:  # the copy this lane dropped is gone too: ask for another
-                self.send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True})
-        assert verdict is not None
-        with t._cond:
-            t._lane_bytes[lane] = t._lane_bytes.get(lane, 0) + h.length
-        if not verdict.ack:
-            self.count("chunks_rejected")
-        else:
-            self.count("probe_bytes_received" if t._sm.manifest.sink else "bytes_received", h.length)
-        now = time.monotonic()
-        for layer in verdict.layers_ready:  # before the ACK: DONE must find every layer ready
-            t._layer_ready(layer, now)
-        self.send(F.ACK if verdict.ack else F.NACK, {"tid": h.transfer_id, "c": [h.chunk]})
+                del self._lane_conns[lane_id]
 
-    def unstick(self, now: float) -> None:
-        """A transfer that ended while a lane was mid-chunk: give the chunk 2 s, then cut the lane."""
+    def _read_chunk(self, lane: int, lane_id: int, h: F.Header, sock: socket.socket, scratch: memoryview) -> None:
+        """One data chunk: into its destination, through the stage, verified, answered. Its own frame, so
+        that nothing of a transfer (handle, destination view) stays referenced while the lane waits."""
         with self.lock:
-            stuck = [ch for h in self.pending if now - h._pending_since > 2.0 for ch in h._writing]
-        for ch in stuck:
-            ch.close()
+            t = self.engine.chunk_admit(lane_id, h)
+            handle = self.handles.get(h.transfer_id) if t is not None else None
+        if t is None:
+            drain(sock, h.length, scratch)
+            with self.lock:
+                reply = self.engine.chunk_drained(h, time.monotonic())
+            if reply is not None:
+                self.send(reply.kind, reply.body)
+            return
+        assert handle is not None  # activate binds the handle and the engine's transfer under one lock
+        result: ChunkResult | None = None
+        try:
+            hashed = t.manifest.hashed
+            views = [handle.views[seg][a:b] for seg, a, b in t.plan.pieces(h.chunk)]
+            for view in views:
+                recv_exact_into(sock, view)
+            self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
+            computed: int | None = None
+            if hashed and len(views) == 1:
+                computed = xxhash.xxh3_64_intdigest(views[0])
+            elif hashed:
+                hasher = xxhash.xxh3_64()
+                for view in views:
+                    hasher.update(view)
+                computed = hasher.intdigest()
+            now = time.monotonic()
+            with self.lock:
+                result = self.engine.chunk_done(t, lane_id, h, computed, now)
+        finally:
+            if result is None:  # the read broke off: the writer leaves, a dropped copy is asked for again
+                with self.lock:
+                    lost = self.engine.chunk_abandoned(t, lane_id, h, time.monotonic())
+                self._finish_chunk(lost, None)
+        self._finish_chunk(result, handle, lane, h.length)
+
+    def _finish_chunk(self, r: ChunkResult, handle: IncomingTransfer | None, lane: int = 0, n: int = 0) -> None:
+        if r.ended is not None:
+            self._resolve(r.ended)
+        if r.lost is not None:
+            self.send(r.lost.kind, r.lost.body)
+        if handle is None:
+            return
+        handle.add_lane_bytes(lane, n)
+        for layer in r.layers:  # before the ACK: DONE must find every layer ready
+            handle.layer_ready(layer, r.at)
+        if r.reply is not None:
+            self.send(r.reply.kind, r.reply.body)

@@ -1,0 +1,369 @@
+"""The receiving end of one session, sans-IO: what to do with each control message, chunk and tick.
+
+Owns: the legality of the sender's control messages (``rules.RECEIVER_RECEIVES``; an illegal one raises
+``ProtocolError``), parsing their bodies (``manifest.py``, ``messages.py``), per-session admission
+(transfer ids in flight or recently ended, the per-session bound, capacity probes' size), the table of
+admitted transfers (each a ``ReceiverTransfer`` with its deadline), chunk admission and verdicts (ACK,
+NACK, "held" when another copy is being read, "lost" when the read copy broke off after another was
+dropped), the rule that a transfer ends once but resolves only when no lane writes into it any more
+(and cutting a lane stuck mid-chunk of an ended transfer), deadlines, heartbeats and peer silence from
+the ``now`` it is given, and the session's counters. In the spirit of h11's ``Connection``: it takes
+decoded frames and events and returns actions. Must not know: sockets, threads, locks, clocks,
+payload bytes or buffers (a chunk is its header and its digest), handles or user callbacks, and
+receiver-wide bounds or destinations (the driver decides those between ``Admit`` and ``activate``).
+
+The driver (``kvwire.tcp.rxsession``) calls every method under its session lock and performs the
+actions in order: ``Send`` (a control frame to the sender), ``Ended`` (resolve the transfer's handle:
+emitted exactly once per activated transfer), ``CutLanes`` (close these lane
+connections), ``Admit`` (find the destination, then ``activate`` or ``refuse``) and ``Fail`` (the session
+is over: close its connections; the engine accepts nothing afterwards). A chunk's answer is one
+``ChunkResult`` (its verdict, the layers it completed, an ``Ended``), not a list: the lane path stays
+lean. Lanes are named by an id the driver gives each lane connection (not its index: a reconnected
+lane is another connection).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import KvwireError, ProtocolError
+from . import frames as F
+from .frames import Header, Limits
+from .layout import ModelLayout
+from .manifest import Manifest, parse_manifest
+from .messages import parse_done, parse_end
+from .plan import ChunkPlan
+from .probe import sink_refusal
+from .rules import RECEIVER_RECEIVES, Conn, advance
+from .transfer import ReceiverTransfer, State
+
+#: recently ended transfer ids remembered per session (their late chunks are drained, their ids refused)
+ENDED_KEPT = 4096
+#: layouts a session may teach the receiver (later manifests must name one or carry their own)
+MAX_LAYOUTS = 256
+#: seconds a lane may keep writing into a transfer that ended before its connection is cut
+UNSTICK_AFTER = 2.0
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this control frame on the session's control connection."""
+
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The transfer reached ``state`` and no lane writes into it any more: resolve its handle."""
+
+    transfer_id: int
+    state: State
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The session is over: close its control connection and lanes. Nothing is accepted afterwards."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """A manifest passed the session's checks: find its destination (and the receiver-wide bounds),
+    then call ``activate`` or ``refuse``."""
+
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class CutLanes:
+    """Close these lane connections (by the driver's lane ids): each is stuck mid-chunk of an ended transfer."""
+
+    lanes: tuple[int, ...]
+
+
+Action = Send | Ended | Fail | Admit | CutLanes
+
+
+def held_bytes(m: Manifest) -> int:
+    """What an admitted transfer holds against a receiver's in-flight bound: its payload (none for a
+    sink, which reads into shared scratch) and its metadata (segments, plan, views)."""
+    return m.metadata_bytes + (0 if m.sink else m.total_bytes)
+
+
+@dataclass(eq=False)
+class RxTransfer:
+    """The engine's record of one admitted transfer: its machine, deadline and the lanes writing into it."""
+
+    machine: ReceiverTransfer
+    deadline: float
+    writers: int = 0
+    writing: set[int] = field(default_factory=set)  # lane ids reading a chunk of it into its destination
+    pending: tuple[State, str] | None = None  # ended while a lane writes: resolved when the last one stops
+    pending_since: float = 0.0
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.machine.manifest
+
+    @property
+    def plan(self) -> ChunkPlan:
+        return self.machine.plan
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What a chunk read into its destination leads to: resolve ``ended`` (if any) first, then the
+    ``layers`` became ready (at ``at``), then send ``reply`` (ACK or NACK; None when the read broke off)
+    and ``lost`` (a NACK asking for the copy dropped while this one was read)."""
+
+    reply: Send | None
+    layers: tuple[int, ...] = ()
+    at: float = 0.0
+    ended: Ended | None = None
+    lost: Send | None = None
+
+
+# ---------------------------------------------------------------- engine
+
+
+class ReceiverEngine:
+    """One authenticated receiver session (its control connection is OPEN when this is made).
+
+    Parameters: ``limits`` (what manifests may announce), ``max_transfers`` in flight on the session,
+    ``max_probe_bytes`` (largest sink transfer; 0 refuses them), ``transfer_timeout``, ``peer_timeout``
+    and ``heartbeat`` in seconds, and ``now``: the clock reading the session starts at."""
+
+    def __init__(self, limits: Limits, *, max_transfers: int, max_probe_bytes: int, transfer_timeout: float,
+                 peer_timeout: float, heartbeat: float, now: float) -> None:
+        self.limits = limits
+        self.max_transfers = max_transfers
+        self.max_probe_bytes = max_probe_bytes
+        self.transfer_timeout = transfer_timeout
+        self.peer_timeout = peer_timeout
+        self.heartbeat = heartbeat
+        self.state = Conn.OPEN
+        self.transfers: dict[int, RxTransfer] = {}  # in flight
+        self.ended: OrderedDict[int, None] = OrderedDict()  # recently ended ids
+        self.pending: dict[int, RxTransfer] = {}  # ended, a lane still writing
+        self.layouts: dict[bytes, ModelLayout] = {}
+        self.last_seen = now
+        self.last_sent = now
+        self.held = 0  # held_bytes() of the transfers in flight
+        self._over = False  # Fail was returned
+        self._counts: Counter[str] = Counter()
+
+    # ---- queries
+    @property
+    def closed(self) -> bool:
+        """``Fail`` was returned: nothing is accepted any more."""
+        return self._over
+
+    def counts(self) -> dict[str, int]:
+        """The session's counters: ``bytes_received``, ``probe_bytes_received``, ``chunks_rejected``,
+        ``transfers_<state>`` and ``probes_<state>`` (only those that happened)."""
+        return dict(self._counts)
+
+    def transfer(self, tid: int) -> RxTransfer | None:
+        """The transfer in flight under ``tid``."""
+        return self.transfers.get(tid)
+
+    # ---- control messages
+    def receive(self, kind: str, body: dict[str, Any], now: float) -> list[Action]:
+        """One control message from the sender. ``ProtocolError`` when it is illegal in this state;
+        ``ProtocolError``/``KvwireError`` when its body is malformed (the driver fails the session)."""
+        self.state = advance(RECEIVER_RECEIVES, self.state, kind, "receiver")
+        self.last_seen = now
+        if kind == F.BEGIN:
+            return self._begin(body, now)
+        if kind == F.DONE:
+            tid, digest = parse_done(body)
+            t = self.transfers.get(tid)
+            if t is None:
+                return []  # ended already (cancelled, timed out): the sender was told
+            if t.machine.on_done(digest):
+                return self.end(tid, State.DONE, "", now, notify=F.COMPLETE)
+            return self.end(tid, State.FAILED, t.machine.status.reason, now, notify=F.ERROR)
+        if kind == F.CANCEL:
+            tid, state, why = parse_end(body, F.CANCEL)
+            if tid not in self.transfers:
+                return []
+            if state is State.TIMED_OUT:
+                return self.end(tid, State.TIMED_OUT, f"sender timed out: {why}", now)
+            if state is State.FAILED:  # the sender's failure, with its reason
+                return self.end(tid, State.FAILED, f"sender failed the transfer: {why}", now)
+            return self.end(tid, State.CANCELLED, f"cancelled by sender: {why}", now)
+        if kind == F.BYE:
+            return self.close("sender closed the session")
+        return []  # heartbeat
+
+    def _begin(self, body: dict[str, Any], now: float) -> list[Action]:
+        try:
+            m = parse_manifest(body, self.limits, self.layouts)
+        except KvwireError as e:
+            tid = body.get("tid")
+            return [self._send(F.REJECT, {"tid": tid if type(tid) is int else None, "reason": str(e)}, now)]
+        if m.layout is not None and len(self.layouts) < MAX_LAYOUTS:
+            self.layouts[m.fingerprint] = m.layout
+        reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
+        if not reason and (m.transfer_id in self.transfers or m.transfer_id in self.ended
+                           or m.transfer_id in self.pending):
+            reason = f"transfer id {m.transfer_id} already used on this session"
+        if not reason and len(self.transfers) >= self.max_transfers:
+            reason = "too many transfers in flight on this session"
+        if reason:
+            return self.refuse(m.transfer_id, reason, now)
+        return [Admit(m)]
+
+    def activate(self, m: Manifest, now: float, deadline: float | None = None) -> list[Action]:
+        """The driver found ``m``'s destination: the transfer is in flight (until ``deadline`` or the
+        receiver's ``transfer_timeout``, whichever comes first) and the sender is told to go."""
+        if self.closed:
+            return self.refuse(m.transfer_id, "session closed", now)
+        if m.transfer_id in self.transfers or m.transfer_id in self.ended or m.transfer_id in self.pending:
+            return self.refuse(m.transfer_id, f"transfer id {m.transfer_id} already used on this session", now)
+        end = now + self.transfer_timeout
+        self.transfers[m.transfer_id] = RxTransfer(ReceiverTransfer(m, m.plan()),
+                                                   end if deadline is None else min(deadline, end))
+        self.held += held_bytes(m)
+        return [self._send(F.ACCEPT, {"tid": m.transfer_id}, now)]
+
+    def refuse(self, tid: int | None, reason: str, now: float) -> list[Action]:
+        """Refuse a transfer that was not activated (no destination, over a receiver-wide bound)."""
+        if self._over:
+            return []
+        return [self._send(F.REJECT, {"tid": tid, "reason": reason}, now)]
+
+    def cancel(self, tid: int, reason: str, now: float) -> list[Action]:
+        """The receiver's user cancels ``tid``; the sender is told (even when it ended already)."""
+        return self.end(tid, State.CANCELLED, reason, now, notify=F.CANCEL)
+
+    def end(self, tid: int, state: State, reason: str, now: float, notify: str | None = None) -> list[Action]:
+        """Move ``tid`` to a terminal state. ``Ended`` now when no lane writes into it, else when the last
+        writer stops (``chunk_done``/``chunk_abandoned``). ``notify``: tell the sender with this kind."""
+        out: list[Action] = []
+        t = self.transfers.pop(tid, None)
+        if t is not None:
+            t.machine.status.end(state, reason)
+            m = t.manifest
+            self.held -= held_bytes(m)
+            self._counts[f"{'probes' if m.sink else 'transfers'}_{state.value}"] += 1
+            self.ended[tid] = None
+            while len(self.ended) > ENDED_KEPT:
+                self.ended.popitem(last=False)
+            if t.writers == 0:
+                out.append(Ended(tid, state, reason))
+            else:
+                t.pending, t.pending_since = (state, reason), now
+                self.pending[tid] = t
+        if notify is not None and not self._over:
+            out.append(self._send(notify, {"tid": tid, "reason": reason, "state": state.value}, now))
+        return out
+
+    def close(self, reason: str) -> list[Action]:
+        """End the session (the driver's close, a protocol error, a lost connection): every transfer in
+        flight fails with ``reason``; then ``Fail``. Nothing the second time."""
+        if self._over:
+            return []
+        self._over, self.state = True, Conn.CLOSED
+        out: list[Action] = []
+        for tid in list(self.transfers):
+            out += self.end(tid, State.FAILED, reason, self.last_seen)
+        out.append(Fail(reason))
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """Peer silence (the session fails), a heartbeat due, transfer deadlines, lanes stuck mid-chunk
+        of an ended transfer for ``UNSTICK_AFTER`` seconds."""
+        if self.closed:
+            return []
+        if now - self.last_seen > self.peer_timeout:
+            return self.close(f"peer silent for {now - self.last_seen:.1f}s")
+        out: list[Action] = []
+        if now - self.last_sent >= self.heartbeat:
+            out.append(self._send(F.HEARTBEAT, {}, now))
+        for tid in [tid for tid, t in self.transfers.items() if now > t.deadline]:
+            out += self.end(tid, State.TIMED_OUT, "transfer deadline passed", now, notify=F.ERROR)
+        stuck = tuple(lane for t in self.pending.values() if now - t.pending_since > UNSTICK_AFTER
+                      for lane in t.writing)
+        if stuck:
+            out.append(CutLanes(stuck))
+        return out
+
+    def lane_control(self, kind: str) -> None:
+        """A control message on an open data lane: only BYE (the lane closes) is legal there."""
+        advance(RECEIVER_RECEIVES, Conn.LANE_OPEN, kind, "receiver")
+
+    # ---- chunks (the lane path: no action lists)
+    def chunk_admit(self, lane: int, h: Header) -> RxTransfer | None:
+        """A chunk header arrived on lane ``lane``. The transfer: read the payload into its destination,
+        then call ``chunk_done`` (or ``chunk_abandoned`` if the read broke off). None: drain the payload,
+        then call ``chunk_drained``. ``ProtocolError`` for a chunk of a transfer never seen (or long
+        gone) or a header outside the transfer's plan."""
+        t = self.transfers.get(h.transfer_id)
+        if t is None:
+            if h.transfer_id not in self.ended:
+                raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
+            return None
+        if not t.machine.admit(h):
+            return None
+        t.writers += 1
+        t.writing.add(lane)
+        return t
+
+    def chunk_drained(self, h: Header, now: float) -> Send | None:
+        """A copy that was not written has been drained: ACK it if the chunk is verified, or say the copy
+        being read answers for it (NACK ``held``)."""
+        t = self.transfers.get(h.transfer_id)
+        if t is None or self._over:
+            return None
+        if t.machine.verified[h.chunk]:
+            return self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
+        if h.chunk in t.machine.writing:  # the verdict on the copy being read answers both
+            return self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "held": True}, now)
+        return None
+
+    def chunk_done(self, t: RxTransfer, lane: int, h: Header, computed: int | None, now: float) -> ChunkResult:
+        """The admitted copy's payload is in place; ``computed``: its xxh3_64 (None when unhashed)."""
+        verdict = t.machine.received(h, computed)
+        ended = self._writer_left(t, lane)
+        m = t.machine.manifest
+        if self._over:  # the session is gone: nobody to answer
+            return ChunkResult(None, (), now, ended)
+        if verdict.ack:
+            self._counts["probe_bytes_received" if m.sink else "bytes_received"] += h.length
+            reply = self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
+        else:
+            self._counts["chunks_rejected"] += 1
+            reply = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
+        return ChunkResult(reply, verdict.layers_ready, now, ended)
+
+    def chunk_abandoned(self, t: RxTransfer, lane: int, h: Header, now: float) -> ChunkResult:
+        """The admitted copy broke off mid-read (its lane died)."""
+        lost = None
+        if t.machine.abandon(h.chunk) and not self._over:  # the copy dropped meanwhile is gone too: ask for another
+            lost = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
+        return ChunkResult(None, ended=self._writer_left(t, lane), lost=lost)
+
+    def _writer_left(self, t: RxTransfer, lane: int) -> Ended | None:
+        t.writers -= 1
+        t.writing.discard(lane)
+        if t.writers or t.pending is None:
+            return None
+        self.pending.pop(t.manifest.transfer_id, None)
+        state, reason = t.pending
+        t.pending = None
+        return Ended(t.manifest.transfer_id, state, reason)
+
+    def _send(self, kind: str, body: dict[str, Any], now: float) -> Send:
+        """Every frame the engine sends goes through here (never once ``Fail`` was returned)."""
+        assert not self._over
+        self.last_sent = now
+        return Send(kind, body)

@@ -1,0 +1,406 @@
+"""The receiver's protocol engine alone (``kvwire.codec.rxengine``), no sockets: the rules table row by row,
+admission, chunk verdicts, the pending bookkeeping, deadlines, heartbeats, peer silence, counters, and a
+property test over random orders of legal and illegal messages, chunks and ticks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvwire.codec import frames as F
+from kvwire.codec.fixtures import default_request, load_fixture
+from kvwire.codec.manifest import Manifest, build_manifest
+from kvwire.codec.rules import RECEIVER_RECEIVES, Conn
+from kvwire.codec.rxengine import (
+    UNSTICK_AFTER,
+    Admit,
+    CutLanes,
+    Ended,
+    Fail,
+    ReceiverEngine,
+    RxTransfer,
+    Send,
+    held_bytes,
+)
+from kvwire.codec.transfer import State, transfer_digest
+from kvwire.errors import KvwireError, ProtocolError
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+CHUNK = 1 << 16
+
+
+def engine(**kw: Any) -> ReceiverEngine:
+    args: dict[str, Any] = dict(max_transfers=4, max_probe_bytes=1 << 30, transfer_timeout=30.0, peer_timeout=10.0,
+                                heartbeat=1.0, now=0.0)
+    args.update(kw)
+    return ReceiverEngine(F.DEFAULT_LIMITS, **args)
+
+
+def manifest(tid: int, **kw: Any) -> Manifest:
+    return build_manifest(tid, LAYOUT, default_request(f"r{tid}"), CHUNK, **kw)
+
+
+def begin(e: ReceiverEngine, tid: int, now: float = 0.0, **kw: Any) -> list[Any]:
+    return e.receive(F.BEGIN, manifest(tid, **kw).to_wire(with_layout=True), now)
+
+
+def start(e: ReceiverEngine, tid: int, now: float = 0.0, **kw: Any) -> Manifest:
+    """BEGIN and activate ``tid``; returns the manifest the engine parsed."""
+    (a,) = begin(e, tid, now, **kw)
+    assert type(a) is Admit and a.manifest.transfer_id == tid
+    assert e.activate(a.manifest, now) == [Send(F.ACCEPT, {"tid": tid})]
+    return a.manifest
+
+
+def header(m: Manifest, chunk: int, digest: int | None = None) -> F.Header:
+    p = m.plan()
+    d = 1000 + chunk if digest is None else digest
+    return F.Header(F.KIND_DATA, 1 if m.hashed else 0, m.transfer_id, chunk, p.layers[chunk], p.offsets[chunk],
+                    p.lengths[chunk], d if m.hashed else 0)
+
+
+def deliver(e: ReceiverEngine, m: Manifest, chunk: int, lane: int = 0, now: float = 1.0, good: bool = True) -> Any:
+    h = header(m, chunk)
+    t = e.chunk_admit(lane, h)
+    assert isinstance(t, RxTransfer)
+    return e.chunk_done(t, lane, h, h.digest if good else h.digest ^ 1, now)
+
+
+def digest(m: Manifest) -> int:
+    return transfer_digest([1000 + c for c in range(m.plan().num_chunks)])
+
+
+BODIES: dict[str, dict[str, Any]] = {
+    F.DONE: {"tid": 99, "digest": 1}, F.CANCEL: {"tid": 99, "reason": "r"}, F.HEARTBEAT: {}, F.BYE: {},
+    F.BEGIN: manifest(99).to_wire(with_layout=True),
+}
+
+
+# ------------------------------------------------------------------ the rules table
+
+
+@pytest.mark.parametrize("kind", sorted(F.CONTROL_KINDS))
+def test_every_kind_in_the_open_state_is_handled_or_a_protocol_error(kind: str) -> None:
+    e = engine()
+    legal = RECEIVER_RECEIVES[Conn.OPEN]
+    if kind not in legal:
+        with pytest.raises(ProtocolError, match=f"unexpected '{kind}'.*'open'"):
+            e.receive(kind, BODIES.get(kind, {}), 1.0)
+        return
+    out = e.receive(kind, BODIES[kind], 1.0)
+    assert e.state is legal[kind] and e.last_seen == 1.0
+    if kind == F.BEGIN:
+        (a,) = out
+        assert type(a) is Admit and a.manifest.to_wire(with_layout=True) == BODIES[F.BEGIN]
+        return
+    assert out == {F.DONE: [], F.CANCEL: [], F.HEARTBEAT: [], F.BYE: [Fail("sender closed the session")]}[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(F.CONTROL_KINDS))
+def test_nothing_is_legal_once_the_session_is_closed(kind: str) -> None:
+    for end in ("bye", "close", "silence"):
+        e = engine()
+        if end == "bye":
+            e.receive(F.BYE, {}, 1.0)
+        elif end == "close":
+            assert e.close("gone") == [Fail("gone")]
+        else:
+            assert e.tick(11.0) == [Fail("peer silent for 11.0s")]
+        assert e.closed and e.state is Conn.CLOSED
+        with pytest.raises(ProtocolError, match="'closed'"):
+            e.receive(kind, BODIES.get(kind, {}), 2.0)
+        assert e.tick(100.0) == [] and e.close("again") == []
+
+
+@pytest.mark.parametrize("kind", sorted(F.CONTROL_KINDS))
+def test_a_data_lane_takes_only_bye(kind: str) -> None:
+    e = engine()
+    if kind == F.BYE:
+        e.lane_control(kind)
+    else:
+        with pytest.raises(ProtocolError, match="lane_open"):
+            e.lane_control(kind)
+
+
+def test_malformed_bodies_of_legal_kinds_are_typed_errors() -> None:
+    e = engine()
+    with pytest.raises(ProtocolError, match="tid"):
+        e.receive(F.DONE, {"tid": [1], "digest": 0}, 1.0)
+    with pytest.raises(ProtocolError, match="state"):
+        e.receive(F.CANCEL, {"tid": 1, "state": "nonsense"}, 1.0)
+    # a malformed manifest is refused (REJECT), not fatal: the tid when it is one, else None
+    assert e.receive(F.BEGIN, {"tid": 5, "v": 99}, 1.0)[0].body["tid"] == 5
+    out = e.receive(F.BEGIN, {"tid": "x"}, 1.0)
+    assert out[0].kind == F.REJECT and out[0].body["tid"] is None
+
+
+# ------------------------------------------------------------------ admission
+
+
+def test_admission_refuses_ids_in_flight_or_ended_and_past_the_session_bound() -> None:
+    e = engine(max_transfers=2)
+    m1 = start(e, 1)
+    assert e.held == held_bytes(m1)
+    (r,) = begin(e, 1)
+    assert r == Send(F.REJECT, {"tid": 1, "reason": "transfer id 1 already used on this session"})
+    start(e, 2)
+    (r,) = begin(e, 3)
+    assert r.body["reason"] == "too many transfers in flight on this session"
+    e.receive(F.CANCEL, {"tid": 1, "reason": "x"}, 1.0)
+    (r,) = begin(e, 1)  # ended: its id stays used
+    assert "already used" in r.body["reason"]
+    assert type(begin(e, 3)[0]) is Admit and e.held == held_bytes(m1)
+    assert e.refuse(3, "no destination", 1.0) == [Send(F.REJECT, {"tid": 3, "reason": "no destination"})]
+
+
+def test_sinks_are_refused_when_hashed_over_the_probe_bound_or_disabled() -> None:
+    assert "unhashed" in begin(engine(), 1, sink=True)[0].body["reason"]
+    assert type(begin(engine(), 1, sink=True, hashed=False)[0]) is Admit
+    assert begin(engine(max_probe_bytes=1000), 1, sink=True, hashed=False)[0].kind == F.REJECT
+    assert begin(engine(max_probe_bytes=0), 1, sink=True, hashed=False)[0].kind == F.REJECT
+
+
+def test_a_layout_taught_once_serves_later_manifests_without_one() -> None:
+    e = engine()
+    (a,) = e.receive(F.BEGIN, manifest(1).to_wire(with_layout=False), 0.0)
+    assert type(a) is Admit and a.manifest.layout is None  # unknown here: checked against nothing (the driver's call)
+    start(e, 2)
+    (a,) = e.receive(F.BEGIN, manifest(3).to_wire(with_layout=False), 0.0)
+    assert type(a) is Admit and a.manifest.layout is not None
+
+
+# ------------------------------------------------------------------ chunks and the end of a transfer
+
+
+def test_good_chunks_are_acked_bad_ones_nacked_and_done_completes() -> None:
+    e = engine()
+    m = start(e, 1)
+    n = m.plan().num_chunks
+    bad = deliver(e, m, 0, good=False)
+    assert bad.reply == Send(F.NACK, {"tid": 1, "c": [0]}) and bad.ended is None
+    ready: list[int] = []
+    for c in range(n):
+        r = deliver(e, m, c, lane=c % 3)
+        assert r.reply == Send(F.ACK, {"tid": 1, "c": [c]})
+        ready += r.layers
+    assert sorted(ready) == sorted(m.plan().layer_chunks)
+    assert e.receive(F.DONE, {"tid": 1, "digest": digest(m)}, 2.0) == [
+        Ended(1, State.DONE, ""), Send(F.COMPLETE, {"tid": 1, "reason": "", "state": "done"})]
+    assert e.counts() == {"chunks_rejected": 1, "bytes_received": m.total_bytes, "transfers_done": 1}
+    assert e.held == 0 and e.transfer(1) is None
+    assert e.chunk_admit(0, header(m, 0)) is None  # a late copy of an ended transfer is drained
+    assert e.receive(F.DONE, {"tid": 1, "digest": 0}, 2.0) == []  # a second DONE: told already
+
+
+@pytest.mark.parametrize("missing", [True, False])
+def test_done_with_chunks_missing_or_a_wrong_digest_fails_the_transfer(missing: bool) -> None:
+    e = engine()
+    m = start(e, 1)
+    for c in range(m.plan().num_chunks - missing):
+        deliver(e, m, c)
+    out = e.receive(F.DONE, {"tid": 1, "digest": digest(m) ^ (0 if missing else 1)}, 2.0)
+    why = "sender finished with 1 chunks unverified" if missing else "whole-transfer digest mismatch"
+    assert out == [Ended(1, State.FAILED, why), Send(F.ERROR, {"tid": 1, "reason": why, "state": "failed"})]
+    assert e.counts()["transfers_failed"] == 1
+
+
+@pytest.mark.parametrize("state,expect", [("timed_out", (State.TIMED_OUT, "sender timed out: r")),
+                                          ("failed", (State.FAILED, "sender failed the transfer: r")),
+                                          (None, (State.CANCELLED, "cancelled by sender: r"))])
+def test_the_senders_cancel_ends_the_transfer_in_the_state_it_names(state: str | None, expect: Any) -> None:
+    e = engine()
+    start(e, 1)
+    body = {"tid": 1, "reason": "r"} | ({"state": state} if state else {})
+    assert e.receive(F.CANCEL, body, 1.0) == [Ended(1, *expect)]
+    assert e.receive(F.CANCEL, body, 1.0) == []
+
+
+def test_copies_of_one_chunk_one_writer_held_and_lost_verdicts() -> None:
+    e = engine()
+    m = start(e, 1)
+    h = header(m, 3)
+    t = e.chunk_admit(0, h)
+    assert t is not None and e.chunk_admit(1, h) is None  # a second copy while the first is read: drained
+    assert e.chunk_drained(h, 1.0) == Send(F.NACK, {"tid": 1, "c": [3], "held": True})
+    r = e.chunk_abandoned(t, 0, h, 1.0)  # the read copy broke off: the dropped one is asked for again
+    assert r.lost == Send(F.NACK, {"tid": 1, "c": [3], "lost": True}) and r.reply is None
+    assert e.chunk_drained(h, 1.0) is None  # neither verified nor being read
+    deliver(e, m, 3)
+    assert e.chunk_admit(2, h) is None and e.chunk_drained(h, 1.0) == Send(F.ACK, {"tid": 1, "c": [3]})
+    t = e.chunk_admit(0, header(m, 4))
+    assert t is not None and e.chunk_abandoned(t, 0, header(m, 4), 1.0).lost is None  # nothing dropped
+
+
+def test_chunks_of_unknown_transfers_or_outside_the_plan_are_protocol_errors() -> None:
+    e = engine()
+    m = start(e, 1)
+    with pytest.raises(ProtocolError, match="unknown transfer 2"):
+        e.chunk_admit(0, header(manifest(2), 0))
+    with pytest.raises(ProtocolError):
+        e.chunk_admit(0, header(m, 0)._replace(length=header(m, 0).length + 1))
+    with pytest.raises(ProtocolError, match="no hash"):
+        e.chunk_admit(0, header(m, 0)._replace(flags=0))
+
+
+def test_a_transfer_ended_while_a_lane_writes_resolves_when_it_stops_and_a_stuck_lane_is_cut() -> None:
+    e = engine(heartbeat=3.5, peer_timeout=100.0)
+    m = start(e, 1)
+    h = header(m, 0)
+    t = e.chunk_admit(7, h)
+    assert t is not None
+    assert e.cancel(1, "user", 5.0) == [Send(F.CANCEL, {"tid": 1, "reason": "user", "state": "cancelled"})]
+    assert e.counts()["transfers_cancelled"] == 1 and e.transfer(1) is None and 1 in e.pending
+    assert e.tick(5.0 + UNSTICK_AFTER) == []
+    assert e.tick(5.1 + UNSTICK_AFTER) == [CutLanes((7,))]
+    r = e.chunk_done(t, 7, h, h.digest, 8.0)
+    assert r.ended == Ended(1, State.CANCELLED, "user") and not e.pending
+    assert e.tick(11.0) == []  # heartbeat not due: the ACK was sent at 8.0
+    assert e.tick(11.5) == [Send(F.HEARTBEAT, {})]
+    assert e.cancel(1, "again", 9.0) == [Send(F.CANCEL, {"tid": 1, "reason": "again", "state": "cancelled"})]
+
+
+def test_a_pending_transfer_resolves_when_its_read_breaks_off_too() -> None:
+    e = engine()
+    m = start(e, 1)
+    t = e.chunk_admit(0, header(m, 0))
+    assert t is not None
+    out = e.close("control connection lost")
+    assert out == [Fail("control connection lost")]
+    r = e.chunk_abandoned(t, 0, header(m, 0), 1.0)
+    assert r.ended == Ended(1, State.FAILED, "control connection lost")
+
+
+# ------------------------------------------------------------------ time
+
+
+def test_heartbeats_peer_silence_and_deadlines_follow_the_given_clock() -> None:
+    e = engine(heartbeat=1.0, peer_timeout=10.0, transfer_timeout=5.0)
+    assert e.tick(0.5) == []
+    assert e.tick(1.0) == [Send(F.HEARTBEAT, {})]
+    assert e.tick(1.5) == []
+    m = start(e, 1, now=1.5)  # the ACCEPT counts as sent: no heartbeat until 2.5
+    (a,) = begin(e, 2, now=1.5)
+    e.activate(a.manifest, 1.5, deadline=3.0)  # the caller's deadline, earlier than the receiver's
+    assert e.tick(2.4) == []
+    assert e.tick(3.1) == [Send(F.HEARTBEAT, {}),
+                           Ended(2, State.TIMED_OUT, "transfer deadline passed"),
+                           Send(F.ERROR, {"tid": 2, "reason": "transfer deadline passed", "state": "timed_out"})]
+    out = e.tick(6.6)
+    assert Ended(m.transfer_id, State.TIMED_OUT, "transfer deadline passed") in out
+    assert e.counts() == {"transfers_timed_out": 2}
+    e = engine(heartbeat=100.0, peer_timeout=10.0)
+    start(e, 3, now=7.0)
+    assert e.tick(17.0) == []  # silent for exactly peer_timeout: not yet
+    assert e.tick(17.01) == [Ended(3, State.FAILED, "peer silent for 10.0s"), Fail("peer silent for 10.0s")]
+    assert e.counts() == {"transfers_failed": 1}
+
+
+def test_sinks_count_as_probes() -> None:
+    e = engine()
+    m = start(e, 1, sink=True, hashed=False)
+    assert e.held == held_bytes(m) == m.metadata_bytes
+    for c in range(m.plan().num_chunks):
+        deliver(e, m, c)
+    e.receive(F.DONE, {"tid": 1, "digest": 0}, 1.0)
+    assert e.counts() == {"probe_bytes_received": m.total_bytes, "probes_done": 1}
+
+
+# ------------------------------------------------------------------ property: any order
+
+
+_TIDS = st.integers(1, 4)
+_OP = st.one_of(
+    st.tuples(st.just("begin"), _TIDS, st.booleans()),
+    st.tuples(st.just("activate"), st.integers(0, 3), st.booleans()),
+    st.tuples(st.just("done"), _TIDS, st.booleans()),
+    st.tuples(st.just("cancel"), _TIDS, st.sampled_from([None, "failed", "timed_out", "bogus"])),
+    st.tuples(st.just("user_cancel"), _TIDS, st.none()),
+    st.tuples(st.just("kind"), st.sampled_from(sorted(F.CONTROL_KINDS | {"junk"})), st.none()),
+    st.tuples(st.just("chunk"), st.tuples(_TIDS, st.integers(0, 25), st.integers(0, 3)), st.none()),
+    st.tuples(st.just("finish"), st.integers(0, 7), st.sampled_from(["good", "bad", "abandon"])),
+    st.tuples(st.just("tick"), st.floats(0.0, 4.0), st.none()),
+    st.tuples(st.just("close"), st.none(), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_OP, max_size=60))
+def test_any_order_of_messages_chunks_and_ticks(ops: list[tuple[Any, Any, Any]]) -> None:
+    """Only typed errors; every activated transfer gets exactly one ``Ended`` (once its writers stop);
+    after ``Fail`` nothing is accepted."""
+    e = engine(max_transfers=3, transfer_timeout=20.0, peer_timeout=8.0)
+    now = 0.0
+    admitted: list[Manifest] = []
+    activated: set[int] = set()
+    ended: dict[int, int] = {}
+    writing: list[tuple[RxTransfer, int, F.Header]] = []
+    failed = False
+
+    def take(actions: list[Any]) -> None:
+        nonlocal failed
+        for a in actions:
+            assert not failed or type(a) is Ended, f"{a} after Fail"
+            if type(a) is Ended:
+                ended[a.transfer_id] = ended.get(a.transfer_id, 0) + 1
+                assert a.transfer_id in activated and a.state.terminal
+            elif type(a) is Fail:
+                failed = True
+            elif type(a) is Admit:
+                admitted.append(a.manifest)
+
+    for op, x, y in ops:
+        try:
+            if op == "begin":
+                body = manifest(x).to_wire(with_layout=True)
+                take(e.receive(F.BEGIN, body if y else {**body, "seg": "junk"}, now))
+            elif op == "activate" and admitted:
+                m = admitted.pop(min(x, len(admitted) - 1))
+                out = e.activate(m, now) if y else e.refuse(m.transfer_id, "no", now)
+                if y and out[0].kind == F.ACCEPT:
+                    assert not failed and m.transfer_id not in activated
+                    activated.add(m.transfer_id)
+                take(out)
+            elif op == "done":
+                m = manifest(x)
+                take(e.receive(F.DONE, {"tid": x, "digest": digest(m) if y else 1}, now))
+            elif op == "cancel":
+                take(e.receive(F.CANCEL, {"tid": x, "reason": "r"} | ({"state": y} if y else {}), now))
+            elif op == "user_cancel":
+                take(e.cancel(x, "user", now))
+            elif op == "kind":
+                take(e.receive(x, BODIES.get(x, {}), now))
+            elif op == "chunk":
+                tid, c, lane = x
+                m = manifest(tid)
+                h = header(m, min(c, m.plan().num_chunks - 1))
+                t = e.chunk_admit(lane, h)
+                if t is None:
+                    e.chunk_drained(h, now)
+                else:
+                    assert not failed, "a chunk admitted after Fail"
+                    writing.append((t, lane, h))
+            elif op == "finish" and writing:
+                t, lane, h = writing.pop(x % len(writing))
+                r = (e.chunk_abandoned(t, lane, h, now) if y == "abandon"
+                     else e.chunk_done(t, lane, h, h.digest ^ (y == "bad"), now))
+                take([r.ended] if r.ended else [])
+            elif op == "tick":
+                now += x
+                take(e.tick(now))
+            elif op == "close":
+                take(e.close("driver closed"))
+        except KvwireError as err:  # ProtocolError included; anything else fails the test
+            if failed:
+                assert isinstance(err, ProtocolError)
+            take(e.close(f"protocol error: {err}"))  # what the driver does
+    take(e.close("end of test"))
+    while writing:
+        t, lane, h = writing.pop()
+        r = e.chunk_abandoned(t, lane, h, now)
+        take([r.ended] if r.ended else [])
+    assert failed and e.closed and not e.pending and not e.transfers and e.held == 0
+    assert ended == {tid: 1 for tid in activated}
+    assert sum(n for k, n in e.counts().items() if k.startswith(("transfers_", "probes_"))) == len(activated)
