@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvwire.codec import frames as F
-from kvwire.codec.fixtures import default_request, load_fixture
 from kvwire.codec.manifest import Manifest, build_manifest
 from kvwire.codec.rules import RECEIVER_RECEIVES, Conn
 from kvwire.codec.rxengine import (
@@ -27,6 +26,7 @@ from kvwire.codec.rxengine import (
 )
 from kvwire.codec.transfer import State, transfer_digest
 from kvwire.errors import KvwireError, ProtocolError
+from kvwire.testing.fixtures import default_request, load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
 CHUNK = 1 << 16
