@@ -65,7 +65,7 @@ from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError
 from .lifecycle import Ended, Receiving, Sending
 from .sglang_bootstrap import MailboxServer
-from .sglang_manager import BACKEND, KvwireKVManager, KvwireTransferError, Settings, _indices, _plan
+from .sglang_manager import BACKEND, KvwireKVManager, KvwireTransferError, Settings, checked_indices, plan_between
 
 
 class KvwireKVSender(BaseKVSender):
@@ -92,10 +92,11 @@ class KvwireKVSender(BaseKVSender):
         self.error = ""
         self._t0: float | None = None
         self._t1: float | None = None
-        mgr._add_sender(self)
+        mgr.add_sender(self)
 
     # ---- mailbox thread
-    def _mail(self, m: dict[str, Any]) -> None:
+    def take_mail(self, m: dict[str, Any]) -> None:
+        """A message for this room from decode (its destination, or an abort); called by the manager."""
         if m.get("type") == "abort":
             self._fail(f"decode aborted: {str(m.get('reason', ''))[:200]}")
         elif m.get("type") != "dest":
@@ -112,7 +113,7 @@ class KvwireKVSender(BaseKVSender):
                 if theirs.tp_size == self.kv_mgr.tp_size:
                     raise KvwireError(f"decode rank {m.get('rank')} asks for a re-sharding at the same TP "
                                       f"{theirs.tp_size}")
-                plan = _plan(self.kv_mgr.layout, theirs, self.kv_mgr.pools.heads)
+                plan = plan_between(self.kv_mgr.layout, theirs, self.kv_mgr.pools.heads)
                 rank = m.get("rank")
                 if not isinstance(rank, int) or not 0 <= rank < plan.decode_tp or theirs.tp_rank != rank:
                     raise KvwireError(f"decode rank {rank!r} outside decode TP {plan.decode_tp}")
@@ -146,7 +147,7 @@ class KvwireKVSender(BaseKVSender):
         if self.error or self.sending is not None:
             return
         try:
-            self.pages += _indices(kv_indices, "kv pages")
+            self.pages += checked_indices(kv_indices, "kv pages")
         except KvwireError as e:
             self._fail(str(e))
             return
@@ -159,14 +160,14 @@ class KvwireKVSender(BaseKVSender):
     def _check_dest(self, d: dict[str, Any]) -> tuple[str, int]:
         """One decode rank's destination agrees with this request (pages, state counts); its endpoint."""
         mgr = self.kv_mgr
-        theirs = _indices(d.get("kv"), "decode's kv pages")
+        theirs = checked_indices(d.get("kv"), "decode's kv pages")
         if len(theirs) != len(self.pages):
             raise KvwireError(f"prefill sends {len(self.pages)} pages, decode allocated {len(theirs)}")
         states = d.get("state") or []
         if not isinstance(states, list):
             raise KvwireError("decode's state indices are not a list")
         mine_counts = mgr.pools.state_counts(self.state_indices)
-        their_counts = mgr.pools.state_counts([None if s is None else _indices(s, "state") for s in states])
+        their_counts = mgr.pools.state_counts([None if s is None else checked_indices(s, "state") for s in states])
         if mine_counts != their_counts:
             raise KvwireError(f"state index counts differ: prefill {mine_counts}, decode {their_counts}")
         host, port = d.get("endpoint", [None, None])
@@ -225,12 +226,13 @@ class KvwireKVSender(BaseKVSender):
         if self.sending is not None and self.kv_mgr.outbox is not None:
             self.kv_mgr.outbox.cancel(str(self.room), reason)
         elif first and self.dest is not None:
-            self.kv_mgr._tell_decode(self.dest, reason)
+            self.kv_mgr.tell_decode(self.dest, reason)
         elif first and self.plan is not None:
             for d in sorted(self.dests):
-                self.kv_mgr._tell_decode(self.dests[d], reason, self.plan)
+                self.kv_mgr.tell_decode(self.dests[d], reason, self.plan)
 
-    def _ended(self, e: Ended) -> None:
+    def transfer_ended(self, e: Ended) -> None:
+        """The transfer's end (from the manager's ``poll_outbox``)."""
         self._t1 = time.monotonic()
         self.result = e
 
@@ -238,7 +240,7 @@ class KvwireKVSender(BaseKVSender):
         if self.result is not None:
             return KVPoll.Success if self.result.ok else KVPoll.Failed
         if self.sending is not None:
-            self.kv_mgr._poll_outbox()
+            self.kv_mgr.poll_outbox()
             if self.result is not None:
                 return KVPoll.Success if self.result.ok else KVPoll.Failed
             return KVPoll.Transferring
@@ -281,7 +283,7 @@ class KvwireKVSender(BaseKVSender):
         self._fail("aborted by prefill")
 
     def clear(self) -> None:
-        self.kv_mgr._drop_sender(self)
+        self.kv_mgr.drop_sender(self)
 
 
 class KvwireKVReceiver(BaseKVReceiver):
@@ -324,8 +326,8 @@ class KvwireKVReceiver(BaseKVReceiver):
                 raise KvwireError("decode radix-cache prefix hits are not supported by the kvwire backend")
             if self.prefill_dp_rank is None:
                 raise KvwireError("send_metadata before init")
-            pages = _indices(kv_indices, "kv pages")
-            states = [None if s is None else _indices(s, "state") for s in (state_indices or [])]
+            pages = checked_indices(kv_indices, "kv pages")
+            states = [None if s is None else checked_indices(s, "state") for s in (state_indices or [])]
             self.plan = mgr.plan_from(self.bootstrap_addr)
             if self.plan is not None:  # every decode rank names the request alike: transfers are per rank pair
                 self.rid = f"sglang.{self.room}"
@@ -337,8 +339,7 @@ class KvwireKVReceiver(BaseKVReceiver):
             self._tell_prefill(f"decode rank {mgr.tp_rank} failed before posting: {e}"[:400])
             return
         self.aux_index = None if aux_index is None else int(aux_index)
-        with mgr._lock:
-            mgr._receivers[self.rid] = self
+        mgr.add_receiver(self)
         msg: dict[str, Any] = {"type": "dest", "room": self.room, "rank": mgr.tp_rank, "rid": self.rid,
                                "endpoint": [mgr.endpoint[0], mgr.endpoint[1]], "kv": pages, "state": states,
                                "aux": self.aux_index, "tp": mgr.tp_size}
@@ -348,7 +349,7 @@ class KvwireKVReceiver(BaseKVReceiver):
             self.receiving = mgr.inbox.expect_resharded(self.rid, request, self.plan, mgr.tp_rank, tables, slots)
             msg["layout"] = mgr.layout.to_dict()
         for p in self.prefill_ranks:
-            mgr._post(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail, rank=p)
+            mgr.post_to_prefill(self.bootstrap_addr, self.prefill_dp_rank, msg, self._fail, rank=p)
 
     def _tell_prefill(self, reason: str) -> None:
         """The request failed before its destination was posted: abort it on the prefill ranks SGLang pairs
@@ -361,7 +362,7 @@ class KvwireKVReceiver(BaseKVReceiver):
             else [mgr.tp_rank]
         self.prefill_ranks = list(ranks)
         for p in ranks:
-            mgr._post(self.bootstrap_addr, self.prefill_dp_rank, {"type": "abort", "room": self.room,
+            mgr.post_to_prefill(self.bootstrap_addr, self.prefill_dp_rank, {"type": "abort", "room": self.room,
                                                                   "reason": reason}, lambda _r: None, rank=p)
 
     def _fail(self, reason: str) -> None:
@@ -370,14 +371,15 @@ class KvwireKVReceiver(BaseKVReceiver):
         if self.receiving is not None and self.kv_mgr.inbox is not None:
             self.kv_mgr.inbox.cancel(self.rid, reason)
 
-    def _ended(self, e: Ended) -> None:
+    def transfer_ended(self, e: Ended) -> None:
+        """The transfer's end (from the manager's ``poll_inbox``): on success the aux row is stored."""
         if e.ok and self.aux_index is not None:
             self.kv_mgr.pools.store_aux(self.aux_index)
         self.result = e
 
     def poll(self) -> int:
         if self.result is None and self.receiving is not None:
-            self.kv_mgr._poll_inbox()
+            self.kv_mgr.poll_inbox()
         state = self.conclude_state
         if state is not None:
             return state
@@ -395,7 +397,7 @@ class KvwireKVReceiver(BaseKVReceiver):
         self.abort_notified = True
         if self.prefill_dp_rank is not None:
             for p in self.prefill_ranks:
-                self.kv_mgr._post(self.bootstrap_addr, self.prefill_dp_rank,
+                self.kv_mgr.post_to_prefill(self.bootstrap_addr, self.prefill_dp_rank,
                                   {"type": "abort", "room": self.room, "reason": "aborted by decode"},
                                   lambda _r: None, rank=p)
 
@@ -403,9 +405,7 @@ class KvwireKVReceiver(BaseKVReceiver):
         return self.result is not None or self.receiving is None
 
     def clear(self) -> None:
-        with self.kv_mgr._lock:
-            if self.kv_mgr._receivers.get(self.rid) is self:
-                del self.kv_mgr._receivers[self.rid]
+        self.kv_mgr.drop_receiver(self)
 
 
 class KvwireKVBootstrapServer(BaseKVBootstrapServer):

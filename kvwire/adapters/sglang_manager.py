@@ -5,10 +5,11 @@ between the two instances' layouts, and the checked parsing of what the mailbox 
 Owns: ``Settings`` (the environment), ``KvwireTransferError``, ``KvwireKVManager`` (one ``Outbox`` on a
 prefill rank, one ``Inbox`` on a decode rank, over ``SglangPools``; mail taken and posted off the engine's
 thread; senders and receivers found by room / request id). The request-level classes, the bootstrap server
-and the plugin are in ``kvwire.adapters.sglang``. Must not know: kvwire's internals beyond ``lifecycle``,
-``sglang_pools``, ``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan (``codec.reshard``,
-``reshard.sub_request_id``); what a sender or receiver does with its mail (it calls their ``_mail`` and
-``_ended``).
+and the plugin are in ``kvwire.adapters.sglang``; they register with the manager (``add_sender``,
+``add_receiver``) and reach it through its public methods only. Must not know: kvwire's internals beyond
+``lifecycle``, ``sglang_pools``, ``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan
+(``codec.reshard``, ``reshard.sub_request_id``); what a sender or receiver does with its mail or its
+transfer's end (it calls their ``take_mail`` and ``transfer_ended``).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _mode(disaggregation_mode: Any) -> str:
     return str(getattr(disaggregation_mode, "value", disaggregation_mode))
 
 
-def _indices(v: Any, what: str) -> list[int]:
+def checked_indices(v: Any, what: str) -> list[int]:
     """A list of non-negative ints from the engine or the mailbox (untrusted there: checked, bounded)."""
     if v is None:
         raise KvwireError(f"{what}: missing")
@@ -122,7 +123,7 @@ def _attn_tp(server_args: Any) -> int:
     return max(1, tp)
 
 
-def _plan(prefill: ModelLayout, decode: ModelLayout, heads: dict[str, int]) -> ReshardPlan:
+def plan_between(prefill: ModelLayout, decode: ModelLayout, heads: dict[str, int]) -> ReshardPlan:
     """The re-sharding plan between two SGLang ranks' layouts; ``ReshardUnsupported`` when a buffer cannot
     be sliced (no SGLang metadata for it) or no plan maps the pair."""
     for side, layout in (("prefill", prefill), ("decode", decode)):
@@ -256,7 +257,7 @@ class KvwireKVManager(BaseKVManager):
                 elif held is None and len(self._unclaimed) < 100_000:
                     self._unclaimed[m["room"]] = (time.monotonic(), [m])
                 return
-        sender._mail(m)
+        sender.take_mail(m)
 
     def _expire_unclaimed(self) -> None:
         now = time.monotonic()
@@ -264,19 +265,30 @@ class KvwireKVManager(BaseKVManager):
             for room in [r for r, (t, _m) in self._unclaimed.items() if now - t > self.settings.timeout]:
                 del self._unclaimed[room]
 
-    def _add_sender(self, sender: KvwireKVSender) -> None:
+    def add_sender(self, sender: KvwireKVSender) -> None:
+        """Prefill: ``sender`` takes its room's mail from now on, and what came for it before (``take_mail``)."""
         with self._lock:
             self._senders[sender.room] = sender
             early = self._unclaimed.pop(sender.room, None)
         for m in early[1] if early is not None else []:
-            sender._mail(m)
+            sender.take_mail(m)
 
-    def _drop_sender(self, sender: KvwireKVSender) -> None:
+    def drop_sender(self, sender: KvwireKVSender) -> None:
         with self._lock:
             if self._senders.get(sender.room) is sender:
                 del self._senders[sender.room]
 
-    def _tell_decode(self, dest: dict[str, Any], reason: str, plan: ReshardPlan | None = None) -> None:
+    def add_receiver(self, receiver: KvwireKVReceiver) -> None:
+        """Decode: ``receiver`` (its request id ``rid``) is told how its transfer ended (``poll_inbox``)."""
+        with self._lock:
+            self._receivers[receiver.rid] = receiver
+
+    def drop_receiver(self, receiver: KvwireKVReceiver) -> None:
+        with self._lock:
+            if self._receivers.get(receiver.rid) is receiver:
+                del self._receivers[receiver.rid]
+
+    def tell_decode(self, dest: dict[str, Any], reason: str, plan: ReshardPlan | None = None) -> None:
         """A request that fails before its transfer began: open the transfer decode expects (with ``plan``:
         this rank's slice transfer to that decode rank) and cancel it at once, so decode fails with
         ``reason`` now rather than at its timeout. Off the engine's thread."""
@@ -284,8 +296,8 @@ class KvwireKVManager(BaseKVManager):
         def run() -> None:
             try:
                 host, port = dest["endpoint"]
-                pages = _indices(dest.get("kv"), "decode's kv pages")
-                counts = self.pools.state_counts([None if x is None else _indices(x, "state")
+                pages = checked_indices(dest.get("kv"), "decode's kv pages")
+                counts = self.pools.state_counts([None if x is None else checked_indices(x, "state")
                                                   for x in (dest.get("state") or [])])
                 request = self.pools.request(str(dest["rid"]), len(pages), counts)
                 layout = self.layout
@@ -304,13 +316,14 @@ class KvwireKVManager(BaseKVManager):
 
         threading.Thread(target=run, name="kvwire-sglang-cancel", daemon=True).start()
 
-    def _poll_outbox(self) -> None:
+    def poll_outbox(self) -> None:
+        """Prefill: tell each registered sender whose transfer ended (``transfer_ended``)."""
         assert self.outbox is not None
         for e in self.outbox.poll():
             with self._lock:
                 sender = self._senders.get(int(e.key))
             if sender is not None:
-                sender._ended(e)
+                sender.transfer_ended(e)
 
     # ---- decode mail
     def _post_mail(self) -> None:
@@ -324,7 +337,7 @@ class KvwireKVManager(BaseKVManager):
             except (OSError, ValueError) as e:
                 on_error(f"posting to the prefill bootstrap {client.base}: {e}")
 
-    def _post(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None],
+    def post_to_prefill(self, bootstrap_addr: str, dp: int, msg: dict[str, Any], on_error: Callable[[str], None],
               rank: int | None = None) -> None:
         """Queue ``msg`` for prefill attention-TP rank ``rank`` (default: this rank's own) of DP rank ``dp``
         (mail is addressed by attention-TP rank: SGLang's ``engine_rank`` modulo ``attn_tp_size``)."""
@@ -350,15 +363,16 @@ class KvwireKVManager(BaseKVManager):
         if info.layout.tp_size != info.attn_tp_size:
             raise ReshardUnsupported(f"prefill's layout says TP {info.layout.tp_size}, its info "
                                      f"{info.attn_tp_size}")
-        return _plan(info.layout, self.layout, self.pools.heads)
+        return plan_between(info.layout, self.layout, self.pools.heads)
 
-    def _poll_inbox(self) -> None:
+    def poll_inbox(self) -> None:
+        """Decode: tell each registered receiver whose transfer ended (``transfer_ended``)."""
         assert self.inbox is not None
         for e in self.inbox.poll():
             with self._lock:
                 receiver = self._receivers.get(e.key)
             if receiver is not None:
-                receiver._ended(e)
+                receiver.transfer_ended(e)
 
     def close(self) -> None:
         """Cancel what is in flight (every lease ends), stop the threads and the receiver."""
@@ -368,15 +382,16 @@ class KvwireKVManager(BaseKVManager):
                 with self._lock:
                     sender = self._senders.get(int(e.key))
                 if sender is not None:
-                    sender._ended(e)
+                    sender.transfer_ended(e)
         if self.inbox is not None:
             self._posts.put(None)
             for e in self.inbox.close():
                 with self._lock:
                     receiver = self._receivers.get(e.key)
                 if receiver is not None:
-                    receiver._ended(e)
+                    receiver.transfer_ended(e)
         self._thread.join(timeout=5)
 
 
-__all__ = ["BACKEND", "MAX_INDICES", "KvwireKVManager", "KvwireTransferError", "Settings"]
+__all__ = ["BACKEND", "MAX_INDICES", "KvwireKVManager", "KvwireTransferError", "Settings", "checked_indices",
+           "plan_between"]
