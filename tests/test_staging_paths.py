@@ -92,9 +92,9 @@ def local_round_trip(pool: PinnedPool, layout: ModelLayout, request: RequestSpec
     expected = expected_after(layout, src, dst, before, src_tables, dst_tables, src_slot, dst_slot, request)
     with Stager(src, pool, d2h=d2h) as stager, Unstager(dst, pool, h2d=h2d) as unstager:
         if stub:
-            stager._dev.close()
-            unstager._dev.close()
-            stager._dev, unstager._dev = StubDevice(src), StubDevice(dst)
+            stager.device.close()
+            unstager.device.close()
+            stager.device, unstager.device = StubDevice(src), StubDevice(dst)
         sjob = stager.begin(request, src_tables, src_slot)
         staged = [sjob.stage(layer, stream=stream_for(layer) if stream_for else None) for layer in sjob.layers]
         for s in staged:
@@ -112,7 +112,7 @@ def local_round_trip(pool: PinnedPool, layout: ModelLayout, request: RequestSpec
         ops = ({la: len(p.ops) for la, p in sjob.plans.items()}, {la: len(p.ops) for la, p in rjob.plans.items()})
         rjob.release()
         sjob.release()
-        devs = (stager._dev, unstager._dev)
+        devs = (stager.device, unstager.device)
     assert_bytes_equal(dst, expected)
     assert pool.in_use_bytes == 0
     return {"src": src, "dst": dst, "tables": (src_tables, dst_tables), "modes": modes, "ops": ops,
@@ -216,10 +216,10 @@ def test_scratch_is_reused_across_requests_and_grows(pool: PinnedPool) -> None:
                     job.stage(la)
                 op = next(iter(job.plans.values())).ops[-1]  # the span copy: (COPY, host span, scratch)
                 assert op[0] == COPY
-                ptrs.append((op[2].data_ptr(), stager._dev.scratch_bytes))
+                ptrs.append((op[2].data_ptr(), stager.device.scratch_bytes))
         assert ptrs[0] == ptrs[1]  # a smaller request reuses the scratch
         assert ptrs[2][1] > ptrs[0][1]  # a larger one grows it
-    assert stager._dev.scratch_bytes == 0  # close frees it
+    assert stager.device.scratch_bytes == 0  # close frees it
 
 
 # ------------------------------------------------------------------ GPU control flow with stub streams
@@ -359,8 +359,8 @@ def test_stub_failure_in_a_copy_fails_the_layer_not_the_stager(pool: PinnedPool,
     layout = load_fixture("tiny-llama")
     cache = allocate_paged_cache(layout, 70, 1, fill="random", seed=2)
     with Stager(cache, pool, d2h="direct") as stager:
-        stager._dev.close()
-        stager._dev = StubDevice(cache)
+        stager.device.close()
+        stager.device = StubDevice(cache)
 
         def boom(ops: Any) -> None:
             raise RuntimeError("CUDA error: an illegal memory access")

@@ -153,7 +153,7 @@ class PooledBuffer:
         """Give the buffer back (idempotent). Views taken from it must no longer be used."""
         if not self._released:
             self._released = True
-            self.pool._give_back(self)
+            self.pool.give_back(self)
 
     def __enter__(self) -> PooledBuffer:
         return self
@@ -291,7 +291,8 @@ class PinnedPool:
             self._cached -= cls
             self.evictions += 1
 
-    def _give_back(self, buf: PooledBuffer) -> None:
+    def give_back(self, buf: PooledBuffer) -> None:
+        """``buf``'s size class back on the free list (``PooledBuffer.release`` calls this, once)."""
         with self._cond:
             self._in_use -= buf.capacity
             self._held -= 1

@@ -78,7 +78,9 @@ class StagedLayer:
         """``fn(self)`` once staged (or failed), from the waiter thread, or now if already done."""
         self.future.add_done_callback(lambda _f: fn(self))
 
-    def _resolve(self, err: BaseException | None) -> None:
+    def resolve(self, err: BaseException | None) -> None:
+        """The layer is in host memory (``err`` None) or failed: called by its job, or by the event waiter on
+        a GPU, once."""
         self.ready_at = time.monotonic()
         if err is None:
             self.future.set_result(self.views)
@@ -104,7 +106,7 @@ class StagingJob:
         self.state_slot = slot
         self.buffer = buffer
         self._host = buffer.tensor()
-        dev = stager._dev
+        dev = stager.device
         self.plans: dict[int, LayerPlan] = plan_layers(
             stager.cache, placement, tables, slot, self._host, mode=stager.d2h, to_host=True, on_device=dev.cuda,
             scratch=dev.scratch)
@@ -144,25 +146,25 @@ class StagingJob:
             self.staged[layer] = staged
         plan = self.plans.get(layer)
         if plan is None:
-            staged._resolve(None)
+            staged.resolve(None)
             return staged
         staged.nbytes = plan.nbytes
-        dev = self.stager._dev
+        dev = self.stager.device
         try:
             if dev.cuda:
                 self._stage_cuda(plan, staged, wait_event, stream)
             else:
                 with dev.lock:
                     run_ops(plan.ops)
-                staged._resolve(None)
+                staged.resolve(None)
         except BaseException as e:
             if not staged.done():
-                staged._resolve(e)
+                staged.resolve(e)
             raise
         return staged
 
     def _stage_cuda(self, plan: LayerPlan, staged: StagedLayer, wait_event: Any, stream: Any) -> None:
-        dev = self.stager._dev
+        dev = self.stager.device
         own = dev.stream
         s = stream if stream is not None else own
         with dev.lock:
@@ -189,7 +191,7 @@ class StagingJob:
             if start is not None:
                 staged.gpu_events = (start, done)
             assert dev.completer is not None
-            dev.completer.submit(done, staged._resolve)
+            dev.completer.submit(done, staged.resolve)
 
     def stage_and_send(self, writer: Any, layer: int, *, wait_event: Any = None, stream: Any = None
                        ) -> StagedLayer:
@@ -279,11 +281,11 @@ class Stager:
         self.d2h = check_mode(d2h)
         self.pool = pool if pool is not None else PinnedPool(DEFAULT_POOL_BYTES, backend="torch")
         self.align = align
-        self._dev = Device(cache, stream, timing, "kvwire-stager")
+        self.device = Device(cache, stream, timing, "kvwire-stager")  # its jobs run their copies through it
 
     @property
     def stream(self) -> Any:
-        return self._dev.stream
+        return self.device.stream
 
     def begin(self, request: RequestSpec, block_tables: Mapping[Any, Sequence[int]],
               state_slot: int | Mapping[int, int] | None = None, *, acquire_timeout: float = 0.0) -> StagingJob:
@@ -303,7 +305,7 @@ class Stager:
             raise
 
     def close(self) -> None:
-        self._dev.close()
+        self.device.close()
 
     def __enter__(self) -> Stager:
         return self

@@ -56,7 +56,7 @@ class UnstagingJob:
         p = placement
         self.buffers: list[torch.Tensor] = [self._host[o : o + s.nbytes]
                                             for o, s in zip(p.offsets, p.segments)]
-        dev = unstager._dev
+        dev = unstager.device
         self.plans: dict[int, LayerPlan] = plan_layers(
             unstager.cache, placement, tables, slot, self._host, mode=unstager.h2d, to_host=False,
             on_device=dev.cuda, scratch=dev.scratch)
@@ -119,7 +119,7 @@ class UnstagingJob:
                 return
             self.arrived_at[layer] = time.monotonic()
             self._pending += 1
-        self.unstager._submit(self, layer)
+        self.unstager.submit(self, layer)
 
     # ---- the copies (worker thread)
     def _check_manifest(self, layer: int) -> None:
@@ -135,25 +135,27 @@ class UnstagingJob:
                 raise LayoutMismatch(f"segment {i} ({mine.name}): the transfer carries {theirs}, this job "
                                      f"expects tokens {mine.token_start}+{mine.token_count}")
 
-    def _unstage(self, layer: int) -> None:
+    def unstage(self, layer: int) -> None:
+        """Run ``layer``'s copies into the cache (the unstager's worker thread); the outcome goes to
+        ``mark_layer_done``, now on a CPU cache, when the copies' event fires on a GPU."""
         try:
             plan = self.plans.get(layer)
             if plan is None:
                 raise LayoutMismatch(f"layer {layer} carries no bytes in this request")
             self._check_manifest(layer)
-            dev = self.unstager._dev
+            dev = self.unstager.device
             if dev.cuda:
                 self._unstage_cuda(plan)
                 return
             with dev.lock:
                 run_ops(plan.ops)
         except BaseException as e:  # noqa: BLE001 - reported to wait_layer
-            self._layer_done(layer, e)
+            self.mark_layer_done(layer, e)
             return
-        self._layer_done(layer, None)
+        self.mark_layer_done(layer, None)
 
     def _unstage_cuda(self, plan: LayerPlan) -> None:
-        dev = self.unstager._dev
+        dev = self.unstager.device
         s = dev.stream
         layer = plan.layer
         with dev.lock:
@@ -170,9 +172,10 @@ class UnstagingJob:
             if start is not None:
                 self.gpu_events[layer] = (start, done)
             assert dev.completer is not None
-            dev.completer.submit(done, lambda err: self._layer_done(layer, err))
+            dev.completer.submit(done, lambda err: self.mark_layer_done(layer, err))
 
-    def _layer_done(self, layer: int, err: BaseException | None) -> None:
+    def mark_layer_done(self, layer: int, err: BaseException | None) -> None:
+        """``layer``'s copies finished (``err`` None) or failed: wakes ``wait_layer``."""
         with self._cond:
             if err is None:
                 self.done_at[layer] = time.monotonic()
@@ -251,7 +254,7 @@ class Unstager:
         self.h2d = check_mode(h2d)
         self.pool = pool if pool is not None else PinnedPool(DEFAULT_POOL_BYTES, backend="torch")
         self.align = align
-        self._dev = Device(cache, stream, timing, "kvwire-unstager-wait")
+        self.device = Device(cache, stream, timing, "kvwire-unstager-wait")  # its jobs run their copies through it
         self._q: queue.Queue[tuple[UnstagingJob, int] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -259,7 +262,7 @@ class Unstager:
 
     @property
     def stream(self) -> Any:
-        return self._dev.stream
+        return self.device.stream
 
     def prepare(self, request: RequestSpec, block_tables: Mapping[Any, Sequence[int]],
                 state_slot: int | Mapping[int, int] | None = None, *, acquire_timeout: float = 0.0,
@@ -288,10 +291,11 @@ class Unstager:
         """Where each of ``request``'s segments lives in the buffer ``prepare`` takes or makes."""
         return Placement(self.layout, request, self.align)
 
-    def _submit(self, job: UnstagingJob, layer: int) -> None:
+    def submit(self, job: UnstagingJob, layer: int) -> None:
+        """Queue ``job``'s ``layer`` for the worker thread (started on first use); fails it once closed."""
         with self._lock:
             if self._closed:
-                job._layer_done(layer, KvwireError("unstager closed"))
+                job.mark_layer_done(layer, KvwireError("unstager closed"))
                 return
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="kvwire-unstager", daemon=True)
@@ -304,7 +308,7 @@ class Unstager:
             if item is None:
                 return
             job, layer = item
-            job._unstage(layer)
+            job.unstage(layer)
 
     def close(self) -> None:
         with self._lock:
@@ -315,7 +319,7 @@ class Unstager:
             self._q.put(None)
         if worker is not None:
             worker.join(10)
-        self._dev.close()
+        self.device.close()
 
     def __enter__(self) -> Unstager:
         return self
