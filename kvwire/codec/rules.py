@@ -29,7 +29,8 @@ The rules (control connection, sender = client, receiver = server)::
 
 A data lane seen from the sender: ``LANE_SENT`` --challenge--> ``AUTH_SENT`` --welcome--> ``LANE_OPEN``;
 after its welcome the receiver never writes on a lane. ``error`` before ``OPEN`` (a refused key, too many
-sessions) is legal in every handshake state and ends the connection: it is how a receiver says no.
+sessions) is legal in every handshake state and ends the connection: it is how a receiver says no (and,
+after the challenge, how a sender gives up).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ SENDER_RECEIVES: Table = {
 #: what the receiver may receive from the sender, by the state of the receiver's connection
 RECEIVER_RECEIVES: Table = {
     Conn.AWAIT_HELLO: {HELLO: Conn.CHALLENGED, LANE: Conn.LANE_CHALLENGED},
-    Conn.CHALLENGED: {AUTH: Conn.OPEN},
+    Conn.CHALLENGED: {AUTH: Conn.OPEN, ERROR: Conn.CLOSED},
     Conn.OPEN: {BEGIN: Conn.OPEN, DONE: Conn.OPEN, CANCEL: Conn.OPEN, HEARTBEAT: Conn.OPEN, BYE: Conn.CLOSED},
-    Conn.LANE_CHALLENGED: {AUTH: Conn.LANE_OPEN},
+    Conn.LANE_CHALLENGED: {AUTH: Conn.LANE_OPEN, ERROR: Conn.CLOSED},
     Conn.LANE_OPEN: {BYE: Conn.CLOSED},
     Conn.CLOSED: {},
 }
