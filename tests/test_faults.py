@@ -20,6 +20,7 @@ from helpers import payload, peer, wait_until
 from kvwire import KvwireError, Receiver, RequestSpec, State, TransferFailed, connect, plan_segments
 from kvwire.codec import frames as F
 from kvwire.errors import AuthenticationError, ProtocolError
+from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
 REPEAT = range(int(os.environ.get("KVWIRE_FAULT_REPEAT", "1")))
@@ -56,7 +57,7 @@ def test_lane_killed_mid_transfer_is_survived(side: str, rep: int, no_leaks: Non
                         ch.close()  # the receiver drops every lane at once
             return None
 
-        s.fault_hook = hook
+        s.chunk_stage = ChunkHook(hook)
         h = s.send(layout, req)
         h.write_all(src)
         h.finish().result(30)
@@ -82,12 +83,12 @@ def test_corrupt_chunk_is_nacked_and_resent(rep: int, no_leaks: None) -> None:
                 return [memoryview(bad), *pieces[1:]]
             return None
 
-        s.fault_hook = hook
+        s.chunk_stage = ChunkHook(hook)
         h = s.send(layout, req)
         h.write_all(src)
         h.finish().result(30)
         h_rx.result(30)
-        assert h._sm.retries[5] == 1 and h._sm.retries[17] == 1
+        assert h.retries(5) == 1 and h.retries(17) == 1
         assert h_rx.machine is not None and h_rx.machine.bad_chunks == 2
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
 
@@ -102,7 +103,7 @@ def test_persistently_corrupt_chunk_fails_the_transfer(no_leaks: None) -> None:
                 return [memoryview(bytes(len(pieces[0]))), *pieces[1:]]
             return None
 
-        s.fault_hook = hook
+        s.chunk_stage = ChunkHook(hook)
         h = s.send(layout, req)
         h.write_all(src)
         with pytest.raises(TransferFailed, match="failed verification"):

@@ -16,6 +16,7 @@ from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.errors import AuthenticationError
 from kvwire.metrics import Metrics, escape
+from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import load_fixture
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)+)\})? '
@@ -117,7 +118,7 @@ def test_corrupt_chunks_and_bad_keys_show_up(no_leaks: None) -> None:
                 return [memoryview(bad), *pieces[1:]]
             return None
 
-        s.fault_hook = hook
+        s.chunk_stage = ChunkHook(hook)
         h_rx = rx.expect("m2", dst)
         h = s.send(layout, req)
         h.write_all(src)

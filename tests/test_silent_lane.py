@@ -15,6 +15,7 @@ import pytest
 from helpers import StallProxy, payload, wait_until
 
 from kvwire import Receiver, RequestSpec, connect, plan_segments
+from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import load_fixture
 
 CHUNK = 64 * 1024
@@ -43,7 +44,7 @@ def _stalled_transfer(sender_timeout: float, receiver_timeout: float, tokens: in
 
                 stalled: list[int] = []
                 once = threading.Lock()
-                s.fault_hook = first_frame
+                s.chunk_stage = ChunkHook(first_frame)
                 h = s.send(layout, req, timeout=60)
                 h.write_all(src)
                 assert proxy.stalled.wait(10)
@@ -127,7 +128,7 @@ def test_a_late_copy_never_overwrites_a_verified_chunk(no_leaks: None) -> None:
                     bad[-1] ^= 0xFF
                     return [*pieces[:-1], memoryview(bad)]
 
-                s.fault_hook = corrupt_first
+                s.chunk_stage = ChunkHook(corrupt_first)
                 h = s.send(layout, req, timeout=60)
                 h.write_all(src)
                 assert proxy.stalled.wait(10)

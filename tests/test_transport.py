@@ -23,6 +23,7 @@ from kvwire import (
 )
 from kvwire.errors import StatePositionMismatch
 from kvwire.tcp.wire import KEEPALIVE_IDLE
+from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
 
 CHUNK = 64 * 1024
@@ -335,7 +336,7 @@ def test_sender_learns_each_layer_verified_before_the_transfer_ends(no_leaks: No
                 return [memoryview(bad), *pieces[1:]]
             return None
 
-        s.fault_hook = hook
+        s.chunk_stage = ChunkHook(hook)
         h.on_layer_acked(lambda layer: acked.append((layer, time.monotonic())))
         h.on_layer_acked(lambda layer: 1 / 0)  # user error: logged, the transfer goes on
         first = layout.num_layers // 2
@@ -354,7 +355,7 @@ def test_sender_learns_each_layer_verified_before_the_transfer_ends(no_leaks: No
     assert late == layers == h.layers_acked
     for layer, t in acked:
         assert h_rx.layer_times[layer] <= t  # the receiver had it verified in place first
-    assert corrupted and h._sm.retries[0] == 1 and h.plan.layers[0] in layers
+    assert corrupted and h.retries(0) == 1 and h.plan.layers[0] in layers
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
 
 

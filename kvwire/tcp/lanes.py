@@ -74,14 +74,17 @@ class Lane:
         self.ch, self.alive = ch, True
         self.progress_at = time.monotonic()
 
-    def stalled(self, timeout: float) -> bool:
+    def stalled(self, timeout: float, acked_at: float = float("-inf")) -> bool:
         """An idle lane with chunks in flight (the caller knows it has some): the receiver has neither
-        acknowledged one of them nor taken a byte off the socket's send queue for ``timeout``.
-        Catches a peer that stopped reading as well as a blackhole, with the control connection healthy."""
+        acknowledged one of them (the last at ``acked_at``, monotonic) nor taken a byte off the socket's
+        send queue for ``timeout``. Catches a peer that stopped reading as well as a blackhole, with the
+        control connection healthy."""
         now = time.monotonic()
         unsent = _unsent(self.ch.sock)
         if unsent < self.unsent:
             self.progress_at = now
+        elif acked_at > self.progress_at:
+            self.progress_at = acked_at
         self.unsent = unsent
         return now - self.progress_at > timeout
 

@@ -1,35 +1,51 @@
 """Sender-side transfer handle: layers are handed over as prefill produces them.
 
 Owns: ``OutgoingTransfer`` (what the prefill engine holds: ``write_layer``/``write_all``, ``finish``,
-``cancel``, ``result``, per-layer acknowledgements for freeing staging early). Must not know: sockets or
-the wire format; the session (``sender.py``) drives it under its lock and sends its chunks.
+``cancel``, ``result``, per-layer acknowledgements for freeing staging early) and ``TransferDriver``, the
+few calls it makes on whatever drives it. Must not know: sockets, the wire format, the session's lock or
+its protocol engine; the driver (``sender.Session``) sends its chunks and resolves it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..buffers import byte_view
-from ..codec import frames as F
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
+from .callbacks import Callbacks
 from .handle import Outcome
-
-if TYPE_CHECKING:
-    from .sender import Session
 
 log = logging.getLogger("kvwire.tcp")
 
 
-class OutgoingTransfer(Outcome):
-    """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``."""
+class TransferDriver(Protocol):
+    """What a handle asks of the session that drives it (``sender.Session``)."""
 
-    def __init__(self, session: Session, sm: SenderTransfer, deadline: float | None) -> None:
-        super().__init__(session._callbacks)
-        self._session = session
+    def layer_written(self, transfer_id: int, layer: int) -> None:
+        """The layer's views are in place on the handle: queue its chunks."""
+        ...
+
+    def finish_transfer(self, transfer_id: int) -> None:
+        """No more layers (a transfer without chunks is complete now)."""
+        ...
+
+    def cancel_transfer(self, transfer_id: int, reason: str) -> None: ...
+
+
+class OutgoingTransfer(Outcome):
+    """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``.
+
+    ``sm``: the transfer's machine, driven by the driver's engine; the handle only reads it."""
+
+    def __init__(self, driver: TransferDriver, sm: SenderTransfer, deadline: float | None,
+                 callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
+        self._driver = driver
         self._sm = sm
         self.manifest = sm.manifest
         self.plan = sm.plan
@@ -42,9 +58,11 @@ class OutgoingTransfer(Outcome):
         for seg in sm.manifest.segments:
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
         self.started = time.monotonic()
-        self.bytes_sent = 0
+        self.bytes_sent = 0  #: payload bytes put on the lanes (re-sends included); the driver adds to it
+        self._written: set[int] = set()
+        self._acked_lock = threading.Lock()
+        self._acked: list[int] = []  # layers reported acked, in order
         self._acked_callbacks: list[Callable[[int], None]] = []
-        self._acked_reported = 0  # how many of _sm.acked_layers the callbacks have been given
 
     @property
     def transfer_id(self) -> int:
@@ -65,11 +83,12 @@ class OutgoingTransfer(Outcome):
             need = self.manifest.segments[i].nbytes
             if len(v) != need:
                 raise LayoutMismatch(f"segment {i} of layer {layer} needs {need} bytes, buffer has {len(v)}")
-        with self._session._cond:
-            for i, v in zip(segs, views):
-                self.views[i] = v
-            self._sm.layer_ready(layer)
-            self._session._cond.notify_all()
+        if layer in self._written:
+            raise ValueError(f"layer {layer} written twice")
+        for i, v in zip(segs, views):
+            self.views[i] = v  # before the driver queues the chunks (it takes its lock: they are seen)
+        self._written.add(layer)
+        self._driver.layer_written(self.transfer_id, layer)
 
     def write_all(self, buffers: Sequence[Any]) -> None:
         """Every segment at once (one buffer per segment, in manifest order)."""
@@ -81,41 +100,52 @@ class OutgoingTransfer(Outcome):
     @property
     def layers_acked(self) -> list[int]:
         """Layers the receiver has verified in full, in the order it did: their buffers may be reused."""
-        with self._session._cond:
-            return list(self._sm.acked_layers)
+        with self._acked_lock:
+            return list(self._acked)
 
     def on_layer_acked(self, fn: Callable[[int], None]) -> None:
         """Call ``fn(layer)`` (from the session's callback pool, never a protocol thread) once the receiver has
         verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
         buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
         acked before the call are reported at once. Layers without bytes are never reported."""
-        with self._session._cond:
+        with self._acked_lock:
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
                 self._acked_callbacks.append(fn)
-            done = list(self._sm.acked_layers[: self._acked_reported])
+            done = list(self._acked)
         for layer in done:
             fn(layer)
 
-    def _report_acked(self) -> None:
-        """Hand layers newly acked to the callbacks, in order, each exactly once (control thread only)."""
-        with self._session._cond:
-            new = self._sm.acked_layers[self._acked_reported:]
-            self._acked_reported += len(new)
+    def retries(self, chunk: int) -> int:
+        """Times ``chunk`` was sent again after failing the receiver's hash check (for tests and metrics)."""
+        return self._sm.retries[chunk]
+
+    # ------------------------------------------------------------ called by the driver
+    def layers_verified(self, layers: Sequence[int]) -> None:
+        """The receiver verified every chunk of ``layers`` (newly, in order): hand them to the
+        ``on_layer_acked`` callbacks, each exactly once."""
+        with self._acked_lock:
+            self._acked.extend(layers)
             cbs = list(self._acked_callbacks)
-        for layer in new:
+        for layer in layers:
             for fn in cbs:
                 self._call_soon(fn, layer)
 
+    def resolve(self, state: State, reason: str) -> None:
+        """The transfer ended: settle the outcome once and drop the callbacks (they may hold the handle:
+        no cycle outlives the transfer)."""
+        self._resolve(state, reason)
+        with self._acked_lock:
+            self._acked_callbacks.clear()
+
+    # ------------------------------------------------------------ user
     def finish(self) -> Outcome:
         """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""
-        missing = [layer for layer in self._by_layer if layer not in self._sm.layers_written]
+        missing = [layer for layer in self._by_layer if layer not in self._written]
         if missing:
             raise KvwireError(f"finish() before layers {missing[:8]} were written")
         if self.plan.num_chunks == 0:
-            with self._session._cond:
-                if self._sm.on_ack([]):
-                    self._session._send_done(self)
+            self._driver.finish_transfer(self.transfer_id)
         return self
 
     def cancel(self, reason: str = "cancelled by sender") -> None:
-        self._session._end(self, State.CANCELLED, reason, notify=F.CANCEL)
+        self._driver.cancel_transfer(self.transfer_id, reason)

@@ -1,13 +1,16 @@
 """The sending end: a session of one control connection plus N data lanes, reused across transfers.
 
-Owns: ``Session`` (the public object) and ``connect``; the shared chunk queue (lanes pull, so a slow lane
-takes fewer chunks; transfers are interleaved round-robin), per-lane in-flight tracking, re-sending the
-chunks of a lane that died or stalled on the others while its thread re-dials it, the control
-connection's messages, heartbeats and deadlines, and (``reconnect=True``) re-establishing the whole
-session after a failure, one connection generation of threads at a time. Dialling, authenticating and a
-lane's own stall signs are ``lanes.py``'s. Drives the sans-IO ``SenderTransfer``; user callbacks go to a
-``Callbacks`` pool. Must not know: torch/cupy, congestion policy (it exposes its lane sockets, and hands
-its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a ``LaneGroup``).
+Owns: ``Session`` (the public object) and ``connect``: the session's threads (control reader, monitor,
+one per lane, reconnect), its one lock, and doing what its protocol engine decides
+(``codec.txengine.SenderEngine``: the transfers, which chunk goes next, chunks in flight per lane,
+control messages, deadlines, heartbeats, counters, connection generations): control frames out,
+handles resolved, sockets closed, the whole session re-established after a failure (``reconnect=True``).
+Lanes pull chunks (a slow lane takes fewer), hash each, pass it through the ``ChunkStage`` and write it
+on their ``Stream``; a lane that dies or stalls is re-dialled while its chunks go out on the others.
+Dialling, authenticating and a lane's own stall signs are ``lanes.py``'s; user callbacks go to a
+``Callbacks`` pool. Must not know: torch/cupy, which control message is legal when (the engine's),
+congestion policy (it exposes its lane sockets, and hands its ``link_control`` argument to
+``kvwire.congestion.control.for_session`` or a ``LaneGroup``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
@@ -29,27 +31,24 @@ from ..codec import frames as F
 from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
-from ..codec.transfer import TERMINAL_STATES, SenderTransfer, State
+from ..codec.transfer import SenderTransfer
+from ..codec.txengine import Action, Ended, Fail, LayersAcked, Send, SenderEngine
 from ..congestion.control import LinkControl, for_session
 from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
-from ..errors import KvwireError, ProtocolError
+from ..errors import KvwireError
 from .auth import SessionKeys
 from .callbacks import Callbacks
 from .lanes import Dialer, Lane, LaneHook, LaneInfo
 from .outgoing import OutgoingTransfer
-from .wire import send_parts
+from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
 
 log = logging.getLogger("kvwire.tcp")
 
-#: test-only fault hook: called with (lane index, transfer id, chunk, payload pieces) before a send;
-#: may return replacement pieces (to corrupt a chunk in flight). Never set in production.
-FaultHook = Callable[[int, int, int, list[memoryview]], "list[memoryview] | None"]
 #: lanes dialled at once when a session opens or grows (see ``Dialer.dial_each``); read at each dial
 DIAL_CONCURRENCY = 16
-_STAT_KEYS = ("chunks_nacked", "chunks_requeued", "lane_reconnects", "session_reconnects",
-              *(f"transfers_{t}" for t in TERMINAL_STATES),
-              *(f"probes_{t}" for t in TERMINAL_STATES))
+#: control frames whose loss fails the connection (others are best effort: the reader notices)
+_MUST_SEND = frozenset({F.BEGIN, F.DONE})
 
 
 class Session:
@@ -88,6 +87,9 @@ class Session:
             the receiver again in the background (backing off up to 2 s between tries) until it is back
             or ``close()``; ``send`` meanwhile waits up to ``connect_timeout`` for it, then raises.
             Without it the session is closed for good (``closed``, ``failure``).
+        chunk_stage: what every data chunk passes through after hashing, before the wire
+            (``transport.ChunkStage``; a transform keeps the length). ``chunk_stage`` may be replaced
+            while the session runs (tests inject faults so: ``kvwire.testing.faults``).
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
@@ -100,7 +102,8 @@ class Session:
                  heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
                  limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
                  on_lane_open: LaneHook | None = None, reconnect: bool = False,
-                 link_control: bool | ControllerConfig | LaneGroup = True) -> None:
+                 link_control: bool | ControllerConfig | LaneGroup = True,
+                 chunk_stage: ChunkStage = IDENTITY) -> None:
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -122,23 +125,17 @@ class Session:
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
         self.limits = limits
-        self.fault_hook: FaultHook | None = None
-        self._cond = threading.Condition()
-        self._transfers: dict[int, OutgoingTransfer] = {}
-        self._rr: deque[int] = deque()
-        self._inflight: dict[tuple[int, int], Lane] = {}
+        self.chunk_stage = chunk_stage
+        self._engine = SenderEngine(peer_timeout=peer_timeout, heartbeat=heartbeat, reconnect=reconnect)
+        self._cond = threading.Condition()  # around every engine call; lanes and senders wait on it
+        self._handles: dict[int, OutgoingTransfer] = {}  # added under _cond; removed as the engine ends them
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
-        self._known_layouts: set[bytes] = set()
         self._threads: list[threading.Thread] = []
-        self._closed = False
-        self.failure = ""
-        self.last_seen = time.monotonic()
         self.lanes: list[Lane] = []
-        self._counts: Counter[str] = Counter()  # ended transfers by state, re-sends, reconnects (under _cond)
+        self.ctrl: Stream
+        self.server_limits: dict[str, Any] = {}
         self._callbacks = Callbacks("tx-callbacks")  # user callbacks never run on a protocol thread
         self.reconnect = reconnect
-        self._gen = 0  # connection generation: threads of an older one stop
-        self._down = False  # reconnect=True: the connection failed and is being re-established
         self._dialer = Dialer(host, port, key=self.key, ssl_context=ssl_context, server_hostname=self.server_hostname,
                               connect_timeout=connect_timeout, peer_timeout=peer_timeout,
                               stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
@@ -191,30 +188,52 @@ class Session:
         hashed = False if sink else self.hashing if hashing is None else hashing
         m = build_manifest(tid, layout, request, self.chunk_size, hashed, sink)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
-        h = OutgoingTransfer(self, sm, None if timeout is None else time.monotonic() + timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        h = OutgoingTransfer(self, sm, deadline, self._callbacks)
+        eng = self._engine
         with self._cond:
-            if self._down and not self._closed:  # reconnect=True: give the session a moment to come back
-                self._cond.wait_for(lambda: not self._down or self._closed, self.connect_timeout)
-            if self._closed:
-                raise KvwireError(f"session closed: {self.failure or 'closed'}")
-            if self._down:
-                raise KvwireError(f"session reconnecting (it failed: {self.failure})")
-            self._transfers[tid] = h
-            self._rr.append(tid)
-            with_layout = m.fingerprint not in self._known_layouts
-            self._known_layouts.add(m.fingerprint)
-            ctrl, gen = self.ctrl, self._gen
-        try:
-            ctrl.send(F.BEGIN, m.to_wire(with_layout=with_layout))
-        except OSError as e:
-            self._fail_session(f"control connection lost: {e}", gen)
+            if eng.down and not eng.closed:  # reconnect=True: give the session a moment to come back
+                self._cond.wait_for(lambda: not eng.down or eng.closed, self.connect_timeout)
+            begin = eng.start(sm, deadline)  # raises when closed or down
+            self._handles[tid] = h
+            ctrl, gen = self.ctrl, eng.gen
+        self._send(begin, gen, ctrl)
         return h
+
+    # ------------------------------------------------------------ for the handles (outgoing.TransferDriver)
+    def layer_written(self, transfer_id: int, layer: int) -> None:
+        """A handle's layer is in place: its chunks queue for the lanes."""
+        with self._cond:
+            self._engine.layer_ready(transfer_id, layer)
+            self._cond.notify_all()
+
+    def finish_transfer(self, transfer_id: int) -> None:
+        """A handle has no more layers (one without chunks is complete now)."""
+        with self._cond:
+            actions = self._engine.finish(transfer_id)
+        self._act(actions)
+
+    def cancel_transfer(self, transfer_id: int, reason: str) -> None:
+        """The user cancels a transfer: CANCEL to the receiver, the handle ends ``cancelled``."""
+        with self._cond:
+            actions = self._engine.cancel(transfer_id, reason)
+        self._act(actions)
 
     @property
     def closed(self) -> bool:
         """True once ``close()`` ran or the session failed (``failure`` says why; with ``reconnect``
         only ``close()`` closes it); ``send`` then raises."""
-        return self._closed
+        return self._engine.closed
+
+    @property
+    def failure(self) -> str:
+        """Why the connection failed last ('' if it never did)."""
+        return self._engine.failure
+
+    @property
+    def last_seen(self) -> float:
+        """When the receiver was last heard from (``time.monotonic()``)."""
+        return self._engine.last_seen
 
     @property
     def keys(self) -> SessionKeys:
@@ -225,7 +244,7 @@ class Session:
     @property
     def healthy(self) -> bool:
         """Open, connected, and at least one lane up: a new transfer can make progress now."""
-        return not self._closed and not self._down and self.alive_lanes > 0
+        return not self._engine.closed and not self._engine.down and self.alive_lanes > 0
 
     @property
     def alive_lanes(self) -> int:
@@ -243,9 +262,8 @@ class Session:
         ``transfers_<state>`` and ``probes_<state>`` per terminal state; and the current
         ``transfers_in_flight``, ``lanes_alive``, ``lanes_active``. Cheap: reads single-writer counters."""
         with self._cond:
-            out = {k: 0 for k in _STAT_KEYS}
-            out.update(self._counts)
-            out["transfers_in_flight"] = len(self._transfers)
+            out = self._engine.counts()
+            out["transfers_in_flight"] = self._engine.in_flight()
             lanes = list(self.lanes)
         out["bytes_sent"] = sum(lane.bytes_sent for lane in lanes)
         out["chunks_sent"] = sum(lane.chunks_sent for lane in lanes)
@@ -257,7 +275,7 @@ class Session:
     def busy(self) -> bool:
         """A transfer (or probe) is in flight: its lanes carry, or are about to carry, data."""
         with self._cond:
-            return bool(self._transfers)
+            return self._engine.busy
 
     def lane_sockets(self) -> list[socket.socket]:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
@@ -284,14 +302,14 @@ class Session:
         """
         n = max(1, min(self.max_lanes, int(n)))
         with self._cond:
-            if self._closed or self._down:
+            if self._engine.closed or self._engine.down:
                 return self._active
-            have, gen = len(self.lanes), self._gen
+            have, gen = len(self.lanes), self._engine.gen
         opened, err = self._dialer.dial_lanes(range(have, n), DIAL_CONCURRENCY)
         if err is not None:
             log.warning("kvwire: %d of %d new lanes opened: %s", len(opened), n - have, err)
         with self._cond:
-            if self._stopped(gen) or len(self.lanes) != have:
+            if not self._engine.current(gen) or len(self.lanes) != have:
                 for lane in opened:
                     lane.ch.close()
                 return self._active
@@ -308,19 +326,12 @@ class Session:
         if group is not None:
             group.remove(self)
         with self._cond:
-            if self._closed:
+            if self._engine.closed:
                 return
-            self._closed = True
-            pending = list(self._transfers.values())
-            ctrl, lanes, down = self.ctrl, list(self.lanes), self._down
+            actions = self._engine.close()  # CANCEL and end each transfer, then BYE unless down
+            ctrl, lanes = self.ctrl, list(self.lanes)
             self._cond.notify_all()
-        for h in pending:
-            self._end(h, State.CANCELLED, "session closed", notify=F.CANCEL)
-        if not down:
-            try:
-                ctrl.send(F.BYE)
-            except OSError:
-                pass
+        self._act(actions)
         ctrl.close()
         for lane in lanes:
             lane.ch.close()
@@ -347,17 +358,8 @@ class Session:
             server_limits = self._dialer.handshake(ctrl, lanes)  # lanes authenticate against this session
             opened = self._dialer.open_lanes(lanes, DIAL_CONCURRENCY)
             with self._cond:
-                if self._closed:
-                    raise KvwireError("session closed")
-                self._gen += 1
-                gen = self._gen
-                if gen > 1:
-                    self._counts["session_reconnects"] += 1
+                gen = self._engine.opened(time.monotonic())  # raises once the session is closed
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
-                self._inflight.clear()
-                self._known_layouts.clear()  # a new receiver session knows no layout yet
-                self.last_seen = time.monotonic()
-                self._down = False
                 self._cond.notify_all()
         except BaseException:
             ctrl.close()
@@ -370,16 +372,13 @@ class Session:
         for lane in opened:
             self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane, gen)
 
-    def _stopped(self, gen: int) -> bool:
-        """Threads of generation ``gen`` stop: the session closed, failed, or reconnected since."""
-        return self._closed or self._down or self._gen != gen
-
     def _reconnect_loop(self) -> None:
         """reconnect=True, after a failure: dial the receiver until it is back or the session closes."""
         delay = 0.1
+        eng = self._engine
         while True:
             with self._cond:
-                if self._cond.wait_for(lambda: self._closed, delay):
+                if self._cond.wait_for(lambda: eng.closed, delay):
                     return
                 lanes = len(self.lanes) or self._active
             try:
@@ -396,52 +395,113 @@ class Session:
         self._threads.append(t)
         t.start()
 
-    # ------------------------------------------------------------ lanes
-    def _pick(self) -> tuple[OutgoingTransfer, int] | None:
-        for _ in range(len(self._rr)):
-            tid = self._rr[0]
-            self._rr.rotate(-1)
-            h = self._transfers.get(tid)
-            if h is None:
-                continue
-            c = h._sm.next_chunk()
-            if c is not None:
-                return h, c
-        return None
+    # ------------------------------------------------------------ doing what the engine decided
+    def _act(self, actions: Sequence[Action], gen: int | None = None) -> None:
+        """Perform the engine's actions, outside the lock, in order."""
+        for a in actions:
+            if isinstance(a, Send):
+                self._send(a, gen)
+            elif isinstance(a, Ended):
+                h = self._handles.pop(a.transfer_id, None)
+                if h is not None:
+                    h.resolve(a.state, a.reason)
+            elif isinstance(a, LayersAcked):
+                h = self._handles.get(a.transfer_id)
+                if h is not None:
+                    h.layers_verified(a.layers)
+            elif isinstance(a, Fail):
+                self._closed_connection(a)
+            # ChunksQueued: the caller notified the lanes under the lock
+
+    def _send(self, a: Send, gen: int | None, ctrl: Stream | None = None) -> None:
+        """One control frame; losing a BEGIN or DONE fails the connection, the rest are best effort."""
+        try:
+            (ctrl or self.ctrl).send(a.kind, a.body)
+        except OSError as e:
+            if a.kind in _MUST_SEND:
+                self._fail_session(f"control connection lost: {e}", gen if a.kind == F.BEGIN else None)
+
+    def _fail_session(self, reason: str, gen: int | None = None) -> None:
+        """The connection failed: every transfer in flight fails with ``reason``; the session closes,
+        or (``reconnect``) re-establishes itself in the background. ``gen``: only if still current."""
+        with self._cond:
+            actions = self._engine.fail(reason, gen)
+            self._cond.notify_all()
+        self._act(actions)
+
+    def _closed_connection(self, a: Fail) -> None:
+        """After the engine's ``Fail``: close the connection's sockets; reconnect if the session does."""
+        self.ctrl.close()
+        for lane in list(self.lanes):
+            lane.ch.close()
+        if a.reconnect:
+            log.warning("kvwire: session to %s:%s failed (%s); reconnecting", *self.address, a.reason)
+            self._start(self._reconnect_loop, "kvwire-reconnect")
+
+    # ------------------------------------------------------------ threads
+    def _control_loop(self, gen: int) -> None:
+        ctrl = self.ctrl
+        eng = self._engine
+        try:
+            while True:
+                kind, body = ctrl.read_control()
+                with self._cond:
+                    if not eng.current(gen):
+                        return
+                    actions = eng.receive(kind, body, time.monotonic())
+                    if actions:
+                        self._cond.notify_all()
+                if actions:
+                    self._act(actions, gen)
+        except (OSError, KvwireError) as e:
+            self._fail_session(f"control connection: {e}", gen)
+
+    def _monitor_loop(self, gen: int) -> None:
+        tick = min(self.heartbeat, 0.25)
+        eng = self._engine
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: not eng.current(gen), tick):
+                    return
+                actions = eng.tick(time.monotonic())  # silence, heartbeat due, deadlines
+                if actions:
+                    self._cond.notify_all()
+            self._act(actions, gen)
 
     def _lane_loop(self, lane: Lane, gen: int) -> None:
         if not lane.alive and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
             return
+        eng, cond, index = self._engine, self._cond, lane.index
         while True:
-            with self._cond:
-                pick = self._pick() if lane.index < self._active and not self._stopped(gen) else None
-                while pick is None and not self._stopped(gen):
-                    busy = any(v is lane for v in self._inflight.values())
-                    self._cond.wait(0.05 if busy else 0.5)
-                    pick = self._pick() if lane.index < self._active else None
-                    if pick is None and busy and (lane.peer_gone() or lane.stalled(self.stall_timeout)):
+            with cond:
+                pick = eng.pick(index) if index < self._active and eng.current(gen) else None
+                while pick is None and eng.current(gen):
+                    busy = eng.lane_busy(index)
+                    cond.wait(0.05 if busy else 0.5)
+                    pick = eng.pick(index) if index < self._active and eng.current(gen) else None
+                    if pick is None and busy and (lane.peer_gone() or lane.stalled(self.stall_timeout,
+                                                                                   eng.acked_at(index))):
                         break  # idle with chunks in flight, and the receiver dropped or stopped reading it
-                stopped = self._stopped(gen)
-                if pick is not None:
-                    self._inflight[(pick[0].transfer_id, pick[1])] = lane
-            if pick is None:
+                stopped = not eng.current(gen)
+                h = self._handles[pick[0]] if pick is not None else None
+            if pick is None or h is None:
                 # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
                 if not stopped and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled"),
                                                    gen):
                     continue
                 return
             try:
-                self._send_chunk(lane, *pick)
+                self._send_chunk(lane, h, pick[1])
             except (OSError, ValueError) as e:
-                pick = None
                 if not self._lane_lost(lane, e, gen):
                     return
-            pick = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
+            h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
     def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int) -> None:
+        plan, views, tid = h.plan, h.views, h.transfer_id
         pieces = []
-        for seg, a, b in h.plan.pieces(chunk):
-            v = h.views[seg]
+        for seg, a, b in plan.pieces(chunk):
+            v = views[seg]
             assert v is not None
             pieces.append(v[a:b])
         digest: int | None = None
@@ -454,211 +514,45 @@ class Session:
                     x.update(p)
                 digest = x.intdigest()
         with self._cond:
-            h._sm.sent(chunk, digest or 0)
-        if self.fault_hook is not None:
-            pieces = self.fault_hook(lane.index, h.transfer_id, chunk, pieces) or pieces
-        hdr = F.pack_data_header(h.transfer_id, chunk, h.plan.layers[chunk], h.plan.offsets[chunk],
-                                 h.plan.lengths[chunk], digest)
-        send_parts(lane.ch.sock, [hdr, *pieces])
-        lane.sent(h.plan.lengths[chunk])
-        h.bytes_sent += h.plan.lengths[chunk]
+            self._engine.sent(tid, chunk, digest or 0)
+        length = plan.lengths[chunk]
+        stage = self.chunk_stage
+        if stage is not IDENTITY:
+            pieces = stage.outgoing(ChunkRef(lane.index, tid, chunk, length), pieces)
+        lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
+                            *pieces])
+        lane.sent(length)
+        h.bytes_sent += length
 
     def _lane_lost(self, lane: Lane, err: BaseException, gen: int) -> bool:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
         False: lane gone (or its generation stopped)."""
         lane.alive = False
         lane.ch.close()
-        self._requeue(lane)
+        eng = self._engine
+        with self._cond:
+            eng.lane_lost(lane.index, gen)
+            self._cond.notify_all()
         deadline = time.monotonic() + self.peer_timeout
         delay = 0.05
-        while not self._stopped(gen) and time.monotonic() < deadline:
+        while eng.current(gen) and time.monotonic() < deadline:
             try:
                 ch = self._dialer.open_lane(lane.index)
             except (OSError, KvwireError):
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stopped(gen), delay)
+                    self._cond.wait_for(lambda: not eng.current(gen), delay)
                 delay = min(delay * 2, 1.0)
                 continue
             with self._cond:
-                if self._stopped(gen):
+                if not eng.current(gen):
                     ch.close()
                     return False
                 lane.reopened(ch)
-                self._counts["lane_reconnects"] += 1
+                eng.lane_reopened()
             return True
-        if not self._stopped(gen) and self.alive_lanes == 0:
+        if eng.current(gen) and self.alive_lanes == 0:
             self._fail_session(f"every lane is down (last error: {err})", gen)
         return False
-
-    def _requeue(self, lane: Lane) -> None:
-        with self._cond:
-            lost = [k for k, v in self._inflight.items() if v is lane]
-            self._counts["chunks_requeued"] += len(lost)
-            for tid, chunk in lost:
-                del self._inflight[(tid, chunk)]
-                h = self._transfers.get(tid)
-                if h is not None:
-                    h._sm.requeue([chunk])
-            self._cond.notify_all()
-
-    # ------------------------------------------------------------ control
-    def _control_loop(self, gen: int) -> None:
-        ctrl = self.ctrl
-        try:
-            while True:
-                kind, body = ctrl.read_control()
-                self.last_seen = time.monotonic()
-                if kind == F.HEARTBEAT:
-                    continue
-                if kind == F.BYE:
-                    raise ConnectionError("receiver closed the session")
-                self._dispatch(kind, body)
-        except (OSError, KvwireError) as e:
-            self._fail_session(f"control connection: {e}", gen)
-
-    def _dispatch(self, kind: str, body: dict[str, Any]) -> None:
-        """One message about a transfer (its own frame: the handle is not kept between messages)."""
-        tid = body.get("tid")
-        h = self._transfers.get(tid) if isinstance(tid, int) else None
-        if h is None:
-            if kind == F.ERROR and tid is None:
-                raise ConnectionError(f"receiver error: {body.get('reason')}")
-            return  # late message for an ended transfer
-        if kind == F.ACCEPT:
-            with self._cond:
-                h._sm.accepted = True
-                self._cond.notify_all()
-        elif kind == F.ACK or kind == F.NACK:
-            chunks = body.get("c")
-            if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
-                raise ProtocolError("malformed ack")
-            if kind == F.NACK and body.get("held") is True:
-                self._on_held(h, chunks)
-            else:
-                self._on_ack(h, chunks, kind == F.ACK, lost=body.get("lost") is True)
-        elif kind == F.COMPLETE:
-            self._end(h, State.DONE, "")
-        elif kind == F.REJECT:
-            self._end(h, State.FAILED, f"receiver rejected the transfer: {body.get('reason')}")
-        elif kind == F.ERROR and body.get("state") == State.TIMED_OUT.value:
-            self._end(h, State.TIMED_OUT, f"receiver timed out: {body.get('reason')}")
-        elif kind == F.ERROR:
-            self._end(h, State.FAILED, f"receiver failed the transfer: {body.get('reason')}")
-        elif kind == F.CANCEL:
-            self._end(h, State.CANCELLED, f"cancelled by receiver: {body.get('reason')}")
-        else:
-            raise ProtocolError(f"unexpected {kind!r} from receiver")
-
-    def _on_ack(self, h: OutgoingTransfer, chunks: list[int], ok: bool, lost: bool = False) -> None:
-        with self._cond:
-            self._release(h, chunks)
-            if ok:
-                finished = h._sm.on_ack(chunks)
-            else:
-                h._sm.on_nack(chunks, lost)
-                self._counts["chunks_requeued" if lost else "chunks_nacked"] += len(chunks)
-                finished = False
-                self._cond.notify_all()
-            failed = h._sm.state is State.FAILED
-        if failed:
-            self._end(h, State.FAILED, h._sm.status.reason, notify=F.CANCEL)
-            return
-        if ok:
-            h._report_acked()
-        if finished:
-            self._send_done(h)
-
-    def _on_held(self, h: OutgoingTransfer, chunks: list[int]) -> None:
-        """The receiver dropped this copy because another copy of the chunk (on a lane presumed dead) is
-        still being read: the lane that carried it did its part; the chunk stays in flight, owned by
-        no lane, until the receiver's verdict on the other copy (ACK, NACK, or NACK "lost")."""
-        with self._cond:
-            self._release(h, chunks)
-
-    def _release(self, h: OutgoingTransfer, chunks: list[int]) -> None:
-        """The lanes that carried ``chunks`` of ``h`` hold them no longer, and that is a sign the receiver
-        reads them (caller holds ``_cond``)."""
-        now = time.monotonic()
-        for c in chunks:
-            lane = self._inflight.pop((h.transfer_id, c), None)
-            if lane is not None:
-                lane.progress_at = now
-
-    def _send_done(self, h: OutgoingTransfer) -> None:
-        try:
-            self.ctrl.send(F.DONE, {"tid": h.transfer_id, "digest": h._sm.digest()})
-        except OSError as e:
-            self._fail_session(f"control connection lost: {e}")
-
-    def _end(self, h: OutgoingTransfer, state: State, reason: str, notify: str | None = None) -> None:
-        with self._cond:
-            h._sm.status.end(state, reason)
-            if self._transfers.pop(h.transfer_id, None) is None:
-                return
-            self._counts[f"{'probes' if h.manifest.sink else 'transfers'}_{state.value}"] += 1
-            try:
-                self._rr.remove(h.transfer_id)
-            except ValueError:
-                pass
-            for k in [k for k in self._inflight if k[0] == h.transfer_id]:
-                del self._inflight[k]
-        if notify is not None:
-            try:
-                self.ctrl.send(notify, {"tid": h.transfer_id, "reason": reason, "state": state.value})
-            except OSError:
-                pass
-        h._resolve(state, reason)
-        h._acked_callbacks.clear()  # they may hold the handle: no cycle outlives the transfer
-
-    def _fail_session(self, reason: str, gen: int | None = None) -> None:
-        """The connection failed: every transfer in flight fails with ``reason``; the session closes,
-        or (``reconnect``) re-establishes itself in the background. ``gen``: only if still current."""
-        with self._cond:
-            if self._closed or self._down or (gen is not None and gen != self._gen):
-                return
-            self.failure = reason
-            handles = list(self._transfers.values())
-            if self.reconnect:
-                self._down = True
-            else:
-                self._closed = True
-            ctrl, lanes = self.ctrl, list(self.lanes)
-            self._cond.notify_all()
-        for h in handles:
-            self._end(h, State.FAILED, reason)
-        ctrl.close()
-        for lane in lanes:
-            lane.ch.close()
-        if self.reconnect:
-            log.warning("kvwire: session to %s:%s failed (%s); reconnecting", *self.address, reason)
-            self._start(self._reconnect_loop, "kvwire-reconnect")
-
-    def _monitor_loop(self, gen: int) -> None:
-        tick = min(self.heartbeat, 0.25)
-        last_hb = 0.0
-        ctrl = self.ctrl
-        while True:
-            with self._cond:
-                if self._cond.wait_for(lambda: self._stopped(gen), tick):
-                    return
-            now = time.monotonic()
-            if now - self.last_seen > self.peer_timeout:
-                self._fail_session(f"receiver silent for {now - self.last_seen:.1f}s", gen)
-                return
-            if now - last_hb >= self.heartbeat:
-                last_hb = now
-                try:
-                    ctrl.send(F.HEARTBEAT)
-                except OSError:
-                    pass
-            self._expire(now)
-
-    def _expire(self, now: float) -> None:
-        """Time out transfers past their deadline (its own frame: no handle outlives the tick)."""
-        with self._cond:
-            late = [h for h in self._transfers.values() if h.deadline is not None and now > h.deadline]
-        for h in late:
-            self._end(h, State.TIMED_OUT, "transfer deadline passed", notify=F.CANCEL)
 
 
 def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,
@@ -667,7 +561,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
             on_lane_open: LaneHook | None = None, reconnect: bool = False,
-            link_control: bool | ControllerConfig | LaneGroup = True) -> Session:
+            link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -694,8 +588,10 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         link_control: congestion control, on by default (``True``); ``False`` turns it off, a
             ``ControllerConfig`` sets its policy, a ``LaneGroup`` shares one controller over several
             sessions (see ``Session``).
+        chunk_stage: what every data chunk passes through before the wire (see ``Session``).
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
-                   on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control)
+                   on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control,
+                   chunk_stage=chunk_stage)
