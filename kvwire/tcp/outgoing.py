@@ -130,12 +130,13 @@ class OutgoingTransfer(Outcome):
             for fn in cbs:
                 self._call_soon(fn, layer)
 
-    def resolve(self, state: State, reason: str) -> None:
-        """The transfer ended: settle the outcome once and drop the callbacks (they may hold the handle:
-        no cycle outlives the transfer)."""
-        self._resolve(state, reason)
+    def resolve(self, state: State, reason: str = "") -> bool:
+        """The transfer ended: settle the outcome once (False: it had) and drop the callbacks (they may
+        hold the handle: no cycle outlives the transfer)."""
+        settled = super().resolve(state, reason)
         with self._acked_lock:
             self._acked_callbacks.clear()
+        return settled
 
     # ------------------------------------------------------------ user
     def finish(self) -> Outcome:
