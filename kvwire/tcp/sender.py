@@ -5,12 +5,11 @@ one per lane, reconnect), its one lock, and doing what its protocol engine decid
 (``codec.txengine.SenderEngine``: the transfers, which chunk goes next, chunks in flight per lane,
 control messages, deadlines, heartbeats, counters, connection generations): control frames out,
 handles resolved, sockets closed, the whole session re-established after a failure (``reconnect=True``).
-Lanes pull chunks (a slow lane takes fewer), hash each, pass it through the ``ChunkStage`` and write it
-on their ``Stream``; a lane that dies or stalls is re-dialled while its chunks go out on the others.
-Dialling, authenticating and a lane's own stall signs are ``lanes.py``'s; user callbacks go to a
-``Callbacks`` pool. Must not know: torch/cupy, which control message is legal when (the engine's),
-congestion policy (it exposes its lane sockets, and hands its ``link_control`` argument to
-``kvwire.congestion.control.for_session`` or a ``LaneGroup``).
+Lanes pull chunks (a slow lane takes fewer) through ``txlanes.LanePump``; dialling, authenticating and
+a lane's own stall signs are ``lanes.py``'s; user callbacks go to a ``Callbacks`` pool. Must not know:
+torch/cupy, which control message is legal when (the engine's), congestion policy (it exposes its lane
+sockets, and hands its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a
+``LaneGroup``).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import xxhash
 
 from ..codec import frames as F
 from ..codec.layout import ModelLayout, RequestSpec
@@ -41,7 +38,8 @@ from .auth import SessionKeys
 from .callbacks import Callbacks
 from .lanes import Dialer, Lane, LaneHook, LaneInfo
 from .outgoing import OutgoingTransfer
-from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
+from .transport import IDENTITY, ChunkStage, Stream
+from .txlanes import LanePump
 
 log = logging.getLogger("kvwire.tcp")
 
@@ -110,7 +108,6 @@ class Session:
             raise ValueError("max_lanes must be in lanes..256")
         self.max_lanes = max_lanes if max_lanes is not None else max(lanes, 16)
         self.on_lane_open = on_lane_open
-        self._active = lanes  # lanes with index >= this pull no new chunks (set_active_lanes)
         self.address = (host, port)
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
@@ -125,7 +122,6 @@ class Session:
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
         self.limits = limits
-        self.chunk_stage = chunk_stage
         self._engine = SenderEngine(peer_timeout=peer_timeout, heartbeat=heartbeat, reconnect=reconnect)
         self._cond = threading.Condition()  # around every engine call; lanes and senders wait on it
         self._handles: dict[int, OutgoingTransfer] = {}  # added under _cond; removed as the engine ends them
@@ -139,6 +135,9 @@ class Session:
         self._dialer = Dialer(host, port, key=self.key, ssl_context=ssl_context, server_hostname=self.server_hostname,
                               connect_timeout=connect_timeout, peer_timeout=peer_timeout,
                               stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
+        self._pump = LanePump(self._engine, self._cond, self._handles, self._dialer, active=lanes,
+                              stall_timeout=self.stall_timeout, peer_timeout=peer_timeout,
+                              alive_lanes=lambda: self.alive_lanes, fail=self._fail_session, stage=chunk_stage)
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
         self._establish(lanes)
@@ -220,6 +219,15 @@ class Session:
         self._act(actions)
 
     @property
+    def chunk_stage(self) -> ChunkStage:
+        """What every data chunk passes through after hashing, before the wire (may be replaced)."""
+        return self._pump.stage
+
+    @chunk_stage.setter
+    def chunk_stage(self, stage: ChunkStage) -> None:
+        self._pump.stage = stage
+
+    @property
     def closed(self) -> bool:
         """True once ``close()`` ran or the session failed (``failure`` says why; with ``reconnect``
         only ``close()`` closes it); ``send`` then raises."""
@@ -253,7 +261,7 @@ class Session:
     @property
     def active_lanes(self) -> int:
         """How many lanes pull chunks (``set_active_lanes``); parked lanes stay connected."""
-        return self._active
+        return self._pump.active
 
     def stats(self) -> dict[str, int]:
         """Cumulative counters since the session opened, for metrics: ``bytes_sent``/``chunks_sent``
@@ -268,7 +276,7 @@ class Session:
         out["bytes_sent"] = sum(lane.bytes_sent for lane in lanes)
         out["chunks_sent"] = sum(lane.chunks_sent for lane in lanes)
         out["lanes_alive"] = sum(1 for lane in lanes if lane.alive)
-        out["lanes_active"] = self._active
+        out["lanes_active"] = self._pump.active
         return out
 
     @property
@@ -281,14 +289,14 @@ class Session:
         """The live sockets of the active lanes (for TCP_INFO probing and pacing by kvwire.congestion)."""
         with self._cond:
             return [lane.ch.sock for lane in self.lanes
-                    if lane.alive and lane.index < self._active]
+                    if lane.alive and lane.index < self._pump.active]
 
     def lane_info(self) -> list[LaneInfo]:
         """A snapshot of every lane opened so far (parked and down ones included), by index: its socket
         (for TCP_INFO), payload bytes and chunks put on it, whether it is up and whether it pulls chunks.
         For metrics and the bench; cheap (reads single-writer counters)."""
         with self._cond:
-            lanes, active = list(self.lanes), self._active
+            lanes, active = list(self.lanes), self._pump.active
         return [LaneInfo(lane.index, lane.ch.sock, lane.bytes_sent, lane.chunks_sent, lane.alive,
                          lane.index < active) for lane in lanes]
 
@@ -303,7 +311,7 @@ class Session:
         n = max(1, min(self.max_lanes, int(n)))
         with self._cond:
             if self._engine.closed or self._engine.down:
-                return self._active
+                return self._pump.active
             have, gen = len(self.lanes), self._engine.gen
         opened, err = self._dialer.dial_lanes(range(have, n), DIAL_CONCURRENCY)
         if err is not None:
@@ -312,13 +320,13 @@ class Session:
             if not self._engine.current(gen) or len(self.lanes) != have:
                 for lane in opened:
                     lane.ch.close()
-                return self._active
+                return self._pump.active
             self.lanes.extend(opened)
-            self._active = min(n, len(self.lanes))
+            self._pump.active = min(n, len(self.lanes))
             self._cond.notify_all()
         for lane in opened:
-            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane, gen)
-        return self._active
+            self._start(self._pump.run, f"kvwire-lane{lane.index}", lane, gen)
+        return self._pump.active
 
     def close(self) -> None:
         self.detach_link_control()
@@ -370,7 +378,7 @@ class Session:
         self._start(self._control_loop, "kvwire-ctl", gen)
         self._start(self._monitor_loop, "kvwire-hb", gen)
         for lane in opened:
-            self._start(self._lane_loop, f"kvwire-lane{lane.index}", lane, gen)
+            self._start(self._pump.run, f"kvwire-lane{lane.index}", lane, gen)
 
     def _reconnect_loop(self) -> None:
         """reconnect=True, after a failure: dial the receiver until it is back or the session closes."""
@@ -380,7 +388,7 @@ class Session:
             with self._cond:
                 if self._cond.wait_for(lambda: eng.closed, delay):
                     return
-                lanes = len(self.lanes) or self._active
+                lanes = len(self.lanes) or self._pump.active
             try:
                 self._establish(lanes)
             except (OSError, KvwireError) as e:
@@ -467,92 +475,6 @@ class Session:
                 if actions:
                     self._cond.notify_all()
             self._act(actions, gen)
-
-    def _lane_loop(self, lane: Lane, gen: int) -> None:
-        if not lane.alive and not self._lane_lost(lane, ConnectionError("lane did not open"), gen):
-            return
-        eng, cond, index = self._engine, self._cond, lane.index
-        while True:
-            with cond:
-                pick = eng.pick(index) if index < self._active and eng.current(gen) else None
-                while pick is None and eng.current(gen):
-                    busy = eng.lane_busy(index)
-                    cond.wait(0.05 if busy else 0.5)
-                    pick = eng.pick(index) if index < self._active and eng.current(gen) else None
-                    if pick is None and busy and (lane.peer_gone() or lane.stalled(self.stall_timeout,
-                                                                                   eng.acked_at(index))):
-                        break  # idle with chunks in flight, and the receiver dropped or stopped reading it
-                stopped = not eng.current(gen)
-                h = self._handles[pick[0]] if pick is not None else None
-            if pick is None or h is None:
-                # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
-                if not stopped and self._lane_lost(lane, ConnectionError("lane closed by the receiver or stalled"),
-                                                   gen):
-                    continue
-                return
-            try:
-                self._send_chunk(lane, h, pick[1])
-            except (OSError, ValueError) as e:
-                if not self._lane_lost(lane, e, gen):
-                    return
-            h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
-
-    def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int) -> None:
-        plan, views, tid = h.plan, h.views, h.transfer_id
-        pieces = []
-        for seg, a, b in plan.pieces(chunk):
-            v = views[seg]
-            assert v is not None
-            pieces.append(v[a:b])
-        digest: int | None = None
-        if h.manifest.hashed:
-            if len(pieces) == 1:
-                digest = xxhash.xxh3_64_intdigest(pieces[0])
-            else:
-                x = xxhash.xxh3_64()
-                for p in pieces:
-                    x.update(p)
-                digest = x.intdigest()
-        with self._cond:
-            self._engine.sent(tid, chunk, digest or 0)
-        length = plan.lengths[chunk]
-        stage = self.chunk_stage
-        if stage is not IDENTITY:
-            pieces = stage.outgoing(ChunkRef(lane.index, tid, chunk, length), pieces)
-        lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
-                            *pieces])
-        lane.sent(length)
-        h.bytes_sent += length
-
-    def _lane_lost(self, lane: Lane, err: BaseException, gen: int) -> bool:
-        """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
-        False: lane gone (or its generation stopped)."""
-        lane.alive = False
-        lane.ch.close()
-        eng = self._engine
-        with self._cond:
-            eng.lane_lost(lane.index, gen)
-            self._cond.notify_all()
-        deadline = time.monotonic() + self.peer_timeout
-        delay = 0.05
-        while eng.current(gen) and time.monotonic() < deadline:
-            try:
-                ch = self._dialer.open_lane(lane.index)
-            except (OSError, KvwireError):
-                with self._cond:
-                    self._cond.wait_for(lambda: not eng.current(gen), delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            with self._cond:
-                if not eng.current(gen):
-                    ch.close()
-                    return False
-                lane.reopened(ch)
-                eng.lane_reopened()
-            return True
-        if eng.current(gen) and self.alive_lanes == 0:
-            self._fail_session(f"every lane is down (last error: {err})", gen)
-        return False
 
 
 def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = None,

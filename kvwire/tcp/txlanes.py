@@ -1,0 +1,143 @@
+"""The sending session's data lanes at work: each lane's thread pulls chunks, hashes and sends them.
+
+Owns: ``LanePump`` (the loop of one lane's thread: ask the engine for the next chunk under the session's
+lock, hash it, pass it through the ``ChunkStage``, write it on the lane's ``Stream``; wait while
+nothing is ready; notice a lane the receiver dropped or stopped reading; re-queue a dead lane's chunks
+and re-dial it for ``peer_timeout``), and how many lanes pull chunks (``active``). Must not know: control
+messages, transfers' states or deadlines (the engine's), the control connection, congestion policy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import xxhash
+
+from ..codec import frames as F
+from ..codec.txengine import SenderEngine
+from ..errors import KvwireError
+from .lanes import Dialer, Lane
+from .outgoing import OutgoingTransfer
+from .transport import IDENTITY, ChunkRef, ChunkStage
+
+
+class LanePump:
+    """Runs a session's lanes against its engine, under its lock.
+
+    Parameters:
+        engine: the session's ``SenderEngine`` (called only with ``cond`` held).
+        cond: the session's lock.
+        handles: the session's handles by transfer id (read under ``cond``: a handle is there while the
+            engine has its transfer).
+        dialer: re-dials a lane that died.
+        active: lanes with index >= this pull no new chunks (``Session.set_active_lanes``).
+        stall_timeout: a lane with chunks in flight and no sign of the receiver reading it this long is
+            given up and re-dialled.
+        peer_timeout: how long a dead lane is re-dialled before it is left down.
+        alive_lanes: how many of the session's lanes are up.
+        fail: ``fail(reason, gen)``: the session's connection failed (the last lane is gone).
+    """
+
+    def __init__(self, engine: SenderEngine, cond: threading.Condition, handles: Mapping[int, OutgoingTransfer],
+                 dialer: Dialer, *, active: int, stall_timeout: float, peer_timeout: float,
+                 alive_lanes: Callable[[], int], fail: Callable[[str, int], None],
+                 stage: ChunkStage = IDENTITY) -> None:
+        self.engine = engine
+        self.cond = cond
+        self.handles = handles
+        self.dialer = dialer
+        self.active = active
+        self.stall_timeout = stall_timeout
+        self.peer_timeout = peer_timeout
+        self.alive_lanes = alive_lanes
+        self.fail = fail
+        self.stage = stage  #: every chunk passes ``stage.outgoing`` after hashing, before the wire
+
+    def run(self, lane: Lane, gen: int) -> None:
+        """The thread of ``lane`` in connection generation ``gen``: until that generation stops, or the
+        lane is gone for good."""
+        if not lane.alive and not self._lost(lane, ConnectionError("lane did not open"), gen):
+            return
+        eng, cond, index = self.engine, self.cond, lane.index
+        while True:
+            with cond:
+                pick = eng.pick(index) if index < self.active and eng.current(gen) else None
+                while pick is None and eng.current(gen):
+                    busy = eng.lane_busy(index)
+                    cond.wait(0.05 if busy else 0.5)
+                    pick = eng.pick(index) if index < self.active and eng.current(gen) else None
+                    if pick is None and busy and (lane.peer_gone() or lane.stalled(self.stall_timeout,
+                                                                                   eng.acked_at(index))):
+                        break  # idle with chunks in flight, and the receiver dropped or stopped reading it
+                stopped = not eng.current(gen)
+                h = self.handles[pick[0]] if pick is not None else None
+            if pick is None or h is None:
+                # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
+                if not stopped and self._lost(lane, ConnectionError("lane closed by the receiver or stalled"), gen):
+                    continue
+                return
+            try:
+                self._send_chunk(lane, h, pick[1])
+            except (OSError, ValueError) as e:
+                if not self._lost(lane, e, gen):
+                    return
+            h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
+
+    def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int) -> None:
+        plan, views, tid = h.plan, h.views, h.transfer_id
+        pieces = []
+        for seg, a, b in plan.pieces(chunk):
+            v = views[seg]
+            assert v is not None
+            pieces.append(v[a:b])
+        digest: int | None = None
+        if h.manifest.hashed:
+            if len(pieces) == 1:
+                digest = xxhash.xxh3_64_intdigest(pieces[0])
+            else:
+                x = xxhash.xxh3_64()
+                for p in pieces:
+                    x.update(p)
+                digest = x.intdigest()
+        with self.cond:
+            self.engine.sent(tid, chunk, digest or 0)
+        length = plan.lengths[chunk]
+        stage = self.stage
+        if stage is not IDENTITY:
+            pieces = stage.outgoing(ChunkRef(lane.index, tid, chunk, length), pieces)
+        lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
+                            *pieces])
+        lane.sent(length)
+        h.bytes_sent += length
+
+    def _lost(self, lane: Lane, err: BaseException, gen: int) -> bool:
+        """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
+        False: lane gone (or its generation stopped)."""
+        lane.alive = False
+        lane.ch.close()
+        eng, cond = self.engine, self.cond
+        with cond:
+            eng.lane_lost(lane.index, gen)
+            cond.notify_all()
+        deadline = time.monotonic() + self.peer_timeout
+        delay = 0.05
+        while eng.current(gen) and time.monotonic() < deadline:
+            try:
+                ch = self.dialer.open_lane(lane.index)
+            except (OSError, KvwireError):
+                with cond:
+                    cond.wait_for(lambda: not eng.current(gen), delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            with cond:
+                if not eng.current(gen):
+                    ch.close()
+                    return False
+                lane.reopened(ch)
+                eng.lane_reopened()
+            return True
+        if eng.current(gen) and self.alive_lanes() == 0:
+            self.fail(f"every lane is down (last error: {err})", gen)
+        return False
