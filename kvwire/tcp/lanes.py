@@ -27,6 +27,7 @@ from typing import Any
 from ..codec import frames as F
 from ..errors import ConnectError, ConnectTimeout, KvwireError
 from .auth import SessionKeys, client_handshake, client_lane
+from .transport import Stream
 from .wire import Channel, tune
 
 log = logging.getLogger("kvwire.tcp")
@@ -52,11 +53,11 @@ class LaneInfo:
 class Lane:
     """One data connection of a session. Its counters have one writer (the lane's thread)."""
 
-    def __init__(self, index: int, ch: Channel | None) -> None:
+    def __init__(self, index: int, ch: Stream | None) -> None:
         self.index = index
         # None: it failed to open with the session and its thread re-dials it; until then an unconnected
         # socket stands in, so whoever looks at lane sockets (metrics, the bench) finds one
-        self.ch = ch if ch is not None else Channel(socket.socket(), F.DEFAULT_LIMITS)
+        self.ch: Stream = ch if ch is not None else Channel(socket.socket(), F.DEFAULT_LIMITS)
         self.alive = ch is not None
         self.chunks_sent = 0
         self.bytes_sent = 0
@@ -69,7 +70,7 @@ class Lane:
         self.chunks_sent += 1
         self.bytes_sent += nbytes
 
-    def reopened(self, ch: Channel) -> None:
+    def reopened(self, ch: Stream) -> None:
         """The lane was re-dialled: ``ch`` replaces its dead channel."""
         self.ch, self.alive = ch, True
         self.progress_at = time.monotonic()
@@ -111,8 +112,8 @@ class Lane:
 
 
 class Dialer:
-    """Opens a session's connections to one receiver. ``keys`` is set by ``handshake``; lanes
-    authenticate against the latest one."""
+    """Opens a session's connections to one receiver (the TCP ``transport.Connector``). ``keys`` is set
+    by ``handshake``; lanes authenticate against the latest one."""
 
     def __init__(self, host: str, port: int, *, key: bytes, ssl_context: ssl.SSLContext | None,
                  server_hostname: str, connect_timeout: float, peer_timeout: float, stall_timeout: float,
