@@ -26,7 +26,6 @@ from ..errors import ProtocolError
 from .auth import SessionKeys
 from .incoming import IncomingTransfer
 from .transport import ChunkRef, ChunkStage, Stream
-from .wire import drain, recv_exact_into
 
 
 class RxSession:
@@ -179,19 +178,19 @@ class RxSession:
                     kind, _ = ch.read_control_body(h)
                     self.engine.lane_control(kind)  # only BYE (stateless: no lock needed)
                     return
-                self._read_chunk(lane, lane_id, h, sock, scratch)
+                self._read_chunk(ch, lane, lane_id, h, scratch)
         finally:
             with self.lock:
                 del self._lane_conns[lane_id]
 
-    def _read_chunk(self, lane: int, lane_id: int, h: F.Header, sock: socket.socket, scratch: memoryview) -> None:
+    def _read_chunk(self, ch: Stream, lane: int, lane_id: int, h: F.Header, scratch: memoryview) -> None:
         """One data chunk: into its destination, through the stage, verified, answered. Its own frame, so
         that nothing of a transfer (handle, destination view) stays referenced while the lane waits."""
         with self.lock:
             t = self.engine.chunk_admit(lane_id, h)
             handle = self.handles.get(h.transfer_id) if t is not None else None
         if t is None:
-            drain(sock, h.length, scratch)
+            ch.skip(h.length, scratch)
             with self.lock:
                 reply = self.engine.chunk_drained(h, time.monotonic())
             if reply is not None:
@@ -203,7 +202,7 @@ class RxSession:
             hashed = t.manifest.hashed
             views = [handle.views[seg][a:b] for seg, a, b in t.plan.pieces(h.chunk)]
             for view in views:
-                recv_exact_into(sock, view)
+                ch.recv_into(view)
             self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
             computed: int | None = None
             if hashed and len(views) == 1:

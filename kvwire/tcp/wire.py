@@ -144,6 +144,12 @@ class Channel:
         recv_exact_into(self.sock, view, self.deadline)
         return unpack_header(self._hdr, self.limits)
 
+    def recv_into(self, view: memoryview) -> None:
+        recv_exact_into(self.sock, view, self.deadline)
+
+    def skip(self, nbytes: int, scratch: memoryview) -> None:
+        drain(self.sock, nbytes, scratch)
+
     def read_control_body(self, h: Header) -> tuple[str, dict[str, Any]]:
         body = bytearray(h.length)  # bounded by limits.max_control in unpack_header
         recv_exact_into(self.sock, memoryview(body), self.deadline)
