@@ -39,8 +39,9 @@ from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.monitor import LinkMonitor
-from kvwire.congestion.tcpinfo import set_congestion
 from kvwire.probe import probe
+from kvwire.sockopts import set_congestion
+from kvwire.testing.recording import record, recorded
 from kvwire.testing.wan import WanLink, parse_loss, parse_ms, parse_rate_mbit
 
 TOKEN_BYTES = 8 * 2 * 8 * 128 * 2  # raw layout below: 8 layers x (K, V) x 8 heads x 128 x bf16
@@ -175,7 +176,7 @@ def kv_transfer(link: WanLink, port: int, payload: Payload, cfg: ControllerConfi
     try:
         with link.inside("client"):  # its monitor thread opens new lanes: it must start in the namespace
             ctl = LinkControl(session, cfg)
-        ctl.record = True
+        record(ctl)
         t0 = time.monotonic()
         if during is not None:
             side = threading.Thread(target=during, args=(t0, ctl), daemon=True)
@@ -188,7 +189,7 @@ def kv_transfer(link: WanLink, port: int, payload: Payload, cfg: ControllerConfi
     if side is not None:
         side.join(60)
     return {"elapsed": elapsed, "mbit": payload.nbytes * 8 / elapsed / 1e6, "t0": t0,
-            "states": list(ctl.states), "history": ctl.history}
+            "states": list(recorded(ctl)), "history": ctl.history}
 
 
 def _trace(a: Any, name: str, kv: dict[str, Any]) -> None:
@@ -381,7 +382,7 @@ def scenario_g(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
             sessions = [kvwire.connect(link.server_addr, port, lanes=cfg.initial_lanes, max_lanes=cfg.max_lanes)
                         for _ in range(2)]
             ctl = LinkControl(LaneGroup(sessions), cfg)
-        ctl.record = True
+        record(ctl)
         stop = threading.Event()
 
         def sample() -> None:
@@ -411,12 +412,12 @@ def scenario_g(a: Any, rx_cmd: list[str], payload: Payload, queue: int) -> list[
             rx.terminate()
     if set(ends) != {0, 1}:
         return [("(g) one LinkControl, two sessions", "a transfer failed", "both complete", False)]
-    _trace(a, "g", {"states": ctl.states, "history": ctl.history, "t0": ends[0][0]})
+    _trace(a, "g", {"states": recorded(ctl), "history": ctl.history, "t0": ends[0][0]})
     lo, hi = ends[1][0] + 2.0, min(e for _, e in ends.values())
     window = [x for x in samples if lo <= x[0] <= hi]
     span = window[-1][0] - window[0][0] if len(window) > 1 else 0.0
     rates = [(window[-1][i] - window[0][i]) * 8 / span / 1e6 if span else 0.0 for i in (1, 2)]
-    qs = [s.queueing_ratio for s in ctl.states if lo <= s.timestamp <= hi and s.busy > 0.5 and s.queueing_ratio]
+    qs = [s.queueing_ratio for s in recorded(ctl) if lo <= s.timestamp <= hi and s.busy > 0.5 and s.queueing_ratio]
     return _sharing_rows(a, "g", "one LinkControl, two sessions", rates, qs, span)
 
 

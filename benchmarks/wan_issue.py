@@ -33,6 +33,7 @@ from wan_bench import Payload  # beside this file (wan_bench imports this module
 import kvwire
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
+from kvwire.testing.recording import record, recorded
 from kvwire.testing.wan import WanLink
 
 PAYLOAD = 1448 / 1500
@@ -73,7 +74,7 @@ def _connect(link: WanLink, port: int, **kw: Any) -> kvwire.Session:
     with link.inside("client"):
         s = kvwire.connect(link.server_addr, port, **kw)
     if s.link_control is not None:
-        s.link_control.record = True
+        record(s.link_control)
     return s
 
 
@@ -84,7 +85,7 @@ def _send_inside(link: WanLink, payload: Payload, session: kvwire.Session, rid: 
 
 def _steady_q(session: kvwire.Session, t_from: float) -> float | None:
     ctl = session.link_control
-    qs = [s.queueing_ratio for s in (ctl.states if ctl else []) if s.timestamp >= t_from and s.busy > 0.5
+    qs = [s.queueing_ratio for s in (recorded(ctl) if ctl else []) if s.timestamp >= t_from and s.busy > 0.5
           and s.queueing_ratio]
     return statistics.median(qs) if qs else None
 
@@ -98,7 +99,7 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
         print(f"[{name}] {max(0.0, t - t0):6.2f}s {d.mode.value:8} lanes {d.lanes} pacing "
               f"{(d.total_pacing or 0) * 8e-6:.0f} Mbit/s: {d.reason}", file=sys.stderr)
     last = -1.0
-    for st in ctl.states:
+    for st in recorded(ctl):
         if st.timestamp - last >= 0.5:
             last = st.timestamp
             print(f"[{name}] {st.timestamp - t0:6.2f}s goodput {st.goodput * 8e-6:.0f} cap "
@@ -306,7 +307,7 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
                 n += 1
             th.join()
             ctl = s.link_control
-            states = list(ctl.states) if ctl else []
+            states = list(recorded(ctl)) if ctl else []
         finally:
             s.close()
         rx.terminate()

@@ -28,16 +28,9 @@ from .codec.layout import ModelLayout
 from .codec.probe import PROBE_SEGMENT, probe_layers, probe_layout, probe_request
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
-from .congestion.tcpinfo import (
-    SocketOptionError,
-    TcpInfoUnavailable,
-    get_congestion,
-    get_pacing_rate,
-    read_tcp_info,
-    set_congestion,
-    set_pacing_rate,
-)
+from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
+from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
 from .tcp.outgoing import OutgoingTransfer
 from .tcp.sender import Session, connect
 
@@ -324,26 +317,12 @@ class _Probe:
 
 def _quiet(socks: list[socket.socket]) -> bool:
     """No lane has bytes unsent or unacknowledged (``TCP_INFO`` unacked and notsent_bytes both 0)."""
-    for sock in socks:
-        try:
-            info = read_tcp_info(sock)
-        except TcpInfoUnavailable:
-            continue  # closed: holds nothing
-        if info.unacked or info.notsent_bytes:
-            return False
-    return True
+    return not any(info.unacked or info.notsent_bytes for info in sample(socks).values())  # closed: holds nothing
 
 
 def _counters(socks: list[socket.socket]) -> dict[int, tuple[int, int]]:
-    """Per socket (by identity): cumulative bytes sent and bytes retransmitted."""
-    out: dict[int, tuple[int, int]] = {}
-    for sock in socks:
-        try:
-            info = read_tcp_info(sock)
-        except TcpInfoUnavailable:
-            continue
-        out[id(sock)] = (info.bytes_sent or 0, info.bytes_retrans or 0)
-    return out
+    """Per socket (by descriptor): cumulative bytes sent and bytes retransmitted."""
+    return {fd: (info.bytes_sent or 0, info.bytes_retrans or 0) for fd, info in sample(socks).items()}
 
 
 def _loss(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:

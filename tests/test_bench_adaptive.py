@@ -20,6 +20,7 @@ from kvwire.bench import main
 from kvwire.bench.sampler import Sampler
 from kvwire.congestion.controller import Mode
 from kvwire.congestion.estimator import LinkState
+from kvwire.tcp.lanes import LaneInfo
 from kvwire.testing.wan import unavailable_reason
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -230,15 +231,18 @@ def tcp_pair() -> Iterator[list[socket.socket]]:
 def test_sampler_takes_in_lanes_opened_during_the_test_and_adds_the_extra_keys(
         tcp_pair: list[socket.socket]) -> None:
     def lane(i: int, sock: socket.socket) -> SimpleNamespace:
-        return SimpleNamespace(index=i, ch=SimpleNamespace(sock=sock), alive=True, bytes_sent=0, chunks_sent=0)
+        return SimpleNamespace(index=i, sock=sock, alive=True, bytes_sent=0, chunks_sent=0)
+
+    def lane_info() -> list[LaneInfo]:  # what Session.lane_info() returns: a snapshot of every lane
+        return [LaneInfo(x.index, x.sock, x.bytes_sent, x.chunks_sent, x.alive, True) for x in lanes]
 
     lanes = [lane(0, tcp_pair[0])]
     calls = []
     t0 = time.monotonic()
-    sampler = Sampler(lanes, 0.05, t0, extra=lambda: calls.append(1) or {"link": {"n": len(calls)}})
+    sampler = Sampler(lane_info, 0.05, t0, extra=lambda: calls.append(1) or {"link": {"n": len(calls)}})
     sampler.start()
     lanes[0].bytes_sent = 100
-    lanes.append(lane(1, tcp_pair[2]))  # what Session.set_active_lanes does to session.lanes
+    lanes.append(lane(1, tcp_pair[2]))  # what Session.set_active_lanes does to the session's lanes
     lanes[1].bytes_sent, lanes[1].chunks_sent = 50, 1
     time.sleep(0.2)
     sampler.stop(time.monotonic())

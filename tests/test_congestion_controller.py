@@ -21,7 +21,7 @@ from kvwire.congestion.controller import (
     mathis_rate,
 )
 from kvwire.congestion.estimator import LinkState
-from kvwire.congestion.tcpinfo import get_congestion, get_pacing_rate
+from kvwire.sockopts import get_congestion, get_pacing_rate
 
 
 def ls(t: float, goodput: float, *, q: float = 1.0, loss: float = 0.0, busy: float = 1.0,

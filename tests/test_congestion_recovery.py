@@ -16,13 +16,8 @@ import pytest
 
 from kvwire.congestion.controller import ControllerConfig, ControllerState, Decision, Mode, decide
 from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
-from kvwire.congestion.tcpinfo import (
-    UNLIMITED_PACING,
-    TcpInfo,
-    available_congestion_algorithms,
-    get_congestion,
-    restart_congestion,
-)
+from kvwire.congestion.tcpinfo import UNLIMITED_PACING, TcpInfo
+from kvwire.sockopts import available_congestion_algorithms, get_congestion, restart_congestion
 from kvwire.testing.fluidlink import ClosedLoop, FluidLink, recovery_time
 
 DT = 0.1

@@ -8,14 +8,19 @@ import threading
 import pytest
 
 from kvwire.congestion.tcpinfo import (
+    LaneCounters,
     TcpInfo,
     TcpInfoUnavailable,
+    parse_tcp_info,
+    read_tcp_info,
+    sample,
+    try_read,
+)
+from kvwire.sockopts import (
     UnknownCongestionAlgorithm,
     available_congestion_algorithms,
     get_congestion,
     get_pacing_rate,
-    parse_tcp_info,
-    read_tcp_info,
     set_congestion,
     set_pacing_rate,
 )
@@ -124,3 +129,58 @@ def test_congestion_algorithm_switch(pair: tuple[socket.socket, socket.socket]) 
         assert get_congestion(cli) == name
     with pytest.raises(UnknownCongestionAlgorithm):
         set_congestion(cli, "no-such-cc")
+
+
+def _connected(srv: socket.socket) -> tuple[socket.socket, socket.socket]:
+    cli = socket.create_connection(srv.getsockname())
+    return cli, srv.accept()[0]
+
+
+def test_lane_counters_sum_a_lanes_sockets_across_a_reconnect() -> None:
+    """A lane's total is what each of its sockets sent, the closed one's last reading included; the socket
+    that replaced it counts from zero (the kernel's counters are per socket)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        first, acc1 = _connected(srv)
+        second, acc2 = _connected(srv)
+        counters = LaneCounters(("bytes_sent", "bytes_received"))
+        try:
+            for sock, acc, n in ((first, acc1, 100_000), (second, acc2, 50_000)):
+                reader = threading.Thread(target=_drain, args=(acc, n))
+                reader.start()
+                sock.sendall(b"z" * n)
+                reader.join(10)
+                assert counters.read(0, sock) is not None and counters.read(1, acc) is not None
+                if sock is first:
+                    first.close()  # the lane reconnects: its old socket's reading stands
+                    assert counters.read(0, first) is None and counters.total(0, "bytes_sent") == 100_000
+            assert counters.total(0, "bytes_sent") == 150_000 and counters.total(1, "bytes_received") == 150_000
+            assert counters.sockets(0) == [first, second] and counters.lanes() == [0, 1]
+            assert counters.total(7, "bytes_sent") == 0
+            with pytest.raises(ValueError):
+                LaneCounters(("no_such_field",))
+        finally:
+            for s in (second, acc1, acc2):
+                s.close()
+
+
+def test_sample_keys_open_tcp_sockets_by_descriptor(pair: tuple[socket.socket, socket.socket]) -> None:
+    cli, acc = pair
+    closed = socket.socket()
+    closed.close()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        got = sample([cli, closed, udp, acc])
+        assert sorted(got) == sorted([cli.fileno(), acc.fileno()]) and got[cli.fileno()].state == 1
+        assert try_read(closed) is None and try_read(cli) is not None
+    finally:
+        udp.close()
+
+
+def test_knob_functions_moved_to_sockopts_still_resolve_with_a_warning() -> None:
+    import kvwire.congestion.tcpinfo as tcpinfo
+    from kvwire import sockopts
+
+    with pytest.warns(DeprecationWarning, match="kvwire.sockopts.set_pacing_rate"):
+        assert tcpinfo.set_pacing_rate is sockopts.set_pacing_rate
+    with pytest.raises(AttributeError):
+        tcpinfo.no_such_name  # noqa: B018

@@ -19,8 +19,9 @@ import pytest
 
 from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from kvwire.congestion.monitor import LinkMonitor
-from kvwire.congestion.tcpinfo import set_congestion, set_pacing_rate
 from kvwire.probe import probe
+from kvwire.sockopts import set_congestion, set_pacing_rate
+from kvwire.testing.recording import record
 from kvwire.testing.wan import WanLink, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -154,7 +155,7 @@ def test_link_control_fills_the_link_without_a_standing_queue() -> None:
     bufs = [np.full(s.nbytes, i % 251, np.uint8) for i, s in enumerate(kvwire.plan_segments(layout, req))]
     total = sum(b.nbytes for b in bufs)
     with kv_over_wan(rate, rtt) as (_, rx, session), LinkControl(session, ControllerConfig()) as ctl:
-        ctl.record = True
+        recording = record(ctl)
         t0 = time.monotonic()
         out = session.send(layout, req)
         out.write_all(bufs)
@@ -162,7 +163,7 @@ def test_link_control_fills_the_link_without_a_standing_queue() -> None:
         out.finish().result(timeout=60)
         elapsed = time.monotonic() - t0
         incoming.result(timeout=10)
-        states = list(ctl.states)
+        states = list(recording)
         modes = {d.mode for _, d in ctl.history}
     payload = rate * 1e6 / 8 * 1448 / 1500
     cruise = [s for s in states if s.timestamp > t0 + 1.5 and s.busy > 0.5 and s.queueing_ratio]
@@ -191,13 +192,13 @@ def test_probe_measures_the_link_then_link_control_cruises_from_the_first_byte()
     with kv_over_wan(rate, rtt) as (_, rx, session):
         result = probe(session, seconds=1.0)
         with LinkControl(session, ControllerConfig(), capacity=result.capacity) as ctl:
-            ctl.record = True
+            recording = record(ctl)
             out = session.send(layout, req)
             out.write_all(bufs)
             incoming = rx.next_transfer(timeout=10)
             out.finish().result(timeout=60)
             incoming.result(timeout=10)
-            states, history = list(ctl.states), ctl.history
+            states, history = list(recording), ctl.history
     assert result.saturated and 0.85 * payload <= result.capacity <= 1.15 * payload, result.capacity
     assert result.min_rtt is not None and rtt / 1e3 - 1e-4 <= result.min_rtt <= rtt / 1e3 + 0.0015
     assert result.drained
@@ -243,12 +244,12 @@ def test_polite_mode_yields_to_a_competing_iperf3_flow() -> None:
         side = threading.Thread(target=compete)
         try:
             with LinkControl(session, ControllerConfig(polite=True)) as ctl:
-                ctl.record = True
+                recording = record(ctl)
                 side.start()
                 h = session.send(layout, req)
                 h.write_all(bufs)
                 h.finish().result(timeout=120)
-                states = list(ctl.states)
+                states = list(recording)
         finally:
             if side.ident is not None:  # started
                 side.join(60)

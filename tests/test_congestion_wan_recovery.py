@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import kvwire
+from kvwire.testing.recording import record
 from kvwire.testing.wan import WanLink, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -37,7 +38,7 @@ def test_a_starved_link_then_restored_is_used_again_within_5_s() -> None:
                 s = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
             ctl = s.link_control
             assert ctl is not None
-            ctl.record = True
+            recording = record(ctl)
 
             def fault() -> None:
                 time.sleep(4.0)
@@ -63,7 +64,7 @@ def test_a_starved_link_then_restored_is_used_again_within_5_s() -> None:
                 s.close()
         finally:
             rx.close()
-    states = ctl.states
+    states = recording
     during = [x.capacity for x in states if marks["fault"] + 1.0 < x.timestamp <= marks["end"] and x.capacity]
     assert during and min(during) < 0.5 * PAYLOAD_RATE, "the fault was seen (the estimate followed it down)"
     back = next((x.timestamp - marks["end"] for x in states

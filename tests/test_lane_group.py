@@ -15,7 +15,7 @@ from kvwire import Receiver, RequestSpec, connect
 from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.group import LaneGroup
-from kvwire.congestion.tcpinfo import get_pacing_rate
+from kvwire.sockopts import get_pacing_rate
 
 
 class Member:
@@ -108,3 +108,21 @@ def sampled(ctl: LinkControl) -> int:
     """How many lanes the control's next sample covered (-1: no sample within 1 s)."""
     st = ctl.monitor.wait_next(1)
     return -1 if st is None else len(st.lanes)
+
+
+def test_recording_keeps_every_state_published_after_it_started(pair: tuple[socket.socket, socket.socket]) -> None:
+    """``kvwire.testing.recording`` (what ``LinkControl.record`` was): a list that every later state joins."""
+    from kvwire.testing.recording import record, recorded
+
+    member = Member([pair[0]])
+    member.busy = True
+    ctl = LinkControl(member, ControllerConfig(), start=False)
+    try:
+        first = ctl.monitor.poll()
+        assert recorded(ctl) == []  # nothing kept before record()
+        states = record(ctl)
+        assert record(ctl) is states  # the same list, not a second subscription
+        published = [ctl.monitor.poll() for _ in range(3)]
+        assert states == published == recorded(ctl) and first not in states
+    finally:
+        ctl.close()

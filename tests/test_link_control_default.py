@@ -16,8 +16,8 @@ from kvwire import Receiver, RequestSpec, connect
 from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig, Mode
 from kvwire.congestion.group import LaneGroup
-from kvwire.congestion.tcpinfo import get_pacing_rate
 from kvwire.probe import probe
+from kvwire.sockopts import get_pacing_rate
 from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")

@@ -30,15 +30,15 @@ from kvwire.codec.probe import (
     probe_request,
     sink_refusal,
 )
-from kvwire.congestion.tcpinfo import (
+from kvwire.errors import ProbeRefused, ProtocolError
+from kvwire.probe import ProbeResult, probe
+from kvwire.sockopts import (
     available_congestion_algorithms,
     get_congestion,
     get_pacing_rate,
     set_congestion,
     set_pacing_rate,
 )
-from kvwire.errors import ProbeRefused, ProtocolError
-from kvwire.probe import ProbeResult, probe
 from kvwire.testing.fixtures import load_fixture
 
 MiB = 1 << 20

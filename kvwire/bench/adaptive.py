@@ -17,12 +17,12 @@ from typing import Any
 from ..congestion.control import LinkControl
 from ..congestion.controller import ControllerConfig, Decision
 from ..congestion.estimator import LinkState
+from ..congestion.tcpinfo import try_read
 from ..errors import KvwireError, ProbeRefused
 from ..probe import ProbeResult, probe
 from ..tcp.sender import Session
 from .errors import PeerError
 from .options import Options
-from .sampler import lane_socket, tcp_info
 
 #: seconds between the controller's TCP_INFO samples (LinkControl's default)
 MONITOR_INTERVAL = 0.1
@@ -123,10 +123,9 @@ class LaneCounts:
 
 def lane_counts(session: Session) -> dict[int, LaneCounts]:
     out = {}
-    for lane in session.lanes:
-        sock = lane_socket(lane)
-        info = tcp_info(sock)
-        out[lane.index] = LaneCounts(id(sock), lane.bytes_sent, lane.chunks_sent,
+    for lane in session.lane_info():
+        info = try_read(lane.sock)
+        out[lane.index] = LaneCounts(id(lane.sock), lane.bytes_sent, lane.chunks_sent,
                                      (info.bytes_sent or 0) if info is not None else 0,
                                      (info.bytes_acked or 0) if info is not None else 0)
     return out
@@ -168,7 +167,7 @@ def run_probe(session: Session, o: Options) -> Probed:
     any ``LinkControl`` is attached. A receiver that takes no probes, or a probe that fails, is a PeerError."""
     assert o.probe_seconds is not None
     before = lane_counts(session)
-    ctrl_before = _sent(session)
+    ctrl_before = control_bytes_sent(session)
     try:
         result = probe(session, seconds=o.probe_seconds, congestion=o.congestion or "bbr")
     except ProbeRefused as e:
@@ -185,12 +184,14 @@ def run_probe(session: Session, o: Options) -> Probed:
         used[index] = LaneCounts(a.sock, a.bytes - b.bytes, a.chunks - b.chunks,
                                  a.wire_sent - b.wire_sent if same else a.wire_sent,
                                  a.wire_acked - b.wire_acked if same else a.wire_acked)
-    return Probed(result, used, max(0, _sent(session) - ctrl_before))
+    return Probed(result, used, max(0, control_bytes_sent(session) - ctrl_before))
 
 
-def _sent(session: Session) -> int:
-    info = tcp_info(session.ctrl.sock)
+def control_bytes_sent(session: Session) -> int:
+    """TCP payload the session's control connection has sent (``TCP_INFO``). ``Session`` has no public
+    accessor for that socket yet: this is the bench's one read of ``session.ctrl``."""
+    info = try_read(session.ctrl.sock)
     return (info.bytes_sent or 0) if info is not None else 0
 
 
-__all__ = ["Adaptive", "LaneCounts", "Probed", "controller_config", "lane_counts", "run_probe"]
+__all__ = ["Adaptive", "LaneCounts", "Probed", "control_bytes_sent", "controller_config", "lane_counts", "run_probe"]

@@ -12,8 +12,10 @@ controller's policy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import resource
+import socket
 import ssl
 import threading
 import time
@@ -23,13 +25,14 @@ from typing import Any
 
 from ..codec.layout import ModelLayout, RequestSpec
 from ..errors import KvwireError, TransferError
+from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp.sender import Session, connect
-from .adaptive import Adaptive, run_probe
+from .adaptive import Adaptive, control_bytes_sent, run_probe
 from .ctlclient import ControlClient
 from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context
 from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
-from .sampler import Sampler, SocketOptions, lane_socket, tcp_info
+from .sampler import Sampler, connected
 
 #: seconds the client still waits for the server's results and summary once its session has failed
 GONE_GRACE = 5.0
@@ -94,18 +97,16 @@ def resolve_layout(o: Options) -> tuple[ModelLayout, int]:
         raise UsageError(f"--model {o.model!r}: {e}") from None
 
 
-def _connected(session: Session) -> list[dict[str, Any]]:
-    out = []
-    for lane in session.lanes:
-        sock = lane_socket(lane)
-        try:
-            lh, lp = sock.getsockname()[:2]
-            rh, rp = sock.getpeername()[:2]
-        except OSError:
-            continue
-        out.append({"socket": lane.index, "local_host": lh, "local_port": lp, "remote_host": rh,
-                    "remote_port": rp})
-    return out
+def _pacing(o: Options) -> int | None:
+    """``--fq-rate`` (bits/s) as the per-lane pacing cap in bytes/s."""
+    return max(1, o.fq_rate // 8) if o.fq_rate else None
+
+
+def _knobs(o: Options) -> Callable[[socket.socket], None] | None:
+    """What ``-C`` and ``--fq-rate`` set on a lane socket (``kvwire.sockopts``); ``None`` when neither is given."""
+    if not (o.congestion or o.fq_rate):
+        return None
+    return functools.partial(set_knobs, congestion=o.congestion or None, pacing=_pacing(o))
 
 
 class _Runner:
@@ -226,15 +227,15 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
     try:
         offset, uncertainty = ctl.clock_offset()
         session = _open_session(o, ctl.data_port, ssl_context)
-        sockopts = SocketOptions(o.congestion, o.fq_rate)
-        for sock in session.lane_sockets():
-            try:
-                sockopts.apply(sock)  # with --adaptive: -C only, checked here; the controller sets it from now
-            except KvwireError as e:
-                raise UsageError(str(e)) from None
+        knobs = _knobs(o)
+        try:  # with --adaptive: -C only, checked here; the controller sets the lanes from then on
+            for sock in session.lane_sockets() if knobs is not None else ():
+                set_knobs(sock, congestion=o.congestion or None, pacing=_pacing(o))
+        except KvwireError as e:
+            raise UsageError(str(e)) from None
         probed = run_probe(session, o) if o.probe_seconds is not None else None
         if o.adaptive:
-            sockopts = SocketOptions()  # lanes opened or re-dialled get the controller's settings, not these
+            knobs = None  # lanes opened or re-dialled get the controller's settings, not these
             seed = probed.result.capacity if probed is not None and probed.result.saturated else None
             adaptive = Adaptive(session, o, capacity=seed or None)
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
@@ -250,7 +251,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
         runner.prefill()
         say(f"Setting up: payloads ready in {time.monotonic() - t:.1f} s")
-        connected = _connected(session)
+        connected = [c for lane in session.lane_info() if (c := connected(lane.index, lane.sock)) is not None]
         if on_start is not None:
             on_start({"connected": connected, "welcome": ctl.welcome, "layout": layout, "tokens": tokens,
                       "bytes_per_request": plan.total_bytes, "data_port": ctl.data_port,
@@ -262,7 +263,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         t_start = time.monotonic()
         if adaptive is not None:
             adaptive.start(t_start)
-        sampler = Sampler(session.lanes, o.interval, t_start, on_interval, sockopts,
+        sampler = Sampler(session.lane_info, o.interval, t_start, on_interval, knobs,
                           extra=adaptive.interval_extra if adaptive is not None else None)
         sampler.start()
         runner.t_start = t_start
@@ -287,8 +288,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         lanes = sampler.lane_totals()
         if probed is not None:
             probed.exclude(lanes, summary.get("lanes") or [])
-        ctrl_info = tcp_info(session.ctrl.sock)
-        ctrl_sent = (ctrl_info.bytes_sent or 0) if ctrl_info is not None else 0
+        ctrl_sent = control_bytes_sent(session)
         if probed is not None:
             ctrl_sent = max(0, ctrl_sent - probed.control_bytes)
         fill_cpu = sum(r.fill_cpu for r in runner.records)
@@ -334,8 +334,6 @@ def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> 
 
 
 def _congestion_of(session: Session) -> str:
-    from ..congestion.tcpinfo import SocketOptionError, get_congestion
-
     socks = session.lane_sockets()
     try:
         return get_congestion(socks[0]) if socks else ""

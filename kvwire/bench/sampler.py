@@ -1,11 +1,14 @@
 """Per-lane interval sampling on the sending side: bytes, retransmits, RTT and cwnd, like iperf3's intervals.
 
 Owns: a thread that reads each lane's byte counter every ``fine`` seconds (kept for plots) and, every
-``interval`` seconds, closes an interval record per lane plus a SUM row from ``TCP_INFO`` (through
-``kvwire.congestion.tcpinfo``); re-applying the socket options (``-C``, ``--fq-rate``) to lanes that were
-reconnected; counting wire bytes per socket across reconnects; taking in lanes the session opened during
-the test (the lane list it is given may grow). Must not know: payloads, the control channel, output formats
-(records are plain dicts shaped like iperf3's ``intervals[]``) or what an ``extra`` hook adds to them.
+``interval`` seconds, closes an interval record per lane plus a SUM row from ``TCP_INFO`` (read through
+``kvwire.congestion.tcpinfo``, whose ``LaneCounters`` carry wire bytes and retransmits across reconnects);
+handing sockets it has not seen before to a ``reapply`` callback (``-C``/``--fq-rate`` on reconnected lanes);
+taking in lanes the session opened during the test; a lane socket's addresses (``connected``, for both
+sides' reports). Lanes come from ``Session.lane_info()`` snapshots, asked
+for anew at every tick. Must not know: payloads, the control channel, output formats (records are plain
+dicts shaped like iperf3's ``intervals[]``), what an ``extra`` hook adds to them, or which options
+``reapply`` sets.
 """
 
 from __future__ import annotations
@@ -17,46 +20,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..congestion.tcpinfo import TcpInfo, TcpInfoUnavailable, read_tcp_info, set_congestion, set_pacing_rate
+from ..congestion.tcpinfo import LaneCounters, TcpInfo
 from ..errors import KvwireError
+from ..tcp.lanes import LaneInfo
+
+LaneInfoProvider = Callable[[], Sequence[LaneInfo]]
 
 
-def lane_socket(lane: Any) -> socket.socket:
-    """The socket of a ``kvwire.tcp.sender`` lane (``lane.ch.sock``)."""
-    sock: socket.socket = lane.ch.sock
-    return sock
-
-
-@dataclass
-class SocketOptions:
-    """What ``-C`` and ``--fq-rate`` ask for on every lane socket."""
-
-    congestion: str | None = None
-    pacing_bits_per_s: int | None = None
-
-    def apply(self, sock: socket.socket) -> None:
-        """Raise SocketOptionError / UnknownCongestionAlgorithm when the kernel refuses."""
-        if self.congestion:
-            set_congestion(sock, self.congestion)
-        if self.pacing_bits_per_s:
-            set_pacing_rate(sock, max(1, self.pacing_bits_per_s // 8))
-
-
-def tcp_info(sock: socket.socket) -> TcpInfo | None:
+def connected(index: int, sock: socket.socket) -> dict[str, Any] | None:
+    """A lane socket's addresses as iperf3's ``connected[]`` lists them (either side); ``None`` when it is
+    not connected."""
     try:
-        return read_tcp_info(sock)
-    except TcpInfoUnavailable:
+        lh, lp = sock.getsockname()[:2]
+        rh, rp = sock.getpeername()[:2]
+    except OSError:
         return None
+    return {"socket": index, "local_host": lh, "local_port": lp, "remote_host": rh, "remote_port": rp}
 
 
 @dataclass
 class _LaneTrack:
     bytes_at_interval: int = 0
-    retrans_base: int = 0  # total_retrans of the current socket at the last interval
-    retrans_total: int = 0
-    wire_closed: int = 0  # bytes_sent of replaced sockets
-    wire_last: int = 0  # bytes_sent of the current socket when last read
-    sock_id: int = 0
+    retrans_base: int = 0  # the lane's retransmits before the test (or its last interval)
     rtts: list[int] = field(default_factory=list)
     max_cwnd: int = 0
     max_pacing_rate: int | None = None
@@ -65,37 +50,34 @@ class _LaneTrack:
 class Sampler:
     """Start with ``start()``; ``stop(t_end)`` closes the last (partial) interval and joins the thread."""
 
-    def __init__(self, lanes: Sequence[Any], interval: float, t_start: float,
+    def __init__(self, lane_info: LaneInfoProvider, interval: float, t_start: float,
                  on_interval: Callable[[dict[str, Any]], None] | None = None,
-                 options: SocketOptions | None = None, fine: float = 0.02,
+                 reapply: Callable[[socket.socket], None] | None = None, fine: float = 0.02,
                  extra: Callable[[], dict[str, Any]] | None = None) -> None:
-        """``lanes``: the session's lane list (lanes appended to it later are taken in as they appear).
+        """``lane_info``: ``Session.lane_info`` (lanes added later are taken in as they appear).
+        ``reapply``: called with each lane socket not seen before (a lane re-dialled during the test).
         ``extra``: called as each interval closes; its keys are added to the record (beside ``streams``
         and ``sum``)."""
-        self._source = lanes
-        self.lanes = list(lanes)
+        self._lane_info = lane_info
+        self.lanes = list(lane_info())
         self.extra = extra
         self.interval = interval
         self.t_start = t_start
         self.on_interval = on_interval
-        self.options = options or SocketOptions()
+        self.reapply = reapply
         self.fine = min(fine, interval) if interval > 0 else fine
         self.intervals: list[dict[str, Any]] = []
         self.series: list[tuple[float, list[int]]] = [(0.0, [lane.bytes_sent for lane in self.lanes])]
         self._tracks = [_LaneTrack(bytes_at_interval=lane.bytes_sent) for lane in self.lanes]
-        self._configured: set[int] = set()
+        self._counters = LaneCounters(("bytes_sent", "total_retrans"))
+        self._seen: set[socket.socket] = set()
         self._last_edge = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvwire-bench-sampler", daemon=True)
         for i, lane in enumerate(self.lanes):
-            sock = lane_socket(lane)
-            self._configured.add(id(sock))
-            info = tcp_info(sock)
-            track = self._tracks[i]
-            track.sock_id = id(sock)
-            if info is not None:
-                track.retrans_base = info.total_retrans or 0
-                track.wire_last = info.bytes_sent or 0
+            self._seen.add(lane.sock)
+            self._counters.read(i, lane.sock)
+            self._tracks[i].retrans_base = self._counters.total(i, "total_retrans")
 
     def start(self) -> None:
         self._thread.start()
@@ -103,7 +85,7 @@ class Sampler:
     def stop(self, t_end: float) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._grow()
+        self._refresh()
         rel = max(t_end - self.t_start, self._last_edge)
         self._sample_fine(rel)
         unreported = any(lane.bytes_sent != t.bytes_at_interval for lane, t in zip(self.lanes, self._tracks))
@@ -112,17 +94,18 @@ class Sampler:
             # counted since still get an interval, so the intervals always add up to the totals
             self._close_interval(max(rel, self._last_edge + 1e-3))
 
-    def _grow(self) -> None:
-        """Take in lanes opened since (a controller raising the lane count); their bytes count from 0."""
-        for lane in list(self._source[len(self.lanes):]):
-            self.lanes.append(lane)
+    def _refresh(self) -> None:
+        """A fresh snapshot of every lane; lanes opened since (a controller raising the lane count) count
+        their bytes from 0."""
+        self.lanes = list(self._lane_info())
+        while len(self._tracks) < len(self.lanes):
             self._tracks.append(_LaneTrack())
 
     def _loop(self) -> None:
         next_edge = self.interval
         while not self._stop.wait(self.fine):
             rel = time.monotonic() - self.t_start
-            self._grow()
+            self._refresh()
             self._reconfigure()
             self._sample_fine(rel)
             if self.interval > 0 and rel >= next_edge:
@@ -133,32 +116,21 @@ class Sampler:
 
     def _reconfigure(self) -> None:
         for lane in self.lanes:
-            sock = lane_socket(lane)
-            if lane.alive and id(sock) not in self._configured:
-                self._configured.add(id(sock))
-                try:
-                    self.options.apply(sock)
-                except (KvwireError, OSError, ValueError):
-                    pass  # it was accepted on the first sockets; a reconnect race is not worth failing over
+            if lane.alive and lane.sock not in self._seen:
+                self._seen.add(lane.sock)
+                if self.reapply is not None:
+                    try:
+                        self.reapply(lane.sock)
+                    except (KvwireError, OSError, ValueError):
+                        pass  # it was accepted on the first sockets; a reconnect race is not worth failing over
 
     def _sample_fine(self, rel: float) -> None:
         self.series.append((rel, [lane.bytes_sent for lane in self.lanes]))
 
     def _read(self, i: int) -> TcpInfo | None:
         lane, track = self.lanes[i], self._tracks[i]
-        sock = lane_socket(lane)
-        info = tcp_info(sock) if lane.alive else None
-        if id(sock) != track.sock_id:  # the lane reconnected: counters start again on the new socket
-            track.sock_id = id(sock)
-            track.wire_closed += track.wire_last
-            track.wire_last = 0
-            track.retrans_base = 0
+        info = self._counters.read(i, lane.sock) if lane.alive else None
         if info is not None:
-            if info.total_retrans is not None:
-                track.retrans_total += max(0, info.total_retrans - track.retrans_base)
-                track.retrans_base = info.total_retrans
-            if info.bytes_sent is not None:
-                track.wire_last = info.bytes_sent
             if info.rtt_us is not None:
                 track.rtts.append(info.rtt_us)
             if info.cwnd_bytes is not None:
@@ -167,13 +139,17 @@ class Sampler:
                 track.max_pacing_rate = info.max_pacing_rate
         return info
 
+    def _retransmits(self, i: int) -> int:
+        """The lane's retransmits since the test started."""
+        return self._counters.total(i, "total_retrans") - self._tracks[i].retrans_base
+
     def _close_interval(self, rel: float) -> None:
         start, end = self._last_edge, rel
         seconds = max(end - start, 1e-9)
         streams: list[dict[str, Any]] = []
         for i, lane in enumerate(self.lanes):
             track = self._tracks[i]
-            before = track.retrans_total
+            before = self._retransmits(i)
             info = self._read(i)
             nbytes = lane.bytes_sent - track.bytes_at_interval
             track.bytes_at_interval = lane.bytes_sent
@@ -184,7 +160,7 @@ class Sampler:
                 "seconds": seconds,
                 "bytes": nbytes,
                 "bits_per_second": nbytes * 8 / seconds,
-                "retransmits": track.retrans_total - before,
+                "retransmits": self._retransmits(i) - before,
                 "snd_cwnd": info.cwnd_bytes if info is not None else None,
                 "snd_wnd": info.snd_wnd if info is not None else None,
                 "rtt": info.rtt_us if info is not None else None,
@@ -224,6 +200,7 @@ class Sampler:
     def lane_totals(self) -> list[dict[str, Any]]:
         """Per lane over the whole run: retransmits, cwnd and RTT extremes, wire bytes (TCP payload)."""
         out = []
+        self._refresh()
         for i, lane in enumerate(self.lanes):
             self._read(i)
             t = self._tracks[i]
@@ -232,12 +209,12 @@ class Sampler:
                 "socket": i,
                 "bytes": lane.bytes_sent,
                 "chunks": lane.chunks_sent,
-                "retransmits": t.retrans_total,
+                "retransmits": self._retransmits(i),
                 "max_snd_cwnd": t.max_cwnd or None,
                 "max_rtt": max(rtts) if rtts else None,
                 "min_rtt": min(rtts) if rtts else None,
                 "mean_rtt": int(sum(rtts) / len(rtts)) if rtts else None,
-                "wire_bytes": t.wire_closed + t.wire_last,
+                "wire_bytes": self._counters.total(i, "bytes_sent"),
                 "max_pacing_rate": t.max_pacing_rate,  # bytes/s, as the kernel reports it
             })
         return out

@@ -26,9 +26,10 @@ from typing import Any
 from .. import __version__
 from ..codec.manifest import Manifest
 from ..codec.transfer import State
-from ..congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
+from ..congestion.tcpinfo import LaneCounters
 from ..errors import InsecureReceiverWarning, PoolExhausted
 from ..metrics import Metrics, MetricsServer
+from ..sockopts import default_congestion, no_delay
 from ..tcp.gate import HandshakeGate, Ticket
 from ..tcp.receiver import IncomingTransfer, Receiver
 from ..tcp.wire import host_port, listen
@@ -37,6 +38,7 @@ from .errors import BenchError, PeerError, PeerGone
 from .options import KEY_ENV
 from .payload import Pattern
 from .pool import BufferPool, Lease
+from .sampler import connected
 
 HEARTBEAT_TIMEOUT = 10.0
 #: control connections: at most this many at once (one runs a test, the rest are told "busy" or are
@@ -67,14 +69,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def default_congestion() -> str:
-    try:
-        with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -116,8 +110,7 @@ class _Test:
     completed: bool = False
     accepted_at: float = field(default_factory=time.time)
     results: list[dict[str, Any]] = field(default_factory=list)
-    lane_socks: dict[int, dict[int, socket.socket]] = field(default_factory=dict)  # lane -> id -> socket
-    lane_bytes: dict[int, int] = field(default_factory=dict)  # id(socket) -> last bytes_received read
+    lane_bytes: LaneCounters = field(default_factory=lambda: LaneCounters(("bytes_received",)))
     connected: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(socket) -> its addresses
     reverse: dict[str, Any] | None = None  # -R: the sending side's record (document or error)
     reverse_thread: threading.Thread | None = None
@@ -252,7 +245,7 @@ class BenchServer:
     def _client(self, sock: socket.socket, ticket: Ticket, peer: str) -> None:
         test: _Test | None = None
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            no_delay(sock)
             sock.settimeout(CONTROL_HANDSHAKE_TIMEOUT)  # per read; the gate cuts the handshake in all
             if self.cfg.ssl_context is not None:
                 # wrap without I/O first, so the gate can cut a TLS handshake that dribbles
@@ -362,20 +355,16 @@ class BenchServer:
         test.reverse_thread.start()
 
     def _sample_lanes(self, test: _Test) -> None:
-        """Read each known receiver lane socket's ``bytes_received`` (kept per socket across reconnects)."""
-        for socks in list(test.lane_socks.values()):
-            for key, sock in list(socks.items()):
-                try:
-                    info = read_tcp_info(sock)
-                except (TcpInfoUnavailable, OSError, ValueError):
-                    continue  # closed: its last reading stands
-                if info.bytes_received is not None:
-                    test.lane_bytes[key] = info.bytes_received
+        """Read each known receiver lane socket's ``bytes_received`` (a closed one's last reading stands)."""
+        for lane in test.lane_bytes.lanes():
+            for sock in test.lane_bytes.sockets(lane):
+                test.lane_bytes.read(lane, sock)
 
     def _lane_totals(self, test: _Test) -> list[dict[str, Any]]:
         self._sample_lanes(test)
-        return [{"socket": lane, "bytes": sum(test.lane_bytes.get(k, 0) for k in socks),
-                 "sockets": len(socks)} for lane, socks in sorted(test.lane_socks.items())]
+        counters = test.lane_bytes
+        return [{"socket": lane, "bytes": counters.total(lane, "bytes_received"),
+                 "sockets": len(counters.sockets(lane))} for lane in sorted(counters.lanes())]
 
     def _summary(self, test: _Test) -> dict[str, Any]:
         with test.cond:
@@ -485,17 +474,10 @@ class BenchServer:
                   for layer, r in plan.layer_chunks.items()}
         chk = _Check(test, h, ranges)
         for lane, sock in h.lane_sockets().items():
-            socks = test.lane_socks.setdefault(lane, {})
-            if id(sock) in socks:
-                continue
-            socks[id(sock)] = sock
-            try:
-                lh, lp = sock.getsockname()[:2]
-                rh, rp = sock.getpeername()[:2]
-            except OSError:
-                continue
-            test.connected[id(sock)] = {"socket": lane, "local_host": lh, "local_port": lp, "remote_host": rh,
-                                        "remote_port": rp}
+            if sock not in test.lane_bytes.sockets(lane):
+                test.lane_bytes.read(lane, sock)
+                if (addresses := connected(lane, sock)) is not None:
+                    test.connected[id(sock)] = addresses
         self._sample_lanes(test)
         with test.cond:
             test.outstanding += 1

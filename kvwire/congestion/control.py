@@ -64,8 +64,6 @@ class LinkControl:
             self.estimator.seed_capacity(capacity)
         self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity)
         self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator)
-        self.states: list[LinkState] = []  # kept only while record=True (benchmarks)
-        self.record = False
         self._paused = False
         self._start_lock = threading.Lock()
         self.share = share
@@ -77,7 +75,6 @@ class LinkControl:
         session.set_active_lanes(self.config.initial_lanes)
         apply_decision(self.decision, session.lane_sockets())
         self.monitor.subscribe(self._control)
-        self.monitor.subscribe(self._keep)
         if start:
             self.start()
 
@@ -196,10 +193,6 @@ class LinkControl:
             apply_decision(d, [sock], share=max(d.lanes, len(self.session.lane_sockets()) + 1))
         if self._prior_hook is not None:
             self._prior_hook(index, sock)
-
-    def _keep(self, state: LinkState) -> None:
-        if self.record:
-            self.states.append(state)
 
 
 

@@ -64,8 +64,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from ..sockopts import SocketOptionError, set_knobs
 from .estimator import LinkState
-from .tcpinfo import SocketOptionError, get_congestion, restart_congestion, set_congestion, set_pacing_rate
 
 log = logging.getLogger("kvwire.congestion")
 
@@ -524,11 +524,7 @@ def apply_decision(d: Decision, sockets: Sequence[socket.socket], share: int | N
     failed: list[tuple[socket.socket, SocketOptionError]] = []
     for s in sockets:
         try:
-            set_pacing_rate(s, rate)
-            if d.congestion is not None and get_congestion(s) != d.congestion:
-                set_congestion(s, d.congestion)
-            elif restart:
-                restart_congestion(s)
+            set_knobs(s, congestion=d.congestion, pacing=rate, restart=restart)
         except SocketOptionError as e:
             failed.append((s, e))
     return failed

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .estimator import LaneKey, LinkEstimator, LinkState
-from .tcpinfo import TcpInfo, TcpInfoUnavailable, read_tcp_info
+from .tcpinfo import TcpInfo, sample
 
 log = logging.getLogger("kvwire.congestion")
 
@@ -80,21 +80,12 @@ class LinkMonitor:
     # ------------------------------------------------------------ sampling
     def sample(self) -> dict[LaneKey, TcpInfo]:
         """One ``TCP_INFO`` per live TCP socket from the provider, keyed by file descriptor."""
-        out: dict[LaneKey, TcpInfo] = {}
         try:
             socks = list(self.sockets_provider())
         except Exception:  # the provider belongs to someone else; keep sampling
             log.exception("link monitor: sockets provider failed")
-            return out
-        for s in socks:
-            fd = s.fileno()
-            if fd < 0:
-                continue
-            try:
-                out[fd] = read_tcp_info(s)
-            except TcpInfoUnavailable:
-                continue  # closed or not TCP: the lane is gone
-        return out
+            return {}
+        return {fd: info for fd, info in sample(socks).items()}  # closed or not TCP: the lane is gone, left out
 
     def poll(self) -> LinkState:
         """Sample now, update the estimate, publish it, return it."""

@@ -1,25 +1,32 @@
-"""Read ``TCP_INFO`` and set the per-socket congestion knobs (pacing cap, congestion algorithm).
+"""Read ``TCP_INFO``: the one reader and parser of it in kvwire.
 
 Owns: the ``struct tcp_info`` field offsets (checked with ``offsetof`` against linux-libc-dev 6.1, plus
 the 6.7 additions), a parser that reads only the fields inside the length the kernel returned (older
-kernels return less; a missing field is ``None``), ``SO_MAX_PACING_RATE`` and ``TCP_CONGESTION``.
-Must not know: lanes, sessions, estimation or policy.
+kernels return less; a missing field is ``None``), reading one socket (``read_tcp_info``; ``try_read``
+where a closed socket is normal), a round of sockets keyed by descriptor (``sample``: what
+``LinkMonitor`` and ``kvwire.probe`` take) and ``LaneCounters``, the cumulative counters of lanes whose
+sockets get replaced (what ``kvwire-bench`` reports per lane on both ends).
+Must not know: sessions, estimation or policy. Setting socket options is ``kvwire.sockopts``'s (the knob
+functions this module had are still found here, with a ``DeprecationWarning``).
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
+import threading
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import Any
 
+from .. import sockopts
 from ..errors import KvwireError
+from ..sockopts import UNLIMITED_PACING
 
-#: ``SO_MAX_PACING_RATE`` from ``asm-generic/socket.h``; Python 3.11 has no constant for it.
-SO_MAX_PACING_RATE = 47
-#: ``~0UL``: the kernel's "no pacing cap".
-UNLIMITED_PACING = (1 << 64) - 1
+__all__ = ["CA_CWR", "CA_DISORDER", "CA_LOSS", "CA_OPEN", "CA_RECOVERY", "TCP_INFO_FIELDS", "UNLIMITED_PACING",
+           "LaneCounters", "TcpInfo", "TcpInfoUnavailable", "parse_tcp_info", "read_tcp_info", "sample",
+           "try_read"]
 #: Asking for more than the kernel has is fine: it returns ``min(asked, sizeof(struct tcp_info))``.
 _TCP_INFO_ASK = 512
 
@@ -29,14 +36,6 @@ CA_OPEN, CA_DISORDER, CA_CWR, CA_RECOVERY, CA_LOSS = range(5)
 
 class TcpInfoUnavailable(KvwireError):
     """``TCP_INFO`` could not be read (not a TCP socket, closed, or not supported here)."""
-
-
-class SocketOptionError(KvwireError):
-    """The kernel refused a congestion knob (pacing cap or congestion algorithm)."""
-
-
-class UnknownCongestionAlgorithm(SocketOptionError):
-    """The congestion algorithm is not available (or not allowed) on this kernel."""
 
 
 # field name -> (offset, struct format); all native byte order, as the kernel fills them.
@@ -150,80 +149,75 @@ def read_tcp_info(sock: socket.socket) -> TcpInfo:
     return parse_tcp_info(raw)
 
 
-def set_pacing_rate(sock: socket.socket, bytes_per_s: int | None) -> None:
-    """Cap ``sock``'s send rate with ``SO_MAX_PACING_RATE`` (TCP's internal pacing; no fq needed).
-
-    ``None`` removes the cap. The value is a 64-bit byte rate (Linux >= 4.20 reads 64 bits).
-    """
-    if bytes_per_s is None:
-        value = UNLIMITED_PACING
-    elif bytes_per_s <= 0:
-        raise ValueError(f"pacing rate must be positive, got {bytes_per_s}")
-    else:
-        value = min(int(bytes_per_s), UNLIMITED_PACING)
+def try_read(sock: socket.socket) -> TcpInfo | None:
+    """``read_tcp_info``, or ``None`` where the socket is closed or not TCP (a lane that went away)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=Q", value))
-    except (OSError, ValueError) as e:
-        raise SocketOptionError(f"SO_MAX_PACING_RATE={value} refused: {e}") from e
+        return read_tcp_info(sock)
+    except TcpInfoUnavailable:
+        return None
 
 
-def get_pacing_rate(sock: socket.socket) -> int | None:
-    """The pacing cap in bytes/s, or ``None`` when uncapped."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, 8)
-    except (OSError, ValueError) as e:
-        raise SocketOptionError(f"SO_MAX_PACING_RATE unreadable: {e}") from e
-    value = struct.unpack("=Q" if len(raw) >= 8 else "=I", raw[:8] if len(raw) >= 8 else raw[:4])[0]
-    # a 32-bit reply of ~0U also means "no cap"
-    return None if value in (UNLIMITED_PACING, 0xFFFFFFFF) else value
+def sample(socks: Iterable[socket.socket]) -> dict[int, TcpInfo]:
+    """One ``TCP_INFO`` per open TCP socket of ``socks``, keyed by file descriptor (closed ones left out)."""
+    out: dict[int, TcpInfo] = {}
+    for s in socks:
+        fd = s.fileno()
+        if fd >= 0 and (info := try_read(s)) is not None:
+            out[fd] = info
+    return out
 
 
-def set_congestion(sock: socket.socket, name: str) -> None:
-    """Choose ``sock``'s congestion algorithm (``TCP_CONGESTION``), e.g. ``"bbr"`` or ``"cubic"``."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.EPERM):
-            raise UnknownCongestionAlgorithm(
-                f"congestion algorithm {name!r} not available here "
-                f"(available: {', '.join(available_congestion_algorithms()) or 'unknown'}): {e}") from e
-        raise SocketOptionError(f"TCP_CONGESTION={name!r} refused: {e}") from e
-    except ValueError as e:
-        raise SocketOptionError(f"TCP_CONGESTION={name!r} refused: {e}") from e
+class LaneCounters:
+    """Cumulative ``TCP_INFO`` counters (``bytes_sent``, ``bytes_received``, ``total_retrans`` ...) per lane
+    across the sockets it has had: a reconnected lane's new socket counts from zero again, so a lane's total
+    is the sum, over its sockets, of each one's last reading (a closed socket's last reading stands).
+    ``lane`` is the caller's lane number. Thread-safe."""
+
+    def __init__(self, counters: Iterable[str]) -> None:
+        self.counters = tuple(counters)
+        unknown = [c for c in self.counters if c not in TCP_INFO_FIELDS]
+        if unknown:
+            raise ValueError(f"not TCP_INFO fields: {unknown}")
+        self._last: dict[int, dict[socket.socket, dict[str, int]]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, lane: int, sock: socket.socket) -> TcpInfo | None:
+        """Read ``sock`` (one of ``lane``'s sockets, new or known) and keep its counters; ``None`` (the last
+        reading standing) when it is closed or not TCP."""
+        info = try_read(sock)
+        with self._lock:
+            last = self._last.setdefault(lane, {}).setdefault(sock, dict.fromkeys(self.counters, 0))
+            if info is not None:
+                for name in self.counters:
+                    value = getattr(info, name)
+                    if value is not None:
+                        last[name] = max(last[name], value)  # two readers racing: the later reading wins
+        return info
+
+    def total(self, lane: int, counter: str) -> int:
+        """``counter`` summed over ``lane``'s sockets (0 for a lane never read)."""
+        with self._lock:
+            return sum(last[counter] for last in self._last.get(lane, {}).values())
+
+    def sockets(self, lane: int) -> list[socket.socket]:
+        """The sockets ``lane`` has had, in the order they were first read."""
+        with self._lock:
+            return list(self._last.get(lane, {}))
+
+    def lanes(self) -> list[int]:
+        with self._lock:
+            return list(self._last)
 
 
-def restart_congestion(sock: socket.socket) -> None:
-    """Re-initialise ``sock``'s congestion algorithm (to ``reno`` and back): BBR starts over in STARTUP
-    (its bandwidth filter emptied, doubling its rate each round trip) instead of growing a bandwidth it
-    measured under a pacing cap by 25 % every eight round trips. Setting the same name is a no-op in the
-    kernel, hence the detour."""
-    name = get_congestion(sock)
-    if name != "reno":
-        set_congestion(sock, "reno")
-    set_congestion(sock, name)
+#: knob functions that moved to ``kvwire.sockopts`` (found here still, with a DeprecationWarning)
+_MOVED = ("SO_MAX_PACING_RATE", "SocketOptionError", "UnknownCongestionAlgorithm", "set_pacing_rate",
+          "get_pacing_rate", "set_congestion", "get_congestion", "restart_congestion",
+          "available_congestion_algorithms", "allowed_congestion_algorithms")
 
 
-def get_congestion(sock: socket.socket) -> str:
-    """``sock``'s congestion algorithm name."""
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-    except (OSError, ValueError) as e:
-        raise SocketOptionError(f"TCP_CONGESTION unreadable: {e}") from e
-    return raw.split(b"\0", 1)[0].decode()
-
-
-def _sysctl_words(name: str) -> tuple[str, ...]:
-    try:
-        return tuple(Path("/proc/sys/net/ipv4", name).read_text().split())
-    except OSError:
-        return ()
-
-
-def available_congestion_algorithms() -> tuple[str, ...]:
-    """Congestion algorithms the kernel has loaded (root may pick any of them)."""
-    return _sysctl_words("tcp_available_congestion_control")
-
-
-def allowed_congestion_algorithms() -> tuple[str, ...]:
-    """Algorithms an unprivileged process may pick (``tcp_allowed_congestion_control``)."""
-    return _sysctl_words("tcp_allowed_congestion_control")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"kvwire.congestion.tcpinfo.{name} moved to kvwire.sockopts.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(sockopts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

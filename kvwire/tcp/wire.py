@@ -107,15 +107,11 @@ KEEPALIVE_COUNT = 3
 
 def tune(sock: socket.socket, user_timeout_s: float | None = None) -> None:
     """No Nagle; unacknowledged data or unanswered keepalives fail the connection after
-    ``user_timeout_s``; idle connections send keepalives (see ``KEEPALIVE_IDLE``)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
-        if hasattr(socket, name):  # Linux; other systems keep their defaults
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    ``user_timeout_s``; idle connections send keepalives (see ``KEEPALIVE_IDLE``). ``kvwire.sockopts``
+    sets them (the one module that sets socket options)."""
+    from .. import sockopts
+
+    sockopts.tune(sock, user_timeout_s)
 
 
 class Channel:
