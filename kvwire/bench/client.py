@@ -32,7 +32,7 @@ from .ctlclient import ControlClient
 from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context
 from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
-from .sampler import Sampler, connected
+from .sampler import Sampler, lane_addresses
 
 #: seconds the client still waits for the server's results and summary once its session has failed
 GONE_GRACE = 5.0
@@ -251,7 +251,7 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
         runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
         runner.prefill()
         say(f"Setting up: payloads ready in {time.monotonic() - t:.1f} s")
-        connected = [c for lane in session.lane_info() if (c := connected(lane.index, lane.sock)) is not None]
+        connected = [c for lane in session.lane_info() if (c := lane_addresses(lane.index, lane.sock)) is not None]
         if on_start is not None:
             on_start({"connected": connected, "welcome": ctl.welcome, "layout": layout, "tokens": tokens,
                       "bytes_per_request": plan.total_bytes, "data_port": ctl.data_port,

@@ -4,7 +4,7 @@ Owns: a thread that reads each lane's byte counter every ``fine`` seconds (kept 
 ``interval`` seconds, closes an interval record per lane plus a SUM row from ``TCP_INFO`` (read through
 ``kvwire.congestion.tcpinfo``, whose ``LaneCounters`` carry wire bytes and retransmits across reconnects);
 handing sockets it has not seen before to a ``reapply`` callback (``-C``/``--fq-rate`` on reconnected lanes);
-taking in lanes the session opened during the test; a lane socket's addresses (``connected``, for both
+taking in lanes the session opened during the test; a lane socket's addresses (``lane_addresses``, for both
 sides' reports). Lanes come from ``Session.lane_info()`` snapshots, asked
 for anew at every tick. Must not know: payloads, the control channel, output formats (records are plain
 dicts shaped like iperf3's ``intervals[]``), what an ``extra`` hook adds to them, or which options
@@ -27,7 +27,7 @@ from ..tcp.lanes import LaneInfo
 LaneInfoProvider = Callable[[], Sequence[LaneInfo]]
 
 
-def connected(index: int, sock: socket.socket) -> dict[str, Any] | None:
+def lane_addresses(index: int, sock: socket.socket) -> dict[str, Any] | None:
     """A lane socket's addresses as iperf3's ``connected[]`` lists them (either side); ``None`` when it is
     not connected."""
     try:

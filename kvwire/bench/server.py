@@ -38,7 +38,7 @@ from .errors import BenchError, PeerError, PeerGone
 from .options import KEY_ENV
 from .payload import Pattern
 from .pool import BufferPool, Lease
-from .sampler import connected
+from .sampler import lane_addresses
 
 HEARTBEAT_TIMEOUT = 10.0
 #: control connections: at most this many at once (one runs a test, the rest are told "busy" or are
@@ -476,7 +476,7 @@ class BenchServer:
         for lane, sock in h.lane_sockets().items():
             if sock not in test.lane_bytes.sockets(lane):
                 test.lane_bytes.read(lane, sock)
-                if (addresses := connected(lane, sock)) is not None:
+                if (addresses := lane_addresses(lane, sock)) is not None:
                     test.connected[id(sock)] = addresses
         self._sample_lanes(test)
         with test.cond:
