@@ -276,11 +276,7 @@ def test_replayed_lane_handshake_is_refused(no_leaks: None) -> None:
 
 
 def test_bench_control_port_allocates_nothing_for_unauthenticated_claims(bench_server: tuple[str, int]) -> None:
-    import struct
-
-    from kvwire.bench.control import MAGIC, PROTOCOL
-
-    grown = _rss_growth_under_claims(bench_server, struct.pack("<4sBI", MAGIC, PROTOCOL, 4 * 1024 * 1024))
+    grown = _rss_growth_under_claims(bench_server, F.pack_header(F.KIND_CONTROL, 0, 0, 0, 0, 4 * 1024 * 1024, 0))
     print(f"\nbench control port: RSS growth after 128 x 4 MiB pre-auth claims: {grown / 2**20:.1f} MiB")
     assert grown < 32 * 2**20
 

@@ -30,6 +30,7 @@ from kvwire.bench import main
 from kvwire.bench.control import MAGIC
 from kvwire.bench.payload import BLOCK_BYTES, Pattern, alloc_flat
 from kvwire.bench.server import BenchServer, ServerConfig
+from kvwire.codec.frames import VERSION
 from kvwire.testing.fixtures import FIXTURES
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -310,7 +311,7 @@ def _silent(conn: socket.socket) -> None:
 
 def _newer_version(conn: socket.socket) -> None:
     conn.recv(1024)
-    conn.sendall(struct.pack("<4sBI", MAGIC, 2, 1) + b"\x80")
+    conn.sendall(struct.pack("<4sB", MAGIC, VERSION + 1) + bytes(43))  # a kvwire header of the next version
     time.sleep(3)
 
 
@@ -321,7 +322,7 @@ def _close_at_once(conn: socket.socket) -> None:
 @pytest.mark.parametrize(("behaviour", "message"), [
     (_garbage, "is not a kvwire-bench peer"),
     (_silent, "no kvwire-bench answer"),
-    (_newer_version, "protocol v2"),
+    (_newer_version, f"protocol v{VERSION + 1}"),
     (_close_at_once, "closed the connection during the handshake"),
 ])
 def test_client_fails_fast_and_clearly_against_other_servers(

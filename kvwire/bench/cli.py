@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import termination
-from .client import run_client
 from .document import build_document, build_server_document
 from .errors import EXIT_FAILED, EXIT_OK, BenchError, UsageError
 from .loopback import LoopbackServer
@@ -27,6 +26,7 @@ from .options import (
     version_text,
 )
 from .report import Reporter
+from .sending import run_sender
 
 
 def _log(text: str) -> None:
@@ -90,7 +90,7 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
             doc, series = run_reverse_client(o, reporter.start, reporter.interval, reporter.request,
                                              log=_log_err if o.verbose else None, progress=reporter.line)
         else:
-            result = run_client(o, reporter.start, reporter.interval, reporter.request, progress=reporter.line)
+            result = run_sender(o, reporter.start, reporter.interval, reporter.request, progress=reporter.line)
             doc, series = build_document(result), result.series
     except BenchError as e:
         reporter.error(str(e))

@@ -1,115 +1,94 @@
-"""The bench's side channel: one TCP connection per test beside the kvwire session, msgpack frames.
+"""The bench's side channel: kvwire's own control framing, ``Channel`` and authentication, carrying bench messages.
 
-Owns: the frame format (``"KVBN"``, protocol version u8, length u32, then a msgpack map with an ``"op"``),
-bounded reads with deadlines, the mutual HMAC handshake over the pre-shared key (one total deadline,
-messages of at most ``PREAUTH_BODY`` bytes until the peer has proven the key), and the clear errors a
-client gets from a peer that is not a kvwire-bench server. Must not know: kvwire sessions, layouts,
-payloads or reports. Nothing is pickled; every length read from the peer is bounded before it is used.
+Owns: ``BenchChannel`` (a ``kvwire.tcp.wire.Channel`` whose messages are ``APP`` control frames
+``{"op": ..., ...}``; it reads the magic and version bytes first, so a peer that is not kvwire is named at
+once), the handshake on top of ``kvwire.tcp.auth`` (the session handshake's mutual HMAC proofs over fresh
+nonces; messages bounded by ``preauth_limits`` until the peer has proven the key; one deadline for the whole
+exchange) whose ``welcome`` carries the bench's own announcement (``service``, ``bench`` protocol,
+``data_port``, ``run`` ...), and the clear errors a client gets from a peer that is not a kvwire-bench
+server. Must not know: kvwire sessions, layouts, payloads or reports. Nothing is pickled; every length read
+from the peer is bounded (``codec.frames.Limits``) before it is used.
 
 Handshake (client speaks first, so a silent or garbage-writing peer is caught by the client's deadline)::
 
-    C: hello {v, nonce}      S: welcome {v, nonce, proof, data_port, run, server}
-    C: auth {proof}          S: ok {} | error {reason}
+    C: hello {version, nonce}        S: challenge {session, nonce}
+    C: auth {proof}                  S: welcome {proof, limits: {service: "kvwire-bench", bench, data_port, run ...}}
+    S: app {op: ok} | app {op: error, reason}
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 import socket
 import ssl
-import struct
-import threading
 import time
 from typing import Any
 
-import msgpack
-
+from ..codec import frames as F
+from ..errors import AuthenticationError, ProtocolError
+from ..sockopts import no_delay
+from ..tcp.auth import client_handshake, server_hello
+from ..tcp.auth import server_handshake as kvwire_server_handshake
+from ..tcp.wire import Channel, PeerClosed, recv_exact_into
 from .errors import PeerError, PeerGone
 
-MAGIC = b"KVBN"
-PROTOCOL = 1
-_HEADER = struct.Struct("<4sBI")
-MAX_BODY = 4 * 1024 * 1024
-#: the largest message read from a peer that has not authenticated (the handshake's are < 300 bytes)
-PREAUTH_BODY = 4096
+MAGIC = F.MAGIC
+#: the bench's message set (the ops below the handshake); 2: carried in kvwire control frames
+PROTOCOL = 2
+SERVICE = "kvwire-bench"
 HANDSHAKE_TIMEOUT = 2.0
+_VERSION_AT = len(F.MAGIC)
 
 
-def _proof(key: bytes, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    return hmac.new(key, b"kvwire-bench|" + role + b"|" + nonce_c + b"|" + nonce_s, hashlib.sha256).digest()
-
-
-class Channel:
-    """A control connection: whole frames out under a lock, whole frames in with a deadline."""
+class BenchChannel(Channel):
+    """A control connection carrying bench messages: whole frames out under a lock, whole frames in by a
+    deadline. ``limits`` are the pre-authentication ones until the handshake has authenticated the peer."""
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
+        super().__init__(sock, F.preauth_limits(F.DEFAULT_LIMITS))
         self.peer = peer
-        self.max_body = PREAUTH_BODY  # raised to MAX_BODY once the handshake authenticated the peer
-        self._wlock = threading.Lock()
-        self._hdr = bytearray(_HEADER.size)
-        self.closed = False
+        self._head = bytearray(F.HEADER_SIZE)
 
-    def send(self, op: str, **fields: Any) -> None:
-        body = msgpack.packb({"op": op, **fields}, use_bin_type=True)
-        if len(body) > MAX_BODY:
-            raise ValueError(f"control message {op!r} of {len(body)} bytes exceeds {MAX_BODY}")
-        with self._wlock:
-            self.sock.sendall(_HEADER.pack(MAGIC, PROTOCOL, len(body)) + body)
+    def read_header(self) -> F.Header:
+        """The magic and version bytes first: a peer speaking something else is named without waiting for
+        a whole header that may never come."""
+        view = memoryview(self._head)
+        recv_exact_into(self.sock, view[:_VERSION_AT + 1], self.deadline)
+        if bytes(view[:_VERSION_AT]) != F.MAGIC:
+            raise PeerError(f"{self.peer} is not a kvwire-bench peer: it sent {bytes(view[:_VERSION_AT + 1])!r}")
+        if view[_VERSION_AT] != F.VERSION:
+            raise PeerError(f"{self.peer} speaks kvwire protocol v{view[_VERSION_AT]}, this side speaks "
+                            f"v{F.VERSION}: use the same kvwire version on both ends")
+        recv_exact_into(self.sock, view[_VERSION_AT + 1:], self.deadline)
+        return F.unpack_header(self._head, self.limits)
 
-    def _read_exact(self, view: memoryview, deadline: float | None, what: str) -> None:
-        got = 0
-        while got < len(view):
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(what)
-                self.sock.settimeout(left)
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise PeerGone(f"{self.peer} closed the connection{what}")
-            got += n
+    def authenticated(self) -> None:
+        """The peer has proven the key: full-size messages from now on, no handshake deadline."""
+        self.limits = F.DEFAULT_LIMITS
+        self.deadline = None
+
+    def tell(self, op: str, **fields: Any) -> None:
+        """Send one bench message (raises ``OSError`` when the connection is gone)."""
+        self.send(F.APP, {"op": op, **fields})
 
     def recv(self, timeout: float | None = None, deadline: float | None = None) -> dict[str, Any]:
         """The next message within ``timeout`` s or by the monotonic ``deadline``. Raises PeerError (not
-        our protocol), PeerGone (EOF) or socket.timeout."""
+        our protocol), PeerGone (EOF) or TimeoutError."""
         if timeout is not None:
             deadline = time.monotonic() + timeout if deadline is None else min(deadline, time.monotonic() + timeout)
         if deadline is None:
             self.sock.settimeout(None)
-        view = memoryview(self._hdr)
-        self._read_exact(view, deadline, "")
-        magic, version, length = _HEADER.unpack(self._hdr)
-        if magic != MAGIC:
-            raise PeerError(f"{self.peer} is not a kvwire-bench peer: it sent {bytes(self._hdr)!r}")
-        if version != PROTOCOL:
-            raise PeerError(f"{self.peer} speaks kvwire-bench control protocol v{version}, "
-                            f"this side speaks v{PROTOCOL}: use the same kvwire version on both ends")
-        if not 0 < length <= self.max_body:
-            raise PeerError(f"{self.peer} sent a control frame of {length} bytes (limit {self.max_body})")
-        body = bytearray(length)
-        self._read_exact(memoryview(body), deadline, " in the middle of a message")
+        self.deadline = deadline
         try:
-            msg = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, max_str_len=1 << 20,
-                                  max_bin_len=1 << 16, max_array_len=1 << 20, max_map_len=1 << 16,
-                                  max_ext_len=0)
-        except Exception as e:  # msgpack raises many types on hostile input
-            raise PeerError(f"{self.peer} sent an undecodable control message: {type(e).__name__}") from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-            raise PeerError(f"{self.peer} sent a control message without an op")
-        return msg
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            kind, body = self.read_control()
+        except PeerClosed:
+            raise PeerGone(f"{self.peer} closed the connection") from None
+        except ProtocolError as e:
+            raise PeerError(f"{self.peer} broke the kvwire-bench control protocol: {e}") from None
+        finally:
+            self.deadline = None
+        if kind != F.APP or not isinstance(body.get("op"), str):
+            raise PeerError(f"{self.peer} sent a kvwire {kind!r} message where a kvwire-bench message belongs")
+        return body
 
 
 def expect(msg: dict[str, Any], op: str, peer: str) -> dict[str, Any]:
@@ -122,42 +101,44 @@ def expect(msg: dict[str, Any], op: str, peer: str) -> dict[str, Any]:
 
 
 def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext | None = None,
-                   timeout: float = HANDSHAKE_TIMEOUT) -> tuple[Channel, dict[str, Any]]:
-    """Connect and authenticate both ways within ``timeout``; returns the channel and the server's welcome."""
+                   timeout: float = HANDSHAKE_TIMEOUT) -> tuple[BenchChannel, dict[str, Any]]:
+    """Connect and authenticate both ways within ``timeout``; returns the channel and the server's welcome
+    (``op`` "welcome" and what the server announced: ``data_port``, ``run``, ``server``, ``pool_bytes``)."""
     peer = f"{host}:{port}"
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise PeerError(f"cannot connect to a kvwire-bench server at {peer}: {e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ch = Channel(sock, peer)
+    no_delay(sock)
+    ch = BenchChannel(sock, peer)
     try:
         if ssl_context is not None:
             try:
                 ch.sock = ssl_context.wrap_socket(sock, server_hostname=host)
             except ssl.SSLError as e:
                 raise PeerError(f"TLS handshake with {peer} failed: {e.reason or e}") from None
-        nonce_c = os.urandom(16)
-        ch.send("hello", v=PROTOCOL, nonce=nonce_c)
-        welcome = expect(ch.recv(max(0.0, deadline - time.monotonic())), "welcome", peer)
-        nonce_s = welcome.get("nonce")
-        if not isinstance(nonce_s, bytes) or len(nonce_s) != 16:
-            raise PeerError(f"{peer} sent a malformed welcome")
-        proof = welcome.get("proof")
-        want = _proof(key, b"server", nonce_c, nonce_s)
-        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, want):
-            raise PeerError(f"{peer} failed authentication: the pre-shared keys (--key) differ")
-        ch.send("auth", proof=_proof(key, b"client", nonce_c, nonce_s))
-        expect(ch.recv(max(0.0, deadline - time.monotonic())), "ok", peer)
-        ch.max_body = MAX_BODY
+        ch.sock.settimeout(max(0.001, deadline - time.monotonic()))  # the handshake's one deadline
+        try:
+            _, welcome = client_handshake(ch, key, 1)
+        except AuthenticationError:
+            raise PeerError(f"{peer} failed authentication: the pre-shared keys (--key) differ") from None
+        except ProtocolError as e:
+            raise PeerError(f"{peer} is not a kvwire-bench server: {e}") from None
+        if welcome.get("service") != SERVICE:
+            raise PeerError(f"{peer} is a kvwire receiver, not a kvwire-bench server (its data port?)")
+        if welcome.get("bench") != PROTOCOL:
+            raise PeerError(f"{peer} speaks kvwire-bench control protocol v{welcome.get('bench')}, this side "
+                            f"speaks v{PROTOCOL}: use the same kvwire version on both ends")
+        ch.authenticated()
+        expect(ch.recv(deadline=deadline), "ok", peer)  # or the server's "busy"
         ch.sock.settimeout(None)
-        return ch, welcome
+        return ch, {"op": "welcome", **welcome}
     except TimeoutError:
         ch.close()
         raise PeerError(f"no kvwire-bench answer from {peer} within {timeout:.1f} s: "
                         "not a kvwire-bench server (or it is stuck)") from None
-    except PeerGone:
+    except (PeerClosed, PeerGone, ConnectionResetError):
         ch.close()
         raise PeerError(f"{peer} closed the connection during the handshake: not a kvwire-bench server, "
                         "a different version, or TLS/plain mismatch") from None
@@ -166,24 +147,19 @@ def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext
         raise
 
 
-def server_handshake(ch: Channel, key: bytes, welcome: dict[str, Any], deadline: float) -> None:
+def server_handshake(ch: BenchChannel, key: bytes, welcome: dict[str, Any], deadline: float) -> None:
     """Answer a client's hello and check its proof by the monotonic ``deadline`` (the whole handshake,
-    not each read); raises PeerError (after telling the client why) on any mismatch. The caller then
-    sends ``ok`` (or ``error`` when it cannot run the test)."""
-    hello = ch.recv(deadline=deadline)
-    if hello["op"] != "hello" or hello.get("v") != PROTOCOL:
-        ch.send("error", reason=f"expected hello v{PROTOCOL}, got {hello['op']!r} v{hello.get('v')!r}")
-        raise PeerError(f"{ch.peer}: bad hello")
-    nonce_c = hello.get("nonce")
-    if not isinstance(nonce_c, bytes) or len(nonce_c) != 16:
-        ch.send("error", reason="malformed hello")
-        raise PeerError(f"{ch.peer}: malformed hello")
-    nonce_s = os.urandom(16)
-    ch.send("welcome", v=PROTOCOL, nonce=nonce_s, proof=_proof(key, b"server", nonce_c, nonce_s), **welcome)
-    auth = ch.recv(deadline=deadline)
-    proof = auth.get("proof")
-    if (auth["op"] != "auth" or not isinstance(proof, bytes)
-            or not hmac.compare_digest(proof, _proof(key, b"client", nonce_c, nonce_s))):
-        ch.send("error", reason="authentication failed (wrong --key?)")
-        raise PeerError(f"{ch.peer} failed authentication")
-    ch.max_body = MAX_BODY
+    not each read); raises PeerError on any mismatch (the client is told when its proof fails). The
+    caller then sends ``ok`` (or ``error`` when it cannot run the test)."""
+    ch.deadline = deadline
+    try:
+        kind, hello = server_hello(ch)
+        if kind != F.HELLO:
+            raise PeerError(f"{ch.peer}: a kvwire lane, not a kvwire-bench client")
+        kvwire_server_handshake(ch, key, hello, {"service": SERVICE, "bench": PROTOCOL, **welcome},
+                                lambda _keys: None)
+    except (AuthenticationError, ProtocolError) as e:
+        raise PeerError(f"{ch.peer}: {e}") from None
+    except PeerClosed:
+        raise PeerGone(f"{ch.peer} closed the connection during the handshake") from None
+    ch.authenticated()

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .. import __version__
-from .client import RequestRecord, RunResult
+from .sending import RequestRecord, RunResult
 
 GB = 1e9
 

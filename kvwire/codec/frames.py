@@ -58,10 +58,11 @@ CANCEL = "cancel"  # either way: cancel a transfer (reason)
 ERROR = "error"  # either way: a transfer or the session failed (reason)
 HEARTBEAT = "heartbeat"  # either way, on idle control connections
 BYE = "bye"  # either way: orderly session close
+APP = "app"  # either way, after authentication: an application's own message ({"op": ...}; kvwire-bench's)
 
 CONTROL_KINDS = frozenset(
     {HELLO, CHALLENGE, AUTH, WELCOME, LANE, BEGIN, ACCEPT, REJECT, ACK, NACK, DONE, COMPLETE, CANCEL, ERROR,
-     HEARTBEAT, BYE}
+     HEARTBEAT, BYE, APP}
 )
 
 MIN_CHUNK = 64 * 1024

@@ -1,9 +1,11 @@
-"""The client's end of the bench control connection: requests, asynchronous results, heartbeats, clock.
+"""The sending side's end of a test's control channel: requests, asynchronous results, heartbeats, clock.
 
-Owns: a reader thread that files the server's per-request ``result`` messages and hands every other
-message to the caller waiting in ``call``; a heartbeat every second so the server can tell a live client
-from a vanished one; estimating the server's monotonic clock offset (NTP-style, best of several pings).
-Must not know: sessions, payloads or reports.
+Owns: a reader thread that files the receiving side's per-request ``result`` messages and hands every other
+message to the caller waiting in ``call``; a heartbeat every second so the receiving side can tell a live
+sender from a vanished one; estimating the receiving side's monotonic clock offset (NTP-style, best of
+several pings). Either role uses it: the client of a plain test (``connect`` dials and authenticates), and
+the server of a ``-R`` test over the connection the client opened. Must not know: sessions, payloads or
+reports.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .control import Channel, client_connect, expect
+from .control import BenchChannel, client_connect, expect
 from .errors import PeerGone
 
 HEARTBEAT = 1.0
 
 
-class ControlClient:
-    def __init__(self, ch: Channel, welcome: dict[str, Any]) -> None:
+class Requester:
+    """Over an authenticated channel; ``welcome`` says ``run`` (the request ids' prefix) and ``data_port``."""
+
+    def __init__(self, ch: BenchChannel, welcome: dict[str, Any]) -> None:
         self.ch = ch
         self.welcome = welcome
         self.results: dict[str, dict[str, Any]] = {}
@@ -37,7 +41,7 @@ class ControlClient:
 
     @classmethod
     def connect(cls, host: str, port: int, key: bytes, ssl_context: ssl.SSLContext | None,
-                timeout: float) -> ControlClient:
+                timeout: float) -> Requester:
         ch, welcome = client_connect(host, port, key, ssl_context, timeout)
         return cls(ch, welcome)
 
@@ -70,14 +74,14 @@ class ControlClient:
     def _beat_loop(self) -> None:
         while not self._closed.wait(HEARTBEAT):
             try:
-                self.ch.send("hb")
+                self.ch.tell("hb")
             except OSError:
                 return
 
     def call(self, op: str, reply: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         """Send ``op`` and wait for ``reply`` (or the server's error, raised as PeerError)."""
         try:
-            self.ch.send(op, **fields)
+            self.ch.tell(op, **fields)
         except OSError as e:
             raise PeerGone(f"control connection to {self.ch.peer} lost: {e}") from None
         try:
@@ -120,7 +124,7 @@ class ControlClient:
         best: tuple[float, float] | None = None
         for _ in range(rounds):
             t0 = time.monotonic()
-            pong = self.call("ping", "pong", timeout=5.0, t=t0)
+            pong = self.call("ping", "pong", timeout=5.0, t0=t0)
             t1 = time.monotonic()
             ts = pong.get("ts")
             if not isinstance(ts, float):
@@ -136,7 +140,7 @@ class ControlClient:
         self._closed.set()
         if bye:
             try:
-                self.ch.send("bye")
+                self.ch.tell("bye")
             except OSError:
                 pass
         self.ch.close()

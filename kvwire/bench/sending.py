@@ -1,13 +1,13 @@
-"""The ``kvwire-bench -c`` client: one test against a bench server, measured end to end.
+"""The sending side of a test, whichever end dialled: one run against a receiving side, measured end to end.
 
 Owns: building the request stream (KV mode: the model's layout, layer by layer, paced like a prefill;
 raw mode: repeated transfers of the synthetic layout), filling each request's payload with the run's
 pattern, driving ``kvwire.connect``/``send``/``write_layer``/``finish``, sampling lanes, pairing each
-request with the server's verification result and per-layer times (mapped onto this host's clock) and
-collecting CPU usage; the order of a test's steps (``--probe`` before it, ``--adaptive``'s controller for
-its length: ``adaptive`` does both). Returns a ``RunResult``; it prints nothing (``report`` does). Must not
-know: the output formats, how the server is started (``loopback``), argument parsing or the link
-controller's policy.
+request with the receiving side's verification result and per-layer times (mapped onto this host's clock)
+and collecting CPU usage; the order of a test's steps (``--probe`` before it, ``--adaptive``'s controller
+for its length: ``adaptive`` does both). ``kvwire-bench -c`` runs it against the server; the server runs it
+for ``-R``. Returns a ``RunResult``; it prints nothing (``report`` does). Must not know: the output formats,
+how the server is started (``loopback``), argument parsing or the link controller's policy.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from ..errors import KvwireError, TransferError
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp.sender import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
-from .ctlclient import ControlClient
 from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context
 from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
+from .requester import Requester
 from .sampler import Sampler, lane_addresses
 
 #: seconds the client still waits for the server's results and summary once its session has failed
@@ -112,7 +112,7 @@ def _knobs(o: Options) -> Callable[[socket.socket], None] | None:
 class _Runner:
     """The request loop: ``concurrency`` workers, each with its own payload buffer."""
 
-    def __init__(self, o: Options, session: Session, ctl: ControlClient, layout: ModelLayout, tokens: int,
+    def __init__(self, o: Options, session: Session, ctl: Requester, layout: ModelLayout, tokens: int,
                  plan: PayloadPlan, pattern: Pattern, on_request: Callback | None) -> None:
         self.o, self.session, self.ctl, self.layout, self.tokens = o, session, ctl, layout, tokens
         self.plan, self.pattern, self.on_request = plan, pattern, on_request
@@ -210,18 +210,24 @@ class _Runner:
                                  "seconds": rec.done_at - rec.t0, "bytes": rec.nbytes})
 
 
-def run_client(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
-               on_request: Callback | None = None, progress: Callable[[str], None] | None = None) -> RunResult:
-    """Run one test. Raises PeerError/UsageError before the test starts; failures during it are recorded.
-    ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers, payloads)."""
+def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
+               on_request: Callback | None = None, progress: Callable[[str], None] | None = None,
+               ctl: Requester | None = None) -> RunResult:
+    """Run one test: the sending side. Raises PeerError/UsageError before the test starts; failures during
+    it are recorded. ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers,
+    payloads). ``ctl``: the control channel to the receiving side when the caller has one (``-R``: the
+    server sends over the client's connection; it stays the caller's to close), else this dials
+    ``o.host``/``o.port``."""
     say = progress or (lambda _line: None)
     layout, tokens = resolve_layout(o)
     plan = PayloadPlan.build(layout, RequestSpec("plan", tokens, tokens))
     if plan.total_bytes == 0:
         raise UsageError(f"a request of {tokens} tokens of {layout.name} carries no bytes")
     ssl_context = client_ssl_context(o)
-    say(f"Setting up: connecting to {o.host} port {o.port}")
-    ctl = ControlClient.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
+    owned = ctl is None
+    if ctl is None:
+        say(f"Setting up: connecting to {o.host} port {o.port}")
+        ctl = Requester.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
     session: Session | None = None
     adaptive: Adaptive | None = None
     try:
@@ -306,10 +312,11 @@ def run_client(o: Options, on_start: Callback | None = None, on_interval: Callba
             adaptive.close()
         if session is not None:
             session.close()
-        ctl.close()
+        if owned:
+            ctl.close()
 
 
-def _wait_results(ctl: ControlClient, session: Session, rids: list[str], timeout: float) -> dict[str, Any]:
+def _wait_results(ctl: Requester, session: Session, rids: list[str], timeout: float) -> dict[str, Any]:
     """The server's results for ``rids``: up to ``timeout``, or ``GONE_GRACE`` once the session has
     failed (the server is likely gone, and its results with it)."""
     end = time.monotonic() + timeout
@@ -341,4 +348,4 @@ def _congestion_of(session: Session) -> str:
         return ""
 
 
-__all__ = ["RequestRecord", "RunResult", "resolve_layout", "run_client"]
+__all__ = ["RequestRecord", "RunResult", "resolve_layout", "run_sender"]
