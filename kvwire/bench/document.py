@@ -125,14 +125,12 @@ def build_document(r: RunResult) -> dict[str, Any]:
                 "receiver": _receiver_stream(rx_lanes.get(lane["socket"]), rx_seconds)}
                for lane in r.lanes]
     now = time.time()
-    rss_peak, rss_base, pool = srv.get("rss_peak"), srv.get("rss_base"), srv.get("pool_bytes")
     doc: dict[str, Any] = {
         "start": {
             "connected": r.connected,
             "version": f"kvwire-bench {__version__}",
             "system_info": " ".join(platform.uname()),
-            "timestamp": {"time": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)),
-                          "timesecs": int(now)},
+            "timestamp": _timestamp(now),
             "connecting_to": {"host": o.host, "port": o.port, "data_port": r.data_port},
             "fq_rate": o.fq_rate or 0,
             "test_start": {"protocol": "TCP", "num_streams": o.lanes, "blksize": o.chunk_size, "omit": 0,
@@ -186,9 +184,7 @@ def build_document(r: RunResult) -> dict[str, Any]:
             "cpu": {"sender_s": tx_cpu, "receiver_s": rx_cpu, "sender_fill_s": r.fill_cpu,
                     "receiver_verify_s": float(srv.get("verify_cpu", 0.0)),
                     "cpu_s_per_gb": (tx_cpu + rx_cpu) / moved_gb if moved_gb else None},
-            "receiver_memory": {"rss_peak": rss_peak, "rss_at_start": rss_base, "pool_bytes": pool,
-                                "beyond_pool": (rss_peak - pool) if isinstance(rss_peak, int)
-                                and isinstance(pool, int) else None},
+            "receiver_memory": _memory(srv),
             "timeline": timelines,
             "verification": {
                 "verified": ok,
@@ -207,6 +203,13 @@ def build_document(r: RunResult) -> dict[str, Any]:
     if r.link_control is not None:
         doc["kv"]["link_control"] = r.link_control
     return doc
+
+
+def _memory(rec: dict[str, Any]) -> dict[str, Any]:
+    """The receiving side's memory: peak RSS, RSS at the start, its pool, and the peak beyond the pool."""
+    rss_peak, pool = rec.get("rss_peak"), rec.get("pool_bytes")
+    return {"rss_peak": rss_peak, "rss_at_start": rec.get("rss_base"), "pool_bytes": pool,
+            "beyond_pool": (rss_peak - pool) if isinstance(rss_peak, int) and isinstance(pool, int) else None}
 
 
 def _timestamp(t: float) -> dict[str, Any]:
@@ -246,7 +249,6 @@ def build_server_document(rec: dict[str, Any]) -> dict[str, Any]:
     cpu_user, cpu_system = float(rec.get("cpu_user", 0.0)), float(rec.get("cpu_system", 0.0))
     verify_cpu = float(rec.get("verify_cpu", 0.0))
     wall = max(last - wall0, 1e-9) if isinstance(last, float) and wall0 else seconds
-    rss_peak, rss_base, pool = rec.get("rss_peak"), rec.get("rss_base"), rec.get("pool_bytes")
     requests = [{"request_id": x["rid"], "state": x["state"], "reason": x["reason"], "verified": bool(x["ok"]),
                  "bytes": x["bytes"], "bytes_checked": x["checked"], "bad_blocks": x["bad_blocks"],
                  "first_bad_offset": x["first_bad"],
@@ -282,9 +284,7 @@ def build_server_document(rec: dict[str, Any]) -> dict[str, Any]:
             "requests": requests,
             "lane_wire_bytes": sum(int(lane.get("bytes") or 0) for lane in lanes),
             "cpu": {"receiver_s": max(0.0, cpu_user + cpu_system - verify_cpu), "receiver_verify_s": verify_cpu},
-            "receiver_memory": {"rss_peak": rss_peak, "rss_at_start": rss_base, "pool_bytes": pool,
-                                "beyond_pool": (rss_peak - pool) if isinstance(rss_peak, int)
-                                and isinstance(pool, int) else None},
+            "receiver_memory": _memory(rec),
             "verification": {"verified": ok, "requests_ok": int(rec.get("requests_ok") or 0),
                              "requests_failed": int(rec.get("requests_failed") or 0),
                              "bytes_verified": verified_bytes},
