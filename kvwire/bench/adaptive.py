@@ -188,9 +188,8 @@ def run_probe(session: Session, o: Options) -> Probed:
 
 
 def control_bytes_sent(session: Session) -> int:
-    """TCP payload the session's control connection has sent (``TCP_INFO``). ``Session`` has no public
-    accessor for that socket yet: this is the bench's one read of ``session.ctrl``."""
-    info = try_read(session.ctrl.sock)
+    """TCP payload the session's control connection has sent (``TCP_INFO``)."""
+    info = try_read(session.control_socket())
     return (info.bytes_sent or 0) if info is not None else 0
 
 

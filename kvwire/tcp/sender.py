@@ -291,6 +291,11 @@ class Session:
             return [lane.ch.sock for lane in self.lanes
                     if lane.alive and lane.index < self._pump.active]
 
+    def control_socket(self) -> socket.socket:
+        """The control connection's socket (for TCP_INFO: what the session's control messages cost on the wire)."""
+        with self._cond:
+            return self.ctrl.sock
+
     def lane_info(self) -> list[LaneInfo]:
         """A snapshot of every lane opened so far (parked and down ones included), by index: its socket
         (for TCP_INFO), payload bytes and chunks put on it, whether it is up and whether it pulls chunks.
