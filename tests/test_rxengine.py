@@ -4,6 +4,7 @@ property test over random orders of legal and illegal messages, chunks and ticks
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvwire.codec import frames as F
 from kvwire.codec.manifest import Manifest, build_manifest
+from kvwire.codec.plan import ChunkPlan
 from kvwire.codec.rules import RECEIVER_RECEIVES, Conn
 from kvwire.codec.rxengine import (
     UNSTICK_AFTER,
@@ -39,8 +41,13 @@ def engine(**kw: Any) -> ReceiverEngine:
     return ReceiverEngine(F.DEFAULT_LIMITS, **args)
 
 
-def manifest(tid: int, **kw: Any) -> Manifest:
-    return build_manifest(tid, LAYOUT, default_request(f"r{tid}"), CHUNK, **kw)
+@functools.lru_cache(maxsize=64)
+def _manifest(tid: int, hashed: bool, sink: bool) -> Manifest:
+    return build_manifest(tid, LAYOUT, default_request(f"r{tid}"), CHUNK, hashed=hashed, sink=sink)
+
+
+def manifest(tid: int, hashed: bool = True, sink: bool = False) -> Manifest:
+    return _manifest(tid, hashed, sink)
 
 
 def begin(e: ReceiverEngine, tid: int, now: float = 0.0, **kw: Any) -> list[Any]:
@@ -55,8 +62,18 @@ def start(e: ReceiverEngine, tid: int, now: float = 0.0, **kw: Any) -> Manifest:
     return a.manifest
 
 
+_PLANS: dict[int, ChunkPlan] = {}
+
+
+def _plan(m: Manifest) -> ChunkPlan:
+    """The plan of ``m`` (every manifest of these tests with one transfer id has the same segments)."""
+    if m.transfer_id not in _PLANS:
+        _PLANS[m.transfer_id] = m.plan()
+    return _PLANS[m.transfer_id]
+
+
 def header(m: Manifest, chunk: int, digest: int | None = None) -> F.Header:
-    p = m.plan()
+    p = _plan(m)
     d = 1000 + chunk if digest is None else digest
     return F.Header(F.KIND_DATA, 1 if m.hashed else 0, m.transfer_id, chunk, p.layers[chunk], p.offsets[chunk],
                     p.lengths[chunk], d if m.hashed else 0)
@@ -311,24 +328,26 @@ def test_sinks_count_as_probes() -> None:
 # ------------------------------------------------------------------ property: any order
 
 
-_TIDS = st.integers(1, 4)
-_OP = st.one_of(
-    st.tuples(st.just("begin"), _TIDS, st.booleans()),
-    st.tuples(st.just("activate"), st.integers(0, 3), st.booleans()),
-    st.tuples(st.just("done"), _TIDS, st.booleans()),
-    st.tuples(st.just("cancel"), _TIDS, st.sampled_from([None, "failed", "timed_out", "bogus"])),
-    st.tuples(st.just("user_cancel"), _TIDS, st.none()),
-    st.tuples(st.just("kind"), st.sampled_from(sorted(F.CONTROL_KINDS | {"junk"})), st.none()),
-    st.tuples(st.just("chunk"), st.tuples(_TIDS, st.integers(0, 25), st.integers(0, 3)), st.none()),
-    st.tuples(st.just("finish"), st.integers(0, 7), st.sampled_from(["good", "bad", "abandon"])),
-    st.tuples(st.just("tick"), st.floats(0.0, 4.0), st.none()),
-    st.tuples(st.just("close"), st.none(), st.none()),
-)
+#: op names weighted by repetition: mostly the traffic of a working session, with the rarer endings
+#: (cancels, deadlines, silence, illegal messages, the driver's close) among it
+_NAMES = (["begin"] * 6 + ["activate"] * 6 + ["chunk"] * 12 + ["finish"] * 10 + ["fill"] * 3 + ["done"] * 5
+          + ["cancel", "user_cancel", "kind", "tick", "tick", "close"])
+_KINDS = sorted(F.CONTROL_KINDS | {"junk"}) + [F.HEARTBEAT] * 18
+
+
+def _ops(raw: bytes) -> list[tuple[str, int, float]]:
+    """Each 4 bytes of ``raw``: an op's name, a number its arguments are read from, and (for a tick) the
+    seconds it advances the clock. One draw per example: hypothesis' own cost stays small."""
+    out = []
+    for i in range(0, len(raw) - 3, 4):
+        n = int.from_bytes(raw[i + 1: i + 4], "little")
+        out.append((_NAMES[raw[i] % len(_NAMES)], n, (n % 41) / 10))
+    return out
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(_OP, max_size=60))
-def test_any_order_of_messages_chunks_and_ticks(ops: list[tuple[Any, Any, Any]]) -> None:
+@given(st.binary(min_size=4 * 40, max_size=4 * 200))
+def test_any_order_of_messages_chunks_and_ticks(raw: bytes) -> None:
     """Only typed errors; every activated transfer gets exactly one ``Ended`` (once its writers stop);
     after ``Fail`` nothing is accepted."""
     e = engine(max_transfers=3, transfer_timeout=20.0, peer_timeout=8.0)
@@ -351,44 +370,55 @@ def test_any_order_of_messages_chunks_and_ticks(ops: list[tuple[Any, Any, Any]])
             elif type(a) is Admit:
                 admitted.append(a.manifest)
 
-    for op, x, y in ops:
+    for op, n, dt in _ops(raw):
+        tid = 1 + n % 12
         try:
             if op == "begin":
-                body = manifest(x).to_wire(with_layout=True)
-                take(e.receive(F.BEGIN, body if y else {**body, "seg": "junk"}, now))
+                body = manifest(tid).to_wire(with_layout=True)
+                take(e.receive(F.BEGIN, body if n % 5 else {**body, "seg": "junk"}, now))
             elif op == "activate" and admitted:
-                m = admitted.pop(min(x, len(admitted) - 1))
-                out = e.activate(m, now) if y else e.refuse(m.transfer_id, "no", now)
-                if y and out[0].kind == F.ACCEPT:
+                m = admitted.pop(n % len(admitted))
+                out = e.activate(m, now) if n % 4 else e.refuse(m.transfer_id, "no", now)
+                assert out or failed  # once failed, nothing is activated, nor refused aloud
+                if out and out[0].kind == F.ACCEPT:
                     assert not failed and m.transfer_id not in activated
                     activated.add(m.transfer_id)
                 take(out)
             elif op == "done":
-                m = manifest(x)
-                take(e.receive(F.DONE, {"tid": x, "digest": digest(m) if y else 1}, now))
+                take(e.receive(F.DONE, {"tid": tid, "digest": digest(manifest(tid)) if n % 3 else 1}, now))
             elif op == "cancel":
-                take(e.receive(F.CANCEL, {"tid": x, "reason": "r"} | ({"state": y} if y else {}), now))
+                state = [None, "failed", "timed_out", "bogus"][n % 4]
+                take(e.receive(F.CANCEL, {"tid": tid, "reason": "r"} | ({"state": state} if state else {}), now))
             elif op == "user_cancel":
-                take(e.cancel(x, "user", now))
+                take(e.cancel(tid, "user", now))
             elif op == "kind":
-                take(e.receive(x, BODIES.get(x, {}), now))
-            elif op == "chunk":
-                tid, c, lane = x
-                m = manifest(tid)
-                h = header(m, min(c, m.plan().num_chunks - 1))
-                t = e.chunk_admit(lane, h)
+                kind = _KINDS[n % len(_KINDS)]
+                take(e.receive(kind, BODIES.get(kind, {}), now))
+            elif op == "chunk" and (activated or n % 16 == 0):  # rarely one of a transfer never begun (fatal)
+                known = sorted(activated)
+                m = manifest(known[n % len(known)] if known and n % 16 else tid)
+                h = header(m, (n >> 2) % _plan(m).num_chunks)
+                t = e.chunk_admit(n % 3, h)
                 if t is None:
                     e.chunk_drained(h, now)
                 else:
                     assert not failed, "a chunk admitted after Fail"
-                    writing.append((t, lane, h))
+                    writing.append((t, n % 3, h))
+            elif op == "fill" and e.transfer(tid) is not None:  # every chunk not yet verified arrives intact
+                t = e.transfer(tid)
+                assert t is not None
+                m = manifest(tid)
+                for c in range(_plan(m).num_chunks):
+                    h = header(m, c)
+                    if not t.machine.verified[c] and e.chunk_admit(9, h) is t:
+                        take([r.ended] if (r := e.chunk_done(t, 9, h, h.digest, now)).ended else [])
             elif op == "finish" and writing:
-                t, lane, h = writing.pop(x % len(writing))
-                r = (e.chunk_abandoned(t, lane, h, now) if y == "abandon"
-                     else e.chunk_done(t, lane, h, h.digest ^ (y == "bad"), now))
+                t, lane, h = writing.pop(n % len(writing))
+                r = (e.chunk_abandoned(t, lane, h, now) if n % 5 == 0
+                     else e.chunk_done(t, lane, h, h.digest ^ (n % 7 == 0), now))
                 take([r.ended] if r.ended else [])
             elif op == "tick":
-                now += x
+                now += dt
                 take(e.tick(now))
             elif op == "close":
                 take(e.close("driver closed"))
