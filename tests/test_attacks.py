@@ -18,6 +18,7 @@ from helpers import payload, wait_until
 
 from kvwire import Receiver, State, connect, plan_segments
 from kvwire.codec import frames as F
+from kvwire.errors import KvwireError
 from kvwire.testing.decoder import ControlFrame, FrameDecoder
 from kvwire.testing.fixtures import default_request, load_fixture
 
@@ -312,6 +313,22 @@ def test_bench_control_port_bounds_connections(bench_server: tuple[str, int]) ->
     finally:
         for c in socks:
             c.close()
+
+
+def test_bench_control_port_refuses_a_kvwire_session_with_the_same_key(bench_server: tuple[str, int]) -> None:
+    """The bench's control channel speaks kvwire's framing and handshake, so a kvwire session holding the same
+    key gets through the handshake; it must still fail at once (its lanes are refused, the bench's messages
+    are not its protocol), and the bench server go on serving bench clients."""
+    from kvwire.bench.control import client_connect
+
+    t0 = time.monotonic()
+    with pytest.raises((KvwireError, OSError)):  # its lane is cut: the peer closed the connection
+        s = connect(*bench_server, key="k", lanes=1, connect_timeout=2.0, link_control=False)
+        s.close()
+    assert time.monotonic() - t0 < 5.0
+    ch, welcome = client_connect(*bench_server, b"k", timeout=2.0)
+    ch.close()
+    assert welcome["service"] == "kvwire-bench"
 
 
 # ---------------------------------------------------------------- an authenticated peer sends malformed messages
