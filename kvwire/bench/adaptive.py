@@ -17,7 +17,7 @@ from typing import Any
 from ..congestion.control import LinkControl
 from ..congestion.controller import ControllerConfig, Decision
 from ..congestion.estimator import LinkState
-from ..congestion.tcpinfo import try_read
+from ..congestion.tcpinfo import LaneCounters, try_read
 from ..errors import KvwireError, ProbeRefused
 from ..probe import ProbeResult, probe
 from ..tcp.sender import Session
@@ -111,23 +111,22 @@ class Adaptive:
 
 @dataclass(frozen=True)
 class LaneCounts:
-    """One lane's counters: chunk payload and chunks (the session's), TCP payload sent and acknowledged
-    (``TCP_INFO`` of its socket, ``sock`` = its identity)."""
+    """What the probe put on one lane: chunk payload and chunks (the session's counters), TCP payload sent and
+    acknowledged (``TCP_INFO``, over the lane's sockets: one re-dialled meanwhile counts from zero)."""
 
-    sock: int
     bytes: int
     chunks: int
     wire_sent: int
     wire_acked: int
 
 
-def lane_counts(session: Session) -> dict[int, LaneCounts]:
+def _lane_counts(session: Session, wire: LaneCounters) -> dict[int, tuple[int, int, int, int]]:
+    """Per lane now: ``LaneCounts``' four counters, cumulative."""
     out = {}
     for lane in session.lane_info():
-        info = try_read(lane.sock)
-        out[lane.index] = LaneCounts(id(lane.sock), lane.bytes_sent, lane.chunks_sent,
-                                     (info.bytes_sent or 0) if info is not None else 0,
-                                     (info.bytes_acked or 0) if info is not None else 0)
+        wire.read(lane.index, lane.sock)
+        out[lane.index] = (lane.bytes_sent, lane.chunks_sent, wire.total(lane.index, "bytes_sent"),
+                           wire.total(lane.index, "bytes_acked"))
     return out
 
 
@@ -166,7 +165,8 @@ def run_probe(session: Session, o: Options) -> Probed:
     """``kvwire.probe`` on the test's session for ``--probe`` seconds (``-C``'s algorithm, else BBR), before
     any ``LinkControl`` is attached. A receiver that takes no probes, or a probe that fails, is a PeerError."""
     assert o.probe_seconds is not None
-    before = lane_counts(session)
+    wire = LaneCounters(("bytes_sent", "bytes_acked"))
+    before = _lane_counts(session, wire)
     ctrl_before = control_bytes_sent(session)
     try:
         result = probe(session, seconds=o.probe_seconds, congestion=o.congestion or "bbr")
@@ -174,16 +174,8 @@ def run_probe(session: Session, o: Options) -> Probed:
         raise PeerError(f"--probe: {e}") from None
     except KvwireError as e:
         raise PeerError(f"--probe failed: {type(e).__name__}: {e}") from None
-    after = lane_counts(session)
-    used = {}
-    for index, a in after.items():
-        b = before.get(index)
-        if b is None:
-            continue
-        same = a.sock == b.sock  # a lane re-dialled during the probe: its TCP counters started again
-        used[index] = LaneCounts(a.sock, a.bytes - b.bytes, a.chunks - b.chunks,
-                                 a.wire_sent - b.wire_sent if same else a.wire_sent,
-                                 a.wire_acked - b.wire_acked if same else a.wire_acked)
+    after = _lane_counts(session, wire)
+    used = {i: LaneCounts(*(x - y for x, y in zip(a, before[i]))) for i, a in after.items() if i in before}
     return Probed(result, used, max(0, control_bytes_sent(session) - ctrl_before))
 
 
@@ -193,4 +185,4 @@ def control_bytes_sent(session: Session) -> int:
     return (info.bytes_sent or 0) if info is not None else 0
 
 
-__all__ = ["Adaptive", "LaneCounts", "Probed", "control_bytes_sent", "controller_config", "lane_counts", "run_probe"]
+__all__ = ["Adaptive", "LaneCounts", "Probed", "control_bytes_sent", "controller_config", "run_probe"]
