@@ -22,7 +22,7 @@ from kvwire import (
     plan_segments,
 )
 from kvwire.errors import StatePositionMismatch
-from kvwire.tcp.wire import KEEPALIVE_IDLE
+from kvwire.sockopts import KEEPALIVE_IDLE
 from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import FIXTURES, default_request, fixture_payload, load_fixture
 

@@ -26,9 +26,10 @@ from typing import Any
 
 from ..codec import frames as F
 from ..errors import ConnectError, ConnectTimeout, KvwireError
+from ..sockopts import tune
 from .auth import SessionKeys, client_handshake, client_lane
 from .transport import Stream
-from .wire import Channel, tune
+from .wire import Channel
 
 log = logging.getLogger("kvwire.tcp")
 

@@ -2,8 +2,9 @@
 
 Owns: ``recv_exact_into``, ``send_parts`` (``sendmsg`` over [header, views] with partial-send
 handling, ``sendall`` per part on TLS), ``Channel`` (a socket with a write lock that reads and writes
-whole control frames), socket tuning, and ``listen`` (IPv4, IPv6 or dual-stack by the address
-given). Must not know: transfers, sessions or layouts.
+whole control frames) and ``listen`` (IPv4, IPv6 or dual-stack by the address
+given). Socket options are ``kvwire.sockopts``'s (``tune`` is re-exported here). Must not know:
+transfers, sessions or layouts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..codec.frames import (
     unpack_header,
 )
 from ..errors import ProtocolError
+from ..sockopts import tune as tune  # re-exported: the receiver's accept path tunes through the wire
 
 Buffer = memoryview
 
@@ -95,23 +97,6 @@ def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None
             else:
                 views[0] = views[0][sent:]
                 sent = 0
-
-
-#: keepalive probes on idle connections: first after KEEPALIVE_IDLE s, then every KEEPALIVE_INTERVAL s.
-#: Parked lanes carry nothing for minutes; without probes a NAT or firewall between datacenters drops
-#: their state after its idle timeout (often 350 s or less) while the kernel default waits 2 hours.
-KEEPALIVE_IDLE = 15
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT = 3
-
-
-def tune(sock: socket.socket, user_timeout_s: float | None = None) -> None:
-    """No Nagle; unacknowledged data or unanswered keepalives fail the connection after
-    ``user_timeout_s``; idle connections send keepalives (see ``KEEPALIVE_IDLE``). ``kvwire.sockopts``
-    sets them (the one module that sets socket options)."""
-    from .. import sockopts
-
-    sockopts.tune(sock, user_timeout_s)
 
 
 class Channel:
