@@ -95,3 +95,45 @@ def test_the_same_transform_without_the_receivers_half_fails_verification() -> N
         with pytest.raises(TransferFailed):
             h_rx.result(20)
         assert s.stats()["chunks_nacked"] >= 1
+
+
+class Broken:
+    """A stage that fails on one chunk: by raising, or by returning a payload of the wrong length."""
+
+    def __init__(self, chunk: int, how: str) -> None:
+        self.chunk, self.how = chunk, how
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        if ref.chunk != self.chunk:
+            return pieces
+        if self.how == "raises":
+            raise RuntimeError("stage bug")
+        return [p[:-1] for p in pieces]  # one byte short per piece
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("how", "why"), [("raises", "stage bug"), ("shortens", "bytes for a")])
+def test_a_failing_stage_fails_its_transfer_at_once_and_the_session_carries_on(how: str, why: str) -> None:
+    """A stage is user code: when it fails on a chunk, that transfer ends failed (both ends, promptly, not
+    at its deadline) and the lane carries the next transfer; nothing wrong goes on the wire."""
+    layout, req, src, dst = _request()
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK, chunk_stage=Broken(2, how)) as s:
+        h_rx = rx.expect(req.request_id, dst)
+        h = s.send(layout, req, timeout=None)
+        h.write_all(src)
+        with pytest.raises(TransferFailed, match=f"chunk stage failed on chunk 2: .*{why}"):
+            h.finish().result(10)
+        with pytest.raises(TransferFailed):
+            h_rx.result(10)
+        assert s.stats()["transfers_failed"] == 1 and s.healthy
+        s.chunk_stage = Recorder()
+        req2 = default_request("tx-staged-after")
+        dst2 = np.zeros_like(dst)
+        h_rx2 = rx.expect(req2.request_id, dst2)
+        h2 = s.send(layout, req2)
+        h2.write_all(src)
+        assert h2.finish().result(10).state is State.DONE and h_rx2.result(10).state is State.DONE
+        assert rx.stats()["chunks_rejected"] == 0
+    assert dst2.tobytes() == b"".join(a.view(np.uint8).tobytes() for a in src)

@@ -328,6 +328,17 @@ def test_cancel_by_the_user() -> None:
         e.start(_sm(5), None)
 
 
+def test_abort_by_the_driver_fails_the_transfer_and_frees_its_lanes() -> None:
+    e = _engine()
+    _running(e)
+    assert e.pick(0) is not None and e.lane_busy(0)
+    out = e.abort(7, "chunk stage failed on chunk 0: bug")
+    assert out == [Send(F.CANCEL, {"tid": 7, "reason": "chunk stage failed on chunk 0: bug", "state": "failed"}),
+                   Ended(7, State.FAILED, "chunk stage failed on chunk 0: bug")]
+    assert not e.lane_busy(0) and e.counts()["transfers_failed"] == 1
+    assert e.abort(7, "again") == []  # once
+
+
 # ---------------------------------------------------------------- property: random orders
 
 _OPS = {"msg": 30, "start": 4, "write": 8, "pick": 12, "tick": 4, "lane_lost": 1, "cancel": 1, "fail": 0.5,

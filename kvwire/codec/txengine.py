@@ -209,6 +209,13 @@ class SenderEngine:
         self._end(tid, State.CANCELLED, reason, F.CANCEL, out)
         return out
 
+    def abort(self, tid: int, reason: str) -> list[Action]:
+        """The driver cannot carry ``tid`` on (its chunk stage failed on a chunk of it): CANCEL to the
+        receiver, then ``Ended`` failed. Nothing if it has ended."""
+        out: list[Action] = []
+        self._end(tid, State.FAILED, reason, F.CANCEL, out)
+        return out
+
     @property
     def busy(self) -> bool:
         """A transfer is in flight."""

@@ -137,7 +137,8 @@ class Session:
                               stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
         self._pump = LanePump(self._engine, self._cond, self._handles, self._dialer, active=lanes,
                               stall_timeout=self.stall_timeout, peer_timeout=peer_timeout,
-                              alive_lanes=lambda: self.alive_lanes, fail=self._fail_session, stage=chunk_stage)
+                              alive_lanes=lambda: self.alive_lanes, fail=self._fail_session,
+                              abort=self.abort_transfer, stage=chunk_stage)
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
         self._establish(lanes)
@@ -216,6 +217,12 @@ class Session:
         """The user cancels a transfer: CANCEL to the receiver, the handle ends ``cancelled``."""
         with self._cond:
             actions = self._engine.cancel(transfer_id, reason)
+        self._act(actions)
+
+    def abort_transfer(self, transfer_id: int, reason: str) -> None:
+        """The lanes cannot carry a transfer on (the chunk stage failed on it): it ends ``failed``."""
+        with self._cond:
+            actions = self._engine.abort(transfer_id, reason)
         self._act(actions)
 
     @property

@@ -38,12 +38,15 @@ class LanePump:
         peer_timeout: how long a dead lane is re-dialled before it is left down.
         alive_lanes: how many of the session's lanes are up.
         fail: ``fail(reason, gen)``: the session's connection failed (the last lane is gone).
+        abort: ``abort(transfer_id, reason)``: that transfer cannot go on (the stage failed on a chunk of
+            it, by raising or by changing its length); it ends failed, the lane carries on.
+        stage: every chunk passes ``stage.outgoing`` after hashing, before the wire.
     """
 
     def __init__(self, engine: SenderEngine, cond: threading.Condition, handles: Mapping[int, OutgoingTransfer],
                  dialer: Dialer, *, active: int, stall_timeout: float, peer_timeout: float,
                  alive_lanes: Callable[[], int], fail: Callable[[str, int], None],
-                 stage: ChunkStage = IDENTITY) -> None:
+                 abort: Callable[[int, str], None], stage: ChunkStage = IDENTITY) -> None:
         self.engine = engine
         self.cond = cond
         self.handles = handles
@@ -53,6 +56,7 @@ class LanePump:
         self.peer_timeout = peer_timeout
         self.alive_lanes = alive_lanes
         self.fail = fail
+        self.abort = abort
         self.stage = stage  #: every chunk passes ``stage.outgoing`` after hashing, before the wire
 
     def run(self, lane: Lane, gen: int) -> None:
@@ -106,7 +110,16 @@ class LanePump:
         length = plan.lengths[chunk]
         stage = self.stage
         if stage is not IDENTITY:
-            pieces = stage.outgoing(ChunkRef(lane.index, tid, chunk, length), pieces)
+            try:
+                pieces = stage.outgoing(ChunkRef(lane.index, tid, chunk, length), pieces)
+                staged = sum(memoryview(p).nbytes for p in pieces)
+                if staged != length:
+                    raise ValueError(f"it returned {staged} bytes for a {length}-byte chunk")
+            except OSError:
+                raise  # the lane's (a stage may act on the lane itself, as fault injection does)
+            except Exception as e:  # the stage is user code: its failure is the transfer's, not the lane's
+                self.abort(tid, f"chunk stage failed on chunk {chunk}: {e}")
+                return
         lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
                             *pieces])
         lane.sent(length)
