@@ -8,9 +8,10 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from helpers import wait_until
 
-from kvwire import Receiver, State, connect
+from kvwire import Receiver, State, TransferFailed, connect
 from kvwire.tcp.transport import ChunkRef
 from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
@@ -82,3 +83,46 @@ def test_a_stage_that_changes_the_bytes_is_caught_by_the_hash_check_and_the_chun
     chunks = [ref.chunk for ref, _ in stage.seen]
     assert chunks.count(3) == 2 and sorted(set(chunks)) == list(range(t.num_chunks))
     assert len(chunks) == t.num_chunks + 1
+
+
+class Raises:
+    """A stage that fails on one chunk of the first transfer it sees."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.tid: int | None = None
+        self.calls = 0
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        return pieces
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        self.calls += 1
+        if self.tid is None:
+            self.tid = ref.transfer_id
+        if ref.transfer_id == self.tid and ref.chunk == self.chunk:
+            raise RuntimeError("stage broke")
+
+
+def test_a_stage_that_raises_fails_that_transfer_on_both_ends_and_the_session_carries_the_next() -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    stage = Raises(chunk=2)
+    with Receiver(chunk_stage=stage) as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        for i, fails in enumerate((True, False)):
+            req = default_request(f"stage-{i}")
+            src = fixture_payload(layout, req)
+            dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+            h_rx = rx.expect(req.request_id, dst)
+            h = s.send(layout, req, timeout=20)
+            h.write_all(src)
+            if fails:
+                with pytest.raises(TransferFailed, match="chunk stage failed on chunk 2: RuntimeError: stage broke"):
+                    h_rx.result(10)
+                with pytest.raises(TransferFailed):
+                    h.finish().result(10)
+            else:
+                h.finish().result(20)
+                assert h_rx.result(20).state is State.DONE
+                assert dst.tobytes() == b"".join(a.view(np.uint8).tobytes() for a in src)
+        assert rx.stats()["transfers_failed"] == 1 and rx.stats()["transfers_done"] == 1
+        assert len(rx.live_sessions()) == 1 and len(rx.live_sessions()[0].lanes) == 2  # no lane was lost to it

@@ -21,7 +21,8 @@ import xxhash
 
 from ..codec import frames as F
 from ..codec.manifest import Manifest
-from ..codec.rxengine import Action, ChunkResult, CutLanes, Ended, Fail, ReceiverEngine, Send
+from ..codec.rxengine import Action, ChunkResult, CutLanes, Ended, Fail, ReceiverEngine, RxTransfer, Send
+from ..codec.transfer import State
 from ..errors import ProtocolError
 from .auth import SessionKeys
 from .incoming import IncomingTransfer
@@ -203,7 +204,11 @@ class RxSession:
             views = [handle.views[seg][a:b] for seg, a, b in t.plan.pieces(h.chunk)]
             for view in views:
                 ch.recv_into(view)
-            self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
+            try:
+                self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
+            except Exception as e:  # noqa: BLE001 - the stage is the caller's code: it fails this transfer only
+                result = self._stage_failed(t, lane_id, h, f"{type(e).__name__}: {e}")
+                return
             computed: int | None = None
             if hashed and len(views) == 1:
                 computed = xxhash.xxh3_64_intdigest(views[0])
@@ -221,6 +226,17 @@ class RxSession:
                     lost = self.engine.chunk_abandoned(t, lane_id, h, time.monotonic())
                 self._finish_chunk(lost, None)
         self._finish_chunk(result, handle, lane, h.length)
+
+    def _stage_failed(self, t: RxTransfer, lane_id: int, h: F.Header, why: str) -> ChunkResult:
+        """The chunk stage raised: the transfer fails (the sender is told) and the lane reads on."""
+        now = time.monotonic()
+        with self.lock:
+            actions = self.engine.end(h.transfer_id, State.FAILED, f"chunk stage failed on chunk {h.chunk}: {why}",
+                                      now, notify=F.ERROR)
+            left = self.engine.chunk_abandoned(t, lane_id, h, now)  # the writer leaves: the handle may resolve
+        self.perform(actions)
+        self._finish_chunk(left, None)
+        return left
 
     def _finish_chunk(self, r: ChunkResult, handle: IncomingTransfer | None, lane: int = 0, n: int = 0) -> None:
         if r.ended is not None:
