@@ -1,10 +1,10 @@
 """Active capacity probe: a short burst of sink transfers that measures a link's capacity and RTT.
 
-``result = kvwire.probe(session)`` (or ``probe((host, port), key=...)``) before real traffic; then, for
-example, ``LinkControl(session, capacity=result.capacity)``. The session's own controller (its
-``link_control``) is paused for the probe and starts over from the probe's capacity after it; run it while
-no other ``LinkControl`` drives the session: the probe takes the lanes' pacing and congestion algorithm
-over for its duration.
+``result = probe(session)`` (``from kvwire.probe import probe``; or ``probe((host, port), key=...)``) before
+real traffic; then, for example, ``LinkControl(session, capacity=result.capacity)``. The session's own
+controller (its ``link_control``) is paused for the probe and starts over from the probe's capacity after
+it; run it while no other ``LinkControl`` drives the session: the probe takes the lanes' pacing and
+congestion algorithm over for its duration.
 
 Owns: ``probe`` and ``ProbeResult`` — preparing the session's lanes for the burst (pacing caps off, the
 congestion algorithm, optionally another lane count; all put back afterwards), keeping sink transfers

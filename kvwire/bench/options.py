@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool-bytes", type=parse_size, default=16 * 1024**3,
                    help="bound on destination buffer memory (default 16G)")
     s.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics (kvwire.Metrics) at http://BIND:PORT/metrics (0: any port)")
+                   help="serve Prometheus metrics (kvwire.metrics.Metrics) at http://BIND:PORT/metrics (0: any port)")
     s.add_argument("--verify-seed", type=int, help="check against this seed instead of the client's (tests)")
     s.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     return p

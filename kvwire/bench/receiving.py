@@ -71,7 +71,7 @@ class ReceiverConfig:
     pool_bytes: int = 16 * 1024**3
     verify_seed: int | None = None
     peer_timeout: float = HEARTBEAT_TIMEOUT
-    #: serve kvwire.Metrics for the receiver and the buffer pool on (bind, metrics_port); None: off
+    #: serve kvwire.metrics.Metrics for the receiver and the buffer pool on (bind, metrics_port); None: off
     metrics_port: int | None = None
 
 

@@ -69,7 +69,7 @@ class Session:
         heartbeat: seconds between heartbeats on an idle control connection.
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
-        limits: the lengths and counts this side accepts from the receiver (``kvwire.Limits``).
+        limits: the lengths and counts this side accepts from the receiver (``kvwire.codec.frames.Limits``).
         max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``).
         on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
             data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
@@ -514,7 +514,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         heartbeat: seconds between heartbeats on an idle control connection.
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
-        limits: the lengths and counts accepted from the receiver (``kvwire.Limits``).
+        limits: the lengths and counts accepted from the receiver (``kvwire.codec.frames.Limits``).
         max_lanes: the most lanes ``Session.set_active_lanes`` may grow to (default ``max(lanes, 16)``).
         on_lane_open: ``fn(lane_index, socket)`` called as each lane connects, before it carries data.
         reconnect: after the receiver dies or goes silent, fail the transfers in flight and dial it again
