@@ -76,14 +76,15 @@ class LanePump:
                                                                                    eng.acked_at(index))):
                         break  # idle with chunks in flight, and the receiver dropped or stopped reading it
                 stopped = not eng.current(gen)
-                h = self.handles[pick[0]] if pick is not None else None
-            if pick is None or h is None:
+                # the engine picks only a transfer it has, and its handle is there until the engine ends it
+                h, chunk = (self.handles[pick[0]], pick[1]) if pick is not None else (None, 0)
+            if h is None:
                 # outside the lock: re-dialling takes a while, and the other lanes carry on meanwhile
                 if not stopped and self._lost(lane, ConnectionError("lane closed by the receiver or stalled"), gen):
                     continue
                 return
             try:
-                self._send_chunk(lane, h, pick[1])
+                self._send_chunk(lane, h, chunk)
             except (OSError, ValueError) as e:
                 if not self._lost(lane, e, gen):
                     return
