@@ -119,7 +119,7 @@ class LanePump:
             except OSError:
                 raise  # the lane's (a stage may act on the lane itself, as fault injection does)
             except Exception as e:  # the stage is user code: its failure is the transfer's, not the lane's
-                self.abort(tid, f"chunk stage failed on chunk {chunk}: {e}")
+                self.abort(tid, f"chunk stage failed on chunk {chunk}: {type(e).__name__}: {e}")
                 return
         lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
                             *pieces])
