@@ -341,8 +341,8 @@ def test_abort_by_the_driver_fails_the_transfer_and_frees_its_lanes() -> None:
 
 # ---------------------------------------------------------------- property: random orders
 
-_OPS = {"msg": 30, "start": 4, "write": 8, "pick": 12, "tick": 4, "lane_lost": 1, "cancel": 1, "fail": 0.5,
-        "reopen": 2, "bye": 0.3, "bad": 0.5}
+_OPS = {"msg": 30, "start": 4, "write": 8, "pick": 12, "tick": 4, "lane_lost": 1, "cancel": 1, "abort": 0.5,
+        "fail": 0.5, "reopen": 2, "bye": 0.3, "bad": 0.5}
 _KINDS = [F.ACK, F.NACK, F.ACCEPT, F.COMPLETE, F.REJECT, F.CANCEL, F.ERROR, F.HEARTBEAT]
 _KIND_WEIGHTS = [10, 8, 3, 1, 0.5, 0.5, 0.5, 1]
 _EXTRAS: list[dict[str, Any]] = [{}, {}, {}, {}, {"held": True}, {"lost": True}, {"state": "timed_out"}, {"reason": 5}]
@@ -368,7 +368,7 @@ def _random_step(rng: random.Random) -> tuple[Any, ...]:
         return (op, rng.randrange(3))
     if op == "tick":
         return (op, rng.uniform(0.0, 1.5))
-    if op == "cancel":
+    if op in ("cancel", "abort"):
         return (op, rng.randrange(4))
     return (op,)
 
@@ -438,6 +438,8 @@ def test_random_orders_raise_only_typed_errors_and_end_each_transfer_once(seed: 
                 e.lane_lost(step[1], e.gen)
             elif op == "cancel":
                 take(e.cancel(step[1], "user"))
+            elif op == "abort":
+                take(e.abort(step[1], "chunk stage failed"))
             elif op == "fail":
                 take(e.fail("connection lost", e.gen))
             elif op == "reopen" and e.down:
