@@ -115,7 +115,8 @@ class Broken:
 
 
 @pytest.mark.parametrize(("how", "why"), [("raises", "stage bug"), ("shortens", "bytes for a")])
-def test_a_failing_stage_fails_its_transfer_at_once_and_the_session_carries_on(how: str, why: str) -> None:
+def test_a_failing_stage_fails_its_transfer_at_once_and_the_session_carries_on(how: str, why: str,
+                                                                               no_leaks: None) -> None:
     """A stage is user code: when it fails on a chunk, that transfer ends failed (both ends, promptly, not
     at its deadline) and the lane carries the next transfer; nothing wrong goes on the wire."""
     layout, req, src, dst = _request()
