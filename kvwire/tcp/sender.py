@@ -86,8 +86,10 @@ class Session:
             or ``close()``; ``send`` meanwhile waits up to ``connect_timeout`` for it, then raises.
             Without it the session is closed for good (``closed``, ``failure``).
         chunk_stage: what every data chunk passes through after hashing, before the wire
-            (``transport.ChunkStage``; a transform keeps the length). ``chunk_stage`` may be replaced
-            while the session runs (tests inject faults so: ``kvwire.testing.faults``).
+            (``transport.ChunkStage``; a transform keeps the length). A stage that raises (an
+            ``OSError`` aside: that is the lane's failure) or changes a chunk's length fails that
+            transfer at once; the lane carries on. ``chunk_stage`` may be replaced while the session
+            runs (tests inject faults so: ``kvwire.testing.faults``).
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does

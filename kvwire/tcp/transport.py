@@ -81,7 +81,9 @@ class ChunkRef:
 
 class ChunkStage(Protocol):
     """Sits on the data path of every chunk. ``outgoing`` returns the pieces to put on the wire (the
-    same total length; may be the given list); ``incoming`` may rewrite ``views`` in place."""
+    same total length; may be the given list); ``incoming`` may rewrite ``views`` in place. A stage
+    that raises fails that chunk's transfer (both ends are told), not the lane; on the sender an
+    ``OSError`` is the lane's failure as any other I/O error is."""
 
     def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]: ...
 
