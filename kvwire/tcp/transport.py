@@ -10,9 +10,13 @@ shared-memory path for same-host peers or RDMA would be another. Must not know: 
 threads, congestion policy, or any particular transport.
 
 A stage keeps a chunk's length (the data header announces the payload length before the stage runs):
-in-place transforms (encryption with a length-preserving cipher, fault injection in tests) fit as they
+length-preserving transforms (encryption with a stream cipher, fault injection in tests) fit as they
 are; a length-changing one (compression) needs a header flag and a receive-side scratch read, and
-would add them here, not in the sessions.
+would add them here, not in the sessions. On the sender the pieces are views of the caller's own
+buffers (zero copy), and a chunk goes out again after a NACK or a lost lane: ``outgoing`` must return
+transformed bytes in new buffers, never write into the pieces (that would change the caller's cache and
+transform a re-sent chunk twice). On the receiver the views are the chunk's destination: ``incoming``
+works in place.
 """
 
 from __future__ import annotations
