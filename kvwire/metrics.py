@@ -27,9 +27,7 @@ from typing import Any
 from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
-from .tcp import Receiver, Session
-from .tcp.gate import HandshakeGate
-from .tcp.httpd import GatedHTTPServer
+from .tcp import GatedHTTPServer, HandshakeGate, Receiver, Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

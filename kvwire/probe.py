@@ -31,8 +31,7 @@ from .congestion.monitor import LinkMonitor
 from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
-from .tcp.outgoing import OutgoingTransfer
-from .tcp.sender import Session, connect
+from .tcp import OutgoingTransfer, Session, connect
 
 Peer = Session | tuple[str, int]
 

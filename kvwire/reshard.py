@@ -30,13 +30,10 @@ from .codec.layout import RequestSpec, plan_segments
 from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
-from .tcp.handle import LayerOutcome, Outcome
+from .tcp import LayerOutcome, Outcome
 
 if TYPE_CHECKING:
-    from .tcp.incoming import IncomingTransfer
-    from .tcp.outgoing import OutgoingTransfer
-    from .tcp.receiver import Receiver
-    from .tcp.sender import Session
+    from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
 
 def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:

@@ -347,8 +347,7 @@ def uncaught() -> Iterator[list[BaseException]]:
 
 
 def _authenticated(rx: Receiver):  # type: ignore[no-untyped-def]
-    from kvwire.tcp.auth import client_handshake
-    from kvwire.tcp.wire import Channel
+    from kvwire.tcp import Channel, client_handshake
 
     raw = socket.create_connection(rx.address)
     ch = Channel(raw, F.DEFAULT_LIMITS)

@@ -20,7 +20,7 @@ from kvwire.bench import main
 from kvwire.bench.sampler import Sampler
 from kvwire.congestion.controller import Mode
 from kvwire.congestion.estimator import LinkState
-from kvwire.tcp.lanes import LaneInfo
+from kvwire.tcp import LaneInfo
 from kvwire.testing.wan import unavailable_reason
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

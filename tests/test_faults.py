@@ -217,8 +217,7 @@ def test_oversized_claims_are_refused_without_allocating(no_leaks: None) -> None
         allocated: list[int] = []
         rx.allocator = lambda m: allocated.append(m.total_bytes) or bytearray(m.total_bytes)  # type: ignore
         from kvwire.codec.manifest import build_manifest
-        from kvwire.tcp.auth import client_handshake
-        from kvwire.tcp.wire import Channel
+        from kvwire.tcp import Channel, client_handshake
 
         with socket.create_connection(rx.address) as raw:
             ch = Channel(raw, F.DEFAULT_LIMITS)
@@ -262,7 +261,7 @@ def test_wrong_key_is_rejected_before_any_transfer(no_leaks: None) -> None:
 
 def test_forged_lane_is_rejected_and_session_unharmed(no_leaks: None) -> None:
     with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=1) as s:
-        from kvwire.tcp.wire import Channel
+        from kvwire.tcp import Channel
 
         with socket.create_connection(rx.address) as raw:
             ch = Channel(raw, F.DEFAULT_LIMITS)

@@ -33,8 +33,7 @@ from kvwire import KvwireError, Receiver
 from kvwire.codec import frames as F
 from kvwire.codec import messages
 from kvwire.codec.manifest import build_manifest, parse_manifest
-from kvwire.tcp.auth import client_handshake
-from kvwire.tcp.wire import Channel
+from kvwire.tcp import Channel, client_handshake
 from kvwire.testing.decoder import ControlFrame, FrameDecoder
 from kvwire.testing.fixtures import FIXTURES, default_request, load_fixture
 

@@ -137,8 +137,7 @@ def test_receiver_refuses_sinks_it_does_not_allow(case: str, no_leaks: None) -> 
 
 
 def test_receiver_refuses_a_hashed_sink(no_leaks: None) -> None:
-    from kvwire.tcp.auth import client_handshake
-    from kvwire.tcp.wire import Channel
+    from kvwire.tcp import Channel, client_handshake
 
     alloc = _Counting()
     with Receiver(allocator=alloc) as rx, socket.create_connection(rx.address) as raw:

@@ -164,3 +164,50 @@ def test_conv_rank_split_is_one_function_in_both_homes() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hf.conv_rank_split is layout.conv_rank_split
+
+
+# ---------------------------------------------------------------- kvwire.tcp: its face, and its inside made private
+
+TCP_FACE = {
+    "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
+    "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
+    "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake", "server_hello",
+}
+
+
+def test_tcp_package_face_is_pinned() -> None:
+    import kvwire.tcp
+
+    assert set(kvwire.tcp.__all__) == TCP_FACE
+    for name in TCP_FACE:
+        assert getattr(kvwire.tcp, name) is not None
+    assert kvwire.tcp.Session is kvwire.Session and kvwire.tcp.Receiver is kvwire.Receiver
+
+
+@pytest.mark.parametrize("old", ["accept", "auth", "callbacks", "gate", "handle", "httpd", "incoming", "lanes",
+                                 "outgoing", "receiver", "rxsession", "sender", "txlanes", "wire"])
+def test_tcp_modules_made_private_still_import_with_a_warning(old: str) -> None:
+    """In a fresh interpreter (the old name must not be cached): ``import kvwire.tcp.<old>`` warns, names the
+    private module, and is that very module; ``from kvwire.tcp.<old> import X`` works too."""
+    code = (
+        "import importlib, warnings\n"
+        "warnings.simplefilter('error')\n"
+        f"new = importlib.import_module('kvwire.tcp._{old}')\n"
+        "try:\n"
+        f"    importlib.import_module('kvwire.tcp.{old}')\n"
+        "except DeprecationWarning as e:\n"
+        f"    assert 'kvwire.tcp._{old}' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no warning')\n"
+        "warnings.simplefilter('ignore')\n"
+        f"import kvwire.tcp.{old} as old\n"
+        "assert old is new, (old, new)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_unknown_tcp_module_is_still_an_import_error() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("kvwire.tcp.no_such_module")

@@ -31,8 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from ..signing import AUTH, WINDOW, Nonces, Scheme
-from ..tcp.gate import HandshakeGate
-from ..tcp.httpd import GatedHTTPServer
+from ..tcp import GatedHTTPServer, HandshakeGate
 
 #: the largest body an authenticated request may send. The worst legitimate one is decode's destination for a
 #: 1M-token prompt at page size 1: 2^20 page indices of a 16M-token pool, 9.8 MB of JSON (measured, with SWA

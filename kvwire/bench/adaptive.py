@@ -20,7 +20,7 @@ from ..congestion.estimator import LinkState
 from ..congestion.tcpinfo import LaneCounters, try_read
 from ..errors import KvwireError, ProbeRefused
 from ..probe import ProbeResult, probe
-from ..tcp.sender import Session
+from ..tcp import Session
 from .errors import PeerError
 from .options import Options
 

@@ -1,8 +1,8 @@
 """The bench's side channel: kvwire's own control framing, ``Channel`` and authentication, carrying bench messages.
 
-Owns: ``BenchChannel`` (a ``kvwire.tcp.wire.Channel`` whose messages are ``APP`` control frames
+Owns: ``BenchChannel`` (a ``kvwire.tcp._wire.Channel`` whose messages are ``APP`` control frames
 ``{"op": ..., ...}``; it reads the magic and version bytes first, so a peer that is not kvwire is named at
-once), the handshake on top of ``kvwire.tcp.auth`` (the session handshake's mutual HMAC proofs over fresh
+once), the handshake on top of ``kvwire.tcp._auth`` (the session handshake's mutual HMAC proofs over fresh
 nonces; messages bounded by ``preauth_limits`` until the peer has proven the key; one deadline for the whole
 exchange) whose ``welcome`` carries the bench's own announcement (``service``, ``bench`` protocol,
 ``data_port``, ``run`` ...), and the clear errors a client gets from a peer that is not a kvwire-bench
@@ -26,9 +26,8 @@ from typing import Any
 from ..codec import frames as F
 from ..errors import AuthenticationError, ProtocolError
 from ..sockopts import no_delay
-from ..tcp.auth import client_handshake, server_hello
-from ..tcp.auth import server_handshake as kvwire_server_handshake
-from ..tcp.wire import Channel, PeerClosed, recv_exact_into
+from ..tcp import Channel, PeerClosed, client_handshake, recv_exact_into, server_hello
+from ..tcp import server_handshake as kvwire_server_handshake
 from .errors import PeerError, PeerGone
 
 MAGIC = F.MAGIC

@@ -29,7 +29,7 @@ from ..congestion.tcpinfo import LaneCounters
 from ..errors import InsecureReceiverWarning, PoolExhausted
 from ..metrics import Metrics, MetricsServer
 from ..sockopts import default_congestion
-from ..tcp.receiver import IncomingTransfer, Receiver
+from ..tcp import IncomingTransfer, Receiver
 from .control import BenchChannel
 from .errors import BenchError
 from .payload import Pattern
@@ -380,7 +380,7 @@ class ReceivingSide:
         h = chk.h
         if h.state is not State.DONE or not chk.test.alive:
             return
-        # kvwire.tcp.receiver acknowledges a layer's last chunk before it records the layer as ready, so
+        # kvwire.tcp._receiver acknowledges a layer's last chunk before it records the layer as ready, so
         # the handle can resolve a moment before ``layer_times`` is complete: give it a moment
         end = time.monotonic() + 1.0
         while len(h.layer_times) < len(chk.ranges) and time.monotonic() < end:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..congestion.tcpinfo import LaneCounters, TcpInfo
 from ..errors import KvwireError
-from ..tcp.lanes import LaneInfo
+from ..tcp import LaneInfo
 
 LaneInfoProvider = Callable[[], Sequence[LaneInfo]]
 

@@ -26,7 +26,7 @@ from typing import Any
 from ..codec.layout import ModelLayout, RequestSpec
 from ..errors import KvwireError, TransferError
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
-from ..tcp.sender import Session, connect
+from ..tcp import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
 from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context

@@ -21,8 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..sockopts import no_delay
-from ..tcp.gate import HandshakeGate, Ticket
-from ..tcp.wire import host_port, listen
+from ..tcp import HandshakeGate, Ticket, host_port, listen
 from .control import BenchChannel, server_handshake
 from .errors import PeerError, PeerGone
 from .options import KEY_ENV

@@ -7,7 +7,7 @@ and a nonce the receiver draws for that one connection, so no proof can be repla
 lane or connection), ``SessionKeys``, checking every field of the peer's messages, and their order, by
 ``rules`` (an out-of-order message is a ``ProtocolError``; the peer's ERROR, or a wrong proof, an
 ``AuthenticationError``). Must not know: sockets, timeouts or read limits before authentication (the
-driver, ``kvwire.tcp.auth``, owns those), transfers or buffers.
+driver, ``kvwire.tcp._auth``, owns those), transfers or buffers.
 
 Each side is a small object fed the peer's messages; it returns the messages to send, as
 ``(kind, body)`` pairs. Nonces come from ``os.urandom`` unless given (tests give them).

@@ -12,7 +12,7 @@ decoded frames and events and returns actions. Must not know: sockets, threads, 
 payload bytes or buffers (a chunk is its header and its digest), handles or user callbacks, and
 receiver-wide bounds or destinations (the driver decides those between ``Admit`` and ``activate``).
 
-The driver (``kvwire.tcp.rxsession``) calls every method under its session lock and performs the
+The driver (``kvwire.tcp._rxsession``) calls every method under its session lock and performs the
 actions in order: ``Send`` (a control frame to the sender), ``Ended`` (resolve the transfer's handle:
 emitted exactly once per activated transfer), ``CutLanes`` (close these lane
 connections), ``Admit`` (find the destination, then ``activate`` or ``refuse``) and ``Fail`` (the session

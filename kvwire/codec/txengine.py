@@ -9,7 +9,7 @@ the layouts the receiver already knows, the counters, and the session's open/dow
 connection generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the
 driver performs (``Send``, ``Ended``, ``Fail``, ``LayersAcked``, ``ChunksQueued``). Must not know: sockets,
 threads, locks, clocks, payload bytes or buffers (chunk indices, lengths and digests only), handles or
-user callbacks. The driver (``kvwire.tcp.sender``) holds one lock around every call.
+user callbacks. The driver (``kvwire.tcp._sender``) holds one lock around every call.
 """
 
 from __future__ import annotations

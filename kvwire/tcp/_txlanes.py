@@ -18,8 +18,8 @@ import xxhash
 from ..codec import frames as F
 from ..codec.txengine import SenderEngine
 from ..errors import KvwireError
-from .lanes import Dialer, Lane
-from .outgoing import OutgoingTransfer
+from ._lanes import Dialer, Lane
+from ._outgoing import OutgoingTransfer
 from .transport import IDENTITY, ChunkRef, ChunkStage
 
 

@@ -6,7 +6,7 @@ one per lane, reconnect), its one lock, and doing what its protocol engine decid
 control messages, deadlines, heartbeats, counters, connection generations): control frames out,
 handles resolved, sockets closed, the whole session re-established after a failure (``reconnect=True``).
 Lanes pull chunks (a slow lane takes fewer) through ``txlanes.LanePump``; dialling, authenticating and
-a lane's own stall signs are ``lanes.py``'s; user callbacks go to a ``Callbacks`` pool. Must not know:
+a lane's own stall signs are ``_lanes.py``'s; user callbacks go to a ``Callbacks`` pool. Must not know:
 torch/cupy, which control message is legal when (the engine's), congestion policy (it exposes its lane
 sockets, and hands its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a
 ``LaneGroup``).
@@ -34,12 +34,12 @@ from ..congestion.control import LinkControl, for_session
 from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..errors import KvwireError
-from .auth import SessionKeys
-from .callbacks import Callbacks
-from .lanes import Dialer, Lane, LaneHook, LaneInfo
-from .outgoing import OutgoingTransfer
+from ._auth import SessionKeys
+from ._callbacks import Callbacks
+from ._lanes import Dialer, Lane, LaneHook, LaneInfo
+from ._outgoing import OutgoingTransfer
+from ._txlanes import LanePump
 from .transport import IDENTITY, ChunkStage, Stream
-from .txlanes import LanePump
 
 log = logging.getLogger("kvwire.tcp")
 

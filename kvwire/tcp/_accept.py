@@ -20,9 +20,9 @@ from typing import Any
 
 from ..codec import frames as F
 from ..errors import AuthenticationError, KvwireError
-from .auth import server_hello
-from .gate import HandshakeGate, Ticket
-from .wire import Channel, host_port, listen, tune
+from ._auth import server_hello
+from ._gate import HandshakeGate, Ticket
+from ._wire import Channel, host_port, listen, tune
 
 log = logging.getLogger("kvwire.receiver")
 

@@ -27,9 +27,9 @@ from typing import Any
 from ..codec import frames as F
 from ..errors import ConnectError, ConnectTimeout, KvwireError
 from ..sockopts import tune
-from .auth import SessionKeys, client_handshake, client_lane
+from ._auth import SessionKeys, client_handshake, client_lane
+from ._wire import Channel
 from .transport import Stream
-from .wire import Channel
 
 log = logging.getLogger("kvwire.tcp")
 

@@ -3,7 +3,7 @@
 Owns: ``IncomingTransfer`` (what the decode engine holds: ``wait_layer``, ``layers()``, ``on_layer``,
 ``result``, ``cancel``, per-lane accounting) and its terminal-state bookkeeping, and ``TransferDriver``:
 the little it needs from whoever carries the transfer (cancel it, the lane sockets). A façade: the
-driver (``rxsession.py``) calls its public methods (``bind``, ``add_lane_bytes``, ``layer_ready``,
+driver (``_rxsession.py``) calls its public methods (``bind``, ``add_lane_bytes``, ``layer_ready``,
 ``resolve``) and it calls only the driver's. Must not know: sockets' I/O, the wire format, the protocol
 engine or the session.
 """
@@ -20,8 +20,8 @@ from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
-from .callbacks import Callbacks
-from .handle import LayerOutcome
+from ._callbacks import Callbacks
+from ._handle import LayerOutcome
 
 log = logging.getLogger("kvwire.tcp")
 

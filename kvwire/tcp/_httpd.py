@@ -16,8 +16,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .gate import HandshakeGate, Ticket
-from .wire import listen
+from ._gate import HandshakeGate, Ticket
+from ._wire import listen
 
 
 class GatedHTTPServer(ThreadingHTTPServer):

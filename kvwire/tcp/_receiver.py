@@ -7,7 +7,7 @@ lane authentication against its session, receiver-wide bounds (sessions, bytes i
 handles) and destination lookup (registered buffers or an allocator callback), sink transfers (capacity
 probes, read into one shared scratch buffer and never delivered), the threads it runs, and the monitor's
 clock (expected requests that never came; each session's engine decides the rest). Accepting connections
-is ``accept.py``'s, a session's connections and lanes ``rxsession.py``'s. User callbacks go to a
+is ``_accept.py``'s, a session's connections and lanes ``_rxsession.py``'s. User callbacks go to a
 ``Callbacks`` pool, never run on these threads. Must not know: torch/cupy (buffers arrive as views),
 congestion control, which control message is legal when.
 """
@@ -31,13 +31,13 @@ from ..codec.probe import SINK_MAX_SEGMENT
 from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_STATES, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
-from .accept import Acceptor, is_loopback, verifies_clients
-from .auth import SessionKeys, lane_index, server_handshake, server_lane
-from .callbacks import Callbacks
-from .incoming import IncomingTransfer
-from .rxsession import RxSession
+from ._accept import Acceptor, is_loopback, verifies_clients
+from ._auth import SessionKeys, lane_index, server_handshake, server_lane
+from ._callbacks import Callbacks
+from ._incoming import IncomingTransfer
+from ._rxsession import RxSession
+from ._wire import Channel
 from .transport import IDENTITY, ChunkStage
-from .wire import Channel
 
 log = logging.getLogger("kvwire.receiver")
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from ..buffers import byte_view
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
-from .callbacks import Callbacks
-from .handle import Outcome
+from ._callbacks import Callbacks
+from ._handle import Outcome
 
 log = logging.getLogger("kvwire.tcp")
 

@@ -24,8 +24,8 @@ from ..codec.manifest import Manifest
 from ..codec.rxengine import Action, ChunkResult, CutLanes, Ended, Fail, ReceiverEngine, RxTransfer, Send
 from ..codec.transfer import State
 from ..errors import ProtocolError
-from .auth import SessionKeys
-from .incoming import IncomingTransfer
+from ._auth import SessionKeys
+from ._incoming import IncomingTransfer
 from .transport import ChunkRef, ChunkStage, Stream
 
 

@@ -26,7 +26,7 @@ from ..codec.handshake import (
     lane_index,
     opening,
 )
-from .wire import Channel
+from ._wire import Channel
 
 __all__ = ["CLIENT_HANDSHAKE_TIMEOUT", "NONCE", "SessionKeys", "client_handshake", "client_lane", "lane_index",
            "server_handshake", "server_hello", "server_lane"]

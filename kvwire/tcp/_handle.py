@@ -16,7 +16,7 @@ from typing import Any
 
 from ..codec.transfer import State
 from ..errors import KvwireError, TransferCancelled, TransferFailed, TransferTimedOut
-from .callbacks import Callbacks
+from ._callbacks import Callbacks
 
 log = logging.getLogger("kvwire.tcp")
 
