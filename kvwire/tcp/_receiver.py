@@ -79,7 +79,7 @@ class Receiver:
             Called only for a manifest whose segments match a layout (sent on the session) and whose
             size fits ``max_inflight_bytes``.
         on_transfer: ``fn(handle)`` called with the handle of each allocator-placed transfer as it begins.
-        limits: the lengths and counts accepted from senders (``kvwire.Limits``).
+        limits: the lengths and counts accepted from senders (``kvwire.codec.frames.Limits``).
         max_sessions: sessions open at once; more are refused.
         max_lanes: data lanes per session.
         max_inflight_bytes: payload bytes of all transfers in flight together, plus what their metadata
