@@ -406,7 +406,8 @@ class Receiver:
         """Why ``m`` would take the receiver over ``max_inflight_bytes`` (payload, a sink's none, plus the
         metadata every transfer holds while in flight), or ''."""
         with self._lock:
-            inflight = sum(x.engine.held for x in self._sessions.values())
+            sessions = list(self._sessions.values())
+        inflight = sum(x.held() for x in sessions)  # each under its session's lock
         if inflight + held_bytes(m) > self.max_inflight_bytes:
             return f"receiver busy: {inflight + held_bytes(m)} bytes in flight exceeds {self.max_inflight_bytes}"
         return ""

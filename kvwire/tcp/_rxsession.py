@@ -37,7 +37,7 @@ class RxSession:
         self.keys = keys
         self.ctrl = ctrl
         self.peer = peer
-        self.engine = engine
+        self._engine = engine
         self.stage = stage
         self.peer_timeout = peer_timeout  # a chunk's body that stops arriving for this long costs its lane
         self.lock = threading.Lock()  # around every engine call and the tables below
@@ -52,11 +52,16 @@ class RxSession:
     def transfers(self) -> dict[int, IncomingTransfer]:
         """The handles of the transfers in flight (admitted, not ended), by transfer id."""
         with self.lock:
-            return {tid: self.handles[tid] for tid in self.engine.transfers if tid in self.handles}
+            return {tid: self.handles[tid] for tid in self._engine.transfers if tid in self.handles}
 
     def counts(self) -> dict[str, int]:
         with self.lock:
-            return self.engine.counts()
+            return self._engine.counts()
+
+    def held(self) -> int:
+        """What the transfers in flight hold against the receiver's in-flight bound (``rxengine.held_bytes``)."""
+        with self.lock:
+            return self._engine.held
 
     def lane_sockets(self) -> dict[int, socket.socket]:
         """The live lane sockets, by lane index (for TCP_INFO)."""
@@ -100,20 +105,20 @@ class RxSession:
     def receive(self, kind: str, body: dict[str, Any]) -> list[Action]:
         """A control message from the sender, through the engine (``ProtocolError`` when illegal)."""
         with self.lock:
-            return self.engine.receive(kind, body, time.monotonic())
+            return self._engine.receive(kind, body, time.monotonic())
 
     def tick(self, now: float) -> str | None:
         """The monitor's tick; the reason the session must close, if it must."""
         with self.lock:
-            actions = self.engine.tick(now)
+            actions = self._engine.tick(now)
         return self.perform(actions)
 
     def activate(self, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> bool:
         """Start ``m`` into ``h``'s destination ``views`` and ACCEPT it; False (REJECT sent) when the
         session can no longer take it."""
         with self.lock:
-            actions = self.engine.activate(m, time.monotonic(), h.deadline)
-            t = self.engine.transfer(m.transfer_id)
+            actions = self._engine.activate(m, time.monotonic(), h.deadline)
+            t = self._engine.transfer(m.transfer_id)
             if t is not None:
                 self.handles[m.transfer_id] = h
                 h.bind(self, m, t.plan, views, t.deadline, t.machine)
@@ -122,13 +127,13 @@ class RxSession:
 
     def refuse(self, tid: int | None, reason: str) -> None:
         with self.lock:
-            actions = self.engine.refuse(tid, reason, time.monotonic())
+            actions = self._engine.refuse(tid, reason, time.monotonic())
         self.perform(actions)
 
     def cancel_transfer(self, transfer_id: int, reason: str) -> None:
         """The receiver's user cancels a transfer: it ends CANCELLED and the sender is told."""
         with self.lock:
-            actions = self.engine.cancel(transfer_id, reason, time.monotonic())
+            actions = self._engine.cancel(transfer_id, reason, time.monotonic())
         self.perform(actions)
 
     def close(self, reason: str) -> None:
@@ -137,7 +142,7 @@ class RxSession:
             if self.closed:
                 return
             self.closed = True
-            actions = self.engine.close(reason)
+            actions = self._engine.close(reason)
             lanes = list(self.lanes.values())
         self.perform(actions)
         self.ctrl.close()
@@ -177,7 +182,7 @@ class RxSession:
                 sock.settimeout(self.peer_timeout)
                 if h.kind == F.KIND_CONTROL:
                     kind, _ = ch.read_control_body(h)
-                    self.engine.lane_control(kind)  # only BYE (stateless: no lock needed)
+                    self._engine.lane_control(kind)  # only BYE (stateless: no lock needed)
                     return
                 self._read_chunk(ch, lane, lane_id, h, scratch)
         finally:
@@ -188,12 +193,12 @@ class RxSession:
         """One data chunk: into its destination, through the stage, verified, answered. Its own frame, so
         that nothing of a transfer (handle, destination view) stays referenced while the lane waits."""
         with self.lock:
-            t = self.engine.chunk_admit(lane_id, h)
+            t = self._engine.chunk_admit(lane_id, h)
             handle = self.handles.get(h.transfer_id) if t is not None else None
         if t is None:
             ch.skip(h.length, scratch)
             with self.lock:
-                reply = self.engine.chunk_drained(h, time.monotonic())
+                reply = self._engine.chunk_drained(h, time.monotonic())
             if reply is not None:
                 self.send(reply.kind, reply.body)
             return
@@ -219,11 +224,11 @@ class RxSession:
                 computed = hasher.intdigest()
             now = time.monotonic()
             with self.lock:
-                result = self.engine.chunk_done(t, lane_id, h, computed, now)
+                result = self._engine.chunk_done(t, lane_id, h, computed, now)
         finally:
             if result is None:  # the read broke off: the writer leaves, a dropped copy is asked for again
                 with self.lock:
-                    lost = self.engine.chunk_abandoned(t, lane_id, h, time.monotonic())
+                    lost = self._engine.chunk_abandoned(t, lane_id, h, time.monotonic())
                 self._finish_chunk(lost, None)
         self._finish_chunk(result, handle, lane, h.length)
 
@@ -231,9 +236,9 @@ class RxSession:
         """The chunk stage raised: the transfer fails (the sender is told) and the lane reads on."""
         now = time.monotonic()
         with self.lock:
-            actions = self.engine.end(h.transfer_id, State.FAILED, f"chunk stage failed on chunk {h.chunk}: {why}",
+            actions = self._engine.end(h.transfer_id, State.FAILED, f"chunk stage failed on chunk {h.chunk}: {why}",
                                       now, notify=F.ERROR)
-            left = self.engine.chunk_abandoned(t, lane_id, h, now)  # the writer leaves: the handle may resolve
+            left = self._engine.chunk_abandoned(t, lane_id, h, now)  # the writer leaves: the handle may resolve
         self.perform(actions)
         self._finish_chunk(left, None)
         return left
