@@ -92,6 +92,13 @@ class CutLanes:
 Action = Send | Ended | Fail | Admit | CutLanes
 
 
+def check_lane_control(kind: str) -> None:
+    """A control message on an open data lane: only BYE (the lane closes) is legal there, anything else
+    raises ``ProtocolError``. Stateless (a lane has no state but open), so a lane's reader calls it
+    without its session's lock."""
+    advance(RECEIVER_RECEIVES, Conn.LANE_OPEN, kind, "receiver")
+
+
 def held_bytes(m: Manifest) -> int:
     """What an admitted transfer holds against a receiver's in-flight bound: its payload (none for a
     sink, which reads into shared scratch) and its metadata (segments, plan, views)."""
@@ -296,10 +303,6 @@ class ReceiverEngine:
         if stuck:
             out.append(CutLanes(stuck))
         return out
-
-    def lane_control(self, kind: str) -> None:
-        """A control message on an open data lane: only BYE (the lane closes) is legal there."""
-        advance(RECEIVER_RECEIVES, Conn.LANE_OPEN, kind, "receiver")
 
     # ---- chunks (the lane path: no action lists)
     def chunk_admit(self, lane: int, h: Header) -> RxTransfer | None:

@@ -21,7 +21,17 @@ import xxhash
 
 from ..codec import frames as F
 from ..codec.manifest import Manifest
-from ..codec.rxengine import Action, ChunkResult, CutLanes, Ended, Fail, ReceiverEngine, RxTransfer, Send
+from ..codec.rxengine import (
+    Action,
+    ChunkResult,
+    CutLanes,
+    Ended,
+    Fail,
+    ReceiverEngine,
+    RxTransfer,
+    Send,
+    check_lane_control,
+)
 from ..codec.transfer import State
 from ..errors import ProtocolError
 from ._auth import SessionKeys
@@ -182,7 +192,7 @@ class RxSession:
                 sock.settimeout(self.peer_timeout)
                 if h.kind == F.KIND_CONTROL:
                     kind, _ = ch.read_control_body(h)
-                    self._engine.lane_control(kind)  # only BYE (stateless: no lock needed)
+                    check_lane_control(kind)  # only BYE: the lane ends
                     return
                 self._read_chunk(ch, lane, lane_id, h, scratch)
         finally:
