@@ -36,7 +36,7 @@ from ..codec.transfer import State
 from ..errors import ProtocolError
 from ._auth import SessionKeys
 from ._incoming import IncomingTransfer
-from .transport import ChunkRef, ChunkStage, Stream
+from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
 
 
 class RxSession:
@@ -216,22 +216,20 @@ class RxSession:
         result: ChunkResult | None = None
         try:
             hashed = t.manifest.hashed
-            views = [handle.views[seg][a:b] for seg, a, b in t.plan.pieces(h.chunk)]
-            for view in views:
-                ch.recv_into(view)
-            try:
-                self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
-            except Exception as e:  # noqa: BLE001 - the stage is the caller's code: it fails this transfer only
-                result = self._stage_failed(t, lane_id, h, f"{type(e).__name__}: {e}")
-                return
-            computed: int | None = None
-            if hashed and len(views) == 1:
-                computed = xxhash.xxh3_64_intdigest(views[0])
-            elif hashed:
-                hasher = xxhash.xxh3_64()
+            pieces = t.plan.pieces(h.chunk)
+            stage = self.stage
+            if stage is IDENTITY:  # each piece hashed as it lands, while it is in cache
+                computed = _recv_hashed(ch, handle.views, pieces, hashed)
+            else:  # the stage sees the whole chunk in place, then it is hashed
+                views = [handle.views[seg][a:b] for seg, a, b in pieces]
                 for view in views:
-                    hasher.update(view)
-                computed = hasher.intdigest()
+                    ch.recv_into(view)
+                try:
+                    stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), views)
+                except Exception as e:  # noqa: BLE001 - the stage is the caller's code: it fails this transfer only
+                    result = self._stage_failed(t, lane_id, h, f"{type(e).__name__}: {e}")
+                    return
+                computed = _digest(views) if hashed else None
             now = time.monotonic()
             with self.lock:
                 result = self._engine.chunk_done(t, lane_id, h, computed, now)
@@ -265,3 +263,30 @@ class RxSession:
             handle.layer_ready(layer, r.at)
         if r.reply is not None:
             self.send(r.reply.kind, r.reply.body)
+
+
+def _recv_hashed(ch: Stream, dest: list[memoryview], pieces: list[tuple[int, int, int]], hashed: bool) -> int | None:
+    """Receive a chunk's ``pieces`` (segment, start, end) into the ``dest`` segment views, hashing each
+    piece right after it lands; its xxh3_64 (None when unhashed)."""
+    if len(pieces) == 1:
+        seg, a, b = pieces[0]
+        view = dest[seg][a:b]
+        ch.recv_into(view)
+        return xxhash.xxh3_64_intdigest(view) if hashed else None
+    hasher = xxhash.xxh3_64() if hashed else None
+    for seg, a, b in pieces:
+        view = dest[seg][a:b]
+        ch.recv_into(view)
+        if hasher is not None:
+            hasher.update(view)
+    return hasher.intdigest() if hasher is not None else None
+
+
+def _digest(views: list[memoryview]) -> int:
+    """The xxh3_64 of a chunk whose payload is ``views``, in order."""
+    if len(views) == 1:
+        return xxhash.xxh3_64_intdigest(views[0])
+    hasher = xxhash.xxh3_64()
+    for view in views:
+        hasher.update(view)
+    return hasher.intdigest()
