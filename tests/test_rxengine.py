@@ -434,3 +434,21 @@ def test_any_order_of_messages_chunks_and_ticks(raw: bytes) -> None:
     assert failed and e.closed and not e.pending and not e.transfers and e.held == 0
     assert ended == {tid: 1 for tid in activated}
     assert sum(n for k, n in e.counts().items() if k.startswith(("transfers_", "probes_"))) == len(activated)
+
+
+
+def test_a_chunk_read_after_the_session_failed_is_answered_by_nobody_and_not_counted() -> None:
+    """Once the session failed its transfers are over: a chunk a lane finishes reading then is not checked
+    against its hash (any copy of an ended transfer is taken as is), so it is neither ``bytes_received``
+    (verified bytes) nor ``chunks_rejected``."""
+    e = engine()
+    m = start(e, 1)
+    good, bad = header(m, 0), header(m, 1)
+    t_good, t_bad = e.chunk_admit(0, good), e.chunk_admit(1, bad)
+    assert t_good is not None and t_bad is not None
+    assert e.close("control connection lost") == [Fail("control connection lost")]
+    r = e.chunk_done(t_good, 0, good, good.digest, 2.0)
+    assert r.reply is None and r.layers == () and r.ended is None  # the other lane still writes
+    r = e.chunk_done(t_bad, 1, bad, bad.digest ^ 1, 2.0)
+    assert r.reply is None and r.ended == Ended(1, State.FAILED, "control connection lost")
+    assert e.counts() == {"transfers_failed": 1}

@@ -338,8 +338,8 @@ class ReceiverEngine:
         verdict = t.machine.received(h, computed)
         ended = self._writer_left(t, lane)
         m = t.machine.manifest
-        if self._over:  # the session is gone: nobody to answer
-            return ChunkResult(None, (), now, ended)
+        if self._over:  # the session is gone: nobody to answer, and its transfers ended, so the verdict
+            return ChunkResult(None, (), now, ended)  # checked no hash: not bytes_received (verified bytes)
         if verdict.ack:
             self._counts["probe_bytes_received" if m.sink else "bytes_received"] += h.length
             reply = self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
