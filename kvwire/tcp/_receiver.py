@@ -400,7 +400,9 @@ class Receiver:
             if self._sink_scratch is None:
                 self._sink_scratch = memoryview(bytearray(SINK_MAX_SEGMENT))
             scratch = self._sink_scratch
-        s.activate(m, IncomingTransfer(m.request.request_id), [scratch[: seg.nbytes] for seg in m.segments])
+        h = IncomingTransfer(m.request.request_id)
+        if not s.activate(m, h, [scratch[: seg.nbytes] for seg in m.segments]):
+            h.resolve(State.FAILED, "session closed")  # it closed since the admission: ended once all the same
 
     def _over_inflight(self, m: Manifest) -> str:
         """Why ``m`` would take the receiver over ``max_inflight_bytes`` (payload, a sink's none, plus the
