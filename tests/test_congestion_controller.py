@@ -17,8 +17,11 @@ from kvwire.congestion.controller import (
     apply_decision,
     decide,
     initial_state,
+    lane_window_for,
     lanes_for,
     mathis_rate,
+    start_lanes,
+    window_lanes,
 )
 from kvwire.congestion.estimator import LinkState
 from kvwire.sockopts import get_congestion, get_pacing_rate
@@ -321,3 +324,27 @@ def test_up_probes_that_pay_take_growing_steps_and_start_over_when_one_does_not(
     assert st.mode is Mode.DRAIN and st.upprobe_streak == 0
     with pytest.raises(ValueError):
         ControllerConfig(upprobe_gain=1.3, upprobe_gain_max=1.2)
+
+
+def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send_buffer_ceiling() -> None:
+    cfg = ControllerConfig()  # 1 Gbit/s, 4..16 lanes, 2 MiB a lane
+    mib = 2**20
+    # 2 x 125 MB/s x 80 ms = 20 MB in flight: 10 lanes of 2 MiB (tcp_wmem max 4 MiB holds ~half in payload)
+    assert start_lanes(0.080, cfg, lane_window=lane_window_for(4 * mib, cfg)) == 10
+    assert lane_window_for(4 * mib, cfg) == 2 * mib and lane_window_for(None, cfg) == cfg.lane_window
+    assert start_lanes(0.080, cfg, lane_window=4 * mib) == 5  # a larger send buffer needs fewer lanes
+    assert start_lanes(0.080, cfg, capacity=250e6) == 16  # the last estimate (2 Gbit/s): capped at max_lanes
+    assert start_lanes(0.040, cfg) == 5  # the 1 Gbit/s, 40 ms link
+    # short paths, a LAN, no RTT, sizing off: the lanes the caller asked for, never fewer
+    assert start_lanes(0.020, cfg) == 4
+    assert start_lanes(0.0002, cfg, capacity=1e10) == 4
+    assert start_lanes(None, cfg) == 4
+    assert start_lanes(0.080, replace(cfg, start_rate=None)) == 4
+    assert start_lanes(0.020, replace(cfg, initial_lanes=12)) == 12
+    assert start_lanes(0.080, replace(cfg, max_lanes=8)) == 8
+    with pytest.raises(ValueError):
+        ControllerConfig(start_rate=0)
+    # the controller's own lane rule agrees: measuring the start rate asks for no other count
+    st = initial_state(cfg, lanes=start_lanes(0.080, cfg))
+    assert st.decision.lanes == 10 and st.mode is Mode.PROBE
+    assert window_lanes(125e6, 0.080, cfg.lane_window) == 10

@@ -24,10 +24,23 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
 
-from .controller import ControllerConfig, Decision, LaneController, Mode, apply_decision, initial_state
+from .controller import (
+    ControllerConfig,
+    Decision,
+    LaneController,
+    Mode,
+    apply_decision,
+    initial_state,
+    lane_window_for,
+    start_lanes,
+)
 from .estimator import EstimatorConfig, LinkEstimator, LinkState
 from .monitor import LinkMonitor, Subscriber
 from .share import LinkShare, Peer, fair_share, share_name
+from .tcpinfo import try_read
+
+#: the kernel's ceiling on a socket's send buffer under autotuning (``tcp_wmem``: min, default, max)
+_TCP_WMEM = "/proc/sys/net/ipv4/tcp_wmem"
 
 
 class Controllable(Protocol):
@@ -64,15 +77,20 @@ class LinkControl:
             self.estimator.seed_capacity(capacity)
         self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity)
         self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator)
+        self.share = share
         self._paused = False
         self._start_lock = threading.Lock()
-        self.share = share
         self.shared_cap: float | None = None  # the aggregate pacing the share allows now (None: no cap)
         self._shared_fds: frozenset[int] = frozenset()
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
-        session.set_active_lanes(self.config.initial_lanes)
+        self.controller.state = initial_state(self.config, capacity, *self._start_lanes(capacity))
+        self.controller.history[:] = [(0.0, self.decision)]
+        got = session.set_active_lanes(self.decision.lanes)
+        if got != self.decision.lanes:  # (a lane that would not open: keep the count in effect)
+            self.controller.state = initial_state(self.config, capacity, got, "fewer lanes opened")
+            self.controller.history.append((0.0, self.decision))
         apply_decision(self.decision, session.lane_sockets())
         self.monitor.subscribe(self._control)
         if start:
@@ -136,6 +154,24 @@ class LinkControl:
         self.close()
 
     # ------------------------------------------------------------ hooks
+    def _start_lanes(self, capacity: float | None) -> tuple[int, str]:
+        """The lane count to start with (``controller.start_lanes``) and why: the path's RTT from the lanes'
+        handshakes (their ``TCP_INFO`` min RTT), the send-buffer ceiling from ``tcp_wmem``, the rate from
+        ``capacity`` or else the best link estimate another controller of the share published."""
+        infos = [i for i in (try_read(s) for s in self.session.lane_sockets()) if i is not None]
+        rtts = [us for us in (i.min_rtt_us or i.rtt_us for i in infos) if us]
+        rtt = min(rtts) / 1e6 if rtts else None
+        if capacity is None and self.share is not None:
+            known = [p.capacity for p in self.share.others(time.time()) if p.capacity]
+            capacity = max(known) if known else None
+        window = lane_window_for(send_buffer_ceiling(), self.config)
+        n = start_lanes(rtt, self.config, capacity, window)
+        if n == self.config.initial_lanes or rtt is None:
+            return n, ""
+        rate = capacity if capacity is not None else self.config.start_rate or 0.0
+        return n, (f"{n} lanes for {rate * 8e-6:.4g} Mbit/s over {rtt * 1e3:.3g} ms at {window / 2**20:.3g} MiB "
+                   f"a lane")
+
     def _set_lanes(self, n: int) -> int:
         return self.session.set_active_lanes(n)
 
@@ -194,6 +230,15 @@ class LinkControl:
         if self._prior_hook is not None:
             self._prior_hook(index, sock)
 
+
+
+def send_buffer_ceiling() -> int | None:
+    """The most a socket's send buffer grows to under autotuning (``tcp_wmem``'s max), or None unreadable."""
+    try:
+        with open(_TCP_WMEM) as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 #: ``KVWIRE_LINK_CONTROL=0`` (or ``off``/``false``/``no``): sessions get no controller unless given one

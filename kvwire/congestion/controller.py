@@ -10,6 +10,10 @@ and the callback.
 Policy (BBR's cycle at the application level, §3.3 of the TCP bulk-transfer note; the kernel's BBR does
 the per-lane work and ignores random loss, the application caps the aggregate so no queue stands):
 
+- Start: the lanes a controller opens with are sized from the handshake RTT and the send-buffer ceiling
+  (``start_lanes``: the count ``window_lanes`` wants for the last capacity estimate, else ``start_rate``),
+  so a long fat path does not start on 4 send buffers that the window-bound rule doubles one decision at
+  a time; never below ``initial_lanes``, and not on a LAN.
 - LAN: while the min RTT is under ``lan_rtt`` (loopback, a rack) nothing is changed (PROBE, unpaced): a
   few microseconds of path never make socket windows or a queue the limit, and a default-on controller
   must cost nothing there.
@@ -115,6 +119,11 @@ class ControllerConfig:
     # payload one lane can have in flight: tcp_wmem[2] (4 MiB by default) holds about half of it in payload
     # once the kernel's per-packet overhead is counted (measured: ~265 Mbit/s a lane at 80 ms, ~2.6 MB)
     lane_window: float = 2 * 2**20
+    # the lanes a controller starts with are sized (``start_lanes``) so the socket windows are not the first
+    # limit below this rate (bytes/s; the last capacity estimate replaces it when there is one): 1 Gbit/s,
+    # a cross-datacenter link's share for one engine (the issue's links are 1 and 2 Gbit/s); beyond it the
+    # window-bound lanes double while it pays. None: start at ``initial_lanes``
+    start_rate: float | None = 1e9 / 8
     polite: bool = False
     polite_share: float = 0.5
     polite_congestion: str | None = "cubic"
@@ -143,6 +152,8 @@ class ControllerConfig:
             raise ValueError("drain_time must be positive")
         if not 1 <= self.drained_ratio < self.drain_ratio:
             raise ValueError("need 1 <= drained_ratio < drain_ratio")
+        if self.lane_window <= 0 or (self.start_rate is not None and self.start_rate <= 0):
+            raise ValueError("lane_window and start_rate must be positive")
 
     @property
     def algorithm(self) -> str | None:
@@ -185,15 +196,49 @@ class ControllerState:
         return self.decision.mode
 
 
-def initial_state(cfg: ControllerConfig, capacity: float | None = None) -> ControllerState:
+def initial_state(cfg: ControllerConfig, capacity: float | None = None, lanes: int | None = None,
+                  why: str = "") -> ControllerState:
     """PROBE with unpaced lanes; or, given a ``capacity`` an active probe measured, cruise paced under it
-    from the first byte (no in-band probing queue)."""
+    from the first byte (no in-band probing queue). ``lanes`` (default ``initial_lanes``, clamped to
+    ``min_lanes..max_lanes``): the count to start with (``start_lanes``), ``why`` says where it came from."""
+    n = max(cfg.min_lanes, min(cfg.max_lanes, cfg.initial_lanes if lanes is None else lanes))
+    why = f"; {why}" if why else ""
     if capacity is None:
-        return ControllerState(Decision(cfg.initial_lanes, None, cfg.algorithm, Mode.PROBE, "initial"))
+        return ControllerState(Decision(n, None, cfg.algorithm, Mode.PROBE, f"initial{why}"))
     total = int(cfg.pace_gain * capacity)
     mode = Mode.POLITE if cfg.polite else Mode.CRUISE
-    return ControllerState(Decision(cfg.initial_lanes, max(1, total // cfg.initial_lanes), cfg.algorithm, mode,
-                                    f"probed beforehand: paced at {total:.4g} B/s"))
+    return ControllerState(Decision(n, max(1, total // n), cfg.algorithm, mode,
+                                    f"probed beforehand: paced at {total:.4g} B/s{why}"))
+
+
+def window_lanes(rate: float, rtt: float, lane_window: float) -> int:
+    """Lanes whose socket windows carry ``rate`` (bytes/s) over ``rtt`` with BBR's headroom: ``ceil(2 x BDP /
+    lane_window)`` (BBR keeps up to twice the BDP in flight while it probes; one lane holds ``lane_window``)."""
+    return math.ceil(2 * rate * rtt / lane_window)
+
+
+def start_lanes(rtt: float | None, cfg: ControllerConfig, capacity: float | None = None,
+                lane_window: float | None = None) -> int:
+    """The lane count a controller starts with, from the path's RTT (the handshake's) and the per-socket
+    window ceiling (``lane_window``, default ``cfg.lane_window``; see ``lane_window_for``): enough lanes that
+    their windows carry the last ``capacity`` estimate, or ``cfg.start_rate`` when there is none, with the
+    headroom the controller keeps (``window_lanes``), so that a long fat path is not held by 4 send buffers
+    while the window-bound rule doubles them one decision (~1.3 s) at a time. Pacing, not the lane count,
+    keeps the aggregate off the queue once the capacity is measured. Never below ``initial_lanes`` (what
+    the caller asked for), never above ``max_lanes``; ``initial_lanes`` on a LAN (``lan_rtt``), without an
+    RTT, or with ``start_rate`` None and no capacity. Pure."""
+    rate = capacity if capacity is not None else cfg.start_rate
+    if rtt is None or rtt < cfg.lan_rtt or rate is None or rate <= 0:
+        return cfg.initial_lanes
+    want = window_lanes(rate, rtt, lane_window if lane_window and lane_window > 0 else cfg.lane_window)
+    return max(cfg.initial_lanes, min(cfg.max_lanes, want))
+
+
+def lane_window_for(send_buffer_max: int | None, cfg: ControllerConfig) -> float:
+    """Payload one lane can keep in flight, from the send buffer's ceiling in bytes (``tcp_wmem[2]``, or
+    a socket's fixed ``SO_SNDBUF``): half of it (the kernel counts its per-packet overhead against the
+    buffer; measured ~2.6 MB of a 4 MiB one in flight at 80 ms). ``cfg.lane_window`` when unknown."""
+    return send_buffer_max / 2 if send_buffer_max and send_buffer_max > 0 else cfg.lane_window
 
 
 def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
@@ -429,7 +474,7 @@ def _lanes(d: Decision, link: LinkState, cfg: ControllerConfig, sharing: bool, b
     if cap is None or not rtt or sharing or (link.queueing_ratio or 1.0) > cfg.drained_ratio:
         return d.lanes  # sharing, or loss that a queue explains: congestive, not a reason for lanes
     if d.congestion == "bbr":
-        want = math.ceil(2 * max(cap, best or 0.0) * rtt / cfg.lane_window)
+        want = window_lanes(max(cap, best or 0.0), rtt, cfg.lane_window)
     else:
         loss = max(link.loss_rate, 1e-6)
         want = math.ceil(max(cap, best or 0.0) / mathis_rate(rtt, loss))
