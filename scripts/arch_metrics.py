@@ -4,8 +4,9 @@ Prints, per subpackage of ``kvwire``: lines of code, cross-object private attrib
 import cycles among kvwire's modules. Reads source files only (``ast``); imports and runs nothing.
 
 * a cross-object private read is ``<expr>._name`` (not a dunder) where ``<expr>`` is not the bare name
-  ``self`` or ``cls``: ``self._session._cond``, ``handle._writers``, ``s.server._end``. Reads of a module's
-  private names (``module._helper``) are counted apart, as ``module-private``;
+  ``self`` or ``cls``: ``self._session._cond``, ``handle._writers``, ``s.server._end`` (not counted:
+  ``super()._hook()``, the object's own base class, and NamedTuple's underscored public API, ``_replace``...).
+  Reads of a module's private names (``module._helper``) are counted apart, as ``module-private``;
 * import cycles are the strongly connected components (more than one module) of the graph of imports
   between kvwire modules, at module level (``top``) and counting imports inside functions too (``all``);
   ``if TYPE_CHECKING:`` imports are left out of both (they never run).
@@ -87,6 +88,10 @@ def imports(tree: ast.Module, mod: str, is_pkg: bool) -> tuple[set[str], set[str
     return top, every
 
 
+#: NamedTuple's public methods and attributes, which carry a leading underscore to avoid clashing with fields
+NAMEDTUPLE_API = frozenset({"_replace", "_asdict", "_fields", "_make", "_field_defaults"})
+
+
 def private_reads(tree: ast.Module, module_names: set[str]) -> tuple[int, int]:
     """(cross-object, module-private) reads of ``_name`` attributes."""
     imported_modules: set[str] = set()
@@ -106,6 +111,10 @@ def private_reads(tree: ast.Module, module_names: set[str]) -> tuple[int, int]:
         v = node.value
         if isinstance(v, ast.Name) and v.id in ("self", "cls"):
             continue
+        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super":
+            continue  # super()._hook(): the object's own base class, not another object
+        if a in NAMEDTUPLE_API:
+            continue  # NamedTuple's documented methods (_replace, _asdict...) are public despite the underscore
         if isinstance(v, ast.Name) and v.id in imported_modules:
             modpriv += 1
         else:
