@@ -14,9 +14,10 @@ receiver-wide bounds or destinations (the driver decides those between ``Admit``
 
 The driver (``kvwire.tcp._rxsession``) calls every method under its session lock and performs the
 actions in order: ``Send`` (a control frame to the sender), ``Ended`` (resolve the transfer's handle:
-emitted exactly once per activated transfer), ``CutLanes`` (close these lane
-connections), ``Admit`` (find the destination, then ``activate`` or ``refuse``) and ``Fail`` (the session
-is over: close its connections; the engine accepts nothing afterwards). A chunk's answer is one
+emitted exactly once per activated transfer) and ``Fail`` (the session is over: close its connections;
+the engine accepts nothing afterwards; never ``reconnect``), the actions both engines share
+(``codec.actions``), and this end's own: ``CutLanes`` (close these lane connections) and ``Admit`` (find
+the destination, then ``activate`` or ``refuse``). A chunk's answer is one
 ``ChunkResult`` (its verdict, the layers it completed, an ``Ended``), not a list: the lane path stays
 lean. Lanes are named by an id the driver gives each lane connection (not its index: a reconnected
 lane is another connection).
@@ -30,6 +31,7 @@ from typing import Any
 
 from ..errors import KvwireError, ProtocolError
 from . import frames as F
+from .actions import Ended, Fail, Send
 from .frames import Header, Limits
 from .layout import ModelLayout
 from .manifest import Manifest, parse_manifest
@@ -37,7 +39,7 @@ from .messages import parse_done, parse_end
 from .plan import ChunkPlan
 from .probe import sink_refusal
 from .rules import RECEIVER_RECEIVES, Conn, advance
-from .transfer import ReceiverTransfer, State
+from .transfer import ReceiverTransfer, State, terminal_counter
 
 #: recently ended transfer ids remembered per session (their late chunks are drained, their ids refused)
 ENDED_KEPT = 4096
@@ -47,31 +49,7 @@ MAX_LAYOUTS = 256
 UNSTICK_AFTER = 2.0
 
 
-# ---------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write this control frame on the session's control connection."""
-
-    kind: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """The transfer reached ``state`` and no lane writes into it any more: resolve its handle."""
-
-    transfer_id: int
-    state: State
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """The session is over: close its control connection and lanes. Nothing is accepted afterwards."""
-
-    reason: str
+# ---------------------------------------------------------------- this end's actions (the shared ones: actions.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +239,7 @@ class ReceiverEngine:
             t.machine.status.end(state, reason)
             m = t.manifest
             self.held -= held_bytes(m)
-            self._counts[f"{'probes' if m.sink else 'transfers'}_{state.value}"] += 1
+            self._counts[terminal_counter(state, m.sink)] += 1
             self.ended[tid] = None
             while len(self.ended) > ENDED_KEPT:
                 self.ended.popitem(last=False)

@@ -35,6 +35,17 @@ class State(enum.Enum):
 #: the terminal states' values, in declaration order (counters and metrics are keyed by them)
 TERMINAL_STATES: tuple[str, ...] = tuple(s.value for s in State if s.terminal)
 
+
+def terminal_counter(state: State, sink: bool) -> str:
+    """The counter a transfer ending in ``state`` adds one to: ``probes_<state>`` for a sink transfer (a
+    capacity probe), ``transfers_<state>`` for any other. Both engines count their ends under these keys."""
+    return f"{'probes' if sink else 'transfers'}_{state.value}"
+
+
+#: every ``terminal_counter`` key: transfers' first, then probes', each in ``TERMINAL_STATES`` order
+TERMINAL_COUNTERS: tuple[str, ...] = tuple(terminal_counter(s, sink) for sink in (False, True)
+                                           for s in State if s.terminal)
+
 def transfer_digest(hashes: list[int]) -> int:
     """Whole-transfer digest: xxh3_64 over the chunk hashes in chunk order."""
     return xxhash.xxh3_64_intdigest(struct.pack(f"<{len(hashes)}Q", *hashes))

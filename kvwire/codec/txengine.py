@@ -7,7 +7,8 @@ ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEA
 whole-transfer digest, deadlines, heartbeats and peer silence computed from the ``now`` it is given,
 the layouts the receiver already knows, the counters, and the session's open/down/closed state with its
 connection generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the
-driver performs (``Send``, ``Ended``, ``Fail``, ``LayersAcked``, ``ChunksQueued``). Must not know: sockets,
+driver performs (``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's
+engine; ``LayersAcked``, ``ChunksQueued`` defined here). Must not know: sockets,
 threads, locks, clocks, payload bytes or buffers (chunk indices, lengths and digests only), handles or
 user callbacks. The driver (``kvwire.tcp._sender``) holds one lock around every call.
 """
@@ -21,39 +22,14 @@ from typing import Any
 
 from ..errors import KvwireError, ProtocolError
 from . import frames as F
+from .actions import Ended, Fail, Send
 from .messages import parse_chunks
 from .rules import SENDER_RECEIVES, Conn, advance
-from .transfer import TERMINAL_STATES, SenderTransfer, State
+from .transfer import TERMINAL_COUNTERS, SenderTransfer, State, terminal_counter
 
 #: the counter keys ``counts()`` always has
 COUNT_KEYS: tuple[str, ...] = ("chunks_nacked", "chunks_requeued", "lane_reconnects", "session_reconnects",
-                               *(f"transfers_{t}" for t in TERMINAL_STATES),
-                               *(f"probes_{t}" for t in TERMINAL_STATES))
-
-
-@dataclass(frozen=True)
-class Send:
-    """Write this control frame on the control connection."""
-
-    kind: str
-    body: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Ended:
-    """The transfer reached its terminal state (once per transfer, ever): resolve its handle."""
-
-    transfer_id: int
-    state: State
-    reason: str
-
-
-@dataclass(frozen=True)
-class Fail:
-    """The connection is over: close it. ``reconnect``: the session dials the receiver again."""
-
-    reason: str
-    reconnect: bool
+                               *TERMINAL_COUNTERS)
 
 
 @dataclass(frozen=True)
@@ -378,7 +354,7 @@ class SenderEngine:
         if e is None:
             return
         e.sm.status.end(state, reason)
-        self._counts[f"{'probes' if e.sm.manifest.sink else 'transfers'}_{state.value}"] += 1
+        self._counts[terminal_counter(state, e.sm.manifest.sink)] += 1
         try:
             self._rr.remove(tid)
         except ValueError:

@@ -29,7 +29,7 @@ from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
 from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
-from ..codec.transfer import TERMINAL_STATES, State
+from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
@@ -47,7 +47,7 @@ Allocator = Callable[[Manifest], Any]
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
               "handshakes_cut",
-              *(f"transfers_{t}" for t in TERMINAL_STATES), *(f"probes_{t}" for t in TERMINAL_STATES))
+              *TERMINAL_COUNTERS)
 
 
 class Receiver:

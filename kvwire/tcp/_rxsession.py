@@ -20,18 +20,9 @@ from typing import Any
 import xxhash
 
 from ..codec import frames as F
+from ..codec.actions import Ended, Fail, Send
 from ..codec.manifest import Manifest
-from ..codec.rxengine import (
-    Action,
-    ChunkResult,
-    CutLanes,
-    Ended,
-    Fail,
-    ReceiverEngine,
-    RxTransfer,
-    Send,
-    check_lane_control,
-)
+from ..codec.rxengine import Action, ChunkResult, CutLanes, ReceiverEngine, RxTransfer, check_lane_control
 from ..codec.transfer import State
 from ..errors import ProtocolError
 from ._auth import SessionKeys
