@@ -33,7 +33,3 @@ class PeerError(BenchError):
 
 class PeerGone(BenchError):
     """The control connection ended in the middle of a test."""
-
-
-class VerificationFailed(BenchError):
-    """The run finished but some bytes were not verified at the receiver."""
