@@ -135,6 +135,8 @@ class Requester:
         return best if best is not None else (0.0, float("inf"))
 
     def close(self, bye: bool = True) -> None:
+        """Say ``bye`` (unless not), close the channel and wait (2 s at most each) for the reader and
+        heartbeat threads to stop: a heartbeat being written fails as the channel closes."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -145,3 +147,4 @@ class Requester:
                 pass
         self.ch.close()
         self._reader.join(2)
+        self._beater.join(2)
