@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..codec import frames as F
+from ..codec.actions import Ended, Fail, Send
 from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK
 from ..codec.transfer import SenderTransfer
-from ..codec.txengine import Action, Ended, Fail, LayersAcked, Send, SenderEngine
+from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.control import LinkControl, for_session
 from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
