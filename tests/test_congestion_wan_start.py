@@ -1,7 +1,8 @@
 """Lanes sized at session start from the handshake RTT and the send-buffer ceiling, on an emulated long path:
 a default session over 80 ms opens the lanes that carry ``ControllerConfig.start_rate`` (1 Gbit/s) before its
-first transfer, instead of 4 send buffers the window-bound rule would double one decision at a time; a
-session without a controller on the same link keeps the 4 it asked for.
+first transfer, instead of 4 send buffers the window-bound rule would double one decision at a time, and
+for a capacity it is handed when it starts over (``resume``); a session without a controller on the same
+link keeps the 4 it asked for.
 
 Needs root, iproute2 and iptables (skips with the reason otherwise). 100 Mbit/s keeps the emulator light.
 """
@@ -48,6 +49,11 @@ def test_a_long_path_starts_with_the_lanes_its_rtt_and_send_buffers_need() -> No
                     h = s.send(LAYOUT, REQ)
                     h.write_all([np.full(x.nbytes, 5, np.uint8) for x in segs])
                     assert h.finish().result(30) is not None
+                # started over from a measured capacity (what kvwire.probe hands it): sized for that rate
+                with link.inside("client"):
+                    ctl.resume(capacity=250e6)  # 2 Gbit/s over 80 ms: 19 lanes' windows, capped at 16
+                assert s.active_lanes == ctl.decision.lanes == 16 and ctl.decision.total_pacing is not None
+                assert sum(i.alive and i.active for i in s.lane_info()) == 16
             finally:
                 s.close()
                 plain.close()

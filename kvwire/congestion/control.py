@@ -85,12 +85,8 @@ class LinkControl:
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
-        self.controller.state = initial_state(self.config, capacity, *self._start_lanes(capacity))
-        self.controller.history[:] = [(0.0, self.decision)]
-        got = session.set_active_lanes(self.decision.lanes)
-        if got != self.decision.lanes:  # (a lane that would not open: keep the count in effect)
-            self.controller.state = initial_state(self.config, capacity, got, "fewer lanes opened")
-            self.controller.history.append((0.0, self.decision))
+        self.controller.history.clear()
+        self._begin(capacity, 0.0)
         apply_decision(self.decision, session.lane_sockets())
         self.monitor.subscribe(self._control)
         if start:
@@ -131,12 +127,11 @@ class LinkControl:
 
     def resume(self, capacity: float | None = None) -> None:
         """Start the policy over (PROBE; or, given a ``capacity`` measured meanwhile, paced under it from
-        now on, that capacity seeding the estimate) and apply it to the lanes."""
+        now on, that capacity seeding the estimate and sizing the lanes) and apply it to the lanes."""
         if capacity is not None:
             self.monitor.seed_capacity(capacity)
-        self.controller.state = initial_state(self.config, capacity)
         latest = self.latest()
-        self.controller.history.append((latest.timestamp if latest is not None else 0.0, self.decision))
+        self._begin(capacity, latest.timestamp if latest is not None else 0.0)
         apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
 
     def close(self) -> None:
@@ -154,6 +149,15 @@ class LinkControl:
         self.close()
 
     # ------------------------------------------------------------ hooks
+    def _begin(self, capacity: float | None, now: float) -> None:
+        """Start the policy (``initial_state``) with the lanes ``_start_lanes`` sizes, opened on the session."""
+        self.controller.state = initial_state(self.config, capacity, *self._start_lanes(capacity))
+        self.controller.history.append((now, self.decision))
+        got = self.session.set_active_lanes(self.decision.lanes)
+        if got != self.decision.lanes:  # (a lane that would not open: keep the count in effect)
+            self.controller.state = initial_state(self.config, capacity, got, "fewer lanes opened")
+            self.controller.history.append((now, self.decision))
+
     def _start_lanes(self, capacity: float | None) -> tuple[int, str]:
         """The lane count to start with (``controller.start_lanes``) and why: the path's RTT from the lanes'
         handshakes (their ``TCP_INFO`` min RTT), the send-buffer ceiling from ``tcp_wmem``, the rate from
