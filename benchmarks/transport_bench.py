@@ -240,6 +240,27 @@ class KvSender:
         self.session.close()
 
 
+def alternate(cases: dict[str, Any], reps: int) -> dict[str, list[dict[str, float]]]:
+    """Run every case once per repetition, the order rotating per repetition (so slow phases of a shared
+    machine hit all cases alike); each case's results in run order."""
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
+    order = list(cases)
+    for rep in range(reps):
+        shift = rep % len(order)
+        for name in order[shift:] + order[:shift]:
+            results[name].append(cases[name]())
+        print(f"  repetition {rep + 1}/{reps} done", flush=True)
+    return results
+
+
+def median_gbps(runs: list[dict[str, float]]) -> float:
+    return statistics.median(r["bytes"] * 8 / r["seconds"] / GB for r in runs)
+
+
+def median_cpu_per_gb(runs: list[dict[str, float]]) -> float:
+    return statistics.median(r["cpu"] / (r["bytes"] / GB) for r in runs)
+
+
 class VersionPair:
     """``--against``: a sender and a receiver process per kvwire version; ``run`` moves one payload with one."""
 
@@ -304,24 +325,18 @@ def against(rev: str, reps: int, lanes: int, qwen_tokens: int, kimi_tokens: int)
         cases[f"{version}-q-hash"] = lambda v=version: pair.run(v, "qwen3-next-80b-a3b", qwen_tokens, True)
         cases[f"{version}-q-nohash"] = lambda v=version: pair.run(v, "qwen3-next-80b-a3b", qwen_tokens, False)
         cases[f"{version}-k-hash"] = lambda v=version: pair.run(v, "kimi-linear-48b-a3b", kimi_tokens, True)
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
-    order = list(cases)
     try:
-        for rep in range(reps):
-            shift = rep % len(order)
-            for name in order[shift:] + order[:shift]:
-                results[name].append(cases[name]())
-            print(f"  repetition {rep + 1}/{reps} done", flush=True)
+        results = alternate(cases, reps)
     finally:
         pair.stop()
         plain_rx.stop()
         drop_checkout(other)
 
     def med(name: str) -> float:
-        return statistics.median(r["bytes"] * 8 / r["seconds"] / GB for r in results[name])
+        return median_gbps(results[name])
 
     def cpu(name: str) -> float:
-        return statistics.median(r["cpu"] / (r["bytes"] / GB) for r in results[name])
+        return median_cpu_per_gb(results[name])
 
     print()
     print(f"{'case':<34} {'payload':>11}  {'Gbit/s':>6}  {'min':>6}  {'max':>6}  {'vs plain':>6}  "
@@ -391,7 +406,7 @@ def memory_run(lanes: int, tokens: int) -> dict[str, float]:
 # ---------------------------------------------------------------- table
 def summarize(name: str, runs: list[dict[str, float]], plain: float | None, target: str) -> str:
     gbps = [r["bytes"] * 8 / r["seconds"] / GB for r in runs]
-    cpu_gb = statistics.median(r["cpu"] / (r["bytes"] / GB) for r in runs)
+    cpu_gb = median_cpu_per_gb(runs)
     med = statistics.median(gbps)
     ratio = f"{med / plain:5.2f}x" if plain else "    - "
     return (f"{name:<34} {runs[0]['bytes'] / 1e6:8.1f} MB  {med:6.2f}  {min(gbps):6.2f}  {max(gbps):6.2f}  "
@@ -456,14 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if iperf:
         cases["iperf-1"] = lambda: run_iperf3(iperf_port, 1, q_flat.nbytes)
         cases["iperf-4"] = lambda: run_iperf3(iperf_port, 4, q_flat.nbytes)
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
-    order = list(cases)
     try:
-        for rep in range(a.reps):
-            shift = rep % len(order)
-            for name in order[shift:] + order[:shift]:
-                results[name].append(cases[name]())
-            print(f"  repetition {rep + 1}/{a.reps} done", flush=True)
+        results = alternate(cases, a.reps)
     finally:
         kv.close()
         kv_off.close()
@@ -474,10 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             iperf_srv.wait()
 
     def med(name: str) -> float:
-        return statistics.median(r["bytes"] * 8 / r["seconds"] / GB for r in results[name])
+        return median_gbps(results[name])
 
     def cpu(name: str) -> float:
-        return statistics.median(r["cpu"] / (r["bytes"] / GB) for r in results[name])
+        return median_cpu_per_gb(results[name])
 
     pq, pk = med("plain-q"), med("plain-k")
     print()
