@@ -18,6 +18,9 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+#: called with (lane index, socket) each time a session's lane connects (opened, reopened or reconnected),
+#: before it carries data: where congestion control applies pacing and the congestion algorithm. Lanes are
+#: dialled concurrently, so it may run on several threads at once. (``kvwire.tcp`` takes it as ``on_lane_open``.)
 LaneHook = Callable[[int, socket.socket], None]
 
 

@@ -10,11 +10,22 @@ Must not know: kvwire internals beyond the public API and ``LinkState``.
 """
 
 from .model import DecodeProfile, Deployment, KvSize, PrefillProfile, Throughput, paper_deployment, plan
-from .router import PD, PRFAAS, Decision, Router, RouterConfig, RouteRequest
+from .router import PD, PRFAAS, RouteDecision, Router, RouterConfig, RouteRequest
 from .server import JobReport, PrefillJob, PrfaasServer, SimulatedPrefill
 
 __all__ = [
-    "PD", "PRFAAS", "Decision", "DecodeProfile", "Deployment", "JobReport", "KvSize", "PrefillJob",
-    "PrefillProfile", "PrfaasServer", "RouteRequest", "Router", "RouterConfig", "SimulatedPrefill", "Throughput",
+    "PD", "PRFAAS", "DecodeProfile", "Deployment", "JobReport", "KvSize", "PrefillJob", "PrefillProfile",
+    "PrfaasServer", "RouteDecision", "RouteRequest", "Router", "RouterConfig", "SimulatedPrefill", "Throughput",
     "paper_deployment", "plan",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``kvwire.prfaas.Decision``, the router's decision before it was named ``RouteDecision`` (one name,
+    one thing: ``kvwire.congestion.controller.Decision`` is the congestion controller's)."""
+    if name == "Decision":
+        import warnings
+
+        warnings.warn("kvwire.prfaas.Decision is now kvwire.prfaas.RouteDecision", DeprecationWarning, stacklevel=2)
+        return RouteDecision
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ import kvwire
 
 from ..congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from . import model
-from .router import PRFAAS, Decision, Router, RouterConfig, RouteRequest
+from .router import PRFAAS, RouteDecision, Router, RouterConfig, RouteRequest
 from .server import JobReport, PrfaasServer, SimulatedPrefill
 from .workload import check_payload, lognormal_lengths, payload_bytes, synthetic_requests
 
@@ -44,7 +44,7 @@ class DemoConfig:
 
 @dataclass
 class Outcome:
-    decision: Decision
+    decision: RouteDecision
     report: JobReport | None = None
     verified: bool | None = None
 

@@ -132,7 +132,7 @@ class RouteRequest:
 
 
 @dataclass(frozen=True)
-class Decision:
+class RouteDecision:
     request_id: str
     target: str  # PRFAAS or PD
     incremental: int  # tokens to prefill (uncached)
@@ -190,7 +190,7 @@ class Router:
     def scarce(self) -> bool:
         return self.congested or (self.util is not None and self.util >= self.config.scarce_util)
 
-    def route(self, req: RouteRequest) -> Decision:
+    def route(self, req: RouteRequest) -> RouteDecision:
         """§2.4: scarce bandwidth judges each cluster's own prefix; abundant uses the longer one anywhere."""
         if not 0 <= req.cached_pd <= req.total or not 0 <= req.cached_prfaas <= req.total:
             raise ValueError(f"{req.request_id}: cached prefixes must lie in [0, total]")
@@ -214,7 +214,7 @@ class Router:
             move = at is not None and at != target
         incremental = req.total - prefix
         self._lengths.append(float(incremental))
-        return Decision(req.request_id, target, incremental, prefix, at, move, self.t, scarce)
+        return RouteDecision(req.request_id, target, incremental, prefix, at, move, self.t, scarce)
 
     # ------------------------------------------------------------ short timescale
     def observe(self, now: float, link: LinkState | None, queue_depth: int | Backlog) -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..codec import frames as F
+from ..congestion.group import LaneHook
 from ..errors import ConnectError, ConnectTimeout, KvwireError
 from ..sockopts import tune
 from ._auth import SessionKeys, client_handshake, client_lane
@@ -33,10 +34,6 @@ from .transport import Stream
 
 log = logging.getLogger("kvwire.tcp")
 
-#: called with (lane index, socket) each time a lane's socket is connected (opened, reopened or
-#: reconnected), before it carries data: where kvwire.congestion applies its pacing cap and algorithm.
-#: Lanes are dialled concurrently, so it may run on several threads at once.
-LaneHook = Callable[[int, socket.socket], None]
 
 
 @dataclass(frozen=True)
