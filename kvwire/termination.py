@@ -3,13 +3,16 @@
 Owns: ``Terminated`` (a ``KeyboardInterrupt``: whatever already cleans up after Ctrl-C — ``with`` blocks,
 ``finally``, pytest's fixture teardown — runs for these too) and ``install()``, which makes SIGTERM and
 SIGHUP raise it in the main thread. Python's default for both is to die at once, leaving child processes,
-network namespaces and files behind. Must not know: what is being torn down.
+network namespaces and files behind. Also ``pid_alive``, the one check that a process is still there (the
+launcher's ``down``/``status`` and the teardown tests use it). Must not know: what is being torn down.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -47,3 +50,18 @@ def install(force: bool = False) -> bool:
 
 
 __all__ = ["SIGNALS", "Terminated", "install"]
+
+
+def pid_alive(pid: int) -> bool:
+    """Process ``pid`` exists and is not a zombie (a zombie is gone for every purpose here: its parent
+    only has not reaped it yet). One owned by another user counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

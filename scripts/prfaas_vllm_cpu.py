@@ -38,6 +38,7 @@ from typing import Any
 from vllm_real_run import ZeroStates  # this directory: the node processes have it on PYTHONPATH
 
 from kvwire.prfaas.vllm_node import NodeConnector
+from kvwire.termination import pid_alive
 
 VOCAB = 512
 MAX_TOKENS = 16
@@ -150,18 +151,9 @@ def serve(config: Path, workdir: Path, tag: str) -> dict[str, Any]:
         d.stop()
         results["stop_s"] = round(time.monotonic() - t2, 1)
         results["exit_status"] = {p.name: p.popen.returncode for p in procs}
-        results["left_alive"] = [p.name for p in procs if _alive(p.popen.pid)]
+        results["left_alive"] = [p.name for p in procs if pid_alive(p.popen.pid)]
     return results
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def judge(base: list[dict[str, Any]], got: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from prfaas_nodes import free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvwire.prfaas import config as deploy_config
+from kvwire.termination import pid_alive as alive
 
 DEFAULT = Path(__file__).resolve().parents[1] / "kvwire" / "prfaas" / "deploy-default.toml"
 
@@ -45,16 +45,6 @@ def metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def metric(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:

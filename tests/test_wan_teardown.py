@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kvwire.termination import pid_alive
 from kvwire.testing.netns import sh
 from kvwire.testing.wan import iter_stale_namespaces, unavailable_reason
 
@@ -45,16 +46,6 @@ def _pids_in(namespaces: list[str]) -> set[int]:
         pids |= {int(p) for p in out.split()}
     return pids
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes (its parent reaps it)
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_for(cond: object, timeout: float) -> bool:
@@ -87,7 +78,7 @@ def _kill_and_check(proc: subprocess.Popen[str], prefix: str, sig: signal.Signal
         # the signal itself (-signal: Python's default, which leaves everything behind)
         assert rc in (128 + sig, 1) and rc != -sig, (rc, err)
         assert _ours(prefix) == [], "namespaces left behind"
-        assert _wait_for(lambda: not any(_alive(p) for p in pids), 10), [p for p in pids if _alive(p)]
+        assert _wait_for(lambda: not any(pid_alive(p) for p in pids), 10), [p for p in pids if pid_alive(p)]
     finally:
         if proc.poll() is None:
             proc.kill()

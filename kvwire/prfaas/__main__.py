@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..termination import pid_alive
 from .launcher import ROOT, Deployment, LaunchError, WanSpec
 
 
@@ -31,18 +32,6 @@ def default_state(config: str) -> Path:
     digest = hashlib.sha1(os.path.abspath(config).encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"kvwire-prfaas-{digest}.json"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -80,7 +69,7 @@ def up(a: argparse.Namespace) -> int:
     state = Path(a.state)
     if state.exists():
         old = json.loads(state.read_text())
-        if _alive(int(old.get("supervisor", 0))):
+        if pid_alive(int(old.get("supervisor", 0))):
             print(f"already up (supervisor {old['supervisor']}); run down first", file=sys.stderr)
             return 1
         state.unlink()
@@ -124,14 +113,14 @@ def down(a: argparse.Namespace) -> int:
     s = json.loads(state.read_text())
     sup = int(s.get("supervisor", 0))
     pids = [int(x) for x in s.get("processes", {}).values()]
-    if sup and _alive(sup):
+    if sup and pid_alive(sup):
         os.kill(sup, signal.SIGTERM)
     end = time.monotonic() + a.grace
-    while time.monotonic() < end and any(_alive(x) for x in [sup, *pids] if x):
+    while time.monotonic() < end and any(pid_alive(x) for x in [sup, *pids] if x):
         time.sleep(0.1)
     killed = []
     for pid in [sup, *pids, s.get("emulator_pid") or 0]:
-        if pid and _alive(int(pid)):
+        if pid and pid_alive(int(pid)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(pid), signal.SIGKILL) if pid in pids else os.kill(int(pid), signal.SIGKILL)
             killed.append(pid)
@@ -140,7 +129,7 @@ def down(a: argparse.Namespace) -> int:
     for ns in s.get("namespaces", []):
         netns.delete(ns)
     state.unlink(missing_ok=True)
-    left = [x for x in [sup, *pids] if x and _alive(x)]
+    left = [x for x in [sup, *pids] if x and pid_alive(x)]
     print(json.dumps({"stopped": s.get("processes", {}), "killed_after_grace": killed, "left": left}))
     return 1 if left else 0
 
