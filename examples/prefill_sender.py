@@ -65,10 +65,12 @@ def main() -> None:
                     out.write_layer(layer, [src[i] for i in by_layer[layer]])
                     print(f"  layer {layer:3d} produced at +{(time.monotonic() - t0) * 1e3:8.1f} ms")
             out.finish().result(timeout=300)
+            # layers_acked is complete once the transfer is; the note() callbacks run on the session's
+            # callback pool and may still be queued when result() returns (the first one ran long ago)
             dt = time.monotonic() - t0
             mb = out.manifest.total_bytes / 1e6
             print(f"{req.request_id}: {mb:.1f} MB confirmed by the receiver in {dt * 1e3:.0f} ms "
-                  f"({mb / 1e3 / dt:.2f} GB/s); {len(acked)} layers acknowledged one by one, the first at "
+                  f"({mb / 1e3 / dt:.2f} GB/s); {len(out.layers_acked)} layers acknowledged one by one, the first at "
                   f"+{(acked[0] if acked else 0) * 1e3:.1f} ms", flush=True)
             state = control.latest() if control is not None else None
             if control is not None and state is not None:
