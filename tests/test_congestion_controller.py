@@ -348,3 +348,17 @@ def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send
     st = initial_state(cfg, lanes=start_lanes(0.080, cfg))
     assert st.decision.lanes == 10 and st.mode is Mode.PROBE
     assert window_lanes(125e6, 0.080, cfg.lane_window) == 10
+
+
+def test_lanes_far_below_the_capacity_while_busy_are_re_probed_but_not_over_a_request_gap() -> None:
+    """BBR lanes that deliver under half the capacity with work queued, no queue and no pacing limit have
+    low bandwidth estimates of their own (after a stall): re-probe. The same low goodput averaged over a
+    window holding an idle gap between two requests (lanes busy 65 % of it) is not a slow link: re-probing
+    there restarted every lane into STARTUP as the next request's burst began (the burst row's queue)."""
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=4, queue_persist=0.0)
+    st = cruising(cfg)
+    t = 1.0 + cfg.settle + cfg.judge_after + 0.1
+    gap = decide(st, ls(t, 0.4 * C, busy=0.65, capacity=C), cfg)
+    assert gap.mode is Mode.CRUISE and not gap.decision.restart, gap.decision
+    busy = decide(st, ls(t, 0.4 * C, busy=1.0, capacity=C), cfg)  # the negative control: really underused
+    assert busy.mode is Mode.PROBE and busy.decision.restart, busy.decision

@@ -114,6 +114,9 @@ class ControllerConfig:
     upprobe_gain_max: float = 1.5  # the largest step of a run of up-probes that paid
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
+    # a goodput average is judged against the capacity (``_underused``) only when the lanes had data in
+    # flight this share of its window: an idle gap between two requests in it is not a slow link
+    full_busy: float = 0.9
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
     window_limited: float = 0.3  # lanes held by a socket window this share of busy time: add lanes
     # payload one lane can have in flight: tcp_wmem[2] (4 MiB by default) holds about half of it in payload
@@ -340,9 +343,12 @@ def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> b
 def _underused(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
     """BBR lanes with work queued, unheld by pacing, windows or a queue, deliver far below the capacity:
     their own bandwidth estimates are what is low (after a long stall BBR regrows by 25 % per eight round
-    trips: minutes at 80 ms from a few packets)."""
+    trips: minutes at 80 ms from a few packets). Only over a window in which the lanes were busy
+    (``full_busy``): goodput averaged over a gap between requests is low without anything being slow, and
+    re-probing then restarts every lane's BBR into STARTUP just as the next request's burst begins."""
     cap = link.capacity
     return (st.decision.congestion == "bbr" and cap is not None and link.goodput < cfg.recover_ratio * cap
+            and link.busy >= cfg.full_busy
             and (link.queueing_ratio or 1.0) <= cfg.drained_ratio and not link.app_limited
             and not link.pacing_limited and link.loss_rate < cfg.recover_loss
             and max(link.sndbuf_limited, link.rwnd_limited) < cfg.window_limited
