@@ -48,7 +48,8 @@ PACE = CFG.pace_gain
 
 
 def cruising(cfg: ControllerConfig = CFG, t: float = 1.0, cap: float = C) -> ControllerState:
-    st = feed(initial_state(cfg), cfg, [ls(0.0, 0.0), ls(t, cap, q=2.0, capacity=cap)])
+    # (the probe's bandwidth stopped growing cfg.full_pipe before t: the pipe is full at t)
+    st = feed(initial_state(cfg), cfg, [ls(0.0, 0.0), ls(t - cfg.full_pipe, cap), ls(t, cap, q=2.0, capacity=cap)])
     assert st.mode in (Mode.CRUISE, Mode.POLITE), st
     return st
 
@@ -59,6 +60,12 @@ def test_probe_runs_unpaced_with_bbr_until_the_capacity_is_known() -> None:
     st = feed(st, CFG, [ls(0.0, 0.0), ls(0.3, 30e6, q=2.0, capacity=30e6)])
     assert st.mode is Mode.PROBE  # capacity seen, but before probe_min: BBR's startup is still ramping
     st = decide(st, ls(0.9, C, q=2.0, capacity=C), CFG)
+    # a queue, past probe_min, but the bandwidth grew 60 % since the last sample: the pipe is not full yet
+    # (a queue that reads while BBR's startup still ramps is host delay); BBR's rule: < 25 % growth in 3 RTTs
+    assert st.mode is Mode.PROBE and st.decision.pacing_rate is None
+    st = decide(st, ls(0.9 + CFG.full_pipe / 2, 1.2 * C, q=2.0, capacity=C), CFG)
+    assert st.mode is Mode.PROBE  # growing < 25 %, but not yet for full_pipe
+    st = decide(st, ls(0.9 + CFG.full_pipe, 1.2 * C, q=2.0, capacity=C), CFG)
     assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C) // 4
     st = feed(initial_state(CFG), CFG, [ls(0.0, 0.0), ls(4.1, 20e6)])  # never saturated
     assert st.mode is Mode.CRUISE and st.decision.pacing_rate is None
@@ -295,6 +302,7 @@ def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[so
     cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=16, lane_window=4 * 2**20)
     ctl = LaneController(cfg, sockets_provider=lambda: [a, b], set_lanes=opens_at_most_three)
     ctl.on_state(ls(0.0, 0.0))
+    ctl.on_state(ls(0.8, 1e9))  # (the probe's bandwidth stops growing: the pipe is full at 1.0)
     ctl.on_state(ls(1.0, 1e9, q=2.0, capacity=1e9))
     ctl.on_state(ls(1.4, 1e9, capacity=1e9))  # wants 10 lanes
     assert asked == [10]
@@ -362,3 +370,47 @@ def test_lanes_far_below_the_capacity_while_busy_are_re_probed_but_not_over_a_re
     assert gap.mode is Mode.CRUISE and not gap.decision.restart, gap.decision
     busy = decide(st, ls(t, 0.4 * C, busy=1.0, capacity=C), cfg)  # the negative control: really underused
     assert busy.mode is Mode.PROBE and busy.decision.restart, busy.decision
+
+
+def test_an_estimate_below_what_the_lanes_delivered_unpaced_is_probed_back_to_it_once() -> None:
+    """The probe saw the lanes deliver 2 x C unpaced, but a false queue (host delay) set the capacity to C:
+    cruising pacing-limited with no queue, the controller up-probes straight back to 2 x C after settle
+    (not 10 % every upprobe_clear); if that fills a queue, 2 x C is forgotten and the steps are the usual."""
+    cfg = CFG
+    st = feed(initial_state(cfg), cfg, [ls(0.0, 0.0), ls(0.6, 2 * C), ls(1.0, C, btl_bw=2 * C, q=2.0, capacity=C)])
+    assert st.mode is Mode.CRUISE and st.delivered == 2 * C
+    pl = replace(ls(1.0 + cfg.settle + 0.01, PACE * C, capacity=C), pacing_limited=True)
+    up = decide(st, pl, cfg)
+    assert up.mode is Mode.UPPROBE and up.decision.total_pacing == int(2 * C) // 4 * 4, up.decision
+    assert up.delivered is None  # once
+    assert up.changed_at is not None
+    full = decide(up, ls(up.changed_at + 0.1, 1.2 * C, q=1.5, capacity=1.2 * C), cfg)
+    assert full.mode is Mode.DRAIN
+    # the negative control: without the unpaced evidence (delivered == the capacity), the usual 1.5 s wait
+    st2 = replace(st, delivered=C)
+    assert decide(st2, pl, cfg).mode is Mode.CRUISE
+
+
+def test_an_estimate_that_fell_in_one_step_is_probed_back_to_once_a_gradual_fall_is_not() -> None:
+    """A host stall reads as a queue with little acked: the estimate falls by half in one step. Once the
+    drain is over and the lanes cruise at their cap with no queue, one up-probe goes back to the estimate
+    from before the fall (a real drop fills the queue at once and is then believed)."""
+    cfg = CFG
+    st = cruising(cfg)
+    st = decide(st, ls(1.5, 0.5 * C, q=2.0, capacity=0.5 * C), cfg)
+    assert st.mode is Mode.DRAIN and st.delivered == C
+    st = decide(st, ls(1.7, 0.5 * C, q=1.0, capacity=0.5 * C), cfg)
+    assert st.mode is Mode.CRUISE
+    up = decide(st, replace(ls(1.7 + cfg.settle + 0.01, 0.49 * C, capacity=0.5 * C), pacing_limited=True), cfg)
+    assert up.mode is Mode.UPPROBE and up.decision.total_pacing == int(C) // 4 * 4, up.decision
+    # the negative control: the same fall in steps of a fifth each is followed, not probed back to (nor to
+    # the start's unpaced delivery, forgotten here): the usual up-probe wait and step follow
+    st = replace(cruising(cfg), delivered=None)
+    t, c = 1.5, C
+    while c > 0.55 * C:
+        c *= 0.8
+        st = decide(st, ls(t, c, capacity=c), cfg)
+        t += 0.1
+    assert st.delivered is None
+    slow = decide(st, replace(ls(t + cfg.settle, 0.99 * c, capacity=c), pacing_limited=True), cfg)
+    assert slow.mode is Mode.CRUISE, slow.decision

@@ -30,8 +30,9 @@ DT = 0.1
 def test_a_starved_link_collapses_the_estimate_and_it_recovers_within_seconds(rate: float, rtt: float) -> None:
     """The issue's collapse: the link (an emulator starved of CPU) delivers 2 % of its rate for 3 s; the
     estimate follows it down (it must: that was the link). Once it ends, goodput is back to >= 80 % of
-    the link within 5 s. Negative control: the same run without the re-probe (``recover_ratio=0``)
-    stays far below for longer (at a few packets per round trip, delayed ACKs read as a queue)."""
+    the link within 5 s. Negative control: the same run without the re-probe (``recover_ratio=0``) and
+    without remembering the start's unpaced delivery (``best_window`` 1 s) stays far below for longer
+    (at a few packets per round trip, delayed ACKs read as a queue)."""
 
     def fault(link: FluidLink) -> object:
         return lambda t: setattr(link, "rate", rate * 0.02 if 5.0 <= t < 8.0 else rate)
@@ -48,7 +49,9 @@ def test_a_starved_link_collapses_the_estimate_and_it_recovers_within_seconds(ra
     assert any(tk.decision.restart for tk in ticks if tk.t > 8.0), "recovered by a re-probe"
 
     control = FluidLink(rate, rtt)
-    slow = ClosedLoop(control, ControllerConfig(recover_ratio=0.0)).run(20.0, fault(control))  # type: ignore[arg-type]
+    # (and without the memory of what the lanes delivered unpaced at the start, which up-probes back to it)
+    slow = ClosedLoop(control, ControllerConfig(recover_ratio=0.0, best_window=1.0)).run(  # type: ignore[arg-type]
+        20.0, fault(control))
     took_without = recovery_time(slow, 8.0, 0.8 * rate)
     assert took_without is None or took_without > 5.0
 
@@ -174,12 +177,15 @@ def test_a_collapsed_estimate_is_re_probed_unpaced_with_the_lanes_restarted() ->
     assert low.mode is Mode.PROBE and low.decision.pacing_rate is None and low.decision.restart
     # the re-probe measures less than half the old rate (the link really fell, or the fault is still on):
     # cruise; the best is kept, so it is re-probed again, after reprobe_hold, then after twice that
-    st = decide(low, link(1.5 + cfg.probe_min + 0.01, 15e6, 15e6), cfg)
+    # (every probe ends on a full pipe: the re-probe's bandwidth stopped growing full_pipe before)
+    st = decide(low, link(1.5 + cfg.probe_min + 0.01 - cfg.full_pipe, 15e6, 15e6), cfg)
+    st = decide(st, link(1.5 + cfg.probe_min + 0.01, 15e6, 15e6), cfg)
     assert st.mode is Mode.CRUISE and st.best == 40e6 and not st.decision.restart and st.reprobes == 1
     t = 1.5 + cfg.probe_min + 0.01 + cfg.settle + 0.01
     assert t - 1.5 >= cfg.reprobe_hold
     st = decide(st, link(t, 14.9e6, 15e6, pacing_limited=True), cfg)
     assert st.mode is Mode.PROBE and st.decision.restart and st.reprobes == 2
+    st = decide(st, link(t + cfg.probe_min + 0.01 - cfg.full_pipe, 15e6, 15e6), cfg)
     st = decide(st, link(t + cfg.probe_min + 0.01, 15e6, 15e6), cfg)
     st = decide(st, link(t + cfg.probe_min + cfg.settle + 0.02, 14.9e6, 15e6, pacing_limited=True), cfg)
     assert st.mode is Mode.CRUISE, "the second wait is twice reprobe_hold"

@@ -18,8 +18,11 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   few microseconds of path never make socket windows or a queue the limit, and a default-on controller
   must cost nothing there.
 - PROBE: lanes unpaced until the estimator knows the capacity (a standing queue showed the link
-  full) and at least ``probe_min`` has passed — the in-band capacity probe. Gives up after
-  ``probe_timeout`` (then cruises unpaced).
+  full), at least ``probe_min`` has passed and the pipe is full by BBR's own rule: the bottleneck
+  bandwidth (``btl_bw``) grew by less than 25 % over the last three round trips (``full_pipe`` at
+  least) — the in-band capacity probe. A queue that reads while delivery still doubles each round trip
+  is host delay (a busy sender, receiver or emulator), not a full link: ending there paced a long fat
+  pipe at a third of its rate. Gives up after ``probe_timeout`` (then cruises unpaced).
 - CRUISE: the aggregate is paced at ``pace_gain x capacity`` (each lane gets its share), re-paced as
   the estimate moves by more than ``repace`` (relative). A queueing ratio above ``drain_ratio`` after
   ``settle`` -> DRAIN (unless sharing in polite mode: the queue is then the other flow's).
@@ -31,7 +34,14 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew; when it did,
   the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
-  that does not pay, or fills a queue, starts the steps over.
+  that does not pay, or fills a queue, starts the steps over. What the lanes delivered unpaced (the
+  probe's ``btl_bw``, kept as ``delivered``) is evidence of the link: cruising pacing-limited on a clear
+  link under less than that, the next up-probe goes straight back to it after ``settle`` (once: if it
+  fills a queue or does not pay, it is forgotten; so is one older than ``best_window``), so an estimate
+  a false queue cut is restored in under a second instead of in 10 % steps every ``upprobe_clear``. So is
+  the estimate from before a fall of more than a quarter in one step: a stall of the host (a busy sender,
+  receiver or emulator) reads as a queue with little acked, which the estimator must take for a rate drop
+  (it follows one within a few samples); one up-probe tells the two apart.
 - Never stuck: the estimator never lowers the capacity on intervals we limited ourselves (nothing queued,
   or held to our own pacing cap) and never below half of what the link delivered within a second; should
   the estimate still sit below ``recover_ratio`` of the best one of the last ``best_window`` while the
@@ -74,6 +84,9 @@ from .estimator import LinkState
 log = logging.getLogger("kvwire.congestion")
 
 _MSS = 1448.0
+_PIPE_GROWTH, _PIPE_ROUNDS = 1.25, 3.0  # BBR's full-pipe rule: < 25 % more bandwidth over 3 round trips
+_BACK_MARGIN = 1.1  # up-probe back to what the lanes delivered unpaced when it is this far above the pacing
+_DROP = 0.75  # an estimate that fell below this x the last one in one step: the last one is kept to probe back to
 
 
 class Mode(str, Enum):
@@ -107,6 +120,7 @@ class ControllerConfig:
     settle: float = 0.3
     repace: float = 0.03
     probe_min: float = 0.8
+    full_pipe: float = 0.2  # the probe's pipe is full once btl_bw grew < 25 % for 3 RTTs, and at least this
     probe_timeout: float = 4.0
     upprobe_interval: float = 3.0
     upprobe_clear: float = 1.5  # ... this soon when the lanes get all the pacing allows and no queue stands
@@ -193,6 +207,12 @@ class ControllerState:
     reprobed_at: float | None = None  # when the last re-probe started
     reprobes: int = 0  # re-probes since the estimate was last within recover_ratio of the best
     queue_at: float | None = None  # when the current run of queue readings above drain_ratio began
+    pipe_bw: float | None = None  # PROBE: btl_bw when it last grew by 25 % ...
+    pipe_at: float | None = None  # ... and when
+    delivered: float | None = None  # the highest btl_bw the lanes reached unpaced, not yet probed back to ...
+    delivered_at: float | None = None  # ... and when (forgotten after best_window)
+    last_capacity: float | None = None  # the estimate of the previous step
+    probe_base: float | None = None  # the capacity an up-probe started from
 
     @property
     def mode(self) -> Mode:
@@ -265,12 +285,26 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if cfg.polite and link.competing_bw and since >= cfg.settle + cfg.judge_after:
         st = replace(st, competing_at=now)  # (a queue right after our own change says nothing of others)
 
+    if st.delivered_at is not None and now - st.delivered_at > cfg.best_window:
+        st = replace(st, delivered=None, delivered_at=None)
+    if d.pacing_rate is None and link.btl_bw > (st.delivered or 0.0):  # (carried with nothing of ours holding it)
+        st = replace(st, delivered=link.btl_bw, delivered_at=now)
+    fell = cap is not None and st.last_capacity is not None and cap < _DROP * st.last_capacity
+    if fell and st.last_capacity is not None and st.last_capacity > (st.delivered or 0.0):
+        st = replace(st, delivered=st.last_capacity, delivered_at=now)  # measured before it fell: try once more
+    st = replace(st, last_capacity=cap)
+    if d.mode is Mode.PROBE and link.btl_bw >= _PIPE_GROWTH * (st.pipe_bw or 0.0) and link.btl_bw > 0:
+        st = replace(st, pipe_bw=link.btl_bw, pipe_at=now)
+
     grown = _grow_loss_bound(st, link, cfg) or _grow_window_bound(st, link, cfg)
     if grown is not None:
         return grown
     if d.mode is Mode.PROBE:
-        if cap is not None and since >= cfg.probe_min:
-            return _pace(st, link, cfg, Mode.CRUISE, f"probed capacity {cap:.4g} B/s", new_mode=True)
+        rounds = max(cfg.full_pipe, _PIPE_ROUNDS * (link.min_rtt or 0.0))
+        full = st.pipe_at is not None and now - st.pipe_at >= rounds - 1e-9
+        if cap is not None and since >= cfg.probe_min and full:
+            return _pace(replace(st, pipe_bw=None, pipe_at=None), link, cfg, Mode.CRUISE,
+                         f"probed capacity {cap:.4g} B/s (delivered up to {link.btl_bw:.4g})", new_mode=True)
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
@@ -298,7 +332,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if since >= cfg.upprobe_time or q > cfg.drain_ratio:
             if q > cfg.drained_ratio:
                 return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
-            before = (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
+            before = st.probe_base or (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
             if cap is not None and cap > (1 + cfg.repace) * before:  # it paid: probe on from there, further
                 return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
                                 f"capacity grew to {cap:.4g} B/s")
@@ -321,7 +355,12 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if since >= cfg.settle and lanes != d.lanes:
         return _pace(replace(st, decision=replace(d, lanes=lanes)), link, cfg, d.mode,
                      f"{lanes} lanes for the path", new_mode=True)
-    wait = cfg.upprobe_clear if link.pacing_limited and q <= cfg.drained_ratio else cfg.upprobe_interval
+    clear = link.pacing_limited and q <= cfg.drained_ratio
+    back = (st.delivered if clear and st.delivered and cap and not st.reprobes  # (re-probes own a collapse)
+            and st.delivered > cap / cfg.pace_gain * _BACK_MARGIN else None)
+    if back and since >= cfg.settle and not _sharing(st, cfg, now) and d.pacing_rate is not None:
+        return _upprobe(replace(st, delivered=None), link, cfg, f"delivered {back:.4g} B/s unpaced", total=back)
+    wait = cfg.upprobe_clear if clear else cfg.upprobe_interval
     if cap is not None and since >= wait and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
@@ -367,11 +406,14 @@ def _upprobe_gain(cfg: ControllerConfig, streak: int) -> float:
     return min(cfg.upprobe_gain_max, 1 + (cfg.upprobe_gain - 1) * 2 ** min(streak, 16))
 
 
-def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str) -> ControllerState:
+def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str,
+             total: float | None = None) -> ControllerState:
+    """Pace above the capacity for up to ``upprobe_time``: ``total`` (bytes/s), else the streak's step."""
     d = st.decision
-    total = int(_upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
+    total = int(total if total is not None else _upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
     reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
-    return _to(st, link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
+    return _to(replace(st, probe_base=link.capacity), link,
+               Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
 
 
 def _sharing(st: ControllerState, cfg: ControllerConfig, now: float) -> bool:
