@@ -18,23 +18,33 @@ from typing import Any
 
 import pytest
 
-from kvwire.testing import netns
-from kvwire.testing.wan import WanLink, unavailable_reason
+from kvwire.testing import cemu, netns
+from kvwire.testing.wan import WanError, WanLink, unavailable_reason
 
 _REASON = unavailable_reason()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+#: every emulator behaviour is checked on both backends: the C one and the Python reference
+BACKENDS = [pytest.param("c", marks=pytest.mark.skipif(cemu.compiler() is None, reason="no C compiler")),
+            "python"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def make_wan() -> Iterator[Callable[..., WanLink]]:
-    """``make_wan(rtt_ms=..., rate_mbit=..., ...)`` -> a started ``WanLink``, always torn down (and
-    checked gone) after the test, whatever happened in it."""
+def make_wan(backend: str) -> Iterator[Callable[..., WanLink]]:
+    """``make_wan(rtt_ms=..., rate_mbit=..., ...)`` -> a started ``WanLink`` on ``backend``, always torn
+    down (and checked gone) after the test, whatever happened in it."""
     links: list[WanLink] = []
 
     def make(**kwargs: Any) -> WanLink:
-        link = WanLink(**kwargs)
+        link = WanLink(emulator=backend, **kwargs)
         links.append(link)
-        return link.start()
+        link.start()
+        assert link.backend == backend
+        return link
 
     yield make
     for link in links:
@@ -159,8 +169,8 @@ def test_set_rate_at_runtime_halves_the_drain_rate(no_leaks: None, make_wan: Cal
     assert spans[1] / spans[0] == pytest.approx(2.0, rel=0.15)
 
 
-def test_teardown_also_on_failure_and_no_emulator_left(no_leaks: None) -> None:
-    link = WanLink(rtt_ms=2, rate_mbit=10)
+def test_teardown_also_on_failure_and_no_emulator_left(no_leaks: None, backend: str) -> None:
+    link = WanLink(rtt_ms=2, rate_mbit=10, emulator=backend)
     with pytest.raises(RuntimeError, match="boom"), link:
         assert all(netns.exists(n) for n in link.namespaces)
         emu_pid = link.emulator_pid
@@ -170,6 +180,48 @@ def test_teardown_also_on_failure_and_no_emulator_left(no_leaks: None) -> None:
     assert not any(netns.exists(n) for n in link.namespaces)
     assert sleeper.poll() is not None
     assert link.emulator_pid is None and not os.path.exists(f"/proc/{emu_pid}")
+
+
+def test_udp_flood_at_twice_the_rate_is_cut_to_the_rate_by_queue_drops(
+        no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
+    """The negative control: offered 2R (and more) the link delivers R, and the excess is counted as
+    drop-tail drops, not carried."""
+    rate, size, n = 40.0, 1200, 3000
+    link = make_wan(rtt_ms=2, rate_mbit=rate, queue_bytes=60_000)
+    tx, rx = _udp_pair(link)
+    times: list[float] = []
+    with tx, rx:
+        receiver = threading.Thread(target=lambda: times.extend(_receive_all(rx)))  # stamps as they arrive
+        receiver.start()
+        t0 = time.monotonic()
+        for i in range(n):  # paced at ~2.4x the link rate
+            tx.send(b"f" * size)
+            if i % 50 == 49:
+                time.sleep(max(0.0, t0 + (i + 1) * (size + 28) * 8 / (2.4 * rate * 1e6) - time.monotonic()))
+        receiver.join(30)
+    c2s = link.stats()["c2s"]
+    assert c2s["packets_in"] == n and c2s["random_drops"] == 0
+    assert c2s["queue_drops"] > n // 3  # more than half of what exceeds the rate is dropped at the queue
+    assert len(times) == n - c2s["queue_drops"]
+    carried = (len(times) - 1) * (size + 28) * 8 / (times[-1] - times[0]) / 1e6
+    assert 0.85 * rate <= carried <= 1.05 * rate, carried
+    assert c2s["max_backlog_bytes"] <= 60_000
+
+
+def test_stats_name_the_backend_and_update_errors_are_refused(
+        no_leaks: None, make_wan: Callable[..., WanLink], backend: str) -> None:
+    link = make_wan(rtt_ms=2, rate_mbit=10)
+    stats = link.stats()
+    assert stats["backend"] == backend
+    assert set(stats["c2s"]) == {"packets_in", "bytes_in", "random_drops", "queue_drops", "packets_out",
+                                 "bytes_out", "max_backlog_bytes", "held", "kernel"}
+    assert set(stats["c2s"]["kernel"]) == {"waiting", "queue_dropped", "user_dropped", "id_sequence"}
+    with pytest.raises(WanError, match="loss must be in"):
+        link.set_loss(1.5)
+    with pytest.raises(WanError, match="no direction"):
+        link.set_rate(5, direction="sideways")
+    link.set_queue(9000, direction="s2c")  # a valid update still goes through after refused ones
+    assert link.stats()["turns"] >= 1
 
 
 def test_command_line_runs_command_in_client_namespace() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvwire.termination import pid_alive
+from kvwire.testing import cemu
 from kvwire.testing.netns import sh
 from kvwire.testing.wan import iter_stale_namespaces, unavailable_reason
 
@@ -57,8 +58,8 @@ def _wait_for(cond: object, timeout: float) -> bool:
     return False
 
 
-def _start(cmd: list[str], prefix: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "KVWIRE_WAN_PREFIX": prefix, "PYTHONUNBUFFERED": "1",
+def _start(cmd: list[str], prefix: str, emulator: str = "auto") -> subprocess.Popen[str]:
+    env = {**os.environ, "KVWIRE_WAN_PREFIX": prefix, "PYTHONUNBUFFERED": "1", "KVWIRE_WAN_EMULATOR": emulator,
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -101,8 +102,10 @@ def test_bench_emulate_tears_down_on(sig: signal.Signals) -> None:
     assert proc.returncode == 128 + sig
 
 
+@pytest.mark.parametrize("emulator", [
+    pytest.param("c", marks=pytest.mark.skipif(cemu.compiler() is None, reason="no C compiler")), "python"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_a_process_holding_a_link_tears_it_down_on(sig: signal.Signals) -> None:
+def test_a_process_holding_a_link_tears_it_down_on(sig: signal.Signals, emulator: str) -> None:
     prefix = "kvt" + secrets.token_hex(2)
-    proc = _start([sys.executable, "-c", HOLD_A_LINK], prefix)
+    proc = _start([sys.executable, "-c", HOLD_A_LINK], prefix, emulator)
     _kill_and_check(proc, prefix, sig)

@@ -38,7 +38,8 @@ def link_info(link: Any) -> dict[str, Any]:
     return {"rtt_ms": link.rtt_ms, "loss": link.loss, "rate_mbit": link.rate_mbit,
             "queue_bytes": link.queue_bytes, "mtu": link.mtu, "client_addr": link.client_addr,
             "server_addr": link.server_addr, "client_ns": link.client_ns, "server_ns": link.server_ns,
-            "emulator": "kvwire.testing.wan (NFQUEUE, userspace)"}
+            "emulator": f"kvwire.testing.wan (NFQUEUE, userspace, {link.backend} emulator)",
+            "emulator_backend": link.backend}
 
 
 @contextmanager

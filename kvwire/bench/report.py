@@ -157,7 +157,8 @@ def link_line(link: dict[str, Any]) -> str:
     """The emulated link in one line (``--emulate``)."""
     return (f"Emulated link  rtt {link['rtt_ms']:g} ms, loss {100 * link['loss']:g}%, rate "
             f"{link['rate_mbit']:g} Mbit/s, drop-tail queue {fmt_bytes(link['queue_bytes'])}, mtu {link['mtu']}: "
-            f"client {link['client_addr']} <-> server {link['server_addr']} (network namespaces)")
+            f"client {link['client_addr']} <-> server {link['server_addr']} (network namespaces"
+            + (f", {link['emulator_backend']} emulator)" if link.get("emulator_backend") else ")"))
 
 
 def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]:

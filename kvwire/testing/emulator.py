@@ -5,7 +5,8 @@ direction's ``LinkDirection`` when to release a packet (or drop it now), hold th
 direction and release every due packet with one batched verdict — plus its control channel: JSON lines
 on stdin (``update``, ``stats``, ``stop``), one JSON reply per line on stdout. Runs as its own process
 (``python -m kvwire.testing.emulator CONFIG_JSON``, inside the namespace) so it never shares a GIL with
-the code under test. Must not know: namespaces, addresses, the tests.
+the code under test. ``wanemu.c`` is the same program in C (``cemu``); this one is the reference.
+Must not know: namespaces, addresses, the tests.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class Emulator:
         out["late_max_ms"] = round(self.late_max * 1e3, 3)
         out["late_releases"] = self.late_releases
         out["late_5ms"] = self.late_5ms
+        out["backend"] = "python"
         return out
 
     # ------------------------------------------------------------ loop

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import termination
-from . import netns
+from . import cemu, netns
 from .netns import NetnsError
 
 CLIENT_ADDR, CLIENT_GW = "10.77.1.2", "10.77.1.1"
@@ -61,7 +61,9 @@ class WanLink(AbstractContextManager["WanLink"]):
     up to 64 KB at once). Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or
     ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
     releases (check ``stats()["late_releases"]``); off by default because it outranks every normal
-    process on its core.
+    process on its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, ~10x cheaper per
+    packet), ``"python"`` (``emulator.py``, the reference) or ``"auto"`` (C when a compiler builds it);
+    default ``$KVWIRE_WAN_EMULATOR`` or ``"auto"``. ``backend`` (and ``stats()["backend"]``) says which ran.
     """
 
     client_addr = CLIENT_ADDR
@@ -69,7 +71,9 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     def __init__(self, rtt_ms: float = 20.0, loss: float = 0.0, rate_mbit: float = 400.0,
                  queue_bytes: int | None = None, mtu: int = 1500, *, seed: int | None = None,
-                 gso: bool = False, realtime: bool = False, prefix: str | None = None) -> None:
+                 gso: bool = False, realtime: bool = False, prefix: str | None = None,
+                 emulator: str | None = None) -> None:
+        self.emulator = cemu.resolve(emulator)
         if rate_mbit <= 0 or rtt_ms < 0 or not 0 <= loss < 1 or not 576 <= mtu <= 65535:
             raise ValueError("need rate_mbit > 0, rtt_ms >= 0, 0 <= loss < 1, 576 <= mtu <= 65535")
         self.rtt_ms = rtt_ms
@@ -90,6 +94,7 @@ class WanLink(AbstractContextManager["WanLink"]):
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._emu: subprocess.Popen[bytes] | None = None
+        self.backend: str | None = None  # "c" or "python" once started
         self._emu_err: Any = None
         self._ctl_lock = threading.Lock()
         self._ctl_buf = b""
@@ -147,8 +152,12 @@ class WanLink(AbstractContextManager["WanLink"]):
                   "seed": self.seed, "gso": self.gso, "realtime": self.realtime}
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        try:
+            argv, self.backend = cemu.emulator_command(self.emulator)
+        except cemu.EmulatorBuildError as e:
+            raise WanError(str(e)) from e
         self._emu_err = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "kvwire.testing.emulator", json.dumps(config)]
+        cmd = argv + [json.dumps(config)]
         self._emu = subprocess.Popen(
             netns.exec_prefix(self.middle_ns) + cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._emu_err, env=env)
@@ -237,7 +246,8 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     def stats(self) -> dict[str, Any]:
         """The emulator's counters: per direction ``c2s``/``s2c`` packets and bytes in and out,
-        ``random_drops``, ``queue_drops``, ``max_backlog_bytes``, and the kernel queue's own drops."""
+        ``random_drops``, ``queue_drops``, ``max_backlog_bytes``, ``held``, and the kernel queue's own
+        (``kernel``); ``turns``, ``late_releases``, ``late_5ms``, ``late_max_ms``; ``backend``."""
         return dict(self._control({"op": "stats"})["stats"])
 
     def _update(self, direction: str, **kw: float) -> None:
@@ -356,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--queue", default=None, type=parse_bytes, help="drop-tail queue (default: one BDP)")
     ap.add_argument("--mtu", default=1500, type=int)
     ap.add_argument("--seed", default=None, type=int)
+    ap.add_argument("--emulator", default=None, choices=cemu.BACKENDS,
+                    help=f"emulator backend (default: ${cemu.BACKEND_ENV} or auto: C when it builds)")
     ap.add_argument("--server", default=None, help="shell command run in the server namespace meanwhile")
     ap.add_argument("--server-wait", default=0.5, type=float, help="seconds to let --server start")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
@@ -364,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cmd:
         ap.error("no command given (use: -- CMD ...)")
     env = dict(os.environ, KVWIRE_WAN_SERVER=SERVER_ADDR, KVWIRE_WAN_CLIENT=CLIENT_ADDR)
-    link = WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, mtu=a.mtu, seed=a.seed)
+    link = WanLink(rtt_ms=a.rtt, loss=a.loss, rate_mbit=a.rate, queue_bytes=a.queue, mtu=a.mtu, seed=a.seed,
+                   emulator=a.emulator)
     try:
         return _run_cli(a, cmd, env, link)
     except termination.Terminated as e:

@@ -1,0 +1,597 @@
+/* wanemu: the WAN emulator process in C, the same program as kvwire/testing/emulator.py, ~10x cheaper per packet.
+ *
+ * Owns: the middle namespace's event loop -- NFQUEUE over raw netlink (bind queues with a copy range, a
+ * queue length and the GSO flag; read packet notifications for id and length only; batched accept verdicts,
+ * single drop verdicts), one link model per direction exactly as linkmodel.py's LinkDirection (Bernoulli
+ * loss, drop-tail queue in bytes before a serialiser at the bottleneck rate, fixed one-way delay, the same
+ * counters, runtime update of any field), a FIFO of (release time, packet id) per direction released with
+ * the same slack and late counters -- and the same control channel: the config JSON in argv[1], the ready
+ * line, JSON lines on stdin (update, stats, stop), one JSON reply per line on stdout, the same stats keys.
+ * Must not know: namespaces, addresses, the tests. Everything read from the kernel is bounds-checked.
+ * Build: cc -O2 -std=gnu11 -Wall -Wextra -o wanemu wanemu.c  (kvwire/testing/cemu.py does it on demand).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <linux/netlink.h>
+#include <sys/socket.h>
+
+#define SOL_NETLINK_ 270
+#define NETLINK_NO_ENOBUFS_ 5
+#define NFNL_SUBSYS_QUEUE 3
+#define MSG_PACKET (NFNL_SUBSYS_QUEUE << 8 | 0)
+#define MSG_VERDICT (NFNL_SUBSYS_QUEUE << 8 | 1)
+#define MSG_CONFIG (NFNL_SUBSYS_QUEUE << 8 | 2)
+#define MSG_VERDICT_BATCH (NFNL_SUBSYS_QUEUE << 8 | 3)
+enum { CFG_CMD = 1, CFG_PARAMS = 2, CFG_QUEUE_MAXLEN = 3, CFG_MASK = 4, CFG_FLAGS = 5 };
+enum { CMD_BIND = 1, CMD_UNBIND = 2, COPY_PACKET = 2, F_GSO = 4 };
+enum { A_PACKET_HDR = 1, A_VERDICT_HDR = 2, A_PAYLOAD = 10, A_CAP_LEN = 13 };
+enum { NF_DROP_ = 0, NF_ACCEPT_ = 1 };
+
+#define MAX_DIRS 8
+#define RECV_BATCH 256   /* notifications per recvmmsg */
+#define RECV_BUF 4096    /* bytes per notification buffer (copy_range 40: a few hundred bytes each) */
+#define DRAIN_MAX 4      /* recvmmsg calls per loop turn before releasing due packets */
+#define SLACK 50e-6      /* release packets due this soon now */
+#define IDLE_WAIT 0.5
+#define OUT_CAP (64 << 10)
+
+/* ------------------------------------------------------------------ flat JSON reader */
+/* Parses one JSON object into (dotted key path, value) pairs: {"a": {"b": 1}} -> ("a.b", 1). */
+enum jtype { J_NULL, J_BOOL, J_NUM, J_STR };
+typedef struct { char key[96]; enum jtype type; double num; char str[64]; } jpair;
+typedef struct { const char *p, *end; jpair *out; int n, cap; const char *err; } jparser;
+
+static void jws(jparser *j) { while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++; }
+
+static int jstring(jparser *j, char *dst, size_t cap) {
+    size_t n = 0;
+    if (j->p >= j->end || *j->p != '"') { j->err = "expected a string"; return -1; }
+    j->p++;
+    while (j->p < j->end && *j->p != '"') {
+        char c = *j->p++;
+        if (c == '\\') {
+            if (j->p >= j->end) break;
+            c = *j->p++;
+            if (c == 'u') { if (j->end - j->p < 4) break; j->p += 4; c = '?'; }
+            else if (c == 'n') c = '\n'; else if (c == 't') c = '\t';
+        }
+        if (n + 1 < cap) dst[n++] = c;
+    }
+    if (j->p >= j->end) { j->err = "unterminated string"; return -1; }
+    j->p++;
+    dst[n] = 0;
+    return 0;
+}
+
+static int jvalue(jparser *j, const char *path, int depth);
+
+static int jobject(jparser *j, const char *path, int depth) {
+    char key[64], sub[96];
+    if (depth > 4) { j->err = "nested too deep"; return -1; }
+    j->p++; /* '{' */
+    jws(j);
+    if (j->p < j->end && *j->p == '}') { j->p++; return 0; }
+    for (;;) {
+        jws(j);
+        if (jstring(j, key, sizeof key)) return -1;
+        jws(j);
+        if (j->p >= j->end || *j->p != ':') { j->err = "expected ':'"; return -1; }
+        j->p++;
+        snprintf(sub, sizeof sub, "%s%s%s", path, *path ? "." : "", key);
+        if (jvalue(j, sub, depth + 1)) return -1;
+        jws(j);
+        if (j->p < j->end && *j->p == ',') { j->p++; continue; }
+        if (j->p < j->end && *j->p == '}') { j->p++; return 0; }
+        j->err = "expected ',' or '}'";
+        return -1;
+    }
+}
+
+static int jvalue(jparser *j, const char *path, int depth) {
+    jpair v = { .type = J_NULL };
+    jws(j);
+    if (j->p >= j->end) { j->err = "unexpected end"; return -1; }
+    if (*j->p == '{') return jobject(j, path, depth);
+    if (*j->p == '"') { v.type = J_STR; if (jstring(j, v.str, sizeof v.str)) return -1; }
+    else if (j->end - j->p >= 4 && !memcmp(j->p, "true", 4)) { v.type = J_BOOL; v.num = 1; j->p += 4; }
+    else if (j->end - j->p >= 5 && !memcmp(j->p, "false", 5)) { v.type = J_BOOL; j->p += 5; }
+    else if (j->end - j->p >= 4 && !memcmp(j->p, "null", 4)) { j->p += 4; }
+    else {
+        char num[64], *e;
+        size_t n = 0;
+        while (j->p + n < j->end && n + 1 < sizeof num && strchr("+-.eE0123456789", j->p[n])) { num[n] = j->p[n]; n++; }
+        num[n] = 0;
+        v.num = strtod(num, &e);
+        if (!n || *e) { j->err = "bad value (arrays are not supported)"; return -1; }
+        v.type = J_NUM;
+        j->p += n;
+    }
+    if (j->n >= j->cap) { j->err = "too many keys"; return -1; }
+    snprintf(v.key, sizeof v.key, "%s", path);
+    j->out[j->n++] = v;
+    return 0;
+}
+
+/* -> number of pairs, or -1 with *err set */
+static int jparse(const char *s, size_t len, jpair *out, int cap, const char **err) {
+    jparser j = { s, s + len, out, 0, cap, NULL };
+    jws(&j);
+    if (j.p >= j.end || *j.p != '{') { *err = "expected a JSON object"; return -1; }
+    if (jobject(&j, "", 0)) { *err = j.err; return -1; }
+    jws(&j);
+    if (j.p != j.end) { *err = "extra data after the object"; return -1; }
+    return j.n;
+}
+
+/* s as the inside of a JSON string (quotes, backslashes and control characters escaped) */
+static const char *jesc(const char *s, char *dst, size_t cap) {
+    size_t n = 0;
+    for (; *s && n + 7 < cap; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') { dst[n++] = '\\'; dst[n++] = (char)c; }
+        else if (c < 0x20) n += (size_t)snprintf(dst + n, cap - n, "\\u%04x", c);
+        else dst[n++] = (char)c;
+    }
+    dst[n] = 0;
+    return dst;
+}
+
+static const jpair *jget(const jpair *v, int n, const char *key) {
+    for (int i = 0; i < n; i++) if (!strcmp(v[i].key, key)) return &v[i];
+    return NULL;
+}
+
+static double jnum(const jpair *v, int n, const char *key, double dflt) {
+    const jpair *p = jget(v, n, key);
+    return p && (p->type == J_NUM || p->type == J_BOOL) ? p->num : dflt;
+}
+
+/* ------------------------------------------------------------------ link model (linkmodel.py) */
+typedef struct { double rate_bps, delay, loss, queue_bytes; } spec_t;
+typedef struct {
+    unsigned long long packets_in, bytes_in, random_drops, queue_drops, packets_out, bytes_out, max_backlog;
+} dstats_t;
+typedef struct { double release; uint32_t id; } held_t;
+typedef struct {
+    char name[32];
+    int queue;
+    spec_t spec;
+    dstats_t st;
+    double free_at;               /* when the serialiser finishes the last accepted packet */
+    held_t *fifo;                 /* ring buffer, capacity a power of two */
+    size_t cap, head, len;
+} dir_t;
+
+static uint64_t rng_state;
+static double rng_uniform(void) { /* splitmix64 -> [0, 1) */
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return (double)((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+}
+
+static const char *spec_check(const spec_t *s) {
+    if (!(s->rate_bps > 0)) return "rate must be positive";
+    if (!(s->delay >= 0)) return "delay must be >= 0";
+    if (!(s->loss >= 0 && s->loss < 1)) return "loss must be in [0, 1)";
+    if (!(s->queue_bytes > 0)) return "queue_bytes must be positive";
+    return NULL;
+}
+
+/* the release time, or -1 to drop */
+static double arrive(dir_t *d, double now, unsigned size) {
+    d->st.packets_in++;
+    d->st.bytes_in += size;
+    if (d->spec.loss > 0 && rng_uniform() < d->spec.loss) { d->st.random_drops++; return -1; }
+    double backlog = d->free_at > now ? (d->free_at - now) * d->spec.rate_bps / 8 : 0.0;
+    if (backlog + size > d->spec.queue_bytes) { d->st.queue_drops++; return -1; }
+    d->free_at = (now > d->free_at ? now : d->free_at) + size * 8.0 / d->spec.rate_bps;
+    d->st.packets_out++;
+    d->st.bytes_out += size;
+    if ((unsigned long long)(backlog + size) > d->st.max_backlog) d->st.max_backlog = (unsigned long long)(backlog + size);
+    return d->free_at + d->spec.delay;
+}
+
+static void fifo_push(dir_t *d, double release, uint32_t id) {
+    if (d->len == d->cap) {
+        size_t ncap = d->cap ? d->cap * 2 : 1 << 16;
+        held_t *n = malloc(ncap * sizeof *n);
+        if (!n) { perror("wanemu: malloc"); exit(1); }
+        for (size_t i = 0; i < d->len; i++) n[i] = d->fifo[(d->head + i) & (d->cap - 1)];
+        free(d->fifo);
+        d->fifo = n; d->cap = ncap; d->head = 0;
+    }
+    d->fifo[(d->head + d->len) & (d->cap - 1)] = (held_t){ release, id };
+    d->len++;
+}
+
+/* ------------------------------------------------------------------ state */
+static dir_t dirs[MAX_DIRS];
+static int ndirs;
+static int nl = -1;
+static uint32_t seq;
+static unsigned long long turns, late_releases, late_5ms;
+static double late_max;
+static char out[OUT_CAP];
+static size_t out_len;
+
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void die_json(const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("{\"ok\": false, \"error\": \"%s\"}\n", msg);
+    fflush(stdout);
+    exit(1);
+}
+
+/* ------------------------------------------------------------------ netlink messages (nfqueue.py) */
+static size_t put_attr(char *b, size_t off, uint16_t type, const void *data, uint16_t len) {
+    struct nlattr a = { .nla_len = (uint16_t)(NLA_HDRLEN + len), .nla_type = type };
+    memcpy(b + off, &a, sizeof a);
+    memcpy(b + off + NLA_HDRLEN, data, len);
+    size_t n = NLA_ALIGN(NLA_HDRLEN + len);
+    memset(b + off + NLA_HDRLEN + len, 0, n - NLA_HDRLEN - len);
+    return off + n;
+}
+
+/* writes the nlmsghdr + nfgenmsg header at b; returns the offset of the first attribute */
+static size_t put_head(char *b, uint16_t type, uint16_t flags, uint32_t sq, int queue) {
+    struct nlmsghdr h = { .nlmsg_len = 0, .nlmsg_type = type, .nlmsg_flags = flags, .nlmsg_seq = sq };
+    memcpy(b, &h, sizeof h);
+    b[16] = AF_UNSPEC; b[17] = 0;
+    uint16_t res = htons((uint16_t)queue);
+    memcpy(b + 18, &res, 2);
+    return 20;
+}
+
+static void finish(char *b, size_t len) { uint32_t l = (uint32_t)len; memcpy(b, &l, 4); }
+
+static void flush_out(void) {
+    if (out_len && send(nl, out, out_len, 0) < 0 && errno != EINTR)
+        fprintf(stderr, "wanemu: verdict send failed: %s\n", strerror(errno));
+    out_len = 0;
+}
+
+static void add_verdict(int queue, uint32_t id, int accept, int batch) {
+    if (out_len + 64 > sizeof out) flush_out();
+    char *b = out + out_len;
+    uint32_t vh[2] = { htonl(accept ? NF_ACCEPT_ : NF_DROP_), htonl(id) };
+    size_t n = put_head(b, batch ? MSG_VERDICT_BATCH : MSG_VERDICT, NLM_F_REQUEST, 0, queue);
+    n = put_attr(b, n, A_VERDICT_HDR, vh, sizeof vh);
+    finish(b, n);
+    out_len += n;
+}
+
+static void config_request(int queue, const char *attrs, size_t alen) {
+    char b[256], r[8192];
+    size_t n = put_head(b, MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, ++seq, queue);
+    memcpy(b + n, attrs, alen);
+    finish(b, n + alen);
+    if (send(nl, b, n + alen, 0) < 0) die_json("NFQUEUE config for queue %d: send: %s", queue, strerror(errno));
+    for (;;) { /* packets may already be arriving on other queues: skip them */
+        ssize_t got = recv(nl, r, sizeof r, 0);
+        if (got < 0) {
+            if (errno == EINTR || errno == ENOBUFS) continue;
+            die_json("NFQUEUE config for queue %d: no answer: %s", queue, strerror(errno));
+        }
+        for (size_t off = 0; off + 16 <= (size_t)got;) {
+            struct nlmsghdr h;
+            memcpy(&h, r + off, sizeof h);
+            if (h.nlmsg_type == NLMSG_ERROR && h.nlmsg_seq == seq && off + 20 <= (size_t)got) {
+                int32_t err;
+                memcpy(&err, r + off + 16, 4);
+                if (err) die_json("NfQueueError: NFQUEUE config for queue %d refused: %s", queue, strerror(-err));
+                return;
+            }
+            off += h.nlmsg_len < 16 ? 16 : NLMSG_ALIGN(h.nlmsg_len);
+        }
+    }
+}
+
+static void bind_queue(int queue, uint32_t copy_range, uint32_t maxlen, int gso) {
+    char a[128];
+    size_t n;
+    uint8_t cmd[4] = { CMD_BIND, 0, 0, 0 };
+    uint16_t pf = htons(AF_INET);
+    memcpy(cmd + 2, &pf, 2);
+    config_request(queue, a, put_attr(a, 0, CFG_CMD, cmd, 4));
+    uint8_t params[5];
+    uint32_t v = htonl(copy_range);
+    memcpy(params, &v, 4);
+    params[4] = COPY_PACKET;
+    n = put_attr(a, 0, CFG_PARAMS, params, 5);
+    v = htonl(maxlen);
+    n = put_attr(a, n, CFG_QUEUE_MAXLEN, &v, 4);
+    config_request(queue, a, n);
+    uint32_t flags = htonl(gso ? F_GSO : 0), mask = htonl(F_GSO);
+    n = put_attr(a, 0, CFG_FLAGS, &flags, 4);
+    n = put_attr(a, n, CFG_MASK, &mask, 4);
+    config_request(queue, a, n);
+}
+
+static void unbind_all(void) {
+    for (int i = 0; i < ndirs; i++) {
+        char b[64];
+        uint8_t cmd[4] = { CMD_UNBIND, 0, 0, 0 };
+        uint16_t pf = htons(AF_INET);
+        memcpy(cmd + 2, &pf, 2);
+        size_t n = put_head(b, MSG_CONFIG, NLM_F_REQUEST, 0, dirs[i].queue);
+        n = put_attr(b, n, CFG_CMD, cmd, 4);
+        finish(b, n);
+        (void)!send(nl, b, n, 0);
+    }
+}
+
+static dir_t *dir_of_queue(int queue) {
+    for (int i = 0; i < ndirs; i++) if (dirs[i].queue == queue) return &dirs[i];
+    return NULL;
+}
+
+/* One notification datagram: every packet message in it -> model decision. Trusts no length. */
+static void on_datagram(const unsigned char *buf, size_t n, double now) {
+    size_t off = 0;
+    while (off + 20 <= n) {
+        struct nlmsghdr h;
+        memcpy(&h, buf + off, sizeof h);
+        if (h.nlmsg_len < 16 || h.nlmsg_len > n - off) return;
+        if (h.nlmsg_type == MSG_PACKET && h.nlmsg_len >= 20) {
+            int queue = buf[off + 18] << 8 | buf[off + 19];
+            long long id = -1, length = -1, caplen = -1;
+            size_t a = off + 20, end = off + h.nlmsg_len;
+            while (a + 4 <= end) {
+                struct nlattr at;
+                memcpy(&at, buf + a, sizeof at);
+                if (at.nla_len < 4 || at.nla_len > end - a) break;
+                int type = at.nla_type & NLA_TYPE_MASK;
+                uint32_t be;
+                if (type == A_PACKET_HDR && at.nla_len >= 8) { memcpy(&be, buf + a + 4, 4); id = ntohl(be); }
+                else if (type == A_CAP_LEN && at.nla_len >= 8) { memcpy(&be, buf + a + 4, 4); caplen = ntohl(be); }
+                else if (type == A_PAYLOAD) length = at.nla_len - 4;
+                a += NLA_ALIGN(at.nla_len);
+            }
+            if (id >= 0) {
+                unsigned size = (unsigned)(caplen >= 0 ? caplen : (length > 0 ? length : 0));
+                dir_t *d = dir_of_queue(queue);
+                if (!d) add_verdict(queue, (uint32_t)id, 1, 0);
+                else {
+                    double release = arrive(d, now, size);
+                    if (release < 0) add_verdict(queue, (uint32_t)id, 0, 0);
+                    else fifo_push(d, release, (uint32_t)id);
+                }
+            }
+        }
+        off += NLMSG_ALIGN(h.nlmsg_len);
+    }
+}
+
+static unsigned char rbuf[RECV_BATCH][RECV_BUF];
+
+static void drain(void) {
+    static struct mmsghdr msgs[RECV_BATCH];
+    static struct iovec iov[RECV_BATCH];
+    for (int turn = 0; turn < DRAIN_MAX; turn++) {
+        for (int i = 0; i < RECV_BATCH; i++) {
+            iov[i] = (struct iovec){ rbuf[i], RECV_BUF };
+            msgs[i].msg_hdr = (struct msghdr){ .msg_iov = &iov[i], .msg_iovlen = 1 };
+        }
+        int got = recvmmsg(nl, msgs, RECV_BATCH, MSG_DONTWAIT, NULL);
+        if (got <= 0) return; /* EAGAIN, or ENOBUFS: notifications lost, their packets dropped */
+        double now = mono();
+        for (int i = 0; i < got; i++) {
+            size_t len = msgs[i].msg_len < RECV_BUF ? msgs[i].msg_len : RECV_BUF;
+            on_datagram(rbuf[i], len, now);
+        }
+        if (got < RECV_BATCH) return;
+    }
+}
+
+static void release_due(void) {
+    double now = mono() + SLACK;
+    for (int i = 0; i < ndirs; i++) {
+        dir_t *d = &dirs[i];
+        long long last = -1;
+        if (d->len && now - d->fifo[d->head].release > 1e-3 + SLACK) {
+            double late = now - SLACK - d->fifo[d->head].release;
+            late_releases++;
+            late_5ms += late > 5e-3;
+            if (late > late_max) late_max = late;
+        }
+        while (d->len && d->fifo[d->head].release <= now) {
+            last = d->fifo[d->head].id;
+            d->head = (d->head + 1) & (d->cap - 1);
+            d->len--;
+        }
+        if (last >= 0) add_verdict(d->queue, (uint32_t)last, 1, 1);
+    }
+}
+
+/* ------------------------------------------------------------------ control channel */
+static void reply(const char *s) {
+    size_t n = strlen(s), off = 0;
+    while (off < n) {
+        ssize_t w = write(1, s + off, n - off);
+        if (w < 0) { if (errno == EINTR) continue; exit(0); } /* the parent went away */
+        off += (size_t)w;
+    }
+}
+
+static void stats_json(char *s, size_t cap) {
+    size_t n = snprintf(s, cap, "{\"ok\": true, \"stats\": {");
+    for (int i = 0; i < ndirs; i++) {
+        dir_t *d = &dirs[i];
+        char kernel[160] = "{}", name[200];
+        FILE *f = fopen("/proc/net/netfilter/nfnetlink_queue", "r");
+        if (f) {
+            unsigned long long q, portid, waiting, mode, range, qdrop, udrop, idseq;
+            char line[256];
+            while (fgets(line, sizeof line, f))
+                if (sscanf(line, "%llu %llu %llu %llu %llu %llu %llu %llu", &q, &portid, &waiting, &mode, &range,
+                           &qdrop, &udrop, &idseq) == 8 && q == (unsigned long long)d->queue)
+                    snprintf(kernel, sizeof kernel, "{\"waiting\": %llu, \"queue_dropped\": %llu, "
+                             "\"user_dropped\": %llu, \"id_sequence\": %llu}", waiting, qdrop, udrop, idseq);
+            fclose(f);
+        }
+        dstats_t *t = &d->st;
+        n += snprintf(s + n, cap - n, "\"%s\": {\"packets_in\": %llu, \"bytes_in\": %llu, \"random_drops\": %llu, "
+                      "\"queue_drops\": %llu, \"packets_out\": %llu, \"bytes_out\": %llu, \"max_backlog_bytes\": %llu, "
+                      "\"held\": %zu, \"kernel\": %s}, ", jesc(d->name, name, sizeof name), t->packets_in, t->bytes_in, t->random_drops,
+                      t->queue_drops, t->packets_out, t->bytes_out, t->max_backlog, d->len, kernel);
+        if (n >= cap) return;
+    }
+    snprintf(s + n, cap - n, "\"turns\": %llu, \"late_max_ms\": %.3f, \"late_releases\": %llu, \"late_5ms\": %llu, "
+             "\"backend\": \"c\"}}\n", turns, late_max * 1e3, late_releases, late_5ms);
+}
+
+/* one command line -> one reply line; returns 1 on stop */
+static int handle(const char *line, size_t len) {
+    jpair v[32];
+    const char *err = NULL;
+    char r[4096], esc[400];
+    int n = jparse(line, len, v, 32, &err);
+    if (n < 0) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"ValueError: %s\"}\n", err); reply(r); return 0; }
+    const jpair *op = jget(v, n, "op");
+    const char *ops = op && op->type == J_STR ? op->str : "";
+    if (!strcmp(ops, "stats")) { stats_json(r, sizeof r); reply(r); return 0; }
+    if (!strcmp(ops, "stop")) { reply("{\"ok\": true, \"stop\": true}\n"); return 1; }
+    if (strcmp(ops, "update")) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"unknown op '%s'\"}\n", jesc(ops, esc, sizeof esc)); reply(r); return 0; }
+    const jpair *w = jget(v, n, "direction");
+    const char *which = w && w->type == J_STR ? w->str : "both";
+    static const char *fields[4] = { "rate_bps", "delay", "loss", "queue_bytes" };
+    int targets = 0;
+    for (int i = 0; i < ndirs; i++) {
+        if (strcmp(which, "both") && strcmp(which, dirs[i].name)) continue;
+        targets++;
+        spec_t s = dirs[i].spec;
+        double *slot[4] = { &s.rate_bps, &s.delay, &s.loss, &s.queue_bytes };
+        for (int k = 0; k < 4; k++) {
+            const jpair *p = jget(v, n, fields[k]);
+            if (p && p->type == J_NUM) *slot[k] = p->num;
+            else if (p && p->type != J_NULL) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"TypeError: %s\"}\n", fields[k]); reply(r); return 0; }
+        }
+        if ((err = spec_check(&s))) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"ValueError: %s\"}\n", err); reply(r); return 0; }
+    }
+    if (!targets) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"no direction '%s'\"}\n", jesc(which, esc, sizeof esc)); reply(r); return 0; }
+    for (int i = 0; i < ndirs; i++) { /* every target checked: apply to all or none */
+        if (strcmp(which, "both") && strcmp(which, dirs[i].name)) continue;
+        double *slot[4] = { &dirs[i].spec.rate_bps, &dirs[i].spec.delay, &dirs[i].spec.loss, &dirs[i].spec.queue_bytes };
+        for (int k = 0; k < 4; k++) {
+            const jpair *p = jget(v, n, fields[k]);
+            if (p && p->type == J_NUM) *slot[k] = p->num;
+        }
+    }
+    reply("{\"ok\": true}\n");
+    return 0;
+}
+
+/* ------------------------------------------------------------------ setup and loop */
+static void configure(const char *json) {
+    jpair v[128];
+    const char *err = NULL;
+    int n = jparse(json, strlen(json), v, 128, &err);
+    if (n < 0) die_json("ValueError: config: %s", err);
+    for (int i = 0; i < n; i++) { /* directions.<name>.queue names a direction */
+        const char *k = v[i].key, *dot;
+        if (strncmp(k, "directions.", 11) || !(dot = strchr(k + 11, '.')) || strcmp(dot, ".queue")) continue;
+        if (ndirs == MAX_DIRS) die_json("ValueError: more than %d directions", MAX_DIRS);
+        if ((size_t)(dot - k - 11) >= sizeof dirs[0].name) die_json("ValueError: direction name too long");
+        dir_t *d = &dirs[ndirs++];
+        memcpy(d->name, k + 11, (size_t)(dot - k - 11));
+        char key[128];
+#define FIELD(f, dflt) (snprintf(key, sizeof key, "directions.%s." f, d->name), jnum(v, n, key, dflt))
+        d->queue = (int)v[i].num;
+        d->spec = (spec_t){ FIELD("rate_bps", NAN), FIELD("delay", NAN), FIELD("loss", 0.0), FIELD("queue_bytes", NAN) };
+        d->spec.queue_bytes = floor(d->spec.queue_bytes); /* int() in emulator.py */
+        if ((err = spec_check(&d->spec))) die_json("ValueError: %s", err);
+        if (d->queue < 0 || d->queue > 65535) die_json("ValueError: queue %d out of range", d->queue);
+    }
+    if (!ndirs) die_json("KeyError: 'directions'");
+    const jpair *seed = jget(v, n, "seed");
+    rng_state = seed && seed->type == J_NUM ? (uint64_t)(int64_t)seed->num : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    if (jnum(v, n, "realtime", 0)) {
+        struct sched_param sp = { .sched_priority = 10 };
+        if (sched_setscheduler(0, SCHED_FIFO, &sp))
+            fprintf(stderr, "emulator: realtime priority refused (%s); running as a normal process\n", strerror(errno));
+    }
+    nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, 12 /* NETLINK_NETFILTER */);
+    if (nl < 0) die_json("OSError: netlink socket: %s", strerror(errno));
+    struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
+    if (bind(nl, (struct sockaddr *)&sa, sizeof sa)) die_json("OSError: netlink bind: %s", strerror(errno));
+    int rcvbuf = 32 << 20, one = 1;
+    if (setsockopt(nl, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf))
+        setsockopt(nl, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    setsockopt(nl, SOL_NETLINK_, NETLINK_NO_ENOBUFS_, &one, sizeof one);
+    struct timeval tv = { .tv_sec = 5 }; /* a config answer never takes this long */
+    setsockopt(nl, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    for (int i = 0; i < ndirs; i++)
+        bind_queue(dirs[i].queue, (uint32_t)jnum(v, n, "copy_range", 40), (uint32_t)jnum(v, n, "maxlen", 1 << 16),
+                   jnum(v, n, "gso", 0) != 0);
+}
+
+static double next_due(void) {
+    double due = -1;
+    for (int i = 0; i < ndirs; i++)
+        if (dirs[i].len && (due < 0 || dirs[i].fifo[dirs[i].head].release < due)) due = dirs[i].fifo[dirs[i].head].release;
+    return due;
+}
+
+static void run(void) {
+    static char ctl[1 << 16];
+    size_t ctl_len = 0;
+    for (;;) {
+        double due = next_due(), wait = IDLE_WAIT;
+        if (due >= 0) { wait = due - mono(); if (wait < 0) wait = 0; }
+        struct pollfd fds[2] = { { .fd = nl, .events = POLLIN }, { .fd = 0, .events = POLLIN } };
+        struct timespec ts = { (time_t)wait, (long)((wait - (time_t)wait) * 1e9) };
+        int ready = ppoll(fds, 2, &ts, NULL);
+        if (ready < 0 && errno != EINTR) { perror("wanemu: ppoll"); return; }
+        turns++;
+        if (ready > 0 && fds[0].revents) drain();
+        release_due();
+        flush_out();
+        if (ready > 0 && fds[1].revents) {
+            ssize_t got = read(0, ctl + ctl_len, sizeof ctl - ctl_len);
+            if (got <= 0) { if (got < 0 && errno == EINTR) continue; return; } /* the parent went away */
+            ctl_len += (size_t)got;
+            char *nlp;
+            while ((nlp = memchr(ctl, '\n', ctl_len))) {
+                size_t len = (size_t)(nlp - ctl);
+                int stop = handle(ctl, len);
+                memmove(ctl, nlp + 1, ctl_len - len - 1);
+                ctl_len -= len + 1;
+                if (stop) return;
+            }
+            if (ctl_len == sizeof ctl) { reply("{\"ok\": false, \"error\": \"ValueError: line too long\"}\n"); ctl_len = 0; }
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) die_json("usage: wanemu CONFIG_JSON");
+    configure(argv[1]);
+    char r[96];
+    snprintf(r, sizeof r, "{\"ok\": true, \"ready\": true, \"pid\": %d}\n", (int)getpid());
+    reply(r);
+    run();
+    unbind_all();
+    close(nl);
+    return 0;
+}
