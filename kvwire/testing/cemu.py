@@ -23,6 +23,8 @@ from ..errors import KvwireError
 SOURCE = Path(__file__).with_name("wanemu.c")
 BACKEND_ENV = "KVWIRE_WAN_EMULATOR"
 BACKENDS = ("auto", "c", "python")
+#: the backend when neither the argument nor ``$KVWIRE_WAN_EMULATOR`` names one
+DEFAULT = "python"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
 
 
@@ -77,8 +79,8 @@ def build() -> Path | None:
 
 
 def resolve(choice: str | None) -> str:
-    """``choice`` (or ``$KVWIRE_WAN_EMULATOR``, or ``"auto"``) checked against ``BACKENDS``."""
-    value = choice if choice is not None else os.environ.get(BACKEND_ENV) or "auto"
+    """``choice`` (or ``$KVWIRE_WAN_EMULATOR``, or ``DEFAULT``) checked against ``BACKENDS``."""
+    value = choice if choice is not None else os.environ.get(BACKEND_ENV) or DEFAULT
     if value not in BACKENDS:
         raise ValueError(f"emulator {value!r}: one of {', '.join(BACKENDS)} (argument or ${BACKEND_ENV})")
     return value

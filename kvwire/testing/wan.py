@@ -61,9 +61,10 @@ class WanLink(AbstractContextManager["WanLink"]):
     up to 64 KB at once). Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or
     ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
     releases (check ``stats()["late_releases"]``); off by default because it outranks every normal
-    process on its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, ~10x cheaper per
+    process on its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, far cheaper per
     packet), ``"python"`` (``emulator.py``, the reference) or ``"auto"`` (C when a compiler builds it);
-    default ``$KVWIRE_WAN_EMULATOR`` or ``"auto"``. ``backend`` (and ``stats()["backend"]``) says which ran.
+    default ``$KVWIRE_WAN_EMULATOR``, else ``cemu.DEFAULT``. ``backend`` (and ``stats()["backend"]``)
+    says which ran.
     """
 
     client_addr = CLIENT_ADDR
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mtu", default=1500, type=int)
     ap.add_argument("--seed", default=None, type=int)
     ap.add_argument("--emulator", default=None, choices=cemu.BACKENDS,
-                    help=f"emulator backend (default: ${cemu.BACKEND_ENV} or auto: C when it builds)")
+                    help=f"emulator (default: ${cemu.BACKEND_ENV}, else {cemu.DEFAULT}; auto: C when it builds)")
     ap.add_argument("--server", default=None, help="shell command run in the server namespace meanwhile")
     ap.add_argument("--server-wait", default=0.5, type=float, help="seconds to let --server start")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
