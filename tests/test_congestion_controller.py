@@ -71,6 +71,24 @@ def test_probe_runs_unpaced_with_bbr_until_the_capacity_is_known() -> None:
     assert st.mode is Mode.CRUISE and st.decision.pacing_rate is None
 
 
+def test_the_first_probe_ends_when_the_queue_overflows() -> None:
+    """Unpaced lanes starting on a shallow queue overflow it (the issue's lossy row: 4 BBR lanes lost a fifth
+    of their packets for half a second, 96 % of a 9 s transfer's retransmits): the first interval that
+    overflows ends PROBE, paced under the capacity it gave, before ``probe_min``. Negative controls: a
+    standing queue with random loss only waits for ``probe_min``; so does a re-probe (its capacity is the
+    collapsed one until the queue has stood), and ``overflow_ends_probe=False``."""
+    overflow = replace(ls(0.3, 30e6, q=2.0, loss=0.12, capacity=C), overflowing=True)
+    st = feed(initial_state(CFG), CFG, [ls(0.0, 0.0), overflow])
+    assert st.mode is Mode.CRUISE and st.decision.pacing_rate == int(PACE * C) // 4
+    assert "overflowing" in st.decision.reason
+    standing = ls(0.3, 30e6, q=2.0, loss=0.001, capacity=C)
+    assert feed(initial_state(CFG), CFG, [ls(0.0, 0.0), standing]).mode is Mode.PROBE
+    off = replace(CFG, overflow_ends_probe=False)
+    assert feed(initial_state(off), off, [ls(0.0, 0.0), overflow]).mode is Mode.PROBE
+    reprobing = replace(decide(initial_state(CFG), ls(0.0, 0.0), CFG), reprobed_at=0.0)
+    assert decide(reprobing, overflow, CFG).mode is Mode.PROBE
+
+
 def test_idle_lanes_are_not_judged() -> None:
     st = cruising()
     assert decide(st, ls(3.0, 1e6, q=3.0, busy=0.1, capacity=C), CFG) == st

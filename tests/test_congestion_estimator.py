@@ -371,3 +371,32 @@ def run_keyed(est: LinkEstimator, lanes: dict[int, FakeLane], t0: float, steps: 
         state = est.update(t, {k: lane.info(rtt_us=rtt_us) for k, lane in lanes.items()})
     assert state is not None
     return t, state
+
+
+def test_a_first_overflowing_queue_gives_the_capacity_at_once_a_later_one_never_raises_it() -> None:
+    """Lanes starting unpaced on a shallow queue overflow it within a few round trips (4 BBR lanes on 400
+    Mbit/s, 20 ms, a one-BDP queue: a fifth of their packets lost). The first interval with a standing
+    queue and congestive loss says the link is full: the capacity is at once the fastest the link
+    delivered (``btl_bw``), without the ``bw_sample`` of standing queue a capacity otherwise needs.
+    Negative control: the same queue with only the path's random loss (0.1 %) leaves it unknown. Later,
+    a queue overflows because the rate fell: the capacity follows it down, not up to the old best."""
+
+    def start(loss: float) -> tuple[LinkEstimator, list[FakeLane], float, LinkState]:
+        est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+        lanes = [FakeLane(), FakeLane()]
+        est.update(0.0, [ln.info() for ln in lanes])
+        t, s = run(est, lanes, 0.0, 1, 10e6)
+        t, s = run(est, lanes, t, 1, 30e6)
+        assert s.capacity is None and not s.overflowing
+        t, s = run(est, lanes, t, 1, 45e6, rtt_us=40_000, loss=loss)
+        return est, lanes, t, s
+
+    _, _, _, s = start(0.001)
+    assert s.saturated and not s.overflowing and s.capacity is None
+    est, lanes, t, s = start(0.1)
+    assert s.overflowing and s.capacity == pytest.approx(s.btl_bw) and s.btl_bw == pytest.approx(37.5e6, rel=0.01)
+    t, s = run(est, lanes, t, 10, 45e6)  # paced at it, the queue gone: raised to what the link delivers
+    assert s.capacity == pytest.approx(45e6, rel=0.02) and not s.overflowing
+    _, s = run(est, lanes, t, 3, 20e6, rtt_us=60_000, loss=0.1)  # the link halved and the queue overflows
+    assert s.overflowing and s.btl_bw == pytest.approx(45e6, rel=0.02)
+    assert s.capacity == pytest.approx(22.5e6, rel=0.02)  # down (to floor_fraction of the last second's best)

@@ -22,7 +22,8 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   bandwidth (``btl_bw``) grew by less than 25 % over the last three round trips (``full_pipe`` at
   least) — the in-band capacity probe. A queue that reads while delivery still doubles each round trip
   is host delay (a busy sender, receiver or emulator), not a full link: ending there paced a long fat
-  pipe at a third of its rate. Gives up after ``probe_timeout`` (then cruises unpaced).
+  pipe at a third of its rate. Sooner, once the queue overflows (``_end_probe_on_overflow``). Gives up
+  after ``probe_timeout`` (then cruises unpaced).
 - CRUISE: the aggregate is paced at ``pace_gain x capacity`` (each lane gets its share), re-paced as
   the estimate moves by more than ``repace`` (relative). A queueing ratio above ``drain_ratio`` after
   ``settle`` -> DRAIN (unless sharing in polite mode: the queue is then the other flow's).
@@ -122,6 +123,9 @@ class ControllerConfig:
     probe_min: float = 0.8
     full_pipe: float = 0.2  # the probe's pipe is full once btl_bw grew < 25 % for 3 RTTs, and at least this
     probe_timeout: float = 4.0
+    # ... but the first probe ends sooner, at the first interval in which the queue overflows
+    # (``LinkState.overflowing``): the link is full then, and unpaced lanes only drop packets
+    overflow_ends_probe: bool = True
     upprobe_interval: float = 3.0
     upprobe_clear: float = 1.5  # ... this soon when the lanes get all the pacing allows and no queue stands
     upprobe_gain: float = 1.1
@@ -305,6 +309,8 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if cap is not None and since >= cfg.probe_min and full:
             return _pace(replace(st, pipe_bw=None, pipe_at=None), link, cfg, Mode.CRUISE,
                          f"probed capacity {cap:.4g} B/s (delivered up to {link.btl_bw:.4g})", new_mode=True)
+        if cap is not None and link.overflowing and cfg.overflow_ends_probe and st.reprobed_at is None:
+            return _end_probe_on_overflow(replace(st, pipe_bw=None, pipe_at=None), link, cfg)
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
@@ -364,6 +370,20 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if cap is not None and since >= wait and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
+
+
+def _end_probe_on_overflow(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
+    """PROBE ends before ``probe_min`` once the queue overflows (``LinkState.overflowing``: a standing
+    queue and congestive loss): the link is full, the estimator's capacity is at least what it delivered,
+    and every further round trip unpaced only drops packets (a re-probe's capacity is the collapsed
+    one until the queue has stood: it waits for ``probe_min``). Lanes in STARTUP (BBR) or slow start
+    (CUBIC) overshoot a shallow queue together: on 400 Mbit/s, 20 ms with a one-BDP queue, 4 BBR lanes
+    left unpaced until ``probe_min`` lost a fifth of their packets for half a second, twenty times the
+    link's random loss over a whole 9 s transfer. A capacity read low here costs an up-probe, not drops."""
+    cap = link.capacity
+    assert cap is not None
+    return _pace(st, link, cfg, Mode.CRUISE, f"queue overflowing ({link.loss_rate:.1%} loss, ratio "
+                 f"{link.queueing_ratio or 1.0:.2f}): paced under {cap:.4g} B/s", new_mode=True)
 
 
 def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:

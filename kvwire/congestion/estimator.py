@@ -119,6 +119,9 @@ class LinkState:
     competing_bw: float | None = None  # what others take: capacity - goodput while saturated below it
     app_limited: bool = False  # this interval a lane had nothing queued to send (a gap or a request's tail)
     pacing_limited: bool = False  # this interval goodput reached paced_share of our own aggregate pacing cap
+    # this interval the queue overflowed: a standing queue and congestive loss (``congested_loss`` of what
+    # was sent in it): the link was busy throughout (a first capacity is taken from ``btl_bw`` then)
+    overflowing: bool = False
 
     @property
     def usable_bw(self) -> float | None:
@@ -306,7 +309,9 @@ class LinkEstimator:
         floor = cfg.rtt_floor
         ratio = max(srtt, floor) / max(min_rtt, floor) if srtt is not None and min_rtt else None
         saturated = ratio is not None and ratio >= cfg.saturated_ratio and busy >= cfg.min_busy
-        capacity = self._capacity(now, saturated, ratio)
+        overflowing = bool(saturated and last is not None and not last.limited
+                           and _share(last.d.retrans, last.d.sent) >= cfg.congested_loss)
+        capacity = self._capacity(now, saturated, ratio, btl_bw if overflowing else None)
         competing = None
         if capacity:
             competing = 0.0
@@ -322,9 +327,10 @@ class LinkEstimator:
             sndbuf_limited=_share(sum(iv.d.sndbuf_us for iv in stats), busy_us),
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
             saturated=saturated, lanes=lanes, app_limited=bool(last and last.app_limited),
-            pacing_limited=bool(last and last.pacing_limited))
+            pacing_limited=bool(last and last.pacing_limited), overflowing=overflowing)
 
-    def _capacity(self, now: float, saturated: bool, ratio: float | None) -> float | None:
+    def _capacity(self, now: float, saturated: bool, ratio: float | None,
+                  overflow: float | None = None) -> float | None:
         """Under a standing queue the link is full, so the
         goodput of the run of saturated intervals (up to ``bw_sample`` of it) *is* the bottleneck rate
         (when alone); otherwise goodput is a lower bound. Only the saturated run, not the windowed max or
@@ -338,7 +344,12 @@ class LinkEstimator:
         it, and cruising at that rate refills the queue); when leaving it out would raise the estimate the
         queue was still filling, and the whole run is the steadier reading. Otherwise goodput
         over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
-        undoing a rate drop)."""
+        undoing a rate drop). ``overflow``: the queue overflowed this interval (``LinkState.overflowing``)
+        and this is the fastest rate the link delivered within ``bw_window``: with no capacity known yet
+        (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
+        stand a ``bw_sample`` costs the drops of every interval meanwhile: unpaced lanes starting on a
+        shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
+        rate just fell, and the window's fastest rate is the old one."""
         run = self._saturated_run
         shrinking = ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
         self._last_ratio = ratio
@@ -375,6 +386,8 @@ class LinkEstimator:
             self._probed, self._probed_at = served, now
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
             self._probed = max(self._probed, self._span_rate(now, self.config.raise_span))
+        if overflow is not None and overflow > 0 and self._probed is None:
+            self._probed, self._probed_at = overflow, now
         if self._probed is not None and self._floor_bw:
             self._probed = max(self._probed, self.config.floor_fraction * max(r for _, r in self._floor_bw))
         return self._probed
