@@ -80,7 +80,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from ..sockopts import SocketOptionError, set_knobs
-from .estimator import LinkState
+from .estimator import LaneKey, LinkState
+from .split import idle_lanes, lane_rates
 
 log = logging.getLogger("kvwire.congestion")
 
@@ -568,9 +569,10 @@ class LaneController:
     lane count when it changes — the session hook that parks or opens lanes — and may return the count
     it could put in effect (a lane that failed to open): the decision then takes that count, keeping
     the aggregate pacing. The aggregate is split evenly over the sockets the provider gives (a dead
-    lane's share goes to the others; a ``LaneGroup`` gives only its busy members' lanes). Sockets are
-    touched only when the decision or that set of sockets changes (new lanes get theirs from the
-    session's lane-open hook).
+    lane's share goes to the others; a ``LaneGroup`` gives only its busy members' lanes), except at a
+    request's tail, where lanes that finished give their share to the lanes still sending
+    (``split.lane_rates``). Sockets are touched only when the decision, that set of sockets or which of
+    them are idle changes (new lanes get theirs from the session's lane-open hook).
     """
 
     def __init__(self, config: ControllerConfig | None = None,
@@ -582,6 +584,7 @@ class LaneController:
         self.set_lanes = set_lanes
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
         self._paced: frozenset[int] = frozenset()  # the sockets (fds) the decision was last applied to
+        self._idle: frozenset[LaneKey] = frozenset()  # ... and those of them that were idle (``split``)
 
     @property
     def decision(self) -> Decision:
@@ -619,10 +622,20 @@ class LaneController:
             return
         sockets = self.sockets_provider()
         fds = frozenset(s.fileno() for s in sockets)
-        if d == before and fds == self._paced:
+        idle = idle_lanes(link) & fds if d.pacing_rate is not None else frozenset()
+        if d == before and fds == self._paced and idle == self._idle:
             return
-        self._paced = fds
-        apply_decision(d, sockets, share=len(sockets), restart=d.restart and d != before)
+        self._paced, self._idle = fds, idle
+        restart = d.restart and d != before
+        if not idle:
+            apply_decision(d, sockets, share=len(sockets), restart=restart)
+            return
+        # a request's tail: the lanes that finished give their pacing share to those still sending
+        total = d.total_pacing
+        assert total is not None
+        rates = lane_rates(total, [s.fileno() for s in sockets], idle)
+        for s in sockets:
+            apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
 
 
 def apply_decision(d: Decision, sockets: Sequence[socket.socket], share: int | None = None,
