@@ -80,6 +80,21 @@ def test_turned_off_configured_or_by_environment(rx: kvwire.Receiver, monkeypatc
         connect(*rx.address, lanes=2, link_control="yes")  # type: ignore[arg-type]
 
 
+def test_a_controller_config_with_more_lanes_lets_the_session_open_them(rx: kvwire.Receiver) -> None:
+    """``link_control=ControllerConfig(max_lanes=32)`` (the issue's CUBIC row: loss-bound lanes need about
+    capacity / Mathis rate of them) grows the session to 32 lanes; before, the session's own default
+    ceiling of 16 held it ("wanted 32 lanes, 16 in effect"). An explicit ``max_lanes`` still wins."""
+    cfg = ControllerConfig(congestion="cubic", max_lanes=32)
+    with connect(*rx.address, lanes=4, link_control=cfg) as s:
+        assert s.max_lanes == 32
+        assert s.set_active_lanes(32) == 32 and len(s.lane_sockets()) == 32
+        _send(s)
+    with connect(*rx.address, lanes=4, link_control=cfg, max_lanes=8) as s:
+        assert s.max_lanes == 8 and s.set_active_lanes(32) == 8
+    with connect(*rx.address, lanes=4, link_control=ControllerConfig(max_lanes=8)) as s:
+        assert s.max_lanes == 16  # (the default ceiling stays when the controller's is lower)
+
+
 def test_one_controller_shared_by_sessions_through_a_lane_group(rx: kvwire.Receiver) -> None:
     group = LaneGroup()
     egress = LinkControl(group, ControllerConfig(initial_lanes=2, min_lanes=2))

@@ -71,7 +71,8 @@ class Session:
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
         limits: the lengths and counts this side accepts from the receiver (``kvwire.codec.frames.Limits``).
-        max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``).
+        max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``, or the
+            ``max_lanes`` of a ``ControllerConfig`` given as ``link_control`` when that is more).
         on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
             data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
         link_control: congestion control (``kvwire.congestion``): ``True`` (the default) a ``LinkControl``
@@ -109,7 +110,10 @@ class Session:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
             raise ValueError("max_lanes must be in lanes..256")
-        self.max_lanes = max_lanes if max_lanes is not None else max(lanes, 16)
+        if max_lanes is None:  # (a controller given its own lane ceiling may grow the session to it)
+            wanted = link_control.max_lanes if isinstance(link_control, ControllerConfig) else 0
+            max_lanes = min(256, max(lanes, 16, wanted))
+        self.max_lanes = max_lanes
         self.on_lane_open = on_lane_open
         self.address = (host, port)
         self.key = key.encode() if isinstance(key, str) else (key or b"")
@@ -518,7 +522,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
         limits: the lengths and counts accepted from the receiver (``kvwire.codec.frames.Limits``).
-        max_lanes: the most lanes ``Session.set_active_lanes`` may grow to (default ``max(lanes, 16)``).
+        max_lanes: the most lanes ``Session.set_active_lanes`` may grow to (default ``max(lanes, 16)``, or
+            the ``max_lanes`` of a ``ControllerConfig`` given as ``link_control`` when that is more).
         on_lane_open: ``fn(lane_index, socket)`` called as each lane connects, before it carries data.
         reconnect: after the receiver dies or goes silent, fail the transfers in flight and dial it again
             in the background (``Session``); later sends work once it is back.
