@@ -120,7 +120,7 @@ class LinkState:
     app_limited: bool = False  # this interval a lane had nothing queued to send (a gap or a request's tail)
     pacing_limited: bool = False  # this interval goodput reached paced_share of our own aggregate pacing cap
     # this interval the queue overflowed: a standing queue and congestive loss (``congested_loss`` of what
-    # was sent in it): the link was busy throughout (a first capacity is taken from ``btl_bw`` then)
+    # was sent in it): the link was busy throughout (a first capacity is taken from what it delivered)
     overflowing: bool = False
 
     @property
@@ -309,9 +309,13 @@ class LinkEstimator:
         floor = cfg.rtt_floor
         ratio = max(srtt, floor) / max(min_rtt, floor) if srtt is not None and min_rtt else None
         saturated = ratio is not None and ratio >= cfg.saturated_ratio and busy >= cfg.min_busy
-        overflowing = bool(saturated and last is not None and not last.limited
-                           and _share(last.d.retrans, last.d.sent) >= cfg.congested_loss)
-        capacity = self._capacity(now, saturated, ratio, btl_bw if overflowing else None)
+        # (whether a lane idled part of it or not: a queue that drops packets was full; lanes starting up read
+        # as app-limited for a bw_sample, just when STARTUP overflows a shallow queue)
+        overflowing = bool(saturated and last is not None and _share(last.d.retrans, last.d.sent) >= cfg.congested_loss)
+        # (the interval itself counts: the queue stood all through it, so the link served at its rate; a
+        # bw_sample span reaching back into the lanes' ramp reads low)
+        full = max(btl_bw, last.d.acked / last.dt) if overflowing and last is not None else None
+        capacity = self._capacity(now, saturated, ratio, full)
         competing = None
         if capacity:
             competing = 0.0
@@ -345,7 +349,8 @@ class LinkEstimator:
         queue was still filling, and the whole run is the steadier reading. Otherwise goodput
         over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
         undoing a rate drop). ``overflow``: the queue overflowed this interval (``LinkState.overflowing``)
-        and this is the fastest rate the link delivered within ``bw_window``: with no capacity known yet
+        and this is the fastest rate the link delivered within ``bw_window`` (this interval's included):
+        with no capacity known yet
         (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
         stand a ``bw_sample`` costs the drops of every interval meanwhile: unpaced lanes starting on a
         shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
