@@ -34,7 +34,7 @@ import kvwire
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from kvwire.testing.recording import record, recorded
-from kvwire.testing.wan import WanLink
+from kvwire.testing.wan import WanError, WanLink
 
 PAYLOAD = 1448 / 1500
 Row = tuple[str, str, str, "bool | None"]
@@ -108,6 +108,15 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
                   f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
                   f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}",
                   file=sys.stderr)
+
+
+def _data_drops(link: WanLink) -> dict[str, int]:
+    """The emulator's drop counters on the data direction (client to server); {} where it has none."""
+    try:
+        c2s = link.stats().get("c2s", {})
+    except (WanError, KeyError):
+        return {}
+    return {k: int(c2s.get(k, 0)) for k in ("random_drops", "queue_drops")}
 
 
 def _pct(x: float) -> str:
@@ -186,6 +195,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
                 congestion="cubic", max_lanes=32)})):
             s = _connect(link, port, **kw)
             try:
+                emu0 = _data_drops(link)
                 before, t0 = _retrans(s), time.monotonic()
                 n = 0
                 while time.monotonic() - t0 < a.seconds:
@@ -193,13 +203,18 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
                     n += 1
                 el = time.monotonic() - t0
                 retr = _retrans(s) - before  # (lanes the controller added count from their opening)
+                emu1 = _data_drops(link)
                 lanes = s.active_lanes
+                _trace(a, f"lossy {name}", s, t0)
             finally:
                 s.close()
+            # where they came from: the emulator's drops on the data direction (random loss vs its queue)
+            drops = {k: emu1.get(k, 0) - emu0.get(k, 0) for k in ("random_drops", "queue_drops")}
             mbit = n * payload.nbytes * 8 / el / 1e6
             per_s, iperf_per_s = retr / el, one["retrans"] / one["seconds"]
             rows.append((f"lossy kvwire {name}", f"{mbit:.0f} Mbit/s = {_pct(mbit / full)} over {el:.1f} s, {lanes} "
-                         f"lanes", ">= 90%", mbit >= 0.9 * full))
+                         f"lanes; {retr} retransmits ({drops['queue_drops']} queue drops, {drops['random_drops']} "
+                         f"random)", ">= 90%", mbit >= 0.9 * full))
             if name == "default":
                 rows.append(("lossy retransmits vs iperf3 -P1 bbr", f"{per_s:.0f}/s vs {iperf_per_s:.0f}/s "
                              f"({one['mbit']:.0f} Mbit/s) = {per_s / max(iperf_per_s, 1e-9):.1f}x", "<= 3x",
