@@ -82,6 +82,7 @@ class LinkControl:
         self._start_lock = threading.Lock()
         self.shared_cap: float | None = None  # the aggregate pacing the share allows now (None: no cap)
         self._shared_fds: frozenset[int] = frozenset()
+        self._shared_applied = -1  # the controller's ``applied`` count when the share's cap was last put on
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
@@ -221,11 +222,13 @@ class LinkControl:
         socks = self.session.lane_sockets()
         fds = frozenset(s.fileno() for s in socks)
         if (cap is not None and self.shared_cap is not None and d == before and fds == self._shared_fds
-                and abs(cap - self.shared_cap) <= 0.02 * self.shared_cap):
-            return  # (no churn on the sockets for a share that barely moved)
+                and abs(cap - self.shared_cap) <= 0.02 * self.shared_cap
+                and self.controller.applied == self._shared_applied):
+            return  # (no churn on the sockets for a share that barely moved, and the controller left them)
         self.shared_cap, self._shared_fds = cap, fds
         shown = d if cap is None else Decision(d.lanes, max(1, cap // d.lanes), d.congestion, d.mode, d.reason)
-        apply_decision(shown, socks, share=len(socks))
+        self.controller.apply(shown, socks)  # (split as the controller splits: a request's tail included)
+        self._shared_applied = self.controller.applied
 
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
         d = self.decision  # its share of the aggregate, counting it among the lanes that pace (at least d.lanes)

@@ -585,6 +585,7 @@ class LaneController:
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
         self._paced: frozenset[int] = frozenset()  # the sockets (fds) the decision was last applied to
         self._idle: frozenset[LaneKey] = frozenset()  # ... and those of them that were idle (``split``)
+        self.applied = 0  # how many times a decision was put on the sockets (``apply``)
 
     @property
     def decision(self) -> Decision:
@@ -626,14 +627,19 @@ class LaneController:
         if d == before and fds == self._paced and idle == self._idle:
             return
         self._paced, self._idle = fds, idle
-        restart = d.restart and d != before
-        if not idle:
+        self.apply(d, sockets, restart=d.restart and d != before)
+
+    def apply(self, d: Decision, sockets: Sequence[socket.socket], restart: bool = False) -> None:
+        """Put ``d`` on ``sockets``: its aggregate pacing split evenly over them or, at a request's tail (some
+        lanes idle at the last sample), moved from the lanes that finished to those still sending
+        (``split.lane_rates``). Counted in ``applied`` (whoever caps the aggregate from outside, as
+        ``LinkControl``'s share does, re-applies its cap after this)."""
+        self.applied += 1
+        total = d.total_pacing
+        if total is None or not self._idle:
             apply_decision(d, sockets, share=len(sockets), restart=restart)
             return
-        # a request's tail: the lanes that finished give their pacing share to those still sending
-        total = d.total_pacing
-        assert total is not None
-        rates = lane_rates(total, [s.fileno() for s in sockets], idle)
+        rates = lane_rates(total, [s.fileno() for s in sockets], self._idle)
         for s in sockets:
             apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
 
