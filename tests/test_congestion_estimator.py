@@ -377,26 +377,30 @@ def test_a_first_overflowing_queue_gives_the_capacity_at_once_a_later_one_never_
     """Lanes starting unpaced on a shallow queue overflow it within a few round trips (4 BBR lanes on 400
     Mbit/s, 20 ms, a one-BDP queue: a fifth of their packets lost). The first interval with a standing
     queue and congestive loss says the link is full: the capacity is at once the fastest the link
-    delivered (the overflowing interval's rate, or ``btl_bw``), without the ``bw_sample`` of standing queue a
-    capacity otherwise needs.
+    delivered (``btl_bw``, or the lanes' latest delivery-rate samples summed), without the ``bw_sample`` of
+    standing queue a capacity otherwise needs.
     Negative control: the same queue with only the path's random loss (0.1 %) leaves it unknown. Later,
     a queue overflows because the rate fell: the capacity follows it down, not up to the old best."""
 
-    def start(loss: float) -> tuple[LinkEstimator, list[FakeLane], float, LinkState]:
+    def start(loss: float, delivery_rate: int | None = None) -> tuple[LinkEstimator, list[FakeLane], float, LinkState]:
         est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
         lanes = [FakeLane(), FakeLane()]
         est.update(0.0, [ln.info() for ln in lanes])
         t, s = run(est, lanes, 0.0, 1, 10e6)
         t, s = run(est, lanes, t, 1, 30e6)
         assert s.capacity is None and not s.overflowing
-        t, s = run(est, lanes, t, 1, 45e6, rtt_us=40_000, loss=loss)
+        for ln in lanes:
+            ln.step(45e6 / 2, loss=loss)
+        t += DT
+        s = est.update(t, [replace(ln.info(rtt_us=40_000), delivery_rate=delivery_rate) for ln in lanes])
         return est, lanes, t, s
 
     _, _, _, s = start(0.001)
     assert s.saturated and not s.overflowing and s.capacity is None
     est, lanes, t, s = start(0.1)
-    assert s.overflowing and s.btl_bw == pytest.approx(37.5e6, rel=0.01)  # (its span reaches into the ramp)
-    assert s.capacity == pytest.approx(45e6, rel=0.01)  # the interval the queue stood through: the link's rate
+    assert s.overflowing and s.capacity == pytest.approx(s.btl_bw) and s.btl_bw == pytest.approx(37.5e6, rel=0.01)
+    _, _, _, s2 = start(0.1, delivery_rate=24_000_000)  # each lane's last round trip: half of 48e6
+    assert s2.overflowing and s2.capacity == pytest.approx(48e6, rel=0.01)  # (btl_bw's span reaches into the ramp)
     t, s = run(est, lanes, t, 10, 45e6)  # paced at it, the queue gone: raised to what the link delivers
     assert s.capacity == pytest.approx(45e6, rel=0.02) and not s.overflowing
     _, s = run(est, lanes, t, 3, 20e6, rtt_us=60_000, loss=0.1)  # the link halved and the queue overflows

@@ -1,11 +1,13 @@
-"""How the aggregate pacing is split over the lanes (``kvwire.congestion.split``), pure and on real sockets."""
+"""How the lanes are paced and sampled: the aggregate split over them (``kvwire.congestion.split``), pure
+and on real sockets, and the sampling period of a probe (``control.sampling_interval``)."""
 
 from __future__ import annotations
 
 import socket
 from dataclasses import replace
 
-from kvwire.congestion.controller import ControllerConfig, LaneController, Mode
+from kvwire.congestion.control import sampling_interval
+from kvwire.congestion.controller import ControllerConfig, Decision, LaneController, Mode
 from kvwire.congestion.estimator import LaneState, LinkState
 from kvwire.congestion.split import idle_lanes, lane_rates
 from kvwire.sockopts import get_pacing_rate
@@ -66,3 +68,18 @@ def test_lanes_that_finished_a_request_give_their_pacing_to_the_lanes_still_send
     assert get_pacing_rate(a) == get_pacing_rate(b) == total // 2
     ctl.on_state(link(1.3, tuple(replace(x, busy=0.0, notsent_bytes=0) for x in busy)))  # both done
     assert get_pacing_rate(a) == get_pacing_rate(b) == total // 2
+
+
+def test_a_probe_with_no_capacity_on_a_wan_path_is_sampled_faster() -> None:
+    """Lanes in STARTUP overflow a shallow queue within ~50 ms: until a capacity is known, the unpaced probe
+    is sampled every ``probe_interval``; on a LAN, once a capacity is known, or once paced: ``interval``."""
+    cfg = ControllerConfig()
+    probe = Decision(4, None, "bbr", Mode.PROBE, "initial")
+    wan = link(0.2, capacity=None)
+    assert sampling_interval(probe, wan, cfg, 0.1, 0.025) == 0.025
+    assert sampling_interval(probe, wan, cfg, 0.1, None) == 0.1  # turned off
+    assert sampling_interval(probe, replace(wan, min_rtt=50e-6), cfg, 0.1, 0.025) == 0.1  # loopback
+    assert sampling_interval(probe, replace(wan, min_rtt=None), cfg, 0.1, 0.025) == 0.1  # no RTT yet
+    assert sampling_interval(probe, link(0.2), cfg, 0.1, 0.025) == 0.1  # capacity known
+    paced = Decision(4, 10_000_000, "bbr", Mode.CRUISE, "paced")
+    assert sampling_interval(paced, wan, cfg, 0.1, 0.025) == 0.1

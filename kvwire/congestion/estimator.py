@@ -312,9 +312,11 @@ class LinkEstimator:
         # (whether a lane idled part of it or not: a queue that drops packets was full; lanes starting up read
         # as app-limited for a bw_sample, just when STARTUP overflows a shallow queue)
         overflowing = bool(saturated and last is not None and _share(last.d.retrans, last.d.sent) >= cfg.congested_loss)
-        # (the interval itself counts: the queue stood all through it, so the link served at its rate; a
-        # bw_sample span reaching back into the lanes' ramp reads low)
-        full = max(btl_bw, last.d.acked / last.dt) if overflowing and last is not None else None
+        # (a bw_sample span reaching back into the lanes' ramp reads low; the kernel's latest delivery-rate
+        # samples, each over a lane's last round trip, summed, read the full link: 375-389 Mbit/s on 386 in
+        # the lossy row's starts. Not the interval's own goodput: over a 25 ms probe sample ACK bunching
+        # read 461, and pacing above the link kept the queue overflowing for two seconds)
+        full = max(btl_bw, sum(ln.delivery_rate or 0 for ln in lanes)) if overflowing else None
         capacity = self._capacity(now, saturated, ratio, full)
         competing = None
         if capacity:
@@ -349,8 +351,8 @@ class LinkEstimator:
         queue was still filling, and the whole run is the steadier reading. Otherwise goodput
         over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
         undoing a rate drop). ``overflow``: the queue overflowed this interval (``LinkState.overflowing``)
-        and this is the fastest rate the link delivered within ``bw_window`` (this interval's included):
-        with no capacity known yet
+        and this is the fastest rate the link delivered within ``bw_window`` (the lanes' latest
+        delivery-rate samples included): with no capacity known yet
         (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
         stand a ``bw_sample`` costs the drops of every interval meanwhile: unpaced lanes starting on a
         shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
