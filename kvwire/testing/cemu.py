@@ -25,7 +25,7 @@ BACKEND_ENV = "KVWIRE_WAN_EMULATOR"
 BACKENDS = ("auto", "c", "python")
 #: the backend when neither the argument nor ``$KVWIRE_WAN_EMULATOR`` names one
 DEFAULT = "python"
-CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
+CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread")
 
 
 class EmulatorBuildError(KvwireError):

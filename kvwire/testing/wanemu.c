@@ -7,13 +7,17 @@
  * counters, runtime update of any field), a FIFO of (release time, packet id) per direction released with
  * the same slack and late counters -- and the same control channel: the config JSON in argv[1], the ready
  * line, JSON lines on stdin (update, stats, stop), one JSON reply per line on stdout, the same stats keys.
+ * Two threads: a reader stamps and decides each packet as soon as its notification arrives, while the main
+ * thread sleeps until the next release and sends the verdicts (a batch accept runs the forwarding and the
+ * receiving host's stack inside that system call: one thread would leave arrivals unread meanwhile).
  * Must not know: namespaces, addresses, the tests. Everything read from the kernel is bounds-checked.
- * Build: cc -O2 -std=gnu11 -Wall -Wextra -o wanemu wanemu.c  (kvwire/testing/cemu.py does it on demand).
+ * Build: cc -O2 -std=gnu11 -Wall -Wextra -pthread -o wanemu wanemu.c  (kvwire/testing/cemu.py does it on demand).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -24,6 +28,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <linux/netlink.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #define SOL_NETLINK_ 270
@@ -41,7 +46,6 @@ enum { NF_DROP_ = 0, NF_ACCEPT_ = 1 };
 #define MAX_DIRS 8
 #define RECV_BATCH 256   /* notifications per recvmmsg */
 #define RECV_BUF 4096    /* bytes per notification buffer (copy_range 40: a few hundred bytes each) */
-#define DRAIN_MAX 4      /* recvmmsg calls per loop turn before releasing due packets */
 #define SLACK 50e-6      /* release packets due this soon now */
 #define IDLE_WAIT 0.5
 #define OUT_CAP (64 << 10)
@@ -223,8 +227,9 @@ static int nl = -1;
 static uint32_t seq;
 static unsigned long long turns, late_releases, late_5ms;
 static double late_max;
-static char out[OUT_CAP];
-static size_t out_len;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the models, FIFOs and counters */
+static int wake_fd = -1; /* eventfd: the reader filled an empty FIFO, the releaser may sleep too long */
+typedef struct { char b[OUT_CAP]; size_t len; } outbuf;
 
 static double mono(void) {
     struct timespec ts;
@@ -265,20 +270,20 @@ static size_t put_head(char *b, uint16_t type, uint16_t flags, uint32_t sq, int 
 
 static void finish(char *b, size_t len) { uint32_t l = (uint32_t)len; memcpy(b, &l, 4); }
 
-static void flush_out(void) {
-    if (out_len && send(nl, out, out_len, 0) < 0 && errno != EINTR)
+static void flush_out(outbuf *o) {
+    if (o->len && send(nl, o->b, o->len, 0) < 0 && errno != EINTR)
         fprintf(stderr, "wanemu: verdict send failed: %s\n", strerror(errno));
-    out_len = 0;
+    o->len = 0;
 }
 
-static void add_verdict(int queue, uint32_t id, int accept, int batch) {
-    if (out_len + 64 > sizeof out) flush_out();
-    char *b = out + out_len;
+static void add_verdict(outbuf *o, int queue, uint32_t id, int accept, int batch) {
+    if (o->len + 64 > sizeof o->b) flush_out(o);
+    char *b = o->b + o->len;
     uint32_t vh[2] = { htonl(accept ? NF_ACCEPT_ : NF_DROP_), htonl(id) };
     size_t n = put_head(b, batch ? MSG_VERDICT_BATCH : MSG_VERDICT, NLM_F_REQUEST, 0, queue);
     n = put_attr(b, n, A_VERDICT_HDR, vh, sizeof vh);
     finish(b, n);
-    out_len += n;
+    o->len += n;
 }
 
 static void config_request(int queue, const char *attrs, size_t alen) {
@@ -346,8 +351,8 @@ static dir_t *dir_of_queue(int queue) {
     return NULL;
 }
 
-/* One notification datagram: every packet message in it -> model decision. Trusts no length. */
-static void on_datagram(const unsigned char *buf, size_t n, double now) {
+/* One notification datagram: every packet message in it -> model decision (under mu). Trusts no length. */
+static void on_datagram(const unsigned char *buf, size_t n, double now, outbuf *o, int *filled) {
     size_t off = 0;
     while (off + 20 <= n) {
         struct nlmsghdr h;
@@ -371,11 +376,11 @@ static void on_datagram(const unsigned char *buf, size_t n, double now) {
             if (id >= 0) {
                 unsigned size = (unsigned)(caplen >= 0 ? caplen : (length > 0 ? length : 0));
                 dir_t *d = dir_of_queue(queue);
-                if (!d) add_verdict(queue, (uint32_t)id, 1, 0);
+                if (!d) add_verdict(o, queue, (uint32_t)id, 1, 0);
                 else {
                     double release = arrive(d, now, size);
-                    if (release < 0) add_verdict(queue, (uint32_t)id, 0, 0);
-                    else fifo_push(d, release, (uint32_t)id);
+                    if (release < 0) add_verdict(o, queue, (uint32_t)id, 0, 0);
+                    else { *filled |= !d->len; fifo_push(d, release, (uint32_t)id); }
                 }
             }
         }
@@ -383,28 +388,36 @@ static void on_datagram(const unsigned char *buf, size_t n, double now) {
     }
 }
 
-static unsigned char rbuf[RECV_BATCH][RECV_BUF];
-
-static void drain(void) {
+/* The reader thread: stamps each notification as soon as it is read, whatever the releaser is doing
+ * (a batch verdict runs the forwarding and the receiving stacks in the releaser's system call). */
+static void *reader(void *arg) {
+    static unsigned char rbuf[RECV_BATCH][RECV_BUF];
     static struct mmsghdr msgs[RECV_BATCH];
     static struct iovec iov[RECV_BATCH];
-    for (int turn = 0; turn < DRAIN_MAX; turn++) {
+    static outbuf o;
+    (void)arg;
+    for (;;) {
         for (int i = 0; i < RECV_BATCH; i++) {
             iov[i] = (struct iovec){ rbuf[i], RECV_BUF };
             msgs[i].msg_hdr = (struct msghdr){ .msg_iov = &iov[i], .msg_iovlen = 1 };
         }
-        int got = recvmmsg(nl, msgs, RECV_BATCH, MSG_DONTWAIT, NULL);
-        if (got <= 0) return; /* EAGAIN, or ENOBUFS: notifications lost, their packets dropped */
+        int got = recvmmsg(nl, msgs, RECV_BATCH, MSG_WAITFORONE, NULL); /* blocks for the first only */
+        if (got <= 0) continue; /* EINTR, or ENOBUFS: notifications lost, their packets dropped */
         double now = mono();
-        for (int i = 0; i < got; i++) {
-            size_t len = msgs[i].msg_len < RECV_BUF ? msgs[i].msg_len : RECV_BUF;
-            on_datagram(rbuf[i], len, now);
-        }
-        if (got < RECV_BATCH) return;
+        int filled = 0;
+        pthread_mutex_lock(&mu);
+        for (int i = 0; i < got; i++)
+            on_datagram(rbuf[i], msgs[i].msg_len < RECV_BUF ? msgs[i].msg_len : RECV_BUF, now, &o, &filled);
+        flush_out(&o); /* drops before unlocking: a later batch accept must not release a dropped id */
+        pthread_mutex_unlock(&mu);
+        uint64_t one = 1;
+        if (filled) (void)!write(wake_fd, &one, sizeof one);
     }
+    return NULL;
 }
 
-static void release_due(void) {
+/* under mu: the batch verdict of each direction's due packets into o */
+static void release_due(outbuf *o) {
     double now = mono() + SLACK;
     for (int i = 0; i < ndirs; i++) {
         dir_t *d = &dirs[i];
@@ -420,7 +433,7 @@ static void release_due(void) {
             d->head = (d->head + 1) & (d->cap - 1);
             d->len--;
         }
-        if (last >= 0) add_verdict(d->queue, (uint32_t)last, 1, 1);
+        if (last >= 0) add_verdict(o, d->queue, (uint32_t)last, 1, 1);
     }
 }
 
@@ -435,30 +448,32 @@ static void reply(const char *s) {
 }
 
 static void stats_json(char *s, size_t cap) {
+    char kernel[MAX_DIRS][160], name[200];
+    FILE *f = fopen("/proc/net/netfilter/nfnetlink_queue", "r"); /* the kernel's own counters, per queue */
+    unsigned long long q, portid, waiting, mode, range, qdrop, udrop, idseq;
+    char line[256];
+    for (int i = 0; i < ndirs; i++) strcpy(kernel[i], "{}");
+    while (f && fgets(line, sizeof line, f))
+        for (int i = 0; i < ndirs; i++)
+            if (sscanf(line, "%llu %llu %llu %llu %llu %llu %llu %llu", &q, &portid, &waiting, &mode, &range, &qdrop,
+                       &udrop, &idseq) == 8 && q == (unsigned long long)dirs[i].queue)
+                snprintf(kernel[i], sizeof kernel[i], "{\"waiting\": %llu, \"queue_dropped\": %llu, "
+                         "\"user_dropped\": %llu, \"id_sequence\": %llu}", waiting, qdrop, udrop, idseq);
+    if (f) fclose(f);
+    pthread_mutex_lock(&mu);
     size_t n = snprintf(s, cap, "{\"ok\": true, \"stats\": {");
-    for (int i = 0; i < ndirs; i++) {
+    for (int i = 0; i < ndirs && n < cap; i++) {
         dir_t *d = &dirs[i];
-        char kernel[160] = "{}", name[200];
-        FILE *f = fopen("/proc/net/netfilter/nfnetlink_queue", "r");
-        if (f) {
-            unsigned long long q, portid, waiting, mode, range, qdrop, udrop, idseq;
-            char line[256];
-            while (fgets(line, sizeof line, f))
-                if (sscanf(line, "%llu %llu %llu %llu %llu %llu %llu %llu", &q, &portid, &waiting, &mode, &range,
-                           &qdrop, &udrop, &idseq) == 8 && q == (unsigned long long)d->queue)
-                    snprintf(kernel, sizeof kernel, "{\"waiting\": %llu, \"queue_dropped\": %llu, "
-                             "\"user_dropped\": %llu, \"id_sequence\": %llu}", waiting, qdrop, udrop, idseq);
-            fclose(f);
-        }
         dstats_t *t = &d->st;
         n += snprintf(s + n, cap - n, "\"%s\": {\"packets_in\": %llu, \"bytes_in\": %llu, \"random_drops\": %llu, "
                       "\"queue_drops\": %llu, \"packets_out\": %llu, \"bytes_out\": %llu, \"max_backlog_bytes\": %llu, "
                       "\"held\": %zu, \"kernel\": %s}, ", jesc(d->name, name, sizeof name), t->packets_in, t->bytes_in, t->random_drops,
-                      t->queue_drops, t->packets_out, t->bytes_out, t->max_backlog, d->len, kernel);
-        if (n >= cap) return;
+                      t->queue_drops, t->packets_out, t->bytes_out, t->max_backlog, d->len, kernel[i]);
     }
-    snprintf(s + n, cap - n, "\"turns\": %llu, \"late_max_ms\": %.3f, \"late_releases\": %llu, \"late_5ms\": %llu, "
-             "\"backend\": \"c\"}}\n", turns, late_max * 1e3, late_releases, late_5ms);
+    if (n < cap)
+        snprintf(s + n, cap - n, "\"turns\": %llu, \"late_max_ms\": %.3f, \"late_releases\": %llu, \"late_5ms\": "
+                 "%llu, \"backend\": \"c\"}}\n", turns, late_max * 1e3, late_releases, late_5ms);
+    pthread_mutex_unlock(&mu);
 }
 
 /* one command line -> one reply line; returns 1 on stop */
@@ -490,6 +505,7 @@ static int handle(const char *line, size_t len) {
         if ((err = spec_check(&s))) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"ValueError: %s\"}\n", err); reply(r); return 0; }
     }
     if (!targets) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"no direction '%s'\"}\n", jesc(which, esc, sizeof esc)); reply(r); return 0; }
+    pthread_mutex_lock(&mu);
     for (int i = 0; i < ndirs; i++) { /* every target checked: apply to all or none */
         if (strcmp(which, "both") && strcmp(which, dirs[i].name)) continue;
         double *slot[4] = { &dirs[i].spec.rate_bps, &dirs[i].spec.delay, &dirs[i].spec.loss, &dirs[i].spec.queue_bytes };
@@ -498,6 +514,7 @@ static int handle(const char *line, size_t len) {
             if (p && p->type == J_NUM) *slot[k] = p->num;
         }
     }
+    pthread_mutex_unlock(&mu);
     reply("{\"ok\": true}\n");
     return 0;
 }
@@ -544,6 +561,11 @@ static void configure(const char *json) {
     for (int i = 0; i < ndirs; i++)
         bind_queue(dirs[i].queue, (uint32_t)jnum(v, n, "copy_range", 40), (uint32_t)jnum(v, n, "maxlen", 1 << 16),
                    jnum(v, n, "gso", 0) != 0);
+    tv.tv_sec = 0; /* the reader blocks until packets come */
+    setsockopt(nl, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if ((wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) die_json("OSError: eventfd: %s", strerror(errno));
+    pthread_t t; /* inherits SCHED_FIFO when granted */
+    if ((errno = pthread_create(&t, NULL, reader, NULL))) die_json("OSError: reader thread: %s", strerror(errno));
 }
 
 static double next_due(void) {
@@ -553,20 +575,28 @@ static double next_due(void) {
     return due;
 }
 
+/* The releaser (main thread): sleeps until the next release is due (or the reader filled an empty FIFO,
+ * or a control line came), releases every due packet with one batch verdict per direction, answers control. */
 static void run(void) {
     static char ctl[1 << 16];
+    static outbuf o;
     size_t ctl_len = 0;
     for (;;) {
+        pthread_mutex_lock(&mu);
         double due = next_due(), wait = IDLE_WAIT;
+        pthread_mutex_unlock(&mu);
         if (due >= 0) { wait = due - mono(); if (wait < 0) wait = 0; }
-        struct pollfd fds[2] = { { .fd = nl, .events = POLLIN }, { .fd = 0, .events = POLLIN } };
+        struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = 0, .events = POLLIN } };
         struct timespec ts = { (time_t)wait, (long)((wait - (time_t)wait) * 1e9) };
         int ready = ppoll(fds, 2, &ts, NULL);
         if (ready < 0 && errno != EINTR) { perror("wanemu: ppoll"); return; }
+        uint64_t woken;
+        if (ready > 0 && fds[0].revents) (void)!read(wake_fd, &woken, sizeof woken);
+        pthread_mutex_lock(&mu);
         turns++;
-        if (ready > 0 && fds[0].revents) drain();
-        release_due();
-        flush_out();
+        release_due(&o);
+        pthread_mutex_unlock(&mu);
+        flush_out(&o); /* outside the lock: this runs the forwarding, the reader keeps stamping meanwhile */
         if (ready > 0 && fds[1].revents) {
             ssize_t got = read(0, ctl + ctl_len, sizeof ctl - ctl_len);
             if (got <= 0) { if (got < 0 && errno == EINTR) continue; return; } /* the parent went away */
@@ -591,7 +621,6 @@ int main(int argc, char **argv) {
     snprintf(r, sizeof r, "{\"ok\": true, \"ready\": true, \"pid\": %d}\n", (int)getpid());
     reply(r);
     run();
-    unbind_all();
-    close(nl);
+    unbind_all(); /* the reader thread ends with the process */
     return 0;
 }
