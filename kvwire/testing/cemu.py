@@ -24,7 +24,7 @@ SOURCE = Path(__file__).with_name("wanemu.c")
 BACKEND_ENV = "KVWIRE_WAN_EMULATOR"
 BACKENDS = ("auto", "c", "python")
 #: the backend when neither the argument nor ``$KVWIRE_WAN_EMULATOR`` names one
-DEFAULT = "python"
+DEFAULT = "auto"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread")
 
 
