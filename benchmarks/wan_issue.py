@@ -33,6 +33,7 @@ from wan_bench import Payload  # beside this file (wan_bench imports this module
 import kvwire
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
+from kvwire.testing import cemu
 from kvwire.testing.recording import record, recorded
 from kvwire.testing.wan import WanError, WanLink
 
@@ -128,7 +129,8 @@ def row_fat(a: Any, bench: str) -> list[Row]:
     rate = 2000 * a.scale
     full = rate * PAYLOAD
     rows: list[Row] = []
-    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=11) as link:
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=11,
+                 realtime=a.realtime) as link:
         for streams, cc in () if a.skip_iperf else ((1, "bbr"), (8, "bbr"), (1, "cubic"), (8, "cubic")):
             r = _iperf(link, streams, cc, a.seconds)
             rows.append((f"fat  iperf3 -P{streams} {cc}", f"{r['mbit']:.0f} Mbit/s = {_pct(r['mbit'] / full)} of "
@@ -162,7 +164,8 @@ def row_burst(a: Any, bench: str) -> list[Row]:
     payload = Payload(QWEN, 8192)
     ideal = payload.nbytes / full
     times: list[float] = []
-    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12,
+                 realtime=a.realtime) as link:
         port, rx = _receiver(link, bench)
         s = _connect(link, port)
         t0 = time.monotonic()
@@ -187,7 +190,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
     rate = 400 * a.scale
     full = rate * PAYLOAD
     rows: list[Row] = []
-    with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13) as link:
+    with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13, realtime=a.realtime) as link:
         one = _iperf(link, 1, "bbr", a.seconds)
         port, rx = _receiver(link, bench)
         payload = Payload(QWEN, 16384)
@@ -268,7 +271,7 @@ def row_fair(a: Any, bench: str) -> list[Row]:
     rate = 1000 * a.scale
     full = rate * PAYLOAD
     secs, stagger = max(20.0, a.seconds * 2), 2.0
-    with WanLink(rtt_ms=40, rate_mbit=rate, seed=14) as link:
+    with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime) as link:
         ref = _iperf(link, 4, "bbr", a.seconds)  # what the emulator carries now, beside
         port, rx = _receiver(link, bench)
         procs = []
@@ -300,7 +303,7 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
     rate = 400 * a.scale
     full = rate * PAYLOAD * 1e6 / 8
     marks: dict[str, float] = {}
-    with WanLink(rtt_ms=20, rate_mbit=rate, seed=15) as link:
+    with WanLink(rtt_ms=20, rate_mbit=rate, seed=15, realtime=a.realtime) as link:
         port, rx = _receiver(link, bench)
         s = _connect(link, port)
         payload = Payload(QWEN, 8192)
@@ -375,7 +378,8 @@ def run(a: Any, bench: str) -> int:
         print(f"  {name}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
     print(f"must-show rows; rates x{a.scale:g} of the issue's (2 Gbit/s -> {2000 * a.scale:g}, 400 -> "
           f"{400 * a.scale:g}, 1 Gbit/s -> {1000 * a.scale:g}); RTTs, loss and queue times as in the issue; "
-          f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2)")
+          f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2); emulator "
+          f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}")
     w = max(len(r[0]) for r in rows)
     for name, value, target, ok in rows:
         print(f"{name:<{w}}  {'INFO' if ok is None else 'PASS' if ok else 'MISS'}  {value}   [target {target}]")
