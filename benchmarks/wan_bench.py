@@ -41,6 +41,7 @@ from kvwire.congestion.group import LaneGroup
 from kvwire.congestion.monitor import LinkMonitor
 from kvwire.probe import probe
 from kvwire.sockopts import set_congestion
+from kvwire.testing import cemu
 from kvwire.testing.recording import record, recorded
 from kvwire.testing.wan import WanLink, parse_loss, parse_ms, parse_rate_mbit
 
@@ -488,7 +489,8 @@ def run_scenarios(a: Any) -> int:
         rows += scenario_p(a, rx_cmd, queue)
     print(f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms; (a) 0.1% loss, 1-BDP queue; (b)-(d), (s), (g) no loss, "
           f"{queue} B queue ({queue / bdp:.1f} BDP); payload {a.preset} {a.tokens} tokens = "
-          f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC")
+          f"{payload.nbytes / 1e6:.1f} MB ((c): half); iperf3 rows {a.seconds:g} s, CUBIC; "
+          f"{cemu.emulator_command(None)[1]} emulator")
     w = max(len(r[0]) for r in rows)
     for name, value, target, ok in rows:
         print(f"{name:<{w}}  {'INFO' if ok is None else 'PASS' if ok else 'MISS'}  {value}   [target {target}]")
@@ -548,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lanes in (int(x) for x in a.lanes.split(",")):
             rows.append(run_kvwire(link, port, lanes, a.seconds, a.cc, a.transfer_mb))
     head = (f"link: {a.rate:g} Mbit/s, RTT {a.rtt:g} ms, loss {a.loss:.3%}, queue {link.queue_bytes} B, "
-            f"{a.cc}, {a.seconds:g} s per row")
+            f"{a.cc}, {a.seconds:g} s per row, {link.backend} emulator")
     if a.json:
         print(json.dumps({"link": head, "rows": rows}, indent=1))
         return 0
