@@ -402,7 +402,11 @@ static void *reader(void *arg) {
             msgs[i].msg_hdr = (struct msghdr){ .msg_iov = &iov[i], .msg_iovlen = 1 };
         }
         int got = recvmmsg(nl, msgs, RECV_BATCH, MSG_WAITFORONE, NULL); /* blocks for the first only */
-        if (got <= 0) continue; /* EINTR, or ENOBUFS: notifications lost, their packets dropped */
+        if (got < 0 && errno != EINTR && errno != ENOBUFS && errno != EAGAIN) { /* ENOBUFS: notifications lost */
+            fprintf(stderr, "wanemu: reading notifications: %s\n", strerror(errno));
+            exit(1); /* the parent's next control line reports it */
+        }
+        if (got <= 0) continue;
         double now = mono();
         int filled = 0;
         pthread_mutex_lock(&mu);
@@ -480,7 +484,7 @@ static void stats_json(char *s, size_t cap) {
 static int handle(const char *line, size_t len) {
     jpair v[32];
     const char *err = NULL;
-    char r[4096], esc[400];
+    char r[16384], esc[400]; /* stats of MAX_DIRS directions fit */
     int n = jparse(line, len, v, 32, &err);
     if (n < 0) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"ValueError: %s\"}\n", err); reply(r); return 0; }
     const jpair *op = jget(v, n, "op");
