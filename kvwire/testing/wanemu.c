@@ -1,4 +1,5 @@
-/* wanemu: the WAN emulator process in C, the same program as kvwire/testing/emulator.py, ~10x cheaper per packet.
+/* wanemu: the WAN emulator process in C, the same program as kvwire/testing/emulator.py. Its own work per packet
+ * costs ~15x less CPU; the forwarding that its verdicts run in the kernel costs what it costs either way.
  *
  * Owns: the middle namespace's event loop -- NFQUEUE over raw netlink (bind queues with a copy range, a
  * queue length and the GSO flag; read packet notifications for id and length only; batched accept verdicts,
@@ -312,13 +313,17 @@ static void config_request(int queue, const char *attrs, size_t alen) {
     }
 }
 
+static size_t put_cmd(char *b, size_t off, uint8_t command) { /* nfqnl_msg_config_cmd: command, pad, pf */
+    uint8_t cmd[4] = { command, 0, 0, 0 };
+    uint16_t pf = htons(AF_INET);
+    memcpy(cmd + 2, &pf, 2);
+    return put_attr(b, off, CFG_CMD, cmd, 4);
+}
+
 static void bind_queue(int queue, uint32_t copy_range, uint32_t maxlen, int gso) {
     char a[128];
     size_t n;
-    uint8_t cmd[4] = { CMD_BIND, 0, 0, 0 };
-    uint16_t pf = htons(AF_INET);
-    memcpy(cmd + 2, &pf, 2);
-    config_request(queue, a, put_attr(a, 0, CFG_CMD, cmd, 4));
+    config_request(queue, a, put_cmd(a, 0, CMD_BIND));
     uint8_t params[5];
     uint32_t v = htonl(copy_range);
     memcpy(params, &v, 4);
@@ -336,11 +341,7 @@ static void bind_queue(int queue, uint32_t copy_range, uint32_t maxlen, int gso)
 static void unbind_all(void) {
     for (int i = 0; i < ndirs; i++) {
         char b[64];
-        uint8_t cmd[4] = { CMD_UNBIND, 0, 0, 0 };
-        uint16_t pf = htons(AF_INET);
-        memcpy(cmd + 2, &pf, 2);
-        size_t n = put_head(b, MSG_CONFIG, NLM_F_REQUEST, 0, dirs[i].queue);
-        n = put_attr(b, n, CFG_CMD, cmd, 4);
+        size_t n = put_cmd(b, put_head(b, MSG_CONFIG, NLM_F_REQUEST, 0, dirs[i].queue), CMD_UNBIND);
         finish(b, n);
         (void)!send(nl, b, n, 0);
     }
