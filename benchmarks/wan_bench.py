@@ -522,9 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
     ap.add_argument("--must-show", action="store_true",
                     help="the long-fat-pipe issue's rows instead (benchmarks/wan_issue.py): --rows, --scale")
-    ap.add_argument("--rows", default="fat,burst,lossy,fair,collapse,loopback")
+    ap.add_argument("--rows", default="fat,burst,stream,lossy,fair,collapse,loopback")
     ap.add_argument("--scale", default=1.0, type=float, help="--must-show: multiply every link rate")
-    ap.add_argument("--requests", default=6, type=int, help="--must-show burst row: 8k-token requests")
+    ap.add_argument("--requests", default=6, type=int, help="--must-show burst and stream rows: 8k-token requests")
     ap.add_argument("--loopback-reps", default=15, type=int)
     a = ap.parse_args(argv)
     if a.receiver:

@@ -6,11 +6,16 @@
 Owns: the rows — on an emulated link (``kvwire.testing.WanLink``), kvwire with *default settings* (a plain
 ``kvwire.connect``: its own congestion control, no flags) beside iperf3 -P1/-P8 with BBR and CUBIC; the
 sender processes of the fairness row (``--sender`` mode of this file); the table. Must not know: kvwire
-internals beyond the public API, ``Session.link_control`` and ``Session.lane_sockets()``.
+internals beyond the public API, ``Session.link_control`` and ``Session.lane_sockets()``; the ``stream``
+row runs ``kvwire-bench``'s own sending side and document (``kvwire.bench``: its per-layer timeline and
+exposed-tail figures) against a one-off bench server in the link's server namespace.
 
 Rows (``--rows``): ``fat`` 2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue: a 32k-token Qwen3-Next cache
 and iperf3; ``burst`` the same link, one 8k-token request a second over one session; ``lossy`` 400 Mbit/s,
 20 ms, 0.1 % loss: kvwire default and with CUBIC forced, retransmits beside one iperf3 BBR stream;
+``stream`` the same link as ``fat``, 8k-token requests produced layer by layer at half the link's payload
+rate (``kvwire-bench --prefill-ms-per-layer``), the exposed tail (last layer verified at the receiver minus
+last layer produced) against the last layer's wire time + 1 RTT + 10 ms;
 ``fair`` 4 kvwire sender processes on 1 Gbit/s, 40 ms; ``collapse`` the link starved to 2 % for 3 s under
 a running transfer, then restored; ``loopback`` control on vs off on 127.0.0.1. ``--scale`` multiplies
 every rate (the RTTs and queues in time stay): what this machine's emulator cannot carry is scaled down
@@ -363,8 +368,62 @@ def row_loopback(a: Any, bench: str) -> list[Row]:
              abs(m_on / m_off - 1) <= 0.05)]
 
 
-ROWS = {"fat": row_fat, "burst": row_burst, "lossy": row_lossy, "fair": row_fair, "collapse": row_collapse,
-        "loopback": row_loopback}
+def row_stream(a: Any, bench: str) -> list[Row]:
+    from kvwire.bench.document import build_document
+    from kvwire.bench.loopback import LoopbackServer
+    from kvwire.bench.options import Options
+    from kvwire.bench.sending import run_sender
+    from kvwire.testing.netns import exec_prefix
+
+    rate = 2000 * a.scale
+    full = rate * PAYLOAD * 1e6 / 8  # payload bytes/s
+    payload = Payload(QWEN, 8192)
+    layers = payload.layout.num_layers
+    prefill_ms = payload.nbytes / (full / 2) / layers * 1e3  # production at half the link's payload rate
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16) as link:
+        o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
+                    prefill_ms=prefill_ms, adaptive=True, interval=0.0)  # kvwire-bench's defaults otherwise
+        with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
+            o.port = server.port
+            with link.inside("client"):
+                res = run_sender(o)
+        stats = link.stats()
+    doc = build_document(res)
+    kv = doc["kv"]
+    timeline = kv["timeline"]
+    last = timeline[0]["layers"][-1]  # the layer produced last: its bytes set the floor of the tail
+    target = last["bytes"] / full * 1e3 + 80 + 10
+    tail = kv["exposed_tail_ms"]
+    tails = [t["exposed_tail_ms"] for t in timeline if t["exposed_tail_ms"] is not None]
+    if a.trace:
+        _trace_stream(timeline, res.clock_uncertainty, kv.get("link_control") or {})
+    ok = kv["verification"]["verified"] and tail["p99"] is not None
+    p50, p99 = tail["p50"] or 0.0, tail["p99"] or 0.0
+    return [("stream exposed tail p50", f"{p50:.0f} ms ({len(tails)} requests of {payload.nbytes / 1e6:.0f} MB, "
+             f"prefill {prefill_ms:.1f} ms/layer; all: {', '.join(f'{x:.0f}' for x in tails)}; clocks "
+             f"+-{res.clock_uncertainty * 1e3:.0f} ms)", "beside", None),
+            ("stream exposed tail p99", f"{p99:.0f} ms (last layer {last['layer']} {'/'.join(last['kinds'])} "
+             f"{last['bytes'] / 1e6:.1f} MB: {last['bytes'] / full * 1e3:.0f} ms on the wire; emulator queue "
+             f"drops {stats['c2s']['queue_drops']}, late>5ms {stats['late_5ms']})", f"<= {target:.0f} ms",
+             ok and p99 <= target)]
+
+
+def _trace_stream(timeline: list[dict[str, Any]], uncertainty: float, control: dict[str, Any]) -> None:
+    """--trace: the controller's decisions (s after the test's start), then each request's layers, produced
+    and verified (ms after its send), on stderr."""
+    for d in control.get("history", []):
+        print(f"[stream] {d['t'] or 0:6.2f}s {d['mode']:8} lanes {d['lanes']} pacing "
+              f"{(d['pacing'] or 0) * 8e-6:.0f} Mbit/s: {d['reason']}", file=sys.stderr)
+    for t in timeline:
+        print(f"[stream] {t['request_id']} tail {t['exposed_tail_ms'] or 0:.0f} ms, transfer "
+              f"{t['transfer_ms'] or 0:.0f} ms (clocks +-{uncertainty * 1e3:.0f} ms)", file=sys.stderr)
+        for x in t["layers"]:
+            print(f"[stream]   layer {x['layer']:2} {'/'.join(x['kinds']):4} {x['bytes'] / 1e6:5.1f} MB produced "
+                  f"{x['produced_ms'] or 0:7.1f} verified {x['verified_ms'] or 0:7.1f} ms", file=sys.stderr)
+
+
+ROWS = {"fat": row_fat, "burst": row_burst, "stream": row_stream, "lossy": row_lossy, "fair": row_fair,
+        "collapse": row_collapse, "loopback": row_loopback}
 
 
 def run(a: Any, bench: str) -> int:
