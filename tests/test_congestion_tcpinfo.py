@@ -17,12 +17,16 @@ from kvwire.congestion.tcpinfo import (
     try_read,
 )
 from kvwire.sockopts import (
+    UNSENT_MIN,
+    UNSENT_SECONDS,
     UnknownCongestionAlgorithm,
     available_congestion_algorithms,
     get_congestion,
     get_pacing_rate,
+    get_unsent_limit,
     set_congestion,
     set_pacing_rate,
+    unsent_limit,
 )
 
 
@@ -101,6 +105,49 @@ def test_pacing_rate_round_trips(pair: tuple[socket.socket, socket.socket]) -> N
     assert get_pacing_rate(cli) is None
     with pytest.raises(ValueError):
         set_pacing_rate(cli, 0)
+
+
+def test_a_paced_socket_holds_little_unsent_so_the_next_write_waits_for_it() -> None:
+    """Under a pacing cap the socket's unsent backlog is bounded (TCP_NOTSENT_LOWAT, UNSENT_SECONDS of the
+    cap): a blocking write returns only once the socket is nearly drained, so a writer striping chunks
+    over several paced sockets does not park chunks behind seconds of earlier data on one of them. The
+    peer reads nothing (a small receive buffer): what the sender's kernel accepts in 0.5 s is the window
+    plus the unsent backlog; uncapped, the send buffer takes megabytes."""
+    assert unsent_limit(None) == 0 and unsent_limit(1000) == UNSENT_MIN
+    assert unsent_limit(100_000_000) == int(100_000_000 * UNSENT_SECONDS)
+
+    def accepted(pacing: int | None) -> int:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        cli = socket.create_connection(srv.getsockname())
+        acc, _ = srv.accept()
+        try:
+            set_pacing_rate(cli, pacing)
+            assert get_unsent_limit(cli) == unsent_limit(pacing)
+            cli.settimeout(0.5)
+            n, block = 0, b"x" * 65536
+            try:
+                while n < 64 << 20:
+                    n += cli.send(block)
+            except TimeoutError:
+                pass
+            return n
+        finally:
+            for s in (cli, acc, srv):
+                s.close()
+
+    paced, unpaced = accepted(1_000_000), accepted(None)
+    assert paced < 1 << 20 and unpaced > 2 * paced, (paced, unpaced)
+
+
+def test_removing_the_pacing_cap_removes_the_unsent_bound(pair: tuple[socket.socket, socket.socket]) -> None:
+    cli, _ = pair
+    set_pacing_rate(cli, 50_000_000)
+    assert get_unsent_limit(cli) == int(50_000_000 * UNSENT_SECONDS)
+    set_pacing_rate(cli, None)
+    assert get_unsent_limit(cli) == 0  # the system default again (no bound)
 
 
 def test_pacing_rate_caps_throughput(pair: tuple[socket.socket, socket.socket]) -> None:
