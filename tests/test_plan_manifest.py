@@ -29,7 +29,7 @@ from kvwire.codec.manifest import (
     max_chunk_size,
     parse_manifest,
 )
-from kvwire.codec.plan import ALIGN, ChunkPlan, check_chunk, plan_chunks
+from kvwire.codec.plan import ALIGN, SPREAD_FLOOR, ChunkPlan, check_chunk, plan_chunks, spread_chunk_size
 from kvwire.codec.presets import PRESETS, load_preset
 from kvwire.errors import LayoutMismatch, ProtocolError
 
@@ -411,3 +411,41 @@ def test_receiver_rows_equal_plan_segments(layout: ModelLayout, n: int, last: bo
                          {layout.fingerprint(): layout})
     assert got.segments == tuple(Segment(s.index, s.layer, s.cache, s.tensor, "", s.nbytes, s.token_start,
                                          s.token_count) for s in m.segments)
+
+
+# ---------------------------------------------------------------- spread_chunk_size
+@settings(max_examples=300, deadline=None)
+@given(layer_sizes=_layer_sizes, chunk_size=_chunk, lanes=st.integers(1, 64))
+def test_spread_chunk_size_gives_the_largest_layer_a_chunk_per_lane(layer_sizes: list[list[int]], chunk_size: int,
+                                                                    lanes: int) -> None:
+    segs = _segments(layer_sizes)
+    got = spread_chunk_size(segs, lanes, chunk_size)
+    assert MIN_CHUNK <= got <= chunk_size and (got == chunk_size or got >= SPREAD_FLOOR)
+    plan = plan_chunks(segs, got)
+    _check_plan(segs, plan, got)  # still a valid plan of the same bytes
+    sizes = [sum(s.nbytes for s in segs if s.layer == la) for la in range(len(layer_sizes))]
+    largest = max(sizes, default=0)
+    if largest > chunk_size and lanes > 1:
+        biggest = sizes.index(largest)
+        n = len(plan.layer_chunks[biggest])
+        # a chunk for every lane, unless the floor stops it; never many more than the lanes
+        assert n >= min(lanes, largest // max(got, 1)) and n <= max(lanes, round(largest / chunk_size)) + 1
+    else:
+        assert got == chunk_size  # the largest layer fits one chunk (or one lane): nothing to spread
+
+
+def test_spread_chunk_size_on_the_streaming_cache() -> None:
+    """The issue's 8k-token Qwen3-Next request: its 16.8 MB full-attention layers get one chunk per lane
+    (8 chunks of 2 MiB on 10 or 16 lanes before); 4 lanes and a 32k-token cache keep 2 MiB chunks."""
+    from kvwire.codec.presets import load_preset
+
+    layout = load_preset("qwen3-next-80b-a3b")
+    segs = plan_segments(layout, RequestSpec("r", 8192, 8192))
+    last = layout.layers[-1].index
+    for lanes, want in ((4, 2 * MiB), (10, None), (16, MiB)):
+        c = spread_chunk_size(segs, lanes)
+        if want is not None:
+            assert c == want
+        assert len(plan_chunks(segs, c).layer_chunks[last]) == max(lanes, 8)
+    assert spread_chunk_size(plan_segments(layout, RequestSpec("r", 32768, 32768)), 16) == 2 * MiB
+    assert spread_chunk_size(segs, 16, chunk_size=MIN_CHUNK) == MIN_CHUNK  # never above the session's

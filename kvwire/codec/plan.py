@@ -22,6 +22,8 @@ from .layout import Segment
 
 DEFAULT_CHUNK = 2 * 1024 * 1024
 ALIGN = 4096
+#: ``spread_chunk_size`` never cuts finer than this (per-chunk costs: a header, a hash, an acknowledgement)
+SPREAD_FLOOR = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,27 @@ def plan_chunks(segments: Sequence[Segment], chunk_size: int = DEFAULT_CHUNK, ma
         i = j
     return ChunkPlan(tuple(offsets), tuple(lengths), tuple(layers), tuple(seg_offsets), layer_chunks,
                      seg_offsets[-1])
+
+
+def spread_chunk_size(segments: Sequence[Segment], lanes: int, chunk_size: int = DEFAULT_CHUNK,
+                      floor: int = SPREAD_FLOOR) -> int:
+    """The chunk size for one transfer of ``segments`` over ``lanes`` lanes: ``chunk_size``, or less, so that
+    the largest layer is cut into about one chunk per lane (never below ``floor`` or ``MIN_CHUNK``). Unchanged when the
+    largest layer fits one chunk (it never spanned lanes) or already has a chunk for every lane.
+
+    Why: one chunk goes out on one lane, and paced lanes each get an even share of the aggregate rate, so
+    a layer cut into fewer chunks than there are lanes moves at that fraction of the rate; when it is the
+    last one written (a prefill streaming layer by layer) its wire time is what the receiver waits for.
+    Pure; both sides then plan from the manifest's chunk size as usual."""
+    per_layer: dict[int, int] = {}
+    for sg in segments:
+        per_layer[sg.layer] = per_layer.get(sg.layer, 0) + sg.nbytes
+    largest = max(per_layer.values(), default=0)
+    if lanes <= 1 or largest <= chunk_size:
+        return chunk_size
+    spread = -(-largest // lanes)  # ceil
+    spread = -(-spread // ALIGN) * ALIGN
+    return max(min(chunk_size, spread), min(chunk_size, max(floor, MIN_CHUNK)))
 
 
 def check_chunk(plan: ChunkPlan, chunk: int, offset: int, length: int, layer: int) -> None:

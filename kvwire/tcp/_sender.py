@@ -22,13 +22,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.manifest import build_manifest
-from ..codec.plan import DEFAULT_CHUNK
+from ..codec.plan import DEFAULT_CHUNK, spread_chunk_size
 from ..codec.transfer import SenderTransfer
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.control import LinkControl, for_session
@@ -64,7 +65,9 @@ class Session:
         key: the pre-shared key the receiver was given (``bytes`` or ``str``); ``None``: none.
         ssl_context: a client ``ssl.SSLContext`` to run every connection over TLS; ``None``: plain TCP.
         server_hostname: the name the receiver's certificate is checked against (default ``host``).
-        chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone).
+        chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone); a
+            transfer whose largest layer has fewer chunks than the session has lanes is cut finer, down to
+            256 KiB, so every lane carries a piece of it (``kvwire.codec.plan.spread_chunk_size``).
         hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
         peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
         heartbeat: seconds between heartbeats on an idle control connection.
@@ -194,6 +197,9 @@ class Session:
         tid = next(self._ids) & ((1 << 64) - 1)
         hashed = False if sink else self.hashing if hashing is None else hashing
         m = build_manifest(tid, layout, request, self.chunk_size, hashed, sink)
+        chunk = spread_chunk_size(m.segments, self._pump.active, self.chunk_size)
+        if chunk != m.chunk_size:  # the largest layer gets a chunk for every lane (see spread_chunk_size)
+            m = replace(m, chunk_size=chunk)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
         deadline = None if timeout is None else time.monotonic() + timeout
         h = OutgoingTransfer(self, sm, deadline, self._callbacks)
