@@ -399,9 +399,12 @@ def row_stream(a: Any, bench: str) -> list[Row]:
         _trace_stream(timeline, res.clock_uncertainty, kv.get("link_control") or {})
     ok = kv["verification"]["verified"] and tail["p99"] is not None
     p50, p99 = tail["p50"] or 0.0, tail["p99"] or 0.0
+    lc = kv.get("link_control") or {}
+    paced = f"paced at {lc['pacing'] * 8e-6:.0f} Mbit/s" if lc.get("pacing") else "unpaced"
     return [("stream exposed tail p50", f"{p50:.0f} ms ({len(tails)} requests of {payload.nbytes / 1e6:.0f} MB, "
              f"prefill {prefill_ms:.1f} ms/layer; all: {', '.join(f'{x:.0f}' for x in tails)}; clocks "
-             f"+-{res.clock_uncertainty * 1e3:.0f} ms)", "beside", None),
+             f"+-{res.clock_uncertainty * 1e3:.0f} ms; controller ended {lc.get('mode', '-')}, {paced}, "
+             f"{lc.get('lanes', '-')} lanes)", "beside", None),
             ("stream exposed tail p99", f"{p99:.0f} ms (last layer {last['layer']} {'/'.join(last['kinds'])} "
              f"{last['bytes'] / 1e6:.1f} MB: {last['bytes'] / full * 1e3:.0f} ms on the wire; emulator queue "
              f"drops {stats['c2s']['queue_drops']}, late>5ms {stats['late_5ms']})", f"<= {target:.0f} ms",

@@ -406,3 +406,35 @@ def test_a_first_overflowing_queue_gives_the_capacity_at_once_a_later_one_never_
     _, s = run(est, lanes, t, 3, 20e6, rtt_us=60_000, loss=0.1)  # the link halved and the queue overflows
     assert s.overflowing and s.btl_bw == pytest.approx(45e6, rel=0.02)
     assert s.capacity == pytest.approx(22.5e6, rel=0.02)  # down (to floor_fraction of the last second's best)
+
+
+def _bursts(est: LinkEstimator, lanes: list[FakeLane], t: float, seconds: float,
+            rate: float) -> tuple[float, LinkState]:
+    """A prefill streaming layers at half the link: 0.3 s bursts at ``rate`` (the link's), 0.3 s with
+    nothing queued (every lane idle)."""
+    state = None
+    while seconds > 1e-9:
+        t, state = run(est, lanes, t, 3, rate)
+        t, state = run(est, lanes, t, 3, 0.0, busy=0.0)
+        seconds -= 0.6
+    assert state is not None
+    return t, state
+
+
+def test_bursts_of_an_app_limited_sender_raise_a_low_estimate_to_the_rate_the_link_served() -> None:
+    """An estimate taken low (0.7 of the link, say from a probe the host's own delay cut short) stayed
+    there while the sender streamed: its raise_span average (half the link) never exceeded it. The
+    bursts the link served at its rate now raise it, to burst_share of them, never above them; a sender
+    whose bursts are slower than the estimate neither raises nor lowers it."""
+    cap, cfg = 100e6, EstimatorConfig()
+    est = LinkEstimator(cfg)
+    lanes = [FakeLane(), FakeLane()]
+    est.update(0.0, [ln.info() for ln in lanes])
+    est.seed_capacity(0.7 * cap)
+    _, s = _bursts(est, lanes, 0.0, 3.0, cap)
+    assert s.capacity == pytest.approx(cfg.burst_share * cap, rel=0.02)
+    slow = LinkEstimator(cfg)
+    slow.update(0.0, [ln.info() for ln in lanes])
+    slow.seed_capacity(0.7 * cap)
+    _, s = _bursts(slow, lanes, 0.0, 3.0, 0.5 * cap)
+    assert s.capacity == pytest.approx(0.7 * cap)

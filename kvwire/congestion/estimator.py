@@ -59,6 +59,11 @@ class EstimatorConfig:
     # each lane's kernel BBR still finds the bottleneck under it; one too low throttles every lane)
     floor_window: float = 1.0
     floor_fraction: float = 0.5
+    # a sender that had nothing queued within the raise_span (a prefill producing layers slower than the
+    # link) never fills one, so its average is what it offered, not what the link can do: then its best
+    # bw_sample span since the queue last set the estimate (a burst the link served at that rate), times
+    # this (sampling jitter biases a short span up by a few per cent), raises the estimate too
+    burst_share: float = 0.95
 
     def __post_init__(self) -> None:
         for name in ("bw_window", "bw_sample", "raise_span", "rtt_window", "stats_window", "rtt_floor",
@@ -67,8 +72,8 @@ class EstimatorConfig:
                 raise ValueError(f"{name} must be positive")
         if self.capacity is not None and self.capacity <= 0:
             raise ValueError("capacity must be positive")
-        if not 0 < self.paced_share <= 1 or not 0 <= self.floor_fraction < 1:
-            raise ValueError("need 0 < paced_share <= 1 and 0 <= floor_fraction < 1")
+        if not 0 < self.paced_share <= 1 or not 0 <= self.floor_fraction < 1 or not 0 < self.burst_share <= 1:
+            raise ValueError("need 0 < paced_share <= 1, 0 <= floor_fraction < 1 and 0 < burst_share <= 1")
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,8 @@ class LinkEstimator:
     key), contributes from its next sample on. Capacity is ``config.capacity``, else the one set with
     ``set_capacity``, else *probed*: the goodput of the intervals during which the queueing ratio showed a
     standing queue (we were filling the bottleneck: it served at its rate the whole time), raised whenever
-    goodput over a ``raise_span`` exceeds it; unknown until then.
+    goodput over a ``raise_span`` exceeds it (for a sender with gaps, ``burst_share`` of its best
+    ``bw_sample`` span); unknown until then.
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
@@ -350,7 +356,8 @@ class LinkEstimator:
         it, and cruising at that rate refills the queue); when leaving it out would raise the estimate the
         queue was still filling, and the whole run is the steadier reading. Otherwise goodput
         over the last ``raise_span`` raises it, if all of that span came after the queue last set it (not
-        undoing a rate drop). ``overflow``: the queue overflowed this interval (``LinkState.overflowing``)
+        undoing a rate drop); so does ``_burst_rate`` while the sender has gaps. ``overflow``: the queue
+        overflowed this interval (``LinkState.overflowing``)
         and this is the fastest rate the link delivered within ``bw_window`` (the lanes' latest
         delivery-rate samples included): with no capacity known yet
         (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
@@ -392,12 +399,21 @@ class LinkEstimator:
         if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
             self._probed, self._probed_at = served, now
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
-            self._probed = max(self._probed, self._span_rate(now, self.config.raise_span))
+            self._probed = max(self._probed, self._span_rate(now, self.config.raise_span), self._burst_rate(now))
         if overflow is not None and overflow > 0 and self._probed is None:
             self._probed, self._probed_at = overflow, now
         if self._probed is not None and self._floor_bw:
             self._probed = max(self._probed, self.config.floor_fraction * max(r for _, r in self._floor_bw))
         return self._probed
+
+    def _burst_rate(self, now: float) -> float:
+        """``burst_share`` x the best ``bw_sample`` span that began after the queue last set the estimate,
+        when a lane had nothing queued within the last ``raise_span`` (else 0: the span average says it)."""
+        cfg = self.config
+        if self._app_limited_at is None or now - self._app_limited_at > cfg.raise_span:
+            return 0.0
+        spans = [rate for t, rate in self._bw if t - cfg.bw_sample >= self._probed_at - 1e-9]
+        return cfg.burst_share * max(spans, default=0.0)
 
 
 def _rate(run: Sequence[tuple[float, float, int]] | deque[tuple[float, float, int]]) -> float:
