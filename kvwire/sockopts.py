@@ -1,8 +1,8 @@
 """Socket knobs: the one place kvwire sets (and reads back) options on a TCP socket.
 
 Owns: connection tuning (``tune``: no Nagle, ``TCP_USER_TIMEOUT``, keepalive probes), the per-socket
-congestion knobs (``SO_MAX_PACING_RATE`` with the unsent backlog it implies, ``TCP_NOTSENT_LOWAT``;
-``TCP_CONGESTION``; ``restart_congestion``), what the kernel offers
+congestion knobs (``SO_MAX_PACING_RATE``, ``TCP_CONGESTION``; ``restart_congestion``), a bound on the unsent
+backlog for a sending rate (``TCP_NOTSENT_LOWAT``: ``unsent_limit``), what the kernel offers
 (``available_congestion_algorithms``) and the typed errors when it refuses. ``kvwire.tcp`` tunes its lanes
 and control connections here, ``kvwire.congestion`` paces and picks algorithms here, ``kvwire.probe`` and
 ``kvwire.bench`` (``-C``, ``--fq-rate``) too.
@@ -34,13 +34,14 @@ KEEPALIVE_IDLE = 15
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
 
-#: a socket under a pacing cap keeps at most this long of its cap unsent (``TCP_NOTSENT_LOWAT``): a write
+#: a lane keeps at most this long of its sending rate unsent (``unsent_limit``, ``TCP_NOTSENT_LOWAT``): a write
 #: blocks until the socket is down to it, so what is written next waits behind at most this much. 30 ms
 #: leaves the writer 15 ms (the kernel wakes writers at half the mark) to have the next chunk ready.
 UNSENT_SECONDS = 0.03
-#: ... and never less than this many bytes (a few dozen packets: slow caps still get whole bursts)
+#: ... and never less than this many bytes (a few dozen packets: slow lanes still get whole bursts)
 UNSENT_MIN = 64 * 1024
-_U32_MAX = 0xFFFFFFFF
+#: ... and a bound of this or more is none (0): beyond any send buffer (loopback runs at tens of GB/s)
+UNSENT_NO_BOUND = 256 * 1024 * 1024
 
 
 class SocketOptionError(KvwireError):
@@ -70,17 +71,9 @@ def tune(sock: socket.socket, user_timeout_s: float | None = None) -> None:
 
 
 def set_pacing_rate(sock: socket.socket, bytes_per_s: int | None) -> None:
-    """Cap ``sock``'s send rate with ``SO_MAX_PACING_RATE`` (TCP's internal pacing; no fq needed), and
-    bound what it holds unsent to ``UNSENT_SECONDS`` of that rate (``unsent_limit``).
+    """Cap ``sock``'s send rate with ``SO_MAX_PACING_RATE`` (TCP's internal pacing; no fq needed).
 
-    ``None`` removes the cap (and the bound: the system's default, none). The value is a 64-bit byte rate
-    (Linux >= 4.20 reads 64 bits).
-
-    Why the bound: a send buffer sized for the path's BDP (``tcp_wmem`` up to 4 MiB) takes several chunks
-    at once, so a writer striping over several paced sockets commits chunks to one socket that will sit
-    there for a second at its share of the rate while another socket idles; a layer written last then
-    waits behind earlier ones. With the bound a write returns once the socket is nearly drained, so the
-    next chunk goes to whichever socket is free, and it starts within ``UNSENT_SECONDS``.
+    ``None`` removes the cap. The value is a 64-bit byte rate (Linux >= 4.20 reads 64 bits).
     """
     if bytes_per_s is None:
         value = UNLIMITED_PACING
@@ -92,21 +85,26 @@ def set_pacing_rate(sock: socket.socket, bytes_per_s: int | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=Q", value))
     except (OSError, ValueError) as e:
         raise SocketOptionError(f"SO_MAX_PACING_RATE={value} refused: {e}") from e
-    lowat = unsent_limit(None if value == UNLIMITED_PACING else value)
-    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, lowat)
-        except (OSError, ValueError) as e:
-            raise SocketOptionError(f"TCP_NOTSENT_LOWAT={lowat} refused: {e}") from e
 
 
 def unsent_limit(bytes_per_s: int | None) -> int:
-    """``TCP_NOTSENT_LOWAT`` for a socket paced at ``bytes_per_s``: ``UNSENT_SECONDS`` of it, at least
-    ``UNSENT_MIN``; 0 (the system default: no bound) when unpaced or when it would exceed 32 bits."""
-    if bytes_per_s is None:
+    """The unsent backlog (``TCP_NOTSENT_LOWAT``) for a socket sending at ``bytes_per_s``: ``UNSENT_SECONDS``
+    of it, at least ``UNSENT_MIN``; 0 (the system default: no bound) when the rate is unknown or the bound
+    reaches ``UNSENT_NO_BOUND`` (loopback, a LAN: beyond any send buffer anyway)."""
+    if bytes_per_s is None or bytes_per_s <= 0:
         return 0
     lowat = max(UNSENT_MIN, int(bytes_per_s * UNSENT_SECONDS))
-    return lowat if lowat < _U32_MAX else 0
+    return lowat if lowat < UNSENT_NO_BOUND else 0
+
+
+def set_unsent_limit(sock: socket.socket, nbytes: int) -> None:
+    """Hold at most ``nbytes`` unsent in ``sock`` (``TCP_NOTSENT_LOWAT``; 0: the system default, no bound):
+    a blocking write returns once the socket is down to it, so what is written next waits behind at
+    most that much. Raises ``SocketOptionError`` when refused (or not on this platform)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, int(nbytes))
+    except (OSError, ValueError, AttributeError) as e:
+        raise SocketOptionError(f"TCP_NOTSENT_LOWAT={nbytes} refused: {e}") from e
 
 
 def get_unsent_limit(sock: socket.socket) -> int:

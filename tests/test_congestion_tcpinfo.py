@@ -12,6 +12,7 @@ from kvwire.congestion.tcpinfo import (
     TcpInfo,
     TcpInfoUnavailable,
     parse_tcp_info,
+    read_pacing_rate,
     read_tcp_info,
     sample,
     try_read,
@@ -26,6 +27,7 @@ from kvwire.sockopts import (
     get_unsent_limit,
     set_congestion,
     set_pacing_rate,
+    set_unsent_limit,
     unsent_limit,
 )
 
@@ -107,16 +109,17 @@ def test_pacing_rate_round_trips(pair: tuple[socket.socket, socket.socket]) -> N
         set_pacing_rate(cli, 0)
 
 
-def test_a_paced_socket_holds_little_unsent_so_the_next_write_waits_for_it() -> None:
-    """Under a pacing cap the socket's unsent backlog is bounded (TCP_NOTSENT_LOWAT, UNSENT_SECONDS of the
-    cap): a blocking write returns only once the socket is nearly drained, so a writer striping chunks
-    over several paced sockets does not park chunks behind seconds of earlier data on one of them. The
-    peer reads nothing (a small receive buffer): what the sender's kernel accepts in 0.5 s is the window
-    plus the unsent backlog; uncapped, the send buffer takes megabytes."""
+def test_an_unsent_bound_makes_a_write_wait_for_the_socket_to_drain() -> None:
+    """With ``TCP_NOTSENT_LOWAT`` (``set_unsent_limit``) the socket's unsent backlog is bounded: a blocking
+    write returns only once the socket is nearly drained, so a writer striping chunks over several lanes
+    does not park chunks behind seconds of earlier data on one of them. The peer reads nothing (a small
+    receive buffer): what the sender's kernel accepts in 0.5 s is the window plus the unsent backlog;
+    unbounded, the send buffer takes megabytes."""
     assert unsent_limit(None) == 0 and unsent_limit(1000) == UNSENT_MIN
     assert unsent_limit(100_000_000) == int(100_000_000 * UNSENT_SECONDS)
+    assert unsent_limit(10**12) == 0  # loopback rates: beyond any send buffer, no bound
 
-    def accepted(pacing: int | None) -> int:
+    def accepted(bound: int) -> int:
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         srv.bind(("127.0.0.1", 0))
@@ -124,8 +127,8 @@ def test_a_paced_socket_holds_little_unsent_so_the_next_write_waits_for_it() -> 
         cli = socket.create_connection(srv.getsockname())
         acc, _ = srv.accept()
         try:
-            set_pacing_rate(cli, pacing)
-            assert get_unsent_limit(cli) == unsent_limit(pacing)
+            set_unsent_limit(cli, bound)
+            assert get_unsent_limit(cli) == bound
             cli.settimeout(0.5)
             n, block = 0, b"x" * 65536
             try:
@@ -138,16 +141,35 @@ def test_a_paced_socket_holds_little_unsent_so_the_next_write_waits_for_it() -> 
             for s in (cli, acc, srv):
                 s.close()
 
-    paced, unpaced = accepted(1_000_000), accepted(None)
-    assert paced < 1 << 20 and unpaced > 2 * paced, (paced, unpaced)
+    bounded, unbounded = accepted(unsent_limit(1_000_000)), accepted(0)
+    assert bounded < 1 << 20 and unbounded > 2 * bounded, (bounded, unbounded)
 
 
-def test_removing_the_pacing_cap_removes_the_unsent_bound(pair: tuple[socket.socket, socket.socket]) -> None:
-    cli, _ = pair
-    set_pacing_rate(cli, 50_000_000)
-    assert get_unsent_limit(cli) == int(50_000_000 * UNSENT_SECONDS)
-    set_pacing_rate(cli, None)
-    assert get_unsent_limit(cli) == 0  # the system default again (no bound)
+def test_a_lane_bounds_its_unsent_backlog_by_its_sending_rate(pair: tuple[socket.socket, socket.socket]) -> None:
+    """``Lane.bound_unsent`` (before each chunk): UNSENT_SECONDS of the kernel's pacing rate, which a cap
+    bounds; on loopback, uncapped, the kernel's rate is tens of GB/s and no bound is set."""
+    from kvwire.codec.frames import DEFAULT_LIMITS
+    from kvwire.tcp._lanes import Lane
+    from kvwire.tcp._wire import Channel
+
+    cli, acc = pair
+    lane = Lane(0, Channel(cli, DEFAULT_LIMITS))
+    lane.bound_unsent()
+    assert get_unsent_limit(cli) == 0
+    set_pacing_rate(cli, 10_000_000)
+    assert read_pacing_rate(cli) == 10_000_000
+    lane.bound_unsent()
+    assert get_unsent_limit(cli) == unsent_limit(10_000_000) == 300_000
+    set_pacing_rate(cli, 10_500_000)  # within a quarter: left as it is
+    lane.bound_unsent()
+    assert get_unsent_limit(cli) == 300_000
+    set_pacing_rate(cli, None)  # the kernel's rate follows with the next acknowledgements
+    reader = threading.Thread(target=_drain, args=(acc, 1 << 20))
+    reader.start()
+    cli.sendall(b"z" * (1 << 20))
+    reader.join(10)
+    lane.bound_unsent()
+    assert get_unsent_limit(cli) == 0
 
 
 def test_pacing_rate_caps_throughput(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -3,9 +3,10 @@
 Owns: the ``struct tcp_info`` field offsets (checked with ``offsetof`` against linux-libc-dev 6.1, plus
 the 6.7 additions), a parser that reads only the fields inside the length the kernel returned (older
 kernels return less; a missing field is ``None``), reading one socket (``read_tcp_info``; ``try_read``
-where a closed socket is normal), a round of sockets keyed by descriptor (``sample``: what
-``LinkMonitor`` and ``kvwire.probe`` take) and ``LaneCounters``, the cumulative counters of lanes whose
-sockets get replaced (what ``kvwire-bench`` reports per lane on both ends).
+where a closed socket is normal; ``read_pacing_rate``: the one field a lane reads per chunk), a round of
+sockets keyed by descriptor (``sample``: what ``LinkMonitor`` and ``kvwire.probe`` take) and
+``LaneCounters``, the cumulative counters of lanes whose sockets get replaced (what ``kvwire-bench``
+reports per lane on both ends).
 Must not know: sessions, estimation or policy. Setting socket options is ``kvwire.sockopts``'s (the knob
 functions this module had are still found here, with a ``DeprecationWarning``).
 """
@@ -25,8 +26,8 @@ from ..errors import KvwireError
 from ..sockopts import UNLIMITED_PACING
 
 __all__ = ["CA_CWR", "CA_DISORDER", "CA_LOSS", "CA_OPEN", "CA_RECOVERY", "TCP_INFO_FIELDS", "UNLIMITED_PACING",
-           "LaneCounters", "TcpInfo", "TcpInfoUnavailable", "parse_tcp_info", "read_tcp_info", "sample",
-           "try_read"]
+           "LaneCounters", "TcpInfo", "TcpInfoUnavailable", "parse_tcp_info", "read_pacing_rate", "read_tcp_info",
+           "sample", "try_read"]
 #: Asking for more than the kernel has is fine: it returns ``min(asked, sizeof(struct tcp_info))``.
 _TCP_INFO_ASK = 512
 
@@ -155,6 +156,20 @@ def try_read(sock: socket.socket) -> TcpInfo | None:
         return read_tcp_info(sock)
     except TcpInfoUnavailable:
         return None
+
+
+def read_pacing_rate(sock: socket.socket) -> int | None:
+    """The rate the kernel paces ``sock`` at now (``tcpi_pacing_rate``: its congestion control's, under any
+    ``SO_MAX_PACING_RATE`` cap), bytes/s; ``None`` when unpaced or unreadable. Cheap: one field, no parse."""
+    off, fmt = _PARSERS["pacing_rate"]
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, off + fmt.size)
+    except (OSError, ValueError):
+        return None
+    if len(raw) < off + fmt.size:
+        return None
+    rate = int(fmt.unpack_from(raw, off)[0])
+    return None if rate in (UNLIMITED_PACING, 0) else rate
 
 
 def sample(socks: Iterable[socket.socket]) -> dict[int, TcpInfo]:

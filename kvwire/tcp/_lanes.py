@@ -26,8 +26,9 @@ from typing import Any
 
 from ..codec import frames as F
 from ..congestion.group import LaneHook
+from ..congestion.tcpinfo import read_pacing_rate
 from ..errors import ConnectError, ConnectTimeout, KvwireError
-from ..sockopts import tune
+from ..sockopts import SocketOptionError, set_unsent_limit, tune, unsent_limit
 from ._auth import SessionKeys, client_handshake, client_lane
 from ._wire import Channel
 from .transport import Stream
@@ -61,6 +62,7 @@ class Lane:
         self.bytes_sent = 0
         self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see stalled)
         self.unsent = 0  # bytes in the socket's send queue when last looked at
+        self.unsent_bound = 0  # the TCP_NOTSENT_LOWAT set on the socket (0: none; see bound_unsent)
 
     def sent(self, nbytes: int) -> None:
         """A chunk of ``nbytes`` payload went into the socket: that counts as progress."""
@@ -72,6 +74,24 @@ class Lane:
         """The lane was re-dialled: ``ch`` replaces its dead channel."""
         self.ch, self.alive = ch, True
         self.progress_at = time.monotonic()
+        self.unsent_bound = 0
+
+    def bound_unsent(self) -> None:
+        """Before a chunk is written: hold at most ``UNSENT_SECONDS`` of the lane's current sending rate
+        unsent (``sockopts.unsent_limit`` of the kernel's pacing rate, a cap included; no bound where that
+        is beyond any send buffer, as on loopback). A send buffer sized for a long path takes seconds of a
+        paced lane's share at once, so chunks written to it wait there while other lanes idle, and a layer
+        written last queues behind earlier ones; bounded, a write returns once the socket is nearly
+        drained and the next chunk goes to whichever lane is free. Re-set only when it moves by a quarter."""
+        want = unsent_limit(read_pacing_rate(self.ch.sock))
+        have = self.unsent_bound
+        if want == have or (want and have and abs(want - have) < have // 4):
+            return
+        try:
+            set_unsent_limit(self.ch.sock, want)
+            self.unsent_bound = want
+        except SocketOptionError:
+            pass  # (a closed socket: the write that follows fails the lane)
 
     def stalled(self, timeout: float, acked_at: float = float("-inf")) -> bool:
         """An idle lane with chunks in flight (the caller knows it has some): the receiver has neither

@@ -1,7 +1,9 @@
 """The sending session's data lanes at work: each lane's thread pulls chunks, hashes and sends them.
 
 Owns: ``LanePump`` (the loop of one lane's thread: ask the engine for the next chunk under the session's
-lock, hash it, pass it through the ``ChunkStage``, write it on the lane's ``Stream``; wait while
+lock, hash it, pass it through the ``ChunkStage``, bound the lane's unsent backlog to its rate
+(``Lane.bound_unsent``: chunks go to free lanes, not behind seconds of earlier ones), write it on the
+lane's ``Stream``; wait while
 nothing is ready; notice a lane the receiver dropped or stopped reading; re-queue a dead lane's chunks
 and re-dial it for ``peer_timeout``), and how many lanes pull chunks (``active``). Must not know: control
 messages, transfers' states or deadlines (the engine's), the control connection, congestion policy.
@@ -121,6 +123,7 @@ class LanePump:
             except Exception as e:  # the stage is user code: its failure is the transfer's, not the lane's
                 self.abort(tid, f"chunk stage failed on chunk {chunk}: {type(e).__name__}: {e}")
                 return
+        lane.bound_unsent()
         lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
                             *pieces])
         lane.sent(length)
