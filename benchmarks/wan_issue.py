@@ -380,7 +380,8 @@ def row_stream(a: Any, bench: str) -> list[Row]:
     payload = Payload(QWEN, 8192)
     layers = payload.layout.num_layers
     prefill_ms = payload.nbytes / (full / 2) / layers * 1e3  # production at half the link's payload rate
-    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16) as link:
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
+                 realtime=a.realtime) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
                     prefill_ms=prefill_ms, adaptive=True, interval=0.0)  # kvwire-bench's defaults otherwise
         with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
