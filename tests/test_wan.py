@@ -112,6 +112,22 @@ def test_iperf3_single_stream_reaches_but_never_exceeds_the_rate(
     assert stats["c2s"]["kernel"]["user_dropped"] == 0  # the emulator kept up
 
 
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
+def test_gso_hands_the_emulator_whole_super_packets_and_still_caps_the_rate(
+        no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
+    rate = 100.0
+    link = make_wan(rtt_ms=4, rate_mbit=rate, gso=True)
+    link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    r = link.run_in("client", ["iperf3", "-c", link.server_addr, "-t", "2", "-J"], timeout=30)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    c2s = link.stats()["c2s"]
+    assert c2s["bytes_in"] / c2s["packets_in"] > 3000  # GSO super-packets, not MTU-sized segments
+    assert 0.7 * rate <= got <= rate, got
+
+
 def _udp_pair(link: WanLink) -> tuple[socket.socket, socket.socket]:
     with link.inside("server"):
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
