@@ -44,6 +44,11 @@ class ProtocolError(KvwireError):
     """Bytes from the peer violate the wire format or one of its limits."""
 
 
+class EarlyWindowExceeded(ProtocolError):
+    """The sender put more payload on the lanes before its transfers' ACCEPT than the receiver's early
+    window allows (``kvwire.codec.early``): the receiver fails the session."""
+
+
 class AuthenticationError(KvwireError):
     """The peer failed authentication or speaks another protocol version."""
 

@@ -31,6 +31,33 @@ A data lane seen from the sender: ``LANE_SENT`` --challenge--> ``AUTH_SENT`` --w
 after its welcome the receiver never writes on a lane. ``error`` before ``OPEN`` (a refused key, too many
 sessions) is legal in every handshake state and ends the connection: it is how a receiver says no (and,
 after the challenge, how a sender gives up).
+
+One transfer, inside an open session. A sender whose receiver advertised an early window in its WELCOME
+``limits`` (``codec.early``) may put chunks of a transfer on the lanes after its BEGIN and before its
+ACCEPT, up to that window; without one, not before ACCEPT. Lanes and the control connection are separate
+TCP connections, so the receiver may see a chunk before the BEGIN, and the sender may read an answer to a
+chunk (a lane's ACK) before the ACCEPT that the receiver's control thread has still to write::
+
+    the transfer, at the sender   receiver sends about it               next
+    OFFERED (BEGIN sent)          accept                                ACCEPTED
+                                  ack, nack, nack held (after an         ACCEPTED  (it was activated:
+                                    ACCEPT still on its way)                        the ACCEPT follows)
+                                  nack lost (an early chunk dropped)     OFFERED   (send it again)
+                                  reject cancel error complete           ended
+    ACCEPTED                      accept (the late one) ack nack         ACCEPTED
+                                  reject cancel error complete           ended
+
+    a data chunk, at the receiver          the lane
+    its transfer in flight                 reads it into the destination
+    its transfer ended or refused          drains it
+    no answer yet, early window            charges it to the window (past it: ProtocolError, the session
+                                           fails), waits (bounded) for the answer, then reads or drains it;
+                                           drained unanswered: nack lost
+    no answer yet, no early window         ProtocolError (the lane closes)
+
+The early charge of a transfer is released at the receiver when it sends ACCEPT or REJECT and at the sender
+when it reads one of the messages that can only follow them (every one above but ``nack lost``), so the
+receiver never counts more than the sender did.
 """
 
 from __future__ import annotations
@@ -57,6 +84,33 @@ from .frames import (
     REJECT,
     WELCOME,
 )
+
+
+class Offer(enum.Enum):
+    """One transfer as its sender sees it: offered (BEGIN sent, no answer read yet) or accepted."""
+
+    OFFERED = "offered"
+    ACCEPTED = "accepted"
+
+
+#: ``nack`` with ``lost: true``: a copy the receiver dropped (an early chunk it could not place in time, or
+#: a re-send it drained while another copy broke off); the only answer that can precede an ACCEPT
+NACK_LOST = "nack lost"
+
+#: what a message of the receiver about one transfer does to it, by the transfer's state at the sender
+#: (None: the transfer ends)
+SENDER_TRANSFER: Mapping[Offer, Mapping[str, Offer | None]] = {
+    Offer.OFFERED: {ACCEPT: Offer.ACCEPTED, ACK: Offer.ACCEPTED, NACK: Offer.ACCEPTED, NACK_LOST: Offer.OFFERED,
+                    REJECT: None, CANCEL: None, ERROR: None, COMPLETE: None},
+    Offer.ACCEPTED: {ACCEPT: Offer.ACCEPTED, ACK: Offer.ACCEPTED, NACK: Offer.ACCEPTED,
+                     NACK_LOST: Offer.ACCEPTED, REJECT: None, CANCEL: None, ERROR: None, COMPLETE: None},
+}
+
+
+def answers(state: Offer, kind: str) -> bool:
+    """``kind`` (``NACK_LOST`` for a lost NACK) read about a transfer in ``state`` means the receiver has
+    activated or refused it: its early charge is released."""
+    return state is Offer.OFFERED and SENDER_TRANSFER[state].get(kind, Offer.OFFERED) is not Offer.OFFERED
 
 
 class Conn(enum.Enum):

@@ -5,7 +5,10 @@ Owns: the legality of the sender's control messages (``rules.RECEIVER_RECEIVES``
 (transfer ids in flight or recently ended, the per-session bound, capacity probes' size), the table of
 admitted transfers (each a ``ReceiverTransfer`` with its deadline), chunk admission and verdicts (ACK,
 NACK, "held" when another copy is being read, "lost" when the read copy broke off after another was
-dropped), the rule that a transfer ends once but resolves only when no lane writes into it any more
+dropped), early chunks (``codec.early``: a chunk whose transfer is not yet activated or refused is
+charged to the session's early window, past which it is a ``ProtocolError``, and its lane waits for the
+answer; still unanswered after the wait, it is drained and asked for again with NACK "lost"), the rule that
+a transfer ends once but resolves only when no lane writes into it any more
 (and cutting a lane stuck mid-chunk of an ended transfer), deadlines, heartbeats and peer silence from
 the ``now`` it is given, and the session's counters. In the spirit of h11's ``Connection``: it takes
 decoded frames and events and returns actions. Must not know: sockets, threads, locks, clocks,
@@ -13,7 +16,8 @@ payload bytes or buffers (a chunk is its header and its digest), handles or user
 receiver-wide bounds or destinations (the driver decides those between ``Admit`` and ``activate``).
 
 The driver (``kvwire.tcp._rxsession``) calls every method under its session lock and performs the
-actions in order: ``Send`` (a control frame to the sender), ``Ended`` (resolve the transfer's handle:
+actions in order (a chunk's ``AwaitOffer`` is no action: see ``chunk_admit``): ``Send`` (a control frame
+to the sender), ``Ended`` (resolve the transfer's handle:
 emitted exactly once per activated transfer) and ``Fail`` (the session is over: close its connections;
 the engine accepts nothing afterwards; never ``reconnect``), the actions both engines share
 (``codec.actions``), and this end's own: ``CutLanes`` (close these lane connections) and ``Admit`` (find
@@ -32,6 +36,7 @@ from typing import Any
 from ..errors import KvwireError, ProtocolError
 from . import frames as F
 from .actions import Ended, Fail, Send
+from .early import EarlyLedger, EarlyWindow
 from .frames import Header, Limits
 from .layout import ModelLayout
 from .manifest import Manifest, parse_manifest
@@ -65,6 +70,15 @@ class CutLanes:
     """Close these lane connections (by the driver's lane ids): each is stuck mid-chunk of an ended transfer."""
 
     lanes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitOffer:
+    """A chunk arrived before its transfer was activated or refused, inside the early window (charged):
+    wait, bounded, until ``awaiting(transfer_id)`` is False, then call ``chunk_admit`` again with
+    ``waited=True``. Nothing is read or allocated meanwhile: the payload waits in the socket."""
+
+    transfer_id: int
 
 
 Action = Send | Ended | Fail | Admit | CutLanes
@@ -124,10 +138,11 @@ class ReceiverEngine:
 
     Parameters: ``limits`` (what manifests may announce), ``max_transfers`` in flight on the session,
     ``max_probe_bytes`` (largest sink transfer; 0 refuses them), ``transfer_timeout``, ``peer_timeout``
-    and ``heartbeat`` in seconds, and ``now``: the clock reading the session starts at."""
+    and ``heartbeat`` in seconds, ``now``: the clock reading the session starts at, and ``early``: the
+    early window advertised to this session's sender (None: a chunk before ACCEPT is a protocol error)."""
 
     def __init__(self, limits: Limits, *, max_transfers: int, max_probe_bytes: int, transfer_timeout: float,
-                 peer_timeout: float, heartbeat: float, now: float) -> None:
+                 peer_timeout: float, heartbeat: float, now: float, early: EarlyWindow | None = None) -> None:
         self.limits = limits
         self.max_transfers = max_transfers
         self.max_probe_bytes = max_probe_bytes
@@ -142,6 +157,7 @@ class ReceiverEngine:
         self.last_seen = now
         self.last_sent = now
         self.held = 0  # held_bytes() of the transfers in flight
+        self.early = EarlyLedger(early)  # early bytes arrived, by transfer, until it is activated or refused
         self._over = False  # Fail was returned
         self._counts: Counter[str] = Counter()
 
@@ -155,6 +171,10 @@ class ReceiverEngine:
         """The session's counters: ``bytes_received``, ``probe_bytes_received``, ``chunks_rejected``,
         ``transfers_<state>`` and ``probes_<state>`` (only those that happened)."""
         return dict(self._counts)
+
+    def awaiting(self, tid: int) -> bool:
+        """Chunks of ``tid`` arrived early and it is neither activated nor refused yet."""
+        return self.early.pending(tid)
 
     def transfer(self, tid: int) -> RxTransfer | None:
         """The transfer in flight under ``tid``."""
@@ -193,8 +213,10 @@ class ReceiverEngine:
         try:
             m = parse_manifest(body, self.limits, self.layouts)
         except KvwireError as e:
-            tid = body.get("tid")
-            return [self._send(F.REJECT, {"tid": tid if type(tid) is int else None, "reason": str(e)}, now)]
+            raw = body.get("tid")
+            tid = raw if type(raw) is int else None
+            self._answered(tid)
+            return [self._send(F.REJECT, {"tid": tid, "reason": str(e)}, now)]
         if m.layout is not None and len(self.layouts) < MAX_LAYOUTS:
             self.layouts[m.fingerprint] = m.layout
         reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
@@ -214,6 +236,7 @@ class ReceiverEngine:
             return self.refuse(m.transfer_id, "session closed", now)
         if m.transfer_id in self.transfers or m.transfer_id in self.ended or m.transfer_id in self.pending:
             return self.refuse(m.transfer_id, f"transfer id {m.transfer_id} already used on this session", now)
+        self.early.release(m.transfer_id)
         end = now + self.transfer_timeout
         self.transfers[m.transfer_id] = RxTransfer(ReceiverTransfer(m, m.plan()),
                                                    end if deadline is None else min(deadline, end))
@@ -224,7 +247,22 @@ class ReceiverEngine:
         """Refuse a transfer that was not activated (no destination, over a receiver-wide bound)."""
         if self._over:
             return []
+        self._answered(tid)
         return [self._send(F.REJECT, {"tid": tid, "reason": reason}, now)]
+
+    def _answered(self, tid: int | None) -> None:
+        """``tid`` is refused: its early bytes no longer count and, with an early window, its id is
+        remembered as ended, so chunks the sender sent before it read the REJECT are drained."""
+        if tid is None:
+            return
+        self.early.release(tid)
+        if self.early.window is not None and tid not in self.transfers and tid not in self.ended:
+            self._remember(tid)
+
+    def _remember(self, tid: int) -> None:
+        self.ended[tid] = None
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
 
     def cancel(self, tid: int, reason: str, now: float) -> list[Action]:
         """The receiver's user cancels ``tid``; the sender is told (even when it ended already)."""
@@ -240,9 +278,7 @@ class ReceiverEngine:
             m = t.manifest
             self.held -= held_bytes(m)
             self._counts[terminal_counter(state, m.sink)] += 1
-            self.ended[tid] = None
-            while len(self.ended) > ENDED_KEPT:
-                self.ended.popitem(last=False)
+            self._remember(tid)
             if t.writers == 0:
                 out.append(Ended(tid, state, reason))
             else:
@@ -258,6 +294,7 @@ class ReceiverEngine:
         if self._over:
             return []
         self._over, self.state = True, Conn.CLOSED
+        self.early.clear()
         out: list[Action] = []
         for tid in list(self.transfers):
             out += self.end(tid, State.FAILED, reason, self.last_seen)
@@ -283,16 +320,23 @@ class ReceiverEngine:
         return out
 
     # ---- chunks (the lane path: no action lists)
-    def chunk_admit(self, lane: int, h: Header) -> RxTransfer | None:
+    def chunk_admit(self, lane: int, h: Header, waited: bool = False) -> RxTransfer | AwaitOffer | None:
         """A chunk header arrived on lane ``lane``. The transfer: read the payload into its destination,
         then call ``chunk_done`` (or ``chunk_abandoned`` if the read broke off). None: drain the payload,
-        then call ``chunk_drained``. ``ProtocolError`` for a chunk of a transfer never seen (or long
-        gone) or a header outside the transfer's plan."""
+        then call ``chunk_drained``. ``AwaitOffer``: the transfer is not activated or refused yet and the
+        chunk fits the early window (charged to it): wait for the answer, then call again with ``waited``
+        (still unanswered then: None). ``ProtocolError`` for a chunk past the early window, a chunk of
+        a transfer never seen without one, or a header outside the transfer's plan."""
         t = self.transfers.get(h.transfer_id)
         if t is None:
-            if h.transfer_id not in self.ended:
-                raise ProtocolError(f"chunk for unknown transfer {h.transfer_id}")
-            return None
+            tid = h.transfer_id
+            if tid in self.ended or waited or self._over:
+                return None
+            if self.early.window is None:
+                raise ProtocolError(f"chunk for unknown transfer {tid}")
+            self.early.charge(tid, h.length)  # ProtocolError past the window: the sender broke it
+            self._counts["early_bytes"] += h.length
+            return AwaitOffer(tid)
         if not t.machine.admit(h):
             return None
         t.writers += 1
@@ -303,8 +347,14 @@ class ReceiverEngine:
         """A copy that was not written has been drained: ACK it if the chunk is verified, or say the copy
         being read answers for it (NACK ``held``)."""
         t = self.transfers.get(h.transfer_id)
-        if t is None or self._over:
+        if self._over:
             return None
+        if t is None:
+            if not self.early.pending(h.transfer_id):
+                return None  # ended or refused: the sender was told
+            # early, and still unanswered after the wait: the sender sends it again (not a failed check)
+            self._counts["early_chunks_dropped"] += 1
+            return self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
         if t.machine.verified[h.chunk]:
             return self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
         if h.chunk in t.machine.writing:  # the verdict on the copy being read answers both

@@ -195,15 +195,22 @@ class SenderTransfer:
             self.chunk_state[c] = _QUEUED
             self.queue.append(c)
 
-    def next_chunk(self) -> int | None:
-        """The next chunk a lane should send, or None (nothing ready, not accepted, or ended)."""
-        if not self.accepted or self.state.terminal:
+    def next_chunk(self, early: int = 0) -> int | None:
+        """The next chunk a lane should send, or None (nothing ready, ended, or not accepted and the next
+        chunk is longer than ``early``: the payload bytes the receiver's early window still allows)."""
+        if self.state.terminal or (not self.accepted and early <= 0):
             return None
-        while self.queue:
-            c = self.queue.popleft()
-            if self.chunk_state[c] == _QUEUED:
-                self.chunk_state[c] = _INFLIGHT
-                return c
+        queue = self.queue
+        while queue:
+            c = queue[0]
+            if self.chunk_state[c] != _QUEUED:
+                queue.popleft()
+                continue
+            if not self.accepted and self.plan.lengths[c] > early:
+                return None
+            queue.popleft()
+            self.chunk_state[c] = _INFLIGHT
+            return c
         return None
 
     def has_ready(self) -> bool:

@@ -5,7 +5,9 @@ of the next chunk for a lane, which lane holds which chunk in flight and re-queu
 dies, the control messages from the receiver (legal per ``rules.SENDER_RECEIVES``; ACCEPT, REJECT,
 ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEAT, BYE), DONE with the
 whole-transfer digest, deadlines, heartbeats and peer silence computed from the ``now`` it is given,
-the layouts the receiver already knows, the counters, and the session's open/down/closed state with its
+the layouts the receiver already knows, the early window (``codec.early``: chunks of a transfer not yet
+accepted go out while the receiver's advertised window has room, each charged until the receiver's ACCEPT or
+REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its
 connection generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the
 driver performs (``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's
 engine; ``LayersAcked``, ``ChunksQueued`` defined here). Must not know: sockets,
@@ -23,8 +25,9 @@ from typing import Any
 from ..errors import KvwireError, ProtocolError
 from . import frames as F
 from .actions import Ended, Fail, Send
+from .early import EarlyLedger, EarlyWindow
 from .messages import parse_chunks
-from .rules import SENDER_RECEIVES, Conn, advance
+from .rules import NACK_LOST, SENDER_RECEIVES, SENDER_TRANSFER, Conn, Offer, advance, answers
 from .transfer import TERMINAL_COUNTERS, SenderTransfer, State, terminal_counter
 
 #: the counter keys ``counts()`` always has
@@ -87,12 +90,14 @@ class SenderEngine:
         self._lane_load: Counter[int] = Counter()  # lane index -> chunks it holds in flight
         self._acked_at: dict[int, float] = {}  # lane index -> last acknowledgement of a chunk it carried
         self._known_layouts: set[bytes] = set()
+        self._early = EarlyLedger(None)  # early bytes handed out, by transfer, until its ACCEPT/REJECT is read
         self._counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------ session
-    def opened(self, now: float) -> int:
+    def opened(self, now: float, early: EarlyWindow | None = None) -> int:
         """A new connection generation is up (authenticated, lanes open): returns its number. Chunks
-        in flight and known layouts belonged to the old receiver session. ``KvwireError`` if closed."""
+        in flight and known layouts belonged to the old receiver session. ``early``: the window its
+        receiver advertised (``codec.early.parse``; None: chunks wait for ACCEPT). ``KvwireError`` if closed."""
         if self.closed:
             raise KvwireError("session closed")
         self.gen += 1
@@ -104,6 +109,7 @@ class SenderEngine:
         self._lane_load.clear()
         self._acked_at.clear()
         self._known_layouts.clear()
+        self._early = EarlyLedger(early)
         self.last_seen = now
         self._last_hb = float("-inf")
         return self.gen
@@ -193,6 +199,15 @@ class SenderEngine:
         return out
 
     @property
+    def early_window(self) -> EarlyWindow | None:
+        """The early window this generation's receiver advertised (None: every chunk waits for ACCEPT)."""
+        return self._early.window
+
+    def early_held(self) -> int:
+        """Early payload bytes handed out whose transfers' ACCEPT or REJECT has not been read yet."""
+        return self._early.total
+
+    @property
     def busy(self) -> bool:
         """A transfer is in flight."""
         return bool(self._transfers)
@@ -204,7 +219,8 @@ class SenderEngine:
     # ------------------------------------------------------------ lanes (the hot path: plain values)
     def pick(self, lane: int) -> tuple[int, int] | None:
         """The next chunk for ``lane`` as ``(transfer id, chunk)``, round-robin over the transfers, now
-        in flight on that lane; None when nothing is ready."""
+        in flight on that lane; None when nothing is ready. A transfer not yet accepted hands out a
+        chunk only while the receiver's early window has room for it (charged here)."""
         rr = self._rr
         for _ in range(len(rr)):
             tid = rr[0]
@@ -212,7 +228,13 @@ class SenderEngine:
             e = self._transfers.get(tid)
             if e is None:
                 continue
-            c = e.sm.next_chunk()
+            sm = e.sm
+            if sm.accepted:
+                c = sm.next_chunk()
+            else:
+                c = sm.next_chunk(self._early.room(tid))
+                if c is not None:
+                    self._early.charge(tid, sm.plan.lengths[c])
             if c is not None:
                 self._inflight[(tid, c)] = lane
                 self._lane_load[lane] += 1
@@ -263,7 +285,12 @@ class SenderEngine:
         if kind == F.BYE:
             return self.fail("control connection: receiver closed the session")
         tid = body.get("tid")
+        about = NACK_LOST if kind == F.NACK and body.get("lost") is True else kind  # rules.SENDER_TRANSFER's name
+        if type(tid) is int and self._early.pending(tid) and answers(Offer.OFFERED, about):
+            self._early.release(tid)  # the receiver released its count of the early bytes before it sent this
         e = self._transfers.get(tid) if type(tid) is int else None
+        if e is not None and not e.sm.accepted and SENDER_TRANSFER[Offer.OFFERED].get(about) is Offer.ACCEPTED:
+            e.sm.accepted = True  # an ACK may overtake the ACCEPT (another connection): it was activated
         if e is None:
             if kind == F.ERROR and tid is None:
                 return self.fail(f"control connection: receiver error: {body.get('reason')}")
@@ -276,8 +303,7 @@ class SenderEngine:
                 return _NOTHING
             return self._on_ack(tid, e, chunks, kind == F.ACK, body.get("lost") is True, now)
         if kind == F.ACCEPT:
-            e.sm.accepted = True
-            return (_QUEUED,)
+            return (_QUEUED,)  # accepted, its early charge released (above)
         out: list[Action] = []
         why = body.get("reason")
         if kind == F.COMPLETE:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
+from ..codec.early import DEFAULT_EARLY_BYTES, EarlyWindow
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
@@ -46,7 +47,7 @@ Allocator = Callable[[Manifest], Any]
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
-              "handshakes_cut",
+              "handshakes_cut", "early_bytes", "early_chunks_dropped",
               *TERMINAL_COUNTERS)
 
 
@@ -94,6 +95,12 @@ class Receiver:
         max_probe_bytes: the largest capacity probe (sink transfer) accepted; 0 refuses probes.
         chunk_stage: what every data chunk passes after its payload is in place and before its hash
             is checked (``transport.ChunkStage``; a transform, or a fault injector in tests).
+        early_bytes: payload bytes of one transfer a sender may send before its ACCEPT (twice that over a
+            session's unanswered transfers together; ``codec.early``), advertised in the handshake, so a
+            finished cache does not wait a round trip before its first chunk; 0 turns it off. Early chunks
+            wait in their lane's socket (nothing is allocated for them) until the transfer is placed, at
+            most ``min(1 s, peer_timeout / 4)``; then they are read in place, or drained and asked for
+            again. A sender that sends more is a protocol error that ends its session.
     """
 
     #: allocator-placed handles waiting for ``next_transfer()`` (without ``on_transfer``) at most
@@ -120,9 +127,11 @@ class Receiver:
         max_handshakes: int = 128,
         max_probe_bytes: int = 4 * 1024**3,
         chunk_stage: ChunkStage = IDENTITY,
+        early_bytes: int = DEFAULT_EARLY_BYTES,
     ) -> None:
         if max_probe_bytes < 0:
             raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
+        self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
         self.allocator = allocator
@@ -249,7 +258,9 @@ class Receiver:
     def stats(self) -> dict[str, int]:
         """Cumulative counters since the receiver started, for metrics: ``bytes_received`` (payload
         chunks that passed their hash check, or unhashed ones), ``probe_bytes_received`` (sink transfers),
-        ``chunks_rejected`` (failed the hash check: NACKed), ``transfers_<state>`` and ``probes_<state>``
+        ``chunks_rejected`` (failed the hash check: NACKed), ``early_bytes`` (payload whose header arrived
+        before its transfer was placed: the early window at work), ``early_chunks_dropped`` (of those, chunks
+        still unplaced after the wait: drained and asked for again), ``transfers_<state>`` and ``probes_<state>``
         per terminal state of transfers that began, ``auth_failures``, ``connections_refused`` (over
         the connection bound), ``handshakes_cut`` (unauthenticated connections cut to make room for a
         newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
@@ -310,13 +321,14 @@ class Receiver:
             ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
-                  "max_probe_bytes": self.max_probe_bytes}
+                  "max_probe_bytes": self.max_probe_bytes, **(self.early.advertise() if self.early else {})}
         sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
             engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
                                     max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
-                                    peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic())
+                                    peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic(),
+                                    early=self.early)
             sessions.append(RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout))
             with self._lock:
                 self._sessions[keys.session_id] = sessions[0]

@@ -4,7 +4,9 @@ Owns: ``RxSession`` (the control connection, the data lanes by index, the handle
 the session lock around every call into its ``ReceiverEngine``), performing what the engine returns
 (control frames, resolving handles, cutting stuck lanes; a chunk's layers ready), and reading a lane's chunks into
 their destinations through the ``transport.Stream`` (each chunk passes the ``ChunkStage`` after its payload
-is in place and before its hash is checked). Must not know: what is legal when, admission, verdicts,
+is in place and before its hash is checked); a chunk that came early (before its transfer was placed) waits
+on the lane, bounded by ``early_wait``, for the engine's answer, and a chunk past the early window fails the
+session. Must not know: what is legal when, admission, verdicts,
 deadlines or counters (``codec.rxengine``'s), listening, handshakes or authentication, destinations (the
 receiver admits a transfer and hands over its views), receiver-wide limits, torch/cupy, congestion control.
 """
@@ -22,9 +24,17 @@ import xxhash
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.manifest import Manifest
-from ..codec.rxengine import Action, ChunkResult, CutLanes, ReceiverEngine, RxTransfer, check_lane_control
+from ..codec.rxengine import (
+    Action,
+    AwaitOffer,
+    ChunkResult,
+    CutLanes,
+    ReceiverEngine,
+    RxTransfer,
+    check_lane_control,
+)
 from ..codec.transfer import State
-from ..errors import ProtocolError
+from ..errors import EarlyWindowExceeded, ProtocolError
 from ._auth import SessionKeys
 from ._incoming import IncomingTransfer
 from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
@@ -42,6 +52,9 @@ class RxSession:
         self.stage = stage
         self.peer_timeout = peer_timeout  # a chunk's body that stops arriving for this long costs its lane
         self.lock = threading.Lock()  # around every engine call and the tables below
+        self._answered = threading.Condition(self.lock)  # a transfer was placed or refused (early chunks wait)
+        #: the longest an early chunk's lane waits for its transfer to be placed before draining it
+        self.early_wait = min(1.0, peer_timeout / 4)
         self.lanes: dict[int, Stream] = {}  # by lane index
         self.handles: dict[int, IncomingTransfer] = {}  # activated and not yet resolved, by transfer id
         self.closed = False
@@ -106,7 +119,9 @@ class RxSession:
     def receive(self, kind: str, body: dict[str, Any]) -> list[Action]:
         """A control message from the sender, through the engine (``ProtocolError`` when illegal)."""
         with self.lock:
-            return self._engine.receive(kind, body, time.monotonic())
+            actions = self._engine.receive(kind, body, time.monotonic())
+            self._answered.notify_all()  # a malformed BEGIN was refused
+        return actions
 
     def tick(self, now: float) -> str | None:
         """The monitor's tick; the reason the session must close, if it must."""
@@ -123,12 +138,14 @@ class RxSession:
             if t is not None:
                 self.handles[m.transfer_id] = h
                 h.bind(self, m, t.plan, views, t.deadline, t.machine)
+            self._answered.notify_all()
         self.perform(actions)
         return t is not None
 
     def refuse(self, tid: int | None, reason: str) -> None:
         with self.lock:
             actions = self._engine.refuse(tid, reason, time.monotonic())
+            self._answered.notify_all()
         self.perform(actions)
 
     def cancel_transfer(self, transfer_id: int, reason: str) -> None:
@@ -145,6 +162,7 @@ class RxSession:
             self.closed = True
             actions = self._engine.close(reason)
             lanes = list(self.lanes.values())
+            self._answered.notify_all()
         self.perform(actions)
         self.ctrl.close()
         for ch in lanes:
@@ -193,9 +211,19 @@ class RxSession:
     def _read_chunk(self, ch: Stream, lane: int, lane_id: int, h: F.Header, scratch: memoryview) -> None:
         """One data chunk: into its destination, through the stage, verified, answered. Its own frame, so
         that nothing of a transfer (handle, destination view) stays referenced while the lane waits."""
-        with self.lock:
-            t = self._engine.chunk_admit(lane_id, h)
-            handle = self.handles.get(h.transfer_id) if t is not None else None
+        try:
+            with self.lock:
+                t = self._engine.chunk_admit(lane_id, h)
+                if type(t) is AwaitOffer:  # early: no destination yet; the payload waits in the socket
+                    tid = h.transfer_id
+                    self._answered.wait_for(lambda: self.closed or not self._engine.awaiting(tid), self.early_wait)
+                    t = self._engine.chunk_admit(lane_id, h, waited=True)
+                assert not isinstance(t, AwaitOffer)
+                handle = self.handles.get(h.transfer_id) if t is not None else None
+        except EarlyWindowExceeded as e:  # past the early window: the sender broke the rule it was given
+            self.send(F.ERROR, {"reason": str(e)})
+            self.close(f"protocol error: {e}")
+            raise
         if t is None:
             ch.skip(h.length, scratch)
             with self.lock:

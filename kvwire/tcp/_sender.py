@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..codec import early
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.layout import ModelLayout, RequestSpec
@@ -391,7 +392,8 @@ class Session:
             server_limits = self._dialer.handshake(ctrl, lanes)  # lanes authenticate against this session
             opened = self._dialer.open_lanes(lanes, DIAL_CONCURRENCY)
             with self._cond:
-                gen = self._engine.opened(time.monotonic())  # raises once the session is closed
+                # raises once the session is closed; chunks may go before ACCEPT within the receiver's early window
+                gen = self._engine.opened(time.monotonic(), early.parse(server_limits))
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
                 self._cond.notify_all()
         except BaseException:
