@@ -57,14 +57,27 @@ def raw_layout() -> ModelLayout:
 
 
 # ---------------------------------------------------------------- receiver (server namespace)
-def run_receiver(bind: str) -> int:
-    """Accept transfers forever into one reused buffer per size; print the port, then one line per transfer."""
+def run_receiver(bind: str, pool_mb: int = 1024) -> int:
+    """Accept transfers forever into one reused buffer per size; print the port, then one line per transfer.
+
+    Buffers come from a pool of ``pool_mb`` MiB whose pages are touched before the port is printed, as
+    an engine's KV pool is allocated once at start: a fresh buffer's first-touch page faults (zeroing
+    845 MB of huge pages inside the lanes' recv calls) took about a quarter of this 2-core machine's CPU
+    during the fat row and slowed the link emulator and both ends with it. Sizes beyond the pool get
+    fresh (untouched) buffers; ``pool_mb=0`` gives every size a fresh one."""
+    pool = np.ones(pool_mb << 20, np.uint8)  # ones: every page written (zeros could map untouched pages)
     buffers: dict[int, np.ndarray] = {}
+    used = 0
 
     def allocate(m: Any) -> np.ndarray:
-        if m.total_bytes not in buffers:
-            buffers[m.total_bytes] = np.zeros(m.total_bytes, np.uint8)
-        return buffers[m.total_bytes]
+        nonlocal used
+        n = m.total_bytes
+        if n not in buffers:
+            if used + n <= len(pool):
+                buffers[n], used = pool[used:used + n], used + n
+            else:
+                buffers[n] = np.zeros(n, np.uint8)
+        return buffers[n]
 
     with kvwire.Receiver(bind, 0, allocator=allocate, transfer_timeout=120) as rx:
         print(json.dumps({"port": rx.address[1]}), flush=True)
@@ -502,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bind", default="0.0.0.0", help=argparse.SUPPRESS)
+    ap.add_argument("--rx-pool-mb", default=1024, type=int,
+                    help="the receiver's buffers come from a pool this large, touched at start like an engine's KV "
+                         "pool (0: a fresh buffer per transfer size, paying its page faults during the transfer)")
     ap.add_argument("--rate", default="400mbit", type=parse_rate_mbit)
     ap.add_argument("--rtt", default="20ms", type=parse_ms)
     ap.add_argument("--loss", default="0.1%", type=parse_loss)
@@ -528,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--loopback-reps", default=15, type=int)
     a = ap.parse_args(argv)
     if a.receiver:
-        return run_receiver(a.bind)
+        return run_receiver(a.bind, a.rx_pool_mb)
     if a.must_show:
         import wan_issue  # beside this file
 

@@ -47,8 +47,9 @@ Row = tuple[str, str, str, "bool | None"]
 QWEN = "qwen3-next-80b-a3b"
 
 
-def _receiver(link: WanLink, bench: str) -> tuple[int, subprocess.Popen[str]]:
-    rx = link.popen_in("server", [sys.executable, bench, "--receiver", "--bind", link.server_addr],
+def _receiver(link: WanLink, bench: str, pool_mb: int) -> tuple[int, subprocess.Popen[str]]:
+    rx = link.popen_in("server", [sys.executable, bench, "--receiver", "--bind", link.server_addr,
+                                  "--rx-pool-mb", str(pool_mb)],
                        stdout=subprocess.PIPE, text=True)
     assert rx.stdout is not None
     return int(json.loads(rx.stdout.readline())["port"]), rx
@@ -140,7 +141,7 @@ def row_fat(a: Any, bench: str) -> list[Row]:
             r = _iperf(link, streams, cc, a.seconds)
             rows.append((f"fat  iperf3 -P{streams} {cc}", f"{r['mbit']:.0f} Mbit/s = {_pct(r['mbit'] / full)} of "
                          f"payload rate, {r['retrans']} retrans", "beside", None))
-        port, rx = _receiver(link, bench)
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         payload = Payload(QWEN, 32768)
         s = _connect(link, port)
         try:
@@ -171,7 +172,7 @@ def row_burst(a: Any, bench: str) -> list[Row]:
     times: list[float] = []
     with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12,
                  realtime=a.realtime) as link:
-        port, rx = _receiver(link, bench)
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         s = _connect(link, port)
         t0 = time.monotonic()
         try:
@@ -197,7 +198,7 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
     rows: list[Row] = []
     with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13, realtime=a.realtime) as link:
         one = _iperf(link, 1, "bbr", a.seconds)
-        port, rx = _receiver(link, bench)
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         payload = Payload(QWEN, 16384)
         for name, kw in (("default", {}), ("-C cubic", {"link_control": ControllerConfig(
                 congestion="cubic", max_lanes=32)})):
@@ -288,7 +289,7 @@ def row_fair(a: Any, bench: str) -> list[Row]:
     secs, stagger = max(20.0, a.seconds * 2), 2.0
     with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime) as link:
         ref = _iperf(link, 4, "bbr", a.seconds)  # what the emulator carries now, beside
-        port, rx = _receiver(link, bench)
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         procs = []
         for i in range(4):
             procs.append(link.popen_in("client", [sys.executable, __file__, "--sender", link.server_addr, str(port),
@@ -319,7 +320,7 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
     full = rate * PAYLOAD * 1e6 / 8
     marks: dict[str, float] = {}
     with WanLink(rtt_ms=20, rate_mbit=rate, seed=15, realtime=a.realtime) as link:
-        port, rx = _receiver(link, bench)
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         s = _connect(link, port)
         payload = Payload(QWEN, 8192)
 
@@ -356,7 +357,8 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
 
 def row_loopback(a: Any, bench: str) -> list[Row]:
     payload = Payload(QWEN, 32768)
-    rx = subprocess.Popen([sys.executable, bench, "--receiver", "--bind", "127.0.0.1"], stdout=subprocess.PIPE,
+    rx = subprocess.Popen([sys.executable, bench, "--receiver", "--bind", "127.0.0.1",
+                           "--rx-pool-mb", str(a.rx_pool_mb)], stdout=subprocess.PIPE,
                           text=True)
     assert rx.stdout is not None
     port = int(json.loads(rx.stdout.readline())["port"])
@@ -452,7 +454,8 @@ def run(a: Any, bench: str) -> int:
     print(f"must-show rows; rates x{a.scale:g} of the issue's (2 Gbit/s -> {2000 * a.scale:g}, 400 -> "
           f"{400 * a.scale:g}, 1 Gbit/s -> {1000 * a.scale:g}); RTTs, loss and queue times as in the issue; "
           f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2); emulator "
-          f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}")
+          f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}; receiver buffers "
+          f"{f'from a {a.rx_pool_mb} MiB pool touched at start' if a.rx_pool_mb else 'fresh per size'}")
     w = max(len(r[0]) for r in rows)
     for name, value, target, ok in rows:
         print(f"{name:<{w}}  {'INFO' if ok is None else 'PASS' if ok else 'MISS'}  {value}   [target {target}]")
