@@ -4,34 +4,44 @@
 real traffic; then, for example, ``LinkControl(session, capacity=result.capacity)``. The session's own
 controller (its ``link_control``) is paused for the probe and starts over from the probe's capacity after
 it; run it while no other ``LinkControl`` drives the session: the probe takes the lanes' pacing and
-congestion algorithm over for its duration.
+congestion algorithm over for its duration. ``warm_up`` is the same probe run by ``connect(warm=...)``
+(``Session(warm=...)``) as a session opens on a long path, cut short once the pipe reads full, so the
+first transfer finds its lanes' congestion windows open and its controller pacing at the measured rate.
 
 Owns: ``probe`` and ``ProbeResult`` — preparing the session's lanes for the burst (pacing caps off, the
 congestion algorithm, optionally another lane count; all put back afterwards), keeping sink transfers
 back to back for the probe's duration, fed layer by layer from one shared zero buffer, sampling
 ``TCP_INFO`` on the calling thread into a ``LinkEstimator``, and waiting until the lanes hold nothing
-unacknowledged, so the next real transfer does not queue behind probe bytes.
-Must not know: the wire format, chunk scheduling or how a receiver discards sinks (it calls
+unacknowledged, so the next real transfer does not queue behind probe bytes; ``warm_up``: whether a new
+session is worth warming (its own controller, a path of ``WARM_MIN_RTT`` or more, a receiver that takes
+probes; ``$KVWIRE_WARM``) — installed into the transport (``tcp.install_warm_up``), which is below this
+module and cannot import it. Must not know: the wire format, chunk scheduling or how a receiver discards sinks (it calls
 ``Session.send(sink=True)`` like any caller), nor the estimator's internals (only ``LinkState``'s fields).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import math
+import os
 import socket
+import statistics
 import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .codec.layout import ModelLayout
 from .codec.probe import PROBE_SEGMENT, probe_layers, probe_layout, probe_request
+from .congestion.controller import ControllerConfig
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
 from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
-from .tcp import OutgoingTransfer, Session, connect
+from .tcp import OutgoingTransfer, Session, connect, install_warm_up
+
+log = logging.getLogger("kvwire.probe")
 
 Peer = Session | tuple[str, int]
 
@@ -40,13 +50,24 @@ OUTSTANDING = 2
 #: after the burst the lanes get this long, plus 4 RTTs, to deliver what they hold
 DRAIN_SECONDS = 2.0
 _QUIET_STEP = 0.005  # seconds between two TCP_INFO reads that must both find the lanes empty
+#: the pipe is full once bottleneck bandwidth grew by less than this factor over ``PIPE_ROUNDS`` round trips
+#: (BBR's full-pipe rule) while busy and held by no socket window (at least ``PIPE_MIN`` seconds)
+PIPE_GROWTH = 1.25
+PIPE_ROUNDS = 3
+PIPE_MIN = 0.2
+#: a probe interval in which lanes were held by their send buffer or the receive window this share of busy
+#: time says nothing of the link: its plateau is the windows' (too few lanes for the path), not the pipe's
+_WINDOW_HELD = 0.3
+_MIN_BUSY = 0.5
 
 
 @dataclass(frozen=True)
 class ProbeResult:
     """What one probe measured. Rates in bytes/s of TCP payload, times in seconds."""
 
-    capacity: float  # max over bw_sample spans of goodput (the LinkStates' btl_bw)
+    # max over bw_sample spans of goodput (the LinkStates' btl_bw), or, if more, the lanes' latest delivery
+    # rates summed in the burst's samples that showed a standing queue (the link was full then), averaged
+    capacity: float
     saturated: bool  # a standing queue was seen while busy: capacity is the bottleneck's rate, not a lower bound
     min_rtt: float | None
     max_queueing_ratio: float | None
@@ -58,6 +79,16 @@ class ProbeResult:
     congestion: str | None = None  # the lanes' congestion algorithm during the burst
     drained: bool = True  # the lanes held nothing unacknowledged when the probe returned
     notes: tuple[str, ...] = ()  # settings the kernel refused, a drain that ran out of time
+    # bottleneck bandwidth stopped growing (BBR's full-pipe rule) on a WAN path while no socket window held the
+    # lanes: capacity is the bottleneck's rate, as with ``saturated``
+    full_pipe: bool = False
+    stopped_full: bool = False  # ``until_full`` ended the burst before ``seconds`` (saturated or full_pipe)
+    drain_seconds: float = 0.0  # from the end of the burst until the lanes held nothing (or the drain gave up)
+
+    @property
+    def measured(self) -> bool:
+        """The pipe was seen full (``saturated`` or ``full_pipe``): ``capacity`` is the link's, not a lower bound."""
+        return self.saturated or self.full_pipe
 
     def to_dict(self) -> dict[str, object]:
         """Plain data (numbers, bools, None, strings, lists, dicts) for JSON/msgpack and logs."""
@@ -68,16 +99,17 @@ class ProbeResult:
 
 
 def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: int | None = None,
-          congestion: str | None = "bbr", **connect_kwargs: Any) -> ProbeResult:
+          congestion: str | None = "bbr", until_full: bool = False, **connect_kwargs: Any) -> ProbeResult:
     """Measure the link to ``peer`` with ``seconds`` of back-to-back sink transfers.
 
     ``peer`` is a ``Session`` (left open, its lane settings restored) or a ``(host, port)`` tuple (a
     session is opened with ``connect_kwargs`` and closed again). ``interval``: seconds between
     ``TCP_INFO`` samples. ``lanes``: the lane count to probe with (the session's is restored after).
     ``congestion``: the algorithm for the burst (``None`` keeps the lanes'); one the kernel refuses is
-    skipped with a note in the result. Raises ``ValueError`` for bad arguments, ``ProbeRefused`` when the
-    receiver takes no probes, ``KvwireError`` for a closed session, and the failure (a ``KvwireError``)
-    when the session or a probe transfer fails midway.
+    skipped with a note in the result. ``until_full``: end the burst at the first sample that shows the pipe
+    full (``ProbeResult.measured``) instead of running all ``seconds``. Raises ``ValueError`` for bad
+    arguments, ``ProbeRefused`` when the receiver takes no probes, ``KvwireError`` for a closed session,
+    and the failure (a ``KvwireError``) when the session or a probe transfer fails midway.
     """
     if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
@@ -90,19 +122,20 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
             raise ValueError(f"connect arguments {sorted(connect_kwargs)} need a (host, port) peer")
         ctl = peer.link_control
         if ctl is None:
-            return _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
+            return _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
         with ctl.paused():  # the session's own controller leaves the lanes to the probe ...
-            result = _Probe(peer, float(seconds), float(interval), lanes, congestion).run()
-        ctl.resume(result.capacity if result.saturated else None)  # ... and starts from what it measured
+            result = _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
+        ctl.resume(result.capacity if result.measured else None)  # ... and starts from what it measured
         return result
     if not isinstance(peer, tuple) or len(peer) != 2:
         raise TypeError(f"peer must be a Session or a (host, port) tuple, got {peer!r}")
     if lanes is not None:
         connect_kwargs.setdefault("lanes", lanes)
     connect_kwargs.setdefault("link_control", False)  # the probe drives the lanes itself
+    connect_kwargs.setdefault("warm", False)  # (this is the probe)
     session = connect(peer[0], peer[1], **connect_kwargs)
     try:
-        return _Probe(session, float(seconds), float(interval), lanes, congestion).run()
+        return _Probe(session, float(seconds), float(interval), lanes, congestion, until_full).run()
     finally:
         session.close()
 
@@ -120,8 +153,13 @@ class _Probe:
     """One probe over one session, on the calling thread."""
 
     def __init__(self, session: Session, seconds: float, interval: float, lanes: int | None,
-                 congestion: str | None) -> None:
+                 congestion: str | None, until_full: bool = False) -> None:
         self.session = session
+        self.until_full = until_full
+        self.full_pipe = False
+        self._judging = True
+        self._pipe: tuple[float, float] | None = None  # (btl_bw, timestamp) at its last 25 % growth
+        self._full_rates: list[float] = []  # the lanes' delivery-rate samples summed, in each sample under a queue
         self.seconds = seconds
         self.interval = interval
         self.lanes = lanes
@@ -148,6 +186,7 @@ class _Probe:
             if not socks:
                 raise KvwireError("session has no live lane to probe with")
             used_cc = self._prepare(socks)
+            stopped_full = False
             before = _counters(socks)
             zero = bytes(PROBE_SEGMENT)
             self._poll()
@@ -165,9 +204,13 @@ class _Probe:
                     outstanding.append(self._sink(layout, zero))
                 concurrent.futures.wait([h.future for h in outstanding], max(0.0, min(self._next_poll, end) - now),
                                         return_when=concurrent.futures.FIRST_COMPLETED)
-                self._maybe_poll()
+                if self._maybe_poll() and self.until_full and self._full():
+                    stopped_full = True
+                    break
             burst = time.monotonic() - t0
+            self._judging = False  # (the drain's samples say nothing of the pipe)
             drained = self._wind_down(outstanding)
+            drain = time.monotonic() - t0 - burst
             outstanding = []
             loss = _loss(before, _counters(socks))
         finally:
@@ -182,7 +225,8 @@ class _Probe:
         rtts = [s.min_rtt for s in states if s.min_rtt is not None]
         ratios = [s.queueing_ratio for s in states if s.queueing_ratio is not None]
         return ProbeResult(
-            capacity=max((s.btl_bw for s in states), default=0.0),
+            capacity=max(max((s.btl_bw for s in states), default=0.0),
+                         statistics.fmean(self._full_rates) if self._full_rates else 0.0),
             saturated=any(s.saturated for s in states),
             min_rtt=min(rtts) if rtts else None,
             max_queueing_ratio=max(ratios) if ratios else None,
@@ -194,6 +238,9 @@ class _Probe:
             congestion=used_cc,
             drained=drained,
             notes=tuple(self.notes),
+            full_pipe=self.full_pipe,
+            stopped_full=stopped_full,
+            drain_seconds=drain,
         )
 
     def _layout(self) -> ModelLayout:
@@ -224,15 +271,46 @@ class _Probe:
         return h
 
     def _poll(self) -> None:
-        self.states.append(self.monitor.poll())
+        state = self.monitor.poll()
+        self.states.append(state)
+        self._watch_pipe(state)
 
-    def _maybe_poll(self) -> None:
+    def _maybe_poll(self) -> bool:
+        """Sample if one is due; True when it did."""
         now = time.monotonic()
-        if now >= self._next_poll:
-            self._poll()
-            self._next_poll += self.interval
-            if self._next_poll <= now:  # fell behind: keep the period, skip the missed ticks
-                self._next_poll = now + self.interval
+        if now < self._next_poll:
+            return False
+        self._poll()
+        self._next_poll += self.interval
+        if self._next_poll <= now:  # fell behind: keep the period, skip the missed ticks
+            self._next_poll = now + self.interval
+        return True
+
+    def _watch_pipe(self, s: LinkState) -> None:
+        """BBR's full-pipe rule over the burst's samples: bottleneck bandwidth that grew by less than
+        ``PIPE_GROWTH`` over ``PIPE_ROUNDS`` round trips (``PIPE_MIN`` at least). A sample in which the lanes
+        idled or a socket window held them restarts the count: a plateau of too few send buffers for the
+        path is not the link's. Not on a LAN path, where the plateau is the hosts' CPU."""
+        held = max(s.sndbuf_limited, s.rwnd_limited) >= _WINDOW_HELD or s.busy < _MIN_BUSY
+        lan = s.min_rtt is None or s.min_rtt < ControllerConfig().lan_rtt
+        if not self._judging:
+            return
+        if s.saturated:  # the bottleneck is busy: what each lane delivered over its last round trip, summed, is
+            # what the link serves (before the bw_sample average catches up with a ramp still doubling)
+            self._full_rates.append(sum(ln.delivery_rate or 0.0 for ln in s.lanes))
+        if held or lan or s.btl_bw <= 0:
+            self._pipe = None
+            return
+        if self._pipe is None or s.btl_bw >= PIPE_GROWTH * self._pipe[0]:
+            self._pipe = (s.btl_bw, s.timestamp)
+            return
+        rounds = max(PIPE_MIN, PIPE_ROUNDS * (s.min_rtt or 0.0))
+        if s.timestamp - self._pipe[1] >= rounds:
+            self.full_pipe = True
+
+    def _full(self) -> bool:
+        """The pipe reads full: a standing queue while busy (``LinkState.saturated``) or the full-pipe rule."""
+        return self.full_pipe or bool(self.states and self.states[-1].saturated)
 
     def _wind_down(self, outstanding: list[OutgoingTransfer]) -> bool:
         """Cancel the sinks in flight (one about to finish may), then wait, bounded, until the lanes have
@@ -312,6 +390,85 @@ class _Probe:
             except SocketOptionError:
                 continue
         self.saved.clear()
+
+
+# ---------------------------------------------------------------- warming a session as it opens
+#: the shortest handshake RTT at which ``warm=None`` (auto) warms a session: across regions; a rack's or a
+#: metro link's lanes reach their rate within a few round trips and never pay slow start noticeably
+WARM_MIN_RTT = 0.020
+#: the longest warm-up burst (``warm=None`` or ``True``); it ends sooner once the pipe reads full
+WARM_SECONDS = 1.0
+#: ``KVWIRE_WARM=0`` (or ``off``/``false``/``no``): no automatic warm-up in this process (``warm=True`` or a
+#: number of seconds still warms)
+WARM_ENV = "KVWIRE_WARM"
+
+
+def warm_enabled() -> bool:
+    """Whether ``warm=None`` (the default) may warm sessions in this process (``$KVWIRE_WARM``)."""
+    return os.environ.get(WARM_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def path_rtt(session: Session) -> float | None:
+    """The path's round trip in seconds as the session's handshakes measured it: the least ``TCP_INFO`` min
+    RTT of its control connection and lanes (None where the kernel gives none)."""
+    socks = [session.control_socket(), *session.lane_sockets()]
+    rtts = [us for us in (i.min_rtt_us or i.rtt_us for i in sample(socks).values()) if us]
+    return min(rtts) / 1e6 if rtts else None
+
+
+def warm_skip_reason(session: Session) -> str:
+    """Why ``warm=None`` leaves this session cold ('' to warm it): no controller of its own (turned off, or
+    a ``LaneGroup``'s), ``$KVWIRE_WARM`` off, a path shorter than ``WARM_MIN_RTT``, or a receiver that takes no
+    probes (no ``max_probe_bytes``, or 0)."""
+    if not warm_enabled():
+        return f"${WARM_ENV} is off"
+    if session.link_control is None:
+        return "the session has no congestion controller of its own"
+    budget = session.server_limits.get("max_probe_bytes")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        return f"the receiver takes no probes (max_probe_bytes={budget!r})"
+    rtt = path_rtt(session)
+    if rtt is None or rtt < WARM_MIN_RTT:
+        return "no RTT measured" if rtt is None else f"RTT {rtt * 1e3:.3g} ms < {WARM_MIN_RTT * 1e3:.3g} ms"
+    return ""
+
+
+def warm_up(session: Session, warm: bool | float | None = None) -> ProbeResult | None:
+    """Warm a session that has just opened (``Session(warm=...)`` calls this): up to ``WARM_SECONDS`` (or
+    ``warm`` seconds) of probe sinks, ended as soon as the pipe reads full, then the drain; the lanes keep
+    the congestion windows the burst opened, and the session's controller starts over paced at the measured
+    capacity (``probe``). ``warm``: ``None`` only where ``warm_skip_reason`` finds nothing against it;
+    ``True`` or seconds regardless; ``False`` never. Returns the probe's result, or ``None`` when skipped
+    (logged): a receiver that refuses probes, or a probe that failed while the session stays up, is not
+    an error. Raises the failure when the session closed during it."""
+    if warm is False:
+        return None
+    seconds = WARM_SECONDS if warm is None or warm is True else float(warm)
+    if warm is None:
+        reason = warm_skip_reason(session)
+        if reason:
+            log.debug("kvwire: no warm-up of the session to %s:%s: %s", *session.address, reason)
+            return None
+    # every lane the controller may use takes part, so none it opens for the measured capacity starts cold
+    ctl = session.link_control
+    lanes = max(session.active_lanes, min(ctl.config.max_lanes, session.max_lanes)) if ctl is not None else None
+    try:
+        result = probe(session, seconds=seconds, congestion=None, until_full=True, lanes=lanes)
+    except ProbeRefused as e:
+        log.info("kvwire: no warm-up of the session to %s:%s: %s", *session.address, e)
+        return None
+    except KvwireError as e:
+        if session.closed:
+            raise
+        log.warning("kvwire: warm-up of the session to %s:%s failed: %s", *session.address, e)
+        return None
+    log.info("kvwire: session to %s:%s warmed in %.2f s (+%.2f s drain) with %d MB at %.4g Mbit/s%s",
+             *session.address, result.seconds, result.drain_seconds, result.bytes_sent / 1e6,
+             result.capacity * 8e-6, "" if result.measured else " (pipe not seen full)")
+    return result
+
+
+install_warm_up(warm_up)
 
 
 def _quiet(socks: list[socket.socket]) -> bool:

@@ -33,14 +33,15 @@ from ._httpd import GatedHTTPServer
 from ._lanes import LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._receiver import IncomingTransfer, Receiver
-from ._sender import Session, connect
+from ._sender import Session, connect, install_warm_up
 from ._wire import Channel, PeerClosed, host_port, listen, recv_exact_into
 from .transport import ChunkRef, ChunkStage
 
 __all__ = [
     "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
     "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
-    "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake", "server_hello",
+    "client_handshake", "connect", "host_port", "install_warm_up", "listen", "recv_exact_into", "server_handshake",
+    "server_hello",
 ]
 
 #: modules made private in 0.2, by their old name

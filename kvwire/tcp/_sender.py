@@ -9,13 +9,15 @@ Lanes pull chunks (a slow lane takes fewer) through ``txlanes.LanePump``; dialli
 a lane's own stall signs are ``_lanes.py``'s; user callbacks go to a ``Callbacks`` pool. Must not know:
 torch/cupy, which control message is legal when (the engine's), congestion policy (it exposes its lane
 sockets, and hands its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a
-``LaneGroup``).
+``LaneGroup``), nor how a session is warmed (``warm`` goes to the warm-up ``kvwire.probe`` installs with
+``install_warm_up``: the probe is built on this module, which cannot import it).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
@@ -50,6 +52,25 @@ log = logging.getLogger("kvwire.tcp")
 DIAL_CONCURRENCY = 16
 #: control frames whose loss fails the connection (others are best effort: the reader notices)
 _MUST_SEND = frozenset({F.BEGIN, F.DONE})
+
+#: ``warm_up(session, warm)``: warms a session that has just opened and returns what it measured (a
+#: ``kvwire.probe.ProbeResult``) or None when it did not; ``kvwire.probe`` installs its ``warm_up`` as it loads
+WarmUp = Callable[["Session", "bool | float | None"], Any]
+_warm_up: list[WarmUp] = []
+
+
+def install_warm_up(fn: WarmUp) -> None:
+    """What ``Session(warm=...)`` runs once the session is open (``kvwire.probe.warm_up``; one at a time)."""
+    _warm_up[:] = [fn]
+
+
+def _check_warm(warm: object) -> None:
+    if warm is None or isinstance(warm, bool):
+        return
+    if not isinstance(warm, (int, float)):
+        raise TypeError(f"warm must be None, True, False or a number of seconds, not {warm!r}")
+    if not 0 < warm < math.inf:
+        raise ValueError(f"warm must be a positive number of seconds, got {warm!r}")
 
 
 class Session:
@@ -96,6 +117,14 @@ class Session:
             ``OSError`` aside: that is the lane's failure) or changes a chunk's length fails that
             transfer at once; the lane carries on. ``chunk_stage`` may be replaced while the session
             runs (tests inject faults so: ``kvwire.testing.faults``).
+        warm: warm the lanes before ``connect`` returns, so the first transfer does not pay slow start
+            (``kvwire.probe.warm_up``): up to about 1 s of probe traffic (sink transfers the receiver
+            discards), ended as soon as the pipe reads full; the session's controller then paces at the
+            measured capacity, and ``warmup`` says what it cost. ``None`` (the default): only when the
+            session has its own controller, the handshake's RTT is 20 ms or more, and the receiver takes
+            probes (``$KVWIRE_WARM=0`` turns this off process-wide); ``True`` or a number of seconds (the
+            longest burst): regardless of the RTT; ``False``: never. A receiver that refuses probes
+            leaves the session cold (logged), not failed.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
@@ -109,7 +138,8 @@ class Session:
                  limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
                  on_lane_open: LaneHook | None = None, reconnect: bool = False,
                  link_control: bool | ControllerConfig | LaneGroup = True,
-                 chunk_stage: ChunkStage = IDENTITY) -> None:
+                 chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None) -> None:
+        _check_warm(warm)
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -152,6 +182,9 @@ class Session:
                               abort=self.abort_transfer, stage=chunk_stage)
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
+        #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its
+        #: ``seconds``, ``drain_seconds``, ``bytes_sent``, ``capacity``), or None: not warmed (see ``warm``)
+        self.warmup: Any = None
         self._establish(lanes)
         try:
             if isinstance(link_control, LaneGroup):
@@ -159,6 +192,8 @@ class Session:
                 link_control.add(self)
             else:
                 self._link_control = for_session(self, link_control, lanes, self.max_lanes, host)
+            if warm is not False and _warm_up:
+                self.warmup = _warm_up[0](self, warm)
         except BaseException:
             self.close()
             raise
@@ -510,7 +545,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             heartbeat: float = 1.0, connect_timeout: float = 5.0, max_retries: int = 3,
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
             on_lane_open: LaneHook | None = None, reconnect: bool = False,
-            link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY) -> Session:
+            link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY,
+            warm: bool | float | None = None) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -539,9 +575,14 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             ``ControllerConfig`` sets its policy, a ``LaneGroup`` shares one controller over several
             sessions (see ``Session``).
         chunk_stage: what every data chunk passes through before the wire (see ``Session``).
+        warm: on a long path, warm the lanes with a short capacity probe before returning (``None``, the
+            default: when the session has its own controller, the RTT is 20 ms or more and the receiver
+            takes probes; ``True``/seconds: always; ``False``: never; see ``Session``). Costs up to ~1 s
+            and that second's worth of link bytes once per session: right for persistent sessions, not
+            for a connection per request. ``Session.warmup`` says what it cost.
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
                    on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control,
-                   chunk_stage=chunk_stage)
+                   chunk_stage=chunk_stage, warm=warm)

@@ -1,0 +1,80 @@
+"""Warming a session on an emulated long path (``connect(warm=None)``, the default): the session's lanes
+leave ``connect`` with their congestion windows open and its controller pacing at the measured capacity;
+``warm=False`` on the same link leaves them at the initial window (the negative control); a receiver that
+takes no probes is skipped without error; the first transfer after a warm connect arrives byte-exact.
+
+Needs root, iproute2 and iptables (skips with the reason otherwise). 200 Mbit/s, 60 ms keeps the emulator
+light; run under the WAN lock (``flock /tmp/kvwire-wan.lock``) beside other emulated-link runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+from helpers import payload
+
+import kvwire
+from kvwire.congestion.controller import Mode
+from kvwire.congestion.tcpinfo import read_tcp_info
+from kvwire.probe import ProbeResult
+from kvwire.testing.fixtures import load_fixture
+from kvwire.testing.wan import WanLink, unavailable_reason
+
+_REASON = unavailable_reason()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+RATE_MBIT, RTT_MS = 200, 60
+BDP_PACKETS = RATE_MBIT * 1e6 / 8 * RTT_MS / 1e3 / 1448  # ~1036
+LAYOUT = load_fixture("tiny-qwen3-next")
+
+
+def _cwnds(s: kvwire.Session) -> list[int]:
+    return [read_tcp_info(x).snd_cwnd or 0 for x in s.lane_sockets()]
+
+
+def test_a_long_path_session_is_warm_after_connect_and_warm_false_is_not() -> None:
+    req = kvwire.RequestSpec("first", 4096, 4096)
+    src = payload(LAYOUT, req, seed=3)
+    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+    with WanLink(rtt_ms=RTT_MS, rate_mbit=RATE_MBIT, queue_bytes=int(RATE_MBIT * 1e6 / 8 * 0.02), realtime=True,
+                 seed=41) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, key="k")
+            refusing = kvwire.Receiver(link.server_addr, 0, key="k", max_probe_bytes=0)
+        try:
+            with link.inside("client"):
+                cold = kvwire.connect(link.server_addr, rx.address[1], key="k", warm=False)
+                warm = kvwire.connect(link.server_addr, rx.address[1], key="k")
+                skipped = kvwire.connect(link.server_addr, refusing.address[1], key="k")
+            try:
+                # negative control: the same link, no warm-up: every lane at the initial window
+                assert cold.warmup is None and max(_cwnds(cold)) <= 20, _cwnds(cold)
+                assert skipped.warmup is None and not skipped.closed  # no probes taken: skipped, not an error
+                w = warm.warmup
+                assert isinstance(w, ProbeResult), "auto warm-up on a 60 ms path"
+                assert w.bytes_sent > 0 and w.drained and w.min_rtt is not None and w.min_rtt >= 0.05
+                assert w.seconds <= 1.0 + 0.2
+                cw = _cwnds(warm)
+                # right after connect: the windows the burst opened, well above the initial 10 packets
+                assert statistics.median(cw) >= 30 and sum(cw) >= BDP_PACKETS / 2, cw
+                ctl = warm.link_control
+                assert ctl is not None
+                # the pipe was seen full within the burst: the controller starts paced at what was measured
+                assert w.measured and w.stopped_full
+                assert ctl.decision.mode is Mode.CRUISE and ctl.decision.total_pacing is not None
+                assert 0.5 * RATE_MBIT < w.capacity * 8e-6 < 1.2 * RATE_MBIT
+                h_rx = rx.expect(req.request_id, dst, layout=LAYOUT)
+                with link.inside("client"):
+                    h = warm.send(LAYOUT, req)
+                    h.write_all(src)
+                    assert h.finish().result(30) is not None
+                h_rx.result(10)
+            finally:
+                for s in (cold, warm, skipped):
+                    s.close()
+        finally:
+            rx.close()
+            refusing.close()
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)

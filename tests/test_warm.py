@@ -1,0 +1,82 @@
+"""Warming a session as it opens (``connect(warm=...)``, ``kvwire.probe.warm_up``) on loopback, with real
+sockets: the automatic warm-up leaves a short path alone (no probe sent, nothing measured), a forced one
+runs the probe and ends early once the pipe reads full, the reasons it skips, and bad arguments refused at
+the call. The long-path behaviour (lanes' congestion windows open after connect) is in
+``tests/test_wan_warm.py``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import payload
+
+from kvwire import Receiver, RequestSpec, connect
+from kvwire.probe import WARM_ENV, WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
+from kvwire.testing.fixtures import load_fixture
+
+
+def _probes(stats: dict[str, int]) -> int:
+    return sum(v for k, v in stats.items() if k.startswith("probes_"))
+
+
+def test_auto_leaves_a_loopback_session_cold(no_leaks: None) -> None:
+    with Receiver() as rx, connect(*rx.address) as s:
+        assert s.link_control is not None and s.server_limits["max_probe_bytes"] > 0  # all but the RTT allow it
+        rtt = path_rtt(s)
+        assert rtt is not None and rtt < WARM_MIN_RTT
+        assert "RTT" in warm_skip_reason(s)
+        assert s.warmup is None
+        assert _probes(s.stats()) == 0 and s.stats()["bytes_sent"] == 0  # not one probe byte went out
+
+
+def test_forced_warm_up_probes_and_the_first_transfer_arrives_bit_exact(no_leaks: None) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = RequestSpec("after-warm", 3000, 3000)
+    src = payload(layout, req, seed=7)
+    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+    with Receiver() as rx, connect(*rx.address, warm=0.5) as s:
+        w = s.warmup
+        assert isinstance(w, ProbeResult)
+        assert w.bytes_sent > 0 and w.capacity > 0 and w.drained
+        assert w.seconds < 0.5 + 0.3  # at most the burst asked for (earlier when the pipe read full)
+        assert w.stopped_full == (w.seconds < 0.5)
+        assert _probes(s.stats()) >= 1
+        h_rx = rx.expect(req.request_id, dst, layout=layout)
+        h = s.send(layout, req)
+        h.write_all(src)
+        h.finish().result(20)
+        h_rx.result(10)
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_warm_false_and_no_controller_send_no_probe(no_leaks: None) -> None:
+    with Receiver() as rx:
+        with connect(*rx.address, warm=False) as s:
+            assert s.warmup is None and _probes(s.stats()) == 0
+        with connect(*rx.address, link_control=False) as s:
+            assert "controller" in warm_skip_reason(s) and s.warmup is None
+
+
+def test_a_receiver_that_takes_no_probes_is_skipped_not_an_error(no_leaks: None,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with Receiver(max_probe_bytes=0) as rx:
+        with connect(*rx.address) as s:
+            assert "takes no probes" in warm_skip_reason(s) and s.warmup is None
+        with caplog.at_level("INFO", logger="kvwire.probe"), connect(*rx.address, warm=True) as s:
+            assert s.warmup is None and not s.closed  # asked for, refused: the session is still good
+        assert any("no warm-up" in r.getMessage() and "max_probe_bytes=0" in r.getMessage() for r in caplog.records)
+
+
+def test_the_environment_turns_auto_off(monkeypatch: pytest.MonkeyPatch, no_leaks: None) -> None:
+    monkeypatch.setenv(WARM_ENV, "0")
+    with Receiver() as rx, connect(*rx.address, warm=False) as s:
+        assert WARM_ENV in warm_skip_reason(s)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), (math.nan, ValueError),
+                                        (math.inf, ValueError), ("1", TypeError), ([1], TypeError)])
+def test_bad_warm_is_refused_before_connecting(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="warm"):
+        connect("127.0.0.1", 1, warm=bad)  # type: ignore[arg-type]  # (port 1: it never gets that far)
