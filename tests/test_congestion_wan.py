@@ -87,7 +87,8 @@ def kv_over_wan(rate: float, rtt: float) -> Iterator[tuple[WanLink, Any, Any]]:
             rx = kvwire.Receiver(link.server_addr, 0, allocator=lambda m: np.zeros(m.total_bytes, np.uint8))
         try:
             with link.inside("client"):
-                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4)
+                # (warm=False: these tests attach their own controller or probe to a cold session)
+                session = kvwire.connect(link.server_addr, rx.address[1], lanes=4, warm=False)
             try:
                 yield link, rx, session
             finally:
