@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import socket
-import statistics
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -65,8 +64,8 @@ _MIN_BUSY = 0.5
 class ProbeResult:
     """What one probe measured. Rates in bytes/s of TCP payload, times in seconds."""
 
-    # max over bw_sample spans of goodput (the LinkStates' btl_bw), or, if more, the lanes' latest delivery
-    # rates summed in the burst's samples that showed a standing queue (the link was full then), averaged
+    # max over bw_sample spans of goodput (the LinkStates' btl_bw), or, if more, the estimator's capacity at the
+    # burst's end (set once a queue stood or overflowed: before the bw_sample average catches up with a ramp)
     capacity: float
     saturated: bool  # a standing queue was seen while busy: capacity is the bottleneck's rate, not a lower bound
     min_rtt: float | None
@@ -82,7 +81,7 @@ class ProbeResult:
     # bottleneck bandwidth stopped growing (BBR's full-pipe rule) on a WAN path while no socket window held the
     # lanes: capacity is the bottleneck's rate, as with ``saturated``
     full_pipe: bool = False
-    stopped_full: bool = False  # ``until_full`` ended the burst before ``seconds`` (saturated or full_pipe)
+    stopped_full: bool = False  # ``until_full`` ended the burst before ``seconds`` (capacity measured, or full_pipe)
     drain_seconds: float = 0.0  # from the end of the burst until the lanes held nothing (or the drain gave up)
 
     @property
@@ -107,9 +106,10 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
     ``TCP_INFO`` samples. ``lanes``: the lane count to probe with (the session's is restored after).
     ``congestion``: the algorithm for the burst (``None`` keeps the lanes'); one the kernel refuses is
     skipped with a note in the result. ``until_full``: end the burst at the first sample that shows the pipe
-    full (``ProbeResult.measured``) instead of running all ``seconds``. Raises ``ValueError`` for bad
-    arguments, ``ProbeRefused`` when the receiver takes no probes, ``KvwireError`` for a closed session,
-    and the failure (a ``KvwireError``) when the session or a probe transfer fails midway.
+    full (the estimator's capacity known, or ``full_pipe``) instead of running all ``seconds``. Raises
+    ``ValueError`` for bad arguments, ``ProbeRefused`` when the receiver takes no probes, ``KvwireError``
+    for a closed session, and the failure (a ``KvwireError``) when the session or a probe transfer fails
+    midway.
     """
     if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
@@ -159,7 +159,7 @@ class _Probe:
         self.full_pipe = False
         self._judging = True
         self._pipe: tuple[float, float] | None = None  # (btl_bw, timestamp) at its last 25 % growth
-        self._full_rates: list[float] = []  # the lanes' delivery-rate samples summed, in each sample under a queue
+        self._estimate: float | None = None  # the estimator's capacity at the burst's last sample (None: unknown)
         self.seconds = seconds
         self.interval = interval
         self.lanes = lanes
@@ -225,8 +225,7 @@ class _Probe:
         rtts = [s.min_rtt for s in states if s.min_rtt is not None]
         ratios = [s.queueing_ratio for s in states if s.queueing_ratio is not None]
         return ProbeResult(
-            capacity=max(max((s.btl_bw for s in states), default=0.0),
-                         statistics.fmean(self._full_rates) if self._full_rates else 0.0),
+            capacity=max(max((s.btl_bw for s in states), default=0.0), self._estimate or 0.0),
             saturated=any(s.saturated for s in states),
             min_rtt=min(rtts) if rtts else None,
             max_queueing_ratio=max(ratios) if ratios else None,
@@ -295,9 +294,7 @@ class _Probe:
         lan = s.min_rtt is None or s.min_rtt < ControllerConfig().lan_rtt
         if not self._judging:
             return
-        if s.saturated:  # the bottleneck is busy: what each lane delivered over its last round trip, summed, is
-            # what the link serves (before the bw_sample average catches up with a ramp still doubling)
-            self._full_rates.append(sum(ln.delivery_rate or 0.0 for ln in s.lanes))
+        self._estimate = s.capacity
         if held or lan or s.btl_bw <= 0:
             self._pipe = None
             return
@@ -309,8 +306,10 @@ class _Probe:
             self.full_pipe = True
 
     def _full(self) -> bool:
-        """The pipe reads full: a standing queue while busy (``LinkState.saturated``) or the full-pipe rule."""
-        return self.full_pipe or bool(self.states and self.states[-1].saturated)
+        """The pipe reads full: the estimator measured a capacity (a queue that stood ``bw_sample`` or
+        overflowed: ``LinkState.capacity``) or the full-pipe rule. Not the first sample with a queue alone:
+        STARTUP builds one while the bandwidth average still lags the ramp by half."""
+        return self.full_pipe or self._estimate is not None
 
     def _wind_down(self, outstanding: list[OutgoingTransfer]) -> bool:
         """Cancel the sinks in flight (one about to finish may), then wait, bounded, until the lanes have
