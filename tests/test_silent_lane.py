@@ -135,6 +135,9 @@ def test_a_late_copy_never_overwrites_a_verified_chunk(no_leaks: None) -> None:
                 (lane, x), = first
                 proxy.refuse_new = True  # the lane cannot be re-dialled: the stuck reader is not cut
                 s.lanes[lane].ch.sock.shutdown(socket.SHUT_RDWR)  # the sender gives the lane up now
+                # (with early chunks the stalled copy may be on the wire before the receiver admitted the
+                # transfer: wait for its machine)
+                assert wait_until(lambda: h_rx.machine is not None, 10)
                 sm = h_rx.machine
                 assert sm is not None
                 # the re-sent copy arrived: before the fix it was written and verified, now it is dropped
