@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..codec import early
 from ..codec import frames as F
@@ -46,6 +46,9 @@ from ._outgoing import OutgoingTransfer
 from ._txlanes import LanePump
 from .transport import IDENTITY, ChunkStage, Stream
 
+if TYPE_CHECKING:  # (for the annotations only: kvwire.probe imports this module)
+    from ..probe import ProbeResult
+
 log = logging.getLogger("kvwire.tcp")
 
 #: lanes dialled at once when a session opens or grows (see ``Dialer.dial_each``); read at each dial
@@ -55,7 +58,7 @@ _MUST_SEND = frozenset({F.BEGIN, F.DONE})
 
 #: ``warm_up(session, warm)``: warms a session that has just opened and returns what it measured (a
 #: ``kvwire.probe.ProbeResult``) or None when it did not; ``kvwire.probe`` installs its ``warm_up`` as it loads
-WarmUp = Callable[["Session", "bool | float | None"], Any]
+WarmUp = Callable[["Session", "bool | float | None"], "ProbeResult | None"]
 _warm_up: list[WarmUp] = []
 
 
@@ -184,7 +187,7 @@ class Session:
         self._group: LaneGroup | None = None
         #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its
         #: ``seconds``, ``drain_seconds``, ``bytes_sent``, ``capacity``), or None: not warmed (see ``warm``)
-        self.warmup: Any = None
+        self.warmup: ProbeResult | None = None
         self._establish(lanes)
         try:
             if isinstance(link_control, LaneGroup):
