@@ -443,3 +443,24 @@ def test_bursts_of_an_app_limited_sender_raise_a_low_estimate_to_the_rate_the_li
     slow.seed_capacity(0.7 * cap)
     _, s = _bursts(slow, lanes, 0.0, 3.0, 0.5 * cap)
     assert s.capacity == pytest.approx(0.7 * cap)
+
+
+def test_lanes_that_open_during_an_interval_do_not_read_as_idle_time() -> None:
+    """10 busy lanes, then 6 more open during a long (0.4 s) interval and all 16 stay busy: the lanes'
+    busy share is 1.0 throughout (the new ones have no busy time to show for the interval they opened in).
+    Before, the 6 counted as idle lane-time and busy read 0.8 for the stats window, holding off decisions."""
+    est = LinkEstimator()
+    lanes = {k: FakeLane() for k in range(10)}
+    est.update(0.0, {k: ln.info() for k, ln in lanes.items()})
+    t, s = run_keyed(est, lanes, 0.0, 5, 100e6, rtt_us=20_000)
+    assert s.busy == pytest.approx(1.0, abs=0.01)
+    for k in range(10, 16):
+        lanes[k] = FakeLane()
+    for k in range(10):
+        lanes[k].busy_us += 400_000
+        lanes[k].acked += int(0.4 * 100e6 / 10)
+    t += 0.4
+    s = est.update(t, {k: ln.info() for k, ln in lanes.items()})
+    assert s.busy == pytest.approx(1.0, abs=0.01), s.busy
+    t, s = run_keyed(est, lanes, t, 2, 100e6, rtt_us=20_000)
+    assert s.busy == pytest.approx(1.0, abs=0.01), s.busy

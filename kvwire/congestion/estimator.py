@@ -262,7 +262,11 @@ class LinkEstimator:
             if app:
                 self._app_limited_at = now
             recent = self._app_limited_at is not None and now - self._app_limited_at <= self.config.bw_sample + 1e-9
-            self._intervals.append(_Interval(now, dt, len(items), total, partial, app or recent,
+            # (lane-time counts the lanes sampled at both ends: one that opened during the interval has no
+            # busy time in it to show, and counting it read 16 busy lanes as 0.8 busy for the stats window
+            # after the controller added 6 lanes while its thread waited 0.44 s for them to connect)
+            known = sum(1 for key in items if key in self._prev)
+            self._intervals.append(_Interval(now, dt, known, total, partial, app or recent,
                                              _pacing_limited(items, total.acked / dt, self.config.paced_share)))
             rate = self._span_rate(now, self.config.bw_sample)
             self._bw.append((now, rate))
