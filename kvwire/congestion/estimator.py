@@ -218,6 +218,7 @@ class LinkEstimator:
     def __init__(self, config: EstimatorConfig | None = None) -> None:
         self.config = config or EstimatorConfig()
         self._prev: dict[LaneKey, TcpInfo] = {}
+        self._seen: set[LaneKey] = set()  # every lane ever sampled (a LaneGroup leaves idle members' lanes out)
         self._last_t: float | None = None
         self._intervals: deque[_Interval] = deque()
         self._rtts: deque[tuple[float, float]] = deque()  # (t, min over lanes of min_rtt_us)
@@ -262,16 +263,18 @@ class LinkEstimator:
             if app:
                 self._app_limited_at = now
             recent = self._app_limited_at is not None and now - self._app_limited_at <= self.config.bw_sample + 1e-9
-            # (lane-time counts the lanes sampled at both ends: one that opened during the interval has no
-            # busy time in it to show, and counting it read 16 busy lanes as 0.8 busy for the stats window
-            # after the controller added 6 lanes while its thread waited 0.44 s for them to connect)
-            known = sum(1 for key in items if key in self._prev)
+            # (lane-time leaves out lanes sampled for the first time: one that opened during the interval has
+            # no busy time in it to show, and counting it read 16 busy lanes as 0.8 busy for the stats window
+            # after the controller added 6 lanes while its thread waited 0.44 s for them to connect. A lane
+            # seen before and back in the set, a LaneGroup member's that idled, did idle: it counts)
+            known = sum(1 for key in items if key in self._prev or key in self._seen)
             self._intervals.append(_Interval(now, dt, known, total, partial, app or recent,
                                              _pacing_limited(items, total.acked / dt, self.config.paced_share)))
             rate = self._span_rate(now, self.config.bw_sample)
             self._bw.append((now, rate))
             self._floor_bw.append((now, rate))
         self._prev = items
+        self._seen.update(items)
         self._last_t = now
         rtts = [i.min_rtt_us for i in items.values() if i.min_rtt_us]
         if rtts:
