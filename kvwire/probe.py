@@ -32,7 +32,7 @@ from typing import Any
 
 from .codec.layout import ModelLayout
 from .codec.probe import PROBE_SEGMENT, probe_layers, probe_layout, probe_request
-from .congestion.controller import ControllerConfig
+from .congestion.controller import ControllerConfig, pipe_step
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
 from .congestion.tcpinfo import sample
@@ -49,10 +49,7 @@ OUTSTANDING = 2
 #: after the burst the lanes get this long, plus 4 RTTs, to deliver what they hold
 DRAIN_SECONDS = 2.0
 _QUIET_STEP = 0.005  # seconds between two TCP_INFO reads that must both find the lanes empty
-#: the pipe is full once bottleneck bandwidth grew by less than this factor over ``PIPE_ROUNDS`` round trips
-#: (BBR's full-pipe rule) while busy and held by no socket window (at least ``PIPE_MIN`` seconds)
-PIPE_GROWTH = 1.25
-PIPE_ROUNDS = 3
+#: the burst's pipe is full by BBR's rule (``congestion.controller.pipe_step``) over at least this long
 PIPE_MIN = 0.2
 #: a probe interval in which lanes were held by their send buffer or the receive window this share of busy
 #: time says nothing of the link: its plateau is the windows' (too few lanes for the path), not the pipe's
@@ -286,9 +283,8 @@ class _Probe:
         return True
 
     def _watch_pipe(self, s: LinkState) -> None:
-        """BBR's full-pipe rule over the burst's samples: bottleneck bandwidth that grew by less than
-        ``PIPE_GROWTH`` over ``PIPE_ROUNDS`` round trips (``PIPE_MIN`` at least). A sample in which the lanes
-        idled or a socket window held them restarts the count: a plateau of too few send buffers for the
+        """BBR's full-pipe rule over the burst's samples (``pipe_step``, ``PIPE_MIN`` at least). A sample in
+        which the lanes idled or a socket window held them restarts the count: a plateau of too few send buffers for the
         path is not the link's. Not on a LAN path, where the plateau is the hosts' CPU."""
         held = max(s.sndbuf_limited, s.rwnd_limited) >= _WINDOW_HELD or s.busy < _MIN_BUSY
         lan = s.min_rtt is None or s.min_rtt < ControllerConfig().lan_rtt
@@ -298,12 +294,8 @@ class _Probe:
         if held or lan or s.btl_bw <= 0:
             self._pipe = None
             return
-        if self._pipe is None or s.btl_bw >= PIPE_GROWTH * self._pipe[0]:
-            self._pipe = (s.btl_bw, s.timestamp)
-            return
-        rounds = max(PIPE_MIN, PIPE_ROUNDS * (s.min_rtt or 0.0))
-        if s.timestamp - self._pipe[1] >= rounds:
-            self.full_pipe = True
+        self._pipe, full = pipe_step(self._pipe, s.btl_bw, s.timestamp, s.min_rtt, PIPE_MIN)
+        self.full_pipe = self.full_pipe or full
 
     def _full(self) -> bool:
         """The pipe reads full: the estimator measured a capacity (a queue that stood ``bw_sample`` or

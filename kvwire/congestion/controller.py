@@ -86,7 +86,7 @@ from .split import idle_lanes, lane_rates
 log = logging.getLogger("kvwire.congestion")
 
 _MSS = 1448.0
-_PIPE_GROWTH, _PIPE_ROUNDS = 1.25, 3.0  # BBR's full-pipe rule: < 25 % more bandwidth over 3 round trips
+PIPE_GROWTH, PIPE_ROUNDS = 1.25, 3.0  # BBR's full-pipe rule: < 25 % more bandwidth over 3 round trips
 _BACK_MARGIN = 1.1  # up-probe back to what the lanes delivered unpaced when it is this far above the pacing
 _DROP = 0.75  # an estimate that fell below this x the last one in one step: the last one is kept to probe back to
 
@@ -298,15 +298,17 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if fell and st.last_capacity is not None and st.last_capacity > (st.delivered or 0.0):
         st = replace(st, delivered=st.last_capacity, delivered_at=now)  # measured before it fell: try once more
     st = replace(st, last_capacity=cap)
-    if d.mode is Mode.PROBE and link.btl_bw >= _PIPE_GROWTH * (st.pipe_bw or 0.0) and link.btl_bw > 0:
-        st = replace(st, pipe_bw=link.btl_bw, pipe_at=now)
+    full = False
+    if d.mode is Mode.PROBE:
+        pipe = None if st.pipe_bw is None or st.pipe_at is None else (st.pipe_bw, st.pipe_at)
+        pipe, full = pipe_step(pipe, link.btl_bw, now, link.min_rtt, cfg.full_pipe)
+        if pipe is not None:
+            st = replace(st, pipe_bw=pipe[0], pipe_at=pipe[1])
 
     grown = _grow_loss_bound(st, link, cfg) or _grow_window_bound(st, link, cfg)
     if grown is not None:
         return grown
     if d.mode is Mode.PROBE:
-        rounds = max(cfg.full_pipe, _PIPE_ROUNDS * (link.min_rtt or 0.0))
-        full = st.pipe_at is not None and now - st.pipe_at >= rounds - 1e-9
         if cap is not None and since >= cfg.probe_min and full:
             return _pace(replace(st, pipe_bw=None, pipe_at=None), link, cfg, Mode.CRUISE,
                          f"probed capacity {cap:.4g} B/s (delivered up to {link.btl_bw:.4g})", new_mode=True)
@@ -385,6 +387,17 @@ def _end_probe_on_overflow(st: ControllerState, link: LinkState, cfg: Controller
     assert cap is not None
     return _pace(st, link, cfg, Mode.CRUISE, f"queue overflowing ({link.loss_rate:.1%} loss, ratio "
                  f"{link.queueing_ratio or 1.0:.2f}): paced under {cap:.4g} B/s", new_mode=True)
+
+
+def pipe_step(pipe: tuple[float, float] | None, btl_bw: float, now: float, min_rtt: float | None,
+              least: float) -> tuple[tuple[float, float] | None, bool]:
+    """BBR's full-pipe rule, one sample at a time: ``pipe`` is (``btl_bw`` when it last grew by
+    ``PIPE_GROWTH``, when), None before any. Returns the new ``pipe`` and whether the pipe is full: no such
+    growth for ``PIPE_ROUNDS`` round trips (``least`` seconds at least). Pure; shared by the controller's
+    PROBE and ``kvwire.probe``'s burst."""
+    if btl_bw > 0 and (pipe is None or btl_bw >= PIPE_GROWTH * pipe[0]):
+        return (btl_bw, now), False
+    return pipe, pipe is not None and now - pipe[1] >= max(least, PIPE_ROUNDS * (min_rtt or 0.0)) - 1e-9
 
 
 def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
