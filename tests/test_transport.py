@@ -71,6 +71,8 @@ def test_layers_become_ready_as_written_and_wait_layer_blocks(no_leaks: None) ->
         h_rx.result(10)
         assert sum(h_rx.lane_bytes().values()) == h.manifest.total_bytes  # no chunk was re-sent here
         assert set(h_rx.lane_bytes()) <= set(h_rx.lane_sockets()) and len(h_rx.lane_sockets()) == 2
+        # (on_layer callbacks run on the receiver's callback pool: result() can return before the last one)
+        wait_until(lambda: len(seen) >= layout.num_layers, 5)
         assert seen == list(range(layout.num_layers))
         assert list(h_rx.layers(timeout=1)) == list(range(layout.num_layers))
 
