@@ -32,9 +32,10 @@ from typing import Any
 
 from .codec.layout import ModelLayout
 from .codec.probe import PROBE_SEGMENT, probe_layers, probe_layout, probe_request
-from .congestion.controller import ControllerConfig, pipe_step
+from .congestion.decision import ControllerConfig
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
+from .congestion.rules import pipe_step
 from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
@@ -49,7 +50,7 @@ OUTSTANDING = 2
 #: after the burst the lanes get this long, plus 4 RTTs, to deliver what they hold
 DRAIN_SECONDS = 2.0
 _QUIET_STEP = 0.005  # seconds between two TCP_INFO reads that must both find the lanes empty
-#: the burst's pipe is full by BBR's rule (``congestion.controller.pipe_step``) over at least this long
+#: the burst's pipe is full by BBR's rule (``congestion.rules.pipe_step``) over at least this long
 PIPE_MIN = 0.2
 #: a probe interval in which lanes were held by their send buffer or the receive window this share of busy
 #: time says nothing of the link: its plateau is the windows' (too few lanes for the path), not the pipe's

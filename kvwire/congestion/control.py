@@ -250,7 +250,7 @@ def sampling_interval(d: Decision, state: LinkState, cfg: ControllerConfig, inte
     unpaced on a WAN path (min RTT at least ``cfg.lan_rtt``) with no capacity known yet, else ``interval``.
     Lanes in STARTUP double their rate every round trip: on 400 Mbit/s, 20 ms, a one-BDP queue went from
     empty to overflowing in about 50 ms, and every interval until the controller sees the overflow
-    (``controller._end_probe_on_overflow``) adds a fifth of its packets to the start's retransmits."""
+    (``policy._end_probe_on_overflow``) adds a fifth of its packets to the start's retransmits."""
     wan = state.min_rtt is not None and state.min_rtt >= cfg.lan_rtt
     if probe_interval is not None and d.mode is Mode.PROBE and d.pacing_rate is None and wan and state.capacity is None:
         return min(interval, probe_interval)
