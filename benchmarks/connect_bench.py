@@ -4,7 +4,7 @@
     sudo python benchmarks/connect_bench.py --rtt 50ms --lanes 8,64
 
 Owns: the measurement — a ``Receiver`` in the server namespace of one ``WanLink``, ``kvwire.connect``
-from the client namespace with ``kvwire.tcp._sender.DIAL_CONCURRENCY`` set to 1 (one lane after another,
+from the client namespace with ``kvwire.tcp._txconnection.DIAL_CONCURRENCY`` set to 1 (one lane after another,
 as kvwire did before) and to its default, alternating, plus ``Session.set_active_lanes`` growing a
 session from 4 lanes. Prints median wall time and that time in RTTs. Must not know: transfer internals.
 
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 import kvwire
-import kvwire.tcp._sender as sender
+import kvwire.tcp._txconnection as sender
 from kvwire.testing.wan import WanLink, parse_ms
 
 

@@ -1,9 +1,10 @@
 """Multi-lane TCP transport: sessions of one control connection plus N data lanes.
 
 Owns: the threaded TCP drivers of the sans-IO protocol engines (``codec.txengine``, ``codec.rxengine``):
-the sending session (``_sender``, its lanes' threads in ``_txlanes``, dialling in ``_lanes``), the
-receiver and its sessions (``_receiver``, ``_rxsession``, listening in ``_accept``, the handshake's I/O in
-``_auth``, the pre-authentication bound in ``_gate``), the transfer handles (``_outgoing``, ``_incoming``,
+the sending session (``_sender``, its connections and engine actions in ``_txconnection``, its lanes'
+threads in ``_txlanes``, dialling in ``_lanes``), the receiver and its sessions (``_receiver``,
+``_rxsession``, listening in ``_accept``, the handshake's I/O in ``_auth``, the pre-authentication bound
+in ``_gate``), the transfer handles (``_outgoing``, ``_incoming``,
 ``_handle``), user callbacks off the protocol threads (``_callbacks``), socket plumbing (``_wire``), a gated
 HTTP server (``_httpd``: the metrics endpoint, SGLang's bootstrap) and the transport seam with its chunk
 stage (``transport``). Must not know: which control message is legal when, verdicts or deadlines (the
