@@ -5,7 +5,9 @@ The names an engine imports::
     from kvwire import Receiver, connect, RequestSpec, load_layout
 
 Owns: the package's public surface, ``__all__``: what an engine needs to move a cache (the receiver and the
-session with their transfer handles, the layout and request, and the errors it catches). Must not know:
+session with their transfer handles, the layout and request, and the errors it catches), and joining the
+transport to the capacity probe built on it: ``connect`` is ``kvwire.tcp.connect`` with ``kvwire.probe.warm_up``
+handed in as its ``warm_up``. Must not know:
 anything else. Every other name lives in its own module and is imported from there: the typed errors in
 ``kvwire.errors``, ``Limits`` in ``kvwire.codec.frames``, presets in ``kvwire.codec.presets``, layouts'
 helpers in ``kvwire.codec.layout``, re-sharding in ``kvwire.reshard`` and ``kvwire.codec.reshard``, congestion
@@ -20,16 +22,20 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 from . import probe as _probe_module
 from .codec.layout import ModelLayout, RequestSpec, plan_segments
 from .codec.presets import load_layout
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
-from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session, connect
+from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
+from .tcp import connect as _tcp_connect
 
 __version__ = "0.1.0"
+
+_P = ParamSpec("_P")
 
 __all__ = [
     "IncomingTransfer",
@@ -83,6 +89,22 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(_moved_message(name, module), DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(module), name)
+
+
+def _handing_warm_up(fn: Callable[_P, Session]) -> Callable[_P, Session]:
+    """The transport's connect with the warm-up handed in (``warm_up``: ``kvwire.probe.warm_up`` unless given):
+    the probe is built on the transport, so only this layer, above both, joins them."""
+
+    @functools.wraps(fn)
+    def connect(*args: _P.args, **kwargs: _P.kwargs) -> Session:
+        kwargs.setdefault("warm_up", _probe_module.warm_up)
+        return fn(*args, **kwargs)
+
+    connect.__module__ = __name__
+    return connect
+
+
+connect = _handing_warm_up(_tcp_connect)
 
 
 # Deprecated: kvwire.probe(...); use "from kvwire.probe import probe". "probe" is also the name of the module

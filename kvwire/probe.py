@@ -14,9 +14,10 @@ back to back for the probe's duration, fed layer by layer from one shared zero b
 ``TCP_INFO`` on the calling thread into a ``LinkEstimator``, and waiting until the lanes hold nothing
 unacknowledged, so the next real transfer does not queue behind probe bytes; ``warm_up``: whether a new
 session is worth warming (its own controller, a path of ``WARM_MIN_RTT`` or more, a receiver that takes
-probes; ``$KVWIRE_WARM``) — installed into the transport (``tcp.install_warm_up``), which is below this
-module and cannot import it. Must not know: the wire format, chunk scheduling or how a receiver discards sinks (it calls
-``Session.send(sink=True)`` like any caller), nor the estimator's internals (only ``LinkState``'s fields).
+probes; ``$KVWIRE_WARM``) — handed to the transport's ``Session(warm_up=...)`` by ``kvwire.connect``
+(the transport is below this module and cannot import it). Must not know: the wire format, chunk
+scheduling or how a receiver discards sinks (it calls ``Session.send(sink=True)`` like any caller), nor
+the estimator's internals (only ``LinkState``'s fields).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .congestion.rules import pipe_step
 from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
-from .tcp import OutgoingTransfer, Session, connect, install_warm_up
+from .tcp import OutgoingTransfer, Session, connect
 
 log = logging.getLogger("kvwire.probe")
 
@@ -459,8 +460,6 @@ def warm_up(session: Session, warm: bool | float | None = None) -> ProbeResult |
              result.capacity * 8e-6, "" if result.measured else " (pipe not seen full)")
     return result
 
-
-install_warm_up(warm_up)
 
 
 def _quiet(socks: list[socket.socket]) -> bool:

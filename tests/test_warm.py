@@ -69,6 +69,31 @@ def test_a_receiver_that_takes_no_probes_is_skipped_not_an_error(no_leaks: None,
         assert any("no warm-up" in r.getMessage() and "max_probe_bytes=0" in r.getMessage() for r in caplog.records)
 
 
+def test_the_transport_runs_the_warm_up_it_is_handed_and_none_without_one(no_leaks: None) -> None:
+    """The seam: ``kvwire.tcp``'s session warms only with the ``warm_up`` it is handed (``kvwire.connect``
+    hands in ``kvwire.probe.warm_up``), called once with the open session; asked to warm without one, it
+    refuses at the call, before connecting."""
+    from kvwire import tcp
+
+    calls: list[tuple[object, object]] = []
+    measured = object()  # what the warm-up measured: the session keeps it as ``warmup``
+
+    def recording(session: tcp.Session, warm: bool | float | None) -> object:
+        calls.append((session, warm))
+        return measured
+
+    with Receiver() as rx:
+        with pytest.raises(ValueError, match="warm_up"):
+            tcp.connect(*rx.address, warm=True)
+        with tcp.connect(*rx.address, warm=0.25, warm_up=recording) as s:  # type: ignore[arg-type]
+            assert calls == [(s, 0.25)] and s.warmup is measured
+        with tcp.connect(*rx.address, warm=False, warm_up=recording):  # type: ignore[arg-type]
+            assert len(calls) == 1
+        with tcp.connect(*rx.address, warm=None) as s:  # nothing handed in: never warmed, nothing probed
+            assert s.warmup is None and _probes(s.stats()) == 0
+        assert connect.__wrapped__ is tcp.connect  # type: ignore[attr-defined]  # kvwire.connect hands it in
+
+
 def test_the_environment_turns_auto_off(monkeypatch: pytest.MonkeyPatch, no_leaks: None) -> None:
     monkeypatch.setenv(WARM_ENV, "0")
     with Receiver() as rx, connect(*rx.address, warm=False) as s:

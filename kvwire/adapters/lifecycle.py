@@ -38,6 +38,7 @@ from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
 from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch
+from ..probe import warm_up
 from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender, sub_request_id
 from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
@@ -311,7 +312,7 @@ class Outbox(_Book["Sending"]):
             if self._connect is not None:
                 s = self._connect(host, int(port))
             else:
-                s = Session(host, int(port), **self._session_kwargs)
+                s = Session(host, int(port), **{"warm_up": warm_up, **self._session_kwargs})  # (kvwire.connect's)
             self._sessions[key] = s
         return s
 

@@ -34,14 +34,14 @@ from ._httpd import GatedHTTPServer
 from ._lanes import LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._receiver import IncomingTransfer, Receiver
-from ._sender import Session, connect, install_warm_up
+from ._sender import Session, WarmUp, connect
 from ._wire import Channel, PeerClosed, host_port, listen, recv_exact_into
 from .transport import ChunkRef, ChunkStage
 
 __all__ = [
     "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
     "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
-    "client_handshake", "connect", "host_port", "install_warm_up", "listen", "recv_exact_into", "server_handshake",
+    "WarmUp", "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake",
     "server_hello",
 ]
 

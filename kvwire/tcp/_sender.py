@@ -11,8 +11,8 @@ takes fewer) through ``txlanes.LanePump``; dialling, authenticating and a lane's
 ``_lanes.py``'s; user callbacks go to a ``Callbacks`` pool. Must not know:
 torch/cupy, which control message is legal when (the engine's), congestion policy (it exposes its lane
 sockets, and hands its ``link_control`` argument to ``kvwire.congestion.control.for_session`` or a
-``LaneGroup``), nor how a session is warmed (``warm`` goes to the warm-up ``kvwire.probe`` installs with
-``install_warm_up``: the probe is built on this module, which cannot import it).
+``LaneGroup``), nor how a session is warmed (``warm`` goes to the ``warm_up`` callable it was handed,
+``kvwire.probe.warm_up`` from ``kvwire.connect``: the probe is built on this module, which cannot import it).
 """
 
 from __future__ import annotations
@@ -50,23 +50,19 @@ if TYPE_CHECKING:  # (for the annotations only: kvwire.probe imports this module
     from ..probe import ProbeResult
 
 #: ``warm_up(session, warm)``: warms a session that has just opened and returns what it measured (a
-#: ``kvwire.probe.ProbeResult``) or None when it did not; ``kvwire.probe`` installs its ``warm_up`` as it loads
+#: ``kvwire.probe.ProbeResult``) or None when it did not (``kvwire.probe.warm_up``; ``Session(warm_up=...)``)
 WarmUp = Callable[["Session", "bool | float | None"], "ProbeResult | None"]
-_warm_up: list[WarmUp] = []
 
 
-def install_warm_up(fn: WarmUp) -> None:
-    """What ``Session(warm=...)`` runs once the session is open (``kvwire.probe.warm_up``; one at a time)."""
-    _warm_up[:] = [fn]
-
-
-def _check_warm(warm: object) -> None:
-    if warm is None or isinstance(warm, bool):
-        return
-    if not isinstance(warm, (int, float)):
-        raise TypeError(f"warm must be None, True, False or a number of seconds, not {warm!r}")
-    if not 0 < warm < math.inf:
-        raise ValueError(f"warm must be a positive number of seconds, got {warm!r}")
+def _check_warm(warm: object, warm_up: WarmUp | None) -> None:
+    if warm is not None and not isinstance(warm, bool):
+        if not isinstance(warm, (int, float)):
+            raise TypeError(f"warm must be None, True, False or a number of seconds, not {warm!r}")
+        if not 0 < warm < math.inf:
+            raise ValueError(f"warm must be a positive number of seconds, got {warm!r}")
+    if warm is not None and warm is not False and warm_up is None:
+        raise ValueError(f"warm={warm!r} needs a warm_up to run (kvwire.connect hands in kvwire.probe.warm_up; "
+                         "Session(..., warm_up=kvwire.probe.warm_up))")
 
 
 class Session(SenderConnection):
@@ -121,6 +117,9 @@ class Session(SenderConnection):
             probes (``$KVWIRE_WARM=0`` turns this off process-wide); ``True`` or a number of seconds (the
             longest burst): regardless of the RTT; ``False``: never. A receiver that refuses probes
             leaves the session cold (logged), not failed.
+        warm_up: what warming runs, ``fn(session, warm)`` (``kvwire.probe.warm_up``, which
+            ``kvwire.connect`` passes; the probe is built on this transport, so it is handed in). ``None``
+            (the default here): the session is never warmed, and ``warm`` must be ``None`` or ``False``.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
@@ -134,8 +133,9 @@ class Session(SenderConnection):
                  limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
                  on_lane_open: LaneHook | None = None, reconnect: bool = False,
                  link_control: bool | ControllerConfig | LaneGroup = True,
-                 chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None) -> None:
-        _check_warm(warm)
+                 chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None,
+                 warm_up: WarmUp | None = None) -> None:
+        _check_warm(warm, warm_up)
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -188,8 +188,8 @@ class Session(SenderConnection):
                 link_control.add(self)
             else:
                 self._link_control = for_session(self, link_control, lanes, self.max_lanes, host)
-            if warm is not False and _warm_up:
-                self.warmup = _warm_up[0](self, warm)
+            if warm is not False and warm_up is not None:
+                self.warmup = warm_up(self, warm)
         except BaseException:
             self.close()
             raise
@@ -367,7 +367,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
             on_lane_open: LaneHook | None = None, reconnect: bool = False,
             link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY,
-            warm: bool | float | None = None) -> Session:
+            warm: bool | float | None = None, warm_up: WarmUp | None = None) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -401,9 +401,11 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             takes probes; ``True``/seconds: always; ``False``: never; see ``Session``). Costs up to ~1 s
             and that second's worth of link bytes once per session: right for persistent sessions, not
             for a connection per request. ``Session.warmup`` says what it cost.
+        warm_up: what warming runs (``kvwire.connect`` passes ``kvwire.probe.warm_up``; ``None``: never
+            warmed, see ``Session``).
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
                    on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control,
-                   chunk_stage=chunk_stage, warm=warm)
+                   chunk_stage=chunk_stage, warm=warm, warm_up=warm_up)
