@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
 import kvwire
+from kvwire.congestion.controller import ControllerConfig
 from kvwire.metrics import Metrics
 from kvwire.prfaas import demo, model
 from kvwire.prfaas.router import PD, PRFAAS, Router, RouteRequest
@@ -93,3 +96,42 @@ def test_demo_runs_end_to_end() -> None:
         if o.decision.target == PD:
             assert o.verified is None and o.report is not None and o.report.bytes == 0
     assert res.bytes_moved == sum(o.report.bytes for o in res.offloaded if o.report)
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_the_egress_probes_its_first_session_once_and_later_ones_are_still_warmed(
+        layout: kvwire.ModelLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``probe_seconds``, the first decode session is measured by the egress's explicit probe only: it
+    is not also warmed as it opens (one probe, whose capacity seeds the egress), while a later session,
+    which nothing probes, is still warmed. Loopback stands in for a long path (``WARM_MIN_RTT`` 0)."""
+    probe_module = importlib.import_module("kvwire.probe")
+    server_module = importlib.import_module("kvwire.prfaas.server")
+    calls: list[tuple[int, dict[str, Any]]] = []
+    real = probe_module.probe
+
+    def counting(session: kvwire.Session, **kw: Any) -> Any:
+        calls.append((session.address[1], kw))
+        return real(session, **kw)
+
+    monkeypatch.setattr(probe_module, "probe", counting)  # what the warm-up runs ...
+    monkeypatch.setattr(server_module, "probe", counting)  # ... and the egress's explicit probe
+    monkeypatch.setattr(probe_module, "WARM_MIN_RTT", 0.0)  # every path warms
+    rxs = [kvwire.Receiver("127.0.0.1", 0, key=KEY) for _ in range(2)]
+    server = PrfaasServer(layout, SimulatedPrefill(layout, model.table5_profile(), time_scale=0.01), lanes=2,
+                          key=KEY, monitor_interval=0.05, link_control=ControllerConfig(), probe_seconds=0.3)
+    try:
+        for i, rx in enumerate(rxs):
+            req = kvwire.RequestSpec(f"p{i}", 64, 64)
+            dest = np.zeros(payload_bytes(layout, req), np.uint8)
+            inc = rx.expect(req.request_id, dest, layout=layout, state_position=64)
+            assert server.submit(req, rx.address).result(timeout=30).ok
+            inc.result(timeout=30)
+            assert check_payload(layout, req, dest)
+        first, second = (rx.address[1] for rx in rxs)
+        assert [port for port, _ in calls] == [first, second]  # one probe per session, not two for the first
+        assert calls[0][1] == {"seconds": 0.3}  # the first: the egress's probe of probe_seconds
+        assert calls[1][1].get("until_full") is True  # the second: the warm-up
+    finally:
+        server.close()
+        for rx in rxs:
+            rx.close()

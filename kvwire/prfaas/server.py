@@ -111,7 +111,8 @@ class PrfaasServer:
     one controller measures and splits it instead of one per peer competing for it (across datacenters:
     otherwise every burst of unpaced lanes fills the bottleneck queue, which the router reads as
     congestion); the first session is measured with ``probe_seconds`` of ``kvwire.probe`` first, if
-    positive. ``metrics``: report sessions, the link control ("egress"), the link and the queue depth.
+    positive (that probe warms its lanes: it is not warmed again as it opens; later sessions are).
+    ``metrics``: report sessions, the link control ("egress"), the link and the queue depth.
     """
 
     def __init__(self, layout: kvwire.ModelLayout, producer: LayerProducer | None = None, *,
@@ -243,7 +244,12 @@ class PrfaasServer:
 
     # ------------------------------------------------------------ internals
     def _dial(self, peer: Peer) -> kvwire.Session:
-        return kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **self.session_options)
+        options = dict(self.session_options)
+        if self.link_control is not None and self.probe_seconds > 0 and self._egress is None:
+            # the egress's first session: ``_join`` probes it for ``probe_seconds``, which warms its lanes too;
+            # warming it as it opens as well would probe it twice (later sessions are warmed as usual)
+            options.setdefault("warm", False)
+        return kvwire.connect(peer[0], peer[1], lanes=self.lanes, key=self.key, **options)
 
     def _join(self, session: kvwire.Session, peer: Peer) -> None:
         """Report a new decode session to ``metrics`` and put it under the egress's ``LinkControl``
