@@ -1,8 +1,10 @@
-"""Shared fixtures: every test must leave no kvwire thread and no socket behind."""
+"""Shared fixtures: every test must leave no kvwire thread and no socket behind; ``uncaught`` collects what
+escaped a thread."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -68,3 +70,15 @@ def link(no_leaks: None) -> Iterator[tuple[kvwire.Receiver, kvwire.Session]]:
     finally:
         session.close()
         rx.close()
+
+
+@pytest.fixture
+def uncaught() -> Iterator[list[BaseException]]:
+    """Exceptions that escaped any thread while the test ran (``threading.excepthook``)."""
+    seen: list[BaseException] = []
+    old = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment,arg-type,return-value]
+    try:
+        yield seen
+    finally:
+        threading.excepthook = old

@@ -1,5 +1,6 @@
-"""Shared test helpers: resource counting, payloads, peer processes for kill/silence tests, and a
-proxy that stalls one connection."""
+"""Shared test helpers: resource counting, payloads and a verified transfer, a sender opened by hand (an
+authenticated peer that follows no rule), peer processes for kill/silence tests, and a proxy that stalls one
+connection."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from kvwire.codec import frames as F
 from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
+from kvwire.tcp import Channel, Receiver, Session, client_handshake
+from kvwire.tcp._auth import SessionKeys  # noqa: PLC2701 - the keys a hand-made lane authenticates with
 
 
 def open_fds() -> int:
@@ -36,6 +41,42 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.
 def payload(layout: ModelLayout, request: RequestSpec, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, s.nbytes, dtype=np.uint8) for s in plan_segments(layout, request)]
+
+
+def send_verified(rx: Receiver, session: Session, layout: ModelLayout, request: RequestSpec, *, seed: int = 0,
+                  timeout: float = 10.0) -> None:
+    """One transfer of ``request``'s seeded payload from ``session`` into ``rx``, both ends waited for
+    (``timeout`` each), then the destination compared with the source byte for byte."""
+    src = payload(layout, request, seed)
+    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+    h_rx = rx.expect(request.request_id, dst, layout=layout)
+    h = session.send(layout, request)
+    h.write_all(src)
+    h.finish().result(timeout)
+    h_rx.result(timeout)
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def raw_sender(address: tuple[str, int], key: bytes) -> tuple[socket.socket, Channel, SessionKeys, dict[str, Any]]:
+    """A sender's control connection opened by hand and authenticated with ``key`` (one lane announced): a
+    peer that holds the key and then follows no rule. Returns its socket (the caller closes it), its
+    ``Channel``, the session's keys (what a hand-made lane authenticates with) and the receiver's limits."""
+    raw = socket.create_connection(address)
+    ch = Channel(raw, F.DEFAULT_LIMITS)
+    try:
+        keys, limits = client_handshake(ch, key, 1)
+    except BaseException:
+        raw.close()
+        raise
+    return raw, ch, keys, limits
+
+
+def next_control(ch: Channel) -> tuple[str, dict[str, Any]]:
+    """The next control message on ``ch`` that is not a heartbeat."""
+    kind, body = ch.read_control()
+    while kind == F.HEARTBEAT:
+        kind, body = ch.read_control()
+    return kind, body
 
 
 def peer(*args: str) -> subprocess.Popen[str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import xxhash
-from helpers import payload, wait_until
+from helpers import next_control, payload, raw_sender, wait_until
 
 from kvwire import Receiver, State, connect, plan_segments
 from kvwire.codec import frames as F
@@ -348,34 +348,6 @@ def test_bench_control_port_refuses_a_kvwire_session_with_the_same_key(bench_ser
 # ---------------------------------------------------------------- an authenticated peer sends malformed messages
 
 
-@pytest.fixture
-def uncaught() -> Iterator[list[BaseException]]:
-    """Exceptions that escaped any thread while the test ran."""
-    seen: list[BaseException] = []
-    old = threading.excepthook
-    threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment,arg-type,return-value]
-    try:
-        yield seen
-    finally:
-        threading.excepthook = old
-
-
-def _authenticated(rx: Receiver):  # type: ignore[no-untyped-def]
-    from kvwire.tcp import Channel, client_handshake
-
-    raw = socket.create_connection(rx.address)
-    ch = Channel(raw, F.DEFAULT_LIMITS)
-    client_handshake(ch, b"k", 1)
-    return raw, ch
-
-
-def _next(ch) -> tuple[str, dict]:  # type: ignore[no-untyped-def,type-arg]
-    kind, body = ch.read_control()
-    while kind == F.HEARTBEAT:
-        kind, body = ch.read_control()
-    return kind, body
-
-
 @pytest.mark.parametrize("kind,body", [
     (F.CANCEL, {"tid": [1], "reason": "x"}),
     (F.CANCEL, {"tid": {"a": 1}, "reason": "x"}),
@@ -388,11 +360,11 @@ def _next(ch) -> tuple[str, dict]:  # type: ignore[no-untyped-def,type-arg]
 def test_malformed_control_message_ends_the_session_cleanly(kind: str, body: dict, uncaught: list,  # type: ignore[type-arg]
                                                             no_leaks: None) -> None:
     with Receiver(key="k") as rx:
-        raw, ch = _authenticated(rx)
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             assert wait_until(lambda: rx.sessions == 1, 2)
             ch.send(kind, body)
-            got, reply = _next(ch)
+            got, reply = next_control(ch)
             assert got == F.ERROR and ("must be" in reply["reason"] or "unknown state" in reply["reason"]), reply
             assert wait_until(lambda: rx.sessions == 0, 2), "session left to the peer-silence monitor"
         assert uncaught == []
@@ -407,21 +379,21 @@ def test_malformed_layout_in_begin_is_rejected_and_the_session_serves_on(field: 
 
     layout = load_fixture("tiny-llama")
     with Receiver(key="k", allocator=lambda m: bytearray(m.total_bytes)) as rx:
-        raw, ch = _authenticated(rx)
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             wire = build_manifest(7, layout, default_request("bad"), 1 << 20).to_wire(with_layout=True)
             wire["layout"][field] = value
             ch.send(F.BEGIN, wire)
-            kind, body = _next(ch)
+            kind, body = next_control(ch)
             assert kind == F.REJECT and body["tid"] == 7, body
             assert field in body["reason"] or "strings" in body["reason"], body
             for tid in ([7], {"a": 1}):  # a malformed id is refused the same way
                 ch.send(F.BEGIN, {**wire, "tid": tid})
-                kind, body = _next(ch)
+                kind, body = next_control(ch)
                 assert kind == F.REJECT and body["tid"] is None
             good = build_manifest(8, layout, default_request("good"), 1 << 20).to_wire(with_layout=True)
             ch.send(F.BEGIN, good)
-            assert _next(ch) == (F.ACCEPT, {"tid": 8})
+            assert next_control(ch) == (F.ACCEPT, {"tid": 8})
         assert uncaught == []
 
 
@@ -439,7 +411,7 @@ def _zero_begin(tid: int, rid: str, nseg: int) -> dict:  # type: ignore[type-arg
 def test_zero_payload_transfers_of_many_segments_hold_no_memory(uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
     """40 BEGINs of 65,536 empty segments each (main: accepted, +975 MiB RSS, seconds of CPU each)."""
     with Receiver(key="k", allocator=lambda m: bytearray(m.total_bytes)) as rx:
-        raw, ch = _authenticated(rx)
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             gc.collect()
             before, t0 = rss(), time.monotonic()
@@ -447,7 +419,7 @@ def test_zero_payload_transfers_of_many_segments_hold_no_memory(uncaught: list, 
             begin = _zero_begin(0, "z", 65536)
             for n in range(40):
                 ch.send(F.BEGIN, {**begin, "tid": n, "req": {**begin["req"], "request_id": f"z{n}"}})
-                replies.append(_next(ch)[0])
+                replies.append(next_control(ch)[0])
                 ch.send(F.HEARTBEAT)
             took = time.monotonic() - t0
             gc.collect()
@@ -465,12 +437,12 @@ def test_metadata_is_charged_against_inflight_bytes(no_leaks: None) -> None:
     cost = parse_manifest(_zero_begin(0, "x", 4096)).metadata_bytes
     with Receiver(key="k", max_inflight_bytes=4 * cost + 1) as rx:
         handles = [rx.expect(f"z{n}", bytearray(0)) for n in range(6)]
-        raw, ch = _authenticated(rx)
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             replies = []
             for n in range(6):
                 ch.send(F.BEGIN, _zero_begin(n, f"z{n}", 4096))
-                replies.append(_next(ch))
+                replies.append(next_control(ch))
             # while the session lives: closing it ends the accepted transfers
             assert [h.state for h in handles[:4]] == [State.ACTIVE] * 4
         assert [k for k, _ in replies] == [F.ACCEPT] * 4 + [F.REJECT] * 2
@@ -480,12 +452,12 @@ def test_metadata_is_charged_against_inflight_bytes(no_leaks: None) -> None:
 def test_allocator_is_never_asked_for_a_layoutless_manifest(no_leaks: None) -> None:
     asked: list[int] = []
     with Receiver(key="k", allocator=lambda m: asked.append(m.total_bytes) or bytearray(0)) as rx:
-        raw, ch = _authenticated(rx)
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             begin = _zero_begin(1, "big", 2)
             begin["seg"][0][3] = 1 << 30  # 1 GiB that no layout justifies
             ch.send(F.BEGIN, begin)
-            kind, body = _next(ch)
+            kind, body = next_control(ch)
         assert kind == F.REJECT and "layout" in body["reason"]
     assert asked == []
 

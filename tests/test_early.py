@@ -12,14 +12,12 @@ past the window fails only its own session with ``EarlyWindowExceeded``.
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import payload, wait_until
+from helpers import next_control, payload, raw_sender, wait_until
 
 from kvwire import Receiver, State, connect, plan_segments
 from kvwire.codec import early
@@ -309,35 +307,20 @@ def test_refused_transfer_with_early_chunks_ends_rejected_and_the_session_serves
         assert s.stats()["transfers_failed"] == 1 and s.stats()["transfers_done"] == 1
 
 
-@pytest.fixture
-def uncaught() -> Iterator[list[BaseException]]:
-    seen: list[BaseException] = []
-    old = threading.excepthook
-    threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment,arg-type,return-value]
-    try:
-        yield seen
-    finally:
-        threading.excepthook = old
-
-
 def test_peer_sending_past_the_window_fails_its_session_only(uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
     """An authenticated peer puts 128 KiB of a transfer it never offered on a lane; the window is 64 KiB."""
-    from kvwire.tcp import Channel, client_handshake
+    from kvwire.tcp import Channel
     from kvwire.tcp._auth import client_lane  # noqa: PLC2701 - a raw lane, as an attacker opens one
 
     with Receiver(key="k", early_bytes=CHUNK) as rx:
-        raw = socket.create_connection(rx.address)
-        ctrl = Channel(raw, F.DEFAULT_LIMITS)
-        keys, limits = client_handshake(ctrl, b"k", 1)
+        raw, ctrl, keys, limits = raw_sender(rx.address, b"k")
         assert early.parse(limits) == EarlyWindow(CHUNK, 2 * CHUNK, early.EARLY_TRANSFERS)
         lane = Channel(socket.create_connection(rx.address), F.DEFAULT_LIMITS)
         with raw, lane.sock:
             client_lane(lane, b"k", keys, 0)
             body = bytes(2 * CHUNK)
             lane.send_parts([F.pack_data_header(5, 0, 0, 0, len(body), None), body])
-            kind, reply = ctrl.read_control()
-            while kind == F.HEARTBEAT:
-                kind, reply = ctrl.read_control()
+            kind, reply = next_control(ctrl)
             assert kind == F.ERROR and "early chunks exceed" in reply["reason"], reply
             assert wait_until(lambda: rx.sessions == 0, 2)
             assert rx.stats()["bytes_received"] == 0

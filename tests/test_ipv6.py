@@ -13,11 +13,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import has_ipv6_loopback, payload
+from helpers import has_ipv6_loopback, send_verified
 
-from kvwire import Receiver, connect, plan_segments
+from kvwire import Receiver, connect
 from kvwire.metrics import Metrics
 from kvwire.testing import netns
 from kvwire.testing.fixtures import default_request, load_fixture
@@ -27,17 +26,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _transfer(rx: Receiver, host: str, rid: str) -> None:
-    layout = load_fixture("tiny-llama")
-    req = default_request(rid)
-    src = payload(layout, req)
-    dst = np.zeros(sum(s.nbytes for s in plan_segments(layout, req)), np.uint8)
-    h_rx = rx.expect(rid, dst, layout=layout)
     with connect(host, rx.address[1], key="k", lanes=3) as s:
-        h = s.send(layout, req)
-        h.write_all(src)
-        h.finish().result(10)
-    h_rx.result(10)
-    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+        send_verified(rx, s, load_fixture("tiny-llama"), default_request(rid))
 
 
 def test_receiver_and_session_over_ipv6_loopback(no_leaks: None) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-from helpers import payload
+from helpers import send_verified
 
 from kvwire import Receiver, RequestSpec, connect
 from kvwire.probe import WARM_ENV, WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
@@ -34,8 +33,6 @@ def test_auto_leaves_a_loopback_session_cold(no_leaks: None) -> None:
 def test_forced_warm_up_probes_and_the_first_transfer_arrives_bit_exact(no_leaks: None) -> None:
     layout = load_fixture("tiny-qwen3-next")
     req = RequestSpec("after-warm", 3000, 3000)
-    src = payload(layout, req, seed=7)
-    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
     with Receiver() as rx, connect(*rx.address, warm=0.5) as s:
         w = s.warmup
         assert isinstance(w, ProbeResult)
@@ -43,12 +40,7 @@ def test_forced_warm_up_probes_and_the_first_transfer_arrives_bit_exact(no_leaks
         assert w.seconds < 0.5 + 0.3  # at most the burst asked for (earlier when the pipe read full)
         assert w.stopped_full == (w.seconds < 0.5)
         assert _probes(s.stats()) >= 1
-        h_rx = rx.expect(req.request_id, dst, layout=layout)
-        h = s.send(layout, req)
-        h.write_all(src)
-        h.finish().result(20)
-        h_rx.result(10)
-    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+        send_verified(rx, s, layout, req, seed=7, timeout=20)
 
 
 def test_warm_false_and_no_controller_send_no_probe(no_leaks: None) -> None:
