@@ -24,6 +24,7 @@ from kvwire.congestion.controller import (
     window_lanes,
 )
 from kvwire.congestion.estimator import LinkState
+from kvwire.congestion.rules import loss_lanes
 from kvwire.sockopts import get_congestion, get_pacing_rate
 
 
@@ -300,11 +301,34 @@ def test_loss_bound_lanes_grow_while_goodput_grows() -> None:
 
 
 def test_polite_lanes_follow_the_mathis_rule_only_while_alone() -> None:
-    cfg = ControllerConfig(initial_lanes=4, max_lanes=32, polite=True)
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=64, polite=True)
     st = cruising(cfg)
-    assert decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C), cfg).decision.lanes == 18  # ~2.8 MB/s per lane
+    alone = decide(st, ls(1.5, 12e6, loss=1e-3, capacity=C), cfg).decision
+    assert alone.lanes == loss_lanes(C, 0.02, 1e-3) == 35  # ~2.8 MB/s a lane at its Mathis rate: half of it each
     sharing = replace(st, competing_at=1.2)
     assert decide(sharing, ls(1.5, 12e6, loss=1e-3, capacity=C), cfg).decision.lanes == 4
+
+
+def test_loss_based_lanes_are_paced_at_half_their_mathis_rate() -> None:
+    """A paced CUBIC lane that a random loss cut to 0.7 of its cap cannot take a peer's idle share: the lane
+    count keeps each lane's cap at half its Mathis rate, so the backoffs cost the aggregate ~3 %, not ~13 %
+    (one Mathis rate a lane: 18 lanes on 400 Mbit/s, 20 ms, 0.1 % loss; measured there: 20 lanes, 89 %)."""
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=64, congestion="cubic")
+    st = cruising(cfg)
+    for loss in (1e-4, 1e-3, 3e-3):
+        d = decide(st, ls(1.5, C, loss=loss, capacity=C), cfg).decision
+        one = mathis_rate(0.02, loss)
+        assert d.lanes == loss_lanes(C, 0.02, loss)
+        assert d.total_pacing is not None and d.pacing_rate is not None
+        assert d.pacing_rate <= 0.5 * one < C / (d.lanes - 1)  # half a Mathis rate a lane, not less
+        assert d.lanes > math.ceil(C / one)  # (the count at one Mathis rate a lane: more than that)
+    assert loss_lanes(C, 0.02, 1e-3) == 35 and math.ceil(C / mathis_rate(0.02, 1e-3)) == 18
+    assert decide(st, ls(1.5, C, loss=1e-2, capacity=C), cfg).decision.lanes == cfg.max_lanes  # (109 wanted)
+    assert loss_lanes(C, 0.02, 0.0) == loss_lanes(C, 0.02, 1e-6)  # no loss measured: clamped, not a division by 0
+    # a queue: the loss is congestive and no reason for lanes; nor for BBR, which ignores random loss
+    assert decide(st, ls(1.5, C, q=1.5, loss=1e-3, capacity=C), cfg).decision.lanes == 4
+    bbr = ControllerConfig(initial_lanes=4, max_lanes=64)
+    assert decide(cruising(bbr), ls(1.5, C, loss=1e-3, capacity=C), bbr).decision.lanes == 4
 
 
 def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -365,6 +389,12 @@ def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send
     assert start_lanes(0.020, cfg) == 4
     assert start_lanes(0.0002, cfg, capacity=1e10) == 4
     assert start_lanes(None, cfg) == 4
+    # loss-based lanes, the capacity measured (a warm-up opened every lane): all of them, loss not yet known
+    cubic = ControllerConfig(initial_lanes=4, max_lanes=32, congestion="cubic")
+    assert start_lanes(0.020, cubic, capacity=48e6) == 32
+    assert start_lanes(0.020, cubic) == 4  # (capacity unknown: the lanes grow while goodput does)
+    assert start_lanes(0.0002, cubic, capacity=48e6) == 4  # (a LAN: never)
+    assert start_lanes(0.020, cfg, capacity=48e6) == 4  # (BBR: its window rule)
     assert start_lanes(0.080, replace(cfg, start_rate=None)) == 4
     assert start_lanes(0.020, replace(cfg, initial_lanes=12)) == 12
     assert start_lanes(0.080, replace(cfg, max_lanes=8)) == 8
