@@ -208,6 +208,7 @@ class _Probe:
                     break
             burst = time.monotonic() - t0
             self._judging = False  # (the drain's samples say nothing of the pipe)
+            self._pace_drain(socks)
             drained = self._wind_down(outstanding)
             drain = time.monotonic() - t0 - burst
             outstanding = []
@@ -224,7 +225,7 @@ class _Probe:
         rtts = [s.min_rtt for s in states if s.min_rtt is not None]
         ratios = [s.queueing_ratio for s in states if s.queueing_ratio is not None]
         return ProbeResult(
-            capacity=max(max((s.btl_bw for s in states), default=0.0), self._estimate or 0.0),
+            capacity=self._capacity(),
             saturated=any(s.saturated for s in states),
             min_rtt=min(rtts) if rtts else None,
             max_queueing_ratio=max(ratios) if ratios else None,
@@ -304,6 +305,25 @@ class _Probe:
         overflowed: ``LinkState.capacity``) or the full-pipe rule. Not the first sample with a queue alone:
         STARTUP builds one while the bandwidth average still lags the ramp by half."""
         return self.full_pipe or self._estimate is not None
+
+    def _capacity(self) -> float:
+        """What the burst measured: the fastest bw_sample span (``btl_bw``) or the estimator's capacity."""
+        return max(max((s.btl_bw for s in self.states), default=0.0), self._estimate or 0.0)
+
+    def _pace_drain(self, socks: list[socket.socket]) -> None:
+        """Once the pipe read full, cap each lane at its share of the measured capacity for the drain: what
+        the lanes still hold (their congestion windows, up to ``TCP_NOTSENT_LOWAT`` unsent) then leaves at
+        the link's rate instead of at STARTUP's, into a queue that is already overflowing. The lanes' own
+        caps come back with ``_restore``."""
+        capacity = self._capacity()
+        if not (self.full_pipe or self._estimate is not None) or capacity <= 0 or not socks:
+            return
+        share = max(1, int(capacity / len(socks)))
+        for sock in socks:
+            try:
+                set_pacing_rate(sock, share)
+            except SocketOptionError:
+                continue
 
     def _wind_down(self, outstanding: list[OutgoingTransfer]) -> bool:
         """Cancel the sinks in flight (one about to finish may), then wait, bounded, until the lanes have

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import sys
 import threading
 import time
 import tracemalloc
@@ -299,3 +300,38 @@ def test_session_failure_mid_probe_is_raised(no_leaks: None) -> None:
         if s is not None:
             s.close()
         rx.close()
+
+
+def test_a_burst_that_read_the_pipe_full_drains_paced_at_the_measured_capacity(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the pipe reads full the lanes still hold their windows and up to TCP_NOTSENT_LOWAT unsent: the
+    drain sends that at each lane's share of the measured capacity, not at STARTUP's rate into a queue that
+    already overflows (on 400 Mbit/s, 20 ms with a one-BDP queue: 1700-2060 queue drops in a warm-up before,
+    770-985 after). Loopback reads as a LAN, where the full-pipe rule stays off: here it counts from 0 s."""
+    from kvwire.congestion.decision import ControllerConfig
+
+    kp = sys.modules["kvwire.probe"]  # (the module: ``kvwire.probe`` the attribute is its function)
+
+    monkeypatch.setattr(kp, "ControllerConfig", lambda: ControllerConfig(lan_rtt=0.0))
+    caps: list[tuple[int, int | None]] = []
+    real = kp.set_pacing_rate
+
+    def recording(sock: socket.socket, rate: int | None) -> None:
+        caps.append((sock.fileno(), rate))
+        real(sock, rate)
+
+    monkeypatch.setattr(kp, "set_pacing_rate", recording)
+    with Receiver() as rx, connect(*rx.address, lanes=2, link_control=False, warm=False) as s:
+        socks = s.lane_sockets()
+        full = probe(s, seconds=3.0, lanes=2, congestion=None, until_full=True)
+        assert full.stopped_full and full.full_pipe and full.seconds < 3.0
+        share = int(full.capacity / 2)
+        drain = caps[2:-2]  # (lifted for the burst first, put back last)
+        assert sorted(drain) == sorted((x.fileno(), share) for x in socks)
+        assert [r for _, r in caps[-2:]] == [None, None]  # the lanes' own caps (none) put back
+        # negative control: a burst that ran its time without reading the pipe full drains as it was
+        caps.clear()
+        monkeypatch.setattr(kp, "ControllerConfig", ControllerConfig)  # (loopback is a LAN again: never full)
+        ran = probe(s, seconds=SECONDS, lanes=2, congestion=None, until_full=True)
+        assert not ran.full_pipe and not ran.stopped_full
+        assert [r for _, r in caps] == [None, None, None, None]  # lifted, put back: nothing between
