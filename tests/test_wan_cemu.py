@@ -53,6 +53,26 @@ def test_concurrent_builds_share_one_cached_binary(cache: Path) -> None:
     assert binary.name == "wanemu-" + cemu.binary_path().name.split("-")[1]
 
 
+def test_the_binary_hash_covers_every_source_file_the_build_reads(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file ``wanemu.c`` includes by quotes is in ``cemu.SOURCES`` (shipped with it), and an edit to any
+    of them names another binary: a stale cached build is never run for changed sources."""
+    import re
+
+    included = set(re.findall(r'^#include "([^"]+)"', cemu.SOURCE.read_text(), re.M))
+    assert included and {p.name for p in cemu.SOURCES} == {cemu.SOURCE.name} | included
+    assert all(p.parent == cemu.SOURCE.parent and p.is_file() for p in cemu.SOURCES)
+    copies = tuple(tmp_path / p.name for p in cemu.SOURCES)
+    for src, dst in zip(cemu.SOURCES, copies):
+        dst.write_bytes(src.read_bytes())
+    monkeypatch.setattr(cemu, "SOURCES", copies)
+    names = {cemu.binary_path().name}
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"\n")
+        names.add(cemu.binary_path().name)
+    assert len(names) == 1 + len(copies)
+
+
 def test_no_compiler_means_python_unless_c_is_demanded(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("CC", raising=False)

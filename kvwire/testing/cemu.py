@@ -1,7 +1,8 @@
 """The C WAN emulator (``wanemu.c``), compiled on demand and cached; and the choice of emulator backend.
 
-Owns: building ``wanemu.c`` (shipped beside this module) with the system C compiler into a cache
-directory (``$XDG_CACHE_HOME/kvwire`` or ``~/.cache/kvwire``), one binary per source hash, written under
+Owns: building ``wanemu.c`` (shipped beside this module with the headers it includes, ``SOURCES``) with
+the system C compiler into a cache directory (``$XDG_CACHE_HOME/kvwire`` or ``~/.cache/kvwire``), one
+binary per hash of every source file and the flags, written under
 a temporary name and renamed into place so concurrent builders never see a partial file; and turning
 ``"auto"|"c"|"python"`` (or ``$KVWIRE_WAN_EMULATOR``) into the command that runs the emulator. The C
 program is the same emulator as ``emulator.py`` (the reference and the fallback): same config JSON,
@@ -21,6 +22,8 @@ from pathlib import Path
 from ..errors import KvwireError
 
 SOURCE = Path(__file__).with_name("wanemu.c")
+#: every file the build reads: ``wanemu.c`` and the headers it includes (one translation unit); all are hashed
+SOURCES = (SOURCE, SOURCE.with_name("wanemu_json.h"), SOURCE.with_name("wanemu_link.h"))
 BACKEND_ENV = "KVWIRE_WAN_EMULATOR"
 BACKENDS = ("auto", "c", "python")
 #: the backend when neither the argument nor ``$KVWIRE_WAN_EMULATOR`` names one
@@ -46,9 +49,14 @@ def compiler() -> str | None:
 
 
 def binary_path() -> Path:
-    """Where the binary for the current ``wanemu.c`` lives (whether or not it was built yet)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return cache_dir() / f"wanemu-{digest}"
+    """Where the binary for the current sources (``SOURCES``) and ``CFLAGS`` lives (whether or not it was
+    built yet)."""
+    h = hashlib.sha256()
+    for path in SOURCES:  # each named and length-prefixed: moving text from one file to another changes it too
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    h.update(" ".join(CFLAGS).encode())
+    return cache_dir() / f"wanemu-{h.hexdigest()[:16]}"
 
 
 def build() -> Path | None:

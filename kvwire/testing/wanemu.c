@@ -11,7 +11,9 @@
  * Two threads: a reader stamps and decides each packet as soon as its notification arrives, while the main
  * thread sleeps until the next release and sends the verdicts (a batch accept runs the forwarding and the
  * receiving host's stack inside that system call: one thread would leave arrivals unread meanwhile).
- * Must not know: namespaces, addresses, the tests. Everything read from the kernel is bounds-checked.
+ * The link model is wanemu_link.h's and the control channel's JSON reader wanemu_json.h's, both included here (one
+ * translation unit; cemu.py hashes all three). Must not know: namespaces, addresses, the tests. Everything read
+ * from the kernel is bounds-checked.
  * Build: cc -O2 -std=gnu11 -Wall -Wextra -pthread -o wanemu wanemu.c  (kvwire/testing/cemu.py does it on demand).
  */
 #define _GNU_SOURCE
@@ -51,175 +53,8 @@ enum { NF_DROP_ = 0, NF_ACCEPT_ = 1 };
 #define IDLE_WAIT 0.5
 #define OUT_CAP (64 << 10)
 
-/* ------------------------------------------------------------------ flat JSON reader */
-/* Parses one JSON object into (dotted key path, value) pairs: {"a": {"b": 1}} -> ("a.b", 1). */
-enum jtype { J_NULL, J_BOOL, J_NUM, J_STR };
-typedef struct { char key[96]; enum jtype type; double num; char str[64]; } jpair;
-typedef struct { const char *p, *end; jpair *out; int n, cap; const char *err; } jparser;
-
-static void jws(jparser *j) { while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++; }
-
-static int jstring(jparser *j, char *dst, size_t cap) {
-    size_t n = 0;
-    if (j->p >= j->end || *j->p != '"') { j->err = "expected a string"; return -1; }
-    j->p++;
-    while (j->p < j->end && *j->p != '"') {
-        char c = *j->p++;
-        if (c == '\\') {
-            if (j->p >= j->end) break;
-            c = *j->p++;
-            if (c == 'u') { if (j->end - j->p < 4) break; j->p += 4; c = '?'; }
-            else if (c == 'n') c = '\n'; else if (c == 't') c = '\t';
-        }
-        if (n + 1 < cap) dst[n++] = c;
-    }
-    if (j->p >= j->end) { j->err = "unterminated string"; return -1; }
-    j->p++;
-    dst[n] = 0;
-    return 0;
-}
-
-static int jvalue(jparser *j, const char *path, int depth);
-
-static int jobject(jparser *j, const char *path, int depth) {
-    char key[64], sub[96];
-    if (depth > 4) { j->err = "nested too deep"; return -1; }
-    j->p++; /* '{' */
-    jws(j);
-    if (j->p < j->end && *j->p == '}') { j->p++; return 0; }
-    for (;;) {
-        jws(j);
-        if (jstring(j, key, sizeof key)) return -1;
-        jws(j);
-        if (j->p >= j->end || *j->p != ':') { j->err = "expected ':'"; return -1; }
-        j->p++;
-        snprintf(sub, sizeof sub, "%s%s%s", path, *path ? "." : "", key);
-        if (jvalue(j, sub, depth + 1)) return -1;
-        jws(j);
-        if (j->p < j->end && *j->p == ',') { j->p++; continue; }
-        if (j->p < j->end && *j->p == '}') { j->p++; return 0; }
-        j->err = "expected ',' or '}'";
-        return -1;
-    }
-}
-
-static int jvalue(jparser *j, const char *path, int depth) {
-    jpair v = { .type = J_NULL };
-    jws(j);
-    if (j->p >= j->end) { j->err = "unexpected end"; return -1; }
-    if (*j->p == '{') return jobject(j, path, depth);
-    if (*j->p == '"') { v.type = J_STR; if (jstring(j, v.str, sizeof v.str)) return -1; }
-    else if (j->end - j->p >= 4 && !memcmp(j->p, "true", 4)) { v.type = J_BOOL; v.num = 1; j->p += 4; }
-    else if (j->end - j->p >= 5 && !memcmp(j->p, "false", 5)) { v.type = J_BOOL; j->p += 5; }
-    else if (j->end - j->p >= 4 && !memcmp(j->p, "null", 4)) { j->p += 4; }
-    else {
-        char num[64], *e;
-        size_t n = 0;
-        while (j->p + n < j->end && n + 1 < sizeof num && strchr("+-.eE0123456789", j->p[n])) { num[n] = j->p[n]; n++; }
-        num[n] = 0;
-        v.num = strtod(num, &e);
-        if (!n || *e) { j->err = "bad value (arrays are not supported)"; return -1; }
-        v.type = J_NUM;
-        j->p += n;
-    }
-    if (j->n >= j->cap) { j->err = "too many keys"; return -1; }
-    snprintf(v.key, sizeof v.key, "%s", path);
-    j->out[j->n++] = v;
-    return 0;
-}
-
-/* -> number of pairs, or -1 with *err set */
-static int jparse(const char *s, size_t len, jpair *out, int cap, const char **err) {
-    jparser j = { s, s + len, out, 0, cap, NULL };
-    jws(&j);
-    if (j.p >= j.end || *j.p != '{') { *err = "expected a JSON object"; return -1; }
-    if (jobject(&j, "", 0)) { *err = j.err; return -1; }
-    jws(&j);
-    if (j.p != j.end) { *err = "extra data after the object"; return -1; }
-    return j.n;
-}
-
-/* s as the inside of a JSON string (quotes, backslashes and control characters escaped) */
-static const char *jesc(const char *s, char *dst, size_t cap) {
-    size_t n = 0;
-    for (; *s && n + 7 < cap; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') { dst[n++] = '\\'; dst[n++] = (char)c; }
-        else if (c < 0x20) n += (size_t)snprintf(dst + n, cap - n, "\\u%04x", c);
-        else dst[n++] = (char)c;
-    }
-    dst[n] = 0;
-    return dst;
-}
-
-static const jpair *jget(const jpair *v, int n, const char *key) {
-    for (int i = 0; i < n; i++) if (!strcmp(v[i].key, key)) return &v[i];
-    return NULL;
-}
-
-static double jnum(const jpair *v, int n, const char *key, double dflt) {
-    const jpair *p = jget(v, n, key);
-    return p && (p->type == J_NUM || p->type == J_BOOL) ? p->num : dflt;
-}
-
-/* ------------------------------------------------------------------ link model (linkmodel.py) */
-typedef struct { double rate_bps, delay, loss, queue_bytes; } spec_t;
-typedef struct {
-    unsigned long long packets_in, bytes_in, random_drops, queue_drops, packets_out, bytes_out, max_backlog;
-} dstats_t;
-typedef struct { double release; uint32_t id; } held_t;
-typedef struct {
-    char name[32];
-    int queue;
-    spec_t spec;
-    dstats_t st;
-    double free_at;               /* when the serialiser finishes the last accepted packet */
-    held_t *fifo;                 /* ring buffer, capacity a power of two */
-    size_t cap, head, len;
-} dir_t;
-
-static uint64_t rng_state;
-static double rng_uniform(void) { /* splitmix64 -> [0, 1) */
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return (double)((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
-}
-
-static const char *spec_check(const spec_t *s) {
-    if (!(s->rate_bps > 0)) return "rate must be positive";
-    if (!(s->delay >= 0)) return "delay must be >= 0";
-    if (!(s->loss >= 0 && s->loss < 1)) return "loss must be in [0, 1)";
-    if (!(s->queue_bytes > 0)) return "queue_bytes must be positive";
-    return NULL;
-}
-
-/* the release time, or -1 to drop */
-static double arrive(dir_t *d, double now, unsigned size) {
-    d->st.packets_in++;
-    d->st.bytes_in += size;
-    if (d->spec.loss > 0 && rng_uniform() < d->spec.loss) { d->st.random_drops++; return -1; }
-    double backlog = d->free_at > now ? (d->free_at - now) * d->spec.rate_bps / 8 : 0.0;
-    if (backlog + size > d->spec.queue_bytes) { d->st.queue_drops++; return -1; }
-    d->free_at = (now > d->free_at ? now : d->free_at) + size * 8.0 / d->spec.rate_bps;
-    d->st.packets_out++;
-    d->st.bytes_out += size;
-    if ((unsigned long long)(backlog + size) > d->st.max_backlog) d->st.max_backlog = (unsigned long long)(backlog + size);
-    return d->free_at + d->spec.delay;
-}
-
-static void fifo_push(dir_t *d, double release, uint32_t id) {
-    if (d->len == d->cap) {
-        size_t ncap = d->cap ? d->cap * 2 : 1 << 16;
-        held_t *n = malloc(ncap * sizeof *n);
-        if (!n) { perror("wanemu: malloc"); exit(1); }
-        for (size_t i = 0; i < d->len; i++) n[i] = d->fifo[(d->head + i) & (d->cap - 1)];
-        free(d->fifo);
-        d->fifo = n; d->cap = ncap; d->head = 0;
-    }
-    d->fifo[(d->head + d->len) & (d->cap - 1)] = (held_t){ release, id };
-    d->len++;
-}
+#include "wanemu_json.h"  /* the control channel's flat JSON reader */
+#include "wanemu_link.h"  /* the link model, one per direction */
 
 /* ------------------------------------------------------------------ state */
 static dir_t dirs[MAX_DIRS];
