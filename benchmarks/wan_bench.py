@@ -541,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rows", default="fat,burst,stream,lossy,fair,collapse,loopback")
     ap.add_argument("--scale", default=1.0, type=float, help="--must-show: multiply every link rate")
     ap.add_argument("--warm", default="auto", choices=("auto", "on", "off"),
-                    help="--must-show lossy row: connect(warm=...) forced on or off (auto: connect()'s default)")
+                    help="--must-show lossy row: connect(warm=...) forced on or off (auto: connect()'s default); "
+                         "stream row: kvwire-bench --warm unless off (connect() warms on its 80 ms path)")
     ap.add_argument("--requests", default=6, type=int, help="--must-show burst and stream rows: 8k-token requests")
     ap.add_argument("--loopback-reps", default=15, type=int)
     a = ap.parse_args(argv)

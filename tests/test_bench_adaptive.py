@@ -130,6 +130,30 @@ def test_probe_is_reported_seeds_the_controller_and_is_left_out_of_the_counts() 
         check_link(rec["link"], rec["sum"]["end"])
 
 
+def test_warm_probes_every_lane_the_controller_may_use_and_leaves_them_out_of_the_counts() -> None:
+    """--warm (kvwire.connect's warm-up for the bench's session): the burst runs on all 16 lanes the
+    controller may grow to, though the test runs 2; the 14 lanes it opened carry only probe bytes, and
+    none of them may show up in the test's counts (counted from zero: they were not there before it)."""
+    r = bench("--loopback", "-n", "8M", "-l", "2M", "-P", "2", "-i", "0.1", "--warm", "-J")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(r.stdout)
+    p, kv, end = doc["start"]["probe"], doc["kv"], doc["end"]
+    assert p["lanes"] == 16 and p["bytes_sent"] > 0 and p["drained"] is True
+    payload = kv["payload_bytes"]
+    assert kv["verification"]["verified"] is True and payload == 8 * 2**20
+    assert sum(i["sum"]["bytes"] for i in doc["intervals"]) == end["sum_sent"]["bytes"] == payload
+    assert payload < kv["wire_bytes"] < 1.05 * payload
+    received = sum(s["receiver"]["bytes"] for s in end["streams"])
+    assert payload <= received < 1.05 * payload
+    check_history(kv["link_control"])
+
+
+def test_without_warm_nothing_is_probed() -> None:
+    r = bench("--loopback", "-n", "4M", "-l", "2M", "-P", "2", "-J")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "probe" not in json.loads(r.stdout)["start"]
+
+
 def test_human_output_has_the_probe_line_a_link_line_per_interval_and_the_controller_summary() -> None:
     r = bench("--loopback", "-t", "0.6", "-l", "2M", "-P", "2", "-i", "0.2", "--adaptive", "--probe", "0.2")
     assert r.returncode == 0, r.stderr + r.stdout
@@ -181,6 +205,8 @@ def test_reverse_runs_the_controller_and_the_probe_on_the_sending_server() -> No
     (["-s", "--adaptive"], "client options"),
     (["-s", "--polite"], "client options"),
     (["-s", "--probe", "1"], "client options"),
+    (["-s", "--warm"], "client options"),
+    (["--loopback", "--warm", "--probe", "1"], "drop --probe"),
 ])
 def test_refused_combinations_are_usage_errors(args: list[str], message: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:

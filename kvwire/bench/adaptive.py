@@ -19,7 +19,7 @@ from ..congestion.controller import ControllerConfig, Decision
 from ..congestion.estimator import LinkState
 from ..congestion.tcpinfo import LaneCounters, try_read
 from ..errors import KvwireError, ProbeRefused
-from ..probe import ProbeResult, probe
+from ..probe import WARM_SECONDS, ProbeResult, probe
 from ..tcp import Session
 from .errors import PeerError
 from .options import Options
@@ -162,20 +162,25 @@ class Probed:
 
 
 def run_probe(session: Session, o: Options) -> Probed:
-    """``kvwire.probe`` on the test's session for ``--probe`` seconds (``-C``'s algorithm, else BBR), before
-    any ``LinkControl`` is attached. A receiver that takes no probes, or a probe that fails, is a PeerError."""
-    assert o.probe_seconds is not None
+    """``kvwire.probe`` on the test's session (``-C``'s algorithm, else BBR), before any ``LinkControl`` is
+    attached: for ``--probe`` seconds; or ``--warm``, as ``kvwire.connect``'s warm-up does (up to
+    ``WARM_SECONDS``, ended once the pipe reads full, on every lane the controller may use: none it opens
+    later starts cold). A receiver that takes no probes, or a probe that fails, is a PeerError."""
+    assert o.probe_seconds is not None or o.warm
     wire = LaneCounters(("bytes_sent", "bytes_acked"))
     before = _lane_counts(session, wire)
     ctrl_before = control_bytes_sent(session)
+    lanes = max(o.lanes, controller_config(o).max_lanes) if o.warm and o.adaptive else None
     try:
-        result = probe(session, seconds=o.probe_seconds, congestion=o.congestion or "bbr")
+        result = probe(session, seconds=o.probe_seconds or WARM_SECONDS, congestion=o.congestion or "bbr",
+                       until_full=o.warm, lanes=lanes)
     except ProbeRefused as e:
-        raise PeerError(f"--probe: {e}") from None
+        raise PeerError(f"{'--warm' if o.warm else '--probe'}: {e}") from None
     except KvwireError as e:
-        raise PeerError(f"--probe failed: {type(e).__name__}: {e}") from None
+        raise PeerError(f"{'--warm' if o.warm else '--probe'} failed: {type(e).__name__}: {e}") from None
     after = _lane_counts(session, wire)
-    used = {i: LaneCounts(*(x - y for x, y in zip(a, before[i]))) for i, a in after.items() if i in before}
+    # (a lane the probe opened counts from zero)
+    used = {i: LaneCounts(*(x - y for x, y in zip(a, before.get(i, (0, 0, 0, 0))))) for i, a in after.items()}
     return Probed(result, used, max(0, control_bytes_sent(session) - ctrl_before))
 
 

@@ -146,6 +146,9 @@ class Options:
     adaptive: bool = False
     polite: bool = False
     probe_seconds: float | None = None  # --probe: a kvwire.probe burst of this long before the test
+    # --warm: warm the test's session as kvwire.connect() does by default on a long path (kvwire.probe's
+    # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced
+    warm: bool = False
 
     @property
     def tls(self) -> bool:
@@ -241,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe", type=float, metavar="SECONDS", dest="probe_seconds",
                    help="measure the link with SECONDS of sink transfers on the test's lanes before the test "
                         "(kvwire.probe; the receiver discards them; not counted in the test)")
+    c.add_argument("--warm", action="store_true",
+                   help="warm the test's session before the test as kvwire.connect() does by default on a path "
+                        "of 20 ms or more: up to 1 s of sink transfers on every lane the link controller may "
+                        "use, ended once the pipe reads full; the controller then starts paced at what it "
+                        "measured (not counted in the test; not with --probe)")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
     c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
@@ -291,7 +299,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         verify_seed=a.verify_seed, pool_bytes=a.pool_bytes, one_off=a.one_off, plot=a.plot,
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce,
         verbose=a.verbose or a.short_v,
-        emulate=a.emulate, polite=a.polite, probe_seconds=a.probe_seconds,
+        emulate=a.emulate, polite=a.polite, probe_seconds=a.probe_seconds, warm=a.warm,
         adaptive=a.adaptive or a.polite or (not a.no_adaptive and a.fq_rate is None and not a.server),
         metrics_port=a.metrics_port)
     if o.nbytes is not None and o.model is None:
@@ -340,8 +348,10 @@ def check(o: Options) -> None:
         raise UsageError("TLS on --loopback/--emulate needs --tls-cert/--tls-key (server) and --tls-ca (client)")
     if o.fq_rate is not None and o.fq_rate <= 0:
         raise UsageError("--fq-rate must be positive")
-    if o.mode == "server" and (o.adaptive or o.probe_seconds is not None):
-        raise UsageError("--adaptive, --polite and --probe are client options (the sending side runs them)")
+    if o.mode == "server" and (o.adaptive or o.probe_seconds is not None or o.warm):
+        raise UsageError("--adaptive, --polite, --probe and --warm are client options (the sending side runs them)")
+    if o.warm and o.probe_seconds is not None:
+        raise UsageError("--warm is a probe of its own: drop --probe (or --warm)")
     if o.polite and not o.adaptive:
         raise UsageError("--polite is a mode of --adaptive")
     if o.adaptive and o.fq_rate is not None:

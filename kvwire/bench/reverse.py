@@ -34,7 +34,7 @@ from .sending import resolve_layout, run_sender
 #: the client options a reverse test carries to the sending server
 FORWARDED = ("lanes", "duration", "nbytes", "length", "interval", "congestion", "fq_rate", "hashing",
              "chunk_size", "model", "tokens", "tp", "requests", "concurrency", "prefill_ms", "seed",
-             "timeout", "connect_timeout", "adaptive", "polite", "probe_seconds")
+             "timeout", "connect_timeout", "adaptive", "polite", "probe_seconds", "warm")
 MAX_CONFIG = 1 << 20
 #: seconds the sending server waits for the client's ``bye`` once it has sent the document
 BYE_GRACE = 5.0
@@ -117,7 +117,8 @@ def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_star
         if op == "rstart":
             info = msg.get("info") or {}
             missing = [name for name, asked, key in (("--adaptive", o.adaptive, "link_control"),
-                                                     ("--probe", o.probe_seconds is not None, "probe"))
+                                                     ("--probe", o.probe_seconds is not None, "probe"),
+                                                     ("--warm", o.warm, "probe"))
                        if asked and key not in info]
             if missing:  # an older server drops options it does not know
                 raise PeerError(f"the server ignored {' and '.join(missing)}: it runs an older kvwire-bench")

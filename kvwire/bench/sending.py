@@ -239,10 +239,12 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
                 set_knobs(sock, congestion=o.congestion or None, pacing=_pacing(o))
         except KvwireError as e:
             raise UsageError(str(e)) from None
-        probed = run_probe(session, o) if o.probe_seconds is not None else None
+        probed = run_probe(session, o) if o.probe_seconds is not None or o.warm else None
         if o.adaptive:
             knobs = None  # lanes opened or re-dialled get the controller's settings, not these
-            seed = probed.result.capacity if probed is not None and probed.result.saturated else None
+            # (--warm seeds as kvwire.connect's warm-up does: from a pipe seen full, by a queue or BBR's rule)
+            seeded = probed is not None and (probed.result.saturated or (o.warm and probed.result.measured))
+            seed = probed.result.capacity if probed is not None and seeded else None
             adaptive = Adaptive(session, o, capacity=seed or None)
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
         # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer

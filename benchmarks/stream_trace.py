@@ -1,0 +1,272 @@
+"""Where a layer-streaming request's exposed tail goes: the ``stream`` must-show row, traced chunk by chunk.
+
+    flock /tmp/kvwire-wan.lock python benchmarks/stream_trace.py [--requests 6] [--warm] [--json out.json]
+
+Owns: running the stream row's set-up (2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue, 8k-token
+Qwen3-Next produced at half the link's payload rate, kvwire-bench's sending side with its link controller)
+with a pass-through ``ChunkStage`` on the sending session that records each chunk as a lane takes it (the
+lane's pacing cap, the kernel's pacing rate and the bytes still unsent on it then), a thread reading every
+lane's ``TCP_INFO`` each 10 ms (retransmits, congestion window, pacing rate, unsent and unacknowledged
+bytes) and the emulator's drop counters each 50 ms; then, for each request's last layer, the budget of its
+exposed tail: per chunk when a lane took it, when that lane's socket had everything acknowledged (minus
+half the min RTT: when the receiver had it), and what slowed the slowest (bytes queued ahead of it on the
+lane, a pacing rate under the cap, retransmits, a collapsed window). Must not know: kvwire internals beyond
+the public API (``Session.chunk_stage``, ``lane_info``, ``OutgoingTransfer.plan``) and the bench's document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wan_bench import Payload  # beside this file
+
+import kvwire.bench.sending as sending
+from kvwire.bench.document import build_document
+from kvwire.bench.loopback import LoopbackServer
+from kvwire.bench.options import Options
+from kvwire.congestion.tcpinfo import try_read
+from kvwire.tcp.transport import ChunkRef
+from kvwire.testing.netns import exec_prefix
+from kvwire.testing.wan import WanLink
+
+PAYLOAD = 1448 / 1500
+QWEN = "qwen3-next-80b-a3b"
+SO_MAX_PACING_RATE = 47  # <asm-generic/socket.h>
+POLL = 0.01
+
+
+@dataclass
+class Taken:
+    """One chunk as a lane took it."""
+
+    t: float
+    lane: int
+    tid: int
+    chunk: int
+    length: int
+    cap: int  # SO_MAX_PACING_RATE, bytes/s
+    rate: int  # tcpi_pacing_rate, bytes/s
+    notsent: int  # bytes still unsent on the lane
+
+
+@dataclass
+class Seen:
+    """One lane's TCP_INFO at one poll."""
+
+    t: float
+    lane: int
+    retrans: int
+    cwnd: int
+    rate: int
+    notsent: int
+    unacked: int
+    min_rtt: float
+
+
+class Tracer:
+    """The pass-through ``ChunkStage`` (``outgoing`` records, ``incoming`` is never called on a sender) and
+    the lane poller."""
+
+    def __init__(self) -> None:
+        self.session: Any = None
+        self.taken: list[Taken] = []
+        self.seen: list[Seen] = []
+        self.handles: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def attach(self, session: Any) -> None:
+        self.session = session
+        session.chunk_stage = self
+        self._thread.start()
+
+    def _sockets(self) -> dict[int, socket.socket]:
+        return {info.index: info.sock for info in self.session.lane_info() if info.alive}
+
+    def outgoing(self, ref: ChunkRef, pieces: Sequence[Any]) -> Sequence[Any]:
+        t = time.monotonic()
+        sock = self._sockets().get(ref.lane)
+        cap = rate = notsent = 0
+        if sock is not None:
+            try:
+                cap = sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
+            except OSError:
+                pass
+            ti = try_read(sock)
+            if ti is not None:
+                rate, notsent = ti.pacing_rate or 0, ti.notsent_bytes or 0
+        self.taken.append(Taken(t, ref.lane, ref.transfer_id, ref.chunk, ref.length, cap, rate, notsent))
+        return pieces
+
+    def incoming(self, ref: ChunkRef, views: Sequence[memoryview]) -> None:
+        pass
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL):
+            now = time.monotonic()
+            for lane, sock in self._sockets().items():
+                ti = try_read(sock)
+                if ti is not None:
+                    self.seen.append(Seen(now, lane, ti.total_retrans or 0, ti.snd_cwnd or 0, ti.pacing_rate or 0,
+                                          ti.notsent_bytes or 0, ti.unacked or 0, (ti.min_rtt_us or 0) / 1e6))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+
+    def landed(self, c: Taken) -> tuple[float | None, list[Seen]]:
+        """When the receiver had all of ``c``'s lane's bytes (the first poll after ``c`` was taken at which
+        the lane had nothing unsent or unacknowledged, minus half its min RTT), and the polls until then."""
+        polls = [s for s in self.seen if s.lane == c.lane and s.t >= c.t]
+        for i, s in enumerate(polls):
+            if s.notsent == 0 and s.unacked == 0:
+                return s.t - POLL / 2 - s.min_rtt / 2, polls[: i + 1]
+        return None, polls
+
+
+def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
+    """The last layer's chunks of one request: when each was taken and landed, and why the last was late."""
+    h = tr.handles.get(rec.request_id)
+    last = timeline["layers"][-1]
+    li = last["layer"]
+    if h is None:
+        return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "chunks": []}
+    layers = h.plan.layers
+    produced = rec.produced.get(li, rec.t0)
+    chunks = []
+    per_lane: dict[int, int] = {}
+    for c in tr.taken:
+        if c.tid == h.transfer_id and layers[c.chunk] == li:
+            per_lane[c.lane] = per_lane.get(c.lane, 0) + 1
+    for c in sorted((c for c in tr.taken if c.tid == h.transfer_id and layers[c.chunk] == li), key=lambda c: c.t):
+        at, polls = tr.landed(c)
+        before = [s for s in tr.seen if s.lane == c.lane and s.t <= c.t]
+        retrans = (polls[-1].retrans - before[-1].retrans) if polls and before else 0
+        chunks.append({
+            "lane": c.lane, "chunk": c.chunk, "bytes": c.length, "taken_ms": (c.t - produced) * 1e3,
+            "landed_ms": None if at is None else (at - produced) * 1e3,
+            "queued_ahead_ms": c.notsent / c.cap * 1e3 if c.cap else 0.0,
+            "wire_at_cap_ms": c.length / c.cap * 1e3 if c.cap else 0.0,
+            "cap_mbit": c.cap * 8e-6, "kernel_rate_mbit": c.rate * 8e-6,
+            "min_kernel_rate_mbit": min((s.rate for s in polls), default=0) * 8e-6,
+            "min_cwnd": min((s.cwnd for s in polls), default=0), "retrans": retrans,
+            "chunks_on_lane": per_lane[c.lane]})
+    return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "layer": li,
+            "layer_bytes": last["bytes"], "chunk_size": h.manifest.chunk_size, "chunks": chunks,
+            "one_way_ms": statistics.median(s.min_rtt for s in tr.seen) / 2 * 1e3 if tr.seen else None}
+
+
+def why(c: dict[str, Any]) -> str:
+    """What slowed a chunk, from its numbers."""
+    out = []
+    if c["chunks_on_lane"] > 1:
+        out.append(f"{c['chunks_on_lane']} chunks of the layer on its lane")
+    if c["queued_ahead_ms"] > 5:
+        out.append(f"{c['queued_ahead_ms']:.0f} ms of an earlier layer ahead of it")
+    if c["retrans"]:
+        out.append(f"{c['retrans']} retransmits")
+    if c["min_cwnd"] and c["min_cwnd"] <= 10:
+        out.append(f"cwnd down to {c['min_cwnd']} (BBR PROBE_RTT or a timeout)")
+    elif c["min_kernel_rate_mbit"] < 0.9 * c["cap_mbit"]:
+        out.append(f"kernel pacing {c['min_kernel_rate_mbit']:.0f} of its {c['cap_mbit']:.0f} Mbit/s cap "
+                   f"(BBR's 0.75 gain phase, or its bandwidth estimate under the cap)")
+    return "; ".join(out) or "nothing seen"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=6)
+    ap.add_argument("--warm", action="store_true", help="kvwire-bench --warm (as kvwire.connect() warms)")
+    ap.add_argument("--json", default="", help="write every request's budget here")
+    ap.add_argument("--chunk-size", type=int, default=0, help="the session's chunk size (default kvwire's)")
+    a = ap.parse_args()
+    rate = 2000
+    full = rate * PAYLOAD * 1e6 / 8
+    payload = Payload(QWEN, 8192)
+    prefill_ms = payload.nbytes / (full / 2) / payload.layout.num_layers * 1e3
+    tr = Tracer()
+    opened = sending._open_session  # (the bench opens its own session: the tracer goes on as it opens)
+
+    def open_traced(o: Options, port: int, ctx: Any) -> Any:
+        s = opened(o, port, ctx)
+        tr.attach(s)
+        send = s.send
+
+        def send_traced(layout: Any, request: Any, **kw: Any) -> Any:
+            h = send(layout, request, **kw)
+            tr.handles[request.request_id] = h
+            return h
+        s.send = send_traced
+        return s
+    sending._open_session = open_traced
+    drops: list[tuple[float, int]] = []
+    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
+                 realtime=True) as link:
+        o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
+                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=a.warm)
+        if a.chunk_size:
+            o.chunk_size = a.chunk_size
+        done = threading.Event()
+
+        def poll_drops() -> None:
+            while not done.wait(0.05):
+                drops.append((time.monotonic(), int(link.stats()["c2s"]["queue_drops"])))
+        dp = threading.Thread(target=poll_drops, daemon=True)
+        with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
+            o.port = server.port
+            dp.start()
+            try:
+                with link.inside("client"):
+                    res = sending.run_sender(o)
+            finally:
+                done.set()
+                tr.stop()
+                dp.join(2)
+    kv = build_document(res)["kv"]
+    warm = json.dumps({k: res.probe[k] for k in ("seconds", "capacity", "saturated")}) if res.probe else "cold"
+    print(f"clock offset {res.clock_offset * 1e3:+.2f} ms (+-{res.clock_uncertainty * 1e3:.0f}); warm-up: {warm}")
+    for d in (kv.get("link_control") or {}).get("history", []):
+        print(f"  controller {d['t'] or 0:6.2f} s {d['mode']:8} {d['lanes']:2} lanes, pacing "
+              f"{(d['pacing'] or 0) * 8e-6:5.0f} Mbit/s: {d['reason']}")
+    out = []
+    for rec, t in zip(res.requests, kv["timeline"]):
+        b = budget(tr, rec, t)
+        b["queue_drops"] = [q for x, q in drops if rec.t0 <= x <= (rec.done_at or rec.t0)]
+        b["queue_drops"] = b["queue_drops"][-1] - b["queue_drops"][0] if b["queue_drops"] else 0
+        out.append(b)
+        cs = [c for c in b["chunks"] if c["landed_ms"] is not None]
+        print(f"{b['request']}: tail {b['tail_ms'] or 0:.0f} ms; emulator queue drops during it {b['queue_drops']}")
+        if not cs:
+            continue
+        slow = max(cs, key=lambda c: c["landed_ms"])
+        typical = statistics.median(c["landed_ms"] for c in cs)
+        print(f"  last layer {b['layer']}: {b['layer_bytes'] / 1e6:.1f} MB in {len(cs)} chunks of "
+              f"{b['chunk_size'] / 1e6:.2f} MB on {len({c['lane'] for c in cs})} lanes; taken by +"
+              f"{max(c['taken_ms'] for c in cs):.1f} ms; at the receiver: median chunk +{typical:.0f} ms "
+              f"(wire at the lane's cap {statistics.median(c['wire_at_cap_ms'] for c in cs):.0f} + one way "
+              f"{b['one_way_ms'] or 0:.0f}), last +{slow['landed_ms']:.0f} ms on lane {slow['lane']}: {why(slow)}")
+        for c in sorted(cs, key=lambda c: -c["landed_ms"])[:3]:
+            print(f"    lane {c['lane']:2} chunk {c['chunk']:3}: taken +{c['taken_ms']:5.1f}, landed "
+                  f"+{c['landed_ms']:5.0f} ms; cap {c['cap_mbit']:.0f}, kernel {c['kernel_rate_mbit']:.0f} "
+                  f"(min {c['min_kernel_rate_mbit']:.0f}) Mbit/s, cwnd min {c['min_cwnd']}: {why(c)}")
+    tails = [b["tail_ms"] for b in out if b["tail_ms"] is not None]
+    print(f"tails {', '.join(f'{x:.0f}' for x in tails)}; p50 {kv['exposed_tail_ms']['p50'] or 0:.0f}, "
+          f"p99 {kv['exposed_tail_ms']['p99'] or 0:.0f} ms")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
