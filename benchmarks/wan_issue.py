@@ -76,16 +76,10 @@ def _iperf(link: WanLink, streams: int, cc: str, seconds: float, omit: float = 2
 
 
 def _retrans(session: kvwire.Session) -> int:
-    """Segments retransmitted on every lane the session opened: parked ones too (``lane_info``, not
-    ``lane_sockets``: the warm-up at connect runs on every lane the controller may use, and the lanes the
-    controller then leaves parked keep their counts)."""
-    total = 0
-    for lane in session.lane_info():
-        try:
-            total += read_tcp_info(lane.sock).total_retrans or 0
-        except TcpInfoUnavailable:
-            pass
-    return total
+    """Segments retransmitted on every lane the session opened (``Session.stats()["retransmits"]``): parked
+    ones too (the warm-up at connect runs on every lane the controller may use, and the controller then
+    parks most of them), and lanes closed or re-dialled since, whose sockets took their counts with them."""
+    return session.stats()["retransmits"]
 
 
 def _connect(link: WanLink, port: int, warm: str = "auto", **kw: Any) -> kvwire.Session:

@@ -40,6 +40,8 @@ _SENDER = (
     ("kvwire_requeued_chunks_total", "counter", "Chunks in flight on a lane that died (re-sent on others).",
      "chunks_requeued"),
     ("kvwire_lane_reconnects_total", "counter", "Lanes re-dialled after a failure.", "lane_reconnects"),
+    ("kvwire_retransmitted_segments_total", "counter",
+     "TCP segments retransmitted on the session's lanes (lanes closed since included).", "retransmits"),
     ("kvwire_sender_lanes_alive", "gauge", "Connected lanes.", "lanes_alive"),
     ("kvwire_sender_lanes_active", "gauge", "Lanes pulling chunks (the rest are parked).", "lanes_active"),
     ("kvwire_sender_transfers_in_flight", "gauge", "Transfers started and not yet ended.", "transfers_in_flight"),

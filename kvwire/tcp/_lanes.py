@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any
 
 from ..codec import frames as F
 from ..congestion.group import LaneHook
-from ..congestion.tcpinfo import read_pacing_rate
+from ..congestion.tcpinfo import read_pacing_rate, try_read
 from ..errors import ConnectError, ConnectTimeout, KvwireError
 from ..sockopts import SocketOptionError, set_unsent_limit, tune, unsent_limit
 from ._auth import SessionKeys, client_handshake, client_lane
@@ -63,6 +64,8 @@ class Lane:
         self.progress_at = time.monotonic()  # last sign the receiver reads this lane (see stalled)
         self.unsent = 0  # bytes in the socket's send queue when last looked at
         self.unsent_bound = 0  # the TCP_NOTSENT_LOWAT set on the socket (0: none; see bound_unsent)
+        self._retrans_closed = 0  # segments retransmitted on the channels this lane closed (see close)
+        self._channel = threading.Lock()  # close, reopened and retransmits: one channel's count is read once
 
     def sent(self, nbytes: int) -> None:
         """A chunk of ``nbytes`` payload went into the socket: that counts as progress."""
@@ -70,9 +73,24 @@ class Lane:
         self.chunks_sent += 1
         self.bytes_sent += nbytes
 
+    def close(self) -> None:
+        """Close the lane's channel, keeping what its socket retransmitted (``retransmits``): the kernel's
+        count goes with the socket. Idempotent."""
+        with self._channel:
+            self._retrans_closed += _retransmitted(self.ch.sock)
+            self.ch.close()
+
+    def retransmits(self) -> int:
+        """TCP segments retransmitted on this lane since it first opened: on the channels it closed (a lane
+        re-dialled after a failure) and on the current one (``TCP_INFO`` total_retrans). One getsockopt."""
+        with self._channel:
+            return self._retrans_closed + _retransmitted(self.ch.sock)
+
     def reopened(self, ch: Stream) -> None:
         """The lane was re-dialled: ``ch`` replaces its dead channel."""
-        self.ch, self.alive = ch, True
+        with self._channel:
+            self.ch = ch
+        self.alive = True
         self.progress_at = time.monotonic()
         self.unsent_bound = 0
 
@@ -264,3 +282,9 @@ def _unsent(sock: socket.socket) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except (OSError, ValueError, AttributeError):
         return -1
+
+
+def _retransmitted(sock: socket.socket) -> int:
+    """``TCP_INFO`` total_retrans of ``sock``; 0 once it is closed (or not TCP)."""
+    info = try_read(sock)
+    return (info.total_retrans or 0) if info is not None else 0

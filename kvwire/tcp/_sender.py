@@ -165,6 +165,7 @@ class Session(SenderConnection):
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
         self._threads: list[threading.Thread] = []
         self.lanes: list[Lane] = []
+        self._retrans_gone = 0
         self.ctrl: Stream
         self.server_limits: dict[str, Any] = {}
         self._callbacks = Callbacks("tx-callbacks")  # user callbacks never run on a protocol thread
@@ -294,12 +295,15 @@ class Session(SenderConnection):
         """Cumulative counters since the session opened, for metrics: ``bytes_sent``/``chunks_sent``
         (payload put on the lanes, re-sends included), ``chunks_nacked`` (failed the receiver's hash
         check), ``chunks_requeued`` (in flight on a lane that died), ``lane_reconnects``, ``session_reconnects``,
-        ``transfers_<state>`` and ``probes_<state>`` per terminal state; and the current
-        ``transfers_in_flight``, ``lanes_alive``, ``lanes_active``. Cheap: reads single-writer counters."""
+        ``transfers_<state>`` and ``probes_<state>`` per terminal state, ``retransmits`` (TCP segments the
+        kernel retransmitted on every lane the session opened: parked ones, and lanes closed or re-dialled
+        since, whose sockets took their own counts with them); and the current ``transfers_in_flight``,
+        ``lanes_alive``, ``lanes_active``. Cheap: single-writer counters and one ``TCP_INFO`` read a lane."""
         with self._cond:
             out = self._engine.counts()
             out["transfers_in_flight"] = self._engine.in_flight()
-            lanes = list(self.lanes)
+            lanes, gone = list(self.lanes), self._retrans_gone
+        out["retransmits"] = gone + sum(lane.retransmits() for lane in lanes)
         out["bytes_sent"] = sum(lane.bytes_sent for lane in lanes)
         out["chunks_sent"] = sum(lane.chunks_sent for lane in lanes)
         out["lanes_alive"] = sum(1 for lane in lanes if lane.alive)
@@ -346,7 +350,7 @@ class Session(SenderConnection):
         self._act(actions)
         ctrl.close()
         for lane in lanes:
-            lane.ch.close()
+            lane.close()
         me = threading.current_thread()
         for t in list(self._threads):
             if t is not me:

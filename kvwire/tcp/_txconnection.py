@@ -43,6 +43,7 @@ class SenderConnection:
     heartbeat: float
     max_lanes: int
     lanes: list[Lane]
+    _retrans_gone: int  # segments retransmitted on the lanes of the connections before this one
     ctrl: Stream
     server_limits: dict[str, Any]
     _engine: SenderEngine
@@ -96,7 +97,7 @@ class SenderConnection:
         with self._cond:
             if not self._engine.current(gen) or len(self.lanes) != have:
                 for lane in opened:
-                    lane.ch.close()
+                    lane.close()
                 return self._pump.active
             self.lanes.extend(opened)
             self._pump.active = min(n, len(self.lanes))
@@ -118,12 +119,13 @@ class SenderConnection:
             with self._cond:
                 # raises once the session is closed; chunks may go before ACCEPT within the receiver's early window
                 gen = self._engine.opened(time.monotonic(), early.parse(server_limits))
+                self._retrans_gone += sum(lane.retransmits() for lane in self.lanes)  # (a connection before)
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
                 self._cond.notify_all()
         except BaseException:
             ctrl.close()
             for lane in opened:
-                lane.ch.close()
+                lane.close()
             raise
         self._threads = [t for t in self._threads if t.is_alive()]
         self._start(self._control_loop, "kvwire-ctl", gen)
@@ -192,7 +194,7 @@ class SenderConnection:
         """After the engine's ``Fail``: close the connection's sockets; reconnect if the session does."""
         self.ctrl.close()
         for lane in list(self.lanes):
-            lane.ch.close()
+            lane.close()
         if a.reconnect:
             log.warning("kvwire: session to %s:%s failed (%s); reconnecting", *self.address, a.reason)
             self._start(self._reconnect_loop, "kvwire-reconnect")

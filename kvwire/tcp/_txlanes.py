@@ -133,7 +133,7 @@ class LanePump:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
         False: lane gone (or its generation stopped)."""
         lane.alive = False
-        lane.ch.close()
+        lane.close()
         eng, cond = self.engine, self.cond
         with cond:
             eng.lane_lost(lane.index, gen)
