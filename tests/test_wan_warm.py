@@ -18,7 +18,7 @@ from helpers import payload
 import kvwire
 from kvwire.congestion.controller import Mode
 from kvwire.congestion.tcpinfo import read_tcp_info
-from kvwire.probe import ProbeResult
+from kvwire.probe import WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
 from kvwire.testing.fixtures import load_fixture
 from kvwire.testing.wan import WanLink, unavailable_reason
 
@@ -78,3 +78,26 @@ def test_a_long_path_session_is_warm_after_connect_and_warm_false_is_not() -> No
             rx.close()
             refusing.close()
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+@pytest.mark.parametrize("rtt_ms", [10, 20])
+def test_the_auto_threshold_sits_between_a_metro_and_a_cross_region_link(rtt_ms: int) -> None:
+    """``warm=None`` warms a 20 ms path every time and leaves a 10 ms one cold every time: the handshake RTT of
+    either reads a few tenths of a ms off its nominal value, and ``WARM_MIN_RTT`` is several ms from both
+    (at 20 ms itself, the 20 ms emulated links flipped between warmed and not run to run)."""
+    with WanLink(rtt_ms=rtt_ms, rate_mbit=RATE_MBIT, queue_bytes=int(RATE_MBIT * 1e6 / 8 * 0.02), realtime=True,
+                 seed=43) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, key="k")
+        try:
+            with link.inside("client"):
+                s = kvwire.connect(link.server_addr, rx.address[1], key="k")
+            try:
+                rtt = path_rtt(s)
+                assert rtt is not None and abs(rtt * 1e3 - rtt_ms) < 1.5, rtt
+                assert abs(rtt - WARM_MIN_RTT) > 0.003  # (the reading's spread is far below this margin)
+                assert (s.warmup is not None) == (rtt_ms >= 20), (rtt, warm_skip_reason(s))
+            finally:
+                s.close()
+        finally:
+            rx.close()

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(kvwire.probe; the receiver discards them; not counted in the test)")
     c.add_argument("--warm", action="store_true",
                    help="warm the test's session before the test as kvwire.connect() does by default on a path "
-                        "of 20 ms or more: up to 1 s of sink transfers on every lane the link controller may "
+                        "of 15 ms or more: up to 1 s of sink transfers on every lane the link controller may "
                         "use, ended once the pipe reads full; the controller then starts paced at what it "
                         "measured (not counted in the test; not with --probe)")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")

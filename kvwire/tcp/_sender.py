@@ -113,10 +113,10 @@ class Session(SenderConnection):
             (``kvwire.probe.warm_up``): up to about 1 s of probe traffic (sink transfers the receiver
             discards), ended as soon as the pipe reads full; the session's controller then paces at the
             measured capacity, and ``warmup`` says what it cost. ``None`` (the default): only when the
-            session has its own controller, the handshake's RTT is 20 ms or more, and the receiver takes
-            probes (``$KVWIRE_WARM=0`` turns this off process-wide); ``True`` or a number of seconds (the
-            longest burst): regardless of the RTT; ``False``: never. A receiver that refuses probes
-            leaves the session cold (logged), not failed.
+            session has its own controller, the handshake's RTT is 15 ms or more (``kvwire.probe``'s
+            ``WARM_MIN_RTT``), and the receiver takes probes (``$KVWIRE_WARM=0`` turns this off
+            process-wide); ``True`` or a number of seconds (the longest burst): regardless of the RTT;
+            ``False``: never. A receiver that refuses probes leaves the session cold (logged), not failed.
         warm_up: what warming runs, ``fn(session, warm)`` (``kvwire.probe.warm_up``, which
             ``kvwire.connect`` passes; the probe is built on this transport, so it is handed in). ``None``
             (the default here): the session is never warmed, and ``warm`` must be ``None`` or ``False``.
@@ -401,7 +401,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             sessions (see ``Session``).
         chunk_stage: what every data chunk passes through before the wire (see ``Session``).
         warm: on a long path, warm the lanes with a short capacity probe before returning (``None``, the
-            default: when the session has its own controller, the RTT is 20 ms or more and the receiver
+            default: when the session has its own controller, the RTT is 15 ms or more and the receiver
             takes probes; ``True``/seconds: always; ``False``: never; see ``Session``). Costs up to ~1 s
             and that second's worth of link bytes once per session: right for persistent sessions, not
             for a connection per request. ``Session.warmup`` says what it cost.
