@@ -4,9 +4,13 @@ and on real sockets, and the sampling period of a probe (``control.sampling_inte
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import replace
 
-from kvwire.congestion.control import sampling_interval
+import numpy as np
+
+from kvwire import Receiver, RequestSpec, connect, load_layout, plan_segments
+from kvwire.congestion.control import LinkControl, sampling_interval
 from kvwire.congestion.controller import ControllerConfig, Decision, LaneController, Mode
 from kvwire.congestion.estimator import LaneState, LinkState
 from kvwire.congestion.split import idle_lanes, lane_rates
@@ -83,3 +87,109 @@ def test_a_probe_with_no_capacity_on_a_wan_path_is_sampled_faster() -> None:
     assert sampling_interval(probe, link(0.2), cfg, 0.1, 0.025) == 0.1  # capacity known
     paced = Decision(4, 10_000_000, "bbr", Mode.CRUISE, "paced")
     assert sampling_interval(paced, wan, cfg, 0.1, 0.025) == 0.1
+
+
+def _tail(pair: tuple[socket.socket, socket.socket]) -> tuple[LaneController, int]:
+    """Two paced lanes on real sockets; the sample at 1.1 s finds b done (idle): b holds the reserve."""
+    a, b = pair
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=2, queue_persist=0.0)
+    ctl = LaneController(cfg, sockets_provider=lambda: [a, b])
+    busy = (lane(a.fileno(), busy=1.0, notsent=1 << 20), lane(b.fileno(), busy=1.0, notsent=1 << 20))
+    ctl.on_state(link(0.0, capacity=None))
+    ctl.on_state(link(0.5, busy, capacity=None))
+    ctl.on_state(link(1.0, busy, q=2.0))
+    assert ctl.decision.mode is Mode.CRUISE and ctl.decision.total_pacing is not None
+    ctl.on_state(link(1.1, (busy[0], lane(b.fileno(), busy=0.0, notsent=0))))
+    assert get_pacing_rate(b) == int(0.25 * (ctl.decision.total_pacing // 2))
+    return ctl, ctl.decision.total_pacing
+
+
+def test_a_lane_that_picks_up_work_gets_its_full_share_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A request's start: the lane idle at the last sample picks up a chunk (``lane_busy``, the lane's
+    event) and paces at its even share from then on, not at the reserve until the next sample. A sample
+    taken before that event (it arrives late, or still reads the lane idle) does not take the share back;
+    a sample after it that finds the lane idle again (its part done) does. Negative control: without the
+    event the lane keeps the reserve until a sample sees it busy."""
+    a, b = pair
+    ctl, total = _tail(pair)
+    applied = ctl.applied
+    assert not ctl.lane_busy(a.fileno(), 1.15, [a, b])  # a was sending: nothing to change, sockets untouched
+    assert ctl.applied == applied
+    assert ctl.lane_busy(b.fileno(), 1.15, [a, b])
+    assert get_pacing_rate(a) == get_pacing_rate(b) == total // 2
+    assert not ctl.lane_busy(b.fileno(), 1.16, [a, b])  # once
+    stale = (lane(a.fileno(), busy=1.0, notsent=1 << 20), lane(b.fileno(), busy=0.0, notsent=0))
+    ctl.on_state(link(1.14, stale))  # taken before b picked up its chunk
+    assert get_pacing_rate(b) == total // 2
+    ctl.on_state(link(1.3, stale))  # after: b is done again
+    assert get_pacing_rate(b) == int(0.25 * (total // 2)) and get_pacing_rate(a) == total - get_pacing_rate(b)
+
+    control, _ = _tail(pair)  # negative control: no event, the stale sample keeps b at the reserve
+    control.on_state(link(1.14, stale))
+    assert get_pacing_rate(b) == int(0.25 * (total // 2))
+
+
+def test_link_control_takes_the_sessions_lane_busy_event(pair: tuple[socket.socket, socket.socket]) -> None:
+    """``LinkControl`` hooks a session's ``on_lane_busy`` (a hook the session had runs after it, and is put
+    back on close): the lane's event re-splits the pacing the share caps, not the controller's own."""
+    a, b = pair
+    called: list[int] = []
+
+    class Lanes:  # a session's hooks over the two real sockets
+        on_lane_open = None
+
+        def __init__(self) -> None:
+            self.on_lane_busy = lambda i, s: called.append(i)
+
+        def lane_sockets(self) -> list[socket.socket]:
+            return [a, b]
+
+        def set_active_lanes(self, n: int) -> int:
+            return n
+
+    session = Lanes()
+    prior = session.on_lane_busy
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=2, queue_persist=0.0)
+    ctl = LinkControl(session, cfg, capacity=C, start=False)
+    try:
+        assert session.on_lane_busy != prior
+        total = ctl.decision.total_pacing
+        assert total is not None
+        ctl.shared_cap = total // 2  # (as the share sets it while another process sends)
+        ctl.controller.apply(replace(ctl.decision, pacing_rate=ctl.shared_cap // 2), [a, b])
+        now = time.monotonic()
+        ctl.controller.on_state(link(now, (lane(a.fileno(), busy=1.0, notsent=1), lane(b.fileno(), busy=0.0,
+                                                                                         notsent=0))))
+        assert get_pacing_rate(b) < total // 4
+        session.on_lane_busy(7, b)
+        assert called == [7]
+        assert get_pacing_rate(a) == get_pacing_rate(b) == ctl.shared_cap // 2
+    finally:
+        ctl.close()
+    assert session.on_lane_busy is prior
+
+
+def test_a_sessions_lanes_say_when_they_pick_up_work_after_waiting(no_leaks: None) -> None:
+    """The event's source, on a real session over loopback: each lane that carries chunks of a request
+    sent after a pause raises ``on_lane_busy`` as it picks up its first chunk (on its own thread, with its
+    socket), not once per chunk: ~100 chunks over 2 lanes raise it once per lane per request."""
+    layout = load_layout("qwen3-next-80b-a3b")
+    calls: list[tuple[float, int, int]] = []
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=64 * 1024, link_control=False) as s:
+        s.on_lane_busy = lambda i, sock: calls.append((time.monotonic(), i, sock.fileno()))
+        fds = {sk.fileno() for sk in s.lane_sockets()}
+        for n in range(2):
+            req = RequestSpec(f"busy-{n}", 256, 256)
+            src = [np.full(sg.nbytes, n + 1, np.uint8) for sg in plan_segments(layout, req)]
+            rx.expect(req.request_id, [np.zeros(a.nbytes, np.uint8) for a in src], layout=layout)
+            time.sleep(0.2)  # the lanes wait for work
+            before = {ln.index: ln.chunks_sent for ln in s.lane_info()}
+            t0 = time.monotonic()
+            h = s.send(layout, req)
+            h.write_all(src)
+            h.finish().result(20)
+            sent = {ln.index: ln.chunks_sent - before[ln.index] for ln in s.lane_info()}
+            mine = [(i, fd) for t, i, fd in calls if t >= t0]
+            assert sum(sent.values()) >= 50
+            assert sorted(i for i, _ in mine) == sorted(i for i, c in sent.items() if c), (mine, sent)
+            assert {fd for _, fd in mine} <= fds

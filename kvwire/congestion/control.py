@@ -2,9 +2,11 @@
 
 Owns: wiring a ``LinkMonitor`` (TCP_INFO of the session's active lanes every ``interval``), its
 ``LinkEstimator`` and a ``LaneController`` to the session's three hooks — ``lane_sockets()`` (what to
-sample and pace), ``set_active_lanes(n)`` (the lane count) and ``on_lane_open`` (a lane connected or
+sample and pace), ``set_active_lanes(n)`` (the lane count), ``on_lane_open`` (a lane connected or
 reconnected gets the current pacing cap and algorithm before it carries data; a hook the session had
-runs after it) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
+runs after it) and, where the session has it, ``on_lane_busy`` (a lane that waited for work picked some
+up: if the last sample had it idle, the split of the pacing gives it its full share at once,
+``LaneController.lane_busy``) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
 session gets by default (``Session(link_control=...)``), with a ``LinkShare`` named after its destination
 (the aggregate pacing capped at a fair share while other processes' controllers use the same path), and
 pausing one while ``kvwire.probe`` owns the lanes. Must not know: transfers, the wire format, how the
@@ -47,6 +49,7 @@ class Controllable(Protocol):
     """What ``LinkControl`` needs of a session (``kvwire.Session`` has it)."""
 
     on_lane_open: Callable[[int, socket.socket], None] | None
+    # (optional: ``on_lane_busy``, the same signature, called as a lane that waited for work picks some up)
 
     def lane_sockets(self) -> list[socket.socket]: ...
 
@@ -78,7 +81,8 @@ class LinkControl:
         if capacity is not None:
             self.estimator.seed_capacity(capacity)
         self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity)
-        self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator)
+        self._clock = time.monotonic  # the monitor's: a lane's busy event is set against the samples' times
+        self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator, clock=self._clock)
         self.interval, self.probe_interval = interval, probe_interval
         self.share = share
         self._paused = False
@@ -89,6 +93,10 @@ class LinkControl:
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
+        self._busy_hooked = hasattr(session, "on_lane_busy")  # (a ``LaneGroup`` has no such event)
+        self._prior_busy: Callable[[int, socket.socket], None] | None = getattr(session, "on_lane_busy", None)
+        if self._busy_hooked:
+            session.on_lane_busy = self._on_lane_busy  # type: ignore[attr-defined]
         self.controller.history.clear()
         self._begin(capacity, 0.0)
         apply_decision(self.decision, session.lane_sockets())
@@ -145,6 +153,8 @@ class LinkControl:
             self.share.close()
         if self.session.on_lane_open == self._on_lane_open:
             self.session.on_lane_open = self._prior_hook
+        if self._busy_hooked and getattr(self.session, "on_lane_busy", None) == self._on_lane_busy:
+            self.session.on_lane_busy = self._prior_busy  # type: ignore[attr-defined]
 
     def __enter__(self) -> LinkControl:
         return self
@@ -231,9 +241,13 @@ class LinkControl:
                 and self.controller.applied == self._shared_applied):
             return  # (no churn on the sockets for a share that barely moved, and the controller left them)
         self.shared_cap, self._shared_fds = cap, fds
-        shown = d if cap is None else Decision(d.lanes, max(1, cap // d.lanes), d.congestion, d.mode, d.reason)
-        self.controller.apply(shown, socks)  # (split as the controller splits: a request's tail included)
+        self.controller.apply(self._shown(), socks)  # (split as the controller splits: a request's tail included)
         self._shared_applied = self.controller.applied
+
+    def _shown(self) -> Decision:
+        """The decision as the lanes get it: the controller's, its aggregate capped by the share's."""
+        d, cap = self.decision, self.shared_cap
+        return d if cap is None else Decision(d.lanes, max(1, int(cap) // d.lanes), d.congestion, d.mode, d.reason)
 
     def _on_lane_open(self, index: int, sock: socket.socket) -> None:
         d = self.decision  # its share of the aggregate, counting it among the lanes that pace (at least d.lanes)
@@ -241,6 +255,19 @@ class LinkControl:
             apply_decision(d, [sock], share=max(d.lanes, len(self.session.lane_sockets()) + 1))
         if self._prior_hook is not None:
             self._prior_hook(index, sock)
+
+    def _on_lane_busy(self, index: int, sock: socket.socket) -> None:
+        """A lane that waited for work picked some up (on its own thread, before its chunk goes out). (The
+        share's cap goes on with it; its next sample re-applies it anyway: ``applied`` moved.)"""
+        if not self._paused:
+            try:
+                fd = sock.fileno()
+            except (OSError, ValueError):
+                fd = -1
+            if fd >= 0:
+                self.controller.lane_busy(fd, self._clock(), self.session.lane_sockets(), self._shown)
+        if self._prior_busy is not None:
+            self._prior_busy(index, sock)
 
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -52,7 +53,10 @@ class LaneController:
     lane's share goes to the others; a ``LaneGroup`` gives only its busy members' lanes), except at a
     request's tail, where lanes that finished give their share to the lanes still sending
     (``split.lane_rates``). Sockets are touched only when the decision, that set of sockets or which of
-    them are idle changes (new lanes get theirs from the session's lane-open hook).
+    them are idle changes (new lanes get theirs from the session's lane-open hook). A lane idle at the
+    last sample that picks up work is told by ``lane_busy`` (an event from the lane, not the next sample):
+    at a request's start it gets its full share at once instead of the idle lanes' reserve for up to a
+    sampling interval. Thread-safe: samples arrive on the monitor's thread, those events on the lanes'.
     """
 
     def __init__(self, config: ControllerConfig | None = None,
@@ -65,6 +69,8 @@ class LaneController:
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
         self._paced: frozenset[int] = frozenset()  # the sockets (fds) the decision was last applied to
         self._idle: frozenset[LaneKey] = frozenset()  # ... and those of them that were idle (``split``)
+        self._woke: dict[LaneKey, float] = {}  # lanes of ``_idle`` that picked up work since, and when
+        self._lock = threading.RLock()  # the split (``_idle``, ``_woke``) and putting it on the sockets
         self.applied = 0  # how many times a decision was put on the sockets (``apply``)
 
     @property
@@ -103,25 +109,45 @@ class LaneController:
             return
         sockets = self.sockets_provider()
         fds = frozenset(s.fileno() for s in sockets)
-        idle = idle_lanes(link) & fds if d.pacing_rate is not None else frozenset()
-        if d == before and fds == self._paced and idle == self._idle:
-            return
-        self._paced, self._idle = fds, idle
-        self.apply(d, sockets, restart=d.restart and d != before)
+        with self._lock:
+            # a lane that picked up work after this sample was taken is not idle, whatever the sample says
+            self._woke = {k: t for k, t in self._woke.items() if t >= link.timestamp}
+            idle = idle_lanes(link) & fds if d.pacing_rate is not None else frozenset()
+            idle -= self._woke.keys()
+            if d == before and fds == self._paced and idle == self._idle:
+                return
+            self._paced, self._idle = fds, idle
+            self.apply(d, sockets, restart=d.restart and d != before)
+
+    def lane_busy(self, lane: LaneKey, now: float, sockets: Sequence[socket.socket],
+                  shown: Callable[[], Decision] | None = None) -> bool:
+        """Lane ``lane`` (a socket's fd) picked up work at ``now`` (the samples' clock). When the split had it
+        idle, it is not any more: the decision (``shown()``, default the controller's: whoever caps the
+        aggregate from outside passes its capped one) goes on ``sockets`` again at once, so the lane paces
+        at its full share from its first chunk, and True. False: nothing changed (the common case, and
+        cheap: every lane that waited for work calls this as it picks some up)."""
+        with self._lock:
+            if lane not in self._idle:
+                return False
+            self._idle = self._idle - {lane}
+            self._woke[lane] = now
+            self.apply(shown() if shown is not None else self.state.decision, sockets)
+            return True
 
     def apply(self, d: Decision, sockets: Sequence[socket.socket], restart: bool = False) -> None:
         """Put ``d`` on ``sockets``: its aggregate pacing split evenly over them or, at a request's tail (some
         lanes idle at the last sample), moved from the lanes that finished to those still sending
         (``split.lane_rates``). Counted in ``applied`` (whoever caps the aggregate from outside, as
         ``LinkControl``'s share does, re-applies its cap after this)."""
-        self.applied += 1
-        total = d.total_pacing
-        if total is None or not self._idle:
-            apply_decision(d, sockets, share=len(sockets), restart=restart)
-            return
-        rates = lane_rates(total, [s.fileno() for s in sockets], self._idle)
-        for s in sockets:
-            apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
+        with self._lock:
+            self.applied += 1
+            total = d.total_pacing
+            if total is None or not self._idle:
+                apply_decision(d, sockets, share=len(sockets), restart=restart)
+                return
+            rates = lane_rates(total, [s.fileno() for s in sockets], self._idle)
+            for s in sockets:
+                apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
 
 
 def apply_decision(d: Decision, sockets: Sequence[socket.socket], share: int | None = None,

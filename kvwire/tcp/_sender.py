@@ -145,6 +145,10 @@ class Session(SenderConnection):
             max_lanes = min(256, max(lanes, 16, wanted))
         self.max_lanes = max_lanes
         self.on_lane_open = on_lane_open
+        #: ``fn(lane_index, socket)`` called on the lane's thread as a lane that waited for work picks up a
+        #: chunk, before it goes out (the session's ``LinkControl`` gives the lane its full pacing share
+        #: there); keep it short: it delays that chunk
+        self.on_lane_busy: LaneHook | None = None
         self.address = (host, port)
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
@@ -176,7 +180,7 @@ class Session(SenderConnection):
         self._pump = LanePump(self._engine, self._cond, self._handles, self._dialer, active=lanes,
                               stall_timeout=self.stall_timeout, peer_timeout=peer_timeout,
                               alive_lanes=lambda: self.alive_lanes, fail=self._fail_session,
-                              abort=self.abort_transfer, stage=chunk_stage)
+                              abort=self.abort_transfer, stage=chunk_stage, on_busy=lambda: self.on_lane_busy)
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
         #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its

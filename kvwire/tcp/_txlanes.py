@@ -3,14 +3,15 @@
 Owns: ``LanePump`` (the loop of one lane's thread: ask the engine for the next chunk under the session's
 lock, hash it, pass it through the ``ChunkStage``, bound the lane's unsent backlog to its rate
 (``Lane.bound_unsent``: chunks go to free lanes, not behind seconds of earlier ones), write it on the
-lane's ``Stream``; wait while
-nothing is ready; notice a lane the receiver dropped or stopped reading; re-queue a dead lane's chunks
-and re-dial it for ``peer_timeout``), and how many lanes pull chunks (``active``). Must not know: control
+lane's ``Stream``; wait while nothing is ready, and say so (``on_busy``) when a lane that waited picks
+up work; notice a lane the receiver dropped or stopped reading; re-queue a dead lane's chunks and
+re-dial it for ``peer_timeout``), and how many lanes pull chunks (``active``). Must not know: control
 messages, transfers' states or deadlines (the engine's), the control connection, congestion policy.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,9 +21,11 @@ import xxhash
 from ..codec import frames as F
 from ..codec.txengine import SenderEngine
 from ..errors import KvwireError
-from ._lanes import Dialer, Lane
+from ._lanes import Dialer, Lane, LaneHook
 from ._outgoing import OutgoingTransfer
 from .transport import IDENTITY, ChunkRef, ChunkStage
+
+log = logging.getLogger("kvwire.tcp")
 
 
 class LanePump:
@@ -43,12 +46,15 @@ class LanePump:
         abort: ``abort(transfer_id, reason)``: that transfer cannot go on (the stage failed on a chunk of
             it, by raising or by changing its length); it ends failed, the lane carries on.
         stage: every chunk passes ``stage.outgoing`` after hashing, before the wire.
+        on_busy: gives the hook (or None) called with ``(lane index, socket)`` on the lane's thread, outside
+            the lock, as a lane that waited for work picks up a chunk (before the chunk is written).
     """
 
     def __init__(self, engine: SenderEngine, cond: threading.Condition, handles: Mapping[int, OutgoingTransfer],
                  dialer: Dialer, *, active: int, stall_timeout: float, peer_timeout: float,
                  alive_lanes: Callable[[], int], fail: Callable[[str, int], None],
-                 abort: Callable[[int, str], None], stage: ChunkStage = IDENTITY) -> None:
+                 abort: Callable[[int, str], None], stage: ChunkStage = IDENTITY,
+                 on_busy: Callable[[], LaneHook | None] = lambda: None) -> None:
         self.engine = engine
         self.cond = cond
         self.handles = handles
@@ -60,6 +66,7 @@ class LanePump:
         self.fail = fail
         self.abort = abort
         self.stage = stage  #: every chunk passes ``stage.outgoing`` after hashing, before the wire
+        self.on_busy = on_busy
 
     def run(self, lane: Lane, gen: int) -> None:
         """The thread of ``lane`` in connection generation ``gen``: until that generation stops, or the
@@ -70,6 +77,7 @@ class LanePump:
         while True:
             with cond:
                 pick = eng.pick(index) if index < self.active and eng.current(gen) else None
+                waited = pick is None
                 while pick is None and eng.current(gen):
                     busy = eng.lane_busy(index)
                     cond.wait(0.05 if busy else 0.5)
@@ -85,6 +93,13 @@ class LanePump:
                 if not stopped and self._lost(lane, ConnectionError("lane closed by the receiver or stalled"), gen):
                     continue
                 return
+            if waited:
+                hook = self.on_busy()
+                if hook is not None:
+                    try:
+                        hook(index, lane.ch.sock)
+                    except Exception:  # noqa: BLE001 - a hook's failure must not end the lane
+                        log.exception("on_lane_busy hook failed on lane %d", index)
             try:
                 self._send_chunk(lane, h, chunk)
             except (OSError, ValueError) as e:
