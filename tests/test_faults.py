@@ -93,6 +93,36 @@ def test_corrupt_chunk_is_nacked_and_resent(rep: int, no_leaks: None) -> None:
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
 
 
+def test_a_last_chunk_corrupt_after_the_early_done_is_resent_and_the_transfer_completes(no_leaks: None) -> None:
+    """The receiver holds an early DONE (its WELCOME says so): the DONE goes out with the last chunk's
+    first copy, which arrives corrupt; the receiver NACKs it, still holding the DONE, and completes on the
+    re-sent copy (a DONE it did not hold would fail the transfer with a chunk unverified)."""
+    layout, req, src = _big_request("late-bad")
+    dst = np.zeros(_total(layout, req), np.uint8)
+    corrupted: list[int] = []
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        assert s.server_limits["done_early"] is True
+        h_rx = rx.expect(req.request_id, dst)
+        h = s.send(layout, req)
+        last = h.plan.num_chunks - 1
+
+        def hook(lane: int, tid: int, chunk: int, pieces: list) -> list | None:  # type: ignore[type-arg]
+            if chunk == last and not corrupted:
+                corrupted.append(chunk)
+                bad = bytearray(pieces[0])
+                bad[0] ^= 0x01
+                return [memoryview(bad), *pieces[1:]]
+            return None
+
+        s.chunk_stage = ChunkHook(hook)
+        h.write_all(src)
+        h.finish().result(30)
+        h_rx.result(30)
+        assert corrupted == [last] and h.retries(last) == 1
+        assert h_rx.machine is not None and h_rx.machine.bad_chunks == 1
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+
+
 def test_persistently_corrupt_chunk_fails_the_transfer(no_leaks: None) -> None:
     layout, req, src = _big_request("always-bad")
     with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK, max_retries=2) as s:

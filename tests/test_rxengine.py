@@ -224,6 +224,40 @@ def test_done_with_chunks_missing_or_a_wrong_digest_fails_the_transfer(missing: 
     assert e.counts()["transfers_failed"] == 1
 
 
+@pytest.mark.parametrize("good", [True, False])
+def test_an_early_done_is_held_until_the_last_chunk_is_verified(good: bool) -> None:
+    """With ``done_early`` (advertised in the WELCOME), a DONE that arrives before every chunk is verified
+    is held: nothing ends; the last chunk's verdict then answers it (after that chunk's ACK): COMPLETE, or
+    ERROR for a digest that does not match. A late DONE after the end is ignored. Negative control: the
+    engine without it fails the same DONE at once (``test_done_with_chunks_missing...``)."""
+    e = engine(done_early=True)
+    m = start(e, 1)
+    n = m.plan().num_chunks
+    for c in range(n - 1):
+        deliver(e, m, c)
+    assert e.receive(F.DONE, {"tid": 1, "digest": digest(m) ^ (0 if good else 1)}, 1.5) == []
+    assert e.transfer(1) is not None and e.counts().get("transfers_done") is None
+    bad = deliver(e, m, n - 1, good=False)  # the last chunk fails its check: still held, NACKed
+    assert bad.reply == Send(F.NACK, {"tid": 1, "c": [n - 1]}) and bad.finished == ()
+    r = deliver(e, m, n - 1, now=2.0)
+    assert r.reply == Send(F.ACK, {"tid": 1, "c": [n - 1]}) and r.ended is None
+    why = "" if good else "whole-transfer digest mismatch"
+    state, notify = (State.DONE, F.COMPLETE) if good else (State.FAILED, F.ERROR)
+    assert r.finished == (Ended(1, state, why), Send(notify, {"tid": 1, "reason": why, "state": state.value}))
+    assert e.transfer(1) is None and e.held == 0
+    assert e.counts()["transfers_done" if good else "transfers_failed"] == 1
+    assert e.receive(F.DONE, {"tid": 1, "digest": 0}, 2.0) == []
+
+
+def test_with_every_chunk_verified_an_early_done_is_answered_at_once() -> None:
+    e = engine(done_early=True)
+    m = start(e, 1)
+    for c in range(m.plan().num_chunks):
+        assert deliver(e, m, c).finished == ()
+    assert e.receive(F.DONE, {"tid": 1, "digest": digest(m)}, 2.0) == [
+        Ended(1, State.DONE, ""), Send(F.COMPLETE, {"tid": 1, "reason": "", "state": "done"})]
+
+
 @pytest.mark.parametrize("state,expect", [("timed_out", (State.TIMED_OUT, "sender timed out: r")),
                                           ("failed", (State.FAILED, "sender failed the transfer: r")),
                                           (None, (State.CANCELLED, "cancelled by sender: r"))])

@@ -8,7 +8,10 @@ bytes: the sender charges a chunk when it hands it out before ACCEPT, the receiv
 before the transfer is activated or refused. Each end releases a transfer's charge only on its own side of
 the answer (the receiver when it sends ACCEPT/REJECT, the sender when it reads it), so at any moment what
 the receiver counts is at most what the sender counted: a receiver that sees more than the window holds a
-sender that broke the rule (``EarlyWindowExceeded``). Must not know: sockets, threads, clocks, buffers,
+sender that broke the rule (``EarlyWindowExceeded``). Also the early DONE: a receiver that holds a DONE
+arriving before every chunk is verified (and answers it once they are) says so in its WELCOME ``limits``
+(``DONE_EARLY``; ``parse_done_early``), and its sender then sends DONE as the last chunk first goes out,
+not one round trip later after the last ACK. Must not know: sockets, threads, clocks, buffers,
 manifests or chunk plans (a chunk is its transfer id and length here).
 """
 
@@ -45,6 +48,16 @@ class EarlyWindow:
     def advertise(self) -> dict[str, int]:
         """The keys a receiver adds to its WELCOME ``limits``."""
         return dict(zip(_KEYS, (self.per_transfer, self.per_session, self.transfers)))
+
+
+#: the WELCOME ``limits`` key (value ``True``) of a receiver that holds an early DONE
+DONE_EARLY = "done_early"
+
+
+def parse_done_early(limits: dict[str, Any]) -> bool:
+    """Whether a receiver's WELCOME ``limits`` say it holds an early DONE (absent, as from an older
+    receiver, or anything but ``True``: DONE waits for the last ACK)."""
+    return limits.get(DONE_EARLY) is True
 
 
 def parse(limits: dict[str, Any]) -> EarlyWindow | None:

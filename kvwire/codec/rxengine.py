@@ -7,7 +7,9 @@ admitted transfers (each a ``ReceiverTransfer`` with its deadline), chunk admiss
 NACK, "held" when another copy is being read, "lost" when the read copy broke off after another was
 dropped), early chunks (``codec.early``: a chunk whose transfer is not yet activated or refused is
 charged to the session's early window, past which it is a ``ProtocolError``, and its lane waits for the
-answer; still unanswered after the wait, it is drained and asked for again with NACK "lost"), the rule that
+answer; still unanswered after the wait, it is drained and asked for again with NACK "lost"), the early
+DONE (with ``done_early``, advertised in the WELCOME limits: a DONE that arrives before every chunk is
+verified is held, its digest compared and COMPLETE or ERROR sent as the last chunk is verified), the rule that
 a transfer ends once but resolves only when no lane writes into it any more
 (and cutting a lane stuck mid-chunk of an ended transfer), deadlines, heartbeats and peer silence from
 the ``now`` it is given, and the session's counters. In the spirit of h11's ``Connection``: it takes
@@ -22,9 +24,9 @@ emitted exactly once per activated transfer) and ``Fail`` (the session is over: 
 the engine accepts nothing afterwards; never ``reconnect``), the actions both engines share
 (``codec.actions``), and this end's own: ``CutLanes`` (close these lane connections) and ``Admit`` (find
 the destination, then ``activate`` or ``refuse``). A chunk's answer is one
-``ChunkResult`` (its verdict, the layers it completed, an ``Ended``), not a list: the lane path stays
-lean. Lanes are named by an id the driver gives each lane connection (not its index: a reconnected
-lane is another connection).
+``ChunkResult`` (its verdict, the layers it completed, an ``Ended``, and the end an early DONE brings),
+not a list: the lane path stays lean. Lanes are named by an id the driver gives each lane connection
+(not its index: a reconnected lane is another connection).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class RxTransfer:
     writing: set[int] = field(default_factory=set)  # lane ids reading a chunk of it into its destination
     pending: tuple[State, str] | None = None  # ended while a lane writes: resolved when the last one stops
     pending_since: float = 0.0
+    done_digest: int | None = None  # an early DONE's digest, held until every chunk is verified
 
     @property
     def manifest(self) -> Manifest:
@@ -128,6 +131,7 @@ class ChunkResult:
     at: float = 0.0
     ended: Ended | None = None
     lost: Send | None = None
+    finished: tuple[Ended | Send, ...] = ()  # the held early DONE answered: perform after the reply, in order
 
 
 # ---------------------------------------------------------------- engine
@@ -138,12 +142,16 @@ class ReceiverEngine:
 
     Parameters: ``limits`` (what manifests may announce), ``max_transfers`` in flight on the session,
     ``max_probe_bytes`` (largest sink transfer; 0 refuses them), ``transfer_timeout``, ``peer_timeout``
-    and ``heartbeat`` in seconds, ``now``: the clock reading the session starts at, and ``early``: the
-    early window advertised to this session's sender (None: a chunk before ACCEPT is a protocol error)."""
+    and ``heartbeat`` in seconds, ``now``: the clock reading the session starts at, ``early``: the
+    early window advertised to this session's sender (None: a chunk before ACCEPT is a protocol error), and
+    ``done_early``: this session's sender was told a DONE may come before every chunk is verified (held
+    until they are; without it such a DONE fails the transfer, as a sender that finished with a hole)."""
 
     def __init__(self, limits: Limits, *, max_transfers: int, max_probe_bytes: int, transfer_timeout: float,
-                 peer_timeout: float, heartbeat: float, now: float, early: EarlyWindow | None = None) -> None:
+                 peer_timeout: float, heartbeat: float, now: float, early: EarlyWindow | None = None,
+                 done_early: bool = False) -> None:
         self.limits = limits
+        self.done_early = done_early
         self.max_transfers = max_transfers
         self.max_probe_bytes = max_probe_bytes
         self.transfer_timeout = transfer_timeout
@@ -193,6 +201,9 @@ class ReceiverEngine:
             t = self.transfers.get(tid)
             if t is None:
                 return []  # ended already (cancelled, timed out): the sender was told
+            if self.done_early and t.machine.remaining and not t.machine.state.terminal:
+                t.done_digest = digest  # early: answered as the last chunk is verified (``chunk_done``)
+                return []
             if t.machine.on_done(digest):
                 return self.end(tid, State.DONE, "", now, notify=F.COMPLETE)
             return self.end(tid, State.FAILED, t.machine.status.reason, now, notify=F.ERROR)
@@ -374,7 +385,14 @@ class ReceiverEngine:
         else:
             self._counts["chunks_rejected"] += 1
             reply = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
-        return ChunkResult(reply, verdict.layers_ready, now, ended)
+        finished: tuple[Ended | Send, ...] = ()
+        if verdict.all_verified and t.done_digest is not None and self.transfers.get(h.transfer_id) is t:
+            ok = t.machine.on_done(t.done_digest)  # the held early DONE, answered now
+            state, why = (State.DONE, "") if ok else (State.FAILED, t.machine.status.reason)
+            finished = tuple(a for a in self.end(h.transfer_id, state, why, now,
+                                                 notify=F.COMPLETE if ok else F.ERROR)
+                             if isinstance(a, (Ended, Send)))
+        return ChunkResult(reply, verdict.layers_ready, now, ended, finished=finished)
 
     def chunk_abandoned(self, t: RxTransfer, lane: int, h: Header, now: float) -> ChunkResult:
         """The admitted copy broke off mid-read (its lane died)."""

@@ -177,6 +177,8 @@ class SenderTransfer:
         self.retries = [0] * n
         self.queue: deque[int] = deque()
         self.unacked = n
+        self.unsent = n  # chunks not yet sent once
+        self._sent_once = bytearray(n)
         self.accepted = False
         self.layers_written: set[int] = set()
         self.done_sent = False
@@ -218,6 +220,19 @@ class SenderTransfer:
 
     def sent(self, chunk: int, digest: int) -> None:
         self.hashes[chunk] = digest
+        if not self._sent_once[chunk]:
+            self._sent_once[chunk] = 1
+            self.unsent -= 1
+
+    def done_early(self) -> bool:
+        """True once, as the last chunk goes out for the first time: the caller sends DONE with ``digest()``
+        now, before the ACKs, to a receiver that holds it until every chunk is verified (``done_early`` in
+        its WELCOME limits). Every chunk's hash is known then; a re-send (NACK, a lane lost) carries the same
+        bytes, so the same hash."""
+        if self.unsent or self.done_sent or self.state.terminal:
+            return False
+        self.done_sent = True
+        return True
 
     def on_ack(self, chunks: list[int]) -> bool:
         """True when this ack completes the set: the caller sends DONE with ``digest()``. Layers it

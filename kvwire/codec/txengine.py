@@ -4,7 +4,8 @@ Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines
 of the next chunk for a lane, which lane holds which chunk in flight and re-queueing them when a lane
 dies, the control messages from the receiver (legal per ``rules.SENDER_RECEIVES``; ACCEPT, REJECT,
 ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEAT, BYE), DONE with the
-whole-transfer digest, deadlines, heartbeats and peer silence computed from the ``now`` it is given,
+whole-transfer digest (after the last ACK; or, to a receiver that holds an early one, as the last chunk
+first goes out), deadlines, heartbeats and peer silence computed from the ``now`` it is given,
 the layouts the receiver already knows, the early window (``codec.early``: chunks of a transfer not yet
 accepted go out while the receiver's advertised window has room, each charged until the receiver's ACCEPT or
 REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its
@@ -91,13 +92,17 @@ class SenderEngine:
         self._acked_at: dict[int, float] = {}  # lane index -> last acknowledgement of a chunk it carried
         self._known_layouts: set[bytes] = set()
         self._early = EarlyLedger(None)  # early bytes handed out, by transfer, until its ACCEPT/REJECT is read
+        self._done_early = False  # the receiver holds a DONE until every chunk is verified: send it at the last send
         self._counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------ session
-    def opened(self, now: float, early: EarlyWindow | None = None) -> int:
+    def opened(self, now: float, early: EarlyWindow | None = None, done_early: bool = False) -> int:
         """A new connection generation is up (authenticated, lanes open): returns its number. Chunks
         in flight and known layouts belonged to the old receiver session. ``early``: the window its
-        receiver advertised (``codec.early.parse``; None: chunks wait for ACCEPT). ``KvwireError`` if closed."""
+        receiver advertised (``codec.early.parse``; None: chunks wait for ACCEPT). ``done_early``: its
+        receiver holds a DONE that arrives before every chunk is verified (``codec.early.parse_done_early``):
+        DONE goes as the last chunk goes out, not one round trip later, after its ACK. ``KvwireError`` if
+        closed."""
         if self.closed:
             raise KvwireError("session closed")
         self.gen += 1
@@ -110,6 +115,7 @@ class SenderEngine:
         self._acked_at.clear()
         self._known_layouts.clear()
         self._early = EarlyLedger(early)
+        self._done_early = done_early
         self.last_seen = now
         self._last_hb = float("-inf")
         return self.gen
@@ -241,11 +247,16 @@ class SenderEngine:
                 return tid, c
         return None
 
-    def sent(self, tid: int, chunk: int, digest: int) -> None:
-        """The chunk's hash (0 when unhashed), for the whole-transfer digest; it goes on the wire next."""
+    def sent(self, tid: int, chunk: int, digest: int) -> Sequence[Action]:
+        """The chunk's hash (0 when unhashed), for the whole-transfer digest; it goes on the wire next. To a
+        receiver that takes an early DONE, the last chunk to go out the first time brings the DONE."""
         e = self._transfers.get(tid)
-        if e is not None:
-            e.sm.sent(chunk, digest)
+        if e is None:
+            return _NOTHING
+        e.sm.sent(chunk, digest)
+        if self._done_early and e.sm.done_early():
+            return [Send(F.DONE, {"tid": tid, "digest": e.sm.digest()})]
+        return _NOTHING
 
     def lane_busy(self, lane: int) -> bool:
         """``lane`` holds chunks in flight."""

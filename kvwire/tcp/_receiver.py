@@ -25,7 +25,7 @@ from typing import Any
 
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
-from ..codec.early import DEFAULT_EARLY_BYTES, EarlyWindow
+from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
@@ -321,14 +321,15 @@ class Receiver:
             ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
-                  "max_probe_bytes": self.max_probe_bytes, **(self.early.advertise() if self.early else {})}
+                  "max_probe_bytes": self.max_probe_bytes, **(self.early.advertise() if self.early else {}),
+                  DONE_EARLY: True}  # (a DONE before the last chunk is verified is held: ``codec.early``)
         sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
             engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
                                     max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
                                     peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic(),
-                                    early=self.early)
+                                    early=self.early, done_early=True)
             sessions.append(RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout))
             with self._lock:
                 self._sessions[keys.session_id] = sessions[0]

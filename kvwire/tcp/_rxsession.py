@@ -282,6 +282,8 @@ class RxSession:
             handle.layer_ready(layer, r.at)
         if r.reply is not None:
             self.send(r.reply.kind, r.reply.body)
+        if r.finished:  # the held early DONE answered: every layer is ready and the last ACK went first
+            self.perform(list(r.finished))
 
 
 def _recv_hashed(ch: Stream, dest: list[memoryview], pieces: list[tuple[int, int, int]], hashed: bool) -> int | None:

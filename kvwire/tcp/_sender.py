@@ -180,7 +180,8 @@ class Session(SenderConnection):
         self._pump = LanePump(self._engine, self._cond, self._handles, self._dialer, active=lanes,
                               stall_timeout=self.stall_timeout, peer_timeout=peer_timeout,
                               alive_lanes=lambda: self.alive_lanes, fail=self._fail_session,
-                              abort=self.abort_transfer, stage=chunk_stage, on_busy=lambda: self.on_lane_busy)
+                              abort=self.abort_transfer, act=self._act, stage=chunk_stage,
+                              on_busy=lambda: self.on_lane_busy)
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
         #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its

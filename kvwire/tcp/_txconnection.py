@@ -118,7 +118,8 @@ class SenderConnection:
             opened = self._dialer.open_lanes(lanes, DIAL_CONCURRENCY)
             with self._cond:
                 # raises once the session is closed; chunks may go before ACCEPT within the receiver's early window
-                gen = self._engine.opened(time.monotonic(), early.parse(server_limits))
+                gen = self._engine.opened(time.monotonic(), early.parse(server_limits),
+                                          early.parse_done_early(server_limits))
                 self._retrans_gone += sum(lane.retransmits() for lane in self.lanes)  # (a connection before)
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
                 self._cond.notify_all()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import xxhash
 
 from ..codec import frames as F
-from ..codec.txengine import SenderEngine
+from ..codec.txengine import Action, SenderEngine
 from ..errors import KvwireError
 from ._lanes import Dialer, Lane, LaneHook
 from ._outgoing import OutgoingTransfer
@@ -45,6 +45,8 @@ class LanePump:
         fail: ``fail(reason, gen)``: the session's connection failed (the last lane is gone).
         abort: ``abort(transfer_id, reason)``: that transfer cannot go on (the stage failed on a chunk of
             it, by raising or by changing its length); it ends failed, the lane carries on.
+        act: ``act(actions, gen)`` performs the engine's actions (outside the lock): the early DONE that
+            the last chunk to go out brings.
         stage: every chunk passes ``stage.outgoing`` after hashing, before the wire.
         on_busy: gives the hook (or None) called with ``(lane index, socket)`` on the lane's thread, outside
             the lock, as a lane that waited for work picks up a chunk (before the chunk is written).
@@ -53,7 +55,8 @@ class LanePump:
     def __init__(self, engine: SenderEngine, cond: threading.Condition, handles: Mapping[int, OutgoingTransfer],
                  dialer: Dialer, *, active: int, stall_timeout: float, peer_timeout: float,
                  alive_lanes: Callable[[], int], fail: Callable[[str, int], None],
-                 abort: Callable[[int, str], None], stage: ChunkStage = IDENTITY,
+                 abort: Callable[[int, str], None], act: Callable[[Sequence[Action], int], None],
+                 stage: ChunkStage = IDENTITY,
                  on_busy: Callable[[], LaneHook | None] = lambda: None) -> None:
         self.engine = engine
         self.cond = cond
@@ -65,6 +68,7 @@ class LanePump:
         self.alive_lanes = alive_lanes
         self.fail = fail
         self.abort = abort
+        self.act = act
         self.stage = stage  #: every chunk passes ``stage.outgoing`` after hashing, before the wire
         self.on_busy = on_busy
 
@@ -101,13 +105,13 @@ class LanePump:
                     except Exception:  # noqa: BLE001 - a hook's failure must not end the lane
                         log.exception("on_lane_busy hook failed on lane %d", index)
             try:
-                self._send_chunk(lane, h, chunk)
+                self._send_chunk(lane, h, chunk, gen)
             except (OSError, ValueError) as e:
                 if not self._lost(lane, e, gen):
                     return
             h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
-    def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int) -> None:
+    def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int, gen: int) -> None:
         plan, views, tid = h.plan, h.views, h.transfer_id
         pieces = []
         for seg, a, b in plan.pieces(chunk):
@@ -124,7 +128,9 @@ class LanePump:
                     x.update(p)
                 digest = x.intdigest()
         with self.cond:
-            self.engine.sent(tid, chunk, digest or 0)
+            done = self.engine.sent(tid, chunk, digest or 0)
+        if done:
+            self.act(done, gen)  # (the early DONE: the receiver holds it until the chunks are verified)
         length = plan.lengths[chunk]
         stage = self.stage
         if stage is not IDENTITY:
