@@ -153,6 +153,33 @@ def test_acks_report_layers_once_and_the_last_one_sends_done_with_the_digest() -
     assert e.counts()["transfers_done"] == 1 and not e.busy
 
 
+def test_to_a_receiver_that_holds_an_early_done_it_goes_with_the_last_chunk_sent_once() -> None:
+    """``done_early`` (the receiver's WELCOME says so): DONE goes as the last chunk first goes out, one round
+    trip before its ACK would bring it, with every chunk's hash; re-sends (NACK) and the ACKs bring no second
+    one. Negative control: without it, sending everything brings nothing and DONE follows the last ACK."""
+    for early in (True, False):
+        e = SenderEngine(peer_timeout=10.0, heartbeat=1.0)
+        e.opened(T0, None, early)
+        sm = _running(e)
+        n = sm.plan.num_chunks
+        dones = []
+        for k in range(n):
+            p = e.pick(k % 2)
+            assert p is not None
+            out = e.sent(p[0], p[1], 1000 + p[1])
+            dones += [(k, a) for a in out]
+        digest = transfer_digest([1000 + c for c in range(n)])
+        if early:
+            assert dones == [(n - 1, Send(F.DONE, {"tid": 7, "digest": digest}))]
+            assert e.receive(F.NACK, {"tid": 7, "c": [1]}, T0) == (ChunksQueued(),)
+            assert e.pick(0) == (7, 1) and e.sent(7, 1, 1001) == ()  # a re-send: the same bytes, no new DONE
+        else:
+            assert dones == []
+        out = e.receive(F.ACK, {"tid": 7, "c": list(range(n))}, T0 + 1)
+        assert (Send(F.DONE, {"tid": 7, "digest": digest}) in out) is not early
+        assert _ended(e.receive(F.COMPLETE, {"tid": 7}, T0 + 2)) == [Ended(7, State.DONE, "")]
+
+
 def test_unhashed_transfer_sends_a_zero_digest_and_a_chunkless_one_is_done_at_finish() -> None:
     e = _engine()
     sm = _running(e, hashed=False)
