@@ -89,29 +89,30 @@ def test_a_probe_with_no_capacity_on_a_wan_path_is_sampled_faster() -> None:
     assert sampling_interval(paced, wan, cfg, 0.1, 0.025) == 0.1
 
 
-def _tail(pair: tuple[socket.socket, socket.socket]) -> tuple[LaneController, int]:
-    """Two paced lanes on real sockets; the sample at 1.1 s finds b done (idle): b holds the reserve."""
+def _tail(pair: tuple[socket.socket, socket.socket], events: bool = False) -> tuple[LaneController, int]:
+    """Two paced lanes on real sockets; the sample at 1.1 s finds b done (idle)."""
     a, b = pair
     cfg = ControllerConfig(initial_lanes=2, min_lanes=1, max_lanes=2, queue_persist=0.0)
-    ctl = LaneController(cfg, sockets_provider=lambda: [a, b])
+    ctl = LaneController(cfg, sockets_provider=lambda: [a, b], lane_events=events)
     busy = (lane(a.fileno(), busy=1.0, notsent=1 << 20), lane(b.fileno(), busy=1.0, notsent=1 << 20))
     ctl.on_state(link(0.0, capacity=None))
     ctl.on_state(link(0.5, busy, capacity=None))
     ctl.on_state(link(1.0, busy, q=2.0))
     assert ctl.decision.mode is Mode.CRUISE and ctl.decision.total_pacing is not None
     ctl.on_state(link(1.1, (busy[0], lane(b.fileno(), busy=0.0, notsent=0))))
-    assert get_pacing_rate(b) == int(0.25 * (ctl.decision.total_pacing // 2))
     return ctl, ctl.decision.total_pacing
 
 
 def test_a_lane_that_picks_up_work_gets_its_full_share_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
-    """A request's start: the lane idle at the last sample picks up a chunk (``lane_busy``, the lane's
-    event) and paces at its even share from then on, not at the reserve until the next sample. A sample
-    taken before that event (it arrives late, or still reads the lane idle) does not take the share back;
-    a sample after it that finds the lane idle again (its part done) does. Negative control: without the
-    event the lane keeps the reserve until a sample sees it busy."""
+    """A request's start: the lane idle at the last sample (at the reserve) picks up a chunk (``lane_busy``,
+    the lane's event) and is paced at its even share from then on, not at the reserve until the next
+    sample. A sample that covers the time it woke (it arrives late, or still reads the lane idle: its first
+    chunk may not be written yet) does not take the share back; a later one that finds it idle again does.
+    Negative control: without the event the lane keeps the reserve until a sample sees it busy."""
     a, b = pair
     ctl, total = _tail(pair)
+    low = int(0.25 * (total // 2))
+    assert get_pacing_rate(b) == low
     applied = ctl.applied
     assert not ctl.lane_busy(a.fileno(), 1.15, [a, b])  # a was sending: nothing to change, sockets untouched
     assert ctl.applied == applied
@@ -121,17 +122,34 @@ def test_a_lane_that_picks_up_work_gets_its_full_share_at_once(pair: tuple[socke
     stale = (lane(a.fileno(), busy=1.0, notsent=1 << 20), lane(b.fileno(), busy=0.0, notsent=0))
     ctl.on_state(link(1.14, stale))  # taken before b picked up its chunk
     assert get_pacing_rate(b) == total // 2
-    ctl.on_state(link(1.3, stale))  # after: b is done again
-    assert get_pacing_rate(b) == int(0.25 * (total // 2)) and get_pacing_rate(a) == total - get_pacing_rate(b)
+    ctl.on_state(link(1.3, stale))  # covers 1.14-1.3: b woke in it, so it was not idle all of it
+    assert get_pacing_rate(b) == total // 2
+    ctl.on_state(link(1.4, stale))  # b idle all of 1.3-1.4: done again
+    assert get_pacing_rate(b) == low and get_pacing_rate(a) == total - low
 
     control, _ = _tail(pair)  # negative control: no event, the stale sample keeps b at the reserve
     control.on_state(link(1.14, stale))
-    assert get_pacing_rate(b) == int(0.25 * (total // 2))
+    assert get_pacing_rate(b) == low
+
+
+def test_lanes_that_say_when_they_wake_keep_an_even_share_while_idle(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """With lane events, an idle lane is not lowered (a raised cap takes effect only as the lane's ACKs
+    come back: held at the reserve, it would pace its next first round trip at a quarter); the lane still
+    sending takes the whole aggregate, and is lowered back to an even share as the idle one wakes."""
+    a, b = pair
+    ctl, total = _tail(pair, events=True)
+    assert get_pacing_rate(b) == total // 2 and get_pacing_rate(a) == total
+    assert ctl.lane_busy(b.fileno(), 1.15, [a, b])
+    assert get_pacing_rate(a) == get_pacing_rate(b) == total // 2
+    assert lane_rates(1000, [1, 2, 3, 4], {2, 3, 4}, woken=True) == {1: 1000, 2: 250, 3: 250, 4: 250}
+    assert lane_rates(1000, [1, 2, 3, 4], {3, 4}, woken=True) == {1: 500, 2: 500, 3: 250, 4: 250}
 
 
 def test_link_control_takes_the_sessions_lane_busy_event(pair: tuple[socket.socket, socket.socket]) -> None:
     """``LinkControl`` hooks a session's ``on_lane_busy`` (a hook the session had runs after it, and is put
-    back on close): the lane's event re-splits the pacing the share caps, not the controller's own."""
+    back on close), and so splits with idle lanes kept at an even share; the lane's event re-splits the
+    pacing the share caps, not the controller's own."""
     a, b = pair
     called: list[int] = []
 
@@ -160,7 +178,7 @@ def test_link_control_takes_the_sessions_lane_busy_event(pair: tuple[socket.sock
         now = time.monotonic()
         ctl.controller.on_state(link(now, (lane(a.fileno(), busy=1.0, notsent=1), lane(b.fileno(), busy=0.0,
                                                                                          notsent=0))))
-        assert get_pacing_rate(b) < total // 4
+        assert get_pacing_rate(b) == total // 2 and get_pacing_rate(a) == total  # (idle b is not lowered)
         session.on_lane_busy(7, b)
         assert called == [7]
         assert get_pacing_rate(a) == get_pacing_rate(b) == ctl.shared_cap // 2

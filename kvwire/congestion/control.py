@@ -80,7 +80,9 @@ class LinkControl:
             bw_sample=0.2, capacity_follows_queue=not self.config.polite))
         if capacity is not None:
             self.estimator.seed_capacity(capacity)
-        self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity)
+        self._busy_hooked = hasattr(session, "on_lane_busy")  # (a ``LaneGroup`` has no such event)
+        self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity,
+                                         lane_events=self._busy_hooked)
         self._clock = time.monotonic  # the monitor's: a lane's busy event is set against the samples' times
         self.monitor = LinkMonitor(session.lane_sockets, interval, self.estimator, clock=self._clock)
         self.interval, self.probe_interval = interval, probe_interval
@@ -93,7 +95,6 @@ class LinkControl:
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
         self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
         session.on_lane_open = self._on_lane_open
-        self._busy_hooked = hasattr(session, "on_lane_busy")  # (a ``LaneGroup`` has no such event)
         self._prior_busy: Callable[[int, socket.socket], None] | None = getattr(session, "on_lane_busy", None)
         if self._busy_hooked:
             session.on_lane_busy = self._on_lane_busy  # type: ignore[attr-defined]

@@ -53,23 +53,27 @@ class LaneController:
     lane's share goes to the others; a ``LaneGroup`` gives only its busy members' lanes), except at a
     request's tail, where lanes that finished give their share to the lanes still sending
     (``split.lane_rates``). Sockets are touched only when the decision, that set of sockets or which of
-    them are idle changes (new lanes get theirs from the session's lane-open hook). A lane idle at the
-    last sample that picks up work is told by ``lane_busy`` (an event from the lane, not the next sample):
-    at a request's start it gets its full share at once instead of the idle lanes' reserve for up to a
-    sampling interval. Thread-safe: samples arrive on the monitor's thread, those events on the lanes'.
+    them are idle changes (new lanes get theirs from the session's lane-open hook). ``lane_events``: each
+    lane says when it picks up work (``lane_busy``, before its first byte): the split is redone then, not at
+    the next sample, and idle lanes keep an even share (``split.lane_rates``' ``woken``), so a request's
+    first round trip is not paced at the idle lanes' reserve. Thread-safe: samples arrive on the monitor's
+    thread, those events on the lanes'.
     """
 
     def __init__(self, config: ControllerConfig | None = None,
                  sockets_provider: Callable[[], Sequence[socket.socket]] | None = None,
-                 set_lanes: Callable[[int], int | None] | None = None, capacity: float | None = None) -> None:
+                 set_lanes: Callable[[int], int | None] | None = None, capacity: float | None = None,
+                 lane_events: bool = False) -> None:
         self.config = config or ControllerConfig()
+        self.lane_events = lane_events
         self.state = initial_state(self.config, capacity)
         self.sockets_provider = sockets_provider
         self.set_lanes = set_lanes
         self.history: list[tuple[float, Decision]] = [(0.0, self.state.decision)]
         self._paced: frozenset[int] = frozenset()  # the sockets (fds) the decision was last applied to
         self._idle: frozenset[LaneKey] = frozenset()  # ... and those of them that were idle (``split``)
-        self._woke: dict[LaneKey, float] = {}  # lanes of ``_idle`` that picked up work since, and when
+        self._woke: dict[LaneKey, float] = {}  # lanes that picked up work (``lane_busy``), and when
+        self._sampled_at: float | None = None  # the last sample's time: the next one covers the time since
         self._lock = threading.RLock()  # the split (``_idle``, ``_woke``) and putting it on the sockets
         self.applied = 0  # how many times a decision was put on the sockets (``apply``)
 
@@ -110,10 +114,13 @@ class LaneController:
         sockets = self.sockets_provider()
         fds = frozenset(s.fileno() for s in sockets)
         with self._lock:
-            # a lane that picked up work after this sample was taken is not idle, whatever the sample says
+            # a lane that picked up work within the interval this sample covers, or after it, was not idle
+            # all of it, whatever the sample read (its first chunk may not have been written yet)
+            since = self._sampled_at
+            woke = {k for k, t in self._woke.items() if since is None or t >= since}
             self._woke = {k: t for k, t in self._woke.items() if t >= link.timestamp}
-            idle = idle_lanes(link) & fds if d.pacing_rate is not None else frozenset()
-            idle -= self._woke.keys()
+            self._sampled_at = link.timestamp
+            idle = (idle_lanes(link) & fds) - woke if d.pacing_rate is not None else frozenset()
             if d == before and fds == self._paced and idle == self._idle:
                 return
             self._paced, self._idle = fds, idle
@@ -127,10 +134,10 @@ class LaneController:
         at its full share from its first chunk, and True. False: nothing changed (the common case, and
         cheap: every lane that waited for work calls this as it picks some up)."""
         with self._lock:
+            self._woke[lane] = now
             if lane not in self._idle:
                 return False
             self._idle = self._idle - {lane}
-            self._woke[lane] = now
             self.apply(shown() if shown is not None else self.state.decision, sockets)
             return True
 
@@ -145,7 +152,7 @@ class LaneController:
             if total is None or not self._idle:
                 apply_decision(d, sockets, share=len(sockets), restart=restart)
                 return
-            rates = lane_rates(total, [s.fileno() for s in sockets], self._idle)
+            rates = lane_rates(total, [s.fileno() for s in sockets], self._idle, woken=self.lane_events)
             for s in sockets:
                 apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
 
