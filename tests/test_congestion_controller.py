@@ -420,6 +420,20 @@ def test_lanes_far_below_the_capacity_while_busy_are_re_probed_but_not_over_a_re
     assert busy.mode is Mode.PROBE and busy.decision.restart, busy.decision
 
 
+def test_lanes_busy_with_nothing_queued_are_not_re_probed() -> None:
+    """A prefill writing layers at half the link's rate keeps every lane busy (TCP counts data in flight,
+    and a chunk a round trip keeps some in flight) at half the capacity, with the lanes' sockets empty half
+    the time: the sender, not BBR, is what is slow. Re-probing there went unpaced mid-request and overflowed
+    the queue (the stream row). With work queued in every sample it is the lanes: re-probe."""
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=4, queue_persist=0.0)
+    st = cruising(cfg)
+    t = 1.0 + cfg.settle + cfg.judge_after + 0.1
+    streaming = decide(st, replace(ls(t, 0.45 * C, busy=1.0, capacity=C), unqueued=0.5), cfg)
+    assert streaming.mode is Mode.CRUISE and not streaming.decision.restart, streaming.decision
+    queued = decide(st, replace(ls(t, 0.45 * C, busy=1.0, capacity=C), unqueued=0.05), cfg)  # the negative control
+    assert queued.mode is Mode.PROBE and queued.decision.restart, queued.decision
+
+
 def test_an_estimate_below_what_the_lanes_delivered_unpaced_is_probed_back_to_it_once() -> None:
     """The probe saw the lanes deliver 2 x C unpaced, but a false queue (host delay) set the capacity to C:
     cruising pacing-limited with no queue, the controller up-probes straight back to 2 x C after settle

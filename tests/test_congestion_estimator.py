@@ -464,3 +464,26 @@ def test_lanes_that_open_during_an_interval_do_not_read_as_idle_time() -> None:
     assert s.busy == pytest.approx(1.0, abs=0.01), s.busy
     t, s = run_keyed(est, lanes, t, 2, 100e6, rtt_us=20_000)
     assert s.busy == pytest.approx(1.0, abs=0.01), s.busy
+
+
+def test_unqueued_is_the_share_of_lane_samples_with_an_empty_socket_and_no_send_buffer_limit() -> None:
+    """``LinkState.unqueued``: over the stats window, how often a lane had nothing unsent (and was not held
+    by its send buffer). Busy time cannot say it: data in flight for a round trip reads busy."""
+    def feed(notsent: list[int | None], sndbuf: float = 0.0) -> LinkState:
+        est = LinkEstimator()
+        lanes = [FakeLane(), FakeLane()]
+        est.update(0.0, [replace(ln.info(), notsent_bytes=n) for ln, n in zip(lanes, notsent)])
+        t, state = 0.0, None
+        for _ in range(10):
+            for ln in lanes:
+                ln.step(5e6, busy=1.0, sndbuf=sndbuf)
+            t += DT
+            state = est.update(t, [replace(ln.info(), notsent_bytes=n) for ln, n in zip(lanes, notsent)])
+        assert state is not None and state.busy == pytest.approx(1.0)
+        return state
+
+    assert feed([0, 0]).unqueued == pytest.approx(1.0)  # busy all along, yet nothing was ever queued
+    assert feed([0, 65536]).unqueued == pytest.approx(0.5)
+    assert feed([65536, 65536]).unqueued == 0.0
+    assert feed([0, 0], sndbuf=0.5).unqueued == 0.0  # held by the send buffer: the writer has more
+    assert feed([None, None]).unqueued == 0.0  # a kernel without notsent_bytes: counted as queued

@@ -55,7 +55,9 @@ class ControllerConfig:
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
     min_busy: float = 0.5
     # a goodput average is judged against the capacity (``_underused``) only when the lanes had data in
-    # flight this share of its window: an idle gap between two requests in it is not a slow link
+    # flight this share of its window, and work queued in their sockets in this share of its samples
+    # (``LinkState.unqueued``): an idle gap between two requests, or a sender writing at half the link's
+    # rate, is not a slow link
     full_busy: float = 0.9
     rwnd_limited: float = 0.3  # receiver-bound above this share of busy time: more lanes won't help
     window_limited: float = 0.3  # lanes held by a socket window this share of busy time: add lanes

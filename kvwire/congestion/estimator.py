@@ -128,6 +128,11 @@ class LinkState:
     # this interval the queue overflowed: a standing queue and congestive loss (``congested_loss`` of what
     # was sent in it): the link was busy throughout (a first capacity is taken from what it delivered)
     overflowing: bool = False
+    # share of the stats window's lane samples in which a lane had nothing unsent in its socket and no time
+    # held by its send buffer: the sender had nothing queued for it (0: always work queued; lanes whose
+    # kernel gives no ``notsent_bytes`` count as queued). TCP's busy time counts data in flight, so a lane
+    # written to once a round trip reads busy; only an empty socket says the sender is what is slow
+    unqueued: float = 0.0
 
     @property
     def usable_bw(self) -> float | None:
@@ -177,6 +182,7 @@ class _Interval:
     partial: bool = False  # the lane set changed: a lane that came or went is missing from ``d``
     app_limited: bool = False  # a lane had nothing queued: goodput says what we offered, not the link
     pacing_limited: bool = False  # goodput reached our own pacing cap: ditto
+    unqueued: float = 0.0  # share of the lanes seen before with nothing unsent and no send-buffer-limited time
 
     @property
     def limited(self) -> bool:
@@ -269,7 +275,8 @@ class LinkEstimator:
             # seen before and back in the set, a LaneGroup member's that idled, did idle: it counts)
             known = sum(1 for key in items if key in self._prev or key in self._seen)
             self._intervals.append(_Interval(now, dt, known, total, partial, app or recent,
-                                             _pacing_limited(items, total.acked / dt, self.config.paced_share)))
+                                             _pacing_limited(items, total.acked / dt, self.config.paced_share),
+                                             _unqueued(items, deltas, self._prev)))
             rate = self._span_rate(now, self.config.bw_sample)
             self._bw.append((now, rate))
             self._floor_bw.append((now, rate))
@@ -309,7 +316,7 @@ class LinkEstimator:
         cfg = self.config
         stats = [iv for iv in self._intervals if iv.end > now - cfg.stats_window]
         last = self._intervals[-1] if self._intervals and self._intervals[-1].end == now else None
-        span = sum(iv.dt for iv in stats)
+        span = stats_span = sum(iv.dt for iv in stats)
         goodput = sum(iv.d.acked for iv in stats) / span if span else 0.0
         btl_bw = max((rate for _, rate in self._bw), default=0.0)
         busy_us = sum(iv.d.busy_us for iv in stats)
@@ -351,7 +358,8 @@ class LinkEstimator:
             sndbuf_limited=_share(sum(iv.d.sndbuf_us for iv in stats), busy_us),
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
             saturated=saturated, lanes=lanes, app_limited=bool(last and last.app_limited),
-            pacing_limited=bool(last and last.pacing_limited), overflowing=overflowing)
+            pacing_limited=bool(last and last.pacing_limited), overflowing=overflowing,
+            unqueued=sum(iv.unqueued * iv.dt for iv in stats) / stats_span if stats_span else 0.0)
 
     def _capacity(self, now: float, saturated: bool, ratio: float | None,
                   overflow: float | None = None) -> float | None:
@@ -456,6 +464,19 @@ def _app_limited(items: Mapping[LaneKey, TcpInfo], deltas: Mapping[LaneKey, _Del
         if key in prev and info.busy_time_us is not None and deltas[key].busy_us < 0.9 * dt * 1e6:
             return True
     return False
+
+
+def _unqueued(items: Mapping[LaneKey, TcpInfo], deltas: Mapping[LaneKey, _Deltas],
+              prev: Mapping[LaneKey, TcpInfo]) -> float:
+    """Share of the lanes seen before that had nothing unsent at this sample (``notsent_bytes`` 0) and no
+    send-buffer-limited time in the interval (a lane whose send buffer bounds what is in flight has nothing
+    unsent while the application waits to write more: that is work queued). A lane whose kernel gives no
+    ``notsent_bytes`` counts as queued."""
+    known = [key for key in items if key in prev]
+    if not known:
+        return 0.0
+    empty = sum(1 for key in known if items[key].notsent_bytes == 0 and deltas[key].sndbuf_us <= 0)
+    return empty / len(known)
 
 
 def _pacing_limited(items: Mapping[LaneKey, TcpInfo], goodput: float, share: float) -> bool:

@@ -236,10 +236,14 @@ def _underused(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> b
     their own bandwidth estimates are what is low (after a long stall BBR regrows by 25 % per eight round
     trips: minutes at 80 ms from a few packets). Only over a window in which the lanes were busy
     (``full_busy``): goodput averaged over a gap between requests is low without anything being slow, and
-    re-probing then restarts every lane's BBR into STARTUP just as the next request's burst begins."""
+    re-probing then restarts every lane's BBR into STARTUP just as the next request's burst begins. And
+    only with work queued on the lanes in that share of the window's samples (``LinkState.unqueued``): a
+    prefill writing layers at half the link's rate keeps every lane busy (a chunk a round trip keeps data
+    in flight) at half the capacity; re-probing it unpaced overflowed the queue mid-request (5354 drops,
+    that request's tail 403 ms against 144-210 for the others)."""
     cap = link.capacity
     return (st.decision.congestion == "bbr" and cap is not None and link.goodput < cfg.recover_ratio * cap
-            and link.busy >= cfg.full_busy
+            and link.busy >= cfg.full_busy and link.unqueued <= 1 - cfg.full_busy
             and (link.queueing_ratio or 1.0) <= cfg.drained_ratio and not link.app_limited
             and not link.pacing_limited and link.loss_rate < cfg.recover_loss
             and max(link.sndbuf_limited, link.rwnd_limited) < cfg.window_limited
