@@ -311,14 +311,20 @@ class _Probe:
         return max(max((s.btl_bw for s in self.states), default=0.0), self._estimate or 0.0)
 
     def _pace_drain(self, socks: list[socket.socket]) -> None:
-        """Once the pipe read full, cap each lane at its share of the measured capacity for the drain: what
-        the lanes still hold (their congestion windows, up to ``TCP_NOTSENT_LOWAT`` unsent) then leaves at
-        the link's rate instead of at STARTUP's, into a queue that is already overflowing. The lanes' own
-        caps come back with ``_restore``."""
+        """Once the pipe read full, cap each lane at its share of the link's rate for the drain: what the lanes
+        still hold (their congestion windows, up to ``TCP_NOTSENT_LOWAT`` unsent) then leaves at about that
+        rate instead of at STARTUP's, into a queue that is already overflowing. The rate: the measured
+        capacity, or the lanes' summed delivery rates at the last sample if more (each over the lane's last
+        round trip: an overflow seen early, with a bw_sample span still reaching into the ramp, reads the
+        capacity low, 237 Mbit/s on a 400 Mbit/s link once, while the sum read 412; paced at the low reading
+        the drain hid the link's rate from the samples that would have raised it). The lanes' own caps come
+        back with ``_restore``."""
         capacity = self._capacity()
         if not (self.full_pipe or self._estimate is not None) or capacity <= 0 or not socks:
             return
-        share = max(1, int(capacity / len(socks)))
+        latest = self.states[-1] if self.states else None
+        delivering = sum(ln.delivery_rate or 0 for ln in latest.lanes) if latest is not None else 0
+        share = max(1, int(max(capacity, delivering) / len(socks)))
         for sock in socks:
             try:
                 set_pacing_rate(sock, share)
