@@ -420,6 +420,26 @@ def test_lanes_far_below_the_capacity_while_busy_are_re_probed_but_not_over_a_re
     assert busy.mode is Mode.PROBE and busy.decision.restart, busy.decision
 
 
+def test_an_up_probe_that_overflows_a_shallow_queue_ends_at_once() -> None:
+    """On 80 ms with a 20 ms drop-tail queue the queueing ratio tops out at 1.25, under drain_ratio: an
+    up-probe above the link never reads "a queue" and ran its whole upprobe_time dropping packets (the
+    stream row, after a warm-up that read the link at 108 %: cruising at 107 % and up-probing to 119 %
+    for 0.5 s every 3 s). Overflowing (the queue at its top and congestive loss) ends it and drains; the
+    same ratio without the loss does not."""
+    cfg = CFG
+    st = cruising(cfg)
+    assert st.changed_at is not None
+    up = decide(st, ls(st.changed_at + cfg.upprobe_interval + 0.01, PACE * C, capacity=C), cfg)
+    assert up.mode is Mode.UPPROBE and up.changed_at is not None
+    t = up.changed_at + 0.1  # well inside upprobe_time
+    full = replace(ls(t, C, q=1.25, loss=0.03, capacity=C, min_rtt=0.08), overflowing=True)
+    over = decide(up, full, cfg)
+    assert over.mode is Mode.DRAIN and over.decision.total_pacing is not None
+    assert over.decision.total_pacing < C, over.decision
+    standing = decide(up, replace(full, overflowing=False, loss_rate=0.0), cfg)  # the negative control
+    assert standing.mode is Mode.UPPROBE, standing.decision
+
+
 def test_lanes_busy_with_nothing_queued_are_not_re_probed() -> None:
     """A prefill writing layers at half the link's rate keeps every lane busy (TCP counts data in flight,
     and a chunk a round trip keeps some in flight) at half the capacity, with the lanes' sockets empty half

@@ -30,7 +30,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   ``drained_ratio`` (or ``drain_max`` passed), then CRUISE. Re-paced down while the capacity estimate
   falls (a rate drop is still being measured when the drain starts).
 - UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
-  ``upprobe_time`` (ends early on a queue): lets the estimator see a capacity that grew; when it did,
+  ``upprobe_time`` (ends early on a queue above ``drain_ratio``, or one that overflows: a drop-tail queue
+  shorter than 30 % of the RTT never reads above ``drain_ratio``, 1.25 at most on 80 ms with 20 ms of
+  queue, and drops packets instead): lets the estimator see a capacity that grew; when it did,
   the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
   that does not pay, or fills a queue, starts the steps over. What the lanes delivered unpaced (the
@@ -167,7 +169,10 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
                                                 reason=f"capacity fell: drain at {total:.4g} B/s"))
         return st
     if d.mode is Mode.UPPROBE:
-        if since >= cfg.upprobe_time or q > cfg.drain_ratio:
+        if since >= cfg.upprobe_time or q > cfg.drain_ratio or link.overflowing:
+            if link.overflowing:
+                return _drain(st, link, cfg, f"up-probe overflowed the queue ({link.loss_rate:.1%} loss, ratio "
+                                             f"{q:.2f})")
             if q > cfg.drained_ratio:
                 return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
             before = st.probe_base or (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
