@@ -41,6 +41,7 @@ from kvwire.testing.wan import WanLink
 PAYLOAD = 1448 / 1500
 QWEN = "qwen3-next-80b-a3b"
 SO_MAX_PACING_RATE = 47  # <asm-generic/socket.h>
+UNPACED = 1 << 40  # a cap at or above this (or ~0U, read as -1) is no cap
 POLL = 0.01
 
 
@@ -101,6 +102,8 @@ class Tracer:
                 cap = sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
             except OSError:
                 pass
+            if cap < 0 or cap >= UNPACED:
+                cap = 0  # unpaced
             ti = try_read(sock)
             if ti is not None:
                 rate, notsent = ti.pacing_rate or 0, ti.notsent_bytes or 0
@@ -155,13 +158,15 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
         chunks.append({
             "lane": c.lane, "chunk": c.chunk, "bytes": c.length, "taken_ms": (c.t - produced) * 1e3,
             "landed_ms": None if at is None else (at - produced) * 1e3,
-            "queued_ahead_ms": c.notsent / c.cap * 1e3 if c.cap else 0.0,
-            "wire_at_cap_ms": c.length / c.cap * 1e3 if c.cap else 0.0,
-            "cap_mbit": c.cap * 8e-6, "kernel_rate_mbit": c.rate * 8e-6,
+            "queued_ahead_ms": c.notsent / c.cap * 1e3 if c.cap else None,
+            "wire_at_cap_ms": c.length / c.cap * 1e3 if c.cap else None,
+            "cap_mbit": c.cap * 8e-6, "kernel_rate_mbit": c.rate * 8e-6, "notsent": c.notsent,
             "min_kernel_rate_mbit": min((s.rate for s in polls), default=0) * 8e-6,
             "min_cwnd": min((s.cwnd for s in polls), default=0), "retrans": retrans,
             "chunks_on_lane": per_lane[c.lane]})
-    return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "layer": li,
+    late = [(x["layer"], x["verified_ms"] - last["produced_ms"]) for x in timeline["layers"]
+            if x["verified_ms"] is not None and last["produced_ms"] is not None]
+    return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "layer": li, "late_layers": late,
             "layer_bytes": last["bytes"], "chunk_size": h.manifest.chunk_size, "chunks": chunks,
             "one_way_ms": statistics.median(s.min_rtt for s in tr.seen) / 2 * 1e3 if tr.seen else None}
 
@@ -171,13 +176,15 @@ def why(c: dict[str, Any]) -> str:
     out = []
     if c["chunks_on_lane"] > 1:
         out.append(f"{c['chunks_on_lane']} chunks of the layer on its lane")
-    if c["queued_ahead_ms"] > 5:
+    if c["queued_ahead_ms"] is None:
+        out.append(f"unpaced lane ({c['notsent'] / 1e3:.0f} kB unsent ahead of it)")
+    elif c["queued_ahead_ms"] > 5:
         out.append(f"{c['queued_ahead_ms']:.0f} ms of an earlier layer ahead of it")
     if c["retrans"]:
         out.append(f"{c['retrans']} retransmits")
     if c["min_cwnd"] and c["min_cwnd"] <= 10:
         out.append(f"cwnd down to {c['min_cwnd']} (BBR PROBE_RTT or a timeout)")
-    elif c["min_kernel_rate_mbit"] < 0.9 * c["cap_mbit"]:
+    elif c["cap_mbit"] and c["min_kernel_rate_mbit"] < 0.9 * c["cap_mbit"]:
         out.append(f"kernel pacing {c['min_kernel_rate_mbit']:.0f} of its {c['cap_mbit']:.0f} Mbit/s cap "
                    f"(BBR's 0.75 gain phase, or its bandwidth estimate under the cap)")
     return "; ".join(out) or "nothing seen"
@@ -250,11 +257,17 @@ def main() -> int:
             continue
         slow = max(cs, key=lambda c: c["landed_ms"])
         typical = statistics.median(c["landed_ms"] for c in cs)
+        wires = [c["wire_at_cap_ms"] for c in cs if c["wire_at_cap_ms"] is not None]
+        wire = f"{statistics.median(wires):.0f}" if wires else "unpaced"
         print(f"  last layer {b['layer']}: {b['layer_bytes'] / 1e6:.1f} MB in {len(cs)} chunks of "
               f"{b['chunk_size'] / 1e6:.2f} MB on {len({c['lane'] for c in cs})} lanes; taken by +"
               f"{max(c['taken_ms'] for c in cs):.1f} ms; at the receiver: median chunk +{typical:.0f} ms "
-              f"(wire at the lane's cap {statistics.median(c['wire_at_cap_ms'] for c in cs):.0f} + one way "
-              f"{b['one_way_ms'] or 0:.0f}), last +{slow['landed_ms']:.0f} ms on lane {slow['lane']}: {why(slow)}")
+              f"(wire at the lane's cap {wire} + one way {b['one_way_ms'] or 0:.0f}), last +"
+              f"{slow['landed_ms']:.0f} ms on lane {slow['lane']}: {why(slow)}")
+        if b["tail_ms"] is not None and b["tail_ms"] > slow["landed_ms"] + 20:
+            late = max(b["late_layers"], key=lambda x: x[1], default=None)
+            print(f"  (the tail is an earlier layer's: layer {late[0] if late else '?'} was verified "
+                  f"{late[1] if late else 0:.0f} ms after the last layer was produced)")
         for c in sorted(cs, key=lambda c: -c["landed_ms"])[:3]:
             print(f"    lane {c['lane']:2} chunk {c['chunk']:3}: taken +{c['taken_ms']:5.1f}, landed "
                   f"+{c['landed_ms']:5.0f} ms; cap {c['cap_mbit']:.0f}, kernel {c['kernel_rate_mbit']:.0f} "
