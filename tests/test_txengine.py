@@ -180,6 +180,22 @@ def test_to_a_receiver_that_holds_an_early_done_it_goes_with_the_last_chunk_sent
         assert _ended(e.receive(F.COMPLETE, {"tid": 7}, T0 + 2)) == [Ended(7, State.DONE, "")]
 
 
+
+def test_a_complete_that_overtakes_acks_reports_their_layers_first_and_each_once() -> None:
+    """With an early DONE, the receiver's COMPLETE can reach the sender before an ACK another lane's thread
+    was still writing: COMPLETE means every chunk is verified, so the layers not yet reported are, in plan
+    order, before the transfer ends (``on_layer_acked`` sees every layer once); the late ACK is ignored."""
+    e = SenderEngine(peer_timeout=10.0, heartbeat=1.0)
+    e.opened(T0, None, True)
+    sm = _running(e)
+    _drain(e)
+    layer0 = list(sm.plan.layer_chunks[0])
+    assert e.receive(F.ACK, {"tid": 7, "c": layer0}, T0 + 1) == [LayersAcked(7, (0,))]
+    out = e.receive(F.COMPLETE, {"tid": 7}, T0 + 2)
+    assert out == [LayersAcked(7, (2,)), Ended(7, State.DONE, "")]
+    assert e.receive(F.ACK, {"tid": 7, "c": list(sm.plan.layer_chunks[2])}, T0 + 3) == ()
+
+
 def test_unhashed_transfer_sends_a_zero_digest_and_a_chunkless_one_is_done_at_finish() -> None:
     e = _engine()
     sm = _running(e, hashed=False)
@@ -234,7 +250,8 @@ def test_terminal_messages_end_the_transfer_once_and_count_it(kind: str, body: d
     _running(e, sink=sink, hashed=not sink)
     _drain(e)
     out = e.receive(kind, {"tid": 7, **body}, T0)
-    assert out == [Ended(7, state, reason)]
+    # (COMPLETE says every chunk was verified: the layers whose ACKs it overtook are reported first)
+    assert out == [*([LayersAcked(7, (0, 2))] if kind == F.COMPLETE else []), Ended(7, state, reason)]
     assert not e.lane_busy(0) and e.pick(0) is None
     assert e.receive(kind, {"tid": 7, **body}, T0) == ()  # late: the transfer has ended
     c = e.counts()

@@ -252,6 +252,15 @@ class SenderTransfer:
             return True
         return False
 
+    def on_complete(self) -> None:
+        """The receiver verified every chunk (COMPLETE): layers whose last ACK it had not read yet (an early
+        DONE's COMPLETE can overtake an ACK another lane's thread was still writing) count as acked, in
+        plan order."""
+        for layer, chunks in self.plan.layer_chunks.items():
+            if chunks and self._layer_unacked[layer] > 0:
+                self._layer_unacked[layer] = 0
+                self.acked_layers.append(layer)
+
     def on_nack(self, chunks: list[int], lost: bool = False) -> None:
         """The receiver wants these chunks again: they failed verification, or (``lost``) the copy it
         was reading broke off while it dropped another, which does not count as a retry."""

@@ -318,6 +318,10 @@ class SenderEngine:
         out: list[Action] = []
         why = body.get("reason")
         if kind == F.COMPLETE:
+            e.sm.on_complete()  # (every layer is verified: those whose ACK it overtook are reported first)
+            if e.reported < len(e.sm.acked_layers):
+                out.append(LayersAcked(tid, tuple(e.sm.acked_layers[e.reported:])))
+                e.reported = len(e.sm.acked_layers)
             self._end(tid, State.DONE, "", None, out)
         elif kind == F.REJECT:
             self._end(tid, State.FAILED, f"receiver rejected the transfer: {why}", None, out)
