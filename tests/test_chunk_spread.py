@@ -1,4 +1,4 @@
-"""A transfer's largest layer is cut into a chunk for every lane of the session (``spread_chunk_size``),
+"""A transfer's largest layer is cut into about four chunks for every lane (``spread_chunk_size``),
 end to end over real sockets: the manifest carries the finer chunk size, the receiver plans the same
 chunks and every byte arrives; a session with few lanes keeps its chunk size."""
 
@@ -20,8 +20,8 @@ def _layout() -> ModelLayout:
     return ModelLayout("spread-test", tuple(LayerSpec(i, (CacheSpec("gqa", (kv("k"), kv("v"))),)) for i in range(3)))
 
 
-@pytest.mark.parametrize(("lanes", "chunk", "per_layer"), [(8, MiB // 2, 8), (2, 2 * MiB, 2)])
-def test_the_largest_layer_gets_a_chunk_per_lane(lanes: int, chunk: int, per_layer: int, no_leaks: None) -> None:
+@pytest.mark.parametrize(("lanes", "chunk", "per_layer"), [(8, MiB // 4, 16), (2, MiB // 2, 8)])
+def test_the_largest_layer_gets_chunks_for_every_lane(lanes: int, chunk: int, per_layer: int, no_leaks: None) -> None:
     layout = _layout()
     req = RequestSpec(f"spread-{lanes}", 1024, 1024)  # 4 MiB a layer (K and V: 2 x 8 x 128 x 2 B a token)
     segs = plan_segments(layout, req)

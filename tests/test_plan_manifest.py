@@ -29,7 +29,15 @@ from kvwire.codec.manifest import (
     max_chunk_size,
     parse_manifest,
 )
-from kvwire.codec.plan import ALIGN, SPREAD_FLOOR, ChunkPlan, check_chunk, plan_chunks, spread_chunk_size
+from kvwire.codec.plan import (
+    ALIGN,
+    SPREAD_FLOOR,
+    SPREAD_PER_LANE,
+    ChunkPlan,
+    check_chunk,
+    plan_chunks,
+    spread_chunk_size,
+)
 from kvwire.codec.presets import PRESETS, load_preset
 from kvwire.errors import LayoutMismatch, ProtocolError
 
@@ -416,8 +424,8 @@ def test_receiver_rows_equal_plan_segments(layout: ModelLayout, n: int, last: bo
 # ---------------------------------------------------------------- spread_chunk_size
 @settings(max_examples=300, deadline=None)
 @given(layer_sizes=_layer_sizes, chunk_size=_chunk, lanes=st.integers(1, 64))
-def test_spread_chunk_size_gives_the_largest_layer_a_chunk_per_lane(layer_sizes: list[list[int]], chunk_size: int,
-                                                                    lanes: int) -> None:
+def test_spread_chunk_size_gives_the_largest_layer_chunks_for_every_lane(layer_sizes: list[list[int]],
+                                                                         chunk_size: int, lanes: int) -> None:
     segs = _segments(layer_sizes)
     got = spread_chunk_size(segs, lanes, chunk_size)
     assert MIN_CHUNK <= got <= chunk_size and (got == chunk_size or got >= SPREAD_FLOOR)
@@ -428,24 +436,28 @@ def test_spread_chunk_size_gives_the_largest_layer_a_chunk_per_lane(layer_sizes:
     if largest > chunk_size and lanes > 1:
         biggest = sizes.index(largest)
         n = len(plan.layer_chunks[biggest])
-        # a chunk for every lane, unless the floor stops it; never many more than the lanes
-        assert n >= min(lanes, largest // max(got, 1)) and n <= max(lanes, round(largest / chunk_size)) + 1
+        want = SPREAD_PER_LANE * lanes
+        # about SPREAD_PER_LANE chunks for every lane, unless the floor stops it; never many more
+        assert n >= min(want, largest // max(got, 1)) and n <= max(want, round(largest / chunk_size)) + 1
     else:
         assert got == chunk_size  # the largest layer fits one chunk (or one lane): nothing to spread
 
 
 def test_spread_chunk_size_on_the_streaming_cache() -> None:
-    """The issue's 8k-token Qwen3-Next request: its 16.8 MB full-attention layers get one chunk per lane
-    (8 chunks of 2 MiB on 10 or 16 lanes before); 4 lanes and a 32k-token cache keep 2 MiB chunks."""
+    """The issue's 8k-token Qwen3-Next request: its 16.8 MB full-attention layers get four chunks per lane
+    (one per lane before: the layer then waited for its slowest lane; 8 chunks of 2 MiB before that);
+    a 32k-token cache's 67 MB layers get 1 MiB chunks on 16 lanes, and 2 MiB on 4."""
     from kvwire.codec.presets import load_preset
 
     layout = load_preset("qwen3-next-80b-a3b")
     segs = plan_segments(layout, RequestSpec("r", 8192, 8192))
     last = layout.layers[-1].index
-    for lanes, want in ((4, 2 * MiB), (10, None), (16, MiB)):
+    for lanes, want in ((4, MiB), (10, None), (16, MiB // 4)):
         c = spread_chunk_size(segs, lanes)
         if want is not None:
             assert c == want
-        assert len(plan_chunks(segs, c).layer_chunks[last]) == max(lanes, 8)
-    assert spread_chunk_size(plan_segments(layout, RequestSpec("r", 32768, 32768)), 16) == 2 * MiB
+        assert len(plan_chunks(segs, c).layer_chunks[last]) == SPREAD_PER_LANE * lanes
+    big = plan_segments(layout, RequestSpec("r", 32768, 32768))
+    assert spread_chunk_size(big, 16) == MiB and spread_chunk_size(big, 4) == 2 * MiB
+    assert spread_chunk_size(segs, 16, per_lane=1) == MiB  # one a lane, as before
     assert spread_chunk_size(segs, 16, chunk_size=MIN_CHUNK) == MIN_CHUNK  # never above the session's

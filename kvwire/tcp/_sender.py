@@ -80,8 +80,9 @@ class Session(SenderConnection):
         ssl_context: a client ``ssl.SSLContext`` to run every connection over TLS; ``None``: plain TCP.
         server_hostname: the name the receiver's certificate is checked against (default ``host``).
         chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone); a
-            transfer whose largest layer has fewer chunks than the session has lanes is cut finer, down to
-            256 KiB, so every lane carries a piece of it (``kvwire.codec.plan.spread_chunk_size``).
+            transfer whose largest layer has fewer than about four chunks per lane of the session is cut
+            finer, down to 256 KiB, so the lanes share it out as they free up
+            (``kvwire.codec.plan.spread_chunk_size``).
         hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
         peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
         heartbeat: seconds between heartbeats on an idle control connection.
@@ -236,7 +237,7 @@ class Session(SenderConnection):
         hashed = False if sink else self.hashing if hashing is None else hashing
         m = build_manifest(tid, layout, request, self.chunk_size, hashed, sink)
         chunk = spread_chunk_size(m.segments, self._pump.active, self.chunk_size)
-        if chunk != m.chunk_size:  # the largest layer gets a chunk for every lane (see spread_chunk_size)
+        if chunk != m.chunk_size:  # the largest layer gets chunks for every lane (see spread_chunk_size)
             m = replace(m, chunk_size=chunk)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
         deadline = None if timeout is None else time.monotonic() + timeout
