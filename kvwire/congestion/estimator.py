@@ -23,6 +23,12 @@ from .tcpinfo import UNLIMITED_PACING, TcpInfo
 
 LaneKey = int | str
 _ROUND_SPAN = 0.1  # the shortest span a first overflow's capacity is averaged over (ACK bunching in 25 ms: +19 %)
+# a goodput span that reads a capacity covers at least this many round trips: ACK bunching and the sampler's
+# timing error (a few ms on a loaded host) move a span's rate by that error / its length, and a max over
+# many spans keeps the worst. Over 0.1 s (1.25 round trips at 80 ms) a first overflow read 1.07x the link,
+# and pacing at it kept a 20 ms queue overflowing for the rest of the run (BBR: samples of >= 1 round trip,
+# max-filtered over ~10)
+CAPACITY_ROUNDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,7 @@ class LinkEstimator:
             self._intervals.append(_Interval(now, dt, known, total, partial, app or recent,
                                              _pacing_limited(items, total.acked / dt, self.config.paced_share),
                                              _unqueued(items, deltas, self._prev)))
-            rate = self._span_rate(now, self.config.bw_sample)
+            rate = self._span_rate(now, max(self.config.bw_sample, CAPACITY_ROUNDS * self._min_rtt()))
             self._bw.append((now, rate))
             self._floor_bw.append((now, rate))
         self._prev = items
@@ -301,8 +307,13 @@ class LinkEstimator:
             span += iv.dt
         return acked / span if span else 0.0
 
+    def _min_rtt(self) -> float:
+        """The windowed min RTT in seconds so far (0 before any)."""
+        return min(r for _, r in self._rtts) / 1e6 if self._rtts else 0.0
+
     def _prune(self, now: float) -> None:
-        keep = max(self.config.bw_sample, self.config.stats_window, self.config.raise_span)
+        keep = max(self.config.bw_sample, self.config.stats_window, self.config.raise_span,
+                   CAPACITY_ROUNDS * self._min_rtt())
         while self._intervals and self._intervals[0].end <= now - keep:
             self._intervals.popleft()
         while self._bw and self._bw[0][0] <= now - self.config.bw_window:
@@ -339,8 +350,9 @@ class LinkEstimator:
         # read 461, and pacing above the link kept the queue overflowing for two seconds. Nor the sum alone: each
         # lane's sample is its own last round trip's, taken at different moments of a ramp that doubles per
         # round trip, and over 10-16 lanes the sum read 119-140 % of the link (2294-2548 Mbit/s on 1930): the
-        # aggregate's goodput over the last round trip, at least bw_sample... no: at least 0.1 s, bounds it)
-        span = self._span_rate(now, max(min_rtt or 0.0, _ROUND_SPAN))
+        # aggregate's goodput over the last CAPACITY_ROUNDS round trips, at least 0.1 s, bounds it: over one
+        # round trip at 80 ms (0.1 s) the bound itself read 1.07x the link)
+        span = self._span_rate(now, max(CAPACITY_ROUNDS * (min_rtt or 0.0), _ROUND_SPAN))
         full = max(btl_bw, min(sum(ln.delivery_rate or 0 for ln in lanes), span)) if overflowing else None
         capacity = self._capacity(now, saturated, ratio, full)
         competing = None
@@ -415,7 +427,11 @@ class LinkEstimator:
         # raise it (the queue was still forming), the whole run: one interval alone is noisier than two
         served = min(whole, _rate([e for e in run if e[0] != self._run_start])) if len(run) > 1 else whole
         # down only on a queue that stood a whole bw_sample (not one stalled interval: an RTO, a hiccup)
-        lasted = span >= 0.95 * self.config.bw_sample or (self._probed is not None and served > self._probed)
+        # (up only on a run of CAPACITY_ROUNDS round trips: a shorter one can be one interval's ACK bunching or
+        # sampling error, and 50 ms of it had read 1.5x the link)
+        lasted = span >= 0.95 * self.config.bw_sample or (
+            self._probed is not None and served > self._probed
+            and span >= 0.95 * CAPACITY_ROUNDS * self._min_rtt())
         if served > 0 and lasted and (self._probed is None or self.config.capacity_follows_queue):
             self._probed, self._probed_at = served, now
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
