@@ -307,8 +307,8 @@ class _Probe:
         return self.full_pipe or self._estimate is not None
 
     def _capacity(self) -> float:
-        """What the burst measured: the fastest bw_sample span (``btl_bw``) or the estimator's capacity."""
-        return max(max((s.btl_bw for s in self.states), default=0.0), self._estimate or 0.0)
+        """What the burst measured (``burst_capacity``)."""
+        return burst_capacity(self.states, self._estimate)
 
     def _pace_drain(self, socks: list[socket.socket]) -> None:
         """Once the pipe read full, cap each lane at its share of the link's rate for the drain: what the lanes
@@ -319,7 +319,8 @@ class _Probe:
         capacity low, 237 Mbit/s on a 400 Mbit/s link once, while the sum read 412; paced at the low reading
         the drain hid the link's rate from the samples that would have raised it). The lanes' own caps come
         back with ``_restore``."""
-        capacity = self._capacity()
+        # (the reading before ``burst_capacity``'s bound, as before it: the drain's own samples count in the result)
+        capacity = max(max((s.btl_bw for s in self.states), default=0.0), self._estimate or 0.0)
         if not (self.full_pipe or self._estimate is not None) or capacity <= 0 or not socks:
             return
         latest = self.states[-1] if self.states else None
@@ -409,6 +410,20 @@ class _Probe:
             except SocketOptionError:
                 continue
         self.saved.clear()
+
+
+def burst_capacity(states: tuple[LinkState, ...] | list[LinkState], estimate: float | None) -> float:
+    """What a burst measured: the fastest ``bw_sample`` span of goodput (``btl_bw``) or the estimator's
+    capacity, whichever is more, but no more than the most the lanes' delivery-rate samples summed to at
+    one sample. Goodput is ACKed bytes over our own sampling intervals, so a host stall (the receiver's or
+    an emulator's) that holds ACKs back and then releases them at once reads as a span faster than the
+    link: on 2 Gbit/s, 80 ms, a stall read as a 1.7x "queue" without loss, and the 0.2 s span after it
+    1.16x the link, while the lanes' summed samples never passed 1.00x. The kernel's delivery-rate samples
+    (BBR's) divide each ACK's delivered bytes by the longer of its send and ACK intervals, so a burst of
+    late ACKs does not speed them up. Not a bound where the kernel gives none (0)."""
+    reading = max(max((s.btl_bw for s in states), default=0.0), estimate or 0.0)
+    delivered = max((sum(ln.delivery_rate or 0 for ln in s.lanes) for s in states), default=0)
+    return min(reading, float(delivered)) if delivered > 0 else reading
 
 
 # ---------------------------------------------------------------- warming a session as it opens

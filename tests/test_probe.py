@@ -31,8 +31,10 @@ from kvwire.codec.probe import (
     probe_request,
     sink_refusal,
 )
+from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator
+from kvwire.congestion.tcpinfo import TcpInfo
 from kvwire.errors import ProbeRefused, ProtocolError
-from kvwire.probe import ProbeResult, probe
+from kvwire.probe import ProbeResult, burst_capacity, probe
 from kvwire.sockopts import (
     available_congestion_algorithms,
     get_congestion,
@@ -342,3 +344,39 @@ def test_a_burst_that_read_the_pipe_full_drains_paced_at_the_measured_capacity(
         ran = probe(s, seconds=SECONDS, lanes=2, congestion=None, until_full=True)
         assert not ran.full_pipe and not ran.stopped_full
         assert [r for _, r in caps] == [None, None, None, None]  # lifted, put back: nothing between
+
+
+def _burst_states(goodputs: list[float], delivery_rates: list[int | None]) -> list[Any]:
+    """LinkStates of a real LinkEstimator (the probe's config) fed two synthetic lanes sampled every 50 ms
+    on an 80 ms path: the aggregate ACKs ``goodputs[i]`` bytes/s in interval i, and each lane's latest
+    delivery-rate sample is half of ``delivery_rates[i]``."""
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2, stats_window=0.4))
+    acked = 0
+    states = []
+    for i, (rate, dr) in enumerate(zip([0.0, *goodputs], [None, *delivery_rates], strict=True)):
+        acked += int(rate * 0.05 / 2)
+        infos = [TcpInfo(length=280, state=1, ca_state=0, snd_mss=1448, snd_cwnd=100, rtt_us=80_000,
+                         min_rtt_us=80_000, bytes_acked=acked, bytes_sent=acked, bytes_retrans=0,
+                         busy_time_us=int(i * 0.05 * 1e6), delivery_rate=None if dr is None else dr // 2)
+                 for _ in range(2)]
+        states.append(est.update(i * 0.05, infos))
+    return states
+
+
+def test_a_burst_capacity_is_not_raised_by_acks_a_host_stall_released_at_once() -> None:
+    """A host stall holds ACKs back for two intervals and releases them in the next two: the goodput spans
+    that include the release but not the stall read 1.15x the link, the lanes' delivery-rate samples (the
+    kernel's, over each ACK's send interval at least) stay at the link's rate, and the burst's capacity is
+    the link's. Negative control: without the lanes' samples (a kernel that gives none) the spans stand."""
+    link = 240e6
+    good = [0.3 * link, 0.6 * link, link, link, link, link, 0.5 * link, 0.5 * link, 1.6 * link, 1.6 * link, link]
+    drs: list[int | None] = [int(0.35 * link), int(0.7 * link), int(link)] + [int(link)] * 8
+    states = _burst_states(good, drs)
+    assert max(s.btl_bw for s in states) > 1.1 * link  # what the spans alone read
+    assert burst_capacity(states, None) == pytest.approx(link, rel=0.01)
+    assert burst_capacity(states, 0.9 * link) == pytest.approx(link, rel=0.01)
+    bare = _burst_states(good, [None] * len(good))
+    assert burst_capacity(bare, None) == pytest.approx(max(s.btl_bw for s in bare))
+    assert burst_capacity(bare, None) > 1.1 * link
+    # and the samples never raise a reading (they sum above the link in a ramp): the lower of the two
+    assert burst_capacity(_burst_states([link] * 6, [int(1.3 * link)] * 6), None) == pytest.approx(link, rel=0.01)
