@@ -196,6 +196,8 @@ def main() -> int:
     ap.add_argument("--warm", action="store_true", help="kvwire-bench --warm (as kvwire.connect() warms)")
     ap.add_argument("--json", default="", help="write every request's budget here")
     ap.add_argument("--chunk-size", type=int, default=0, help="the session's chunk size (default kvwire's)")
+    ap.add_argument("--loss", type=float, default=0.0001,
+                    help="the link's random loss, a fraction (the row's 0.0001; 0: what loss costs the tail)")
     a = ap.parse_args()
     rate = 2000
     full = rate * PAYLOAD * 1e6 / 8
@@ -217,7 +219,7 @@ def main() -> int:
         return s
     sending._open_session = open_traced
     drops: list[tuple[float, int]] = []
-    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
+    with WanLink(rtt_ms=80, loss=a.loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
                  realtime=True) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
                     prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=a.warm)

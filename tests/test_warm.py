@@ -7,6 +7,7 @@ the call. The long-path behaviour (lanes' congestion windows open after connect)
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 from helpers import send_verified
@@ -97,3 +98,19 @@ def test_the_environment_turns_auto_off(monkeypatch: pytest.MonkeyPatch, no_leak
 def test_bad_warm_is_refused_before_connecting(bad: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="warm"):
         connect("127.0.0.1", 1, warm=bad)  # type: ignore[arg-type]  # (port 1: it never gets that far)
+
+
+def test_the_warm_up_budget_is_counted_in_the_paths_round_trips(no_leaks: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``warm=None``/``True`` bursts for up to ``WARM_SECONDS`` or ``WARM_ROUNDS`` round trips, whichever is
+    longer: BBR's ramp to a bandwidth-delay product doubles per round trip. The session's own path (loopback)
+    is short, so it is ``WARM_SECONDS``; the same session read as 80 ms and 200 ms paths gets 16 of them."""
+    kp = sys.modules["kvwire.probe"]  # (the module: ``kvwire.probe`` the attribute is its function)
+    with Receiver() as rx, connect(*rx.address, warm=False) as s:
+        assert kp.warm_seconds(s) == kp.WARM_SECONDS  # loopback: a few us of RTT
+        for rtt, want in ((0.02, kp.WARM_SECONDS), (0.08, 16 * 0.08), (0.2, 16 * 0.2)):
+            monkeypatch.setattr(kp, "path_rtt", lambda _s, r=rtt: r)
+            assert kp.warm_seconds(s) == pytest.approx(max(kp.WARM_SECONDS, kp.WARM_ROUNDS * rtt))
+            assert kp.warm_seconds(s) == pytest.approx(want)
+        monkeypatch.setattr(kp, "path_rtt", lambda _s: None)  # no RTT read: the floor
+        assert kp.warm_seconds(s) == kp.WARM_SECONDS

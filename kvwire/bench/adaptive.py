@@ -19,7 +19,7 @@ from ..congestion.controller import ControllerConfig, Decision
 from ..congestion.estimator import LinkState
 from ..congestion.tcpinfo import LaneCounters, try_read
 from ..errors import KvwireError, ProbeRefused
-from ..probe import WARM_SECONDS, ProbeResult, probe
+from ..probe import ProbeResult, probe, warm_seconds
 from ..tcp import Session
 from .errors import PeerError
 from .options import Options
@@ -164,7 +164,7 @@ class Probed:
 def run_probe(session: Session, o: Options) -> Probed:
     """``kvwire.probe`` on the test's session (``-C``'s algorithm, else BBR), before any ``LinkControl`` is
     attached: for ``--probe`` seconds; or ``--warm``, as ``kvwire.connect``'s warm-up does (up to
-    ``WARM_SECONDS``, ended once the pipe reads full, on every lane the controller may use: none it opens
+    ``warm_seconds``, ended once the pipe reads full, on every lane the controller may use: none it opens
     later starts cold). A receiver that takes no probes, or a probe that fails, is a PeerError."""
     assert o.probe_seconds is not None or o.warm
     wire = LaneCounters(("bytes_sent", "bytes_acked"))
@@ -172,7 +172,7 @@ def run_probe(session: Session, o: Options) -> Probed:
     ctrl_before = control_bytes_sent(session)
     lanes = max(o.lanes, controller_config(o).max_lanes) if o.warm and o.adaptive else None
     try:
-        result = probe(session, seconds=o.probe_seconds or WARM_SECONDS, congestion=o.congestion or "bbr",
+        result = probe(session, seconds=o.probe_seconds or warm_seconds(session), congestion=o.congestion or "bbr",
                        until_full=o.warm, lanes=lanes)
     except ProbeRefused as e:
         raise PeerError(f"{'--warm' if o.warm else '--probe'}: {e}") from None

@@ -111,7 +111,7 @@ class Session(SenderConnection):
             transfer at once; the lane carries on. ``chunk_stage`` may be replaced while the session
             runs (tests inject faults so: ``kvwire.testing.faults``).
         warm: warm the lanes before ``connect`` returns, so the first transfer does not pay slow start
-            (``kvwire.probe.warm_up``): up to about 1 s of probe traffic (sink transfers the receiver
+            (``kvwire.probe.warm_up``): up to 1 s or 16 round trips of probe traffic (sink transfers the receiver
             discards), ended as soon as the pipe reads full; the session's controller then paces at the
             measured capacity, and ``warmup`` says what it cost. ``None`` (the default): only when the
             session has its own controller, the handshake's RTT is 15 ms or more (``kvwire.probe``'s
@@ -408,8 +408,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         chunk_stage: what every data chunk passes through before the wire (see ``Session``).
         warm: on a long path, warm the lanes with a short capacity probe before returning (``None``, the
             default: when the session has its own controller, the RTT is 15 ms or more and the receiver
-            takes probes; ``True``/seconds: always; ``False``: never; see ``Session``). Costs up to ~1 s
-            and that second's worth of link bytes once per session: right for persistent sessions, not
+            takes probes; ``True``/seconds: always; ``False``: never; see ``Session``). Costs up to 1 s
+            or 16 round trips and that long's worth of link bytes once per session: right for persistent sessions, not
             for a connection per request. ``Session.warmup`` says what it cost.
         warm_up: what warming runs (``kvwire.connect`` passes ``kvwire.probe.warm_up``; ``None``: never
             warmed, see ``Session``).
