@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--sample-ms", default=5.0, type=float)
     ap.add_argument("--rx-pool-mb", default=1024, type=int)
     ap.add_argument("--detail", default=2, type=int, help="the request whose lane timeline is printed in full")
+    ap.add_argument("--loss", default=0.0001, type=float,
+                    help="the link's random loss, a fraction (the row's 0.0001; 0: what loss costs a request)")
     ap.add_argument("--dump", default="", help="write the raw timelines (JSON) here")
     a = ap.parse_args()
     bench = str(Path(__file__).with_name("wan_bench.py"))
@@ -80,7 +82,7 @@ def main() -> int:
     full = rate * PAYLOAD * 1e6 / 8
     payload = Payload("qwen3-next-80b-a3b", 8192)
     ideal = payload.nbytes / full
-    with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
+    with WanLink(rtt_ms=80, loss=a.loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:
         rx = link.popen_in("server", [sys.executable, bench, "--receiver", "--bind", link.server_addr,
                                       "--rx-pool-mb", str(a.rx_pool_mb)], stdout=subprocess.PIPE, text=True)
         assert rx.stdout is not None
