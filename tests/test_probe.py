@@ -237,10 +237,8 @@ def test_probe_by_address_opens_and_closes_its_own_session(no_leaks: None) -> No
         assert wait_until(lambda: rx.sessions == 0, 5)
 
 
-def test_probe_restores_pacing_congestion_and_lane_count(no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    algos = available_congestion_algorithms()
-    if "cubic" not in algos or "bbr" not in algos:
-        pytest.skip(f"needs cubic and bbr, kernel has {algos}")
+def _record_pacing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int | None]]:
+    """Every ``SO_MAX_PACING_RATE`` the probe sets, as (fd, rate), in order; the calls still go through."""
     kp = sys.modules["kvwire.probe"]  # (the module: ``kvwire.probe`` the attribute is its function)
     caps: list[tuple[int, int | None]] = []
     real = kp.set_pacing_rate
@@ -250,6 +248,14 @@ def test_probe_restores_pacing_congestion_and_lane_count(no_leaks: None, monkeyp
         real(sock, rate)
 
     monkeypatch.setattr(kp, "set_pacing_rate", recording)
+    return caps
+
+
+def test_probe_restores_pacing_congestion_and_lane_count(no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    algos = available_congestion_algorithms()
+    if "cubic" not in algos or "bbr" not in algos:
+        pytest.skip(f"needs cubic and bbr, kernel has {algos}")
+    caps = _record_pacing(monkeypatch)
     with Receiver() as rx, connect(*rx.address, lanes=2, link_control=False) as s:  # (settings of our own)
         socks = s.lane_sockets()
         for i, sock in enumerate(socks):
@@ -336,14 +342,7 @@ def test_a_burst_that_read_the_pipe_full_drains_paced_at_the_measured_capacity(
     # rule rightly does not take for the link's plateau: in CI, 1 run in ~5, the burst never read full in 3 s.
     monkeypatch.setattr(kp, "_MIN_BUSY", 0.0)
     monkeypatch.setattr(kp, "_WINDOW_HELD", 2.0)
-    caps: list[tuple[int, int | None]] = []
-    real = kp.set_pacing_rate
-
-    def recording(sock: socket.socket, rate: int | None) -> None:
-        caps.append((sock.fileno(), rate))
-        real(sock, rate)
-
-    monkeypatch.setattr(kp, "set_pacing_rate", recording)
+    caps = _record_pacing(monkeypatch)
     with Receiver() as rx, connect(*rx.address, lanes=2, link_control=False, warm=False) as s:
         socks = s.lane_sockets()
         full = probe(s, seconds=3.0, lanes=2, congestion=None, until_full=True)
