@@ -503,12 +503,12 @@ def warm_up(session: Session, warm: bool | float | None = None) -> ProbeResult |
     an error. Raises the failure when the session closed during it."""
     if warm is False:
         return None
-    seconds = warm_seconds(session) if warm is None or warm is True else float(warm)
     if warm is None:
         reason = warm_skip_reason(session)
         if reason:
             log.debug("kvwire: no warm-up of the session to %s:%s: %s", *session.address, reason)
             return None
+    seconds = warm_seconds(session) if warm is None or warm is True else float(warm)
     # every lane the controller may use takes part, so none it opens for the measured capacity starts cold
     ctl = session.link_control
     lanes = max(session.active_lanes, min(ctl.config.max_lanes, session.max_lanes)) if ctl is not None else None
