@@ -147,7 +147,8 @@ def test_an_unsent_bound_makes_a_write_wait_for_the_socket_to_drain() -> None:
 
 def test_a_lane_bounds_its_unsent_backlog_by_its_sending_rate(pair: tuple[socket.socket, socket.socket]) -> None:
     """``Lane.bound_unsent`` (before each chunk): UNSENT_SECONDS of the kernel's pacing rate, which a cap
-    bounds; on loopback, uncapped, the kernel's rate is tens of GB/s and no bound is set."""
+    bounds; on loopback, uncapped, the kernel's rate is tens of GB/s and no bound is set (a loaded host can read
+    it lower: then the bound its rate gives)."""
     from kvwire.codec.frames import DEFAULT_LIMITS
     from kvwire.tcp._lanes import Lane
     from kvwire.tcp._wire import Channel
@@ -169,7 +170,11 @@ def test_a_lane_bounds_its_unsent_backlog_by_its_sending_rate(pair: tuple[socket
     cli.sendall(b"z" * (1 << 20))
     reader.join(10)
     lane.bound_unsent()
-    assert get_unsent_limit(cli) == 0
+    # the capped bound is gone and the lane follows the kernel's own rate again: on loopback tens of GB/s, so
+    # no bound at all; under a loaded full suite the rate read 6.8 GB/s once and a 205 MB bound stood instead
+    rate = read_pacing_rate(cli)
+    assert rate is not None and rate > 100 * 10_500_000
+    assert get_unsent_limit(cli) == unsent_limit(rate) != 300_000
 
 
 def test_pacing_rate_caps_throughput(pair: tuple[socket.socket, socket.socket]) -> None:
