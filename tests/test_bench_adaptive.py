@@ -265,7 +265,7 @@ def test_sampler_takes_in_lanes_opened_during_the_test_and_adds_the_extra_keys(
     lanes = [lane(0, tcp_pair[0])]
     calls = []
     t0 = time.monotonic()
-    sampler = Sampler(lane_info, 0.05, t0, extra=lambda: calls.append(1) or {"link": {"n": len(calls)}})
+    sampler = Sampler(lane_info, 0.05, t0, extra=lambda end: calls.append(end) or {"link": {"n": len(calls)}})
     sampler.start()
     lanes[0].bytes_sent = 100
     lanes.append(lane(1, tcp_pair[2]))  # what Session.set_active_lanes does to the session's lanes
@@ -275,6 +275,7 @@ def test_sampler_takes_in_lanes_opened_during_the_test_and_adds_the_extra_keys(
     recs = sampler.intervals
     assert sum(r["sum"]["bytes"] for r in recs) == 150
     assert len(recs[-1]["streams"]) == 2 and [r["link"]["n"] for r in recs] == list(range(1, len(recs) + 1))
+    assert calls == [r["sum"]["end"] for r in recs], "the hook is told each interval's end"
     totals = sampler.lane_totals()
     assert [(t["socket"], t["bytes"], t["chunks"]) for t in totals] == [(0, 100, 0), (1, 50, 1)]
     assert all(len(b) in (1, 2) for _, b in sampler.series) and len(sampler.series[-1][1]) == 2

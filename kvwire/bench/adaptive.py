@@ -11,6 +11,8 @@ the interval records (``sampler``).
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,6 +28,9 @@ from .options import Options
 
 #: seconds between the controller's TCP_INFO samples (LinkControl's default)
 MONITOR_INTERVAL = 0.1
+#: the controller's states kept to answer "the latest one at an interval's end" (64 × 0.1 s: longer than any
+#: gap between an interval's end being read and its record being made)
+_RECENT_STATES = 64
 _STATE_KEYS = tuple(f.name for f in fields(LinkState) if f.name != "lanes")
 
 
@@ -55,6 +60,23 @@ class Adaptive:
         self.control = LinkControl(session, self.config, interval=MONITOR_INTERVAL, capacity=capacity, start=False)
         self.t_start: float | None = None
         self._reported = 0  # decision changes already counted in an interval record
+        self._recent: deque[LinkState] = deque(maxlen=_RECENT_STATES)
+        self._recent_lock = threading.Lock()
+        self.control.subscribe(self._keep)
+
+    def _keep(self, state: LinkState) -> None:
+        with self._recent_lock:
+            self._recent.append(state)
+
+    def _state_at(self, end: float | None) -> LinkState | None:
+        """The latest state, or with ``end`` the latest taken at or before it (seconds since the start)."""
+        if end is None:
+            return self.control.latest()
+        with self._recent_lock:
+            for state in reversed(self._recent):
+                if self._rel(state.timestamp) <= end:
+                    return state
+        return None
 
     def start(self, t_start: float) -> None:
         self.t_start = t_start
@@ -66,10 +88,11 @@ class Adaptive:
     def _rel(self, t: float) -> float:
         return t - (self.t_start or 0.0)
 
-    def link(self) -> dict[str, Any]:
-        """The controller's latest view (its fields ``None`` before the first sample), the decision in force
-        and the lanes in effect. ``timestamp`` is seconds since the start of the test."""
-        state = self.control.latest()
+    def link(self, end: float | None = None) -> dict[str, Any]:
+        """The controller's latest view (its fields ``None`` before the first sample; with ``end``, the latest
+        taken at or before it), the decision in force and the lanes in effect. ``timestamp`` is seconds since
+        the start of the test."""
+        state = self._state_at(end)
         d = self.control.decision
         if state is None:
             view: dict[str, Any] = dict.fromkeys(_STATE_KEYS)
@@ -81,12 +104,13 @@ class Adaptive:
                     congestion=d.congestion, reason=d.reason)
         return view
 
-    def interval_extra(self) -> dict[str, Any]:
-        """What one interval record gets: ``link`` = ``link()`` plus ``decisions`` (changes since the
-        previous record)."""
+    def interval_extra(self, end: float) -> dict[str, Any]:
+        """What the interval record ending at ``end`` (seconds since the start) gets: ``link`` =
+        ``link(end)`` plus ``decisions`` (changes since the previous record). A state the monitor took after
+        the end was read (the sampler reads it first) belongs to the next interval, not to this one."""
         changes = len(self.control.history) - 1
         new, self._reported = changes - self._reported, changes
-        return {"link": self.link() | {"decisions": new}}
+        return {"link": self.link(end) | {"decisions": new}}
 
     def config_info(self) -> dict[str, Any]:
         c = self.config

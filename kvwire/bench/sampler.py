@@ -53,11 +53,12 @@ class Sampler:
     def __init__(self, lane_info: LaneInfoProvider, interval: float, t_start: float,
                  on_interval: Callable[[dict[str, Any]], None] | None = None,
                  reapply: Callable[[socket.socket], None] | None = None, fine: float = 0.02,
-                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra: Callable[[float], dict[str, Any]] | None = None) -> None:
         """``lane_info``: ``Session.lane_info`` (lanes added later are taken in as they appear).
         ``reapply``: called with each lane socket not seen before (a lane re-dialled during the test).
-        ``extra``: called as each interval closes; its keys are added to the record (beside ``streams``
-        and ``sum``)."""
+        ``extra``: called as each interval closes, with the interval's end (seconds since ``t_start``); its
+        keys are added to the record (beside ``streams`` and ``sum``). Whatever it reports should be as of
+        that end: it is called after the end was read."""
         self._lane_info = lane_info
         self.lanes = list(lane_info())
         self.extra = extra
@@ -190,7 +191,7 @@ class Sampler:
             },
         }
         if self.extra is not None:
-            record.update(self.extra())
+            record.update(self.extra(end))
         self._last_edge = end
         self.intervals.append(record)
         if self.on_interval is not None:
