@@ -4,13 +4,17 @@
     sudo python benchmarks/connect_bench.py --rtt 50ms --lanes 8,64
 
 Owns: the measurement — a ``Receiver`` in the server namespace of one ``WanLink``, ``kvwire.connect``
-from the client namespace with ``kvwire.tcp._txconnection.DIAL_CONCURRENCY`` set to 1 (one lane after another,
-as kvwire did before) and to its default, alternating, plus ``Session.set_active_lanes`` growing a
-session from 4 lanes. Prints median wall time and that time in RTTs. Must not know: transfer internals.
+(without a controller: the lanes asked for) from the client namespace with
+``kvwire.tcp._txconnection.DIAL_CONCURRENCY`` set to 1 (one lane after another, as kvwire did before) and
+to its default, alternating, plus ``Session.set_active_lanes`` growing a session from 4 lanes; then the
+default session (its controller on, ``warm=False``), which on a long path opens every lane its controller
+may use in its first dial round, beside what that took before: 4 lanes at connect, then the controller's
+start count, then the rest (one dial round each). Prints median wall time and that time in RTTs. Must not
+know: transfer internals.
 
-A lane costs a TCP connect plus one authenticated round trip (TLS adds its handshake); the control
-connection three round trips before any lane can start. So N lanes one after another take about
-3 + 2N RTT; dialled at once, about 5 RTT whatever N.
+A lane costs a TCP connect plus two authenticated messages (the receiver's challenge, the proof, its
+answer: TLS adds its handshake); the control connection three round trips before any lane can start. So N
+lanes one after another take about 3 + 3N RTT; dialled at once, about 6 RTT whatever N.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with link.inside("client"):
                 def session(n: int) -> kvwire.Session:
-                    return kvwire.connect(link.server_addr, port, key="bench", lanes=n, max_lanes=max(counts))
+                    return kvwire.connect(link.server_addr, port, key="bench", lanes=n, max_lanes=max(counts),
+                                          link_control=False)
 
                 for n in counts:
                     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -67,6 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                             times[m].append(time.perf_counter() - t0)
                             assert s4.active_lanes == grow
                 rows += [(f"set_active_lanes 4 -> {grow}", m, statistics.median(v)) for m, v in times.items()]
+                times = {"rounds of before": [], "one round (default)": []}
+                for _ in range(a.runs):
+                    t0 = time.perf_counter()
+                    wide = kvwire.connect(link.server_addr, port, key="bench", warm=False)
+                    times["one round (default)"].append(time.perf_counter() - t0)
+                    start, opened = wide.active_lanes, len(wide.lane_info())
+                    wide.close()
+                    t0 = time.perf_counter()
+                    with kvwire.connect(link.server_addr, port, key="bench", warm=False, link_control=False) as old:
+                        old.set_active_lanes(start)  # what the controller's start asked for, then the warm-up
+                        old.set_active_lanes(opened)
+                        times["rounds of before"].append(time.perf_counter() - t0)
+                rows += [(f"controlled session: {opened} lanes ({start} active)", m, statistics.median(v))
+                         for m, v in times.items()]
         finally:
             sender.DIAL_CONCURRENCY = default
             rx.close()

@@ -40,7 +40,7 @@ from .congestion.rules import pipe_step
 from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
-from .tcp import OutgoingTransfer, Session, connect
+from .tcp import LONG_PATH_RTT, OutgoingTransfer, Session, connect
 
 log = logging.getLogger("kvwire.probe")
 
@@ -442,8 +442,10 @@ def burst_capacity(states: tuple[LinkState, ...] | list[LinkState], estimate: fl
 #: kernel's min RTT reads 19.9-20.3 ms there) were warmed in some runs and not in others. Warming pays at
 #: 20 ms: on 400 Mbit/s, 0.1 % loss, warm vs cold, BBR 90-94 % vs 92 % of the link and CUBIC lanes 92-93 %
 #: vs 84-89 % (the in-band probe's first overflow reads the capacity low on 4 slow-starting lanes), for
-#: 0.6-0.9 s at connect and about as many queue drops as the in-band probe's own start (850-990 vs 710-730)
-WARM_MIN_RTT = 0.015
+#: 0.6-0.9 s at connect and about as many queue drops as the in-band probe's own start (850-990 vs 710-730).
+#: The transport's long path (``kvwire.tcp.LONG_PATH_RTT``): a session there opened every lane the warm-up
+#: uses in its first dial round
+WARM_MIN_RTT = LONG_PATH_RTT
 #: the longest warm-up burst (``warm=None`` or ``True``) is this long or ``WARM_ROUNDS`` of the path's round
 #: trips, whichever is longer (``warm_seconds``); it ends sooner once the pipe reads full. BBR's STARTUP
 #: doubles a round trip from ten segments a lane, so the ramp to a bandwidth-delay product is counted in

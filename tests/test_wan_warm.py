@@ -16,10 +16,11 @@ import pytest
 from helpers import payload
 
 import kvwire
-from kvwire.congestion.controller import Mode
+from kvwire.congestion.controller import ControllerConfig, Mode
 from kvwire.congestion.tcpinfo import read_tcp_info
 from kvwire.probe import WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
 from kvwire.testing.fixtures import load_fixture
+from kvwire.tcp import LONG_PATH_RTT
 from kvwire.testing.wan import WanLink, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -97,7 +98,58 @@ def test_the_auto_threshold_sits_between_a_metro_and_a_cross_region_link(rtt_ms:
                 assert rtt is not None and abs(rtt * 1e3 - rtt_ms) < 1.5, rtt
                 assert abs(rtt - WARM_MIN_RTT) > 0.003  # (the reading's spread is far below this margin)
                 assert (s.warmup is not None) == (rtt_ms >= 20), (rtt, warm_skip_reason(s))
+                # the same threshold opens every lane the controller may use at connect (LONG_PATH_RTT)
+                assert len(s.lane_info()) == (s.max_lanes if rtt_ms >= 20 else 4)
             finally:
                 s.close()
         finally:
+            rx.close()
+
+
+def test_a_long_path_session_opens_every_lane_its_controller_may_use_in_one_dial_round() -> None:
+    """On a path of ``LONG_PATH_RTT`` or more, a session with a controller of its own dials all of its
+    ``max_lanes`` with the first ones (each later dial round costs three round trips, on whichever thread
+    asked: the controller's, a warm-up's) and parks those past the controller's start count; growing to
+    them afterwards opens no socket. Negative controls: without a controller, or with a ``ControllerConfig``
+    of at most 4 lanes, the session opens the lanes asked for."""
+    with WanLink(rtt_ms=RTT_MS, rate_mbit=RATE_MBIT, queue_bytes=int(RATE_MBIT * 1e6 / 8 * 0.02), realtime=True,
+                 seed=44) as link:
+        with link.inside("server"):
+            rx = kvwire.Receiver(link.server_addr, 0, key="k")
+        port = rx.address[1]
+        sessions: list[kvwire.Session] = []
+        try:
+            with link.inside("client"):
+                wide = kvwire.connect(link.server_addr, port, key="k", warm=False)
+                plain = kvwire.connect(link.server_addr, port, key="k", warm=False, link_control=False)
+                small = kvwire.connect(link.server_addr, port, key="k", warm=False,
+                                       link_control=ControllerConfig(max_lanes=4))
+            sessions += [wide, plain, small]
+            infos = wide.lane_info()
+            assert path_rtt(wide) is not None and path_rtt(wide) >= LONG_PATH_RTT
+            assert len(infos) == wide.max_lanes == 16 and all(i.alive for i in infos)
+            ctl = wide.link_control
+            assert ctl is not None and 4 <= wide.active_lanes == ctl.decision.lanes < 16, ctl.decision
+            assert [i.index for i in infos if i.active] == list(range(wide.active_lanes))  # the rest parked
+            assert len(wide.lane_sockets()) == wide.active_lanes  # (what the controller samples and paces)
+            socks = [i.sock for i in infos]
+            with link.inside("client"):
+                assert wide.set_active_lanes(16) == 16
+            assert [i.sock for i in wide.lane_info()] == socks and all(i.active for i in wide.lane_info())
+            assert [len(s.lane_info()) for s in (plain, small)] == [4, 4]
+            assert plain.link_control is None and small.link_control is not None
+            # the parked lanes carry data like the others once active
+            req = kvwire.RequestSpec("wide", 512, 512)
+            src = payload(LAYOUT, req, seed=5)
+            dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+            h_rx = rx.expect(req.request_id, dst, layout=LAYOUT)
+            with link.inside("client"):
+                h = wide.send(LAYOUT, req)
+                h.write_all(src)
+                assert h.finish().result(30) is not None
+            h_rx.result(10)
+            assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+        finally:
+            for s in sessions:
+                s.close()
             rx.close()

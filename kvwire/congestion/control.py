@@ -303,14 +303,11 @@ def default_enabled() -> bool:
     return os.environ.get(LINK_CONTROL_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
-                host: str | None = None) -> LinkControl | None:
-    """The controller a session gets for its ``link_control`` argument: ``True`` (unless
-    ``$KVWIRE_LINK_CONTROL`` is off) one with the default policy, starting at the session's ``lanes`` and
-    growing up to its ``max_lanes``; a ``ControllerConfig``, one with that policy; ``False``/``None``,
-    none. Not started: the session starts it with its first transfer (an idle session costs no thread).
-    ``host``: the session's destination, naming the ``LinkShare`` its controller joins (``share_name``:
-    controllers of this host's processes sending to that host split the path evenly)."""
+def session_config(spec: object, lanes: int, max_lanes: int) -> ControllerConfig | None:
+    """The policy of the controller a session gets for its ``link_control`` argument, or None for none of
+    its own: ``True`` (unless ``$KVWIRE_LINK_CONTROL`` is off) the default policy, starting at the session's
+    ``lanes`` and growing up to its ``max_lanes``; a ``ControllerConfig``, that policy; ``False``/``None``,
+    none. Raises ``TypeError`` for anything else (a ``LaneGroup`` is the session's to join, not this)."""
     if spec is False or spec is None or (spec is True and not default_enabled()):
         return None
     if spec is True:
@@ -319,6 +316,18 @@ def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
                                 max_lanes=max(lanes, max_lanes))
     if not isinstance(spec, ControllerConfig):
         raise TypeError(f"link_control must be True, False, a ControllerConfig or a LaneGroup, not {spec!r}")
+    return spec
+
+
+def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
+                host: str | None = None) -> LinkControl | None:
+    """The controller a session gets for its ``link_control`` argument (``session_config``: the default
+    policy, a ``ControllerConfig``'s, or none). Not started: the session starts it with its first transfer
+    (an idle session costs no thread). ``host``: the session's destination, naming the ``LinkShare`` its controller joins (``share_name``:
+    controllers of this host's processes sending to that host split the path evenly)."""
+    config = session_config(spec, lanes, max_lanes)
+    if config is None:
+        return None
     share = None
     name = share_name(host) if host is not None else None
     if name is not None:
@@ -326,4 +335,4 @@ def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
             share = LinkShare(name)
         except OSError:  # no /dev/shm here: each controller on its own
             share = None
-    return LinkControl(session, spec, start=False, share=share)
+    return LinkControl(session, config, start=False, share=share)

@@ -31,7 +31,7 @@ from ._auth import client_handshake, server_handshake, server_hello
 from ._gate import HandshakeGate, Ticket
 from ._handle import LayerOutcome, Outcome
 from ._httpd import GatedHTTPServer
-from ._lanes import LaneHook, LaneInfo
+from ._lanes import LONG_PATH_RTT, LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._receiver import IncomingTransfer, Receiver
 from ._sender import Session, WarmUp, connect
@@ -39,7 +39,7 @@ from ._wire import Channel, PeerClosed, host_port, listen, recv_exact_into
 from .transport import ChunkRef, ChunkStage
 
 __all__ = [
-    "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
+    "LONG_PATH_RTT", "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
     "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
     "WarmUp", "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake",
     "server_hello",

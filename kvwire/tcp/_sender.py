@@ -34,7 +34,7 @@ from ..codec.manifest import build_manifest
 from ..codec.plan import DEFAULT_CHUNK, spread_chunk_size
 from ..codec.transfer import SenderTransfer
 from ..codec.txengine import SenderEngine
-from ..congestion.control import LinkControl, for_session
+from ..congestion.control import LinkControl, for_session, session_config
 from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..errors import KvwireError
@@ -188,13 +188,15 @@ class Session(SenderConnection):
         #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its
         #: ``seconds``, ``drain_seconds``, ``bytes_sent``, ``capacity``), or None: not warmed (see ``warm``)
         self.warmup: ProbeResult | None = None
-        self._establish(lanes)
+        # a controller of its own may use up to its max_lanes: on a long path they are all opened at once
+        config = None if isinstance(link_control, LaneGroup) else session_config(link_control, lanes, max_lanes)
+        self._establish(lanes, wide=config.max_lanes if config is not None else None)
         try:
             if isinstance(link_control, LaneGroup):
                 self._group = link_control
                 link_control.add(self)
             else:
-                self._link_control = for_session(self, link_control, lanes, self.max_lanes, host)
+                self._link_control = for_session(self, config or False, lanes, self.max_lanes, host)
             if warm is not False and warm_up is not None:
                 self.warmup = warm_up(self, warm)
         except BaseException:

@@ -23,7 +23,7 @@ from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..errors import KvwireError
-from ._lanes import Dialer, Lane
+from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
 from ._txlanes import LanePump
 from .transport import Stream
@@ -107,13 +107,18 @@ class SenderConnection:
         return self._pump.active
 
     # ------------------------------------------------------------ connecting
-    def _establish(self, lanes: int) -> None:
+    def _establish(self, lanes: int, wide: int | None = None) -> None:
         """Connect and authenticate the control connection, open the lanes (see the class docstring),
         then start a new generation of threads. Raises when the receiver cannot be reached or no lane
-        opens; leaves nothing open then."""
+        opens; leaves nothing open then. ``wide``: on a long path (``LONG_PATH_RTT``, by the control
+        connection's TCP handshake) open this many lanes instead, in the same dial round; those past the
+        active count are parked."""
         ctrl = self._dialer.open()
         opened: list[Lane] = []
         try:
+            rtt = self._dialer.path_rtt(ctrl)
+            if wide is not None and wide > lanes and rtt is not None and rtt >= LONG_PATH_RTT:
+                lanes = min(wide, self.max_lanes)
             server_limits = self._dialer.handshake(ctrl, lanes)  # lanes authenticate against this session
             opened = self._dialer.open_lanes(lanes, DIAL_CONCURRENCY)
             with self._cond:
