@@ -198,8 +198,9 @@ def main() -> int:
     ap.add_argument("--chunk-size", type=int, default=0, help="the session's chunk size (default kvwire's)")
     ap.add_argument("--loss", type=float, default=0.0001,
                     help="the link's random loss, a fraction (the row's 0.0001; 0: what loss costs the tail)")
+    ap.add_argument("--scale", type=float, default=1.0, help="the link's rate x this (the row's 2 Gbit/s at 1)")
     a = ap.parse_args()
-    rate = 2000
+    rate = 2000 * a.scale
     full = rate * PAYLOAD * 1e6 / 8
     payload = Payload(QWEN, 8192)
     prefill_ms = payload.nbytes / (full / 2) / payload.layout.num_layers * 1e3
