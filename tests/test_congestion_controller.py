@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import socket
+import struct
+import threading
 from dataclasses import replace
 
 import pytest
+from helpers import wait_until
 
 from kvwire.congestion.controller import (
     ControllerConfig,
     ControllerState,
     Decision,
+    MIN_RTT_REFRESH,
     LaneController,
     Mode,
     apply_decision,
@@ -25,7 +29,10 @@ from kvwire.congestion.controller import (
 )
 from kvwire.congestion.estimator import LinkState
 from kvwire.congestion.rules import loss_lanes
-from kvwire.sockopts import get_congestion, get_pacing_rate
+from kvwire.congestion.tcpinfo import read_tcp_info
+from kvwire.sockopts import get_congestion, get_pacing_rate, set_congestion
+
+TCP_CC_INFO = 26  # (linux/tcp.h; Python's socket module does not name it)
 
 
 def ls(t: float, goodput: float, *, q: float = 1.0, loss: float = 0.0, busy: float = 1.0,
@@ -496,3 +503,62 @@ def test_an_estimate_that_fell_in_one_step_is_probed_back_to_once_a_gradual_fall
     assert st.delivered is None
     slow = decide(st, replace(ls(t + cfg.settle, 0.99 * c, capacity=c), pacing_limited=True), cfg)
     assert slow.mode is Mode.CRUISE, slow.decision
+
+
+def _bbr_bandwidth(sock: socket.socket) -> int:
+    """The kernel BBR's bandwidth estimate of ``sock`` (``TCP_CC_INFO``'s ``tcp_bbr_info``, bytes/s): 0 right
+    after its algorithm (re)started, before an ACK brings a delivery-rate sample."""
+    lo, hi = struct.unpack_from("=2I", sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, 20))
+    return hi << 32 | lo
+
+
+def test_a_paced_bbr_lane_that_wakes_restarts_its_algorithm_once_per_min_rtt_refresh() -> None:
+    """``lane_busy`` (a lane picking up work after it waited) restarts a paced BBR lane's algorithm the first
+    time and then once ``MIN_RTT_REFRESH`` has passed since, so its min RTT filter never ages into PROBE_RTT
+    (4 packets for 200 ms) while it carries a layer: the kernel's bandwidth estimate reads 0 right after a
+    restart and keeps its value otherwise. Negative control: an unpaced (probing) controller never restarts
+    a lane (STARTUP there would double its rate)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    stop = threading.Event()
+
+    def sink() -> None:
+        while not stop.is_set() and a.recv(1 << 20):
+            pass
+    reader = threading.Thread(target=sink, daemon=True)
+    reader.start()
+    block = bytes(1 << 20)
+
+    def traffic() -> int:  # some ACKed data: the estimate is a real sample again
+        for _ in range(32):
+            c.sendall(block)
+        # all of it ACKed: no ACK can bring a sample between a restart and the reading after it
+        assert wait_until(lambda: not (read_tcp_info(c).unacked or read_tcp_info(c).notsent_bytes), 5)
+        assert _bbr_bandwidth(c) > 0
+        return _bbr_bandwidth(c)
+
+    try:
+        set_congestion(c, "bbr")
+        fd = c.fileno()
+        paced = LaneController(CFG, capacity=C)
+        assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
+        probing = LaneController(CFG)
+        assert probing.decision.pacing_rate is None
+        traffic()
+        probing.lane_busy(fd, 100.0, [c], sock=c)
+        probing.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
+        assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
+        paced.lane_busy(fd, 100.0, [c], sock=c)  # first seen: restarted
+        assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
+        traffic()
+        paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH / 2, [c], sock=c)
+        assert _bbr_bandwidth(c) > 0, "restarted again before MIN_RTT_REFRESH"
+        paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
+        assert _bbr_bandwidth(c) == 0
+    finally:
+        stop.set()
+        c.close()
+        a.close()
+        srv.close()
+        reader.join(5)

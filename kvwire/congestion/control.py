@@ -266,7 +266,7 @@ class LinkControl:
             except (OSError, ValueError):
                 fd = -1
             if fd >= 0:
-                self.controller.lane_busy(fd, self._clock(), self.session.lane_sockets(), self._shown)
+                self.controller.lane_busy(fd, self._clock(), self.session.lane_sockets(), self._shown, sock)
         if self._prior_busy is not None:
             self._prior_busy(index, sock)
 

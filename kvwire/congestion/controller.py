@@ -2,8 +2,9 @@
 ``policy.decide``, applies the decision's pacing cap and algorithm to the sockets it is handed
 (``apply_decision``) and reports the wanted lane count through a callback.
 
-Owns: the controller's current state and history, which sockets were last paced, and the split of the
-aggregate pacing over them. Must not know: the policy's rules (``policy``, ``rules``), how samples are
+Owns: the controller's current state and history, which sockets were last paced, the split of the
+aggregate pacing over them, and restarting a paced BBR lane's algorithm as it wakes once its min RTT filter
+nears the age at which the kernel would hold it in PROBE_RTT (``MIN_RTT_REFRESH``). Must not know: the policy's rules (``policy``, ``rules``), how samples are
 taken, sessions or lanes beyond the sockets and the callback.
 
 The policy's names (``ControllerConfig``, ``Decision``, ``Mode``, ``decide``, ``start_lanes``...) are
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from ..sockopts import SocketOptionError, set_knobs
+from ..sockopts import SocketOptionError, restart_congestion, set_knobs
 from .decision import ControllerConfig, ControllerState, Decision, Mode
 from .estimator import LaneKey, LinkState
 from .policy import decide, initial_state
@@ -41,6 +42,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("kvwire.congestion")
+
+#: a paced BBR lane that picks up work this long after its algorithm last started is restarted first
+#: (``restart_congestion``; the window and the pacing cap stay), which starts its min RTT filter over: the
+#: kernel's BBR holds a lane at 4 packets for 200 ms (PROBE_RTT) once that filter is 10 s old, and on a
+#: steady path nothing renews it sooner (only a sample strictly below the min does). A streamed layer's
+#: chunks that sat on a lane then arrived 300 ms late; restarted as it wakes, a lane enters PROBE_RTT only
+#: when it has been busy for 10 s on end (a bulk transfer, which loses 2 % to it and no latency)
+MIN_RTT_REFRESH = 8.0
 
 
 class LaneController:
@@ -75,6 +84,7 @@ class LaneController:
         self._woke: dict[LaneKey, float] = {}  # lanes that picked up work (``lane_busy``), and when
         self._sampled_at: float | None = None  # the last sample's time: the next one covers the time since
         self._lock = threading.RLock()  # the split (``_idle``, ``_woke``) and putting it on the sockets
+        self._started: dict[LaneKey, float] = {}  # when each lane's algorithm was last restarted (lane_busy)
         self.applied = 0  # how many times a decision was put on the sockets (``apply``)
 
     @property
@@ -127,14 +137,25 @@ class LaneController:
             self.apply(d, sockets, restart=d.restart and d != before)
 
     def lane_busy(self, lane: LaneKey, now: float, sockets: Sequence[socket.socket],
-                  shown: Callable[[], Decision] | None = None) -> bool:
-        """Lane ``lane`` (a socket's fd) picked up work at ``now`` (the samples' clock). When the split had it
-        idle, it is not any more: the decision (``shown()``, default the controller's: whoever caps the
-        aggregate from outside passes its capped one) goes on ``sockets`` again at once, so the lane paces
-        at its full share from its first chunk, and True. False: nothing changed (the common case, and
-        cheap: every lane that waited for work calls this as it picks some up)."""
+                  shown: Callable[[], Decision] | None = None, sock: socket.socket | None = None) -> bool:
+        """Lane ``lane`` (a socket's fd, ``sock``) picked up work at ``now`` (the samples' clock). A paced BBR
+        lane whose algorithm started ``MIN_RTT_REFRESH`` ago or more (or never, that this controller saw) is
+        restarted. When the split had it idle, it is not any more: the decision (``shown()``, default the
+        controller's: whoever caps the aggregate from outside passes its capped one) goes on ``sockets``
+        again at once, so the lane paces at its full share from its first chunk, and True. False: nothing
+        changed (the common case, and cheap: every lane that waited for work calls this as it picks some
+        up)."""
         with self._lock:
             self._woke[lane] = now
+            d = self.state.decision
+            if sock is not None and d.congestion == "bbr" and d.pacing_rate is not None:
+                started = self._started.get(lane)
+                if started is None or now - started >= MIN_RTT_REFRESH:
+                    self._started[lane] = now
+                    try:  # (only under a pacing cap: unpaced, STARTUP would double the lane's rate)
+                        restart_congestion(sock)
+                    except SocketOptionError:
+                        pass  # (a lane closing meanwhile)
             if lane not in self._idle:
                 return False
             self._idle = self._idle - {lane}
