@@ -410,7 +410,7 @@ class _Probe:
 
     def _restore(self) -> None:
         """Put back each lane's pacing cap and algorithm. A lane closed or replaced meanwhile is skipped: its
-        successor got the session's ``on_lane_open`` settings, not the probe's."""
+        successor got the session's lane-open settings (its controller's), not the probe's."""
         for saved in self.saved:
             try:
                 set_pacing_rate(saved.sock, saved.pacing)

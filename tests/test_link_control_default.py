@@ -17,7 +17,7 @@ from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig, Mode
 from kvwire.congestion.group import LaneGroup
 from kvwire.probe import probe
-from kvwire.sockopts import get_pacing_rate
+from kvwire.sockopts import get_congestion, get_pacing_rate
 from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
@@ -29,6 +29,11 @@ def _send(session: kvwire.Session) -> None:
     h = session.send(LAYOUT, REQ)
     h.write_all([np.full(s.nbytes, 7, np.uint8) for s in segs])
     assert h.finish().result(30) is not None
+
+
+def get_default_congestion() -> str:
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        return f.read().strip()
 
 
 def _monitors() -> int:
@@ -125,6 +130,31 @@ def test_an_explicit_link_control_replaces_the_default_and_keeps_the_users_lane_
         finally:
             ctl.close()
         assert s.on_lane_open is not None and s.on_lane_open != ctl._on_lane_open  # noqa: SLF001
+
+
+def test_lane_hooks_the_user_sets_after_connect_run_after_the_controllers_and_never_replace_them(
+        rx: kvwire.Receiver) -> None:
+    """The session's controller has its hooks in a slot of their own (``Session.set_control_hooks``):
+    assigning ``on_lane_open`` / ``on_lane_busy`` after ``connect()`` adds the user's, run after the
+    controller's. A lane opened afterwards gets the controller's algorithm (reno here, not the system's
+    default) before the user's hook sees it; once the controller closes, the user's hooks alone remain."""
+    opened: list[tuple[int, str]] = []
+    woke: list[int] = []
+    cfg = ControllerConfig(initial_lanes=2, min_lanes=2, max_lanes=4, congestion="reno")
+    with connect(*rx.address, lanes=2, link_control=cfg) as s:
+        ctl = s.link_control
+        assert ctl is not None and get_default_congestion() != "reno"
+        s.on_lane_open = lambda i, sock: opened.append((i, get_congestion(sock)))
+        s.on_lane_busy = lambda i, sock: woke.append(i)
+        assert s.set_active_lanes(3) == 3
+        assert opened == [(2, "reno")], "the controller's hook ran first, then the user's"
+        assert s.control_hooks == (ctl._on_lane_open, ctl._on_lane_busy)  # noqa: SLF001
+        _send(s)
+        assert woke, "the user's busy hook runs beside the controller's"
+        s.detach_link_control()
+        assert s.control_hooks == (None, None) and s.on_lane_open is not None and s.on_lane_busy is not None
+        assert s.set_active_lanes(4) == 4
+        assert opened[-1] == (3, get_default_congestion())  # no controller any more: the user's hook alone
 
 
 def test_probe_pauses_the_sessions_controller_and_restarts_it_from_the_result() -> None:

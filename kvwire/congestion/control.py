@@ -1,12 +1,14 @@
 """``LinkControl``: the adaptive link controller attached to one sending session (or a ``LaneGroup``).
 
 Owns: wiring a ``LinkMonitor`` (TCP_INFO of the session's active lanes every ``interval``), its
-``LinkEstimator`` and a ``LaneController`` to the session's three hooks — ``lane_sockets()`` (what to
-sample and pace), ``set_active_lanes(n)`` (the lane count), ``on_lane_open`` (a lane connected or
-reconnected gets the current pacing cap and algorithm before it carries data; a hook the session had
-runs after it) and, where the session has it, ``on_lane_busy`` (a lane that waited for work picked some
-up: if the last sample had it idle, the split of the pacing gives it its full share at once,
-``LaneController.lane_busy``) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
+``LinkEstimator`` and a ``LaneController`` to the session's hooks — ``lane_sockets()`` (what to
+sample and pace), ``set_active_lanes(n)`` (the lane count), a lane-open hook (a lane connected or
+reconnected gets the current pacing cap and algorithm before it carries data) and, where the session has
+it, a lane-busy hook (a lane that waited for work picked some up: if the last sample had it idle, the
+split of the pacing gives it its full share at once, ``LaneController.lane_busy``), both through the
+session's ``set_control_hooks`` slot where it has one (``kvwire.Session``: the user's ``on_lane_open`` /
+``on_lane_busy`` run after them, whenever assigned), else as its ``on_lane_open`` / ``on_lane_busy`` with
+the hook it had chained after (a ``LaneGroup``) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
 session gets by default (``Session(link_control=...)``), with a ``LinkShare`` named after its destination
 (the aggregate pacing capped at a fair share while other processes' controllers use the same path), and
 pausing one while ``kvwire.probe`` owns the lanes. Must not know: transfers, the wire format, how the
@@ -49,7 +51,8 @@ class Controllable(Protocol):
     """What ``LinkControl`` needs of a session (``kvwire.Session`` has it)."""
 
     on_lane_open: Callable[[int, socket.socket], None] | None
-    # (optional: ``on_lane_busy``, the same signature, called as a lane that waited for work picks some up)
+    # (optional: ``on_lane_busy``, the same signature, called as a lane that waited for work picks some up;
+    # and ``set_control_hooks(on_open, on_busy)`` with ``control_hooks``: a slot for the controller's)
 
     def lane_sockets(self) -> list[socket.socket]: ...
 
@@ -93,11 +96,19 @@ class LinkControl:
         self._shared_fds: frozenset[int] = frozenset()
         self._shared_applied = -1  # the controller's ``applied`` count when the share's cap was last put on
         self._link_best: tuple[float, float] | None = None  # (capacity, wall time) published to the share
-        self._prior_hook = session.on_lane_open  # a hook of the session's own runs after ours
-        session.on_lane_open = self._on_lane_open
-        self._prior_busy: Callable[[int, socket.socket], None] | None = getattr(session, "on_lane_busy", None)
-        if self._busy_hooked:
-            session.on_lane_busy = self._on_lane_busy  # type: ignore[attr-defined]
+        # a session with a slot for its controller's hooks (``kvwire.Session``) runs its user's after them,
+        # whatever the user assigns later; another Controllable (a ``LaneGroup``) has ours in its own hook
+        # attributes, a hook it had chained after ours
+        self._slot = callable(getattr(session, "set_control_hooks", None))
+        self._prior_hook = None if self._slot else session.on_lane_open
+        self._prior_busy: Callable[[int, socket.socket], None] | None = (
+            None if self._slot else getattr(session, "on_lane_busy", None))
+        if self._slot:
+            session.set_control_hooks(self._on_lane_open, self._on_lane_busy)  # type: ignore[attr-defined]
+        else:
+            session.on_lane_open = self._on_lane_open
+            if self._busy_hooked:
+                session.on_lane_busy = self._on_lane_busy  # type: ignore[attr-defined]
         self.controller.history.clear()
         self._begin(capacity, 0.0)
         apply_decision(self.decision, session.lane_sockets())
@@ -152,6 +163,10 @@ class LinkControl:
         self.monitor.stop()
         if self.share is not None:
             self.share.close()
+        if self._slot:
+            if self.session.control_hooks == (self._on_lane_open, self._on_lane_busy):  # type: ignore[attr-defined]
+                self.session.set_control_hooks(None, None)  # type: ignore[attr-defined]
+            return
         if self.session.on_lane_open == self._on_lane_open:
             self.session.on_lane_open = self._prior_hook
         if self._busy_hooked and getattr(self.session, "on_lane_busy", None) == self._on_lane_busy:

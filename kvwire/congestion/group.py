@@ -25,7 +25,8 @@ LaneHook = Callable[[int, socket.socket], None]
 
 
 class Member(Protocol):
-    """What ``LaneGroup`` needs of a session (``kvwire.Session`` has it)."""
+    """What ``LaneGroup`` needs of a session (``kvwire.Session`` has it). The group's lane-open hook goes in
+    the member's ``set_control_hooks`` slot where it has one (``kvwire.Session``), else in ``on_lane_open``."""
 
     on_lane_open: LaneHook | None
 
@@ -63,8 +64,8 @@ class LaneGroup:
             old, self._hook = self._hook, hook
             members = list(self._members)
         for m in members:  # (== not is: a bound method is a new object at each access)
-            if m.on_lane_open is None or m.on_lane_open == old:
-                m.on_lane_open = hook
+            if _hook_of(m) is None or _hook_of(m) == old:
+                _set_hook(m, hook)
         if hook is not None:
             for m in members:
                 _through(hook, m)
@@ -86,7 +87,7 @@ class LaneGroup:
             self._members.append(member)
             lanes, hook = self._lanes, self._hook
         if hook is not None:
-            member.on_lane_open = hook
+            _set_hook(member, hook)
         if lanes is not None:
             member.set_active_lanes(lanes)
         if hook is not None:
@@ -97,8 +98,8 @@ class LaneGroup:
         with self._lock:
             self._members = [m for m in self._members if m is not member]
             hook = self._hook
-        if hook is not None and member.on_lane_open == hook:
-            member.on_lane_open = None
+        if hook is not None and _hook_of(member) == hook:
+            _set_hook(member, None)
 
     def lane_sockets(self) -> list[socket.socket]:
         return [s for m in self.members if m.busy for s in m.lane_sockets()]
@@ -109,6 +110,21 @@ class LaneGroup:
             members = list(self._members)
         got = [m.set_active_lanes(n) for m in members]
         return min(got, default=n)
+
+
+def _hook_of(member: Member) -> LaneHook | None:
+    """The group's hook as ``member`` holds it: in its controller slot (``kvwire.Session.set_control_hooks``:
+    its user's ``on_lane_open`` stays its own and runs after it), else its ``on_lane_open``."""
+    hooks = getattr(member, "control_hooks", None)
+    return hooks[0] if hooks is not None else member.on_lane_open
+
+
+def _set_hook(member: Member, hook: LaneHook | None) -> None:
+    setter = getattr(member, "set_control_hooks", None)
+    if callable(setter):
+        setter(hook, None)
+    else:
+        member.on_lane_open = hook
 
 
 def _through(hook: LaneHook, member: Member) -> None:

@@ -92,7 +92,8 @@ class Session(SenderConnection):
         max_lanes: the most lanes ``set_active_lanes`` may grow to (default ``max(lanes, 16)``, or the
             ``max_lanes`` of a ``ControllerConfig`` given as ``link_control`` when that is more).
         on_lane_open: ``fn(lane_index, socket)`` called each time a lane connects, before it carries
-            data (where ``kvwire.congestion`` applies pacing and the congestion algorithm).
+            data, after the congestion controller's own hook (``set_control_hooks``: it sets the lane's
+            pacing and algorithm); assigning ``session.on_lane_open`` later replaces this one only.
         link_control: congestion control (``kvwire.congestion``): ``True`` (the default) a ``LinkControl``
             of the session's own — lanes probed unpaced first (BBR), then paced just under the measured
             capacity, lanes added while socket windows are the limit, re-probed when it reads low; hands
@@ -150,6 +151,9 @@ class Session(SenderConnection):
         #: chunk, before it goes out (the session's ``LinkControl`` gives the lane its full pacing share
         #: there); keep it short: it delays that chunk
         self.on_lane_busy: LaneHook | None = None
+        # the congestion controller's own pair (set_control_hooks): runs before the two above, and assigning
+        # those never drops it
+        self._control_hooks: tuple[LaneHook | None, LaneHook | None] = (None, None)
         self.address = (host, port)
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
@@ -177,12 +181,12 @@ class Session(SenderConnection):
         self.reconnect = reconnect
         self._dialer = Dialer(host, port, key=self.key, ssl_context=ssl_context, server_hostname=self.server_hostname,
                               connect_timeout=connect_timeout, peer_timeout=peer_timeout,
-                              stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self.on_lane_open)
+                              stall_timeout=self.stall_timeout, limits=limits, on_lane_open=lambda: self._hook(0))
         self._pump = LanePump(self._engine, self._cond, self._handles, self._dialer, active=lanes,
                               stall_timeout=self.stall_timeout, peer_timeout=peer_timeout,
                               alive_lanes=lambda: self.alive_lanes, fail=self._fail_session,
                               abort=self.abort_transfer, act=self._act, stage=chunk_stage,
-                              on_busy=lambda: self.on_lane_busy)
+                              on_busy=lambda: self._hook(1))
         self._link_control: LinkControl | None = None
         self._group: LaneGroup | None = None
         #: what warming the session as it opened measured and cost (a ``kvwire.probe.ProbeResult``: its
@@ -204,6 +208,33 @@ class Session(SenderConnection):
             raise
 
     # ------------------------------------------------------------ public
+    def set_control_hooks(self, on_open: LaneHook | None, on_busy: LaneHook | None) -> None:
+        """The hooks of the congestion controller that drives this session (``LinkControl``, a
+        ``LaneGroup``'s): ``on_open`` as each lane connects, ``on_busy`` as a lane that waited for work picks
+        some up, each before the user's ``on_lane_open`` / ``on_lane_busy``, in a slot of their own, so that
+        assigning those later never drops the controller's. ``None, None`` detaches."""
+        self._control_hooks = (on_open, on_busy)
+
+    @property
+    def control_hooks(self) -> tuple[LaneHook | None, LaneHook | None]:
+        """``(on_open, on_busy)`` as ``set_control_hooks`` last set them."""
+        return self._control_hooks
+
+    def _hook(self, which: int) -> LaneHook | None:
+        """What a lane runs as it opens (0) or wakes (1): the controller's hook, then the user's; None
+        when neither is set (the lane path skips the call)."""
+        control = self._control_hooks[which]
+        user = self.on_lane_open if which == 0 else self.on_lane_busy
+        if control is None or user is None:
+            return control or user
+
+        def both(index: int, sock: socket.socket) -> None:
+            try:
+                control(index, sock)
+            finally:  # (the user's runs even when the controller's knob was refused)
+                user(index, sock)
+        return both
+
     @property
     def link_control(self) -> LinkControl | None:
         """The congestion controller this session owns (``link_control=True``, the default, or a
