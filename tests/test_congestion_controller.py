@@ -12,10 +12,10 @@ import pytest
 from helpers import wait_until
 
 from kvwire.congestion.controller import (
+    MIN_RTT_REFRESH,
     ControllerConfig,
     ControllerState,
     Decision,
-    MIN_RTT_REFRESH,
     LaneController,
     Mode,
     apply_decision,

@@ -149,8 +149,12 @@ def test_lane_hooks_the_user_sets_after_connect_run_after_the_controllers_and_ne
         assert s.set_active_lanes(3) == 3
         assert opened == [(2, "reno")], "the controller's hook ran first, then the user's"
         assert s.control_hooks == (ctl._on_lane_open, ctl._on_lane_busy)  # noqa: SLF001
+        seen: list[int] = []
+        busy = ctl.controller.lane_busy  # (the controller's own handler of the event, wrapped to see it run)
+        ctl.controller.lane_busy = (  # type: ignore[method-assign]
+            lambda fd, *a, **kw: seen.append(fd) or busy(fd, *a, **kw))
         _send(s)
-        assert woke, "the user's busy hook runs beside the controller's"
+        assert woke and seen, "a waking lane runs the controller's busy hook and the user's"
         s.detach_link_control()
         assert s.control_hooks == (None, None) and s.on_lane_open is not None and s.on_lane_busy is not None
         assert s.set_active_lanes(4) == 4

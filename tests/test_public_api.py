@@ -196,9 +196,9 @@ TCP_FACE = {
     "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
     "WarmUp", "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake",
     "server_hello", "LONG_PATH_RTT",
-}  # (LONG_PATH_RTT: where a session opens every lane its controller may use at once, kvwire.probe's warm-up
-#    threshold too; WarmUp: the type of Session(warm_up=...), the seam kvwire.connect hands kvwire.probe.warm_up through; the
-#    probe is built on the transport, which no longer holds a registry of it: install_warm_up is gone)
+}  # (LONG_PATH_RTT: where a session opens every lane its controller may use at once, the warm-up's
+#    threshold too; WarmUp: the type of Session(warm_up=...), the seam kvwire.connect hands kvwire.probe.warm_up
+#    through; the probe is built on the transport, which no longer holds a registry of it: install_warm_up is gone)
 
 
 def test_tcp_package_face_is_pinned() -> None:

@@ -19,8 +19,8 @@ import kvwire
 from kvwire.congestion.controller import ControllerConfig, Mode
 from kvwire.congestion.tcpinfo import read_tcp_info
 from kvwire.probe import WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
-from kvwire.testing.fixtures import load_fixture
 from kvwire.tcp import LONG_PATH_RTT
+from kvwire.testing.fixtures import load_fixture
 from kvwire.testing.wan import WanLink, unavailable_reason
 
 _REASON = unavailable_reason()

@@ -8,13 +8,13 @@ it, a lane-busy hook (a lane that waited for work picked some up: if the last sa
 split of the pacing gives it its full share at once, ``LaneController.lane_busy``), both through the
 session's ``set_control_hooks`` slot where it has one (``kvwire.Session``: the user's ``on_lane_open`` /
 ``on_lane_busy`` run after them, whenever assigned), else as its ``on_lane_open`` / ``on_lane_busy`` with
-the hook it had chained after (a ``LaneGroup``) — and publishing every ``LinkState`` to subscribers; ``for_session``, the controller a
-session gets by default (``Session(link_control=...)``), with a ``LinkShare`` named after its destination
-(the aggregate pacing capped at a fair share while other processes' controllers use the same path), and
-pausing one while ``kvwire.probe`` owns the lanes. Must not know: transfers, the wire format, how the
-session picks chunks; the session is used only through those hooks (a duck-typed ``Controllable``; a
-session that owns a default controller hands its lanes over through ``detach_link_control()`` when
-another ``LinkControl`` or a ``LaneGroup`` takes them).
+the hook it had chained after (a ``LaneGroup``) — and publishing every ``LinkState`` to subscribers;
+``for_session``, the controller a session gets by default (``Session(link_control=...)``), with a
+``LinkShare`` named after its destination (the aggregate pacing capped at a fair share while other
+processes' controllers use the same path), and pausing one while ``kvwire.probe`` owns the lanes. Must
+not know: transfers, the wire format, how the session picks chunks; the session is used only through
+those hooks (a duck-typed ``Controllable``; a session that owns a default controller hands its lanes over
+through ``detach_link_control()`` when another ``LinkControl`` or a ``LaneGroup`` takes them).
 """
 
 from __future__ import annotations
@@ -338,8 +338,9 @@ def for_session(session: Controllable, spec: object, lanes: int, max_lanes: int,
                 host: str | None = None) -> LinkControl | None:
     """The controller a session gets for its ``link_control`` argument (``session_config``: the default
     policy, a ``ControllerConfig``'s, or none). Not started: the session starts it with its first transfer
-    (an idle session costs no thread). ``host``: the session's destination, naming the ``LinkShare`` its controller joins (``share_name``:
-    controllers of this host's processes sending to that host split the path evenly)."""
+    (an idle session costs no thread). ``host``: the session's destination, naming the ``LinkShare`` its
+    controller joins (``share_name``: controllers of this host's processes sending to that host split the
+    path evenly)."""
     config = session_config(spec, lanes, max_lanes)
     if config is None:
         return None

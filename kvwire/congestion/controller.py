@@ -3,9 +3,10 @@
 (``apply_decision``) and reports the wanted lane count through a callback.
 
 Owns: the controller's current state and history, which sockets were last paced, the split of the
-aggregate pacing over them, and restarting a paced BBR lane's algorithm as it wakes once its min RTT filter
-nears the age at which the kernel would hold it in PROBE_RTT (``MIN_RTT_REFRESH``). Must not know: the policy's rules (``policy``, ``rules``), how samples are
-taken, sessions or lanes beyond the sockets and the callback.
+aggregate pacing over them, and restarting a paced BBR lane's algorithm as it wakes once its min RTT
+filter nears the age at which the kernel would hold it in PROBE_RTT (``MIN_RTT_REFRESH``). Must not know:
+the policy's rules (``policy``, ``rules``), how samples are taken, sessions or lanes beyond the sockets
+and the callback.
 
 The policy's names (``ControllerConfig``, ``Decision``, ``Mode``, ``decide``, ``start_lanes``...) are
 also importable from here, where callers have always found them.

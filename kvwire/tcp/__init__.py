@@ -39,7 +39,8 @@ from ._wire import Channel, PeerClosed, host_port, listen, recv_exact_into
 from .transport import ChunkRef, ChunkStage
 
 __all__ = [
-    "LONG_PATH_RTT", "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
+    "LONG_PATH_RTT",
+    "Channel", "ChunkRef", "ChunkStage", "GatedHTTPServer", "HandshakeGate", "IncomingTransfer", "LaneHook",
     "LaneInfo", "LayerOutcome", "OutgoingTransfer", "Outcome", "PeerClosed", "Receiver", "Session", "Ticket",
     "WarmUp", "client_handshake", "connect", "host_port", "listen", "recv_exact_into", "server_handshake",
     "server_hello",
