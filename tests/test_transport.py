@@ -174,6 +174,33 @@ def test_receiver_cancel_reaches_sender(no_leaks: None) -> None:
         assert h_rx.state is State.CANCELLED
 
 
+def test_a_receiver_cancel_as_the_transfer_is_admitted_reaches_the_sender(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode side cancels an expected request just as its BEGIN is being admitted (after the receiver
+    took the expectation, before the transfer is bound to it: here, inside the layout check in between).
+    Both ends must end cancelled: the sender is told (ACCEPT, then CANCEL) and no byte goes into the
+    buffers the decode side was told are free. It used to end done at the sender while the receiver's
+    handle said cancelled (``test_adapter_hf::test_decode_cancels_mid_stream`` caught it once under CI load)."""
+    import kvwire.tcp._receiver as receiver_module
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("cancel-admit")
+    dst = np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8)
+    check = receiver_module.check_manifest_against
+    with Receiver() as rx, connect(*rx.address, lanes=2) as s:
+        h_rx = rx.expect("cancel-admit", dst, layout=layout)
+
+        def cancel_then_check(m: object, lay: object) -> None:
+            h_rx.cancel("decode gave up as it arrived")
+            check(m, lay)
+        monkeypatch.setattr(receiver_module, "check_manifest_against", cancel_then_check)
+        h = s.send(layout, req)
+        h.write_all(payload(layout, req))
+        with pytest.raises(TransferCancelled, match="decode gave up"):
+            h.finish().result(10)
+        assert h_rx.state is State.CANCELLED
+        assert not dst.any(), "a cancelled request's buffers were written"
+
+
 @pytest.mark.parametrize("change", ["dtype", "layout_tag", "state_position"])
 def test_mismatch_is_rejected_before_any_byte_is_written(change: str, no_leaks: None) -> None:
     sender_layout = load_fixture("tiny-qwen3-next")

@@ -57,11 +57,17 @@ class IncomingTransfer(LayerOutcome):
 
     # ---- driver API
     def bind(self, driver: TransferDriver, manifest: Manifest, plan: ChunkPlan, views: list[memoryview],
-             deadline: float, machine: ReceiverTransfer) -> None:
+             deadline: float, machine: ReceiverTransfer) -> bool:
         """The transfer was admitted into ``views`` (of ``dest``) on ``driver``'s session, until ``deadline``.
-        ``machine``: the engine's state machine of it, kept read-only for ``machine``."""
-        self.manifest, self.plan, self.views, self.deadline = manifest, plan, views, deadline
-        self._driver, self._machine = driver, machine
+        ``machine``: the engine's state machine of it, kept read-only for ``machine``. False, and nothing
+        bound, when the handle ended meanwhile (its user cancelled it between the admission and this): the
+        driver must end the transfer too, or it would go on into buffers its user was told are free."""
+        with self._cond:  # (against cancel: it binds first, or the handle is already cancelled)
+            if self.finished:
+                return False
+            self.manifest, self.plan, self.views, self.deadline = manifest, plan, views, deadline
+            self._driver, self._machine = driver, machine
+            return True
 
     def add_lane_bytes(self, lane: int, n: int) -> None:
         with self._cond:
@@ -139,10 +145,10 @@ class IncomingTransfer(LayerOutcome):
                 return
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
-        d, m = self._driver, self.manifest
-        if d is None or m is None:
-            with self._cond:
+        with self._cond:  # (bind takes it too: a transfer being admitted now is bound first, or refused)
+            d, m = self._driver, self.manifest
+            if d is None or m is None:
                 self._resolve(State.CANCELLED, reason)
                 self._cond.notify_all()
-            return
+                return
         d.cancel_transfer(m.transfer_id, reason)

@@ -133,11 +133,14 @@ class RxSession:
         """Start ``m`` into ``h``'s destination ``views`` and ACCEPT it; False (REJECT sent) when the
         session can no longer take it."""
         with self.lock:
-            actions = self._engine.activate(m, time.monotonic(), h.deadline)
+            now = time.monotonic()
+            actions = self._engine.activate(m, now, h.deadline)
             t = self._engine.transfer(m.transfer_id)
             if t is not None:
-                self.handles[m.transfer_id] = h
-                h.bind(self, m, t.plan, views, t.deadline, t.machine)
+                if h.bind(self, m, t.plan, views, t.deadline, t.machine):
+                    self.handles[m.transfer_id] = h
+                else:  # its user cancelled it as it was admitted: the sender is told (ACCEPT, then CANCEL)
+                    actions += self._engine.cancel(m.transfer_id, h.reason or "cancelled by receiver", now)
             self._answered.notify_all()
         self.perform(actions)
         return t is not None
