@@ -39,7 +39,9 @@ def test_forced_warm_up_probes_and_the_first_transfer_arrives_bit_exact(no_leaks
         assert isinstance(w, ProbeResult)
         assert w.bytes_sent > 0 and w.capacity > 0 and w.drained
         assert w.seconds < 0.5 + 0.3  # at most the burst asked for (earlier when the pipe read full)
-        assert w.stopped_full == (w.seconds < 0.5)
+        # a burst not ended by the full-pipe rule ran its whole budget; one that was may end just past it (the
+        # poll that read the pipe full can fall on the budget's last tick: 0.5012 s once under CI load)
+        assert w.stopped_full or w.seconds >= 0.5
         assert _probes(s.stats()) >= 1
         send_verified(rx, s, layout, req, seed=7, timeout=20)
 
