@@ -37,7 +37,7 @@ from .congestion.decision import ControllerConfig
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
 from .congestion.rules import pipe_step
-from .congestion.tcpinfo import sample
+from .congestion.tcpinfo import handshake_rtt, sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
 from .tcp import LONG_PATH_RTT, OutgoingTransfer, Session, connect
@@ -467,9 +467,7 @@ def warm_enabled() -> bool:
 def path_rtt(session: Session) -> float | None:
     """The path's round trip in seconds as the session's handshakes measured it: the least ``TCP_INFO`` min
     RTT of its control connection and lanes (None where the kernel gives none)."""
-    socks = [session.control_socket(), *session.lane_sockets()]
-    rtts = [us for us in (i.min_rtt_us or i.rtt_us for i in sample(socks).values()) if us]
-    return min(rtts) / 1e6 if rtts else None
+    return handshake_rtt([session.control_socket(), *session.lane_sockets()])
 
 
 def warm_skip_reason(session: Session) -> str:

@@ -13,7 +13,7 @@ import statistics
 
 import numpy as np
 import pytest
-from helpers import payload
+from helpers import payload, send_verified
 
 import kvwire
 from kvwire.congestion.controller import ControllerConfig, Mode
@@ -139,16 +139,8 @@ def test_a_long_path_session_opens_every_lane_its_controller_may_use_in_one_dial
             assert [len(s.lane_info()) for s in (plain, small)] == [4, 4]
             assert plain.link_control is None and small.link_control is not None
             # the parked lanes carry data like the others once active
-            req = kvwire.RequestSpec("wide", 512, 512)
-            src = payload(LAYOUT, req, seed=5)
-            dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
-            h_rx = rx.expect(req.request_id, dst, layout=LAYOUT)
             with link.inside("client"):
-                h = wide.send(LAYOUT, req)
-                h.write_all(src)
-                assert h.finish().result(30) is not None
-            h_rx.result(10)
-            assert dst.tobytes() == b"".join(a.tobytes() for a in src)
+                send_verified(rx, wide, LAYOUT, kvwire.RequestSpec("wide", 512, 512), seed=5, timeout=30)
         finally:
             for s in sessions:
                 s.close()

@@ -41,7 +41,7 @@ from .controller import (
 from .estimator import EstimatorConfig, LinkEstimator, LinkState
 from .monitor import LinkMonitor, Subscriber
 from .share import LinkShare, Peer, fair_share, share_name
-from .tcpinfo import try_read
+from .tcpinfo import handshake_rtt
 
 #: the kernel's ceiling on a socket's send buffer under autotuning (``tcp_wmem``: min, default, max)
 _TCP_WMEM = "/proc/sys/net/ipv4/tcp_wmem"
@@ -192,9 +192,7 @@ class LinkControl:
         """The lane count to start with (``controller.start_lanes``) and why: the path's RTT from the lanes'
         handshakes (their ``TCP_INFO`` min RTT), the send-buffer ceiling from ``tcp_wmem``, the rate from
         ``capacity`` or else the best link estimate another controller of the share published."""
-        infos = [i for i in (try_read(s) for s in self.session.lane_sockets()) if i is not None]
-        rtts = [us for us in (i.min_rtt_us or i.rtt_us for i in infos) if us]
-        rtt = min(rtts) / 1e6 if rtts else None
+        rtt = handshake_rtt(self.session.lane_sockets())
         if capacity is None and self.share is not None:
             known = [p.capacity for p in self.share.others(time.time()) if p.capacity]
             capacity = max(known) if known else None

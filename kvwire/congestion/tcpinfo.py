@@ -172,6 +172,14 @@ def read_pacing_rate(sock: socket.socket) -> int | None:
     return None if rate in (UNLIMITED_PACING, 0) else rate
 
 
+def handshake_rtt(socks: Iterable[socket.socket]) -> float | None:
+    """The path's round trip in seconds as these sockets measured it: the least ``TCP_INFO`` min RTT (srtt
+    where the kernel keeps no min) over the open ones, which a TCP handshake alone already sets; None where
+    the kernel gives none."""
+    rtts = [us for us in (i.min_rtt_us or i.rtt_us for i in sample(socks).values()) if us]
+    return min(rtts) / 1e6 if rtts else None
+
+
 def sample(socks: Iterable[socket.socket]) -> dict[int, TcpInfo]:
     """One ``TCP_INFO`` per open TCP socket of ``socks``, keyed by file descriptor (closed ones left out)."""
     out: dict[int, TcpInfo] = {}

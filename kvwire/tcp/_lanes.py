@@ -36,13 +36,15 @@ from .transport import Stream
 
 log = logging.getLogger("kvwire.tcp")
 
-#: a path whose TCP handshake took this long or more is long: a session on it that may grow its lanes (its
-#: controller's ``max_lanes``) opens them all in its first dial round (``Dialer.path_rtt``; parked until
-#: used), since every later round costs three of its round trips (TCP, then the lane's challenge and
-#: proof) and blocks whoever asked for the lanes (the controller's thread, a warm-up). A rack's or a metro
+#: a path whose TCP handshake took this long or more is long (``tcpinfo.handshake_rtt`` of the control
+#: connection): a session on it that may grow its lanes (its controller's ``max_lanes``) opens them all in
+#: its first dial round, parked until used, since every later round costs three of its round trips (TCP,
+#: then the lane's challenge and proof) and blocks whoever asked for the lanes (the controller's thread, a
+#: warm-up). A rack's or a metro
 #: link's paths (up to ~10 ms) stay on the lanes asked for. ``kvwire.probe.WARM_MIN_RTT`` is this too: a
 #: session on such a path is warmed on every lane its controller may use
 LONG_PATH_RTT = 0.015
+
 
 @dataclass(frozen=True)
 class LaneInfo:
@@ -191,14 +193,6 @@ class Dialer:
             sock.close()
             raise
         return Channel(sock, self.limits)
-
-    @staticmethod
-    def path_rtt(ch: Stream) -> float | None:
-        """The round trip ``ch``'s TCP handshake measured (``TCP_INFO`` min RTT, seconds); None where the
-        kernel gives none."""
-        info = try_read(ch.sock)
-        us = (info.min_rtt_us or info.rtt_us) if info is not None else None
-        return us / 1e6 if us else None
 
     def handshake(self, ctrl: Channel, lanes: int) -> dict[str, Any]:
         """Authenticate ``ctrl`` as a new session's control connection announcing ``lanes``; sets

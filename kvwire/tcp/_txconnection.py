@@ -22,6 +22,7 @@ from ..codec import early
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.txengine import Action, LayersAcked, SenderEngine
+from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
 from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
@@ -116,7 +117,7 @@ class SenderConnection:
         ctrl = self._dialer.open()
         opened: list[Lane] = []
         try:
-            rtt = self._dialer.path_rtt(ctrl)
+            rtt = handshake_rtt([ctrl.sock])
             if wide is not None and wide > lanes and rtt is not None and rtt >= LONG_PATH_RTT:
                 lanes = min(wide, self.max_lanes)
             server_limits = self._dialer.handshake(ctrl, lanes)  # lanes authenticate against this session
