@@ -38,7 +38,7 @@ def test_forced_warm_up_probes_and_the_first_transfer_arrives_bit_exact(no_leaks
         w = s.warmup
         assert isinstance(w, ProbeResult)
         assert w.bytes_sent > 0 and w.capacity > 0 and w.drained
-        assert w.seconds < 0.5 + 0.3  # at most the burst asked for (earlier when the pipe read full)
+        assert w.seconds < 0.5 + 2.0  # the budget asked for, not a default (wide: CI load stalls the loop)
         # a burst not ended by the full-pipe rule ran its whole budget; one that was may end just past it (the
         # poll that read the pipe full can fall on the budget's last tick: 0.5012 s once under CI load)
         assert w.stopped_full or w.seconds >= 0.5
