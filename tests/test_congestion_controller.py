@@ -278,6 +278,35 @@ def test_a_capacity_probed_beforehand_skips_the_in_band_probe() -> None:
     assert initial_state(polite, capacity=C).decision.congestion == "cubic"
 
 
+def test_a_capacity_probed_beforehand_is_up_probed_after_settle_once_then_at_the_usual_wait() -> None:
+    """A warm-up's short burst may read the capacity low (0.77x of a 2 Gbit/s, 80 ms link once: the lanes then
+    cruised at three quarters of it for 1.5 s). Cruising pacing-limited on a clear link, the first up-probe
+    after such a start comes at ``settle``; the next ones at ``upprobe_clear`` as before. Negative controls: a
+    start without a beforehand capacity, and the same start once a drain measured the link, wait as usual."""
+    cfg = CFG
+    st = feed(initial_state(cfg, capacity=C), cfg, [ls(0.0, 0.0, capacity=C)])
+    assert st.unconfirmed == C and st.mode is Mode.CRUISE
+    clear = replace(ls(cfg.settle + 0.01, PACE * C, capacity=C), pacing_limited=True)
+    up = decide(st, clear, cfg)
+    assert up.mode is Mode.UPPROBE and up.unconfirmed is None, up.decision
+    assert up.changed_at is not None
+    done = decide(up, ls(up.changed_at + cfg.upprobe_time, PACE * C, capacity=C), cfg)  # it did not pay
+    assert done.mode is Mode.CRUISE and done.changed_at is not None
+    again = replace(ls(done.changed_at + cfg.settle + 0.01, PACE * C, capacity=C), pacing_limited=True)
+    assert decide(done, again, cfg).mode is Mode.CRUISE  # the usual upprobe_clear from here
+    later = replace(again, timestamp=done.changed_at + cfg.upprobe_clear + 0.01)
+    assert decide(done, later, cfg).mode is Mode.UPPROBE
+    # negative controls: an in-band probe's capacity, and a beforehand one a drain has since measured
+    assert cruising(cfg).unconfirmed is None
+    drained = decide(st, ls(cfg.settle + 0.01, C, q=2.0, capacity=C), cfg)
+    assert drained.mode is Mode.DRAIN and drained.unconfirmed is None
+    assert decide(replace(st, unconfirmed=None), clear, cfg).mode is Mode.CRUISE
+    # ... and one the estimator has since measured lower (the burst read high): paced at the lower one, the
+    # lanes get all it allows, but that is no sign of more link
+    lower = replace(ls(cfg.settle + 0.01, 0.8 * PACE * C, capacity=0.8 * C), pacing_limited=True)
+    assert decide(st, lower, cfg).mode is Mode.CRUISE
+
+
 def test_loss_bound_lanes_grow_while_goodput_grows() -> None:
     """CUBIC under random loss never shows the queue that tells the capacity: lanes are added while
     each sits at its Mathis rate and the last step paid, first aiming at the rate slow start reached."""

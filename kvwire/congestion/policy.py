@@ -33,7 +33,10 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   ``upprobe_time`` (ends early on a queue above ``drain_ratio``, or one that overflows: a drop-tail queue
   shorter than 30 % of the RTT never reads above ``drain_ratio``, 1.25 at most on 80 ms with 20 ms of
   queue, and drops packets instead): lets the estimator see a capacity that grew; when it did,
-  the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
+  the first one after a capacity a burst measured before the first byte (a warm-up: ``initial_state``
+  given ``capacity``) comes after ``settle`` on a clear link, since a short burst may read the capacity
+  low (0.77-1.2x of a 2 Gbit/s, 80 ms link; read low, the lanes cruised at 75 % of it for 1.5 s); when it
+  paid, the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
   that does not pay, or fills a queue, starts the steps over. What the lanes delivered unpaced (the
   probe's ``btl_bw``, kept as ``delivered``) is evidence of the link: cruising pacing-limited on a clear
@@ -97,7 +100,7 @@ def initial_state(cfg: ControllerConfig, capacity: float | None = None, lanes: i
     total = int(cfg.pace_gain * capacity)
     mode = Mode.POLITE if cfg.polite else Mode.CRUISE
     return ControllerState(Decision(n, max(1, total // n), cfg.algorithm, mode,
-                                    f"probed beforehand: paced at {total:.4g} B/s{why}"))
+                                    f"probed beforehand: paced at {total:.4g} B/s{why}"), unconfirmed=capacity)
 
 
 def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> ControllerState:
@@ -203,7 +206,9 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             and st.delivered > cap / cfg.pace_gain * _BACK_MARGIN else None)
     if back and since >= cfg.settle and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(replace(st, delivered=None), link, cfg, f"delivered {back:.4g} B/s unpaced", total=back)
-    wait = cfg.upprobe_clear if clear else cfg.upprobe_interval
+    if st.unconfirmed is not None and cap is not None and cap < (1 - cfg.repace) * st.unconfirmed:
+        st = replace(st, unconfirmed=None)  # the beforehand burst read the link high: nothing to hurry
+    wait = (cfg.settle if st.unconfirmed is not None else cfg.upprobe_clear) if clear else cfg.upprobe_interval
     if cap is not None and since >= wait and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
@@ -271,6 +276,7 @@ def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: s
              total: float | None = None) -> ControllerState:
     """Pace above the capacity for up to ``upprobe_time``: ``total`` (bytes/s), else the streak's step."""
     d = st.decision
+    st = replace(st, unconfirmed=None)
     total = int(total if total is not None else _upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
     reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
     return _to(replace(st, probe_base=link.capacity), link,
@@ -302,7 +308,7 @@ def _drain(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str
     if total <= 0:
         return st
     nd = Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN, f"{why}: drain at {total:.4g} B/s")
-    return _to(replace(st, upprobe_streak=0), link, nd)
+    return _to(replace(st, upprobe_streak=0, unconfirmed=None), link, nd)
 
 
 def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mode, why: str,
