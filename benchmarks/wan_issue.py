@@ -419,6 +419,9 @@ def row_collapse(a: Any, bench: str) -> list[Row]:
             th.join()
             ctl = s.link_control
             states = list(recorded(ctl)) if ctl else []
+            if a.trace:
+                print(f"[collapse] fault {marks['fault'] - t0:.2f}s .. {marks['end'] - t0:.2f}s", file=sys.stderr)
+            _trace(a, "collapse", s, t0)
         finally:
             s.close()
         rx.terminate()

@@ -185,6 +185,35 @@ def test_set_rate_at_runtime_halves_the_drain_rate(no_leaks: None, make_wan: Cal
     assert spans[1] / spans[0] == pytest.approx(2.0, rel=0.15)
 
 
+def test_a_raised_rate_drains_the_queue_at_the_new_rate_and_drops_nothing(
+        no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
+    """A fault ends (the rate comes back) with a queue built at the fault's rate: a router sends that queue at
+    the restored rate. Each backend used to keep the queued packets' release times, so the queue went on
+    draining at the fault's rate and, read at the new one, looked 100 times the buffer: every packet that
+    came in meanwhile was dropped. The control: the same queue left at the low rate drains in ~0.6 s."""
+    n, size = 100, 1400
+    link = make_wan(rtt_ms=2, rate_mbit=2, queue_bytes=400_000)  # both bursts fit; one drains in 0.57 s at 2 Mbit/s
+    tx, rx = _udp_pair(link)
+    spans = []
+    with tx, rx:
+        for raise_to in (None, 200.0):
+            link.set_rate(2)
+            for _ in range(n):
+                tx.send(b"q" * size)
+            time.sleep(0.05)
+            t0 = time.monotonic()
+            if raise_to is not None:
+                link.set_rate(raise_to)
+                for _ in range(n):  # behind the queue, at the new rate
+                    tx.send(b"n" * size)
+            times = _receive_all(rx)
+            spans.append(times[-1] - t0)
+            assert len(times) == (n if raise_to is None else 2 * n), link.stats()["c2s"]
+    assert link.stats()["c2s"]["queue_drops"] == 0
+    assert spans[0] > 0.4, spans  # the control: the queue was there, draining at 2 Mbit/s
+    assert spans[1] < 0.15, spans  # 2 x 143 KB at 200 Mbit/s is 12 ms
+
+
 def test_teardown_also_on_failure_and_no_emulator_left(no_leaks: None, backend: str) -> None:
     link = WanLink(rtt_ms=2, rate_mbit=10, emulator=backend)
     with pytest.raises(RuntimeError, match="boom"), link:

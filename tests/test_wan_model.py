@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from kvwire.testing import nfqueue as nfq
-from kvwire.testing.linkmodel import DirectionSpec, LinkDirection
+from kvwire.testing.linkmodel import DirectionSpec, LinkDirection, requeued
 from kvwire.testing.wan import parse_bytes, parse_loss, parse_ms, parse_rate_mbit
 
 
@@ -40,11 +40,35 @@ def test_random_loss_rate() -> None:
 def test_rate_change_applies_to_new_packets() -> None:
     d = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.0))
     assert d.arrive(0.0, 1000) == pytest.approx(0.001)
-    d.update(rate_bps=4e6)
+    assert d.update(0.5, rate_bps=4e6) == 2.0  # (nothing queued at 0.5: nothing to move)
     assert d.arrive(1.0, 1000) == pytest.approx(1.002)
     with pytest.raises(ValueError):
-        d.update(loss=1.5)
+        d.update(1.0, loss=1.5)
     assert d.spec.loss == 0.0
+
+
+def test_a_rate_change_drains_the_queue_at_the_new_rate() -> None:
+    """A router's queue leaves at the link's current rate: a queue filled at 2 % of the rate is gone within
+    the new rate's time for its bytes once the rate comes back (the model used to keep the old release times,
+    so for a second every packet read a backlog of 50 buffers and was dropped). Packets already serialised
+    keep their times; the rest are moved by ``requeued``, in order."""
+    d = LinkDirection(DirectionSpec(rate_bps=8e4, delay=0.010, queue_bytes=10_000))  # 10 bytes per ms
+    held = [d.arrive(0.0, 1000) for _ in range(10)]  # 100 ms each: serialised at 0.1, 0.2 .. 1.0
+    assert held[-1] == pytest.approx(1.0 + 0.010) and d.arrive(0.0, 1000) is None  # full
+    now = 0.25  # the first two are on the wire, the third is half serialised
+    scale = d.update(now, rate_bps=8e6)  # 100x the rate
+    assert scale == pytest.approx(0.01)
+    moved = [requeued(r, now, 0.010, scale) for r in held if r is not None]
+    assert moved[:2] == held[:2]
+    assert moved[2] == pytest.approx(now + 0.05 * 0.01 + 0.010)
+    assert moved[-1] == pytest.approx(now + 0.75 * 0.01 + 0.010)
+    assert moved == sorted(moved)
+    assert d.backlog_bytes(now) == pytest.approx(7500)  # the bytes still queued, read at the new rate
+    assert d.arrive(now, 1000) == pytest.approx(now + 0.0075 + 0.001 + 0.010)  # room, right behind them
+    # the negative control: at the old release times the queue would read 7500 bytes x 100 and drop
+    stale = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.010, queue_bytes=10_000))
+    stale._free_at = 1.0  # (what the old update left: the serialiser busy until 1.0 s)
+    assert stale.arrive(now, 1000) is None
 
 
 def test_nfqueue_packet_parse_and_verdict_encoding() -> None:

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .linkmodel import DirectionSpec, LinkDirection
+from .linkmodel import DirectionSpec, LinkDirection, requeued
 from .nfqueue import NfQueueSocket, parse_packets, verdict, verdict_batch
 
 _DRAIN_MAX = 64  # notifications read per loop turn before releasing due packets
@@ -119,8 +119,12 @@ class Emulator:
             if not targets:
                 return {"ok": False, "error": f"no direction {which!r}"}
             kw = {k: cmd[k] for k in ("rate_bps", "delay", "loss", "queue_bytes") if cmd.get(k) is not None}
+            now = time.monotonic()
             for d in targets:
-                d.link.update(**kw)
+                delay = d.link.spec.delay
+                scale = d.link.update(now, **kw)
+                if scale != 1.0:
+                    d.fifo = deque((requeued(r, now, delay, scale), pid) for r, pid in d.fifo)
             return {"ok": True}
         if op == "stop":
             return {"ok": True, "stop": True}

@@ -76,12 +76,30 @@ class LinkDirection:
         st.max_backlog_bytes = max(st.max_backlog_bytes, int(backlog + size))
         return self._free_at + self.spec.delay
 
-    def update(self, *, rate_bps: float | None = None, delay: float | None = None,
-               loss: float | None = None, queue_bytes: int | None = None) -> None:
-        """Change the link; packets already accepted keep their release times."""
+    def update(self, now: float, *, rate_bps: float | None = None, delay: float | None = None,
+               loss: float | None = None, queue_bytes: int | None = None) -> float:
+        """Change the link at ``now``. A new rate applies to the queue too, as a router's: what is still
+        waiting for the serialiser leaves at the new rate, so the backlog in bytes is kept (before, the old
+        release times stood, and a queue filled at 2 % of the rate read as 50 times the buffer once the rate
+        came back: every packet was dropped for a second after a fault ended). Returns the factor by which
+        the time still ahead of the serialiser was scaled (old rate / new rate; 1.0 when the rate is
+        unchanged): the caller moves its held packets with ``requeued``. A new delay applies to packets
+        accepted from now on."""
         spec = DirectionSpec(
             self.spec.rate_bps if rate_bps is None else rate_bps, self.spec.delay if delay is None else delay,
             self.spec.loss if loss is None else loss,
             self.spec.queue_bytes if queue_bytes is None else queue_bytes)
         spec.check()
+        scale = self.spec.rate_bps / spec.rate_bps
+        if self._free_at > now:
+            self._free_at = now + (self._free_at - now) * scale
         self.spec = spec
+        return scale
+
+
+def requeued(release: float, now: float, delay: float, scale: float) -> float:
+    """A held packet's release time after a rate change at ``now`` (``scale`` from ``LinkDirection.update``;
+    ``delay`` the one-way delay it was accepted with): its serialisation still ahead of ``now`` is
+    stretched or shrunk; a packet already serialised (on the wire) keeps its time. Order is kept."""
+    depart = release - delay
+    return release if depart <= now else now + (depart - now) * scale + delay

@@ -230,8 +230,9 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     # ------------------------------------------------------------ runtime knobs
     def set_rate(self, rate_mbit: float, direction: str = "both") -> None:
-        """Change the bottleneck rate of ``"c2s"``, ``"s2c"`` or ``"both"`` directions, effective for
-        the next packet (packets already queued keep their release times)."""
+        """Change the bottleneck rate of ``"c2s"``, ``"s2c"`` or ``"both"`` directions, effective at once,
+        as a router's: packets still queued for the bottleneck leave at the new rate (those already
+        serialised keep their times)."""
         self._update(direction, rate_bps=rate_mbit * 1e6)
         self.rate_mbit = rate_mbit
 

@@ -346,12 +346,15 @@ static int handle(const char *line, size_t len) {
     }
     if (!targets) { snprintf(r, sizeof r, "{\"ok\": false, \"error\": \"no direction '%s'\"}\n", jesc(which, esc, sizeof esc)); reply(r); return 0; }
     pthread_mutex_lock(&mu);
+    double now = mono();
     for (int i = 0; i < ndirs; i++) { /* every target checked: apply to all or none */
         if (strcmp(which, "both") && strcmp(which, dirs[i].name)) continue;
-        double *slot[4] = { &dirs[i].spec.rate_bps, &dirs[i].spec.delay, &dirs[i].spec.loss, &dirs[i].spec.queue_bytes };
-        for (int k = 0; k < 4; k++) {
+        const jpair *rate = jget(v, n, fields[0]);
+        if (rate && rate->type == J_NUM) rerate(&dirs[i], now, rate->num); /* (with the delay they were held at) */
+        double *slot[3] = { &dirs[i].spec.delay, &dirs[i].spec.loss, &dirs[i].spec.queue_bytes };
+        for (int k = 1; k < 4; k++) {
             const jpair *p = jget(v, n, fields[k]);
-            if (p && p->type == J_NUM) *slot[k] = p->num;
+            if (p && p->type == J_NUM) *slot[k - 1] = p->num;
         }
     }
     pthread_mutex_unlock(&mu);

@@ -58,6 +58,20 @@ static double arrive(dir_t *d, double now, unsigned size) {
     return d->free_at + d->spec.delay;
 }
 
+/* under mu: a new rate at now applies to the queue too (linkmodel.py's update and requeued): what is still
+ * ahead of the serialiser leaves at the new rate; packets already serialised keep their release times */
+static void rerate(dir_t *d, double now, double rate_bps) {
+    double scale = d->spec.rate_bps / rate_bps;
+    if (scale == 1.0) return;
+    if (d->free_at > now) d->free_at = now + (d->free_at - now) * scale;
+    for (size_t i = 0; i < d->len; i++) {
+        held_t *h = &d->fifo[(d->head + i) & (d->cap - 1)];
+        double depart = h->release - d->spec.delay;
+        if (depart > now) h->release = now + (depart - now) * scale + d->spec.delay;
+    }
+    d->spec.rate_bps = rate_bps;
+}
+
 static void fifo_push(dir_t *d, double release, uint32_t id) {
     if (d->len == d->cap) {
         size_t ncap = d->cap ? d->cap * 2 : 1 << 16;
