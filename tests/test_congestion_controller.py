@@ -412,6 +412,22 @@ def test_up_probes_that_pay_take_growing_steps_and_start_over_when_one_does_not(
         ControllerConfig(upprobe_gain=1.3, upprobe_gain_max=1.2)
 
 
+def test_an_up_probe_pays_when_the_lanes_delivered_more_though_the_estimate_lagged() -> None:
+    """The estimator's goodput average lags an up-probe's ramp: a 1.1x probe whose lanes delivered 1.07x of
+    the start (``btl_bw``) at no queue moved the estimate 1.3 % (on 2 Gbit/s, 80 ms, read at 0.64x). That
+    paid: the next probe follows at once with the next step. Negative control: lanes that delivered no more
+    than the start end it in CRUISE."""
+    st = cruising()
+    up = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C), CFG)
+    assert up.mode is Mode.UPPROBE and up.changed_at is not None
+    end = up.changed_at + CFG.upprobe_time
+    paid = decide(up, ls(end, 1.02 * C, btl_bw=1.07 * C, capacity=1.013 * C), CFG)
+    assert paid.mode is Mode.UPPROBE and paid.upprobe_streak == 1, paid.decision
+    assert "delivery grew" in paid.decision.reason
+    flat = decide(up, ls(end, 1.0 * C, btl_bw=1.01 * C, capacity=1.013 * C), CFG)
+    assert flat.mode is Mode.CRUISE and flat.upprobe_streak == 0, flat.decision
+
+
 def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send_buffer_ceiling() -> None:
     cfg = ControllerConfig()  # 1 Gbit/s, 4..16 lanes, 2 MiB a lane
     mib = 2**20

@@ -179,9 +179,16 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             if q > cfg.drained_ratio:
                 return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
             before = st.probe_base or (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
-            if cap is not None and cap > (1 + cfg.repace) * before:  # it paid: probe on from there, further
+            # it paid: the estimate grew, or the lanes delivered more than it at no queue (the estimate's
+            # goodput average lags an up-probe's ramp: a 1.1x probe on a link read at 0.64x delivered 1.07x
+            # of the start but moved the estimate 1.3 %, and the next probe waited 1.5 s); probe on, further.
+            # Not from a collapsed estimate: CRUISE re-probes that unpaced in one step, where a run of 1.1x
+            # .. 1.5x up-probes from 2 % of the link took 10.7 s to get back
+            collapsed = st.best is not None and cap is not None and cap < cfg.recover_ratio * st.best
+            grew = cap or 0.0 if collapsed else max(cap or 0.0, link.btl_bw)
+            if cap is not None and grew > (1 + cfg.repace) * before:
                 return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
-                                f"capacity grew to {cap:.4g} B/s")
+                                f"{'capacity' if cap >= grew else 'delivery'} grew to {grew:.4g} B/s")
             return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
