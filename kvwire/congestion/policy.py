@@ -32,11 +32,13 @@ the per-lane work and ignores random loss, the application caps the aggregate so
 - UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
   ``upprobe_time`` (ends early on a queue above ``drain_ratio``, or one that overflows: a drop-tail queue
   shorter than 30 % of the RTT never reads above ``drain_ratio``, 1.25 at most on 80 ms with 20 ms of
-  queue, and drops packets instead): lets the estimator see a capacity that grew; when it did,
-  the first one after a capacity a burst measured before the first byte (a warm-up: ``initial_state``
-  given ``capacity``) comes after ``settle`` on a clear link, since a short burst may read the capacity
-  low (0.77-1.2x of a 2 Gbit/s, 80 ms link; read low, the lanes cruised at 75 % of it for 1.5 s); when it
-  paid, the next up-probe follows at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
+  queue, and drops packets instead): lets the estimator see a capacity that grew. The first one after a
+  capacity a burst measured before the first byte (a warm-up: ``initial_state`` given ``capacity``)
+  comes after ``settle`` on a clear link, since a short burst may read the capacity low (0.77-1.2x of a
+  2 Gbit/s, 80 ms link; read low, the lanes cruised at 75 % of it for 1.5 s). When a probe paid (the
+  estimate grew, or the lanes delivered more than it at no queue: the estimate's goodput average lags
+  the probe's ramp; not from a collapsed estimate, which is re-probed instead), the next up-probe follows
+  at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
   that does not pay, or fills a queue, starts the steps over. What the lanes delivered unpaced (the
   probe's ``btl_bw``, kept as ``delivered``) is evidence of the link: cruising pacing-limited on a clear
