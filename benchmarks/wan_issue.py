@@ -318,10 +318,15 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
     return rows
 
 
-def run_sender(host: str, port: int, seconds: float) -> int:
-    """--sender: a default session moving 8k-token caches back to back for ``seconds``; prints
-    ``[t, acked bytes]`` every 0.25 s (TCP_INFO of its lanes) and a last line with its total."""
+def run_sender(host: str, port: int, start: float, until: float) -> int:
+    """--sender: a default session that connects at ``start`` and moves 8k-token caches back to back until
+    ``until`` (both ``time.time()``); prints ``[t, acked bytes]`` every 0.25 s (TCP_INFO of its lanes). Its
+    payload is built before ``start``: built after three senders were running, it took 6 s on this 2-core
+    host, and the last sender joined the row's window 15 s in, not 6. All the row's senders end together:
+    a request still in flight then is cancelled (a request takes ~8 s at a quarter of 1 Gbit/s; senders
+    that ended at a request's boundary left the row's common window anywhere from 1 to 9 s long)."""
     payload = Payload(QWEN, 8192)
+    time.sleep(max(0.0, start - time.time()))
     s = kvwire.connect(host, port)
     acked: dict[int, int] = {}
     stop = threading.Event()
@@ -345,13 +350,16 @@ def run_sender(host: str, port: int, seconds: float) -> int:
                       file=sys.stderr, flush=True)
 
     t = threading.Thread(target=sample, daemon=True)
-    t0 = time.monotonic()
     t.start()
     n = 0
     try:
-        while time.monotonic() - t0 < seconds:
-            payload.send(s, f"f{n}").result(600)
+        while (left := until - time.time()) > 0:
+            h = payload.send(s, f"f{n}")
             n += 1
+            try:
+                h.result(left)
+            except TimeoutError:  # the run is over
+                h.cancel("the run is over")
     finally:
         stop.set()
         t.join()
@@ -366,11 +374,11 @@ def row_fair(a: Any, bench: str) -> list[Row]:
     with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime) as link:
         ref = _iperf(link, 4, "bbr", a.seconds)  # what the emulator carries now, beside
         port, rx = _receiver(link, bench, a.rx_pool_mb)
-        procs = []
-        for i in range(4):
-            procs.append(link.popen_in("client", [sys.executable, __file__, "--sender", link.server_addr, str(port),
-                                                  str(secs - i * stagger)], stdout=subprocess.PIPE, text=True))
-            time.sleep(stagger)
+        first = time.time() + 5.0  # (each process imports and builds its payload meanwhile)
+        until = first + secs
+        procs = [link.popen_in("client", [sys.executable, __file__, "--sender", link.server_addr, str(port),
+                                          repr(first + i * stagger), repr(until)], stdout=subprocess.PIPE, text=True)
+                 for i in range(4)]
         lines = [p.communicate(timeout=secs + 120)[0].splitlines() for p in procs]
         rx.terminate()
     series = [[json.loads(x) for x in ls if x.startswith("[")] for ls in lines]
@@ -564,5 +572,5 @@ def run(a: Any, bench: str) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--sender"]:
-        raise SystemExit(run_sender(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        raise SystemExit(run_sender(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])))
     raise SystemExit("run through wan_bench.py --must-show")
