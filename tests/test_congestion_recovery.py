@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -192,14 +192,47 @@ def test_a_collapsed_estimate_is_re_probed_unpaced_with_the_lanes_restarted() ->
     st = decide(st, link(t + 2 * cfg.reprobe_hold + 0.01, 14.9e6, 15e6, pacing_limited=True), cfg)
     assert st.mode is Mode.PROBE and st.reprobes == 3
     # back within recover_ratio of the best: the count starts over
-    st = decide(st, link(t + 2 * cfg.reprobe_hold + cfg.probe_min + 0.02, 39e6, 39e6), cfg)
-    assert st.reprobes == 0
+    back = decide(st, link(t + 2 * cfg.reprobe_hold + cfg.probe_min + 0.02, 39e6, 39e6), cfg)
+    assert back.reprobes == 0
+    # ... and while it is not, the waits double up to reprobe_hold_max and stay there: a fault of any length
+    # is re-probed within reprobe_hold_max of its end (uncapped, a 10 s fault had doubled the wait to 8 s,
+    # and the ninth wait was 128 s). Negative control: the sample just before the wait is over stays put
+    collapsed = replace(st, decision=replace(st.decision, mode=Mode.CRUISE, pacing_rate=int(15e6) // 4),
+                        delivered=None)
+    base = t + 1.0  # (within best_window of the best: it still counts)
+    for n, wait in ((1, 1.0), (2, 2.0), (3, 4.0), (5, 4.0), (12, 4.0)):
+        at = replace(collapsed, reprobes=n, reprobed_at=base, changed_at=base + wait - 1.0)  # (no up-probe due)
+        early = decide(at, link(base + wait - 0.05, 14.9e6, 15e6, pacing_limited=True), cfg)
+        assert early.mode is Mode.CRUISE, (n, early.decision)
+        due = decide(at, link(base + wait + 0.01, 14.9e6, 15e6, pacing_limited=True), cfg)
+        assert due.mode is Mode.PROBE and due.reprobes == n + 1, (n, due.decision)
+    with pytest.raises(ValueError):
+        ControllerConfig(reprobe_hold=5.0, reprobe_hold_max=4.0)
     # a low estimate that is not ours to judge is left alone: app-limited, lossy, or not at our cap
     for odd in (link(1.5, 1e6, 1e6, pacing_limited=True, app_limited=True),
                 link(1.5, 1e6, 1e6, pacing_limited=True, loss=0.05), link(1.5, 1e6, 1e6, q=3.0)):
         kept = decide(cruising_at(40e6, cfg), odd, cfg)
         assert kept.decision.mode is not Mode.PROBE, odd
 
+
+
+def test_an_up_probe_that_pays_from_a_collapsed_estimate_re_probes_at_once() -> None:
+    """After a long fault the re-probes' hold has grown (up to reprobe_hold_max), and an up-probe may come
+    first: when it pays, the link is coming back, and it is re-probed unpaced at once instead of climbing in
+    1.1x .. 1.5x steps from 2 % of the link (a 10 s fault: back to 80 % 6-10 s after its end by steps, 1.5-3.5
+    s with this). Negative controls: the same probe that did not pay cruises; one that paid from an estimate
+    near the best steps on."""
+    cfg = ControllerConfig()
+    st = cruising_at(40e6, cfg)
+    low = replace(st, decision=Decision(4, int(1.1e6) // 4, "bbr", Mode.UPPROBE, "up-probe"), changed_at=2.0,
+                  probe_base=1e6, reprobes=5, reprobed_at=1.9)  # (the hold is far from over)
+    paid = decide(low, link(2.0 + cfg.upprobe_time, 1.1e6, 1.1e6), cfg)
+    assert paid.mode is Mode.PROBE and paid.decision.restart and paid.reprobes == 6, paid.decision
+    flat = decide(low, link(2.0 + cfg.upprobe_time, 1e6, 1e6), cfg)
+    assert flat.mode is Mode.CRUISE, flat.decision
+    near = replace(low, probe_base=36e6, decision=replace(low.decision, pacing_rate=int(39.6e6) // 4))
+    on = decide(near, link(2.0 + cfg.upprobe_time, 39e6, 39e6), cfg)
+    assert on.mode is Mode.UPPROBE and on.upprobe_streak == 1, on.decision
 
 def test_bbr_lanes_far_below_a_clear_link_are_restarted() -> None:
     """After a long stall BBR's own estimate is what is low (it regrows 25 % per eight round trips)."""

@@ -78,10 +78,13 @@ class ControllerConfig:
     recover_ratio: float = 0.5  # an estimate below this x the recent best, while we get all we pace: re-probe
     best_window: float = 30.0  # how long the best estimate is remembered
     recover_loss: float = 0.01  # ... and loss below this (a long path's random loss, not an overflowing queue)
-    # re-probes that did not bring the estimate back wait reprobe_hold, then twice that, and so on (a
-    # link that really fell costs a few short unpaced bursts until best_window forgets the old best; a
-    # fault that was still on at the first re-probe is re-probed soon after it ends)
+    # re-probes that did not bring the estimate back wait reprobe_hold, then twice that, and so on up to
+    # reprobe_hold_max (a link that really fell costs a short unpaced burst every few seconds until
+    # best_window forgets the old best; a fault that was still on at a re-probe is re-probed at most
+    # reprobe_hold_max after it ends: uncapped, a 10 s fault had doubled the wait to 8 s and the link came
+    # back to 80 % 9.2-9.9 s after the fault, by up-probe steps from 2 % of it)
     reprobe_hold: float = 1.0
+    reprobe_hold_max: float = 4.0
     lan_rtt: float = 0.001  # a min RTT below this is a LAN: left in PROBE, unpaced, lanes unchanged
 
     def __post_init__(self) -> None:
@@ -93,6 +96,8 @@ class ControllerConfig:
                 <= self.upprobe_gain_max):
             raise ValueError("need 0 < drain_gain <= drain_gain_max < pace_gain <= 1 < upprobe_gain "
                              "<= upprobe_gain_max")
+        if not 0 < self.reprobe_hold <= self.reprobe_hold_max:
+            raise ValueError("need 0 < reprobe_hold <= reprobe_hold_max")
         if self.drain_time <= 0:
             raise ValueError("drain_time must be positive")
         if not 1 <= self.drained_ratio < self.drain_ratio:

@@ -55,8 +55,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   pacing off and every lane's algorithm restarted (BBR back in STARTUP: a capped BBR would otherwise
   regrow its own bandwidth estimate by 25 % per eight round trips) until the estimator measured the link
   again (``probe_min``); re-probes that did not bring it back wait ``reprobe_hold``, then twice that,
-  and so on (a fault still on at the first is re-probed soon after it ends; a link that really fell
-  costs a few short unpaced bursts until ``best_window`` forgets the old best).
+  and so on up to ``reprobe_hold_max`` (a fault still on at a re-probe is re-probed at most that long
+  after it ends, whatever its length; a link that really fell costs a short unpaced burst every few
+  seconds until ``best_window`` forgets the old best).
 - POLITE (``polite=True``): ``polite_congestion`` (CUBIC) on every lane; alone it cruises like the
   above, but while the estimator reports competing traffic (a standing queue with our goodput below
   the capacity, or a queue back within ``polite_hold`` of a drain), and ``polite_hold`` after, the
@@ -153,7 +154,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         if since >= cfg.probe_timeout:
             return _to(st, link, replace(d, mode=Mode.CRUISE, reason="probe found no capacity: unpaced"))
         return st
-    hold = cfg.reprobe_hold * 2 ** max(0, min(st.reprobes, 8) - 1)
+    hold = min(cfg.reprobe_hold_max, cfg.reprobe_hold * 2 ** max(0, min(st.reprobes, 16) - 1))
     rested = st.reprobed_at is None or now - st.reprobed_at >= hold
     if (d.mode in (Mode.CRUISE, Mode.POLITE, Mode.DRAIN) and _collapsed(st, link, cfg) and since >= cfg.settle
             and rested):
@@ -184,11 +185,15 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             # it paid: the estimate grew, or the lanes delivered more than it at no queue (the estimate's
             # goodput average lags an up-probe's ramp: a 1.1x probe on a link read at 0.64x delivered 1.07x
             # of the start but moved the estimate 1.3 %, and the next probe waited 1.5 s); probe on, further.
-            # Not from a collapsed estimate: CRUISE re-probes that unpaced in one step, where a run of 1.1x
-            # .. 1.5x up-probes from 2 % of the link took 10.7 s to get back
-            collapsed = st.best is not None and cap is not None and cap < cfg.recover_ratio * st.best
-            grew = cap or 0.0 if collapsed else max(cap or 0.0, link.btl_bw)
+            # From a collapsed estimate a probe that paid says the link is coming back: re-probe it unpaced
+            # at once, whatever the re-probes' hold (a run of 1.1x .. 1.5x steps from 2 % of the link took
+            # 6-10 s to get back after a 10 s fault)
+            grew = max(cap or 0.0, link.btl_bw)
             if cap is not None and grew > (1 + cfg.repace) * before:
+                if (st.best is not None and cap < cfg.recover_ratio * st.best
+                        and not _sharing(st, cfg, now)):
+                    return _reprobe(st, link, f"an up-probe from a collapsed estimate paid ({grew:.4g} B/s, the "
+                                    f"best {st.best:.4g})")
                 return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
                                 f"{'capacity' if cap >= grew else 'delivery'} grew to {grew:.4g} B/s")
             return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
