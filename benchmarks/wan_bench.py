@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trace", action="store_true", help="scenarios: decisions and LinkStates on stderr")
     ap.add_argument("--must-show", action="store_true",
                     help="the long-fat-pipe issue's rows instead (benchmarks/wan_issue.py): --rows, --scale")
-    ap.add_argument("--rows", default="fat,burst,burst0,stream,stream0,lossy,fair,collapse,loopback")
+    ap.add_argument("--rows", default="fat,burst,burst0,stream,stream0,lossy,fair,collapse,collapse10,loopback")
     ap.add_argument("--scale", default=1.0, type=float, help="--must-show: multiply every link rate")
     ap.add_argument("--warm", default="auto", choices=("auto", "on", "off"),
                     help="--must-show lossy row: connect(warm=...) forced on or off (auto: connect()'s default); "
