@@ -90,8 +90,10 @@ def test_rtt_matches_configured_and_follows_set_rtt(no_leaks: None, make_wan: Ca
         with srv:
             rtts.append(_min_rtt_ms(link, srv.getsockname()[1]))
         t.join(5)
-    assert 20.0 <= rtts[0] <= 21.0, rtts
-    assert 40.0 <= rtts[1] <= 41.0, rtts
+    # the least of 15 pings: at least the configured RTT, and within 1 ms or 5 % of it (a loaded 2-core CI
+    # machine added 1.1-1.5 ms at 40 ms to both backends in one run)
+    for got, want in zip(rtts, (20.0, 40.0), strict=True):
+        assert want <= got <= want + max(1.0, 0.05 * want), rtts
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
