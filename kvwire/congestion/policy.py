@@ -190,8 +190,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
             # 6-10 s to get back after a 10 s fault)
             grew = max(cap or 0.0, link.btl_bw)
             if cap is not None and grew > (1 + cfg.repace) * before:
-                if (st.best is not None and cap < cfg.recover_ratio * st.best
-                        and not _sharing(st, cfg, now)):
+                if _far_below_best(st, cap, cfg) and not _sharing(st, cfg, now):
                     return _reprobe(st, link, f"an up-probe from a collapsed estimate paid ({grew:.4g} B/s, the "
                                     f"best {st.best:.4g})")
                 return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
@@ -242,6 +241,11 @@ def _end_probe_on_overflow(st: ControllerState, link: LinkState, cfg: Controller
                  f"{link.queueing_ratio or 1.0:.2f}): paced under {cap:.4g} B/s", new_mode=True)
 
 
+def _far_below_best(st: ControllerState, cap: float | None, cfg: ControllerConfig) -> bool:
+    """The estimate ``cap`` is under ``recover_ratio`` of the best one of the last ``best_window``."""
+    return cap is not None and st.best is not None and cap < cfg.recover_ratio * st.best
+
+
 def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> bool:
     """The estimate fell far below the recent best, yet the lanes get all the pacing lets them, loss-free:
     the pacing, not the link, is the limit (a fault that ended, false low samples)."""
@@ -249,7 +253,7 @@ def _collapsed(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> b
     # a lane paced to a few packets a round trip waits for delayed ACKs: its srtt (and so any queue reading,
     # and whether goodput keeps up with the pacing) says nothing then
     tiny = d.pacing_rate is not None and d.pacing_rate * max(link.min_rtt or 0.0, 0.001) < 8 * MSS
-    return (cap is not None and st.best is not None and cap < cfg.recover_ratio * st.best
+    return (_far_below_best(st, cap, cfg)
             and (link.pacing_limited or tiny) and not link.app_limited
             and (link.loss_rate < cfg.recover_loss or tiny)  # (a few lost packets are a high rate of very few)
             and not _sharing(st, cfg, link.timestamp))
@@ -290,10 +294,9 @@ def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: s
              total: float | None = None) -> ControllerState:
     """Pace above the capacity for up to ``upprobe_time``: ``total`` (bytes/s), else the streak's step."""
     d = st.decision
-    st = replace(st, unconfirmed=None)
     total = int(total if total is not None else _upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
     reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
-    return _to(replace(st, probe_base=link.capacity), link,
+    return _to(replace(st, probe_base=link.capacity, unconfirmed=None), link,
                Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
 
 

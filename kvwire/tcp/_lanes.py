@@ -40,9 +40,9 @@ log = logging.getLogger("kvwire.tcp")
 #: connection): a session on it that may grow its lanes (its controller's ``max_lanes``) opens them all in
 #: its first dial round, parked until used, since every later round costs three of its round trips (TCP,
 #: then the lane's challenge and proof) and blocks whoever asked for the lanes (the controller's thread, a
-#: warm-up). A rack's or a metro
-#: link's paths (up to ~10 ms) stay on the lanes asked for. ``kvwire.probe.WARM_MIN_RTT`` is this too: a
-#: session on such a path is warmed on every lane its controller may use
+#: warm-up). A rack's or a metro link's paths (up to ~10 ms) stay on the lanes asked for.
+#: ``kvwire.probe.WARM_MIN_RTT`` is this too: a session on such a path is warmed on every lane its
+#: controller may use
 LONG_PATH_RTT = 0.015
 
 
