@@ -445,6 +445,57 @@ def test_bursts_of_an_app_limited_sender_raise_a_low_estimate_to_the_rate_the_li
     assert s.capacity == pytest.approx(0.7 * cap)
 
 
+def _layers(est: LinkEstimator, lanes: list[FakeLane], t: float, seconds: float, pace: float, *,
+            delivery_rate: float | None, cap: float | None, rtt_us: int = 80_000,
+            gap_delivery_rate: float | None = -1.0) -> tuple[float, LinkState]:
+    """A layer stream on an 80 ms path: in every other 0.1 s interval each lane sends for 70 ms at its share
+    of ``pace`` (bytes/s, all lanes), then nothing is queued; the lanes' ``TCP_INFO`` carries
+    ``delivery_rate`` (``gap_delivery_rate`` in the gaps; by default the same: the kernel keeps its last
+    sample) and a pacing cap of ``cap`` (per lane; None: unpaced)."""
+    state = None
+    n = len(lanes)
+    gap = delivery_rate if gap_delivery_rate == -1.0 else gap_delivery_rate
+    while seconds > 1e-9:
+        for busy, rate in ((0.7, delivery_rate), (0.0, gap)):
+            for ln in lanes:
+                ln.step(busy * pace / n, busy=busy)
+            t += DT
+            state = est.update(t, [replace(ln.info(rtt_us=rtt_us, min_rtt_us=80_000),
+                                           delivery_rate=None if rate is None else int(rate),
+                                           max_pacing_rate=None if cap is None else int(cap)) for ln in lanes])
+        seconds -= 2 * DT
+    assert state is not None
+    return t, state
+
+
+def test_paced_lanes_delivery_samples_raise_a_low_estimate_where_layer_bursts_are_too_short_for_spans() -> None:
+    """A layer (16.8 MB, 70 ms on 2 Gbit/s) is shorter than any goodput span that reads a capacity on an
+    80 ms path, so a stream's up-probes never raised a warm-up reading of half the link: at 1.5x of it
+    every lane delivered its whole pacing share and the estimate moved 1 %. Paced lanes' delivery-rate
+    samples with no queue standing, in two samples running, now raise it to ``burst_share`` of their sum,
+    each lane's sample counted up to its own cap. Negative controls: unpaced lanes (samples in a ramp
+    sum above the link), a standing queue, one sample alone, and no samples (the old reading) leave it."""
+    link, cfg = 100e6, EstimatorConfig()
+    share = 0.375 * link  # each of 2 lanes' pacing cap: 1.5x an estimate of half the link, split
+
+    def stream(delivery_rate: float | None, cap: float | None, *, rtt_us: int = 80_000,
+               gap_delivery_rate: float | None = -1.0) -> LinkState:
+        est = LinkEstimator(cfg)
+        lanes = [FakeLane(), FakeLane()]
+        est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
+        est.seed_capacity(0.5 * link)
+        return _layers(est, lanes, 0.0, 2.0, 2 * share, delivery_rate=delivery_rate, cap=cap, rtt_us=rtt_us,
+                       gap_delivery_rate=gap_delivery_rate)[1]
+
+    raised = cfg.burst_share * 2 * share
+    assert stream(share, share).capacity == pytest.approx(raised, rel=0.01)
+    assert stream(1.5 * share, share).capacity == pytest.approx(raised, rel=0.01)  # counted up to the cap
+    assert stream(share, None).capacity == pytest.approx(0.5 * link)  # unpaced
+    assert stream(share, share, rtt_us=100_000).capacity == pytest.approx(0.5 * link)  # a queue stands
+    assert stream(share, share, gap_delivery_rate=0.2 * link).capacity == pytest.approx(0.5 * link)  # one sample
+    assert stream(None, share).capacity == pytest.approx(0.5 * link)  # no samples: the spans alone
+
+
 def test_lanes_that_open_during_an_interval_do_not_read_as_idle_time() -> None:
     """10 busy lanes, then 6 more open during a long (0.4 s) interval and all 16 stay busy: the lanes'
     busy share is 1.0 throughout (the new ones have no busy time to show for the interval they opened in).

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from kvwire.congestion.controller import ControllerConfig, ControllerState, Decision, Mode, decide
+from kvwire.congestion.controller import ControllerConfig, ControllerState, Decision, Mode, decide, initial_state
 from kvwire.congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from kvwire.congestion.tcpinfo import UNLIMITED_PACING, TcpInfo
 from kvwire.sockopts import available_congestion_algorithms, get_congestion, restart_congestion
@@ -233,6 +233,44 @@ def test_an_up_probe_that_pays_from_a_collapsed_estimate_re_probes_at_once() -> 
     near = replace(low, probe_base=36e6, decision=replace(low.decision, pacing_rate=int(39.6e6) // 4))
     on = decide(near, link(2.0 + cfg.upprobe_time, 39e6, 39e6), cfg)
     assert on.mode is Mode.UPPROBE and on.upprobe_streak == 1, on.decision
+
+def _layer_stream(clear_ratio: float, seconds: float = 12.0) -> list[float]:
+    """A prefill streaming 20 MB layers every 0.166 s (half of a 2 Gbit/s, 80 ms link with a 20 ms queue)
+    over 16 lanes, the controller starting paced at a warm-up's reading of half the link: the estimate at
+    each tick."""
+    rate, rtt = 250e6, 0.08
+    link = FluidLink(rate, rtt, lanes=16, queue_bytes=0.02 * rate)
+    link.advance(1.0)  # the warm-up: the lanes' BBR ramped up, unpaced
+    cfg = ControllerConfig()
+    loop = ClosedLoop(link, cfg, EstimatorConfig(bw_sample=0.2, clear_ratio=clear_ratio))
+    loop.estimator.seed_capacity(0.5 * rate)
+    loop.state = initial_state(cfg, capacity=0.5 * rate, lanes=16)
+    link.set_lanes(16)
+    link.set_pacing(loop.state.decision.total_pacing)
+    start = sum(ln.sent for ln in link.lanes)
+
+    def offering(t: float) -> bool:  # produced so far (a layer at each period's start) not all sent yet
+        produced = (int((t - 1.0) / 0.166) + 1) * 20e6
+        return sum(ln.sent for ln in link.lanes) - start < produced
+
+    ticks = loop.run(seconds, offering=offering)
+    return [tk.state.capacity or 0.0 for tk in ticks]
+
+
+def test_a_layer_stream_paced_at_a_low_warm_up_reading_is_raised_to_the_link_by_its_up_probes() -> None:
+    """A layer stream is app-limited: its goodput spans read what the prefill offers (half the link), so
+    a warm-up reading of half the link stayed the estimate for good, every up-probe judged unpaid, and
+    each layer crossed the link at half its rate. Its up-probes' bursts, paced above the estimate with no
+    queue, now show in the lanes' delivery-rate samples and raise it, step by step, to the link (within
+    ``burst_share``), never above it. Negative control: the same stream without those samples
+    (``clear_ratio`` 0) stays at the reading."""
+    rate = 250e6
+    caps = _layer_stream(1.1)
+    assert max(caps) <= 1.0 * rate, max(caps) / rate
+    assert caps[-1] >= 0.85 * rate, [round(c / rate, 2) for c in caps[::10]]
+    stuck = _layer_stream(0.0)
+    assert max(stuck) <= 0.6 * rate, [round(c / rate, 2) for c in stuck[::10]]
+
 
 def test_bbr_lanes_far_below_a_clear_link_are_restarted() -> None:
     """After a long stall BBR's own estimate is what is low (it regrows 25 % per eight round trips)."""

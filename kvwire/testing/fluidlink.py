@@ -46,6 +46,7 @@ class _Lane:
     busy_us: float = 0.0
     sndbuf_us: float = 0.0
     backlog: bool = True
+    delivery: float = 0.0  # the rate its last data arrived at (the kernel keeps its last sample through a gap)
 
 
 class FluidLink:
@@ -111,10 +112,14 @@ class FluidLink:
             rate = min(rate, lane.cap)
         return rate, windowed
 
-    def advance(self, seconds: float) -> None:
+    def advance(self, seconds: float, offering: Callable[[float], bool] | None = None) -> None:
+        """Run the model ``seconds`` on; ``offering(t)``: whether the sender has data queued at ``t`` (every
+        active lane, at the model's own step: a layer stream's bursts are shorter than a controller tick)."""
         end = self.now + seconds
         h = self.step
         while self.now < end - 1e-12:
+            if offering is not None:
+                self.set_backlog(offering(self.now))
             rtt_now = self.rtt + self.queue / self.rate
             offers = [self._offered(lane, rtt_now) for lane in self.lanes]
             total = sum(r for r, _ in offers)
@@ -129,6 +134,8 @@ class FluidLink:
                 lost = dropped * (rate / total) if total > 0 else 0.0
                 lane.sent += rate * h
                 lane.acked += max(0.0, got - lost)
+                if got > lost:
+                    lane.delivery = (got - lost) / h
                 lane.retrans += lost
                 self.delivered += max(0.0, got - lost)
                 if lane.backlog:
@@ -173,7 +180,7 @@ class FluidLink:
                 min_rtt_us=int(self.rtt * 1e6), bytes_acked=int(lane.acked), bytes_sent=int(lane.sent),
                 bytes_retrans=int(lane.retrans), busy_time_us=int(lane.busy_us), rwnd_limited_us=0,
                 sndbuf_limited_us=int(lane.sndbuf_us), notsent_bytes=(1 << 20) if lane.backlog else 0,
-                delivery_rate_app_limited=not lane.backlog,
+                delivery_rate=int(lane.delivery), delivery_rate_app_limited=not lane.backlog,
                 max_pacing_rate=UNLIMITED_PACING if lane.cap is None else int(lane.cap),
                 pacing_rate=int(lane.bw))
         return out
@@ -204,15 +211,17 @@ class ClosedLoop:
         link.set_lanes(self.config.initial_lanes)
         self.estimator.update(link.now + 1e-9, link.infos())
 
-    def run(self, seconds: float, each: Callable[[float], None] | None = None) -> list[Tick]:
-        """Advance ``seconds``; ``each(t)`` runs before every tick (to change the link or the backlog)."""
+    def run(self, seconds: float, each: Callable[[float], None] | None = None,
+            offering: Callable[[float], bool] | None = None) -> list[Tick]:
+        """Advance ``seconds``; ``each(t)`` runs before every tick (to change the link or the backlog);
+        ``offering``: as ``FluidLink.advance``'s."""
         out = []
         end = self.link.now + seconds
         while self.link.now < end - 1e-9:
             if each is not None:
                 each(self.link.now)
             before = self.link.delivered
-            self.link.advance(self.interval)
+            self.link.advance(self.interval, offering)
             ls = self.estimator.update(self.link.now, self.link.infos())
             old = self.state.decision
             self.state = decide(self.state, ls, self.config)
