@@ -496,6 +496,28 @@ def test_paced_lanes_delivery_samples_raise_a_low_estimate_where_layer_bursts_ar
     assert stream(None, share).capacity == pytest.approx(0.5 * link)  # no samples: the spans alone
 
 
+def test_a_seeded_capacity_floors_the_estimate_for_floor_window_like_a_rate_the_link_delivered() -> None:
+    """A warm-up's reading is a rate the link delivered: for ``floor_window`` after it the estimate stays
+    above ``floor_fraction`` of it. At a first request the host stalled (srtt 1.7x the min RTT on a 20 ms
+    queue, little acked), which reads as a standing queue: the estimate followed it to a quarter of the
+    warm-up's reading, and the request took 1.71x the ideal. Negative controls: a reading older than
+    ``floor_window``, and one seeded without a time, are followed down."""
+    cfg = EstimatorConfig(bw_sample=0.2)
+
+    def first_request(seeded_at: float | None) -> LinkState:
+        est = LinkEstimator(cfg)
+        lanes = [FakeLane(), FakeLane()]
+        est.seed_capacity(100e6, seeded_at)  # before any sample, as LinkControl seeds it
+        est.update(0.0, [ln.info() for ln in lanes])
+        _, s = run(est, lanes, 0.0, 6, 20e6, rtt_us=34_000)
+        assert s.saturated
+        return s
+
+    assert first_request(0.0).capacity == pytest.approx(cfg.floor_fraction * 100e6)
+    assert first_request(-2.0).capacity == pytest.approx(20e6, rel=0.05)
+    assert first_request(None).capacity == pytest.approx(20e6, rel=0.05)
+
+
 def test_lanes_that_open_during_an_interval_do_not_read_as_idle_time() -> None:
     """10 busy lanes, then 6 more open during a long (0.4 s) interval and all 16 stay busy: the lanes'
     busy share is 1.0 throughout (the new ones have no busy time to show for the interval they opened in).

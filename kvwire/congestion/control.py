@@ -82,7 +82,7 @@ class LinkControl:
         self.estimator = LinkEstimator(estimator or EstimatorConfig(
             bw_sample=0.2, capacity_follows_queue=not self.config.polite))
         if capacity is not None:
-            self.estimator.seed_capacity(capacity)
+            self.estimator.seed_capacity(capacity, time.monotonic())  # (the monitor's clock, below)
         self._busy_hooked = hasattr(session, "on_lane_busy")  # (a ``LaneGroup`` has no such event)
         self.controller = LaneController(self.config, session.lane_sockets, self._set_lanes, capacity,
                                          lane_events=self._busy_hooked)

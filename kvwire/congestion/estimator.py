@@ -262,12 +262,20 @@ class LinkEstimator:
             raise ValueError("capacity must be positive")
         self._capacity_set = bytes_per_s
 
-    def seed_capacity(self, bytes_per_s: float) -> None:
+    def seed_capacity(self, bytes_per_s: float, now: float | None = None) -> None:
         """Start the probed capacity at ``bytes_per_s`` (an earlier probe's result); unlike
-        ``set_capacity`` it keeps being probed from there."""
+        ``set_capacity`` it keeps being probed from there. ``now``: when the probe measured it (the clock of
+        ``update``'s timestamps; default the last sample's time): the link delivered that rate then, so
+        for ``floor_window`` after it the estimate stays above ``floor_fraction`` of it like any rate the
+        link delivered (a host stall at the first request after a warm-up, srtt 1.7x with no queue at the
+        bottleneck, read as a standing queue with little acked and took the estimate to a quarter of the
+        warm-up's reading: the first request took 1.71x the ideal). Without a time, no floor."""
         if bytes_per_s <= 0:
             raise ValueError("capacity must be positive")
         self._probed, self._probed_at = bytes_per_s, self._last_t or 0.0
+        when = self._last_t if now is None else now
+        if when is not None:
+            self._floor_bw.append((when, bytes_per_s))
 
     def update(self, now: float, samples: Mapping[LaneKey, TcpInfo] | Sequence[TcpInfo]) -> LinkState:
         """Feed one sampling round taken at ``now`` (seconds, any monotonic clock)."""

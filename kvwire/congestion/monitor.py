@@ -50,7 +50,7 @@ class LinkMonitor:
     def seed_capacity(self, bytes_per_s: float) -> None:
         """``LinkEstimator.seed_capacity`` between two samples (an active probe's result)."""
         with self._lock:
-            self.estimator.seed_capacity(bytes_per_s)
+            self.estimator.seed_capacity(bytes_per_s, self._clock())
 
     # ------------------------------------------------------------ subscribers
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
