@@ -446,17 +446,16 @@ def test_bursts_of_an_app_limited_sender_raise_a_low_estimate_to_the_rate_the_li
 
 
 def _layers(est: LinkEstimator, lanes: list[FakeLane], t: float, seconds: float, pace: float, *,
-            delivery_rate: float | None, cap: float | None, rtt_us: int = 80_000,
-            gap_delivery_rate: float | None = -1.0) -> tuple[float, LinkState]:
+            delivery_rates: tuple[float | None, float | None], cap: float | None,
+            rtt_us: int = 80_000) -> tuple[float, LinkState]:
     """A layer stream on an 80 ms path: in every other 0.1 s interval each lane sends for 70 ms at its share
-    of ``pace`` (bytes/s, all lanes), then nothing is queued; the lanes' ``TCP_INFO`` carries
-    ``delivery_rate`` (``gap_delivery_rate`` in the gaps; by default the same: the kernel keeps its last
-    sample) and a pacing cap of ``cap`` (per lane; None: unpaced)."""
+    of ``pace`` (bytes/s, all lanes), then nothing is queued; the lanes' ``TCP_INFO`` carries the delivery
+    rate ``delivery_rates[0]`` after a burst and ``[1]`` after a gap (the kernel keeps its last sample
+    through one: give both the same) and a pacing cap of ``cap`` (per lane; None: unpaced)."""
     state = None
     n = len(lanes)
-    gap = delivery_rate if gap_delivery_rate == -1.0 else gap_delivery_rate
     while seconds > 1e-9:
-        for busy, rate in ((0.7, delivery_rate), (0.0, gap)):
+        for busy, rate in zip((0.7, 0.0), delivery_rates):
             for ln in lanes:
                 ln.step(busy * pace / n, busy=busy)
             t += DT
@@ -478,21 +477,21 @@ def test_paced_lanes_delivery_samples_raise_a_low_estimate_where_layer_bursts_ar
     link, cfg = 100e6, EstimatorConfig()
     share = 0.375 * link  # each of 2 lanes' pacing cap: 1.5x an estimate of half the link, split
 
-    def stream(delivery_rate: float | None, cap: float | None, *, rtt_us: int = 80_000,
-               gap_delivery_rate: float | None = -1.0) -> LinkState:
+    def stream(burst: float | None, cap: float | None, *, rtt_us: int = 80_000,
+               gap: float | None = None) -> LinkState:
         est = LinkEstimator(cfg)
         lanes = [FakeLane(), FakeLane()]
         est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
         est.seed_capacity(0.5 * link)
-        return _layers(est, lanes, 0.0, 2.0, 2 * share, delivery_rate=delivery_rate, cap=cap, rtt_us=rtt_us,
-                       gap_delivery_rate=gap_delivery_rate)[1]
+        rates = (burst, burst if gap is None else gap)
+        return _layers(est, lanes, 0.0, 2.0, 2 * share, delivery_rates=rates, cap=cap, rtt_us=rtt_us)[1]
 
     raised = cfg.burst_share * 2 * share
     assert stream(share, share).capacity == pytest.approx(raised, rel=0.01)
     assert stream(1.5 * share, share).capacity == pytest.approx(raised, rel=0.01)  # counted up to the cap
     assert stream(share, None).capacity == pytest.approx(0.5 * link)  # unpaced
     assert stream(share, share, rtt_us=100_000).capacity == pytest.approx(0.5 * link)  # a queue stands
-    assert stream(share, share, gap_delivery_rate=0.2 * link).capacity == pytest.approx(0.5 * link)  # one sample
+    assert stream(share, share, gap=0.2 * link).capacity == pytest.approx(0.5 * link)  # one sample at a time
     assert stream(None, share).capacity == pytest.approx(0.5 * link)  # no samples: the spans alone
 
 
