@@ -18,6 +18,7 @@ import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeGuard
 
 from .tcpinfo import UNLIMITED_PACING, TcpInfo
 
@@ -517,13 +518,18 @@ def _unqueued(items: Mapping[LaneKey, TcpInfo], deltas: Mapping[LaneKey, _Deltas
     return empty / len(known)
 
 
+def _capped(cap: int | None) -> TypeGuard[int]:
+    """``tcpi_max_pacing_rate`` says the lane carries a pacing cap (the kernel reports ~0 for none)."""
+    return cap is not None and 0 < cap < UNLIMITED_PACING
+
+
 def _paced_delivery(lanes: Sequence[LaneState]) -> float:
     """The lanes' latest delivery-rate samples, each at most the lane's pacing cap, summed (bytes/s); 0 unless
     every lane is paced and has a sample."""
     total = 0
     for ln in lanes:
         cap = ln.max_pacing_rate
-        if not ln.delivery_rate or not cap or cap >= UNLIMITED_PACING or cap == 0xFFFFFFFF:
+        if not ln.delivery_rate or not _capped(cap):
             return 0.0
         total += min(ln.delivery_rate, cap)
     return float(total)
@@ -532,7 +538,7 @@ def _paced_delivery(lanes: Sequence[LaneState]) -> float:
 def _pacing_limited(items: Mapping[LaneKey, TcpInfo], goodput: float, share: float) -> bool:
     """Every lane carries a pacing cap and goodput reached ``share`` of their sum."""
     caps = [info.max_pacing_rate for info in items.values()]
-    if not caps or any(c is None or c >= UNLIMITED_PACING for c in caps):
+    if not caps or not all(_capped(c) for c in caps):
         return False
     return goodput >= share * sum(c for c in caps if c is not None)
 
