@@ -19,8 +19,11 @@ setup(
         "cuda": ["cupy-cuda12x>=13"],
         "transformers": ["torch==2.13.0", "transformers>=5.17,<5.25"],
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10",
-                 "matplotlib>=3.7", "transformers>=5.17,<5.25"],
+                 "matplotlib>=3.7", "transformers>=5.17,<5.25", "zfec>=1.5"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        # tail parity (kvwire.codec.parity): Reed-Solomon over GF(2^8) from zfec, Tahoe-LAFS's well-kept C
+        # erasure coder (a numpy table-lookup coder runs ~0.3 GB/s here, too slow for a layer's tail)
+        "fec": ["zfec>=1.5"],
         # the PrfaaS reference deployment (kvwire.prfaas.node/nodeclient/config and the router's front door):
         # a well-kept ASGI stack (starlette + uvicorn) and HTTP client (httpx) instead of hand-written HTTP,
         # the official openai client for the front door's tests, prometheus_client for /metrics, tomli to read

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from ..codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from ..codec.manifest import max_chunk_size
+from ..codec.parity import MAX_PARITY
+from ..codec.parity import available as parity_available
 from ..codec.plan import DEFAULT_CHUNK
 from .errors import UsageError
 
@@ -149,6 +151,7 @@ class Options:
     # --warm: warm the test's session as kvwire.connect() does by default on a long path (kvwire.probe's
     # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced
     warm: bool = False
+    tail_parity: int = 0  # --tail-parity: parity chunks over each transfer's last layer (kvwire.codec.parity)
 
     @property
     def tls(self) -> bool:
@@ -249,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of 15 ms or more: up to 1 s of sink transfers on every lane the link controller may "
                         "use, ended once the pipe reads full; the controller then starts paced at what it "
                         "measured (not counted in the test; not with --probe)")
+    c.add_argument("--tail-parity", type=int, default=0, metavar="M",
+                   help="send M Reed-Solomon parity chunks (1..8) after each transfer's last layer, cut into one "
+                        "chunk a lane, so that the receiver rebuilds it without the M slowest lanes (a lost "
+                        "packet costs a lane a round trip): connect(tail_parity=M); needs zfec (kvwire[fec])")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
     c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
@@ -300,6 +307,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         timeout=a.timeout, connect_timeout=a.connect_timeout, announce=a.announce,
         verbose=a.verbose or a.short_v,
         emulate=a.emulate, polite=a.polite, probe_seconds=a.probe_seconds, warm=a.warm,
+        tail_parity=a.tail_parity,
         adaptive=a.adaptive or a.polite or (not a.no_adaptive and a.fq_rate is None and not a.server),
         metrics_port=a.metrics_port)
     if o.nbytes is not None and o.model is None:
@@ -356,6 +364,12 @@ def check(o: Options) -> None:
         raise UsageError("--polite is a mode of --adaptive")
     if o.adaptive and o.fq_rate is not None:
         raise UsageError("--adaptive paces the lanes itself: drop --fq-rate (or --adaptive/--polite)")
+    if not 0 <= o.tail_parity <= MAX_PARITY:
+        raise UsageError(f"--tail-parity takes 0..{MAX_PARITY} parity chunks")
+    if o.tail_parity and not parity_available():
+        raise UsageError("--tail-parity needs the zfec package: pip install 'kvwire[fec]'")
+    if o.tail_parity and o.mode == "server":
+        raise UsageError("--tail-parity is a client option (the sending side adds the parity)")
     if o.probe_seconds is not None and not 0 < o.probe_seconds <= MAX_PROBE_SECONDS:
         raise UsageError(f"--probe takes seconds in (0, {MAX_PROBE_SECONDS:g}]")
 

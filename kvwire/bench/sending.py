@@ -337,6 +337,7 @@ def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> 
         return connect(o.host, port, lanes=o.lanes, key=o.key, ssl_context=ssl_context,
                        server_hostname=o.tls_name or o.host, chunk_size=o.chunk_size,
                        hashing=o.hashing, connect_timeout=max(o.connect_timeout, 2.0),
+                       tail_parity=o.tail_parity,
                        link_control=False)  # the test attaches its own (Adaptive) when o.adaptive
     except (KvwireError, OSError) as e:
         raise PeerError(f"kvwire data connection to {o.host}:{port} failed: {type(e).__name__}: {e}") from None

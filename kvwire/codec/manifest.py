@@ -14,6 +14,7 @@ from ..errors import LayoutError, LayoutMismatch, ProtocolError
 from .compat import check_compatible
 from .frames import DEFAULT_LIMITS, MIN_CHUNK, Limits
 from .layout import TOKEN, CacheSpec, ModelLayout, RequestSpec, Segment, plan_segments, token_range
+from .parity import TailGroups, check_geometry
 from .plan import ALIGN, ChunkPlan, plan_chunks
 
 MANIFEST_VERSION = 1
@@ -37,6 +38,8 @@ class Manifest:
     hash: str = HASH_XXH3
     layout: ModelLayout | None = None  # sent with the first transfer of a layout on a session
     sink: bool = False  # a capacity probe: the receiver reads and discards the payload (see codec.probe)
+    group_size: int = 0  # with ``parity``: the last layer's chunks are coded in groups of this many (``codec.parity``)
+    parity: int = 0  # parity chunks per group of the last layer's chunks (0: none)
 
     @cached_property
     def total_bytes(self) -> int:
@@ -51,6 +54,14 @@ class Manifest:
     @property
     def hashed(self) -> bool:
         return self.hash == HASH_XXH3
+
+    @cached_property
+    def tail_scratch_bytes(self) -> int:
+        """What a receiver holds to rebuild the last layer's groups (``codec.parity.TailGroups``): a row per
+        data and parity chunk, each as wide as the widest parity chunk."""
+        if not self.parity:
+            return 0
+        return TailGroups.of(self.plan(), self.group_size, self.parity).scratch_bytes
 
     def plan(self) -> ChunkPlan:
         return plan_chunks(self.segments, self.chunk_size)
@@ -70,6 +81,8 @@ class Manifest:
             d["layout"] = self.layout.to_dict()
         if self.sink:
             d["sink"] = True  # only when set: a manifest without the key is an ordinary transfer
+        if self.parity:
+            d["par"] = [self.group_size, self.parity]  # only when set: older receivers never see it
         return d
 
 
@@ -147,12 +160,31 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
             raise ProtocolError("manifest layout does not match its fingerprint")
     elif known_layouts is not None:
         layout = known_layouts.get(fp)
-    m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout, sink)
+    group_size, parity = _parity(d, sink)
+    m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout, sink, group_size, parity)
+    if parity and not m.total_bytes:
+        raise ProtocolError("tail parity on a transfer without payload")
+    if parity and m.tail_scratch_bytes // TailGroups.of(m.plan(), group_size, parity).rows > limits.max_chunk:
+        raise ProtocolError(f"tail parity chunks would exceed max_chunk ({limits.max_chunk})")
     if layout is not None:
         check_segments(m, layout)
     if total // chunk + len(segments) + 1 > limits.max_chunks:
         raise ProtocolError(f"transfer would need more than {limits.max_chunks} chunks")
     return m
+
+
+def _parity(d: dict[str, Any], sink: bool) -> tuple[int, int]:
+    """The manifest's ``"par": [group size, parity chunks per group]`` (absent: (0, 0)), checked: groups
+    ``codec.parity`` codes, never on a sink."""
+    if "par" not in d:
+        return 0, 0
+    par = d["par"]
+    if type(par) is not list or len(par) != 2:
+        raise ProtocolError(f"manifest field 'par' must be [group size, parity chunks], got {par!r}")
+    if sink:
+        raise ProtocolError("tail parity on a sink transfer (its payload is dropped)")
+    check_geometry(par[0], par[1])
+    return par[0], par[1]
 
 
 _Row = tuple[int, int, int, int, int, int]  # layer, cache, tensor, nbytes, token_start, token_count

@@ -11,7 +11,10 @@ answer; still unanswered after the wait, it is drained and asked for again with 
 DONE (with ``done_early``, advertised in the WELCOME limits: a DONE that arrives before every chunk is
 verified is held, its digest compared and COMPLETE or ERROR sent as the last chunk is verified), the rule that
 a transfer ends once but resolves only when no lane writes into it any more
-(and cutting a lane stuck mid-chunk of an ended transfer), deadlines, heartbeats and peer silence from
+(and cutting a lane stuck mid-chunk of an ended transfer), the last layer's parity groups (``codec.parity``:
+a lane reading one of their chunks into the driver's scratch is no writer of its transfer; the verdicts on
+them, ``tail_data``/``tail_parity``; which missing data chunks a group rebuilds once ``k`` of its chunks
+are in, each then a writer until its ``chunk_done``), deadlines, heartbeats and peer silence from
 the ``now`` it is given, and the session's counters. In the spirit of h11's ``Connection``: it takes
 decoded frames and events and returns actions. Must not know: sockets, threads, locks, clocks,
 payload bytes or buffers (a chunk is its header and its digest), handles or user callbacks, and
@@ -85,6 +88,20 @@ class AwaitOffer:
 
 Action = Send | Ended | Fail | Admit | CutLanes
 
+#: the lane id a rebuilt tail chunk is written under (``chunk_done(t, REBUILDER, ...)``): no lane's
+REBUILDER = -1
+
+
+@dataclass(frozen=True, slots=True)
+class TailStep:
+    """What a tail group chunk read into its scratch row leads to: ``place`` (copy the row into the
+    destination, then ``chunk_done``), else ``reply`` to send; then the data chunks to ``rebuild`` from the
+    group's rows (each written, then ``chunk_done(t, REBUILDER, ...)``, or ``rebuild_failed``)."""
+
+    place: bool
+    reply: Send | None
+    rebuild: tuple[int, ...]
+
 
 def check_lane_control(kind: str) -> None:
     """A control message on an open data lane: only BYE (the lane closes) is legal there, anything else
@@ -95,8 +112,8 @@ def check_lane_control(kind: str) -> None:
 
 def held_bytes(m: Manifest) -> int:
     """What an admitted transfer holds against a receiver's in-flight bound: its payload (none for a
-    sink, which reads into shared scratch) and its metadata (segments, plan, views)."""
-    return m.metadata_bytes + (0 if m.sink else m.total_bytes)
+    sink, which reads into shared scratch), its metadata (segments, plan, views) and its tail group's scratch."""
+    return m.metadata_bytes + (0 if m.sink else m.total_bytes) + m.tail_scratch_bytes
 
 
 @dataclass(eq=False)
@@ -145,12 +162,14 @@ class ReceiverEngine:
     and ``heartbeat`` in seconds, ``now``: the clock reading the session starts at, ``early``: the
     early window advertised to this session's sender (None: a chunk before ACCEPT is a protocol error), and
     ``done_early``: this session's sender was told a DONE may come before every chunk is verified (held
-    until they are; without it such a DONE fails the transfer, as a sender that finished with a hole)."""
+    until they are; without it such a DONE fails the transfer, as a sender that finished with a hole), and
+    ``parity``: the most tail parity chunks (``codec.parity``) it was told this end rebuilds from (0: none)."""
 
     def __init__(self, limits: Limits, *, max_transfers: int, max_probe_bytes: int, transfer_timeout: float,
                  peer_timeout: float, heartbeat: float, now: float, early: EarlyWindow | None = None,
-                 done_early: bool = False) -> None:
+                 done_early: bool = False, parity: int = 0) -> None:
         self.limits = limits
+        self.parity = parity
         self.done_early = done_early
         self.max_transfers = max_transfers
         self.max_probe_bytes = max_probe_bytes
@@ -231,6 +250,8 @@ class ReceiverEngine:
         if m.layout is not None and len(self.layouts) < MAX_LAYOUTS:
             self.layouts[m.fingerprint] = m.layout
         reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
+        if not reason and m.parity > self.parity:
+            reason = f"{m.parity} parity chunks asked, this receiver takes {self.parity} (zfec: kvwire[fec])"
         if not reason and (m.transfer_id in self.transfers or m.transfer_id in self.ended
                            or m.transfer_id in self.pending):
             reason = f"transfer id {m.transfer_id} already used on this session"
@@ -350,8 +371,9 @@ class ReceiverEngine:
             return AwaitOffer(tid)
         if not t.machine.admit(h):
             return None
-        t.writers += 1
-        t.writing.add(lane)
+        if not t.machine.in_tail(h.chunk):  # (a tail group's chunk is read into scratch: see ``tail_data``)
+            t.writers += 1
+            t.writing.add(lane)
         return t
 
     def chunk_drained(self, h: Header, now: float) -> Send | None:
@@ -366,6 +388,8 @@ class ReceiverEngine:
             # early, and still unanswered after the wait: the sender sends it again (not a failed check)
             self._counts["early_chunks_dropped"] += 1
             return self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
+        if h.chunk >= t.plan.num_chunks:
+            return None  # parity is never answered
         if t.machine.verified[h.chunk]:
             return self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
         if h.chunk in t.machine.writing:  # the verdict on the copy being read answers both
@@ -400,6 +424,55 @@ class ReceiverEngine:
         if t.machine.abandon(h.chunk) and not self._over:  # the copy dropped meanwhile is gone too: ask for another
             lost = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
         return ChunkResult(None, ended=self._writer_left(t, lane), lost=lost)
+
+    # ---- the tail group (``codec.parity``): its chunks are read into the driver's scratch rows first
+    def tail_data(self, t: RxTransfer, lane: int, h: Header, computed: int | None, now: float) -> TailStep:
+        """An admitted data chunk of the tail group is in its scratch row (``computed``: its xxh3_64, None
+        when unhashed). ``place``: copy the row into the destination (lane ``lane`` writes into the transfer
+        now), then call ``chunk_done``; else send ``reply`` (if any). Then rebuild ``rebuild``."""
+        verdict = t.machine.tail_read(h, computed)
+        reply = None
+        if verdict == "place":
+            t.writers += 1
+            t.writing.add(lane)
+        elif self._over:
+            pass
+        elif verdict == "bad":
+            self._counts["chunks_rejected"] += 1
+            reply = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
+        elif t.machine.verified[h.chunk] and self.transfers.get(h.transfer_id) is t:
+            reply = self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
+        return TailStep(verdict == "place", reply, self._claim(t, h.chunk))
+
+    def tail_parity(self, t: RxTransfer, h: Header, computed: int | None, digests: tuple[int, ...]) -> TailStep:
+        """An admitted parity chunk is in its scratch row, ``digests`` its trailer: what to rebuild now."""
+        if not t.machine.parity_read(h, computed, digests):
+            self._counts["parity_rejected"] += 1
+            return TailStep(False, None, ())
+        self._counts["parity_chunks"] += 1
+        return TailStep(False, None, self._claim(t, h.chunk))
+
+    def tail_abandoned(self, t: RxTransfer, h: Header, now: float) -> Send | None:
+        """The admitted copy of a tail group chunk broke off mid-read (it wrote no destination byte): the
+        NACK asking for a copy dropped meanwhile, if any."""
+        if t.machine.tail_abandoned(h.chunk) and not self._over:
+            return self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
+        return None
+
+    def rebuild_failed(self, t: RxTransfer, chunks: tuple[int, ...]) -> Ended | None:
+        """Rebuilding ``chunks`` broke off before any was written: their copies on the wire answer for them."""
+        t.machine.rebuild_failed(chunks)
+        ended = None
+        for _ in chunks:
+            ended = self._writer_left(t, REBUILDER) or ended
+        return ended
+
+    def _claim(self, t: RxTransfer, chunk: int) -> tuple[int, ...]:
+        out = t.machine.claim_rebuild(chunk)
+        if out:
+            t.writers += len(out)  # each is written into the destination by the rebuilder (``REBUILDER``)
+            self._counts["chunks_rebuilt"] += len(out)
+        return out
 
     def _writer_left(self, t: RxTransfer, lane: int) -> Ended | None:
         t.writers -= 1

@@ -17,6 +17,7 @@ import xxhash
 from ..errors import ProtocolError
 from .frames import Header
 from .manifest import Manifest
+from .parity import TailGroups
 from .plan import ChunkPlan, check_chunk
 
 
@@ -90,6 +91,15 @@ class ReceiverTransfer:
         self.bad_chunks = 0
         self.writing: set[int] = set()  # chunks a lane is reading into the destination now (one writer each)
         self.dropped: set[int] = set()  # of those, chunks whose other copy was drained meanwhile
+        # The last layer's parity groups (``codec.parity``): their chunks, data and parity, are read into the
+        # driver's scratch rows (a lane stalled mid-chunk then holds no destination byte), then data rows are placed.
+        m = self.manifest
+        self.groups = TailGroups.of(self.plan, m.group_size, m.parity) if m.parity else None
+        self.rows = bytearray(self.groups.rows if self.groups else 0)  # rows verified in scratch
+        self.placing: set[int] = set()  # data chunks of the groups being copied from their row into place
+        self.rebuilding: set[int] = set()  # data chunks of the groups being rebuilt from the other rows
+        self.parity_reading: set[int] = set()  # parity chunks a lane is reading now
+        self.tail_digests: dict[int, tuple[int, ...]] = {}  # by group: its data digests, from a verified parity
 
     @property
     def state(self) -> State:
@@ -104,10 +114,19 @@ class ReceiverTransfer:
         never overwritten and two copies never interleave. Raises ProtocolError when the header does
         not name a planned chunk of this transfer.
         """
+        g = self.groups
+        if g is not None and g.is_parity(h.chunk):
+            g.check_parity_header(h)
+            if self.manifest.hashed and not h.flags & 1:
+                raise ProtocolError(f"parity chunk {h.chunk} carries no hash on a hashed transfer")
+            if self.state is not State.ACTIVE or self.rows[g.row(h.chunk)] or h.chunk in self.parity_reading:
+                return False
+            self.parity_reading.add(h.chunk)
+            return True
         check_chunk(self.plan, h.chunk, h.offset, h.length, h.layer)
         if self.manifest.hashed and not h.flags & 1:
             raise ProtocolError(f"chunk {h.chunk} carries no hash on a hashed transfer")
-        if self.state is not State.ACTIVE or self.verified[h.chunk]:
+        if self.state is not State.ACTIVE or self.verified[h.chunk] or h.chunk in self.rebuilding:
             return False
         if h.chunk in self.writing:
             self.dropped.add(h.chunk)
@@ -124,11 +143,78 @@ class ReceiverTransfer:
             return not self.verified[chunk] and not self.state.terminal
         return False
 
+    # ---- the tail group (``codec.parity``)
+    def in_tail(self, chunk: int) -> bool:
+        """``chunk`` (a wire index) is read into a scratch row, not into its destination."""
+        return self.groups is not None and self.groups.covers(chunk)
+
+    def parity_read(self, h: Header, computed: int | None, digests: tuple[int, ...]) -> bool:
+        """An admitted parity chunk is in its row; ``digests``: its trailer. False: it failed its hash (the
+        row stays empty; parity is never sent again)."""
+        self.parity_reading.discard(h.chunk)
+        assert self.groups is not None
+        if self.state.terminal or (self.manifest.hashed and computed != h.digest):
+            return False
+        self.rows[self.groups.row(h.chunk)] = 1
+        self.tail_digests.setdefault(self.groups.group(h.chunk), digests)
+        return True
+
+    def tail_read(self, h: Header, computed: int | None) -> str:
+        """An admitted data chunk of the group is in its row, ``computed`` its xxh3_64 (None: unhashed).
+        ``"place"``: copy it into its destination, then call ``received``; ``"bad"``: it failed its hash
+        (``received`` was called: NACK it); ``"dup"``: it is verified or rebuilt meanwhile, or the transfer
+        ended (answer as a drained copy)."""
+        assert self.groups is not None
+        if self.state.terminal or self.verified[h.chunk] or h.chunk in self.rebuilding:
+            self.writing.discard(h.chunk)
+            self.dropped.discard(h.chunk)
+            return "dup"
+        if self.manifest.hashed and computed != h.digest:
+            self.received(h, computed)
+            return "bad"
+        self.rows[self.groups.row(h.chunk)] = 1
+        self.placing.add(h.chunk)
+        return "place"
+
+    def tail_abandoned(self, chunk: int) -> bool:
+        """The admitted copy of a group chunk broke off mid-read: as ``abandon``."""
+        if chunk in self.parity_reading:
+            self.parity_reading.discard(chunk)
+            return False
+        return self.abandon(chunk)
+
+    def claim_rebuild(self, chunk: int) -> tuple[int, ...]:
+        """The data chunks of ``chunk``'s group to rebuild now: those neither verified, placed nor being
+        rebuilt whose rows are empty, once ``k`` of the group's rows are in (a parity row among them, and its
+        digests known on a hashed transfer); each is then being rebuilt until ``received`` (or
+        ``rebuild_failed``)."""
+        g = self.groups
+        if g is None or self.state.terminal:
+            return ()
+        i = g.group(chunk)
+        data, par = g.data(i), g.parity(i)
+        have_parity = sum(self.rows[g.row(c)] for c in par)
+        if not have_parity or sum(self.rows[g.row(c)] for c in data) + have_parity < g.k(i):
+            return ()
+        if self.manifest.hashed and i not in self.tail_digests:
+            return ()
+        out = tuple(c for c in data if not self.verified[c] and not self.rows[g.row(c)]
+                    and c not in self.rebuilding and c not in self.placing)
+        self.rebuilding.update(out)
+        return out
+
+    def rebuild_failed(self, chunks: tuple[int, ...]) -> None:
+        """Rebuilding ``chunks`` broke off: their copies on the wire answer for them."""
+        self.rebuilding.difference_update(chunks)
+
     def received(self, h: Header, computed: int | None) -> ChunkVerdict:
         """The admitted copy's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is
-        off). A NACK answers every copy of the chunk, a dropped one included."""
+        off). A NACK answers every copy of the chunk, a dropped one included. A chunk of the tail group
+        comes here once placed from its row or rebuilt."""
         self.writing.discard(h.chunk)
         self.dropped.discard(h.chunk)
+        self.placing.discard(h.chunk)
+        self.rebuilding.discard(h.chunk)
         if self.state.terminal or self.verified[h.chunk]:
             return ChunkVerdict(ack=True)
         if self.manifest.hashed and computed != h.digest:
@@ -184,6 +270,13 @@ class SenderTransfer:
         self.done_sent = False
         self._layer_unacked = {layer: len(r) for layer, r in self.plan.layer_chunks.items()}
         self.acked_layers: list[int] = []  # layers whose every chunk the receiver verified, in that order
+        #: the last layer's parity groups (``codec.parity``): a group's parity chunks (indices from ``num_chunks``)
+        #: go out once each, as soon as every data chunk of the group was taken, unacknowledged, never re-sent
+        m = self.manifest
+        self.groups = TailGroups.of(self.plan, m.group_size, m.parity) if m.parity else None
+        self._untaken = [self.groups.k(g) for g in range(self.groups.groups)] if self.groups else []
+        self._taken = bytearray(n)
+        self._parity: deque[int] = deque()
 
     @property
     def state(self) -> State:
@@ -202,6 +295,8 @@ class SenderTransfer:
         chunk is longer than ``early``: the payload bytes the receiver's early window still allows)."""
         if self.state.terminal or (not self.accepted and early <= 0):
             return None
+        if self._parity and self.accepted:  # a group's parity goes right after its data, before the next group
+            return self._parity.popleft()
         queue = self.queue
         while queue:
             c = queue[0]
@@ -212,13 +307,22 @@ class SenderTransfer:
                 return None
             queue.popleft()
             self.chunk_state[c] = _INFLIGHT
+            g = self.groups
+            if g is not None and g.covers(c) and not self._taken[c]:
+                self._taken[c] = 1
+                i = g.group(c)
+                self._untaken[i] -= 1
+                if not self._untaken[i]:
+                    self._parity.extend(g.parity(i))
             return c
         return None
 
     def has_ready(self) -> bool:
-        return self.accepted and not self.state.terminal and bool(self.queue)
+        return self.accepted and not self.state.terminal and bool(self.queue or self._parity)
 
     def sent(self, chunk: int, digest: int) -> None:
+        if chunk >= self.plan.num_chunks:
+            return  # parity: not part of the whole-transfer digest
         self.hashes[chunk] = digest
         if not self._sent_once[chunk]:
             self._sent_once[chunk] = 1

@@ -1,7 +1,8 @@
 """The sending end's protocol engine, sans-IO: a session's transfers and what each control message does.
 
 Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines), the round-robin choice
-of the next chunk for a lane, which lane holds which chunk in flight and re-queueing them when a lane
+of the next chunk for a lane (a tail group's parity chunks after its data, ``codec.parity``), which lane holds
+which chunk in flight and re-queueing them when a lane
 dies, the control messages from the receiver (legal per ``rules.SENDER_RECEIVES``; ACCEPT, REJECT,
 ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEAT, BYE), DONE with the
 whole-transfer digest (after the last ACK; or, to a receiver that holds an early one, as the last chunk
@@ -242,8 +243,9 @@ class SenderEngine:
                 if c is not None:
                     self._early.charge(tid, sm.plan.lengths[c])
             if c is not None:
-                self._inflight[(tid, c)] = lane
-                self._lane_load[lane] += 1
+                if c < sm.plan.num_chunks:  # (tail parity goes once, unacknowledged: ``codec.parity``)
+                    self._inflight[(tid, c)] = lane
+                    self._lane_load[lane] += 1
                 return tid, c
         return None
 

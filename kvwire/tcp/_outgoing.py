@@ -19,6 +19,7 @@ from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
 from ._callbacks import Callbacks
 from ._handle import Outcome
+from ._tail import TailEncoder
 
 log = logging.getLogger("kvwire.tcp")
 
@@ -59,6 +60,8 @@ class OutgoingTransfer(Outcome):
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
         self.started = time.monotonic()
         self.bytes_sent = 0  #: payload bytes put on the lanes (re-sends included); the driver adds to it
+        #: the tail group's parity payloads (``codec.parity``), when the transfer has one; set by the driver
+        self.tail: TailEncoder | None = None
         self._written: set[int] = set()
         self._acked_lock = threading.Lock()
         self._acked: list[int] = []  # layers reported acked, in order
@@ -67,6 +70,15 @@ class OutgoingTransfer(Outcome):
     @property
     def transfer_id(self) -> int:
         return self.manifest.transfer_id
+
+    def pieces(self, chunk: int) -> list[memoryview]:
+        """Data chunk ``chunk``'s payload: views of the segments it covers (its layer was written)."""
+        out = []
+        for seg, a, b in self.plan.pieces(chunk):
+            v = self.views[seg]
+            assert v is not None
+            out.append(v[a:b])
+        return out
 
     def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
         """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
+from ..codec import parity
 from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
 from ..codec.layout import ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
@@ -132,6 +133,7 @@ class Receiver:
         if max_probe_bytes < 0:
             raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
         self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
+        self._parity = parity.available()  # tail groups (``codec.parity``) are rebuilt when zfec is here
         self.key = key.encode() if isinstance(key, str) else (key or b"")
         self.ssl_context = ssl_context
         self.allocator = allocator
@@ -322,14 +324,16 @@ class Receiver:
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
                   "max_probe_bytes": self.max_probe_bytes, **(self.early.advertise() if self.early else {}),
-                  DONE_EARLY: True}  # (a DONE before the last chunk is verified is held: ``codec.early``)
+                  DONE_EARLY: True,  # (a DONE before the last chunk is verified is held: ``codec.early``)
+                  **({parity.PARITY_KEY: parity.MAX_PARITY} if self._parity else {})}  # (tail groups rebuilt)
         sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
             engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
                                     max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
                                     peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic(),
-                                    early=self.early, done_early=True)
+                                    early=self.early, done_early=True,
+                                    parity=parity.MAX_PARITY if self._parity else 0)
             sessions.append(RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout))
             with self._lock:
                 self._sessions[keys.session_id] = sessions[0]

@@ -14,6 +14,7 @@ receiver admits a transfer and hands over its views), receiver-wide limits, torc
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -25,19 +26,24 @@ from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.manifest import Manifest
 from ..codec.rxengine import (
+    REBUILDER,
     Action,
     AwaitOffer,
     ChunkResult,
     CutLanes,
     ReceiverEngine,
     RxTransfer,
+    TailStep,
     check_lane_control,
 )
 from ..codec.transfer import State
 from ..errors import EarlyWindowExceeded, ProtocolError
 from ._auth import SessionKeys
 from ._incoming import IncomingTransfer
+from ._tail import TailRows
 from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
+
+log = logging.getLogger("kvwire.tcp")
 
 
 class RxSession:
@@ -60,6 +66,7 @@ class RxSession:
         self.closed = False
         self._lane_conns: dict[int, Stream] = {}  # every lane connection being read, by the engine's lane id
         self._lane_ids = itertools.count()
+        self._tails: dict[int, TailRows] = {}  # the tail group's scratch rows of transfers in flight, by id
 
     # ---- queries
     @property
@@ -105,6 +112,7 @@ class RxSession:
         return fail
 
     def _resolve(self, a: Ended) -> None:
+        self._tails.pop(a.transfer_id, None)  # (a lane still reading into a row holds its own reference)
         h = self.handles.pop(a.transfer_id, None)
         if h is not None:
             h.resolve(a.state, a.reason)
@@ -139,6 +147,8 @@ class RxSession:
             if t is not None:
                 if h.bind(self, m, t.plan, views, t.deadline, t.machine):
                     self.handles[m.transfer_id] = h
+                    if t.machine.groups is not None:
+                        self._tails[m.transfer_id] = TailRows(t.machine.groups, t.plan)
                 else:  # its user cancelled it as it was admitted: the sender is told (ACCEPT, then CANCEL)
                     actions += self._engine.cancel(m.transfer_id, h.reason or "cancelled by receiver", now)
             self._answered.notify_all()
@@ -223,6 +233,7 @@ class RxSession:
                     t = self._engine.chunk_admit(lane_id, h, waited=True)
                 assert not isinstance(t, AwaitOffer)
                 handle = self.handles.get(h.transfer_id) if t is not None else None
+                rows = self._tails.get(h.transfer_id) if t is not None and t.machine.in_tail(h.chunk) else None
         except EarlyWindowExceeded as e:  # past the early window: the sender broke the rule it was given
             self.send(F.ERROR, {"reason": str(e)})
             self.close(f"protocol error: {e}")
@@ -235,6 +246,9 @@ class RxSession:
                 self.send(reply.kind, reply.body)
             return
         assert handle is not None  # activate binds the handle and the engine's transfer under one lock
+        if rows is not None:
+            self._read_tail(ch, lane, lane_id, h, t, handle, rows)
+            return
         result: ChunkResult | None = None
         try:
             hashed = t.manifest.hashed
@@ -261,6 +275,84 @@ class RxSession:
                     lost = self._engine.chunk_abandoned(t, lane_id, h, time.monotonic())
                 self._finish_chunk(lost, None)
         self._finish_chunk(result, handle, lane, h.length)
+
+    def _read_tail(self, ch: Stream, lane: int, lane_id: int, h: F.Header, t: RxTransfer, handle: IncomingTransfer,
+                   rows: TailRows) -> None:
+        """One chunk of the tail group (``codec.parity``): into its scratch row (a lane stalled in it holds no
+        destination byte), verified; a data chunk is then placed, and whatever the group can rebuild now is."""
+        hashed = t.manifest.hashed
+        view = rows.view(h.chunk, h.length)
+        step: TailStep | None = None
+        failed = ""
+        try:
+            ch.recv_into(view)
+            if self.stage is not IDENTITY:
+                try:
+                    self.stage.incoming(ChunkRef(lane, h.transfer_id, h.chunk, h.length), [view])
+                except Exception as e:  # noqa: BLE001 - the stage is the caller's code: it fails this transfer only
+                    failed = f"chunk stage failed on chunk {h.chunk}: {type(e).__name__}: {e}"
+            if not failed:
+                computed = xxhash.xxh3_64_intdigest(view) if hashed else None
+                with self.lock:
+                    if rows.groups.is_parity(h.chunk):
+                        step = self._engine.tail_parity(t, h, computed, rows.digests(h.chunk))
+                    else:
+                        step = self._engine.tail_data(t, lane_id, h, computed, time.monotonic())
+        finally:
+            if step is None:  # the read broke off, or the stage failed: no destination byte was written
+                now = time.monotonic()
+                with self.lock:
+                    lost = self._engine.tail_abandoned(t, h, now)
+                    actions = (self._engine.end(h.transfer_id, State.FAILED, failed, now, notify=F.ERROR)
+                               if failed else [])
+                if lost is not None:
+                    self.send(lost.kind, lost.body)
+                self.perform(actions)
+        if step is None:
+            return
+        if step.reply is not None:
+            self.send(step.reply.kind, step.reply.body)
+        if step.place:
+            result: ChunkResult | None = None
+            try:
+                rows.place(h.chunk, handle.views)
+                with self.lock:
+                    result = self._engine.chunk_done(t, lane_id, h, computed, time.monotonic())
+            finally:
+                if result is None:
+                    with self.lock:
+                        result = self._engine.chunk_abandoned(t, lane_id, h, time.monotonic())
+                    self._finish_chunk(result, None)
+            self._finish_chunk(result, handle, lane, h.length)
+        if step.rebuild:
+            self._rebuild(t, handle, rows, step.rebuild)
+
+    def _rebuild(self, t: RxTransfer, handle: IncomingTransfer, rows: TailRows, chunks: tuple[int, ...]) -> None:
+        """Rebuild data ``chunks`` of one group (claimed by the engine) from its verified rows, write each into
+        its destination and have it verified against the digest its group's parity carried."""
+        g, plan, hashed = rows.groups, t.plan, t.manifest.hashed
+        i = g.group(chunks[0])
+        with self.lock:
+            present = [c for c in (*g.data(i), *g.parity(i)) if t.machine.rows[g.row(c)]]
+            digests = t.machine.tail_digests.get(i)
+        try:
+            blocks = rows.rebuild(present, chunks)
+        except Exception as e:  # noqa: BLE001 - zfec's failure leaves the chunks to their copies on the wire
+            log.warning("rebuilding chunks %s of transfer %d failed: %s", chunks, t.manifest.transfer_id, e)
+            with self.lock:
+                ended = self._engine.rebuild_failed(t, chunks)
+            if ended is not None:
+                self._resolve(ended)
+            return
+        for c, block in blocks.items():
+            rows.write(c, block, handle.views)
+            computed = xxhash.xxh3_64_intdigest(block) if hashed else None
+            expect = digests[g.block_id(c)] if digests is not None and hashed else 0
+            hdr = F.Header(F.KIND_DATA, F.FLAG_HASHED if hashed else 0, t.manifest.transfer_id, c, plan.layers[c],
+                           plan.offsets[c], plan.lengths[c], expect)
+            with self.lock:
+                result = self._engine.chunk_done(t, REBUILDER, hdr, computed, time.monotonic())
+            self._finish_chunk(result, handle)
 
     def _stage_failed(self, t: RxTransfer, lane_id: int, h: F.Header, why: str) -> ChunkResult:
         """The chunk stage raised: the transfer fails (the sender is told) and the lane reads on."""

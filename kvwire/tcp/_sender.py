@@ -29,8 +29,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..codec import frames as F
+from ..codec import parity
 from ..codec.layout import ModelLayout, RequestSpec
-from ..codec.manifest import build_manifest
+from ..codec.manifest import Manifest, build_manifest
 from ..codec.plan import DEFAULT_CHUNK, spread_chunk_size
 from ..codec.transfer import SenderTransfer
 from ..codec.txengine import SenderEngine
@@ -42,6 +43,7 @@ from ._auth import SessionKeys
 from ._callbacks import Callbacks
 from ._lanes import Dialer, Lane, LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
+from ._tail import TailEncoder
 from ._txconnection import SenderConnection
 from ._txlanes import LanePump
 from .transport import IDENTITY, ChunkStage, Stream
@@ -122,6 +124,13 @@ class Session(SenderConnection):
         warm_up: what warming runs, ``fn(session, warm)`` (``kvwire.probe.warm_up``, which
             ``kvwire.connect`` passes; the probe is built on this transport, so it is handed in). ``None``
             (the default here): the session is never warmed, and ``warm`` must be ``None`` or ``False``.
+        tail_parity: Reed-Solomon parity chunks (0..8) sent after each transfer's last layer, which is cut
+            into one chunk a lane (``kvwire.codec.parity``): the receiver rebuilds the layer from any of its
+            chunks but that many, so a lane stalled by a lost packet (a round trip on a long path) does not
+            hold the last layer. Costs ``tail_parity / k`` more bytes of the last layer (``k``: the active
+            lanes less the parity) and an encode of the layer when it is written. Needs ``zfec`` on both
+            ends (``pip install 'kvwire[fec]'``; ``KvwireError`` here without it); a receiver without it
+            gets no parity. 0, the default: none.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
@@ -136,8 +145,12 @@ class Session(SenderConnection):
                  on_lane_open: LaneHook | None = None, reconnect: bool = False,
                  link_control: bool | ControllerConfig | LaneGroup = True,
                  chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None,
-                 warm_up: WarmUp | None = None) -> None:
+                 warm_up: WarmUp | None = None, tail_parity: int = 0) -> None:
         _check_warm(warm, warm_up)
+        if type(tail_parity) is not int or not 0 <= tail_parity <= parity.MAX_PARITY:
+            raise ValueError(f"tail_parity must be an int in 0..{parity.MAX_PARITY}, got {tail_parity!r}")
+        if tail_parity and not parity.available():
+            raise KvwireError("tail_parity needs the zfec package here: pip install 'kvwire[fec]'")
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
@@ -160,6 +173,7 @@ class Session(SenderConnection):
         self.server_hostname = server_hostname or host
         self.chunk_size = chunk_size
         self.hashing = hashing
+        self.tail_parity = tail_parity
         self.peer_timeout = peer_timeout
         #: a lane with chunks in flight and no sign of the receiver reading it for this long is re-dialled
         #: and its chunks re-sent on the others; also the longest a blocked send waits
@@ -272,9 +286,12 @@ class Session(SenderConnection):
         chunk = spread_chunk_size(m.segments, self._pump.active, self.chunk_size)
         if chunk != m.chunk_size:  # the largest layer gets chunks for every lane (see spread_chunk_size)
             m = replace(m, chunk_size=chunk)
+        m = self._with_parity(m)
         sm = SenderTransfer(m, m.plan(), self.max_retries)
         deadline = None if timeout is None else time.monotonic() + timeout
         h = OutgoingTransfer(self, sm, deadline, self._callbacks)
+        if sm.groups is not None:
+            h.tail = TailEncoder(sm.groups, sm.plan, h.views, hashed)
         eng = self._engine
         with self._cond:
             if eng.down and not eng.closed:  # reconnect=True: give the session a moment to come back
@@ -284,6 +301,16 @@ class Session(SenderConnection):
             ctrl, gen = self.ctrl, eng.gen
         self._send(begin, gen, ctrl)
         return h
+
+    def _with_parity(self, m: Manifest) -> Manifest:
+        """``m`` with tail parity (``tail_parity`` chunks per group, as many as the receiver takes) over groups
+        of as many of the last layer's chunks as there are active lanes (at least 2 per parity chunk).
+        Unchanged for a sink or a receiver that takes none."""
+        par = min(self.tail_parity, parity.parse_offer(self.server_limits))
+        if not par or m.sink or not m.total_bytes:
+            return m
+        size = min(parity.MAX_GROUP, max(self._pump.active, 2 * par))
+        return replace(m, group_size=size, parity=par)
 
     @property
     def chunk_stage(self) -> ChunkStage:
@@ -410,7 +437,7 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
             on_lane_open: LaneHook | None = None, reconnect: bool = False,
             link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY,
-            warm: bool | float | None = None, warm_up: WarmUp | None = None) -> Session:
+            warm: bool | float | None = None, warm_up: WarmUp | None = None, tail_parity: int = 0) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -446,9 +473,10 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             for a connection per request. ``Session.warmup`` says what it cost.
         warm_up: what warming runs (``kvwire.connect`` passes ``kvwire.probe.warm_up``; ``None``: never
             warmed, see ``Session``).
+        tail_parity: parity chunks over each transfer's last layer (see ``Session``); 0, the default: none.
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
                    connect_timeout=connect_timeout, max_retries=max_retries, limits=limits, max_lanes=max_lanes,
                    on_lane_open=on_lane_open, reconnect=reconnect, link_control=link_control,
-                   chunk_stage=chunk_stage, warm=warm, warm_up=warm_up)
+                   chunk_stage=chunk_stage, warm=warm, warm_up=warm_up, tail_parity=tail_parity)

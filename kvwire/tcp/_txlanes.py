@@ -112,12 +112,14 @@ class LanePump:
             h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
 
     def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int, gen: int) -> None:
-        plan, views, tid = h.plan, h.views, h.transfer_id
-        pieces = []
-        for seg, a, b in plan.pieces(chunk):
-            v = views[seg]
-            assert v is not None
-            pieces.append(v[a:b])
+        plan, tid = h.plan, h.transfer_id
+        if chunk < plan.num_chunks:
+            pieces = h.pieces(chunk)
+            layer, offset, length = plan.layers[chunk], plan.offsets[chunk], plan.lengths[chunk]
+        else:  # a parity chunk of the tail group (``codec.parity``): computed at the first one's turn
+            assert h.tail is not None
+            pieces = h.tail.payload(chunk)
+            layer, offset, length = h.tail.groups.layer, 0, h.tail.length(chunk)
         digest: int | None = None
         if h.manifest.hashed:
             if len(pieces) == 1:
@@ -127,11 +129,11 @@ class LanePump:
                 for p in pieces:
                     x.update(p)
                 digest = x.intdigest()
-        with self.cond:
-            done = self.engine.sent(tid, chunk, digest or 0)
-        if done:
-            self.act(done, gen)  # (the early DONE: the receiver holds it until the chunks are verified)
-        length = plan.lengths[chunk]
+        if chunk < plan.num_chunks:
+            with self.cond:
+                done = self.engine.sent(tid, chunk, digest or 0)
+            if done:
+                self.act(done, gen)  # (the early DONE: the receiver holds it until the chunks are verified)
         stage = self.stage
         if stage is not IDENTITY:
             try:
@@ -145,8 +147,7 @@ class LanePump:
                 self.abort(tid, f"chunk stage failed on chunk {chunk}: {type(e).__name__}: {e}")
                 return
         lane.bound_unsent()
-        lane.ch.send_parts([F.pack_data_header(tid, chunk, plan.layers[chunk], plan.offsets[chunk], length, digest),
-                            *pieces])
+        lane.ch.send_parts([F.pack_data_header(tid, chunk, layer, offset, length, digest), *pieces])
         lane.sent(length)
         h.bytes_sent += length
 

@@ -1,0 +1,123 @@
+"""The bytes of a transfer's last-layer parity groups (``codec.parity``): the sender's parity payloads, the receiver's
+scratch rows and its rebuilds.
+
+Owns: ``TailEncoder`` (the sender's: a group's data chunks gathered into zero padded blocks, their digests,
+its ``m`` parity payloads computed once, by the first lane that needs one) and ``TailRows`` (the receiver's:
+one scratch row per chunk of the groups, which lanes read into instead of the destination; rebuilding a
+group's missing data blocks from any ``k`` of its verified rows; copying a row or a rebuilt block into the
+chunk's destination pieces).
+Must not know: sockets, the protocol engines' state (which rows are verified is the engine's, passed in),
+transfers' handles or callbacks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import xxhash
+
+from ..codec import parity
+from ..codec.parity import TailGroups
+from ..codec.plan import ChunkPlan
+
+
+def _pieces(plan: ChunkPlan, views: Sequence[memoryview | None], chunk: int) -> list[memoryview]:
+    out = []
+    for seg, a, b in plan.pieces(chunk):
+        v = views[seg]
+        assert v is not None
+        out.append(v[a:b])
+    return out
+
+
+class TailEncoder:
+    """The sender's parity payloads of one transfer's last layer, a group's computed at the first ask for
+    one of its parity chunks (the engine hands those out once every data chunk of the group was taken)."""
+
+    def __init__(self, groups: TailGroups, plan: ChunkPlan, views: Sequence[memoryview | None], hashed: bool) -> None:
+        self.groups = groups
+        self._plan = plan
+        self._views = views
+        self._hashed = hashed
+        self._lock = threading.Lock()
+        self._payloads: dict[int, tuple[list[bytes], bytes]] = {}
+
+    def length(self, chunk: int) -> int:
+        return self.groups.parity_length(self.groups.group(chunk))
+
+    def payload(self, chunk: int) -> list[memoryview]:
+        """Parity chunk ``chunk``'s payload (its block, then its group's data digests) as pieces."""
+        g = self.groups
+        i = g.group(chunk)
+        with self._lock:
+            got = self._payloads.get(i)
+            if got is None:
+                got = self._payloads[i] = self._encode(i)
+        blocks, trailer = got
+        return [memoryview(blocks[chunk - g.parity(i).start]), memoryview(trailer)]
+
+    def _encode(self, group: int) -> tuple[list[bytes], bytes]:
+        g = self.groups
+        block = g.blocks[group]
+        data = memoryview(bytearray(g.k(group) * block))  # zero padded past each chunk's length
+        rows = [data[i * block:(i + 1) * block] for i in range(g.k(group))]
+        digests = []
+        for row, chunk in zip(rows, g.data(group)):
+            pos = 0
+            for piece in _pieces(self._plan, self._views, chunk):
+                n = piece.nbytes
+                row[pos:pos + n] = piece
+                pos += n
+            digests.append(xxhash.xxh3_64_intdigest(row[:pos]) if self._hashed else 0)
+        return parity.encode(rows, g.m), parity.pack_digests(digests)
+
+
+class TailRows:
+    """The receiver's scratch rows of one transfer's last layer: row ``groups.row(c)`` holds chunk ``c``'s
+    payload once read (data rows zero padded past their chunk's length: the code's blocks)."""
+
+    def __init__(self, groups: TailGroups, plan: ChunkPlan) -> None:
+        self.groups = groups
+        self._plan = plan
+        self._width = groups.width
+        self._rows = memoryview(bytearray(groups.rows * self._width))
+
+    def _row(self, chunk: int) -> memoryview:
+        r = self.groups.row(chunk)
+        return self._rows[r * self._width:(r + 1) * self._width]
+
+    def view(self, chunk: int, length: int) -> memoryview:
+        """Where the lane reads chunk ``chunk``'s ``length`` payload bytes."""
+        return self._row(chunk)[:length]
+
+    def digests(self, chunk: int) -> tuple[int, ...]:
+        """A parity row's group data digests (read with it)."""
+        g = self.groups
+        i = g.group(chunk)
+        return parity.unpack_digests(self._row(chunk)[g.blocks[i]:g.parity_length(i)], g.k(i))
+
+    def place(self, chunk: int, dest: Sequence[memoryview]) -> None:
+        """Copy data chunk ``chunk``'s row into its destination pieces."""
+        self._copy(self._row(chunk), chunk, dest)
+
+    def rebuild(self, present: Sequence[int], chunks: Sequence[int]) -> dict[int, memoryview]:
+        """Data chunks ``chunks`` (of one group) rebuilt from its verified chunks ``present`` (at least ``k``),
+        each cut to its length."""
+        g = self.groups
+        i = g.group(chunks[0])
+        block = g.blocks[i]
+        have = {g.block_id(c): self._row(c)[:block] for c in present}
+        got = parity.decode(have, g.k(i), g.m, [g.block_id(c) for c in chunks])
+        return {c: memoryview(got[g.block_id(c)])[: self._plan.lengths[c]] for c in chunks}
+
+    def write(self, chunk: int, block: memoryview, dest: Sequence[memoryview]) -> None:
+        """Copy a rebuilt block into chunk ``chunk``'s destination pieces."""
+        self._copy(block, chunk, dest)
+
+    def _copy(self, src: memoryview, chunk: int, dest: Sequence[memoryview]) -> None:
+        pos = 0
+        for piece in _pieces(self._plan, dest, chunk):
+            n = piece.nbytes
+            piece[:] = src[pos:pos + n]
+            pos += n

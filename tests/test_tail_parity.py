@@ -1,0 +1,320 @@
+"""Tail parity (``kvwire.codec.parity``, ``connect(tail_parity=M)``): Reed-Solomon parity over groups of the last
+layer's chunks, so that lanes held back in the last layer do not hold the transfer.
+
+The code (any ``m`` lost blocks of a group rebuild, ``m + 1`` do not), the geometry and the manifest's checks
+alone; the receiver's engine (a lane reading a tail chunk into scratch is not a writer of its transfer); then
+real sockets: lanes held back before a tail chunk or stalled in the middle of one do not hold the transfer when
+at most ``m`` of a group are, and do when parity is off or more than ``m`` are (the negative controls); a late
+copy is drained and the session carries on; corrupt parity is refused and a corrupt data chunk rebuilt; a
+receiver without zfec is sent no parity."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvwire import Receiver, State, connect
+from kvwire.codec import frames as F
+from kvwire.codec import parity
+from kvwire.codec.manifest import build_manifest, parse_manifest
+from kvwire.codec.parity import TailGroups
+from kvwire.codec.rxengine import Admit, Ended, ReceiverEngine, RxTransfer
+from kvwire.errors import KvwireError, ProtocolError
+from kvwire.tcp.transport import ChunkRef
+from kvwire.testing.faults import ChunkHook
+from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
+
+pytest.importorskip("zfec")
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+CHUNK = 64 * 1024
+LANES = 8
+STALL = 3.0
+
+
+def _manifest(par: tuple[int, int] = (8, 2), tid: int = 1) -> Any:
+    m = build_manifest(tid, LAYOUT, default_request(f"r{tid}"), CHUNK)
+    return replace(m, group_size=par[0], parity=par[1])
+
+
+# ------------------------------------------------------------------ the code and its geometry
+def test_any_m_lost_blocks_of_a_group_rebuild_it_exactly_and_m_plus_one_do_not() -> None:
+    k, m = 6, 2
+    blocks = [os.urandom(4096) for _ in range(k)]
+    par = parity.encode(blocks, m)
+    assert len(par) == m and all(len(p) == 4096 for p in par)
+    every = dict(enumerate([*blocks, *par]))
+    for lost in itertools.combinations(range(k + m), m):
+        have = {i: b for i, b in every.items() if i not in lost}
+        want = [i for i in lost if i < k]
+        got = parity.decode(have, k, m, want)
+        assert all(got[i] == blocks[i] for i in want)
+    with pytest.raises(ValueError, match="cannot rebuild"):  # the negative control: one block more is too many
+        parity.decode({i: b for i, b in every.items() if i >= m + 1}, k, m, [0])
+
+
+def test_groups_number_every_chunk_of_the_last_layer_once() -> None:
+    m = _manifest((3, 2))
+    plan = m.plan()
+    g = TailGroups.of(plan, 3, 2)
+    last = plan.layer_chunks[plan.layers[-1]]
+    assert (g.first, g.count, g.num_chunks) == (last.start, len(last), plan.num_chunks)
+    assert g.groups == -(-len(last) // 3) and g.rows == len(last) + 2 * g.groups
+    every = [c for i in range(g.groups) for c in (*g.data(i), *g.parity(i))]
+    assert sorted(g.row(c) for c in every) == list(range(g.rows))
+    assert not g.covers(last.start - 1) and not g.covers(plan.num_chunks + 2 * g.groups)
+    for i in range(g.groups):
+        assert [g.block_id(c) for c in (*g.data(i), *g.parity(i))] == list(range(g.k(i) + 2))
+        assert g.blocks[i] == max(plan.lengths[c] for c in g.data(i))
+        assert g.parity_length(i) == g.blocks[i] + 8 * g.k(i) and all(g.group(c) == i for c in g.parity(i))
+
+
+def test_the_manifest_carries_parity_and_refuses_malformed_or_misplaced_parity() -> None:
+    m = _manifest()
+    wire = m.to_wire(with_layout=True)
+    assert wire["par"] == [8, 2] and "par" not in replace(m, parity=0).to_wire()
+    back = parse_manifest(wire)
+    assert (back.group_size, back.parity) == (8, 2) and back.tail_scratch_bytes > 0
+    for bad in ([0, 2], [8, 0], [8, parity.MAX_PARITY + 1], [parity.MAX_GROUP + 1, 2], [8], "x", [8, True]):
+        with pytest.raises(ProtocolError):
+            parse_manifest({**wire, "par": bad})
+    with pytest.raises(ProtocolError, match="sink"):
+        parse_manifest({**wire, "sink": True, "hash": "none"})
+
+
+# ------------------------------------------------------------------ the receiver's engine
+def _engine(parity_max: int) -> ReceiverEngine:
+    return ReceiverEngine(F.DEFAULT_LIMITS, max_transfers=4, max_probe_bytes=0, transfer_timeout=30.0,
+                          peer_timeout=10.0, heartbeat=1.0, now=0.0, parity=parity_max)
+
+
+def test_a_receiver_that_takes_no_parity_rejects_it_and_one_that_does_admits_it() -> None:
+    wire = _manifest().to_wire(with_layout=True)
+    (a,) = _engine(0).receive(F.BEGIN, wire, 0.0)
+    assert a.kind == F.REJECT and "parity" in a.body["reason"]
+    (a,) = _engine(parity.MAX_PARITY).receive(F.BEGIN, wire, 0.0)
+    assert type(a) is Admit
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_a_lane_reading_a_tail_chunk_into_scratch_does_not_hold_its_transfer(tail: bool) -> None:
+    e = _engine(parity.MAX_PARITY)
+    (a,) = e.receive(F.BEGIN, _manifest().to_wire(with_layout=True), 0.0)
+    m = a.manifest
+    e.activate(m, 0.0)
+    plan = m.plan()
+    c = plan.num_chunks - 1 if tail else 0  # the last layer's last chunk, or the first layer's first
+    h = F.Header(F.KIND_DATA, 1, 1, c, plan.layers[c], plan.offsets[c], plan.lengths[c], 7)
+    assert isinstance(e.chunk_admit(3, h), RxTransfer)
+    out = e.cancel(1, "user", 1.0)
+    ended = [x for x in out if type(x) is Ended]
+    if tail:  # nothing of its destination is being written: it resolves now
+        assert ended == [Ended(1, State.CANCELLED, "user")] and not e.pending
+    else:  # the control: a lane writing into the destination keeps it pending
+        assert ended == [] and 1 in e.pending
+
+
+# ------------------------------------------------------------------ real sockets
+def _payload(rid: str) -> tuple[Any, list[np.ndarray], np.ndarray]:
+    req = default_request(rid)
+    src = fixture_payload(LAYOUT, req)
+    return req, src, np.zeros(sum(a.nbytes for a in src), np.uint8)
+
+
+def _whole(src: list[np.ndarray]) -> bytes:
+    return b"".join(a.view(np.uint8).tobytes() for a in src)
+
+
+class Held:
+    """A sender's stage that holds back chosen chunks' lanes for ``STALL`` seconds before they go out (a lane
+    that a loss held back: nothing of the chunk reaches the receiver meanwhile), and records every chunk."""
+
+    def __init__(self, pick: Any = lambda plan: ()) -> None:
+        self.pick = pick
+        self.plan: Any = None
+        self.seen: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, lane: int, tid: int, chunk: int, pieces: list[memoryview]) -> None:
+        with self.lock:
+            self.seen.append(chunk)
+        if self.plan is not None and chunk in self.pick(self.plan):
+            time.sleep(STALL)
+
+
+def _last_group(plan: Any, n: int) -> tuple[int, ...]:
+    """``n`` data chunks of the last layer's last group (its first ones: they go out first)."""
+    g = TailGroups.of(plan, LANES, 2)
+    return tuple(g.data(g.groups - 1))[:n]
+
+
+def _run(par: int, hold: Held, stage: Any = None, rx_stage: Any = None) -> tuple[float, Any, bool, dict[str, int]]:
+    """One transfer of the tiny model over ``LANES`` lanes; (seconds until the receiver had it, the receiver's
+    state, bytes exact, receiver stats)."""
+    req, src, dst = _payload(f"tp{par}-{time.monotonic_ns()}")
+    kw = {} if rx_stage is None else {"chunk_stage": rx_stage}
+    with Receiver(**kw) as rx, connect(*rx.address, lanes=LANES, chunk_size=CHUNK, tail_parity=par,
+                                       link_control=False, chunk_stage=stage or ChunkHook(hold)) as s:
+        h_rx = rx.expect(req.request_id, dst)
+        t0 = time.monotonic()
+        h = s.send(LAYOUT, req)
+        hold.plan = h.plan
+        h.write_all(src)
+        state = h_rx.result(20).state
+        took = time.monotonic() - t0
+        assert h.finish().result(20).state is State.DONE
+        stats = rx.stats()
+    return took, state, dst.tobytes() == _whole(src), stats
+
+
+def test_every_parity_chunk_goes_out_once_after_its_group_and_the_transfer_arrives_exact() -> None:
+    hold = Held()
+    took, state, exact, stats = _run(2, hold)
+    assert state is State.DONE and exact
+    plan = hold.plan
+    g = TailGroups.of(plan, LANES, 2)
+    par = [c for c in hold.seen if c >= plan.num_chunks]
+    assert sorted(par) == list(range(plan.num_chunks, plan.num_chunks + 2 * g.groups))  # each once
+    for i in range(g.groups):  # a group's parity leaves after every data chunk of the group
+        assert min(hold.seen.index(c) for c in g.parity(i)) > max(hold.seen.index(c) for c in g.data(i))
+    assert stats["parity_chunks"] + stats.get("parity_rejected", 0) <= 2 * g.groups
+
+
+@pytest.mark.parametrize("par, held, rebuilds", [(2, 1, True), (2, 2, True), (0, 1, False), (2, 3, False)])
+def test_lanes_held_back_in_the_last_layer_hold_the_transfer_only_past_its_parity(par: int, held: int,
+                                                                                   rebuilds: bool) -> None:
+    """Up to ``m`` held chunks of a group are rebuilt from the rest: the receiver has the transfer long before
+    the held lanes send. The controls: without parity, or with ``m + 1`` held, it waits for them."""
+    took, state, exact, stats = _run(par, Held(lambda plan: _last_group(plan, held)))
+    assert state is State.DONE and exact
+    if rebuilds:
+        assert took < STALL / 2 and stats["chunks_rebuilt"] >= held
+    else:
+        assert took >= STALL * 0.9
+
+
+class MidChunkStall:
+    """A stage that lets one chunk's lane send its header and half its payload, then stall ``STALL`` seconds
+    before the rest (a loss mid-chunk: the receiver's lane reader waits inside the chunk)."""
+
+    def __init__(self, pick: Any) -> None:
+        self.pick = pick
+        self.plan: Any = None
+        self.session: Any = None
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        if self.plan is None or ref.chunk not in self.pick(self.plan):
+            return pieces
+        whole = memoryview(b"".join(bytes(p) for p in pieces))
+        half = ref.length // 2
+        lane = self.session.lanes[ref.lane]
+        real = lane.ch.send_parts
+
+        def split(parts: list[Any]) -> None:  # header + first half now, the rest after the stall
+            lane.ch.send_parts = real
+            real([parts[0], whole[:half]])
+            time.sleep(STALL)
+            real([whole[half:]])
+        lane.ch.send_parts = split
+        return [whole]
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        return None
+
+
+def test_a_lane_stalled_inside_a_tail_chunk_does_not_hold_the_transfer_and_its_late_bytes_are_drained() -> None:
+    stage = MidChunkStall(lambda plan: _last_group(plan, 1))
+    req, src, dst = _payload("mid")
+    with Receiver() as rx, connect(*rx.address, lanes=LANES, chunk_size=CHUNK, tail_parity=2,
+                                   link_control=False, chunk_stage=stage) as s:
+        stage.session = s
+        h_rx = rx.expect(req.request_id, dst)
+        t0 = time.monotonic()
+        h = s.send(LAYOUT, req)
+        stage.plan = h.plan
+        h.write_all(src)
+        assert h_rx.result(20).state is State.DONE
+        assert time.monotonic() - t0 < STALL / 2 and dst.tobytes() == _whole(src)
+        assert h.finish().result(20).state is State.DONE
+        time.sleep(STALL)  # the stalled lane's rest arrives: read into scratch and dropped
+        stage.plan = None
+        req2, src2, dst2 = _payload("after")  # every lane is still in step
+        h_rx2 = rx.expect(req2.request_id, dst2)
+        h2 = s.send(LAYOUT, req2)
+        h2.write_all(src2)
+        assert h2.finish().result(20).state is State.DONE and h_rx2.result(20).state is State.DONE
+        assert dst2.tobytes() == _whole(src2) and dst.tobytes() == _whole(src)
+        assert rx.stats()["chunks_rebuilt"] >= 1
+
+
+class Corrupt:
+    """Flips a byte of the first copy of chosen chunks on the way out (after hashing)."""
+
+    def __init__(self, pick: Any) -> None:
+        self.pick = pick
+        self.plan: Any = None
+        self.done: set[int] = set()
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        if self.plan is None or ref.chunk not in self.pick(self.plan) or ref.chunk in self.done:
+            return pieces
+        self.done.add(ref.chunk)
+        b = bytearray(b"".join(bytes(p) for p in pieces))
+        b[len(b) // 3] ^= 0xFF
+        return [memoryview(b)]
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        return None
+
+
+def test_corrupt_parity_is_refused_and_a_corrupt_tail_chunk_is_still_delivered_exact() -> None:
+    def pick(plan: Any) -> set[int]:
+        g = TailGroups.of(plan, LANES, 2)
+        return {*g.parity(0), g.data(g.groups - 1)[0]}  # both parity chunks of group 0, a data chunk of the last
+    stage = Corrupt(pick)
+    hold = Held()
+    req, src, dst = _payload("corrupt")
+    with Receiver() as rx, connect(*rx.address, lanes=LANES, chunk_size=CHUNK, tail_parity=2,
+                                   link_control=False, chunk_stage=stage) as s:
+        h_rx = rx.expect(req.request_id, dst)
+        h = s.send(LAYOUT, req)
+        stage.plan = hold.plan = h.plan
+        h.write_all(src)
+        assert h.finish().result(20).state is State.DONE and h_rx.result(20).state is State.DONE
+        stats = rx.stats()
+    assert dst.tobytes() == _whole(src)
+    assert stats["parity_rejected"] == 2 and stats["chunks_rejected"] >= 1
+
+
+def test_a_receiver_without_zfec_is_sent_no_parity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parity, "available", lambda: False)
+    req, src, dst = _payload("nozfec")
+    hold = Held()
+    with Receiver() as rx:
+        monkeypatch.undo()  # (the sender has it)
+        with connect(*rx.address, lanes=LANES, chunk_size=CHUNK, tail_parity=2, link_control=False,
+                     chunk_stage=ChunkHook(hold)) as s:
+            assert parity.parse_offer(s.server_limits) == 0
+            h_rx = rx.expect(req.request_id, dst)
+            h = s.send(LAYOUT, req)
+            h.write_all(src)
+            assert h.finish().result(20).state is State.DONE and h_rx.result(20).state is State.DONE
+            assert max(hold.seen) < h.plan.num_chunks and h.manifest.parity == 0
+    assert dst.tobytes() == _whole(src)
+
+
+def test_tail_parity_is_checked_at_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Receiver() as rx:
+        for bad in (-1, parity.MAX_PARITY + 1, 1.5, True):
+            with pytest.raises(ValueError, match="tail_parity"):
+                connect(*rx.address, tail_parity=bad, link_control=False)
+        monkeypatch.setattr(parity, "available", lambda: False)
+        with pytest.raises(KvwireError, match="zfec"):
+            connect(*rx.address, tail_parity=2, link_control=False)
