@@ -144,7 +144,7 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
     li = last["layer"]
     if h is None:
         return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "chunks": []}
-    layers = h.plan.layers
+    layers = h.plan.layers + (li,) * 1024  # (tail parity chunks, numbered past the plan, are the last layer's)
     produced = rec.produced.get(li, rec.t0)
     chunks = []
     per_lane: dict[int, int] = {}
@@ -168,6 +168,7 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
             if x["verified_ms"] is not None and last["produced_ms"] is not None]
     return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "layer": li, "late_layers": late,
             "layer_bytes": last["bytes"], "chunk_size": h.manifest.chunk_size, "chunks": chunks,
+            "num_chunks": h.plan.num_chunks,
             "one_way_ms": statistics.median(s.min_rtt for s in tr.seen) / 2 * 1e3 if tr.seen else None}
 
 
@@ -199,6 +200,7 @@ def main() -> int:
     ap.add_argument("--loss", type=float, default=0.0001,
                     help="the link's random loss, a fraction (the row's 0.0001; 0: what loss costs the tail)")
     ap.add_argument("--scale", type=float, default=1.0, help="the link's rate x this (the row's 2 Gbit/s at 1)")
+    ap.add_argument("--tail-parity", type=int, default=0, help="kvwire-bench --tail-parity M")
     a = ap.parse_args()
     rate = 2000 * a.scale
     full = rate * PAYLOAD * 1e6 / 8
@@ -223,7 +225,7 @@ def main() -> int:
     with WanLink(rtt_ms=80, loss=a.loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
                  realtime=True) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
-                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=a.warm)
+                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=a.warm, tail_parity=a.tail_parity)
         if a.chunk_size:
             o.chunk_size = a.chunk_size
         done = threading.Event()
@@ -271,7 +273,7 @@ def main() -> int:
             late = max(b["late_layers"], key=lambda x: x[1], default=None)
             print(f"  (the tail is an earlier layer's: layer {late[0] if late else '?'} was verified "
                   f"{late[1] if late else 0:.0f} ms after the last layer was produced)")
-        for c in sorted(cs, key=lambda c: -c["landed_ms"])[:3]:
+        for c in sorted(cs, key=lambda c: -c["landed_ms"])[:3] + [c for c in cs if c["chunk"] >= b["num_chunks"]]:
             print(f"    lane {c['lane']:2} chunk {c['chunk']:3}: taken +{c['taken_ms']:5.1f}, landed "
                   f"+{c['landed_ms']:5.0f} ms; cap {c['cap_mbit']:.0f}, kernel {c['kernel_rate_mbit']:.0f} "
                   f"(min {c['min_kernel_rate_mbit']:.0f}) Mbit/s, cwnd min {c['min_cwnd']}: {why(c)}")

@@ -472,7 +472,7 @@ def row_loopback(a: Any, bench: str) -> list[Row]:
              abs(m_on / m_off - 1) <= 0.05)]
 
 
-def row_stream(a: Any, bench: str, loss: float = 0.0001) -> list[Row]:
+def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int = 0) -> list[Row]:
     from kvwire.bench.document import build_document
     from kvwire.bench.loopback import LoopbackServer
     from kvwire.bench.options import Options
@@ -489,7 +489,8 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001) -> list[Row]:
     with WanLink(rtt_ms=80, loss=loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
                  realtime=a.realtime) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
-                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=warm)  # kvwire-bench's defaults otherwise
+                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=warm,
+                    tail_parity=tail_parity)  # kvwire-bench's defaults otherwise
         with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
             o.port = server.port
             with link.inside("client"):
@@ -549,8 +550,17 @@ def lossless(row: Callable[..., list[Row]]) -> Callable[[Any, str], list[Row]]:
     return run
 
 
+def with_parity(row: Callable[..., list[Row]], m: int = 3) -> Callable[[Any, str], list[Row]]:
+    """``row`` with ``m`` tail parity chunks (``kvwire-bench --tail-parity``): the receiver rebuilds the last
+    layer without the ``m`` lanes a random drop held for a round trip."""
+    def run(a: Any, bench: str) -> list[Row]:
+        return [(f"{name.split(' ', 1)[0]} with --tail-parity {m}: {name.split(' ', 1)[1]}", value, target, ok)
+                for name, value, target, ok in row(a, bench, tail_parity=m)]
+    return run
+
+
 ROWS = {"fat": row_fat, "burst": row_burst, "stream": row_stream, "lossy": row_lossy, "fair": row_fair,
-        "burst0": lossless(row_burst), "stream0": lossless(row_stream),
+        "burst0": lossless(row_burst), "stream0": lossless(row_stream), "streamfec": with_parity(row_stream),
         "collapse": row_collapse, "collapse10": lambda a, bench: row_collapse(a, bench, 10.0),
         "loopback": row_loopback}
 
