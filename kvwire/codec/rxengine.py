@@ -460,7 +460,9 @@ class ReceiverEngine:
         return None
 
     def rebuild_failed(self, t: RxTransfer, chunks: tuple[int, ...]) -> Ended | None:
-        """Rebuilding ``chunks`` broke off before any was written: their copies on the wire answer for them."""
+        """Rebuilding ``chunks`` broke off, or a rebuilt one failed its check (neither NACKed: their copies on
+        the wire answer for them)."""
+        self._counts["rebuilds_failed"] += len(chunks)
         t.machine.rebuild_failed(chunks)
         ended = None
         for _ in chunks:

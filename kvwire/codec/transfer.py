@@ -100,6 +100,7 @@ class ReceiverTransfer:
         self.rebuilding: set[int] = set()  # data chunks of the groups being rebuilt from the other rows
         self.parity_reading: set[int] = set()  # parity chunks a lane is reading now
         self.tail_digests: dict[int, tuple[int, ...]] = {}  # by group: its data digests, from a verified parity
+        self.unrebuildable: set[int] = set()  # groups whose rebuild failed: their copies on the wire answer
 
     @property
     def state(self) -> State:
@@ -189,7 +190,7 @@ class ReceiverTransfer:
         digests known on a hashed transfer); each is then being rebuilt until ``received`` (or
         ``rebuild_failed``)."""
         g = self.groups
-        if g is None or self.state.terminal:
+        if g is None or self.state.terminal or g.group(chunk) in self.unrebuildable:
             return ()
         i = g.group(chunk)
         data, par = g.data(i), g.parity(i)
@@ -204,8 +205,11 @@ class ReceiverTransfer:
         return out
 
     def rebuild_failed(self, chunks: tuple[int, ...]) -> None:
-        """Rebuilding ``chunks`` broke off: their copies on the wire answer for them."""
+        """Rebuilding ``chunks`` broke off, or a rebuilt one failed its check: their copies on the wire answer
+        for them, and their group is not rebuilt again."""
         self.rebuilding.difference_update(chunks)
+        assert self.groups is not None
+        self.unrebuildable.update(self.groups.group(c) for c in chunks)
 
     def received(self, h: Header, computed: int | None) -> ChunkVerdict:
         """The admitted copy's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is

@@ -345,9 +345,16 @@ class RxSession:
                 self._resolve(ended)
             return
         for c, block in blocks.items():
-            rows.write(c, block, handle.views)
             computed = xxhash.xxh3_64_intdigest(block) if hashed else None
             expect = digests[g.block_id(c)] if digests is not None and hashed else 0
+            if hashed and computed != expect:  # (the sender's data changed under it): the copy on the wire answers
+                log.warning("rebuilt chunk %d of transfer %d failed its check", c, t.manifest.transfer_id)
+                with self.lock:
+                    ended = self._engine.rebuild_failed(t, (c,))
+                if ended is not None:
+                    self._resolve(ended)
+                continue
+            rows.write(c, block, handle.views)
             hdr = F.Header(F.KIND_DATA, F.FLAG_HASHED if hashed else 0, t.manifest.transfer_id, c, plan.layers[c],
                            plan.offsets[c], plan.lengths[c], expect)
             with self.lock:

@@ -118,7 +118,11 @@ class LanePump:
             layer, offset, length = plan.layers[chunk], plan.offsets[chunk], plan.lengths[chunk]
         else:  # a parity chunk of the tail group (``codec.parity``): computed at the first one's turn
             assert h.tail is not None
-            pieces = h.tail.payload(chunk)
+            try:
+                pieces = h.tail.payload(chunk)
+            except Exception:  # noqa: BLE001 - parity is a bonus: without it the data chunks still answer
+                log.exception("tail parity chunk %d of transfer %d not sent", chunk, tid)
+                return
             layer, offset, length = h.tail.groups.layer, 0, h.tail.length(chunk)
         digest: int | None = None
         if h.manifest.hashed:
