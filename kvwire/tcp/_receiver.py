@@ -48,8 +48,8 @@ Allocator = Callable[[Manifest], Any]
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
-              "handshakes_cut", "early_bytes", "early_chunks_dropped",
-              *TERMINAL_COUNTERS)
+              "handshakes_cut", "early_bytes", "early_chunks_dropped", "parity_chunks", "parity_rejected",
+              "chunks_rebuilt", "rebuilds_failed", *TERMINAL_COUNTERS)
 
 
 class Receiver:
@@ -262,7 +262,11 @@ class Receiver:
         chunks that passed their hash check, or unhashed ones), ``probe_bytes_received`` (sink transfers),
         ``chunks_rejected`` (failed the hash check: NACKed), ``early_bytes`` (payload whose header arrived
         before its transfer was placed: the early window at work), ``early_chunks_dropped`` (of those, chunks
-        still unplaced after the wait: drained and asked for again), ``transfers_<state>`` and ``probes_<state>``
+        still unplaced after the wait: drained and asked for again), tail parity's (``codec.parity``)
+        ``parity_chunks`` (verified parity chunks), ``parity_rejected`` (parity that failed its hash),
+        ``chunks_rebuilt`` (data chunks rebuilt from their group, before their copies arrived) and
+        ``rebuilds_failed`` (rebuilt chunks that failed their check: left to their copies),
+        ``transfers_<state>`` and ``probes_<state>``
         per terminal state of transfers that began, ``auth_failures``, ``connections_refused`` (over
         the connection bound), ``handshakes_cut`` (unauthenticated connections cut to make room for a
         newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
