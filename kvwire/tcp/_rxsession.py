@@ -6,7 +6,9 @@ the session lock around every call into its ``ReceiverEngine``), performing what
 their destinations through the ``transport.Stream`` (each chunk passes the ``ChunkStage`` after its payload
 is in place and before its hash is checked); a chunk that came early (before its transfer was placed) waits
 on the lane, bounded by ``early_wait``, for the engine's answer, and a chunk past the early window fails the
-session. Must not know: what is legal when, admission, verdicts,
+session; the last layer's chunks of a transfer with tail parity (``codec.parity``) go into its ``TailRows``
+first, are placed from there, and a group the engine says can be rebuilt is rebuilt on the lane whose chunk
+completed it. Must not know: what is legal when, admission, verdicts,
 deadlines or counters (``codec.rxengine``'s), listening, handshakes or authentication, destinations (the
 receiver admits a transfer and hands over its views), receiver-wide limits, torch/cupy, congestion control.
 """
