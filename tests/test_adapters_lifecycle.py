@@ -247,3 +247,21 @@ def test_duplicate_send_fails_its_own_lease(pair):
     first.finish()
     poll_until(outbox, inbox, count=3)
     assert sorted((e.key, e.state.value) for e in released) == [("p-10", "done"), ("p-10", "failed")]
+
+
+def test_an_engines_tail_parity_setting_is_checked_where_it_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's ``tail_parity`` extra config and SGLang's ``KVWIRE_TAIL_PARITY`` go through one check: an int in
+    0..8 (strings from the environment too), and zfec installed unless 0."""
+    from kvwire.adapters import lifecycle
+    from kvwire.errors import LayoutError
+
+    assert lifecycle.tail_parity_setting("0", "X") == 0 and lifecycle.tail_parity_setting(0, "X") == 0
+    if lifecycle.parity_available():
+        assert lifecycle.tail_parity_setting("3", "X") == 3 and lifecycle.tail_parity_setting(8, "X") == 8
+    for bad in (-1, 9, "x", None, True, "2.5"):
+        with pytest.raises(LayoutError, match="KVWIRE_TAIL_PARITY"):
+            lifecycle.tail_parity_setting(bad, "KVWIRE_TAIL_PARITY")
+    monkeypatch.setattr(lifecycle, "parity_available", lambda: False)
+    assert lifecycle.tail_parity_setting(0, "X") == 0
+    with pytest.raises(LayoutError, match="zfec"):
+        lifecycle.tail_parity_setting(2, "X")

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 import vllm_contract as vc  # noqa: E402
 
 from kvwire.adapters import vllm as adapter  # noqa: E402
+from kvwire.codec import parity  # noqa: E402
 from kvwire.errors import LayoutError  # noqa: E402
 
 N = 70  # prompt tokens; N-1 = 69 cross the wire: blocks of 32, the last one partial
@@ -231,3 +232,35 @@ def test_load_zeroes_the_last_blocks_unloaded_rows(pd):
     assert [k for k in a if a[k] != b[k]] == []
     assert all(not x.view(torch.uint8).any() for x in tail)
     assert bool(kv[D_IDS[0][0], :, 0].float().isnan().all()) is False  # loaded rows are the producer's
+
+
+def test_tail_parity_from_the_extra_config_reaches_the_session_and_bad_values_are_refused():
+    """``kv_connector_extra_config={"tail_parity": 2}`` on the producer: its session to the consumer sends
+    parity (the consumer offers it) and the bytes arrive equal. Bad values are refused where vLLM builds the
+    connector."""
+    pytest.importorskip("zfec")
+    p = vc.Instance("kv_producer", tail_parity=2)
+    d = vc.Instance("kv_consumer")
+    try:
+        rid = "kv-parity"
+        dreq = vc.Request("d-req", N, adapter.decode_params(rid))
+        assert d.admit(dreq, D_IDS) == (N - 1, True)
+        d.step({})
+        preq = vc.Request("p-req", N - 1, adapter.prefill_params(rid, d.endpoint))
+        assert p.admit(preq, P_IDS) == (0, False)
+        p.step({preq: N - 1}, prefill_forward(p, range(0, N - 1), 3))
+        assert p.finish(preq) == (True, None)
+        assert not run_until(d, lambda r: "d-req" in r.finished_recving).failed_recving
+        run_until(p, lambda r: "p-req" in r.finished_sending)
+        a, b = request_bytes(p, P_IDS, N - 1), request_bytes(d, D_IDS, N - 1)
+        assert [k for k in a if a[k] != b[k]] == []
+        session = p.worker.outbox.session(*d.worker.inbox.address)
+        assert session.tail_parity == 2 and parity.parse_offer(session.server_limits) == parity.MAX_PARITY
+        assert d.worker.inbox.receiver.stats()["parity_rejected"] == 0
+    finally:
+        p.close()
+        d.close()
+    for bad in (-1, 9, "x", True):
+        with pytest.raises(LayoutError, match="tail_parity"):
+            adapter.KvwireConnector(vc.vllm_config("kv_producer", tail_parity=bad),
+                                    adapter.KVConnectorRole.SCHEDULER, vc.kv_cache_config(8))

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..codec.compat import check_compatible
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
+from ..codec.parity import MAX_PARITY
+from ..codec.parity import available as parity_available
 from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch
@@ -284,6 +286,20 @@ class Sending:
         if self.error and state is State.CANCELLED:
             state, reason = State.FAILED, self.error
         return Ended(self.lease.key, state, reason)
+
+
+def tail_parity_setting(value: Any, name: str) -> int:
+    """An engine's tail parity setting (``kvwire.connect(tail_parity=...)``), checked where the engine is
+    configured: an int in 0..8, and zfec installed when it is not 0. ``LayoutError`` names ``name``."""
+    try:
+        m = int(value)
+    except (TypeError, ValueError):
+        raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY}, not {value!r}") from None
+    if not 0 <= m <= MAX_PARITY or isinstance(value, bool):
+        raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY}, not {value!r}")
+    if m and not parity_available():
+        raise LayoutError(f"{name}={m} needs the zfec package: pip install 'kvwire[fec]'")
+    return m
 
 
 class Outbox(_Book["Sending"]):

@@ -29,7 +29,7 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.reshard import ReshardPlan, plan_reshard
 from ..errors import KvwireError, LayoutError, ReshardUnsupported, TransferFailed
 from ..reshard import sub_request_id
-from .lifecycle import Inbox, Outbox
+from .lifecycle import Inbox, Outbox, tail_parity_setting
 from .sglang_bootstrap import MailboxClient
 from .sglang_pools import SglangPools, unsliceable_tensors
 
@@ -69,6 +69,7 @@ class Settings:
         self.pool_bytes = int(env.get("KVWIRE_POOL_BYTES", str(4 << 30)))
         if self.lanes < 1 or self.timeout <= 0 or self.pool_bytes <= 0:
             raise LayoutError("KVWIRE_LANES, KVWIRE_TIMEOUT and KVWIRE_POOL_BYTES must be positive")
+        self.tail_parity = tail_parity_setting(env.get("KVWIRE_TAIL_PARITY", "0"), "KVWIRE_TAIL_PARITY")
 
     def need_key(self) -> bytes:
         """The key; the bootstrap mailbox (on the network) and the sessions are authenticated with it."""
@@ -166,7 +167,8 @@ class KvwireKVManager(BaseKVManager):
         pool = PinnedPool(self.settings.pool_bytes, backend="torch")
         s = self.settings
         if self.mode == "prefill":
-            self.outbox = Outbox(Stager(self.pools.cache, pool), timeout=s.timeout, lanes=s.lanes, key=s.key)
+            self.outbox = Outbox(Stager(self.pools.cache, pool), timeout=s.timeout, lanes=s.lanes, key=s.key,
+                                 tail_parity=s.tail_parity)
             host = str(getattr(server_args, "dist_init_addr", None) or "").rpartition(":")[0] \
                 or str(getattr(server_args, "host", "127.0.0.1"))
             host = host.strip("[]")

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec
 from ..errors import LayoutError, LayoutMismatch
-from .lifecycle import Ended, Inbox, Outbox
+from .lifecycle import Ended, Inbox, Outbox, tail_parity_setting
 from .positions import StatePolicy
 from .vllm_cache import VllmCacheMap, attention_kv_views
 
@@ -165,7 +165,8 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
     """See the module docstring. Extra config (``kv_connector_extra_config``): ``key`` (pre-shared key; or
     the ``KVWIRE_KEY`` environment variable), ``host``/``port`` (decode: where to listen), ``state_policy``
     (``N-1`` default, ``N`` for attention-only models), ``lanes``, ``timeout`` (s), ``pool_bytes``,
-    ``staging_bytes``."""
+    ``staging_bytes``, ``tail_parity`` (prefill: parity chunks per group of the last layer, ``kvwire.connect``'s
+    ``tail_parity``; 0, the default: none)."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -177,6 +178,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         self.is_producer = getattr(tc, "kv_role", None) in ("kv_producer", "kv_both")
         self.is_consumer = getattr(tc, "kv_role", None) in ("kv_consumer", "kv_both")
         self.policy = StatePolicy.parse(extra.get("state_policy", "N-1"))
+        self.tail_parity = tail_parity_setting(extra.get("tail_parity", 0), "tail_parity")
         tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         if tp != 1:
             raise LayoutError("KvwireConnector supports tensor_parallel_size 1 only (one endpoint per instance)")
@@ -303,7 +305,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         key = self.extra.get("key") or os.environ.get("KVWIRE_KEY") or None
         if self.is_producer:
             self.outbox = Outbox(Stager(cache, pool), timeout=timeout, key=key,
-                                 lanes=int(self.extra.get("lanes", 4)))
+                                 lanes=int(self.extra.get("lanes", 4)), tail_parity=self.tail_parity)
         if self.is_consumer:
             self.inbox = Inbox(Unstager(cache, pool), timeout=timeout, key=key,
                                staging_bytes=int(self.extra.get("staging_bytes", 1 << 30)),
