@@ -26,7 +26,7 @@ from kvwire.codec import frames as F
 from kvwire.codec import parity
 from kvwire.codec.manifest import build_manifest, parse_manifest
 from kvwire.codec.parity import TailGroups
-from kvwire.codec.rxengine import Admit, Ended, ReceiverEngine, RxTransfer
+from kvwire.codec.rxengine import Admit, Ended, ReceiverEngine, RxTransfer, held_bytes
 from kvwire.codec.transfer import SenderTransfer
 from kvwire.errors import KvwireError, ProtocolError
 from kvwire.tcp.transport import ChunkRef
@@ -83,7 +83,10 @@ def test_the_manifest_carries_parity_and_refuses_malformed_or_misplaced_parity()
     wire = m.to_wire(with_layout=True)
     assert wire["par"] == [8, 2] and "par" not in replace(m, parity=0).to_wire()
     back = parse_manifest(wire)
-    assert (back.group_size, back.parity) == (8, 2) and back.tail_scratch_bytes > 0
+    assert (back.group_size, back.parity) == (8, 2)
+    g = TailGroups.of(back.plan(), 8, 2)  # what a receiver holds for it counts against its in-flight bound
+    assert back.tail_scratch_bytes == g.rows * g.width > g.count * min(g.blocks)
+    assert held_bytes(back) == held_bytes(replace(back, parity=0)) + back.tail_scratch_bytes
     for bad in ([0, 2], [8, 0], [8, parity.MAX_PARITY + 1], [parity.MAX_GROUP + 1, 2], [8], "x", [8, True]):
         with pytest.raises(ProtocolError):
             parse_manifest({**wire, "par": bad})
