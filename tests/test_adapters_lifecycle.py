@@ -258,7 +258,7 @@ def test_an_engines_tail_parity_setting_is_checked_where_it_is_configured(monkey
     assert lifecycle.tail_parity_setting("0", "X") == 0 and lifecycle.tail_parity_setting(0, "X") == 0
     if lifecycle.parity_available():
         assert lifecycle.tail_parity_setting("3", "X") == 3 and lifecycle.tail_parity_setting(8, "X") == 8
-    for bad in (-1, 9, "x", None, True, "2.5"):
+    for bad in (-1, 9, "x", None, True, "2.5", 2.9, 2.0):
         with pytest.raises(LayoutError, match="KVWIRE_TAIL_PARITY"):
             lifecycle.tail_parity_setting(bad, "KVWIRE_TAIL_PARITY")
     monkeypatch.setattr(lifecycle, "parity_available", lambda: False)

@@ -26,7 +26,7 @@ from kvwire.codec import frames as F
 from kvwire.codec import parity
 from kvwire.codec.manifest import build_manifest, parse_manifest
 from kvwire.codec.parity import TailGroups
-from kvwire.codec.rxengine import Admit, Ended, ReceiverEngine, RxTransfer, held_bytes
+from kvwire.codec.rxengine import UNSTICK_AFTER, Admit, CutLanes, Ended, ReceiverEngine, RxTransfer, held_bytes
 from kvwire.codec.transfer import SenderTransfer
 from kvwire.errors import KvwireError, ProtocolError
 from kvwire.tcp.transport import ChunkRef
@@ -145,6 +145,90 @@ def test_a_lane_reading_a_tail_chunk_into_scratch_does_not_hold_its_transfer(tai
         assert ended == [Ended(1, State.CANCELLED, "user")] and not e.pending
     else:  # the control: a lane writing into the destination keeps it pending
         assert ended == [] and 1 in e.pending
+
+
+class _Tail:
+    """One tail-parity transfer admitted on a receiver engine (groups of 8, 2 parity), and headers for it."""
+
+    def __init__(self) -> None:
+        self.e = _engine(parity.MAX_PARITY)
+        (a,) = self.e.receive(F.BEGIN, _manifest().to_wire(with_layout=True), 0.0)
+        self.m = a.manifest
+        self.e.activate(self.m, 0.0)
+        self.plan = self.m.plan()
+        self.g = TailGroups.of(self.plan, 8, 2)
+        self.data = list(self.g.data(0))
+        t = self.e.transfer(1)
+        assert t is not None
+        self.t = t
+
+    def header(self, c: int) -> F.Header:
+        if self.g.is_parity(c):
+            return F.Header(F.KIND_DATA, 1, 1, c, self.g.layer, 0, self.g.parity_length(0), 500 + c)
+        p = self.plan
+        return F.Header(F.KIND_DATA, 1, 1, c, p.layers[c], p.offsets[c], p.lengths[c], 100 + c)
+
+    def place(self, c: int, lane: int = 1) -> None:
+        h = self.header(c)
+        assert self.e.chunk_admit(lane, h) is self.t
+        assert self.e.tail_data(self.t, lane, h, h.digest, 1.0).place
+        assert self.e.chunk_done(self.t, lane, h, h.digest, 1.0).reply is not None
+
+    def parity(self, j: int = 0, lane: int = 2) -> tuple[int, ...]:
+        h = self.header(self.g.parity(0)[j])
+        assert self.e.chunk_admit(lane, h) is self.t
+        digests = tuple(100 + c for c in self.data)
+        return self.e.tail_parity(self.t, lane, h, h.digest, digests).rebuild
+
+
+def test_a_lane_stuck_in_a_tail_chunk_of_an_ended_transfer_keeps_its_scratch_charged_and_is_cut() -> None:
+    x = _Tail()
+    scratch = x.m.tail_scratch_bytes
+    h = x.header(x.data[0])
+    assert x.e.chunk_admit(5, h) is x.t  # a lane starts reading into scratch, and stalls
+    out = x.e.cancel(1, "user", 1.0)
+    assert Ended(1, State.CANCELLED, "user") in out  # resolved at once: no destination writer
+    assert x.e.held == scratch  # but its scratch is still read into
+    assert not [a for a in x.e.tick(1.0 + UNSTICK_AFTER - 0.5) if isinstance(a, CutLanes)]
+    assert [a for a in x.e.tick(1.0 + UNSTICK_AFTER + 0.1) if isinstance(a, CutLanes)] == [CutLanes((5,))]
+    assert x.e.tail_abandoned(x.t, 5, h, 1.0 + UNSTICK_AFTER + 0.2) is None  # cut: the read breaks off
+    assert x.e.held == 0 and not x.e.lingering
+
+
+def test_a_failed_rebuild_asks_again_for_the_chunks_whose_copies_it_swallowed() -> None:
+    x = _Tail()
+    for c in x.data[1:]:
+        x.place(c)
+    assert x.parity() == (x.data[0],)  # 7 data rows and a parity row: the 8th is rebuilt
+    h = x.header(x.data[0])
+    assert x.e.chunk_admit(6, h) is None and x.e.chunk_drained(h, 1.0) is None  # its copy: drained meanwhile
+    r = x.e.rebuild_failed(x.t, (x.data[0],), 1.5)
+    assert r.lost is not None and r.lost.body == {"tid": 1, "c": [x.data[0]], "lost": True}
+    assert x.t.writers == 0 and x.parity(1) == ()  # the group is not rebuilt again
+    assert x.e.chunk_admit(6, h) is x.t  # and the copy asked for is read
+
+
+def test_a_rebuild_failed_while_a_copy_is_read_waits_for_that_copy() -> None:
+    """The control: a copy being read (a stalled lane's) answers for the chunk; no NACK."""
+    x = _Tail()
+    h = x.header(x.data[0])
+    assert x.e.chunk_admit(6, h) is x.t  # being read, stalled
+    for c in x.data[1:]:
+        x.place(c)
+    assert x.parity() == (x.data[0],)
+    assert x.e.rebuild_failed(x.t, (x.data[0],), 1.5).lost is None
+
+
+def test_a_row_that_cannot_be_placed_is_dropped_and_asked_for_again() -> None:
+    x = _Tail()
+    c = x.data[2]
+    h = x.header(c)
+    assert x.e.chunk_admit(3, h) is x.t and x.e.tail_data(x.t, 3, h, h.digest, 1.0).place
+    assert x.t.writers == 1
+    r = x.e.tail_place_failed(x.t, 3, h, 1.2)
+    assert r.lost is not None and r.lost.body == {"tid": 1, "c": [c], "lost": True}
+    assert x.t.writers == 0 and not x.t.machine.rows[x.g.row(c)] and c not in x.t.machine.placing
+    assert x.e.chunk_admit(4, h) is x.t  # the next copy is read
 
 
 # ------------------------------------------------------------------ real sockets

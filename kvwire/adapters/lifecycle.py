@@ -292,6 +292,8 @@ def tail_parity_setting(value: Any, name: str) -> int:
     """An engine's tail parity setting (``kvwire.connect(tail_parity=...)``), checked where the engine is
     configured: an int in 0..8, and zfec installed when it is not 0. ``LayoutError`` names ``name``."""
     try:
+        if not isinstance(value, (int, str)):  # (a float would be cut: 2.9 is not 2)
+            raise TypeError
         m = int(value)
     except (TypeError, ValueError):
         raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY}, not {value!r}") from None

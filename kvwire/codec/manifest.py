@@ -162,14 +162,14 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
         layout = known_layouts.get(fp)
     group_size, parity = _parity(d, sink)
     m = Manifest(tid, fp, request, tuple(segments), chunk, hash_name, layout, sink, group_size, parity)
-    if parity and not m.total_bytes:
-        raise ProtocolError("tail parity on a transfer without payload")
-    if parity and m.tail_scratch_bytes // TailGroups.of(m.plan(), group_size, parity).rows > limits.max_chunk:
-        raise ProtocolError(f"tail parity chunks would exceed max_chunk ({limits.max_chunk})")
     if layout is not None:
         check_segments(m, layout)
     if total // chunk + len(segments) + 1 > limits.max_chunks:
         raise ProtocolError(f"transfer would need more than {limits.max_chunks} chunks")
+    if parity and not m.total_bytes:
+        raise ProtocolError("tail parity on a transfer without payload")
+    if parity and TailGroups.of(m.plan(), group_size, parity).width > limits.max_chunk:  # (after max_chunks)
+        raise ProtocolError(f"tail parity chunks would exceed max_chunk ({limits.max_chunk})")
     return m
 
 

@@ -127,6 +127,10 @@ class RxTransfer:
     pending: tuple[State, str] | None = None  # ended while a lane writes: resolved when the last one stops
     pending_since: float = 0.0
     done_digest: int | None = None  # an early DONE's digest, held until every chunk is verified
+    # lane ids reading a tail group's chunk into the driver's scratch rows (``codec.parity``): no writers of
+    # the destination, but they hold the scratch, which stays charged to ``held`` until the last one leaves
+    scratch_readers: set[int] = field(default_factory=set)
+    ended_at: float = 0.0
 
     @property
     def manifest(self) -> Manifest:
@@ -180,6 +184,7 @@ class ReceiverEngine:
         self.transfers: dict[int, RxTransfer] = {}  # in flight
         self.ended: OrderedDict[int, None] = OrderedDict()  # recently ended ids
         self.pending: dict[int, RxTransfer] = {}  # ended, a lane still writing
+        self.lingering: dict[int, RxTransfer] = {}  # ended, a lane still reading into its tail scratch
         self.layouts: dict[bytes, ModelLayout] = {}
         self.last_seen = now
         self.last_sent = now
@@ -309,6 +314,10 @@ class ReceiverEngine:
             t.machine.status.end(state, reason)
             m = t.manifest
             self.held -= held_bytes(m)
+            if t.scratch_readers:  # its scratch is held until they leave (or are cut)
+                self.held += m.tail_scratch_bytes
+                t.ended_at = now
+                self.lingering[tid] = t
             self._counts[terminal_counter(state, m.sink)] += 1
             self._remember(tid)
             if t.writers == 0:
@@ -346,7 +355,8 @@ class ReceiverEngine:
         for tid in [tid for tid, t in self.transfers.items() if now > t.deadline]:
             out += self.end(tid, State.TIMED_OUT, "transfer deadline passed", now, notify=F.ERROR)
         stuck = tuple(lane for t in self.pending.values() if now - t.pending_since > UNSTICK_AFTER
-                      for lane in t.writing)
+                      for lane in t.writing) + tuple(lane for t in self.lingering.values()
+                                                     if now - t.ended_at > UNSTICK_AFTER for lane in t.scratch_readers)
         if stuck:
             out.append(CutLanes(stuck))
         return out
@@ -371,7 +381,9 @@ class ReceiverEngine:
             return AwaitOffer(tid)
         if not t.machine.admit(h):
             return None
-        if not t.machine.in_tail(h.chunk):  # (a tail group's chunk is read into scratch: see ``tail_data``)
+        if t.machine.in_tail(h.chunk):  # read into scratch (``tail_data``): no writer of the destination
+            t.scratch_readers.add(lane)
+        else:
             t.writers += 1
             t.writing.add(lane)
         return t
@@ -405,6 +417,8 @@ class ReceiverEngine:
             return ChunkResult(None, (), now, ended)  # checked no hash: not bytes_received (verified bytes)
         if verdict.ack:
             self._counts["probe_bytes_received" if m.sink else "bytes_received"] += h.length
+            if lane == REBUILDER:
+                self._counts["chunks_rebuilt"] += 1
             reply = self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
         else:
             self._counts["chunks_rejected"] += 1
@@ -430,6 +444,7 @@ class ReceiverEngine:
         """An admitted data chunk of the tail group is in its scratch row (``computed``: its xxh3_64, None
         when unhashed). ``place``: copy the row into the destination (lane ``lane`` writes into the transfer
         now), then call ``chunk_done``; else send ``reply`` (if any). Then rebuild ``rebuild``."""
+        self._reader_left(t, lane)
         verdict = t.machine.tail_read(h, computed)
         reply = None
         if verdict == "place":
@@ -444,36 +459,59 @@ class ReceiverEngine:
             reply = self._send(F.ACK, {"tid": h.transfer_id, "c": [h.chunk]}, now)
         return TailStep(verdict == "place", reply, self._claim(t, h.chunk))
 
-    def tail_parity(self, t: RxTransfer, h: Header, computed: int | None, digests: tuple[int, ...]) -> TailStep:
+    def tail_parity(self, t: RxTransfer, lane: int, h: Header, computed: int | None,
+                    digests: tuple[int, ...]) -> TailStep:
         """An admitted parity chunk is in its scratch row, ``digests`` its trailer: what to rebuild now."""
+        self._reader_left(t, lane)
         if not t.machine.parity_read(h, computed, digests):
-            self._counts["parity_rejected"] += 1
+            if not t.machine.state.terminal:
+                self._counts["parity_rejected"] += 1  # (failed its hash)
             return TailStep(False, None, ())
         self._counts["parity_chunks"] += 1
         return TailStep(False, None, self._claim(t, h.chunk))
 
-    def tail_abandoned(self, t: RxTransfer, h: Header, now: float) -> Send | None:
+    def tail_abandoned(self, t: RxTransfer, lane: int, h: Header, now: float) -> Send | None:
         """The admitted copy of a tail group chunk broke off mid-read (it wrote no destination byte): the
         NACK asking for a copy dropped meanwhile, if any."""
+        self._reader_left(t, lane)
         if t.machine.tail_abandoned(h.chunk) and not self._over:
             return self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
         return None
 
-    def rebuild_failed(self, t: RxTransfer, chunks: tuple[int, ...]) -> Ended | None:
-        """Rebuilding ``chunks`` broke off, or a rebuilt one failed its check (neither NACKed: their copies on
-        the wire answer for them)."""
+    def rebuild_failed(self, t: RxTransfer, chunks: tuple[int, ...], now: float) -> ChunkResult:
+        """Rebuilding ``chunks`` broke off, or a rebuilt one failed its check: their group is not rebuilt again,
+        and those not verified nor being read are asked for again (NACK ``lost``: a copy that arrived
+        meanwhile was drained for the rebuild)."""
         self._counts["rebuilds_failed"] += len(chunks)
         t.machine.rebuild_failed(chunks)
         ended = None
         for _ in chunks:
             ended = self._writer_left(t, REBUILDER) or ended
-        return ended
+        again = [c for c in chunks if not t.machine.verified[c] and c not in t.machine.writing]
+        lost = None
+        if again and not self._over and not t.machine.state.terminal:
+            lost = self._send(F.NACK, {"tid": t.manifest.transfer_id, "c": again, "lost": True}, now)
+        return ChunkResult(None, ended=ended, lost=lost)
+
+    def tail_place_failed(self, t: RxTransfer, lane: int, h: Header, now: float) -> ChunkResult:
+        """Copying a verified row into its destination broke off: the row is dropped and the chunk asked for
+        again (NACK ``lost``); lane ``lane`` writes no more."""
+        t.machine.place_failed(h.chunk)
+        lost = None
+        if not self._over and not t.machine.state.terminal:
+            lost = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
+        return ChunkResult(None, ended=self._writer_left(t, lane), lost=lost)
+
+    def _reader_left(self, t: RxTransfer, lane: int) -> None:
+        t.scratch_readers.discard(lane)
+        tid = t.manifest.transfer_id
+        if not t.scratch_readers and self.lingering.get(tid) is t:
+            del self.lingering[tid]
+            self.held -= t.manifest.tail_scratch_bytes
 
     def _claim(self, t: RxTransfer, chunk: int) -> tuple[int, ...]:
         out = t.machine.claim_rebuild(chunk)
-        if out:
-            t.writers += len(out)  # each is written into the destination by the rebuilder (``REBUILDER``)
-            self._counts["chunks_rebuilt"] += len(out)
+        t.writers += len(out)  # each is written into the destination by the rebuilder (``REBUILDER``)
         return out
 
     def _writer_left(self, t: RxTransfer, lane: int) -> Ended | None:

@@ -177,6 +177,15 @@ class ReceiverTransfer:
         self.placing.add(h.chunk)
         return "place"
 
+    def place_failed(self, chunk: int) -> None:
+        """Copying ``chunk``'s verified row into place broke off: the row is dropped (its group counts it
+        missing again) and the chunk waits for another copy."""
+        assert self.groups is not None
+        self.placing.discard(chunk)
+        self.writing.discard(chunk)
+        self.dropped.discard(chunk)
+        self.rows[self.groups.row(chunk)] = 0
+
     def tail_abandoned(self, chunk: int) -> bool:
         """The admitted copy of a group chunk broke off mid-read: as ``abandon``."""
         if chunk in self.parity_reading:

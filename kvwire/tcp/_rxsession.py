@@ -27,6 +27,7 @@ import xxhash
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.manifest import Manifest
+from ..codec.parity import TailGroups
 from ..codec.rxengine import (
     REBUILDER,
     Action,
@@ -142,6 +143,14 @@ class RxSession:
     def activate(self, m: Manifest, h: IncomingTransfer, views: list[memoryview]) -> bool:
         """Start ``m`` into ``h``'s destination ``views`` and ACCEPT it; False (REJECT sent) when the
         session can no longer take it."""
+        rows = None
+        if m.parity:  # (allocated before the lock; its size counted in held_bytes, checked by the receiver)
+            plan = m.plan()
+            try:
+                rows = TailRows(TailGroups.of(plan, m.group_size, m.parity), plan)
+            except MemoryError:
+                self.refuse(m.transfer_id, f"no memory for its tail parity scratch ({m.tail_scratch_bytes} bytes)")
+                return False
         with self.lock:
             now = time.monotonic()
             actions = self._engine.activate(m, now, h.deadline)
@@ -149,8 +158,8 @@ class RxSession:
             if t is not None:
                 if h.bind(self, m, t.plan, views, t.deadline, t.machine):
                     self.handles[m.transfer_id] = h
-                    if t.machine.groups is not None:
-                        self._tails[m.transfer_id] = TailRows(t.machine.groups, t.plan)
+                    if rows is not None:
+                        self._tails[m.transfer_id] = rows
                 else:  # its user cancelled it as it was admitted: the sender is told (ACCEPT, then CANCEL)
                     actions += self._engine.cancel(m.transfer_id, h.reason or "cancelled by receiver", now)
             self._answered.notify_all()
@@ -297,14 +306,14 @@ class RxSession:
                 computed = xxhash.xxh3_64_intdigest(view) if hashed else None
                 with self.lock:
                     if rows.groups.is_parity(h.chunk):
-                        step = self._engine.tail_parity(t, h, computed, rows.digests(h.chunk))
+                        step = self._engine.tail_parity(t, lane_id, h, computed, rows.digests(h.chunk))
                     else:
                         step = self._engine.tail_data(t, lane_id, h, computed, time.monotonic())
         finally:
             if step is None:  # the read broke off, or the stage failed: no destination byte was written
                 now = time.monotonic()
                 with self.lock:
-                    lost = self._engine.tail_abandoned(t, h, now)
+                    lost = self._engine.tail_abandoned(t, lane_id, h, now)
                     actions = (self._engine.end(h.transfer_id, State.FAILED, failed, now, notify=F.ERROR)
                                if failed else [])
                 if lost is not None:
@@ -314,54 +323,61 @@ class RxSession:
             return
         if step.reply is not None:
             self.send(step.reply.kind, step.reply.body)
-        if step.place:
-            result: ChunkResult | None = None
-            try:
-                rows.place(h.chunk, handle.views)
+        try:
+            if step.place:
+                self._place(t, lane, lane_id, h, computed, handle, rows)
+        finally:  # (the engine counts the claimed chunks as writers: they are rebuilt or released, whatever)
+            if step.rebuild:
+                self._rebuild(t, handle, rows, step.rebuild)
+
+    def _place(self, t: RxTransfer, lane: int, lane_id: int, h: F.Header, computed: int | None,
+               handle: IncomingTransfer, rows: TailRows) -> None:
+        """Copy a verified data row into its destination, then have it verified as any chunk."""
+        result: ChunkResult | None = None
+        try:
+            rows.place(h.chunk, handle.views)
+            with self.lock:
+                result = self._engine.chunk_done(t, lane_id, h, computed, time.monotonic())
+        finally:
+            if result is None:
                 with self.lock:
-                    result = self._engine.chunk_done(t, lane_id, h, computed, time.monotonic())
-            finally:
-                if result is None:
-                    with self.lock:
-                        result = self._engine.chunk_abandoned(t, lane_id, h, time.monotonic())
-                    self._finish_chunk(result, None)
-            self._finish_chunk(result, handle, lane, h.length)
-        if step.rebuild:
-            self._rebuild(t, handle, rows, step.rebuild)
+                    failed = self._engine.tail_place_failed(t, lane_id, h, time.monotonic())
+                self._finish_chunk(failed, None)
+        self._finish_chunk(result, handle, lane, h.length)
 
     def _rebuild(self, t: RxTransfer, handle: IncomingTransfer, rows: TailRows, chunks: tuple[int, ...]) -> None:
         """Rebuild data ``chunks`` of one group (claimed by the engine) from its verified rows, write each into
-        its destination and have it verified against the digest its group's parity carried."""
-        g, plan, hashed = rows.groups, t.plan, t.manifest.hashed
+        its destination and have it verified against the digest its group's parity carried. Whatever goes
+        wrong, every claimed chunk ends verified or released (``rebuild_failed``)."""
+        g, plan, hashed, tid = rows.groups, t.plan, t.manifest.hashed, t.manifest.transfer_id
         i = g.group(chunks[0])
-        with self.lock:
-            present = [c for c in (*g.data(i), *g.parity(i)) if t.machine.rows[g.row(c)]]
-            digests = t.machine.tail_digests.get(i)
+        left = list(chunks)
         try:
+            with self.lock:
+                present = [c for c in (*g.data(i), *g.parity(i)) if t.machine.rows[g.row(c)]]
+                digests = t.machine.tail_digests.get(i)
             blocks = rows.rebuild(present, chunks)
-        except Exception as e:  # noqa: BLE001 - zfec's failure leaves the chunks to their copies on the wire
-            log.warning("rebuilding chunks %s of transfer %d failed: %s", chunks, t.manifest.transfer_id, e)
-            with self.lock:
-                ended = self._engine.rebuild_failed(t, chunks)
-            if ended is not None:
-                self._resolve(ended)
-            return
-        for c, block in blocks.items():
-            computed = xxhash.xxh3_64_intdigest(block) if hashed else None
-            expect = digests[g.block_id(c)] if digests is not None and hashed else 0
-            if hashed and computed != expect:  # (the sender's data changed under it): the copy on the wire answers
-                log.warning("rebuilt chunk %d of transfer %d failed its check", c, t.manifest.transfer_id)
+            for c in chunks:
+                block = blocks[c]
+                computed = xxhash.xxh3_64_intdigest(block) if hashed else None
+                expect = digests[g.block_id(c)] if digests is not None and hashed else 0
+                if hashed and computed != expect:  # (the sender's data changed under it): its copies answer
+                    log.warning("rebuilt chunk %d of transfer %d failed its check", c, tid)
+                    continue
+                rows.write(c, block, handle.views)
+                hdr = F.Header(F.KIND_DATA, F.FLAG_HASHED if hashed else 0, tid, c, plan.layers[c], plan.offsets[c],
+                               plan.lengths[c], expect)
                 with self.lock:
-                    ended = self._engine.rebuild_failed(t, (c,))
-                if ended is not None:
-                    self._resolve(ended)
-                continue
-            rows.write(c, block, handle.views)
-            hdr = F.Header(F.KIND_DATA, F.FLAG_HASHED if hashed else 0, t.manifest.transfer_id, c, plan.layers[c],
-                           plan.offsets[c], plan.lengths[c], expect)
-            with self.lock:
-                result = self._engine.chunk_done(t, REBUILDER, hdr, computed, time.monotonic())
-            self._finish_chunk(result, handle)
+                    result = self._engine.chunk_done(t, REBUILDER, hdr, computed, time.monotonic())
+                left.remove(c)
+                self._finish_chunk(result, handle)
+        except Exception as e:  # noqa: BLE001 - zfec's or a copy's failure leaves the chunks to their copies
+            log.warning("rebuilding chunks %s of transfer %d failed: %s", left, tid, e)
+        finally:
+            if left:
+                with self.lock:
+                    released = self._engine.rebuild_failed(t, tuple(left), time.monotonic())
+                self._finish_chunk(released, None)
 
     def _stage_failed(self, t: RxTransfer, lane_id: int, h: F.Header, why: str) -> ChunkResult:
         """The chunk stage raised: the transfer fails (the sender is told) and the lane reads on."""
