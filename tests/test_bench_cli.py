@@ -486,3 +486,22 @@ def test_client_with_its_server_frozen_ends_soon_and_keeps_per_request_states(ti
         server.send_signal(signal.SIGCONT)
         server.kill()
         server.wait()
+
+
+def test_tail_parity_is_sent_and_counted_in_the_document(tiny_config: str) -> None:
+    """``--tail-parity 2``: the receiving side's counters come back in ``kv.tail_parity`` (parity verified
+    or refused, chunks rebuilt), every byte still verified; without it the counters are zero."""
+    pytest.importorskip("zfec")
+    docs = {}
+    for m in (2, 0):
+        r = bench("--loopback", "--model", tiny_config, "--tokens", "60000", "--requests", "4", "-P", "4",
+                  "--chunk-size", "64K", "--tail-parity", str(m), "-J")
+        assert r.returncode == 0, r.stderr + r.stdout
+        docs[m] = json.loads(r.stdout)["kv"]
+    par, off = docs[2]["tail_parity"], docs[0]["tail_parity"]
+    assert par["per_group"] == 2 and off["per_group"] == 0
+    assert par["parity_chunks"] + par["chunks_rebuilt"] > 0 and par["parity_rejected"] == par["rebuilds_failed"] == 0
+    assert off["parity_chunks"] == off["chunks_rebuilt"] == 0
+    assert docs[2]["verification"]["verified"] and docs[0]["verification"]["verified"]
+    bad = bench("--loopback", "--model", tiny_config, "--tail-parity", "9")
+    assert bad.returncode != 0 and "--tail-parity" in bad.stderr

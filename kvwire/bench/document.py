@@ -185,6 +185,7 @@ def build_document(r: RunResult) -> dict[str, Any]:
                     "receiver_verify_s": float(srv.get("verify_cpu", 0.0)),
                     "cpu_s_per_gb": (tx_cpu + rx_cpu) / moved_gb if moved_gb else None},
             "receiver_memory": _memory(srv),
+            "tail_parity": _parity(o.tail_parity, srv),
             "timeline": timelines,
             "verification": {
                 "verified": ok,
@@ -203,6 +204,14 @@ def build_document(r: RunResult) -> dict[str, Any]:
     if r.link_control is not None:
         doc["kv"]["link_control"] = r.link_control
     return doc
+
+
+def _parity(per_group: int, srv: dict[str, Any]) -> dict[str, Any]:
+    """``--tail-parity``: per group, and the receiving side's counters over the test (null when it sent none)."""
+    got = srv.get("parity")
+    counts: dict[str, Any] = got if isinstance(got, dict) else {}
+    return {"per_group": per_group, **{k: counts.get(k) for k in ("parity_chunks", "parity_rejected",
+                                                                      "chunks_rebuilt", "rebuilds_failed")}}
 
 
 def _memory(rec: dict[str, Any]) -> dict[str, Any]:

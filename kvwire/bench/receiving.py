@@ -75,6 +75,10 @@ class ReceiverConfig:
     metrics_port: int | None = None
 
 
+#: the receiver's tail parity counters a test reports (``kv.tail_parity``)
+PARITY_COUNTERS = ("parity_chunks", "parity_rejected", "chunks_rebuilt", "rebuilds_failed")
+
+
 @dataclass
 class Test:
     """One test on the receiving side: its channel, transfers in progress, results and counters."""
@@ -102,6 +106,7 @@ class Test:
     lane_bytes: LaneCounters = field(default_factory=lambda: LaneCounters(("bytes_received",)))
     connected: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(socket) -> its addresses
     reverse: dict[str, Any] | None = None  # -R: this end sent; the sending side's record (document or error)
+    parity0: dict[str, int] = field(default_factory=dict)  # the receiver's tail parity counters at start
 
     def tell(self, op: str, **fields: Any) -> None:
         try:
@@ -190,6 +195,7 @@ class ReceivingSide:
                 ru = resource.getrusage(resource.RUSAGE_SELF)
                 test.cpu0, test.wall0 = (ru.ru_utime, ru.ru_stime), time.monotonic()
                 test.rss_base = proc_status_bytes("VmRSS")
+                test.parity0 = self._parity_counts()
                 ch.tell("started", ts=test.wall0)
             elif op == "end":
                 ch.tell("summary", **self._summary(test))
@@ -240,7 +246,13 @@ class ReceivingSide:
                 "rss_peak": proc_status_bytes("VmHWM"), "rss_base": test.rss_base, "pool_bytes": self.pool.held_bytes,
                 "requests_ok": test.requests_ok, "requests_failed": test.requests_failed,
                 "bytes_verified": test.bytes_verified, "first_begin": test.first_begin,
-                "last_verified": test.last_verified, "congestion": default_congestion()}
+                "last_verified": test.last_verified, "congestion": default_congestion(),
+                "parity": {k: n - test.parity0.get(k, 0) for k, n in self._parity_counts().items()}}
+
+    def _parity_counts(self) -> dict[str, int]:
+        """The receiver's tail parity counters (``Receiver.stats``), for this test's share of them."""
+        st = self.rx.stats()
+        return {k: int(st.get(k, 0)) for k in PARITY_COUNTERS}
 
     def _summary(self, test: Test) -> dict[str, Any]:
         """The ``summary`` the sending side asks for with ``end`` (once the last request is checked)."""

@@ -207,6 +207,13 @@ def summary_lines(doc: dict[str, Any], verbose_layers: bool = True) -> list[str]
         out.append(f"Exposed tail   p50 {fmt_ms(tail['p50'])}, p99 {fmt_ms(tail['p99'])} over "
                    f"{kv['verification']['requests_ok']} request(s) (last layer verified - last layer "
                    f"produced; clocks aligned to +/-{kv['clock_uncertainty_s'] * 1e3:.2f} ms)")
+    par = kv.get("tail_parity") or {}
+    if par.get("per_group"):
+        got = ("the receiver sent no counts" if par.get("parity_chunks") is None else
+               f"{par['parity_chunks']} parity chunks verified, {par['chunks_rebuilt']} data chunks rebuilt before "
+               f"their copies arrived ({par['parity_rejected']} parity refused, {par['rebuilds_failed']} rebuilds "
+               "failed)")
+        out.append(f"Tail parity    {par['per_group']} per group of the last layer: {got}")
     mem = kv["receiver_memory"]
     if isinstance(mem["rss_peak"], int) and isinstance(mem["pool_bytes"], int):
         out.append(f"Receiver RSS   peak {mem['rss_peak'] / 2**20:.0f} MiB = destination pool "
