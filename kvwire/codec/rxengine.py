@@ -94,9 +94,9 @@ REBUILDER = -1
 
 @dataclass(frozen=True, slots=True)
 class TailStep:
-    """What a tail group chunk read into its scratch row leads to: ``place`` (copy the row into the
-    destination, then ``chunk_done``), else ``reply`` to send; then the data chunks to ``rebuild`` from the
-    group's rows (each written, then ``chunk_done(t, REBUILDER, ...)``, or ``rebuild_failed``)."""
+    """What a chunk of the last layer's parity groups read into its scratch row leads to: ``place`` (copy the
+    row into the destination, then ``chunk_done``), else ``reply`` to send; then the data chunks to ``rebuild``
+    from the group's rows (each written, then ``chunk_done(t, REBUILDER, ...)``, or ``rebuild_failed``)."""
 
     place: bool
     reply: Send | None
@@ -112,7 +112,7 @@ def check_lane_control(kind: str) -> None:
 
 def held_bytes(m: Manifest) -> int:
     """What an admitted transfer holds against a receiver's in-flight bound: its payload (none for a
-    sink, which reads into shared scratch), its metadata (segments, plan, views) and its tail group's scratch."""
+    sink, which reads into shared scratch), its metadata (segments, plan, views) and its parity groups' scratch."""
     return m.metadata_bytes + (0 if m.sink else m.total_bytes) + m.tail_scratch_bytes
 
 
@@ -127,7 +127,7 @@ class RxTransfer:
     pending: tuple[State, str] | None = None  # ended while a lane writes: resolved when the last one stops
     pending_since: float = 0.0
     done_digest: int | None = None  # an early DONE's digest, held until every chunk is verified
-    # lane ids reading a tail group's chunk into the driver's scratch rows (``codec.parity``): no writers of
+    # lane ids reading a parity group's chunk into the driver's scratch rows (``codec.parity``): no writers of
     # the destination, but they hold the scratch, which stays charged to ``held`` until the last one leaves
     scratch_readers: set[int] = field(default_factory=set)
     ended_at: float = 0.0
@@ -439,9 +439,9 @@ class ReceiverEngine:
             lost = self._send(F.NACK, {"tid": h.transfer_id, "c": [h.chunk], "lost": True}, now)
         return ChunkResult(None, ended=self._writer_left(t, lane), lost=lost)
 
-    # ---- the tail group (``codec.parity``): its chunks are read into the driver's scratch rows first
+    # ---- the last layer's parity groups (``codec.parity``): its chunks are read into the driver's scratch rows first
     def tail_data(self, t: RxTransfer, lane: int, h: Header, computed: int | None, now: float) -> TailStep:
-        """An admitted data chunk of the tail group is in its scratch row (``computed``: its xxh3_64, None
+        """An admitted data chunk of a parity group is in its scratch row (``computed``: its xxh3_64, None
         when unhashed). ``place``: copy the row into the destination (lane ``lane`` writes into the transfer
         now), then call ``chunk_done``; else send ``reply`` (if any). Then rebuild ``rebuild``."""
         self._reader_left(t, lane)
@@ -471,7 +471,7 @@ class ReceiverEngine:
         return TailStep(False, None, self._claim(t, h.chunk))
 
     def tail_abandoned(self, t: RxTransfer, lane: int, h: Header, now: float) -> Send | None:
-        """The admitted copy of a tail group chunk broke off mid-read (it wrote no destination byte): the
+        """The admitted copy of a parity group's chunk broke off mid-read (it wrote no destination byte): the
         NACK asking for a copy dropped meanwhile, if any."""
         self._reader_left(t, lane)
         if t.machine.tail_abandoned(h.chunk) and not self._over:

@@ -144,7 +144,7 @@ class ReceiverTransfer:
             return not self.verified[chunk] and not self.state.terminal
         return False
 
-    # ---- the tail group (``codec.parity``)
+    # ---- the last layer's parity groups (``codec.parity``)
     def in_tail(self, chunk: int) -> bool:
         """``chunk`` (a wire index) is read into a scratch row, not into its destination."""
         return self.groups is not None and self.groups.covers(chunk)
@@ -222,7 +222,7 @@ class ReceiverTransfer:
 
     def received(self, h: Header, computed: int | None) -> ChunkVerdict:
         """The admitted copy's bytes are in place; ``computed`` is their xxh3_64 (None when hashing is
-        off). A NACK answers every copy of the chunk, a dropped one included. A chunk of the tail group
+        off). A NACK answers every copy of the chunk, a dropped one included. A chunk of a parity group
         comes here once placed from its row or rebuilt."""
         self.writing.discard(h.chunk)
         self.dropped.discard(h.chunk)

@@ -1,7 +1,7 @@
 """The sending end's protocol engine, sans-IO: a session's transfers and what each control message does.
 
 Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines), the round-robin choice
-of the next chunk for a lane (a tail group's parity chunks after its data, ``codec.parity``), which lane holds
+of the next chunk for a lane (a parity group's parity chunks right after its data, ``codec.parity``), which lane holds
 which chunk in flight and re-queueing them when a lane
 dies, the control messages from the receiver (legal per ``rules.SENDER_RECEIVES``; ACCEPT, REJECT,
 ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEAT, BYE), DONE with the

@@ -60,7 +60,7 @@ class OutgoingTransfer(Outcome):
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
         self.started = time.monotonic()
         self.bytes_sent = 0  #: payload bytes put on the lanes (re-sends included); the driver adds to it
-        #: the tail group's parity payloads (``codec.parity``), when the transfer has one; set by the driver
+        #: the last layer's parity payloads (``codec.parity``), when the transfer has one; set by the driver
         self.tail: TailEncoder | None = None
         self._written: set[int] = set()
         self._acked_lock = threading.Lock()

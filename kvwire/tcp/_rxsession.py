@@ -69,7 +69,7 @@ class RxSession:
         self.closed = False
         self._lane_conns: dict[int, Stream] = {}  # every lane connection being read, by the engine's lane id
         self._lane_ids = itertools.count()
-        self._tails: dict[int, TailRows] = {}  # the tail group's scratch rows of transfers in flight, by id
+        self._tails: dict[int, TailRows] = {}  # the last layer's scratch rows of transfers in flight, by id
 
     # ---- queries
     @property
@@ -289,8 +289,9 @@ class RxSession:
 
     def _read_tail(self, ch: Stream, lane: int, lane_id: int, h: F.Header, t: RxTransfer, handle: IncomingTransfer,
                    rows: TailRows) -> None:
-        """One chunk of the tail group (``codec.parity``): into its scratch row (a lane stalled in it holds no
-        destination byte), verified; a data chunk is then placed, and whatever the group can rebuild now is."""
+        """One chunk of the last layer's parity groups (``codec.parity``): into its scratch row (a lane stalled in
+        it holds no destination byte), verified; a data chunk is then placed, and whatever its group can rebuild
+        now is."""
         hashed = t.manifest.hashed
         view = rows.view(h.chunk, h.length)
         step: TailStep | None = None

@@ -124,13 +124,13 @@ class Session(SenderConnection):
         warm_up: what warming runs, ``fn(session, warm)`` (``kvwire.probe.warm_up``, which
             ``kvwire.connect`` passes; the probe is built on this transport, so it is handed in). ``None``
             (the default here): the session is never warmed, and ``warm`` must be ``None`` or ``False``.
-        tail_parity: Reed-Solomon parity chunks (0..8) sent after each transfer's last layer, which is cut
-            into one chunk a lane (``kvwire.codec.parity``): the receiver rebuilds the layer from any of its
-            chunks but that many, so a lane stalled by a lost packet (a round trip on a long path) does not
-            hold the last layer. Costs ``tail_parity / k`` more bytes of the last layer (``k``: the active
-            lanes less the parity) and an encode of the layer when it is written. Needs ``zfec`` on both
-            ends (``pip install 'kvwire[fec]'``; ``KvwireError`` here without it); a receiver without it
-            gets no parity. 0, the default: none.
+        tail_parity: Reed-Solomon parity chunks (0..8) per group of each transfer's last layer
+            (``kvwire.codec.parity``): the layer's chunks are coded in groups of as many as there are active
+            lanes, each group's parity goes out right after its data, and the receiver rebuilds a group from
+            any of its chunks but that many, so lanes held back by a lost packet (a round trip on a long path)
+            do not hold the last layer. Costs ``tail_parity / lanes`` more bytes of the last layer and an
+            encode of it as it goes out. Needs ``zfec`` on both ends (``pip install 'kvwire[fec]'``;
+            ``KvwireError`` here without it); a receiver without it gets no parity. 0, the default: none.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does

@@ -116,7 +116,7 @@ class LanePump:
         if chunk < plan.num_chunks:
             pieces = h.pieces(chunk)
             layer, offset, length = plan.layers[chunk], plan.offsets[chunk], plan.lengths[chunk]
-        else:  # a parity chunk of the tail group (``codec.parity``): computed at the first one's turn
+        else:  # a parity chunk of the last layer (``codec.parity``): computed at the first one's turn
             assert h.tail is not None
             try:
                 pieces = h.tail.payload(chunk)
