@@ -40,7 +40,9 @@ class TailEncoder:
         self._plan = plan
         self._views = views
         self._hashed = hashed
-        self._lock = threading.Lock()
+        # one lock a group: a lane waits only for its own group's encode (zfec releases the GIL, so groups
+        # encode side by side on as many cores as lanes pick them up on)
+        self._locks = [threading.Lock() for _ in range(groups.groups)]
         self._payloads: dict[int, tuple[list[bytes], bytes]] = {}
 
     def length(self, chunk: int) -> int:
@@ -50,7 +52,7 @@ class TailEncoder:
         """Parity chunk ``chunk``'s payload (its block, then its group's data digests) as pieces."""
         g = self.groups
         i = g.group(chunk)
-        with self._lock:
+        with self._locks[i]:
             got = self._payloads.get(i)
             if got is None:
                 got = self._payloads[i] = self._encode(i)
