@@ -56,12 +56,16 @@ class Manifest:
         return self.hash == HASH_XXH3
 
     @cached_property
+    def tail_groups(self) -> TailGroups | None:
+        """The last layer's parity groups (``codec.parity``), or None without parity: the one place both ends
+        derive them from the manifest."""
+        return TailGroups.of(self.plan(), self.group_size, self.parity) if self.parity else None
+
+    @property
     def tail_scratch_bytes(self) -> int:
-        """What a receiver holds to rebuild the last layer's groups (``codec.parity.TailGroups``): a row per
-        data and parity chunk, each as wide as the widest parity chunk."""
-        if not self.parity:
-            return 0
-        return TailGroups.of(self.plan(), self.group_size, self.parity).scratch_bytes
+        """What a receiver holds to rebuild the last layer's groups: a row per data and parity chunk, each as
+        wide as the widest parity chunk (0 without parity)."""
+        return self.tail_groups.scratch_bytes if self.tail_groups is not None else 0
 
     def plan(self) -> ChunkPlan:
         return plan_chunks(self.segments, self.chunk_size)
@@ -168,7 +172,7 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
         raise ProtocolError(f"transfer would need more than {limits.max_chunks} chunks")
     if parity and not m.total_bytes:
         raise ProtocolError("tail parity on a transfer without payload")
-    if parity and TailGroups.of(m.plan(), group_size, parity).width > limits.max_chunk:  # (after max_chunks)
+    if m.tail_groups is not None and m.tail_groups.width > limits.max_chunk:  # (after the max_chunks check)
         raise ProtocolError(f"tail parity chunks would exceed max_chunk ({limits.max_chunk})")
     return m
 

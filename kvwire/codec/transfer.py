@@ -17,7 +17,6 @@ import xxhash
 from ..errors import ProtocolError
 from .frames import Header
 from .manifest import Manifest
-from .parity import TailGroups
 from .plan import ChunkPlan, check_chunk
 
 
@@ -93,8 +92,7 @@ class ReceiverTransfer:
         self.dropped: set[int] = set()  # of those, chunks whose other copy was drained meanwhile
         # The last layer's parity groups (``codec.parity``): their chunks, data and parity, are read into the
         # driver's scratch rows (a lane stalled mid-chunk then holds no destination byte), then data rows are placed.
-        m = self.manifest
-        self.groups = TailGroups.of(self.plan, m.group_size, m.parity) if m.parity else None
+        self.groups = self.manifest.tail_groups
         self.rows = bytearray(self.groups.rows if self.groups else 0)  # rows verified in scratch
         self.placing: set[int] = set()  # data chunks of the groups being copied from their row into place
         self.rebuilding: set[int] = set()  # data chunks of the groups being rebuilt from the other rows
@@ -285,8 +283,7 @@ class SenderTransfer:
         self.acked_layers: list[int] = []  # layers whose every chunk the receiver verified, in that order
         #: the last layer's parity groups (``codec.parity``): a group's parity chunks (indices from ``num_chunks``)
         #: go out once each, as soon as every data chunk of the group was taken, unacknowledged, never re-sent
-        m = self.manifest
-        self.groups = TailGroups.of(self.plan, m.group_size, m.parity) if m.parity else None
+        self.groups = self.manifest.tail_groups
         self._untaken = [self.groups.k(g) for g in range(self.groups.groups)] if self.groups else []
         self._taken = bytearray(n)
         self._parity: deque[int] = deque()

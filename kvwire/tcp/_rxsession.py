@@ -27,7 +27,6 @@ import xxhash
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
 from ..codec.manifest import Manifest
-from ..codec.parity import TailGroups
 from ..codec.rxengine import (
     REBUILDER,
     Action,
@@ -144,10 +143,9 @@ class RxSession:
         """Start ``m`` into ``h``'s destination ``views`` and ACCEPT it; False (REJECT sent) when the
         session can no longer take it."""
         rows = None
-        if m.parity:  # (allocated before the lock; its size counted in held_bytes, checked by the receiver)
-            plan = m.plan()
+        if m.tail_groups is not None:  # (allocated before the lock; its size counted in held_bytes, checked)
             try:
-                rows = TailRows(TailGroups.of(plan, m.group_size, m.parity), plan)
+                rows = TailRows(m.tail_groups, m.plan())
             except MemoryError:
                 self.refuse(m.transfer_id, f"no memory for its tail parity scratch ({m.tail_scratch_bytes} bytes)")
                 return False
