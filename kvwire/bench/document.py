@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .. import __version__
+from ..codec import parity
 from .sending import RequestRecord, RunResult
 
 GB = 1e9
@@ -210,8 +211,7 @@ def _parity(per_group: int, srv: dict[str, Any]) -> dict[str, Any]:
     """``--tail-parity``: per group, and the receiving side's counters over the test (null when it sent none)."""
     got = srv.get("parity")
     counts: dict[str, Any] = got if isinstance(got, dict) else {}
-    return {"per_group": per_group, **{k: counts.get(k) for k in ("parity_chunks", "parity_rejected",
-                                                                      "chunks_rebuilt", "rebuilds_failed")}}
+    return {"per_group": per_group, **{k: counts.get(k) for k in parity.COUNTERS}}
 
 
 def _memory(rec: dict[str, Any]) -> dict[str, Any]:

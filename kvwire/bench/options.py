@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "use, ended once the pipe reads full; the controller then starts paced at what it "
                         "measured (not counted in the test; not with --probe)")
     c.add_argument("--tail-parity", type=int, default=0, metavar="M",
-                   help="send M Reed-Solomon parity chunks (1..8) after each transfer's last layer, cut into one "
-                        "chunk a lane, so that the receiver rebuilds it without the M slowest lanes (a lost "
-                        "packet costs a lane a round trip): connect(tail_parity=M); needs zfec (kvwire[fec])")
+                   help="send M Reed-Solomon parity chunks (1..8) per group of each transfer's last layer (groups "
+                        "of as many chunks as lanes), so that the receiver rebuilds a group without its M slowest "
+                        "lanes (a lost packet costs a lane a round trip): connect(tail_parity=M); needs zfec "
+                        "(kvwire[fec])")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
     c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..codec import parity
 from ..codec.manifest import Manifest
 from ..codec.transfer import State
 from ..congestion.tcpinfo import LaneCounters
@@ -73,10 +74,6 @@ class ReceiverConfig:
     peer_timeout: float = HEARTBEAT_TIMEOUT
     #: serve kvwire.metrics.Metrics for the receiver and the buffer pool on (bind, metrics_port); None: off
     metrics_port: int | None = None
-
-
-#: the receiver's tail parity counters a test reports (``kv.tail_parity``)
-PARITY_COUNTERS = ("parity_chunks", "parity_rejected", "chunks_rebuilt", "rebuilds_failed")
 
 
 @dataclass
@@ -252,7 +249,7 @@ class ReceivingSide:
     def _parity_counts(self) -> dict[str, int]:
         """The receiver's tail parity counters (``Receiver.stats``), for this test's share of them."""
         st = self.rx.stats()
-        return {k: int(st.get(k, 0)) for k in PARITY_COUNTERS}
+        return {k: int(st.get(k, 0)) for k in parity.COUNTERS}
 
     def _summary(self, test: Test) -> dict[str, Any]:
         """The ``summary`` the sending side asks for with ``end`` (once the last request is checked)."""

@@ -36,6 +36,9 @@ MAX_PARITY = 8
 MAX_GROUP = 64
 #: the WELCOME ``limits`` key of a receiver that rebuilds tail groups (value: the most parity it takes)
 PARITY_KEY = "parity"
+#: a receiver's counters of tail parity (``Receiver.stats``): parity chunks verified, parity that failed its
+#: hash, data chunks rebuilt before their copy arrived, rebuilt chunks that failed their check
+COUNTERS = ("parity_chunks", "parity_rejected", "chunks_rebuilt", "rebuilds_failed")
 _DIGEST = struct.Struct("<Q")
 
 

@@ -48,8 +48,7 @@ Allocator = Callable[[Manifest], Any]
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
-              "handshakes_cut", "early_bytes", "early_chunks_dropped", "parity_chunks", "parity_rejected",
-              "chunks_rebuilt", "rebuilds_failed", *TERMINAL_COUNTERS)
+              "handshakes_cut", "early_bytes", "early_chunks_dropped", *parity.COUNTERS, *TERMINAL_COUNTERS)
 
 
 class Receiver:

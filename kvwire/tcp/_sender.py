@@ -291,7 +291,7 @@ class Session(SenderConnection):
         deadline = None if timeout is None else time.monotonic() + timeout
         h = OutgoingTransfer(self, sm, deadline, self._callbacks)
         if sm.groups is not None:
-            h.tail = TailEncoder(sm.groups, sm.plan, h.views, hashed)
+            h.tail = TailEncoder(sm.groups, h.pieces, hashed)
         eng = self._engine
         with self._cond:
             if eng.down and not eng.closed:  # reconnect=True: give the session a moment to come back

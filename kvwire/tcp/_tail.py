@@ -13,7 +13,7 @@ transfers' handles or callbacks.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 
@@ -22,23 +22,19 @@ from ..codec.parity import TailGroups
 from ..codec.plan import ChunkPlan
 
 
-def _pieces(plan: ChunkPlan, views: Sequence[memoryview | None], chunk: int) -> list[memoryview]:
-    out = []
-    for seg, a, b in plan.pieces(chunk):
-        v = views[seg]
-        assert v is not None
-        out.append(v[a:b])
-    return out
+def _pieces(plan: ChunkPlan, views: Sequence[memoryview], chunk: int) -> list[memoryview]:
+    """A data chunk's destination pieces (receiver side: every segment view is there)."""
+    return [views[seg][a:b] for seg, a, b in plan.pieces(chunk)]
 
 
 class TailEncoder:
     """The sender's parity payloads of one transfer's last layer, a group's computed at the first ask for
     one of its parity chunks (the engine hands those out once every data chunk of the group was taken)."""
 
-    def __init__(self, groups: TailGroups, plan: ChunkPlan, views: Sequence[memoryview | None], hashed: bool) -> None:
+    def __init__(self, groups: TailGroups, pieces: Callable[[int], list[memoryview]], hashed: bool) -> None:
+        """``pieces(chunk)``: a data chunk's payload views (``OutgoingTransfer.pieces``)."""
         self.groups = groups
-        self._plan = plan
-        self._views = views
+        self._pieces = pieces
         self._hashed = hashed
         # one lock a group: a lane waits only for its own group's encode (zfec releases the GIL, so groups
         # encode side by side on as many cores as lanes pick them up on)
@@ -67,7 +63,7 @@ class TailEncoder:
         digests = []
         for row, chunk in zip(rows, g.data(group)):
             pos = 0
-            for piece in _pieces(self._plan, self._views, chunk):
+            for piece in self._pieces(chunk):
                 n = piece.nbytes
                 row[pos:pos + n] = piece
                 pos += n
