@@ -144,14 +144,18 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
     li = last["layer"]
     if h is None:
         return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "chunks": []}
-    layers = h.plan.layers + (li,) * 1024  # (tail parity chunks, numbered past the plan, are the last layer's)
+    layers = h.plan.layers
+    n = len(layers)
+
+    def in_last(c: Taken) -> bool:  # (tail parity chunks, numbered past the plan, are the last layer's)
+        return c.tid == h.transfer_id and (c.chunk >= n or layers[c.chunk] == li)
     produced = rec.produced.get(li, rec.t0)
     chunks = []
     per_lane: dict[int, int] = {}
     for c in tr.taken:
-        if c.tid == h.transfer_id and layers[c.chunk] == li:
+        if in_last(c):
             per_lane[c.lane] = per_lane.get(c.lane, 0) + 1
-    for c in sorted((c for c in tr.taken if c.tid == h.transfer_id and layers[c.chunk] == li), key=lambda c: c.t):
+    for c in sorted((c for c in tr.taken if in_last(c)), key=lambda c: c.t):
         at, polls = tr.landed(c)
         before = [s for s in tr.seen if s.lane == c.lane and s.t <= c.t]
         retrans = (polls[-1].retrans - before[-1].retrans) if polls and before else 0
