@@ -281,6 +281,8 @@ def main() -> int:
             print(f"    lane {c['lane']:2} chunk {c['chunk']:3}: taken +{c['taken_ms']:5.1f}, landed "
                   f"+{c['landed_ms']:5.0f} ms; cap {c['cap_mbit']:.0f}, kernel {c['kernel_rate_mbit']:.0f} "
                   f"(min {c['min_kernel_rate_mbit']:.0f}) Mbit/s, cwnd min {c['min_cwnd']}: {why(c)}")
+    if kv.get("tail_parity"):
+        print(f"tail parity at the receiver: {json.dumps(kv['tail_parity'])}")
     tails = [b["tail_ms"] for b in out if b["tail_ms"] is not None]
     print(f"tails {', '.join(f'{x:.0f}' for x in tails)}; p50 {kv['exposed_tail_ms']['p50'] or 0:.0f}, "
           f"p99 {kv['exposed_tail_ms']['p99'] or 0:.0f} ms")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from kvwire import Receiver, State, connect
 from kvwire.codec import frames as F
@@ -29,6 +30,7 @@ from kvwire.codec.parity import TailGroups
 from kvwire.codec.rxengine import UNSTICK_AFTER, Admit, CutLanes, Ended, ReceiverEngine, RxTransfer, held_bytes
 from kvwire.codec.transfer import SenderTransfer
 from kvwire.errors import KvwireError, ProtocolError
+from kvwire.tcp._tail import TailEncoder
 from kvwire.tcp.transport import ChunkRef
 from kvwire.testing.faults import ChunkHook
 from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
@@ -94,7 +96,7 @@ def test_the_manifest_carries_parity_and_refuses_malformed_or_misplaced_parity()
         parse_manifest({**wire, "sink": True, "hash": "none"})
 
 
-def test_the_sender_hands_out_a_groups_parity_once_right_after_its_last_data_chunk() -> None:
+def test_the_sender_hands_out_the_layers_parity_once_right_after_its_last_data_chunk() -> None:
     m = _manifest((3, 2))
     sm = SenderTransfer(m, m.plan())
     sm.accepted = True
@@ -107,12 +109,47 @@ def test_the_sender_hands_out_a_groups_parity_once_right_after_its_last_data_chu
         order.append(c)
     data = [c for c in order if c < g.num_chunks]
     assert data == list(range(g.num_chunks))  # every data chunk once, in plan order
-    for i in range(g.groups):  # each parity chunk once, right after its group's last data chunk
-        last = order.index(g.data(i)[-1])
-        assert order[last + 1:last + 1 + g.m] == list(g.parity(i))
+    assert g.groups > 1  # (so that "after the layer's data" differs from "after each group's data")
+    parity = [c for i in range(g.groups) for c in g.parity(i)]
+    assert order[g.num_chunks:] == parity  # each parity chunk once, behind every data chunk of the layer
     assert len(order) == g.num_chunks + g.groups * g.m
     sm.requeue([g.first])  # a lane died with it: re-sent, and it brings no parity again
     assert sm.next_chunk() == g.first and sm.next_chunk() is None
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_the_encoder_started_as_the_layer_is_written_has_every_group_before_a_lane_asks(
+        started: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TailEncoder.start`` (called as the last layer is written) encodes every group on its own thread, so
+    the encode runs beside the layer's data; a lane's ask then only reads it. The control: not started, nothing
+    is encoded until a lane asks, and then on that lane's thread."""
+    m = _manifest((3, 2))
+    plan, g = m.plan(), m.tail_groups
+    assert g is not None and g.groups > 1
+    buf = np.random.default_rng(7).integers(0, 256, m.total_bytes, np.uint8)
+    bounds = np.cumsum([0] + [seg.nbytes for seg in m.segments])
+    views = [memoryview(buf[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    encoded: list[str] = []
+    real = parity.encode
+
+    def counted(rows: Any, k: int) -> Any:
+        encoded.append(threading.current_thread().name)
+        return real(rows, k)
+    monkeypatch.setattr(parity, "encode", counted)
+    enc = TailEncoder(g, lambda c: [views[s][a:b] for s, a, b in plan.pieces(c)], hashed=True)
+    if started:
+        enc.start()
+        assert wait_until(lambda: len(encoded) == g.groups, 10)
+        assert set(encoded) == {"kvwire-tail-encode"}
+    else:
+        time.sleep(0.2)
+        assert encoded == []
+    first = g.parity(0).start
+    block = bytes(enc.payload(first)[0])
+    assert len(encoded) == (g.groups if started else 1)  # an ask reads the started encode, or does its own
+    rows = [bytes(b"".join(bytes(p) for p in [views[s][a:b] for s, a, b in plan.pieces(c)])).ljust(g.blocks[0], b"\0")
+            for c in g.data(0)]
+    assert block == real(rows, g.m)[0]  # the payload is the group's code, from the layer's own bytes
 
 
 # ------------------------------------------------------------------ the receiver's engine

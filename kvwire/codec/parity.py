@@ -7,10 +7,10 @@ the receiver's kernel meanwhile. Early in a transfer the other lanes' bytes hide
 nothing does, so one loss in it adds a round trip to the time the receiver waits for a prefill's last layer.
 With tail parity the sender codes the last layer's chunks in groups of ``size`` consecutive ones (about one
 a lane: they go out together) and sends ``m`` chunks of Reed-Solomon parity (GF(2^8), the ``zfec`` library)
-right after each group's data: any ``k`` of a group's ``k + m`` chunks rebuild it, so the receiver finishes
-without the lanes that a few losses held back. The parity's own chunks end with their group's data
-digests, so a rebuilt chunk is verified end to end like one that arrived. The cost: ``m / size`` more bytes
-of the last layer.
+for each group right after the layer's data (behind it on every lane, so parity never delays a data
+byte): any ``k`` of a group's ``k + m`` chunks rebuild it, so the receiver finishes without the lanes that a
+few losses held back. The parity's own chunks end with their group's data digests, so a rebuilt chunk is
+verified end to end like one that arrived. The cost: ``m / size`` more bytes of the last layer, after it.
 
 Owns: the groups' geometry (``TailGroups``: which chunks, block sizes, the parity chunks' indices and
 lengths, scratch rows), the parity payload's layout (a parity block over the group's zero padded data blocks,

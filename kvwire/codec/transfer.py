@@ -281,10 +281,12 @@ class SenderTransfer:
         self.done_sent = False
         self._layer_unacked = {layer: len(r) for layer, r in self.plan.layer_chunks.items()}
         self.acked_layers: list[int] = []  # layers whose every chunk the receiver verified, in that order
-        #: the last layer's parity groups (``codec.parity``): a group's parity chunks (indices from ``num_chunks``)
-        #: go out once each, as soon as every data chunk of the group was taken, unacknowledged, never re-sent
+        #: the last layer's parity groups (``codec.parity``): their parity chunks (indices from ``num_chunks``)
+        #: go out once each, unacknowledged, never re-sent, as soon as every data chunk of the layer was taken:
+        #: behind the data on every lane, so parity never delays a data byte, and it lands about one parity
+        #: chunk's wire time after the data (a lane a loss held back lands up to a round trip after it)
         self.groups = self.manifest.tail_groups
-        self._untaken = [self.groups.k(g) for g in range(self.groups.groups)] if self.groups else []
+        self._untaken = self.groups.count if self.groups else 0
         self._taken = bytearray(n)
         self._parity: deque[int] = deque()
 
@@ -305,7 +307,7 @@ class SenderTransfer:
         chunk is longer than ``early``: the payload bytes the receiver's early window still allows)."""
         if self.state.terminal or (not self.accepted and early <= 0):
             return None
-        if self._parity and self.accepted:  # a group's parity goes right after its data, before the next group
+        if self._parity and self.accepted:  # the layer's parity, behind its data
             return self._parity.popleft()
         queue = self.queue
         while queue:
@@ -320,10 +322,10 @@ class SenderTransfer:
             g = self.groups
             if g is not None and g.covers(c) and not self._taken[c]:
                 self._taken[c] = 1
-                i = g.group(c)
-                self._untaken[i] -= 1
-                if not self._untaken[i]:
-                    self._parity.extend(g.parity(i))
+                self._untaken -= 1
+                if not self._untaken:
+                    for i in range(g.groups):
+                        self._parity.extend(g.parity(i))
             return c
         return None
 

@@ -1,20 +1,19 @@
 """The sending end's protocol engine, sans-IO: a session's transfers and what each control message does.
 
-Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines), the round-robin choice
-of the next chunk for a lane (a parity group's parity chunks right after its data, ``codec.parity``), which lane holds
-which chunk in flight and re-queueing them when a lane
-dies, the control messages from the receiver (legal per ``rules.SENDER_RECEIVES``; ACCEPT, REJECT,
-ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL, HEARTBEAT, BYE), DONE with the
-whole-transfer digest (after the last ACK; or, to a receiver that holds an early one, as the last chunk
-first goes out), deadlines, heartbeats and peer silence computed from the ``now`` it is given,
-the layouts the receiver already knows, the early window (``codec.early``: chunks of a transfer not yet
+Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines), the round-robin choice of the
+next chunk for a lane (the last layer's parity chunks right after its data, ``codec.parity``), which lane holds
+which chunk in flight and re-queueing them when a lane dies, the control messages from the receiver (legal per
+``rules.SENDER_RECEIVES``; ACCEPT, REJECT, ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL,
+HEARTBEAT, BYE), DONE with the whole-transfer digest (after the last ACK; or, to a receiver that holds an early
+one, as the last chunk first goes out), deadlines, heartbeats and peer silence computed from the ``now`` it is
+given, the layouts the receiver already knows, the early window (``codec.early``: chunks of a transfer not yet
 accepted go out while the receiver's advertised window has room, each charged until the receiver's ACCEPT or
-REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its
-connection generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the
-driver performs (``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's
-engine; ``LayersAcked``, ``ChunksQueued`` defined here). Must not know: sockets,
-threads, locks, clocks, payload bytes or buffers (chunk indices, lengths and digests only), handles or
-user callbacks. The driver (``kvwire.tcp._sender``) holds one lock around every call.
+REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its connection
+generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the driver performs
+(``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's engine; ``LayersAcked``,
+``ChunksQueued`` defined here). Must not know: sockets, threads, locks, clocks, payload bytes or buffers (chunk
+indices, lengths and digests only), handles or user callbacks. The driver (``kvwire.tcp._sender``) holds one lock
+around every call.
 """
 
 from __future__ import annotations

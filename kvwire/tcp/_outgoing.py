@@ -101,6 +101,8 @@ class OutgoingTransfer(Outcome):
             self.views[i] = v  # before the driver queues the chunks (it takes its lock: they are seen)
         self._written.add(layer)
         self._driver.layer_written(self.transfer_id, layer)
+        if self.tail is not None and layer == self.tail.groups.layer:
+            self.tail.start()  # the parity's encode runs while the lanes carry the layer's data
 
     def write_all(self, buffers: Sequence[Any]) -> None:
         """Every segment at once (one buffer per segment, in manifest order)."""

@@ -126,11 +126,12 @@ class Session(SenderConnection):
             (the default here): the session is never warmed, and ``warm`` must be ``None`` or ``False``.
         tail_parity: Reed-Solomon parity chunks (0..8) per group of each transfer's last layer
             (``kvwire.codec.parity``): the layer's chunks are coded in groups of as many as there are active
-            lanes, each group's parity goes out right after its data, and the receiver rebuilds a group from
-            any of its chunks but that many, so lanes held back by a lost packet (a round trip on a long path)
-            do not hold the last layer. Costs ``tail_parity / lanes`` more bytes of the last layer and an
-            encode of it as it goes out. Needs ``zfec`` on both ends (``pip install 'kvwire[fec]'``;
-            ``KvwireError`` here without it); a receiver without it gets no parity. 0, the default: none.
+            lanes, the parity is encoded (on a thread of its own) while the layer's data goes out and is sent
+            behind it, and the receiver rebuilds a group from any of its chunks but that many, so lanes held
+            back by a lost packet (a round trip on a long path) do not hold the last layer. Costs
+            ``tail_parity / lanes`` more bytes of the last layer, sent after its data, and an encode of it.
+            Needs ``zfec`` on both ends (``pip install 'kvwire[fec]'``; ``KvwireError`` here without it); a
+            receiver without it gets no parity. 0, the default: none.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does

@@ -2,7 +2,8 @@
 scratch rows and its rebuilds.
 
 Owns: ``TailEncoder`` (the sender's: a group's data chunks gathered into zero padded blocks, their digests,
-its ``m`` parity payloads computed once, by the first lane that needs one) and ``TailRows`` (the receiver's:
+its ``m`` parity payloads computed once, on an encode thread started as the layer is written or by the first
+lane that needs one before that thread got to it) and ``TailRows`` (the receiver's:
 one scratch row per chunk of the groups, which lanes read into instead of the destination; rebuilding a
 group's missing data blocks from any ``k`` of its verified rows; copying a row or a rebuilt block into the
 chunk's destination pieces).
@@ -28,8 +29,10 @@ def _pieces(plan: ChunkPlan, views: Sequence[memoryview], chunk: int) -> list[me
 
 
 class TailEncoder:
-    """The sender's parity payloads of one transfer's last layer, a group's computed at the first ask for
-    one of its parity chunks (the engine hands those out once every data chunk of the group was taken)."""
+    """The sender's parity payloads of one transfer's last layer: ``start()`` (as the layer is written)
+    encodes every group on a thread of its own, while the lanes carry the layer's data; a lane that asks for a
+    parity chunk (the engine hands those out behind the layer's data) waits for its group's encode, or does it
+    itself if the thread has not begun it."""
 
     def __init__(self, groups: TailGroups, pieces: Callable[[int], list[memoryview]], hashed: bool) -> None:
         """``pieces(chunk)``: a data chunk's payload views (``OutgoingTransfer.pieces``)."""
@@ -41,6 +44,25 @@ class TailEncoder:
         self._locks = [threading.Lock() for _ in range(groups.groups)]
         self._payloads: dict[int, tuple[list[bytes], bytes]] = {}
 
+    def start(self) -> None:
+        """Encode every group now, on a short-lived thread (the lanes' own picks wait for it group by group):
+        the encode then runs beside the layer's data instead of after it."""
+        threading.Thread(target=self._encode_all, name="kvwire-tail-encode", daemon=True).start()
+
+    def _encode_all(self) -> None:
+        try:
+            for i in range(self.groups.groups):
+                self._group(i)
+        except Exception:  # (a lane's own ask raises it again, and skips that parity chunk)
+            pass
+
+    def _group(self, i: int) -> tuple[list[bytes], bytes]:
+        with self._locks[i]:
+            got = self._payloads.get(i)
+            if got is None:
+                got = self._payloads[i] = self._encode(i)
+        return got
+
     def length(self, chunk: int) -> int:
         return self.groups.parity_length(self.groups.group(chunk))
 
@@ -48,11 +70,7 @@ class TailEncoder:
         """Parity chunk ``chunk``'s payload (its block, then its group's data digests) as pieces."""
         g = self.groups
         i = g.group(chunk)
-        with self._locks[i]:
-            got = self._payloads.get(i)
-            if got is None:
-                got = self._payloads[i] = self._encode(i)
-        blocks, trailer = got
+        blocks, trailer = self._group(i)
         return [memoryview(blocks[chunk - g.parity(i).start]), memoryview(trailer)]
 
     def _encode(self, group: int) -> tuple[list[bytes], bytes]:
