@@ -18,8 +18,9 @@ rate (``kvwire-bench --prefill-ms-per-layer``) over a session warmed as ``kvwire
 this path (``kvwire-bench --warm``; ``--warm off``: cold), the exposed tail (last layer verified at the
 receiver minus last layer produced) against the last layer's wire time + 1 RTT + 10 ms;
 ``burst0``/``stream0`` those two on the same link without its random loss, as INFO beside them (what the
-loss costs their tails); ``fair`` 4 kvwire sender processes on 1 Gbit/s, 40 ms; ``collapse`` the link
-starved to 2 % for 3 s under a running transfer, then restored; ``loopback`` control on vs off on
+loss costs their tails); ``streamnp`` the stream row without the tail parity ``kvwire.connect()`` sends by
+default on this path, as INFO beside it (what the parity buys); ``fair`` 4 kvwire sender processes on
+1 Gbit/s, 40 ms; ``collapse`` the link starved to 2 % for 3 s under a running transfer, then restored; ``loopback`` control on vs off on
 127.0.0.1. ``--scale`` multiplies every rate (the RTTs and queues in time stay): what this machine's
 emulator cannot carry is scaled down and the header says so. The payload rate of a link is its IP rate x 1448/1500.
 """
@@ -472,7 +473,7 @@ def row_loopback(a: Any, bench: str) -> list[Row]:
              abs(m_on / m_off - 1) <= 0.05)]
 
 
-def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int = 0) -> list[Row]:
+def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int | None = None) -> list[Row]:
     from kvwire.bench.document import build_document
     from kvwire.bench.loopback import LoopbackServer
     from kvwire.bench.options import Options
@@ -490,7 +491,7 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int = 0) -
                  realtime=a.realtime) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
                     prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=warm,
-                    tail_parity=tail_parity)  # kvwire-bench's defaults otherwise
+                    tail_parity=tail_parity)  # kvwire-bench's defaults otherwise (None: connect()'s own parity)
         with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
             o.port = server.port
             with link.inside("client"):
@@ -520,9 +521,19 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int = 0) -
              f"+-{res.clock_uncertainty * 1e3:.0f} ms; {warmed}; controller ended {lc.get('mode', '-')}, {paced}, "
              f"{lc.get('lanes', '-')} lanes)", "beside", None),
             ("stream exposed tail p99", f"{p99:.0f} ms (last layer {last['layer']} {'/'.join(last['kinds'])} "
-             f"{last['bytes'] / 1e6:.1f} MB: {last['bytes'] / full * 1e3:.0f} ms on the wire; emulator queue "
-             f"drops {stats['c2s']['queue_drops']}, random {stats['c2s']['random_drops']}, late>5ms "
-             f"{stats['late_5ms']})", f"<= {target:.0f} ms", ok and p99 <= target)]
+             f"{last['bytes'] / 1e6:.1f} MB: {last['bytes'] / full * 1e3:.0f} ms on the wire; {_parity(kv)}; "
+             f"emulator queue drops {stats['c2s']['queue_drops']}, random {stats['c2s']['random_drops']}, "
+             f"late>5ms {stats['late_5ms']})", f"<= {target:.0f} ms", ok and p99 <= target)]
+
+
+def _parity(kv: dict[str, Any]) -> str:
+    """The tail parity the session sent (``connect()``'s default on this path, or ``--tail-parity``) and what
+    the receiver did with it."""
+    par = kv.get("tail_parity") or {}
+    if not par.get("per_group"):
+        return "no tail parity"
+    return (f"tail parity {par['per_group']} a group: {par.get('parity_chunks')} verified, "
+            f"{par.get('chunks_rebuilt')} chunks rebuilt")
 
 
 def _trace_stream(timeline: list[dict[str, Any]], uncertainty: float, control: dict[str, Any]) -> None:
@@ -550,17 +561,18 @@ def lossless(row: Callable[..., list[Row]]) -> Callable[[Any, str], list[Row]]:
     return run
 
 
-def with_parity(row: Callable[..., list[Row]], m: int = 3) -> Callable[[Any, str], list[Row]]:
-    """``row`` with ``m`` tail parity chunks (``kvwire-bench --tail-parity``): the receiver rebuilds the last
-    layer without the ``m`` lanes a random drop held for a round trip."""
+def without_parity(row: Callable[..., list[Row]]) -> Callable[[Any, str], list[Row]]:
+    """``row`` without the tail parity ``kvwire.connect()`` sends by default on this path
+    (``kvwire-bench --tail-parity 0``), as INFO beside it: what the parity buys (the receiver rebuilds the last
+    layer without the lanes a random drop held for a round trip)."""
     def run(a: Any, bench: str) -> list[Row]:
-        return [(f"{name.split(' ', 1)[0]} with --tail-parity {m}: {name.split(' ', 1)[1]}", value, target, ok)
-                for name, value, target, ok in row(a, bench, tail_parity=m)]
+        return [(f"{name.split(' ', 1)[0]} with --tail-parity 0: {name.split(' ', 1)[1]}", value, "beside", None)
+                for name, value, _target, _ok in row(a, bench, tail_parity=0)]
     return run
 
 
 ROWS = {"fat": row_fat, "burst": row_burst, "stream": row_stream, "lossy": row_lossy, "fair": row_fair,
-        "burst0": lossless(row_burst), "stream0": lossless(row_stream), "streamfec": with_parity(row_stream),
+        "burst0": lossless(row_burst), "stream0": lossless(row_stream), "streamnp": without_parity(row_stream),
         "collapse": row_collapse, "collapse10": lambda a, bench: row_collapse(a, bench, 10.0),
         "loopback": row_loopback}
 

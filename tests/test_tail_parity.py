@@ -463,14 +463,26 @@ def test_a_receiver_without_zfec_is_sent_no_parity(monkeypatch: pytest.MonkeyPat
     assert dst.tobytes() == _whole(src)
 
 
-def test_tail_parity_is_checked_at_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tail_parity_is_checked_at_the_call_and_its_default_leaves_a_short_path_without_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tail_parity=None`` (the default) chooses by the path: loopback is far under ``LONG_PATH_RTT``, so
+    none (the long path's side is ``tests/test_wan_warm.py``'s threshold test); an explicit count is kept; a
+    bad one is refused at the call, and an explicit one without zfec, while the default then quietly
+    chooses none."""
+    from kvwire.tcp._sender import AUTO_TAIL_PARITY
+    assert 0 < AUTO_TAIL_PARITY <= parity.MAX_PARITY
     with Receiver() as rx:
-        for bad in (-1, parity.MAX_PARITY + 1, 1.5, True):
+        with connect(*rx.address, link_control=False) as auto, \
+                connect(*rx.address, tail_parity=2, link_control=False) as two:
+            assert auto.tail_parity == 0 and two.tail_parity == 2
+        for bad in (-1, parity.MAX_PARITY + 1, 1.5, True, "2"):
             with pytest.raises(ValueError, match="tail_parity"):
                 connect(*rx.address, tail_parity=bad, link_control=False)
         monkeypatch.setattr(parity, "available", lambda: False)
         with pytest.raises(KvwireError, match="zfec"):
             connect(*rx.address, tail_parity=2, link_control=False)
+        with connect(*rx.address, link_control=False) as auto:
+            assert auto.tail_parity == 0
 
 
 @pytest.mark.parametrize("side", ["sender", "receiver"])

@@ -16,10 +16,12 @@ import pytest
 from helpers import payload, send_verified
 
 import kvwire
+from kvwire.codec import parity
 from kvwire.congestion.controller import ControllerConfig, Mode
 from kvwire.congestion.tcpinfo import read_tcp_info
 from kvwire.probe import WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
 from kvwire.tcp import LONG_PATH_RTT
+from kvwire.tcp._sender import AUTO_TAIL_PARITY
 from kvwire.testing.fixtures import load_fixture
 from kvwire.testing.wan import WanLink, unavailable_reason
 
@@ -98,8 +100,11 @@ def test_the_auto_threshold_sits_between_a_metro_and_a_cross_region_link(rtt_ms:
                 assert rtt is not None and abs(rtt * 1e3 - rtt_ms) < 1.5, rtt
                 assert abs(rtt - WARM_MIN_RTT) > 0.003  # (the reading's spread is far below this margin)
                 assert (s.warmup is not None) == (rtt_ms >= 20), (rtt, warm_skip_reason(s))
-                # the same threshold opens every lane the controller may use at connect (LONG_PATH_RTT)
+                # the same threshold opens every lane the controller may use at connect (LONG_PATH_RTT), and
+                # turns tail parity on where zfec is installed
                 assert len(s.lane_info()) == (s.max_lanes if rtt_ms >= 20 else 4)
+                auto = AUTO_TAIL_PARITY if parity.available() else 0
+                assert s.tail_parity == (auto if rtt_ms >= 20 else 0)
             finally:
                 s.close()
         finally:

@@ -288,9 +288,13 @@ class Sending:
         return Ended(self.lease.key, state, reason)
 
 
-def tail_parity_setting(value: Any, name: str) -> int:
+def tail_parity_setting(value: Any, name: str) -> int | None:
     """An engine's tail parity setting (``kvwire.connect(tail_parity=...)``), checked where the engine is
-    configured: an int in 0..8, and zfec installed when it is not 0. ``LayoutError`` names ``name``."""
+    configured: unset (``None``) or ``"auto"``: ``None``, ``kvwire.connect``'s default (parity on a long path
+    when zfec is installed); else an int in 0..8, and zfec installed when it is not 0. ``LayoutError`` names
+    ``name``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
     try:
         if not isinstance(value, (int, str)):  # (a float would be cut: 2.9 is not 2)
             raise TypeError

@@ -69,7 +69,7 @@ class Settings:
         self.pool_bytes = int(env.get("KVWIRE_POOL_BYTES", str(4 << 30)))
         if self.lanes < 1 or self.timeout <= 0 or self.pool_bytes <= 0:
             raise LayoutError("KVWIRE_LANES, KVWIRE_TIMEOUT and KVWIRE_POOL_BYTES must be positive")
-        self.tail_parity = tail_parity_setting(env.get("KVWIRE_TAIL_PARITY", "0"), "KVWIRE_TAIL_PARITY")
+        self.tail_parity = tail_parity_setting(env.get("KVWIRE_TAIL_PARITY"), "KVWIRE_TAIL_PARITY")
 
     def need_key(self) -> bytes:
         """The key; the bootstrap mailbox (on the network) and the sessions are authenticated with it."""

@@ -166,7 +166,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
     the ``KVWIRE_KEY`` environment variable), ``host``/``port`` (decode: where to listen), ``state_policy``
     (``N-1`` default, ``N`` for attention-only models), ``lanes``, ``timeout`` (s), ``pool_bytes``,
     ``staging_bytes``, ``tail_parity`` (prefill: parity chunks per group of the last layer, ``kvwire.connect``'s
-    ``tail_parity``; 0, the default: none)."""
+    ``tail_parity``: unset or ``"auto"``, its default, 2 on a long path when zfec is installed; 0: none)."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -178,7 +178,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         self.is_producer = getattr(tc, "kv_role", None) in ("kv_producer", "kv_both")
         self.is_consumer = getattr(tc, "kv_role", None) in ("kv_consumer", "kv_both")
         self.policy = StatePolicy.parse(extra.get("state_policy", "N-1"))
-        self.tail_parity = tail_parity_setting(extra.get("tail_parity", 0), "tail_parity")
+        self.tail_parity = tail_parity_setting(extra.get("tail_parity"), "tail_parity")
         tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         if tp != 1:
             raise LayoutError("KvwireConnector supports tensor_parallel_size 1 only (one endpoint per instance)")

@@ -186,7 +186,7 @@ def build_document(r: RunResult) -> dict[str, Any]:
                     "receiver_verify_s": float(srv.get("verify_cpu", 0.0)),
                     "cpu_s_per_gb": (tx_cpu + rx_cpu) / moved_gb if moved_gb else None},
             "receiver_memory": _memory(srv),
-            "tail_parity": _parity(o.tail_parity, srv),
+            "tail_parity": _parity(r.tail_parity, srv),
             "timeline": timelines,
             "verification": {
                 "verified": ok,
@@ -208,7 +208,8 @@ def build_document(r: RunResult) -> dict[str, Any]:
 
 
 def _parity(per_group: int, srv: dict[str, Any]) -> dict[str, Any]:
-    """``--tail-parity``: per group, and the receiving side's counters over the test (null when it sent none)."""
+    """Tail parity: per group (``--tail-parity``, or what ``connect``'s default chose for the path), and the
+    receiving side's counters over the test (null when it sent none)."""
     got = srv.get("parity")
     counts: dict[str, Any] = got if isinstance(got, dict) else {}
     return {"per_group": per_group, **{k: counts.get(k) for k in parity.COUNTERS}}

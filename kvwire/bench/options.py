@@ -151,7 +151,8 @@ class Options:
     # --warm: warm the test's session as kvwire.connect() does by default on a long path (kvwire.probe's
     # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced
     warm: bool = False
-    tail_parity: int = 0  # --tail-parity: parity chunks over each transfer's last layer (kvwire.codec.parity)
+    # --tail-parity: parity chunks over each transfer's last layer (kvwire.codec.parity); None: connect()'s default
+    tail_parity: int | None = None
 
     @property
     def tls(self) -> bool:
@@ -252,11 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "of 15 ms or more: up to 1 s of sink transfers on every lane the link controller may "
                         "use, ended once the pipe reads full; the controller then starts paced at what it "
                         "measured (not counted in the test; not with --probe)")
-    c.add_argument("--tail-parity", type=int, default=0, metavar="M",
-                   help="send M Reed-Solomon parity chunks (1..8) per group of each transfer's last layer (groups "
+    c.add_argument("--tail-parity", type=int, default=None, metavar="M",
+                   help="send M Reed-Solomon parity chunks (0..8) per group of each transfer's last layer (groups "
                         "of as many chunks as lanes), so that the receiver rebuilds a group without its M slowest "
                         "lanes (a lost packet costs a lane a round trip): connect(tail_parity=M); needs zfec "
-                        "(kvwire[fec])")
+                        "(kvwire[fec]). Default: as kvwire.connect(), 2 on a path of 15 ms or more when zfec is "
+                        "installed, else 0")
     c.add_argument("--no-hash", action="store_true", help="turn the transport's per-chunk xxh3 off")
     c.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK, metavar="BYTES",
                    help=f"transport chunk size (default {DEFAULT_CHUNK // 1024 // 1024}M)")
@@ -365,7 +367,7 @@ def check(o: Options) -> None:
         raise UsageError("--polite is a mode of --adaptive")
     if o.adaptive and o.fq_rate is not None:
         raise UsageError("--adaptive paces the lanes itself: drop --fq-rate (or --adaptive/--polite)")
-    if not 0 <= o.tail_parity <= MAX_PARITY:
+    if o.tail_parity is not None and not 0 <= o.tail_parity <= MAX_PARITY:
         raise UsageError(f"--tail-parity takes 0..{MAX_PARITY} parity chunks")
     if o.tail_parity and not parity_available():
         raise UsageError("--tail-parity needs the zfec package: pip install 'kvwire[fec]'")

@@ -82,6 +82,7 @@ class RunResult:
     error: str = ""
     probe: dict[str, Any] | None = None  # --probe: the probe's result (Probed.to_dict())
     link_control: dict[str, Any] | None = None  # --adaptive: the controller's summary (Adaptive.summary())
+    tail_parity: int = 0  # the session's parity chunks per group of the last layer (--tail-parity, or its auto)
 
 
 Callback = Callable[[dict[str, Any]], None]
@@ -308,7 +309,8 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
             control_wire_bytes=ctrl_sent,
             cpu_user=ru1.ru_utime - ru0.ru_utime, cpu_system=ru1.ru_stime - ru0.ru_stime, fill_cpu=fill_cpu,
             server=summary, congestion=congestion, error="; ".join(x for x in (session.failure, end_error) if x),
-            probe=probed.to_dict() if probed is not None else None, link_control=link_control)
+            probe=probed.to_dict() if probed is not None else None, link_control=link_control,
+            tail_parity=session.tail_parity)
     finally:
         if adaptive is not None:
             adaptive.close()

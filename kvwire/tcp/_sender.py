@@ -38,10 +38,11 @@ from ..codec.txengine import SenderEngine
 from ..congestion.control import LinkControl, for_session, session_config
 from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
+from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
-from ._lanes import Dialer, Lane, LaneHook, LaneInfo
+from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._tail import TailEncoder
 from ._txconnection import SenderConnection
@@ -50,6 +51,14 @@ from .transport import IDENTITY, ChunkStage, Stream
 
 if TYPE_CHECKING:  # (for the annotations only: kvwire.probe imports this module)
     from ..probe import ProbeResult
+
+#: ``tail_parity=None`` (the default): parity chunks a group of the last layer gets on a long path
+#: (``LONG_PATH_RTT``, by the handshake) when zfec imports here; none on a shorter one, where a loss costs
+#: little. Streaming 8k-token Qwen3-Next over 2 Gbit/s, 80 ms (prefill at half the link rate), 2 against
+#: none: exposed tail p50 / worst 143-163 / 154-190 ms vs 155-168 / 179-215 ms at 0.01 % loss, and
+#: 122-133 / 138-145 vs 123-126 / 126-130 ms without loss (2 cores shared with the link's emulator;
+#: ``benchmarks/results/tail-parity-2026-12-03.txt``); 3 did no better than 2 there and costs more bytes
+AUTO_TAIL_PARITY = 2
 
 #: ``warm_up(session, warm)``: warms a session that has just opened and returns what it measured (a
 #: ``kvwire.probe.ProbeResult``) or None when it did not (``kvwire.probe.warm_up``; ``Session(warm_up=...)``)
@@ -131,7 +140,9 @@ class Session(SenderConnection):
             back by a lost packet (a round trip on a long path) do not hold the last layer. Costs
             ``tail_parity / lanes`` more bytes of the last layer, sent after its data, and an encode of it.
             Needs ``zfec`` on both ends (``pip install 'kvwire[fec]'``; ``KvwireError`` here without it); a
-            receiver without it gets no parity. 0, the default: none.
+            receiver without it gets no parity. 0: none. ``None`` (the default): ``AUTO_TAIL_PARITY`` on a
+            path whose handshake RTT is ``LONG_PATH_RTT`` (15 ms) or more, when zfec imports here; none on a
+            shorter path or without zfec. ``Session.tail_parity`` says what was chosen.
 
     A lane that fails to open is retried at once; if it fails again the session opens with the lanes
     that did and keeps re-dialling the missing ones for ``peer_timeout``. Only when no lane opens does
@@ -146,10 +157,10 @@ class Session(SenderConnection):
                  on_lane_open: LaneHook | None = None, reconnect: bool = False,
                  link_control: bool | ControllerConfig | LaneGroup = True,
                  chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None,
-                 warm_up: WarmUp | None = None, tail_parity: int = 0) -> None:
+                 warm_up: WarmUp | None = None, tail_parity: int | None = None) -> None:
         _check_warm(warm, warm_up)
-        if type(tail_parity) is not int or not 0 <= tail_parity <= parity.MAX_PARITY:
-            raise ValueError(f"tail_parity must be an int in 0..{parity.MAX_PARITY}, got {tail_parity!r}")
+        if tail_parity is not None and (type(tail_parity) is not int or not 0 <= tail_parity <= parity.MAX_PARITY):
+            raise ValueError(f"tail_parity must be None or an int in 0..{parity.MAX_PARITY}, got {tail_parity!r}")
         if tail_parity and not parity.available():
             raise KvwireError("tail_parity needs the zfec package here: pip install 'kvwire[fec]'")
         if not 1 <= lanes <= 256:
@@ -174,7 +185,8 @@ class Session(SenderConnection):
         self.server_hostname = server_hostname or host
         self.chunk_size = chunk_size
         self.hashing = hashing
-        self.tail_parity = tail_parity
+        #: parity chunks per group of each transfer's last layer (``tail_parity``, ``None`` resolved at connect)
+        self.tail_parity = tail_parity or 0
         self.peer_timeout = peer_timeout
         #: a lane with chunks in flight and no sign of the receiver reading it for this long is re-dialled
         #: and its chunks re-sent on the others; also the longest a blocked send waits
@@ -210,6 +222,8 @@ class Session(SenderConnection):
         # a controller of its own may use up to its max_lanes: on a long path they are all opened at once
         config = None if isinstance(link_control, LaneGroup) else session_config(link_control, lanes, max_lanes)
         self._establish(lanes, wide=config.max_lanes if config is not None else None)
+        if tail_parity is None:
+            self.tail_parity = self._auto_tail_parity()
         try:
             if isinstance(link_control, LaneGroup):
                 self._group = link_control
@@ -302,6 +316,14 @@ class Session(SenderConnection):
             ctrl, gen = self.ctrl, eng.gen
         self._send(begin, gen, ctrl)
         return h
+
+    def _auto_tail_parity(self) -> int:
+        """``tail_parity=None``: ``AUTO_TAIL_PARITY`` on a long path (the handshakes' RTT, ``LONG_PATH_RTT`` or
+        more) when zfec imports here, else 0."""
+        if not parity.available():
+            return 0
+        rtt = handshake_rtt([self.control_socket(), *self.lane_sockets()])
+        return AUTO_TAIL_PARITY if rtt is not None and rtt >= LONG_PATH_RTT else 0
 
     def _with_parity(self, m: Manifest) -> Manifest:
         """``m`` with tail parity (``tail_parity`` chunks per group, as many as the receiver takes) over groups
@@ -438,7 +460,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             limits: F.Limits = F.DEFAULT_LIMITS, max_lanes: int | None = None,
             on_lane_open: LaneHook | None = None, reconnect: bool = False,
             link_control: bool | ControllerConfig | LaneGroup = True, chunk_stage: ChunkStage = IDENTITY,
-            warm: bool | float | None = None, warm_up: WarmUp | None = None, tail_parity: int = 0) -> Session:
+            warm: bool | float | None = None, warm_up: WarmUp | None = None,
+            tail_parity: int | None = None) -> Session:
     """Open a session to the kvwire receiver at ``host:port``: one per peer, reused across requests.
 
     Raises ``ConnectError`` naming ``host:port`` (refused, unresolvable, unreachable; ``ConnectTimeout``
@@ -474,7 +497,9 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
             for a connection per request. ``Session.warmup`` says what it cost.
         warm_up: what warming runs (``kvwire.connect`` passes ``kvwire.probe.warm_up``; ``None``: never
             warmed, see ``Session``).
-        tail_parity: parity chunks over each transfer's last layer (see ``Session``); 0, the default: none.
+        tail_parity: Reed-Solomon parity chunks per group of each transfer's last layer, so that lanes a lost
+            packet held back do not hold it (see ``Session``). ``None``, the default: ``AUTO_TAIL_PARITY`` (2)
+            on a path of 15 ms or more when zfec is installed (``kvwire[fec]``), else none; 0: none.
     """
     return Session(host, port, lanes=lanes, key=key, ssl_context=ssl_context, server_hostname=server_hostname,
                    chunk_size=chunk_size, hashing=hashing, peer_timeout=peer_timeout, heartbeat=heartbeat,
