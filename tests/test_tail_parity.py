@@ -87,7 +87,8 @@ def test_the_manifest_carries_parity_and_refuses_malformed_or_misplaced_parity()
     back = parse_manifest(wire)
     assert (back.group_size, back.parity) == (8, 2)
     g = TailGroups.of(back.plan(), 8, 2)  # what a receiver holds for it counts against its in-flight bound
-    assert back.tail_scratch_bytes == g.rows * g.width > g.count * min(g.blocks)
+    # a row per parity chunk, and one per data chunk a lane reads at once (the sender's lanes: the group size)
+    assert back.tail_scratch_bytes == (g.groups * g.m + g.size) * g.width > 0
     assert held_bytes(back) == held_bytes(replace(back, parity=0)) + back.tail_scratch_bytes
     for bad in ([0, 2], [8, 0], [8, parity.MAX_PARITY + 1], [parity.MAX_GROUP + 1, 2], [8], "x", [8, True]):
         with pytest.raises(ProtocolError):
@@ -330,6 +331,43 @@ def test_every_parity_chunk_goes_out_once_and_the_transfer_arrives_exact() -> No
     par = [c for c in hold.seen if c >= plan.num_chunks]
     assert sorted(par) == list(range(plan.num_chunks, plan.num_chunks + 2 * g.groups))  # each once
     assert stats.get("parity_chunks", 0) + stats.get("parity_rejected", 0) <= 2 * g.groups
+
+
+def test_the_receivers_scratch_is_a_row_a_lane_and_the_parity_not_the_whole_layer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks give the last layer many more chunks than lanes: the receiver reads its data chunks
+    through read rows that lanes take and give back (no more than one a lane at once), not a row per chunk
+    of the layer; one held chunk of the last group is still rebuilt, from the parity and the group's data
+    chunks read back from their destination."""
+    from kvwire.tcp._tail import TailRows
+    rows_made: set[int] = set()
+    real_take = TailRows.take
+
+    def take(self: TailRows) -> memoryview:
+        row = real_take(self)
+        rows_made.add(id(row.obj))
+        return row
+    monkeypatch.setattr(TailRows, "take", take)
+    from kvwire.testing.fixtures import DEFAULT_TOKENS
+    req = default_request(f"rows-{time.monotonic_ns()}", 5 * DEFAULT_TOKENS, 5 * DEFAULT_TOKENS - 1)
+    src = fixture_payload(LAYOUT, req)
+    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+    stage = Held(lambda plan: _last_group(plan, 1))
+    with Receiver() as rx, connect(*rx.address, lanes=LANES, chunk_size=CHUNK, tail_parity=2, link_control=False,
+                                   chunk_stage=ChunkHook(stage)) as s:
+        h_rx = rx.expect(req.request_id, dst)
+        t0 = time.monotonic()
+        h = s.send(LAYOUT, req)
+        stage.plan = h.plan
+        h.write_all(src)
+        assert h_rx.result(20).state is State.DONE
+        took = time.monotonic() - t0
+        assert h.finish().result(20).state is State.DONE
+        stats = rx.stats()
+    g = h.manifest.tail_groups
+    assert g is not None and g.count >= 4 * LANES  # (so that a row a chunk would be many more than a lane's)
+    assert 0 < len(rows_made) <= LANES
+    assert took < STALL / 2 and stats["chunks_rebuilt"] >= 1 and dst.tobytes() == _whole(src)
 
 
 @pytest.mark.parametrize("par, held, rebuilds", [(2, 1, True), (2, 2, True), (0, 1, False), (2, 3, False)])

@@ -63,8 +63,9 @@ class Manifest:
 
     @property
     def tail_scratch_bytes(self) -> int:
-        """What a receiver holds to rebuild the last layer's groups: a row per data and parity chunk, each as
-        wide as the widest parity chunk (0 without parity)."""
+        """What a receiver holds to rebuild the last layer's groups: a row per parity chunk and one for each data
+        chunk being read (the sender's lanes: ``group_size``), each as wide as the widest parity chunk (0
+        without parity)."""
         return self.tail_groups.scratch_bytes if self.tail_groups is not None else 0
 
     def plan(self) -> ChunkPlan:

@@ -72,8 +72,10 @@ class TailGroups:
     ``num_chunks`` on the wire, group by group. Consecutive chunks go out on different lanes at about the
     same time, so a lane a loss holds back misses about one chunk of each group it meets.
 
-    Rows number every chunk of them for a receiver's scratch: data ``0 .. count - 1``, then parity. In its
-    group's code a data chunk is block ``i`` (its place in the group) and parity chunk ``j`` block ``k + j``."""
+    Rows number every chunk of them for a receiver's bookkeeping: data ``0 .. count - 1``, then parity. In its
+    group's code a data chunk is block ``i`` (its place in the group) and parity chunk ``j`` block ``k + j``.
+    A receiver's scratch holds each parity chunk, and each data chunk only while a lane reads and checks it
+    (then it is placed, and a rebuild reads it from its destination): about one row a lane, ``size``."""
 
     first: int
     count: int
@@ -98,6 +100,7 @@ class TailGroups:
 
     @property
     def rows(self) -> int:
+        """Every chunk of the groups, data and parity (the receiver's bookkeeping, a byte each)."""
         return self.count + self.groups * self.m
 
     @property
@@ -107,7 +110,10 @@ class TailGroups:
 
     @property
     def scratch_bytes(self) -> int:
-        return self.rows * self.width
+        """What a receiver's scratch holds at most for these groups (as long as its lanes read no more of the
+        layer at once than the sender's ``size``): a row per parity chunk, and a row for each data chunk a
+        lane is reading."""
+        return (self.groups * self.m + self.size) * self.width
 
     def k(self, group: int) -> int:
         """Data chunks in ``group``."""

@@ -509,6 +509,11 @@ class ReceiverEngine:
             del self.lingering[tid]
             self.held -= t.manifest.tail_scratch_bytes
 
+    def tail_claim(self, t: RxTransfer, chunk: int) -> tuple[int, ...]:
+        """After a data chunk of a parity group was placed and verified: the chunks of its group to rebuild
+        now (each then written by ``REBUILDER``, or released with ``rebuild_failed``)."""
+        return self._claim(t, chunk)
+
     def _claim(self, t: RxTransfer, chunk: int) -> tuple[int, ...]:
         out = t.machine.claim_rebuild(chunk)
         t.writers += len(out)  # each is written into the destination by the rebuilder (``REBUILDER``)

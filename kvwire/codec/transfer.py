@@ -93,7 +93,7 @@ class ReceiverTransfer:
         # The last layer's parity groups (``codec.parity``): their chunks, data and parity, are read into the
         # driver's scratch rows (a lane stalled mid-chunk then holds no destination byte), then data rows are placed.
         self.groups = self.manifest.tail_groups
-        self.rows = bytearray(self.groups.rows if self.groups else 0)  # rows verified in scratch
+        self.rows = bytearray(self.groups.rows if self.groups else 0)  # by row: verified in scratch (data: or placed)
         self.placing: set[int] = set()  # data chunks of the groups being copied from their row into place
         self.rebuilding: set[int] = set()  # data chunks of the groups being rebuilt from the other rows
         self.parity_reading: set[int] = set()  # parity chunks a lane is reading now
@@ -193,7 +193,8 @@ class ReceiverTransfer:
 
     def claim_rebuild(self, chunk: int) -> tuple[int, ...]:
         """The data chunks of ``chunk``'s group to rebuild now: those neither verified, placed nor being
-        rebuilt whose rows are empty, once ``k`` of the group's rows are in (a parity row among them, and its
+        rebuilt whose rows are empty, once ``k`` of the group's chunks are in: its verified data chunks (in
+        their destination, where the rebuild reads them) and verified parity rows (one at least, and its
         digests known on a hashed transfer); each is then being rebuilt until ``received`` (or
         ``rebuild_failed``)."""
         g = self.groups
@@ -202,7 +203,7 @@ class ReceiverTransfer:
         i = g.group(chunk)
         data, par = g.data(i), g.parity(i)
         have_parity = sum(self.rows[g.row(c)] for c in par)
-        if not have_parity or sum(self.rows[g.row(c)] for c in data) + have_parity < g.k(i):
+        if not have_parity or sum(self.verified[c] for c in data) + have_parity < g.k(i):
             return ()
         if self.manifest.hashed and i not in self.tail_digests:
             return ()

@@ -287,11 +287,20 @@ class RxSession:
 
     def _read_tail(self, ch: Stream, lane: int, lane_id: int, h: F.Header, t: RxTransfer, handle: IncomingTransfer,
                    rows: TailRows) -> None:
-        """One chunk of the last layer's parity groups (``codec.parity``): into its scratch row (a lane stalled in
-        it holds no destination byte), verified; a data chunk is then placed, and whatever its group can rebuild
-        now is."""
+        """One chunk of the last layer's parity groups (``codec.parity``): into a scratch row (a parity chunk's
+        own, or a read row for a data chunk: a lane stalled in it holds no destination byte), verified; a data
+        chunk is then placed, and whatever its group can rebuild now is."""
+        read = None if rows.groups.is_parity(h.chunk) else rows.take()
+        try:
+            self._read_tail_into(ch, lane, lane_id, h, t, handle, rows, read)
+        finally:
+            if read is not None:
+                rows.give(read)
+
+    def _read_tail_into(self, ch: Stream, lane: int, lane_id: int, h: F.Header, t: RxTransfer,
+                        handle: IncomingTransfer, rows: TailRows, read: memoryview | None) -> None:
         hashed = t.manifest.hashed
-        view = rows.view(h.chunk, h.length)
+        view = rows.parity_view(h.chunk, h.length) if read is None else read[:h.length]
         step: TailStep | None = None
         failed = ""
         try:
@@ -304,7 +313,7 @@ class RxSession:
             if not failed:
                 computed = xxhash.xxh3_64_intdigest(view) if hashed else None
                 with self.lock:
-                    if rows.groups.is_parity(h.chunk):
+                    if read is None:
                         step = self._engine.tail_parity(t, lane_id, h, computed, rows.digests(h.chunk))
                     else:
                         step = self._engine.tail_data(t, lane_id, h, computed, time.monotonic())
@@ -323,39 +332,49 @@ class RxSession:
         if step.reply is not None:
             self.send(step.reply.kind, step.reply.body)
         try:
-            if step.place:
-                self._place(t, lane, lane_id, h, computed, handle, rows)
+            if step.place and read is not None:
+                self._place(t, lane, lane_id, h, computed, handle, rows, read)
         finally:  # (the engine counts the claimed chunks as writers: they are rebuilt or released, whatever)
             if step.rebuild:
                 self._rebuild(t, handle, rows, step.rebuild)
 
     def _place(self, t: RxTransfer, lane: int, lane_id: int, h: F.Header, computed: int | None,
-               handle: IncomingTransfer, rows: TailRows) -> None:
-        """Copy a verified data row into its destination, then have it verified as any chunk."""
+               handle: IncomingTransfer, rows: TailRows, read: memoryview) -> None:
+        """Copy a verified data chunk from its read row into its destination and have it verified as any
+        chunk; then rebuild what its group can now (the chunk counts from its destination)."""
         result: ChunkResult | None = None
+        rebuild: tuple[int, ...] = ()
         try:
-            rows.place(h.chunk, handle.views)
+            rows.place(read, h.chunk, handle.views)
             with self.lock:
                 result = self._engine.chunk_done(t, lane_id, h, computed, time.monotonic())
+                rebuild = self._engine.tail_claim(t, h.chunk)
         finally:
-            if result is None:
-                with self.lock:
-                    failed = self._engine.tail_place_failed(t, lane_id, h, time.monotonic())
-                self._finish_chunk(failed, None)
-        self._finish_chunk(result, handle, lane, h.length)
+            try:
+                if result is None:
+                    with self.lock:
+                        failed = self._engine.tail_place_failed(t, lane_id, h, time.monotonic())
+                    self._finish_chunk(failed, None)
+                else:
+                    self._finish_chunk(result, handle, lane, h.length)
+            finally:  # (claimed chunks count as writers: rebuilt or released, whatever)
+                if rebuild:
+                    self._rebuild(t, handle, rows, rebuild)
 
     def _rebuild(self, t: RxTransfer, handle: IncomingTransfer, rows: TailRows, chunks: tuple[int, ...]) -> None:
-        """Rebuild data ``chunks`` of one group (claimed by the engine) from its verified rows, write each into
-        its destination and have it verified against the digest its group's parity carried. Whatever goes
-        wrong, every claimed chunk ends verified or released (``rebuild_failed``)."""
+        """Rebuild data ``chunks`` of one group (claimed by the engine) from its verified chunks (data in their
+        destination, parity in its rows), write each into its destination and have it verified against the
+        digest its group's parity carried. Whatever goes wrong, every claimed chunk ends verified or released
+        (``rebuild_failed``)."""
         g, plan, hashed, tid = rows.groups, t.plan, t.manifest.hashed, t.manifest.transfer_id
         i = g.group(chunks[0])
         left = list(chunks)
         try:
             with self.lock:
-                present = [c for c in (*g.data(i), *g.parity(i)) if t.machine.rows[g.row(c)]]
+                present = [*(c for c in g.data(i) if t.machine.verified[c]),
+                           *(c for c in g.parity(i) if t.machine.rows[g.row(c)])]
                 digests = t.machine.tail_digests.get(i)
-            blocks = rows.rebuild(present, chunks)
+            blocks = rows.rebuild(present, chunks, handle.views)
             for c in chunks:
                 block = blocks[c]
                 computed = xxhash.xxh3_64_intdigest(block) if hashed else None

@@ -1,13 +1,13 @@
 """The bytes of a transfer's last-layer parity groups (``codec.parity``): the sender's parity payloads, the receiver's
-scratch rows and its rebuilds.
+scratch and its rebuilds.
 
 Owns: ``TailEncoder`` (the sender's: a group's data chunks gathered into zero padded blocks, their digests,
 its ``m`` parity payloads computed once, on an encode thread started as the layer is written or by the first
 lane that needs one before that thread got to it) and ``TailRows`` (the receiver's:
-one scratch row per chunk of the groups, which lanes read into instead of the destination; rebuilding a
-group's missing data blocks from any ``k`` of its verified rows; copying a row or a rebuilt block into the
-chunk's destination pieces).
-Must not know: sockets, the protocol engines' state (which rows are verified is the engine's, passed in),
+a row per parity chunk, and read rows lanes take for one data chunk at a time instead of reading into the
+destination; rebuilding a group's missing data blocks from any ``k`` of its verified chunks; copying a read
+row or a rebuilt block into the chunk's destination pieces).
+Must not know: sockets, the protocol engines' state (which chunks are verified is the engine's, passed in),
 transfers' handles or callbacks.
 """
 
@@ -90,42 +90,74 @@ class TailEncoder:
 
 
 class TailRows:
-    """The receiver's scratch rows of one transfer's last layer: row ``groups.row(c)`` holds chunk ``c``'s
-    payload once read (data rows zero padded past their chunk's length: the code's blocks)."""
+    """The receiver's scratch of one transfer's last layer: a row per parity chunk (kept: the group's rebuild
+    reads it), and read rows that a lane takes for one data chunk (``take``) and gives back once that chunk
+    was placed or dropped (``give``): about one a lane, not one a chunk of the layer. A rebuild reads the
+    group's verified data chunks from their destination (never written again: invariant 7)."""
 
     def __init__(self, groups: TailGroups, plan: ChunkPlan) -> None:
         self.groups = groups
         self._plan = plan
         self._width = groups.width
-        self._rows = memoryview(bytearray(groups.rows * self._width))
+        self._parity = memoryview(bytearray(groups.groups * groups.m * self._width))
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
 
-    def _row(self, chunk: int) -> memoryview:
-        r = self.groups.row(chunk)
-        return self._rows[r * self._width:(r + 1) * self._width]
+    def _parity_row(self, chunk: int) -> memoryview:
+        r = chunk - self.groups.num_chunks
+        return self._parity[r * self._width:(r + 1) * self._width]
 
-    def view(self, chunk: int, length: int) -> memoryview:
-        """Where the lane reads chunk ``chunk``'s ``length`` payload bytes."""
-        return self._row(chunk)[:length]
+    def parity_view(self, chunk: int, length: int) -> memoryview:
+        """Where a lane reads parity chunk ``chunk``'s ``length`` payload bytes."""
+        return self._parity_row(chunk)[:length]
+
+    def take(self) -> memoryview:
+        """A read row for one data chunk (a free one, or a new one: as many as lanes read the layer at once)."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return memoryview(bytearray(self._width))
+
+    def give(self, row: memoryview) -> None:
+        """``row`` (from ``take``) is free again."""
+        with self._lock:
+            self._free.append(row)
 
     def digests(self, chunk: int) -> tuple[int, ...]:
         """A parity row's group data digests (read with it)."""
         g = self.groups
         i = g.group(chunk)
-        return parity.unpack_digests(self._row(chunk)[g.blocks[i]:g.parity_length(i)], g.k(i))
+        return parity.unpack_digests(self._parity_row(chunk)[g.blocks[i]:g.parity_length(i)], g.k(i))
 
-    def place(self, chunk: int, dest: Sequence[memoryview]) -> None:
-        """Copy data chunk ``chunk``'s row into its destination pieces."""
-        self._copy(self._row(chunk), chunk, dest)
+    def place(self, row: memoryview, chunk: int, dest: Sequence[memoryview]) -> None:
+        """Copy data chunk ``chunk`` from its read row into its destination pieces."""
+        self._copy(row, chunk, dest)
 
-    def rebuild(self, present: Sequence[int], chunks: Sequence[int]) -> dict[int, memoryview]:
-        """Data chunks ``chunks`` (of one group) rebuilt from its verified chunks ``present`` (at least ``k``),
-        each cut to its length."""
+    def rebuild(self, present: Sequence[int], chunks: Sequence[int],
+                dest: Sequence[memoryview]) -> dict[int, memoryview]:
+        """Data chunks ``chunks`` (of one group) rebuilt from its verified chunks ``present`` (at least ``k``:
+        data chunks, read from their destination pieces ``dest``, and parity rows), each cut to its length."""
         g = self.groups
         i = g.group(chunks[0])
         block = g.blocks[i]
-        have = {g.block_id(c): self._row(c)[:block] for c in present}
+        have = {g.block_id(c): self._parity_row(c)[:block] if g.is_parity(c) else self._block(c, block, dest)
+                for c in present}
         got = parity.decode(have, g.k(i), g.m, [g.block_id(c) for c in chunks])
         return {c: memoryview(got[g.block_id(c)])[: self._plan.lengths[c]] for c in chunks}
+
+    def _block(self, chunk: int, block: int, dest: Sequence[memoryview]) -> memoryview:
+        """A placed data chunk as its group's code block: its destination piece itself when that is one whole
+        block, else gathered and zero padded."""
+        pieces = _pieces(self._plan, dest, chunk)
+        if len(pieces) == 1 and pieces[0].nbytes == block:
+            return pieces[0]
+        out = memoryview(bytearray(block))
+        pos = 0
+        for piece in pieces:
+            n = piece.nbytes
+            out[pos:pos + n] = piece
+            pos += n
+        return out
 
     def write(self, chunk: int, block: memoryview, dest: Sequence[memoryview]) -> None:
         """Copy a rebuilt block into chunk ``chunk``'s destination pieces."""
