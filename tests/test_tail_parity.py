@@ -111,8 +111,8 @@ def test_the_sender_hands_out_the_layers_parity_once_right_after_its_last_data_c
     data = [c for c in order if c < g.num_chunks]
     assert data == list(range(g.num_chunks))  # every data chunk once, in plan order
     assert g.groups > 1  # (so that "after the layer's data" differs from "after each group's data")
-    parity = [c for i in range(g.groups) for c in g.parity(i)]
-    assert order[g.num_chunks:] == parity  # each parity chunk once, behind every data chunk of the layer
+    waves = [g.parity(i)[j] for j in range(g.m) for i in range(g.groups)]
+    assert order[g.num_chunks:] == waves  # each parity chunk once, behind the layer's data, first chunks first
     assert len(order) == g.num_chunks + g.groups * g.m
     sm.requeue([g.first])  # a lane died with it: re-sent, and it brings no parity again
     assert sm.next_chunk() == g.first and sm.next_chunk() is None
@@ -133,21 +133,21 @@ def test_the_encoder_started_as_the_layer_is_written_has_every_group_before_a_la
     encoded: list[str] = []
     real = parity.encode
 
-    def counted(rows: Any, k: int) -> Any:
+    def counted(rows: Any, m: int, which: Any = None) -> Any:
         encoded.append(threading.current_thread().name)
-        return real(rows, k)
+        return real(rows, m, which)
     monkeypatch.setattr(parity, "encode", counted)
     enc = TailEncoder(g, lambda c: [views[s][a:b] for s, a, b in plan.pieces(c)], hashed=True)
     if started:
         enc.start()
-        assert wait_until(lambda: len(encoded) == g.groups, 10)
+        assert wait_until(lambda: len(encoded) == g.groups * g.m, 10)  # a call a parity block
         assert set(encoded) == {"kvwire-tail-encode"}
     else:
         time.sleep(0.2)
         assert encoded == []
     first = g.parity(0).start
     block = bytes(enc.payload(first)[0])
-    assert len(encoded) == (g.groups if started else 1)  # an ask reads the started encode, or does its own
+    assert len(encoded) == (g.groups * g.m if started else 1)  # an ask reads the started encode, or does its own
     rows = [bytes(b"".join(bytes(p) for p in [views[s][a:b] for s, a, b in plan.pieces(c)])).ljust(g.blocks[0], b"\0")
             for c in g.data(0)]
     assert block == real(rows, g.m)[0]  # the payload is the group's code, from the layer's own bytes

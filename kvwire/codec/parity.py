@@ -177,11 +177,13 @@ def _zfec() -> Any:
         raise RuntimeError("tail parity needs the zfec package: pip install 'kvwire[fec]'") from e
 
 
-def encode(blocks: Sequence[bytes | memoryview], m: int) -> list[bytes]:
-    """The ``m`` parity blocks of ``blocks`` (the ``k`` data blocks, equal lengths)."""
+def encode(blocks: Sequence[bytes | memoryview], m: int, which: Sequence[int] | None = None) -> list[bytes]:
+    """The parity blocks ``which`` (0 .. m - 1; default all ``m``, in order) of ``blocks`` (the ``k`` data
+    blocks, equal lengths). The cost is per parity block: one of ``m`` costs ``1 / m`` of all."""
     k = len(blocks)
     check_geometry(k, m)
-    return list(_zfec().Encoder(k, k + m).encode(tuple(blocks), tuple(range(k, k + m))))
+    want = range(m) if which is None else which
+    return list(_zfec().Encoder(k, k + m).encode(tuple(blocks), tuple(k + j for j in want)))
 
 
 def decode(present: Mapping[int, bytes | memoryview], k: int, m: int, want: Sequence[int]) -> dict[int, bytes]:

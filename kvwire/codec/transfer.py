@@ -285,7 +285,9 @@ class SenderTransfer:
         #: the last layer's parity groups (``codec.parity``): their parity chunks (indices from ``num_chunks``)
         #: go out once each, unacknowledged, never re-sent, as soon as every data chunk of the layer was taken:
         #: behind the data on every lane, so parity never delays a data byte, and it lands about one parity
-        #: chunk's wire time after the data (a lane a loss held back lands up to a round trip after it)
+        #: chunk's wire time after the data (a lane a loss held back lands up to a round trip after it). They
+        #: go in waves, each group's first parity chunk before any group's second: one lane held back (the
+        #: common case) misses a chunk of every group, and the first wave lands first and rebuilds them all
         self.groups = self.manifest.tail_groups
         self._untaken = self.groups.count if self.groups else 0
         self._taken = bytearray(n)
@@ -324,9 +326,8 @@ class SenderTransfer:
             if g is not None and g.covers(c) and not self._taken[c]:
                 self._taken[c] = 1
                 self._untaken -= 1
-                if not self._untaken:
-                    for i in range(g.groups):
-                        self._parity.extend(g.parity(i))
+                if not self._untaken:  # in waves: every group's first parity chunk, then every group's second...
+                    self._parity.extend(g.parity(i)[j] for j in range(g.m) for i in range(g.groups))
             return c
         return None
 

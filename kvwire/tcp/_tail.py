@@ -1,9 +1,10 @@
 """The bytes of a transfer's last-layer parity groups (``codec.parity``): the sender's parity payloads, the receiver's
 scratch and its rebuilds.
 
-Owns: ``TailEncoder`` (the sender's: a group's data chunks gathered into zero padded blocks, their digests,
-its ``m`` parity payloads computed once, on an encode thread started as the layer is written or by the first
-lane that needs one before that thread got to it) and ``TailRows`` (the receiver's:
+Owns: ``TailEncoder`` (the sender's: a group's data chunks as its code's blocks (their own views, zero padded
+copies only where a chunk is short or in pieces), their digests, each parity payload computed once, on an
+encode thread started as the layer is written or by the first lane that needs one before that thread got to
+it) and ``TailRows`` (the receiver's:
 a row per parity chunk, and read rows lanes take for one data chunk at a time instead of reading into the
 destination; rebuilding a group's missing data blocks from any ``k`` of its verified chunks; copying a read
 row or a rebuilt block into the chunk's destination pieces).
@@ -30,9 +31,9 @@ def _pieces(plan: ChunkPlan, views: Sequence[memoryview], chunk: int) -> list[me
 
 class TailEncoder:
     """The sender's parity payloads of one transfer's last layer: ``start()`` (as the layer is written)
-    encodes every group on a thread of its own, while the lanes carry the layer's data; a lane that asks for a
-    parity chunk (the engine hands those out behind the layer's data) waits for its group's encode, or does it
-    itself if the thread has not begun it."""
+    encodes them on a thread of its own while the lanes carry the layer's data, in the order the engine hands
+    them out (every group's first parity chunk, then every group's second...); a lane that asks for a parity
+    chunk waits for its encode, or does it itself if the thread has not got to it."""
 
     def __init__(self, groups: TailGroups, pieces: Callable[[int], list[memoryview]], hashed: bool) -> None:
         """``pieces(chunk)``: a data chunk's payload views (``OutgoingTransfer.pieces``)."""
@@ -42,51 +43,65 @@ class TailEncoder:
         # one lock a group: a lane waits only for its own group's encode (zfec releases the GIL, so groups
         # encode side by side on as many cores as lanes pick them up on)
         self._locks = [threading.Lock() for _ in range(groups.groups)]
-        self._payloads: dict[int, tuple[list[bytes], bytes]] = {}
+        self._rows: dict[int, tuple[list[memoryview], bytes]] = {}  # by group: its code blocks, digest trailer
+        self._blocks: dict[int, bytes] = {}  # by parity chunk: its parity block
 
     def start(self) -> None:
-        """Encode every group now, on a short-lived thread (the lanes' own picks wait for it group by group):
-        the encode then runs beside the layer's data instead of after it."""
+        """Encode every parity block now, on a short-lived thread (the lanes' own asks wait for it): the encode
+        then runs beside the layer's data instead of after it."""
         threading.Thread(target=self._encode_all, name="kvwire-tail-encode", daemon=True).start()
 
     def _encode_all(self) -> None:
+        g = self.groups
         try:
-            for i in range(self.groups.groups):
-                self._group(i)
+            for j in range(g.m):
+                for i in range(g.groups):
+                    self._block(g.parity(i)[j])
         except Exception:  # (a lane's own ask raises it again, and skips that parity chunk)
             pass
-
-    def _group(self, i: int) -> tuple[list[bytes], bytes]:
-        with self._locks[i]:
-            got = self._payloads.get(i)
-            if got is None:
-                got = self._payloads[i] = self._encode(i)
-        return got
 
     def length(self, chunk: int) -> int:
         return self.groups.parity_length(self.groups.group(chunk))
 
     def payload(self, chunk: int) -> list[memoryview]:
         """Parity chunk ``chunk``'s payload (its block, then its group's data digests) as pieces."""
+        block, trailer = self._block(chunk)
+        return [memoryview(block), memoryview(trailer)]
+
+    def _block(self, chunk: int) -> tuple[bytes, bytes]:
         g = self.groups
         i = g.group(chunk)
-        blocks, trailer = self._group(i)
-        return [memoryview(blocks[chunk - g.parity(i).start]), memoryview(trailer)]
+        with self._locks[i]:
+            rows, trailer = self._rows.get(i) or self._gather(i)
+            block = self._blocks.get(chunk)
+            if block is None:
+                block = self._blocks[chunk] = parity.encode(rows, g.m, (chunk - g.parity(i).start,))[0]
+            if all(c in self._blocks for c in g.parity(i)):
+                self._rows[i] = ([], trailer)  # (the group's blocks are done: its gathered copies go)
+        return block, trailer
 
-    def _encode(self, group: int) -> tuple[list[bytes], bytes]:
+    def _gather(self, group: int) -> tuple[list[memoryview], bytes]:
+        """The group's code blocks: a data chunk's own payload view where that is one whole block, else a
+        zero padded copy; and their digests (held by the lock of ``group``)."""
         g = self.groups
         block = g.blocks[group]
-        data = memoryview(bytearray(g.k(group) * block))  # zero padded past each chunk's length
-        rows = [data[i * block:(i + 1) * block] for i in range(g.k(group))]
+        rows: list[memoryview] = []
         digests = []
-        for row, chunk in zip(rows, g.data(group)):
-            pos = 0
-            for piece in self._pieces(chunk):
-                n = piece.nbytes
-                row[pos:pos + n] = piece
-                pos += n
-            digests.append(xxhash.xxh3_64_intdigest(row[:pos]) if self._hashed else 0)
-        return parity.encode(rows, g.m), parity.pack_digests(digests)
+        for chunk in g.data(group):
+            pieces = self._pieces(chunk)
+            n = sum(p.nbytes for p in pieces)
+            if len(pieces) == 1 and n == block:
+                row = pieces[0]
+            else:
+                row = memoryview(bytearray(block))
+                pos = 0
+                for piece in pieces:
+                    row[pos:pos + piece.nbytes] = piece
+                    pos += piece.nbytes
+            rows.append(row)
+            digests.append(xxhash.xxh3_64_intdigest(row[:n]) if self._hashed else 0)
+        got = self._rows[group] = (rows, parity.pack_digests(digests))
+        return got
 
 
 class TailRows:
