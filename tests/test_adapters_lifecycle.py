@@ -252,19 +252,20 @@ def test_duplicate_send_fails_its_own_lease(pair):
 def test_an_engines_tail_parity_setting_is_checked_where_it_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's ``tail_parity`` extra config and SGLang's ``KVWIRE_TAIL_PARITY`` go through one check: unset or
     ``auto`` (``connect``'s default), or an int in 0..8 (strings from the environment too), and zfec installed
-    unless 0."""
+    unless 0: ``codec.parity.setting``'s, which ``connect`` applies too."""
     from kvwire.adapters import lifecycle
+    from kvwire.codec import parity
     from kvwire.errors import LayoutError
 
     assert lifecycle.tail_parity_setting("0", "X") == 0 and lifecycle.tail_parity_setting(0, "X") == 0
     # unset or "auto": kvwire.connect's own default (parity on a long path when zfec is installed)
     assert lifecycle.tail_parity_setting(None, "X") is None and lifecycle.tail_parity_setting(" Auto", "X") is None
-    if lifecycle.parity_available():
+    if parity.available():
         assert lifecycle.tail_parity_setting("3", "X") == 3 and lifecycle.tail_parity_setting(8, "X") == 8
     for bad in (-1, 9, "x", "", True, "2.5", 2.9, 2.0):
         with pytest.raises(LayoutError, match="KVWIRE_TAIL_PARITY"):
             lifecycle.tail_parity_setting(bad, "KVWIRE_TAIL_PARITY")
-    monkeypatch.setattr(lifecycle, "parity_available", lambda: False)
+    monkeypatch.setattr(parity, "available", lambda: False)
     assert lifecycle.tail_parity_setting(0, "X") == 0
     with pytest.raises(LayoutError, match="zfec"):
         lifecycle.tail_parity_setting(2, "X")

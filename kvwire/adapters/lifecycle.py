@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from ..codec.compat import check_compatible
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
 from ..codec.parity import MAX_PARITY
-from ..codec.parity import available as parity_available
+from ..codec.parity import setting as parity_setting
 from ..codec.reshard import ReshardPlan
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMismatch
@@ -293,19 +293,17 @@ def tail_parity_setting(value: Any, name: str) -> int | None:
     configured: unset (``None``) or ``"auto"``: ``None``, ``kvwire.connect``'s default (parity on a long path
     when zfec is installed); else an int in 0..8, and zfec installed when it is not 0. ``LayoutError`` names
     ``name``."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return None
+    if isinstance(value, str):  # (from the environment, or a config file's string)
+        text = value.strip()
+        if text.lower() == "auto":
+            return None
+        if not text.isdigit():
+            raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY} or 'auto', not {value!r}")
+        value = int(text)
     try:
-        if not isinstance(value, (int, str)):  # (a float would be cut: 2.9 is not 2)
-            raise TypeError
-        m = int(value)
-    except (TypeError, ValueError):
-        raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY}, not {value!r}") from None
-    if not 0 <= m <= MAX_PARITY or isinstance(value, bool):
-        raise LayoutError(f"{name} must be an int in 0..{MAX_PARITY}, not {value!r}")
-    if m and not parity_available():
-        raise LayoutError(f"{name}={m} needs the zfec package: pip install 'kvwire[fec]'")
-    return m
+        return parity_setting(value)
+    except (ValueError, KvwireError) as e:
+        raise LayoutError(f"{name}: {e}") from None
 
 
 class Outbox(_Book["Sending"]):

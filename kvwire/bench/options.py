@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from ..codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from ..codec.manifest import max_chunk_size
-from ..codec.parity import MAX_PARITY
-from ..codec.parity import available as parity_available
+from ..codec.parity import setting as parity_setting
 from ..codec.plan import DEFAULT_CHUNK
+from ..errors import KvwireError
 from .errors import UsageError
 
 DEFAULT_PORT = 5211
@@ -367,10 +367,10 @@ def check(o: Options) -> None:
         raise UsageError("--polite is a mode of --adaptive")
     if o.adaptive and o.fq_rate is not None:
         raise UsageError("--adaptive paces the lanes itself: drop --fq-rate (or --adaptive/--polite)")
-    if o.tail_parity is not None and not 0 <= o.tail_parity <= MAX_PARITY:
-        raise UsageError(f"--tail-parity takes 0..{MAX_PARITY} parity chunks")
-    if o.tail_parity and not parity_available():
-        raise UsageError("--tail-parity needs the zfec package: pip install 'kvwire[fec]'")
+    try:
+        parity_setting(o.tail_parity)
+    except (ValueError, KvwireError) as e:
+        raise UsageError(f"--tail-parity: {e}") from None
     if o.tail_parity and o.mode == "server":
         raise UsageError("--tail-parity is a client option (the sending side adds the parity)")
     if o.probe_seconds is not None and not 0 < o.probe_seconds <= MAX_PROBE_SECONDS:

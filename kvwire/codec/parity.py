@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ProtocolError
+from ..errors import KvwireError, ProtocolError
 from .frames import Header
 from .plan import ChunkPlan
 
@@ -49,6 +49,20 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def setting(value: object) -> int | None:
+    """A sender's tail parity setting (``connect(tail_parity=...)``; the bench's and the engines' settings
+    come here once parsed), checked: ``None`` (the default: chosen by the path) or an int in
+    0..``MAX_PARITY``; ``ValueError`` otherwise (a bool, or a float: 2.9 is not 2), ``KvwireError`` for a
+    count where zfec does not import."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_PARITY:
+        raise ValueError(f"tail_parity must be an int in 0..{MAX_PARITY} (or None: by the path), got {value!r}")
+    if value and not available():
+        raise KvwireError(f"tail_parity={value} needs the zfec package here: pip install 'kvwire[fec]'")
+    return value
 
 
 def parse_offer(limits: Mapping[str, Any]) -> int:

@@ -159,10 +159,7 @@ class Session(SenderConnection):
                  chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None,
                  warm_up: WarmUp | None = None, tail_parity: int | None = None) -> None:
         _check_warm(warm, warm_up)
-        if tail_parity is not None and (type(tail_parity) is not int or not 0 <= tail_parity <= parity.MAX_PARITY):
-            raise ValueError(f"tail_parity must be None or an int in 0..{parity.MAX_PARITY}, got {tail_parity!r}")
-        if tail_parity and not parity.available():
-            raise KvwireError("tail_parity needs the zfec package here: pip install 'kvwire[fec]'")
+        tail_parity = parity.setting(tail_parity)  # ValueError, or KvwireError without zfec
         if not 1 <= lanes <= 256:
             raise ValueError("lanes must be in 1..256")
         if max_lanes is not None and not lanes <= max_lanes <= 256:
