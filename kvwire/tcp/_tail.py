@@ -2,12 +2,11 @@
 scratch and its rebuilds.
 
 Owns: ``TailEncoder`` (the sender's: a group's data chunks as its code's blocks (their own views, zero padded
-copies only where a chunk is short or in pieces), their digests, each parity payload computed once, on an
-encode thread started as the layer is written or by the first lane that needs one before that thread got to
-it) and ``TailRows`` (the receiver's:
-a row per parity chunk, and read rows lanes take for one data chunk at a time instead of reading into the
-destination; rebuilding a group's missing data blocks from any ``k`` of its verified chunks; copying a read
-row or a rebuilt block into the chunk's destination pieces).
+copies only where a chunk is short or in pieces), their digests, each parity payload computed once, on an encode
+thread started as the layer is written or by the first lane that needs one before that thread got to it) and
+``TailRows`` (the receiver's: a row per parity chunk, and read rows lanes take for one data chunk at a time
+instead of reading into the destination; rebuilding a group's missing data blocks from any ``k`` of its verified
+chunks; copying a read row or a rebuilt block into the chunk's destination pieces).
 Must not know: sockets, the protocol engines' state (which chunks are verified is the engine's, passed in),
 transfers' handles or callbacks.
 """
