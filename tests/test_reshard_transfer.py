@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,16 +23,19 @@ CHUNK = 64 * 1024
 
 
 @contextlib.contextmanager
-def mesh(plan: ReshardPlan) -> Iterator[tuple[list[Receiver], dict[int, dict[int, Session]]]]:
-    """A Receiver per decode rank and, per prefill rank, a one-lane Session to each decode rank it feeds."""
+def mesh(plan: ReshardPlan, **session: Any) -> Iterator[tuple[list[Receiver], dict[int, dict[int, Session]]]]:
+    """A Receiver per decode rank and, per prefill rank, a one-lane Session (``session``: more arguments) to
+    each decode rank it feeds."""
     with contextlib.ExitStack() as stack:
         rxs = [stack.enter_context(Receiver(key="k")) for _ in range(plan.decode_tp)]
-        sessions = {p: {d: stack.enter_context(connect(*rxs[d].address, key="k", lanes=1, chunk_size=CHUNK))
+        sessions = {p: {d: stack.enter_context(connect(*rxs[d].address, key="k", **{"lanes": 1, **session},
+                                                       chunk_size=CHUNK))
                         for d in plan.targets(p)} for p in range(plan.prefill_tp)}
         yield rxs, sessions
 
 
-def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSpec
+def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSpec,
+             stats: list[dict[str, int]] | None = None, **session: Any
              ) -> tuple[ReshardPlan, list[list[np.ndarray]], list[list[np.ndarray]], list[ReshardIncoming],
                         list[dict[int, int]]]:
     config = FAMILY_CONFIGS[family]
@@ -42,7 +46,7 @@ def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSp
     plan = plan_reshard(family_layout(family, variant, tp_p), family_layout(family, variant, tp_d))
     dest = [[np.full(s.nbytes, 0xEE, np.uint8) for s in plan_segments(plan.decode, request)]
             for _ in range(tp_d)]
-    with mesh(plan) as (rxs, sessions):
+    with mesh(plan, **session) as (rxs, sessions):
         incoming = [ReshardReceiver(plan, d, rxs[d]).expect(request, dest[d], timeout=30) for d in range(tp_d)]
         outgoing = [ReshardSender(plan, p, sessions[p]).send(request, timeout=30) for p in range(tp_p)]
         own = [plan_segments(family_layout(family, variant, tp_p, p), request) for p in range(tp_p)]
@@ -59,6 +63,8 @@ def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSp
         for out in outgoing:
             out.result(30)
         sent = [out.bytes_sent() for out in outgoing]
+        if stats is not None:  # (each decode rank's receiver, before the mesh closes)
+            stats.extend(rx.stats() for rx in rxs)
     return plan, dest, want, incoming, sent
 
 
@@ -90,6 +96,30 @@ def test_loopback_reshard_bit_exact_and_no_over_send(case: tuple[str, str, int, 
         assert need <= whole_prefill_rank * len(plan.sources(d))
         if tp_d > tp_p or family in ("kda", "swa"):  # split state, or replicated MLA/KV sent by one rank only
             assert need < whole_prefill_rank * len(plan.sources(d))
+
+
+def test_reshard_transfers_carry_tail_parity_and_arrive_exact(no_leaks: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each prefill rank's slice of a re-sharded request is a transfer of its own, with its own last layer:
+    with tail parity (as ``connect`` sends it by default on a long path) every (prefill, decode) pair's
+    transfer takes the parity path (its receiver holds a ``TailRows`` for it; its last chunk is placed or
+    rebuilt, whichever comes first) and the bytes arrive exact."""
+    pytest.importorskip("zfec")
+    from kvwire.tcp._tail import TailRows
+    made: list[TailRows] = []
+    real_init = TailRows.__init__
+
+    def init(self: TailRows, *args: Any) -> None:
+        made.append(self)
+        real_init(self, *args)
+    monkeypatch.setattr(TailRows, "__init__", init)
+    request = RequestSpec("rq-parity", 1024, 1023, {"attn": 8})
+    stats: list[dict[str, int]] = []
+    plan, got, want, incoming, _ = transfer("gdn", "ds-hkv", 2, 4, request, stats, lanes=4, tail_parity=2)
+    assert all([a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]] for d in range(4))
+    pairs = sum(len(plan.targets(p)) for p in range(plan.prefill_tp))
+    assert len(made) == pairs and all(r.groups.m == 2 for r in made)
+    assert all(s["parity_rejected"] == s["rebuilds_failed"] == 0 for s in stats)
 
 
 def test_every_required_pair_over_sockets(no_leaks: None) -> None:
