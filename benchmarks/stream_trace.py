@@ -204,7 +204,8 @@ def main() -> int:
     ap.add_argument("--loss", type=float, default=0.0001,
                     help="the link's random loss, a fraction (the row's 0.0001; 0: what loss costs the tail)")
     ap.add_argument("--scale", type=float, default=1.0, help="the link's rate x this (the row's 2 Gbit/s at 1)")
-    ap.add_argument("--tail-parity", type=int, default=0, help="kvwire-bench --tail-parity M")
+    ap.add_argument("--tail-parity", type=int, default=None,
+                    help="kvwire-bench --tail-parity M (default: kvwire.connect()'s, 2 on this path with zfec)")
     a = ap.parse_args()
     rate = 2000 * a.scale
     full = rate * PAYLOAD * 1e6 / 8

@@ -10,19 +10,19 @@ internals beyond the public API, ``Session.link_control`` and ``Session.lane_soc
 row runs ``kvwire-bench``'s own sending side and document (``kvwire.bench``: its per-layer timeline and
 exposed-tail figures) against a one-off bench server in the link's server namespace.
 
-Rows (``--rows``): ``fat`` 2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue: a 32k-token Qwen3-Next cache
-and iperf3; ``burst`` the same link, one 8k-token request a second over one session; ``lossy`` 400 Mbit/s,
-20 ms, 0.1 % loss: kvwire default and with CUBIC forced, retransmits beside one iperf3 BBR stream;
-``stream`` the same link as ``fat``, 8k-token requests produced layer by layer at half the link's payload
-rate (``kvwire-bench --prefill-ms-per-layer``) over a session warmed as ``kvwire.connect()`` warms one on
-this path (``kvwire-bench --warm``; ``--warm off``: cold), the exposed tail (last layer verified at the
-receiver minus last layer produced) against the last layer's wire time + 1 RTT + 10 ms;
-``burst0``/``stream0`` those two on the same link without its random loss, as INFO beside them (what the
-loss costs their tails); ``streamnp`` the stream row without the tail parity ``kvwire.connect()`` sends by
-default on this path, as INFO beside it (what the parity buys); ``fair`` 4 kvwire sender processes on
-1 Gbit/s, 40 ms; ``collapse`` the link starved to 2 % for 3 s under a running transfer, then restored; ``loopback`` control on vs off on
-127.0.0.1. ``--scale`` multiplies every rate (the RTTs and queues in time stay): what this machine's
-emulator cannot carry is scaled down and the header says so. The payload rate of a link is its IP rate x 1448/1500.
+Rows (``--rows``): ``fat`` 2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue: a 32k-token Qwen3-Next cache and
+iperf3; ``burst`` the same link, one 8k-token request a second over one session; ``lossy`` 400 Mbit/s, 20 ms,
+0.1 % loss: kvwire default and with CUBIC forced, retransmits beside one iperf3 BBR stream; ``stream`` the same
+link as ``fat``, 8k-token requests produced layer by layer at half the link's payload rate (``kvwire-bench
+--prefill-ms-per-layer``) over a session warmed as ``kvwire.connect()`` warms one on this path (``kvwire-bench
+--warm``; ``--warm off``: cold), the exposed tail (last layer verified at the receiver minus last layer
+produced) against the last layer's wire time + 1 RTT + 10 ms; ``burst0``/``stream0`` those two on the same link
+without its random loss, as INFO beside them (what the loss costs their tails); ``streamnp`` the stream row
+without the tail parity ``kvwire.connect()`` sends by default on this path, as INFO beside it (what the parity
+buys); ``fair`` 4 kvwire sender processes on 1 Gbit/s, 40 ms; ``collapse`` the link starved to 2 % for 3 s under
+a running transfer, then restored; ``loopback`` control on vs off on 127.0.0.1. ``--scale`` multiplies every
+rate (the RTTs and queues in time stay): what this machine's emulator cannot carry is scaled down and the header
+says so. The payload rate of a link is its IP rate x 1448/1500.
 """
 
 from __future__ import annotations
