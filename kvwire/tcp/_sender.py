@@ -55,9 +55,9 @@ if TYPE_CHECKING:  # (for the annotations only: kvwire.probe imports this module
 #: ``tail_parity=None`` (the default): parity chunks a group of the last layer gets on a long path
 #: (``LONG_PATH_RTT``, by the handshake) when zfec imports here; none on a shorter one, where a loss costs
 #: little. Streaming 8k-token Qwen3-Next over 2 Gbit/s, 80 ms (prefill at half the link rate), 2 against
-#: none: exposed tail p50 / worst 143-163 / 154-190 ms vs 155-168 / 179-215 ms at 0.01 % loss, and
-#: 122-133 / 138-145 vs 123-126 / 126-130 ms without loss (2 cores shared with the link's emulator;
-#: ``benchmarks/results/tail-parity-2026-12-03.txt``); 3 did no better than 2 there and costs more bytes
+#: none, 110 requests each: exposed tail p50 / p99 / worst 151 / 215 / 244 ms vs 170 / 259 / 1869 ms at
+#: 0.01 % loss; p50 / worst 122-133 / 138-145 vs 123-126 / 126-130 ms without loss (2 cores shared with the
+#: link's emulator; ``benchmarks/results/tail-parity-2026-12-03.txt``); 3 did no better than 2 and costs more
 AUTO_TAIL_PARITY = 2
 
 #: ``warm_up(session, warm)``: warms a session that has just opened and returns what it measured (a
