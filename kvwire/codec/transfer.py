@@ -201,16 +201,23 @@ class ReceiverTransfer:
         if g is None or self.state.terminal or g.group(chunk) in self.unrebuildable:
             return ()
         i = g.group(chunk)
-        data, par = g.data(i), g.parity(i)
-        have_parity = sum(self.rows[g.row(c)] for c in par)
-        if not have_parity or sum(self.verified[c] for c in data) + have_parity < g.k(i):
+        have = self.present(i)
+        if len(have) < g.k(i) or not g.is_parity(have[-1]):  # (parity last: none unless the last one is)
             return ()
         if self.manifest.hashed and i not in self.tail_digests:
             return ()
-        out = tuple(c for c in data if not self.verified[c] and not self.rows[g.row(c)]
+        out = tuple(c for c in g.data(i) if not self.verified[c] and not self.rows[g.row(c)]
                     and c not in self.rebuilding and c not in self.placing)
         self.rebuilding.update(out)
         return out
+
+    def present(self, group: int) -> list[int]:
+        """What a rebuild of ``group`` reads: its verified data chunks (in their destination), then its verified
+        parity chunks (in their rows)."""
+        g = self.groups
+        assert g is not None
+        return [*(c for c in g.data(group) if self.verified[c]),
+                *(c for c in g.parity(group) if self.rows[g.row(c)])]
 
     def rebuild_failed(self, chunks: tuple[int, ...]) -> None:
         """Rebuilding ``chunks`` broke off, or a rebuilt one failed its check: their copies on the wire answer

@@ -371,8 +371,7 @@ class RxSession:
         left = list(chunks)
         try:
             with self.lock:
-                present = [*(c for c in g.data(i) if t.machine.verified[c]),
-                           *(c for c in g.parity(i) if t.machine.rows[g.row(c)])]
+                present = t.machine.present(i)
                 digests = t.machine.tail_digests.get(i)
             blocks = rows.rebuild(present, chunks, handle.views)
             for c in chunks:

@@ -28,6 +28,19 @@ def _pieces(plan: ChunkPlan, views: Sequence[memoryview], chunk: int) -> list[me
     return [views[seg][a:b] for seg, a, b in plan.pieces(chunk)]
 
 
+def _as_block(pieces: Sequence[memoryview], block: int) -> memoryview:
+    """A data chunk's bytes (``pieces``, in order) as one of its group's code blocks: its one piece itself
+    where that is the whole block, else a zero padded copy."""
+    if len(pieces) == 1 and pieces[0].nbytes == block:
+        return pieces[0]
+    out = memoryview(bytearray(block))
+    pos = 0
+    for piece in pieces:
+        out[pos:pos + piece.nbytes] = piece
+        pos += piece.nbytes
+    return out
+
+
 class TailEncoder:
     """The sender's parity payloads of one transfer's last layer: ``start()`` (as the layer is written)
     encodes them on a thread of its own while the lanes carry the layer's data, in the order the engine hands
@@ -89,14 +102,7 @@ class TailEncoder:
         for chunk in g.data(group):
             pieces = self._pieces(chunk)
             n = sum(p.nbytes for p in pieces)
-            if len(pieces) == 1 and n == block:
-                row = pieces[0]
-            else:
-                row = memoryview(bytearray(block))
-                pos = 0
-                for piece in pieces:
-                    row[pos:pos + piece.nbytes] = piece
-                    pos += piece.nbytes
+            row = _as_block(pieces, block)
             rows.append(row)
             digests.append(xxhash.xxh3_64_intdigest(row[:n]) if self._hashed else 0)
         got = self._rows[group] = (rows, parity.pack_digests(digests))
@@ -154,24 +160,10 @@ class TailRows:
         g = self.groups
         i = g.group(chunks[0])
         block = g.blocks[i]
-        have = {g.block_id(c): self._parity_row(c)[:block] if g.is_parity(c) else self._block(c, block, dest)
-                for c in present}
+        have = {g.block_id(c): self._parity_row(c)[:block] if g.is_parity(c)
+                else _as_block(_pieces(self._plan, dest, c), block) for c in present}
         got = parity.decode(have, g.k(i), g.m, [g.block_id(c) for c in chunks])
         return {c: memoryview(got[g.block_id(c)])[: self._plan.lengths[c]] for c in chunks}
-
-    def _block(self, chunk: int, block: int, dest: Sequence[memoryview]) -> memoryview:
-        """A placed data chunk as its group's code block: its destination piece itself when that is one whole
-        block, else gathered and zero padded."""
-        pieces = _pieces(self._plan, dest, chunk)
-        if len(pieces) == 1 and pieces[0].nbytes == block:
-            return pieces[0]
-        out = memoryview(bytearray(block))
-        pos = 0
-        for piece in pieces:
-            n = piece.nbytes
-            out[pos:pos + n] = piece
-            pos += n
-        return out
 
     def write(self, chunk: int, block: memoryview, dest: Sequence[memoryview]) -> None:
         """Copy a rebuilt block into chunk ``chunk``'s destination pieces."""
