@@ -37,7 +37,7 @@ from .congestion.decision import ControllerConfig
 from .congestion.estimator import EstimatorConfig, LinkEstimator, LinkState
 from .congestion.monitor import LinkMonitor
 from .congestion.rules import pipe_step
-from .congestion.tcpinfo import handshake_rtt, sample
+from .congestion.tcpinfo import sample
 from .errors import KvwireError, ProbeRefused, TransferCancelled
 from .sockopts import SocketOptionError, get_congestion, get_pacing_rate, set_congestion, set_pacing_rate
 from .tcp import LONG_PATH_RTT, OutgoingTransfer, Session, connect
@@ -465,9 +465,8 @@ def warm_enabled() -> bool:
 
 
 def path_rtt(session: Session) -> float | None:
-    """The path's round trip in seconds as the session's handshakes measured it: the least ``TCP_INFO`` min
-    RTT of its control connection and lanes (None where the kernel gives none)."""
-    return handshake_rtt([session.control_socket(), *session.lane_sockets()])
+    """The path's round trip in seconds as the session's handshakes measured it (``Session.path_rtt``)."""
+    return session.path_rtt()
 
 
 def warm_skip_reason(session: Session) -> str:

@@ -319,7 +319,7 @@ class Session(SenderConnection):
         more) when zfec imports here, else 0."""
         if not parity.available():
             return 0
-        rtt = handshake_rtt([self.control_socket(), *self.lane_sockets()])
+        rtt = self.path_rtt()
         return AUTO_TAIL_PARITY if rtt is not None and rtt >= LONG_PATH_RTT else 0
 
     def _with_parity(self, m: Manifest) -> Manifest:
@@ -407,6 +407,11 @@ class Session(SenderConnection):
         with self._cond:
             return [lane.ch.sock for lane in self.lanes
                     if lane.alive and lane.index < self._pump.active]
+
+    def path_rtt(self) -> float | None:
+        """The path's round trip in seconds as the session's handshakes measured it: the least ``TCP_INFO`` min
+        RTT of its control connection and lanes (None where the kernel gives none)."""
+        return handshake_rtt([self.control_socket(), *self.lane_sockets()])
 
     def control_socket(self) -> socket.socket:
         """The control connection's socket (for TCP_INFO: what the session's control messages cost on the wire)."""
