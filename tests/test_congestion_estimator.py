@@ -471,9 +471,11 @@ def test_paced_lanes_delivery_samples_raise_a_low_estimate_where_layer_bursts_ar
     """A layer (16.8 MB, 70 ms on 2 Gbit/s) is shorter than any goodput span that reads a capacity on an
     80 ms path, so a stream's up-probes never raised a warm-up reading of half the link: at 1.5x of it
     every lane delivered its whole pacing share and the estimate moved 1 %. Paced lanes' delivery-rate
-    samples with no queue standing, in two samples running, now raise it to ``burst_share`` of their sum,
-    each lane's sample counted up to its own cap. Negative controls: unpaced lanes (samples in a ramp
-    sum above the link), a standing queue, one sample alone, and no samples (the old reading) leave it."""
+    samples with no queue standing, in two samples running, now raise it to their sum, each lane's sample
+    counted up to its own cap (not ``burst_share`` of it: a 1.1x up-probe whose lanes delivered 98 % of their
+    caps then moved the estimate under the 3 % that makes a probe pay, and a stream at 0.75x of a 2 Gbit/s
+    link stayed there for 17 s of probes). Negative controls: unpaced lanes (samples in a ramp sum above the
+    link), a standing queue, one sample alone, and no samples (the old reading) leave it."""
     link, cfg = 100e6, EstimatorConfig()
     share = 0.375 * link  # each of 2 lanes' pacing cap: 1.5x an estimate of half the link, split
 
@@ -486,7 +488,7 @@ def test_paced_lanes_delivery_samples_raise_a_low_estimate_where_layer_bursts_ar
         rates = (burst, burst if gap is None else gap)
         return _layers(est, lanes, 0.0, 2.0, 2 * share, delivery_rates=rates, cap=cap, rtt_us=rtt_us)[1]
 
-    raised = cfg.burst_share * 2 * share
+    raised = 2 * share
     assert stream(share, share).capacity == pytest.approx(raised, rel=0.01)
     assert stream(1.5 * share, share).capacity == pytest.approx(raised, rel=0.01)  # counted up to the cap
     assert stream(share, None).capacity == pytest.approx(0.5 * link)  # unpaced

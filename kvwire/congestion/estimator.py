@@ -74,12 +74,14 @@ class EstimatorConfig:
     burst_share: float = 0.95
     # ... and so do the lanes' own delivery-rate samples (the kernel's, each over the lane's last round
     # trip), each at most the lane's pacing cap, summed, when every lane is paced and no queue stands
-    # (ratio at most clear_ratio) in two samples running, times burst_share: a layer burst (16.8 MB, 70 ms
-    # on 2 Gbit/s) is shorter than any goodput span that reads a capacity on an 80 ms path
+    # (ratio at most clear_ratio) in two samples running (the smaller of the two): a layer burst (16.8 MB,
+    # 70 ms on 2 Gbit/s) is shorter than any goodput span that reads a capacity on an 80 ms path
     # (CAPACITY_ROUNDS round trips), so a stream's up-probe at 1.5x a warm-up reading of half the link
     # delivered 1.47x in every lane's samples while its spans moved the estimate 1 %. Paced, a lane's
-    # sample cannot exceed its cap; with no queue, the lanes do not take turns at the bottleneck, which
-    # made unpaced lanes' samples sum to 1.2-1.4x the link in a ramp
+    # sample cannot exceed its cap, and with no queue the lanes do not take turns at the bottleneck (which
+    # made unpaced lanes' samples sum to 1.2-1.4x the link in a ramp): no jitter to discount, so not
+    # burst_share of it (that took a 1.1x up-probe delivered at 98 % of its caps to +2.6 %, under what
+    # makes a probe pay; a stream whose warm-up read 0.75x of a 2 Gbit/s link stayed there for 17 s)
     clear_ratio: float = 1.1
 
     def __post_init__(self) -> None:
@@ -234,8 +236,8 @@ class LinkEstimator:
     ``set_capacity``, else *probed*: the goodput of the intervals during which the queueing ratio showed a
     standing queue (we were filling the bottleneck: it served at its rate the whole time), raised whenever
     goodput over a ``raise_span`` exceeds it (for a sender with gaps, ``burst_share`` of its best
-    ``bw_sample`` span; with no queue, ``burst_share`` of what the paced lanes' delivery-rate samples sum to in
-    two samples running); unknown until then.
+    ``bw_sample`` span; with no queue, what the paced lanes' delivery-rate samples sum to in two samples
+    running); unknown until then.
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
@@ -458,7 +460,7 @@ class LinkEstimator:
             self._probed, self._probed_at = served, now
         elif self._probed is not None and now - self._probed_at >= self.config.raise_span:
             self._probed = max(self._probed, self._span_rate(now, self.config.raise_span), self._burst_rate(now),
-                               self.config.burst_share * min(paced, last_paced))
+                               min(paced, last_paced))
         if overflow is not None and overflow > 0 and self._probed is None:
             self._probed, self._probed_at = overflow, now
         if self._probed is not None and self._floor_bw:
