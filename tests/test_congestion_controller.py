@@ -428,6 +428,24 @@ def test_an_up_probe_pays_when_the_lanes_delivered_more_though_the_estimate_lagg
     assert flat.mode is Mode.CRUISE and flat.upprobe_streak == 0, flat.decision
 
 
+def test_an_up_probe_whose_estimate_caught_up_with_its_pacing_steps_up_at_once() -> None:
+    """An up-probe the link carried whole (the estimate reached the probe's pacing, no queue) has nothing more
+    to show: the next step follows at once instead of at ``upprobe_time``. From a warm-up read at 0.75x, a bulk
+    transfer's ladder of 0.5 s steps spent ~1.3 s under a 2 Gbit/s, 80 ms link (88-89 % over 3.9 s). Negative
+    controls: an estimate still short of the pacing, and one with a queue standing, ride the probe out."""
+    st = cruising()
+    up = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C), CFG)
+    assert up.mode is Mode.UPPROBE and up.changed_at is not None and up.decision.total_pacing is not None
+    t = up.changed_at + 0.2  # well inside upprobe_time
+    pacing = up.decision.total_pacing
+    step = decide(up, ls(t, 0.98 * pacing, capacity=0.98 * pacing), CFG)
+    assert step.mode is Mode.UPPROBE and step.upprobe_streak == 1, step.decision
+    assert step.decision.total_pacing == int(1.2 * 0.98 * pacing) // 4 * 4
+    short = decide(up, ls(t, 1.05 * C, capacity=1.05 * C), CFG)
+    assert short.decision == up.decision and short.upprobe_streak == 0
+    queued = decide(up, ls(t, 0.98 * pacing, q=1.2, capacity=0.98 * pacing), CFG)
+    assert queued.decision == up.decision
+
 def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send_buffer_ceiling() -> None:
     cfg = ControllerConfig()  # 1 Gbit/s, 4..16 lanes, 2 MiB a lane
     mib = 2**20
