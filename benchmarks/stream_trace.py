@@ -71,6 +71,13 @@ class Seen:
     notsent: int
     unacked: int
     min_rtt: float
+    acked: int = 0  # tcpi_bytes_acked
+    ca_state: int = 0  # 0 open, 1 disorder, 2 CWR, 3 recovery, 4 loss (an RTO)
+    backoff: int = 0  # tcpi_retransmits: RTOs in a row on the lane's head
+    rtos: int = 0  # tcpi_total_rto (0 where the kernel has no such field)
+
+
+CA_STATES = {0: "open", 1: "disorder", 2: "cwr", 3: "recovery", 4: "loss"}
 
 
 class Tracer:
@@ -120,7 +127,9 @@ class Tracer:
                 ti = try_read(sock)
                 if ti is not None:
                     self.seen.append(Seen(now, lane, ti.total_retrans or 0, ti.snd_cwnd or 0, ti.pacing_rate or 0,
-                                          ti.notsent_bytes or 0, ti.unacked or 0, (ti.min_rtt_us or 0) / 1e6))
+                                          ti.notsent_bytes or 0, ti.unacked or 0, (ti.min_rtt_us or 0) / 1e6,
+                                          ti.bytes_acked or 0, ti.ca_state or 0, ti.retransmits or 0,
+                                          ti.total_rto or 0))
 
     def stop(self) -> None:
         self._stop.set()
@@ -135,6 +144,41 @@ class Tracer:
             if s.notsent == 0 and s.unacked == 0:
                 return s.t - POLL / 2 - s.min_rtt / 2, polls[: i + 1]
         return None, polls
+
+
+def stalled(tr: Tracer, rec: Any, layer: int) -> str:
+    """Why an earlier ``layer`` of ``rec`` was late: its last chunk to land, and on that chunk's lane the longest
+    run of polls with bytes unacknowledged and nothing newly acknowledged, with the lane's retransmits, RTOs
+    (and their backoff) and congestion states over it."""
+    h = tr.handles.get(rec.request_id)
+    if h is None:
+        return "no handle"
+    layers = h.plan.layers
+    mine = [c for c in tr.taken if c.tid == h.transfer_id and c.chunk < len(layers) and layers[c.chunk] == layer]
+    if not mine:
+        return "no chunk of it seen"
+    last = max(mine, key=lambda c: tr.landed(c)[0] or float("inf"))
+    at, polls = tr.landed(last)
+    t0 = rec.t0
+    run: list[Seen] = []
+    best: list[Seen] = []
+    for a, b in zip(polls, polls[1:], strict=False):
+        if b.unacked and b.acked == a.acked:
+            run = run or [a]
+            run.append(b)
+            best = max(best, run, key=len)
+        else:
+            run = []
+    head = (f"layer {layer}: its last chunk to land ({last.chunk}) taken +{(last.t - t0) * 1e3:.0f} ms after the "
+            f"request began, on lane {last.lane}, which first held nothing unsent or unacknowledged after it at "
+            f"+{((at or last.t) - t0) * 1e3:.0f} ms")
+    if not best:
+        return head + "; the lane never stood still (TCP kept delivering: look past the sender's sockets)"
+    states = sorted({CA_STATES.get(x.ca_state, str(x.ca_state)) for x in best})
+    return (head + f"; the lane acknowledged nothing for {(best[-1].t - best[0].t) * 1e3:.0f} ms from "
+            f"+{(best[0].t - t0) * 1e3:.0f} ms with {best[0].unacked} packets out: retransmits "
+            f"+{best[-1].retrans - best[0].retrans}, RTOs +{best[-1].rtos - best[0].rtos} (backoff up to "
+            f"{max(x.backoff for x in best)}), states {'/'.join(states)}, cwnd down to {min(x.cwnd for x in best)}")
 
 
 def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +322,8 @@ def main() -> int:
             late = max(b["late_layers"], key=lambda x: x[1], default=None)
             print(f"  (the tail is an earlier layer's: layer {late[0] if late else '?'} was verified "
                   f"{late[1] if late else 0:.0f} ms after the last layer was produced)")
+            if late:
+                print(f"  {stalled(tr, rec, late[0])}")
         for c in sorted(cs, key=lambda c: -c["landed_ms"])[:3] + [c for c in cs if c["chunk"] >= b["num_chunks"]]:
             print(f"    lane {c['lane']:2} chunk {c['chunk']:3}: taken +{c['taken_ms']:5.1f}, landed "
                   f"+{c['landed_ms']:5.0f} ms; cap {c['cap_mbit']:.0f}, kernel {c['kernel_rate_mbit']:.0f} "
