@@ -147,9 +147,10 @@ class Tracer:
 
 
 def stalled(tr: Tracer, rec: Any, layer: int) -> str:
-    """Why an earlier ``layer`` of ``rec`` was late: its last chunk to land, and on that chunk's lane the longest
-    run of polls with bytes unacknowledged and nothing newly acknowledged, with the lane's retransmits, RTOs
-    (and their backoff) and congestion states over it."""
+    """Why an earlier ``layer`` of ``rec`` was late, from the sender's side: of the lanes that carried its chunks,
+    the one with the longest run of polls with bytes unacknowledged and nothing newly acknowledged (from when
+    it took the layer's first chunk until it held nothing), with its retransmits, RTOs (and their backoff) and
+    congestion states over that run."""
     h = tr.handles.get(rec.request_id)
     if h is None:
         return "no handle"
@@ -157,28 +158,32 @@ def stalled(tr: Tracer, rec: Any, layer: int) -> str:
     mine = [c for c in tr.taken if c.tid == h.transfer_id and c.chunk < len(layers) and layers[c.chunk] == layer]
     if not mine:
         return "no chunk of it seen"
-    last = max(mine, key=lambda c: tr.landed(c)[0] or float("inf"))
-    at, polls = tr.landed(last)
     t0 = rec.t0
-    run: list[Seen] = []
-    best: list[Seen] = []
-    for a, b in zip(polls, polls[1:], strict=False):
-        if b.unacked and b.acked == a.acked:
-            run = run or [a]
-            run.append(b)
-            best = max(best, run, key=len)
-        else:
-            run = []
-    head = (f"layer {layer}: its last chunk to land ({last.chunk}) taken +{(last.t - t0) * 1e3:.0f} ms after the "
-            f"request began, on lane {last.lane}, which first held nothing unsent or unacknowledged after it at "
-            f"+{((at or last.t) - t0) * 1e3:.0f} ms")
+    worst: tuple[int, list[Seen]] = (-1, [])
+    for lane in sorted({c.lane for c in mine}):
+        first = min((c for c in mine if c.lane == lane), key=lambda c: c.t)
+        _, polls = tr.landed(first)
+        run: list[Seen] = []
+        best: list[Seen] = []
+        for a, b in zip(polls, polls[1:], strict=False):
+            if b.unacked and b.acked == a.acked:
+                run = run or [a]
+                run.append(b)
+                best = max(best, run, key=lambda r: r[-1].t - r[0].t if r else -1.0)
+            else:
+                run = []
+        if not worst[1] or (best and best[-1].t - best[0].t > worst[1][-1].t - worst[1][0].t):
+            worst = (lane, best)
+    lane, best = worst
+    head = f"layer {layer}: {len(mine)} chunks on {len({c.lane for c in mine})} lanes"
     if not best:
-        return head + "; the lane never stood still (TCP kept delivering: look past the sender's sockets)"
+        return head + "; no lane stood still (TCP kept delivering: look past the sender's sockets)"
     states = sorted({CA_STATES.get(x.ca_state, str(x.ca_state)) for x in best})
-    return (head + f"; the lane acknowledged nothing for {(best[-1].t - best[0].t) * 1e3:.0f} ms from "
-            f"+{(best[0].t - t0) * 1e3:.0f} ms with {best[0].unacked} packets out: retransmits "
-            f"+{best[-1].retrans - best[0].retrans}, RTOs +{best[-1].rtos - best[0].rtos} (backoff up to "
-            f"{max(x.backoff for x in best)}), states {'/'.join(states)}, cwnd down to {min(x.cwnd for x in best)}")
+    return (head + f"; the longest stand-still, lane {lane}: nothing acknowledged for "
+            f"{(best[-1].t - best[0].t) * 1e3:.0f} ms from +{(best[0].t - t0) * 1e3:.0f} ms after the request "
+            f"began, with {best[0].unacked} packets out: retransmits +{best[-1].retrans - best[0].retrans}, RTOs "
+            f"+{best[-1].rtos - best[0].rtos} (backoff up to {max(x.backoff for x in best)}), states "
+            f"{'/'.join(states)}, cwnd down to {min(x.cwnd for x in best)}")
 
 
 def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
