@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wan_issue import _receiver  # beside this file: the must-show rows' receiver process
 
-import kvwire  # noqa: E402
-from kvwire.errors import InsecureReceiverWarning  # noqa: E402
-from kvwire.testing.wan import WanLink  # noqa: E402
+import kvwire
+from kvwire.errors import InsecureReceiverWarning
+from kvwire.testing.wan import WanLink
 
 PAYLOAD = 1448 / 1500
 RTT_MS, QUEUE_MS = 80, 20
@@ -61,8 +60,7 @@ def one(link: WanLink, port: int) -> dict[str, Any]:
         if w is None:
             raise SystemExit("the session was not warmed (is the path's RTT under kvwire.probe.WARM_MIN_RTT?)")
         states = [{"t": st.timestamp, "goodput": sum(ln.goodput for ln in st.lanes), "q": st.queueing_ratio or 1.0,
-                   "overflowing": st.overflowing, "delivery": sum(ln.delivery_rate or 0 for ln in st.lanes)}
-                  for st in w.states]
+                   "overflowing": st.overflowing} for st in w.states]
         after = link.stats()
         return {"capacity": w.capacity, "best_span": best_span(states), "seconds": w.seconds,
                 "ended": "overflow" if any(x["overflowing"] for x in states) else
@@ -88,18 +86,15 @@ def main() -> int:
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=InsecureReceiverWarning)
     rate = 2000 * a.scale
-    link_bps = rate * 1e6 / 8 * PAYLOAD
+    payload_rate = rate * 1e6 / 8 * PAYLOAD  # bytes/s
     q_top = 1 + QUEUE_MS / RTT_MS
     bench = str(Path(__file__).with_name("wan_bench.py"))
     runs = []
     with WanLink(rtt_ms=RTT_MS, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * QUEUE_MS / 1e3),
                  seed=12, realtime=True) as link:
-        rx = link.popen_in("server", [sys.executable, bench, "--receiver", "--bind", link.server_addr,
-                                      "--rx-pool-mb", str(a.rx_pool_mb)], stdout=subprocess.PIPE, text=True)
-        assert rx.stdout is not None
-        port = int(json.loads(rx.stdout.readline())["port"])
+        port, rx = _receiver(link, bench, a.rx_pool_mb)
         try:
-            print(f"link {rate:.0f} Mbit/s ({link_bps * 8e-6:.0f} payload), {RTT_MS} ms, {QUEUE_MS} ms queue "
+            print(f"link {rate:.0f} Mbit/s ({payload_rate * 8e-6:.0f} payload), {RTT_MS} ms, {QUEUE_MS} ms queue "
                   f"(queueing ratio tops out at {q_top:.2f}); {a.runs} warm-ups, each on a fresh kvwire.connect()")
             print(" run  reading  ratio  best span  ratio  burst s  ended      max q  loss    emulator late>5ms")
             for i in range(a.runs):
@@ -107,19 +102,19 @@ def main() -> int:
                 runs.append(r)
                 behind = " (above the top)" if r["max_q"] > q_top + 0.05 else ""
                 cap, span = r["capacity"], r["best_span"]
-                print(f"{i:4}  {cap * 8e-6:7.0f}  {cap / link_bps:5.2f}  {span * 8e-6:9.0f}  {span / link_bps:5.2f}  "
-                      f"{r['seconds']:7.2f}  {r['ended']:9}  {r['max_q']:5.2f}  "
+                print(f"{i:4}  {cap * 8e-6:7.0f}  {cap / payload_rate:5.2f}  {span * 8e-6:9.0f}  "
+                      f"{span / payload_rate:5.2f}  {r['seconds']:7.2f}  {r['ended']:9}  {r['max_q']:5.2f}  "
                       f"{r['loss']:.3f}  {r['late_5ms']}{behind}", flush=True)
                 time.sleep(1.0)
         finally:
             rx.terminate()
             rx.wait(10)
-    print(f"reading (kvwire):  {errors([r['capacity'] / link_bps for r in runs])}")
-    print(f"best span:         {errors([r['best_span'] / link_bps for r in runs])}")
+    print(f"reading (kvwire):  {errors([r['capacity'] / payload_rate for r in runs])}")
+    print(f"best span:         {errors([r['best_span'] / payload_rate for r in runs])}")
     clean = [r for r in runs if r["max_q"] <= q_top + 0.05]
     if clean and len(clean) < len(runs):
         print(f"reading, only warm-ups whose queue never read above its top ({len(clean)}): "
-              f"{errors([r['capacity'] / link_bps for r in clean])}")
+              f"{errors([r['capacity'] / payload_rate for r in clean])}")
     if a.json:
         Path(a.json).write_text(json.dumps(runs))
     return 0

@@ -446,6 +446,7 @@ def test_an_up_probe_whose_estimate_caught_up_with_its_pacing_steps_up_at_once()
     queued = decide(up, ls(t, 0.98 * pacing, q=1.2, capacity=0.98 * pacing), CFG)
     assert queued.decision == up.decision
 
+
 def test_start_lanes_carry_the_start_rate_over_the_handshake_rtt_within_the_send_buffer_ceiling() -> None:
     cfg = ControllerConfig()  # 1 Gbit/s, 4..16 lanes, 2 MiB a lane
     mib = 2**20
