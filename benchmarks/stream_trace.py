@@ -146,11 +146,21 @@ class Tracer:
         return None, polls
 
 
+def standstill(polls: Sequence[Seen]) -> list[Seen]:
+    """The longest run of consecutive ``polls`` with bytes unacknowledged and nothing newly acknowledged."""
+    best: list[Seen] = []
+    run: list[Seen] = []
+    for a, b in zip(polls, polls[1:], strict=False):
+        run = (run or [a]) + [b] if b.unacked and b.acked == a.acked else []
+        if run and (not best or run[-1].t - run[0].t > best[-1].t - best[0].t):
+            best = run
+    return best
+
+
 def stalled(tr: Tracer, rec: Any, layer: int) -> str:
     """Why an earlier ``layer`` of ``rec`` was late, from the sender's side: of the lanes that carried its chunks,
-    the one with the longest run of polls with bytes unacknowledged and nothing newly acknowledged (from when
-    it took the layer's first chunk until it held nothing), with its retransmits, RTOs (and their backoff) and
-    congestion states over that run."""
+    the one with the longest ``standstill`` (from when it took the layer's first chunk until it held nothing),
+    with its retransmits, RTOs (and their backoff) and congestion states over it."""
     h = tr.handles.get(rec.request_id)
     if h is None:
         return "no handle"
@@ -158,29 +168,14 @@ def stalled(tr: Tracer, rec: Any, layer: int) -> str:
     mine = [c for c in tr.taken if c.tid == h.transfer_id and c.chunk < len(layers) and layers[c.chunk] == layer]
     if not mine:
         return "no chunk of it seen"
-    t0 = rec.t0
-    worst: tuple[int, list[Seen]] = (-1, [])
-    for lane in sorted({c.lane for c in mine}):
-        first = min((c for c in mine if c.lane == lane), key=lambda c: c.t)
-        _, polls = tr.landed(first)
-        run: list[Seen] = []
-        best: list[Seen] = []
-        for a, b in zip(polls, polls[1:], strict=False):
-            if b.unacked and b.acked == a.acked:
-                run = run or [a]
-                run.append(b)
-                best = max(best, run, key=lambda r: r[-1].t - r[0].t if r else -1.0)
-            else:
-                run = []
-        if not worst[1] or (best and best[-1].t - best[0].t > worst[1][-1].t - worst[1][0].t):
-            worst = (lane, best)
-    lane, best = worst
-    head = f"layer {layer}: {len(mine)} chunks on {len({c.lane for c in mine})} lanes"
+    runs = {c.lane: standstill(tr.landed(c)[1]) for c in sorted(mine, key=lambda c: -c.t)}  # (each lane's first)
+    lane, best = max(runs.items(), key=lambda kv: kv[1][-1].t - kv[1][0].t if kv[1] else -1.0)
+    head = f"layer {layer}: {len(mine)} chunks on {len(runs)} lanes"
     if not best:
         return head + "; no lane stood still (TCP kept delivering: look past the sender's sockets)"
     states = sorted({CA_STATES.get(x.ca_state, str(x.ca_state)) for x in best})
     return (head + f"; the longest stand-still, lane {lane}: nothing acknowledged for "
-            f"{(best[-1].t - best[0].t) * 1e3:.0f} ms from +{(best[0].t - t0) * 1e3:.0f} ms after the request "
+            f"{(best[-1].t - best[0].t) * 1e3:.0f} ms from +{(best[0].t - rec.t0) * 1e3:.0f} ms after the request "
             f"began, with {best[0].unacked} packets out: retransmits +{best[-1].retrans - best[0].retrans}, RTOs "
             f"+{best[-1].rtos - best[0].rtos} (backoff up to {max(x.backoff for x in best)}), states "
             f"{'/'.join(states)}, cwnd down to {min(x.cwnd for x in best)}")
