@@ -24,14 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wan_bench import Payload  # beside this file
+from wan_bench import PAYLOAD_FRACTION, Payload  # beside this file
 
 import kvwire
 from kvwire.congestion.tcpinfo import TcpInfoUnavailable, read_tcp_info
 from kvwire.tcp.transport import ChunkRef
 from kvwire.testing.wan import WanLink
-
-PAYLOAD = 1448 / 1500
 
 
 class Recorder:
@@ -79,7 +77,7 @@ def main() -> int:
     a = ap.parse_args()
     bench = str(Path(__file__).with_name("wan_bench.py"))
     rate = 2000 * a.scale
-    full = rate * PAYLOAD * 1e6 / 8
+    full = rate * PAYLOAD_FRACTION * 1e6 / 8
     payload = Payload("qwen3-next-80b-a3b", 8192)
     ideal = payload.nbytes / full
     with WanLink(rtt_ms=80, loss=a.loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12) as link:

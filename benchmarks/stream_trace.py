@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wan_bench import Payload  # beside this file
+from wan_bench import PAYLOAD_FRACTION, Payload  # beside this file
 
 import kvwire.bench.sending as sending
 from kvwire.bench.document import build_document
@@ -38,7 +38,6 @@ from kvwire.tcp.transport import ChunkRef
 from kvwire.testing.netns import exec_prefix
 from kvwire.testing.wan import WanLink
 
-PAYLOAD = 1448 / 1500
 QWEN = "qwen3-next-80b-a3b"
 SO_MAX_PACING_RATE = 47  # <asm-generic/socket.h>
 UNPACED = 1 << 40  # a cap at or above this (or ~0U, read as -1) is no cap
@@ -252,7 +251,7 @@ def main() -> int:
                     help="kvwire-bench --tail-parity M (default: kvwire.connect()'s, 2 on this path with zfec)")
     a = ap.parse_args()
     rate = 2000 * a.scale
-    full = rate * PAYLOAD * 1e6 / 8
+    full = rate * PAYLOAD_FRACTION * 1e6 / 8
     payload = Payload(QWEN, 8192)
     prefill_ms = payload.nbytes / (full / 2) / payload.layout.num_layers * 1e3
     tr = Tracer()

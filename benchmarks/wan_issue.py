@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wan_bench import Payload  # beside this file (wan_bench imports this module only inside main)
+from wan_bench import PAYLOAD_FRACTION, Payload  # beside this file (wan_bench imports this module only inside main)
 
 import kvwire
 from kvwire.congestion.controller import ControllerConfig
@@ -46,7 +46,6 @@ from kvwire.testing import cemu
 from kvwire.testing.recording import record, recorded
 from kvwire.testing.wan import WanError, WanLink
 
-PAYLOAD = 1448 / 1500
 Row = tuple[str, str, str, "bool | None"]
 QWEN = "qwen3-next-80b-a3b"
 
@@ -154,7 +153,7 @@ def _warmup_row(row: str, session: kvwire.Session, connect_s: float) -> Row:
 # ---------------------------------------------------------------- rows
 def row_fat(a: Any, bench: str) -> list[Row]:
     rate = 2000 * a.scale
-    full = rate * PAYLOAD
+    full = rate * PAYLOAD_FRACTION
     rows: list[Row] = []
     with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=11,
                  realtime=a.realtime) as link:
@@ -212,7 +211,7 @@ def row_burst(a: Any, bench: str, loss: float = 0.0001) -> list[Row]:
     request after the other, the next at the latest one second after the last one started. Beside it, as
     INFO, the time until the receiver had the request verified (what the decode side waits for)."""
     rate = 2000 * a.scale
-    full = rate * PAYLOAD * 1e6 / 8
+    full = rate * PAYLOAD_FRACTION * 1e6 / 8
     payload = Payload(QWEN, 8192)
     ideal = payload.nbytes / full
     times: list[float] = []
@@ -253,7 +252,7 @@ def row_burst(a: Any, bench: str, loss: float = 0.0001) -> list[Row]:
 
 def row_lossy(a: Any, bench: str) -> list[Row]:
     rate = 400 * a.scale
-    full = rate * PAYLOAD
+    full = rate * PAYLOAD_FRACTION
     rows: list[Row] = []
     with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13, realtime=a.realtime) as link:
         # (whole runs, starts included, like kvwire's: no -O; its intervals give the count from 2 s on)
@@ -370,7 +369,7 @@ def run_sender(host: str, port: int, start: float, until: float) -> int:
 
 def row_fair(a: Any, bench: str) -> list[Row]:
     rate = 1000 * a.scale
-    full = rate * PAYLOAD
+    full = rate * PAYLOAD_FRACTION
     secs, stagger = max(20.0, a.seconds * 2), 2.0
     with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime) as link:
         ref = _iperf(link, 4, "bbr", a.seconds)  # what the emulator carries now, beside
@@ -406,7 +405,7 @@ def row_collapse(a: Any, bench: str, fault_s: float = 3.0) -> list[Row]:
     during it back off (their hold grows), which the issue's 3 s fault never shows."""
     rate = 400 * a.scale
     label = "collapse" if fault_s == 3.0 else f"collapse ({fault_s:g} s fault)"
-    full = rate * PAYLOAD * 1e6 / 8
+    full = rate * PAYLOAD_FRACTION * 1e6 / 8
     marks: dict[str, float] = {}
     with WanLink(rtt_ms=20, rate_mbit=rate, seed=15, realtime=a.realtime) as link:
         port, rx = _receiver(link, bench, a.rx_pool_mb)
@@ -481,7 +480,7 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int | None
     from kvwire.testing.netns import exec_prefix
 
     rate = 2000 * a.scale
-    full = rate * PAYLOAD * 1e6 / 8  # payload bytes/s
+    full = rate * PAYLOAD_FRACTION * 1e6 / 8  # payload bytes/s
     payload = Payload(QWEN, 8192)
     layers = payload.layout.num_layers
     prefill_ms = payload.nbytes / (full / 2) / layers * 1e3  # production at half the link's payload rate

@@ -25,13 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from wan_bench import PAYLOAD_FRACTION  # beside this file
 from wan_issue import _receiver  # beside this file: the must-show rows' receiver process
 
 import kvwire
 from kvwire.errors import InsecureReceiverWarning
 from kvwire.testing.wan import WanLink
 
-PAYLOAD = 1448 / 1500
 RTT_MS, QUEUE_MS = 80, 20
 SPAN = 0.2  # seconds: the alternative reading's span (the probe's bw_sample)
 
@@ -86,7 +86,7 @@ def main() -> int:
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=InsecureReceiverWarning)
     rate = 2000 * a.scale
-    payload_rate = rate * 1e6 / 8 * PAYLOAD  # bytes/s
+    payload_rate = rate * 1e6 / 8 * PAYLOAD_FRACTION  # bytes/s
     q_top = 1 + QUEUE_MS / RTT_MS
     bench = str(Path(__file__).with_name("wan_bench.py"))
     runs = []

@@ -34,11 +34,11 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   shorter than 30 % of the RTT never reads above ``drain_ratio``, 1.25 at most on 80 ms with 20 ms of
   queue, and drops packets instead; and once the estimate caught up with the probe's pacing at no queue:
   the link carried all of it, so it paid, and the next step follows at once): lets the estimator see a
-  capacity that grew. The first one after a
-  capacity a burst measured before the first byte (a warm-up: ``initial_state`` given ``capacity``)
-  comes after ``settle`` on a clear link, since a short burst may read the capacity low (0.77-1.2x of a
-  2 Gbit/s, 80 ms link; read low, the lanes cruised at 75 % of it for 1.5 s). When a probe paid (the
-  estimate grew, or the lanes delivered more than it at no queue: the estimate's goodput average lags
+  capacity that grew. The first one after a capacity a burst measured before the first byte (a warm-up:
+  ``initial_state`` given ``capacity``) comes after ``settle`` on a clear link, since a short burst may
+  read the capacity low (0.70-1.25x of a 2 Gbit/s, 80 ms link on a 2-core host,
+  ``benchmarks/warmup_spread.py``; read low, the lanes cruised at 75 % of it for 1.5 s). When a probe
+  paid (the estimate grew, or the lanes delivered more than it at no queue: the estimate's goodput average lags
   the probe's ramp; not from a collapsed estimate, which is re-probed instead), the next up-probe follows
   at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
