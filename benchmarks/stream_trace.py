@@ -1,6 +1,6 @@
 """Where a layer-streaming request's exposed tail goes: the ``stream`` must-show row, traced chunk by chunk.
 
-    flock /tmp/kvwire-wan.lock python benchmarks/stream_trace.py [--requests 6] [--warm] [--json out.json]
+    flock /tmp/kvwire-wan.lock python benchmarks/stream_trace.py [--requests 6] [--warm] [--rx] [--json out.json]
 
 Owns: running the stream row's set-up (2 Gbit/s, 80 ms, 0.01 % loss, 20 ms drop-tail queue, 8k-token
 Qwen3-Next produced at half the link's payload rate, kvwire-bench's sending side with its link controller)
@@ -10,7 +10,10 @@ lane's ``TCP_INFO`` each 10 ms (retransmits, congestion window, pacing rate, uns
 bytes) and the emulator's drop counters each 50 ms; then, for each request's last layer, the budget of its
 exposed tail: per chunk when a lane took it, when that lane's socket had everything acknowledged (minus
 half the min RTT: when the receiver had it), and what slowed the slowest (bytes queued ahead of it on the
-lane, a pacing rate under the cap, retransmits, a collapsed window). Must not know: kvwire internals beyond
+lane, a pacing rate under the cap, retransmits, a collapsed window). With ``--rx`` the server runs with a
+recording chunk stage (``rx_trace_server.py``, beside this file): when the receiver read each chunk of the last
+layer, when each of its parity groups had ``k`` chunks (could be rebuilt), and, for a tail that is an earlier
+layer's, when that layer's chunks were read. Must not know: kvwire internals beyond
 the public API (``Session.chunk_stage``, ``lane_info``, ``OutgoingTransfer.plan``) and the bench's document.
 """
 
@@ -18,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wan_bench import PAYLOAD_FRACTION, Payload  # beside this file
 
+import kvwire.bench.loopback as loopback
 import kvwire.bench.sending as sending
 from kvwire.bench.document import build_document
 from kvwire.bench.loopback import LoopbackServer
@@ -42,6 +49,8 @@ QWEN = "qwen3-next-80b-a3b"
 SO_MAX_PACING_RATE = 47  # <asm-generic/socket.h>
 UNPACED = 1 << 40  # a cap at or above this (or ~0U, read as -1) is no cap
 POLL = 0.01
+RX_SERVER = str(Path(__file__).with_name("rx_trace_server.py"))
+RX_ENV = "KVWIRE_RX_TRACE"  # (rx_trace_server.py writes its rows there)
 
 
 @dataclass
@@ -74,6 +83,21 @@ class Seen:
     ca_state: int = 0  # 0 open, 1 disorder, 2 CWR, 3 recovery, 4 loss (an RTO)
     backoff: int = 0  # tcpi_retransmits: RTOs in a row on the lane's head
     rtos: int = 0  # tcpi_total_rto (0 where the kernel has no such field)
+    delivery: int = 0  # tcpi_delivery_rate, bytes/s
+    app_limited: bool = False  # that sample app-limited
+    rwnd_limited_us: int = 0  # time the receiver's window held the lane back (cumulative)
+    snd_wnd: int = 0  # the receiver's advertised window
+
+
+@dataclass
+class Read:
+    """One chunk as the receiver read it (rx_trace_server.py: its payload in, before its hash)."""
+
+    t: float
+    lane: int
+    tid: int
+    chunk: int
+    length: int
 
 
 CA_STATES = {0: "open", 1: "disorder", 2: "cwr", 3: "recovery", 4: "loss"}
@@ -128,7 +152,9 @@ class Tracer:
                     self.seen.append(Seen(now, lane, ti.total_retrans or 0, ti.snd_cwnd or 0, ti.pacing_rate or 0,
                                           ti.notsent_bytes or 0, ti.unacked or 0, (ti.min_rtt_us or 0) / 1e6,
                                           ti.bytes_acked or 0, ti.ca_state or 0, ti.retransmits or 0,
-                                          ti.total_rto or 0))
+                                          ti.total_rto or 0, ti.delivery_rate or 0,
+                                          bool(ti.delivery_rate_app_limited), ti.rwnd_limited_us or 0,
+                                          ti.snd_wnd or 0))
 
     def stop(self) -> None:
         self._stop.set()
@@ -219,6 +245,106 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
             "one_way_ms": statistics.median(s.min_rtt for s in tr.seen) / 2 * 1e3 if tr.seen else None}
 
 
+def mode_at(history: Sequence[dict[str, Any]], timeline: dict[str, Any]) -> str:
+    """The link controller's mode (and pacing) in force when the request's last layer was produced, and
+    whether it changed during the tail that followed."""
+    produced = timeline["layers"][-1]["produced_ms"]
+    if produced is None or not history:
+        return "-"
+    at = timeline["start"] + produced / 1e3
+    tail = (timeline["exposed_tail_ms"] or 0) / 1e3
+    before = [d for d in history if (d["t"] or 0.0) <= at]
+    during = [d for d in history if at < (d["t"] or 0.0) <= at + tail]
+    d = before[-1] if before else history[0]
+    out = f"{d['mode']} at {(d['pacing'] or 0) * 8e-6:.0f} Mbit/s"
+    return out + "".join(f", then {x['mode']} at +{((x['t'] or 0.0) - at) * 1e3:.0f} ms" for x in during)
+
+
+def rx_budget(tr: Tracer, rx: Sequence[Read], rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
+    """The last layer at the receiver: when its data chunks were all read, when each parity group had ``k``
+    of its chunks (decodable), and on which lane the last data chunk came (ms after the layer was produced)."""
+    h = tr.handles.get(rec.request_id)
+    if h is None:
+        return {}
+    g = h.manifest.tail_groups
+    layers = h.plan.layers
+    li = layers[-1]
+    t0 = rec.produced.get(li, rec.t0)
+    mine = {r.chunk: r for r in rx if r.tid == h.transfer_id}
+    data = [c for c in h.plan.layer_chunks[li]]
+    got = [mine[c] for c in data if c in mine]
+    last = max(got, key=lambda r: r.t, default=None)
+    out: dict[str, Any] = {"data_read": len(got), "data": len(data),
+                           "data_in_ms": None if last is None or len(got) < len(data) else (last.t - t0) * 1e3,
+                           "last_data_ms": None if last is None else (last.t - t0) * 1e3,
+                           "last_data_lane": None if last is None else last.lane, "groups": []}
+    out["reads"] = sorted([r.lane, r.chunk, (r.t - t0) * 1e3] for r in mine.values()
+                          if r.chunk >= h.plan.layer_chunks[li].start)
+    late = max(timeline["layers"], key=lambda x: x["verified_ms"] or 0.0)["layer"]
+    if late != li:  # (the tail is an earlier layer's: when the receiver read each of its chunks)
+        span = h.plan.layer_chunks[late]
+        out["late_layer"] = late
+        out["late_reads"] = sorted([r.lane, r.chunk, (r.t - t0) * 1e3] for r in mine.values() if r.chunk in span)
+        out["late_unread"] = [c for c in span if c not in mine]
+        taken = {c.chunk: c for c in tr.taken if c.tid == h.transfer_id and c.chunk in span}
+        last = max((r for r in mine.values() if r.chunk in span), key=lambda r: r.t, default=None)
+        if last is not None and last.chunk in taken:  # the sender's side of the chunk read last
+            c = taken[last.chunk]
+            polls = [x for x in tr.seen if x.lane == c.lane and c.t <= x.t <= last.t]
+            out["late_chunk"] = {
+                "chunk": c.chunk, "lane": c.lane, "taken_ms": (c.t - t0) * 1e3, "read_ms": (last.t - t0) * 1e3,
+                "rx_lane": last.lane, "notsent_at_take": c.notsent,
+                # (a receiver that stops reading closes its window: bytes wait unsent with nothing unacknowledged)
+                "polls_unsent_nothing_out": sum(1 for x in polls if x.notsent and not x.unacked),
+                "polls": len(polls), "max_notsent": max((x.notsent for x in polls), default=0),
+                "retrans": (polls[-1].retrans - polls[0].retrans) if polls else 0,
+                "kernel": lane_summary(polls)}
+    if g is None:
+        return out
+    for i in range(g.groups):
+        ts = sorted(mine[c].t for c in (*g.data(i), *g.parity(i)) if c in mine)
+        k = g.k(i)
+        out["groups"].append({"k": k, "read": len(ts),
+                              "decodable_ms": (ts[k - 1] - t0) * 1e3 if len(ts) >= k else None,
+                              "data_missing": sum(c not in mine for c in g.data(i))})
+    return out
+
+
+def lane_summary(polls: Sequence[Seen]) -> dict[str, Any]:
+    """What a lane's kernel did over ``polls`` (medians, and the lowest pacing rate)."""
+    if not polls:
+        return {}
+    med = statistics.median
+    return {"pacing_mbit": med(x.rate for x in polls) * 8e-6, "min_pacing_mbit": min(x.rate for x in polls) * 8e-6,
+            "delivery_mbit": med(x.delivery for x in polls) * 8e-6, "cwnd": med(x.cwnd for x in polls),
+            "unacked": med(x.unacked for x in polls), "app_limited": sum(x.app_limited for x in polls),
+            "rwnd_limited_ms": (polls[-1].rwnd_limited_us - polls[0].rwnd_limited_us) / 1e3,
+            "snd_wnd_min": min(x.snd_wnd for x in polls), "min_rtt_ms": polls[-1].min_rtt * 1e3,
+            "states": sorted({CA_STATES.get(x.ca_state, str(x.ca_state)) for x in polls})}
+
+
+def rx_line(r: dict[str, Any]) -> str:
+    gs = r["groups"]
+    dec = [x["decodable_ms"] for x in gs]
+    dec_s = "n/a" if not gs or None in dec else f"+{max(dec):.0f} ms"  # type: ignore[type-var]
+    data_in = "not all read" if r["data_in_ms"] is None else f"+{r['data_in_ms']:.0f} ms"
+    miss = sum(x["data_missing"] for x in gs)
+    return (f"receiver: data read {r['data_read']}/{r['data']} ({data_in}; last read +{r['last_data_ms'] or 0:.0f} "
+            f"on lane {r['last_data_lane']}); groups decodable by {dec_s} "
+            f"({', '.join('-' if d is None else f'{d:.0f}' for d in dec)}); data chunks never read {miss}"
+            + (f"; layer {r['late_layer']} (verified last): its chunks read "
+               f"{', '.join(f'{c}@{x:+.0f}' for _, c, x in sorted(r['late_reads'], key=lambda v: v[2])[-4:])} "
+               f"(last 4; ms after the last layer was produced), never read {r['late_unread']}"
+               if "late_layer" in r else "")
+            + (f"; chunk {r['late_chunk']['chunk']} went on lane {r['late_chunk']['lane']} at "
+               f"{r['late_chunk']['taken_ms']:+.0f} ms (unsent ahead {r['late_chunk']['notsent_at_take']} B), read "
+               f"{r['late_chunk']['read_ms']:+.0f}: between, {r['late_chunk']['polls_unsent_nothing_out']} of "
+               f"{r['late_chunk']['polls']} polls had bytes unsent and none out (a closed window), unsent up to "
+               f"{r['late_chunk']['max_notsent']} B, retransmits +{r['late_chunk']['retrans']}; the lane's kernel: "
+               f"{json.dumps(r['late_chunk']['kernel'])}"
+               if "late_chunk" in r else ""))
+
+
 def why(c: dict[str, Any]) -> str:
     """What slowed a chunk, from its numbers."""
     out = []
@@ -249,6 +375,9 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="the link's rate x this (the row's 2 Gbit/s at 1)")
     ap.add_argument("--tail-parity", type=int, default=None,
                     help="kvwire-bench --tail-parity M (default: kvwire.connect()'s, 2 on this path with zfec)")
+    ap.add_argument("--rx", action="store_true",
+                    help="run the server with a recording chunk stage (rx_trace_server.py): each last layer's "
+                         "chunks as the receiver read them, its groups' decodable time")
     a = ap.parse_args()
     rate = 2000 * a.scale
     full = rate * PAYLOAD_FRACTION * 1e6 / 8
@@ -269,6 +398,13 @@ def main() -> int:
         s.send = send_traced
         return s
     sending._open_session = open_traced
+    rx_out = ""
+    if a.rx:
+        rx_out = tempfile.mkstemp(prefix="kvwire-rx-", suffix=".json")[1]
+        os.environ[RX_ENV] = rx_out
+        serve = loopback.server_command
+        loopback.server_command = lambda o, bind="127.0.0.1": [  # type: ignore[assignment]
+            x if x != "-m" else RX_SERVER for x in serve(o, bind) if x != "kvwire.bench"]
     drops: list[tuple[float, int]] = []
     with WanLink(rtt_ms=80, loss=a.loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
                  realtime=True) as link:
@@ -298,14 +434,26 @@ def main() -> int:
     for d in (kv.get("link_control") or {}).get("history", []):
         print(f"  controller {d['t'] or 0:6.2f} s {d['mode']:8} {d['lanes']:2} lanes, pacing "
               f"{(d['pacing'] or 0) * 8e-6:5.0f} Mbit/s: {d['reason']}")
+    history = (kv.get("link_control") or {}).get("history", [])
+    rx = []
+    if rx_out:
+        with open(rx_out) as f:
+            rx = [Read(*row) for row in json.load(f)]
+        os.unlink(rx_out)
     out = []
     for rec, t in zip(res.requests, kv["timeline"]):
         b = budget(tr, rec, t)
+        if rx:
+            b["rx"] = rx_budget(tr, rx, rec, t)
         b["queue_drops"] = [q for x, q in drops if rec.t0 <= x <= (rec.done_at or rec.t0)]
         b["queue_drops"] = b["queue_drops"][-1] - b["queue_drops"][0] if b["queue_drops"] else 0
+        b["mode"] = mode_at(history, t)
         out.append(b)
         cs = [c for c in b["chunks"] if c["landed_ms"] is not None]
-        print(f"{b['request']}: tail {b['tail_ms'] or 0:.0f} ms; emulator queue drops during it {b['queue_drops']}")
+        print(f"{b['request']}: tail {b['tail_ms'] or 0:.0f} ms; emulator queue drops during it {b['queue_drops']}; "
+              f"controller {b['mode']} as its last layer was produced")
+        if b.get("rx"):
+            print(f"  {rx_line(b['rx'])}")
         if not cs:
             continue
         slow = max(cs, key=lambda c: c["landed_ms"])
