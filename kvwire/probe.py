@@ -96,6 +96,31 @@ class ProbeResult:
         return d
 
 
+#: a burst that did not see the pipe full still measured what the link carried; one that lasted this many of the
+#: path's round trips is past BBR's STARTUP (which doubles a lane's window each round trip from ten segments:
+#: 2^8 of it on 16 lanes is ~60 MB a round trip, over a 5 Gbit/s, 80 ms path's product), so its reading is the
+#: link's rate or close under it. Discarded, the controller started over unpaced: on 2 Gbit/s, 80 ms, 0.01 % loss,
+#: one warm-up in ~30 ran its 16 round trips reading 1955 Mbit/s without the full-pipe rule firing, the first
+#: transfer's lanes overflowed the queue (6.9 % loss, 1993 drops), that overflow read the link at 675 Mbit/s and
+#: the first layer-streamed request's tail took 863 ms (its later ones 124-169 ms)
+FLOOR_ROUNDS = 8
+
+
+def start_capacity(result: ProbeResult) -> float | None:
+    """The capacity a session's controller starts from after ``result``: what it measured, the pipe seen full
+    (``measured``); or, from a burst that ran ``FLOOR_ROUNDS`` of the path's round trips without seeing it full,
+    its reading as a floor (paced at it, the controller's first up-probe follows after ``settle`` and finds more,
+    if there is more); ``None`` from a shorter burst, whose reading is its ramp's (the controller starts over,
+    probing)."""
+    if not result.capacity > 0:
+        return None
+    if result.measured:
+        return result.capacity
+    if result.min_rtt and result.seconds >= FLOOR_ROUNDS * result.min_rtt:
+        return result.capacity
+    return None
+
+
 def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: int | None = None,
           congestion: str | None = "bbr", until_full: bool = False, **connect_kwargs: Any) -> ProbeResult:
     """Measure the link to ``peer`` with ``seconds`` of back-to-back sink transfers.
@@ -124,7 +149,7 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
             return _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
         with ctl.paused():  # the session's own controller leaves the lanes to the probe ...
             result = _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
-        ctl.resume(result.capacity if result.measured else None)  # ... and starts from what it measured
+        ctl.resume(start_capacity(result))  # ... and starts from what it measured
         return result
     if not isinstance(peer, tuple) or len(peer) != 2:
         raise TypeError(f"peer must be a Session or a (host, port) tuple, got {peer!r}")
@@ -496,10 +521,11 @@ def warm_up(session: Session, warm: bool | float | None = None) -> ProbeResult |
     """Warm a session that has just opened (``Session(warm=...)`` calls this): up to ``warm_seconds`` (or
     ``warm`` seconds) of probe sinks, ended as soon as the pipe reads full, then the drain; the lanes keep
     the congestion windows the burst opened, and the session's controller starts over paced at the measured
-    capacity (``probe``). ``warm``: ``None`` only where ``warm_skip_reason`` finds nothing against it;
-    ``True`` or seconds regardless; ``False`` never. Returns the probe's result, or ``None`` when skipped
-    (logged): a receiver that refuses probes, or a probe that failed while the session stays up, is not
-    an error. Raises the failure when the session closed during it."""
+    capacity (``probe``, ``start_capacity``: a burst that ran its whole budget without reading the pipe full
+    is a floor that is paced at and up-probed from). ``warm``: ``None`` only where ``warm_skip_reason``
+    finds nothing against it; ``True`` or seconds regardless; ``False`` never. Returns the probe's result, or
+    ``None`` when skipped (logged): a receiver that refuses probes, or a probe that failed while the session
+    stays up, is not an error. Raises the failure when the session closed during it."""
     if warm is False:
         return None
     if warm is None:

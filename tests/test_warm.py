@@ -116,3 +116,53 @@ def test_the_warm_up_budget_is_counted_in_the_paths_round_trips(no_leaks: None,
             assert kp.warm_seconds(s) == pytest.approx(want)
         monkeypatch.setattr(kp, "path_rtt", lambda _s: None)  # no RTT read: the floor
         assert kp.warm_seconds(s) == kp.WARM_SECONDS
+
+
+def _result(capacity: float, seconds: float, min_rtt: float | None, *, saturated: bool = False,
+            full_pipe: bool = False) -> ProbeResult:
+    return ProbeResult(capacity=capacity, saturated=saturated, min_rtt=min_rtt, max_queueing_ratio=1.0,
+                       loss_rate=0.0, bytes_sent=int(capacity * seconds), seconds=seconds, lanes=16,
+                       full_pipe=full_pipe)
+
+
+def test_the_controller_starts_from_a_measured_reading_or_a_long_bursts_floor_not_a_short_ramp() -> None:
+    """``start_capacity``: a pipe seen full (a queue, or BBR's full-pipe rule) is the link's rate; a burst that ran
+    ``FLOOR_ROUNDS`` round trips without seeing it full carried a floor of it; a shorter one read its ramp."""
+    kp = sys.modules["kvwire.probe"]
+    rtt = 0.08
+    assert kp.start_capacity(_result(240e6, 0.9, rtt, saturated=True)) == 240e6
+    assert kp.start_capacity(_result(240e6, 0.9, rtt, full_pipe=True)) == 240e6
+    assert kp.start_capacity(_result(240e6, 0.2, rtt, full_pipe=True)) == 240e6  # measured: however short
+    long = kp.FLOOR_ROUNDS * rtt
+    assert kp.start_capacity(_result(244e6, 16 * rtt, rtt)) == 244e6  # a warm-up's whole budget, not seen full
+    assert kp.start_capacity(_result(244e6, long, rtt)) == 244e6
+    # negative controls: a ramp's reading, no round trip read, nothing carried
+    assert kp.start_capacity(_result(60e6, long * 0.99, rtt)) is None
+    assert kp.start_capacity(_result(60e6, 0.3, rtt)) is None
+    assert kp.start_capacity(_result(244e6, 2.0, None)) is None
+    assert kp.start_capacity(_result(0.0, 2.0, rtt, full_pipe=True)) is None
+
+
+def test_a_probe_that_ran_long_without_reading_full_leaves_the_controller_paced_at_its_floor(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring in ``kvwire.probe.probe`` on a real session and its controller: the probe pauses the controller
+    and resumes it from ``start_capacity`` of what it measured, paced under a floor from a long burst (the first
+    up-probe follows after ``settle``) and probing unpaced after a short one. The burst itself is replaced by
+    its result (a loopback burst cannot be made to run long without reading the pipe full)."""
+    from kvwire.congestion.controller import Mode
+
+    kp = sys.modules["kvwire.probe"]
+    rtt = 0.08
+    for burst, paced in ((_result(244e6, 16 * rtt, rtt), True), (_result(60e6, 3 * rtt, rtt), False)):
+        monkeypatch.setattr(kp._Probe, "run", lambda self, r=burst: r)
+        with Receiver() as rx, connect(*rx.address, warm=False) as s:
+            ctl = s.link_control
+            assert ctl is not None and ctl.decision.mode is Mode.PROBE and ctl.decision.pacing_rate is None
+            assert kp.probe(s, seconds=burst.seconds) is burst
+            d = ctl.decision
+            if paced:
+                assert d.mode is Mode.CRUISE and d.pacing_rate is not None
+                assert d.pacing_rate * d.lanes == pytest.approx(ctl.config.pace_gain * burst.capacity, rel=0.01)
+                assert "probed beforehand" in d.reason
+            else:
+                assert d.mode is Mode.PROBE and d.pacing_rate is None

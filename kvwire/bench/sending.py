@@ -25,6 +25,7 @@ from typing import Any
 
 from ..codec.layout import ModelLayout, RequestSpec
 from ..errors import KvwireError, TransferError
+from ..probe import start_capacity
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
@@ -243,9 +244,10 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
         probed = run_probe(session, o) if o.probe_seconds is not None or o.warm else None
         if o.adaptive:
             knobs = None  # lanes opened or re-dialled get the controller's settings, not these
-            # (--warm seeds as kvwire.connect's warm-up does: from a pipe seen full, by a queue or BBR's rule)
-            seeded = probed is not None and (probed.result.saturated or (o.warm and probed.result.measured))
-            seed = probed.result.capacity if probed is not None and seeded else None
+            # (--warm seeds as kvwire.connect's warm-up does: from a pipe seen full, by a queue or BBR's rule, or
+            # a floor from a burst that ran long enough: kvwire.probe.start_capacity; --probe from a queue only)
+            seed = None if probed is None else (start_capacity(probed.result) if o.warm
+                                                else probed.result.capacity if probed.result.saturated else None)
             adaptive = Adaptive(session, o, capacity=seed or None)
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
         # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer
