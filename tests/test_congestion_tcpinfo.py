@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -175,6 +176,60 @@ def test_a_lane_bounds_its_unsent_backlog_by_its_sending_rate(pair: tuple[socket
     rate = read_pacing_rate(cli)
     assert rate is not None and rate > 100 * 10_500_000
     assert get_unsent_limit(cli) == unsent_limit(rate) != 300_000
+
+
+def test_a_lane_whose_rate_fell_below_what_it_holds_is_backlogged_until_that_drains() -> None:
+    """``Lane.backlogged`` (before a lane takes a chunk): more unsent than twice the bound of the rate its kernel
+    paces it at now, plus a write's overshoot. A lane that filled its bound at 10 MB/s is not; once its cap (or its
+    algorithm's estimate) falls to 100 kB/s, what it holds takes seconds to leave and it is, until that drains.
+    ``drain`` bounds it at the new rate. The peer reads nothing at first (a small receive buffer), so the bytes
+    stay unsent."""
+    from kvwire.codec.frames import DEFAULT_LIMITS
+    from kvwire.congestion.tcpinfo import read_pacing_unsent
+    from kvwire.tcp._lanes import Lane
+    from kvwire.tcp._wire import Channel
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    reader: threading.Thread | None = None
+    try:
+        lane = Lane(0, Channel(cli, DEFAULT_LIMITS))
+        assert not lane.backlogged()  # uncapped on loopback: no bound at all
+        set_pacing_rate(cli, 10_000_000)
+        lane.bound_unsent()  # 300 kB: what a lane at 10 MB/s holds at most
+        assert get_unsent_limit(cli) == 300_000
+        cli.setblocking(False)
+        try:
+            while True:
+                cli.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        cli.setblocking(True)
+        rate, unsent = read_pacing_unsent(cli)
+        assert rate == 10_000_000 and 300_000 <= unsent < 2 * 300_000, unsent
+        assert not lane.backlogged()  # the negative control: what it holds leaves within its bound's time
+        set_pacing_rate(cli, 100_000)  # its rate falls: 64 kB (UNSENT_MIN) is its bound now
+        assert read_pacing_unsent(cli) == (100_000, unsent)
+        assert lane.backlogged()
+        lane.drain(0.01)
+        assert get_unsent_limit(cli) == UNSENT_MIN
+        reader = threading.Thread(target=lambda: all(iter(lambda: acc.recv(65536), b"")))  # (until EOF)
+        set_pacing_rate(cli, 10_000_000)  # back up (and the peer reads): it drains, and is not any more
+        reader.start()
+        deadline = time.monotonic() + 10
+        while lane.backlogged() and time.monotonic() < deadline:
+            lane.drain(0.05)
+        assert not lane.backlogged()
+    finally:
+        cli.close()
+        if reader is not None:
+            reader.join(10)
+        acc.close()
+        srv.close()
 
 
 def test_pacing_rate_caps_throughput(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -3,7 +3,8 @@
 Owns: the ``struct tcp_info`` field offsets (checked with ``offsetof`` against linux-libc-dev 6.1, plus
 the 6.7 additions), a parser that reads only the fields inside the length the kernel returned (older
 kernels return less; a missing field is ``None``), reading one socket (``read_tcp_info``; ``try_read``
-where a closed socket is normal; ``read_pacing_rate``: the one field a lane reads per chunk), a round of
+where a closed socket is normal; ``read_pacing_rate``, ``read_pacing_unsent``: the fields a lane reads per
+chunk), a round of
 sockets keyed by descriptor (``sample``: what ``LinkMonitor`` and ``kvwire.probe`` take) and
 ``LaneCounters``, the cumulative counters of lanes whose sockets get replaced (what ``kvwire-bench``
 reports per lane on both ends).
@@ -26,8 +27,8 @@ from ..errors import KvwireError
 from ..sockopts import UNLIMITED_PACING
 
 __all__ = ["CA_CWR", "CA_DISORDER", "CA_LOSS", "CA_OPEN", "CA_RECOVERY", "TCP_INFO_FIELDS", "UNLIMITED_PACING",
-           "LaneCounters", "TcpInfo", "TcpInfoUnavailable", "parse_tcp_info", "read_pacing_rate", "read_tcp_info",
-           "sample", "try_read"]
+           "LaneCounters", "TcpInfo", "TcpInfoUnavailable", "parse_tcp_info", "read_pacing_rate", "read_pacing_unsent",
+           "read_tcp_info", "sample", "try_read"]
 #: Asking for more than the kernel has is fine: it returns ``min(asked, sizeof(struct tcp_info))``.
 _TCP_INFO_ASK = 512
 
@@ -170,6 +171,21 @@ def read_pacing_rate(sock: socket.socket) -> int | None:
         return None
     rate = int(fmt.unpack_from(raw, off)[0])
     return None if rate in (UNLIMITED_PACING, 0) else rate
+
+
+def read_pacing_unsent(sock: socket.socket) -> tuple[int | None, int]:
+    """``read_pacing_rate`` and the bytes the socket holds unsent (``tcpi_notsent_bytes``; 0 unreadable), from
+    one ``TCP_INFO`` read of the fields up to them: a lane reads this before it takes a chunk."""
+    off, fmt = _PARSERS["notsent_bytes"]
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, off + fmt.size)
+    except (OSError, ValueError):
+        return None, 0
+    if len(raw) < off + fmt.size:
+        return None, 0
+    p_off, p_fmt = _PARSERS["pacing_rate"]
+    rate = int(p_fmt.unpack_from(raw, p_off)[0])
+    return (None if rate in (UNLIMITED_PACING, 0) else rate), int(fmt.unpack_from(raw, off)[0])
 
 
 def handshake_rtt(socks: Iterable[socket.socket]) -> float | None:

@@ -2,7 +2,8 @@
 
 Owns: ``LanePump`` (the loop of one lane's thread: ask the engine for the next chunk under the session's
 lock, hash it, pass it through the ``ChunkStage``, bound the lane's unsent backlog to its rate
-(``Lane.bound_unsent``: chunks go to free lanes, not behind seconds of earlier ones), write it on the
+(``Lane.bound_unsent``: chunks go to free lanes, not behind seconds of earlier ones; a lane whose rate fell
+below what it holds takes none until that drains: ``Lane.backlogged``), write it on the
 lane's ``Stream``; wait while nothing is ready, and say so (``on_busy``) when a lane that waited picks
 up work; notice a lane the receiver dropped or stopped reading; re-queue a dead lane's chunks and
 re-dial it for ``peer_timeout``), and how many lanes pull chunks (``active``). Must not know: control
@@ -26,6 +27,9 @@ from ._outgoing import OutgoingTransfer
 from .transport import IDENTITY, ChunkRef, ChunkStage
 
 log = logging.getLogger("kvwire.tcp")
+
+#: how long a backlogged lane waits for its socket to drain before it looks again (``LanePump._wait_backlog``)
+BACKLOG_POLL = 0.05
 
 
 class LanePump:
@@ -79,6 +83,10 @@ class LanePump:
             return
         eng, cond, index = self.engine, self.cond, lane.index
         while True:
+            if not self._wait_backlog(lane, gen):
+                if self._lost(lane, ConnectionError("lane closed by the receiver or stalled"), gen):
+                    continue
+                return
             with cond:
                 pick = eng.pick(index) if index < self.active and eng.current(gen) else None
                 waited = pick is None
@@ -110,6 +118,19 @@ class LanePump:
                 if not self._lost(lane, e, gen):
                     return
             h = None  # an idle lane holds no handle (its buffers are freed when the transfer ends)
+
+    def _wait_backlog(self, lane: Lane, gen: int) -> bool:
+        """Before ``lane`` takes a chunk: while it is ``backlogged`` (what it holds unsent would take more than
+        twice its bound to leave at the rate its kernel paces it now), it waits for that to drain, and the
+        other lanes take the chunks meanwhile. False: the receiver dropped the lane or stopped reading it
+        meanwhile (``stalled``: a lane that drains, however slowly, is not)."""
+        while self.engine.current(gen) and lane.backlogged():
+            lane.drain(BACKLOG_POLL)
+            with self.cond:
+                acked = self.engine.acked_at(lane.index)
+            if lane.peer_gone() or lane.stalled(self.stall_timeout, acked):
+                return False
+        return True
 
     def _send_chunk(self, lane: Lane, h: OutgoingTransfer, chunk: int, gen: int) -> None:
         plan, tid = h.plan, h.transfer_id
