@@ -626,3 +626,76 @@ def test_a_paced_bbr_lane_that_wakes_restarts_its_algorithm_once_per_min_rtt_ref
         a.close()
         srv.close()
         reader.join(5)
+
+
+def test_a_paced_bbr_lane_paced_far_under_its_cap_with_bytes_waiting_is_restarted_at_the_second_sample() -> None:
+    """``LaneController.on_state``: a paced BBR lane that holds bytes unsent while its kernel paces it under
+    ``COLLAPSED_SHARE`` of its cap (BBR's own estimate fell far under the controller's rate) two samples running
+    has its algorithm restarted (its bandwidth estimate reads 0 right after), at most every ``REVIVE_INTERVAL``.
+    Negative controls: one such sample; a lane near its cap; one with nothing unsent; one at PROBE_RTT's 4
+    packets; an unpaced (probing) controller."""
+    from kvwire.congestion.controller import COLLAPSED_SHARE, REVIVE_INTERVAL
+    from kvwire.congestion.estimator import LaneState
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    stop = threading.Event()
+
+    def sink() -> None:
+        while not stop.is_set() and a.recv(1 << 20):
+            pass
+    reader = threading.Thread(target=sink, daemon=True)
+    reader.start()
+
+    def traffic() -> None:
+        for _ in range(32):
+            c.sendall(bytes(1 << 20))
+        assert wait_until(lambda: not (read_tcp_info(c).unacked or read_tcp_info(c).notsent_bytes), 5)
+        assert _bbr_bandwidth(c) > 0
+
+    def lane(rate_share: float, notsent: int = 200_000, cwnd: int = 1000) -> LaneState:
+        cap = 15_000_000
+        return LaneState(lane=c.fileno(), goodput=0.0, srtt=0.08, min_rtt=0.08, cwnd_bytes=cwnd * 1448,
+                         loss_rate=0.0, busy=1.0, rwnd_limited=0.0, sndbuf_limited=0.0, delivery_rate=None,
+                         pacing_rate=int(rate_share * cap), max_pacing_rate=cap, notsent_bytes=notsent, ca_state=0)
+
+    t = [100.0]
+
+    def sample(ctl: LaneController, ln: LaneState) -> None:
+        t[0] += 0.05
+        ctl.on_state(replace(ls(t[0], C, capacity=C), lanes=(ln,)))
+
+    try:
+        set_congestion(c, "bbr")
+        traffic()
+        paced = LaneController(CFG, sockets_provider=lambda: [c], capacity=C)
+        assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
+        collapsed = COLLAPSED_SHARE / 2
+        for ln in (lane(0.9), lane(collapsed, notsent=0), lane(collapsed, cwnd=4)):  # none of these, ever
+            sample(paced, ln)
+            sample(paced, ln)
+            assert _bbr_bandwidth(c) > 0, ln
+        sample(paced, lane(collapsed))
+        assert _bbr_bandwidth(c) > 0, "restarted on one sample"
+        sample(paced, lane(collapsed))
+        assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
+        traffic()
+        sample(paced, lane(collapsed))
+        sample(paced, lane(collapsed))
+        assert _bbr_bandwidth(c) > 0, f"restarted again within {REVIVE_INTERVAL} s"
+        t[0] += REVIVE_INTERVAL
+        sample(paced, lane(collapsed))
+        assert _bbr_bandwidth(c) == 0
+        traffic()
+        probing = LaneController(CFG, sockets_provider=lambda: [c])
+        assert probing.decision.pacing_rate is None
+        for _ in range(3):
+            sample(probing, lane(collapsed))
+        assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
+    finally:
+        stop.set()
+        c.close()
+        a.close()
+        srv.close()
+        reader.join(5)

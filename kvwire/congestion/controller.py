@@ -4,7 +4,9 @@
 
 Owns: the controller's current state and history, which sockets were last paced, the split of the
 aggregate pacing over them, and restarting a paced BBR lane's algorithm as it wakes once its min RTT
-filter nears the age at which the kernel would hold it in PROBE_RTT (``MIN_RTT_REFRESH``). Must not know:
+filter nears the age at which the kernel would hold it in PROBE_RTT (``MIN_RTT_REFRESH``; not at a window
+PROBE_RTT or a timeout shrank: ``RESTART_MIN_CWND``), or as soon as two samples find the kernel pacing it
+far under its cap while it holds bytes unsent (``COLLAPSED_SHARE``). Must not know:
 the policy's rules (``policy``, ``rules``), how samples are taken, sessions or lanes beyond the sockets
 and the callback.
 
@@ -22,7 +24,7 @@ from dataclasses import replace
 
 from ..sockopts import SocketOptionError, restart_congestion, set_knobs
 from .decision import ControllerConfig, ControllerState, Decision, Mode
-from .estimator import LaneKey, LinkState
+from .estimator import LaneKey, LaneState, LinkState
 from .policy import decide, initial_state
 from .rules import (
     PIPE_GROWTH,
@@ -35,6 +37,7 @@ from .rules import (
     window_lanes,
 )
 from .split import idle_lanes, lane_rates
+from .tcpinfo import try_read
 
 __all__ = [
     "PIPE_GROWTH", "PIPE_ROUNDS", "ControllerConfig", "ControllerState", "Decision", "LaneController", "Mode",
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("kvwire.congestion")
+_MSS = 1448  # (a window in bytes counted in packets: TCP_INFO's MSS on a 1500-byte path)
 
 #: a paced BBR lane that picks up work this long after its algorithm last started is restarted first
 #: (``restart_congestion``; the window and the pacing cap stay), which starts its min RTT filter over: the
@@ -51,6 +55,20 @@ log = logging.getLogger("kvwire.congestion")
 #: chunks that sat on a lane then arrived 300 ms late; restarted as it wakes, a lane enters PROBE_RTT only
 #: when it has been busy for 10 s on end (a bulk transfer, which loses 2 % to it and no latency)
 MIN_RTT_REFRESH = 8.0
+#: ... but not while its window is under this (packets: TCP's initial window; PROBE_RTT holds 4, a timeout 1):
+#: restarted then, BBR's STARTUP grows it from there, a round trip per doubling, where PROBE_RTT gives the
+#: window it saved back within 200 ms. A streamed layer's chunk sat 500 ms on a lane restarted that way (its
+#: window 92 packets, STARTUP, 340 ms after the restart, on an 80 ms path whose lanes hold ~1800)
+RESTART_MIN_CWND = 10
+#: a paced BBR lane that holds bytes unsent while its kernel paces it under this share of its cap, two samples
+#: running, is restarted (``restart_congestion``): BBR's own bandwidth estimate fell far under the rate the
+#: controller gives the lane, and in PROBE_BW it grows back by a quarter every eight round trips. Lanes read at
+#: 5.7, 12 and 19 of their 118-136 Mbit/s caps (an 80 ms path, no loss event of theirs in view), and the
+#: streamed layer's chunks on them arrived 0.4-1.7 s late; restarted, STARTUP is back at the cap within a
+#: round trip or two
+COLLAPSED_SHARE = 0.25
+#: ... at most this often a lane (seconds)
+REVIVE_INTERVAL = 1.0
 
 
 class LaneController:
@@ -86,6 +104,8 @@ class LaneController:
         self._sampled_at: float | None = None  # the last sample's time: the next one covers the time since
         self._lock = threading.RLock()  # the split (``_idle``, ``_woke``) and putting it on the sockets
         self._started: dict[LaneKey, float] = {}  # when each lane's algorithm was last restarted (lane_busy)
+        self._slow: set[LaneKey] = set()  # lanes that read ``collapsed`` at the last sample (``_revive``)
+        self._revived: dict[LaneKey, float] = {}  # ... and when each was last restarted for it
         self.applied = 0  # how many times a decision was put on the sockets (``apply``)
 
     @property
@@ -131,11 +151,33 @@ class LaneController:
             woke = {k for k, t in self._woke.items() if since is None or t >= since}
             self._woke = {k: t for k, t in self._woke.items() if t >= link.timestamp}
             self._sampled_at = link.timestamp
+            self._revive(link, d, sockets)
             idle = (idle_lanes(link) & fds) - woke if d.pacing_rate is not None else frozenset()
             if d == before and fds == self._paced and idle == self._idle:
                 return
             self._paced, self._idle = fds, idle
             self.apply(d, sockets, restart=d.restart and d != before)
+
+    def _revive(self, link: LinkState, d: Decision, sockets: Sequence[socket.socket]) -> None:
+        """Restart the algorithm of each paced BBR lane that ``collapsed`` at this sample and the one before
+        (at most every ``REVIVE_INTERVAL``); the restart also counts for ``MIN_RTT_REFRESH``. Under the lock."""
+        if d.congestion != "bbr" or d.pacing_rate is None:
+            self._slow.clear()
+            return
+        by_fd = {s.fileno(): s for s in sockets}
+        slow = {ln.lane for ln in link.lanes if collapsed(ln)}
+        for lane in slow & self._slow:
+            sock = by_fd.get(lane)  # type: ignore[call-overload]
+            if sock is None or link.timestamp - self._revived.get(lane, float("-inf")) < REVIVE_INTERVAL:
+                continue
+            self._revived[lane] = self._started[lane] = link.timestamp
+            try:
+                restart_congestion(sock)
+                log.info("lane controller: restarted a lane's BBR paced under %.0f%% of its cap",
+                         COLLAPSED_SHARE * 100)
+            except SocketOptionError:
+                pass  # (a lane closing meanwhile)
+        self._slow = slow
 
     def lane_busy(self, lane: LaneKey, now: float, sockets: Sequence[socket.socket],
                   shown: Callable[[], Decision] | None = None, sock: socket.socket | None = None) -> bool:
@@ -151,7 +193,7 @@ class LaneController:
             d = self.state.decision
             if sock is not None and d.congestion == "bbr" and d.pacing_rate is not None:
                 started = self._started.get(lane)
-                if started is None or now - started >= MIN_RTT_REFRESH:
+                if (started is None or now - started >= MIN_RTT_REFRESH) and _window(sock) >= RESTART_MIN_CWND:
                     self._started[lane] = now
                     try:  # (only under a pacing cap: unpaced, STARTUP would double the lane's rate)
                         restart_congestion(sock)
@@ -177,6 +219,20 @@ class LaneController:
             rates = lane_rates(total, [s.fileno() for s in sockets], self._idle, woken=self.lane_events)
             for s in sockets:
                 apply_decision(replace(d, pacing_rate=rates[s.fileno()]), [s], restart=restart)
+
+
+def collapsed(ln: LaneState) -> bool:
+    """``ln`` holds bytes unsent while its kernel paces it under ``COLLAPSED_SHARE`` of its cap, with a
+    window of ``RESTART_MIN_CWND`` packets or more (not PROBE_RTT's, whose pacing rate stays)."""
+    return bool(ln.notsent_bytes and ln.pacing_rate and ln.max_pacing_rate and ln.cwnd_bytes
+                and ln.pacing_rate < COLLAPSED_SHARE * ln.max_pacing_rate
+                and ln.cwnd_bytes >= RESTART_MIN_CWND * _MSS)
+
+
+def _window(sock: socket.socket) -> int:
+    """``sock``'s congestion window in packets (large where unreadable: a restart goes ahead as before)."""
+    info = try_read(sock)
+    return info.snd_cwnd if info is not None and info.snd_cwnd is not None else RESTART_MIN_CWND
 
 
 def apply_decision(d: Decision, sockets: Sequence[socket.socket], share: int | None = None,
