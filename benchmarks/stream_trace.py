@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -37,6 +38,8 @@ from wan_bench import PAYLOAD_FRACTION, Payload  # beside this file
 
 import kvwire.bench.loopback as loopback
 import kvwire.bench.sending as sending
+import kvwire.congestion.controller as controller
+import kvwire.sockopts as sockopts
 from kvwire.bench.document import build_document
 from kvwire.bench.loopback import LoopbackServer
 from kvwire.bench.options import Options
@@ -49,6 +52,7 @@ QWEN = "qwen3-next-80b-a3b"
 SO_MAX_PACING_RATE = 47  # <asm-generic/socket.h>
 UNPACED = 1 << 40  # a cap at or above this (or ~0U, read as -1) is no cap
 POLL = 0.01
+TCP_CC_INFO = 26  # <linux/tcp.h>
 RX_SERVER = str(Path(__file__).with_name("rx_trace_server.py"))
 RX_ENV = "KVWIRE_RX_TRACE"  # (rx_trace_server.py writes its rows there)
 
@@ -87,6 +91,9 @@ class Seen:
     app_limited: bool = False  # that sample app-limited
     rwnd_limited_us: int = 0  # time the receiver's window held the lane back (cumulative)
     snd_wnd: int = 0  # the receiver's advertised window
+    bbr_bw: int = 0  # BBR's bandwidth estimate (TCP_CC_INFO), bytes/s; 0 under another algorithm
+    bbr_gain: float = 0.0  # BBR's pacing gain now (1.0 cruising, 1.25/0.75 probing, 2.89 in STARTUP)
+    cap: int = 0  # SO_MAX_PACING_RATE, bytes/s (0: none)
 
 
 @dataclass
@@ -112,8 +119,17 @@ class Tracer:
         self.taken: list[Taken] = []
         self.seen: list[Seen] = []
         self.handles: dict[str, Any] = {}
+        self.restarts: list[tuple[float, int]] = []  # (when, lane) a lane's congestion control was restarted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def recording_restarts(self, restart: Any) -> Any:
+        """``restart`` (``sockopts.restart_congestion``) that also records which lane's algorithm it restarted."""
+        def recorded(sock: socket.socket) -> None:
+            lanes = {info.sock.fileno(): info.index for info in self.session.lane_info()} if self.session else {}
+            self.restarts.append((time.monotonic(), lanes.get(sock.fileno(), -1)))
+            restart(sock)
+        return recorded
 
     def attach(self, session: Any) -> None:
         self.session = session
@@ -128,12 +144,7 @@ class Tracer:
         sock = self._sockets().get(ref.lane)
         cap = rate = notsent = 0
         if sock is not None:
-            try:
-                cap = sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
-            except OSError:
-                pass
-            if cap < 0 or cap >= UNPACED:
-                cap = 0  # unpaced
+            cap = pacing_cap(sock)
             ti = try_read(sock)
             if ti is not None:
                 rate, notsent = ti.pacing_rate or 0, ti.notsent_bytes or 0
@@ -154,7 +165,7 @@ class Tracer:
                                           ti.bytes_acked or 0, ti.ca_state or 0, ti.retransmits or 0,
                                           ti.total_rto or 0, ti.delivery_rate or 0,
                                           bool(ti.delivery_rate_app_limited), ti.rwnd_limited_us or 0,
-                                          ti.snd_wnd or 0))
+                                          ti.snd_wnd or 0, *bbr_info(sock), pacing_cap(sock)))
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,6 +180,27 @@ class Tracer:
             if s.notsent == 0 and s.unacked == 0:
                 return s.t - POLL / 2 - s.min_rtt / 2, polls[: i + 1]
         return None, polls
+
+
+def pacing_cap(sock: socket.socket) -> int:
+    """The lane's ``SO_MAX_PACING_RATE`` in bytes/s (0: uncapped or unreadable)."""
+    try:
+        cap = sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
+    except OSError:
+        return 0
+    return 0 if cap < 0 or cap >= UNPACED else cap
+
+
+def bbr_info(sock: socket.socket) -> tuple[int, float]:
+    """BBR's bandwidth estimate (bytes/s) and pacing gain from ``TCP_CC_INFO`` (``struct tcp_bbr_info``)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, 20)
+    except OSError:
+        return 0, 0.0
+    if len(raw) < 20:
+        return 0, 0.0
+    lo, hi, _, gain, _ = struct.unpack("<5I", raw)
+    return (hi << 32) | lo, gain / 256
 
 
 def standstill(polls: Sequence[Seen]) -> list[Seen]:
@@ -298,7 +330,9 @@ def rx_budget(tr: Tracer, rx: Sequence[Read], rec: Any, timeline: dict[str, Any]
                 "polls_unsent_nothing_out": sum(1 for x in polls if x.notsent and not x.unacked),
                 "polls": len(polls), "max_notsent": max((x.notsent for x in polls), default=0),
                 "retrans": (polls[-1].retrans - polls[0].retrans) if polls else 0,
-                "kernel": lane_summary(polls)}
+                "kernel": lane_summary(polls),
+                # its congestion control's restarts (controller.MIN_RTT_REFRESH) in the 3 s before the chunk went
+                "restarts_ms": [(x - t0) * 1e3 for x, ln in tr.restarts if ln == c.lane and c.t - 3 <= x <= c.t]}
     if g is None:
         return out
     for i in range(g.groups):
@@ -320,6 +354,8 @@ def lane_summary(polls: Sequence[Seen]) -> dict[str, Any]:
             "unacked": med(x.unacked for x in polls), "app_limited": sum(x.app_limited for x in polls),
             "rwnd_limited_ms": (polls[-1].rwnd_limited_us - polls[0].rwnd_limited_us) / 1e3,
             "snd_wnd_min": min(x.snd_wnd for x in polls), "min_rtt_ms": polls[-1].min_rtt * 1e3,
+            "bbr_bw_mbit": med(x.bbr_bw for x in polls) * 8e-6, "bbr_gains": sorted({x.bbr_gain for x in polls}),
+            "cap_mbit": med(x.cap for x in polls) * 8e-6, "min_cap_mbit": min(x.cap for x in polls) * 8e-6,
             "states": sorted({CA_STATES.get(x.ca_state, str(x.ca_state)) for x in polls})}
 
 
@@ -341,7 +377,8 @@ def rx_line(r: dict[str, Any]) -> str:
                f"{r['late_chunk']['read_ms']:+.0f}: between, {r['late_chunk']['polls_unsent_nothing_out']} of "
                f"{r['late_chunk']['polls']} polls had bytes unsent and none out (a closed window), unsent up to "
                f"{r['late_chunk']['max_notsent']} B, retransmits +{r['late_chunk']['retrans']}; the lane's kernel: "
-               f"{json.dumps(r['late_chunk']['kernel'])}"
+               f"{json.dumps(r['late_chunk']['kernel'])}; its algorithm restarted at "
+               f"{[round(x) for x in r['late_chunk']['restarts_ms']]} ms"
                if "late_chunk" in r else ""))
 
 
@@ -378,7 +415,11 @@ def main() -> int:
     ap.add_argument("--rx", action="store_true",
                     help="run the server with a recording chunk stage (rx_trace_server.py): each last layer's "
                          "chunks as the receiver read them, its groups' decodable time")
+    ap.add_argument("--refresh", type=float, default=None,
+                    help="controller.MIN_RTT_REFRESH for this run, seconds (inf: lanes' algorithms never restarted)")
     a = ap.parse_args()
+    if a.refresh is not None:
+        controller.MIN_RTT_REFRESH = a.refresh
     rate = 2000 * a.scale
     full = rate * PAYLOAD_FRACTION * 1e6 / 8
     payload = Payload(QWEN, 8192)
@@ -398,6 +439,8 @@ def main() -> int:
         s.send = send_traced
         return s
     sending._open_session = open_traced
+    for mod in (controller, sockopts):  # (each calls its own name: the controller's import and set_knobs's)
+        mod.restart_congestion = tr.recording_restarts(mod.restart_congestion)  # type: ignore[attr-defined]
     rx_out = ""
     if a.rx:
         rx_out = tempfile.mkstemp(prefix="kvwire-rx-", suffix=".json")[1]
