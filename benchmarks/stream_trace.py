@@ -520,6 +520,8 @@ def main() -> int:
                   f"(min {c['min_kernel_rate_mbit']:.0f}) Mbit/s, cwnd min {c['min_cwnd']}: {why(c)}")
     if kv.get("tail_parity"):
         print(f"tail parity at the receiver: {json.dumps(kv['tail_parity'])}")
+    print(f"lanes' congestion control restarted {len(tr.restarts)} times over the run (controller.lane_busy's "
+          f"MIN_RTT_REFRESH, and lanes paced far under their caps)")
     tails = [b["tail_ms"] for b in out if b["tail_ms"] is not None]
     print(f"tails {', '.join(f'{x:.0f}' for x in tails)}; p50 {kv['exposed_tail_ms']['p50'] or 0:.0f}, "
           f"p99 {kv['exposed_tail_ms']['p99'] or 0:.0f} ms")
