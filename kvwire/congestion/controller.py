@@ -230,7 +230,7 @@ def collapsed(ln: LaneState) -> bool:
 
 
 def _window(sock: socket.socket) -> int:
-    """``sock``'s congestion window in packets (large where unreadable: a restart goes ahead as before)."""
+    """``sock``'s congestion window in packets (``RESTART_MIN_CWND`` where unreadable: the restart goes ahead)."""
     info = try_read(sock)
     return info.snd_cwnd if info is not None and info.snd_cwnd is not None else RESTART_MIN_CWND
 
