@@ -110,13 +110,15 @@ def start_capacity(result: ProbeResult) -> float | None:
     """The capacity a session's controller starts from after ``result``: what it measured, the pipe seen full
     (``measured``); or, from a burst that ran ``FLOOR_ROUNDS`` of the path's round trips without seeing it full,
     its reading as a floor (paced at it, the controller's first up-probe follows after ``settle`` and finds more,
-    if there is more); ``None`` from a shorter burst, whose reading is its ramp's (the controller starts over,
-    probing)."""
+    if there is more) where the path is long (``LONG_PATH_RTT`` or more); ``None`` from a shorter burst, whose
+    reading is its ramp's, or on a shorter path, where the controller leaves unpaced lanes alone (a LAN's lanes
+    are not the limit, and a floor read there would only cap them): the controller starts over, probing."""
     if not result.capacity > 0:
         return None
     if result.measured:
         return result.capacity
-    if result.min_rtt and result.seconds >= FLOOR_ROUNDS * result.min_rtt:
+    rtt = result.min_rtt
+    if rtt is not None and rtt >= LONG_PATH_RTT and result.seconds >= FLOOR_ROUNDS * rtt:
         return result.capacity
     return None
 

@@ -140,6 +140,8 @@ def test_the_controller_starts_from_a_measured_reading_or_a_long_bursts_floor_no
     assert kp.start_capacity(_result(60e6, long * 0.99, rtt)) is None
     assert kp.start_capacity(_result(60e6, 0.3, rtt)) is None
     assert kp.start_capacity(_result(244e6, 2.0, None)) is None
+    assert kp.start_capacity(_result(2e9, 0.3, 50e-6)) is None  # loopback, a LAN: its lanes are left unpaced
+    assert kp.start_capacity(_result(2e9, 0.3, 50e-6, saturated=True)) == 2e9  # ... unless it measured the link
     assert kp.start_capacity(_result(0.0, 2.0, rtt, full_pipe=True)) is None
 
 

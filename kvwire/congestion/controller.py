@@ -164,10 +164,10 @@ class LaneController:
         if d.congestion != "bbr" or d.pacing_rate is None:
             self._slow.clear()
             return
-        by_fd = {s.fileno(): s for s in sockets}
+        by_fd: dict[LaneKey, socket.socket] = {s.fileno(): s for s in sockets}
         slow = {ln.lane for ln in link.lanes if collapsed(ln)}
         for lane in slow & self._slow:
-            sock = by_fd.get(lane)  # type: ignore[call-overload]
+            sock = by_fd.get(lane)
             if sock is None or link.timestamp - self._revived.get(lane, float("-inf")) < REVIVE_INTERVAL:
                 continue
             self._revived[lane] = self._started[lane] = link.timestamp
