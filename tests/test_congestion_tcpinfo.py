@@ -41,6 +41,18 @@ def _drain(sock: socket.socket, n: int) -> None:
         n -= got
 
 
+def _slow_reader_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(listener, client, accepted) on loopback, the accepted end with a 64 kB receive buffer: while it reads
+    nothing, what the client writes past the window stays unsent in its socket."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    return srv, cli, acc
+
+
 def test_bytes_acked_grows_after_sending(pair: tuple[socket.socket, socket.socket]) -> None:
     cli, acc = pair
     before = read_tcp_info(cli)
@@ -121,12 +133,7 @@ def test_an_unsent_bound_makes_a_write_wait_for_the_socket_to_drain() -> None:
     assert unsent_limit(10**12) == 0  # loopback rates: beyond any send buffer, no bound
 
     def accepted(bound: int) -> int:
-        srv = socket.socket()
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        cli = socket.create_connection(srv.getsockname())
-        acc, _ = srv.accept()
+        srv, cli, acc = _slow_reader_pair()
         try:
             set_unsent_limit(cli, bound)
             assert get_unsent_limit(cli) == bound
@@ -189,12 +196,7 @@ def test_a_lane_whose_rate_fell_below_what_it_holds_is_backlogged_until_that_dra
     from kvwire.tcp._lanes import Lane
     from kvwire.tcp._wire import Channel
 
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    cli = socket.create_connection(srv.getsockname())
-    acc, _ = srv.accept()
+    srv, cli, acc = _slow_reader_pair()
     reader: threading.Thread | None = None
     try:
         lane = Lane(0, Channel(cli, DEFAULT_LIMITS))
