@@ -6,6 +6,7 @@ import math
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -576,59 +577,74 @@ def _bbr_bandwidth(sock: socket.socket) -> int:
     return hi << 32 | lo
 
 
-def test_a_paced_bbr_lane_that_wakes_restarts_its_algorithm_once_per_min_rtt_refresh() -> None:
+class _BbrPair:
+    """A loopback connection whose sending end ``c`` runs BBR, a thread draining the other end, and
+    ``traffic()``: 32 MB sent and all of it ACKed (the kernel's bandwidth estimate is a real sample again,
+    and no ACK can bring one between a restart and the reading after it)."""
+
+    def __init__(self) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.c = socket.create_connection(self.srv.getsockname())
+        self.peer, _ = self.srv.accept()
+        self.stop = threading.Event()
+        self.reader = threading.Thread(target=self._sink, daemon=True)
+        self.reader.start()
+        set_congestion(self.c, "bbr")
+
+    def _sink(self) -> None:
+        while not self.stop.is_set() and self.peer.recv(1 << 20):
+            pass
+
+    def traffic(self) -> None:
+        block = bytes(1 << 20)
+        for _ in range(32):
+            self.c.sendall(block)
+        assert wait_until(lambda: not (read_tcp_info(self.c).unacked or read_tcp_info(self.c).notsent_bytes), 5)
+        assert _bbr_bandwidth(self.c) > 0
+
+    def close(self) -> None:
+        self.stop.set()
+        for s in (self.c, self.peer, self.srv):
+            s.close()
+        self.reader.join(5)
+
+
+@pytest.fixture
+def bbr() -> Iterator[_BbrPair]:
+    p = _BbrPair()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_a_paced_bbr_lane_that_wakes_restarts_its_algorithm_once_per_min_rtt_refresh(bbr: _BbrPair) -> None:
     """``lane_busy`` (a lane picking up work after it waited) restarts a paced BBR lane's algorithm the first
     time and then once ``MIN_RTT_REFRESH`` has passed since, so its min RTT filter never ages into PROBE_RTT
     (4 packets for 200 ms) while it carries a layer: the kernel's bandwidth estimate reads 0 right after a
     restart and keeps its value otherwise. Negative control: an unpaced (probing) controller never restarts
     a lane (STARTUP there would double its rate)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    c = socket.create_connection(srv.getsockname())
-    a, _ = srv.accept()
-    stop = threading.Event()
-
-    def sink() -> None:
-        while not stop.is_set() and a.recv(1 << 20):
-            pass
-    reader = threading.Thread(target=sink, daemon=True)
-    reader.start()
-    block = bytes(1 << 20)
-
-    def traffic() -> int:  # some ACKed data: the estimate is a real sample again
-        for _ in range(32):
-            c.sendall(block)
-        # all of it ACKed: no ACK can bring a sample between a restart and the reading after it
-        assert wait_until(lambda: not (read_tcp_info(c).unacked or read_tcp_info(c).notsent_bytes), 5)
-        assert _bbr_bandwidth(c) > 0
-        return _bbr_bandwidth(c)
-
-    try:
-        set_congestion(c, "bbr")
-        fd = c.fileno()
-        paced = LaneController(CFG, capacity=C)
-        assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
-        probing = LaneController(CFG)
-        assert probing.decision.pacing_rate is None
-        traffic()
-        probing.lane_busy(fd, 100.0, [c], sock=c)
-        probing.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
-        assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
-        paced.lane_busy(fd, 100.0, [c], sock=c)  # first seen: restarted
-        assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
-        traffic()
-        paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH / 2, [c], sock=c)
-        assert _bbr_bandwidth(c) > 0, "restarted again before MIN_RTT_REFRESH"
-        paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
-        assert _bbr_bandwidth(c) == 0
-    finally:
-        stop.set()
-        c.close()
-        a.close()
-        srv.close()
-        reader.join(5)
+    c = bbr.c
+    fd = c.fileno()
+    paced = LaneController(CFG, capacity=C)
+    assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
+    probing = LaneController(CFG)
+    assert probing.decision.pacing_rate is None
+    bbr.traffic()
+    probing.lane_busy(fd, 100.0, [c], sock=c)
+    probing.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
+    assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
+    paced.lane_busy(fd, 100.0, [c], sock=c)  # first seen: restarted
+    assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
+    bbr.traffic()
+    paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH / 2, [c], sock=c)
+    assert _bbr_bandwidth(c) > 0, "restarted again before MIN_RTT_REFRESH"
+    paced.lane_busy(fd, 100.0 + MIN_RTT_REFRESH, [c], sock=c)
+    assert _bbr_bandwidth(c) == 0
 
 
-def test_a_paced_bbr_lane_paced_far_under_its_cap_with_bytes_waiting_is_restarted_at_the_second_sample() -> None:
+def test_a_paced_bbr_lane_paced_far_under_its_cap_with_bytes_waiting_is_restarted_at_the_second_sample(
+        bbr: _BbrPair) -> None:
     """``LaneController.on_state``: a paced BBR lane that holds bytes unsent while its kernel paces it under
     ``COLLAPSED_SHARE`` of its cap (BBR's own estimate fell far under the controller's rate) two samples running
     has its algorithm restarted (its bandwidth estimate reads 0 right after), at most every ``REVIVE_INTERVAL``.
@@ -637,22 +653,7 @@ def test_a_paced_bbr_lane_paced_far_under_its_cap_with_bytes_waiting_is_restarte
     from kvwire.congestion.controller import COLLAPSED_SHARE, REVIVE_INTERVAL
     from kvwire.congestion.estimator import LaneState
 
-    srv = socket.create_server(("127.0.0.1", 0))
-    c = socket.create_connection(srv.getsockname())
-    a, _ = srv.accept()
-    stop = threading.Event()
-
-    def sink() -> None:
-        while not stop.is_set() and a.recv(1 << 20):
-            pass
-    reader = threading.Thread(target=sink, daemon=True)
-    reader.start()
-
-    def traffic() -> None:
-        for _ in range(32):
-            c.sendall(bytes(1 << 20))
-        assert wait_until(lambda: not (read_tcp_info(c).unacked or read_tcp_info(c).notsent_bytes), 5)
-        assert _bbr_bandwidth(c) > 0
+    c = bbr.c
 
     def lane(rate_share: float, notsent: int = 200_000, cwnd: int = 1000) -> LaneState:
         cap = 15_000_000
@@ -666,36 +667,28 @@ def test_a_paced_bbr_lane_paced_far_under_its_cap_with_bytes_waiting_is_restarte
         t[0] += 0.05
         ctl.on_state(replace(ls(t[0], C, capacity=C), lanes=(ln,)))
 
-    try:
-        set_congestion(c, "bbr")
-        traffic()
-        paced = LaneController(CFG, sockets_provider=lambda: [c], capacity=C)
-        assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
-        collapsed = COLLAPSED_SHARE / 2
-        for ln in (lane(0.9), lane(collapsed, notsent=0), lane(collapsed, cwnd=4)):  # none of these, ever
-            sample(paced, ln)
-            sample(paced, ln)
-            assert _bbr_bandwidth(c) > 0, ln
-        sample(paced, lane(collapsed))
-        assert _bbr_bandwidth(c) > 0, "restarted on one sample"
-        sample(paced, lane(collapsed))
-        assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
-        traffic()
-        sample(paced, lane(collapsed))
-        sample(paced, lane(collapsed))
-        assert _bbr_bandwidth(c) > 0, f"restarted again within {REVIVE_INTERVAL} s"
-        t[0] += REVIVE_INTERVAL
-        sample(paced, lane(collapsed))
-        assert _bbr_bandwidth(c) == 0
-        traffic()
-        probing = LaneController(CFG, sockets_provider=lambda: [c])
-        assert probing.decision.pacing_rate is None
-        for _ in range(3):
-            sample(probing, lane(collapsed))
-        assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
-    finally:
-        stop.set()
-        c.close()
-        a.close()
-        srv.close()
-        reader.join(5)
+    bbr.traffic()
+    paced = LaneController(CFG, sockets_provider=lambda: [c], capacity=C)
+    assert paced.decision.pacing_rate is not None and paced.decision.congestion == "bbr"
+    collapsed = COLLAPSED_SHARE / 2
+    for ln in (lane(0.9), lane(collapsed, notsent=0), lane(collapsed, cwnd=4)):  # none of these, ever
+        sample(paced, ln)
+        sample(paced, ln)
+        assert _bbr_bandwidth(c) > 0, ln
+    sample(paced, lane(collapsed))
+    assert _bbr_bandwidth(c) > 0, "restarted on one sample"
+    sample(paced, lane(collapsed))
+    assert _bbr_bandwidth(c) == 0 and get_congestion(c) == "bbr"
+    bbr.traffic()
+    sample(paced, lane(collapsed))
+    sample(paced, lane(collapsed))
+    assert _bbr_bandwidth(c) > 0, f"restarted again within {REVIVE_INTERVAL} s"
+    t[0] += REVIVE_INTERVAL
+    sample(paced, lane(collapsed))
+    assert _bbr_bandwidth(c) == 0
+    bbr.traffic()
+    probing = LaneController(CFG, sockets_provider=lambda: [c])
+    assert probing.decision.pacing_rate is None
+    for _ in range(3):
+        sample(probing, lane(collapsed))
+    assert _bbr_bandwidth(c) > 0, "an unpaced lane was restarted"
