@@ -60,7 +60,9 @@ def one(link: WanLink, port: int) -> dict[str, Any]:
         if w is None:
             raise SystemExit("the session was not warmed (is the path's RTT under kvwire.probe.WARM_MIN_RTT?)")
         states = [{"t": st.timestamp, "goodput": sum(ln.goodput for ln in st.lanes), "q": st.queueing_ratio or 1.0,
-                   "overflowing": st.overflowing} for st in w.states]
+                   "overflowing": st.overflowing, "btl_bw": st.btl_bw, "capacity": st.capacity,
+                   "saturated": st.saturated, "delivery": sum(ln.delivery_rate or 0 for ln in st.lanes),
+                   "loss": st.loss_rate, "busy": st.busy} for st in w.states]
         after = link.stats()
         return {"capacity": w.capacity, "best_span": best_span(states), "seconds": w.seconds,
                 "ended": "overflow" if any(x["overflowing"] for x in states) else

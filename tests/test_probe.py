@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -436,3 +437,38 @@ def test_held_samples_pause_the_full_pipe_rule_and_do_not_restart_it(no_leaks: N
         for i in range(20):
             only._watch_pipe(_pipe_state(0.1 * (i + 1), 100e6, **held))
         assert not only.full_pipe
+
+
+def _queued(t: float, btl_bw: float, *, ratio: float, overflowing: bool = False) -> LinkState:
+    """A burst's sample on an 80 ms path with a queue read standing (srtt ``ratio`` x the min RTT) and the
+    estimator's capacity known from it."""
+    return replace(_pipe_state(t, btl_bw), srtt=0.08 * ratio, queueing_ratio=ratio, saturated=True,
+                   capacity=0.8 * btl_bw, overflowing=overflowing, loss_rate=0.05 if overflowing else 0.0)
+
+
+def test_a_queue_without_loss_ends_no_warm_up_while_the_bandwidth_grows_loss_or_a_plateau_does(no_leaks: None) -> None:
+    """``until_full`` ends a burst on BBR's full-pipe rule or on a queue that overflowed, not on a queue that
+    stood without loss (the estimator's capacity known from it) while the bandwidth still grew 25 % a round
+    trip: a host that holds ACKs back reads as such a queue, deeper than the link's buffer (ratio 2 where a
+    20 ms queue on 80 ms tops out at 1.25), and ending there read 0.56-0.66x of a 2 Gbit/s link. The plateau's
+    round trips are counted at srtt (BBR counts a round by a packet's ACK): 3 min RTTs of plateau at ratio 2
+    are 1.5 round trips. Negative controls: the same samples with the queue overflowing end the burst; a
+    plateau of 3 round trips at srtt does too."""
+    kp = sys.modules["kvwire.probe"]
+    with Receiver() as rx, connect(*rx.address, lanes=1, link_control=False, warm=False) as s:
+        growing = kp._Probe(s, 3.0, 0.05, 1, None, True)
+        for i in range(8):  # 50 ms apart, +30 % a sample, under a "queue" read at 2x
+            growing._watch_pipe(_queued(0.05 * i, 100e6 * 1.3 ** i, ratio=2.0))
+            assert not growing._full(), i
+        # the plateau: 3 min RTTs (0.24 s) are not yet 3 round trips at srtt (0.16 s each)
+        for i in range(1, 6):
+            growing._watch_pipe(_queued(0.35 + 0.05 * i, 100e6 * 1.3 ** 7, ratio=2.0))
+        assert not growing._full()
+        for i in range(6, 11):
+            growing._watch_pipe(_queued(0.35 + 0.05 * i, 100e6 * 1.3 ** 7, ratio=2.0))
+        assert growing._full() and growing.full_pipe  # 0.5 s >= 3 x 0.16 s of plateau
+        lossy = kp._Probe(s, 3.0, 0.05, 1, None, True)
+        lossy._watch_pipe(_queued(0.0, 100e6, ratio=1.25))
+        assert not lossy._full()
+        lossy._watch_pipe(_queued(0.05, 130e6, ratio=1.25, overflowing=True))
+        assert lossy._full() and not lossy.full_pipe
