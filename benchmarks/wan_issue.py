@@ -120,7 +120,8 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
         if st.timestamp - last >= 0.5 or st.timestamp - t0 < 2.0:
             last = st.timestamp
             print(f"[{name}] {st.timestamp - t0:6.2f}s goodput {st.goodput * 8e-6:.0f} cap "
-                  f"{(st.capacity or 0) * 8e-6:.0f} btl {st.btl_bw * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} "
+                  f"{(st.capacity or 0) * 8e-6:.0f} btl {st.btl_bw * 8e-6:.0f} "
+                  f"dlv {sum(ln.delivery_rate or 0 for ln in st.lanes) * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} "
                   f"srtt {(st.srtt or 0) * 1e3:.0f} sndbuf {st.sndbuf_limited:.2f} "
                   f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
                   f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}",

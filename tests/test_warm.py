@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import pytest
 from helpers import send_verified
 
 from kvwire import Receiver, RequestSpec, connect
+from kvwire.congestion.estimator import LinkState
 from kvwire.probe import WARM_ENV, WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
 from kvwire.testing.fixtures import load_fixture
 
@@ -168,3 +170,51 @@ def test_a_probe_that_ran_long_without_reading_full_leaves_the_controller_paced_
                 assert "probed beforehand" in d.reason
             else:
                 assert d.mode is Mode.PROBE and d.pacing_rate is None
+
+
+def _read(t: float, btl_bw: float) -> LinkState:
+    """A burst's sample: its fastest goodput span so far (``btl_bw``), on an 80 ms path."""
+    return LinkState(timestamp=t, goodput=btl_bw, btl_bw=btl_bw, capacity=None, utilization=None,
+                     available_bw=None, min_rtt=0.08, srtt=0.08, queueing_ratio=1.0, loss_rate=0.0, busy=1.0,
+                     rwnd_limited=0.0, sndbuf_limited=0.0, congested=False, saturated=False)
+
+
+def test_a_bursts_faster_unconfirmed_span_is_probed_back_to_once_after_settle(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst whose goodput spans read more than its capacity (which the lanes' delivery-rate samples bound,
+    ``burst_capacity``) hands that reading to the controller as ``delivered`` (``ProbeResult.delivered``,
+    ``LinkControl.resume(capacity, delivered)``): paced at the capacity, the first decision after ``settle``
+    on a clear link that the pacing holds is an up-probe straight to it, not the usual 10 % step. Negative
+    control: spans no faster than the capacity leave nothing to probe back to (the usual first step)."""
+    from dataclasses import replace
+
+    from kvwire.congestion.controller import Mode, decide
+
+    kp = sys.modules["kvwire.probe"]
+    rtt, cap = 0.08, 150e6
+    for fastest, back in ((1.3 * cap, True), (cap, False)):
+        burst = replace(_result(cap, 16 * rtt, rtt, full_pipe=True),
+                        states=(_read(0.0, 0.5 * cap), _read(0.5, fastest), _read(0.9, 0.9 * cap)))
+        assert burst.delivered == fastest
+        monkeypatch.setattr(kp._Probe, "run", lambda self, r=burst: r)
+        with Receiver() as rx, connect(*rx.address, warm=False) as s:
+            ctl = s.link_control
+            assert ctl is not None
+            assert kp.probe(s, seconds=burst.seconds) is burst
+            st, cfg = ctl.controller.state, ctl.config
+            assert st.mode is Mode.CRUISE and st.decision.total_pacing is not None
+            assert st.delivered == (fastest if back else None)
+            now = time.monotonic()
+            up = decide(st, _read(now, 0.0), cfg)  # (the first decision starts the clock)
+            for _ in range(3):  # (the lane count for the path may be set first, the settle starting over)
+                now += cfg.settle + 0.01
+                up = decide(up, replace(_read(now, cfg.pace_gain * cap), capacity=cap, pacing_limited=True), cfg)
+                if up.mode is not Mode.CRUISE:
+                    break
+            assert up.mode is Mode.UPPROBE, up.decision.reason
+            total = up.decision.total_pacing
+            assert total is not None
+            if back:
+                assert total == pytest.approx(fastest, rel=0.01) and up.delivered is None  # once
+            else:
+                assert total == pytest.approx(cfg.upprobe_gain * cap, rel=0.01)

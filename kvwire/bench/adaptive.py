@@ -53,11 +53,13 @@ class Adaptive:
     """``LinkControl`` on ``session`` for one test: created before the test (it sets the lanes' algorithm and
     count at once), ``start(t_start)`` when the test starts (sampling then), ``close()`` after it."""
 
-    def __init__(self, session: Session, o: Options, capacity: float | None = None) -> None:
+    def __init__(self, session: Session, o: Options, capacity: float | None = None,
+                 delivered: float | None = None) -> None:
         self.session = session
         self.config = controller_config(o)
         self.capacity_seed = capacity
-        self.control = LinkControl(session, self.config, interval=MONITOR_INTERVAL, capacity=capacity, start=False)
+        self.control = LinkControl(session, self.config, interval=MONITOR_INTERVAL, capacity=capacity,
+                                   delivered=delivered, start=False)
         self.t_start: float | None = None
         self._reported = 0  # decision changes already counted in an interval record
         self._recent: deque[LinkState] = deque(maxlen=_RECENT_STATES)

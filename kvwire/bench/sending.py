@@ -248,7 +248,8 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
             # a floor from a burst that ran long enough: kvwire.probe.start_capacity; --probe from a queue only)
             seed = None if probed is None else (start_capacity(probed.result) if o.warm
                                                 else probed.result.capacity if probed.result.saturated else None)
-            adaptive = Adaptive(session, o, capacity=seed or None)
+            adaptive = Adaptive(session, o, capacity=seed or None,
+                                delivered=probed.result.delivered if probed is not None and o.warm else None)
         # one buffer more than the requests in flight: a finished request's buffer is still being checked
         # when the next one arrives, and a fresh buffer would be page-faulted in the middle of a transfer
         buffers = o.concurrency + 1 if o.requests is None else min(o.concurrency + 1, o.requests)

@@ -66,14 +66,17 @@ class LinkControl:
     with the first traffic), then paces the aggregate just under the estimated capacity; see
     ``controller`` for the policy. ``config.polite`` makes it yield to competing flows. ``capacity``
     (bytes/s of TCP payload), when known from ``kvwire.probe`` or an earlier run, seeds the estimate and
-    skips the in-band PROBE: the lanes are paced under it from the first byte. Lanes are sampled every
+    skips the in-band PROBE: the lanes are paced under it from the first byte. ``delivered`` (bytes/s, with
+    a ``capacity``): the most the link was seen delivering meanwhile, where that is more than the capacity
+    (a burst's fastest goodput span, which the lanes' delivery-rate samples did not confirm): the first
+    up-probe goes straight to it, once (``controller``'s ``delivered``). Lanes are sampled every
     ``interval``, every ``probe_interval`` while a probe runs with no capacity known (``sampling_interval``).
     """
 
     def __init__(self, session: Controllable, config: ControllerConfig | None = None, *,
                  interval: float = 0.1, estimator: EstimatorConfig | None = None,
-                 capacity: float | None = None, start: bool = True, share: LinkShare | None = None,
-                 probe_interval: float | None = 0.025) -> None:
+                 capacity: float | None = None, delivered: float | None = None, start: bool = True,
+                 share: LinkShare | None = None, probe_interval: float | None = 0.025) -> None:
         detach = getattr(session, "detach_link_control", None)
         if callable(detach):
             detach()  # the session's default controller hands its lanes over to this one
@@ -110,7 +113,7 @@ class LinkControl:
             if self._busy_hooked:
                 session.on_lane_busy = self._on_lane_busy  # type: ignore[attr-defined]
         self.controller.history.clear()
-        self._begin(capacity, 0.0)
+        self._begin(capacity, 0.0, delivered)
         apply_decision(self.decision, session.lane_sockets())
         self.monitor.subscribe(self._control)
         if start:
@@ -149,13 +152,14 @@ class LinkControl:
             self._paused = False
             apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
 
-    def resume(self, capacity: float | None = None) -> None:
+    def resume(self, capacity: float | None = None, delivered: float | None = None) -> None:
         """Start the policy over (PROBE; or, given a ``capacity`` measured meanwhile, paced under it from
-        now on, that capacity seeding the estimate and sizing the lanes) and apply it to the lanes."""
+        now on, that capacity seeding the estimate and sizing the lanes, and ``delivered`` as in the
+        constructor) and apply it to the lanes."""
         if capacity is not None:
             self.monitor.seed_capacity(capacity)
         latest = self.latest()
-        self._begin(capacity, latest.timestamp if latest is not None else 0.0)
+        self._begin(capacity, latest.timestamp if latest is not None else 0.0, delivered)
         apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
 
     def close(self) -> None:
@@ -179,14 +183,18 @@ class LinkControl:
         self.close()
 
     # ------------------------------------------------------------ hooks
-    def _begin(self, capacity: float | None, now: float) -> None:
-        """Start the policy (``initial_state``) with the lanes ``_start_lanes`` sizes, opened on the session."""
+    def _begin(self, capacity: float | None, now: float, delivered: float | None = None) -> None:
+        """Start the policy (``initial_state``) with the lanes ``_start_lanes`` sizes, opened on the session;
+        ``delivered`` above ``capacity`` is kept as the state's ``delivered`` (the samples' clock: forgotten
+        after ``best_window`` like the in-band probe's)."""
         self.controller.state = initial_state(self.config, capacity, *self._start_lanes(capacity))
         self.controller.history.append((now, self.decision))
         got = self.session.set_active_lanes(self.decision.lanes)
         if got != self.decision.lanes:  # (a lane that would not open: keep the count in effect)
             self.controller.state = initial_state(self.config, capacity, got, "fewer lanes opened")
             self.controller.history.append((now, self.decision))
+        if capacity is not None and delivered is not None and delivered > capacity:
+            self.controller.state = replace(self.controller.state, delivered=delivered, delivered_at=self._clock())
 
     def _start_lanes(self, capacity: float | None) -> tuple[int, str]:
         """The lane count to start with (``controller.start_lanes``) and why: the path's RTT from the lanes'
