@@ -517,12 +517,18 @@ def path_rtt(session: Session) -> float | None:
 
 def warm_skip_reason(session: Session) -> str:
     """Why ``warm=None`` leaves this session cold ('' to warm it): no controller of its own (turned off, or
-    a ``LaneGroup``'s), ``$KVWIRE_WARM`` off, a path shorter than ``WARM_MIN_RTT``, or a receiver that takes no
-    probes (no ``max_probe_bytes``, or 0)."""
+    a ``LaneGroup``'s), or ``path_skip_reason``."""
+    if warm_enabled() and session.link_control is None:
+        return "the session has no congestion controller of its own"
+    return path_skip_reason(session)
+
+
+def path_skip_reason(session: Session) -> str:
+    """Why a controlled session on this path would be left cold ('' to warm it): ``$KVWIRE_WARM`` off, a path
+    shorter than ``WARM_MIN_RTT``, or a receiver that takes no probes (no ``max_probe_bytes``, or 0). For a
+    session whose controller is attached later (``kvwire-bench``'s own)."""
     if not warm_enabled():
         return f"${WARM_ENV} is off"
-    if session.link_control is None:
-        return "the session has no congestion controller of its own"
     budget = session.server_limits.get("max_probe_bytes")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         return f"the receiver takes no probes (max_probe_bytes={budget!r})"

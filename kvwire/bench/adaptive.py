@@ -199,7 +199,7 @@ def run_probe(session: Session, o: Options) -> Probed:
     lanes = max(o.lanes, controller_config(o).max_lanes) if o.warm and o.adaptive else None
     try:
         result = probe(session, seconds=o.probe_seconds or warm_seconds(session), congestion=o.congestion or "bbr",
-                       until_full=o.warm, lanes=lanes)
+                       until_full=bool(o.warm), lanes=lanes)
     except ProbeRefused as e:
         raise PeerError(f"{'--warm' if o.warm else '--probe'}: {e}") from None
     except KvwireError as e:

@@ -148,9 +148,11 @@ class Options:
     adaptive: bool = False
     polite: bool = False
     probe_seconds: float | None = None  # --probe: a kvwire.probe burst of this long before the test
-    # --warm: warm the test's session as kvwire.connect() does by default on a long path (kvwire.probe's
-    # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced
-    warm: bool = False
+    # --warm (True) / --no-warm (False): warm the test's session as kvwire.connect() does (kvwire.probe's
+    # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced.
+    # None (neither): as kvwire.connect(): where the path is long and the receiver takes probes, with the link
+    # controller on and no --probe (``sending.warm_reason``)
+    warm: bool | None = None
     # --tail-parity: parity chunks over each transfer's last layer (kvwire.codec.parity); None: connect()'s default
     tail_parity: int | None = None
 
@@ -248,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe", type=float, metavar="SECONDS", dest="probe_seconds",
                    help="measure the link with SECONDS of sink transfers on the test's lanes before the test "
                         "(kvwire.probe; the receiver discards them; not counted in the test)")
-    c.add_argument("--warm", action="store_true",
-                   help="warm the test's session before the test as kvwire.connect() does by default on a path "
-                        "of 15 ms or more: up to 1 s of sink transfers on every lane the link controller may "
-                        "use, ended once the pipe reads full; the controller then starts paced at what it "
-                        "measured (not counted in the test; not with --probe)")
+    c.add_argument("--warm", action="store_const", const=True, default=None,
+                   help="warm the test's session before the test as kvwire.connect() does: up to 1 s (or 16 "
+                        "round trips) of sink transfers on every lane the link controller may use, ended once "
+                        "the pipe reads full; the controller then starts paced at what it measured (not counted "
+                        "in the test; not with --probe). The default, as for kvwire.connect(), on a path of "
+                        "15 ms or more to a receiver that takes probes, with the link controller on and no "
+                        "--probe; --warm forces it on any path")
+    c.add_argument("--no-warm", action="store_const", const=False, dest="warm",
+                   help="no warm-up: the test's first transfer starts on cold lanes (kvwire.connect(warm=False))")
     c.add_argument("--tail-parity", type=int, default=None, metavar="M",
                    help="send M Reed-Solomon parity chunks (0..8) per group of each transfer's last layer (groups "
                         "of as many chunks as lanes), so that the receiver rebuilds a group without its M slowest "
@@ -359,9 +365,9 @@ def check(o: Options) -> None:
         raise UsageError("TLS on --loopback/--emulate needs --tls-cert/--tls-key (server) and --tls-ca (client)")
     if o.fq_rate is not None and o.fq_rate <= 0:
         raise UsageError("--fq-rate must be positive")
-    if o.mode == "server" and (o.adaptive or o.probe_seconds is not None or o.warm):
+    if o.mode == "server" and (o.adaptive or o.probe_seconds is not None or o.warm is not None):
         raise UsageError("--adaptive, --polite, --probe and --warm are client options (the sending side runs them)")
-    if o.warm and o.probe_seconds is not None:
+    if o.warm is True and o.probe_seconds is not None:
         raise UsageError("--warm is a probe of its own: drop --probe (or --warm)")
     if o.polite and not o.adaptive:
         raise UsageError("--polite is a mode of --adaptive")

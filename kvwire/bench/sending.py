@@ -20,12 +20,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..codec.layout import ModelLayout, RequestSpec
 from ..errors import KvwireError, TransferError
-from ..probe import start_capacity
+from ..probe import path_skip_reason, start_capacity
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
@@ -241,6 +241,7 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
                 set_knobs(sock, congestion=o.congestion or None, pacing=_pacing(o))
         except KvwireError as e:
             raise UsageError(str(e)) from None
+        o = replace(o, warm=resolve_warm(session, o))
         probed = run_probe(session, o) if o.probe_seconds is not None or o.warm else None
         if o.adaptive:
             knobs = None  # lanes opened or re-dialled get the controller's settings, not these
@@ -346,6 +347,16 @@ def _open_session(o: Options, port: int, ssl_context: ssl.SSLContext | None) -> 
                        link_control=False)  # the test attaches its own (Adaptive) when o.adaptive
     except (KvwireError, OSError) as e:
         raise PeerError(f"kvwire data connection to {o.host}:{port} failed: {type(e).__name__}: {e}") from None
+
+
+def resolve_warm(session: Session, o: Options) -> bool:
+    """``--warm``/``--no-warm`` as given; neither: as ``kvwire.connect()`` warms a session, with the link
+    controller on, no ``--probe``, and nothing against the path (``kvwire.probe.path_skip_reason``: a path of
+    ``WARM_MIN_RTT`` or more, a receiver that takes probes, ``$KVWIRE_WARM`` not off). The bench's session is
+    opened without a controller (the test attaches its own), so ``warm_skip_reason`` would always say no."""
+    if o.warm is not None:
+        return o.warm
+    return o.adaptive and o.probe_seconds is None and not path_skip_reason(session)
 
 
 def _congestion_of(session: Session) -> str:
