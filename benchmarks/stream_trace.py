@@ -69,6 +69,7 @@ class Taken:
     cap: int  # SO_MAX_PACING_RATE, bytes/s
     rate: int  # tcpi_pacing_rate, bytes/s
     notsent: int  # bytes still unsent on the lane
+    ca_state: int = 0  # the lane's tcpi_ca_state as it took the chunk (3 recovery, 4 loss: behind a hole)
 
 
 @dataclass
@@ -142,13 +143,13 @@ class Tracer:
     def outgoing(self, ref: ChunkRef, pieces: Sequence[Any]) -> Sequence[Any]:
         t = time.monotonic()
         sock = self._sockets().get(ref.lane)
-        cap = rate = notsent = 0
+        cap = rate = notsent = ca = 0
         if sock is not None:
             cap = pacing_cap(sock)
             ti = try_read(sock)
             if ti is not None:
-                rate, notsent = ti.pacing_rate or 0, ti.notsent_bytes or 0
-        self.taken.append(Taken(t, ref.lane, ref.transfer_id, ref.chunk, ref.length, cap, rate, notsent))
+                rate, notsent, ca = ti.pacing_rate or 0, ti.notsent_bytes or 0, ti.ca_state or 0
+        self.taken.append(Taken(t, ref.lane, ref.transfer_id, ref.chunk, ref.length, cap, rate, notsent, ca))
         return pieces
 
     def incoming(self, ref: ChunkRef, views: Sequence[memoryview]) -> None:
@@ -268,7 +269,7 @@ def budget(tr: Tracer, rec: Any, timeline: dict[str, Any]) -> dict[str, Any]:
             "cap_mbit": c.cap * 8e-6, "kernel_rate_mbit": c.rate * 8e-6, "notsent": c.notsent,
             "min_kernel_rate_mbit": min((s.rate for s in polls), default=0) * 8e-6,
             "min_cwnd": min((s.cwnd for s in polls), default=0), "retrans": retrans,
-            "chunks_on_lane": per_lane[c.lane]})
+            "chunks_on_lane": per_lane[c.lane], "ca_at_take": CA_STATES.get(c.ca_state, str(c.ca_state))})
     late = [(x["layer"], x["verified_ms"] - last["produced_ms"]) for x in timeline["layers"]
             if x["verified_ms"] is not None and last["produced_ms"] is not None]
     return {"request": rec.request_id, "tail_ms": timeline["exposed_tail_ms"], "layer": li, "late_layers": late,
@@ -522,6 +523,15 @@ def main() -> int:
         print(f"tail parity at the receiver: {json.dumps(kv['tail_parity'])}")
     print(f"lanes' congestion control restarted {len(tr.restarts)} times over the run (controller.lane_busy's "
           f"MIN_RTT_REFRESH, and lanes paced far under their caps)")
+    # (a chunk a lane took while in loss recovery waits at the receiver behind the hole until the repair lands:
+    # how often the last layer's chunks went on such lanes, and how late those landed against the others)
+    taken = [c for b in out for c in b["chunks"] if c["landed_ms"] is not None]
+    held = [c["landed_ms"] for c in taken if c["ca_at_take"] in ("recovery", "loss")]
+    clean = [c["landed_ms"] for c in taken if c["ca_at_take"] not in ("recovery", "loss")]
+    if taken:
+        print(f"last-layer chunks taken by a lane in loss recovery: {len(held)} of {len(taken)}"
+              + (f", landed median {statistics.median(held):.0f} ms (the others {statistics.median(clean):.0f})"
+                 if held and clean else ""))
     tails = [b["tail_ms"] for b in out if b["tail_ms"] is not None]
     print(f"tails {', '.join(f'{x:.0f}' for x in tails)}; p50 {kv['exposed_tail_ms']['p50'] or 0:.0f}, "
           f"p99 {kv['exposed_tail_ms']['p99'] or 0:.0f} ms")
