@@ -140,7 +140,7 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
     ``TCP_INFO`` samples. ``lanes``: the lane count to probe with (the session's is restored after).
     ``congestion``: the algorithm for the burst (``None`` keeps the lanes'); one the kernel refuses is
     skipped with a note in the result. ``until_full``: end the burst at the first sample that shows the pipe
-    full (the estimator's capacity known, or ``full_pipe``) instead of running all ``seconds``. Raises
+    full (BBR's full-pipe rule, or the queue overflowing; ``_Probe._full``) instead of running all ``seconds``. Raises
     ``ValueError`` for bad arguments, ``ProbeRefused`` when the receiver takes no probes, ``KvwireError``
     for a closed session, and the failure (a ``KvwireError``) when the session or a probe transfer fails
     midway.

@@ -151,7 +151,7 @@ class Options:
     # --warm (True) / --no-warm (False): warm the test's session as kvwire.connect() does (kvwire.probe's
     # burst until the pipe reads full, on every lane the controller may use); --adaptive then starts paced.
     # None (neither): as kvwire.connect(): where the path is long and the receiver takes probes, with the link
-    # controller on and no --probe (``sending.warm_reason``)
+    # controller on and no --probe (``sending.resolve_warm``)
     warm: bool | None = None
     # --tail-parity: parity chunks over each transfer's last layer (kvwire.codec.parity); None: connect()'s default
     tail_parity: int | None = None
