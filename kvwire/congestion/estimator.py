@@ -377,9 +377,7 @@ class LinkEstimator:
         # round trip at 80 ms (0.1 s) the bound itself read 1.07x the link)
         span = self._span_rate(now, max(CAPACITY_ROUNDS * (min_rtt or 0.0), _ROUND_SPAN))
         full = max(btl_bw, min(sum(ln.delivery_rate or 0 for ln in lanes), span)) if overflowing else None
-        delivering = _paced_delivery(lanes)
-        paced = delivering if ratio is not None and ratio <= cfg.clear_ratio else 0.0
-        capacity = self._capacity(now, saturated, ratio, full, paced, delivering)
+        capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes))
         competing = None
         if capacity:
             competing = 0.0
@@ -399,7 +397,7 @@ class LinkEstimator:
             unqueued=sum(iv.unqueued * iv.dt for iv in stats) / stats_span if stats_span else 0.0)
 
     def _capacity(self, now: float, saturated: bool, ratio: float | None,
-                  overflow: float | None = None, paced: float = 0.0, delivering: float = 0.0) -> float | None:
+                  overflow: float | None = None, delivering: float = 0.0) -> float | None:
         """Under a standing queue the link is full, so the
         goodput of the run of saturated intervals (up to ``bw_sample`` of it) *is* the bottleneck rate
         (when alone); otherwise goodput is a lower bound. Only the saturated run, not the windowed max or
@@ -422,6 +420,8 @@ class LinkEstimator:
         shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
         rate just fell, and the window's fastest rate is the old one."""
         run = self._saturated_run
+        # (the paced lanes' summed delivery-rate samples, ``delivering``, raise the estimate only with no queue)
+        paced = delivering if ratio is not None and ratio <= self.config.clear_ratio else 0.0
         last_paced, self._last_paced = self._last_paced, paced
         shrinking = ratio is not None and self._last_ratio is not None and ratio < 0.95 * self._last_ratio
         self._last_ratio = ratio
