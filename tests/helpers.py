@@ -17,6 +17,7 @@ import numpy as np
 
 from kvwire.codec import frames as F
 from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
+from kvwire.congestion.estimator import LinkState
 from kvwire.tcp import Channel, Receiver, Session, client_handshake
 from kvwire.tcp._auth import SessionKeys  # noqa: PLC2701 - the keys a hand-made lane authenticates with
 
@@ -36,6 +37,14 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.
             return True
         time.sleep(step)
     return cond()
+
+
+def burst_sample(t: float, btl_bw: float, busy: float = 1.0, sndbuf: float = 0.0) -> LinkState:
+    """A probe burst's sample on an 80 ms path with no queue: its fastest goodput span so far ``btl_bw``
+    (bytes/s), busy share ``busy``, send-buffer-limited share ``sndbuf``."""
+    return LinkState(timestamp=t, goodput=btl_bw, btl_bw=btl_bw, capacity=None, utilization=None,
+                     available_bw=None, min_rtt=0.08, srtt=0.08, queueing_ratio=1.0, loss_rate=0.0, busy=busy,
+                     rwnd_limited=0.0, sndbuf_limited=sndbuf, congested=False, saturated=False)
 
 
 def payload(layout: ModelLayout, request: RequestSpec, seed: int = 0) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from helpers import payload, wait_until
+from helpers import burst_sample, payload, wait_until
 
 from kvwire import KvwireError, Receiver, RequestSpec, Session, State, TransferFailed, connect, plan_segments
 from kvwire.codec import frames as F
@@ -406,12 +406,6 @@ def test_a_burst_capacity_is_not_raised_by_acks_a_host_stall_released_at_once() 
     assert burst_capacity(_burst_states([link] * 6, [int(1.3 * link)] * 6), None) == pytest.approx(link, rel=0.01)
 
 
-def _pipe_state(t: float, btl_bw: float, busy: float = 1.0, sndbuf: float = 0.0) -> LinkState:
-    return LinkState(timestamp=t, goodput=btl_bw, btl_bw=btl_bw, capacity=None, utilization=None,
-                     available_bw=None, min_rtt=0.08, srtt=0.08, queueing_ratio=1.0, loss_rate=0.0, busy=busy,
-                     rwnd_limited=0.0, sndbuf_limited=sndbuf, congested=False, saturated=False)
-
-
 @pytest.mark.parametrize("held", [{"busy": 0.2}, {"sndbuf": 0.9}])
 def test_held_samples_pause_the_full_pipe_rule_and_do_not_restart_it(no_leaks: None, held: dict[str, float]) -> None:
     """A burst's sample in which the lanes idled (a starved sender thread) or a socket window held them does
@@ -423,26 +417,26 @@ def test_held_samples_pause_the_full_pipe_rule_and_do_not_restart_it(no_leaks: N
     kp = sys.modules["kvwire.probe"]
     with Receiver() as rx, connect(*rx.address, lanes=1, link_control=False, warm=False) as s:
         pr = kp._Probe(s, 3.0, 0.1, 1, None, True)
-        pr._watch_pipe(_pipe_state(0.0, 100e6))  # grew: the plateau's clock starts here
-        pr._watch_pipe(_pipe_state(0.1, 101e6))
+        pr._watch_pipe(burst_sample(0.0, 100e6))  # grew: the plateau's clock starts here
+        pr._watch_pipe(burst_sample(0.1, 101e6))
         for i in range(5):  # 0.2 .. 0.6 held: the clock stops
-            pr._watch_pipe(_pipe_state(0.2 + 0.1 * i, 101e6, **held))
-        pr._watch_pipe(_pipe_state(0.7, 101e6))
+            pr._watch_pipe(burst_sample(0.2 + 0.1 * i, 101e6, **held))
+        pr._watch_pipe(burst_sample(0.7, 101e6))
         assert not pr.full_pipe  # 0.2 s of unheld plateau (0-0.1, 0.6-0.7); restarted, it would read 0.1
-        pr._watch_pipe(_pipe_state(0.8, 101e6))
+        pr._watch_pipe(burst_sample(0.8, 101e6))
         assert pr.full_pipe  # 0.3 s unheld
         # negative control: held samples alone, however long, never read full
         only = kp._Probe(s, 3.0, 0.1, 1, None, True)
-        only._watch_pipe(_pipe_state(0.0, 100e6))
+        only._watch_pipe(burst_sample(0.0, 100e6))
         for i in range(20):
-            only._watch_pipe(_pipe_state(0.1 * (i + 1), 100e6, **held))
+            only._watch_pipe(burst_sample(0.1 * (i + 1), 100e6, **held))
         assert not only.full_pipe
 
 
 def _queued(t: float, btl_bw: float, *, ratio: float, overflowing: bool = False) -> LinkState:
     """A burst's sample on an 80 ms path with a queue read standing (srtt ``ratio`` x the min RTT) and the
     estimator's capacity known from it."""
-    return replace(_pipe_state(t, btl_bw), srtt=0.08 * ratio, queueing_ratio=ratio, saturated=True,
+    return replace(burst_sample(t, btl_bw), srtt=0.08 * ratio, queueing_ratio=ratio, saturated=True,
                    capacity=0.8 * btl_bw, overflowing=overflowing, loss_rate=0.05 if overflowing else 0.0)
 
 

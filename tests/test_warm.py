@@ -11,10 +11,9 @@ import sys
 import time
 
 import pytest
-from helpers import send_verified
+from helpers import burst_sample, send_verified
 
 from kvwire import Receiver, RequestSpec, connect
-from kvwire.congestion.estimator import LinkState
 from kvwire.probe import WARM_ENV, WARM_MIN_RTT, ProbeResult, path_rtt, warm_skip_reason
 from kvwire.testing.fixtures import load_fixture
 
@@ -172,13 +171,6 @@ def test_a_probe_that_ran_long_without_reading_full_leaves_the_controller_paced_
                 assert d.mode is Mode.PROBE and d.pacing_rate is None
 
 
-def _read(t: float, btl_bw: float) -> LinkState:
-    """A burst's sample: its fastest goodput span so far (``btl_bw``), on an 80 ms path."""
-    return LinkState(timestamp=t, goodput=btl_bw, btl_bw=btl_bw, capacity=None, utilization=None,
-                     available_bw=None, min_rtt=0.08, srtt=0.08, queueing_ratio=1.0, loss_rate=0.0, busy=1.0,
-                     rwnd_limited=0.0, sndbuf_limited=0.0, congested=False, saturated=False)
-
-
 def test_a_bursts_faster_unconfirmed_span_is_probed_back_to_once_after_settle(
         no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst whose goodput spans read more than its capacity (which the lanes' delivery-rate samples bound,
@@ -194,7 +186,7 @@ def test_a_bursts_faster_unconfirmed_span_is_probed_back_to_once_after_settle(
     rtt, cap = 0.08, 150e6
     for fastest, back in ((1.3 * cap, True), (cap, False)):
         burst = replace(_result(cap, 16 * rtt, rtt, full_pipe=True),
-                        states=(_read(0.0, 0.5 * cap), _read(0.5, fastest), _read(0.9, 0.9 * cap)))
+                        states=(burst_sample(0.0, 0.5 * cap), burst_sample(0.5, fastest), burst_sample(0.9, 0.9 * cap)))
         assert burst.delivered == fastest
         monkeypatch.setattr(kp._Probe, "run", lambda self, r=burst: r)
         with Receiver() as rx, connect(*rx.address, warm=False) as s:
@@ -205,10 +197,10 @@ def test_a_bursts_faster_unconfirmed_span_is_probed_back_to_once_after_settle(
             assert st.mode is Mode.CRUISE and st.decision.total_pacing is not None
             assert st.delivered == (fastest if back else None)
             now = time.monotonic()
-            up = decide(st, _read(now, 0.0), cfg)  # (the first decision starts the clock)
+            up = decide(st, burst_sample(now, 0.0), cfg)  # (the first decision starts the clock)
             for _ in range(3):  # (the lane count for the path may be set first, the settle starting over)
                 now += cfg.settle + 0.01
-                up = decide(up, replace(_read(now, cfg.pace_gain * cap), capacity=cap, pacing_limited=True), cfg)
+                up = decide(up, replace(burst_sample(now, cfg.pace_gain * cap), capacity=cap, pacing_limited=True), cfg)
                 if up.mode is not Mode.CRUISE:
                     break
             assert up.mode is Mode.UPPROBE, up.decision.reason
