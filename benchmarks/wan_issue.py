@@ -108,7 +108,8 @@ def _steady_q(session: kvwire.Session, t_from: float) -> float | None:
 
 
 def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
-    """--trace: the session's controller decisions and a LinkState every 0.5 s, on stderr."""
+    """--trace: the session's controller decisions and a LinkState every 0.5 s (every one in the first 2 s
+    and near a decision), on stderr."""
     ctl = session.link_control
     if not a.trace or ctl is None:
         return
@@ -116,15 +117,19 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
         print(f"[{name}] {max(0.0, t - t0):6.2f}s {d.mode.value:8} lanes {d.lanes} pacing "
               f"{(d.total_pacing or 0) * 8e-6:.0f} Mbit/s: {d.reason}", file=sys.stderr)
     last = -1.0
-    for st in recorded(ctl):  # (every sample of the first 2 s: the start; then one every 0.5 s)
-        if st.timestamp - last >= 0.5 or st.timestamp - t0 < 2.0:
+    changes = [t for t, _ in ctl.history]
+    # (every sample of the first 2 s: the start, and within 0.6 s of a decision; otherwise one every 0.5 s)
+    for st in recorded(ctl):
+        near = any(abs(st.timestamp - t) <= 0.6 for t in changes)
+        if st.timestamp - last >= 0.5 or st.timestamp - t0 < 2.0 or near:
             last = st.timestamp
             print(f"[{name}] {st.timestamp - t0:6.2f}s goodput {st.goodput * 8e-6:.0f} cap "
                   f"{(st.capacity or 0) * 8e-6:.0f} btl {st.btl_bw * 8e-6:.0f} "
                   f"dlv {sum(ln.delivery_rate or 0 for ln in st.lanes) * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} "
                   f"srtt {(st.srtt or 0) * 1e3:.0f} sndbuf {st.sndbuf_limited:.2f} "
                   f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
-                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}",
+                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}"
+                  f"{' stalled' if st.stalled else ''} maxq {(st.max_queue or 0) * 1e3:.0f}",
                   file=sys.stderr)
 
 

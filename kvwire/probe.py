@@ -92,6 +92,12 @@ class ProbeResult:
         return max((s.btl_bw for s in self.states), default=0.0)
 
     @property
+    def buffer(self) -> float | None:
+        """Bytes: the least queue the burst's overflows read (``LinkState.buffer``; None: none overflowed). A
+        drop-tail queue holds no more than it held when it dropped, so the bottleneck's buffer is at most this."""
+        return min((s.buffer for s in self.states if s.buffer), default=None)
+
+    @property
     def measured(self) -> bool:
         """The pipe was seen full (``saturated`` or ``full_pipe``): ``capacity`` is the link's, not a lower bound."""
         return self.saturated or self.full_pipe
@@ -159,7 +165,7 @@ def probe(peer: Peer, *, seconds: float = 1.0, interval: float = 0.05, lanes: in
             return _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
         with ctl.paused():  # the session's own controller leaves the lanes to the probe ...
             result = _Probe(peer, float(seconds), float(interval), lanes, congestion, until_full).run()
-        ctl.resume(start_capacity(result), result.delivered)  # ... and starts from what it measured
+        ctl.resume(start_capacity(result), result.delivered, result.buffer)  # ... and starts from what it measured
         return result
     if not isinstance(peer, tuple) or len(peer) != 2:
         raise TypeError(f"peer must be a Session or a (host, port) tuple, got {peer!r}")

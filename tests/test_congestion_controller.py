@@ -132,6 +132,18 @@ def test_drain_depth_follows_the_queue_and_the_falling_capacity() -> None:
     assert same.decision == st.decision  # never re-paced up within a drain
 
 
+def test_a_drain_goes_no_deeper_than_the_buffer_the_bottleneck_showed() -> None:
+    """A queue deeper than the bottleneck's buffer (``LinkState.max_queue``, from its overflows) is delay
+    elsewhere (a host stall): the drain empties only what the buffer can hold. Seen: a 20 ms queue on 80 ms
+    read 2.25 at the first request after a warm-up (100 ms) and drained the lanes at half the link. Negative
+    control: with no buffer known, the same reading drains at the deepest gain."""
+    stall = ls(1.5, C, q=2.25, capacity=C, min_rtt=0.08)
+    bounded = decide(cruising(), replace(stall, max_queue=0.03), CFG)  # 30 ms in drain_time 0.2 s: 0.85
+    assert bounded.mode is Mode.DRAIN and bounded.decision.pacing_rate == int(0.85 * C) // 4
+    unknown = decide(cruising(), stall, CFG)
+    assert unknown.mode is Mode.DRAIN and unknown.decision.pacing_rate == int(CFG.drain_gain * C) // 4
+
+
 def test_drain_gives_up_after_drain_max() -> None:
     st = decide(cruising(), ls(1.5, C, q=3.0, capacity=C), CFG)
     assert st.mode is Mode.DRAIN

@@ -210,3 +210,31 @@ def test_a_bursts_faster_unconfirmed_span_is_probed_back_to_once_after_settle(
                 assert total == pytest.approx(fastest, rel=0.01) and up.delivered is None  # once
             else:
                 assert total == pytest.approx(cfg.upprobe_gain * cap, rel=0.01)
+
+
+def test_a_bursts_overflow_bounds_the_sessions_queue_from_the_first_request(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst whose queue overflowed read the bottleneck's buffer (``ProbeResult.buffer``: the least queue,
+    in bytes, its overflowing samples read); ``probe`` hands it to the session's controller
+    (``LinkControl.resume(..., buffer)``), whose estimator bounds ``max_queue`` by it from its next sample,
+    so a host stall at the first request is not read as a rate drop. Negative control: a burst that never
+    overflowed leaves nothing (``max_queue`` None)."""
+    from dataclasses import replace
+
+    kp = sys.modules["kvwire.probe"]
+    rtt, cap = 0.08, 150e6
+    for overflowed in (True, False):
+        full = replace(burst_sample(0.5, cap), overflowing=overflowed, buffer=0.02 * cap if overflowed else None)
+        burst = replace(_result(cap, 16 * rtt, rtt, full_pipe=True), states=(burst_sample(0.0, 0.5 * cap), full))
+        assert burst.buffer == (0.02 * cap if overflowed else None)
+        monkeypatch.setattr(kp._Probe, "run", lambda self, r=burst: r)
+        with Receiver() as rx, connect(*rx.address, warm=False) as s:
+            ctl = s.link_control
+            assert ctl is not None
+            assert kp.probe(s, seconds=burst.seconds) is burst
+            state = ctl.monitor.poll()  # (the session's next sample)
+            if overflowed:
+                assert state.buffer == pytest.approx(0.02 * cap)
+                assert state.max_queue == pytest.approx(ctl.estimator.config.buffer_margin * 0.02 * cap / cap, rel=0.01)
+            else:
+                assert state.buffer is None and state.max_queue is None

@@ -152,12 +152,17 @@ class LinkControl:
             self._paused = False
             apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))
 
-    def resume(self, capacity: float | None = None, delivered: float | None = None) -> None:
+    def resume(self, capacity: float | None = None, delivered: float | None = None,
+               buffer: float | None = None) -> None:
         """Start the policy over (PROBE; or, given a ``capacity`` measured meanwhile, paced under it from
         now on, that capacity seeding the estimate and sizing the lanes, and ``delivered`` as in the
-        constructor) and apply it to the lanes."""
+        constructor) and apply it to the lanes. ``buffer`` (bytes): a queue the probe saw overflow
+        (``ProbeResult.buffer``): the bottleneck holds no more, so a lossless "queue" much deeper is delay
+        elsewhere (``LinkState.max_queue``)."""
         if capacity is not None:
             self.monitor.seed_capacity(capacity)
+        if buffer is not None and buffer > 0:
+            self.monitor.seed_buffer(buffer)
         latest = self.latest()
         self._begin(capacity, latest.timestamp if latest is not None else 0.0, delivered)
         apply_decision(self.decision, self.session.lane_sockets(), share=len(self.session.lane_sockets()))

@@ -83,16 +83,29 @@ class EstimatorConfig:
     # burst_share of it (that took a 1.1x up-probe delivered at 98 % of its caps to +2.6 %, under what
     # makes a probe pay; a stream whose warm-up read 0.75x of a 2 Gbit/s link stayed there for 17 s)
     clear_ratio: float = 1.1
+    # a drop-tail queue holds no more than it held when it dropped: the least queue (bytes: its seconds above
+    # min RTT x the capacity) an overflowing interval read within buffer_window is the bottleneck's buffer,
+    # or more (a reading also counts delay elsewhere). A lossless "queue" deeper than buffer_margin x that, in
+    # seconds at the current capacity (``LinkState.max_queue``), is not the bottleneck's: it is delay the
+    # host or something else on the path added (a busy sender, receiver or emulator holding packets or ACKs
+    # back), and lowers no estimate. On 2 Gbit/s, 80 ms with a 20 ms queue (ratio 1.25 at most), a 2-core host
+    # read lossless ratios of 1.5-2.5 for 0.2-0.5 s at a time; the estimate followed them to 0.6-0.7x of
+    # the link and the first request ran at 77 % of it. A rate drop still reads: it fills the buffer and
+    # overflows, and at the lower estimate the same bytes are more seconds of queue
+    buffer_window: float = 30.0
+    buffer_margin: float = 1.5
 
     def __post_init__(self) -> None:
         for name in ("bw_window", "bw_sample", "raise_span", "rtt_window", "stats_window", "rtt_floor",
-                     "floor_window"):
+                     "floor_window", "buffer_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.capacity is not None and self.capacity <= 0:
             raise ValueError("capacity must be positive")
         if not 0 < self.paced_share <= 1 or not 0 <= self.floor_fraction < 1 or not 0 < self.burst_share <= 1:
             raise ValueError("need 0 < paced_share <= 1, 0 <= floor_fraction < 1 and 0 < burst_share <= 1")
+        if not self.buffer_margin >= 1:
+            raise ValueError("buffer_margin must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,13 @@ class LinkState:
     # kernel gives no ``notsent_bytes`` count as queued). TCP's busy time counts data in flight, so a lane
     # written to once a round trip reads busy; only an empty socket says the sender is what is slow
     unqueued: float = 0.0
+    # the deepest queue (seconds at ``capacity``) the bottleneck can hold, as far as its overflows showed it
+    # (``EstimatorConfig.buffer_margin`` x the least an overflow read within ``buffer_window``); None: no
+    # overflow seen, or no capacity. A lossless queueing ratio above ``1 + max_queue / min_rtt`` is delay
+    # elsewhere (``stalled``)
+    max_queue: float | None = None
+    buffer: float | None = None  # bytes: the least queue an overflow read within ``buffer_window`` (None: none)
+    stalled: bool = False  # this interval's queue read deeper than ``max_queue`` without overflowing
 
     @property
     def usable_bw(self) -> float | None:
@@ -258,6 +278,7 @@ class LinkEstimator:
         self._floor_bw: deque[tuple[float, float]] = deque()  # (t, bw_sample goodput) over floor_window
         self._app_limited_at: float | None = None  # the last interval in which a lane had nothing queued
         self._last_paced = 0.0  # the previous sample's _paced_delivery (0: a queue, or a lane unpaced)
+        self._buffers: deque[tuple[float, float]] = deque()  # (t, bytes queued) of overflows within buffer_window
         self.latest: LinkState | None = None
 
     def set_capacity(self, bytes_per_s: float | None) -> None:
@@ -280,6 +301,15 @@ class LinkEstimator:
         when = self._last_t if now is None else now
         if when is not None:
             self._floor_bw.append((when, bytes_per_s))
+
+    def seed_buffer(self, queued: float, now: float | None = None) -> None:
+        """Count ``queued`` bytes as a queue an overflow read (an earlier probe's, ``ProbeResult.buffer``) at
+        ``now`` (the clock of ``update``'s timestamps; default the last sample's time): like the estimator's
+        own overflows it bounds ``LinkState.max_queue`` for ``buffer_window``."""
+        if not queued > 0:
+            raise ValueError("queued bytes must be positive")
+        when = self._last_t if now is None else now
+        self._buffers.append((when or 0.0, float(queued)))
 
     def update(self, now: float, samples: Mapping[LaneKey, TcpInfo] | Sequence[TcpInfo]) -> LinkState:
         """Feed one sampling round taken at ``now`` (seconds, any monotonic clock)."""
@@ -345,6 +375,8 @@ class LinkEstimator:
             self._rtts.popleft()
         while self._floor_bw and self._floor_bw[0][0] <= now - self.config.floor_window:
             self._floor_bw.popleft()
+        while self._buffers and self._buffers[0][0] <= now - self.config.buffer_window:
+            self._buffers.popleft()
 
     def _state(self, now: float, lanes: tuple[LaneState, ...]) -> LinkState:
         cfg = self.config
@@ -377,11 +409,17 @@ class LinkEstimator:
         # round trip at 80 ms (0.1 s) the bound itself read 1.07x the link)
         span = self._span_rate(now, max(CAPACITY_ROUNDS * (min_rtt or 0.0), _ROUND_SPAN))
         full = max(btl_bw, min(sum(ln.delivery_rate or 0 for ln in lanes), span)) if overflowing else None
-        capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes))
+        excess = (ratio - 1) * max(min_rtt or 0.0, floor) if ratio is not None else 0.0  # seconds of queue
+        limit = self._max_queue(self._current())
+        stalled = bool(saturated and not overflowing and limit is not None and excess > limit)
+        capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes), stalled)
+        if overflowing and capacity:
+            self._buffers.append((now, excess * capacity))
+            limit = self._max_queue(capacity)
         competing = None
         if capacity:
             competing = 0.0
-            if saturated and goodput < (1 - cfg.competing_margin) * capacity:
+            if saturated and not stalled and goodput < (1 - cfg.competing_margin) * capacity:
                 competing = capacity - goodput
         return LinkState(
             timestamp=now, goodput=goodput, btl_bw=btl_bw, capacity=capacity,
@@ -394,10 +432,25 @@ class LinkEstimator:
             congested=(ratio is not None and ratio >= cfg.congested_ratio) or loss >= cfg.congested_loss,
             saturated=saturated, lanes=lanes, app_limited=bool(last and last.app_limited),
             pacing_limited=bool(last and last.pacing_limited), overflowing=overflowing,
-            unqueued=sum(iv.unqueued * iv.dt for iv in stats) / stats_span if stats_span else 0.0)
+            unqueued=sum(iv.unqueued * iv.dt for iv in stats) / stats_span if stats_span else 0.0,
+            max_queue=self._max_queue(capacity), stalled=stalled,
+            buffer=min((b for _, b in self._buffers), default=None))
+
+    def _current(self) -> float | None:
+        """The capacity as it stands before this sample is judged."""
+        if self.config.capacity is not None:
+            return self.config.capacity
+        return self._capacity_set if self._capacity_set is not None else self._probed
+
+    def _max_queue(self, capacity: float | None) -> float | None:
+        """``buffer_margin`` x the least queue an overflow read within ``buffer_window``, in seconds at
+        ``capacity`` (None: no overflow, or no capacity)."""
+        if not self._buffers or not capacity:
+            return None
+        return self.config.buffer_margin * min(b for _, b in self._buffers) / capacity
 
     def _capacity(self, now: float, saturated: bool, ratio: float | None,
-                  overflow: float | None = None, delivering: float = 0.0) -> float | None:
+                  overflow: float | None = None, delivering: float = 0.0, stalled: bool = False) -> float | None:
         """Under a standing queue the link is full, so the
         goodput of the run of saturated intervals (up to ``bw_sample`` of it) *is* the bottleneck rate
         (when alone); otherwise goodput is a lower bound. Only the saturated run, not the windowed max or
@@ -418,7 +471,9 @@ class LinkEstimator:
         (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
         stand a ``bw_sample`` costs the drops of every interval meanwhile: unpaced lanes starting on a
         shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
-        rate just fell, and the window's fastest rate is the old one."""
+        rate just fell, and the window's fastest rate is the old one. ``stalled``: this interval's queue read
+        deeper than the bottleneck's buffer without loss (``LinkState.stalled``); like a shrinking queue it
+        neither extends nor breaks the run."""
         run = self._saturated_run
         # (the paced lanes' summed delivery-rate samples, ``delivering``, raise the estimate only with no queue)
         paced = delivering if ratio is not None and ratio <= self.config.clear_ratio else 0.0
@@ -427,7 +482,8 @@ class LinkEstimator:
         self._last_ratio = ratio
         # an interval in which lanes came or went undercounts what the link served (a new lane's bytes
         # count from its next sample): it neither extends nor breaks the run, like a shrinking queue
-        skip = shrinking or bool(self._intervals and self._intervals[-1].partial)
+        # (nor does one whose lossless queue read deeper than the bottleneck's buffer: ``stalled``, delay elsewhere)
+        skip = shrinking or stalled or bool(self._intervals and self._intervals[-1].partial)
         # an interval we limited ourselves (nothing queued, or held to our own pacing) measures our offer,
         # not the link: it breaks the run like an interval without a queue
         limited = bool(self._intervals and self._intervals[-1].end == now and self._intervals[-1].limited)

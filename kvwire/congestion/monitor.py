@@ -52,6 +52,11 @@ class LinkMonitor:
         with self._lock:
             self.estimator.seed_capacity(bytes_per_s, self._clock())
 
+    def seed_buffer(self, queued: float) -> None:
+        """``LinkEstimator.seed_buffer`` between two samples (an active probe's overflow)."""
+        with self._lock:
+            self.estimator.seed_buffer(queued, self._clock())
+
     # ------------------------------------------------------------ subscribers
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(state)`` after every sample; returns a function that unsubscribes."""

@@ -25,8 +25,10 @@ the per-lane work and ignores random loss, the application caps the aggregate so
 - CRUISE: the aggregate is paced at ``pace_gain x capacity`` (each lane gets its share), re-paced as
   the estimate moves by more than ``repace`` (relative). A queueing ratio above ``drain_ratio`` after
   ``settle`` -> DRAIN (unless sharing in polite mode: the queue is then the other flow's).
-- DRAIN: paced under the capacity by what empties the standing queue (``(ratio - 1) x min_rtt`` of it)
-  in about ``drain_time``, between ``drain_gain`` and ``drain_gain_max`` of it, until the ratio is below
+- DRAIN: paced under the capacity by what empties the standing queue (``(ratio - 1) x min_rtt`` of it,
+  at most the bottleneck's buffer as its overflows showed it, ``LinkState.max_queue``: a host stall reads
+  as 100 ms of "queue" that a 20 ms buffer cannot hold, and drained the lanes at half the link) in about
+  ``drain_time``, between ``drain_gain`` and ``drain_gain_max`` of it, until the ratio is below
   ``drained_ratio`` (or ``drain_max`` passed), then CRUISE. Re-paced down while the capacity estimate
   falls (a rate drop is still being measured when the drain starts).
 - UPPROBE: every ``upprobe_interval`` in CRUISE, pace at ``upprobe_gain x capacity`` for up to
@@ -322,6 +324,8 @@ def _drain_rate(link: LinkState, cfg: ControllerConfig) -> int:
     if base <= 0:
         return 0
     excess = ((link.queueing_ratio or 1.0) - 1) * (link.min_rtt or 0.0)  # seconds of queue at the link rate
+    if link.max_queue is not None:  # (no deeper than the bottleneck's buffer: the rest is delay elsewhere)
+        excess = min(excess, link.max_queue)
     gain = min(cfg.drain_gain_max, max(cfg.drain_gain, 1 - excess / cfg.drain_time))
     return int(gain * base)
 
