@@ -415,7 +415,6 @@ class LinkEstimator:
         capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes), stalled)
         if overflowing and capacity:
             self._buffers.append((now, excess * capacity))
-            limit = self._max_queue(capacity)
         competing = None
         if capacity:
             competing = 0.0
