@@ -564,7 +564,7 @@ def test_unqueued_is_the_share_of_lane_samples_with_an_empty_socket_and_no_send_
 
 
 def _step_by(est: LinkEstimator, lanes: list[FakeLane], t: float, dt: float, rate: float, *, rtt_us: int,
-             loss: float = 0.0, delivery_rate: int | None = None) -> tuple[float, LinkState]:
+             loss: float = 0.0, delivery_rate: int | None = None, min_rtt_us: int = 80_000) -> tuple[float, LinkState]:
     """One sampling interval of ``dt`` seconds (not ``DT``) at ``rate`` bytes/s over the lanes, busy throughout."""
     for ln in lanes:
         good = int(rate * dt / len(lanes))
@@ -574,7 +574,7 @@ def _step_by(est: LinkEstimator, lanes: list[FakeLane], t: float, dt: float, rat
         ln.retrans += retr
         ln.busy_us += int(dt * 1e6)
     t += dt
-    infos = [replace(ln.info(rtt_us=rtt_us, min_rtt_us=80_000), delivery_rate=delivery_rate) for ln in lanes]
+    infos = [replace(ln.info(rtt_us=rtt_us, min_rtt_us=min_rtt_us), delivery_rate=delivery_rate) for ln in lanes]
     return t, est.update(t, infos)
 
 
@@ -737,3 +737,23 @@ def test_a_seeded_buffer_bounds_the_queue_from_the_first_sample() -> None:
             est.seed_buffer(bad)
     with pytest.raises(ValueError):
         EstimatorConfig(buffer_margin=0.9)
+
+
+def test_an_overflow_reads_the_buffer_from_the_fullest_queue_of_its_last_round_trips() -> None:
+    """On a short path the senders' backoff empties the queue within a round trip of the drop, before the
+    retransmits show: the overflowing sample itself read 1.3 on 20 ms with a 20 ms buffer (full: 2.0). The
+    buffer is taken from the most the ratio read over the last round trips (0.1 s at least), so the full
+    queue's 20 ms and not 6 ms; a later lossless queue of 2.0 is the bottleneck's, not ``stalled`` (with 6 ms
+    it would read as a stall, and as no competing traffic)."""
+    link = 25e6
+    est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+    lanes = [FakeLane(), FakeLane()]
+    t = 0.0
+    est.update(t, [ln.info(rtt_us=20_000, min_rtt_us=20_000) for ln in lanes])
+    for rtt_us, loss in ((20_000, 0.0), (30_000, 0.0), (40_000, 0.0), (26_000, 0.05)):
+        t, s = _step_by(est, lanes, t, 0.05, link, rtt_us=rtt_us, loss=loss, min_rtt_us=20_000)
+    assert s.overflowing and s.queueing_ratio == pytest.approx(1.3)
+    assert s.buffer == pytest.approx(0.02 * s.capacity, rel=0.01)
+    for _ in range(4):
+        t, s = _step_by(est, lanes, t, 0.05, link, rtt_us=40_000, min_rtt_us=20_000)
+    assert s.saturated and not s.stalled

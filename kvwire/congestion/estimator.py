@@ -279,6 +279,7 @@ class LinkEstimator:
         self._app_limited_at: float | None = None  # the last interval in which a lane had nothing queued
         self._last_paced = 0.0  # the previous sample's _paced_delivery (0: a queue, or a lane unpaced)
         self._buffers: deque[tuple[float, float]] = deque()  # (t, bytes queued) of overflows within buffer_window
+        self._ratios: deque[tuple[float, float]] = deque()  # (t, queueing ratio) of the last round trips
         self.latest: LinkState | None = None
 
     def set_capacity(self, bytes_per_s: float | None) -> None:
@@ -409,12 +410,20 @@ class LinkEstimator:
         # round trip at 80 ms (0.1 s) the bound itself read 1.07x the link)
         span = self._span_rate(now, max(CAPACITY_ROUNDS * (min_rtt or 0.0), _ROUND_SPAN))
         full = max(btl_bw, min(sum(ln.delivery_rate or 0 for ln in lanes), span)) if overflowing else None
-        excess = (ratio - 1) * max(min_rtt or 0.0, floor) if ratio is not None else 0.0  # seconds of queue
+        rtt = max(min_rtt or 0.0, floor)
+        excess = (ratio - 1) * rtt if ratio is not None else 0.0  # seconds of queue
         limit = self._max_queue(self._current())
         stalled = bool(saturated and not overflowing and limit is not None and excess > limit)
         capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes), stalled)
+        if ratio is not None:
+            self._ratios.append((now, ratio))
+        while self._ratios and self._ratios[0][0] < now - max(CAPACITY_ROUNDS * rtt, _ROUND_SPAN):
+            self._ratios.popleft()
         if overflowing and capacity:
-            self._buffers.append((now, excess * capacity))
+            # (the queue was full when it dropped, up to a round trip before its retransmits show: the most the
+            # ratio read over the last round trips, not this sample's alone, which a queue that the senders'
+            # backoff already emptied reads low; on 20 ms with a 20 ms buffer an overflow read 1.25 to 2.0)
+            self._buffers.append((now, (max(r for _, r in self._ratios) - 1) * rtt * capacity))
         competing = None
         if capacity:
             competing = 0.0
