@@ -53,14 +53,6 @@ class ControllerConfig:
     upprobe_gain: float = 1.1
     upprobe_gain_max: float = 1.5  # the largest step of a run of up-probes that paid
     upprobe_time: float = 0.5  # the estimator's raise_span: its goodput average sees a whole up-probe
-    # each up-probe in a row that did not pay (it filled or overflowed the queue, or the estimate did not
-    # grow) doubles the wait before the next, up to this: the link has shown where it is. An up-probe
-    # overflows a shallow queue (20 ms on 80 ms: 10 % over 0.2 s of it) and the request it lands in loses
-    # packets at its tail: one 8k-token request a second on 2 Gbit/s took 1.19-1.24x its ideal time where
-    # an up-probe fell in it, 1.10-1.14x where none did, with one every ~2 s. Not while the estimate is far
-    # below the recent best (a collapse's recovery), and the count starts over on any sign the link
-    # changed (an up-probe that paid, a queue or an estimate that fell)
-    upprobe_backoff_max: float = 8.0
     min_busy: float = 0.5
     # a goodput average is judged against the capacity (``_underused``) only when the lanes had data in
     # flight this share of its window, and work queued in their sockets in this share of its samples
@@ -108,8 +100,6 @@ class ControllerConfig:
             raise ValueError("need 0 < reprobe_hold <= reprobe_hold_max")
         if self.drain_time <= 0:
             raise ValueError("drain_time must be positive")
-        if not 0 < self.upprobe_clear <= self.upprobe_backoff_max:
-            raise ValueError("need 0 < upprobe_clear <= upprobe_backoff_max")
         if not 1 <= self.drained_ratio < self.drain_ratio:
             raise ValueError("need 1 <= drained_ratio < drain_ratio")
         if self.lane_window <= 0 or (self.start_rate is not None and self.start_rate <= 0):
@@ -145,7 +135,6 @@ class ControllerState:
     lanes_at: float | None = None  # when loss-bound lanes were last added (capacity unknown)
     grown_from: float | None = None  # goodput just before that step
     upprobe_streak: int = 0  # up-probes in a row that paid (the next one's step doubles with each)
-    upprobe_misses: int = 0  # up-probes in a row that did not pay (the wait before the next doubles with each)
     best: float | None = None  # the best capacity estimate of the last best_window ...
     best_at: float | None = None  # ... and when it was seen
     reprobed_at: float | None = None  # when the last re-probe started

@@ -138,8 +138,6 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     fell = cap is not None and st.last_capacity is not None and cap < _DROP * st.last_capacity
     if fell and st.last_capacity is not None and st.last_capacity > (st.delivered or 0.0):
         st = replace(st, delivered=st.last_capacity, delivered_at=now)  # measured before it fell: try once more
-    if fell:
-        st = replace(st, upprobe_misses=0)  # (the link changed: up-probes from the new estimate are news again)
     st = replace(st, last_capacity=cap)
     full = False
     if d.mode is Mode.PROBE:
@@ -187,12 +185,11 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
         caught_up = (cap is not None and d.total_pacing is not None and q <= cfg.drained_ratio
                      and cap >= (1 - cfg.repace) * d.total_pacing)
         if since >= cfg.upprobe_time or q > cfg.drain_ratio or link.overflowing or caught_up:
-            missed = replace(st, upprobe_misses=st.upprobe_misses + 1)
             if link.overflowing:
-                return _drain(missed, link, cfg, f"up-probe overflowed the queue ({link.loss_rate:.1%} loss, "
-                                                 f"ratio {q:.2f})")
+                return _drain(st, link, cfg, f"up-probe overflowed the queue ({link.loss_rate:.1%} loss, ratio "
+                                             f"{q:.2f})")
             if q > cfg.drained_ratio:
-                return _drain(missed, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
+                return _drain(st, link, cfg, f"up-probe filled a queue (ratio {q:.2f})")
             before = st.probe_base or (d.total_pacing or 0) / _upprobe_gain(cfg, st.upprobe_streak)
             # it paid: the estimate grew, or the lanes delivered more than it at no queue (the estimate's
             # goodput average lags an up-probe's ramp: a 1.1x probe on a link read at 0.64x delivered 1.07x
@@ -205,9 +202,9 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
                 if _far_below_best(st, cap, cfg) and not _sharing(st, cfg, now):
                     return _reprobe(st, link, f"an up-probe from a collapsed estimate paid ({grew:.4g} B/s, the "
                                     f"best {st.best:.4g})")
-                return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1, upprobe_misses=0), link, cfg,
+                return _upprobe(replace(st, upprobe_streak=st.upprobe_streak + 1), link, cfg,
                                 f"{'capacity' if cap >= grew else 'delivery'} grew to {grew:.4g} B/s")
-            return _pace(replace(missed, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
+            return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE, "up-probe done", new_mode=True)
         return st
     # CRUISE / POLITE
     if _underused(st, link, cfg) and since >= cfg.settle + cfg.judge_after and rested:
@@ -234,8 +231,6 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
     if st.unconfirmed is not None and cap is not None and cap < (1 - cfg.repace) * st.unconfirmed:
         st = replace(st, unconfirmed=None)  # the beforehand burst read the link high: nothing to hurry
     wait = (cfg.settle if st.unconfirmed is not None else cfg.upprobe_clear) if clear else cfg.upprobe_interval
-    if st.upprobe_misses and not _far_below_best(st, cap, cfg):  # (up-probes that found nothing: less often)
-        wait = max(wait, min(cfg.upprobe_backoff_max, wait * 2 ** min(st.upprobe_misses, 16)))
     if cap is not None and since >= wait and not _sharing(st, cfg, now) and d.pacing_rate is not None:
         return _upprobe(st, link, cfg, "")
     return _pace(st, link, cfg, d.mode, "", new_mode=False)
@@ -296,8 +291,7 @@ def _reprobe(st: ControllerState, link: LinkState, why: str) -> ControllerState:
     """PROBE unpaced with every lane's algorithm restarted (BBR in STARTUP finds the link in a few round
     trips); its result becomes the best estimate."""
     d = st.decision
-    return _to(replace(st, upprobe_streak=0, upprobe_misses=0, reprobed_at=link.timestamp, reprobes=st.reprobes + 1),
-               link, Decision(
+    return _to(replace(st, upprobe_streak=0, reprobed_at=link.timestamp, reprobes=st.reprobes + 1), link, Decision(
         d.lanes, None, d.congestion, Mode.PROBE, f"{why}: re-probing unpaced, lanes restarted", restart=True))
 
 
