@@ -78,6 +78,10 @@ _LINK = (
     ("loss_rate", "kvwire_link_loss_ratio", "Retransmitted over sent bytes."),
     ("busy", "kvwire_link_busy_ratio", "Fraction of the window the lanes had data to send."),
     ("congested", "kvwire_link_congested", "1 while the estimator flags the link as congested."),
+    ("max_queue", "kvwire_link_max_queue_seconds",
+     "Deepest queue the bottleneck has shown it holds (from its overflows), in seconds at the capacity."),
+    ("stalled", "kvwire_link_stalled",
+     "1 while the queue reads deeper than the bottleneck holds, without loss: delay elsewhere (a busy host)."),
 )
 
 

@@ -156,6 +156,8 @@ def test_link_control_gauges_and_label_escaping(no_leaks: None) -> None:
     assert value(got, "kvwire_link_lanes", link=odd) == ctl.decision.lanes
     assert value(got, "kvwire_link_busy_ratio", link=odd) >= 0
     assert value(got, "kvwire_link_congested", link=odd) in (0, 1)
+    # loopback never overflows a queue: no buffer learned, so nothing reads as a stall
+    assert value(got, "kvwire_link_stalled", link=odd) == 0 and "kvwire_link_max_queue_seconds{" not in metrics.render()
     assert escape(odd) in metrics.render()
 
 
