@@ -336,10 +336,7 @@ def _drain(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: str
     if total <= 0:
         return st
     nd = Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.DRAIN, f"{why}: drain at {total:.4g} B/s")
-    # (a queue deeper than the bottleneck holds, without loss, is delay elsewhere: it says nothing of whether
-    # a warm-up read the link low, so the first up-probe still comes after ``settle``)
-    unconfirmed = st.unconfirmed if link.stalled else None
-    return _to(replace(st, upprobe_streak=0, unconfirmed=unconfirmed), link, nd)
+    return _to(replace(st, upprobe_streak=0, unconfirmed=None), link, nd)
 
 
 def _pace(st: ControllerState, link: LinkState, cfg: ControllerConfig, mode: Mode, why: str,
