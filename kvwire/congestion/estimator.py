@@ -412,7 +412,8 @@ class LinkEstimator:
         full = max(btl_bw, min(sum(ln.delivery_rate or 0 for ln in lanes), span)) if overflowing else None
         rtt = max(min_rtt or 0.0, floor)
         excess = (ratio - 1) * rtt if ratio is not None else 0.0  # seconds of queue
-        limit = self._max_queue(self._current())
+        least = min((b for _, b in self._buffers), default=None)  # (before this sample's overflow, if any)
+        limit = self._max_queue(least, self._current())
         stalled = bool(saturated and not overflowing and limit is not None and excess > limit)
         capacity = self._capacity(now, saturated, ratio, full, _paced_delivery(lanes), stalled)
         if ratio is not None:
@@ -423,7 +424,9 @@ class LinkEstimator:
             # (the queue was full when it dropped, up to a round trip before its retransmits show: the most the
             # ratio read over the last round trips, not this sample's alone, which a queue that the senders'
             # backoff already emptied reads low; on 20 ms with a 20 ms buffer an overflow read 1.25 to 2.0)
-            self._buffers.append((now, (max(r for _, r in self._ratios) - 1) * rtt * capacity))
+            queued = (max(r for _, r in self._ratios) - 1) * rtt * capacity
+            self._buffers.append((now, queued))
+            least = queued if least is None else min(least, queued)
         competing = None
         if capacity:
             competing = 0.0
@@ -441,8 +444,7 @@ class LinkEstimator:
             saturated=saturated, lanes=lanes, app_limited=bool(last and last.app_limited),
             pacing_limited=bool(last and last.pacing_limited), overflowing=overflowing,
             unqueued=sum(iv.unqueued * iv.dt for iv in stats) / stats_span if stats_span else 0.0,
-            max_queue=self._max_queue(capacity), stalled=stalled,
-            buffer=min((b for _, b in self._buffers), default=None))
+            max_queue=self._max_queue(least, capacity), stalled=stalled, buffer=least)
 
     def _current(self) -> float | None:
         """The capacity as it stands before this sample is judged."""
@@ -450,12 +452,12 @@ class LinkEstimator:
             return self.config.capacity
         return self._capacity_set if self._capacity_set is not None else self._probed
 
-    def _max_queue(self, capacity: float | None) -> float | None:
-        """``buffer_margin`` x the least queue an overflow read within ``buffer_window``, in seconds at
-        ``capacity`` (None: no overflow, or no capacity)."""
-        if not self._buffers or not capacity:
+    def _max_queue(self, least: float | None, capacity: float | None) -> float | None:
+        """``buffer_margin`` x ``least`` (the least queue, bytes, an overflow read within ``buffer_window``), in
+        seconds at ``capacity`` (None: no overflow, or no capacity)."""
+        if least is None or not capacity:
             return None
-        return self.config.buffer_margin * min(b for _, b in self._buffers) / capacity
+        return self.config.buffer_margin * least / capacity
 
     def _capacity(self, now: float, saturated: bool, ratio: float | None,
                   overflow: float | None = None, delivering: float = 0.0, stalled: bool = False) -> float | None:
@@ -507,10 +509,8 @@ class LinkEstimator:
             run.append((iv.end, iv.dt, iv.d.acked, delivering))
             while len(run) > 1 and run[0][0] <= iv.end - self.config.bw_sample:
                 run.popleft()
-        if self.config.capacity is not None:
-            return self.config.capacity
-        if self._capacity_set is not None:
-            return self._capacity_set
+        if self.config.capacity is not None or self._capacity_set is not None:
+            return self._current()  # (configured or set: not probed)
         span = sum(e[1] for e in run)
         whole = _rate(run) if not skip else 0.0
         # the run without its first interval, when that lowers it (a rate that just fell); when it would
