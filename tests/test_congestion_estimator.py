@@ -44,7 +44,7 @@ class FakeLane:
 
 
 def run(est: LinkEstimator, lanes: list[FakeLane], t0: float, steps: int, rate: float,
-        rtt_us: int = 20_000, **kw: float) -> tuple[float, LinkState]:
+        rtt_us: int = 20_000, *, min_rtt_us: int = 20_000, **kw: float) -> tuple[float, LinkState]:
     """Advance every lane ``steps`` intervals at ``rate`` bytes/s in total; return (t, last state)."""
     t = t0
     state = None
@@ -52,7 +52,7 @@ def run(est: LinkEstimator, lanes: list[FakeLane], t0: float, steps: int, rate: 
         for lane in lanes:
             lane.step(rate / len(lanes), **kw)
         t += DT
-        state = est.update(t, [lane.info(rtt_us=rtt_us) for lane in lanes])
+        state = est.update(t, [lane.info(rtt_us=rtt_us, min_rtt_us=min_rtt_us) for lane in lanes])
     assert state is not None
     return t, state
 
@@ -663,29 +663,16 @@ def test_a_queue_run_lowers_the_estimate_no_further_than_the_paced_lanes_deliver
     assert run_under_a_queue(None).capacity == pytest.approx(0.5 * link, rel=0.02)
 
 
-def _fat(est: LinkEstimator, lanes: list[FakeLane], t: float, steps: int, rate: float, rtt_us: int,
-         loss: float = 0.0) -> tuple[float, LinkState]:
-    """``steps`` intervals of ``DT`` at ``rate`` bytes/s on an 80 ms path."""
-    state = None
-    for _ in range(steps):
-        for ln in lanes:
-            ln.step(rate / len(lanes), loss=loss)
-        t += DT
-        state = est.update(t, [ln.info(rtt_us=rtt_us, min_rtt_us=80_000) for ln in lanes])
-    assert state is not None
-    return t, state
-
-
 def _overflowed(link: float) -> tuple[LinkEstimator, list[FakeLane], float]:
     """An estimator that saw a 20 ms drop-tail queue on an 80 ms path overflow at ``link`` bytes/s (ratio 1.25,
     5 % loss), then the queue drain: the buffer is 20 ms x ``link`` bytes."""
     est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
     lanes = [FakeLane(), FakeLane()]
     est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
-    t, s = _fat(est, lanes, 0.0, 3, link, 100_000, loss=0.05)
+    t, s = run(est, lanes, 0.0, 3, link, 100_000, min_rtt_us=80_000, loss=0.05)
     assert s.overflowing and s.capacity == pytest.approx(link, rel=0.01)
     assert s.buffer == pytest.approx(0.02 * link, rel=0.01) and s.max_queue == pytest.approx(0.03, rel=0.01)
-    t, s = _fat(est, lanes, t, 12, link, 80_000)  # the queue gone, the lanes at the link's rate
+    t, s = run(est, lanes, t, 12, link, 80_000, min_rtt_us=80_000)  # the queue gone, the lanes at the link's rate
     assert not s.saturated and s.capacity == pytest.approx(link, rel=0.01)
     return est, lanes, t
 
@@ -700,7 +687,7 @@ def test_a_lossless_queue_deeper_than_the_buffer_an_overflow_showed_lowers_no_es
     and it overflows again)."""
     link = 100e6
     est, lanes, t = _overflowed(link)
-    t, s = _fat(est, lanes, t, 5, 0.4 * link, 180_000)
+    t, s = run(est, lanes, t, 5, 0.4 * link, 180_000, min_rtt_us=80_000)
     assert s.saturated and s.stalled and not s.overflowing
     assert s.capacity == pytest.approx(link, rel=0.01)
     assert s.competing_bw == 0.0  # (nor is it another flow's queue)
@@ -708,13 +695,13 @@ def test_a_lossless_queue_deeper_than_the_buffer_an_overflow_showed_lowers_no_es
     fresh = LinkEstimator(EstimatorConfig(bw_sample=0.2))  # negative control: no overflow seen
     fresh_lanes = [FakeLane(), FakeLane()]
     fresh.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in fresh_lanes])
-    t2, s2 = _fat(fresh, fresh_lanes, 0.0, 12, link, 80_000)
+    t2, s2 = run(fresh, fresh_lanes, 0.0, 12, link, 80_000, min_rtt_us=80_000)
     fresh.seed_capacity(link)
-    t2, s2 = _fat(fresh, fresh_lanes, t2, 5, 0.4 * link, 180_000)
+    t2, s2 = run(fresh, fresh_lanes, t2, 5, 0.4 * link, 180_000, min_rtt_us=80_000)
     assert s2.max_queue is None and not s2.stalled and s2.capacity is not None and s2.capacity < 0.6 * link
 
     est, lanes, t = _overflowed(link)  # negative control: a real rate drop still lowers it
-    t, s = _fat(est, lanes, t, 5, 0.5 * link, 120_000, loss=0.05)
+    t, s = run(est, lanes, t, 5, 0.5 * link, 120_000, min_rtt_us=80_000, loss=0.05)
     assert s.overflowing and not s.stalled and s.capacity == pytest.approx(0.5 * link, rel=0.02)
     assert s.max_queue == pytest.approx(0.06, rel=0.02)  # the same bytes, in seconds at the lower rate
 
@@ -728,9 +715,9 @@ def test_a_seeded_buffer_bounds_the_queue_from_the_first_sample() -> None:
     est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
     est.seed_capacity(link)
     est.seed_buffer(0.02 * link)
-    t, s = _fat(est, lanes, 0.0, 5, 0.4 * link, 180_000)
+    t, s = run(est, lanes, 0.0, 5, 0.4 * link, 180_000, min_rtt_us=80_000)
     assert s.stalled and s.max_queue == pytest.approx(0.03) and s.capacity == pytest.approx(link, rel=0.01)
-    t, s = _fat(est, lanes, t, 50, link, 80_000)  # past buffer_window: forgotten
+    t, s = run(est, lanes, t, 50, link, 80_000, min_rtt_us=80_000)  # past buffer_window: forgotten
     assert s.max_queue is None and s.buffer is None
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError):
