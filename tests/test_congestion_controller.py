@@ -441,7 +441,7 @@ def test_an_up_probe_pays_when_the_lanes_delivered_more_though_the_estimate_lagg
     assert flat.mode is Mode.CRUISE and flat.upprobe_streak == 0, flat.decision
 
 
-def test_an_up_probe_that_paid_less_than_half_its_step_found_the_link_and_the_ladder_stops() -> None:
+def test_an_up_probe_that_paid_less_than_half_its_step_met_a_limit_and_the_ladder_stops() -> None:
     """At 0.97x of a 2 Gbit/s, 80 ms link a 1.2x up-probe delivered 1.06x: it paid, but the link, not the
     probe, set the rate; the 1.4x step after it overflowed the 20 ms queue (2 % loss) and the drain ran at half
     the link for 0.3 s. A probe whose gain was under half its step cruises at the grown estimate. Negative
@@ -456,7 +456,7 @@ def test_an_up_probe_that_paid_less_than_half_its_step_found_the_link_and_the_la
     end = up.changed_at + CFG.upprobe_time
     found = decide(up, ls(end, 1.04 * base, btl_bw=1.06 * base, capacity=1.04 * base), CFG)
     assert found.mode is Mode.CRUISE and found.upprobe_streak == 0, found.decision
-    assert "found the link" in found.decision.reason
+    assert "less than half its step" in found.decision.reason
     assert found.decision.total_pacing == pytest.approx(PACE * 1.04 * base, rel=1e-3)
     climbs = decide(up, ls(end, 1.12 * base, btl_bw=1.12 * base, capacity=1.12 * base), CFG)
     assert climbs.mode is Mode.UPPROBE and climbs.upprobe_streak == 2, climbs.decision
