@@ -461,6 +461,11 @@ def test_an_up_probe_that_paid_less_than_half_its_step_met_a_limit_and_the_ladde
     climbs = decide(up, ls(end, 1.12 * base, btl_bw=1.12 * base, capacity=1.12 * base), CFG)
     assert climbs.mode is Mode.UPPROBE and climbs.upprobe_streak == 2, climbs.decision
     assert climbs.decision.total_pacing == pytest.approx(1.4 * 1.12 * base, rel=1e-3)
+    # the lanes get all the probe's pacing now: the link carries it, the estimate lags (or a host stall held the
+    # probe's samples back): it climbs on
+    lagging = replace(ls(end, 1.04 * base, btl_bw=1.06 * base, capacity=1.04 * base), pacing_limited=True)
+    on = decide(up, lagging, CFG)
+    assert on.mode is Mode.UPPROBE and on.upprobe_streak == 2, on.decision
 
 
 def test_an_up_probe_whose_estimate_caught_up_with_its_pacing_steps_up_at_once() -> None:
