@@ -403,6 +403,33 @@ def test_the_decision_takes_the_lane_count_the_session_could_open(pair: tuple[so
     assert ctl.history[-1][1] == ctl.decision
 
 
+def test_lanes_the_path_asks_for_mid_cruise_do_not_start_the_up_probe_wait_over() -> None:
+    """Cruising pacing-limited on a clear 80 ms path, the lane count grows as the estimate does (14 -> 15 -> 16
+    on a 2 Gbit/s link); each change used to start ``upprobe_clear`` over, and two of them kept the link paced
+    at 0.8x of it for 2.6 s. The wait runs from when the cruise began; a lane change still gets ``settle``.
+    Negative control: the same state whose cruise began at the lane change waits the whole ``upprobe_clear``."""
+    cfg = ControllerConfig(initial_lanes=4, max_lanes=16, queue_persist=0.0)
+    cap = 1.2e8  # 2 x 9.6 MB in flight at 80 ms: 10 lanes of 2 MiB
+    st = initial_state(cfg, capacity=cap, lanes=4)  # (a warm-up's capacity, confirmed: the usual wait)
+    st = replace(st, unconfirmed=None)
+
+    def clear(t: float, c: float = cap) -> LinkState:
+        return replace(ls(t, PACE * c, capacity=c, min_rtt=0.08), pacing_limited=True)
+
+    st = decide(st, clear(1.0), cfg)  # the cruise begins
+    st = decide(st, clear(1.0 + cfg.settle), cfg)
+    assert st.mode is Mode.CRUISE and st.decision.lanes == 10 and "lanes for the path" in st.decision.reason
+    grown = 1.0 + cfg.settle
+    t = 1.0 + cfg.upprobe_clear + 0.01  # upprobe_clear after the cruise began, less than that after the lanes grew
+    assert t - grown >= cfg.settle and t - grown < cfg.upprobe_clear
+    up = decide(st, clear(t), cfg)
+    assert up.mode is Mode.UPPROBE, up.decision
+    late = decide(replace(st, mode_at=grown), clear(t), cfg)
+    assert late.mode is Mode.CRUISE and late.decision == st.decision
+    soon = decide(replace(st, mode_at=0.0), clear(grown + cfg.settle / 2), cfg)  # (lanes just added settle first)
+    assert soon.decision == st.decision
+
+
 def test_up_probes_that_pay_take_growing_steps_and_start_over_when_one_does_not() -> None:
     """A capacity that doubled (a competitor left, a rate came back) is found in a few probes."""
     st = cruising()

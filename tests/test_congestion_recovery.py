@@ -201,7 +201,8 @@ def test_a_collapsed_estimate_is_re_probed_unpaced_with_the_lanes_restarted() ->
                         delivered=None)
     base = t + 1.0  # (within best_window of the best: it still counts)
     for n, wait in ((1, 1.0), (2, 2.0), (3, 4.0), (5, 4.0), (12, 4.0)):
-        at = replace(collapsed, reprobes=n, reprobed_at=base, changed_at=base + wait - 1.0)  # (no up-probe due)
+        at = replace(collapsed, reprobes=n, reprobed_at=base, changed_at=base + wait - 1.0,
+                     mode_at=base + wait - 1.0)  # (no up-probe due)
         early = decide(at, link(base + wait - 0.05, 14.9e6, 15e6, pacing_limited=True), cfg)
         assert early.mode is Mode.CRUISE, (n, early.decision)
         due = decide(at, link(base + wait + 0.01, 14.9e6, 15e6, pacing_limited=True), cfg)

@@ -130,6 +130,7 @@ class Decision:
 class ControllerState:
     decision: Decision
     changed_at: float | None = None  # when the mode (or the lane count) last changed
+    mode_at: float | None = None  # when the mode last changed (a lane-count change within it leaves it)
     competing_at: float | None = None  # last time competing traffic was seen (polite mode)
     drained_at: float | None = None  # when the last DRAIN ended
     lanes_at: float | None = None  # when loss-bound lanes were last added (capacity unknown)
