@@ -4,13 +4,15 @@ connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,23 @@ def open_fds() -> int:
 
 def kvwire_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("kvwire")]
+
+
+@contextlib.contextmanager
+def default_signals(*sigs: signal.Signals) -> Iterator[None]:
+    """Children started inside get ``sigs`` at their defaults, even where this process ignores them: a test
+    run under ``nohup`` ignores SIGHUP, and one a shell started in the background ignores SIGINT, and an ignored
+    signal stays ignored across ``exec`` where a handler does not (run that way, the tests that send a child
+    SIGHUP or SIGINT waited for a child that never heard it). While inside, a signal of ``sigs`` that this
+    process ignored is caught by a handler that does nothing; main thread only."""
+    ignored = [s for s in sigs if signal.getsignal(s) == signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, lambda *_: None)
+    try:
+        yield
+    finally:
+        for s in ignored:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import default_signals
 
 import kvwire
 
@@ -78,7 +79,9 @@ def test_docstring_commands_run_as_written() -> None:
         return [sys.executable, *[port if a == "7400" else a for a in cmd[1:]]]
 
     root = EXAMPLES.parent
-    rx = subprocess.Popen(adapt(rx_cmds[0]), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with default_signals(signal.SIGINT):  # (heard even where this run ignores it: a shell's background job)
+        rx = subprocess.Popen(adapt(rx_cmds[0]), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     try:
         assert rx.stdout is not None
         first = rx.stdout.readline()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import default_signals
 
 from kvwire.termination import pid_alive
 from kvwire.testing import cemu
@@ -61,7 +62,8 @@ def _wait_for(cond: object, timeout: float) -> bool:
 def _start(cmd: list[str], prefix: str, emulator: str = "auto") -> subprocess.Popen[str]:
     env = {**os.environ, "KVWIRE_WAN_PREFIX": prefix, "PYTHONUNBUFFERED": "1", "KVWIRE_WAN_EMULATOR": emulator,
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with default_signals(signal.SIGHUP, signal.SIGINT):  # (what the tests send: heard even under nohup)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _kill_and_check(proc: subprocess.Popen[str], prefix: str, sig: signal.Signals) -> None:
