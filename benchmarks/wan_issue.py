@@ -128,7 +128,7 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
                   f"dlv {sum(ln.delivery_rate or 0 for ln in st.lanes) * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} "
                   f"srtt {(st.srtt or 0) * 1e3:.0f} sndbuf {st.sndbuf_limited:.2f} "
                   f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
-                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} sat {int(st.saturated)}"
+                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} unq {st.unqueued:.2f} sat {int(st.saturated)}"
                   f"{' stalled' if st.stalled else ''} maxq {(st.max_queue or 0) * 1e3:.0f}",
                   file=sys.stderr)
 
