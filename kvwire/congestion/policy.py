@@ -45,9 +45,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   the probe's ramp; not from a collapsed estimate, which is re-probed instead), the next up-probe follows
   at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
-  that does not pay, or fills a queue, starts the steps over. One that paid less than half its step met
-  another limit (the link's rate, or a sender that has less to send): it cruises there (a bigger step would
-  overflow the queue). What the lanes delivered unpaced (the
+  that does not pay, or fills a queue, starts the steps over. One that paid less than half its step while
+  the lanes did not get all its pacing met another limit (the link's rate, or a sender that has less to
+  send): it cruises there (a bigger step would overflow the queue). What the lanes delivered unpaced (the
   probe's ``btl_bw``, kept as ``delivered``) is evidence of the link: cruising pacing-limited on a clear
   link under less than that, the next up-probe goes straight back to it after ``settle`` (once: if it
   fills a queue or does not pay, it is forgotten; so is one older than ``best_window``), so an estimate
