@@ -5,6 +5,7 @@ connection."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -221,3 +222,15 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+def bench_verdict(r: subprocess.CompletedProcess[str]) -> str:
+    """A failed ``kvwire-bench`` run, short enough for an assertion message: its stderr and, from a ``-J``
+    document, the top-level error and the verification verdict (each failed request's reason), else the
+    end of its output. A whole run document would be cut before the part that says what went wrong."""
+    try:
+        doc = json.loads(r.stdout)
+    except ValueError:
+        return r.stderr + r.stdout[-3000:]
+    verdict = {"error": doc.get("error"), "verification": (doc.get("kv") or {}).get("verification")}
+    return r.stderr + json.dumps(verdict, indent=1)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import bench_verdict
 
 from kvwire.bench import main
 from kvwire.bench.sampler import Sampler
@@ -61,7 +62,7 @@ def check_history(lc: dict[str, Any]) -> None:
 
 def test_adaptive_json_has_the_link_view_in_every_interval_and_the_decision_history() -> None:
     r = bench("--loopback", "-t", "1", "-l", "4M", "-P", "2", "-i", "0.2", "--adaptive", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     assert doc["kv"]["verification"]["verified"] is True
     assert "probe" not in doc["start"]
@@ -85,7 +86,7 @@ def test_adaptive_json_has_the_link_view_in_every_interval_and_the_decision_hist
 
 def test_polite_json_stream_runs_the_controller_in_polite_mode() -> None:
     r = bench("--loopback", "-t", "0.6", "-l", "2M", "-P", "2", "-i", "0.2", "--polite", "--json-stream")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     events = [json.loads(line) for line in r.stdout.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-2:] == ["end", "kv"]
@@ -104,7 +105,7 @@ def test_polite_json_stream_runs_the_controller_in_polite_mode() -> None:
 
 def test_probe_is_reported_seeds_the_controller_and_is_left_out_of_the_counts() -> None:
     r = bench("--loopback", "-n", "8M", "-l", "2M", "-P", "2", "-i", "0.1", "--probe", "0.3", "--adaptive", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     p, kv, end = doc["start"]["probe"], doc["kv"], doc["end"]
     assert p["capacity"] > 0 and p["bytes_sent"] > 0 and p["lanes"] == 2 and p["samples"] > 0
@@ -135,7 +136,7 @@ def test_warm_probes_every_lane_the_controller_may_use_and_leaves_them_out_of_th
     controller may grow to, though the test runs 2; the 14 lanes it opened carry only probe bytes, and
     none of them may show up in the test's counts (counted from zero: they were not there before it)."""
     r = bench("--loopback", "-n", "8M", "-l", "2M", "-P", "2", "-i", "0.1", "--warm", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     p, kv, end = doc["start"]["probe"], doc["kv"], doc["end"]
     assert p["lanes"] == 16 and p["bytes_sent"] > 0 and p["drained"] is True
@@ -150,13 +151,13 @@ def test_warm_probes_every_lane_the_controller_may_use_and_leaves_them_out_of_th
 
 def test_without_warm_nothing_is_probed() -> None:
     r = bench("--loopback", "-n", "4M", "-l", "2M", "-P", "2", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     assert "probe" not in json.loads(r.stdout)["start"]
 
 
 def test_human_output_has_the_probe_line_a_link_line_per_interval_and_the_controller_summary() -> None:
     r = bench("--loopback", "-t", "0.6", "-l", "2M", "-P", "2", "-i", "0.2", "--adaptive", "--probe", "0.2")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     out = r.stdout
     probe = re.search(r"^probe: capacity [\d.]+ Gbit/s \((saturated|lower bound)\), min RTT ([\d.]+ ms|-), "
                       r"max queueing ratio .*, loss [\d.]+%, 2 lanes, .*not counted in the test\)$", out, re.M)
@@ -174,7 +175,7 @@ def test_human_output_has_the_probe_line_a_link_line_per_interval_and_the_contro
 
 def test_probe_alone_leaves_the_lanes_to_the_options() -> None:
     r = bench("--loopback", "-n", "4M", "-l", "2M", "-P", "2", "-C", "reno", "--probe", "0.2", "--no-adaptive", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     assert doc["start"]["probe"]["congestion"] == "reno", "-C is the probe's algorithm too"
     assert "link_control" not in doc["kv"] and all("link" not in rec for rec in doc["intervals"])
@@ -184,7 +185,7 @@ def test_probe_alone_leaves_the_lanes_to_the_options() -> None:
 def test_reverse_runs_the_controller_and_the_probe_on_the_sending_server() -> None:
     r = bench("--loopback", "-R", "-n", "8M", "-l", "2M", "-P", "2", "-i", "0.1", "-C", "reno", "--adaptive",
               "--probe", "0.2", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     kv = doc["kv"]
     assert kv["direction"] == "reverse" and kv["verification"]["verified"] is True
@@ -227,7 +228,7 @@ def test_over_an_emulated_bottleneck_the_probe_and_the_controller_find_its_rate(
     rate = 200e6 / 8  # bytes/s of the emulated link
     r = bench("--emulate", "rtt=20ms,rate=200mbit", "-t", "2", "-l", "2M", "-P", "2", "-i", "0.5",
               "--adaptive", "--probe", "0.5", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     p = doc["start"]["probe"]
     assert 0.5 * rate < p["capacity"] < 1.1 * rate and p["min_rtt"] >= 0.019

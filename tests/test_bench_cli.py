@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import bench_verdict
 
 from kvwire import Receiver
 from kvwire.bench import main
@@ -78,7 +79,7 @@ def test_pattern_catches_wrong_offset_stale_request_and_single_bit() -> None:
 def test_loopback_json_has_iperf3_keys_and_every_byte_verified(tiny_config: str) -> None:
     r = bench("--loopback", "--model", tiny_config, "--tokens", "3000", "--requests", "3", "-P", "2",
               "-i", "0.05", "--prefill-ms-per-layer", "5", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     start, end, kv = doc["start"], doc["end"], doc["kv"]
     assert len(start["connected"]) == 2 and start["test_start"]["num_streams"] == 2
@@ -115,7 +116,7 @@ def test_loopback_json_has_iperf3_keys_and_every_byte_verified(tiny_config: str)
 
 def test_raw_mode_json_stream_and_human_summary() -> None:
     r = bench("--loopback", "-n", "6M", "-l", "1M", "-P", "3", "-i", "0.05", "--json-stream", "--no-hash")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     events = [json.loads(line) for line in r.stdout.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-2:] == ["end", "kv"] and kinds.count("request") >= 6
@@ -152,7 +153,7 @@ def test_congestion_and_pacing_reach_the_lane_sockets() -> None:
 def test_reverse_on_loopback_verifies_every_byte_with_a_layer_timeline(tiny_config: str) -> None:
     r = bench("--loopback", "-R", "--model", tiny_config, "--tokens", "3000", "--requests", "2", "-P", "2",
               "-i", "0.05", "--prefill-ms-per-layer", "4", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     start, end, kv = doc["start"], doc["end"], doc["kv"]
     assert start["test_start"]["reverse"] == 1 and kv["direction"] == "reverse"
@@ -178,7 +179,7 @@ def test_reverse_on_loopback_verifies_every_byte_with_a_layer_timeline(tiny_conf
 
 def test_reverse_raw_text_summary_and_a_bad_seed_fails() -> None:
     r = bench("--loopback", "-R", "-n", "3M", "-l", "1M", "-P", "2")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     assert "Reverse mode, remote host 127.0.0.1 is sending" in r.stdout
     assert "Verification   OK: 3/3 requests" in r.stdout and "by the receiver (this host)" in r.stdout
     # the receiving client checks against its own expectation: a different seed must fail it
@@ -496,7 +497,7 @@ def test_tail_parity_is_sent_and_counted_in_the_document(tiny_config: str) -> No
     for m in (2, 0):
         r = bench("--loopback", "--model", tiny_config, "--tokens", "60000", "--requests", "4", "-P", "4",
                   "--chunk-size", "64K", "--tail-parity", str(m), "-J")
-        assert r.returncode == 0, r.stderr + r.stdout
+        assert r.returncode == 0, bench_verdict(r)
         docs[m] = json.loads(r.stdout)["kv"]
     par, off = docs[2]["tail_parity"], docs[0]["tail_parity"]
     assert par["per_group"] == 2 and off["per_group"] == 0

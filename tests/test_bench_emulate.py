@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_verdict
 
 from kvwire.testing import netns
 from kvwire.testing.fixtures import FIXTURES
@@ -42,7 +43,7 @@ def test_kv_run_over_an_emulated_link_verifies_and_reports_the_link(tiny_config:
     before = set(iter_stale_namespaces())
     r = bench("--emulate", LINK + ",queue=256KB", "--model", tiny_config, "--tokens", "3000", "--requests", "2",
               "-P", "2", "--prefill-ms-per-layer", "2", "-J")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     doc = json.loads(r.stdout)
     link = doc["start"]["emulated_link"]
     assert (link["rtt_ms"], link["loss"], link["rate_mbit"], link["queue_bytes"]) == (2.0, 0.0, 2000.0, 256000)
@@ -64,7 +65,7 @@ def test_kv_run_over_an_emulated_link_verifies_and_reports_the_link(tiny_config:
 def test_reverse_over_an_emulated_link_and_the_text_summary() -> None:
     before = set(iter_stale_namespaces())
     r = bench("--emulate", LINK + ",loss=0%", "-R", "-n", "2M", "-l", "1M", "-P", "2")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     assert "Emulated link  rtt 2 ms, loss 0%, rate 2000 Mbit/s" in r.stdout
     assert "client 10.77.1.2 <-> server 10.77.2.2" in r.stdout
     assert "Reverse mode, remote host 10.77.2.2 is sending" in r.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import bench_verdict
 
 from kvwire import __version__
 from kvwire.bench import main
@@ -117,7 +118,7 @@ def test_connect_timeout_in_ms_bounds_a_mute_server(mute_server: int) -> None:
 
 def test_setup_prints_progress_before_the_test_starts(tiny_config: str) -> None:
     r = bench("--loopback", "--model", tiny_config, "--tokens", "2000", "-i", "0")
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == 0, bench_verdict(r)
     lines = r.stdout.splitlines()
     first_test_line = next(i for i, x in enumerate(lines) if x.startswith("Connecting to host"))
     setup = [x for x in lines[:first_test_line] if x.startswith("Setting up:")]
@@ -275,7 +276,7 @@ def test_server_rss_stays_flat_across_reverse_tests() -> None:
         for _ in range(4):
             r = bench("-c", "127.0.0.1", "-p", port, "--key", "k", "-R", "--model", "qwen3-next-80b-a3b",
                       "--tokens", "4096", "--requests", "3", "-i", "0", timeout=180)
-            assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+            assert r.returncode == 0, bench_verdict(r)
             time.sleep(0.3)
             rss.append(_rss_mib(p.pid))
         assert max(rss[1:]) - rss[0] < 70, rss  # one payload is ~134 MiB
