@@ -744,3 +744,67 @@ def test_an_overflow_reads_the_buffer_from_the_fullest_queue_of_its_last_round_t
     for _ in range(4):
         t, s = _step_by(est, lanes, t, 0.05, link, rtt_us=40_000, min_rtt_us=20_000)
     assert s.saturated and not s.stalled
+
+
+def test_a_later_overflow_lowers_an_estimate_above_the_link_to_what_the_link_served() -> None:
+    """A warm-up read 1.16x of a 2 Gbit/s, 80 ms link; its 16 BBR lanes, each capped above its share, set the
+    rate themselves and overflowed the 20 ms queue in bursts (1-2 % loss for 3 s), the queue emptying between
+    them, so it never stood the ``bw_sample`` that lowers an estimate. An overflow says the link was full: the
+    estimate comes down to the goodput it served. Negative controls: the same oscillating queue with only the
+    path's random loss (no overflow), the overflow while a lane had nothing queued (app-limited: the span's
+    goodput is partly what we offered), an estimate already under the served rate, and a sharing estimator
+    (``capacity_follows_queue`` off: a queue below the capacity is another flow's) all keep the estimate."""
+    link = 100e6
+
+    def oscillate(seed: float, loss: float, *, busy: float = 1.0, follows: bool = True) -> LinkState:
+        est = LinkEstimator(EstimatorConfig(bw_sample=0.2, capacity_follows_queue=follows))
+        lanes = [FakeLane(), FakeLane()]
+        est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
+        t, _ = run(est, lanes, 0.0, 3, link, 80_000, min_rtt_us=80_000)  # at the link's rate, no queue
+        est.seed_capacity(seed, t)
+        state = None
+        for i in range(12):  # a queue that overflows and empties, interval by interval
+            rtt, lost = (104_000, loss) if i % 2 else (84_000, 0.0)
+            t, state = run(est, lanes, t, 1, link, rtt, min_rtt_us=80_000, loss=lost, busy=busy)
+        assert state is not None
+        return state
+
+    s = oscillate(1.16 * link, 0.025)
+    assert s.capacity == pytest.approx(link, rel=0.02)
+    s = oscillate(1.16 * link, 0.001)  # negative control: random loss only, nothing overflowed
+    assert not s.overflowing and s.capacity == pytest.approx(1.16 * link)
+    s = oscillate(1.16 * link, 0.025, busy=0.5)  # negative control: app-limited
+    assert s.capacity == pytest.approx(1.16 * link)
+    s = oscillate(0.9 * link, 0.025)  # negative control: never down to a rate above the estimate
+    assert s.capacity is not None and s.capacity >= 0.9 * link
+    s = oscillate(1.16 * link, 0.025, follows=False)  # negative control: sharing
+    assert s.capacity == pytest.approx(1.16 * link)
+
+
+def test_a_request_tail_does_not_add_idle_lanes_old_delivery_samples_to_the_busy_ones() -> None:
+    """In a request's tail one lane still sends, alone on the link (its cap raised to the aggregate), while the
+    others idle; the kernel keeps each idle lane's last delivery-rate sample, taken when it shared the link.
+    Summed with the busy lane's, they read 1.75x the link and raised the estimate there, above the link, where
+    nothing lowered it again (the lanes' own BBR kept the queue empty). Only the busy lanes' samples count then.
+    Negative control: the same samples with every lane busy are one moment's, and raise it."""
+    link = 100e6
+
+    def tail(idle: bool) -> LinkState:
+        est = LinkEstimator(EstimatorConfig(bw_sample=0.2))
+        lanes = [FakeLane() for _ in range(4)]
+        est.update(0.0, [ln.info(rtt_us=80_000, min_rtt_us=80_000) for ln in lanes])
+        est.seed_capacity(link)
+        t, state = 0.0, None
+        for _ in range(10):
+            for i, ln in enumerate(lanes):  # the link's rate in all, over the lanes that send
+                sends = i == 0 or not idle
+                ln.step((link if idle else link / 4) if sends else 0.0, busy=1.0 if sends else 0.0)
+            t += DT
+            state = est.update(t, [replace(ln.info(rtt_us=80_000, min_rtt_us=80_000), max_pacing_rate=int(link),
+                                           delivery_rate=int(link if i == 0 else link / 4))
+                                   for i, ln in enumerate(lanes)])
+        assert state is not None
+        return state
+
+    assert tail(idle=True).capacity == pytest.approx(link)
+    assert tail(idle=False).capacity == pytest.approx(1.75 * link, rel=0.01)

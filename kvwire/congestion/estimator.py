@@ -30,6 +30,11 @@ _ROUND_SPAN = 0.1  # the shortest span a first overflow's capacity is averaged o
 # and pacing at it kept a 20 ms queue overflowing for the rest of the run (BBR: samples of >= 1 round trip,
 # max-filtered over ~10)
 CAPACITY_ROUNDS = 2.0
+#: an overflow after the first lowers the estimate to the goodput the link served over the last span (at least
+#: ``bw_sample`` and CAPACITY_ROUNDS round trips) when that is more than this share below it
+OVERFLOW_MARGIN = 0.03
+#: ... but by at most this share of it per overflow
+OVERFLOW_STEP = 0.1
 
 
 @dataclass(frozen=True)
@@ -537,6 +542,21 @@ class LinkEstimator:
                                min(paced, last_paced))
         if overflow is not None and overflow > 0 and self._probed is None:
             self._probed, self._probed_at = overflow, now
+        elif overflow is not None and self._probed is not None and self.config.capacity_follows_queue:
+            # a later overflow: the link was full, so what it served over the last span, lanes busy throughout, is
+            # about its rate, whoever held the lanes (not our pacing: at 1.05-1.1x of the link the lanes deliver
+            # over paced_share of it, and the rule above lowers no estimate on an interval that reads
+            # pacing-limited). A warm-up read 1.16x of a 2 Gbit/s, 80 ms link, and its 16 BBR lanes (each capped
+            # above its share, so their own probing set the rate) overflowed the 20 ms queue in bursts, 1-2 % loss
+            # for 3 s, the queue emptying between them, so it never stood a bw_sample. Only down, by more than
+            # OVERFLOW_MARGIN and at most OVERFLOW_STEP at a time: the queue may have filled only at the span's end
+            # (lanes ramping back after a drain or a lane restart), and what the span served is then less
+            span = max(self.config.bw_sample, CAPACITY_ROUNDS * self._min_rtt())
+            queued = not any(iv.app_limited for iv in self._intervals if iv.end > now - span)
+            served_now = self._span_rate(now, span)
+            if queued and 0 < served_now < (1 - OVERFLOW_MARGIN) * self._probed:
+                self._probed = max(served_now, (1 - OVERFLOW_STEP) * self._probed)
+                self._probed_at = now
         if self._probed is not None and self._floor_bw:
             self._probed = max(self._probed, self.config.floor_fraction * max(r for _, r in self._floor_bw))
         return self._probed
@@ -601,14 +621,14 @@ def _capped(cap: int | None) -> TypeGuard[int]:
 
 def _paced_delivery(lanes: Sequence[LaneState]) -> float:
     """The lanes' latest delivery-rate samples, each at most the lane's pacing cap, summed (bytes/s); 0 unless
-    every lane is paced and has a sample."""
-    total = 0
-    for ln in lanes:
-        cap = ln.max_pacing_rate
-        if not ln.delivery_rate or not _capped(cap):
-            return 0.0
-        total += min(ln.delivery_rate, cap)
-    return float(total)
+    every lane is paced and has a sample. Samples of one moment only: where some lanes carried data this
+    interval and others did not, the busy ones' alone (an idle lane's sample is its last, from before its gap,
+    when it shared the link with the lanes still sending: in a request's tail those summed read up to twice the
+    link, and raised an estimate that nothing lowered after); where none did, all their last samples."""
+    if any(not ln.delivery_rate or not _capped(ln.max_pacing_rate) for ln in lanes):
+        return 0.0
+    busy = [ln for ln in lanes if ln.busy > 0] or list(lanes)
+    return float(sum(min(ln.delivery_rate or 0, ln.max_pacing_rate or 0) for ln in busy))
 
 
 def _pacing_limited(items: Mapping[LaneKey, TcpInfo], goodput: float, share: float) -> bool:
