@@ -471,8 +471,11 @@ def test_an_up_probe_pays_when_the_lanes_delivered_more_though_the_estimate_lagg
 def test_an_up_probe_that_paid_less_than_half_its_step_met_a_limit_and_the_ladder_stops() -> None:
     """At 0.97x of a 2 Gbit/s, 80 ms link a 1.2x up-probe delivered 1.06x: it paid, but the link, not the
     probe, set the rate; the 1.4x step after it overflowed the 20 ms queue (2 % loss) and the drain ran at half
-    the link for 0.3 s. A probe whose gain was under half its step cruises at the grown estimate. Negative
-    control: one that carried more than half its step climbs on."""
+    the link for 0.3 s. A probe whose gain was under half its step, and which made a queue on the way, cruises at
+    the grown estimate. Negative controls: one that carried more than half its step climbs on; so does one
+    whose lanes got all its pacing at the end, and one that made no queue at all (the lanes' own ramp held
+    them: BBR takes a raised cap over a cycle of 8 round trips; stopped there, bursty requests on a 2 Gbit/s
+    link were paced at 0.67x of it for 9 s)."""
     st = cruising()
     up = decide(st, ls(1.0 + CFG.upprobe_interval + 0.1, C, capacity=C), CFG)
     assert up.changed_at is not None
@@ -481,6 +484,9 @@ def test_an_up_probe_that_paid_less_than_half_its_step_met_a_limit_and_the_ladde
     base, pacing = 1.1 * C, up.decision.total_pacing
     assert pacing == pytest.approx(1.2 * base, rel=1e-6)
     end = up.changed_at + CFG.upprobe_time
+    clear = up
+    up = decide(up, ls(up.changed_at + 0.2, 1.03 * base, q=1.2, capacity=1.02 * base), CFG)  # a queue, short of drain
+    assert up.mode is Mode.UPPROBE and up.probe_queue == pytest.approx(1.2)
     found = decide(up, ls(end, 1.04 * base, btl_bw=1.06 * base, capacity=1.04 * base), CFG)
     assert found.mode is Mode.CRUISE and found.upprobe_streak == 0, found.decision
     assert "less than half its step" in found.decision.reason
@@ -493,6 +499,8 @@ def test_an_up_probe_that_paid_less_than_half_its_step_met_a_limit_and_the_ladde
     lagging = replace(ls(end, 1.04 * base, btl_bw=1.06 * base, capacity=1.04 * base), pacing_limited=True)
     on = decide(up, lagging, CFG)
     assert on.mode is Mode.UPPROBE and on.upprobe_streak == 2, on.decision
+    ramping = decide(clear, ls(end, 1.04 * base, btl_bw=1.06 * base, capacity=1.04 * base, q=1.08), CFG)
+    assert ramping.mode is Mode.UPPROBE and ramping.upprobe_streak == 2, ramping.decision
 
 
 def test_an_up_probe_whose_estimate_caught_up_with_its_pacing_steps_up_at_once() -> None:

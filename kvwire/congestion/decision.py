@@ -147,6 +147,7 @@ class ControllerState:
     delivered_at: float | None = None  # ... and when (forgotten after best_window)
     last_capacity: float | None = None  # the estimate of the previous step
     probe_base: float | None = None  # the capacity an up-probe started from
+    probe_queue: float = 1.0  # the most the queueing ratio read during the current up-probe
     # the capacity a burst before the first byte measured (a warm-up), while nothing has tried it: a short
     # burst reads it anywhere from 0.77x to 1.2x of a 2 Gbit/s, 80 ms link, so the first up-probe comes after
     # ``settle`` on a clear link instead of ``upprobe_clear``. None once an up-probe or a drain ran, or the

@@ -262,7 +262,8 @@ class LinkEstimator:
     standing queue (we were filling the bottleneck: it served at its rate the whole time), raised whenever
     goodput over a ``raise_span`` exceeds it (for a sender with gaps, ``burst_share`` of its best
     ``bw_sample`` span; with no queue, what the paced lanes' delivery-rate samples sum to in two samples
-    running); unknown until then.
+    running), and lowered at each overflow after the first to the goodput of the last span, when the lanes had
+    work queued throughout it (``OVERFLOW_MARGIN``, ``OVERFLOW_STEP``); unknown until then.
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
@@ -486,7 +487,8 @@ class LinkEstimator:
         (the first probe) the link was full, so it is at least that, at once (waiting for the queue to
         stand a ``bw_sample`` costs the drops of every interval meanwhile: unpaced lanes starting on a
         shallow queue lose a fifth of their packets). Only the first: later, a queue overflows when the
-        rate just fell, and the window's fastest rate is the old one. ``stalled``: this interval's queue read
+        rate just fell, and the window's fastest rate is the old one; a later one only lowers the estimate, to
+        the goodput of the last span (see the comment at that rule). ``stalled``: this interval's queue read
         deeper than the bottleneck's buffer without loss (``LinkState.stalled``); like a shrinking queue it
         neither extends nor breaks the run."""
         run = self._saturated_run

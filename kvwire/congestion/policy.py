@@ -46,8 +46,9 @@ the per-lane work and ignores random loss, the application caps the aggregate so
   at once with twice the step (``upprobe_gain`` 1.1, 1.2, 1.4, then
   ``upprobe_gain_max``), so a capacity that doubled is found in about two seconds; the first probe
   that does not pay, or fills a queue, starts the steps over. One that paid less than half its step while
-  the lanes did not get all its pacing met another limit (the link's rate, or a sender that has less to
-  send): it cruises there (a bigger step would overflow the queue). What the lanes delivered unpaced (the
+  the lanes did not get all its pacing, and made a queue (above ``drained_ratio``) on the way, met another
+  limit (the link's rate, or a sender whose bursts queue): it cruises there (a bigger step would overflow the
+  queue); with no queue it was the lanes' own ramp, and the ladder climbs on. What the lanes delivered unpaced (the
   probe's ``btl_bw``, kept as ``delivered``) is evidence of the link: cruising pacing-limited on a clear
   link under less than that, the next up-probe goes straight back to it after ``settle`` (once: if it
   fills a queue or does not pay, it is forgotten; so is one older than ``best_window``), so an estimate
@@ -182,6 +183,7 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
                                                 reason=f"capacity fell: drain at {total:.4g} B/s"))
         return st
     if d.mode is Mode.UPPROBE:
+        st = replace(st, probe_queue=max(st.probe_queue, q))
         # the estimate caught up with the probe's pacing, no queue: the link carried all of it, and riding it out
         # to upprobe_time only delays the next step (from a warm-up read at 0.75x, a bulk transfer's ladder
         # spent ~1.3 s under the link: 88-89 % of a 2 Gbit/s, 80 ms link over 3.9 s)
@@ -205,17 +207,20 @@ def decide(st: ControllerState, link: LinkState, cfg: ControllerConfig) -> Contr
                 if _far_below_best(st, cap, cfg) and not _sharing(st, cfg, now):
                     return _reprobe(st, link, f"an up-probe from a collapsed estimate paid ({grew:.4g} B/s, the "
                                     f"best {st.best:.4g})")
-                # paid less than half its step: something other than the probe set the rate (the link; or the
-                # sender, whose layers came at half the link's rate), and a bigger step would only overflow the
-                # queue: at 0.97x of a 2 Gbit/s, 80 ms link a 1.2x probe delivered 1.06x, the 1.4x one after it
-                # lost 2 % and the drain after that ran at half the link for 0.3 s; streaming layers, 1.4-1.5x
-                # steps overflowed the queue on the layers' bursts (1340-9263 drops in 5 runs of 10, none with
-                # this rule). A stream then cruises where the ladder stopped, 0.87-0.89x of the link seen.
-                # (not while the lanes get all the probe's pacing now: then the link carries it, and what lags is
-                # the estimate, or a host stall held the probe's samples back; stopping there left a 2 Gbit/s
-                # link paced at 0.8x of it for 2.6 s)
+                # paid less than half its step and made a queue: the link (or the sender, whose layers came at
+                # half the link's rate, in bursts that queued) set the rate, and a bigger step would only
+                # overflow the queue: at 0.97x of a 2 Gbit/s, 80 ms link a 1.2x probe delivered 1.06x, the 1.4x
+                # one after it lost 2 % and the drain after that ran at half the link for 0.3 s; streaming
+                # layers, 1.4-1.5x steps overflowed the queue on the layers' bursts (1340-9263 drops in 5 runs of
+                # 10, none with this rule). A stream then cruises where the ladder stopped, 0.87-0.89x of the
+                # link seen. (Not while the lanes get all the probe's pacing now: then the link carries it, and
+                # what lags is the estimate, or a host stall held the probe's samples back; stopping there left
+                # a 2 Gbit/s link paced at 0.8x of it for 2.6 s. Nor with no queue through the probe: then the
+                # lanes' own ramp held them, BBR taking a raised cap over a cycle of 8 round trips; stopping
+                # there left bursty requests paced at 0.67x of the link for 9 s, 1.57x the ideal per request)
                 pacing = d.total_pacing or 0
-                if grew < before + (pacing - before) / 2 and not link.pacing_limited:
+                if (grew < before + (pacing - before) / 2 and not link.pacing_limited
+                        and st.probe_queue > cfg.drained_ratio):
                     return _pace(replace(st, upprobe_streak=0), link, cfg, Mode.CRUISE,
                                  f"up-probe paid less than half its step ({grew:.4g} B/s, paced at {pacing:.4g})",
                                  new_mode=True)
@@ -326,8 +331,8 @@ def _upprobe(st: ControllerState, link: LinkState, cfg: ControllerConfig, why: s
     d = st.decision
     total = int(total if total is not None else _upprobe_gain(cfg, st.upprobe_streak) * (link.capacity or 0))
     reason = f"{why + ': ' if why else ''}up-probe at {total:.4g} B/s"
-    return _to(replace(st, probe_base=link.capacity, unconfirmed=None), link,
-               Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
+    return _to(replace(st, probe_base=link.capacity, probe_queue=1.0, unconfirmed=None),
+               link, Decision(d.lanes, max(1, total // d.lanes), d.congestion, Mode.UPPROBE, reason))
 
 
 def _sharing(st: ControllerState, cfg: ControllerConfig, now: float) -> bool:
