@@ -495,7 +495,7 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int | None
     with WanLink(rtt_ms=80, loss=loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
                  realtime=a.realtime) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
-                    prefill_ms=prefill_ms, adaptive=True, interval=0.0, warm=warm,
+                    prefill_ms=prefill_ms, adaptive=True, interval=0.1 if a.trace else 0.0, warm=warm,
                     tail_parity=tail_parity)  # kvwire-bench's defaults otherwise (None: connect()'s own parity)
         with LoopbackServer(o, bind=link.server_addr, prefix=exec_prefix(link.server_ns)) as server:
             o.port = server.port
@@ -510,7 +510,7 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int | None
     tail = kv["exposed_tail_ms"]
     tails = [t["exposed_tail_ms"] for t in timeline if t["exposed_tail_ms"] is not None]
     if a.trace:
-        _trace_stream(timeline, res.clock_uncertainty, kv.get("link_control") or {})
+        _trace_stream(timeline, res.clock_uncertainty, kv.get("link_control") or {}, doc)
     ok = kv["verification"]["verified"] and tail["p99"] is not None
     p50, p99 = tail["p50"] or 0.0, tail["p99"] or 0.0
     lc = kv.get("link_control") or {}
@@ -541,12 +541,27 @@ def _parity(kv: dict[str, Any]) -> str:
             f"{par.get('chunks_rebuilt')} chunks rebuilt")
 
 
-def _trace_stream(timeline: list[dict[str, Any]], uncertainty: float, control: dict[str, Any]) -> None:
-    """--trace: the controller's decisions (s after the test's start), then each request's layers, produced
-    and verified (ms after its send), on stderr."""
+def _trace_stream(timeline: list[dict[str, Any]], uncertainty: float, control: dict[str, Any],
+                  doc: dict[str, Any]) -> None:
+    """--trace: the warm-up's loss, the controller's decisions (s after the test's start), the link state of
+    every 0.1 s interval (--trace samples them; the row's figures are taken without), then each request's
+    layers, produced and verified (ms after its send), on stderr."""
+    pr = doc["start"].get("probe") or {}
+    if pr:
+        print(f"[stream] warm-up {pr['seconds']:.2f} s, {pr['bytes_sent'] / 1e6:.0f} MB, read "
+              f"{pr['capacity'] * 8e-6:.0f} Mbit/s, lost {pr['loss_rate']:.1%} of its bytes", file=sys.stderr)
     for d in control.get("history", []):
         print(f"[stream] {d['t'] or 0:6.2f}s {d['mode']:8} lanes {d['lanes']} pacing "
               f"{(d['pacing'] or 0) * 8e-6:.0f} Mbit/s: {d['reason']}", file=sys.stderr)
+    for iv in doc["intervals"]:
+        ln, tot = iv.get("link") or {}, iv["sum"]
+        if not ln:
+            continue
+        print(f"[stream] {tot['end']:6.2f}s {ln['mode']:8} paced {(ln['pacing'] or 0) * 8e-6:5.0f} cap "
+              f"{(ln['capacity'] or 0) * 8e-6:5.0f} goodput {ln['goodput'] * 8e-6:5.0f} Mbit/s q "
+              f"{ln['queueing_ratio'] or 0:.2f} loss {ln['loss_rate']:.4f} retransmits {tot['retransmits']} "
+              f"overflowing {int(ln['overflowing'])} app-limited {int(ln['app_limited'])} pacing-limited "
+              f"{int(ln['pacing_limited'])} unq {ln['unqueued']:.2f}", file=sys.stderr)
     for t in timeline:
         print(f"[stream] {t['request_id']} tail {t['exposed_tail_ms'] or 0:.0f} ms, transfer "
               f"{t['transfer_ms'] or 0:.0f} ms (clocks +-{uncertainty * 1e3:.0f} ms)", file=sys.stderr)
