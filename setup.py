@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kvwire", "kvwire.*"]),
-    package_data={"kvwire": ["py.typed", "codec/presets/*.json", "prfaas/*.toml", "testing/wanemu.c", "testing/wanemu_*.h"]},
+    package_data={"kvwire": ["py.typed", "codec/presets/*.json", "prfaas/*.toml", "testing/wanemu.c",
+                             "testing/wanemu_*.h"]},
     install_requires=["numpy>=1.24", "msgpack>=1.0", "xxhash>=3.0"],
     extras_require={
         # torch is pinned to the release whose CPU build ships with these machines: a bare "torch"
