@@ -123,14 +123,19 @@ def _trace(a: Any, name: str, session: kvwire.Session, t0: float) -> None:
         near = any(abs(st.timestamp - t) <= 0.6 for t in changes)
         if st.timestamp - last >= 0.5 or st.timestamp - t0 < 2.0 or near:
             last = st.timestamp
-            print(f"[{name}] {st.timestamp - t0:6.2f}s goodput {st.goodput * 8e-6:.0f} cap "
-                  f"{(st.capacity or 0) * 8e-6:.0f} btl {st.btl_bw * 8e-6:.0f} "
-                  f"dlv {sum(ln.delivery_rate or 0 for ln in st.lanes) * 8e-6:.0f} q {st.queueing_ratio or 0:.2f} "
-                  f"srtt {(st.srtt or 0) * 1e3:.0f} sndbuf {st.sndbuf_limited:.2f} "
-                  f"rwnd {st.rwnd_limited:.2f} loss {st.loss_rate:.4f} busy {st.busy:.2f} lanes {len(st.lanes)} "
-                  f"limited {int(st.app_limited)}{int(st.pacing_limited)} unq {st.unqueued:.2f} sat {int(st.saturated)}"
-                  f"{' stalled' if st.stalled else ''} maxq {(st.max_queue or 0) * 1e3:.0f}",
+            print(f"[{name}] {st.timestamp - t0:6.2f}s {_state_line(st.to_dict())} "
+                  f"dlv {sum(ln.delivery_rate or 0 for ln in st.lanes) * 8e-6:.0f} lanes {len(st.lanes)}",
                   file=sys.stderr)
+
+
+def _state_line(s: dict[str, Any]) -> str:
+    """One LinkState (``LinkState.to_dict()``, or a bench interval's ``link``, which lacks the lanes) for --trace."""
+    return (f"goodput {s['goodput'] * 8e-6:.0f} cap {(s['capacity'] or 0) * 8e-6:.0f} btl {s['btl_bw'] * 8e-6:.0f} "
+            f"q {s['queueing_ratio'] or 0:.2f} srtt {(s['srtt'] or 0) * 1e3:.0f} sndbuf {s['sndbuf_limited']:.2f} "
+            f"rwnd {s['rwnd_limited']:.2f} loss {s['loss_rate']:.4f} busy {s['busy']:.2f} "
+            f"limited {int(s['app_limited'])}{int(s['pacing_limited'])} unq {s['unqueued']:.2f} "
+            f"sat {int(s['saturated'])}{' overflowing' if s['overflowing'] else ''}"
+            f"{' stalled' if s['stalled'] else ''} maxq {(s['max_queue'] or 0) * 1e3:.0f}")
 
 
 def _data_drops(link: WanLink) -> dict[str, int]:
@@ -557,11 +562,8 @@ def _trace_stream(timeline: list[dict[str, Any]], uncertainty: float, control: d
         ln, tot = iv.get("link") or {}, iv["sum"]
         if not ln:
             continue
-        print(f"[stream] {tot['end']:6.2f}s {ln['mode']:8} paced {(ln['pacing'] or 0) * 8e-6:5.0f} cap "
-              f"{(ln['capacity'] or 0) * 8e-6:5.0f} goodput {ln['goodput'] * 8e-6:5.0f} Mbit/s q "
-              f"{ln['queueing_ratio'] or 0:.2f} loss {ln['loss_rate']:.4f} retransmits {tot['retransmits']} "
-              f"overflowing {int(ln['overflowing'])} app-limited {int(ln['app_limited'])} pacing-limited "
-              f"{int(ln['pacing_limited'])} unq {ln['unqueued']:.2f}", file=sys.stderr)
+        print(f"[stream] {tot['end']:6.2f}s {ln['mode']:8} paced {(ln['pacing'] or 0) * 8e-6:.0f} "
+              f"{_state_line(ln)} retransmits {tot['retransmits']}", file=sys.stderr)
     for t in timeline:
         print(f"[stream] {t['request_id']} tail {t['exposed_tail_ms'] or 0:.0f} ms, transfer "
               f"{t['transfer_ms'] or 0:.0f} ms (clocks +-{uncertainty * 1e3:.0f} ms)", file=sys.stderr)
