@@ -531,3 +531,128 @@ def test_a_server_that_dribbles_its_handshake_fails_connect_in_time(no_leaks: No
         stop.set()
         t.join()
         srv.close()
+
+
+# ---------------------------------------------------------------- session-wide bounds under concurrency
+
+
+def test_handshakes_that_began_together_do_not_pass_max_sessions(no_leaks: None) -> None:
+    """HELLO on six connections first, then each handshake finished: every one had read the table below
+    ``max_sessions`` (main: 3 sessions with ``max_sessions=1``). The bound is checked again as a session
+    registers; the ones past it get ERROR after authenticating. Negative control: a bound of 6 takes all."""
+    from kvwire.codec.handshake import ClientHandshake
+    from kvwire.tcp._wire import Channel
+
+    def open_six(bound: int) -> tuple[int, int, list[str]]:
+        with Receiver(key="k", max_sessions=bound) as rx:
+            chans = []
+            try:
+                for _ in range(6):
+                    ch = Channel(socket.create_connection(rx.address), F.DEFAULT_LIMITS)
+                    chans.append(ch)
+                    hs = ClientHandshake(b"k", 1)
+                    ch.send(*hs.hello())
+                    chans[-1].hs = hs  # type: ignore[attr-defined]
+                opened, errors = 0, []
+                for ch in chans:
+                    for _ in range(2):  # CHALLENGE, then WELCOME (or ERROR)
+                        kind, body = ch.read_control()
+                        if kind == F.ERROR:
+                            errors.append(str(body.get("reason")))
+                            break
+                        for k, b in ch.hs.receive(kind, body):  # type: ignore[attr-defined]
+                            ch.send(k, b)
+                    else:
+                        opened += 1
+                wait_until(lambda: rx.sessions == opened, 5)
+                return opened, rx.sessions, errors
+            finally:
+                for ch in chans:
+                    ch.close()
+
+    opened, live, errors = open_six(1)
+    assert (opened, live) == (1, 1) and len(errors) == 5 and all("too many sessions" in e for e in errors), errors
+    assert open_six(6)[:2] == (6, 6)  # negative control
+
+
+def test_transfers_admitted_together_do_not_pass_max_inflight_bytes(no_leaks: None) -> None:
+    """Four sessions' BEGINs at once, a slow allocator (0.5 s, as GPU memory can be), room for one transfer
+    and a half: each had read the bound free while the others' allocators ran (main: all four accepted, 2.7x
+    the bound allocated). What a transfer holds is reserved as it is checked. Negative control: room for
+    all four accepts all four."""
+    from kvwire.codec.manifest import build_manifest
+
+    layout = load_fixture("tiny-llama")
+    size = build_manifest(1, layout, default_request("r"), 1 << 20).total_bytes
+
+    def four(room: float) -> tuple[list[str], int]:
+        allocated: list[int] = []
+        lock = threading.Lock()
+
+        def alloc(m: object) -> bytearray:
+            time.sleep(0.5)
+            with lock:
+                allocated.append(m.total_bytes)  # type: ignore[attr-defined]
+            return bytearray(m.total_bytes)  # type: ignore[attr-defined]
+
+        with Receiver(key="k", allocator=alloc, max_inflight_bytes=int(size * room)) as rx:
+            peers = [raw_sender(rx.address, b"k") for _ in range(4)]
+            try:
+                for i, (_, ch, _, _) in enumerate(peers):
+                    ch.send(F.BEGIN, build_manifest(1, layout, default_request(f"r{i}"), 1 << 20)
+                            .to_wire(with_layout=True))
+                replies = [next_control(ch) for _, ch, _, _ in peers]
+            finally:
+                for raw, *_ in peers:
+                    raw.close()
+        assert all(k == F.ACCEPT or "busy" in b["reason"] for k, b in replies), replies
+        return [k for k, _ in replies], sum(allocated)
+
+    kinds, allocated = four(1.5)
+    assert kinds.count(F.ACCEPT) == 1 and allocated <= 1.5 * size, (kinds, allocated)
+    assert four(4.5)[0] == [F.ACCEPT] * 4  # negative control
+
+
+def _big_layout(rank: int, tensors: int) -> dict:  # type: ignore[type-arg]
+    """A layout of ``tensors`` one-byte tensors (16 a cache, 4 caches a layer), one per ``rank``."""
+    t = ["", [1], "uint8", "raw", "token", False, []]
+    layers, left = [], tensors
+    while left:
+        caches = []
+        while left and len(caches) < 4:
+            n = min(16, left)
+            caches.append(["gqa", 0, [t] * n])
+            left -= n
+        layers.append(caches)
+    return {"name": "", "tp_size": 1 << 16, "tp_rank": rank, "block_size": 16, "page_layout": "block_major",
+            "layers": layers}
+
+
+def _teaching_begin(tid: int, layout: dict) -> dict:  # type: ignore[type-arg]
+    """A BEGIN with no segments that carries (teaches) ``layout``."""
+    from kvwire.codec.layout import ModelLayout
+
+    fp = ModelLayout.from_dict(layout).fingerprint()
+    return {"v": 1, "tid": tid, "fp": fp, "req": {"request_id": f"t{tid}", "num_tokens": 1, "state_position": 0},
+            "seg": [], "chunk": 1 << 20, "hash": "xxh3_64", "layout": layout}
+
+
+def test_a_layout_may_describe_no_more_tensors_than_a_manifest_carries_segments(uncaught: list,  # type: ignore[type-arg]
+                                                                                 no_leaks: None) -> None:
+    """A layout of 65,536 tensors fit one 1.5 MB BEGIN, took a second of the control thread to parse and held
+    30 MiB once parsed (a session kept 256 of them: ``test_rxengine``'s layout tests bound what it keeps).
+    Refused before a tensor is built; the session serves on. Negative control: a layout at the bound is
+    parsed (and refused only for want of a destination)."""
+    cap = F.DEFAULT_LIMITS.max_segments
+    with Receiver(key="k") as rx:
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
+        with raw:
+            t0 = time.process_time()
+            ch.send(F.BEGIN, _teaching_begin(1, _big_layout(0, 16 * cap)))
+            kind, body = next_control(ch)
+            assert kind == F.REJECT and f"more than {cap} tensors" in body["reason"], body
+            ch.send(F.BEGIN, _teaching_begin(2, _big_layout(0, cap)))
+            kind, body = next_control(ch)
+            print(f"\nrefused a {16 * cap}-tensor layout, parsed a {cap}-tensor one: {time.process_time() - t0:.2f} s CPU")
+            assert kind == F.REJECT and "no destination" in body["reason"], body
+    assert uncaught == []

@@ -486,3 +486,62 @@ def test_a_chunk_read_after_the_session_failed_is_answered_by_nobody_and_not_cou
     r = e.chunk_done(t_bad, 1, bad, bad.digest ^ 1, 2.0)
     assert r.reply is None and r.ended == Ended(1, State.FAILED, "control connection lost")
     assert e.counts() == {"transfers_failed": 1}
+
+
+# ---------------------------------------------------------------- layouts a session teaches
+
+
+def _layout_of(tensors: int, rank: int) -> dict[str, Any]:
+    """A layout (wire form) of ``tensors`` one-byte tensors, 16 a cache and 4 caches a layer; ``rank`` makes
+    its fingerprint its own."""
+    t = ["", [1], "uint8", "raw", "token", False, []]
+    layers: list[Any] = []
+    left = tensors
+    while left:
+        caches = []
+        while left and len(caches) < 4:
+            caches.append(["gqa", 0, [t] * min(16, left)])
+            left -= min(16, left)
+        layers.append(caches)
+    return {"name": "", "tp_size": 1 << 16, "tp_rank": rank, "block_size": 16, "page_layout": "block_major",
+            "layers": layers}
+
+
+def _teach(e: ReceiverEngine, tid: int, layout: dict[str, Any] | None, fp: bytes) -> None:
+    """A BEGIN without segments that carries ``layout`` (or only names ``fp``), refused for want of a
+    destination, as a receiver with nowhere to put it does."""
+    body = {"v": 1, "tid": tid, "fp": fp, "req": {"request_id": f"t{tid}", "num_tokens": 1, "state_position": 0},
+            "seg": [], "chunk": CHUNK, "hash": "xxh3_64", **({"layout": layout} if layout is not None else {})}
+    (a,) = e.receive(F.BEGIN, body, 0.0)
+    assert type(a) is Admit
+    e.refuse(tid, "no destination", 0.0)
+
+
+def test_a_session_keeps_the_layouts_it_teaches_within_a_tensor_budget_least_recently_used_first() -> None:
+    """A session kept every layout it taught, refused or not, up to 256 of them; at 4,096 tensors (~2 MiB
+    parsed) each that is 0.5 GiB a session. It keeps ``LAYOUT_TENSORS_KEPT`` tensors' worth; the least
+    recently taught or named goes first. Negative control: small layouts are all kept."""
+    from kvwire.codec.layout import ModelLayout
+    from kvwire.codec.rxengine import LAYOUT_TENSORS_KEPT, MAX_LAYOUTS
+
+    per = F.DEFAULT_LIMITS.max_segments
+    fits = LAYOUT_TENSORS_KEPT // per
+    assert fits >= 2
+    e = engine()
+    wire = [_layout_of(per, rank) for rank in range(fits + 3)]
+    fps = [ModelLayout.from_dict(w).fingerprint() for w in wire]
+    for i in range(fits):
+        _teach(e, i, wire[i], fps[i])
+    assert list(e.layouts) == fps[:fits]
+    _teach(e, 100, None, fps[0])  # named again: now the most recently used
+    _teach(e, 101, wire[fits], fps[fits])  # over the budget: the least recently used (1) goes
+    assert list(e.layouts) == [*fps[2:fits], fps[0], fps[fits]]
+    for i in range(fits + 1, fits + 3):
+        _teach(e, 200 + i, wire[i], fps[i])
+    assert sum(x.num_tensors() for x in e.layouts.values()) <= LAYOUT_TENSORS_KEPT
+    assert len(e.layouts) == fits and fps[fits + 2] in e.layouts
+    small = engine()  # negative control: far under the budget, every layout stays
+    for rank in range(40):
+        w = _layout_of(4, rank)
+        _teach(small, rank, w, ModelLayout.from_dict(w).fingerprint())
+    assert len(small.layouts) == 40 <= MAX_LAYOUTS

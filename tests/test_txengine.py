@@ -500,3 +500,18 @@ def test_random_orders_raise_only_typed_errors_and_end_each_transfer_once(seed: 
     take(e.close())
     # a transfer id may be used again once its transfer ended; each use ended exactly once
     assert all(k == 1 for k in ended.values()) and not e.busy
+
+
+def test_a_refused_transfer_s_layout_goes_again_with_the_next_begin() -> None:
+    """A receiver keeps a bounded set of the layouts a session taught (``rxengine.LAYOUT_TENSORS_KEPT``) and may
+    have forgotten the one a refused BEGIN named: the next BEGIN of that layout carries it again. Negative
+    control: after an ACCEPT the layout is known, and the next BEGIN names it only."""
+    e = _engine()
+    first = e.start(_sm(1), None)
+    assert first.body is not None and "layout" in first.body
+    e.receive(F.REJECT, {"tid": 1, "reason": "no destination"}, T0)
+    again = e.start(_sm(2), None)
+    assert again.body is not None and "layout" in again.body
+    e.receive(F.ACCEPT, {"tid": 2}, T0)
+    named = e.start(_sm(3), None)
+    assert named.body is not None and "layout" not in named.body and named.body["fp"] == LAYOUT.fingerprint()

@@ -269,18 +269,27 @@ class ModelLayout:
             "layers": [[c.to_list() for c in layer.caches] for layer in self.layers],
         }
 
+    def num_tensors(self) -> int:
+        """The tensors its caches have, over every layer."""
+        return sum(len(c.tensors) for layer in self.layers for c in layer.caches)
+
     @classmethod
-    def from_dict(cls, d: Any, max_layers: int = 1024) -> ModelLayout:
-        """Rebuild from ``to_dict`` output; validates everything (it may come from the network)."""
+    def from_dict(cls, d: Any, max_layers: int = 1024, max_tensors: int = 1 << 16) -> ModelLayout:
+        """Rebuild from ``to_dict`` output; validates everything (it may come from the network). At most
+        ``max_layers`` layers and ``max_tensors`` tensors over them (counted before they are built)."""
         if not isinstance(d, dict):
             raise LayoutError("layout must be a map")
         layers = d.get("layers")
         if not isinstance(layers, list) or len(layers) > max_layers:
             raise LayoutError(f"layout needs a list of at most {max_layers} layers")
         built = []
+        tensors = 0
         for i, caches in enumerate(layers):
             if not isinstance(caches, list) or len(caches) > 4:
                 raise LayoutError(f"layer {i}: malformed caches")
+            tensors += sum(len(c[2]) for c in caches if isinstance(c, list) and len(c) == 3 and isinstance(c[2], list))
+            if tensors > max_tensors:
+                raise LayoutError(f"layout has more than {max_tensors} tensors")
             built.append(LayerSpec(i, tuple(CacheSpec.from_list(c) for c in caches)))
         name, page_layout = d.get("name", ""), d.get("page_layout", "block_major")
         if type(name) is not str or len(name) > 256 or type(page_layout) is not str:

@@ -158,7 +158,9 @@ def parse_manifest(d: Any, limits: Limits = DEFAULT_LIMITS,
     layout = None
     if "layout" in d:
         try:
-            layout = ModelLayout.from_dict(d["layout"], limits.max_layers)
+            # (a layout with more tensors than a manifest may carry segments is one no transfer carries whole;
+            # the bound also caps what a layout the receiver keeps for the session costs: ``rxengine``)
+            layout = ModelLayout.from_dict(d["layout"], limits.max_layers, limits.max_segments)
         except LayoutError as e:
             raise ProtocolError(f"manifest layout: {e}") from None
         if layout.fingerprint() != fp:

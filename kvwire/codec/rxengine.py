@@ -53,8 +53,13 @@ from .transfer import ReceiverTransfer, State, terminal_counter
 
 #: recently ended transfer ids remembered per session (their late chunks are drained, their ids refused)
 ENDED_KEPT = 4096
-#: layouts a session may teach the receiver (later manifests must name one or carry their own)
+#: layouts a session may teach the receiver (later manifests must name one or carry their own) ...
 MAX_LAYOUTS = 256
+#: ... and the tensors they describe together, least recently used forgotten first. A parsed layout costs
+#: ~0.5 kB a tensor (a 65,536-tensor layout fit one 1.5 MB BEGIN and held 30 MiB): kept without this bound a
+#: session could hold 256 of them. A layout carries at most ``Limits.max_segments`` tensors (``parse_manifest``),
+#: and a sender whose layout was forgotten is refused once, then carries it again (``SenderEngine``)
+LAYOUT_TENSORS_KEPT = 8192
 #: seconds a lane may keep writing into a transfer that ended before its connection is cut
 UNSTICK_AFTER = 2.0
 
@@ -185,7 +190,8 @@ class ReceiverEngine:
         self.ended: OrderedDict[int, None] = OrderedDict()  # recently ended ids
         self.pending: dict[int, RxTransfer] = {}  # ended, a lane still writing
         self.lingering: dict[int, RxTransfer] = {}  # ended, a lane still reading into its tail scratch
-        self.layouts: dict[bytes, ModelLayout] = {}
+        self.layouts: OrderedDict[bytes, ModelLayout] = OrderedDict()  # by fingerprint, least recently used first
+        self._layout_tensors = 0  # what the kept layouts describe together (``LAYOUT_TENSORS_KEPT``)
         self.last_seen = now
         self.last_sent = now
         self.held = 0  # held_bytes() of the transfers in flight
@@ -252,8 +258,7 @@ class ReceiverEngine:
             tid = raw if type(raw) is int else None
             self._answered(tid)
             return [self._send(F.REJECT, {"tid": tid, "reason": str(e)}, now)]
-        if m.layout is not None and len(self.layouts) < MAX_LAYOUTS:
-            self.layouts[m.fingerprint] = m.layout
+        self._keep_layout(m)
         reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
         if not reason and m.parity > self.parity:
             reason = f"{m.parity} parity chunks asked, this receiver takes {self.parity} (zfec: kvwire[fec])"
@@ -265,6 +270,23 @@ class ReceiverEngine:
         if reason:
             return self.refuse(m.transfer_id, reason, now)
         return [Admit(m)]
+
+    def _keep_layout(self, m: Manifest) -> None:
+        """Remember ``m``'s layout for later manifests that name it, or mark it used, within ``MAX_LAYOUTS`` and
+        ``LAYOUT_TENSORS_KEPT`` (the least recently used go first)."""
+        fp, layout = m.fingerprint, m.layout
+        if layout is None:
+            return
+        if fp in self.layouts:
+            self.layouts.move_to_end(fp)
+            return
+        size = layout.num_tensors()
+        while self.layouts and (len(self.layouts) >= MAX_LAYOUTS or self._layout_tensors + size > LAYOUT_TENSORS_KEPT):
+            _, old = self.layouts.popitem(last=False)
+            self._layout_tensors -= old.num_tensors()
+        if size <= LAYOUT_TENSORS_KEPT:
+            self.layouts[fp] = layout
+            self._layout_tensors += size
 
     def activate(self, m: Manifest, now: float, deadline: float | None = None) -> list[Action]:
         """The driver found ``m``'s destination: the transfer is in flight (until ``deadline`` or the

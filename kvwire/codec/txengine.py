@@ -325,6 +325,9 @@ class SenderEngine:
                 e.reported = len(e.sm.acked_layers)
             self._end(tid, State.DONE, "", None, out)
         elif kind == F.REJECT:
+            # (the receiver may not keep the layout this BEGIN taught or named: it keeps a bounded number,
+            # least recently used first, ``rxengine.LAYOUT_TENSORS_KEPT``; the next BEGIN carries it again)
+            self._known_layouts.discard(e.sm.manifest.fingerprint)
             self._end(tid, State.FAILED, f"receiver rejected the transfer: {why}", None, out)
         elif kind == F.ERROR and body.get("state") == State.TIMED_OUT.value:
             self._end(tid, State.TIMED_OUT, f"receiver timed out: {why}", None, out)

@@ -160,6 +160,8 @@ class Receiver:
         self._closed = threading.Event()
         self._counts: Counter[str] = Counter()  # see stats(); closed sessions' counts folded in; under _count_lock
         self._count_lock = threading.Lock()
+        self._reserve_lock = threading.Lock()
+        self._reserved = 0  # bytes admitted transfers reserved against max_inflight_bytes, not yet in flight
         self._acceptor = Acceptor(host, port, ssl_context=ssl_context, limits=limits, peer_timeout=peer_timeout,
                                   handshake_timeout=handshake_timeout, max_handshakes=max_handshakes,
                                   max_conns=max_sessions * (max_lanes + 1), spawn=self._spawn, count=self._count,
@@ -332,14 +334,22 @@ class Receiver:
         sessions: list[RxSession] = []
 
         def register(keys: SessionKeys) -> None:
+            # (again, under the lock: the count above was read before the handshake, and handshakes that
+            # began together all read the table below the bound; a session past it is refused here)
             engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
                                     max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
                                     peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic(),
                                     early=self.early, done_early=True,
                                     parity=parity.MAX_PARITY if self._parity else 0)
-            sessions.append(RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout))
+            session = RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout)
             with self._lock:
-                self._sessions[keys.session_id] = sessions[0]
+                full = len(self._sessions) >= self.max_sessions
+                if not full:
+                    self._sessions[keys.session_id] = session
+            if full:
+                ch.send(F.ERROR, {"reason": "receiver has too many sessions"})
+                raise KvwireError(f"session from {peer} refused: {self.max_sessions} sessions open")
+            sessions.append(session)
 
         server_handshake(ch, self.key, hello, limits, register)
         authenticated()
@@ -363,11 +373,21 @@ class Receiver:
             self._close_session(s, f"control connection lost: {e}")
 
     def _begin(self, s: RxSession, m: Manifest) -> None:
-        """The session's engine admitted ``m``: the receiver-wide bound, then its destination."""
-        reason = self._over_inflight(m)
+        """The session's engine admitted ``m``: the receiver-wide bound, then its destination. What ``m``
+        holds is reserved against the bound until the session has it in flight (or refused it)."""
+        need = held_bytes(m)
+        reason = self._reserve(need)
         if reason:
             s.refuse(m.transfer_id, reason)
             return
+        try:
+            self._place(s, m)
+        finally:
+            with self._reserve_lock:
+                self._reserved -= need
+
+    def _place(self, s: RxSession, m: Manifest) -> None:
+        """``m``'s destination (a registered buffer, the allocator's, a sink's scratch), then in flight."""
         if m.sink:
             self._begin_sink(s, m)
             return
@@ -424,14 +444,19 @@ class Receiver:
         if not s.activate(m, h, [scratch[: seg.nbytes] for seg in m.segments]):
             h.resolve(State.FAILED, "session closed")  # it closed since the admission: ended once all the same
 
-    def _over_inflight(self, m: Manifest) -> str:
-        """Why ``m`` would take the receiver over ``max_inflight_bytes`` (payload, a sink's none, plus the
-        metadata every transfer holds while in flight), or ''."""
+    def _reserve(self, need: int) -> str:
+        """Reserve ``need`` bytes (``held_bytes`` of an admitted manifest: payload, a sink's none, plus the
+        metadata every transfer holds while in flight) under ``max_inflight_bytes``, or say why not. Checked
+        and taken under one lock, with what other sessions reserved and have not put in flight yet: their
+        allocators run between the check and the transfer's activation, and four sessions admitted at once
+        had each seen the bound free and together held 2.7x it."""
         with self._lock:
             sessions = list(self._sessions.values())
-        inflight = sum(x.held() for x in sessions)  # each under its session's lock
-        if inflight + held_bytes(m) > self.max_inflight_bytes:
-            return f"receiver busy: {inflight + held_bytes(m)} bytes in flight exceeds {self.max_inflight_bytes}"
+        with self._reserve_lock:  # (each session's held() takes that session's lock: never the other way round)
+            inflight = sum(x.held() for x in sessions) + self._reserved
+            if inflight + need > self.max_inflight_bytes:
+                return f"receiver busy: {inflight + need} bytes in flight exceeds {self.max_inflight_bytes}"
+            self._reserved += need
         return ""
 
     def _close_session(self, s: RxSession, reason: str) -> None:
