@@ -78,6 +78,62 @@ def test_slow_callbacks_do_not_split_outcomes(no_leaks: None) -> None:
                 s.close()
 
 
+def test_a_slow_allocator_neither_silences_its_session_nor_holds_the_transfers_behind_it(no_leaks: None) -> None:
+    """The allocator (user code: it may wait for GPU memory a decode step frees) ran on the session's control
+    reader: one that took 2.5 s let a 1 s ``peer_timeout`` fail the session as silent, and every transfer
+    behind it waited. Blocked here for twice the peer timeout: the session lives, a registered transfer sent
+    after it completes meanwhile, and the allocated one completes once it returns. Negative control: a sender
+    that goes silent while the allocator blocks is still called silent."""
+    from helpers import raw_sender
+
+    from kvwire.codec import frames as F
+    from kvwire.codec.manifest import build_manifest
+
+    layout = load_fixture("tiny-qwen3-next")
+    gate = threading.Event()
+    asked: list[str] = []
+
+    def alloc(m: Any) -> np.ndarray:
+        asked.append(m.request.request_id)
+        gate.wait(4 * PEER_TIMEOUT)
+        return np.zeros(m.total_bytes, np.uint8)
+
+    req_a, req_b = RequestSpec("alloc", 300, 300), RequestSpec("registered", 300, 300)
+    src_a, src_b = payload(layout, req_a, seed=1), payload(layout, req_b, seed=2)
+    dst_b = np.zeros(sum(x.nbytes for x in plan_segments(layout, req_b)), np.uint8)
+    try:
+        with Receiver(allocator=alloc, peer_timeout=PEER_TIMEOUT, heartbeat=0.2) as rx, \
+                connect(*rx.address, lanes=2, chunk_size=64 * 1024, peer_timeout=PEER_TIMEOUT, heartbeat=0.2) as s:
+            h_a = s.send(layout, req_a, timeout=30)
+            h_a.write_all(src_a)
+            h_a.finish()
+            assert wait_until(lambda: asked == ["alloc"], 5)
+            h_rx_b = rx.expect(req_b.request_id, dst_b, layout=layout)
+            h_b = s.send(layout, req_b, timeout=30)
+            h_b.write_all(src_b)
+            h_b.finish()
+            assert h_b.result(3 * PEER_TIMEOUT) is h_b and h_rx_b.result(5) is h_rx_b
+            assert not gate.is_set() and h_a.state is State.ACTIVE  # still in the allocator
+            time.sleep(2 * PEER_TIMEOUT)
+            assert s.healthy and not s.failure and rx.sessions == 1
+            gate.set()
+            assert h_a.result(10) is h_a
+            got = rx.next_transfer(timeout=5)
+            assert got.result(5) is got and got.dest.tobytes() == b"".join(a.tobytes() for a in src_a)
+            assert dst_b.tobytes() == b"".join(a.tobytes() for a in src_b)
+        gate.clear()
+        asked.clear()
+        with Receiver(key="k", allocator=alloc, peer_timeout=PEER_TIMEOUT, heartbeat=0.2) as rx:
+            raw, ch, _, _ = raw_sender(rx.address, b"k")
+            with raw:  # a hand-made sender: one BEGIN, then not a heartbeat
+                ch.send(F.BEGIN, build_manifest(1, layout, req_a, 64 * 1024).to_wire(with_layout=True))
+                assert wait_until(lambda: asked == ["alloc"], 5)
+                assert wait_until(lambda: rx.sessions == 0, 3 * PEER_TIMEOUT)
+                assert not gate.is_set()
+    finally:
+        gate.set()
+
+
 def test_close_runs_the_callbacks_already_delivered(no_leaks: None) -> None:
     """A stager releasing its pinned buffers from a done callback must have finished when close() returns:
     a program that exits right after close() must not tear torch down under a callback thread."""

@@ -545,3 +545,56 @@ def test_a_session_keeps_the_layouts_it_teaches_within_a_tensor_budget_least_rec
         w = _layout_of(4, rank)
         _teach(small, rank, w, ModelLayout.from_dict(w).fingerprint())
     assert len(small.layouts) == 40 <= MAX_LAYOUTS
+
+
+# ---------------------------------------------------------------- a DONE or CANCEL while the destination is found
+
+
+def test_a_done_that_comes_while_the_transfer_is_admitted_is_applied_as_it_is_activated() -> None:
+    """The driver finds a destination off the control reader's thread (the allocator is user code), so a small
+    transfer sent whole in the early window can bring its DONE first. It is held and taken as the transfer is
+    activated: COMPLETE once every chunk is verified. Negative control: the same DONE for a transfer that ended
+    is dropped (nothing completes)."""
+    e = engine(done_early=True)
+    (a,) = begin(e, 1)
+    assert type(a) is Admit and 1 in e.admitting
+    m = a.manifest
+    assert e.receive(F.DONE, {"tid": 1, "digest": digest(m)}, 0.5) == []  # held, not dropped
+    assert e.activate(m, 1.0) == [Send(F.ACCEPT, {"tid": 1})] and 1 not in e.admitting
+    assert e.apply_held(1, 1.0) == []  # early: chunks still missing, answered as the last is verified
+    finished: tuple[Any, ...] = ()
+    for c in range(m.plan().num_chunks):
+        finished += deliver(e, m, c).finished
+    assert finished == (Ended(1, State.DONE, ""), Send(F.COMPLETE, {"tid": 1, "reason": "", "state": "done"}))
+    assert e.apply_held(1, 2.0) == []  # applied once
+    e2 = engine(done_early=True)  # negative control: refused while admitted, the held DONE goes with it
+    (a2,) = begin(e2, 1)
+    e2.receive(F.DONE, {"tid": 1, "digest": digest(a2.manifest)}, 0.5)
+    e2.refuse(1, "no destination", 1.0)
+    assert 1 not in e2.admitting and e2.transfer(1) is None and e2.counts() == {}
+
+
+def test_a_cancel_that_comes_while_the_transfer_is_admitted_ends_it_as_it_is_activated() -> None:
+    e = engine()
+    (a,) = begin(e, 1)
+    assert e.receive(F.CANCEL, {"tid": 1, "reason": "user gave up", "state": "cancelled"}, 0.5) == []
+    assert e.activate(a.manifest, 1.0) == [Send(F.ACCEPT, {"tid": 1})]
+    assert e.apply_held(1, 1.0) == [Ended(1, State.CANCELLED, "cancelled by sender: user gave up")]
+    assert e.transfer(1) is None and e.held == 0
+    (b,) = begin(e, 2)  # negative control: nothing said meanwhile, it stays in flight
+    e.activate(b.manifest, 1.0)
+    assert e.apply_held(2, 1.0) == [] and e.transfer(2) is not None
+
+
+def test_transfers_being_admitted_count_as_in_flight_and_hold_their_ids() -> None:
+    e = engine(max_transfers=2)
+    (a,) = begin(e, 1)
+    (b,) = begin(e, 2)
+    assert type(a) is Admit and type(b) is Admit
+    (r,) = begin(e, 3)  # two being admitted: the session's bound
+    assert type(r) is Send and r.kind == F.REJECT and "too many" in r.body["reason"]
+    (r,) = begin(e, 1)  # and an id being admitted is in use
+    assert type(r) is Send and r.kind == F.REJECT and "already used" in r.body["reason"]
+    e.refuse(2, "no destination", 0.0)  # negative control: once answered, room again
+    (c,) = begin(e, 4)
+    assert type(c) is Admit

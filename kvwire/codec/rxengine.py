@@ -15,7 +15,9 @@ a transfer ends once but resolves only when no lane writes into it any more
 a lane reading one of their chunks into the driver's scratch is no writer of its transfer; the verdicts on
 them, ``tail_data``/``tail_parity``; which missing data chunks a group rebuilds once ``k`` of its chunks
 are in, each then a writer until its ``chunk_done``), deadlines, heartbeats and peer silence from
-the ``now`` it is given, and the session's counters. In the spirit of h11's ``Connection``: it takes
+the ``now`` it is given, the session's counters, and a DONE or CANCEL that comes while its transfer is admitted
+but not yet activated or refused (the driver finds destinations off the control reader's thread: held, then
+applied as it is activated). In the spirit of h11's ``Connection``: it takes
 decoded frames and events and returns actions. Must not know: sockets, threads, locks, clocks,
 payload bytes or buffers (a chunk is its header and its digest), handles or user callbacks, and
 receiver-wide bounds or destinations (the driver decides those between ``Admit`` and ``activate``).
@@ -121,6 +123,14 @@ def held_bytes(m: Manifest) -> int:
     return m.metadata_bytes + (0 if m.sink else m.total_bytes) + m.tail_scratch_bytes
 
 
+@dataclass(eq=False, slots=True)
+class _Held:
+    """What the sender said of a transfer while its destination was being found (``ReceiverEngine.admitting``)."""
+
+    done: int | None = None  # its DONE's digest
+    cancel: tuple[State, str] | None = None  # its CANCEL's state and reason
+
+
 @dataclass(eq=False)
 class RxTransfer:
     """The engine's record of one admitted transfer: its machine, deadline and the lanes writing into it."""
@@ -136,6 +146,7 @@ class RxTransfer:
     # the destination, but they hold the scratch, which stays charged to ``held`` until the last one leaves
     scratch_readers: set[int] = field(default_factory=set)
     ended_at: float = 0.0
+    said: _Held | None = None  # what the sender said while it was admitted, applied by ``apply_held``
 
     @property
     def manifest(self) -> Manifest:
@@ -190,6 +201,10 @@ class ReceiverEngine:
         self.ended: OrderedDict[int, None] = OrderedDict()  # recently ended ids
         self.pending: dict[int, RxTransfer] = {}  # ended, a lane still writing
         self.lingering: dict[int, RxTransfer] = {}  # ended, a lane still reading into its tail scratch
+        # admitted (``Admit`` returned), neither activated nor refused yet: the driver finds their destinations off
+        # the thread that reads the control connection, so a DONE or CANCEL of one may come first; it is held here
+        # (``_Held``) and applied as the transfer is activated
+        self.admitting: dict[int, _Held] = {}
         self.layouts: OrderedDict[bytes, ModelLayout] = OrderedDict()  # by fingerprint, least recently used first
         self._layout_tensors = 0  # what the kept layouts describe together (``LAYOUT_TENSORS_KEPT``)
         self.last_seen = now
@@ -228,27 +243,41 @@ class ReceiverEngine:
             return self._begin(body, now)
         if kind == F.DONE:
             tid, digest = parse_done(body)
-            t = self.transfers.get(tid)
-            if t is None:
-                return []  # ended already (cancelled, timed out): the sender was told
-            if self.done_early and t.machine.remaining and not t.machine.state.terminal:
-                t.done_digest = digest  # early: answered as the last chunk is verified (``chunk_done``)
+            if tid in self.admitting:
+                self.admitting[tid].done = digest
                 return []
-            if t.machine.on_done(digest):
-                return self.end(tid, State.DONE, "", now, notify=F.COMPLETE)
-            return self.end(tid, State.FAILED, t.machine.status.reason, now, notify=F.ERROR)
+            return self._done(tid, digest, now)
         if kind == F.CANCEL:
             tid, state, why = parse_end(body, F.CANCEL)
-            if tid not in self.transfers:
+            if tid in self.admitting:
+                self.admitting[tid].cancel = (state, why)
                 return []
-            if state is State.TIMED_OUT:
-                return self.end(tid, State.TIMED_OUT, f"sender timed out: {why}", now)
-            if state is State.FAILED:  # the sender's failure, with its reason
-                return self.end(tid, State.FAILED, f"sender failed the transfer: {why}", now)
-            return self.end(tid, State.CANCELLED, f"cancelled by sender: {why}", now)
+            return self._cancelled(tid, state, why, now)
         if kind == F.BYE:
             return self.close("sender closed the session")
         return []  # heartbeat
+
+    def _done(self, tid: int, digest: int, now: float) -> list[Action]:
+        """The sender's DONE of ``tid`` (its whole-transfer digest)."""
+        t = self.transfers.get(tid)
+        if t is None:
+            return []  # ended already (cancelled, timed out): the sender was told
+        if self.done_early and t.machine.remaining and not t.machine.state.terminal:
+            t.done_digest = digest  # early: answered as the last chunk is verified (``chunk_done``)
+            return []
+        if t.machine.on_done(digest):
+            return self.end(tid, State.DONE, "", now, notify=F.COMPLETE)
+        return self.end(tid, State.FAILED, t.machine.status.reason, now, notify=F.ERROR)
+
+    def _cancelled(self, tid: int, state: State, why: str, now: float) -> list[Action]:
+        """The sender's CANCEL of ``tid``: it ended there (``state``: cancelled, failed or timed out)."""
+        if tid not in self.transfers:
+            return []
+        if state is State.TIMED_OUT:
+            return self.end(tid, State.TIMED_OUT, f"sender timed out: {why}", now)
+        if state is State.FAILED:  # the sender's failure, with its reason
+            return self.end(tid, State.FAILED, f"sender failed the transfer: {why}", now)
+        return self.end(tid, State.CANCELLED, f"cancelled by sender: {why}", now)
 
     def _begin(self, body: dict[str, Any], now: float) -> list[Action]:
         try:
@@ -263,12 +292,13 @@ class ReceiverEngine:
         if not reason and m.parity > self.parity:
             reason = f"{m.parity} parity chunks asked, this receiver takes {self.parity} (zfec: kvwire[fec])"
         if not reason and (m.transfer_id in self.transfers or m.transfer_id in self.ended
-                           or m.transfer_id in self.pending):
+                           or m.transfer_id in self.pending or m.transfer_id in self.admitting):
             reason = f"transfer id {m.transfer_id} already used on this session"
-        if not reason and len(self.transfers) >= self.max_transfers:
+        if not reason and len(self.transfers) + len(self.admitting) >= self.max_transfers:
             reason = "too many transfers in flight on this session"
         if reason:
             return self.refuse(m.transfer_id, reason, now)
+        self.admitting[m.transfer_id] = _Held()
         return [Admit(m)]
 
     def _keep_layout(self, m: Manifest) -> None:
@@ -293,6 +323,7 @@ class ReceiverEngine:
         receiver's ``transfer_timeout``, whichever comes first) and the sender is told to go."""
         if self.closed:
             return self.refuse(m.transfer_id, "session closed", now)
+        held = self.admitting.pop(m.transfer_id, None)
         if m.transfer_id in self.transfers or m.transfer_id in self.ended or m.transfer_id in self.pending:
             return self.refuse(m.transfer_id, f"transfer id {m.transfer_id} already used on this session", now)
         self.early.release(m.transfer_id)
@@ -300,10 +331,28 @@ class ReceiverEngine:
         self.transfers[m.transfer_id] = RxTransfer(ReceiverTransfer(m, m.plan()),
                                                    end if deadline is None else min(deadline, end))
         self.held += held_bytes(m)
+        if held is not None and (held.cancel is not None or held.done is not None):
+            self.transfers[m.transfer_id].said = held
         return [self._send(F.ACCEPT, {"tid": m.transfer_id}, now)]
+
+    def apply_held(self, tid: int, now: float) -> list[Action]:
+        """What the sender said of ``tid`` while its destination was being found, now that it is activated and
+        its handle bound (the driver's next call after ``activate``): a CANCEL ends it, a DONE is taken as if
+        it came now."""
+        t = self.transfers.get(tid)
+        said = t.said if t is not None else None
+        if t is None or said is None:
+            return []
+        t.said = None
+        if said.cancel is not None:
+            return self._cancelled(tid, *said.cancel, now)
+        assert said.done is not None
+        return self._done(tid, said.done, now)
 
     def refuse(self, tid: int | None, reason: str, now: float) -> list[Action]:
         """Refuse a transfer that was not activated (no destination, over a receiver-wide bound)."""
+        if tid is not None:
+            self.admitting.pop(tid, None)
         if self._over:
             return []
         self._answered(tid)

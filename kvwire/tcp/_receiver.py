@@ -360,8 +360,8 @@ class Receiver:
                 kind, body = ch.read_control()
                 actions = s.receive(kind, body)
                 for a in actions:
-                    if type(a) is Admit:
-                        self._begin(s, a.manifest)
+                    if type(a) is Admit:  # (at most max_transfers_per_session at once: the engine counts them)
+                        self._spawn(self._admit, "kvwire-rx-admit", s, a.manifest)
                 fail = s.perform(actions)
                 if fail is not None:
                     self._close_session(s, fail)
@@ -371,6 +371,17 @@ class Receiver:
             self._close_session(s, f"protocol error: {e}")
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
+
+    def _admit(self, s: RxSession, m: Manifest) -> None:
+        """An admitted transfer to its destination (``_begin``), on a thread of its own: the allocator is user
+        code and may wait (for GPU memory a decode step frees), and meanwhile the session's heartbeats, DONEs,
+        CANCELs and other BEGINs are read and answered (on the control reader's thread a 2.5 s allocator let a
+        1 s ``peer_timeout`` fail the session as silent, and every transfer behind it waited)."""
+        try:
+            self._begin(s, m)
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave the transfer unanswered
+            log.exception("admitting transfer %d failed", m.transfer_id)
+            self._close_session(s, f"admitting transfer {m.transfer_id} failed: {type(e).__name__}: {e}")
 
     def _begin(self, s: RxSession, m: Manifest) -> None:
         """The session's engine admitted ``m``: the receiver-wide bound, then its destination. What ``m``

@@ -158,6 +158,7 @@ class RxSession:
                     self.handles[m.transfer_id] = h
                     if rows is not None:
                         self._tails[m.transfer_id] = rows
+                    actions += self._engine.apply_held(m.transfer_id, now)  # a DONE or CANCEL that came first
                 else:  # its user cancelled it as it was admitted: the sender is told (ACCEPT, then CANCEL)
                     actions += self._engine.cancel(m.transfer_id, h.reason or "cancelled by receiver", now)
             self._answered.notify_all()
