@@ -250,6 +250,22 @@ def test_real_base_classes() -> None:
 
 
 @needs_sglang
+def test_bootstrap_addr_parsed_as_the_vllm_endpoint_is() -> None:
+    """The shared parser (``adapters.endpoints``): SGLang joins a bare IPv6 host with its port, so the last
+    colon splits there; brackets come off; a bad port is a ``ValueError`` (what the callers catch)."""
+    from kvwire.adapters.sglang_manager import _split_addr
+
+    assert _split_addr("10.0.0.7:8998") == ("10.0.0.7", 8998)
+    assert _split_addr("prefill-host:8998") == ("prefill-host", 8998)
+    assert _split_addr("[::1]:8998") == ("::1", 8998)
+    assert _split_addr("::1:8998") == ("::1", 8998)
+    assert _split_addr(":8998") == ("127.0.0.1", 8998)
+    for bad in ("prefill-host", "prefill-host:0", "prefill-host:x", "[::1]8998", "[prefill-host]:8998"):
+        with pytest.raises(ValueError, match="bootstrap_addr"):
+            _split_addr(bad)
+
+
+@needs_sglang
 @pytest.mark.parametrize("pd", ["127.0.0.1", "::1"], indirect=True)
 def test_prefill_to_decode_pages_state_swa_aux(pd: Any) -> None:
     """The whole request, over IPv4 and over IPv6 (mailbox, advertised endpoint and kvwire session)."""

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import vllm_contract as vc  # noqa: E402
+from helpers import has_ipv6_loopback  # noqa: E402
 
 from kvwire.adapters import vllm as adapter  # noqa: E402
 from kvwire.codec import parity  # noqa: E402
@@ -264,3 +265,133 @@ def test_tail_parity_from_the_extra_config_reaches_the_session_and_bad_values_ar
         with pytest.raises(LayoutError, match="tail_parity"):
             adapter.KvwireConnector(vc.vllm_config("kv_producer", tail_parity=bad),
                                     adapter.KVConnectorRole.SCHEDULER, vc.kv_cache_config(8))
+
+
+# ------------------------------------------------------------------ kv_transfer_params: endpoints and ids
+@pytest.mark.parametrize("endpoint", ["10.0.0.7:7400", "decode-host:7400", "[::1]:7400", "[2001:db8::5]:1",
+                                      "localhost:65535", ("decode-host", 7400)])
+def test_params_take_good_endpoints(endpoint):
+    assert adapter.prefill_params("req-42", endpoint) == {
+        "do_remote_decode": True, "kvwire_request_id": "req-42", "kvwire_endpoint": endpoint}
+    assert adapter.decode_params("req-42") == {"do_remote_prefill": True, "kvwire_request_id": "req-42"}
+
+
+@pytest.mark.parametrize("endpoint", ["decode-host", "h:abc", "h:", ":7400", "h:0", "h:65536", "::1:7400",
+                                      "[::1]", "[::1]7400", "[decode-host]:7400", ("h", 0)])
+def test_prefill_params_refuses_a_bad_endpoint_at_the_call(endpoint):
+    with pytest.raises(ValueError, match="kvwire_endpoint"):
+        adapter.prefill_params("r", endpoint)
+    adapter.prefill_params("r", "h:1")  # negative control: the same call with a good endpoint passes
+
+
+@pytest.mark.parametrize("endpoint", [None, 7400, b"h:1", ("h", None), (5, 7400)])
+def test_prefill_params_refuses_an_endpoint_of_the_wrong_type(endpoint):
+    with pytest.raises(TypeError, match="kvwire_endpoint"):
+        adapter.prefill_params("r", endpoint)
+
+
+@pytest.mark.parametrize("rid,error", [(5, TypeError), (None, TypeError), (b"r", TypeError), ("", ValueError),
+                                       ("x" * 257, ValueError)])
+def test_params_refuse_a_bad_request_id_at_the_call(rid, error):
+    with pytest.raises(error, match="kvwire_request_id"):
+        adapter.prefill_params(rid, "h:1")
+    with pytest.raises(error, match="kvwire_request_id"):
+        adapter.decode_params(rid)
+    adapter.prefill_params("x" * 256, "h:1")  # negative controls: a string id of 1..256 characters passes
+    adapter.decode_params("5")
+
+
+def _transfer(p: vc.Instance, d: vc.Instance, rid: str, endpoint) -> None:
+    """One request from ``p`` to ``d`` sent to ``endpoint`` (decode first); its bytes arrive equal."""
+    preq = vc.Request(f"p-{rid}", N - 1, adapter.prefill_params(rid, endpoint))
+    dreq = vc.Request(f"d-{rid}", N, adapter.decode_params(rid))
+    assert d.admit(dreq, D_IDS) == (N - 1, True)
+    d.step({})
+    p.admit(preq, P_IDS)
+    p.step({preq: N - 1}, prefill_forward(p, range(0, N - 1), 3))
+    assert p.finish(preq) == (True, None)
+    res = run_until(d, lambda r: dreq.request_id in r.finished_recving)
+    assert not res.failed_recving
+    run_until(p, lambda r: preq.request_id in r.finished_sending)
+    assert request_bytes(p, P_IDS, N - 1) == request_bytes(d, D_IDS, N - 1)
+
+
+def _pair(listen: str):
+    p, d = vc.Instance("kv_producer"), vc.Instance("kv_consumer", host=listen)
+    return p, d
+
+
+@pytest.mark.parametrize("listen,host", [("127.0.0.1", "127.0.0.1"), ("127.0.0.1", "localhost")],
+                         ids=["ipv4", "hostname"])
+def test_transfer_to_host_port(listen, host):
+    p, d = _pair(listen)
+    try:
+        _transfer(p, d, f"kv-{host}", f"{host}:{d.worker.inbox.address[1]}")
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_transfer_to_bracketed_ipv6_endpoint_connects_on_ipv6_loopback():
+    """``"[::1]:port"`` reaches a decode that listens on ``::1`` only: brackets off, dialled over IPv6."""
+    p, d = _pair("::1")
+    try:
+        assert d.worker.inbox.address[0] == "::1"
+        endpoint = f"[::1]:{d.worker.inbox.address[1]}"
+        assert d.endpoint == endpoint
+        _transfer(p, d, "kv-v6", endpoint)
+        assert ("::1", d.worker.inbox.address[1]) in p.worker.outbox._sessions  # dialled ::1
+    finally:
+        p.close()
+        d.close()
+
+
+def test_malformed_endpoint_reaching_the_scheduler_fails_that_request_only(pd, caplog):
+    """An older client's bad ``kvwire_endpoint`` never raises into vLLM: that request computes, sends nothing,
+    frees its blocks at once and reports why; a good request on the same instances still transfers."""
+    p, d = pd
+    bad = vc.Request("p-bad", N - 1, {"do_remote_decode": True, "kvwire_request_id": "kv-bad",
+                                      "kvwire_endpoint": "decode-host"})
+    with caplog.at_level("ERROR", logger="kvwire.adapters.vllm"):
+        assert p.admit(bad, P_IDS) == (0, False)
+    assert "p-bad" in caplog.text and "kvwire_endpoint has no port" in caplog.text
+    p.step({bad: N - 1}, prefill_forward(p, range(0, N - 1), 4))
+    assert p.worker.outbox.active == 0  # nothing began
+    delay, params = p.finish(bad)
+    assert delay is False and "kvwire_endpoint has no port: 'decode-host'" in params["kvwire_error"]
+    assert not p.sched.has_pending_push_work()
+    _transfer(p, d, "kv-good", d.endpoint)  # negative control: the next, well-formed request goes through
+
+
+@pytest.mark.parametrize("params", [
+    {"do_remote_decode": True, "kvwire_request_id": "r", "kvwire_endpoint": "[::1]7400"},
+    {"do_remote_decode": True, "kvwire_request_id": "r", "kvwire_endpoint": None},
+    {"do_remote_decode": True, "kvwire_request_id": "r"},
+    {"do_remote_decode": True, "kvwire_endpoint": "h:1"},
+    {"do_remote_decode": True, "kvwire_request_id": "", "kvwire_endpoint": "h:1"},
+])
+def test_scheduler_survives_every_malformed_prefill_params(pd, params):
+    p, _d = pd
+    req = vc.Request("p-x", N - 1, params)
+    p.admit(req, P_IDS)
+    delay, out = p.finish(req)
+    assert delay is False and out["kvwire_error"].startswith("kvwire: not sent: ")
+
+
+def test_scheduler_takes_an_older_clients_int_request_id(pd):
+    """Before ``prefill_params`` checked ids, an int id reached the scheduler and was read as its text: still
+    so there (decode reads it the same way), so such a client keeps working."""
+    p, d = pd
+    params = {"do_remote_decode": True, "kvwire_request_id": 5, "kvwire_endpoint": d.endpoint}
+    p.sched.on_new_request(vc.Request("p-int", N - 1, params))
+    assert p.sched._producing["p-int"][:2] == ("5", tuple(d.worker.inbox.address))
+
+
+def test_decode_without_request_id_is_computed_not_loaded(pd):
+    _p, d = pd
+    dreq = vc.Request("d-noid", N, {"do_remote_prefill": True})
+    assert d.admit(dreq, D_IDS) == (0, False)  # vLLM computes the prompt itself; the scheduler goes on
+    assert d.sched.get_num_new_matched_tokens(dreq, 0) == (0, False)
+    ok = vc.Request("d-ok", N, adapter.decode_params("kv-ok"))  # negative control
+    assert d.admit(ok, D_IDS) == (N - 1, True)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvwire.adapters import vllm as adapter
+from kvwire.adapters.endpoints import join_endpoint
 
 HEADS, HEAD = 2, 32
 CONV_SHAPE, SSM_SHAPE = (3, 64), (2, 8, 8)  # conv SD (K-1, dim) bf16; GDN ssm (H, V, K) fp32
@@ -170,8 +171,7 @@ class Instance:
     @property
     def endpoint(self) -> str:
         assert self.worker.inbox is not None
-        host, port = self.worker.inbox.address
-        return f"{host}:{port}"
+        return join_endpoint(*self.worker.inbox.address)  # "[v6addr]:port" when it listens on IPv6
 
     def admit(self, req: Request, block_ids: tuple[list[int], ...]) -> tuple[int | None, bool]:
         """``on_new_request``, ``get_num_new_matched_tokens``, allocation, ``update_state_after_alloc``."""

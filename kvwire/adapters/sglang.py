@@ -40,8 +40,9 @@ rank's slices are in and verified; one that fails fails it with a reason naming 
 Not supported (a clear ``Failed``, or ``LayoutError`` at start): decode radix-cache prefix hits, host
 destinations, state types other than ``mamba`` and ``swa``, re-sharding a buffer SGLang gives no slicing
 metadata for (``SglangPools.unsliceable``), pipeline-parallel instances. This module imports SGLang; nothing in
-``kvwire`` imports this module. Must not know: kvwire's internals beyond ``lifecycle``, ``sglang_pools``,
-``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan (``codec.reshard``, ``reshard.sub_request_id``).
+``kvwire`` imports this module. Must not know: kvwire's internals beyond ``lifecycle``, ``endpoints``,
+``sglang_pools``, ``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan (``codec.reshard``,
+``reshard.sub_request_id``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.reshard import ReshardPlan, paired_ranks
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutError
+from .endpoints import split_endpoint
 from .lifecycle import Ended, Receiving, Sending
 from .sglang_bootstrap import MailboxServer
 from .sglang_manager import BACKEND, KvwireKVManager, KvwireTransferError, Settings, checked_indices, plan_between
@@ -170,10 +172,10 @@ class KvwireKVSender(BaseKVSender):
         their_counts = mgr.pools.state_counts([None if s is None else checked_indices(s, "state") for s in states])
         if mine_counts != their_counts:
             raise KvwireError(f"state index counts differ: prefill {mine_counts}, decode {their_counts}")
-        host, port = d.get("endpoint", [None, None])
-        if not isinstance(host, str) or not isinstance(port, int):
-            raise KvwireError("decode's endpoint is malformed")
-        return host, port
+        try:
+            return split_endpoint(d.get("endpoint"), what="decode's endpoint")
+        except (TypeError, ValueError) as e:
+            raise KvwireError(f"decode's endpoint is malformed: {e}") from None
 
     def _start(self) -> None:
         """Every chunk is in and decode's destination is known: one transfer of every buffer (or, to decode

@@ -7,7 +7,7 @@ prefill rank, one ``Inbox`` on a decode rank, over ``SglangPools``; mail taken a
 thread; senders and receivers found by room / request id). The request-level classes, the bootstrap server
 and the plugin are in ``kvwire.adapters.sglang``; they register with the manager (``add_sender``,
 ``add_receiver``) and reach it through its public methods only. Must not know: kvwire's internals beyond
-``lifecycle``, ``sglang_pools``, ``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan
+``lifecycle``, ``endpoints``, ``sglang_pools``, ``sglang_bootstrap``, ``kvwire.cuda`` and the re-sharding plan
 (``codec.reshard``, ``reshard.sub_request_id``); what a sender or receiver does with its mail or its
 transfer's end (it calls their ``take_mail`` and ``transfer_ended``).
 """
@@ -29,6 +29,7 @@ from ..codec.layout import ModelLayout, RequestSpec
 from ..codec.reshard import ReshardPlan, plan_reshard
 from ..errors import KvwireError, LayoutError, ReshardUnsupported, TransferFailed
 from ..reshard import sub_request_id
+from .endpoints import split_endpoint
 from .lifecycle import Inbox, Outbox, tail_parity_setting
 from .sglang_bootstrap import MailboxClient
 from .sglang_pools import SglangPools, unsliceable_tensors
@@ -80,8 +81,12 @@ class Settings:
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = str(addr).rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """SGLang's ``bootstrap_addr``: ``f"{bootstrap_host}:{port}"``, the host bare even when it is an IPv6
+    literal (the last colon splits), or bracketed; an empty host is this host (``127.0.0.1``)."""
+    addr = str(addr)
+    if addr.startswith(":") and ":" not in addr[1:]:
+        addr = "127.0.0.1" + addr
+    return split_endpoint(addr, what="bootstrap_addr", bare_ipv6=True)
 
 
 def _mode(disaggregation_mode: Any) -> str:
@@ -297,7 +302,7 @@ class KvwireKVManager(BaseKVManager):
 
         def run() -> None:
             try:
-                host, port = dest["endpoint"]
+                host, port = split_endpoint(dest.get("endpoint"), what="decode's endpoint")
                 pages = checked_indices(dest.get("kv"), "decode's kv pages")
                 counts = self.pools.state_counts([None if x is None else checked_indices(x, "state")
                                                   for x in (dest.get("state") or [])])
@@ -311,7 +316,7 @@ class KvwireKVManager(BaseKVManager):
                     request = RequestSpec(sub_request_id(request.request_id, self.tp_rank, d), request.num_tokens,
                                           request.state_position, dict(request.prefix_hit))
                 assert self.outbox is not None
-                out = self.outbox.session(str(host), int(port)).send(layout, request, timeout=10)
+                out = self.outbox.session(host, port).send(layout, request, timeout=10)
                 out.cancel(reason)
             except Exception as e:  # noqa: BLE001 - decode still fails, at its own timeout
                 log.debug("kvwire: could not tell decode of room %s: %s", dest.get("room"), e)

@@ -7,8 +7,12 @@ its metadata, and the ``kv_transfer_params`` protocol. Plug in with::
                            "kv_role": "kv_producer", "kv_connector_extra_config": {"key": "..."}}'
 
 (decode: ``"kv_role": "kv_consumer"`` and ``"port": 7400`` in the extra config). Per request, the proxy
-passes ``kv_transfer_params``: to prefill ``{"do_remote_decode": true, "kvwire_endpoint": "host:port",
-"kvwire_request_id": ID}``, to decode ``{"do_remote_prefill": true, "kvwire_request_id": ID}``. Under the
+passes ``kv_transfer_params`` (``prefill_params`` and ``decode_params`` make and check them): to prefill
+``{"do_remote_decode": true, "kvwire_endpoint": "host:port", "kvwire_request_id": ID}`` (an IPv6 endpoint:
+``"[v6addr]:port"``), to decode ``{"do_remote_prefill": true, "kvwire_request_id": ID}``. Malformed ones that
+reach the scheduler fail that request alone: a prefill request computes but sends nothing (its output's
+``kv_transfer_params`` say why, under ``kvwire_error``; decode's load then times out), a decode request
+without a request id is computed, not loaded. Under the
 N-1 state policy (the default; what vLLM's NIXL connector does for Mamba), prefill is given the prompt
 without its last token and ``max_tokens=1``, decode the whole prompt: decode loads N-1 tokens of KV and the
 state after them, and computes the last prompt token itself.
@@ -32,7 +36,7 @@ Call order served (vLLM 0.32, hybrid manager on):
 
 vLLM is imported lazily: where it is not installed, minimal stand-ins of its base classes make this module
 importable and contract-testable (``VLLM_AVAILABLE`` says which). Must not know: kvwire's internals beyond
-``lifecycle`` and ``kvwire.cuda``; how vLLM schedules beyond the connector API.
+``lifecycle``, ``endpoints`` and ``kvwire.cuda``; how vLLM schedules beyond the connector API.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec
 from ..errors import LayoutError, LayoutMismatch
+from .endpoints import check_request_id, split_endpoint
 from .lifecycle import Ended, Inbox, Outbox, tail_parity_setting
 from .positions import StatePolicy
 from .vllm_cache import VllmCacheMap, attention_kv_views
@@ -114,13 +119,19 @@ if TYPE_CHECKING:
 __all__ = ["VLLM_AVAILABLE", "KvwireConnector", "KvwireMetadata", "decode_params", "prefill_params"]
 
 
-def prefill_params(request_id: str, endpoint: str) -> dict[str, Any]:
-    """``kv_transfer_params`` of the prefill request (send to ``endpoint``, the decode's ``host:port``)."""
+def prefill_params(request_id: str, endpoint: str | tuple[str, int]) -> dict[str, Any]:
+    """``kv_transfer_params`` of the prefill request: send to ``endpoint``, the decode's ``"host:port"``,
+    ``"[v6addr]:port"`` (an IPv6 literal takes brackets) or ``(host, port)``. Checked here, as the connector
+    parses it: ``TypeError`` for a request id that is not a string or an endpoint of the wrong type,
+    ``ValueError`` for an empty or too long id, or an endpoint without a host or a port in 1..65535."""
+    check_request_id(request_id, what="kvwire_request_id")
+    split_endpoint(endpoint, what="kvwire_endpoint")
     return {"do_remote_decode": True, "kvwire_request_id": request_id, "kvwire_endpoint": endpoint}
 
 
 def decode_params(request_id: str) -> dict[str, Any]:
-    """``kv_transfer_params`` of the decode request."""
+    """``kv_transfer_params`` of the decode request (the request id checked as in ``prefill_params``)."""
+    check_request_id(request_id, what="kvwire_request_id")
     return {"do_remote_prefill": True, "kvwire_request_id": request_id}
 
 
@@ -152,13 +163,14 @@ class KvwireMetadata(KVConnectorMetadata):
     cancels: list[str] = field(default_factory=list)
 
 
-def _endpoint(value: Any) -> tuple[str, int]:
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return str(value[0]), int(value[1])
-    host, _, port = str(value).rpartition(":")
-    if not host or not port.isdigit():
-        raise LayoutError(f"kvwire_endpoint must be 'host:port', not {value!r}")
-    return host, int(port)
+def _producer_params(params: dict[str, Any]) -> tuple[str, tuple[str, int]]:
+    """The kvwire request id and decode endpoint of a prefill request's ``kv_transfer_params``, as
+    ``prefill_params`` makes them. A non-string id is taken as its text (older clients sent ints; decode
+    reads it the same way); ``ValueError``/``TypeError`` (the reason) for a missing or malformed one."""
+    if "kvwire_request_id" not in params or "kvwire_endpoint" not in params:
+        raise ValueError("kv_transfer_params lack kvwire_request_id or kvwire_endpoint (see prefill_params)")
+    kv_id = check_request_id(str(params["kvwire_request_id"]), what="kvwire_request_id")
+    return kv_id, split_endpoint(params["kvwire_endpoint"], what="kvwire_endpoint")
 
 
 class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
@@ -201,6 +213,7 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         self._loading: set[str] = set()
         self._saving: set[str] = set()  # a save was emitted: its transfer began on the worker
         self._no_remote: set[str] = set()  # a load failed: vLLM recomputes (or fails) it, never reloads
+        self._refused: dict[str, str] = {}  # prefill requests with malformed kv_transfer_params: the reason
         self._delayed: set[str] = set()  # blocks kept by request_finished_all_groups, not reported yet
         self._cancels: list[str] = []
         # worker side
@@ -225,13 +238,24 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
     def on_new_request(self, request: Any) -> None:
         params = request.kv_transfer_params or {}
         if self.is_producer and params.get("do_remote_decode"):
-            self._producing[request.request_id] = (str(params["kvwire_request_id"]),
-                                                   _endpoint(params["kvwire_endpoint"]), request)
+            try:
+                kv_id, endpoint = _producer_params(params)
+            except (TypeError, ValueError) as e:  # one bad request (an older or foreign client): never the engine
+                log.error("kvwire: request %s computes, but its KV is not sent: %s", request.request_id, e)
+                self._refused[request.request_id] = f"kvwire: not sent: {e}"
+                return
+            self._producing[request.request_id] = (kv_id, endpoint, request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
         if not (self.is_consumer and params.get("do_remote_prefill")) or request.request_id in self._loading \
                 or request.request_id in self._no_remote:
+            return 0, False
+        try:
+            check_request_id(str(params.get("kvwire_request_id", "")), what="kvwire_request_id")
+        except ValueError as e:  # nothing to load: vLLM computes the prompt itself
+            log.error("kvwire: request %s is computed here, not loaded: %s", request.request_id, e)
+            self._no_remote.add(request.request_id)
             return 0, False
         s = self.policy.prefill_tokens(int(request.num_prompt_tokens))
         if s <= num_computed_tokens:
@@ -279,6 +303,9 @@ class KvwireConnector(KVConnectorBase_V1, SupportsHMA):
         req_id = request.request_id
         self._producing.pop(req_id, None)  # finished before its final prefill chunk: nothing was sent
         self._no_remote.discard(req_id)
+        refused = self._refused.pop(req_id, None)
+        if refused is not None:  # nothing was sent: vLLM frees now; the reason goes back with the output
+            return False, {"kvwire_error": refused}
         if req_id in self._loading:  # decode, still receiving into these blocks: cancel, free once reported
             self._cancels.append(req_id)
             self._delayed.add(req_id)
