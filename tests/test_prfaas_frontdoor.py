@@ -2,7 +2,7 @@
 
 What an unauthenticated client can make it do: the body is bounded before it is read (a Content-Length over the
 cap is refused unread, a chunked body is cut as soon as it passes the cap), a malformed body is a 400 and never
-a 500.
+a 500, and ``POST /admin/convert`` (it changes node roles) takes only a request signed with the deployment key.
 The orchestrator is stubbed where a request would reach the nodes.
 """
 
@@ -195,6 +195,22 @@ def test_a_malformed_body_is_a_400_json_error(door: tuple[FrontDoor, FakeOrch], 
     assert "error" in r.json() and fake.converted == []
 
 
+# ------------------------------------------------------------ /admin/convert takes the deployment key
+def test_convert_needs_the_deployment_key(door: tuple[FrontDoor, FakeOrch]) -> None:
+    d, fake = door
+    data = body(node="local-p0", role="decode")
+    for headers in ({}, {AUTH: sign(b"not-the-key", "POST", "/admin/convert", data)},
+                    {AUTH: sign(KEY.encode(), "POST", "/admin/timeline", data)},  # signed for another path
+                    {AUTH: sign(KEY.encode(), "POST", "/admin/convert", body(node="local-d0", role="decode"))}):
+        r = call(d.app, "POST", "/admin/convert", [data], headers)
+        assert r.status == 401 and fake.converted == [], r.body
+    signed = {AUTH: sign(KEY.encode(), "POST", "/admin/convert", data)}
+    r = call(d.app, "POST", "/admin/convert", [data], signed)  # negative control: signed, it converts
+    assert r.status == 200 and r.json()["changed"] and fake.converted == [("local-p0", "decode")]
+    r = call(d.app, "POST", "/admin/convert", [data], signed)  # the same signature again: a replay
+    assert r.status == 401 and fake.converted == [("local-p0", "decode")]
+
+
 def test_the_read_only_routes_stay_open_and_unknown_paths_404(door: tuple[FrontDoor, FakeOrch]) -> None:
     d, _ = door
     assert call(d.app, "GET", "/v1/models").status == 200
@@ -204,3 +220,9 @@ def test_the_read_only_routes_stay_open_and_unknown_paths_404(door: tuple[FrontD
     assert call(d.app, "POST", "/admin/nope").status == 404
     assert call(d.app, "GET", "/nope").status == 404
     assert call(d.app, "GET", "/admin/convert").status == 405
+
+
+def test_the_front_door_needs_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVWIRE_KEY", raising=False)
+    with pytest.raises(ValueError, match="KVWIRE_KEY"):
+        FrontDoor(deploy_config.load(DEFAULT))

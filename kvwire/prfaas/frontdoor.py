@@ -16,11 +16,15 @@
 No authentication on ``/v1/*``, ``/metrics``, ``/health`` and ``GET /admin/timeline`` (by design: the public,
 read-only side). So a body is bounded before it is read (``max_body_bytes``: a Content-Length over it is a 413
 without a byte read, a chunked body a 413 as soon as it passes it) and a prompt longer than
-``max_prompt_tokens`` is refused before it is tokenized.
+``max_prompt_tokens`` is refused before it is tokenized. ``POST /admin/convert`` changes node roles: it takes
+only a request signed with the deployment's shared key (``KVWIRE_KEY``), as node control calls are
+(``controlauth.ControlAuth``: header ``X-Kvwire-Auth: controlauth.sign(key, "POST", "/admin/convert", body)``,
+each signature accepted once); anything else is a 401 and converts nothing.
 
 Served by uvicorn over a starlette app: a maintained ASGI server and toolkit (HTTP/1.1 keep-alive, chunked
 streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop.
-Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``).
+Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``),
+the signature scheme (``controlauth``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from . import config as deploy_config
+from .controlauth import ControlAuth, control_key
 from .orchestrator import Completion, Orchestrator, RequestError, Unavailable
 from .settings import FrontSettings
 from .telemetry import Telemetry
@@ -53,7 +58,8 @@ REUSE_HEADER = "x-prfaas-reuse"
 #: room in a ``/v1/completions`` body for every field but the prompt (``max_tokens``, up to 4 ``stop`` strings,
 #: ``stream``, ``temperature``...): a client's ordinary request is a few hundred bytes of them
 OTHER_FIELDS_BYTES = 64 << 10
-#: the most of an ``/admin/convert`` body parsed (``{"node": name, "role": role}``: tens of bytes)
+#: the most of an ``/admin/convert`` body parsed (``{"node": name, "role": role}``: tens of bytes; it is signed,
+#: and ``ControlAuth`` bounds what it reads by ``controlauth.MAX_BODY``)
 ADMIN_BODY_BYTES = 64 << 10
 
 
@@ -116,6 +122,7 @@ class FrontDoor:
                  wait_healthy_s: float = 30.0) -> None:
         self.config = config
         self.settings = settings or FrontSettings.from_table(config.router)
+        self.key = control_key()  # the deployment's shared key: the orchestrator's node calls are signed with it too
         self.telemetry = Telemetry()
         self.orch = Orchestrator(config, self.settings, self.telemetry)
         self.tokenizer = ByteTokenizer()
@@ -130,7 +137,8 @@ class FrontDoor:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-            Route("/admin/convert", self.convert, methods=["POST"]),
+            Route("/admin/convert", ControlAuth(request_response(self.convert), self.key, open_routes=frozenset()),
+                  methods=["POST"]),
             Route("/admin/timeline", self.timeline, methods=["GET"]),
         ], lifespan=self._lifespan)
 
@@ -262,6 +270,7 @@ class FrontDoor:
         return JSONResponse(snap, 200 if ok else 503)
 
     async def convert(self, request: Request) -> Response:
+        """Reached only through ``ControlAuth``: signed with the deployment key, the body verified."""
         try:
             body = await read_json(request, ADMIN_BODY_BYTES)
         except BodyError as e:
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s frontdoor %(levelname)s %(message)s")
     try:
         door = FrontDoor(deploy_config.load(a.config), wait_healthy_s=a.wait_healthy)
-    except ValueError as e:  # ConfigError, or no KVWIRE_KEY (the node clients')
+    except ValueError as e:  # ConfigError, or no KVWIRE_KEY
         ap.error(str(e))
     # uvicorn shuts down on SIGTERM/SIGINT (lifespan exit included), restores the handlers it found and re-raises
     # the signal: with the defaults the process then dies of it (-15). Found handlers that do nothing let it return 0.
