@@ -2,7 +2,9 @@
 
 Owns: the command line over ``launcher.Deployment``. ``up`` starts a supervisor process (detached) that
 runs the deployment and writes the state file (pids, namespaces, the front door's URL) once every
-``/health`` answers; it returns then (exit 0) or with the failure (exit 1). ``down`` asks the supervisor to
+``/health`` answers; it returns then (exit 0) or with the failure (exit 1). The config (and ``--wan``) is read and
+validated first, in the foreground: a missing or invalid one is said there (exit 1), not in the supervisor's
+log. ``down`` asks the supervisor to
 stop (SIGTERM), then SIGKILLs whatever the state file names that is still alive after the bound and deletes
 its namespaces. ``status`` prints the state and the front door's ``/health``.
 Must not know: routing, nodes' protocol.
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ..termination import pid_alive
+from . import config as deploy_config
 from .launcher import ROOT, Deployment, LaunchError, WanSpec
+from .settings import FrontSettings
 
 
 def default_state(config: str) -> Path:
@@ -65,7 +69,24 @@ def supervise(a: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(path: str, wan: str = "") -> str | None:
+    """Why ``path`` (and ``wan``) cannot start a deployment (unreadable, not TOML, invalid ``[router]``...), or
+    None: what the supervisor would otherwise find only after it was spawned."""
+    try:
+        cfg = deploy_config.load(path)
+        FrontSettings.from_table(cfg.router)
+        if wan:
+            WanSpec.parse(wan)
+    except ValueError as e:  # ConfigError included
+        return str(e)
+    return None
+
+
 def up(a: argparse.Namespace) -> int:
+    why = check_config(a.config, a.wan)
+    if why is not None:
+        print(f"up failed: {why}", file=sys.stderr)
+        return 1
     state = Path(a.state)
     if state.exists():
         old = json.loads(state.read_text())
@@ -137,6 +158,10 @@ def down(a: argparse.Namespace) -> int:
 def status(a: argparse.Namespace) -> int:
     state = Path(a.state)
     if not state.exists():
+        why = check_config(a.config)  # a mistyped path is not "not up"
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 1
         print("not up")
         return 1
     s = json.loads(state.read_text())
