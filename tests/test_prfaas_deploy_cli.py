@@ -67,3 +67,13 @@ def test_up_and_status_say_the_config_is_unusable_in_the_foreground(tmp_path: Pa
     assert main(["status", "--config", str(write_config(tmp_path / "deploy.toml")), "--state", str(state)]) == 1
     assert capsys.readouterr().out.strip() == "not up"
 
+
+def test_help_is_plain_text_and_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvwire.prfaas.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "``" not in out and "supervise" not in out, out
+    for name in ("up", "down", "status"):
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), (name, out)

@@ -31,6 +31,18 @@ from . import config as deploy_config
 from .launcher import ROOT, Deployment, LaunchError, WanSpec
 from .settings import FrontSettings
 
+DESCRIPTION = ("Start, stop or inspect a PrfaaS deployment (every node and the router's front door)\n"
+               "described by one TOML config.")
+EXAMPLES = """example:
+  python -m kvwire.prfaas up --config kvwire/prfaas/deploy-default.toml [--wan rate=200mbit,rtt=20ms]
+  python -m kvwire.prfaas status --config kvwire/prfaas/deploy-default.toml
+  python -m kvwire.prfaas down --config kvwire/prfaas/deploy-default.toml"""
+COMMANDS = {  # the help of each subcommand (supervise is what up runs, detached: not listed)
+    "up": "start every node and the front door (detached); return once every /health answers",
+    "down": "stop the deployment: SIGTERM, SIGKILL after --grace; remove its namespaces",
+    "status": "print the state file (pids, namespaces, the front door's URL)",
+}
+
 
 def default_state(config: str) -> Path:
     digest = hashlib.sha1(os.path.abspath(config).encode()).hexdigest()[:10]
@@ -170,10 +182,13 @@ def status(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas", description=DESCRIPTION, epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="{" + ",".join(COMMANDS) + "}")
     for name in ("up", "down", "status", "supervise"):
-        p = sub.add_parser(name)
+        what = COMMANDS.get(name)
+        p = sub.add_parser(name) if what is None else \
+            sub.add_parser(name, help=what, description=what[0].upper() + what[1:])
         p.add_argument("--config", required=True, help="the deployment's TOML config")
         p.add_argument("--state", default=None, help="state file (default: one per config in the temp dir)")
         if name in ("up", "supervise"):
