@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import openai  # noqa: E402
 from prfaas_deploy_util import metric, metrics, stream_tokens, wait_gone, write_config  # noqa: E402
 
 from kvwire.prfaas import config as deploy_config  # noqa: E402
+from kvwire.prfaas.controlauth import AUTH, sign  # noqa: E402
 from kvwire.prfaas.launcher import Deployment  # noqa: E402
 
 WORDS = ("kv cache prefill decode hybrid linear attention state layer token route wire lane link egress "
@@ -53,8 +55,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deplo
         assert wait_gone(pids) == [], "processes left after stop"
 
 
-def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def _post(url: str, body: dict[str, Any], key: str | None = None) -> tuple[int, Any]:
+    """POST ``body`` as JSON; signed with ``key`` (the deployment's, for ``/admin/convert``) when given."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers[AUTH] = sign(key.encode(), "POST", urllib.parse.urlsplit(url).path, data)
+    req = urllib.request.Request(url, data, headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -163,10 +170,11 @@ def test_bad_requests_get_clear_errors(deployment: tuple[Deployment, Any]) -> No
 
 def test_converting_a_local_node_is_real_and_visible(deployment: tuple[Deployment, Any]) -> None:
     d, client = deployment
-    url = d.frontdoor_url
-    assert _post(url + "/admin/convert", {"node": "prfaas-0", "role": "decode"})[0] == 400
-    assert _post(url + "/admin/convert", {"node": "local-d0", "role": "prefill"})[0] == 409  # the last decode node
-    status, out = _post(url + "/admin/convert", {"node": "local-p0", "role": "decode"})
+    url, key = d.frontdoor_url, d.env["KVWIRE_KEY"]  # the key the launcher gave every process
+    assert _post(url + "/admin/convert", {"node": "local-p0", "role": "decode"})[0] == 401  # unsigned: refused
+    assert _post(url + "/admin/convert", {"node": "prfaas-0", "role": "decode"}, key)[0] == 400
+    assert _post(url + "/admin/convert", {"node": "local-d0", "role": "prefill"}, key)[0] == 409  # the last decode
+    status, out = _post(url + "/admin/convert", {"node": "local-p0", "role": "decode"}, key)
     assert status == 200 and out["changed"] and out["role"] == "decode"
     try:
         _, health = _get(url + "/health")
@@ -179,7 +187,7 @@ def test_converting_a_local_node_is_real_and_visible(deployment: tuple[Deploymen
         assert r.model_extra["prfaas"]["route"] == "prfaas" and len(r.choices[0].model_extra["token_ids"]) == 4
         assert metric(metrics(url), "prfaas_routing_decisions_total", target="prfaas", why="fallback") >= 1
     finally:
-        status, out = _post(url + "/admin/convert", {"node": "local-p0", "role": "prefill"})
+        status, out = _post(url + "/admin/convert", {"node": "local-p0", "role": "prefill"}, key)
     assert status == 200 and out["role"] == "prefill"
     r = client.completions.create(model="m", prompt="short again", max_tokens=4)
     assert r.model_extra["prfaas"]["route"] == "local"

@@ -46,3 +46,34 @@ def test_up_serves_and_down_leaves_nothing(tmp_path: Path) -> None:
     assert wait_gone(pids) == [] and not state.exists()
     assert json.loads(down.stdout)["left"] == []
     assert _cli("down", *common).returncode == 0  # idempotent
+
+
+def test_up_and_status_say_the_config_is_unusable_in_the_foreground(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from kvwire.prfaas.__main__ import main
+
+    state = tmp_path / "state.json"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    for cfg, why in ((tmp_path / "missing.toml", "cannot read config"), (bad, "not valid TOML")):
+        assert main(["up", "--config", str(cfg), "--state", str(state), "--timeout", "5"]) == 1
+        err = capsys.readouterr().err
+        assert why in err and str(cfg) in err, err
+        assert not state.exists() and not state.with_suffix(".log").exists()  # no supervisor was started
+        assert main(["status", "--config", str(cfg), "--state", str(state)]) == 1
+        out = capsys.readouterr()
+        assert why in out.err and "not up" not in out.out, out
+    # negative control: a readable config with nothing running is "not up"
+    assert main(["status", "--config", str(write_config(tmp_path / "deploy.toml")), "--state", str(state)]) == 1
+    assert capsys.readouterr().out.strip() == "not up"
+
+
+def test_help_is_plain_text_and_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvwire.prfaas.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "``" not in out and "supervise" not in out, out
+    for name in ("up", "down", "status"):
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), (name, out)

@@ -2,7 +2,9 @@
 
 Owns: the command line over ``launcher.Deployment``. ``up`` starts a supervisor process (detached) that
 runs the deployment and writes the state file (pids, namespaces, the front door's URL) once every
-``/health`` answers; it returns then (exit 0) or with the failure (exit 1). ``down`` asks the supervisor to
+``/health`` answers; it returns then (exit 0) or with the failure (exit 1). The config (and ``--wan``) is read and
+validated first, in the foreground: a missing or invalid one is said there (exit 1), not in the supervisor's
+log. ``down`` asks the supervisor to
 stop (SIGTERM), then SIGKILLs whatever the state file names that is still alive after the bound and deletes
 its namespaces. ``status`` prints the state and the front door's ``/health``.
 Must not know: routing, nodes' protocol.
@@ -25,7 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from ..termination import pid_alive
+from . import config as deploy_config
 from .launcher import ROOT, Deployment, LaunchError, WanSpec
+from .settings import FrontSettings
+
+DESCRIPTION = ("Start, stop or inspect a PrfaaS deployment (every node and the router's front door)\n"
+               "described by one TOML config.")
+EXAMPLES = """example:
+  python -m kvwire.prfaas up --config kvwire/prfaas/deploy-default.toml [--wan rate=200mbit,rtt=20ms]
+  python -m kvwire.prfaas status --config kvwire/prfaas/deploy-default.toml
+  python -m kvwire.prfaas down --config kvwire/prfaas/deploy-default.toml"""
+COMMANDS = {  # the help of each subcommand (supervise is what up runs, detached: not listed)
+    "up": "start every node and the front door (detached); return once every /health answers",
+    "down": "stop the deployment: SIGTERM, SIGKILL after --grace; remove its namespaces",
+    "status": "print the state file (pids, namespaces, the front door's URL)",
+}
 
 
 def default_state(config: str) -> Path:
@@ -65,7 +81,24 @@ def supervise(a: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(path: str, wan: str = "") -> str | None:
+    """Why ``path`` (and ``wan``) cannot start a deployment (unreadable, not TOML, invalid ``[router]``...), or
+    None: what the supervisor would otherwise find only after it was spawned."""
+    try:
+        cfg = deploy_config.load(path)
+        FrontSettings.from_table(cfg.router)
+        if wan:
+            WanSpec.parse(wan)
+    except ValueError as e:  # ConfigError included
+        return str(e)
+    return None
+
+
 def up(a: argparse.Namespace) -> int:
+    why = check_config(a.config, a.wan)
+    if why is not None:
+        print(f"up failed: {why}", file=sys.stderr)
+        return 1
     state = Path(a.state)
     if state.exists():
         old = json.loads(state.read_text())
@@ -137,6 +170,10 @@ def down(a: argparse.Namespace) -> int:
 def status(a: argparse.Namespace) -> int:
     state = Path(a.state)
     if not state.exists():
+        why = check_config(a.config)  # a mistyped path is not "not up"
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 1
         print("not up")
         return 1
     s = json.loads(state.read_text())
@@ -145,10 +182,13 @@ def status(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas", description=DESCRIPTION, epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="{" + ",".join(COMMANDS) + "}")
     for name in ("up", "down", "status", "supervise"):
-        p = sub.add_parser(name)
+        what = COMMANDS.get(name)
+        p = sub.add_parser(name) if what is None else \
+            sub.add_parser(name, help=what, description=what[0].upper() + what[1:])
         p.add_argument("--config", required=True, help="the deployment's TOML config")
         p.add_argument("--state", default=None, help="state file (default: one per config in the temp dir)")
         if name in ("up", "supervise"):

@@ -2,7 +2,8 @@
 
 Owns: the ``X-Kvwire-Auth`` header (``ts nonce head-mac body-mac``, HMAC-SHA256 in the ``kvwire-prfaas-control/1``
 domain: the head MAC covers method, path, time, nonce and body length; the body MAC the head MAC and the body),
-``sign`` for clients and ``ControlAuth``, a plain ASGI middleware for the node: the head is checked before a
+``sign`` for clients and ``ControlAuth``, a plain ASGI middleware for the node (and the front door's
+``POST /admin/convert``): the head is checked before a
 byte of the body is read (an unauthenticated caller cannot make the node read, parse or allocate for a body:
 ``/expect`` sizes cache buffers from the prompt), each nonce is accepted once within the time window
 (``kvwire.signing``: the scheme and ``Nonces`` the SGLang bootstrap mailbox uses too, in its own domain),

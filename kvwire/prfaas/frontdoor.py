@@ -13,9 +13,18 @@
   some prefill and decode node can serve, 503 otherwise), ``POST /admin/convert`` ``{"node", "role"}`` —
   convert a local node now (what the long loop does), ``GET /admin/timeline`` — health/role/t changes.
 
+No authentication on ``/v1/*``, ``/metrics``, ``/health`` and ``GET /admin/timeline`` (by design: the public,
+read-only side). So a body is bounded before it is read (``max_body_bytes``: a Content-Length over it is a 413
+without a byte read, a chunked body a 413 as soon as it passes it) and a prompt longer than
+``max_prompt_tokens`` is refused before it is tokenized. ``POST /admin/convert`` changes node roles: it takes
+only a request signed with the deployment's shared key (``KVWIRE_KEY``), as node control calls are
+(``controlauth.ControlAuth``: header ``X-Kvwire-Auth: controlauth.sign(key, "POST", "/admin/convert", body)``,
+each signature accepted once); anything else is a 401 and converts nothing.
+
 Served by uvicorn over a starlette app: a maintained ASGI server and toolkit (HTTP/1.1 keep-alive, chunked
 streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop.
-Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``).
+Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``),
+the signature scheme (``controlauth``).
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from . import config as deploy_config
+from .controlauth import ControlAuth, control_key
 from .orchestrator import Completion, Orchestrator, RequestError, Unavailable
 from .settings import FrontSettings
 from .telemetry import Telemetry
@@ -45,6 +55,60 @@ log = logging.getLogger("kvwire.prfaas.frontdoor")
 MODEL_NAME = "kvwire-prfaas"
 ROUTE_HEADER = "x-prfaas-route"
 REUSE_HEADER = "x-prfaas-reuse"
+#: room in a ``/v1/completions`` body for every field but the prompt (``max_tokens``, up to 4 ``stop`` strings,
+#: ``stream``, ``temperature``...): a client's ordinary request is a few hundred bytes of them
+OTHER_FIELDS_BYTES = 64 << 10
+#: the most of an ``/admin/convert`` body parsed (``{"node": name, "role": role}``: tens of bytes; it is signed,
+#: and ``ControlAuth`` bounds what it reads by ``controlauth.MAX_BODY``)
+ADMIN_BODY_BYTES = 64 << 10
+
+
+class BodyError(ValueError):
+    """A request body the front door will not read (413: over the cap) or cannot parse (400)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def max_body_bytes(settings: FrontSettings, vocab: int) -> int:
+    """The largest ``/v1/completions`` body the front door reads: a prompt of ``n = max_prompt_tokens`` tokens
+    in its widest JSON form, plus ``OTHER_FIELDS_BYTES``.
+
+    As text, each token is one UTF-8 byte, which a JSON encoder may write as a 6-character ``\\u00XX`` escape
+    (control characters; a 2-, 3- or 4-byte character's escape is 3, 2 or 3 characters a byte): ``6 n``. As
+    token ids, each is at most ``d`` digits (``d = len(str(vocab - 1))``) and ``", "`` apart: ``(d + 2) n``.
+    Plus 4 for the quotes and a batch of one's brackets. The defaults (4096 tokens, vocab 512):
+    ``6 * 4096 + 4 + 65536 = 90116`` bytes, where the 48 MiB body that prompted this was read in full before.
+    """
+    n, digits = settings.max_prompt_tokens, len(str(max(vocab - 1, 0)))
+    return max(6 * n, (digits + 2) * n) + 4 + OTHER_FIELDS_BYTES
+
+
+async def read_json(request: Request, cap: int) -> Any:
+    """The request's JSON body, read only up to ``cap`` bytes; ``BodyError`` (413) past it, before any byte is
+    read when the Content-Length says so, and ``BodyError`` (400) for a body that is not UTF-8 JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BodyError(400, f"bad Content-Length {declared[:40]!r}") from None
+        if length > cap:
+            raise BodyError(413, f"the body has {length} bytes; the most read is {cap}")
+    chunks: list[bytes] = []
+    got = 0
+    async for part in request.stream():  # chunked (or a Content-Length the server did not hold us to): count
+        got += len(part)
+        if got > cap:
+            raise BodyError(413, f"the body is over {cap} bytes, the most read")
+        chunks.append(part)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BodyError(400, "the body is not UTF-8") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, an int past Python's digit limit, deep nesting
+        raise BodyError(400, "the body is not JSON") from None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -58,6 +122,7 @@ class FrontDoor:
                  wait_healthy_s: float = 30.0) -> None:
         self.config = config
         self.settings = settings or FrontSettings.from_table(config.router)
+        self.key = control_key()  # the deployment's shared key: the orchestrator's node calls are signed with it too
         self.telemetry = Telemetry()
         self.orch = Orchestrator(config, self.settings, self.telemetry)
         self.tokenizer = ByteTokenizer()
@@ -65,13 +130,15 @@ class FrontDoor:
         if self.vocab < self.tokenizer.size:
             raise deploy_config.ConfigError(f"the model's vocab ({self.vocab}) is smaller than the byte "
                                             f"tokenizer's {self.tokenizer.size}")
+        self.max_body = max_body_bytes(self.settings, self.vocab)
         self.wait_healthy_s = wait_healthy_s
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-            Route("/admin/convert", self.convert, methods=["POST"]),
+            Route("/admin/convert", ControlAuth(request_response(self.convert), self.key, open_routes=frozenset()),
+                  methods=["POST"]),
             Route("/admin/timeline", self.timeline, methods=["GET"]),
         ], lifespan=self._lifespan)
 
@@ -90,9 +157,14 @@ class FrontDoor:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
+        most = self.settings.max_prompt_tokens  # refused here before tokenizing; the orchestrator checks it too
         if isinstance(prompt, str):
+            if len(prompt) > most:  # every character is at least one byte, so at least one token
+                raise RequestError(f"prompt has at least {len(prompt)} tokens; need 2..{most}")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list):
+            if len(prompt) > most:
+                raise RequestError(f"prompt has {len(prompt)} tokens; need 2..{most}")
             ids = self.tokenizer.check(prompt, self.vocab)
         else:
             raise RequestError("prompt must be a string or a list of token ids (one prompt per request)")
@@ -110,9 +182,9 @@ class FrontDoor:
     # ------------------------------------------------------------ endpoints
     async def completions(self, request: Request) -> Response:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "the body is not JSON")
+            body = await read_json(request, self.max_body)
+        except BodyError as e:
+            return _error(e.status, str(e))
         try:
             ids, max_tokens, stops, stream = self._parse(body)
         except (RequestError, TokenizerError) as e:
@@ -198,10 +270,14 @@ class FrontDoor:
         return JSONResponse(snap, 200 if ok else 503)
 
     async def convert(self, request: Request) -> Response:
+        """Reached only through ``ControlAuth``: signed with the deployment key, the body verified."""
         try:
-            body = await request.json()
+            body = await read_json(request, ADMIN_BODY_BYTES)
+        except BodyError as e:
+            return _error(e.status, str(e))
+        try:
             result = await self.orch.convert(str(body["node"]), str(body["role"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return _error(400, 'the body must be {"node": name, "role": "prefill"|"decode"}')
         except RequestError as e:
             return _error(400, str(e))
@@ -224,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s frontdoor %(levelname)s %(message)s")
-    cfg = deploy_config.load(a.config)
-    door = FrontDoor(cfg, wait_healthy_s=a.wait_healthy)
+    try:
+        door = FrontDoor(deploy_config.load(a.config), wait_healthy_s=a.wait_healthy)
+    except ValueError as e:  # ConfigError, or no KVWIRE_KEY
+        ap.error(str(e))
     # uvicorn shuts down on SIGTERM/SIGINT (lifespan exit included), restores the handlers it found and re-raises
     # the signal: with the defaults the process then dies of it (-15). Found handlers that do nothing let it return 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
