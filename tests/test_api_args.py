@@ -1,0 +1,127 @@
+"""Arguments of the public calls are checked at the call: a bad one is a ``TypeError``/``ValueError`` (or the
+``KvwireError`` the call already used for that kind of problem) that names it, raised before a socket or a
+thread opens, and nothing is lost: each check has a negative control where the valid value goes on to work
+(a transfer completes, over real loopback sockets).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import payload, send_verified
+
+from kvwire import KvwireError, Receiver, RequestSpec, Session, connect
+from kvwire.codec.frames import DEFAULT_LIMITS, MIN_CHUNK
+from kvwire.codec.manifest import max_chunk_size
+from kvwire.testing.fixtures import load_fixture
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+
+_ids = iter(range(1 << 30))
+
+
+def _req() -> RequestSpec:
+    return RequestSpec(f"r-args-{next(_ids)}", 300, 299)
+
+
+@pytest.fixture(scope="module")
+def rx() -> Iterator[Receiver]:
+    with Receiver(key="k") as r:
+        yield r
+
+
+# ------------------------------------------------------------------ connect / Session
+
+BAD_CONNECT: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"heartbeat": 0}, ValueError, "heartbeat"),
+    ({"heartbeat": -1}, ValueError, "heartbeat"),
+    ({"heartbeat": math.nan}, ValueError, "heartbeat"),
+    ({"heartbeat": math.inf}, ValueError, "heartbeat"),
+    ({"heartbeat": "1"}, TypeError, "heartbeat"),
+    ({"peer_timeout": 0}, ValueError, "peer_timeout"),
+    ({"peer_timeout": -1}, ValueError, "peer_timeout"),
+    ({"connect_timeout": -1}, ValueError, "connect_timeout"),
+    ({"connect_timeout": None}, TypeError, "connect_timeout"),
+    ({"key": 123}, TypeError, "key"),
+    ({"key": ["k"]}, TypeError, "key"),
+    ({"port": 70000}, ValueError, "port"),
+    ({"port": -1}, ValueError, "port"),
+    ({"port": 0}, ValueError, "port"),
+    ({"port": True}, TypeError, "port"),
+    ({"port": "7000"}, TypeError, "port"),
+    ({"host": None}, TypeError, "host"),
+    ({"host": ""}, ValueError, "host"),
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": -1}, ValueError, "chunk_size"),
+    ({"chunk_size": 1}, ValueError, "chunk_size"),
+    ({"chunk_size": MIN_CHUNK - 1}, ValueError, "chunk_size"),
+    ({"chunk_size": max_chunk_size(DEFAULT_LIMITS) + 1}, ValueError, "chunk_size"),
+    ({"chunk_size": 65536.0}, TypeError, "chunk_size"),
+    ({"lanes": "4"}, TypeError, "lanes"),
+    ({"lanes": 2.5}, TypeError, "lanes"),
+    ({"lanes": 0}, ValueError, "lanes"),
+    ({"lanes": 257}, ValueError, "lanes"),
+    ({"lanes": 4, "max_lanes": 2}, ValueError, "max_lanes"),
+    ({"max_lanes": "16"}, TypeError, "max_lanes"),
+    ({"max_retries": -1}, ValueError, "max_retries"),
+    ({"max_retries": 1.5}, TypeError, "max_retries"),
+    ({"on_lane_open": 5}, TypeError, "on_lane_open"),
+]
+
+
+@pytest.mark.parametrize(("kw", "exc", "name"), BAD_CONNECT, ids=lambda v: repr(v) if isinstance(v, dict) else "")
+@pytest.mark.usefixtures("no_leaks")
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_connect_refuses_a_bad_argument_at_the_call(rx: Receiver, kw: dict[str, Any], exc: type[Exception],
+                                                    name: str) -> None:
+    args: dict[str, Any] = {"host": rx.address[0], "port": rx.address[1], "key": "k", **kw}
+    host, port = args.pop("host"), args.pop("port")
+    before = rx.stats()["auth_failures"], rx.sessions
+    t0 = time.monotonic()
+    with pytest.raises(exc, match=name):
+        connect(host, port, **args)
+    with pytest.raises(exc, match=name):
+        Session(host, port, **args)
+    assert time.monotonic() - t0 < 1  # at the call: nothing dialled, nothing waited for
+    assert (rx.stats()["auth_failures"], rx.sessions) == before  # and nothing reached the receiver
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_connect_takes_the_valid_values_and_they_work(rx: Receiver) -> None:
+    """The negative control of the checks above: the edges of each range, and the other accepted types."""
+    host, port = rx.address
+    with connect(host, np.int64(port), key=bytearray(b"k"), lanes=np.int32(1), max_lanes=256,
+                 chunk_size=MIN_CHUNK, heartbeat=0.2, peer_timeout=np.float64(5), connect_timeout=2,
+                 max_retries=0, on_lane_open=lambda i, s: None) as s:
+        send_verified(rx, s, LAYOUT, _req())
+    with connect(host, port, key=b"k", lanes=2, chunk_size=max_chunk_size(DEFAULT_LIMITS)) as s:
+        send_verified(rx, s, LAYOUT, _req())
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_key_as_str_bytes_or_bytearray_is_the_same_key(rx: Receiver) -> None:
+    with connect(*rx.address, key=b"k") as a, connect(*rx.address, key="k") as b, \
+            connect(*rx.address, key=bytearray(b"k")) as c:
+        assert a.key == b.key == c.key == b"k"
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_send_refuses_a_bad_layout_request_or_timeout_then_the_same_session_still_sends(rx: Receiver) -> None:
+    req = _req()
+    with connect(*rx.address, key="k", lanes=2) as s:
+        with pytest.raises(TypeError, match=r"ModelLayout.*load_layout"):
+            s.send("qwen3-next-80b-a3b", req)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="RequestSpec"):
+            s.send(LAYOUT, "req")  # type: ignore[arg-type]
+        for bad, exc in ((-1, ValueError), (0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                         ("5", TypeError)):
+            with pytest.raises(exc, match="timeout"):
+                s.send(LAYOUT, req, timeout=bad)  # type: ignore[arg-type]
+        assert s.stats()["transfers_in_flight"] == 0  # nothing was started by the refused calls
+        send_verified(rx, s, LAYOUT, req)  # the same request id, on the same session
