@@ -34,6 +34,7 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
+from ._args import check_callable, check_host, check_key, check_port, check_seconds
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._incoming import IncomingTransfer
@@ -71,7 +72,7 @@ class Receiver:
             machine only; ``"0.0.0.0"``: every IPv4 interface; ``"::"``: every interface, IPv6 and IPv4
             where the platform is dual-stack). Any but loopback warns with ``InsecureReceiverWarning``
             unless ``key`` or client certificates authenticate the peers.
-        port: the port to listen on; 0 picks a free one (read it back from ``address``).
+        port: the port to listen on, 0..65535; 0 picks a free one (read it back from ``address``).
         key: the pre-shared key every sender must prove (``bytes`` or ``str``); ``None``: none.
         ssl_context: a server ``ssl.SSLContext`` (certificate loaded; ``verify_mode=CERT_REQUIRED`` to
             require client certificates) to run every connection over TLS; ``None``: plain TCP.
@@ -129,11 +130,19 @@ class Receiver:
         chunk_stage: ChunkStage = IDENTITY,
         early_bytes: int = DEFAULT_EARLY_BYTES,
     ) -> None:
+        # checked before the listening socket or a thread opens (a 0 heartbeat would spin the monitor)
+        host, port = check_host(host), check_port(port)
+        key_bytes = check_key(key)
+        for name, seconds in (("transfer_timeout", transfer_timeout), ("peer_timeout", peer_timeout),
+                              ("heartbeat", heartbeat), ("handshake_timeout", handshake_timeout)):
+            check_seconds(name, seconds)
+        check_callable("allocator", allocator)
+        check_callable("on_transfer", on_transfer)
         if max_probe_bytes < 0:
             raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
         self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
         self._parity = parity.available()  # tail groups (``codec.parity``) are rebuilt when zfec is here
-        self.key = key.encode() if isinstance(key, str) else (key or b"")
+        self.key = key_bytes
         self.ssl_context = ssl_context
         self.allocator = allocator
         self.on_transfer = on_transfer
