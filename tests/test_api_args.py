@@ -177,3 +177,80 @@ def test_an_idle_receiver_with_a_short_heartbeat_does_not_spin() -> None:
         t0 = time.process_time()
         time.sleep(1.0)
         assert time.process_time() - t0 < 0.5
+
+
+# ------------------------------------------------------------------ Receiver.expect
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_expect_refuses_a_bad_request_id_layout_or_timeout_then_the_same_request_lands(rx: Receiver) -> None:
+    req = _req()
+    need = sum(a.nbytes for a in payload(LAYOUT, req))
+    dest = np.empty(need, np.uint8)
+    with pytest.raises(TypeError, match="request_id"):
+        rx.expect(123, dest)  # type: ignore[arg-type]  # a sender's id is a str: this could never match
+    with pytest.raises(TypeError, match="request_id"):
+        rx.expect(b"r", dest)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="request_id"):
+        rx.expect("", dest)
+    with pytest.raises(ValueError, match="request_id"):
+        rx.expect("x" * 257, dest)
+    with pytest.raises(TypeError, match=r"ModelLayout.*load_layout"):
+        rx.expect(req.request_id, dest, layout="qwen3-next-80b-a3b")  # type: ignore[arg-type]
+    for bad, exc in ((-1, ValueError), (0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                     ("2", TypeError)):
+        with pytest.raises(exc, match="timeout"):
+            rx.expect(req.request_id, dest, timeout=bad)  # type: ignore[arg-type]
+    # nothing was registered: the same id is free, and with valid arguments the transfer lands
+    with connect(*rx.address, key="k", lanes=2) as s:
+        src = payload(LAYOUT, req)
+        incoming = rx.expect(req.request_id, dest, layout=LAYOUT, timeout=30)
+        out = s.send(LAYOUT, req)
+        out.write_all(src)
+        out.finish().result(timeout=30)
+        incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_expect_on_a_closed_receiver_raises_at_the_call() -> None:
+    r = Receiver()
+    h = r.expect("before", np.empty(10, np.uint8), timeout=30)  # the control: open, it registers
+    assert not h.finished
+    r.close()
+    assert h.finished and h.state.value == "cancelled"  # ended by close, not left waiting
+    with pytest.raises(KvwireError, match="receiver closed"):
+        r.expect("x", np.empty(10, np.uint8), timeout=2)
+    with pytest.raises(KvwireError, match="receiver closed"):
+        r.next_transfer(timeout=1)  # (as before: the same error)
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_expect_racing_close_either_raises_or_gets_a_handle_that_close_ends() -> None:
+    """Every handle ``expect`` returned, however close it ran to ``close()``, is in a terminal state once
+    ``close()`` returns; every later call raises."""
+    for _ in range(5):
+        r = Receiver()
+        handles: list[Any] = []
+        refused = [0]
+        go = threading.Event()
+
+        def register(t: int, r: Receiver = r, handles: list[Any] = handles, refused: list[int] = refused) -> None:
+            go.wait()
+            for i in range(100000):
+                try:
+                    handles.append(r.expect(f"t{t}-{i}", np.empty(8, np.uint8), timeout=60))
+                except KvwireError:
+                    refused[0] += 1
+                    return
+
+        threads = [threading.Thread(target=register, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        go.set()
+        time.sleep(0.02)
+        r.close()
+        for t in threads:
+            t.join(10)
+        assert refused[0] == 3 and handles
+        assert all(h.finished for h in handles), [h.request_id for h in handles if not h.finished]

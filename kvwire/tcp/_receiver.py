@@ -194,10 +194,23 @@ class Receiver:
         that is not writable and contiguous; with ``layout``, ``LayoutMismatch`` for a size no request on
         that layout can have (with ``state_position`` too, bounded on both sides). ``timeout``: seconds
         until the request must have arrived and completed (default the receiver's ``transfer_timeout``).
+        ``request_id`` is the sender's ``RequestSpec.request_id`` (a ``str``), ``layout`` a ``ModelLayout``
+        (``kvwire.load_layout(name)``), ``timeout`` positive and finite: ``TypeError``/``ValueError`` else.
+        ``KvwireError`` once the receiver is closed (nothing would end the handle).
         """
+        if not isinstance(request_id, str):  # (a sender's request id is always one: an int would never match)
+            raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
+        if not 0 < len(request_id) <= 256:
+            raise ValueError(f"request_id must be 1..256 characters, got {len(request_id)}")
+        if layout is not None and not isinstance(layout, ModelLayout):
+            hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
+            raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
+        check_seconds("timeout", timeout, none_ok=True)
         if state_position is not None and (isinstance(state_position, bool) or not isinstance(state_position, int)
                                            or state_position < 0):
             raise LayoutError(f"state_position must be an int >= 0, got {state_position!r}")
+        if self._closed.is_set():  # (checked again under the lock below, against a close() racing this call)
+            raise KvwireError("receiver closed")
         if layout is not None:
             segments, nbytes = payload_bounds(layout, state_position)
             check_destination(buffers, segments, nbytes)
@@ -206,6 +219,10 @@ class Receiver:
         deadline = time.monotonic() + (timeout if timeout is not None else self.transfer_timeout)
         h = IncomingTransfer(request_id, buffers, layout, state_position, deadline, self._callbacks)
         with self._lock:
+            # close() sets _closed before it takes this lock to end every expected handle: registered here
+            # first, this one is among them; after, the receiver is closed (nothing would end it)
+            if self._closed.is_set():
+                raise KvwireError("receiver closed")
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} already expected")
             self._expected[request_id] = h
