@@ -10,15 +10,18 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import payload, send_verified
 
-from kvwire import KvwireError, Receiver, RequestSpec, Session, connect
+from kvwire import KvwireError, Receiver, RequestSpec, Session, connect, load_layout, plan_segments
 from kvwire.codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from kvwire.codec.manifest import max_chunk_size
+from kvwire.codec.presets import PRESETS
+from kvwire.errors import LayoutError
 from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
@@ -254,3 +257,29 @@ def test_expect_racing_close_either_raises_or_gets_a_handle_that_close_ends() ->
             t.join(10)
         assert refused[0] == 3 and handles
         assert all(h.finished for h in handles), [h.request_id for h in handles if not h.finished]
+
+
+# ------------------------------------------------------------------ plan_segments, load_layout
+
+
+def test_plan_segments_refuses_what_is_not_a_layout_or_a_request() -> None:
+    req = _req()
+    with pytest.raises(TypeError, match="RequestSpec"):
+        plan_segments(LAYOUT, "req")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ModelLayout.*load_layout"):
+        plan_segments("qwen3-next-80b-a3b", req)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ModelLayout"):
+        plan_segments(None, req)  # type: ignore[arg-type]
+    assert sum(s.nbytes for s in plan_segments(LAYOUT, req)) == sum(a.nbytes for a in payload(LAYOUT, req))
+
+
+@pytest.mark.parametrize("bad", [None, 123, b"qwen3-next-80b-a3b", ["qwen3-next-80b-a3b"]], ids=repr)
+def test_load_layout_refuses_what_is_neither_a_name_nor_a_path(bad: object) -> None:
+    with pytest.raises(TypeError, match="preset name or a path"):
+        load_layout(bad)  # type: ignore[arg-type]
+
+
+def test_load_layout_still_takes_a_preset_name_and_a_path(tmp_path: Path) -> None:
+    assert load_layout(PRESETS[0]).num_layers > 0
+    with pytest.raises(LayoutError, match="neither a preset"):
+        load_layout(tmp_path / "missing.json")  # a path: the usual LayoutError, not a TypeError
