@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import payload, send_verified
+from helpers import payload, send_verified, wait_until
 
 from kvwire import KvwireError, Receiver, RequestSpec, Session, connect, load_layout, plan_segments
 from kvwire.codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from kvwire.codec.manifest import max_chunk_size
 from kvwire.codec.presets import PRESETS
-from kvwire.errors import LayoutError
+from kvwire.errors import LayoutError, LayoutMismatch
+from kvwire.reshard import ReshardIncoming
+from kvwire.tcp import IncomingTransfer
 from kvwire.testing.fixtures import load_fixture
 
 LAYOUT = load_fixture("tiny-qwen3-next")
@@ -283,3 +285,53 @@ def test_load_layout_still_takes_a_preset_name_and_a_path(tmp_path: Path) -> Non
     assert load_layout(PRESETS[0]).num_layers > 0
     with pytest.raises(LayoutError, match="neither a preset"):
         load_layout(tmp_path / "missing.json")  # a path: the usual LayoutError, not a TypeError
+
+
+# ------------------------------------------------------------------ handles
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_handles_refuse_non_callables_and_layers_out_of_range_at_the_call(rx: Receiver) -> None:
+    req = _req()
+    src = payload(LAYOUT, req)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    with connect(*rx.address, key="k", lanes=2) as s:
+        incoming = rx.expect(req.request_id, dest, layout=LAYOUT, timeout=30)
+        out = s.send(LAYOUT, req)
+        with pytest.raises(TypeError, match="on_layer"):
+            incoming.on_layer(5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="on_layer_acked"):
+            out.on_layer_acked("x")  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        for bad in (999, LAYOUT.num_layers, -1, True, "0", 1.0):
+            with pytest.raises(LayoutMismatch, match="not a layer"):
+                incoming.wait_layer(bad, timeout=10)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 1  # at once, not after the timeout
+        # the controls: callables are taken, and a layer in range is waited for
+        seen: list[int] = []
+        acked: list[int] = []
+        incoming.on_layer(seen.append)
+        out.on_layer_acked(acked.append)
+        out.write_all(src)
+        last = max(seg.layer for seg in plan_segments(LAYOUT, req))
+        incoming.wait_layer(np.int64(last), timeout=30)
+        out.finish().result(timeout=30)
+        incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+    layers = sorted({seg.layer for seg in plan_segments(LAYOUT, req)})
+    assert wait_until(lambda: sorted(seen) == layers and sorted(acked) == layers, 10), (seen, acked)
+
+
+def test_a_handle_whose_layout_is_unknown_still_refuses_a_negative_layer_at_once() -> None:
+    h = IncomingTransfer("r")  # (no layout: an allocator-placed handle before its manifest)
+    with pytest.raises(LayoutMismatch, match="not a layer"):
+        h.wait_layer(-1, timeout=10)
+    with pytest.raises(TimeoutError):
+        h.wait_layer(5, timeout=0.05)  # in range as far as it knows: waited for as before
+
+
+def test_a_reshard_handle_refuses_a_non_callable_on_layer() -> None:
+    h = ReshardIncoming(None, 0, _req())  # type: ignore[arg-type]  # (the plan is not read by on_layer)
+    with pytest.raises(TypeError, match="on_layer"):
+        h.on_layer(5)  # type: ignore[arg-type]
+    h.on_layer(lambda layer: None)
