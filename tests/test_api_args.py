@@ -101,7 +101,7 @@ def test_connect_refuses_a_bad_argument_at_the_call(rx: Receiver, kw: dict[str, 
 def test_connect_takes_the_valid_values_and_they_work(rx: Receiver) -> None:
     """The negative control of the checks above: the edges of each range, and the other accepted types."""
     host, port = rx.address
-    with connect(host, np.int64(port), key=bytearray(b"k"), lanes=np.int32(1), max_lanes=256,
+    with connect(host, np.int64(port), key=bytearray(b"k"), lanes=np.int32(1), max_lanes=256,  # type: ignore[arg-type]
                  chunk_size=MIN_CHUNK, heartbeat=0.2, peer_timeout=np.float64(5), connect_timeout=2,
                  max_retries=0, on_lane_open=lambda i, s: None) as s:
         send_verified(rx, s, LAYOUT, _req())
@@ -112,7 +112,7 @@ def test_connect_takes_the_valid_values_and_they_work(rx: Receiver) -> None:
 @pytest.mark.usefixtures("no_leaks")
 def test_a_key_as_str_bytes_or_bytearray_is_the_same_key(rx: Receiver) -> None:
     with connect(*rx.address, key=b"k") as a, connect(*rx.address, key="k") as b, \
-            connect(*rx.address, key=bytearray(b"k")) as c:
+            connect(*rx.address, key=bytearray(b"k")) as c:  # type: ignore[arg-type]
         assert a.key == b.key == c.key == b"k"
 
 
@@ -168,7 +168,7 @@ def test_receiver_refuses_a_bad_argument_at_construction(kw: dict[str, Any], exc
 @pytest.mark.usefixtures("no_leaks")
 def test_receiver_takes_the_valid_values_and_they_work() -> None:
     """The negative control: a bytearray key, a short heartbeat, a numpy port (0: any free one)."""
-    with Receiver("127.0.0.1", np.int64(0), key=bytearray(b"k2"), heartbeat=0.2, peer_timeout=5,
+    with Receiver("127.0.0.1", np.int64(0), key=bytearray(b"k2"), heartbeat=0.2, peer_timeout=5,  # type: ignore[arg-type]
                   transfer_timeout=30, handshake_timeout=2, allocator=None, on_transfer=None) as r:
         assert 0 < r.address[1] <= 65535 and r.key == b"k2"
         with connect(*r.address, key="k2", lanes=2) as s:
@@ -240,7 +240,8 @@ def test_expect_racing_close_either_raises_or_gets_a_handle_that_close_ends() ->
         refused = [0]
         go = threading.Event()
 
-        def register(t: int, r: Receiver = r, handles: list[Any] = handles, refused: list[int] = refused) -> None:
+        def register(t: int, r: Receiver = r, handles: list[Any] = handles, refused: list[int] = refused,
+                     go: threading.Event = go) -> None:
             go.wait()
             for i in range(100000):
                 try:
@@ -314,7 +315,7 @@ def test_handles_refuse_non_callables_and_layers_out_of_range_at_the_call(rx: Re
         out.on_layer_acked(acked.append)
         out.write_all(src)
         last = max(seg.layer for seg in plan_segments(LAYOUT, req))
-        incoming.wait_layer(np.int64(last), timeout=30)
+        incoming.wait_layer(np.int64(last), timeout=30)  # type: ignore[arg-type]
         out.finish().result(timeout=30)
         incoming.result(timeout=30)
     assert np.array_equal(dest, np.concatenate(src))

@@ -26,9 +26,10 @@ def check_port(port: object, lo: int = 0, name: str = "port") -> int:
     """An ``int`` (``bool`` is not one) in ``lo..65535``: the socket layer would wrap 70000 to 4464."""
     if isinstance(port, bool) or not isinstance(port, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(port).__name__}")
-    if not lo <= port <= 65535:
-        raise ValueError(f"{name} must be in {lo}..65535, got {port}")
-    return int(port)
+    n = int(port)
+    if not lo <= n <= 65535:
+        raise ValueError(f"{name} must be in {lo}..65535, got {n}")
+    return n
 
 
 def check_key(key: object) -> bytes:
@@ -42,26 +43,31 @@ def check_key(key: object) -> bytes:
     raise TypeError(f"key must be bytes, bytearray, str or None, not {type(key).__name__}")
 
 
-def check_seconds(name: str, value: object, *, none_ok: bool = False) -> float | None:
-    """A positive, finite number of seconds (``None`` too where ``none_ok``). Zero would spin a loop
-    that waits this long between its turns, and infinity or NaN wait forever."""
-    if value is None and none_ok:
-        return None
+def check_seconds(name: str, value: object, *, none_ok: bool = False) -> float:
+    """A positive, finite number of seconds. Zero would spin a loop that waits this long between its
+    turns, and infinity or NaN wait forever. (``none_ok``: only names ``None`` in the message.)"""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}, "
                         f"not {type(value).__name__}")
-    if not 0 < value < math.inf:  # (NaN fails both)
+    x = float(value)
+    if not 0 < x < math.inf:  # (NaN fails both)
         raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
+    return x
+
+
+def check_timeout(name: str, value: object) -> float | None:
+    """``None`` (the default applies) or a positive, finite number of seconds."""
+    return None if value is None else check_seconds(name, value, none_ok=True)
 
 
 def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     """An ``int`` (numpy's too; ``bool``, ``float`` and ``str`` are not) in ``lo..hi``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be {f'in {lo}..{hi}' if hi is not None else f'>= {lo}'}, got {value}")
-    return int(value)
+    n = int(value)
+    if n < lo or (hi is not None and n > hi):
+        raise ValueError(f"{name} must be {f'in {lo}..{hi}' if hi is not None else f'>= {lo}'}, got {n}")
+    return n
 
 
 def check_callable(name: str, fn: object, *, none_ok: bool = True) -> Callable[..., Any] | None:

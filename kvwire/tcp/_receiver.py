@@ -34,7 +34,7 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
-from ._args import check_callable, check_host, check_key, check_port, check_seconds
+from ._args import check_callable, check_host, check_key, check_port, check_seconds, check_timeout
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._incoming import IncomingTransfer
@@ -205,7 +205,7 @@ class Receiver:
         if layout is not None and not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
-        check_seconds("timeout", timeout, none_ok=True)
+        check_timeout("timeout", timeout)
         if state_position is not None and (isinstance(state_position, bool) or not isinstance(state_position, int)
                                            or state_position < 0):
             raise LayoutError(f"state_position must be an int >= 0, got {state_position!r}")

@@ -40,7 +40,7 @@ from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import check_callable, check_host, check_int, check_key, check_port, check_seconds
+from ._args import check_callable, check_host, check_int, check_key, check_port, check_seconds, check_timeout
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
 from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
@@ -95,9 +95,9 @@ class Session(SenderConnection):
         server_hostname: the name the receiver's certificate is checked against (default ``host``).
         chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone), from
             ``kvwire.codec.frames.MIN_CHUNK`` (64 KiB) to what ``limits.max_chunk`` allows (about 11 MiB by
-            default: ``kvwire.codec.manifest.max_chunk_size``, as a receiver checks it); a transfer whose largest layer has fewer than about four chunks per lane of the session is cut
-            finer, down to 256 KiB, so the lanes share it out as they free up
-            (``kvwire.codec.plan.spread_chunk_size``).
+            default: ``kvwire.codec.manifest.max_chunk_size``, as a receiver checks it); a transfer whose
+            largest layer has fewer than about four chunks per lane of the session is cut finer, down to
+            256 KiB, so the lanes share it out as they free up (``kvwire.codec.plan.spread_chunk_size``).
         hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
         peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
         heartbeat: seconds between heartbeats on an idle control connection.
@@ -304,7 +304,7 @@ class Session(SenderConnection):
             raise TypeError(f"layout must be a ModelLayout, not {type(layout).__name__}{hint}")
         if not isinstance(request, RequestSpec):
             raise TypeError(f"request must be a RequestSpec, not {type(request).__name__}")
-        timeout = check_seconds("timeout", timeout, none_ok=True)
+        timeout = check_timeout("timeout", timeout)
         total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
         cap = min(self.limits.max_transfer_bytes, int(self.server_limits.get("max_transfer_bytes", total)))
         if total > cap:
