@@ -212,6 +212,8 @@ class ReshardIncoming(LayerOutcome):
     # ---- caller API
     def on_layer(self, fn: Callable[[int], None]) -> None:
         """``fn(layer)`` as each layer completes (on the receiver's callback pool); earlier ones at once."""
+        if not callable(fn):
+            raise TypeError(f"on_layer takes a callable fn(layer), not {type(fn).__name__}")
         with self._cond:
             done = sorted(self.layer_times, key=self.layer_times.__getitem__)
             if not self.finished:

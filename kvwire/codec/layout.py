@@ -448,6 +448,11 @@ def token_range(cache: CacheSpec, request: RequestSpec) -> tuple[int, int]:
 
 def plan_segments(layout: ModelLayout, request: RequestSpec) -> list[Segment]:
     """The request's payload, layer by layer, in send order. Zero-byte tensors are left out."""
+    if not isinstance(layout, ModelLayout):
+        hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
+        raise TypeError(f"layout must be a ModelLayout, not {type(layout).__name__}{hint}")
+    if not isinstance(request, RequestSpec):
+        raise TypeError(f"request must be a RequestSpec, not {type(request).__name__}")
     out: list[Segment] = []
     for layer in layout.layers:
         for ci, cache in enumerate(layer.caches):

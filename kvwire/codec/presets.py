@@ -8,6 +8,7 @@ torch, or how a config becomes a layout (``hf.py`` does that).
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,11 @@ def load_preset(name: str, **kw: Any) -> ModelLayout:
 
 
 def load_layout(name_or_path: str | Path, **kw: Any) -> ModelLayout:
-    """A preset by name, else the ``config.json`` at that path (a directory means its ``config.json``)."""
+    """A preset by name, else the ``config.json`` at that path (a directory means its ``config.json``).
+    ``TypeError`` for anything but a ``str`` or ``os.PathLike``."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_layout takes a preset name or a path (str or os.PathLike), "
+                        f"not {type(name_or_path).__name__}")
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         return load_preset(name_or_path, **kw)
     path = Path(name_or_path)

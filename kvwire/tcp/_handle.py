@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 
 from ..codec.transfer import State
-from ..errors import KvwireError, TransferCancelled, TransferFailed, TransferTimedOut
+from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
 from ._callbacks import Callbacks
 
 log = logging.getLogger("kvwire.tcp")
@@ -150,8 +151,18 @@ class LayerOutcome(Outcome):
         with self._cond:
             return set(self.layer_times)
 
+    def _layer_count(self) -> int | None:
+        """How many layers the outcome's layout has, when it is known (``wait_layer`` refuses others at once)."""
+        return None
+
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Return once ``layer`` is ready; raise if the outcome ended without it."""
+        """Return once ``layer`` is ready; raise if the outcome ended without it. ``LayoutMismatch`` at once
+        for a layer that is not an int, is negative, or is past the layout's last one when the layout is known."""
+        n = self._layer_count()
+        if (isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0
+                or (n is not None and layer >= n)):
+            span = f" (0..{n - 1})" if n is not None else ""
+            raise LayoutMismatch(f"layer {layer!r} is not a layer of the layout{span}")
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while layer not in self.layer_times:

@@ -90,6 +90,9 @@ class IncomingTransfer(LayerOutcome):
             self._cond.notify_all()
         return first
 
+    def _layer_count(self) -> int | None:
+        return self.layout.num_layers if self.layout is not None else None
+
     @property
     def machine(self) -> ReceiverTransfer | None:
         """The protocol engine's state machine of this transfer (verified chunks, retries seen, bad
@@ -111,7 +114,9 @@ class IncomingTransfer(LayerOutcome):
         """Call ``fn(layer)`` as each layer is verified, in that order and before the handle's done
         callbacks, from the receiver's callback pool (never a lane or control thread: a slow callback
         delays only this handle's later callbacks). Layers verified before the call are reported at
-        once, on the calling thread."""
+        once, on the calling thread. ``TypeError`` for a ``fn`` that is not callable."""
+        if not callable(fn):
+            raise TypeError(f"on_layer takes a callable fn(layer), not {type(fn).__name__}")
         with self._cond:
             done = sorted(self.layer_times)
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)

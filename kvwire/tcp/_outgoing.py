@@ -121,7 +121,10 @@ class OutgoingTransfer(Outcome):
         """Call ``fn(layer)`` (from the session's callback pool, never a protocol thread) once the receiver has
         verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
         buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
-        acked before the call are reported at once. Layers without bytes are never reported."""
+        acked before the call are reported at once. Layers without bytes are never reported. ``TypeError``
+        for a ``fn`` that is not callable."""
+        if not callable(fn):
+            raise TypeError(f"on_layer_acked takes a callable fn(layer), not {type(fn).__name__}")
         with self._acked_lock:
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
                 self._acked_callbacks.append(fn)

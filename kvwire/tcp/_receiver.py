@@ -34,6 +34,7 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
+from ._args import check_callable, check_host, check_key, check_port, check_seconds, check_timeout
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._incoming import IncomingTransfer
@@ -71,7 +72,7 @@ class Receiver:
             machine only; ``"0.0.0.0"``: every IPv4 interface; ``"::"``: every interface, IPv6 and IPv4
             where the platform is dual-stack). Any but loopback warns with ``InsecureReceiverWarning``
             unless ``key`` or client certificates authenticate the peers.
-        port: the port to listen on; 0 picks a free one (read it back from ``address``).
+        port: the port to listen on, 0..65535; 0 picks a free one (read it back from ``address``).
         key: the pre-shared key every sender must prove (``bytes`` or ``str``); ``None``: none.
         ssl_context: a server ``ssl.SSLContext`` (certificate loaded; ``verify_mode=CERT_REQUIRED`` to
             require client certificates) to run every connection over TLS; ``None``: plain TCP.
@@ -129,11 +130,19 @@ class Receiver:
         chunk_stage: ChunkStage = IDENTITY,
         early_bytes: int = DEFAULT_EARLY_BYTES,
     ) -> None:
+        # checked before the listening socket or a thread opens (a 0 heartbeat would spin the monitor)
+        host, port = check_host(host), check_port(port)
+        key_bytes = check_key(key)
+        for name, seconds in (("transfer_timeout", transfer_timeout), ("peer_timeout", peer_timeout),
+                              ("heartbeat", heartbeat), ("handshake_timeout", handshake_timeout)):
+            check_seconds(name, seconds)
+        check_callable("allocator", allocator)
+        check_callable("on_transfer", on_transfer)
         if max_probe_bytes < 0:
             raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
         self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
         self._parity = parity.available()  # tail groups (``codec.parity``) are rebuilt when zfec is here
-        self.key = key.encode() if isinstance(key, str) else (key or b"")
+        self.key = key_bytes
         self.ssl_context = ssl_context
         self.allocator = allocator
         self.on_transfer = on_transfer
@@ -187,10 +196,23 @@ class Receiver:
         that is not writable and contiguous; with ``layout``, ``LayoutMismatch`` for a size no request on
         that layout can have (with ``state_position`` too, bounded on both sides). ``timeout``: seconds
         until the request must have arrived and completed (default the receiver's ``transfer_timeout``).
+        ``request_id`` is the sender's ``RequestSpec.request_id`` (a ``str``), ``layout`` a ``ModelLayout``
+        (``kvwire.load_layout(name)``), ``timeout`` positive and finite: ``TypeError``/``ValueError`` else.
+        ``KvwireError`` once the receiver is closed (nothing would end the handle).
         """
+        if not isinstance(request_id, str):  # (a sender's request id is always one: an int would never match)
+            raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
+        if not 0 < len(request_id) <= 256:
+            raise ValueError(f"request_id must be 1..256 characters, got {len(request_id)}")
+        if layout is not None and not isinstance(layout, ModelLayout):
+            hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
+            raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
+        check_timeout("timeout", timeout)
         if state_position is not None and (isinstance(state_position, bool) or not isinstance(state_position, int)
                                            or state_position < 0):
             raise LayoutError(f"state_position must be an int >= 0, got {state_position!r}")
+        if self._closed.is_set():  # (checked again under the lock below, against a close() racing this call)
+            raise KvwireError("receiver closed")
         if layout is not None:
             segments, nbytes = payload_bounds(layout, state_position)
             check_destination(buffers, segments, nbytes)
@@ -199,6 +221,10 @@ class Receiver:
         deadline = time.monotonic() + (timeout if timeout is not None else self.transfer_timeout)
         h = IncomingTransfer(request_id, buffers, layout, state_position, deadline, self._callbacks)
         with self._lock:
+            # close() sets _closed before it takes this lock to end every expected handle: registered here
+            # first, this one is among them; after, the receiver is closed (nothing would end it)
+            if self._closed.is_set():
+                raise KvwireError("receiver closed")
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} already expected")
             self._expected[request_id] = h

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..codec import frames as F
 from ..codec import parity
 from ..codec.layout import ModelLayout, RequestSpec
-from ..codec.manifest import Manifest, build_manifest
+from ..codec.manifest import Manifest, build_manifest, max_chunk_size
 from ..codec.plan import DEFAULT_CHUNK, spread_chunk_size
 from ..codec.transfer import SenderTransfer
 from ..codec.txengine import SenderEngine
@@ -40,6 +40,7 @@ from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
+from ._args import check_callable, check_host, check_int, check_key, check_port, check_seconds, check_timeout
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
 from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
@@ -82,6 +83,8 @@ class Session(SenderConnection):
     Opening it connects and authenticates the control connection and ``lanes`` data connections; it
     raises ``ConnectError`` (an ``OSError``; ``ConnectTimeout`` after ``connect_timeout``) naming
     ``host:port`` when the receiver cannot be reached, ``AuthenticationError`` when the key differs.
+    A bad argument (a port outside 1..65535, a duration that is not a positive finite number of seconds,
+    a key that is not ``bytes``/``str``, ...) is a ``TypeError`` or ``ValueError`` before anything opens.
 
     Parameters:
         host: the receiver's address or name (as given to ``Receiver``; IPv4, IPv6 or a DNS name).
@@ -90,10 +93,11 @@ class Session(SenderConnection):
         key: the pre-shared key the receiver was given (``bytes`` or ``str``); ``None``: none.
         ssl_context: a client ``ssl.SSLContext`` to run every connection over TLS; ``None``: plain TCP.
         server_hostname: the name the receiver's certificate is checked against (default ``host``).
-        chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone); a
-            transfer whose largest layer has fewer than about four chunks per lane of the session is cut
-            finer, down to 256 KiB, so the lanes share it out as they free up
-            (``kvwire.codec.plan.spread_chunk_size``).
+        chunk_size: payload bytes per chunk (each chunk is hashed, acknowledged and re-sent alone), from
+            ``kvwire.codec.frames.MIN_CHUNK`` (64 KiB) to what ``limits.max_chunk`` allows (about 11 MiB by
+            default: ``kvwire.codec.manifest.max_chunk_size``, as a receiver checks it); a transfer whose
+            largest layer has fewer than about four chunks per lane of the session is cut finer, down to
+            256 KiB, so the lanes share it out as they free up (``kvwire.codec.plan.spread_chunk_size``).
         hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
         peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
         heartbeat: seconds between heartbeats on an idle control connection.
@@ -158,12 +162,21 @@ class Session(SenderConnection):
                  link_control: bool | ControllerConfig | LaneGroup = True,
                  chunk_stage: ChunkStage = IDENTITY, warm: bool | float | None = None,
                  warm_up: WarmUp | None = None, tail_parity: int | None = None) -> None:
+        # every argument is checked before a socket or a thread is opened: nothing to clean up on a bad one
+        host = check_host(host)
+        port = check_port(port, lo=1)
+        lanes = check_int("lanes", lanes, 1, 256)
+        if max_lanes is not None:
+            max_lanes = check_int("max_lanes", max_lanes, lanes, 256)
+        key_bytes = check_key(key)
+        chunk_size = check_int("chunk_size", chunk_size, F.MIN_CHUNK, max_chunk_size(limits))
+        peer_timeout = check_seconds("peer_timeout", peer_timeout)
+        heartbeat = check_seconds("heartbeat", heartbeat)
+        connect_timeout = check_seconds("connect_timeout", connect_timeout)
+        max_retries = check_int("max_retries", max_retries, 0)
+        check_callable("on_lane_open", on_lane_open)
         _check_warm(warm, warm_up)
         tail_parity = parity.setting(tail_parity)  # ValueError, or KvwireError without zfec
-        if not 1 <= lanes <= 256:
-            raise ValueError("lanes must be in 1..256")
-        if max_lanes is not None and not lanes <= max_lanes <= 256:
-            raise ValueError("max_lanes must be in lanes..256")
         if max_lanes is None:  # (a controller given its own lane ceiling may grow the session to it)
             wanted = link_control.max_lanes if isinstance(link_control, ControllerConfig) else 0
             max_lanes = min(256, max(lanes, 16, wanted))
@@ -177,7 +190,7 @@ class Session(SenderConnection):
         # those never drops it
         self._control_hooks: tuple[LaneHook | None, LaneHook | None] = (None, None)
         self.address = (host, port)
-        self.key = key.encode() if isinstance(key, str) else (key or b"")
+        self.key = key_bytes
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or host
         self.chunk_size = chunk_size
@@ -282,7 +295,16 @@ class Session(SenderConnection):
         ``sink=True``: a capacity probe (see ``kvwire.probe``): the receiver discards the payload and
         delivers nothing; always unhashed. Refused here when the receiver did not announce
         ``max_probe_bytes`` (an older receiver would treat it as an ordinary transfer).
+
+        ``layout`` is a ``ModelLayout`` (``kvwire.load_layout(name)`` for a preset), ``request`` a
+        ``RequestSpec``, ``timeout`` seconds (positive, finite) or ``None``: ``TypeError``/``ValueError`` else.
         """
+        if not isinstance(layout, ModelLayout):
+            hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
+            raise TypeError(f"layout must be a ModelLayout, not {type(layout).__name__}{hint}")
+        if not isinstance(request, RequestSpec):
+            raise TypeError(f"request must be a RequestSpec, not {type(request).__name__}")
+        timeout = check_timeout("timeout", timeout)
         total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
         cap = min(self.limits.max_transfer_bytes, int(self.server_limits.get("max_transfer_bytes", total)))
         if total > cap:

@@ -1,0 +1,79 @@
+"""Argument checks shared by the public constructors and calls of the transport (``Session``/``connect``,
+``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
+parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
+
+Owns: the checks of hosts, ports, keys, durations and bounded counts. Must not know anything else.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+
+def check_host(host: object, name: str = "host") -> str:
+    """A non-empty address or name (a ``str``)."""
+    if not isinstance(host, str):
+        raise TypeError(f"{name} must be a str (an address or name), not {type(host).__name__}")
+    if not host:
+        raise ValueError(f"{name} must not be empty")
+    return host
+
+
+def check_port(port: object, lo: int = 0, name: str = "port") -> int:
+    """An ``int`` (``bool`` is not one) in ``lo..65535``: the socket layer would wrap 70000 to 4464."""
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(port).__name__}")
+    n = int(port)
+    if not lo <= n <= 65535:
+        raise ValueError(f"{name} must be in {lo}..65535, got {n}")
+    return n
+
+
+def check_key(key: object) -> bytes:
+    """The pre-shared key as bytes: ``bytes``, ``bytearray`` or ``str`` (UTF-8), ``None`` or empty for none."""
+    if key is None:
+        return b""
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, (bytes, bytearray)):
+        return bytes(key)
+    raise TypeError(f"key must be bytes, bytearray, str or None, not {type(key).__name__}")
+
+
+def check_seconds(name: str, value: object, *, none_ok: bool = False) -> float:
+    """A positive, finite number of seconds. Zero would spin a loop that waits this long between its
+    turns, and infinity or NaN wait forever. (``none_ok``: only names ``None`` in the message.)"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}, "
+                        f"not {type(value).__name__}")
+    x = float(value)
+    if not 0 < x < math.inf:  # (NaN fails both)
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return x
+
+
+def check_timeout(name: str, value: object) -> float | None:
+    """``None`` (the default applies) or a positive, finite number of seconds."""
+    return None if value is None else check_seconds(name, value, none_ok=True)
+
+
+def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """An ``int`` (numpy's too; ``bool``, ``float`` and ``str`` are not) in ``lo..hi``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    n = int(value)
+    if n < lo or (hi is not None and n > hi):
+        raise ValueError(f"{name} must be {f'in {lo}..{hi}' if hi is not None else f'>= {lo}'}, got {n}")
+    return n
+
+
+def check_callable(name: str, fn: object, *, none_ok: bool = True) -> Callable[..., Any] | None:
+    """A callable (or ``None`` where ``none_ok``): one that is not would fail on a protocol thread later."""
+    if fn is None and none_ok:
+        return None
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable{' or None' if none_ok else ''}, not {type(fn).__name__}")
+    return fn
