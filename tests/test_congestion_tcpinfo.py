@@ -267,6 +267,26 @@ def _connected(srv: socket.socket) -> tuple[socket.socket, socket.socket]:
     return cli, srv.accept()[0]
 
 
+def test_a_lanes_received_bytes_do_not_count_its_senders_fin() -> None:
+    """The kernel's ``bytes_received`` counts the FIN's sequence number once the peer closed: a bench lane
+    read after its sender closed it showed 1 byte more than the sender sent (26729 of 26728). The payload
+    only. Negative control: the kernel's own reading is one more."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        cli, acc = _connected(srv)
+        try:
+            counters = LaneCounters(("bytes_received",))
+            cli.sendall(b"z" * 1000)
+            _drain(acc, 1000)
+            assert counters.read(0, acc) is not None and counters.total(0, "bytes_received") == 1000
+            cli.close()
+            assert acc.recv(1) == b""  # the FIN is in
+            info = counters.read(0, acc)
+            assert info is not None and info.state == 8 and info.bytes_received == 1001  # CLOSE_WAIT
+            assert counters.total(0, "bytes_received") == 1000
+        finally:
+            acc.close()
+
+
 def test_lane_counters_sum_a_lanes_sockets_across_a_reconnect() -> None:
     """A lane's total is what each of its sockets sent, the closed one's last reading included; the socket
     that replaced it counts from zero (the kernel's counters are per socket)."""

@@ -206,6 +206,11 @@ def sample(socks: Iterable[socket.socket]) -> dict[int, TcpInfo]:
     return out
 
 
+#: ``tcpi_state`` values of a socket that has read its peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING): the kernel's
+#: ``bytes_received`` then counts the FIN's sequence number too, one more than the payload
+_FIN_RECEIVED = frozenset({8, 9, 11})
+
+
 class LaneCounters:
     """Cumulative ``TCP_INFO`` counters (``bytes_sent``, ``bytes_received``, ``total_retrans`` ...) per lane
     across the sockets it has had: a reconnected lane's new socket counts from zero again, so a lane's total
@@ -229,6 +234,8 @@ class LaneCounters:
             if info is not None:
                 for name in self.counters:
                     value = getattr(info, name)
+                    if value is not None and name == "bytes_received" and info.state in _FIN_RECEIVED:
+                        value -= 1  # (the payload only: a lane read after its sender closed it read one byte more)
                     if value is not None:
                         last[name] = max(last[name], value)  # two readers racing: the later reading wins
         return info
