@@ -79,7 +79,9 @@ class Receiver:
         allocator: ``fn(manifest)`` returning the destination of a transfer nobody ``expect``-ed: one
             buffer of ``manifest.total_bytes`` or one buffer per segment; ``None``: such transfers are refused.
             Called only for a manifest whose segments match a layout (sent on the session) and whose
-            size fits ``max_inflight_bytes``.
+            size fits ``max_inflight_bytes`` (reserved while it runs), on a thread of its own for that transfer:
+            it may wait (for GPU memory to free up) while the session carries on; its transfer is answered
+            when it returns. It may be called from several threads at once.
         on_transfer: ``fn(handle)`` called with the handle of each allocator-placed transfer as it begins.
         limits: the lengths and counts accepted from senders (``kvwire.codec.frames.Limits``).
         max_sessions: sessions open at once; more are refused.
