@@ -653,6 +653,7 @@ def test_a_layout_may_describe_no_more_tensors_than_a_manifest_carries_segments(
             assert kind == F.REJECT and f"more than {cap} tensors" in body["reason"], body
             ch.send(F.BEGIN, _teaching_begin(2, _big_layout(0, cap)))
             kind, body = next_control(ch)
-            print(f"\nrefused a {16 * cap}-tensor layout, parsed a {cap}-tensor one: {time.process_time() - t0:.2f} s CPU")
+            took = time.process_time() - t0
+            print(f"\nrefused a {16 * cap}-tensor layout, parsed a {cap}-tensor one: {took:.2f} s CPU")
             assert kind == F.REJECT and "no destination" in body["reason"], body
     assert uncaught == []

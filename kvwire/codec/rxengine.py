@@ -128,7 +128,7 @@ class _Held:
     """What the sender said of a transfer while its destination was being found (``ReceiverEngine.admitting``)."""
 
     done: int | None = None  # its DONE's digest
-    cancel: tuple[State, str] | None = None  # its CANCEL's state and reason
+    cancel: tuple[State | None, str] | None = None  # its CANCEL's state (None: cancelled) and reason
 
 
 @dataclass(eq=False)
@@ -269,7 +269,7 @@ class ReceiverEngine:
             return self.end(tid, State.DONE, "", now, notify=F.COMPLETE)
         return self.end(tid, State.FAILED, t.machine.status.reason, now, notify=F.ERROR)
 
-    def _cancelled(self, tid: int, state: State, why: str, now: float) -> list[Action]:
+    def _cancelled(self, tid: int, state: State | None, why: str, now: float) -> list[Action]:
         """The sender's CANCEL of ``tid``: it ended there (``state``: cancelled, failed or timed out)."""
         if tid not in self.transfers:
             return []
