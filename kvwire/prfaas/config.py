@@ -13,6 +13,8 @@ loads into. Sections:
 - ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
   ``host``, ``control_port``, ``data_port``; names and (host, port) pairs are unique.
 - ``[router]`` and any other table: kept as plain dicts for their owner (``DeployConfig.router`` / ``extra``).
+  The nodes read two of its keys too (``request_limits``): ``max_prompt_tokens`` and ``max_output_tokens``
+  bound every request, at the front door and on each node's control API (which any key holder can call).
 
 The shared key is not in the file: processes read ``KVWIRE_KEY`` from the environment.
 Must not know: how nodes serve, how the router routes, or how the launcher starts processes.
@@ -42,6 +44,12 @@ DEFAULT_HF: Mapping[str, Any] = MappingProxyType(dict(
     linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, num_experts=4,
     num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
     mlp_only_layers=list(range(8)), max_position_embeddings=65536, initializer_range=0.5))
+
+
+#: the longest prompt and the most output tokens one request may have (``[router]`` ``max_prompt_tokens`` /
+#: ``max_output_tokens``): the front door and orchestrator refuse more, and so does every node's control API
+MAX_PROMPT_TOKENS = 4096
+MAX_OUTPUT_TOKENS = 1024
 
 
 class ConfigError(ValueError):
@@ -74,6 +82,15 @@ class ModelSpec:
 class CacheConfig:
     block_size: int = 256
     store_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a node: ``max_prompt_tokens`` (also capped by the model's
+    ``max_position_embeddings``) and ``max_output_tokens``."""
+
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_output_tokens: int = MAX_OUTPUT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,20 @@ class DeployConfig:
 
     def by(self, *, cluster: str | None = None, role: str | None = None) -> list[NodeSpec]:
         return [n for n in self.nodes if (cluster is None or n.cluster == cluster) and (role is None or n.role == role)]
+
+
+def request_limits(config: DeployConfig) -> RequestLimits:
+    """The request bounds every node enforces: ``[router]`` ``max_prompt_tokens`` / ``max_output_tokens``
+    (the front door's, same defaults), the prompt also capped by ``[model.hf].max_position_embeddings``."""
+    r = config.router
+    prompt = _take(r, "max_prompt_tokens", int, "[router]", MAX_PROMPT_TOKENS)
+    output = _take(r, "max_output_tokens", int, "[router]", MAX_OUTPUT_TOKENS)
+    if prompt < 2 or output < 1:
+        raise ConfigError("[router]: need max_prompt_tokens >= 2 and max_output_tokens >= 1")
+    positions = config.model.hf.get("max_position_embeddings")
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions >= 2:
+        prompt = min(prompt, positions)
+    return RequestLimits(max_prompt_tokens=prompt, max_output_tokens=output)
 
 
 def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
