@@ -2,8 +2,10 @@
 
 Any holder of the deployment's key (every node is one) reaches the node API directly, past the front door's
 checks: the node itself refuses a prompt over ``[router].max_prompt_tokens`` (or the model's
-``max_position_embeddings``) and ``max_tokens`` over ``max_output_tokens`` with 400 before allocating. Each
-refusal has its negative control: the legitimate call at the limit still works. The node's ASGI app runs in-process over
+``max_position_embeddings``) and ``max_tokens`` over ``max_output_tokens`` with 400 before allocating, caps
+the bytes of caches it holds for expected requests (``[cache].pending_bytes``; 503 when full, room again when
+one is taken or ends), and answers a failed allocation with a typed 503. Each refusal has its negative
+control: the legitimate call at the limit still works. The node's ASGI app runs in-process over
 ``httpx.ASGITransport`` on a tiny model, requests signed as ``NodeClient`` signs them.
 """
 
@@ -94,7 +96,8 @@ def test_expect_refuses_an_overlong_prompt_and_allocates_nothing(node: Node) -> 
         r = await call(node, "/expect", {"request_id": "longest", "prompt": prompt(PROMPT_CAP)})
         assert r.status_code == 200, r.text
         assert list(node._pending) == ["longest"]
-        assert node.limits.max_prompt_tokens == PROMPT_CAP
+        held = sum(t.numel() * t.element_size() for t in node._pending["longest"].tensors)
+        assert node.limits.max_prompt_tokens == PROMPT_CAP and node.pending_bytes == held > 0
     asyncio.run(run())
 
 
@@ -136,6 +139,61 @@ def test_generate_refuses_max_tokens_over_the_cap(node: Node) -> None:
         item = json.loads(r.text.splitlines()[0])
         assert "error" in item and item["state"] in ("timed_out", "failed", "cancelled")
         assert node.limits.max_output_tokens == cap
+    asyncio.run(run())
+
+
+def test_pending_bytes_are_bounded_and_freed() -> None:
+    probe = make_node(router={"max_prompt_tokens": 256})
+    one = probe.backend.expect_nbytes(256)
+    assert probe.pending_budget == cfg.PENDING_PROMPTS * one  # the documented default
+    probe.close()
+    node = make_node(router={"max_prompt_tokens": 256}, cache={"pending_bytes": 3 * one})
+    try:
+        async def run() -> None:
+            for i in range(3):
+                r = await call(node, "/expect", {"request_id": f"r{i}", "prompt": prompt(256)})
+                assert r.status_code == 200, r.text
+            assert node.pending_bytes == 3 * one
+            r = await call(node, "/expect", {"request_id": "r3", "prompt": prompt(256)})
+            assert r.status_code == 503 and "pending_bytes" in r.json()["error"], r.text
+            assert "r3" not in node._pending and node.pending_bytes == 3 * one
+            # one is taken (cancelled by the router): room again
+            assert (await call(node, "/cancel", {"request_id": "r0"})).status_code == 200
+            assert node.pending_bytes == 2 * one
+            assert (await call(node, "/expect", {"request_id": "r3", "prompt": prompt(256)})).status_code == 200
+            assert (await call(node, "/expect", {"request_id": "r4", "prompt": prompt(256)})).status_code == 503
+            # the others expire (no cache came within transfer_timeout): all room again
+            deadline = asyncio.get_running_loop().time() + 10
+            while node._pending:
+                assert asyncio.get_running_loop().time() < deadline, node._pending
+                await asyncio.sleep(0.05)
+            assert node.pending_bytes == 0
+            for i in range(3):
+                r = await call(node, "/expect", {"request_id": f"again{i}", "prompt": prompt(256)})
+                assert r.status_code == 200, r.text
+            # a taken request's buffers count until its generate ends, then are freed
+            r = await call(node, "/generate", {"request_id": "again0", "max_tokens": 2})
+            assert r.status_code == 200 and "error" in r.text
+            assert node.pending_bytes == 2 * one
+        asyncio.run(run())
+    finally:
+        node.close()
+
+
+def test_allocation_failure_is_a_typed_503(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def no_memory(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    async def run() -> None:
+        monkeypatch.setattr(torch, "empty", no_memory)
+        r = await call(node, "/expect", {"request_id": "oom", "prompt": prompt(64)})
+        assert r.status_code == 503 and "allocate" in r.json()["error"], r.text
+        assert node._pending == {} and node.pending_bytes == 0
+        monkeypatch.undo()  # negative control: the same call with memory to spare
+        r = await call(node, "/expect", {"request_id": "oom", "prompt": prompt(64)})
+        assert r.status_code == 200, r.text
     asyncio.run(run())
 
 
