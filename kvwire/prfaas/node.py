@@ -160,7 +160,8 @@ class Node(NodeState):
         loop = asyncio.get_running_loop()
         # a transfer that fails, times out or is cancelled before anyone generates: forget the request
         def ended(_: Any) -> None:
-            loop.call_soon_threadsafe(self._expire, request_id, incoming)
+            with contextlib.suppress(RuntimeError):  # the loop is closed (main closes the node after uvicorn)
+                loop.call_soon_threadsafe(self._expire, request_id, incoming)
 
         incoming.handle.add_done_callback(ended)
         self._settle()
