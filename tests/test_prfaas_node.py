@@ -31,7 +31,7 @@ pytest.importorskip("httpx")
 from prfaas_nodes import KEY, Nodes, free_ports, port_free  # noqa: E402
 
 import kvwire  # noqa: E402
-from kvwire.prfaas.config import CacheConfig, ModelSpec  # noqa: E402
+from kvwire.prfaas.config import MAX_PROMPT_TOKENS, CacheConfig, ModelSpec  # noqa: E402
 from kvwire.prfaas.nodeclient import NodeError  # noqa: E402
 from kvwire.prfaas.runner import TransformersRunner  # noqa: E402
 
@@ -315,8 +315,8 @@ def test_drain_convert_resume(nodes: Nodes) -> None:
 
 
 def test_prefill_node_killed_mid_request(nodes: Nodes) -> None:
-    """Runs last: p0 is SIGKILLed while it prefills a long prompt."""
-    ids = prompt(6000, seed=400)
+    """Runs last: p0 is SIGKILLed while it prefills a long prompt (the longest the nodes take: max_prompt_tokens)."""
+    ids = prompt(MAX_PROMPT_TOKENS, seed=400)
     d0 = nodes.spec("d0")
 
     async def run() -> None:

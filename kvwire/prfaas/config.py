@@ -9,10 +9,14 @@ loads into. Sections:
   ``backend``: the nodes' engine, ``"transformers"`` (the in-process runner, default) or ``"vllm"`` (a vLLM
   engine with kvwire's connector; ``vllm_node``); a node's own ``backend`` key overrides it.
 - ``[cache]``: ``block_size`` (tokens per prefix block; the router's index and the nodes' checkpoints use the
-  same), ``store_bytes`` (each node's checkpoint store bound).
+  same), ``store_bytes`` (each node's checkpoint store bound), ``pending_bytes`` (each node's bound on the
+  cache buffers it holds for expected requests and prefix moves; absent: ``PENDING_PROMPTS`` caches of a
+  ``max_prompt_tokens`` prompt).
 - ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
   ``host``, ``control_port``, ``data_port``; names and (host, port) pairs are unique.
 - ``[router]`` and any other table: kept as plain dicts for their owner (``DeployConfig.router`` / ``extra``).
+  The nodes read two of its keys too (``request_limits``): ``max_prompt_tokens`` and ``max_output_tokens``
+  bound every request, at the front door and on each node's control API (which any key holder can call).
 
 The shared key is not in the file: processes read ``KVWIRE_KEY`` from the environment.
 Must not know: how nodes serve, how the router routes, or how the launcher starts processes.
@@ -42,6 +46,16 @@ DEFAULT_HF: Mapping[str, Any] = MappingProxyType(dict(
     linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, num_experts=4,
     num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
     mlp_only_layers=list(range(8)), max_position_embeddings=65536, initializer_range=0.5))
+
+
+#: the longest prompt and the most output tokens one request may have (``[router]`` ``max_prompt_tokens`` /
+#: ``max_output_tokens``): the front door and orchestrator refuse more, and so does every node's control API
+MAX_PROMPT_TOKENS = 4096
+MAX_OUTPUT_TOKENS = 1024
+#: a node's default ``pending_bytes``: the caches of this many ``max_prompt_tokens`` prompts (the default
+#: model: 32 x 8.4 MiB = 269 MiB at 4096 tokens; requests in flight on one decode node stay far below 32 on
+#: a CPU deployment, and short prompts take a fraction of a max-size one's bytes)
+PENDING_PROMPTS = 32
 
 
 class ConfigError(ValueError):
@@ -74,6 +88,16 @@ class ModelSpec:
 class CacheConfig:
     block_size: int = 256
     store_bytes: int = 256 << 20
+    pending_bytes: int | None = None  # None: PENDING_PROMPTS caches of a max_prompt_tokens prompt
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a node: ``max_prompt_tokens`` (also capped by the model's
+    ``max_position_embeddings``) and ``max_output_tokens``."""
+
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_output_tokens: int = MAX_OUTPUT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,20 @@ class DeployConfig:
 
     def by(self, *, cluster: str | None = None, role: str | None = None) -> list[NodeSpec]:
         return [n for n in self.nodes if (cluster is None or n.cluster == cluster) and (role is None or n.role == role)]
+
+
+def request_limits(config: DeployConfig) -> RequestLimits:
+    """The request bounds every node enforces: ``[router]`` ``max_prompt_tokens`` / ``max_output_tokens``
+    (the front door's, same defaults), the prompt also capped by ``[model.hf].max_position_embeddings``."""
+    r = config.router
+    prompt = _take(r, "max_prompt_tokens", int, "[router]", MAX_PROMPT_TOKENS)
+    output = _take(r, "max_output_tokens", int, "[router]", MAX_OUTPUT_TOKENS)
+    if prompt < 2 or output < 1:
+        raise ConfigError("[router]: need max_prompt_tokens >= 2 and max_output_tokens >= 1")
+    positions = config.model.hf.get("max_position_embeddings")
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions >= 2:
+        prompt = min(prompt, positions)
+    return RequestLimits(max_prompt_tokens=prompt, max_output_tokens=output)
 
 
 def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -167,12 +205,13 @@ def _backend(t: Mapping[str, Any], where: str, default: str | None) -> Any:
 
 
 def _cache(t: Mapping[str, Any]) -> CacheConfig:
-    _unknown(t, {"block_size", "store_bytes"}, "[cache]")
+    _unknown(t, {"block_size", "store_bytes", "pending_bytes"}, "[cache]")
     bs = _take(t, "block_size", int, "[cache]", CacheConfig.block_size)
     sb = _take(t, "store_bytes", int, "[cache]", CacheConfig.store_bytes)
-    if bs < 1 or sb < 0:
-        raise ConfigError("[cache]: need block_size >= 1 and store_bytes >= 0")
-    return CacheConfig(block_size=bs, store_bytes=sb)
+    pb = _take(t, "pending_bytes", int, "[cache]", None)
+    if bs < 1 or sb < 0 or (pb is not None and pb < 0):
+        raise ConfigError("[cache]: need block_size >= 1, store_bytes >= 0 and pending_bytes >= 0")
+    return CacheConfig(block_size=bs, store_bytes=sb, pending_bytes=pb)
 
 
 def _nodes(items: Any) -> tuple[NodeSpec, ...]:
@@ -265,7 +304,10 @@ def to_toml(config: DeployConfig) -> str:
     m = config.model
     lines = table("model", {"kind": m.kind, "seed": m.seed, "dtype": m.dtype, "backend": m.backend,
                             "decay_range": list(m.decay_range) if m.decay_range else [], "hf": dict(m.hf)})
-    lines += table("cache", {"block_size": config.cache.block_size, "store_bytes": config.cache.store_bytes})
+    cache: dict[str, Any] = {"block_size": config.cache.block_size, "store_bytes": config.cache.store_bytes}
+    if config.cache.pending_bytes is not None:
+        cache["pending_bytes"] = config.cache.pending_bytes
+    lines += table("cache", cache)
     for n in config.nodes:
         keys = ("name", "cluster", "role", "host", "control_port", "data_port") + (("backend",) if n.backend else ())
         lines += ["[[nodes]]", *(f"{k} = {value(getattr(n, k))}" for k in keys), ""]

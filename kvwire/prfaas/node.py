@@ -4,8 +4,9 @@ Owns: one node of the deployment: its model backend (``runner.TransformersRunner
 ``backend = "vllm"`` runs ``vllm_node.VllmNode`` instead, same control API), its data port (a kvwire
 ``Receiver``: decode nodes receive caches on it, prefill nodes receive prefix moves), one kvwire ``Session``
 per peer data port (reused; re-dialled when unhealthy) watched by a ``LinkMonitor`` (the egress ``LinkState``
-served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), and the process
-entry (``main``). Role state (ready / draining / converting) is ``nodestate.NodeState``'s; the HTTP/JSON
+served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), the byte budget of
+the cache buffers it holds for expected requests and prefix moves (``[cache].pending_bytes``: 503 when full),
+and the process entry (``main``). Role state (ready / draining / converting) is ``nodestate.NodeState``'s; the HTTP/JSON
 control API (starlette, served by uvicorn; the contract is /work PRFAAS_API.md, the client
 ``nodeclient.NodeClient``) is ``nodeapp``'s. The shared key comes from ``KVWIRE_KEY``.
 Must not know: routing policy, the prefix index, the front door, or kvwire internals (public API only).
@@ -30,9 +31,9 @@ import kvwire
 
 from ..congestion.monitor import LinkMonitor
 from ..errors import KvwireError, LayoutError, TransferCancelled, TransferError
-from .config import ROLES, DeployConfig, NodeSpec, load
+from .config import PENDING_PROMPTS, ROLES, DeployConfig, NodeSpec, load
 from .nodestate import NodeFault, NodeState
-from .runner import Checkpoint, Incoming, NodeBackend, TransformersRunner
+from .runner import CacheAllocError, Checkpoint, Incoming, NodeBackend, TransformersRunner
 from .sessions import Peer, SessionPool
 from .store import CheckpointStore
 
@@ -53,6 +54,34 @@ def _state_of(exc: BaseException) -> str:
     return {"TransferTimedOut": "timed_out", "TransferCancelled": "cancelled"}.get(name, "failed")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocators raise RuntimeError (CPU: "can't allocate memory", CUDA: "out of memory")."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower())
+
+
+class _Hold:
+    """One request's cache buffers counted against the node's ``pending_bytes`` budget: the runner calls it
+    with their size before allocating them (``NodeFault`` 503 when they do not fit); ``release`` once."""
+
+    def __init__(self, node: Node, what: str) -> None:
+        self.node, self.what, self.nbytes = node, what, 0
+
+    def __call__(self, nbytes: int) -> None:
+        node = self.node
+        if node.pending_bytes + nbytes > node.pending_budget:
+            raise NodeFault(503, f"node {node.spec.name} holds {node.pending_bytes} bytes of cache buffers for "
+                                 f"expected requests; {nbytes} more for {self.what} would pass its pending_bytes "
+                                 f"budget of {node.pending_budget}")
+        node.pending_bytes += nbytes
+        self.nbytes += nbytes
+
+    def release(self) -> None:
+        self.node.pending_bytes -= self.nbytes
+        self.nbytes = 0
+
+
 class Node(NodeState):
     """The node's state and operations (the HTTP layer in ``app`` only parses and serializes)."""
 
@@ -70,6 +99,10 @@ class Node(NodeState):
         self._pending: dict[str, Incoming] = {}  # decode: expected, not yet generating
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, transfer ended badly first
         self._outgoing: dict[str, Any] = {}  # prefill: request id -> transfer in flight
+        # cache buffers of expected requests (until their generate ends) and of prefix moves in flight
+        self.pending_bytes = 0
+        self.pending_budget = (config.cache.pending_bytes if config.cache.pending_bytes is not None else
+                               PENDING_PROMPTS * self.backend.expect_nbytes(self.limits.max_prompt_tokens))
         self.monitor = LinkMonitor(self._sessions.lane_sockets, interval=0.1).start()
 
     # -- sessions and link -----------------------------------------------------------------------------
@@ -111,16 +144,24 @@ class Node(NodeState):
             prefix = self.store.kv_prefix(prompt, reuse_length)
             if prefix is None:
                 raise NodeFault(409, f"no held prefix of {reuse_length} tokens for {request_id!r}")
+        hold = _Hold(self, f"request {request_id!r}")
         try:
             incoming = self.backend.expect(self.receiver, request_id, prompt, prefix=prefix,
-                                           timeout=self.transfer_timeout)
-        except (LayoutError, ValueError) as e:
-            raise NodeFault(400, str(e)) from e
+                                           timeout=self.transfer_timeout, reserve=hold)
+        except BaseException as e:
+            hold.release()
+            if isinstance(e, (LayoutError, ValueError)):
+                raise NodeFault(400, str(e)) from e
+            if isinstance(e, CacheAllocError):
+                raise NodeFault(503, str(e)) from e
+            raise
+        incoming.extra["hold"] = hold
         self._pending[request_id] = incoming
         loop = asyncio.get_running_loop()
         # a transfer that fails, times out or is cancelled before anyone generates: forget the request
         def ended(_: Any) -> None:
-            loop.call_soon_threadsafe(self._expire, request_id, incoming)
+            with contextlib.suppress(RuntimeError):  # the loop is closed (main closes the node after uvicorn)
+                loop.call_soon_threadsafe(self._expire, request_id, incoming)
 
         incoming.handle.add_done_callback(ended)
         self._settle()
@@ -129,10 +170,17 @@ class Node(NodeState):
         h = incoming.handle
         if self._pending.get(request_id) is incoming and h.state.value != "done":
             del self._pending[request_id]
+            self._release(incoming)
             self._ended[request_id] = (h.state.value, h.reason)  # what a late generate() reports
             while len(self._ended) > 1024:
                 self._ended.popitem(last=False)
             self._settle()
+
+    @staticmethod
+    def _release(incoming: Incoming) -> None:
+        hold = incoming.extra.get("hold")
+        if hold is not None:
+            hold.release()
 
     def is_expected(self, request_id: str) -> bool:
         return request_id in self._pending or request_id in self._ended
@@ -158,6 +206,11 @@ class Node(NodeState):
                 except (TransferError, TimeoutError) as e:
                     yield {"error": str(e) or "cache transfer timed out", "state": _state_of(e)}
                     return
+                except (RuntimeError, MemoryError) as e:
+                    if not _out_of_memory(e):
+                        raise
+                    yield {"error": f"decode ran out of memory: {e}", "state": "failed"}
+                    return
                 if tok is None:
                     break
                 yield {"token": tok}
@@ -167,6 +220,7 @@ class Node(NodeState):
         finally:
             if not incoming.handle.finished:  # the client went away before the cache came: stop the transfer
                 incoming.handle.cancel("decode request ended early")
+            self._release(incoming)
             self.running -= 1
             self._settle()
 
@@ -227,6 +281,10 @@ class Node(NodeState):
             return out
         except (LayoutError, ValueError) as e:
             raise NodeFault(400, str(e)) from e
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise NodeFault(503, f"prefill ran out of memory: {e}") from e
         except TransferCancelled as e:
             out["state"], out["reason"] = "cancelled", out["reason"] + str(e)
             return out
@@ -247,8 +305,17 @@ class Node(NodeState):
 
         t0 = time.monotonic()
         mid = f"{request_id}/move"
-        handle, ck = self.backend.expect_checkpoint(self.receiver, mid, prompt, length,
-                                                    timeout=self.transfer_timeout)
+        hold = _Hold(self, f"the prefix move of {request_id!r}")
+        try:
+            handle, ck = self.backend.expect_checkpoint(self.receiver, mid, prompt, length,
+                                                        timeout=self.transfer_timeout, reserve=hold)
+        except (NodeFault, CacheAllocError) as e:  # no room for the checkpoint now: prefill in full
+            hold.release()
+            out["reason"] = f"no room to move the prefix here ({e}); prefilled in full. "
+            return None
+        except BaseException:
+            hold.release()
+            raise
         client = NodeClient(source[0], source[1], timeout=self.transfer_timeout, key=self.key)
         try:
             sent = await client.export(mid, prompt, length, dest_host=self.spec.host,
@@ -260,6 +327,7 @@ class Node(NodeState):
             out["reason"] = f"prefix move from {source[0]}:{source[1]} failed ({e}); prefilled in full. "
             return None
         finally:
+            hold.release()  # from here the checkpoint is the store's (its own store_bytes bound)
             await client.aclose()
             out["move_s"] = time.monotonic() - t0
         self.store.put(ck, prompt)
@@ -283,6 +351,7 @@ class Node(NodeState):
         incoming = self._pending.pop(request_id, None)
         if incoming is not None:
             incoming.handle.cancel("cancelled by the router")
+            self._release(incoming)
             self._settle()
         transfer = self._outgoing.get(request_id)
         if transfer is not None:
@@ -308,6 +377,7 @@ class Node(NodeState):
         self._sessions.close()
         for incoming in list(self._pending.values()):
             incoming.handle.cancel("node shutting down")
+            self._release(incoming)
         self._pending.clear()
         self._compute.shutdown(wait=True, cancel_futures=True)
         self.monitor.stop()

@@ -1,7 +1,9 @@
 """The HTTP/JSON control API of a PrfaaS node: a starlette app over ``node.Node``, every request signed.
 
-Owns: routes, request parsing (typed 400s naming the field), JSON/NDJSON responses, and wrapping the app in
-``controlauth.ControlAuth`` (the shared key). Errors are ``{"error": text}`` with 400/401/404/409/413/503/504.
+Owns: routes, request parsing (typed 400s naming the field), the request bounds (a ``prompt`` longer than
+``node.limits.max_prompt_tokens`` or ``max_tokens`` over ``max_output_tokens`` is a 400 before the node sees
+it: any key holder reaches this API past the front door's checks), JSON/NDJSON responses, and wrapping the app
+in ``controlauth.ControlAuth`` (the shared key). Errors are ``{"error": text}`` with 400/401/404/409/413/503/504.
 Must not know: how the node prefills, decodes or moves caches (``Node``'s), or the router.
 """
 
@@ -49,6 +51,14 @@ def app(node: Node | VllmNode) -> Any:
             raise NodeFault(400, f"{name!r} must be a non-empty string")
         return v
 
+    def prompt(data: dict[str, Any]) -> list[int]:
+        p = data.get("prompt")
+        most = node.limits.max_prompt_tokens
+        if isinstance(p, list) and len(p) > most:  # before anything is sized from it
+            raise NodeFault(400, f"'prompt' has {len(p)} tokens; this deployment's max_prompt_tokens is {most}")
+        out: list[int] = field(data, "prompt", list)
+        return out
+
     def peer(v: Any, name: str) -> Peer:
         if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int)):
             raise NodeFault(400, f"{name!r} must be [host, port]")
@@ -65,13 +75,13 @@ def app(node: Node | VllmNode) -> Any:
 
     async def expect(request: Request) -> Response:
         d = await body(request)
-        node.expect(field(d, "request_id", str), field(d, "prompt", list), field(d, "reuse_length", int, 0))
+        node.expect(field(d, "request_id", str), prompt(d), field(d, "reuse_length", int, 0))
         return JSONResponse({"ok": True})
 
     async def prefill(request: Request) -> Response:
         d = await body(request)
         rf = d.get("reuse_from")
-        out = await node.prefill(field(d, "request_id", str), field(d, "prompt", list),
+        out = await node.prefill(field(d, "request_id", str), prompt(d),
                                  (field(d, "decode_host", str), field(d, "decode_data_port", int)),
                                  field(d, "reuse_length", int, 0), None if rf is None else peer(rf, "reuse_from"),
                                  field(d, "send_from", int, 0))
@@ -79,7 +89,7 @@ def app(node: Node | VllmNode) -> Any:
 
     async def export(request: Request) -> Response:
         d = await body(request)
-        return JSONResponse(await node.export(field(d, "request_id", str), field(d, "prompt", list),
+        return JSONResponse(await node.export(field(d, "request_id", str), prompt(d),
                                               field(d, "length", int), (field(d, "dest_host", str),
                                                                         field(d, "dest_data_port", int))))
 
@@ -87,8 +97,9 @@ def app(node: Node | VllmNode) -> Any:
         d = await body(request)
         stop = field(d, "stop", list, [])
         max_tokens = field(d, "max_tokens", int)
-        if max_tokens < 1:
-            raise NodeFault(400, "max_tokens must be >= 1")
+        if not 1 <= max_tokens <= node.limits.max_output_tokens:
+            raise NodeFault(400, f"max_tokens must be in 1..{node.limits.max_output_tokens} (this deployment's "
+                                 "max_output_tokens)")
         rid = field(d, "request_id", str)
         if not node.is_expected(rid):
             raise NodeFault(404, f"request {rid!r} was not expected here")

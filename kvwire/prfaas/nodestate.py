@@ -2,9 +2,10 @@
 
 Owns: ``NodeFault`` (a request a node refuses, with the HTTP status the control API answers) and ``NodeState``
 (role, the ready / draining / converting state, admission, drain and resume, the ids of prefills cancelled
-before they arrived). ``node.Node`` (the in-process runner) and ``vllm_node.VllmNode`` build on it and
-``nodeapp`` maps ``NodeFault`` to responses, so none of the three imports another for these. Must not know:
-models, caches, kvwire transfers, HTTP.
+before they arrived, ``limits``: the request bounds every node kind's control API enforces). ``node.Node``
+(the in-process runner) and ``vllm_node.VllmNode`` build on it and ``nodeapp`` maps ``NodeFault`` to
+responses, so none of the three imports another for these. Must not know: models, caches, kvwire transfers,
+HTTP.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from .config import DeployConfig, NodeSpec
+from .config import DeployConfig, NodeSpec, request_limits
 
 
 class NodeFault(Exception):
@@ -30,6 +31,7 @@ class NodeState:
 
     def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes) -> None:
         self.config, self.spec, self.key = config, spec, key
+        self.limits = request_limits(config)  # the front door's max_prompt_tokens / max_output_tokens
         self.role, self.state = spec.role, "ready"
         self.queued = self.running = 0
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # prefills cancelled before they started

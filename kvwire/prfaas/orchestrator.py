@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import model
-from .config import DeployConfig
+from .config import DeployConfig, request_limits
 from .fleet import Busy, ConvertError, Fleet, NodeView, backlog
 from .nodeclient import NodeError
 from .observed import ObservedProfile
@@ -69,6 +69,10 @@ class Orchestrator:
     def __init__(self, config: DeployConfig, settings: FrontSettings, telemetry: Telemetry) -> None:
         self.config = config
         self.settings = settings
+        # what every node accepts (its max_position_embeddings may be below [router].max_prompt_tokens)
+        limits = request_limits(config)
+        self.max_prompt_tokens = min(settings.max_prompt_tokens, limits.max_prompt_tokens)
+        self.max_output_tokens = min(settings.max_output_tokens, limits.max_output_tokens)
         self.tm = telemetry
         self.block_size = config.cache.block_size
         self.fleet = Fleet(config, telemetry, control_timeout_s=settings.node_timeout_s,
@@ -194,12 +198,11 @@ class Orchestrator:
                        ) -> AsyncIterator[int]:
         """Token ids of the completion (stop sequences removed), in order; ``info`` is filled in.
         ``route``: force the prefill cluster; ``reuse=False``: ignore cached prefixes (prefill all)."""
-        s = self.settings
         prompt = list(prompt)
-        if not 2 <= len(prompt) <= s.max_prompt_tokens:
-            raise RequestError(f"prompt has {len(prompt)} tokens; need 2..{s.max_prompt_tokens}")
-        if not 1 <= max_tokens <= s.max_output_tokens:
-            raise RequestError(f"max_tokens must be in 1..{s.max_output_tokens}")
+        if not 2 <= len(prompt) <= self.max_prompt_tokens:
+            raise RequestError(f"prompt has {len(prompt)} tokens; need 2..{self.max_prompt_tokens}")
+        if not 1 <= max_tokens <= self.max_output_tokens:
+            raise RequestError(f"max_tokens must be in 1..{self.max_output_tokens}")
         if route is not None and route not in ROUTES:
             raise RequestError(f"route must be one of {ROUTES}")
         info = info or Completion(uuid.uuid4().hex[:16], len(prompt))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,7 +34,14 @@ from .prefix import block_keys
 if TYPE_CHECKING:
     from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
 
-__all__ = ["Checkpoint", "Incoming", "NodeBackend", "PrefillResult", "TransformersRunner"]
+__all__ = ["CacheAllocError", "Checkpoint", "Incoming", "NodeBackend", "PrefillResult", "TransformersRunner"]
+
+#: called with a request's cache bytes before they are allocated; raises to refuse them (a node's budget)
+Reserve = Callable[[int], None]
+
+
+class CacheAllocError(KvwireError, MemoryError):
+    """The destination buffers of a cache could not be allocated (torch raised: the host is out of memory)."""
 
 
 @dataclass
@@ -97,7 +104,10 @@ class NodeBackend(Protocol):
                 send_from: int = 0, timeout: float = 60.0) -> PrefillResult: ...
 
     def expect(self, receiver: Receiver, request_id: str, prompt: Sequence[int], *,
-               prefix: Checkpoint | None = None, timeout: float = 60.0) -> Incoming: ...
+               prefix: Checkpoint | None = None, timeout: float = 60.0, reserve: Reserve | None = None
+               ) -> Incoming: ...
+
+    def expect_nbytes(self, num_tokens: int, prefix_length: int = 0) -> int: ...
 
     def decode(self, incoming: Incoming, max_tokens: int, *, stop: Sequence[int] = (),
                timeout: float = 60.0) -> Iterator[int]: ...
@@ -108,7 +118,8 @@ class NodeBackend(Protocol):
                         timeout: float = 60.0) -> OutgoingTransfer: ...
 
     def expect_checkpoint(self, receiver: Receiver, request_id: str, prompt: Sequence[int], length: int, *,
-                          timeout: float = 60.0) -> tuple[IncomingTransfer, Checkpoint]: ...
+                          timeout: float = 60.0, reserve: Reserve | None = None
+                          ) -> tuple[IncomingTransfer, Checkpoint]: ...
 
 
 def build_model(spec: ModelSpec) -> Any:
@@ -249,27 +260,45 @@ class TransformersRunner:
             out.append((1, spec.shape[0], seg.token_count, spec.shape[1]) if token else (1, *spec.shape))
         return out
 
-    def _alloc(self, request: RequestSpec) -> list[Any]:
+    def _nbytes(self, request: RequestSpec) -> int:
+        return sum(seg.nbytes for seg in plan_segments(self.layout, request))
+
+    def expect_nbytes(self, num_tokens: int, prefix_length: int = 0) -> int:
+        """The bytes ``expect`` allocates for a ``num_tokens``-token prompt with ``prefix_length`` tokens of its
+        KV held here (what a node's ``pending_bytes`` budget is counted in)."""
+        return self._nbytes(self._request("size", num_tokens, num_tokens - 1, prefix_length))
+
+    def _alloc(self, request: RequestSpec, reserve: Reserve | None = None) -> list[Any]:
+        """The destination tensors of ``request``'s payload; ``reserve(nbytes)`` first (it may refuse). A failed
+        allocation is ``CacheAllocError``."""
         import torch
 
+        if reserve is not None:
+            reserve(self._nbytes(request))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         out = []
-        for seg, shape in zip(plan_segments(self.layout, request), self._shapes(request)):
-            spec = self.layout.layers[seg.layer].caches[seg.cache].tensors[seg.tensor]
-            out.append(torch.empty(shape, dtype=dtype.get(spec.dtype, torch.float32)))
+        try:
+            for seg, shape in zip(plan_segments(self.layout, request), self._shapes(request)):
+                spec = self.layout.layers[seg.layer].caches[seg.cache].tensors[seg.tensor]
+                out.append(torch.empty(shape, dtype=dtype.get(spec.dtype, torch.float32)))
+        except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError
+            out.clear()
+            raise CacheAllocError(f"cannot allocate {self._nbytes(request)} bytes of cache buffers for "
+                                  f"{request.request_id!r}: {e}") from None
         return out
 
     def expect(self, receiver: Receiver, request_id: str, prompt: Sequence[int], *,
-               prefix: Checkpoint | None = None, timeout: float = 60.0) -> Incoming:
+               prefix: Checkpoint | None = None, timeout: float = 60.0, reserve: Reserve | None = None
+               ) -> Incoming:
         """Register destination tensors for the prompt's cache (only ``[prefix.length, N-1)`` of the KV when a
-        prefix is held here)."""
+        prefix is held here); ``reserve(nbytes)`` is called before they are allocated."""
         ids = self._check_prompt(prompt)
         n, s = len(ids), len(ids) - 1
         hit = 0 if prefix is None else prefix.length
         if prefix is not None and (hit > s or prefix.key != block_keys(ids[:hit], self.block_size)[-1]):
             raise LayoutError(f"held prefix of {hit} tokens is not a prefix of this prompt")
         request = self._request(request_id, n, s, hit)
-        tensors = self._alloc(request)
+        tensors = self._alloc(request, reserve)
         handle = receiver.expect(request_id, tensors, layout=self.layout, state_position=s, timeout=timeout)
         return Incoming(request_id, ids, handle, tensors, prefix)
 
@@ -345,14 +374,15 @@ class TransformersRunner:
         return transfer
 
     def expect_checkpoint(self, receiver: Receiver, request_id: str, prompt: Sequence[int], length: int, *,
-                          timeout: float = 60.0) -> tuple[IncomingTransfer, Checkpoint]:
+                          timeout: float = 60.0, reserve: Reserve | None = None
+                          ) -> tuple[IncomingTransfer, Checkpoint]:
         """Register tensors for a moved checkpoint of ``prompt[:length]``; the checkpoint is valid once the
-        returned handle is done."""
+        returned handle is done. ``reserve(nbytes)`` is called before they are allocated."""
         ids = self._check_prompt(prompt)
         if length < self.block_size or length % self.block_size or length > len(ids) - 1:
             raise LayoutError(f"reuse length {length} must be a multiple of {self.block_size} in "
                               f"[{self.block_size}, {len(ids) - 1}]")
-        tensors = self._alloc(RequestSpec(request_id, num_tokens=length, state_position=length))
+        tensors = self._alloc(RequestSpec(request_id, num_tokens=length, state_position=length), reserve)
         handle = receiver.expect(request_id, tensors, layout=self.layout, state_position=length, timeout=timeout)
         it = iter(tensors)
         layers = [[next(it) for c in spec.caches for _ in c.tensors] for spec in self.layout.layers]

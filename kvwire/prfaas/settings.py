@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError
+from .config import MAX_OUTPUT_TOKENS, MAX_PROMPT_TOKENS, ConfigError
 from .router import RouterConfig
 
 
@@ -46,8 +46,8 @@ class FrontSettings:
     decode_batch: int = 8
     decode_l_out: int = 32
     egress_gbps: float = 1.0  # PrfaaS egress the long loop plans with when no link capacity is known
-    max_prompt_tokens: int = 4096
-    max_output_tokens: int = 1024
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # every node refuses more too (config.request_limits)
+    max_output_tokens: int = MAX_OUTPUT_TOKENS
     loop: RouterConfig = field(default_factory=RouterConfig)
 
     @staticmethod
