@@ -250,3 +250,45 @@ def test_the_orchestrator_sends_nothing_the_nodes_refuse(monkeypatch: pytest.Mon
         finally:
             await orch.fleet.aclose()
     asyncio.run(run())
+
+
+def test_a_node_that_refuses_a_request_is_not_marked_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode node whose cache budget is full answers /expect with 503: it serves, so the request fails
+    (Unavailable) but the node stays in the fleet; marking it down took a busy node out until the next health
+    poll. Negative control: a node that cannot be reached (no status) is marked down."""
+    pytest.importorskip("prometheus_client")
+    monkeypatch.setenv("KVWIRE_KEY", KEY.decode())
+    from types import SimpleNamespace
+
+    from kvwire.prfaas.nodeclient import NodeError
+    from kvwire.prfaas.orchestrator import Completion, Orchestrator, Unavailable
+    from kvwire.prfaas.settings import FrontSettings
+    from kvwire.prfaas.telemetry import Telemetry
+
+    c = cfg.from_dict({"model": {"hf": TINY}, "nodes": [
+        {"name": "d0", "cluster": "local", "role": "decode", "control_port": 9101, "data_port": 9102}]})
+    orch = Orchestrator(c, FrontSettings.from_table(c.router), Telemetry())
+    marked: list[str] = []
+    monkeypatch.setattr(orch.fleet, "mark_down", lambda view, why: marked.append(why))
+
+    def attempt(error: BaseException) -> None:
+        async def expect(*_: Any, **__: Any) -> None:
+            raise error
+
+        dec = SimpleNamespace(name="d0", client=SimpleNamespace(expect=expect))
+
+        async def run() -> None:
+            try:
+                with pytest.raises(Unavailable):
+                    await orch._run(Completion("r", 2), "r", [1, 2], 4, [], SimpleNamespace(), dec,  # type: ignore[arg-type]
+                                    0, None, 0)
+            finally:
+                await orch.fleet.aclose()
+        asyncio.run(run())
+
+    attempt(NodeError("expect: 503 cache budget full", status=503))
+    attempt(NodeError("expect: 400 prompt too long", status=400))
+    assert marked == []
+    attempt(NodeError("expect: connection refused"))  # negative control: unreachable
+    attempt(OSError("no route"))
+    assert len(marked) == 2

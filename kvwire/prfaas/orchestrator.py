@@ -325,7 +325,8 @@ class Orchestrator:
         try:
             await dec.client.expect(rid, prompt, reuse_length=send_from)
         except (NodeError, OSError) as e:
-            self.fleet.mark_down(dec, f"expect: {e}")
+            if _node_broke(e):
+                self.fleet.mark_down(dec, f"expect: {e}")
             raise Unavailable(f"decode node {dec.name}: {e}") from e
         if reuse_from is not None:
             src = next(v for v in self.nodes.values() if (v.spec.host, v.spec.control_port) == reuse_from)
@@ -358,7 +359,8 @@ class Orchestrator:
                 if isinstance(e, NodeError) and failure is None and not prefill.done():
                     failure = _PrefillFailed("transfer", str(e))
                 if failure is None:
-                    self.fleet.mark_down(dec, f"generate: {e}")
+                    if _node_broke(e):
+                        self.fleet.mark_down(dec, f"generate: {e}")
                     raise Unavailable(f"decode node {dec.name}: {e}") from e
                 raise failure from e
         except BaseException:
@@ -381,7 +383,7 @@ class Orchestrator:
         e = task.exception()
         if e is not None:
             self.tm.transfers.labels("error").inc()
-            if isinstance(e, (NodeError, OSError)):
+            if isinstance(e, (NodeError, OSError)) and _node_broke(e):
                 self.fleet.mark_down(pre, f"prefill: {e}")
             return
         r = task.result()
@@ -437,3 +439,12 @@ async def _aclose(it: AsyncIterator[int]) -> None:
     if close is not None:
         with contextlib.suppress(Exception):
             await close()
+
+
+def _node_broke(e: BaseException) -> bool:
+    """A node call's failure says the node is down (unreachable, died, timed out, a server error), not that it
+    answered: a 4xx refusal or a 503 (its cache budget full: ``node.pending_bytes``) comes from a node that
+    serves, and marking it down for one took a busy node out of the fleet until the next health poll."""
+    status = getattr(e, "status", None)
+    return status is None or (status >= 500 and status != 503)
+
