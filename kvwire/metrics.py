@@ -183,7 +183,10 @@ class Metrics:
         return "".join(out)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
-        """Serve ``GET /metrics`` on a daemon thread until ``close()``."""
+        """Serve ``GET /metrics`` on a daemon thread until ``close()``. ``ValueError`` for a port outside 0..65535
+        (the socket layer would wrap 70000 to 4464)."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
         return MetricsServer(self.render, host, port)
 
 

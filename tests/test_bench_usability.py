@@ -283,3 +283,49 @@ def test_server_rss_stays_flat_across_reverse_tests() -> None:
     finally:
         p.terminate()
         p.wait(30)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-c", "h", "-p", "70000"], "-p must be in 0..65535"),  # the socket layer wrapped it to 4464
+    (["-s", "--data-port", "70000"], "--data-port must be in 0..65535"),
+    (["-s", "--metrics-port", "70000"], "--metrics-port must be in 0..65535"),
+    (["-s", "-p", "65535"], "no data port above it"),
+    (["-c", "h", "-t", "nan"], "-t must be a positive, finite"),  # NaN passed "<= 0" and ran forever
+    (["-c", "h", "-t", "inf"], "-t must be a positive, finite"),
+    (["-c", "h", "--timeout", "0"], "--timeout must be a positive, finite"),
+    (["-c", "h", "--timeout", "1e400"], "--timeout must be a positive, finite"),
+    (["-s", "--pool-bytes", "0"], "--pool-bytes must be positive"),
+])
+def test_out_of_range_ports_durations_and_pools_are_usage_errors(argv: list[str], message: str) -> None:
+    """Each ran (a wrapped port, a test with no end) or failed with a traceback and rc 1; a usage error (rc 2)
+    names the flag. Negative control: the same flags at ordinary values parse."""
+    from kvwire.bench.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        opts(*argv)
+    assert opts("-c", "h", "-p", "65534", "-t", "2", "--timeout", "30").port == 65534
+    assert opts("-s", "--data-port", "65535", "--metrics-port", "9100", "--pool-bytes", "1M").data_port == 65535
+
+
+def test_the_metrics_exporter_refuses_a_port_out_of_range() -> None:
+    from kvwire.metrics import Metrics
+
+    with pytest.raises(ValueError, match="0..65535"):
+        Metrics().serve("127.0.0.1", 70000)  # it bound 4464
+    server = Metrics().serve("127.0.0.1", 0)  # negative control
+    server.close()
+
+
+def test_tls_files_that_cannot_be_loaded_are_usage_errors(tmp_path: Path) -> None:
+    """A missing or non-PEM --tls-* file was a FileNotFoundError traceback (rc 1)."""
+    from kvwire.bench.errors import UsageError
+    from kvwire.bench.options import client_ssl_context, server_ssl_context
+
+    bad = tmp_path / "not.pem"
+    bad.write_text("not a certificate")
+    for path in ("/nonexistent.pem", str(bad)):
+        with pytest.raises(UsageError, match="--tls-cert"):
+            server_ssl_context(opts("-s", "--tls-cert", path, "--tls-key", path))
+        with pytest.raises(UsageError, match="--tls-ca"):
+            client_ssl_context(opts("-c", "h", "--tls-ca", path))
+    assert client_ssl_context(opts("-c", "h")) is None  # negative control: no TLS asked, none built

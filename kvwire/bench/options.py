@@ -8,6 +8,7 @@ contexts. Must not know: sockets, sessions, reports.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import ssl
@@ -346,8 +347,17 @@ def check(o: Options) -> None:
     limit = max_chunk_size(DEFAULT_LIMITS)
     if not MIN_CHUNK <= o.chunk_size <= limit:
         raise UsageError(f"--chunk-size must be in [{MIN_CHUNK}, {limit}]")
-    if o.duration is not None and o.duration <= 0:
-        raise UsageError("-t must be positive")
+    for flag, port in (("-p", o.port), ("--data-port", o.data_port), ("--metrics-port", o.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:  # (the socket layer wraps 70000 to 4464)
+            raise UsageError(f"{flag} must be in 0..65535, got {port}")
+    if o.data_port is None and o.port and o.port + 1 > 65535:
+        raise UsageError(f"-p {o.port} leaves no data port above it (-p + 1): pass --data-port")
+    if o.duration is not None and not 0 < o.duration < math.inf:  # (NaN fails both: it ran forever)
+        raise UsageError("-t must be a positive, finite number of seconds")
+    if not 0 < o.timeout < math.inf:
+        raise UsageError("--timeout must be a positive, finite number of seconds")
+    if o.pool_bytes <= 0:
+        raise UsageError("--pool-bytes must be positive")
     if o.nbytes is not None and o.nbytes <= 0:
         raise UsageError("-n must be positive")
     if o.requests is not None and o.requests <= 0:
@@ -387,17 +397,23 @@ def server_ssl_context(o: Options) -> ssl.SSLContext | None:
     if not (o.tls_cert and o.tls_key):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(o.tls_cert, o.tls_key)
-    if o.tls_ca and o.mode == "server":
-        ctx.load_verify_locations(o.tls_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(o.tls_cert, o.tls_key)
+        if o.tls_ca and o.mode == "server":
+            ctx.load_verify_locations(o.tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:  # (a usage error, not a traceback: a path or a file that is not PEM)
+        raise UsageError(f"--tls-cert/--tls-key/--tls-ca: {e}") from None
     return ctx
 
 
 def client_ssl_context(o: Options) -> ssl.SSLContext | None:
     if not o.tls:
         return None
-    ctx = ssl.create_default_context(cafile=o.tls_ca)
-    if o.mode == "client" and o.tls_cert and o.tls_key:
-        ctx.load_cert_chain(o.tls_cert, o.tls_key)
+    try:
+        ctx = ssl.create_default_context(cafile=o.tls_ca)
+        if o.mode == "client" and o.tls_cert and o.tls_key:
+            ctx.load_cert_chain(o.tls_cert, o.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"--tls-ca/--tls-cert/--tls-key: {e}") from None
     return ctx
