@@ -506,3 +506,88 @@ def test_tail_parity_is_sent_and_counted_in_the_document(tiny_config: str) -> No
     assert docs[2]["verification"]["verified"] and docs[0]["verification"]["verified"]
     bad = bench("--loopback", "--model", tiny_config, "--tail-parity", "9")
     assert bad.returncode != 0 and "--tail-parity" in bad.stderr
+
+
+def test_a_client_worker_stops_waiting_for_a_frozen_server_s_checks() -> None:
+    """A server stopped with SIGSTOP keeps its sockets open and answers nothing. A client worker waits for the
+    server's check of its earlier requests before it starts another (the server holds concurrency + 1
+    buffers); it waited for that up to --timeout (300 s), printing empty intervals far past -t (one run in four
+    of a newcomer's). Now the wait ends once the session has failed (the receiver silent past the peer timeout)
+    or -t ran out, and the worker starts nothing more. Negative control: checks that arrive let it go on."""
+    import types
+
+    from kvwire.bench.sending import _Runner
+
+    class Ctl:
+        error = None
+
+        def __init__(self, arrive: bool) -> None:
+            self.arrive = arrive
+
+        def wait_until(self, ready: Any, timeout: float) -> bool:
+            time.sleep(timeout if not self.arrive else 0)
+            return self.arrive  # a frozen server: no result ever comes
+
+    def runner(arrive: bool, failure_after: float | None, duration: float | None) -> tuple[bool, float]:
+        r = object.__new__(_Runner)
+        session = types.SimpleNamespace(failure="")
+        r.o = types.SimpleNamespace(timeout=300.0, concurrency=2, duration=duration)  # type: ignore[assignment]
+        r.ctl, r.session, r.t_start = Ctl(arrive), session, time.monotonic()  # type: ignore[assignment]
+        if failure_after is not None:
+            threading.Timer(failure_after, lambda: setattr(session, "failure", "receiver silent")).start()
+        t0 = time.monotonic()
+        return r._wait_for_room(), time.monotonic() - t0
+
+    went_on, took = runner(arrive=False, failure_after=1.0, duration=None)
+    assert not went_on and took < 3.5, took  # the session failed: stop (it waited 300 s)
+    went_on, took = runner(arrive=False, failure_after=None, duration=1.0)
+    assert not went_on and took < 3.5, took  # -t ran out
+    assert runner(arrive=True, failure_after=None, duration=None)[0]  # negative control
+
+
+def test_a_client_whose_server_froze_ends_instead_of_waiting_out_its_timeout() -> None:
+    """A server stopped with SIGSTOP keeps its sockets open and answers nothing: a client worker that waited for
+    the server's check of its earlier requests waited out --timeout (300 s), printing empty intervals far past
+    -t. Now it stops starting requests once the session failed (the receiver silent past the peer timeout) or
+    -t ran out, and the run ends with the failure. Negative control: the same client against a running server
+    ends on time with rc 0."""
+    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
+                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert server.stdout is not None
+    try:
+        port = None
+        for line in server.stdout:
+            m = re.search(r"Server listening on \S+ port (\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        assert port is not None
+        threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
+        args = [sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "-l", "1M", "-t", "3",
+                "--json-stream", "-i", "0.5"]
+        t0 = time.monotonic()
+        ok = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
+        assert ok.returncode == 0, ok.stderr  # negative control
+        assert time.monotonic() - t0 < 20
+        client = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert client.stdout is not None
+        assert json.loads(client.stdout.readline())["event"] == "start"
+        while True:  # frozen mid-run, with requests in flight and checks outstanding
+            event = json.loads(client.stdout.readline())
+            if event["event"] == "interval" and event["data"]["sum"]["bytes"] > 0:
+                break
+        t0 = time.monotonic()
+        server.send_signal(signal.SIGSTOP)
+        try:
+            out, err = client.communicate(timeout=45)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.communicate()
+            pytest.fail("the client did not end within 45 s of its server freezing (-t 3, --timeout 300)")
+        took = time.monotonic() - t0
+        print(f"\nclient ended {took:.1f} s after its server froze, rc {client.returncode}")
+        assert client.returncode != 0 and took < 45
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(15)

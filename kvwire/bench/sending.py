@@ -159,6 +159,20 @@ class _Runner:
             recs = list(self.records)
         return sum(1 for r in recs if r.state != "failed" and r.request_id not in self.ctl.results)
 
+    def _wait_for_room(self) -> bool:
+        """Until at most ``concurrency - 1`` other requests wait for the server's check; False (start nothing
+        more) once the session failed, ``-t`` ran out or ``--timeout`` passed first. A frozen server answers no
+        check and its control channel stays open: the wait re-checks every second, and a client whose server
+        was stopped (SIGSTOP) had printed empty intervals for 20 s past its -t, waiting out the 300 s timeout."""
+        o, deadline = self.o, time.monotonic() + self.o.timeout
+        while not self.ctl.wait_until(lambda: self._unverified() <= o.concurrency - 1,
+                                      min(1.0, max(0.0, deadline - time.monotonic()))):
+            now = time.monotonic()
+            if (self.session.failure or now >= deadline or self.ctl.error is not None
+                    or (o.duration is not None and now >= self.t_start + o.duration)):
+                return False
+        return self.ctl.error is None
+
     def run(self) -> None:
         self.t_start = time.monotonic()
         workers = [threading.Thread(target=self._worker, args=(w,), name=f"kvwire-bench-req{w}", daemon=True)
@@ -179,7 +193,8 @@ class _Runner:
             # at most `concurrency` requests may wait for the server's check besides this one: the server
             # holds concurrency + 1 pre-faulted buffers, and a lagging check must pace the sender, not
             # make the server fault fresh buffers mid-transfer
-            self.ctl.wait_until(lambda: self._unverified() <= self.o.concurrency - 1, self.o.timeout)
+            if not self._wait_for_room():
+                return
             rec = RequestRecord(k, self.rid(k), self.total)
             with self._lock:
                 self.records.append(rec)
