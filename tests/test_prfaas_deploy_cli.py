@@ -77,3 +77,23 @@ def test_help_is_plain_text_and_lists_the_commands(capsys: pytest.CaptureFixture
     assert e.value.code == 0 and "``" not in out and "supervise" not in out, out
     for name in ("up", "down", "status"):
         assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), (name, out)
+
+
+def test_status_calls_a_state_file_whose_supervisor_is_gone_stale(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A deployment killed without ``down`` (kill -9 of the supervisor and its processes) left its state file,
+    and ``status`` printed it unchanged: ``"ready": true``, rc 0. Negative control: a live supervisor's state
+    (this test process stands in for it) is printed as it is, rc 0."""
+    from kvwire.prfaas.__main__ import main
+
+    cfg = str(write_config(tmp_path / "deploy.toml"))
+    state = tmp_path / "state.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(dead.stdout)
+    state.write_text(json.dumps({"supervisor": gone, "ready": True, "frontdoor": "http://127.0.0.1:1"}))
+    assert main(["status", "--config", cfg, "--state", str(state)]) == 1
+    out = capsys.readouterr()
+    assert "stale" in out.err and json.loads(out.out)["ready"] is False, out
+    state.write_text(json.dumps({"supervisor": os.getpid(), "ready": True, "frontdoor": "http://127.0.0.1:1"}))
+    assert main(["status", "--config", cfg, "--state", str(state)]) == 0
+    assert json.loads(capsys.readouterr().out)["ready"] is True

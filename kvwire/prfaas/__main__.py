@@ -177,8 +177,13 @@ def status(a: argparse.Namespace) -> int:
         print("not up")
         return 1
     s = json.loads(state.read_text())
+    if not pid_alive(int(s.get("supervisor", 0))):  # (killed without down: the file outlived the deployment)
+        print(json.dumps(dict(s, ready=False, stale=True), indent=1))
+        print(f"not up: the state file {state} is stale (supervisor {s.get('supervisor')} is gone); "
+              "run down to clean up", file=sys.stderr)
+        return 1
     print(json.dumps(s, indent=1))
-    return 0
+    return 0 if s.get("ready") else 1
 
 
 def main(argv: list[str] | None = None) -> int:
