@@ -256,3 +256,77 @@ def test_load_layout_from_path(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(LayoutError, match="not a JSON object"):
         load_layout(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------- configs from untrusted places
+
+
+def test_a_config_of_too_many_layers_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    """num_hidden_layers = 10**7 took 17.6 s of CPU to build (and its memory) before it was bounded by what a
+    manifest may carry (frames.Limits.max_layers); a per-layer list as long is refused the same way."""
+    import time
+
+    from kvwire.codec.frames import Limits
+
+    limit = Limits().max_layers
+    c = preset_config("llama-3-70b")
+    assert len(layout_from_hf_config(dict(c, num_hidden_layers=limit)).layers) == limit  # the bound itself is fine
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(dict(c, num_hidden_layers=10**7)))
+    t0 = time.monotonic()
+    with pytest.raises(LayoutError, match="at most 1024"):
+        load_layout(path)
+    assert time.monotonic() - t0 < 0.5
+    mm = preset_config("minimax-m1")
+    with pytest.raises(LayoutError, match="at most 1024"):
+        layout_from_hf_config(dict(mm, num_hidden_layers=limit + 1, attn_type_list=[1] * (limit + 1)))
+
+
+def test_read_config_reads_only_a_bounded_regular_file(tmp_path: Path) -> None:
+    """A FIFO made load_layout block forever; /dev/zero made it read until MemoryError. Both are refused at
+    once now, and so is a regular file over MAX_CONFIG_BYTES; a deeply nested one is a LayoutError."""
+    import os
+    import threading
+
+    from kvwire.codec.hf import MAX_CONFIG_BYTES
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    got: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(got, load_layout, fifo), daemon=True)
+    t.start()
+    t.join(2.0)
+    if t.is_alive():  # unblock the reader before failing
+        with open(fifo, "w"):
+            pass
+        t.join(2.0)
+        pytest.fail("load_layout blocked on a FIFO")
+    assert len(got) == 1 and isinstance(got[0], LayoutError) and "regular file" in str(got[0])
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:  # sparse: costs no disk
+        f.truncate(MAX_CONFIG_BYTES + 1)
+    with pytest.raises(LayoutError, match="larger than"):
+        load_layout(big)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(LayoutError):
+        load_layout(deep)
+
+
+def test_reading_dev_zero_as_a_config_is_refused_at_once() -> None:
+    """In a child under a 1 GiB address-space limit: before, it read until MemoryError."""
+    import subprocess
+    import sys
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from kvwire.codec.presets import load_layout\nfrom kvwire.errors import LayoutError\n"
+            "try:\n    load_layout('/dev/zero')\nexcept LayoutError as e:\n    print('LayoutError', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("LayoutError") and "regular file" in r.stdout, (r.stdout, r.stderr[-500:])
+
+
+def _catch(out: list[BaseException], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+        out.append(e)

@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-l", "--length", type=parse_size, default=256 * 1024 * 1024, metavar="BYTES",
                    help="raw mode: bytes per transfer (default 256M)")
     c.add_argument("-R", "--reverse", action="store_true",
-                   help="reverse: the server sends, the client receives and verifies")
+                   help="reverse: the server sends, the client receives and verifies (within the server's bounds: "
+                        "its --pool-bytes, a preset or the config.json sent from here, -C of the kernel's allowed "
+                        "list, -t up to 3600 s)")
     c.add_argument("-C", "--congestion", metavar="ALGO",
                    help="TCP congestion algorithm of the lanes (bbr, cubic)")
     c.add_argument("--fq-rate", type=parse_rate, metavar="BITS/S",
@@ -291,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("server")
     s.add_argument("-1", "--one-off", action="store_true", help="serve one test, then exit")
     s.add_argument("--pool-bytes", type=parse_size, default=16 * 1024**3,
-                   help="bound on destination buffer memory (default 16G)")
+                   help="bound on buffer memory: the destination buffers, and with -R the payloads this end sends "
+                        "(a reverse test that needs more is refused; default 16G)")
     s.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics (kvwire.metrics.Metrics) at http://BIND:PORT/metrics (0: any port)")
     s.add_argument("--verify-seed", type=int, help="check against this seed instead of the client's (tests)")

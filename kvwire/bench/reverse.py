@@ -23,10 +23,14 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from ..codec.hf import MAX_CONFIG_BYTES
+from ..codec.presets import PRESETS
+from ..sockopts import allowed_congestion_algorithms
 from .control import BenchChannel, client_connect
 from .document import build_document
 from .errors import BenchError, PeerError, PeerGone, UsageError
 from .options import Options, check
+from .pool import BufferPool
 from .receiving import ReceiverConfig, ReceivingSide
 from .requester import Requester
 from .sending import resolve_layout, run_sender
@@ -35,7 +39,15 @@ from .sending import resolve_layout, run_sender
 FORWARDED = ("lanes", "duration", "nbytes", "length", "interval", "congestion", "fq_rate", "hashing",
              "chunk_size", "model", "tokens", "tp", "requests", "concurrency", "prefill_ms", "seed",
              "timeout", "connect_timeout", "adaptive", "polite", "probe_seconds", "warm")
-MAX_CONFIG = 1 << 20
+MAX_CONFIG = MAX_CONFIG_BYTES
+#: the sending server's bounds on what a client may ask of it (the server has one test slot; a keyless one
+#: takes anyone's): no request starts after MAX_SECONDS of a test, whatever -t/-n/--requests ask, and these
+#: are refused: -t over MAX_SECONDS, --requests over MAX_REQUESTS, --timeout over MAX_TIMEOUT,
+#: --connect-timeout over MAX_CONNECT_TIMEOUT (seconds)
+MAX_SECONDS = 3600.0
+MAX_REQUESTS = 100_000
+MAX_TIMEOUT = 600.0
+MAX_CONNECT_TIMEOUT = 60.0
 #: seconds the sending server waits for the client's ``bye`` once it has sent the document
 BYE_GRACE = 5.0
 
@@ -54,11 +66,15 @@ def reverse_request(o: Options) -> dict[str, Any]:
     """The ``reverse`` message's fields besides the port: options, and a config.json by value."""
     opts = {name: getattr(o, name) for name in FORWARDED}
     model_config = None
-    if o.model is not None and os.path.isfile(o.model):
+    if o.model is not None and o.model not in PRESETS and o.model != "raw":
+        # the server takes a preset name or the config itself, never a path on its side
+        path = os.path.join(o.model, "config.json") if os.path.isdir(o.model) else o.model
+        if not os.path.isfile(path):
+            raise UsageError(f"--model {o.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
         try:
-            with open(o.model, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 text = f.read(MAX_CONFIG + 1)
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--model {o.model!r}: {e}") from None
         if len(text) > MAX_CONFIG:
             raise UsageError(f"--model {o.model!r}: config larger than {MAX_CONFIG} bytes")
@@ -161,11 +177,44 @@ def reverse_document(doc: dict[str, Any], o: Options, data_port: int) -> dict[st
 # ---------------------------------------------------------------- the sending server
 
 
+def bound_request(o: Options, model_config: Any) -> None:
+    """What a sending server refuses of a client's ``reverse`` options (UsageError), before it resolves
+    anything: a ``model`` that is not a preset name (a path would be opened on the server: a FIFO blocked the
+    handler, /dev/zero filled its memory, error texts told which files exist; a client sends a config.json
+    by value instead), a ``model_config`` over MAX_CONFIG, amounts and deadlines over the MAX_* bounds, and a
+    ``-C`` the kernel does not allow unprivileged processes (a root server would load any ``tcp_<name>``
+    module the client names)."""
+    if model_config is not None and (not isinstance(model_config, str) or len(model_config) > MAX_CONFIG):
+        raise UsageError(f"model_config must be a config.json of at most {MAX_CONFIG} bytes")
+    if o.model is not None and (not isinstance(o.model, str) or (o.model not in PRESETS and o.model != "raw")):
+        raise UsageError(f"the server takes --model as a preset name ({', '.join(PRESETS)}) or a config.json the "
+                         "client sends, not a path on the server")
+    for name, value, top in (("-t", o.duration, MAX_SECONDS), ("--timeout", o.timeout, MAX_TIMEOUT),
+                             ("--connect-timeout", o.connect_timeout, MAX_CONNECT_TIMEOUT),
+                             ("--requests", o.requests, MAX_REQUESTS), ("-n", o.nbytes, None),
+                             ("--prefill-ms-per-layer", o.prefill_ms, None), ("-i", o.interval, None)):
+        if value is None and name in ("-t", "--requests", "-n"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise UsageError(f"{name} must be a number, got {value!r}")
+        if top is not None and value > top:
+            raise UsageError(f"{name} {value:g} is over this server's bound of {top:g} for a reverse test")
+    if o.timeout <= 0 or o.connect_timeout <= 0:
+        raise UsageError("--timeout and --connect-timeout must be positive")
+    if o.congestion is not None and o.congestion != "":  # "": the kernel's default, as on the command line
+        allowed = allowed_congestion_algorithms()
+        if not isinstance(o.congestion, str) or o.congestion not in allowed:
+            raise UsageError(f"-C {o.congestion!r}: this server sends only with an algorithm its kernel allows "
+                             f"({', '.join(allowed) or 'none listed'}; net.ipv4.tcp_allowed_congestion_control)")
+
+
 def serve_reverse(ch: BenchChannel, run: str, peer_host: str, key: bytes, msg: dict[str, Any],
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], pool: BufferPool | None = None) -> dict[str, Any]:
     """Run the sending side of a reverse test over ``ch`` against the client's receiver at ``peer_host``.
     Returns this side's record: ``{"doc", "verified", "completed"}`` or ``{"error", "verified": False, ...}``;
-    ``completed`` once the client said ``bye`` after the result."""
+    ``completed`` once the client said ``bye`` after the result. ``pool``: the server's buffer pool, which the
+    payload buffers are taken from (a test whose buffers exceed it is refused before anything is
+    allocated); the client's options are bounded first (``bound_request``)."""
     tmp: str | None = None
     requester: Requester | None = None
     try:
@@ -176,6 +225,9 @@ def serve_reverse(ch: BenchChannel, run: str, peer_host: str, key: bytes, msg: d
         o = Options(mode="client", host=peer_host, port=port, key=key,
                     **{k: v for k, v in opts.items() if k in FORWARDED and k in known})
         config = msg.get("model_config")
+        if config is not None:
+            o.model = None  # the config stands for the model
+        bound_request(o, config)
         if isinstance(config, str):
             fd, tmp = tempfile.mkstemp(prefix="kvwire-bench-", suffix=".json")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -191,7 +243,8 @@ def serve_reverse(ch: BenchChannel, run: str, peer_host: str, key: bytes, msg: d
                                             | {"layout_name": layout.name}))
 
         result = run_sender(o, on_start, lambda rec: _tell(ch, "rinterval", rec=_plain(rec)),
-                            lambda rec: _tell(ch, "rrequest", rec=_plain(rec)), ctl=requester)
+                            lambda rec: _tell(ch, "rrequest", rec=_plain(rec)), ctl=requester, pool=pool,
+                            max_seconds=MAX_SECONDS)
         doc = _plain(build_document(result))
         if isinstance(config, str):
             doc["kv"]["model"] = "config.json (sent by the client)"
@@ -236,4 +289,4 @@ def _tell(ch: BenchChannel, op: str, **fields: Any) -> None:
         pass  # the client is gone: nobody to tell
 
 
-__all__ = ["reverse_document", "reverse_request", "run_reverse_client", "serve_reverse"]
+__all__ = ["bound_request", "reverse_document", "reverse_request", "run_reverse_client", "serve_reverse"]

@@ -24,14 +24,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..codec.layout import ModelLayout, RequestSpec
-from ..errors import KvwireError, TransferError
+from ..errors import KvwireError, PoolExhausted, TransferError
 from ..probe import path_skip_reason, start_capacity
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
 from .errors import PeerError, PeerGone, UsageError
 from .options import Options, client_ssl_context
-from .payload import Pattern, PayloadPlan, alloc_flat, load_model, raw_tokens
+from .payload import Pattern, PayloadPlan, load_model, raw_tokens
+from .pool import BufferPool, Lease
 from .requester import Requester
 from .sampler import Sampler, lane_addresses
 
@@ -115,11 +116,13 @@ class _Runner:
     """The request loop: ``concurrency`` workers, each with its own payload buffer."""
 
     def __init__(self, o: Options, session: Session, ctl: Requester, layout: ModelLayout, tokens: int,
-                 plan: PayloadPlan, pattern: Pattern, on_request: Callback | None) -> None:
+                 plan: PayloadPlan, pattern: Pattern, on_request: Callback | None, leases: list[Lease],
+                 max_seconds: float | None = None) -> None:
         self.o, self.session, self.ctl, self.layout, self.tokens = o, session, ctl, layout, tokens
         self.plan, self.pattern, self.on_request = plan, pattern, on_request
         self.total = plan.total_bytes
-        self.buffers = [alloc_flat(self.total) for _ in range(o.concurrency)]
+        self.buffers = [lease.view for lease in leases]
+        self.max_seconds = max_seconds  # no request starts this long after the test began
         self.filled: dict[int, str] = {}  # worker -> request id its buffer holds
         self.records: list[RequestRecord] = []
         self._lock = threading.Lock()
@@ -147,6 +150,8 @@ class _Runner:
             if o.requests is not None and k >= o.requests:
                 return None
             if o.duration is not None and time.monotonic() >= self.t_start + o.duration:
+                return None
+            if self.max_seconds is not None and time.monotonic() >= self.t_start + self.max_seconds:
                 return None
             if o.nbytes is not None and self._started_bytes >= o.nbytes:
                 return None
@@ -229,17 +234,28 @@ class _Runner:
 
 def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callback | None = None,
                on_request: Callback | None = None, progress: Callable[[str], None] | None = None,
-               ctl: Requester | None = None) -> RunResult:
+               ctl: Requester | None = None, pool: BufferPool | None = None,
+               max_seconds: float | None = None) -> RunResult:
     """Run one test: the sending side. Raises PeerError/UsageError before the test starts; failures during
     it are recorded. ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers,
     payloads). ``ctl``: the control channel to the receiving side when the caller has one (``-R``: the
     server sends over the client's connection; it stays the caller's to close), else this dials
-    ``o.host``/``o.port``."""
+    ``o.host``/``o.port``. ``pool``: the payload buffers are taken from it (``-R``: the server's pool, so
+    ``--pool-bytes`` bounds them; a test whose ``concurrency`` payloads do not fit is refused with a
+    UsageError before anything is allocated or dialled) and given back at the end; else they are the
+    process's own. ``max_seconds``: no request starts later than this after the test began (``-R``: the
+    server's bound on one test), and a ``--prefill-ms-per-layer`` pacing one request longer is refused."""
     say = progress or (lambda _line: None)
     layout, tokens = resolve_layout(o)
     plan = PayloadPlan.build(layout, RequestSpec("plan", tokens, tokens))
     if plan.total_bytes == 0:
         raise UsageError(f"a request of {tokens} tokens of {layout.name} carries no bytes")
+    if pool is not None and -(-plan.total_bytes // 8) * 8 * o.concurrency > pool.cap_bytes:
+        raise UsageError(f"{o.concurrency} payload(s) of {plan.total_bytes} bytes exceed the sending side's "
+                         f"buffer pool of {pool.cap_bytes} bytes (--pool-bytes on the server)")
+    if max_seconds is not None and o.prefill_ms / 1000.0 * len(layout.layers) > max_seconds:
+        raise UsageError(f"--prefill-ms-per-layer {o.prefill_ms:g} paces one request of {len(layout.layers)} "
+                         f"layers past the sending side's {max_seconds:g} s bound")
     ssl_context = client_ssl_context(o)
     owned = ctl is None
     if ctl is None:
@@ -247,6 +263,7 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
         ctl = Requester.connect(o.host, o.port, o.key, ssl_context, o.connect_timeout)
     session: Session | None = None
     adaptive: Adaptive | None = None
+    leases: list[Lease] = []
     try:
         offset, uncertainty = ctl.clock_offset()
         session = _open_session(o, ctl.data_port, ssl_context)
@@ -276,7 +293,8 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
         say(f"Setting up: server ready in {time.monotonic() - t:.1f} s; filling {o.concurrency} payload(s) of "
             f"{plan.total_bytes / 1e6:.1f} MB here")
         t = time.monotonic()
-        runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request)
+        leases = _take_buffers(pool, plan.total_bytes, o.concurrency)
+        runner = _Runner(o, session, ctl, layout, tokens, plan, Pattern(o.seed), on_request, leases, max_seconds)
         runner.prefill()
         say(f"Setting up: payloads ready in {time.monotonic() - t:.1f} s")
         connected = [c for lane in session.lane_info() if (c := lane_addresses(lane.index, lane.sock)) is not None]
@@ -335,8 +353,28 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
             adaptive.close()
         if session is not None:
             session.close()
+        if pool is not None:
+            for lease in leases:
+                pool.give(lease)
         if owned:
             ctl.close()
+
+
+def _take_buffers(pool: BufferPool | None, size: int, count: int) -> list[Lease]:
+    """``count`` payload buffers of ``size`` bytes: from ``pool`` when given (a PoolExhausted is a UsageError;
+    those taken go back), else fresh ones."""
+    if pool is None:
+        own = BufferPool(-(-size // 8) * 8 * count)
+        return [own.take(size) for _ in range(count)]
+    leases: list[Lease] = []
+    try:
+        for _ in range(count):
+            leases.append(pool.take(size))
+    except PoolExhausted as e:
+        for lease in leases:
+            pool.give(lease)
+        raise UsageError(f"the sending side's buffers: {e}") from None
+    return leases
 
 
 def _wait_results(ctl: Requester, session: Session, rids: list[str], timeout: float) -> dict[str, Any]:

@@ -172,7 +172,8 @@ class BenchServer:
             except OSError as e:
                 test.ch.tell("error", reason=f"cannot tell the client's address: {e}")
                 continue
-            test.reverse = serve_reverse(test.ch, test.run, peer_host, self.cfg.key, msg, self.log)
+            test.reverse = serve_reverse(test.ch, test.run, peer_host, self.cfg.key, msg, self.log,
+                                         pool=self.side.pool)
             test.completed = bool(test.reverse.get("completed"))
             return
 

@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import LayoutError
+from .frames import DEFAULT_LIMITS
 from .layout import REQUEST, TOKEN, CacheSpec, LayerSpec, ModelLayout, TensorSpec, dtype_size
 from .layout import conv_rank_split as conv_rank_split  # re-exported: it lived here before moving down to layout
 
@@ -52,6 +54,12 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp
                   "fp8_e5m2": "float8_e5m2"}
 
 Layers = list[tuple[CacheSpec, ...]]
+
+#: the largest ``config.json`` ``read_config`` reads (real ones are a few KiB); a longer file is refused
+MAX_CONFIG_BYTES = 1 << 20
+#: the most layers a config may describe: what a manifest may carry (``frames.Limits.max_layers``),
+#: checked before the layers are built
+MAX_LAYERS = DEFAULT_LIMITS.max_layers
 
 
 def normalize_dtype(value: Any, what: str = "dtype") -> str | None:
@@ -450,16 +458,29 @@ SUPPORTED_MODEL_TYPES = tuple(sorted(_BUILDERS))
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in ``path`` (a directory means its ``config.json``); LayoutError otherwise."""
+    """The JSON object in ``path`` (a directory means its ``config.json``); LayoutError otherwise.
+
+    Only a regular file is read (a FIFO or a device is refused without blocking on it), and at most
+    ``MAX_CONFIG_BYTES`` of it."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        config = json.loads(p.read_text(encoding="utf-8"))
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise LayoutError(f"no config file at {str(path)!r}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise LayoutError(f"cannot read config {str(p)!r}: {e}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise LayoutError(f"config {str(p)!r} is not a regular file")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise LayoutError(f"config {str(p)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LayoutError(f"cannot read config {str(p)!r}: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise LayoutError(f"config {str(p)!r} is not a JSON object")
     return config
@@ -547,7 +568,10 @@ def layout_from_hf_config(
         ssm_layout=ssm_layout,
         kv_layout=kv_layout,
     )
+    _check_layer_count(raw, str(model_type))
     layers = _BUILDERS[ctx.model_type](_Fields(raw, ctx.model_type), ctx)
+    if len(layers) > MAX_LAYERS:
+        raise LayoutError(f"{model_type} config describes {len(layers)} layers; at most {MAX_LAYERS} are supported")
     if not layers:
         raise LayoutError(f"{model_type} config describes no layers")
     label = name if name is not None else str(raw.get("_name_or_path") or model_type)
@@ -555,6 +579,21 @@ def layout_from_hf_config(
     if block_size is None:
         block_size = hybrid_block_size(layout, align)
     return replace(layout, block_size=block_size)
+
+
+#: the fields whose value (a count, or a per-layer list or string) sets how many layers a config has
+_LAYER_COUNT_FIELDS = ("num_hidden_layers", "layer_types", "layers_block_type", "hybrid_override_pattern",
+                       "hybrid_layer_pattern", "attn_type_list")
+
+
+def _check_layer_count(raw: Mapping[str, Any], model_type: str) -> None:
+    """LayoutError when a field that sets the layer count asks for more than ``MAX_LAYERS``, before anything
+    is built: building ten million layers takes a CPU for many seconds."""
+    for key in _LAYER_COUNT_FIELDS:
+        v = raw.get(key)
+        n = v if isinstance(v, int) and not isinstance(v, bool) else len(v) if isinstance(v, (list, str)) else 0
+        if n > MAX_LAYERS:
+            raise LayoutError(f"{model_type} config: {key!r} asks for {n} layers; at most {MAX_LAYERS} are supported")
 
 
 def _cdiv(a: int, b: int) -> int:
