@@ -438,24 +438,34 @@ def test_server_keeps_serving_after_a_client_is_killed_mid_transfer(tiny_config:
     assert server.returncode == 0
 
 
+def _server_process() -> tuple[subprocess.Popen[str], str]:
+    """``kvwire-bench -s`` on loopback in a process of its own, its port read off its banner and the rest of its
+    output drained on a thread (the caller stops it)."""
+    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
+                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert server.stdout is not None
+    port = None
+    for line in server.stdout:
+        m = re.search(r"Server listening on \S+ port (\d+)", line)
+        if m:
+            port = m.group(1)
+            break
+    if port is None:
+        server.kill()
+        server.wait()
+        pytest.fail("the bench server printed no port")
+    threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
+    return server, port
+
+
 def test_client_with_its_server_frozen_ends_soon_and_keeps_per_request_states(tiny_config: str) -> None:
     """The server freezes mid-run (SIGSTOP: its connections stay up, nothing answers). The client's session
     fails after its peer timeout (10 s); before, it then waited 60 s more for a summary that never came
     (or, with the server killed, raised and printed no document). Now it gives up within seconds and its
     JSON still lists every request with its state."""
-    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
-                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
-    assert server.stdout is not None
+    server, port = _server_process()
     client = None
     try:
-        port = None
-        for line in server.stdout:
-            m = re.search(r"Server listening on \S+ port (\d+)", line)
-            if m:
-                port = m.group(1)
-                break
-        assert port is not None
-        threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
         client = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "--model",
                                    tiny_config, "--tokens", "3000", "--prefill-ms-per-layer", "300", "-P", "2",
                                    "--requests", "6", "--json-stream", "-i", "0.1"],
@@ -551,18 +561,8 @@ def test_a_client_whose_server_froze_ends_instead_of_waiting_out_its_timeout() -
     -t. Now it stops starting requests once the session failed (the receiver silent past the peer timeout) or
     -t ran out, and the run ends with the failure. Negative control: the same client against a running server
     ends on time with rc 0."""
-    server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
-                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
-    assert server.stdout is not None
+    server, port = _server_process()
     try:
-        port = None
-        for line in server.stdout:
-            m = re.search(r"Server listening on \S+ port (\d+)", line)
-            if m:
-                port = m.group(1)
-                break
-        assert port is not None
-        threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
         args = [sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "-l", "1M", "-t", "3",
                 "--json-stream", "-i", "0.5"]
         t0 = time.monotonic()
