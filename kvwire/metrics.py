@@ -28,6 +28,7 @@ from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import GatedHTTPServer, HandshakeGate, Receiver, Session
+from .tcp._args import check_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -185,9 +186,7 @@ class Metrics:
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
         """Serve ``GET /metrics`` on a daemon thread until ``close()``. ``ValueError`` for a port outside 0..65535
         (the socket layer would wrap 70000 to 4464)."""
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
-        return MetricsServer(self.render, host, port)
+        return MetricsServer(self.render, host, check_port(port))
 
 
 def _read_all(samples: list[tuple[str, Callable[[], float | None]]]) -> Iterator[tuple[str, float]]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from ..codec.layout import MAX_REQUEST_ID  # the longest request id ``RequestSpec`` takes (characters)
+
 __all__ = ["MAX_REQUEST_ID", "check_request_id", "join_endpoint", "split_endpoint"]
 
-#: The longest request id ``RequestSpec`` takes (characters).
-MAX_REQUEST_ID = 256
 _BAD_HOST_CHARS = frozenset("[]/@?#")
 
 

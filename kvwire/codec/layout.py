@@ -332,6 +332,10 @@ def conv_rank_split(spec: TensorSpec, tp_size: int) -> tuple[int, ...]:
     raise LayoutError(f"conv dim {dim} does not split {parts} over tp_size={tp_size}")
 
 
+#: the longest request id (characters) a ``RequestSpec`` takes, and so every end that checks one early
+MAX_REQUEST_ID = 256
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     """One request's transfer: its tokens, the state's resume position and the receiver's prefix hits.
@@ -349,8 +353,8 @@ class RequestSpec:
     block_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 256:
-            raise LayoutError("request_id must be a string of 1..256 characters")
+        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= MAX_REQUEST_ID:
+            raise LayoutError(f"request_id must be a string of 1..{MAX_REQUEST_ID} characters")
         for name in ("num_tokens", "state_position"):  # numpy/torch integers are ints; str, float, bool are not
             object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.num_tokens < 1:

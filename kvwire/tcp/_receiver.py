@@ -27,7 +27,7 @@ from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec import parity
 from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
-from ..codec.layout import ModelLayout, check_state_position, payload_bounds
+from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
 from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
@@ -204,8 +204,8 @@ class Receiver:
         """
         if not isinstance(request_id, str):  # (a sender's request id is always one: an int would never match)
             raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
-        if not 0 < len(request_id) <= 256:
-            raise ValueError(f"request_id must be 1..256 characters, got {len(request_id)}")
+        if not 0 < len(request_id) <= MAX_REQUEST_ID:
+            raise ValueError(f"request_id must be 1..{MAX_REQUEST_ID} characters, got {len(request_id)}")
         if layout is not None and not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
