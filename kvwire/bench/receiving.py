@@ -137,8 +137,10 @@ class ReceivingSide:
         self.keep_results = keep_results
         self.pool = BufferPool(cfg.pool_bytes)
         self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
         self._tests: dict[str, Test] = {}
         self._active: Test | None = None
+        self._closing = False
         self._leases: dict[str, Lease] = {}
         self._verify_q: queue.Queue[tuple[_Check, int | None] | None] = queue.Queue()
         with warnings.catch_warnings(record=True) as caught:
@@ -164,9 +166,15 @@ class ReceivingSide:
         self._verifier.start()
 
     # ---------------------------------------------------------------- tests
-    def open_test(self, run: str, ch: BenchChannel, peer: str) -> tuple[Test | None, Test | None]:
-        """``(the new test, None)``, or ``(None, the test in progress)`` when one is running already."""
-        with self._lock:
+    def open_test(self, run: str, ch: BenchChannel, peer: str,
+                  wait: float = 0.0) -> tuple[Test | None, Test | None]:
+        """``(the new test, None)``, or ``(None, the test in progress)`` when one is still running after
+        ``wait`` s (a client that just said bye, or just closed, holds the slot until this side has read
+        that: a client started right after it would otherwise be told "busy")."""
+        with self._slot_free:
+            self._slot_free.wait_for(lambda: self._active is None or self._closing, timeout=wait)
+            if self._closing:
+                raise OSError("the server is closing")
             busy = self._active
             if busy is not None:
                 return None, busy
@@ -265,6 +273,7 @@ class ReceivingSide:
             self._tests.pop(test.run, None)
             if self._active is test:
                 self._active = None
+                self._slot_free.notify()
             handles = list(test.handles.values())
         for h in handles:
             if not h.finished:
@@ -280,6 +289,8 @@ class ReceivingSide:
 
     def close(self) -> None:
         with self._lock:
+            self._closing = True
+            self._slot_free.notify_all()
             tests = list(self._tests.values())
         for test in tests:
             test.ch.close()

@@ -34,6 +34,9 @@ from .reverse import serve_reverse
 MAX_CONTROL_CONNECTIONS = 32
 MAX_HANDSHAKES = 16
 CONTROL_HANDSHAKE_TIMEOUT = 5.0
+#: an authenticated client finding a test in progress waits this long for it to end before it is told "busy":
+#: the slot is freed when this side reads the last client's bye or close, which back-to-back runs can beat
+SLOT_WAIT = 2.0
 
 
 @dataclass
@@ -137,7 +140,7 @@ class BenchServer:
                                                 "pool_bytes": self.cfg.pool_bytes},
                              ticket.deadline)
             self._gate.done(ticket)
-            test, busy = self.side.open_test(run, ch, peer)
+            test, busy = self.side.open_test(run, ch, peer, wait=SLOT_WAIT)
             if busy is not None:
                 ch.tell("error", reason=f"server busy with a test for {busy.peer}; try again when it ends")
                 return
