@@ -11,12 +11,18 @@ driver, ``kvwire.tcp._auth``, owns those), transfers or buffers.
 
 Each side is a small object fed the peer's messages; it returns the messages to send, as
 ``(kind, body)`` pairs. Nonces come from ``os.urandom`` unless given (tests give them).
+
+Each end also says how long it waits for the other before it fails the session (``PEER_TIMEOUT_KEY``, in the
+HELLO and in the WELCOME ``limits``); ``heartbeat_for`` is how often the other end then sends heartbeats on
+an idle connection, so that two ends configured apart never fail a healthy idle session as silent. An end
+that does not say (an older peer) gets heartbeats at the interval it was configured with.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +35,25 @@ NONCE = 16
 PROOF = 32
 
 Message = tuple[str, dict[str, Any]]
+
+#: HELLO and WELCOME ``limits`` key: seconds of silence after which the end that says it fails the session
+PEER_TIMEOUT_KEY = "peer_timeout"
+#: heartbeats an idle end sends within the other end's ``peer_timeout``
+HEARTBEATS_PER_PEER_TIMEOUT = 4
+#: the shortest heartbeat interval a peer's ``peer_timeout`` can ask for
+MIN_HEARTBEAT = 0.05
+
+
+def heartbeat_for(own: float, peer_timeout: object) -> float:
+    """Seconds between heartbeats toward a peer that said it fails the session after ``peer_timeout`` s of
+    silence: ``own`` (the configured interval), shortened so that ``HEARTBEATS_PER_PEER_TIMEOUT`` fit in the
+    peer's timeout, never below ``MIN_HEARTBEAT``. A ``peer_timeout`` that is not a finite positive number
+    (absent, from an older peer, or malformed) leaves ``own``."""
+    if isinstance(peer_timeout, bool) or not isinstance(peer_timeout, (int, float)):
+        return own
+    if not math.isfinite(peer_timeout) or peer_timeout <= 0:
+        return own
+    return min(own, max(MIN_HEARTBEAT, peer_timeout / HEARTBEATS_PER_PEER_TIMEOUT))
 
 
 def proof(key: bytes, role: bytes, *parts: bytes) -> bytes:
@@ -95,15 +120,20 @@ class ClientHandshake:
     """The sender's control connection: ``hello()``, then ``receive`` the CHALLENGE (answer: AUTH) and
     the WELCOME (answer: nothing; ``keys`` and the receiver's ``limits`` are then known)."""
 
-    def __init__(self, key: bytes, lanes: int, nonce: bytes | None = None) -> None:
-        self.key, self.lanes = key, lanes
+    def __init__(self, key: bytes, lanes: int, nonce: bytes | None = None,
+                 peer_timeout: float | None = None) -> None:
+        """``peer_timeout``: this end's, told in the HELLO (the receiver heartbeats within it)."""
+        self.key, self.lanes, self.peer_timeout = key, lanes, peer_timeout
         self.nonce = _nonce(nonce)
         self.state = Conn.HELLO_SENT
         self._keys: SessionKeys | None = None
         self.limits: dict[str, Any] = {}
 
     def hello(self) -> Message:
-        return HELLO, {"version": VERSION, "nonce": self.nonce, "lanes": self.lanes}
+        body: dict[str, Any] = {"version": VERSION, "nonce": self.nonce, "lanes": self.lanes}
+        if self.peer_timeout is not None:
+            body[PEER_TIMEOUT_KEY] = self.peer_timeout
+        return HELLO, body
 
     @property
     def keys(self) -> SessionKeys:

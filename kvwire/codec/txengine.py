@@ -27,6 +27,7 @@ from ..errors import KvwireError, ProtocolError
 from . import frames as F
 from .actions import Ended, Fail, Send
 from .early import EarlyLedger, EarlyWindow
+from .handshake import heartbeat_for
 from .messages import parse_chunks
 from .rules import NACK_LOST, SENDER_RECEIVES, SENDER_TRANSFER, Conn, Offer, advance, answers
 from .transfer import TERMINAL_COUNTERS, SenderTransfer, State, terminal_counter
@@ -70,13 +71,15 @@ class SenderEngine:
 
     Parameters:
         peer_timeout: seconds of silence from the receiver after which the connection fails.
-        heartbeat: seconds between heartbeats.
+        heartbeat: seconds between heartbeats (shortened, per connection, to fit the ``peer_timeout`` the
+            receiver said in its WELCOME: ``handshake.heartbeat_for``).
         reconnect: a failed connection leaves the session down (waiting for ``opened``), not closed.
     """
 
     def __init__(self, *, peer_timeout: float, heartbeat: float, reconnect: bool = False) -> None:
         self.peer_timeout = peer_timeout
-        self.heartbeat = heartbeat
+        self.configured_heartbeat = heartbeat
+        self.heartbeat = heartbeat  #: this connection's (``opened``)
         self.reconnect = reconnect
         self.conn = Conn.CLOSED  # the control connection, from the sender's side (OPEN once ``opened``)
         self.gen = 0  #: connection generation; work of an older one is ignored
@@ -96,13 +99,15 @@ class SenderEngine:
         self._counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------ session
-    def opened(self, now: float, early: EarlyWindow | None = None, done_early: bool = False) -> int:
+    def opened(self, now: float, early: EarlyWindow | None = None, done_early: bool = False,
+               receiver_timeout: object = None) -> int:
         """A new connection generation is up (authenticated, lanes open): returns its number. Chunks
         in flight and known layouts belonged to the old receiver session. ``early``: the window its
         receiver advertised (``codec.early.parse``; None: chunks wait for ACCEPT). ``done_early``: its
         receiver holds a DONE that arrives before every chunk is verified (``codec.early.parse_done_early``):
-        DONE goes as the last chunk goes out, not one round trip later, after its ACK. ``KvwireError`` if
-        closed."""
+        DONE goes as the last chunk goes out, not one round trip later, after its ACK. ``receiver_timeout``:
+        the ``peer_timeout`` its WELCOME ``limits`` said (``handshake.PEER_TIMEOUT_KEY``; None when it said
+        none): heartbeats come often enough for it. ``KvwireError`` if closed."""
         if self.closed:
             raise KvwireError("session closed")
         self.gen += 1
@@ -118,6 +123,7 @@ class SenderEngine:
         self._done_early = done_early
         self.last_seen = now
         self._last_hb = float("-inf")
+        self.heartbeat = heartbeat_for(self.configured_heartbeat, receiver_timeout)
         return self.gen
 
     def current(self, gen: int) -> bool:

@@ -34,11 +34,13 @@ __all__ = ["CLIENT_HANDSHAKE_TIMEOUT", "NONCE", "SessionKeys", "client_handshake
 CLIENT_HANDSHAKE_TIMEOUT = 10.0  # for a socket without a timeout of its own
 
 
-def client_handshake(ch: Channel, key: bytes, lanes: int) -> tuple[SessionKeys, dict[str, Any]]:
+def client_handshake(ch: Channel, key: bytes, lanes: int,
+                     peer_timeout: float | None = None) -> tuple[SessionKeys, dict[str, Any]]:
     """Run on the client's control connection. Returns the session keys and the server's limits. The
-    whole exchange ends within the socket's timeout, however slowly the server answers."""
+    whole exchange ends within the socket's timeout, however slowly the server answers. ``peer_timeout``:
+    this end's, told to the server (which heartbeats within it)."""
     with _preauth(ch):
-        hs = ClientHandshake(key, lanes)
+        hs = ClientHandshake(key, lanes, peer_timeout=peer_timeout)
         ch.send(*hs.hello())
         for _ in range(2):  # the challenge (answered with auth), then the welcome
             for kind, body in hs.receive(*ch.read_control()):

@@ -220,7 +220,7 @@ class Dialer:
         for the caller to close."""
         host, port = self.address
         try:
-            keys, server_limits = client_handshake(ctrl, self.key, lanes)
+            keys, server_limits = client_handshake(ctrl, self.key, lanes, self.peer_timeout)
         except (ConnectError, ssl.SSLError):
             raise
         except TimeoutError as e:

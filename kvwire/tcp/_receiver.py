@@ -27,6 +27,7 @@ from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec import parity
 from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
+from ..codec.handshake import PEER_TIMEOUT_KEY, heartbeat_for
 from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
@@ -91,7 +92,8 @@ class Receiver:
         max_transfers_per_session: transfers in flight per session.
         transfer_timeout: seconds a transfer (or an ``expect``-ed request that never comes) may take.
         peer_timeout: seconds of silence from a sender after which its session and transfers fail.
-        heartbeat: seconds between heartbeats on an idle control connection.
+        heartbeat: seconds between heartbeats on an idle control connection (shortened to a quarter
+            of the sender's ``peer_timeout`` where that is shorter: each end says its own in the handshake).
         handshake_timeout: seconds a new connection has to authenticate, in all (not per read).
         max_handshakes: unauthenticated connections handled at once, at most half of them from one
             source address; a new one always gets in and the oldest of the busiest source is cut.
@@ -357,6 +359,7 @@ class Receiver:
             return
         limits = {"max_chunk": self.limits.max_chunk, "max_transfer_bytes": self.limits.max_transfer_bytes,
                   "max_probe_bytes": self.max_probe_bytes, **(self.early.advertise() if self.early else {}),
+                  PEER_TIMEOUT_KEY: self.peer_timeout,  # (the sender heartbeats within it)
                   DONE_EARLY: True,  # (a DONE before the last chunk is verified is held: ``codec.early``)
                   **({parity.PARITY_KEY: parity.MAX_PARITY} if self._parity else {})}  # (tail groups rebuilt)
         sessions: list[RxSession] = []
@@ -366,7 +369,8 @@ class Receiver:
             # began together all read the table below the bound; a session past it is refused here)
             engine = ReceiverEngine(self.limits, max_transfers=self.max_transfers_per_session,
                                     max_probe_bytes=self.max_probe_bytes, transfer_timeout=self.transfer_timeout,
-                                    peer_timeout=self.peer_timeout, heartbeat=self.heartbeat, now=time.monotonic(),
+                                    peer_timeout=self.peer_timeout, now=time.monotonic(),
+                                    heartbeat=heartbeat_for(self.heartbeat, hello.get(PEER_TIMEOUT_KEY)),
                                     early=self.early, done_early=True,
                                     parity=parity.MAX_PARITY if self._parity else 0)
             session = RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout)
@@ -531,11 +535,12 @@ class Receiver:
     def _monitor_loop(self) -> None:
         tick = min(self.heartbeat, 0.25)
         while not self._closed.wait(tick):
-            self._monitor_tick(time.monotonic())
+            tick = self._monitor_tick(time.monotonic())
 
-    def _monitor_tick(self, now: float) -> None:
+    def _monitor_tick(self, now: float) -> float:
         """Expected requests that never came; each session's engine tick (deadlines, silent peers,
-        heartbeats, stuck lanes). Its own frame, so no handle stays referenced between ticks."""
+        heartbeats, stuck lanes). Its own frame, so no handle stays referenced between ticks. Returns the
+        time to the next tick (shorter while a session heartbeats more often: its sender's timeout is short)."""
         self._acceptor.gate.reap(now)
         with self._lock:
             sessions = list(self._sessions.values())
@@ -548,3 +553,4 @@ class Receiver:
             fail = s.tick(now)
             if fail is not None:
                 self._close_session(s, fail)
+        return min(self.heartbeat, 0.25, *(s.heartbeat for s in sessions))

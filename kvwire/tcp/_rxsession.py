@@ -72,6 +72,11 @@ class RxSession:
 
     # ---- queries
     @property
+    def heartbeat(self) -> float:
+        """Seconds between this session's heartbeats (its own, fitted to its sender's ``peer_timeout``)."""
+        return self._engine.heartbeat
+
+    @property
     def transfers(self) -> dict[int, IncomingTransfer]:
         """The handles of the transfers in flight (admitted, not ended), by transfer id."""
         with self.lock:

@@ -100,7 +100,8 @@ class Session(SenderConnection):
             256 KiB, so the lanes share it out as they free up (``kvwire.codec.plan.spread_chunk_size``).
         hashing: xxh3_64 per chunk, checked by the receiver (a bad chunk is NACKed and re-sent).
         peer_timeout: seconds of silence from the receiver after which transfers and the session fail.
-        heartbeat: seconds between heartbeats on an idle control connection.
+        heartbeat: seconds between heartbeats on an idle control connection (shortened to a quarter
+            of the receiver's ``peer_timeout`` where that is shorter: each end says its own in the handshake).
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
         limits: the lengths and counts this side accepts from the receiver (``kvwire.codec.frames.Limits``).
@@ -501,7 +502,8 @@ def connect(host: str, port: int, *, lanes: int = 4, key: bytes | str | None = N
         chunk_size: payload bytes per chunk (the unit of hashing, acknowledgement and re-sending).
         hashing: xxh3_64 per chunk, checked by the receiver.
         peer_timeout: seconds of silence from the receiver after which its transfers fail.
-        heartbeat: seconds between heartbeats on an idle control connection.
+        heartbeat: seconds between heartbeats on an idle control connection (shortened to a quarter
+            of the receiver's ``peer_timeout`` where that is shorter: each end says its own in the handshake).
         connect_timeout: seconds for each TCP connect and the handshake that follows it.
         max_retries: re-sends of one chunk after failed hash checks before its transfer fails.
         limits: the lengths and counts accepted from the receiver (``kvwire.codec.frames.Limits``).

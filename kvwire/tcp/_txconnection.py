@@ -21,6 +21,7 @@ from typing import Any
 from ..codec import early
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
+from ..codec.handshake import PEER_TIMEOUT_KEY
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
@@ -125,7 +126,7 @@ class SenderConnection:
             with self._cond:
                 # raises once the session is closed; chunks may go before ACCEPT within the receiver's early window
                 gen = self._engine.opened(time.monotonic(), early.parse(server_limits),
-                                          early.parse_done_early(server_limits))
+                                          early.parse_done_early(server_limits), server_limits.get(PEER_TIMEOUT_KEY))
                 self._retrans_gone += sum(lane.retransmits() for lane in self.lanes)  # (a connection before)
                 self.ctrl, self.server_limits, self.lanes = ctrl, server_limits, opened
                 self._cond.notify_all()
@@ -225,8 +226,8 @@ class SenderConnection:
             self._fail_session(f"control connection: {e}", gen)
 
     def _monitor_loop(self, gen: int) -> None:
-        tick = min(self.heartbeat, 0.25)
         eng = self._engine
+        tick = min(eng.heartbeat, 0.25)  # (this generation's: ``opened`` fitted it to the receiver's timeout)
         while True:
             with self._cond:
                 if self._cond.wait_for(lambda: not eng.current(gen), tick):
