@@ -77,6 +77,34 @@ def test_write_layer_refuses_bad_layers_and_counts_then_the_transfer_still_compl
     assert np.array_equal(dest, np.concatenate(src))
 
 
+def test_write_layer_refuses_a_buffer_of_another_dtype_with_the_right_byte_count(
+        link: tuple[Receiver, Session]) -> None:
+    """A float16 tensor where the layout says bfloat16 has the same byte count: it was sent and arrived as
+    garbage, verified. It is refused at the call; the same bytes as uint8, or in the layout's dtype, go."""
+    torch = pytest.importorskip("torch")
+    rx, session = link
+    req = RequestSpec("r-dtype", 300, 299)
+    src, by_layer = _by_layer(req)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(req.request_id, dest, layout=LAYOUT, state_position=299)
+    out = session.send(LAYOUT, req)
+    segs = plan_segments(LAYOUT, req)
+    dtype_of = {s.index: LAYOUT.layers[s.layer].caches[s.cache].tensors[s.tensor].dtype for s in segs}
+    layer = next(L for L, idx in by_layer.items() if all(dtype_of[i] == "bfloat16" for i in idx))
+    wrong = [torch.from_numpy(src[i]).view(torch.float16) for i in by_layer[layer]]  # right bytes, wrong dtype
+    with pytest.raises(LayoutMismatch, match="bfloat16 by the layout; the buffer is float16"):
+        out.write_layer(layer, wrong)
+    with pytest.raises(LayoutMismatch, match="the buffer is float32"):
+        out.write_layer(layer, [src[i].view(np.float32) for i in by_layer[layer]])
+    for L, idx in by_layer.items():  # the control: the layout's dtype (torch) or raw bytes (numpy uint8)
+        bufs = [torch.from_numpy(src[i]).view(torch.bfloat16) if dtype_of[i] == "bfloat16" and L == layer
+                else src[i] for i in idx]
+        out.write_layer(L, bufs)
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
 # ------------------------------------------------------------------ expect
 
 

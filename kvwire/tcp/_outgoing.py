@@ -38,6 +38,19 @@ class TransferDriver(Protocol):
     def cancel_transfer(self, transfer_id: int, reason: str) -> None: ...
 
 
+def _check_dtype(buffer: Any, want: str | None, what: str) -> None:
+    """A typed buffer (a numpy array, a torch tensor) must have the layout's dtype ``want``: a float16 tensor
+    where the layout says bfloat16 has the right byte count and would arrive as garbage. ``uint8`` buffers
+    are raw bytes (staging regions, views) and untyped buffers (bytes, memoryviews) carry no dtype: both pass."""
+    dtype = getattr(buffer, "dtype", None)
+    if want is None or dtype is None:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("uint8", want):
+        raise LayoutMismatch(f"{what} is {want} by the layout; the buffer is {name} (pass that dtype, or its "
+                             f"bytes as uint8)")
+
+
 class OutgoingTransfer(Outcome):
     """Sender-side handle: ``write_layer`` as layers become ready, then ``finish()``.
 
@@ -58,6 +71,10 @@ class OutgoingTransfer(Outcome):
             (seg.layer for seg in sm.manifest.segments), default=-1)
         for seg in sm.manifest.segments:
             self._by_layer.setdefault(seg.layer, []).append(seg.index)
+        #: each segment's dtype, by the layout (None without one): a typed buffer must carry it
+        self._dtypes: list[str | None] = [
+            None if layout is None else layout.layers[seg.layer].caches[seg.cache].tensors[seg.tensor].dtype
+            for seg in sm.manifest.segments]
         self.started = time.monotonic()
         self.bytes_sent = 0  #: payload bytes put on the lanes (re-sends included); the driver adds to it
         #: the last layer's parity payloads (``codec.parity``), when the transfer has one; set by the driver
@@ -82,7 +99,8 @@ class OutgoingTransfer(Outcome):
 
     def write_layer(self, layer: int, buffers: Sequence[Any]) -> None:
         """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep
-        them unchanged until the transfer ends."""
+        them unchanged until the transfer ends. ``LayoutMismatch`` for a layer, count, byte size or dtype
+        (of a numpy array or torch tensor: the layout's, or uint8 bytes) that does not fit the layout."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self._num_layers:
             raise LayoutMismatch(f"layer {layer!r} is not a layer of the layout (0..{self._num_layers - 1})")
         if isinstance(buffers, (str, bytes)) or not isinstance(buffers, Sequence):
@@ -95,6 +113,8 @@ class OutgoingTransfer(Outcome):
             need = self.manifest.segments[i].nbytes
             if len(v) != need:
                 raise LayoutMismatch(f"segment {i} of layer {layer} needs {need} bytes, buffer has {len(v)}")
+        for i, b in zip(segs, buffers):
+            _check_dtype(b, self._dtypes[i], f"segment {i} of layer {layer} ({self.manifest.segments[i].name})")
         if layer in self._written:
             raise ValueError(f"layer {layer} written twice")
         for i, v in zip(segs, views):
