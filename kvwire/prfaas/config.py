@@ -11,9 +11,9 @@ loads into. Sections:
 - ``[cache]``: ``block_size`` (tokens per prefix block; the router's index and the nodes' checkpoints use the
   same), ``store_bytes`` (each node's checkpoint store bound), ``pending_bytes`` (each node's bound on the
   cache buffers it holds for expected requests and prefix moves; absent: ``PENDING_PROMPTS`` caches of a
-  ``max_prompt_tokens`` prompt), and for vLLM decode nodes ``pending_requests`` (the most requests held
-  expected, from ``/expect`` until their ``/generate``: ``PENDING_REQUESTS``) and ``expect_timeout_s`` (an
-  expected request whose ``/generate`` has not come this long after its ``/expect`` is dropped:
+  ``max_prompt_tokens`` prompt), ``pending_requests`` (the most requests a decode node holds expected, from
+  ``/expect`` until their ``/generate``: ``PENDING_REQUESTS``) and ``expect_timeout_s`` (an expected request
+  whose ``/generate`` has not come this long after its ``/expect`` is dropped, its buffers freed:
   ``EXPECT_TIMEOUT_S``).
 - ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
   ``host``, ``control_port``, ``data_port``; names and (host, port) pairs are unique.
