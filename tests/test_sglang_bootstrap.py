@@ -1,7 +1,8 @@
 """The SGLang backend's bootstrap mailbox as an attacker sees it: real sockets, no SGLang, no torch.
 
 An unauthenticated body is refused before a byte of it is read (the server process's peak RSS does not grow),
-slow unauthenticated connections hold a bounded number of threads and keep no signed post out, a forged,
+slow unauthenticated connections hold a bounded number of threads and keep no signed post out, a signed body
+that dribbles in is cut at its deadline, a forged,
 tampered, stale or replayed request changes nothing, and the mailbox serves IPv6 and dual-stack.
 """
 
@@ -31,6 +32,7 @@ from kvwire.adapters.sglang_bootstrap import (
 )
 
 KEY = b"mailbox-test-key"
+BODY_TIMEOUT = 5.0  # sglang_bootstrap.BODY_TIMEOUT, as documented (a 200-byte body adds 0.2 ms at BODY_RATE)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -129,6 +131,62 @@ def test_slow_connections_hold_bounded_threads_and_keep_no_post_out() -> None:
     finally:
         for s in slow:
             s.close()
+        srv.close()
+
+
+def test_dribbled_signed_body_is_cut_at_its_deadline() -> None:
+    """A key holder (or a broken peer) signs a 200-byte post and sends its body one byte per 0.5 s: every read
+    returns well within the per-read IO_TIMEOUT (10 s), so only a deadline on the whole body ends it. The
+    server answers 408 and closes within BODY_TIMEOUT (5 s) + 200 / BODY_RATE, the message is not posted, and
+    a signed post on another connection meanwhile is served at once. Before the deadline, the connection was
+    still held after 45 s of one byte per 9 s. Negative controls: a body that comes in three pieces 0.4 s apart,
+    and a 4 MiB one at loopback speed, are posted."""
+    srv = MailboxServer("127.0.0.1", 0, KEY)
+    try:
+        c = MailboxClient(*srv.address, KEY, timeout=10)
+        target = f"{PATH}post?dp=0&rank=3"
+        body = b'{"room":9,"pad":"' + b"x" * 180 + b'"}'
+
+        def head(b: bytes) -> bytes:
+            return (f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(b)}\r\n"
+                    f"{AUTH}: {sign(KEY, 'PUT', target, b)}\r\n\r\n").encode()
+
+        with socket.create_connection(srv.address, timeout=10) as s:
+            s.sendall(head(body))
+            t0, sent, answer = time.monotonic(), 0, b""
+            s.settimeout(0.5)
+            while time.monotonic() - t0 < BODY_TIMEOUT + 3 and sent < len(body) - 1:
+                try:
+                    s.sendall(body[sent:sent + 1])
+                    sent += 1
+                except OSError:  # reset after the answer: cut
+                    break
+                if sent == 2:  # the mailbox still serves other connections meanwhile
+                    t1 = time.monotonic()
+                    c.post(0, 4, {"room": 10})
+                    assert time.monotonic() - t1 < 1.0
+                try:
+                    answer = s.recv(64)
+                    break
+                except TimeoutError:
+                    pass
+            took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.0 408"), (answer, sent, took)
+        assert BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 1.5, took
+        assert sent < len(body) - 1
+        assert c.take(0, 3) == [] and c.take(0, 4) == [{"room": 10}]  # nothing of the cut body was posted
+
+        slow = b'{"room":11}'
+        with socket.create_connection(srv.address, timeout=10) as s:  # slow, but within the deadline
+            s.sendall(head(slow))
+            for i in range(0, len(slow), 4):
+                time.sleep(0.4)
+                s.sendall(slow[i:i + 4])
+            assert s.recv(64).startswith(b"HTTP/1.0 204")
+        big = {"room": 12, "pages": list(range(500_000))}  # 4.3 MB of JSON, deadline 9 s
+        c.post(0, 3, big)
+        assert c.take(0, 3) == [{"room": 11}, big]
+    finally:
         srv.close()
 
 

@@ -13,15 +13,18 @@ MAC and the body. Before it is authenticated a request may send ``MAX_HEAD`` byt
 and no body, within ``HEAD_TIMEOUT`` s, and holds one of ``MAX_UNAUTHENTICATED`` slots of a ``HandshakeGate``
 (a new connection always gets in; the oldest of the busiest source is cut). The head MAC is checked before a
 body byte is read: a time more than ``WINDOW`` s off this host's clock, or a nonce seen within it, is refused
-(401, replay); only then may the body (at most ``MAX_BODY`` bytes) be read, and nothing changes until its MAC
-verifies. At most ``MAX_QUEUED`` messages of ``MAX_QUEUED_BYTES`` wait in all; one nobody takes within
-``ttl`` s is dropped. JSON only, never pickle. Answers are not authenticated: what prefill takes leads to a
-kvwire transfer that authenticates its peer with the same key.
+(401, replay); only then may the body (at most ``MAX_BODY`` bytes) be read, all of it within
+``BODY_TIMEOUT + length / BODY_RATE`` s (408 and the connection cut past that: a key holder, or a broken peer,
+dribbling its body holds a thread that long at most), and nothing changes until its MAC verifies. At most
+``MAX_QUEUED`` messages of ``MAX_QUEUED_BYTES`` wait in all; one nobody takes within ``ttl`` s is dropped.
+JSON only, never pickle. Answers are not authenticated: what prefill takes leads to a kvwire transfer that
+authenticates its peer with the same key.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -42,6 +45,11 @@ MAX_HEAD = 4 << 10
 MAX_UNAUTHENTICATED = 64  # connections not yet authenticated, at most half of them from one address
 HEAD_TIMEOUT = 5.0  # s for an unauthenticated connection to send its head
 IO_TIMEOUT = 10.0  # s any one socket read or write may block
+#: an authenticated body's whole read must end within BODY_TIMEOUT + its length / BODY_RATE s (a MAX_BODY body:
+#: 21 s, at 1 MB/s; a destination message of a few KB: 5 s). The worst legitimate body (9.8 MB) crosses loopback
+#: in milliseconds and a 100 Mbit/s path in 0.8 s.
+BODY_TIMEOUT = 5.0
+BODY_RATE = 1 << 20  # bytes/s: the slowest an authenticated body may arrive on average
 MAX_QUEUED = 100_000
 MAX_QUEUED_BYTES = 256 << 20  # JSON bytes of the messages waiting in all
 PATH = "/kvwire/v1/"
@@ -119,6 +127,10 @@ class _HeadTooLarge(ConnectionError):
     pass
 
 
+class _BodyTooSlow(TimeoutError):
+    pass
+
+
 class _Capped:
     """The request's input: ``left`` more bytes may be read (``MAX_HEAD`` until the head authenticates)."""
 
@@ -134,12 +146,29 @@ class _Capped:
             raise _HeadTooLarge(f"request head over {MAX_HEAD} bytes")
         return line
 
-    def read(self, n: int) -> bytes:
+    def read_by(self, n: int, sock: socket.socket, deadline: float) -> bytes:
+        """Up to ``n`` bytes (fewer only at EOF), all by the monotonic ``deadline``: each read waits at most
+        ``IO_TIMEOUT`` s and never past it (``_BodyTooSlow`` then)."""
         if n > self.left:
             raise _HeadTooLarge("read past what was authenticated")
-        data: bytes = self.raw.read(n)
-        self.left -= len(data)
-        return data
+        buf = bytearray()
+        try:
+            while len(buf) < n:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise _BodyTooSlow(f"{len(buf)} of {n} body bytes came before the deadline")
+                sock.settimeout(min(IO_TIMEOUT, wait))
+                try:
+                    chunk: bytes = self.raw.read1(min(n - len(buf), 1 << 16))
+                except TimeoutError:
+                    raise _BodyTooSlow(f"{len(buf)} of {n} body bytes came before the deadline") from None
+                if not chunk:
+                    break
+                buf += chunk
+        finally:
+            sock.settimeout(IO_TIMEOUT)  # for the answer
+            self.left -= len(buf)
+        return bytes(buf)
 
     def close(self) -> None:
         self.raw.close()
@@ -199,7 +228,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(413)
             return None
         self.rfile.left = n
-        body = self.rfile.read(n)
+        limit = BODY_TIMEOUT + n / BODY_RATE
+        try:
+            body = self.rfile.read_by(n, self.connection, time.monotonic() + limit)
+        except _BodyTooSlow as e:
+            self._reply(408, {"error": f"body not received within {limit:.1f} s: {e}"})
+            return None
         if len(body) != n or not SCHEME.body_ok(srv.key, sig, body):
             self._reply(401)
             return None

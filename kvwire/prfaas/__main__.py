@@ -4,9 +4,9 @@ Owns: the command line over ``launcher.Deployment``. ``up`` starts a supervisor 
 runs the deployment and writes the state file (pids, namespaces, the front door's URL) once every
 ``/health`` answers; it returns then (exit 0) or with the failure (exit 1). The config (and ``--wan``) is read and
 validated first, in the foreground: a missing or invalid one is said there (exit 1), not in the supervisor's
-log. ``down`` asks the supervisor to
-stop (SIGTERM), then SIGKILLs whatever the state file names that is still alive after the bound and deletes
-its namespaces. ``status`` prints the state and the front door's ``/health``.
+log; so is a port of the deployment already in use (without ``--wan``), before any process starts. ``down``
+asks the supervisor to stop (SIGTERM), then SIGKILLs whatever the state file names that is still alive after
+the bound and deletes its namespaces. ``status`` prints the state and the front door's ``/health``.
 Must not know: routing, nodes' protocol.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from ..termination import pid_alive
 from . import config as deploy_config
-from .launcher import ROOT, Deployment, LaunchError, WanSpec
+from .launcher import ROOT, Deployment, LaunchError, WanSpec, taken_ports
 from .settings import FrontSettings
 
 DESCRIPTION = ("Start, stop or inspect a PrfaaS deployment (every node and the router's front door)\n"
@@ -106,6 +106,10 @@ def up(a: argparse.Namespace) -> int:
             print(f"already up (supervisor {old['supervisor']}); run down first", file=sys.stderr)
             return 1
         state.unlink()
+    taken = [] if a.wan else taken_ports(deploy_config.load(a.config))  # --wan: all in the link's new namespaces
+    if taken:
+        print(f"up failed: port in use, nothing started: {'; '.join(taken)}", file=sys.stderr)
+        return 1
     cmd = [sys.executable, "-m", "kvwire.prfaas", "supervise", "--config", a.config, "--state", str(state),
            "--timeout", str(a.timeout)]
     if a.wan:

@@ -11,7 +11,10 @@ loads into. Sections:
 - ``[cache]``: ``block_size`` (tokens per prefix block; the router's index and the nodes' checkpoints use the
   same), ``store_bytes`` (each node's checkpoint store bound), ``pending_bytes`` (each node's bound on the
   cache buffers it holds for expected requests and prefix moves; absent: ``PENDING_PROMPTS`` caches of a
-  ``max_prompt_tokens`` prompt).
+  ``max_prompt_tokens`` prompt), ``pending_requests`` (the most requests a decode node holds expected, from
+  ``/expect`` until their ``/generate``: ``PENDING_REQUESTS``) and ``expect_timeout_s`` (an expected request
+  whose ``/generate`` has not come this long after its ``/expect`` is dropped, its buffers freed:
+  ``EXPECT_TIMEOUT_S``).
 - ``[[nodes]]``: ``name``, ``cluster`` (``"prfaas"`` | ``"local"``), ``role`` (``"prefill"`` | ``"decode"``),
   ``host``, ``control_port``, ``data_port``; names and (host, port) pairs are unique.
 - ``[router]`` and any other table: kept as plain dicts for their owner (``DeployConfig.router`` / ``extra``).
@@ -56,6 +59,13 @@ MAX_OUTPUT_TOKENS = 1024
 #: model: 32 x 8.4 MiB = 269 MiB at 4096 tokens; requests in flight on one decode node stay far below 32 on
 #: a CPU deployment, and short prompts take a fraction of a max-size one's bytes)
 PENDING_PROMPTS = 32
+#: a decode node's default ``pending_requests``: an ``/expect`` past this many held is a 503, as one past
+#: ``pending_bytes`` is (a vLLM node holds each one's prompt, 16 KiB at 4096 tokens: 16 MiB in all)
+PENDING_REQUESTS = 1024
+#: a node's default ``expect_timeout_s``: the router sends ``/generate`` right after ``/expect`` (it waits for
+#: the cache there); a caller that prefills first takes at most the prefill's own bound (``prefill_timeout_s``,
+#: 60 s) between them. One that never comes (a router that crashed after ``/expect``) frees its entry then.
+EXPECT_TIMEOUT_S = 120.0
 
 
 class ConfigError(ValueError):
@@ -89,6 +99,8 @@ class CacheConfig:
     block_size: int = 256
     store_bytes: int = 256 << 20
     pending_bytes: int | None = None  # None: PENDING_PROMPTS caches of a max_prompt_tokens prompt
+    pending_requests: int = PENDING_REQUESTS  # requests a decode node holds expected (503 beyond)
+    expect_timeout_s: float = EXPECT_TIMEOUT_S  # from /expect to /generate, or the entry is dropped
 
 
 @dataclass(frozen=True)
@@ -205,13 +217,20 @@ def _backend(t: Mapping[str, Any], where: str, default: str | None) -> Any:
 
 
 def _cache(t: Mapping[str, Any]) -> CacheConfig:
-    _unknown(t, {"block_size", "store_bytes", "pending_bytes"}, "[cache]")
+    _unknown(t, {"block_size", "store_bytes", "pending_bytes", "pending_requests", "expect_timeout_s"}, "[cache]")
     bs = _take(t, "block_size", int, "[cache]", CacheConfig.block_size)
     sb = _take(t, "store_bytes", int, "[cache]", CacheConfig.store_bytes)
     pb = _take(t, "pending_bytes", int, "[cache]", None)
     if bs < 1 or sb < 0 or (pb is not None and pb < 0):
         raise ConfigError("[cache]: need block_size >= 1, store_bytes >= 0 and pending_bytes >= 0")
-    return CacheConfig(block_size=bs, store_bytes=sb, pending_bytes=pb)
+    pr = _take(t, "pending_requests", int, "[cache]", PENDING_REQUESTS)
+    if pr < 1:
+        raise ConfigError(f"[cache].pending_requests: need >= 1, got {pr}")
+    et = _take(t, "expect_timeout_s", (int, float), "[cache]", EXPECT_TIMEOUT_S)
+    if not 0 < et < float("inf"):  # NaN too
+        raise ConfigError(f"[cache].expect_timeout_s: need a finite number of seconds > 0, got {et!r}")
+    return CacheConfig(block_size=bs, store_bytes=sb, pending_bytes=pb, pending_requests=pr,
+                       expect_timeout_s=float(et))
 
 
 def _nodes(items: Any) -> tuple[NodeSpec, ...]:
@@ -307,6 +326,10 @@ def to_toml(config: DeployConfig) -> str:
     cache: dict[str, Any] = {"block_size": config.cache.block_size, "store_bytes": config.cache.store_bytes}
     if config.cache.pending_bytes is not None:
         cache["pending_bytes"] = config.cache.pending_bytes
+    if config.cache.pending_requests != PENDING_REQUESTS:  # (defaults unwritten: vllm_node.model_dir's digest)
+        cache["pending_requests"] = config.cache.pending_requests
+    if config.cache.expect_timeout_s != EXPECT_TIMEOUT_S:
+        cache["expect_timeout_s"] = config.cache.expect_timeout_s
     lines += table("cache", cache)
     for n in config.nodes:
         keys = ("name", "cluster", "role", "host", "control_port", "data_port") + (("backend",) if n.backend else ())

@@ -1,7 +1,8 @@
 """Start and stop a whole PrfaaS deployment from its config: node processes, the front door, optionally a WAN.
 
-Owns: ``Deployment`` (spawns one ``python -m kvwire.prfaas.node`` per ``[[nodes]]`` entry and the front door,
-each in its own session with its log file; waits for every ``/health``; stops them SIGTERM-then-SIGKILL
+Owns: ``Deployment`` (checks that every port it will listen on can be bound, then spawns one
+``python -m kvwire.prfaas.node`` per ``[[nodes]]`` entry and the front door, each in its own session with its
+log file; waits for every ``/health``; stops them SIGTERM-then-SIGKILL
 within a bound; with ``wan``, first builds an emulated link (``kvwire.testing.WanLink``) and runs the
 PrfaaS nodes in its server namespace and everything else in its client namespace, the config's hosts
 rewritten to the link's addresses), and the state file ``up``/``down`` share (pids, namespaces, URLs).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..tcp import listen
 from . import config as deploy_config
 from .config import DeployConfig
 
@@ -69,6 +71,29 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     health_url: str
+
+
+def frontdoor_address(config: DeployConfig) -> tuple[str, int]:
+    """The front door's ``(host, port)``: ``[router]`` ``host`` and ``port`` (``FrontSettings``' defaults)."""
+    return str(config.router.get("host", "127.0.0.1")), int(config.router.get("port", 18000))
+
+
+def taken_ports(config: DeployConfig) -> list[str]:
+    """Each address the deployment would listen on (the front door's, every node's control and data port)
+    that cannot be bound here now, as ``what host:port (why)``; empty when all can. Bound as the servers bind
+    (SO_REUSEADDR: connections left in TIME_WAIT do not count, a listening socket does)."""
+    host, port = frontdoor_address(config)
+    wanted = [("the front door ([router] port)", host, port)]
+    for n in config.nodes:
+        wanted += [(f"node {n.name}'s control_port", n.host, n.control_port),
+                   (f"node {n.name}'s data_port", n.host, n.data_port)]
+    out = []
+    for what, h, p in wanted:
+        try:
+            listen(h, p).close()
+        except OSError as e:
+            out.append(f"{what} {h}:{p} ({os.strerror(e.errno) if e.errno else e})")
+    return out
 
 
 def _get(url: str, timeout: float = 1.0) -> tuple[int, Any]:
@@ -116,8 +141,8 @@ class Deployment:
 
     @property
     def frontdoor_url(self) -> str:
-        host = self.config.router.get("host", "127.0.0.1")
-        return f"http://{host}:{self.config.router.get('port', 18000)}"
+        host, port = frontdoor_address(self.config)
+        return f"http://{host}:{port}"
 
     def ns_for(self, cluster: str) -> str | None:
         if self.link is None:
@@ -125,6 +150,12 @@ class Deployment:
         return self.link.server_ns if cluster == "prfaas" else self.link.client_ns
 
     def start(self, timeout: float = 180.0) -> Deployment:
+        """Start every node, then the front door; ``LaunchError`` at once, nothing started, when a port is
+        taken (without ``wan``: the link's namespaces are new, nothing listens there)."""
+        if self.wan is None:
+            taken = taken_ports(self.config)
+            if taken:
+                raise LaunchError(f"port in use, nothing started: {'; '.join(taken)}")
         try:
             if self.wan is not None:
                 self._build_wan()

@@ -5,10 +5,12 @@ Owns: one node of the deployment: its model backend (``runner.TransformersRunner
 ``Receiver``: decode nodes receive caches on it, prefill nodes receive prefix moves), one kvwire ``Session``
 per peer data port (reused; re-dialled when unhealthy) watched by a ``LinkMonitor`` (the egress ``LinkState``
 served at ``/link``), its checkpoint store, the prefill queue (one compute thread, FIFO), the byte budget of
-the cache buffers it holds for expected requests and prefix moves (``[cache].pending_bytes``: 503 when full),
-and the process entry (``main``). Role state (ready / draining / converting) is ``nodestate.NodeState``'s; the HTTP/JSON
-control API (starlette, served by uvicorn; the contract is /work PRFAAS_API.md, the client
-``nodeclient.NodeClient``) is ``nodeapp``'s. The shared key comes from ``KVWIRE_KEY``.
+the cache buffers it holds for expected requests and prefix moves (``[cache].pending_bytes``: 503 when full;
+at most ``pending_requests`` expected requests, each dropped with its buffers ``expect_timeout_s`` after its
+``/expect`` if its ``/generate`` has not come, its cache arrived or not), and the process entry (``main``).
+Role state (ready / draining / converting) is ``nodestate.NodeState``'s; the HTTP/JSON control API
+(starlette, served by uvicorn; the contract is /work PRFAAS_API.md, the client ``nodeclient.NodeClient``) is
+``nodeapp``'s. The shared key comes from ``KVWIRE_KEY``.
 Must not know: routing policy, the prefix index, the front door, or kvwire internals (public API only).
 """
 
@@ -139,6 +141,7 @@ class Node(NodeState):
         self._admit("decode")
         if request_id in self._pending:
             raise NodeFault(409, f"request {request_id!r} already expected")
+        self._room_to_expect()
         prefix: Checkpoint | None = None
         if reuse_length:
             prefix = self.store.kv_prefix(prompt, reuse_length)
@@ -164,6 +167,24 @@ class Node(NodeState):
                 loop.call_soon_threadsafe(self._expire, request_id, incoming)
 
         incoming.handle.add_done_callback(ended)
+        incoming.extra["timer"] = loop.call_later(self.config.cache.expect_timeout_s, self._drop, request_id,
+                                                  incoming)
+        self._settle()
+
+    def _drop(self, request_id: str, incoming: Incoming) -> None:
+        """``expect_timeout_s`` passed and ``request_id``'s generate has not come (a router that crashed after
+        ``/expect``): stop its transfer if still on, free its buffers, keep what a late generate reports."""
+        if self._pending.get(request_id) is not incoming:
+            return
+        del self._pending[request_id]
+        reason = f"no /generate within {self.config.cache.expect_timeout_s:g} s of /expect on {self.spec.name}: " \
+                 "dropped"
+        if not incoming.handle.finished:
+            incoming.handle.cancel(reason)
+        self._release(incoming)
+        self._ended[request_id] = ("timed_out", reason)
+        while len(self._ended) > 1024:
+            self._ended.popitem(last=False)
         self._settle()
 
     def _expire(self, request_id: str, incoming: Incoming) -> None:
@@ -178,6 +199,9 @@ class Node(NodeState):
 
     @staticmethod
     def _release(incoming: Incoming) -> None:
+        timer = incoming.extra.pop("timer", None)
+        if timer is not None:
+            timer.cancel()
         hold = incoming.extra.get("hold")
         if hold is not None:
             hold.release()

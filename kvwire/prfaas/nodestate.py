@@ -2,7 +2,8 @@
 
 Owns: ``NodeFault`` (a request a node refuses, with the HTTP status the control API answers) and ``NodeState``
 (role, the ready / draining / converting state, admission, drain and resume, the ids of prefills cancelled
-before they arrived, ``limits``: the request bounds every node kind's control API enforces). ``node.Node``
+before they arrived, ``limits``: the request bounds every node kind's control API enforces, and the bound on
+requests held expected, ``[cache] pending_requests``). ``node.Node``
 (the in-process runner) and ``vllm_node.VllmNode`` build on it and ``nodeapp`` maps ``NodeFault`` to
 responses, so none of the three imports another for these. Must not know: models, caches, kvwire transfers,
 HTTP.
@@ -47,6 +48,15 @@ class NodeState:
             raise NodeFault(503, f"node {self.spec.name} is {self.state}")
         if self.role != role:
             raise NodeFault(409, f"node {self.spec.name} is a {self.role} node, not {role}")
+
+    def _room_to_expect(self) -> None:
+        """503 when the node already holds ``[cache] pending_requests`` expected requests (as a full
+        ``pending_bytes`` budget is: the caller may retry once one is taken, cancelled or expired)."""
+        most = self.config.cache.pending_requests
+        if self._held() >= most:
+            raise NodeFault(503, f"node {self.spec.name} holds {self._held()} expected requests, its [cache] "
+                                 f"pending_requests bound; one is freed when taken, cancelled or expired "
+                                 f"(expect_timeout_s {self.config.cache.expect_timeout_s:g} s)")
 
     def _settle(self) -> None:
         if self.queued == 0 and self.running == 0 and not self._held():

@@ -16,6 +16,9 @@ in-process runner, and how the contract is kept:
 - decode: ``expect`` records the prompt; ``generate`` submits it with ``decode_params`` (the connector makes
   vLLM wait for the cache; one that arrived first waits in the connector's staging buffer), greedy, and
   streams each token as the engine produces it; a failed load ends the stream with the transfer's state.
+  At most ``[cache] pending_requests`` are held expected (503 beyond, as the runner's node refuses past
+  ``pending_bytes``); one whose ``generate`` has not come ``[cache] expect_timeout_s`` after its ``expect`` is
+  dropped (a late ``generate`` gets ``timed_out``), so a router that crashed after ``/expect`` leaks nothing.
 - no prefix checkpoints: the connector refuses Mamba prefix caching, so ``checkpoints()`` is empty,
   ``expect(reuse_length>0)`` is 409, ``export`` 404, and a ``reuse_length`` prefill runs in full (said in
   ``reason``). The router then never finds a hit and never moves a prefix.
@@ -40,9 +43,11 @@ import shutil
 import tempfile
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +281,14 @@ class VllmEngine:
             pass
 
 
+@dataclass(eq=False)
+class _Expected:
+    """One expected request: its prompt (int32 token ids, 4 bytes each) and the timer that drops it."""
+
+    prompt: array[int]
+    timer: asyncio.TimerHandle | None = None
+
+
 async def _next(sink: queue.Queue[Any], timeout: float) -> Any:
     try:
         return await asyncio.to_thread(sink.get, True, timeout)
@@ -286,16 +299,21 @@ async def _next(sink: queue.Queue[Any], timeout: float) -> Any:
 class VllmNode(NodeState):
     """A node of the deployment backed by a vLLM engine (see the module docstring for what differs)."""
 
-    def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes, *, transfer_timeout: float = 60.0) -> None:
+    def __init__(self, config: DeployConfig, spec: NodeSpec, key: bytes, *, transfer_timeout: float = 60.0,
+                 engine: VllmEngine | None = None) -> None:
+        """``engine``: one already started (None: a vLLM engine of the config's model, started here)."""
         super().__init__(config, spec, key)
         self.transfer_timeout = transfer_timeout
         self.options = vllm_options(config)
         self.store = CheckpointStore(config.cache.block_size, 0)  # stays empty: no prefix checkpoints here
-        require_vllm()
-        model = model_dir(config.model, self.options["workdir"])
-        kv_role = "kv_producer" if spec.role == "prefill" else "kv_consumer"
-        self.engine = VllmEngine(model, kv_role, spec.host, spec.data_port, key, self.options, transfer_timeout)
-        self._expected: dict[str, list[int]] = {}
+        if engine is None:
+            require_vllm()
+            model = model_dir(config.model, self.options["workdir"])
+            kv_role = "kv_producer" if spec.role == "prefill" else "kv_consumer"
+            engine = VllmEngine(model, kv_role, spec.host, spec.data_port, key, self.options, transfer_timeout)
+        self.engine = engine
+        self._expected: dict[str, _Expected] = {}  # expected, not yet generating
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # expected, dropped before generate
 
     def health(self) -> dict[str, Any]:
         return {"name": self.spec.name, "cluster": self.spec.cluster, "role": self.role, "state": self.state,
@@ -325,19 +343,46 @@ class VllmNode(NodeState):
         if request_id in self._expected:
             raise NodeFault(409, f"request {request_id!r} already expected")
         self._check(prompt, self.config.model.vocab_size)
+        self._room_to_expect()
         BOARD.forget(request_id)
-        self._expected[request_id] = list(prompt)
+        self._ended.pop(request_id, None)
+        entry = self._expected[request_id] = _Expected(array("i", prompt))
+        entry.timer = asyncio.get_running_loop().call_later(self.config.cache.expect_timeout_s, self._drop,
+                                                            request_id, entry)
         self._settle()
 
+    def _drop(self, request_id: str, entry: _Expected) -> None:
+        """``expect_timeout_s`` passed and ``request_id``'s generate has not come: forget it (what a late
+        generate reports stays, bounded)."""
+        if self._expected.get(request_id) is not entry:
+            return
+        del self._expected[request_id]
+        self._ended[request_id] = ("timed_out", f"no /generate within {self.config.cache.expect_timeout_s:g} s "
+                                                f"of /expect on {self.spec.name}: dropped")
+        while len(self._ended) > 1024:
+            self._ended.popitem(last=False)
+        self._settle()
+
+    def _take(self, request_id: str) -> _Expected | None:
+        entry = self._expected.pop(request_id, None)
+        if entry is not None and entry.timer is not None:
+            entry.timer.cancel()
+        return entry
+
     def is_expected(self, request_id: str) -> bool:
-        return request_id in self._expected
+        return request_id in self._expected or request_id in self._ended
 
     async def generate(self, request_id: str, max_tokens: int, stop: list[int]) -> AsyncIterator[dict[str, Any]]:
+        entry = self._take(request_id)
+        if entry is None:
+            dropped = self._ended.pop(request_id, None)
+            if dropped is None:
+                raise NodeFault(404, f"request {request_id!r} was not expected here")
+            yield {"error": dropped[1], "state": dropped[0]}
+            return
         from vllm import SamplingParams
 
-        prompt = self._expected.pop(request_id, None)
-        if prompt is None:
-            raise NodeFault(404, f"request {request_id!r} was not expected here")
+        prompt = entry.prompt.tolist()
         self.running += 1
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stop_token_ids=stop,
                                 extra_args={"kv_transfer_params": decode_params(request_id)})
@@ -433,7 +478,7 @@ class VllmNode(NodeState):
         raise NodeFault(404, f"no checkpoint of {length} tokens on {self.spec.name}: vLLM nodes keep none")
 
     def cancel(self, request_id: str) -> None:
-        if self._expected.pop(request_id, None) is None:
+        if self._take(request_id) is None:
             self._refuse_when_it_comes(request_id)
         self.engine.abort(request_id)  # in the engine: vLLM aborts it, the connector cancels its transfer
         self._settle()
@@ -446,6 +491,8 @@ class VllmNode(NodeState):
             raise NodeFault(409, f"drain node {self.spec.name} first (it is {self.state})")
 
     def close(self) -> None:
+        for request_id in list(self._expected):
+            self._take(request_id)
         self.engine.close()
 
 
