@@ -3,7 +3,9 @@
 Owns: the header value ``<ts> <nonce> <head-mac> <body-mac>``, HMAC-SHA256s in a caller's domain (``Scheme``):
 the head MAC covers method, target, wall-clock time, a random nonce and the body's length, so a server checks
 it before it reads a body byte; the body MAC covers the head MAC and the body. ``Nonces`` accepts each nonce
-once while its time is within ``WINDOW`` s of this host's clock. Used by the SGLang bootstrap mailbox
+once while its time is within ``WINDOW`` s of this host's clock. ``body_seconds``: how long a server lets a
+signed body take to arrive in all (a key holder, or a broken peer, dribbling one holds the server that long at
+most). Used by the SGLang bootstrap mailbox
 (``adapters.sglang_bootstrap``) and the PrfaaS control API (``prfaas.controlauth``), each in its own domain so a
 signature for one is never valid for the other.
 Must not know: HTTP servers or clients, routes, what a body means.
@@ -19,11 +21,22 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["AUTH", "MAX_NONCES", "WINDOW", "Nonces", "Scheme", "Signature"]
+__all__ = ["AUTH", "BODY_RATE", "BODY_TIMEOUT", "MAX_NONCES", "WINDOW", "Nonces", "Scheme", "Signature",
+           "body_seconds"]
 
 AUTH = "X-Kvwire-Auth"
 WINDOW = 120.0  # s a signed request's time may differ from this host's clock (and its nonce is remembered)
 MAX_NONCES = 1 << 20  # nonces remembered (2 * WINDOW s of requests); beyond it, requests wait (503)
+#: a signed body's whole read must end within BODY_TIMEOUT + its length / BODY_RATE s (a 16 MiB body: 21 s, at
+#: 1 MiB/s; a message of a few KB: 5 s). The largest legitimate bodies (a long prompt's token ids, ~10 MB) cross
+#: loopback in milliseconds and a 100 Mbit/s path in under a second.
+BODY_TIMEOUT = 5.0
+BODY_RATE = 1 << 20  # bytes/s: the slowest a signed body may arrive on average
+
+
+def body_seconds(length: int) -> float:
+    """Seconds a signed body of ``length`` bytes may take to arrive, in all."""
+    return BODY_TIMEOUT + length / BODY_RATE
 
 
 @dataclass(frozen=True)

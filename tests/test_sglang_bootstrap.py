@@ -32,7 +32,7 @@ from kvwire.adapters.sglang_bootstrap import (
 )
 
 KEY = b"mailbox-test-key"
-BODY_TIMEOUT = 5.0  # sglang_bootstrap.BODY_TIMEOUT, as documented (a 200-byte body adds 0.2 ms at BODY_RATE)
+BODY_TIMEOUT = 5.0  # kvwire.signing.BODY_TIMEOUT, as documented (a 200-byte body adds 0.2 ms at BODY_RATE)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

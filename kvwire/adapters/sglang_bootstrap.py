@@ -14,7 +14,7 @@ and no body, within ``HEAD_TIMEOUT`` s, and holds one of ``MAX_UNAUTHENTICATED``
 (a new connection always gets in; the oldest of the busiest source is cut). The head MAC is checked before a
 body byte is read: a time more than ``WINDOW`` s off this host's clock, or a nonce seen within it, is refused
 (401, replay); only then may the body (at most ``MAX_BODY`` bytes) be read, all of it within
-``BODY_TIMEOUT + length / BODY_RATE`` s (408 and the connection cut past that: a key holder, or a broken peer,
+``signing.body_seconds(length)`` s (408 and the connection cut past that: a key holder, or a broken peer,
 dribbling its body holds a thread that long at most), and nothing changes until its MAC verifies. At most
 ``MAX_QUEUED`` messages of ``MAX_QUEUED_BYTES`` wait in all; one nobody takes within ``ttl`` s is dropped.
 JSON only, never pickle. Answers are not authenticated: what prefill takes leads to a kvwire transfer that
@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from ..signing import AUTH, WINDOW, Nonces, Scheme
+from ..signing import AUTH, WINDOW, Nonces, Scheme, body_seconds
 from ..tcp import GatedHTTPServer, HandshakeGate
 
 #: the largest body an authenticated request may send. The worst legitimate one is decode's destination for a
@@ -45,11 +45,6 @@ MAX_HEAD = 4 << 10
 MAX_UNAUTHENTICATED = 64  # connections not yet authenticated, at most half of them from one address
 HEAD_TIMEOUT = 5.0  # s for an unauthenticated connection to send its head
 IO_TIMEOUT = 10.0  # s any one socket read or write may block
-#: an authenticated body's whole read must end within BODY_TIMEOUT + its length / BODY_RATE s (a MAX_BODY body:
-#: 21 s, at 1 MB/s; a destination message of a few KB: 5 s). The worst legitimate body (9.8 MB) crosses loopback
-#: in milliseconds and a 100 Mbit/s path in 0.8 s.
-BODY_TIMEOUT = 5.0
-BODY_RATE = 1 << 20  # bytes/s: the slowest an authenticated body may arrive on average
 MAX_QUEUED = 100_000
 MAX_QUEUED_BYTES = 256 << 20  # JSON bytes of the messages waiting in all
 PATH = "/kvwire/v1/"
@@ -228,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(413)
             return None
         self.rfile.left = n
-        limit = BODY_TIMEOUT + n / BODY_RATE
+        limit = body_seconds(n)
         try:
             body = self.rfile.read_by(n, self.connection, time.monotonic() + limit)
         except _BodyTooSlow as e:

@@ -7,19 +7,21 @@ domain: the head MAC covers method, path, time, nonce and body length; the body 
 byte of the body is read (an unauthenticated caller cannot make the node read, parse or allocate for a body:
 ``/expect`` sizes cache buffers from the prompt), each nonce is accepted once within the time window
 (``kvwire.signing``: the scheme and ``Nonces`` the SGLang bootstrap mailbox uses too, in its own domain),
-bodies are bounded (``MAX_BODY``) before and after.
+bodies are bounded (``MAX_BODY``) before and after, and a signed body must arrive whole within
+``signing.body_seconds`` (408 past it: a key holder dribbling bodies cannot hold the server's connection slots).
 ``GET /health`` stays open (``OPEN_ROUTES``): the liveness probe launchers poll.
 Must not know: what the routes do, starlette, httpx.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..signing import AUTH, WINDOW, Nonces, Scheme
+from ..signing import AUTH, WINDOW, Nonces, Scheme, body_seconds
 
 __all__ = ["AUTH", "MAX_BODY", "ControlAuth", "control_key", "sign"]
 
@@ -80,19 +82,20 @@ class ControlAuth:
         if length > MAX_BODY:
             await _reply(send, 413, f"body over {MAX_BODY} bytes")
             return
-        chunks, got = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            part = msg.get("body", b"")
-            got += len(part)
-            if got > length:
-                await _reply(send, 401, "body longer than signed")
-                return
-            chunks.append(part)
-            if not msg.get("more_body", False):
-                break
+        chunks: list[bytes] = []
+        limit = body_seconds(length)
+        try:
+            async with asyncio.timeout(limit):
+                got = await _read_body(receive, chunks, length)
+        except TimeoutError:
+            await _reply(send, 408, f"body not received within {limit:.1f} s ({sum(map(len, chunks))} of {length} "
+                                    f"bytes)")
+            return
+        if got is None:  # the client went away
+            return
+        if got > length:
+            await _reply(send, 401, "body longer than signed")
+            return
         body = b"".join(chunks)
         if got != length or not _SCHEME.body_ok(self.key, sig, body):
             await _reply(send, 401, "bad signature")
@@ -107,6 +110,21 @@ class ControlAuth:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _read_body(receive: Receive, chunks: list[bytes], length: int) -> int | None:
+    """Append the request's body parts to ``chunks`` until the last one, or one past ``length`` bytes; the
+    bytes read, or None when the client disconnected."""
+    got = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        part = msg.get("body", b"")
+        got += len(part)
+        chunks.append(part)
+        if got > length or not msg.get("more_body", False):
+            return got
 
 
 async def _reply(send: Send, status: int, error: str) -> None:
