@@ -46,6 +46,9 @@ class BenchChannel(Channel):
         super().__init__(sock, F.preauth_limits(F.DEFAULT_LIMITS))
         self.peer = peer
         self._head = bytearray(F.HEADER_SIZE)
+        #: set when this side shut the read side to stop a reader (``recv``'s PeerGone then says why instead
+        #: of blaming the peer)
+        self.shut_reason: str | None = None
 
     def read_header(self) -> F.Header:
         """The magic and version bytes first: a peer speaking something else is named without waiting for
@@ -80,7 +83,7 @@ class BenchChannel(Channel):
         try:
             kind, body = self.read_control()
         except PeerClosed:
-            raise PeerGone(f"{self.peer} closed the connection") from None
+            raise PeerGone(self.shut_reason or f"{self.peer} closed the connection") from None
         except ProtocolError as e:
             raise PeerError(f"{self.peer} broke the kvwire-bench control protocol: {e}") from None
         finally:
