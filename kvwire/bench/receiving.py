@@ -161,8 +161,10 @@ class ReceivingSide:
         self.insecure = any(issubclass(w.category, InsecureReceiverWarning) for w in caught)
         self.data_address: tuple[str, int] = self.rx.address
         self.metrics_server: MetricsServer | None = None
+        #: what ``metrics_server`` serves (the server adds its control port's counts); None without metrics_port
+        self.metrics: Metrics | None = None
         if cfg.metrics_port is not None:
-            metrics = Metrics()
+            metrics = self.metrics = Metrics()
             metrics.watch(self.rx, name="kvwire-bench")
             metrics.gauge("kvwire_bench_pool_held_bytes", "Destination buffer bytes held by the pool.",
                           lambda: self.pool.held_bytes)

@@ -2,11 +2,13 @@
 the direction the client asks for.
 
 Owns: the control port (one test at a time, like iperf3; at most ``MAX_CONTROL_CONNECTIONS`` connections, of
-them ``MAX_HANDSHAKES`` unauthenticated, cut by a ``HandshakeGate``), the handshake and the ``busy`` answer,
+them ``MAX_HANDSHAKES`` unauthenticated, cut by a ``HandshakeGate``), the handshake (its authentication
+failures counted, in ``kvwire_auth_failures_total`` with ``--metrics-port``) and the ``busy`` answer,
 then the test: the receiving side (``receiving.ReceivingSide``) answers a sending client, or, when the client
 asks ``reverse`` (``-R``), this end sends (``reverse.serve_reverse``) on the same control connection. A
-client that vanishes ends its test and the server goes on serving. Logs one line per test and hands its
-record to ``on_test`` (``-J``). Must not know: how either direction measures, reports or plots.
+client that vanishes ends its test and the server goes on serving; a server stopped (SIGTERM, Ctrl-C) ends the
+test in progress at once and tells its client why. Logs one line per test and hands its record to
+``on_test`` (``-J``). Must not know: how either direction measures, reports or plots.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .. import __version__
 from ..sockopts import no_delay
 from ..tcp import HandshakeGate, Ticket, host_port, listen
 from .control import BenchChannel, server_handshake
-from .errors import PeerError, PeerGone
+from .errors import PeerAuthFailed, PeerError, PeerGone
 from .options import KEY_ENV
 from .receiving import ReceiverConfig, ReceivingSide, Test
 from .reverse import serve_reverse
@@ -74,6 +76,12 @@ class BenchServer:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self.data_address = self.side.data_address
         self.metrics_server = self.side.metrics_server
+        #: control connections that failed authentication (a wrong --key); with --metrics-port they are in
+        #: kvwire_auth_failures_total{listen="kvwire-bench-control"}, beside the data port's {listen="kvwire-bench"}
+        self.auth_failures = 0
+        if self.side.metrics is not None:
+            self.side.metrics.counter("kvwire_auth_failures_total", "Connections that failed authentication.",
+                                      lambda: self.auth_failures, listen="kvwire-bench-control")
         #: listening beyond loopback with no key or client certificates (``insecure_warning`` says so)
         self.insecure = self.side.insecure
 
@@ -178,6 +186,9 @@ class BenchServer:
             self.log(f"Accepted connection from {peer} (test {run})")
             self._run_test(test)
         except (PeerError, PeerGone, OSError, ssl.SSLError) as e:
+            if isinstance(e, PeerAuthFailed):
+                with self._lock:
+                    self.auth_failures += 1
             if self._closed.is_set() and authed:
                 # woken as the server closes: not the client's doing; it is told why
                 assert ch is not None
