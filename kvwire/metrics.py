@@ -5,9 +5,11 @@
     metrics.watch(receiver)                       # a Receiver: what it took in
     metrics.watch(link_control, name="dc2")       # a LinkControl (or LinkMonitor): the LinkState
     metrics.gauge("myengine_queue_depth", "Requests waiting.", lambda: engine.queue_depth)
+    metrics.counter("kvwire_auth_failures_total", "...", lambda: n, listen="mine")  # counted elsewhere
     server = metrics.serve("0.0.0.0", 9464)       # GET /metrics; server.close()
 
-Owns: which objects are reported (held weakly: a closed, dropped session simply disappears), the
+Owns: which objects are reported (held weakly: a closed, dropped session simply disappears), samples the
+caller reads itself (``gauge``, ``counter``: a counter named like one of kvwire's joins that family), the
 text exposition format (0.0.4) with its escaping, and a small threaded HTTP server (bounded connections,
 each with a deadline). Must not know:
 the wire format or transport internals; it reads ``stats()``, ``latest()`` and ``decision`` only.
@@ -22,6 +24,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
+from itertools import chain
 from typing import Any
 
 from .codec.transfer import TERMINAL_STATES
@@ -65,6 +68,7 @@ _RECEIVER = (
     ("kvwire_receiver_lanes", "gauge", "Connected lanes over all sessions.", "lanes"),
     ("kvwire_receiver_transfers_in_flight", "gauge", "Transfers begun and not yet ended.", "transfers_in_flight"),
 )
+_BUILTIN_GAUGES = frozenset(m for m, kind, _, _ in (*_SENDER, *_RECEIVER) if kind == "gauge")
 # LinkState attribute -> (metric, help)
 _LINK = (
     ("goodput", "kvwire_link_goodput_bytes_per_second", "Payload delivery rate over the lanes."),
@@ -109,7 +113,8 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: list[tuple[str, str, weakref.ref[Any]]] = []  # (role, name, object)
-        self._gauges: dict[str, tuple[str, list[tuple[str, Callable[[], float | None]]]]] = {}
+        # metric -> (kind, help, [(labels, read)]): the caller's own samples (gauge, counter)
+        self._custom: dict[str, tuple[str, str, list[tuple[str, Callable[[], float | None]]]]] = {}
 
     def watch(self, obj: Session | Receiver | LinkControl | LinkMonitor, name: str | None = None) -> None:
         """Report ``obj`` under the label ``name`` (default: its peer or listening address). A
@@ -131,19 +136,32 @@ class Metrics:
         Returns ``remove()``: the sample is no longer rendered (its family goes with its last sample)."""
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", metric) or metric.endswith("_total"):
             raise ValueError(f"bad gauge name {metric!r}")
+        return self._add("gauge", metric, text, read, labels)
+
+    def counter(self, metric: str, text: str, read: Callable[[], float | None], **labels: str) -> Callable[[], None]:
+        """One more counter sample (``metric`` ends in ``_total``; ``read()`` returns the count so far), as
+        ``gauge`` otherwise. Named like one of kvwire's own counters (``kvwire_auth_failures_total`` ...), the
+        sample joins that family: what a caller counts itself (a handshake of its own) shows up where an
+        operator already looks; its ``labels`` must then differ from those of the watched objects' samples."""
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*_total", metric) or metric in _BUILTIN_GAUGES:
+            raise ValueError(f"bad counter name {metric!r}")
+        return self._add("counter", metric, text, read, labels)
+
+    def _add(self, kind: str, metric: str, text: str, read: Callable[[], float | None],
+             labels: dict[str, str]) -> Callable[[], None]:
         if not all(re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) for k in labels):
             raise ValueError(f"bad label names {sorted(labels)}")
         entry = (",".join(f'{k}="{escape(v)}"' for k, v in labels.items()), read)
         with self._lock:
-            self._gauges.setdefault(metric, (text, []))[1].append(entry)
+            self._custom.setdefault(metric, (kind, text, []))[2].append(entry)
 
         def remove() -> None:
             with self._lock:
-                family = self._gauges.get(metric)
-                if family is not None and entry in family[1]:
-                    family[1].remove(entry)
-                    if not family[1]:
-                        del self._gauges[metric]
+                family = self._custom.get(metric)
+                if family is not None and entry in family[2]:
+                    family[2].remove(entry)
+                    if not family[2]:
+                        del self._custom[metric]
         return remove
 
     def _live(self, role: str) -> Iterator[tuple[str, Any]]:
@@ -155,17 +173,26 @@ class Metrics:
     def render(self) -> str:
         """The text exposition of everything watched (one HELP/TYPE per family, families in order)."""
         out: list[str] = []
+        with self._lock:
+            custom = {m: (kind, text, list(samples)) for m, (kind, text, samples) in self._custom.items()}
+
+        def own(metric: str) -> Iterator[tuple[str, float]]:
+            """The caller's samples of one of kvwire's families (rendered with it, not again after)."""
+            family = custom.pop(metric, None)
+            return _read_all(family[2]) if family is not None else iter(())
+
         for role, label, table in (("sender", "peer", _SENDER), ("receiver", "listen", _RECEIVER)):
             stats = [(name, obj.stats()) for name, obj in self._live(role)]
             for metric, kind, text, key in table:
-                _family(out, metric, kind, text, ((f'{label}="{escape(n)}"', st[key]) for n, st in stats))
+                _family(out, metric, kind, text,
+                        chain(((f'{label}="{escape(n)}"', st[key]) for n, st in stats), own(metric)))
             family = "kvwire_sent_transfers_total" if role == "sender" else "kvwire_received_transfers_total"
             for prefix, metric, text in (("transfers", family, "Transfers ended, by terminal state."),
                                          ("probes", family.replace("transfers", "probes"),
                                           "Capacity probes ended, by terminal state.")):
                 _family(out, metric, "counter", text,
-                        ((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
-                         for n, st in stats for t in TERMINAL_STATES))
+                        chain(((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
+                               for n, st in stats for t in TERMINAL_STATES), own(metric)))
         links = [(name, ctl.latest(), getattr(ctl, "decision", None)) for name, ctl in self._live("link")]
         for attr, metric, text in _LINK:
             _family(out, metric, "gauge", text, ((f'link="{escape(n)}"', getattr(s, attr)) for n, s, _ in links
@@ -177,10 +204,8 @@ class Metrics:
                 ((f'link="{escape(n)}"', d.total_pacing) for n, d in controlled if d.total_pacing is not None))
         _family(out, "kvwire_link_mode", "gauge", "1 for the controller's current mode.",
                 ((f'link="{escape(n)}",mode="{d.mode.value}"', 1) for n, d in controlled))
-        with self._lock:
-            gauges = [(m, text, list(samples)) for m, (text, samples) in self._gauges.items()]
-        for metric, text, samples in gauges:
-            _family(out, metric, "gauge", text, _read_all(samples))
+        for metric, (kind, text, samples) in custom.items():
+            _family(out, metric, kind, text, _read_all(samples))
         return "".join(out)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:

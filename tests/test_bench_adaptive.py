@@ -302,3 +302,48 @@ def test_sampler_takes_in_lanes_opened_during_the_test_and_adds_the_extra_keys(
     totals = sampler.lane_totals()
     assert [(t["socket"], t["bytes"], t["chunks"]) for t in totals] == [(0, 100, 0), (1, 50, 1)]
     assert all(len(b) in (1, 2) for _, b in sampler.series) and len(sampler.series[-1][1]) == 2
+
+
+def _lanes_of(socks: list[socket.socket]) -> tuple[list[SimpleNamespace], Any]:
+    """Lanes whose counters a test advances by hand, and the ``Session.lane_info`` that snapshots them."""
+    lanes = [SimpleNamespace(index=i, sock=s, alive=True, bytes_sent=0, chunks_sent=0) for i, s in enumerate(socks)]
+
+    def lane_info() -> list[LaneInfo]:
+        return [LaneInfo(x.index, x.sock, x.bytes_sent, x.chunks_sent, x.alive, True) for x in lanes]
+
+    return lanes, lane_info
+
+
+@pytest.mark.parametrize("late", [True, False])
+def test_sampler_intervals_add_up_to_the_totals_when_a_send_is_counted_after_stop(
+        tcp_pair: list[socket.socket], late: bool) -> None:
+    """A lane counts a chunk once its send has returned (kvwire.tcp._txlanes: send_parts, then lane.sent), and the
+    receiver may acknowledge the chunk first: the test ends, ``stop()`` closes the last interval, and only then
+    does the count move. An --adaptive loopback run under CPU load summed its intervals one 512 KiB chunk
+    short of ``end.sum_sent``: ``lane_totals()``, read seconds later, had the chunk. Here the counter moves
+    between ``stop()`` and ``lane_totals()`` as that lane thread's did; the chunk now gets an interval of its
+    own (streamed like the others), so the intervals add up to the totals. Negative control (``late`` False):
+    with nothing counted after ``stop()`` no interval is added."""
+    chunk = 512 * 1024
+    lanes, lane_info = _lanes_of([tcp_pair[0], tcp_pair[2]])
+    streamed: list[dict[str, Any]] = []
+    sampler = Sampler(lane_info, 10.0, time.monotonic(), on_interval=streamed.append)  # only stop() closes one
+    sampler.start()
+    lanes[0].bytes_sent, lanes[0].chunks_sent = 3 * chunk, 3
+    lanes[1].bytes_sent, lanes[1].chunks_sent = 2 * chunk, 2
+    sampler.stop(time.monotonic())
+    assert [r["sum"]["bytes"] for r in sampler.intervals] == [5 * chunk]
+    if late:
+        lanes[1].bytes_sent, lanes[1].chunks_sent = 3 * chunk, 3  # the lane thread's count, after the test's end
+    totals = sampler.lane_totals()
+    sent = sum(t["bytes"] for t in totals)
+    assert sent == (6 if late else 5) * chunk
+    assert sum(r["sum"]["bytes"] for r in sampler.intervals) == sent, "the intervals add up to the total sent"
+    assert len(sampler.intervals) == (2 if late else 1)
+    assert streamed == sampler.intervals, "a --json-stream reader sums the same intervals"
+    if late:
+        last = sampler.intervals[-1]
+        assert [s["bytes"] for s in last["streams"]] == [0, chunk]
+        assert last["sum"]["start"] == sampler.intervals[0]["sum"]["end"] < last["sum"]["end"]
+    again = [(t["bytes"], t["chunks"]) for t in sampler.lane_totals()]
+    assert again == [(t["bytes"], t["chunks"]) for t in totals] and len(sampler.intervals) == (2 if late else 1)

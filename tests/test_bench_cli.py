@@ -438,14 +438,18 @@ def test_server_keeps_serving_after_a_client_is_killed_mid_transfer(tiny_config:
     assert server.returncode == 0
 
 
-def _server_process() -> tuple[subprocess.Popen[str], str]:
+def _server_process(lines: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """``kvwire-bench -s`` on loopback in a process of its own, its port read off its banner and the rest of its
-    output drained on a thread (the caller stops it)."""
+    output drained on a thread (the caller stops it). ``lines``: its stdout and stderr, line by line, are kept
+    there (complete once it has exited)."""
     server = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-s", "-B", "127.0.0.1", "-p", "0",
-                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV)
+                               "--data-port", "0"], stdout=subprocess.PIPE, text=True, env=ENV,
+                              stderr=subprocess.STDOUT if lines is not None else None)
     assert server.stdout is not None
+    kept = lines if lines is not None else []
     port = None
     for line in server.stdout:
+        kept.append(line)
         m = re.search(r"Server listening on \S+ port (\d+)", line)
         if m:
             port = m.group(1)
@@ -453,9 +457,56 @@ def _server_process() -> tuple[subprocess.Popen[str], str]:
     if port is None:
         server.kill()
         server.wait()
-        pytest.fail("the bench server printed no port")
-    threading.Thread(target=lambda: [None for _ in server.stdout or []], daemon=True).start()
+        pytest.fail(f"the bench server printed no port: {kept}")
+    threading.Thread(target=lambda: kept.extend(server.stdout or []), daemon=True).start()
     return server, port
+
+
+@pytest.mark.parametrize("sig, reverse", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_a_server_stopped_mid_test_exits_at_once_and_its_client_hears_why(sig: signal.Signals, reverse: bool) -> None:
+    """SIGTERM to ``kvwire-bench -s`` mid-test: it exited 5.3 s later, logging "ended mid-test: OSError: [Errno 9]
+    Bad file descriptor" (serve() waited 5 s for the test's thread before close() closed the channel under its
+    reader), and its client learnt only that the connection closed. Now the server wakes the test's reader,
+    tells the client why and exits within 2 s with status 0 (as on Ctrl-C), logging no error; the client ends
+    at once, its document giving the reason. The log lines the server must print show its output is read."""
+    lines: list[str] = []
+    server, port = _server_process(lines)
+    client = None
+    try:
+        client = subprocess.Popen([sys.executable, "-m", "kvwire.bench", "-c", "127.0.0.1", "-p", port, "-l", "1M",
+                                   "-t", "60", "--json-stream", "-i", "0.2", *(["-R"] if reverse else [])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert client.stdout is not None
+        assert json.loads(client.stdout.readline())["event"] == "start"
+        while True:  # mid-test: data moving
+            event = json.loads(client.stdout.readline())
+            if event["event"] == "interval" and event["data"]["sum"]["bytes"] > 0:
+                break
+        t0 = time.monotonic()
+        server.send_signal(sig)
+        try:
+            rc = server.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within 20 s of {sig.name}")
+        took = time.monotonic() - t0
+        out, err = client.communicate(timeout=30)
+        client_took = time.monotonic() - t0
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    time.sleep(0.2)  # the drain thread reads the last lines
+    log = "".join(lines)
+    print(f"\nserver exited {took:.2f} s after {sig.name} (rc {rc}); its client {client_took:.2f} s after\n{log}")
+    assert took < 2.0, f"the server took {took:.1f} s to exit on {sig.name} mid-test"
+    assert rc == 0, log
+    assert "Accepted connection" in log and "ended before completing: the kvwire-bench server is shutting down" in log
+    assert "Bad file descriptor" not in log and "Traceback" not in log and "Errno" not in log, log
+    assert client.returncode == 1 and client_took < 10, (client.returncode, client_took, err)
+    kv = next(json.loads(x)["data"] for x in out.splitlines() if x.strip() and json.loads(x)["event"] == "kv")
+    assert not kv["verification"]["verified"]
+    assert "the kvwire-bench server is shutting down" in kv["verification"]["session_error"], kv["verification"]
 
 
 def test_client_with_its_server_frozen_ends_soon_and_keeps_per_request_states(tiny_config: str) -> None:

@@ -69,8 +69,9 @@ def _refusing_receiver() -> Receiver:
 def _legit(address: tuple[str, int], **kw: Any) -> dict[str, Any]:
     """A reverse test as ``kvwire-bench -c -R`` runs one (one request unless told)."""
     kw.setdefault("requests", 1)
-    o = Options(mode="client", host=address[0], port=address[1], key=b"k", lanes=1, adaptive=False, interval=0.0,
-                timeout=30.0, **kw)
+    kw.setdefault("interval", 0.0)
+    o = Options(mode="client", host=address[0], port=address[1], key=b"k", lanes=1, adaptive=False, timeout=30.0,
+                **kw)
     doc, _ = run_reverse_client(o)
     return doc
 
@@ -173,6 +174,23 @@ def test_reverse_congestion_is_limited_to_the_allowed_algorithms(bench_server: t
         listener.close()
     assert m["op"] == "reverse_failed" and m["exit_code"] == UsageError.exit_code and "allow" in m["reason"], m
     doc = _legit(bench_server, length=MiB, congestion=allowed[0])
+    assert doc["kv"]["verification"]["verified"]
+
+
+def test_reverse_with_an_interval_too_short_to_sample_is_refused(bench_server: tuple[str, int]) -> None:
+    """The sending server runs the sampler at the client's -i: ``interval`` 1e-9 would make its sampler thread
+    spin for the whole test. The server checks the client's options as the command line does (``check``) and
+    refuses it before dialling; negative control: the floor is taken."""
+    from kvwire.bench.options import MIN_INTERVAL
+
+    rx = _refusing_receiver()
+    try:
+        m, took = _reverse(bench_server, {"length": MiB, "interval": 1e-9}, rx.address[1], wait=3.0)
+    finally:
+        rx.close()
+    assert m["op"] == "reverse_failed" and m["exit_code"] == UsageError.exit_code and "-i must be" in m["reason"], m
+    assert took < 1.0
+    doc = _legit(bench_server, length=MiB, interval=MIN_INTERVAL)
     assert doc["kv"]["verification"]["verified"]
 
 

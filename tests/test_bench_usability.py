@@ -307,6 +307,27 @@ def test_out_of_range_ports_durations_and_pools_are_usage_errors(argv: list[str]
     assert opts("-s", "--data-port", "65535", "--metrics-port", "9100", "--pool-bytes", "1M").data_port == 65535
 
 
+@pytest.mark.parametrize("interval", ["0.0001", "1e-9", "0.019", "nan", "inf", "-1"])
+def test_an_interval_too_short_to_sample_is_a_usage_error(interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-i 1e-9`` made the sampler thread spin (fine period = the interval): a ``-t 2`` loopback run took 17 s at
+    0.08 Gbit/s, and ``-i 0.0001`` printed 3098 intervals in 2 s. Now -i is 0 (off) or at least MIN_INTERVAL
+    (the sampler's own 20 ms reading period; iperf3's floor is 0.1 s), a usage error naming the flag from the
+    command line (rc 2) and from Options built in code (``check``, which the -R server runs on a client's
+    options too). Negative control: 0, the floor and the values the tests here use pass."""
+    from kvwire.bench.errors import UsageError
+    from kvwire.bench.options import MIN_INTERVAL, Options, check
+
+    with pytest.raises(SystemExit) as e:
+        main(["-c", "127.0.0.1", "-t", "1", f"--interval={interval}"])
+    assert e.value.code == 2
+    assert "-i must be 0 (no interval reports) or a finite number of seconds >= 0.02" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="^-i must be"):
+        check(Options(mode="client", host="h", duration=1.0, interval=float(interval)))
+    for ok in ("0", str(MIN_INTERVAL), "0.05", "1", "60"):
+        assert opts("-c", "h", "-t", "1", "-i", ok).interval == float(ok)
+        check(Options(mode="client", host="h", duration=1.0, interval=float(ok)))
+
+
 def test_the_metrics_exporter_refuses_a_port_out_of_range() -> None:
     from kvwire.metrics import Metrics
 

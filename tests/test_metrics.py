@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import urllib.error
 import urllib.request
 
@@ -207,3 +208,71 @@ def test_a_removed_gauge_is_no_longer_rendered() -> None:
     assert not any(("pool", "pinned") in k[1] for k in got)
     remove_host()
     assert "engine_pool_free_bytes" not in metrics.render()  # no HELP/TYPE left for an empty family
+
+
+def test_a_counter_of_the_caller_s_own_joins_kvwire_s_family_once() -> None:
+    """``Metrics.counter``: a count kept outside kvwire (a handshake of the caller's own) named like one of
+    kvwire's counters renders in that family, under its one HELP/TYPE (the strict parser refuses a family
+    twice); any other ``_total`` name is a family of its own. Names that are not counters, or are kvwire's
+    gauges, are refused; ``remove()`` drops the sample."""
+    metrics = Metrics()
+    rx = Receiver("127.0.0.1", 0, key=b"k")
+    try:
+        metrics.watch(rx, name="data")
+        failures = [0]
+        remove = metrics.counter("kvwire_auth_failures_total", "ignored: the family has its help", lambda: failures[0],
+                                 listen="control")
+        metrics.counter("engine_retries_total", "Retries.", lambda: 7)
+        failures[0] = 3
+        text = metrics.render()
+        got = parse(text)
+        assert value(got, "kvwire_auth_failures_total", listen="data") == 0
+        assert value(got, "kvwire_auth_failures_total", listen="control") == 3
+        assert text.count("# TYPE kvwire_auth_failures_total counter\n") == 1
+        assert value(got, "engine_retries_total") == 7 and "# TYPE engine_retries_total counter\n" in text
+        for bad in ("engine_retries", "kvwire_receiver_lanes", "1_total"):
+            with pytest.raises(ValueError):
+                metrics.counter(bad, "", lambda: 1)
+        remove()
+        assert ("kvwire_auth_failures_total", frozenset({("listen", "control")})) not in parse(metrics.render())
+    finally:
+        rx.close()
+
+
+def test_a_wrong_key_on_the_bench_control_port_is_an_auth_failure_in_the_scrape(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``kvwire-bench -s --metrics-port``: a client with the wrong --key on the control port was refused and
+    logged, but ``kvwire_auth_failures_total`` stayed 0 (only the data port's Receiver counted), so an operator
+    watching the metric for attacks saw nothing. Now the control port's failures are in the same family,
+    ``listen="kvwire-bench-control"``, beside the data port's ``listen="kvwire-bench"``. Negative controls: 0
+    before, a right-key client counts nothing, and a wrong key on the data port is counted there, not here."""
+    from kvwire.bench import main
+    from kvwire.bench.server import BenchServer, ServerConfig
+
+    server = BenchServer(ServerConfig(bind="127.0.0.1", port=0, data_port=0, key=b"right", metrics_port=0),
+                         log=lambda _: None)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        assert server.metrics_server is not None
+        url = "http://{}:{}/metrics".format(*server.metrics_server.address)
+        port = str(server.address[1])
+
+        def failures() -> tuple[float, float]:
+            got = scrape(url)
+            return (value(got, "kvwire_auth_failures_total", listen="kvwire-bench-control"),
+                    value(got, "kvwire_auth_failures_total", listen="kvwire-bench"))
+
+        assert failures() == (0, 0)
+        assert main(["-c", "127.0.0.1", "-p", port, "-n", "1M", "--key", "wrong"]) == 3
+        assert "failed authentication" in capsys.readouterr().err
+        assert wait_until(lambda: failures() == (1, 0), 5), failures()
+        assert main(["-c", "127.0.0.1", "-p", port, "-n", "1M", "-l", "1M", "--key", "right", "-J"]) == 0
+        capsys.readouterr()
+        with pytest.raises(AuthenticationError):
+            connect(*server.data_address, key="wrong")
+        assert wait_until(lambda: failures() == (1, 1), 5), failures()
+    finally:
+        server.close()
+        t.join(5)
+    assert not t.is_alive()

@@ -28,7 +28,7 @@ from ..errors import AuthenticationError, ProtocolError
 from ..sockopts import no_delay
 from ..tcp import Channel, PeerClosed, client_handshake, recv_exact_into, server_hello
 from ..tcp import server_handshake as kvwire_server_handshake
-from .errors import PeerError, PeerGone
+from .errors import PeerAuthFailed, PeerError, PeerGone
 
 MAGIC = F.MAGIC
 #: the bench's message set (the ops below the handshake); 2: carried in kvwire control frames
@@ -46,6 +46,9 @@ class BenchChannel(Channel):
         super().__init__(sock, F.preauth_limits(F.DEFAULT_LIMITS))
         self.peer = peer
         self._head = bytearray(F.HEADER_SIZE)
+        #: set when this side shut the read side to stop a reader (``recv``'s PeerGone then says why instead
+        #: of blaming the peer)
+        self.shut_reason: str | None = None
 
     def read_header(self) -> F.Header:
         """The magic and version bytes first: a peer speaking something else is named without waiting for
@@ -80,7 +83,7 @@ class BenchChannel(Channel):
         try:
             kind, body = self.read_control()
         except PeerClosed:
-            raise PeerGone(f"{self.peer} closed the connection") from None
+            raise PeerGone(self.shut_reason or f"{self.peer} closed the connection") from None
         except ProtocolError as e:
             raise PeerError(f"{self.peer} broke the kvwire-bench control protocol: {e}") from None
         finally:
@@ -148,8 +151,8 @@ def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext
 
 def server_handshake(ch: BenchChannel, key: bytes, welcome: dict[str, Any], deadline: float) -> None:
     """Answer a client's hello and check its proof by the monotonic ``deadline`` (the whole handshake,
-    not each read); raises PeerError on any mismatch (the client is told when its proof fails). The
-    caller then sends ``ok`` (or ``error`` when it cannot run the test)."""
+    not each read); raises PeerError on any mismatch, PeerAuthFailed when the client's proof fails (its key
+    differs; the client is told). The caller then sends ``ok`` (or ``error`` when it cannot run the test)."""
     ch.deadline = deadline
     try:
         kind, hello = server_hello(ch)
@@ -157,7 +160,9 @@ def server_handshake(ch: BenchChannel, key: bytes, welcome: dict[str, Any], dead
             raise PeerError(f"{ch.peer}: a kvwire lane, not a kvwire-bench client")
         kvwire_server_handshake(ch, key, hello, {"service": SERVICE, "bench": PROTOCOL, **welcome},
                                 lambda _keys: None)
-    except (AuthenticationError, ProtocolError) as e:
+    except AuthenticationError as e:
+        raise PeerAuthFailed(f"{ch.peer}: {e}") from None
+    except ProtocolError as e:
         raise PeerError(f"{ch.peer}: {e}") from None
     except PeerClosed:
         raise PeerGone(f"{ch.peer} closed the connection during the handshake") from None

@@ -31,5 +31,10 @@ class PeerError(BenchError):
     exit_code = EXIT_UNREACHABLE
 
 
+class PeerAuthFailed(PeerError):
+    """The peer failed the handshake's authentication: its pre-shared key (``--key``) differs (or its hello
+    names another handshake version: kvwire's Receiver counts both as authentication failures)."""
+
+
 class PeerGone(BenchError):
     """The control connection ended in the middle of a test."""

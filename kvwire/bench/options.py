@@ -23,6 +23,10 @@ from .errors import UsageError
 
 DEFAULT_PORT = 5211
 MAX_PROBE_SECONDS = 60.0
+#: the shortest -i (0 turns interval reports off): the sending side's sampler reads the lanes every 20 ms, and
+#: an interval shorter than that made its thread spin (-i 1e-9: a -t 2 loopback run took 17 s at 0.08 Gbit/s).
+#: iperf3 takes 0.1 s at least; sub-second loopback runs here report at 0.05 s, so the floor is the sampler's
+MIN_INTERVAL = 0.02
 KEY_ENV = "KVWIRE_BENCH_KEY"
 
 _SUFFIX = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmMgGtT]?)\s*$")
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-port", type=int, help="server: kvwire data port (default PORT+1; 0 = any)")
     g.add_argument("-B", "--bind", default="0.0.0.0", help="server: address to listen on")
     g.add_argument("-i", "--interval", type=float, default=1.0,
-                   help="seconds between interval reports (0: none)")
+                   help=f"seconds between interval reports (at least {MIN_INTERVAL:g}; 0: none)")
     g.add_argument("-J", "--json", action="store_true", help="print one JSON document at the end")
     g.add_argument("--json-stream", action="store_true",
                    help="print line-delimited JSON events as they happen")
@@ -370,8 +374,12 @@ def check(o: Options) -> None:
     if o.decode_tp is not None and (o.decode_tp <= 0 or o.model is None or o.mode != "loopback" or o.reverse):
         raise UsageError("--decode-tp needs --model and --loopback (it runs every rank in this process), a "
                          "positive size, and no -R")
-    if o.prefill_ms < 0 or o.interval < 0:
-        raise UsageError("--prefill-ms-per-layer and -i must not be negative")
+    if isinstance(o.interval, bool) or not isinstance(o.interval, (int, float)) or (
+            o.interval != 0 and not MIN_INTERVAL <= o.interval < math.inf):  # (NaN fails the range)
+        raise UsageError(f"-i must be 0 (no interval reports) or a finite number of seconds >= {MIN_INTERVAL:g}, "
+                         f"got {o.interval!r}")
+    if o.prefill_ms < 0:
+        raise UsageError("--prefill-ms-per-layer must not be negative")
     if o.mode == "server" and (o.tls_cert is None) != (o.tls_key is None):
         raise UsageError("a TLS server needs both --tls-cert and --tls-key")
     if o.mode in ("loopback", "emulate") and o.tls and not (o.tls_cert and o.tls_key and o.tls_ca):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import resource
+import socket
 import ssl
 import threading
 import time
@@ -61,6 +62,14 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
 
+
+def _shut(sock: socket.socket, how: int) -> None:
+    """Wake whoever reads ``sock`` without closing its descriptor (the base-class shutdown: an SSLSocket's
+    own drops its SSL object under the reader)."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -152,8 +161,10 @@ class ReceivingSide:
         self.insecure = any(issubclass(w.category, InsecureReceiverWarning) for w in caught)
         self.data_address: tuple[str, int] = self.rx.address
         self.metrics_server: MetricsServer | None = None
+        #: what ``metrics_server`` serves (the server adds its control port's counts); None without metrics_port
+        self.metrics: Metrics | None = None
         if cfg.metrics_port is not None:
-            metrics = Metrics()
+            metrics = self.metrics = Metrics()
             metrics.watch(self.rx, name="kvwire-bench")
             metrics.gauge("kvwire_bench_pool_held_bytes", "Destination buffer bytes held by the pool.",
                           lambda: self.pool.held_bytes)
@@ -287,13 +298,28 @@ class ReceivingSide:
             "connected": sorted(test.connected.values(), key=lambda c: (c["socket"], c["local_port"])),
             "results": list(test.results)}
 
-    def close(self) -> None:
+    def interrupt(self, reason: str = "this side is closing") -> None:
+        """Take no more tests and wake each running test's control reader: its channel's read side is shut
+        (the reader sees the end of the stream at once, ``reason`` in its PeerGone; the thread that owns the
+        channel ends the test, may still write a last word to the peer, and closes it). Closing the
+        descriptor here instead made a reader in another thread fail with EBADF (and could hit a descriptor
+        reused meanwhile)."""
         with self._lock:
             self._closing = True
             self._slot_free.notify_all()
             tests = list(self._tests.values())
         for test in tests:
-            test.ch.close()
+            test.ch.shut_reason = test.ch.shut_reason or reason
+            _shut(test.ch.sock, socket.SHUT_RD)
+
+    def close(self) -> None:
+        """Stop: running tests' channels are shut both ways (their threads close them), then the data
+        receiver, the metrics server and the verifier."""
+        self.interrupt()
+        with self._lock:
+            tests = list(self._tests.values())
+        for test in tests:
+            _shut(test.ch.sock, socket.SHUT_RDWR)
         self.rx.close()
         if self.metrics_server is not None:
             self.metrics_server.close()

@@ -5,7 +5,8 @@ Owns: a thread that reads each lane's byte counter every ``fine`` seconds (kept 
 ``kvwire.congestion.tcpinfo``, whose ``LaneCounters`` carry wire bytes and retransmits across reconnects);
 handing sockets it has not seen before to a ``reapply`` callback (``-C``/``--fq-rate`` on reconnected lanes);
 taking in lanes the session opened during the test; a lane socket's addresses (``lane_addresses``, for both
-sides' reports). Lanes come from ``Session.lane_info()`` snapshots, asked
+sides' reports); that the intervals add up to the totals it reports (``lane_totals`` puts what the lanes
+counted after ``stop`` in an interval of its own). Lanes come from ``Session.lane_info()`` snapshots, asked
 for anew at every tick. Must not know: payloads, the control channel, output formats (records are plain
 dicts shaped like iperf3's ``intervals[]``), what an ``extra`` hook adds to them, or which options
 ``reapply`` sets.
@@ -41,14 +42,17 @@ def lane_addresses(index: int, sock: socket.socket) -> dict[str, Any] | None:
 @dataclass
 class _LaneTrack:
     bytes_at_interval: int = 0
-    retrans_base: int = 0  # the lane's retransmits before the test (or its last interval)
+    retrans_base: int = 0  # the lane's retransmits before the test
+    retrans_at_interval: int = 0  # ... as of the last interval (what the intervals reported so far)
     rtts: list[int] = field(default_factory=list)
     max_cwnd: int = 0
     max_pacing_rate: int | None = None
 
 
 class Sampler:
-    """Start with ``start()``; ``stop(t_end)`` closes the last (partial) interval and joins the thread."""
+    """Start with ``start()``; ``stop(t_end)`` closes the last (partial) interval and joins the thread;
+    ``lane_totals()`` then reads the lanes once more for the totals, and what they counted since ``stop`` goes
+    into one more interval first, so the intervals add up to those totals."""
 
     def __init__(self, lane_info: LaneInfoProvider, interval: float, t_start: float,
                  on_interval: Callable[[dict[str, Any]], None] | None = None,
@@ -73,12 +77,15 @@ class Sampler:
         self._counters = LaneCounters(("bytes_sent", "total_retrans"))
         self._seen: set[socket.socket] = set()
         self._last_edge = 0.0
+        self._t_end: float | None = None  # set by stop(): the test's end, seconds since t_start
+        self._lock = threading.Lock()  # the thread's ticks, stop() and lane_totals() one at a time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvwire-bench-sampler", daemon=True)
         for i, lane in enumerate(self.lanes):
             self._seen.add(lane.sock)
             self._counters.read(i, lane.sock)
-            self._tracks[i].retrans_base = self._counters.total(i, "total_retrans")
+            track = self._tracks[i]
+            track.retrans_base = track.retrans_at_interval = self._counters.total(i, "total_retrans")
 
     def start(self) -> None:
         self._thread.start()
@@ -86,14 +93,18 @@ class Sampler:
     def stop(self, t_end: float) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._refresh()
-        rel = max(t_end - self.t_start, self._last_edge)
-        self._sample_fine(rel)
-        unreported = any(lane.bytes_sent != t.bytes_at_interval for lane, t in zip(self.lanes, self._tracks))
-        if self.interval > 0 and (rel - self._last_edge > 1e-3 or unreported):
-            # the last edge may fall after t_end (the thread closed it while the last send returned): bytes
-            # counted since still get an interval, so the intervals always add up to the totals
-            self._close_interval(max(rel, self._last_edge + 1e-3))
+        with self._lock:
+            self._refresh()
+            rel = max(t_end - self.t_start, self._last_edge)
+            self._t_end = rel
+            self._sample_fine(rel)
+            if self.interval > 0 and (rel - self._last_edge > 1e-3 or self._unreported_bytes()):
+                # the last edge may fall after t_end (the thread closed it while the last send returned): bytes
+                # counted since still get an interval, so the intervals always add up to the totals
+                self._close_interval(max(rel, self._last_edge + 1e-3))
+
+    def _unreported_bytes(self) -> bool:
+        return any(lane.bytes_sent != t.bytes_at_interval for lane, t in zip(self.lanes, self._tracks))
 
     def _refresh(self) -> None:
         """A fresh snapshot of every lane; lanes opened since (a controller raising the lane count) count
@@ -105,15 +116,18 @@ class Sampler:
     def _loop(self) -> None:
         next_edge = self.interval
         while not self._stop.wait(self.fine):
-            rel = time.monotonic() - self.t_start
-            self._refresh()
-            self._reconfigure()
-            self._sample_fine(rel)
-            if self.interval > 0 and rel >= next_edge:
-                self._close_interval(rel)
-                next_edge += self.interval
-                while next_edge <= rel:
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                rel = time.monotonic() - self.t_start
+                self._refresh()
+                self._reconfigure()
+                self._sample_fine(rel)
+                if self.interval > 0 and rel >= next_edge:
+                    self._close_interval(rel)
                     next_edge += self.interval
+                    while next_edge <= rel:
+                        next_edge += self.interval
 
     def _reconfigure(self) -> None:
         for lane in self.lanes:
@@ -144,16 +158,19 @@ class Sampler:
         """The lane's retransmits since the test started."""
         return self._counters.total(i, "total_retrans") - self._tracks[i].retrans_base
 
-    def _close_interval(self, rel: float) -> None:
+    def _close_interval(self, rel: float, infos: Sequence[TcpInfo | None] | None = None) -> None:
+        """An interval from the last edge to ``rel``: what each lane counted since (``infos``: its ``TCP_INFO``
+        as just read, else read now)."""
         start, end = self._last_edge, rel
         seconds = max(end - start, 1e-9)
         streams: list[dict[str, Any]] = []
         for i, lane in enumerate(self.lanes):
             track = self._tracks[i]
-            before = self._retransmits(i)
-            info = self._read(i)
+            info = self._read(i) if infos is None else infos[i]
             nbytes = lane.bytes_sent - track.bytes_at_interval
             track.bytes_at_interval = lane.bytes_sent
+            retransmits = self._counters.total(i, "total_retrans") - track.retrans_at_interval
+            track.retrans_at_interval += retransmits
             streams.append({
                 "socket": i,
                 "start": start,
@@ -161,7 +178,7 @@ class Sampler:
                 "seconds": seconds,
                 "bytes": nbytes,
                 "bits_per_second": nbytes * 8 / seconds,
-                "retransmits": self._retransmits(i) - before,
+                "retransmits": retransmits,
                 "snd_cwnd": info.cwnd_bytes if info is not None else None,
                 "snd_wnd": info.snd_wnd if info is not None else None,
                 "rtt": info.rtt_us if info is not None else None,
@@ -199,11 +216,24 @@ class Sampler:
 
     # ---------------------------------------------------------------- totals
     def lane_totals(self) -> list[dict[str, Any]]:
-        """Per lane over the whole run: retransmits, cwnd and RTT extremes, wire bytes (TCP payload)."""
+        """Per lane over the whole run: retransmits, cwnd and RTT extremes, wire bytes (TCP payload), from one
+        reading of the lanes. After ``stop``, what they counted since the last interval closed (a lane counts
+        a chunk once its send returned, and the receiver may have acknowledged it first, ending the test
+        before the count; a re-send or parity chunk still on its way) first goes into an interval of its
+        own, so the intervals add up to these totals."""
+        with self._lock:
+            self._refresh()
+            infos = [self._read(i) for i in range(len(self.lanes))]
+            if self._t_end is not None and self.interval > 0 and (self._unreported_bytes() or any(
+                    self._counters.total(i, "total_retrans") != t.retrans_at_interval
+                    for i, t in enumerate(self._tracks[:len(self.lanes)]))):
+                self._sample_fine(max(self._t_end, self._last_edge))
+                self._close_interval(max(self._t_end, self._last_edge + 1e-3), infos)
+            return self._totals()
+
+    def _totals(self) -> list[dict[str, Any]]:
         out = []
-        self._refresh()
         for i, lane in enumerate(self.lanes):
-            self._read(i)
             t = self._tracks[i]
             rtts = t.rtts
             out.append({

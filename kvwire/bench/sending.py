@@ -329,7 +329,7 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
         end_error = ""
         try:  # a server whose session already failed is likely gone: do not wait long for its summary
             summary = ctl.call("end", "summary", timeout=GONE_GRACE if session.failure else 60.0)
-        except PeerGone as e:  # the run is recorded all the same, every request with its state
+        except (PeerGone, PeerError) as e:  # the run is recorded all the same, every request with its state
             summary, end_error = {}, f"no summary from the server: {e}"
         lanes = sampler.lane_totals()
         if probed is not None:

@@ -2,11 +2,13 @@
 the direction the client asks for.
 
 Owns: the control port (one test at a time, like iperf3; at most ``MAX_CONTROL_CONNECTIONS`` connections, of
-them ``MAX_HANDSHAKES`` unauthenticated, cut by a ``HandshakeGate``), the handshake and the ``busy`` answer,
+them ``MAX_HANDSHAKES`` unauthenticated, cut by a ``HandshakeGate``), the handshake (its authentication
+failures counted, in ``kvwire_auth_failures_total`` with ``--metrics-port``) and the ``busy`` answer,
 then the test: the receiving side (``receiving.ReceivingSide``) answers a sending client, or, when the client
 asks ``reverse`` (``-R``), this end sends (``reverse.serve_reverse``) on the same control connection. A
-client that vanishes ends its test and the server goes on serving. Logs one line per test and hands its
-record to ``on_test`` (``-J``). Must not know: how either direction measures, reports or plots.
+client that vanishes ends its test and the server goes on serving; a server stopped (SIGTERM, Ctrl-C) ends the
+test in progress at once and tells its client why. Logs one line per test and hands its record to
+``on_test`` (``-J``). Must not know: how either direction measures, reports or plots.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,7 @@ from .. import __version__
 from ..sockopts import no_delay
 from ..tcp import HandshakeGate, Ticket, host_port, listen
 from .control import BenchChannel, server_handshake
-from .errors import PeerError, PeerGone
+from .errors import PeerAuthFailed, PeerError, PeerGone
 from .options import KEY_ENV
 from .receiving import ReceiverConfig, ReceivingSide, Test
 from .reverse import serve_reverse
@@ -37,6 +40,11 @@ CONTROL_HANDSHAKE_TIMEOUT = 5.0
 #: an authenticated client finding a test in progress waits this long for it to end before it is told "busy":
 #: the slot is freed when this side reads the last client's bye or close, which back-to-back runs can beat
 SLOT_WAIT = 2.0
+#: on close (SIGTERM, Ctrl-C), how long the server waits for its connection threads once it has woken them
+#: (a test's reader ends at once; one checking the last request's bytes or faulting in buffers takes longer)
+STOP_WAIT = 5.0
+#: what a client whose test the server stops is told
+SHUTTING_DOWN = "the kvwire-bench server is shutting down"
 
 
 @dataclass
@@ -56,6 +64,7 @@ class BenchServer:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._shut = False
+        self._threads: list[threading.Thread] = []
         self.last_test_ok: bool | None = None
         self._gate = HandshakeGate(MAX_HANDSHAKES, MAX_HANDSHAKES // 2, CONTROL_HANDSHAKE_TIMEOUT)
         self._listener = listen(cfg.bind, cfg.port)
@@ -67,6 +76,12 @@ class BenchServer:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self.data_address = self.side.data_address
         self.metrics_server = self.side.metrics_server
+        #: control connections that failed authentication (a wrong --key); with --metrics-port they are in
+        #: kvwire_auth_failures_total{listen="kvwire-bench-control"}, beside the data port's {listen="kvwire-bench"}
+        self.auth_failures = 0
+        if self.side.metrics is not None:
+            self.side.metrics.counter("kvwire_auth_failures_total", "Connections that failed authentication.",
+                                      lambda: self.auth_failures, listen="kvwire-bench-control")
         #: listening beyond loopback with no key or client certificates (``insecure_warning`` says so)
         self.insecure = self.side.insecure
 
@@ -80,9 +95,9 @@ class BenchServer:
 
     # ---------------------------------------------------------------- serving
     def serve(self) -> int:
-        """Accept control connections until closed. Returns 0, or 1 when a one-off test failed."""
+        """Accept control connections until closed (or, with ``one_off``, until the test ended). Returns 0,
+        or 1 when a one-off test failed (or was stopped before it completed)."""
         self._listener.settimeout(0.5)
-        threads: list[threading.Thread] = []
         while not self._closed.is_set():
             self._gate.reap()
             try:
@@ -91,26 +106,33 @@ class BenchServer:
                 continue
             except OSError:
                 break
-            threads = [x for x in threads if x.is_alive()]
-            if len(threads) >= MAX_CONTROL_CONNECTIONS:
-                sock.close()
-                continue
-            ticket = self._gate.admit(sock, addr[0])
-            peer = host_port(addr)
-            t = threading.Thread(target=self._client, args=(sock, ticket, peer),
-                                 name="kvwire-bench-ctl", daemon=True)
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join(5)
-        return 0 if self.last_test_ok in (None, True) else 1
+            with self._lock:
+                self._threads = [x for x in self._threads if x.is_alive()]
+                if len(self._threads) >= MAX_CONTROL_CONNECTIONS or self._closed.is_set():
+                    sock.close()
+                    continue
+                ticket = self._gate.admit(sock, addr[0])
+                peer = host_port(addr)
+                t = threading.Thread(target=self._client, args=(sock, ticket, peer),
+                                     name="kvwire-bench-ctl", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._stop_clients()
+        return 1 if self.cfg.one_off and self.last_test_ok is False else 0
 
     def stop(self) -> None:
-        """Ask ``serve()`` to return (safe from a signal handler); then call ``close()``."""
+        """Ask ``serve()`` to return (safe from a signal handler: it wakes a blocked ``accept``); a test in
+        progress is ended, its client told the server is shutting down. Then call ``close()``."""
         self._closed.set()
+        try:
+            socket.socket.shutdown(self._listener, socket.SHUT_RDWR)  # accept() returns at once
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._closed.set()
+        """Stop serving: no more connections, the tests in progress ended (their clients told why) and
+        their threads waited for (``STOP_WAIT`` s at most), then the data port and the metrics closed."""
+        self.stop()
         with self._lock:
             if self._shut:
                 return
@@ -119,12 +141,26 @@ class BenchServer:
             self._listener.close()
         except OSError:
             pass
-        self._gate.close()
+        self._stop_clients()
         self.side.close()
+
+    def _stop_clients(self) -> None:
+        """Cut the handshakes in progress, wake each running test's reader (its thread ends the test and
+        tells the client why) and wait for the connection threads, ``STOP_WAIT`` s in all at most."""
+        with self._lock:  # serve() admits no connection after this
+            self._closed.set()
+            threads = list(self._threads)
+        self._gate.close()
+        self.side.interrupt(SHUTTING_DOWN)
+        end = time.monotonic() + STOP_WAIT
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
 
     def _client(self, sock: socket.socket, ticket: Ticket, peer: str) -> None:
         test: Test | None = None
         ch: BenchChannel | None = None
+        authed = False
         try:
             no_delay(sock)
             sock.settimeout(CONTROL_HANDSHAKE_TIMEOUT)  # per read; the gate cuts the handshake in all
@@ -139,6 +175,7 @@ class BenchServer:
                                                 "server": f"kvwire-bench {__version__}",
                                                 "pool_bytes": self.cfg.pool_bytes},
                              ticket.deadline)
+            authed = True
             self._gate.done(ticket)
             test, busy = self.side.open_test(run, ch, peer, wait=SLOT_WAIT)
             if busy is not None:
@@ -149,9 +186,21 @@ class BenchServer:
             self.log(f"Accepted connection from {peer} (test {run})")
             self._run_test(test)
         except (PeerError, PeerGone, OSError, ssl.SSLError) as e:
-            stage = "during the handshake (wrong --key, TLS mismatch or not a kvwire-bench client)" \
-                if test is None else "mid-test"
-            self.log(f"Connection from {peer} ended {stage}: {type(e).__name__}: {e or 'timed out'}")
+            if isinstance(e, PeerAuthFailed):
+                with self._lock:
+                    self.auth_failures += 1
+            if self._closed.is_set() and authed:
+                # woken as the server closes: not the client's doing; it is told why
+                assert ch is not None
+                self._last_word(ch)
+                self.log(f"Connection from {peer} closed{' mid-test' if test is not None else ''}: "
+                         f"the server is shutting down")
+            elif self._closed.is_set() and test is None:
+                pass  # a handshake cut as the server closes: nothing to report
+            else:
+                stage = "during the handshake (wrong --key, TLS mismatch or not a kvwire-bench client)" \
+                    if test is None else "mid-test"
+                self.log(f"Connection from {peer} ended {stage}: {type(e).__name__}: {e or 'timed out'}")
         finally:
             self._gate.done(ticket)
             if test is not None:
@@ -163,6 +212,17 @@ class BenchServer:
                     sock.close()
                 except OSError:
                     pass
+
+    @staticmethod
+    def _last_word(ch: BenchChannel) -> None:
+        """Tell a client whose test (or wait for one) the server ends why, within a second: its reader takes it
+        before the end of the stream (a plain test's client keeps its document, with this as the reason
+        there is no summary; a ``-R`` client is refused with it)."""
+        try:
+            ch.sock.settimeout(1.0)
+            ch.tell("error", reason=SHUTTING_DOWN)
+        except (OSError, ValueError):
+            pass
 
     def _run_test(self, test: Test) -> None:
         """The receiving side answers the client until it says bye, or asks this end to send (``-R``)."""
@@ -188,6 +248,8 @@ class BenchServer:
         if test.completed:
             self.log(f"Test {test.run} from {test.peer}: {test.requests_ok} requests verified, "
                      f"{test.requests_failed} failed, {test.bytes_verified} bytes checked byte for byte")
+        elif self._closed.is_set():
+            self.log(f"Test {test.run} from {test.peer} ended before completing: {SHUTTING_DOWN}")
         else:
             self.log(f"Test {test.run} from {test.peer} ended before completing; still serving")
         self.last_test_ok = ok
@@ -197,7 +259,8 @@ class BenchServer:
             except Exception as e:  # noqa: BLE001 - a report must not stop the server
                 self.log(f"test report: {type(e).__name__}: {e}")
         if self.cfg.one_off:
-            self._closed.set()
+            self.stop()
+            self.side.interrupt(SHUTTING_DOWN)  # a client waiting for the slot gets no second test
 
     def _record(self, test: Test) -> dict[str, Any]:
         """What this end saw of a finished test: the receiving side's record, or with ``-R`` the sending
