@@ -75,11 +75,16 @@ class Lane:
         self._retrans_closed = 0  # segments retransmitted on the channels this lane closed (see close)
         self._channel = threading.Lock()  # close, reopened and retransmits: one channel's count is read once
 
-    def sent(self, nbytes: int) -> None:
-        """A chunk of ``nbytes`` payload went into the socket: that counts as progress."""
-        self.progress_at, self.unsent = time.monotonic(), _unsent(self.ch.sock)
+    def sending(self, nbytes: int) -> None:
+        """A chunk of ``nbytes`` payload is about to be written: counted now, since the receiver may verify and
+        acknowledge it (ending its transfer) before the write returns, and whoever reads the counters once
+        the transfer ended must find its bytes there."""
         self.chunks_sent += 1
         self.bytes_sent += nbytes
+
+    def sent(self) -> None:
+        """The chunk went into the socket: that counts as progress."""
+        self.progress_at, self.unsent = time.monotonic(), _unsent(self.ch.sock)
 
     def close(self) -> None:
         """Close the lane's channel, keeping what its socket retransmitted (``retransmits``): the kernel's

@@ -172,9 +172,10 @@ class LanePump:
                 self.abort(tid, f"chunk stage failed on chunk {chunk}: {type(e).__name__}: {e}")
                 return
         lane.bound_unsent()
-        lane.ch.send_parts([F.pack_data_header(tid, chunk, layer, offset, length, digest), *pieces])
-        lane.sent(length)
+        lane.sending(length)
         h.bytes_sent += length
+        lane.ch.send_parts([F.pack_data_header(tid, chunk, layer, offset, length, digest), *pieces])
+        lane.sent()
 
     def _lost(self, lane: Lane, err: BaseException, gen: int) -> bool:
         """Re-queue the lane's unacknowledged chunks, then try to reconnect it for ``peer_timeout``.
