@@ -39,6 +39,7 @@ from ._args import check_callable, check_host, check_key, check_port, check_seco
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._incoming import IncomingTransfer
+from ._outbox import FLUSH_WAIT
 from ._rxsession import RxSession
 from ._wire import Channel
 from .transport import IDENTITY, ChunkStage
@@ -373,7 +374,8 @@ class Receiver:
                                     heartbeat=heartbeat_for(self.heartbeat, hello.get(PEER_TIMEOUT_KEY)),
                                     early=self.early, done_early=True,
                                     parity=parity.MAX_PARITY if self._parity else 0)
-            session = RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout)
+            session = RxSession(keys, ch, peer, engine, self.chunk_stage, self.peer_timeout,
+                                on_stuck=lambda reason: self._close_session(session, reason))
             with self._lock:
                 full = len(self._sessions) >= self.max_sessions
                 if not full:
@@ -387,13 +389,16 @@ class Receiver:
         authenticated()
         s = sessions[0]
         ch.sock.settimeout(None)
+        # from here on every frame to the sender goes through the session's outbox, written on this thread
+        # (started after the WELCOME: a heartbeat queued meanwhile must not overtake it)
+        self._spawn(s.outbox.run, "kvwire-rx-ctl-out")
         try:
             while True:
                 kind, body = ch.read_control()
                 actions = s.receive(kind, body)
                 for a in actions:
-                    if type(a) is Admit:  # (at most max_transfers_per_session at once: the engine counts them)
-                        self._spawn(self._admit, "kvwire-rx-admit", s, a.manifest)
+                    if type(a) is Admit and s.queue_admission(a.manifest):  # (the engine bounds the line)
+                        self._spawn(self._admissions, "kvwire-rx-admit", s)
                 fail = s.perform(actions)
                 if fail is not None:
                     self._close_session(s, fail)
@@ -403,9 +408,20 @@ class Receiver:
             self._close_session(s, f"protocol error: {e}")
         except OSError as e:
             self._close_session(s, f"control connection lost: {e}")
+        finally:  # the connection is closed as this returns: the outbox's writer flushes first (bounded)
+            s.outbox.close()
+            if not s.outbox.wait(FLUSH_WAIT + 0.5):
+                s.outbox.abort()  # a write that makes no progress: fail it now
+                s.outbox.wait(1.0)
+
+    def _admissions(self, s: RxSession) -> None:
+        """An admission thread: the session's admitted transfers in line, one after another, until none waits
+        (at most ``rxsession.MAX_ADMITTING`` such threads per session)."""
+        while (m := s.next_admission()) is not None:
+            self._admit(s, m)
 
     def _admit(self, s: RxSession, m: Manifest) -> None:
-        """An admitted transfer to its destination (``_begin``), on a thread of its own: the allocator is user
+        """An admitted transfer to its destination (``_begin``), on an admission thread: the allocator is user
         code and may wait (for GPU memory a decode step frees), and meanwhile the session's heartbeats, DONEs,
         CANCELs and other BEGINs are read and answered (on the control reader's thread a 2.5 s allocator let a
         1 s ``peer_timeout`` fail the session as silent, and every transfer behind it waited)."""

@@ -1,14 +1,16 @@
 """One receiver session's driver: its connections, its lock, and the actions of its protocol engine.
 
-Owns: ``RxSession`` (the control connection, the data lanes by index, the handles of its transfers by id,
-the session lock around every call into its ``ReceiverEngine``), performing what the engine returns
-(control frames, resolving handles, cutting stuck lanes; a chunk's layers ready), and reading a lane's chunks into
+Owns: ``RxSession`` (the control connection and its ``ControlOutbox``, the data lanes by index, the handles
+of its transfers by id, the session lock around every call into its ``ReceiverEngine``, the line of admitted
+transfers waiting for one of at most ``MAX_ADMITTING`` admission threads), performing what the engine returns
+(control frames, queued to the outbox: no thread waits on a sender that reads nothing; resolving handles,
+cutting stuck lanes; a chunk's layers ready), and reading a lane's chunks into
 their destinations through the ``transport.Stream`` (each chunk passes the ``ChunkStage`` after its payload
 is in place and before its hash is checked); a chunk that came early (before its transfer was placed) waits
 on the lane, bounded by ``early_wait``, for the engine's answer, and a chunk past the early window fails the
 session; the last layer's chunks of a transfer with tail parity (``codec.parity``) go into its ``TailRows``
 first, are placed from there, and a group the engine says can be rebuilt is rebuilt on the lane whose chunk
-completed it. Must not know: what is legal when, admission, verdicts,
+completed it. Must not know: what is legal when, admission decisions, verdicts,
 deadlines or counters (``codec.rxengine``'s), listening, handshakes or authentication, destinations (the
 receiver admits a transfer and hands over its views), receiver-wide limits, torch/cupy, congestion control.
 """
@@ -20,6 +22,8 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
@@ -42,19 +46,29 @@ from ..codec.transfer import State
 from ..errors import EarlyWindowExceeded, ProtocolError
 from ._auth import SessionKeys
 from ._incoming import IncomingTransfer
+from ._outbox import ControlOutbox
 from ._tail import TailRows
 from .transport import IDENTITY, ChunkRef, ChunkStage, Stream
 
 log = logging.getLogger("kvwire.tcp")
+
+#: a session's transfers being placed at once (each on a thread: the allocator is user code and may wait);
+#: the rest of its admitted transfers wait in line, in order
+MAX_ADMITTING = 16
 
 
 class RxSession:
     """One authenticated session: its control connection, lanes, and the handles of its transfers."""
 
     def __init__(self, keys: SessionKeys, ctrl: Stream, peer: str, engine: ReceiverEngine,
-                 stage: ChunkStage, peer_timeout: float) -> None:
+                 stage: ChunkStage, peer_timeout: float, on_stuck: Callable[[str], None]) -> None:
+        """``on_stuck(reason)``: the sender stopped reading its control connection (the owner closes the
+        session; called on the outbox's writer thread, which its owner starts with ``outbox.run``)."""
         self.keys = keys
         self.ctrl = ctrl
+        self.outbox = ControlOutbox(ctrl, stall=peer_timeout, on_stuck=on_stuck)
+        self._admissions: deque[Manifest] = deque()  # admitted, waiting for an admission thread
+        self._admitting = 0  # admission threads running
         self.peer = peer
         self._engine = engine
         self.stage = stage
@@ -98,10 +112,26 @@ class RxSession:
 
     # ---- performing the engine's actions
     def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
-        try:
-            self.ctrl.send(kind, body)
-        except OSError:
-            pass  # the control reader notices the dead connection and fails the session
+        """Queue a control frame for the sender (never blocks: ``ControlOutbox``)."""
+        self.outbox.send(kind, body)
+
+    # ---- admissions (the owner places each transfer on an admission thread)
+    def queue_admission(self, m: Manifest) -> bool:
+        """``m`` joins the line; True when the caller must start an admission thread (``next_admission``)."""
+        with self.lock:
+            self._admissions.append(m)
+            if self._admitting >= MAX_ADMITTING:
+                return False
+            self._admitting += 1
+            return True
+
+    def next_admission(self) -> Manifest | None:
+        """The next transfer in line for this admission thread; None: the line is empty, the thread ends."""
+        with self.lock:
+            if self._admissions:
+                return self._admissions.popleft()
+            self._admitting -= 1
+            return None
 
     def perform(self, actions: list[Action]) -> str | None:
         """Carry out ``actions`` in order (outside the lock); the reason of a ``Fail`` among them, if any:
@@ -192,7 +222,7 @@ class RxSession:
             lanes = list(self.lanes.values())
             self._answered.notify_all()
         self.perform(actions)
-        self.ctrl.close()
+        self.outbox.close()  # its writer flushes the frames just queued, then closes the connection
         for ch in lanes:
             ch.close()
 
