@@ -159,3 +159,41 @@ def test_a_sender_that_reads_its_rejects_keeps_its_session(no_leaks: None) -> No
             assert rx.sessions == 1
         finally:
             ch.sock.close()
+
+
+def test_a_session_places_at_most_max_admitting_transfers_at_once(no_leaks: None) -> None:
+    """40 transfers begun together against an allocator that waits: 16 wait in it at once (one thread each),
+    the rest in line; once it answers, all 40 complete verified. Before, each BEGIN got a thread of its own."""
+    from kvwire.tcp._rxsession import MAX_ADMITTING
+
+    gate = threading.Event()
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def allocator(m: object) -> np.ndarray:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        gate.wait(20)
+        with lock:
+            inside[0] -= 1
+        return np.empty(m.total_bytes, np.uint8)  # type: ignore[attr-defined]
+
+    with Receiver(key="k", allocator=allocator) as rx, connect(*rx.address, key="k", lanes=2) as session:
+        reqs = [RequestSpec(f"a{i}", 16, 15) for i in range(40)]
+        outs = []
+        for req in reqs:
+            out = session.send(TINY, req)
+            srcs = payload(TINY, req, seed=1)
+            out.write_all(srcs)
+            outs.append(out.finish())
+        time.sleep(1.0)
+        threads = threading.active_count()
+        with lock:
+            waiting = inside[0]
+        gate.set()
+        for out in outs:
+            out.result(timeout=30)
+    print(f"\n40 transfers against a waiting allocator: {waiting} inside it at once, {threads} threads")
+    assert waiting == most[0] == MAX_ADMITTING
+    assert threads < 40
