@@ -22,7 +22,9 @@ only a request signed with the deployment's shared key (``KVWIRE_KEY``), as node
 each signature accepted once); anything else is a 401 and converts nothing.
 
 Served by uvicorn over a starlette app: a maintained ASGI server and toolkit (HTTP/1.1 keep-alive, chunked
-streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop.
+streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop; through ``httpgate``, as
+the nodes are: a connection must send each request head within ``httpgate.HEAD_SECONDS`` of its accept or of its
+previous response, and at most ``httpgate.MAX_WAITING`` connections wait for one at once.
 Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``),
 the signature scheme (``controlauth``).
 """
@@ -291,14 +293,22 @@ class FrontDoor:
                              "threshold": self.orch.router.t, "now": self.orch.uptime()})
 
 
+def http_server(door: FrontDoor, log_level: str = "warning", **options: Any) -> Any:
+    """``door``'s ``httpgate.GatedServer``, as ``main`` serves it (``options``: more ``uvicorn.Config`` keywords).
+    A connection waiting for a request head holds it ``httpgate.HEAD_SECONDS`` at most, and at most
+    ``httpgate.MAX_WAITING`` wait at once (an idle socket held an fd for ever before)."""
+    from . import httpgate
+
+    return httpgate.server(door.app, door.settings.host, door.settings.port, log_level=log_level,
+                           timeout_graceful_shutdown=5, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvwire.prfaas.frontdoor", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="the deployment's TOML config")
     ap.add_argument("--wait-healthy", type=float, default=30.0, help="seconds to wait for the nodes at start")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
-    import uvicorn
-
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s frontdoor %(levelname)s %(message)s")
     try:
         door = FrontDoor(deploy_config.load(a.config), wait_healthy_s=a.wait_healthy)
@@ -308,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     # the signal: with the defaults the process then dies of it (-15). Found handlers that do nothing let it return 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(door.app, host=door.settings.host, port=door.settings.port, log_level=a.log_level,
-                timeout_graceful_shutdown=5)
-    return 0
+    server = http_server(door, a.log_level)
+    server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit status when it could not start (a port in use)
 
 
 if __name__ == "__main__":

@@ -408,9 +408,20 @@ class Node(NodeState):
         self.receiver.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+#: requests the control API serves at once (uvicorn's ``limit_concurrency``: past it, a 503); connections
+#: waiting for a request head hold at most ``httpgate.MAX_WAITING`` of them
+LIMIT_CONCURRENCY = 256
 
+
+def control_server(asgi: Any, host: str, port: int, log_level: str = "warning") -> Any:
+    """The control API's ``httpgate.GatedServer`` for ``asgi``, configured as ``main`` serves it."""
+    from . import httpgate
+
+    return httpgate.server(asgi, host, port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off",
+                           limit_concurrency=LIMIT_CONCURRENCY)
+
+
+def main(argv: list[str] | None = None) -> int:
     from .nodeapp import app
 
     parser = argparse.ArgumentParser(prog="python -m kvwire.prfaas.node", description=__doc__.splitlines()[0])
@@ -436,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        server = uvicorn.Server(uvicorn.Config(app(node), host=spec.host, port=spec.control_port,
-                                               log_level=args.log_level, timeout_graceful_shutdown=5,
-                                               lifespan="off", limit_concurrency=256))
+        server = control_server(app(node), spec.host, spec.control_port, args.log_level)
         server.run()  # returns on SIGTERM/SIGINT after the open requests ended (or 5 s)
     finally:
         with contextlib.suppress(Exception):

@@ -3,11 +3,12 @@
 Owns: how many connections may be mid-handshake (in all and per source address), the total deadline
 of each handshake, and which one goes when the table is full: a new connection always gets in, and
 the oldest handshake of the source holding the most slots is cut (``shutdown``, which wakes the
-thread reading it). So a slow-loris flood can delay nobody by more than the time it takes to open as
+thread reading it, or the ``cut`` it was admitted with: an event loop's connection aborts its
+transport). So a slow-loris flood can delay nobody by more than the time it takes to open as
 many connections as the table holds, and a source cannot take more than ``per_source`` slots. The
 owner calls ``reap()`` periodically (its monitor tick) to cut handshakes past their deadline.
-Must not know: what the handshake says, sessions or transfers. Used by the library's ``Receiver`` and
-by the bench's control port.
+Must not know: what the handshake says, sessions or transfers. Used by the library's ``Receiver``,
+by the bench's control port, and (with ``cut``) by the PrfaaS HTTP servers (``prfaas.httpgate``).
 """
 
 from __future__ import annotations
@@ -16,24 +17,35 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 
 class Ticket:
-    """One connection mid-handshake. ``sock`` may be replaced (TLS wraps it) before ``done``."""
+    """One connection mid-handshake. ``sock`` may be replaced (TLS wraps it) before ``done``; ``cut``, when
+    given, is how it is cut instead of shutting ``sock`` down (called under the gate's lock: it must not call
+    back into the gate)."""
 
-    __slots__ = ("sock", "source", "deadline", "pending")
+    __slots__ = ("sock", "source", "deadline", "pending", "cut")
 
-    def __init__(self, sock: socket.socket, source: str, deadline: float) -> None:
+    def __init__(self, sock: socket.socket | None, source: str, deadline: float,
+                 cut: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.source = source
         self.deadline = deadline
         self.pending = True
+        self.cut = cut
 
 
-def _cut(sock: socket.socket) -> None:
-    """Wake whoever reads ``sock`` (the base-class shutdown: an SSLSocket's own drops its SSL object)."""
+def _cut(t: Ticket) -> None:
+    """Wake whoever reads ``t``'s connection (the base-class shutdown: an SSLSocket's own drops its SSL
+    object), or call its ``cut``."""
+    if t.cut is not None:
+        t.cut()
+        return
+    if t.sock is None:
+        return
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        socket.socket.shutdown(t.sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -57,9 +69,10 @@ class HandshakeGate:
         with self._lock:
             return len(self._pending)
 
-    def admit(self, sock: socket.socket, source: str) -> Ticket:
-        """Register a new connection, cutting the handshake that must make room for it."""
-        t = Ticket(sock, source, time.monotonic() + self.deadline)
+    def admit(self, sock: socket.socket | None, source: str, cut: Callable[[], None] | None = None) -> Ticket:
+        """Register a new connection, cutting the handshake that must make room for it. ``cut``: how to cut
+        this one (default: shut ``sock`` down)."""
+        t = Ticket(sock, source, time.monotonic() + self.deadline, cut)
         with self._lock:
             if self._by_source[source] >= self.per_source:
                 self._evict(source)
@@ -81,7 +94,7 @@ class HandshakeGate:
             late = [t for t in self._pending if t.deadline <= now]
             for t in late:
                 self._drop(t)
-                _cut(t.sock)
+                _cut(t)
             self.expired += len(late)
         return len(late)
 
@@ -90,12 +103,12 @@ class HandshakeGate:
         with self._lock:
             for t in list(self._pending):
                 self._drop(t)
-                _cut(t.sock)
+                _cut(t)
 
     def _evict(self, source: str) -> None:
         oldest = next(t for t in self._pending if t.source == source)
         self._drop(oldest)
-        _cut(oldest.sock)  # under the lock: a ticket is never cut after its done()
+        _cut(oldest)  # under the lock: a ticket is never cut after its done()
         self.evicted += 1
 
     def _drop(self, t: Ticket) -> None:

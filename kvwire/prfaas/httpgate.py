@@ -1,0 +1,138 @@
+"""Every PrfaaS uvicorn server (the nodes' control API, the front door): what a connection waiting for its next
+request head may hold.
+
+Owns: ``server``, the ``uvicorn.Server`` each of them runs, and ``gated_protocol``, the uvicorn HTTP protocol
+class (``uvicorn.Config(http=<class>)``) it serves with. A connection is *waiting* from the moment it is
+accepted until a request head has been parsed, and again from each response's end until the next head (the
+keep-alive gap); while it waits it holds a ticket in a ``kvwire.tcp.HandshakeGate``: it must complete the head
+within ``HEAD_SECONDS`` of the start of the wait (uvicorn's own keep-alive timer is reset by every byte, so a
+client dribbling a head, or sending none, was held for ever), at most ``MAX_WAITING`` connections wait at once,
+at most half of them from one source address, and a new connection always gets in: the gate cuts (aborts) the
+oldest waiting connection of the source holding the most. So idle or half-sent connections can hold at most
+``MAX_WAITING`` of a node's ``limit_concurrency`` slots (before: 300 idle sockets took all 256 and every signed
+request got uvicorn's 503), and a new connection is never refused by them. A connection whose request is being
+served is not waiting: the app bounds that (``controlauth``: a signed body within ``signing.body_seconds``).
+
+The HTTP/1.1 implementation is pinned to h11 (uvicorn's hard dependency) rather than ``http="auto"``, which
+picks httptools when it happens to be importable: one parser whatever else is installed, the one tested. The
+gate touches only what both of uvicorn's implementations share (``cycle``, ``pipeline`` where there is one,
+``data_received``, ``on_response_complete``), so ``gated_protocol(gate, base=HttpToolsProtocol)`` works too
+(the tests run it on both when httptools is importable).
+Websockets are off (``ws="none"``): no PrfaaS route uses them, and an upgraded connection leaves the protocol
+that holds its ticket.
+Must not know: routes, signatures, what the apps serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..tcp import HandshakeGate, Ticket
+
+__all__ = ["HEAD_SECONDS", "HTTP_PROTOCOL", "MAX_WAITING", "GatedServer", "gated_protocol", "server"]
+
+#: s a connection has to send a whole request head, from its accept or its previous response's end
+HEAD_SECONDS = 5.0
+#: the HTTP/1.1 implementation every server runs (pinned; see above)
+HTTP_PROTOCOL: type[asyncio.Protocol] = H11Protocol
+#: connections waiting for a request head at once (at most half from one source address): of a node's 256
+#: ``limit_concurrency`` slots, the other 192 are left to requests being served
+MAX_WAITING = 64
+
+
+class _Gated:
+    """Mixed in before a uvicorn HTTP protocol class: holds a gate ticket while the connection waits for a head."""
+
+    gate: HandshakeGate
+    # the uvicorn protocol's own attributes this relies on
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._ticket: Ticket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._cut = False
+        super().connection_made(transport)  # type: ignore[misc]
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        if self._cut:  # cut by the gate; the abort is on its way
+            return
+        super().data_received(data)  # type: ignore[misc]
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._watch()  # waiting again (or already serving a pipelined request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _waiting(self) -> bool:
+        """No request is being served or queued (httptools queues pipelined ones in ``pipeline``)."""
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None)
+
+    def _watch(self) -> None:
+        if self._cut:
+            return
+        if self.transport.is_closing() or not self._waiting():
+            self._release()
+        elif self._ticket is None:
+            client = self.client
+            self._ticket = self.gate.admit(None, client[0] if client else "", cut=self._on_cut)
+            self._timer = self.loop.call_later(self.gate.deadline, self._expire)
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._ticket is not None:
+            self.gate.done(self._ticket)
+            self._ticket = None
+
+    def _expire(self) -> None:
+        ticket, self._timer = self._ticket, None
+        if ticket is not None and ticket.pending:  # the loop's clock may run a hair ahead of the gate's
+            self.gate.reap(max(time.monotonic(), ticket.deadline))
+
+    def _on_cut(self) -> None:
+        """The gate cut this connection (deadline, or room for a newer one); under the gate's lock."""
+        self._cut = True
+        self._ticket = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.call_soon(self.transport.abort)  # abort: a client not reading its last response holds nothing
+
+
+def gated_protocol(gate: HandshakeGate, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
+    """``base`` (a uvicorn HTTP protocol class; default ``HTTP_PROTOCOL``) whose connections wait for their
+    request heads under ``gate``."""
+    base = base or HTTP_PROTOCOL
+    return type(f"Gated{base.__name__}", (_Gated, base), {"gate": gate})
+
+
+class GatedServer(uvicorn.Server):
+    """A ``uvicorn.Server`` whose protocol class waits under ``gate`` (``gate.evicted``/``expired`` count cuts)."""
+
+    def __init__(self, config: uvicorn.Config, gate: HandshakeGate) -> None:
+        super().__init__(config)
+        self.gate = gate
+
+
+def server(app: Any, host: str, port: int, *, head_seconds: float = HEAD_SECONDS,
+           max_waiting: int = MAX_WAITING, **options: Any) -> GatedServer:
+    """A server for ``app`` on ``host:port`` with a fresh gate (``options``: more ``uvicorn.Config`` keywords);
+    ``run()`` it, or ``serve(sockets=[...])`` on sockets already bound."""
+    gate = HandshakeGate(max_waiting, max(1, max_waiting // 2), head_seconds)
+    return GatedServer(uvicorn.Config(app, host=host, port=port, http=gated_protocol(gate), ws="none", **options),
+                       gate)
