@@ -348,3 +348,44 @@ def test_every_uvicorn_server_in_prfaas_goes_through_httpgate() -> None:
     offenders = [p.name for p in pkg.glob("*.py") if p.name != "httpgate.py"
                  and any(s in p.read_text() for s in ("uvicorn.run(", "uvicorn.Server(", "uvicorn.Config("))]
     assert offenders == []
+
+
+def test_the_front_door_cuts_a_dribbled_public_body_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``POST /v1/completions`` needs no key: a body dribbled a byte every 0.3 s held its connection for as long
+    as the client liked (the gate lets go of a connection once its head is in). Now a 408 at
+    ``signing.body_seconds`` (5 s for a small body); a body sent in pieces within it is read (400 here: the
+    stand-in body is not a prompt, which is past the read)."""
+    from pathlib import Path
+
+    from kvwire.prfaas import config as deploy_config
+    from kvwire.signing import BODY_TIMEOUT
+
+    monkeypatch.setenv("KVWIRE_KEY", KEY.decode())
+    door = frontdoor.FrontDoor(deploy_config.load(Path(frontdoor.__file__).with_name("deploy-default.toml")))
+    body = b'{"prompt": "' + b"a" * 100 + b'", "max_tokens": 0}'
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: door\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with _serving(frontdoor.http_server(door, lifespan="off")) as port:
+        with _connect(port) as c:
+            c.sendall(head)
+            t0, sent, status = time.monotonic(), 0, None
+            c.settimeout(0.3)
+            while time.monotonic() - t0 < BODY_TIMEOUT + 3 and status is None:
+                if sent < len(body) - 1:
+                    c.sendall(body[sent:sent + 1])
+                    sent += 1
+                try:
+                    data = c.recv(4096)
+                except TimeoutError:
+                    continue
+                status = int(data.split(b" ", 2)[1]) if data else -1
+            took = time.monotonic() - t0
+        with _connect(port) as c:  # the control: the whole body in 4 pieces 0.5 s apart
+            c.sendall(head)
+            for i in range(0, len(body), 32):
+                time.sleep(0.5)
+                c.sendall(body[i:i + 32])
+            control = _read_response(c, 10.0)[0]
+    print(f"\ndribbled public body: {status} after {took:.2f} s ({sent} bytes); in pieces: {control}")
+    assert status == 408 and BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 2
+    assert control in (200, 400, 503) and control != 408

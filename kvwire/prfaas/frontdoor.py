@@ -15,7 +15,8 @@
 
 No authentication on ``/v1/*``, ``/metrics``, ``/health`` and ``GET /admin/timeline`` (by design: the public,
 read-only side). So a body is bounded before it is read (``max_body_bytes``: a Content-Length over it is a 413
-without a byte read, a chunked body a 413 as soon as it passes it) and a prompt longer than
+without a byte read, a chunked body a 413 as soon as it passes it; one that has not all come within
+``signing.body_seconds`` a 408) and a prompt longer than
 ``max_prompt_tokens`` is refused before it is tokenized. ``POST /admin/convert`` changes node roles: it takes
 only a request signed with the deployment's shared key (``KVWIRE_KEY``), as node control calls are
 (``controlauth.ControlAuth``: header ``X-Kvwire-Auth: controlauth.sign(key, "POST", "/admin/convert", body)``,
@@ -32,6 +33,7 @@ the signature scheme (``controlauth``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -46,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, request_response
 
+from ..signing import body_seconds
 from . import config as deploy_config
 from .controlauth import ControlAuth, control_key
 from .orchestrator import Completion, Orchestrator, RequestError, Unavailable
@@ -89,7 +92,9 @@ def max_body_bytes(settings: FrontSettings, vocab: int) -> int:
 
 async def read_json(request: Request, cap: int) -> Any:
     """The request's JSON body, read only up to ``cap`` bytes; ``BodyError`` (413) past it, before any byte is
-    read when the Content-Length says so, and ``BodyError`` (400) for a body that is not UTF-8 JSON."""
+    read when the Content-Length says so, (408) when it has not all come within ``signing.body_seconds`` (a
+    client dribbling a body held its connection for as long as it liked), and (400) for a body that is not
+    UTF-8 JSON."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -100,11 +105,16 @@ async def read_json(request: Request, cap: int) -> Any:
             raise BodyError(413, f"the body has {length} bytes; the most read is {cap}")
     chunks: list[bytes] = []
     got = 0
-    async for part in request.stream():  # chunked (or a Content-Length the server did not hold us to): count
-        got += len(part)
-        if got > cap:
-            raise BodyError(413, f"the body is over {cap} bytes, the most read")
-        chunks.append(part)
+    limit = body_seconds(length if declared is not None else cap)
+    try:
+        async with asyncio.timeout(limit):
+            async for part in request.stream():  # chunked (or a Content-Length not held to): count
+                got += len(part)
+                if got > cap:
+                    raise BodyError(413, f"the body is over {cap} bytes, the most read")
+                chunks.append(part)
+    except TimeoutError:
+        raise BodyError(408, f"the body did not come within {limit:.1f} s") from None
     try:
         return json.loads(b"".join(chunks).decode("utf-8"))
     except UnicodeDecodeError:
