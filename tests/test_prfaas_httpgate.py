@@ -30,7 +30,15 @@ HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: node\r\n"  # no blank line: the head
 
 
 async def _app(scope: Any, receive: Any, send: Any) -> None:
-    """Behind ``ControlAuth`` as the node's routes are: ``GET /health`` open, everything else signed."""
+    """Behind ``ControlAuth`` as the node's routes are: ``GET /health`` open, everything else signed;
+    ``/big`` streams 8 MiB in 64 KiB pieces (as ``/generate`` streams its tokens)."""
+    if scope["path"] == "/big":
+        piece = b"x" * (64 << 10)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(128 * len(piece)).encode())]})
+        for n in range(128):
+            await send({"type": "http.response.body", "body": piece, "more_body": n < 127})
+        return
     out = b'{"ok": true}'
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
@@ -389,3 +397,53 @@ def test_the_front_door_cuts_a_dribbled_public_body_at_its_deadline(monkeypatch:
     print(f"\ndribbled public body: {status} after {took:.2f} s ({sent} bytes); in pieces: {control}")
     assert status == 408 and BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 2
     assert control in (200, 400, 503) and control != 408
+
+
+def test_a_slow_reader_gets_a_large_answer_whole(node_port: int) -> None:
+    """8 MiB streamed to a client reading ~1.2 MiB/s (7 s, past HEAD_SECONDS): the whole answer arrives (the
+    write-stall bound does not cut a client that reads, however slowly)."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    c.connect(("127.0.0.1", node_port))
+    with c:
+        c.sendall(_signed_head("/big"))
+        c.settimeout(10)
+        got, t0 = 0, time.monotonic()
+        while got < (8 << 20) + 60:
+            part = c.recv(65536)
+            if not part:
+                break
+            got += len(part)
+            time.sleep(len(part) / (1.2 * (1 << 20)))
+        took = time.monotonic() - t0
+    print(f"\na slow reader: {got} bytes in {took:.1f} s")
+    assert took > HEAD and got >= 8 << 20
+
+
+def test_a_client_that_reads_none_of_its_response_is_cut(node_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed ``GET /big`` (8 MiB streamed) whose client reads none of it: the app waits on the client, the
+    connection counts as served (the head gate lets go of it) and held a ``limit_concurrency`` slot for good.
+    Now it is aborted ``WRITE_STALL_SECONDS`` after writing paused (1 s here). The control: a client reading
+    the same response gets all 8 MiB."""
+    monkeypatch.setattr(httpgate, "WRITE_STALL_SECONDS", 1.0)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", node_port))
+    with c:
+        c.sendall(_signed_head("/big"))
+        t0, cut = time.monotonic(), None
+        c.settimeout(0.5)
+        while cut is None and time.monotonic() - t0 < 15:
+            time.sleep(0.5)
+            try:
+                c.send(b"G")  # a byte of a next head: refused once the server aborted
+            except (ConnectionResetError, BrokenPipeError):
+                cut = time.monotonic() - t0
+            except TimeoutError:
+                pass
+    print(f"\na client reading none of its response: cut {cut} s after its request")
+    assert cut is not None and cut < 6, "a client reading nothing still held its connection after 15 s"
+    with _connect(node_port) as r:  # the control
+        r.sendall(_signed_head("/big"))
+        status, body = _read_response(r, 10.0)
+    assert status == 200 and len(body) == 8 << 20

@@ -11,7 +11,10 @@ at most half of them from one source address, and a new connection always gets i
 oldest waiting connection of the source holding the most. So idle or half-sent connections can hold at most
 ``MAX_WAITING`` of a node's ``limit_concurrency`` slots (before: 300 idle sockets took all 256 and every signed
 request got uvicorn's 503), and a new connection is never refused by them. A connection whose request is being
-served is not waiting: the app bounds that (``controlauth``: a signed body within ``signing.body_seconds``).
+served is not waiting: the app bounds that (``controlauth``: a signed body within ``signing.body_seconds``),
+and so does ``WRITE_STALL_SECONDS``: a connection whose client reads none of its responses for that long (the
+transport's buffer over its high-water mark all the while) is aborted; keyless pipelined ``GET /health``s a
+client never read held a served connection, and a slot, for ever.
 
 The HTTP/1.1 implementation is pinned to h11 (uvicorn's hard dependency) rather than ``http="auto"``, which
 picks httptools when it happens to be importable: one parser whatever else is installed, the one tested. The
@@ -34,12 +37,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..tcp import HandshakeGate, Ticket
 
-__all__ = ["HEAD_SECONDS", "HTTP_PROTOCOL", "MAX_WAITING", "GatedServer", "gated_protocol", "server"]
+__all__ = ["HEAD_SECONDS", "HTTP_PROTOCOL", "MAX_WAITING", "WRITE_STALL_SECONDS", "GatedServer", "gated_protocol",
+           "server"]
 
 #: s a connection has to send a whole request head, from its accept or its previous response's end
 HEAD_SECONDS = 5.0
 #: the HTTP/1.1 implementation every server runs (pinned; see above)
 HTTP_PROTOCOL: type[asyncio.Protocol] = H11Protocol
+#: s a connection's responses may sit unread (writing paused: the transport's buffer past its high-water mark)
+#: before it is aborted
+WRITE_STALL_SECONDS = 10.0
 #: connections waiting for a request head at once (at most half from one source address): of a node's 256
 #: ``limit_concurrency`` slots, the other 192 are left to requests being served
 MAX_WAITING = 64
@@ -58,6 +65,7 @@ class _Gated:
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._ticket: Ticket | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._write_stall: asyncio.TimerHandle | None = None
         self._cut = False
         super().connection_made(transport)  # type: ignore[misc]
         self._watch()
@@ -74,12 +82,34 @@ class _Gated:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
         super().connection_lost(exc)  # type: ignore[misc]
 
+    def pause_writing(self) -> None:
+        """The client reads slower than the answer comes: it has ``WRITE_STALL_SECONDS`` to take enough of it
+        (the buffer back under its low-water mark); meanwhile the connection is not waiting for a head."""
+        super().pause_writing()  # type: ignore[misc]
+        self._release()
+        if self._write_stall is None:
+            self._write_stall = self.loop.call_later(WRITE_STALL_SECONDS, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+        super().resume_writing()  # type: ignore[misc]
+        self._watch()  # the response is nearly out: waiting for the next head, if nothing else runs
+
     def _waiting(self) -> bool:
-        """No request is being served or queued (httptools queues pipelined ones in ``pipeline``)."""
+        """No request is being served or queued (httptools queues pipelined ones in ``pipeline``), and the last
+        response is (nearly) out: one the client is still reading (writing paused) is its to finish, under
+        ``WRITE_STALL_SECONDS``, not the head deadline (a slow link's 8 MiB answer was cut 5 s in)."""
         cycle = self.cycle
-        return (cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None)
+        flow = getattr(self, "flow", None)
+        return ((cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None)
+                and not (flow is not None and flow.write_paused))
 
     def _watch(self) -> None:
         if self._cut:
