@@ -5,8 +5,8 @@ Owns: ``server``, the ``uvicorn.Server`` each of them runs, and ``gated_protocol
 class (``uvicorn.Config(http=<class>)``) it serves with. A connection is *waiting* from the moment it is
 accepted until a request head has been parsed, and again from each response's end (once the client has taken
 it: writing not paused) until the next head (the keep-alive gap); while it waits it holds a ticket in a
-``kvwire.tcp.HandshakeGate``: it must complete the head within ``HEAD_SECONDS`` of the start of the wait (uvicorn's own keep-alive timer is reset by every byte, so a
-client dribbling a head, or sending none, was held for ever), at most ``MAX_WAITING`` connections wait at once,
+``kvwire.tcp.HandshakeGate``: it must complete the head within ``HEAD_SECONDS`` of the start of the wait
+(uvicorn's own keep-alive timer is reset by every byte, so a client dribbling a head, or sending none, was held for ever), at most ``MAX_WAITING`` connections wait at once,
 at most half of them from one source address, and a new connection always gets in: the gate cuts (aborts) the
 oldest waiting connection of the source holding the most. So idle or half-sent connections can hold at most
 ``MAX_WAITING`` of a node's ``limit_concurrency`` slots (before: 300 idle sockets took all 256 and every signed
