@@ -2,19 +2,19 @@
 request head may hold.
 
 Owns: ``server``, the ``uvicorn.Server`` each of them runs, and ``gated_protocol``, the uvicorn HTTP protocol
-class (``uvicorn.Config(http=<class>)``) it serves with. A connection is *waiting* from the moment it is
-accepted until a request head has been parsed, and again from each response's end (once the client has taken
-it: writing not paused) until the next head (the keep-alive gap); while it waits it holds a ticket in a
+class (``uvicorn.Config(http=<class>)``) it serves with. A connection is *waiting* from the moment it is accepted
+until a request head has been parsed, and again from each response's end (once the client has taken it: writing
+not paused) until the next head (the keep-alive gap); while it waits it holds a ticket in a
 ``kvwire.tcp.HandshakeGate``: it must complete the head within ``HEAD_SECONDS`` of the start of the wait
-(uvicorn's own keep-alive timer is reset by every byte, so a client dribbling a head, or sending none, was held for ever), at most ``MAX_WAITING`` connections wait at once,
-at most half of them from one source address, and a new connection always gets in: the gate cuts (aborts) the
-oldest waiting connection of the source holding the most. So idle or half-sent connections can hold at most
-``MAX_WAITING`` of a node's ``limit_concurrency`` slots (before: 300 idle sockets took all 256 and every signed
-request got uvicorn's 503), and a new connection is never refused by them. A connection whose request is being
-served is not waiting: the app bounds that (``controlauth``: a signed body within ``signing.body_seconds``),
-and so does ``WRITE_STALL_SECONDS``: a connection whose client reads none of its responses for that long (the
-transport's buffer over its high-water mark all the while) is aborted; keyless pipelined ``GET /health``s a
-client never read held a served connection, and a slot, for ever.
+(uvicorn's own keep-alive timer is reset by every byte, so a client dribbling a head, or sending none, was held
+for ever), at most ``MAX_WAITING`` connections wait at once, at most half of them from one source address, and a
+new connection always gets in: the gate cuts (aborts) the oldest waiting connection of the source holding the
+most. So idle or half-sent connections can hold at most ``MAX_WAITING`` of a node's ``limit_concurrency`` slots
+(before: 300 idle sockets took all 256 and every signed request got uvicorn's 503), and a new connection is never
+refused by them. A connection whose request is being served is not waiting: the app bounds that (``controlauth``:
+a signed body within ``signing.body_seconds``), and so does ``WRITE_STALL_SECONDS``: a connection whose client
+reads none of its responses for that long (the transport's buffer over its high-water mark all the while) is
+aborted; keyless pipelined ``GET /health``s a client never read held a served connection, and a slot, for ever.
 
 The HTTP/1.1 implementation is pinned to h11 (uvicorn's hard dependency) rather than ``http="auto"``, which
 picks httptools when it happens to be importable: one parser whatever else is installed, the one tested. The
