@@ -67,6 +67,54 @@ def test_lane_killed_mid_transfer_is_survived(side: str, rep: int, no_leaks: Non
     assert dst.tobytes() == b"".join(a.tobytes() for a in src)
 
 
+def test_lanes_cut_as_soon_as_they_open_back_off_then_are_given_up(no_leaks: None) -> None:
+    """Every lane dies at its first chunk (a receiver that drops each new lane, as a trial's did): each re-dial
+    waits longer (0.05 s doubling to 1 s) and a lane cut MAX_QUICK_DEATHS times in a row is given up, so the
+    session fails "every lane is down" and the transfer (no deadline) ends. Before: 7,323 re-dials in 5 s and
+    a transfer with timeout=None that never ended."""
+    from kvwire.tcp._lanes import MAX_QUICK_DEATHS
+
+    layout, req, src = _big_request("cut-at-once")
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK, link_control=False) as s:
+        rx.expect(req.request_id, np.zeros(_total(layout, req), np.uint8), layout=layout)
+
+        def hook(lane: int, tid: int, chunk: int, pieces: list) -> None:  # type: ignore[type-arg]
+            raise ConnectionResetError("cut by the test")
+
+        s.chunk_stage = ChunkHook(hook)
+        t0 = time.monotonic()
+        h = s.send(layout, req, timeout=None)
+        h.write_all(src)
+        h.finish()
+        with pytest.raises(TransferFailed, match="every lane is down"):
+            h.result(60)
+        took, redials = time.monotonic() - t0, s.stats()["lane_reconnects"]
+    print(f"\nlanes cut at once: the transfer failed after {took:.1f} s and {redials} re-dials")
+    assert redials <= 2 * (MAX_QUICK_DEATHS + 1) and took < 30
+
+
+def test_lanes_cut_a_few_times_at_first_recover_and_the_transfer_completes(no_leaks: None) -> None:
+    """The control: each lane dies at its first 3 chunks, then carries: the backoff delays it, the transfer
+    completes verified."""
+    layout, req, src = _big_request("cut-thrice")
+    dst = np.zeros(_total(layout, req), np.uint8)
+    cuts: dict[int, int] = {}
+    with Receiver() as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK, link_control=False) as s:
+        h_rx = rx.expect(req.request_id, dst, layout=layout)
+
+        def hook(lane: int, tid: int, chunk: int, pieces: list) -> None:  # type: ignore[type-arg]
+            if cuts.get(lane, 0) < 3:
+                cuts[lane] = cuts.get(lane, 0) + 1
+                raise ConnectionResetError("cut by the test")
+
+        s.chunk_stage = ChunkHook(hook)
+        h = s.send(layout, req, timeout=None)
+        h.write_all(src)
+        h.finish().result(60)
+        h_rx.result(30)
+    assert dst.tobytes() == b"".join(a.tobytes() for a in src) and cuts == {0: 3, 1: 3}
+
+
 @pytest.mark.parametrize("rep", REPEAT)
 def test_corrupt_chunk_is_nacked_and_resent(rep: int, no_leaks: None) -> None:
     layout, req, src = _big_request("corrupt")

@@ -44,6 +44,10 @@ log = logging.getLogger("kvwire.tcp")
 #: ``kvwire.probe.WARM_MIN_RTT`` is this too: a session on such a path is warmed on every lane its
 #: controller may use
 LONG_PATH_RTT = 0.015
+#: a lane that dies within this many seconds of (re)opening waits before its next re-dial (``Lane.redial_delay``);
+#: one that does so ``MAX_QUICK_DEATHS`` times in a row is given up (the session fails once no lane is left)
+LANE_SETTLE = 1.0
+MAX_QUICK_DEATHS = 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class Lane:
         self.unsent = 0  # bytes in the socket's send queue when last looked at
         self.unsent_bound = 0  # the TCP_NOTSENT_LOWAT set on the socket (0: none; see bound_unsent)
         self._retrans_closed = 0  # segments retransmitted on the channels this lane closed (see close)
+        self.opened_at = time.monotonic()  # when its channel last (re)opened
+        #: how long the next re-dial waits first: doubles each time the lane dies within ``LANE_SETTLE`` s of
+        #: opening (a receiver that cuts every new lane at once was re-dialled 7,323 times in 5 s), else 0
+        self.redial_delay = 0.0
+        self.quick_deaths = 0  # times in a row it died within ``LANE_SETTLE`` s of opening
         self._channel = threading.Lock()  # close, reopened and retransmits: one channel's count is read once
 
     def sending(self, nbytes: int) -> None:
@@ -104,7 +113,7 @@ class Lane:
         with self._channel:
             self.ch = ch
         self.alive = True
-        self.progress_at = time.monotonic()
+        self.progress_at = self.opened_at = time.monotonic()
         self.unsent_bound = 0
 
     def bound_unsent(self) -> None:

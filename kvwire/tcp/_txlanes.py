@@ -22,7 +22,7 @@ import xxhash
 from ..codec import frames as F
 from ..codec.txengine import Action, SenderEngine
 from ..errors import KvwireError
-from ._lanes import Dialer, Lane, LaneHook
+from ._lanes import LANE_SETTLE, MAX_QUICK_DEATHS, Dialer, Lane, LaneHook
 from ._outgoing import OutgoingTransfer
 from .transport import IDENTITY, ChunkRef, ChunkStage
 
@@ -186,6 +186,21 @@ class LanePump:
         with cond:
             eng.lane_lost(lane.index, gen)
             cond.notify_all()
+        # a lane cut again as soon as it opened (a receiver that drops every new lane) backs off, doubling,
+        # and is given up after MAX_QUICK_DEATHS such deaths in a row
+        quick = time.monotonic() - lane.opened_at < LANE_SETTLE
+        lane.quick_deaths = lane.quick_deaths + 1 if quick else 0
+        lane.redial_delay = min(max(0.05, 2 * lane.redial_delay), 1.0) if quick else 0.0
+        if lane.quick_deaths > MAX_QUICK_DEATHS:
+            log.warning("lane %d given up: cut within %.1f s of opening %d times in a row (last: %s)", lane.index,
+                        LANE_SETTLE, lane.quick_deaths, err)
+            if eng.current(gen) and self.alive_lanes() == 0:
+                self.fail(f"every lane is down: each was cut within {LANE_SETTLE:g} s of opening "
+                          f"{lane.quick_deaths} times in a row (last error: {err})", gen)
+            return False
+        if lane.redial_delay:
+            with cond:
+                cond.wait_for(lambda: not eng.current(gen), lane.redial_delay)
         deadline = time.monotonic() + self.peer_timeout
         delay = 0.05
         while eng.current(gen) and time.monotonic() < deadline:
