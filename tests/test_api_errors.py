@@ -264,3 +264,37 @@ def test_the_warning_does_not_stop_the_receiver_from_working() -> None:
             assert s.healthy
     finally:
         rx.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "64G", None, [1], -5, True])
+def test_a_malformed_max_transfer_bytes_in_the_welcome_is_no_bound(bad: object) -> None:
+    """A receiver's WELCOME limits are its word, not checked by the handshake: a malformed
+    ``max_transfer_bytes`` made every ``send`` raise a raw ValueError/OverflowError/TypeError. It is ignored
+    (as a malformed early window is), and the sender's own bound still holds."""
+    from kvwire.codec.frames import Limits
+
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=1, link_control=False,
+                                          limits=Limits(max_transfer_bytes=1 << 20)) as s:
+        s.server_limits["max_transfer_bytes"] = bad
+        req = RequestSpec("r-mtb", 300, 299)
+        h = rx.expect(req.request_id, np.empty(sum(a.nbytes for a in _by_layer(req)[0]), np.uint8),
+                      layout=LAYOUT, state_position=299)
+        out = s.send(LAYOUT, req)
+        out.write_all(_by_layer(req)[0])
+        out.finish().result(timeout=30)
+        h.result(timeout=30)
+        with pytest.raises(KvwireError, match="exceeds the 1048576-byte limit"):
+            s.send(LAYOUT, RequestSpec("r-big", 40_000, 39_999))
+
+
+def test_a_lane_handshake_that_never_ends_is_a_connect_timeout_naming_the_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that takes the control handshake but never answers a lane's: a bare TimeoutError('timed out')
+    came out of connect(); now the ConnectTimeout the control handshake gives, naming host:port and the lane."""
+    import kvwire.tcp._receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "server_lane", lambda *a: time.sleep(3))
+    with Receiver(key="k") as rx:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectTimeout, match=rf"127\.0\.0\.1:{rx.address[1]}.*lane 0: no handshake reply"):
+            connect(*rx.address, key="k", lanes=1, connect_timeout=1.0, link_control=False)
+        assert time.monotonic() - t0 < 3

@@ -263,7 +263,8 @@ def test_nack_lost_is_bounded_per_chunk() -> None:
 @pytest.mark.parametrize("sink", [False, True])
 def test_terminal_messages_end_the_transfer_once_and_count_it(kind: str, body: dict[str, Any], state: State,
                                                               reason: str, sink: bool) -> None:
-    e = _engine()
+    e = SenderEngine(peer_timeout=10.0, heartbeat=1.0)
+    assert e.opened(T0, done_early=True) == 1  # (DONE goes with the last chunk: COMPLETE may answer it)
     _running(e, sink=sink, hashed=not sink)
     _drain(e)
     out = e.receive(kind, {"tid": 7, **body}, T0)
@@ -274,6 +275,29 @@ def test_terminal_messages_end_the_transfer_once_and_count_it(kind: str, body: d
     c = e.counts()
     assert c[f"{'probes' if sink else 'transfers'}_{state.value}"] == 1
     assert sum(c[k] for k in COUNT_KEYS if k.startswith(("transfers_", "probes_"))) == 1
+
+
+def test_a_complete_before_done_fails_the_transfer() -> None:
+    """COMPLETE answers DONE: one that comes first (a trial's receiver answered BEGIN with it, and the transfer
+    ended DONE with no byte sent, every layer reported acked) fails the transfer instead."""
+    e = _engine()
+    _running(e)
+    out = e.receive(F.COMPLETE, {"tid": 7}, T0)
+    reason = "the receiver sent COMPLETE before this side sent DONE"
+    assert out == [Send(F.CANCEL, {"tid": 7, "reason": reason, "state": "failed"}), Ended(7, State.FAILED, reason)]
+
+
+def test_a_receivers_reason_is_text_and_bounded() -> None:
+    """A 1 MiB reason became a 1,048,608-character TransferFailed message; a dict was stringified into it."""
+    from kvwire.codec.messages import MAX_REASON
+
+    e = _engine()
+    _running(e)
+    out = e.receive(F.REJECT, {"tid": 7, "reason": "x" * (1 << 20)}, T0)
+    assert len(_ended(out)[0].reason) < MAX_REASON + 64
+    _running(e, tid=8)
+    with pytest.raises(ProtocolError, match="reason"):
+        e.receive(F.REJECT, {"tid": 8, "reason": {"a": 1}}, T0)
 
 
 def test_heartbeat_is_only_a_sign_of_life() -> None:

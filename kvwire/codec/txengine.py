@@ -28,7 +28,7 @@ from . import frames as F
 from .actions import Ended, Fail, Send
 from .early import EarlyLedger, EarlyWindow
 from .handshake import heartbeat_for
-from .messages import parse_chunks
+from .messages import parse_chunks, reason
 from .rules import NACK_LOST, SENDER_RECEIVES, SENDER_TRANSFER, Conn, Offer, advance, answers
 from .transfer import TERMINAL_COUNTERS, SenderTransfer, State, terminal_counter
 
@@ -311,7 +311,7 @@ class SenderEngine:
             e.sm.accepted = True  # an ACK may overtake the ACCEPT (another connection): it was activated
         if e is None:
             if kind == F.ERROR and tid is None:
-                return self.fail(f"control connection: receiver error: {body.get('reason')}")
+                return self.fail(f"control connection: receiver error: {reason(body)}")
             return _NOTHING  # a late message for an ended transfer
         assert type(tid) is int
         if kind == F.ACK or kind == F.NACK:
@@ -323,8 +323,10 @@ class SenderEngine:
         if kind == F.ACCEPT:
             return (_QUEUED,)  # accepted, its early charge released (above)
         out: list[Action] = []
-        why = body.get("reason")
-        if kind == F.COMPLETE:
+        why = reason(body)  # (text, at most messages.MAX_REASON characters: a 1 MiB one became the error's)
+        if kind == F.COMPLETE and not e.sm.done_sent:  # it answers DONE: a receiver that says it first is broken
+            self._end(tid, State.FAILED, "the receiver sent COMPLETE before this side sent DONE", F.CANCEL, out)
+        elif kind == F.COMPLETE:
             e.sm.on_complete()  # (every layer is verified: those whose ACK it overtook are reported first)
             if e.reported < len(e.sm.acked_layers):
                 out.append(LayersAcked(tid, tuple(e.sm.acked_layers[e.reported:])))

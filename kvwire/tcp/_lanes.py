@@ -250,11 +250,18 @@ class Dialer:
         """Connect and authenticate lane ``index`` of the current session, then run ``on_lane_open``."""
         assert self.keys is not None, "handshake() first"
         ch = self.open()
+        host, port = self.address
         try:
             client_lane(ch, self.key, self.keys, index)
             ch.sock.settimeout(self.stall_timeout)
-        except BaseException:
+        except BaseException as e:
             ch.close()
+            if isinstance(e, TimeoutError) and not isinstance(e, ConnectError):  # typed and named as the control's
+                raise ConnectTimeout(host, port, f"lane {index}: no handshake reply within connect_timeout="
+                                     f"{self.connect_timeout:g} s", errno.ETIMEDOUT) from e
+            if isinstance(e, OSError) and not isinstance(e, (ConnectError, ssl.SSLError)):
+                raise ConnectError(host, port, f"lane {index}: connection lost during the handshake: {e}",
+                                   e.errno) from e
             raise
         hook = self.on_lane_open()
         if hook is not None:

@@ -307,7 +307,10 @@ class Session(SenderConnection):
             raise TypeError(f"request must be a RequestSpec, not {type(request).__name__}")
         timeout = check_timeout("timeout", timeout)
         total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
-        cap = min(self.limits.max_transfer_bytes, int(self.server_limits.get("max_transfer_bytes", total)))
+        theirs = self.server_limits.get("max_transfer_bytes")
+        if type(theirs) is not int or theirs < 0:  # absent, or malformed (nan, "64G", a list): not a bound
+            theirs = total
+        cap = min(self.limits.max_transfer_bytes, theirs)
         if total > cap:
             raise KvwireError(f"transfer of up to {total} bytes exceeds the {cap}-byte limit")
         if sink and "max_probe_bytes" not in self.server_limits:
