@@ -3,6 +3,7 @@ pooled receive buffers -> paged receiver cache at other block ids and another st
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -416,6 +417,65 @@ def test_pool_blocking_acquire_waits_with_a_timeout() -> None:
         threading.Timer(0.1, a.release).start()
         with pool.acquire(MiB, block=True, timeout=10) as b:
             assert b.nbytes == MiB
+
+
+def test_pool_arguments_are_checked_at_the_call() -> None:
+    """A size or a wait that is not one fails at the call, typed and named: a NaN timeout on a full pool
+    used to spin forever, infinity raised a raw OverflowError, a NaN capacity made a pool that refused all."""
+    for capacity, err in (("1024", TypeError), (1.5, TypeError), (math.nan, TypeError), (True, TypeError),
+                          (0, ValueError), (-1, ValueError)):
+        with pytest.raises(err, match="capacity"):
+            PinnedPool(capacity, backend="numpy")
+    with pytest.raises(TypeError, match="min_class"):
+        PinnedPool(MiB, backend="numpy", min_class=4096.0)
+    with PinnedPool(np.int64(MiB), backend="numpy") as pool:  # numpy ints are ints
+        assert pool.capacity == MiB and type(pool.capacity) is int
+        for nbytes, err in (("10", TypeError), (math.nan, TypeError), (1.5, TypeError), (-1, ValueError)):
+            with pytest.raises(err, match="nbytes"):
+                pool.acquire(nbytes)
+        for timeout, err in ((math.nan, ValueError), (math.inf, ValueError), (-1, ValueError), ("1", TypeError)):
+            with pytest.raises(err, match="timeout"):
+                pool.acquire(10, block=True, timeout=timeout)
+        with pool.acquire(np.int64(10)) as b, pool.acquire(0, block=True, timeout=0) as c:
+            assert b.nbytes == 10 and c.nbytes == 0
+        held = pool.acquire(MiB)
+        outcome: list[BaseException] = []
+
+        def acquire_nan() -> None:
+            try:
+                pool.acquire(10, block=True, timeout=math.nan)
+            except BaseException as e:  # noqa: BLE001 - what the call raised, checked below
+                outcome.append(e)
+
+        t = threading.Thread(target=acquire_nan, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "acquire(timeout=nan) on a full pool waits forever"
+        assert isinstance(outcome[0], ValueError) and "timeout" in str(outcome[0])
+        with pytest.raises(PoolExhausted, match="after waiting"):  # a finite wait still ends typed
+            pool.acquire(10, block=True, timeout=0.05)
+        threading.Timer(0.1, held.release).start()
+        with pool.acquire(10, block=True, timeout=None) as d:  # None: no deadline, the release ends it
+            assert d.nbytes == 10
+        assert pool.in_use_bytes == 0
+
+
+def test_begin_and_prepare_check_acquire_timeout(pool: PinnedPool) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("wait")
+    cache = allocate_paged_cache(layout, 20, 1)
+    with Stager(cache, pool) as stager, Unstager(cache, pool) as unstager:
+        for timeout, err in ((math.inf, ValueError), (math.nan, ValueError), (-1, ValueError), ("1", TypeError),
+                             (None, TypeError)):
+            with pytest.raises(err, match="acquire_timeout"):
+                stager.begin(req, {"attn": list(range(16))}, 0, acquire_timeout=timeout)
+            with pytest.raises(err, match="acquire_timeout"):
+                unstager.prepare(req, {"attn": list(range(16))}, 0, acquire_timeout=timeout)
+        assert pool.in_use_bytes == 0
+        with stager.begin(req, {"attn": list(range(16))}, 0, acquire_timeout=0) as a, \
+                unstager.prepare(req, {"attn": list(range(16))}, 0, acquire_timeout=5) as b:
+            assert a.buffer.nbytes == b.buffer.nbytes > 0
+    assert pool.in_use_bytes == 0
 
 
 def test_pool_backends() -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError
+from ..tcp._args import check_wait
 from .paged import PagedCache
 from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, plan_layers, run_ops
 from .pool import PinnedPool, PooledBuffer
@@ -293,11 +294,12 @@ class Stager:
         build every layer's copies (so that ``stage`` only enqueues them).
 
         ``LayoutMismatch`` if the tables or slot do not fit; ``PoolExhausted`` if no buffer frees up
-        within ``acquire_timeout`` seconds.
+        within ``acquire_timeout`` seconds (finite, >= 0; 0: at once).
         """
+        wait = check_wait("acquire_timeout", acquire_timeout)
         placement = Placement(self.layout, request, self.align)
         tables = check_request(self.cache, placement, block_tables, state_slot, unique=False)
-        buf = self.pool.acquire(placement.total, block=acquire_timeout > 0, timeout=acquire_timeout)
+        buf = self.pool.acquire(placement.total, block=wait > 0, timeout=wait)
         try:
             return StagingJob(self, request, placement, tables, state_slot, buf)
         except BaseException:
