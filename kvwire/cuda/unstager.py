@@ -28,7 +28,7 @@ from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError, LayoutMismatch
 from ..tcp._args import check_wait
 from .paged import PagedCache
-from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, plan_layers, run_ops
+from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, check_slot, plan_layers, run_ops
 from .pool import PinnedPool, PooledBuffer
 from .stager import DEFAULT_POOL_BYTES
 from .streams import Device
@@ -276,6 +276,7 @@ class Unstager:
         the request's bytes, e.g. one a receiver's allocator handed out before the engine had allocated
         blocks; the job takes it over (and releases it). On an error it stays the caller's."""
         wait = check_wait("acquire_timeout", acquire_timeout)
+        state_slot = check_slot(state_slot)
         placement = Placement(self.layout, request, self.align)
         tables = check_request(self.cache, placement, block_tables, state_slot, unique=True)
         if buffer is not None and buffer.nbytes < placement.total:
