@@ -17,6 +17,7 @@ so a sender with another plan is refused by the receiver's layout check before a
 from __future__ import annotations
 
 import functools
+import numbers
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,10 +31,10 @@ from .codec.layout import RequestSpec, plan_segments
 from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
-from .tcp import LayerOutcome, Outcome
+from .tcp import LayerOutcome, Outcome, Session
 
 if TYPE_CHECKING:
-    from .tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
+    from .tcp import IncomingTransfer, OutgoingTransfer, Receiver
 
 
 def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:
@@ -167,13 +168,30 @@ class ReshardOutgoing(Outcome):
         self._resolve(State.FAILED if failures else State.DONE, "; ".join(failures))
 
 
+def _rank(plan: ReshardPlan, rank: Any, side: str) -> int:
+    """An int rank of ``plan``'s ``side``: a float or bool rank is a ``TypeError`` (0.0 would name the
+    transfers ``r@0.0>0``, which no receiver expects: every rank would wait out its timeout)."""
+    if not isinstance(plan, ReshardPlan):
+        raise TypeError(f"plan must be a ReshardPlan (plan_reshard), not {type(plan).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int ({side} rank), not {type(rank).__name__}")
+    r, tp = int(rank), plan.prefill_tp if side == "prefill" else plan.decode_tp
+    if not 0 <= r < tp:
+        raise ValueError(f"{side} rank {r} outside tp {tp}")
+    return r
+
+
 class ReshardSender:
     """Prefill rank ``rank`` of ``plan``: ``sessions[d]`` reaches decode rank ``d`` (needed for every
     ``plan.targets(rank)``)."""
 
     def __init__(self, plan: ReshardPlan, rank: int, sessions: Mapping[int, Session]) -> None:
-        if not 0 <= rank < plan.prefill_tp:
-            raise ValueError(f"prefill rank {rank} outside tp {plan.prefill_tp}")
+        rank = _rank(plan, rank, "prefill")
+        if not isinstance(sessions, Mapping):
+            raise TypeError(f"sessions must be a mapping of decode rank to Session, not {type(sessions).__name__}")
+        bad = {d: type(s).__name__ for d, s in sessions.items() if not isinstance(s, Session)}
+        if bad:
+            raise TypeError(f"sessions must map decode ranks to kvwire Sessions; not one: {bad}")
         missing = [d for d in plan.targets(rank) if d not in sessions]
         if missing:
             raise KvwireError(f"prefill rank {rank} feeds decode ranks {plan.targets(rank)}: no session for {missing}")
@@ -300,8 +318,7 @@ class ReshardReceiver:
     """Decode rank ``rank`` of ``plan``, receiving on ``receiver`` (its own ``kvwire.Receiver``)."""
 
     def __init__(self, plan: ReshardPlan, rank: int, receiver: Receiver) -> None:
-        if not 0 <= rank < plan.decode_tp:
-            raise ValueError(f"decode rank {rank} outside tp {plan.decode_tp}")
+        rank = _rank(plan, rank, "decode")
         self.plan, self.rank, self.receiver = plan, rank, receiver
 
     def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None,

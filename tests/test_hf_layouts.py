@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from kvwire.codec.hf import layout_from_hf_config
+from kvwire.codec.layout import _MAX_DIM as MAX_DIM  # the bound ModelLayout.from_dict puts on a dimension
+from kvwire.codec.layout import ModelLayout, TensorSpec
 from kvwire.codec.presets import load_layout
 from kvwire.errors import LayoutError
 
@@ -78,6 +80,34 @@ def test_granite_and_zamba2() -> None:
 def test_malformed_new_families(config: dict[str, Any], change: dict[str, Any], match: str) -> None:
     with pytest.raises(LayoutError, match=match):
         layout_from_hf_config({**config, **change})
+
+
+@pytest.mark.parametrize("model_type", [["nemotron_h"], {"a": 1}, 3, None])
+def test_model_type_that_is_not_a_string_is_a_layout_error(model_type: Any) -> None:
+    """A list or dict model_type (a config that came from a client) used to raise 'unhashable type'."""
+    with pytest.raises(LayoutError, match="unsupported model_type"):
+        layout_from_hf_config({**NEMOTRON_V5, "model_type": model_type})
+
+
+def test_dimensions_no_wire_layout_may_have_are_refused_where_the_layout_is_built() -> None:
+    """mamba_num_heads=2**64-1 used to build a layout whose fingerprint() raised msgpack's OverflowError, and
+    2**40 one that ``ModelLayout.from_dict`` refuses (it caps dimensions at 2**31, as the wire does): a
+    LayoutError naming the field now, or the tensor where only a product of fields is too large."""
+    for v in (MAX_DIM + 1, 2**40, 2**64 - 1):
+        with pytest.raises(LayoutError, match=rf"'mamba_num_heads' must be an int in \[1, {MAX_DIM}\]"):
+            layout_from_hf_config({**NEMOTRON_V5, "mamba_num_heads": v})
+    with pytest.raises(LayoutError, match=r"tensor 'conv': shape must be 1 to 8 ints in \[1, 2147483648\]"):
+        layout_from_hf_config({**NEMOTRON_V5, "mamba_num_heads": 2**16, "mamba_head_dim": 2**16})
+    for shape, subs in (((MAX_DIM + 1,), ()), ((True, 2), ()), ((2,) * 9, ()), ((2, 3.0), ()),
+                        ((4,), (MAX_DIM + 1,)), ((4,), (1,) * 9), ((4,), (-1,))):
+        with pytest.raises(LayoutError, match="shape|sub_projections"):
+            TensorSpec("t", shape, "uint8", "raw", "request", sub_projections=subs)  # type: ignore[arg-type]
+    # negative controls: the bound itself is a wire dimension, and real configs still build and round-trip
+    edge = TensorSpec("t", (MAX_DIM, 1), "uint8", "raw", "request", sub_projections=(MAX_DIM, 0))
+    assert TensorSpec.from_list(edge.to_list()) == edge
+    for config in (NEMOTRON_V5, GRANITE, ZAMBA2):
+        layout = layout_from_hf_config(config)
+        assert ModelLayout.from_dict(layout.to_dict()).fingerprint() == layout.fingerprint()
 
 
 def test_engine_tags_and_config_sources(tmp_path: Path) -> None:

@@ -259,6 +259,39 @@ def test_typed_refusals_and_check_compatible() -> None:
         plan_reshard(tp1, fp32)
 
 
+def test_ranks_outside_the_plan_and_non_layouts_are_refused_by_name() -> None:
+    """``sources(2)`` on decode TP 2 was a raw IndexError, ``sources(-1)`` silently rank 1's sources,
+    ``targets(5)`` silently none, ``slice_layout(True, 0)`` rank 1's slice; ``plan_reshard('x', ...)`` a
+    dataclasses TypeError. Now a ValueError naming the range, or a TypeError naming the parameter."""
+    plan = plan_reshard(family_layout("gqa", "vllm", 1), family_layout("gqa", "vllm", 2))
+    for call, what in ((plan.sources, "decode_rank"), (plan.paired, "decode_rank"), (plan.targets, "prefill_rank")):
+        tp = plan.decode_tp if what == "decode_rank" else plan.prefill_tp
+        for rank in (-1, tp, 5):
+            with pytest.raises(ValueError, match=rf"{what} {rank} outside tp {tp}"):
+                call(rank)
+        for rank in (0.0, True, "0"):
+            with pytest.raises(TypeError, match=f"{what} must be an int"):
+                call(rank)
+    for p, d, err in ((0, 2, ValueError), (1, 0, ValueError), (0, -1, ValueError), (True, 0, TypeError),
+                      (0, 1.0, TypeError)):
+        with pytest.raises(err, match="_rank"):
+            plan.slice_layout(p, d)
+        with pytest.raises(err, match="_rank"):
+            plan.copies(p, d, REQUESTS["N"])
+    # negative control: every rank in range, as an int or a numpy integer
+    assert plan.sources(1) == plan.sources(np.int64(1)) == [0] and plan.targets(np.int64(0)) == [0, 1]
+    assert plan.slice_layout(np.int64(0), np.int64(1)) is plan.slice_layout(0, 1)
+    lay = family_layout("gqa", "vllm", 2)
+    for args, name in ((("x", lay), "prefill"), ((lay, None), "decode"), ((lay.to_dict(), lay), "prefill")):
+        with pytest.raises(TypeError, match=f"{name} must be a ModelLayout"):
+            plan_reshard(*args)
+    for heads in (["gqa", 2], {"gqa": 2.0}, {"gqa": "2"}, {2: 2}):
+        with pytest.raises(TypeError, match="heads must be a mapping"):
+            plan_reshard(lay, lay, heads=heads)
+    g4, g6 = family_layout("gqa", "vllm", 4), family_layout("gqa", "vllm", 6)
+    assert plan_reshard(g4, g6, heads={"gqa": np.int64(2)}) is plan_reshard(g4, g6, heads={"gqa": 2})
+
+
 def test_slice_layout_fingerprints_differ_between_pairs() -> None:
     plan = plan_reshard(family_layout("gdn", "vllm", 4), family_layout("gdn", "vllm", 2))
     prints = {plan.slice_layout(p, d).fingerprint() for d in range(2) for p in plan.sources(d)}

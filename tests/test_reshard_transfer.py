@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ def mesh(plan: ReshardPlan, **session: Any) -> Iterator[tuple[list[Receiver], di
 
 
 def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSpec,
-             stats: list[dict[str, int]] | None = None, **session: Any
+             stats: list[dict[str, int]] | None = None, rank: Callable[[int], Any] = int, **session: Any
              ) -> tuple[ReshardPlan, list[list[np.ndarray]], list[list[np.ndarray]], list[ReshardIncoming],
                         list[dict[int, int]]]:
     config = FAMILY_CONFIGS[family]
@@ -47,8 +47,9 @@ def transfer(family: str, variant: str, tp_p: int, tp_d: int, request: RequestSp
     dest = [[np.full(s.nbytes, 0xEE, np.uint8) for s in plan_segments(plan.decode, request)]
             for _ in range(tp_d)]
     with mesh(plan, **session) as (rxs, sessions):
-        incoming = [ReshardReceiver(plan, d, rxs[d]).expect(request, dest[d], timeout=30) for d in range(tp_d)]
-        outgoing = [ReshardSender(plan, p, sessions[p]).send(request, timeout=30) for p in range(tp_p)]
+        incoming = [ReshardReceiver(plan, rank(d), rxs[d]).expect(request, dest[d], timeout=30)
+                    for d in range(tp_d)]
+        outgoing = [ReshardSender(plan, rank(p), sessions[p]).send(request, timeout=30) for p in range(tp_p)]
         own = [plan_segments(family_layout(family, variant, tp_p, p), request) for p in range(tp_p)]
         for layer in range(plan.decode.num_layers):  # layer by layer, as prefill produces them
             for p, out in enumerate(outgoing):
@@ -128,6 +129,37 @@ def test_every_required_pair_over_sockets(no_leaks: None) -> None:
         request = RequestSpec(f"pair-{tp_p}-{tp_d}", 24, 24)
         plan, got, want, _, _ = transfer("mamba2", "vllm", tp_p, tp_d, request)
         assert all([a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]] for d in range(tp_d))
+
+
+def test_ranks_plan_and_sessions_are_checked_at_the_call(no_leaks: None) -> None:
+    """A float or bool rank is a ``TypeError`` at the call: rank 0.0 used to be taken, named its transfers
+    'r@0.0>0' while the receivers expected 'r@0>0', and every decode rank waited out its timeout. A session
+    that is not a ``Session`` used to fail only at ``send`` (AttributeError). Ranges keep their message."""
+    plan = plan_reshard(family_layout("mamba2", "vllm", 1), family_layout("mamba2", "vllm", 2))
+    with mesh(plan) as (rxs, sessions):
+        for rank in (0.0, True, "0", None):
+            with pytest.raises(TypeError, match="rank must be an int"):
+                ReshardSender(plan, rank, sessions[0])
+            with pytest.raises(TypeError, match="rank must be an int"):
+                ReshardReceiver(plan, rank, rxs[0])
+        with pytest.raises(ValueError, match="prefill rank 1 outside tp 1"):
+            ReshardSender(plan, 1, sessions[0])
+        with pytest.raises(ValueError, match="decode rank -1 outside tp 2"):
+            ReshardReceiver(plan, -1, rxs[0])
+        with pytest.raises(TypeError, match="plan must be a ReshardPlan"):
+            ReshardSender(plan.decode, 0, sessions[0])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"sessions must map decode ranks to kvwire Sessions.*1: 'str'"):
+            ReshardSender(plan, 0, {0: sessions[0][0], 1: "127.0.0.1:9"})
+        with pytest.raises(TypeError, match="sessions must be a mapping"):
+            ReshardSender(plan, 0, [sessions[0][0], sessions[0][1]])  # type: ignore[arg-type]
+
+
+def test_numpy_integer_ranks_move_the_same_bytes(no_leaks: None) -> None:
+    """Negative control of the rank checks: ranks an engine holds as numpy integers still work."""
+    request = RequestSpec("np-ranks", 24, 23)
+    _plan, got, want, incoming, _ = transfer("mamba2", "vllm", 2, 4, request, rank=np.int64)
+    assert all([a.tobytes() for a in got[d]] == [w.tobytes() for w in want[d]] for d in range(4))
+    assert all(type(h.rank) is int for h in incoming)
 
 
 def test_a_failing_prefill_rank_fails_the_decode_request_by_name(no_leaks: None) -> None:

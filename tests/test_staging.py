@@ -3,6 +3,7 @@ pooled receive buffers -> paged receiver cache at other block ids and another st
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -304,6 +305,112 @@ def test_bad_block_tables_and_slots_are_refused_before_anything_moves(pool: Pinn
     assert pool.in_use_bytes == 0
 
 
+def _refused(pool: PinnedPool, err: type[Exception], match: str, tables: Any, slot: Any) -> None:
+    """``begin`` and ``prepare`` both refuse ``tables``/``slot`` of tiny-qwen3-next, before taking a buffer."""
+    layout = load_fixture("tiny-qwen3-next")
+    cache = allocate_paged_cache(layout, 20, 2)
+    with Stager(cache, pool) as stager, Unstager(cache, pool) as unstager:
+        with pytest.raises(err, match=match):
+            stager.begin(default_request("types"), tables, slot)
+        with pytest.raises(err, match=match):
+            unstager.prepare(default_request("types"), tables, slot)
+    assert pool.in_use_bytes == 0
+
+
+def _state_layer(layout: ModelLayout) -> int:
+    return next(la.index for la in layout.layers if any(c.indexing != TOKEN for c in la.caches))
+
+
+@pytest.mark.parametrize("slot", [1.0, True, "1", [1], torch.tensor(1.0), {"x": 1.0}])
+def test_state_slot_that_is_not_an_int_is_a_type_error(pool: PinnedPool, slot: Any) -> None:
+    """A float slot (even 1.0), bool or string is a ``TypeError`` naming ``state_slot`` (was an
+    AttributeError from deep in the plan, or for True slot 1)."""
+    _refused(pool, TypeError, "state_slot", {"attn": list(range(16))}, slot)
+
+
+@pytest.mark.parametrize("ids", [[b + 0.9 for b in range(16)], [str(b) for b in range(16)], None,
+                                 "abcdefghijklmnop", torch.arange(16).reshape(1, 16),
+                                 np.arange(16, dtype=np.float64), [[b] for b in range(16)]],
+                         ids=["float", "str", "None", "string", "2-D", "float-array", "nested"])
+def test_block_ids_that_are_not_ints_are_a_type_error(pool: PinnedPool, ids: Any) -> None:
+    """Block ids 0.9, 1.9... used to be truncated to blocks 0, 1... (the wrong blocks sent or overwritten);
+    strings, None or a 2-D table failed with an untyped message. Now a ``TypeError`` naming the table."""
+    _refused(pool, TypeError, r"block_tables\['attn'\]", {"attn": ids}, 0)
+
+
+@pytest.mark.parametrize("tables", [[list(range(16))], None, "attn"])
+def test_block_tables_that_are_not_a_mapping_are_a_type_error(pool: PinnedPool, tables: Any) -> None:
+    _refused(pool, TypeError, "block_tables must be a mapping", tables, 0)
+
+
+def test_stage_refuses_a_layer_that_is_not_one_of_the_layouts(pool: PinnedPool) -> None:
+    """``stage(-1)``/``stage(num_layers)``/``stage('0')`` used to return an empty staged layer, and
+    ``stage_and_send`` then never wrote the layer: a ``LayoutMismatch`` (as ``write_layer``) or
+    ``TypeError`` now, with nothing staged or written; an engine's numpy/torch integer is a layer."""
+    layout = load_fixture("tiny-qwen3-next")
+    state_layer = _state_layer(layout)
+    cache = allocate_paged_cache(layout, 20, 2)
+    written: list[int] = []
+
+    class Writer:
+        def write_layer(self, layer: int, views: list[Any]) -> None:
+            assert type(layer) is int  # OutgoingTransfer.write_layer takes ints only
+            written.append(layer)
+
+    with Stager(cache, pool) as stager, stager.begin(default_request("layers"), {"attn": list(range(16))}, 0) as job:
+        for layer in (-1, layout.num_layers):
+            with pytest.raises(LayoutMismatch, match=f"layer {layer} is not a layer"):
+                job.stage(layer)
+            with pytest.raises(LayoutMismatch, match=f"layer {layer} is not a layer"):
+                job.stage_and_send(Writer(), layer)
+        with pytest.raises(LayoutMismatch, match="not a layer"):
+            job.views(99)
+        for bad in ("0", 0.0, True, None):
+            with pytest.raises(TypeError, match="layer must be an int"):
+                job.stage(bad)
+        assert job.staged == {} and written == []
+        staged = job.stage_and_send(Writer(), np.int64(state_layer))
+        staged.wait_sent(10)
+        assert written == [state_layer] and list(job.staged) == [state_layer]
+        attn_layer = next(la for la in job.layers if la != state_layer)
+        assert job.stage(torch.tensor(attn_layer)).result(10)
+        with pytest.raises(ValueError, match="twice"):
+            job.stage(attn_layer)
+    assert pool.in_use_bytes == 0
+
+
+def test_numpy_and_torch_integers_are_slots_block_ids_and_layers(link: tuple[Receiver, Session],
+                                                                 pool: PinnedPool) -> None:
+    """Engines hold slots and block tables as numpy/torch integers: they move the same bytes as ints."""
+    rx, session = link
+    layout = load_fixture("tiny-qwen3-next")
+    request = default_request("np-ints")
+    src = allocate_paged_cache(layout, 20, 4, fill="random", seed=21)
+    dst = allocate_paged_cache(layout, 20, 3, fill="random", seed=22)
+    src_tables = scrambled_tables(layout, src, request, 23)
+    dst_tables = scrambled_tables(layout, dst, request, 24)
+    expected = expected_after(layout, src, dst, snapshot(dst), src_tables, dst_tables, 3, 1, request)
+    state_layers = [la.index for la in layout.layers if any(c.indexing != TOKEN for c in la.caches)]
+    with Stager(src, pool) as stager, Unstager(dst, pool) as unstager:
+        rjob = unstager.prepare(request, {g: torch.tensor(t) for g, t in dst_tables.items()}, torch.tensor(1))
+        assert rjob.state_slot == 1 and type(rjob.state_slot) is int
+        h_rx = rjob.expect_on(rx)
+        sjob = stager.begin(request, {g: np.array(t) for g, t in src_tables.items()},
+                            {la: np.int64(3) for la in state_layers})
+        h_tx = session.send(layout, request)
+        sjob.release_when_done(h_tx)
+        for staged in [sjob.stage_and_send(h_tx, np.int64(layer)) for layer in sjob.layers]:
+            staged.wait_sent(30)
+        h_tx.finish()
+        h_tx.result(30)
+        h_rx.result(30)
+        rjob.wait_all(30)
+        rjob.release()
+        sjob.release()
+    assert_bytes_equal(dst, expected)
+    assert pool.in_use_bytes == 0
+
+
 def test_manifest_other_than_the_plan_fails_the_layer_and_writes_nothing(link: tuple[Receiver, Session],
                                                                           pool: PinnedPool) -> None:
     rx, session = link
@@ -416,6 +523,65 @@ def test_pool_blocking_acquire_waits_with_a_timeout() -> None:
         threading.Timer(0.1, a.release).start()
         with pool.acquire(MiB, block=True, timeout=10) as b:
             assert b.nbytes == MiB
+
+
+def test_pool_arguments_are_checked_at_the_call() -> None:
+    """A size or a wait that is not one fails at the call, typed and named: a NaN timeout on a full pool
+    used to spin forever, infinity raised a raw OverflowError, a NaN capacity made a pool that refused all."""
+    for capacity, err in (("1024", TypeError), (1.5, TypeError), (math.nan, TypeError), (True, TypeError),
+                          (0, ValueError), (-1, ValueError)):
+        with pytest.raises(err, match="capacity"):
+            PinnedPool(capacity, backend="numpy")
+    with pytest.raises(TypeError, match="min_class"):
+        PinnedPool(MiB, backend="numpy", min_class=4096.0)
+    with PinnedPool(np.int64(MiB), backend="numpy") as pool:  # numpy ints are ints
+        assert pool.capacity == MiB and type(pool.capacity) is int
+        for nbytes, err in (("10", TypeError), (math.nan, TypeError), (1.5, TypeError), (-1, ValueError)):
+            with pytest.raises(err, match="nbytes"):
+                pool.acquire(nbytes)
+        for timeout, err in ((math.nan, ValueError), (math.inf, ValueError), (-1, ValueError), ("1", TypeError)):
+            with pytest.raises(err, match="timeout"):
+                pool.acquire(10, block=True, timeout=timeout)
+        with pool.acquire(np.int64(10)) as b, pool.acquire(0, block=True, timeout=0) as c:
+            assert b.nbytes == 10 and c.nbytes == 0
+        held = pool.acquire(MiB)
+        outcome: list[BaseException] = []
+
+        def acquire_nan() -> None:
+            try:
+                pool.acquire(10, block=True, timeout=math.nan)
+            except BaseException as e:  # noqa: BLE001 - what the call raised, checked below
+                outcome.append(e)
+
+        t = threading.Thread(target=acquire_nan, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "acquire(timeout=nan) on a full pool waits forever"
+        assert isinstance(outcome[0], ValueError) and "timeout" in str(outcome[0])
+        with pytest.raises(PoolExhausted, match="after waiting"):  # a finite wait still ends typed
+            pool.acquire(10, block=True, timeout=0.05)
+        threading.Timer(0.1, held.release).start()
+        with pool.acquire(10, block=True, timeout=None) as d:  # None: no deadline, the release ends it
+            assert d.nbytes == 10
+        assert pool.in_use_bytes == 0
+
+
+def test_begin_and_prepare_check_acquire_timeout(pool: PinnedPool) -> None:
+    layout = load_fixture("tiny-qwen3-next")
+    req = default_request("wait")
+    cache = allocate_paged_cache(layout, 20, 1)
+    with Stager(cache, pool) as stager, Unstager(cache, pool) as unstager:
+        for timeout, err in ((math.inf, ValueError), (math.nan, ValueError), (-1, ValueError), ("1", TypeError),
+                             (None, TypeError)):
+            with pytest.raises(err, match="acquire_timeout"):
+                stager.begin(req, {"attn": list(range(16))}, 0, acquire_timeout=timeout)
+            with pytest.raises(err, match="acquire_timeout"):
+                unstager.prepare(req, {"attn": list(range(16))}, 0, acquire_timeout=timeout)
+        assert pool.in_use_bytes == 0
+        with stager.begin(req, {"attn": list(range(16))}, 0, acquire_timeout=0) as a, \
+                unstager.prepare(req, {"attn": list(range(16))}, 0, acquire_timeout=5) as b:
+            assert a.buffer.nbytes == b.buffer.nbytes > 0
+    assert pool.in_use_bytes == 0
 
 
 def test_pool_backends() -> None:

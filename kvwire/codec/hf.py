@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import LayoutError
 from .frames import DEFAULT_LIMITS
+from .layout import _MAX_DIM as MAX_DIM
 from .layout import REQUEST, TOKEN, CacheSpec, LayerSpec, ModelLayout, TensorSpec, dtype_size
 from .layout import conv_rank_split as conv_rank_split  # re-exported: it lived here before moving down to layout
 
@@ -87,11 +88,12 @@ class _Fields:
         return LayoutError(f"{self.model_type} config: {msg}")
 
     def num(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        """An int field in ``[minimum, MAX_DIM]``: no dimension a layout on the wire may have is larger."""
         v = self.raw.get(key, default)
         if v is None:
             raise self.fail(f"missing field {key!r}")
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.fail(f"{key!r} must be an int >= {minimum}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_DIM:
+            raise self.fail(f"{key!r} must be an int in [{minimum}, {MAX_DIM}], got {v!r}")
         return v
 
     def int_list(self, key: str, length: int | None = None) -> list[int]:
@@ -533,7 +535,7 @@ def layout_from_hf_config(
     """
     config = config_dict(config)
     model_type = config.get("model_type")
-    if model_type not in _BUILDERS:
+    if not isinstance(model_type, str) or model_type not in _BUILDERS:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise LayoutError(f"unsupported model_type {model_type!r}; supported: {supported}")
     raw = dict(config)

@@ -124,8 +124,16 @@ class TensorSpec:
             raise LayoutError(f"tensor {self.name!r}: unknown layout tag {self.layout!r}")
         if self.indexing not in (TOKEN, REQUEST):
             raise LayoutError(f"tensor {self.name!r}: indexing must be 'token' or 'request'")
-        if not self.shape or any((not isinstance(d, int)) or d <= 0 for d in self.shape):
-            raise LayoutError(f"tensor {self.name!r}: shape must be positive ints, got {self.shape}")
+        # what a layout on the wire may carry (``from_list``): a layout that could never be sent or whose
+        # fingerprint cannot be packed is refused here, where it is built
+        if (not self.shape or len(self.shape) > 8
+                or any(type(d) is not int or not 0 < d <= _MAX_DIM for d in self.shape)):
+            raise LayoutError(f"tensor {self.name!r}: shape must be 1 to 8 ints in [1, {_MAX_DIM}], "
+                              f"got {self.shape}")
+        if len(self.sub_projections) > 8 or any(type(d) is not int or not 0 <= d <= _MAX_DIM
+                                                 for d in self.sub_projections):
+            raise LayoutError(f"tensor {self.name!r}: sub_projections must be up to 8 ints in [0, {_MAX_DIM}], "
+                              f"got {self.sub_projections}")
 
     @property
     def itemsize(self) -> int:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -281,6 +283,17 @@ def _tensor_pieces(cache: CacheSpec, sp: TensorSpec, sd: TensorSpec, tp_p: int, 
         raise ReshardUnsupported(f"{where} (tp {tp_p} -> {tp_d}): {e}") from None
 
 
+def check_rank(name: str, rank: Any, tp: int) -> int:
+    """``rank`` as an int in ``0..tp-1`` (a numpy integer too): a float or bool is a ``TypeError`` (rank 0.0
+    would name transfers ``r@0.0>0`` that no receiver expects), one out of range a ``ValueError``."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(rank).__name__}")
+    r = int(rank)
+    if not 0 <= r < tp:
+        raise ValueError(f"{name} {r} outside tp {tp} (0..{tp - 1})")
+    return r
+
+
 def _key_layout(layout: ModelLayout) -> ModelLayout:
     """The cache key: any rank of a side stands for all of them."""
     return replace(layout, tp_rank=0)
@@ -329,16 +342,19 @@ class ReshardPlan:
     # ---- who talks to whom
     def sources(self, decode_rank: int) -> list[int]:
         """The prefill ranks decode rank ``decode_rank`` receives from."""
-        return sorted({pc.source for r in self.routes[decode_rank] for pc in r.pieces})
+        d = check_rank("decode_rank", decode_rank, self.decode_tp)
+        return sorted({pc.source for r in self.routes[d] for pc in r.pieces})
 
     def paired(self, decode_rank: int) -> list[int]:
         """The prefill ranks SGLang's own backends pair ``decode_rank`` with (``paired_ranks``); a superset of
         ``sources(decode_rank)`` when one TP divides the other."""
-        return list(paired_ranks(self.prefill_tp, self.decode_tp, decode_rank))
+        return list(paired_ranks(self.prefill_tp, self.decode_tp, check_rank("decode_rank", decode_rank,
+                                                                              self.decode_tp)))
 
     def targets(self, prefill_rank: int) -> list[int]:
         """The decode ranks prefill rank ``prefill_rank`` sends to."""
-        return [d for d in range(self.decode_tp) if prefill_rank in self.sources(d)]
+        p = check_rank("prefill_rank", prefill_rank, self.prefill_tp)
+        return [d for d in range(self.decode_tp) if p in self.sources(d)]
 
     # ---- what travels
     def slice_layout(self, prefill_rank: int, decode_rank: int) -> ModelLayout:
@@ -349,10 +365,9 @@ class ReshardPlan:
         return self._slice(prefill_rank, decode_rank)[0]
 
     def _slice(self, p: int, d: int) -> tuple[ModelLayout, tuple[tuple[TensorRoute, Piece], ...]]:
+        p, d = check_rank("prefill_rank", p, self.prefill_tp), check_rank("decode_rank", d, self.decode_tp)
         key = (p, d)
         if key not in self._slices:
-            if not (0 <= p < self.prefill_tp and 0 <= d < self.decode_tp):
-                raise ValueError(f"ranks ({p}, {d}) outside tp {self.prefill_tp} -> {self.decode_tp}")
             by_cache: dict[tuple[int, int], list[TensorSpec]] = {}
             order: list[tuple[TensorRoute, Piece]] = []
             for r in self.routes[d]:
@@ -454,9 +469,19 @@ def plan_reshard(prefill: ModelLayout, decode: ModelLayout, *, heads: Mapping[st
 
     ``heads`` (cache kind -> global KV heads) is needed only when both sides replicate a GQA/SWA cache's
     heads and their TP sizes share a factor: the head count is then in neither layout.
-    Raises ``ReshardUnsupported`` naming the first tensor no plan can map.
+    Raises ``ReshardUnsupported`` naming the first tensor no plan can map; ``TypeError`` for a side that
+    is not a ``ModelLayout`` or ``heads`` that is not a mapping of cache kind to int.
     """
-    plan = _cached_plan(_key_layout(prefill), _key_layout(decode), tuple(sorted((heads or {}).items())))
+    for name, side in (("prefill", prefill), ("decode", decode)):
+        if not isinstance(side, ModelLayout):
+            raise TypeError(f"{name} must be a ModelLayout, not {type(side).__name__}")
+    if heads is not None and (not isinstance(heads, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            for k, v in heads.items())):
+        raise TypeError(f"heads must be a mapping of cache kind (str) to global KV heads (int), "
+                        f"not {type(heads).__name__} {reprlib.repr(heads)}")
+    key = tuple(sorted((k, int(v)) for k, v in (heads or {}).items()))
+    plan = _cached_plan(_key_layout(prefill), _key_layout(decode), key)
     return plan
 
 

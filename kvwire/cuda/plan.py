@@ -24,7 +24,9 @@ is carried bit-exactly and never converted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import operator
+import reprlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import ModelLayout, RequestSpec, Segment, plan_segments
@@ -106,6 +108,48 @@ def slot_of(slot: int | Mapping[int, int] | None, layer: int) -> int | None:
     return slot.get(layer)
 
 
+def _index(name: str, v: Any) -> int:
+    """``v`` as a Python int: an int, or an integer numpy/torch scalar (``operator.index``); a bool, float
+    (even 1.0: a slot or block id computed as one was computed wrong), string... is a ``TypeError``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(v).__name__} {reprlib.repr(v)}") from None
+
+
+def check_slot(state_slot: Any) -> int | dict[int, int] | None:
+    """``state_slot`` as ``check_request`` and the plans take it: ``None``, one int, or a mapping of state
+    layer to int (``None`` entries are left out: a layer that needs a slot and has none is a
+    ``LayoutMismatch`` either way). Integer numpy and torch scalars (how engines hold slots) become ints;
+    anything else is a ``TypeError`` naming it."""
+    if state_slot is None:
+        return None
+    if isinstance(state_slot, Mapping):
+        return {layer: _index(f"state_slot[{layer!r}]", v) for layer, v in state_slot.items() if v is not None}
+    if isinstance(state_slot, bool):
+        raise TypeError("state_slot must be an int, a mapping of layer to int, or None, not bool")
+    try:
+        return operator.index(state_slot)
+    except TypeError:
+        raise TypeError(f"state_slot must be an int, a mapping of layer to int, or None, not "
+                        f"{type(state_slot).__name__}") from None
+
+
+def _block_ids(what: str, ids: Any) -> list[int]:
+    """A block table as ints: a sequence of ints, a 1-D integer numpy array or torch tensor; a float id
+    (0.9 would have been block 0), a string, ``None`` or a 2-D table is a ``TypeError`` naming it."""
+    ndim = getattr(ids, "ndim", None)
+    if ndim is not None and hasattr(ids, "tolist"):
+        if ndim != 1:
+            raise TypeError(f"{what} must be one-dimensional (block ids), got {ndim} dimensions")
+        ids = ids.tolist()  # floats stay floats, refused below
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{what} must be a sequence of block ids, not {type(ids).__name__}")
+    return [_index(f"{what}: block id", b) for b in ids]
+
+
 def _key_ranges(layout: ModelLayout, segments: Sequence[Segment], tables: Mapping[Any, Any]
                 ) -> dict[str | int, tuple[int, int]]:
     """Per block-table key, the union ``[start, stop)`` of the tokens its segments carry."""
@@ -124,7 +168,12 @@ def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping
     """Block tables and slots fit the cache and the request: ``LayoutMismatch`` before any byte moves.
 
     ``block_tables``: per group, or per layer index (``table_key``); ``state_slot``: one slot, or one per
-    state layer (``slot_of``)."""
+    state layer (``slot_of``), checked by ``check_slot``. A value of the wrong type is a ``TypeError``
+    naming it."""
+    if not isinstance(block_tables, Mapping):
+        raise TypeError(f"block_tables must be a mapping of group (or layer index) to block ids, not "
+                        f"{type(block_tables).__name__}")
+    state_slot = check_slot(state_slot)
     bs = cache.block_size
     token_layers = {la.index for la in cache.layout.layers if any(c.indexing == "token" for c in la.caches)}
     unknown = sorted(str(g) for g in block_tables
@@ -137,7 +186,7 @@ def check_request(cache: PagedCache, placement: Placement, block_tables: Mapping
         what = f"layer {key}" if isinstance(key, int) else repr(key)
         if key not in block_tables:
             raise LayoutMismatch(f"no block table for group {what} (tokens {start}..{stop} are shipped)")
-        table = [int(b) for b in block_tables[key]]
+        table = _block_ids(f"block_tables[{key!r}]", block_tables[key])
         first, last = start // bs, (stop - 1) // bs
         if len(table) <= last:
             raise LayoutMismatch(f"block table {what} has {len(table)} blocks; tokens up to {stop} need "

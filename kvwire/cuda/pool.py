@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import PoolExhausted
+from ..tcp._args import check_int, check_wait
 
 BACKENDS = ("auto", "torch", "cupy", "numpy")
 
@@ -177,12 +178,8 @@ class PinnedPool:
 
     def __init__(self, capacity: int, *, backend: str = "auto", pin: bool | None = None,
                  min_class: int = 4096) -> None:
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
-        if min_class <= 0:
-            raise ValueError("min_class must be positive")
-        self.capacity = capacity
-        self.min_class = min_class
+        self.capacity = check_int("capacity", capacity, 1)  # (a NaN bound would refuse every buffer)
+        self.min_class = check_int("min_class", min_class, 1)
         self.backend, self.pinned = _resolve_backend(backend, pin)
         self._alloc = _allocator(self.backend, self.pinned)
         self._cond = threading.Condition()
@@ -226,9 +223,11 @@ class PinnedPool:
 
         Raises ``PoolExhausted`` if ``nbytes`` can never fit, or if no room frees up (at once when
         ``block`` is False, else within ``timeout`` seconds; ``timeout=None`` waits indefinitely).
+        ``nbytes`` is an int >= 0 and ``timeout`` a finite number of seconds >= 0 or ``None``, else
+        ``TypeError``/``ValueError`` (infinity too: ``None`` is the wait without a deadline).
         """
-        if nbytes < 0:
-            raise ValueError("nbytes must be >= 0")
+        nbytes = check_int("nbytes", nbytes, 0)
+        timeout = None if timeout is None else check_wait("timeout", timeout, none_ok=True)
         size = size_class(nbytes, self.min_class)
         if size > self.capacity:
             raise PoolExhausted(f"a {nbytes}-byte buffer (size class {size}) exceeds the pool's capacity "

@@ -18,15 +18,17 @@ views of the pooled buffer: nothing is copied between staging and the socket.
 from __future__ import annotations
 
 import concurrent.futures
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec, Segment
-from ..errors import KvwireError
+from ..errors import KvwireError, LayoutMismatch
+from ..tcp._args import check_wait
 from .paged import PagedCache
-from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, plan_layers, run_ops
+from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, check_slot, plan_layers, run_ops
 from .pool import PinnedPool, PooledBuffer
 from .streams import Device
 
@@ -125,9 +127,24 @@ class StagingJob:
         """Layers that carry bytes, in send order."""
         return list(self.placement.by_layer)
 
+    def _layer(self, layer: Any) -> int:
+        """``layer`` as an int index of the layout (a numpy/torch integer too), else ``TypeError`` or, as
+        ``write_layer`` does, ``LayoutMismatch``: staging ``-1`` would stage nothing and send nothing."""
+        if isinstance(layer, bool):
+            raise TypeError("layer must be an int, not bool")
+        try:
+            i = operator.index(layer)
+        except TypeError:
+            raise TypeError(f"layer must be an int, not {type(layer).__name__}") from None
+        n = self.stager.layout.num_layers
+        if not 0 <= i < n:
+            raise LayoutMismatch(f"layer {i} is not a layer of the layout (0..{n - 1})")
+        return i
+
     def views(self, layer: int) -> list[torch.Tensor]:
-        """The host region of ``layer``: one uint8 view per segment, in plan order."""
-        return self.placement.views(self._host, layer)
+        """The host region of ``layer``: one uint8 view per segment, in plan order (none for a layer
+        without bytes in this request)."""
+        return self.placement.views(self._host, self._layer(layer))
 
     def stage(self, layer: int, *, wait_event: Any = None, stream: Any = None) -> StagedLayer:
         """Copy ``layer`` into its host region; returns at once on a GPU (resolves when the copy is done).
@@ -135,8 +152,9 @@ class StagingJob:
         ``wait_event``: a CUDA event the copies wait for (the layer's compute done); without one they wait
         for the work already queued on the current stream. ``stream``: run on this stream instead of the
         stager's (ordered after the stager's earlier work, and its later work after this layer). CPU
-        caches are copied synchronously.
+        caches are copied synchronously. ``layer`` must be one of the layout's (``LayoutMismatch``).
         """
+        layer = self._layer(layer)
         if self._released:
             raise KvwireError("staging job was released")
         with self._lock:
@@ -200,6 +218,7 @@ class StagingJob:
         ``staged.wait_sent()`` waits for the hand-over and raises what ``write_layer`` raised. Layers
         without bytes are not written.
         """
+        layer = self._layer(layer)  # the int the writer takes
         staged = self.stage(layer, wait_event=wait_event, stream=stream)
         sent: concurrent.futures.Future[None] = concurrent.futures.Future()
         staged.sent = sent
@@ -293,11 +312,13 @@ class Stager:
         build every layer's copies (so that ``stage`` only enqueues them).
 
         ``LayoutMismatch`` if the tables or slot do not fit; ``PoolExhausted`` if no buffer frees up
-        within ``acquire_timeout`` seconds.
+        within ``acquire_timeout`` seconds (finite, >= 0; 0: at once).
         """
+        wait = check_wait("acquire_timeout", acquire_timeout)
+        state_slot = check_slot(state_slot)
         placement = Placement(self.layout, request, self.align)
         tables = check_request(self.cache, placement, block_tables, state_slot, unique=False)
-        buf = self.pool.acquire(placement.total, block=acquire_timeout > 0, timeout=acquire_timeout)
+        buf = self.pool.acquire(placement.total, block=wait > 0, timeout=wait)
         try:
             return StagingJob(self, request, placement, tables, state_slot, buf)
         except BaseException:

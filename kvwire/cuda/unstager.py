@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError, LayoutMismatch
+from ..tcp._args import check_wait
 from .paged import PagedCache
-from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, plan_layers, run_ops
+from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, check_slot, plan_layers, run_ops
 from .pool import PinnedPool, PooledBuffer
 from .stager import DEFAULT_POOL_BYTES
 from .streams import Device
@@ -274,12 +275,14 @@ class Unstager:
         ``buffer``: a pooled buffer already laid out as ``placement(request)`` that holds (or is receiving)
         the request's bytes, e.g. one a receiver's allocator handed out before the engine had allocated
         blocks; the job takes it over (and releases it). On an error it stays the caller's."""
+        wait = check_wait("acquire_timeout", acquire_timeout)
+        state_slot = check_slot(state_slot)
         placement = Placement(self.layout, request, self.align)
         tables = check_request(self.cache, placement, block_tables, state_slot, unique=True)
         if buffer is not None and buffer.nbytes < placement.total:
             raise LayoutMismatch(f"buffer of {buffer.nbytes} bytes for a {placement.total}-byte placement")
-        buf = buffer if buffer is not None else self.pool.acquire(placement.total, block=acquire_timeout > 0,
-                                                                  timeout=acquire_timeout)
+        buf = buffer if buffer is not None else self.pool.acquire(placement.total, block=wait > 0,
+                                                                  timeout=wait)
         try:
             return UnstagingJob(self, request, placement, tables, state_slot, buf)
         except BaseException:

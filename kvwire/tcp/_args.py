@@ -60,6 +60,21 @@ def check_timeout(name: str, value: object) -> float | None:
     return None if value is None else check_seconds(name, value, none_ok=True)
 
 
+def check_wait(name: str, value: object, *, none_ok: bool = False) -> float:
+    """The longest a call may wait: a finite number of seconds >= 0 (0: not at all). Infinity is refused as
+    by ``check_seconds``: where a call may wait without a deadline, ``None`` says so (``none_ok``: only
+    names it in the messages; the caller handles it). NaN never compares, so a wait bounded by it never
+    ends."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}, "
+                        f"not {type(value).__name__}")
+    x = float(value)
+    if not 0 <= x < math.inf:  # (NaN fails both)
+        raise ValueError(f"{name} must be a finite number of seconds >= 0"
+                         f"{' (None: no deadline)' if none_ok else ''}, got {value!r}")
+    return x
+
+
 def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     """An ``int`` (numpy's too; ``bool``, ``float`` and ``str`` are not) in ``lo..hi``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
