@@ -1,0 +1,100 @@
+"""A handle's callbacks run one at a time, in order, on the pool, and before its done callbacks.
+
+Before, a done callback added (``add_done_callback``, ``future.add_done_callback``) to a handle that had
+already ended ran at once on the adding thread, as ``concurrent.futures`` does: beside the handle's layer
+callbacks still running on the pool, and before the ones still queued. Now it is queued behind them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import payload, wait_until
+
+from kvwire import Receiver, RequestSpec, connect, plan_segments
+from kvwire.testing.fixtures import load_fixture
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+CHUNK = 64 * 1024
+SLOW = 0.08  # seconds each layer callback takes: long enough for later layers to arrive meanwhile
+
+
+class Recorder:
+    """Records every call of its callbacks: (what, layer, thread, entered, left)."""
+
+    def __init__(self, delay: float = SLOW) -> None:
+        self.delay = delay
+        self.calls: list[tuple[str, int | None, str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def layer(self, layer: int) -> None:
+        t0 = time.monotonic()
+        time.sleep(self.delay)
+        with self._lock:
+            self.calls.append(("layer", layer, threading.current_thread().name, t0, time.monotonic()))
+
+    def done(self, _future: Any) -> None:
+        t0 = time.monotonic()
+        with self._lock:
+            self.calls.append(("done", None, threading.current_thread().name, t0, time.monotonic()))
+
+    def layers(self) -> list[int]:
+        with self._lock:
+            return [layer for what, layer, *_ in self.calls if what == "layer" and layer is not None]
+
+    def ended(self) -> bool:
+        with self._lock:
+            return any(what == "done" for what, *_ in self.calls)
+
+    def check(self, expected: list[int], registrar: str) -> None:
+        """Every layer of ``expected`` once, in that order, then the done callback; never two calls at
+        once; none on the registering thread ``registrar``."""
+        assert wait_until(self.ended, 20), self.calls
+        with self._lock:
+            calls = sorted(self.calls, key=lambda c: c[3])
+        assert [c[1] for c in calls if c[0] == "layer"] == expected, calls
+        assert calls[-1][0] == "done", f"the done callback ran before layer callbacks: {calls}"
+        for a, b in zip(calls, calls[1:]):
+            assert a[4] <= b[3], f"{a} and {b} ran at the same time"
+        assert all(c[2] != registrar for c in calls), f"user code ran on the registering thread: {calls}"
+
+
+def _request(name: str) -> tuple[RequestSpec, list[np.ndarray], dict[int, list[int]], np.ndarray]:
+    req = RequestSpec(name, 1000, 999)
+    src = payload(LAYOUT, req, seed=5)
+    by_layer: dict[int, list[int]] = {}
+    for seg in plan_segments(LAYOUT, req):
+        by_layer.setdefault(seg.layer, []).append(seg.index)
+    return req, src, by_layer, np.zeros(sum(a.nbytes for a in src), np.uint8)
+
+
+def _write(out: Any, src: list[np.ndarray], by_layer: dict[int, list[int]], layers: range) -> None:
+    for layer in layers:
+        out.write_layer(layer, [src[i] for i in by_layer[layer]])
+
+
+@pytest.mark.parametrize("side", ["rx", "tx"])
+def test_a_done_callback_added_after_the_end_waits_for_the_layer_callbacks(side: str, no_leaks: None) -> None:
+    """``add_done_callback`` on a handle that has ended, while its (slow) layer callbacks are still queued:
+    queued behind them on the pool, as one added before the end is (``concurrent.futures`` runs it at
+    once on the adding thread, beside them)."""
+    req, src, by_layer, dest = _request(f"done-late-{side}")
+    rec = Recorder()
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+        out = s.send(LAYOUT, req)
+        if side == "rx":
+            h_rx.on_layer(rec.layer)
+        else:
+            out.on_layer_acked(rec.layer)
+        _write(out, src, by_layer, range(LAYOUT.num_layers))
+        out.finish().result(20)
+        h_rx.result(20)
+        h = h_rx if side == "rx" else out
+        assert len(rec.layers()) < LAYOUT.num_layers  # (layer callbacks still to run: 8 x SLOW s)
+        h.future.add_done_callback(rec.done)
+        rec.check(list(h_rx.layer_times) if side == "rx" else out.layers_acked, threading.current_thread().name)
