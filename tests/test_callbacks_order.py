@@ -3,6 +3,9 @@
 Before, a done callback added (``add_done_callback``, ``future.add_done_callback``) to a handle that had
 already ended ran at once on the adding thread, as ``concurrent.futures`` does: beside the handle's layer
 callbacks still running on the pool, and before the ones still queued. Now it is queued behind them.
+
+And a layer verified on one lane while another lane answered the DONE could come in after the handle ended:
+never reported to ``on_layer``. Now a chunk's layers are ready under the lock that verified it.
 """
 
 from __future__ import annotations
@@ -98,3 +101,83 @@ def test_a_done_callback_added_after_the_end_waits_for_the_layer_callbacks(side:
         assert len(rec.layers()) < LAYOUT.num_layers  # (layer callbacks still to run: 8 x SLOW s)
         h.future.add_done_callback(rec.done)
         rec.check(list(h_rx.layer_times) if side == "rx" else out.layers_acked, threading.current_thread().name)
+
+
+class _SecondChunkWaits:
+    """A receiver chunk stage: once ``armed``, the second chunk to arrive waits ``delay`` s before its hash is
+    checked (so it is verified after the first), and the lanes they came on are kept."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.armed = False
+        self.lanes: list[int] = []
+        self._lock = threading.Lock()
+
+    def outgoing(self, ref: Any, pieces: list[memoryview]) -> list[memoryview]:
+        return pieces
+
+    def incoming(self, ref: Any, views: list[memoryview]) -> None:
+        if not self.armed:
+            return
+        with self._lock:
+            self.lanes.append(ref.lane)
+            second = len(self.lanes) == 2
+        if second:
+            time.sleep(self.delay)
+
+
+def test_done_finds_every_verified_layer_ready_and_reported(monkeypatch: pytest.MonkeyPatch,
+                                                            no_leaks: None) -> None:
+    """A lane paused between the engine's verdict on its chunk and telling the handle (here in
+    ``add_lane_bytes``, its first call on the handle after the verdict), while another lane verifies the last
+    chunk and answers the held DONE. Before, the handle was DONE without that layer (``result()`` returned,
+    ``wait_layer`` raised 'transfer done but layer 0 is not in it', its bytes were not counted) and ``on_layer``
+    never heard of it: the handle had dropped its callbacks when it ended. Now a chunk's layers are ready under
+    the lock that verified it."""
+    from kvwire.tcp._incoming import IncomingTransfer
+    pause = threading.Event()
+    paused: list[int] = []
+    real = IncomingTransfer.add_lane_bytes
+
+    def add_lane_bytes(self: IncomingTransfer, lane: int, n: int) -> None:
+        if pause.is_set() and not paused:
+            paused.append(lane)
+            time.sleep(0.6)
+        real(self, lane, n)
+
+    monkeypatch.setattr(IncomingTransfer, "add_lane_bytes", add_lane_bytes)
+    exercised = 0
+    for attempt in range(6):  # until the two last chunks came on different lanes (as they mostly do)
+        req, src, by_layer, dest = _request(f"done-finds-{attempt}")
+        stage = _SecondChunkWaits(0.2)
+        rec = Recorder(0.0)
+        pause.clear()
+        paused.clear()
+        with Receiver(key="k", chunk_stage=stage) as rx, connect(*rx.address, key="k", lanes=2,
+                                                                 chunk_size=CHUNK) as s:
+            h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+            out = s.send(LAYOUT, req)
+            assert all(len(out.plan.layer_chunks[i]) == 1 for i in (0, 1))  # one chunk each
+            h_rx.on_layer(rec.layer)
+            h_rx.add_done_callback(rec.done)
+            _write(out, src, by_layer, range(2, LAYOUT.num_layers))
+            for layer in range(2, LAYOUT.num_layers):
+                h_rx.wait_layer(layer, timeout=20)
+            stage.armed = True
+            pause.set()
+            _write(out, src, by_layer, range(2))
+            out.finish().result(20)
+            h_rx.result(20)
+            if len(set(stage.lanes)) < 2:
+                continue  # both on one lane: the pause held the other chunk back, nothing raced
+            exercised += 1
+            assert paused
+            assert set(h_rx.layer_times) == set(range(LAYOUT.num_layers)), list(h_rx.layer_times)
+            h_rx.wait_layer(0, timeout=0)
+            h_rx.wait_layer(1, timeout=0)
+            assert sum(h_rx.lane_bytes().values()) == out.manifest.total_bytes
+            rec.check(list(h_rx.layer_times), threading.current_thread().name)
+        assert dest.tobytes() == b"".join(a.tobytes() for a in src)
+        if exercised:
+            break
+    assert exercised, "the two last chunks came on one lane every time"
