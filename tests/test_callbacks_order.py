@@ -1,6 +1,14 @@
-"""A handle's callbacks run one at a time, in order, on the pool, and before its done callbacks.
+"""A handle's callbacks run one at a time, in order, on the pool, and before its done callbacks,
+however late they are registered.
 
-Before, a done callback added (``add_done_callback``, ``future.add_done_callback``) to a handle that had
+Before, ``on_layer`` (receiver) and ``on_layer_acked`` (sender) registered mid-transfer reported the layers
+already verified inline, on the registering thread, while the layers verified meanwhile were reported on the
+callback pool: the same callback ran on two threads at once, the layers came interleaved out of order
+(``[0, 7, 1, 6, 2, 4, 3, 5]``), and the done callback ran before layers 2-6 were reported. A caller that held a
+lock its callback takes deadlocked in the registration. Now the replayed layers are queued on the handle's
+ordered queue, under the lock that orders the later ones.
+
+Likewise a done callback added (``add_done_callback``, ``future.add_done_callback``) to a handle that had
 already ended ran at once on the adding thread, as ``concurrent.futures`` does: beside the handle's layer
 callbacks still running on the pool, and before the ones still queued. Now it is queued behind them.
 
@@ -78,6 +86,114 @@ def _request(name: str) -> tuple[RequestSpec, list[np.ndarray], dict[int, list[i
 def _write(out: Any, src: list[np.ndarray], by_layer: dict[int, list[int]], layers: range) -> None:
     for layer in layers:
         out.write_layer(layer, [src[i] for i in by_layer[layer]])
+
+
+def test_on_layer_registered_mid_transfer_reports_in_order_one_at_a_time_before_done(no_leaks: None) -> None:
+    req, src, by_layer, dest = _request("late-on-layer")
+    first = 5
+    rec = Recorder()
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=3, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+        out = s.send(LAYOUT, req)
+        _write(out, src, by_layer, range(first))
+        for layer in range(first):
+            h_rx.wait_layer(layer, timeout=20)
+        before = list(h_rx.layer_times)  # verified so far, in the order they were
+        h_rx.add_done_callback(rec.done)
+        rest = threading.Thread(target=lambda: (_write(out, src, by_layer, range(first, LAYOUT.num_layers)),
+                                                out.finish()))
+        rest.start()  # the later layers are verified while the earlier ones are being reported
+        h_rx.on_layer(rec.layer)
+        rest.join(20)
+        h_rx.result(20)
+        out.result(20)
+        rec.check(list(h_rx.layer_times), threading.current_thread().name)
+        assert sorted(before) == list(range(first)) and rec.layers()[:first] == before  # the replayed ones first
+    assert dest.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+def test_on_layer_acked_registered_mid_transfer_reports_in_order_one_at_a_time_before_done(
+        no_leaks: None) -> None:
+    req, src, by_layer, dest = _request("late-on-acked")
+    first = 5
+    rec = Recorder()
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=3, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+        out = s.send(LAYOUT, req)
+        _write(out, src, by_layer, range(first))
+        assert wait_until(lambda: sorted(out.layers_acked) == list(range(first)), 20), out.layers_acked
+        before = out.layers_acked
+        out.add_done_callback(rec.done)
+        rest = threading.Thread(target=lambda: (_write(out, src, by_layer, range(first, LAYOUT.num_layers)),
+                                                out.finish()))
+        rest.start()
+        out.on_layer_acked(rec.layer)
+        rest.join(20)
+        out.result(20)
+        h_rx.result(20)
+        rec.check(out.layers_acked, threading.current_thread().name)
+        assert rec.layers()[:first] == before
+    assert dest.tobytes() == b"".join(a.tobytes() for a in src)
+
+
+@pytest.mark.parametrize("side", ["rx", "tx"])
+def test_a_callback_registered_holding_its_own_lock_does_not_deadlock(side: str, no_leaks: None) -> None:
+    """The registering thread runs no user code: a callback that takes a lock the registrar holds
+    waits for it on the pool instead of failing (a plain Lock) or deadlocking on the caller's thread.
+    Registered on an ended handle, the layers come after the done callbacks already queued."""
+    req, src, by_layer, dest = _request(f"locked-{side}")
+    mine = threading.Lock()
+    got: list[tuple[int, bool, str, float]] = []
+    done_at: list[float] = []
+
+    def fn(layer: int) -> None:
+        ok = mine.acquire(timeout=2)  # (the registering thread holds it while it registers)
+        if ok:
+            mine.release()
+        got.append((layer, ok, threading.current_thread().name, time.monotonic()))
+
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+        out = s.send(LAYOUT, req)
+        h = h_rx if side == "rx" else out
+        h.add_done_callback(lambda _f: done_at.append(time.monotonic()))
+        _write(out, src, by_layer, range(LAYOUT.num_layers))
+        out.finish().result(20)
+        h_rx.result(20)
+        expected = list(h_rx.layer_times) if side == "rx" else out.layers_acked
+        with mine:
+            if side == "rx":
+                h_rx.on_layer(fn)
+            else:
+                out.on_layer_acked(fn)
+            time.sleep(0.2)  # (released after a while: the pool's calls wait for it meanwhile)
+        assert wait_until(lambda: len(got) == len(expected), 10), got
+    me = threading.current_thread().name
+    assert [g[0] for g in got] == expected
+    assert all(ok and name != me for _, ok, name, _ in got), got
+    assert done_at and done_at[0] <= got[0][3]  # (the transfer had ended: its done callbacks were queued first)
+
+
+def test_control_callbacks_registered_before_any_layer_behave_as_before(no_leaks: None) -> None:
+    """Negative control: registered before any layer arrives (nothing to replay), both sides report every
+    layer once, in the order verified/acked, one at a time on the pool, and then the done callback."""
+    req, src, by_layer, dest = _request("early")
+    rx_rec, tx_rec = Recorder(0.02), Recorder(0.02)
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=3, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dest, layout=LAYOUT)
+        out = s.send(LAYOUT, req)
+        h_rx.on_layer(rx_rec.layer)
+        h_rx.add_done_callback(rx_rec.done)
+        out.on_layer_acked(tx_rec.layer)
+        out.add_done_callback(tx_rec.done)
+        _write(out, src, by_layer, range(LAYOUT.num_layers))
+        out.finish().result(20)
+        h_rx.result(20)
+        me = threading.current_thread().name
+        rx_rec.check(list(h_rx.layer_times), me)
+        tx_rec.check(out.layers_acked, me)
+        assert sorted(rx_rec.layers()) == sorted(tx_rec.layers()) == list(range(LAYOUT.num_layers))
+    assert dest.tobytes() == b"".join(a.tobytes() for a in src)
 
 
 @pytest.mark.parametrize("side", ["rx", "tx"])

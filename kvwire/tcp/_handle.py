@@ -117,6 +117,18 @@ class Outcome:
         other callbacks; inline where the handle has no pool."""
         self._call_soon(fn, *args)
 
+    def _queue_calls(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+                     ) -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """Queue ``calls`` (``(fn, args)``) on this handle's pool, in order behind its calls queued so
+        far, and return ``[]``; where the handle has no pool, return them for the caller to run (by
+        ``_call_soon``) once it has released its locks. Called under the lock that orders the events
+        the calls report, so that they are queued in the order the events happened: it only enqueues."""
+        if self._callbacks is None:
+            return calls
+        for fn, args in calls:
+            self._callbacks.submit(self._callback_key, fn, *args)
+        return []
+
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's
         other callbacks; inline where the handle has no pool."""
