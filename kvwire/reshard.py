@@ -328,7 +328,8 @@ class ReshardReceiver:
 
         ``early[p]``: prefill rank ``p``'s slice transfer that arrived before this call, with the buffers (one
         per segment of ``slice_layout(p, rank)``) it is being received into; the caller checked its layout.
-        Its pieces are scattered into place as its layers verify (those already verified at once)."""
+        Its pieces are scattered into place as its layers verify (those already verified at once, on the
+        receiver's callback pool)."""
         plan, d = self.plan, self.rank
         views = segment_views(buffers, plan_segments(plan.decode, request), writable=True)
         h = ReshardIncoming(plan, d, request)

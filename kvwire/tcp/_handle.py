@@ -26,36 +26,52 @@ _EXC = {State.FAILED: TransferFailed, State.TIMED_OUT: TransferTimedOut, State.C
 
 class _Future(concurrent.futures.Future[Any]):
     """A future whose done callbacks run on a ``Callbacks`` pool instead of the thread that resolves
-    it (a protocol thread), and are dropped once run (so they hold nothing afterwards)."""
+    it (a protocol thread), and are dropped once run (so they hold nothing afterwards). One added once
+    the future is done is queued there too (``concurrent.futures`` would run it at once, on the adding
+    thread): behind the handle's callbacks queued before it, never beside them."""
 
     def __init__(self, callbacks: Callbacks | None, key: object) -> None:
         super().__init__()
         self._callbacks = callbacks
         self._key = key
+        self._invoked = False  # the done callbacks were handed to the pool: later ones go straight there
 
     def cancel(self) -> bool:
         """A transfer is cancelled through its handle (``cancel()``), never through its future."""
         return False
 
-    def _invoke_callbacks(self) -> None:
-        fns: list[Callable[[concurrent.futures.Future[Any]], object]] = self._done_callbacks  # type: ignore[has-type]
-        self._done_callbacks = []  # type: ignore[var-annotated]
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         if self._callbacks is None:
-            for fn in fns:
-                try:
-                    fn(self)
-                except Exception:  # noqa: BLE001 - as concurrent.futures does
-                    log.exception("exception calling callback for %r", self)
+            super().add_done_callback(fn)
             return
-        for fn in fns:
+        with self._condition:  # (against _invoke_callbacks: queued in the order added)
+            if not self._invoked:
+                self._done_callbacks.append(fn)
+                return
             self._callbacks.submit(self._key, fn, self)
+
+    def _invoke_callbacks(self) -> None:
+        with self._condition:
+            self._invoked = True
+            fns: list[Callable[[concurrent.futures.Future[Any]], object]] = self._done_callbacks  # type: ignore[has-type]
+            self._done_callbacks = []  # type: ignore[var-annotated]
+            if self._callbacks is not None:  # queued under the lock: in order with add_done_callback's
+                for fn in fns:
+                    self._callbacks.submit(self._key, fn, self)
+                return
+        for fn in fns:  # (no pool: here, as concurrent.futures does, but not under the lock)
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - as concurrent.futures does
+                log.exception("exception calling callback for %r", self)
 
 
 class Outcome:
     """Resolved once. ``result`` returns the handle or raises TransferFailed/TimedOut/Cancelled.
 
     Done callbacks (``add_done_callback``, ``future.add_done_callback``) run on the session's or
-    receiver's callback pool, after the handle's layer callbacks, never on a protocol thread. The
+    receiver's callback pool, after the handle's layer callbacks, never on a protocol thread, nor on the
+    adding thread when the handle has already ended (they are queued behind its earlier callbacks). The
     future's value is None (``result()`` and ``await`` give the handle), so the handle and its future
     form no reference cycle: an ended handle's buffers are freed as soon as the caller drops it.
     """
@@ -100,6 +116,18 @@ class Outcome:
         """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's
         other callbacks; inline where the handle has no pool."""
         self._call_soon(fn, *args)
+
+    def _queue_calls(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+                     ) -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """Queue ``calls`` (``(fn, args)``) on this handle's pool, in order behind its calls queued so
+        far, and return ``[]``; where the handle has no pool, return them for the caller to run (by
+        ``_call_soon``) once it has released its locks. Called under the lock that orders the events
+        the calls report, so that they are queued in the order the events happened: it only enqueues."""
+        if self._callbacks is None:
+            return calls
+        for fn, args in calls:
+            self._callbacks.submit(self._callback_key, fn, *args)
+        return []
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run user code ``fn(*args)`` off the calling (protocol) thread, in order with this handle's

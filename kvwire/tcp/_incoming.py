@@ -75,12 +75,12 @@ class IncomingTransfer(LayerOutcome):
 
     def layer_ready(self, layer: int, t: float) -> None:
         """Every chunk of ``layer`` is verified (at monotonic time ``t``): wake waiters, queue ``on_layer``."""
-        with self._cond:
+        with self._cond:  # queued under the lock: in the order the layers were recorded, before the outcome
             self.layer_times[layer] = t
-            cbs = list(self._layer_callbacks)
             self._cond.notify_all()
-        for fn in cbs:
-            self.call_soon(fn, layer)
+            inline = self._queue_calls([(fn, (layer,)) for fn in self._layer_callbacks])
+        for fn, args in inline:  # (only a handle without a pool)
+            self.call_soon(fn, *args)
 
     def resolve(self, state: State, reason: str = "") -> bool:
         """The terminal state (once; later calls are ignored and return False)."""
@@ -113,16 +113,20 @@ class IncomingTransfer(LayerOutcome):
     def on_layer(self, fn: Callable[[int], None]) -> None:
         """Call ``fn(layer)`` as each layer is verified, in that order and before the handle's done
         callbacks, from the receiver's callback pool (never a lane or control thread: a slow callback
-        delays only this handle's later callbacks). Layers verified before the call are reported at
-        once, on the calling thread. ``TypeError`` for a ``fn`` that is not callable."""
+        delays only this handle's later callbacks), one call at a time with the handle's other callbacks.
+        Layers verified before the call are reported first, in the order they were verified: queued on
+        that pool like the later ones, never run on the calling thread, so ``on_layer`` returns at once
+        (possibly before ``fn`` has seen them) and may be called holding locks that ``fn`` takes. On a
+        handle that has ended, its layers are queued behind the done callbacks already queued.
+        ``TypeError`` for a ``fn`` that is not callable."""
         if not callable(fn):
             raise TypeError(f"on_layer takes a callable fn(layer), not {type(fn).__name__}")
-        with self._cond:
-            done = sorted(self.layer_times)
+        with self._cond:  # (layer_ready and resolve queue theirs under it: these go in between, in order)
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
                 self._layer_callbacks.append(fn)
-        for layer in done:
-            fn(layer)
+            inline = self._queue_calls([(fn, (layer,)) for layer in self.layer_times])  # (verification order)
+        for f, args in inline:  # (only a handle without a pool: it runs its callbacks inline)
+            self.call_soon(f, *args)
 
     def layers(self, timeout: float | None = None) -> Iterator[int]:
         """Yield layer indices in the order they become ready, until every layer with bytes is in."""

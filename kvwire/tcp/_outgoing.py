@@ -140,17 +140,21 @@ class OutgoingTransfer(Outcome):
     def on_layer_acked(self, fn: Callable[[int], None]) -> None:
         """Call ``fn(layer)`` (from the session's callback pool, never a protocol thread) once the receiver has
         verified every chunk of ``layer``: from then on nothing of that layer is re-sent, so its source
-        buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers
-        acked before the call are reported at once. Layers without bytes are never reported. ``TypeError``
-        for a ``fn`` that is not callable."""
+        buffers (a pinned staging region, say) may be released before the whole transfer ends. Layers are
+        reported in the order they were acked (``layers_acked``), before the handle's done callbacks, one
+        call at a time with the handle's other callbacks. Layers acked before the call are reported first:
+        queued on that pool like the later ones, never run on the calling thread, so ``on_layer_acked``
+        returns at once (possibly before ``fn`` has seen them) and may be called holding locks that ``fn``
+        takes. On a handle that has ended, its layers are queued behind the done callbacks already queued.
+        Layers without bytes are never reported. ``TypeError`` for a ``fn`` that is not callable."""
         if not callable(fn):
             raise TypeError(f"on_layer_acked takes a callable fn(layer), not {type(fn).__name__}")
-        with self._acked_lock:
+        with self._acked_lock:  # (layers_verified and resolve queue theirs under it: these go in between)
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
                 self._acked_callbacks.append(fn)
-            done = list(self._acked)
-        for layer in done:
-            fn(layer)
+            inline = self._queue_calls([(fn, (layer,)) for layer in self._acked])
+        for f, args in inline:  # (only a handle without a pool: it runs its callbacks inline)
+            self._call_soon(f, *args)
 
     def retries(self, chunk: int) -> int:
         """Times ``chunk`` was sent again after failing the receiver's hash check (for tests and metrics)."""
@@ -160,18 +164,22 @@ class OutgoingTransfer(Outcome):
     def layers_verified(self, layers: Sequence[int]) -> None:
         """The receiver verified every chunk of ``layers`` (newly, in order): hand them to the
         ``on_layer_acked`` callbacks, each exactly once."""
-        with self._acked_lock:
+        with self._acked_lock:  # queued under the lock: in the order acked, between any replays of on_layer_acked
             self._acked.extend(layers)
-            cbs = list(self._acked_callbacks)
-        for layer in layers:
-            for fn in cbs:
-                self._call_soon(fn, layer)
+            inline = self._queue_calls([(fn, (layer,)) for layer in layers for fn in self._acked_callbacks])
+        for fn, args in inline:  # (only a handle without a pool)
+            self._call_soon(fn, *args)
 
     def resolve(self, state: State, reason: str = "") -> bool:
         """The transfer ended: settle the outcome once (False: it had) and drop the callbacks (they may
         hold the handle: no cycle outlives the transfer)."""
-        settled = super().resolve(state, reason)
-        with self._acked_lock:
+        if self._callbacks is None:  # (done callbacks run inline here: not under the lock)
+            settled = super().resolve(state, reason)
+            with self._acked_lock:
+                self._acked_callbacks.clear()
+            return settled
+        with self._acked_lock:  # the done callbacks are only queued: behind every layer call queued so far
+            settled = super().resolve(state, reason)
             self._acked_callbacks.clear()
         return settled
 

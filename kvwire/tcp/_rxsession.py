@@ -314,6 +314,7 @@ class RxSession:
             now = time.monotonic()
             with self.lock:
                 result = self._engine.chunk_done(t, lane_id, h, computed, now)
+                self._report(result, handle, lane, h.length)
         finally:
             if result is None:  # the read broke off: the writer leaves, a dropped copy is asked for again
                 with self.lock:
@@ -384,6 +385,7 @@ class RxSession:
             rows.place(read, h.chunk, handle.views)
             with self.lock:
                 result = self._engine.chunk_done(t, lane_id, h, computed, time.monotonic())
+                self._report(result, handle, lane, h.length)
                 rebuild = self._engine.tail_claim(t, h.chunk)
         finally:
             try:
@@ -422,6 +424,7 @@ class RxSession:
                                plan.lengths[c], expect)
                 with self.lock:
                     result = self._engine.chunk_done(t, REBUILDER, hdr, computed, time.monotonic())
+                    self._report(result, handle)
                 left.remove(c)
                 self._finish_chunk(result, handle)
         except Exception as e:  # noqa: BLE001 - zfec's or a copy's failure leaves the chunks to their copies
@@ -443,16 +446,33 @@ class RxSession:
         self._finish_chunk(left, None)
         return left
 
+    def _report(self, r: ChunkResult, handle: IncomingTransfer, lane: int = 0, n: int = 0) -> None:
+        """Under ``self.lock``, with the engine's verdict ``r`` on a chunk read into ``handle``'s destination:
+        count its bytes and mark its layers ready (the handle records them and only queues its ``on_layer``
+        calls), in the critical section that verified them, so that a DONE answered next, on the control
+        thread or by another lane's chunk, finds every verified layer ready. (Done after the lock, a lane
+        paused there saw its layer come in after the handle was DONE: missing from ``layer_times`` when
+        ``result()`` returned, and never reported to ``on_layer``.) A verdict that also ends the transfer
+        is left to ``_finish_chunk``, which resolves the handle first."""
+        if r.ended is not None:
+            return
+        handle.add_lane_bytes(lane, n)
+        for layer in r.layers:
+            handle.layer_ready(layer, r.at)
+
     def _finish_chunk(self, r: ChunkResult, handle: IncomingTransfer | None, lane: int = 0, n: int = 0) -> None:
+        """After the lock: what the verdict ``r`` asks (``handle``: None when no chunk was verified into it;
+        else its bytes and layers were reported by ``_report``, unless ``r`` ended the transfer)."""
         if r.ended is not None:
             self._resolve(r.ended)
         if r.lost is not None:
             self.send(r.lost.kind, r.lost.body)
         if handle is None:
             return
-        handle.add_lane_bytes(lane, n)
-        for layer in r.layers:  # before the ACK: DONE must find every layer ready
-            handle.layer_ready(layer, r.at)
+        if r.ended is not None:  # (otherwise reported under the lock, by _report)
+            handle.add_lane_bytes(lane, n)
+            for layer in r.layers:  # before the ACK: DONE must find every layer ready
+                handle.layer_ready(layer, r.at)
         if r.reply is not None:
             self.send(r.reply.kind, r.reply.body)
         if r.finished:  # the held early DONE answered: every layer is ready and the last ACK went first
