@@ -235,7 +235,7 @@ def serve_reverse(ch: BenchChannel, run: str, peer_host: str, key: bytes, msg: d
             o.model = tmp
         check(o)
         log(f"Reverse test: sending to {peer_host} port {port}")
-        requester = Requester(ch, {"run": run, "data_port": port})
+        requester = Requester(ch, {"run": run, "data_port": port}, who="client")
 
         def on_start(info: dict[str, Any]) -> None:
             layout = info["layout"]
