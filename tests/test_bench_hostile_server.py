@@ -185,6 +185,38 @@ def test_a_pong_with_a_nan_clock_is_a_peer_error(lying_server: Callable[..., int
     assert_peer_error(r, "pong.ts")
 
 
+# ---------------------------------------------------------------- -R: the server's events and document
+
+
+def _partial_doc() -> dict[str, Any]:
+    return {"start": {"test_start": {}}, "end": {"cpu_utilization_percent": {}}, "kv": {}}
+
+
+REVERSE = [
+    (setting("reverse_done", ("doc",), {}), "reverse_done.doc.start"),  # KeyError 'start' at reverse.py:166
+    (setting("reverse_done", ("doc",), _partial_doc()), "reverse_done.doc."),  # KeyError 'remote_total'
+    (setting("rstart", ("info",), [1, 2]), "rstart.info"),  # TypeError at reverse.py:143
+    (setting("reverse_done", ("doc", "end", "cpu_utilization_percent", "remote_total"), "x"),
+     "reverse_done.doc.end.cpu_utilization_percent.remote_total"),  # ValueError formatting the summary
+    (setting("reverse_done", ("doc", "kv", "timeline", 1, "layers"), []), "reverse_done.doc.kv"),  # IndexError
+    (setting("reverse_done", ("series",), [[0.0]]), "reverse_done.series[0]"),  # ValueError unpacking, --plot
+    (adding("rstart", ("rinterval", {"rec": {"streams": [], "sum": {"start": 0.0}}})),
+     "rinterval.rec.sum.end"),  # KeyError 'end' printing the interval
+    (adding("rstart", ("rrequest", {"rec": {}})), "rrequest.rec.request_id"),  # KeyError 'state'
+]
+
+
+@pytest.mark.parametrize(("lie", "field"), REVERSE, ids=[c[1] for c in REVERSE])
+def test_reverse_a_bad_event_or_document_is_a_peer_error(lying_server: Callable[..., int], tiny_config: str,
+                                                         tmp_path: Any, lie: Lie, field: str) -> None:
+    plot = ("--plot", str(tmp_path / "run.png")) if "series" in field else ()
+    if plot:
+        pytest.importorskip("matplotlib")
+    port = lying_server(lie)
+    r = client(port, tiny_config, "-R", *plot)
+    assert_peer_error(r, field)
+
+
 # ---------------------------------------------------------------- memory: what a server may make the client hold
 
 

@@ -1,8 +1,9 @@
 """The messages a kvwire-bench peer sends, read with types: one reader per message, used where it arrives.
 
 Owns: the shape of every bench message a side reads from its peer (``welcome``, ``pong``, ``result``,
-``summary``, the reason of ``error``/``reverse_failed``) as small specs, and checking a message against its
-spec. Each field this side reads is checked for its type and range (numbers finite
+``summary``, the reason of ``error``/``reverse_failed``, and the ``-R`` events ``rstart``, ``rinterval``,
+``rrequest`` and ``reverse_done`` with its run document and lane series) as small specs, and checking a
+message against its spec. Each field this side reads is checked for its type and range (numbers finite
 unless said otherwise, ints not bools, texts bounded); every other value must be plain JSON data, so that
 ``-J`` can print it. A broken or hostile peer gets a ``BadMessage`` naming the field ("server sent a bad
 summary.cpu_user: expected a number, got str 'lots'") instead of a TypeError deep in a report. Must not
@@ -22,7 +23,7 @@ from ..codec.messages import MAX_REASON
 from ..codec.transfer import State
 from .errors import BadMessage
 
-#: nesting of plain data a peer may send
+#: nesting of plain data a peer may send (the run document is 5 deep)
 MAX_DEPTH = 32
 #: characters of a peer's name for things (congestion algorithm, server version, hosts) kept
 MAX_NAME = 256
@@ -230,6 +231,66 @@ SUMMARY = Map(optional={
     "rss_peak": Opt(NAT), "rss_base": Opt(NAT), "pool_bytes": Opt(NAT),
     "parity": Opt(Map(optional={k: Opt(NAT) for k in parity.COUNTERS}))})
 
+# -R: what the sending server tells the receiving client
+_PROBE = Map(optional={"seconds": NUM, "bytes_sent": Opt(NUM), "notes": Opt(ListOf(Str(MAX_REASON, cut=True)))})
+_CONNECTED = Map({"socket": INT, "local_host": TEXT, "local_port": INT, "remote_host": TEXT, "remote_port": INT})
+RSTART_INFO = Map({"connected": ListOf(_CONNECTED), "tokens": NAT, "bytes_per_request": NUM,
+                   "congestion": Opt(TEXT)}, {"probe": Opt(_PROBE), "link_control": Opt(Map())})
+_SPAN = {"start": NUM, "end": NUM, "bytes": NUM, "bits_per_second": NUM, "retransmits": INT, "rtt": PLAIN,
+         "snd_cwnd": PLAIN}
+_LINK = Map(optional={"pacing": Opt(NUM), "mode": TEXT})
+INTERVAL = Map({"streams": ListOf(Map({"socket": INT, **_SPAN})), "sum": Map({**_SPAN, "active_lanes": PLAIN})},
+               {"link": Opt(_LINK)})
+REQUEST = Map({"request_id": TEXT, "state": TEXT, "reason": REASON})
+SERIES = Opt(ListOf(Pair(NUM, ListOf(NUM))))
+
+
+def _same_layer_count(kv: dict[str, Any]) -> str | None:
+    counts = {len(t["layers"]) for t in kv["timeline"]}
+    return None if len(counts) <= 1 else f"its timelines have different numbers of layers ({sorted(counts)})"
+
+
+def _memory_parts(mem: dict[str, Any]) -> str | None:
+    if mem["rss_peak"] is not None and mem["pool_bytes"] is not None and mem["beyond_pool"] is None:
+        return "beyond_pool missing beside rss_peak and pool_bytes"
+    return None
+
+
+_LAYER = Map({"layer": NAT, "kinds": ListOf(TEXT), "bytes": NUM, "produced_ms": Opt(NUM), "verified_ms": Opt(NUM)})
+_TIMELINE = Map({"request_id": TEXT, "verified": Bool(), "exposed_tail_ms": Opt(NUM), "layers": ListOf(_LAYER)})
+_SENDER = Map({"socket": INT, "end": NUM, "bytes": NUM, "bits_per_second": NUM, "retransmits": INT})
+_PERCENT = {f"{side}_{part}": NUM for side in ("host", "remote") for part in ("total", "user", "system")}
+_EMULATED = Map({"rtt_ms": NUM, "loss": NUM, "rate_mbit": NUM, "queue_bytes": NUM, "mtu": PLAIN,
+                 "client_addr": PLAIN, "server_addr": PLAIN})
+#: the run document of a reverse test (``reverse_done.doc``): every field the client's report, plot and exit
+#: status read
+DOC = Map({
+    "start": Map({"test_start": Map()}, {"emulated_link": Opt(_EMULATED)}),
+    "intervals": ListOf(INTERVAL),
+    "end": Map({"streams": ListOf(Map({"sender": _SENDER})),
+                "sum_sent": Map({"end": NUM, "bytes": NUM, "bits_per_second": NUM, "retransmits": INT}),
+                "sum_received": Map({"end": NUM, "bytes": NUM, "bits_per_second": NUM, "seconds": NUM}),
+                "cpu_utilization_percent": Map(_PERCENT)}),
+    "kv": Map({
+        "mode": TEXT, "timeline": ListOf(_TIMELINE),
+        "layout": Map({"num_layers": NAT, "tp_size": NAT}),
+        "tokens": NAT, "bytes_per_request": NUM, "requests": NAT, "lanes": NAT, "concurrency": NAT,
+        "prefill_ms_per_layer": NUM, "goodput_bits_per_second": NUM, "payload_bytes": NUM, "wire_bytes": NUM,
+        "hash": TEXT, "chunk_size": NUM, "clock_uncertainty_s": Num(finite=False),
+        "cpu": Map({"sender_s": NUM, "receiver_s": NUM, "sender_fill_s": NUM, "receiver_verify_s": NUM,
+                    "cpu_s_per_gb": Opt(NUM)}),
+        "exposed_tail_ms": Map({"p50": Opt(NUM), "p99": Opt(NUM)}),
+        "receiver_memory": Map({"rss_peak": Opt(NUM), "pool_bytes": Opt(NUM), "beyond_pool": Opt(NUM)},
+                               rule=_memory_parts),
+        "verification": Map({"verified": Bool(), "requests_ok": NAT, "requests_failed": NAT,
+                             "bytes_verified": NUM, "bytes_expected": NUM, "failures": ListOf(Str(4096, cut=True)),
+                             "session_error": Str(64 * 1024, cut=True)}),
+    }, {"tail_parity": Opt(Map({"per_group": INT, **{k: Opt(NAT) for k in parity.COUNTERS}})),
+        "link_control": Opt(Map(optional={"pacing": Opt(NUM)}))},
+        rule=_same_layer_count),
+})
+
+
 def read_welcome(welcome: dict[str, Any], who: str = "server") -> dict[str, Any]:
     """The handshake's announcement: ``data_port`` (1..65535), ``run`` (the request ids' prefix: letters,
     digits, ``_.-``), ``server``, ``pool_bytes``."""
@@ -256,4 +317,27 @@ def read_summary(msg: dict[str, Any], who: str = "server") -> dict[str, Any]:
     return dict(read(who, "summary", _fields(msg), SUMMARY))
 
 
-__all__ = ["read", "read_pong", "read_reason", "read_result", "read_summary", "read_welcome"]
+def read_rstart(msg: dict[str, Any], who: str = "server") -> dict[str, Any]:
+    """``rstart``'s ``info``: the sending server's set-up (connected lanes, tokens, bytes per request ...)."""
+    return dict(read(who, "rstart.info", msg.get("info"), RSTART_INFO))
+
+
+def read_interval(msg: dict[str, Any], who: str = "server") -> dict[str, Any]:
+    """``rinterval``'s ``rec``: one interval as the sending server's sampler closed it."""
+    return dict(read(who, "rinterval.rec", msg.get("rec"), INTERVAL))
+
+
+def read_request(msg: dict[str, Any], who: str = "server") -> dict[str, Any]:
+    """``rrequest``'s ``rec``: one request as the sending server finished it."""
+    return dict(read(who, "rrequest.rec", msg.get("rec"), REQUEST))
+
+
+def read_reverse_done(msg: dict[str, Any], who: str = "server") -> tuple[dict[str, Any], list[Any]]:
+    """``reverse_done``: the run document and the lane byte series ([] when none was asked for)."""
+    doc = read(who, "reverse_done.doc", msg.get("doc"), DOC)
+    series = read(who, "reverse_done.series", msg.get("series"), SERIES)
+    return doc, series or []
+
+
+__all__ = ["read", "read_interval", "read_pong", "read_reason", "read_request", "read_result",
+           "read_reverse_done", "read_rstart", "read_summary", "read_welcome"]
