@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 
 import kvwire.bench.server as server_mod
@@ -270,3 +271,59 @@ def test_unasked_for_messages_are_bounded(lying_server: Callable[..., int], tiny
     assert rc == EXIT_UNREACHABLE, out.err
     assert "messages nobody asked for" in out.err and "Traceback" not in out.err, out.err
     assert "messages nobody asked for" in json.loads(out.out)["kv"]["verification"]["session_error"]
+
+
+# ---------------------------------------------------------------- negative controls: an honest server
+
+
+def _wire(x: Any) -> Any:
+    """As it arrives: through msgpack, as the control channel carries it."""
+    return msgpack.unpackb(msgpack.packb(x, use_bin_type=True), raw=False)
+
+
+def test_an_honest_server_gives_the_same_document(lying_server: Callable[..., int], tiny_config: str) -> None:
+    """Every message an honest server sends reads back unchanged (so the document is what it was), and the
+    runs pass, forward and -R."""
+    from kvwire.bench import messages
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def record(op: str, fields: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        sent.append((op, _wire(fields)))
+        return [(op, fields)]
+
+    port = lying_server(record)
+    fwd = client(port, tiny_config, "-J")
+    assert fwd.returncode == 0 and "Traceback" not in fwd.stderr, fwd.stderr
+    doc = json.loads(fwd.stdout)
+    assert doc["kv"]["verification"]["verified"] and doc["kv"]["verification"]["session_error"] == ""
+    rev = client(port, tiny_config, "-J", "-R")
+    assert rev.returncode == 0 and "Traceback" not in rev.stderr, rev.stderr
+    rdoc = json.loads(rev.stdout)
+    assert rdoc["kv"]["verification"]["verified"]
+
+    ops = {op for op, _ in sent}
+    assert {"summary", "result", "pong", "rstart", "reverse_done"} <= ops, ops
+    for op, fields in sent:
+        msg = {"op": op, **fields}
+        if op == "summary":
+            assert messages.read_summary(msg) == fields
+        elif op == "result":
+            assert messages.read_result(msg) == fields
+        elif op == "pong":
+            assert messages.read_pong(msg) == fields["ts"]
+        elif op == "rstart":
+            assert messages.read_rstart(msg) == fields["info"]
+        elif op == "rinterval":
+            assert messages.read_interval(msg) == fields["rec"]
+        elif op == "rrequest":
+            assert messages.read_request(msg) == fields["rec"]
+        elif op == "reverse_done":
+            got, series = messages.read_reverse_done(msg)
+            assert got == fields["doc"] and series == []
+            # the client printed the server's document, as before (its own end of it swapped in)
+            assert rdoc["kv"]["timeline"] == got["kv"]["timeline"]
+            assert rdoc["end"]["sum_received"] == got["end"]["sum_received"]
+    summary = next(f for op, f in sent if op == "summary")
+    assert doc["kv"]["cpu"]["receiver_verify_s"] == summary["verify_cpu"]
+    assert doc["kv"]["receiver_memory"]["rss_peak"] == summary["rss_peak"]
