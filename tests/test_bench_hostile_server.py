@@ -132,10 +132,11 @@ LATE = [
     ("result", ("layers",), 5, "result.layers"),
     ("result", ("ok",), "no", "result.ok"),  # bool("no"): counted as verified
     ("result", ("rid",), 5, "result.rid"),  # queued as a reply: "answered 'result' where 'summary' ..."
+    ("result", ("layers",), [[0, 1.0]] * 5000, "result.layers"),  # more layers than any layout: kept whole
 ]
 
 
-@pytest.mark.parametrize(("op", "path", "value", "field"), LATE, ids=[f"{c[3]}={c[2]!r}" for c in LATE])
+@pytest.mark.parametrize(("op", "path", "value", "field"), LATE, ids=[f"{c[3]}={c[2]!r}"[:60] for c in LATE])
 def test_a_bad_field_after_the_start_keeps_the_document_and_exits_with_a_peer_error(
         lying_server: Callable[..., int], tiny_config: str, op: str, path: tuple[Any, ...], value: Any,
         field: str) -> None:
@@ -271,6 +272,30 @@ def test_unasked_for_messages_are_bounded(lying_server: Callable[..., int], tiny
     assert rc == EXIT_UNREACHABLE, out.err
     assert "messages nobody asked for" in out.err and "Traceback" not in out.err, out.err
     assert "messages nobody asked for" in json.loads(out.out)["kv"]["verification"]["session_error"]
+
+
+def test_a_kept_result_holds_only_its_fields_and_a_large_reply_is_refused(
+        lying_server: Callable[..., int], tiny_config: str, requesters: list[Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each real result carries 1 MiB more under a field nobody reads: the client kept it whole until the end
+    of the test (a result per request, 4 MiB each at most). Now a kept result holds its known fields only.
+    Then a ``summary`` padded to 1 MiB (a reply is a few KiB): refused as a bad peer, the document kept."""
+    port = lying_server(setting("result", ("pad",), "z" * (1 << 20)))
+    rc = main(["-c", "127.0.0.1", "-p", str(port), "--model", tiny_config, "--tokens", "2000", "--requests", "2",
+               "-P", "2", "--no-adaptive", "-i", "0", "-J"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    (req,) = requesters
+    assert len(req.results) == 2 and all("pad" not in r for r in req.results.values()), \
+        [sorted(r) for r in req.results.values()]
+    assert all(r["ok"] and r["layers"] for r in req.results.values())
+
+    port = lying_server(setting("summary", ("pad",), "z" * (1 << 20)))
+    rc = main(["-c", "127.0.0.1", "-p", str(port), "--model", tiny_config, "--tokens", "2000", "--requests", "2",
+               "-P", "2", "--no-adaptive", "-i", "0", "-J"])
+    out = capsys.readouterr()
+    assert rc == EXIT_UNREACHABLE and "'summary' message of" in out.err and "Traceback" not in out.err, out.err
+    assert json.loads(out.out)["kv"]["timeline"]
 
 
 # ---------------------------------------------------------------- negative controls: an honest server

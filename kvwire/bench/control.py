@@ -47,6 +47,7 @@ class BenchChannel(Channel):
         super().__init__(sock, F.preauth_limits(F.DEFAULT_LIMITS))
         self.peer = peer
         self._head = bytearray(F.HEADER_SIZE)
+        self.last_length = 0  # bytes of the last message's body on the wire
         #: set when this side shut the read side to stop a reader (``recv``'s PeerGone then says why instead
         #: of blaming the peer)
         self.shut_reason: str | None = None
@@ -62,7 +63,9 @@ class BenchChannel(Channel):
             raise PeerError(f"{self.peer} speaks kvwire protocol v{view[_VERSION_AT]}, this side speaks "
                             f"v{F.VERSION}: use the same kvwire version on both ends")
         recv_exact_into(self.sock, view[_VERSION_AT + 1:], self.deadline)
-        return F.unpack_header(self._head, self.limits)
+        h = F.unpack_header(self._head, self.limits)
+        self.last_length = h.length
+        return h
 
     def authenticated(self) -> None:
         """The peer has proven the key: full-size messages from now on, no handshake deadline."""

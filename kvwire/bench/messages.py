@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..codec import parity
+from ..codec.frames import DEFAULT_LIMITS
 from ..codec.layout import MAX_REQUEST_ID
 from ..codec.messages import MAX_REASON
 from ..codec.transfer import State
@@ -27,6 +28,8 @@ from .errors import BadMessage
 MAX_DEPTH = 32
 #: characters of a peer's name for things (congestion algorithm, server version, hosts) kept
 MAX_NAME = 256
+#: layers a result may name (the frame limits' segments: the largest preset has 176)
+MAX_LAYERS = DEFAULT_LIMITS.max_segments
 
 
 class _Bad(Exception):
@@ -145,12 +148,16 @@ class Opt(Spec):
 
 
 class ListOf(Spec):
-    def __init__(self, item: Spec) -> None:
-        self.item = item
+    """A list of ``item``s, at most ``max_len`` of them when given."""
+
+    def __init__(self, item: Spec, max_len: int | None = None) -> None:
+        self.item, self.max_len = item, max_len
 
     def check(self, v: Any, path: str) -> Any:
         if type(v) is not list:
             raise _Bad(path, f"expected a list, got {_show(v)}")
+        if self.max_len is not None and len(v) > self.max_len:
+            raise _Bad(path, f"more than {self.max_len} items ({len(v)})")
         return [self.item.check(x, f"{path}[{i}]") for i, x in enumerate(v)]
 
 
@@ -168,16 +175,18 @@ class Pair(Spec):
 
 class Map(Spec):
     """A map with the ``required`` keys and maybe the ``optional`` ones, each as its spec says; any other key
-    holds plain data. ``rule``: a check across fields (returns what is wrong, or None)."""
+    holds plain data (``keep_others`` False: it is left out of what ``check`` returns, so a map that is kept
+    holds no more than its known fields). ``rule``: a check across fields (returns what is wrong, or None)."""
 
     def __init__(self, required: Mapping[str, Spec] | None = None, optional: Mapping[str, Spec] | None = None,
-                 rule: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+                 rule: Callable[[dict[str, Any]], str | None] | None = None, keep_others: bool = True) -> None:
         self.required, self.optional, self.rule = dict(required or {}), dict(optional or {}), rule
+        self.keep_others = keep_others
 
     def check(self, v: Any, path: str) -> Any:
         if type(v) is not dict:
             raise _Bad(path, f"expected a map, got {_show(v)}")
-        out = dict(v)
+        out = dict(v) if self.keep_others else {}
         for key, spec in self.required.items():
             if key not in v:
                 raise _Bad(f"{path}.{key}", "missing")
@@ -185,7 +194,7 @@ class Map(Spec):
         for key, spec in self.optional.items():
             if key in v:
                 out[key] = spec.check(v[key], f"{path}.{key}")
-        for key, x in v.items():
+        for key, x in v.items() if self.keep_others else ():
             if key not in self.required and key not in self.optional:
                 PLAIN.check({key: x}, path)
         if self.rule is not None and (why := self.rule(out)) is not None:
@@ -220,10 +229,12 @@ WELCOME = Map({"data_port": Int(1, 65535), "run": Str(64, pattern=r"[A-Za-z0-9_.
 PONG = Map({"ts": NUM})
 #: a refusal (``error``) or a failed reverse test (``reverse_failed``): the reason, cut to MAX_REASON
 REFUSAL = Map(optional={"reason": REASON, "exit_code": Opt(INT)})
-#: the receiving side's verdict on one request (``layers``: [layer, verified at, its monotonic clock])
+#: the receiving side's verdict on one request (``layers``: [layer, verified at, its monotonic clock]; at most
+#: MAX_LAYERS of them). A result is kept until the end of the test: only these fields are.
 RESULT = Map({"rid": Str(MAX_REQUEST_ID), "ok": Bool(), "state": Str(choices=tuple(s.value for s in State))},
              {"reason": REASON, "bad_blocks": Opt(NAT), "first_bad": Opt(Int(lo=-1)),
-              "layers": Opt(ListOf(Pair(NAT, NUM)))})
+              "layers": Opt(ListOf(Pair(NAT, NUM), MAX_LAYERS)), "bytes": NAT, "checked": NAT,
+              "begun": Opt(NUM), "verify_cpu": SECONDS}, keep_others=False)
 SUMMARY = Map(optional={
     "lanes": Opt(ListOf(Map({"socket": NAT, "bytes": NAT}, {"sockets": NAT}))),
     "cpu_user": SECONDS, "cpu_system": SECONDS, "verify_cpu": SECONDS,

@@ -2,13 +2,13 @@
 
 Owns: a reader thread that files the receiving side's per-request ``result`` messages (only for the request
 ids this side issued, ``expect_result``: any other is dropped and counted) and hands every other message to
-the caller waiting in ``call`` (at most ``MAX_UNANSWERED`` wait). A result with a field that is not what it
-must be (``messages``), or more unasked-for messages than that, ends the channel with a BadMessage, which
-``call`` raises from then on (as it raises one for such a ``pong`` or refusal). A heartbeat every second so
-the receiving side can tell a live sender from a vanished one; estimating the receiving side's monotonic
-clock offset (NTP-style, best of several pings). Either role uses it: the client of a plain test
-(``connect`` dials and authenticates), and the server of a ``-R`` test over the connection the client
-opened. Must not know: sessions, payloads or reports.
+the caller waiting in ``call`` (at most ``MAX_UNANSWERED`` wait, each of ``MAX_REPLY_BYTES`` at most). A
+result with a field that is not what it must be (``messages``), or more or larger messages than that, ends
+the channel with a BadMessage, which ``call`` raises from then on (as it raises one for such a ``pong`` or
+refusal). A heartbeat every second so the receiving side can tell a live sender from a vanished one;
+estimating the receiving side's monotonic clock offset (NTP-style, best of several pings). Either role uses
+it: the client of a plain test (``connect`` dials and authenticates), and the server of a ``-R`` test over
+the connection the client opened. Must not know: sessions, payloads or reports.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ HEARTBEAT = 1.0
 #: messages the peer may send that nobody has taken yet (replies wait for their ``call``; a peer that
 #: answers once per request never has more than two waiting)
 MAX_UNANSWERED = 16
+#: bytes on the wire of a message that waits for its ``call`` (the largest, a ``summary``, is a few KiB)
+MAX_REPLY_BYTES = 64 * 1024
 
 
 class Requester:
@@ -91,6 +93,9 @@ class Requester:
                 elif self._replies.qsize() >= MAX_UNANSWERED:
                     raise BadMessage(f"{self.who} sent more than {MAX_UNANSWERED} messages nobody asked for "
                                      f"(the last: {str(msg['op'])[:40]!r})")
+                elif self.ch.last_length > MAX_REPLY_BYTES:
+                    raise BadMessage(f"{self.who} sent a {str(msg['op'])[:40]!r} message of {self.ch.last_length} "
+                                     f"bytes (a reply has at most {MAX_REPLY_BYTES})")
                 else:
                     self._replies.put(msg)
         except BaseException as e:  # noqa: BLE001 - any end of the reader ends the channel
