@@ -83,6 +83,7 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
         from .plot import check_matplotlib
 
         check_matplotlib()
+    bad: BenchError | None = None  # the server sent what the client cannot take, after the test started
     try:
         if o.reverse:
             from .reverse import run_reverse_client
@@ -91,7 +92,7 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
                                              log=_log_err if o.verbose else None, progress=reporter.line)
         else:
             result = run_sender(o, reporter.start, reporter.interval, reporter.request, progress=reporter.line)
-            doc, series = build_document(result), result.series
+            doc, series, bad = build_document(result), result.series, result.bad_message
     except BenchError as e:
         reporter.error(str(e))
         return e.exit_code
@@ -107,6 +108,9 @@ def run_client_cli(o: Options, link: dict[str, Any] | None = None,
         write_plot(o.plot, doc, series)
         if not (o.json or o.json_stream):
             print(f"Plot written to {o.plot}", flush=True)
+    if bad is not None:  # what was measured is printed (its session_error says the same); the exit says why
+        _log_err(f"kvwire-bench: error - {bad}")
+        rc = bad.exit_code
     return rc
 
 

@@ -29,6 +29,7 @@ from ..sockopts import no_delay
 from ..tcp import Channel, PeerClosed, client_handshake, recv_exact_into, server_hello
 from ..tcp import server_handshake as kvwire_server_handshake
 from .errors import PeerAuthFailed, PeerError, PeerGone
+from .messages import read_reason, read_welcome
 
 MAGIC = F.MAGIC
 #: the bench's message set (the ops below the handshake); 2: carried in kvwire control frames
@@ -46,6 +47,7 @@ class BenchChannel(Channel):
         super().__init__(sock, F.preauth_limits(F.DEFAULT_LIMITS))
         self.peer = peer
         self._head = bytearray(F.HEADER_SIZE)
+        self.last_length = 0  # bytes of the last message's body on the wire
         #: set when this side shut the read side to stop a reader (``recv``'s PeerGone then says why instead
         #: of blaming the peer)
         self.shut_reason: str | None = None
@@ -61,7 +63,9 @@ class BenchChannel(Channel):
             raise PeerError(f"{self.peer} speaks kvwire protocol v{view[_VERSION_AT]}, this side speaks "
                             f"v{F.VERSION}: use the same kvwire version on both ends")
         recv_exact_into(self.sock, view[_VERSION_AT + 1:], self.deadline)
-        return F.unpack_header(self._head, self.limits)
+        h = F.unpack_header(self._head, self.limits)
+        self.last_length = h.length
+        return h
 
     def authenticated(self) -> None:
         """The peer has proven the key: full-size messages from now on, no handshake deadline."""
@@ -93,10 +97,11 @@ class BenchChannel(Channel):
         return body
 
 
-def expect(msg: dict[str, Any], op: str, peer: str) -> dict[str, Any]:
-    """``msg`` if it is ``op``; the peer's error reason, or a protocol complaint, otherwise."""
+def expect(msg: dict[str, Any], op: str, peer: str, who: str = "server") -> dict[str, Any]:
+    """``msg`` if it is ``op``; the peer's error reason, or a protocol complaint, otherwise (``who``: the
+    peer's role, "server" or "client", for a BadMessage naming a field)."""
     if msg["op"] == "error":
-        raise PeerError(f"{peer} refused: {msg.get('reason', '?')}")
+        raise PeerError(f"{peer} refused: {read_reason(msg, who)}")
     if msg["op"] != op:
         raise PeerError(f"{peer} answered {msg['op']!r} where {op!r} was expected")
     return msg
@@ -105,7 +110,8 @@ def expect(msg: dict[str, Any], op: str, peer: str) -> dict[str, Any]:
 def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext | None = None,
                    timeout: float = HANDSHAKE_TIMEOUT) -> tuple[BenchChannel, dict[str, Any]]:
     """Connect and authenticate both ways within ``timeout``; returns the channel and the server's welcome
-    (``op`` "welcome" and what the server announced: ``data_port``, ``run``, ``server``, ``pool_bytes``)."""
+    (``op`` "welcome" and what the server announced: ``data_port``, ``run``, ``server``, ``pool_bytes``, each
+    checked: ``messages.read_welcome``; a BadMessage names a field that is not what it must be)."""
     peer = f"{host}:{port}"
     deadline = time.monotonic() + timeout
     try:
@@ -132,6 +138,7 @@ def client_connect(host: str, port: int, key: bytes, ssl_context: ssl.SSLContext
         if welcome.get("bench") != PROTOCOL:
             raise PeerError(f"{peer} speaks kvwire-bench control protocol v{welcome.get('bench')}, this side "
                             f"speaks v{PROTOCOL}: use the same kvwire version on both ends")
+        welcome = read_welcome(welcome)
         ch.authenticated()
         expect(ch.recv(deadline=deadline), "ok", peer)  # or the server's "busy"
         ch.sock.settimeout(None)

@@ -36,5 +36,10 @@ class PeerAuthFailed(PeerError):
     names another handshake version: kvwire's Receiver counts both as authentication failures)."""
 
 
+class BadMessage(PeerError):
+    """The peer sent a message this side cannot take: a field of the wrong type or out of range ("server sent a
+    bad summary.cpu_user: ..."), or more messages than were asked for. A broken or hostile peer."""
+
+
 class PeerGone(BenchError):
     """The control connection ended in the middle of a test."""

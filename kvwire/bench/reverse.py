@@ -29,6 +29,7 @@ from ..sockopts import allowed_congestion_algorithms
 from .control import BenchChannel, client_connect
 from .document import build_document
 from .errors import BenchError, PeerError, PeerGone, UsageError
+from .messages import read_interval, read_reason, read_request, read_reverse_done, read_rstart
 from .options import Options, check
 from .pool import BufferPool
 from .receiving import ReceiverConfig, ReceivingSide
@@ -121,7 +122,8 @@ def run_reverse_client(o: Options, on_start: Callback | None = None, on_interval
 def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_start: Callback | None,
            on_interval: Callback | None, on_request: Callback | None) -> tuple[dict[str, Any], list[Any]]:
     """Answer the sending server's requests (``side.serve``) and hand its events to the callbacks until its
-    document or its failure arrives."""
+    document or its failure arrives. Each event is read with types first (``messages``): one that is not
+    what it must be is a BadMessage naming the field."""
     while True:
         try:
             msg = side.serve(test)
@@ -131,7 +133,7 @@ def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_star
             raise PeerGone(f"{ch.peer} ended the reverse test without a result")
         op = msg["op"]
         if op == "rstart":
-            info = msg.get("info") or {}
+            info = read_rstart(msg)
             missing = [name for name, asked, key in (("--adaptive", o.adaptive, "link_control"),
                                                      ("--probe", o.probe_seconds is not None, "probe"),
                                                      ("--warm", o.warm, "probe"))
@@ -141,23 +143,23 @@ def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_star
             if on_start is not None:
                 layout, _ = resolve_layout(o)
                 on_start(dict(info, layout=layout, data_port=side.data_address[1]))
-        elif op == "rinterval" and on_interval is not None:
-            on_interval(msg.get("rec") or {})
-        elif op == "rrequest" and on_request is not None:
-            on_request(msg.get("rec") or {})
+        elif op == "rinterval":
+            rec = read_interval(msg)
+            if on_interval is not None:
+                on_interval(rec)
+        elif op == "rrequest":
+            rec = read_request(msg)
+            if on_request is not None:
+                on_request(rec)
         elif op == "reverse_done":
-            doc = msg.get("doc")
-            if not isinstance(doc, dict):
-                raise PeerError(f"{ch.peer} sent a reverse result without a document")
-            series = msg.get("series")
-            return doc, series if isinstance(series, list) else []
+            return read_reverse_done(msg)
         elif op == "reverse_failed":
-            code = msg.get("exit_code")
+            reason, code = read_reason(msg), msg.get("exit_code")
             err = UsageError if code == UsageError.exit_code else PeerError if code == PeerError.exit_code \
                 else BenchError
-            raise err(f"the server could not send: {msg.get('reason', '?')}")
+            raise err(f"the server could not send: {reason}")
         elif op == "error":
-            raise PeerError(f"{ch.peer} refused the reverse test: {msg.get('reason', '?')}")
+            raise PeerError(f"{ch.peer} refused the reverse test: {read_reason(msg)}")
 
 
 def reverse_document(doc: dict[str, Any], o: Options, data_port: int) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def serve_reverse(ch: BenchChannel, run: str, peer_host: str, key: bytes, msg: d
             o.model = tmp
         check(o)
         log(f"Reverse test: sending to {peer_host} port {port}")
-        requester = Requester(ch, {"run": run, "data_port": port})
+        requester = Requester(ch, {"run": run, "data_port": port}, who="client")
 
         def on_start(info: dict[str, Any]) -> None:
             layout = info["layout"]

@@ -29,7 +29,8 @@ from ..probe import path_skip_reason, start_capacity
 from ..sockopts import SocketOptionError, get_congestion, set_knobs
 from ..tcp import Session, connect
 from .adaptive import Adaptive, control_bytes_sent, run_probe
-from .errors import PeerError, PeerGone, UsageError
+from .errors import BadMessage, PeerError, PeerGone, UsageError
+from .messages import read_summary
 from .options import Options, client_ssl_context
 from .payload import Pattern, PayloadPlan, load_model, raw_tokens
 from .pool import BufferPool, Lease
@@ -85,6 +86,9 @@ class RunResult:
     probe: dict[str, Any] | None = None  # --probe: the probe's result (Probed.to_dict())
     link_control: dict[str, Any] | None = None  # --adaptive: the controller's summary (Adaptive.summary())
     tail_parity: int = 0  # the session's parity chunks per group of the last layer (--tail-parity, or its auto)
+    #: the receiving side sent a message this side could not take (a field of the wrong type or out of range)
+    #: after the test had started: what was measured is kept, ``error`` says why it ends there
+    bad_message: BadMessage | None = None
 
 
 Callback = Callable[[dict[str, Any]], None]
@@ -208,6 +212,7 @@ class _Runner:
                 self.pattern.fill(buf, rec.request_id)
                 rec.fill_cpu = time.thread_time() - cpu
                 self.filled[w] = rec.request_id
+            self.ctl.expect_result(rec.request_id)
             rec.t0 = time.monotonic()
             try:
                 h = self.session.send(self.layout, RequestSpec(rec.request_id, self.tokens, self.tokens),
@@ -237,7 +242,8 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
                ctl: Requester | None = None, pool: BufferPool | None = None,
                max_seconds: float | None = None) -> RunResult:
     """Run one test: the sending side. Raises PeerError/UsageError before the test starts; failures during
-    it are recorded. ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers,
+    it are recorded (a message from the receiving side that is not what it must be ends the test early, as
+    its ``bad_message``). ``progress(line)`` is told what the set-up is doing while it takes seconds (buffers,
     payloads). ``ctl``: the control channel to the receiving side when the caller has one (``-R``: the
     server sends over the client's connection; it stays the caller's to close), else this dials
     ``o.host``/``o.port``. ``pool``: the payload buffers are taken from it (``-R``: the server's pool, so
@@ -327,10 +333,16 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
         for rec in runner.records:
             rec.server = results.get(rec.request_id) or others.get(rec.request_id)
         end_error = ""
+        bad: BadMessage | None = None
         try:  # a server whose session already failed is likely gone: do not wait long for its summary
-            summary = ctl.call("end", "summary", timeout=GONE_GRACE if session.failure else 60.0)
+            summary = read_summary(ctl.call("end", "summary", timeout=GONE_GRACE if session.failure else 60.0),
+                                   ctl.who)
         except (PeerGone, PeerError) as e:  # the run is recorded all the same, every request with its state
             summary, end_error = {}, f"no summary from the server: {e}"
+            if isinstance(e, BadMessage):
+                bad = e
+        if bad is None and isinstance(ctl.error, BadMessage):  # a result, or a flood of messages
+            bad = ctl.error
         lanes = sampler.lane_totals()
         if probed is not None:
             probed.exclude(lanes, summary.get("lanes") or [])
@@ -347,7 +359,7 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
             cpu_user=ru1.ru_utime - ru0.ru_utime, cpu_system=ru1.ru_stime - ru0.ru_stime, fill_cpu=fill_cpu,
             server=summary, congestion=congestion, error="; ".join(x for x in (session.failure, end_error) if x),
             probe=probed.to_dict() if probed is not None else None, link_control=link_control,
-            tail_parity=session.tail_parity)
+            tail_parity=session.tail_parity, bad_message=bad)
     finally:
         if adaptive is not None:
             adaptive.close()
