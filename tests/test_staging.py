@@ -600,3 +600,33 @@ def test_pool_backends() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             PinnedPool(MiB, backend="torch", pin=True)
+
+
+def test_wait_layer_and_views_refuse_what_is_not_a_layer_or_released(pool: PinnedPool) -> None:
+    """``wait_layer("0")`` raised a raw comparison TypeError and ``wait_layer(True)`` waited for layer 1;
+    ``views()`` after ``release()`` a raw TypeError on None. Now the checks ``stage`` has: TypeError for a bool
+    or a string, LayoutMismatch outside the layout, KvwireError once released; an engine's numpy integer is a
+    layer (the control)."""
+    from kvwire import KvwireError
+
+    layout = load_fixture("tiny-qwen3-next")
+    dst = allocate_paged_cache(layout, 20, 2, fill="zeros")
+    state_layer = _state_layer(layout)
+    with Unstager(dst, pool) as unstager:
+        rjob = unstager.prepare(default_request("wait-args"), {"attn": list(range(16))}, 0)
+        for bad in ("0", True, 1.0):
+            with pytest.raises(TypeError, match="layer must be an int"):
+                rjob.wait_layer(bad, timeout=0.01)
+        for bad in (-1, layout.num_layers):
+            with pytest.raises(LayoutMismatch, match="not a layer"):
+                rjob.wait_layer(bad, timeout=0.01)
+        with pytest.raises(TimeoutError):
+            rjob.wait_layer(np.int64(state_layer), timeout=0.05)
+        rjob.release()
+    src = allocate_paged_cache(layout, 20, 2)
+    with Stager(src, pool) as stager:
+        job = stager.begin(default_request("views-args"), {"attn": list(range(16))}, 0)
+        assert job.views(state_layer)
+        job.release()
+        with pytest.raises(KvwireError, match="released"):
+            job.views(state_layer)

@@ -119,6 +119,20 @@ def _index(name: str, v: Any) -> int:
         raise TypeError(f"{name} must be an int, not {type(v).__name__} {reprlib.repr(v)}") from None
 
 
+def check_layer(layer: Any, num_layers: int) -> int:
+    """``layer`` as an int index of a layout of ``num_layers`` (a numpy/torch integer too), else ``TypeError``
+    (a bool, a string) or, as ``write_layer`` does, ``LayoutMismatch`` (outside ``0..num_layers - 1``)."""
+    if isinstance(layer, bool):
+        raise TypeError("layer must be an int, not bool")
+    try:
+        i = operator.index(layer)
+    except TypeError:
+        raise TypeError(f"layer must be an int, not {type(layer).__name__}") from None
+    if not 0 <= i < num_layers:
+        raise LayoutMismatch(f"layer {i} is not a layer of the layout (0..{num_layers - 1})")
+    return i
+
+
 def check_slot(state_slot: Any) -> int | dict[int, int] | None:
     """``state_slot`` as ``check_request`` and the plans take it: ``None``, one int, or a mapping of state
     layer to int (``None`` entries are left out: a layer that needs a slot and has none is a

@@ -18,17 +18,27 @@ views of the pooled buffer: nothing is copied between staging and the socket.
 from __future__ import annotations
 
 import concurrent.futures
-import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec, Segment
-from ..errors import KvwireError, LayoutMismatch
+from ..errors import KvwireError
 from ..tcp._args import check_wait
 from .paged import PagedCache
-from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, check_slot, plan_layers, run_ops
+from .plan import (
+    ALIGN,
+    LayerPlan,
+    Placement,
+    bind_indices,
+    check_layer,
+    check_mode,
+    check_request,
+    check_slot,
+    plan_layers,
+    run_ops,
+)
 from .pool import PinnedPool, PooledBuffer
 from .streams import Device
 
@@ -128,23 +138,17 @@ class StagingJob:
         return list(self.placement.by_layer)
 
     def _layer(self, layer: Any) -> int:
-        """``layer`` as an int index of the layout (a numpy/torch integer too), else ``TypeError`` or, as
-        ``write_layer`` does, ``LayoutMismatch``: staging ``-1`` would stage nothing and send nothing."""
-        if isinstance(layer, bool):
-            raise TypeError("layer must be an int, not bool")
-        try:
-            i = operator.index(layer)
-        except TypeError:
-            raise TypeError(f"layer must be an int, not {type(layer).__name__}") from None
-        n = self.stager.layout.num_layers
-        if not 0 <= i < n:
-            raise LayoutMismatch(f"layer {i} is not a layer of the layout (0..{n - 1})")
-        return i
+        """``layer`` as an int index of the layout (``plan.check_layer``): staging ``-1`` would stage nothing
+        and send nothing."""
+        return check_layer(layer, self.stager.layout.num_layers)
 
     def views(self, layer: int) -> list[torch.Tensor]:
         """The host region of ``layer``: one uint8 view per segment, in plan order (none for a layer
-        without bytes in this request)."""
-        return self.placement.views(self._host, self._layer(layer))
+        without bytes in this request). ``KvwireError`` once the job was released (the region is the pool's)."""
+        layer = self._layer(layer)
+        if self._released or self._host is None:
+            raise KvwireError("staging job was released")
+        return self.placement.views(self._host, layer)
 
     def stage(self, layer: int, *, wait_event: Any = None, stream: Any = None) -> StagedLayer:
         """Copy ``layer`` into its host region; returns at once on a GPU (resolves when the copy is done).

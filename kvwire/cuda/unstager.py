@@ -28,7 +28,18 @@ from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError, LayoutMismatch
 from ..tcp._args import check_wait
 from .paged import PagedCache
-from .plan import ALIGN, LayerPlan, Placement, bind_indices, check_mode, check_request, check_slot, plan_layers, run_ops
+from .plan import (
+    ALIGN,
+    LayerPlan,
+    Placement,
+    bind_indices,
+    check_layer,
+    check_mode,
+    check_request,
+    check_slot,
+    plan_layers,
+    run_ops,
+)
 from .pool import PinnedPool, PooledBuffer
 from .stager import DEFAULT_POOL_BYTES
 from .streams import Device
@@ -190,11 +201,11 @@ class UnstagingJob:
         """Return once ``layer`` is in the destination cache (at once for layers without bytes).
 
         Raises the layer's error (``LayoutMismatch``...), the transfer's error if it ended before the
-        layer arrived, or builtin ``TimeoutError``.
+        layer arrived, or builtin ``TimeoutError``. ``layer`` must be one of the layout's (``TypeError`` for a
+        bool or a string, ``LayoutMismatch`` outside it, as ``Stager``'s ``stage``).
         """
+        layer = check_layer(layer, self.unstager.layout.num_layers)
         if layer not in self.placement.by_layer:
-            if not 0 <= layer < self.unstager.layout.num_layers:
-                raise ValueError(f"no layer {layer}")
             return
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
