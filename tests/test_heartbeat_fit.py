@@ -8,11 +8,10 @@ import math
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from helpers import payload
+from helpers import send_verified
 
-from kvwire import Receiver, RequestSpec, connect, plan_segments
+from kvwire import Receiver, RequestSpec, connect
 from kvwire.codec import frames as F
 from kvwire.codec.handshake import MIN_HEARTBEAT, PEER_TIMEOUT_KEY, ClientHandshake, heartbeat_for
 from kvwire.tcp._auth import client_handshake
@@ -36,24 +35,6 @@ def test_a_sender_says_its_timeout_in_the_hello_and_an_older_one_says_nothing() 
     assert PEER_TIMEOUT_KEY not in ClientHandshake(b"k", 2).hello()[1]
 
 
-def _idle_then_transfer(rx: Receiver, session: object, idle: float, rid: str) -> None:
-    """Leave the session idle ``idle`` s, then move a request through it, verified."""
-    time.sleep(idle)
-    req = RequestSpec(rid, 300, 299)
-    src = payload(LAYOUT, req, seed=5)
-    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
-    incoming = rx.expect(rid, dest, layout=LAYOUT, state_position=299)
-    out = session.send(LAYOUT, req)  # type: ignore[attr-defined]
-    by_layer: dict[int, list[int]] = {}
-    for seg in plan_segments(LAYOUT, req):
-        by_layer.setdefault(seg.layer, []).append(seg.index)
-    for layer, idx in by_layer.items():
-        out.write_layer(layer, [src[i] for i in idx])
-    out.finish().result(timeout=20)
-    incoming.result(timeout=20)
-    assert np.array_equal(dest, np.concatenate(src))
-
-
 @pytest.fixture
 def slow_receiver(no_leaks: None) -> Iterator[Receiver]:
     with Receiver(key="k", heartbeat=5.0, peer_timeout=30.0) as rx:
@@ -64,7 +45,8 @@ def test_a_receiver_with_a_long_heartbeat_keeps_an_impatient_senders_idle_sessio
     """The receiver heartbeats every 5 s, the sender fails a receiver silent for 1 s: idle for 3 s, the
     session used to fail ("receiver silent for 1.0s"); now the receiver heartbeats every 0.25 s toward it."""
     with connect(*slow_receiver.address, key="k", lanes=1, peer_timeout=1.0) as session:
-        _idle_then_transfer(slow_receiver, session, 3.0, "idle-rx")
+        time.sleep(3.0)  # idle
+        send_verified(slow_receiver, session, LAYOUT, RequestSpec("idle-rx", 300, 299), seed=5, timeout=20)
         assert not session.closed, session.failure
         assert session.stats()["session_reconnects"] == 0
 
@@ -73,7 +55,8 @@ def test_a_sender_with_a_long_heartbeat_is_not_dropped_by_an_impatient_receiver(
     """The other way round: the sender heartbeats every 5 s, the receiver drops a sender silent for 1 s."""
     with Receiver(key="k", peer_timeout=1.0) as rx, \
             connect(*rx.address, key="k", lanes=1, heartbeat=5.0, peer_timeout=30.0) as session:
-        _idle_then_transfer(rx, session, 3.0, "idle-tx")
+        time.sleep(3.0)  # idle
+        send_verified(rx, session, LAYOUT, RequestSpec("idle-tx", 300, 299), seed=5, timeout=20)
         assert not session.closed, session.failure
         assert session.stats()["session_reconnects"] == 0
         assert rx.stats()["sessions"] == 1

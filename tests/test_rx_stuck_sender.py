@@ -12,9 +12,9 @@ import threading
 import time
 
 import numpy as np
-from helpers import payload
+from helpers import payload, send_verified
 
-from kvwire import Receiver, RequestSpec, connect, plan_segments
+from kvwire import Receiver, RequestSpec, connect
 from kvwire.codec import frames as F
 from kvwire.codec.handshake import ClientHandshake
 from kvwire.codec.manifest import build_manifest
@@ -61,22 +61,6 @@ def _ends(h: object, within: float) -> bool:
     return bool(h.finished)  # type: ignore[attr-defined]
 
 
-def _victim_transfer(rx: Receiver, session: object, rid: str) -> None:
-    req = RequestSpec(rid, 40, 39)
-    src = payload(LAYOUT, req, seed=4)
-    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
-    incoming = rx.expect(rid, dest, layout=LAYOUT, state_position=39)
-    out = session.send(LAYOUT, req)  # type: ignore[attr-defined]
-    by_layer: dict[int, list[int]] = {}
-    for seg in plan_segments(LAYOUT, req):
-        by_layer.setdefault(seg.layer, []).append(seg.index)
-    for layer, idx in by_layer.items():
-        out.write_layer(layer, [src[i] for i in idx])
-    out.finish().result(timeout=20)
-    incoming.result(timeout=20)
-    assert np.array_equal(dest, np.concatenate(src))
-
-
 def test_a_sender_that_reads_a_trickle_is_cut_and_stalls_no_other_session(no_leaks: None) -> None:
     with Receiver(key="k", peer_timeout=3.0) as rx, \
             connect(*rx.address, key="k", lanes=1, peer_timeout=3.0) as victim:
@@ -104,7 +88,7 @@ def test_a_sender_that_reads_a_trickle_is_cut_and_stalls_no_other_session(no_lea
                 time.sleep(0.1)
             cut_after = time.monotonic() - t0
             threads = threading.active_count()
-            _victim_transfer(rx, victim, "victim")
+            send_verified(rx, victim, LAYOUT, RequestSpec("victim", 40, 39), seed=4, timeout=20)
             assert not victim.closed, victim.failure
         finally:
             stop.set()
