@@ -3,6 +3,7 @@ escaped a thread."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections import Counter
@@ -82,3 +83,13 @@ def uncaught() -> Iterator[list[BaseException]]:
         yield seen
     finally:
         threading.excepthook = old
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Qwen3-Next fixture's config.json (GDN + GQA, 8 layers) as a --model path."""
+    from kvwire.testing.fixtures import FIXTURES
+
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
+    return str(path)

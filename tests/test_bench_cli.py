@@ -32,7 +32,6 @@ from kvwire.bench.control import MAGIC
 from kvwire.bench.payload import BLOCK_BYTES, Pattern, alloc_flat
 from kvwire.bench.server import BenchServer, ServerConfig
 from kvwire.codec.frames import VERSION
-from kvwire.testing.fixtures import FIXTURES
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -40,14 +39,6 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def bench(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kvwire.bench", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny Qwen3-Next fixture's config.json (GDN + GQA, 8 layers) as a --model path."""
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
-    return str(path)
 
 
 # ---------------------------------------------------------------- payload pattern

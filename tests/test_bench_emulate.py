@@ -17,7 +17,6 @@ import pytest
 from helpers import bench_verdict
 
 from kvwire.testing import netns
-from kvwire.testing.fixtures import FIXTURES
 from kvwire.testing.wan import iter_stale_namespaces, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -28,13 +27,6 @@ LINK = "rtt=2ms,rate=2000mbit"
 def bench(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*prefix, sys.executable, "-m", "kvwire.bench", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
-    return str(path)
 
 
 @pytest.mark.netns

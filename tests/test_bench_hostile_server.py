@@ -33,18 +33,10 @@ from kvwire.bench import requester as requester_mod
 from kvwire.bench.control import BenchChannel
 from kvwire.bench.errors import EXIT_UNREACHABLE
 from kvwire.bench.server import BenchServer, ServerConfig
-from kvwire.testing.fixtures import FIXTURES
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 #: what the patched server sends instead of one message: ``(op, fields) -> [(op, fields), ...]``
 Lie = Callable[[str, dict[str, Any]], list[tuple[str, dict[str, Any]]]]
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
-    return str(path)
 
 
 @pytest.fixture

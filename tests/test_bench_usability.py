@@ -24,7 +24,6 @@ from kvwire import __version__
 from kvwire.bench import main
 from kvwire.bench.errors import EXIT_UNREACHABLE
 from kvwire.bench.options import build_parser, options_from_args, parse_connect_timeout
-from kvwire.testing.fixtures import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -37,13 +36,6 @@ def bench(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str
 
 def opts(*argv: str) -> Any:
     return options_from_args(build_parser().parse_args(list(argv)))
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    path.write_text(json.dumps(FIXTURES["tiny-qwen3-next"].config))
-    return str(path)
 
 
 @pytest.fixture
