@@ -234,3 +234,21 @@ def bench_verdict(r: subprocess.CompletedProcess[str]) -> str:
         return r.stderr + r.stdout[-3000:]
     verdict = {"error": doc.get("error"), "verification": (doc.get("kv") or {}).get("verification")}
     return r.stderr + json.dumps(verdict, indent=1)
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[int]:
+    """A ``uvicorn.Server`` (``server``) on a fresh 127.0.0.1 port in a thread; yields the port; stops it after."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    end = time.monotonic() + 10
+    while not server.started and time.monotonic() < end:
+        time.sleep(0.02)
+    assert server.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        t.join(10)
+        sock.close()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import serving
 
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -36,19 +37,8 @@ async def _echo(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def server() -> Iterator[int]:
-    sock = socket.create_server(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(ControlAuth(_echo, KEY), log_level="warning", lifespan="off"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    end = time.monotonic() + 10
-    while not srv.started and time.monotonic() < end:
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        srv.should_exit = True
-        t.join(10)
-        sock.close()
+    with serving(uvicorn.Server(uvicorn.Config(ControlAuth(_echo, KEY), log_level="warning", lifespan="off"))) as port:
+        yield port
 
 
 def _dribble(port: int, body: bytes, gap: float, give_up: float) -> tuple[bytes, float, int]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import serving
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -56,24 +57,6 @@ def _protocols() -> list[Any]:
     return out
 
 
-@contextlib.contextmanager
-def _serving(server: Any) -> Iterator[int]:
-    """``server`` on a fresh 127.0.0.1 port in a thread; yields the port."""
-    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    end = time.monotonic() + 10
-    while not server.started and time.monotonic() < end:
-        time.sleep(0.02)
-    assert server.started
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        t.join(10)
-        sock.close()
-
-
 @pytest.fixture(params=_protocols())
 def node_port(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """A node's control server (``node.control_server``, as ``node.main`` builds it) over a stand-in app."""
@@ -83,7 +66,7 @@ def node_port(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(httpgate, "HTTP_PROTOCOL", HttpToolsProtocol)
     server = node.control_server(ControlAuth(_app, KEY), "127.0.0.1", 0)
     assert server.config.limit_concurrency == 256
-    with _serving(server) as port:
+    with serving(server) as port:
         yield port
 
 
@@ -300,7 +283,7 @@ def test_a_new_connection_evicts_the_oldest_waiting_one() -> None:
     """With the table full (``MAX_WAITING`` idle, from two sources), one more connection is admitted and the
     oldest waiting connection of the busiest source is the one closed."""
     server = node.control_server(ControlAuth(_app, KEY), "127.0.0.1", 0)
-    with _serving(server) as port:
+    with serving(server) as port:
         def from_(addr: str) -> socket.socket:
             c = socket.socket()
             c.bind((addr, 0))
@@ -334,7 +317,7 @@ def test_the_front_door_closes_idle_connections_at_the_deadline(monkeypatch: pyt
 
     monkeypatch.setenv("KVWIRE_KEY", KEY.decode())
     door = frontdoor.FrontDoor(deploy_config.load(Path(frontdoor.__file__).with_name("deploy-default.toml")))
-    with _serving(frontdoor.http_server(door, lifespan="off")) as port:
+    with serving(frontdoor.http_server(door, lifespan="off")) as port:
         idle = [_connect(port) for _ in range(20)]
         t0 = time.monotonic()
         with _connect(port) as c:
@@ -373,7 +356,7 @@ def test_the_front_door_cuts_a_dribbled_public_body_at_its_deadline(monkeypatch:
     body = b'{"prompt": "' + b"a" * 100 + b'", "max_tokens": 0}'
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: door\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with _serving(frontdoor.http_server(door, lifespan="off")) as port:
+    with serving(frontdoor.http_server(door, lifespan="off")) as port:
         with _connect(port) as c:
             c.sendall(head)
             t0, sent, status = time.monotonic(), 0, None
