@@ -120,6 +120,9 @@ LATE = [
     ("summary", ("lanes",), [{"socket": [1, 2], "bytes": 5}], "summary.lanes[0].socket"),  # unhashable, :118
     ("summary", ("lanes",), 5, "summary.lanes"),  # 'int' object is not iterable
     ("summary", ("last_verified",), math.nan, "summary.last_verified"),  # a NaN goodput in the document
+    ("summary", ("last_verified",), 0.0, "summary.last_verified"),  # the server's boot: receive time 1e-9 s
+    ("summary", ("last_verified",), 1e9, "summary.last_verified"),  # decades after the test
+    ("result", ("layers",), [[0, 0.0]], "result.layers of"),  # an exposed tail of minus the uptime
     ("result", ("layers",), [["x", 1.0]], "result.layers[0][0]"),  # ValueError at document.py:39
     ("result", ("layers",), 5, "result.layers"),
     ("result", ("ok",), "no", "result.ok"),  # bool("no"): counted as verified

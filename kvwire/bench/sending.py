@@ -39,6 +39,8 @@ from .sampler import Sampler, lane_addresses
 
 #: seconds the client still waits for the server's results and summary once its session has failed
 GONE_GRACE = 5.0
+#: how far outside the test a server's clock reading may land on this side's clock, beyond the offset's uncertainty
+CLOCK_SLACK = 1.0
 
 
 @dataclass
@@ -343,6 +345,10 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
                 bad = e
         if bad is None and isinstance(ctl.error, BadMessage):  # a result, or a flood of messages
             bad = ctl.error
+        late = _drop_implausible_times(summary, runner.records, offset, t_start - uncertainty - CLOCK_SLACK,
+                                       time.monotonic() + uncertainty + CLOCK_SLACK, ctl.who)
+        if late is not None:  # the document says so, as for any bad message after the start
+            bad, end_error = bad or late, "; ".join(x for x in (end_error, str(late)) if x)
         lanes = sampler.lane_totals()
         if probed is not None:
             probed.exclude(lanes, summary.get("lanes") or [])
@@ -370,6 +376,30 @@ def run_sender(o: Options, on_start: Callback | None = None, on_interval: Callba
                 pool.give(lease)
         if owned:
             ctl.close()
+
+
+def _drop_implausible_times(summary: dict[str, Any], records: list[RequestRecord], offset: float, lo: float,
+                            hi: float, who: str) -> BadMessage | None:
+    """Removes the server's clock readings (``summary.last_verified``, each result's layer times) that land outside
+    ``[lo, hi]`` once moved onto this side's clock, and names the first in a BadMessage: a reading before the test
+    began or after its summary came is a broken or lying server, and kept it would skew goodput and exposed tails
+    (a ``last_verified`` at the server's boot made the receive time 1e-9 s). None when all are in range."""
+    first: str | None = None
+
+    def outside(t: float) -> bool:
+        return not lo <= t - offset <= hi
+
+    last = summary.get("last_verified")
+    if isinstance(last, (int, float)) and outside(last):
+        first = f"summary.last_verified: {last - offset - lo:+.3f} s from the test's start on this side's clock"
+        del summary["last_verified"]
+    for rec in records:
+        layers = (rec.server or {}).get("layers") or []
+        if any(outside(t) for _, t in layers):
+            first = first or (f"result.layers of {rec.request_id}: a layer verified outside the test "
+                              "on this side's clock")
+            rec.server = {**(rec.server or {}), "layers": [x for x in layers if not outside(x[1])]}
+    return None if first is None else BadMessage(f"{who} sent a bad {first}")
 
 
 def _take_buffers(pool: BufferPool | None, size: int, count: int) -> list[Lease]:
