@@ -347,3 +347,67 @@ def test_an_honest_server_gives_the_same_document(lying_server: Callable[..., in
     summary = next(f for op, f in sent if op == "summary")
     assert doc["kv"]["cpu"]["receiver_verify_s"] == summary["verify_cpu"]
     assert doc["kv"]["receiver_memory"]["rss_peak"] == summary["rss_peak"]
+
+
+# ---------------------------------------------------------------- -R: a server that never finishes
+
+
+def test_reverse_an_unknown_message_is_a_peer_error(lying_server: Callable[..., int], tiny_config: str) -> None:
+    """Before, ignored: one within each peer timeout kept the client waiting for good."""
+    port = lying_server(adding("rstart", ("surprise", {})))
+    r = client(port, tiny_config, "-R")
+    assert_peer_error(r, "reverse test message: op 'surprise'")
+
+
+def test_reverse_relay_ends_at_its_deadline_however_busy_the_server_keeps_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that answers nothing but keeps the channel alive (heartbeats, pings: each one the receiving side
+    answers and waits on) is given up at the relay deadline; before, ``serve`` looped for as long as it chose."""
+    import socket
+    import time
+
+    from kvwire.bench import reverse
+    from kvwire.bench.options import Options
+    from kvwire.bench.receiving import ReceiverConfig, ReceivingSide
+
+    mine, theirs = socket.socketpair()
+    ch, server = BenchChannel(mine, "server"), BenchChannel(theirs, "client")
+    ch.authenticated()
+    side = ReceivingSide(ReceiverConfig(bind="127.0.0.1", data_port=0, pool_bytes=1 << 20), log=lambda _: None)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.wait(0.05):
+            try:
+                server.tell("ping", t0=time.monotonic())
+                server.tell("hb")
+            except OSError:
+                return
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    test, _ = side.open_test("r1", ch, "server")
+    assert test is not None
+    monkeypatch.setattr(reverse, "relay_deadline", lambda o: 1.5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(reverse.PeerGone, match="did not finish the reverse test within 1.5 s"):
+            reverse._relay(Options(mode="client"), ch, side, test, None, None, None)
+        assert time.monotonic() - t0 < 10, "the relay outlived its deadline by far"
+    finally:
+        stop.set()
+        side.end_test(test)
+        side.close()
+        mine.close()
+        theirs.close()
+        t.join(5)
+
+
+def test_reverse_relay_deadline_covers_the_test_and_its_last_transfer() -> None:
+    from kvwire.bench import reverse
+    from kvwire.bench.options import Options
+
+    o = Options(mode="client", duration=5.0, timeout=10.0)
+    assert reverse.relay_deadline(o) == 5.0 + 10.0 + reverse.RELAY_GRACE
+    unbounded = Options(mode="client", duration=None, timeout=1e9)  # the sending side's own bounds apply
+    assert reverse.relay_deadline(unbounded) == reverse.MAX_SECONDS + reverse.MAX_TIMEOUT + reverse.RELAY_GRACE

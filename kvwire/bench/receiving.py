@@ -192,13 +192,19 @@ class ReceivingSide:
             test = self._active = self._tests[run] = Test(run, ch, peer)
         return test, None
 
-    def serve(self, test: Test) -> dict[str, Any] | None:
+    def serve(self, test: Test, deadline: float | None = None) -> dict[str, Any] | None:
         """Answer the sending side's requests on ``test``'s channel until it says ``bye`` (``None``, the test
         completed) or sends something that is not such a request (returned: the caller's to handle). Raises
-        PeerError/PeerGone/OSError when the channel breaks or goes silent for ``peer_timeout`` s."""
+        PeerError/PeerGone/OSError when the channel breaks or goes silent for ``peer_timeout`` s, and
+        TimeoutError at ``deadline`` (``time.monotonic()``), however busy the peer keeps it."""
         ch = test.ch
         while True:
-            msg = ch.recv(timeout=self.cfg.peer_timeout)
+            wait = self.cfg.peer_timeout
+            if deadline is not None:
+                if (left := deadline - time.monotonic()) <= 0:
+                    raise TimeoutError("past the deadline")
+                wait = min(wait, left)
+            msg = ch.recv(timeout=wait)
             op = msg["op"]
             if op == "hb":
                 continue

@@ -17,6 +17,7 @@ Must not know: the output formats (the client's reporter prints what arrives) or
 from __future__ import annotations
 
 import json
+import time
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from ..codec.presets import PRESETS
 from ..sockopts import allowed_congestion_algorithms
 from .control import BenchChannel, client_connect
 from .document import build_document
-from .errors import BenchError, PeerError, PeerGone, UsageError
+from .errors import BadMessage, BenchError, PeerError, PeerGone, UsageError
 from .messages import read_interval, read_reason, read_request, read_reverse_done, read_rstart
 from .options import Options, check
 from .pool import BufferPool
@@ -51,6 +52,9 @@ MAX_TIMEOUT = 600.0
 MAX_CONNECT_TIMEOUT = 60.0
 #: seconds the sending server waits for the client's ``bye`` once it has sent the document
 BYE_GRACE = 5.0
+#: seconds a ``-R`` client allows beyond the test and its last transfer (buffers faulted in, payloads filled,
+#: the document built and sent)
+RELAY_GRACE = 600.0
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -123,11 +127,16 @@ def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_star
            on_interval: Callback | None, on_request: Callback | None) -> tuple[dict[str, Any], list[Any]]:
     """Answer the sending server's requests (``side.serve``) and hand its events to the callbacks until its
     document or its failure arrives. Each event is read with types first (``messages``): one that is not
-    what it must be is a BadMessage naming the field."""
+    what it must be is a BadMessage naming the field, as is a message of no kind the test has; the whole test
+    ends within ``relay_deadline``, however busy the server keeps the channel."""
+    deadline = time.monotonic() + relay_deadline(o)
     while True:
         try:
-            msg = side.serve(test)
+            msg = side.serve(test, deadline)
         except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise PeerGone(f"{ch.peer} did not finish the reverse test within {relay_deadline(o):g} s") \
+                    from None
             raise PeerGone(f"{ch.peer} went silent during the reverse test") from None
         if msg is None:
             raise PeerGone(f"{ch.peer} ended the reverse test without a result")
@@ -160,6 +169,15 @@ def _relay(o: Options, ch: BenchChannel, side: ReceivingSide, test: Any, on_star
             raise err(f"the server could not send: {reason}")
         elif op == "error":
             raise PeerError(f"{ch.peer} refused the reverse test: {read_reason(msg)}")
+        else:  # before, ignored: a server sending such messages within each peer timeout kept the client forever
+            raise BadMessage(f"server sent a bad reverse test message: op {str(op)[:40]!r} is none of its kinds")
+
+
+def relay_deadline(o: Options) -> float:
+    """Seconds a ``-R`` client waits for the server's document: the longest test the sending side may run
+    (``-t``, else ``MAX_SECONDS``), its last transfer's ``--timeout``, and ``RELAY_GRACE`` for set-up and the
+    document."""
+    return min(o.duration or MAX_SECONDS, MAX_SECONDS) + min(o.timeout, MAX_TIMEOUT) + RELAY_GRACE
 
 
 def reverse_document(doc: dict[str, Any], o: Options, data_port: int) -> dict[str, Any]:
