@@ -252,3 +252,43 @@ def serving(server: Any) -> Iterator[int]:
         server.should_exit = True
         t.join(10)
         sock.close()
+
+
+def read_response(c: socket.socket, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One HTTP response's status and body (Content-Length framed) from ``c``."""
+    c.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = c.recv(4096)
+        if not part:
+            raise ConnectionError(f"closed after {data[:60]!r}")
+        data += part
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        part = c.recv(4096)
+        if not part:
+            raise ConnectionError("closed mid-body")
+        rest += part
+    assert len(rest) == length, "more than one response"
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def closed_by_peer(c: socket.socket) -> bool:
+    """Whether the server closed (or aborted) ``c``; never blocks."""
+    try:
+        c.setblocking(False)
+        while True:
+            data = c.recv(4096)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        c.settimeout(5)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import closed_by_peer as _closed
+from helpers import read_response as _read_response
 from helpers import serving
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -74,30 +76,6 @@ def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
-def _read_response(c: socket.socket, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One response's status and body (Content-Length framed) from ``c``."""
-    c.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        part = c.recv(4096)
-        if not part:
-            raise ConnectionError(f"closed after {data[:60]!r}")
-        data += part
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(rest) < length:
-        part = c.recv(4096)
-        if not part:
-            raise ConnectionError("closed mid-body")
-        rest += part
-    assert len(rest) == length, "more than one response"
-    return int(head.split(b" ", 2)[1]), rest
-
-
 def _signed_head(path: str = "/checkpoints") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: node\r\n{AUTH}: {sign(KEY, 'GET', path, b'')}\r\n\r\n".encode()
 
@@ -112,22 +90,6 @@ def _signed_get(port: int) -> tuple[int | str, float]:
             return status, time.monotonic() - t0
     except OSError as e:
         return f"{type(e).__name__}: {e}", time.monotonic() - t0
-
-
-def _closed(c: socket.socket) -> bool:
-    """Whether the server closed (or aborted) ``c``; never blocks."""
-    try:
-        c.setblocking(False)
-        while True:
-            data = c.recv(4096)
-            if not data:
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        c.settimeout(5)
 
 
 def _health_then(port: int) -> socket.socket:

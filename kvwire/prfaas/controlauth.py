@@ -9,7 +9,7 @@ byte of the body is read (an unauthenticated caller cannot make the node read, p
 (``kvwire.signing``: the scheme and ``Nonces`` the SGLang bootstrap mailbox uses too, in its own domain),
 bodies are bounded (``MAX_BODY``) before and after, and a signed body must arrive whole within
 ``signing.body_seconds`` (408 past it: a key holder dribbling bodies cannot hold the server's connection slots).
-``GET /health`` stays open (``OPEN_ROUTES``): the liveness probe launchers poll.
+``GET /health`` and ``GET /metrics`` stay open (``OPEN_ROUTES``): the liveness probe launchers poll, the scrape.
 Must not know: what the routes do, starlette, httpx.
 """
 
@@ -29,8 +29,8 @@ __all__ = ["AUTH", "MAX_BODY", "ControlAuth", "control_key", "sign"]
 MAX_BODY = 32 << 20
 _SCHEME = Scheme(b"kvwire-prfaas-control/1 ")
 #: answered without a signature: the liveness probe launchers and supervisors poll (it reads no body and
-#: tells only the node's name, role, state and queue counts)
-OPEN_ROUTES = frozenset({("GET", "/health")})
+#: tells only the node's name, role, state and queue counts), and the Prometheus scrape (counts only)
+OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/metrics")})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -25,7 +25,9 @@ each signature accepted once); anything else is a 401 and converts nothing.
 Served by uvicorn over a starlette app: a maintained ASGI server and toolkit (HTTP/1.1 keep-alive, chunked
 streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTTP loop; through ``httpgate``, as
 the nodes are: a connection must send each request head within ``httpgate.HEAD_SECONDS`` of its accept or of its
-previous response, and at most ``httpgate.MAX_WAITING`` connections wait for one at once.
+previous response, and at most ``httpgate.MAX_WAITING`` connections wait for one at once; at most
+``[router] limit_concurrency`` (``settings.LIMIT_CONCURRENCY``, 256) are open or served at once, each request past
+it a 503 at once. What the server cuts is in ``/metrics`` (``prfaas_http_cuts_total{server="frontdoor"}``).
 Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``),
 the signature scheme (``controlauth``).
 """
@@ -48,6 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, request_response
 
+from ..metrics import Metrics
 from ..signing import body_seconds
 from . import config as deploy_config
 from .controlauth import ControlAuth, control_key
@@ -136,6 +139,7 @@ class FrontDoor:
         self.settings = settings or FrontSettings.from_table(config.router)
         self.key = control_key()  # the deployment's shared key: the orchestrator's node calls are signed with it too
         self.telemetry = Telemetry()
+        self.http_metrics = Metrics()  # the HTTP server's cuts (httpgate), appended to the telemetry at /metrics
         self.orch = Orchestrator(config, self.settings, self.telemetry)
         self.tokenizer = ByteTokenizer()
         self.vocab = config.model.vocab_size
@@ -271,7 +275,8 @@ class FrontDoor:
                                                          "owned_by": "kvwire"}]})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.telemetry.exposition(), media_type=self.telemetry.content_type)
+        return Response(self.telemetry.exposition() + self.http_metrics.render().encode(),
+                        media_type=self.telemetry.content_type)
 
     async def health(self, request: Request) -> Response:
         snap = self.orch.snapshot()
@@ -306,11 +311,13 @@ class FrontDoor:
 def http_server(door: FrontDoor, log_level: str = "warning", **options: Any) -> Any:
     """``door``'s ``httpgate.GatedServer``, as ``main`` serves it (``options``: more ``uvicorn.Config`` keywords).
     A connection waiting for a request head holds it ``httpgate.HEAD_SECONDS`` at most, and at most
-    ``httpgate.MAX_WAITING`` wait at once (an idle socket held an fd for ever before)."""
+    ``httpgate.MAX_WAITING`` wait at once (an idle socket held an fd for ever before); at most
+    ``[router] limit_concurrency`` connections are served at once (503 past it). Its cuts are in ``/metrics``."""
     from . import httpgate
 
-    return httpgate.server(door.app, door.settings.host, door.settings.port, log_level=log_level,
-                           timeout_graceful_shutdown=5, **options)
+    return httpgate.server(door.app, door.settings.host, door.settings.port, name="frontdoor",
+                           metrics=door.http_metrics, log_level=log_level, timeout_graceful_shutdown=5,
+                           limit_concurrency=door.settings.limit_concurrency, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

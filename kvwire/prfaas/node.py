@@ -33,6 +33,7 @@ import kvwire
 
 from ..congestion.monitor import LinkMonitor
 from ..errors import KvwireError, LayoutError, TransferCancelled, TransferError
+from ..metrics import Metrics
 from .config import PENDING_PROMPTS, ROLES, DeployConfig, NodeSpec, load
 from .nodestate import NodeFault, NodeState
 from .runner import CacheAllocError, Checkpoint, Incoming, NodeBackend, TransformersRunner
@@ -413,12 +414,14 @@ class Node(NodeState):
 LIMIT_CONCURRENCY = 256
 
 
-def control_server(asgi: Any, host: str, port: int, log_level: str = "warning") -> Any:
-    """The control API's ``httpgate.GatedServer`` for ``asgi``, configured as ``main`` serves it."""
+def control_server(asgi: Any, host: str, port: int, log_level: str = "warning", metrics: Metrics | None = None
+                   ) -> Any:
+    """The control API's ``httpgate.GatedServer`` for ``asgi``, configured as ``main`` serves it; its cuts are
+    ``metrics``' ``prfaas_http_cuts_total{server="node"}``."""
     from . import httpgate
 
-    return httpgate.server(asgi, host, port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off",
-                           limit_concurrency=LIMIT_CONCURRENCY)
+    return httpgate.server(asgi, host, port, name="node", metrics=metrics, log_level=log_level,
+                           timeout_graceful_shutdown=5, lifespan="off", limit_concurrency=LIMIT_CONCURRENCY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        server = control_server(app(node), spec.host, spec.control_port, args.log_level)
+        metrics = Metrics()  # GET /metrics: the control server's cuts
+        server = control_server(app(node, metrics), spec.host, spec.control_port, args.log_level, metrics)
         server.run()  # returns on SIGTERM/SIGINT after the open requests ended (or 5 s)
     finally:
         with contextlib.suppress(Exception):

@@ -2,8 +2,9 @@
 
 Owns: routes, request parsing (typed 400s naming the field), the request bounds (a ``prompt`` longer than
 ``node.limits.max_prompt_tokens`` or ``max_tokens`` over ``max_output_tokens`` is a 400 before the node sees
-it: any key holder reaches this API past the front door's checks), JSON/NDJSON responses, and wrapping the app
-in ``controlauth.ControlAuth`` (the shared key). Errors are ``{"error": text}`` with 400/401/404/409/413/503/504.
+it: any key holder reaches this API past the front door's checks), JSON/NDJSON responses, ``GET /metrics`` (the
+``kvwire.metrics.Metrics`` it is given: the control server's cuts), and wrapping the app in
+``controlauth.ControlAuth`` (the shared key). Errors are ``{"error": text}`` with 400/401/404/409/413/503/504.
 Must not know: how the node prefills, decodes or moves caches (``Node``'s), or the router.
 """
 
@@ -13,6 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ..metrics import CONTENT_TYPE, Metrics
 from .controlauth import ControlAuth
 from .nodestate import NodeFault
 from .sessions import Peer
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
     from .vllm_node import VllmNode
 
 
-def app(node: Node | VllmNode) -> Any:
-    """The control API (starlette). Errors: JSON ``{"error": text}`` with 400/404/409/503/504."""
+def app(node: Node | VllmNode, metrics: Metrics | None = None) -> Any:
+    """The control API (starlette). Errors: JSON ``{"error": text}`` with 400/404/409/503/504. ``metrics``:
+    served at ``GET /metrics`` (unsigned, as ``/health``: a Prometheus scrape cannot sign)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -128,6 +131,10 @@ def app(node: Node | VllmNode) -> Any:
         node.resume()
         return JSONResponse(node.health())
 
+    async def scrape(_: Request) -> Response:
+        assert metrics is not None
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     async def fault(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, NodeFault)
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -137,4 +144,6 @@ def app(node: Node | VllmNode) -> Any:
               Route("/export", export, methods=["POST"]), Route("/generate", generate, methods=["POST"]),
               Route("/cancel", cancel, methods=["POST"]), Route("/drain", drain, methods=["POST"]),
               Route("/set_role", set_role, methods=["POST"]), Route("/resume", resume, methods=["POST"])]
+    if metrics is not None:
+        routes.append(Route("/metrics", scrape))
     return ControlAuth(Starlette(routes=routes, exception_handlers={NodeFault: fault}), node.key)

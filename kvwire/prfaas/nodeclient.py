@@ -4,19 +4,34 @@ Owns: the HTTP/JSON calls (httpx.AsyncClient, one per node), each signed with th
 (``controlauth.sign``), and turning every failure (node unreachable, died
 mid-call, answered with an error, timed out, sent something malformed) into one typed ``NodeError``. Every
 call is bounded by ``timeout``; ``generate`` bounds each read (the wait for the cache and each token).
+
+A pooled keep-alive connection the node has closed is dropped by httpx before it is used, but one the node
+cuts just as a request goes out on it (``httpgate`` aborts a waiting connection at its head deadline, or
+evicts it for a newer one under a flood, and drops what it had not parsed) fails that request with a reset,
+and httpx's own ``retries`` re-dial failed connects only. So a request that fails on a reused connection before
+any response head (httpcore's ``trace`` says which connection and how far) is sent once more, the same signed
+bytes, on a fresh connection (``_fresh``, which keeps none). That is safe: each signature's nonce is accepted
+once, when its head is checked, so a request the node did take is refused (401 ``replayed nonce``), never run
+twice. A failure on a fresh connection, or once the response head came, is a ``NodeError`` as before.
 Must not know: routing, models, kvwire transfers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KvwireError
 from .controlauth import AUTH, control_key, sign
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = ["NodeClient", "NodeError"]
+log = logging.getLogger("kvwire.prfaas.nodeclient")
 
 
 class NodeError(KvwireError):
@@ -41,12 +56,16 @@ class NodeClient:
         h = f"[{host}]" if ":" in host else host
         self.base = f"http://{h}:{control_port}"
         self._http = httpx.AsyncClient(base_url=self.base, timeout=timeout)
+        # the retry's: a new connection each request, closed after it
+        self._fresh = httpx.AsyncClient(base_url=self.base, timeout=timeout,
+                                        limits=httpx.Limits(max_keepalive_connections=0))
 
     def __repr__(self) -> str:
         return f"NodeClient({self.base})"
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._fresh.aclose()
 
     async def __aenter__(self) -> NodeClient:
         return self
@@ -60,8 +79,7 @@ class NodeClient:
 
         content, headers = self._signed(method, path, body)
         try:
-            r = await self._http.request(method, path, content=content, headers=headers,
-                                         timeout=self.timeout if timeout is None else timeout)
+            r = await self._send(method, path, content, headers, self.timeout if timeout is None else timeout)
         except httpx.TimeoutException as e:
             raise NodeError(f"{self.base}{path}: no answer in {timeout or self.timeout} s ({type(e).__name__})") \
                 from None
@@ -75,6 +93,29 @@ class NodeClient:
             msg = data.get("error") if isinstance(data, dict) else None
             raise NodeError(f"{self.base}{path}: HTTP {r.status_code}: {msg or data}", status=r.status_code)
         return data
+
+    async def _send(self, method: str, path: str, content: bytes, headers: dict[str, str], timeout: float,
+                    stream: bool = False) -> httpx.Response:
+        """The response to one request; sent again on a fresh connection when a reused one died before any
+        response head (see above). Raises httpx's errors."""
+        import httpx
+
+        events: set[str] = set()
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            events.add(event)
+
+        request = self._http.build_request(method, path, content=content, headers=headers, timeout=timeout,
+                                           extensions={"trace": trace})
+        try:
+            return await self._http.send(request, stream=stream)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+            if "connection.connect_tcp.started" in events or "http11.receive_response_headers.complete" in events:
+                raise  # a fresh connection, or the response head came: the node may have taken it
+            log.info("%s%s: the pooled connection died before an answer (%s: %s); sending it again on a fresh one",
+                     self.base, path, type(e).__name__, e)
+        request = self._fresh.build_request(method, path, content=content, headers=headers, timeout=timeout)
+        return await self._fresh.send(request, stream=stream)
 
     def _signed(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[bytes, dict[str, str]]:
         content = b"" if body is None else json.dumps(body).encode()
@@ -126,7 +167,8 @@ class NodeClient:
         content, headers = self._signed("POST", "/generate", {"request_id": request_id, "max_tokens": max_tokens,
                                                               "stop": list(stop or [])})
         try:
-            async with self._http.stream("POST", "/generate", content=content, headers=headers) as r:
+            r = await self._send("POST", "/generate", content, headers, self.timeout, stream=True)
+            async with contextlib.aclosing(r):
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
                     try:

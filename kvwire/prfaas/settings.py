@@ -14,6 +14,7 @@ the long loop's planning inputs) and their typed errors. Must not know: HTTP, no
                          # decode steps measured from the running deployment (kvwire.prfaas.observed)
     decode_batch = 8     # the planner's decode profile: sequences per decode node, output tokens each
     decode_l_out = 32
+    limit_concurrency = 256  # connections and requests served at once; past it a 503 (LIMIT_CONCURRENCY)
     [router.loop]        # RouterConfig fields (hold_s, cooldown_s, high_util, queue_high, ...)
 """
 
@@ -27,6 +28,13 @@ from typing import Any
 
 from .config import MAX_OUTPUT_TOKENS, MAX_PROMPT_TOKENS, ConfigError
 from .router import RouterConfig
+
+#: the front door's default ``limit_concurrency``: connections uvicorn holds open and requests it serves at
+#: once; past it each new request is a 503 at once, its connection closed (before: no bound but the process's
+#: descriptor limit). Each completion in flight holds its client's connection and up to two node connections (a
+#: prefill, then the decode stream): 256 (the waiting connections, ``httpgate.MAX_WAITING``, counted in) keep
+#: the front door within the usual 1024-descriptor soft limit, as the nodes' 256 (``node.LIMIT_CONCURRENCY``)
+LIMIT_CONCURRENCY = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class FrontSettings:
     egress_gbps: float = 1.0  # PrfaaS egress the long loop plans with when no link capacity is known
     max_prompt_tokens: int = MAX_PROMPT_TOKENS  # every node refuses more too (config.request_limits)
     max_output_tokens: int = MAX_OUTPUT_TOKENS
+    limit_concurrency: int = LIMIT_CONCURRENCY  # connections and requests served at once (uvicorn's; 503 beyond)
     loop: RouterConfig = field(default_factory=RouterConfig)
 
     @staticmethod
@@ -70,6 +79,8 @@ class FrontSettings:
         s = FrontSettings(**kw)
         if not 0 < s.port < 65536 or s.poll_s <= 0 or s.node_timeout_s <= 0 or s.prefill_timeout_s <= 0:
             raise ConfigError("[router]: need a TCP port, poll_s > 0 and positive timeouts")
+        if s.limit_concurrency < 1:
+            raise ConfigError(f"[router].limit_concurrency: need >= 1, got {s.limit_concurrency}")
         if s.t_star < 0 or s.replan_s < 0 or s.max_prompt_tokens < 2 or s.max_output_tokens < 1:
             raise ConfigError("[router]: need t_star >= 0, replan_s >= 0, max_prompt_tokens >= 2, "
                               "max_output_tokens >= 1")
