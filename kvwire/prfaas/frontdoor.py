@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, request_response
 
@@ -97,7 +97,7 @@ async def read_json(request: Request, cap: int) -> Any:
     """The request's JSON body, read only up to ``cap`` bytes; ``BodyError`` (413) past it, before any byte is
     read when the Content-Length says so, (408) when it has not all come within ``signing.body_seconds`` (a
     client dribbling a body held its connection for as long as it liked), and (400) for a body that is not
-    UTF-8 JSON."""
+    UTF-8 JSON or a client that went away before all of it came."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -118,6 +118,8 @@ async def read_json(request: Request, cap: int) -> Any:
                 chunks.append(part)
     except TimeoutError:
         raise BodyError(408, f"the body did not come within {limit:.1f} s") from None
+    except ClientDisconnect:  # before: a traceback in the log per such client, a key or none
+        raise BodyError(400, f"the client went away after {got} bytes of its body") from None
     try:
         return json.loads(b"".join(chunks).decode("utf-8"))
     except UnicodeDecodeError:
