@@ -167,7 +167,7 @@ def row_fat(a: Any, bench: str) -> list[Row]:
     full = rate * PAYLOAD_FRACTION
     rows: list[Row] = []
     with WanLink(rtt_ms=80, loss=0.0001, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=11,
-                 realtime=a.realtime) as link:
+                 realtime=a.realtime, gso=getattr(a, "gso", False)) as link:
         for streams, cc in () if a.skip_iperf else ((1, "bbr"), (8, "bbr"), (1, "cubic"), (8, "cubic")):
             r = _iperf(link, streams, cc, a.seconds)
             rows.append((f"fat  iperf3 -P{streams} {cc}", f"{r['mbit']:.0f} Mbit/s = {_pct(r['mbit'] / full)} of "
@@ -228,7 +228,7 @@ def row_burst(a: Any, bench: str, loss: float = 0.0001) -> list[Row]:
     times: list[float] = []
     at_rx: list[float] = []
     with WanLink(rtt_ms=80, loss=loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=12,
-                 realtime=a.realtime) as link:
+                 realtime=a.realtime, gso=getattr(a, "gso", False)) as link:
         port, rx = _receiver(link, bench, a.rx_pool_mb)
         done = _done_times(rx)
         tc = time.monotonic()
@@ -265,7 +265,8 @@ def row_lossy(a: Any, bench: str) -> list[Row]:
     rate = 400 * a.scale
     full = rate * PAYLOAD_FRACTION
     rows: list[Row] = []
-    with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13, realtime=a.realtime) as link:
+    with WanLink(rtt_ms=20, loss=0.001, rate_mbit=rate, seed=13, realtime=a.realtime,
+                 gso=getattr(a, "gso", False)) as link:
         # (whole runs, starts included, like kvwire's: no -O; its intervals give the count from 2 s on)
         emu0 = _data_drops(link)
         one = _iperf(link, 1, "bbr", a.seconds, omit=0.0)
@@ -382,7 +383,7 @@ def row_fair(a: Any, bench: str) -> list[Row]:
     rate = 1000 * a.scale
     full = rate * PAYLOAD_FRACTION
     secs, stagger = max(20.0, a.seconds * 2), 2.0
-    with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime) as link:
+    with WanLink(rtt_ms=40, rate_mbit=rate, seed=14, realtime=a.realtime, gso=getattr(a, "gso", False)) as link:
         ref = _iperf(link, 4, "bbr", a.seconds)  # what the emulator carries now, beside
         port, rx = _receiver(link, bench, a.rx_pool_mb)
         first = time.time() + 5.0  # (each process imports and builds its payload meanwhile)
@@ -418,7 +419,7 @@ def row_collapse(a: Any, bench: str, fault_s: float = 3.0) -> list[Row]:
     label = "collapse" if fault_s == 3.0 else f"collapse ({fault_s:g} s fault)"
     full = rate * PAYLOAD_FRACTION * 1e6 / 8
     marks: dict[str, float] = {}
-    with WanLink(rtt_ms=20, rate_mbit=rate, seed=15, realtime=a.realtime) as link:
+    with WanLink(rtt_ms=20, rate_mbit=rate, seed=15, realtime=a.realtime, gso=getattr(a, "gso", False)) as link:
         port, rx = _receiver(link, bench, a.rx_pool_mb)
         s = _connect(link, port)
         payload = Payload(QWEN, 8192)
@@ -498,7 +499,7 @@ def row_stream(a: Any, bench: str, loss: float = 0.0001, tail_parity: int | None
     # the session is warmed as kvwire.connect() warms one by default on this 80 ms path (--warm off: cold)
     warm = getattr(a, "warm", "auto") != "off"
     with WanLink(rtt_ms=80, loss=loss, rate_mbit=rate, queue_bytes=int(rate * 1e6 / 8 * 0.020), seed=16,
-                 realtime=a.realtime) as link:
+                 realtime=a.realtime, gso=getattr(a, "gso", False)) as link:
         o = Options(mode="client", host=link.server_addr, model=QWEN, tokens=8192, requests=a.requests,
                     prefill_ms=prefill_ms, adaptive=True, interval=0.1 if a.trace else 0.0, warm=warm,
                     tail_parity=tail_parity)  # kvwire-bench's defaults otherwise (None: connect()'s own parity)
@@ -636,7 +637,9 @@ def run(a: Any, bench: str) -> int:
           f"{400 * a.scale:g}, 1 Gbit/s -> {1000 * a.scale:g}); RTTs, loss and queue times as in the issue; "
           f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2; the lossy row's "
           f"whole, no -O); emulator "
-          f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}; receiver buffers "
+          f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}"
+          f"{', GSO super-packets whole (--gso: a diagnostic, not the issue link)' if getattr(a, 'gso', False) else ''}"
+          f"; receiver buffers "
           f"{f'from a {a.rx_pool_mb} MiB pool touched at start' if a.rx_pool_mb else 'fresh per size'}")
     w = max(len(r[0]) for r in rows)
     for name, value, target, ok in rows:
