@@ -2,7 +2,8 @@
 ``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
 parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
 
-Owns: the checks of hosts, ports, keys, durations and bounded counts. Must not know anything else.
+Owns: the checks of hosts, ports, keys, durations, bounded counts, callables and cancel reasons. Must not
+know anything else.
 """
 
 from __future__ import annotations
@@ -92,3 +93,11 @@ def check_callable(name: str, fn: object, *, none_ok: bool = True) -> Callable[.
     if not callable(fn):
         raise TypeError(f"{name} must be callable{' or None' if none_ok else ''}, not {type(fn).__name__}")
     return fn
+
+
+def check_reason(reason: object) -> str:
+    """A cancel reason: a ``str`` (it goes to the peer, which takes nothing else; an int sent there failed the
+    whole session, every other transfer on it with it)."""
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    return reason

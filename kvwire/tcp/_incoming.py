@@ -20,6 +20,7 @@ from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
+from ._args import check_reason
 from ._callbacks import Callbacks
 from ._handle import LayerOutcome
 
@@ -154,6 +155,9 @@ class IncomingTransfer(LayerOutcome):
                 return
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
+        """End the transfer ``cancelled`` and tell the sender ``reason`` (a ``str``: ``TypeError`` else, and
+        nothing cancelled; the sender is told its first ``messages.MAX_REASON`` characters)."""
+        check_reason(reason)
         with self._cond:  # (bind takes it too: a transfer being admitted now is bound first, or refused)
             d, m = self._driver, self.manifest
             if d is None or m is None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ..buffers import byte_view
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
+from ._args import check_reason
 from ._callbacks import Callbacks
 from ._handle import Outcome
 from ._tail import TailEncoder
@@ -194,4 +195,6 @@ class OutgoingTransfer(Outcome):
         return self
 
     def cancel(self, reason: str = "cancelled by sender") -> None:
-        self._driver.cancel_transfer(self.transfer_id, reason)
+        """End the transfer ``cancelled`` and tell the receiver ``reason`` (a ``str``: ``TypeError`` else, and
+        nothing cancelled; the receiver is told its first ``messages.MAX_REASON`` characters)."""
+        self._driver.cancel_transfer(self.transfer_id, check_reason(reason))
