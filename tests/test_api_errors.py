@@ -165,6 +165,30 @@ def test_request_spec_refuses_a_mistyped_prefix_hit() -> None:
     assert RequestSpec("r", 1, 0).state_position == 0  # one token, state before it: the smallest request
 
 
+def test_a_request_id_the_wire_cannot_carry_is_refused_at_the_call_and_leaves_nothing_in_flight(
+        link: tuple[Receiver, Session]) -> None:
+    """A lone surrogate (what ``surrogateescape`` leaves of undecodable bytes) has no UTF-8 form: the manifest
+    cannot carry it. It was taken, and ``send`` then failed with a UnicodeEncodeError after the session had
+    started the transfer: an unreachable transfer in flight until its 300 s timeout."""
+    rx, session = link
+    bad = "req-\udcff"
+    with pytest.raises(LayoutError, match="UTF-8"):
+        RequestSpec(bad, 300, 299)
+    with pytest.raises(ValueError, match="UTF-8"):
+        rx.expect(bad, bytearray(16))
+    assert session.stats()["transfers_in_flight"] == 0
+    good = RequestSpec("réq-✓", 300, 299)  # text beyond ASCII is fine
+    src = payload(LAYOUT, good, seed=5)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(good.request_id, dest, layout=LAYOUT)
+    out = session.send(LAYOUT, good)
+    out.write_all(src)
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+    assert session.stats()["transfers_in_flight"] == 0
+
+
 # ------------------------------------------------------------------ kvwire.cuda block tables
 
 

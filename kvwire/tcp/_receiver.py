@@ -28,7 +28,7 @@ from ..codec import frames as F
 from ..codec import parity
 from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
 from ..codec.handshake import PEER_TIMEOUT_KEY, heartbeat_for
-from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds
+from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds, utf8_text
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
 from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
@@ -209,6 +209,8 @@ class Receiver:
             raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
         if not 0 < len(request_id) <= MAX_REQUEST_ID:
             raise ValueError(f"request_id must be 1..{MAX_REQUEST_ID} characters, got {len(request_id)}")
+        if not utf8_text(request_id):  # (no sender's RequestSpec takes it: it would never match)
+            raise ValueError(f"request_id {request_id!r} is not UTF-8 text (a lone surrogate)")
         if layout is not None and not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
