@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from helpers import payload
+from helpers import payload, send_verified
 
 from kvwire import KvwireError, LayoutMismatch, Receiver, RequestSpec, Session, connect, plan_segments
 from kvwire.errors import (
@@ -246,6 +246,47 @@ def test_a_peer_that_never_answers_the_handshake_is_a_connect_timeout_naming_it(
         assert isinstance(e.value, TimeoutError) and isinstance(e.value, ConnectError)
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------ constructors' bounds and parts
+
+_BAD_RECEIVER = [({"max_sessions": "8"}, TypeError), ({"max_sessions": 0}, ValueError),
+                 ({"max_lanes": 4.0}, TypeError), ({"max_lanes": -1}, ValueError),
+                 ({"max_handshakes": 0}, ValueError), ({"max_transfers_per_session": 0}, ValueError),
+                 ({"max_inflight_bytes": -1}, ValueError), ({"max_inflight_bytes": 1e9}, TypeError),
+                 ({"max_probe_bytes": "1G"}, TypeError), ({"limits": "x"}, TypeError),
+                 ({"chunk_stage": 5}, TypeError)]
+
+
+@pytest.mark.parametrize(("kwargs", "error"), _BAD_RECEIVER, ids=lambda v: repr(v) if isinstance(v, dict) else "")
+def test_a_receiver_refuses_a_bound_or_part_it_cannot_use_at_the_call(
+        no_leaks: None, kwargs: dict[str, object], error: type[Exception]) -> None:
+    """Each was taken before and failed later, on a thread: ``max_sessions="8"`` killed the accept thread at
+    the first connection (a receiver listening and serving nobody), ``limits="x"`` every handshake,
+    ``chunk_stage=5`` every transfer; 0 sessions or transfers refused everything."""
+    with pytest.raises(error, match=next(iter(kwargs))):
+        Receiver(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_receiver_with_those_bounds_well_formed_serves_a_transfer(no_leaks: None) -> None:
+    """The negative control: the same parameters, each of a type and range it takes (numpy ints are ints)."""
+    from kvwire.codec.frames import Limits
+    from kvwire.tcp.transport import IDENTITY
+    with Receiver(key="k", max_sessions=np.int64(2), max_lanes=2, max_handshakes=4, max_transfers_per_session=8,
+                  max_inflight_bytes=1 << 26, max_probe_bytes=0, limits=Limits(), chunk_stage=IDENTITY) as rx, \
+            connect(*rx.address, key="k", lanes=2, limits=Limits(), chunk_stage=IDENTITY) as s:
+        send_verified(rx, s, LAYOUT, RequestSpec("r-bounds", 300, 299))
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [({"limits": "x"}, TypeError), ({"chunk_stage": 5}, TypeError)],
+                         ids=["limits", "chunk_stage"])
+def test_a_session_refuses_limits_or_a_chunk_stage_it_cannot_use_before_it_connects(
+        link: tuple[Receiver, Session], kwargs: dict[str, object], error: type[Exception]) -> None:
+    rx, _ = link
+    before = rx.stats()["sessions"]
+    with pytest.raises(error, match=next(iter(kwargs))):
+        connect(*rx.address, key="k", **kwargs)  # type: ignore[arg-type]
+    assert rx.stats()["sessions"] == before  # nothing opened
 
 
 # ------------------------------------------------------------------ signatures and documentation

@@ -35,7 +35,17 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
-from ._args import check_callable, check_host, check_key, check_port, check_seconds, check_timeout
+from ._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+)
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._incoming import IncomingTransfer
@@ -143,8 +153,16 @@ class Receiver:
             check_seconds(name, seconds)
         check_callable("allocator", allocator)
         check_callable("on_transfer", on_transfer)
-        if max_probe_bytes < 0:
-            raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
+        check_limits(limits)
+        check_stage(chunk_stage)
+        # (a str max_sessions killed the accept thread at the first connection: a listening, dead receiver)
+        max_sessions, max_handshakes, max_transfers_per_session, max_inflight_bytes = (
+            check_int(name, value, 1) for name, value in (
+                ("max_sessions", max_sessions), ("max_handshakes", max_handshakes),
+                ("max_transfers_per_session", max_transfers_per_session),
+                ("max_inflight_bytes", max_inflight_bytes)))
+        max_lanes = check_int("max_lanes", max_lanes, 0)  # (0: sessions authenticate, every lane is refused)
+        max_probe_bytes = check_int("max_probe_bytes", max_probe_bytes, 0)  # (0 refuses probes)
         self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
         self._parity = parity.available()  # tail groups (``codec.parity``) are rebuilt when zfec is here
         self.key = key_bytes

@@ -40,7 +40,17 @@ from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import check_callable, check_host, check_int, check_key, check_port, check_seconds, check_timeout
+from ._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+)
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
 from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
@@ -170,12 +180,14 @@ class Session(SenderConnection):
         if max_lanes is not None:
             max_lanes = check_int("max_lanes", max_lanes, lanes, 256)
         key_bytes = check_key(key)
+        check_limits(limits)
         chunk_size = check_int("chunk_size", chunk_size, F.MIN_CHUNK, max_chunk_size(limits))
         peer_timeout = check_seconds("peer_timeout", peer_timeout)
         heartbeat = check_seconds("heartbeat", heartbeat)
         connect_timeout = check_seconds("connect_timeout", connect_timeout)
         max_retries = check_int("max_retries", max_retries, 0)
         check_callable("on_lane_open", on_lane_open)
+        check_stage(chunk_stage)
         _check_warm(warm, warm_up)
         tail_parity = parity.setting(tail_parity)  # ValueError, or KvwireError without zfec
         if max_lanes is None:  # (a controller given its own lane ceiling may grow the session to it)
