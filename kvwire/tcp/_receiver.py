@@ -15,6 +15,7 @@ congestion control, which control message is legal when.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -48,6 +49,7 @@ from ._args import (
 )
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
+from ._fork import check_process, forked
 from ._incoming import IncomingTransfer
 from ._outbox import FLUSH_WAIT
 from ._rxsession import RxSession
@@ -181,6 +183,7 @@ class Receiver:
         self.max_handshakes = max_handshakes
         self.max_probe_bytes = max_probe_bytes
         self.chunk_stage = chunk_stage
+        self._pid = os.getpid()  # the process it belongs to (``_fork``)
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
         self._lock = threading.Lock()
         self._sessions: dict[bytes, RxSession] = {}
@@ -221,8 +224,10 @@ class Receiver:
         until the request must have arrived and completed (default the receiver's ``transfer_timeout``).
         ``request_id`` is the sender's ``RequestSpec.request_id`` (a ``str``), ``layout`` a ``ModelLayout``
         (``kvwire.load_layout(name)``), ``timeout`` positive and finite: ``TypeError``/``ValueError`` else.
-        ``KvwireError`` once the receiver is closed (nothing would end the handle).
+        ``KvwireError`` once the receiver is closed (nothing would end the handle), or in a child forked from the
+        process that opened it (``_fork``).
         """
+        check_process(self._pid, "receiver")
         if not isinstance(request_id, str):  # (a sender's request id is always one: an int would never match)
             raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
         if not 0 < len(request_id) <= MAX_REQUEST_ID:
@@ -268,6 +273,7 @@ class Receiver:
         may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``."""
         if self.on_transfer is not None:
             raise KvwireError("this receiver hands allocator-placed transfers to on_transfer, not next_transfer()")
+        check_process(self._pid, "receiver")
         with self._incoming_cond:
             if not self._incoming_cond.wait_for(lambda: self._incoming or self._closed.is_set(), timeout):
                 raise TimeoutError("no transfer arrived")
@@ -281,7 +287,9 @@ class Receiver:
             return len(self._sessions)
 
     def close(self) -> None:
-        if self._closed.is_set():
+        """Stop listening, end every session and expected transfer; once. In a child forked from the process
+        that opened the receiver, nothing: its sockets are the parent's (``_fork``)."""
+        if forked(self._pid) or self._closed.is_set():
             return
         self._closed.set()
         self._acceptor.close()

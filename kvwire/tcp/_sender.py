@@ -53,6 +53,7 @@ from ._args import (
 )
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
+from ._fork import check_process, forked
 from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._tail import TailEncoder
@@ -221,6 +222,7 @@ class Session(SenderConnection):
         self._engine = SenderEngine(peer_timeout=peer_timeout, heartbeat=heartbeat, reconnect=reconnect)
         self._cond = threading.Condition()  # around every engine call; lanes and senders wait on it
         self._handles: dict[int, OutgoingTransfer] = {}  # added under _cond; removed as the engine ends them
+        self._pid = os.getpid()  # the process it belongs to (``_fork``)
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
         self._threads: list[threading.Thread] = []
         self.lanes: list[Lane] = []
@@ -311,7 +313,9 @@ class Session(SenderConnection):
 
         ``layout`` is a ``ModelLayout`` (``kvwire.load_layout(name)`` for a preset), ``request`` a
         ``RequestSpec``, ``timeout`` seconds (positive, finite) or ``None``: ``TypeError``/``ValueError`` else.
+        ``KvwireError`` in a child forked from the process that opened the session (``_fork``).
         """
+        check_process(self._pid, "session")
         if not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout, not {type(layout).__name__}{hint}")
@@ -466,6 +470,10 @@ class Session(SenderConnection):
                          lane.index < active) for lane in lanes]
 
     def close(self) -> None:
+        """End the transfers in flight (``cancelled``), say BYE and close the connections; once. In a child
+        forked from the process that opened the session, nothing: the connections are the parent's (``_fork``)."""
+        if forked(self._pid):
+            return
         self.detach_link_control()
         group, self._group = self._group, None
         if group is not None:
