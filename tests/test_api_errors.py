@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import inspect
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -139,6 +140,27 @@ def test_expect_refuses_a_destination_that_cannot_hold_the_transfer_at_the_call(
     out.finish().result(timeout=30)
     incoming.result(timeout=30)
     assert np.array_equal(dest, np.concatenate(src))
+
+
+def test_a_done_callback_that_is_not_callable_is_a_type_error_at_the_call(link: tuple[Receiver, Session]) -> None:
+    """It was taken and failed on the callback pool once the transfer ended, logged, long after the call."""
+    rx, session = link
+    req = RequestSpec("r-done-cb", 300, 299)
+    src = payload(LAYOUT, req, seed=4)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(req.request_id, dest, layout=LAYOUT)
+    out = session.send(LAYOUT, req)
+    for handle in (out, incoming):
+        with pytest.raises(TypeError, match="callable"):
+            handle.add_done_callback(5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="callable"):
+            handle.future.add_done_callback(None)  # type: ignore[arg-type]
+    called = threading.Event()
+    out.add_done_callback(lambda f: called.set())  # the good path: runs once the transfer is done
+    out.write_all(src)
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert called.wait(10) and np.array_equal(dest, np.concatenate(src))
 
 
 # ------------------------------------------------------------------ RequestSpec

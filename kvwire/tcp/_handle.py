@@ -43,6 +43,8 @@ class _Future(concurrent.futures.Future[Any]):
         return False
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        if not callable(fn):  # (it would fail on the pool, logged, long after this call returned)
+            raise TypeError(f"add_done_callback takes a callable fn(future), not {type(fn).__name__}")
         if self._callbacks is None:
             super().add_done_callback(fn)
             return
