@@ -10,13 +10,14 @@ from __future__ import annotations
 import errno
 import inspect
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from helpers import payload
+from helpers import payload, send_verified
 
 from kvwire import KvwireError, LayoutMismatch, Receiver, RequestSpec, Session, connect, plan_segments
 from kvwire.errors import (
@@ -141,6 +142,27 @@ def test_expect_refuses_a_destination_that_cannot_hold_the_transfer_at_the_call(
     assert np.array_equal(dest, np.concatenate(src))
 
 
+def test_a_done_callback_that_is_not_callable_is_a_type_error_at_the_call(link: tuple[Receiver, Session]) -> None:
+    """It was taken and failed on the callback pool once the transfer ended, logged, long after the call."""
+    rx, session = link
+    req = RequestSpec("r-done-cb", 300, 299)
+    src = payload(LAYOUT, req, seed=4)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(req.request_id, dest, layout=LAYOUT)
+    out = session.send(LAYOUT, req)
+    for handle in (out, incoming):
+        with pytest.raises(TypeError, match="callable"):
+            handle.add_done_callback(5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="callable"):
+            handle.future.add_done_callback(None)  # type: ignore[arg-type]
+    called = threading.Event()
+    out.add_done_callback(lambda f: called.set())  # the good path: runs once the transfer is done
+    out.write_all(src)
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert called.wait(10) and np.array_equal(dest, np.concatenate(src))
+
+
 # ------------------------------------------------------------------ RequestSpec
 
 
@@ -163,6 +185,30 @@ def test_request_spec_refuses_a_mistyped_prefix_hit() -> None:
     with pytest.raises(LayoutError, match="int"):
         RequestSpec("r", 10, 9, {"attn": "3"})  # type: ignore[dict-item]
     assert RequestSpec("r", 1, 0).state_position == 0  # one token, state before it: the smallest request
+
+
+def test_a_request_id_the_wire_cannot_carry_is_refused_at_the_call_and_leaves_nothing_in_flight(
+        link: tuple[Receiver, Session]) -> None:
+    """A lone surrogate (what ``surrogateescape`` leaves of undecodable bytes) has no UTF-8 form: the manifest
+    cannot carry it. It was taken, and ``send`` then failed with a UnicodeEncodeError after the session had
+    started the transfer: an unreachable transfer in flight until its 300 s timeout."""
+    rx, session = link
+    bad = "req-\udcff"
+    with pytest.raises(LayoutError, match="UTF-8"):
+        RequestSpec(bad, 300, 299)
+    with pytest.raises(ValueError, match="UTF-8"):
+        rx.expect(bad, bytearray(16))
+    assert session.stats()["transfers_in_flight"] == 0
+    good = RequestSpec("réq-✓", 300, 299)  # text beyond ASCII is fine
+    src = payload(LAYOUT, good, seed=5)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    incoming = rx.expect(good.request_id, dest, layout=LAYOUT)
+    out = session.send(LAYOUT, good)
+    out.write_all(src)
+    out.finish().result(timeout=30)
+    incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+    assert session.stats()["transfers_in_flight"] == 0
 
 
 # ------------------------------------------------------------------ kvwire.cuda block tables
@@ -222,6 +268,47 @@ def test_a_peer_that_never_answers_the_handshake_is_a_connect_timeout_naming_it(
         assert isinstance(e.value, TimeoutError) and isinstance(e.value, ConnectError)
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------ constructors' bounds and parts
+
+_BAD_RECEIVER = [({"max_sessions": "8"}, TypeError), ({"max_sessions": 0}, ValueError),
+                 ({"max_lanes": 4.0}, TypeError), ({"max_lanes": -1}, ValueError),
+                 ({"max_handshakes": 0}, ValueError), ({"max_transfers_per_session": 0}, ValueError),
+                 ({"max_inflight_bytes": -1}, ValueError), ({"max_inflight_bytes": 1e9}, TypeError),
+                 ({"max_probe_bytes": "1G"}, TypeError), ({"limits": "x"}, TypeError),
+                 ({"chunk_stage": 5}, TypeError)]
+
+
+@pytest.mark.parametrize(("kwargs", "error"), _BAD_RECEIVER, ids=lambda v: repr(v) if isinstance(v, dict) else "")
+def test_a_receiver_refuses_a_bound_or_part_it_cannot_use_at_the_call(
+        no_leaks: None, kwargs: dict[str, object], error: type[Exception]) -> None:
+    """Each was taken before and failed later, on a thread: ``max_sessions="8"`` killed the accept thread at
+    the first connection (a receiver listening and serving nobody), ``limits="x"`` every handshake,
+    ``chunk_stage=5`` every transfer; 0 sessions or transfers refused everything."""
+    with pytest.raises(error, match=next(iter(kwargs))):
+        Receiver(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_receiver_with_those_bounds_well_formed_serves_a_transfer(no_leaks: None) -> None:
+    """The negative control: the same parameters, each of a type and range it takes (numpy ints are ints)."""
+    from kvwire.codec.frames import Limits
+    from kvwire.tcp.transport import IDENTITY
+    with Receiver(key="k", max_sessions=np.int64(2), max_lanes=2, max_handshakes=4, max_transfers_per_session=8,
+                  max_inflight_bytes=1 << 26, max_probe_bytes=0, limits=Limits(), chunk_stage=IDENTITY) as rx, \
+            connect(*rx.address, key="k", lanes=2, limits=Limits(), chunk_stage=IDENTITY) as s:
+        send_verified(rx, s, LAYOUT, RequestSpec("r-bounds", 300, 299))
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [({"limits": "x"}, TypeError), ({"chunk_stage": 5}, TypeError)],
+                         ids=["limits", "chunk_stage"])
+def test_a_session_refuses_limits_or_a_chunk_stage_it_cannot_use_before_it_connects(
+        link: tuple[Receiver, Session], kwargs: dict[str, object], error: type[Exception]) -> None:
+    rx, _ = link
+    before = rx.stats()["sessions"]
+    with pytest.raises(error, match=next(iter(kwargs))):
+        connect(*rx.address, key="k", **kwargs)  # type: ignore[arg-type]
+    assert rx.stats()["sessions"] == before  # nothing opened
 
 
 # ------------------------------------------------------------------ signatures and documentation

@@ -344,6 +344,16 @@ def conv_rank_split(spec: TensorSpec, tp_size: int) -> tuple[int, ...]:
 MAX_REQUEST_ID = 256
 
 
+def utf8_text(text: str) -> bool:
+    """``text`` encodes as UTF-8, as the wire carries every string (a lone surrogate, as ``surrogateescape``
+    leaves of undecodable bytes, does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     """One request's transfer: its tokens, the state's resume position and the receiver's prefix hits.
@@ -363,6 +373,8 @@ class RequestSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= MAX_REQUEST_ID:
             raise LayoutError(f"request_id must be a string of 1..{MAX_REQUEST_ID} characters")
+        if not utf8_text(self.request_id):  # (the manifest could not carry it: send() failed past its checks)
+            raise LayoutError(f"request_id {self.request_id!r} is not UTF-8 text (a lone surrogate)")
         for name in ("num_tokens", "state_position"):  # numpy/torch integers are ints; str, float, bool are not
             object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.num_tokens < 1:

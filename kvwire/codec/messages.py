@@ -2,8 +2,8 @@
 
 Owns: the fields of DONE, CANCEL/ERROR, ACK/NACK and the transfer id every transfer message names,
 each checked for its exact type and range, so a handler gets plain ints and strings or a
-ProtocolError, never a TypeError from a list where an int belongs. Must not know: sockets, sessions
-or transfer state.
+ProtocolError, never a TypeError from a list where an int belongs; and the other way, a reason as this
+side puts it on the wire (``wire_reason``). Must not know: sockets, sessions or transfer state.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def reason(body: dict[str, Any]) -> str:
     if type(v) is not str:
         raise ProtocolError(f"field 'reason' must be a string, got {type(v).__name__}")
     return v[:MAX_REASON]
+
+
+def wire_reason(text: str) -> str:
+    """``text`` (a user's cancel reason, an allocator's exception) as a reason this side sends: its first
+    ``MAX_REASON`` characters, with what UTF-8 cannot carry (a lone surrogate, as ``surrogateescape`` leaves
+    in a file name) escaped. Sent whole, a 5 MiB one overran the peer's control frame bound and a surrogate
+    failed the frame's encoding: either ended the session, every transfer on it with it."""
+    cut = text[:MAX_REASON]
+    return cut.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_done(body: dict[str, Any]) -> tuple[int, int]:

@@ -47,7 +47,7 @@ from .early import EarlyLedger, EarlyWindow
 from .frames import Header, Limits
 from .layout import ModelLayout
 from .manifest import Manifest, parse_manifest
-from .messages import parse_done, parse_end
+from .messages import parse_done, parse_end, wire_reason
 from .plan import ChunkPlan
 from .probe import sink_refusal
 from .rules import RECEIVER_RECEIVES, Conn, advance
@@ -286,7 +286,7 @@ class ReceiverEngine:
             raw = body.get("tid")
             tid = raw if type(raw) is int else None
             self._answered(tid)
-            return [self._send(F.REJECT, {"tid": tid, "reason": str(e)}, now)]
+            return [self._send(F.REJECT, {"tid": tid, "reason": wire_reason(str(e))}, now)]
         self._keep_layout(m)
         reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
         if not reason and m.parity > self.parity:
@@ -356,7 +356,7 @@ class ReceiverEngine:
         if self._over:
             return []
         self._answered(tid)
-        return [self._send(F.REJECT, {"tid": tid, "reason": reason}, now)]
+        return [self._send(F.REJECT, {"tid": tid, "reason": wire_reason(reason)}, now)]
 
     def _answered(self, tid: int | None) -> None:
         """``tid`` is refused: its early bytes no longer count and, with an early window, its id is
@@ -397,7 +397,7 @@ class ReceiverEngine:
                 t.pending, t.pending_since = (state, reason), now
                 self.pending[tid] = t
         if notify is not None and not self._over:
-            out.append(self._send(notify, {"tid": tid, "reason": reason, "state": state.value}, now))
+            out.append(self._send(notify, {"tid": tid, "reason": wire_reason(reason), "state": state.value}, now))
         return out
 
     def close(self, reason: str) -> list[Action]:

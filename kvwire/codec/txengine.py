@@ -28,7 +28,7 @@ from . import frames as F
 from .actions import Ended, Fail, Send
 from .early import EarlyLedger, EarlyWindow
 from .handshake import heartbeat_for
-from .messages import parse_chunks, reason
+from .messages import parse_chunks, reason, wire_reason
 from .rules import NACK_LOST, SENDER_RECEIVES, SENDER_TRANSFER, Conn, Offer, advance, answers
 from .transfer import TERMINAL_COUNTERS, SenderTransfer, State, terminal_counter
 
@@ -416,5 +416,5 @@ class SenderEngine:
             for k in [k for k in self._inflight if k[0] == tid]:
                 self._lane_load[self._inflight.pop(k)] -= 1
         if notify is not None:
-            out.append(Send(notify, {"tid": tid, "reason": reason, "state": state.value}))
+            out.append(Send(notify, {"tid": tid, "reason": wire_reason(reason), "state": state.value}))
         out.append(Ended(tid, state, reason))

@@ -2,7 +2,8 @@
 ``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
 parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
 
-Owns: the checks of hosts, ports, keys, durations and bounded counts. Must not know anything else.
+Owns: the checks of hosts, ports, keys, durations, bounded counts, callables, limits, chunk stages and cancel
+reasons. Must not know anything else.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import numbers
 from collections.abc import Callable
 from typing import Any
+
+from ..codec.frames import Limits
 
 
 def check_host(host: object, name: str = "host") -> str:
@@ -92,3 +95,26 @@ def check_callable(name: str, fn: object, *, none_ok: bool = True) -> Callable[.
     if not callable(fn):
         raise TypeError(f"{name} must be callable{' or None' if none_ok else ''}, not {type(fn).__name__}")
     return fn
+
+
+def check_reason(reason: object) -> str:
+    """A cancel reason: a ``str`` (it goes to the peer, which takes nothing else; an int sent there failed the
+    whole session, every other transfer on it with it)."""
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    return reason
+
+
+def check_limits(limits: object) -> Limits:
+    """A ``kvwire.codec.frames.Limits``: anything else failed on the first connection's thread (a receiver's
+    accepted none, silently)."""
+    if not isinstance(limits, Limits):
+        raise TypeError(f"limits must be a kvwire.codec.frames.Limits, not {type(limits).__name__}")
+    return limits
+
+
+def check_stage(stage: object) -> None:
+    """A ``transport.ChunkStage``: callable ``outgoing`` and ``incoming`` (one without failed every transfer,
+    chunk by chunk)."""
+    if not all(callable(getattr(stage, m, None)) for m in ("outgoing", "incoming")):
+        raise TypeError(f"chunk_stage must have outgoing() and incoming() (a ChunkStage), not {type(stage).__name__}")

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import numbers
+import os
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -18,6 +19,7 @@ from typing import Any
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
 from ._callbacks import Callbacks
+from ._fork import check_process
 
 log = logging.getLogger("kvwire.tcp")
 
@@ -41,6 +43,8 @@ class _Future(concurrent.futures.Future[Any]):
         return False
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        if not callable(fn):  # (it would fail on the pool, logged, long after this call returned)
+            raise TypeError(f"add_done_callback takes a callable fn(future), not {type(fn).__name__}")
         if self._callbacks is None:
             super().add_done_callback(fn)
             return
@@ -83,6 +87,7 @@ class Outcome:
         self._state = State.ACTIVE
         self._reason = ""
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # (in a child forked from it nothing would ever end the handle: ``_fork``)
 
     @property
     def state(self) -> State:
@@ -142,7 +147,10 @@ class Outcome:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the terminal state; returns this handle when done. Builtin TimeoutError if this
-        wait (not the transfer) times out."""
+        wait (not the transfer) times out. ``KvwireError`` at once in a forked child (``_fork``) while it runs:
+        the threads that would end it are in the parent."""
+        if not self.finished:
+            check_process(self._pid, "transfer")
         try:
             exc = self.future.exception(timeout)
         except concurrent.futures.TimeoutError:
@@ -191,6 +199,8 @@ class LayerOutcome(Outcome):
                 or (n is not None and layer >= n)):
             span = f" (0..{n - 1})" if n is not None else ""
             raise LayoutMismatch(f"layer {layer!r} is not a layer of the layout{span}")
+        if not self.finished:
+            check_process(self._pid, "transfer")
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while layer not in self.layer_times:

@@ -20,7 +20,9 @@ from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
+from ._args import check_reason
 from ._callbacks import Callbacks
+from ._fork import check_process
 from ._handle import LayerOutcome
 
 log = logging.getLogger("kvwire.tcp")
@@ -130,6 +132,8 @@ class IncomingTransfer(LayerOutcome):
 
     def layers(self, timeout: float | None = None) -> Iterator[int]:
         """Yield layer indices in the order they become ready, until every layer with bytes is in."""
+        if not self.finished:
+            check_process(self._pid, "transfer")
         seen: set[int] = set()
         end = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -154,6 +158,10 @@ class IncomingTransfer(LayerOutcome):
                 return
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
+        """End the transfer ``cancelled`` and tell the sender ``reason`` (a ``str``: ``TypeError`` else, and
+        nothing cancelled; the sender is told its first ``messages.MAX_REASON`` characters)."""
+        check_reason(reason)
+        check_process(self._pid, "transfer")
         with self._cond:  # (bind takes it too: a transfer being admitted now is bound first, or refused)
             d, m = self._driver, self.manifest
             if d is None or m is None:

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 from ..buffers import byte_view
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
+from ._args import check_reason
 from ._callbacks import Callbacks
+from ._fork import check_process
 from ._handle import Outcome
 from ._tail import TailEncoder
 
@@ -101,6 +103,7 @@ class OutgoingTransfer(Outcome):
         """Hand over layer ``layer``'s tensors (its segments, in order). Buffers are not copied: keep
         them unchanged until the transfer ends. ``LayoutMismatch`` for a layer, count, byte size or dtype
         (of a numpy array or torch tensor: the layout's, or uint8 bytes) that does not fit the layout."""
+        check_process(self._pid, "transfer")
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self._num_layers:
             raise LayoutMismatch(f"layer {layer!r} is not a layer of the layout (0..{self._num_layers - 1})")
         if isinstance(buffers, (str, bytes)) or not isinstance(buffers, Sequence):
@@ -186,6 +189,7 @@ class OutgoingTransfer(Outcome):
     # ------------------------------------------------------------ user
     def finish(self) -> Outcome:
         """No more layers. Returns this handle; ``result()`` waits for the receiver's confirmation."""
+        check_process(self._pid, "transfer")
         missing = [layer for layer in self._by_layer if layer not in self._written]
         if missing:
             raise KvwireError(f"finish() before layers {missing[:8]} were written")
@@ -194,4 +198,7 @@ class OutgoingTransfer(Outcome):
         return self
 
     def cancel(self, reason: str = "cancelled by sender") -> None:
-        self._driver.cancel_transfer(self.transfer_id, reason)
+        """End the transfer ``cancelled`` and tell the receiver ``reason`` (a ``str``: ``TypeError`` else, and
+        nothing cancelled; the receiver is told its first ``messages.MAX_REASON`` characters)."""
+        check_process(self._pid, "transfer")
+        self._driver.cancel_transfer(self.transfer_id, check_reason(reason))

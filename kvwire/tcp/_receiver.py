@@ -15,6 +15,7 @@ congestion control, which control message is legal when.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -28,16 +29,27 @@ from ..codec import frames as F
 from ..codec import parity
 from ..codec.early import DEFAULT_EARLY_BYTES, DONE_EARLY, EarlyWindow
 from ..codec.handshake import PEER_TIMEOUT_KEY, heartbeat_for
-from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds
+from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds, utf8_text
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
 from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
-from ._args import check_callable, check_host, check_key, check_port, check_seconds, check_timeout
+from ._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+)
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
+from ._fork import check_process, forked
 from ._incoming import IncomingTransfer
 from ._outbox import FLUSH_WAIT
 from ._rxsession import RxSession
@@ -143,8 +155,16 @@ class Receiver:
             check_seconds(name, seconds)
         check_callable("allocator", allocator)
         check_callable("on_transfer", on_transfer)
-        if max_probe_bytes < 0:
-            raise ValueError("max_probe_bytes must be >= 0 (0 refuses probes)")
+        check_limits(limits)
+        check_stage(chunk_stage)
+        # (a str max_sessions killed the accept thread at the first connection: a listening, dead receiver)
+        max_sessions, max_handshakes, max_transfers_per_session, max_inflight_bytes = (
+            check_int(name, value, 1) for name, value in (
+                ("max_sessions", max_sessions), ("max_handshakes", max_handshakes),
+                ("max_transfers_per_session", max_transfers_per_session),
+                ("max_inflight_bytes", max_inflight_bytes)))
+        max_lanes = check_int("max_lanes", max_lanes, 0)  # (0: sessions authenticate, every lane is refused)
+        max_probe_bytes = check_int("max_probe_bytes", max_probe_bytes, 0)  # (0 refuses probes)
         self.early = EarlyWindow.for_receiver(early_bytes)  # ValueError when negative
         self._parity = parity.available()  # tail groups (``codec.parity``) are rebuilt when zfec is here
         self.key = key_bytes
@@ -163,6 +183,7 @@ class Receiver:
         self.max_handshakes = max_handshakes
         self.max_probe_bytes = max_probe_bytes
         self.chunk_stage = chunk_stage
+        self._pid = os.getpid()  # the process it belongs to (``_fork``)
         self._sink_scratch: memoryview | None = None  # shared by every sink transfer; allocated on first use
         self._lock = threading.Lock()
         self._sessions: dict[bytes, RxSession] = {}
@@ -203,12 +224,16 @@ class Receiver:
         until the request must have arrived and completed (default the receiver's ``transfer_timeout``).
         ``request_id`` is the sender's ``RequestSpec.request_id`` (a ``str``), ``layout`` a ``ModelLayout``
         (``kvwire.load_layout(name)``), ``timeout`` positive and finite: ``TypeError``/``ValueError`` else.
-        ``KvwireError`` once the receiver is closed (nothing would end the handle).
+        ``KvwireError`` once the receiver is closed (nothing would end the handle), or in a child forked from the
+        process that opened it (``_fork``).
         """
+        check_process(self._pid, "receiver")
         if not isinstance(request_id, str):  # (a sender's request id is always one: an int would never match)
             raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
         if not 0 < len(request_id) <= MAX_REQUEST_ID:
             raise ValueError(f"request_id must be 1..{MAX_REQUEST_ID} characters, got {len(request_id)}")
+        if not utf8_text(request_id):  # (no sender's RequestSpec takes it: it would never match)
+            raise ValueError(f"request_id {request_id!r} is not UTF-8 text (a lone surrogate)")
         if layout is not None and not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout or None, not {type(layout).__name__}{hint}")
@@ -248,6 +273,7 @@ class Receiver:
         may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``."""
         if self.on_transfer is not None:
             raise KvwireError("this receiver hands allocator-placed transfers to on_transfer, not next_transfer()")
+        check_process(self._pid, "receiver")
         with self._incoming_cond:
             if not self._incoming_cond.wait_for(lambda: self._incoming or self._closed.is_set(), timeout):
                 raise TimeoutError("no transfer arrived")
@@ -261,7 +287,9 @@ class Receiver:
             return len(self._sessions)
 
     def close(self) -> None:
-        if self._closed.is_set():
+        """Stop listening, end every session and expected transfer; once. In a child forked from the process
+        that opened the receiver, nothing: its sockets are the parent's (``_fork``)."""
+        if forked(self._pid) or self._closed.is_set():
             return
         self._closed.set()
         self._acceptor.close()

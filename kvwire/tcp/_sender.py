@@ -40,9 +40,20 @@ from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import check_callable, check_host, check_int, check_key, check_port, check_seconds, check_timeout
+from ._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+)
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
+from ._fork import check_process, forked
 from ._lanes import LONG_PATH_RTT, Dialer, Lane, LaneHook, LaneInfo
 from ._outgoing import OutgoingTransfer
 from ._tail import TailEncoder
@@ -170,12 +181,14 @@ class Session(SenderConnection):
         if max_lanes is not None:
             max_lanes = check_int("max_lanes", max_lanes, lanes, 256)
         key_bytes = check_key(key)
+        check_limits(limits)
         chunk_size = check_int("chunk_size", chunk_size, F.MIN_CHUNK, max_chunk_size(limits))
         peer_timeout = check_seconds("peer_timeout", peer_timeout)
         heartbeat = check_seconds("heartbeat", heartbeat)
         connect_timeout = check_seconds("connect_timeout", connect_timeout)
         max_retries = check_int("max_retries", max_retries, 0)
         check_callable("on_lane_open", on_lane_open)
+        check_stage(chunk_stage)
         _check_warm(warm, warm_up)
         tail_parity = parity.setting(tail_parity)  # ValueError, or KvwireError without zfec
         if max_lanes is None:  # (a controller given its own lane ceiling may grow the session to it)
@@ -209,6 +222,7 @@ class Session(SenderConnection):
         self._engine = SenderEngine(peer_timeout=peer_timeout, heartbeat=heartbeat, reconnect=reconnect)
         self._cond = threading.Condition()  # around every engine call; lanes and senders wait on it
         self._handles: dict[int, OutgoingTransfer] = {}  # added under _cond; removed as the engine ends them
+        self._pid = os.getpid()  # the process it belongs to (``_fork``)
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
         self._threads: list[threading.Thread] = []
         self.lanes: list[Lane] = []
@@ -299,7 +313,9 @@ class Session(SenderConnection):
 
         ``layout`` is a ``ModelLayout`` (``kvwire.load_layout(name)`` for a preset), ``request`` a
         ``RequestSpec``, ``timeout`` seconds (positive, finite) or ``None``: ``TypeError``/``ValueError`` else.
+        ``KvwireError`` in a child forked from the process that opened the session (``_fork``).
         """
+        check_process(self._pid, "session")
         if not isinstance(layout, ModelLayout):
             hint = " (pass kvwire.load_layout(name) for a preset)" if isinstance(layout, str) else ""
             raise TypeError(f"layout must be a ModelLayout, not {type(layout).__name__}{hint}")
@@ -454,6 +470,10 @@ class Session(SenderConnection):
                          lane.index < active) for lane in lanes]
 
     def close(self) -> None:
+        """End the transfers in flight (``cancelled``), say BYE and close the connections; once. In a child
+        forked from the process that opened the session, nothing: the connections are the parent's (``_fork``)."""
+        if forked(self._pid):
+            return
         self.detach_link_control()
         group, self._group = self._group, None
         if group is not None:

@@ -25,6 +25,7 @@ from ..codec.handshake import PEER_TIMEOUT_KEY
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
+from ._fork import check_process
 from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
 from ._txlanes import LanePump
@@ -54,6 +55,7 @@ class SenderConnection:
     _threads: list[threading.Thread]
     _dialer: Dialer
     _pump: LanePump
+    _pid: int  # the process the session belongs to (``_fork``)
 
     # ------------------------------------------------------------ for the handles (outgoing.TransferDriver)
     def layer_written(self, transfer_id: int, layer: int) -> None:
@@ -88,6 +90,7 @@ class SenderConnection:
         concurrently; the caller waits for them). A lane that fails to open leaves the count at the lanes
         that did, in index order.
         """
+        check_process(self._pid, "session")
         n = max(1, min(self.max_lanes, int(n)))
         with self._cond:
             if self._engine.closed or self._engine.down:
