@@ -380,6 +380,27 @@ def test_a_control_frame_of_tiny_containers_ends_the_session_and_the_receiver_se
         assert uncaught == []
 
 
+def test_a_receivers_control_frame_of_tiny_containers_fails_the_senders_session(
+        small: tuple, uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
+    """The other way: a receiver's HEARTBEAT of 3.7 million empty lists. The sender's control loop refuses it
+    (the codec's ProtocolError), its session fails naming it, and the transfer in flight ends failed, once."""
+    layout, req, _ = small
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=1, link_control=False) as s:
+        h_rx = rx.expect(req.request_id, np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8),
+                         layout=layout)
+        out = s.send(layout, req)  # its bytes are never written: it is in flight when the frame comes
+        (session,) = rx._sessions.values()
+        session.send(F.HEARTBEAT, {f"k{i}": [[]] * (1 << 19) for i in range(7)})
+        assert wait_until(lambda: s.closed, 5), "the sender's session outlived the frame"
+        assert "more than 35840 maps and arrays" in s.failure, s.failure
+        with pytest.raises(KvwireError, match="maps and arrays"):
+            out.result(5)
+        assert out.state is State.FAILED and not out.resolve(State.DONE)
+        with pytest.raises(KvwireError):  # the receiver's side of it ends too: the sender closed the connection
+            h_rx.result(10)
+    assert uncaught == []
+
+
 @pytest.mark.parametrize("field,value", [("tp_size", 1e300), ("tp_size", 2**63), ("block_size", 1e300),
                                          ("name", [1]), ("tp_rank", True), ("page_layout", {})])
 def test_malformed_layout_in_begin_is_rejected_and_the_session_serves_on(field: str, value: object,
