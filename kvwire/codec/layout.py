@@ -1,10 +1,12 @@
 """Cache layout descriptors: what one model instance caches, per layer, and what one request's payload is.
 
 Owns: dtypes, cache kinds, tensor specs with explicit layout tags and TP sharding, the request
-descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints and how a
-conv state's channels split over TP ranks (``conv_rank_split``). Must not know: sockets, threads, clocks,
-torch, how HF configs are parsed (``hf.py`` builds layouts from configs) or re-sharding plans
-(``reshard.py``); whether two layouts can exchange bytes is ``compat.check_compatible``, which knows both.
+descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints, how a
+conv state's channels split over TP ranks (``conv_rank_split``) and the bounds on every field of these:
+one copy, checked where each is built, so a layout made in code is one the wire can carry. Must not
+know: sockets, threads, clocks, torch, how HF configs are parsed (``hf.py`` builds layouts from configs)
+or re-sharding plans (``reshard.py``); whether two layouts can exchange bytes is
+``compat.check_compatible``, which knows both.
 
 Wire form of a segment: one tensor of one layer, contiguous. Token-indexed tensors are token-major,
 ``(tokens, *per_token_shape)``, except K/V tagged ``HND``: ``(heads, tokens, dim)``; request-indexed
