@@ -360,6 +360,47 @@ def test_malformed_control_message_ends_the_session_cleanly(kind: str, body: dic
         assert uncaught == []
 
 
+def test_a_control_frame_of_tiny_containers_ends_the_session_and_the_receiver_serves_on(
+        small: tuple, uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
+    """An authenticated peer's 3.7 MiB BEGIN of 3.7 million empty lists made the receiver's control thread
+    build ~260 MiB of them before the manifest was even looked at. It is the usual ProtocolError now: the
+    receiver answers ERROR, closes that session (not left to the silence monitor) and serves the next."""
+    with Receiver(key="k") as rx:
+        raw, ch, _, _ = raw_sender(rx.address, b"k")
+        with raw:
+            assert wait_until(lambda: rx.sessions == 1, 2)
+            ch.send(F.BEGIN, {f"k{i}": [[]] * (1 << 19) for i in range(7)})
+            kind, body = next_control(ch)
+            assert kind == F.ERROR and "more than 35840 maps and arrays" in body["reason"], body
+            assert wait_until(lambda: rx.sessions == 0, 2), "session left to the peer-silence monitor"
+            raw.settimeout(5)  # the connection is closed after the ERROR (a timeout here: it was not)
+            while raw.recv(1 << 16):
+                pass
+        _send_one(rx.address, rx, small)  # negative control: the receiver serves an honest sender on
+        assert uncaught == []
+
+
+def test_a_receivers_control_frame_of_tiny_containers_fails_the_senders_session(
+        small: tuple, uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
+    """The other way: a receiver's HEARTBEAT of 3.7 million empty lists. The sender's control loop refuses it
+    (the codec's ProtocolError), its session fails naming it, and the transfer in flight ends failed, once."""
+    layout, req, _ = small
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=1, link_control=False) as s:
+        h_rx = rx.expect(req.request_id, np.zeros(sum(x.nbytes for x in plan_segments(layout, req)), np.uint8),
+                         layout=layout)
+        out = s.send(layout, req)  # its bytes are never written: it is in flight when the frame comes
+        (session,) = rx._sessions.values()
+        session.send(F.HEARTBEAT, {f"k{i}": [[]] * (1 << 19) for i in range(7)})
+        assert wait_until(lambda: s.closed, 5), "the sender's session outlived the frame"
+        assert "more than 35840 maps and arrays" in s.failure, s.failure
+        with pytest.raises(KvwireError, match="maps and arrays"):
+            out.result(5)
+        assert out.state is State.FAILED and not out.resolve(State.DONE)
+        with pytest.raises(KvwireError):  # the receiver's side of it ends too: the sender closed the connection
+            h_rx.result(10)
+    assert uncaught == []
+
+
 @pytest.mark.parametrize("field,value", [("tp_size", 1e300), ("tp_size", 2**63), ("block_size", 1e300),
                                          ("name", [1]), ("tp_rank", True), ("page_layout", {})])
 def test_malformed_layout_in_begin_is_rejected_and_the_session_serves_on(field: str, value: object,
@@ -399,14 +440,16 @@ def _zero_begin(tid: int, rid: str, nseg: int) -> dict:  # type: ignore[type-arg
 
 
 def test_zero_payload_transfers_of_many_segments_hold_no_memory(uncaught: list, no_leaks: None) -> None:  # type: ignore[type-arg]
-    """40 BEGINs of 65,536 empty segments each (main: accepted, +975 MiB RSS, seconds of CPU each)."""
+    """40 BEGINs of 32,768 empty segments each (main before the bound: 65,536, accepted, +975 MiB RSS, seconds
+    of CPU each) are rejected; one of 65,536 decodes into more maps and arrays than any legal message and
+    ends the session (Limits.max_control_containers)."""
     with Receiver(key="k", allocator=lambda m: bytearray(m.total_bytes)) as rx:
         raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             gc.collect()
             before, t0 = rss(), time.monotonic()
             replies = []
-            begin = _zero_begin(0, "z", 65536)
+            begin = _zero_begin(0, "z", 32768)
             for n in range(40):
                 ch.send(F.BEGIN, {**begin, "tid": n, "req": {**begin["req"], "request_id": f"z{n}"}})
                 replies.append(next_control(ch)[0])
@@ -414,9 +457,13 @@ def test_zero_payload_transfers_of_many_segments_hold_no_memory(uncaught: list, 
             took = time.monotonic() - t0
             gc.collect()
             grown = rss() - before
-            print(f"\n40 x 65,536-segment BEGINs: {took:.2f} s, RSS +{grown / 2**20:.1f} MiB, replies {set(replies)}")
+            print(f"\n40 x 32,768-segment BEGINs: {took:.2f} s, RSS +{grown / 2**20:.1f} MiB, replies {set(replies)}")
             assert replies == [F.REJECT] * 40
             assert grown < 64 * 2**20
+            ch.send(F.BEGIN, _zero_begin(40, "z40", 65536))
+            kind, body = next_control(ch)
+            assert kind == F.ERROR and "maps and arrays" in body["reason"], body
+            assert wait_until(lambda: rx.sessions == 0, 2)
     assert uncaught == []
 
 
@@ -631,19 +678,24 @@ def test_a_layout_may_describe_no_more_tensors_than_a_manifest_carries_segments(
                                                                                  no_leaks: None) -> None:
     """A layout of 65,536 tensors fit one 1.5 MB BEGIN, took a second of the control thread to parse and held
     30 MiB once parsed (a session kept 256 of them: ``test_rxengine``'s layout tests bound what it keeps).
-    Refused before a tensor is built; the session serves on. Negative control: a layout at the bound is
-    parsed (and refused only for want of a destination)."""
+    One of twice the bound is refused before a tensor is built; the session serves on. Negative control: a
+    layout at the bound is parsed (and refused only for want of a destination). The 65,536-tensor one decodes
+    into more maps and arrays than any legal message (Limits.max_control_containers): it ends the session."""
     cap = F.DEFAULT_LIMITS.max_segments
     with Receiver(key="k") as rx:
         raw, ch, _, _ = raw_sender(rx.address, b"k")
         with raw:
             t0 = time.process_time()
-            ch.send(F.BEGIN, _teaching_begin(1, _big_layout(0, 16 * cap)))
+            ch.send(F.BEGIN, _teaching_begin(1, _big_layout(0, 2 * cap)))
             kind, body = next_control(ch)
             assert kind == F.REJECT and f"more than {cap} tensors" in body["reason"], body
             ch.send(F.BEGIN, _teaching_begin(2, _big_layout(0, cap)))
             kind, body = next_control(ch)
             took = time.process_time() - t0
-            print(f"\nrefused a {16 * cap}-tensor layout, parsed a {cap}-tensor one: {took:.2f} s CPU")
+            print(f"\nrefused a {2 * cap}-tensor layout, parsed a {cap}-tensor one: {took:.2f} s CPU")
             assert kind == F.REJECT and "no destination" in body["reason"], body
+            ch.send(F.BEGIN, _teaching_begin(3, _big_layout(0, 16 * cap)))
+            kind, body = next_control(ch)
+            assert kind == F.ERROR and "maps and arrays" in body["reason"], body
+            assert wait_until(lambda: rx.sessions == 0, 2)
     assert uncaught == []

@@ -252,6 +252,64 @@ def test_deep_nesting_is_a_protocol_error() -> None:
         _decode_raw(b"\x82\xa1t\xa3ack\xa1x" + b"\x91" * 100_000 + b"\xc0")
 
 
+def _filled(item: bytes, cap: int = DEFAULT_LIMITS.max_control) -> bytes:
+    """``{"t": "ack", "k0": [item, ...], ...}`` as long as ``cap`` allows, each array at the array limit."""
+    parts, left = [msgpack.packb("t") + msgpack.packb("ack")], cap - 64
+    while left > 64:
+        n = min(1 << 19, (left - 16) // len(item))
+        parts.append(msgpack.packb(f"k{len(parts)}") + b"\xdd" + n.to_bytes(4, "big") + item * n)
+        left -= len(parts[-1])
+    return b"\xde" + len(parts).to_bytes(2, "big") + b"".join(parts)
+
+
+@pytest.mark.parametrize("item", [b"\x80", b"\x90", b"\x91\x90", b"\x81\xa1k\x90"],
+                         ids=["empty maps", "empty lists", "[[]]", "{k: []}"])
+def test_a_frame_of_tiny_containers_is_refused_before_it_expands(item: bytes) -> None:
+    """A 4 MiB frame of empty maps decoded into 290 MiB (tracemalloc peak; 281 MiB RSS), ~70x its size: every
+    container had its own bound, their number none. It is refused now past Limits.max_control_containers,
+    having decoded no more than that many (peak 8 MiB, 2x the frame)."""
+    frame = raw_control(_filled(item))
+    assert len(frame) > DEFAULT_LIMITS.max_control - 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="more than 35840 maps and arrays"):
+            F.decode_control(F.unpack_header(frame[:HEADER_SIZE]), frame[HEADER_SIZE:])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(frame), f"refusing it took {peak / 2**20:.1f} MiB"
+    with pytest.raises(ProtocolError, match="maps and arrays"):  # and the same through the stream decoder
+        FrameDecoder().feed(frame)
+
+
+def test_the_container_bound_is_exact_and_honest_large_frames_decode() -> None:
+    """Negative controls: a BEGIN with the layout of a 1024-layer model (96 kB, ~11,300 maps and arrays; it
+    decodes to 15x its size) and a 1 MiB blob full of container-like bytes (the fast upper bound passes it to
+    the exact count) decode unchanged; with small limits exactly max_control_containers decode, one more not."""
+    from kvwire.codec.hf import layout_from_hf_config
+    from kvwire.codec.layout import RequestSpec
+    from kvwire.codec.manifest import build_manifest, parse_manifest
+    from kvwire.codec.presets import preset_config
+
+    big = layout_from_hf_config(dict(preset_config("llama-3-70b"), num_hidden_layers=1024), name="llama-1024")
+    m = build_manifest(1, big, RequestSpec("r", 8192, 8192), 1 << 22)
+    frame = F.encode_control(F.BEGIN, m.to_wire(with_layout=True))
+    kind, body = F.decode_control(F.unpack_header(frame[:HEADER_SIZE]), frame[HEADER_SIZE:])
+    assert kind == F.BEGIN and parse_manifest(body).layout == big and len(frame) > 90_000
+    blob = {"blob": b"\x90\xdc" * (1 << 19)}
+    frame = F.encode_control(F.APP, blob)
+    assert F.decode_control(F.unpack_header(frame[:HEADER_SIZE]), frame[HEADER_SIZE:]) == (F.APP, blob)
+    small = Limits(max_segments=16, max_layers=8)
+    n = small.max_control_containers  # the top map and "x" are two of them
+    for count, ok in ((n - 2, True), (n - 1, False)):
+        frame = F.encode_control(F.APP, {"x": [[] for _ in range(count)]})
+        if ok:
+            assert F.decode_control(F.unpack_header(frame[:HEADER_SIZE]), frame[HEADER_SIZE:], small)[0] == F.APP
+        else:
+            with pytest.raises(ProtocolError, match=f"more than {n} maps and arrays"):
+                F.decode_control(F.unpack_header(frame[:HEADER_SIZE]), frame[HEADER_SIZE:], small)
+
+
 # ---------------------------------------------------------------- FrameDecoder
 
 

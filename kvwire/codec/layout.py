@@ -1,10 +1,12 @@
 """Cache layout descriptors: what one model instance caches, per layer, and what one request's payload is.
 
 Owns: dtypes, cache kinds, tensor specs with explicit layout tags and TP sharding, the request
-descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints and how a
-conv state's channels split over TP ranks (``conv_rank_split``). Must not know: sockets, threads, clocks,
-torch, how HF configs are parsed (``hf.py`` builds layouts from configs) or re-sharding plans
-(``reshard.py``); whether two layouts can exchange bytes is ``compat.check_compatible``, which knows both.
+descriptor, the per-request segment list (the payload's byte layout on the wire), fingerprints, how a
+conv state's channels split over TP ranks (``conv_rank_split``) and the bounds on every field of these:
+one copy, checked where each is built, so a layout made in code is one the wire can carry. Must not
+know: sockets, threads, clocks, torch, how HF configs are parsed (``hf.py`` builds layouts from configs)
+or re-sharding plans (``reshard.py``); whether two layouts can exchange bytes is
+``compat.check_compatible``, which knows both.
 
 Wire form of a segment: one tensor of one layer, contiguous. Token-indexed tensors are token-major,
 ``(tokens, *per_token_shape)``, except K/V tagged ``HND``: ``(heads, tokens, dim)``; request-indexed
@@ -84,14 +86,43 @@ def dtype_size(dtype: str) -> int:
 
 
 _MAX_DIM = 1 << 31  # no tensor dimension of a real cache comes near it; bounds nbytes of any wire layout
+MAX_NAME = 256  # the longest layout or tensor name (characters)
+MAX_CACHES = 4  # caches of one layer (Falcon-H1 has two)
+MAX_CACHE_TENSORS = 16  # tensors of one cache
+MAX_BLOCKS = 1 << 20  # block ids of one request, over its groups
+_MAX_ID = (1 << 63) - 1  # a token count or block id: what a signed 64-bit engine index holds
 
 
-def _field_int(d: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    """An exact int (not a bool or float) in ``[lo, hi]``, from a map that came from the network."""
-    v = d.get(key, default)
+# The rules below are the only copy: every dataclass checks its fields with them where it is built, so a
+# layout built in code and one read off the wire (``from_list`` / ``from_dict`` only take the structure
+# apart and call the constructors) are held to the same bounds.
+
+def _bounded(what: str, v: Any, lo: int, hi: int) -> int:
+    """``v`` if it is an exact int (not a bool, float or numpy scalar) in ``[lo, hi]``, else ``LayoutError``."""
     if type(v) is not int or not lo <= v <= hi:
-        raise LayoutError(f"layout field {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+        raise LayoutError(f"{what} must be an int in [{lo}, {hi}], got {v!r}")
     return v
+
+
+def _text(what: str, v: Any, choices: Iterable[str] | None = None) -> str:
+    """``v`` if it is a str of at most ``MAX_NAME`` characters (one of ``choices`` if given), else ``LayoutError``."""
+    if type(v) is not str or len(v) > MAX_NAME:
+        raise LayoutError(f"{what} must be a string of at most {MAX_NAME} characters, got {_short(v)}")
+    if choices is not None and v not in choices:
+        raise LayoutError(f"{what} must be one of {sorted(choices)}, got {v!r}")
+    return v
+
+
+def _items(what: str, v: Any, of: type, most: int) -> tuple[Any, ...]:
+    """``v`` if it is a tuple of at most ``most`` instances of ``of``, else ``LayoutError``."""
+    if type(v) is not tuple or len(v) > most or not all(isinstance(x, of) for x in v):
+        raise LayoutError(f"{what} must be a tuple of at most {most} {of.__name__}, got {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 80 else r[:77] + '...'}"
 
 
 def _prod(shape: Iterable[int]) -> int:
@@ -119,21 +150,24 @@ class TensorSpec:
     sub_projections: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        dtype_size(self.dtype)
-        if self.layout not in LAYOUT_TAGS:
-            raise LayoutError(f"tensor {self.name!r}: unknown layout tag {self.layout!r}")
-        if self.indexing not in (TOKEN, REQUEST):
-            raise LayoutError(f"tensor {self.name!r}: indexing must be 'token' or 'request'")
-        # what a layout on the wire may carry (``from_list``): a layout that could never be sent or whose
-        # fingerprint cannot be packed is refused here, where it is built
-        if (not self.shape or len(self.shape) > 8
+        # what a layout on the wire may carry: a layout that could never be sent or whose fingerprint cannot
+        # be packed is refused here, where it is built, and ``from_list`` refuses nothing else
+        _text("tensor name", self.name)
+        what = f"tensor {self.name!r}"
+        dtype_size(_text(f"{what}: dtype", self.dtype))
+        if _text(f"{what}: layout", self.layout) not in LAYOUT_TAGS:
+            raise LayoutError(f"{what}: unknown layout tag {self.layout!r}")
+        _text(f"{what}: indexing", self.indexing, (TOKEN, REQUEST))
+        if type(self.replicated) is not bool:
+            raise LayoutError(f"{what}: replicated must be a bool, got {_short(self.replicated)}")
+        if (type(self.shape) is not tuple or not self.shape or len(self.shape) > 8
                 or any(type(d) is not int or not 0 < d <= _MAX_DIM for d in self.shape)):
-            raise LayoutError(f"tensor {self.name!r}: shape must be 1 to 8 ints in [1, {_MAX_DIM}], "
-                              f"got {self.shape}")
-        if len(self.sub_projections) > 8 or any(type(d) is not int or not 0 <= d <= _MAX_DIM
-                                                 for d in self.sub_projections):
-            raise LayoutError(f"tensor {self.name!r}: sub_projections must be up to 8 ints in [0, {_MAX_DIM}], "
-                              f"got {self.sub_projections}")
+            raise LayoutError(f"{what}: shape must be 1 to 8 ints in [1, {_MAX_DIM}], "
+                              f"got {_short(self.shape)}")
+        if (type(self.sub_projections) is not tuple or len(self.sub_projections) > 8
+                or any(type(d) is not int or not 0 <= d <= _MAX_DIM for d in self.sub_projections)):
+            raise LayoutError(f"{what}: sub_projections must be up to 8 ints in [0, {_MAX_DIM}], "
+                              f"got {_short(self.sub_projections)}")
 
     @property
     def itemsize(self) -> int:
@@ -157,17 +191,10 @@ class TensorSpec:
 
     @classmethod
     def from_list(cls, v: Any) -> TensorSpec:
-        if not isinstance(v, list) or len(v) != 7:
-            raise LayoutError("tensor spec must be a 7-item list")
+        if not isinstance(v, list) or len(v) != 7 or not isinstance(v[1], list) or not isinstance(v[6], list):
+            raise LayoutError("tensor spec must be a 7-item list with shape and sub_projections lists")
         name, shape, dtype, layout, indexing, replicated, subs = v
-        if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(subs, list):
-            raise LayoutError("malformed tensor spec")
-        if (len(shape) > 8 or len(subs) > 8
-                or not all(type(x) is int and 0 <= x <= _MAX_DIM for x in shape + subs)):
-            raise LayoutError(f"malformed tensor spec dims (up to 8 ints in [0, {_MAX_DIM}])")
-        if not isinstance(dtype, str) or not isinstance(layout, str) or not isinstance(indexing, str):
-            raise LayoutError("malformed tensor spec strings")
-        return cls(name, tuple(shape), dtype, layout, indexing, bool(replicated), tuple(subs))
+        return cls(name, tuple(shape), dtype, layout, indexing, replicated, tuple(subs))
 
 
 @dataclass(frozen=True)
@@ -179,16 +206,16 @@ class CacheSpec:
     window: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in CACHE_KINDS:
-            raise LayoutError(f"unknown cache kind {self.kind!r}; known: {sorted(CACHE_KINDS)}")
+        _text("cache kind", self.kind, CACHE_KINDS)
+        _bounded(f"{self.kind} cache window", self.window, 0, _MAX_DIM)
+        if (self.kind == "swa") != (self.window > 0):
+            raise LayoutError("a window is given for SWA caches and only for them")
+        if not _items(f"{self.kind} cache tensors", self.tensors, TensorSpec, MAX_CACHE_TENSORS):
+            raise LayoutError(f"{self.kind} cache has no tensors")
         indexing = CACHE_KINDS[self.kind][0]
         for t in self.tensors:
             if t.indexing != indexing:
                 raise LayoutError(f"{self.kind} tensor {t.name!r} must be {indexing}-indexed")
-        if (self.kind == "swa") != (self.window > 0):
-            raise LayoutError("a window is given for SWA caches and only for them")
-        if not self.tensors:
-            raise LayoutError(f"{self.kind} cache has no tensors")
 
     @property
     def indexing(self) -> str:
@@ -207,11 +234,9 @@ class CacheSpec:
 
     @classmethod
     def from_list(cls, v: Any) -> CacheSpec:
-        if not isinstance(v, list) or len(v) != 3 or not isinstance(v[2], list) or len(v[2]) > 16:
-            raise LayoutError("malformed cache spec")
+        if not isinstance(v, list) or len(v) != 3 or not isinstance(v[2], list):
+            raise LayoutError("cache spec must be a 3-item list with a list of tensors")
         kind, window, tensors = v
-        if not isinstance(kind, str) or not isinstance(window, int):
-            raise LayoutError("malformed cache spec")
         return cls(kind, tuple(TensorSpec.from_list(t) for t in tensors), window)
 
 
@@ -221,6 +246,10 @@ class LayerSpec:
 
     index: int
     caches: tuple[CacheSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        _bounded("layer index", self.index, 0, _MAX_DIM)
+        _items(f"layer {self.index} caches", self.caches, CacheSpec, MAX_CACHES)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -243,12 +272,16 @@ class ModelLayout:
     page_layout: str = "block_major"
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise LayoutError("block_size must be positive")
-        if not 0 <= self.tp_rank < self.tp_size:
+        _text("layout field 'name'", self.name)
+        _bounded("layout field 'block_size'", self.block_size, 1, 1 << 20)
+        _bounded("layout field 'tp_size'", self.tp_size, 1, 1 << 16)
+        _bounded("layout field 'tp_rank'", self.tp_rank, 0, (1 << 16) - 1)
+        if self.tp_rank >= self.tp_size:
             raise LayoutError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
-        if self.page_layout not in PAGE_LAYOUTS:
-            raise LayoutError(f"page_layout must be one of {sorted(PAGE_LAYOUTS)}")
+        _text("layout field 'page_layout'", self.page_layout, PAGE_LAYOUTS)
+        # the layer count is the reader's limit (``from_dict``'s ``max_layers``), not the layout's
+        if type(self.layers) is not tuple or not all(isinstance(x, LayerSpec) for x in self.layers):
+            raise LayoutError(f"layout field 'layers' must be a tuple of LayerSpec, got {_short(self.layers)}")
         for i, layer in enumerate(self.layers):
             if layer.index != i:
                 raise LayoutError(f"layer {i} carries index {layer.index}")
@@ -293,22 +326,19 @@ class ModelLayout:
         built = []
         tensors = 0
         for i, caches in enumerate(layers):
-            if not isinstance(caches, list) or len(caches) > 4:
+            if not isinstance(caches, list):
                 raise LayoutError(f"layer {i}: malformed caches")
             tensors += sum(len(c[2]) for c in caches if isinstance(c, list) and len(c) == 3 and isinstance(c[2], list))
             if tensors > max_tensors:
                 raise LayoutError(f"layout has more than {max_tensors} tensors")
             built.append(LayerSpec(i, tuple(CacheSpec.from_list(c) for c in caches)))
-        name, page_layout = d.get("name", ""), d.get("page_layout", "block_major")
-        if type(name) is not str or len(name) > 256 or type(page_layout) is not str:
-            raise LayoutError("layout name and page_layout must be strings (name up to 256 characters)")
         return cls(
-            name=name,
+            name=d.get("name", ""),
             layers=tuple(built),
-            block_size=_field_int(d, "block_size", 16, 1, 1 << 20),
-            tp_size=_field_int(d, "tp_size", 1, 1, 1 << 16),
-            tp_rank=_field_int(d, "tp_rank", 0, 0, (1 << 16) - 1),
-            page_layout=page_layout,
+            block_size=d.get("block_size", 16),
+            tp_size=d.get("tp_size", 1),
+            tp_rank=d.get("tp_rank", 0),
+            page_layout=d.get("page_layout", "block_major"),
         )
 
     def fingerprint(self) -> bytes:
@@ -377,17 +407,37 @@ class RequestSpec:
             raise LayoutError(f"request_id {self.request_id!r} is not UTF-8 text (a lone surrogate)")
         for name in ("num_tokens", "state_position"):  # numpy/torch integers are ints; str, float, bool are not
             object.__setattr__(self, name, _integer(name, getattr(self, name)))
-        if self.num_tokens < 1:
-            raise LayoutError(f"num_tokens must be >= 1 (a request of {self.num_tokens} tokens has no cache)")
+        if not 1 <= self.num_tokens <= _MAX_ID:
+            raise LayoutError(f"num_tokens must be in [1, {_MAX_ID}] (a request of {self.num_tokens} tokens "
+                              f"has no cache or no wire form)")
         if not 0 <= self.state_position <= self.num_tokens:
             raise LayoutError(
                 f"need 0 <= state_position ({self.state_position}) <= num_tokens ({self.num_tokens})"
             )
-        hits = {g: _integer(f"prefix hit {g}", hit) for g, hit in self.prefix_hit.items()}
-        object.__setattr__(self, "prefix_hit", hits)
+        if not isinstance(self.prefix_hit, Mapping) or not isinstance(self.block_ids, Mapping):
+            raise LayoutError("prefix_hit and block_ids must be maps")
+        hits: dict[str, int] = {}
         for g, hit in self.prefix_hit.items():
-            if g not in ("attn", "swa") or not 0 <= hit <= self.state_position:
+            if g not in ("attn", "swa"):
+                raise LayoutError(f"prefix hit group must be 'attn' or 'swa', got {_short(g)}")
+            hits[g] = _integer(f"prefix hit {g}", hit)
+            if not 0 <= hits[g] <= self.state_position:
                 raise LayoutError(f"prefix hit {g}={hit} outside [0, state_position]")
+        object.__setattr__(self, "prefix_hit", hits)
+        groups = frozenset(g for _, g in CACHE_KINDS.values())
+        blocks: dict[str, tuple[int, ...]] = {}
+        total = 0
+        for g, ids in self.block_ids.items():
+            if g not in groups or not isinstance(ids, (list, tuple)):
+                raise LayoutError(f"block_ids must map a group {sorted(groups)} to a list of block ids, "
+                                  f"got {_short(g)}: {_short(ids)}")
+            total += len(ids)
+            if total > MAX_BLOCKS:
+                raise LayoutError(f"a request has at most {MAX_BLOCKS} block ids")
+            blocks[g] = tuple(_integer(f"block id of {g}", b) for b in ids)
+            if not all(0 <= b <= _MAX_ID for b in blocks[g]):
+                raise LayoutError(f"block ids of {g} must be in [0, {_MAX_ID}]")
+        object.__setattr__(self, "block_ids", blocks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -399,30 +449,15 @@ class RequestSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, max_blocks: int = 1 << 20) -> RequestSpec:
+    def from_dict(cls, d: Any) -> RequestSpec:
+        """Rebuild from ``to_dict`` output (it may come from the network): the constructor checks every field."""
         if not isinstance(d, dict):
             raise LayoutError("request must be a map")
-        hit = d.get("prefix_hit", {})
-        blocks = d.get("block_ids", {})
-        if not isinstance(hit, dict) or not isinstance(blocks, dict) or len(hit) > 4 or len(blocks) > 4:
-            raise LayoutError("malformed request maps")
-        total = 0
-        for v in blocks.values():
-            if not isinstance(v, list) or not all(isinstance(b, int) for b in v):
-                raise LayoutError("block ids must be lists of ints")
-            total += len(v)
-        if total > max_blocks:
-            raise LayoutError("too many block ids")
         try:
-            return cls(
-                request_id=d["request_id"],
-                num_tokens=int(d["num_tokens"]),
-                state_position=int(d["state_position"]),
-                prefix_hit={str(k): int(v) for k, v in hit.items()},
-                block_ids={str(k): tuple(v) for k, v in blocks.items()},
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise LayoutError(f"malformed request: {e!r}") from None
+            return cls(d["request_id"], d["num_tokens"], d["state_position"], d.get("prefix_hit", {}),
+                       d.get("block_ids", {}))
+        except KeyError as e:
+            raise LayoutError(f"malformed request: no {e}") from None
 
 
 def check_state_position(request: RequestSpec, expected: int) -> None:
