@@ -260,6 +260,12 @@ class Receiver:
         with self._lock:
             return len(self._sessions)
 
+    @property
+    def callbacks(self) -> Callbacks:
+        """The pool that runs this receiver's user callbacks: a handle built on its transfers (a
+        ``ReshardIncoming``) queues its own there, so that ``close()`` drains them too."""
+        return self._callbacks
+
     def close(self) -> None:
         if self._closed.is_set():
             return
