@@ -32,10 +32,10 @@ from .codec.layout import RequestSpec, plan_segments
 from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
-from .tcp import LayerOutcome, Outcome, Session
+from .tcp import LayerOutcome, Outcome, Receiver, Session
 
 if TYPE_CHECKING:
-    from .tcp import IncomingTransfer, OutgoingTransfer, Receiver
+    from .tcp import IncomingTransfer, OutgoingTransfer
     from .tcp._callbacks import Callbacks
 
 
@@ -328,6 +328,8 @@ class ReshardReceiver:
 
     def __init__(self, plan: ReshardPlan, rank: int, receiver: Receiver) -> None:
         rank = _rank(plan, rank, "decode")
+        if not isinstance(receiver, Receiver):
+            raise TypeError(f"receiver must be a kvwire Receiver, not {type(receiver).__name__}")
         self.plan, self.rank, self.receiver = plan, rank, receiver
 
     def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None,
