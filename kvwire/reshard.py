@@ -6,9 +6,10 @@ transfer per target; strided pieces gathered into a contiguous buffer, contiguou
 caller's memory), ``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected
 transfer per contributing prefill rank; contiguous pieces received straight into the destination, strided
 ones into a staging buffer scattered as soon as their layer is verified; ``wait_layer(i)`` once every
-contributing rank's part of layer ``i`` is in; the request fails, naming the prefill rank, when any
-contributing transfer fails). Must not know: the wire, lanes, sockets or torch: it is built on
-``Session.send``/``Receiver.expect`` and their handles only, and reaches memory through ``kvwire.buffers``.
+contributing rank's part of layer ``i`` is in; its ``on_layer`` and done callbacks queued, in that order, on
+its own key of the receiver's callback pool, never run by a source's callback; the request fails, naming the
+prefill rank, when any contributing transfer fails). Must not know: the wire, lanes, sockets or torch: it is
+built on ``Session.send``/``Receiver.expect`` and their handles only, and reaches memory through ``kvwire.buffers``.
 
 Transfers are keyed ``"<request_id>@<prefill rank>><decode rank>"``; each carries the plan's slice layout,
 so a sender with another plan is refused by the receiver's layout check before a byte lands.
@@ -31,10 +32,11 @@ from .codec.layout import RequestSpec, plan_segments
 from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
-from .tcp import LayerOutcome, Outcome, Session
+from .tcp import LayerOutcome, Outcome, Receiver, Session
 
 if TYPE_CHECKING:
-    from .tcp import IncomingTransfer, OutgoingTransfer, Receiver
+    from .tcp import IncomingTransfer, OutgoingTransfer
+    from .tcp._callbacks import Callbacks
 
 
 def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:
@@ -215,12 +217,16 @@ class ReshardSender:
 
 class ReshardIncoming(LayerOutcome):
     """One request on one decode rank. ``wait_layer(i)`` returns once every contributing prefill rank's
-    part of layer ``i`` is verified and in place; ``result()`` once all of them are."""
+    part of layer ``i`` is verified and in place; ``result()`` once all of them are. Its user callbacks go
+    to ``callbacks`` (the receiver's pool) under a key of its own: one at a time, each layer once, in the
+    order the layers completed, then the done callbacks; a slow one delays only those behind it, never a
+    source's scatters or outcome."""
 
     _ended = "request"
 
-    def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec) -> None:
-        super().__init__()
+    def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec,
+                 callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
         self.plan, self.rank, self.request = plan, rank, request
         self.sources: dict[int, IncomingTransfer] = {}
         self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
@@ -229,15 +235,19 @@ class ReshardIncoming(LayerOutcome):
 
     # ---- caller API
     def on_layer(self, fn: Callable[[int], None]) -> None:
-        """``fn(layer)`` as each layer completes (on the receiver's callback pool); earlier ones at once."""
+        """``fn(layer)`` as each layer completes (every contributing prefill rank's part of it is verified and
+        in place), in that order, before the done callbacks, one call at a time with this request's other
+        callbacks, on the receiver's callback pool. Layers completed before the call are reported first, in
+        the order they completed: queued like the later ones, never run on the calling thread. On a request
+        that has ended they are queued behind its done callbacks. ``TypeError`` for a non-callable ``fn``."""
         if not callable(fn):
             raise TypeError(f"on_layer takes a callable fn(layer), not {type(fn).__name__}")
-        with self._cond:
-            done = sorted(self.layer_times, key=self.layer_times.__getitem__)
-            if not self.finished:
+        with self._cond:  # (_arrived and the outcome queue theirs under it: these go in between, in order)
+            if not self.finished:  # an ended request keeps no callback
                 self._layer_callbacks.append(fn)
-        for layer in done:
-            fn(layer)
+            inline = self._queue_calls([(fn, (layer,)) for layer in self.layer_times])  # (completion order)
+        for f, args in inline:  # (only a handle without a pool)
+            self.call_soon(f, *args)
 
     def bytes_received(self) -> dict[int, int]:
         """Payload bytes received so far from each prefill rank (re-sent chunks counted again)."""
@@ -279,10 +289,10 @@ class ReshardIncoming(LayerOutcome):
             if waiting or self.finished:
                 return
             self.layer_times[layer] = time.monotonic()
-            cbs = list(self._layer_callbacks)
             self._cond.notify_all()
-        for fn in cbs:
-            fn(layer)
+            inline = self._queue_calls([(fn, (layer,)) for fn in self._layer_callbacks])  # (in completion order)
+        for fn, args in inline:  # (only a handle without a pool)
+            self.call_soon(fn, *args)
 
     def _source_finished(self, p: int, h: IncomingTransfer, _future: Any) -> None:
         self._source_done(p, h)
@@ -293,19 +303,18 @@ class ReshardIncoming(LayerOutcome):
             self._fail(state, f"prefill rank {p} ({sub_request_id(self.request.request_id, p, self.rank)}): "
                               f"{h.state.value}: {h.reason}", p)
             return
-        with self._cond:
+        with self._cond:  # resolved under it: the done callbacks are queued behind every layer's
             self._done_sources.add(p)
-            complete = len(self._done_sources) == len(self.sources) and len(self.layer_times) == len(self._need)
-        if complete:
-            with self._cond:
-                self._layer_callbacks.clear()
-                self._cond.notify_all()
+            if len(self._done_sources) < len(self.sources) or len(self.layer_times) < len(self._need):
+                return
+            self._layer_callbacks.clear()
             self._resolve(State.DONE)
+            self._cond.notify_all()
 
     def _fail(self, state: State, reason: str, culprit: int | None) -> None:
-        if not self._resolve(state, reason):
-            return
-        with self._cond:
+        with self._cond:  # (as _source_done: behind the layers queued so far, before any replayed later)
+            if not self._resolve(state, reason):
+                return
             self._layer_callbacks.clear()
             self._scatters.clear()
             self._cond.notify_all()
@@ -319,6 +328,8 @@ class ReshardReceiver:
 
     def __init__(self, plan: ReshardPlan, rank: int, receiver: Receiver) -> None:
         rank = _rank(plan, rank, "decode")
+        if not isinstance(receiver, Receiver):
+            raise TypeError(f"receiver must be a kvwire Receiver, not {type(receiver).__name__}")
         self.plan, self.rank, self.receiver = plan, rank, receiver
 
     def expect(self, request: RequestSpec, buffers: Any, *, timeout: float | None = None,
@@ -332,7 +343,7 @@ class ReshardReceiver:
         receiver's callback pool)."""
         plan, d = self.plan, self.rank
         views = segment_views(buffers, plan_segments(plan.decode, request), writable=True)
-        h = ReshardIncoming(plan, d, request)
+        h = ReshardIncoming(plan, d, request, self.receiver.callbacks)
         try:
             for p in plan.sources(d):
                 sub = _sub_request(request, p, d)

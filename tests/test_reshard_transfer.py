@@ -134,7 +134,8 @@ def test_every_required_pair_over_sockets(no_leaks: None) -> None:
 def test_ranks_plan_and_sessions_are_checked_at_the_call(no_leaks: None) -> None:
     """A float or bool rank is a ``TypeError`` at the call: rank 0.0 used to be taken, named its transfers
     'r@0.0>0' while the receivers expected 'r@0>0', and every decode rank waited out its timeout. A session
-    that is not a ``Session`` used to fail only at ``send`` (AttributeError). Ranges keep their message."""
+    that is not a ``Session`` used to fail only at ``send`` (AttributeError), a receiver that is not a
+    ``Receiver`` only at ``expect``. Ranges keep their message."""
     plan = plan_reshard(family_layout("mamba2", "vllm", 1), family_layout("mamba2", "vllm", 2))
     with mesh(plan) as (rxs, sessions):
         for rank in (0.0, True, "0", None):
@@ -152,6 +153,11 @@ def test_ranks_plan_and_sessions_are_checked_at_the_call(no_leaks: None) -> None
             ReshardSender(plan, 0, {0: sessions[0][0], 1: "127.0.0.1:9"})
         with pytest.raises(TypeError, match="sessions must be a mapping"):
             ReshardSender(plan, 0, [sessions[0][0], sessions[0][1]])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="plan must be a ReshardPlan"):
+            ReshardReceiver(plan.decode, 0, rxs[0])  # type: ignore[arg-type]
+        for receiver in (sessions[0][0], rxs[0].address, None):  # (before: taken, AttributeError at expect)
+            with pytest.raises(TypeError, match=f"receiver must be a kvwire Receiver, not {type(receiver).__name__}"):
+                ReshardReceiver(plan, 0, receiver)  # type: ignore[arg-type]
 
 
 def test_numpy_integer_ranks_move_the_same_bytes(no_leaks: None) -> None:

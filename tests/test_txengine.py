@@ -181,6 +181,29 @@ def test_to_a_receiver_that_holds_an_early_done_it_goes_with_the_last_chunk_sent
 
 
 
+def test_done_waits_for_the_hash_of_a_chunk_acknowledged_before_its_lane_hashed_it() -> None:
+    """A chunk the receiver rebuilt from tail parity is acknowledged without its copy: its lane may not have
+    hashed it yet (it took the last data chunk, which let the parity go, and was descheduled). DONE went with
+    the last ACK and a 0 for that chunk's hash: the receiver failed the transfer with "whole-transfer digest
+    mismatch" (the reshard tail-parity test's flake). Now DONE goes once every chunk is acknowledged and hashed,
+    with or without ``done_early``; a transfer whose hashes came first still gets it with the last ACK."""
+    for early in (True, False):
+        e = SenderEngine(peer_timeout=10.0, heartbeat=1.0)
+        e.opened(T0, None, early)
+        sm = _running(e)
+        n = sm.plan.num_chunks
+        picked = [e.pick(k % 2) for k in range(n)]
+        assert None not in picked and e.pick(0) is None
+        for p in picked[:-1]:
+            assert p is not None and e.sent(p[0], p[1], 1000 + p[1]) == ()
+        out = e.receive(F.ACK, {"tid": 7, "c": list(range(n))}, T0 + 1)  # the last one rebuilt, not received
+        assert not any(isinstance(a, Send) and a.kind == F.DONE for a in out), out
+        digest = transfer_digest([1000 + c for c in range(n)])
+        assert e.sent(7, n - 1, 1000 + n - 1) == [Send(F.DONE, {"tid": 7, "digest": digest})]
+        assert e.receive(F.ACK, {"tid": 7, "c": [n - 1]}, T0 + 2) == ()  # DONE goes once
+        assert _ended(e.receive(F.COMPLETE, {"tid": 7}, T0 + 3)) == [Ended(7, State.DONE, "")]
+
+
 def test_a_complete_that_overtakes_acks_reports_their_layers_first_and_each_once() -> None:
     """With an early DONE, the receiver's COMPLETE can reach the sender before an ACK another lane's thread
     was still writing: COMPLETE means every chunk is verified, so the layers not yet reported are, in plan

@@ -364,9 +364,20 @@ class SenderTransfer:
         self.done_sent = True
         return True
 
+    def done_due(self) -> bool:
+        """True once, when every chunk is acknowledged and its hash known: the caller sends DONE with
+        ``digest()``. A chunk the receiver rebuilt from tail parity is acknowledged without its copy, and can
+        be before the lane that took it (the last data chunk: taking it let the parity go) hashed it: DONE
+        then waits for that lane's ``sent`` (it went with the last ACK and a 0 for that hash: the receiver
+        failed the transfer, "whole-transfer digest mismatch")."""
+        if self.unacked or self.unsent or self.done_sent or self.state.terminal:
+            return False
+        self.done_sent = True
+        return True
+
     def on_ack(self, chunks: list[int]) -> bool:
-        """True when this ack completes the set: the caller sends DONE with ``digest()``. Layers it
-        completes are appended to ``acked_layers`` (their source buffers are no longer needed)."""
+        """True when this ack completes the set (``done_due``): the caller sends DONE with ``digest()``. Layers
+        it completes are appended to ``acked_layers`` (their source buffers are no longer needed)."""
         for c in chunks:
             if not 0 <= c < len(self.chunk_state):
                 raise ProtocolError(f"ack for chunk {c} outside plan")
@@ -377,10 +388,7 @@ class SenderTransfer:
                 self._layer_unacked[layer] -= 1
                 if self._layer_unacked[layer] == 0:
                     self.acked_layers.append(layer)
-        if self.unacked == 0 and not self.done_sent and not self.state.terminal:
-            self.done_sent = True
-            return True
-        return False
+        return self.done_due()
 
     def on_complete(self) -> None:
         """The receiver verified every chunk (COMPLETE): layers whose last ACK it had not read yet (an early

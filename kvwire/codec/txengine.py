@@ -4,13 +4,13 @@ Owns: the table of a session's transfers (``SenderTransfer`` machines, deadlines
 next chunk for a lane (the last layer's parity chunks right after its data, ``codec.parity``), which lane holds
 which chunk in flight and re-queueing them when a lane dies, the control messages from the receiver (legal per
 ``rules.SENDER_RECEIVES``; ACCEPT, REJECT, ACK, NACK with its ``held``/``lost`` variants, COMPLETE, ERROR, CANCEL,
-HEARTBEAT, BYE), DONE with the whole-transfer digest (after the last ACK; or, to a receiver that holds an early
-one, as the last chunk first goes out), deadlines, heartbeats and peer silence computed from the ``now`` it is
-given, the layouts the receiver already knows, the early window (``codec.early``: chunks of a transfer not yet
-accepted go out while the receiver's advertised window has room, each charged until the receiver's ACCEPT or
-REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its connection
-generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the driver performs
-(``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's engine; ``LayersAcked``,
+HEARTBEAT, BYE), DONE with the whole-transfer digest (after the last ACK, once every chunk's hash is known; or, to a
+receiver that holds an early one, as the last chunk first goes out), deadlines, heartbeats and peer silence computed
+from the ``now`` it is given, the layouts the receiver already knows, the early window (``codec.early``: chunks of a
+transfer not yet accepted go out while the receiver's advertised window has room, each charged until the receiver's
+ACCEPT or REJECT of that transfer releases it), the counters, and the session's open/down/closed state with its
+connection generations (a reconnect starts a new one). Inputs are method calls; outputs are actions the driver
+performs (``Send``, ``Ended``, ``Fail`` from ``codec.actions``, shared with the receiver's engine; ``LayersAcked``,
 ``ChunksQueued`` defined here). Must not know: sockets, threads, locks, clocks, payload bytes or buffers (chunk
 indices, lengths and digests only), handles or user callbacks. The driver (``kvwire.tcp._sender``) holds one lock
 around every call.
@@ -195,7 +195,7 @@ class SenderEngine:
         e = self._transfers.get(tid)
         if e is None or e.sm.plan.num_chunks:
             return _NOTHING
-        return [Send(F.DONE, {"tid": tid, "digest": e.sm.digest()})] if e.sm.on_ack([]) else _NOTHING
+        return [Send(F.DONE, {"tid": tid, "digest": e.sm.digest()})] if e.sm.done_due() else _NOTHING
 
     def cancel(self, tid: int, reason: str) -> list[Action]:
         """The user cancels ``tid``: CANCEL to the receiver, then ``Ended``. Nothing if it has ended."""
@@ -256,12 +256,13 @@ class SenderEngine:
 
     def sent(self, tid: int, chunk: int, digest: int) -> Sequence[Action]:
         """The chunk's hash (0 when unhashed), for the whole-transfer digest; it goes on the wire next. To a
-        receiver that takes an early DONE, the last chunk to go out the first time brings the DONE."""
+        receiver that takes an early DONE, the last chunk to go out the first time brings the DONE; to any, the
+        last hash of a transfer whose every chunk is acknowledged already (one rebuilt from parity) does."""
         e = self._transfers.get(tid)
         if e is None:
             return _NOTHING
         e.sm.sent(chunk, digest)
-        if self._done_early and e.sm.done_early():
+        if e.sm.done_early() if self._done_early else e.sm.done_due():
             return [Send(F.DONE, {"tid": tid, "digest": e.sm.digest()})]
         return _NOTHING
 

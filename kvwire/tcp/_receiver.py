@@ -286,6 +286,12 @@ class Receiver:
         with self._lock:
             return len(self._sessions)
 
+    @property
+    def callbacks(self) -> Callbacks:
+        """The pool that runs this receiver's user callbacks: a handle built on its transfers (a
+        ``ReshardIncoming``) queues its own there, so that ``close()`` drains them too."""
+        return self._callbacks
+
     def close(self) -> None:
         """Stop listening, end every session and expected transfer; once. In a child forked from the process
         that opened the receiver, nothing: its sockets are the parent's (``_fork``)."""
