@@ -546,9 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--requests", default=6, type=int, help="--must-show burst and stream rows: 8k-token requests")
     ap.add_argument("--loopback-reps", default=15, type=int)
     ap.add_argument("--gso", action="store_true",
-                    help="--must-show, a diagnostic: the emulator takes GSO super-packets whole (a small fraction "
-                         "of its CPU at 2 Gbit/s; random loss and the queue then act on up to 64 KiB at once, "
-                         "as tc netem's loss does on a GSO path): not the issue's rows")
+                    help="--must-show: the emulator takes GSO super-packets whole (a small fraction of its CPU at "
+                         "2 Gbit/s on this host); the queue then acts on up to 64 KiB at once, and random loss drops "
+                         "a super-packet with the chance that any of its MTU-sized wire packets would be lost")
     a = ap.parse_args(argv)
     if a.receiver:
         return run_receiver(a.bind, a.rx_pool_mb)

@@ -638,7 +638,7 @@ def run(a: Any, bench: str) -> int:
           f"kvwire rows use kvwire.connect() defaults; iperf3 rows {a.seconds:g} s (-O 2; the lossy row's "
           f"whole, no -O); emulator "
           f"{cemu.emulator_command(None)[1]}{', SCHED_FIFO' if a.realtime else ''}"
-          f"{', GSO super-packets whole (--gso: a diagnostic, not the issue link)' if getattr(a, 'gso', False) else ''}"
+          f"{', GSO super-packets whole, loss per wire packet (--gso)' if getattr(a, 'gso', False) else ''}"
           f"; receiver buffers "
           f"{f'from a {a.rx_pool_mb} MiB pool touched at start' if a.rx_pool_mb else 'fresh per size'}")
     w = max(len(r[0]) for r in rows)

@@ -130,6 +130,26 @@ def test_gso_hands_the_emulator_whole_super_packets_and_still_caps_the_rate(
     assert 0.7 * rate <= got <= rate, got
 
 
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
+def test_gso_loss_counts_the_wire_packets_a_super_packet_stands_for(
+        no_leaks: None, make_wan: Callable[..., WanLink]) -> None:
+    """With GSO a super-packet is lost with the chance that any of its MTU-sized wire packets would be: far more
+    often than ``loss`` per super-packet (the per-byte loss events of the per-packet link), on either backend."""
+    loss = 0.002
+    link = make_wan(rtt_ms=4, rate_mbit=100.0, loss=loss, gso=True, seed=21)
+    link.popen_in("server", ["iperf3", "-s", "-1", "-B", link.server_addr],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    r = link.run_in("client", ["iperf3", "-c", link.server_addr, "-t", "2", "-J"], timeout=30)
+    assert r.returncode == 0, r.stderr
+    c2s = link.stats()["c2s"]
+    per_packet = c2s["random_drops"] / c2s["packets_in"]
+    wire_packets = c2s["bytes_in"] / c2s["packets_in"] / 1448  # about: the mean super-packet in wire packets
+    print(f"\n{c2s['packets_in']} packets of {c2s['bytes_in'] / c2s['packets_in']:.0f} B on average, "
+          f"{c2s['random_drops']} lost: {per_packet:.4f} a packet against loss {loss}")
+    assert wire_packets > 4 and per_packet > 3 * loss, c2s  # (about 8x loss expected; 1x before)
+
+
 def _udp_pair(link: WanLink) -> tuple[socket.socket, socket.socket]:
     with link.inside("server"):
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

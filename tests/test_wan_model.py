@@ -37,6 +37,25 @@ def test_random_loss_rate() -> None:
     assert abs(dropped / n - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5
 
 
+def test_loss_per_wire_packet_drops_a_super_packet_with_the_chance_of_any_of_its_packets() -> None:
+    """``loss_mtu``: a 64 KB GSO super-packet stands for 45 wire packets of 1500 bytes (1448 of payload after
+    52 of headers each) and is lost with 1 - (1 - p)^45; a packet of at most the MTU keeps p. The control:
+    without ``loss_mtu`` the same super-packets are lost with p."""
+    size, p, n = 52 + 45 * 1448, 0.01, 20_000
+    spec = DirectionSpec(rate_bps=1e12, delay=0.0, loss=p, loss_mtu=1500)
+    assert spec.loss_chance(1500) == p and spec.loss_chance(100) == p
+    assert spec.loss_chance(1501) == pytest.approx(1 - (1 - p) ** 2)
+    want = 1 - (1 - p) ** 45
+    assert spec.loss_chance(size) == pytest.approx(want) and spec.loss_chance(size + 1) == pytest.approx(
+        1 - (1 - p) ** 46)
+    for loss_mtu, expect in ((1500, want), (0, p)):
+        d = LinkDirection(DirectionSpec(rate_bps=1e12, delay=0.0, loss=p, loss_mtu=loss_mtu), random.Random(3))
+        dropped = sum(d.arrive(i * 1e-3, size) is None for i in range(n))
+        assert abs(dropped / n - expect) < 4 * (expect * (1 - expect) / n) ** 0.5, (loss_mtu, dropped / n)
+    with pytest.raises(ValueError, match="loss_mtu"):
+        DirectionSpec(rate_bps=1e6, delay=0.0, loss_mtu=40).check()
+
+
 def test_rate_change_applies_to_new_packets() -> None:
     d = LinkDirection(DirectionSpec(rate_bps=8e6, delay=0.0))
     assert d.arrive(0.0, 1000) == pytest.approx(0.001)

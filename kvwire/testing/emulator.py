@@ -60,7 +60,7 @@ class Emulator:
         self.dirs: dict[int, _Direction] = {}
         for name, d in config["directions"].items():
             spec = DirectionSpec(float(d["rate_bps"]), float(d["delay"]), float(d.get("loss", 0.0)),
-                                 int(d["queue_bytes"]))
+                                 int(d["queue_bytes"]), int(d.get("loss_mtu", 0)))
             self.dirs[int(d["queue"])] = _Direction(name, int(d["queue"]), LinkDirection(spec, rng))
         self.nfq = NfQueueSocket()
         for q in self.dirs:

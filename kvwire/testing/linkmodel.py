@@ -1,6 +1,7 @@
 """One direction of an emulated WAN link, as a pure model: drop-tail queue, bottleneck, loss, delay.
 
-Owns: the per-packet decision ``arrive(now, size) -> release time | None`` — Bernoulli loss, a drop-tail
+Owns: the per-packet decision ``arrive(now, size) -> release time | None`` — Bernoulli loss (per wire packet
+with ``loss_mtu``), a drop-tail
 queue counted in bytes in front of a serialiser at the bottleneck rate, then a fixed one-way delay —
 and the counters that prove what it did. Release times are non-decreasing while the delay is fixed,
 so packets leave in arrival order. Must not know: packets' contents, netlink, clocks, processes.
@@ -12,14 +13,22 @@ import random
 from dataclasses import asdict, dataclass
 
 
+#: IPv4 + TCP with timestamps: what each wire packet of a GSO super-packet repeats
+WIRE_HEADERS = 52
+
+
 @dataclass
 class DirectionSpec:
-    """``rate_bps`` in bits/s at the IP layer, ``delay`` one-way in seconds, ``loss`` a probability."""
+    """``rate_bps`` in bits/s at the IP layer, ``delay`` one-way in seconds, ``loss`` a probability.
+    ``loss_mtu`` (0: off): ``loss`` is per wire packet of at most that many bytes, and a larger packet (a GSO
+    super-packet, when the emulator takes them whole) is dropped with the chance that any of the wire packets it
+    stands for would be (``loss_chance``): loss events per byte as on the per-packet link."""
 
     rate_bps: float
     delay: float
     loss: float = 0.0
     queue_bytes: int = 1 << 20
+    loss_mtu: int = 0
 
     def check(self) -> None:
         if self.rate_bps <= 0:
@@ -30,6 +39,18 @@ class DirectionSpec:
             raise ValueError("loss must be in [0, 1)")
         if self.queue_bytes <= 0:
             raise ValueError("queue_bytes must be positive")
+        if not (self.loss_mtu == 0 or self.loss_mtu > WIRE_HEADERS):
+            raise ValueError("loss_mtu must be 0 or above the headers")
+
+    def loss_chance(self, size: int) -> float:
+        """The chance that a packet of ``size`` bytes is lost (wanemu_link.h's ``loss_chance``)."""
+        if self.loss_mtu <= 0 or size <= self.loss_mtu:
+            return self.loss
+        per = self.loss_mtu - WIRE_HEADERS
+        keep = 1.0
+        for _ in range((size - WIRE_HEADERS + per - 1) // per):  # the wire packets it stands for
+            keep *= 1.0 - self.loss
+        return 1.0 - keep
 
 
 @dataclass
@@ -63,7 +84,7 @@ class LinkDirection:
         st = self.stats
         st.packets_in += 1
         st.bytes_in += size
-        if self.spec.loss and self.rng.random() < self.spec.loss:
+        if self.spec.loss and self.rng.random() < self.spec.loss_chance(size):
             st.random_drops += 1
             return None
         backlog = self.backlog_bytes(now)
@@ -88,7 +109,7 @@ class LinkDirection:
         spec = DirectionSpec(
             self.spec.rate_bps if rate_bps is None else rate_bps, self.spec.delay if delay is None else delay,
             self.spec.loss if loss is None else loss,
-            self.spec.queue_bytes if queue_bytes is None else queue_bytes)
+            self.spec.queue_bytes if queue_bytes is None else queue_bytes, self.spec.loss_mtu)
         spec.check()
         scale = self.spec.rate_bps / spec.rate_bps
         if self._free_at > now:

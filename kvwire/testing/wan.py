@@ -57,8 +57,9 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     The rate is counted at the IP layer, the same in both directions; ``loss`` applies to both
     directions; ``rtt_ms`` is split evenly. ``queue_bytes`` defaults to one bandwidth-delay product.
-    ``gso``: let the emulator take GSO super-packets whole (cheaper, but loss and queueing then act on
-    up to 64 KB at once). Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or
+    ``gso``: let the emulator take GSO super-packets whole (far cheaper per byte; queueing then acts on up
+    to 64 KB at once, and loss drops a super-packet whole with the chance that any of the ``mtu``-sized wire
+    packets it stands for would be lost: the loss events per byte of the per-packet link, each taking more). Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or
     ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
     releases (check ``stats()["late_releases"]``); off by default because it outranks every normal
     process on its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, far cheaper per
@@ -146,7 +147,7 @@ class WanLink(AbstractContextManager["WanLink"]):
 
     def _direction(self, queue: int) -> dict[str, Any]:
         return {"queue": queue, "rate_bps": self.rate_mbit * 1e6, "delay": self.rtt_ms / 2e3,
-                "loss": self.loss, "queue_bytes": self.queue_bytes}
+                "loss": self.loss, "queue_bytes": self.queue_bytes, "loss_mtu": self.mtu if self.gso else 0}
 
     def _start_emulator(self) -> None:
         config = {"directions": {"c2s": self._direction(QUEUE_C2S), "s2c": self._direction(QUEUE_S2C)},

@@ -378,7 +378,8 @@ static void configure(const char *json) {
         char key[128];
 #define FIELD(f, dflt) (snprintf(key, sizeof key, "directions.%s." f, d->name), jnum(v, n, key, dflt))
         d->queue = (int)v[i].num;
-        d->spec = (spec_t){ FIELD("rate_bps", NAN), FIELD("delay", NAN), FIELD("loss", 0.0), FIELD("queue_bytes", NAN) };
+        d->spec = (spec_t){ FIELD("rate_bps", NAN), FIELD("delay", NAN), FIELD("loss", 0.0), FIELD("queue_bytes", NAN),
+                            FIELD("loss_mtu", 0.0) };
         d->spec.queue_bytes = floor(d->spec.queue_bytes); /* int() in emulator.py */
         if ((err = spec_check(&d->spec))) die_json("ValueError: %s", err);
         if (d->queue < 0 || d->queue > 65535) die_json("ValueError: queue %d out of range", d->queue);

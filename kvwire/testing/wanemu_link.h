@@ -2,7 +2,7 @@
  * translation unit).
  *
  * Owns: a direction's spec, counters and FIFO of (release time, packet id); Bernoulli loss from a seeded
- * splitmix64, a drop-tail queue in bytes before a serialiser at the bottleneck rate, a fixed one-way delay.
+ * splitmix64 (per wire packet with loss_mtu), a drop-tail queue in bytes before a serialiser at the bottleneck rate, a fixed one-way delay.
  * Must not know: netlink, threads and locks (the caller holds its lock), the control channel.
  */
 #ifndef WANEMU_LINK_H
@@ -13,7 +13,10 @@
 #include <stdlib.h>
 
 /* ------------------------------------------------------------------ link model (linkmodel.py) */
-typedef struct { double rate_bps, delay, loss, queue_bytes; } spec_t;
+/* loss_mtu > 0: loss is per wire packet of at most that many bytes, and a GSO super-packet (the emulator bound with
+ * the GSO flag) is dropped whole with the chance that any of the wire packets it stands for would be */
+typedef struct { double rate_bps, delay, loss, queue_bytes, loss_mtu; } spec_t;
+#define WIRE_HEADERS 52 /* IPv4 + TCP with timestamps: what each wire packet of a super-packet repeats */
 typedef struct {
     unsigned long long packets_in, bytes_in, random_drops, queue_drops, packets_out, bytes_out, max_backlog;
 } dstats_t;
@@ -41,14 +44,24 @@ static const char *spec_check(const spec_t *s) {
     if (!(s->delay >= 0)) return "delay must be >= 0";
     if (!(s->loss >= 0 && s->loss < 1)) return "loss must be in [0, 1)";
     if (!(s->queue_bytes > 0)) return "queue_bytes must be positive";
+    if (!(s->loss_mtu == 0 || s->loss_mtu > WIRE_HEADERS)) return "loss_mtu must be 0 or above the headers";
     return NULL;
+}
+
+/* the chance that a packet of size bytes is lost (linkmodel.py's loss_chance) */
+static double loss_chance(const spec_t *s, unsigned size) {
+    if (s->loss_mtu <= 0 || size <= s->loss_mtu) return s->loss;
+    unsigned per = (unsigned)s->loss_mtu - WIRE_HEADERS, n = (size - WIRE_HEADERS + per - 1) / per; /* wire packets */
+    double keep = 1.0;
+    for (unsigned i = 0; i < n; i++) keep *= 1.0 - s->loss;
+    return 1.0 - keep;
 }
 
 /* the release time, or -1 to drop */
 static double arrive(dir_t *d, double now, unsigned size) {
     d->st.packets_in++;
     d->st.bytes_in += size;
-    if (d->spec.loss > 0 && rng_uniform() < d->spec.loss) { d->st.random_drops++; return -1; }
+    if (d->spec.loss > 0 && rng_uniform() < loss_chance(&d->spec, size)) { d->st.random_drops++; return -1; }
     double backlog = d->free_at > now ? (d->free_at - now) * d->spec.rate_bps / 8 : 0.0;
     if (backlog + size > d->spec.queue_bytes) { d->st.queue_drops++; return -1; }
     d->free_at = (now > d->free_at ? now : d->free_at) + size * 8.0 / d->spec.rate_bps;
