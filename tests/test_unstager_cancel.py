@@ -1,5 +1,6 @@
 """UnstagingJob.cancel on the CPU path with real loopback sessions: the pinned buffers back in the pool at
-once, the sender told, a copy in progress finished whole and the queued ones never run, one terminal state."""
+once, the sender told, a copy in progress finished whole and the queued ones never run, one terminal state;
+and the adapters' decode-side abort (``Inbox.cancel``, vLLM's) frees the buffers without waiting for a poll."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvwire import Receiver, Session, State, TransferCancelled, connect  # noqa: E402
+from adapters_util import hybrid_layout  # noqa: E402
+
+from kvwire import Receiver, RequestSpec, Session, State, TransferCancelled, connect  # noqa: E402
+from kvwire.adapters.lifecycle import GroupTables, Inbox, Outbox  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager, UnstagingJob, allocate_paged_cache  # noqa: E402
 from kvwire.testing.fixtures import default_request, load_fixture  # noqa: E402
 
@@ -234,3 +238,42 @@ def test_a_lent_job_keeps_its_buffers_until_its_transfer_is_attached_and_ends(ca
     src.finished = True
     job.release()  # the owner's word that nothing writes them any more
     assert unstager.pool.in_use_bytes == 0
+
+
+# ------------------------------------------------------------------ the adapters' decode-side abort
+
+GROUPS = [[2, 6], [0, 4], [1, 5], [3, 7]]
+
+
+def test_inbox_cancel_mid_transfer_frees_without_a_poll() -> None:
+    layout = hybrid_layout()
+    src = allocate_paged_cache(layout, 16, 16, fill="random", seed=3)
+    dst = allocate_paged_cache(layout, 16, 16, fill="zeros")
+    stager = Stager(src, PinnedPool(32 * MiB, backend="torch"))
+    unstager = Unstager(dst, PinnedPool(32 * MiB, backend="torch"))
+    inbox = Inbox(unstager, key=b"cancel", timeout=20)
+    outbox = Outbox(stager, key=b"cancel", lanes=2)
+    try:
+        g = GroupTables(layout, GROUPS)
+        t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+        request = RequestSpec("kv-abort", 70, 69)
+        released: list[Any] = []
+        r = inbox.expect("d-abort", request, t, s, release=released.append)
+        sending = outbox.begin("p-abort", request, inbox.address, t, s)
+        sending.stage(sending.layers[0])  # one layer out; the rest never comes
+        assert r.job is not None and until(lambda: bool(r.job.layers_done))
+        assert unstager.pool.in_use_bytes > 0
+        inbox.cancel("kv-abort", "request aborted")  # (by kvwire request id, as the adapters call it)
+        assert until(lambda: unstager.pool.in_use_bytes == 0)  # nobody polls: before, only a poll freed them
+        assert released == []  # the lease (the engine's blocks) still ends at the engine's poll
+        assert r.job.state is State.CANCELLED
+        assert until(lambda: sending.out is not None and sending.out.state is State.CANCELLED)  # sender told
+        ended = []
+        assert until(lambda: bool(ended.extend(inbox.poll()) or ended))
+        assert [(e.key, e.state) for e in ended] == [("d-abort", State.CANCELLED)] and len(released) == 1
+    finally:
+        outbox.close()
+        inbox.close()
+        stager.close()
+        unstager.close()
+    assert unstager.pool.in_use_bytes == 0 and stager.pool.in_use_bytes == 0
