@@ -5,6 +5,7 @@ importable (``VLLM_AVAILABLE``), else against the module's stand-ins."""
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 
@@ -180,6 +181,23 @@ def test_decode_abort_cancels_and_frees(pd):
     res = run_until(d, lambda r: "d-abort" in r.finished_recving, timeout=20)
     assert res.failed_recving == {"d-abort"}
     assert not d.sched.has_pending_push_work() and d.worker.inbox.active == 0
+
+
+def test_decode_abort_frees_the_receive_buffers_at_the_abort(pd):
+    """The worker's pinned receive buffers go back when it binds the abort, not at the step's poll."""
+    _p, d = pd
+    dreq = vc.Request("d-gone", N, adapter.decode_params("kv-gone"))
+    d.admit(dreq, D_IDS)
+    d.step({})  # start_load_kv: the request's receive buffers are taken from the pool
+    pool = d.worker.inbox.unstager.pool
+    assert pool.in_use_bytes > 0
+    d.finish(dreq, aborted=True)
+    so = types.SimpleNamespace(num_scheduled_tokens={}, finished_req_ids=set(d.finished))
+    d.worker.bind_connector_metadata(d.sched.build_connector_meta(so))  # the step's first worker call
+    assert pool.in_use_bytes == 0  # before: held until get_transfer_results polled the inbox
+    d.worker.clear_connector_metadata()
+    res = run_until(d, lambda r: "d-gone" in r.finished_recving, timeout=20)
+    assert res.failed_recving == {"d-gone"} and d.worker.inbox.active == 0
 
 
 def test_convention_mismatch_fails_both_sides(pd):

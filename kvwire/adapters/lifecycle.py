@@ -537,7 +537,7 @@ class Inbox(_Book["Receiving"]):
                     r.decide(State.FAILED, f"{type(e).__name__}: {e}")
                     raise
                 r.claimed_at = time.monotonic()
-                return list(r.job.buffers)
+                return r.job.lend()
             if rid in self._early:
                 raise KvwireError(f"request {rid!r} was already received")
             if _is_slice(rid) and m.layout is not None:  # checked against the plan at expect_resharded
@@ -674,9 +674,14 @@ class Inbox(_Book["Receiving"]):
         self._release_when_resolved(e.handle, e.buffer.release)
 
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
+        """The engine aborted ``rid``: its transfer is cancelled and its job's buffers go back to the pool at
+        once, or as soon as no lane writes and no copy reads them (never waiting on the engine's thread); its
+        lease ends CANCELLED at the next ``poll``."""
         r = self.get(rid)
         if r is not None:
             r.decide(State.CANCELLED, reason)
+            if r.job is not None:
+                r.job.cancel(reason, timeout=0)
 
     def _release_when_resolved(self, h: IncomingTransfer | None, fn: Callable[[], None]) -> None:
         if h is None:

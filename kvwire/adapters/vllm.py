@@ -32,7 +32,8 @@ Call order served (vLLM 0.32, hybrid manager on):
   fail). A failed load never retries the transfer. ``get_block_ids_with_load_errors`` stays empty: vLLM
   refuses block-level errors for hybrid models (block ids are unique per group only).
 * aborts: ``request_finished_all_groups`` keeps the blocks of a request still transferring and tells the
-  worker to cancel it; the blocks are freed when the cancelled transfer is reported.
+  worker to cancel it (its pinned receive buffers go back to the pool then); the blocks are freed when the
+  cancelled transfer is reported.
 
 vLLM is imported lazily: where it is not installed, minimal stand-ins of its base classes make this module
 importable and contract-testable (``VLLM_AVAILABLE`` says which). Must not know: kvwire's internals beyond

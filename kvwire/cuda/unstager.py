@@ -3,11 +3,12 @@
 Owns: ``Unstager`` (one per engine device: side stream, a worker thread that takes layers as they are
 verified so receiver callbacks stay short, waiter thread, device scratch, the ``h2d`` path) and
 ``UnstagingJob`` (one request: its pooled receive buffers, the receiver's own block tables and state slot,
-per-layer copy plans built once in ``prepare``, and ``wait_layer``). Must not know: sockets, lanes,
-frames, how copy plans are made (``plan``) or how CUDA is driven (``streams``). The transport is reached
-through duck typing only: a *source* has ``on_layer(fn)`` and optionally ``manifest`` and
-``add_done_callback`` (an ``IncomingTransfer``), a *receiver* has ``expect(request_id, buffers, layout=,
-state_position=)``.
+per-layer copy plans built once in ``prepare``, ``wait_layer``, its one terminal ``state``, and ``cancel``:
+its transfer cancelled, its buffers back in the pool once nothing writes or reads them). Must not know:
+sockets, lanes, frames, how copy plans are made (``plan``) or how CUDA is driven (``streams``). The
+transport is reached through duck typing only: a *source* has ``on_layer(fn)`` and optionally
+``manifest``, ``add_done_callback``, ``cancel(reason)``, ``finished`` and ``result(timeout)`` (an
+``IncomingTransfer``), a *receiver* has ``expect(request_id, buffers, layout=, state_position=)``.
 
 Data path, GPU, per verified layer on the unstager's stream: ``direct`` (each run of consecutive
 destination blocks straight from its place in the pinned span) or ``scratch`` (one copy of the span into
@@ -25,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..codec.layout import RequestSpec, Segment
-from ..errors import KvwireError, LayoutMismatch
-from ..tcp._args import check_wait
+from ..codec.transfer import State
+from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferTimedOut
+from ..tcp._args import check_reason, check_wait
 from .paged import PagedCache
 from .plan import (
     ALIGN,
@@ -47,12 +49,19 @@ from .streams import Device
 if TYPE_CHECKING:
     import torch
 
+#: Seconds ``UnstagingJob.cancel`` waits by default for a copy in progress and for its transfer to stop writing
+#: (past it the buffers go back to the pool when the last of them ends, not later)
+CANCEL_WAIT = 5.0
+
 
 class UnstagingJob:
     """One request on the receiver: pinned buffers to receive into, and per-layer copies into the cache.
 
-    Register ``buffers`` with the receiver (``expect_on(receiver)`` does it and ``attach``es), then
-    ``wait_layer(i)`` returns once layer ``i`` is in the destination cache.
+    Register ``buffers`` with the receiver (``expect_on(receiver)`` does it and ``attach``es; a receiver handed
+    them otherwise is told with ``lend``), then ``wait_layer(i)`` returns once layer ``i`` is in the destination
+    cache. ``state`` is ACTIVE until the job's one terminal state: DONE (every layer in the cache), FAILED (a
+    layer could not be copied, or the transfer failed before it brought every layer), TIMED_OUT or CANCELLED
+    (the transfer's, or ``cancel``'s).
     """
 
     def __init__(self, unstager: Unstager, request: RequestSpec, placement: Placement,
@@ -79,8 +88,12 @@ class UnstagingJob:
         self.gpu_events: dict[int, tuple[Any, Any]] = {}
         self._errors: dict[int, BaseException] = {}
         self._transfer_error: BaseException | None = None
-        self._pending = 0
+        self._pending = 0  # layers queued or being copied
+        self._running: set[int] = set()  # layers whose copies started (and have not finished)
+        self._cancelled: str | None = None  # cancel()'s reason
+        self._lent = False  # a transport was handed the buffers: they are its until its source ends
         self._released = False
+        self._freed = False
         self._release_done = threading.Event()
         self.source: Any = None
 
@@ -97,23 +110,57 @@ class UnstagingJob:
         with self._cond:
             return set(self.done_at)
 
+    @property
+    def state(self) -> State:
+        with self._cond:
+            return self._state()
+
+    def _state(self) -> State:
+        """The job's state (``_cond`` held). Once terminal it stays: ``cancel`` ends only an ACTIVE job, a
+        layer is reported once, and the transfer's error counts only while a layer it never brought is missing."""
+        if self._cancelled is not None:
+            return State.CANCELLED
+        if self._errors:
+            return State.FAILED
+        wanted = self.placement.by_layer
+        if all(la in self.done_at for la in wanted):
+            return State.DONE
+        err = self._transfer_error
+        if err is not None and any(la not in self.arrived_at for la in wanted):
+            if isinstance(err, TransferCancelled):
+                return State.CANCELLED
+            return State.TIMED_OUT if isinstance(err, TransferTimedOut) else State.FAILED
+        return State.ACTIVE
+
     # ---- wiring to a transport
     def expect_on(self, receiver: Any, *, check_state_position: bool = True, timeout: float | None = None
                   ) -> Any:
         """``receiver.expect(...)`` with this job's buffers, layout and state position; then ``attach``."""
-        handle = receiver.expect(self.request.request_id, self.buffers, layout=self.unstager.layout,
+        handle = receiver.expect(self.request.request_id, self.lend(), layout=self.unstager.layout,
                                  state_position=self.request.state_position if check_state_position else None,
                                  timeout=timeout)
         self.attach(handle)
         return handle
 
+    def lend(self) -> list[torch.Tensor]:
+        """``buffers``, for a transport to receive into: until a source is ``attach``ed and has ended,
+        ``cancel`` leaves them to it (``release`` is then the owner's word that nothing writes them)."""
+        with self._cond:
+            self._lent = True
+            return list(self.buffers)
+
     def attach(self, source: Any) -> None:
         """Unstage each layer ``source`` reports verified (``source.on_layer``); a failed source fails the
-        layers that had not arrived."""
-        self.source = source
+        layers that had not arrived. A job cancelled already cancels ``source``."""
+        with self._cond:  # (against cancel: it sees the source, or the source sees it cancelled)
+            self.source = source
+            cancelled = self._cancelled
         if hasattr(source, "add_done_callback"):
             source.add_done_callback(self._source_done)
         source.on_layer(self.layer_arrived)
+        if cancelled is not None:
+            self._cancel_source(source, cancelled)
+            self._free_when_idle()
 
     def _source_done(self, fut: concurrent.futures.Future[Any]) -> None:
         err = fut.exception()
@@ -121,11 +168,12 @@ class UnstagingJob:
             with self._cond:
                 self._transfer_error = err
                 self._cond.notify_all()
+        self._free_when_idle()
 
     def layer_arrived(self, layer: int) -> None:
         """Layer ``layer``'s bytes are complete and verified in ``buffers``: queue its copies."""
         with self._cond:
-            if self._released:
+            if self._released or self._cancelled is not None:
                 return
             if layer in self.arrived_at:
                 return
@@ -147,9 +195,21 @@ class UnstagingJob:
                 raise LayoutMismatch(f"segment {i} ({mine.name}): the transfer carries {theirs}, this job "
                                      f"expects tokens {mine.token_start}+{mine.token_count}")
 
+    def start_layer(self, layer: int) -> bool:
+        """``layer``'s copies may start now: False once the job is cancelled (``cancel`` counted it as never
+        started); else it counts as running until ``mark_layer_done``."""
+        with self._cond:
+            if self._cancelled is not None:
+                return False
+            self._running.add(layer)
+            return True
+
     def unstage(self, layer: int) -> None:
         """Run ``layer``'s copies into the cache (the unstager's worker thread); the outcome goes to
-        ``mark_layer_done``, now on a CPU cache, when the copies' event fires on a GPU."""
+        ``mark_layer_done``, now on a CPU cache, when the copies' event fires on a GPU. Nothing for a layer
+        queued before the job was cancelled."""
+        if not self.start_layer(layer):
+            return
         try:
             plan = self.plans.get(layer)
             if plan is None:
@@ -191,25 +251,30 @@ class UnstagingJob:
         with self._cond:
             if err is None:
                 self.done_at[layer] = time.monotonic()
-            else:
+            elif self._cancelled is None:  # (a cancelled job keeps its one terminal state)
                 self._errors[layer] = err
+            self._running.discard(layer)
             self._pending -= 1
             self._cond.notify_all()
+        self._free_when_idle()
 
     # ---- caller API
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Return once ``layer`` is in the destination cache (at once for layers without bytes).
 
         Raises the layer's error (``LayoutMismatch``...), the transfer's error if it ended before the
-        layer arrived, or builtin ``TimeoutError``. ``layer`` must be one of the layout's (``TypeError`` for a
-        bool or a string, ``LayoutMismatch`` outside it, as ``Stager``'s ``stage``).
+        layer arrived, ``TransferCancelled`` at once for any layer once the job was cancelled (its buffers
+        may be back in the pool), or builtin ``TimeoutError``. ``layer`` must be one of the layout's
+        (``TypeError`` for a bool or a string, ``LayoutMismatch`` outside it, as ``Stager``'s ``stage``).
         """
         layer = check_layer(layer, self.unstager.layout.num_layers)
-        if layer not in self.placement.by_layer:
-            return
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while layer not in self.done_at:
+            while self._cancelled is not None or layer not in self.done_at:
+                if self._cancelled is not None:
+                    raise TransferCancelled(self._cancelled)
+                if layer not in self.placement.by_layer:
+                    return
                 if layer in self._errors:
                     raise self._errors[layer]
                 if self._transfer_error is not None and layer not in self.arrived_at:
@@ -224,6 +289,62 @@ class UnstagingJob:
         for layer in self.layers:
             self.wait_layer(layer, None if end is None else max(0.0, end - time.monotonic()))
 
+    def result(self, timeout: float | None = None) -> UnstagingJob:
+        """``wait_all``, then this job: every layer is in the cache (raises as ``wait_layer`` does)."""
+        self.wait_all(timeout)
+        return self
+
+    def cancel(self, reason: str = "cancelled by the decode side", timeout: float = CANCEL_WAIT) -> bool:
+        """The request is not wanted any more: end the job CANCELLED (False, and the state kept, when it had
+        ended already), cancel its transfer (the sender is told ``reason``), drop the copies not started, and
+        return the buffers to the pool once the copy in progress finished and the transfer stopped writing:
+        before returning when both happen within ``timeout`` seconds, else as the last of them does (never
+        later). A layer copied meanwhile is whole in the cache and in ``layers_done``; every other never is.
+        Idempotent, from any thread (a layer callback too); ``wait_layer``/``result`` then raise
+        ``TransferCancelled``. ``TypeError``/``ValueError`` for a reason that is not a ``str`` or a bad
+        ``timeout``, and nothing cancelled."""
+        check_reason(reason)
+        wait = check_wait("timeout", timeout)
+        with self._cond:
+            first = self._state() is State.ACTIVE
+            if first:
+                self._cancelled = reason
+                never = [la for la in self.arrived_at if la not in self.done_at and la not in self._errors
+                         and la not in self._running]  # queued, not started: ``start_layer`` refuses them
+                self._pending -= len(never)
+                self._cond.notify_all()
+            source = self.source
+        if first and source is not None:
+            self._cancel_source(source, reason)
+        end = time.monotonic() + wait
+        if source is not None and hasattr(source, "result") and not getattr(source, "finished", True):
+            try:  # (the transport resolves it once no lane writes into the buffers)
+                source.result(max(0.0, end - time.monotonic()))
+            except Exception:  # noqa: BLE001 - cancelled, or not ended in time: _free_when_idle decides
+                pass
+        with self._cond:
+            while self._pending and time.monotonic() < end:
+                self._cond.wait(end - time.monotonic())
+        self._free_when_idle(force=True)
+        return first
+
+    @staticmethod
+    def _cancel_source(source: Any, reason: str) -> None:
+        if hasattr(source, "cancel") and not getattr(source, "finished", False):
+            source.cancel(reason)
+
+    def _free_when_idle(self, force: bool = False) -> None:
+        """After ``cancel`` (``force``: its call; else once it ran): return the buffers if no copy runs and
+        no transport may write into them."""
+        with self._cond:
+            if (self._cancelled is None and not force) or self._pending:
+                return
+            src = self.source
+            if not self._freed and ((src is None and self._lent)
+                                    or (src is not None and not getattr(src, "finished", True))):
+                return
+        self._free()
+
     def release(self) -> None:
         """Return the buffers to the pool (after copies in flight finished). The receiver must no longer
         write into them: release after the transfer ended."""
@@ -233,6 +354,17 @@ class UnstagingJob:
             while first and self._pending:
                 self._cond.wait(1.0)
         if not first:  # another thread is releasing: return once it is done
+            self._release_done.wait()
+            return
+        self._free()
+
+    def _free(self) -> None:
+        """The buffers back to the pool (once; the caller made sure nothing reads or writes them), or, when
+        another thread is returning them, once it has."""
+        with self._cond:
+            other = self._freed
+            self._freed = self._released = True  # (no layer is taken any more)
+        if other:
             self._release_done.wait()
             return
         try:
@@ -295,11 +427,14 @@ class Unstager:
         buf = buffer if buffer is not None else self.pool.acquire(placement.total, block=wait > 0,
                                                                   timeout=wait)
         try:
-            return UnstagingJob(self, request, placement, tables, state_slot, buf)
+            job = UnstagingJob(self, request, placement, tables, state_slot, buf)
         except BaseException:
             if buffer is None:
                 buf.release()
             raise
+        if buffer is not None:  # (it may be receiving: its transfer is attached next)
+            job.lend()
+        return job
 
     def placement(self, request: RequestSpec) -> Placement:
         """Where each of ``request``'s segments lives in the buffer ``prepare`` takes or makes."""
@@ -309,7 +444,8 @@ class Unstager:
         """Queue ``job``'s ``layer`` for the worker thread (started on first use); fails it once closed."""
         with self._lock:
             if self._closed:
-                job.mark_layer_done(layer, KvwireError("unstager closed"))
+                if job.start_layer(layer):
+                    job.mark_layer_done(layer, KvwireError("unstager closed"))
                 return
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="kvwire-unstager", daemon=True)
