@@ -3,8 +3,9 @@
 
 Owns: ``ReshardSender``/``ReshardOutgoing`` (one prefill rank: one ``Session`` per decode rank it feeds, one
 transfer per target; strided pieces gathered into a contiguous buffer, contiguous ones sent from the
-caller's memory), ``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected
-transfer per contributing prefill rank; contiguous pieces received straight into the destination, strided
+caller's memory; its done callbacks on its own key of the first target session's callback pool),
+``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected transfer per
+contributing prefill rank; contiguous pieces received straight into the destination, strided
 ones into a staging buffer scattered as soon as their layer is verified; ``wait_layer(i)`` once every
 contributing rank's part of layer ``i`` is in; its ``on_layer`` and done callbacks queued, in that order, on
 its own key of the receiver's callback pool, never run by a source's callback; the request fails, naming the
@@ -35,10 +36,10 @@ from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
 from .tcp import LayerOutcome, Outcome, Receiver, Session
+from .tcp._callbacks import Callbacks
 
 if TYPE_CHECKING:
     from .tcp import IncomingTransfer, OutgoingTransfer
-    from .tcp._callbacks import Callbacks
 
 
 def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:
@@ -78,11 +79,13 @@ def scatter(dst: memoryview, c: SliceCopy, data: Any) -> None:
 class ReshardOutgoing(Outcome):
     """One request on one prefill rank: ``write_layer`` with this rank's own segments of a layer (as for an
     ``OutgoingTransfer`` of its layout), ``finish()``, then ``result()``. Done once every target is; failed
-    once all ended and any did not, naming each such decode rank (the others still get their slices)."""
+    once all ended and any did not, naming each such decode rank (the others still get their slices). Its
+    done callbacks go to ``callbacks`` (a session's pool) under a key of its own, as a plain handle's do:
+    never run by a target's callback, nor on the adding thread once the request has ended."""
 
     def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec,
-                 transfers: Mapping[int, OutgoingTransfer]) -> None:
-        super().__init__()
+                 transfers: Mapping[int, OutgoingTransfer], callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
         self.plan, self.rank, self.request = plan, rank, request
         self.transfers = dict(transfers)
         own = plan_segments(plan.prefill, request)
@@ -205,8 +208,9 @@ class ReshardSender:
              ) -> ReshardOutgoing:
         """Start this rank's transfers of ``request`` (one per target decode rank)."""
         started: dict[int, OutgoingTransfer] = {}
+        targets = self.plan.targets(self.rank)
         try:
-            for d in self.plan.targets(self.rank):
+            for d in targets:
                 sub = _sub_request(request, self.rank, d)
                 started[d] = self.sessions[d].send(self.plan.slice_layout(self.rank, d), sub, timeout=timeout,
                                                    hashing=hashing)
@@ -214,7 +218,8 @@ class ReshardSender:
             for t in started.values():
                 t.cancel("sibling transfer could not start")
             raise
-        return ReshardOutgoing(self.plan, self.rank, request, started)
+        pool = self.sessions[targets[0]].callbacks if targets else Callbacks("tx-callbacks")  # (none: ends at once)
+        return ReshardOutgoing(self.plan, self.rank, request, started, pool)
 
 
 class ReshardIncoming(LayerOutcome):

@@ -308,3 +308,54 @@ def test_a_scatter_that_fails_fails_the_request_naming_the_layer(monkeypatch: py
             with contextlib.suppress(Exception):
                 src.result(20)
             assert src.finished
+
+
+def test_a_reshard_sends_done_callbacks_run_on_its_own_queue_of_the_session_pool(no_leaks: None) -> None:
+    """``ReshardOutgoing``'s done callbacks run as a plain handle's do: off the calling thread even once it has
+    ended, on its own queue, so one that blocks holds up no target transfer's callbacks. Before, they ran inside
+    the last target's done callback (on that target's queue: a blocked one held up the target's later
+    callbacks) and, added once it had ended, at once on the adding thread."""
+    gate = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def blocked(_f: Any) -> None:
+        gate.wait(20)
+        seen.append(("blocked", threading.current_thread().name))
+    with request("tx-done") as r:
+        out = r.outs[0]
+        out.add_done_callback(blocked)
+        target = out.transfers[0]
+        r.write(range(r.plan.decode.num_layers))
+        r.finish()
+        r.h.result(30)
+        out.result(30)
+        target_done = threading.Event()
+        try:
+            target.add_done_callback(lambda _f: target_done.set())  # (queued behind the target's own)
+            assert target_done.wait(10), "the target's callback waited for the reshard's blocked one"
+        finally:
+            gate.set()
+        out.add_done_callback(lambda _f: seen.append(("late", threading.current_thread().name)))
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [what for what, _ in seen] == ["blocked", "late"], seen
+    assert all(name != threading.current_thread().name for _, name in seen), seen
+
+
+def test_a_prefill_rank_with_no_target_runs_its_done_callbacks_off_the_calling_thread(no_leaks: None) -> None:
+    """TP 8 -> 1 with 2 KV heads: prefill rank 2 holds a replica nobody needs. Its request is done at once, and a
+    done callback added then still runs off the adding thread (before: on it, at once)."""
+    config = {**CONFIG, "num_hidden_layers": 2}
+    plan = plan_reshard(*(layout_from_hf_config(config, tp_size=tp, tp_rank=0, name="gqa2") for tp in (8, 1)))
+    assert plan.targets(2) == []
+    out = ReshardSender(plan, 2, {}).send(RequestSpec("no-target", 16, 15))
+    assert out.result(10).state.value == "done"
+    ran = threading.Event()
+    names: list[str] = []
+
+    def late(_f: Any) -> None:
+        names.append(threading.current_thread().name)
+        ran.set()
+    out.add_done_callback(late)
+    assert ran.wait(10) and names != [threading.current_thread().name], names
