@@ -3,13 +3,16 @@
 
 Owns: ``ReshardSender``/``ReshardOutgoing`` (one prefill rank: one ``Session`` per decode rank it feeds, one
 transfer per target; strided pieces gathered into a contiguous buffer, contiguous ones sent from the
-caller's memory), ``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected
-transfer per contributing prefill rank; contiguous pieces received straight into the destination, strided
+caller's memory; its done callbacks on its own key of the first target session's callback pool),
+``ReshardReceiver``/``ReshardIncoming`` (one decode rank: one ``Receiver``, one expected transfer per
+contributing prefill rank; contiguous pieces received straight into the destination, strided
 ones into a staging buffer scattered as soon as their layer is verified; ``wait_layer(i)`` once every
 contributing rank's part of layer ``i`` is in; its ``on_layer`` and done callbacks queued, in that order, on
 its own key of the receiver's callback pool, never run by a source's callback; the request fails, naming the
-prefill rank, when any contributing transfer fails). Must not know: the wire, lanes, sockets or torch: it is
-built on ``Session.send``/``Receiver.expect`` and their handles only, and reaches memory through ``kvwire.buffers``.
+prefill rank, when any contributing transfer fails; once its outcome is decided no scatter starts, and it is
+announced only when none is running: its done callbacks free the destination and any early staging). Must not
+know: the wire, lanes, sockets or torch: it is built on ``Session.send``/``Receiver.expect`` and their handles
+only, and reaches memory through ``kvwire.buffers``.
 
 Transfers are keyed ``"<request_id>@<prefill rank>><decode rank>"``; each carries the plan's slice layout,
 so a sender with another plan is refused by the receiver's layout check before a byte lands.
@@ -33,10 +36,10 @@ from .codec.reshard import ReshardPlan, SliceCopy
 from .codec.transfer import State
 from .errors import KvwireError, LayoutMismatch
 from .tcp import LayerOutcome, Outcome, Receiver, Session
+from .tcp._callbacks import Callbacks
 
 if TYPE_CHECKING:
     from .tcp import IncomingTransfer, OutgoingTransfer
-    from .tcp._callbacks import Callbacks
 
 
 def sub_request_id(request_id: str, prefill_rank: int, decode_rank: int) -> str:
@@ -76,11 +79,13 @@ def scatter(dst: memoryview, c: SliceCopy, data: Any) -> None:
 class ReshardOutgoing(Outcome):
     """One request on one prefill rank: ``write_layer`` with this rank's own segments of a layer (as for an
     ``OutgoingTransfer`` of its layout), ``finish()``, then ``result()``. Done once every target is; failed
-    once all ended and any did not, naming each such decode rank (the others still get their slices)."""
+    once all ended and any did not, naming each such decode rank (the others still get their slices). Its
+    done callbacks go to ``callbacks`` (a session's pool) under a key of its own, as a plain handle's do:
+    never run by a target's callback, nor on the adding thread once the request has ended."""
 
     def __init__(self, plan: ReshardPlan, rank: int, request: RequestSpec,
-                 transfers: Mapping[int, OutgoingTransfer]) -> None:
-        super().__init__()
+                 transfers: Mapping[int, OutgoingTransfer], callbacks: Callbacks | None = None) -> None:
+        super().__init__(callbacks)
         self.plan, self.rank, self.request = plan, rank, request
         self.transfers = dict(transfers)
         own = plan_segments(plan.prefill, request)
@@ -203,8 +208,9 @@ class ReshardSender:
              ) -> ReshardOutgoing:
         """Start this rank's transfers of ``request`` (one per target decode rank)."""
         started: dict[int, OutgoingTransfer] = {}
+        targets = self.plan.targets(self.rank)
         try:
-            for d in self.plan.targets(self.rank):
+            for d in targets:
                 sub = _sub_request(request, self.rank, d)
                 started[d] = self.sessions[d].send(self.plan.slice_layout(self.rank, d), sub, timeout=timeout,
                                                    hashing=hashing)
@@ -212,7 +218,8 @@ class ReshardSender:
             for t in started.values():
                 t.cancel("sibling transfer could not start")
             raise
-        return ReshardOutgoing(self.plan, self.rank, request, started)
+        pool = self.sessions[targets[0]].callbacks if targets else Callbacks("tx-callbacks")  # (none: ends at once)
+        return ReshardOutgoing(self.plan, self.rank, request, started, pool)
 
 
 class ReshardIncoming(LayerOutcome):
@@ -232,6 +239,8 @@ class ReshardIncoming(LayerOutcome):
         self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
         self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, Any]]] = {}
         self._done_sources: set[int] = set()
+        self._scattering = 0  # _arrived calls writing into the destination (or reading early staging) now
+        self._ending: tuple[State, str] | None = None  # the outcome decided; announced once no scatter runs
 
     # ---- caller API
     def on_layer(self, fn: Callable[[int], None]) -> None:
@@ -243,7 +252,7 @@ class ReshardIncoming(LayerOutcome):
         if not callable(fn):
             raise TypeError(f"on_layer takes a callable fn(layer), not {type(fn).__name__}")
         with self._cond:  # (_arrived and the outcome queue theirs under it: these go in between, in order)
-            if not self.finished:  # an ended request keeps no callback
+            if self._ending is None:  # an ended (or ending) request keeps no callback
                 self._layer_callbacks.append(fn)
             inline = self._queue_calls([(fn, (layer,)) for layer in self.layer_times])  # (completion order)
         for f, args in inline:  # (only a handle without a pool)
@@ -254,6 +263,8 @@ class ReshardIncoming(LayerOutcome):
         return {p: sum(h.lane_bytes().values()) for p, h in self.sources.items()}
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
+        """End the request ``cancelled`` (and its sources): at once, or as the scatters in progress (copies
+        into the destination, at most one layer per source) finish; none starts afterwards."""
         self._fail(State.CANCELLED, reason, None)
 
     # ---- wiring (ReshardReceiver.expect: add every source, then start)
@@ -272,21 +283,34 @@ class ReshardIncoming(LayerOutcome):
             h.on_layer(functools.partial(self._arrived, p))
             h.add_done_callback(functools.partial(self._source_finished, p, h))
         if not self.sources:
-            self._resolve(State.DONE)
+            with self._cond:
+                self._end(State.DONE, "")
 
     def _arrived(self, p: int, layer: int) -> None:
-        with self._cond:
-            if self.finished:
+        with self._cond:  # (none starts once the outcome is decided, which waits for those running: _end)
+            if self._ending is not None:
                 return
             items = self._scatters.pop((p, layer), [])
-        for dst, c, staged in items:
-            scatter(dst, c, staged)
+            self._scattering += 1
+        failed = ""
+        try:  # copied outside the lock: other sources' layers and outcomes do not wait for it
+            for dst, c, staged in items:
+                scatter(dst, c, staged)
+        except Exception as e:  # noqa: BLE001 - the request fails; its layer would never complete
+            failed = f"scattering prefill rank {p}'s part of layer {layer} failed: {type(e).__name__}: {e}"
+        finally:
+            with self._cond:
+                self._scattering -= 1
+                self._announce()
+        if failed:
+            self._fail(State.FAILED, failed, None)
+            return
         with self._cond:
             waiting = self._need.get(layer)
             if waiting is None or p not in waiting:
                 return
             waiting.discard(p)
-            if waiting or self.finished:
+            if waiting or self._ending is not None:
                 return
             self.layer_times[layer] = time.monotonic()
             self._cond.notify_all()
@@ -307,20 +331,33 @@ class ReshardIncoming(LayerOutcome):
             self._done_sources.add(p)
             if len(self._done_sources) < len(self.sources) or len(self.layer_times) < len(self._need):
                 return
-            self._layer_callbacks.clear()
-            self._resolve(State.DONE)
-            self._cond.notify_all()
+            self._end(State.DONE, "")
 
     def _fail(self, state: State, reason: str, culprit: int | None) -> None:
         with self._cond:  # (as _source_done: behind the layers queued so far, before any replayed later)
-            if not self._resolve(state, reason):
+            if not self._end(state, reason):
                 return
-            self._layer_callbacks.clear()
-            self._scatters.clear()
-            self._cond.notify_all()
         for q, other in self.sources.items():
             if q != culprit and not other.finished:
                 other.cancel(f"request failed on decode rank {self.rank}: {reason}")
+
+    def _end(self, state: State, reason: str) -> bool:
+        """Under ``_cond``: decide the outcome (once; False if it was). No scatter starts afterwards, and it is
+        announced (state, waiters, done callbacks) once the scatters running now are over: by the last of
+        them to finish, else at once. Its done callbacks tell the user the destination and the early staging
+        buffers are free: nothing may write into or read from them after that."""
+        if self._ending is not None:
+            return False
+        self._ending = (state, reason)
+        self._layer_callbacks.clear()
+        self._scatters.clear()
+        self._announce()
+        return True
+
+    def _announce(self) -> None:
+        """Under ``_cond``: resolve the decided outcome if no scatter is running (queued behind the layers)."""
+        if self._ending is not None and not self._scattering and self._resolve(*self._ending):
+            self._cond.notify_all()
 
 
 class ReshardReceiver:

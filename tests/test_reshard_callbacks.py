@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 from reshard_ref import global_payload, shard_reference
 
-from kvwire import Receiver, Session, connect
+import kvwire.reshard
+from kvwire import Receiver, Session, TransferCancelled, TransferFailed, connect
 from kvwire.codec.hf import layout_from_hf_config
 from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
 from kvwire.codec.reshard import ReshardPlan, plan_reshard
@@ -220,3 +222,140 @@ def test_on_layer_after_the_request_ended_is_queued_behind_its_done_callbacks(no
         assert r.rx.callbacks.drain(10)
     assert [layer for layer, _ in seen] == list(r.h.layer_times)
     assert all(name != threading.current_thread().name for _, name in seen)
+
+
+class GatedScatter:
+    """Stands in for ``kvwire.reshard.scatter``: the first call waits for ``release`` (after setting
+    ``entered``); every call is logged ("in"/"out") beside the request's done callback ("done", with how
+    many scatters were in progress as it ran)."""
+
+    def __init__(self, real: Callable[..., None]) -> None:
+        self.real = real
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.log: list[tuple[str, int]] = []
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, dst: Any, c: Any, data: Any) -> None:
+        with self._lock:
+            self._active += 1
+            self.log.append(("in", self._active))
+            first = not self.entered.is_set()
+            self.entered.set()
+        if first:
+            self.release.wait(20)
+        self.real(dst, c, data)
+        with self._lock:
+            self._active -= 1
+            self.log.append(("out", self._active))
+
+    def done(self, _future: Any) -> None:
+        with self._lock:
+            self.log.append(("done", self._active))
+
+
+@pytest.mark.parametrize("how", ["cancel", "source fails"])
+def test_a_request_ended_during_a_scatter_is_announced_only_once_the_scatter_is_over(
+        how: str, monkeypatch: pytest.MonkeyPatch, no_leaks: None) -> None:
+    """A scatter in progress when the request is cancelled (or a source fails) finishes before the request
+    is terminal and its done callbacks run (they tell an engine the destination and the early staging
+    buffers are free), and none starts after. Before, ``_arrived`` checked ``finished`` and scattered outside
+    the lock: the done callback ran while a scatter was still writing into the destination."""
+    gated = GatedScatter(kvwire.reshard.scatter)
+    monkeypatch.setattr(kvwire.reshard, "scatter", gated)
+    with request(f"end-mid-scatter-{how}") as r:
+        r.h.add_done_callback(gated.done)
+        writer = threading.Thread(target=_quietly, args=(r.write, range(2)), daemon=True)
+        writer.start()
+        try:
+            assert gated.entered.wait(20)
+            if how == "cancel":
+                r.h.cancel("engine dropped the request")
+            else:
+                r.outs[0].cancel("prefill rank 0 died")  # (the gated scatter is rank 1's: rank 0's queue is free)
+            time.sleep(0.3)  # (long enough for the done callback to run, had it been queued)
+            assert not r.h.finished, "terminal while a scatter was still writing into the destination"
+            assert ("done", 1) not in gated.log, gated.log
+        finally:
+            gated.release.set()
+        with pytest.raises(TransferCancelled if how == "cancel" else TransferFailed):
+            r.h.result(20)
+        assert r.rx.callbacks.drain(10)
+        writer.join(20)
+    log = gated.log
+    assert log.count(("done", 0)) == 1, log
+    assert all(kind != "in" for kind, _ in log[log.index(("done", 0)):]), f"a scatter began after the end: {log}"
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(Exception):  # (the request ends under it)
+        fn(*args)
+
+
+def test_a_scatter_that_fails_fails_the_request_naming_the_layer(monkeypatch: pytest.MonkeyPatch,
+                                                                 no_leaks: None) -> None:
+    """Before, the error was only logged on the callback pool: the layer never completed, every source ended
+    DONE, and the request never ended (``result()`` timed out)."""
+    def broken(dst: Any, c: Any, data: Any) -> None:
+        raise MemoryError("no room")
+    monkeypatch.setattr(kvwire.reshard, "scatter", broken)
+    with request("scatter-fails") as r:
+        _quietly(r.write, range(r.plan.decode.num_layers))
+        _quietly(r.finish)
+        with pytest.raises(TransferFailed, match=r"scattering prefill rank \d's part of layer \d+ failed: MemoryError"):
+            r.h.result(20)
+        for src in r.h.sources.values():
+            with contextlib.suppress(Exception):
+                src.result(20)
+            assert src.finished
+
+
+def test_a_reshard_sends_done_callbacks_run_on_its_own_queue_of_the_session_pool(no_leaks: None) -> None:
+    """``ReshardOutgoing``'s done callbacks run as a plain handle's do: off the calling thread even once it has
+    ended, on its own queue, so one that blocks holds up no target transfer's callbacks. Before, they ran inside
+    the last target's done callback (on that target's queue: a blocked one held up the target's later
+    callbacks) and, added once it had ended, at once on the adding thread."""
+    gate = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def blocked(_f: Any) -> None:
+        gate.wait(20)
+        seen.append(("blocked", threading.current_thread().name))
+    with request("tx-done") as r:
+        out = r.outs[0]
+        out.add_done_callback(blocked)
+        target = out.transfers[0]
+        r.write(range(r.plan.decode.num_layers))
+        r.finish()
+        r.h.result(30)
+        out.result(30)
+        target_done = threading.Event()
+        try:
+            target.add_done_callback(lambda _f: target_done.set())  # (queued behind the target's own)
+            assert target_done.wait(10), "the target's callback waited for the reshard's blocked one"
+        finally:
+            gate.set()
+        out.add_done_callback(lambda _f: seen.append(("late", threading.current_thread().name)))
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [what for what, _ in seen] == ["blocked", "late"], seen
+    assert all(name != threading.current_thread().name for _, name in seen), seen
+
+
+def test_a_prefill_rank_with_no_target_runs_its_done_callbacks_off_the_calling_thread(no_leaks: None) -> None:
+    """TP 8 -> 1 with 2 KV heads: prefill rank 2 holds a replica nobody needs. Its request is done at once, and a
+    done callback added then still runs off the adding thread (before: on it, at once)."""
+    config = {**CONFIG, "num_hidden_layers": 2}
+    plan = plan_reshard(*(layout_from_hf_config(config, tp_size=tp, tp_rank=0, name="gqa2") for tp in (8, 1)))
+    assert plan.targets(2) == []
+    out = ReshardSender(plan, 2, {}).send(RequestSpec("no-target", 16, 15))
+    assert out.result(10).state.value == "done"
+    ran = threading.Event()
+    names: list[str] = []
+
+    def late(_f: Any) -> None:
+        names.append(threading.current_thread().name)
+        ran.set()
+    out.add_done_callback(late)
+    assert ran.wait(10) and names != [threading.current_thread().name], names

@@ -5,13 +5,14 @@ the hash check (NACK, re-send) and one that only looks sees exactly the bytes th
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from helpers import wait_until
 
-from kvwire import Receiver, State, TransferFailed, connect
+from kvwire import Receiver, State, TransferCancelled, TransferFailed, connect
 from kvwire.tcp.transport import ChunkRef
 from kvwire.testing.fixtures import default_request, fixture_payload, load_fixture
 
@@ -126,3 +127,53 @@ def test_a_stage_that_raises_fails_that_transfer_on_both_ends_and_the_session_ca
                 assert dst.tobytes() == b"".join(a.view(np.uint8).tobytes() for a in src)
         assert rx.stats()["transfers_failed"] == 1 and rx.stats()["transfers_done"] == 1
         assert len(rx.live_sessions()) == 1 and len(rx.live_sessions()[0].lanes) == 2  # no lane was lost to it
+
+
+class Gate:
+    """Holds the first chunk in the stage (its payload is in the destination) until ``release``; logs the
+    stage's exit beside the handle's done callback."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.log: list[str] = []
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        return pieces
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(20)
+            self.log.append("stage out")
+
+    def done(self, _future: object) -> None:
+        self.log.append("done")
+
+
+def test_a_transfer_cancelled_while_a_lane_writes_into_it_ends_only_after_that_chunk() -> None:
+    """The plain path's guard against what ``ReshardIncoming`` lacked: the engine resolves a cancelled transfer
+    only once no lane writes into its destination, so its done callbacks (the user's "buffers are free") never
+    run beside a chunk still being placed."""
+    layout = load_fixture("tiny-qwen3-next")
+    gate = Gate()
+    req = default_request("cancel-mid-chunk")
+    src = fixture_payload(layout, req)
+    dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
+    with Receiver(chunk_stage=gate) as rx, connect(*rx.address, lanes=2, chunk_size=CHUNK) as s:
+        h_rx = rx.expect(req.request_id, dst)
+        h_rx.add_done_callback(gate.done)
+        h = s.send(layout, req, timeout=20)
+        h.write_all(src)
+        try:
+            assert gate.entered.wait(20)
+            h_rx.cancel("engine dropped the request")
+            time.sleep(0.3)  # (the done callback would have run by now; well under the engine's UNSTICK_AFTER)
+            assert not h_rx.finished and gate.log == []
+        finally:
+            gate.release.set()
+        with pytest.raises(TransferCancelled):
+            h_rx.result(10)
+        assert rx.callbacks.drain(10)
+        assert gate.log == ["stage out", "done"]
+        with pytest.raises(TransferCancelled):
+            h.result(10)

@@ -270,6 +270,12 @@ class Session(SenderConnection):
         self._control_hooks = (on_open, on_busy)
 
     @property
+    def callbacks(self) -> Callbacks:
+        """The pool that runs this session's user callbacks: a handle built on its transfers (a
+        ``ReshardOutgoing``) queues its own there, so that ``close()`` drains them too."""
+        return self._callbacks
+
+    @property
     def control_hooks(self) -> tuple[LaneHook | None, LaneHook | None]:
         """``(on_open, on_busy)`` as ``set_control_hooks`` last set them."""
         return self._control_hooks
