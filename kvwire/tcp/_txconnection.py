@@ -186,12 +186,18 @@ class SenderConnection:
             # ChunksQueued: the caller notified the lanes under the lock
 
     def _send(self, a: Send, gen: int | None, ctrl: Stream | None = None) -> None:
-        """One control frame; losing a BEGIN or DONE fails the connection, the rest are best effort."""
+        """One control frame; losing a BEGIN or DONE fails the connection, the rest are best effort. Any other
+        error (a frame that cannot be encoded, a broken stream) fails the connection naming it, whatever the
+        frame: its framing can no longer be trusted. Nothing propagates, so the actions after this one (a
+        transfer's ``Ended`` among them) still run, and no protocol thread dies of it."""
         try:
             (ctrl or self.ctrl).send(a.kind, a.body)
         except OSError as e:
             if a.kind in _MUST_SEND:
                 self._fail_session(f"control connection lost: {e}", gen if a.kind == F.BEGIN else None)
+        except Exception as e:  # noqa: BLE001 - before: the handle's Ended was skipped, or the monitor died
+            log.error("kvwire: sending a %s control frame failed", a.kind, exc_info=True)
+            self._fail_session(f"sending a {a.kind} control frame failed: {type(e).__name__}: {e}", gen)
 
     def _fail_session(self, reason: str, gen: int | None = None) -> None:
         """The connection failed: every transfer in flight fails with ``reason``; the session closes,
