@@ -21,6 +21,7 @@ from kvwire import KvwireError, Receiver, RequestSpec, Session, connect, load_la
 from kvwire.codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from kvwire.codec.manifest import max_chunk_size
 from kvwire.codec.presets import PRESETS
+from kvwire.codec.transfer import State
 from kvwire.errors import LayoutError, LayoutMismatch
 from kvwire.reshard import ReshardIncoming
 from kvwire.tcp import IncomingTransfer
@@ -336,3 +337,62 @@ def test_a_reshard_handle_refuses_a_non_callable_on_layer() -> None:
     with pytest.raises(TypeError, match="on_layer"):
         h.on_layer(5)  # type: ignore[arg-type]
     h.on_layer(lambda layer: None)
+
+
+# ------------------------------------------------------------------ the timeouts of the waits
+
+BAD_WAITS: list[tuple[object, type[Exception]]] = [
+    ("x", TypeError), (b"1", TypeError), (True, TypeError), ([1], TypeError),
+    (math.nan, ValueError), (math.inf, ValueError)]
+
+
+def _waits(rx: Receiver, incoming: IncomingTransfer, out: Any) -> dict[str, Any]:
+    return {"incoming.result": incoming.result, "out.result": out.result,
+            "incoming.wait_layer": lambda timeout: incoming.wait_layer(0, timeout=timeout),
+            "incoming.layers": incoming.layers, "next_transfer": rx.next_transfer}
+
+
+@pytest.mark.parametrize(("bad", "exc"), BAD_WAITS, ids=repr)
+def test_every_wait_refuses_a_timeout_that_is_not_a_number_at_the_call(
+        rx: Receiver, bad: object, exc: type[Exception]) -> None:
+    """A str was a TypeError of float arithmetic deep in the wait (``layers``: only at its first ``next``), NaN
+    and infinity a lock's ValueError/OverflowError that named nothing; now each names ``timeout``, at once."""
+    req = _req()
+    src = payload(LAYOUT, req)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    with connect(*rx.address, key="k", lanes=2) as s:
+        incoming = rx.expect(req.request_id, dest, layout=LAYOUT, timeout=30)
+        out = s.send(LAYOUT, req)
+        t0 = time.monotonic()
+        for name, wait in _waits(rx, incoming, out).items():
+            with pytest.raises(exc, match="timeout") as e:
+                wait(bad)
+            assert "timeout" in str(e.value), name
+        assert time.monotonic() - t0 < 1  # at the call: nothing waited
+        assert incoming.state is out.state is State.ACTIVE  # and nothing lost: the transfer goes through
+        out.write_all(src)
+        out.finish().result(timeout=30)
+        incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
+def test_a_negative_or_zero_timeout_does_not_wait_and_a_number_or_none_waits() -> None:
+    """The contract callers rely on (they pass ``deadline - now``): <= 0 checks once, as before."""
+    with Receiver(key="k", allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx, \
+            connect(*rx.address, key="k", lanes=2) as s:
+        t0 = time.monotonic()
+        for t in (-5, -math.inf, 0, np.float64(-0.1), 0.05):
+            with pytest.raises(TimeoutError):
+                rx.next_transfer(t)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 2
+        req = _req()
+        src = payload(LAYOUT, req)
+        out = s.send(LAYOUT, req)
+        incoming = rx.next_transfer(np.int64(10))  # type: ignore[arg-type]
+        for wait in (incoming.result, lambda timeout: incoming.wait_layer(0, timeout=timeout)):
+            with pytest.raises(TimeoutError):
+                wait(-1)
+        out.write_all(src)
+        assert sorted(incoming.layers(None)) == sorted({seg.layer for seg in plan_segments(LAYOUT, req)})
+        out.finish().result(None)
+        assert incoming.result(-1) is incoming  # ended: a wait that does not wait still returns it

@@ -47,6 +47,7 @@ from ._args import (
     check_seconds,
     check_stage,
     check_timeout,
+    check_wait_timeout,
 )
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
@@ -289,7 +290,9 @@ class Receiver:
 
     def next_transfer(self, timeout: float | None = None) -> IncomingTransfer:
         """The next allocator-placed transfer, in arrival order (ended ones included: a short transfer
-        may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``."""
+        may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``. ``timeout``:
+        seconds (<= 0: no wait) or ``None``; ``TypeError`` for a non-number, ``ValueError`` for NaN or infinity."""
+        timeout = check_wait_timeout("timeout", timeout)
         if self.on_transfer is not None:
             raise KvwireError("this receiver hands allocator-placed transfers to on_transfer, not next_transfer()")
         check_process(self._pid, "receiver")
