@@ -396,3 +396,18 @@ def test_a_negative_or_zero_timeout_does_not_wait_and_a_number_or_none_waits() -
         assert sorted(incoming.layers(None)) == sorted({seg.layer for seg in plan_segments(LAYOUT, req)})
         out.finish().result(None)
         assert incoming.result(-1) is incoming  # ended: a wait that does not wait still returns it
+
+
+# ------------------------------------------------------------------ set_active_lanes
+
+@pytest.mark.usefixtures("no_leaks")
+def test_set_active_lanes_refuses_what_is_not_a_lane_count_then_still_sets_one(rx: Receiver) -> None:
+    with connect(*rx.address, key="k", lanes=2, max_lanes=3, link_control=False) as s:
+        for bad, exc in (("x", TypeError), ("2", TypeError), (2.7, TypeError), (None, TypeError), (True, TypeError),
+                         (0, ValueError), (-3, ValueError)):
+            with pytest.raises(exc, match="n must be"):
+                s.set_active_lanes(bad)  # type: ignore[arg-type]
+            assert s.active_lanes == 2  # nothing changed
+        assert s.set_active_lanes(np.int64(1)) == 1  # type: ignore[arg-type]
+        assert s.set_active_lanes(10**6) == 3  # past max_lanes: clamped, as documented
+        send_verified(rx, s, LAYOUT, _req())
