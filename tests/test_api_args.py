@@ -55,6 +55,11 @@ BAD_CONNECT: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"connect_timeout": -1}, ValueError, "connect_timeout"),
     ({"connect_timeout": None}, TypeError, "connect_timeout"),
     ({"key": 123}, TypeError, "key"),
+    ({"hashing": "yes"}, TypeError, "hashing"),
+    ({"hashing": 0}, TypeError, "hashing"),
+    ({"hashing": None}, TypeError, "hashing"),
+    ({"reconnect": "no"}, TypeError, "reconnect"),
+    ({"reconnect": 1}, TypeError, "reconnect"),
     ({"key": ["k"]}, TypeError, "key"),
     ({"port": 70000}, ValueError, "port"),
     ({"port": -1}, ValueError, "port"),
@@ -106,7 +111,8 @@ def test_connect_takes_the_valid_values_and_they_work(rx: Receiver) -> None:
                  chunk_size=MIN_CHUNK, heartbeat=0.2, peer_timeout=np.float64(5), connect_timeout=2,
                  max_retries=0, on_lane_open=lambda i, s: None) as s:
         send_verified(rx, s, LAYOUT, _req())
-    with connect(host, port, key=b"k", lanes=2, chunk_size=max_chunk_size(DEFAULT_LIMITS)) as s:
+    with connect(host, port, key=b"k", lanes=2, chunk_size=max_chunk_size(DEFAULT_LIMITS), hashing=False,
+                 reconnect=False) as s:
         send_verified(rx, s, LAYOUT, _req())
 
 
@@ -129,6 +135,9 @@ def test_send_refuses_a_bad_layout_request_or_timeout_then_the_same_session_stil
                          ("5", TypeError)):
             with pytest.raises(exc, match="timeout"):
                 s.send(LAYOUT, req, timeout=bad)  # type: ignore[arg-type]
+        for kw in ({"hashing": "yes"}, {"hashing": "false"}, {"hashing": 1}, {"sink": "no"}, {"sink": None}):
+            with pytest.raises(TypeError, match=f"{next(iter(kw))} must be True or False"):
+                s.send(LAYOUT, req, **kw)  # type: ignore[arg-type]
         assert s.stats()["transfers_in_flight"] == 0  # nothing was started by the refused calls
         send_verified(rx, s, LAYOUT, req)  # the same request id, on the same session
 

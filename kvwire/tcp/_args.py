@@ -2,7 +2,7 @@
 ``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
 parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
 
-Owns: the checks of hosts, ports, keys, durations, waits' timeouts, bounded counts, callables, limits, chunk
+Owns: the checks of hosts, ports, keys, flags, durations, waits' timeouts, bounded counts, callables, limits, chunk
 stages and cancel reasons. Must not know anything else.
 """
 
@@ -88,6 +88,14 @@ def check_wait_timeout(name: str, value: object) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and value < 0:  # (NaN is not < 0)
         value = 0.0
     return check_wait(name, value, none_ok=True)
+
+
+def check_flag(name: str, value: object, *, none_ok: bool = False) -> bool | None:
+    """A ``bool`` (``None`` too where ``none_ok``: the default applies). Anything else would be taken by its
+    truth value: ``'no'`` and ``'false'`` as True."""
+    if isinstance(value, bool) or (value is None and none_ok):
+        return value
+    raise TypeError(f"{name} must be True or False{' or None' if none_ok else ''}, not {type(value).__name__}")
 
 
 def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
