@@ -21,6 +21,7 @@ from kvwire import KvwireError, Receiver, RequestSpec, Session, connect, load_la
 from kvwire.codec.frames import DEFAULT_LIMITS, MIN_CHUNK
 from kvwire.codec.manifest import max_chunk_size
 from kvwire.codec.presets import PRESETS
+from kvwire.codec.transfer import State
 from kvwire.errors import LayoutError, LayoutMismatch
 from kvwire.reshard import ReshardIncoming
 from kvwire.tcp import IncomingTransfer
@@ -54,6 +55,11 @@ BAD_CONNECT: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"connect_timeout": -1}, ValueError, "connect_timeout"),
     ({"connect_timeout": None}, TypeError, "connect_timeout"),
     ({"key": 123}, TypeError, "key"),
+    ({"hashing": "yes"}, TypeError, "hashing"),
+    ({"hashing": 0}, TypeError, "hashing"),
+    ({"hashing": None}, TypeError, "hashing"),
+    ({"reconnect": "no"}, TypeError, "reconnect"),
+    ({"reconnect": 1}, TypeError, "reconnect"),
     ({"key": ["k"]}, TypeError, "key"),
     ({"port": 70000}, ValueError, "port"),
     ({"port": -1}, ValueError, "port"),
@@ -105,7 +111,8 @@ def test_connect_takes_the_valid_values_and_they_work(rx: Receiver) -> None:
                  chunk_size=MIN_CHUNK, heartbeat=0.2, peer_timeout=np.float64(5), connect_timeout=2,
                  max_retries=0, on_lane_open=lambda i, s: None) as s:
         send_verified(rx, s, LAYOUT, _req())
-    with connect(host, port, key=b"k", lanes=2, chunk_size=max_chunk_size(DEFAULT_LIMITS)) as s:
+    with connect(host, port, key=b"k", lanes=2, chunk_size=max_chunk_size(DEFAULT_LIMITS), hashing=False,
+                 reconnect=False) as s:
         send_verified(rx, s, LAYOUT, _req())
 
 
@@ -128,6 +135,9 @@ def test_send_refuses_a_bad_layout_request_or_timeout_then_the_same_session_stil
                          ("5", TypeError)):
             with pytest.raises(exc, match="timeout"):
                 s.send(LAYOUT, req, timeout=bad)  # type: ignore[arg-type]
+        for kw in ({"hashing": "yes"}, {"hashing": "false"}, {"hashing": 1}, {"sink": "no"}, {"sink": None}):
+            with pytest.raises(TypeError, match=f"{next(iter(kw))} must be True or False"):
+                s.send(LAYOUT, req, **kw)  # type: ignore[arg-type]
         assert s.stats()["transfers_in_flight"] == 0  # nothing was started by the refused calls
         send_verified(rx, s, LAYOUT, req)  # the same request id, on the same session
 
@@ -336,3 +346,77 @@ def test_a_reshard_handle_refuses_a_non_callable_on_layer() -> None:
     with pytest.raises(TypeError, match="on_layer"):
         h.on_layer(5)  # type: ignore[arg-type]
     h.on_layer(lambda layer: None)
+
+
+# ------------------------------------------------------------------ the timeouts of the waits
+
+BAD_WAITS: list[tuple[object, type[Exception]]] = [
+    ("x", TypeError), (b"1", TypeError), (True, TypeError), ([1], TypeError),
+    (math.nan, ValueError), (math.inf, ValueError)]
+
+
+def _waits(rx: Receiver, incoming: IncomingTransfer, out: Any) -> dict[str, Any]:
+    return {"incoming.result": incoming.result, "out.result": out.result,
+            "incoming.wait_layer": lambda timeout: incoming.wait_layer(0, timeout=timeout),
+            "incoming.layers": incoming.layers, "next_transfer": rx.next_transfer}
+
+
+@pytest.mark.parametrize(("bad", "exc"), BAD_WAITS, ids=repr)
+def test_every_wait_refuses_a_timeout_that_is_not_a_number_at_the_call(
+        rx: Receiver, bad: object, exc: type[Exception]) -> None:
+    """A str was a TypeError of float arithmetic deep in the wait (``layers``: only at its first ``next``), NaN
+    and infinity a lock's ValueError/OverflowError that named nothing; now each names ``timeout``, at once."""
+    req = _req()
+    src = payload(LAYOUT, req)
+    dest = np.empty(sum(a.nbytes for a in src), np.uint8)
+    with connect(*rx.address, key="k", lanes=2) as s:
+        incoming = rx.expect(req.request_id, dest, layout=LAYOUT, timeout=30)
+        out = s.send(LAYOUT, req)
+        t0 = time.monotonic()
+        for name, wait in _waits(rx, incoming, out).items():
+            with pytest.raises(exc, match="timeout") as e:
+                wait(bad)
+            assert "timeout" in str(e.value), name
+        assert time.monotonic() - t0 < 1  # at the call: nothing waited
+        assert incoming.state is out.state is State.ACTIVE  # and nothing lost: the transfer goes through
+        out.write_all(src)
+        out.finish().result(timeout=30)
+        incoming.result(timeout=30)
+    assert np.array_equal(dest, np.concatenate(src))
+
+
+def test_a_negative_or_zero_timeout_does_not_wait_and_a_number_or_none_waits() -> None:
+    """The contract callers rely on (they pass ``deadline - now``): <= 0 checks once, as before."""
+    with Receiver(key="k", allocator=lambda m: np.zeros(m.total_bytes, np.uint8)) as rx, \
+            connect(*rx.address, key="k", lanes=2) as s:
+        t0 = time.monotonic()
+        for t in (-5, -math.inf, 0, np.float64(-0.1), 0.05):
+            with pytest.raises(TimeoutError):
+                rx.next_transfer(t)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 2
+        req = _req()
+        src = payload(LAYOUT, req)
+        out = s.send(LAYOUT, req)
+        incoming = rx.next_transfer(np.int64(10))  # type: ignore[arg-type]
+        for wait in (incoming.result, lambda timeout: incoming.wait_layer(0, timeout=timeout)):
+            with pytest.raises(TimeoutError):
+                wait(-1)
+        out.write_all(src)
+        assert sorted(incoming.layers(None)) == sorted({seg.layer for seg in plan_segments(LAYOUT, req)})
+        out.finish().result(None)
+        assert incoming.result(-1) is incoming  # ended: a wait that does not wait still returns it
+
+
+# ------------------------------------------------------------------ set_active_lanes
+
+@pytest.mark.usefixtures("no_leaks")
+def test_set_active_lanes_refuses_what_is_not_a_lane_count_then_still_sets_one(rx: Receiver) -> None:
+    with connect(*rx.address, key="k", lanes=2, max_lanes=3, link_control=False) as s:
+        for bad, exc in (("x", TypeError), ("2", TypeError), (2.7, TypeError), (None, TypeError), (True, TypeError),
+                         (0, ValueError), (-3, ValueError)):
+            with pytest.raises(exc, match="n must be"):
+                s.set_active_lanes(bad)  # type: ignore[arg-type]
+            assert s.active_lanes == 2  # nothing changed
+        assert s.set_active_lanes(np.int64(1)) == 1  # type: ignore[arg-type]
+        assert s.set_active_lanes(10**6) == 3  # past max_lanes: clamped, as documented
+        send_verified(rx, s, LAYOUT, _req())

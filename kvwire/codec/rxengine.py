@@ -349,14 +349,19 @@ class ReceiverEngine:
         assert said.done is not None
         return self._done(tid, said.done, now)
 
-    def refuse(self, tid: int | None, reason: str, now: float) -> list[Action]:
-        """Refuse a transfer that was not activated (no destination, over a receiver-wide bound)."""
+    def refuse(self, tid: int | None, reason: str, now: float, kind: str = F.REJECT) -> list[Action]:
+        """Refuse a transfer that was not activated: REJECT (no destination, over a receiver-wide bound), or
+        CANCEL (``kind``, state cancelled: the receiver's user cancelled its request before it was placed),
+        so that the sender's handle ends cancelled, not failed. Both end it at the sender (``rules``)."""
         if tid is not None:
             self.admitting.pop(tid, None)
         if self._over:
             return []
         self._answered(tid)
-        return [self._send(F.REJECT, {"tid": tid, "reason": wire_reason(reason)}, now)]
+        body: dict[str, Any] = {"tid": tid, "reason": wire_reason(reason)}
+        if kind == F.CANCEL:
+            body["state"] = State.CANCELLED.value
+        return [self._send(kind, body, now)]
 
     def _answered(self, tid: int | None) -> None:
         """``tid`` is refused: its early bytes no longer count and, with an early window, its id is

@@ -2,8 +2,8 @@
 ``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
 parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
 
-Owns: the checks of hosts, ports, keys, durations, bounded counts, callables, limits, chunk stages and cancel
-reasons. Must not know anything else.
+Owns: the checks of hosts, ports, keys, flags, durations, waits' timeouts, bounded counts, callables, limits, chunk
+stages and cancel reasons. Must not know anything else.
 """
 
 from __future__ import annotations
@@ -76,6 +76,26 @@ def check_wait(name: str, value: object, *, none_ok: bool = False) -> float:
         raise ValueError(f"{name} must be a finite number of seconds >= 0"
                          f"{' (None: no deadline)' if none_ok else ''}, got {value!r}")
     return x
+
+
+def check_wait_timeout(name: str, value: object) -> float | None:
+    """A public wait's ``timeout`` (``result``, ``wait_layer``, ``layers``, ``next_transfer``): ``None`` waits
+    without a deadline; a number <= 0 does not wait (callers pass ``deadline - now``: 0 then); NaN and
+    infinity are refused as by ``check_wait`` (before, NaN and infinity, like a str, failed deep in a lock's
+    wait with an error that named nothing the caller passed)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value < 0:  # (NaN is not < 0)
+        value = 0.0
+    return check_wait(name, value, none_ok=True)
+
+
+def check_flag(name: str, value: object, *, none_ok: bool = False) -> bool | None:
+    """A ``bool`` (``None`` too where ``none_ok``: the default applies). Anything else would be taken by its
+    truth value: ``'no'`` and ``'false'`` as True."""
+    if isinstance(value, bool) or (value is None and none_ok):
+        return value
+    raise TypeError(f"{name} must be True or False{' or None' if none_ok else ''}, not {type(value).__name__}")
 
 
 def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
+from ._args import check_wait_timeout
 from ._callbacks import Callbacks
 from ._fork import check_process
 
@@ -148,7 +149,9 @@ class Outcome:
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the terminal state; returns this handle when done. Builtin TimeoutError if this
         wait (not the transfer) times out. ``KvwireError`` at once in a forked child (``_fork``) while it runs:
-        the threads that would end it are in the parent."""
+        the threads that would end it are in the parent. ``timeout``: seconds (<= 0: no wait) or ``None``;
+        ``TypeError`` for a non-number, ``ValueError`` for NaN or infinity."""
+        timeout = check_wait_timeout("timeout", timeout)
         if not self.finished:
             check_process(self._pid, "transfer")
         try:
@@ -193,7 +196,9 @@ class LayerOutcome(Outcome):
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Return once ``layer`` is ready; raise if the outcome ended without it. ``LayoutMismatch`` at once
-        for a layer that is not an int, is negative, or is past the layout's last one when the layout is known."""
+        for a layer that is not an int, is negative, or is past the layout's last one when the layout is known;
+        ``timeout`` as ``result``'s."""
+        timeout = check_wait_timeout("timeout", timeout)
         n = self._layer_count()
         if (isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0
                 or (n is not None and layer >= n)):

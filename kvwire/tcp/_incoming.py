@@ -20,7 +20,7 @@ from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
-from ._args import check_reason
+from ._args import check_reason, check_wait_timeout
 from ._callbacks import Callbacks
 from ._fork import check_process
 from ._handle import LayerOutcome
@@ -131,9 +131,14 @@ class IncomingTransfer(LayerOutcome):
             self.call_soon(f, *args)
 
     def layers(self, timeout: float | None = None) -> Iterator[int]:
-        """Yield layer indices in the order they become ready, until every layer with bytes is in."""
+        """Yield layer indices in the order they become ready, until every layer with bytes is in. ``timeout``
+        (for them all) as ``result``'s, checked at the call."""
+        timeout = check_wait_timeout("timeout", timeout)
         if not self.finished:
             check_process(self._pid, "transfer")
+        return self._layers(timeout)
+
+    def _layers(self, timeout: float | None) -> Iterator[int]:
         seen: set[int] = set()
         end = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -6,10 +6,11 @@ reader's ACKs) puts it in with ``send`` and goes on: a sender that stops reading
 blocks this writer alone, never a thread the receiver shares between sessions (the monitor that ticks every
 session, expected requests' deadlines). Its bounds: at most ``MAX_QUEUED`` frames wait; one write may make
 no progress for ``stall`` s (``SO_SNDTIMEO`` on the socket: a write that gets nowhere returns); past either,
-``on_stuck(reason)`` runs once, on the writer, and later frames are dropped. ``close()`` stops taking frames
-and wakes the session's reader (the connection's read side is shut); the writer writes what is queued
-(``FLUSH_WAIT`` s at most) and ends; ``abort()`` fails a write in progress at once. Whoever owns the connection
-closes it once the writer ended (``wait``). Must not know: sessions, engines, what the frames say.
+``on_stuck(reason)`` runs once, on the writer, and later frames are dropped; so it does when a write fails
+otherwise (the connection lost, a frame that cannot be encoded: the reason names the error). ``close()``
+stops taking frames and wakes the session's reader (the connection's read side is shut); the writer writes
+what is queued (``FLUSH_WAIT`` s at most) and ends; ``abort()`` fails a write in progress at once. Whoever owns
+the connection closes it once the writer ended (``wait``). Must not know: sessions, engines, what the frames say.
 """
 
 from __future__ import annotations
@@ -114,13 +115,14 @@ class ControlOutbox:
                     kind, body = self._queue.popleft()
                 try:
                     self.stream.send(kind, body)
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - any failure ends the writer by on_stuck, never silently
                     with self._cond:
                         if self._closing:
                             return
                         self._stuck = ("the sender took no control bytes for "
                                        f"{self.stall:g} s" if isinstance(e, _NO_PROGRESS)
-                                       else f"control connection lost: {e}")
+                                       else f"control connection lost: {e}" if isinstance(e, OSError)
+                                       else f"sending a {kind} control frame failed: {type(e).__name__}: {e}")
                         self._queue.clear()
                     break
             self.on_stuck(self._stuck or "")

@@ -4,7 +4,8 @@ Owns: ``Receiver`` (the public object: ``expect``, ``next_transfer``, ``stats``,
 sessions, running the session handshake on a control connection and feeding its messages to the session's
 protocol engine (``codec.rxengine``: legality, per-session admission, verdicts, deadlines, counters),
 lane authentication against its session, receiver-wide bounds (sessions, bytes in flight, queued
-handles) and destination lookup (registered buffers or an allocator callback), sink transfers (capacity
+handles) and destination lookup (registered buffers or an allocator callback; an expected request its user
+cancelled is refused as cancelled, ``CANCELS_KEPT``), sink transfers (capacity
 probes, read into one shared scratch buffer and never delivered), the threads it runs, and the monitor's
 clock (expected requests that never came; each session's engine decides the rest). Accepting connections
 is ``_accept.py``'s, a session's connections and lanes ``_rxsession.py``'s. User callbacks go to a
@@ -20,7 +21,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ from ._args import (
     check_seconds,
     check_stage,
     check_timeout,
+    check_wait_timeout,
 )
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
@@ -60,6 +62,11 @@ log = logging.getLogger("kvwire.receiver")
 
 
 Allocator = Callable[[Manifest], Any]
+
+#: expected requests whose handle was cancelled before their transfer was placed, remembered (each until the
+#: deadline its ``expect`` gave it, the oldest forgotten first past this many) so that a sender's BEGIN for one
+#: is refused with the cancel's reason (CANCEL: the sender's handle ends cancelled), never placed elsewhere
+CANCELS_KEPT = 4096
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
@@ -188,6 +195,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._sessions: dict[bytes, RxSession] = {}
         self._expected: dict[str, IncomingTransfer] = {}
+        self._cancelled: OrderedDict[str, tuple[str, float]] = OrderedDict()  # (reason, until) (``CANCELS_KEPT``)
         self._callbacks = Callbacks("rx-callbacks")  # user callbacks never run on a protocol thread
         self._incoming: deque[IncomingTransfer] = deque()  # for next_transfer(), without on_transfer
         self._incoming_cond = threading.Condition(self._lock)
@@ -258,6 +266,7 @@ class Receiver:
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} already expected")
             self._expected[request_id] = h
+            self._cancelled.pop(request_id, None)  # expected again: its earlier cancel no longer answers for it
         # cancelled (or timed out) before its sender began: withdrawn at once, so its buffers go free and a
         # late sender is refused instead of writing into them
         h.add_done_callback(lambda _f: self._withdraw(request_id, h))
@@ -267,10 +276,23 @@ class Receiver:
         with self._lock:
             if self._expected.get(request_id) is h:
                 del self._expected[request_id]
+                self._remember_cancel(h)
+
+    def _remember_cancel(self, h: IncomingTransfer) -> None:
+        """Under ``_lock``: ``h``, an expected handle that ended unplaced, keeps its request refused until its
+        deadline when its user cancelled it (``CANCELS_KEPT``)."""
+        if h.state is not State.CANCELLED or h.deadline is None or self._closed.is_set():
+            return
+        self._cancelled[h.request_id] = (h.reason, h.deadline)
+        self._cancelled.move_to_end(h.request_id)
+        while len(self._cancelled) > CANCELS_KEPT:
+            self._cancelled.popitem(last=False)
 
     def next_transfer(self, timeout: float | None = None) -> IncomingTransfer:
         """The next allocator-placed transfer, in arrival order (ended ones included: a short transfer
-        may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``."""
+        may be done before it is taken). Raises ``KvwireError`` when handles go to ``on_transfer``. ``timeout``:
+        seconds (<= 0: no wait) or ``None``; ``TypeError`` for a non-number, ``ValueError`` for NaN or infinity."""
+        timeout = check_wait_timeout("timeout", timeout)
         if self.on_transfer is not None:
             raise KvwireError("this receiver hands allocator-placed transfers to on_transfer, not next_transfer()")
         check_process(self._pid, "receiver")
@@ -303,6 +325,7 @@ class Receiver:
             sessions = list(self._sessions.values())
             expected = list(self._expected.values())
             self._expected.clear()
+            self._cancelled.clear()
             self._incoming_cond.notify_all()
         for s in sessions:
             self._close_session(s, "receiver closed")
@@ -486,8 +509,15 @@ class Receiver:
             return
         with self._lock:
             h = self._expected.pop(m.request.request_id, None)
-        if h is not None and h.finished:
-            h = None  # cancelled as it arrived: refused like an unknown request
+            if h is not None and h.finished:  # cancelled as it arrived (its withdrawal still queued)
+                self._remember_cancel(h)
+                h = None
+            cancelled = self._cancelled.get(m.request.request_id) if h is None else None
+        if cancelled is not None and time.monotonic() <= cancelled[1]:
+            # its receiver cancelled it: refused as cancelled, never handed to the allocator (before: a REJECT
+            # "no destination registered" failed the sender, or the allocator placed what was cancelled)
+            s.refuse(m.transfer_id, cancelled[0], F.CANCEL)
+            return
         registered = h is not None
         if not registered and self.on_transfer is None:
             with self._lock:
@@ -597,6 +627,8 @@ class Receiver:
             late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
             for rid in [h.request_id for h in late]:
                 self._expected.pop(rid, None)
+            for rid in [rid for rid, (_, until) in self._cancelled.items() if now > until]:
+                del self._cancelled[rid]
         while late:  # popped: once resolved, no frame here holds the handle (and its buffers) any more
             late.pop().resolve(State.TIMED_OUT, "the sender never started this transfer")
         for s in sessions:

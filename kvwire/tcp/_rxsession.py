@@ -200,9 +200,10 @@ class RxSession:
         self.perform(actions)
         return t is not None
 
-    def refuse(self, tid: int | None, reason: str) -> None:
+    def refuse(self, tid: int | None, reason: str, kind: str = F.REJECT) -> None:
+        """Refuse a transfer not activated: REJECT, or CANCEL (``kind``) when its request was cancelled here."""
         with self.lock:
-            actions = self._engine.refuse(tid, reason, time.monotonic())
+            actions = self._engine.refuse(tid, reason, time.monotonic(), kind)
             self._answered.notify_all()
         self.perform(actions)
 

@@ -42,6 +42,7 @@ from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
 from ._args import (
     check_callable,
+    check_flag,
     check_host,
     check_int,
     check_key,
@@ -188,6 +189,8 @@ class Session(SenderConnection):
         connect_timeout = check_seconds("connect_timeout", connect_timeout)
         max_retries = check_int("max_retries", max_retries, 0)
         check_callable("on_lane_open", on_lane_open)
+        check_flag("hashing", hashing)
+        check_flag("reconnect", reconnect)
         check_stage(chunk_stage)
         _check_warm(warm, warm_up)
         tail_parity = parity.setting(tail_parity)  # ValueError, or KvwireError without zfec
@@ -318,7 +321,8 @@ class Session(SenderConnection):
         ``max_probe_bytes`` (an older receiver would treat it as an ordinary transfer).
 
         ``layout`` is a ``ModelLayout`` (``kvwire.load_layout(name)`` for a preset), ``request`` a
-        ``RequestSpec``, ``timeout`` seconds (positive, finite) or ``None``: ``TypeError``/``ValueError`` else.
+        ``RequestSpec``, ``timeout`` seconds (positive, finite) or ``None``, ``hashing`` a bool or ``None`` (the
+        session's), ``sink`` a bool: ``TypeError``/``ValueError`` else.
         ``KvwireError`` in a child forked from the process that opened the session (``_fork``).
         """
         check_process(self._pid, "session")
@@ -328,6 +332,8 @@ class Session(SenderConnection):
         if not isinstance(request, RequestSpec):
             raise TypeError(f"request must be a RequestSpec, not {type(request).__name__}")
         timeout = check_timeout("timeout", timeout)
+        check_flag("hashing", hashing, none_ok=True)
+        check_flag("sink", sink)
         total = layout.kv_bytes_per_token() * request.state_position + layout.state_bytes_per_request()
         theirs = self.server_limits.get("max_transfer_bytes")
         if type(theirs) is not int or theirs < 0:  # absent, or malformed (nan, "64G", a list): not a bound

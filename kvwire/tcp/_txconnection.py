@@ -25,6 +25,7 @@ from ..codec.handshake import PEER_TIMEOUT_KEY
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
+from ._args import check_int
 from ._fork import check_process
 from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
@@ -83,15 +84,16 @@ class SenderConnection:
         self._act(actions)
 
     def set_active_lanes(self, n: int) -> int:
-        """Use ``n`` lanes from now on (clamped to 1..``max_lanes``); returns the count in effect.
+        """Use ``n`` lanes from now on (at most ``max_lanes``: more is clamped); returns the count in effect.
 
         Lanes with index >= ``n`` stop pulling new chunks (chunks they already took still complete) and
         stay connected, parked, for a later raise; raising past the opened count opens new lanes (dialled
         concurrently; the caller waits for them). A lane that fails to open leaves the count at the lanes
-        that did, in index order.
+        that did, in index order. ``n``: an ``int`` >= 1 (``TypeError``/``ValueError`` else, nothing changed;
+        before, ``'x'`` was int()'s ValueError and ``2.7`` or ``-3`` were taken as 2 and 1).
         """
         check_process(self._pid, "session")
-        n = max(1, min(self.max_lanes, int(n)))
+        n = min(self.max_lanes, check_int("n", n, 1))
         with self._cond:
             if self._engine.closed or self._engine.down:
                 return self._pump.active
@@ -186,12 +188,18 @@ class SenderConnection:
             # ChunksQueued: the caller notified the lanes under the lock
 
     def _send(self, a: Send, gen: int | None, ctrl: Stream | None = None) -> None:
-        """One control frame; losing a BEGIN or DONE fails the connection, the rest are best effort."""
+        """One control frame; losing a BEGIN or DONE fails the connection, the rest are best effort. Any other
+        error (a frame that cannot be encoded, a broken stream) fails the connection naming it, whatever the
+        frame: its framing can no longer be trusted. Nothing propagates, so the actions after this one (a
+        transfer's ``Ended`` among them) still run, and no protocol thread dies of it."""
         try:
             (ctrl or self.ctrl).send(a.kind, a.body)
         except OSError as e:
             if a.kind in _MUST_SEND:
                 self._fail_session(f"control connection lost: {e}", gen if a.kind == F.BEGIN else None)
+        except Exception as e:  # noqa: BLE001 - before: the handle's Ended was skipped, or the monitor died
+            log.error("kvwire: sending a %s control frame failed", a.kind, exc_info=True)
+            self._fail_session(f"sending a {a.kind} control frame failed: {type(e).__name__}: {e}", gen)
 
     def _fail_session(self, reason: str, gen: int | None = None) -> None:
         """The connection failed: every transfer in flight fails with ``reason``; the session closes,

@@ -1,0 +1,134 @@
+"""A request the receiver expected and then cancelled (``IncomingTransfer.cancel()`` on the handle ``expect``
+returned) before its transfer was placed: the sender's BEGIN for it is answered CANCEL with the cancel's reason,
+so the sender's handle ends CANCELLED, and it never reaches the allocator. Before, the withdrawn expectation
+made it an unknown request: REJECT "no destination registered" (the sender's handle FAILED) or, with an
+allocator, placed by the allocator (data the receiver had cancelled, accepted). Over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from helpers import payload, send_verified, wait_until
+
+from kvwire import Receiver, RequestSpec, Session, TransferCancelled, TransferFailed, connect
+from kvwire.codec.manifest import Manifest
+from kvwire.codec.transfer import State
+from kvwire.tcp import _rxsession
+from kvwire.testing.fixtures import load_fixture
+
+LAYOUT = load_fixture("tiny-qwen3-next")
+
+
+class _Allocator:
+    """Records the request ids it is asked for; those starting with "slow" wait for ``go``."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.go = threading.Event()
+
+    def __call__(self, m: Manifest) -> np.ndarray:
+        self.asked.append(m.request.request_id)
+        if m.request.request_id.startswith("slow"):
+            assert self.go.wait(20)
+        return np.zeros(m.total_bytes, np.uint8)
+
+
+@pytest.fixture(params=["allocator", "no-allocator"])
+def link(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, Session, _Allocator | None]]:
+    alloc = _Allocator() if request.param == "allocator" else None
+    with Receiver(key="k", allocator=alloc) as rx, connect(*rx.address, key="k", lanes=2) as s:
+        yield rx, s, alloc
+
+
+def _expect(rx: Receiver, rid: str, req: RequestSpec, timeout: float | None = None):  # noqa: ANN202
+    return rx.expect(rid, np.zeros(sum(a.nbytes for a in payload(LAYOUT, req)), np.uint8), layout=LAYOUT,
+                     timeout=timeout)
+
+
+def _ends_cancelled(s: Session, rid: str, req: RequestSpec, why: str) -> None:
+    out = s.send(LAYOUT, req)
+    out.write_all(payload(LAYOUT, req))
+    out.finish()
+    with pytest.raises(TransferCancelled, match=f"cancelled by receiver: {why}"):
+        out.result(10)
+    assert out.state is State.CANCELLED
+
+
+def test_a_cancelled_expectation_refuses_its_sender_as_cancelled_and_is_never_allocated(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    rx, s, alloc = link
+    req = RequestSpec("gone", 300, 299)
+    incoming = _expect(rx, "gone", req)
+    incoming.cancel("decode slot freed")
+    assert wait_until(lambda: "gone" not in rx._expected)  # withdrawn: its buffers are free
+    _ends_cancelled(s, "gone", req, "decode slot freed")
+    _ends_cancelled(s, "gone", req, "decode slot freed")  # (a sender's retry: refused again, still remembered)
+    assert alloc is None or "gone" not in alloc.asked
+    with pytest.raises(TransferCancelled):
+        incoming.result(0)
+    # the session carries on, and the same request expected again goes through (its cancel no longer answers)
+    send_verified(rx, s, LAYOUT, req, timeout=10)
+    assert not s.closed, s.failure
+
+
+def test_a_cancel_racing_the_placement_is_refused_as_cancelled(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    """Cancelled while its withdrawal still waits on the callback pool: the placement finds the ended handle."""
+    rx, s, alloc = link
+    req = RequestSpec("racing", 300, 299)
+    incoming = _expect(rx, "racing", req)
+    hold = threading.Event()
+    incoming.call_soon(hold.wait, 20)  # the handle's callbacks (its withdrawal among them) wait behind this
+    incoming.cancel("raced")
+    assert "racing" in rx._expected
+    try:
+        _ends_cancelled(s, "racing", req, "raced")
+    finally:
+        hold.set()
+    assert alloc is None or "racing" not in alloc.asked
+    send_verified(rx, s, LAYOUT, RequestSpec("bystander", 300, 299), timeout=10)
+
+
+def test_a_cancel_after_the_sender_began_and_before_the_placement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BEGIN is in (admitted, waiting in the session's admission line behind a slow allocator call) when
+    its expectation is cancelled."""
+    monkeypatch.setattr(_rxsession, "MAX_ADMITTING", 1)  # (one slow allocator call holds the line)
+    alloc = _Allocator()
+    with Receiver(key="k", allocator=alloc) as rx, connect(*rx.address, key="k", lanes=2) as s:
+        slow = s.send(LAYOUT, RequestSpec("slow", 300, 299))
+        assert wait_until(lambda: "slow" in alloc.asked)
+        req = RequestSpec("late", 300, 299)
+        incoming = _expect(rx, "late", req)
+        out = s.send(LAYOUT, req)  # its BEGIN admitted, waiting behind "slow"
+        assert wait_until(lambda: any(x._admissions for x in rx.live_sessions()))
+        incoming.cancel("changed my mind")
+        alloc.go.set()
+        with pytest.raises(TransferCancelled, match="cancelled by receiver: changed my mind"):
+            out.result(10)
+        assert "late" not in alloc.asked
+        slow.cancel()
+        send_verified(rx, s, LAYOUT, RequestSpec("bystander", 300, 299), timeout=10)
+        assert not s.closed, s.failure
+
+
+def test_a_cancelled_expectation_is_forgotten_at_its_deadline(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    """Negative control: past the deadline its ``expect`` gave, the request is an unknown one again."""
+    rx, s, alloc = link
+    req = RequestSpec("brief", 300, 299)
+    _expect(rx, "brief", req, timeout=0.3).cancel("brief")
+    time.sleep(0.3 + 0.5)  # (past its deadline, and the monitor's next tick)
+    out = s.send(LAYOUT, req)
+    out.write_all(payload(LAYOUT, req))
+    out.finish()
+    if alloc is None:
+        with pytest.raises(TransferFailed, match="no destination registered"):
+            out.result(10)
+    else:
+        out.result(10)
+        assert "brief" in alloc.asked
