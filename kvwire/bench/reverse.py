@@ -17,9 +17,9 @@ Must not know: the output formats (the client's reporter prints what arrives) or
 from __future__ import annotations
 
 import json
-import time
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any

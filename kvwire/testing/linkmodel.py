@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-
 #: IPv4 + TCP with timestamps: what each wire packet of a GSO super-packet repeats
 WIRE_HEADERS = 52
 
