@@ -55,17 +55,16 @@ class WanLink(AbstractContextManager["WanLink"]):
     """``with WanLink(rtt_ms=20, loss=0.001, rate_mbit=400) as link:`` — client at ``link.client_addr``
     in namespace ``link.client_ns``, server at ``link.server_addr`` in ``link.server_ns``.
 
-    The rate is counted at the IP layer, the same in both directions; ``loss`` applies to both
-    directions; ``rtt_ms`` is split evenly. ``queue_bytes`` defaults to one bandwidth-delay product.
-    ``gso``: let the emulator take GSO super-packets whole (far cheaper per byte; queueing then acts on up
-    to 64 KB at once, and loss drops a super-packet whole with the chance that any of the ``mtu``-sized wire
-    packets it stands for would be lost: the loss events per byte of the per-packet link, each taking more).
-    Namespaces are ``<prefix><6 hex>-c|m|s``, the prefix ``$KVWIRE_WAN_PREFIX`` or ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot delay
-    releases (check ``stats()["late_releases"]``); off by default because it outranks every normal
-    process on its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, far cheaper per
-    packet), ``"python"`` (``emulator.py``, the reference) or ``"auto"`` (C when a compiler builds it);
-    default ``$KVWIRE_WAN_EMULATOR``, else ``cemu.DEFAULT``. ``backend`` (and ``stats()["backend"]``)
-    says which ran.
+    The rate is counted at the IP layer, the same in both directions; ``loss`` applies to both directions;
+    ``rtt_ms`` is split evenly. ``queue_bytes`` defaults to one bandwidth-delay product. ``gso``: let the emulator
+    take GSO super-packets whole (far cheaper per byte; queueing then acts on up to 64 KB at once, and loss drops a
+    super-packet whole with the chance that any of the ``mtu``-sized wire packets it stands for would be lost: the
+    loss events per byte of the per-packet link, each taking more). Namespaces are ``<prefix><6 hex>-c|m|s``, the
+    prefix ``$KVWIRE_WAN_PREFIX`` or ``kvw``. ``realtime``: run the emulator SCHED_FIFO so busy neighbours cannot
+    delay releases (check ``stats()["late_releases"]``); off by default because it outranks every normal process on
+    its core. ``emulator``: ``"c"`` (``wanemu.c``, compiled on first use, far cheaper per packet), ``"python"``
+    (``emulator.py``, the reference) or ``"auto"`` (C when a compiler builds it); default ``$KVWIRE_WAN_EMULATOR``,
+    else ``cemu.DEFAULT``. ``backend`` (and ``stats()["backend"]``) says which ran.
     """
 
     client_addr = CLIENT_ADDR
