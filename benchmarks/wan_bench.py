@@ -3,6 +3,9 @@
     sudo python benchmarks/wan_bench.py                  # 400 Mbit/s, 20 ms RTT, 0.1% loss, CUBIC
     sudo python benchmarks/wan_bench.py --rate 400mbit --rtt 20ms --loss 0.1% --seconds 8 --lanes 1,4,8
     sudo python benchmarks/wan_bench.py --must-show      # the long-fat-pipe issue's rows (wan_issue.py)
+    sudo python benchmarks/wan_bench.py --must-show --gso  # the same, the emulator fed GSO super-packets
+                                                           # (loss still per wire packet): on a 2-core host
+                                                           # the per-packet emulator falls behind at 2 Gbit/s
 
 Owns: the benchmark run — one ``WanLink``, iperf3 pairs in its namespaces, a kvwire receiver subprocess
 in the server namespace (``--receiver`` mode of this file), a kvwire ``Session`` in the client namespace
