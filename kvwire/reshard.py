@@ -9,8 +9,9 @@ contributing prefill rank; contiguous pieces received straight into the destinat
 ones into a staging buffer scattered as soon as their layer is verified; ``wait_layer(i)`` once every
 contributing rank's part of layer ``i`` is in; its ``on_layer`` and done callbacks queued, in that order, on
 its own key of the receiver's callback pool, never run by a source's callback; the request fails, naming the
-prefill rank, when any contributing transfer fails; once its outcome is decided no scatter starts, and it is
-announced only when none is running: its done callbacks free the destination and any early staging). Must not
+prefill rank, when any contributing transfer fails; once its outcome is decided its sources are cancelled and
+no scatter starts, and it is announced only when no scatter is running and every source has ended, so that no
+lane writes into its buffers any more: its done callbacks free the destination and any early staging). Must not
 know: the wire, lanes, sockets or torch: it is built on ``Session.send``/``Receiver.expect`` and their handles
 only, and reaches memory through ``kvwire.buffers``.
 
@@ -239,8 +240,9 @@ class ReshardIncoming(LayerOutcome):
         self._need: dict[int, set[int]] = {}  # layer -> prefill ranks whose part has not arrived
         self._scatters: dict[tuple[int, int], list[tuple[memoryview, SliceCopy, Any]]] = {}
         self._done_sources: set[int] = set()
+        self._over: set[int] = set()  # prefill ranks whose transfer is terminal (none of its lanes writes)
         self._scattering = 0  # _arrived calls writing into the destination (or reading early staging) now
-        self._ending: tuple[State, str] | None = None  # the outcome decided; announced once no scatter runs
+        self._ending: tuple[State, str] | None = None  # decided; announced once no scatter runs and no source
 
     # ---- caller API
     def on_layer(self, fn: Callable[[int], None]) -> None:
@@ -263,8 +265,10 @@ class ReshardIncoming(LayerOutcome):
         return {p: sum(h.lane_bytes().values()) for p, h in self.sources.items()}
 
     def cancel(self, reason: str = "cancelled by receiver") -> None:
-        """End the request ``cancelled`` (and its sources): at once, or as the scatters in progress (copies
-        into the destination, at most one layer per source) finish; none starts afterwards."""
+        """End the request ``cancelled`` (and its sources): at once, or once the scatters in progress (copies
+        into the destination, at most one layer per source) finish and every source has ended (the transport
+        resolves a transfer once none of its lanes writes into it: the chunks being placed now); no scatter
+        starts afterwards. Returns at once: the last of them to end announces it."""
         self._fail(State.CANCELLED, reason, None)
 
     # ---- wiring (ReshardReceiver.expect: add every source, then start)
@@ -322,6 +326,9 @@ class ReshardIncoming(LayerOutcome):
         self._source_done(p, h)
 
     def _source_done(self, p: int, h: IncomingTransfer) -> None:
+        with self._cond:  # (an outcome decided already may have waited for this source's lanes: _announce)
+            self._over.add(p)
+            self._announce()
         if h.state is not State.DONE:
             state = State.TIMED_OUT if h.state is State.TIMED_OUT else State.FAILED
             self._fail(state, f"prefill rank {p} ({sub_request_id(self.request.request_id, p, self.rank)}): "
@@ -343,9 +350,10 @@ class ReshardIncoming(LayerOutcome):
 
     def _end(self, state: State, reason: str) -> bool:
         """Under ``_cond``: decide the outcome (once; False if it was). No scatter starts afterwards, and it is
-        announced (state, waiters, done callbacks) once the scatters running now are over: by the last of
-        them to finish, else at once. Its done callbacks tell the user the destination and the early staging
-        buffers are free: nothing may write into or read from them after that."""
+        announced (state, waiters, done callbacks) once the scatters running now are over and every source
+        has ended (``_fail`` cancels them): by the last of these to finish, else at once. Its done callbacks
+        tell the user the destination and the early staging buffers are free: nothing may write into or read
+        from them after that (a source's lane neither: it may receive straight into the destination)."""
         if self._ending is not None:
             return False
         self._ending = (state, reason)
@@ -355,8 +363,11 @@ class ReshardIncoming(LayerOutcome):
         return True
 
     def _announce(self) -> None:
-        """Under ``_cond``: resolve the decided outcome if no scatter is running (queued behind the layers)."""
-        if self._ending is not None and not self._scattering and self._resolve(*self._ending):
+        """Under ``_cond``: resolve the decided outcome if no scatter is running and every source has ended
+        (queued behind the layers)."""
+        if self._ending is None or self._scattering or len(self._over) < len(self.sources):
+            return
+        if self._resolve(*self._ending):
             self._cond.notify_all()
 
 

@@ -622,12 +622,20 @@ class Inbox(_Book["Receiving"]):
         """``expect`` for decode rank ``rank`` of ``plan`` (prefill TP differs): one transfer from each of
         ``plan.sources(rank)`` lands in this job's buffers; a failing one fails the request naming its prefill
         rank. A prefill rank's slice that arrived first was received into a staging buffer (bounded as for
-        ``expect``); it must carry the plan's slice layout and is scattered into place from there."""
+        ``expect``); it must carry the plan's slice layout and is scattered into place from there. ``cancel``
+        reaches the request from the moment this is called: its buffers go back to the pool once every prefill
+        rank's transfer has ended, without a ``poll``."""
         lease = Lease(key, release)
         seconds = timeout if timeout is not None else self.timeout
         r = Receiving(lease, request, time.monotonic() + seconds)
         rid = request.request_id
         subs = {p: sub_request_id(rid, p, rank) for p in plan.sources(rank)} if 0 <= rank < plan.decode_tp else {}
+        with self._lock:  # registered first: ``cancel`` reaches it from now on (its job: below)
+            if rid in self._active:
+                r.decide(State.FAILED, f"request {rid!r} is already expected")
+                self._active[f"{rid}#dup{id(r)}"] = r
+                return r
+            self._active[rid] = r
         grace = time.monotonic() + CLAIM_GRACE  # an early slice's handle follows its allocation at once
         while True:
             with self._lock:
@@ -636,11 +644,6 @@ class Inbox(_Book["Receiving"]):
                     break
             time.sleep(0.001)
         with self._lock:
-            if rid in self._active:
-                r.decide(State.FAILED, f"request {rid!r} is already expected")
-                self._active[f"{rid}#dup{id(r)}"] = r
-                return r
-            self._active[rid] = r
             early = {p: e for p, s in subs.items() if (e := self._early.pop(s, None)) is not None}
             self._early_bytes -= sum(e.nbytes for e in early.values())
         adopted: dict[int, tuple[IncomingTransfer, Sequence[Any]]] = {}
@@ -652,8 +655,10 @@ class Inbox(_Book["Receiving"]):
                     raise LayoutMismatch(f"prefill rank {p} sent a slice of another plan")
                 _same_payload(request, e.request)
                 adopted[p] = (e.handle, e.views)
-            r.job = self.unstager.prepare(request, block_tables, state_slot)
-            r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, r.job.buffers, timeout=seconds,
+            job = self.unstager.prepare(request, block_tables, state_slot)
+            buffers = job.lend()  # (a cancel from here on leaves them to the transfers: ``attach`` below)
+            r.job = job
+            r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, buffers, timeout=seconds,
                                                                          early=adopted)
         except Exception as e:  # noqa: BLE001 - reported through the lease
             if r.job is not None:
@@ -668,6 +673,8 @@ class Inbox(_Book["Receiving"]):
         for early_slice in early.values():  # freed once nothing scatters from it any more
             r.handle.add_done_callback(functools.partial(self._release_early, early_slice))
         r.job.attach(r.handle)
+        if r.verdict is not None:  # cancelled while registered without a job: ``cancel`` could not reach one
+            r.job.cancel(r.verdict[1], timeout=0)
         return r
 
     def _release_early(self, e: _Early, _future: Any = None) -> None:
