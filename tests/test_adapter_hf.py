@@ -207,7 +207,8 @@ def test_decode_cancels_mid_stream(jamba: Any, link: Any) -> None:
 
 
 def test_decode_cancels_before_the_sender_starts(jamba: Any, link: Any) -> None:
-    """The request is withdrawn: its buffers are released at once and a late sender is refused."""
+    """The request is withdrawn: its buffers are released at once and a late sender is refused as cancelled
+    (the receiver remembers the cancel until the expectation's deadline)."""
     rx, session = link
     incoming = expect_cache(rx, jamba, "c0", 12)
     refs = _watch(incoming)
@@ -217,7 +218,7 @@ def test_decode_cancels_before_the_sender_starts(jamba: Any, link: Any) -> None:
     del incoming
     assert _released(refs)
     pf = send_prefill(jamba, prompt(), session, "c0")
-    with pytest.raises(TransferFailed, match="no destination"):
+    with pytest.raises(TransferCancelled, match="cancelled by receiver: cancelled by the decode side"):
         pf.result(10)
 
 
