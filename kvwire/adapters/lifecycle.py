@@ -43,6 +43,7 @@ from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMism
 from ..probe import warm_up
 from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender, sub_request_id
 from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
+from ..tcp._args import check_reason
 
 if TYPE_CHECKING:
     from ..codec.manifest import Manifest
@@ -380,6 +381,9 @@ class Outbox(_Book["Sending"]):
         return sending
 
     def cancel(self, key: str, reason: str = "cancelled by the engine") -> None:
+        """The engine aborted ``key``'s send: its transfer is cancelled, its lease ends FAILED at the next
+        ``poll``. ``reason`` is a ``str`` (``TypeError`` else, nothing changed)."""
+        check_reason(reason)
         s = self.get(key)
         if s is not None:
             s.fail(reason)
@@ -676,7 +680,9 @@ class Inbox(_Book["Receiving"]):
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
         """The engine aborted ``rid``: its transfer is cancelled and its job's buffers go back to the pool at
         once, or as soon as no lane writes and no copy reads them (never waiting on the engine's thread); its
-        lease ends CANCELLED at the next ``poll``."""
+        lease ends CANCELLED at the next ``poll``. ``reason`` is a ``str`` (``TypeError`` else, checked before
+        anything is decided)."""
+        check_reason(reason)
         r = self.get(rid)
         if r is not None:
             r.decide(State.CANCELLED, reason)
