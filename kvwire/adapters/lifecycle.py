@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from .._args import check_reason
 from ..codec.compat import check_compatible
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
 from ..codec.parity import MAX_PARITY
@@ -43,7 +44,6 @@ from ..errors import KvwireError, LayoutError, LayoutMismatch, StatePositionMism
 from ..probe import warm_up
 from ..reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender, sub_request_id
 from ..tcp import IncomingTransfer, OutgoingTransfer, Receiver, Session
-from ..tcp._args import check_reason
 
 if TYPE_CHECKING:
     from ..codec.manifest import Manifest

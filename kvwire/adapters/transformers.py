@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_wait_timeout
 from ..codec.hf import layout_from_hf_config
 from ..codec.layout import TOKEN, CacheSpec, ModelLayout, RequestSpec, plan_segments
 from ..errors import KvwireError, LayoutError, LayoutMismatch, TransferCancelled, TransferError
-from ..tcp._args import check_wait_timeout
 from .positions import StatePolicy
 
 if TYPE_CHECKING:

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_wait, check_wait_timeout
 from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError
-from ..tcp._args import check_wait, check_wait_timeout
 from .paged import PagedCache
 from .plan import (
     ALIGN,

@@ -25,10 +25,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_reason, check_wait, check_wait_timeout
 from ..codec.layout import RequestSpec, Segment
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferTimedOut
-from ..tcp._args import check_reason, check_wait, check_wait_timeout
 from .paged import PagedCache
 from .plan import (
     ALIGN,

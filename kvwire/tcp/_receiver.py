@@ -25,6 +25,18 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from .._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+    check_wait_timeout,
+)
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec import parity
@@ -37,18 +49,6 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
-from ._args import (
-    check_callable,
-    check_host,
-    check_int,
-    check_key,
-    check_limits,
-    check_port,
-    check_seconds,
-    check_stage,
-    check_timeout,
-    check_wait_timeout,
-)
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._fork import check_process, forked

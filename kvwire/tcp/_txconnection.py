@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._args import check_int
 from ..codec import early
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
@@ -25,7 +26,6 @@ from ..codec.handshake import PEER_TIMEOUT_KEY
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import check_int
 from ._fork import check_process
 from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
