@@ -27,11 +27,11 @@ from http.server import BaseHTTPRequestHandler
 from itertools import chain
 from typing import Any
 
+from ._args import check_port
 from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
 from .tcp import GatedHTTPServer, HandshakeGate, Receiver, Session
-from .tcp._args import check_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

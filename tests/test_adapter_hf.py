@@ -5,6 +5,7 @@ buffers released. The two-process, bit-exact decode proof is tests/test_adapter_
 from __future__ import annotations
 
 import gc
+import math
 import subprocess
 import sys
 import time
@@ -144,6 +145,26 @@ def test_bad_input_is_a_typed_error(jamba: Any, link: Any) -> None:
     assert wait_until(lambda: session.stats()["transfers_in_flight"] == 0)  # nothing left open
 
 
+@pytest.mark.parametrize(("bad", "err"), [("x", TypeError), (math.nan, ValueError), (math.inf, ValueError)])
+def test_a_bad_wait_timeout_is_refused_at_the_call_live_or_released(jamba: Any, link: Any, bad: Any,
+                                                                    err: type[Exception]) -> None:
+    """``IncomingCache.wait_layer``/``cache`` check ``timeout`` first: before, once the request had ended (its
+    tensors released) a bad timeout was answered with the transfer's error instead."""
+    rx, _ = link
+    incoming = expect_cache(rx, jamba, f"tmo-{bad}", 12)
+    for ended in (False, True):
+        with pytest.raises(err, match="timeout must be"):
+            incoming.wait_layer(0, bad)
+        with pytest.raises(err, match="timeout must be"):
+            incoming.cache(bad)
+        if not ended:  # negative control: <= 0 is still no wait, then the request ends
+            with pytest.raises(TimeoutError):
+                incoming.cache(0)
+            incoming.cancel()
+            with pytest.raises(TransferCancelled):
+                incoming.cache(1)
+
+
 def test_sender_receiver_disagreement_fails_both_sides(jamba: Any, link: Any) -> None:
     """A bf16 decode model for an fp32 prefill, and N-1 against N: refused before a byte lands."""
     rx, session = link
@@ -186,7 +207,8 @@ def test_decode_cancels_mid_stream(jamba: Any, link: Any) -> None:
 
 
 def test_decode_cancels_before_the_sender_starts(jamba: Any, link: Any) -> None:
-    """The request is withdrawn: its buffers are released at once and a late sender is refused."""
+    """The request is withdrawn: its buffers are released at once and a late sender is refused as cancelled
+    (the receiver remembers the cancel until the expectation's deadline)."""
     rx, session = link
     incoming = expect_cache(rx, jamba, "c0", 12)
     refs = _watch(incoming)
@@ -196,7 +218,7 @@ def test_decode_cancels_before_the_sender_starts(jamba: Any, link: Any) -> None:
     del incoming
     assert _released(refs)
     pf = send_prefill(jamba, prompt(), session, "c0")
-    with pytest.raises(TransferFailed, match="no destination"):
+    with pytest.raises(TransferCancelled, match="cancelled by receiver: cancelled by the decode side"):
         pf.result(10)
 
 

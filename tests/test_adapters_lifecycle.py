@@ -269,3 +269,29 @@ def test_an_engines_tail_parity_setting_is_checked_where_it_is_configured(monkey
     assert lifecycle.tail_parity_setting(0, "X") == 0
     with pytest.raises(LayoutError, match="zfec"):
         lifecycle.tail_parity_setting(2, "X")
+
+
+def test_a_cancel_with_a_reason_that_is_not_a_str_changes_nothing(pair):
+    """``Inbox.cancel``/``Outbox.cancel`` check ``reason`` first. Before, each recorded it (the Inbox's verdict
+    CANCELLED, the Outbox's error) and then raised TypeError from the transport: the request was half
+    cancelled, its lease ending with an int for a reason."""
+    layout, _src, _dst, outbox, inbox = pair
+    g = GroupTables(layout, GROUPS)
+    released: list = []
+    request = RequestSpec("kv-r", 70, 69)
+    t, s = g.tables([[1, 2, 3], [4], [5], [6]])
+    r = inbox.expect("d-r", request, t, s, release=released.append)
+    sending = outbox.begin("p-r", request, inbox.address, t, s, release=released.append)
+    for bad in (5, None, b"bytes"):
+        with pytest.raises(TypeError, match="reason must be a str"):
+            inbox.cancel("kv-r", bad)
+        with pytest.raises(TypeError, match="reason must be a str"):
+            outbox.cancel("p-r", bad)
+    assert r.verdict is None and not sending.error
+    # negative control: nothing was cancelled, the transfer goes through
+    for layer in sending.layers:
+        sending.stage(layer)
+    sending.finish()
+    ended = poll_until(outbox, inbox, count=2, timeout=30)
+    assert {e.key: e.state for e in ended} == {"p-r": State.DONE, "d-r": State.DONE}
+    assert sorted(e.key for e in released) == ["d-r", "p-r"]

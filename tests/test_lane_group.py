@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import payload, wait_until
+from helpers import payload, send_verified, wait_until
 
 import kvwire
 from kvwire import Receiver, RequestSpec, connect
@@ -16,6 +16,7 @@ from kvwire.congestion.control import LinkControl
 from kvwire.congestion.controller import ControllerConfig
 from kvwire.congestion.group import LaneGroup
 from kvwire.sockopts import get_pacing_rate
+from kvwire.testing.fixtures import load_fixture
 
 
 class Member:
@@ -128,3 +129,27 @@ def test_recording_keeps_every_state_published_after_it_started(pair: tuple[sock
         assert states == published == recorded(ctl) and first not in states
     finally:
         ctl.close()
+
+
+def test_set_active_lanes_refuses_what_is_not_a_lane_count_at_the_call() -> None:
+    """Checked by the group as ``Session.set_active_lanes`` checks it. Before: the group kept the bad count for
+    members joining later (their ``add`` then failed), raised it from the first member, and with no members
+    returned ``'x'`` as the lane count."""
+    assert LaneGroup().set_active_lanes(2) == 2
+    with pytest.raises(TypeError, match="n must be an int"):
+        LaneGroup().set_active_lanes("x")  # type: ignore[arg-type]
+    with Receiver(key="k") as rx, connect(*rx.address, key="k", lanes=2, max_lanes=4, link_control=False) as one, \
+            connect(*rx.address, key="k", lanes=2, max_lanes=4, link_control=False) as two:
+        group = LaneGroup([one])
+        assert group.set_active_lanes(3) == 3 and one.active_lanes == 3
+        for bad, exc in (("x", TypeError), ("2", TypeError), (2.7, TypeError), (None, TypeError), (True, TypeError),
+                         (0, ValueError), (-3, ValueError)):
+            with pytest.raises(exc, match="n must be"):
+                group.set_active_lanes(bad)  # type: ignore[arg-type]
+            assert one.active_lanes == 3  # nothing changed
+        group.add(two)  # a member joining later gets the last good count
+        assert two.active_lanes == 3
+        assert group.set_active_lanes(np.int64(1)) == 1  # type: ignore[arg-type]
+        assert one.active_lanes == two.active_lanes == 1
+        for s in (one, two):  # negative control: both still carry transfers
+            send_verified(rx, s, load_fixture("tiny-qwen3-next"), RequestSpec(f"after-{id(s)}", 300, 299))

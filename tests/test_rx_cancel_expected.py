@@ -2,7 +2,9 @@
 returned) before its transfer was placed: the sender's BEGIN for it is answered CANCEL with the cancel's reason,
 so the sender's handle ends CANCELLED, and it never reaches the allocator. Before, the withdrawn expectation
 made it an unknown request: REJECT "no destination registered" (the sender's handle FAILED) or, with an
-allocator, placed by the allocator (data the receiver had cancelled, accepted). Over real loopback sockets.
+allocator, placed by the allocator (data the receiver had cancelled, accepted). The same for a request whose
+expectation timed out before its sender began: its BEGIN is answered ERROR (state timed out), the sender's
+handle ends TIMED_OUT. Each refusal counts in the receiver's stats and metrics. Over real loopback sockets.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 from helpers import payload, send_verified, wait_until
 
-from kvwire import Receiver, RequestSpec, Session, TransferCancelled, TransferFailed, connect
+from kvwire import Receiver, RequestSpec, Session, TransferCancelled, TransferFailed, TransferTimedOut, connect
 from kvwire.codec.manifest import Manifest
 from kvwire.codec.transfer import State
+from kvwire.metrics import Metrics
 from kvwire.tcp import _rxsession
 from kvwire.testing.fixtures import load_fixture
 
@@ -41,7 +44,8 @@ class _Allocator:
 @pytest.fixture(params=["allocator", "no-allocator"])
 def link(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, Session, _Allocator | None]]:
     alloc = _Allocator() if request.param == "allocator" else None
-    with Receiver(key="k", allocator=alloc) as rx, connect(*rx.address, key="k", lanes=2) as s:
+    # (transfer_timeout: how long past its deadline a timed-out expectation is remembered)
+    with Receiver(key="k", allocator=alloc, transfer_timeout=2.0) as rx, connect(*rx.address, key="k", lanes=2) as s:
         yield rx, s, alloc
 
 
@@ -69,6 +73,7 @@ def test_a_cancelled_expectation_refuses_its_sender_as_cancelled_and_is_never_al
     _ends_cancelled(s, "gone", req, "decode slot freed")
     _ends_cancelled(s, "gone", req, "decode slot freed")  # (a sender's retry: refused again, still remembered)
     assert alloc is None or "gone" not in alloc.asked
+    assert wait_until(lambda: rx.stats()["transfers_cancelled"] == 2)  # counted as they ended here
     with pytest.raises(TransferCancelled):
         incoming.result(0)
     # the session carries on, and the same request expected again goes through (its cancel no longer answers)
@@ -132,3 +137,56 @@ def test_a_cancelled_expectation_is_forgotten_at_its_deadline(
     else:
         out.result(10)
         assert "brief" in alloc.asked
+
+
+def _ends_timed_out(s: Session, req: RequestSpec) -> None:
+    out = s.send(LAYOUT, req)
+    out.write_all(payload(LAYOUT, req))
+    out.finish()
+    with pytest.raises(TransferTimedOut, match="receiver timed out: the sender never started this transfer"):
+        out.result(10)
+    assert out.state is State.TIMED_OUT
+
+
+def test_a_timed_out_expectation_refuses_its_late_sender_as_timed_out_and_is_never_allocated(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    """Before: the late BEGIN went to the allocator (data the receiver gave up on, accepted) or was REJECTed
+    "no destination registered" (the sender FAILED), and no stat counted it."""
+    rx, s, alloc = link
+    metrics = Metrics()
+    metrics.watch(rx, "rx")
+    req = RequestSpec("late", 300, 299)
+    incoming = _expect(rx, "late", req, timeout=0.2)
+    with pytest.raises(TransferTimedOut):
+        incoming.result(10)
+    assert wait_until(lambda: "late" not in rx._expected)
+    _ends_timed_out(s, req)
+    _ends_timed_out(s, req)  # (a retry: still remembered)
+    assert alloc is None or "late" not in alloc.asked
+    assert wait_until(lambda: rx.stats()["transfers_timed_out"] == 2)
+    assert rx.stats()["transfers_failed"] == 0
+    assert 'kvwire_received_transfers_total{listen="rx",state="timed_out"} 2' in metrics.render()
+    # the session carries on, and the request expected again goes through
+    send_verified(rx, s, LAYOUT, req, timeout=10)
+    assert not s.closed, s.failure
+
+
+def test_a_timed_out_expectation_is_forgotten_transfer_timeout_past_its_deadline(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    """Negative control: ``transfer_timeout`` (2 s here) past its deadline, the request is an unknown one again."""
+    rx, s, alloc = link
+    req = RequestSpec("stale", 300, 299)
+    incoming = _expect(rx, "stale", req, timeout=0.2)
+    with pytest.raises(TransferTimedOut):
+        incoming.result(10)
+    time.sleep(0.2 + 2.0 + 0.5)  # (past deadline + transfer_timeout, and the monitor's next tick)
+    out = s.send(LAYOUT, req)
+    out.write_all(payload(LAYOUT, req))
+    out.finish()
+    if alloc is None:
+        with pytest.raises(TransferFailed, match="no destination registered"):
+            out.result(10)
+    else:
+        out.result(10)
+        assert "stale" in alloc.asked
+    assert rx.stats()["transfers_timed_out"] == 0

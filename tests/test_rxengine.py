@@ -173,6 +173,22 @@ def test_admission_refuses_ids_in_flight_or_ended_and_past_the_session_bound() -
     assert e.refuse(3, "no destination", 1.0) == [Send(F.REJECT, {"tid": 3, "reason": "no destination"})]
 
 
+def test_a_refusal_for_a_request_ended_here_carries_its_state_and_counts_it() -> None:
+    """An expected request cancelled or timed out before its BEGIN: CANCEL or ERROR with its state (the sender's
+    handle ends in it), counted like any transfer that ends here; a plain REJECT counts nothing."""
+    e = engine()
+    for tid in (1, 2, 3):
+        assert type(begin(e, tid)[0]) is Admit
+    assert e.refuse(1, "no destination", 1.0) == [Send(F.REJECT, {"tid": 1, "reason": "no destination"})]
+    assert e.refuse(2, "freed", 1.0, State.CANCELLED) == [
+        Send(F.CANCEL, {"tid": 2, "reason": "freed", "state": "cancelled"})]
+    assert e.refuse(3, "never started", 1.0, State.TIMED_OUT) == [
+        Send(F.ERROR, {"tid": 3, "reason": "never started", "state": "timed_out"})]
+    c = e.counts()
+    assert (c.get("transfers_failed", 0), c["transfers_cancelled"], c["transfers_timed_out"]) == (0, 1, 1)
+    assert not e.admitting
+
+
 def test_sinks_are_refused_when_hashed_over_the_probe_bound_or_disabled() -> None:
     assert "unhashed" in begin(engine(), 1, sink=True)[0].body["reason"]
     assert type(begin(engine(), 1, sink=True, hashed=False)[0]) is Admit

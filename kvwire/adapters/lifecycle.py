@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from .._args import check_reason
 from ..codec.compat import check_compatible
 from ..codec.layout import REQUEST, ModelLayout, RequestSpec, plan_segments
 from ..codec.parity import MAX_PARITY
@@ -380,6 +381,9 @@ class Outbox(_Book["Sending"]):
         return sending
 
     def cancel(self, key: str, reason: str = "cancelled by the engine") -> None:
+        """The engine aborted ``key``'s send: its transfer is cancelled, its lease ends FAILED at the next
+        ``poll``. ``reason`` is a ``str`` (``TypeError`` else, nothing changed)."""
+        check_reason(reason)
         s = self.get(key)
         if s is not None:
             s.fail(reason)
@@ -683,7 +687,9 @@ class Inbox(_Book["Receiving"]):
     def cancel(self, rid: str, reason: str = "cancelled by the engine") -> None:
         """The engine aborted ``rid``: its transfer is cancelled and its job's buffers go back to the pool at
         once, or as soon as no lane writes and no copy reads them (never waiting on the engine's thread); its
-        lease ends CANCELLED at the next ``poll``."""
+        lease ends CANCELLED at the next ``poll``. ``reason`` is a ``str`` (``TypeError`` else, checked before
+        anything is decided)."""
+        check_reason(reason)
         r = self.get(rid)
         if r is not None:
             r.decide(State.CANCELLED, reason)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_wait_timeout
 from ..codec.hf import layout_from_hf_config
 from ..codec.layout import TOKEN, CacheSpec, ModelLayout, RequestSpec, plan_segments
 from ..errors import KvwireError, LayoutError, LayoutMismatch, TransferCancelled, TransferError
@@ -360,7 +361,10 @@ class IncomingCache:
         return kind(text)
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Return once ``layer`` is verified in its tensors (it may be read, not yet used for decode)."""
+        """Return once ``layer`` is verified in its tensors (it may be read, not yet used for decode).
+        ``timeout``: seconds (<= 0: no wait) or ``None``; ``TypeError``/``ValueError`` for a non-number, NaN or
+        infinity, checked first."""
+        timeout = check_wait_timeout("timeout", timeout)
         t = self._transfer
         if t is None:
             raise self._failure()
@@ -373,7 +377,9 @@ class IncomingCache:
             t.cancel(reason)
 
     def cache(self, timeout: float | None = None) -> Any:
-        """The received ``DynamicCache`` (built once). Builtin TimeoutError if this wait runs out first."""
+        """The received ``DynamicCache`` (built once). Builtin TimeoutError if this wait runs out first.
+        ``timeout`` as ``wait_layer``'s."""
+        timeout = check_wait_timeout("timeout", timeout)
         t = self._transfer
         if t is None:
             raise self._failure()

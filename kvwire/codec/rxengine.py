@@ -64,6 +64,8 @@ MAX_LAYOUTS = 256
 LAYOUT_TENSORS_KEPT = 8192
 #: seconds a lane may keep writing into a transfer that ended before its connection is cut
 UNSTICK_AFTER = 2.0
+#: the answer that refuses a BEGIN, by the state the sender's handle ends in (``refuse``)
+_REFUSALS = {State.FAILED: F.REJECT, State.CANCELLED: F.CANCEL, State.TIMED_OUT: F.ERROR}
 
 
 # ---------------------------------------------------------------- this end's actions (the shared ones: actions.py)
@@ -349,19 +351,22 @@ class ReceiverEngine:
         assert said.done is not None
         return self._done(tid, said.done, now)
 
-    def refuse(self, tid: int | None, reason: str, now: float, kind: str = F.REJECT) -> list[Action]:
-        """Refuse a transfer that was not activated: REJECT (no destination, over a receiver-wide bound), or
-        CANCEL (``kind``, state cancelled: the receiver's user cancelled its request before it was placed),
-        so that the sender's handle ends cancelled, not failed. Both end it at the sender (``rules``)."""
+    def refuse(self, tid: int | None, reason: str, now: float, state: State = State.FAILED) -> list[Action]:
+        """Refuse a transfer that was not activated: REJECT (``state`` failed: no destination, over a
+        receiver-wide bound), or, for a request the receiver's user expected and that ended before it was
+        placed, CANCEL (cancelled) or ERROR (timed out) carrying ``state``, so that the sender's handle ends
+        in it, not failed; those count as ended here (``transfers_<state>``: never a sink's). All end it at
+        the sender (``rules``)."""
         if tid is not None:
             self.admitting.pop(tid, None)
         if self._over:
             return []
         self._answered(tid)
         body: dict[str, Any] = {"tid": tid, "reason": wire_reason(reason)}
-        if kind == F.CANCEL:
-            body["state"] = State.CANCELLED.value
-        return [self._send(kind, body, now)]
+        if state is not State.FAILED:
+            body["state"] = state.value
+            self._counts[terminal_counter(state, False)] += 1
+        return [self._send(_REFUSALS[state], body, now)]
 
     def _answered(self, tid: int | None) -> None:
         """``tid`` is refused: its early bytes no longer count and, with an early window, its id is

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from .._args import check_int
+
 #: called with (lane index, socket) each time a session's lane connects (opened, reopened or reconnected),
 #: before it carries data: where congestion control applies pacing and the congestion algorithm. Lanes are
 #: dialled concurrently, so it may run on several threads at once. (``kvwire.tcp`` takes it as ``on_lane_open``.)
@@ -105,6 +107,11 @@ class LaneGroup:
         return [s for m in self.members if m.busy for s in m.lane_sockets()]
 
     def set_active_lanes(self, n: int) -> int:
+        """Give every member, and each that joins later, ``n`` lanes; returns the fewest any member could open
+        (``n`` with none). ``n``: an ``int`` >= 1, checked here as ``Session.set_active_lanes`` does
+        (``TypeError``/``ValueError`` naming ``n``, nothing changed; before, it was kept for later members and
+        failed at the first member, or was returned as it came with none)."""
+        n = check_int("n", n, 1)
         with self._lock:
             self._lanes = n
             members = list(self._members)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._args import check_int, check_wait
 from ..errors import PoolExhausted
-from ..tcp._args import check_int, check_wait
 
 BACKENDS = ("auto", "torch", "cupy", "numpy")
 

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_wait, check_wait_timeout
 from ..codec.layout import RequestSpec, Segment
 from ..errors import KvwireError
-from ..tcp._args import check_wait
 from .paged import PagedCache
 from .plan import (
     ALIGN,
@@ -71,14 +71,19 @@ class StagedLayer:
         return self.future.done()
 
     def result(self, timeout: float | None = None) -> list[torch.Tensor]:
-        """The per-segment host views, once the bytes are there (builtin TimeoutError if not in time)."""
+        """The per-segment host views, once the bytes are there (builtin TimeoutError if not in time).
+        ``timeout``: seconds (<= 0: no wait) or ``None``; ``TypeError`` for a non-number, ``ValueError`` for NaN
+        or infinity (``_args.check_wait_timeout``)."""
+        timeout = check_wait_timeout("timeout", timeout)
         try:
             return self.future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"layer {self.layer} not staged after {timeout}s") from None
 
     def wait_sent(self, timeout: float | None = None) -> None:
-        """After ``stage_and_send``: wait until the views were handed to the writer (raises its error)."""
+        """After ``stage_and_send``: wait until the views were handed to the writer (raises its error).
+        ``timeout`` as ``result``'s."""
+        timeout = check_wait_timeout("timeout", timeout)
         if self.sent is None:
             raise ValueError("layer was staged without a writer")
         try:
@@ -242,7 +247,9 @@ class StagingJob:
 
     def send_all(self, writer: Any, *, finish: bool = True, timeout: float | None = 60.0
                  ) -> list[StagedLayer]:
-        """Stage and hand over every layer with bytes, in order; then ``writer.finish()`` if ``finish``."""
+        """Stage and hand over every layer with bytes, in order; then ``writer.finish()`` if ``finish``.
+        ``timeout`` as ``StagedLayer.result``'s, checked before a layer is staged."""
+        timeout = check_wait_timeout("timeout", timeout)
         staged = [self.stage_and_send(writer, layer) for layer in self.layers if layer not in self.staged]
         end = None if timeout is None else time.monotonic() + timeout
         for s in staged:
@@ -252,7 +259,9 @@ class StagingJob:
         return staged
 
     def wait(self, timeout: float | None = None) -> None:
-        """Until every layer staged so far is in host memory (raises a layer's error)."""
+        """Until every layer staged so far is in host memory (raises a layer's error). ``timeout`` as
+        ``StagedLayer.result``'s."""
+        timeout = check_wait_timeout("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
         for s in list(self.staged.values()):
             s.result(None if end is None else max(0.0, end - time.monotonic()))

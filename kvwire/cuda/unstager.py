@@ -25,10 +25,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._args import check_reason, check_wait, check_wait_timeout
 from ..codec.layout import RequestSpec, Segment
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferTimedOut
-from ..tcp._args import check_reason, check_wait
 from .paged import PagedCache
 from .plan import (
     ALIGN,
@@ -266,8 +266,11 @@ class UnstagingJob:
         layer arrived, ``TransferCancelled`` at once for any layer once the job was cancelled (its buffers
         may be back in the pool), or builtin ``TimeoutError``. ``layer`` must be one of the layout's
         (``TypeError`` for a bool or a string, ``LayoutMismatch`` outside it, as ``Stager``'s ``stage``).
+        ``timeout``: seconds (<= 0: no wait) or ``None``; ``TypeError`` for a non-number, ``ValueError`` for NaN
+        or infinity (``_args.check_wait_timeout``).
         """
         layer = check_layer(layer, self.unstager.layout.num_layers)
+        timeout = check_wait_timeout("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._cancelled is not None or layer not in self.done_at:
@@ -285,6 +288,8 @@ class UnstagingJob:
                 self._cond.wait(left if left is not None else 1.0)
 
     def wait_all(self, timeout: float | None = None) -> None:
+        """Every layer in the cache (``timeout`` and errors as ``wait_layer``'s)."""
+        timeout = check_wait_timeout("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
         for layer in self.layers:
             self.wait_layer(layer, None if end is None else max(0.0, end - time.monotonic()))

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from .._args import check_wait_timeout
 from ..codec.transfer import State
 from ..errors import KvwireError, LayoutMismatch, TransferCancelled, TransferFailed, TransferTimedOut
-from ._args import check_wait_timeout
 from ._callbacks import Callbacks
 from ._fork import check_process
 

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from .._args import check_reason, check_wait_timeout
 from ..codec.layout import ModelLayout
 from ..codec.manifest import Manifest
 from ..codec.plan import ChunkPlan
 from ..codec.transfer import ReceiverTransfer, State
-from ._args import check_reason, check_wait_timeout
 from ._callbacks import Callbacks
 from ._fork import check_process
 from ._handle import LayerOutcome

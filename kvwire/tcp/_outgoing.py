@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .._args import check_reason
 from ..buffers import byte_view
 from ..codec.transfer import SenderTransfer, State
 from ..errors import KvwireError, LayoutMismatch
-from ._args import check_reason
 from ._callbacks import Callbacks
 from ._fork import check_process
 from ._handle import Outcome

@@ -4,8 +4,8 @@ Owns: ``Receiver`` (the public object: ``expect``, ``next_transfer``, ``stats``,
 sessions, running the session handshake on a control connection and feeding its messages to the session's
 protocol engine (``codec.rxengine``: legality, per-session admission, verdicts, deadlines, counters),
 lane authentication against its session, receiver-wide bounds (sessions, bytes in flight, queued
-handles) and destination lookup (registered buffers or an allocator callback; an expected request its user
-cancelled is refused as cancelled, ``CANCELS_KEPT``), sink transfers (capacity
+handles) and destination lookup (registered buffers or an allocator callback; an expected request that its
+user cancelled or that timed out unplaced is refused as such, ``CANCELS_KEPT``), sink transfers (capacity
 probes, read into one shared scratch buffer and never delivered), the threads it runs, and the monitor's
 clock (expected requests that never came; each session's engine decides the rest). Accepting connections
 is ``_accept.py``'s, a session's connections and lanes ``_rxsession.py``'s. User callbacks go to a
@@ -25,6 +25,18 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from .._args import (
+    check_callable,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+    check_wait_timeout,
+)
 from ..buffers import check_destination, segment_views
 from ..codec import frames as F
 from ..codec import parity
@@ -37,18 +49,6 @@ from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
-from ._args import (
-    check_callable,
-    check_host,
-    check_int,
-    check_key,
-    check_limits,
-    check_port,
-    check_seconds,
-    check_stage,
-    check_timeout,
-    check_wait_timeout,
-)
 from ._auth import SessionKeys, lane_index, server_handshake, server_lane
 from ._callbacks import Callbacks
 from ._fork import check_process, forked
@@ -63,9 +63,10 @@ log = logging.getLogger("kvwire.receiver")
 
 Allocator = Callable[[Manifest], Any]
 
-#: expected requests whose handle was cancelled before their transfer was placed, remembered (each until the
-#: deadline its ``expect`` gave it, the oldest forgotten first past this many) so that a sender's BEGIN for one
-#: is refused with the cancel's reason (CANCEL: the sender's handle ends cancelled), never placed elsewhere
+#: expected requests whose handle was cancelled, or timed out, before their transfer was placed, remembered
+#: (a cancelled one until the deadline its ``expect`` gave it, a timed-out one for ``transfer_timeout`` past
+#: it; the oldest forgotten first past this many) so that a sender's BEGIN for one is refused with the handle's
+#: reason and state (the sender's handle ends cancelled or timed out), never placed elsewhere
 CANCELS_KEPT = 4096
 
 
@@ -195,7 +196,8 @@ class Receiver:
         self._lock = threading.Lock()
         self._sessions: dict[bytes, RxSession] = {}
         self._expected: dict[str, IncomingTransfer] = {}
-        self._cancelled: OrderedDict[str, tuple[str, float]] = OrderedDict()  # (reason, until) (``CANCELS_KEPT``)
+        # request id -> (state, reason, until) of an expected handle ended unplaced (``CANCELS_KEPT``)
+        self._cancelled: OrderedDict[str, tuple[State, str, float]] = OrderedDict()
         self._callbacks = Callbacks("rx-callbacks")  # user callbacks never run on a protocol thread
         self._incoming: deque[IncomingTransfer] = deque()  # for next_transfer(), without on_transfer
         self._incoming_cond = threading.Condition(self._lock)
@@ -279,11 +281,12 @@ class Receiver:
                 self._remember_cancel(h)
 
     def _remember_cancel(self, h: IncomingTransfer) -> None:
-        """Under ``_lock``: ``h``, an expected handle that ended unplaced, keeps its request refused until its
-        deadline when its user cancelled it (``CANCELS_KEPT``)."""
-        if h.state is not State.CANCELLED or h.deadline is None or self._closed.is_set():
+        """Under ``_lock``: ``h``, an expected handle that ended unplaced, keeps its request refused when its
+        user cancelled it (until its deadline) or it timed out (``transfer_timeout`` more; ``CANCELS_KEPT``)."""
+        if h.state not in (State.CANCELLED, State.TIMED_OUT) or h.deadline is None or self._closed.is_set():
             return
-        self._cancelled[h.request_id] = (h.reason, h.deadline)
+        until = h.deadline + (self.transfer_timeout if h.state is State.TIMED_OUT else 0.0)
+        self._cancelled[h.request_id] = (h.state, h.reason, until)
         self._cancelled.move_to_end(h.request_id)
         while len(self._cancelled) > CANCELS_KEPT:
             self._cancelled.popitem(last=False)
@@ -356,9 +359,10 @@ class Receiver:
         ``chunks_rebuilt`` (data chunks rebuilt from their group, before their copies arrived) and
         ``rebuilds_failed`` (rebuilt chunks that failed their check: left to their copies),
         ``transfers_<state>`` and ``probes_<state>``
-        per terminal state of transfers that began, ``auth_failures``, ``connections_refused`` (over
-        the connection bound), ``handshakes_cut`` (unauthenticated connections cut to make room for a
-        newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
+        per terminal state of transfers that began (a BEGIN refused because its expected request was cancelled
+        or timed out here counts as cancelled or timed out; other refusals count nowhere), ``auth_failures``,
+        ``connections_refused`` (over the connection bound), ``handshakes_cut`` (unauthenticated connections cut
+        to make room for a newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
         ``transfers_in_flight``, ``handshakes``."""
         out = dict.fromkeys(_STAT_KEYS, 0)
         with self._lock:  # a session's counts are folded into _counts as it leaves the table, under this lock
@@ -513,10 +517,10 @@ class Receiver:
                 self._remember_cancel(h)
                 h = None
             cancelled = self._cancelled.get(m.request.request_id) if h is None else None
-        if cancelled is not None and time.monotonic() <= cancelled[1]:
-            # its receiver cancelled it: refused as cancelled, never handed to the allocator (before: a REJECT
-            # "no destination registered" failed the sender, or the allocator placed what was cancelled)
-            s.refuse(m.transfer_id, cancelled[0], F.CANCEL)
+        if cancelled is not None and time.monotonic() <= cancelled[2]:
+            # its receiver cancelled it or gave up waiting: refused so, never handed to the allocator (before: a
+            # REJECT "no destination registered" failed the sender, or the allocator placed what was given up)
+            s.refuse(m.transfer_id, cancelled[1], cancelled[0])
             return
         registered = h is not None
         if not registered and self.on_transfer is None:
@@ -627,10 +631,14 @@ class Receiver:
             late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
             for rid in [h.request_id for h in late]:
                 self._expected.pop(rid, None)
-            for rid in [rid for rid, (_, until) in self._cancelled.items() if now > until]:
+            for rid in [rid for rid, (_, _, until) in self._cancelled.items() if now > until]:
                 del self._cancelled[rid]
         while late:  # popped: once resolved, no frame here holds the handle (and its buffers) any more
-            late.pop().resolve(State.TIMED_OUT, "the sender never started this transfer")
+            h = late.pop()
+            h.resolve(State.TIMED_OUT, "the sender never started this transfer")
+            with self._lock:
+                self._remember_cancel(h)  # (a cancel that won the race is remembered as one)
+            del h
         for s in sessions:
             fail = s.tick(now)
             if fail is not None:

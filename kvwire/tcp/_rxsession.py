@@ -200,10 +200,11 @@ class RxSession:
         self.perform(actions)
         return t is not None
 
-    def refuse(self, tid: int | None, reason: str, kind: str = F.REJECT) -> None:
-        """Refuse a transfer not activated: REJECT, or CANCEL (``kind``) when its request was cancelled here."""
+    def refuse(self, tid: int | None, reason: str, state: State = State.FAILED) -> None:
+        """Refuse a transfer not activated: REJECT, or, with ``state`` cancelled or timed out, its request ended
+        here unplaced (``ReceiverEngine.refuse``)."""
         with self.lock:
-            actions = self._engine.refuse(tid, reason, time.monotonic(), kind)
+            actions = self._engine.refuse(tid, reason, time.monotonic(), state)
             self._answered.notify_all()
         self.perform(actions)
 

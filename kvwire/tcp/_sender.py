@@ -28,6 +28,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .._args import (
+    check_callable,
+    check_flag,
+    check_host,
+    check_int,
+    check_key,
+    check_limits,
+    check_port,
+    check_seconds,
+    check_stage,
+    check_timeout,
+)
 from ..codec import frames as F
 from ..codec import parity
 from ..codec.layout import ModelLayout, RequestSpec
@@ -40,18 +52,6 @@ from ..congestion.controller import ControllerConfig
 from ..congestion.group import LaneGroup
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import (
-    check_callable,
-    check_flag,
-    check_host,
-    check_int,
-    check_key,
-    check_limits,
-    check_port,
-    check_seconds,
-    check_stage,
-    check_timeout,
-)
 from ._auth import SessionKeys
 from ._callbacks import Callbacks
 from ._fork import check_process, forked

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._args import check_int
 from ..codec import early
 from ..codec import frames as F
 from ..codec.actions import Ended, Fail, Send
@@ -25,7 +26,6 @@ from ..codec.handshake import PEER_TIMEOUT_KEY
 from ..codec.txengine import Action, LayersAcked, SenderEngine
 from ..congestion.tcpinfo import handshake_rtt
 from ..errors import KvwireError
-from ._args import check_int
 from ._fork import check_process
 from ._lanes import LONG_PATH_RTT, Dialer, Lane
 from ._outgoing import OutgoingTransfer
@@ -147,7 +147,8 @@ class SenderConnection:
             self._start(self._pump.run, f"kvwire-lane{lane.index}", lane, gen)
 
     def _reconnect_loop(self) -> None:
-        """reconnect=True, after a failure: dial the receiver until it is back or the session closes."""
+        """reconnect=True, after a failure: dial the receiver until it is back or the session closes, whatever
+        a try fails of (each is logged; the next waits longer, 2 s at most)."""
         delay = 0.1
         eng = self._engine
         while True:
@@ -159,6 +160,11 @@ class SenderConnection:
                 self._establish(lanes)
             except (OSError, KvwireError) as e:
                 log.info("kvwire: reconnecting to %s:%s: %s", *self.address, e)
+                delay = min(delay * 2, 2.0)
+                continue
+            except Exception:  # noqa: BLE001 - a try that failed otherwise (a frame that cannot be written):
+                # before, it ended this thread, the session down for good but never closed
+                log.warning("kvwire: reconnecting to %s:%s failed", *self.address, exc_info=True)
                 delay = min(delay * 2, 2.0)
                 continue
             log.info("kvwire: session to %s:%s re-established", *self.address)

@@ -1,6 +1,8 @@
 """Argument checks shared by the public constructors and calls of the transport (``Session``/``connect``,
-``Receiver``): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
+``Receiver``) and of the layers beside and above it (``cuda``'s staging, ``congestion``'s lane group, the
+adapters, metrics): a bad value fails at the call with a ``TypeError`` or ``ValueError`` that names the
 parameter, before a socket or thread is opened, instead of deep in a socket call, an hmac or a busy loop.
+Here, not in ``tcp``, so that a layer ``tcp`` imports (``congestion``) can use it too.
 
 Owns: the checks of hosts, ports, keys, flags, durations, waits' timeouts, bounded counts, callables, limits, chunk
 stages and cancel reasons. Must not know anything else.
@@ -13,7 +15,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ..codec.frames import Limits
+from .codec.frames import Limits
 
 
 def check_host(host: object, name: str = "host") -> str:
