@@ -388,7 +388,13 @@ class ReshardReceiver:
         ``early[p]``: prefill rank ``p``'s slice transfer that arrived before this call, with the buffers (one
         per segment of ``slice_layout(p, rank)``) it is being received into; the caller checked its layout.
         Its pieces are scattered into place as its layers verify (those already verified at once, on the
-        receiver's callback pool)."""
+        receiver's callback pool).
+
+        An error registering one prefill rank's transfer (its id already expected, the receiver closed) is
+        raised only while no rank's is registered yet: nothing was handed ``buffers`` (``early``'s transfers
+        are cancelled), reuse them at once. Past that it is the returned handle's: FAILED, naming that rank,
+        the other sources cancelled, and announced once every one has ended (one that began may be writing
+        into ``buffers``: free them from its done callbacks, as for any failure)."""
         plan, d = self.plan, self.rank
         views = segment_views(buffers, plan_segments(plan.decode, request), writable=True)
         h = ReshardIncoming(plan, d, request, self.receiver.callbacks)
@@ -417,7 +423,18 @@ class ReshardReceiver:
                     sub_h = self.receiver.expect(sub.request_id, dest, layout=layout,
                                                  state_position=request.state_position, timeout=timeout)
                 h.add_source(p, sub_h, layers, scatters)
-        except BaseException:
+        except Exception as e:
+            if not h.sources:  # (nothing holds ``buffers``: the caller's error to handle)
+                for other, _bufs in (early or {}).values():
+                    other.cancel("sibling expectation could not be registered")
+                raise
+            for q, (other, _bufs) in (early or {}).items():  # (its end, too, is followed: its staging)
+                if q not in h.sources:
+                    h.add_source(q, other, set(), {})
+            # decided before the sources are followed: none scatters, each is cancelled, the last to end announces
+            h._fail(State.FAILED, f"prefill rank {p} ({sub_request_id(request.request_id, p, d)}) could not be "
+                                  f"expected: {type(e).__name__}: {e}", None)
+        except BaseException:  # (interrupted: nothing is followed any more; cancelled, the transfers end soon)
             for other in h.sources.values():
                 other.cancel("sibling expectation could not be registered")
             for q, (other, _bufs) in (early or {}).items():

@@ -28,7 +28,7 @@ from kvwire import RequestSpec, State  # noqa: E402
 from kvwire.adapters.lifecycle import Inbox, Outbox  # noqa: E402
 from kvwire.codec.reshard import ReshardPlan, plan_reshard  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager  # noqa: E402
-from kvwire.reshard import ReshardIncoming, ReshardReceiver  # noqa: E402
+from kvwire.reshard import ReshardIncoming, ReshardReceiver, sub_request_id  # noqa: E402
 from kvwire.tcp.transport import ChunkRef  # noqa: E402
 
 KEY = b"reshard-release"
@@ -227,3 +227,36 @@ def test_control_a_resharded_request_with_a_held_lane_arrives_exact(ranks: Ranks
     assert sorted((e.key, e.state) for e in ended) == [("d0", State.DONE), ("p0", State.DONE), ("p1", State.DONE)]
     assert r.in_use == 0
     assert read_back(r.dst[0], r.request, r.dst[1]) == r.want
+
+
+def test_a_later_rank_failing_to_register_leaves_the_buffers_to_the_slice_that_began(
+        ranks: Ranks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill rank 1's slice id is expected already (``expect_resharded`` cannot register it) while rank 0's slice,
+    registered just before, has a lane writing into the job's buffers: the request fails, and its buffers stay
+    held until that lane is out. Before: ``ReshardReceiver.expect`` raised and the job's buffers went back to the
+    pool at once, under the writing lane."""
+    r = ranks
+    rx = r.inbox.receiver
+    taken = rx.expect(sub_request_id(r.request.request_id, 1, 0), bytearray(8))
+    real, held = rx.expect, []
+
+    def expect(request_id: str, buffers: Any, **kwargs: Any) -> Any:
+        if request_id == sub_request_id(r.request.request_id, 1, 0):  # rank 0's slice begins meanwhile
+            r.send(0)
+            assert r.gate.entered.wait(20)
+            held.append(r.in_use)
+        return real(request_id, buffers, **kwargs)
+    monkeypatch.setattr(rx, "expect", expect)
+    try:
+        rec = r.expect()
+        time.sleep(HOLD)
+        assert held and held[0] > 0 and r.in_use == held[0], \
+            f"{r.in_use} bytes in use (of {held}) while a lane still writes into the job's buffers"
+    finally:
+        r.gate.release.set()
+    ended = poll_until(r.outboxes[0], r.inbox, count=2)
+    assert sorted((e.key, e.state) for e in ended) == [("d0", State.FAILED), ("p0", State.FAILED)]
+    assert "prefill rank 1" in ended[[e.key for e in ended].index("d0")].reason
+    assert rec.handle is not None and all(s.finished for s in rec.handle.sources.values()) and r.in_use == 0
+    assert not taken.finished
+    taken.cancel("test over")

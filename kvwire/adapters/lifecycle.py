@@ -665,7 +665,7 @@ class Inbox(_Book["Receiving"]):
             r.handle = ReshardReceiver(plan, rank, self.receiver).expect(request, buffers, timeout=seconds,
                                                                          early=adopted)
         except Exception as e:  # noqa: BLE001 - reported through the lease
-            if r.job is not None:
+            if r.job is not None:  # (no transfer has its buffers: ``ReshardReceiver.expect`` raises only then)
                 r.job.release()
                 r.job = None
             r.decide(State.FAILED, f"{type(e).__name__}: {e}")
