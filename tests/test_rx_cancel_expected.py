@@ -190,3 +190,45 @@ def test_a_timed_out_expectation_is_forgotten_transfer_timeout_past_its_deadline
         out.result(10)
         assert "stale" in alloc.asked
     assert rx.stats()["transfers_timed_out"] == 0
+
+
+def test_a_begin_while_the_monitor_times_out_its_expectation_is_refused_as_timed_out(
+        link: tuple[Receiver, Session, _Allocator | None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BEGIN comes while the monitor is timing the expectation out (held, here, as it resolves the handle):
+    refused as timed out, never allocated. Before: the monitor took it out of the table and remembered it only
+    after resolving it, so a BEGIN in between was an unknown request (allocated, or REJECTed: the sender FAILED)."""
+    rx, s, alloc = link
+    req = RequestSpec("gap", 300, 299)
+    incoming = _expect(rx, "gap", req, timeout=0.2)
+    entered, go = threading.Event(), threading.Event()
+    real = type(incoming).resolve
+
+    def resolve(h: object, state: State, reason: str = "") -> bool:
+        if h is incoming and state is State.TIMED_OUT and threading.current_thread().name == "kvwire-monitor":
+            entered.set()
+            assert go.wait(20)
+        return real(h, state, reason)  # type: ignore[arg-type]
+    monkeypatch.setattr(type(incoming), "resolve", resolve)
+    assert entered.wait(10)
+    try:
+        assert "gap" not in rx._expected  # (the gap: taken out of the table, not yet resolved)
+        _ends_timed_out(s, req)
+    finally:
+        go.set()
+    assert alloc is None or "gap" not in alloc.asked
+    with pytest.raises(TransferTimedOut, match="the sender never started this transfer"):
+        incoming.result(10)
+    assert wait_until(lambda: rx.stats()["transfers_timed_out"] == 1) and rx.stats()["transfers_failed"] == 0
+    assert not s.closed, s.failure
+
+
+def test_control_a_begin_before_the_monitor_times_out_its_expectation_is_placed(
+        link: tuple[Receiver, Session, _Allocator | None]) -> None:
+    rx, s, alloc = link
+    req = RequestSpec("in-time", 300, 299)
+    incoming = _expect(rx, "in-time", req, timeout=10)
+    out = s.send(LAYOUT, req)
+    out.write_all(payload(LAYOUT, req))
+    out.finish()
+    assert out.result(10).state is State.DONE and incoming.result(10).state is State.DONE
+    assert alloc is None or "in-time" not in alloc.asked

@@ -69,6 +69,9 @@ Allocator = Callable[[Manifest], Any]
 #: reason and state (the sender's handle ends cancelled or timed out), never placed elsewhere
 CANCELS_KEPT = 4096
 
+#: why an expected request whose sender never began times out
+NEVER_STARTED = "the sender never started this transfer"
+
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
               "handshakes_cut", "early_bytes", "early_chunks_dropped", *parity.COUNTERS, *TERMINAL_COUNTERS)
@@ -280,13 +283,17 @@ class Receiver:
                 del self._expected[request_id]
                 self._remember_cancel(h)
 
-    def _remember_cancel(self, h: IncomingTransfer) -> None:
+    def _remember_cancel(self, h: IncomingTransfer, timing_out: str | None = None) -> None:
         """Under ``_lock``: ``h``, an expected handle that ended unplaced, keeps its request refused when its
-        user cancelled it (until its deadline) or it timed out (``transfer_timeout`` more; ``CANCELS_KEPT``)."""
-        if h.state not in (State.CANCELLED, State.TIMED_OUT) or h.deadline is None or self._closed.is_set():
+        user cancelled it (until its deadline) or it timed out (``transfer_timeout`` more; ``CANCELS_KEPT``).
+        ``timing_out``: the reason the monitor, which took ``h`` out of the table in this same step, is about to
+        time it out with (unless it ended already): remembered as timed out before it is resolved."""
+        state, reason = (State.TIMED_OUT, timing_out) if timing_out is not None and not h.finished \
+            else (h.state, h.reason)
+        if state not in (State.CANCELLED, State.TIMED_OUT) or h.deadline is None or self._closed.is_set():
             return
-        until = h.deadline + (self.transfer_timeout if h.state is State.TIMED_OUT else 0.0)
-        self._cancelled[h.request_id] = (h.state, h.reason, until)
+        until = h.deadline + (self.transfer_timeout if state is State.TIMED_OUT else 0.0)
+        self._cancelled[h.request_id] = (state, reason, until)
         self._cancelled.move_to_end(h.request_id)
         while len(self._cancelled) > CANCELS_KEPT:
             self._cancelled.popitem(last=False)
@@ -629,15 +636,16 @@ class Receiver:
         with self._lock:
             sessions = list(self._sessions.values())
             late = [h for h in self._expected.values() if h.deadline is not None and now > h.deadline]
-            for rid in [h.request_id for h in late]:
-                self._expected.pop(rid, None)
             for rid in [rid for rid, (_, _, until) in self._cancelled.items() if now > until]:
                 del self._cancelled[rid]
+            for h in late:  # taken out and remembered in one step: a BEGIN for it is never an unknown request
+                del self._expected[h.request_id]
+                self._remember_cancel(h, NEVER_STARTED)
         while late:  # popped: once resolved, no frame here holds the handle (and its buffers) any more
             h = late.pop()
-            h.resolve(State.TIMED_OUT, "the sender never started this transfer")
-            with self._lock:
-                self._remember_cancel(h)  # (a cancel that won the race is remembered as one)
+            if not h.resolve(State.TIMED_OUT, NEVER_STARTED):
+                with self._lock:
+                    self._remember_cancel(h)  # (a cancel that won the race is remembered as one)
             del h
         for s in sessions:
             fail = s.tick(now)
