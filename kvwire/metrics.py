@@ -28,6 +28,7 @@ from itertools import chain
 from typing import Any
 
 from ._args import check_port
+from .codec.rxengine import REFUSALS
 from .codec.transfer import TERMINAL_STATES
 from .congestion.control import LinkControl
 from .congestion.monitor import LinkMonitor
@@ -193,6 +194,11 @@ class Metrics:
                 _family(out, metric, "counter", text,
                         chain(((f'{label}="{escape(n)}",state="{t}"', st[f"{prefix}_{t}"])
                                for n, st in stats for t in TERMINAL_STATES), own(metric)))
+            if role == "receiver":
+                _family(out, "kvwire_refused_transfers_total", "counter",
+                        f"Transfers refused before they began, by reason ({', '.join(REFUSALS)}).",
+                        chain(((f'{label}="{escape(n)}",reason="{why}"', st[f"refused_{why}"])
+                               for n, st in stats for why in REFUSALS), own("kvwire_refused_transfers_total")))
         links = [(name, ctl.latest(), getattr(ctl, "decision", None)) for name, ctl in self._live("link")]
         for attr, metric, text in _LINK:
             _family(out, metric, "gauge", text, ((f'link="{escape(n)}"', getattr(s, attr)) for n, s, _ in links

@@ -175,17 +175,19 @@ def test_admission_refuses_ids_in_flight_or_ended_and_past_the_session_bound() -
 
 def test_a_refusal_for_a_request_ended_here_carries_its_state_and_counts_it() -> None:
     """An expected request cancelled or timed out before its BEGIN: CANCEL or ERROR with its state (the sender's
-    handle ends in it), counted like any transfer that ends here; a plain REJECT counts nothing."""
+    handle ends in it), counted like any transfer that ends here; a plain REJECT counts as refused (its why)."""
     e = engine()
     for tid in (1, 2, 3):
         assert type(begin(e, tid)[0]) is Admit
-    assert e.refuse(1, "no destination", 1.0) == [Send(F.REJECT, {"tid": 1, "reason": "no destination"})]
+    assert e.refuse(1, "no destination", 1.0, why="no_destination") == [
+        Send(F.REJECT, {"tid": 1, "reason": "no destination"})]
     assert e.refuse(2, "freed", 1.0, State.CANCELLED) == [
         Send(F.CANCEL, {"tid": 2, "reason": "freed", "state": "cancelled"})]
     assert e.refuse(3, "never started", 1.0, State.TIMED_OUT) == [
         Send(F.ERROR, {"tid": 3, "reason": "never started", "state": "timed_out"})]
     c = e.counts()
     assert (c.get("transfers_failed", 0), c["transfers_cancelled"], c["transfers_timed_out"]) == (0, 1, 1)
+    assert c["refused_no_destination"] == 1 and "refused_invalid" not in c
     assert not e.admitting
 
 
@@ -586,8 +588,8 @@ def test_a_done_that_comes_while_the_transfer_is_admitted_is_applied_as_it_is_ac
     e2 = engine(done_early=True)  # negative control: refused while admitted, the held DONE goes with it
     (a2,) = begin(e2, 1)
     e2.receive(F.DONE, {"tid": 1, "digest": digest(a2.manifest)}, 0.5)
-    e2.refuse(1, "no destination", 1.0)
-    assert 1 not in e2.admitting and e2.transfer(1) is None and e2.counts() == {}
+    e2.refuse(1, "no destination", 1.0, why="no_destination")
+    assert 1 not in e2.admitting and e2.transfer(1) is None and e2.counts() == {"refused_no_destination": 1}
 
 
 def test_a_cancel_that_comes_while_the_transfer_is_admitted_ends_it_as_it_is_activated() -> None:

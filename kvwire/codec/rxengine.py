@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..errors import KvwireError, ProtocolError
 from . import frames as F
@@ -66,6 +66,17 @@ LAYOUT_TENSORS_KEPT = 8192
 UNSTICK_AFTER = 2.0
 #: the answer that refuses a BEGIN, by the state the sender's handle ends in (``refuse``)
 _REFUSALS = {State.FAILED: F.REJECT, State.CANCELLED: F.CANCEL, State.TIMED_OUT: F.ERROR}
+
+#: why a BEGIN was REJECTed, as counted (``refused_<why>``) and labelled in metrics (never the free-text reason):
+#: ``no_destination`` (not expected, and no allocator, or none it can be asked for: its layout is unknown here),
+#: ``busy`` (over a bound: the receiver's bytes in flight or queued handles, the session's transfers, no memory
+#: for its tail parity), ``allocator`` (the allocator raised or returned buffers that do not fit), ``mismatch``
+#: (the expected buffers, layout or state position disagree), ``sink`` (a capacity probe not taken), ``invalid``
+#: (a malformed BEGIN, a transfer id in use, more parity than advertised)
+Refusal = Literal["no_destination", "busy", "allocator", "mismatch", "sink", "invalid"]
+REFUSALS: tuple[str, ...] = get_args(Refusal)
+#: every refusal counter key, in ``REFUSALS`` order
+REFUSAL_COUNTERS: tuple[str, ...] = tuple(f"refused_{why}" for why in REFUSALS)
 
 
 # ---------------------------------------------------------------- this end's actions (the shared ones: actions.py)
@@ -224,7 +235,7 @@ class ReceiverEngine:
 
     def counts(self) -> dict[str, int]:
         """The session's counters: ``bytes_received``, ``probe_bytes_received``, ``chunks_rejected``,
-        ``transfers_<state>`` and ``probes_<state>`` (only those that happened)."""
+        ``transfers_<state>``, ``probes_<state>`` and ``refused_<why>`` (only those that happened)."""
         return dict(self._counts)
 
     def awaiting(self, tid: int) -> bool:
@@ -288,18 +299,21 @@ class ReceiverEngine:
             raw = body.get("tid")
             tid = raw if type(raw) is int else None
             self._answered(tid)
+            self._counts["refused_invalid"] += 1
             return [self._send(F.REJECT, {"tid": tid, "reason": wire_reason(str(e))}, now)]
         self._keep_layout(m)
+        why: Refusal = "sink"
         reason = sink_refusal(m, self.max_probe_bytes) if m.sink else ""
         if not reason and m.parity > self.parity:
+            why = "invalid"
             reason = f"{m.parity} parity chunks asked, this receiver takes {self.parity} (zfec: kvwire[fec])"
         if not reason and (m.transfer_id in self.transfers or m.transfer_id in self.ended
                            or m.transfer_id in self.pending or m.transfer_id in self.admitting):
-            reason = f"transfer id {m.transfer_id} already used on this session"
+            reason, why = f"transfer id {m.transfer_id} already used on this session", "invalid"
         if not reason and len(self.transfers) + len(self.admitting) >= self.max_transfers:
-            reason = "too many transfers in flight on this session"
+            reason, why = "too many transfers in flight on this session", "busy"
         if reason:
-            return self.refuse(m.transfer_id, reason, now)
+            return self.refuse(m.transfer_id, reason, now, why=why)
         self.admitting[m.transfer_id] = _Held()
         return [Admit(m)]
 
@@ -351,9 +365,10 @@ class ReceiverEngine:
         assert said.done is not None
         return self._done(tid, said.done, now)
 
-    def refuse(self, tid: int | None, reason: str, now: float, state: State = State.FAILED) -> list[Action]:
-        """Refuse a transfer that was not activated: REJECT (``state`` failed: no destination, over a
-        receiver-wide bound), or, for a request the receiver's user expected and that ended before it was
+    def refuse(self, tid: int | None, reason: str, now: float, state: State = State.FAILED,
+               why: Refusal = "invalid") -> list[Action]:
+        """Refuse a transfer that was not activated: REJECT (``state`` failed), counted ``refused_<why>``
+        (``REFUSALS``), or, for a request the receiver's user expected and that ended before it was
         placed, CANCEL (cancelled) or ERROR (timed out) carrying ``state``, so that the sender's handle ends
         in it, not failed; those count as ended here (``transfers_<state>``: never a sink's). All end it at
         the sender (``rules``)."""
@@ -366,6 +381,8 @@ class ReceiverEngine:
         if state is not State.FAILED:
             body["state"] = state.value
             self._counts[terminal_counter(state, False)] += 1
+        else:
+            self._counts[f"refused_{why}"] += 1
         return [self._send(_REFUSALS[state], body, now)]
 
     def _answered(self, tid: int | None) -> None:

@@ -45,7 +45,7 @@ from ..codec.handshake import PEER_TIMEOUT_KEY, heartbeat_for
 from ..codec.layout import MAX_REQUEST_ID, ModelLayout, check_state_position, payload_bounds, utf8_text
 from ..codec.manifest import Manifest, check_manifest_against
 from ..codec.probe import SINK_MAX_SEGMENT
-from ..codec.rxengine import Admit, ReceiverEngine, held_bytes
+from ..codec.rxengine import REFUSAL_COUNTERS, Admit, ReceiverEngine, Refusal, held_bytes
 from ..codec.transfer import TERMINAL_COUNTERS, State
 from ..errors import InsecureReceiverWarning, KvwireError, LayoutError
 from ._accept import Acceptor, is_loopback, verifies_clients
@@ -74,7 +74,8 @@ NEVER_STARTED = "the sender never started this transfer"
 
 
 _STAT_KEYS = ("bytes_received", "probe_bytes_received", "chunks_rejected", "auth_failures", "connections_refused",
-              "handshakes_cut", "early_bytes", "early_chunks_dropped", *parity.COUNTERS, *TERMINAL_COUNTERS)
+              "handshakes_cut", "early_bytes", "early_chunks_dropped", *parity.COUNTERS, *TERMINAL_COUNTERS,
+              *REFUSAL_COUNTERS)
 
 
 class Receiver:
@@ -367,7 +368,9 @@ class Receiver:
         ``rebuilds_failed`` (rebuilt chunks that failed their check: left to their copies),
         ``transfers_<state>`` and ``probes_<state>``
         per terminal state of transfers that began (a BEGIN refused because its expected request was cancelled
-        or timed out here counts as cancelled or timed out; other refusals count nowhere), ``auth_failures``,
+        or timed out here counts as cancelled or timed out), ``refused_<why>`` per BEGIN REJECTed otherwise, by
+        ``codec.rxengine.REFUSALS`` (``no_destination``, ``busy``, ``allocator``, ``mismatch``, ``sink``,
+        ``invalid``), ``auth_failures``,
         ``connections_refused`` (over the connection bound), ``handshakes_cut`` (unauthenticated connections cut
         to make room for a newer one or past the handshake deadline); and the current ``sessions``, ``lanes``,
         ``transfers_in_flight``, ``handshakes``."""
@@ -505,7 +508,7 @@ class Receiver:
         need = held_bytes(m)
         reason = self._reserve(need)
         if reason:
-            s.refuse(m.transfer_id, reason)
+            s.refuse(m.transfer_id, reason, why="busy")
             return
         try:
             self._place(s, m)
@@ -535,10 +538,13 @@ class Receiver:
                 full = len(self._incoming) >= self.MAX_QUEUED
             if full:
                 s.refuse(m.transfer_id, f"receiver busy: {self.MAX_QUEUED} transfers not yet taken with "
-                         "next_transfer()")
+                         "next_transfer()", why="busy")
                 return
+        why: Refusal = "mismatch" if registered else "allocator"  # (what a failure below is counted as)
         try:
             if h is None:
+                if self.allocator is None or m.layout is None:
+                    why = "no_destination"
                 if self.allocator is None:
                     raise KvwireError(f"no destination registered for request {m.request.request_id!r}")
                 if m.layout is None:  # its segments were checked against nothing: ask the allocator for nothing
@@ -553,7 +559,7 @@ class Receiver:
             reason = f"{type(e).__name__}: {e}"
             if registered and h is not None:
                 h.resolve(State.FAILED, reason)
-            s.refuse(m.transfer_id, reason)
+            s.refuse(m.transfer_id, reason, why=why)
             return
         h.layout = h.layout or m.layout
         if not s.activate(m, h, views):

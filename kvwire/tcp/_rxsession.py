@@ -38,6 +38,7 @@ from ..codec.rxengine import (
     ChunkResult,
     CutLanes,
     ReceiverEngine,
+    Refusal,
     RxTransfer,
     TailStep,
     check_lane_control,
@@ -182,7 +183,8 @@ class RxSession:
             try:
                 rows = TailRows(m.tail_groups, m.plan())
             except MemoryError:
-                self.refuse(m.transfer_id, f"no memory for its tail parity scratch ({m.tail_scratch_bytes} bytes)")
+                self.refuse(m.transfer_id, f"no memory for its tail parity scratch ({m.tail_scratch_bytes} bytes)",
+                            why="busy")
                 return False
         with self.lock:
             now = time.monotonic()
@@ -200,11 +202,11 @@ class RxSession:
         self.perform(actions)
         return t is not None
 
-    def refuse(self, tid: int | None, reason: str, state: State = State.FAILED) -> None:
-        """Refuse a transfer not activated: REJECT, or, with ``state`` cancelled or timed out, its request ended
-        here unplaced (``ReceiverEngine.refuse``)."""
+    def refuse(self, tid: int | None, reason: str, state: State = State.FAILED, why: Refusal = "invalid") -> None:
+        """Refuse a transfer not activated: REJECT counted by ``why``, or, with ``state`` cancelled or timed out,
+        its request ended here unplaced (``ReceiverEngine.refuse``)."""
         with self.lock:
-            actions = self._engine.refuse(tid, reason, time.monotonic(), state)
+            actions = self._engine.refuse(tid, reason, time.monotonic(), state, why)
             self._answered.notify_all()
         self.perform(actions)
 
