@@ -69,7 +69,13 @@ def test_a_forked_child_cannot_use_the_parents_session_or_receiver_and_its_close
                      "wait_layer": lambda: incoming.wait_layer(7),
                      "incoming cancel": lambda: incoming.cancel("from the child"),
                      "expect": lambda: rx.expect("child", bytearray(64)),
-                     "set_active_lanes": lambda: session.set_active_lanes(3)}
+                     "set_active_lanes": lambda: session.set_active_lanes(3),
+                     # (accepted silently before: never called here; close_session ended the parent's session)
+                     "add_done_callback": lambda: out.add_done_callback(lambda _f: None),
+                     "incoming add_done_callback": lambda: incoming.add_done_callback(lambda _f: None),
+                     "on_layer": lambda: incoming.on_layer(lambda _la: None),
+                     "on_layer_acked": lambda: out.on_layer_acked(lambda _la: None),
+                     "close_session": lambda: rx.close_session(rx.live_sessions()[0], "from the child")}
             for name, call in calls.items():
                 with pytest.raises(KvwireError, match="forked"):
                     call()

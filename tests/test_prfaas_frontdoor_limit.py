@@ -42,12 +42,13 @@ def test_requests_past_the_bound_get_a_fast_503_and_their_connections_closed(mon
                                                                             ) -> None:
     """``limit_concurrency = 8``: 40 public POSTs whose bodies never come, one connection each: 7 are held
     (uvicorn counts the new connection itself), the other 33 get a 503 within 1 s and are closed. The negative
-    control: once the held ones are gone (408, closed), ``GET /v1/models`` is a 200."""
+    control: once the held ones are gone (408, closed), ``GET /v1/models`` is a 200. (From 10 source addresses, so
+    that the bound met is the server's, not one address's: ``test_one_address_holds_half_the_slots_at_most``.)"""
     door = _door(monkeypatch, limit_concurrency=8)
     with serving(frontdoor.http_server(door, lifespan="off")) as port:
         conns: list[socket.socket] = []
-        for _ in range(40):
-            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        for i in range(40):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(f"127.0.0.{1 + i % 10}", 0))
             c.sendall(HEAD)
             conns.append(c)
             time.sleep(0.01)
@@ -73,6 +74,41 @@ def test_requests_past_the_bound_get_a_fast_503_and_their_connections_closed(mon
           f"{len(held)} held; then GET /v1/models: {status}")
     assert refused == [503] * 33 and len(held) == 7
     assert status == 200
+
+
+def test_one_address_holds_half_the_slots_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``limit_concurrency = 8``: one address's 20 public POSTs whose bodies never come hold 4 slots (half), the
+    other 16 get a 503 naming the bound at once and are closed, and a client at another address is served (200)
+    while those 4 are held. Before: the one address held 7 (every slot uvicorn leaves) and the other client got
+    uvicorn's 503 until their 408 (and again as soon as the address sent 7 more: the public door shut by one
+    client with a handful of sockets)."""
+    door = _door(monkeypatch, limit_concurrency=8)
+    with serving(frontdoor.http_server(door, lifespan="off")) as port:
+        conns: list[socket.socket] = []
+        for _ in range(20):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            c.sendall(HEAD)
+            conns.append(c)
+            time.sleep(0.01)
+        answers = []
+        for c in conns:
+            try:
+                answers.append(read_response(c, 0.3))
+            except TimeoutError:
+                pass
+        held = [c for c in conns if not closed_by_peer(c)]
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as c:
+            c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: door\r\n\r\n")
+            other = read_response(c)[0]
+        still = sum(not closed_by_peer(c) for c in held)
+        for c in conns:
+            c.close()
+    print(f"\n20 held POSTs from one address at limit_concurrency 8: {len(answers)} answered "
+          f"{sorted({a[0] for a in answers})}, {len(held)} held; another address's GET /v1/models: {other}")
+    assert len(held) == still == 4
+    assert [a[0] for a in answers] == [503] * 16 and all(b"more than 4 requests" in a[1] for a in answers)
+    assert other == 200
+    assert 'prfaas_http_cuts_total{server="frontdoor",reason="source_limit"} 16' in door.http_metrics.render()
 
 
 def test_a_bad_bound_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

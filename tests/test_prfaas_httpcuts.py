@@ -148,7 +148,8 @@ def test_every_cut_of_the_node_server_is_a_counter_at_metrics_and_the_warning_is
         logging.getLogger("kvwire.prfaas.httpgate").removeHandler(ours)
         logging.getLogger("uvicorn.error").removeHandler(uvicorns)
     print(f"\ncuts at /metrics: {cuts}\nwarnings in {took:.1f} s:\n  " + "\n  ".join(ours.lines))
-    assert cuts == {"head_deadline": 1, "evicted": 1, "write_stall": 1, "over_limit": 1, "body_deadline": 2}
+    assert cuts == {"head_deadline": 1, "evicted": 1, "write_stall": 1, "over_limit": 1, "body_deadline": 2,
+                    "source_limit": 0}
     assert not any("concurrency" in line for line in uvicorns.lines), uvicorns.lines
     assert 2 <= len(ours.lines) <= 1 + took / httpgate.LOG_SECONDS, ours.lines
     summed = sum(int(m) for line in ours.lines for m in re.findall(r"cut (\d+) connection", line))

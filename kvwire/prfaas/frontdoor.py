@@ -27,7 +27,8 @@ streaming, disconnect handling, graceful SIGTERM) rather than a hand-written HTT
 the nodes are: a connection must send each request head within ``httpgate.HEAD_SECONDS`` of its accept or of its
 previous response, and at most ``httpgate.MAX_WAITING`` connections wait for one at once; at most
 ``[router] limit_concurrency`` (``settings.LIMIT_CONCURRENCY``, 256) are open or served at once, each request past
-it a 503 at once. What the server cuts is in ``/metrics`` (``prfaas_http_cuts_total{server="frontdoor"}``).
+it a 503 at once, and half of them at most for one source address (``httpgate`` ``per_source``: a 503 past
+it). What the server cuts is in ``/metrics`` (``prfaas_http_cuts_total{server="frontdoor"}``).
 Must not know: how routing is decided or nodes are driven (``orchestrator``), metric families (``telemetry``),
 the signature scheme (``controlauth``).
 """
@@ -314,12 +315,15 @@ def http_server(door: FrontDoor, log_level: str = "warning", **options: Any) -> 
     """``door``'s ``httpgate.GatedServer``, as ``main`` serves it (``options``: more ``uvicorn.Config`` keywords).
     A connection waiting for a request head holds it ``httpgate.HEAD_SECONDS`` at most, and at most
     ``httpgate.MAX_WAITING`` wait at once (an idle socket held an fd for ever before); at most
-    ``[router] limit_concurrency`` connections are served at once (503 past it). Its cuts are in ``/metrics``."""
+    ``[router] limit_concurrency`` connections are served at once (503 past it), half of them at most from one
+    source address (``per_source``: one client whose bodies never come cannot take every slot; 503 past it).
+    Its cuts are in ``/metrics``."""
     from . import httpgate
 
+    limit = door.settings.limit_concurrency
     return httpgate.server(door.app, door.settings.host, door.settings.port, name="frontdoor",
                            metrics=door.http_metrics, log_level=log_level, timeout_graceful_shutdown=5,
-                           limit_concurrency=door.settings.limit_concurrency, **options)
+                           limit_concurrency=limit, per_source=max(1, limit // 2), **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ that holds its ticket.
 
 Each server counts what it cuts (``Cuts``, by ``REASONS``): a head past its deadline, a waiting connection evicted
 for a newer one, a write stall, a request refused over ``limit_concurrency`` (uvicorn's 503; its own warning,
-one line per refused request, is not written: an attacker would write the log) and a 408 answer (the apps' body
+one line per refused request, is not written: an attacker would write the log), a request past ``per_source``
+(the front door's: one source address served at once, at most) and a 408 answer (the apps' body
 deadlines: ``controlauth``, ``frontdoor.read_json``). The counts are the ``prfaas_http_cuts_total{server,
 reason}`` counters of the ``kvwire.metrics.Metrics`` the server is given, and one warning sums them up at most
 every ``LOG_SECONDS`` (a flood of cuts writes one line a minute, not one a cut).
@@ -67,7 +68,7 @@ LOG_SECONDS = 60.0
 #: the counter family every server's cuts are exported as, labelled ``server`` and ``reason``
 METRIC = "prfaas_http_cuts_total"
 #: why a connection or request was cut (the ``reason`` label)
-REASONS = ("head_deadline", "evicted", "write_stall", "over_limit", "body_deadline")
+REASONS = ("head_deadline", "evicted", "write_stall", "over_limit", "body_deadline", "source_limit")
 #: what uvicorn logs for each request it refuses over ``limit_concurrency`` (counted as ``over_limit`` instead)
 _OVER_LIMIT = "Exceeded concurrency limit."
 
@@ -78,14 +79,15 @@ class Cuts:
 
     def __init__(self, name: str, gate: HandshakeGate) -> None:
         self.name, self.gate = name, gate
-        self.write_stall = self.over_limit = self.body_deadline = 0
+        self.write_stall = self.over_limit = self.body_deadline = self.source_limit = 0
         self._logged = dict.fromkeys(REASONS, 0)
         self._next = 0.0  # monotonic time the next warning may be written
         self._pending: asyncio.TimerHandle | None = None
 
     def counts(self) -> dict[str, int]:
         return {"head_deadline": self.gate.expired, "evicted": self.gate.evicted, "write_stall": self.write_stall,
-                "over_limit": self.over_limit, "body_deadline": self.body_deadline}
+                "over_limit": self.over_limit, "body_deadline": self.body_deadline,
+                "source_limit": self.source_limit}
 
     def export(self, metrics: Metrics) -> None:
         """Each reason's count as a ``METRIC`` sample of ``metrics``, read at each scrape."""
@@ -252,6 +254,38 @@ def _counting_408s(app: Any, cuts: Cuts) -> Any:
     return counted
 
 
+def _per_source(app: Any, cap: int, cuts: Cuts) -> Any:
+    """``app`` (ASGI) serving at most ``cap`` requests at once from one source address: each past it is a 503 at
+    once, its connection closed and counted as a ``source_limit`` cut (its body is never read)."""
+    serving: dict[str, int] = {}
+
+    async def bounded(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        client = scope.get("client")
+        source = client[0] if client else ""
+        if serving.get(source, 0) >= cap:
+            cuts.source_limit += 1
+            cuts.noted(asyncio.get_running_loop())
+            body = f"more than {cap} requests at once from one address\n".encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        serving[source] = serving.get(source, 0) + 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            left = serving[source] - 1
+            if left:
+                serving[source] = left
+            else:
+                del serving[source]
+    return bounded
+
+
 class GatedServer(uvicorn.Server):
     """A ``uvicorn.Server`` whose protocol class waits under ``gate``; ``cuts`` counts what it cut."""
 
@@ -261,12 +295,17 @@ class GatedServer(uvicorn.Server):
 
 
 def server(app: Any, host: str, port: int, *, name: str, metrics: Metrics | None = None,
-           head_seconds: float = HEAD_SECONDS, max_waiting: int = MAX_WAITING, **options: Any) -> GatedServer:
+           head_seconds: float = HEAD_SECONDS, max_waiting: int = MAX_WAITING, per_source: int | None = None,
+           **options: Any) -> GatedServer:
     """A server for ``app`` on ``host:port`` with a fresh gate (``options``: more ``uvicorn.Config`` keywords);
     ``run()`` it, or ``serve(sockets=[...])`` on sockets already bound. Its cuts are counted as server ``name``
-    (and exported to ``metrics`` when given)."""
+    (and exported to ``metrics`` when given). ``per_source``: requests served at once from one source address,
+    at most (``_per_source``; None: no such bound)."""
     cuts = Cuts(name, HandshakeGate(max_waiting, max(1, max_waiting // 2), head_seconds))
     if metrics is not None:
         cuts.export(metrics)
-    return GatedServer(uvicorn.Config(_counting_408s(app, cuts), host=host, port=port, http=gated_protocol(cuts),
+    asgi = _counting_408s(app, cuts)
+    if per_source is not None:
+        asgi = _per_source(asgi, per_source, cuts)
+    return GatedServer(uvicorn.Config(asgi, host=host, port=port, http=gated_protocol(cuts),
                                       ws="none", **options), cuts)

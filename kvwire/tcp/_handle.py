@@ -163,6 +163,10 @@ class Outcome:
         return self
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], None]) -> None:
+        """``fn(future)`` once the handle ends, on its callback pool. ``KvwireError`` at once in a forked child
+        while it runs (``_fork``: nothing there would end it, and the pool's threads are the parent's)."""
+        if not self.finished:
+            check_process(self._pid, "transfer")
         self.future.add_done_callback(fn)
 
     def __await__(self) -> Generator[Any, None, Any]:

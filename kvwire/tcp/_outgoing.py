@@ -149,9 +149,12 @@ class OutgoingTransfer(Outcome):
         queued on that pool like the later ones, never run on the calling thread, so ``on_layer_acked``
         returns at once (possibly before ``fn`` has seen them) and may be called holding locks that ``fn``
         takes. On a handle that has ended, its layers are queued behind the done callbacks already queued.
-        Layers without bytes are never reported. ``TypeError`` for a ``fn`` that is not callable."""
+        Layers without bytes are never reported. ``TypeError`` for a ``fn`` that is not callable; ``KvwireError``
+        in a forked child while it runs (``_fork``)."""
         if not callable(fn):
             raise TypeError(f"on_layer_acked takes a callable fn(layer), not {type(fn).__name__}")
+        if not self.finished:
+            check_process(self._pid, "transfer")
         with self._acked_lock:  # (layers_verified and resolve queue theirs under it: these go in between)
             if not self.finished:  # an ended transfer keeps no callback (it may hold this handle)
                 self._acked_callbacks.append(fn)

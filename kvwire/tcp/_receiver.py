@@ -397,7 +397,9 @@ class Receiver:
             return list(self._sessions.values())
 
     def close_session(self, s: RxSession, reason: str) -> None:
-        """Close one session as a lost connection would: its transfers fail with ``reason``."""
+        """Close one session as a lost connection would: its transfers fail with ``reason``. ``KvwireError`` in
+        a child forked from the receiver's process (``_fork``: it would say BYE on the parent's connection)."""
+        check_process(self._pid, "receiver")
         self._close_session(s, reason)
 
     def open_connections(self) -> int:
