@@ -60,6 +60,7 @@ def test_a_forked_child_cannot_use_the_parents_session_or_receiver_and_its_close
         for seg in plan_segments(LAYOUT, req):
             by_layer.setdefault(seg.layer, []).append(seg.index)
         out.write_layer(0, [src[i] for i in by_layer[0]])
+        live = rx.live_sessions()[0]  # (taken here: in the child its lock may be held by a parent thread for good)
 
         def child() -> None:
             calls = {"send": lambda: session.send(LAYOUT, RequestSpec("child", 300, 299)),
@@ -75,7 +76,7 @@ def test_a_forked_child_cannot_use_the_parents_session_or_receiver_and_its_close
                      "incoming add_done_callback": lambda: incoming.add_done_callback(lambda _f: None),
                      "on_layer": lambda: incoming.on_layer(lambda _la: None),
                      "on_layer_acked": lambda: out.on_layer_acked(lambda _la: None),
-                     "close_session": lambda: rx.close_session(rx.live_sessions()[0], "from the child")}
+                     "close_session": lambda: rx.close_session(live, "from the child")}
             for name, call in calls.items():
                 with pytest.raises(KvwireError, match="forked"):
                     call()
