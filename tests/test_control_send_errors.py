@@ -8,6 +8,7 @@ the session was never cut and its transfers waited for their timeouts. Over real
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -186,10 +187,12 @@ def test_with_reconnect_a_receiver_frame_that_cannot_be_sent_cuts_the_session_an
 
 
 def test_with_reconnect_a_frame_that_cannot_be_sent_while_reconnecting_is_one_failed_try(
-        monkeypatch: pytest.MonkeyPatch, relink: tuple[Receiver, Session]) -> None:
+        monkeypatch: pytest.MonkeyPatch, relink: tuple[Receiver, Session], caplog: pytest.LogCaptureFixture) -> None:
     """Every HELLO fails (a RuntimeError) for a while: each reconnect try fails, the session keeps trying and
     comes back once HELLO goes out again. Before, the first such try ended the reconnect thread: the session
-    stayed down and open for good (each send waited out connect_timeout), though the fault had gone."""
+    stayed down and open for good (each send waited out connect_timeout), though the fault had gone. The first
+    failed try is a warning with its traceback, the later ones a line each at INFO (before, a traceback a try)."""
+    caplog.set_level(logging.INFO, logger="kvwire")
     rx, s = relink
     out, incoming = _pair(rx, s, "r")
     failing = [True]
@@ -210,3 +213,7 @@ def test_with_reconnect_a_frame_that_cannot_be_sent_while_reconnecting_is_one_fa
     assert not s.closed and s.stats()["session_reconnects"] == 0
     failing[0] = False
     _comes_back(rx, s, "after")
+    tries = [r for r in caplog.records if "reconnecting to" in r.getMessage() and "failed" in r.getMessage()]
+    assert len(tries) >= 3, [r.getMessage() for r in caplog.records]
+    assert [r.exc_info is not None for r in tries] == [True] + [False] * (len(tries) - 1)
+    assert [r.levelno for r in tries] == [logging.WARNING] + [logging.INFO] * (len(tries) - 1)

@@ -151,6 +151,7 @@ class SenderConnection:
         a try fails of (each is logged; the next waits longer, 2 s at most)."""
         delay = 0.1
         eng = self._engine
+        told = False  # a try's unexpected failure was logged with its traceback (once: the tries go on every 2 s)
         while True:
             with self._cond:
                 if self._cond.wait_for(lambda: eng.closed, delay):
@@ -162,9 +163,13 @@ class SenderConnection:
                 log.info("kvwire: reconnecting to %s:%s: %s", *self.address, e)
                 delay = min(delay * 2, 2.0)
                 continue
-            except Exception:  # noqa: BLE001 - a try that failed otherwise (a frame that cannot be written):
+            except Exception as e:  # noqa: BLE001 - a try that failed otherwise (a frame that cannot be written):
                 # before, it ended this thread, the session down for good but never closed
-                log.warning("kvwire: reconnecting to %s:%s failed", *self.address, exc_info=True)
+                if told:  # (before, a traceback a try for as long as it lasted)
+                    log.info("kvwire: reconnecting to %s:%s failed again: %s: %s", *self.address, type(e).__name__, e)
+                else:
+                    log.warning("kvwire: reconnecting to %s:%s failed", *self.address, exc_info=True)
+                    told = True
                 delay = min(delay * 2, 2.0)
                 continue
             log.info("kvwire: session to %s:%s re-established", *self.address)
