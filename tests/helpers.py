@@ -23,6 +23,7 @@ from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
 from kvwire.congestion.estimator import LinkState
 from kvwire.tcp import Channel, Receiver, Session, client_handshake
 from kvwire.tcp._auth import SessionKeys  # noqa: PLC2701 - the keys a hand-made lane authenticates with
+from kvwire.tcp.transport import ChunkRef
 
 
 def open_fds() -> int:
@@ -292,3 +293,25 @@ def closed_by_peer(c: socket.socket) -> bool:
         return True
     finally:
         c.settimeout(5)
+
+
+class HoldingStage:
+    """A receiver chunk stage holding the first chunk it sees (its payload already in the destination) until
+    ``release`` is set, so a test can act while a lane is mid-chunk; ``log`` records the stage's exit ("stage out")
+    beside ``done`` (pass it as a handle's done callback)."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.log: list[str] = []
+
+    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
+        return pieces
+
+    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(20)
+            self.log.append("stage out")
+
+    def done(self, _future: object) -> None:
+        self.log.append("done")

@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from adapters_util import poll_until  # noqa: E402
+from helpers import HoldingStage  # noqa: E402
 from reshard_ref import FAMILY_CONFIGS, family_layout, global_payload, shard_reference  # noqa: E402
 from test_reshard_staging import cache_with, read_back  # noqa: E402
 
@@ -29,26 +30,12 @@ from kvwire.adapters.lifecycle import Inbox, Outbox  # noqa: E402
 from kvwire.codec.reshard import ReshardPlan, plan_reshard  # noqa: E402
 from kvwire.cuda import PagedCache, PinnedPool, Stager, Unstager  # noqa: E402
 from kvwire.reshard import ReshardIncoming, ReshardReceiver, sub_request_id  # noqa: E402
-from kvwire.tcp.transport import ChunkRef  # noqa: E402
 
 KEY = b"reshard-release"
 MiB = 1 << 20
 HOLD = 0.3  # seconds the buffers are watched while a lane is held
 
 
-class Gate:
-    """A chunk stage holding the first chunk it sees (its payload in place) until ``release``."""
-
-    def __init__(self) -> None:
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
-        return pieces
-
-    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.release.wait(20)
 
 
 @dataclass
@@ -61,7 +48,7 @@ class Ranks:
     outboxes: list[Outbox]  #: by prefill rank
     inbox: Inbox
     unstager: Unstager
-    gate: Gate
+    gate: HoldingStage
 
     def send(self, p: int) -> None:
         """Prefill rank ``p`` stages and sends every layer of its slice."""
@@ -83,7 +70,7 @@ class Ranks:
 @pytest.fixture
 def ranks(request: pytest.FixtureRequest, no_leaks: None) -> Iterator[Ranks]:
     """GDN, prefill TP 2 -> decode TP 1 (its contiguous pieces land straight in the job's buffers), an Outbox
-    per prefill rank, the decode rank's Inbox receiving through a ``Gate``."""
+    per prefill rank, the decode rank's Inbox receiving through a ``HoldingStage``."""
     family = "gdn"
     req = RequestSpec(f"rel-{request.node.name}"[:60], 40, 39)
     config, g = FAMILY_CONFIGS[family], family_layout(family, "vllm", 1)
@@ -95,7 +82,7 @@ def ranks(request: pytest.FixtureRequest, no_leaks: None) -> Iterator[Ranks]:
     want = [w.tobytes() for w in shard_reference(g, config, payload, req, 1, 0)]
     stagers = [Stager(c, PinnedPool(16 * MiB, backend="torch")) for c, _ in src]
     unstager = Unstager(dst[0], PinnedPool(16 * MiB, backend="torch"))
-    gate = Gate()
+    gate = HoldingStage()
     outboxes = [Outbox(s, key=KEY, lanes=1) for s in stagers]
     inbox = Inbox(unstager, key=KEY, timeout=20, chunk_stage=gate)
     try:

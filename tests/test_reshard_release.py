@@ -10,13 +10,13 @@ decided: a lane still placing a chunk wrote into memory the pool could hand to a
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from helpers import HoldingStage
 from reshard_ref import global_payload, shard_reference
 
 from kvwire import Receiver, State, TransferCancelled, TransferFailed, TransferTimedOut, connect
@@ -24,7 +24,6 @@ from kvwire.codec.hf import layout_from_hf_config
 from kvwire.codec.layout import ModelLayout, RequestSpec, plan_segments
 from kvwire.codec.reshard import ReshardPlan, plan_reshard
 from kvwire.reshard import ReshardIncoming, ReshardOutgoing, ReshardReceiver, ReshardSender
-from kvwire.tcp.transport import ChunkRef
 
 CONFIG = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 8,
           "num_key_value_heads": 2, "head_dim": 16}
@@ -35,25 +34,6 @@ def _layout(tp: int, rank: int = 0) -> ModelLayout:
     return layout_from_hf_config(CONFIG, tp_size=tp, tp_rank=rank, name="gqa4")
 
 
-class Gate:
-    """A chunk stage holding the first chunk it sees (its payload is in place) until ``release``; logs the
-    stage's exit beside the request's done callback."""
-
-    def __init__(self) -> None:
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.log: list[str] = []
-
-    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
-        return pieces
-
-    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.release.wait(20)
-            self.log.append("stage out")
-
-    def done(self, _future: object) -> None:
-        self.log.append("done")
 
 
 @dataclass
@@ -67,7 +47,7 @@ class Reshard:
 
 
 @contextlib.contextmanager
-def resharded(name: str, gate: Gate, timeout: float = 30.0) -> Iterator[Reshard]:
+def resharded(name: str, gate: HoldingStage, timeout: float = 30.0) -> Iterator[Reshard]:
     """TP 2 -> 1 over real sockets (one two-lane session per prefill rank); nothing written yet."""
     plan = plan_reshard(_layout(2), _layout(1))
     req = RequestSpec(name, 1024, 1023)
@@ -96,7 +76,7 @@ def test_a_request_ended_while_a_source_lane_writes_is_announced_only_after_that
     """Prefill rank 0's first chunk sits in the stage (a lane writing into the request's memory) when the request
     ends: by ``cancel``, by prefill rank 1's transfer failing, or by it timing out (rank 1 never sends). The
     request stays unannounced (not terminal, no done callback) until that chunk is out; then it ends once."""
-    gate = Gate()
+    gate = HoldingStage()
     with resharded(f"end-mid-chunk-{how}", gate, timeout=1.5 if how == "source times out" else 30.0) as r:
         r.outs[0].write_all(r.prefill[0])
         r.outs[0].finish()
@@ -124,7 +104,7 @@ def test_a_request_ended_while_a_source_lane_writes_is_announced_only_after_that
 
 
 def test_control_a_request_whose_lane_is_held_but_not_cancelled_arrives_exact(no_leaks: None) -> None:
-    gate = Gate()
+    gate = HoldingStage()
     with resharded("held-not-cancelled", gate) as r:
         for p in range(2):
             r.outs[p].write_all(r.prefill[p])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from helpers import wait_until
+from helpers import HoldingStage, wait_until
 
 from kvwire import Receiver, State, TransferCancelled, TransferFailed, connect
 from kvwire.tcp.transport import ChunkRef
@@ -129,25 +129,6 @@ def test_a_stage_that_raises_fails_that_transfer_on_both_ends_and_the_session_ca
         assert len(rx.live_sessions()) == 1 and len(rx.live_sessions()[0].lanes) == 2  # no lane was lost to it
 
 
-class Gate:
-    """Holds the first chunk in the stage (its payload is in the destination) until ``release``; logs the
-    stage's exit beside the handle's done callback."""
-
-    def __init__(self) -> None:
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.log: list[str] = []
-
-    def outgoing(self, ref: ChunkRef, pieces: list[memoryview]) -> list[memoryview]:
-        return pieces
-
-    def incoming(self, ref: ChunkRef, views: list[memoryview]) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.release.wait(20)
-            self.log.append("stage out")
-
-    def done(self, _future: object) -> None:
-        self.log.append("done")
 
 
 def test_a_transfer_cancelled_while_a_lane_writes_into_it_ends_only_after_that_chunk() -> None:
@@ -155,7 +136,7 @@ def test_a_transfer_cancelled_while_a_lane_writes_into_it_ends_only_after_that_c
     only once no lane writes into its destination, so its done callbacks (the user's "buffers are free") never
     run beside a chunk still being placed."""
     layout = load_fixture("tiny-qwen3-next")
-    gate = Gate()
+    gate = HoldingStage()
     req = default_request("cancel-mid-chunk")
     src = fixture_payload(layout, req)
     dst = np.zeros(sum(a.nbytes for a in src), np.uint8)
