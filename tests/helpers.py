@@ -315,3 +315,20 @@ class HoldingStage:
 
     def done(self, _future: object) -> None:
         self.log.append("done")
+
+
+async def node_like_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app for the PrfaaS HTTP gate tests, to put behind ``ControlAuth`` as the node's routes are:
+    ``/big`` streams 8 MiB in 64 KiB pieces (as ``/generate`` streams its tokens), any other path answers
+    ``{"ok": true}``."""
+    if scope["path"] == "/big":
+        piece = b"x" * (64 << 10)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(128 * len(piece)).encode())]})
+        for n in range(128):
+            await send({"type": "http.response.body", "body": piece, "more_body": n < 127})
+        return
+    out = b'{"ok": true}'
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})

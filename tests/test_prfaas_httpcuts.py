@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import closed_by_peer, read_response, serving
+from helpers import closed_by_peer, node_like_app, read_response, serving
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -73,20 +73,13 @@ class _Lines(logging.Handler):
 def _stand_in(metrics: Metrics) -> Any:
     """Behind ``ControlAuth`` as the node's routes are: ``/metrics`` open (``metrics``), ``/big`` 8 MiB."""
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["path"] == "/metrics":
-            body = metrics.render().encode()
-            ctype = CONTENT_TYPE.encode()
-        elif scope["path"] == "/big":
-            piece = b"x" * (64 << 10)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", str(128 * len(piece)).encode())]})
-            for n in range(128):
-                await send({"type": "http.response.body", "body": piece, "more_body": n < 127})
+        if scope["path"] != "/metrics":
+            await node_like_app(scope, receive, send)
             return
-        else:
-            body, ctype = b'{"ok": true}', b"application/json"
+        body = metrics.render().encode()
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", CONTENT_TYPE.encode()),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
     return ControlAuth(app, KEY)
 

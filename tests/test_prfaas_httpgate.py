@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from helpers import closed_by_peer as _closed
+from helpers import node_like_app, serving
 from helpers import read_response as _read_response
-from helpers import serving
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -30,22 +30,6 @@ from kvwire.prfaas.controlauth import AUTH, ControlAuth, sign  # noqa: E402
 KEY = b"httpgate-tests"
 HEAD = httpgate.HEAD_SECONDS
 HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: node\r\n"  # no blank line: the head never ends
-
-
-async def _app(scope: Any, receive: Any, send: Any) -> None:
-    """Behind ``ControlAuth`` as the node's routes are: ``GET /health`` open, everything else signed;
-    ``/big`` streams 8 MiB in 64 KiB pieces (as ``/generate`` streams its tokens)."""
-    if scope["path"] == "/big":
-        piece = b"x" * (64 << 10)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(128 * len(piece)).encode())]})
-        for n in range(128):
-            await send({"type": "http.response.body", "body": piece, "more_body": n < 127})
-        return
-    out = b'{"ok": true}'
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-    await send({"type": "http.response.body", "body": out})
 
 
 def _protocols() -> list[Any]:
@@ -66,7 +50,7 @@ def node_port(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         monkeypatch.setattr(httpgate, "HTTP_PROTOCOL", HttpToolsProtocol)
-    server = node.control_server(ControlAuth(_app, KEY), "127.0.0.1", 0)
+    server = node.control_server(ControlAuth(node_like_app, KEY), "127.0.0.1", 0)
     assert server.config.limit_concurrency == 256
     with serving(server) as port:
         yield port
@@ -244,7 +228,7 @@ def test_keep_alive_reuse_and_pipelining_still_work(node_port: int) -> None:
 def test_a_new_connection_evicts_the_oldest_waiting_one() -> None:
     """With the table full (``MAX_WAITING`` idle, from two sources), one more connection is admitted and the
     oldest waiting connection of the busiest source is the one closed."""
-    server = node.control_server(ControlAuth(_app, KEY), "127.0.0.1", 0)
+    server = node.control_server(ControlAuth(node_like_app, KEY), "127.0.0.1", 0)
     with serving(server) as port:
         def from_(addr: str) -> socket.socket:
             c = socket.socket()
