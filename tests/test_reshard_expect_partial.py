@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import HoldingStage
 from reshard_ref import global_payload, shard_reference
-from test_reshard_release import CONFIG, HOLD, Gate, _layout
+from test_reshard_release import CONFIG, HOLD, _layout
 
 from kvwire import Receiver, State, TransferFailed, connect
 from kvwire.codec.layout import RequestSpec, plan_segments
@@ -33,7 +34,7 @@ def _until(pred: Any, timeout: float = 10.0) -> bool:
 
 def test_a_later_rank_failing_to_register_returns_a_failed_handle_announced_after_the_begun_sources(
         no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = Gate()
+    gate = HoldingStage()
     plan = plan_reshard(_layout(2), _layout(1))
     req = RequestSpec("partial-expect", 1024, 1023)
     g = _layout(1)
